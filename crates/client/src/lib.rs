@@ -1,0 +1,257 @@
+//! An async Rust client for the chatsync protocol: connect with a token and device, send typed
+//! messages, receive typed events, and match replies to requests by `request_id`.
+//!
+//! Used by the integration tests, the CLI client and the bench. It does no retries or reconnects:
+//! callers decide what a dropped connection means.
+
+use chatsync_protocol::{decode_server, ClientMessage, Connected, Incoming, ServerMessage};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::VecDeque;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub use chatsync_protocol as protocol;
+pub use tokio_tungstenite::tungstenite;
+
+/// Where the client puts its token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenPlacement {
+    /// `Authorization: Bearer <token>`.
+    #[default]
+    Bearer,
+    /// Cookie `auth_refresh_token=<token>`.
+    Cookie,
+    /// Query parameter `token=<token>`.
+    Query,
+}
+
+/// How to connect.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// The session token, if any.
+    pub token: Option<String>,
+    /// Where to put it.
+    pub token_placement: TokenPlacement,
+    /// Device id sent as `X-Device-Id` (or as `device_id` in the query with `device_id_in_query`).
+    pub device_id: Option<String>,
+    /// Send the device id as a query parameter instead of a header.
+    pub device_id_in_query: bool,
+    /// Extra request headers (`User-Agent`, `Origin`, …).
+    pub headers: Vec<(String, String)>,
+}
+
+impl ConnectOptions {
+    /// Bearer token and `X-Device-Id`: the usual native client.
+    pub fn new(token: &str, device_id: &str) -> ConnectOptions {
+        ConnectOptions {
+            token: Some(token.to_owned()),
+            device_id: Some(device_id.to_owned()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Client errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The WebSocket layer failed (including an HTTP error instead of an upgrade).
+    #[error("websocket: {0}")]
+    Ws(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The server sent a frame that is not a protocol message.
+    #[error("undecodable server frame: {0}")]
+    Decode(String),
+    /// The connection was closed (code and reason of the close frame, if any).
+    #[error("closed: {0:?}")]
+    Closed(Option<(u16, String)>),
+    /// The server sent something other than what was expected.
+    #[error("unexpected: {0}")]
+    Unexpected(String),
+    /// A bad URL or header.
+    #[error("request: {0}")]
+    Request(String),
+}
+
+/// One connection to a chatsync server.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pending: VecDeque<Incoming>,
+    next_request: u64,
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Client {
+    /// Opens a connection to `url` (e.g. `ws://127.0.0.1:8080/v1/ws`) without waiting for `connected`.
+    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Client, ClientError> {
+        let mut query = Vec::new();
+        if let (Some(t), TokenPlacement::Query) = (&opts.token, opts.token_placement) {
+            query.push(format!("token={}", percent_encode(t)));
+        }
+        if let (Some(d), true) = (&opts.device_id, opts.device_id_in_query) {
+            query.push(format!("device_id={}", percent_encode(d)));
+        }
+        let url = if query.is_empty() {
+            url.to_owned()
+        } else {
+            format!(
+                "{url}{}{}",
+                if url.contains('?') { '&' } else { '?' },
+                query.join("&")
+            )
+        };
+        let mut request = url.into_client_request()?;
+        let headers = request.headers_mut();
+        let value =
+            |s: &str| HeaderValue::from_str(s).map_err(|e| ClientError::Request(e.to_string()));
+        match (&opts.token, opts.token_placement) {
+            (Some(t), TokenPlacement::Bearer) => {
+                headers.insert("authorization", value(&format!("Bearer {t}"))?);
+            }
+            (Some(t), TokenPlacement::Cookie) => {
+                headers.insert("cookie", value(&format!("auth_refresh_token={t}"))?);
+            }
+            _ => {}
+        }
+        if let (Some(d), false) = (&opts.device_id, opts.device_id_in_query) {
+            headers.insert("x-device-id", value(d)?);
+        }
+        for (k, v) in &opts.headers {
+            let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| ClientError::Request(e.to_string()))?;
+            headers.insert(name, value(v)?);
+        }
+        let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Client {
+            ws,
+            pending: VecDeque::new(),
+            next_request: 0,
+        })
+    }
+
+    /// Connects and waits for the `connected` greeting.
+    pub async fn connect_authenticated(
+        url: &str,
+        opts: &ConnectOptions,
+    ) -> Result<(Client, Connected), ClientError> {
+        let mut client = Client::connect(url, opts).await?;
+        match client.recv().await?.message {
+            ServerMessage::Connected(c) => Ok((client, c)),
+            other => Err(ClientError::Unexpected(format!(
+                "expected connected, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends a typed message with an optional `request_id`.
+    pub async fn send(
+        &mut self,
+        message: &ClientMessage,
+        request_id: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.send_text(message.encode(request_id)).await
+    }
+
+    /// Sends a raw text frame (for tests of malformed input).
+    pub async fn send_text(&mut self, text: impl Into<String>) -> Result<(), ClientError> {
+        self.ws.send(Message::text(text.into())).await?;
+        Ok(())
+    }
+
+    /// Sends any WebSocket message (binary frames, pings, closes).
+    pub async fn send_raw(&mut self, message: Message) -> Result<(), ClientError> {
+        self.ws.send(message).await?;
+        Ok(())
+    }
+
+    /// Sends `message` with a fresh `request_id` and returns the reply carrying it. Other messages
+    /// received meanwhile are kept for [`Client::recv`].
+    pub async fn request(&mut self, message: &ClientMessage) -> Result<Incoming, ClientError> {
+        self.next_request += 1;
+        let id = format!("r{}", self.next_request);
+        self.send(message, Some(&id)).await?;
+        self.recv_reply(&id).await
+    }
+
+    /// Waits for the message carrying `request_id`, keeping others for [`Client::recv`].
+    pub async fn recv_reply(&mut self, request_id: &str) -> Result<Incoming, ClientError> {
+        if let Some(i) = self
+            .pending
+            .iter()
+            .position(|m| m.request_id.as_deref() == Some(request_id))
+        {
+            return Ok(self.pending.remove(i).expect("index is in range"));
+        }
+        loop {
+            let m = self.read().await?;
+            if m.request_id.as_deref() == Some(request_id) {
+                return Ok(m);
+            }
+            self.pending.push_back(m);
+        }
+    }
+
+    /// The next protocol message (kept ones first). A close frame is [`ClientError::Closed`].
+    pub async fn recv(&mut self) -> Result<Incoming, ClientError> {
+        match self.pending.pop_front() {
+            Some(m) => Ok(m),
+            None => self.read().await,
+        }
+    }
+
+    /// Messages received while waiting for a reply and not yet taken by [`Client::recv`].
+    pub fn buffered(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Reads until the server closes; returns the close code and reason. Protocol messages received
+    /// before the close are discarded.
+    pub async fn recv_close(&mut self) -> Result<(u16, String), ClientError> {
+        self.pending.clear();
+        loop {
+            match self.read().await {
+                Ok(_) => continue,
+                Err(ClientError::Closed(Some(c))) => return Ok(c),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        let _ = self.ws.close(None).await;
+        while let Some(Ok(_)) = self.ws.next().await {}
+        Ok(())
+    }
+
+    async fn read(&mut self) -> Result<Incoming, ClientError> {
+        loop {
+            match self.ws.next().await {
+                None => return Err(ClientError::Closed(None)),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Text(t))) => {
+                    return decode_server(t.as_str())
+                        .map_err(|e| ClientError::Decode(format!("{e}: {}", t.as_str())));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(ClientError::Closed(frame.map(
+                        |CloseFrame { code, reason }| (code.into(), reason.to_string()),
+                    )));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+}

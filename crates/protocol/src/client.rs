@@ -1,0 +1,288 @@
+//! Client-to-server messages (PROTOCOL.md section 6), one payload struct per message type.
+//!
+//! Serializing a [`ClientMessage`] gives `{"type","payload"}`; the server decodes with [`crate::decode`],
+//! which classifies errors per PROTOCOL.md section 4.
+
+use crate::ids::{ChatId, MessageId};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Every message a client may send, one variant per wire `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload", rename_all = "snake_case")]
+pub enum ClientMessage {
+    /// `ping` → `pong`.
+    Ping(Empty),
+    /// `initial_sync_request` → `initial_sync_response`.
+    InitialSyncRequest(InitialSyncRequest),
+    /// `update_draft` → `draft_update_confirmed` + OTHERS `chat_draft_updated`.
+    UpdateDraft(UpdateDraft),
+    /// `delete_draft` → `draft_delete_receipt` + OTHERS `draft_deleted`.
+    DeleteDraft(DeleteDraft),
+    /// `update_title` → ALL `chat_title_updated`.
+    UpdateTitle(UpdateTitle),
+    /// `chat_message_added` → `chat_message_confirmed` + OTHERS `chat_message_added`.
+    ChatMessageAdded(ChatMessageAdded),
+    /// `get_chat_messages` → `chat_messages_response`.
+    GetChatMessages(GetChatMessages),
+    /// `request_chat_content_batch` → `chat_content_batch_response`.
+    RequestChatContentBatch(RequestChatContentBatch),
+    /// `delete_chat` → ALL `chat_deleted`.
+    DeleteChat(DeleteChat),
+    /// `sync_offline_changes` → broadcasts + `offline_sync_complete`.
+    SyncOfflineChanges(SyncOfflineChanges),
+    /// `request_cache_status` → `cache_status_response`.
+    RequestCacheStatus(Empty),
+}
+
+impl ClientMessage {
+    /// Every wire `type` a client may send.
+    pub const TYPES: [&'static str; 11] = [
+        "ping",
+        "initial_sync_request",
+        "update_draft",
+        "delete_draft",
+        "update_title",
+        "chat_message_added",
+        "get_chat_messages",
+        "request_chat_content_batch",
+        "delete_chat",
+        "sync_offline_changes",
+        "request_cache_status",
+    ];
+
+    /// The wire `type` of this message.
+    pub fn wire_type(&self) -> &'static str {
+        match self {
+            ClientMessage::Ping(_) => "ping",
+            ClientMessage::InitialSyncRequest(_) => "initial_sync_request",
+            ClientMessage::UpdateDraft(_) => "update_draft",
+            ClientMessage::DeleteDraft(_) => "delete_draft",
+            ClientMessage::UpdateTitle(_) => "update_title",
+            ClientMessage::ChatMessageAdded(_) => "chat_message_added",
+            ClientMessage::GetChatMessages(_) => "get_chat_messages",
+            ClientMessage::RequestChatContentBatch(_) => "request_chat_content_batch",
+            ClientMessage::DeleteChat(_) => "delete_chat",
+            ClientMessage::SyncOfflineChanges(_) => "sync_offline_changes",
+            ClientMessage::RequestCacheStatus(_) => "request_cache_status",
+        }
+    }
+
+    /// Encodes this message as a client frame, with an optional `request_id`.
+    pub fn encode(&self, request_id: Option<&str>) -> String {
+        #[derive(Serialize)]
+        struct Envelope<'a> {
+            #[serde(flatten)]
+            message: &'a ClientMessage,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            request_id: Option<&'a str>,
+        }
+        serde_json::to_string(&Envelope {
+            message: self,
+            request_id,
+        })
+        .expect("client messages always serialize")
+    }
+}
+
+/// A payload with no fields (`ping`, `request_cache_status`). Unknown fields are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// A client's known versions of one chat; a missing component counts as -1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientVersions {
+    /// Messages the client has (`messages_v`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_v: Option<i64>,
+    /// Title version the client has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title_v: Option<i64>,
+    /// Draft version the client has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_v: Option<i64>,
+}
+
+/// `initial_sync_request` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitialSyncRequest {
+    /// What the client already has, per chat (at most 10,000 entries).
+    pub chat_versions: BTreeMap<ChatId, ClientVersions>,
+    /// The chat on screen: it comes first in the reply, with the messages the client lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub immediate_view_chat_id: Option<ChatId>,
+}
+
+/// `update_draft` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateDraft {
+    /// The chat; created for the writer when unknown.
+    pub chat_id: ChatId,
+    /// The draft document (usually Tiptap), or `null` to clear. Required, even when `null`.
+    #[serde(deserialize_with = "nullable_object")]
+    pub draft_json: Option<Map<String, Value>>,
+}
+
+/// `delete_draft` payload (`chatId` accepted as an alias).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeleteDraft {
+    /// The chat whose draft is deleted.
+    #[serde(alias = "chatId")]
+    pub chat_id: ChatId,
+}
+
+/// `update_title` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateTitle {
+    /// The chat; created for the writer when unknown.
+    pub chat_id: ChatId,
+    /// The new title; `""` clears it.
+    pub new_title: String,
+}
+
+/// `chat_message_added` payload (client to server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessageAdded {
+    /// The chat; created for the writer when unknown.
+    pub chat_id: ChatId,
+    /// The message.
+    pub message: NewMessage,
+}
+
+/// A message as a client sends it. A `sender` field is accepted and ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewMessage {
+    /// Unique per chat; re-sending it is idempotent.
+    pub message_id: MessageId,
+    /// The content: a JSON object or a string (at most 32 KiB of JSON).
+    pub content: MessageContent,
+    /// The client's clock, kept as `client_timestamp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<ClientTimestamp>,
+    /// Echoed on `chat_message_confirmed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_id: Option<TempId>,
+}
+
+/// Message content: a JSON object or a plain string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    /// Plain text.
+    Text(String),
+    /// A structured document.
+    Json(Map<String, Value>),
+}
+
+/// A client timestamp: unix seconds or RFC 3339 text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClientTimestamp {
+    /// Unix seconds (fractions allowed).
+    Unix(f64),
+    /// RFC 3339 text.
+    Text(String),
+}
+
+/// A client's temporary id for a message, echoed back: a string or a number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TempId {
+    /// Text id.
+    Text(String),
+    /// Numeric id.
+    Number(serde_json::Number),
+}
+
+/// `get_chat_messages` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetChatMessages {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// Return messages with `seq` greater than this (default 0).
+    #[serde(default)]
+    pub after_seq: u64,
+    /// Page size (default 100, at most the page limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// `request_chat_content_batch` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestChatContentBatch {
+    /// The chats (at most the batch limit).
+    pub chat_ids: Vec<ChatId>,
+}
+
+/// `delete_chat` payload (`chatId` accepted as an alias).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteChat {
+    /// The chat to delete.
+    #[serde(alias = "chatId")]
+    pub chat_id: ChatId,
+}
+
+/// `sync_offline_changes` payload. Each change is validated on its own ([`OfflineChange::parse`]), so one
+/// malformed change is an `error` result and does not fail the batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncOfflineChanges {
+    /// The changes, applied in order (at most the offline limit).
+    pub changes: Vec<Value>,
+}
+
+/// The kind of an offline change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfflineChangeType {
+    /// A title change; `value` is the new title.
+    Title,
+    /// A draft change; `value` is the draft document or `null`.
+    Draft,
+    /// A draft deletion; `value` is ignored.
+    DeleteDraft,
+}
+
+/// One validated offline change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfflineChange {
+    /// Echoed in the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The kind of change.
+    #[serde(rename = "type")]
+    pub kind: OfflineChangeType,
+    /// The new value (title string, draft object or `null`).
+    #[serde(default)]
+    pub value: Value,
+    /// The component version the client edited from.
+    pub version_before_edit: i64,
+}
+
+impl OfflineChange {
+    /// Validates one raw change. On failure returns the field and reason, like `invalid_payload`.
+    pub fn parse(raw: &Value) -> Result<OfflineChange, crate::PayloadError> {
+        let change: OfflineChange = crate::decode::typed_payload(raw)?;
+        let bad_value = match change.kind {
+            OfflineChangeType::Title => !change.value.is_string(),
+            OfflineChangeType::Draft => !(change.value.is_object() || change.value.is_null()),
+            OfflineChangeType::DeleteDraft => false,
+        };
+        if bad_value {
+            return Err(crate::PayloadError {
+                field: "value".into(),
+                reason: "must be a string for a title, an object or null for a draft".into(),
+            });
+        }
+        Ok(change)
+    }
+}
+
+/// Deserializes a required field that may be `null` or an object.
+fn nullable_object<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Map<String, Value>>, D::Error> {
+    Option::<Map<String, Value>>::deserialize(d)
+}

@@ -1,0 +1,450 @@
+//! Server-to-client messages (PROTOCOL.md sections 2, 4 and 6). Every one is sent as
+//! `{"type","payload"}` plus `request_id` where it answers a request (see [`crate::encode`]).
+
+use crate::error::ErrorCode;
+use crate::ids::{ChatId, MessageId};
+use crate::limits::Limits;
+use crate::{MessageContent, TempId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Every message the server sends, one variant per wire `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// The greeting, sent first on every authenticated connection.
+    Connected(Connected),
+    /// Reply to `ping`.
+    Pong(crate::Empty),
+    /// A failed request.
+    Error(ErrorPayload),
+    /// Reply to `initial_sync_request`.
+    InitialSyncResponse(InitialSyncResponse),
+    /// `initial_sync_request` failed.
+    InitialSyncError(InitialSyncError),
+    /// SELF after `update_draft`.
+    DraftUpdateConfirmed(DraftUpdateConfirmed),
+    /// OTHERS after `update_draft`.
+    ChatDraftUpdated(ChatDraftUpdated),
+    /// SELF after `delete_draft`.
+    DraftDeleteReceipt(DraftDeleteReceipt),
+    /// OTHERS after `delete_draft`.
+    DraftDeleted(DraftDeleted),
+    /// ALL after `update_title`.
+    ChatTitleUpdated(ChatTitleUpdated),
+    /// SELF after `chat_message_added`.
+    ChatMessageConfirmed(ChatMessageConfirmed),
+    /// OTHERS after `chat_message_added`.
+    ChatMessageAdded(MessageAddedEvent),
+    /// Reply to `get_chat_messages`.
+    ChatMessagesResponse(ChatMessagesResponse),
+    /// Reply to `request_chat_content_batch`.
+    ChatContentBatchResponse(ChatContentBatchResponse),
+    /// ALL after `delete_chat`.
+    ChatDeleted(ChatDeleted),
+    /// SELF after `sync_offline_changes`.
+    OfflineSyncComplete(OfflineSyncComplete),
+    /// Reply to `request_cache_status`.
+    CacheStatusResponse(CacheStatusResponse),
+    /// ALL: the most recently edited chat is warm.
+    PriorityChatReady(PriorityChatReady),
+    /// ALL: the whole cache is warm.
+    CachePrimed(CachePrimed),
+}
+
+/// `connected` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Connected {
+    /// Unique per connection, never reused.
+    pub connection_id: String,
+    /// The authenticated user.
+    pub user_id: String,
+    /// The device fingerprint hash (lowercase hex SHA-256).
+    pub device_hash: String,
+    /// Always `chatsync.v1`.
+    pub protocol: String,
+    /// The server clock, RFC 3339.
+    pub server_time: String,
+    /// The limits this server enforces.
+    pub limits: Limits,
+}
+
+/// `error` payload: a stable code, a plain-English message, and context where known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorPayload {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Human-readable sentence; never internal detail.
+    pub message: String,
+    /// The payload field at fault (`invalid_payload`, `limit_exceeded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The chat concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_id: Option<String>,
+    /// The message concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The offline change concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
+}
+
+impl ErrorPayload {
+    /// An error with no context.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorPayload {
+            code,
+            message: message.into(),
+            field: None,
+            chat_id: None,
+            message_id: None,
+            change_id: None,
+        }
+    }
+}
+
+/// The three versions of a chat, as the server knows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versions {
+    /// Number of messages.
+    pub messages_v: u64,
+    /// Title version.
+    pub title_v: u64,
+    /// Draft version (per user and chat).
+    pub draft_v: u64,
+}
+
+/// Whether an initial-sync entry is new to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatChangeKind {
+    /// The client did not list this chat.
+    NewChat,
+    /// The client has an older version of this chat.
+    UpdatedChat,
+}
+
+/// One stored message as sent to clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageOut {
+    /// Client-chosen id.
+    pub message_id: MessageId,
+    /// 1-based position in the chat.
+    pub seq: u64,
+    /// Always `"user"` for messages from a user's devices.
+    pub sender_name: String,
+    /// The content, as sent.
+    pub content: MessageContent,
+    /// Server time of acceptance, RFC 3339.
+    pub created_at: String,
+    /// The client's timestamp, as sent (or `null`).
+    pub client_timestamp: Option<crate::ClientTimestamp>,
+}
+
+/// One entry of `chats_to_add_or_update`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatUpdate {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// New to the client, or updated.
+    #[serde(rename = "type")]
+    pub kind: ChatChangeKind,
+    /// Current versions.
+    pub versions: Versions,
+    /// Unix seconds of the last message or draft change.
+    pub last_edited_overall_timestamp: i64,
+    /// Unread messages.
+    pub unread_count: u64,
+    /// Present when new or the title is newer; may be `""`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Present when new or the draft is newer; an explicit `null` means no draft.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "double_option"
+    )]
+    pub draft_json: Option<Option<Map<String, Value>>>,
+    /// For the immediate-view chat only: the messages the client lacks, oldest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<MessageOut>>,
+}
+
+/// `initial_sync_response` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitialSyncResponse {
+    /// Ids the client listed that the user does not (or no longer) own.
+    pub chat_ids_to_delete: Vec<ChatId>,
+    /// Chats new to the client or newer than it has; the immediate-view chat first.
+    pub chats_to_add_or_update: Vec<ChatUpdate>,
+    /// Every chat of the user, most recent first.
+    pub server_chat_order: Vec<ChatId>,
+    /// RFC 3339.
+    pub sync_completed_at: String,
+}
+
+/// `initial_sync_error` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitialSyncError {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Human-readable sentence.
+    pub message: String,
+}
+
+/// `draft_update_confirmed` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DraftUpdateConfirmed {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The new draft version.
+    pub draft_v: u64,
+    /// Unix seconds.
+    pub last_edited_overall_timestamp: i64,
+}
+
+/// `{"draft_json"}` inside `chat_draft_updated`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DraftData {
+    /// The draft, or `null` when cleared.
+    pub draft_json: Option<Map<String, Value>>,
+}
+
+/// `{"draft_v"}` inside `chat_draft_updated`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DraftVersion {
+    /// The new draft version.
+    pub draft_v: u64,
+}
+
+/// `chat_draft_updated` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatDraftUpdated {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The draft.
+    pub data: DraftData,
+    /// The new draft version.
+    pub versions: DraftVersion,
+    /// Unix seconds.
+    pub last_edited_overall_timestamp: i64,
+}
+
+/// `draft_delete_receipt` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DraftDeleteReceipt {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// Whether a draft was deleted.
+    pub success: bool,
+    /// The new draft version, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_v: Option<u64>,
+    /// `"Draft not found."` when there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// `draft_deleted` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DraftDeleted {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The new draft version.
+    pub draft_v: u64,
+}
+
+/// `{"title"}` inside `chat_title_updated`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TitleData {
+    /// The new title (may be `""`).
+    pub title: String,
+}
+
+/// `{"title_v"}` inside `chat_title_updated`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TitleVersion {
+    /// The new title version.
+    pub title_v: u64,
+}
+
+/// `chat_title_updated` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatTitleUpdated {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The title.
+    pub data: TitleData,
+    /// The new title version.
+    pub versions: TitleVersion,
+}
+
+/// `chat_message_confirmed` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessageConfirmed {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The message.
+    pub message_id: MessageId,
+    /// The client's temporary id, echoed (or `null`).
+    pub temp_id: Option<TempId>,
+    /// `messages_v` after this message (for a duplicate: after the original).
+    pub new_messages_v: u64,
+    /// Unix seconds.
+    pub new_last_edited_overall_timestamp: i64,
+    /// `true` when the `message_id` was already stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// `chat_message_added` payload (server to client).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageAddedEvent {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The message id.
+    pub message_id: MessageId,
+    /// 1-based position.
+    pub seq: u64,
+    /// Always `"user"`.
+    pub sender_name: String,
+    /// The content.
+    pub content: MessageContent,
+    /// RFC 3339.
+    pub created_at: String,
+    /// The client's timestamp, as sent.
+    pub client_timestamp: Option<crate::ClientTimestamp>,
+    /// The chat's message count.
+    pub messages_v: u64,
+    /// Unix seconds.
+    pub last_edited_overall_timestamp: i64,
+}
+
+/// `chat_messages_response` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessagesResponse {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// Oldest first.
+    pub messages: Vec<MessageOut>,
+    /// The chat's message count.
+    pub messages_v: u64,
+    /// More messages follow the last one returned.
+    pub has_more: bool,
+}
+
+/// `{"messages_v"}` inside `chat_content_batch_response`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessagesVersion {
+    /// The chat's message count.
+    pub messages_v: u64,
+}
+
+/// `chat_content_batch_response` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatContentBatchResponse {
+    /// Most recent messages per chat, oldest first.
+    pub messages_by_chat_id: BTreeMap<ChatId, Vec<MessageOut>>,
+    /// Message counts per chat.
+    pub versions_by_chat_id: BTreeMap<ChatId, MessagesVersion>,
+    /// Requested ids that are not the user's chats.
+    pub not_found: Vec<ChatId>,
+}
+
+/// `chat_deleted` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatDeleted {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// Always `true`.
+    pub tombstone: bool,
+}
+
+/// The outcome of one offline change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfflineStatus {
+    /// Written and broadcast.
+    Applied,
+    /// The component changed since `version_before_edit`; discarded.
+    Conflict,
+    /// Invalid or failed; see `code`.
+    Error,
+}
+
+/// One entry of `offline_sync_complete.results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfflineResult {
+    /// Echoed from the change (or `null`).
+    pub change_id: Option<String>,
+    /// The chat, when the change named a valid one.
+    pub chat_id: Option<String>,
+    /// The change type, when valid.
+    #[serde(rename = "type")]
+    pub kind: Option<crate::OfflineChangeType>,
+    /// Applied, conflict or error.
+    pub status: OfflineStatus,
+    /// The error code, for `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
+    /// The chat's current versions, for `applied` and `conflict`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<Versions>,
+}
+
+/// `offline_sync_complete` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfflineSyncComplete {
+    /// Changes applied.
+    pub processed: u32,
+    /// Changes discarded as conflicts.
+    pub conflicts: u32,
+    /// Changes that failed.
+    pub errors: u32,
+    /// One result per change, in order.
+    pub results: Vec<OfflineResult>,
+}
+
+/// `cache_status_response` payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStatusResponse {
+    /// Whether the warm-up finished.
+    pub is_primed: bool,
+}
+
+/// `priority_chat_ready` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriorityChatReady {
+    /// The most recently edited chat.
+    pub chat_id: ChatId,
+}
+
+/// `cache_primed` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachePrimed {
+    /// Always `"full_sync_ready"`.
+    pub status: String,
+}
+
+/// Serde helper: `None` = absent, `Some(None)` = explicit `null`.
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(
+        v: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}

@@ -1,0 +1,384 @@
+//! The command line: `serve`, `users`, `sessions`, `devices`. Flags override `CHATSYNC_*` environment
+//! variables, which override the TOML file given by `--config`, which overrides the defaults.
+
+use crate::config::{Config, LogFormat};
+use crate::gateway::auth;
+use crate::store::{self, now_millis, StoreError};
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// chatsync: real-time sync gateway for multi-device chat applications.
+#[derive(Debug, Parser)]
+#[command(name = "chatsync", version, about, long_about = None)]
+pub struct Cli {
+    /// Options shared by every command.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts (where the data lives, how to log).
+#[derive(Debug, Args, Serialize)]
+pub struct GlobalArgs {
+    /// TOML configuration file (keys as the long flags, with underscores).
+    #[arg(long, global = true, env = "CHATSYNC_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Data directory of the embedded store [default: ./data].
+    #[arg(long, global = true, env = "CHATSYNC_DATA_DIR", value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Store URL, `sqlite://PATH` [default: sqlite://<data-dir>/chatsync.db].
+    #[arg(long, global = true, env = "CHATSYNC_DATABASE_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, global = true, env = "CHATSYNC_LOG_FORMAT", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info`, `debug`, `chatsync=debug` [default: info; RUST_LOG wins].
+    #[arg(long, global = true, env = "CHATSYNC_LOG_LEVEL", value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the WebSocket server (endpoint GET /v1/ws).
+    Serve(ServeArgs),
+    /// Manage users.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Issue and revoke sessions (login tokens).
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+    /// Inspect the devices known for a user.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+}
+
+/// `chatsync serve` options.
+#[derive(Debug, Args, Serialize)]
+pub struct ServeArgs {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "CHATSYNC_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Largest accepted frame in bytes; larger closes with 1009 [default: 65536].
+    #[arg(long, env = "CHATSYNC_MAX_FRAME_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<u32>,
+    /// Longest chat title, in characters [default: 255].
+    #[arg(long, env = "CHATSYNC_MAX_TITLE_CHARS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_title_chars: Option<u32>,
+    /// Longest draft text, in characters [default: 7000].
+    #[arg(long, env = "CHATSYNC_MAX_DRAFT_CHARS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_draft_chars: Option<u32>,
+    /// Most words in a draft [default: 1000].
+    #[arg(long, env = "CHATSYNC_MAX_DRAFT_WORDS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_draft_words: Option<u32>,
+    /// Most changes in one sync_offline_changes [default: 500].
+    #[arg(long, env = "CHATSYNC_MAX_OFFLINE_CHANGES", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_offline_changes: Option<u32>,
+    /// Most chats in one request_chat_content_batch [default: 50].
+    #[arg(long, env = "CHATSYNC_MAX_BATCH_CHATS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_chats: Option<u32>,
+    /// Most messages in one page [default: 500].
+    #[arg(long, env = "CHATSYNC_MAX_PAGE_MESSAGES", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_page_messages: Option<u32>,
+    /// Sustained requests per second per connection [default: 100].
+    #[arg(long, env = "CHATSYNC_RATE_PER_SEC", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_per_sec: Option<u32>,
+    /// Requests allowed in a burst above the rate [default: 200].
+    #[arg(long, env = "CHATSYNC_RATE_BURST", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
+    /// Seconds between server Pings [default: 25].
+    #[arg(long, env = "CHATSYNC_PING_INTERVAL_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ping_interval_secs: Option<u64>,
+    /// Seconds of client silence before closing with 1001 [default: 60].
+    #[arg(long, env = "CHATSYNC_HEARTBEAT_TIMEOUT_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_secs: Option<u64>,
+    /// Outbound queue bound per connection in bytes; beyond it 1013 [default: 1048576].
+    #[arg(long, env = "CHATSYNC_OUTBOX_MAX_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox_max_bytes: Option<usize>,
+    /// Outbound queue bound per connection in messages; beyond it 1013 [default: 1024].
+    #[arg(long, env = "CHATSYNC_OUTBOX_MAX_MESSAGES", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox_max_messages: Option<usize>,
+    /// Most connections on this node; beyond it 1013 `Server overloaded` [default: 100000].
+    #[arg(long, env = "CHATSYNC_MAX_CONNECTIONS", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Allowed Origin header values, comma-separated; others get HTTP 403 [default: any].
+    #[arg(
+        long,
+        env = "CHATSYNC_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Seconds between checks for sessions revoked elsewhere [default: 5].
+    #[arg(
+        long,
+        env = "CHATSYNC_SESSION_CHECK_INTERVAL_SECS",
+        value_name = "SECS"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_check_interval_secs: Option<u64>,
+    /// Seconds to wait for connections to drain on shutdown [default: 10].
+    #[arg(long, env = "CHATSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_secs: Option<u64>,
+    /// WebSocket read buffer per connection in bytes [default: 2048].
+    #[arg(long, env = "CHATSYNC_WS_READ_BUFFER_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_read_buffer_bytes: Option<usize>,
+}
+
+/// `chatsync users …`
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a user.
+    Add {
+        /// User id: 1-64 characters of [A-Za-z0-9_.@-].
+        user_id: String,
+        /// The user has two-factor authentication (device mismatches then say `2FA required`).
+        #[arg(long)]
+        tfa: bool,
+    },
+}
+
+/// `chatsync sessions …`
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// Issue a session for a user and print its token (only the token, on stdout).
+    Issue {
+        /// The user.
+        user_id: String,
+        /// Bind the session to this device id (as sent in X-Device-Id / device_id).
+        #[arg(long, value_name = "ID", conflicts_with = "device_hash")]
+        device_id: Option<String>,
+        /// Bind the session to this device hash (64 lowercase hex characters).
+        #[arg(long, value_name = "HASH")]
+        device_hash: Option<String>,
+        /// Lifetime, e.g. `30d`, `12h`, `90m`.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Revoke the session of a token; its open connections close with 1008 `Session revoked`.
+    Revoke {
+        /// The token, as printed by `sessions issue`.
+        token: String,
+    },
+}
+
+/// `chatsync devices …`
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// List the devices known for a user, most recently seen first.
+    List {
+        /// The user.
+        user_id: String,
+    },
+}
+
+impl Cli {
+    /// The merged configuration for this invocation.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let serve = match &self.command {
+            Command::Serve(args) => Some(args),
+            _ => None,
+        };
+        let mut overrides: Vec<&dyn crate::config::erased::Overrides> = vec![&self.global];
+        if let Some(s) = serve {
+            overrides.push(s);
+        }
+        Config::load(self.global.config.as_deref(), &overrides).context("invalid configuration")
+    }
+}
+
+/// Runs the parsed command line. Output meant for scripts goes to stdout; logs go to stderr.
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config()?;
+    match cli.command {
+        Command::Serve(_) => {
+            crate::logging::init(config.log_format, &config.log_level);
+            serve(config).await
+        }
+        Command::Users(cmd) => {
+            crate::logging::init(config.log_format, "warn");
+            users(config, cmd).await
+        }
+        Command::Sessions(cmd) => {
+            crate::logging::init(config.log_format, "warn");
+            sessions(config, cmd).await
+        }
+        Command::Devices(cmd) => {
+            crate::logging::init(config.log_format, "warn");
+            devices(config, cmd).await
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let ctx = crate::build(config).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "chatsync listening on ws://{addr}/v1/ws");
+    crate::run(listener, ctx, shutdown_signal()).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Whether `id` is a valid user id: 1-64 characters of `[A-Za-z0-9_.@-]`.
+pub fn valid_user_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
+}
+
+fn check_user_id(id: &str) -> anyhow::Result<()> {
+    if !valid_user_id(id) {
+        bail!("malformed user id {id:?}: use 1-64 characters of [A-Za-z0-9_.@-]");
+    }
+    Ok(())
+}
+
+async fn users(config: Config, cmd: UsersCommand) -> anyhow::Result<()> {
+    let UsersCommand::Add { user_id, tfa } = cmd;
+    check_user_id(&user_id)?;
+    let store = store::open(&config.store_url()).await?;
+    match store.create_user(&user_id, tfa, now_millis()).await {
+        Ok(()) => {
+            eprintln!("created user {user_id}{}", if tfa { " (2FA)" } else { "" });
+            Ok(())
+        }
+        Err(StoreError::AlreadyExists) => bail!("user {user_id} already exists"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
+    match cmd {
+        SessionsCommand::Issue {
+            user_id,
+            device_id,
+            device_hash,
+            ttl,
+        } => {
+            check_user_id(&user_id)?;
+            let device_hash = match (device_id, device_hash) {
+                (Some(id), _) => Some(auth::device_hash_for_id(&id).map_err(|()| {
+                    anyhow::anyhow!("malformed device id: use 1-128 printable ASCII characters")
+                })?),
+                (None, Some(h)) => {
+                    if h.len() != 64
+                        || !h
+                            .bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                    {
+                        bail!("malformed device hash: use 64 lowercase hex characters");
+                    }
+                    Some(h)
+                }
+                (None, None) => None,
+            };
+            if ttl.is_zero() {
+                bail!("--ttl must be greater than zero");
+            }
+            let store = store::open(&config.store_url()).await?;
+            match auth::issue_session(store.as_ref(), &user_id, device_hash, ttl).await {
+                Ok(token) => {
+                    println!("{token}");
+                    Ok(())
+                }
+                Err(StoreError::NotFound) => {
+                    bail!("unknown user {user_id} (create it with `chatsync users add {user_id}`)")
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        SessionsCommand::Revoke { token } => {
+            let store = store::open(&config.store_url()).await?;
+            if store
+                .revoke_session(&auth::token_hash(&token), now_millis())
+                .await?
+            {
+                eprintln!("session revoked");
+                Ok(())
+            } else {
+                bail!("no active session has this token")
+            }
+        }
+    }
+}
+
+async fn devices(config: Config, cmd: DevicesCommand) -> anyhow::Result<()> {
+    let DevicesCommand::List { user_id } = cmd;
+    check_user_id(&user_id)?;
+    let store = store::open(&config.store_url()).await?;
+    if store.user(&user_id).await?.is_none() {
+        bail!("unknown user {user_id}");
+    }
+    let fmt = |ms: i64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+        )
+    };
+    println!(
+        "{:<64}  {:<20}  {:<20}",
+        "DEVICE_HASH", "FIRST_SEEN", "LAST_SEEN"
+    );
+    for d in store.devices(&user_id).await? {
+        println!(
+            "{:<64}  {:<20}  {:<20}",
+            d.device_hash,
+            fmt(d.first_seen),
+            fmt(d.last_seen)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! Server configuration: defaults, an optional TOML file, `CHATSYNC_*` environment variables and flags,
+//! in increasing precedence. The clap definitions live in `cli.rs`; this file owns the merged result.
+
+use chatsync_protocol::Limits;
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The merged configuration of one `chatsync` process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory for the embedded store (`chatsync.db`).
+    pub data_dir: PathBuf,
+    /// Store URL; `sqlite://PATH` (default: `sqlite://<data_dir>/chatsync.db`).
+    pub database_url: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `chatsync=debug`.
+    pub log_level: String,
+    /// Largest accepted text frame, bytes.
+    pub max_frame_bytes: u32,
+    /// Longest title, characters.
+    pub max_title_chars: u32,
+    /// Longest draft text, characters.
+    pub max_draft_chars: u32,
+    /// Most words in a draft.
+    pub max_draft_words: u32,
+    /// Most changes per `sync_offline_changes`.
+    pub max_offline_changes: u32,
+    /// Most chats per `request_chat_content_batch`.
+    pub max_batch_chats: u32,
+    /// Most messages per page.
+    pub max_page_messages: u32,
+    /// Sustained requests per second per connection.
+    pub rate_per_sec: u32,
+    /// Burst above the sustained rate.
+    pub rate_burst: u32,
+    /// Seconds between server WebSocket Pings.
+    pub ping_interval_secs: u64,
+    /// Seconds of silence (no frame, no Pong) before closing with 1001 `Heartbeat timeout`.
+    pub heartbeat_timeout_secs: u64,
+    /// Outbound queue bound per connection, bytes.
+    pub outbox_max_bytes: usize,
+    /// Outbound queue bound per connection, messages.
+    pub outbox_max_messages: usize,
+    /// Most connections this node accepts; beyond it: 1013 `Server overloaded`.
+    pub max_connections: usize,
+    /// Allowed `Origin` values; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// Seconds between checks for sessions revoked elsewhere (CLI, another node).
+    pub session_check_interval_secs: u64,
+    /// Seconds to wait for connections to drain on shutdown.
+    pub shutdown_timeout_secs: u64,
+    /// WebSocket read buffer per connection, bytes.
+    pub ws_read_buffer_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let l = Limits::default();
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            max_frame_bytes: l.max_frame_bytes,
+            max_title_chars: l.max_title_chars,
+            max_draft_chars: l.max_draft_chars,
+            max_draft_words: l.max_draft_words,
+            max_offline_changes: l.max_offline_changes,
+            max_batch_chats: l.max_batch_chats,
+            max_page_messages: l.max_page_messages,
+            rate_per_sec: l.rate_per_sec,
+            rate_burst: l.rate_burst,
+            ping_interval_secs: 25,
+            heartbeat_timeout_secs: 60,
+            outbox_max_bytes: 1 << 20,
+            outbox_max_messages: 1024,
+            max_connections: 100_000,
+            allowed_origins: Vec::new(),
+            session_check_interval_secs: 5,
+            shutdown_timeout_secs: 10,
+            ws_read_buffer_bytes: 2048,
+        }
+    }
+}
+
+impl Config {
+    /// Merges defaults, the TOML file (if any), and the overrides from flags and environment
+    /// (`overrides` serializes only the values that were given).
+    pub fn load(
+        file: Option<&Path>,
+        overrides: &[&dyn erased::Overrides],
+    ) -> Result<Config, figment::Error> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(figment::Error::from(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        for o in overrides {
+            fig = o.merge_into(fig);
+        }
+        let config: Config = fig.extract()?;
+        config.validate().map_err(figment::Error::from)?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("rate_per_sec", self.rate_per_sec as u64),
+            ("rate_burst", self.rate_burst as u64),
+            ("max_page_messages", self.max_page_messages as u64),
+            ("ping_interval_secs", self.ping_interval_secs),
+            ("heartbeat_timeout_secs", self.heartbeat_timeout_secs),
+            ("outbox_max_bytes", self.outbox_max_bytes as u64),
+            ("outbox_max_messages", self.outbox_max_messages as u64),
+            ("max_connections", self.max_connections as u64),
+            (
+                "session_check_interval_secs",
+                self.session_check_interval_secs,
+            ),
+            ("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err("max_frame_bytes must be at least 1024".into());
+        }
+        Ok(())
+    }
+
+    /// The limits announced in `connected` and enforced by the handlers.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_bytes: self.max_frame_bytes,
+            max_title_chars: self.max_title_chars,
+            max_draft_chars: self.max_draft_chars,
+            max_draft_words: self.max_draft_words,
+            max_offline_changes: self.max_offline_changes,
+            max_batch_chats: self.max_batch_chats,
+            max_page_messages: self.max_page_messages,
+            rate_per_sec: self.rate_per_sec,
+            rate_burst: self.rate_burst,
+        }
+    }
+
+    /// The store URL: `database_url`, or the SQLite file in `data_dir`.
+    pub fn store_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("chatsync.db").display()),
+        }
+    }
+
+    /// Interval between server Pings.
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs)
+    }
+
+    /// Silence after which a connection is closed.
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_timeout_secs)
+    }
+}
+
+/// Object-safe "merge my given values into a figment" for the clap argument structs.
+pub mod erased {
+    use figment::providers::Serialized;
+    use figment::Figment;
+    use serde::Serialize;
+
+    /// A set of overrides (flags and environment) that serializes only the values given.
+    pub trait Overrides {
+        /// Merges these overrides on top of `fig`.
+        fn merge_into(&self, fig: Figment) -> Figment;
+    }
+
+    impl<T: Serialize> Overrides for T {
+        fn merge_into(&self, fig: Figment) -> Figment {
+            fig.merge(Serialized::defaults(self))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Over {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rate_burst: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        max_frame_bytes: Option<u32>,
+    }
+
+    #[test]
+    fn precedence_is_defaults_then_file_then_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "rate_burst = 7\nmax_frame_bytes = 4096\nlisten = \"127.0.0.1:9999\"\n",
+        )
+        .unwrap();
+        let over = Over {
+            rate_burst: None,
+            max_frame_bytes: Some(2048),
+        };
+        let c = Config::load(Some(&file), &[&over]).unwrap();
+        assert_eq!(c.rate_burst, 7, "file beats default");
+        assert_eq!(c.max_frame_bytes, 2048, "override beats file");
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.rate_per_sec, 100, "default kept");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "rate_brust = 7\n").unwrap();
+        assert!(Config::load(Some(&file), &[]).is_err());
+        std::fs::write(&file, "rate_burst = 0\n").unwrap();
+        assert!(Config::load(Some(&file), &[]).is_err());
+        assert!(Config::load(Some(&dir.path().join("missing.toml")), &[]).is_err());
+    }
+}

@@ -1,0 +1,258 @@
+//! Authentication and device binding during the upgrade (PROTOCOL.md section 2).
+//!
+//! The token comes from the `auth_refresh_token` cookie, then `Authorization: Bearer`, then the
+//! `token` query parameter. Only SHA-256(token) is looked up. A failure is a [`CloseReason`], sent
+//! after the upgrade so browsers can read it. Tokens never reach a log line.
+
+use crate::handlers::Ctx;
+use crate::hub::CloseReason;
+use crate::store::{now_millis, NewSession, Session, Store, StoreError};
+use axum::http::{header, HeaderMap};
+use base64::Engine as _;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Longest token accepted; longer ones are `Invalid session` without being hashed.
+const MAX_TOKEN_LEN: usize = 1024;
+
+/// The query parameters the endpoint reads.
+#[derive(Debug, Default, Deserialize)]
+pub struct WsQuery {
+    /// Token, for clients that can set neither cookie nor header.
+    pub token: Option<String>,
+    /// Device id, for clients that cannot set `X-Device-Id`.
+    pub device_id: Option<String>,
+}
+
+/// What the client presented.
+pub struct Credentials {
+    token: Option<String>,
+    device: Result<String, ()>,
+}
+
+/// The outcome of a successful authentication.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// Session id.
+    pub session_id: String,
+    /// User id.
+    pub user_id: String,
+    /// Device fingerprint hash.
+    pub device_hash: String,
+}
+
+/// Lowercase hex SHA-256 of `input`.
+pub fn sha256_hex(input: &str) -> String {
+    hex::encode(Sha256::digest(input.as_bytes()))
+}
+
+/// SHA-256 of a token, as stored.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The device hash for an explicit device id (`X-Device-Id`, `device_id`, `--device-id`).
+pub fn device_hash_for_id(device_id: &str) -> Result<String, ()> {
+    let ok = !device_id.is_empty()
+        && device_id.len() <= 128
+        && device_id.bytes().all(|b| (0x20..=0x7e).contains(&b));
+    if ok {
+        Ok(sha256_hex(&format!("id:{device_id}")))
+    } else {
+        Err(())
+    }
+}
+
+/// Issues a session for `user_id` (optionally bound to a device) and returns its token. Only
+/// SHA-256(token) is stored. Fails with [`StoreError::NotFound`] for an unknown user.
+pub async fn issue_session(
+    store: &dyn Store,
+    user_id: &str,
+    device_hash: Option<String>,
+    ttl: std::time::Duration,
+) -> Result<String, StoreError> {
+    let bytes: [u8; 32] = rand::random();
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let now = now_millis();
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    store
+        .create_session(&NewSession {
+            session_id: uuid::Uuid::new_v4().simple().to_string(),
+            token_hash: token_hash(&token),
+            user_id: user_id.to_owned(),
+            device_hash,
+            created_at: now,
+            expires_at: Some(now.saturating_add(ttl_ms)),
+        })
+        .await?;
+    Ok(token)
+}
+
+/// Reads the token and device fingerprint from the upgrade request.
+pub fn credentials(headers: &HeaderMap, query: &WsQuery) -> Credentials {
+    let token = cookie_token(headers)
+        .or_else(|| bearer_token(headers))
+        .or_else(|| query.token.clone().filter(|t| !t.is_empty()));
+    let explicit_id = headers
+        .get("x-device-id")
+        .map(|v| {
+            std::str::from_utf8(v.as_bytes())
+                .map(str::to_owned)
+                .map_err(|_| ())
+        })
+        .or_else(|| query.device_id.clone().map(Ok));
+    let device = match explicit_id {
+        Some(Ok(id)) => device_hash_for_id(&id),
+        Some(Err(())) => Err(()),
+        None => {
+            let text = |name| {
+                headers
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .unwrap_or_default()
+            };
+            Ok(sha256_hex(&format!(
+                "ua:{}|lang:{}",
+                text(header::USER_AGENT),
+                text(header::ACCEPT_LANGUAGE)
+            )))
+        }
+    };
+    Credentials { token, device }
+}
+
+fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|cookies| {
+            cookies.split(';').find_map(|pair| {
+                let (name, value) = pair.trim().split_once('=')?;
+                (name == "auth_refresh_token" && !value.is_empty())
+                    .then(|| value.trim_matches('"').to_owned())
+            })
+        })
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
+}
+
+/// Checks the credentials against the store, binding the session to the device on first use.
+pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated, CloseReason> {
+    let token = creds.token.ok_or(CloseReason::AUTH_REQUIRED)?;
+    let device_hash = creds.device.map_err(|()| CloseReason::INVALID_DEVICE)?;
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(CloseReason::INVALID_SESSION);
+    }
+    let backend = |e: crate::store::StoreError| {
+        tracing::warn!(error = %e, "authentication backend failure");
+        CloseReason::AUTH_ERROR
+    };
+    let now = now_millis();
+    let session: Session = ctx
+        .store
+        .session_by_token_hash(&token_hash(&token))
+        .await
+        .map_err(backend)?
+        .ok_or(CloseReason::INVALID_SESSION)?;
+    if session.revoked_at.is_some() || session.expires_at.is_some_and(|t| t <= now) {
+        return Err(CloseReason::INVALID_SESSION);
+    }
+    let bound = match &session.device_hash {
+        Some(bound) => bound.clone(),
+        None => ctx
+            .store
+            .bind_session_device(&session.session_id, &device_hash)
+            .await
+            .map_err(backend)?,
+    };
+    if bound != device_hash {
+        return Err(if session.user_tfa {
+            CloseReason::DEVICE_MISMATCH_TFA
+        } else {
+            CloseReason::DEVICE_MISMATCH
+        });
+    }
+    ctx.store
+        .record_device(&session.user_id, &device_hash, now)
+        .await
+        .map_err(backend)?;
+    Ok(Authenticated {
+        session_id: session.session_id,
+        user_id: session.user_id,
+        device_hash,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn token_precedence_is_cookie_then_bearer_then_query() {
+        let q = WsQuery {
+            token: Some("q".into()),
+            device_id: None,
+        };
+        let all = headers(&[
+            ("cookie", "a=b; auth_refresh_token=c"),
+            ("authorization", "Bearer h"),
+        ]);
+        assert_eq!(credentials(&all, &q).token.as_deref(), Some("c"));
+        let bearer = headers(&[("authorization", "bearer h")]);
+        assert_eq!(credentials(&bearer, &q).token.as_deref(), Some("h"));
+        assert_eq!(
+            credentials(&HeaderMap::new(), &q).token.as_deref(),
+            Some("q")
+        );
+        assert_eq!(
+            credentials(&HeaderMap::new(), &WsQuery::default()).token,
+            None
+        );
+    }
+
+    #[test]
+    fn device_hash_follows_the_protocol() {
+        let h = headers(&[("x-device-id", "phone-1")]);
+        assert_eq!(
+            credentials(&h, &WsQuery::default()).device.unwrap(),
+            sha256_hex("id:phone-1")
+        );
+        let q = WsQuery {
+            token: None,
+            device_id: Some("tab".into()),
+        };
+        assert_eq!(
+            credentials(&HeaderMap::new(), &q).device.unwrap(),
+            sha256_hex("id:tab")
+        );
+        let h = headers(&[("user-agent", "UA"), ("accept-language", "en")]);
+        assert_eq!(
+            credentials(&h, &WsQuery::default()).device.unwrap(),
+            sha256_hex("ua:UA|lang:en")
+        );
+        assert_eq!(
+            credentials(&HeaderMap::new(), &WsQuery::default())
+                .device
+                .unwrap(),
+            sha256_hex("ua:|lang:")
+        );
+        assert!(device_hash_for_id(&"x".repeat(129)).is_err());
+        assert!(device_hash_for_id("").is_err());
+        assert!(device_hash_for_id("tab\u{7f}").is_err());
+    }
+}

@@ -1,0 +1,329 @@
+//! One WebSocket connection: authenticate, register, then a reader (this task) and a writer task.
+//!
+//! * The reader checks size and kind, decodes, rate-limits, dispatches to the router (one request at a
+//!   time, in order) and queues the encoded outcome. Between requests it watches for shutdown.
+//! * The writer drains the bounded outbox to the socket, sends a Ping every `ping_interval`, and closes
+//!   the connection on heartbeat timeout or when anyone asks the outbox to close.
+//!
+//! Every close goes through the outbox, so queued frames are sent before the close frame (except a
+//! slow consumer, whose queue is dropped).
+
+use super::auth::{self, Credentials};
+use super::rate::{RateLimiter, Verdict};
+use crate::handlers::{self, Broadcast, Ctx, Outcome};
+use crate::hub::{Audience, CloseReason, ConnHandle, Next, Outbox, Utf8Bytes};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use chatsync_protocol::{
+    decode, encode, Connected, ErrorCode, ErrorPayload, InitialSyncError, RequestId, ServerMessage,
+    PROTOCOL_NAME,
+};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long the reader keeps reading after a close was sent, waiting for the client's close frame, so
+/// that unread client data does not turn our close into a TCP reset.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs one upgraded connection to its end.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    socket: WebSocket,
+    creds: Credentials,
+    shutdown: CancellationToken,
+) {
+    let (sink, mut stream) = socket.split();
+    let authed = match auth::authenticate(&ctx, creds).await {
+        Ok(a) => a,
+        Err(reason) => {
+            tracing::info!(
+                code = reason.code,
+                reason = reason.reason,
+                "connection refused"
+            );
+            reject(sink, stream, reason).await;
+            return;
+        }
+    };
+    let conn = Arc::new(ConnHandle {
+        id: uuid::Uuid::new_v4().simple().to_string(),
+        user_id: authed.user_id,
+        session_id: authed.session_id,
+        device_hash: authed.device_hash,
+        outbox: Outbox::new(ctx.config.outbox_max_bytes, ctx.config.outbox_max_messages),
+    });
+    let span = tracing::info_span!("conn", conn_id = %conn.id, user_id = %conn.user_id);
+    async move {
+        // The greeting is queued before registering, so no broadcast can overtake it.
+        let connected = ServerMessage::Connected(Connected {
+            connection_id: conn.id.clone(),
+            user_id: conn.user_id.clone(),
+            device_hash: conn.device_hash.clone(),
+            protocol: PROTOCOL_NAME.to_owned(),
+            server_time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            limits: ctx.limits,
+        });
+        conn.outbox.push(encode(&connected, None).into());
+        if ctx.hub.register(conn.clone()).is_err() {
+            tracing::warn!("connection refused: node at its connection limit");
+            reject(sink, stream, CloseReason::OVERLOADED).await;
+            return;
+        }
+        tracing::debug!("connected");
+        let last_seen = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut writer = tokio::spawn(write_loop(
+            sink,
+            conn.clone(),
+            last_seen.clone(),
+            started,
+            ctx.config.clone(),
+        ));
+
+        let writer_done = read_loop(
+            &ctx,
+            &conn,
+            &mut stream,
+            &mut writer,
+            &last_seen,
+            started,
+            &shutdown,
+        )
+        .await;
+        ctx.hub.unregister(&conn);
+        if !writer_done {
+            if conn.outbox.is_closing() {
+                // Let the writer send the close, then wait for the client's answer.
+                let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer).await;
+                drain(&mut stream).await;
+            }
+            writer.abort();
+        } else {
+            drain(&mut stream).await;
+        }
+        tracing::debug!("disconnected");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads and handles frames until the connection ends or a close is requested. Returns whether the
+/// writer has already finished.
+async fn read_loop(
+    ctx: &Ctx,
+    conn: &ConnHandle,
+    stream: &mut SplitStream<WebSocket>,
+    writer: &mut tokio::task::JoinHandle<()>,
+    last_seen: &AtomicU64,
+    started: Instant,
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut limiter = RateLimiter::new(ctx.limits.rate_per_sec, ctx.limits.rate_burst);
+    loop {
+        if shutdown.is_cancelled() {
+            conn.outbox.close(CloseReason::SHUTDOWN);
+            return false;
+        }
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => {
+                conn.outbox.close(CloseReason::SHUTDOWN);
+                return false;
+            }
+            _ = &mut *writer => return true,
+            next = stream.next() => next,
+        };
+        let now = Instant::now();
+        last_seen.store(
+            now.duration_since(started).as_millis() as u64,
+            Ordering::Relaxed,
+        );
+        match next {
+            None => return false,
+            Some(Err(e)) => {
+                if is_capacity_error(e) {
+                    conn.outbox.close(CloseReason::TOO_BIG);
+                }
+                return false;
+            }
+            Some(Ok(Message::Text(text))) => match limiter.check(now) {
+                Verdict::Allow => Box::pin(handle_text(ctx, conn, text.as_str())).await,
+                Verdict::Drop => {
+                    let request_id = decode(text.as_str()).ok().and_then(|d| d.request_id);
+                    let error = ErrorPayload::new(
+                        ErrorCode::RateLimited,
+                        "Too many messages; this one was dropped.",
+                    );
+                    conn.outbox.push(
+                        encode(
+                            &ServerMessage::Error(error),
+                            request_id.as_ref().map(RequestId::as_str),
+                        )
+                        .into(),
+                    );
+                }
+                Verdict::Close => {
+                    tracing::info!("closing: rate limit exceeded");
+                    conn.outbox.close(CloseReason::RATE_LIMIT);
+                    return false;
+                }
+            },
+            Some(Ok(Message::Binary(_))) => {
+                conn.outbox.close(CloseReason::BINARY);
+                return false;
+            }
+            Some(Ok(Message::Close(_))) => return false,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+        }
+        if conn.outbox.is_closing() {
+            return false;
+        }
+    }
+}
+
+/// Decodes one text frame, dispatches it, and queues the outcome.
+async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
+    let decoded = match decode(text) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(code = %e.code, "undecodable message");
+            let payload = ErrorPayload {
+                field: e.field,
+                ..ErrorPayload::new(e.code, e.message)
+            };
+            conn.outbox.push(
+                encode(
+                    &ServerMessage::Error(payload),
+                    e.request_id.as_ref().map(RequestId::as_str),
+                )
+                .into(),
+            );
+            return;
+        }
+    };
+    let wire_type = decoded.message.wire_type();
+    let request_id = decoded.request_id.as_ref().map(RequestId::as_str);
+    let result = handlers::dispatch(ctx, conn, decoded.message)
+        .instrument(tracing::debug_span!("msg", r#type = wire_type))
+        .await;
+    match result {
+        Ok(outcome) => deliver(ctx, conn, outcome, request_id).await,
+        Err(err) => {
+            match err.internal_detail() {
+                Some(detail) => {
+                    tracing::warn!(r#type = wire_type, code = %err.code(), detail, "request failed")
+                }
+                None => tracing::debug!(r#type = wire_type, code = %err.code(), "request rejected"),
+            }
+            let payload = err.into_payload();
+            let message = if wire_type == "initial_sync_request" {
+                ServerMessage::InitialSyncError(InitialSyncError {
+                    code: payload.code,
+                    message: payload.message,
+                })
+            } else {
+                ServerMessage::Error(payload)
+            };
+            conn.outbox.push(encode(&message, request_id).into());
+        }
+    }
+}
+
+/// Queues SELF's copies (with `request_id`) and hands the OTHERS copies to the hub, encoded once.
+async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Option<&str>) {
+    for broadcast in outcome.broadcasts {
+        let message = match broadcast {
+            Broadcast::Others(m) => m,
+            Broadcast::All(m) => {
+                conn.outbox.push(encode(&m, request_id).into());
+                m
+            }
+        };
+        let shared: Utf8Bytes = encode(&message, None).into();
+        ctx.hub
+            .deliver(&conn.user_id, Audience::Others { except: &conn.id }, shared)
+            .await;
+    }
+    if let Some(reply) = outcome.reply {
+        conn.outbox.push(encode(&reply, request_id).into());
+    }
+}
+
+/// Drains the outbox to the socket, pings, and enforces the heartbeat timeout.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    conn: Arc<ConnHandle>,
+    last_seen: Arc<AtomicU64>,
+    started: Instant,
+    config: Arc<crate::config::Config>,
+) {
+    let period = config.ping_interval();
+    let timeout = config.heartbeat_timeout().as_millis() as u64;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        let next = tokio::select! {
+            next = conn.outbox.next() => next,
+            _ = ticker.tick() => {
+                let now = started.elapsed().as_millis() as u64;
+                if now.saturating_sub(last_seen.load(Ordering::Relaxed)) > timeout {
+                    tracing::info!("closing: heartbeat timeout");
+                    conn.outbox.close(CloseReason::HEARTBEAT);
+                    continue;
+                }
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        match next {
+            Next::Frame(frame) => {
+                if sink.send(Message::Text(frame)).await.is_err() {
+                    conn.outbox.close(CloseReason::INTERNAL);
+                    return;
+                }
+            }
+            Next::Close(reason) => {
+                send_close(&mut sink, reason).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn send_close(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReason) {
+    let frame = CloseFrame {
+        code: reason.code,
+        reason: reason.reason.into(),
+    };
+    let _ = sink.send(Message::Close(Some(frame))).await;
+}
+
+/// Closes a connection that never got registered, after the queued greeting (if any) is dropped.
+async fn reject(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+    reason: CloseReason,
+) {
+    send_close(&mut sink, reason).await;
+    drain(&mut stream).await;
+}
+
+/// Reads (and discards) until the client answers our close, the stream ends, or the grace period ends.
+async fn drain(stream: &mut SplitStream<WebSocket>) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+}
+
+fn is_capacity_error(e: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    matches!(
+        e.into_inner().downcast::<WsError>().map(|b| *b),
+        Ok(WsError::Capacity(_))
+    )
+}

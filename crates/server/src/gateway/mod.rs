@@ -1,0 +1,66 @@
+//! The HTTP side: the `/v1/ws` route, the origin check, WebSocket tuning, and the task tracking that
+//! lets shutdown wait for upgraded connections (axum does not wait for them by itself).
+
+pub mod auth;
+mod connection;
+mod rate;
+
+use crate::handlers::Ctx;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Shared state of the HTTP layer.
+#[derive(Clone)]
+pub struct Gateway {
+    /// Handler context.
+    pub ctx: Arc<Ctx>,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// The HTTP router: `GET /v1/ws`.
+pub fn router(gateway: Gateway) -> Router {
+    Router::new()
+        .route("/v1/ws", get(upgrade))
+        .with_state(gateway)
+}
+
+async fn upgrade(
+    State(gw): State<Gateway>,
+    ws: WebSocketUpgrade,
+    headers: HeaderMap,
+    query: Result<Query<auth::WsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let config = &gw.ctx.config;
+    if !config.allowed_origins.is_empty() {
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let allowed = origin
+                .to_str()
+                .is_ok_and(|o| config.allowed_origins.iter().any(|a| a == o));
+            if !allowed {
+                return (StatusCode::FORBIDDEN, "Origin not allowed").into_response();
+            }
+        }
+    }
+    let query = query.map(|Query(q)| q).unwrap_or_default();
+    let creds = auth::credentials(&headers, &query);
+    let max = config.max_frame_bytes as usize;
+    let ctx = gw.ctx.clone();
+    let shutdown = gw.shutdown.clone();
+    let tracker = gw.tracker.clone();
+    ws.read_buffer_size(config.ws_read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_frame_size(max)
+        .max_message_size(max)
+        .on_upgrade(move |socket| {
+            tracker.track_future(connection::run(ctx, socket, creds, shutdown))
+        })
+}

@@ -1,0 +1,93 @@
+//! The in-process hub: user id → that user's connections on this node.
+
+use super::{Audience, CloseReason, ConnHandle, Hub, Overloaded, Utf8Bytes};
+use async_trait::async_trait;
+use dashmap::DashMap;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Delivers to connections of this process only (the embedded default).
+pub struct LocalHub {
+    users: DashMap<String, Vec<Arc<ConnHandle>>>,
+    count: AtomicUsize,
+    max_connections: usize,
+}
+
+impl LocalHub {
+    /// A hub that accepts at most `max_connections` connections.
+    pub fn new(max_connections: usize) -> LocalHub {
+        LocalHub {
+            users: DashMap::new(),
+            count: AtomicUsize::new(0),
+            max_connections,
+        }
+    }
+
+    fn each(&self, mut f: impl FnMut(&ConnHandle)) {
+        for entry in self.users.iter() {
+            for conn in entry.value() {
+                f(conn);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Hub for LocalHub {
+    fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Overloaded> {
+        if self.count.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return Err(Overloaded);
+        }
+        self.users
+            .entry(conn.user_id.clone())
+            .or_default()
+            .push(conn);
+        Ok(())
+    }
+
+    fn unregister(&self, conn: &ConnHandle) {
+        let mut found = false;
+        self.users.remove_if_mut(&conn.user_id, |_, conns| {
+            let before = conns.len();
+            conns.retain(|c| c.id != conn.id);
+            found = conns.len() != before;
+            conns.is_empty()
+        });
+        if found {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    async fn deliver(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
+        let Some(conns) = self.users.get(user_id) else {
+            return;
+        };
+        for conn in conns.iter() {
+            if let Audience::Others { except } = audience {
+                if conn.id == except {
+                    continue;
+                }
+            }
+            conn.outbox.push(frame.clone());
+        }
+    }
+
+    async fn close_sessions(&self, session_ids: &[String], reason: CloseReason) {
+        let ids: HashSet<&str> = session_ids.iter().map(String::as_str).collect();
+        self.each(|c| {
+            if ids.contains(c.session_id.as_str()) {
+                c.outbox.close(reason);
+            }
+        });
+    }
+
+    fn close_all(&self, reason: CloseReason) {
+        self.each(|c| c.outbox.close(reason));
+    }
+
+    fn connection_count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+}

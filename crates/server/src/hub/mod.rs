@@ -1,0 +1,67 @@
+//! Delivery to a user's connections: the `Hub` trait, the per-connection handle it delivers to, and
+//! the in-process implementation ([`local::LocalHub`]).
+//!
+//! A broadcast is encoded once by the caller and the bytes ([`Utf8Bytes`]) are shared by every
+//! recipient. The hub never waits on a slow client: it pushes to bounded outboxes. A Redis-backed hub
+//! (cluster mode) is a second implementation of the same trait that also publishes to other nodes.
+
+pub mod local;
+pub mod outbox;
+
+use async_trait::async_trait;
+pub use axum::extract::ws::Utf8Bytes;
+pub use outbox::{CloseReason, Next, Outbox};
+use std::sync::Arc;
+
+/// One live connection, as the hub sees it.
+pub struct ConnHandle {
+    /// Unique connection id (sent in `connected`).
+    pub id: String,
+    /// The authenticated user.
+    pub user_id: String,
+    /// The session the connection authenticated with (for revocation).
+    pub session_id: String,
+    /// The device fingerprint.
+    pub device_hash: String,
+    /// The bounded outbound queue, drained by the connection's writer task.
+    pub outbox: Outbox,
+}
+
+/// Who receives a broadcast, besides the requesting connection's direct reply (PROTOCOL.md section 3).
+#[derive(Debug, Clone, Copy)]
+pub enum Audience<'a> {
+    /// OTHERS: every connection of the user except the one with this id, on any node.
+    Others {
+        /// The requesting connection.
+        except: &'a str,
+    },
+    /// ALL: every connection of the user, on any node.
+    All,
+}
+
+/// The node is at its connection limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the node is at its connection limit")]
+pub struct Overloaded;
+
+/// Connection registry and delivery.
+#[async_trait]
+pub trait Hub: Send + Sync + 'static {
+    /// Registers a connection. Fails with [`Overloaded`] when the node is at its connection limit.
+    fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Overloaded>;
+
+    /// Removes a connection; it receives nothing afterwards.
+    fn unregister(&self, conn: &ConnHandle);
+
+    /// Queues `frame` on every connection of `user_id` in `audience`. Never waits on a client.
+    async fn deliver(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes);
+
+    /// Closes every connection authenticated with one of these sessions.
+    async fn close_sessions(&self, session_ids: &[String], reason: CloseReason);
+
+    /// Closes every connection on this node (after their queued frames).
+    fn close_all(&self, reason: CloseReason);
+
+    /// Connections registered on this node.
+    fn connection_count(&self) -> usize;
+}

@@ -1,0 +1,241 @@
+//! The bounded outbound queue of one connection, drained by its writer task.
+//!
+//! Producers (the connection's own replies, broadcasts from any handler) never wait: [`Outbox::push`]
+//! either queues or, past the bound, marks the connection for closing with 1013 `Slow consumer`.
+
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use tokio::sync::Notify;
+
+/// A WebSocket close code and reason (PROTOCOL.md sections 1, 2 and 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Reason text, as the protocol spells it.
+    pub reason: &'static str,
+}
+
+impl CloseReason {
+    /// 1001 `Server shutting down`.
+    pub const SHUTDOWN: CloseReason = CloseReason {
+        code: 1001,
+        reason: "Server shutting down",
+    };
+    /// 1001 `Heartbeat timeout`.
+    pub const HEARTBEAT: CloseReason = CloseReason {
+        code: 1001,
+        reason: "Heartbeat timeout",
+    };
+    /// 1003 `Binary frames are not supported`.
+    pub const BINARY: CloseReason = CloseReason {
+        code: 1003,
+        reason: "Binary frames are not supported",
+    };
+    /// 1008 `Authentication required`.
+    pub const AUTH_REQUIRED: CloseReason = CloseReason {
+        code: 1008,
+        reason: "Authentication required",
+    };
+    /// 1008 `Invalid session`.
+    pub const INVALID_SESSION: CloseReason = CloseReason {
+        code: 1008,
+        reason: "Invalid session",
+    };
+    /// 1008 `Invalid device id` (chatsync addition, see docs/PROTOCOL.md).
+    pub const INVALID_DEVICE: CloseReason = CloseReason {
+        code: 1008,
+        reason: "Invalid device id",
+    };
+    /// 1008 `Device mismatch, 2FA required`.
+    pub const DEVICE_MISMATCH_TFA: CloseReason = CloseReason {
+        code: 1008,
+        reason: "Device mismatch, 2FA required",
+    };
+    /// 1008 `Device mismatch`.
+    pub const DEVICE_MISMATCH: CloseReason = CloseReason {
+        code: 1008,
+        reason: "Device mismatch",
+    };
+    /// 1008 `Session revoked`.
+    pub const SESSION_REVOKED: CloseReason = CloseReason {
+        code: 1008,
+        reason: "Session revoked",
+    };
+    /// 1008 `Rate limit exceeded`.
+    pub const RATE_LIMIT: CloseReason = CloseReason {
+        code: 1008,
+        reason: "Rate limit exceeded",
+    };
+    /// 1009 `Message too big`.
+    pub const TOO_BIG: CloseReason = CloseReason {
+        code: 1009,
+        reason: "Message too big",
+    };
+    /// 1011 `Authentication error`.
+    pub const AUTH_ERROR: CloseReason = CloseReason {
+        code: 1011,
+        reason: "Authentication error",
+    };
+    /// 1011 `Internal error` (a broken socket or a bug; never expected).
+    pub const INTERNAL: CloseReason = CloseReason {
+        code: 1011,
+        reason: "Internal error",
+    };
+    /// 1013 `Server overloaded`.
+    pub const OVERLOADED: CloseReason = CloseReason {
+        code: 1013,
+        reason: "Server overloaded",
+    };
+    /// 1013 `Slow consumer`.
+    pub const SLOW_CONSUMER: CloseReason = CloseReason {
+        code: 1013,
+        reason: "Slow consumer",
+    };
+}
+
+/// What the writer task should do next.
+#[derive(Debug)]
+pub enum Next {
+    /// Send this text frame.
+    Frame(Utf8Bytes),
+    /// Send a close frame and stop.
+    Close(CloseReason),
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Utf8Bytes>,
+    bytes: usize,
+    close: Option<CloseReason>,
+}
+
+/// A bounded, non-blocking outbound queue. An idle outbox allocates nothing.
+pub struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    max_bytes: usize,
+    max_messages: usize,
+}
+
+impl Outbox {
+    /// An empty outbox with the given bounds.
+    pub fn new(max_bytes: usize, max_messages: usize) -> Outbox {
+        Outbox {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            max_bytes,
+            max_messages,
+        }
+    }
+
+    /// Queues a frame. Returns `false` if the connection is closing, or if the frame would exceed the
+    /// bound, in which case the queue is dropped and the connection is closed with 1013 `Slow consumer`.
+    pub fn push(&self, frame: Utf8Bytes) -> bool {
+        let mut s = self.state.lock();
+        if s.close.is_some() {
+            return false;
+        }
+        if s.queue.len() >= self.max_messages || s.bytes + frame.len() > self.max_bytes {
+            s.queue = VecDeque::new();
+            s.bytes = 0;
+            s.close = Some(CloseReason::SLOW_CONSUMER);
+            drop(s);
+            self.notify.notify_one();
+            return false;
+        }
+        s.bytes += frame.len();
+        s.queue.push_back(frame);
+        drop(s);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Asks the writer to close after the frames already queued. The first close reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut s = self.state.lock();
+        if s.close.is_none() {
+            s.close = Some(reason);
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Whether a close has been requested.
+    pub fn is_closing(&self) -> bool {
+        self.state.lock().close.is_some()
+    }
+
+    /// Waits for the next frame, or for the close once the queue is empty.
+    pub async fn next(&self) -> Next {
+        loop {
+            {
+                let mut s = self.state.lock();
+                if let Some(frame) = s.queue.pop_front() {
+                    s.bytes -= frame.len();
+                    if s.queue.is_empty() && s.queue.capacity() > 16 {
+                        s.queue = VecDeque::new();
+                    }
+                    return Next::Frame(frame);
+                }
+                if let Some(reason) = s.close {
+                    return Next::Close(reason);
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(s: &str) -> Utf8Bytes {
+        Utf8Bytes::from(s.to_owned())
+    }
+
+    #[tokio::test]
+    async fn drains_in_order_then_closes() {
+        let o = Outbox::new(1024, 8);
+        assert!(o.push(frame("a")));
+        assert!(o.push(frame("b")));
+        o.close(CloseReason::SHUTDOWN);
+        assert!(!o.push(frame("c")), "nothing is queued after a close");
+        assert!(matches!(o.next().await, Next::Frame(f) if f.as_str() == "a"));
+        assert!(matches!(o.next().await, Next::Frame(f) if f.as_str() == "b"));
+        assert!(matches!(o.next().await, Next::Close(CloseReason::SHUTDOWN)));
+    }
+
+    #[tokio::test]
+    async fn overflow_by_count_or_bytes_closes_as_slow_consumer() {
+        let o = Outbox::new(1024, 2);
+        assert!(o.push(frame("a")));
+        assert!(o.push(frame("b")));
+        assert!(!o.push(frame("c")));
+        assert!(
+            matches!(o.next().await, Next::Close(CloseReason::SLOW_CONSUMER)),
+            "queue dropped"
+        );
+
+        let o = Outbox::new(4, 100);
+        assert!(o.push(frame("abcd")));
+        assert!(!o.push(frame("e")));
+        assert!(matches!(
+            o.next().await,
+            Next::Close(CloseReason::SLOW_CONSUMER)
+        ));
+    }
+
+    #[tokio::test]
+    async fn first_close_reason_wins() {
+        let o = Outbox::new(1024, 8);
+        o.close(CloseReason::SESSION_REVOKED);
+        o.close(CloseReason::SHUTDOWN);
+        assert!(matches!(
+            o.next().await,
+            Next::Close(CloseReason::SESSION_REVOKED)
+        ));
+    }
+}

@@ -1,0 +1,15 @@
+//! The `chatsync` binary: parses the command line and runs it (see `cli.rs`).
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = chatsync::cli::Cli::parse();
+    match chatsync::cli::main(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The durable store: the `Store` trait (what every backend guarantees) and the shared record types.
+//!
+//! Only `store/` knows SQL. The embedded implementation is [`sqlite::SqliteStore`]; a PostgreSQL one
+//! implements the same trait and passes the same contract tests (`tests/store_contract.rs`).
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// Milliseconds since the Unix epoch (the store's time unit).
+pub type Millis = i64;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record already exists (e.g. `users add` of an existing user).
+    #[error("already exists")]
+    AlreadyExists,
+    /// A referenced record does not exist (e.g. a session for an unknown user).
+    #[error("not found")]
+    NotFound,
+    /// The backend is unreachable or closed (retry later). The text is for server logs only.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend failed otherwise. The text is for server logs only.
+    #[error("backend error: {0}")]
+    Backend(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+/// A user account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// The user id.
+    pub user_id: String,
+    /// Whether the user has two-factor authentication (changes the device-mismatch close reason).
+    pub tfa_enabled: bool,
+    /// Creation time.
+    pub created_at: Millis,
+}
+
+/// A session to create. `token_hash` is SHA-256 of the token; the token itself is never stored.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// Random id for logs and revocation broadcasts.
+    pub session_id: String,
+    /// SHA-256(token).
+    pub token_hash: [u8; 32],
+    /// Owner.
+    pub user_id: String,
+    /// Device the session is bound to at issue, if any.
+    pub device_hash: Option<String>,
+    /// Issue time.
+    pub created_at: Millis,
+    /// Expiry, if any.
+    pub expires_at: Option<Millis>,
+}
+
+/// A stored session, joined with its user's 2FA flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Session id.
+    pub session_id: String,
+    /// Owner.
+    pub user_id: String,
+    /// Bound device, once bound.
+    pub device_hash: Option<String>,
+    /// Expiry, if any.
+    pub expires_at: Option<Millis>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<Millis>,
+    /// The owner's 2FA flag.
+    pub user_tfa: bool,
+}
+
+/// A device known for a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Lowercase hex SHA-256 fingerprint.
+    pub device_hash: String,
+    /// First authenticated connection (or binding at issue).
+    pub first_seen: Millis,
+    /// Latest authenticated connection.
+    pub last_seen: Millis,
+}
+
+/// Durable truth for identities. Every method is atomic on its own.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a user. Fails with [`StoreError::AlreadyExists`] if the id is taken.
+    async fn create_user(
+        &self,
+        user_id: &str,
+        tfa_enabled: bool,
+        now: Millis,
+    ) -> Result<(), StoreError>;
+
+    /// Looks a user up.
+    async fn user(&self, user_id: &str) -> Result<Option<User>, StoreError>;
+
+    /// Stores a session; a device given at issue is also recorded as known for the user.
+    /// Fails with [`StoreError::NotFound`] if the user does not exist.
+    async fn create_session(&self, session: &NewSession) -> Result<(), StoreError>;
+
+    /// Finds a session by SHA-256(token), whatever its state (the caller checks expiry and revocation).
+    async fn session_by_token_hash(
+        &self,
+        token_hash: &[u8; 32],
+    ) -> Result<Option<Session>, StoreError>;
+
+    /// Binds an unbound session to `device_hash` atomically and returns the device the session is now
+    /// bound to: `device_hash` if it was unbound (or already bound to it), the other device otherwise.
+    async fn bind_session_device(
+        &self,
+        session_id: &str,
+        device_hash: &str,
+    ) -> Result<String, StoreError>;
+
+    /// Records `device_hash` as known for the user (first/last seen).
+    async fn record_device(
+        &self,
+        user_id: &str,
+        device_hash: &str,
+        now: Millis,
+    ) -> Result<(), StoreError>;
+
+    /// Revokes the session with this token hash. Returns `false` if there is none or it was already revoked.
+    async fn revoke_session(&self, token_hash: &[u8; 32], now: Millis) -> Result<bool, StoreError>;
+
+    /// Ids of sessions revoked at or after `since`.
+    async fn sessions_revoked_since(&self, since: Millis) -> Result<Vec<String>, StoreError>;
+
+    /// The user's known devices, most recently seen first.
+    async fn devices(&self, user_id: &str) -> Result<Vec<Device>, StoreError>;
+
+    /// Closes the backend; every later call fails with [`StoreError::Unavailable`].
+    async fn close(&self);
+}
+
+/// Opens the store named by `url` (`sqlite://PATH`), creating and migrating it as needed.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, anyhow::Error> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        return Ok(Arc::new(
+            sqlite::SqliteStore::open(std::path::Path::new(path)).await?,
+        ));
+    }
+    anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH)")
+}
+
+/// Milliseconds since the Unix epoch, from the server clock.
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}

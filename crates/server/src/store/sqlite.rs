@@ -1,0 +1,215 @@
+//! The embedded store: SQLite through sqlx, WAL mode, migrations embedded in the binary.
+
+use super::{Device, Millis, NewSession, Session, Store, StoreError, User};
+use anyhow::Context as _;
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Row;
+use std::path::Path;
+use std::time::Duration;
+
+/// SQLite-backed [`Store`].
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and applies pending migrations.
+    pub async fn open(path: &Path) -> anyhow::Result<SqliteStore> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+            let probe = dir.join(".chatsync-write-test");
+            std::fs::write(&probe, b"")
+                .with_context(|| format!("data directory {} is not writable", dir.display()))?;
+            let _ = std::fs::remove_file(probe);
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot open database {}", path.display()))?;
+        sqlx::migrate!("migrations/sqlite")
+            .run(&pool)
+            .await
+            .with_context(|| format!("cannot migrate database {}", path.display()))?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(
+        &self,
+        user_id: &str,
+        tfa_enabled: bool,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let done = sqlx::query("INSERT INTO users (user_id, tfa_enabled, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")
+            .bind(user_id)
+            .bind(tfa_enabled)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::AlreadyExists);
+        }
+        Ok(())
+    }
+
+    async fn user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+        let row =
+            sqlx::query("SELECT user_id, tfa_enabled, created_at FROM users WHERE user_id = ?1")
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| User {
+            user_id: r.get(0),
+            tfa_enabled: r.get(1),
+            created_at: r.get(2),
+        }))
+    }
+
+    async fn create_session(&self, s: &NewSession) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT 1 FROM users WHERE user_id = ?1")
+            .bind(&s.user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        sqlx::query(
+            "INSERT INTO sessions (session_id, token_hash, user_id, device_hash, created_at, expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&s.session_id)
+        .bind(&s.token_hash[..])
+        .bind(&s.user_id)
+        .bind(&s.device_hash)
+        .bind(s.created_at)
+        .bind(s.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(device) = &s.device_hash {
+            upsert_device(&mut tx, &s.user_id, device, s.created_at).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn session_by_token_hash(
+        &self,
+        token_hash: &[u8; 32],
+    ) -> Result<Option<Session>, StoreError> {
+        let row = sqlx::query(
+            "SELECT s.session_id, s.user_id, s.device_hash, s.expires_at, s.revoked_at, u.tfa_enabled \
+             FROM sessions s JOIN users u ON u.user_id = s.user_id WHERE s.token_hash = ?1",
+        )
+        .bind(&token_hash[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| Session {
+            session_id: r.get(0),
+            user_id: r.get(1),
+            device_hash: r.get(2),
+            expires_at: r.get(3),
+            revoked_at: r.get(4),
+            user_tfa: r.get(5),
+        }))
+    }
+
+    async fn bind_session_device(
+        &self,
+        session_id: &str,
+        device_hash: &str,
+    ) -> Result<String, StoreError> {
+        // One statement: binds when unbound, and returns whatever the session is bound to now.
+        let row = sqlx::query(
+            "UPDATE sessions SET device_hash = COALESCE(device_hash, ?2) WHERE session_id = ?1 RETURNING device_hash",
+        )
+        .bind(session_id)
+        .bind(device_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.get(0)).ok_or(StoreError::NotFound)
+    }
+
+    async fn record_device(
+        &self,
+        user_id: &str,
+        device_hash: &str,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        upsert_device(&mut conn, user_id, device_hash, now).await
+    }
+
+    async fn revoke_session(&self, token_hash: &[u8; 32], now: Millis) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE sessions SET revoked_at = ?2 WHERE token_hash = ?1 AND revoked_at IS NULL",
+        )
+        .bind(&token_hash[..])
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn sessions_revoked_since(&self, since: Millis) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT session_id FROM sessions WHERE revoked_at >= ?1")
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn devices(&self, user_id: &str) -> Result<Vec<Device>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device_hash, first_seen, last_seen FROM devices WHERE user_id = ?1 \
+             ORDER BY last_seen DESC, device_hash",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Device {
+                device_hash: r.get(0),
+                first_seen: r.get(1),
+                last_seen: r.get(2),
+            })
+            .collect())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn upsert_device(
+    conn: &mut sqlx::SqliteConnection,
+    user_id: &str,
+    device_hash: &str,
+    now: Millis,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO devices (user_id, device_hash, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3) \
+         ON CONFLICT (user_id, device_hash) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
+    )
+    .bind(user_id)
+    .bind(device_hash)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! Test harness: starts the real server in-process on port 0 with a fresh data directory, and
+//! connects real WebSocket clients to it.
+#![allow(dead_code)]
+
+use chatsync::gateway::auth;
+use chatsync::{Config, Ctx};
+use chatsync_client::{Client, ConnectOptions};
+use chatsync_protocol::Connected;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct TestServer {
+    pub url: String,
+    pub ctx: Ctx,
+    pub data: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            data_dir: data.path().to_owned(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        TestServer::start_in(data, config).await
+    }
+
+    pub async fn start_in(data: tempfile::TempDir, config: Config) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
+        let ctx = chatsync::build(config).await.unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(chatsync::run(listener, ctx.clone(), async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            url,
+            ctx,
+            data,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the server (as on SIGTERM) and waits for it to finish.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Creates a user.
+    pub async fn user(&self, user_id: &str, tfa: bool) {
+        self.ctx
+            .store
+            .create_user(user_id, tfa, chatsync::store::now_millis())
+            .await
+            .unwrap();
+    }
+
+    /// Issues an unbound session token for an existing user.
+    pub async fn token(&self, user_id: &str) -> String {
+        auth::issue_session(
+            self.ctx.store.as_ref(),
+            user_id,
+            None,
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Creates `user_id` and returns a token for it.
+    pub async fn user_token(&self, user_id: &str) -> String {
+        self.user(user_id, false).await;
+        self.token(user_id).await
+    }
+
+    pub async fn connect(&self, token: &str, device: &str) -> (Client, Connected) {
+        Client::connect_authenticated(&self.url, &ConnectOptions::new(token, device))
+            .await
+            .unwrap()
+    }
+
+    /// Connects and expects the server to close right away; returns the code and reason.
+    pub async fn refused(&self, opts: &ConnectOptions) -> (u16, String) {
+        let mut client = Client::connect(&self.url, opts).await.unwrap();
+        client.recv_close().await.unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
