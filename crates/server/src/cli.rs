@@ -183,6 +183,22 @@ pub enum SessionsCommand {
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
     },
+    /// Create users `<prefix>0..<prefix>N-1` (when absent) with D device-bound sessions each, in one
+    /// transaction, and print one JSON line per session: {"user_id","device_id","token"} (for the bench).
+    IssueBulk {
+        /// Number of users.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        users: u32,
+        /// Devices (sessions) per user; device ids are `<user_id>-d<j>`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        devices: u32,
+        /// User id prefix.
+        #[arg(long, default_value = "u")]
+        prefix: String,
+        /// Lifetime of the sessions.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
     /// Revoke the session of a token; its open connections close with 1008 `Session revoked`.
     Revoke {
         /// The token, as printed by `sessions issue`.
@@ -240,6 +256,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
+    // Every connection is a file descriptor: take the hard limit, not the (often 1024) soft one.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let ctx = crate::build(config).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -340,6 +361,31 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
                 }
                 Err(e) => Err(e.into()),
             }
+        }
+        SessionsCommand::IssueBulk { users, devices, prefix, ttl } => {
+            check_user_id(&format!("{prefix}{}", users - 1))?;
+            if users as u64 * devices as u64 > 1_000_000 {
+                bail!("at most 1,000,000 sessions per call");
+            }
+            let user_ids: Vec<String> = (0..users).map(|u| format!("{prefix}{u}")).collect();
+            let mut lines = String::new();
+            let mut sessions = Vec::with_capacity(user_ids.len() * devices as usize);
+            for user_id in &user_ids {
+                for d in 0..devices {
+                    let device_id = format!("{user_id}-d{d}");
+                    let hash = auth::device_hash_for_id(&device_id).expect("generated device ids are valid");
+                    let (token, session) = auth::new_session(user_id, Some(hash), ttl);
+                    let line = serde_json::json!({"user_id": user_id, "device_id": device_id, "token": token});
+                    lines.push_str(&line.to_string());
+                    lines.push('\n');
+                    sessions.push(session);
+                }
+            }
+            let store = store::open(&config.store_url()).await?;
+            store.provision(&user_ids, &sessions).await?;
+            use std::io::Write as _;
+            std::io::stdout().lock().write_all(lines.as_bytes())?;
+            Ok(())
         }
         SessionsCommand::Revoke { token } => {
             let store = store::open(&config.store_url()).await?;

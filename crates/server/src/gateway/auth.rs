@@ -63,28 +63,33 @@ pub fn device_hash_for_id(device_id: &str) -> Result<String, ()> {
     }
 }
 
-/// Issues a session for `user_id` (optionally bound to a device) and returns its token. Only
-/// SHA-256(token) is stored. Fails with [`StoreError::NotFound`] for an unknown user.
+/// A fresh random token (32 bytes, base64url) and the session record that stores only its hash.
+pub fn new_session(user_id: &str, device_hash: Option<String>, ttl: std::time::Duration) -> (String, NewSession) {
+    let bytes: [u8; 32] = rand::random();
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let now = now_millis();
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let session = NewSession {
+        session_id: uuid::Uuid::new_v4().simple().to_string(),
+        token_hash: token_hash(&token),
+        user_id: user_id.to_owned(),
+        device_hash,
+        created_at: now,
+        expires_at: Some(now.saturating_add(ttl_ms)),
+    };
+    (token, session)
+}
+
+/// Issues a session for `user_id` (optionally bound to a device) and returns its token.
+/// Fails with [`StoreError::NotFound`] for an unknown user.
 pub async fn issue_session(
     store: &dyn Store,
     user_id: &str,
     device_hash: Option<String>,
     ttl: std::time::Duration,
 ) -> Result<String, StoreError> {
-    let bytes: [u8; 32] = rand::random();
-    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    let now = now_millis();
-    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-    store
-        .create_session(&NewSession {
-            session_id: uuid::Uuid::new_v4().simple().to_string(),
-            token_hash: token_hash(&token),
-            user_id: user_id.to_owned(),
-            device_hash,
-            created_at: now,
-            expires_at: Some(now.saturating_add(ttl_ms)),
-        })
-        .await?;
+    let (token, session) = new_session(user_id, device_hash, ttl);
+    store.create_session(&session).await?;
     Ok(token)
 }
 

@@ -114,6 +114,10 @@ pub trait Store: Send + Sync + 'static {
     /// Fails with [`StoreError::NotFound`] if the user does not exist.
     async fn create_session(&self, session: &NewSession) -> Result<(), StoreError>;
 
+    /// Bulk provisioning (benchmarks, imports): creates the users that do not exist yet (without 2FA)
+    /// and all `sessions`, in one transaction.
+    async fn provision(&self, users: &[String], sessions: &[NewSession]) -> Result<(), StoreError>;
+
     /// Finds a session by SHA-256(token), whatever its state (the caller checks expiry and revocation).
     async fn session_by_token_hash(
         &self,

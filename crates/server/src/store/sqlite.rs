@@ -88,20 +88,23 @@ impl Store for SqliteStore {
         if exists.is_none() {
             return Err(StoreError::NotFound);
         }
-        sqlx::query(
-            "INSERT INTO sessions (session_id, token_hash, user_id, device_hash, created_at, expires_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .bind(&s.session_id)
-        .bind(&s.token_hash[..])
-        .bind(&s.user_id)
-        .bind(&s.device_hash)
-        .bind(s.created_at)
-        .bind(s.expires_at)
-        .execute(&mut *tx)
-        .await?;
-        if let Some(device) = &s.device_hash {
-            upsert_device(&mut tx, &s.user_id, device, s.created_at).await?;
+        insert_session(&mut tx, s).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn provision(&self, users: &[String], sessions: &[NewSession]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let now = super::now_millis();
+        for user in users {
+            sqlx::query("INSERT INTO users (user_id, tfa_enabled, created_at) VALUES (?1, 0, ?2) ON CONFLICT DO NOTHING")
+                .bind(user)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for s in sessions {
+            insert_session(&mut tx, s).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -194,6 +197,25 @@ impl Store for SqliteStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+async fn insert_session(conn: &mut sqlx::SqliteConnection, s: &NewSession) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO sessions (session_id, token_hash, user_id, device_hash, created_at, expires_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .bind(&s.session_id)
+    .bind(&s.token_hash[..])
+    .bind(&s.user_id)
+    .bind(&s.device_hash)
+    .bind(s.created_at)
+    .bind(s.expires_at)
+    .execute(&mut *conn)
+    .await?;
+    if let Some(device) = &s.device_hash {
+        upsert_device(conn, &s.user_id, device, s.created_at).await?;
+    }
+    Ok(())
 }
 
 async fn upsert_device(
