@@ -47,11 +47,7 @@ pub struct ConnectOptions {
 impl ConnectOptions {
     /// Bearer token and `X-Device-Id`: the usual native client.
     pub fn new(token: &str, device_id: &str) -> ConnectOptions {
-        ConnectOptions {
-            token: Some(token.to_owned()),
-            device_id: Some(device_id.to_owned()),
-            ..Default::default()
-        }
+        ConnectOptions { token: Some(token.to_owned()), device_id: Some(device_id.to_owned()), ..Default::default() }
     }
 }
 
@@ -85,9 +81,7 @@ pub struct Client {
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -106,16 +100,11 @@ impl Client {
         let url = if query.is_empty() {
             url.to_owned()
         } else {
-            format!(
-                "{url}{}{}",
-                if url.contains('?') { '&' } else { '?' },
-                query.join("&")
-            )
+            format!("{url}{}{}", if url.contains('?') { '&' } else { '?' }, query.join("&"))
         };
         let mut request = url.into_client_request()?;
         let headers = request.headers_mut();
-        let value =
-            |s: &str| HeaderValue::from_str(s).map_err(|e| ClientError::Request(e.to_string()));
+        let value = |s: &str| HeaderValue::from_str(s).map_err(|e| ClientError::Request(e.to_string()));
         match (&opts.token, opts.token_placement) {
             (Some(t), TokenPlacement::Bearer) => {
                 headers.insert("authorization", value(&format!("Bearer {t}"))?);
@@ -134,33 +123,20 @@ impl Client {
             headers.insert(name, value(v)?);
         }
         let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
-        Ok(Client {
-            ws,
-            pending: VecDeque::new(),
-            next_request: 0,
-        })
+        Ok(Client { ws, pending: VecDeque::new(), next_request: 0 })
     }
 
     /// Connects and waits for the `connected` greeting.
-    pub async fn connect_authenticated(
-        url: &str,
-        opts: &ConnectOptions,
-    ) -> Result<(Client, Connected), ClientError> {
+    pub async fn connect_authenticated(url: &str, opts: &ConnectOptions) -> Result<(Client, Connected), ClientError> {
         let mut client = Client::connect(url, opts).await?;
         match client.recv().await?.message {
             ServerMessage::Connected(c) => Ok((client, c)),
-            other => Err(ClientError::Unexpected(format!(
-                "expected connected, got {other:?}"
-            ))),
+            other => Err(ClientError::Unexpected(format!("expected connected, got {other:?}"))),
         }
     }
 
     /// Sends a typed message with an optional `request_id`.
-    pub async fn send(
-        &mut self,
-        message: &ClientMessage,
-        request_id: Option<&str>,
-    ) -> Result<(), ClientError> {
+    pub async fn send(&mut self, message: &ClientMessage, request_id: Option<&str>) -> Result<(), ClientError> {
         self.send_text(message.encode(request_id)).await
     }
 
@@ -187,11 +163,7 @@ impl Client {
 
     /// Waits for the message carrying `request_id`, keeping others for [`Client::recv`].
     pub async fn recv_reply(&mut self, request_id: &str) -> Result<Incoming, ClientError> {
-        if let Some(i) = self
-            .pending
-            .iter()
-            .position(|m| m.request_id.as_deref() == Some(request_id))
-        {
+        if let Some(i) = self.pending.iter().position(|m| m.request_id.as_deref() == Some(request_id)) {
             return Ok(self.pending.remove(i).expect("index is in range"));
         }
         loop {
@@ -242,13 +214,12 @@ impl Client {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {
-                    return decode_server(t.as_str())
-                        .map_err(|e| ClientError::Decode(format!("{e}: {}", t.as_str())));
+                    return decode_server(t.as_str()).map_err(|e| ClientError::Decode(format!("{e}: {}", t.as_str())));
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    return Err(ClientError::Closed(frame.map(
-                        |CloseFrame { code, reason }| (code.into(), reason.to_string()),
-                    )));
+                    return Err(ClientError::Closed(
+                        frame.map(|CloseFrame { code, reason }| (code.into(), reason.to_string())),
+                    ));
                 }
                 Some(Ok(_)) => continue,
             }

@@ -78,11 +78,7 @@ impl ClientMessage {
             #[serde(skip_serializing_if = "Option::is_none")]
             request_id: Option<&'a str>,
         }
-        serde_json::to_string(&Envelope {
-            message: self,
-            request_id,
-        })
-        .expect("client messages always serialize")
+        serde_json::to_string(&Envelope { message: self, request_id }).expect("client messages always serialize")
     }
 }
 
@@ -281,8 +277,6 @@ impl OfflineChange {
 }
 
 /// Deserializes a required field that may be `null` or an object.
-fn nullable_object<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Map<String, Value>>, D::Error> {
+fn nullable_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Map<String, Value>>, D::Error> {
     Option::<Map<String, Value>>::deserialize(d)
 }

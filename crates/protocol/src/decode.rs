@@ -60,12 +60,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 }
 
 fn envelope_error(code: ErrorCode, message: impl Into<String>) -> DecodeError {
-    DecodeError {
-        code,
-        message: message.into(),
-        field: None,
-        request_id: None,
-    }
+    DecodeError { code, message: message.into(), field: None, request_id: None }
 }
 
 /// Decodes one client text frame.
@@ -80,51 +75,30 @@ pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
 
     let request_id = match raw.request_id {
         None => None,
-        Some(v) => Some(
-            serde_json::from_str::<String>(v.get())
-                .ok()
-                .and_then(|s| RequestId::new(s).ok())
-                .ok_or_else(|| {
-                    envelope_error(
-                        ErrorCode::InvalidMessage,
-                        "`request_id` must be a string of 1-64 printable ASCII characters.",
-                    )
-                })?,
-        ),
+        Some(v) => Some(serde_json::from_str::<String>(v.get()).ok().and_then(|s| RequestId::new(s).ok()).ok_or_else(
+            || {
+                envelope_error(
+                    ErrorCode::InvalidMessage,
+                    "`request_id` must be a string of 1-64 printable ASCII characters.",
+                )
+            },
+        )?),
     };
-    let fail = |code, message: String| DecodeError {
-        code,
-        message,
-        field: None,
-        request_id: request_id.clone(),
-    };
+    let fail = |code, message: String| DecodeError { code, message, field: None, request_id: request_id.clone() };
 
-    let kind = raw.kind.ok_or_else(|| {
-        fail(
-            ErrorCode::InvalidMessage,
-            "The message has no `type`.".into(),
-        )
-    })?;
+    let kind = raw.kind.ok_or_else(|| fail(ErrorCode::InvalidMessage, "The message has no `type`.".into()))?;
     let kind: String = serde_json::from_str(kind.get())
         .map_err(|_| fail(ErrorCode::InvalidMessage, "`type` must be a string.".into()))?;
     let payload = match raw.payload {
         None => "{}",
         Some(p) if p.get().starts_with('{') => p.get(),
-        Some(_) => {
-            return Err(fail(
-                ErrorCode::InvalidMessage,
-                "`payload` must be an object.".into(),
-            ))
-        }
+        Some(_) => return Err(fail(ErrorCode::InvalidMessage, "`payload` must be an object.".into())),
     };
 
     let message = decode_payload(&kind, payload).map_err(|e| match e {
         PayloadOrType::UnknownType => {
             let shown: String = kind.chars().take(64).collect();
-            fail(
-                ErrorCode::UnknownType,
-                format!("Unknown message type `{}`.", shown.escape_debug()),
-            )
+            fail(ErrorCode::UnknownType, format!("Unknown message type `{}`.", shown.escape_debug()))
         }
         PayloadOrType::Payload(p) => DecodeError {
             code: ErrorCode::InvalidPayload,
@@ -133,10 +107,7 @@ pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
             request_id: request_id.clone(),
         },
     })?;
-    Ok(Decoded {
-        request_id,
-        message,
-    })
+    Ok(Decoded { request_id, message })
 }
 
 enum PayloadOrType {
@@ -178,9 +149,7 @@ where
         let reason = strip_position(&inner.to_string());
         let field = if path == "." || path.is_empty() {
             // A missing field is reported at the parent; serde names it in backticks.
-            missing_field_name(&reason)
-                .map(str::to_owned)
-                .unwrap_or_else(|| "payload".to_owned())
+            missing_field_name(&reason).map(str::to_owned).unwrap_or_else(|| "payload".to_owned())
         } else {
             path
         };

@@ -35,9 +35,6 @@ pub fn encode(message: &ServerMessage, request_id: Option<&str>) -> String {
         #[serde(skip_serializing_if = "Option::is_none")]
         request_id: Option<&'a str>,
     }
-    serde_json::to_string(&Envelope {
-        message,
-        request_id,
-    })
-    .expect("server messages always serialize: no non-string map keys, no failing Serialize impls")
+    serde_json::to_string(&Envelope { message, request_id })
+        .expect("server messages always serialize: no non-string map keys, no failing Serialize impls")
 }

@@ -94,14 +94,7 @@ pub struct ErrorPayload {
 impl ErrorPayload {
     /// An error with no context.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorPayload {
-            code,
-            message: message.into(),
-            field: None,
-            chat_id: None,
-            message_id: None,
-            change_id: None,
-        }
+        ErrorPayload { code, message: message.into(), field: None, chat_id: None, message_id: None, change_id: None }
     }
 }
 
@@ -161,11 +154,7 @@ pub struct ChatUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
     /// Present when new or the draft is newer; an explicit `null` means no draft.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "double_option"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "double_option")]
     pub draft_json: Option<Option<Map<String, Value>>>,
     /// For the immediate-view chat only: the messages the client lacks, oldest first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -432,19 +421,14 @@ pub struct CachePrimed {
 mod double_option {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<T: Serialize, S: Serializer>(
-        v: &Option<Option<T>>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<Option<T>>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(inner) => inner.serialize(s),
             None => s.serialize_none(),
         }
     }
 
-    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Option<T>>, D::Error> {
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
         Option::<T>::deserialize(d).map(Some)
     }
 }

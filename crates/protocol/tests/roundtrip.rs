@@ -21,14 +21,7 @@ fn doc() -> Map<String, Value> {
 
 fn client_samples() -> Vec<ClientMessage> {
     let mut versions = BTreeMap::new();
-    versions.insert(
-        chat("c1"),
-        ClientVersions {
-            messages_v: Some(3),
-            title_v: None,
-            draft_v: Some(-1),
-        },
-    );
+    versions.insert(chat("c1"), ClientVersions { messages_v: Some(3), title_v: None, draft_v: Some(-1) });
     vec![
         ClientMessage::Ping(Empty {}),
         ClientMessage::InitialSyncRequest(InitialSyncRequest {
@@ -39,21 +32,10 @@ fn client_samples() -> Vec<ClientMessage> {
             chat_versions: BTreeMap::new(),
             immediate_view_chat_id: None,
         }),
-        ClientMessage::UpdateDraft(UpdateDraft {
-            chat_id: chat("c1"),
-            draft_json: Some(doc()),
-        }),
-        ClientMessage::UpdateDraft(UpdateDraft {
-            chat_id: chat("c1"),
-            draft_json: None,
-        }),
-        ClientMessage::DeleteDraft(DeleteDraft {
-            chat_id: chat("c1"),
-        }),
-        ClientMessage::UpdateTitle(UpdateTitle {
-            chat_id: chat("c1"),
-            new_title: "".into(),
-        }),
+        ClientMessage::UpdateDraft(UpdateDraft { chat_id: chat("c1"), draft_json: Some(doc()) }),
+        ClientMessage::UpdateDraft(UpdateDraft { chat_id: chat("c1"), draft_json: None }),
+        ClientMessage::DeleteDraft(DeleteDraft { chat_id: chat("c1") }),
+        ClientMessage::UpdateTitle(UpdateTitle { chat_id: chat("c1"), new_title: "".into() }),
         ClientMessage::ChatMessageAdded(ChatMessageAdded {
             chat_id: chat("c1"),
             message: NewMessage {
@@ -72,17 +54,9 @@ fn client_samples() -> Vec<ClientMessage> {
                 temp_id: Some(TempId::Number(7.into())),
             },
         }),
-        ClientMessage::GetChatMessages(GetChatMessages {
-            chat_id: chat("c1"),
-            after_seq: 5,
-            limit: Some(10),
-        }),
-        ClientMessage::RequestChatContentBatch(RequestChatContentBatch {
-            chat_ids: vec![chat("a"), chat("b")],
-        }),
-        ClientMessage::DeleteChat(DeleteChat {
-            chat_id: chat("c1"),
-        }),
+        ClientMessage::GetChatMessages(GetChatMessages { chat_id: chat("c1"), after_seq: 5, limit: Some(10) }),
+        ClientMessage::RequestChatContentBatch(RequestChatContentBatch { chat_ids: vec![chat("a"), chat("b")] }),
+        ClientMessage::DeleteChat(DeleteChat { chat_id: chat("c1") }),
         ClientMessage::SyncOfflineChanges(SyncOfflineChanges {
             changes: vec![
                 json!({"change_id": "x", "chat_id": "c1", "type": "title", "value": "T", "version_before_edit": 0}),
@@ -145,11 +119,7 @@ fn server_samples() -> Vec<ServerMessage> {
                 ChatUpdate {
                     chat_id: chat("c1"),
                     kind: ChatChangeKind::NewChat,
-                    versions: Versions {
-                        messages_v: 1,
-                        title_v: 2,
-                        draft_v: 3,
-                    },
+                    versions: Versions { messages_v: 1, title_v: 2, draft_v: 3 },
                     last_edited_overall_timestamp: 1_700_000_000,
                     unread_count: 0,
                     title: Some("".into()),
@@ -170,10 +140,7 @@ fn server_samples() -> Vec<ServerMessage> {
             server_chat_order: vec![chat("c1"), chat("c2")],
             sync_completed_at: "2026-11-29T10:00:00Z".into(),
         }),
-        ServerMessage::InitialSyncError(InitialSyncError {
-            code: ErrorCode::Unavailable,
-            message: "Retry.".into(),
-        }),
+        ServerMessage::InitialSyncError(InitialSyncError { code: ErrorCode::Unavailable, message: "Retry.".into() }),
         ServerMessage::DraftUpdateConfirmed(DraftUpdateConfirmed {
             chat_id: chat("c1"),
             draft_v: 4,
@@ -191,10 +158,7 @@ fn server_samples() -> Vec<ServerMessage> {
             draft_v: None,
             message: Some("Draft not found.".into()),
         }),
-        ServerMessage::DraftDeleted(DraftDeleted {
-            chat_id: chat("c1"),
-            draft_v: 2,
-        }),
+        ServerMessage::DraftDeleted(DraftDeleted { chat_id: chat("c1"), draft_v: 2 }),
         ServerMessage::ChatTitleUpdated(ChatTitleUpdated {
             chat_id: chat("c1"),
             data: TitleData { title: "T".into() },
@@ -230,10 +194,7 @@ fn server_samples() -> Vec<ServerMessage> {
             versions_by_chat_id: versions,
             not_found: vec![chat("x")],
         }),
-        ServerMessage::ChatDeleted(ChatDeleted {
-            chat_id: chat("c1"),
-            tombstone: true,
-        }),
+        ServerMessage::ChatDeleted(ChatDeleted { chat_id: chat("c1"), tombstone: true }),
         ServerMessage::OfflineSyncComplete(OfflineSyncComplete {
             processed: 1,
             conflicts: 1,
@@ -258,12 +219,8 @@ fn server_samples() -> Vec<ServerMessage> {
             ],
         }),
         ServerMessage::CacheStatusResponse(CacheStatusResponse { is_primed: true }),
-        ServerMessage::PriorityChatReady(PriorityChatReady {
-            chat_id: chat("c1"),
-        }),
-        ServerMessage::CachePrimed(CachePrimed {
-            status: "full_sync_ready".into(),
-        }),
+        ServerMessage::PriorityChatReady(PriorityChatReady { chat_id: chat("c1") }),
+        ServerMessage::CachePrimed(CachePrimed { status: "full_sync_ready".into() }),
     ]
 }
 
@@ -273,11 +230,7 @@ fn every_server_message_round_trips() {
         let text = encode(&m, Some("r-9"));
         let v: Value = serde_json::from_str(&text).unwrap();
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
-        assert_eq!(
-            keys,
-            ["payload", "request_id", "type"],
-            "one envelope shape: {text}"
-        );
+        assert_eq!(keys, ["payload", "request_id", "type"], "one envelope shape: {text}");
         assert!(v["payload"].is_object(), "{text}");
         let back = decode_server(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
         assert_eq!(back.message, m, "{text}");
@@ -312,30 +265,15 @@ fn err(text: &str) -> DecodeError {
 fn envelope_errors_are_classified() {
     assert_eq!(err("{not json").code, ErrorCode::InvalidJson);
     assert_eq!(err("").code, ErrorCode::InvalidJson);
-    assert_eq!(
-        err(r#"{"type":"ping"} trailing"#).code,
-        ErrorCode::InvalidJson
-    );
+    assert_eq!(err(r#"{"type":"ping"} trailing"#).code, ErrorCode::InvalidJson);
     assert_eq!(err("[1,2]").code, ErrorCode::InvalidMessage);
     assert_eq!(err("\"ping\"").code, ErrorCode::InvalidMessage);
     assert_eq!(err("{}").code, ErrorCode::InvalidMessage);
     assert_eq!(err(r#"{"type":5}"#).code, ErrorCode::InvalidMessage);
-    assert_eq!(
-        err(r#"{"type":"ping","payload":[]}"#).code,
-        ErrorCode::InvalidMessage
-    );
-    assert_eq!(
-        err(r#"{"type":"ping","payload":null}"#).code,
-        ErrorCode::InvalidMessage
-    );
-    assert_eq!(
-        err(r#"{"type":"ping","request_id":7}"#).code,
-        ErrorCode::InvalidMessage
-    );
-    assert_eq!(
-        err(r#"{"type":"ping","request_id":""}"#).code,
-        ErrorCode::InvalidMessage
-    );
+    assert_eq!(err(r#"{"type":"ping","payload":[]}"#).code, ErrorCode::InvalidMessage);
+    assert_eq!(err(r#"{"type":"ping","payload":null}"#).code, ErrorCode::InvalidMessage);
+    assert_eq!(err(r#"{"type":"ping","request_id":7}"#).code, ErrorCode::InvalidMessage);
+    assert_eq!(err(r#"{"type":"ping","request_id":""}"#).code, ErrorCode::InvalidMessage);
     let long = format!(r#"{{"type":"ping","request_id":"{}"}}"#, "a".repeat(65));
     assert_eq!(err(&long).code, ErrorCode::InvalidMessage);
 }
@@ -351,26 +289,11 @@ fn unknown_type_names_it_and_keeps_request_id() {
 #[test]
 fn invalid_payload_names_the_field() {
     let cases = [
-        (
-            r#"{"type":"update_title","payload":{"new_title":"x"}}"#,
-            "chat_id",
-        ),
-        (
-            r#"{"type":"update_title","payload":{"chat_id":"c","new_title":5}}"#,
-            "new_title",
-        ),
-        (
-            r#"{"type":"update_title","payload":{"chat_id":"bad id","new_title":"x"}}"#,
-            "chat_id",
-        ),
-        (
-            r#"{"type":"update_draft","payload":{"chat_id":"c"}}"#,
-            "draft_json",
-        ),
-        (
-            r#"{"type":"update_draft","payload":{"chat_id":"c","draft_json":"text"}}"#,
-            "draft_json",
-        ),
+        (r#"{"type":"update_title","payload":{"new_title":"x"}}"#, "chat_id"),
+        (r#"{"type":"update_title","payload":{"chat_id":"c","new_title":5}}"#, "new_title"),
+        (r#"{"type":"update_title","payload":{"chat_id":"bad id","new_title":"x"}}"#, "chat_id"),
+        (r#"{"type":"update_draft","payload":{"chat_id":"c"}}"#, "draft_json"),
+        (r#"{"type":"update_draft","payload":{"chat_id":"c","draft_json":"text"}}"#, "draft_json"),
         (
             r#"{"type":"chat_message_added","payload":{"chat_id":"c","message":{"message_id":"a/b","content":"x"}}}"#,
             "message.message_id",
@@ -379,22 +302,13 @@ fn invalid_payload_names_the_field() {
             r#"{"type":"chat_message_added","payload":{"chat_id":"c","message":{"message_id":"m","content":5}}}"#,
             "message.content",
         ),
-        (
-            r#"{"type":"get_chat_messages","payload":{"chat_id":"c","after_seq":-1}}"#,
-            "after_seq",
-        ),
-        (
-            r#"{"type":"request_chat_content_batch","payload":{"chat_ids":["ok","no way"]}}"#,
-            "chat_ids[1]",
-        ),
+        (r#"{"type":"get_chat_messages","payload":{"chat_id":"c","after_seq":-1}}"#, "after_seq"),
+        (r#"{"type":"request_chat_content_batch","payload":{"chat_ids":["ok","no way"]}}"#, "chat_ids[1]"),
         (
             r#"{"type":"initial_sync_request","payload":{"chat_versions":{"c":{"title_v":"x"}}}}"#,
             "chat_versions.c.title_v",
         ),
-        (
-            r#"{"type":"sync_offline_changes","payload":{"changes":{}}}"#,
-            "changes",
-        ),
+        (r#"{"type":"sync_offline_changes","payload":{"changes":{}}}"#, "changes"),
     ];
     for (text, field) in cases {
         let e = err(text);
@@ -407,39 +321,20 @@ fn invalid_payload_names_the_field() {
 #[test]
 fn aliases_and_omitted_payload() {
     let d = decode(r#"{"type":"delete_draft","payload":{"chatId":"c9"}}"#).unwrap();
-    assert_eq!(
-        d.message,
-        ClientMessage::DeleteDraft(DeleteDraft {
-            chat_id: chat("c9")
-        })
-    );
+    assert_eq!(d.message, ClientMessage::DeleteDraft(DeleteDraft { chat_id: chat("c9") }));
     let d = decode(r#"{"type":"delete_chat","payload":{"chatId":"c9"}}"#).unwrap();
-    assert_eq!(
-        d.message,
-        ClientMessage::DeleteChat(DeleteChat {
-            chat_id: chat("c9")
-        })
-    );
-    assert_eq!(
-        decode(r#"{"type":"ping"}"#).unwrap().message,
-        ClientMessage::Ping(Empty {})
-    );
+    assert_eq!(d.message, ClientMessage::DeleteChat(DeleteChat { chat_id: chat("c9") }));
+    assert_eq!(decode(r#"{"type":"ping"}"#).unwrap().message, ClientMessage::Ping(Empty {}));
 }
 
 #[test]
 fn offline_changes_validate_one_by_one() {
-    let ok = OfflineChange::parse(
-        &json!({"chat_id":"c","type":"draft","value":null,"version_before_edit":2}),
-    )
-    .unwrap();
+    let ok = OfflineChange::parse(&json!({"chat_id":"c","type":"draft","value":null,"version_before_edit":2})).unwrap();
     assert_eq!(ok.kind, OfflineChangeType::Draft);
-    let bad = OfflineChange::parse(
-        &json!({"chat_id":"c","type":"title","value":3,"version_before_edit":0}),
-    )
-    .unwrap_err();
+    let bad =
+        OfflineChange::parse(&json!({"chat_id":"c","type":"title","value":3,"version_before_edit":0})).unwrap_err();
     assert_eq!(bad.field, "value");
-    let bad = OfflineChange::parse(&json!({"chat_id":"c","type":"rename","version_before_edit":0}))
-        .unwrap_err();
+    let bad = OfflineChange::parse(&json!({"chat_id":"c","type":"rename","version_before_edit":0})).unwrap_err();
     assert_eq!(bad.field, "type");
     let bad = OfflineChange::parse(&json!({"chat_id":"c","type":"title","value":"x"})).unwrap_err();
     assert_eq!(bad.field, "version_before_edit");

@@ -127,20 +127,11 @@ pub struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// Allowed Origin header values, comma-separated; others get HTTP 403 [default: any].
-    #[arg(
-        long,
-        env = "CHATSYNC_ALLOWED_ORIGINS",
-        value_name = "ORIGINS",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "CHATSYNC_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,
     /// Seconds between checks for sessions revoked elsewhere [default: 5].
-    #[arg(
-        long,
-        env = "CHATSYNC_SESSION_CHECK_INTERVAL_SECS",
-        value_name = "SECS"
-    )]
+    #[arg(long, env = "CHATSYNC_SESSION_CHECK_INTERVAL_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_check_interval_secs: Option<u64>,
     /// Seconds to wait for connections to drain on shutdown [default: 10].
@@ -262,9 +253,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
     let ctx = crate::build(config).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "chatsync listening on ws://{addr}/v1/ws");
     crate::run(listener, ctx, shutdown_signal()).await
@@ -296,9 +285,7 @@ pub async fn shutdown_signal() {
 pub fn valid_user_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
 }
 
 fn check_user_id(id: &str) -> anyhow::Result<()> {
@@ -324,23 +311,15 @@ async fn users(config: Config, cmd: UsersCommand) -> anyhow::Result<()> {
 
 async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
     match cmd {
-        SessionsCommand::Issue {
-            user_id,
-            device_id,
-            device_hash,
-            ttl,
-        } => {
+        SessionsCommand::Issue { user_id, device_id, device_hash, ttl } => {
             check_user_id(&user_id)?;
             let device_hash = match (device_id, device_hash) {
-                (Some(id), _) => Some(auth::device_hash_for_id(&id).map_err(|()| {
-                    anyhow::anyhow!("malformed device id: use 1-128 printable ASCII characters")
-                })?),
+                (Some(id), _) => Some(
+                    auth::device_hash_for_id(&id)
+                        .ok_or_else(|| anyhow::anyhow!("malformed device id: use 1-128 printable ASCII characters"))?,
+                ),
                 (None, Some(h)) => {
-                    if h.len() != 64
-                        || !h
-                            .bytes()
-                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-                    {
+                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
                         bail!("malformed device hash: use 64 lowercase hex characters");
                     }
                     Some(h)
@@ -389,10 +368,7 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
         }
         SessionsCommand::Revoke { token } => {
             let store = store::open(&config.store_url()).await?;
-            if store
-                .revoke_session(&auth::token_hash(&token), now_millis())
-                .await?
-            {
+            if store.revoke_session(&auth::token_hash(&token), now_millis()).await? {
                 eprintln!("session revoked");
                 Ok(())
             } else {
@@ -410,21 +386,11 @@ async fn devices(config: Config, cmd: DevicesCommand) -> anyhow::Result<()> {
         bail!("unknown user {user_id}");
     }
     let fmt = |ms: i64| {
-        humantime::format_rfc3339_seconds(
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
-        )
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64))
     };
-    println!(
-        "{:<64}  {:<20}  {:<20}",
-        "DEVICE_HASH", "FIRST_SEEN", "LAST_SEEN"
-    );
+    println!("{:<64}  {:<20}  {:<20}", "DEVICE_HASH", "FIRST_SEEN", "LAST_SEEN");
     for d in store.devices(&user_id).await? {
-        println!(
-            "{:<64}  {:<20}  {:<20}",
-            d.device_hash,
-            fmt(d.first_seen),
-            fmt(d.last_seen)
-        );
+        println!("{:<64}  {:<20}  {:<20}", d.device_hash, fmt(d.first_seen), fmt(d.last_seen));
     }
     Ok(())
 }

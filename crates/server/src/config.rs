@@ -106,17 +106,11 @@ impl Default for Config {
 impl Config {
     /// Merges defaults, the TOML file (if any), and the overrides from flags and environment
     /// (`overrides` serializes only the values that were given).
-    pub fn load(
-        file: Option<&Path>,
-        overrides: &[&dyn erased::Overrides],
-    ) -> Result<Config, figment::Error> {
+    pub fn load(file: Option<&Path>, overrides: &[&dyn erased::Overrides]) -> anyhow::Result<Config> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(figment::Error::from(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
+                anyhow::bail!("config file {} does not exist", path.display());
             }
             fig = fig.merge(Toml::file(path));
         }
@@ -124,7 +118,7 @@ impl Config {
             fig = o.merge_into(fig);
         }
         let config: Config = fig.extract()?;
-        config.validate().map_err(figment::Error::from)?;
+        config.validate().map_err(anyhow::Error::msg)?;
         Ok(config)
     }
 
@@ -139,10 +133,7 @@ impl Config {
             ("outbox_max_bytes", self.outbox_max_bytes as u64),
             ("outbox_max_messages", self.outbox_max_messages as u64),
             ("max_connections", self.max_connections as u64),
-            (
-                "session_check_interval_secs",
-                self.session_check_interval_secs,
-            ),
+            ("session_check_interval_secs", self.session_check_interval_secs),
             ("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64),
         ];
         for (name, v) in positive {
@@ -225,15 +216,8 @@ mod tests {
     fn precedence_is_defaults_then_file_then_overrides() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(
-            &file,
-            "rate_burst = 7\nmax_frame_bytes = 4096\nlisten = \"127.0.0.1:9999\"\n",
-        )
-        .unwrap();
-        let over = Over {
-            rate_burst: None,
-            max_frame_bytes: Some(2048),
-        };
+        std::fs::write(&file, "rate_burst = 7\nmax_frame_bytes = 4096\nlisten = \"127.0.0.1:9999\"\n").unwrap();
+        let over = Over { rate_burst: None, max_frame_bytes: Some(2048) };
         let c = Config::load(Some(&file), &[&over]).unwrap();
         assert_eq!(c.rate_burst, 7, "file beats default");
         assert_eq!(c.max_frame_bytes, 2048, "override beats file");

@@ -15,10 +15,7 @@ pub struct Error {
 
 impl Error {
     fn new(code: ErrorCode, message: impl Into<String>) -> Error {
-        Error {
-            payload: ErrorPayload::new(code, message),
-            internal: None,
-        }
+        Error { payload: ErrorPayload::new(code, message), internal: None }
     }
 
     /// `invalid_payload` naming `field`.
@@ -44,19 +41,13 @@ impl Error {
     pub fn unavailable(detail: impl Into<String>) -> Error {
         Error {
             internal: Some(detail.into()),
-            ..Error::new(
-                ErrorCode::Unavailable,
-                "A backend is temporarily unavailable; retry later.",
-            )
+            ..Error::new(ErrorCode::Unavailable, "A backend is temporarily unavailable; retry later.")
         }
     }
 
     /// `internal`: anything else. `detail` is logged, never sent.
     pub fn internal(detail: impl Into<String>) -> Error {
-        Error {
-            internal: Some(detail.into()),
-            ..Error::new(ErrorCode::Internal, "Internal error.")
-        }
+        Error { internal: Some(detail.into()), ..Error::new(ErrorCode::Internal, "Internal error.") }
     }
 
     /// Adds the chat id as context.

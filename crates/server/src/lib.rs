@@ -28,12 +28,7 @@ use tokio_util::task::TaskTracker;
 pub async fn build(config: Config) -> anyhow::Result<Ctx> {
     let store = store::open(&config.store_url()).await?;
     let hub = Arc::new(LocalHub::new(config.max_connections));
-    Ok(Ctx {
-        store,
-        hub,
-        limits: config.limits(),
-        config: Arc::new(config),
-    })
+    Ok(Ctx { store, hub, limits: config.limits(), config: Arc::new(config) })
 }
 
 /// Serves `ctx` on `listener` until `shutdown` resolves; then stops accepting, closes every
@@ -47,11 +42,7 @@ pub async fn run(
     let ctx = Arc::new(ctx);
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let gateway = gateway::Gateway {
-        ctx: ctx.clone(),
-        shutdown: token.clone(),
-        tracker: tracker.clone(),
-    };
+    let gateway = gateway::Gateway { ctx: ctx.clone(), shutdown: token.clone(), tracker: tracker.clone() };
     let watcher = tokio::spawn(watch_revocations(ctx.clone(), token.clone()));
 
     let trigger = token.clone();
@@ -60,18 +51,13 @@ pub async fn run(
         trigger.cancel();
     });
     let app = gateway::router(gateway);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(token.clone().cancelled_owned())
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned()).await?;
 
     tracing::info!(connections = ctx.hub.connection_count(), "shutting down");
     tracker.close();
     let grace = Duration::from_secs(ctx.config.shutdown_timeout_secs);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            left = ctx.hub.connection_count(),
-            "shutdown timeout: closing the remaining connections"
-        );
+        tracing::warn!(left = ctx.hub.connection_count(), "shutdown timeout: closing the remaining connections");
         ctx.hub.close_all(CloseReason::SHUTDOWN);
     }
     watcher.abort();
@@ -95,11 +81,7 @@ async fn watch_revocations(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         }
         let now = store::now_millis();
         match ctx.store.sessions_revoked_since(since).await {
-            Ok(ids) if !ids.is_empty() => {
-                ctx.hub
-                    .close_sessions(&ids, CloseReason::SESSION_REVOKED)
-                    .await
-            }
+            Ok(ids) if !ids.is_empty() => ctx.hub.close_sessions(&ids, CloseReason::SESSION_REVOKED).await,
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "revocation check failed");

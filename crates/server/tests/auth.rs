@@ -15,12 +15,7 @@ fn opts(token: &str, device: &str) -> ConnectOptions {
 #[tokio::test]
 async fn no_token_is_authentication_required() {
     let server = TestServer::start().await;
-    let close = server
-        .refused(&ConnectOptions {
-            device_id: Some("d".into()),
-            ..Default::default()
-        })
-        .await;
+    let close = server.refused(&ConnectOptions { device_id: Some("d".into()), ..Default::default() }).await;
     assert_eq!(close, (1008, "Authentication required".into()));
 }
 
@@ -28,68 +23,35 @@ async fn no_token_is_authentication_required() {
 async fn unknown_token_is_invalid_session() {
     let server = TestServer::start().await;
     server.user("alice", false).await;
-    assert_eq!(
-        server.refused(&opts("not-a-token", "d")).await,
-        (1008, "Invalid session".into())
-    );
+    assert_eq!(server.refused(&opts("not-a-token", "d")).await, (1008, "Invalid session".into()));
     let huge = "x".repeat(5000);
-    assert_eq!(
-        server.refused(&opts(&huge, "d")).await,
-        (1008, "Invalid session".into())
-    );
+    assert_eq!(server.refused(&opts(&huge, "d")).await, (1008, "Invalid session".into()));
 }
 
 #[tokio::test]
 async fn expired_token_is_invalid_session() {
     let server = TestServer::start().await;
     server.user("alice", false).await;
-    let token = auth::issue_session(
-        server.ctx.store.as_ref(),
-        "alice",
-        None,
-        Duration::from_millis(1),
-    )
-    .await
-    .unwrap();
+    let token = auth::issue_session(server.ctx.store.as_ref(), "alice", None, Duration::from_millis(1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(
-        server.refused(&opts(&token, "d")).await,
-        (1008, "Invalid session".into())
-    );
+    assert_eq!(server.refused(&opts(&token, "d")).await, (1008, "Invalid session".into()));
 }
 
 #[tokio::test]
 async fn revoked_token_is_invalid_session() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
-    assert!(server
-        .ctx
-        .store
-        .revoke_session(&auth::token_hash(&token), chatsync::store::now_millis())
-        .await
-        .unwrap());
-    assert_eq!(
-        server.refused(&opts(&token, "d")).await,
-        (1008, "Invalid session".into())
-    );
+    assert!(server.ctx.store.revoke_session(&auth::token_hash(&token), chatsync::store::now_millis()).await.unwrap());
+    assert_eq!(server.refused(&opts(&token, "d")).await, (1008, "Invalid session".into()));
 }
 
 #[tokio::test]
 async fn token_is_read_from_cookie_bearer_and_query() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
-    for placement in [
-        TokenPlacement::Cookie,
-        TokenPlacement::Bearer,
-        TokenPlacement::Query,
-    ] {
-        let o = ConnectOptions {
-            token_placement: placement,
-            ..opts(&token, "d")
-        };
-        let (_c, hello) = Client::connect_authenticated(&server.url, &o)
-            .await
-            .unwrap();
+    for placement in [TokenPlacement::Cookie, TokenPlacement::Bearer, TokenPlacement::Query] {
+        let o = ConnectOptions { token_placement: placement, ..opts(&token, "d") };
+        let (_c, hello) = Client::connect_authenticated(&server.url, &o).await.unwrap();
         assert_eq!(hello.user_id, "alice", "{placement:?}");
     }
 }
@@ -99,17 +61,9 @@ async fn cookie_wins_over_bearer() {
     let server = TestServer::start().await;
     let alice = server.user_token("alice").await;
     let bob = server.user_token("bob").await;
-    let mut o = ConnectOptions {
-        token_placement: TokenPlacement::Bearer,
-        ..opts(&bob, "d")
-    };
-    o.headers.push((
-        "Cookie".into(),
-        format!("theme=dark; auth_refresh_token={alice}"),
-    ));
-    let (_c, hello) = Client::connect_authenticated(&server.url, &o)
-        .await
-        .unwrap();
+    let mut o = ConnectOptions { token_placement: TokenPlacement::Bearer, ..opts(&bob, "d") };
+    o.headers.push(("Cookie".into(), format!("theme=dark; auth_refresh_token={alice}")));
+    let (_c, hello) = Client::connect_authenticated(&server.url, &o).await.unwrap();
     assert_eq!(hello.user_id, "alice");
 }
 
@@ -119,10 +73,7 @@ async fn second_device_with_the_same_token_is_a_device_mismatch() {
     let token = server.user_token("alice").await;
     let (_laptop, hello) = server.connect(&token, "laptop").await;
     assert_eq!(hello.device_hash, sha256_hex("id:laptop"));
-    assert_eq!(
-        server.refused(&opts(&token, "phone")).await,
-        (1008, "Device mismatch".into())
-    );
+    assert_eq!(server.refused(&opts(&token, "phone")).await, (1008, "Device mismatch".into()));
     // The bound device still gets in.
     server.connect(&token, "laptop").await;
 }
@@ -133,10 +84,7 @@ async fn device_mismatch_says_2fa_required_when_the_user_has_2fa() {
     server.user("carol", true).await;
     let token = server.token("carol").await;
     server.connect(&token, "laptop").await;
-    assert_eq!(
-        server.refused(&opts(&token, "phone")).await,
-        (1008, "Device mismatch, 2FA required".into())
-    );
+    assert_eq!(server.refused(&opts(&token, "phone")).await, (1008, "Device mismatch, 2FA required".into()));
 }
 
 #[tokio::test]
@@ -144,18 +92,9 @@ async fn session_bound_at_issue_admits_only_that_device() {
     let server = TestServer::start().await;
     server.user("alice", false).await;
     let hash = auth::device_hash_for_id("tablet").unwrap();
-    let token = auth::issue_session(
-        server.ctx.store.as_ref(),
-        "alice",
-        Some(hash),
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        server.refused(&opts(&token, "laptop")).await,
-        (1008, "Device mismatch".into())
-    );
+    let token =
+        auth::issue_session(server.ctx.store.as_ref(), "alice", Some(hash), Duration::from_secs(60)).await.unwrap();
+    assert_eq!(server.refused(&opts(&token, "laptop")).await, (1008, "Device mismatch".into()));
     server.connect(&token, "tablet").await;
 }
 
@@ -165,20 +104,12 @@ async fn fingerprint_without_device_id_uses_user_agent_and_language() {
     let token = server.user_token("alice").await;
     let browser = |ua: &str| ConnectOptions {
         token: Some(token.clone()),
-        headers: vec![
-            ("User-Agent".into(), ua.into()),
-            ("Accept-Language".into(), "en-GB".into()),
-        ],
+        headers: vec![("User-Agent".into(), ua.into()), ("Accept-Language".into(), "en-GB".into())],
         ..Default::default()
     };
-    let (_c, hello) = Client::connect_authenticated(&server.url, &browser("Firefox/130"))
-        .await
-        .unwrap();
+    let (_c, hello) = Client::connect_authenticated(&server.url, &browser("Firefox/130")).await.unwrap();
     assert_eq!(hello.device_hash, sha256_hex("ua:Firefox/130|lang:en-GB"));
-    assert_eq!(
-        server.refused(&browser("Chrome/140")).await,
-        (1008, "Device mismatch".into())
-    );
+    assert_eq!(server.refused(&browser("Chrome/140")).await, (1008, "Device mismatch".into()));
 }
 
 #[tokio::test]
@@ -186,14 +117,9 @@ async fn device_id_in_query_is_the_same_device_as_the_header() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     server.connect(&token, "tab-7").await;
-    let o = ConnectOptions {
-        device_id_in_query: true,
-        token_placement: TokenPlacement::Query,
-        ..opts(&token, "tab-7")
-    };
-    let (_c, hello) = Client::connect_authenticated(&server.url, &o)
-        .await
-        .unwrap();
+    let o =
+        ConnectOptions { device_id_in_query: true, token_placement: TokenPlacement::Query, ..opts(&token, "tab-7") };
+    let (_c, hello) = Client::connect_authenticated(&server.url, &o).await.unwrap();
     assert_eq!(hello.device_hash, sha256_hex("id:tab-7"));
 }
 
@@ -202,10 +128,7 @@ async fn malformed_device_id_is_refused() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     let long = "d".repeat(129);
-    assert_eq!(
-        server.refused(&opts(&token, &long)).await,
-        (1008, "Invalid device id".into())
-    );
+    assert_eq!(server.refused(&opts(&token, &long)).await, (1008, "Invalid device id".into()));
 }
 
 #[tokio::test]
@@ -217,15 +140,8 @@ async fn devices_are_recorded_per_user() {
     server.connect(&alice, "laptop").await;
     server.connect(&alice2, "phone").await;
     server.connect(&bob, "desk").await;
-    let mut devices: Vec<String> = server
-        .ctx
-        .store
-        .devices("alice")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| d.device_hash)
-        .collect();
+    let mut devices: Vec<String> =
+        server.ctx.store.devices("alice").await.unwrap().into_iter().map(|d| d.device_hash).collect();
     devices.sort();
     let mut expected = vec![sha256_hex("id:laptop"), sha256_hex("id:phone")];
     expected.sort();
@@ -241,24 +157,10 @@ async fn revoking_a_session_closes_its_open_connections_only() {
     let (mut a, _) = server.connect(&doomed, "laptop").await;
     let (mut b, _) = server.connect(&doomed, "laptop").await;
     let (mut other, _) = server.connect(&kept, "phone").await;
-    assert!(server
-        .ctx
-        .store
-        .revoke_session(&auth::token_hash(&doomed), chatsync::store::now_millis())
-        .await
-        .unwrap());
-    assert_eq!(
-        a.recv_close().await.unwrap(),
-        (1008, "Session revoked".into())
-    );
-    assert_eq!(
-        b.recv_close().await.unwrap(),
-        (1008, "Session revoked".into())
-    );
-    let pong = other
-        .request(&chatsync_protocol::ClientMessage::Ping(Default::default()))
-        .await
-        .unwrap();
+    assert!(server.ctx.store.revoke_session(&auth::token_hash(&doomed), chatsync::store::now_millis()).await.unwrap());
+    assert_eq!(a.recv_close().await.unwrap(), (1008, "Session revoked".into()));
+    assert_eq!(b.recv_close().await.unwrap(), (1008, "Session revoked".into()));
+    let pong = other.request(&chatsync_protocol::ClientMessage::Ping(Default::default())).await.unwrap();
     assert_eq!(pong.message, ServerMessage::Pong(Default::default()));
 }
 
@@ -267,10 +169,7 @@ async fn backend_failure_during_authentication_is_1011() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     server.ctx.store.close().await;
-    assert_eq!(
-        server.refused(&opts(&token, "d")).await,
-        (1011, "Authentication error".into())
-    );
+    assert_eq!(server.refused(&opts(&token, "d")).await, (1011, "Authentication error".into()));
 }
 
 #[tokio::test]
@@ -278,17 +177,12 @@ async fn node_at_its_connection_limit_is_overloaded() {
     let server = TestServer::start_with(|c| c.max_connections = 1).await;
     let token = server.user_token("alice").await;
     let (first, _) = server.connect(&token, "d").await;
-    assert_eq!(
-        server.refused(&opts(&token, "d")).await,
-        (1013, "Server overloaded".into())
-    );
+    assert_eq!(server.refused(&opts(&token, "d")).await, (1013, "Server overloaded".into()));
     first.close().await.unwrap();
     // The slot is freed once the first connection is gone.
     let mut tries = 0;
     loop {
-        let mut c = Client::connect(&server.url, &opts(&token, "d"))
-            .await
-            .unwrap();
+        let mut c = Client::connect(&server.url, &opts(&token, "d")).await.unwrap();
         match c.recv().await {
             Ok(m) if matches!(m.message, ServerMessage::Connected(_)) => break,
             _ if tries < 50 => {

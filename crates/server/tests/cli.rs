@@ -18,20 +18,12 @@ fn chatsync(data: &Path, args: &[&str]) -> Output {
 }
 
 fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
 fn fails(out: &Output, needle: &str) {
-    assert!(
-        !out.status.success(),
-        "expected failure, stdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(!out.status.success(), "expected failure, stdout: {}", String::from_utf8_lossy(&out.stdout));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
 }
@@ -40,18 +32,9 @@ fn fails(out: &Output, needle: &str) {
 fn users_add_and_its_errors() {
     let dir = tempfile::tempdir().unwrap();
     ok(&chatsync(dir.path(), &["users", "add", "alice"]));
-    fails(
-        &chatsync(dir.path(), &["users", "add", "alice"]),
-        "already exists",
-    );
-    fails(
-        &chatsync(dir.path(), &["users", "add", "bad id!"]),
-        "malformed user id",
-    );
-    ok(&chatsync(
-        dir.path(),
-        &["users", "add", "carol@example.com", "--tfa"],
-    ));
+    fails(&chatsync(dir.path(), &["users", "add", "alice"]), "already exists");
+    fails(&chatsync(dir.path(), &["users", "add", "bad id!"]), "malformed user id");
+    ok(&chatsync(dir.path(), &["users", "add", "carol@example.com", "--tfa"]));
 }
 
 #[test]
@@ -62,69 +45,20 @@ fn sessions_issue_prints_only_a_token_and_checks_its_arguments() {
     let token = out.trim_end_matches('\n');
     assert_eq!(out.lines().count(), 1);
     assert_eq!(token.len(), 43, "32 random bytes, base64url: {token:?}");
-    assert!(token
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-    let second = ok(&chatsync(
-        dir.path(),
-        &[
-            "sessions",
-            "issue",
-            "alice",
-            "--device-id",
-            "phone",
-            "--ttl",
-            "12h",
-        ],
-    ));
+    assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    let second = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "phone", "--ttl", "12h"]));
     assert_ne!(second, out, "tokens are random");
-    ok(&chatsync(
-        dir.path(),
-        &[
-            "sessions",
-            "issue",
-            "alice",
-            "--device-hash",
-            &"a".repeat(64),
-        ],
-    ));
+    ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-hash", &"a".repeat(64)]));
 
+    fails(&chatsync(dir.path(), &["sessions", "issue", "nobody"]), "unknown user");
+    fails(&chatsync(dir.path(), &["sessions", "issue", "bad id"]), "malformed user id");
     fails(
-        &chatsync(dir.path(), &["sessions", "issue", "nobody"]),
-        "unknown user",
-    );
-    fails(
-        &chatsync(dir.path(), &["sessions", "issue", "bad id"]),
-        "malformed user id",
-    );
-    fails(
-        &chatsync(
-            dir.path(),
-            &[
-                "sessions",
-                "issue",
-                "alice",
-                "--device-id",
-                &"x".repeat(129),
-            ],
-        ),
+        &chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", &"x".repeat(129)]),
         "malformed device id",
     );
-    fails(
-        &chatsync(
-            dir.path(),
-            &["sessions", "issue", "alice", "--device-hash", "zz"],
-        ),
-        "malformed device hash",
-    );
-    fails(
-        &chatsync(dir.path(), &["sessions", "issue", "alice", "--ttl", "soon"]),
-        "--ttl",
-    );
-    fails(
-        &chatsync(dir.path(), &["sessions", "issue", "alice", "--ttl", "0s"]),
-        "--ttl",
-    );
+    fails(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-hash", "zz"]), "malformed device hash");
+    fails(&chatsync(dir.path(), &["sessions", "issue", "alice", "--ttl", "soon"]), "--ttl");
+    fails(&chatsync(dir.path(), &["sessions", "issue", "alice", "--ttl", "0s"]), "--ttl");
 }
 
 #[test]
@@ -133,14 +67,8 @@ fn sessions_revoke_once() {
     ok(&chatsync(dir.path(), &["users", "add", "alice"]));
     let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"]));
     ok(&chatsync(dir.path(), &["sessions", "revoke", token.trim()]));
-    fails(
-        &chatsync(dir.path(), &["sessions", "revoke", token.trim()]),
-        "no active session",
-    );
-    fails(
-        &chatsync(dir.path(), &["sessions", "revoke", "made-up"]),
-        "no active session",
-    );
+    fails(&chatsync(dir.path(), &["sessions", "revoke", token.trim()]), "no active session");
+    fails(&chatsync(dir.path(), &["sessions", "revoke", "made-up"]), "no active session");
 }
 
 #[test]
@@ -149,19 +77,10 @@ fn devices_list_shows_devices_bound_at_issue() {
     ok(&chatsync(dir.path(), &["users", "add", "alice"]));
     let empty = ok(&chatsync(dir.path(), &["devices", "list", "alice"]));
     assert_eq!(empty.lines().count(), 1, "header only: {empty}");
-    ok(&chatsync(
-        dir.path(),
-        &["sessions", "issue", "alice", "--device-id", "phone"],
-    ));
+    ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "phone"]));
     let listed = ok(&chatsync(dir.path(), &["devices", "list", "alice"]));
-    assert!(
-        listed.contains(&chatsync::gateway::auth::sha256_hex("id:phone")),
-        "{listed}"
-    );
-    fails(
-        &chatsync(dir.path(), &["devices", "list", "nobody"]),
-        "unknown user",
-    );
+    assert!(listed.contains(&chatsync::gateway::auth::sha256_hex("id:phone")), "{listed}");
+    fails(&chatsync(dir.path(), &["devices", "list", "nobody"]), "unknown user");
 }
 
 #[test]
@@ -169,10 +88,7 @@ fn unusable_data_dir_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, "x").unwrap();
-    fails(
-        &chatsync(&file.join("data"), &["users", "add", "alice"]),
-        "cannot create data directory",
-    );
+    fails(&chatsync(&file.join("data"), &["users", "add", "alice"]), "cannot create data directory");
 }
 
 #[test]
@@ -189,11 +105,7 @@ fn environment_and_config_file_are_read_and_flags_win() {
 
     let from_file = dir.path().join("file");
     let config = dir.path().join("chatsync.toml");
-    std::fs::write(
-        &config,
-        format!("data_dir = {:?}\n", from_file.display().to_string()),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("data_dir = {:?}\n", from_file.display().to_string())).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_chatsync"))
         .args(["users", "add", "bob", "--config"])
         .arg(&config)
@@ -210,10 +122,7 @@ fn environment_and_config_file_are_read_and_flags_win() {
         .output()
         .unwrap();
     ok(&out);
-    assert!(
-        from_file.join("chatsync.db").exists(),
-        "the file beats the default"
-    );
+    assert!(from_file.join("chatsync.db").exists(), "the file beats the default");
 
     std::fs::write(&config, "data_dri = \"x\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_chatsync"))
@@ -226,31 +135,20 @@ fn environment_and_config_file_are_read_and_flags_win() {
 
 #[test]
 fn help_lists_every_command() {
-    let out = Command::new(env!("CARGO_BIN_EXE_chatsync"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_chatsync")).arg("--help").output().unwrap();
     let help = ok(&out);
     for cmd in ["serve", "users", "sessions", "devices"] {
         assert!(help.contains(cmd), "{help}");
     }
-    let serve = ok(&Command::new(env!("CARGO_BIN_EXE_chatsync"))
-        .args(["serve", "--help"])
-        .output()
-        .unwrap());
-    assert!(
-        serve.contains("CHATSYNC_LISTEN") && serve.contains("--max-frame-bytes"),
-        "{serve}"
-    );
+    let serve = ok(&Command::new(env!("CARGO_BIN_EXE_chatsync")).args(["serve", "--help"]).output().unwrap());
+    assert!(serve.contains("CHATSYNC_LISTEN") && serve.contains("--max-frame-bytes"), "{serve}");
 }
 
 #[tokio::test]
 async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     ok(&chatsync(dir.path(), &["users", "add", "alice"]));
-    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"]))
-        .trim()
-        .to_owned();
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"])).trim().to_owned();
     let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
         .arg("--data-dir")
         .arg(dir.path())
@@ -261,33 +159,18 @@ async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let url = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
+        let line = lines.next().expect("server exited before listening").unwrap();
         if let Some(i) = line.find("ws://") {
             break line[i..].split_whitespace().next().unwrap().to_owned();
         }
     };
     assert!(!url.contains(&token));
-    let (mut client, hello) =
-        Client::connect_authenticated(&url, &ConnectOptions::new(&token, "d"))
-            .await
-            .unwrap();
+    let (mut client, hello) = Client::connect_authenticated(&url, &ConnectOptions::new(&token, "d")).await.unwrap();
     assert_eq!(hello.user_id, "alice");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    assert_eq!(
-        client.recv_close().await.unwrap(),
-        (1001, "Server shutting down".into())
-    );
+    assert_eq!(client.recv_close().await.unwrap(), (1001, "Server shutting down".into()));
     let logs: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(child.wait().unwrap().success(), "{logs:?}");
-    assert!(
-        logs.iter().all(|l| !l.contains(&token)),
-        "the token never reaches a log line"
-    );
+    assert!(logs.iter().all(|l| !l.contains(&token)), "the token never reaches a log line");
 }

@@ -16,10 +16,7 @@ fn error_of(m: &Incoming) -> &ErrorPayload {
 }
 
 async fn assert_alive(client: &mut Client) {
-    let reply = client
-        .request(&ClientMessage::Ping(Empty {}))
-        .await
-        .unwrap();
+    let reply = client.request(&ClientMessage::Ping(Empty {})).await.unwrap();
     assert_eq!(reply.message, ServerMessage::Pong(Empty {}));
 }
 
@@ -34,19 +31,12 @@ async fn connected_greeting_carries_identity_and_configured_limits() {
     let (_client, hello) = server.connect(&token, "laptop").await;
     assert_eq!(hello.user_id, "alice");
     assert_eq!(hello.protocol, "chatsync.v1");
-    assert_eq!(
-        hello.device_hash,
-        chatsync::gateway::auth::sha256_hex("id:laptop")
-    );
+    assert_eq!(hello.device_hash, chatsync::gateway::auth::sha256_hex("id:laptop"));
     assert_eq!(hello.limits.max_draft_chars, 1234);
     assert_eq!(hello.limits.rate_burst, 77);
     assert_eq!(hello.limits.max_frame_bytes, 65_536);
     assert!(!hello.connection_id.is_empty());
-    assert!(
-        humantime::parse_rfc3339_weak(&hello.server_time).is_ok(),
-        "{}",
-        hello.server_time
-    );
+    assert!(humantime::parse_rfc3339_weak(&hello.server_time).is_ok(), "{}", hello.server_time);
 }
 
 #[tokio::test]
@@ -54,10 +44,7 @@ async fn ping_echoes_request_id_and_plain_ping_has_none() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     let (mut client, _) = server.connect(&token, "d").await;
-    client
-        .send_text(r#"{"type":"ping","payload":{},"request_id":"abc-1"}"#)
-        .await
-        .unwrap();
+    client.send_text(r#"{"type":"ping","payload":{},"request_id":"abc-1"}"#).await.unwrap();
     let reply = client.recv().await.unwrap();
     assert_eq!(reply.message, ServerMessage::Pong(Empty {}));
     assert_eq!(reply.request_id.as_deref(), Some("abc-1"));
@@ -72,14 +59,8 @@ async fn request_cache_status_answers() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     let (mut client, _) = server.connect(&token, "d").await;
-    let reply = client
-        .request(&ClientMessage::RequestCacheStatus(Empty {}))
-        .await
-        .unwrap();
-    assert!(
-        matches!(reply.message, ServerMessage::CacheStatusResponse(_)),
-        "{reply:?}"
-    );
+    let reply = client.request(&ClientMessage::RequestCacheStatus(Empty {})).await.unwrap();
+    assert!(matches!(reply.message, ServerMessage::CacheStatusResponse(_)), "{reply:?}");
 }
 
 #[tokio::test]
@@ -91,16 +72,8 @@ async fn every_envelope_error_code_leaves_the_connection_usable() {
         ("{oops", ErrorCode::InvalidJson, None),
         ("[1,2,3]", ErrorCode::InvalidMessage, None),
         (r#"{"payload":{}}"#, ErrorCode::InvalidMessage, None),
-        (
-            r#"{"type":"ping","payload":"x","request_id":"q1"}"#,
-            ErrorCode::InvalidMessage,
-            Some("q1"),
-        ),
-        (
-            r#"{"type":"teleport","request_id":"q2"}"#,
-            ErrorCode::UnknownType,
-            Some("q2"),
-        ),
+        (r#"{"type":"ping","payload":"x","request_id":"q1"}"#, ErrorCode::InvalidMessage, Some("q1")),
+        (r#"{"type":"teleport","request_id":"q2"}"#, ErrorCode::UnknownType, Some("q2")),
         (
             r#"{"type":"update_title","payload":{"chat_id":"c1"},"request_id":"q3"}"#,
             ErrorCode::InvalidPayload,
@@ -119,10 +92,7 @@ async fn every_envelope_error_code_leaves_the_connection_usable() {
     client.send_text(r#"{"type":"teleport"}"#).await.unwrap();
     let reply = client.recv().await.unwrap();
     assert!(error_of(&reply).message.contains("teleport"));
-    client
-        .send_text(r#"{"type":"update_title","payload":{"chat_id":"c1"}}"#)
-        .await
-        .unwrap();
+    client.send_text(r#"{"type":"update_title","payload":{"chat_id":"c1"}}"#).await.unwrap();
     let reply = client.recv().await.unwrap();
     assert_eq!(error_of(&reply).field.as_deref(), Some("new_title"));
     assert!(error_of(&reply).message.contains("new_title"));
@@ -138,10 +108,7 @@ async fn rate_limited_requests_are_dropped_with_an_error_and_the_connection_surv
     let token = server.user_token("alice").await;
     let (mut client, _) = server.connect(&token, "d").await;
     for i in 0..3 {
-        client
-            .send(&ClientMessage::Ping(Empty {}), Some(&format!("p{i}")))
-            .await
-            .unwrap();
+        client.send(&ClientMessage::Ping(Empty {}), Some(&format!("p{i}"))).await.unwrap();
     }
     let mut codes = Vec::new();
     for i in 0..3 {
@@ -165,15 +132,9 @@ async fn a_flood_far_above_the_burst_closes_with_1008() {
     let token = server.user_token("alice").await;
     let (mut client, _) = server.connect(&token, "d").await;
     for _ in 0..12 {
-        client
-            .send(&ClientMessage::Ping(Empty {}), None)
-            .await
-            .unwrap();
+        client.send(&ClientMessage::Ping(Empty {}), None).await.unwrap();
     }
-    assert_eq!(
-        client.recv_close().await.unwrap(),
-        (1008, "Rate limit exceeded".into())
-    );
+    assert_eq!(client.recv_close().await.unwrap(), (1008, "Rate limit exceeded".into()));
 }
 
 #[tokio::test]
@@ -181,10 +142,7 @@ async fn chat_sync_types_answer_unavailable_until_implemented() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     let (mut client, _) = server.connect(&token, "d").await;
-    let msg = ClientMessage::UpdateTitle(UpdateTitle {
-        chat_id: ChatId::new("c1").unwrap(),
-        new_title: "t".into(),
-    });
+    let msg = ClientMessage::UpdateTitle(UpdateTitle { chat_id: ChatId::new("c1").unwrap(), new_title: "t".into() });
     let reply = client.request(&msg).await.unwrap();
     assert_eq!(error_of(&reply).code, ErrorCode::Unavailable);
     assert_alive(&mut client).await;
@@ -195,14 +153,8 @@ async fn binary_frame_closes_with_1003() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     let (mut client, _) = server.connect(&token, "d").await;
-    client
-        .send_raw(Message::binary(vec![1u8, 2, 3]))
-        .await
-        .unwrap();
-    assert_eq!(
-        client.recv_close().await.unwrap(),
-        (1003, "Binary frames are not supported".into())
-    );
+    client.send_raw(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(client.recv_close().await.unwrap(), (1003, "Binary frames are not supported".into()));
 }
 
 #[tokio::test]
@@ -211,15 +163,9 @@ async fn oversize_frame_closes_with_1009() {
     let token = server.user_token("alice").await;
     let (mut client, hello) = server.connect(&token, "d").await;
     assert_eq!(hello.limits.max_frame_bytes, 4096);
-    let big = format!(
-        r#"{{"type":"ping","payload":{{"pad":"{}"}}}}"#,
-        "x".repeat(5000)
-    );
+    let big = format!(r#"{{"type":"ping","payload":{{"pad":"{}"}}}}"#, "x".repeat(5000));
     client.send_text(big).await.unwrap();
-    assert_eq!(
-        client.recv_close().await.unwrap(),
-        (1009, "Message too big".into())
-    );
+    assert_eq!(client.recv_close().await.unwrap(), (1009, "Message too big".into()));
 }
 
 #[tokio::test]
@@ -232,10 +178,7 @@ async fn a_frame_at_the_limit_is_accepted() {
     let frame = format!("{head}{}{tail}", "x".repeat(4096 - head.len() - tail.len()));
     assert_eq!(frame.len(), 4096);
     client.send_text(frame).await.unwrap();
-    assert_eq!(
-        client.recv().await.unwrap().message,
-        ServerMessage::Pong(Empty {})
-    );
+    assert_eq!(client.recv().await.unwrap().message, ServerMessage::Pong(Empty {}));
 }
 
 #[tokio::test]
@@ -250,38 +193,14 @@ async fn two_tabs_on_one_device_are_two_reachable_connections() {
     assert_eq!(hello1.device_hash, hello2.device_hash);
     assert_eq!(server.ctx.hub.connection_count(), 3);
 
-    let frame = encode(
-        &ServerMessage::PriorityChatReady(PriorityChatReady {
-            chat_id: ChatId::new("c1").unwrap(),
-        }),
-        None,
-    );
-    server
-        .ctx
-        .hub
-        .deliver("alice", Audience::All, frame.clone().into())
-        .await;
+    let frame =
+        encode(&ServerMessage::PriorityChatReady(PriorityChatReady { chat_id: ChatId::new("c1").unwrap() }), None);
+    server.ctx.hub.deliver("alice", Audience::All, frame.clone().into()).await;
     for tab in [&mut tab1, &mut tab2] {
-        assert!(matches!(
-            tab.recv().await.unwrap().message,
-            ServerMessage::PriorityChatReady(_)
-        ));
+        assert!(matches!(tab.recv().await.unwrap().message, ServerMessage::PriorityChatReady(_)));
     }
-    server
-        .ctx
-        .hub
-        .deliver(
-            "alice",
-            Audience::Others {
-                except: &hello1.connection_id,
-            },
-            frame.into(),
-        )
-        .await;
-    assert!(matches!(
-        tab2.recv().await.unwrap().message,
-        ServerMessage::PriorityChatReady(_)
-    ));
+    server.ctx.hub.deliver("alice", Audience::Others { except: &hello1.connection_id }, frame.into()).await;
+    assert!(matches!(tab2.recv().await.unwrap().message, ServerMessage::PriorityChatReady(_)));
     // tab1 and bob got nothing: the next thing each sees is its own pong.
     assert_alive(&mut tab1).await;
     assert_eq!(tab1.buffered(), 0, "OTHERS excludes the sender");
@@ -295,23 +214,11 @@ async fn a_client_that_does_not_read_is_closed_as_slow_consumer() {
     let token = server.user_token("alice").await;
     let (mut client, _) = server.connect(&token, "d").await;
     // Far more than the socket buffers and the outbox hold, delivered while the client reads nothing.
-    let frame = encode(
-        &ServerMessage::CachePrimed(CachePrimed {
-            status: "x".repeat(60_000),
-        }),
-        None,
-    );
+    let frame = encode(&ServerMessage::CachePrimed(CachePrimed { status: "x".repeat(60_000) }), None);
     for _ in 0..200 {
-        server
-            .ctx
-            .hub
-            .deliver("alice", Audience::All, frame.clone().into())
-            .await;
+        server.ctx.hub.deliver("alice", Audience::All, frame.clone().into()).await;
     }
-    assert_eq!(
-        client.recv_close().await.unwrap(),
-        (1013, "Slow consumer".into())
-    );
+    assert_eq!(client.recv_close().await.unwrap(), (1013, "Slow consumer".into()));
 }
 
 #[tokio::test]
@@ -325,10 +232,7 @@ async fn a_silent_client_is_closed_on_heartbeat_timeout() {
     let (mut client, _) = server.connect(&token, "d").await;
     // A client that does not read does not answer Pings either.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    assert_eq!(
-        client.recv_close().await.unwrap(),
-        (1001, "Heartbeat timeout".into())
-    );
+    assert_eq!(client.recv_close().await.unwrap(), (1001, "Heartbeat timeout".into()));
 }
 
 #[tokio::test]
@@ -337,8 +241,7 @@ async fn shutdown_closes_every_connection_with_1001() {
     let token = server.user_token("alice").await;
     let (mut a, _) = server.connect(&token, "d1").await;
     let (mut b, _) = server.connect(&token, "d1").await;
-    let closes =
-        tokio::spawn(async move { (a.recv_close().await.unwrap(), b.recv_close().await.unwrap()) });
+    let closes = tokio::spawn(async move { (a.recv_close().await.unwrap(), b.recv_close().await.unwrap()) });
     server.stop().await;
     let (ca, cb) = closes.await.unwrap();
     assert_eq!(ca, (1001, "Server shutting down".into()));
@@ -347,12 +250,10 @@ async fn shutdown_closes_every_connection_with_1001() {
 
 #[tokio::test]
 async fn origin_outside_the_allowed_list_gets_403_before_upgrade() {
-    let server =
-        TestServer::start_with(|c| c.allowed_origins = vec!["https://app.example".into()]).await;
+    let server = TestServer::start_with(|c| c.allowed_origins = vec!["https://app.example".into()]).await;
     let token = server.user_token("alice").await;
     let mut opts = ConnectOptions::new(&token, "d");
-    opts.headers
-        .push(("Origin".into(), "https://evil.example".into()));
+    opts.headers.push(("Origin".into(), "https://evil.example".into()));
     match Client::connect(&server.url, &opts).await {
         Err(chatsync_client::ClientError::Ws(chatsync_client::tungstenite::Error::Http(resp))) => {
             assert_eq!(resp.status(), 403)
@@ -361,9 +262,6 @@ async fn origin_outside_the_allowed_list_gets_403_before_upgrade() {
         Ok(_) => panic!("expected HTTP 403, got an upgrade"),
     }
     let mut opts = ConnectOptions::new(&token, "d");
-    opts.headers
-        .push(("Origin".into(), "https://app.example".into()));
-    Client::connect_authenticated(&server.url, &opts)
-        .await
-        .unwrap();
+    opts.headers.push(("Origin".into(), "https://app.example".into()));
+    Client::connect_authenticated(&server.url, &opts).await.unwrap();
 }

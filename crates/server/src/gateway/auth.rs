@@ -27,7 +27,8 @@ pub struct WsQuery {
 /// What the client presented.
 pub struct Credentials {
     token: Option<String>,
-    device: Result<String, ()>,
+    /// `None` when the client sent a malformed device id.
+    device: Option<String>,
 }
 
 /// The outcome of a successful authentication.
@@ -52,15 +53,10 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 }
 
 /// The device hash for an explicit device id (`X-Device-Id`, `device_id`, `--device-id`).
-pub fn device_hash_for_id(device_id: &str) -> Result<String, ()> {
-    let ok = !device_id.is_empty()
-        && device_id.len() <= 128
-        && device_id.bytes().all(|b| (0x20..=0x7e).contains(&b));
-    if ok {
-        Ok(sha256_hex(&format!("id:{device_id}")))
-    } else {
-        Err(())
-    }
+/// `None` when the id is not 1-128 printable ASCII characters.
+pub fn device_hash_for_id(device_id: &str) -> Option<String> {
+    let ok = !device_id.is_empty() && device_id.len() <= 128 && device_id.bytes().all(|b| (0x20..=0x7e).contains(&b));
+    ok.then(|| sha256_hex(&format!("id:{device_id}")))
 }
 
 /// A fresh random token (32 bytes, base64url) and the session record that stores only its hash.
@@ -100,44 +96,28 @@ pub fn credentials(headers: &HeaderMap, query: &WsQuery) -> Credentials {
         .or_else(|| query.token.clone().filter(|t| !t.is_empty()));
     let explicit_id = headers
         .get("x-device-id")
-        .map(|v| {
-            std::str::from_utf8(v.as_bytes())
-                .map(str::to_owned)
-                .map_err(|_| ())
-        })
-        .or_else(|| query.device_id.clone().map(Ok));
+        .map(|v| std::str::from_utf8(v.as_bytes()).ok().map(str::to_owned))
+        .or_else(|| query.device_id.clone().map(Some));
     let device = match explicit_id {
-        Some(Ok(id)) => device_hash_for_id(&id),
-        Some(Err(())) => Err(()),
+        Some(Some(id)) => device_hash_for_id(&id),
+        Some(None) => None,
         None => {
             let text = |name| {
-                headers
-                    .get(name)
-                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                    .unwrap_or_default()
+                headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).unwrap_or_default()
             };
-            Ok(sha256_hex(&format!(
-                "ua:{}|lang:{}",
-                text(header::USER_AGENT),
-                text(header::ACCEPT_LANGUAGE)
-            )))
+            Some(sha256_hex(&format!("ua:{}|lang:{}", text(header::USER_AGENT), text(header::ACCEPT_LANGUAGE))))
         }
     };
     Credentials { token, device }
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|cookies| {
-            cookies.split(';').find_map(|pair| {
-                let (name, value) = pair.trim().split_once('=')?;
-                (name == "auth_refresh_token" && !value.is_empty())
-                    .then(|| value.trim_matches('"').to_owned())
-            })
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|cookies| {
+        cookies.split(';').find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == "auth_refresh_token" && !value.is_empty()).then(|| value.trim_matches('"').to_owned())
         })
+    })
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<String> {
@@ -150,7 +130,7 @@ fn bearer_token(headers: &HeaderMap) -> Option<String> {
 /// Checks the credentials against the store, binding the session to the device on first use.
 pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated, CloseReason> {
     let token = creds.token.ok_or(CloseReason::AUTH_REQUIRED)?;
-    let device_hash = creds.device.map_err(|()| CloseReason::INVALID_DEVICE)?;
+    let device_hash = creds.device.ok_or(CloseReason::INVALID_DEVICE)?;
     if token.len() > MAX_TOKEN_LEN {
         return Err(CloseReason::INVALID_SESSION);
     }
@@ -170,28 +150,13 @@ pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated
     }
     let bound = match &session.device_hash {
         Some(bound) => bound.clone(),
-        None => ctx
-            .store
-            .bind_session_device(&session.session_id, &device_hash)
-            .await
-            .map_err(backend)?,
+        None => ctx.store.bind_session_device(&session.session_id, &device_hash).await.map_err(backend)?,
     };
     if bound != device_hash {
-        return Err(if session.user_tfa {
-            CloseReason::DEVICE_MISMATCH_TFA
-        } else {
-            CloseReason::DEVICE_MISMATCH
-        });
+        return Err(if session.user_tfa { CloseReason::DEVICE_MISMATCH_TFA } else { CloseReason::DEVICE_MISMATCH });
     }
-    ctx.store
-        .record_device(&session.user_id, &device_hash, now)
-        .await
-        .map_err(backend)?;
-    Ok(Authenticated {
-        session_id: session.session_id,
-        user_id: session.user_id,
-        device_hash,
-    })
+    ctx.store.record_device(&session.user_id, &device_hash, now).await.map_err(backend)?;
+    Ok(Authenticated { session_id: session.session_id, user_id: session.user_id, device_hash })
 }
 
 #[cfg(test)]
@@ -209,55 +174,26 @@ mod tests {
 
     #[test]
     fn token_precedence_is_cookie_then_bearer_then_query() {
-        let q = WsQuery {
-            token: Some("q".into()),
-            device_id: None,
-        };
-        let all = headers(&[
-            ("cookie", "a=b; auth_refresh_token=c"),
-            ("authorization", "Bearer h"),
-        ]);
+        let q = WsQuery { token: Some("q".into()), device_id: None };
+        let all = headers(&[("cookie", "a=b; auth_refresh_token=c"), ("authorization", "Bearer h")]);
         assert_eq!(credentials(&all, &q).token.as_deref(), Some("c"));
         let bearer = headers(&[("authorization", "bearer h")]);
         assert_eq!(credentials(&bearer, &q).token.as_deref(), Some("h"));
-        assert_eq!(
-            credentials(&HeaderMap::new(), &q).token.as_deref(),
-            Some("q")
-        );
-        assert_eq!(
-            credentials(&HeaderMap::new(), &WsQuery::default()).token,
-            None
-        );
+        assert_eq!(credentials(&HeaderMap::new(), &q).token.as_deref(), Some("q"));
+        assert_eq!(credentials(&HeaderMap::new(), &WsQuery::default()).token, None);
     }
 
     #[test]
     fn device_hash_follows_the_protocol() {
         let h = headers(&[("x-device-id", "phone-1")]);
-        assert_eq!(
-            credentials(&h, &WsQuery::default()).device.unwrap(),
-            sha256_hex("id:phone-1")
-        );
-        let q = WsQuery {
-            token: None,
-            device_id: Some("tab".into()),
-        };
-        assert_eq!(
-            credentials(&HeaderMap::new(), &q).device.unwrap(),
-            sha256_hex("id:tab")
-        );
+        assert_eq!(credentials(&h, &WsQuery::default()).device.unwrap(), sha256_hex("id:phone-1"));
+        let q = WsQuery { token: None, device_id: Some("tab".into()) };
+        assert_eq!(credentials(&HeaderMap::new(), &q).device.unwrap(), sha256_hex("id:tab"));
         let h = headers(&[("user-agent", "UA"), ("accept-language", "en")]);
-        assert_eq!(
-            credentials(&h, &WsQuery::default()).device.unwrap(),
-            sha256_hex("ua:UA|lang:en")
-        );
-        assert_eq!(
-            credentials(&HeaderMap::new(), &WsQuery::default())
-                .device
-                .unwrap(),
-            sha256_hex("ua:|lang:")
-        );
-        assert!(device_hash_for_id(&"x".repeat(129)).is_err());
-        assert!(device_hash_for_id("").is_err());
-        assert!(device_hash_for_id("tab\u{7f}").is_err());
+        assert_eq!(credentials(&h, &WsQuery::default()).device.unwrap(), sha256_hex("ua:UA|lang:en"));
+        assert_eq!(credentials(&HeaderMap::new(), &WsQuery::default()).device.unwrap(), sha256_hex("ua:|lang:"));
+        assert!(device_hash_for_id(&"x".repeat(129)).is_none());
+        assert!(device_hash_for_id("").is_none());
+        assert!(device_hash_for_id("tab\u{7f}").is_none());
     }
 }

@@ -14,8 +14,7 @@ use crate::handlers::{self, Broadcast, Ctx, Outcome};
 use crate::hub::{Audience, CloseReason, ConnHandle, Next, Outbox, Utf8Bytes};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use chatsync_protocol::{
-    decode, encode, Connected, ErrorCode, ErrorPayload, InitialSyncError, RequestId, ServerMessage,
-    PROTOCOL_NAME,
+    decode, encode, Connected, ErrorCode, ErrorPayload, InitialSyncError, RequestId, ServerMessage, PROTOCOL_NAME,
 };
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -30,21 +29,12 @@ use tracing::Instrument;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs one upgraded connection to its end.
-pub async fn run(
-    ctx: Arc<Ctx>,
-    socket: WebSocket,
-    creds: Credentials,
-    shutdown: CancellationToken,
-) {
+pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown: CancellationToken) {
     let (sink, mut stream) = socket.split();
     let authed = match auth::authenticate(&ctx, creds).await {
         Ok(a) => a,
         Err(reason) => {
-            tracing::info!(
-                code = reason.code,
-                reason = reason.reason,
-                "connection refused"
-            );
+            tracing::info!(code = reason.code, reason = reason.reason, "connection refused");
             reject(sink, stream, reason).await;
             return;
         }
@@ -76,24 +66,9 @@ pub async fn run(
         tracing::debug!("connected");
         let last_seen = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
-        let mut writer = tokio::spawn(write_loop(
-            sink,
-            conn.clone(),
-            last_seen.clone(),
-            started,
-            ctx.config.clone(),
-        ));
+        let mut writer = tokio::spawn(write_loop(sink, conn.clone(), last_seen.clone(), started, ctx.config.clone()));
 
-        let writer_done = read_loop(
-            &ctx,
-            &conn,
-            &mut stream,
-            &mut writer,
-            &last_seen,
-            started,
-            &shutdown,
-        )
-        .await;
+        let writer_done = read_loop(&ctx, &conn, &mut stream, &mut writer, &last_seen, started, &shutdown).await;
         ctx.hub.unregister(&conn);
         if !writer_done {
             if conn.outbox.is_closing() {
@@ -137,10 +112,7 @@ async fn read_loop(
             next = stream.next() => next,
         };
         let now = Instant::now();
-        last_seen.store(
-            now.duration_since(started).as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        last_seen.store(now.duration_since(started).as_millis() as u64, Ordering::Relaxed);
         match next {
             None => return false,
             Some(Err(e)) => {
@@ -153,17 +125,9 @@ async fn read_loop(
                 Verdict::Allow => Box::pin(handle_text(ctx, conn, text.as_str())).await,
                 Verdict::Drop => {
                     let request_id = decode(text.as_str()).ok().and_then(|d| d.request_id);
-                    let error = ErrorPayload::new(
-                        ErrorCode::RateLimited,
-                        "Too many messages; this one was dropped.",
-                    );
-                    conn.outbox.push(
-                        encode(
-                            &ServerMessage::Error(error),
-                            request_id.as_ref().map(RequestId::as_str),
-                        )
-                        .into(),
-                    );
+                    let error = ErrorPayload::new(ErrorCode::RateLimited, "Too many messages; this one was dropped.");
+                    conn.outbox
+                        .push(encode(&ServerMessage::Error(error), request_id.as_ref().map(RequestId::as_str)).into());
                 }
                 Verdict::Close => {
                     tracing::info!("closing: rate limit exceeded");
@@ -190,17 +154,9 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(code = %e.code, "undecodable message");
-            let payload = ErrorPayload {
-                field: e.field,
-                ..ErrorPayload::new(e.code, e.message)
-            };
-            conn.outbox.push(
-                encode(
-                    &ServerMessage::Error(payload),
-                    e.request_id.as_ref().map(RequestId::as_str),
-                )
-                .into(),
-            );
+            let payload = ErrorPayload { field: e.field, ..ErrorPayload::new(e.code, e.message) };
+            conn.outbox
+                .push(encode(&ServerMessage::Error(payload), e.request_id.as_ref().map(RequestId::as_str)).into());
             return;
         }
     };
@@ -220,10 +176,7 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
             }
             let payload = err.into_payload();
             let message = if wire_type == "initial_sync_request" {
-                ServerMessage::InitialSyncError(InitialSyncError {
-                    code: payload.code,
-                    message: payload.message,
-                })
+                ServerMessage::InitialSyncError(InitialSyncError { code: payload.code, message: payload.message })
             } else {
                 ServerMessage::Error(payload)
             };
@@ -243,9 +196,7 @@ async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Opt
             }
         };
         let shared: Utf8Bytes = encode(&message, None).into();
-        ctx.hub
-            .deliver(&conn.user_id, Audience::Others { except: &conn.id }, shared)
-            .await;
+        ctx.hub.deliver(&conn.user_id, Audience::Others { except: &conn.id }, shared).await;
     }
     if let Some(reply) = outcome.reply {
         conn.outbox.push(encode(&reply, request_id).into());
@@ -295,35 +246,22 @@ async fn write_loop(
 }
 
 async fn send_close(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReason) {
-    let frame = CloseFrame {
-        code: reason.code,
-        reason: reason.reason.into(),
-    };
+    let frame = CloseFrame { code: reason.code, reason: reason.reason.into() };
     let _ = sink.send(Message::Close(Some(frame))).await;
 }
 
 /// Closes a connection that never got registered, after the queued greeting (if any) is dropped.
-async fn reject(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut stream: SplitStream<WebSocket>,
-    reason: CloseReason,
-) {
+async fn reject(mut sink: SplitSink<WebSocket, Message>, mut stream: SplitStream<WebSocket>, reason: CloseReason) {
     send_close(&mut sink, reason).await;
     drain(&mut stream).await;
 }
 
 /// Reads (and discards) until the client answers our close, the stream ends, or the grace period ends.
 async fn drain(stream: &mut SplitStream<WebSocket>) {
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        while let Some(Ok(_)) = stream.next().await {}
-    })
-    .await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
 }
 
 fn is_capacity_error(e: axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error as WsError;
-    matches!(
-        e.into_inner().downcast::<WsError>().map(|b| *b),
-        Ok(WsError::Capacity(_))
-    )
+    matches!(e.into_inner().downcast::<WsError>().map(|b| *b), Ok(WsError::Capacity(_)))
 }

@@ -28,9 +28,7 @@ pub struct Gateway {
 
 /// The HTTP router: `GET /v1/ws`.
 pub fn router(gateway: Gateway) -> Router {
-    Router::new()
-        .route("/v1/ws", get(upgrade))
-        .with_state(gateway)
+    Router::new().route("/v1/ws", get(upgrade)).with_state(gateway)
 }
 
 async fn upgrade(
@@ -42,9 +40,7 @@ async fn upgrade(
     let config = &gw.ctx.config;
     if !config.allowed_origins.is_empty() {
         if let Some(origin) = headers.get(header::ORIGIN) {
-            let allowed = origin
-                .to_str()
-                .is_ok_and(|o| config.allowed_origins.iter().any(|a| a == o));
+            let allowed = origin.to_str().is_ok_and(|o| config.allowed_origins.iter().any(|a| a == o));
             if !allowed {
                 return (StatusCode::FORBIDDEN, "Origin not allowed").into_response();
             }
@@ -60,7 +56,5 @@ async fn upgrade(
         .write_buffer_size(0)
         .max_frame_size(max)
         .max_message_size(max)
-        .on_upgrade(move |socket| {
-            tracker.track_future(connection::run(ctx, socket, creds, shutdown))
-        })
+        .on_upgrade(move |socket| tracker.track_future(connection::run(ctx, socket, creds, shutdown)))
 }

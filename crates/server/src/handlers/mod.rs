@@ -49,10 +49,7 @@ pub struct Outcome {
 impl Outcome {
     /// Only a reply to SELF.
     pub fn reply(message: ServerMessage) -> Outcome {
-        Outcome {
-            broadcasts: Vec::new(),
-            reply: Some(message),
-        }
+        Outcome { broadcasts: Vec::new(), reply: Some(message) }
     }
 
     /// Adds a broadcast.
@@ -63,11 +60,7 @@ impl Outcome {
 }
 
 /// Routes one decoded message to its handler.
-pub async fn dispatch(
-    ctx: &Ctx,
-    conn: &ConnHandle,
-    message: ClientMessage,
-) -> Result<Outcome, Error> {
+pub async fn dispatch(ctx: &Ctx, conn: &ConnHandle, message: ClientMessage) -> Result<Outcome, Error> {
     match message {
         ClientMessage::Ping(p) => ping::handle(ctx, conn, p).await,
         ClientMessage::RequestCacheStatus(p) => request_cache_status::handle(ctx, conn, p).await,
@@ -80,8 +73,6 @@ pub async fn dispatch(
         | ClientMessage::GetChatMessages(_)
         | ClientMessage::RequestChatContentBatch(_)
         | ClientMessage::DeleteChat(_)
-        | ClientMessage::SyncOfflineChanges(_) => {
-            Err(Error::unavailable("chat sync is not implemented yet"))
-        }
+        | ClientMessage::SyncOfflineChanges(_) => Err(Error::unavailable("chat sync is not implemented yet")),
     }
 }

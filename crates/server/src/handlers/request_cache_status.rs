@@ -10,7 +10,5 @@ use chatsync_protocol::{CacheStatusResponse, Empty, ServerMessage};
 
 /// Handles `request_cache_status`.
 pub async fn handle(_ctx: &Ctx, _conn: &ConnHandle, _payload: Empty) -> Result<Outcome, Error> {
-    Ok(Outcome::reply(ServerMessage::CacheStatusResponse(
-        CacheStatusResponse { is_primed: false },
-    )))
+    Ok(Outcome::reply(ServerMessage::CacheStatusResponse(CacheStatusResponse { is_primed: false })))
 }

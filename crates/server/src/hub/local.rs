@@ -17,11 +17,7 @@ pub struct LocalHub {
 impl LocalHub {
     /// A hub that accepts at most `max_connections` connections.
     pub fn new(max_connections: usize) -> LocalHub {
-        LocalHub {
-            users: DashMap::new(),
-            count: AtomicUsize::new(0),
-            max_connections,
-        }
+        LocalHub { users: DashMap::new(), count: AtomicUsize::new(0), max_connections }
     }
 
     fn each(&self, mut f: impl FnMut(&ConnHandle)) {
@@ -40,10 +36,7 @@ impl Hub for LocalHub {
             self.count.fetch_sub(1, Ordering::AcqRel);
             return Err(Overloaded);
         }
-        self.users
-            .entry(conn.user_id.clone())
-            .or_default()
-            .push(conn);
+        self.users.entry(conn.user_id.clone()).or_default().push(conn);
         Ok(())
     }
 

@@ -19,80 +19,35 @@ pub struct CloseReason {
 
 impl CloseReason {
     /// 1001 `Server shutting down`.
-    pub const SHUTDOWN: CloseReason = CloseReason {
-        code: 1001,
-        reason: "Server shutting down",
-    };
+    pub const SHUTDOWN: CloseReason = CloseReason { code: 1001, reason: "Server shutting down" };
     /// 1001 `Heartbeat timeout`.
-    pub const HEARTBEAT: CloseReason = CloseReason {
-        code: 1001,
-        reason: "Heartbeat timeout",
-    };
+    pub const HEARTBEAT: CloseReason = CloseReason { code: 1001, reason: "Heartbeat timeout" };
     /// 1003 `Binary frames are not supported`.
-    pub const BINARY: CloseReason = CloseReason {
-        code: 1003,
-        reason: "Binary frames are not supported",
-    };
+    pub const BINARY: CloseReason = CloseReason { code: 1003, reason: "Binary frames are not supported" };
     /// 1008 `Authentication required`.
-    pub const AUTH_REQUIRED: CloseReason = CloseReason {
-        code: 1008,
-        reason: "Authentication required",
-    };
+    pub const AUTH_REQUIRED: CloseReason = CloseReason { code: 1008, reason: "Authentication required" };
     /// 1008 `Invalid session`.
-    pub const INVALID_SESSION: CloseReason = CloseReason {
-        code: 1008,
-        reason: "Invalid session",
-    };
+    pub const INVALID_SESSION: CloseReason = CloseReason { code: 1008, reason: "Invalid session" };
     /// 1008 `Invalid device id` (chatsync addition, see docs/PROTOCOL.md).
-    pub const INVALID_DEVICE: CloseReason = CloseReason {
-        code: 1008,
-        reason: "Invalid device id",
-    };
+    pub const INVALID_DEVICE: CloseReason = CloseReason { code: 1008, reason: "Invalid device id" };
     /// 1008 `Device mismatch, 2FA required`.
-    pub const DEVICE_MISMATCH_TFA: CloseReason = CloseReason {
-        code: 1008,
-        reason: "Device mismatch, 2FA required",
-    };
+    pub const DEVICE_MISMATCH_TFA: CloseReason = CloseReason { code: 1008, reason: "Device mismatch, 2FA required" };
     /// 1008 `Device mismatch`.
-    pub const DEVICE_MISMATCH: CloseReason = CloseReason {
-        code: 1008,
-        reason: "Device mismatch",
-    };
+    pub const DEVICE_MISMATCH: CloseReason = CloseReason { code: 1008, reason: "Device mismatch" };
     /// 1008 `Session revoked`.
-    pub const SESSION_REVOKED: CloseReason = CloseReason {
-        code: 1008,
-        reason: "Session revoked",
-    };
+    pub const SESSION_REVOKED: CloseReason = CloseReason { code: 1008, reason: "Session revoked" };
     /// 1008 `Rate limit exceeded`.
-    pub const RATE_LIMIT: CloseReason = CloseReason {
-        code: 1008,
-        reason: "Rate limit exceeded",
-    };
+    pub const RATE_LIMIT: CloseReason = CloseReason { code: 1008, reason: "Rate limit exceeded" };
     /// 1009 `Message too big`.
-    pub const TOO_BIG: CloseReason = CloseReason {
-        code: 1009,
-        reason: "Message too big",
-    };
+    pub const TOO_BIG: CloseReason = CloseReason { code: 1009, reason: "Message too big" };
     /// 1011 `Authentication error`.
-    pub const AUTH_ERROR: CloseReason = CloseReason {
-        code: 1011,
-        reason: "Authentication error",
-    };
+    pub const AUTH_ERROR: CloseReason = CloseReason { code: 1011, reason: "Authentication error" };
     /// 1011 `Internal error` (a broken socket or a bug; never expected).
-    pub const INTERNAL: CloseReason = CloseReason {
-        code: 1011,
-        reason: "Internal error",
-    };
+    pub const INTERNAL: CloseReason = CloseReason { code: 1011, reason: "Internal error" };
     /// 1013 `Server overloaded`.
-    pub const OVERLOADED: CloseReason = CloseReason {
-        code: 1013,
-        reason: "Server overloaded",
-    };
+    pub const OVERLOADED: CloseReason = CloseReason { code: 1013, reason: "Server overloaded" };
     /// 1013 `Slow consumer`.
-    pub const SLOW_CONSUMER: CloseReason = CloseReason {
-        code: 1013,
-        reason: "Slow consumer",
-    };
+    pub const SLOW_CONSUMER: CloseReason = CloseReason { code: 1013, reason: "Slow consumer" };
 }
 
 /// What the writer task should do next.
@@ -122,12 +77,7 @@ pub struct Outbox {
 impl Outbox {
     /// An empty outbox with the given bounds.
     pub fn new(max_bytes: usize, max_messages: usize) -> Outbox {
-        Outbox {
-            state: Mutex::new(State::default()),
-            notify: Notify::new(),
-            max_bytes,
-            max_messages,
-        }
+        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), max_bytes, max_messages }
     }
 
     /// Queues a frame. Returns `false` if the connection is closing, or if the frame would exceed the
@@ -214,18 +164,12 @@ mod tests {
         assert!(o.push(frame("a")));
         assert!(o.push(frame("b")));
         assert!(!o.push(frame("c")));
-        assert!(
-            matches!(o.next().await, Next::Close(CloseReason::SLOW_CONSUMER)),
-            "queue dropped"
-        );
+        assert!(matches!(o.next().await, Next::Close(CloseReason::SLOW_CONSUMER)), "queue dropped");
 
         let o = Outbox::new(4, 100);
         assert!(o.push(frame("abcd")));
         assert!(!o.push(frame("e")));
-        assert!(matches!(
-            o.next().await,
-            Next::Close(CloseReason::SLOW_CONSUMER)
-        ));
+        assert!(matches!(o.next().await, Next::Close(CloseReason::SLOW_CONSUMER)));
     }
 
     #[tokio::test]
@@ -233,9 +177,6 @@ mod tests {
         let o = Outbox::new(1024, 8);
         o.close(CloseReason::SESSION_REVOKED);
         o.close(CloseReason::SHUTDOWN);
-        assert!(matches!(
-            o.next().await,
-            Next::Close(CloseReason::SESSION_REVOKED)
-        ));
+        assert!(matches!(o.next().await, Next::Close(CloseReason::SESSION_REVOKED)));
     }
 }

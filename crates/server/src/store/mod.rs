@@ -31,10 +31,9 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
+                StoreError::Unavailable(e.to_string())
+            }
             other => StoreError::Backend(other.to_string()),
         }
     }
@@ -100,12 +99,7 @@ pub struct Device {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Creates a user. Fails with [`StoreError::AlreadyExists`] if the id is taken.
-    async fn create_user(
-        &self,
-        user_id: &str,
-        tfa_enabled: bool,
-        now: Millis,
-    ) -> Result<(), StoreError>;
+    async fn create_user(&self, user_id: &str, tfa_enabled: bool, now: Millis) -> Result<(), StoreError>;
 
     /// Looks a user up.
     async fn user(&self, user_id: &str) -> Result<Option<User>, StoreError>;
@@ -119,26 +113,14 @@ pub trait Store: Send + Sync + 'static {
     async fn provision(&self, users: &[String], sessions: &[NewSession]) -> Result<(), StoreError>;
 
     /// Finds a session by SHA-256(token), whatever its state (the caller checks expiry and revocation).
-    async fn session_by_token_hash(
-        &self,
-        token_hash: &[u8; 32],
-    ) -> Result<Option<Session>, StoreError>;
+    async fn session_by_token_hash(&self, token_hash: &[u8; 32]) -> Result<Option<Session>, StoreError>;
 
     /// Binds an unbound session to `device_hash` atomically and returns the device the session is now
     /// bound to: `device_hash` if it was unbound (or already bound to it), the other device otherwise.
-    async fn bind_session_device(
-        &self,
-        session_id: &str,
-        device_hash: &str,
-    ) -> Result<String, StoreError>;
+    async fn bind_session_device(&self, session_id: &str, device_hash: &str) -> Result<String, StoreError>;
 
     /// Records `device_hash` as known for the user (first/last seen).
-    async fn record_device(
-        &self,
-        user_id: &str,
-        device_hash: &str,
-        now: Millis,
-    ) -> Result<(), StoreError>;
+    async fn record_device(&self, user_id: &str, device_hash: &str, now: Millis) -> Result<(), StoreError>;
 
     /// Revokes the session with this token hash. Returns `false` if there is none or it was already revoked.
     async fn revoke_session(&self, token_hash: &[u8; 32], now: Millis) -> Result<bool, StoreError>;
@@ -156,17 +138,12 @@ pub trait Store: Send + Sync + 'static {
 /// Opens the store named by `url` (`sqlite://PATH`), creating and migrating it as needed.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, anyhow::Error> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        return Ok(Arc::new(
-            sqlite::SqliteStore::open(std::path::Path::new(path)).await?,
-        ));
+        return Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?));
     }
     anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH)")
 }
 
 /// Milliseconds since the Unix epoch, from the server clock.
 pub fn now_millis() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
 }

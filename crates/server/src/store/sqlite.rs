@@ -3,9 +3,7 @@
 use super::{Device, Millis, NewSession, Session, Store, StoreError, User};
 use anyhow::Context as _;
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Row;
 use std::path::Path;
 use std::time::Duration;
@@ -19,11 +17,9 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and applies pending migrations.
     pub async fn open(path: &Path) -> anyhow::Result<SqliteStore> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
             let probe = dir.join(".chatsync-write-test");
-            std::fs::write(&probe, b"")
-                .with_context(|| format!("data directory {} is not writable", dir.display()))?;
+            std::fs::write(&probe, b"").with_context(|| format!("data directory {} is not writable", dir.display()))?;
             let _ = std::fs::remove_file(probe);
         }
         let options = SqliteConnectOptions::new()
@@ -48,18 +44,15 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn create_user(
-        &self,
-        user_id: &str,
-        tfa_enabled: bool,
-        now: Millis,
-    ) -> Result<(), StoreError> {
-        let done = sqlx::query("INSERT INTO users (user_id, tfa_enabled, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")
-            .bind(user_id)
-            .bind(tfa_enabled)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+    async fn create_user(&self, user_id: &str, tfa_enabled: bool, now: Millis) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO users (user_id, tfa_enabled, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(tfa_enabled)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::AlreadyExists);
         }
@@ -67,24 +60,17 @@ impl Store for SqliteStore {
     }
 
     async fn user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
-        let row =
-            sqlx::query("SELECT user_id, tfa_enabled, created_at FROM users WHERE user_id = ?1")
-                .bind(user_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|r| User {
-            user_id: r.get(0),
-            tfa_enabled: r.get(1),
-            created_at: r.get(2),
-        }))
+        let row = sqlx::query("SELECT user_id, tfa_enabled, created_at FROM users WHERE user_id = ?1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| User { user_id: r.get(0), tfa_enabled: r.get(1), created_at: r.get(2) }))
     }
 
     async fn create_session(&self, s: &NewSession) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let exists = sqlx::query("SELECT 1 FROM users WHERE user_id = ?1")
-            .bind(&s.user_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let exists =
+            sqlx::query("SELECT 1 FROM users WHERE user_id = ?1").bind(&s.user_id).fetch_optional(&mut *tx).await?;
         if exists.is_none() {
             return Err(StoreError::NotFound);
         }
@@ -97,11 +83,13 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await?;
         let now = super::now_millis();
         for user in users {
-            sqlx::query("INSERT INTO users (user_id, tfa_enabled, created_at) VALUES (?1, 0, ?2) ON CONFLICT DO NOTHING")
-                .bind(user)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO users (user_id, tfa_enabled, created_at) VALUES (?1, 0, ?2) ON CONFLICT DO NOTHING",
+            )
+            .bind(user)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         }
         for s in sessions {
             insert_session(&mut tx, s).await?;
@@ -110,10 +98,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn session_by_token_hash(
-        &self,
-        token_hash: &[u8; 32],
-    ) -> Result<Option<Session>, StoreError> {
+    async fn session_by_token_hash(&self, token_hash: &[u8; 32]) -> Result<Option<Session>, StoreError> {
         let row = sqlx::query(
             "SELECT s.session_id, s.user_id, s.device_hash, s.expires_at, s.revoked_at, u.tfa_enabled \
              FROM sessions s JOIN users u ON u.user_id = s.user_id WHERE s.token_hash = ?1",
@@ -131,11 +116,7 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn bind_session_device(
-        &self,
-        session_id: &str,
-        device_hash: &str,
-    ) -> Result<String, StoreError> {
+    async fn bind_session_device(&self, session_id: &str, device_hash: &str) -> Result<String, StoreError> {
         // One statement: binds when unbound, and returns whatever the session is bound to now.
         let row = sqlx::query(
             "UPDATE sessions SET device_hash = COALESCE(device_hash, ?2) WHERE session_id = ?1 RETURNING device_hash",
@@ -147,24 +128,17 @@ impl Store for SqliteStore {
         row.map(|r| r.get(0)).ok_or(StoreError::NotFound)
     }
 
-    async fn record_device(
-        &self,
-        user_id: &str,
-        device_hash: &str,
-        now: Millis,
-    ) -> Result<(), StoreError> {
+    async fn record_device(&self, user_id: &str, device_hash: &str, now: Millis) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await?;
         upsert_device(&mut conn, user_id, device_hash, now).await
     }
 
     async fn revoke_session(&self, token_hash: &[u8; 32], now: Millis) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE sessions SET revoked_at = ?2 WHERE token_hash = ?1 AND revoked_at IS NULL",
-        )
-        .bind(&token_hash[..])
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query("UPDATE sessions SET revoked_at = ?2 WHERE token_hash = ?1 AND revoked_at IS NULL")
+            .bind(&token_hash[..])
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -186,11 +160,7 @@ impl Store for SqliteStore {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| Device {
-                device_hash: r.get(0),
-                first_seen: r.get(1),
-                last_seen: r.get(2),
-            })
+            .map(|r| Device { device_hash: r.get(0), first_seen: r.get(1), last_seen: r.get(2) })
             .collect())
     }
 

@@ -25,10 +25,7 @@ impl TestServer {
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
         let data = tempfile::tempdir().unwrap();
-        let mut config = Config {
-            data_dir: data.path().to_owned(),
-            ..Config::default()
-        };
+        let mut config = Config { data_dir: data.path().to_owned(), ..Config::default() };
         tweak(&mut config);
         TestServer::start_in(data, config).await
     }
@@ -41,13 +38,7 @@ impl TestServer {
         let task = tokio::spawn(chatsync::run(listener, ctx.clone(), async move {
             let _ = stopped.await;
         }));
-        TestServer {
-            url,
-            ctx,
-            data,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        TestServer { url, ctx, data, stop: Some(stop), task: Some(task) }
     }
 
     /// Stops the server (as on SIGTERM) and waits for it to finish.
@@ -62,23 +53,12 @@ impl TestServer {
 
     /// Creates a user.
     pub async fn user(&self, user_id: &str, tfa: bool) {
-        self.ctx
-            .store
-            .create_user(user_id, tfa, chatsync::store::now_millis())
-            .await
-            .unwrap();
+        self.ctx.store.create_user(user_id, tfa, chatsync::store::now_millis()).await.unwrap();
     }
 
     /// Issues an unbound session token for an existing user.
     pub async fn token(&self, user_id: &str) -> String {
-        auth::issue_session(
-            self.ctx.store.as_ref(),
-            user_id,
-            None,
-            Duration::from_secs(3600),
-        )
-        .await
-        .unwrap()
+        auth::issue_session(self.ctx.store.as_ref(), user_id, None, Duration::from_secs(3600)).await.unwrap()
     }
 
     /// Creates `user_id` and returns a token for it.
@@ -88,9 +68,7 @@ impl TestServer {
     }
 
     pub async fn connect(&self, token: &str, device: &str) -> (Client, Connected) {
-        Client::connect_authenticated(&self.url, &ConnectOptions::new(token, device))
-            .await
-            .unwrap()
+        Client::connect_authenticated(&self.url, &ConnectOptions::new(token, device)).await.unwrap()
     }
 
     /// Connects and expects the server to close right away; returns the code and reason.
