@@ -42,6 +42,9 @@ pub struct ConnectOptions {
     pub device_id_in_query: bool,
     /// Extra request headers (`User-Agent`, `Origin`, …).
     pub headers: Vec<(String, String)>,
+    /// Drop the server-initiated warm-up events (`priority_chat_ready`, `cache_primed`) on receipt, for
+    /// callers that do not care when the server's cache is warm.
+    pub ignore_warmup_events: bool,
 }
 
 impl ConnectOptions {
@@ -76,6 +79,7 @@ pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pending: VecDeque<Incoming>,
     next_request: u64,
+    ignore_warmup_events: bool,
 }
 
 fn percent_encode(s: &str) -> String {
@@ -123,7 +127,7 @@ impl Client {
             headers.insert(name, value(v)?);
         }
         let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
-        Ok(Client { ws, pending: VecDeque::new(), next_request: 0 })
+        Ok(Client { ws, pending: VecDeque::new(), next_request: 0, ignore_warmup_events: opts.ignore_warmup_events })
     }
 
     /// Connects and waits for the `connected` greeting.
@@ -214,7 +218,14 @@ impl Client {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {
-                    return decode_server(t.as_str()).map_err(|e| ClientError::Decode(format!("{e}: {}", t.as_str())));
+                    let m =
+                        decode_server(t.as_str()).map_err(|e| ClientError::Decode(format!("{e}: {}", t.as_str())))?;
+                    let warmup =
+                        matches!(m.message, ServerMessage::PriorityChatReady(_) | ServerMessage::CachePrimed(_));
+                    if warmup && self.ignore_warmup_events {
+                        continue;
+                    }
+                    return Ok(m);
                 }
                 Some(Ok(Message::Close(frame))) => {
                     return Err(ClientError::Closed(

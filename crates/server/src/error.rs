@@ -6,8 +6,12 @@ use crate::store::StoreError;
 use chatsync_protocol::{ErrorCode, ErrorPayload};
 
 /// Why a request failed. Built by handlers; turned into a payload by [`Error::into_payload`].
+/// Boxed, so that `Result<T, Error>` stays small on the hot path.
 #[derive(Debug)]
-pub struct Error {
+pub struct Error(Box<Inner>);
+
+#[derive(Debug)]
+struct Inner {
     payload: ErrorPayload,
     /// Server-side detail for the log; never sent.
     internal: Option<String>,
@@ -15,20 +19,25 @@ pub struct Error {
 
 impl Error {
     fn new(code: ErrorCode, message: impl Into<String>) -> Error {
-        Error { payload: ErrorPayload::new(code, message), internal: None }
+        Error(Box::new(Inner { payload: ErrorPayload::new(code, message), internal: None }))
+    }
+
+    fn with_internal(mut self, detail: String) -> Error {
+        self.0.internal = Some(detail);
+        self
     }
 
     /// `invalid_payload` naming `field`.
     pub fn invalid_payload(field: &str, message: impl Into<String>) -> Error {
         let mut e = Error::new(ErrorCode::InvalidPayload, message);
-        e.payload.field = Some(field.to_owned());
+        e.0.payload.field = Some(field.to_owned());
         e
     }
 
     /// `limit_exceeded` naming the limit's field.
     pub fn limit_exceeded(field: &str, message: impl Into<String>) -> Error {
         let mut e = Error::new(ErrorCode::LimitExceeded, message);
-        e.payload.field = Some(field.to_owned());
+        e.0.payload.field = Some(field.to_owned());
         e
     }
 
@@ -39,36 +48,34 @@ impl Error {
 
     /// `unavailable`: a backend is temporarily unreachable.
     pub fn unavailable(detail: impl Into<String>) -> Error {
-        Error {
-            internal: Some(detail.into()),
-            ..Error::new(ErrorCode::Unavailable, "A backend is temporarily unavailable; retry later.")
-        }
+        Error::new(ErrorCode::Unavailable, "A backend is temporarily unavailable; retry later.")
+            .with_internal(detail.into())
     }
 
     /// `internal`: anything else. `detail` is logged, never sent.
     pub fn internal(detail: impl Into<String>) -> Error {
-        Error { internal: Some(detail.into()), ..Error::new(ErrorCode::Internal, "Internal error.") }
+        Error::new(ErrorCode::Internal, "Internal error.").with_internal(detail.into())
     }
 
     /// Adds the chat id as context.
     pub fn with_chat(mut self, chat_id: &str) -> Error {
-        self.payload.chat_id = Some(chat_id.to_owned());
+        self.0.payload.chat_id = Some(chat_id.to_owned());
         self
     }
 
     /// The stable code.
     pub fn code(&self) -> ErrorCode {
-        self.payload.code
+        self.0.payload.code
     }
 
     /// Server-side detail, for the log.
     pub fn internal_detail(&self) -> Option<&str> {
-        self.internal.as_deref()
+        self.0.internal.as_deref()
     }
 
     /// The client payload: code, message and context only.
     pub fn into_payload(self) -> ErrorPayload {
-        self.payload
+        self.0.payload
     }
 }
 

@@ -4,12 +4,15 @@
 //! listener until a shutdown future resolves, then closes every connection with 1001 and waits for
 //! them to drain. Tests call both on port 0; `main.rs` calls them from the CLI.
 
+pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod gateway;
 pub mod handlers;
 pub mod hub;
+pub mod keys;
 pub mod logging;
 pub mod store;
 
@@ -24,11 +27,23 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Opens the backends named by `config` and builds the handler context.
+/// Opens the backends named by `config`, loads the master key (refusing to start if it cannot unwrap
+/// the stored keys), and builds the handler context.
 pub async fn build(config: Config) -> anyhow::Result<Ctx> {
-    let store = store::open(&config.store_url()).await?;
+    let backend = store::open_backend(&config.store_url()).await?;
+    let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
+    let master = keys::load_master_key(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
     let hub = Arc::new(LocalHub::new(config.max_connections));
-    Ok(Ctx { store, hub, limits: config.limits(), config: Arc::new(config) })
+    let cache = Arc::new(cache::memory::MemoryCache::new(config.max_page_messages as usize));
+    Ok(Ctx {
+        store: backend.identity,
+        chats: backend.chats,
+        cache,
+        keys: Arc::new(keys::Keyring::new(master)),
+        hub,
+        limits: config.limits(),
+        config: Arc::new(config),
+    })
 }
 
 /// Serves `ctx` on `listener` until `shutdown` resolves; then stops accepting, closes every

@@ -138,17 +138,6 @@ async fn a_flood_far_above_the_burst_closes_with_1008() {
 }
 
 #[tokio::test]
-async fn chat_sync_types_answer_unavailable_until_implemented() {
-    let server = TestServer::start().await;
-    let token = server.user_token("alice").await;
-    let (mut client, _) = server.connect(&token, "d").await;
-    let msg = ClientMessage::UpdateTitle(UpdateTitle { chat_id: ChatId::new("c1").unwrap(), new_title: "t".into() });
-    let reply = client.request(&msg).await.unwrap();
-    assert_eq!(error_of(&reply).code, ErrorCode::Unavailable);
-    assert_alive(&mut client).await;
-}
-
-#[tokio::test]
 async fn binary_frame_closes_with_1003() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
@@ -194,13 +183,13 @@ async fn two_tabs_on_one_device_are_two_reachable_connections() {
     assert_eq!(server.ctx.hub.connection_count(), 3);
 
     let frame =
-        encode(&ServerMessage::PriorityChatReady(PriorityChatReady { chat_id: ChatId::new("c1").unwrap() }), None);
+        encode(&ServerMessage::ChatDeleted(ChatDeleted { chat_id: ChatId::new("c1").unwrap(), tombstone: true }), None);
     server.ctx.hub.deliver("alice", Audience::All, frame.clone().into()).await;
     for tab in [&mut tab1, &mut tab2] {
-        assert!(matches!(tab.recv().await.unwrap().message, ServerMessage::PriorityChatReady(_)));
+        assert!(matches!(tab.recv().await.unwrap().message, ServerMessage::ChatDeleted(_)));
     }
     server.ctx.hub.deliver("alice", Audience::Others { except: &hello1.connection_id }, frame.into()).await;
-    assert!(matches!(tab2.recv().await.unwrap().message, ServerMessage::PriorityChatReady(_)));
+    assert!(matches!(tab2.recv().await.unwrap().message, ServerMessage::ChatDeleted(_)));
     // tab1 and bob got nothing: the next thing each sees is its own pong.
     assert_alive(&mut tab1).await;
     assert_eq!(tab1.buffered(), 0, "OTHERS excludes the sender");
@@ -214,7 +203,8 @@ async fn a_client_that_does_not_read_is_closed_as_slow_consumer() {
     let token = server.user_token("alice").await;
     let (mut client, _) = server.connect(&token, "d").await;
     // Far more than the socket buffers and the outbox hold, delivered while the client reads nothing.
-    let frame = encode(&ServerMessage::CachePrimed(CachePrimed { status: "x".repeat(60_000) }), None);
+    let frame =
+        encode(&ServerMessage::ChatDeleted(ChatDeleted { chat_id: ChatId::new("c1").unwrap(), tombstone: true }), None);
     for _ in 0..200 {
         server.ctx.hub.deliver("alice", Audience::All, frame.clone().into()).await;
     }
@@ -264,4 +254,18 @@ async fn origin_outside_the_allowed_list_gets_403_before_upgrade() {
     let mut opts = ConnectOptions::new(&token, "d");
     opts.headers.push(("Origin".into(), "https://app.example".into()));
     Client::connect_authenticated(&server.url, &opts).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_frame_far_beyond_the_limit_still_closes_with_1009() {
+    let server = TestServer::start_with(|c| c.max_frame_bytes = 4096).await;
+    let token = server.user_token("alice").await;
+    let (mut client, _) = server.connect(&token, "d").await;
+    client.send_text("x".repeat(100_000)).await.unwrap();
+    match client.recv_close().await {
+        Ok(close) => assert_eq!(close, (1009, "Message too big".into())),
+        // Past the backstop limit the rest of the frame is never read; the close may then be lost
+        // to a TCP reset, but the connection must be gone.
+        Err(e) => assert!(e.to_string().contains("reset") || e.to_string().contains("closed"), "{e}"),
+    }
 }

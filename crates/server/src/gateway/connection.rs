@@ -64,12 +64,17 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
             return;
         }
         tracing::debug!("connected");
+        let warm_ctx = ctx.clone();
+        let warm_user = conn.user_id.clone();
+        tokio::spawn(async move { handlers::warmup::run(&warm_ctx, &warm_user).await }.in_current_span());
         let last_seen = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let mut writer = tokio::spawn(write_loop(sink, conn.clone(), last_seen.clone(), started, ctx.config.clone()));
 
         let writer_done = read_loop(&ctx, &conn, &mut stream, &mut writer, &last_seen, started, &shutdown).await;
-        ctx.hub.unregister(&conn);
+        if ctx.hub.unregister(&conn) {
+            ctx.cache.evict(&conn.user_id).await;
+        }
         if !writer_done {
             if conn.outbox.is_closing() {
                 // Let the writer send the close, then wait for the client's answer.
@@ -119,6 +124,10 @@ async fn read_loop(
                 if is_capacity_error(e) {
                     conn.outbox.close(CloseReason::TOO_BIG);
                 }
+                return false;
+            }
+            Some(Ok(Message::Text(text))) if text.len() > ctx.limits.max_frame_bytes as usize => {
+                conn.outbox.close(CloseReason::TOO_BIG);
                 return false;
             }
             Some(Ok(Message::Text(text))) => match limiter.check(now) {

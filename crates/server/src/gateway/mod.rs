@@ -48,7 +48,10 @@ async fn upgrade(
     }
     let query = query.map(|Query(q)| q).unwrap_or_default();
     let creds = auth::credentials(&headers, &query);
-    let max = config.max_frame_bytes as usize;
+    // tungstenite's own limit is a backstop well above the protocol limit: the connection loop checks
+    // the protocol limit itself, after the frame is read, so that the stream stays in sync and the
+    // 1009 close reaches the client instead of a TCP reset over the unread rest of the frame.
+    let max = (config.max_frame_bytes as usize).saturating_mul(4);
     let ctx = gw.ctx.clone();
     let shutdown = gw.shutdown.clone();
     let tracker = gw.tracker.clone();

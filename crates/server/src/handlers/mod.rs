@@ -5,12 +5,26 @@
 //! Handlers return what to send and to whom; they never touch a socket. The gateway encodes the
 //! [`Outcome`] (the reply and SELF's copies with the `request_id`, the OTHERS copy once, shared).
 
+mod chat_message_added;
+mod common;
+mod delete_chat;
+mod delete_draft;
+mod get_chat_messages;
+mod initial_sync_request;
 mod ping;
 mod request_cache_status;
+mod request_chat_content_batch;
+mod sync_offline_changes;
+mod update_draft;
+mod update_title;
+pub mod warmup;
 
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::Error;
 use crate::hub::{ConnHandle, Hub};
+use crate::keys::Keyring;
+use crate::store::chats::ChatStore;
 use crate::store::Store;
 use chatsync_protocol::{ClientMessage, Limits, ServerMessage};
 use std::sync::Arc;
@@ -18,8 +32,14 @@ use std::sync::Arc;
 /// Everything a handler may use. Cheap to clone; no globals.
 #[derive(Clone)]
 pub struct Ctx {
-    /// Durable truth.
+    /// Durable truth for users, sessions and devices.
     pub store: Arc<dyn Store>,
+    /// Durable truth for chats, messages and wrapped keys.
+    pub chats: Arc<dyn ChatStore>,
+    /// Fast copy of chat lists and recent messages (ciphertext only).
+    pub cache: Arc<dyn Cache>,
+    /// Master key and unwrapped data keys (process memory only).
+    pub keys: Arc<Keyring>,
     /// Delivery to the user's connections.
     pub hub: Arc<dyn Hub>,
     /// The merged configuration.
@@ -59,20 +79,20 @@ impl Outcome {
     }
 }
 
-/// Routes one decoded message to its handler.
+/// Routes one decoded message to its handler. Exhaustive: a new message type does not compile
+/// until it has a handler.
 pub async fn dispatch(ctx: &Ctx, conn: &ConnHandle, message: ClientMessage) -> Result<Outcome, Error> {
     match message {
         ClientMessage::Ping(p) => ping::handle(ctx, conn, p).await,
+        ClientMessage::InitialSyncRequest(p) => initial_sync_request::handle(ctx, conn, p).await,
+        ClientMessage::UpdateDraft(p) => update_draft::handle(ctx, conn, p).await,
+        ClientMessage::DeleteDraft(p) => delete_draft::handle(ctx, conn, p).await,
+        ClientMessage::UpdateTitle(p) => update_title::handle(ctx, conn, p).await,
+        ClientMessage::ChatMessageAdded(p) => chat_message_added::handle(ctx, conn, p).await,
+        ClientMessage::GetChatMessages(p) => get_chat_messages::handle(ctx, conn, p).await,
+        ClientMessage::RequestChatContentBatch(p) => request_chat_content_batch::handle(ctx, conn, p).await,
+        ClientMessage::DeleteChat(p) => delete_chat::handle(ctx, conn, p).await,
+        ClientMessage::SyncOfflineChanges(p) => sync_offline_changes::handle(ctx, conn, p).await,
         ClientMessage::RequestCacheStatus(p) => request_cache_status::handle(ctx, conn, p).await,
-        // The chat-sync handlers land with the chat-sync issue; until then these answer `unavailable`.
-        ClientMessage::InitialSyncRequest(_)
-        | ClientMessage::UpdateDraft(_)
-        | ClientMessage::DeleteDraft(_)
-        | ClientMessage::UpdateTitle(_)
-        | ClientMessage::ChatMessageAdded(_)
-        | ClientMessage::GetChatMessages(_)
-        | ClientMessage::RequestChatContentBatch(_)
-        | ClientMessage::DeleteChat(_)
-        | ClientMessage::SyncOfflineChanges(_) => Err(Error::unavailable("chat sync is not implemented yet")),
     }
 }

@@ -1,7 +1,5 @@
 //! `request_cache_status`: whether the server-side warm-up of the user's cache has finished.
-//! Replies SELF `cache_status_response` `{"is_primed"}`.
-//!
-//! Until the cache lands (chat-sync issue) there is nothing to warm, and the answer is `false`.
+//! SELF `cache_status_response` `{"is_primed"}`.
 
 use super::{Ctx, Outcome};
 use crate::error::Error;
@@ -9,6 +7,7 @@ use crate::hub::ConnHandle;
 use chatsync_protocol::{CacheStatusResponse, Empty, ServerMessage};
 
 /// Handles `request_cache_status`.
-pub async fn handle(_ctx: &Ctx, _conn: &ConnHandle, _payload: Empty) -> Result<Outcome, Error> {
-    Ok(Outcome::reply(ServerMessage::CacheStatusResponse(CacheStatusResponse { is_primed: false })))
+pub async fn handle(ctx: &Ctx, conn: &ConnHandle, _payload: Empty) -> Result<Outcome, Error> {
+    let is_primed = ctx.cache.is_primed(&conn.user_id).await;
+    Ok(Outcome::reply(ServerMessage::CacheStatusResponse(CacheStatusResponse { is_primed })))
 }

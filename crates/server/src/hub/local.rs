@@ -40,17 +40,21 @@ impl Hub for LocalHub {
         Ok(())
     }
 
-    fn unregister(&self, conn: &ConnHandle) {
+    fn unregister(&self, conn: &ConnHandle) -> bool {
         let mut found = false;
-        self.users.remove_if_mut(&conn.user_id, |_, conns| {
-            let before = conns.len();
-            conns.retain(|c| c.id != conn.id);
-            found = conns.len() != before;
-            conns.is_empty()
-        });
+        let last = self
+            .users
+            .remove_if_mut(&conn.user_id, |_, conns| {
+                let before = conns.len();
+                conns.retain(|c| c.id != conn.id);
+                found = conns.len() != before;
+                conns.is_empty()
+            })
+            .is_some();
         if found {
             self.count.fetch_sub(1, Ordering::AcqRel);
         }
+        last
     }
 
     async fn deliver(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {

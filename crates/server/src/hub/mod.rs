@@ -50,8 +50,9 @@ pub trait Hub: Send + Sync + 'static {
     /// Registers a connection. Fails with [`Overloaded`] when the node is at its connection limit.
     fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Overloaded>;
 
-    /// Removes a connection; it receives nothing afterwards.
-    fn unregister(&self, conn: &ConnHandle);
+    /// Removes a connection; it receives nothing afterwards. Returns `true` when it was the user's last
+    /// connection on this node.
+    fn unregister(&self, conn: &ConnHandle) -> bool;
 
     /// Queues `frame` on every connection of `user_id` in `audience`. Never waits on a client.
     async fn deliver(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes);

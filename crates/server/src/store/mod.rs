@@ -3,7 +3,9 @@
 //! Only `store/` knows SQL. The embedded implementation is [`sqlite::SqliteStore`]; a PostgreSQL one
 //! implements the same trait and passes the same contract tests (`tests/store_contract.rs`).
 
+pub mod chats;
 pub mod sqlite;
+mod sqlite_chats;
 
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -135,12 +137,27 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
+/// Both halves of one backend.
+#[derive(Clone)]
+pub struct Backend {
+    /// Users, sessions, devices.
+    pub identity: Arc<dyn Store>,
+    /// Chats, messages, keys.
+    pub chats: Arc<dyn chats::ChatStore>,
+}
+
 /// Opens the store named by `url` (`sqlite://PATH`), creating and migrating it as needed.
-pub async fn open(url: &str) -> Result<Arc<dyn Store>, anyhow::Error> {
+pub async fn open_backend(url: &str) -> Result<Backend, anyhow::Error> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        return Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?));
+        let store = Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?);
+        return Ok(Backend { identity: store.clone(), chats: store });
     }
     anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH)")
+}
+
+/// Opens only the identity half (CLI commands).
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, anyhow::Error> {
+    Ok(open_backend(url).await?.identity)
 }
 
 /// Milliseconds since the Unix epoch, from the server clock.

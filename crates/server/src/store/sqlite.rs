@@ -4,13 +4,14 @@ use super::{Device, Millis, NewSession, Session, Store, StoreError, User};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::Row;
+use sqlx::{ConnectOptions as _, Row};
 use std::path::Path;
 use std::time::Duration;
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
+    pub(super) writer: super::sqlite_chats::Writer,
 }
 
 impl SqliteStore {
@@ -31,14 +32,16 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .with_context(|| format!("cannot open database {}", path.display()))?;
         sqlx::migrate!("migrations/sqlite")
             .run(&pool)
             .await
             .with_context(|| format!("cannot migrate database {}", path.display()))?;
-        Ok(SqliteStore { pool })
+        let writer_conn =
+            options.connect().await.with_context(|| format!("cannot open database {}", path.display()))?;
+        Ok(SqliteStore { pool, writer: super::sqlite_chats::Writer::start(writer_conn) })
     }
 }
 
@@ -165,6 +168,7 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

@@ -31,6 +31,9 @@ impl TestServer {
     }
 
     pub async fn start_in(data: tempfile::TempDir, config: Config) -> TestServer {
+        if std::env::var_os("RUST_LOG").is_some() {
+            chatsync::logging::init(chatsync::config::LogFormat::Text, "debug");
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
         let ctx = chatsync::build(config).await.unwrap();
@@ -67,7 +70,14 @@ impl TestServer {
         self.token(user_id).await
     }
 
+    /// Connects with a bearer token and device id; warm-up events are dropped (see `connect_raw`).
     pub async fn connect(&self, token: &str, device: &str) -> (Client, Connected) {
+        let opts = ConnectOptions { ignore_warmup_events: true, ..ConnectOptions::new(token, device) };
+        Client::connect_authenticated(&self.url, &opts).await.unwrap()
+    }
+
+    /// Connects and keeps every server message, warm-up events included.
+    pub async fn connect_raw(&self, token: &str, device: &str) -> (Client, Connected) {
         Client::connect_authenticated(&self.url, &ConnectOptions::new(token, device)).await.unwrap()
     }
 

@@ -1,0 +1,304 @@
+//! Measurements: latency histograms (hdrhistogram, microseconds) with a per-second timeline, and
+//! sampling of the server process from /proc (VmRSS from `/proc/PID/status`, utime + stime from
+//! `/proc/PID/stat`).
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Highest recordable latency: 10 minutes, in microseconds.
+const MAX_US: u64 = 600_000_000;
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_US, 3).expect("static histogram bounds are valid")
+}
+
+/// Percentiles of a set of latencies, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// Samples.
+    pub count: u64,
+    /// Mean.
+    pub mean_ms: f64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+/// A latency histogram in microseconds.
+#[derive(Clone)]
+pub struct Latency(Histogram<u64>);
+
+impl Default for Latency {
+    fn default() -> Self {
+        Latency(new_hist())
+    }
+}
+
+impl Latency {
+    /// Records one latency (clamped to 1 µs .. 10 min).
+    pub fn record(&mut self, d: Duration) {
+        self.record_us(d.as_micros().min(MAX_US as u128) as u64);
+    }
+
+    /// Records one latency in microseconds.
+    pub fn record_us(&mut self, us: u64) {
+        self.0.saturating_record(us.clamp(1, MAX_US));
+    }
+
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// A quantile in milliseconds (0 when empty).
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            0.0
+        } else {
+            self.0.value_at_quantile(q) as f64 / 1000.0
+        }
+    }
+
+    /// Percentiles in milliseconds.
+    pub fn summary(&self) -> LatencySummary {
+        if self.0.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: self.0.len(),
+            mean_ms: self.0.mean() / 1000.0,
+            p50_ms: self.quantile_ms(0.50),
+            p90_ms: self.quantile_ms(0.90),
+            p99_ms: self.quantile_ms(0.99),
+            p999_ms: self.quantile_ms(0.999),
+            max_ms: self.0.max() as f64 / 1000.0,
+        }
+    }
+}
+
+/// One second of a timeline.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SecondPoint {
+    /// Seconds since the start of the timeline.
+    pub t: u64,
+    /// Samples in that second.
+    pub count: u64,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Largest, ms.
+    pub max_ms: f64,
+}
+
+/// A latency histogram for the whole run plus one per second (by the time the sample was recorded
+/// for, e.g. the scheduled send time).
+pub struct Timeline {
+    start: Instant,
+    total: Latency,
+    seconds: Vec<Latency>,
+}
+
+impl Timeline {
+    /// A timeline whose second 0 starts at `start`.
+    pub fn new(start: Instant) -> Timeline {
+        Timeline { start, total: Latency::default(), seconds: Vec::new() }
+    }
+
+    /// Records `latency` in the second containing `at`.
+    pub fn record(&mut self, at: Instant, latency: Duration) {
+        let sec = at.saturating_duration_since(self.start).as_secs() as usize;
+        if self.seconds.len() <= sec {
+            self.seconds.resize_with(sec + 1, Latency::default);
+        }
+        self.seconds[sec].record(latency);
+        self.total.record(latency);
+    }
+
+    /// The whole-run histogram.
+    pub fn total(&self) -> &Latency {
+        &self.total
+    }
+
+    /// Per-second percentiles (seconds with no samples included, with zeros).
+    pub fn series(&self) -> Vec<SecondPoint> {
+        self.seconds
+            .iter()
+            .enumerate()
+            .map(|(t, h)| SecondPoint {
+                t: t as u64,
+                count: h.count(),
+                p50_ms: h.quantile_ms(0.5),
+                p99_ms: h.quantile_ms(0.99),
+                max_ms: h.quantile_ms(1.0),
+            })
+            .collect()
+    }
+}
+
+/// One sample of a process.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct ProcSample {
+    /// Seconds since the monitor started.
+    pub t: f64,
+    /// VmRSS, KiB.
+    pub rss_kib: u64,
+    /// utime + stime, seconds.
+    pub cpu_secs: f64,
+}
+
+/// `VmRSS` in KiB from the text of `/proc/PID/status`.
+pub fn parse_vmrss_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// `(utime, stime)` in clock ticks from the text of `/proc/PID/stat`. The command name (field 2)
+/// may hold spaces and parentheses, so fields are counted after its last `)`.
+pub fn parse_stat_ticks(stat: &str) -> Option<(u64, u64)> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the name: field 3 (state) is index 0, so utime (14) is index 11 and stime (15) index 12.
+    Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// Reads RSS (KiB) and CPU seconds of `pid` now.
+pub fn read_proc(pid: u32) -> Option<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (u, s) = parse_stat_ticks(&stat)?;
+    Some((parse_vmrss_kib(&status)?, (u + s) as f64 / clock_ticks_per_sec()))
+}
+
+/// Samples a process every second in the background; also on demand.
+pub struct ProcMonitor {
+    pid: u32,
+    start: Instant,
+    samples: Arc<Mutex<Vec<ProcSample>>>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ProcMonitor {
+    /// Starts sampling `pid`. Fails if the process cannot be read.
+    pub fn start(pid: u32) -> anyhow::Result<ProcMonitor> {
+        if read_proc(pid).is_none() {
+            anyhow::bail!("cannot read /proc/{pid}/status and /proc/{pid}/stat: is --server-pid right?");
+        }
+        let mut m = ProcMonitor {
+            pid,
+            start: Instant::now(),
+            samples: Arc::default(),
+            stop: CancellationToken::new(),
+            task: None,
+        };
+        m.sample();
+        let (samples, stop, start) = (m.samples.clone(), m.stop.clone(), m.start);
+        m.task = Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Some((rss, cpu)) = read_proc(pid) {
+                            samples.lock().expect("samples lock").push(ProcSample {
+                                t: start.elapsed().as_secs_f64(), rss_kib: rss, cpu_secs: cpu,
+                            });
+                        }
+                    }
+                }
+            }
+        }));
+        Ok(m)
+    }
+
+    /// Takes a sample now (kept in the series too). `None` if the process is gone.
+    pub fn sample(&self) -> Option<ProcSample> {
+        let (rss, cpu) = read_proc(self.pid)?;
+        let s = ProcSample { t: self.start.elapsed().as_secs_f64(), rss_kib: rss, cpu_secs: cpu };
+        self.samples.lock().expect("samples lock").push(s);
+        Some(s)
+    }
+
+    /// Stops sampling and returns every sample, in time order.
+    pub fn finish(mut self) -> Vec<ProcSample> {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        let mut v = self.samples.lock().expect("samples lock").clone();
+        v.sort_by(|a, b| a.t.total_cmp(&b.t));
+        v
+    }
+}
+
+/// This process's own RSS in KiB (for reporting what the bench itself used).
+pub fn own_rss_kib() -> Option<u64> {
+    parse_vmrss_kib(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vmrss() {
+        let status = "Name:\tchatsync\nVmPeak:\t  10000 kB\nVmRSS:\t   52344 kB\nThreads:\t3\n";
+        assert_eq!(parse_vmrss_kib(status), Some(52344));
+        assert_eq!(parse_vmrss_kib("Name: x\n"), None);
+    }
+
+    #[test]
+    fn parses_stat_with_odd_command_name() {
+        let stat = "1234 (my (odd) proc) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0 100 1000 50";
+        assert_eq!(parse_stat_ticks(stat), Some((250, 75)));
+        assert_eq!(parse_stat_ticks("1 (x) S 1"), None);
+    }
+
+    #[test]
+    fn reads_own_process() {
+        let (rss, cpu) = read_proc(std::process::id()).unwrap();
+        assert!(rss > 0);
+        assert!(cpu >= 0.0);
+    }
+
+    #[test]
+    fn timeline_buckets_by_second() {
+        let start = Instant::now();
+        let mut t = Timeline::new(start);
+        t.record(start, Duration::from_millis(1));
+        t.record(start + Duration::from_millis(2500), Duration::from_millis(10));
+        t.record(start + Duration::from_millis(2600), Duration::from_millis(20));
+        let s = t.series();
+        assert_eq!(s.len(), 3);
+        assert_eq!((s[0].count, s[1].count, s[2].count), (1, 0, 2));
+        assert!((s[2].max_ms - 20.0).abs() < 0.1);
+        assert_eq!(t.total().count(), 3);
+        let sum = t.total().summary();
+        assert!((sum.p50_ms - 10.0).abs() < 0.1, "{sum:?}");
+    }
+}

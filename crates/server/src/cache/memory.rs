@@ -1,0 +1,235 @@
+//! The in-process cache (the embedded default): one entry per user, dropped when the user's last
+//! connection on this node closes.
+
+use super::{Cache, LoadToken};
+use crate::store::chats::{ChatRecord, MessageRecord};
+use async_trait::async_trait;
+use dashmap::DashMap;
+use std::collections::{HashMap, VecDeque};
+
+#[derive(Default)]
+struct Entry {
+    /// Bumped by every merged write; a load stores its result only if it is unchanged.
+    generation: u64,
+    chats: Option<HashMap<String, ChatRecord>>,
+    messages: HashMap<String, VecDeque<MessageRecord>>,
+    primed: bool,
+    warming: bool,
+}
+
+/// In-memory [`Cache`].
+pub struct MemoryCache {
+    users: DashMap<String, Entry>,
+    /// Messages kept per chat.
+    keep_messages: usize,
+}
+
+impl MemoryCache {
+    /// A cache keeping up to `keep_messages` recent messages per cached chat.
+    pub fn new(keep_messages: usize) -> MemoryCache {
+        MemoryCache { users: DashMap::new(), keep_messages: keep_messages.max(1) }
+    }
+}
+
+/// Orders chats most recently edited first, ties by id.
+pub fn sort_chats(chats: &mut [ChatRecord]) {
+    chats.sort_by(|a, b| b.last_edited_ms.cmp(&a.last_edited_ms).then_with(|| a.chat_id.cmp(&b.chat_id)));
+}
+
+fn merge(old: &mut ChatRecord, new: &ChatRecord) {
+    if new.title_v >= old.title_v {
+        old.title_v = new.title_v;
+        old.title.clone_from(&new.title);
+    }
+    if new.draft_v >= old.draft_v {
+        old.draft_v = new.draft_v;
+        old.draft.clone_from(&new.draft);
+    }
+    if new.messages_v >= old.messages_v {
+        old.messages_v = new.messages_v;
+        old.unread_count = new.unread_count;
+    }
+    old.last_edited_ms = old.last_edited_ms.max(new.last_edited_ms);
+}
+
+#[async_trait]
+impl Cache for MemoryCache {
+    async fn chats(&self, user_id: &str) -> Option<Vec<ChatRecord>> {
+        let entry = self.users.get(user_id)?;
+        let mut chats: Vec<ChatRecord> = entry.chats.as_ref()?.values().cloned().collect();
+        drop(entry);
+        sort_chats(&mut chats);
+        Some(chats)
+    }
+
+    async fn begin_load(&self, user_id: &str) -> LoadToken {
+        LoadToken(self.users.entry(user_id.to_owned()).or_default().generation)
+    }
+
+    async fn put_chats(&self, user_id: &str, token: LoadToken, chats: Vec<ChatRecord>) -> bool {
+        let Some(mut entry) = self.users.get_mut(user_id) else { return false };
+        if entry.generation != token.0 {
+            return false;
+        }
+        entry.chats = Some(chats.into_iter().map(|c| (c.chat_id.clone(), c)).collect());
+        true
+    }
+
+    async fn chat_written(&self, user_id: &str, chat: &ChatRecord) {
+        let Some(mut entry) = self.users.get_mut(user_id) else { return };
+        entry.generation += 1;
+        if let Some(chats) = entry.chats.as_mut() {
+            chats.entry(chat.chat_id.clone()).and_modify(|old| merge(old, chat)).or_insert_with(|| chat.clone());
+        }
+    }
+
+    async fn chat_deleted(&self, user_id: &str, chat_id: &str) {
+        let Some(mut entry) = self.users.get_mut(user_id) else { return };
+        entry.generation += 1;
+        if let Some(chats) = entry.chats.as_mut() {
+            chats.remove(chat_id);
+        }
+        entry.messages.remove(chat_id);
+    }
+
+    async fn messages(&self, user_id: &str, chat_id: &str) -> Option<Vec<MessageRecord>> {
+        let entry = self.users.get(user_id)?;
+        Some(entry.messages.get(chat_id)?.iter().cloned().collect())
+    }
+
+    async fn put_messages(&self, user_id: &str, token: LoadToken, chat_id: &str, messages: Vec<MessageRecord>) {
+        let Some(mut entry) = self.users.get_mut(user_id) else { return };
+        if entry.generation != token.0 {
+            return;
+        }
+        let skip = messages.len().saturating_sub(self.keep_messages);
+        entry.messages.insert(chat_id.to_owned(), messages.into_iter().skip(skip).collect());
+    }
+
+    async fn message_added(&self, user_id: &str, chat_id: &str, message: &MessageRecord) {
+        let Some(mut entry) = self.users.get_mut(user_id) else { return };
+        entry.generation += 1;
+        let Some(run) = entry.messages.get_mut(chat_id) else { return };
+        match run.back().map(|m| m.seq) {
+            None if message.seq == 1 => run.push_back(message.clone()),
+            Some(last) if message.seq <= last => {}
+            Some(last) if message.seq == last + 1 => {
+                run.push_back(message.clone());
+                if run.len() > self.keep_messages {
+                    run.pop_front();
+                }
+            }
+            // A gap (a message merged out of order) or an empty run: the run no longer ends at the
+            // chat's latest message, so drop it and let reads go to the store.
+            _ => {
+                entry.messages.remove(chat_id);
+            }
+        }
+    }
+
+    async fn is_primed(&self, user_id: &str) -> bool {
+        self.users.get(user_id).is_some_and(|e| e.primed)
+    }
+
+    async fn begin_warm(&self, user_id: &str) -> Option<LoadToken> {
+        let mut entry = self.users.entry(user_id.to_owned()).or_default();
+        if entry.primed || entry.warming {
+            return None;
+        }
+        entry.warming = true;
+        Some(LoadToken(entry.generation))
+    }
+
+    async fn end_warm(&self, user_id: &str, primed: bool) {
+        if let Some(mut entry) = self.users.get_mut(user_id) {
+            entry.warming = false;
+            entry.primed = primed;
+        }
+    }
+
+    async fn evict(&self, user_id: &str) {
+        self.users.remove(user_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::chats::WrappedKey;
+
+    fn chat(id: &str, title_v: u64, draft_v: u64, messages_v: u64, edited: i64) -> ChatRecord {
+        ChatRecord {
+            chat_id: id.into(),
+            title: Some(vec![title_v as u8]),
+            draft: Some(vec![draft_v as u8]),
+            title_v,
+            messages_v,
+            draft_v,
+            last_edited_ms: edited,
+            unread_count: 0,
+            key: WrappedKey { wrapped: vec![], kek_id: "k".into() },
+        }
+    }
+
+    fn msg(seq: u64) -> MessageRecord {
+        MessageRecord { seq, message_id: format!("m{seq}"), content: vec![], client_timestamp: None, created_at_ms: 0 }
+    }
+
+    #[tokio::test]
+    async fn a_late_merge_never_moves_a_version_back() {
+        let c = MemoryCache::new(10);
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 1, 1, 1, 10)]).await);
+        c.chat_written("u", &chat("a", 3, 1, 1, 20)).await;
+        c.chat_written("u", &chat("a", 2, 4, 0, 15)).await;
+        let got = &c.chats("u").await.unwrap()[0];
+        assert_eq!((got.title_v, got.title.as_deref()), (3, Some(&[3u8][..])));
+        assert_eq!(got.draft_v, 4);
+        assert_eq!(got.messages_v, 1);
+        assert_eq!(got.last_edited_ms, 20);
+    }
+
+    #[tokio::test]
+    async fn a_load_overtaken_by_a_write_is_not_stored() {
+        let c = MemoryCache::new(10);
+        let t = c.begin_load("u").await;
+        c.chat_written("u", &chat("a", 1, 0, 0, 1)).await;
+        assert!(!c.put_chats("u", t, vec![]).await);
+        assert!(c.chats("u").await.is_none(), "miss, so reads go to the store");
+    }
+
+    #[tokio::test]
+    async fn chats_are_ordered_most_recent_first() {
+        let c = MemoryCache::new(10);
+        let t = c.begin_load("u").await;
+        c.put_chats("u", t, vec![chat("a", 0, 0, 0, 1), chat("b", 0, 0, 0, 5), chat("c", 0, 0, 0, 5)]).await;
+        let ids: Vec<String> = c.chats("u").await.unwrap().into_iter().map(|c| c.chat_id).collect();
+        assert_eq!(ids, ["b", "c", "a"]);
+        c.chat_deleted("u", "b").await;
+        assert_eq!(c.chats("u").await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn message_runs_stay_contiguous_and_bounded() {
+        let c = MemoryCache::new(2);
+        let t = c.begin_load("u").await;
+        c.put_messages("u", t, "a", vec![msg(1), msg(2), msg(3)]).await;
+        assert_eq!(c.messages("u", "a").await.unwrap().iter().map(|m| m.seq).collect::<Vec<_>>(), [2, 3]);
+        c.message_added("u", "a", &msg(4)).await;
+        assert_eq!(c.messages("u", "a").await.unwrap().iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4]);
+        c.message_added("u", "a", &msg(6)).await;
+        assert!(c.messages("u", "a").await.is_none(), "a gap drops the run");
+    }
+
+    #[tokio::test]
+    async fn warm_up_is_claimed_once() {
+        let c = MemoryCache::new(2);
+        assert!(c.begin_warm("u").await.is_some());
+        assert!(c.begin_warm("u").await.is_none());
+        c.end_warm("u", true).await;
+        assert!(c.is_primed("u").await);
+        assert!(c.begin_warm("u").await.is_none());
+        c.evict("u").await;
+        assert!(!c.is_primed("u").await);
+    }
+}

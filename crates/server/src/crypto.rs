@@ -1,0 +1,411 @@
+//! Envelope encryption at rest.
+//!
+//! A master key ([`MasterKey`], the KEK, 32 bytes) wraps random per-object data keys ([`DataKey`], DEKs,
+//! 32 bytes) with AES-256-GCM. The store keeps only wrapped DEKs, next to the id of the KEK that wrapped
+//! them; unwrapped DEKs live only in process memory and their raw bytes are zeroized on drop. The KEK
+//! comes from `CHATSYNC_MASTER_KEY` or `<data_dir>/master.key` (see [`MasterKey::load_or_create`]).
+//!
+//! Every ciphertext (data or wrapped key) is `[version 1][12-byte random nonce][ciphertext + 16-byte tag]`
+//! and is bound by associated data ([`Aad`]) to the row and field it encrypts, so a ciphertext copied to
+//! another chat, message, draft or key slot fails to decrypt. Keys and plaintext never appear in `Debug`
+//! output or in errors.
+//!
+//! What it is not: it protects data files, backups and database dumps from someone without the master
+//! key. It does not protect against an attacker who can read process memory or the master key, does not
+//! hide metadata (ids, sizes, timestamps), and does not stop a stored row from being rolled back to an
+//! older ciphertext of the same row and field.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Key, Nonce};
+use anyhow::Context;
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use zeroize::Zeroizing;
+
+const VERSION: u8 = 1;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const CHECK_REF: &str = "kek-check";
+const PAD_ANY: GeneralPurposeConfig =
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+const STANDARD_ANY: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, PAD_ANY);
+const URL_SAFE_ANY: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, PAD_ANY);
+
+/// Errors from key parsing and decryption. They never contain key material or plaintext.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The master key text is not base64 of exactly 32 bytes.
+    #[error("malformed master key: expected base64 of 32 bytes")]
+    MalformedKey,
+    /// Wrong key, wrong associated data, unknown version, truncated or tampered ciphertext.
+    #[error("decryption failed")]
+    Decrypt,
+    /// The check value stored with the data was not produced by the configured master key.
+    #[error("the configured master key is not the one that wrapped the stored keys")]
+    WrongMasterKey,
+}
+
+/// The master key (KEK): wraps and unwraps [`DataKey`]s. `Debug` prints only its id.
+pub struct MasterKey {
+    id: String,
+    bytes: Zeroizing<[u8; 32]>,
+    cipher: Aes256Gcm,
+}
+
+impl MasterKey {
+    fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> MasterKey {
+        let digest = Sha256::new().chain_update(b"chatsync-kek-id:v1").chain_update(&bytes[..]).finalize();
+        let id = hex::encode(&digest[..8]);
+        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes[..]));
+        MasterKey { id, bytes, cipher }
+    }
+
+    /// Parses a base64 (standard or URL-safe, padded or not) encoding of exactly 32 bytes. Surrounding
+    /// whitespace is ignored.
+    pub fn from_base64(text: &str) -> Result<MasterKey, CryptoError> {
+        let text = text.trim();
+        let mut buf = Zeroizing::new([0u8; 64]);
+        let len = STANDARD_ANY
+            .decode_slice(text, &mut buf[..])
+            .or_else(|_| URL_SAFE_ANY.decode_slice(text, &mut buf[..]))
+            .map_err(|_| CryptoError::MalformedKey)?;
+        if len != 32 {
+            return Err(CryptoError::MalformedKey);
+        }
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        bytes.copy_from_slice(&buf[..32]);
+        Ok(MasterKey::from_bytes(bytes))
+    }
+
+    /// A new random key.
+    pub fn generate() -> MasterKey {
+        MasterKey::from_bytes(random_key())
+    }
+
+    /// Base64 (standard, padded) encoding of the key, for writing a key file or printing a new key.
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        Zeroizing::new(STANDARD.encode(&self.bytes[..]))
+    }
+
+    /// The key id: first 16 hex chars of SHA-256("chatsync-kek-id:v1" || key bytes). Stable, reveals
+    /// nothing useful about the key.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Loads the master key. `env_value` (the `CHATSYNC_MASTER_KEY` variable, base64) wins when `Some`;
+    /// otherwise reads `<data_dir>/master.key` (base64, trailing whitespace allowed). When that file does
+    /// not exist, creates `data_dir` and the file (mode 0600, `create_new`) with a new random key and
+    /// returns `created = true`. A key file readable by group or others is rejected.
+    pub fn load_or_create(data_dir: &Path, env_value: Option<&str>) -> anyhow::Result<(MasterKey, bool)> {
+        if let Some(value) = env_value {
+            let key = MasterKey::from_base64(value).context("invalid CHATSYNC_MASTER_KEY")?;
+            return Ok((key, false));
+        }
+        let path = data_dir.join("master.key");
+        let shown = path.display();
+        match std::fs::File::open(&path) {
+            Ok(mut file) => {
+                let mode = file.metadata().with_context(|| format!("cannot stat {shown}"))?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    anyhow::bail!(
+                        "master key file {shown} is accessible by group/others (mode {:o}); run `chmod 600 {shown}`",
+                        mode & 0o777
+                    );
+                }
+                let mut text = Zeroizing::new(String::new());
+                file.read_to_string(&mut text).with_context(|| format!("cannot read master key file {shown}"))?;
+                let key = MasterKey::from_base64(&text)
+                    .with_context(|| format!("master key file {shown} does not contain a valid key"))?;
+                Ok((key, false))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                std::fs::create_dir_all(data_dir)
+                    .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .with_context(|| format!("cannot create master key file {shown}"))?;
+                let key = MasterKey::generate();
+                let mut line = key.to_base64();
+                line.push('\n');
+                if let Err(e) = file.write_all(line.as_bytes()).and_then(|()| file.sync_all()) {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e).with_context(|| format!("cannot write master key file {shown}"));
+                }
+                Ok((key, true))
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot open master key file {shown}")),
+        }
+    }
+
+    /// Wraps a data key for the slot named `key_ref` (e.g. `"chat:abc"`); the AD binds it to `key_ref`.
+    pub fn wrap(&self, dek: &DataKey, key_ref: &str) -> Vec<u8> {
+        seal(&self.cipher, &dek.bytes[..], &Aad::dek(key_ref))
+    }
+
+    /// Unwraps; [`CryptoError::Decrypt`] if the key is wrong, the blob was altered, or `key_ref` differs.
+    pub fn unwrap(&self, wrapped: &[u8], key_ref: &str) -> Result<DataKey, CryptoError> {
+        let plain = open(&self.cipher, wrapped, &Aad::dek(key_ref))?;
+        let bytes: [u8; 32] = plain[..].try_into().map_err(|_| CryptoError::Decrypt)?;
+        Ok(DataKey::from_bytes(Zeroizing::new(bytes)))
+    }
+
+    /// A check value proving which master key is configured: the wrap of an all-zero data key under
+    /// key_ref `"kek-check"`.
+    pub fn check_value(&self) -> Vec<u8> {
+        self.wrap(&DataKey::from_bytes(Zeroizing::new([0; 32])), CHECK_REF)
+    }
+
+    /// `Ok(())` when `check` is a [`MasterKey::check_value`] of this key, [`CryptoError::WrongMasterKey`]
+    /// otherwise.
+    pub fn verify_check(&self, check: &[u8]) -> Result<(), CryptoError> {
+        match self.unwrap(check, CHECK_REF) {
+            Ok(dek) if *dek.bytes == [0; 32] => Ok(()),
+            _ => Err(CryptoError::WrongMasterKey),
+        }
+    }
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterKey").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// A data key (DEK): encrypts field values. Raw bytes are zeroized on drop; `Debug` prints `DataKey(..)`.
+pub struct DataKey {
+    bytes: Zeroizing<[u8; 32]>,
+    cipher: Aes256Gcm,
+}
+
+impl DataKey {
+    fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> DataKey {
+        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes[..]));
+        DataKey { bytes, cipher }
+    }
+
+    /// A new random data key.
+    pub fn generate() -> DataKey {
+        DataKey::from_bytes(random_key())
+    }
+
+    /// Encrypts with a fresh random 96-bit nonce. Output: `[version 1][12-byte nonce][ciphertext + tag]`.
+    pub fn encrypt(&self, plaintext: &[u8], ad: &Aad) -> Vec<u8> {
+        seal(&self.cipher, plaintext, ad)
+    }
+
+    /// Decrypts; [`CryptoError::Decrypt`] on a wrong key, wrong AD, unknown version, truncation or tampering.
+    pub fn decrypt(&self, ciphertext: &[u8], ad: &Aad) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        open(&self.cipher, ciphertext, ad)
+    }
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(..)")
+    }
+}
+
+/// Associated data: what a ciphertext is bound to. Encoded unambiguously as length-prefixed parts after
+/// the domain prefix `"chatsync:v1"` and a field name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Aad(Vec<u8>);
+
+impl Aad {
+    fn new(parts: &[&str]) -> Aad {
+        let mut out = Vec::new();
+        for part in std::iter::once(&"chatsync:v1").chain(parts) {
+            out.extend_from_slice(&u32::try_from(part.len()).expect("AD part too long").to_be_bytes());
+            out.extend_from_slice(part.as_bytes());
+        }
+        Aad(out)
+    }
+
+    /// The title of chat `chat_id`.
+    pub fn title(chat_id: &str) -> Aad {
+        Aad::new(&["title", chat_id])
+    }
+
+    /// The body of message `message_id` in chat `chat_id`.
+    pub fn message(chat_id: &str, message_id: &str) -> Aad {
+        Aad::new(&["message", chat_id, message_id])
+    }
+
+    /// The draft of user `user_id` in chat `chat_id`.
+    pub fn draft(chat_id: &str, user_id: &str) -> Aad {
+        Aad::new(&["draft", chat_id, user_id])
+    }
+
+    fn dek(key_ref: &str) -> Aad {
+        Aad::new(&["dek", key_ref])
+    }
+}
+
+fn random_key() -> Zeroizing<[u8; 32]> {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    OsRng.fill_bytes(&mut bytes[..]);
+    bytes
+}
+
+fn seal(cipher: &Aes256Gcm, plaintext: &[u8], ad: &Aad) -> Vec<u8> {
+    let mut nonce = [0u8; NONCE_LEN];
+    OsRng.fill_bytes(&mut nonce);
+    let sealed = cipher
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &ad.0 })
+        .expect("AES-GCM encryption cannot fail below 64 GiB");
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+    out.push(VERSION);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
+    out
+}
+
+fn open(cipher: &Aes256Gcm, data: &[u8], ad: &Aad) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    if data.len() < 1 + NONCE_LEN + TAG_LEN || data[0] != VERSION {
+        return Err(CryptoError::Decrypt);
+    }
+    let (nonce, sealed) = data[1..].split_at(NONCE_LEN);
+    cipher
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: &ad.0 })
+        .map(Zeroizing::new)
+        .map_err(|_| CryptoError::Decrypt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_random_nonce() {
+        let dek = DataKey::generate();
+        let ad = Aad::message("c1", "m1");
+        let a = dek.encrypt(b"hello", &ad);
+        let b = dek.encrypt(b"hello", &ad);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 1 + NONCE_LEN + 5 + TAG_LEN);
+        assert_eq!(&dek.decrypt(&a, &ad).unwrap()[..], b"hello");
+        assert_eq!(&dek.decrypt(&b, &ad).unwrap()[..], b"hello");
+        assert_eq!(&dek.decrypt(&dek.encrypt(b"", &ad), &ad).unwrap()[..], b"");
+    }
+
+    #[test]
+    fn wrong_ad_fails() {
+        let dek = DataKey::generate();
+        let cases = [
+            (Aad::title("a"), Aad::title("b")),
+            (Aad::message("a", "m1"), Aad::message("a", "m2")),
+            (Aad::message("a", "m1"), Aad::message("b", "m1")),
+            (Aad::draft("a", "alice"), Aad::draft("a", "bob")),
+            (Aad::title("a"), Aad::message("a", "")),
+            (Aad::message("a", "b"), Aad::draft("a", "b")),
+            (Aad::message("ab", "c"), Aad::message("a", "bc")),
+        ];
+        for (good, bad) in cases {
+            assert_ne!(good, bad);
+            let ct = dek.encrypt(b"secret", &good);
+            assert!(matches!(dek.decrypt(&ct, &bad), Err(CryptoError::Decrypt)), "{good:?} vs {bad:?}");
+        }
+    }
+
+    #[test]
+    fn tampered_truncated_or_wrong_key_fails() {
+        let dek = DataKey::generate();
+        let ad = Aad::title("c");
+        let ct = dek.encrypt(b"some plaintext", &ad);
+        for i in 0..ct.len() {
+            let mut bad = ct.clone();
+            bad[i] ^= 0x01;
+            assert!(dek.decrypt(&bad, &ad).is_err(), "byte {i}");
+        }
+        for len in 0..ct.len() {
+            assert!(dek.decrypt(&ct[..len], &ad).is_err(), "len {len}");
+        }
+        assert!(matches!(DataKey::generate().decrypt(&ct, &ad), Err(CryptoError::Decrypt)));
+    }
+
+    #[test]
+    fn wrap_unwrap_and_check_value() {
+        let kek = MasterKey::generate();
+        let other = MasterKey::generate();
+        let dek = DataKey::generate();
+        let wrapped = kek.wrap(&dek, "chat:abc");
+        let back = kek.unwrap(&wrapped, "chat:abc").unwrap();
+        let ct = dek.encrypt(b"x", &Aad::title("abc"));
+        assert_eq!(&back.decrypt(&ct, &Aad::title("abc")).unwrap()[..], b"x");
+        assert!(matches!(kek.unwrap(&wrapped, "chat:abd"), Err(CryptoError::Decrypt)));
+        assert!(matches!(other.unwrap(&wrapped, "chat:abc"), Err(CryptoError::Decrypt)));
+
+        let check = kek.check_value();
+        kek.verify_check(&check).unwrap();
+        assert!(matches!(other.verify_check(&check), Err(CryptoError::WrongMasterKey)));
+        assert!(matches!(kek.verify_check(&kek.wrap(&dek, CHECK_REF)), Err(CryptoError::WrongMasterKey)));
+    }
+
+    #[test]
+    fn from_base64_variants() {
+        let bytes: Vec<u8> = (0..32).map(|i| 0xf0 | i).collect();
+        let id = MasterKey::from_base64(&STANDARD.encode(&bytes)).unwrap().id().to_owned();
+        assert_eq!(id.len(), 16);
+        for engine in [base64::prelude::BASE64_STANDARD_NO_PAD, base64::prelude::BASE64_URL_SAFE] {
+            assert_eq!(MasterKey::from_base64(&engine.encode(&bytes)).unwrap().id(), id);
+        }
+        let key = MasterKey::from_base64(&base64::prelude::BASE64_URL_SAFE_NO_PAD.encode(&bytes)).unwrap();
+        assert_eq!(MasterKey::from_base64(&key.to_base64()).unwrap().id(), key.id());
+        for bad in [STANDARD.encode([7u8; 31]), STANDARD.encode([7u8; 33]), "not base64!".into(), String::new()] {
+            assert!(matches!(MasterKey::from_base64(&bad), Err(CryptoError::MalformedKey)), "{bad}");
+        }
+    }
+
+    #[test]
+    fn load_or_create_file_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("nested/data");
+        let (key, created) = MasterKey::load_or_create(&data, None).unwrap();
+        assert!(created);
+        let path = data.join("master.key");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let (again, created) = MasterKey::load_or_create(&data, None).unwrap();
+        assert!(!created);
+        assert_eq!(again.id(), key.id());
+
+        let env = MasterKey::generate();
+        let (from_env, created) = MasterKey::load_or_create(&data, Some(&env.to_base64())).unwrap();
+        assert!(!created);
+        assert_eq!(from_env.id(), env.id());
+        let err = MasterKey::load_or_create(&data, Some("nope")).unwrap_err();
+        assert!(format!("{err:#}").contains("CHATSYNC_MASTER_KEY"));
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = format!("{:#}", MasterKey::load_or_create(&data, None).unwrap_err());
+        assert!(err.contains("chmod 600") && err.contains("master.key"), "{err}");
+        assert!(!err.contains(key.to_base64().as_str()));
+
+        std::fs::write(&path, "garbage\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = format!("{:#}", MasterKey::load_or_create(&data, None).unwrap_err());
+        assert!(err.contains("master.key") && err.contains("malformed master key"), "{err}");
+    }
+
+    #[test]
+    fn debug_hides_keys() {
+        let kek = MasterKey::generate();
+        let shown = format!("{kek:?}");
+        assert!(shown.contains(kek.id()) && !shown.contains(kek.to_base64().as_str()), "{shown}");
+        let dek = DataKey::generate();
+        let b64 = STANDARD.encode(&dek.bytes[..]);
+        let shown = format!("{dek:?}");
+        assert_eq!(shown, "DataKey(..)");
+        assert!(!shown.contains(&b64) && !format!("{:?}", kek.unwrap(&kek.wrap(&dek, "k"), "k")).contains(&b64));
+    }
+}

@@ -1,0 +1,186 @@
+//! What several handlers share: limits, the create-or-write path with key resolution, encryption of
+//! titles, drafts and messages, and turning store records into wire messages.
+
+use super::Ctx;
+use crate::crypto::{Aad, DataKey};
+use crate::error::Error;
+use crate::keys::{ChatAccess, ChatKey};
+use crate::store::chats::{ChatRecord, MessageRecord, Target, WriteOp, WriteResult};
+use chatsync_protocol::{ChatId, ClientTimestamp, MessageContent, MessageId, MessageOut, Versions};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+/// `sender_name` of every message from a user's own devices.
+pub const USER_SENDER: &str = "user";
+
+/// Unix seconds of a store timestamp (milliseconds).
+pub fn secs(ms: i64) -> i64 {
+    ms.div_euclid(1000)
+}
+
+/// RFC 3339 (UTC, milliseconds) of a store timestamp.
+pub fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The wire versions of a chat record.
+pub fn versions(c: &ChatRecord) -> Versions {
+    Versions { messages_v: c.messages_v, title_v: c.title_v, draft_v: c.draft_v }
+}
+
+/// Checks a title against `max_title_chars`.
+pub fn check_title(ctx: &Ctx, title: &str, field: &str) -> Result<(), Error> {
+    let max = ctx.limits.max_title_chars as usize;
+    if title.chars().count() > max {
+        return Err(Error::limit_exceeded(field, format!("The title is longer than max_title_chars ({max}).")));
+    }
+    Ok(())
+}
+
+/// Checks a draft against `max_draft_chars` and `max_draft_words`: the text of every node with a string
+/// `text` member, at any depth, joined with single spaces and trimmed.
+pub fn check_draft(ctx: &Ctx, draft: &Map<String, Value>, field: &str) -> Result<(), Error> {
+    fn collect<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(t)) = m.get("text") {
+                    out.push(t);
+                }
+                for child in m.values() {
+                    collect(child, out);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|x| collect(x, out)),
+            _ => {}
+        }
+    }
+    let mut parts = Vec::new();
+    for v in draft.values() {
+        collect(v, &mut parts);
+    }
+    if let Some(Value::String(t)) = draft.get("text") {
+        parts.insert(0, t);
+    }
+    let joined = parts.join(" ");
+    let text = joined.trim();
+    let (max_chars, max_words) = (ctx.limits.max_draft_chars as usize, ctx.limits.max_draft_words as usize);
+    if text.chars().count() > max_chars {
+        return Err(Error::limit_exceeded(
+            field,
+            format!("The draft text is longer than max_draft_chars ({max_chars})."),
+        ));
+    }
+    if text.split_whitespace().count() > max_words {
+        return Err(Error::limit_exceeded(
+            field,
+            format!("The draft has more than max_draft_words ({max_words}) words."),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a write against a chat of `owner`, creating the chat when the id is new: resolves the chat's
+/// key, builds the op (`build` gets the target and the key to encrypt with), and starts over if another
+/// connection created the chat in the meantime. Absent-and-deleted or foreign chats are `not_found`.
+pub async fn write_chat(
+    ctx: &Ctx,
+    owner: &str,
+    chat_id: &str,
+    build: impl Fn(Target, &DataKey) -> WriteOp,
+) -> Result<WriteResult, Error> {
+    for _ in 0..3 {
+        let result = match ctx.keys.chat(ctx.chats.as_ref(), owner, chat_id).await? {
+            ChatAccess::Denied => return Err(Error::chat_not_found(chat_id)),
+            ChatAccess::Owned(k) => ctx.chats.write(build(Target::Existing, &k.key)).await?,
+            ChatAccess::New => {
+                let (key, wrapped) = ctx.keys.new_chat_key(chat_id);
+                let result = ctx.chats.write(build(Target::Create(wrapped), &key)).await?;
+                if !matches!(result, WriteResult::Raced | WriteResult::NotFound) {
+                    ctx.keys.created(chat_id, owner, key);
+                }
+                result
+            }
+        };
+        match result {
+            WriteResult::Raced => continue,
+            WriteResult::NotFound => {
+                ctx.keys.forget_chat(chat_id);
+                return Err(Error::chat_not_found(chat_id));
+            }
+            other => return Ok(other),
+        }
+    }
+    Err(Error::internal("chat creation raced three times"))
+}
+
+/// The key of one of the user's chats, from its record.
+pub fn chat_key(ctx: &Ctx, owner: &str, chat: &ChatRecord) -> Result<Arc<ChatKey>, Error> {
+    ctx.keys.chat_key(&chat.chat_id, owner, &chat.key)
+}
+
+/// Encrypts a draft (or `None` for no draft) under the user's key.
+pub fn seal_draft(key: &DataKey, chat_id: &str, user_id: &str, draft: Option<&Map<String, Value>>) -> Option<Vec<u8>> {
+    draft.map(|d| {
+        let plain = zeroize::Zeroizing::new(serde_json::to_vec(d).expect("a JSON map serializes"));
+        key.encrypt(&plain, &Aad::draft(chat_id, user_id))
+    })
+}
+
+/// Decrypts a stored draft.
+pub fn open_draft(
+    key: &DataKey,
+    chat_id: &str,
+    user_id: &str,
+    sealed: Option<&[u8]>,
+) -> Result<Option<Map<String, Value>>, Error> {
+    let Some(sealed) = sealed else { return Ok(None) };
+    let plain = key
+        .decrypt(sealed, &Aad::draft(chat_id, user_id))
+        .map_err(|e| Error::internal(format!("draft of {chat_id}: {e}")))?;
+    serde_json::from_slice(&plain).map(Some).map_err(|e| Error::internal(format!("draft of {chat_id}: {e}")))
+}
+
+/// Encrypts a title.
+pub fn seal_title(key: &DataKey, chat_id: &str, title: &str) -> Vec<u8> {
+    key.encrypt(title.as_bytes(), &Aad::title(chat_id))
+}
+
+/// Decrypts a stored title (`""` if never set).
+pub fn open_title(key: &DataKey, chat_id: &str, sealed: Option<&[u8]>) -> Result<String, Error> {
+    let Some(sealed) = sealed else { return Ok(String::new()) };
+    let plain =
+        key.decrypt(sealed, &Aad::title(chat_id)).map_err(|e| Error::internal(format!("title of {chat_id}: {e}")))?;
+    String::from_utf8(plain.to_vec()).map_err(|e| Error::internal(format!("title of {chat_id}: {e}")))
+}
+
+/// Encrypts message content (its JSON text).
+pub fn seal_content(key: &DataKey, chat_id: &str, message_id: &str, content: &MessageContent) -> Vec<u8> {
+    let plain = zeroize::Zeroizing::new(serde_json::to_vec(content).expect("message content serializes"));
+    key.encrypt(&plain, &Aad::message(chat_id, message_id))
+}
+
+/// Decrypts a stored message into its wire form.
+pub fn message_out(key: &DataKey, chat_id: &str, m: &MessageRecord) -> Result<MessageOut, Error> {
+    let fail = |e: &dyn std::fmt::Display| Error::internal(format!("message {} of {chat_id}: {e}", m.message_id));
+    let plain = key.decrypt(&m.content, &Aad::message(chat_id, &m.message_id)).map_err(|e| fail(&e))?;
+    let content: MessageContent = serde_json::from_slice(&plain).map_err(|e| fail(&e))?;
+    Ok(MessageOut {
+        message_id: MessageId::new(m.message_id.clone()).map_err(|e| fail(&e))?,
+        seq: m.seq,
+        sender_name: USER_SENDER.to_owned(),
+        content,
+        created_at: rfc3339(m.created_at_ms),
+        client_timestamp: client_timestamp(m.client_timestamp.as_deref()),
+    })
+}
+
+/// The stored client timestamp (JSON text) in wire form.
+pub fn client_timestamp(stored: Option<&str>) -> Option<ClientTimestamp> {
+    stored.and_then(|s| serde_json::from_str(s).ok())
+}
+
+/// A chat id from the store (always valid: it was validated on the way in).
+pub fn chat_id(id: &str) -> Result<ChatId, Error> {
+    ChatId::new(id).map_err(|e| Error::internal(format!("stored chat id {id:?}: {e}")))
+}

@@ -1,0 +1,53 @@
+//! `delete_draft`: clears the draft of one of the user's chats. With a draft: SELF `draft_delete_receipt`
+//! (`success: true`, new `draft_v`) and OTHERS `draft_deleted`; without one: SELF `draft_delete_receipt`
+//! (`success: false`, "Draft not found."). Absent, deleted and foreign chats are `not_found`.
+
+use super::{Broadcast, Ctx, Outcome};
+use crate::error::Error;
+use crate::hub::ConnHandle;
+use crate::store::chats::{WriteOp, WriteResult};
+use chatsync_protocol::{DeleteDraft, DraftDeleteReceipt, DraftDeleted, ServerMessage};
+
+/// Handles `delete_draft`.
+pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: DeleteDraft) -> Result<Outcome, Error> {
+    match apply(ctx, &conn.user_id, p.chat_id.as_str(), None).await? {
+        WriteResult::Applied(chat) => {
+            let receipt = DraftDeleteReceipt {
+                chat_id: p.chat_id.clone(),
+                success: true,
+                draft_v: Some(chat.draft_v),
+                message: None,
+            };
+            let event = DraftDeleted { chat_id: p.chat_id, draft_v: chat.draft_v };
+            Ok(Outcome::reply(ServerMessage::DraftDeleteReceipt(receipt))
+                .broadcast(Broadcast::Others(ServerMessage::DraftDeleted(event))))
+        }
+        WriteResult::NoDraft(_) => Ok(Outcome::reply(ServerMessage::DraftDeleteReceipt(DraftDeleteReceipt {
+            chat_id: p.chat_id,
+            success: false,
+            draft_v: None,
+            message: Some("Draft not found.".into()),
+        }))),
+        other => Err(Error::internal(format!("unexpected delete_draft result {other:?}"))),
+    }
+}
+
+/// Clears a draft (shared with `sync_offline_changes`) and merges the result into the cache.
+/// `NotFound` becomes the `not_found` error.
+pub async fn apply(
+    ctx: &Ctx,
+    user_id: &str,
+    chat_id: &str,
+    if_version_at_most: Option<i64>,
+) -> Result<WriteResult, Error> {
+    let op = WriteOp::DeleteDraft { owner: user_id.to_owned(), chat_id: chat_id.to_owned(), if_version_at_most };
+    let result = ctx.chats.write(op).await?;
+    match &result {
+        WriteResult::NotFound => return Err(Error::chat_not_found(chat_id)),
+        WriteResult::Applied(chat) | WriteResult::Conflict(chat) | WriteResult::NoDraft(chat) => {
+            ctx.cache.chat_written(user_id, chat).await
+        }
+        _ => {}
+    }
+    Ok(result)
+}

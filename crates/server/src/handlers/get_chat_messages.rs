@@ -1,0 +1,36 @@
+//! `get_chat_messages`: one page of a chat's messages after `after_seq`, oldest first.
+//! SELF `chat_messages_response` `{"chat_id","messages","messages_v","has_more"}`.
+
+use super::common::{chat_key, message_out};
+use super::{Ctx, Outcome};
+use crate::error::Error;
+use crate::hub::ConnHandle;
+use chatsync_protocol::{ChatMessagesResponse, GetChatMessages, Limits, ServerMessage};
+
+/// Handles `get_chat_messages`.
+pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: GetChatMessages) -> Result<Outcome, Error> {
+    let limit = p.limit.unwrap_or(Limits::DEFAULT_PAGE_MESSAGES.min(ctx.limits.max_page_messages));
+    if limit == 0 {
+        return Err(Error::invalid_payload("limit", "Invalid payload: field `limit` must be at least 1."));
+    }
+    if limit > ctx.limits.max_page_messages {
+        return Err(Error::limit_exceeded(
+            "limit",
+            format!("`limit` is larger than max_page_messages ({}).", ctx.limits.max_page_messages),
+        ));
+    }
+    let chat_id = p.chat_id.as_str();
+    let Some((chat, records, has_more)) = ctx.chats.messages_after(&conn.user_id, chat_id, p.after_seq, limit).await?
+    else {
+        return Err(Error::chat_not_found(chat_id));
+    };
+    let key = chat_key(ctx, &conn.user_id, &chat)?;
+    let messages = records.iter().map(|m| message_out(&key.key, chat_id, m)).collect::<Result<Vec<_>, _>>()?;
+    let messages_v = chat.messages_v.max(messages.last().map_or(0, |m| m.seq));
+    Ok(Outcome::reply(ServerMessage::ChatMessagesResponse(ChatMessagesResponse {
+        chat_id: p.chat_id,
+        messages,
+        messages_v,
+        has_more,
+    })))
+}

@@ -1,0 +1,189 @@
+//! The keyring: resolves chats and users to their unwrapped data keys, creating keys for new chats and
+//! users, and keeps unwrapped keys in process memory only (zeroized on drop; never in the cache or logs).
+//!
+//! A chat id's owner never changes (ids are never reused), so a resolved (chat → owner, key) pair can
+//! be kept for the life of the process; deleting a chat forgets it here, and the store drops the row
+//! that held its wrapped key (crypto-shredding).
+
+use crate::crypto::{DataKey, MasterKey};
+use crate::error::Error;
+use crate::store::chats::{ChatLookup, ChatStore, WrappedKey, WriteOp, WriteResult};
+use dashmap::DashMap;
+use std::sync::Arc;
+
+/// Unwrapped keys kept at most; past it the memo is cleared (keys are re-unwrapped on demand).
+const MAX_KEYS: usize = 200_000;
+
+/// A chat's owner and unwrapped key.
+pub struct ChatKey {
+    /// The owner.
+    pub owner: String,
+    /// The data key.
+    pub key: DataKey,
+}
+
+/// What a user may do with a chat id.
+pub enum ChatAccess {
+    /// The user's chat, with its key.
+    Owned(Arc<ChatKey>),
+    /// No chat has this id yet: a write creates it.
+    New,
+    /// Another user's, or deleted: `not_found`.
+    Denied,
+}
+
+/// Master key plus memoized unwrapped data keys.
+pub struct Keyring {
+    master: MasterKey,
+    chats: DashMap<String, Arc<ChatKey>>,
+    users: DashMap<String, Arc<DataKey>>,
+}
+
+fn chat_ref(chat_id: &str) -> String {
+    format!("chat:{chat_id}")
+}
+
+fn user_ref(user_id: &str) -> String {
+    format!("user:{user_id}")
+}
+
+impl Keyring {
+    /// A keyring over `master`.
+    pub fn new(master: MasterKey) -> Keyring {
+        Keyring { master, chats: DashMap::new(), users: DashMap::new() }
+    }
+
+    /// The master key.
+    pub fn master(&self) -> &MasterKey {
+        &self.master
+    }
+
+    /// Resolves `chat_id` for `user_id`.
+    pub async fn chat(&self, store: &dyn ChatStore, user_id: &str, chat_id: &str) -> Result<ChatAccess, Error> {
+        if let Some(k) = self.chats.get(chat_id) {
+            return Ok(if k.owner == user_id { ChatAccess::Owned(k.clone()) } else { ChatAccess::Denied });
+        }
+        match store.chat_lookup(chat_id).await? {
+            ChatLookup::Absent => Ok(ChatAccess::New),
+            ChatLookup::Deleted => Ok(ChatAccess::Denied),
+            ChatLookup::Exists { owner, key } => {
+                let k = self.remember(chat_id, owner, &key)?;
+                Ok(if k.owner == user_id { ChatAccess::Owned(k) } else { ChatAccess::Denied })
+            }
+        }
+    }
+
+    /// The key of a chat whose record (and wrapped key) the caller already has.
+    pub fn chat_key(&self, chat_id: &str, owner: &str, wrapped: &WrappedKey) -> Result<Arc<ChatKey>, Error> {
+        if let Some(k) = self.chats.get(chat_id) {
+            return Ok(k.clone());
+        }
+        self.remember(chat_id, owner.to_owned(), wrapped)
+    }
+
+    /// A fresh key for a new chat, and its wrapped form to store.
+    pub fn new_chat_key(&self, chat_id: &str) -> (DataKey, WrappedKey) {
+        let key = DataKey::generate();
+        let wrapped =
+            WrappedKey { wrapped: self.master.wrap(&key, &chat_ref(chat_id)), kek_id: self.master.id().to_owned() };
+        (key, wrapped)
+    }
+
+    /// Records the key of a chat the caller just created.
+    pub fn created(&self, chat_id: &str, owner: &str, key: DataKey) -> Arc<ChatKey> {
+        self.trim();
+        let k = Arc::new(ChatKey { owner: owner.to_owned(), key });
+        self.chats.insert(chat_id.to_owned(), k.clone());
+        k
+    }
+
+    /// Forgets a deleted chat's key.
+    pub fn forget_chat(&self, chat_id: &str) {
+        self.chats.remove(chat_id);
+    }
+
+    /// The user's data key (for drafts), created on first use.
+    pub async fn user_key(&self, store: &dyn ChatStore, user_id: &str) -> Result<Arc<DataKey>, Error> {
+        if let Some(k) = self.users.get(user_id) {
+            return Ok(k.clone());
+        }
+        let wrapped = match store.user_key(user_id).await? {
+            Some(w) => w,
+            None => {
+                let candidate = WrappedKey {
+                    wrapped: self.master.wrap(&DataKey::generate(), &user_ref(user_id)),
+                    kek_id: self.master.id().to_owned(),
+                };
+                match store.write(WriteOp::UserKey { user_id: user_id.to_owned(), candidate }).await? {
+                    WriteResult::UserKey(w) => w,
+                    other => return Err(Error::internal(format!("unexpected user key result {other:?}"))),
+                }
+            }
+        };
+        let key = Arc::new(self.unwrap(&wrapped, &user_ref(user_id))?);
+        self.trim();
+        self.users.insert(user_id.to_owned(), key.clone());
+        Ok(key)
+    }
+
+    fn remember(&self, chat_id: &str, owner: String, wrapped: &WrappedKey) -> Result<Arc<ChatKey>, Error> {
+        let key = self.unwrap(wrapped, &chat_ref(chat_id))?;
+        self.trim();
+        let k = Arc::new(ChatKey { owner, key });
+        self.chats.insert(chat_id.to_owned(), k.clone());
+        Ok(k)
+    }
+
+    fn unwrap(&self, wrapped: &WrappedKey, key_ref: &str) -> Result<DataKey, Error> {
+        self.master
+            .unwrap(&wrapped.wrapped, key_ref)
+            .map_err(|e| Error::internal(format!("cannot unwrap {key_ref} (kek {}): {e}", wrapped.kek_id)))
+    }
+
+    fn trim(&self) {
+        if self.chats.len() + self.users.len() > MAX_KEYS {
+            self.chats.clear();
+            self.users.clear();
+        }
+    }
+}
+
+/// Loads the master key (`CHATSYNC_MASTER_KEY`, else `<data_dir>/master.key`, created on first start)
+/// and checks it against the store: a key that cannot unwrap the stored keys is refused with a clear
+/// message. A rotation interrupted after the store was re-wrapped left `master.key.next`: it is
+/// recognized and moved into place.
+pub async fn load_master_key(
+    data_dir: &std::path::Path,
+    env_value: Option<&str>,
+    store: &dyn ChatStore,
+) -> anyhow::Result<MasterKey> {
+    let (master, _created) = MasterKey::load_or_create(data_dir, env_value)?;
+    let Some(check) = store.key_check().await? else {
+        store.init_key_check(&master.check_value()).await?;
+        return Ok(master);
+    };
+    if master.verify_check(&check).is_ok() {
+        return Ok(master);
+    }
+    let next = data_dir.join("master.key.next");
+    if env_value.is_none() && next.exists() {
+        let text = std::fs::read_to_string(&next)?;
+        if let Ok(candidate) = MasterKey::from_base64(&text) {
+            if candidate.verify_check(&check).is_ok() {
+                std::fs::rename(&next, data_dir.join("master.key"))?;
+                tracing::warn!("completed an interrupted key rotation: master.key.next is now master.key");
+                return Ok(candidate);
+            }
+        }
+    }
+    let source = if env_value.is_some() {
+        "CHATSYNC_MASTER_KEY".to_owned()
+    } else {
+        data_dir.join("master.key").display().to_string()
+    };
+    anyhow::bail!(
+        "the master key from {source} (id {}) cannot unwrap the stored data keys; \
+         configure the master key this database was created or last rotated with",
+        master.id()
+    )
+}

@@ -1,0 +1,240 @@
+//! The chat half of the store: the `ChatStore` trait, its records and its write operations.
+//!
+//! Everything here is ciphertext: titles, drafts and message contents arrive encrypted (see
+//! `crypto.rs`) and leave encrypted. Every write is one [`WriteOp`] executed by [`ChatStore::write`]
+//! inside a transaction that also increments the versions (no read-modify-write above the store), and
+//! the call returns only once that transaction is durable. Backends may batch concurrent writes into
+//! one transaction (group commit); each op still sees the effects of the ops before it.
+
+use super::{Millis, StoreError};
+use async_trait::async_trait;
+
+/// A data key wrapped by a master key, with the id of that master key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// The wrapped key bytes.
+    pub wrapped: Vec<u8>,
+    /// The master key id.
+    pub kek_id: String,
+}
+
+/// What the store knows about a chat id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatLookup {
+    /// The chat exists.
+    Exists {
+        /// Its owner.
+        owner: String,
+        /// Its wrapped data key.
+        key: WrappedKey,
+    },
+    /// The chat was deleted; the id is never reused.
+    Deleted,
+    /// No chat has this id.
+    Absent,
+}
+
+/// A chat's state (ciphertext fields as stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatRecord {
+    /// The chat id.
+    pub chat_id: String,
+    /// Encrypted title; `None` if never set.
+    pub title: Option<Vec<u8>>,
+    /// Encrypted draft; `None` if there is none.
+    pub draft: Option<Vec<u8>>,
+    /// Title version.
+    pub title_v: u64,
+    /// Message count.
+    pub messages_v: u64,
+    /// Draft version.
+    pub draft_v: u64,
+    /// Last message or draft change (server clock, never decreasing).
+    pub last_edited_ms: Millis,
+    /// Unread messages.
+    pub unread_count: u64,
+    /// The chat's wrapped data key.
+    pub key: WrappedKey,
+}
+
+/// A stored message (content encrypted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRecord {
+    /// 1-based position in the chat.
+    pub seq: u64,
+    /// Client-chosen id, unique per chat.
+    pub message_id: String,
+    /// Encrypted content (JSON text of the content).
+    pub content: Vec<u8>,
+    /// The client's timestamp as sent (JSON text), if any.
+    pub client_timestamp: Option<String>,
+    /// Server time of acceptance.
+    pub created_at_ms: Millis,
+}
+
+/// How a write reaches its chat.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The chat is believed to exist and be the writer's (else the write is [`WriteResult::NotFound`]).
+    Existing,
+    /// The chat is believed to be new: create it with this data key (the payload is encrypted under it).
+    /// If it exists by the time the write runs, the result is [`WriteResult::Raced`] (when the writer owns
+    /// it: encrypt again under the existing key and retry) or [`WriteResult::NotFound`].
+    Create(WrappedKey),
+}
+
+/// One write. `if_version_at_most` (offline sync) applies the change only if the component's current
+/// version is at most that value, checked in the same transaction; otherwise [`WriteResult::Conflict`].
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Set the title (`title_v` + 1). Does not touch `last_edited_ms` (except when creating the chat).
+    Title {
+        /// Writer.
+        owner: String,
+        /// Chat.
+        chat_id: String,
+        /// Encrypted title.
+        title: Vec<u8>,
+        /// Existing or new chat.
+        target: Target,
+        /// Offline-sync condition on `title_v`.
+        if_version_at_most: Option<i64>,
+        /// Server clock.
+        now: Millis,
+    },
+    /// Set or clear the draft (`draft_v` + 1, `last_edited_ms` = max(old, now)).
+    Draft {
+        /// Writer.
+        owner: String,
+        /// Chat.
+        chat_id: String,
+        /// Encrypted draft, or `None` to clear.
+        draft: Option<Vec<u8>>,
+        /// Existing or new chat.
+        target: Target,
+        /// Offline-sync condition on `draft_v`.
+        if_version_at_most: Option<i64>,
+        /// Server clock.
+        now: Millis,
+    },
+    /// Clear an existing draft (`draft_v` + 1); [`WriteResult::NoDraft`] when there is none.
+    DeleteDraft {
+        /// Writer.
+        owner: String,
+        /// Chat.
+        chat_id: String,
+        /// Offline-sync condition on `draft_v`.
+        if_version_at_most: Option<i64>,
+    },
+    /// Append a message (`messages_v` + 1, `seq` = new `messages_v`), or report the original when the
+    /// `message_id` is already stored ([`WriteResult::Message`] with `duplicate`).
+    Message {
+        /// Writer.
+        owner: String,
+        /// Chat.
+        chat_id: String,
+        /// Client-chosen id.
+        message_id: String,
+        /// Encrypted content.
+        content: Vec<u8>,
+        /// Client timestamp as sent (JSON text).
+        client_timestamp: Option<String>,
+        /// Existing or new chat.
+        target: Target,
+        /// Server clock.
+        now: Millis,
+    },
+    /// Delete the chat, its messages, its draft and its data key; leave a tombstone.
+    DeleteChat {
+        /// Writer.
+        owner: String,
+        /// Chat.
+        chat_id: String,
+        /// Server clock.
+        now: Millis,
+    },
+    /// Store the user's data key unless one exists; returns the one in force ([`WriteResult::UserKey`]).
+    UserKey {
+        /// The user.
+        user_id: String,
+        /// The key to store if the user has none.
+        candidate: WrappedKey,
+    },
+}
+
+/// The outcome of a [`WriteOp`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteResult {
+    /// Applied; the chat as it is after the write.
+    Applied(ChatRecord),
+    /// A message op: the chat after the write (for a duplicate: unchanged) and the message's record.
+    Message {
+        /// The chat.
+        chat: ChatRecord,
+        /// The message as stored (for a duplicate: the original).
+        message: MessageRecord,
+        /// The `message_id` was already stored; nothing changed.
+        duplicate: bool,
+    },
+    /// The chat is absent, deleted or another user's; nothing changed.
+    NotFound,
+    /// [`Target::Create`] found the writer's chat already created; nothing changed.
+    Raced,
+    /// The offline condition failed; nothing changed. The chat as it is.
+    Conflict(ChatRecord),
+    /// `DeleteDraft` found no draft; nothing changed.
+    NoDraft(ChatRecord),
+    /// `DeleteChat` done.
+    Deleted,
+    /// `UserKey`: the key in force.
+    UserKey(WrappedKey),
+}
+
+/// Durable truth for chats. Reads see every write that has returned.
+#[async_trait]
+pub trait ChatStore: Send + Sync + 'static {
+    /// Executes one write in a durable transaction (possibly shared with concurrent writes).
+    async fn write(&self, op: WriteOp) -> Result<WriteResult, StoreError>;
+
+    /// What the store knows about `chat_id`, whoever owns it.
+    async fn chat_lookup(&self, chat_id: &str) -> Result<ChatLookup, StoreError>;
+
+    /// The user's data key, if one was stored.
+    async fn user_key(&self, user_id: &str) -> Result<Option<WrappedKey>, StoreError>;
+
+    /// Every chat of `owner`, most recently edited first (ties by chat id).
+    async fn chats(&self, owner: &str) -> Result<Vec<ChatRecord>, StoreError>;
+
+    /// One chat of `owner`; `None` if absent, deleted or another user's.
+    async fn chat(&self, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, StoreError>;
+
+    /// Up to `limit` messages with `seq > after_seq`, oldest first, plus whether more follow; `None` if
+    /// the chat is not `owner`'s.
+    async fn messages_after(
+        &self,
+        owner: &str,
+        chat_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>, bool)>, StoreError>;
+
+    /// The `limit` most recent messages, oldest first; `None` if the chat is not `owner`'s.
+    async fn latest_messages(
+        &self,
+        owner: &str,
+        chat_id: &str,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError>;
+
+    /// Every wrapped data key, as (`chat:<id>` or `user:<id>`, key): for master key rotation.
+    async fn wrapped_keys(&self) -> Result<Vec<(String, WrappedKey)>, StoreError>;
+
+    /// Replaces wrapped data keys and the master key check value in one transaction (rotation).
+    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<(), StoreError>;
+
+    /// The stored master key check value, if any.
+    async fn key_check(&self) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores the master key check value if none is stored yet.
+    async fn init_key_check(&self, check: &[u8]) -> Result<(), StoreError>;
+}

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# peer-python.sh: run a chatsync-bench scenario against the python-reference peer
+# (FastAPI/uvicorn, /work/shared/peers/python-reference or $PEER_SRC).
+#
+# From the repo root: builds chatsync-bench, installs the peer's requirements into a venv under
+# target/ (once), copies the peer to a temp dir, issues sessions with the peer's `issue-bulk`,
+# starts `peer.py serve` on a free loopback port, runs the scenario with --server-pid, stops the
+# peer (SIGTERM) and removes the temp dir. Bounded in time; leaves no process behind.
+#
+# Usage: scripts/bench/peer-python.sh [SCENARIO] [chatsync-bench SCENARIO options...]
+#   SCENARIO      idle (default), fanout, saturate or sync
+#   USERS=N DEVICES=D   sessions to issue (default: idle 5000 x 2; fanout 2000 x 3; others 200 x 2)
+#   OUT_DIR=dir   where <scenario>-python.json / .svg go (default target/bench)
+#   PEER_SRC=dir  the peer's source (default /work/shared/peers/python-reference, or ../shared/... beside the repo)
+# Examples:
+#   scripts/bench/peer-python.sh idle --connections 10000 --hold 15
+#   USERS=500 DEVICES=3 scripts/bench/peer-python.sh fanout --users 500 --duration 20
+#   scripts/bench/peer-python.sh saturate --start-rate 200 --step-rate 200
+#   scripts/bench/peer-python.sh sync --chats 1000,10000 --repeat 10
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/bench/lib.sh
+
+SCENARIO=${1:-idle}
+if [ $# -gt 0 ]; then shift; fi
+case "$SCENARIO" in
+    idle) DEF_USERS=5000; DEF_DEVICES=2 ;;
+    fanout) DEF_USERS=2000; DEF_DEVICES=3 ;;
+    saturate | sync) DEF_USERS=200; DEF_DEVICES=2 ;;
+    *) echo "unknown scenario $SCENARIO (idle, fanout, saturate, sync)" >&2; exit 2 ;;
+esac
+USERS=${USERS:-$DEF_USERS}
+DEVICES=${DEVICES:-$DEF_DEVICES}
+OUT_DIR=${OUT_DIR:-target/bench}
+if [ -z "${PEER_SRC:-}" ]; then
+    for c in /work/shared/peers/python-reference ../shared/peers/python-reference; do
+        [ -f "$c/peer.py" ] && PEER_SRC=$c && break
+    done
+fi
+[ -f "${PEER_SRC:-}/peer.py" ] || { echo "python-reference peer not found; set PEER_SRC" >&2; exit 2; }
+mkdir -p "$OUT_DIR"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+timeout 900 cargo build --release -q -p chatsync-bench
+
+VENV=target/bench-venv-python
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import fastapi, uvicorn, uvloop, httptools, cryptography' 2>/dev/null; then
+    echo "installing the peer's requirements into $VENV"
+    python3 -m venv "$VENV"
+    timeout 600 "$VENV/bin/pip" install -q -r "$PEER_SRC/requirements.txt"
+fi
+
+WORK=$(mktemp -d /tmp/chatsync-peer-python.XXXXXX)
+SERVER_PID=
+cleanup() {
+    stop_pid "$SERVER_PID"
+    rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+cp -r "$PEER_SRC" "$WORK/peer"
+chmod -R u+w "$WORK/peer"
+
+echo "issuing $((USERS * DEVICES)) sessions ($USERS users x $DEVICES devices) with the peer's issue-bulk"
+timeout 300 "$VENV/bin/python" "$WORK/peer/peer.py" issue-bulk --data "$WORK/data" \
+    --users "$USERS" --devices "$DEVICES" --prefix u > "$WORK/tokens.jsonl"
+
+PORT=$(free_port)
+"$VENV/bin/python" "$WORK/peer/peer.py" serve --data "$WORK/data" --port "$PORT" > "$WORK/server.log" 2>&1 &
+SERVER_PID=$!
+wait_listen "$PORT" "$SERVER_PID" 60
+echo "python-reference peer listening on 127.0.0.1:$PORT (pid $SERVER_PID)"
+
+OUT="$OUT_DIR/$SCENARIO-python"
+status=0
+timeout 1000 target/release/chatsync-bench --url "ws://127.0.0.1:$PORT/v1/ws" --tokens "$WORK/tokens.jsonl" \
+    --server-pid "$SERVER_PID" --json-out "$OUT.json" --plot "$OUT.svg" --max-runtime 900 \
+    "$SCENARIO" "$@" || status=$?
+if [ "$status" -eq 0 ] && [ "$SCENARIO" = idle ]; then
+    print_idle_summary "$OUT.json" "python-reference peer: idle connections"
+fi
+if [ "$status" -ne 0 ]; then
+    echo "chatsync-bench exited with $status; last lines of the peer's log:" >&2
+    tail -20 "$WORK/server.log" >&2 || true
+fi
+exit "$status"
