@@ -61,6 +61,18 @@ pub enum Command {
     /// Inspect the devices known for a user.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Manage the master key that wraps the data keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `chatsync keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Re-wrap every data key under a new, random master key. Stop the server first. With a key file
+    /// (<data-dir>/master.key) the file is replaced; with CHATSYNC_MASTER_KEY the new key is printed on
+    /// stdout and must then be configured in its place.
+    Rotate,
 }
 
 /// `chatsync serve` options.
@@ -241,6 +253,19 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(cmd) => {
             crate::logging::init(config.log_format, "warn");
             devices(config, cmd).await
+        }
+        Command::Keys(KeysCommand::Rotate) => {
+            crate::logging::init(config.log_format, "warn");
+            let backend = store::open_backend(&config.store_url()).await?;
+            let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
+            let (new, count) = crate::keys::rotate(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
+            if env_key.is_some() {
+                println!("{}", new.to_base64().as_str());
+                eprintln!("re-wrapped {count} data keys under master key {}: set CHATSYNC_MASTER_KEY to the key printed above", new.id());
+            } else {
+                eprintln!("re-wrapped {count} data keys under master key {} (written to the data directory)", new.id());
+            }
+            Ok(())
         }
     }
 }

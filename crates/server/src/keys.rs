@@ -187,3 +187,44 @@ pub async fn load_master_key(
         master.id()
     )
 }
+
+/// Re-wraps every stored data key under a new master key (`chatsync keys rotate`; run it while the
+/// server is stopped). With a key file, the new key is first written to `master.key.next`, the store is
+/// re-wrapped in one transaction, then the file replaces `master.key` (an interruption in between is
+/// completed at the next start). With `CHATSYNC_MASTER_KEY`, nothing is written: the new key is
+/// returned for the operator to configure. Returns the new key and the number of keys re-wrapped.
+pub async fn rotate(
+    data_dir: &std::path::Path,
+    env_value: Option<&str>,
+    store: &dyn ChatStore,
+) -> anyhow::Result<(MasterKey, usize)> {
+    use anyhow::Context as _;
+    let old = load_master_key(data_dir, env_value, store).await?;
+    let new = MasterKey::generate();
+    let mut rewrapped = Vec::new();
+    for (key_ref, key) in store.wrapped_keys().await? {
+        let dek = old
+            .unwrap(&key.wrapped, &key_ref)
+            .map_err(|e| anyhow::anyhow!("cannot unwrap {key_ref} with the current master key: {e}"))?;
+        rewrapped.push((key_ref.clone(), WrappedKey { wrapped: new.wrap(&dek, &key_ref), kek_id: new.id().to_owned() }));
+    }
+    let next = data_dir.join("master.key.next");
+    if env_value.is_none() {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&next)
+            .with_context(|| format!("cannot create {} (remove it if a previous rotation failed)", next.display()))?;
+        file.write_all(new.to_base64().as_bytes())?;
+        file.sync_all()?;
+    }
+    store.rewrap_keys(&rewrapped, &new.check_value()).await?;
+    if env_value.is_none() {
+        std::fs::rename(&next, data_dir.join("master.key"))
+            .with_context(|| format!("keys re-wrapped, but cannot move {} into place", next.display()))?;
+    }
+    Ok((new, rewrapped.len()))
+}

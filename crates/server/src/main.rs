@@ -2,6 +2,10 @@
 
 use clap::Parser;
 
+/// mimalloc: faster than glibc malloc for the many small, short-lived allocations of message handling.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = chatsync::cli::Cli::parse();

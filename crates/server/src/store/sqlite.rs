@@ -4,7 +4,7 @@ use super::{Device, Millis, NewSession, Session, Store, StoreError, User};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions as _, Row};
+use sqlx::Row;
 use std::path::Path;
 use std::time::Duration;
 
@@ -32,16 +32,16 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options.clone())
+            .connect_with(options)
             .await
             .with_context(|| format!("cannot open database {}", path.display()))?;
         sqlx::migrate!("migrations/sqlite")
             .run(&pool)
             .await
             .with_context(|| format!("cannot migrate database {}", path.display()))?;
-        let writer_conn =
-            options.connect().await.with_context(|| format!("cannot open database {}", path.display()))?;
-        Ok(SqliteStore { pool, writer: super::sqlite_chats::Writer::start(writer_conn) })
+        let writer = super::sqlite_chats::Writer::start(path)
+            .with_context(|| format!("cannot open database {} for writing", path.display()))?;
+        Ok(SqliteStore { pool, writer })
     }
 }
 

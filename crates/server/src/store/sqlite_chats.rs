@@ -1,16 +1,21 @@
-//! [`ChatStore`] for SQLite: reads on the pool, writes through one writer task that batches concurrent
-//! writes into shared `BEGIN IMMEDIATE … COMMIT` transactions (group commit).
+//! [`ChatStore`] for SQLite: reads on the sqlx pool; writes through one writer thread that batches
+//! concurrent writes into shared `BEGIN IMMEDIATE … COMMIT` transactions (group commit).
 //!
 //! SQLite has one writer at a time; funnelling every chat write through a single connection removes
-//! lock contention, and batching amortizes the commit (one fsync per batch). A batch whose transaction
-//! fails is retried op by op, each in its own transaction, so one bad op cannot fail its neighbours.
+//! lock contention, and batching amortizes the commit (one fsync per batch). The writer owns a plain
+//! `rusqlite` connection on its own thread, so a batch costs one hand-off between threads, not one per
+//! statement. A batch whose transaction fails is retried op by op, each in its own transaction, so one
+//! bad op cannot fail its neighbours.
 
 use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, WrappedKey, WriteOp, WriteResult};
 use super::sqlite::SqliteStore;
 use super::StoreError;
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnection, SqliteRow};
-use sqlx::{Connection as _, Row};
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+use std::path::Path;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Most writes in one group-commit transaction.
@@ -26,18 +31,42 @@ struct Job {
     reply: oneshot::Sender<Result<WriteResult, StoreError>>,
 }
 
-/// The sending half of the writer task's queue.
+/// The sending half of the writer thread's queue.
 pub(super) struct Writer {
     tx: parking_lot::Mutex<Option<mpsc::Sender<Job>>>,
-    task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                        | rusqlite::ErrorCode::DiskFull
+                        | rusqlite::ErrorCode::SystemIoFailure
+                        | rusqlite::ErrorCode::CannotOpen
+                ) =>
+            {
+                StoreError::Unavailable(e.to_string())
+            }
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
 }
 
 impl Writer {
-    /// Starts the writer task on its own connection.
-    pub(super) fn start(conn: SqliteConnection) -> Writer {
+    /// Opens the writer's connection to `path` (already migrated) and starts its thread.
+    pub(super) fn start(path: &Path) -> anyhow::Result<Writer> {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        conn.set_prepared_statement_cache_capacity(64);
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(run(conn, rx));
-        Writer { tx: parking_lot::Mutex::new(Some(tx)), task: parking_lot::Mutex::new(Some(task)) }
+        let thread = std::thread::Builder::new().name("chatsync-writer".into()).spawn(move || run(conn, rx))?;
+        Ok(Writer { tx: parking_lot::Mutex::new(Some(tx)), thread: parking_lot::Mutex::new(Some(thread)) })
     }
 
     async fn submit(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
@@ -50,17 +79,24 @@ impl Writer {
     /// Stops accepting writes, lets the queued ones finish, and waits for the writer to end.
     pub(super) async fn close(&self) {
         self.tx.lock().take();
-        let task = self.task.lock().take();
-        if let Some(task) = task {
-            let _ = task.await;
+        let thread = self.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }
 
-async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
+fn run(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        match apply_batch(&mut conn, &batch).await {
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        match apply_batch(&mut conn, &batch) {
             Ok(results) => {
                 for (job, result) in batch.drain(..).zip(results) {
                     let _ = job.reply.send(Ok(result));
@@ -69,32 +105,204 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Job>) {
             Err(e) => {
                 tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying its writes one by one");
                 for job in batch.drain(..) {
-                    let result = apply_batch(&mut conn, std::slice::from_ref(&job)).await.map(|mut r| r.remove(0));
+                    let result = apply_batch(&mut conn, std::slice::from_ref(&job)).map(|mut r| r.remove(0));
                     let _ = job.reply.send(result);
                 }
             }
         }
     }
-    let _ = conn.close().await;
 }
 
-async fn apply_batch(conn: &mut SqliteConnection, batch: &[Job]) -> Result<Vec<WriteResult>, StoreError> {
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+fn apply_batch(conn: &mut rusqlite::Connection, batch: &[Job]) -> Result<Vec<WriteResult>, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        match apply(conn, &job.op).await {
-            Ok(r) => results.push(r),
-            Err(e) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                return Err(e);
+        results.push(apply(&tx, &job.op)?);
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn chat_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatRecord> {
+    Ok(ChatRecord {
+        chat_id: r.get(0)?,
+        title: r.get(1)?,
+        draft: r.get(2)?,
+        title_v: r.get::<_, i64>(3)? as u64,
+        messages_v: r.get::<_, i64>(4)? as u64,
+        draft_v: r.get::<_, i64>(5)? as u64,
+        last_edited_ms: r.get(6)?,
+        unread_count: r.get::<_, i64>(7)? as u64,
+        key: WrappedKey { wrapped: r.get(8)?, kek_id: r.get(9)? },
+    })
+}
+
+fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
+    Ok(MessageRecord {
+        seq: r.get::<_, i64>(0)? as u64,
+        message_id: r.get(1)?,
+        content: r.get(2)?,
+        client_timestamp: r.get(3)?,
+        created_at_ms: r.get(4)?,
+    })
+}
+
+fn owned_chat(tx: &rusqlite::Connection, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
+    let mut st = tx.prepare_cached(&format!("SELECT {CHAT_COLS} FROM chats WHERE chat_id = ?1 AND owner = ?2"))?;
+    Ok(st.query_row(params![chat_id, owner], chat_row).optional()?)
+}
+
+/// Inserts a new chat unless the id exists or was deleted. Returns the new row, or `Raced`/`NotFound`.
+fn create_chat(
+    tx: &rusqlite::Connection,
+    owner: &str,
+    chat_id: &str,
+    key: &WrappedKey,
+    now: i64,
+) -> Result<Result<ChatRecord, WriteResult>, StoreError> {
+    let mut st = tx.prepare_cached(&format!(
+        "INSERT INTO chats (chat_id, owner, chat_key, kek_id, last_edited_ms, created_at) \
+         SELECT ?1, ?2, ?3, ?4, ?5, ?5 WHERE NOT EXISTS (SELECT 1 FROM chat_tombstones WHERE chat_id = ?1) \
+         ON CONFLICT (chat_id) DO NOTHING RETURNING {CHAT_COLS}"
+    ))?;
+    if let Some(chat) = st.query_row(params![chat_id, owner, key.wrapped, key.kek_id, now], chat_row).optional()? {
+        return Ok(Ok(chat));
+    }
+    Ok(Err(if owned_chat(tx, owner, chat_id)?.is_some() { WriteResult::Raced } else { WriteResult::NotFound }))
+}
+
+/// The result when a conditional update matched no row: a conflict if the chat is the owner's.
+fn unmatched(tx: &rusqlite::Connection, owner: &str, chat_id: &str) -> Result<WriteResult, StoreError> {
+    Ok(match owned_chat(tx, owner, chat_id)? {
+        Some(chat) => WriteResult::Conflict(chat),
+        None => WriteResult::NotFound,
+    })
+}
+
+/// Runs an `UPDATE … RETURNING` of one chat row.
+fn update_chat(tx: &rusqlite::Connection, sql: &str, p: impl rusqlite::Params) -> Result<Option<ChatRecord>, StoreError> {
+    let mut st = tx.prepare_cached(sql)?;
+    Ok(st.query_row(p, chat_row).optional()?)
+}
+
+fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, StoreError> {
+    match op {
+        WriteOp::Title { owner, chat_id, title, target, if_version_at_most, now } => {
+            if let Target::Create(key) = target {
+                if let Err(result) = create_chat(tx, owner, chat_id, key, *now)? {
+                    return Ok(result);
+                }
+            }
+            let sql = format!(
+                "UPDATE chats SET title = ?3, title_v = title_v + 1 \
+                 WHERE chat_id = ?1 AND owner = ?2 AND (?4 IS NULL OR title_v <= ?4) RETURNING {CHAT_COLS}"
+            );
+            match update_chat(tx, &sql, params![chat_id, owner, title, if_version_at_most])? {
+                Some(chat) => Ok(WriteResult::Applied(chat)),
+                None => unmatched(tx, owner, chat_id),
             }
         }
+        WriteOp::Draft { owner, chat_id, draft, target, if_version_at_most, now } => {
+            if let Target::Create(key) = target {
+                if let Err(result) = create_chat(tx, owner, chat_id, key, *now)? {
+                    return Ok(result);
+                }
+            }
+            let sql = format!(
+                "UPDATE chats SET draft = ?3, draft_v = draft_v + 1, last_edited_ms = MAX(last_edited_ms, ?5) \
+                 WHERE chat_id = ?1 AND owner = ?2 AND (?4 IS NULL OR draft_v <= ?4) RETURNING {CHAT_COLS}"
+            );
+            match update_chat(tx, &sql, params![chat_id, owner, draft, if_version_at_most, now])? {
+                Some(chat) => Ok(WriteResult::Applied(chat)),
+                None => unmatched(tx, owner, chat_id),
+            }
+        }
+        WriteOp::DeleteDraft { owner, chat_id, if_version_at_most } => {
+            let sql = format!(
+                "UPDATE chats SET draft = NULL, draft_v = draft_v + 1 \
+                 WHERE chat_id = ?1 AND owner = ?2 AND draft IS NOT NULL AND (?3 IS NULL OR draft_v <= ?3) \
+                 RETURNING {CHAT_COLS}"
+            );
+            if let Some(chat) = update_chat(tx, &sql, params![chat_id, owner, if_version_at_most])? {
+                return Ok(WriteResult::Applied(chat));
+            }
+            Ok(match owned_chat(tx, owner, chat_id)? {
+                None => WriteResult::NotFound,
+                Some(chat) if chat.draft.is_none() => WriteResult::NoDraft(chat),
+                Some(chat) => WriteResult::Conflict(chat),
+            })
+        }
+        WriteOp::Message { owner, chat_id, message_id, content, client_timestamp, target, now } => {
+            match target {
+                Target::Create(key) => {
+                    if let Err(result) = create_chat(tx, owner, chat_id, key, *now)? {
+                        return Ok(result);
+                    }
+                }
+                Target::Existing => {
+                    if owned_chat(tx, owner, chat_id)?.is_none() {
+                        return Ok(WriteResult::NotFound);
+                    }
+                }
+            }
+            let original = tx
+                .prepare_cached(
+                    "SELECT seq, message_id, content, client_timestamp, created_at FROM messages \
+                     WHERE chat_id = ?1 AND message_id = ?2",
+                )?
+                .query_row(params![chat_id, message_id], message_row)
+                .optional()?;
+            if let Some(original) = original {
+                let chat = owned_chat(tx, owner, chat_id)?.ok_or(StoreError::NotFound)?;
+                return Ok(WriteResult::Message { chat, message: original, duplicate: true });
+            }
+            let sql = format!(
+                "UPDATE chats SET messages_v = messages_v + 1, last_edited_ms = MAX(last_edited_ms, ?2) \
+                 WHERE chat_id = ?1 RETURNING {CHAT_COLS}"
+            );
+            let chat = update_chat(tx, &sql, params![chat_id, now])?.ok_or(StoreError::NotFound)?;
+            let message = MessageRecord {
+                seq: chat.messages_v,
+                message_id: message_id.clone(),
+                content: content.clone(),
+                client_timestamp: client_timestamp.clone(),
+                created_at_ms: *now,
+            };
+            tx.prepare_cached(
+                "INSERT INTO messages (chat_id, seq, message_id, content, client_timestamp, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                chat_id,
+                message.seq as i64,
+                message.message_id,
+                message.content,
+                message.client_timestamp,
+                message.created_at_ms
+            ])?;
+            Ok(WriteResult::Message { chat, message, duplicate: false })
+        }
+        WriteOp::DeleteChat { owner, chat_id, now } => {
+            let deleted =
+                tx.prepare_cached("DELETE FROM chats WHERE chat_id = ?1 AND owner = ?2")?.execute(params![chat_id, owner])?;
+            if deleted == 0 {
+                return Ok(WriteResult::NotFound);
+            }
+            tx.prepare_cached("INSERT INTO chat_tombstones (chat_id, owner, deleted_at) VALUES (?1, ?2, ?3)")?
+                .execute(params![chat_id, owner, now])?;
+            Ok(WriteResult::Deleted)
+        }
+        WriteOp::UserKey { user_id, candidate } => {
+            tx.prepare_cached(
+                "INSERT INTO user_keys (user_id, wrapped, kek_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![user_id, candidate.wrapped, candidate.kek_id])?;
+            let key = tx
+                .prepare_cached("SELECT wrapped, kek_id FROM user_keys WHERE user_id = ?1")?
+                .query_row(params![user_id], |r| Ok(WrappedKey { wrapped: r.get(0)?, kek_id: r.get(1)? }))?;
+            Ok(WriteResult::UserKey(key))
+        }
     }
-    if let Err(e) = sqlx::query("COMMIT").execute(&mut *conn).await {
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-        return Err(e.into());
-    }
-    Ok(results)
 }
 
 fn chat_record(r: &SqliteRow) -> ChatRecord {
@@ -121,200 +329,17 @@ fn message_record(r: &SqliteRow) -> MessageRecord {
     }
 }
 
-async fn owned_chat(conn: &mut SqliteConnection, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
+async fn pool_owned_chat(
+    conn: &mut sqlx::SqliteConnection,
+    owner: &str,
+    chat_id: &str,
+) -> Result<Option<ChatRecord>, StoreError> {
     let row = sqlx::query(&format!("SELECT {CHAT_COLS} FROM chats WHERE chat_id = ?1 AND owner = ?2"))
         .bind(chat_id)
         .bind(owner)
         .fetch_optional(&mut *conn)
         .await?;
     Ok(row.as_ref().map(chat_record))
-}
-
-/// Inserts a new chat unless the id exists or was deleted. Returns the new row, or `Raced`/`NotFound`.
-async fn create_chat(
-    conn: &mut SqliteConnection,
-    owner: &str,
-    chat_id: &str,
-    key: &WrappedKey,
-    now: i64,
-) -> Result<Result<ChatRecord, WriteResult>, StoreError> {
-    let row = sqlx::query(&format!(
-        "INSERT INTO chats (chat_id, owner, chat_key, kek_id, last_edited_ms, created_at) \
-         SELECT ?1, ?2, ?3, ?4, ?5, ?5 WHERE NOT EXISTS (SELECT 1 FROM chat_tombstones WHERE chat_id = ?1) \
-         ON CONFLICT (chat_id) DO NOTHING RETURNING {CHAT_COLS}"
-    ))
-    .bind(chat_id)
-    .bind(owner)
-    .bind(&key.wrapped)
-    .bind(&key.kek_id)
-    .bind(now)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(row) = row {
-        return Ok(Ok(chat_record(&row)));
-    }
-    Ok(Err(if owned_chat(conn, owner, chat_id).await?.is_some() { WriteResult::Raced } else { WriteResult::NotFound }))
-}
-
-/// The result when a conditional update matched no row: a conflict if the chat is the owner's.
-async fn unmatched(conn: &mut SqliteConnection, owner: &str, chat_id: &str) -> Result<WriteResult, StoreError> {
-    Ok(match owned_chat(conn, owner, chat_id).await? {
-        Some(chat) => WriteResult::Conflict(chat),
-        None => WriteResult::NotFound,
-    })
-}
-
-async fn apply(conn: &mut SqliteConnection, op: &WriteOp) -> Result<WriteResult, StoreError> {
-    match op {
-        WriteOp::Title { owner, chat_id, title, target, if_version_at_most, now } => {
-            if let Target::Create(key) = target {
-                if let Err(result) = create_chat(conn, owner, chat_id, key, *now).await? {
-                    return Ok(result);
-                }
-            }
-            let row = sqlx::query(&format!(
-                "UPDATE chats SET title = ?3, title_v = title_v + 1 \
-                 WHERE chat_id = ?1 AND owner = ?2 AND (?4 IS NULL OR title_v <= ?4) RETURNING {CHAT_COLS}"
-            ))
-            .bind(chat_id)
-            .bind(owner)
-            .bind(title)
-            .bind(if_version_at_most)
-            .fetch_optional(&mut *conn)
-            .await?;
-            match row {
-                Some(row) => Ok(WriteResult::Applied(chat_record(&row))),
-                None => unmatched(conn, owner, chat_id).await,
-            }
-        }
-        WriteOp::Draft { owner, chat_id, draft, target, if_version_at_most, now } => {
-            if let Target::Create(key) = target {
-                if let Err(result) = create_chat(conn, owner, chat_id, key, *now).await? {
-                    return Ok(result);
-                }
-            }
-            let row = sqlx::query(&format!(
-                "UPDATE chats SET draft = ?3, draft_v = draft_v + 1, last_edited_ms = MAX(last_edited_ms, ?5) \
-                 WHERE chat_id = ?1 AND owner = ?2 AND (?4 IS NULL OR draft_v <= ?4) RETURNING {CHAT_COLS}"
-            ))
-            .bind(chat_id)
-            .bind(owner)
-            .bind(draft)
-            .bind(if_version_at_most)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?;
-            match row {
-                Some(row) => Ok(WriteResult::Applied(chat_record(&row))),
-                None => unmatched(conn, owner, chat_id).await,
-            }
-        }
-        WriteOp::DeleteDraft { owner, chat_id, if_version_at_most } => {
-            let row = sqlx::query(&format!(
-                "UPDATE chats SET draft = NULL, draft_v = draft_v + 1 \
-                 WHERE chat_id = ?1 AND owner = ?2 AND draft IS NOT NULL AND (?3 IS NULL OR draft_v <= ?3) \
-                 RETURNING {CHAT_COLS}"
-            ))
-            .bind(chat_id)
-            .bind(owner)
-            .bind(if_version_at_most)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(row) = row {
-                return Ok(WriteResult::Applied(chat_record(&row)));
-            }
-            Ok(match owned_chat(conn, owner, chat_id).await? {
-                None => WriteResult::NotFound,
-                Some(chat) if chat.draft.is_none() => WriteResult::NoDraft(chat),
-                Some(chat) => WriteResult::Conflict(chat),
-            })
-        }
-        WriteOp::Message { owner, chat_id, message_id, content, client_timestamp, target, now } => {
-            match target {
-                Target::Create(key) => {
-                    if let Err(result) = create_chat(conn, owner, chat_id, key, *now).await? {
-                        return Ok(result);
-                    }
-                }
-                Target::Existing => {
-                    if owned_chat(conn, owner, chat_id).await?.is_none() {
-                        return Ok(WriteResult::NotFound);
-                    }
-                }
-            }
-            let original = sqlx::query(
-                "SELECT seq, message_id, content, client_timestamp, created_at FROM messages \
-                 WHERE chat_id = ?1 AND message_id = ?2",
-            )
-            .bind(chat_id)
-            .bind(message_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(original) = original {
-                let chat = owned_chat(conn, owner, chat_id).await?.ok_or(StoreError::NotFound)?;
-                return Ok(WriteResult::Message { chat, message: message_record(&original), duplicate: true });
-            }
-            let row = sqlx::query(&format!(
-                "UPDATE chats SET messages_v = messages_v + 1, last_edited_ms = MAX(last_edited_ms, ?2) \
-                 WHERE chat_id = ?1 RETURNING {CHAT_COLS}"
-            ))
-            .bind(chat_id)
-            .bind(now)
-            .fetch_one(&mut *conn)
-            .await?;
-            let chat = chat_record(&row);
-            let message = MessageRecord {
-                seq: chat.messages_v,
-                message_id: message_id.clone(),
-                content: content.clone(),
-                client_timestamp: client_timestamp.clone(),
-                created_at_ms: *now,
-            };
-            sqlx::query(
-                "INSERT INTO messages (chat_id, seq, message_id, content, client_timestamp, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .bind(chat_id)
-            .bind(message.seq as i64)
-            .bind(&message.message_id)
-            .bind(&message.content)
-            .bind(&message.client_timestamp)
-            .bind(message.created_at_ms)
-            .execute(&mut *conn)
-            .await?;
-            Ok(WriteResult::Message { chat, message, duplicate: false })
-        }
-        WriteOp::DeleteChat { owner, chat_id, now } => {
-            let deleted = sqlx::query("DELETE FROM chats WHERE chat_id = ?1 AND owner = ?2")
-                .bind(chat_id)
-                .bind(owner)
-                .execute(&mut *conn)
-                .await?;
-            if deleted.rows_affected() == 0 {
-                return Ok(WriteResult::NotFound);
-            }
-            sqlx::query("INSERT INTO chat_tombstones (chat_id, owner, deleted_at) VALUES (?1, ?2, ?3)")
-                .bind(chat_id)
-                .bind(owner)
-                .bind(now)
-                .execute(&mut *conn)
-                .await?;
-            Ok(WriteResult::Deleted)
-        }
-        WriteOp::UserKey { user_id, candidate } => {
-            sqlx::query("INSERT INTO user_keys (user_id, wrapped, kek_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")
-                .bind(user_id)
-                .bind(&candidate.wrapped)
-                .bind(&candidate.kek_id)
-                .execute(&mut *conn)
-                .await?;
-            let row = sqlx::query("SELECT wrapped, kek_id FROM user_keys WHERE user_id = ?1")
-                .bind(user_id)
-                .fetch_one(&mut *conn)
-                .await?;
-            Ok(WriteResult::UserKey(WrappedKey { wrapped: row.get(0), kek_id: row.get(1) }))
-        }
-    }
 }
 
 #[async_trait]
@@ -358,7 +383,7 @@ impl ChatStore for SqliteStore {
 
     async fn chat(&self, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        owned_chat(&mut conn, owner, chat_id).await
+        pool_owned_chat(&mut conn, owner, chat_id).await
     }
 
     async fn messages_after(
@@ -369,7 +394,7 @@ impl ChatStore for SqliteStore {
         limit: u32,
     ) -> Result<Option<(ChatRecord, Vec<MessageRecord>, bool)>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some(chat) = owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
+        let Some(chat) = pool_owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
         let rows = sqlx::query(
             "SELECT seq, message_id, content, client_timestamp, created_at FROM messages \
              WHERE chat_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -393,7 +418,7 @@ impl ChatStore for SqliteStore {
         limit: u32,
     ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some(chat) = owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
+        let Some(chat) = pool_owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
         let rows = sqlx::query(
             "SELECT seq, message_id, content, client_timestamp, created_at FROM messages \
              WHERE chat_id = ?1 ORDER BY seq DESC LIMIT ?2",

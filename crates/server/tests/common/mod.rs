@@ -54,6 +54,12 @@ impl TestServer {
         }
     }
 
+    /// Stops the server and hands back its data directory (for a restart on the same data).
+    pub async fn stop_into_data(mut self) -> tempfile::TempDir {
+        self.stop().await;
+        std::mem::replace(&mut self.data, tempfile::tempdir().unwrap())
+    }
+
     /// Creates a user.
     pub async fn user(&self, user_id: &str, tfa: bool) {
         self.ctx.store.create_user(user_id, tfa, chatsync::store::now_millis()).await.unwrap();
@@ -93,5 +99,34 @@ impl Drop for TestServer {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+impl TestServer {
+    /// Stops the server and starts a new one on the same data directory and configuration (same
+    /// master key file, same store). The old server's context is dropped before the new one opens.
+    pub async fn restart(mut self) -> TestServer {
+        self.stop().await;
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().unwrap());
+        let config = (*self.ctx.config).clone();
+        drop(self);
+        TestServer::start_in(data, config).await
+    }
+
+    /// Every file under the data directory (recursively), as bytes, with its path.
+    pub fn data_files(&self) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push((path.clone(), std::fs::read(&path).unwrap()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.data.path(), &mut out);
+        out
     }
 }
