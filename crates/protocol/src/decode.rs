@@ -31,6 +31,9 @@ pub struct DecodeError {
     pub field: Option<String>,
     /// The request id, when the envelope carried a valid one.
     pub request_id: Option<RequestId>,
+    /// The message type, when it is a known one (so a failed `initial_sync_request` can be answered
+    /// with `initial_sync_error`).
+    pub message_type: Option<&'static str>,
 }
 
 /// A payload field that failed validation.
@@ -60,7 +63,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 }
 
 fn envelope_error(code: ErrorCode, message: impl Into<String>) -> DecodeError {
-    DecodeError { code, message: message.into(), field: None, request_id: None }
+    DecodeError { code, message: message.into(), field: None, request_id: None, message_type: None }
 }
 
 /// Decodes one client text frame.
@@ -84,7 +87,13 @@ pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
             },
         )?),
     };
-    let fail = |code, message: String| DecodeError { code, message, field: None, request_id: request_id.clone() };
+    let fail = |code, message: String| DecodeError {
+        code,
+        message,
+        field: None,
+        request_id: request_id.clone(),
+        message_type: None,
+    };
 
     let kind = raw.kind.ok_or_else(|| fail(ErrorCode::InvalidMessage, "The message has no `type`.".into()))?;
     let kind: String = serde_json::from_str(kind.get())
@@ -105,6 +114,7 @@ pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
             message: format!("Invalid payload: {p}."),
             field: Some(p.field),
             request_id: request_id.clone(),
+            message_type: ClientMessage::TYPES.iter().copied().find(|t| *t == kind),
         },
     })?;
     Ok(Decoded { request_id, message })
@@ -147,11 +157,13 @@ where
         let path = e.path().to_string();
         let inner = e.into_inner();
         let reason = strip_position(&inner.to_string());
-        let field = if path == "." || path.is_empty() {
-            // A missing field is reported at the parent; serde names it in backticks.
-            missing_field_name(&reason).map(str::to_owned).unwrap_or_else(|| "payload".to_owned())
-        } else {
-            path
+        let root = path == "." || path.is_empty();
+        // A missing field is reported at its parent; serde names it in backticks.
+        let field = match (missing_field_name(&reason), root) {
+            (Some(name), true) => name.to_owned(),
+            (Some(name), false) => format!("{path}.{name}"),
+            (None, true) => "payload".to_owned(),
+            (None, false) => path,
         };
         PayloadError { field, reason }
     })

@@ -258,7 +258,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             crate::logging::init(config.log_format, "warn");
             let backend = store::open_backend(&config.store_url()).await?;
             let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
-            let (new, count) = crate::keys::rotate(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
+            let (new, count) =
+                crate::keys::rotate(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
             if env_key.is_some() {
                 println!("{}", new.to_base64().as_str());
                 eprintln!("re-wrapped {count} data keys under master key {}: set CHATSYNC_MASTER_KEY to the key printed above", new.id());

@@ -206,18 +206,17 @@ pub async fn rotate(
         let dek = old
             .unwrap(&key.wrapped, &key_ref)
             .map_err(|e| anyhow::anyhow!("cannot unwrap {key_ref} with the current master key: {e}"))?;
-        rewrapped.push((key_ref.clone(), WrappedKey { wrapped: new.wrap(&dek, &key_ref), kek_id: new.id().to_owned() }));
+        rewrapped
+            .push((key_ref.clone(), WrappedKey { wrapped: new.wrap(&dek, &key_ref), kek_id: new.id().to_owned() }));
     }
     let next = data_dir.join("master.key.next");
     if env_value.is_none() {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&next)
-            .with_context(|| format!("cannot create {} (remove it if a previous rotation failed)", next.display()))?;
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&next).with_context(|| {
+                format!("cannot create {} (remove it if a previous rotation failed)", next.display())
+            })?;
         file.write_all(new.to_base64().as_bytes())?;
         file.sync_all()?;
     }

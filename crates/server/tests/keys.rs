@@ -25,7 +25,10 @@ fn title(chat: &str, t: &str) -> ClientMessage {
 }
 
 fn sync_all() -> ClientMessage {
-    ClientMessage::InitialSyncRequest(InitialSyncRequest { chat_versions: Default::default(), immediate_view_chat_id: None })
+    ClientMessage::InitialSyncRequest(InitialSyncRequest {
+        chat_versions: Default::default(),
+        immediate_view_chat_id: None,
+    })
 }
 
 /// Starts a server on `data`, writes a title as alice (created on first use), stops it.

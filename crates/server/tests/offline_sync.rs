@@ -322,12 +322,13 @@ async fn offline_title_change_racing_a_live_update_is_serialized() {
 }
 
 #[tokio::test]
-async fn a_conflicting_offline_change_to_an_unknown_chat_creates_nothing() {
-    // A conflict is discarded; it must not leave a new empty chat behind.
+async fn an_offline_change_to_an_unknown_chat_creates_it_whatever_its_version_before_edit() {
+    // A chat that does not exist has no version a change could conflict with (docs/PROTOCOL.md §8).
     let server = TestServer::start().await;
     let mut alice = new_user(&server, "alice", "laptop").await;
-    let (before, done) = offline_round(&mut alice, json!([off_title("t", "phantom", "x", -1)])).await;
-    assert!(before.is_empty());
-    assert_eq!(done.results[0].status, OfflineStatus::Conflict, "{done:?}");
-    assert!(!lists_chat(&mut alice, "phantom").await, "a discarded change created the chat");
+    let (before, done) = offline_round(&mut alice, json!([off_title("t", "fresh", "x", -1)])).await;
+    assert_eq!(before.len(), 1, "the applied change is broadcast: {before:?}");
+    assert_eq!(done.results[0].status, OfflineStatus::Applied, "{done:?}");
+    assert_eq!(done.results[0].versions.unwrap().title_v, 1);
+    assert!(lists_chat(&mut alice, "fresh").await);
 }

@@ -163,17 +163,23 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(code = %e.code, "undecodable message");
-            let payload = ErrorPayload { field: e.field, ..ErrorPayload::new(e.code, e.message) };
-            conn.outbox
-                .push(encode(&ServerMessage::Error(payload), e.request_id.as_ref().map(RequestId::as_str)).into());
+            let message = if e.message_type == Some("initial_sync_request") {
+                ServerMessage::InitialSyncError(InitialSyncError { code: e.code, message: e.message })
+            } else {
+                ServerMessage::Error(ErrorPayload { field: e.field, ..ErrorPayload::new(e.code, e.message) })
+            };
+            conn.outbox.push(encode(&message, e.request_id.as_ref().map(RequestId::as_str)).into());
             return;
         }
     };
     let wire_type = decoded.message.wire_type();
     let request_id = decoded.request_id.as_ref().map(RequestId::as_str);
+    let started = Instant::now();
     let result = handlers::dispatch(ctx, conn, decoded.message)
         .instrument(tracing::debug_span!("msg", r#type = wire_type))
         .await;
+    // Server time per request (what the `sync` benchmark reports), at debug level.
+    tracing::debug!(r#type = wire_type, elapsed_us = started.elapsed().as_micros() as u64, "handled");
     match result {
         Ok(outcome) => deliver(ctx, conn, outcome, request_id).await,
         Err(err) => {

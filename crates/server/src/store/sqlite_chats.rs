@@ -180,7 +180,11 @@ fn unmatched(tx: &rusqlite::Connection, owner: &str, chat_id: &str) -> Result<Wr
 }
 
 /// Runs an `UPDATE … RETURNING` of one chat row.
-fn update_chat(tx: &rusqlite::Connection, sql: &str, p: impl rusqlite::Params) -> Result<Option<ChatRecord>, StoreError> {
+fn update_chat(
+    tx: &rusqlite::Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> Result<Option<ChatRecord>, StoreError> {
     let mut st = tx.prepare_cached(sql)?;
     Ok(st.query_row(p, chat_row).optional()?)
 }
@@ -188,10 +192,13 @@ fn update_chat(tx: &rusqlite::Connection, sql: &str, p: impl rusqlite::Params) -
 fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, StoreError> {
     match op {
         WriteOp::Title { owner, chat_id, title, target, if_version_at_most, now } => {
+            let mut if_version_at_most = *if_version_at_most;
             if let Target::Create(key) = target {
                 if let Err(result) = create_chat(tx, owner, chat_id, key, *now)? {
                     return Ok(result);
                 }
+                // A chat that did not exist has no version the change could conflict with.
+                if_version_at_most = None;
             }
             let sql = format!(
                 "UPDATE chats SET title = ?3, title_v = title_v + 1 \
@@ -203,10 +210,13 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, StoreEr
             }
         }
         WriteOp::Draft { owner, chat_id, draft, target, if_version_at_most, now } => {
+            let mut if_version_at_most = *if_version_at_most;
             if let Target::Create(key) = target {
                 if let Err(result) = create_chat(tx, owner, chat_id, key, *now)? {
                     return Ok(result);
                 }
+                // A chat that did not exist has no version the change could conflict with.
+                if_version_at_most = None;
             }
             let sql = format!(
                 "UPDATE chats SET draft = ?3, draft_v = draft_v + 1, last_edited_ms = MAX(last_edited_ms, ?5) \
@@ -283,8 +293,9 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, StoreEr
             Ok(WriteResult::Message { chat, message, duplicate: false })
         }
         WriteOp::DeleteChat { owner, chat_id, now } => {
-            let deleted =
-                tx.prepare_cached("DELETE FROM chats WHERE chat_id = ?1 AND owner = ?2")?.execute(params![chat_id, owner])?;
+            let deleted = tx
+                .prepare_cached("DELETE FROM chats WHERE chat_id = ?1 AND owner = ?2")?
+                .execute(params![chat_id, owner])?;
             if deleted == 0 {
                 return Ok(WriteResult::NotFound);
             }
