@@ -126,7 +126,7 @@ impl Client {
                 .map_err(|e| ClientError::Request(e.to_string()))?;
             headers.insert(name, value(v)?);
         }
-        let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
+        let (ws, _response) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;
         Ok(Client { ws, pending: VecDeque::new(), next_request: 0, ignore_warmup_events: opts.ignore_warmup_events })
     }
 

@@ -127,8 +127,11 @@ enum PayloadOrType {
 
 fn decode_payload(kind: &str, payload: &str) -> Result<ClientMessage, PayloadOrType> {
     fn p<T: DeserializeOwned>(payload: &str) -> Result<T, PayloadOrType> {
-        let mut de = serde_json::Deserializer::from_str(payload);
-        parse_with_path(&mut de).map_err(PayloadOrType::Payload)
+        // Fast path without path tracking; only a payload that fails is parsed again to name the field.
+        serde_json::from_str(payload).or_else(|_| {
+            let mut de = serde_json::Deserializer::from_str(payload);
+            parse_with_path(&mut de).map_err(PayloadOrType::Payload)
+        })
     }
     // One arm per wire type; `ClientMessage::TYPES` lists the same names (checked by a unit test).
     Ok(match kind {

@@ -150,7 +150,7 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_secs: Option<u64>,
-    /// WebSocket read buffer per connection in bytes [default: 2048].
+    /// WebSocket read buffer per connection in bytes; larger frames are read in chunks of this size [default: 1024].
     #[arg(long, env = "CHATSYNC_WS_READ_BUFFER_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ws_read_buffer_bytes: Option<usize>,

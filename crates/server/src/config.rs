@@ -98,7 +98,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             session_check_interval_secs: 5,
             shutdown_timeout_secs: 10,
-            ws_read_buffer_bytes: 2048,
+            ws_read_buffer_bytes: 1024,
         }
     }
 }

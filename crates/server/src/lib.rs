@@ -66,6 +66,12 @@ pub async fn run(
         trigger.cancel();
     });
     let app = gateway::router(gateway);
+    // Small frames must leave at once: no Nagle delay on replies and broadcasts.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned()).await?;
 
     tracing::info!(connections = ctx.hub.connection_count(), "shutting down");

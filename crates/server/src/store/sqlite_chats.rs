@@ -62,10 +62,23 @@ impl Writer {
     pub(super) fn start(path: &Path) -> anyhow::Result<Writer> {
         let conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        // Checkpoints run on their own thread (below), not inside a commit on the write path.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+             PRAGMA wal_autocheckpoint = 0;",
+        )?;
         conn.set_prepared_statement_cache_capacity(64);
+        let checkpointer = rusqlite::Connection::open(path)?;
+        checkpointer.busy_timeout(Duration::from_secs(10))?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let thread = std::thread::Builder::new().name("chatsync-writer".into()).spawn(move || run(conn, rx))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("chatsync-checkpoint".into())
+            .spawn(move || checkpoint(checkpointer, stopped))?;
+        let thread = std::thread::Builder::new().name("chatsync-writer".into()).spawn(move || {
+            run(conn, rx);
+            drop(stop);
+        })?;
         Ok(Writer { tx: parking_lot::Mutex::new(Some(tx)), thread: parking_lot::Mutex::new(Some(thread)) })
     }
 
@@ -108,6 +121,25 @@ fn run(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Job>) {
                     let result = apply_batch(&mut conn, std::slice::from_ref(&job)).map(|mut r| r.remove(0));
                     let _ = job.reply.send(result);
                 }
+            }
+        }
+    }
+}
+
+/// Copies the WAL back into the database once a second, concurrently with the writer (PASSIVE never
+/// blocks it), and once more with TRUNCATE when the writer has stopped.
+fn checkpoint(conn: rusqlite::Connection, stopped: std::sync::mpsc::Receiver<()>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        match stopped.recv_timeout(Duration::from_secs(1)) {
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                }
+            }
+            _ => {
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                return;
             }
         }
     }
