@@ -174,3 +174,64 @@ async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     assert!(child.wait().unwrap().success(), "{logs:?}");
     assert!(logs.iter().all(|l| !l.contains(&token)), "the token never reaches a log line");
 }
+
+#[tokio::test]
+async fn debug_logs_never_contain_tokens_titles_drafts_or_message_bodies() {
+    use chatsync_protocol::*;
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"])).trim().to_owned();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "trace"])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("server exited before listening").unwrap();
+        if let Some(i) = line.find("ws://") {
+            break line[i..].split(['"', ' ']).next().unwrap().to_owned();
+        }
+    };
+    let reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
+    let opts = ConnectOptions { ignore_warmup_events: true, ..ConnectOptions::new(&token, "d") };
+    let (mut c, _) = Client::connect_authenticated(&url, &opts).await.unwrap();
+    let chat = ChatId::new("c1").unwrap();
+    let doc = serde_json::json!({"type": "doc", "content": [{"type": "text", "text": "draft-plaintext-7d1"}]});
+    let requests = [
+        ClientMessage::UpdateTitle(UpdateTitle { chat_id: chat.clone(), new_title: "title-plaintext-3f9".into() }),
+        ClientMessage::UpdateDraft(UpdateDraft { chat_id: chat.clone(), draft_json: doc.as_object().cloned() }),
+        ClientMessage::ChatMessageAdded(ChatMessageAdded {
+            chat_id: chat.clone(),
+            message: NewMessage {
+                message_id: MessageId::new("m1").unwrap(),
+                content: MessageContent::Text("body-plaintext-8c2".into()),
+                timestamp: None,
+                temp_id: None,
+            },
+        }),
+        ClientMessage::InitialSyncRequest(InitialSyncRequest {
+            chat_versions: Default::default(),
+            immediate_view_chat_id: Some(chat),
+        }),
+    ];
+    for r in &requests {
+        let reply = c.request(r).await.unwrap();
+        assert!(!matches!(reply.message, ServerMessage::Error(_)), "{reply:?}");
+    }
+    c.send_text(r#"{"type":"update_title","payload":{"chat_id":"c1","new_title":7}}"#).await.unwrap();
+    c.recv().await.unwrap();
+    c.close().await.unwrap();
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    let logs = reader.join().unwrap().join("\n");
+    assert!(logs.contains("handled"), "trace logging was on: {}", &logs[..logs.len().min(2000)]);
+    for secret in [token.as_str(), "title-plaintext-3f9", "draft-plaintext-7d1", "body-plaintext-8c2"] {
+        assert!(!logs.contains(secret), "{secret:?} reached the log");
+        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(!logs.to_lowercase().contains(&hex), "{secret:?} reached the log in hex");
+    }
+}

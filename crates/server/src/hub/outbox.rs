@@ -82,12 +82,16 @@ impl Outbox {
 
     /// Queues a frame. Returns `false` if the connection is closing, or if the frame would exceed the
     /// bound, in which case the queue is dropped and the connection is closed with 1013 `Slow consumer`.
+    /// One frame larger than the byte bound is accepted when the queue is empty.
     pub fn push(&self, frame: Utf8Bytes) -> bool {
         let mut s = self.state.lock();
         if s.close.is_some() {
             return false;
         }
-        if s.queue.len() >= self.max_messages || s.bytes + frame.len() > self.max_bytes {
+        // A single frame larger than the byte bound (a big initial sync) is accepted on an empty queue:
+        // only a queue that keeps growing marks a slow consumer.
+        let over_bytes = !s.queue.is_empty() && s.bytes + frame.len() > self.max_bytes;
+        if s.queue.len() >= self.max_messages || over_bytes {
             s.queue = VecDeque::new();
             s.bytes = 0;
             s.close = Some(CloseReason::SLOW_CONSUMER);
@@ -170,6 +174,17 @@ mod tests {
         assert!(o.push(frame("abcd")));
         assert!(!o.push(frame("e")));
         assert!(matches!(o.next().await, Next::Close(CloseReason::SLOW_CONSUMER)));
+    }
+
+    #[tokio::test]
+    async fn one_frame_larger_than_the_byte_bound_passes_an_empty_queue() {
+        let o = Outbox::new(4, 100);
+        assert!(o.push(frame("a large reply")));
+        assert!(!o.push(frame("x")), "but nothing may queue behind it");
+        let o = Outbox::new(4, 100);
+        assert!(o.push(frame("a large reply")));
+        assert!(matches!(o.next().await, Next::Frame(_)));
+        assert!(o.push(frame("abc")), "drained: the queue accepts again");
     }
 
     #[tokio::test]
