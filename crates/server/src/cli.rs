@@ -82,6 +82,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATSYNC_LISTEN", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+    /// `full`: every write is fsynced before it is confirmed (survives power loss); `normal`: confirmed
+    /// once it reaches the OS (survives a crash of chatsync, not of the machine) [default: full].
+    #[arg(long, env = "CHATSYNC_DURABILITY", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durability: Option<crate::store::Durability>,
     /// Largest accepted frame in bytes; larger closes with 1009 [default: 65536].
     #[arg(long, env = "CHATSYNC_MAX_FRAME_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -256,7 +261,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Keys(KeysCommand::Rotate) => {
             crate::logging::init(config.log_format, "warn");
-            let backend = store::open_backend(&config.store_url()).await?;
+            let backend = store::open_backend(&config.store_url(), config.durability).await?;
             let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
             let (new, count) =
                 crate::keys::rotate(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;

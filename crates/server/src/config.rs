@@ -30,6 +30,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Store URL; `sqlite://PATH` (default: `sqlite://<data_dir>/chatsync.db`).
     pub database_url: Option<String>,
+    /// When a write counts as durable (embedded store).
+    pub durability: crate::store::Durability,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `chatsync=debug`.
@@ -79,6 +81,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./data"),
             database_url: None,
+            durability: crate::store::Durability::Full,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             max_frame_bytes: l.max_frame_bytes,

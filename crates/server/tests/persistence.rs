@@ -78,3 +78,22 @@ async fn no_plaintext_title_draft_or_message_is_stored_in_any_data_file() {
         }
     }
 }
+
+#[tokio::test]
+async fn normal_durability_keeps_writes_across_a_restart() {
+    let server = TestServer::start_with(|c| c.durability = chatsync::store::Durability::Normal).await;
+    let token = server.user_token("alice").await;
+    let (mut c, _) = server.connect(&token, "d").await;
+    let msg = ClientMessage::UpdateTitle(UpdateTitle { chat_id: ChatId::new("n1").unwrap(), new_title: "kept".into() });
+    assert!(matches!(c.request(&msg).await.unwrap().message, ServerMessage::ChatTitleUpdated(_)));
+    drop(c);
+    let server = server.restart().await;
+    let token = server.token("alice").await;
+    let (mut c, _) = server.connect(&token, "d").await;
+    let sync = ClientMessage::InitialSyncRequest(InitialSyncRequest {
+        chat_versions: Default::default(),
+        immediate_view_chat_id: None,
+    });
+    let ServerMessage::InitialSyncResponse(r) = c.request(&sync).await.unwrap().message else { panic!("no sync") };
+    assert_eq!(r.chats_to_add_or_update[0].title.as_deref(), Some("kept"));
+}

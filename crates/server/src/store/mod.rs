@@ -137,6 +137,18 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
+/// When a write counts as durable (the embedded store's `synchronous` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Every commit is fsynced before it is confirmed: nothing acknowledged is lost, even on power loss.
+    #[default]
+    Full,
+    /// Commits reach the OS before they are confirmed: nothing acknowledged is lost if the process
+    /// crashes, but an OS crash or power loss may lose the last moments of writes.
+    Normal,
+}
+
 /// Both halves of one backend.
 #[derive(Clone)]
 pub struct Backend {
@@ -147,17 +159,17 @@ pub struct Backend {
 }
 
 /// Opens the store named by `url` (`sqlite://PATH`), creating and migrating it as needed.
-pub async fn open_backend(url: &str) -> Result<Backend, anyhow::Error> {
+pub async fn open_backend(url: &str, durability: Durability) -> Result<Backend, anyhow::Error> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        let store = Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path)).await?);
+        let store = Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path), durability).await?);
         return Ok(Backend { identity: store.clone(), chats: store });
     }
     anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH)")
 }
 
-/// Opens only the identity half (CLI commands).
+/// Opens only the identity half (CLI commands; always fully durable).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, anyhow::Error> {
-    Ok(open_backend(url).await?.identity)
+    Ok(open_backend(url, Durability::Full).await?.identity)
 }
 
 /// Milliseconds since the Unix epoch, from the server clock.

@@ -16,7 +16,7 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and applies pending migrations.
-    pub async fn open(path: &Path) -> anyhow::Result<SqliteStore> {
+    pub async fn open(path: &Path, durability: super::Durability) -> anyhow::Result<SqliteStore> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
             let probe = dir.join(".chatsync-write-test");
@@ -27,7 +27,10 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(match durability {
+                super::Durability::Full => SqliteSynchronous::Full,
+                super::Durability::Normal => SqliteSynchronous::Normal,
+            })
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
@@ -39,7 +42,7 @@ impl SqliteStore {
             .run(&pool)
             .await
             .with_context(|| format!("cannot migrate database {}", path.display()))?;
-        let writer = super::sqlite_chats::Writer::start(path)
+        let writer = super::sqlite_chats::Writer::start(path, durability)
             .with_context(|| format!("cannot open database {} for writing", path.display()))?;
         Ok(SqliteStore { pool, writer })
     }

@@ -18,6 +18,8 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
+/// How often the WAL is checkpointed into the database (off the write path).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 /// Most writes in one group-commit transaction.
 const MAX_BATCH: usize = 512;
 /// Queued writes before `write` waits (backpressure).
@@ -59,14 +61,18 @@ impl From<rusqlite::Error> for StoreError {
 
 impl Writer {
     /// Opens the writer's connection to `path` (already migrated) and starts its thread.
-    pub(super) fn start(path: &Path) -> anyhow::Result<Writer> {
+    pub(super) fn start(path: &Path, durability: super::Durability) -> anyhow::Result<Writer> {
         let conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         // Checkpoints run on their own thread (below), not inside a commit on the write path.
         conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
              PRAGMA wal_autocheckpoint = 0;",
         )?;
+        conn.execute_batch(match durability {
+            super::Durability::Full => "PRAGMA synchronous = FULL;",
+            super::Durability::Normal => "PRAGMA synchronous = NORMAL;",
+        })?;
         conn.set_prepared_statement_cache_capacity(64);
         let checkpointer = rusqlite::Connection::open(path)?;
         checkpointer.busy_timeout(Duration::from_secs(10))?;
@@ -126,12 +132,12 @@ fn run(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// Copies the WAL back into the database once a second, concurrently with the writer (PASSIVE never
+/// Copies the WAL back into the database every [`CHECKPOINT_EVERY`], concurrently with the writer (PASSIVE never
 /// blocks it), and once more with TRUNCATE when the writer has stopped.
 fn checkpoint(conn: rusqlite::Connection, stopped: std::sync::mpsc::Receiver<()>) {
     use std::sync::mpsc::RecvTimeoutError;
     loop {
-        match stopped.recv_timeout(Duration::from_secs(1)) {
+        match stopped.recv_timeout(CHECKPOINT_EVERY) {
             Err(RecvTimeoutError::Timeout) => {
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::warn!(error = %e, "WAL checkpoint failed");
