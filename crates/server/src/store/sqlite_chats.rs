@@ -209,6 +209,23 @@ fn create_chat(
     Ok(Err(if owned_chat(tx, owner, chat_id)?.is_some() { WriteResult::Raced } else { WriteResult::NotFound }))
 }
 
+/// Creates the chat of a [`Target::Create`] write. Returns the version condition that still applies
+/// (none once the chat was created just now: it has no version a change could conflict with), or the
+/// write's result if the chat could not be created.
+fn reach(
+    tx: &rusqlite::Connection,
+    owner: &str,
+    chat_id: &str,
+    target: &Target,
+    condition: Option<i64>,
+    now: i64,
+) -> Result<Result<Option<i64>, WriteResult>, StoreError> {
+    match target {
+        Target::Existing => Ok(Ok(condition)),
+        Target::Create(key) => Ok(create_chat(tx, owner, chat_id, key, now)?.map(|_| None)),
+    }
+}
+
 /// The result when a conditional update matched no row: a conflict if the chat is the owner's.
 fn unmatched(tx: &rusqlite::Connection, owner: &str, chat_id: &str) -> Result<WriteResult, StoreError> {
     Ok(match owned_chat(tx, owner, chat_id)? {
@@ -230,14 +247,10 @@ fn update_chat(
 fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, StoreError> {
     match op {
         WriteOp::Title { owner, chat_id, title, target, if_version_at_most, now } => {
-            let mut if_version_at_most = *if_version_at_most;
-            if let Target::Create(key) = target {
-                if let Err(result) = create_chat(tx, owner, chat_id, key, *now)? {
-                    return Ok(result);
-                }
-                // A chat that did not exist has no version the change could conflict with.
-                if_version_at_most = None;
-            }
+            let if_version_at_most = match reach(tx, owner, chat_id, target, *if_version_at_most, *now)? {
+                Ok(condition) => condition,
+                Err(result) => return Ok(result),
+            };
             let sql = format!(
                 "UPDATE chats SET title = ?3, title_v = title_v + 1 \
                  WHERE chat_id = ?1 AND owner = ?2 AND (?4 IS NULL OR title_v <= ?4) RETURNING {CHAT_COLS}"
@@ -248,14 +261,10 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, StoreEr
             }
         }
         WriteOp::Draft { owner, chat_id, draft, target, if_version_at_most, now } => {
-            let mut if_version_at_most = *if_version_at_most;
-            if let Target::Create(key) = target {
-                if let Err(result) = create_chat(tx, owner, chat_id, key, *now)? {
-                    return Ok(result);
-                }
-                // A chat that did not exist has no version the change could conflict with.
-                if_version_at_most = None;
-            }
+            let if_version_at_most = match reach(tx, owner, chat_id, target, *if_version_at_most, *now)? {
+                Ok(condition) => condition,
+                Err(result) => return Ok(result),
+            };
             let sql = format!(
                 "UPDATE chats SET draft = ?3, draft_v = draft_v + 1, last_edited_ms = MAX(last_edited_ms, ?5) \
                  WHERE chat_id = ?1 AND owner = ?2 AND (?4 IS NULL OR draft_v <= ?4) RETURNING {CHAT_COLS}"
