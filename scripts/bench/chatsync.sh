@@ -65,13 +65,7 @@ wait_listen "$PORT" "$SERVER_PID" 30
 echo "chatsync listening on 127.0.0.1:$PORT (pid $SERVER_PID)"
 
 OUT="$OUT_DIR/$SCENARIO-chatsync"
-status=0
-timeout 1000 target/release/chatsync-bench --url "ws://127.0.0.1:$PORT/v1/ws" --tokens "$DATA/tokens.jsonl" \
-    --server-pid "$SERVER_PID" --json-out "$OUT.json" --plot "$OUT.svg" --max-runtime 900 \
-    "$SCENARIO" "$@" || status=$?
-if [ "$status" -eq 0 ] && [ "$SCENARIO" = idle ]; then
-    print_idle_summary "$OUT.json" "chatsync: idle connections"
-fi
+run_bench "$PORT" "$DATA/tokens.jsonl" "$SERVER_PID" "$OUT" chatsync "$DATA/server.log" "$SCENARIO" "$@"
 if [ "$status" -eq 0 ] && [ "$SCENARIO" = sync ]; then
     echo
     echo "== chatsync: server-side initial_sync_request time (from the server's debug log) =="
@@ -97,9 +91,5 @@ else:
 report["server_time"] = out
 json.dump(report, open(sys.argv[2], "w"), indent=2)
 PY
-fi
-if [ "$status" -ne 0 ]; then
-    echo "chatsync-bench exited with $status; last lines of the server log:" >&2
-    tail -20 "$DATA/server.log" >&2 || true
 fi
 exit "$status"

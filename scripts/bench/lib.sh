@@ -60,3 +60,22 @@ print_idle_summary() {
     echo "RSS per idle authenticated connection: $(json_get "$f" idle_server.rss_per_connection_kib) KiB"
     echo "server CPU per connection (ms):   $(json_get "$f" idle_server.cpu_per_connection_ms)"
 }
+
+# run_bench PORT TOKENS PID OUT LABEL LOG SCENARIO [options...]: runs chatsync-bench against
+# 127.0.0.1:PORT with the common options (server sampling, JSON and SVG to OUT.json / OUT.svg), prints
+# the idle summary for `idle`, and on failure the tail of the server's LOG. Sets `status`.
+run_bench() {
+    local port=$1 tokens=$2 pid=$3 out=$4 label=$5 log=$6 scenario=$7
+    shift 7
+    status=0
+    timeout 1000 target/release/chatsync-bench --url "ws://127.0.0.1:$port/v1/ws" --tokens "$tokens" \
+        --server-pid "$pid" --json-out "$out.json" --plot "$out.svg" --max-runtime 900 \
+        "$scenario" "$@" || status=$?
+    if [ "$status" -eq 0 ] && [ "$scenario" = idle ]; then
+        print_idle_summary "$out.json" "$label: idle connections"
+    fi
+    if [ "$status" -ne 0 ]; then
+        echo "chatsync-bench exited with $status; last lines of the $label log:" >&2
+        tail -20 "$log" >&2 || true
+    fi
+}

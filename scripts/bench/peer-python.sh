@@ -71,15 +71,5 @@ wait_listen "$PORT" "$SERVER_PID" 60
 echo "python-reference peer listening on 127.0.0.1:$PORT (pid $SERVER_PID)"
 
 OUT="$OUT_DIR/$SCENARIO-python"
-status=0
-timeout 1000 target/release/chatsync-bench --url "ws://127.0.0.1:$PORT/v1/ws" --tokens "$WORK/tokens.jsonl" \
-    --server-pid "$SERVER_PID" --json-out "$OUT.json" --plot "$OUT.svg" --max-runtime 900 \
-    "$SCENARIO" "$@" || status=$?
-if [ "$status" -eq 0 ] && [ "$SCENARIO" = idle ]; then
-    print_idle_summary "$OUT.json" "python-reference peer: idle connections"
-fi
-if [ "$status" -ne 0 ]; then
-    echo "chatsync-bench exited with $status; last lines of the peer's log:" >&2
-    tail -20 "$WORK/server.log" >&2 || true
-fi
+run_bench "$PORT" "$WORK/tokens.jsonl" "$SERVER_PID" "$OUT" python-reference "$WORK/server.log" "$SCENARIO" "$@"
 exit "$status"

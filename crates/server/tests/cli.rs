@@ -28,6 +28,30 @@ fn fails(out: &Output, needle: &str) {
     assert!(err.contains(needle), "stderr {err:?} lacks {needle:?}");
 }
 
+/// Starts `chatsync serve` on port 0 with `args` and returns the child, its remaining stderr lines, and
+/// the WebSocket URL it printed.
+fn serve(
+    dir: &Path,
+    args: &[&str],
+    rust_log: Option<&str>,
+) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStderr>>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatsync"));
+    cmd.arg("--data-dir").arg(dir).args(["serve", "--listen", "127.0.0.1:0"]).args(args).stderr(Stdio::piped());
+    match rust_log {
+        Some(filter) => cmd.env("RUST_LOG", filter),
+        None => cmd.env_remove("RUST_LOG"),
+    };
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("server exited before listening").unwrap();
+        if let Some(i) = line.find("ws://") {
+            break line[i..].split(['"', ' ']).next().unwrap().to_owned();
+        }
+    };
+    (child, lines, url)
+}
+
 #[test]
 fn users_add_and_its_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -149,21 +173,7 @@ async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     ok(&chatsync(dir.path(), &["users", "add", "alice"]));
     let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"])).trim().to_owned();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "text"])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("server exited before listening").unwrap();
-        if let Some(i) = line.find("ws://") {
-            break line[i..].split_whitespace().next().unwrap().to_owned();
-        }
-    };
+    let (mut child, lines, url) = serve(dir.path(), &["--log-format", "text"], Some("info"));
     assert!(!url.contains(&token));
     let (mut client, hello) = Client::connect_authenticated(&url, &ConnectOptions::new(&token, "d")).await.unwrap();
     assert_eq!(hello.user_id, "alice");
@@ -181,21 +191,7 @@ async fn debug_logs_never_contain_tokens_titles_drafts_or_message_bodies() {
     let dir = tempfile::tempdir().unwrap();
     ok(&chatsync(dir.path(), &["users", "add", "alice"]));
     let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"])).trim().to_owned();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "trace"])
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("server exited before listening").unwrap();
-        if let Some(i) = line.find("ws://") {
-            break line[i..].split(['"', ' ']).next().unwrap().to_owned();
-        }
-    };
+    let (mut child, lines, url) = serve(dir.path(), &["--log-format", "json", "--log-level", "trace"], None);
     let reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
     let opts = ConnectOptions { ignore_warmup_events: true, ..ConnectOptions::new(&token, "d") };
     let (mut c, _) = Client::connect_authenticated(&url, &opts).await.unwrap();

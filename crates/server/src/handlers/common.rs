@@ -114,6 +114,13 @@ pub async fn write_chat(
     Err(Error::internal("chat creation raced three times"))
 }
 
+/// Merges the chat state a write returned into the cache (applied or not: it is the store's truth).
+pub async fn cache_written(ctx: &Ctx, user_id: &str, result: &WriteResult) {
+    if let WriteResult::Applied(chat) | WriteResult::Conflict(chat) | WriteResult::NoDraft(chat) = result {
+        ctx.cache.chat_written(user_id, chat).await;
+    }
+}
+
 /// The key of one of the user's chats, from its record.
 pub fn chat_key(ctx: &Ctx, owner: &str, chat: &ChatRecord) -> Result<Arc<ChatKey>, Error> {
     ctx.keys.chat_key(&chat.chat_id, owner, &chat.key)

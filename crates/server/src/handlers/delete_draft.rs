@@ -42,12 +42,9 @@ pub async fn apply(
 ) -> Result<WriteResult, Error> {
     let op = WriteOp::DeleteDraft { owner: user_id.to_owned(), chat_id: chat_id.to_owned(), if_version_at_most };
     let result = ctx.chats.write(op).await?;
-    match &result {
-        WriteResult::NotFound => return Err(Error::chat_not_found(chat_id)),
-        WriteResult::Applied(chat) | WriteResult::Conflict(chat) | WriteResult::NoDraft(chat) => {
-            ctx.cache.chat_written(user_id, chat).await
-        }
-        _ => {}
+    if let WriteResult::NotFound = result {
+        return Err(Error::chat_not_found(chat_id));
     }
+    super::common::cache_written(ctx, user_id, &result).await;
     Ok(result)
 }

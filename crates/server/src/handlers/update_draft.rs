@@ -1,7 +1,7 @@
 //! `update_draft`: sets (or, with `null`, clears) the draft of one of the user's chats, creating the
 //! chat when the id is new. SELF `draft_update_confirmed`; OTHERS `chat_draft_updated`.
 
-use super::common::{check_draft, seal_draft, secs, write_chat};
+use super::common::{cache_written, check_draft, seal_draft, secs, write_chat};
 use super::{Broadcast, Ctx, Outcome};
 use crate::error::Error;
 use crate::hub::ConnHandle;
@@ -52,9 +52,7 @@ pub async fn apply(
         now,
     })
     .await?;
-    if let WriteResult::Applied(chat) | WriteResult::Conflict(chat) = &result {
-        ctx.cache.chat_written(user_id, chat).await;
-    }
+    cache_written(ctx, user_id, &result).await;
     Ok(result)
 }
 

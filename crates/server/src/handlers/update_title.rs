@@ -1,7 +1,7 @@
 //! `update_title`: sets the title of one of the user's chats (`""` clears it), creating the chat when
 //! the id is new. ALL `chat_title_updated` (SELF's copy carries the `request_id`).
 
-use super::common::{check_title, seal_title, write_chat};
+use super::common::{cache_written, check_title, seal_title, write_chat};
 use super::{Broadcast, Ctx, Outcome};
 use crate::error::Error;
 use crate::hub::ConnHandle;
@@ -38,9 +38,7 @@ pub async fn apply(
         now,
     })
     .await?;
-    if let WriteResult::Applied(chat) | WriteResult::Conflict(chat) = &result {
-        ctx.cache.chat_written(user_id, chat).await;
-    }
+    cache_written(ctx, user_id, &result).await;
     Ok(result)
 }
 
