@@ -192,6 +192,24 @@ impl Client {
         self.pending.len()
     }
 
+    /// The next text frame as received (no decoding; buffered messages are not included). A close frame
+    /// is [`ClientError::Closed`].
+    pub async fn recv_text(&mut self) -> Result<String, ClientError> {
+        loop {
+            match self.ws.next().await {
+                None => return Err(ClientError::Closed(None)),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(ClientError::Closed(
+                        frame.map(|CloseFrame { code, reason }| (code.into(), reason.to_string())),
+                    ));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// Reads until the server closes; returns the close code and reason. Protocol messages received
     /// before the close are discarded.
     pub async fn recv_close(&mut self) -> Result<(u16, String), ClientError> {

@@ -64,6 +64,23 @@ pub enum Command {
     /// Manage the master key that wraps the data keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Connect to a server as a client: prints every server message as a JSON line, sends every JSON
+    /// line typed on stdin (e.g. {"type":"ping","request_id":"1"}).
+    Connect(ConnectArgs),
+}
+
+/// `chatsync connect` options.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Session token (from `chatsync sessions issue`).
+    #[arg(long, env = "CHATSYNC_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Device id sent as X-Device-Id.
+    #[arg(long, default_value = "cli")]
+    pub device_id: String,
+    /// Server endpoint.
+    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
+    pub url: String,
 }
 
 /// `chatsync keys …`
@@ -259,6 +276,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             crate::logging::init(config.log_format, "warn");
             devices(config, cmd).await
         }
+        Command::Connect(args) => connect(args).await,
         Command::Keys(KeysCommand::Rotate) => {
             crate::logging::init(config.log_format, "warn");
             let backend = store::open_backend(&config.store_url(), config.durability).await?;
@@ -288,6 +306,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "chatsync listening on ws://{addr}/v1/ws");
     crate::run(listener, ctx, shutdown_signal()).await
+}
+
+/// `chatsync connect`: a line-oriented WebSocket client for trying the protocol by hand.
+async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    let opts = chatsync_client::ConnectOptions::new(&args.token, &args.device_id);
+    let mut client = chatsync_client::Client::connect(&args.url, &opts).await.context("cannot connect")?;
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            line = stdin.next_line(), if stdin_open => match line? {
+                Some(line) if line.trim().is_empty() => {}
+                Some(line) => client.send_text(line).await?,
+                None => stdin_open = false,
+            },
+            frame = client.recv_text() => match frame {
+                Ok(text) => println!("{text}"),
+                Err(chatsync_client::ClientError::Closed(close)) => {
+                    match close {
+                        Some((code, reason)) => eprintln!("closed by the server: {code} {reason}"),
+                        None => eprintln!("connection closed"),
+                    }
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

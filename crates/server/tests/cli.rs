@@ -231,3 +231,34 @@ async fn debug_logs_never_contain_tokens_titles_drafts_or_message_bodies() {
         assert!(!logs.to_lowercase().contains(&hex), "{secret:?} reached the log in hex");
     }
 }
+
+#[tokio::test]
+async fn connect_is_a_line_client_for_trying_the_protocol() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"])).trim().to_owned();
+    let (mut server, _lines, url) = serve(dir.path(), &[], None);
+    let mut client = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .args(["connect", "--url", &url, "--device-id", "laptop", "--token", &token])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = client.stdin.take().unwrap();
+    writeln!(stdin, r#"{{"type":"ping","request_id":"p1"}}"#).unwrap();
+    writeln!(stdin, r#"{{"type":"update_title","payload":{{"chat_id":"c1","new_title":"Trip"}},"request_id":"t1"}}"#)
+        .unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while seen.len() < 3 || !seen.iter().any(|l: &String| l.contains("chat_title_updated")) {
+        seen.push(out.next().expect("the client printed every message").unwrap());
+    }
+    assert!(seen[0].contains(r#""type":"connected""#), "{seen:?}");
+    assert!(seen.iter().any(|l| l.contains(r#""type":"pong""#) && l.contains(r#""request_id":"p1""#)), "{seen:?}");
+    assert!(seen.iter().any(|l| l.contains(r#""title":"Trip""#) && l.contains(r#""request_id":"t1""#)), "{seen:?}");
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(server.wait().unwrap().success());
+    drop(stdin);
+    assert!(client.wait().unwrap().success(), "the client ends cleanly when the server closes");
+}
