@@ -53,7 +53,6 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: ChatMessageAdded) -> Result
     if duplicate {
         return Ok(reply);
     }
-    ctx.cache.chat_written(&conn.user_id, &chat).await;
     ctx.cache.message_added(&conn.user_id, chat_id.as_str(), &stored).await;
     let event = MessageAddedEvent {
         chat_id,

@@ -81,8 +81,9 @@ pub fn check_draft(ctx: &Ctx, draft: &Map<String, Value>, field: &str) -> Result
 }
 
 /// Runs a write against a chat of `owner`, creating the chat when the id is new: resolves the chat's
-/// key, builds the op (`build` gets the target and the key to encrypt with), and starts over if another
-/// connection created the chat in the meantime. Absent-and-deleted or foreign chats are `not_found`.
+/// key, builds the op (`build` gets the target and the key to encrypt with), starts over if another
+/// connection created the chat in the meantime, and merges the resulting chat state into the cache.
+/// Absent-and-deleted or foreign chats are `not_found`.
 pub async fn write_chat(
     ctx: &Ctx,
     owner: &str,
@@ -102,6 +103,7 @@ pub async fn write_chat(
                 result
             }
         };
+        cache_written(ctx, owner, &result).await;
         match result {
             WriteResult::Raced => continue,
             WriteResult::NotFound => {
@@ -116,8 +118,12 @@ pub async fn write_chat(
 
 /// Merges the chat state a write returned into the cache (applied or not: it is the store's truth).
 pub async fn cache_written(ctx: &Ctx, user_id: &str, result: &WriteResult) {
-    if let WriteResult::Applied(chat) | WriteResult::Conflict(chat) | WriteResult::NoDraft(chat) = result {
-        ctx.cache.chat_written(user_id, chat).await;
+    match result {
+        WriteResult::Applied(chat)
+        | WriteResult::Conflict(chat)
+        | WriteResult::NoDraft(chat)
+        | WriteResult::Message { chat, .. } => ctx.cache.chat_written(user_id, chat).await,
+        _ => {}
     }
 }
 

@@ -1,7 +1,7 @@
 //! `update_draft`: sets (or, with `null`, clears) the draft of one of the user's chats, creating the
 //! chat when the id is new. SELF `draft_update_confirmed`; OTHERS `chat_draft_updated`.
 
-use super::common::{cache_written, check_draft, seal_draft, secs, write_chat};
+use super::common::{check_draft, seal_draft, secs, write_chat};
 use super::{Broadcast, Ctx, Outcome};
 use crate::error::Error;
 use crate::hub::ConnHandle;
@@ -43,7 +43,7 @@ pub async fn apply(
     let user_key = ctx.keys.user_key(ctx.chats.as_ref(), user_id).await?;
     let sealed = seal_draft(&user_key, chat_id, user_id, draft);
     let now = now_millis();
-    let result = write_chat(ctx, user_id, chat_id, |target, _chat_key| WriteOp::Draft {
+    write_chat(ctx, user_id, chat_id, |target, _chat_key| WriteOp::Draft {
         owner: user_id.to_owned(),
         chat_id: chat_id.to_owned(),
         draft: sealed.clone(),
@@ -51,9 +51,7 @@ pub async fn apply(
         if_version_at_most,
         now,
     })
-    .await?;
-    cache_written(ctx, user_id, &result).await;
-    Ok(result)
+    .await
 }
 
 /// The `chat_draft_updated` event for a written draft.

@@ -1,7 +1,7 @@
 //! `update_title`: sets the title of one of the user's chats (`""` clears it), creating the chat when
 //! the id is new. ALL `chat_title_updated` (SELF's copy carries the `request_id`).
 
-use super::common::{cache_written, check_title, seal_title, write_chat};
+use super::common::{check_title, seal_title, write_chat};
 use super::{Broadcast, Ctx, Outcome};
 use crate::error::Error;
 use crate::hub::ConnHandle;
@@ -29,7 +29,7 @@ pub async fn apply(
     if_version_at_most: Option<i64>,
 ) -> Result<WriteResult, Error> {
     let now = now_millis();
-    let result = write_chat(ctx, user_id, chat_id, |target, key| WriteOp::Title {
+    write_chat(ctx, user_id, chat_id, |target, key| WriteOp::Title {
         owner: user_id.to_owned(),
         chat_id: chat_id.to_owned(),
         title: seal_title(key, chat_id, title),
@@ -37,9 +37,7 @@ pub async fn apply(
         if_version_at_most,
         now,
     })
-    .await?;
-    cache_written(ctx, user_id, &result).await;
-    Ok(result)
+    .await
 }
 
 /// The `chat_title_updated` event for a written title.
