@@ -223,6 +223,48 @@ impl Client {
         }
     }
 
+    /// Like [`Client::recv_close`], and checks that the close is clean as a browser judges it
+    /// (`wasClean`): after the server's close frame (which this client answers) the connection ends
+    /// without an error. Fails with the error otherwise.
+    pub async fn recv_clean_close(&mut self) -> Result<(u16, String), ClientError> {
+        let close = self.recv_close().await?;
+        self.expect_clean_end().await?;
+        Ok(close)
+    }
+
+    /// Starts the closing handshake with `code` and returns the server's answering close frame, once the
+    /// connection has ended cleanly. [`ClientError::Closed`]`(None)` means the server dropped the
+    /// connection without answering (what a browser reports as 1006).
+    pub async fn close_with(&mut self, code: u16, reason: &str) -> Result<(u16, String), ClientError> {
+        let frame = CloseFrame { code: code.into(), reason: reason.to_owned().into() };
+        self.ws.close(Some(frame)).await?;
+        self.pending.clear();
+        let answer = loop {
+            match self.ws.next().await {
+                None => return Err(ClientError::Closed(None)),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Close(None))) => {
+                    return Err(ClientError::Unexpected("a close frame without a code".into()))
+                }
+                Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => break (code.into(), reason.to_string()),
+                Some(Ok(_)) => continue,
+            }
+        };
+        self.expect_clean_end().await?;
+        Ok(answer)
+    }
+
+    async fn expect_clean_end(&mut self) -> Result<(), ClientError> {
+        use tokio_tungstenite::tungstenite::Error as WsError;
+        loop {
+            match self.ws.next().await {
+                None | Some(Err(WsError::ConnectionClosed)) => return Ok(()),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// Closes the connection politely.
     pub async fn close(mut self) -> Result<(), ClientError> {
         let _ = self.ws.close(None).await;

@@ -293,20 +293,10 @@ pub struct ChatMessageConfirmed {
 pub struct MessageAddedEvent {
     /// The chat.
     pub chat_id: ChatId,
-    /// The message id.
-    pub message_id: MessageId,
-    /// 1-based position.
-    pub seq: u64,
-    /// Always `"user"`.
-    pub sender_name: String,
-    /// The content.
-    pub content: MessageContent,
-    /// RFC 3339.
-    pub created_at: String,
-    /// The client's timestamp, as sent.
-    pub client_timestamp: Option<crate::ClientTimestamp>,
+    /// The message, in the same shape as in `chat_messages_response`.
+    pub message: MessageOut,
     /// The chat's message count.
-    pub messages_v: u64,
+    pub versions: MessagesVersion,
     /// Unix seconds.
     pub last_edited_overall_timestamp: i64,
 }

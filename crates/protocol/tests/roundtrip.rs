@@ -174,13 +174,15 @@ fn server_samples() -> Vec<ServerMessage> {
         }),
         ServerMessage::ChatMessageAdded(MessageAddedEvent {
             chat_id: chat("c1"),
-            message_id: msg_id("m1"),
-            seq: 1,
-            sender_name: "user".into(),
-            content: MessageContent::Json(doc()),
-            created_at: "2026-11-29T10:00:00Z".into(),
-            client_timestamp: Some(ClientTimestamp::Unix(3.0)),
-            messages_v: 1,
+            message: MessageOut {
+                message_id: msg_id("m1"),
+                seq: 1,
+                sender_name: "user".into(),
+                content: MessageContent::Json(doc()),
+                created_at: "2026-11-29T10:00:00Z".into(),
+                client_timestamp: Some(ClientTimestamp::Unix(3.0)),
+            },
+            versions: MessagesVersion { messages_v: 1 },
             last_edited_overall_timestamp: 5,
         }),
         ServerMessage::ChatMessagesResponse(ChatMessagesResponse {

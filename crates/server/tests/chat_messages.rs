@@ -8,7 +8,7 @@ mod sync_util;
 
 use chatsync_protocol::*;
 use common::TestServer;
-use serde_json::json;
+use serde_json::{json, Value};
 use sync_util::*;
 
 fn seqs(messages: &[MessageOut]) -> Vec<u64> {
@@ -107,17 +107,21 @@ async fn other_devices_receive_the_message_with_seq_sender_content_and_timestamp
         assert_eq!(event.request_id, None);
         let event = expect_msg!(event, ChatMessageAdded);
         assert_eq!(event.chat_id.as_str(), "c1");
-        assert_eq!(event.message_id.as_str(), m["message_id"].as_str().unwrap());
-        assert_eq!(event.seq, i as u64 + 1);
-        assert_eq!(event.messages_v, i as u64 + 1);
-        assert_eq!(event.sender_name, "user", "the sender field is ignored");
-        assert_eq!(serde_json::to_value(&event.content).unwrap(), m["content"]);
-        assert_eq!(event.client_timestamp, ts);
+        assert_eq!(event.message.message_id.as_str(), m["message_id"].as_str().unwrap());
+        assert_eq!(event.message.seq, i as u64 + 1);
+        assert_eq!(event.versions.messages_v, i as u64 + 1);
+        assert_eq!(event.message.sender_name, "user", "the sender field is ignored");
+        assert_eq!(serde_json::to_value(&event.message.content).unwrap(), m["content"]);
+        assert_eq!(event.message.client_timestamp, ts);
         assert_eq!(event.last_edited_overall_timestamp, confirmed.new_last_edited_overall_timestamp);
-        let created =
-            humantime::parse_rfc3339(&event.created_at).unwrap_or_else(|e| panic!("{}: {e}", event.created_at));
+        let created = &event.message.created_at;
+        let created = humantime::parse_rfc3339(created).unwrap_or_else(|e| panic!("{created}: {e}"));
         let created = created.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-        assert!((t0..=now_secs()).contains(&created), "created_at {} is the server's clock", event.created_at);
+        assert!(
+            (t0..=now_secs()).contains(&created),
+            "created_at {:?} is the server's clock",
+            event.message.created_at
+        );
     }
     // The stored messages read back the same.
     let page = all_messages(&mut laptop, "c1").await;
@@ -468,4 +472,33 @@ async fn concurrent_messages_from_two_devices_get_contiguous_unique_seqs() {
     let page = all_messages(&mut phone, "c1").await;
     assert_eq!(seqs(&page.messages), (1..=2 * N as u64 + 1).collect::<Vec<_>>());
     assert_eq!(page.messages_v, 2 * N as u64 + 1);
+}
+
+/// The broadcast has the shape of every other broadcast (`message` object, `versions`), exactly as the
+/// original web client reads it: checked on the raw JSON, not through our own decoder.
+#[tokio::test]
+async fn the_message_broadcast_carries_a_message_object_and_versions_on_the_wire() {
+    let server = TestServer::start().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    let sent = json!({ "message_id": "m1", "content": {"text": "hi"}, "timestamp": 1714557600 });
+    expect_msg!(phone.request(&message_full("c1", sent)).await.unwrap(), ChatMessageConfirmed);
+    let raw: Value = serde_json::from_str(&laptop.recv_text().await.unwrap()).unwrap();
+    assert_eq!(raw["type"], "chat_message_added");
+    let payload = raw["payload"].as_object().unwrap();
+    let mut keys: Vec<&str> = payload.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["chat_id", "last_edited_overall_timestamp", "message", "versions"]);
+    assert_eq!(payload["versions"], json!({ "messages_v": 1 }));
+    let message = payload["message"].as_object().unwrap();
+    let mut keys: Vec<&str> = message.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["client_timestamp", "content", "created_at", "message_id", "sender_name", "seq"]);
+    assert_eq!(message["message_id"], "m1");
+    assert_eq!(message["seq"], 1);
+    assert_eq!(message["sender_name"], "user");
+    assert_eq!(message["content"], json!({"text": "hi"}));
+    // The same object as `chat_messages_response` carries.
+    let page = all_messages(&mut laptop, "c1").await;
+    assert_eq!(serde_json::to_value(&page.messages[0]).unwrap(), payload["message"]);
 }

@@ -209,7 +209,7 @@ async fn a_client_that_does_not_read_is_closed_as_slow_consumer() {
     for _ in 0..200 {
         server.ctx.hub.deliver("alice", Audience::All, frame.clone().into()).await;
     }
-    assert_eq!(client.recv_close().await.unwrap(), (1013, "Slow consumer".into()));
+    assert_eq!(client.recv_clean_close().await.unwrap(), (1013, "Slow consumer".into()));
 }
 
 #[tokio::test]
@@ -232,7 +232,8 @@ async fn shutdown_closes_every_connection_with_1001() {
     let token = server.user_token("alice").await;
     let (mut a, _) = server.connect(&token, "d1").await;
     let (mut b, _) = server.connect(&token, "d1").await;
-    let closes = tokio::spawn(async move { (a.recv_close().await.unwrap(), b.recv_close().await.unwrap()) });
+    let closes =
+        tokio::spawn(async move { (a.recv_clean_close().await.unwrap(), b.recv_clean_close().await.unwrap()) });
     server.stop().await;
     let (ca, cb) = closes.await.unwrap();
     assert_eq!(ca, (1001, "Server shutting down".into()));
@@ -269,4 +270,38 @@ async fn a_frame_far_beyond_the_limit_still_closes_with_1009() {
         // to a TCP reset, but the connection must be gone.
         Err(e) => assert!(e.to_string().contains("reset") || e.to_string().contains("closed"), "{e}"),
     }
+}
+
+/// RFC 6455 §5.5.1: a client's close is answered with a close echoing its code, so the client sees a
+/// clean close with its own code (never 1006).
+#[tokio::test]
+async fn a_client_close_is_answered_with_its_own_code() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    for code in [1000u16, 1001, 4000] {
+        let (mut client, _) = server.connect(&token, "d").await;
+        let answer = client.close_with(code, "bye").await.unwrap_or_else(|e| panic!("close {code}: {e}"));
+        assert_eq!(answer.0, code);
+    }
+    // The same while the server has frames queued for the client: nothing is sent after its close.
+    let (mut busy, _) = server.connect(&token, "d").await;
+    let frame =
+        encode(&ServerMessage::ChatDeleted(ChatDeleted { chat_id: ChatId::new("c1").unwrap(), tombstone: true }), None);
+    for _ in 0..20 {
+        server.ctx.hub.deliver("alice", Audience::All, frame.clone().into()).await;
+    }
+    assert_eq!(busy.close_with(1000, "").await.unwrap().0, 1000);
+    let (mut still, _) = server.connect(&token, "d").await;
+    assert_alive(&mut still).await;
+}
+
+#[tokio::test]
+async fn revocation_closes_cleanly_with_1008() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let (mut client, _) = server.connect(&token, "d").await;
+    let session = server.ctx.store.session_by_token_hash(&chatsync::gateway::auth::token_hash(&token)).await.unwrap();
+    let session_id = session.expect("session exists").session_id;
+    server.ctx.hub.close_sessions(&[session_id], chatsync::hub::CloseReason::SESSION_REVOKED).await;
+    assert_eq!(client.recv_clean_close().await.unwrap(), (1008, "Session revoked".into()));
 }

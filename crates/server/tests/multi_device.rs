@@ -136,9 +136,9 @@ async fn chat_message_added_confirms_to_self_and_broadcasts_to_others_only() {
     assert_eq!(confirmed.temp_id, Some(TempId::Text("t1".into())));
     for c in [&mut d.phone, &mut d.tab2] {
         let event = expect_msg!(next_broadcast(c).await, ChatMessageAdded);
-        assert_eq!(event.message_id.as_str(), "m1");
-        assert_eq!(event.seq, 1);
-        assert_eq!(event.content, text("hi"));
+        assert_eq!(event.message.message_id.as_str(), "m1");
+        assert_eq!(event.message.seq, 1);
+        assert_eq!(event.message.content, text("hi"));
     }
     d.all_quiet().await;
 

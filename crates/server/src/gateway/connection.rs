@@ -148,7 +148,12 @@ async fn read_loop(
                 conn.outbox.close(CloseReason::BINARY);
                 return false;
             }
-            Some(Ok(Message::Close(_))) => return false,
+            Some(Ok(Message::Close(_))) => {
+                // Answer the client's close (tungstenite has queued the echo of its code); the writer
+                // flushes it before the TCP connection goes (RFC 6455 §5.5.1).
+                conn.outbox.close_now(CloseReason::PEER_CLOSED);
+                return false;
+            }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
         }
         if conn.outbox.is_closing() {

@@ -9,7 +9,8 @@ use crate::hub::ConnHandle;
 use crate::store::chats::{WriteOp, WriteResult};
 use crate::store::now_millis;
 use chatsync_protocol::{
-    ChatMessageAdded, ChatMessageConfirmed, ClientTimestamp, Limits, MessageAddedEvent, ServerMessage,
+    ChatMessageAdded, ChatMessageConfirmed, ClientTimestamp, Limits, MessageAddedEvent, MessageOut, MessagesVersion,
+    ServerMessage,
 };
 
 /// Handles `chat_message_added`.
@@ -56,13 +57,15 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: ChatMessageAdded) -> Result
     ctx.cache.message_added(&conn.user_id, chat_id.as_str(), &stored).await;
     let event = MessageAddedEvent {
         chat_id,
-        message_id: message.message_id,
-        seq: stored.seq,
-        sender_name: USER_SENDER.to_owned(),
-        content: message.content,
-        created_at: rfc3339(stored.created_at_ms),
-        client_timestamp: message.timestamp,
-        messages_v: chat.messages_v,
+        message: MessageOut {
+            message_id: message.message_id,
+            seq: stored.seq,
+            sender_name: USER_SENDER.to_owned(),
+            content: message.content,
+            created_at: rfc3339(stored.created_at_ms),
+            client_timestamp: message.timestamp,
+        },
+        versions: MessagesVersion { messages_v: chat.messages_v },
         last_edited_overall_timestamp: secs(chat.last_edited_ms),
     };
     Ok(reply.broadcast(Broadcast::Others(ServerMessage::ChatMessageAdded(event))))

@@ -48,6 +48,12 @@ impl CloseReason {
     pub const OVERLOADED: CloseReason = CloseReason { code: 1013, reason: "Server overloaded" };
     /// 1013 `Slow consumer`.
     pub const SLOW_CONSUMER: CloseReason = CloseReason { code: 1013, reason: "Slow consumer" };
+    /// 1013 `Too many connections` (the user's per-node connection cap).
+    pub const TOO_MANY_CONNECTIONS: CloseReason = CloseReason { code: 1013, reason: "Too many connections" };
+    /// The client closed first. The WebSocket layer has already queued the answer, which echoes the
+    /// client's own code (RFC 6455 §5.5.1); the writer only flushes it, so this code and reason are
+    /// never sent.
+    pub const PEER_CLOSED: CloseReason = CloseReason { code: 1000, reason: "" };
 }
 
 /// What the writer task should do next.
@@ -109,6 +115,19 @@ impl Outbox {
     /// Asks the writer to close after the frames already queued. The first close reason wins.
     pub fn close(&self, reason: CloseReason) {
         let mut s = self.state.lock();
+        if s.close.is_none() {
+            s.close = Some(reason);
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Drops whatever is queued and asks the writer to close at once (nothing may be sent after the
+    /// client's close frame). The first close reason wins.
+    pub fn close_now(&self, reason: CloseReason) {
+        let mut s = self.state.lock();
+        s.queue = VecDeque::new();
+        s.bytes = 0;
         if s.close.is_none() {
             s.close = Some(reason);
         }
@@ -185,6 +204,14 @@ mod tests {
         assert!(o.push(frame("a large reply")));
         assert!(matches!(o.next().await, Next::Frame(_)));
         assert!(o.push(frame("abc")), "drained: the queue accepts again");
+    }
+
+    #[tokio::test]
+    async fn close_now_drops_the_queue() {
+        let o = Outbox::new(1024, 8);
+        assert!(o.push(frame("a")));
+        o.close_now(CloseReason::PEER_CLOSED);
+        assert!(matches!(o.next().await, Next::Close(CloseReason::PEER_CLOSED)));
     }
 
     #[tokio::test]
