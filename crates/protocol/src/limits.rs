@@ -23,6 +23,8 @@ pub struct Limits {
     pub rate_per_sec: u32,
     /// Requests a connection may send in a burst above the sustained rate.
     pub rate_burst: u32,
+    /// Largest frame the server sends; larger replies are split or shortened ("Bounded replies").
+    pub max_reply_bytes: u32,
 }
 
 impl Default for Limits {
@@ -37,6 +39,7 @@ impl Default for Limits {
             max_page_messages: 500,
             rate_per_sec: 100,
             rate_burst: 200,
+            max_reply_bytes: 1 << 20,
         }
     }
 }

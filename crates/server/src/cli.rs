@@ -160,7 +160,20 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATSYNC_MAX_CONNECTIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
-    /// Allowed Origin header values, comma-separated; others get HTTP 403 [default: any].
+    /// Most connections of one user on this node; beyond it 1013 `Too many connections` [default: 100].
+    #[arg(long, env = "CHATSYNC_MAX_CONNECTIONS_PER_USER", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_user: Option<usize>,
+    /// Largest server frame; larger replies are split (`more`) or shortened [default: 1048576].
+    #[arg(long, env = "CHATSYNC_MAX_REPLY_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_reply_bytes: Option<u32>,
+    /// Most chats one user may own; creating one more is `limit_exceeded` [default: 10000].
+    #[arg(long, env = "CHATSYNC_MAX_CHATS_PER_USER", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_chats_per_user: Option<u32>,
+    /// Allowed Origin header values, comma-separated; others get HTTP 403. Cookie authentication is
+    /// accepted only from an Origin in this list (none without it) [default: any Origin; no cookies].
     #[arg(long, env = "CHATSYNC_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,

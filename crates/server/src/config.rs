@@ -54,6 +54,10 @@ pub struct Config {
     pub rate_per_sec: u32,
     /// Burst above the sustained rate.
     pub rate_burst: u32,
+    /// Largest server frame, bytes (replies above it are split or shortened).
+    pub max_reply_bytes: u32,
+    /// Most chats one user may own.
+    pub max_chats_per_user: u32,
     /// Seconds between server WebSocket Pings.
     pub ping_interval_secs: u64,
     /// Seconds of silence (no frame, no Pong) before closing with 1001 `Heartbeat timeout`.
@@ -64,6 +68,8 @@ pub struct Config {
     pub outbox_max_messages: usize,
     /// Most connections this node accepts; beyond it: 1013 `Server overloaded`.
     pub max_connections: usize,
+    /// Most connections of one user on this node; beyond it: 1013 `Too many connections`.
+    pub max_connections_per_user: usize,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
     /// Seconds between checks for sessions revoked elsewhere (CLI, another node).
@@ -93,11 +99,14 @@ impl Default for Config {
             max_page_messages: l.max_page_messages,
             rate_per_sec: l.rate_per_sec,
             rate_burst: l.rate_burst,
+            max_reply_bytes: l.max_reply_bytes,
+            max_chats_per_user: 10_000,
             ping_interval_secs: 25,
             heartbeat_timeout_secs: 60,
             outbox_max_bytes: 1 << 20,
             outbox_max_messages: 1024,
             max_connections: 100_000,
+            max_connections_per_user: 100,
             allowed_origins: Vec::new(),
             session_check_interval_secs: 5,
             shutdown_timeout_secs: 10,
@@ -136,6 +145,8 @@ impl Config {
             ("outbox_max_bytes", self.outbox_max_bytes as u64),
             ("outbox_max_messages", self.outbox_max_messages as u64),
             ("max_connections", self.max_connections as u64),
+            ("max_connections_per_user", self.max_connections_per_user as u64),
+            ("max_chats_per_user", self.max_chats_per_user as u64),
             ("session_check_interval_secs", self.session_check_interval_secs),
             ("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64),
         ];
@@ -146,6 +157,9 @@ impl Config {
         }
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());
+        }
+        if self.max_reply_bytes < 4096 {
+            return Err("max_reply_bytes must be at least 4096".into());
         }
         Ok(())
     }
@@ -162,6 +176,7 @@ impl Config {
             max_page_messages: self.max_page_messages,
             rate_per_sec: self.rate_per_sec,
             rate_burst: self.rate_burst,
+            max_reply_bytes: self.max_reply_bytes,
         }
     }
 

@@ -37,6 +37,9 @@ pub struct Keyring {
     master: MasterKey,
     chats: DashMap<String, Arc<ChatKey>>,
     users: DashMap<String, Arc<DataKey>>,
+    /// Chats deleted through this node: their keys are never memoized again, even by a request that
+    /// resolved the key before the delete and finishes after it (crypto-shredding holds in memory too).
+    deleted: DashMap<String, ()>,
 }
 
 fn chat_ref(chat_id: &str) -> String {
@@ -50,7 +53,7 @@ fn user_ref(user_id: &str) -> String {
 impl Keyring {
     /// A keyring over `master`.
     pub fn new(master: MasterKey) -> Keyring {
-        Keyring { master, chats: DashMap::new(), users: DashMap::new() }
+        Keyring { master, chats: DashMap::new(), users: DashMap::new(), deleted: DashMap::new() }
     }
 
     /// The master key.
@@ -60,6 +63,9 @@ impl Keyring {
 
     /// Resolves `chat_id` for `user_id`.
     pub async fn chat(&self, store: &dyn ChatStore, user_id: &str, chat_id: &str) -> Result<ChatAccess, Error> {
+        if self.deleted.contains_key(chat_id) {
+            return Ok(ChatAccess::Denied);
+        }
         if let Some(k) = self.chats.get(chat_id) {
             return Ok(if k.owner == user_id { ChatAccess::Owned(k.clone()) } else { ChatAccess::Denied });
         }
@@ -91,15 +97,27 @@ impl Keyring {
 
     /// Records the key of a chat the caller just created.
     pub fn created(&self, chat_id: &str, owner: &str, key: DataKey) -> Arc<ChatKey> {
-        self.trim();
         let k = Arc::new(ChatKey { owner: owner.to_owned(), key });
-        self.chats.insert(chat_id.to_owned(), k.clone());
+        self.memo(chat_id, &k);
         k
     }
 
-    /// Forgets a deleted chat's key.
+    /// Forgets a deleted chat's key, for good.
     pub fn forget_chat(&self, chat_id: &str) {
+        self.trim();
+        self.deleted.insert(chat_id.to_owned(), ());
         self.chats.remove(chat_id);
+    }
+
+    fn memo(&self, chat_id: &str, key: &Arc<ChatKey>) {
+        self.trim();
+        if !self.deleted.contains_key(chat_id) {
+            self.chats.insert(chat_id.to_owned(), key.clone());
+            // A delete between the check and the insert: take it out again.
+            if self.deleted.contains_key(chat_id) {
+                self.chats.remove(chat_id);
+            }
+        }
     }
 
     /// The user's data key (for drafts), created on first use.
@@ -128,9 +146,8 @@ impl Keyring {
 
     fn remember(&self, chat_id: &str, owner: String, wrapped: &WrappedKey) -> Result<Arc<ChatKey>, Error> {
         let key = self.unwrap(wrapped, &chat_ref(chat_id))?;
-        self.trim();
         let k = Arc::new(ChatKey { owner, key });
-        self.chats.insert(chat_id.to_owned(), k.clone());
+        self.memo(chat_id, &k);
         Ok(k)
     }
 
@@ -144,6 +161,9 @@ impl Keyring {
         if self.chats.len() + self.users.len() > MAX_KEYS {
             self.chats.clear();
             self.users.clear();
+        }
+        if self.deleted.len() > MAX_KEYS {
+            self.deleted.clear();
         }
     }
 }

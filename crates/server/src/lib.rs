@@ -14,6 +14,7 @@ pub mod handlers;
 pub mod hub;
 pub mod keys;
 pub mod logging;
+pub mod pause;
 pub mod store;
 
 pub use config::Config;
@@ -33,7 +34,7 @@ pub async fn build(config: Config) -> anyhow::Result<Ctx> {
     let backend = store::open_backend(&config.store_url(), config.durability).await?;
     let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
     let master = keys::load_master_key(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
-    let hub = Arc::new(LocalHub::new(config.max_connections));
+    let hub = Arc::new(LocalHub::new(config.max_connections, config.max_connections_per_user));
     let cache = Arc::new(cache::memory::MemoryCache::new(config.max_page_messages as usize));
     Ok(Ctx {
         store: backend.identity,
@@ -42,6 +43,7 @@ pub async fn build(config: Config) -> anyhow::Result<Ctx> {
         keys: Arc::new(keys::Keyring::new(master)),
         hub,
         limits: config.limits(),
+        pauses: Arc::default(),
         config: Arc::new(config),
     })
 }

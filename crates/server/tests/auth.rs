@@ -45,12 +45,29 @@ async fn revoked_token_is_invalid_session() {
     assert_eq!(server.refused(&opts(&token, "d")).await, (1008, "Invalid session".into()));
 }
 
+const APP: &str = "https://app.example";
+
+fn with_origin(mut o: ConnectOptions, origin: &str) -> ConnectOptions {
+    o.headers.push(("Origin".into(), origin.into()));
+    o
+}
+
+async fn http_status(server: &TestServer, o: &ConnectOptions) -> u16 {
+    match Client::connect(&server.url, o).await {
+        Err(chatsync_client::ClientError::Ws(chatsync_client::tungstenite::Error::Http(resp))) => {
+            resp.status().as_u16()
+        }
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
+    }
+}
+
 #[tokio::test]
 async fn token_is_read_from_cookie_bearer_and_query() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| c.allowed_origins = vec![APP.into()]).await;
     let token = server.user_token("alice").await;
     for placement in [TokenPlacement::Cookie, TokenPlacement::Bearer, TokenPlacement::Query] {
-        let o = ConnectOptions { token_placement: placement, ..opts(&token, "d") };
+        let o = with_origin(ConnectOptions { token_placement: placement, ..opts(&token, "d") }, APP);
         let (_c, hello) = Client::connect_authenticated(&server.url, &o).await.unwrap();
         assert_eq!(hello.user_id, "alice", "{placement:?}");
     }
@@ -58,13 +75,41 @@ async fn token_is_read_from_cookie_bearer_and_query() {
 
 #[tokio::test]
 async fn cookie_wins_over_bearer() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| c.allowed_origins = vec![APP.into()]).await;
     let alice = server.user_token("alice").await;
     let bob = server.user_token("bob").await;
-    let mut o = ConnectOptions { token_placement: TokenPlacement::Bearer, ..opts(&bob, "d") };
+    let mut o = with_origin(ConnectOptions { token_placement: TokenPlacement::Bearer, ..opts(&bob, "d") }, APP);
     o.headers.push(("Cookie".into(), format!("theme=dark; auth_refresh_token={alice}")));
     let (_c, hello) = Client::connect_authenticated(&server.url, &o).await.unwrap();
     assert_eq!(hello.user_id, "alice");
+}
+
+/// Cross-site WebSocket hijacking: the cookie counts only with an Origin from the allow-list.
+#[tokio::test]
+async fn a_cookie_without_an_allowed_origin_is_refused_with_403() {
+    // No allow-list: cookie authentication is off, whatever the Origin.
+    let open = TestServer::start().await;
+    let token = open.user_token("alice").await;
+    let cookie = ConnectOptions { token_placement: TokenPlacement::Cookie, ..opts(&token, "d") };
+    assert_eq!(http_status(&open, &cookie).await, 403);
+    assert_eq!(http_status(&open, &with_origin(cookie.clone(), "https://evil.example")).await, 403);
+    assert_eq!(http_status(&open, &with_origin(cookie.clone(), APP)).await, 403);
+    // Bearer and query tokens are not affected, with or without an Origin.
+    for placement in [TokenPlacement::Bearer, TokenPlacement::Query] {
+        let o = ConnectOptions { token_placement: placement, ..opts(&token, "d") };
+        Client::connect_authenticated(&open.url, &o).await.unwrap();
+        Client::connect_authenticated(&open.url, &with_origin(o, "https://evil.example")).await.unwrap();
+    }
+
+    // With an allow-list: a cookie needs an Origin, and one from the list.
+    let guarded = TestServer::start_with(|c| c.allowed_origins = vec![APP.into()]).await;
+    let token = guarded.user_token("alice").await;
+    let cookie = ConnectOptions { token_placement: TokenPlacement::Cookie, ..opts(&token, "d") };
+    assert_eq!(http_status(&guarded, &cookie).await, 403, "a cookie without an Origin");
+    assert_eq!(http_status(&guarded, &with_origin(cookie.clone(), "https://evil.example")).await, 403);
+    Client::connect_authenticated(&guarded.url, &with_origin(cookie, APP)).await.unwrap();
+    let bearer = ConnectOptions { token_placement: TokenPlacement::Bearer, ..opts(&token, "d") };
+    Client::connect_authenticated(&guarded.url, &bearer).await.unwrap();
 }
 
 #[tokio::test]
@@ -190,6 +235,34 @@ async fn node_at_its_connection_limit_is_overloaded() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             other => panic!("slot never freed: {other:?}"),
+        }
+    }
+}
+
+/// One user cannot take all of a node's slots: beyond the per-user cap, 1013 `Too many connections`;
+/// other users still get in, and a closed connection frees its slot.
+#[tokio::test]
+async fn a_user_beyond_the_per_user_cap_gets_1013_too_many_connections() {
+    let server = TestServer::start_with(|c| c.max_connections_per_user = 3).await;
+    let token = server.user_token("alice").await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(server.connect(&token, "d").await.0);
+    }
+    assert_eq!(server.refused(&opts(&token, "d")).await, (1013, "Too many connections".into()));
+    let bob = server.user_token("bob").await;
+    server.connect(&bob, "d").await;
+    open.pop().unwrap().close().await.unwrap();
+    // The slot is free once the server has seen the close.
+    loop {
+        let mut c = Client::connect(&server.url, &opts(&token, "d")).await.unwrap();
+        match c.recv().await {
+            Ok(m) if matches!(m.message, ServerMessage::Connected(_)) => break,
+            Err(chatsync_client::ClientError::Closed(Some((1013, reason)))) => {
+                assert_eq!(reason, "Too many connections");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other => panic!("unexpected {other:?}"),
         }
     }
 }

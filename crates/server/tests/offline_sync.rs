@@ -332,3 +332,20 @@ async fn an_offline_change_to_an_unknown_chat_creates_it_whatever_its_version_be
     assert_eq!(done.results[0].versions.unwrap().title_v, 1);
     assert!(lists_chat(&mut alice, "fresh").await);
 }
+
+/// docs/PROTOCOL.md section 8: an offline change to a chat that does not exist creates it and applies;
+/// for `delete_draft` the created chat has no draft, which is the state the client wanted.
+#[tokio::test]
+async fn offline_delete_draft_of_an_unknown_chat_creates_it_and_applies() {
+    let server = TestServer::start().await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    let (before, done) = offline_round(&mut alice, json!([off_delete_draft("x", "fresh", 0)])).await;
+    assert!(before.is_empty(), "no draft was deleted, nothing to broadcast: {before:?}");
+    assert_eq!((done.processed, done.conflicts, done.errors), (1, 0, 0));
+    assert_eq!(done.results[0].status, OfflineStatus::Applied);
+    assert_eq!(done.results[0].versions, Some(Versions { messages_v: 0, title_v: 0, draft_v: 0 }));
+    let state = chat_state(&mut alice, "fresh").await;
+    assert_eq!(state.draft_json, Some(None));
+    // The live message still answers not_found for an unknown chat (section 8).
+    assert_not_found(&alice.request(&delete_draft("unknown")).await.unwrap());
+}

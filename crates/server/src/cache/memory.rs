@@ -1,25 +1,34 @@
 //! The in-process cache (the embedded default): one entry per user, dropped when the user's last
 //! connection on this node closes.
 
-use super::{Cache, LoadToken};
+use super::{Cache, LoadToken, WarmClaim};
 use crate::store::chats::{ChatRecord, MessageRecord};
 use async_trait::async_trait;
 use dashmap::DashMap;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio_util::sync::CancellationToken;
 
-#[derive(Default)]
 struct Entry {
-    /// Bumped by every merged write; a load stores its result only if it is unchanged.
+    /// Open connections of the user on this node.
+    connections: usize,
+    /// Set from the cache-wide counter at creation and by every merged write; a load stores its result
+    /// only if it is unchanged.
     generation: u64,
     chats: Option<HashMap<String, ChatRecord>>,
+    /// Chats deleted while this entry lives: late write results for them are ignored.
+    deleted: HashSet<String>,
     messages: HashMap<String, VecDeque<MessageRecord>>,
     primed: bool,
-    warming: bool,
+    /// The running warm-up: its claim id and cancellation.
+    warming: Option<(u64, CancellationToken)>,
 }
 
 /// In-memory [`Cache`].
 pub struct MemoryCache {
     users: DashMap<String, Entry>,
+    /// Source of generations and claim ids; never repeats, never 0 ([`LoadToken::NEVER`]).
+    clock: AtomicU64,
     /// Messages kept per chat.
     keep_messages: usize,
 }
@@ -27,7 +36,11 @@ pub struct MemoryCache {
 impl MemoryCache {
     /// A cache keeping up to `keep_messages` recent messages per cached chat.
     pub fn new(keep_messages: usize) -> MemoryCache {
-        MemoryCache { users: DashMap::new(), keep_messages: keep_messages.max(1) }
+        MemoryCache { users: DashMap::new(), clock: AtomicU64::new(1), keep_messages: keep_messages.max(1) }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -54,6 +67,34 @@ fn merge(old: &mut ChatRecord, new: &ChatRecord) {
 
 #[async_trait]
 impl Cache for MemoryCache {
+    async fn attach(&self, user_id: &str) {
+        let generation = self.tick();
+        self.users
+            .entry(user_id.to_owned())
+            .or_insert_with(|| Entry {
+                connections: 0,
+                generation,
+                chats: None,
+                deleted: HashSet::new(),
+                messages: HashMap::new(),
+                primed: false,
+                warming: None,
+            })
+            .connections += 1;
+    }
+
+    async fn detach(&self, user_id: &str) {
+        let removed = self.users.remove_if_mut(user_id, |_, entry| {
+            entry.connections = entry.connections.saturating_sub(1);
+            entry.connections == 0
+        });
+        if let Some((_, entry)) = removed {
+            if let Some((_, cancel)) = entry.warming {
+                cancel.cancel();
+            }
+        }
+    }
+
     async fn chats(&self, user_id: &str) -> Option<Vec<ChatRecord>> {
         let entry = self.users.get(user_id)?;
         let mut chats: Vec<ChatRecord> = entry.chats.as_ref()?.values().cloned().collect();
@@ -63,7 +104,7 @@ impl Cache for MemoryCache {
     }
 
     async fn begin_load(&self, user_id: &str) -> LoadToken {
-        LoadToken(self.users.entry(user_id.to_owned()).or_default().generation)
+        self.users.get(user_id).map_or(LoadToken::NEVER, |e| LoadToken(e.generation))
     }
 
     async fn put_chats(&self, user_id: &str, token: LoadToken, chats: Vec<ChatRecord>) -> bool {
@@ -77,7 +118,10 @@ impl Cache for MemoryCache {
 
     async fn chat_written(&self, user_id: &str, chat: &ChatRecord) {
         let Some(mut entry) = self.users.get_mut(user_id) else { return };
-        entry.generation += 1;
+        entry.generation = self.tick();
+        if entry.deleted.contains(&chat.chat_id) {
+            return;
+        }
         if let Some(chats) = entry.chats.as_mut() {
             chats.entry(chat.chat_id.clone()).and_modify(|old| merge(old, chat)).or_insert_with(|| chat.clone());
         }
@@ -85,7 +129,8 @@ impl Cache for MemoryCache {
 
     async fn chat_deleted(&self, user_id: &str, chat_id: &str) {
         let Some(mut entry) = self.users.get_mut(user_id) else { return };
-        entry.generation += 1;
+        entry.generation = self.tick();
+        entry.deleted.insert(chat_id.to_owned());
         if let Some(chats) = entry.chats.as_mut() {
             chats.remove(chat_id);
         }
@@ -108,7 +153,7 @@ impl Cache for MemoryCache {
 
     async fn message_added(&self, user_id: &str, chat_id: &str, message: &MessageRecord) {
         let Some(mut entry) = self.users.get_mut(user_id) else { return };
-        entry.generation += 1;
+        entry.generation = self.tick();
         let Some(run) = entry.messages.get_mut(chat_id) else { return };
         match run.back().map(|m| m.seq) {
             None if message.seq == 1 => run.push_back(message.clone()),
@@ -131,24 +176,24 @@ impl Cache for MemoryCache {
         self.users.get(user_id).is_some_and(|e| e.primed)
     }
 
-    async fn begin_warm(&self, user_id: &str) -> Option<LoadToken> {
-        let mut entry = self.users.entry(user_id.to_owned()).or_default();
-        if entry.primed || entry.warming {
+    async fn begin_warm(&self, user_id: &str) -> Option<WarmClaim> {
+        let mut entry = self.users.get_mut(user_id)?;
+        if entry.primed || entry.warming.is_some() {
             return None;
         }
-        entry.warming = true;
-        Some(LoadToken(entry.generation))
+        let claim =
+            WarmClaim { id: self.tick(), token: LoadToken(entry.generation), cancelled: CancellationToken::new() };
+        entry.warming = Some((claim.id, claim.cancelled.clone()));
+        Some(claim)
     }
 
-    async fn end_warm(&self, user_id: &str, primed: bool) {
+    async fn end_warm(&self, user_id: &str, claim: &WarmClaim, primed: bool) {
         if let Some(mut entry) = self.users.get_mut(user_id) {
-            entry.warming = false;
-            entry.primed = primed;
+            if entry.warming.as_ref().is_some_and(|(id, _)| *id == claim.id) {
+                entry.warming = None;
+                entry.primed = primed;
+            }
         }
-    }
-
-    async fn evict(&self, user_id: &str) {
-        self.users.remove(user_id);
     }
 }
 
@@ -175,9 +220,15 @@ mod tests {
         MessageRecord { seq, message_id: format!("m{seq}"), content: vec![], client_timestamp: None, created_at_ms: 0 }
     }
 
+    async fn cache() -> MemoryCache {
+        let c = MemoryCache::new(10);
+        c.attach("u").await;
+        c
+    }
+
     #[tokio::test]
     async fn a_late_merge_never_moves_a_version_back() {
-        let c = MemoryCache::new(10);
+        let c = cache().await;
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("a", 1, 1, 1, 10)]).await);
         c.chat_written("u", &chat("a", 3, 1, 1, 20)).await;
@@ -191,7 +242,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_load_overtaken_by_a_write_is_not_stored() {
-        let c = MemoryCache::new(10);
+        let c = cache().await;
         let t = c.begin_load("u").await;
         c.chat_written("u", &chat("a", 1, 0, 0, 1)).await;
         assert!(!c.put_chats("u", t, vec![]).await);
@@ -200,7 +251,7 @@ mod tests {
 
     #[tokio::test]
     async fn chats_are_ordered_most_recent_first() {
-        let c = MemoryCache::new(10);
+        let c = cache().await;
         let t = c.begin_load("u").await;
         c.put_chats("u", t, vec![chat("a", 0, 0, 0, 1), chat("b", 0, 0, 0, 5), chat("c", 0, 0, 0, 5)]).await;
         let ids: Vec<String> = c.chats("u").await.unwrap().into_iter().map(|c| c.chat_id).collect();
@@ -212,6 +263,7 @@ mod tests {
     #[tokio::test]
     async fn message_runs_stay_contiguous_and_bounded() {
         let c = MemoryCache::new(2);
+        c.attach("u").await;
         let t = c.begin_load("u").await;
         c.put_messages("u", t, "a", vec![msg(1), msg(2), msg(3)]).await;
         assert_eq!(c.messages("u", "a").await.unwrap().iter().map(|m| m.seq).collect::<Vec<_>>(), [2, 3]);
@@ -223,13 +275,54 @@ mod tests {
 
     #[tokio::test]
     async fn warm_up_is_claimed_once() {
-        let c = MemoryCache::new(2);
-        assert!(c.begin_warm("u").await.is_some());
+        let c = cache().await;
+        let claim = c.begin_warm("u").await.unwrap();
         assert!(c.begin_warm("u").await.is_none());
-        c.end_warm("u", true).await;
+        c.end_warm("u", &claim, true).await;
         assert!(c.is_primed("u").await);
         assert!(c.begin_warm("u").await.is_none());
-        c.evict("u").await;
+        c.detach("u").await;
         assert!(!c.is_primed("u").await);
+    }
+
+    #[tokio::test]
+    async fn a_write_merged_after_a_delete_does_not_bring_the_chat_back() {
+        let c = cache().await;
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 1, 1, 1, 10)]).await);
+        c.chat_deleted("u", "a").await;
+        c.chat_written("u", &chat("a", 1, 2, 1, 20)).await;
+        assert!(c.chats("u").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_entry_lives_exactly_as_long_as_the_users_connections() {
+        let c = MemoryCache::new(10);
+        assert_eq!(c.begin_load("u").await, LoadToken::NEVER, "no connection, no entry");
+        assert!(c.begin_warm("u").await.is_none());
+        assert!(!c.put_chats("u", LoadToken::NEVER, vec![]).await);
+        assert!(c.users.is_empty(), "reads and loads never create an entry");
+        c.attach("u").await;
+        c.attach("u").await;
+        let claim = c.begin_warm("u").await.unwrap();
+        c.detach("u").await;
+        assert!(!claim.cancelled.is_cancelled(), "one connection is left");
+        c.detach("u").await;
+        assert!(claim.cancelled.is_cancelled(), "the last connection cancels the warm-up");
+        assert!(c.users.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_load_begun_before_the_entry_was_replaced_is_never_stored() {
+        let c = cache().await;
+        let stale = c.begin_load("u").await;
+        let claim = c.begin_warm("u").await.unwrap();
+        c.detach("u").await;
+        c.attach("u").await;
+        assert!(!c.put_chats("u", stale, vec![chat("gone", 0, 0, 0, 1)]).await);
+        assert!(!c.put_chats("u", claim.token, vec![chat("gone", 0, 0, 0, 1)]).await);
+        c.end_warm("u", &claim, true).await;
+        assert!(!c.is_primed("u").await, "a stale warm-up cannot mark the new entry primed");
+        assert!(c.begin_warm("u").await.is_some(), "the new entry can be warmed");
     }
 }

@@ -27,6 +27,8 @@ pub struct WsQuery {
 /// What the client presented.
 pub struct Credentials {
     token: Option<String>,
+    /// The token came from the `auth_refresh_token` cookie (see [`Credentials::from_cookie`]).
+    from_cookie: bool,
     /// `None` when the client sent a malformed device id.
     device: Option<String>,
 }
@@ -91,9 +93,9 @@ pub async fn issue_session(
 
 /// Reads the token and device fingerprint from the upgrade request.
 pub fn credentials(headers: &HeaderMap, query: &WsQuery) -> Credentials {
-    let token = cookie_token(headers)
-        .or_else(|| bearer_token(headers))
-        .or_else(|| query.token.clone().filter(|t| !t.is_empty()));
+    let cookie = cookie_token(headers);
+    let from_cookie = cookie.is_some();
+    let token = cookie.or_else(|| bearer_token(headers)).or_else(|| query.token.clone().filter(|t| !t.is_empty()));
     let explicit_id = headers
         .get("x-device-id")
         .map(|v| std::str::from_utf8(v.as_bytes()).ok().map(str::to_owned))
@@ -108,7 +110,15 @@ pub fn credentials(headers: &HeaderMap, query: &WsQuery) -> Credentials {
             Some(sha256_hex(&format!("ua:{}|lang:{}", text(header::USER_AGENT), text(header::ACCEPT_LANGUAGE))))
         }
     };
-    Credentials { token, device }
+    Credentials { token, from_cookie, device }
+}
+
+impl Credentials {
+    /// Whether the token is the cookie's: a browser sends it on any site's behalf, so it counts only
+    /// with an allowed `Origin` (the gateway checks; PROTOCOL.md section 2).
+    pub fn from_cookie(&self) -> bool {
+        self.from_cookie
+    }
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<String> {

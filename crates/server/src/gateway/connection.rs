@@ -58,11 +58,12 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
             limits: ctx.limits,
         });
         conn.outbox.push(encode(&connected, None).into());
-        if ctx.hub.register(conn.clone()).is_err() {
-            tracing::warn!("connection refused: node at its connection limit");
-            reject(sink, stream, CloseReason::OVERLOADED).await;
+        if let Err(refused) = ctx.hub.register(conn.clone()) {
+            tracing::warn!(%refused, "connection refused");
+            reject(sink, stream, refused.close_reason()).await;
             return;
         }
+        ctx.cache.attach(&conn.user_id).await;
         tracing::debug!("connected");
         let warm_ctx = ctx.clone();
         let warm_user = conn.user_id.clone();
@@ -72,9 +73,8 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
         let mut writer = tokio::spawn(write_loop(sink, conn.clone(), last_seen.clone(), started, ctx.config.clone()));
 
         let writer_done = read_loop(&ctx, &conn, &mut stream, &mut writer, &last_seen, started, &shutdown).await;
-        if ctx.hub.unregister(&conn) {
-            ctx.cache.evict(&conn.user_id).await;
-        }
+        ctx.hub.unregister(&conn);
+        ctx.cache.detach(&conn.user_id).await;
         if !writer_done {
             if conn.outbox.is_closing() {
                 // Let the writer send the close, then wait for the client's answer.

@@ -38,16 +38,25 @@ async fn upgrade(
     query: Result<Query<auth::WsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let config = &gw.ctx.config;
-    if !config.allowed_origins.is_empty() {
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            let allowed = origin.to_str().is_ok_and(|o| config.allowed_origins.iter().any(|a| a == o));
-            if !allowed {
-                return (StatusCode::FORBIDDEN, "Origin not allowed").into_response();
-            }
-        }
+    let origin = headers.get(header::ORIGIN);
+    let origin_allowed =
+        origin.is_some_and(|o| o.to_str().is_ok_and(|o| config.allowed_origins.iter().any(|a| a == o)));
+    if !config.allowed_origins.is_empty() && origin.is_some() && !origin_allowed {
+        return (StatusCode::FORBIDDEN, "Origin not allowed").into_response();
     }
     let query = query.map(|Query(q)| q).unwrap_or_default();
     let creds = auth::credentials(&headers, &query);
+    // Cross-site WebSocket hijacking: any page can make a browser open a socket that carries the cookie,
+    // so the cookie counts only from an Origin the operator allowed.
+    if creds.from_cookie() && !origin_allowed {
+        let why = if config.allowed_origins.is_empty() {
+            "cookie authentication refused: no allowed origins are configured (--allowed-origins)"
+        } else {
+            "cookie authentication refused: the upgrade carries no Origin from the allow-list"
+        };
+        tracing::info!(reason = why, "upgrade refused");
+        return (StatusCode::FORBIDDEN, "Cookie authentication needs an allowed Origin").into_response();
+    }
     // tungstenite's own limit is a backstop well above the protocol limit: the connection loop checks
     // the protocol limit itself, after the frame is read, so that the stream stays in sync and the
     // 1009 close reaches the client instead of a TCP reset over the unread rest of the frame.

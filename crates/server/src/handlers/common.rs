@@ -103,6 +103,7 @@ pub async fn write_chat(
                 result
             }
         };
+        ctx.pauses.at(crate::pause::WRITE_COMMITTED).await;
         cache_written(ctx, owner, &result).await;
         match result {
             WriteResult::Raced => continue,

@@ -2,15 +2,16 @@
 //! (`success: true`, new `draft_v`) and OTHERS `draft_deleted`; without one: SELF `draft_delete_receipt`
 //! (`success: false`, "Draft not found."). Absent, deleted and foreign chats are `not_found`.
 
+use super::common::write_chat;
 use super::{Broadcast, Ctx, Outcome};
 use crate::error::Error;
 use crate::hub::ConnHandle;
-use crate::store::chats::{WriteOp, WriteResult};
+use crate::store::chats::{Target, WriteOp, WriteResult};
 use chatsync_protocol::{DeleteDraft, DraftDeleteReceipt, DraftDeleted, ServerMessage};
 
 /// Handles `delete_draft`.
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: DeleteDraft) -> Result<Outcome, Error> {
-    match apply(ctx, &conn.user_id, p.chat_id.as_str(), None).await? {
+    match apply(ctx, &conn.user_id, p.chat_id.as_str(), None, false).await? {
         WriteResult::Applied(chat) => {
             let receipt = DraftDeleteReceipt {
                 chat_id: p.chat_id.clone(),
@@ -32,16 +33,26 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: DeleteDraft) -> Result<Outc
     }
 }
 
-/// Clears a draft (shared with `sync_offline_changes`) and merges the result into the cache.
-/// `NotFound` becomes the `not_found` error.
+/// Clears a draft (shared with `sync_offline_changes`) and merges the result into the cache. With
+/// `create` (offline sync), an unknown chat is created (without a draft: `NoDraft`); without it, an
+/// unknown chat is `not_found` like absent, deleted and foreign ones.
 pub async fn apply(
     ctx: &Ctx,
     user_id: &str,
     chat_id: &str,
     if_version_at_most: Option<i64>,
+    create: bool,
 ) -> Result<WriteResult, Error> {
-    let op = WriteOp::DeleteDraft { owner: user_id.to_owned(), chat_id: chat_id.to_owned(), if_version_at_most };
-    let result = ctx.chats.write(op).await?;
+    let op = |target| WriteOp::DeleteDraft {
+        owner: user_id.to_owned(),
+        chat_id: chat_id.to_owned(),
+        target,
+        if_version_at_most,
+    };
+    if create {
+        return write_chat(ctx, user_id, chat_id, |target, _chat_key| op(target)).await;
+    }
+    let result = ctx.chats.write(op(Target::Existing)).await?;
     if let WriteResult::NotFound = result {
         return Err(Error::chat_not_found(chat_id));
     }

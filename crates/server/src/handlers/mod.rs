@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::hub::{ConnHandle, Hub};
 use crate::keys::Keyring;
+use crate::pause::PausePoints;
 use crate::store::chats::ChatStore;
 use crate::store::Store;
 use chatsync_protocol::{ClientMessage, Limits, ServerMessage};
@@ -46,6 +47,8 @@ pub struct Ctx {
     pub config: Arc<Config>,
     /// The limits announced in `connected` (from `config`).
     pub limits: Limits,
+    /// Pause points for deterministic race tests (never armed in production).
+    pub pauses: Arc<PausePoints>,
 }
 
 /// A broadcast caused by a request.

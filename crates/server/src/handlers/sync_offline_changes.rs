@@ -116,7 +116,7 @@ async fn apply_change(
             Ok((written, event))
         }
         OfflineChangeType::DeleteDraft => {
-            let written = delete_draft::apply(ctx, user, chat_id, cond).await?;
+            let written = delete_draft::apply(ctx, user, chat_id, cond, true).await?;
             let event = match &written {
                 WriteResult::Applied(chat) => Some(ServerMessage::DraftDeleted(DraftDeleted {
                     chat_id: change.chat_id.clone(),

@@ -1,7 +1,8 @@
 //! The in-process hub: user id → that user's connections on this node.
 
-use super::{Audience, CloseReason, ConnHandle, Hub, Overloaded, Utf8Bytes};
+use super::{Audience, CloseReason, ConnHandle, Hub, Refused, Utf8Bytes};
 use async_trait::async_trait;
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,12 +13,13 @@ pub struct LocalHub {
     users: DashMap<String, Vec<Arc<ConnHandle>>>,
     count: AtomicUsize,
     max_connections: usize,
+    max_per_user: usize,
 }
 
 impl LocalHub {
-    /// A hub that accepts at most `max_connections` connections.
-    pub fn new(max_connections: usize) -> LocalHub {
-        LocalHub { users: DashMap::new(), count: AtomicUsize::new(0), max_connections }
+    /// A hub that accepts at most `max_connections` connections, and `max_per_user` of one user.
+    pub fn new(max_connections: usize, max_per_user: usize) -> LocalHub {
+        LocalHub { users: DashMap::new(), count: AtomicUsize::new(0), max_connections, max_per_user }
     }
 
     fn each(&self, mut f: impl FnMut(&ConnHandle)) {
@@ -31,12 +33,24 @@ impl LocalHub {
 
 #[async_trait]
 impl Hub for LocalHub {
-    fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Overloaded> {
+    fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Refused> {
         if self.count.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
             self.count.fetch_sub(1, Ordering::AcqRel);
-            return Err(Overloaded);
+            return Err(Refused::Overloaded);
         }
-        self.users.entry(conn.user_id.clone()).or_default().push(conn);
+        // The per-user check and the insert happen under the user's shard lock: two connects of one
+        // user cannot both pass the check.
+        match self.users.entry(conn.user_id.clone()) {
+            Entry::Occupied(e) if e.get().len() >= self.max_per_user => {
+                drop(e);
+                self.count.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refused::TooManyForUser);
+            }
+            Entry::Occupied(mut e) => e.get_mut().push(conn),
+            Entry::Vacant(e) => {
+                e.insert(vec![conn]);
+            }
+        }
         Ok(())
     }
 

@@ -39,16 +39,32 @@ pub enum Audience<'a> {
     All,
 }
 
-/// The node is at its connection limit.
-#[derive(Debug, thiserror::Error)]
-#[error("the node is at its connection limit")]
-pub struct Overloaded;
+/// Why a connection could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The node is at its connection limit (1013 `Server overloaded`).
+    #[error("the node is at its connection limit")]
+    Overloaded,
+    /// The user has the per-user maximum of connections on this node (1013 `Too many connections`).
+    #[error("the user is at the per-user connection limit")]
+    TooManyForUser,
+}
+
+impl Refused {
+    /// The close the client gets.
+    pub fn close_reason(self) -> CloseReason {
+        match self {
+            Refused::Overloaded => CloseReason::OVERLOADED,
+            Refused::TooManyForUser => CloseReason::TOO_MANY_CONNECTIONS,
+        }
+    }
+}
 
 /// Connection registry and delivery.
 #[async_trait]
 pub trait Hub: Send + Sync + 'static {
-    /// Registers a connection. Fails with [`Overloaded`] when the node is at its connection limit.
-    fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Overloaded>;
+    /// Registers a connection. Fails when the node is at its connection limit or the user at theirs.
+    fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Refused>;
 
     /// Removes a connection; it receives nothing afterwards. Returns `true` when it was the user's last
     /// connection on this node.

@@ -117,12 +117,15 @@ pub enum WriteOp {
         /// Server clock.
         now: Millis,
     },
-    /// Clear an existing draft (`draft_v` + 1); [`WriteResult::NoDraft`] when there is none.
+    /// Clear an existing draft (`draft_v` + 1); [`WriteResult::NoDraft`] when there is none (also for a
+    /// chat this op creates, which has no draft).
     DeleteDraft {
         /// Writer.
         owner: String,
         /// Chat.
         chat_id: String,
+        /// Existing or new chat (offline sync creates unknown chats; the live message does not).
+        target: Target,
         /// Offline-sync condition on `draft_v`.
         if_version_at_most: Option<i64>,
     },

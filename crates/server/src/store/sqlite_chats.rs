@@ -274,7 +274,11 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, StoreEr
                 None => unmatched(tx, owner, chat_id),
             }
         }
-        WriteOp::DeleteDraft { owner, chat_id, if_version_at_most } => {
+        WriteOp::DeleteDraft { owner, chat_id, target, if_version_at_most } => {
+            let if_version_at_most = match reach(tx, owner, chat_id, target, *if_version_at_most, 0)? {
+                Ok(condition) => condition,
+                Err(result) => return Ok(result),
+            };
             let sql = format!(
                 "UPDATE chats SET draft = NULL, draft_v = draft_v + 1 \
                  WHERE chat_id = ?1 AND owner = ?2 AND draft IS NOT NULL AND (?3 IS NULL OR draft_v <= ?3) \

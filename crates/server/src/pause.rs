@@ -1,0 +1,102 @@
+//! Pause points: named places in the request path where a test can hold one request, run others, and
+//! then let it go, to reproduce a race at its worst interleaving deterministically (no sleeps).
+//!
+//! In production nothing is ever armed and [`PausePoints::at`] costs one relaxed atomic load. A test
+//! arms a point through the server's [`Ctx`](crate::Ctx) (`ctx.pauses.arm(…)`); the next request that
+//! reaches it stops there until the test releases it.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::oneshot;
+
+/// After a chat write is durable, before its result is merged into the cache (`write_chat`).
+pub const WRITE_COMMITTED: &str = "write_committed";
+/// After warm-up has loaded the chat list from the store, before it is stored in the cache.
+pub const WARMUP_LOADED: &str = "warmup_loaded";
+
+struct Armed {
+    reached: oneshot::Sender<()>,
+    release: oneshot::Receiver<()>,
+}
+
+/// The registry of armed points (one per server).
+#[derive(Default)]
+pub struct PausePoints {
+    armed: AtomicUsize,
+    points: Mutex<HashMap<&'static str, Vec<Armed>>>,
+}
+
+/// A request held at an armed point (or about to be): wait for it with [`Paused::reached`], then let it
+/// go with [`Paused::release`] (dropping it releases too).
+pub struct Paused {
+    reached: Option<oneshot::Receiver<()>>,
+    release: Option<oneshot::Sender<()>>,
+}
+
+impl PausePoints {
+    /// Arms `point` for the next request that reaches it (arming twice holds the next two).
+    pub fn arm(&self, point: &'static str) -> Paused {
+        let (reached_tx, reached_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel();
+        self.points.lock().entry(point).or_default().push(Armed { reached: reached_tx, release: release_rx });
+        self.armed.fetch_add(1, Ordering::Release);
+        Paused { reached: Some(reached_rx), release: Some(release_tx) }
+    }
+
+    /// Holds the caller here if `point` is armed, until the test releases it.
+    pub async fn at(&self, point: &'static str) {
+        if self.armed.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let armed = {
+            let mut points = self.points.lock();
+            let armed = points.get_mut(point).and_then(|queue| (!queue.is_empty()).then(|| queue.remove(0)));
+            if armed.is_some() {
+                self.armed.fetch_sub(1, Ordering::Release);
+            }
+            armed
+        };
+        if let Some(Armed { reached, release }) = armed {
+            let _ = reached.send(());
+            let _ = release.await;
+        }
+    }
+}
+
+impl Paused {
+    /// Waits until a request is held at the point.
+    pub async fn reached(&mut self) {
+        if let Some(rx) = self.reached.take() {
+            rx.await.expect("the pause point was dropped before it was reached");
+        }
+    }
+
+    /// Lets the held request go on.
+    pub fn release(mut self) {
+        if let Some(tx) = self.release.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn an_armed_point_holds_one_caller_until_released() {
+        let points = Arc::new(PausePoints::default());
+        let mut paused = points.arm(WRITE_COMMITTED);
+        let p = points.clone();
+        let held = tokio::spawn(async move { p.at(WRITE_COMMITTED).await });
+        paused.reached().await;
+        assert!(!held.is_finished());
+        // Other callers, and other points, pass.
+        points.at(WRITE_COMMITTED).await;
+        points.at(WARMUP_LOADED).await;
+        paused.release();
+        held.await.unwrap();
+    }
+}

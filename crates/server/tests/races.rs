@@ -1,0 +1,114 @@
+//! Races at their worst interleaving, made deterministic with the server's pause points
+//! (`chatsync::pause`): a request is held at a named point while others run, then let go.
+//! Each test failed before the fix it guards.
+
+#[macro_use]
+mod sync_util;
+mod common;
+
+use chatsync::pause::{WARMUP_LOADED, WRITE_COMMITTED};
+use chatsync_protocol::*;
+use common::TestServer;
+use serde_json::json;
+use std::time::Duration;
+use sync_util::*;
+
+/// A draft write commits, then a `delete_chat` of the same chat commits and is merged into the cache,
+/// then the draft's result is merged: the chat must stay deleted (it used to be re-inserted, and came
+/// back in initial sync as `new_chat`, still decryptable from the cached key).
+#[tokio::test]
+async fn a_write_merged_after_a_delete_does_not_bring_the_chat_back() {
+    let server = TestServer::start().await;
+    let mut laptop = new_user(&server, "alice", "laptop").await;
+    let mut phone = another_device(&server, "alice", "phone").await;
+    set_title(&mut laptop, "c1", "doomed").await;
+    expect_msg!(phone.recv().await.unwrap(), ChatTitleUpdated);
+    sync_all(&mut laptop).await; // the chat list is cached
+
+    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
+    laptop.send(&draft("c1", doc("late")), Some("d1")).await.unwrap();
+    held.reached().await;
+    let deleted = phone.request(&delete_chat("c1")).await.unwrap();
+    expect_msg!(deleted, ChatDeleted);
+    held.release();
+    // The draft was committed before the delete, so it is confirmed; then the delete reaches the laptop.
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(laptop.recv().await.unwrap());
+    }
+    assert!(got.iter().any(|m| matches!(m.message, ServerMessage::DraftUpdateConfirmed(_))), "{got:?}");
+    assert!(got.iter().any(|m| matches!(m.message, ServerMessage::ChatDeleted(_))), "{got:?}");
+
+    for device in [&mut laptop, &mut phone] {
+        let sync = sync_with(device, json!({ "c1": { "messages_v": 0, "title_v": 1, "draft_v": 0 } }), None).await;
+        assert_eq!(ids(&sync.chat_ids_to_delete), ["c1"]);
+        assert!(entry(&sync, "c1").is_none(), "a deleted chat came back: {sync:?}");
+        assert!(sync.server_chat_order.is_empty());
+    }
+    // And writes to it stay refused.
+    assert_not_found(&laptop.request(&title("c1", "again")).await.unwrap());
+}
+
+/// A warm-up that loaded the chat list, then lost its user's last connection, must never store that
+/// list over what a later connection sees: it is cancelled, and its load token can never match the
+/// new cache entry (it used to: the per-user counter restarted at 0, and a deleted chat came back).
+#[tokio::test]
+async fn a_stale_warm_up_never_overwrites_a_newer_chat_list() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    {
+        let (mut setup, _) = server.connect(&token, "laptop").await;
+        set_title(&mut setup, "keep", "keep").await;
+        set_title(&mut setup, "gone", "gone").await;
+        setup.close().await.unwrap();
+    }
+    wait_for_no_connections(&server).await;
+
+    // 1. A connection's warm-up loads [keep, gone] and is held before storing it.
+    let mut held = server.ctx.pauses.arm(WARMUP_LOADED);
+    let (mut first, _) = server.connect(&token, "laptop").await;
+    held.reached().await;
+    // 2. That connection deletes "gone", then closes: the user has no connection left.
+    expect_msg!(first.request(&delete_chat("gone")).await.unwrap(), ChatDeleted);
+    first.close().await.unwrap();
+    wait_for_no_connections(&server).await;
+    // 3. A new connection warms up completely (the chat list without "gone").
+    let (mut second, _) = server.connect_raw(&token, "laptop").await;
+    loop {
+        if let ServerMessage::CachePrimed(_) = second.recv().await.unwrap().message {
+            break;
+        }
+    }
+    // 4. The old warm-up is let go.
+    held.release();
+    tokio::time::sleep(Duration::from_millis(50)).await; // give a wrongly surviving warm-up time to store
+
+    let sync = sync_with(&mut second, json!({ "keep": {}, "gone": {} }), None).await;
+    assert_eq!(ids(&sync.chat_ids_to_delete), ["gone"], "{sync:?}");
+    assert_eq!(ids(&sync.server_chat_order), ["keep"]);
+    assert!(server.ctx.cache.is_primed("alice").await);
+}
+
+/// No cache entry is created for a user without a connection, and none outlives the last one.
+#[tokio::test]
+async fn no_cache_entry_outlives_the_users_connections() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let (mut c, _) = server.connect(&token, "laptop").await;
+    set_title(&mut c, "c1", "t").await;
+    sync_all(&mut c).await;
+    assert!(server.ctx.cache.chats("alice").await.is_some());
+    c.close().await.unwrap();
+    wait_for_no_connections(&server).await;
+    assert!(server.ctx.cache.chats("alice").await.is_none());
+    // A load for a user with no connection stores nothing.
+    let token = server.ctx.cache.begin_load("alice").await;
+    assert!(!server.ctx.cache.put_chats("alice", token, Vec::new()).await);
+    assert!(server.ctx.cache.chats("alice").await.is_none());
+}
+
+async fn wait_for_no_connections(server: &TestServer) {
+    while server.ctx.hub.connection_count() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
