@@ -49,6 +49,8 @@ pub struct GlobalArgs {
 
 /// The commands.
 #[derive(Debug, Subcommand)]
+// Parsed once at startup: the size of the `serve` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the WebSocket server (endpoint GET /v1/ws).
     Serve(ServeArgs),
