@@ -168,10 +168,13 @@ pub struct InitialSyncResponse {
     pub chat_ids_to_delete: Vec<ChatId>,
     /// Chats new to the client or newer than it has; the immediate-view chat first.
     pub chats_to_add_or_update: Vec<ChatUpdate>,
-    /// Every chat of the user, most recent first.
+    /// Every chat of the user, most recent first (complete in the last part; empty before it).
     pub server_chat_order: Vec<ChatId>,
-    /// RFC 3339.
+    /// RFC 3339 (in the last part; empty before it).
     pub sync_completed_at: String,
+    /// More parts of this reply follow ("Bounded replies"); `false` on the last (or only) part.
+    #[serde(default)]
+    pub more: bool,
 }
 
 /// `initial_sync_error` payload.
@@ -330,6 +333,9 @@ pub struct ChatContentBatchResponse {
     pub versions_by_chat_id: BTreeMap<ChatId, MessagesVersion>,
     /// Requested ids that are not the user's chats.
     pub not_found: Vec<ChatId>,
+    /// More parts of this reply follow ("Bounded replies"); `false` on the last (or only) part.
+    #[serde(default)]
+    pub more: bool,
 }
 
 /// `chat_deleted` payload.

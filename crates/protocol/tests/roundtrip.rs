@@ -139,6 +139,7 @@ fn server_samples() -> Vec<ServerMessage> {
             ],
             server_chat_order: vec![chat("c1"), chat("c2")],
             sync_completed_at: "2026-11-29T10:00:00Z".into(),
+            more: true,
         }),
         ServerMessage::InitialSyncError(InitialSyncError { code: ErrorCode::Unavailable, message: "Retry.".into() }),
         ServerMessage::DraftUpdateConfirmed(DraftUpdateConfirmed {
@@ -195,6 +196,7 @@ fn server_samples() -> Vec<ServerMessage> {
             messages_by_chat_id: by_chat,
             versions_by_chat_id: versions,
             not_found: vec![chat("x")],
+            more: false,
         }),
         ServerMessage::ChatDeleted(ChatDeleted { chat_id: chat("c1"), tombstone: true }),
         ServerMessage::OfflineSyncComplete(OfflineSyncComplete {

@@ -134,7 +134,8 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// Checks values that defaults, files and flags cannot express as types (also run by `build`).
+    pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("rate_per_sec", self.rate_per_sec as u64),
@@ -158,8 +159,15 @@ impl Config {
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());
         }
-        if self.max_reply_bytes < 4096 {
-            return Err("max_reply_bytes must be at least 4096".into());
+        // Bounded replies: the largest single item (an initial sync entry with a draft of up to one
+        // frame; the whole chat order, which comes in one part) must fit in one reply frame.
+        let order_bytes = 67 * self.max_chats_per_user as u64 + 8192;
+        let min_reply = (2 * self.max_frame_bytes as u64).max(order_bytes).max(65_536);
+        if (self.max_reply_bytes as u64) < min_reply {
+            return Err(format!(
+                "max_reply_bytes must be at least {min_reply} (twice max_frame_bytes, and room for the chat order \
+                 of max_chats_per_user chats)"
+            ));
         }
         Ok(())
     }

@@ -102,8 +102,13 @@ impl Keyring {
         k
     }
 
-    /// Forgets a deleted chat's key, for good.
+    /// Forgets a chat's memoized key (it may be resolved again from the store).
     pub fn forget_chat(&self, chat_id: &str) {
+        self.chats.remove(chat_id);
+    }
+
+    /// Forgets a chat deleted through this node, for good: its key is never memoized again.
+    pub fn chat_deleted(&self, chat_id: &str) {
         self.trim();
         self.deleted.insert(chat_id.to_owned(), ());
         self.chats.remove(chat_id);

@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 /// Opens the backends named by `config`, loads the master key (refusing to start if it cannot unwrap
 /// the stored keys), and builds the handler context.
 pub async fn build(config: Config) -> anyhow::Result<Ctx> {
+    config.validate().map_err(anyhow::Error::msg)?;
     let backend = store::open_backend(&config.store_url(), config.durability).await?;
     let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
     let master = keys::load_master_key(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;

@@ -173,7 +173,7 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
             } else {
                 ServerMessage::Error(ErrorPayload { field: e.field, ..ErrorPayload::new(e.code, e.message) })
             };
-            conn.outbox.push(encode(&message, e.request_id.as_ref().map(RequestId::as_str)).into());
+            conn.outbox.push_reply(encode(&message, e.request_id.as_ref().map(RequestId::as_str)).into()).await;
             return;
         }
     };
@@ -200,7 +200,7 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
             } else {
                 ServerMessage::Error(payload)
             };
-            conn.outbox.push(encode(&message, request_id).into());
+            conn.outbox.push_reply(encode(&message, request_id).into()).await;
         }
     }
 }
@@ -211,15 +211,19 @@ async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Opt
         let message = match broadcast {
             Broadcast::Others(m) => m,
             Broadcast::All(m) => {
-                conn.outbox.push(encode(&m, request_id).into());
+                conn.outbox.push_reply(encode(&m, request_id).into()).await;
                 m
             }
         };
         let shared: Utf8Bytes = encode(&message, None).into();
         ctx.hub.deliver(&conn.user_id, Audience::Others { except: &conn.id }, shared).await;
     }
-    if let Some(reply) = outcome.reply {
-        conn.outbox.push(encode(&reply, request_id).into());
+    for reply in outcome.replies {
+        // The parts of a big reply wait for room in the outbox (the client's own reading pace) rather
+        // than count as a slow consumer; each part is at most `max_reply_bytes`.
+        if !conn.outbox.push_reply(encode(&reply, request_id).into()).await {
+            return;
+        }
     }
 }
 

@@ -96,8 +96,9 @@ pub async fn write_chat(
             ChatAccess::Owned(k) => ctx.chats.write(build(Target::Existing, &k.key)).await?,
             ChatAccess::New => {
                 let (key, wrapped) = ctx.keys.new_chat_key(chat_id);
-                let result = ctx.chats.write(build(Target::Create(wrapped), &key)).await?;
-                if !matches!(result, WriteResult::Raced | WriteResult::NotFound) {
+                let target = Target::Create { key: wrapped, max_chats: ctx.config.max_chats_per_user };
+                let result = ctx.chats.write(build(target, &key)).await?;
+                if !matches!(result, WriteResult::Raced | WriteResult::NotFound | WriteResult::ChatLimit) {
                     ctx.keys.created(chat_id, owner, key);
                 }
                 result
@@ -110,6 +111,14 @@ pub async fn write_chat(
             WriteResult::NotFound => {
                 ctx.keys.forget_chat(chat_id);
                 return Err(Error::chat_not_found(chat_id));
+            }
+            WriteResult::ChatLimit => {
+                let max = ctx.config.max_chats_per_user;
+                return Err(Error::limit_exceeded(
+                    "chat_id",
+                    format!("Creating this chat would exceed max_chats_per_user ({max}).",),
+                )
+                .with_chat(chat_id));
             }
             other => return Ok(other),
         }

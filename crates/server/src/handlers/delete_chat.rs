@@ -13,7 +13,7 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: DeleteChat) -> Result<Outco
     let op = WriteOp::DeleteChat { owner: conn.user_id.clone(), chat_id: p.chat_id.to_string(), now: now_millis() };
     match ctx.chats.write(op).await? {
         WriteResult::Deleted => {
-            ctx.keys.forget_chat(p.chat_id.as_str());
+            ctx.keys.chat_deleted(p.chat_id.as_str());
             ctx.cache.chat_deleted(&conn.user_id, p.chat_id.as_str()).await;
             let event = ChatDeleted { chat_id: p.chat_id, tombstone: true };
             Ok(Outcome::default().broadcast(Broadcast::All(ServerMessage::ChatDeleted(event))))

@@ -1,6 +1,8 @@
 //! `get_chat_messages`: one page of a chat's messages after `after_seq`, oldest first.
-//! SELF `chat_messages_response` `{"chat_id","messages","messages_v","has_more"}`.
+//! SELF `chat_messages_response` `{"chat_id","messages","messages_v","has_more"}`. The page is also
+//! bounded by `max_reply_bytes`: fewer messages, with `has_more: true`.
 
+use super::bounded::{json_len, off_workers, Packer};
 use super::common::{chat_key, message_out};
 use super::{Ctx, Outcome};
 use crate::error::Error;
@@ -25,12 +27,30 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: GetChatMessages) -> Result<
         return Err(Error::chat_not_found(chat_id));
     };
     let key = chat_key(ctx, &conn.user_id, &chat)?;
-    let messages = records.iter().map(|m| message_out(&key.key, chat_id, m)).collect::<Result<Vec<_>, _>>()?;
+    let budget = ctx.limits.max_reply_bytes as usize;
+    let owned_id = chat_id.to_owned();
+    // Decrypt on the blocking pool; stop at the frame budget ("Bounded replies": fewer messages and
+    // `has_more`). A single message always fits (Config::validate).
+    let (messages, cut) = off_workers(move || {
+        let mut packer = Packer::new(budget);
+        let mut messages = Vec::with_capacity(records.len());
+        for record in &records {
+            let message = message_out(&key.key, &owned_id, record)?;
+            let size = json_len(&message);
+            if !packer.fits(size) && !packer.is_empty() {
+                return Ok((messages, true));
+            }
+            packer.add(size);
+            messages.push(message);
+        }
+        Ok((messages, false))
+    })
+    .await?;
     let messages_v = chat.messages_v.max(messages.last().map_or(0, |m| m.seq));
     Ok(Outcome::reply(ServerMessage::ChatMessagesResponse(ChatMessagesResponse {
         chat_id: p.chat_id,
         messages,
         messages_v,
-        has_more,
+        has_more: has_more || cut,
     })))
 }

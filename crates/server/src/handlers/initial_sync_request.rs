@@ -1,15 +1,25 @@
 //! `initial_sync_request`: brings a (re)connecting client up to date from the versions it has.
 //! SELF `initial_sync_response`: ids to delete, new or newer chats (the immediate-view chat first, with
 //! the messages the client lacks), and the server's chat order. Failures are `initial_sync_error`.
+//!
+//! The reply is bounded ("Bounded replies"): it is built (decrypted, measured) on the blocking pool and
+//! sent in parts of at most `max_reply_bytes`, `more: true` on all but the last; the lists are split over
+//! the parts, `server_chat_order` and `sync_completed_at` come whole in the last part.
 
-use super::common::{chat_id, chat_key, message_out, open_draft, open_title, rfc3339, secs, versions};
+use super::bounded::{json_len, off_workers, Packer, ENVELOPE_BYTES};
+use super::common::{chat_id, message_out, open_draft, open_title, rfc3339, secs, versions};
 use super::{Ctx, Outcome};
+use crate::crypto::DataKey;
 use crate::error::Error;
 use crate::hub::ConnHandle;
-use crate::store::chats::ChatRecord;
+use crate::keys::Keyring;
+use crate::store::chats::{ChatRecord, MessageRecord};
 use crate::store::now_millis;
-use chatsync_protocol::{ChatChangeKind, ChatUpdate, InitialSyncRequest, InitialSyncResponse, Limits, ServerMessage};
-use std::collections::HashSet;
+use chatsync_protocol::{
+    ChatChangeKind, ChatId, ChatUpdate, ClientVersions, InitialSyncRequest, InitialSyncResponse, Limits, ServerMessage,
+};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 /// Handles `initial_sync_request`.
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Result<Outcome, Error> {
@@ -19,41 +29,125 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
             format!("More than {} entries in chat_versions.", Limits::MAX_SYNC_CHAT_VERSIONS),
         ));
     }
-    let user = conn.user_id.as_str();
-    let chats = user_chats(ctx, user).await?;
-    let owned: HashSet<&str> = chats.iter().map(|c| c.chat_id.as_str()).collect();
-    let chat_ids_to_delete = p.chat_versions.keys().filter(|id| !owned.contains(id.as_str())).cloned().collect();
-
-    let user_key = ctx.keys.user_key(ctx.chats.as_ref(), user).await?;
-    let immediate = p.immediate_view_chat_id.as_ref().map(|c| c.as_str());
-    let mut updates = Vec::new();
-    for chat in &chats {
-        let known = p.chat_versions.get(chat.chat_id.as_str());
-        let have = |v: Option<i64>| v.unwrap_or(-1);
-        let (new_title, new_draft, new_messages) = match known {
-            None => (true, true, true),
-            Some(k) => (
-                chat.title_v as i64 > have(k.title_v),
-                chat.draft_v as i64 > have(k.draft_v),
-                chat.messages_v as i64 > have(k.messages_v),
-            ),
-        };
-        if !(new_title || new_draft || new_messages) {
-            continue;
+    let user = conn.user_id.clone();
+    let chats = user_chats(ctx, &user).await?;
+    let user_key = ctx.keys.user_key(ctx.chats.as_ref(), &user).await?;
+    // The immediate-view chat's missing messages, if it is among the chats the client needs.
+    let mut immediate = None;
+    if let Some(id) = &p.immediate_view_chat_id {
+        if let Some(chat) = chats.iter().find(|c| c.chat_id == id.as_str()) {
+            let known = p.chat_versions.get(id);
+            if needs_update(chat, known) {
+                let after = known.and_then(|k| k.messages_v).unwrap_or(0).max(0) as u64;
+                let page = ctx.limits.max_page_messages;
+                let records = match ctx.chats.messages_after(&user, &chat.chat_id, after, page).await? {
+                    Some((_, records, _)) => records,
+                    None => Vec::new(),
+                };
+                immediate = Some((chat.chat_id.clone(), records));
+            }
         }
-        let key = chat_key(ctx, user, chat)?;
-        let messages = if immediate == Some(chat.chat_id.as_str()) {
-            let after = known.and_then(|k| k.messages_v).unwrap_or(0).max(0) as u64;
-            let page = ctx.limits.max_page_messages;
-            let records = match ctx.chats.messages_after(user, &chat.chat_id, after, page).await? {
-                Some((_, records, _)) => records,
-                None => Vec::new(),
-            };
-            Some(records.iter().map(|m| message_out(&key.key, &chat.chat_id, m)).collect::<Result<Vec<_>, _>>()?)
-        } else {
-            None
+    }
+    let job = SyncJob {
+        keys: ctx.keys.clone(),
+        user,
+        user_key,
+        chats,
+        chat_versions: p.chat_versions,
+        immediate,
+        budget: ctx.limits.max_reply_bytes as usize,
+    };
+    let parts = off_workers(move || job.build()).await?;
+    Ok(Outcome::parts(parts.into_iter().map(ServerMessage::InitialSyncResponse).collect()))
+}
+
+/// Whether the client lacks something of `chat` (any component newer than it has; `-1` when missing).
+fn needs_update(chat: &ChatRecord, known: Option<&ClientVersions>) -> bool {
+    let Some(k) = known else { return true };
+    let have = |v: Option<i64>| v.unwrap_or(-1);
+    chat.title_v as i64 > have(k.title_v)
+        || chat.draft_v as i64 > have(k.draft_v)
+        || chat.messages_v as i64 > have(k.messages_v)
+}
+
+/// Everything the reply is built from, moved to the blocking pool.
+struct SyncJob {
+    keys: Arc<Keyring>,
+    user: String,
+    user_key: Arc<DataKey>,
+    chats: Vec<ChatRecord>,
+    chat_versions: BTreeMap<ChatId, ClientVersions>,
+    immediate: Option<(String, Vec<MessageRecord>)>,
+    budget: usize,
+}
+
+impl SyncJob {
+    /// Decrypts what the client needs and packs it into parts.
+    fn build(self) -> Result<Vec<InitialSyncResponse>, Error> {
+        let owned: HashSet<&str> = self.chats.iter().map(|c| c.chat_id.as_str()).collect();
+        let to_delete: Vec<ChatId> =
+            self.chat_versions.keys().filter(|id| !owned.contains(id.as_str())).cloned().collect();
+
+        let mut updates = Vec::new();
+        for chat in &self.chats {
+            let known = self.chat_versions.get(chat.chat_id.as_str());
+            if !needs_update(chat, known) {
+                continue;
+            }
+            let entry = self.entry(chat, known)?;
+            if entry.messages.is_some() {
+                updates.insert(0, entry);
+            } else {
+                updates.push(entry);
+            }
+        }
+        let order = self.chats.iter().map(|c| chat_id(&c.chat_id)).collect::<Result<Vec<_>, _>>()?;
+
+        let mut parts = Vec::new();
+        let mut part = empty_part();
+        let mut packer = Packer::new(self.budget);
+        for id in to_delete {
+            let size = json_len(&id);
+            if !packer.fits(size) {
+                parts.push(std::mem::replace(&mut part, empty_part()));
+                packer.next_part();
+            }
+            packer.add(size);
+            part.chat_ids_to_delete.push(id);
+        }
+        for entry in updates {
+            let size = json_len(&entry);
+            if !packer.fits(size) && !packer.is_empty() {
+                parts.push(std::mem::replace(&mut part, empty_part()));
+                packer.next_part();
+            }
+            packer.add(size);
+            part.chats_to_add_or_update.push(entry);
+        }
+        // The order comes whole in the last part (Config::validate makes sure it fits in one frame).
+        if !packer.fits(json_len(&order)) && !packer.is_empty() {
+            parts.push(std::mem::replace(&mut part, empty_part()));
+        }
+        part.server_chat_order = order;
+        part.sync_completed_at = rfc3339(now_millis());
+        parts.push(part);
+        let last = parts.len() - 1;
+        for (i, p) in parts.iter_mut().enumerate() {
+            p.more = i < last;
+        }
+        Ok(parts)
+    }
+
+    /// One `chats_to_add_or_update` entry, decrypted; the immediate-view chat carries its messages, as
+    /// many (oldest first) as fit in one frame.
+    fn entry(&self, chat: &ChatRecord, known: Option<&ClientVersions>) -> Result<ChatUpdate, Error> {
+        let have = |v: Option<i64>| v.unwrap_or(-1);
+        let (new_title, new_draft) = match known {
+            None => (true, true),
+            Some(k) => (chat.title_v as i64 > have(k.title_v), chat.draft_v as i64 > have(k.draft_v)),
         };
-        let entry = ChatUpdate {
+        let key = self.keys.chat_key(&chat.chat_id, &self.user, &chat.key)?;
+        let mut entry = ChatUpdate {
             chat_id: chat_id(&chat.chat_id)?,
             kind: if known.is_none() { ChatChangeKind::NewChat } else { ChatChangeKind::UpdatedChat },
             versions: versions(chat),
@@ -61,25 +155,38 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
             unread_count: chat.unread_count,
             title: if new_title { Some(open_title(&key.key, &chat.chat_id, chat.title.as_deref())?) } else { None },
             draft_json: if new_draft {
-                Some(open_draft(&user_key, &chat.chat_id, user, chat.draft.as_deref())?)
+                Some(open_draft(&self.user_key, &chat.chat_id, &self.user, chat.draft.as_deref())?)
             } else {
                 None
             },
-            messages,
+            messages: None,
         };
-        if entry.messages.is_some() {
-            updates.insert(0, entry);
-        } else {
-            updates.push(entry);
+        if let Some((_, records)) = self.immediate.as_ref().filter(|(id, _)| *id == chat.chat_id) {
+            let mut room = self.budget.saturating_sub(ENVELOPE_BYTES + json_len(&entry) + 16);
+            let mut messages = Vec::new();
+            for record in records {
+                let message = message_out(&key.key, &chat.chat_id, record)?;
+                let size = json_len(&message) + 1;
+                if size > room {
+                    break;
+                }
+                room -= size;
+                messages.push(message);
+            }
+            entry.messages = Some(messages);
         }
+        Ok(entry)
     }
-    let server_chat_order = chats.iter().map(|c| chat_id(&c.chat_id)).collect::<Result<Vec<_>, _>>()?;
-    Ok(Outcome::reply(ServerMessage::InitialSyncResponse(InitialSyncResponse {
-        chat_ids_to_delete,
-        chats_to_add_or_update: updates,
-        server_chat_order,
-        sync_completed_at: rfc3339(now_millis()),
-    })))
+}
+
+fn empty_part() -> InitialSyncResponse {
+    InitialSyncResponse {
+        chat_ids_to_delete: Vec::new(),
+        chats_to_add_or_update: Vec::new(),
+        server_chat_order: Vec::new(),
+        sync_completed_at: String::new(),
+        more: false,
+    }
 }
 
 /// The user's chats, most recent first: from the cache, else from the store (then cached).

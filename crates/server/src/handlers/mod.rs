@@ -5,6 +5,7 @@
 //! Handlers return what to send and to whom; they never touch a socket. The gateway encodes the
 //! [`Outcome`] (the reply and SELF's copies with the `request_id`, the OTHERS copy once, shared).
 
+mod bounded;
 mod chat_message_added;
 mod common;
 mod delete_chat;
@@ -60,19 +61,24 @@ pub enum Broadcast {
     All(ServerMessage),
 }
 
-/// What a handler wants sent. SELF receives its copies of `broadcasts` first, then `reply`.
+/// What a handler wants sent. SELF receives its copies of `broadcasts` first, then `replies`.
 #[derive(Debug, Default)]
 pub struct Outcome {
     /// Broadcasts, in order.
     pub broadcasts: Vec<Broadcast>,
-    /// The direct reply to SELF.
-    pub reply: Option<ServerMessage>,
+    /// The direct reply to SELF: one frame, or the parts of a bounded reply, in order.
+    pub replies: Vec<ServerMessage>,
 }
 
 impl Outcome {
     /// Only a reply to SELF.
     pub fn reply(message: ServerMessage) -> Outcome {
-        Outcome { broadcasts: Vec::new(), reply: Some(message) }
+        Outcome { broadcasts: Vec::new(), replies: vec![message] }
+    }
+
+    /// A reply in several parts.
+    pub fn parts(parts: Vec<ServerMessage>) -> Outcome {
+        Outcome { broadcasts: Vec::new(), replies: parts }
     }
 
     /// Adds a broadcast.

@@ -41,7 +41,7 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: SyncOfflineChanges) -> Resu
         }
         summary.results.push(result);
     }
-    outcome.reply = Some(ServerMessage::OfflineSyncComplete(summary));
+    outcome.replies.push(ServerMessage::OfflineSyncComplete(summary));
     Ok(outcome)
 }
 

@@ -70,12 +70,16 @@ struct State {
     queue: VecDeque<Utf8Bytes>,
     bytes: usize,
     close: Option<CloseReason>,
+    /// A reply is waiting for room ([`Outbox::push_reply`]).
+    reply_waiting: bool,
 }
 
 /// A bounded, non-blocking outbound queue. An idle outbox allocates nothing.
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
+    /// Wakes a waiting [`Outbox::push_reply`] when frames leave or the outbox closes.
+    space: Notify,
     max_bytes: usize,
     max_messages: usize,
 }
@@ -83,7 +87,13 @@ pub struct Outbox {
 impl Outbox {
     /// An empty outbox with the given bounds.
     pub fn new(max_bytes: usize, max_messages: usize) -> Outbox {
-        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), max_bytes, max_messages }
+        Outbox {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            space: Notify::new(),
+            max_bytes,
+            max_messages,
+        }
     }
 
     /// Queues a frame. Returns `false` if the connection is closing, or if the frame would exceed the
@@ -103,6 +113,7 @@ impl Outbox {
             s.close = Some(CloseReason::SLOW_CONSUMER);
             drop(s);
             self.notify.notify_one();
+            self.space.notify_waiters();
             return false;
         }
         s.bytes += frame.len();
@@ -110,6 +121,32 @@ impl Outbox {
         drop(s);
         self.notify.notify_one();
         true
+    }
+
+    /// Queues one frame of the connection's own reply, waiting (instead of closing the connection) while
+    /// the queue has no room: the parts of a big reply reach the client at the pace it reads them, and
+    /// this connection's next request waits meanwhile. Returns `false` if the connection is closing.
+    pub async fn push_reply(&self, frame: Utf8Bytes) -> bool {
+        loop {
+            let space = self.space.notified();
+            {
+                let mut s = self.state.lock();
+                if s.close.is_some() {
+                    return false;
+                }
+                let fits = s.queue.is_empty()
+                    || (s.bytes + frame.len() <= self.max_bytes && s.queue.len() < self.max_messages);
+                if fits {
+                    s.bytes += frame.len();
+                    s.queue.push_back(frame);
+                    drop(s);
+                    self.notify.notify_one();
+                    return true;
+                }
+                s.reply_waiting = true;
+            }
+            space.await;
+        }
     }
 
     /// Asks the writer to close after the frames already queued. The first close reason wins.
@@ -120,6 +157,7 @@ impl Outbox {
         }
         drop(s);
         self.notify.notify_one();
+        self.space.notify_waiters();
     }
 
     /// Drops whatever is queued and asks the writer to close at once (nothing may be sent after the
@@ -133,6 +171,7 @@ impl Outbox {
         }
         drop(s);
         self.notify.notify_one();
+        self.space.notify_waiters();
     }
 
     /// Whether a close has been requested.
@@ -147,6 +186,9 @@ impl Outbox {
                 let mut s = self.state.lock();
                 if let Some(frame) = s.queue.pop_front() {
                     s.bytes -= frame.len();
+                    if std::mem::take(&mut s.reply_waiting) {
+                        self.space.notify_waiters();
+                    }
                     if s.queue.is_empty() && s.queue.capacity() > 16 {
                         s.queue = VecDeque::new();
                     }
@@ -204,6 +246,27 @@ mod tests {
         assert!(o.push(frame("a large reply")));
         assert!(matches!(o.next().await, Next::Frame(_)));
         assert!(o.push(frame("abc")), "drained: the queue accepts again");
+    }
+
+    #[tokio::test]
+    async fn a_reply_waits_for_room_instead_of_closing_the_connection() {
+        let o = std::sync::Arc::new(Outbox::new(8, 100));
+        assert!(o.push_reply(frame("12345678")).await, "an empty queue takes any frame");
+        let o2 = o.clone();
+        let second = tokio::spawn(async move { o2.push_reply(frame("abcdefgh")).await });
+        tokio::task::yield_now().await;
+        assert!(!o.is_closing(), "no slow-consumer close for the connection's own reply");
+        assert!(matches!(o.next().await, Next::Frame(f) if f.as_str() == "12345678"));
+        assert!(second.await.unwrap(), "queued once the first part left");
+        assert!(matches!(o.next().await, Next::Frame(f) if f.as_str() == "abcdefgh"));
+
+        let o = std::sync::Arc::new(Outbox::new(8, 100));
+        assert!(o.push_reply(frame("12345678")).await);
+        let o2 = o.clone();
+        let waiting = tokio::spawn(async move { o2.push_reply(frame("x")).await });
+        tokio::task::yield_now().await;
+        o.close(CloseReason::SHUTDOWN);
+        assert!(!waiting.await.unwrap(), "a close wakes a waiting reply");
     }
 
     #[tokio::test]

@@ -80,7 +80,12 @@ pub enum Target {
     /// The chat is believed to be new: create it with this data key (the payload is encrypted under it).
     /// If it exists by the time the write runs, the result is [`WriteResult::Raced`] (when the writer owns
     /// it: encrypt again under the existing key and retry) or [`WriteResult::NotFound`].
-    Create(WrappedKey),
+    Create {
+        /// The new chat's wrapped data key.
+        key: WrappedKey,
+        /// The most chats the owner may have: at the limit the write is [`WriteResult::ChatLimit`].
+        max_chats: u32,
+    },
 }
 
 /// One write. `if_version_at_most` (offline sync) applies the change only if the component's current
@@ -189,6 +194,8 @@ pub enum WriteResult {
     NoDraft(ChatRecord),
     /// `DeleteChat` done.
     Deleted,
+    /// [`Target::Create`] found the owner at `max_chats`; nothing changed.
+    ChatLimit,
     /// `UserKey`: the key in force.
     UserKey(WrappedKey),
 }

@@ -196,17 +196,29 @@ fn create_chat(
     owner: &str,
     chat_id: &str,
     key: &WrappedKey,
+    max_chats: u32,
     now: i64,
 ) -> Result<Result<ChatRecord, WriteResult>, StoreError> {
+    // The count runs in the inserting statement: concurrent creations cannot overshoot the limit.
     let mut st = tx.prepare_cached(&format!(
         "INSERT INTO chats (chat_id, owner, chat_key, kek_id, last_edited_ms, created_at) \
          SELECT ?1, ?2, ?3, ?4, ?5, ?5 WHERE NOT EXISTS (SELECT 1 FROM chat_tombstones WHERE chat_id = ?1) \
+         AND (SELECT COUNT(*) FROM chats WHERE owner = ?2) < ?6 \
          ON CONFLICT (chat_id) DO NOTHING RETURNING {CHAT_COLS}"
     ))?;
-    if let Some(chat) = st.query_row(params![chat_id, owner, key.wrapped, key.kek_id, now], chat_row).optional()? {
+    let row = st.query_row(params![chat_id, owner, key.wrapped, key.kek_id, now, max_chats], chat_row).optional()?;
+    if let Some(chat) = row {
         return Ok(Ok(chat));
     }
-    Ok(Err(if owned_chat(tx, owner, chat_id)?.is_some() { WriteResult::Raced } else { WriteResult::NotFound }))
+    if owned_chat(tx, owner, chat_id)?.is_some() {
+        return Ok(Err(WriteResult::Raced));
+    }
+    let taken: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM chats WHERE chat_id = ?1) OR EXISTS (SELECT 1 FROM chat_tombstones WHERE chat_id = ?1)",
+        params![chat_id],
+        |r| r.get(0),
+    )?;
+    Ok(Err(if taken { WriteResult::NotFound } else { WriteResult::ChatLimit }))
 }
 
 /// Creates the chat of a [`Target::Create`] write. Returns the version condition that still applies
@@ -222,7 +234,7 @@ fn reach(
 ) -> Result<Result<Option<i64>, WriteResult>, StoreError> {
     match target {
         Target::Existing => Ok(Ok(condition)),
-        Target::Create(key) => Ok(create_chat(tx, owner, chat_id, key, now)?.map(|_| None)),
+        Target::Create { key, max_chats } => Ok(create_chat(tx, owner, chat_id, key, *max_chats, now)?.map(|_| None)),
     }
 }
 
@@ -295,8 +307,8 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, StoreEr
         }
         WriteOp::Message { owner, chat_id, message_id, content, client_timestamp, target, now } => {
             match target {
-                Target::Create(key) => {
-                    if let Err(result) = create_chat(tx, owner, chat_id, key, *now)? {
+                Target::Create { key, max_chats } => {
+                    if let Err(result) = create_chat(tx, owner, chat_id, key, *max_chats, *now)? {
                         return Ok(result);
                     }
                 }
