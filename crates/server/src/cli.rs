@@ -72,8 +72,9 @@ pub enum Command {
 /// `chatsync connect` options.
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
-    /// Session token (from `chatsync sessions issue`).
-    #[arg(long, env = "CHATSYNC_TOKEN", hide_env_values = true)]
+    /// Session token (from `chatsync sessions issue`: `cs_…`). Any token is accepted, including old
+    /// ones that start with `-`.
+    #[arg(long, env = "CHATSYNC_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     pub token: String,
     /// Device id sent as X-Device-Id.
     #[arg(long, default_value = "cli")]
@@ -194,7 +195,8 @@ pub enum UsersCommand {
 /// `chatsync sessions …`
 #[derive(Debug, Subcommand)]
 pub enum SessionsCommand {
-    /// Issue a session for a user and print its token (only the token, on stdout).
+    /// Issue a session for a user and print its token (only the token, on stdout): `cs_` followed by 43
+    /// characters of base64url.
     Issue {
         /// The user.
         user_id: String,
@@ -226,7 +228,9 @@ pub enum SessionsCommand {
     },
     /// Revoke the session of a token; its open connections close with 1008 `Session revoked`.
     Revoke {
-        /// The token, as printed by `sessions issue`.
+        /// The token, as printed by `sessions issue` (`cs_…`). Any token is accepted, including old ones
+        /// that start with `-`.
+        #[arg(allow_hyphen_values = true)]
         token: String,
     },
 }
