@@ -50,7 +50,8 @@ pub struct GlobalArgs {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the WebSocket server (endpoint GET /v1/ws).
+    /// Run the WebSocket server (endpoint GET /v1/ws). Locks the data directory (<data-dir>/chatsync.lock)
+    /// while it runs: a second `serve`, or `keys rotate`, on the same directory stops with an error.
     Serve(ServeArgs),
     /// Manage users.
     #[command(subcommand)]
@@ -87,8 +88,10 @@ pub struct ConnectArgs {
 /// `chatsync keys …`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Re-wrap every data key under a new, random master key. Stop the server first. With a key file
-    /// (<data-dir>/master.key) the file is replaced; with CHATSYNC_MASTER_KEY the new key is printed on
+    /// Re-wrap every data key under a new, random master key. Stop the server first: like `serve`, it
+    /// locks the data directory (<data-dir>/chatsync.lock) and refuses to run while another process holds
+    /// it. With a key file (<data-dir>/master.key) the file is replaced, each step flushed to disk so that
+    /// a crash at any point leaves readable data; with CHATSYNC_MASTER_KEY the new key is printed on
     /// stdout and must then be configured in its place.
     Rotate,
 }

@@ -1,8 +1,10 @@
 //! Encryption keys end to end: the master key file, refusing a wrong master key, and `keys rotate`
-//! (with a key file and with `CHATSYNC_MASTER_KEY`), with the data readable afterwards.
+//! (with a key file and with `CHATSYNC_MASTER_KEY`), with the data readable afterwards, also when a
+//! rotation is interrupted after any of its steps.
 
 mod common;
 
+use chatsync::keys::{self, RotationStep};
 use chatsync::Config;
 use chatsync_protocol::*;
 use common::TestServer;
@@ -143,4 +145,103 @@ async fn an_interrupted_rotation_is_completed_at_the_next_start() {
     assert_eq!(t, "mid rotation");
     assert_eq!(std::fs::read_to_string(data.path().join("master.key")).unwrap(), new);
     assert!(!data.path().join("master.key.next").exists());
+}
+
+fn draft(chat: &str, text: &str) -> ClientMessage {
+    let doc = serde_json::json!({"type": "doc", "content": [{"type": "text", "text": text}]});
+    ClientMessage::UpdateDraft(UpdateDraft {
+        chat_id: ChatId::new(chat).unwrap(),
+        draft_json: doc.as_object().cloned(),
+    })
+}
+
+/// Starts a server on `data` and returns the first chat's title and draft text (both decrypted: the
+/// title under the chat's key, the draft under the user's key).
+async fn read_title_and_draft(data: tempfile::TempDir) -> (String, String, tempfile::TempDir) {
+    let config = Config { data_dir: data.path().to_owned(), ..Config::default() };
+    let server = TestServer::start_in(data, config).await;
+    let token = server.token("alice").await;
+    let (mut c, _) = server.connect(&token, "d").await;
+    let reply = c.request(&sync_all()).await.unwrap();
+    let ServerMessage::InitialSyncResponse(sync) = reply.message else { panic!("{reply:?}") };
+    let chat = &sync.chats_to_add_or_update[0];
+    let text = chat.draft_json.clone().flatten().unwrap()["content"][0]["text"].as_str().unwrap().to_owned();
+    (chat.title.clone().unwrap(), text, server.stop_into_data().await)
+}
+
+/// Runs `keys rotate` on `data` as far as `step` and stops there as a crash would (the process gone, its
+/// lock released, nothing after `step` done); then restarts the server on the data and checks that the
+/// title and draft written before still decrypt, that nothing of the rotation is left over, and that a
+/// new rotation works.
+async fn rotation_interrupted_after(step: RotationStep) {
+    let data = write_title(tempfile::tempdir().unwrap(), "kept title").await;
+    let config = Config { data_dir: data.path().to_owned(), ..Config::default() };
+    let server = TestServer::start_in(data, config).await;
+    let token = server.token("alice").await;
+    let (mut c, _) = server.connect(&token, "d").await;
+    assert!(matches!(
+        c.request(&draft("c1", "kept draft")).await.unwrap().message,
+        ServerMessage::DraftUpdateConfirmed(_)
+    ));
+    drop(c);
+    let data = server.stop_into_data().await;
+    let key_file = data.path().join("master.key");
+    let old_key = std::fs::read_to_string(&key_file).unwrap();
+
+    let backend = chatsync::store::open_backend(
+        &format!("sqlite://{}", data.path().join("chatsync.db").display()),
+        chatsync::store::Durability::Full,
+    )
+    .await
+    .unwrap();
+    let crash = |s: RotationStep| if s == step { anyhow::bail!("simulated crash after {s:?}") } else { Ok(()) };
+    let err = keys::rotate_with(data.path(), None, backend.chats.as_ref(), crash).await.expect_err("stopped");
+    assert!(err.to_string().contains("simulated crash"), "{err:#}");
+    backend.identity.close().await;
+    let moved = std::fs::read_to_string(&key_file).unwrap() != old_key;
+    assert_eq!(moved, step >= RotationStep::Renamed, "master.key replaced only by the rename ({step:?})");
+
+    let (title, text, data) = read_title_and_draft(data).await;
+    assert_eq!((title.as_str(), text.as_str()), ("kept title", "kept draft"), "after {step:?}");
+    assert!(!data.path().join("master.key.next").exists(), "master.key.next is resolved at start ({step:?})");
+    let out = chatsync(data.path(), &["keys", "rotate"], None);
+    assert!(out.status.success(), "rotating again after {step:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let (title, text, _) = read_title_and_draft(data).await;
+    assert_eq!((title.as_str(), text.as_str()), ("kept title", "kept draft"), "after {step:?} and a new rotation");
+}
+
+#[tokio::test]
+async fn rotation_interrupted_after_creating_master_key_next_is_undone() {
+    rotation_interrupted_after(RotationStep::NextCreated).await;
+}
+
+#[tokio::test]
+async fn rotation_interrupted_after_writing_master_key_next_is_undone() {
+    rotation_interrupted_after(RotationStep::NextWritten).await;
+}
+
+#[tokio::test]
+async fn rotation_interrupted_after_flushing_master_key_next_is_undone() {
+    rotation_interrupted_after(RotationStep::NextDurable).await;
+}
+
+#[tokio::test]
+async fn rotation_interrupted_after_rewrapping_the_store_is_completed() {
+    rotation_interrupted_after(RotationStep::StoreRewrapped).await;
+}
+
+#[tokio::test]
+async fn rotation_interrupted_after_the_rename_is_complete() {
+    rotation_interrupted_after(RotationStep::Renamed).await;
+}
+
+#[tokio::test]
+async fn rotation_interrupted_after_flushing_the_rename_is_complete() {
+    rotation_interrupted_after(RotationStep::RenameDurable).await;
+}
+
+#[test]
+fn every_rotation_step_has_a_crash_test() {
+    // The tests above cover RotationStep::ALL; a new step must get one.
+    assert_eq!(RotationStep::ALL.len(), 6);
 }

@@ -1,5 +1,7 @@
-//! Several processes on one data directory: every database connection (server pool, chat writer, CLI)
-//! waits for a lock another process holds instead of failing with "database is locked".
+//! Several processes on one data directory: the data directory lock makes `serve` and `keys rotate`
+//! exclusive (other CLI commands still work while `serve` runs), and every database connection (server
+//! pool, chat writer, CLI) waits for a lock another process holds instead of failing with "database is
+//! locked".
 
 mod common;
 
@@ -7,8 +9,9 @@ use chatsync::gateway::auth;
 use chatsync_client::{Client, ConnectOptions};
 use chatsync_protocol::*;
 use common::TestServer;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 fn chatsync(data: &Path, args: &[&str]) -> Command {
@@ -22,6 +25,70 @@ fn chatsync(data: &Path, args: &[&str]) -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail because the data directory is locked by `serve`.
+fn refused_as_locked(out: Output) {
+    assert!(!out.status.success(), "expected failure, stdout: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in use by another chatsync process") && err.contains("serve"), "{err}");
+}
+
+/// Starts `chatsync serve` on port 0 and waits until it listens.
+fn serve(data: &Path) -> Child {
+    let mut child = chatsync(data, &["serve", "--listen", "127.0.0.1:0"]).env("RUST_LOG", "info").spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("server exited before listening").unwrap();
+        if line.contains("ws://") {
+            break;
+        }
+    }
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+    child
+}
+
+#[test]
+fn serve_and_keys_rotate_are_exclusive_on_a_data_directory_and_other_commands_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(chatsync(dir.path(), &["users", "add", "alice"]).output().unwrap());
+    let mut first = serve(dir.path());
+
+    refused_as_locked(chatsync(dir.path(), &["serve", "--listen", "127.0.0.1:0"]).output().unwrap());
+    refused_as_locked(chatsync(dir.path(), &["keys", "rotate"]).output().unwrap());
+    // Commands that only use the database work next to the server.
+    ok(chatsync(dir.path(), &["users", "add", "bob"]).output().unwrap());
+    let token = ok(chatsync(dir.path(), &["sessions", "issue", "bob"]).output().unwrap());
+    ok(chatsync(dir.path(), &["sessions", "revoke", token.trim()]).output().unwrap());
+    ok(chatsync(dir.path(), &["devices", "list", "alice"]).output().unwrap());
+
+    // A crash releases the lock too: the lock file stays, but does not block the next start.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(dir.path().join("chatsync.lock").exists());
+    ok(chatsync(dir.path(), &["keys", "rotate"]).output().unwrap());
+    let mut second = serve(dir.path());
+    refused_as_locked(chatsync(dir.path(), &["keys", "rotate"]).output().unwrap());
+    Command::new("kill").args(["-TERM", &second.id().to_string()]).status().unwrap();
+    assert!(second.wait().unwrap().success());
+    ok(chatsync(dir.path(), &["keys", "rotate"]).output().unwrap());
+}
+
+#[tokio::test]
+async fn an_in_process_server_holds_the_lock_until_it_has_stopped() {
+    let mut server = TestServer::start().await;
+    let config = (*server.ctx.config).clone();
+    let err = chatsync::build(config.clone()).await.err().expect("a second server on the same data directory");
+    assert!(format!("{err:#}").contains("is in use by another chatsync process"), "{err:#}");
+    server.stop().await;
+    let ctx = chatsync::build(config).await.expect("the lock is released once the server has stopped");
+    drop(ctx);
 }
 
 /// Takes the database's write lock from a separate connection, as another process writing would, and
