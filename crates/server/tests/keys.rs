@@ -1,6 +1,6 @@
 //! Encryption keys end to end: the master key file, refusing a wrong master key, and `keys rotate`
 //! (with a key file and with `CHATSYNC_MASTER_KEY`), with the data readable afterwards, also when a
-//! rotation is interrupted after any of its steps.
+//! rotation is killed (SIGKILL) after any of its steps.
 
 mod common;
 
@@ -169,11 +169,37 @@ async fn read_title_and_draft(data: tempfile::TempDir) -> (String, String, tempf
     (chat.title.clone().unwrap(), text, server.stop_into_data().await)
 }
 
-/// Runs `keys rotate` on `data` as far as `step` and stops there as a crash would (the process gone, its
-/// lock released, nothing after `step` done); then restarts the server on the data and checks that the
-/// title and draft written before still decrypt, that nothing of the rotation is left over, and that a
-/// new rotation works.
-async fn rotation_interrupted_after(step: RotationStep) {
+/// Set in the child process that [`rotation_killed_after`] starts: the data directory, and the step after
+/// which the child kills itself.
+const KILL_DIR: &str = "CHATSYNC_TEST_ROTATION_DIR";
+const KILL_STEP: &str = "CHATSYNC_TEST_ROTATION_KILL_AFTER";
+
+/// The child half of [`rotation_killed_after`]: started by it (this test binary, this test only, with
+/// [`KILL_DIR`] and [`KILL_STEP`] set), rotates the master key and SIGKILLs itself right after the step.
+/// Run normally, it does nothing.
+#[tokio::test]
+async fn rotation_child_that_kills_itself_after_a_step() {
+    let (Some(dir), Some(step)) = (std::env::var_os(KILL_DIR), std::env::var(KILL_STEP).ok()) else { return };
+    let step = RotationStep::ALL.into_iter().find(|s| format!("{s:?}") == step).expect("a rotation step");
+    let url = format!("sqlite://{}", Path::new(&dir).join("chatsync.db").display());
+    let backend = chatsync::store::open_backend(&url, chatsync::store::Durability::Full).await.unwrap();
+    let kill = |s: RotationStep| {
+        if s == step {
+            // SAFETY: sends a signal to this process; no memory is involved.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        Ok(())
+    };
+    keys::rotate_with(Path::new(&dir), None, backend.chats.as_ref(), kill).await.unwrap();
+    unreachable!("killed after {step:?}");
+}
+
+/// Runs `keys rotate` on a data directory with a title and a draft in a child process that is killed
+/// (SIGKILL: no destructor, no store close, the lock released by the kernel) right after `step`; then
+/// restarts the server on the data and checks that the title and the draft still decrypt, that nothing
+/// of the rotation is left over, and that a new rotation works.
+async fn rotation_killed_after(step: RotationStep) {
+    use std::os::unix::process::ExitStatusExt as _;
     let data = write_title(tempfile::tempdir().unwrap(), "kept title").await;
     let config = Config { data_dir: data.path().to_owned(), ..Config::default() };
     let server = TestServer::start_in(data, config).await;
@@ -188,18 +214,23 @@ async fn rotation_interrupted_after(step: RotationStep) {
     let key_file = data.path().join("master.key");
     let old_key = std::fs::read_to_string(&key_file).unwrap();
 
-    let backend = chatsync::store::open_backend(
-        &format!("sqlite://{}", data.path().join("chatsync.db").display()),
-        chatsync::store::Durability::Full,
-    )
-    .await
-    .unwrap();
-    let crash = |s: RotationStep| if s == step { anyhow::bail!("simulated crash after {s:?}") } else { Ok(()) };
-    let err = keys::rotate_with(data.path(), None, backend.chats.as_ref(), crash).await.expect_err("stopped");
-    assert!(err.to_string().contains("simulated crash"), "{err:#}");
-    backend.identity.close().await;
-    let moved = std::fs::read_to_string(&key_file).unwrap() != old_key;
-    assert_eq!(moved, step >= RotationStep::Renamed, "master.key replaced only by the rename ({step:?})");
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "rotation_child_that_kills_itself_after_a_step", "--nocapture"])
+        .env(KILL_DIR, data.path())
+        .env(KILL_STEP, format!("{step:?}"))
+        .env_remove("CHATSYNC_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(child.status.signal(), Some(libc::SIGKILL), "{}", String::from_utf8_lossy(&child.stdout));
+    let replaced = match step {
+        RotationStep::NextCreated
+        | RotationStep::NextWritten
+        | RotationStep::NextDurable
+        | RotationStep::StoreRewrapped => false,
+        RotationStep::Renamed | RotationStep::RenameDurable => true,
+    };
+    let now = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(now != old_key, replaced, "master.key is replaced by the rename only ({step:?})");
 
     let (title, text, data) = read_title_and_draft(data).await;
     assert_eq!((title.as_str(), text.as_str()), ("kept title", "kept draft"), "after {step:?}");
@@ -211,37 +242,31 @@ async fn rotation_interrupted_after(step: RotationStep) {
 }
 
 #[tokio::test]
-async fn rotation_interrupted_after_creating_master_key_next_is_undone() {
-    rotation_interrupted_after(RotationStep::NextCreated).await;
+async fn rotation_killed_after_creating_master_key_next_is_undone() {
+    rotation_killed_after(RotationStep::NextCreated).await;
 }
 
 #[tokio::test]
-async fn rotation_interrupted_after_writing_master_key_next_is_undone() {
-    rotation_interrupted_after(RotationStep::NextWritten).await;
+async fn rotation_killed_after_writing_master_key_next_is_undone() {
+    rotation_killed_after(RotationStep::NextWritten).await;
 }
 
 #[tokio::test]
-async fn rotation_interrupted_after_flushing_master_key_next_is_undone() {
-    rotation_interrupted_after(RotationStep::NextDurable).await;
+async fn rotation_killed_after_flushing_master_key_next_is_undone() {
+    rotation_killed_after(RotationStep::NextDurable).await;
 }
 
 #[tokio::test]
-async fn rotation_interrupted_after_rewrapping_the_store_is_completed() {
-    rotation_interrupted_after(RotationStep::StoreRewrapped).await;
+async fn rotation_killed_after_rewrapping_the_store_is_completed() {
+    rotation_killed_after(RotationStep::StoreRewrapped).await;
 }
 
 #[tokio::test]
-async fn rotation_interrupted_after_the_rename_is_complete() {
-    rotation_interrupted_after(RotationStep::Renamed).await;
+async fn rotation_killed_after_the_rename_is_complete() {
+    rotation_killed_after(RotationStep::Renamed).await;
 }
 
 #[tokio::test]
-async fn rotation_interrupted_after_flushing_the_rename_is_complete() {
-    rotation_interrupted_after(RotationStep::RenameDurable).await;
-}
-
-#[test]
-fn every_rotation_step_has_a_crash_test() {
-    // The tests above cover RotationStep::ALL; a new step must get one.
-    assert_eq!(RotationStep::ALL.len(), 6);
+async fn rotation_killed_after_flushing_the_rename_is_complete() {
+    rotation_killed_after(RotationStep::RenameDurable).await;
 }
