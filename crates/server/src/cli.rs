@@ -92,7 +92,7 @@ pub enum KeysCommand {
     /// locks the data directory (<data-dir>/chatsync.lock) and refuses to run while another process holds
     /// it. With a key file (<data-dir>/master.key) the file is replaced, each step flushed to disk so that
     /// a crash at any point leaves readable data; with CHATSYNC_MASTER_KEY the new key is printed on
-    /// stdout and must then be configured in its place.
+    /// stdout (before the store is re-wrapped under it) and must then be configured in its place.
     Rotate,
 }
 
@@ -288,10 +288,30 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             crate::logging::init(config.log_format, "warn");
             let backend = store::open_backend(&config.store_url(), config.durability).await?;
             let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
-            let (new, count) =
-                crate::keys::rotate(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
+            // With an environment key the new key is printed before the store is re-wrapped under it:
+            // printed after, a crash in between would leave data that no known key opens.
+            let mut printed = false;
+            let announce = |step, new: &crate::crypto::MasterKey| {
+                if step == crate::keys::RotationStep::Prepared && env_key.is_some() {
+                    use std::io::Write as _;
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{}", new.to_base64().as_str()).and_then(|()| out.flush())?;
+                    printed = true;
+                }
+                Ok(())
+            };
+            let rotated =
+                crate::keys::rotate_with(&config.data_dir, env_key.as_deref(), backend.chats.as_ref(), announce).await;
+            let (new, count) = match rotated {
+                Err(e) if printed => {
+                    return Err(e.context(
+                        "rotation failed before the store was re-wrapped: keep the current \
+                         CHATSYNC_MASTER_KEY, not the key printed above (the server names the key it needs)",
+                    ))
+                }
+                other => other?,
+            };
             if env_key.is_some() {
-                println!("{}", new.to_base64().as_str());
                 eprintln!("re-wrapped {count} data keys under master key {}: set CHATSYNC_MASTER_KEY to the key printed above", new.id());
             } else {
                 eprintln!("re-wrapped {count} data keys under master key {} (written to the data directory)", new.id());

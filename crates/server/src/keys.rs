@@ -205,11 +205,16 @@ const KEY_FILE: &str = "master.key";
 const NEXT_KEY_FILE: &str = "master.key.next";
 
 /// The steps of `keys rotate` with a key file, in order (with `CHATSYNC_MASTER_KEY` only
-/// [`RotationStep::StoreRewrapped`] happens). Whichever step a crash or power loss interrupts, the next
-/// start finds a consistent pair: either the store still under `master.key` (a `master.key.next` is
-/// then discarded), or the store re-wrapped and the new key in `master.key.next` (moved into place).
+/// [`RotationStep::Prepared`] and [`RotationStep::StoreRewrapped`] happen). Whichever step a crash or
+/// power loss interrupts, the next start finds a consistent pair: either the store still under
+/// `master.key` (a `master.key.next` is then discarded), or the store re-wrapped and the new key in
+/// `master.key.next` (moved into place).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RotationStep {
+    /// The new key generated and every data key re-wrapped in memory; nothing written yet. With
+    /// `CHATSYNC_MASTER_KEY` this is when the new key must be handed to the operator: once the store is
+    /// re-wrapped, only the new key opens it.
+    Prepared,
     /// `master.key.next` created (mode 0600), still empty.
     NextCreated,
     /// The new key written to `master.key.next` and flushed to disk.
@@ -226,7 +231,8 @@ pub enum RotationStep {
 
 impl RotationStep {
     /// Every step, in order.
-    pub const ALL: [RotationStep; 6] = [
+    pub const ALL: [RotationStep; 7] = [
+        RotationStep::Prepared,
         RotationStep::NextCreated,
         RotationStep::NextWritten,
         RotationStep::NextDurable,
@@ -247,16 +253,17 @@ pub async fn rotate(
     env_value: Option<&str>,
     store: &dyn ChatStore,
 ) -> anyhow::Result<(MasterKey, usize)> {
-    rotate_with(data_dir, env_value, store, |_| Ok(())).await
+    rotate_with(data_dir, env_value, store, |_, _| Ok(())).await
 }
 
-/// [`rotate`], calling `after` once each step is done; an error from `after` stops the rotation right
-/// there and is returned (tests use it to simulate a crash after any step).
+/// [`rotate`], calling `after` with the new key once each step is done; an error from `after` stops the
+/// rotation right there and is returned. The CLI prints an environment key at [`RotationStep::Prepared`];
+/// tests kill the process after each step.
 pub async fn rotate_with(
     data_dir: &std::path::Path,
     env_value: Option<&str>,
     store: &dyn ChatStore,
-    mut after: impl FnMut(RotationStep) -> anyhow::Result<()>,
+    mut after: impl FnMut(RotationStep, &MasterKey) -> anyhow::Result<()>,
 ) -> anyhow::Result<(MasterKey, usize)> {
     use anyhow::Context as _;
     let _lock = crate::datadir::DataDirLock::acquire(data_dir, "keys rotate")?;
@@ -270,6 +277,7 @@ pub async fn rotate_with(
         rewrapped
             .push((key_ref.clone(), WrappedKey { wrapped: new.wrap(&dek, &key_ref), kek_id: new.id().to_owned() }));
     }
+    after(RotationStep::Prepared, &new)?;
     let next = data_dir.join(NEXT_KEY_FILE);
     if env_value.is_none() {
         use std::io::Write as _;
@@ -281,21 +289,21 @@ pub async fn rotate_with(
             .mode(0o600)
             .open(&next)
             .with_context(|| format!("cannot create {}", next.display()))?;
-        after(RotationStep::NextCreated)?;
+        after(RotationStep::NextCreated, &new)?;
         file.write_all(new.to_base64().as_bytes())?;
         file.sync_all()?;
-        after(RotationStep::NextWritten)?;
+        after(RotationStep::NextWritten, &new)?;
         crate::datadir::sync_dir(data_dir)?;
-        after(RotationStep::NextDurable)?;
+        after(RotationStep::NextDurable, &new)?;
     }
     store.rewrap_keys(&rewrapped, &new.check_value()).await?;
-    after(RotationStep::StoreRewrapped)?;
+    after(RotationStep::StoreRewrapped, &new)?;
     if env_value.is_none() {
         std::fs::rename(&next, data_dir.join(KEY_FILE))
             .with_context(|| format!("keys re-wrapped, but cannot move {} into place", next.display()))?;
-        after(RotationStep::Renamed)?;
+        after(RotationStep::Renamed, &new)?;
         crate::datadir::sync_dir(data_dir)?;
-        after(RotationStep::RenameDurable)?;
+        after(RotationStep::RenameDurable, &new)?;
     }
     Ok((new, rewrapped.len()))
 }

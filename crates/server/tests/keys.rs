@@ -126,6 +126,7 @@ async fn rotate_with_an_environment_key_prints_the_new_key() {
     assert!(!dir.path().join("master.key").exists(), "no key file is written with an environment key");
     let refused = chatsync(dir.path(), &["keys", "rotate"], Some(&old_b64));
     assert!(!refused.status.success(), "the old key is refused after rotation");
+    assert!(refused.stdout.is_empty(), "no key is printed when the rotation cannot start");
     let again = chatsync(dir.path(), &["keys", "rotate"], Some(&new_b64));
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
 }
@@ -183,7 +184,7 @@ async fn rotation_child_that_kills_itself_after_a_step() {
     let step = RotationStep::ALL.into_iter().find(|s| format!("{s:?}") == step).expect("a rotation step");
     let url = format!("sqlite://{}", Path::new(&dir).join("chatsync.db").display());
     let backend = chatsync::store::open_backend(&url, chatsync::store::Durability::Full).await.unwrap();
-    let kill = |s: RotationStep| {
+    let kill = |s: RotationStep, _: &chatsync::crypto::MasterKey| {
         if s == step {
             // SAFETY: sends a signal to this process; no memory is involved.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
@@ -223,7 +224,8 @@ async fn rotation_killed_after(step: RotationStep) {
         .unwrap();
     assert_eq!(child.status.signal(), Some(libc::SIGKILL), "{}", String::from_utf8_lossy(&child.stdout));
     let replaced = match step {
-        RotationStep::NextCreated
+        RotationStep::Prepared
+        | RotationStep::NextCreated
         | RotationStep::NextWritten
         | RotationStep::NextDurable
         | RotationStep::StoreRewrapped => false,
@@ -239,6 +241,11 @@ async fn rotation_killed_after(step: RotationStep) {
     assert!(out.status.success(), "rotating again after {step:?}: {}", String::from_utf8_lossy(&out.stderr));
     let (title, text, _) = read_title_and_draft(data).await;
     assert_eq!((title.as_str(), text.as_str()), ("kept title", "kept draft"), "after {step:?} and a new rotation");
+}
+
+#[tokio::test]
+async fn rotation_killed_before_writing_anything_changes_nothing() {
+    rotation_killed_after(RotationStep::Prepared).await;
 }
 
 #[tokio::test]
