@@ -52,7 +52,8 @@ pub struct GlobalArgs {
 // Parsed once at startup: the size of the `serve` variant costs nothing.
 #[allow(clippy::large_enum_variant)]
 pub enum Command {
-    /// Run the WebSocket server (endpoint GET /v1/ws).
+    /// Run the WebSocket server (endpoint GET /v1/ws). Locks the data directory (<data-dir>/chatsync.lock)
+    /// while it runs: a second `serve`, or `keys rotate`, on the same directory stops with an error.
     Serve(ServeArgs),
     /// Manage users.
     #[command(subcommand)]
@@ -74,8 +75,9 @@ pub enum Command {
 /// `chatsync connect` options.
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
-    /// Session token (from `chatsync sessions issue`).
-    #[arg(long, env = "CHATSYNC_TOKEN", hide_env_values = true)]
+    /// Session token (from `chatsync sessions issue`: `cs_…`). Any token is accepted, including old
+    /// ones that start with `-`.
+    #[arg(long, env = "CHATSYNC_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     pub token: String,
     /// Device id sent as X-Device-Id.
     #[arg(long, default_value = "cli")]
@@ -88,9 +90,11 @@ pub struct ConnectArgs {
 /// `chatsync keys …`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Re-wrap every data key under a new, random master key. Stop the server first. With a key file
-    /// (<data-dir>/master.key) the file is replaced; with CHATSYNC_MASTER_KEY the new key is printed on
-    /// stdout and must then be configured in its place.
+    /// Re-wrap every data key under a new, random master key. Stop the server first: like `serve`, it
+    /// locks the data directory (<data-dir>/chatsync.lock) and refuses to run while another process holds
+    /// it. With a key file (<data-dir>/master.key) the file is replaced, each step flushed to disk so that
+    /// a crash at any point leaves readable data; with CHATSYNC_MASTER_KEY the new key is printed on
+    /// stdout (before the store is re-wrapped under it) and must then be configured in its place.
     Rotate,
 }
 
@@ -209,7 +213,8 @@ pub enum UsersCommand {
 /// `chatsync sessions …`
 #[derive(Debug, Subcommand)]
 pub enum SessionsCommand {
-    /// Issue a session for a user and print its token (only the token, on stdout).
+    /// Issue a session for a user and print its token (only the token, on stdout): `cs_` followed by 43
+    /// characters of base64url.
     Issue {
         /// The user.
         user_id: String,
@@ -241,7 +246,9 @@ pub enum SessionsCommand {
     },
     /// Revoke the session of a token; its open connections close with 1008 `Session revoked`.
     Revoke {
-        /// The token, as printed by `sessions issue`.
+        /// The token, as printed by `sessions issue` (`cs_…`). Any token is accepted, including old ones
+        /// that start with `-`.
+        #[arg(allow_hyphen_values = true)]
         token: String,
     },
 }
@@ -296,10 +303,30 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             crate::logging::init(config.log_format, "warn");
             let backend = store::open_backend(&config.store_url(), config.durability).await?;
             let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
-            let (new, count) =
-                crate::keys::rotate(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
+            // With an environment key the new key is printed before the store is re-wrapped under it:
+            // printed after, a crash in between would leave data that no known key opens.
+            let mut printed = false;
+            let announce = |step, new: &crate::crypto::MasterKey| {
+                if step == crate::keys::RotationStep::Prepared && env_key.is_some() {
+                    use std::io::Write as _;
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{}", new.to_base64().as_str()).and_then(|()| out.flush())?;
+                    printed = true;
+                }
+                Ok(())
+            };
+            let rotated =
+                crate::keys::rotate_with(&config.data_dir, env_key.as_deref(), backend.chats.as_ref(), announce).await;
+            let (new, count) = match rotated {
+                Err(e) if printed => {
+                    return Err(e.context(
+                        "rotation failed before the store was re-wrapped: keep the current \
+                         CHATSYNC_MASTER_KEY, not the key printed above (the server names the key it needs)",
+                    ))
+                }
+                other => other?,
+            };
             if env_key.is_some() {
-                println!("{}", new.to_base64().as_str());
                 eprintln!("re-wrapped {count} data keys under master key {}: set CHATSYNC_MASTER_KEY to the key printed above", new.id());
             } else {
                 eprintln!("re-wrapped {count} data keys under master key {} (written to the data directory)", new.id());

@@ -103,8 +103,8 @@ impl MasterKey {
 
     /// Loads the master key. `env_value` (the `CHATSYNC_MASTER_KEY` variable, base64) wins when `Some`;
     /// otherwise reads `<data_dir>/master.key` (base64, trailing whitespace allowed). When that file does
-    /// not exist, creates `data_dir` and the file (mode 0600, `create_new`) with a new random key and
-    /// returns `created = true`. A key file readable by group or others is rejected.
+    /// not exist, creates `data_dir` and the file (mode 0600, `create_new`, flushed to disk with its
+    /// directory entry) with a new random key and returns `created = true`. A key file readable by group or others is rejected.
     pub fn load_or_create(data_dir: &Path, env_value: Option<&str>) -> anyhow::Result<(MasterKey, bool)> {
         if let Some(value) = env_value {
             let key = MasterKey::from_base64(value).context("invalid CHATSYNC_MASTER_KEY")?;
@@ -143,6 +143,8 @@ impl MasterKey {
                     let _ = std::fs::remove_file(&path);
                     return Err(e).with_context(|| format!("cannot write master key file {shown}"));
                 }
+                // The file's own fsync does not make its directory entry durable.
+                crate::datadir::sync_dir(data_dir)?;
                 Ok((key, true))
             }
             Err(e) => Err(e).with_context(|| format!("cannot open master key file {shown}")),

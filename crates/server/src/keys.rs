@@ -175,27 +175,38 @@ impl Keyring {
 
 /// Loads the master key (`CHATSYNC_MASTER_KEY`, else `<data_dir>/master.key`, created on first start)
 /// and checks it against the store: a key that cannot unwrap the stored keys is refused with a clear
-/// message. A rotation interrupted after the store was re-wrapped left `master.key.next`: it is
-/// recognized and moved into place.
+/// message. What an interrupted rotation (see [`RotationStep`]) left behind is cleaned up: a
+/// `master.key.next` that the store was re-wrapped under is moved into place; one that it was not (the
+/// rotation stopped before its transaction committed) is removed. The caller holds the data directory
+/// lock ([`crate::datadir::DataDirLock`]).
 pub async fn load_master_key(
     data_dir: &std::path::Path,
     env_value: Option<&str>,
     store: &dyn ChatStore,
 ) -> anyhow::Result<MasterKey> {
     let (master, _created) = MasterKey::load_or_create(data_dir, env_value)?;
+    let next = data_dir.join(NEXT_KEY_FILE);
     let Some(check) = store.key_check().await? else {
         store.init_key_check(&master.check_value()).await?;
         return Ok(master);
     };
     if master.verify_check(&check).is_ok() {
+        if env_value.is_none() && next.exists() {
+            // The store is still under master.key: the new key never wrapped anything committed.
+            std::fs::remove_file(&next)?;
+            crate::datadir::sync_dir(data_dir)?;
+            tracing::warn!(
+                "discarded master.key.next left by a key rotation interrupted before it re-wrapped the store"
+            );
+        }
         return Ok(master);
     }
-    let next = data_dir.join("master.key.next");
     if env_value.is_none() && next.exists() {
-        let text = std::fs::read_to_string(&next)?;
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(&next)?);
         if let Ok(candidate) = MasterKey::from_base64(&text) {
             if candidate.verify_check(&check).is_ok() {
-                std::fs::rename(&next, data_dir.join("master.key"))?;
+                std::fs::rename(&next, data_dir.join(KEY_FILE))?;
+                crate::datadir::sync_dir(data_dir)?;
                 tracing::warn!("completed an interrupted key rotation: master.key.next is now master.key");
                 return Ok(candidate);
             }
@@ -204,7 +215,7 @@ pub async fn load_master_key(
     let source = if env_value.is_some() {
         "CHATSYNC_MASTER_KEY".to_owned()
     } else {
-        data_dir.join("master.key").display().to_string()
+        data_dir.join(KEY_FILE).display().to_string()
     };
     anyhow::bail!(
         "the master key from {source} (id {}) cannot unwrap the stored data keys; \
@@ -213,17 +224,74 @@ pub async fn load_master_key(
     )
 }
 
-/// Re-wraps every stored data key under a new master key (`chatsync keys rotate`; run it while the
-/// server is stopped). With a key file, the new key is first written to `master.key.next`, the store is
-/// re-wrapped in one transaction, then the file replaces `master.key` (an interruption in between is
-/// completed at the next start). With `CHATSYNC_MASTER_KEY`, nothing is written: the new key is
-/// returned for the operator to configure. Returns the new key and the number of keys re-wrapped.
+/// The master key file in the data directory.
+const KEY_FILE: &str = "master.key";
+/// Where `keys rotate` writes the new master key before the store is re-wrapped under it.
+const NEXT_KEY_FILE: &str = "master.key.next";
+
+/// The steps of `keys rotate` with a key file, in order (with `CHATSYNC_MASTER_KEY` only
+/// [`RotationStep::Prepared`] and [`RotationStep::StoreRewrapped`] happen). Whichever step a crash or
+/// power loss interrupts, the next start finds a consistent pair: either the store still under
+/// `master.key` (a `master.key.next` is then discarded), or the store re-wrapped and the new key in
+/// `master.key.next` (moved into place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RotationStep {
+    /// The new key generated and every data key re-wrapped in memory; nothing written yet. With
+    /// `CHATSYNC_MASTER_KEY` this is when the new key must be handed to the operator: once the store is
+    /// re-wrapped, only the new key opens it.
+    Prepared,
+    /// `master.key.next` created (mode 0600), still empty.
+    NextCreated,
+    /// The new key written to `master.key.next` and flushed to disk.
+    NextWritten,
+    /// The data directory flushed: `master.key.next` survives power loss.
+    NextDurable,
+    /// Every data key re-wrapped under the new key, with the new check value, in one committed transaction.
+    StoreRewrapped,
+    /// `master.key.next` renamed over `master.key`.
+    Renamed,
+    /// The data directory flushed: the rename survives power loss. The rotation is complete.
+    RenameDurable,
+}
+
+impl RotationStep {
+    /// Every step, in order.
+    pub const ALL: [RotationStep; 7] = [
+        RotationStep::Prepared,
+        RotationStep::NextCreated,
+        RotationStep::NextWritten,
+        RotationStep::NextDurable,
+        RotationStep::StoreRewrapped,
+        RotationStep::Renamed,
+        RotationStep::RenameDurable,
+    ];
+}
+
+/// Re-wraps every stored data key under a new master key (`chatsync keys rotate`). Takes the data
+/// directory lock, so it fails at once while `serve` (or another rotation) runs on the directory. With a
+/// key file, the new key is first written to `master.key.next`, the store is re-wrapped in one
+/// transaction, then the file replaces `master.key`, each step flushed to disk (see [`RotationStep`]).
+/// With `CHATSYNC_MASTER_KEY`, nothing is written: the new key is returned for the operator to configure.
+/// Returns the new key and the number of keys re-wrapped.
 pub async fn rotate(
     data_dir: &std::path::Path,
     env_value: Option<&str>,
     store: &dyn ChatStore,
 ) -> anyhow::Result<(MasterKey, usize)> {
+    rotate_with(data_dir, env_value, store, |_, _| Ok(())).await
+}
+
+/// [`rotate`], calling `after` with the new key once each step is done; an error from `after` stops the
+/// rotation right there and is returned. The CLI prints an environment key at [`RotationStep::Prepared`];
+/// tests kill the process after each step.
+pub async fn rotate_with(
+    data_dir: &std::path::Path,
+    env_value: Option<&str>,
+    store: &dyn ChatStore,
+    mut after: impl FnMut(RotationStep, &MasterKey) -> anyhow::Result<()>,
+) -> anyhow::Result<(MasterKey, usize)> {
     use anyhow::Context as _;
+    let _lock = crate::datadir::DataDirLock::acquire(data_dir, "keys rotate")?;
     let old = load_master_key(data_dir, env_value, store).await?;
     let new = MasterKey::generate();
     let mut rewrapped = Vec::new();
@@ -234,21 +302,33 @@ pub async fn rotate(
         rewrapped
             .push((key_ref.clone(), WrappedKey { wrapped: new.wrap(&dek, &key_ref), kek_id: new.id().to_owned() }));
     }
-    let next = data_dir.join("master.key.next");
+    after(RotationStep::Prepared, &new)?;
+    let next = data_dir.join(NEXT_KEY_FILE);
     if env_value.is_none() {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let mut file =
-            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&next).with_context(|| {
-                format!("cannot create {} (remove it if a previous rotation failed)", next.display())
-            })?;
+        // load_master_key removed any master.key.next left by an interrupted rotation.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&next)
+            .with_context(|| format!("cannot create {}", next.display()))?;
+        after(RotationStep::NextCreated, &new)?;
         file.write_all(new.to_base64().as_bytes())?;
         file.sync_all()?;
+        after(RotationStep::NextWritten, &new)?;
+        crate::datadir::sync_dir(data_dir)?;
+        after(RotationStep::NextDurable, &new)?;
     }
     store.rewrap_keys(&rewrapped, &new.check_value()).await?;
+    after(RotationStep::StoreRewrapped, &new)?;
     if env_value.is_none() {
-        std::fs::rename(&next, data_dir.join("master.key"))
+        std::fs::rename(&next, data_dir.join(KEY_FILE))
             .with_context(|| format!("keys re-wrapped, but cannot move {} into place", next.display()))?;
+        after(RotationStep::Renamed, &new)?;
+        crate::datadir::sync_dir(data_dir)?;
+        after(RotationStep::RenameDurable, &new)?;
     }
     Ok((new, rewrapped.len()))
 }

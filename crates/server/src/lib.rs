@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod datadir;
 pub mod error;
 pub mod gateway;
 pub mod handlers;
@@ -28,10 +29,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Opens the backends named by `config`, loads the master key (refusing to start if it cannot unwrap
-/// the stored keys), and builds the handler context.
+/// Locks the data directory (refusing to start if another `serve` or `keys rotate` holds it), opens the
+/// backends named by `config`, loads the master key (refusing to start if it cannot unwrap the stored
+/// keys), and builds the handler context. The lock is held until [`run`] ends or the context is dropped.
 pub async fn build(config: Config) -> anyhow::Result<Ctx> {
     config.validate().map_err(anyhow::Error::msg)?;
+    let lock = datadir::DataDirLock::acquire(&config.data_dir, "serve")?;
     let backend = store::open_backend(&config.store_url(), config.durability).await?;
     let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
     let master = keys::load_master_key(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
@@ -42,6 +45,7 @@ pub async fn build(config: Config) -> anyhow::Result<Ctx> {
         chats: backend.chats,
         cache,
         keys: Arc::new(keys::Keyring::new(master)),
+        data_dir_lock: Arc::new(lock),
         hub,
         limits: config.limits(),
         pauses: Arc::default(),
@@ -51,7 +55,7 @@ pub async fn build(config: Config) -> anyhow::Result<Ctx> {
 
 /// Serves `ctx` on `listener` until `shutdown` resolves; then stops accepting, closes every
 /// connection with 1001 `Server shutting down` after its in-flight request, waits for them (at most
-/// `shutdown_timeout_secs`), and closes the store.
+/// `shutdown_timeout_secs`), closes the store, and releases the data directory lock.
 pub async fn run(
     listener: TcpListener,
     ctx: Ctx,
@@ -86,6 +90,7 @@ pub async fn run(
     }
     watcher.abort();
     ctx.store.close().await;
+    ctx.data_dir_lock.release();
     tracing::info!("stopped");
     Ok(())
 }

@@ -68,8 +68,9 @@ fn sessions_issue_prints_only_a_token_and_checks_its_arguments() {
     let out = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"]));
     let token = out.trim_end_matches('\n');
     assert_eq!(out.lines().count(), 1);
-    assert_eq!(token.len(), 43, "32 random bytes, base64url: {token:?}");
-    assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    let random = token.strip_prefix("cs_").unwrap_or_else(|| panic!("tokens start with cs_: {token:?}"));
+    assert_eq!(random.len(), 43, "32 random bytes, base64url: {token:?}");
+    assert!(random.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
     let second = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "phone", "--ttl", "12h"]));
     assert_ne!(second, out, "tokens are random");
     ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-hash", &"a".repeat(64)]));
@@ -93,6 +94,44 @@ fn sessions_revoke_once() {
     ok(&chatsync(dir.path(), &["sessions", "revoke", token.trim()]));
     fails(&chatsync(dir.path(), &["sessions", "revoke", token.trim()]), "no active session");
     fails(&chatsync(dir.path(), &["sessions", "revoke", "made-up"]), "no active session");
+}
+
+/// Stores a session for `user_id` whose token is exactly `token` (as issued before tokens had a prefix).
+async fn legacy_session(dir: &Path, user_id: &str, token: &str) {
+    let store = chatsync::store::open(&format!("sqlite://{}", dir.join("chatsync.db").display())).await.unwrap();
+    let (_, mut session) = chatsync::gateway::auth::new_session(user_id, None, std::time::Duration::from_secs(3600));
+    session.token_hash = chatsync::gateway::auth::token_hash(token);
+    store.create_session(&session).await.unwrap();
+    store.close().await;
+}
+
+#[tokio::test]
+async fn every_command_that_takes_a_token_accepts_one_starting_with_a_hyphen() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    // Old tokens were bare base64url: about 1 in 64 started with `-`, some with `--`.
+    let (dash, dashes) =
+        ("-Wq3oldStyleToken_aaaaaaaaaaaaaaaaaaaaaaaaaaa", "--v9oldStyleToken_bbbbbbbbbbbbbbbbbbbbbbbbbbb");
+    legacy_session(dir.path(), "alice", dash).await;
+    legacy_session(dir.path(), "alice", dashes).await;
+    let (mut server, _lines, url) = serve(dir.path(), &[], None);
+    for token in [dash, dashes] {
+        let mut client = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+            .args(["connect", "--url", &url, "--device-id", "laptop", "--token", token])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let first = BufReader::new(client.stdout.take().unwrap()).lines().next().expect("a greeting").unwrap();
+        client.kill().unwrap();
+        client.wait().unwrap();
+        assert!(first.contains(r#""type":"connected""#), "{token}: {first}");
+    }
+    ok(&chatsync(dir.path(), &["sessions", "revoke", dash]));
+    ok(&chatsync(dir.path(), &["sessions", "revoke", dashes]));
+    fails(&chatsync(dir.path(), &["sessions", "revoke", dash]), "no active session");
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(server.wait().unwrap().success());
 }
 
 #[test]

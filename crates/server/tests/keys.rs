@@ -1,8 +1,10 @@
 //! Encryption keys end to end: the master key file, refusing a wrong master key, and `keys rotate`
-//! (with a key file and with `CHATSYNC_MASTER_KEY`), with the data readable afterwards.
+//! (with a key file and with `CHATSYNC_MASTER_KEY`), with the data readable afterwards, also when a
+//! rotation is killed (SIGKILL) after any of its steps.
 
 mod common;
 
+use chatsync::keys::{self, RotationStep};
 use chatsync::Config;
 use chatsync_protocol::*;
 use common::TestServer;
@@ -124,6 +126,7 @@ async fn rotate_with_an_environment_key_prints_the_new_key() {
     assert!(!dir.path().join("master.key").exists(), "no key file is written with an environment key");
     let refused = chatsync(dir.path(), &["keys", "rotate"], Some(&old_b64));
     assert!(!refused.status.success(), "the old key is refused after rotation");
+    assert!(refused.stdout.is_empty(), "no key is printed when the rotation cannot start");
     let again = chatsync(dir.path(), &["keys", "rotate"], Some(&new_b64));
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
 }
@@ -143,4 +146,134 @@ async fn an_interrupted_rotation_is_completed_at_the_next_start() {
     assert_eq!(t, "mid rotation");
     assert_eq!(std::fs::read_to_string(data.path().join("master.key")).unwrap(), new);
     assert!(!data.path().join("master.key.next").exists());
+}
+
+fn draft(chat: &str, text: &str) -> ClientMessage {
+    let doc = serde_json::json!({"type": "doc", "content": [{"type": "text", "text": text}]});
+    ClientMessage::UpdateDraft(UpdateDraft {
+        chat_id: ChatId::new(chat).unwrap(),
+        draft_json: doc.as_object().cloned(),
+    })
+}
+
+/// Starts a server on `data` and returns the first chat's title and draft text (both decrypted: the
+/// title under the chat's key, the draft under the user's key).
+async fn read_title_and_draft(data: tempfile::TempDir) -> (String, String, tempfile::TempDir) {
+    let config = Config { data_dir: data.path().to_owned(), ..Config::default() };
+    let server = TestServer::start_in(data, config).await;
+    let token = server.token("alice").await;
+    let (mut c, _) = server.connect(&token, "d").await;
+    let reply = c.request(&sync_all()).await.unwrap();
+    let ServerMessage::InitialSyncResponse(sync) = reply.message else { panic!("{reply:?}") };
+    let chat = &sync.chats_to_add_or_update[0];
+    let text = chat.draft_json.clone().flatten().unwrap()["content"][0]["text"].as_str().unwrap().to_owned();
+    (chat.title.clone().unwrap(), text, server.stop_into_data().await)
+}
+
+/// Set in the child process that [`rotation_killed_after`] starts: the data directory, and the step after
+/// which the child kills itself.
+const KILL_DIR: &str = "CHATSYNC_TEST_ROTATION_DIR";
+const KILL_STEP: &str = "CHATSYNC_TEST_ROTATION_KILL_AFTER";
+
+/// The child half of [`rotation_killed_after`]: started by it (this test binary, this test only, with
+/// [`KILL_DIR`] and [`KILL_STEP`] set), rotates the master key and SIGKILLs itself right after the step.
+/// Run normally, it does nothing.
+#[tokio::test]
+async fn rotation_child_that_kills_itself_after_a_step() {
+    let (Some(dir), Some(step)) = (std::env::var_os(KILL_DIR), std::env::var(KILL_STEP).ok()) else { return };
+    let step = RotationStep::ALL.into_iter().find(|s| format!("{s:?}") == step).expect("a rotation step");
+    let url = format!("sqlite://{}", Path::new(&dir).join("chatsync.db").display());
+    let backend = chatsync::store::open_backend(&url, chatsync::store::Durability::Full).await.unwrap();
+    let kill = |s: RotationStep, _: &chatsync::crypto::MasterKey| {
+        if s == step {
+            // SAFETY: sends a signal to this process; no memory is involved.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        Ok(())
+    };
+    keys::rotate_with(Path::new(&dir), None, backend.chats.as_ref(), kill).await.unwrap();
+    unreachable!("killed after {step:?}");
+}
+
+/// Runs `keys rotate` on a data directory with a title and a draft in a child process that is killed
+/// (SIGKILL: no destructor, no store close, the lock released by the kernel) right after `step`; then
+/// restarts the server on the data and checks that the title and the draft still decrypt, that nothing
+/// of the rotation is left over, and that a new rotation works.
+async fn rotation_killed_after(step: RotationStep) {
+    use std::os::unix::process::ExitStatusExt as _;
+    let data = write_title(tempfile::tempdir().unwrap(), "kept title").await;
+    let config = Config { data_dir: data.path().to_owned(), ..Config::default() };
+    let server = TestServer::start_in(data, config).await;
+    let token = server.token("alice").await;
+    let (mut c, _) = server.connect(&token, "d").await;
+    assert!(matches!(
+        c.request(&draft("c1", "kept draft")).await.unwrap().message,
+        ServerMessage::DraftUpdateConfirmed(_)
+    ));
+    drop(c);
+    let data = server.stop_into_data().await;
+    let key_file = data.path().join("master.key");
+    let old_key = std::fs::read_to_string(&key_file).unwrap();
+
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "rotation_child_that_kills_itself_after_a_step", "--nocapture"])
+        .env(KILL_DIR, data.path())
+        .env(KILL_STEP, format!("{step:?}"))
+        .env_remove("CHATSYNC_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(child.status.signal(), Some(libc::SIGKILL), "{}", String::from_utf8_lossy(&child.stdout));
+    let replaced = match step {
+        RotationStep::Prepared
+        | RotationStep::NextCreated
+        | RotationStep::NextWritten
+        | RotationStep::NextDurable
+        | RotationStep::StoreRewrapped => false,
+        RotationStep::Renamed | RotationStep::RenameDurable => true,
+    };
+    let now = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(now != old_key, replaced, "master.key is replaced by the rename only ({step:?})");
+
+    let (title, text, data) = read_title_and_draft(data).await;
+    assert_eq!((title.as_str(), text.as_str()), ("kept title", "kept draft"), "after {step:?}");
+    assert!(!data.path().join("master.key.next").exists(), "master.key.next is resolved at start ({step:?})");
+    let out = chatsync(data.path(), &["keys", "rotate"], None);
+    assert!(out.status.success(), "rotating again after {step:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let (title, text, _) = read_title_and_draft(data).await;
+    assert_eq!((title.as_str(), text.as_str()), ("kept title", "kept draft"), "after {step:?} and a new rotation");
+}
+
+#[tokio::test]
+async fn rotation_killed_before_writing_anything_changes_nothing() {
+    rotation_killed_after(RotationStep::Prepared).await;
+}
+
+#[tokio::test]
+async fn rotation_killed_after_creating_master_key_next_is_undone() {
+    rotation_killed_after(RotationStep::NextCreated).await;
+}
+
+#[tokio::test]
+async fn rotation_killed_after_writing_master_key_next_is_undone() {
+    rotation_killed_after(RotationStep::NextWritten).await;
+}
+
+#[tokio::test]
+async fn rotation_killed_after_flushing_master_key_next_is_undone() {
+    rotation_killed_after(RotationStep::NextDurable).await;
+}
+
+#[tokio::test]
+async fn rotation_killed_after_rewrapping_the_store_is_completed() {
+    rotation_killed_after(RotationStep::StoreRewrapped).await;
+}
+
+#[tokio::test]
+async fn rotation_killed_after_the_rename_is_complete() {
+    rotation_killed_after(RotationStep::Renamed).await;
+}
+
+#[tokio::test]
+async fn rotation_killed_after_flushing_the_rename_is_complete() {
+    rotation_killed_after(RotationStep::RenameDurable).await;
 }

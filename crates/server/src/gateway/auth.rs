@@ -15,6 +15,12 @@ use sha2::{Digest, Sha256};
 /// Longest token accepted; longer ones are `Invalid session` without being hashed.
 const MAX_TOKEN_LEN: usize = 1024;
 
+/// The prefix of every session token issued (`cs_` + 43 characters of base64url). It keeps tokens from
+/// starting with `-` (which command lines read as a flag) and lets secret scanners recognise a leaked
+/// token. Validation does not require it: only SHA-256(token) is stored, so tokens issued before the
+/// prefix existed keep working.
+pub const TOKEN_PREFIX: &str = "cs_";
+
 /// The query parameters the endpoint reads.
 #[derive(Debug, Default, Deserialize)]
 pub struct WsQuery {
@@ -61,10 +67,11 @@ pub fn device_hash_for_id(device_id: &str) -> Option<String> {
     ok.then(|| sha256_hex(&format!("id:{device_id}")))
 }
 
-/// A fresh random token (32 bytes, base64url) and the session record that stores only its hash.
+/// A fresh random token ([`TOKEN_PREFIX`] then 32 random bytes in base64url) and the session record
+/// that stores only its hash.
 pub fn new_session(user_id: &str, device_hash: Option<String>, ttl: std::time::Duration) -> (String, NewSession) {
     let bytes: [u8; 32] = rand::random();
-    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let token = format!("{TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
     let now = now_millis();
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     let session = NewSession {

@@ -42,6 +42,8 @@ pub struct Ctx {
     pub cache: Arc<dyn Cache>,
     /// Master key and unwrapped data keys (process memory only).
     pub keys: Arc<Keyring>,
+    /// The data directory lock, held while this context serves (see [`crate::datadir`]).
+    pub data_dir_lock: Arc<crate::datadir::DataDirLock>,
     /// Delivery to the user's connections.
     pub hub: Arc<dyn Hub>,
     /// The merged configuration.

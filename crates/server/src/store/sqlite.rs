@@ -8,6 +8,15 @@ use sqlx::Row;
 use std::path::Path;
 use std::time::Duration;
 
+/// How long every connection (pool, writer, checkpointer, CLI) waits for a lock held by another
+/// connection or process before failing with "database is locked".
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a transaction that writes starts. A deferred `BEGIN` that reads first and writes later cannot
+/// wait for the write lock (SQLite returns SQLITE_BUSY at once rather than risk a deadlock), so
+/// transactions that write take the lock up front, where the busy timeout applies.
+pub(super) const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
@@ -32,7 +41,7 @@ impl SqliteStore {
                 super::Durability::Normal => SqliteSynchronous::Normal,
             })
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -74,7 +83,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_session(&self, s: &NewSession) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         let exists =
             sqlx::query("SELECT 1 FROM users WHERE user_id = ?1").bind(&s.user_id).fetch_optional(&mut *tx).await?;
         if exists.is_none() {
@@ -86,7 +95,7 @@ impl Store for SqliteStore {
     }
 
     async fn provision(&self, users: &[String], sessions: &[NewSession]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN_WRITE).await?;
         let now = super::now_millis();
         for user in users {
             sqlx::query(

@@ -63,7 +63,7 @@ impl Writer {
     /// Opens the writer's connection to `path` (already migrated) and starts its thread.
     pub(super) fn start(path: &Path, durability: super::Durability) -> anyhow::Result<Writer> {
         let conn = rusqlite::Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.busy_timeout(super::sqlite::BUSY_TIMEOUT)?;
         // Checkpoints run on their own thread (below), not inside a commit on the write path.
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
@@ -75,15 +75,18 @@ impl Writer {
         })?;
         conn.set_prepared_statement_cache_capacity(64);
         let checkpointer = rusqlite::Connection::open(path)?;
-        checkpointer.busy_timeout(Duration::from_secs(10))?;
+        checkpointer.busy_timeout(super::sqlite::BUSY_TIMEOUT)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        std::thread::Builder::new()
+        let checkpoints = std::thread::Builder::new()
             .name("chatsync-checkpoint".into())
             .spawn(move || checkpoint(checkpointer, stopped))?;
         let thread = std::thread::Builder::new().name("chatsync-writer".into()).spawn(move || {
             run(conn, rx);
             drop(stop);
+            // `close` returns only once the final checkpoint is done and every connection of this
+            // store is closed: a store opened next on the same file finds no lock still held.
+            let _ = checkpoints.join();
         })?;
         Ok(Writer { tx: parking_lot::Mutex::new(Some(tx)), thread: parking_lot::Mutex::new(Some(thread)) })
     }
@@ -95,7 +98,8 @@ impl Writer {
         answer.await.map_err(|_| StoreError::Unavailable("writer stopped".into()))?
     }
 
-    /// Stops accepting writes, lets the queued ones finish, and waits for the writer to end.
+    /// Stops accepting writes, lets the queued ones finish, and waits for the writer and the checkpoint
+    /// thread to end (their connections closed).
     pub(super) async fn close(&self) {
         self.tx.lock().take();
         let thread = self.thread.lock().take();
@@ -518,7 +522,7 @@ impl ChatStore for SqliteStore {
     }
 
     async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(super::sqlite::BEGIN_WRITE).await?;
         for (key_ref, key) in keys {
             let (sql, id) = match key_ref.split_once(':') {
                 Some(("chat", id)) => ("UPDATE chats SET chat_key = ?2, kek_id = ?3 WHERE chat_id = ?1", id),

@@ -104,7 +104,9 @@ impl Drop for TestServer {
 
 impl TestServer {
     /// Stops the server and starts a new one on the same data directory and configuration (same
-    /// master key file, same store). The old server's context is dropped before the new one opens.
+    /// master key file, same store). The old server is fully gone first: `stop` returns once `run` has
+    /// closed the store (writer and checkpoint threads joined) and released the data directory lock,
+    /// which the new server then takes (it could not start otherwise).
     pub async fn restart(mut self) -> TestServer {
         self.stop().await;
         let data = std::mem::replace(&mut self.data, tempfile::tempdir().unwrap());

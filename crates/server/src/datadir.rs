@@ -1,0 +1,98 @@
+//! The data directory: its lock file, which makes `serve` and `keys rotate` exclusive on one directory,
+//! and [`sync_dir`], which makes the creation or renaming of a file in it (the master key files) survive
+//! power loss.
+//!
+//! The lock is `flock(LOCK_EX)` on `<data_dir>/chatsync.lock`, taken without waiting. The kernel releases
+//! it when the process ends, however it ends (even SIGKILL), so a stale lock file never blocks a restart;
+//! the file is never deleted (deleting a lock file races with a process about to lock it). The file's
+//! content (pid and command of the holder) is only for the error message of whoever finds it locked.
+
+use anyhow::Context as _;
+use std::fs::File;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::io::AsRawFd as _;
+use std::path::{Path, PathBuf};
+
+/// The name of the lock file in the data directory.
+pub const LOCK_FILE: &str = "chatsync.lock";
+
+/// An exclusive lock on a data directory, held until [`DataDirLock::release`] or drop.
+pub struct DataDirLock {
+    path: PathBuf,
+    file: parking_lot::Mutex<Option<File>>,
+}
+
+impl DataDirLock {
+    /// Locks `data_dir` (creating it if needed) for `holder` (e.g. `"serve"`), or fails at once with a
+    /// message naming the process that holds it.
+    pub fn acquire(data_dir: &Path, holder: &str) -> anyhow::Result<DataDirLock> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                let owner = owner.trim();
+                let owner = if owner.is_empty() { String::new() } else { format!(" ({owner})") };
+                anyhow::bail!(
+                    "data directory {} is in use by another chatsync process{owner}: `serve` and `keys rotate` \
+                     each need it to themselves; stop the other one first",
+                    data_dir.display()
+                );
+            }
+            return Err(err).with_context(|| format!("cannot lock {}", path.display()));
+        }
+        let note = format!("pid {}, {holder}\n", std::process::id());
+        if let Err(e) = file.set_len(0).and_then(|()| file.write_all(note.as_bytes())) {
+            tracing::debug!(error = %e, "cannot record the lock holder");
+        }
+        Ok(DataDirLock { path, file: parking_lot::Mutex::new(Some(file)) })
+    }
+
+    /// Releases the lock now (also done on drop).
+    pub fn release(&self) {
+        self.file.lock().take();
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Flushes `dir` itself to disk, so that files just created in it, or renamed within it, are still there
+/// after a power loss (fsync of a file does not cover its directory entry).
+pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot flush data directory {} to disk", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_fails_until_the_first_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DataDirLock::acquire(dir.path(), "serve").unwrap();
+        let err = DataDirLock::acquire(dir.path(), "keys rotate").err().expect("the directory is locked");
+        let text = format!("{err:#}");
+        assert!(text.contains("in use by another chatsync process") && text.contains("serve"), "{text}");
+        first.release();
+        let again = DataDirLock::acquire(dir.path(), "keys rotate").unwrap();
+        drop(again);
+        DataDirLock::acquire(dir.path(), "serve").unwrap();
+    }
+}
