@@ -347,6 +347,12 @@ async fn malformed_envelopes_get_their_documented_errors() {
             Want::Error(InvalidMessage, None),
         ));
     }
+    cases.push(raw(
+        "payload string with a lone surrogate escape",
+        format!(r#"{{"type":"update_title","payload":{{"chat_id":"m1","new_title":"\ud800"}},"request_id":"{RID}"}}"#),
+        Some(RID),
+        Want::Error(InvalidPayload, Some("new_title")),
+    ));
     // Boundaries that are accepted.
     let rid64: &'static str = Box::leak("q".repeat(64).into_boxed_str());
     cases.push(raw(
