@@ -104,6 +104,7 @@ pub struct ClientVersions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InitialSyncRequest {
     /// What the client already has, per chat (at most 10,000 entries).
+    #[serde(deserialize_with = "versions_map")]
     pub chat_versions: BTreeMap<ChatId, ClientVersions>,
     /// The chat on screen: it comes first in the reply, with the messages the client lacks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,6 +144,7 @@ pub struct ChatMessageAdded {
     /// The chat; created for the writer when unknown.
     pub chat_id: ChatId,
     /// The message.
+    #[serde(deserialize_with = "object_only")]
     pub message: NewMessage,
 }
 
@@ -199,8 +201,9 @@ pub struct GetChatMessages {
     /// Return messages with `seq` greater than this (default 0).
     #[serde(default)]
     pub after_seq: u64,
-    /// Page size (default 100, at most the page limit).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Page size (default 100, at most the page limit). A larger integer of any size saturates at
+    /// `u32::MAX`, so that it is reported as over the limit rather than as malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "saturating_u32")]
     pub limit: Option<u32>,
 }
 
@@ -260,6 +263,9 @@ pub struct OfflineChange {
 impl OfflineChange {
     /// Validates one raw change. On failure returns the field and reason, like `invalid_payload`.
     pub fn parse(raw: &Value) -> Result<OfflineChange, crate::PayloadError> {
+        if !raw.is_object() {
+            return Err(crate::PayloadError { field: "change".into(), reason: "must be an object".into() });
+        }
         let change: OfflineChange = crate::decode::typed_payload(raw)?;
         let bad_value = match change.kind {
             OfflineChangeType::Title => !change.value.is_string(),
@@ -279,4 +285,78 @@ impl OfflineChange {
 /// Deserializes a required field that may be `null` or an object.
 fn nullable_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Map<String, Value>>, D::Error> {
     Option::<Map<String, Value>>::deserialize(d)
+}
+
+/// Deserializes a struct from a JSON object only. serde's derived structs also accept an array of their
+/// fields in order (`["id", "text"]` as a message), which the protocol does not allow: such a field has
+/// the wrong type. Errors inside the object keep their path.
+fn object_only<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    T::deserialize(ObjectOnly(d))
+}
+
+/// `chat_versions`: each entry must be an object.
+fn versions_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<ChatId, ClientVersions>, D::Error> {
+    struct Entry(ClientVersions);
+    impl<'de> Deserialize<'de> for Entry {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Entry, D::Error> {
+            object_only(d).map(Entry)
+        }
+    }
+    let map = BTreeMap::<ChatId, Entry>::deserialize(d)?;
+    Ok(map.into_iter().map(|(k, Entry(v))| (k, v)).collect())
+}
+
+/// A deserializer that reads a struct as a map only (see [`object_only`]).
+struct ObjectOnly<D>(D);
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(visitor)
+    }
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+        unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+    }
+}
+
+/// An optional non-negative integer, saturating at `u32::MAX` (integers beyond 64 bits arrive as floats).
+fn saturating_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<u32>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a non-negative integer")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Option<u32>, E> {
+            Ok(None)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Option<u32>, E> {
+            Ok(Some(u32::try_from(v).unwrap_or(u32::MAX)))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Option<u32>, E> {
+            u64::try_from(v)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+                .and_then(|v| self.visit_u64(v))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Option<u32>, E> {
+            if v >= u64::MAX as f64 && v.is_finite() {
+                Ok(Some(u32::MAX))
+            } else {
+                Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(V)
 }

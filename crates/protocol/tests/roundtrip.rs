@@ -313,6 +313,13 @@ fn invalid_payload_names_the_field() {
             "chat_versions.c.title_v",
         ),
         (r#"{"type":"sync_offline_changes","payload":{"changes":{}}}"#, "changes"),
+        // An array of the fields in order is not an object (serde's derive would accept it).
+        (r#"{"type":"chat_message_added","payload":{"chat_id":"c","message":["m","x"]}}"#, "message"),
+        (r#"{"type":"initial_sync_request","payload":{"chat_versions":{"c":[1,2,3]}}}"#, "chat_versions.c"),
+        (
+            r#"{"type":"chat_message_added","payload":{"chat_id":"c","message":{"message_id":"m","content":"x","timestamp":[]}}}"#,
+            "message.timestamp",
+        ),
     ];
     for (text, field) in cases {
         let e = err(text);
@@ -342,4 +349,7 @@ fn offline_changes_validate_one_by_one() {
     assert_eq!(bad.field, "type");
     let bad = OfflineChange::parse(&json!({"chat_id":"c","type":"title","value":"x"})).unwrap_err();
     assert_eq!(bad.field, "version_before_edit");
+    // The fields in order as an array are not a change.
+    let bad = OfflineChange::parse(&json!([null, "c", "title", "x", 0])).unwrap_err();
+    assert_eq!(bad.field, "change");
 }
