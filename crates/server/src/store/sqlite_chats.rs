@@ -228,13 +228,15 @@ impl Writer {
         let _ = faults.queue.set(tx.downgrade());
         let (gave_up_tx, gave_up) = watch::channel(None);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        std::thread::Builder::new()
+        let checkpointer = std::thread::Builder::new()
             .name("chatsync-checkpoint".into())
             .spawn(move || checkpoint(checkpointer, stopped))?;
         let supervisor = Supervisor { path: path.to_owned(), durability, faults: faults.clone(), gave_up: gave_up_tx };
         let thread = std::thread::Builder::new().name("chatsync-writer".into()).spawn(move || {
             supervisor.run(conn, rx);
+            // The final checkpoint is part of closing: it must not run into whoever opens the database next.
             drop(stop);
+            let _ = checkpointer.join();
         })?;
         Ok(Writer {
             tx: parking_lot::Mutex::new(Some(tx)),
@@ -261,7 +263,8 @@ impl Writer {
         }
     }
 
-    /// Stops accepting writes, lets the queued ones finish, and waits for the writer to end.
+    /// Stops accepting writes, lets the queued ones finish, and waits for the writer (and the final
+    /// checkpoint) to end.
     pub(super) async fn close(&self) {
         self.tx.lock().take();
         self.faults.release();
