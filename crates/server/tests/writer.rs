@@ -1,5 +1,5 @@
-//! The supervised group-commit writer, over the real WebSocket: a writer panic fails only its batch
-//! (with `unavailable`) and the writer restarts; a writer that keeps dying stops the server with an
+//! The supervised group-commit writer, over the real WebSocket: a writer panic or a broken connection
+//! fails only its batch (with `unavailable`) and the writer restarts; a writer that keeps dying stops the server with an
 //! error; one failing write in a group commit fails alone; a full disk fails writes with
 //! `unavailable`, loses nothing confirmed, and writes succeed again once space returns.
 //!
@@ -72,11 +72,33 @@ async fn a_writer_panic_fails_its_batch_with_unavailable_and_the_next_write_succ
         assert_eq!(done.data.title, "v2");
         add_message(c, chat, "m1", json!("after the restart")).await;
     }
+    assert_eq!(faults.restarts(), 1, "the writer reopened its connection once");
     let server = server.restart().await;
     let token = server.token("p0").await;
     let (mut c, _) = server.connect(&token, "d").await;
     let state = chat_state(&mut c, "p0-chat").await;
     assert_eq!((state.title.as_deref(), state.versions.title_v, state.versions.messages_v), (Some("v2"), 2, 1));
+}
+
+#[tokio::test]
+async fn a_broken_writer_connection_fails_its_batch_with_unavailable_and_is_reopened() {
+    let server = TestServer::start().await;
+    let faults = faults(&server);
+    let mut conns = users_with_a_chat(&server, "b", 2).await;
+    faults.hold();
+    faults.break_next(1);
+    for (c, chat) in &mut conns {
+        c.send(&title(chat, "lost"), Some("w")).await.unwrap();
+    }
+    queued(&faults, 2).await;
+    faults.release();
+    for (c, _) in &mut conns {
+        assert_error(&c.recv_reply("w").await.unwrap(), ErrorCode::Unavailable, None);
+    }
+    for (c, chat) in &mut conns {
+        assert_eq!(set_title(c, chat, "v2").await.versions.title_v, 2, "the failed write did not commit");
+    }
+    assert_eq!(faults.restarts(), 1, "the writer reopened its connection once");
 }
 
 #[tokio::test]

@@ -109,6 +109,8 @@ impl From<StoreError> for WriteError {
 pub struct WriterFaults {
     /// The next this-many batches panic after applying their ops, before their commit.
     panics: AtomicU32,
+    /// The next this-many batches fail as on a broken connection (an I/O error), before their commit.
+    breaks: AtomicU32,
     /// Ops on this chat id fail with a backend error.
     failing_chat: parking_lot::Mutex<Option<String>>,
     /// `PRAGMA max_page_count` for the writer's connection (`None`: SQLite's maximum), and whether the
@@ -119,6 +121,8 @@ pub struct WriterFaults {
     released: parking_lot::Condvar,
     /// The writer holds a job while held.
     holding: AtomicBool,
+    /// Connections the writer reopened after a death.
+    restarts: AtomicU32,
     queue: OnceLock<mpsc::WeakSender<Job>>,
 }
 
@@ -126,6 +130,11 @@ impl WriterFaults {
     /// The next `n` batches panic inside their transaction, before it commits.
     pub fn panic_next(&self, n: u32) {
         self.panics.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` batches fail inside their transaction as if the connection broke (an I/O error).
+    pub fn break_next(&self, n: u32) {
+        self.breaks.store(n, Ordering::SeqCst);
     }
 
     /// Every op on `chat_id` fails with a backend error (`None`: none does).
@@ -155,6 +164,11 @@ impl WriterFaults {
     pub fn queued(&self) -> usize {
         let queued = self.queue.get().and_then(|q| q.upgrade()).map_or(0, |tx| tx.max_capacity() - tx.capacity());
         queued + usize::from(self.holding.load(Ordering::SeqCst))
+    }
+
+    /// How many times the writer restarted on a new connection.
+    pub fn restarts(&self) -> u32 {
+        self.restarts.load(Ordering::SeqCst)
     }
 
     fn wait_while_held(&self) {
@@ -193,10 +207,16 @@ impl WriterFaults {
         }
     }
 
-    fn maybe_panic(&self) {
-        if self.panics.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+    /// Panics or fails as a broken connection would, when asked to.
+    fn before_commit(&self) -> Result<(), WriteError> {
+        let take = |n: &AtomicU32| n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if take(&self.panics) {
             panic!("injected writer fault");
         }
+        if take(&self.breaks) {
+            return Err(WriteError { error: StoreError::Unavailable("injected I/O error".into()), broken: true });
+        }
+        Ok(())
     }
 }
 
@@ -294,6 +314,7 @@ impl Supervisor {
                 None => match open_writer(&self.path, self.durability) {
                     Ok(reopened) => {
                         self.faults.page_limit.lock().1 = false;
+                        self.faults.restarts.fetch_add(1, Ordering::SeqCst);
                         tracing::info!("chat writer restarted");
                         conn = Some(reopened);
                         continue;
@@ -435,7 +456,7 @@ fn apply_batch(
         }
         results.push(apply(&tx, &job.op)?);
     }
-    faults.maybe_panic();
+    faults.before_commit()?;
     tx.commit()?;
     Ok(results)
 }
