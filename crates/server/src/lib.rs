@@ -55,7 +55,9 @@ pub async fn build(config: Config) -> anyhow::Result<Ctx> {
 
 /// Serves `ctx` on `listener` until `shutdown` resolves; then stops accepting, closes every
 /// connection with 1001 `Server shutting down` after its in-flight request, waits for them (at most
-/// `shutdown_timeout_secs`), closes the store, and releases the data directory lock.
+/// `shutdown_timeout_secs`), closes the store, and releases the data directory lock. If the store fails for
+/// good ([`store::chats::ChatStore::failed`]) it shuts down the same way and returns an error (`serve` then exits
+/// non-zero).
 pub async fn run(
     listener: TcpListener,
     ctx: Ctx,
@@ -68,8 +70,16 @@ pub async fn run(
     let watcher = tokio::spawn(watch_revocations(ctx.clone(), token.clone()));
 
     let trigger = token.clone();
+    let (store, store_failure) = (ctx.chats.clone(), Arc::new(parking_lot::Mutex::new(None::<String>)));
+    let failure = store_failure.clone();
     tokio::spawn(async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            reason = store.failed() => {
+                tracing::error!(%reason, "the store can no longer write; shutting down");
+                *failure.lock() = Some(reason);
+            }
+        }
         trigger.cancel();
     });
     let app = gateway::router(gateway);
@@ -91,6 +101,9 @@ pub async fn run(
     watcher.abort();
     ctx.store.close().await;
     ctx.data_dir_lock.release();
+    if let Some(reason) = store_failure.lock().take() {
+        anyhow::bail!("stopped because the store can no longer write: {reason}");
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -247,4 +247,16 @@ pub trait ChatStore: Send + Sync + 'static {
 
     /// Stores the master key check value if none is stored yet.
     async fn init_key_check(&self, check: &[u8]) -> Result<(), StoreError>;
+
+    /// Resolves, with the reason, once the backend can no longer write at all (the SQLite writer died
+    /// too often and gave up): the server then stops and exits non-zero. Never resolves by default.
+    async fn failed(&self) -> String {
+        std::future::pending().await
+    }
+
+    /// Fault injection into the backend's writer, for tests; `None` for backends without one.
+    #[doc(hidden)]
+    fn writer_faults(&self) -> Option<std::sync::Arc<super::WriterFaults>> {
+        None
+    }
 }

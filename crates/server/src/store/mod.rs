@@ -7,6 +7,9 @@ pub mod chats;
 pub mod sqlite;
 mod sqlite_chats;
 
+#[doc(hidden)]
+pub use sqlite_chats::WriterFaults;
+
 use async_trait::async_trait;
 use std::sync::Arc;
 

@@ -6,17 +6,27 @@
 //! `rusqlite` connection on its own thread, so a batch costs one hand-off between threads, not one per
 //! statement. A batch whose transaction fails is retried op by op, each in its own transaction, so one
 //! bad op cannot fail its neighbours.
+//!
+//! The writer is supervised: if it panics, or its connection breaks (I/O error, corruption, the file
+//! gone), the writes of the batch in flight fail with [`StoreError::Unavailable`], the death is logged
+//! at error level, and the writer reopens its connection and carries on with the queue. More than
+//! [`MAX_RESTARTS`] deaths within [`RESTART_WINDOW`] and it gives up: every write fails with
+//! `Unavailable` and [`ChatStore::failed`] resolves, which stops the server (non-zero exit). A full
+//! disk is not a death: those writes fail with `Unavailable` and later ones succeed once space returns.
 
 use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, WrappedKey, WriteOp, WriteResult};
 use super::sqlite::SqliteStore;
 use super::StoreError;
 use async_trait::async_trait;
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, OpenFlags, OptionalExtension, TransactionBehavior};
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
-use std::path::Path;
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How often the WAL is checkpointed into the database (off the write path).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
@@ -24,6 +34,12 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 512;
 /// Queued writes before `write` waits (backpressure).
 const QUEUE: usize = 8192;
+/// Writer deaths tolerated within [`RESTART_WINDOW`]; one more and the writer gives up.
+const MAX_RESTARTS: usize = 5;
+/// The window over which writer deaths are counted.
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// Pause before the first restart; doubled for each further death in the window.
+const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
 const CHAT_COLS: &str =
     "chat_id, title, draft, title_v, messages_v, draft_v, last_edited_ms, unread_count, chat_key, kek_id";
@@ -33,10 +49,13 @@ struct Job {
     reply: oneshot::Sender<Result<WriteResult, StoreError>>,
 }
 
-/// The sending half of the writer thread's queue.
+/// The sending half of the writer thread's queue, and the writer's fate.
 pub(super) struct Writer {
     tx: parking_lot::Mutex<Option<mpsc::Sender<Job>>>,
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    faults: Arc<WriterFaults>,
+    /// Becomes `Some(reason)` when the writer gives up.
+    gave_up: watch::Receiver<Option<String>>,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -59,49 +78,218 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// Why a write failed: the error for its caller, and whether the writer's connection is broken (the
+/// supervisor then fails the batch in flight with `Unavailable` and reopens the connection).
+struct WriteError {
+    error: StoreError,
+    broken: bool,
+}
+
+impl From<rusqlite::Error> for WriteError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode::*;
+        let broken = matches!(
+            e.sqlite_error_code(),
+            Some(SystemIoFailure | DatabaseCorrupt | NotADatabase | CannotOpen | ReadOnly)
+        );
+        WriteError { error: e.into(), broken }
+    }
+}
+
+impl From<StoreError> for WriteError {
+    fn from(error: StoreError) -> Self {
+        WriteError { error, broken: false }
+    }
+}
+
+/// Fault injection into the writer, for tests (reached through [`ChatStore::writer_faults`]). Each knob
+/// is inert until a test sets it; none is reachable from the network or the command line.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct WriterFaults {
+    /// The next this-many batches panic after applying their ops, before their commit.
+    panics: AtomicU32,
+    /// The next this-many batches fail as on a broken connection (an I/O error), before their commit.
+    breaks: AtomicU32,
+    /// Ops on this chat id fail with a backend error.
+    failing_chat: parking_lot::Mutex<Option<String>>,
+    /// `PRAGMA max_page_count` for the writer's connection (`None`: SQLite's maximum), and whether the
+    /// current connection has it.
+    page_limit: parking_lot::Mutex<(Option<u64>, bool)>,
+    /// While set, the writer waits before collecting its next batch.
+    held: parking_lot::Mutex<bool>,
+    released: parking_lot::Condvar,
+    /// The writer holds a job while held.
+    holding: AtomicBool,
+    /// Connections the writer reopened after a death.
+    restarts: AtomicU32,
+    queue: OnceLock<mpsc::WeakSender<Job>>,
+}
+
+impl WriterFaults {
+    /// The next `n` batches panic inside their transaction, before it commits.
+    pub fn panic_next(&self, n: u32) {
+        self.panics.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` batches fail inside their transaction as if the connection broke (an I/O error).
+    pub fn break_next(&self, n: u32) {
+        self.breaks.store(n, Ordering::SeqCst);
+    }
+
+    /// Every op on `chat_id` fails with a backend error (`None`: none does).
+    pub fn fail_chat(&self, chat_id: Option<&str>) {
+        *self.failing_chat.lock() = chat_id.map(str::to_owned);
+    }
+
+    /// Caps the database file at `pages` pages, as a full disk would (`Some(0)`: at its current size;
+    /// `None`: lifts the cap). Takes effect from the next batch.
+    pub fn limit_pages(&self, pages: Option<u64>) {
+        *self.page_limit.lock() = (pages, false);
+    }
+
+    /// Makes the writer wait before its next batch, until [`WriterFaults::release`]: writes queue up and
+    /// then go into one batch.
+    pub fn hold(&self) {
+        *self.held.lock() = true;
+    }
+
+    /// Lets a held writer go on.
+    pub fn release(&self) {
+        *self.held.lock() = false;
+        self.released.notify_all();
+    }
+
+    /// Writes waiting for the writer (queued, or in its hands while it is held).
+    pub fn queued(&self) -> usize {
+        let queued = self.queue.get().and_then(|q| q.upgrade()).map_or(0, |tx| tx.max_capacity() - tx.capacity());
+        queued + usize::from(self.holding.load(Ordering::SeqCst))
+    }
+
+    /// How many times the writer restarted on a new connection.
+    pub fn restarts(&self) -> u32 {
+        self.restarts.load(Ordering::SeqCst)
+    }
+
+    fn wait_while_held(&self) {
+        let mut held = self.held.lock();
+        if *held {
+            self.holding.store(true, Ordering::SeqCst);
+            while *held {
+                self.released.wait(&mut held);
+            }
+            self.holding.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Applies a changed page limit to `conn`.
+    fn apply_page_limit(&self, conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+        let mut limit = self.page_limit.lock();
+        if !limit.1 {
+            // SQLite clamps the value between the current size and its own maximum.
+            let pages = limit.0.map_or(u32::MAX as u64, |p| p.max(1));
+            conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+            limit.1 = true;
+        }
+        Ok(())
+    }
+
+    fn fails(&self, op: &WriteOp) -> bool {
+        let failing = self.failing_chat.lock();
+        let Some(failing) = failing.as_deref() else { return false };
+        match op {
+            WriteOp::Title { chat_id, .. }
+            | WriteOp::Draft { chat_id, .. }
+            | WriteOp::DeleteDraft { chat_id, .. }
+            | WriteOp::Message { chat_id, .. }
+            | WriteOp::DeleteChat { chat_id, .. } => chat_id == failing,
+            WriteOp::UserKey { .. } => false,
+        }
+    }
+
+    /// Panics or fails as a broken connection would, when asked to.
+    fn before_commit(&self) -> Result<(), WriteError> {
+        let take = |n: &AtomicU32| n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if take(&self.panics) {
+            panic!("injected writer fault");
+        }
+        if take(&self.breaks) {
+            return Err(WriteError { error: StoreError::Unavailable("injected I/O error".into()), broken: true });
+        }
+        Ok(())
+    }
+}
+
+/// Opens a connection for the writer to the (existing, migrated) database at `path`.
+fn open_writer(path: &Path, durability: super::Durability) -> rusqlite::Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open_with_flags(path, OpenFlags::default() - OpenFlags::SQLITE_OPEN_CREATE)?;
+    conn.busy_timeout(super::sqlite::BUSY_TIMEOUT)?;
+    // Checkpoints run on their own thread (below), not inside a commit on the write path.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
+         PRAGMA wal_autocheckpoint = 0;",
+    )?;
+    conn.execute_batch(match durability {
+        super::Durability::Full => "PRAGMA synchronous = FULL;",
+        super::Durability::Normal => "PRAGMA synchronous = NORMAL;",
+    })?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
 impl Writer {
     /// Opens the writer's connection to `path` (already migrated) and starts its thread.
     pub(super) fn start(path: &Path, durability: super::Durability) -> anyhow::Result<Writer> {
-        let conn = rusqlite::Connection::open(path)?;
-        conn.busy_timeout(super::sqlite::BUSY_TIMEOUT)?;
-        // Checkpoints run on their own thread (below), not inside a commit on the write path.
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
-             PRAGMA wal_autocheckpoint = 0;",
-        )?;
-        conn.execute_batch(match durability {
-            super::Durability::Full => "PRAGMA synchronous = FULL;",
-            super::Durability::Normal => "PRAGMA synchronous = NORMAL;",
-        })?;
-        conn.set_prepared_statement_cache_capacity(64);
+        let conn = open_writer(path, durability)?;
         let checkpointer = rusqlite::Connection::open(path)?;
         checkpointer.busy_timeout(super::sqlite::BUSY_TIMEOUT)?;
         let (tx, rx) = mpsc::channel(QUEUE);
+        let faults = Arc::new(WriterFaults::default());
+        let _ = faults.queue.set(tx.downgrade());
+        let (gave_up_tx, gave_up) = watch::channel(None);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let checkpoints = std::thread::Builder::new()
             .name("chatsync-checkpoint".into())
             .spawn(move || checkpoint(checkpointer, stopped))?;
+        let supervisor = Supervisor { path: path.to_owned(), durability, faults: faults.clone(), gave_up: gave_up_tx };
         let thread = std::thread::Builder::new().name("chatsync-writer".into()).spawn(move || {
-            run(conn, rx);
+            supervisor.run(conn, rx);
+            // The final checkpoint is part of closing: it must not run into whoever opens the database next.
             drop(stop);
             // `close` returns only once the final checkpoint is done and every connection of this
             // store is closed: a store opened next on the same file finds no lock still held.
             let _ = checkpoints.join();
         })?;
-        Ok(Writer { tx: parking_lot::Mutex::new(Some(tx)), thread: parking_lot::Mutex::new(Some(thread)) })
+        Ok(Writer {
+            tx: parking_lot::Mutex::new(Some(tx)),
+            thread: parking_lot::Mutex::new(Some(thread)),
+            faults,
+            gave_up,
+        })
     }
 
     async fn submit(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
         let tx = self.tx.lock().clone().ok_or_else(|| StoreError::Unavailable("store closed".into()))?;
         let (reply, answer) = oneshot::channel();
-        tx.send(Job { op, reply }).await.map_err(|_| StoreError::Unavailable("store closed".into()))?;
-        answer.await.map_err(|_| StoreError::Unavailable("writer stopped".into()))?
+        tx.send(Job { op, reply }).await.map_err(|_| StoreError::Unavailable("chat writer stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("chat writer stopped".into()))?
     }
 
-    /// Stops accepting writes, lets the queued ones finish, and waits for the writer and the checkpoint
-    /// thread to end (their connections closed).
+    /// Resolves with the reason once the writer has given up (never, if it stops in order).
+    async fn gave_up(&self) -> String {
+        let mut gave_up = self.gave_up.clone();
+        let reason = gave_up.wait_for(Option::is_some).await.ok().and_then(|reason| reason.clone());
+        match reason {
+            Some(reason) => reason,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops accepting writes, lets the queued ones finish, and waits for the writer (and the final
+    /// checkpoint) to end.
     pub(super) async fn close(&self) {
         self.tx.lock().take();
+        self.faults.release();
         let thread = self.thread.lock().take();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -109,31 +297,133 @@ impl Writer {
     }
 }
 
-fn run(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Job>) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        match apply_batch(&mut conn, &batch) {
-            Ok(results) => {
-                for (job, result) in batch.drain(..).zip(results) {
-                    let _ = job.reply.send(Ok(result));
+/// The writer thread's body: runs the group-commit loop, and restarts it (on a new connection) when it
+/// panics or its connection breaks.
+struct Supervisor {
+    path: PathBuf,
+    durability: super::Durability,
+    faults: Arc<WriterFaults>,
+    gave_up: watch::Sender<Option<String>>,
+}
+
+impl Supervisor {
+    fn run(&self, first: rusqlite::Connection, mut rx: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        let mut deaths: VecDeque<Instant> = VecDeque::new();
+        let mut conn = Some(first);
+        loop {
+            let why = match conn.take() {
+                None => match open_writer(&self.path, self.durability) {
+                    Ok(reopened) => {
+                        self.faults.page_limit.lock().1 = false;
+                        self.faults.restarts.fetch_add(1, Ordering::SeqCst);
+                        tracing::info!("chat writer restarted");
+                        conn = Some(reopened);
+                        continue;
+                    }
+                    Err(e) => format!("cannot reopen the database: {e}"),
+                },
+                Some(mut c) => {
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.serve(&mut c, &mut rx, &mut batch)
+                    }));
+                    match served {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => format!("its connection failed: {e}"),
+                        Err(panic) => format!("it panicked: {}", panic_text(panic.as_ref())),
+                    }
+                    // `c` is dropped here: the connection closes, rolling back any open transaction.
                 }
+            };
+            let in_flight = batch.len();
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(StoreError::Unavailable(format!("chat writer died: {why}"))));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying its writes one by one");
-                for job in batch.drain(..) {
-                    let result = apply_batch(&mut conn, std::slice::from_ref(&job)).map(|mut r| r.remove(0));
-                    let _ = job.reply.send(result);
-                }
+            let now = Instant::now();
+            deaths.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+            deaths.push_back(now);
+            if deaths.len() > MAX_RESTARTS {
+                tracing::error!(
+                    reason = %why,
+                    in_flight,
+                    deaths = deaths.len(),
+                    window_secs = RESTART_WINDOW.as_secs(),
+                    "chat writer died too often; giving up: every write fails with unavailable and the server stops"
+                );
+                let _ = self.gave_up.send(Some(why));
+                return;
             }
+            let pause = RESTART_PAUSE * (1 << (deaths.len() - 1));
+            tracing::error!(
+                reason = %why,
+                in_flight,
+                pause_ms = pause.as_millis() as u64,
+                "chat writer died; its in-flight writes failed with unavailable; restarting it"
+            );
+            std::thread::sleep(pause);
         }
     }
+
+    /// The group-commit loop. Returns `Ok` when the queue is closed and drained, or the error that broke
+    /// the connection (the writes of `batch` left unanswered are the supervisor's to fail).
+    fn serve(
+        &self,
+        conn: &mut rusqlite::Connection,
+        rx: &mut mpsc::Receiver<Job>,
+        batch: &mut Vec<Job>,
+    ) -> Result<(), StoreError> {
+        let faults = &*self.faults;
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            faults.wait_while_held();
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            faults.apply_page_limit(conn)?;
+            match apply_batch(conn, batch, faults) {
+                Ok(results) => {
+                    for (job, result) in batch.drain(..).zip(results) {
+                        let _ = job.reply.send(Ok(result));
+                    }
+                }
+                Err(e) if e.broken => return Err(e.error),
+                Err(e) => {
+                    log_batch_failure(&e.error, batch.len());
+                    batch.reverse();
+                    while let Some(job) = batch.pop() {
+                        match apply_batch(conn, std::slice::from_ref(&job), faults) {
+                            Err(e) if e.broken => {
+                                batch.push(job);
+                                return Err(e.error);
+                            }
+                            result => {
+                                let _ = job.reply.send(result.map(|mut r| r.remove(0)).map_err(|e| e.error));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn log_batch_failure(error: &StoreError, size: usize) {
+    match error {
+        StoreError::Unavailable(_) => tracing::error!(
+            %error,
+            size,
+            "group commit failed (database busy or disk full?); retrying its writes one by one, failures get unavailable"
+        ),
+        _ => tracing::warn!(%error, size, "group commit failed; retrying its writes one by one"),
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("?")
 }
 
 /// Copies the WAL back into the database every [`CHECKPOINT_EVERY`], concurrently with the writer (PASSIVE never
@@ -155,12 +445,20 @@ fn checkpoint(conn: rusqlite::Connection, stopped: std::sync::mpsc::Receiver<()>
     }
 }
 
-fn apply_batch(conn: &mut rusqlite::Connection, batch: &[Job]) -> Result<Vec<WriteResult>, StoreError> {
+fn apply_batch(
+    conn: &mut rusqlite::Connection,
+    batch: &[Job],
+    faults: &WriterFaults,
+) -> Result<Vec<WriteResult>, WriteError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
+        if faults.fails(&job.op) {
+            return Err(StoreError::Backend("injected write fault".into()).into());
+        }
         results.push(apply(&tx, &job.op)?);
     }
+    faults.before_commit()?;
     tx.commit()?;
     Ok(results)
 }
@@ -189,7 +487,7 @@ fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
     })
 }
 
-fn owned_chat(tx: &rusqlite::Connection, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
+fn owned_chat(tx: &rusqlite::Connection, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, WriteError> {
     let mut st = tx.prepare_cached(&format!("SELECT {CHAT_COLS} FROM chats WHERE chat_id = ?1 AND owner = ?2"))?;
     Ok(st.query_row(params![chat_id, owner], chat_row).optional()?)
 }
@@ -202,7 +500,7 @@ fn create_chat(
     key: &WrappedKey,
     max_chats: u32,
     now: i64,
-) -> Result<Result<ChatRecord, WriteResult>, StoreError> {
+) -> Result<Result<ChatRecord, WriteResult>, WriteError> {
     // The count runs in the inserting statement: concurrent creations cannot overshoot the limit.
     let mut st = tx.prepare_cached(&format!(
         "INSERT INTO chats (chat_id, owner, chat_key, kek_id, last_edited_ms, created_at) \
@@ -235,7 +533,7 @@ fn reach(
     target: &Target,
     condition: Option<i64>,
     now: i64,
-) -> Result<Result<Option<i64>, WriteResult>, StoreError> {
+) -> Result<Result<Option<i64>, WriteResult>, WriteError> {
     match target {
         Target::Existing => Ok(Ok(condition)),
         Target::Create { key, max_chats } => Ok(create_chat(tx, owner, chat_id, key, *max_chats, now)?.map(|_| None)),
@@ -243,7 +541,7 @@ fn reach(
 }
 
 /// The result when a conditional update matched no row: a conflict if the chat is the owner's.
-fn unmatched(tx: &rusqlite::Connection, owner: &str, chat_id: &str) -> Result<WriteResult, StoreError> {
+fn unmatched(tx: &rusqlite::Connection, owner: &str, chat_id: &str) -> Result<WriteResult, WriteError> {
     Ok(match owned_chat(tx, owner, chat_id)? {
         Some(chat) => WriteResult::Conflict(chat),
         None => WriteResult::NotFound,
@@ -255,12 +553,12 @@ fn update_chat(
     tx: &rusqlite::Connection,
     sql: &str,
     p: impl rusqlite::Params,
-) -> Result<Option<ChatRecord>, StoreError> {
+) -> Result<Option<ChatRecord>, WriteError> {
     let mut st = tx.prepare_cached(sql)?;
     Ok(st.query_row(p, chat_row).optional()?)
 }
 
-fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, StoreError> {
+fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteError> {
     match op {
         WriteOp::Title { owner, chat_id, title, target, if_version_at_most, now } => {
             let if_version_at_most = match reach(tx, owner, chat_id, target, *if_version_at_most, *now)? {
@@ -550,5 +848,13 @@ impl ChatStore for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn failed(&self) -> String {
+        self.writer.gave_up().await
+    }
+
+    fn writer_faults(&self) -> Option<Arc<WriterFaults>> {
+        Some(self.writer.faults.clone())
     }
 }
