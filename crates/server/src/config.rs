@@ -159,14 +159,16 @@ impl Config {
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());
         }
-        // Bounded replies: the largest single item (an initial sync entry with a draft of up to one
-        // frame; the whole chat order, which comes in one part) must fit in one reply frame.
+        // Bounded replies: the largest single item must fit in one reply frame: an initial sync entry
+        // (a draft of up to one inbound frame, a title, versions) and the whole chat order (sent in one
+        // part: at most 67 bytes per chat id).
+        let entry_bytes = self.max_frame_bytes as u64 + 16_384;
         let order_bytes = 67 * self.max_chats_per_user as u64 + 8192;
-        let min_reply = (2 * self.max_frame_bytes as u64).max(order_bytes).max(65_536);
+        let min_reply = entry_bytes.max(order_bytes).max(65_536);
         if (self.max_reply_bytes as u64) < min_reply {
             return Err(format!(
-                "max_reply_bytes must be at least {min_reply} (twice max_frame_bytes, and room for the chat order \
-                 of max_chats_per_user chats)"
+                "max_reply_bytes must be at least {min_reply} (max_frame_bytes + 16 KiB, and room for the chat \
+                 order of max_chats_per_user chats)"
             ));
         }
         Ok(())

@@ -951,7 +951,11 @@ async fn content_limits_titles_drafts_batches_and_offline_lists() {
 #[tokio::test]
 async fn deep_nesting_and_huge_collections_do_not_hurt_the_server() {
     use ErrorCode::*;
-    let mut arena = Arena::start_with(|c| c.max_frame_bytes = 2 << 20).await;
+    let mut arena = Arena::start_with(|c| {
+        c.max_frame_bytes = 2 << 20;
+        c.max_reply_bytes = 4 << 20;
+    })
+    .await;
     const DEPTH: usize = 100_000;
     let arrays = format!("{}{}", "[".repeat(DEPTH), "]".repeat(DEPTH));
     let objects = format!("{}1{}", r#"{"a":"#.repeat(DEPTH), "}".repeat(DEPTH));

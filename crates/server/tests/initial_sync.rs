@@ -271,7 +271,11 @@ async fn the_immediate_view_messages_are_at_most_one_page_oldest_first() {
 
 #[tokio::test]
 async fn more_than_10000_chat_versions_is_an_initial_sync_error_limit_exceeded() {
-    let server = TestServer::start_with(|c| c.max_frame_bytes = 1 << 20).await;
+    let server = TestServer::start_with(|c| {
+        c.max_frame_bytes = 1 << 20;
+        c.max_reply_bytes = 2 << 20;
+    })
+    .await;
     let mut alice = new_user(&server, "alice", "laptop").await;
     set_title(&mut alice, "mine", "t").await;
     let frame = |n: usize| {

@@ -19,7 +19,11 @@ pub(super) const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
+    /// Identity (authentication, sessions, devices) and key metadata: never queued behind chat reads,
+    /// so a burst of large reads cannot starve authentication.
     pub(super) pool: SqlitePool,
+    /// Chat reads (lists, pages, lookups).
+    pub(super) reads: SqlitePool,
     pub(super) writer: super::sqlite_chats::Writer,
 }
 
@@ -44,16 +48,21 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .with_context(|| format!("cannot open database {}", path.display()))?;
         sqlx::migrate!("migrations/sqlite")
             .run(&pool)
             .await
             .with_context(|| format!("cannot migrate database {}", path.display()))?;
+        let reads = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot open database {}", path.display()))?;
         let writer = super::sqlite_chats::Writer::start(path, durability)
             .with_context(|| format!("cannot open database {} for writing", path.display()))?;
-        Ok(SqliteStore { pool, writer })
+        Ok(SqliteStore { pool, reads, writer })
     }
 }
 
@@ -181,6 +190,7 @@ impl Store for SqliteStore {
 
     async fn close(&self) {
         self.writer.close().await;
+        self.reads.close().await;
         self.pool.close().await;
     }
 }

@@ -727,14 +727,14 @@ impl ChatStore for SqliteStore {
     async fn chat_lookup(&self, chat_id: &str) -> Result<ChatLookup, StoreError> {
         let row = sqlx::query("SELECT owner, chat_key, kek_id FROM chats WHERE chat_id = ?1")
             .bind(chat_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await?;
         if let Some(r) = row {
             return Ok(ChatLookup::Exists { owner: r.get(0), key: WrappedKey { wrapped: r.get(1), kek_id: r.get(2) } });
         }
         let gone = sqlx::query("SELECT 1 FROM chat_tombstones WHERE chat_id = ?1")
             .bind(chat_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await?;
         Ok(if gone.is_some() { ChatLookup::Deleted } else { ChatLookup::Absent })
     }
@@ -742,7 +742,7 @@ impl ChatStore for SqliteStore {
     async fn user_key(&self, user_id: &str) -> Result<Option<WrappedKey>, StoreError> {
         let row = sqlx::query("SELECT wrapped, kek_id FROM user_keys WHERE user_id = ?1")
             .bind(user_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.reads)
             .await?;
         Ok(row.map(|r| WrappedKey { wrapped: r.get(0), kek_id: r.get(1) }))
     }
@@ -752,13 +752,13 @@ impl ChatStore for SqliteStore {
             "SELECT {CHAT_COLS} FROM chats WHERE owner = ?1 ORDER BY last_edited_ms DESC, chat_id"
         ))
         .bind(owner)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         Ok(rows.iter().map(chat_record).collect())
     }
 
     async fn chat(&self, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.reads.acquire().await?;
         pool_owned_chat(&mut conn, owner, chat_id).await
     }
 
@@ -769,7 +769,7 @@ impl ChatStore for SqliteStore {
         after_seq: u64,
         limit: u32,
     ) -> Result<Option<(ChatRecord, Vec<MessageRecord>, bool)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.reads.begin().await?;
         let Some(chat) = pool_owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
         let rows = sqlx::query(
             "SELECT seq, message_id, content, client_timestamp, created_at FROM messages \
@@ -793,7 +793,7 @@ impl ChatStore for SqliteStore {
         chat_id: &str,
         limit: u32,
     ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.reads.begin().await?;
         let Some(chat) = pool_owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
         let rows = sqlx::query(
             "SELECT seq, message_id, content, client_timestamp, created_at FROM messages \
@@ -814,7 +814,7 @@ impl ChatStore for SqliteStore {
             "SELECT 'chat:' || chat_id, chat_key, kek_id FROM chats \
              UNION ALL SELECT 'user:' || user_id, wrapped, kek_id FROM user_keys",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.reads)
         .await?;
         Ok(rows.iter().map(|r| (r.get(0), WrappedKey { wrapped: r.get(1), kek_id: r.get(2) })).collect())
     }
