@@ -7,9 +7,9 @@
 //! (another user, connected throughout) must still complete a write round trip and must have received
 //! nothing but its own replies.
 //!
-//! Where the protocol is silent (invalid UTF-8, broken WebSocket framing, `null` for an optional field),
-//! the test pins only what any reading requires: the server answers or drops that one connection and
-//! nobody else notices.
+//! Invalid UTF-8 and broken WebSocket framing close with 1007 and 1002 (docs/PROTOCOL.md section 8).
+//! Where the protocol is silent (`null` for an optional field), the test pins only what any reading
+//! requires: the server answers or drops that one connection and nobody else notices.
 
 mod common;
 #[macro_use]
@@ -1208,8 +1208,8 @@ async fn binary_invalid_utf8_and_broken_framing_end_only_that_connection() {
             false,
         )
         .await;
-    // Undocumented in PROTOCOL.md: RFC 6455 requires failing the connection (1007 for bad UTF-8, 1002
-    // for broken framing). The server may close with a code or drop the connection; nobody else notices.
+    // RFC 6455 §7.4.1 (docs/PROTOCOL.md section 8): 1007 for a text message that is not UTF-8, 1002 for
+    // broken framing; nobody else notices.
     let ends = [
         ("invalid UTF-8 in a text frame", vec![text_frame(b"{\"type\":\"ping\",\"x\":\"\xff\xfe\"}".to_vec(), true)]),
         ("overlong UTF-8 encoding", vec![text_frame(b"{\"type\":\"\xc0\xafping\"}".to_vec(), true)]),
@@ -1227,9 +1227,8 @@ async fn binary_invalid_utf8_and_broken_framing_end_only_that_connection() {
     ];
     for (name, messages) in ends {
         let close = arena.expect_end(name, messages).await;
-        if let Some((code, _)) = close {
-            assert!([1002, 1007, 1008, 1011].contains(&code), "{name}: closed with {close:?}");
-        }
+        let expected = if name.contains("UTF-8") { (1007, "Invalid UTF-8") } else { (1002, "Protocol error") };
+        assert_eq!(close, Some((expected.0, expected.1.to_owned())), "{name}");
     }
     // The attacker's first connection was never disturbed.
     assert_quiet(&mut arena.attacker).await;

@@ -121,8 +121,8 @@ async fn read_loop(
         match next {
             None => return false,
             Some(Err(e)) => {
-                if is_capacity_error(e) {
-                    conn.outbox.close(CloseReason::TOO_BIG);
+                if let Some(reason) = read_error_close(e) {
+                    conn.outbox.close(reason);
                 }
                 return false;
             }
@@ -285,7 +285,14 @@ async fn drain(stream: &mut SplitStream<WebSocket>) {
     let _ = tokio::time::timeout(CLOSE_GRACE, async { while let Some(Ok(_)) = stream.next().await {} }).await;
 }
 
-fn is_capacity_error(e: axum::Error) -> bool {
+/// The close a failed read deserves (RFC 6455 §7.4.1), if the connection can still carry one: 1009 for a
+/// frame over the backstop limit, 1007 for a text message that is not UTF-8, 1002 for broken framing.
+fn read_error_close(e: axum::Error) -> Option<CloseReason> {
     use tokio_tungstenite::tungstenite::Error as WsError;
-    matches!(e.into_inner().downcast::<WsError>().map(|b| *b), Ok(WsError::Capacity(_)))
+    match e.into_inner().downcast::<WsError>().map(|b| *b) {
+        Ok(WsError::Capacity(_)) => Some(CloseReason::TOO_BIG),
+        Ok(WsError::Utf8(_)) => Some(CloseReason::INVALID_UTF8),
+        Ok(WsError::Protocol(_)) => Some(CloseReason::PROTOCOL_ERROR),
+        _ => None,
+    }
 }

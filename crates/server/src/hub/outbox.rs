@@ -24,6 +24,10 @@ impl CloseReason {
     pub const HEARTBEAT: CloseReason = CloseReason { code: 1001, reason: "Heartbeat timeout" };
     /// 1003 `Binary frames are not supported`.
     pub const BINARY: CloseReason = CloseReason { code: 1003, reason: "Binary frames are not supported" };
+    /// 1002 `Protocol error` (broken WebSocket framing).
+    pub const PROTOCOL_ERROR: CloseReason = CloseReason { code: 1002, reason: "Protocol error" };
+    /// 1007 `Invalid UTF-8` (a text message that is not UTF-8).
+    pub const INVALID_UTF8: CloseReason = CloseReason { code: 1007, reason: "Invalid UTF-8" };
     /// 1008 `Authentication required`.
     pub const AUTH_REQUIRED: CloseReason = CloseReason { code: 1008, reason: "Authentication required" };
     /// 1008 `Invalid session`.
