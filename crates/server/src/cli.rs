@@ -37,6 +37,19 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "CHATSYNC_DATABASE_URL", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    /// Cluster mode: Redis URL of the delivery bus shared by the nodes, `redis://HOST:PORT` [default: none,
+    /// a single node]. `sessions revoke` publishes the revocation on it.
+    #[arg(long, global = true, env = "CHATSYNC_REDIS_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Prefix of the bus channel names (several clusters can share one Redis) [default: chatsync:].
+    #[arg(long, global = true, env = "CHATSYNC_REDIS_PREFIX", value_name = "PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_prefix: Option<String>,
+    /// Use sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis 7+) for the bus.
+    #[arg(long, global = true, env = "CHATSYNC_REDIS_SHARDED_PUBSUB", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_sharded_pubsub: Option<bool>,
     /// Log format [default: text].
     #[arg(long, global = true, env = "CHATSYNC_LOG_FORMAT", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -488,12 +501,28 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
         }
         SessionsCommand::Revoke { token } => {
             let store = store::open(&config.store_url()).await?;
-            if store.revoke_session(&auth::token_hash(&token), now_millis()).await? {
-                eprintln!("session revoked");
-                Ok(())
-            } else {
-                bail!("no active session has this token")
+            let hash = auth::token_hash(&token);
+            let session = store.session_by_token_hash(&hash).await?;
+            if !store.revoke_session(&hash, now_millis()).await? {
+                bail!("no active session has this token");
             }
+            eprintln!("session revoked");
+            if let (Some(bus), Some(session)) = (config.bus(), session) {
+                // Every node closes the session's sockets now; polling remains the fallback.
+                let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
+                let message = crate::cluster::BusMessage::SessionsRevoked { session_ids: vec![session.session_id] };
+                let published = match crate::keys::existing_master_key(&config.data_dir, env_key.as_deref())? {
+                    Some(master) => crate::cluster::bus::publish_once(&bus, &master.derive("bus"), message).await,
+                    None => Err(anyhow::anyhow!("no master key here (set CHATSYNC_MASTER_KEY)")),
+                };
+                if let Err(e) = published {
+                    eprintln!(
+                        "warning: could not tell the cluster through Redis ({e:#}); nodes close the session's \
+                         connections at their next revocation check"
+                    );
+                }
+            }
+            Ok(())
         }
     }
 }

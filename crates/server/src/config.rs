@@ -30,6 +30,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Store URL; `sqlite://PATH` (default: `sqlite://<data_dir>/chatsync.db`).
     pub database_url: Option<String>,
+    /// Cluster mode: the Redis URL of the delivery bus (`None`: a single node, in-process hub).
+    pub redis_url: Option<String>,
+    /// Prefix of bus channel names.
+    pub redis_prefix: String,
+    /// Sharded pub/sub on the bus.
+    pub redis_sharded_pubsub: bool,
     /// When a write counts as durable (embedded store).
     pub durability: crate::store::Durability,
     /// Log format.
@@ -87,6 +93,9 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./data"),
             database_url: None,
+            redis_url: None,
+            redis_prefix: "chatsync:".into(),
+            redis_sharded_pubsub: false,
             durability: crate::store::Durability::Full,
             log_format: LogFormat::Text,
             log_level: "info".into(),
@@ -196,6 +205,15 @@ impl Config {
             Some(url) => url.clone(),
             None => format!("sqlite://{}", self.data_dir.join("chatsync.db").display()),
         }
+    }
+
+    /// The bus configuration, in cluster mode.
+    pub fn bus(&self) -> Option<crate::cluster::BusConfig> {
+        self.redis_url.as_ref().map(|url| crate::cluster::BusConfig {
+            url: url.clone(),
+            prefix: self.redis_prefix.clone(),
+            sharded: self.redis_sharded_pubsub,
+        })
     }
 
     /// Interval between server Pings.

@@ -85,6 +85,21 @@ impl MasterKey {
         Ok(MasterKey::from_bytes(bytes))
     }
 
+    /// A data key derived from this master key for `purpose` (SHA-256 of a domain tag, the purpose and
+    /// the key bytes): every node holding the same master key derives the same key, and nothing derived
+    /// reveals the master key. Used for the cluster bus ([`Aad::bus`]).
+    pub fn derive(&self, purpose: &str) -> DataKey {
+        let digest = Sha256::new()
+            .chain_update(b"chatsync-derive:v1:")
+            .chain_update(purpose.as_bytes())
+            .chain_update([0u8])
+            .chain_update(&self.bytes[..])
+            .finalize();
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        bytes.copy_from_slice(&digest);
+        DataKey::from_bytes(bytes)
+    }
+
     /// A new random key.
     pub fn generate() -> MasterKey {
         MasterKey::from_bytes(random_key())
@@ -247,6 +262,11 @@ impl Aad {
     /// The draft of user `user_id` in chat `chat_id`.
     pub fn draft(chat_id: &str, user_id: &str) -> Aad {
         Aad::new(&["draft", chat_id, user_id])
+    }
+
+    /// A message on cluster bus channel `channel`.
+    pub fn bus(channel: &str) -> Aad {
+        Aad::new(&["bus", channel])
     }
 
     fn dek(key_ref: &str) -> Aad {

@@ -60,6 +60,11 @@ impl DataDirLock {
         Ok(DataDirLock { path, file: parking_lot::Mutex::new(Some(file)) })
     }
 
+    /// A lock that holds nothing (a node assembled in-process on a store another node owns, in tests).
+    pub fn none() -> DataDirLock {
+        DataDirLock { path: PathBuf::new(), file: parking_lot::Mutex::new(None) }
+    }
+
     /// Releases the lock now (also done on drop).
     pub fn release(&self) {
         self.file.lock().take();

@@ -107,6 +107,13 @@ impl Keyring {
         self.chats.remove(chat_id);
     }
 
+    /// Forgets every memoized key (they are unwrapped again on demand). Cluster mode calls it after a gap
+    /// in the bus, when chats may have been deleted on other nodes unseen.
+    pub fn forget_all(&self) {
+        self.chats.clear();
+        self.users.clear();
+    }
+
     /// Forgets a chat deleted through this node, for good: its key is never memoized again.
     pub fn chat_deleted(&self, chat_id: &str) {
         self.trim();
@@ -171,6 +178,15 @@ impl Keyring {
             self.deleted.clear();
         }
     }
+}
+
+/// The master key if one is configured (`CHATSYNC_MASTER_KEY`, else an existing `<data_dir>/master.key`),
+/// without creating one: for commands that only need to derive from it.
+pub fn existing_master_key(data_dir: &std::path::Path, env_value: Option<&str>) -> anyhow::Result<Option<MasterKey>> {
+    if env_value.is_none() && !data_dir.join("master.key").exists() {
+        return Ok(None);
+    }
+    Ok(Some(MasterKey::load_or_create(data_dir, env_value)?.0))
 }
 
 /// Loads the master key (`CHATSYNC_MASTER_KEY`, else `<data_dir>/master.key`, created on first start)

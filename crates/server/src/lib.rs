@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod datadir;
@@ -38,15 +39,47 @@ pub async fn build(config: Config) -> anyhow::Result<Ctx> {
     let backend = store::open_backend(&config.store_url(), config.durability).await?;
     let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
     let master = keys::load_master_key(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
-    let hub = Arc::new(LocalHub::new(config.max_connections, config.max_connections_per_user));
-    let cache = Arc::new(cache::memory::MemoryCache::new(config.max_page_messages as usize));
+    assemble(config, backend, master, Some(lock))
+}
+
+/// Puts a node together from its store and master key: the one place where the configuration chooses
+/// the hub and the cache. Embedded default: in-process hub and memory cache. With `redis_url`: the
+/// Redis bus, the cluster hub and the coherent cache, and this node's handler of bus messages.
+pub fn assemble(
+    config: Config,
+    backend: store::Backend,
+    master: crypto::MasterKey,
+    lock: Option<datadir::DataDirLock>,
+) -> anyhow::Result<Ctx> {
+    let local = Arc::new(LocalHub::new(config.max_connections, config.max_connections_per_user));
+    let memory = Arc::new(cache::memory::MemoryCache::new(config.max_page_messages as usize));
+    let bus = match config.bus() {
+        Some(bus) => Some(cluster::Bus::start(bus, master.derive("bus"))?),
+        None => None,
+    };
+    let keys = Arc::new(keys::Keyring::new(master));
+    let (hub, cache): (Arc<dyn hub::Hub>, Arc<dyn cache::Cache>) = match &bus {
+        Some(bus) => {
+            bus.set_handler(Arc::new(cluster::node::NodeHandler {
+                hub: local.clone(),
+                cache: memory.clone(),
+                keys: keys.clone(),
+            }));
+            (
+                Arc::new(hub::redis::RedisHub::new(local, bus.clone())),
+                Arc::new(cache::coherent::CoherentCache::new(memory, bus.clone())),
+            )
+        }
+        None => (local, memory),
+    };
     Ok(Ctx {
         store: backend.identity,
         chats: backend.chats,
         cache,
-        keys: Arc::new(keys::Keyring::new(master)),
-        data_dir_lock: Arc::new(lock),
+        keys,
+        data_dir_lock: Arc::new(lock.unwrap_or_else(datadir::DataDirLock::none)),
         hub,
+        bus,
         limits: config.limits(),
         pauses: Arc::default(),
         config: Arc::new(config),
@@ -99,6 +132,9 @@ pub async fn run(
         ctx.hub.close_all(CloseReason::SHUTDOWN);
     }
     watcher.abort();
+    if let Some(bus) = &ctx.bus {
+        bus.stop();
+    }
     ctx.store.close().await;
     ctx.data_dir_lock.release();
     if let Some(reason) = store_failure.lock().take() {

@@ -42,6 +42,16 @@ impl MemoryCache {
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// Drops every cached chat list and message run (the entries stay, with fresh generations, so no
+    /// load begun before this can store its result). Cluster mode calls it after a gap in the bus.
+    pub fn invalidate_all(&self) {
+        for mut entry in self.users.iter_mut() {
+            entry.generation = self.tick();
+            entry.chats = None;
+            entry.messages.clear();
+        }
+    }
 }
 
 /// Orders chats most recently edited first, ties by id.

@@ -17,6 +17,7 @@
 //!   result merged after the delete (a write that committed just before it) is ignored for those ids.
 //! * The cache is best-effort: a miss (or a failing cache) falls back to the store.
 
+pub mod coherent;
 pub mod memory;
 
 use crate::store::chats::{ChatRecord, MessageRecord};

@@ -58,7 +58,7 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
             limits: ctx.limits,
         });
         conn.outbox.push(encode(&connected, None).into());
-        if let Err(refused) = ctx.hub.register(conn.clone()) {
+        if let Err(refused) = ctx.hub.register(conn.clone()).await {
             tracing::warn!(%refused, "connection refused");
             reject(sink, stream, refused.close_reason()).await;
             return;

@@ -44,6 +44,8 @@ pub struct Ctx {
     pub keys: Arc<Keyring>,
     /// The data directory lock, held while this context serves (see [`crate::datadir`]).
     pub data_dir_lock: Arc<crate::datadir::DataDirLock>,
+    /// The cluster bus (`None` on a single node).
+    pub bus: Option<Arc<crate::cluster::Bus>>,
     /// Delivery to the user's connections.
     pub hub: Arc<dyn Hub>,
     /// The merged configuration.

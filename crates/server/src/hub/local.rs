@@ -33,7 +33,34 @@ impl LocalHub {
 
 #[async_trait]
 impl Hub for LocalHub {
-    fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Refused> {
+    async fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Refused> {
+        self.add(conn).map(|_| ())
+    }
+
+    fn unregister(&self, conn: &ConnHandle) -> bool {
+        self.remove(conn)
+    }
+
+    async fn deliver(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
+        self.deliver_now(user_id, audience, frame);
+    }
+
+    async fn close_sessions(&self, session_ids: &[String], reason: CloseReason) {
+        self.close_sessions_now(session_ids, reason);
+    }
+
+    fn close_all(&self, reason: CloseReason) {
+        self.each(|c| c.outbox.close(reason));
+    }
+
+    fn connection_count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+impl LocalHub {
+    /// Registers a connection; returns whether it is the user's first on this node.
+    pub fn add(&self, conn: Arc<ConnHandle>) -> Result<bool, Refused> {
         if self.count.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
             self.count.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::Overloaded);
@@ -44,17 +71,21 @@ impl Hub for LocalHub {
             Entry::Occupied(e) if e.get().len() >= self.max_per_user => {
                 drop(e);
                 self.count.fetch_sub(1, Ordering::AcqRel);
-                return Err(Refused::TooManyForUser);
+                Err(Refused::TooManyForUser)
             }
-            Entry::Occupied(mut e) => e.get_mut().push(conn),
+            Entry::Occupied(mut e) => {
+                e.get_mut().push(conn);
+                Ok(false)
+            }
             Entry::Vacant(e) => {
                 e.insert(vec![conn]);
+                Ok(true)
             }
         }
-        Ok(())
     }
 
-    fn unregister(&self, conn: &ConnHandle) -> bool {
+    /// Removes a connection; returns whether it was the user's last on this node.
+    pub fn remove(&self, conn: &ConnHandle) -> bool {
         let mut found = false;
         let last = self
             .users
@@ -71,7 +102,8 @@ impl Hub for LocalHub {
         last
     }
 
-    async fn deliver(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
+    /// Queues `frame` on the user's connections here (never waits).
+    pub fn deliver_now(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
         let Some(conns) = self.users.get(user_id) else {
             return;
         };
@@ -85,20 +117,13 @@ impl Hub for LocalHub {
         }
     }
 
-    async fn close_sessions(&self, session_ids: &[String], reason: CloseReason) {
+    /// Closes the connections here that authenticated with one of these sessions.
+    pub fn close_sessions_now(&self, session_ids: &[String], reason: CloseReason) {
         let ids: HashSet<&str> = session_ids.iter().map(String::as_str).collect();
         self.each(|c| {
             if ids.contains(c.session_id.as_str()) {
                 c.outbox.close(reason);
             }
         });
-    }
-
-    fn close_all(&self, reason: CloseReason) {
-        self.each(|c| c.outbox.close(reason));
-    }
-
-    fn connection_count(&self) -> usize {
-        self.count.load(Ordering::Acquire)
     }
 }

@@ -2,11 +2,13 @@
 //! the in-process implementation ([`local::LocalHub`]).
 //!
 //! A broadcast is encoded once by the caller and the bytes ([`Utf8Bytes`]) are shared by every
-//! recipient. The hub never waits on a slow client: it pushes to bounded outboxes. A Redis-backed hub
-//! (cluster mode) is a second implementation of the same trait that also publishes to other nodes.
+//! recipient. The hub never waits on a slow client: it pushes to bounded outboxes. The Redis-backed hub
+//! ([`redis::RedisHub`], cluster mode) is a second implementation of the same trait that also publishes
+//! to the other nodes through the bus.
 
 pub mod local;
 pub mod outbox;
+pub mod redis;
 
 use async_trait::async_trait;
 pub use axum::extract::ws::Utf8Bytes;
@@ -64,7 +66,9 @@ impl Refused {
 #[async_trait]
 pub trait Hub: Send + Sync + 'static {
     /// Registers a connection. Fails when the node is at its connection limit or the user at theirs.
-    fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Refused>;
+    /// Returns once broadcasts for the user reach the connection (in a cluster: once this node listens
+    /// to the user's channel, or at once while the bus is down).
+    async fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Refused>;
 
     /// Removes a connection; it receives nothing afterwards. Returns `true` when it was the user's last
     /// connection on this node.

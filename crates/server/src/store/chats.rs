@@ -10,9 +10,10 @@ use super::{Millis, StoreError};
 use async_trait::async_trait;
 
 /// A data key wrapped by a master key, with the id of that master key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WrappedKey {
     /// The wrapped key bytes.
+    #[serde(with = "super::bytes")]
     pub wrapped: Vec<u8>,
     /// The master key id.
     pub kek_id: String,
@@ -34,14 +35,16 @@ pub enum ChatLookup {
     Absent,
 }
 
-/// A chat's state (ciphertext fields as stored).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A chat's state (ciphertext fields as stored). Serializable for the cluster bus (ciphertext only).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatRecord {
     /// The chat id.
     pub chat_id: String,
     /// Encrypted title; `None` if never set.
+    #[serde(with = "super::bytes::option")]
     pub title: Option<Vec<u8>>,
     /// Encrypted draft; `None` if there is none.
+    #[serde(with = "super::bytes::option")]
     pub draft: Option<Vec<u8>>,
     /// Title version.
     pub title_v: u64,
@@ -57,14 +60,15 @@ pub struct ChatRecord {
     pub key: WrappedKey,
 }
 
-/// A stored message (content encrypted).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A stored message (content encrypted). Serializable for the cluster bus (ciphertext only).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MessageRecord {
     /// 1-based position in the chat.
     pub seq: u64,
     /// Client-chosen id, unique per chat.
     pub message_id: String,
     /// Encrypted content (JSON text of the content).
+    #[serde(with = "super::bytes")]
     pub content: Vec<u8>,
     /// The client's timestamp as sent (JSON text), if any.
     pub client_timestamp: Option<String>,

@@ -3,6 +3,7 @@
 //! Only `store/` knows SQL. The embedded implementation is [`sqlite::SqliteStore`]; a PostgreSQL one
 //! implements the same trait and passes the same contract tests (`tests/store_contract.rs`).
 
+pub mod bytes;
 pub mod chats;
 pub mod sqlite;
 mod sqlite_chats;

@@ -2,6 +2,8 @@
 //! connects real WebSocket clients to it.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use chatsync::gateway::auth;
 use chatsync::{Config, Ctx};
 use chatsync_client::{Client, ConnectOptions};
@@ -34,9 +36,14 @@ impl TestServer {
         if std::env::var_os("RUST_LOG").is_some() {
             chatsync::logging::init(chatsync::config::LogFormat::Text, "debug");
         }
+        let ctx = chatsync::build(config).await.unwrap();
+        TestServer::serve(ctx, data).await
+    }
+
+    /// Serves an already built context on a new port 0 listener.
+    pub async fn serve(ctx: Ctx, data: tempfile::TempDir) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
-        let ctx = chatsync::build(config).await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(chatsync::run(listener, ctx.clone(), async move {
             let _ = stopped.await;

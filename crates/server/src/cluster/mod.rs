@@ -1,0 +1,20 @@
+//! Cluster mode: several nodes behind a load balancer share PostgreSQL (the truth) and a Redis delivery
+//! bus. This module is the bus: one Redis connection per node carries
+//! * the frames of every broadcast, on the channel of the user (`<prefix>u:<user_id>`), to the nodes where
+//!   that user has connections (each node subscribes to the channels of its connected users only);
+//! * what each write did to the cache (the chat record, a deletion, a new message), on the same channel,
+//!   so that every node's cache stays true (see `cache/coherent.rs`);
+//! * cluster-wide orders (session revocations) on `<prefix>control`.
+//!
+//! Every payload is encrypted with a key derived from the master key and bound to its channel, so
+//! neither titles, drafts nor messages cross Redis in plaintext, and Redis stores nothing (pub/sub only).
+//!
+//! The bus never makes a request wait: publishing queues to one task that pipelines in order; when Redis
+//! is down, each node keeps serving its own connections, the bus reconnects with backoff, resubscribes,
+//! and tells its handler about the gap ([`BusHandler::on_gap`]) so that nothing cached before or during
+//! it is served afterwards.
+
+pub mod bus;
+pub mod node;
+
+pub use bus::{Bus, BusConfig, BusHandler, BusMessage};

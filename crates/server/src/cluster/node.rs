@@ -1,0 +1,55 @@
+//! What a node does with what arrives from the bus: deliver frames to its connections of the user,
+//! apply other nodes' writes to its cache and keyring, close revoked sessions, and forget everything
+//! cached after a gap.
+
+use super::{BusHandler, BusMessage};
+use crate::cache::memory::MemoryCache;
+use crate::cache::Cache;
+use crate::hub::local::LocalHub;
+use crate::hub::{Audience, CloseReason};
+use crate::keys::Keyring;
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// The [`BusHandler`] of a node.
+pub struct NodeHandler {
+    /// This node's connections.
+    pub hub: Arc<LocalHub>,
+    /// This node's cache (the inner cache: applying a message must not publish it again).
+    pub cache: Arc<MemoryCache>,
+    /// This node's unwrapped keys.
+    pub keys: Arc<Keyring>,
+}
+
+#[async_trait]
+impl BusHandler for NodeHandler {
+    async fn on_message(&self, user_id: Option<&str>, message: BusMessage) {
+        match (user_id, message) {
+            (Some(user), BusMessage::Frame { frame, except }) => {
+                let audience = match except.as_deref() {
+                    Some(except) => Audience::Others { except },
+                    None => Audience::All,
+                };
+                self.hub.deliver_now(user, audience, frame.into());
+            }
+            (Some(user), BusMessage::ChatWritten { chat }) => self.cache.chat_written(user, &chat).await,
+            (Some(user), BusMessage::ChatDeleted { chat_id }) => {
+                self.keys.chat_deleted(&chat_id);
+                self.cache.chat_deleted(user, &chat_id).await;
+            }
+            (Some(user), BusMessage::MessageAdded { chat_id, message }) => {
+                self.cache.message_added(user, &chat_id, &message).await
+            }
+            (_, BusMessage::SessionsRevoked { session_ids }) => {
+                self.hub.close_sessions_now(&session_ids, CloseReason::SESSION_REVOKED)
+            }
+            (None, other) => tracing::debug!(?other, "bus: a user message without a user was ignored"),
+        }
+    }
+
+    async fn on_gap(&self) {
+        self.cache.invalidate_all();
+        // Chats deleted on other nodes during the gap must not stay decryptable here.
+        self.keys.forget_all();
+    }
+}

@@ -1,0 +1,76 @@
+//! The cluster hub: the in-process hub for this node's connections plus the Redis bus for the others.
+//!
+//! A broadcast is queued on the local connections at once and published on the user's channel; the
+//! other nodes deliver it to their connections of the user (the requesting connection, excluded from
+//! OTHERS, lives on the origin node, which skips its own messages). A node listens to the channel of a
+//! user exactly while that user has a connection on it: the first registration subscribes (and waits
+//! for the subscription, so no broadcast made after `connected` is missed), the last unregistration
+//! unsubscribes. Local bookkeeping and the subscription command are issued under one lock, so a
+//! subscribe and an unsubscribe of the same user can never be reordered.
+
+use super::local::LocalHub;
+use super::{Audience, CloseReason, ConnHandle, Hub, Refused, Utf8Bytes};
+use crate::cluster::{Bus, BusMessage};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+/// [`Hub`] for cluster mode.
+pub struct RedisHub {
+    local: Arc<LocalHub>,
+    bus: Arc<Bus>,
+    order: Mutex<()>,
+}
+
+impl RedisHub {
+    /// A hub delivering to `local` and, through `bus`, to the other nodes.
+    pub fn new(local: Arc<LocalHub>, bus: Arc<Bus>) -> RedisHub {
+        RedisHub { local, bus, order: Mutex::new(()) }
+    }
+}
+
+#[async_trait]
+impl Hub for RedisHub {
+    async fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Refused> {
+        let user = conn.user_id.clone();
+        let subscribed = {
+            let _order = self.order.lock();
+            let first = self.local.add(conn)?;
+            first.then(|| self.bus.subscribe(&user))
+        };
+        if let Some(subscribed) = subscribed {
+            subscribed.await;
+        }
+        Ok(())
+    }
+
+    fn unregister(&self, conn: &ConnHandle) -> bool {
+        let _order = self.order.lock();
+        let last = self.local.remove(conn);
+        if last {
+            self.bus.unsubscribe(&conn.user_id);
+        }
+        last
+    }
+
+    async fn deliver(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
+        let except = match audience {
+            Audience::Others { except } => Some(except.to_owned()),
+            Audience::All => None,
+        };
+        self.bus.publish_user(user_id, BusMessage::Frame { frame: frame.as_str().to_owned(), except });
+        self.local.deliver_now(user_id, audience, frame);
+    }
+
+    async fn close_sessions(&self, session_ids: &[String], reason: CloseReason) {
+        self.local.close_sessions_now(session_ids, reason);
+    }
+
+    fn close_all(&self, reason: CloseReason) {
+        self.local.close_all(reason);
+    }
+
+    fn connection_count(&self) -> usize {
+        self.local.connection_count()
+    }
+}

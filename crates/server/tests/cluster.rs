@@ -1,0 +1,274 @@
+//! Cluster mode (issue 8): nodes sharing one store and a Redis bus. One user with a device on each node:
+//! every broadcast arrives exactly once on every other node and never echoes; a write on one node is what
+//! initial sync returns on another (caches stay true); a deletion is gone everywhere; the bus going down
+//! never stops a node from confirming writes, and delivery resumes when Redis returns; a revocation on
+//! the CLI closes the socket on another node at once; nothing crosses Redis in plaintext.
+
+#[macro_use]
+mod sync_util;
+mod common;
+
+use chatsync_client::Client;
+use chatsync_protocol::*;
+use common::cluster::{redis_url, OwnRedis, TestCluster};
+use common::TestServer;
+use serde_json::json;
+use std::time::Duration;
+use sync_util::*;
+
+/// alice's phone on node 0, laptop on node 1, tablet on node 2.
+async fn devices(cluster: &TestCluster) -> (Client, Client, Client) {
+    let phone = new_user(&cluster.nodes[0], "alice", "phone").await;
+    let laptop = another_device(&cluster.nodes[1], "alice", "laptop").await;
+    let tablet = another_device(&cluster.nodes[2], "alice", "tablet").await;
+    (phone, laptop, tablet)
+}
+
+/// The next message on `c`: a broadcast (no `request_id`).
+async fn next_broadcast(c: &mut Client) -> Incoming {
+    let m = tokio::time::timeout(Duration::from_secs(10), c.recv()).await.expect("a broadcast").unwrap();
+    assert_eq!(m.request_id, None, "{m:?}");
+    m
+}
+
+/// Proves that nothing else is on its way to `others` from the phone's node: the phone writes a marker
+/// title, and the next thing each other device gets must be that marker (the bus keeps order).
+async fn barrier(phone: &mut Client, others: [&mut Client; 2], n: usize) {
+    let chat = format!("barrier{n}");
+    set_title(phone, &chat, "b").await;
+    for c in others {
+        let m = next_broadcast(c).await;
+        assert_eq!(expect_msg!(m, ChatTitleUpdated).chat_id.as_str(), chat, "a duplicate or stray broadcast");
+    }
+    assert_quiet(phone).await;
+}
+
+#[tokio::test]
+async fn every_broadcast_reaches_each_other_node_exactly_once_and_never_echoes() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(3, &url, |_| {}).await;
+    let (mut phone, mut laptop, mut tablet) = devices(&cluster).await;
+    let mut round = 0;
+
+    // update_title: ALL (SELF's copy with the request_id).
+    let reply = phone.request(&title("c1", "Trip")).await.unwrap();
+    assert!(reply.request_id.is_some());
+    expect_msg!(reply, ChatTitleUpdated);
+    for c in [&mut laptop, &mut tablet] {
+        assert_eq!(expect_msg!(next_broadcast(c).await, ChatTitleUpdated).data.title, "Trip");
+    }
+    barrier(&mut phone, [&mut laptop, &mut tablet], round).await;
+    round += 1;
+
+    // update_draft: OTHERS.
+    expect_msg!(phone.request(&draft("c1", doc("hi"))).await.unwrap(), DraftUpdateConfirmed);
+    for c in [&mut laptop, &mut tablet] {
+        let event = expect_msg!(next_broadcast(c).await, ChatDraftUpdated);
+        assert_eq!(event.data.draft_json, doc("hi").as_object().cloned());
+    }
+    barrier(&mut phone, [&mut laptop, &mut tablet], round).await;
+    round += 1;
+
+    // chat_message_added: OTHERS.
+    expect_msg!(phone.request(&message("c1", "m1", json!("hello"))).await.unwrap(), ChatMessageConfirmed);
+    for c in [&mut laptop, &mut tablet] {
+        let event = expect_msg!(next_broadcast(c).await, ChatMessageAdded);
+        assert_eq!((event.message.message_id.as_str(), event.message.seq), ("m1", 1));
+    }
+    barrier(&mut phone, [&mut laptop, &mut tablet], round).await;
+    round += 1;
+
+    // delete_draft: OTHERS.
+    expect_msg!(phone.request(&delete_draft("c1")).await.unwrap(), DraftDeleteReceipt);
+    for c in [&mut laptop, &mut tablet] {
+        expect_msg!(next_broadcast(c).await, DraftDeleted);
+    }
+    barrier(&mut phone, [&mut laptop, &mut tablet], round).await;
+    round += 1;
+
+    // sync_offline_changes: each applied change to ALL.
+    let (before, done) = offline_round(&mut phone, json!([off_title("o1", "c1", "Offline", 1)])).await;
+    assert_eq!(done.results[0].status, OfflineStatus::Applied);
+    assert_eq!(before.len(), 1);
+    for c in [&mut laptop, &mut tablet] {
+        assert_eq!(expect_msg!(next_broadcast(c).await, ChatTitleUpdated).data.title, "Offline");
+    }
+    barrier(&mut phone, [&mut laptop, &mut tablet], round).await;
+    round += 1;
+
+    // delete_chat: ALL.
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    for c in [&mut laptop, &mut tablet] {
+        expect_msg!(next_broadcast(c).await, ChatDeleted);
+    }
+    barrier(&mut phone, [&mut laptop, &mut tablet], round).await;
+
+    // Bob, on every node, heard nothing.
+    let mut bob = new_user(&cluster.nodes[1], "bob", "phone").await;
+    assert_quiet(&mut bob).await;
+}
+
+#[tokio::test]
+async fn warm_up_events_reach_every_node() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    let token = cluster.nodes[0].user_token("alice").await;
+    let (mut laptop, _) = cluster.nodes[1].connect_raw(&token, "laptop").await;
+    // The laptop's own warm-up (node 1) ends with cache_primed; a phone connecting on node 0 warms node 0's
+    // cache, and its cache_primed reaches the laptop through the bus too.
+    loop {
+        if let ServerMessage::CachePrimed(_) = laptop.recv().await.unwrap().message {
+            break;
+        }
+    }
+    let token2 = cluster.nodes[0].token("alice").await;
+    let (_phone, _) = cluster.nodes[0].connect_raw(&token2, "phone").await;
+    loop {
+        if let ServerMessage::CachePrimed(_) = laptop.recv().await.unwrap().message {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_write_on_one_node_is_what_initial_sync_returns_on_another() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(3, &url, |_| {}).await;
+    let (mut phone, mut laptop, mut tablet) = devices(&cluster).await;
+    set_title(&mut phone, "c1", "one").await;
+    set_title(&mut phone, "c2", "doomed").await;
+    add_message(&mut phone, "c1", "m1", json!("x")).await;
+    // Warm every node's cache of alice's chat list.
+    for c in [&mut laptop, &mut tablet] {
+        while c.buffered() > 0 || next_is_pending(c).await {}
+        assert_eq!(sync_all(c).await.server_chat_order.len(), 2);
+    }
+    // Writes on node 0 after the caches were filled.
+    set_title(&mut phone, "c1", "two").await;
+    set_draft(&mut phone, "c1", doc("draft")).await;
+    add_message(&mut phone, "c1", "m2", json!("y")).await;
+    expect_msg!(phone.request(&delete_chat("c2")).await.unwrap(), ChatDeleted);
+    for c in [&mut laptop, &mut tablet] {
+        // The broadcasts travel behind the cache updates on the same channel.
+        let mut seen = 0;
+        while seen < 4 {
+            next_broadcast(c).await;
+            seen += 1;
+        }
+        let sync = sync_with(c, json!({"c1": {"messages_v": 1, "title_v": 1, "draft_v": 0}, "c2": {}}), None).await;
+        assert_eq!(ids(&sync.chat_ids_to_delete), ["c2"], "deleted on another node");
+        assert_eq!(ids(&sync.server_chat_order), ["c1"]);
+        let c1 = entry(&sync, "c1").expect("c1 is newer");
+        assert_eq!(c1.title.as_deref(), Some("two"));
+        assert_eq!(c1.versions, Versions { messages_v: 2, title_v: 2, draft_v: 1 });
+        assert_eq!(c1.draft_json, Some(doc("draft").as_object().cloned()));
+        let page = all_messages(c, "c1").await;
+        assert_eq!(page.messages.len(), 2);
+        assert_not_found(&c.request(&title("c2", "back")).await.unwrap());
+    }
+}
+
+/// Reads whatever the client has queued without waiting long (warm-up drained by the harness anyway).
+async fn next_is_pending(c: &mut Client) -> bool {
+    matches!(tokio::time::timeout(Duration::from_millis(20), c.recv()).await, Ok(Ok(_)))
+}
+
+#[tokio::test]
+async fn with_redis_down_writes_are_confirmed_and_delivery_resumes_when_it_returns() {
+    let mut redis = OwnRedis::start();
+    let cluster = TestCluster::start(2, &redis.url(), |_| {}).await;
+    let mut phone = new_user(&cluster.nodes[0], "alice", "phone").await;
+    let mut tab = another_device(&cluster.nodes[0], "alice", "tab").await;
+    let mut laptop = another_device(&cluster.nodes[1], "alice", "laptop").await;
+    set_title(&mut phone, "c1", "before").await;
+    expect_msg!(next_broadcast(&mut tab).await, ChatTitleUpdated);
+    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
+    sync_all(&mut laptop).await; // node 1 caches the list
+
+    redis.kill();
+    for node in &cluster.nodes {
+        let bus = node.ctx.bus.as_ref().unwrap();
+        while bus.is_healthy() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Writes are still confirmed, and the node's own connections still get them.
+    set_title(&mut phone, "c1", "during").await;
+    assert_eq!(expect_msg!(next_broadcast(&mut tab).await, ChatTitleUpdated).data.title, "during");
+    set_title(&mut laptop, "c1", "laptop during").await;
+    // Node 1 does not serve its (possibly stale) cache while the bus is down: it reads the store.
+    let sync = sync_all(&mut laptop).await;
+    assert_eq!(entry(&sync, "c1").unwrap().versions.title_v, 3);
+
+    redis.restart();
+    cluster.wait_healthy().await;
+    set_title(&mut phone, "c1", "after").await;
+    expect_msg!(next_broadcast(&mut tab).await, ChatTitleUpdated);
+    // "during" never crossed (the bus was down); the next broadcast across nodes is "after".
+    let m = next_broadcast(&mut laptop).await;
+    assert_eq!(expect_msg!(m, ChatTitleUpdated).data.title, "after", "delivery across nodes resumed");
+    let sync = sync_all(&mut laptop).await;
+    assert_eq!(entry(&sync, "c1").unwrap().title.as_deref(), Some("after"));
+    assert_eq!(entry(&sync, "c1").unwrap().versions.title_v, 4);
+}
+
+#[tokio::test]
+async fn revocation_on_the_cli_closes_the_socket_on_another_node_at_once() {
+    let Some(url) = redis_url() else { return };
+    // Polling is slowed to an hour: only the bus can close the socket within the test.
+    let cluster = TestCluster::start(2, &url, |c| c.session_check_interval_secs = 3600).await;
+    let token = cluster.nodes[0].user_token("alice").await;
+    let (mut laptop, _) = cluster.nodes[1].connect(&token, "laptop").await;
+    let node0 = &cluster.nodes[0];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .args(["sessions", "revoke", &token])
+        .arg("--data-dir")
+        .arg(node0.data.path())
+        .args(["--redis-url", &url, "--redis-prefix", &node0.ctx.config.redis_prefix])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let close = tokio::time::timeout(Duration::from_secs(10), laptop.recv_close()).await.expect("closed promptly");
+    assert_eq!(close.unwrap(), (1008, "Session revoked".into()));
+}
+
+#[tokio::test]
+async fn nothing_crosses_or_rests_in_redis_in_plaintext() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    let prefix = cluster.nodes[0].ctx.config.redis_prefix.clone();
+    // Listen to everything published under this cluster's prefix.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut spy = client.get_async_pubsub().await.unwrap();
+    spy.psubscribe(format!("{prefix}*")).await.unwrap();
+    let mut phone = new_user(&cluster.nodes[0], "alice", "phone").await;
+    let mut laptop = another_device(&cluster.nodes[1], "alice", "laptop").await;
+    set_title(&mut phone, "c1", "SECRET-TITLE").await;
+    set_draft(&mut phone, "c1", doc("SECRET-DRAFT")).await;
+    add_message(&mut phone, "c1", "m1", json!("SECRET-MESSAGE")).await;
+    for _ in 0..3 {
+        next_broadcast(&mut laptop).await;
+    }
+    let mut stream = spy.on_message();
+    let mut seen = 0;
+    use futures_util::StreamExt;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), stream.next()).await {
+        let payload: Vec<u8> = msg.get_payload().unwrap();
+        let text = String::from_utf8_lossy(&payload);
+        for secret in ["SECRET-TITLE", "SECRET-DRAFT", "SECRET-MESSAGE", "alice"] {
+            assert!(!text.contains(secret), "{secret} crossed Redis in plaintext");
+        }
+        seen += 1;
+    }
+    assert!(seen >= 6, "the spy saw the traffic ({seen} messages)");
+    // Redis keeps nothing of ours.
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test]
+async fn a_single_node_without_redis_has_no_bus() {
+    let server = TestServer::start().await;
+    assert!(server.ctx.bus.is_none());
+}

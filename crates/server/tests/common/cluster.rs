@@ -1,0 +1,118 @@
+//! Test harness for cluster mode: several nodes in this process sharing one store and one Redis bus
+//! (each with its own hub, cache, keyring and listener), and a Redis server of the test's own when a
+//! test must stop and restart it.
+
+use super::TestServer;
+use chatsync::{Config, Ctx};
+use std::time::Duration;
+
+/// The Redis the tests use: `CHATSYNC_TEST_REDIS_URL` (CI sets it and makes Redis answer), else `None`
+/// (a machine without Redis skips cluster tests, saying so).
+pub fn redis_url() -> Option<String> {
+    match std::env::var("CHATSYNC_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("CHATSYNC_TEST_REDIS_URL is not set: skipping a cluster test");
+            None
+        }
+    }
+}
+
+/// A channel prefix no other test or run uses.
+pub fn unique_prefix() -> String {
+    format!("cstest-{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// `n` nodes on one store: node 0 owns the data directory; the others share its store and master key.
+pub struct TestCluster {
+    pub nodes: Vec<TestServer>,
+}
+
+impl TestCluster {
+    pub async fn start(n: usize, redis_url: &str, tweak: impl Fn(&mut Config)) -> TestCluster {
+        let prefix = unique_prefix();
+        let first = TestServer::start_with(|c| {
+            c.redis_url = Some(redis_url.to_owned());
+            c.redis_prefix = prefix.clone();
+            tweak(c);
+        })
+        .await;
+        let mut nodes = vec![first];
+        for _ in 1..n {
+            let ctx = &nodes[0].ctx;
+            let config = (*ctx.config).clone();
+            let backend = chatsync::store::Backend { identity: ctx.store.clone(), chats: ctx.chats.clone() };
+            let (master, _) = chatsync::crypto::MasterKey::load_or_create(&config.data_dir, None).unwrap();
+            let node = chatsync::assemble(config, backend, master, None).unwrap();
+            nodes.push(TestServer::serve(node, tempfile::tempdir().unwrap()).await);
+        }
+        let cluster = TestCluster { nodes };
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Waits until every node's bus is connected and subscribed.
+    pub async fn wait_healthy(&self) {
+        for node in &self.nodes {
+            wait_healthy(&node.ctx).await;
+        }
+    }
+}
+
+/// Waits until `ctx`'s bus is connected and subscribed.
+pub async fn wait_healthy(ctx: &Ctx) {
+    let bus = ctx.bus.as_ref().expect("a cluster node");
+    while !bus.is_healthy() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A `redis-server` of the test's own on a free port (no persistence), stopped on drop.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    pub fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = OwnRedis { port, child: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port, and waits until it answers.
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (the machine's services include Redis)");
+        self.child = Some(child);
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Kills it (SIGKILL) and waits until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
