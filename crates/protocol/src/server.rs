@@ -53,6 +53,33 @@ pub enum ServerMessage {
     CachePrimed(CachePrimed),
 }
 
+impl ServerMessage {
+    /// The wire `type`.
+    pub fn wire_type(&self) -> &'static str {
+        match self {
+            ServerMessage::Connected(_) => "connected",
+            ServerMessage::Pong(_) => "pong",
+            ServerMessage::Error(_) => "error",
+            ServerMessage::InitialSyncResponse(_) => "initial_sync_response",
+            ServerMessage::InitialSyncError(_) => "initial_sync_error",
+            ServerMessage::DraftUpdateConfirmed(_) => "draft_update_confirmed",
+            ServerMessage::ChatDraftUpdated(_) => "chat_draft_updated",
+            ServerMessage::DraftDeleteReceipt(_) => "draft_delete_receipt",
+            ServerMessage::DraftDeleted(_) => "draft_deleted",
+            ServerMessage::ChatTitleUpdated(_) => "chat_title_updated",
+            ServerMessage::ChatMessageConfirmed(_) => "chat_message_confirmed",
+            ServerMessage::ChatMessageAdded(_) => "chat_message_added",
+            ServerMessage::ChatMessagesResponse(_) => "chat_messages_response",
+            ServerMessage::ChatContentBatchResponse(_) => "chat_content_batch_response",
+            ServerMessage::ChatDeleted(_) => "chat_deleted",
+            ServerMessage::OfflineSyncComplete(_) => "offline_sync_complete",
+            ServerMessage::CacheStatusResponse(_) => "cache_status_response",
+            ServerMessage::PriorityChatReady(_) => "priority_chat_ready",
+            ServerMessage::CachePrimed(_) => "cache_primed",
+        }
+    }
+}
+
 /// `connected` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Connected {

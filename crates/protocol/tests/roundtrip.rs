@@ -353,3 +353,11 @@ fn offline_changes_validate_one_by_one() {
     let bad = OfflineChange::parse(&json!([null, "c", "title", "x", 0])).unwrap_err();
     assert_eq!(bad.field, "change");
 }
+
+#[test]
+fn server_wire_type_is_the_encoded_type() {
+    for m in server_samples() {
+        let v: Value = serde_json::from_str(&encode(&m, None)).unwrap();
+        assert_eq!(v["type"], m.wire_type());
+    }
+}

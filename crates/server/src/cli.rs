@@ -179,6 +179,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATSYNC_MAX_CONNECTIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
+    /// Serve /metrics, /healthz and /readyz on this address only (e.g. 127.0.0.1:9090) instead of on
+    /// --listen next to /v1/ws.
+    #[arg(long, env = "CHATSYNC_METRICS_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Most connections of one user on this node; beyond it 1013 `Too many connections` [default: 100].
     #[arg(long, env = "CHATSYNC_MAX_CONNECTIONS_PER_USER", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]

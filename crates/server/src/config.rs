@@ -76,6 +76,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Most connections of one user on this node; beyond it: 1013 `Too many connections`.
     pub max_connections_per_user: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None`: on `listen`, next to `/v1/ws`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Allowed `Origin` values; empty allows any.
     pub allowed_origins: Vec<String>,
     /// Seconds between checks for sessions revoked elsewhere (CLI, another node).
@@ -117,6 +119,7 @@ impl Default for Config {
             max_connections: 100_000,
             max_connections_per_user: 100,
             allowed_origins: Vec::new(),
+            metrics_listen: None,
             session_check_interval_secs: 5,
             shutdown_timeout_secs: 10,
             ws_read_buffer_bytes: 1024,

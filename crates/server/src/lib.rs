@@ -16,6 +16,7 @@ pub mod handlers;
 pub mod hub;
 pub mod keys;
 pub mod logging;
+pub mod metrics;
 pub mod pause;
 pub mod store;
 
@@ -23,6 +24,7 @@ pub use config::Config;
 pub use handlers::Ctx;
 
 use crate::hub::{local::LocalHub, CloseReason};
+use anyhow::Context as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,7 +76,7 @@ pub fn assemble(
     };
     Ok(Ctx {
         store: backend.identity,
-        chats: backend.chats,
+        chats: Arc::new(store::metered::MeteredChatStore(backend.chats)),
         cache,
         keys,
         data_dir_lock: Arc::new(lock.unwrap_or_else(datadir::DataDirLock::none)),
@@ -115,7 +117,23 @@ pub async fn run(
         }
         trigger.cancel();
     });
-    let app = gateway::router(gateway);
+    let metrics = crate::metrics::install();
+    let mut app = gateway::router(gateway);
+    let ops = gateway::ops::router(ctx.clone(), metrics);
+    match ctx.config.metrics_listen {
+        None => app = app.merge(ops),
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            tracing::info!(%addr, "operations endpoints (/metrics, /healthz, /readyz) listening");
+            let stop = token.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, ops).with_graceful_shutdown(stop.cancelled_owned()).await;
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "operations listener failed");
+                }
+            });
+        }
+    }
     // Small frames must leave at once: no Nagle delay on replies and broadcasts.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {

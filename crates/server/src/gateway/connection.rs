@@ -35,6 +35,7 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
         Ok(a) => a,
         Err(reason) => {
             tracing::info!(code = reason.code, reason = reason.reason, "connection refused");
+            metrics::counter!(crate::metrics::CONNECTS, "result" => reason.reason).increment(1);
             reject(sink, stream, reason).await;
             return;
         }
@@ -63,6 +64,8 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
             reject(sink, stream, refused.close_reason()).await;
             return;
         }
+        metrics::counter!(crate::metrics::CONNECTS, "result" => "ok").increment(1);
+        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).increment(1.0);
         ctx.cache.attach(&conn.user_id).await;
         tracing::debug!("connected");
         let warm_ctx = ctx.clone();
@@ -75,6 +78,7 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
         let writer_done = read_loop(&ctx, &conn, &mut stream, &mut writer, &last_seen, started, &shutdown).await;
         ctx.hub.unregister(&conn);
         ctx.cache.detach(&conn.user_id).await;
+        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).decrement(1.0);
         if !writer_done {
             if conn.outbox.is_closing() {
                 // Let the writer send the close, then wait for the client's answer.
@@ -151,6 +155,7 @@ async fn read_loop(
             Some(Ok(Message::Close(_))) => {
                 // Answer the client's close (tungstenite has queued the echo of its code); the writer
                 // flushes it before the TCP connection goes (RFC 6455 §5.5.1).
+                metrics::counter!(crate::metrics::CLOSES, "code" => "peer").increment(1);
                 conn.outbox.close_now(CloseReason::PEER_CLOSED);
                 return false;
             }
@@ -168,6 +173,8 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(code = %e.code, "undecodable message");
+            metrics::counter!(crate::metrics::MESSAGES_IN, "type" => "undecodable").increment(1);
+            metrics::counter!(crate::metrics::ERRORS, "code" => e.code.as_str()).increment(1);
             let message = if e.message_type == Some("initial_sync_request") {
                 ServerMessage::InitialSyncError(InitialSyncError { code: e.code, message: e.message })
             } else {
@@ -180,9 +187,11 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
     let wire_type = decoded.message.wire_type();
     let request_id = decoded.request_id.as_ref().map(RequestId::as_str);
     let started = Instant::now();
+    metrics::counter!(crate::metrics::MESSAGES_IN, "type" => wire_type).increment(1);
     let result = handlers::dispatch(ctx, conn, decoded.message)
         .instrument(tracing::debug_span!("msg", r#type = wire_type))
         .await;
+    metrics::histogram!(crate::metrics::HANDLER_SECONDS, "type" => wire_type).record(started.elapsed().as_secs_f64());
     // Server time per request (what the `sync` benchmark reports), at debug level.
     tracing::debug!(r#type = wire_type, elapsed_us = started.elapsed().as_micros() as u64, "handled");
     match result {
@@ -195,6 +204,7 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
                 None => tracing::debug!(r#type = wire_type, code = %err.code(), "request rejected"),
             }
             let payload = err.into_payload();
+            metrics::counter!(crate::metrics::ERRORS, "code" => payload.code.as_str()).increment(1);
             let message = if wire_type == "initial_sync_request" {
                 ServerMessage::InitialSyncError(InitialSyncError { code: payload.code, message: payload.message })
             } else {
@@ -208,6 +218,10 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
 /// Queues SELF's copies (with `request_id`) and hands the OTHERS copies to the hub, encoded once.
 async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Option<&str>) {
     for broadcast in outcome.broadcasts {
+        let kind = match &broadcast {
+            Broadcast::Others(m) | Broadcast::All(m) => m.wire_type(),
+        };
+        metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => kind).increment(1);
         let message = match broadcast {
             Broadcast::Others(m) => m,
             Broadcast::All(m) => {
@@ -219,6 +233,7 @@ async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Opt
         ctx.hub.deliver(&conn.user_id, Audience::Others { except: &conn.id }, shared).await;
     }
     for reply in outcome.replies {
+        metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => reply.wire_type()).increment(1);
         // The parts of a big reply wait for room in the outbox (the client's own reading pace) rather
         // than count as a slow consumer; each part is at most `max_reply_bytes`.
         if !conn.outbox.push_reply(encode(&reply, request_id).into()).await {
@@ -270,6 +285,9 @@ async fn write_loop(
 }
 
 async fn send_close(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReason) {
+    if reason != CloseReason::PEER_CLOSED {
+        metrics::counter!(crate::metrics::CLOSES, "code" => reason.code.to_string()).increment(1);
+    }
     let frame = CloseFrame { code: reason.code, reason: reason.reason.into() };
     let _ = sink.send(Message::Close(Some(frame))).await;
 }

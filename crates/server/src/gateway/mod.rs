@@ -3,6 +3,7 @@
 
 pub mod auth;
 mod connection;
+pub mod ops;
 mod rate;
 
 use crate::handlers::Ctx;

@@ -192,8 +192,10 @@ fn empty_part() -> InitialSyncResponse {
 /// The user's chats, most recent first: from the cache, else from the store (then cached).
 pub async fn user_chats(ctx: &Ctx, user_id: &str) -> Result<Vec<ChatRecord>, Error> {
     if let Some(chats) = ctx.cache.chats(user_id).await {
+        metrics::counter!(crate::metrics::CACHE_LOOKUPS, "result" => "hit").increment(1);
         return Ok(chats);
     }
+    metrics::counter!(crate::metrics::CACHE_LOOKUPS, "result" => "miss").increment(1);
     let token = ctx.cache.begin_load(user_id).await;
     let chats = ctx.chats.chats(user_id).await?;
     ctx.cache.put_chats(user_id, token, chats.clone()).await;

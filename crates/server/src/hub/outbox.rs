@@ -116,6 +116,7 @@ impl Outbox {
             s.bytes = 0;
             s.close = Some(CloseReason::SLOW_CONSUMER);
             drop(s);
+            metrics::counter!(crate::metrics::OUTBOX_OVERFLOWS).increment(1);
             self.notify.notify_one();
             self.space.notify_waiters();
             return false;

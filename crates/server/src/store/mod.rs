@@ -5,6 +5,7 @@
 
 pub mod bytes;
 pub mod chats;
+pub mod metered;
 pub mod sqlite;
 mod sqlite_chats;
 

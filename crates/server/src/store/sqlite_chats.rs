@@ -383,6 +383,7 @@ impl Supervisor {
                 }
             }
             faults.apply_page_limit(conn)?;
+            metrics::histogram!(crate::metrics::WRITER_BATCH).record(batch.len() as f64);
             match apply_batch(conn, batch, faults) {
                 Ok(results) => {
                     for (job, result) in batch.drain(..).zip(results) {

@@ -1,0 +1,77 @@
+//! Observability: the `metrics` facade with a Prometheus recorder, rendered at `GET /metrics`, and the
+//! names of every series (one place, so dashboards and the code agree).
+//!
+//! Series (all prefixed `chatsync_`):
+//! * `connections_open` (gauge); `connects_total{result}` (`ok`, or the refusal reason);
+//!   `closes_total{code}` (every close the server sends, and `peer` when the client closed first);
+//! * `messages_in_total{type}`, `messages_out_total{type}` (replies and broadcasts, once per broadcast),
+//!   `handler_seconds{type}` (histogram), `errors_total{code}`;
+//! * `outbox_overflows_total` (connections closed as slow consumers);
+//! * `store_seconds{op}` (histogram of every store call), `cache_lookups_total{result}` (`hit`, `miss`),
+//!   `writer_batch_size` (histogram of group-commit batches).
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+/// Open connections on this node.
+pub const CONNECTIONS_OPEN: &str = "chatsync_connections_open";
+/// Upgrades that finished authentication, by result.
+pub const CONNECTS: &str = "chatsync_connects_total";
+/// Closes, by code.
+pub const CLOSES: &str = "chatsync_closes_total";
+/// Inbound protocol messages, by type.
+pub const MESSAGES_IN: &str = "chatsync_messages_in_total";
+/// Outbound protocol messages, by type.
+pub const MESSAGES_OUT: &str = "chatsync_messages_out_total";
+/// Handler latency, by type.
+pub const HANDLER_SECONDS: &str = "chatsync_handler_seconds";
+/// Error replies, by code.
+pub const ERRORS: &str = "chatsync_errors_total";
+/// Slow-consumer closes.
+pub const OUTBOX_OVERFLOWS: &str = "chatsync_outbox_overflows_total";
+/// Store call latency, by operation.
+pub const STORE_SECONDS: &str = "chatsync_store_seconds";
+/// Cache lookups of chat lists, by result.
+pub const CACHE_LOOKUPS: &str = "chatsync_cache_lookups_total";
+/// Group-commit batch sizes.
+pub const WRITER_BATCH: &str = "chatsync_writer_batch_size";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process; later calls return the same handle).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let latency = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+            let sizes = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WRITER_BATCH.into()), &sizes))
+                .expect("bucket lists are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding application's): then /metrics shows
+            // only what this handle saw, which is nothing; say so once.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed: /metrics will be empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections on this node.");
+    describe_counter!(CONNECTS, "Upgrades that finished authentication, by result.");
+    describe_counter!(CLOSES, "WebSocket closes, by code (peer: the client closed first).");
+    describe_counter!(MESSAGES_IN, "Inbound protocol messages, by type.");
+    describe_counter!(MESSAGES_OUT, "Outbound protocol messages (replies, broadcasts once), by type.");
+    describe_histogram!(HANDLER_SECONDS, Unit::Seconds, "Handler latency, by message type.");
+    describe_counter!(ERRORS, "Error replies, by code.");
+    describe_counter!(OUTBOX_OVERFLOWS, "Connections closed as slow consumers.");
+    describe_histogram!(STORE_SECONDS, Unit::Seconds, "Store call latency, by operation.");
+    describe_counter!(CACHE_LOOKUPS, "Chat-list cache lookups, by result.");
+    describe_histogram!(WRITER_BATCH, "Writes per group-commit transaction.");
+}
