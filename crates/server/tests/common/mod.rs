@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod proxy;
 
 use chatsync::gateway::auth;
 use chatsync::{Config, Ctx};
