@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod drafts;
 pub mod error;
 pub mod gateway;
 pub mod handlers;
