@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod datadir;
+pub mod drafts;
 pub mod error;
 pub mod gateway;
 pub mod handlers;

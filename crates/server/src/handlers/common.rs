@@ -3,6 +3,7 @@
 
 use super::Ctx;
 use crate::crypto::{Aad, DataKey};
+use crate::drafts::DraftLimit;
 use crate::error::Error;
 use crate::keys::{ChatAccess, ChatKey};
 use crate::store::chats::{ChatRecord, MessageRecord, Target, WriteOp, WriteResult};
@@ -38,46 +39,18 @@ pub fn check_title(ctx: &Ctx, title: &str, field: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks a draft against `max_draft_chars` and `max_draft_words`: the text of every node with a string
-/// `text` member, at any depth, joined with single spaces and trimmed.
+/// Checks a draft against `max_draft_chars` and `max_draft_words` (text as in [`crate::drafts::draft_text`]).
 pub fn check_draft(ctx: &Ctx, draft: &Map<String, Value>, field: &str) -> Result<(), Error> {
-    fn collect<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
-        match v {
-            Value::Object(m) => {
-                if let Some(Value::String(t)) = m.get("text") {
-                    out.push(t);
-                }
-                for child in m.values() {
-                    collect(child, out);
-                }
-            }
-            Value::Array(items) => items.iter().for_each(|x| collect(x, out)),
-            _ => {}
+    let (max_chars, max_words) = (ctx.limits.max_draft_chars as usize, ctx.limits.max_draft_words as usize);
+    match crate::drafts::check_limits(draft, max_chars, max_words) {
+        Ok(()) => Ok(()),
+        Err(DraftLimit::Chars) => {
+            Err(Error::limit_exceeded(field, format!("The draft text is longer than max_draft_chars ({max_chars}).")))
+        }
+        Err(DraftLimit::Words) => {
+            Err(Error::limit_exceeded(field, format!("The draft has more than max_draft_words ({max_words}) words.")))
         }
     }
-    let mut parts = Vec::new();
-    for v in draft.values() {
-        collect(v, &mut parts);
-    }
-    if let Some(Value::String(t)) = draft.get("text") {
-        parts.insert(0, t);
-    }
-    let joined = parts.join(" ");
-    let text = joined.trim();
-    let (max_chars, max_words) = (ctx.limits.max_draft_chars as usize, ctx.limits.max_draft_words as usize);
-    if text.chars().count() > max_chars {
-        return Err(Error::limit_exceeded(
-            field,
-            format!("The draft text is longer than max_draft_chars ({max_chars})."),
-        ));
-    }
-    if text.split_whitespace().count() > max_words {
-        return Err(Error::limit_exceeded(
-            field,
-            format!("The draft has more than max_draft_words ({max_words}) words."),
-        ));
-    }
-    Ok(())
 }
 
 /// Runs a write against a chat of `owner`, creating the chat when the id is new: resolves the chat's
