@@ -183,7 +183,7 @@ fn offline_result() -> impl Strategy<Value = OfflineResult> {
 
 fn server_message() -> impl Strategy<Value = ServerMessage> {
     let s = || any::<String>();
-    let limits = any::<[u32; 9]>().prop_map(|l| Limits {
+    let limits = any::<[u32; 10]>().prop_map(|l| Limits {
         max_frame_bytes: l[0],
         max_title_chars: l[1],
         max_draft_chars: l[2],
@@ -193,6 +193,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         max_page_messages: l[6],
         rate_per_sec: l[7],
         rate_burst: l[8],
+        max_reply_bytes: l[9],
     });
     prop_oneof![
         (s(), s(), s(), s(), s(), limits).prop_map(
@@ -213,13 +214,14 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 ServerMessage::Error(ErrorPayload { code, message, field, chat_id, message_id, change_id })
             }
         ),
-        (vec(chat_id(), 0..3), vec(chat_update(), 0..3), vec(chat_id(), 0..3), s()).prop_map(
-            |(chat_ids_to_delete, chats_to_add_or_update, server_chat_order, sync_completed_at)| {
+        (vec(chat_id(), 0..3), vec(chat_update(), 0..3), vec(chat_id(), 0..3), s(), any::<bool>()).prop_map(
+            |(chat_ids_to_delete, chats_to_add_or_update, server_chat_order, sync_completed_at, more)| {
                 ServerMessage::InitialSyncResponse(InitialSyncResponse {
                     chat_ids_to_delete,
                     chats_to_add_or_update,
                     server_chat_order,
                     sync_completed_at,
+                    more,
                 })
             }
         ),
@@ -271,13 +273,8 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         (chat_id(), message_out(), any::<u64>(), any::<i64>()).prop_map(|(chat_id, m, messages_v, ts)| {
             ServerMessage::ChatMessageAdded(MessageAddedEvent {
                 chat_id,
-                message_id: m.message_id,
-                seq: m.seq,
-                sender_name: m.sender_name,
-                content: m.content,
-                created_at: m.created_at,
-                client_timestamp: m.client_timestamp,
-                messages_v,
+                message: m,
+                versions: MessagesVersion { messages_v },
                 last_edited_overall_timestamp: ts,
             })
         }),
@@ -289,13 +286,15 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         (
             btree_map(chat_id(), vec(message_out(), 0..2), 0..3),
             btree_map(chat_id(), any::<u64>().prop_map(|messages_v| MessagesVersion { messages_v }), 0..3),
-            vec(chat_id(), 0..3)
+            vec(chat_id(), 0..3),
+            any::<bool>()
         )
-            .prop_map(|(messages_by_chat_id, versions_by_chat_id, not_found)| {
+            .prop_map(|(messages_by_chat_id, versions_by_chat_id, not_found, more)| {
                 ServerMessage::ChatContentBatchResponse(ChatContentBatchResponse {
                     messages_by_chat_id,
                     versions_by_chat_id,
                     not_found,
+                    more,
                 })
             }),
         (chat_id(), any::<bool>())
