@@ -219,8 +219,10 @@ async fn create_chat(
     if let Some(row) = row {
         // If the insert waited for a concurrent deletion of this id to commit, that deletion's tombstone
         // was invisible to the insert's snapshot: look again with a fresh one.
-        let deleted =
-            sqlx::query("SELECT 1 FROM chat_tombstones WHERE chat_id = $1").bind(chat_id).fetch_optional(&mut *c).await?;
+        let deleted = sqlx::query("SELECT 1 FROM chat_tombstones WHERE chat_id = $1")
+            .bind(chat_id)
+            .fetch_optional(&mut *c)
+            .await?;
         if deleted.is_some() {
             sqlx::query("DELETE FROM chats WHERE chat_id = $1").bind(chat_id).execute(&mut *c).await?;
             return Ok(Err(WriteResult::NotFound));
