@@ -16,8 +16,8 @@ use sqlx::Row;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Connections in the pool (reads, identity writes, and the chat writer's batches).
-const POOL_SIZE: u32 = 8;
+/// Connections in the pool (reads, identity writes, and the chat writers' batches: one each).
+const POOL_SIZE: u32 = 12;
 /// How long a call waits for a free connection (or for a new one to be established).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 

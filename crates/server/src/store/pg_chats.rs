@@ -1,6 +1,7 @@
-//! [`ChatStore`] for PostgreSQL: reads on the pool; writes through one writer task per process that
-//! batches concurrent writes into shared transactions (group commit: one commit, so one WAL flush, per
-//! batch instead of per write).
+//! [`ChatStore`] for PostgreSQL: reads on the pool; writes through [`WRITERS`] writer tasks per process,
+//! each of which batches the concurrent writes queued to it into one shared transaction (group commit:
+//! one commit, so one WAL flush, per batch instead of per write). Writes are spread over the writers by
+//! owner: one user's writes are applied in order by one writer; batches of different users overlap.
 //!
 //! Correctness never rests on the writer being alone: several gateway nodes may write to one database.
 //! Every op is written so that PostgreSQL's row locks and statement atomicity (READ COMMITTED) make it
@@ -15,7 +16,7 @@
 //!   every other creation of that owner (the chat limit cannot be overshot by two nodes); a deletion of
 //!   the same id that committed while the insert waited is caught by a second look at the tombstones.
 //!
-//! A batch whose transaction fails before its commit (a deadlock with another node, a constraint hit
+//! A batch whose transaction fails before its commit (a deadlock with another writer or node, a constraint hit
 //! by a race, a bug) is rolled back and retried op by op, each in its own transaction, so one bad op
 //! fails alone. A failed commit fails the whole batch with [`StoreError::Unavailable`] (its outcome is
 //! unknown; nothing is retried). A panic while applying a batch fails that batch's writes with
@@ -30,10 +31,14 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
+/// Writer tasks per process, each with its own queue and (per batch) its own connection. A write goes
+/// to the writer of its owner, so one user's writes stay in order; different users' batches commit in
+/// parallel, overlapping their round trips to the server.
+const WRITERS: usize = 4;
 /// Most writes in one group-commit transaction.
 const MAX_BATCH: usize = 256;
-/// Queued writes before `write` waits (backpressure).
-const QUEUE: usize = 8192;
+/// Queued writes per writer before `write` waits (backpressure).
+const QUEUE: usize = 4096;
 
 const CHAT_COLS: &str =
     "chat_id, title, draft, title_v, messages_v, draft_v, last_edited_ms, unread_count, chat_key, kek_id";
@@ -47,38 +52,60 @@ struct Job {
     reply: oneshot::Sender<Result<WriteResult, StoreError>>,
 }
 
-/// The sending half of the writer task's queue.
+/// The sending halves of the writer tasks' queues.
 pub(super) struct Writer {
-    tx: parking_lot::Mutex<Option<mpsc::Sender<Job>>>,
-    task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    queues: parking_lot::Mutex<Option<Vec<mpsc::Sender<Job>>>>,
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// The user whose writer takes `op`: every op of one owner goes to the same writer, in order.
+fn partition_key(op: &WriteOp) -> &str {
+    match op {
+        WriteOp::Title { owner, .. }
+        | WriteOp::Draft { owner, .. }
+        | WriteOp::DeleteDraft { owner, .. }
+        | WriteOp::Message { owner, .. }
+        | WriteOp::DeleteChat { owner, .. } => owner,
+        WriteOp::UserKey { user_id, .. } => user_id,
+    }
 }
 
 impl Writer {
-    /// Starts the writer task on `pool`.
+    /// Starts [`WRITERS`] writer tasks on `pool`.
     pub(super) fn start(pool: PgPool) -> Writer {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(serve(pool, rx));
-        Writer { tx: parking_lot::Mutex::new(Some(tx)), task: parking_lot::Mutex::new(Some(task)) }
+        let (queues, tasks) = (0..WRITERS)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                (tx, tokio::spawn(serve(pool.clone(), rx)))
+            })
+            .unzip();
+        Writer { queues: parking_lot::Mutex::new(Some(queues)), tasks: parking_lot::Mutex::new(tasks) }
     }
 
     async fn submit(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
-        let tx = self.tx.lock().clone().ok_or_else(|| StoreError::Unavailable("store closed".into()))?;
+        let tx = {
+            let queues = self.queues.lock();
+            let queues = queues.as_ref().ok_or_else(|| StoreError::Unavailable("store closed".into()))?;
+            let mut hasher = std::hash::DefaultHasher::new();
+            std::hash::Hash::hash(partition_key(&op), &mut hasher);
+            queues[(std::hash::Hasher::finish(&hasher) % queues.len() as u64) as usize].clone()
+        };
         let (reply, answer) = oneshot::channel();
         tx.send(Job { op, reply }).await.map_err(|_| StoreError::Unavailable("chat writer stopped".into()))?;
         answer.await.map_err(|_| StoreError::Unavailable("chat writer failed this write".into()))?
     }
 
-    /// Stops accepting writes, lets the queued ones finish, and waits for the writer task to end.
+    /// Stops accepting writes, lets the queued ones finish, and waits for the writer tasks to end.
     pub(super) async fn close(&self) {
-        self.tx.lock().take();
-        let task = self.task.lock().take();
-        if let Some(task) = task {
+        self.queues.lock().take();
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
             let _ = task.await;
         }
     }
 }
 
-/// The group-commit loop: collects what is queued (up to [`MAX_BATCH`]) and applies it in one
+/// One writer's group-commit loop: collects what is queued (up to [`MAX_BATCH`]) and applies it in one
 /// transaction. Each batch runs in its own task: if it panics, its writes fail (their reply senders are
 /// dropped) and the loop goes on.
 async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
