@@ -16,9 +16,9 @@
 //!   every other creation of that owner (the chat limit cannot be overshot by two nodes); a deletion of
 //!   the same id that committed while the insert waited is caught by a second look at the tombstones.
 //!
-//! A batch whose transaction fails before its commit (a deadlock with another writer or node, a constraint hit
-//! by a race, a bug) is rolled back and retried op by op, each in its own transaction, so one bad op
-//! fails alone. A failed commit fails the whole batch with [`StoreError::Unavailable`] (its outcome is
+//! A batch whose transaction fails before its commit (a deadlock with another writer or node, a
+//! constraint hit by a race, a bug) is rolled back and retried op by op, each in its own transaction, so
+//! one bad op fails alone. A failed commit fails the whole batch with [`StoreError::Unavailable`] (its outcome is
 //! unknown; nothing is retried). A panic while applying a batch fails that batch's writes with
 //! `Unavailable` and the writer carries on; the pool replaces broken connections by itself, so
 //! [`ChatStore::failed`] never resolves and [`ChatStore::writer_faults`] is `None` for this backend.
@@ -140,7 +140,8 @@ async fn run_batch(pool: PgPool, batch: Vec<Job>) {
         }
         Err(e) if e.at_commit || batch.len() == 1 => {
             if e.at_commit {
-                tracing::error!(error = %e.error, size = batch.len(), "group commit failed; its writes failed with unavailable");
+                let size = batch.len();
+                tracing::error!(error = %e.error, size, "group commit failed; its writes failed with unavailable");
             }
             let error = if e.at_commit { StoreError::Unavailable(e.error.to_string()) } else { e.error };
             let text = error.to_string();
@@ -260,7 +261,8 @@ async fn create_chat(
         return Ok(Err(WriteResult::Raced));
     }
     let taken: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM chats WHERE chat_id = $1) OR EXISTS (SELECT 1 FROM chat_tombstones WHERE chat_id = $1)",
+        "SELECT EXISTS (SELECT 1 FROM chats WHERE chat_id = $1) \
+         OR EXISTS (SELECT 1 FROM chat_tombstones WHERE chat_id = $1)",
     )
     .bind(chat_id)
     .fetch_one(&mut *c)
@@ -384,7 +386,8 @@ async fn apply(c: &mut PgConnection, op: &WriteOp) -> Result<WriteResult, StoreE
             }
             // One statement: count the message (unless its id is stored) and insert it at the new count.
             let row = sqlx::query(&format!(
-                "WITH chat AS (UPDATE chats SET messages_v = messages_v + 1, last_edited_ms = GREATEST(last_edited_ms, $2) \
+                "WITH chat AS (UPDATE chats \
+                   SET messages_v = messages_v + 1, last_edited_ms = GREATEST(last_edited_ms, $2) \
                    WHERE chat_id = $1 AND NOT EXISTS (SELECT 1 FROM messages WHERE chat_id = $1 AND message_id = $3) \
                    RETURNING {CHAT_COLS}), \
                  inserted AS (INSERT INTO messages (chat_id, seq, message_id, content, client_timestamp, created_at) \
