@@ -153,7 +153,8 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
-/// When a write counts as durable (the embedded store's `synchronous` setting).
+/// When a write counts as durable (SQLite's `synchronous` setting; on PostgreSQL, `normal` turns
+/// `synchronous_commit` off for chatsync's connections and `full` keeps the server's setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
