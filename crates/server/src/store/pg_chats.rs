@@ -1,27 +1,30 @@
 //! [`ChatStore`] for PostgreSQL: reads on the pool; writes through [`WRITERS`] writer tasks per process,
-//! each of which batches the concurrent writes queued to it into one shared transaction (group commit:
-//! one commit, so one WAL flush, per batch instead of per write). Writes are spread over the writers by
-//! owner: one user's writes are applied in order by one writer; batches of different users overlap.
+//! each of which takes the writes queued to it (up to [`MAX_BATCH`]) and applies them as one batch in
+//! ONE statement, `SELECT * FROM chatsync_write_batch(…arrays…)` (a PL/pgSQL function, migration
+//! `0003_write_batch.sql`), which is its own transaction: one round trip and one commit (one WAL flush)
+//! per batch (group commit). Writes are spread over the writers by owner: one user's writes are applied
+//! in order by one writer; batches of different users overlap.
 //!
 //! Correctness never rests on the writer being alone: several gateway nodes may write to one database.
-//! Every op is written so that PostgreSQL's row locks and statement atomicity (READ COMMITTED) make it
-//! correct against concurrent transactions from anywhere:
+//! Each op in the function is written so that PostgreSQL's row locks and statement atomicity (READ
+//! COMMITTED; each statement of the VOLATILE function takes a fresh snapshot) make it correct against
+//! concurrent transactions from anywhere:
 //!
 //! - versions are incremented in the writing `UPDATE … RETURNING`, which also checks ownership and the
 //!   offline-sync condition (re-evaluated on the newest row version if it had to wait for a lock);
 //! - a message first locks its chat row (`FOR NO KEY UPDATE`), so the duplicate check and the `seq`
-//!   assignment in the next statement see every message committed before; the `(chat_id, message_id)`
-//!   and `(chat_id, seq)` unique indexes back this up;
+//!   assignment after it see every message committed before; the `(chat_id, message_id)` and
+//!   `(chat_id, seq)` unique indexes back this up;
 //! - creating a chat locks the owner's `users` row first, so the count in the inserting statement sees
 //!   every other creation of that owner (the chat limit cannot be overshot by two nodes); a deletion of
 //!   the same id that committed while the insert waited is caught by a second look at the tombstones.
 //!
-//! A batch whose transaction fails before its commit (a deadlock with another writer or node, a
-//! constraint hit by a race, a bug) is rolled back and retried op by op, each in its own transaction, so
-//! one bad op fails alone. A failed commit fails the whole batch with [`StoreError::Unavailable`] (its outcome is
-//! unknown; nothing is retried). A panic while applying a batch fails that batch's writes with
-//! `Unavailable` and the writer carries on; the pool replaces broken connections by itself, so
-//! [`ChatStore::failed`] never resolves and [`ChatStore::writer_faults`] is `None` for this backend.
+//! A batch whose statement fails in the database (a deadlock with another writer or node, a constraint
+//! hit, a bug) is rolled back whole and retried op by op, each in its own statement, so one bad op fails
+//! alone. A batch whose outcome is unknown (the connection broke) fails whole with
+//! [`StoreError::Unavailable`] and is not retried. A panic while handling a batch fails that batch's
+//! writes with `Unavailable` and the writer carries on; the pool replaces broken connections by itself,
+//! so [`ChatStore::failed`] never resolves and [`ChatStore::writer_faults`] is `None` for this backend.
 
 use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, WrappedKey, WriteOp, WriteResult};
 use super::pg::PgStore;
@@ -35,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 /// to the writer of its owner, so one user's writes stay in order; different users' batches commit in
 /// parallel, overlapping their round trips to the server.
 const WRITERS: usize = 4;
-/// Most writes in one group-commit transaction.
+/// Most writes in one group-commit batch (one statement).
 const MAX_BATCH: usize = 256;
 /// Queued writes per writer before `write` waits (backpressure).
 const QUEUE: usize = 4096;
@@ -125,12 +128,6 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// Why a batch failed, and whether it got as far as its commit.
-struct BatchError {
-    error: StoreError,
-    at_commit: bool,
-}
-
 async fn run_batch(pool: PgPool, batch: Vec<Job>) {
     match apply_batch(&pool, &batch).await {
         Ok(results) => {
@@ -138,25 +135,28 @@ async fn run_batch(pool: PgPool, batch: Vec<Job>) {
                 let _ = job.reply.send(Ok(result));
             }
         }
-        Err(e) if e.at_commit || batch.len() == 1 => {
-            if e.at_commit {
-                let size = batch.len();
-                tracing::error!(error = %e.error, size, "group commit failed; its writes failed with unavailable");
-            }
-            let error = if e.at_commit { StoreError::Unavailable(e.error.to_string()) } else { e.error };
-            let text = error.to_string();
-            let mut error = Some(error);
-            let last = batch.len() - 1;
-            for (i, job) in batch.into_iter().enumerate() {
-                let error = if i == last { error.take().unwrap() } else { copy_error(&error, &text) };
-                let _ = job.reply.send(Err(error));
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e.error, size = batch.len(), "group commit failed; retrying its writes one by one");
+        // The statement failed in the database and was rolled back whole: retry op by op, so that only
+        // the failing op gets the error.
+        Err(sqlx::Error::Database(e)) if batch.len() > 1 => {
+            tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying its writes one by one");
             for job in batch {
                 let result = apply_batch(&pool, std::slice::from_ref(&job)).await;
-                let _ = job.reply.send(result.map(|mut r| r.remove(0)).map_err(|e| e.error));
+                let _ = job.reply.send(result.map(|mut r| r.remove(0)).map_err(StoreError::from));
+            }
+        }
+        // A lone op's own error; or the batch may not have reached the server, or its outcome is unknown
+        // (the connection broke): nothing is retried.
+        Err(e) => {
+            let size = batch.len();
+            let lone = matches!(e, sqlx::Error::Database(_));
+            if !lone {
+                tracing::error!(error = %e, size, "group commit failed; its writes failed with unavailable");
+            }
+            let text = e.to_string();
+            let mut error = Some(if lone { StoreError::from(e) } else { StoreError::Unavailable(text.clone()) });
+            for (i, job) in batch.into_iter().enumerate() {
+                let error = if i + 1 == size { error.take().unwrap() } else { copy_error(&error, &text) };
+                let _ = job.reply.send(Err(error));
             }
         }
     }
@@ -172,16 +172,138 @@ fn copy_error(error: &Option<StoreError>, text: &str) -> StoreError {
     }
 }
 
-async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, BatchError> {
-    let before = |error: sqlx::Error| BatchError { error: error.into(), at_commit: false };
-    let mut tx = pool.begin().await.map_err(before)?;
-    let mut results = Vec::with_capacity(batch.len());
-    for job in batch {
-        let result = apply(&mut tx, &job.op).await.map_err(|error| BatchError { error, at_commit: false })?;
-        results.push(result);
+/// The arrays `chatsync_write_batch` takes: element i of each describes op i (see the migration).
+#[derive(Default)]
+struct BatchArgs<'a> {
+    kinds: Vec<&'static str>,
+    owners: Vec<&'a str>,
+    chat_ids: Vec<Option<&'a str>>,
+    payloads: Vec<Option<&'a [u8]>>,
+    create_keys: Vec<Option<&'a [u8]>>,
+    kek_ids: Vec<Option<&'a str>>,
+    max_chats: Vec<Option<i64>>,
+    conds: Vec<Option<i64>>,
+    nows: Vec<Option<i64>>,
+    message_ids: Vec<Option<&'a str>>,
+    client_timestamps: Vec<Option<&'a str>>,
+}
+
+impl<'a> BatchArgs<'a> {
+    fn push(&mut self, op: &'a WriteOp) {
+        let (kind, owner, chat_id, payload, target, cond, now): (_, &str, _, _, Option<&Target>, _, _) = match op {
+            WriteOp::Title { owner, chat_id, title, target, if_version_at_most, now } => {
+                ("title", owner, Some(chat_id), Some(&title[..]), Some(target), *if_version_at_most, Some(*now))
+            }
+            WriteOp::Draft { owner, chat_id, draft, target, if_version_at_most, now } => {
+                ("draft", owner, Some(chat_id), draft.as_deref(), Some(target), *if_version_at_most, Some(*now))
+            }
+            // Creating a chat for a draft deletion stamps it with time 0, as the SQLite writer does.
+            WriteOp::DeleteDraft { owner, chat_id, target, if_version_at_most } => {
+                ("delete_draft", owner, Some(chat_id), None, Some(target), *if_version_at_most, Some(0))
+            }
+            WriteOp::Message { owner, chat_id, content, target, now, .. } => {
+                ("message", owner, Some(chat_id), Some(&content[..]), Some(target), None, Some(*now))
+            }
+            WriteOp::DeleteChat { owner, chat_id, now } => {
+                ("delete_chat", owner, Some(chat_id), None, None, None, Some(*now))
+            }
+            WriteOp::UserKey { user_id, candidate } => {
+                ("user_key", user_id, None, Some(&candidate.wrapped[..]), None, None, None)
+            }
+        };
+        let (create_key, kek_id, max_chats) = match (target, op) {
+            (Some(Target::Create { key, max_chats }), _) => {
+                (Some(&key.wrapped[..]), Some(key.kek_id.as_str()), Some(i64::from(*max_chats)))
+            }
+            (_, WriteOp::UserKey { candidate, .. }) => (None, Some(candidate.kek_id.as_str()), None),
+            _ => (None, None, None),
+        };
+        let (message_id, client_timestamp) = match op {
+            WriteOp::Message { message_id, client_timestamp, .. } => {
+                (Some(message_id.as_str()), client_timestamp.as_deref())
+            }
+            _ => (None, None),
+        };
+        self.kinds.push(kind);
+        self.owners.push(owner);
+        self.chat_ids.push(chat_id.map(String::as_str));
+        self.payloads.push(payload);
+        self.create_keys.push(create_key);
+        self.kek_ids.push(kek_id);
+        self.max_chats.push(max_chats);
+        self.conds.push(cond);
+        self.nows.push(now);
+        self.message_ids.push(message_id);
+        self.client_timestamps.push(client_timestamp);
     }
-    tx.commit().await.map_err(|error| BatchError { error: error.into(), at_commit: true })?;
-    Ok(results)
+}
+
+/// Applies `batch` in one statement (its own transaction: one round trip, one commit).
+async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, sqlx::Error> {
+    let mut args = BatchArgs::default();
+    for job in batch {
+        args.push(&job.op);
+    }
+    let rows =
+        sqlx::query("SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ORDER BY r_idx")
+            .bind(&args.kinds)
+            .bind(&args.owners)
+            .bind(&args.chat_ids)
+            .bind(&args.payloads)
+            .bind(&args.create_keys)
+            .bind(&args.kek_ids)
+            .bind(&args.max_chats)
+            .bind(&args.conds)
+            .bind(&args.nows)
+            .bind(&args.message_ids)
+            .bind(&args.client_timestamps)
+            .fetch_all(pool)
+            .await?;
+    if rows.len() != batch.len() {
+        return Err(sqlx::Error::Protocol(format!("{} results for {} writes", rows.len(), batch.len())));
+    }
+    rows.iter().map(write_result).collect()
+}
+
+/// One row of `chatsync_write_batch`: `r_idx`, `r_outcome`, the chat's columns (from index 2, in
+/// [`CHAT_COLS`] order) and the message's (from index 12).
+fn write_result(r: &PgRow) -> Result<WriteResult, sqlx::Error> {
+    let outcome: String = r.try_get(1)?;
+    let chat = || -> Result<ChatRecord, sqlx::Error> {
+        Ok(ChatRecord {
+            chat_id: r.try_get(2)?,
+            title: r.try_get(3)?,
+            draft: r.try_get(4)?,
+            title_v: r.try_get::<i64, _>(5)? as u64,
+            messages_v: r.try_get::<i64, _>(6)? as u64,
+            draft_v: r.try_get::<i64, _>(7)? as u64,
+            last_edited_ms: r.try_get(8)?,
+            unread_count: r.try_get::<i64, _>(9)? as u64,
+            key: WrappedKey { wrapped: r.try_get(10)?, kek_id: r.try_get(11)? },
+        })
+    };
+    let message = || -> Result<MessageRecord, sqlx::Error> {
+        Ok(MessageRecord {
+            seq: r.try_get::<i64, _>(12)? as u64,
+            message_id: r.try_get(13)?,
+            content: r.try_get(14)?,
+            client_timestamp: r.try_get(15)?,
+            created_at_ms: r.try_get(16)?,
+        })
+    };
+    Ok(match outcome.as_str() {
+        "applied" => WriteResult::Applied(chat()?),
+        "conflict" => WriteResult::Conflict(chat()?),
+        "no_draft" => WriteResult::NoDraft(chat()?),
+        "message" => WriteResult::Message { chat: chat()?, message: message()?, duplicate: false },
+        "duplicate" => WriteResult::Message { chat: chat()?, message: message()?, duplicate: true },
+        "not_found" => WriteResult::NotFound,
+        "raced" => WriteResult::Raced,
+        "chat_limit" => WriteResult::ChatLimit,
+        "deleted" => WriteResult::Deleted,
+        "user_key" => WriteResult::UserKey(WrappedKey { wrapped: r.try_get(10)?, kek_id: r.try_get(11)? }),
+        other => return Err(sqlx::Error::Protocol(format!("unknown write outcome {other:?}"))),
+    })
 }
 
 fn chat_record(r: &PgRow) -> ChatRecord {
@@ -215,249 +337,6 @@ async fn owned_chat(c: &mut PgConnection, owner: &str, chat_id: &str) -> Result<
         .fetch_optional(&mut *c)
         .await?;
     Ok(row.as_ref().map(chat_record))
-}
-
-/// Inserts a new chat unless the id exists or was deleted, or the owner is at `max_chats`. Returns the
-/// new row, or `Raced`/`NotFound`/`ChatLimit`.
-async fn create_chat(
-    c: &mut PgConnection,
-    owner: &str,
-    chat_id: &str,
-    key: &WrappedKey,
-    max_chats: u32,
-    now: i64,
-) -> Result<Result<ChatRecord, WriteResult>, StoreError> {
-    // Creations by one owner queue on the owner's row (on every node), so the count in the inserting
-    // statement (a fresh snapshot, taken once the lock is held) sees every creation committed before.
-    sqlx::query("SELECT 1 FROM users WHERE user_id = $1 FOR NO KEY UPDATE").bind(owner).execute(&mut *c).await?;
-    let row = sqlx::query(&format!(
-        "INSERT INTO chats (chat_id, owner, chat_key, kek_id, last_edited_ms, created_at) \
-         SELECT $1, $2, $3, $4, $5, $5 WHERE NOT EXISTS (SELECT 1 FROM chat_tombstones WHERE chat_id = $1) \
-         AND (SELECT COUNT(*) FROM chats WHERE owner = $2) < $6 \
-         ON CONFLICT (chat_id) DO NOTHING RETURNING {CHAT_COLS}"
-    ))
-    .bind(chat_id)
-    .bind(owner)
-    .bind(&key.wrapped)
-    .bind(&key.kek_id)
-    .bind(now)
-    .bind(i64::from(max_chats))
-    .fetch_optional(&mut *c)
-    .await?;
-    if let Some(row) = row {
-        // If the insert waited for a concurrent deletion of this id to commit, that deletion's tombstone
-        // was invisible to the insert's snapshot: look again with a fresh one.
-        let deleted = sqlx::query("SELECT 1 FROM chat_tombstones WHERE chat_id = $1")
-            .bind(chat_id)
-            .fetch_optional(&mut *c)
-            .await?;
-        if deleted.is_some() {
-            sqlx::query("DELETE FROM chats WHERE chat_id = $1").bind(chat_id).execute(&mut *c).await?;
-            return Ok(Err(WriteResult::NotFound));
-        }
-        return Ok(Ok(chat_record(&row)));
-    }
-    if owned_chat(c, owner, chat_id).await?.is_some() {
-        return Ok(Err(WriteResult::Raced));
-    }
-    let taken: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM chats WHERE chat_id = $1) \
-         OR EXISTS (SELECT 1 FROM chat_tombstones WHERE chat_id = $1)",
-    )
-    .bind(chat_id)
-    .fetch_one(&mut *c)
-    .await?;
-    Ok(Err(if taken { WriteResult::NotFound } else { WriteResult::ChatLimit }))
-}
-
-/// Creates the chat of a [`Target::Create`] write. Returns the version condition that still applies
-/// (none once the chat was created just now), or the write's result if the chat could not be created.
-async fn reach(
-    c: &mut PgConnection,
-    owner: &str,
-    chat_id: &str,
-    target: &Target,
-    condition: Option<i64>,
-    now: i64,
-) -> Result<Result<Option<i64>, WriteResult>, StoreError> {
-    match target {
-        Target::Existing => Ok(Ok(condition)),
-        Target::Create { key, max_chats } => {
-            Ok(create_chat(c, owner, chat_id, key, *max_chats, now).await?.map(|_| None))
-        }
-    }
-}
-
-/// The result when a conditional update matched no row: a conflict if the chat is the owner's.
-async fn unmatched(c: &mut PgConnection, owner: &str, chat_id: &str) -> Result<WriteResult, StoreError> {
-    Ok(match owned_chat(c, owner, chat_id).await? {
-        Some(chat) => WriteResult::Conflict(chat),
-        None => WriteResult::NotFound,
-    })
-}
-
-async fn apply(c: &mut PgConnection, op: &WriteOp) -> Result<WriteResult, StoreError> {
-    match op {
-        WriteOp::Title { owner, chat_id, title, target, if_version_at_most, now } => {
-            let condition = match reach(c, owner, chat_id, target, *if_version_at_most, *now).await? {
-                Ok(condition) => condition,
-                Err(result) => return Ok(result),
-            };
-            let row = sqlx::query(&format!(
-                "UPDATE chats SET title = $3, title_v = title_v + 1 \
-                 WHERE chat_id = $1 AND owner = $2 AND ($4::BIGINT IS NULL OR title_v <= $4) RETURNING {CHAT_COLS}"
-            ))
-            .bind(chat_id)
-            .bind(owner)
-            .bind(title)
-            .bind(condition)
-            .fetch_optional(&mut *c)
-            .await?;
-            match row {
-                Some(row) => Ok(WriteResult::Applied(chat_record(&row))),
-                None => unmatched(c, owner, chat_id).await,
-            }
-        }
-        WriteOp::Draft { owner, chat_id, draft, target, if_version_at_most, now } => {
-            let condition = match reach(c, owner, chat_id, target, *if_version_at_most, *now).await? {
-                Ok(condition) => condition,
-                Err(result) => return Ok(result),
-            };
-            let row = sqlx::query(&format!(
-                "UPDATE chats SET draft = $3, draft_v = draft_v + 1, last_edited_ms = GREATEST(last_edited_ms, $5) \
-                 WHERE chat_id = $1 AND owner = $2 AND ($4::BIGINT IS NULL OR draft_v <= $4) RETURNING {CHAT_COLS}"
-            ))
-            .bind(chat_id)
-            .bind(owner)
-            .bind(draft)
-            .bind(condition)
-            .bind(now)
-            .fetch_optional(&mut *c)
-            .await?;
-            match row {
-                Some(row) => Ok(WriteResult::Applied(chat_record(&row))),
-                None => unmatched(c, owner, chat_id).await,
-            }
-        }
-        WriteOp::DeleteDraft { owner, chat_id, target, if_version_at_most } => {
-            let condition = match reach(c, owner, chat_id, target, *if_version_at_most, 0).await? {
-                Ok(condition) => condition,
-                Err(result) => return Ok(result),
-            };
-            let row = sqlx::query(&format!(
-                "UPDATE chats SET draft = NULL, draft_v = draft_v + 1 \
-                 WHERE chat_id = $1 AND owner = $2 AND draft IS NOT NULL AND ($3::BIGINT IS NULL OR draft_v <= $3) \
-                 RETURNING {CHAT_COLS}"
-            ))
-            .bind(chat_id)
-            .bind(owner)
-            .bind(condition)
-            .fetch_optional(&mut *c)
-            .await?;
-            if let Some(row) = row {
-                return Ok(WriteResult::Applied(chat_record(&row)));
-            }
-            Ok(match owned_chat(c, owner, chat_id).await? {
-                None => WriteResult::NotFound,
-                Some(chat) if chat.draft.is_none() => WriteResult::NoDraft(chat),
-                Some(chat) => WriteResult::Conflict(chat),
-            })
-        }
-        WriteOp::Message { owner, chat_id, message_id, content, client_timestamp, target, now } => {
-            match target {
-                Target::Create { key, max_chats } => {
-                    // The inserted row is locked by this transaction until it ends.
-                    if let Err(result) = create_chat(c, owner, chat_id, key, *max_chats, *now).await? {
-                        return Ok(result);
-                    }
-                }
-                Target::Existing => {
-                    // Lock the chat: messages of this chat from other transactions queue behind us, and
-                    // the next statement's snapshot sees every message committed before.
-                    let locked = sqlx::query("SELECT 1 FROM chats WHERE chat_id = $1 AND owner = $2 FOR NO KEY UPDATE")
-                        .bind(chat_id)
-                        .bind(owner)
-                        .fetch_optional(&mut *c)
-                        .await?;
-                    if locked.is_none() {
-                        return Ok(WriteResult::NotFound);
-                    }
-                }
-            }
-            // One statement: count the message (unless its id is stored) and insert it at the new count.
-            let row = sqlx::query(&format!(
-                "WITH chat AS (UPDATE chats \
-                   SET messages_v = messages_v + 1, last_edited_ms = GREATEST(last_edited_ms, $2) \
-                   WHERE chat_id = $1 AND NOT EXISTS (SELECT 1 FROM messages WHERE chat_id = $1 AND message_id = $3) \
-                   RETURNING {CHAT_COLS}), \
-                 inserted AS (INSERT INTO messages (chat_id, seq, message_id, content, client_timestamp, created_at) \
-                   SELECT chat_id, messages_v, $3, $4, $5, $2 FROM chat) \
-                 SELECT {CHAT_COLS} FROM chat"
-            ))
-            .bind(chat_id)
-            .bind(now)
-            .bind(message_id)
-            .bind(content)
-            .bind(client_timestamp)
-            .fetch_optional(&mut *c)
-            .await?;
-            if let Some(row) = row {
-                let chat = chat_record(&row);
-                let message = MessageRecord {
-                    seq: chat.messages_v,
-                    message_id: message_id.clone(),
-                    content: content.clone(),
-                    client_timestamp: client_timestamp.clone(),
-                    created_at_ms: *now,
-                };
-                return Ok(WriteResult::Message { chat, message, duplicate: false });
-            }
-            let original =
-                sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE chat_id = $1 AND message_id = $2"))
-                    .bind(chat_id)
-                    .bind(message_id)
-                    .fetch_one(&mut *c)
-                    .await?;
-            let chat = owned_chat(c, owner, chat_id).await?.ok_or(StoreError::NotFound)?;
-            Ok(WriteResult::Message { chat, message: message_record(&original), duplicate: true })
-        }
-        WriteOp::DeleteChat { owner, chat_id, now } => {
-            // Messages go with the chat row (ON DELETE CASCADE), and so does its wrapped key (a column).
-            let done = sqlx::query(
-                "WITH gone AS (DELETE FROM chats WHERE chat_id = $1 AND owner = $2 RETURNING chat_id, owner) \
-                 INSERT INTO chat_tombstones (chat_id, owner, deleted_at) SELECT chat_id, owner, $3 FROM gone",
-            )
-            .bind(chat_id)
-            .bind(owner)
-            .bind(now)
-            .execute(&mut *c)
-            .await?;
-            Ok(if done.rows_affected() == 0 { WriteResult::NotFound } else { WriteResult::Deleted })
-        }
-        WriteOp::UserKey { user_id, candidate } => {
-            let row = sqlx::query(
-                "WITH stored AS (INSERT INTO user_keys (user_id, wrapped, kek_id) VALUES ($1, $2, $3) \
-                   ON CONFLICT DO NOTHING RETURNING wrapped, kek_id) \
-                 SELECT wrapped, kek_id FROM stored UNION ALL SELECT wrapped, kek_id FROM user_keys WHERE user_id = $1",
-            )
-            .bind(user_id)
-            .bind(&candidate.wrapped)
-            .bind(&candidate.kek_id)
-            .fetch_optional(&mut *c)
-            .await?;
-            let row = match row {
-                Some(row) => row,
-                // Another transaction stored a key after this statement's snapshot: read it now.
-                None => {
-                    sqlx::query("SELECT wrapped, kek_id FROM user_keys WHERE user_id = $1")
-                        .bind(user_id)
-                        .fetch_one(&mut *c)
-                        .await?
-                }
-            };
-            Ok(WriteResult::UserKey(WrappedKey { wrapped: row.get(0), kek_id: row.get(1) }))
-        }
-    }
 }
 
 #[async_trait]
