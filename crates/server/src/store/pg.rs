@@ -12,7 +12,7 @@ use super::{Device, Millis, NewSession, Session, Store, StoreError, User};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::Row;
+use sqlx::{Connection as _, Row};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -37,6 +37,12 @@ impl PgStore {
         if durability == super::Durability::Normal {
             options = options.options([("synchronous_commit", "off")]);
         }
+        // One connection first: a refused connection or a bad password is reported as such, at once
+        // (the pool would retry until its acquire timeout and report only the timeout).
+        let probe = sqlx::PgConnection::connect_with(&options)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+        let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
