@@ -547,6 +547,43 @@ async fn two_handles_on_one_database_share_the_truth(b: &TestBackend) {
         WriteResult::Message { duplicate, .. } => assert!(duplicate),
         other => panic!("{other:?}"),
     }
+    // Creations racing from two handles cannot overshoot the chat limit (c1 is one of the 3).
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let op = title("alice", &format!("n{i}"), "t", Target::Create { key: key("k"), max_chats: 3 }, None, NOW);
+            tokio::spawn(async move { s.write(op).await.unwrap() })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            WriteResult::Applied(_) => created += 1,
+            WriteResult::ChatLimit => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, 2);
+    // Conditional writes racing from two handles: exactly one passes.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let op = draft("alice", "c1", Some("offline"), Target::Existing, Some(0), NOW);
+            tokio::spawn(async move { s.write(op).await.unwrap() })
+        })
+        .collect();
+    let mut winners = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            WriteResult::Applied(chat) => {
+                winners += 1;
+                assert_eq!(chat.draft_v, 1);
+            }
+            WriteResult::Conflict(chat) => assert_eq!(chat.draft_v, 1),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(winners, 1);
     assert_eq!(write(two.as_ref(), delete_chat("alice", "c1")).await, WriteResult::Deleted);
     assert_eq!(one.chat_lookup("c1").await.unwrap(), ChatLookup::Deleted);
     other.identity.close().await;
