@@ -12,6 +12,9 @@
 #   USERS=N DEVICES=D   sessions to issue (default: idle 5000 x 2; fanout 2000 x 3; saturate 400 x 1; sync 1 x 1)
 #   OUT_DIR=dir   where <scenario>-chatsync.json / .svg go (default target/bench)
 #   SERVER_ARGS="..."   extra `chatsync serve` options
+#   DATABASE_URL=postgres://...   run on this store instead of SQLite in the temp data dir (sessions are
+#                 issued into it too; use an empty database or schema, e.g.
+#                 postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3Dbench)
 # Examples:
 #   scripts/bench/chatsync.sh idle --connections 10000 --hold 15
 #   scripts/bench/chatsync.sh fanout --duration 30
@@ -47,7 +50,9 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 echo "issuing $((USERS * DEVICES)) sessions ($USERS users x $DEVICES devices) into $DATA"
-timeout 300 target/release/chatsync --data-dir "$DATA" sessions issue-bulk \
+DB_ARGS=()
+[ -n "${DATABASE_URL:-}" ] && DB_ARGS=(--database-url "$DATABASE_URL")
+timeout 300 target/release/chatsync --data-dir "$DATA" "${DB_ARGS[@]}" sessions issue-bulk \
     --users "$USERS" --devices "$DEVICES" --prefix u > "$DATA/tokens.jsonl"
 
 LOG_LEVEL=warn
@@ -58,7 +63,7 @@ EXTRA=()
 [ "$SCENARIO" = sync ] && EXTRA=(--rate-per-sec 100000 --rate-burst 100000)
 PORT=$(free_port)
 # shellcheck disable=SC2086
-target/release/chatsync serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" --max-connections 30000 \
+target/release/chatsync serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" "${DB_ARGS[@]}" --max-connections 30000 \
     --log-level "$LOG_LEVEL" "${EXTRA[@]}" ${SERVER_ARGS:-} > "$DATA/server.log" 2>&1 &
 SERVER_PID=$!
 wait_listen "$PORT" "$SERVER_PID" 30

@@ -1,21 +1,12 @@
-//! The `Store` contract: every backend must pass these. The embedded SQLite store always runs; an
-//! external backend joins with its own `contract_suite!` line (its URL from the environment).
+//! The `Store` contract (identity: users, sessions, devices): every backend must pass these. Each case is
+//! a generic async fn run once per backend: the embedded SQLite store always; PostgreSQL in a schema of
+//! its own when `CHATSYNC_TEST_POSTGRES_URL` is set (see `backends/mod.rs`).
+
+mod backends;
 
 use chatsync::gateway::auth;
 use chatsync::store::{self, Store, StoreError};
-use std::sync::Arc;
 use std::time::Duration;
-
-struct Backend {
-    store: Arc<dyn Store>,
-    _dir: tempfile::TempDir,
-}
-
-async fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("chatsync.db").display());
-    Backend { store: store::open(&url).await.unwrap(), _dir: dir }
-}
 
 macro_rules! contract_suite {
     ($backend:ident: $($case:ident),* $(,)?) => {
@@ -23,15 +14,22 @@ macro_rules! contract_suite {
             $(
                 #[tokio::test]
                 async fn $case() {
-                    let b = super::$backend().await;
-                    super::$case(b.store.as_ref()).await;
+                    let Some(b) = super::backends::$backend().await else { return };
+                    super::$case(b.backend.identity.as_ref()).await;
                 }
             )*
         }
     };
 }
 
-contract_suite!(sqlite:
+macro_rules! contract_suites {
+    ($($case:ident),* $(,)?) => {
+        contract_suite!(sqlite: $($case),*);
+        contract_suite!(postgres: $($case),*);
+    };
+}
+
+contract_suites!(
     users_are_unique_and_keep_their_2fa_flag,
     sessions_need_an_existing_user,
     sessions_are_found_by_token_hash_only,

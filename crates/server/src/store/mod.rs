@@ -1,11 +1,14 @@
 //! The durable store: the `Store` trait (what every backend guarantees) and the shared record types.
 //!
-//! Only `store/` knows SQL. The embedded implementation is [`sqlite::SqliteStore`]; a PostgreSQL one
-//! implements the same trait and passes the same contract tests (`tests/store_contract.rs`).
+//! Only `store/` knows SQL. The embedded implementation is [`sqlite::SqliteStore`]; [`pg::PgStore`]
+//! (PostgreSQL, for several nodes sharing one database) implements the same traits and passes the same
+//! contract tests (`tests/store_contract.rs`, `tests/chat_store_contract.rs`).
 
 pub mod bytes;
 pub mod chats;
 pub mod metered;
+pub mod pg;
+mod pg_chats;
 pub mod sqlite;
 mod sqlite_chats;
 
@@ -41,9 +44,19 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
                 StoreError::Unavailable(e.to_string())
             }
+            ref db if pg_transient(db) => StoreError::Unavailable(e.to_string()),
             other => StoreError::Backend(other.to_string()),
         }
     }
+}
+
+/// PostgreSQL errors worth retrying later: connection exceptions (08), a transaction rolled back by a
+/// deadlock or serialization failure (40), insufficient resources such as a full disk (53), operator
+/// intervention such as a shutdown (57).
+fn pg_transient(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else { return false };
+    let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() else { return false };
+    ["08", "40", "53", "57"].iter().any(|class| pg.code().starts_with(class))
 }
 
 /// A user account.
@@ -142,7 +155,8 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
-/// When a write counts as durable (the embedded store's `synchronous` setting).
+/// When a write counts as durable (SQLite's `synchronous` setting; on PostgreSQL, `normal` turns
+/// `synchronous_commit` off for chatsync's connections and `full` keeps the server's setting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
@@ -163,13 +177,18 @@ pub struct Backend {
     pub chats: Arc<dyn chats::ChatStore>,
 }
 
-/// Opens the store named by `url` (`sqlite://PATH`), creating and migrating it as needed.
+/// Opens the store named by `url` (`sqlite://PATH`, or `postgres://…` / `postgresql://…`), creating
+/// and migrating it as needed.
 pub async fn open_backend(url: &str, durability: Durability) -> Result<Backend, anyhow::Error> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let store = Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path), durability).await?);
         return Ok(Backend { identity: store.clone(), chats: store });
     }
-    anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH)")
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = Arc::new(pg::PgStore::open(url, durability).await?);
+        return Ok(Backend { identity: store.clone(), chats: store });
+    }
+    anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH, postgres://USER@HOST:PORT/DB)")
 }
 
 /// Opens only the identity half (CLI commands; always fully durable).

@@ -1,0 +1,240 @@
+//! The PostgreSQL store: sqlx, its own migrations (`migrations/postgres/`), the identity half here and
+//! the chat half in `pg_chats.rs`.
+//!
+//! Several gateway nodes may share one database, so nothing here relies on in-process state for
+//! correctness: every method is one statement or one transaction whose atomicity PostgreSQL provides
+//! (`INSERT … ON CONFLICT`, `UPDATE … RETURNING`, row locks).
+//!
+//! The schema is created in the first schema of the connection's `search_path` (by default `public`);
+//! `postgres://…?options=-c%20search_path%3Dchatsync` puts it elsewhere (the tests use one schema each).
+
+use super::{Device, Millis, NewSession, Session, Store, StoreError, User};
+use anyhow::Context as _;
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection as _, Row};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Connections in the pool (reads, identity writes, and the chat writers' batches: one each).
+const POOL_SIZE: u32 = 12;
+/// How long a call waits for a free connection (or for a new one to be established).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// PostgreSQL-backed [`Store`] (and [`super::chats::ChatStore`]).
+pub struct PgStore {
+    pub(super) pool: PgPool,
+    pub(super) writer: super::pg_chats::Writer,
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://…` or `postgresql://…`) and applies pending
+    /// migrations. With [`super::Durability::Normal`] the connections use `synchronous_commit = off`:
+    /// a crash of the chatsync process loses nothing acknowledged, a crash of the PostgreSQL server may
+    /// lose the last moments of writes (never corrupting anything).
+    pub async fn open(url: &str, durability: super::Durability) -> anyhow::Result<PgStore> {
+        let mut options = PgConnectOptions::from_str(url).context("invalid PostgreSQL URL")?;
+        if durability == super::Durability::Normal {
+            options = options.options([("synchronous_commit", "off")]);
+        }
+        // One connection first: a refused connection or a bad password is reported as such, at once
+        // (the pool would retry until its acquire timeout and report only the timeout).
+        let probe = sqlx::PgConnection::connect_with(&options)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+        let _ = probe.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+        sqlx::migrate!("migrations/postgres")
+            .run(&pool)
+            .await
+            .with_context(|| format!("cannot migrate the PostgreSQL database at {}", redact(url)))?;
+        let writer = super::pg_chats::Writer::start(pool.clone());
+        Ok(PgStore { pool, writer })
+    }
+}
+
+/// The URL without its password (for error messages and logs).
+pub(super) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return "(invalid URL)".to_owned() };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}@{host}{}", &rest[authority_end..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Whether `e` is PostgreSQL's foreign key violation (a referenced row does not exist).
+fn foreign_key_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "23503")
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_user(&self, user_id: &str, tfa_enabled: bool, now: Millis) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO users (user_id, tfa_enabled, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(tfa_enabled)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::AlreadyExists);
+        }
+        Ok(())
+    }
+
+    async fn user(&self, user_id: &str) -> Result<Option<User>, StoreError> {
+        let row = sqlx::query("SELECT user_id, tfa_enabled, created_at FROM users WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| User { user_id: r.get(0), tfa_enabled: r.get(1), created_at: r.get(2) }))
+    }
+
+    async fn create_session(&self, s: &NewSession) -> Result<(), StoreError> {
+        // The foreign key makes "the user exists" part of the insert itself.
+        let mut tx = self.pool.begin().await?;
+        match insert_session(&mut tx, s).await {
+            Err(e) if foreign_key_violation(&e) => return Err(StoreError::NotFound),
+            other => other?,
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn provision(&self, users: &[String], sessions: &[NewSession]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO users (user_id, tfa_enabled, created_at) SELECT u, FALSE, $2 FROM UNNEST($1::TEXT[]) AS u \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(users)
+        .bind(super::now_millis())
+        .execute(&mut *tx)
+        .await?;
+        for s in sessions {
+            insert_session(&mut tx, s).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn session_by_token_hash(&self, token_hash: &[u8; 32]) -> Result<Option<Session>, StoreError> {
+        let row = sqlx::query(
+            "SELECT s.session_id, s.user_id, s.device_hash, s.expires_at, s.revoked_at, u.tfa_enabled \
+             FROM sessions s JOIN users u ON u.user_id = s.user_id WHERE s.token_hash = $1",
+        )
+        .bind(&token_hash[..])
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| Session {
+            session_id: r.get(0),
+            user_id: r.get(1),
+            device_hash: r.get(2),
+            expires_at: r.get(3),
+            revoked_at: r.get(4),
+            user_tfa: r.get(5),
+        }))
+    }
+
+    async fn bind_session_device(&self, session_id: &str, device_hash: &str) -> Result<String, StoreError> {
+        // One statement: the row lock makes racers queue; the second sees the first one's device.
+        let row = sqlx::query(
+            "UPDATE sessions SET device_hash = COALESCE(device_hash, $2) WHERE session_id = $1 RETURNING device_hash",
+        )
+        .bind(session_id)
+        .bind(device_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| r.get(0)).ok_or(StoreError::NotFound)
+    }
+
+    async fn record_device(&self, user_id: &str, device_hash: &str, now: Millis) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        upsert_device(&mut conn, user_id, device_hash, now).await?;
+        Ok(())
+    }
+
+    async fn revoke_session(&self, token_hash: &[u8; 32], now: Millis) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE sessions SET revoked_at = $2 WHERE token_hash = $1 AND revoked_at IS NULL")
+            .bind(&token_hash[..])
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn sessions_revoked_since(&self, since: Millis) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT session_id FROM sessions WHERE revoked_at >= $1")
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn devices(&self, user_id: &str) -> Result<Vec<Device>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device_hash, first_seen, last_seen FROM devices WHERE user_id = $1 \
+             ORDER BY last_seen DESC, device_hash",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Device { device_hash: r.get(0), first_seen: r.get(1), last_seen: r.get(2) })
+            .collect())
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
+    }
+}
+
+async fn insert_session(conn: &mut sqlx::PgConnection, s: &NewSession) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO sessions (session_id, token_hash, user_id, device_hash, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&s.session_id)
+    .bind(&s.token_hash[..])
+    .bind(&s.user_id)
+    .bind(&s.device_hash)
+    .bind(s.created_at)
+    .bind(s.expires_at)
+    .execute(&mut *conn)
+    .await?;
+    if let Some(device) = &s.device_hash {
+        upsert_device(conn, &s.user_id, device, s.created_at).await?;
+    }
+    Ok(())
+}
+
+async fn upsert_device(
+    conn: &mut sqlx::PgConnection,
+    user_id: &str,
+    device_hash: &str,
+    now: Millis,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO devices (user_id, device_hash, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
+         ON CONFLICT (user_id, device_hash) DO UPDATE SET last_seen = GREATEST(devices.last_seen, excluded.last_seen)",
+    )
+    .bind(user_id)
+    .bind(device_hash)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

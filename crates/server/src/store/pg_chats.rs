@@ -1,0 +1,473 @@
+//! [`ChatStore`] for PostgreSQL: reads on the pool; writes through [`WRITERS`] writer tasks per process,
+//! each of which takes the writes queued to it (up to [`MAX_BATCH`]) and applies them as one batch in
+//! ONE statement, `SELECT * FROM chatsync_write_batch(…arrays…)` (a PL/pgSQL function, migration
+//! `0003_write_batch.sql`), which is its own transaction: one round trip and one commit (one WAL flush)
+//! per batch (group commit). Writes are spread over the writers by owner: one user's writes are applied
+//! in order by one writer; batches of different users overlap.
+//!
+//! Correctness never rests on the writer being alone: several gateway nodes may write to one database.
+//! Each op in the function is written so that PostgreSQL's row locks and statement atomicity (READ
+//! COMMITTED; each statement of the VOLATILE function takes a fresh snapshot) make it correct against
+//! concurrent transactions from anywhere:
+//!
+//! - versions are incremented in the writing `UPDATE … RETURNING`, which also checks ownership and the
+//!   offline-sync condition (re-evaluated on the newest row version if it had to wait for a lock);
+//! - a message first locks its chat row (`FOR NO KEY UPDATE`), so the duplicate check and the `seq`
+//!   assignment after it see every message committed before; the `(chat_id, message_id)` and
+//!   `(chat_id, seq)` unique indexes back this up;
+//! - creating a chat locks the owner's `users` row first, so the count in the inserting statement sees
+//!   every other creation of that owner (the chat limit cannot be overshot by two nodes); a deletion of
+//!   the same id that committed while the insert waited is caught by a second look at the tombstones.
+//!
+//! A batch whose statement fails in the database (a deadlock with another writer or node, a constraint
+//! hit, a bug) is rolled back whole and retried op by op, each in its own statement, so one bad op fails
+//! alone. A batch whose outcome is unknown (the connection broke) fails whole with
+//! [`StoreError::Unavailable`] and is not retried. A panic while handling a batch fails that batch's
+//! writes with `Unavailable` and the writer carries on; the pool replaces broken connections by itself,
+//! so [`ChatStore::failed`] never resolves and [`ChatStore::writer_faults`] is `None` for this backend.
+
+use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, WrappedKey, WriteOp, WriteResult};
+use super::pg::PgStore;
+use super::StoreError;
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+
+/// Writer tasks per process, each with its own queue and (per batch) its own connection. A write goes
+/// to the writer of its owner, so one user's writes stay in order; different users' batches commit in
+/// parallel, overlapping their round trips to the server.
+const WRITERS: usize = 4;
+/// Most writes in one group-commit batch (one statement).
+const MAX_BATCH: usize = 256;
+/// Queued writes per writer before `write` waits (backpressure).
+const QUEUE: usize = 4096;
+
+const CHAT_COLS: &str =
+    "chat_id, title, draft, title_v, messages_v, draft_v, last_edited_ms, unread_count, chat_key, kek_id";
+const MESSAGE_COLS: &str = "seq, message_id, content, client_timestamp, created_at";
+
+/// Read transactions of more than one statement see one snapshot (as SQLite's do).
+const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+
+struct Job {
+    op: WriteOp,
+    reply: oneshot::Sender<Result<WriteResult, StoreError>>,
+}
+
+/// The sending halves of the writer tasks' queues.
+pub(super) struct Writer {
+    queues: parking_lot::Mutex<Option<Vec<mpsc::Sender<Job>>>>,
+    tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// The user whose writer takes `op`: every op of one owner goes to the same writer, in order.
+fn partition_key(op: &WriteOp) -> &str {
+    match op {
+        WriteOp::Title { owner, .. }
+        | WriteOp::Draft { owner, .. }
+        | WriteOp::DeleteDraft { owner, .. }
+        | WriteOp::Message { owner, .. }
+        | WriteOp::DeleteChat { owner, .. } => owner,
+        WriteOp::UserKey { user_id, .. } => user_id,
+    }
+}
+
+impl Writer {
+    /// Starts [`WRITERS`] writer tasks on `pool`.
+    pub(super) fn start(pool: PgPool) -> Writer {
+        let (queues, tasks) = (0..WRITERS)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                (tx, tokio::spawn(serve(pool.clone(), rx)))
+            })
+            .unzip();
+        Writer { queues: parking_lot::Mutex::new(Some(queues)), tasks: parking_lot::Mutex::new(tasks) }
+    }
+
+    async fn submit(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
+        let tx = {
+            let queues = self.queues.lock();
+            let queues = queues.as_ref().ok_or_else(|| StoreError::Unavailable("store closed".into()))?;
+            let mut hasher = std::hash::DefaultHasher::new();
+            std::hash::Hash::hash(partition_key(&op), &mut hasher);
+            queues[(std::hash::Hasher::finish(&hasher) % queues.len() as u64) as usize].clone()
+        };
+        let (reply, answer) = oneshot::channel();
+        tx.send(Job { op, reply }).await.map_err(|_| StoreError::Unavailable("chat writer stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("chat writer failed this write".into()))?
+    }
+
+    /// Stops accepting writes, lets the queued ones finish, and waits for the writer tasks to end.
+    pub(super) async fn close(&self) {
+        self.queues.lock().take();
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// One writer's group-commit loop: collects what is queued (up to [`MAX_BATCH`]) and applies it in one
+/// transaction. Each batch runs in its own task: if it panics, its writes fail (their reply senders are
+/// dropped) and the loop goes on.
+async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::with_capacity(MAX_BATCH.min(rx.len() + 1));
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let size = batch.len();
+        if let Err(e) = tokio::spawn(run_batch(pool.clone(), batch)).await {
+            tracing::error!(error = %e, size, "chat writer batch panicked; its writes failed with unavailable");
+        }
+    }
+}
+
+async fn run_batch(pool: PgPool, batch: Vec<Job>) {
+    match apply_batch(&pool, &batch).await {
+        Ok(results) => {
+            for (job, result) in batch.into_iter().zip(results) {
+                let _ = job.reply.send(Ok(result));
+            }
+        }
+        // The statement failed in the database and was rolled back whole: retry op by op, so that only
+        // the failing op gets the error.
+        Err(sqlx::Error::Database(e)) if batch.len() > 1 => {
+            tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying its writes one by one");
+            for job in batch {
+                let result = apply_batch(&pool, std::slice::from_ref(&job)).await;
+                let _ = job.reply.send(result.map(|mut r| r.remove(0)).map_err(StoreError::from));
+            }
+        }
+        // A lone op's own error; or the batch may not have reached the server, or its outcome is unknown
+        // (the connection broke): nothing is retried.
+        Err(e) => {
+            let size = batch.len();
+            let lone = matches!(e, sqlx::Error::Database(_));
+            if !lone {
+                tracing::error!(error = %e, size, "group commit failed; its writes failed with unavailable");
+            }
+            let text = e.to_string();
+            let mut error = Some(if lone { StoreError::from(e) } else { StoreError::Unavailable(text.clone()) });
+            for (i, job) in batch.into_iter().enumerate() {
+                let error = if i + 1 == size { error.take().unwrap() } else { copy_error(&error, &text) };
+                let _ = job.reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// A copy of `error` (same kind, same text) for the other writes of a failed batch.
+fn copy_error(error: &Option<StoreError>, text: &str) -> StoreError {
+    match error {
+        Some(StoreError::Unavailable(_)) => StoreError::Unavailable(text.to_owned()),
+        Some(StoreError::AlreadyExists) => StoreError::AlreadyExists,
+        Some(StoreError::NotFound) => StoreError::NotFound,
+        _ => StoreError::Backend(text.to_owned()),
+    }
+}
+
+/// The arrays `chatsync_write_batch` takes: element i of each describes op i (see the migration).
+#[derive(Default)]
+struct BatchArgs<'a> {
+    kinds: Vec<&'static str>,
+    owners: Vec<&'a str>,
+    chat_ids: Vec<Option<&'a str>>,
+    payloads: Vec<Option<&'a [u8]>>,
+    create_keys: Vec<Option<&'a [u8]>>,
+    kek_ids: Vec<Option<&'a str>>,
+    max_chats: Vec<Option<i64>>,
+    conds: Vec<Option<i64>>,
+    nows: Vec<Option<i64>>,
+    message_ids: Vec<Option<&'a str>>,
+    client_timestamps: Vec<Option<&'a str>>,
+}
+
+impl<'a> BatchArgs<'a> {
+    fn push(&mut self, op: &'a WriteOp) {
+        let (kind, owner, chat_id, payload, target, cond, now): (_, &str, _, _, Option<&Target>, _, _) = match op {
+            WriteOp::Title { owner, chat_id, title, target, if_version_at_most, now } => {
+                ("title", owner, Some(chat_id), Some(&title[..]), Some(target), *if_version_at_most, Some(*now))
+            }
+            WriteOp::Draft { owner, chat_id, draft, target, if_version_at_most, now } => {
+                ("draft", owner, Some(chat_id), draft.as_deref(), Some(target), *if_version_at_most, Some(*now))
+            }
+            // Creating a chat for a draft deletion stamps it with time 0, as the SQLite writer does.
+            WriteOp::DeleteDraft { owner, chat_id, target, if_version_at_most } => {
+                ("delete_draft", owner, Some(chat_id), None, Some(target), *if_version_at_most, Some(0))
+            }
+            WriteOp::Message { owner, chat_id, content, target, now, .. } => {
+                ("message", owner, Some(chat_id), Some(&content[..]), Some(target), None, Some(*now))
+            }
+            WriteOp::DeleteChat { owner, chat_id, now } => {
+                ("delete_chat", owner, Some(chat_id), None, None, None, Some(*now))
+            }
+            WriteOp::UserKey { user_id, candidate } => {
+                ("user_key", user_id, None, Some(&candidate.wrapped[..]), None, None, None)
+            }
+        };
+        let (create_key, kek_id, max_chats) = match (target, op) {
+            (Some(Target::Create { key, max_chats }), _) => {
+                (Some(&key.wrapped[..]), Some(key.kek_id.as_str()), Some(i64::from(*max_chats)))
+            }
+            (_, WriteOp::UserKey { candidate, .. }) => (None, Some(candidate.kek_id.as_str()), None),
+            _ => (None, None, None),
+        };
+        let (message_id, client_timestamp) = match op {
+            WriteOp::Message { message_id, client_timestamp, .. } => {
+                (Some(message_id.as_str()), client_timestamp.as_deref())
+            }
+            _ => (None, None),
+        };
+        self.kinds.push(kind);
+        self.owners.push(owner);
+        self.chat_ids.push(chat_id.map(String::as_str));
+        self.payloads.push(payload);
+        self.create_keys.push(create_key);
+        self.kek_ids.push(kek_id);
+        self.max_chats.push(max_chats);
+        self.conds.push(cond);
+        self.nows.push(now);
+        self.message_ids.push(message_id);
+        self.client_timestamps.push(client_timestamp);
+    }
+}
+
+/// Applies `batch` in one statement (its own transaction: one round trip, one commit).
+async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, sqlx::Error> {
+    let mut args = BatchArgs::default();
+    for job in batch {
+        args.push(&job.op);
+    }
+    let rows =
+        sqlx::query("SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ORDER BY r_idx")
+            .bind(&args.kinds)
+            .bind(&args.owners)
+            .bind(&args.chat_ids)
+            .bind(&args.payloads)
+            .bind(&args.create_keys)
+            .bind(&args.kek_ids)
+            .bind(&args.max_chats)
+            .bind(&args.conds)
+            .bind(&args.nows)
+            .bind(&args.message_ids)
+            .bind(&args.client_timestamps)
+            .fetch_all(pool)
+            .await?;
+    if rows.len() != batch.len() {
+        return Err(sqlx::Error::Protocol(format!("{} results for {} writes", rows.len(), batch.len())));
+    }
+    rows.iter().map(write_result).collect()
+}
+
+/// One row of `chatsync_write_batch`: `r_idx`, `r_outcome`, the chat's columns (from index 2, in
+/// [`CHAT_COLS`] order) and the message's (from index 12).
+fn write_result(r: &PgRow) -> Result<WriteResult, sqlx::Error> {
+    let outcome: String = r.try_get(1)?;
+    let chat = || -> Result<ChatRecord, sqlx::Error> {
+        Ok(ChatRecord {
+            chat_id: r.try_get(2)?,
+            title: r.try_get(3)?,
+            draft: r.try_get(4)?,
+            title_v: r.try_get::<i64, _>(5)? as u64,
+            messages_v: r.try_get::<i64, _>(6)? as u64,
+            draft_v: r.try_get::<i64, _>(7)? as u64,
+            last_edited_ms: r.try_get(8)?,
+            unread_count: r.try_get::<i64, _>(9)? as u64,
+            key: WrappedKey { wrapped: r.try_get(10)?, kek_id: r.try_get(11)? },
+        })
+    };
+    let message = || -> Result<MessageRecord, sqlx::Error> {
+        Ok(MessageRecord {
+            seq: r.try_get::<i64, _>(12)? as u64,
+            message_id: r.try_get(13)?,
+            content: r.try_get(14)?,
+            client_timestamp: r.try_get(15)?,
+            created_at_ms: r.try_get(16)?,
+        })
+    };
+    Ok(match outcome.as_str() {
+        "applied" => WriteResult::Applied(chat()?),
+        "conflict" => WriteResult::Conflict(chat()?),
+        "no_draft" => WriteResult::NoDraft(chat()?),
+        "message" => WriteResult::Message { chat: chat()?, message: message()?, duplicate: false },
+        "duplicate" => WriteResult::Message { chat: chat()?, message: message()?, duplicate: true },
+        "not_found" => WriteResult::NotFound,
+        "raced" => WriteResult::Raced,
+        "chat_limit" => WriteResult::ChatLimit,
+        "deleted" => WriteResult::Deleted,
+        "user_key" => WriteResult::UserKey(WrappedKey { wrapped: r.try_get(10)?, kek_id: r.try_get(11)? }),
+        other => return Err(sqlx::Error::Protocol(format!("unknown write outcome {other:?}"))),
+    })
+}
+
+fn chat_record(r: &PgRow) -> ChatRecord {
+    ChatRecord {
+        chat_id: r.get(0),
+        title: r.get(1),
+        draft: r.get(2),
+        title_v: r.get::<i64, _>(3) as u64,
+        messages_v: r.get::<i64, _>(4) as u64,
+        draft_v: r.get::<i64, _>(5) as u64,
+        last_edited_ms: r.get(6),
+        unread_count: r.get::<i64, _>(7) as u64,
+        key: WrappedKey { wrapped: r.get(8), kek_id: r.get(9) },
+    }
+}
+
+fn message_record(r: &PgRow) -> MessageRecord {
+    MessageRecord {
+        seq: r.get::<i64, _>(0) as u64,
+        message_id: r.get(1),
+        content: r.get(2),
+        client_timestamp: r.get(3),
+        created_at_ms: r.get(4),
+    }
+}
+
+async fn owned_chat(c: &mut PgConnection, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
+    let row = sqlx::query(&format!("SELECT {CHAT_COLS} FROM chats WHERE chat_id = $1 AND owner = $2"))
+        .bind(chat_id)
+        .bind(owner)
+        .fetch_optional(&mut *c)
+        .await?;
+    Ok(row.as_ref().map(chat_record))
+}
+
+#[async_trait]
+impl ChatStore for PgStore {
+    async fn write(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
+        self.writer.submit(op).await
+    }
+
+    async fn chat_lookup(&self, chat_id: &str) -> Result<ChatLookup, StoreError> {
+        let row = sqlx::query("SELECT owner, chat_key, kek_id FROM chats WHERE chat_id = $1")
+            .bind(chat_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(r) = row {
+            return Ok(ChatLookup::Exists { owner: r.get(0), key: WrappedKey { wrapped: r.get(1), kek_id: r.get(2) } });
+        }
+        let gone = sqlx::query("SELECT 1 FROM chat_tombstones WHERE chat_id = $1")
+            .bind(chat_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(if gone.is_some() { ChatLookup::Deleted } else { ChatLookup::Absent })
+    }
+
+    async fn user_key(&self, user_id: &str) -> Result<Option<WrappedKey>, StoreError> {
+        let row = sqlx::query("SELECT wrapped, kek_id FROM user_keys WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| WrappedKey { wrapped: r.get(0), kek_id: r.get(1) }))
+    }
+
+    async fn chats(&self, owner: &str) -> Result<Vec<ChatRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CHAT_COLS} FROM chats WHERE owner = $1 ORDER BY last_edited_ms DESC, chat_id"
+        ))
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(chat_record).collect())
+    }
+
+    async fn chat(&self, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        owned_chat(&mut conn, owner, chat_id).await
+    }
+
+    async fn messages_after(
+        &self,
+        owner: &str,
+        chat_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>, bool)>, StoreError> {
+        let mut tx = self.pool.begin_with(BEGIN_READ).await?;
+        let Some(chat) = owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE chat_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        ))
+        .bind(chat_id)
+        .bind(i64::try_from(after_seq).unwrap_or(i64::MAX))
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut messages: Vec<MessageRecord> = rows.iter().map(message_record).collect();
+        let has_more = messages.len() > limit as usize;
+        messages.truncate(limit as usize);
+        Ok(Some((chat, messages, has_more)))
+    }
+
+    async fn latest_messages(
+        &self,
+        owner: &str,
+        chat_id: &str,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
+        let mut tx = self.pool.begin_with(BEGIN_READ).await?;
+        let Some(chat) = owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
+        let rows =
+            sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE chat_id = $1 ORDER BY seq DESC LIMIT $2"))
+                .bind(chat_id)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        let mut messages: Vec<MessageRecord> = rows.iter().map(message_record).collect();
+        messages.reverse();
+        Ok(Some((chat, messages)))
+    }
+
+    async fn wrapped_keys(&self) -> Result<Vec<(String, WrappedKey)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT 'chat:' || chat_id, chat_key, kek_id FROM chats \
+             UNION ALL SELECT 'user:' || user_id, wrapped, kek_id FROM user_keys",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), WrappedKey { wrapped: r.get(1), kek_id: r.get(2) })).collect())
+    }
+
+    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (key_ref, key) in keys {
+            let (sql, id) = match key_ref.split_once(':') {
+                Some(("chat", id)) => ("UPDATE chats SET chat_key = $2, kek_id = $3 WHERE chat_id = $1", id),
+                Some(("user", id)) => ("UPDATE user_keys SET wrapped = $2, kek_id = $3 WHERE user_id = $1", id),
+                _ => return Err(StoreError::Backend(format!("unknown key slot {key_ref}"))),
+            };
+            sqlx::query(sql).bind(id).bind(&key.wrapped).bind(&key.kek_id).execute(&mut *tx).await?;
+        }
+        sqlx::query(
+            "INSERT INTO meta (name, value) VALUES ('kek_check', $1) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(check)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn key_check(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query("SELECT value FROM meta WHERE name = 'kek_check'").fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn init_key_check(&self, check: &[u8]) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO meta (name, value) VALUES ('kek_check', $1) ON CONFLICT DO NOTHING")
+            .bind(check)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

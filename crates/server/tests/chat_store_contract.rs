@@ -1,0 +1,610 @@
+//! The `ChatStore` contract (chats, messages, tombstones, wrapped keys): every backend must pass these.
+//! Each case is a generic async fn run once per backend: the embedded SQLite store always; PostgreSQL in
+//! a schema of its own when `CHATSYNC_TEST_POSTGRES_URL` is set (see `backends/mod.rs`).
+//!
+//! The store sees only bytes: the "ciphertexts" here are plain test bytes.
+
+mod backends;
+
+use backends::TestBackend;
+use chatsync::store::chats::{ChatLookup, ChatRecord, ChatStore, Target, WrappedKey, WriteOp, WriteResult};
+use chatsync::store::StoreError;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+macro_rules! contract_suite {
+    ($backend:ident: $($case:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let Some(b) = super::backends::$backend().await else { return };
+                    super::$case(&b).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! contract_suites {
+    ($($case:ident),* $(,)?) => {
+        contract_suite!(sqlite: $($case),*);
+        contract_suite!(postgres: $($case),*);
+    };
+}
+
+contract_suites!(
+    title_creates_the_chat_and_increments_its_version,
+    drafts_set_clear_and_move_last_edited_forward_only,
+    delete_draft_needs_a_draft,
+    existing_targets_must_exist_and_be_the_writers,
+    create_targets_race_with_existing_and_deleted_chats,
+    offline_conditions_conflict_atomically,
+    messages_get_consecutive_seqs_and_duplicates_report_the_original,
+    message_pages_and_latest_messages,
+    delete_chat_leaves_a_tombstone_and_removes_messages_and_key,
+    chat_limit_is_enforced_on_creation_only,
+    chats_are_listed_most_recently_edited_first,
+    user_keys_are_stored_once,
+    key_rotation_rewraps_every_key_and_the_check,
+    concurrent_messages_to_one_chat_get_each_seq_once,
+    concurrent_creations_cannot_overshoot_the_chat_limit,
+    concurrent_conditional_writes_apply_once,
+    a_failing_write_fails_alone,
+    two_handles_on_one_database_share_the_truth,
+    writes_survive_reopening,
+);
+
+const NOW: i64 = 1_000;
+
+fn key(tag: &str) -> WrappedKey {
+    WrappedKey { wrapped: format!("wrapped-{tag}").into_bytes(), kek_id: "k1".into() }
+}
+
+fn create() -> Target {
+    Target::Create { key: key("chat"), max_chats: 100 }
+}
+
+fn title(owner: &str, chat: &str, text: &str, target: Target, cond: Option<i64>, now: i64) -> WriteOp {
+    WriteOp::Title {
+        owner: owner.into(),
+        chat_id: chat.into(),
+        title: text.as_bytes().to_vec(),
+        target,
+        if_version_at_most: cond,
+        now,
+    }
+}
+
+fn draft(owner: &str, chat: &str, text: Option<&str>, target: Target, cond: Option<i64>, now: i64) -> WriteOp {
+    WriteOp::Draft {
+        owner: owner.into(),
+        chat_id: chat.into(),
+        draft: text.map(|t| t.as_bytes().to_vec()),
+        target,
+        if_version_at_most: cond,
+        now,
+    }
+}
+
+fn delete_draft(owner: &str, chat: &str, target: Target, cond: Option<i64>) -> WriteOp {
+    WriteOp::DeleteDraft { owner: owner.into(), chat_id: chat.into(), target, if_version_at_most: cond }
+}
+
+fn message(owner: &str, chat: &str, id: &str, target: Target, now: i64) -> WriteOp {
+    WriteOp::Message {
+        owner: owner.into(),
+        chat_id: chat.into(),
+        message_id: id.into(),
+        content: format!("content-{id}").into_bytes(),
+        client_timestamp: Some(format!("\"ts-{id}\"")),
+        target,
+        now,
+    }
+}
+
+fn delete_chat(owner: &str, chat: &str) -> WriteOp {
+    WriteOp::DeleteChat { owner: owner.into(), chat_id: chat.into(), now: NOW }
+}
+
+async fn users(b: &TestBackend, ids: &[&str]) {
+    for id in ids {
+        b.backend.identity.create_user(id, false, 1).await.unwrap();
+    }
+}
+
+async fn write(s: &dyn ChatStore, op: WriteOp) -> WriteResult {
+    s.write(op).await.unwrap()
+}
+
+fn applied(r: WriteResult) -> ChatRecord {
+    match r {
+        WriteResult::Applied(chat) => chat,
+        other => panic!("expected Applied, got {other:?}"),
+    }
+}
+
+fn conflict(r: WriteResult) -> ChatRecord {
+    match r {
+        WriteResult::Conflict(chat) => chat,
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+}
+
+/// Appends a message and returns its seq.
+async fn append(s: &dyn ChatStore, owner: &str, chat: &str, id: &str) -> u64 {
+    match write(s, message(owner, chat, id, Target::Existing, NOW)).await {
+        WriteResult::Message { message, duplicate: false, .. } => message.seq,
+        other => panic!("expected a new message, got {other:?}"),
+    }
+}
+
+async fn title_creates_the_chat_and_increments_its_version(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s = b.backend.chats.as_ref();
+    let chat = applied(write(s, title("alice", "c1", "one", create(), None, 500)).await);
+    assert_eq!(chat.chat_id, "c1");
+    assert_eq!(chat.title.as_deref(), Some(&b"one"[..]));
+    assert_eq!((chat.title_v, chat.messages_v, chat.draft_v, chat.unread_count), (1, 0, 0, 0));
+    assert_eq!(chat.draft, None);
+    assert_eq!(chat.last_edited_ms, 500, "creation sets last_edited_ms");
+    assert_eq!(chat.key, key("chat"));
+    let chat = applied(write(s, title("alice", "c1", "two", Target::Existing, None, 900)).await);
+    assert_eq!(chat.title_v, 2);
+    assert_eq!(chat.last_edited_ms, 500, "a title change does not touch last_edited_ms");
+    assert_eq!(s.chat("alice", "c1").await.unwrap(), Some(chat.clone()));
+    assert_eq!(s.chats("alice").await.unwrap(), vec![chat]);
+    assert_eq!(s.chat_lookup("c1").await.unwrap(), ChatLookup::Exists { owner: "alice".into(), key: key("chat") });
+    assert_eq!(s.chat_lookup("c2").await.unwrap(), ChatLookup::Absent);
+}
+
+async fn drafts_set_clear_and_move_last_edited_forward_only(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s = b.backend.chats.as_ref();
+    let chat = applied(write(s, draft("alice", "c1", Some("d1"), create(), None, 500)).await);
+    assert_eq!(
+        (chat.draft.as_deref(), chat.draft_v, chat.title_v, chat.title.as_deref()),
+        (Some(&b"d1"[..]), 1, 0, None)
+    );
+    assert_eq!(chat.last_edited_ms, 500);
+    let chat = applied(write(s, draft("alice", "c1", Some("d2"), Target::Existing, None, 400)).await);
+    assert_eq!((chat.draft_v, chat.last_edited_ms), (2, 500), "last_edited_ms never decreases");
+    let chat = applied(write(s, draft("alice", "c1", None, Target::Existing, None, 700)).await);
+    assert_eq!((chat.draft, chat.draft_v, chat.last_edited_ms), (None, 3, 700));
+}
+
+async fn delete_draft_needs_a_draft(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s = b.backend.chats.as_ref();
+    // A chat this op creates has no draft: NoDraft, but the chat exists now.
+    match write(s, delete_draft("alice", "c1", create(), None)).await {
+        WriteResult::NoDraft(chat) => assert_eq!((chat.chat_id.as_str(), chat.draft_v), ("c1", 0)),
+        other => panic!("expected NoDraft, got {other:?}"),
+    }
+    assert!(s.chat("alice", "c1").await.unwrap().is_some());
+    match write(s, delete_draft("alice", "c1", Target::Existing, None)).await {
+        WriteResult::NoDraft(chat) => assert_eq!(chat.draft_v, 0),
+        other => panic!("expected NoDraft, got {other:?}"),
+    }
+    applied(write(s, draft("alice", "c1", Some("d"), Target::Existing, None, NOW)).await);
+    let chat = applied(write(s, delete_draft("alice", "c1", Target::Existing, None)).await);
+    assert_eq!((chat.draft, chat.draft_v), (None, 2));
+    assert!(matches!(write(s, delete_draft("alice", "c1", Target::Existing, None)).await, WriteResult::NoDraft(_)));
+}
+
+async fn existing_targets_must_exist_and_be_the_writers(b: &TestBackend) {
+    users(b, &["alice", "bob"]).await;
+    let s = b.backend.chats.as_ref();
+    applied(write(s, title("alice", "c1", "t", create(), None, NOW)).await);
+    applied(write(s, draft("alice", "c1", Some("d"), Target::Existing, None, NOW)).await);
+    for chat in ["c1", "nowhere"] {
+        let ops = [
+            title("bob", chat, "x", Target::Existing, None, NOW),
+            draft("bob", chat, Some("x"), Target::Existing, None, NOW),
+            draft("bob", chat, Some("x"), Target::Existing, Some(5), NOW),
+            delete_draft("bob", chat, Target::Existing, None),
+            message("bob", chat, "m", Target::Existing, NOW),
+            delete_chat("bob", chat),
+        ];
+        for op in ops {
+            let what = format!("{op:?}");
+            assert_eq!(write(s, op).await, WriteResult::NotFound, "{what}");
+        }
+    }
+    assert_eq!(s.chat("bob", "c1").await.unwrap(), None);
+    assert!(s.chats("bob").await.unwrap().is_empty());
+    assert_eq!(s.messages_after("bob", "c1", 0, 10).await.unwrap(), None);
+    assert_eq!(s.latest_messages("bob", "c1", 10).await.unwrap(), None);
+    let chat = s.chat("alice", "c1").await.unwrap().unwrap();
+    assert_eq!((chat.title_v, chat.draft_v, chat.messages_v), (1, 1, 0), "nothing changed");
+}
+
+async fn create_targets_race_with_existing_and_deleted_chats(b: &TestBackend) {
+    users(b, &["alice", "bob"]).await;
+    let s = b.backend.chats.as_ref();
+    applied(write(s, title("alice", "c1", "t", create(), None, NOW)).await);
+    let ops = |owner: &str, chat: &str| {
+        vec![
+            title(owner, chat, "x", create(), None, NOW),
+            draft(owner, chat, Some("x"), create(), None, NOW),
+            delete_draft(owner, chat, create(), None),
+            message(owner, chat, "m", create(), NOW),
+        ]
+    };
+    for op in ops("alice", "c1") {
+        assert_eq!(write(s, op).await, WriteResult::Raced, "the writer's own chat exists already");
+    }
+    for op in ops("bob", "c1") {
+        assert_eq!(write(s, op).await, WriteResult::NotFound, "another user's chat");
+    }
+    assert_eq!(write(s, delete_chat("alice", "c1")).await, WriteResult::Deleted);
+    for owner in ["alice", "bob"] {
+        for op in ops(owner, "c1") {
+            assert_eq!(write(s, op).await, WriteResult::NotFound, "a deleted id is never reused");
+        }
+    }
+    assert_eq!(s.chat_lookup("c1").await.unwrap(), ChatLookup::Deleted);
+}
+
+async fn offline_conditions_conflict_atomically(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s = b.backend.chats.as_ref();
+    applied(write(s, title("alice", "c1", "t1", create(), Some(0), NOW)).await);
+    applied(write(s, title("alice", "c1", "t2", Target::Existing, Some(1), NOW)).await);
+    let chat = conflict(write(s, title("alice", "c1", "stale", Target::Existing, Some(1), NOW)).await);
+    assert_eq!((chat.title.as_deref(), chat.title_v), (Some(&b"t2"[..]), 2), "the conflict carries the chat as it is");
+    applied(write(s, title("alice", "c1", "t3", Target::Existing, Some(7), NOW)).await);
+
+    applied(write(s, draft("alice", "c1", Some("d1"), Target::Existing, Some(0), NOW)).await);
+    let chat = conflict(write(s, draft("alice", "c1", Some("stale"), Target::Existing, Some(0), NOW)).await);
+    assert_eq!((chat.draft.as_deref(), chat.draft_v), (Some(&b"d1"[..]), 1));
+    let chat = conflict(write(s, delete_draft("alice", "c1", Target::Existing, Some(0))).await);
+    assert_eq!(chat.draft_v, 1);
+    let chat = applied(write(s, delete_draft("alice", "c1", Target::Existing, Some(1))).await);
+    assert_eq!((chat.draft, chat.draft_v), (None, 2));
+    // A chat created by the write has no version to conflict with.
+    applied(write(s, title("alice", "c2", "t", create(), Some(-1), NOW)).await);
+}
+
+async fn messages_get_consecutive_seqs_and_duplicates_report_the_original(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s = b.backend.chats.as_ref();
+    match write(s, message("alice", "c1", "m1", create(), 600)).await {
+        WriteResult::Message { chat, message, duplicate } => {
+            assert!(!duplicate);
+            assert_eq!((chat.messages_v, chat.last_edited_ms, message.seq), (1, 600, 1));
+            assert_eq!(message.content, b"content-m1");
+            assert_eq!(message.client_timestamp.as_deref(), Some("\"ts-m1\""));
+            assert_eq!(message.created_at_ms, 600);
+        }
+        other => panic!("expected a message, got {other:?}"),
+    }
+    assert_eq!(append(s, "alice", "c1", "m2").await, 2);
+    assert_eq!(append(s, "alice", "c1", "m3").await, 3);
+    let before = s.chat("alice", "c1").await.unwrap().unwrap();
+    let mut again = message("alice", "c1", "m1", Target::Existing, 9_999);
+    if let WriteOp::Message { content, .. } = &mut again {
+        *content = b"different".to_vec();
+    }
+    match write(s, again).await {
+        WriteResult::Message { chat, message, duplicate } => {
+            assert!(duplicate);
+            assert_eq!(chat, before, "a duplicate changes nothing");
+            assert_eq!((message.seq, message.content.as_slice(), message.created_at_ms), (1, &b"content-m1"[..], 600));
+        }
+        other => panic!("expected a duplicate, got {other:?}"),
+    }
+    // Message ids are unique per chat, not globally.
+    match write(s, message("alice", "c2", "m1", create(), NOW)).await {
+        WriteResult::Message { message, duplicate: false, .. } => assert_eq!(message.seq, 1),
+        other => panic!("expected a new message, got {other:?}"),
+    }
+}
+
+async fn message_pages_and_latest_messages(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s = b.backend.chats.as_ref();
+    applied(write(s, title("alice", "c1", "t", create(), None, NOW)).await);
+    let (chat, page, more) = s.messages_after("alice", "c1", 0, 10).await.unwrap().unwrap();
+    assert_eq!((chat.messages_v, page.len(), more), (0, 0, false));
+    for i in 1..=5 {
+        append(s, "alice", "c1", &format!("m{i}")).await;
+    }
+    let (chat, page, more) = s.messages_after("alice", "c1", 0, 2).await.unwrap().unwrap();
+    assert_eq!(chat.messages_v, 5);
+    assert_eq!(page.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+    assert!(more);
+    let (_, page, more) = s.messages_after("alice", "c1", 2, 3).await.unwrap().unwrap();
+    assert_eq!(page.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), ["m3", "m4", "m5"]);
+    assert!(!more, "exactly the rest");
+    let (_, page, more) = s.messages_after("alice", "c1", 5, 3).await.unwrap().unwrap();
+    assert!(page.is_empty() && !more);
+    let (_, page, _) = s.messages_after("alice", "c1", u64::MAX, 3).await.unwrap().unwrap();
+    assert!(page.is_empty());
+    let (chat, latest) = s.latest_messages("alice", "c1", 2).await.unwrap().unwrap();
+    assert_eq!(chat.messages_v, 5);
+    assert_eq!(latest.iter().map(|m| m.seq).collect::<Vec<_>>(), [4, 5], "oldest first");
+    assert_eq!(latest[1].content, b"content-m5");
+    let (_, all) = s.latest_messages("alice", "c1", 100).await.unwrap().unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(s.messages_after("alice", "nowhere", 0, 10).await.unwrap(), None);
+}
+
+async fn delete_chat_leaves_a_tombstone_and_removes_messages_and_key(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s = b.backend.chats.as_ref();
+    write(s, message("alice", "c1", "m1", create(), NOW)).await;
+    applied(write(s, draft("alice", "c1", Some("d"), Target::Existing, None, NOW)).await);
+    applied(write(s, title("alice", "c2", "t", create(), None, NOW)).await);
+    assert!(s.wrapped_keys().await.unwrap().iter().any(|(slot, _)| slot == "chat:c1"));
+    assert_eq!(write(s, delete_chat("alice", "c1")).await, WriteResult::Deleted);
+    assert_eq!(s.chat_lookup("c1").await.unwrap(), ChatLookup::Deleted);
+    assert_eq!(s.chat("alice", "c1").await.unwrap(), None);
+    assert_eq!(s.chats("alice").await.unwrap().iter().map(|c| c.chat_id.as_str()).collect::<Vec<_>>(), ["c2"]);
+    assert_eq!(s.messages_after("alice", "c1", 0, 10).await.unwrap(), None);
+    let slots: Vec<String> = s.wrapped_keys().await.unwrap().into_iter().map(|(slot, _)| slot).collect();
+    assert_eq!(slots, ["chat:c2"], "the deleted chat's key is gone with it");
+    assert_eq!(write(s, delete_chat("alice", "c1")).await, WriteResult::NotFound, "deleted once");
+    assert_eq!(write(s, message("alice", "c1", "m1", Target::Existing, NOW)).await, WriteResult::NotFound);
+}
+
+async fn chat_limit_is_enforced_on_creation_only(b: &TestBackend) {
+    users(b, &["alice", "bob"]).await;
+    let s = b.backend.chats.as_ref();
+    let limited = || Target::Create { key: key("chat"), max_chats: 2 };
+    applied(write(s, title("alice", "c1", "t", limited(), None, NOW)).await);
+    write(s, message("alice", "c2", "m", limited(), NOW)).await;
+    assert_eq!(write(s, title("alice", "c3", "t", limited(), None, NOW)).await, WriteResult::ChatLimit);
+    assert_eq!(write(s, message("alice", "c3", "m", limited(), NOW)).await, WriteResult::ChatLimit);
+    assert_eq!(s.chat_lookup("c3").await.unwrap(), ChatLookup::Absent, "nothing changed");
+    // Existing chats still take writes; other users have their own count.
+    applied(write(s, title("alice", "c1", "t2", Target::Existing, None, NOW)).await);
+    applied(write(s, title("bob", "b1", "t", limited(), None, NOW)).await);
+    // A deleted chat no longer counts.
+    assert_eq!(write(s, delete_chat("alice", "c1")).await, WriteResult::Deleted);
+    applied(write(s, draft("alice", "c3", Some("d"), limited(), None, NOW)).await);
+}
+
+async fn chats_are_listed_most_recently_edited_first(b: &TestBackend) {
+    users(b, &["alice", "bob"]).await;
+    let s = b.backend.chats.as_ref();
+    applied(write(s, title("alice", "b", "t", create(), None, 100)).await);
+    applied(write(s, title("alice", "a", "t", create(), None, 100)).await);
+    applied(write(s, title("alice", "c", "t", create(), None, 50)).await);
+    applied(write(s, title("bob", "z", "t", create(), None, 999)).await);
+    let order = |chats: Vec<ChatRecord>| chats.into_iter().map(|c| c.chat_id).collect::<Vec<_>>();
+    assert_eq!(order(s.chats("alice").await.unwrap()), ["a", "b", "c"], "ties by chat id");
+    write(s, message("alice", "c", "m", Target::Existing, 200)).await;
+    assert_eq!(order(s.chats("alice").await.unwrap()), ["c", "a", "b"]);
+    applied(write(s, draft("alice", "b", Some("d"), Target::Existing, None, 300)).await);
+    assert_eq!(order(s.chats("alice").await.unwrap()), ["b", "c", "a"]);
+    assert!(s.chats("nobody").await.unwrap().is_empty());
+}
+
+async fn user_keys_are_stored_once(b: &TestBackend) {
+    users(b, &["alice", "bob"]).await;
+    let s = b.backend.chats.as_ref();
+    assert_eq!(s.user_key("alice").await.unwrap(), None);
+    let first = write(s, WriteOp::UserKey { user_id: "alice".into(), candidate: key("a1") }).await;
+    assert_eq!(first, WriteResult::UserKey(key("a1")));
+    let second = write(s, WriteOp::UserKey { user_id: "alice".into(), candidate: key("a2") }).await;
+    assert_eq!(second, WriteResult::UserKey(key("a1")), "the key in force is kept");
+    assert_eq!(s.user_key("alice").await.unwrap(), Some(key("a1")));
+    assert_eq!(s.user_key("bob").await.unwrap(), None);
+}
+
+async fn key_rotation_rewraps_every_key_and_the_check(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s = b.backend.chats.as_ref();
+    assert_eq!(s.key_check().await.unwrap(), None);
+    s.init_key_check(b"check-1").await.unwrap();
+    s.init_key_check(b"check-other").await.unwrap();
+    assert_eq!(s.key_check().await.unwrap().as_deref(), Some(&b"check-1"[..]), "init keeps an existing check");
+    applied(write(s, title("alice", "c1", "t", create(), None, NOW)).await);
+    write(s, WriteOp::UserKey { user_id: "alice".into(), candidate: key("user") }).await;
+    let mut keys = s.wrapped_keys().await.unwrap();
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(keys, vec![("chat:c1".to_owned(), key("chat")), ("user:alice".to_owned(), key("user"))]);
+    let rewrapped: Vec<(String, WrappedKey)> = keys
+        .iter()
+        .map(|(slot, k)| (slot.clone(), WrappedKey { wrapped: [&k.wrapped[..], b"-r"].concat(), kek_id: "k2".into() }))
+        .collect();
+    s.rewrap_keys(&rewrapped, b"check-2").await.unwrap();
+    let mut after = s.wrapped_keys().await.unwrap();
+    after.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(after, rewrapped);
+    assert_eq!(s.key_check().await.unwrap().as_deref(), Some(&b"check-2"[..]));
+    assert_eq!(s.user_key("alice").await.unwrap().unwrap().kek_id, "k2");
+    match s.chat_lookup("c1").await.unwrap() {
+        ChatLookup::Exists { key, .. } => assert_eq!(key.wrapped, b"wrapped-chat-r"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.chat("alice", "c1").await.unwrap().unwrap().key.kek_id, "k2");
+    let bad = [("nonsense".to_owned(), key("x"))];
+    assert!(matches!(s.rewrap_keys(&bad, b"check-3").await, Err(StoreError::Backend(_))));
+    assert_eq!(s.key_check().await.unwrap().as_deref(), Some(&b"check-2"[..]), "a failed rotation changes nothing");
+}
+
+async fn concurrent_messages_to_one_chat_get_each_seq_once(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s: Arc<dyn ChatStore> = b.backend.chats.clone();
+    applied(write(s.as_ref(), title("alice", "c1", "t", create(), None, NOW)).await);
+    const N: usize = 64;
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { append(s.as_ref(), "alice", "c1", &format!("m{i}")).await })
+        })
+        .collect();
+    let mut seqs = BTreeSet::new();
+    for t in tasks {
+        assert!(seqs.insert(t.await.unwrap()), "each seq once");
+    }
+    assert_eq!(seqs, (1..=N as u64).collect::<BTreeSet<_>>());
+    let (chat, page, more) = s.messages_after("alice", "c1", 0, 1000).await.unwrap().unwrap();
+    assert_eq!((chat.messages_v, page.len(), more), (N as u64, N, false));
+    assert!(page.iter().enumerate().all(|(i, m)| m.seq == i as u64 + 1));
+    let ids: BTreeSet<_> = page.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(ids.len(), N);
+}
+
+async fn concurrent_creations_cannot_overshoot_the_chat_limit(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s: Arc<dyn ChatStore> = b.backend.chats.clone();
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let s = s.clone();
+            let op = title("alice", &format!("c{i}"), "t", Target::Create { key: key("k"), max_chats: 3 }, None, NOW);
+            tokio::spawn(async move { s.write(op).await.unwrap() })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            WriteResult::Applied(_) => created += 1,
+            WriteResult::ChatLimit => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, 3);
+    assert_eq!(s.chats("alice").await.unwrap().len(), 3);
+}
+
+async fn concurrent_conditional_writes_apply_once(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s: Arc<dyn ChatStore> = b.backend.chats.clone();
+    applied(write(s.as_ref(), title("alice", "c1", "t", create(), None, NOW)).await);
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let s = s.clone();
+            let op = title("alice", "c1", &format!("offline-{i}"), Target::Existing, Some(1), NOW);
+            tokio::spawn(async move { s.write(op).await.unwrap() })
+        })
+        .collect();
+    let mut winners = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            WriteResult::Applied(chat) => {
+                winners += 1;
+                assert_eq!(chat.title_v, 2);
+            }
+            WriteResult::Conflict(chat) => assert_eq!(chat.title_v, 2),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(winners, 1, "exactly one write passes the condition");
+}
+
+async fn a_failing_write_fails_alone(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s: Arc<dyn ChatStore> = b.backend.chats.clone();
+    applied(write(s.as_ref(), title("alice", "c1", "t", create(), None, NOW)).await);
+    // A chat for a user that does not exist violates a foreign key: that write fails, whatever batch it
+    // shares with the others.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let s = s.clone();
+            let op = if i % 4 == 0 {
+                title("ghost", &format!("g{i}"), "t", create(), None, NOW)
+            } else {
+                message("alice", "c1", &format!("m{i}"), Target::Existing, NOW)
+            };
+            tokio::spawn(async move { (i, s.write(op).await) })
+        })
+        .collect();
+    for t in tasks {
+        let (i, result) = t.await.unwrap();
+        if i % 4 == 0 {
+            assert!(result.is_err(), "{result:?}");
+        } else {
+            assert!(matches!(result, Ok(WriteResult::Message { duplicate: false, .. })), "{result:?}");
+        }
+    }
+    assert_eq!(s.chat("alice", "c1").await.unwrap().unwrap().messages_v, 12);
+    assert_eq!(s.chat_lookup("g0").await.unwrap(), ChatLookup::Absent);
+}
+
+async fn two_handles_on_one_database_share_the_truth(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let other = b.open_again().await;
+    let (one, two): (Arc<dyn ChatStore>, Arc<dyn ChatStore>) = (b.backend.chats.clone(), other.chats.clone());
+    applied(write(one.as_ref(), title("alice", "c1", "t", create(), None, NOW)).await);
+    assert_eq!(write(two.as_ref(), title("alice", "c1", "t", create(), None, NOW)).await, WriteResult::Raced);
+    // Two writers (two nodes) appending to one chat: each seq once.
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+            tokio::spawn(async move { append(s.as_ref(), "alice", "c1", &format!("m{i}")).await })
+        })
+        .collect();
+    let mut seqs = BTreeSet::new();
+    for t in tasks {
+        assert!(seqs.insert(t.await.unwrap()));
+    }
+    assert_eq!(seqs, (1..=40).collect::<BTreeSet<_>>());
+    // Duplicates are seen across handles.
+    match write(two.as_ref(), message("alice", "c1", "m0", Target::Existing, NOW)).await {
+        WriteResult::Message { duplicate, .. } => assert!(duplicate),
+        other => panic!("{other:?}"),
+    }
+    // Creations racing from two handles cannot overshoot the chat limit (c1 is one of the 3).
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let op = title("alice", &format!("n{i}"), "t", Target::Create { key: key("k"), max_chats: 3 }, None, NOW);
+            tokio::spawn(async move { s.write(op).await.unwrap() })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            WriteResult::Applied(_) => created += 1,
+            WriteResult::ChatLimit => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, 2);
+    // Conditional writes racing from two handles: exactly one passes.
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+            let op = draft("alice", "c1", Some("offline"), Target::Existing, Some(0), NOW);
+            tokio::spawn(async move { s.write(op).await.unwrap() })
+        })
+        .collect();
+    let mut winners = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            WriteResult::Applied(chat) => {
+                winners += 1;
+                assert_eq!(chat.draft_v, 1);
+            }
+            WriteResult::Conflict(chat) => assert_eq!(chat.draft_v, 1),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(write(two.as_ref(), delete_chat("alice", "c1")).await, WriteResult::Deleted);
+    assert_eq!(one.chat_lookup("c1").await.unwrap(), ChatLookup::Deleted);
+    other.identity.close().await;
+}
+
+async fn writes_survive_reopening(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    let s = b.backend.chats.as_ref();
+    write(s, message("alice", "c1", "m1", create(), NOW)).await;
+    applied(write(s, title("alice", "c1", "t", Target::Existing, None, NOW)).await);
+    write(s, WriteOp::UserKey { user_id: "alice".into(), candidate: key("u") }).await;
+    let before = s.chat("alice", "c1").await.unwrap().unwrap();
+    b.backend.identity.close().await;
+    assert!(matches!(
+        s.write(title("alice", "c1", "x", Target::Existing, None, NOW)).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    let reopened = b.open_again().await;
+    assert_eq!(reopened.chats.chat("alice", "c1").await.unwrap(), Some(before));
+    assert_eq!(reopened.chats.user_key("alice").await.unwrap(), Some(key("u")));
+    assert_eq!(append(reopened.chats.as_ref(), "alice", "c1", "m2").await, 2);
+    assert!(reopened.identity.user("alice").await.unwrap().is_some());
+    reopened.identity.close().await;
+}
