@@ -1,6 +1,7 @@
 //! Opening and reading bench connections: loopback-only targets, client sockets bound to one of
 //! several `127.0.0.x` source addresses (to get past the per-address ephemeral port limit), small
-//! tungstenite buffers, the `connected` greeting, a ramped opener and a generic frame reader.
+//! tungstenite buffers, the `connected` greeting, a ramped opener and a generic frame reader that
+//! tells closes the bench asked for (a reconnect) from closes it did not.
 //!
 //! Frames are read as plain JSON (`type`, `request_id`, `payload.code`), not as the typed protocol,
 //! so that the bench drives chatsync and peers whose greetings differ (e.g. without `limits`).
@@ -13,7 +14,7 @@ use indicatif::ProgressBar;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
@@ -246,12 +247,18 @@ impl FrameHandler for Ignore {
 pub struct CloseLog {
     closes: Mutex<BTreeMap<String, u64>>,
     open: AtomicUsize,
+    bench_closed: AtomicU64,
 }
 
 impl CloseLog {
     /// Connections currently open.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections that ended after the bench closed them itself (see [`Conn::closing`]); not in [`CloseLog::closes`].
+    pub fn bench_closed(&self) -> u64 {
+        self.bench_closed.load(Ordering::Relaxed)
     }
 
     /// Closes and errors seen (before the bench cancelled).
@@ -261,12 +268,14 @@ impl CloseLog {
 }
 
 /// Reads frames until the server closes or `cancel` fires; answers Pings (tungstenite does, while reading).
+/// An end after `closing` was set is counted as closed by the bench, not as a close.
 async fn read_loop<H: FrameHandler>(
     conn: usize,
     mut stream: SplitStream<Ws>,
     handler: Arc<H>,
     cancel: CancellationToken,
     log: Arc<CloseLog>,
+    closing: Arc<AtomicBool>,
 ) {
     log.open.fetch_add(1, Ordering::Relaxed);
     let ended = loop {
@@ -283,8 +292,38 @@ async fn read_loop<H: FrameHandler>(
     };
     log.open.fetch_sub(1, Ordering::Relaxed);
     if let Some(label) = ended {
-        *log.closes.lock().expect("close log lock").entry(label).or_default() += 1;
+        if closing.load(Ordering::Acquire) {
+            log.bench_closed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            *log.closes.lock().expect("close log lock").entry(label).or_default() += 1;
+        }
     }
+}
+
+/// Splits a greeted connection, starts its reader (index `conn`, frames to `handler`) and returns the
+/// write half and the flag to set before the bench closes it.
+pub fn attach<H: FrameHandler>(
+    conn: usize,
+    ws: Ws,
+    handler: Arc<H>,
+    cancel: CancellationToken,
+    log: Arc<CloseLog>,
+) -> (Sink, Arc<AtomicBool>) {
+    let (sink, stream) = ws.split();
+    let closing = Arc::new(AtomicBool::new(false));
+    tokio::spawn(read_loop(conn, stream, handler, cancel, log, closing.clone()));
+    (sink, closing)
+}
+
+/// Closes a connection on purpose: marks it as closed by the bench (so its reader does not count
+/// the end as a close), then sends a Close frame, bounded by `within`.
+pub async fn close_on_purpose(mut sink: Sink, closing: &AtomicBool, within: Duration) {
+    closing.store(true, Ordering::Release);
+    let _ = tokio::time::timeout(within, async {
+        let _ = sink.send(Message::Close(None)).await;
+        let _ = sink.close().await;
+    })
+    .await;
 }
 
 /// An open connection: its write half, what the greeting said, and how long connect + auth took.
@@ -297,6 +336,8 @@ pub struct Conn {
     pub latency: Duration,
     /// When the greeting arrived.
     pub at: Instant,
+    /// Set before the bench closes the connection on purpose (see [`close_on_purpose`]).
+    pub closing: Arc<AtomicBool>,
 }
 
 /// The outcome of [`open_many`].
@@ -343,9 +384,8 @@ pub async fn open_many<H: FrameHandler>(
             let r = connector.connect(&cred).await;
             progress.inc(1);
             let (ws, greeting, latency) = r?;
-            let (sink, stream) = ws.split();
-            tokio::spawn(read_loop(i, stream, handler, cancel, log));
-            Ok(Conn { sink, greeting, latency, at: Instant::now() })
+            let (sink, closing) = attach(i, ws, handler, cancel, log);
+            Ok(Conn { sink, greeting, latency, at: Instant::now(), closing })
         }));
     }
     let mut conns = Vec::with_capacity(creds.len());

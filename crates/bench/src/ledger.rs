@@ -1,6 +1,8 @@
 //! Completeness accounting for broadcasts: every update that the server did not reject must reach
 //! each other connection of its user exactly once. Counts expected, received (first copies),
 //! duplicates, missing, and deliveries the ledger cannot place (unknown update or wrong receiver).
+//! It also keeps, per receiver, how many expected deliveries are still outstanding, so that a
+//! connection can be closed and reopened (soak) only when nothing is in flight to it.
 
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -21,6 +23,7 @@ pub struct Ledger {
     seen: HashSet<(u32, UpdateKey)>,
     duplicates: u64,
     unexpected: u64,
+    pending: HashMap<u32, u64>,
 }
 
 /// What [`Ledger::delivered`] made of a delivery.
@@ -56,24 +59,55 @@ pub struct Completeness {
 impl Ledger {
     /// Records an update about to be sent, to be delivered to `receivers` (other connection indexes).
     pub fn sent(&mut self, key: UpdateKey, receivers: Vec<u32>) {
-        self.sent.insert(key, Sent { receivers, rejected: false });
+        for r in &receivers {
+            *self.pending.entry(*r).or_default() += 1;
+        }
+        if let Some(old) = self.sent.insert(key, Sent { receivers, rejected: false }) {
+            // A reused key: forget what the old entry still expected.
+            self.release(key, &old.receivers);
+        }
     }
 
     /// The server answered the update with an error: no deliveries are expected.
     pub fn rejected(&mut self, key: UpdateKey) {
-        if let Some(s) = self.sent.get_mut(&key) {
-            s.rejected = true;
+        let Some(s) = self.sent.get_mut(&key) else { return };
+        if s.rejected {
+            return;
         }
+        s.rejected = true;
+        let receivers = s.receivers.clone();
+        self.release(key, &receivers);
+    }
+
+    /// Drops the outstanding count of `key` at each receiver that has not received it yet.
+    fn release(&mut self, key: UpdateKey, receivers: &[u32]) {
+        for r in receivers {
+            if !self.seen.contains(&(*r, key)) {
+                if let Some(n) = self.pending.get_mut(r) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Expected deliveries to `receiver` that have not arrived yet (rejected updates excluded).
+    pub fn pending_for(&self, receiver: u32) -> u64 {
+        self.pending.get(&receiver).copied().unwrap_or(0)
     }
 
     /// A broadcast of `key` arrived at connection `receiver`.
     pub fn delivered(&mut self, receiver: u32, key: UpdateKey) -> Delivery {
-        let expected = self.sent.get(&key).is_some_and(|s| s.receivers.contains(&receiver));
-        if !expected {
+        let Some(s) = self.sent.get(&key).filter(|s| s.receivers.contains(&receiver)) else {
             self.unexpected += 1;
             return Delivery::Unexpected;
-        }
+        };
+        let rejected = s.rejected;
         if self.seen.insert((receiver, key)) {
+            if !rejected {
+                if let Some(n) = self.pending.get_mut(&receiver) {
+                    *n = n.saturating_sub(1);
+                }
+            }
             Delivery::First
         } else {
             self.duplicates += 1;
@@ -145,5 +179,27 @@ mod tests {
         assert_eq!((s.rejected, s.expected, s.missing), (1, 0, 0));
         l.delivered(1, (0, 0));
         assert_eq!(l.summary().unexpected, 1);
+    }
+
+    #[test]
+    fn pending_per_receiver() {
+        let mut l = Ledger::default();
+        l.sent((0, 0), vec![1, 2]);
+        l.sent((0, 1), vec![1, 2]);
+        l.sent((1, 0), vec![0, 2]);
+        assert_eq!((l.pending_for(0), l.pending_for(1), l.pending_for(2)), (1, 2, 3));
+        l.delivered(1, (0, 0));
+        l.delivered(1, (0, 0)); // a duplicate does not count twice
+        assert_eq!(l.pending_for(1), 1);
+        l.delivered(2, (0, 1));
+        l.rejected((0, 1)); // still expected at 1, not at 2 (already there)
+        l.rejected((0, 1)); // idempotent
+        assert_eq!((l.pending_for(1), l.pending_for(2)), (0, 2));
+        l.delivered(0, (1, 0));
+        l.delivered(2, (1, 0));
+        l.delivered(2, (0, 0));
+        assert_eq!((l.pending_for(0), l.pending_for(1), l.pending_for(2)), (0, 0, 0));
+        assert_eq!(l.pending_for(9), 0);
+        l.rejected((7, 7)); // unknown key: nothing happens
     }
 }

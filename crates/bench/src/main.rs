@@ -3,8 +3,10 @@
 //!
 //! Scenarios (subcommands): `idle` (how many authenticated idle connections, and what each costs the
 //! server), `fanout` (per-user broadcast latency and completeness), `saturate` (highest sustained
-//! `update_draft` rate with p99 under a target) and `sync` (`initial_sync_request` round trip for a
-//! user with many chats). Every scenario is bounded in connections and time and stops by itself.
+//! `update_draft` rate with p99 under a target), `sync` (`initial_sync_request` round trip for a
+//! user with many chats) and `soak` (10,000 connections held under mixed load; RSS drift, closes and
+//! deliveries judged, non-zero exit on failure). Every scenario is bounded in connections and time
+//! and stops by itself.
 
 mod connect;
 mod ledger;
@@ -45,6 +47,10 @@ enum Scenario {
     Saturate(scenarios::saturate::SaturateArgs),
     /// Populate one user with C chats, then time `initial_sync_request` (empty `chat_versions`) round trips.
     Sync(scenarios::sync::SyncArgs),
+    /// Hold U x D connections for --duration under a mixed open-loop load (writes, reads, reconnects)
+    /// and judge it: RSS drift over the steady window at most --max-drift-pct, no close the bench did
+    /// not ask for, every delivery exactly once, no error reply. Exits non-zero when it fails.
+    Soak(scenarios::soak::SoakArgs),
 }
 
 fn main() -> Result<()> {
@@ -56,19 +62,24 @@ fn main() -> Result<()> {
         let max_runtime = ctx.max_runtime();
         let run = async {
             match cli.scenario {
-                Scenario::Idle(a) => scenarios::idle::run(&ctx, a).await,
-                Scenario::Fanout(a) => scenarios::fanout::run(&ctx, a).await,
-                Scenario::Saturate(a) => scenarios::saturate::run(&ctx, a).await,
-                Scenario::Sync(a) => scenarios::sync::run(&ctx, a).await,
+                Scenario::Idle(a) => scenarios::idle::run(&ctx, a).await.map(|r| (r, true)),
+                Scenario::Fanout(a) => scenarios::fanout::run(&ctx, a).await.map(|r| (r, true)),
+                Scenario::Saturate(a) => scenarios::saturate::run(&ctx, a).await.map(|r| (r, true)),
+                Scenario::Sync(a) => scenarios::sync::run(&ctx, a).await.map(|r| (r, true)),
+                Scenario::Soak(a) => scenarios::soak::run(&ctx, a).await,
             }
         };
-        let report = tokio::select! {
+        let (report, passed) = tokio::select! {
             r = tokio::time::timeout(max_runtime, run) => match r {
                 Ok(r) => r?,
                 Err(_) => anyhow::bail!("stopped: the run exceeded --max-runtime ({} s)", max_runtime.as_secs()),
             },
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
         };
-        ctx.finish(report)
+        ctx.finish(report)?;
+        if !passed {
+            anyhow::bail!("the run FAILED its checks (see the verdict above)");
+        }
+        Ok(())
     })
 }

@@ -1,6 +1,6 @@
 //! Measurements: latency histograms (hdrhistogram, microseconds) with a per-second timeline, and
 //! sampling of the server process from /proc (VmRSS from `/proc/PID/status`, utime + stime from
-//! `/proc/PID/stat`).
+//! `/proc/PID/stat`), and the RSS drift of a window of those samples (soak).
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -244,6 +244,13 @@ impl ProcMonitor {
         Some(s)
     }
 
+    /// Every sample so far, in time order (sampling goes on).
+    pub fn snapshot(&self) -> Vec<ProcSample> {
+        let mut v = self.samples.lock().expect("samples lock").clone();
+        v.sort_by(|a, b| a.t.total_cmp(&b.t));
+        v
+    }
+
     /// Stops sampling and returns every sample, in time order.
     pub fn finish(mut self) -> Vec<ProcSample> {
         self.stop.cancel();
@@ -254,6 +261,81 @@ impl ProcMonitor {
         v.sort_by(|a, b| a.t.total_cmp(&b.t));
         v
     }
+}
+
+/// The server's RSS and CPU over a window of samples (the steady part of a soak).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RssWindow {
+    /// Window start and end, seconds since the monitor started.
+    pub from_t: f64,
+    /// See `from_t`.
+    pub to_t: f64,
+    /// Samples in the window.
+    pub samples: usize,
+    /// RSS at the start: the median of the samples in the first `edge` seconds, KiB.
+    pub start_kib: u64,
+    /// RSS at the end: the median of the samples in the last `edge` seconds, KiB.
+    pub end_kib: u64,
+    /// Smallest sample in the window, KiB.
+    pub min_kib: u64,
+    /// Largest sample in the window, KiB.
+    pub max_kib: u64,
+    /// (end − start) / start, percent: positive when RSS grew.
+    pub drift_pct: f64,
+    /// Least-squares slope of RSS over the window, KiB per minute.
+    pub slope_kib_per_min: f64,
+    /// CPU seconds used in the window.
+    pub cpu_secs: f64,
+    /// CPU used as a share of one core, percent (100 = one core busy).
+    pub cpu_pct_of_core: f64,
+}
+
+fn median(mut v: Vec<u64>) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    Some(v[v.len() / 2])
+}
+
+/// The RSS window of `samples` between `from_t` and `to_t` (seconds, inclusive), with start and end
+/// taken as medians over `edge` seconds at each end (a single sample can catch a transient burst).
+/// `None` when the window holds fewer than two samples or the start is zero.
+pub fn rss_window(samples: &[ProcSample], from_t: f64, to_t: f64, edge: f64) -> Option<RssWindow> {
+    let w: Vec<&ProcSample> = samples.iter().filter(|s| s.t >= from_t && s.t <= to_t).collect();
+    if w.len() < 2 {
+        return None;
+    }
+    let edge = edge.max(0.0);
+    let start_kib = median(w.iter().filter(|s| s.t <= from_t + edge).map(|s| s.rss_kib).collect())?;
+    let end_kib = median(w.iter().filter(|s| s.t >= to_t - edge).map(|s| s.rss_kib).collect())?;
+    if start_kib == 0 {
+        return None;
+    }
+    let n = w.len() as f64;
+    let (mt, mr) = (w.iter().map(|s| s.t).sum::<f64>() / n, w.iter().map(|s| s.rss_kib as f64).sum::<f64>() / n);
+    let (mut num, mut den) = (0.0, 0.0);
+    for s in &w {
+        num += (s.t - mt) * (s.rss_kib as f64 - mr);
+        den += (s.t - mt) * (s.t - mt);
+    }
+    let slope_per_sec = if den > 0.0 { num / den } else { 0.0 };
+    let (first, last) = (w[0], w[w.len() - 1]);
+    let cpu_secs = last.cpu_secs - first.cpu_secs;
+    let span = last.t - first.t;
+    Some(RssWindow {
+        from_t,
+        to_t,
+        samples: w.len(),
+        start_kib,
+        end_kib,
+        min_kib: w.iter().map(|s| s.rss_kib).min().unwrap_or(0),
+        max_kib: w.iter().map(|s| s.rss_kib).max().unwrap_or(0),
+        drift_pct: (end_kib as f64 - start_kib as f64) * 100.0 / start_kib as f64,
+        slope_kib_per_min: slope_per_sec * 60.0,
+        cpu_secs,
+        cpu_pct_of_core: if span > 0.0 { cpu_secs * 100.0 / span } else { 0.0 },
+    })
 }
 
 /// This process's own RSS in KiB (for reporting what the bench itself used).
@@ -284,6 +366,31 @@ mod tests {
         let (rss, cpu) = read_proc(std::process::id()).unwrap();
         assert!(rss > 0);
         assert!(cpu >= 0.0);
+    }
+
+    #[test]
+    fn rss_window_drift_slope_and_edges() {
+        let s = |t: f64, rss: u64| ProcSample { t, rss_kib: rss, cpu_secs: t / 2.0 };
+        // Flat at 100,000 KiB with one spike at the start edge: the median ignores it.
+        let mut v: Vec<ProcSample> = (0..=100).map(|t| s(t as f64, 100_000)).collect();
+        v[11].rss_kib = 150_000;
+        let w = rss_window(&v, 10.0, 90.0, 5.0).unwrap();
+        assert_eq!((w.start_kib, w.end_kib, w.min_kib, w.max_kib), (100_000, 100_000, 100_000, 150_000));
+        assert_eq!(w.samples, 81);
+        assert!(w.drift_pct.abs() < 1e-9);
+        assert!((w.cpu_secs - 40.0).abs() < 1e-9 && (w.cpu_pct_of_core - 50.0).abs() < 1e-9, "{w:?}");
+        // Growing 60 KiB per second: 3,600 KiB per minute; 100 s from 100,000 to 106,000 = +6%.
+        let v: Vec<ProcSample> = (0..=100).map(|t| s(t as f64, 100_000 + 60 * t)).collect();
+        let w = rss_window(&v, 0.0, 100.0, 0.0).unwrap();
+        assert_eq!((w.start_kib, w.end_kib), (100_000, 106_000));
+        assert!((w.drift_pct - 6.0).abs() < 1e-9, "{w:?}");
+        assert!((w.slope_kib_per_min - 3600.0).abs() < 1e-6, "{w:?}");
+        // Shrinking is negative drift.
+        let v = vec![s(0.0, 200), s(1.0, 190), s(2.0, 180)];
+        assert!((rss_window(&v, 0.0, 2.0, 0.0).unwrap().drift_pct + 10.0).abs() < 1e-9);
+        // Too few samples, or none at an edge.
+        assert!(rss_window(&v, 5.0, 9.0, 1.0).is_none());
+        assert!(rss_window(&[s(0.0, 0), s(1.0, 5)], 0.0, 1.0, 0.0).is_none());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Open-loop send schedules, computed upfront so that a slow server cannot slow the load down, and
-//! the message-type mix of the fan-out scenario. All times are microseconds from the scenario start.
+//! the request mix of the fan-out and soak scenarios (writes that are broadcast, and reads answered
+//! to the sender only). All times are microseconds from the scenario start.
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -33,7 +34,7 @@ pub fn conn_offsets(i: usize, n: usize, rate: f64, duration_secs: f64) -> Vec<u6
         .collect()
 }
 
-/// The kinds of update the fan-out scenario sends.
+/// The kinds of request the fan-out and soak scenarios send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpdateKind {
@@ -43,9 +44,20 @@ pub enum UpdateKind {
     Message,
     /// `update_title` → ALL `chat_title_updated`.
     Title,
+    /// `initial_sync_request` (empty `chat_versions`) → SELF `initial_sync_response`; nothing broadcast.
+    Sync,
+    /// `get_chat_messages` → SELF `chat_messages_response`; nothing broadcast.
+    History,
 }
 
-/// Relative weights of the update kinds.
+impl UpdateKind {
+    /// Whether the server broadcasts this request to the user's other connections.
+    pub fn is_write(self) -> bool {
+        matches!(self, UpdateKind::Draft | UpdateKind::Message | UpdateKind::Title)
+    }
+}
+
+/// Relative weights of the request kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Mix {
     /// Weight of `update_draft`.
@@ -54,14 +66,18 @@ pub struct Mix {
     pub message: u32,
     /// Weight of `update_title`.
     pub title: u32,
+    /// Weight of `initial_sync_request`.
+    pub sync: u32,
+    /// Weight of `get_chat_messages`.
+    pub history: u32,
 }
 
 impl FromStr for Mix {
     type Err = anyhow::Error;
 
-    /// `draft=60,message=30,title=10` (missing kinds weigh 0; at least one must be positive).
+    /// `draft=60,message=30,title=10[,sync=N,history=N]` (missing kinds weigh 0; at least one must be positive).
     fn from_str(s: &str) -> Result<Mix> {
-        let mut mix = Mix { draft: 0, message: 0, title: 0 };
+        let mut mix = Mix { draft: 0, message: 0, title: 0, sync: 0, history: 0 };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').context("mix entries are KIND=WEIGHT")?;
             let v: u32 = v.trim().parse().with_context(|| format!("bad weight in {part:?}"))?;
@@ -69,10 +85,12 @@ impl FromStr for Mix {
                 "draft" | "update_draft" => mix.draft = v,
                 "message" | "chat_message_added" => mix.message = v,
                 "title" | "update_title" => mix.title = v,
-                other => bail!("unknown kind {other:?} (draft, message, title)"),
+                "sync" | "initial_sync_request" => mix.sync = v,
+                "history" | "get_chat_messages" => mix.history = v,
+                other => bail!("unknown kind {other:?} (draft, message, title, sync, history)"),
             }
         }
-        if mix.draft as u64 + mix.message as u64 + mix.title as u64 == 0 {
+        if mix.total() == 0 {
             bail!("the mix needs at least one positive weight");
         }
         Ok(mix)
@@ -87,18 +105,36 @@ fn splitmix64(mut x: u64) -> u64 {
 }
 
 impl Mix {
+    /// Sum of the weights.
+    pub fn total(&self) -> u64 {
+        [self.draft, self.message, self.title, self.sync, self.history].iter().map(|&w| w as u64).sum()
+    }
+
     /// The kind of the `k`-th send of user `u`: deterministic, and in the mix's proportions overall.
     pub fn pick(&self, u: u64, k: u64) -> UpdateKind {
-        let total = self.draft as u64 + self.message as u64 + self.title as u64;
-        let x = splitmix64(u.wrapping_mul(0x1_0000_0001).wrapping_add(k)) % total;
-        if x < self.draft as u64 {
-            UpdateKind::Draft
-        } else if x < self.draft as u64 + self.message as u64 {
-            UpdateKind::Message
-        } else {
-            UpdateKind::Title
+        let mut x = splitmix64(u.wrapping_mul(0x1_0000_0001).wrapping_add(k)) % self.total();
+        for (w, kind) in [
+            (self.draft, UpdateKind::Draft),
+            (self.message, UpdateKind::Message),
+            (self.title, UpdateKind::Title),
+            (self.sync, UpdateKind::Sync),
+        ] {
+            if x < w as u64 {
+                return kind;
+            }
+            x -= w as u64;
         }
+        UpdateKind::History
     }
+}
+
+/// A deterministic coin with probability `p` for the `k`-th step of user `u` (independent of [`Mix::pick`]).
+pub fn chance(u: u64, k: u64, p: f64) -> bool {
+    if p <= 0.0 {
+        return false;
+    }
+    let x = splitmix64(splitmix64(u ^ 0x5eed_5eed_0000_0000).wrapping_add(k));
+    ((x >> 11) as f64 / (1u64 << 53) as f64) < p
 }
 
 #[cfg(test)]
@@ -141,5 +177,31 @@ mod tests {
         assert_eq!("title=1".parse::<Mix>().unwrap().pick(7, 9), UpdateKind::Title);
         assert!("draft=0".parse::<Mix>().is_err());
         assert!("bogus=1".parse::<Mix>().is_err());
+    }
+
+    #[test]
+    fn mix_with_reads_keeps_proportions() {
+        let mixed: Mix = "draft=60,message=30,title=10,sync=50,history=50".parse().unwrap();
+        assert_eq!(mixed.total(), 200);
+        let mut counts = [0u32; 5];
+        for u in 0..100 {
+            for k in 0..100 {
+                counts[mixed.pick(u, k) as usize] += 1;
+            }
+        }
+        assert!((2700..3300).contains(&counts[0]), "{counts:?}");
+        assert!((2200..2800).contains(&counts[3]), "{counts:?}");
+        assert!((2200..2800).contains(&counts[4]), "{counts:?}");
+        assert!(!UpdateKind::Sync.is_write() && !UpdateKind::History.is_write() && UpdateKind::Title.is_write());
+        assert_eq!("get_chat_messages=1".parse::<Mix>().unwrap().pick(1, 2), UpdateKind::History);
+    }
+
+    #[test]
+    fn chance_has_the_asked_probability() {
+        let hits =
+            (0..100u64).flat_map(|u| (0..1000u64).map(move |k| (u, k))).filter(|&(u, k)| chance(u, k, 0.01)).count();
+        assert!((800..1200).contains(&hits), "{hits}");
+        assert!(!(0..1000).any(|k| chance(3, k, 0.0)));
+        assert!((0..1000).all(|k| chance(3, k, 1.0)));
     }
 }

@@ -4,6 +4,7 @@
 pub mod fanout;
 pub mod idle;
 pub mod saturate;
+pub mod soak;
 pub mod sync;
 
 use crate::connect::{check_url, Connector, Target};
@@ -120,6 +121,11 @@ impl Ctx {
     /// Samples the server now (when --server-pid was given).
     pub fn sample_server(&self) -> Option<ProcSample> {
         self.monitor.lock().expect("monitor lock").as_ref()?.sample()
+    }
+
+    /// The server samples so far (empty without --server-pid).
+    pub fn server_samples(&self) -> Vec<ProcSample> {
+        self.monitor.lock().expect("monitor lock").as_ref().map(ProcMonitor::snapshot).unwrap_or_default()
     }
 
     /// A progress bar of `len` steps (hidden with --no-progress or off a terminal).
