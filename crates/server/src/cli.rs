@@ -812,8 +812,8 @@ async fn closed_by_server(
             "another device (give the server's --data-dir or --database-url to see which)".to_owned()
         });
         format!(
-            ": this command sent --device-id {:?}, but the session is bound to {bound}; a session stays bound to the \
-             first device it is used with: use that device id, or issue a token for this one \
+            ": this command sent --device-id {:?}, but the session is bound to {bound} (at issue, or by its first \
+             connection); use that device id, or issue a token for this one \
              (`chatsync sessions issue <user_id> --device-id {}`)",
             args.device_id, args.device_id
         )
