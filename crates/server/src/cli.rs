@@ -654,10 +654,21 @@ async fn connect(args: ConnectArgs, config: Option<Config>) -> anyhow::Result<()
     if auth::device_hash_for_id(&args.device_id).is_none() {
         bail!("malformed --device-id: use 1-128 printable ASCII characters");
     }
+    // Registered now, before anything is printed, so that a Ctrl-C never meets the default handler.
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    #[cfg(unix)]
+    let ctrl_c = async move { interrupt.recv().await };
+    #[cfg(not(unix))]
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
     let opts = chatsync_client::ConnectOptions::new(&args.token, &args.device_id);
-    let mut client = match chatsync_client::Client::connect(&args.url, &opts).await {
-        Ok(client) => client,
-        Err(e) => bail!("cannot connect to {}: {}", args.url, connect_error(&e)),
+    let mut client = tokio::select! {
+        connected = chatsync_client::Client::connect(&args.url, &opts) => match connected {
+            Ok(client) => client,
+            Err(e) => bail!("cannot connect to {}: {}", args.url, connect_error(&e)),
+        },
+        _ = &mut ctrl_c => return Ok(()),
     };
     let (tx, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<String>>(64);
     std::thread::spawn(move || {
@@ -668,8 +679,6 @@ async fn connect(args: ConnectArgs, config: Option<Config>) -> anyhow::Result<()
             }
         }
     });
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     // Requests sent with a request_id and not answered yet (the last part of a reply answers).
     let mut pending: HashSet<String> = HashSet::new();
     let mut input_open = true;

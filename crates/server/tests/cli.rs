@@ -433,6 +433,31 @@ fn connect_exits_when_the_server_closes_without_waiting_for_input() {
 }
 
 #[test]
+fn connect_exits_0_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "laptop"])).trim().to_owned();
+    let (server, _lines, url) = serve(dir.path(), &[], None);
+    let mut client = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .args(["connect", "--url", &url, "--device-id", "laptop"])
+        .env("CHATSYNC_TOKEN", &token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = client.stdin.take().unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert!(out.next().expect("a greeting").unwrap().contains(r#""type":"connected""#));
+    let reader = std::thread::spawn(move || out.map_while(Result::ok).count());
+    Command::new("kill").args(["-INT", &client.id().to_string()]).status().unwrap();
+    let status = exit_of(&mut client);
+    drop(stdin);
+    reader.join().unwrap();
+    assert!(status.success(), "Ctrl-C is the user ending the session: {status:?}");
+    stop(server);
+}
+
+#[test]
 fn connect_to_no_server_says_so_once_with_the_url() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("ws://127.0.0.1:{port}/v1/ws");
