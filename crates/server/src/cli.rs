@@ -3,18 +3,22 @@
 
 use crate::config::{Config, LogFormat};
 use crate::gateway::auth;
-use crate::store::{self, now_millis, StoreError};
+use crate::store::{self, now_millis, Millis, SessionInfo, Store, StoreError};
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// chatsync: real-time sync gateway for multi-device chat applications.
 #[derive(Debug, Parser)]
 #[command(name = "chatsync", version, about, long_about = None)]
 pub struct Cli {
-    /// Options shared by every command.
+    /// The storage, cluster and log options, also accepted before the command (hidden in the help: each
+    /// command documents the ones it uses).
     #[command(flatten)]
     pub global: GlobalArgs,
     /// The command.
@@ -22,9 +26,48 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Options every command accepts (where the data lives, how to log).
+/// The options accepted before the command, as `chatsync --data-dir DIR users add alice` (scripts).
+/// After the command, each command accepts only the ones that apply to it.
 #[derive(Debug, Args, Serialize)]
 pub struct GlobalArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "CHATSYNC_CONFIG", value_name = "FILE", hide = true)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Data directory.
+    #[arg(long, env = "CHATSYNC_DATA_DIR", value_name = "DIR", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Store URL.
+    #[arg(long, env = "CHATSYNC_DATABASE_URL", value_name = "URL", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Redis URL of the bus.
+    #[arg(long, env = "CHATSYNC_REDIS_URL", value_name = "URL", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Bus channel prefix.
+    #[arg(long, env = "CHATSYNC_REDIS_PREFIX", value_name = "PREFIX", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_prefix: Option<String>,
+    /// Sharded pub/sub.
+    #[arg(long, env = "CHATSYNC_REDIS_SHARDED_PUBSUB", num_args = 0..=1, default_missing_value = "true", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_sharded_pubsub: Option<bool>,
+    /// Log format.
+    #[arg(long, env = "CHATSYNC_LOG_FORMAT", value_enum, hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter.
+    #[arg(long, env = "CHATSYNC_LOG_LEVEL", value_name = "FILTER", hide = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+/// Where the data lives (every command that opens the store).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Storage")]
+pub struct StorageArgs {
     /// TOML configuration file (keys as the long flags, with underscores).
     #[arg(long, global = true, env = "CHATSYNC_CONFIG", value_name = "FILE")]
     #[serde(skip)]
@@ -37,8 +80,14 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "CHATSYNC_DATABASE_URL", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+}
+
+/// The cluster bus (serve, and the commands that revoke sessions).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Cluster")]
+pub struct ClusterArgs {
     /// Cluster mode: Redis URL of the delivery bus shared by the nodes, `redis://HOST:PORT` [default: none,
-    /// a single node]. `sessions revoke` publishes the revocation on it.
+    /// a single node]. Revocations are published on it.
     #[arg(long, global = true, env = "CHATSYNC_REDIS_URL", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
@@ -50,12 +99,18 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "CHATSYNC_REDIS_SHARDED_PUBSUB", num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_sharded_pubsub: Option<bool>,
-    /// Log format [default: text].
-    #[arg(long, global = true, env = "CHATSYNC_LOG_FORMAT", value_enum)]
+}
+
+/// Server logs (`serve`).
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Logging")]
+pub struct LogArgs {
+    /// Log format (stderr) [default: text].
+    #[arg(long, env = "CHATSYNC_LOG_FORMAT", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
     /// Log filter, e.g. `info`, `debug`, `chatsync=debug` [default: info; RUST_LOG wins].
-    #[arg(long, global = true, env = "CHATSYNC_LOG_LEVEL", value_name = "FILTER")]
+    #[arg(long, env = "CHATSYNC_LOG_LEVEL", value_name = "FILTER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
 }
@@ -69,35 +124,105 @@ pub enum Command {
     /// while it runs: a second `serve`, or `keys rotate`, on the same directory stops with an error.
     Serve(ServeArgs),
     /// Manage users.
-    #[command(subcommand)]
-    Users(UsersCommand),
-    /// Issue and revoke sessions (login tokens).
-    #[command(subcommand)]
-    Sessions(SessionsCommand),
-    /// Inspect the devices known for a user.
-    #[command(subcommand)]
-    Devices(DevicesCommand),
+    Users(UsersArgs),
+    /// Issue, list and revoke sessions (login tokens).
+    Sessions(SessionsArgs),
+    /// List a user's devices; revoke one.
+    Devices(DevicesArgs),
     /// Manage the master key that wraps the data keys.
-    #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(KeysArgs),
     /// Connect to a server as a client: prints every server message as a JSON line, sends every JSON
-    /// line typed on stdin (e.g. {"type":"ping","request_id":"1"}).
+    /// line read from stdin (e.g. {"type":"ping","request_id":"1"}). Exits 0 at the end of the input
+    /// (once the requests that carry a request_id are answered) or on Ctrl-C; exits 1 with the close code
+    /// and reason when the server refuses or closes the connection.
     Connect(ConnectArgs),
+}
+
+/// `chatsync users`.
+#[derive(Debug, Args)]
+pub struct UsersArgs {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: UsersCommand,
+    /// Storage.
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// `chatsync sessions`.
+#[derive(Debug, Args)]
+pub struct SessionsArgs {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: SessionsCommand,
+    /// Storage.
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Cluster bus (revocations).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// `chatsync devices`.
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: DevicesCommand,
+    /// Storage.
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Cluster bus (revocations).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// `chatsync keys`.
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: KeysCommand,
+    /// Storage.
+    #[command(flatten)]
+    pub storage: StorageArgs,
 }
 
 /// `chatsync connect` options.
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
-    /// Session token (from `chatsync sessions issue`: `cs_…`). Any token is accepted, including old
-    /// ones that start with `-`.
+    /// Session token (from `chatsync sessions issue`: `cs_…`); prefer the environment variable, which
+    /// keeps the token out of `ps`. Any token is accepted, including old ones that start with `-`.
     #[arg(long, env = "CHATSYNC_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     pub token: String,
-    /// Device id sent as X-Device-Id.
-    #[arg(long, default_value = "cli")]
+    /// Device id sent as X-Device-Id (1-128 printable ASCII characters). A token issued without a device
+    /// is bound to the first device id it is used with, for good.
+    #[arg(long, value_name = "ID")]
     pub device_id: String,
     /// Server endpoint.
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
     pub url: String,
+    /// Where to look up which device a session is bound to.
+    #[command(flatten)]
+    pub storage: HintStorageArgs,
+}
+
+/// The store `connect` reads (never creates) to name the device a session is bound to.
+#[derive(Debug, Args, Serialize)]
+#[command(next_help_heading = "Storage (read only to explain a `Device mismatch`)")]
+pub struct HintStorageArgs {
+    /// TOML configuration file of the server.
+    #[arg(long, env = "CHATSYNC_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// The server's data directory [default: ./data].
+    #[arg(long, env = "CHATSYNC_DATA_DIR", value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// The server's store URL [default: sqlite://<data-dir>/chatsync.db].
+    #[arg(long, env = "CHATSYNC_DATABASE_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
 }
 
 /// `chatsync keys …`
@@ -111,120 +236,144 @@ pub enum KeysCommand {
     Rotate,
 }
 
-/// `chatsync serve` options.
+/// `chatsync serve` options, grouped under headings in `serve --help`.
 #[derive(Debug, Args, Serialize)]
 pub struct ServeArgs {
-    /// Address to listen on [default: 127.0.0.1:8080].
-    #[arg(long, env = "CHATSYNC_LISTEN", value_name = "ADDR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub listen: Option<SocketAddr>,
+    /// Storage.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub storage: StorageArgs,
     /// `full`: every write is fsynced before it is confirmed (survives power loss); `normal`: confirmed
     /// once it reaches the OS (survives a crash of chatsync, not of the machine) [default: full].
-    #[arg(long, env = "CHATSYNC_DURABILITY", value_enum)]
+    #[arg(long, help_heading = "Storage", env = "CHATSYNC_DURABILITY", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub durability: Option<crate::store::Durability>,
+    /// Cluster bus.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cluster: ClusterArgs,
     /// Largest accepted frame in bytes; larger closes with 1009 [default: 65536].
-    #[arg(long, env = "CHATSYNC_MAX_FRAME_BYTES", value_name = "BYTES")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_FRAME_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_frame_bytes: Option<u32>,
     /// Longest chat title, in characters [default: 255].
-    #[arg(long, env = "CHATSYNC_MAX_TITLE_CHARS", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_TITLE_CHARS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_title_chars: Option<u32>,
     /// Longest draft text, in characters [default: 7000].
-    #[arg(long, env = "CHATSYNC_MAX_DRAFT_CHARS", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_DRAFT_CHARS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_draft_chars: Option<u32>,
     /// Most words in a draft [default: 1000].
-    #[arg(long, env = "CHATSYNC_MAX_DRAFT_WORDS", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_DRAFT_WORDS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_draft_words: Option<u32>,
     /// Most changes in one sync_offline_changes [default: 500].
-    #[arg(long, env = "CHATSYNC_MAX_OFFLINE_CHANGES", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_OFFLINE_CHANGES", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_offline_changes: Option<u32>,
     /// Most chats in one request_chat_content_batch [default: 50].
-    #[arg(long, env = "CHATSYNC_MAX_BATCH_CHATS", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_BATCH_CHATS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_batch_chats: Option<u32>,
     /// Most messages in one page [default: 500].
-    #[arg(long, env = "CHATSYNC_MAX_PAGE_MESSAGES", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_PAGE_MESSAGES", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_page_messages: Option<u32>,
     /// Sustained requests per second per connection [default: 100].
-    #[arg(long, env = "CHATSYNC_RATE_PER_SEC", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_RATE_PER_SEC", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_per_sec: Option<u32>,
     /// Requests allowed in a burst above the rate [default: 200].
-    #[arg(long, env = "CHATSYNC_RATE_BURST", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_RATE_BURST", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_burst: Option<u32>,
-    /// Seconds between server Pings [default: 25].
-    #[arg(long, env = "CHATSYNC_PING_INTERVAL_SECS", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ping_interval_secs: Option<u64>,
-    /// Seconds of client silence before closing with 1001 [default: 60].
-    #[arg(long, env = "CHATSYNC_HEARTBEAT_TIMEOUT_SECS", value_name = "SECS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub heartbeat_timeout_secs: Option<u64>,
     /// Outbound queue bound per connection in bytes; beyond it 1013 [default: 1048576].
-    #[arg(long, env = "CHATSYNC_OUTBOX_MAX_BYTES", value_name = "BYTES")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_OUTBOX_MAX_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox_max_bytes: Option<usize>,
     /// Outbound queue bound per connection in messages; beyond it 1013 [default: 1024].
-    #[arg(long, env = "CHATSYNC_OUTBOX_MAX_MESSAGES", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_OUTBOX_MAX_MESSAGES", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox_max_messages: Option<usize>,
     /// Most connections on this node; beyond it 1013 `Server overloaded` [default: 100000].
-    #[arg(long, env = "CHATSYNC_MAX_CONNECTIONS", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_CONNECTIONS", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
-    /// Serve /metrics, /healthz and /readyz on this address only (e.g. 127.0.0.1:9090) instead of on
-    /// --listen next to /v1/ws.
-    #[arg(long, env = "CHATSYNC_METRICS_LISTEN", value_name = "ADDR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Most connections of one user on this node; beyond it 1013 `Too many connections` [default: 100].
-    #[arg(long, env = "CHATSYNC_MAX_CONNECTIONS_PER_USER", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_CONNECTIONS_PER_USER", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections_per_user: Option<usize>,
     /// Largest server frame; larger replies are split (`more`) or shortened [default: 1048576].
-    #[arg(long, env = "CHATSYNC_MAX_REPLY_BYTES", value_name = "BYTES")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_REPLY_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_reply_bytes: Option<u32>,
     /// Most chats one user may own; creating one more is `limit_exceeded` [default: 10000].
-    #[arg(long, env = "CHATSYNC_MAX_CHATS_PER_USER", value_name = "N")]
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_CHATS_PER_USER", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_chats_per_user: Option<u32>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, help_heading = "Network", env = "CHATSYNC_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Serve /metrics, /healthz and /readyz on this address only (e.g. 127.0.0.1:9090) instead of on
+    /// --listen next to /v1/ws.
+    #[arg(long, help_heading = "Network", env = "CHATSYNC_METRICS_LISTEN", value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Allowed Origin header values, comma-separated; others get HTTP 403. Cookie authentication is
     /// accepted only from an Origin in this list (none without it) [default: any Origin; no cookies].
-    #[arg(long, env = "CHATSYNC_ALLOWED_ORIGINS", value_name = "ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long,
+        help_heading = "Network",
+        env = "CHATSYNC_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,
+    /// Seconds between server Pings [default: 25].
+    #[arg(long, help_heading = "Network", env = "CHATSYNC_PING_INTERVAL_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ping_interval_secs: Option<u64>,
+    /// Seconds of client silence before closing with 1001 [default: 60].
+    #[arg(long, help_heading = "Network", env = "CHATSYNC_HEARTBEAT_TIMEOUT_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_timeout_secs: Option<u64>,
     /// Seconds between checks for sessions revoked elsewhere [default: 5].
-    #[arg(long, env = "CHATSYNC_SESSION_CHECK_INTERVAL_SECS", value_name = "SECS")]
+    #[arg(long, help_heading = "Network", env = "CHATSYNC_SESSION_CHECK_INTERVAL_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_check_interval_secs: Option<u64>,
     /// Seconds to wait for connections to drain on shutdown [default: 10].
-    #[arg(long, env = "CHATSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
+    #[arg(long, help_heading = "Network", env = "CHATSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_secs: Option<u64>,
     /// WebSocket read buffer per connection in bytes; larger frames are read in chunks of this size [default: 1024].
-    #[arg(long, env = "CHATSYNC_WS_READ_BUFFER_BYTES", value_name = "BYTES")]
+    #[arg(long, help_heading = "Network", env = "CHATSYNC_WS_READ_BUFFER_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ws_read_buffer_bytes: Option<usize>,
+    /// Logging.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub log: LogArgs,
 }
 
 /// `chatsync users …`
 #[derive(Debug, Subcommand)]
 pub enum UsersCommand {
-    /// Create a user.
+    /// Create a user (and the database, if there is none yet).
     Add {
         /// User id: 1-64 characters of [A-Za-z0-9_.@-].
         user_id: String,
         /// The user has two-factor authentication (device mismatches then say `2FA required`).
         #[arg(long)]
         tfa: bool,
+    },
+    /// List every user.
+    List {
+        /// Print a JSON array of {"user_id","tfa","created_at"} instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -236,7 +385,8 @@ pub enum SessionsCommand {
     Issue {
         /// The user.
         user_id: String,
-        /// Bind the session to this device id (as sent in X-Device-Id / device_id).
+        /// Bind the session to this device id (as sent in X-Device-Id / device_id); kept as the device's
+        /// label. Without a device, the session is bound to the first device it connects with.
         #[arg(long, value_name = "ID", conflicts_with = "device_hash")]
         device_id: Option<String>,
         /// Bind the session to this device hash (64 lowercase hex characters).
@@ -262,6 +412,15 @@ pub enum SessionsCommand {
         #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
     },
+    /// List a user's sessions (active, expired, revoked), newest first, with the device each is bound to.
+    List {
+        /// The user.
+        user_id: String,
+        /// Print a JSON array of {"session_id","state","device_label","device_hash","created_at",
+        /// "expires_at","revoked_at"} instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke the session of a token; its open connections close with 1008 `Session revoked`.
     Revoke {
         /// The token, as printed by `sessions issue` (`cs_…`). Any token is accepted, including old ones
@@ -274,50 +433,89 @@ pub enum SessionsCommand {
 /// `chatsync devices …`
 #[derive(Debug, Subcommand)]
 pub enum DevicesCommand {
-    /// List the devices known for a user, most recently seen first.
+    /// List the devices known for a user, most recently seen first, with their labels (the device id
+    /// the client gave).
     List {
         /// The user.
         user_id: String,
+        /// Print a JSON array of {"label","device_hash","first_seen","last_seen"} instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke every session of a user bound to a device. Its open connections close with 1008 `Session
+    /// revoked`: at once on every node with --redis-url, otherwise within the server's
+    /// --session-check-interval-secs.
+    Revoke {
+        /// The user.
+        user_id: String,
+        /// The device: its label (the device id) or its hash (64 lowercase hex characters).
+        device: String,
     },
 }
 
 impl Cli {
     /// The merged configuration for this invocation.
     pub fn config(&self) -> anyhow::Result<Config> {
-        let serve = match &self.command {
-            Command::Serve(args) => Some(args),
-            _ => None,
-        };
         let mut overrides: Vec<&dyn crate::config::erased::Overrides> = vec![&self.global];
-        if let Some(s) = serve {
-            overrides.push(s);
-        }
-        Config::load(self.global.config.as_deref(), &overrides).context("invalid configuration")
+        let file = match &self.command {
+            Command::Serve(a) => {
+                overrides.push(a);
+                a.storage.config.as_ref()
+            }
+            Command::Users(a) => {
+                overrides.push(&a.storage);
+                a.storage.config.as_ref()
+            }
+            Command::Sessions(a) => {
+                overrides.extend([&a.storage as &dyn crate::config::erased::Overrides, &a.cluster]);
+                a.storage.config.as_ref()
+            }
+            Command::Devices(a) => {
+                overrides.extend([&a.storage as &dyn crate::config::erased::Overrides, &a.cluster]);
+                a.storage.config.as_ref()
+            }
+            Command::Keys(a) => {
+                overrides.push(&a.storage);
+                a.storage.config.as_ref()
+            }
+            Command::Connect(a) => {
+                overrides.push(&a.storage);
+                a.storage.config.as_ref()
+            }
+        };
+        let file = file.or(self.global.config.as_ref());
+        Config::load(file.map(PathBuf::as_path), &overrides).context("invalid configuration")
     }
 }
 
 /// Runs the parsed command line. Output meant for scripts goes to stdout; logs go to stderr.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
-    let config = cli.config()?;
-    match cli.command {
+    let config = cli.config();
+    let command = match cli.command {
+        // The store is only read to explain a refusal: a configuration that does not load costs the hint.
+        Command::Connect(args) => return connect(args, config.ok()).await,
+        command => command,
+    };
+    let config = config?;
+    match command {
         Command::Serve(_) => {
             crate::logging::init(config.log_format, &config.log_level);
             serve(config).await
         }
-        Command::Users(cmd) => {
+        Command::Users(a) => {
             crate::logging::init(config.log_format, "warn");
-            users(config, cmd).await
+            users(config, a.command).await
         }
-        Command::Sessions(cmd) => {
+        Command::Sessions(a) => {
             crate::logging::init(config.log_format, "warn");
-            sessions(config, cmd).await
+            sessions(config, a.command).await
         }
-        Command::Devices(cmd) => {
+        Command::Devices(a) => {
             crate::logging::init(config.log_format, "warn");
-            devices(config, cmd).await
+            devices(config, a.command).await
         }
-        Command::Connect(args) => connect(args).await,
-        Command::Keys(KeysCommand::Rotate) => {
+        Command::Connect(_) => unreachable!("handled above"),
+        Command::Keys(KeysArgs { command: KeysCommand::Rotate, .. }) => {
             crate::logging::init(config.log_format, "warn");
             let backend = store::open_backend(&config.store_url(), config.durability).await?;
             let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
@@ -368,33 +566,293 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     crate::run(listener, ctx, shutdown_signal()).await
 }
 
-/// `chatsync connect`: a line-oriented WebSocket client for trying the protocol by hand.
-async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
-    use tokio::io::AsyncBufReadExt as _;
-    let opts = chatsync_client::ConnectOptions::new(&args.token, &args.device_id);
-    let mut client = chatsync_client::Client::connect(&args.url, &opts).await.context("cannot connect")?;
-    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    let mut stdin_open = true;
-    loop {
-        tokio::select! {
-            line = stdin.next_line(), if stdin_open => match line? {
-                Some(line) if line.trim().is_empty() => {}
-                Some(line) => client.send_text(line).await?,
-                None => stdin_open = false,
-            },
-            frame = client.recv_text() => match frame {
-                Ok(text) => println!("{text}"),
-                Err(chatsync_client::ClientError::Closed(close)) => {
-                    match close {
-                        Some((code, reason)) => eprintln!("closed by the server: {code} {reason}"),
-                        None => eprintln!("connection closed"),
-                    }
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            },
+/// The store URL as shown in messages: a password in it is replaced by `***`.
+pub fn shown_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Opens the store of a command that reads or changes existing data: unlike `users add` and `serve`, it
+/// never creates a database, so a command run from the wrong directory says where it looked instead of
+/// answering from a new, empty one. Returns the store and its URL as shown in messages.
+async fn open_existing(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String)> {
+    let url = config.store_url();
+    let shown = shown_url(&url);
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if !std::path::Path::new(path).is_file() {
+            bail!(
+                "no database at {shown}: run the command where `chatsync users add`/`serve` ran, or pass \
+                 --data-dir or --database-url (CHATSYNC_DATA_DIR, CHATSYNC_DATABASE_URL)"
+            );
         }
     }
+    let store = store::open(&url).await.with_context(|| format!("cannot open {shown}"))?;
+    Ok((store, shown))
+}
+
+/// Fails with "unknown user …" naming the store unless the user exists.
+async fn require_user(store: &dyn Store, user_id: &str, shown: &str) -> anyhow::Result<()> {
+    check_user_id(user_id)?;
+    if store.user(user_id).await?.is_none() {
+        bail!("unknown user {user_id} in {shown} (create it with `chatsync users add {user_id}`)");
+    }
+    Ok(())
+}
+
+/// RFC 3339 (seconds) of a store time.
+fn rfc3339(ms: Millis) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64))
+        .to_string()
+}
+
+/// Prints `value` as pretty JSON on stdout.
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Tells every node through the bus, when there is one, to close the sessions' connections now (they
+/// poll the store as a fallback).
+async fn publish_revocation(config: &Config, session_ids: Vec<String>) -> anyhow::Result<()> {
+    let Some(bus) = config.bus() else { return Ok(()) };
+    let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
+    let message = crate::cluster::BusMessage::SessionsRevoked { session_ids };
+    let published = match crate::keys::existing_master_key(&config.data_dir, env_key.as_deref())? {
+        Some(master) => crate::cluster::bus::publish_once(&bus, &master.derive("bus"), message).await,
+        None => Err(anyhow::anyhow!("no master key here (set CHATSYNC_MASTER_KEY)")),
+    };
+    if let Err(e) = published {
+        eprintln!(
+            "warning: could not tell the cluster through Redis ({e:#}); nodes close the connections at their \
+             next revocation check"
+        );
+    }
+    Ok(())
+}
+
+/// After the end of the input, how long `connect` waits without a frame before closing (server events
+/// that answer no request, such as the warm-up events, arrive meanwhile).
+const CONNECT_QUIET: Duration = Duration::from_millis(300);
+/// After the end of the input, how long `connect` waits without a frame for replies still missing.
+const CONNECT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `chatsync connect`: a line-oriented WebSocket client for trying the protocol by hand or from scripts.
+///
+/// stdin is read on a plain thread feeding a channel: tokio's stdin reads on a blocking thread that the
+/// runtime waits for at exit, so the process would wait for one more line before exiting.
+async fn connect(args: ConnectArgs, config: Option<Config>) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    use tokio::time::Instant;
+    if auth::device_hash_for_id(&args.device_id).is_none() {
+        bail!("malformed --device-id: use 1-128 printable ASCII characters");
+    }
+    // Registered now, before anything is printed, so that a Ctrl-C never meets the default handler.
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    #[cfg(unix)]
+    let ctrl_c = async move { interrupt.recv().await };
+    #[cfg(not(unix))]
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let opts = chatsync_client::ConnectOptions::new(&args.token, &args.device_id);
+    let mut client = tokio::select! {
+        connected = chatsync_client::Client::connect(&args.url, &opts) => match connected {
+            Ok(client) => client,
+            Err(e) => bail!("cannot connect to {}: {}", args.url, connect_error(&e)),
+        },
+        _ = &mut ctrl_c => return Ok(()),
+    };
+    let (tx, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<String>>(64);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let failed = line.is_err();
+            if tx.blocking_send(line).is_err() || failed {
+                break;
+            }
+        }
+    });
+    // Requests sent with a request_id and not answered yet (the last part of a reply answers).
+    let mut pending: HashSet<String> = HashSet::new();
+    let mut input_open = true;
+    let mut greeted = false;
+    let mut last_activity = Instant::now();
+    loop {
+        let wait = if pending.is_empty() { CONNECT_QUIET } else { CONNECT_REPLY_TIMEOUT };
+        // After the input ends (and once authenticated, so that a refusal is always reported).
+        let finishing = !input_open && greeted;
+        tokio::select! {
+            line = lines.recv(), if input_open => match line {
+                Some(Ok(line)) if line.trim().is_empty() => {}
+                Some(Ok(line)) => {
+                    if let Some(id) = request_id_of(&line) {
+                        pending.insert(id);
+                    }
+                    if let Err(e) = client.send_text(line).await {
+                        bail!("connection to {} lost: {}", args.url, connect_error(&e));
+                    }
+                    last_activity = Instant::now();
+                }
+                Some(Err(e)) => bail!("cannot read stdin: {e}"),
+                None => {
+                    input_open = false;
+                    last_activity = Instant::now();
+                }
+            },
+            frame = client.recv_text() => match frame {
+                Ok(text) => {
+                    if let Err(e) = print_line(&text) {
+                        close_politely(&mut client).await;
+                        // The reader is gone (`chatsync connect … | head -1`): nothing left to do.
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            return Ok(());
+                        }
+                        bail!("cannot write to stdout: {e}");
+                    }
+                    last_activity = Instant::now();
+                    greeted |= text.contains(r#""type":"connected""#);
+                    if let Some(id) = final_reply_id(&text) {
+                        pending.remove(&id);
+                    }
+                }
+                Err(chatsync_client::ClientError::Closed(close)) => {
+                    return closed_by_server(close, &args, config.as_ref()).await;
+                }
+                Err(e) => bail!("connection to {} lost: {}", args.url, connect_error(&e)),
+            },
+            _ = &mut ctrl_c => {
+                close_politely(&mut client).await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep_until(last_activity + wait), if finishing => {
+                close_politely(&mut client).await;
+                if !pending.is_empty() {
+                    let mut ids: Vec<_> = pending.into_iter().collect();
+                    ids.sort();
+                    bail!("no reply to request_id {} within {} s", ids.join(", "), wait.as_secs());
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Prints one line on stdout and flushes it (a script reads the replies as they come).
+fn print_line(text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
+/// The `request_id` of a JSON line typed by the user, if any.
+fn request_id_of(line: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    match value.get("request_id")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The `request_id` a server message answers, unless more parts of the reply follow.
+fn final_reply_id(text: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    if value.pointer("/payload/more").and_then(serde_json::Value::as_bool) == Some(true) {
+        return None;
+    }
+    request_id_of(text)
+}
+
+/// Closes with 1000 and waits (briefly) for the server's answer.
+async fn close_politely(client: &mut chatsync_client::Client) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.close_with(1000, "")).await;
+}
+
+/// Why a connection attempt failed, in one short phrase (the error chain repeats itself otherwise).
+fn connect_error(e: &chatsync_client::ClientError) -> String {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    if let chatsync_client::ClientError::Ws(WsError::Http(response)) = e {
+        return format!("the server answered HTTP {} instead of a WebSocket upgrade", response.status());
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused (is `chatsync serve` running?)".into(),
+                _ => io.to_string(),
+            };
+        }
+        source = err.source();
+    }
+    match e {
+        chatsync_client::ClientError::Ws(inner) => inner.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// The outcome of a close sent by the server: 1000 ends the command normally, anything else is an error
+/// that says the code and reason, with a hint for the refusals a newcomer meets.
+async fn closed_by_server(
+    close: Option<(u16, String)>,
+    args: &ConnectArgs,
+    config: Option<&Config>,
+) -> anyhow::Result<()> {
+    let Some((code, reason)) = close else {
+        bail!("the server closed the connection without a close frame");
+    };
+    if code == 1000 {
+        eprintln!("closed by the server: {code} {reason}");
+        return Ok(());
+    }
+    let hint = if reason.starts_with("Device mismatch") {
+        let bound = match config {
+            Some(config) => bound_device(config, &args.token).await,
+            None => None,
+        };
+        let bound = bound.unwrap_or_else(|| {
+            "another device (give the server's --data-dir or --database-url to see which)".to_owned()
+        });
+        format!(
+            ": this command sent --device-id {:?}, but the session is bound to {bound} (at issue, or by its first \
+             connection); use that device id, or issue a token for this one \
+             (`chatsync sessions issue <user_id> --device-id {}`)",
+            args.device_id, args.device_id
+        )
+    } else if reason == "Invalid session" {
+        ": the token is unknown, expired or revoked (issue one with `chatsync sessions issue <user_id> --device-id ID`)"
+            .to_owned()
+    } else {
+        String::new()
+    };
+    bail!("closed by the server: {code} {reason}{hint}")
+}
+
+/// The device the session of `token` is bound to, by label (or hash), read from the store when there
+/// is one at the configured place (never created).
+async fn bound_device(config: &Config, token: &str) -> Option<String> {
+    let url = config.store_url();
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if !std::path::Path::new(path).is_file() {
+            return None;
+        }
+    }
+    let store = store::open(&url).await.ok()?;
+    let session = store.session_by_token_hash(&auth::token_hash(token)).await.ok()??;
+    let hash = session.device_hash?;
+    let label = store.devices(&session.user_id).await.ok()?.into_iter().find(|d| d.device_hash == hash)?.label;
+    store.close().await;
+    Some(match label {
+        Some(label) => format!("device {label:?}"),
+        None => format!("a device without a label (hash {hash})"),
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -434,16 +892,42 @@ fn check_user_id(id: &str) -> anyhow::Result<()> {
 }
 
 async fn users(config: Config, cmd: UsersCommand) -> anyhow::Result<()> {
-    let UsersCommand::Add { user_id, tfa } = cmd;
-    check_user_id(&user_id)?;
-    let store = store::open(&config.store_url()).await?;
-    match store.create_user(&user_id, tfa, now_millis()).await {
-        Ok(()) => {
-            eprintln!("created user {user_id}{}", if tfa { " (2FA)" } else { "" });
+    match cmd {
+        UsersCommand::Add { user_id, tfa } => {
+            check_user_id(&user_id)?;
+            let store = store::open(&config.store_url()).await?;
+            match store.create_user(&user_id, tfa, now_millis()).await {
+                Ok(()) => {
+                    eprintln!("created user {user_id}{}", if tfa { " (2FA)" } else { "" });
+                    Ok(())
+                }
+                Err(StoreError::AlreadyExists) => {
+                    bail!("user {user_id} already exists in {}", shown_url(&config.store_url()))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        UsersCommand::List { json } => {
+            let (store, _) = open_existing(&config).await?;
+            let users = store.users().await?;
+            if json {
+                let list: Vec<_> = users
+                    .iter()
+                    .map(|u| serde_json::json!({"user_id": u.user_id, "tfa": u.tfa_enabled, "created_at": rfc3339(u.created_at)}))
+                    .collect();
+                return print_json(&serde_json::Value::Array(list));
+            }
+            println!("{:<24}  {:<3}  {:<20}", "USER_ID", "2FA", "CREATED");
+            for u in users {
+                println!(
+                    "{:<24}  {:<3}  {:<20}",
+                    u.user_id,
+                    if u.tfa_enabled { "yes" } else { "no" },
+                    rfc3339(u.created_at)
+                );
+            }
             Ok(())
         }
-        Err(StoreError::AlreadyExists) => bail!("user {user_id} already exists"),
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -451,13 +935,13 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
     match cmd {
         SessionsCommand::Issue { user_id, device_id, device_hash, ttl } => {
             check_user_id(&user_id)?;
-            let device_hash = match (device_id, device_hash) {
+            let device_hash = match (&device_id, device_hash) {
                 (Some(id), _) => Some(
-                    auth::device_hash_for_id(&id)
+                    auth::device_hash_for_id(id)
                         .ok_or_else(|| anyhow::anyhow!("malformed device id: use 1-128 printable ASCII characters"))?,
                 ),
                 (None, Some(h)) => {
-                    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                    if !is_device_hash(&h) {
                         bail!("malformed device hash: use 64 lowercase hex characters");
                     }
                     Some(h)
@@ -467,14 +951,16 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
             if ttl.is_zero() {
                 bail!("--ttl must be greater than zero");
             }
-            let store = store::open(&config.store_url()).await?;
-            match auth::issue_session(store.as_ref(), &user_id, device_hash, ttl).await {
-                Ok(token) => {
+            let (store, shown) = open_existing(&config).await?;
+            let (token, mut session) = auth::new_session(&user_id, device_hash, ttl);
+            session.device_label = device_id;
+            match store.create_session(&session).await {
+                Ok(()) => {
                     println!("{token}");
                     Ok(())
                 }
                 Err(StoreError::NotFound) => {
-                    bail!("unknown user {user_id} (create it with `chatsync users add {user_id}`)")
+                    bail!("unknown user {user_id} in {shown} (create it with `chatsync users add {user_id}`)")
                 }
                 Err(e) => Err(e.into()),
             }
@@ -491,10 +977,11 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
                 for d in 0..devices {
                     let device_id = format!("{user_id}-d{d}");
                     let hash = auth::device_hash_for_id(&device_id).expect("generated device ids are valid");
-                    let (token, session) = auth::new_session(user_id, Some(hash), ttl);
+                    let (token, mut session) = auth::new_session(user_id, Some(hash), ttl);
                     let line = serde_json::json!({"user_id": user_id, "device_id": device_id, "token": token});
                     lines.push_str(&line.to_string());
                     lines.push('\n');
+                    session.device_label = Some(device_id);
                     sessions.push(session);
                 }
             }
@@ -504,47 +991,146 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
             std::io::stdout().lock().write_all(lines.as_bytes())?;
             Ok(())
         }
+        SessionsCommand::List { user_id, json } => {
+            let (store, shown) = open_existing(&config).await?;
+            require_user(store.as_ref(), &user_id, &shown).await?;
+            let now = now_millis();
+            let state = |s: &SessionInfo| {
+                if s.revoked_at.is_some() {
+                    "revoked"
+                } else if s.expires_at.is_some_and(|t| t <= now) {
+                    "expired"
+                } else {
+                    "active"
+                }
+            };
+            let list = store.sessions_of(&user_id).await?;
+            if json {
+                let list: Vec<_> = list
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "session_id": s.session_id,
+                            "state": state(s),
+                            "device_label": s.device_label,
+                            "device_hash": s.device_hash,
+                            "created_at": rfc3339(s.created_at),
+                            "expires_at": s.expires_at.map(rfc3339),
+                            "revoked_at": s.revoked_at.map(rfc3339),
+                        })
+                    })
+                    .collect();
+                return print_json(&serde_json::Value::Array(list));
+            }
+            println!(
+                "{:<32}  {:<7}  {:<20}  {:<20}  {:<20}  DEVICE_HASH",
+                "SESSION_ID", "STATE", "DEVICE", "CREATED", "EXPIRES"
+            );
+            for s in &list {
+                let device = match (&s.device_label, &s.device_hash) {
+                    (Some(label), _) => label.clone(),
+                    (None, Some(_)) => "(no label)".to_owned(),
+                    (None, None) => "(unbound)".to_owned(),
+                };
+                println!(
+                    "{:<32}  {:<7}  {:<20}  {:<20}  {:<20}  {}",
+                    s.session_id,
+                    state(s),
+                    device,
+                    rfc3339(s.created_at),
+                    s.expires_at.map(rfc3339).unwrap_or_else(|| "never".into()),
+                    s.device_hash.as_deref().unwrap_or("-"),
+                );
+            }
+            Ok(())
+        }
         SessionsCommand::Revoke { token } => {
-            let store = store::open(&config.store_url()).await?;
+            let (store, _) = open_existing(&config).await?;
             let hash = auth::token_hash(&token);
             let session = store.session_by_token_hash(&hash).await?;
             if !store.revoke_session(&hash, now_millis()).await? {
                 bail!("no active session has this token");
             }
             eprintln!("session revoked");
-            if let (Some(bus), Some(session)) = (config.bus(), session) {
-                // Every node closes the session's sockets now; polling remains the fallback.
-                let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
-                let message = crate::cluster::BusMessage::SessionsRevoked { session_ids: vec![session.session_id] };
-                let published = match crate::keys::existing_master_key(&config.data_dir, env_key.as_deref())? {
-                    Some(master) => crate::cluster::bus::publish_once(&bus, &master.derive("bus"), message).await,
-                    None => Err(anyhow::anyhow!("no master key here (set CHATSYNC_MASTER_KEY)")),
-                };
-                if let Err(e) = published {
-                    eprintln!(
-                        "warning: could not tell the cluster through Redis ({e:#}); nodes close the session's \
-                         connections at their next revocation check"
-                    );
-                }
+            if let Some(session) = session {
+                publish_revocation(&config, vec![session.session_id]).await?;
             }
             Ok(())
         }
     }
 }
 
+/// Whether `h` is a device hash: 64 lowercase hex characters.
+fn is_device_hash(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 async fn devices(config: Config, cmd: DevicesCommand) -> anyhow::Result<()> {
-    let DevicesCommand::List { user_id } = cmd;
-    check_user_id(&user_id)?;
-    let store = store::open(&config.store_url()).await?;
-    if store.user(&user_id).await?.is_none() {
-        bail!("unknown user {user_id}");
+    match cmd {
+        DevicesCommand::List { user_id, json } => {
+            let (store, shown) = open_existing(&config).await?;
+            require_user(store.as_ref(), &user_id, &shown).await?;
+            let devices = store.devices(&user_id).await?;
+            if json {
+                let list: Vec<_> = devices
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "label": d.label,
+                            "device_hash": d.device_hash,
+                            "first_seen": rfc3339(d.first_seen),
+                            "last_seen": rfc3339(d.last_seen),
+                        })
+                    })
+                    .collect();
+                return print_json(&serde_json::Value::Array(list));
+            }
+            println!("{:<20}  {:<64}  {:<20}  {:<20}", "LABEL", "DEVICE_HASH", "FIRST_SEEN", "LAST_SEEN");
+            for d in devices {
+                let label = d.label.as_deref().unwrap_or("(no label)");
+                println!(
+                    "{:<20}  {:<64}  {:<20}  {:<20}",
+                    label,
+                    d.device_hash,
+                    rfc3339(d.first_seen),
+                    rfc3339(d.last_seen)
+                );
+            }
+            Ok(())
+        }
+        DevicesCommand::Revoke { user_id, device } => {
+            let (store, shown) = open_existing(&config).await?;
+            require_user(store.as_ref(), &user_id, &shown).await?;
+            let known = store.devices(&user_id).await?;
+            // A hash, or a label: labels are device ids, whose hash is known (and unambiguous).
+            let found = known.iter().find(|d| d.device_hash == device || d.label.as_deref() == Some(device.as_str()));
+            let found = match found {
+                Some(d) => d,
+                None if !is_device_hash(&device) && auth::device_hash_for_id(&device).is_some() => {
+                    let hash = auth::device_hash_for_id(&device).expect("checked");
+                    match known.iter().find(|d| d.device_hash == hash) {
+                        Some(d) => d,
+                        None => bail!("user {user_id} has no device {device:?} in {shown} (see `chatsync devices list {user_id}`)"),
+                    }
+                }
+                None => {
+                    bail!("user {user_id} has no device {device:?} in {shown} (see `chatsync devices list {user_id}`)")
+                }
+            };
+            let name = match &found.label {
+                Some(label) => format!("{label} ({})", found.device_hash),
+                None => found.device_hash.clone(),
+            };
+            let revoked = store.revoke_device(&user_id, &found.device_hash, now_millis()).await?;
+            if revoked.is_empty() {
+                bail!("no active session of {user_id} is bound to device {name}");
+            }
+            eprintln!(
+                "revoked {} session{} of {user_id} on device {name}; its connections close with 1008 Session revoked",
+                revoked.len(),
+                if revoked.len() == 1 { "" } else { "s" }
+            );
+            publish_revocation(&config, revoked).await
+        }
     }
-    let fmt = |ms: i64| {
-        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64))
-    };
-    println!("{:<64}  {:<20}  {:<20}", "DEVICE_HASH", "FIRST_SEEN", "LAST_SEEN");
-    for d in store.devices(&user_id).await? {
-        println!("{:<64}  {:<20}  {:<20}", d.device_hash, fmt(d.first_seen), fmt(d.last_seen));
-    }
-    Ok(())
 }

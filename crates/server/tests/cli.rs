@@ -143,6 +143,7 @@ fn devices_list_shows_devices_bound_at_issue() {
     ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "phone"]));
     let listed = ok(&chatsync(dir.path(), &["devices", "list", "alice"]));
     assert!(listed.contains(&chatsync::gateway::auth::sha256_hex("id:phone")), "{listed}");
+    assert!(listed.lines().nth(1).unwrap().starts_with("phone "), "labelled with its device id: {listed}");
     fails(&chatsync(dir.path(), &["devices", "list", "nobody"]), "unknown user");
 }
 
@@ -298,6 +299,269 @@ async fn connect_is_a_line_client_for_trying_the_protocol() {
     assert!(seen.iter().any(|l| l.contains(r#""title":"Trip""#) && l.contains(r#""request_id":"t1""#)), "{seen:?}");
     Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
     assert!(server.wait().unwrap().success());
+    // stdin stays open: the client must notice the close by itself.
+    let status = exit_of(&mut client);
     drop(stdin);
-    assert!(client.wait().unwrap().success(), "the client ends cleanly when the server closes");
+    assert!(!status.success(), "a close by the server is an error for the client");
+}
+
+/// Waits for `child` to exit; kills it and fails if it has not within a minute (it hangs otherwise).
+fn exit_of(child: &mut std::process::Child) -> std::process::ExitStatus {
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    panic!("the client did not exit");
+}
+
+/// Runs `chatsync connect` against `url` with `extra` arguments, feeding it `input` then closing stdin.
+fn connect_with_input(url: &str, token: &str, device: &str, extra: &[&str], input: &str) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .args(["connect", "--url", url, "--device-id", device])
+        .args(extra)
+        .env("CHATSYNC_TOKEN", token)
+        .env_remove("CHATSYNC_DATA_DIR")
+        .env_remove("CHATSYNC_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    exit_of(&mut child);
+    child.wait_with_output().unwrap()
+}
+
+fn stop(mut server: std::process::Child) {
+    Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
+    assert!(server.wait().unwrap().success());
+}
+
+#[test]
+fn connect_exits_0_at_the_end_of_piped_input_after_printing_the_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "laptop"])).trim().to_owned();
+    let (server, _lines, url) = serve(dir.path(), &[], None);
+    let input = concat!(
+        r#"{"type":"ping","request_id":"p1"}"#,
+        "\n",
+        r#"{"type":"update_title","payload":{"chat_id":"c1","new_title":"Trip"},"request_id":"t1"}"#,
+        "\n",
+        r#"{"type":"initial_sync_request","payload":{"chat_versions":{}},"request_id":"s1"}"#,
+        "\n"
+    );
+    let out = connect_with_input(&url, &token, "laptop", &[], input);
+    let stdout = ok(&out);
+    assert!(stdout.lines().next().unwrap().contains(r#""type":"connected""#), "{stdout}");
+    assert!(stdout.lines().any(|l| l.contains(r#""type":"pong""#) && l.contains(r#""request_id":"p1""#)), "{stdout}");
+    assert!(stdout.lines().any(|l| l.contains(r#""title":"Trip""#) && l.contains(r#""request_id":"t1""#)), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.contains("initial_sync_response") && l.contains(r#""request_id":"s1""#)),
+        "{stdout}"
+    );
+    stop(server);
+}
+
+#[test]
+fn connect_fails_with_the_reason_on_an_invalid_session() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let (server, _lines, url) = serve(dir.path(), &[], None);
+    let out = connect_with_input(&url, "cs_made-up", "laptop", &[], "");
+    fails(&out, "closed by the server: 1008 Invalid session");
+    stop(server);
+}
+
+#[test]
+fn connect_device_mismatch_names_the_device_sent_and_the_one_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "laptop"])).trim().to_owned();
+    let (server, _lines, url) = serve(dir.path(), &[], None);
+    let data = dir.path().to_str().unwrap();
+    let out = connect_with_input(&url, &token, "phone", &["--data-dir", data], "");
+    fails(&out, "closed by the server: 1008 Device mismatch");
+    fails(&out, r#"sent --device-id "phone""#);
+    fails(&out, r#"bound to device "laptop""#);
+    // Without the server's store, it still says which device id was sent, and never creates a database.
+    let out = connect_with_input(&url, &token, "phone", &["--data-dir", elsewhere.path().to_str().unwrap()], "");
+    fails(&out, r#"sent --device-id "phone", but the session is bound to another device"#);
+    assert!(!elsewhere.path().join("chatsync.db").exists());
+    // A token issued without a device is bound by its first connection, whose device id becomes the label.
+    let unbound = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"])).trim().to_owned();
+    ok(&connect_with_input(&url, &unbound, "tablet", &[], ""));
+    let out = connect_with_input(&url, &unbound, "phone", &["--data-dir", data], "");
+    fails(&out, r#"bound to device "tablet""#);
+    stop(server);
+}
+
+#[test]
+fn connect_exits_when_the_server_closes_without_waiting_for_input() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "laptop"])).trim().to_owned();
+    let (server, _lines, url) = serve(dir.path(), &["--session-check-interval-secs", "1"], None);
+    let mut client = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .args(["connect", "--url", &url, "--device-id", "laptop"])
+        .env("CHATSYNC_TOKEN", &token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = client.stdin.take().unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap()).lines();
+    let first = out.next().expect("a greeting").unwrap();
+    assert!(first.contains(r#""type":"connected""#), "{first}");
+    // Whatever else it prints is read, so that the client never meets a full or closed pipe.
+    let reader = std::thread::spawn(move || out.map_while(Result::ok).count());
+    ok(&chatsync(dir.path(), &["sessions", "revoke", &token]));
+    let status = exit_of(&mut client);
+    drop(stdin);
+    reader.join().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut client.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("closed by the server: 1008 Session revoked"), "{err}");
+    stop(server);
+}
+
+#[test]
+fn connect_exits_0_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "laptop"])).trim().to_owned();
+    let (server, _lines, url) = serve(dir.path(), &[], None);
+    let mut client = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .args(["connect", "--url", &url, "--device-id", "laptop"])
+        .env("CHATSYNC_TOKEN", &token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = client.stdin.take().unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert!(out.next().expect("a greeting").unwrap().contains(r#""type":"connected""#));
+    let reader = std::thread::spawn(move || out.map_while(Result::ok).count());
+    Command::new("kill").args(["-INT", &client.id().to_string()]).status().unwrap();
+    let status = exit_of(&mut client);
+    drop(stdin);
+    reader.join().unwrap();
+    assert!(status.success(), "Ctrl-C is the user ending the session: {status:?}");
+    stop(server);
+}
+
+#[test]
+fn connect_to_no_server_says_so_once_with_the_url() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("ws://127.0.0.1:{port}/v1/ws");
+    let out = connect_with_input(&url, "cs_x", "laptop", &[], "");
+    fails(&out, &format!("cannot connect to {url}: connection refused (is `chatsync serve` running?)"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.to_lowercase().matches("refused").count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn connect_requires_a_device_id() {
+    let out = Command::new(env!("CARGO_BIN_EXE_chatsync")).args(["connect", "--token", "cs_x"]).output().unwrap();
+    fails(&out, "--device-id");
+}
+
+#[test]
+fn users_sessions_and_devices_are_listed_as_tables_and_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "bob", "--tfa"]));
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let table = ok(&chatsync(dir.path(), &["users", "list"]));
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert!(rows.len() == 2 && rows[0].starts_with("alice") && rows[1].starts_with("bob"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&chatsync(dir.path(), &["users", "list", "--json"]))).unwrap();
+    assert_eq!(json[0]["user_id"], "alice");
+    assert_eq!(json[1]["tfa"], true);
+
+    let laptop = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "laptop"])).trim().to_owned();
+    ok(&chatsync(dir.path(), &["sessions", "issue", "alice"]));
+    ok(&chatsync(dir.path(), &["sessions", "revoke", &laptop]));
+    let table = ok(&chatsync(dir.path(), &["sessions", "list", "alice"]));
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(table.lines().any(|l| l.contains("revoked") && l.contains("laptop")), "{table}");
+    assert!(table.lines().any(|l| l.contains("active") && l.contains("(unbound)")), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&chatsync(dir.path(), &["sessions", "list", "alice", "--json"]))).unwrap();
+    let sessions = json.as_array().unwrap();
+    assert_eq!(sessions.len(), 2);
+    let revoked = sessions.iter().find(|s| s["state"] == "revoked").unwrap();
+    assert_eq!(revoked["device_label"], "laptop");
+    assert_eq!(revoked["device_hash"], chatsync::gateway::auth::sha256_hex("id:laptop"));
+    assert!(revoked["revoked_at"].is_string());
+
+    let table = ok(&chatsync(dir.path(), &["devices", "list", "alice"]));
+    assert!(table.lines().nth(1).unwrap().starts_with("laptop "), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&chatsync(dir.path(), &["devices", "list", "alice", "--json"]))).unwrap();
+    assert_eq!(json[0]["label"], "laptop");
+    assert_eq!(json[0]["device_hash"], chatsync::gateway::auth::sha256_hex("id:laptop"));
+    fails(&chatsync(dir.path(), &["sessions", "list", "nobody"]), "unknown user nobody in sqlite://");
+}
+
+#[tokio::test]
+async fn devices_revoke_closes_the_device_s_live_sockets_only() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let laptop = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "laptop"])).trim().to_owned();
+    let phone = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "phone"])).trim().to_owned();
+    let (server, _lines, url) = serve(dir.path(), &["--session-check-interval-secs", "1"], None);
+    let (mut on_laptop, _) =
+        Client::connect_authenticated(&url, &ConnectOptions::new(&laptop, "laptop")).await.unwrap();
+    let (mut on_phone, _) = Client::connect_authenticated(&url, &ConnectOptions::new(&phone, "phone")).await.unwrap();
+    fails(&chatsync(dir.path(), &["devices", "revoke", "alice", "tablet"]), "has no device \"tablet\"");
+    ok(&chatsync(dir.path(), &["devices", "revoke", "alice", "laptop"]));
+    assert_eq!(on_laptop.recv_close().await.unwrap(), (1008, "Session revoked".into()));
+    let ping = chatsync_protocol::ClientMessage::Ping(Default::default());
+    on_phone.request(&ping).await.expect("the phone stays connected");
+    let phone_hash = chatsync::gateway::auth::sha256_hex("id:phone");
+    ok(&chatsync(dir.path(), &["devices", "revoke", "alice", &phone_hash]));
+    assert_eq!(on_phone.recv_close().await.unwrap(), (1008, "Session revoked".into()));
+    fails(&chatsync(dir.path(), &["devices", "revoke", "alice", "laptop"]), "no active session");
+    stop(server);
+}
+
+#[test]
+fn commands_that_read_name_the_database_and_never_create_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    for args in [&["users", "list"][..], &["devices", "list", "alice"], &["sessions", "issue", "alice"]] {
+        fails(&chatsync(&empty, args), &format!("no database at sqlite://{}", empty.join("chatsync.db").display()));
+    }
+    assert!(!empty.join("chatsync.db").exists());
+    ok(&chatsync(dir.path(), &["users", "add", "bob"]));
+    fails(
+        &chatsync(dir.path(), &["sessions", "issue", "alice"]),
+        &format!("unknown user alice in sqlite://{}", dir.path().join("chatsync.db").display()),
+    );
+}
+
+#[test]
+fn help_groups_options_and_shows_each_where_it_applies() {
+    let help = |args: &[&str]| ok(&Command::new(env!("CARGO_BIN_EXE_chatsync")).args(args).output().unwrap());
+    let serve = help(&["serve", "--help"]);
+    let at = |h: &str| serve.find(h).unwrap_or_else(|| panic!("{h} missing: {serve}"));
+    assert!(at("Storage:") < at("Cluster:") && at("Cluster:") < at("Limits:"), "{serve}");
+    assert!(at("Limits:") < at("Network:") && at("Network:") < at("Logging:"), "{serve}");
+    assert!(at("--log-level") > at("Logging:") && at("--max-frame-bytes") < at("Network:"), "{serve}");
+    let connect = help(&["connect", "--help"]);
+    for absent in ["--log-level", "--log-format", "--redis-url", "--durability", "--max-frame-bytes"] {
+        assert!(!connect.contains(absent), "{absent} in {connect}");
+    }
+    assert!(connect.contains("CHATSYNC_TOKEN") && connect.contains("Device mismatch"), "{connect}");
+    let users = help(&["users", "list", "--help"]);
+    assert!(users.contains("--data-dir") && !users.contains("--log-level"), "{users}");
 }

@@ -236,6 +236,26 @@ async fn revocation_on_the_cli_closes_the_socket_on_another_node_at_once() {
 }
 
 #[tokio::test]
+async fn device_revocation_on_the_cli_closes_the_device_s_socket_on_another_node_at_once() {
+    let Some(url) = redis_url() else { return };
+    // Polling is slowed to an hour: only the bus can close the socket within the test.
+    let cluster = TestCluster::start(2, &url, |c| c.session_check_interval_secs = 3600).await;
+    let token = cluster.nodes[0].user_token("alice").await;
+    let (mut laptop, _) = cluster.nodes[1].connect(&token, "laptop").await;
+    let node0 = &cluster.nodes[0];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .args(["devices", "revoke", "alice", "laptop"])
+        .arg("--data-dir")
+        .arg(node0.data.path())
+        .args(["--redis-url", &url, "--redis-prefix", &node0.ctx.config.redis_prefix])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let close = tokio::time::timeout(Duration::from_secs(10), laptop.recv_close()).await.expect("closed promptly");
+    assert_eq!(close.unwrap(), (1008, "Session revoked".into()));
+}
+
+#[tokio::test]
 async fn nothing_crosses_or_rests_in_redis_in_plaintext() {
     let Some(url) = redis_url() else { return };
     let cluster = TestCluster::start(2, &url, |_| {}).await;

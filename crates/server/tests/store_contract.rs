@@ -37,6 +37,9 @@ contract_suites!(
     revocation_is_once_and_visible_to_watchers,
     devices_are_per_user_and_keep_first_seen,
     provisioning_creates_missing_users_and_all_sessions,
+    devices_keep_the_label_they_were_given,
+    users_and_sessions_are_listed,
+    revoking_a_device_revokes_its_active_sessions_only,
     a_closed_store_is_unavailable,
 );
 
@@ -96,11 +99,11 @@ async fn revocation_is_once_and_visible_to_watchers(s: &dyn Store) {
 async fn devices_are_per_user_and_keep_first_seen(s: &dyn Store) {
     s.create_user("alice", false, 1).await.unwrap();
     s.create_user("bob", false, 1).await.unwrap();
-    s.record_device("alice", "d1", 10).await.unwrap();
-    s.record_device("alice", "d2", 20).await.unwrap();
-    s.record_device("alice", "d1", 30).await.unwrap();
-    s.record_device("alice", "d1", 25).await.unwrap();
-    s.record_device("bob", "d9", 5).await.unwrap();
+    s.record_device("alice", "d1", None, 10).await.unwrap();
+    s.record_device("alice", "d2", None, 20).await.unwrap();
+    s.record_device("alice", "d1", None, 30).await.unwrap();
+    s.record_device("alice", "d1", None, 25).await.unwrap();
+    s.record_device("bob", "d9", None, 5).await.unwrap();
     let devices = s.devices("alice").await.unwrap();
     assert_eq!(devices.len(), 2);
     assert_eq!((devices[0].device_hash.as_str(), devices[0].first_seen, devices[0].last_seen), ("d1", 10, 30));
@@ -128,6 +131,65 @@ async fn provisioning_creates_missing_users_and_all_sessions(s: &dyn Store) {
         assert_eq!(found.device_hash, Some(format!("{user}-dev")));
     }
     assert_eq!(s.devices("u1").await.unwrap().len(), 1);
+}
+
+async fn devices_keep_the_label_they_were_given(s: &dyn Store) {
+    s.create_user("alice", false, 1).await.unwrap();
+    let (_, mut session) = auth::new_session("alice", Some("h-laptop".into()), Duration::from_secs(60));
+    session.device_label = Some("laptop".into());
+    s.create_session(&session).await.unwrap();
+    s.record_device("alice", "h-ua", None, 10).await.unwrap();
+    s.record_device("alice", "h-laptop", None, 20).await.unwrap();
+    let label = |devices: Vec<chatsync::store::Device>, hash: &str| {
+        devices.into_iter().find(|d| d.device_hash == hash).unwrap().label
+    };
+    assert_eq!(label(s.devices("alice").await.unwrap(), "h-laptop").as_deref(), Some("laptop"), "None keeps it");
+    assert_eq!(label(s.devices("alice").await.unwrap(), "h-ua"), None);
+    s.record_device("alice", "h-ua", Some("tab"), 30).await.unwrap();
+    assert_eq!(label(s.devices("alice").await.unwrap(), "h-ua").as_deref(), Some("tab"));
+}
+
+async fn users_and_sessions_are_listed(s: &dyn Store) {
+    assert!(s.users().await.unwrap().is_empty());
+    s.create_user("bob", true, 2).await.unwrap();
+    s.create_user("alice", false, 1).await.unwrap();
+    let users = s.users().await.unwrap();
+    assert_eq!(users.iter().map(|u| u.user_id.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
+    assert!(users[1].tfa_enabled);
+    let (_, mut bound) = auth::new_session("alice", Some("h-phone".into()), Duration::from_secs(60));
+    bound.device_label = Some("phone".into());
+    bound.created_at = 100;
+    let (_, mut unbound) = auth::new_session("alice", None, Duration::from_secs(60));
+    unbound.created_at = 200;
+    s.create_session(&bound).await.unwrap();
+    s.create_session(&unbound).await.unwrap();
+    let listed = s.sessions_of("alice").await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0].session_id, unbound.session_id, "newest first");
+    assert_eq!((listed[0].device_hash.as_deref(), listed[0].device_label.as_deref()), (None, None));
+    assert_eq!(listed[1].device_hash.as_deref(), Some("h-phone"));
+    assert_eq!(listed[1].device_label.as_deref(), Some("phone"));
+    assert_eq!(listed[1].revoked_at, None);
+    assert!(s.sessions_of("bob").await.unwrap().is_empty());
+}
+
+async fn revoking_a_device_revokes_its_active_sessions_only(s: &dyn Store) {
+    s.create_user("alice", false, 1).await.unwrap();
+    s.create_user("bob", false, 1).await.unwrap();
+    let mut ids = Vec::new();
+    for (user, device) in [("alice", "h1"), ("alice", "h1"), ("alice", "h2"), ("bob", "h1")] {
+        let (_, session) = auth::new_session(user, Some(device.into()), Duration::from_secs(60));
+        s.create_session(&session).await.unwrap();
+        ids.push(session.session_id);
+    }
+    let mut expected = vec![ids[0].clone(), ids[1].clone()];
+    expected.sort();
+    assert_eq!(s.revoke_device("alice", "h1", 1_000).await.unwrap(), expected);
+    assert!(s.revoke_device("alice", "h1", 2_000).await.unwrap().is_empty(), "already revoked");
+    let revoked: Vec<_> = s.sessions_revoked_since(0).await.unwrap();
+    assert_eq!(revoked.len(), 2, "alice's h2 and bob's h1 are untouched: {revoked:?}");
+    let alice = s.sessions_of("alice").await.unwrap();
+    assert_eq!(alice.iter().filter(|x| x.revoked_at == Some(1_000)).count(), 2);
 }
 
 async fn a_closed_store_is_unavailable(s: &dyn Store) {

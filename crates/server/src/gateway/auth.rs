@@ -37,6 +37,8 @@ pub struct Credentials {
     from_cookie: bool,
     /// `None` when the client sent a malformed device id.
     device: Option<String>,
+    /// The device id the client gave, when valid (kept as the device's label).
+    device_id: Option<String>,
 }
 
 /// The outcome of a successful authentication.
@@ -79,6 +81,7 @@ pub fn new_session(user_id: &str, device_hash: Option<String>, ttl: std::time::D
         token_hash: token_hash(&token),
         user_id: user_id.to_owned(),
         device_hash,
+        device_label: None,
         created_at: now,
         expires_at: Some(now.saturating_add(ttl_ms)),
     };
@@ -107,8 +110,13 @@ pub fn credentials(headers: &HeaderMap, query: &WsQuery) -> Credentials {
         .get("x-device-id")
         .map(|v| std::str::from_utf8(v.as_bytes()).ok().map(str::to_owned))
         .or_else(|| query.device_id.clone().map(Some));
+    let mut device_id = None;
     let device = match explicit_id {
-        Some(Some(id)) => device_hash_for_id(&id),
+        Some(Some(id)) => {
+            let hash = device_hash_for_id(&id);
+            device_id = hash.is_some().then_some(id);
+            hash
+        }
         Some(None) => None,
         None => {
             let text = |name| {
@@ -117,7 +125,7 @@ pub fn credentials(headers: &HeaderMap, query: &WsQuery) -> Credentials {
             Some(sha256_hex(&format!("ua:{}|lang:{}", text(header::USER_AGENT), text(header::ACCEPT_LANGUAGE))))
         }
     };
-    Credentials { token, from_cookie, device }
+    Credentials { token, from_cookie, device, device_id }
 }
 
 impl Credentials {
@@ -172,7 +180,7 @@ pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated
     if bound != device_hash {
         return Err(if session.user_tfa { CloseReason::DEVICE_MISMATCH_TFA } else { CloseReason::DEVICE_MISMATCH });
     }
-    ctx.store.record_device(&session.user_id, &device_hash, now).await.map_err(backend)?;
+    ctx.store.record_device(&session.user_id, &device_hash, creds.device_id.as_deref(), now).await.map_err(backend)?;
     Ok(Authenticated { session_id: session.session_id, user_id: session.user_id, device_hash })
 }
 

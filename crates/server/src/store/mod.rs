@@ -81,6 +81,8 @@ pub struct NewSession {
     pub user_id: String,
     /// Device the session is bound to at issue, if any.
     pub device_hash: Option<String>,
+    /// The device id behind `device_hash`, when known (stored as the device's label).
+    pub device_label: Option<String>,
     /// Issue time.
     pub created_at: Millis,
     /// Expiry, if any.
@@ -109,10 +111,30 @@ pub struct Session {
 pub struct Device {
     /// Lowercase hex SHA-256 fingerprint.
     pub device_hash: String,
+    /// The device id the client gave (`X-Device-Id`, `device_id`, `sessions issue --device-id`); `None`
+    /// for a fingerprinted device.
+    pub label: Option<String>,
     /// First authenticated connection (or binding at issue).
     pub first_seen: Millis,
     /// Latest authenticated connection.
     pub last_seen: Millis,
+}
+
+/// A session as listed for operators (`chatsync sessions list`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// Session id.
+    pub session_id: String,
+    /// Bound device, once bound.
+    pub device_hash: Option<String>,
+    /// The bound device's label, when known.
+    pub device_label: Option<String>,
+    /// Issue time.
+    pub created_at: Millis,
+    /// Expiry, if any.
+    pub expires_at: Option<Millis>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<Millis>,
 }
 
 /// Durable truth for identities. Every method is atomic on its own.
@@ -139,8 +161,15 @@ pub trait Store: Send + Sync + 'static {
     /// bound to: `device_hash` if it was unbound (or already bound to it), the other device otherwise.
     async fn bind_session_device(&self, session_id: &str, device_hash: &str) -> Result<String, StoreError>;
 
-    /// Records `device_hash` as known for the user (first/last seen).
-    async fn record_device(&self, user_id: &str, device_hash: &str, now: Millis) -> Result<(), StoreError>;
+    /// Records `device_hash` as known for the user (first/last seen). A `label` (the device id the client
+    /// gave) replaces the stored one; `None` keeps it.
+    async fn record_device(
+        &self,
+        user_id: &str,
+        device_hash: &str,
+        label: Option<&str>,
+        now: Millis,
+    ) -> Result<(), StoreError>;
 
     /// Revokes the session with this token hash. Returns `false` if there is none or it was already revoked.
     async fn revoke_session(&self, token_hash: &[u8; 32], now: Millis) -> Result<bool, StoreError>;
@@ -150,6 +179,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The user's known devices, most recently seen first.
     async fn devices(&self, user_id: &str) -> Result<Vec<Device>, StoreError>;
+
+    /// Every user, by id.
+    async fn users(&self) -> Result<Vec<User>, StoreError>;
+
+    /// Every session of the user (active, expired and revoked), newest first, with the bound device's label.
+    async fn sessions_of(&self, user_id: &str) -> Result<Vec<SessionInfo>, StoreError>;
+
+    /// Revokes every not yet revoked session of the user bound to `device_hash`, atomically, and returns
+    /// their ids, sorted (empty if there were none).
+    async fn revoke_device(&self, user_id: &str, device_hash: &str, now: Millis) -> Result<Vec<String>, StoreError>;
 
     /// Closes the backend; every later call fails with [`StoreError::Unavailable`].
     async fn close(&self);
