@@ -8,7 +8,7 @@
 //! The schema is created in the first schema of the connection's `search_path` (by default `public`);
 //! `postgres://…?options=-c%20search_path%3Dchatsync` puts it elsewhere (the tests use one schema each).
 
-use super::{Device, Millis, NewSession, Session, Store, StoreError, User};
+use super::{Device, Millis, NewSession, Session, SessionInfo, Store, StoreError, User};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -159,9 +159,15 @@ impl Store for PgStore {
         row.map(|r| r.get(0)).ok_or(StoreError::NotFound)
     }
 
-    async fn record_device(&self, user_id: &str, device_hash: &str, now: Millis) -> Result<(), StoreError> {
+    async fn record_device(
+        &self,
+        user_id: &str,
+        device_hash: &str,
+        label: Option<&str>,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await?;
-        upsert_device(&mut conn, user_id, device_hash, now).await?;
+        upsert_device(&mut conn, user_id, device_hash, label, now).await?;
         Ok(())
     }
 
@@ -184,7 +190,7 @@ impl Store for PgStore {
 
     async fn devices(&self, user_id: &str) -> Result<Vec<Device>, StoreError> {
         let rows = sqlx::query(
-            "SELECT device_hash, first_seen, last_seen FROM devices WHERE user_id = $1 \
+            "SELECT device_hash, label, first_seen, last_seen FROM devices WHERE user_id = $1 \
              ORDER BY last_seen DESC, device_hash",
         )
         .bind(user_id)
@@ -192,8 +198,52 @@ impl Store for PgStore {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| Device { device_hash: r.get(0), first_seen: r.get(1), last_seen: r.get(2) })
+            .map(|r| Device { device_hash: r.get(0), label: r.get(1), first_seen: r.get(2), last_seen: r.get(3) })
             .collect())
+    }
+
+    async fn users(&self) -> Result<Vec<User>, StoreError> {
+        let rows = sqlx::query("SELECT user_id, tfa_enabled, created_at FROM users ORDER BY user_id")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| User { user_id: r.get(0), tfa_enabled: r.get(1), created_at: r.get(2) }).collect())
+    }
+
+    async fn sessions_of(&self, user_id: &str) -> Result<Vec<SessionInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.session_id, s.device_hash, d.label, s.created_at, s.expires_at, s.revoked_at \
+             FROM sessions s LEFT JOIN devices d ON d.user_id = s.user_id AND d.device_hash = s.device_hash \
+             WHERE s.user_id = $1 ORDER BY s.created_at DESC, s.session_id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| SessionInfo {
+                session_id: r.get(0),
+                device_hash: r.get(1),
+                device_label: r.get(2),
+                created_at: r.get(3),
+                expires_at: r.get(4),
+                revoked_at: r.get(5),
+            })
+            .collect())
+    }
+
+    async fn revoke_device(&self, user_id: &str, device_hash: &str, now: Millis) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "UPDATE sessions SET revoked_at = $3 \
+             WHERE user_id = $1 AND device_hash = $2 AND revoked_at IS NULL RETURNING session_id",
+        )
+        .bind(user_id)
+        .bind(device_hash)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ids: Vec<String> = rows.into_iter().map(|r| r.get(0)).collect();
+        ids.sort();
+        Ok(ids)
     }
 
     async fn close(&self) {
@@ -216,7 +266,7 @@ async fn insert_session(conn: &mut sqlx::PgConnection, s: &NewSession) -> Result
     .execute(&mut *conn)
     .await?;
     if let Some(device) = &s.device_hash {
-        upsert_device(conn, &s.user_id, device, s.created_at).await?;
+        upsert_device(conn, &s.user_id, device, s.device_label.as_deref(), s.created_at).await?;
     }
     Ok(())
 }
@@ -225,14 +275,17 @@ async fn upsert_device(
     conn: &mut sqlx::PgConnection,
     user_id: &str,
     device_hash: &str,
+    label: Option<&str>,
     now: Millis,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO devices (user_id, device_hash, first_seen, last_seen) VALUES ($1, $2, $3, $3) \
-         ON CONFLICT (user_id, device_hash) DO UPDATE SET last_seen = GREATEST(devices.last_seen, excluded.last_seen)",
+        "INSERT INTO devices (user_id, device_hash, label, first_seen, last_seen) VALUES ($1, $2, $3, $4, $4) \
+         ON CONFLICT (user_id, device_hash) DO UPDATE SET \
+         last_seen = GREATEST(devices.last_seen, excluded.last_seen), label = COALESCE(excluded.label, devices.label)",
     )
     .bind(user_id)
     .bind(device_hash)
+    .bind(label)
     .bind(now)
     .execute(conn)
     .await?;
