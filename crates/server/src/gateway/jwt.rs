@@ -32,11 +32,15 @@ pub fn looks_like_jwt(token: &str) -> bool {
     parts.len() == 3 && !parts[0].is_empty() && !parts[1].is_empty() && parts.iter().all(|p| base64url(p))
 }
 
-/// The claims chatsync reads. Everything else in the token is ignored.
+/// The claims chatsync reads. Everything else in the token is ignored. `sub` and `exp` are optional
+/// here only so that the library's required-claims check (which runs after this is deserialized) is
+/// what reports them missing.
 #[derive(Debug, Deserialize)]
 struct Claims {
-    sub: String,
-    exp: u64,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    exp: Option<u64>,
     #[serde(default)]
     iat: Option<u64>,
     #[serde(default)]
@@ -131,16 +135,19 @@ impl JwtVerifier {
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| describe(&e))?;
         let claims = data.claims;
-        if !crate::cli::valid_user_id(&claims.sub) {
+        let (Some(sub), Some(exp)) = (claims.sub, claims.exp) else {
+            return Err("missing claim sub or exp".into());
+        };
+        if !crate::cli::valid_user_id(&sub) {
             return Err("sub is not a valid user id".into());
         }
         let now = jsonwebtoken::get_current_timestamp();
         if claims.iat.is_some_and(|iat| iat > now.saturating_add(self.leeway_secs)) {
             return Err("iat is in the future".into());
         }
-        let expires = claims.exp.saturating_add(self.leeway_secs);
+        let expires = exp.saturating_add(self.leeway_secs);
         let expires_at = i64::try_from(expires).ok().and_then(|s| s.checked_mul(1000)).unwrap_or(i64::MAX);
-        Ok(Verified { user_id: claims.sub, device_id: claims.device, expires_at })
+        Ok(Verified { user_id: sub, device_id: claims.device, expires_at })
     }
 }
 
@@ -158,7 +165,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         ErrorKind::InvalidAudience => "wrong audience".into(),
         ErrorKind::InvalidIssuer => "wrong issuer".into(),
         // serde_json messages may quote claim values, never the token itself; keep them out anyway.
-        ErrorKind::Json(_) => "malformed header or claims".into(),
+        ErrorKind::Json(_) => "malformed header or claims (unknown alg, or a claim of the wrong type)".into(),
         ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => "malformed token".into(),
         _ => "invalid token".into(),
     }
