@@ -349,3 +349,27 @@ async fn logs_never_contain_jwts_or_the_secret() {
         }
     }
 }
+
+/// `chatsync serve` stops at once with a clear message when the JWT configuration is unusable.
+#[test]
+fn serve_refuses_to_start_with_an_unusable_jwt_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatsync"));
+        cmd.arg("--data-dir").arg(dir.path()).args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+        cmd.env_remove("CHATSYNC_CONFIG").env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let readme = fixture("README.md");
+    let err = serve(&["--jwt-public-key-file", readme.to_str().unwrap()], &[]);
+    assert!(err.contains("not a PEM RSA or EC"), "{err}");
+    let rsa = fixture("rsa_public.pem");
+    let err = serve(&["--jwt-public-key-file", rsa.to_str().unwrap()], &[("CHATSYNC_JWT_HS256_SECRET", SECRET)]);
+    assert!(err.contains("jwt-hs256-secret") || err.contains("exclusive"), "{err}");
+    assert!(!err.contains(SECRET), "the secret is never printed: {err}");
+}
