@@ -352,6 +352,35 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Network", env = "CHATSYNC_WS_READ_BUFFER_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ws_read_buffer_bytes: Option<usize>,
+    /// Accept JWT connection tokens signed with HS256 and this secret (prefer the environment variable:
+    /// a flag shows in the process list) [default: none].
+    #[arg(
+        long,
+        help_heading = "JWT connection tokens",
+        env = "CHATSYNC_JWT_HS256_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET",
+        conflicts_with = "jwt_public_key_file"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_hs256_secret: Option<crate::config::Secret>,
+    /// Accept JWT connection tokens verified with this PEM public key: RSA (RS256) or EC P-256 (ES256)
+    /// [default: none].
+    #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_PUBLIC_KEY_FILE", value_name = "PEM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `aud` claim of JWT connection tokens [default: not checked].
+    #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_AUDIENCE", value_name = "AUD")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim of JWT connection tokens [default: not checked].
+    #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_ISSUER", value_name = "ISS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
+    /// Clock leeway for the `exp`, `nbf` and `iat` of JWT connection tokens, seconds [default: 0].
+    #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_LEEWAY_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_leeway_secs: Option<u64>,
     /// Logging.
     #[command(flatten)]
     #[serde(flatten)]

@@ -86,6 +86,48 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// WebSocket read buffer per connection, bytes.
     pub ws_read_buffer_bytes: usize,
+    /// JWT connection tokens signed with HS256 and this secret (SERVER_API.md section 6).
+    pub jwt_hs256_secret: Option<Secret>,
+    /// JWT connection tokens signed with the private half of this PEM public key (RSA: RS256; EC
+    /// P-256: ES256). Exclusive with `jwt_hs256_secret`.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `aud` of JWT connection tokens (unchecked when `None`).
+    pub jwt_audience: Option<String>,
+    /// Required `iss` of JWT connection tokens (unchecked when `None`).
+    pub jwt_issuer: Option<String>,
+    /// Clock leeway for a JWT's `exp`, `nbf` and `iat`, seconds.
+    pub jwt_leeway_secs: u64,
+}
+
+/// A secret configuration value: its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 impl Default for Config {
@@ -123,6 +165,11 @@ impl Default for Config {
             session_check_interval_secs: 5,
             shutdown_timeout_secs: 10,
             ws_read_buffer_bytes: 1024,
+            jwt_hs256_secret: None,
+            jwt_public_key_file: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_leeway_secs: 0,
         }
     }
 }
@@ -167,6 +214,9 @@ impl Config {
             if v == 0 {
                 return Err(format!("{name} must be greater than 0"));
             }
+        }
+        if self.jwt_hs256_secret.is_some() && self.jwt_public_key_file.is_some() {
+            return Err("jwt_hs256_secret and jwt_public_key_file are exclusive: configure one".into());
         }
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());

@@ -54,6 +54,7 @@ pub fn assemble(
     master: crypto::MasterKey,
     lock: Option<datadir::DataDirLock>,
 ) -> anyhow::Result<Ctx> {
+    let jwt = gateway::jwt::JwtVerifier::from_config(&config)?.map(Arc::new);
     let local = Arc::new(LocalHub::new(config.max_connections, config.max_connections_per_user));
     let memory = Arc::new(cache::memory::MemoryCache::new(config.max_page_messages as usize));
     let bus = match config.bus() {
@@ -84,6 +85,7 @@ pub fn assemble(
         hub,
         bus,
         limits: config.limits(),
+        jwt,
         pauses: Arc::default(),
         config: Arc::new(config),
     })

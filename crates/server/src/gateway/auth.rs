@@ -3,10 +3,16 @@
 //! The token comes from the `auth_refresh_token` cookie, then `Authorization: Bearer`, then the
 //! `token` query parameter. Only SHA-256(token) is looked up. A failure is a [`CloseReason`], sent
 //! after the upgrade so browsers can read it. Tokens never reach a log line.
+//!
+//! With JWT connection tokens configured ([`Ctx::jwt`]), a token shaped like a JWT (two dots:
+//! [`jwt::looks_like_jwt`]; session tokens have none) is verified as a JWT and never looked up as a
+//! session; every other token is a session token as before. Without that configuration every token is
+//! a session token.
 
+use super::jwt::{self, JwtVerifier};
 use crate::handlers::Ctx;
 use crate::hub::CloseReason;
-use crate::store::{now_millis, NewSession, Session, Store, StoreError};
+use crate::store::{now_millis, Millis, NewSession, Session, Store, StoreError};
 use axum::http::{header, HeaderMap};
 use base64::Engine as _;
 use serde::Deserialize;
@@ -39,6 +45,8 @@ pub struct Credentials {
     device: Option<String>,
     /// The device id the client gave, when valid (kept as the device's label).
     device_id: Option<String>,
+    /// The client named its device (`X-Device-Id` / `device_id`) rather than being fingerprinted.
+    explicit_device: bool,
 }
 
 /// The outcome of a successful authentication.
@@ -50,6 +58,9 @@ pub struct Authenticated {
     pub user_id: String,
     /// Device fingerprint hash.
     pub device_hash: String,
+    /// When the credential stops being valid while connected (a JWT's `exp` plus the leeway, unix
+    /// milliseconds); `None` for session tokens, whose expiry is checked when connecting.
+    pub expires_at: Option<Millis>,
 }
 
 /// Lowercase hex SHA-256 of `input`.
@@ -111,6 +122,7 @@ pub fn credentials(headers: &HeaderMap, query: &WsQuery) -> Credentials {
         .map(|v| std::str::from_utf8(v.as_bytes()).ok().map(str::to_owned))
         .or_else(|| query.device_id.clone().map(Some));
     let mut device_id = None;
+    let explicit_device = explicit_id.is_some();
     let device = match explicit_id {
         Some(Some(id)) => {
             let hash = device_hash_for_id(&id);
@@ -125,7 +137,7 @@ pub fn credentials(headers: &HeaderMap, query: &WsQuery) -> Credentials {
             Some(sha256_hex(&format!("ua:{}|lang:{}", text(header::USER_AGENT), text(header::ACCEPT_LANGUAGE))))
         }
     };
-    Credentials { token, from_cookie, device, device_id }
+    Credentials { token, from_cookie, device, device_id, explicit_device }
 }
 
 impl Credentials {
@@ -156,6 +168,10 @@ fn bearer_token(headers: &HeaderMap) -> Option<String> {
 pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated, CloseReason> {
     let token = creds.token.ok_or(CloseReason::AUTH_REQUIRED)?;
     let device_hash = creds.device.ok_or(CloseReason::INVALID_DEVICE)?;
+    if let Some(verifier) = ctx.jwt.as_deref().filter(|_| jwt::looks_like_jwt(&token)) {
+        return authenticate_jwt(ctx, verifier, &token, device_hash, creds.device_id.as_deref(), creds.explicit_device)
+            .await;
+    }
     if token.len() > MAX_TOKEN_LEN {
         return Err(CloseReason::INVALID_SESSION);
     }
@@ -181,7 +197,65 @@ pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated
         return Err(if session.user_tfa { CloseReason::DEVICE_MISMATCH_TFA } else { CloseReason::DEVICE_MISMATCH });
     }
     ctx.store.record_device(&session.user_id, &device_hash, creds.device_id.as_deref(), now).await.map_err(backend)?;
-    Ok(Authenticated { session_id: session.session_id, user_id: session.user_id, device_hash })
+    Ok(Authenticated { session_id: session.session_id, user_id: session.user_id, device_hash, expires_at: None })
+}
+
+/// The synthetic session id of a JWT connection (it has no row in `sessions`): `jwt:` and the first
+/// 32 hex digits of SHA-256(token), so that connections can be told apart in logs and closed by id.
+pub fn jwt_session_id(token: &str) -> String {
+    format!("jwt:{}", &sha256_hex(token)[..32])
+}
+
+/// JWT connection tokens (SERVER_API.md section 6). The `device` claim binds the token to that device
+/// id; a client that names a different device is refused with `Device mismatch` (with `2FA required`
+/// for a 2FA user), one that names none is taken to be that device. The user is created when absent.
+async fn authenticate_jwt(
+    ctx: &Ctx,
+    verifier: &JwtVerifier,
+    token: &str,
+    client_device: String,
+    client_device_id: Option<&str>,
+    explicit_device: bool,
+) -> Result<Authenticated, CloseReason> {
+    let verified = verifier.verify(token).map_err(|why| {
+        tracing::info!(reason = %why, "JWT refused");
+        CloseReason::INVALID_SESSION
+    })?;
+    let backend = |e: crate::store::StoreError| {
+        tracing::warn!(error = %e, "authentication backend failure");
+        CloseReason::AUTH_ERROR
+    };
+    let user = ctx.store.user(&verified.user_id).await.map_err(backend)?;
+    let device_hash = match &verified.device_id {
+        None => client_device,
+        Some(id) => {
+            let bound = device_hash_for_id(id).ok_or_else(|| {
+                tracing::info!(reason = "malformed device claim", "JWT refused");
+                CloseReason::INVALID_SESSION
+            })?;
+            if explicit_device && bound != client_device {
+                let tfa = user.as_ref().is_some_and(|u| u.tfa_enabled);
+                return Err(if tfa { CloseReason::DEVICE_MISMATCH_TFA } else { CloseReason::DEVICE_MISMATCH });
+            }
+            bound
+        }
+    };
+    let now = now_millis();
+    if user.is_none() {
+        match ctx.store.create_user(&verified.user_id, false, now).await {
+            Ok(()) => tracing::info!(user_id = %verified.user_id, "user created on first JWT connection"),
+            Err(StoreError::AlreadyExists) => {}
+            Err(e) => return Err(backend(e)),
+        }
+    }
+    let label = verified.device_id.as_deref().or(client_device_id);
+    ctx.store.record_device(&verified.user_id, &device_hash, label, now).await.map_err(backend)?;
+    Ok(Authenticated {
+        session_id: jwt_session_id(token),
+        user_id: verified.user_id,
+        device_hash,
+        expires_at: Some(verified.expires_at),
+    })
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
         user_id: authed.user_id,
         session_id: authed.session_id,
         device_hash: authed.device_hash,
+        expires_at: authed.expires_at,
         outbox: Outbox::new(ctx.config.outbox_max_bytes, ctx.config.outbox_max_messages),
     });
     let span = tracing::info_span!("conn", conn_id = %conn.id, user_id = %conn.user_id);
@@ -253,9 +254,22 @@ async fn write_loop(
     let period = config.ping_interval();
     let timeout = config.heartbeat_timeout().as_millis() as u64;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let check = Duration::from_secs(config.session_check_interval_secs);
+    let expiry = tokio::time::sleep(conn.expires_at.map_or(Duration::MAX, |at| until(at, check)));
+    tokio::pin!(expiry);
     loop {
         let next = tokio::select! {
             next = conn.outbox.next() => next,
+            _ = &mut expiry, if conn.expires_at.is_some() && !conn.outbox.is_closing() => {
+                let at = conn.expires_at.unwrap_or(i64::MAX);
+                if crate::store::now_millis() >= at {
+                    tracing::info!("closing: token expired");
+                    conn.outbox.close(CloseReason::TOKEN_EXPIRED);
+                } else {
+                    expiry.as_mut().reset(tokio::time::Instant::now() + until(at, check));
+                }
+                continue;
+            }
             _ = ticker.tick() => {
                 let now = started.elapsed().as_millis() as u64;
                 if now.saturating_sub(last_seen.load(Ordering::Relaxed)) > timeout {
@@ -282,6 +296,13 @@ async fn write_loop(
             }
         }
     }
+}
+
+/// How long to sleep before looking at a credential expiring at `at` (unix milliseconds) again: until
+/// then, but at most `check` (the wall clock may jump; a suspended machine's timers may run late).
+fn until(at: crate::store::Millis, check: Duration) -> Duration {
+    let left = u64::try_from(at.saturating_sub(crate::store::now_millis())).unwrap_or(0);
+    Duration::from_millis(left).min(check)
 }
 
 async fn send_close(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReason) {

@@ -3,6 +3,7 @@
 
 pub mod auth;
 mod connection;
+pub mod jwt;
 pub mod ops;
 mod rate;
 

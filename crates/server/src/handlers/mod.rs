@@ -52,6 +52,8 @@ pub struct Ctx {
     pub config: Arc<Config>,
     /// The limits announced in `connected` (from `config`).
     pub limits: Limits,
+    /// The verifier of JWT connection tokens, when configured (SERVER_API.md section 6).
+    pub jwt: Option<Arc<crate::gateway::jwt::JwtVerifier>>,
     /// Pause points for deterministic race tests (never armed in production).
     pub pauses: Arc<PausePoints>,
 }

@@ -25,6 +25,9 @@ pub struct ConnHandle {
     pub session_id: String,
     /// The device fingerprint.
     pub device_hash: String,
+    /// When the connection's credential expires (a JWT's `exp` plus leeway, unix milliseconds): the
+    /// writer closes it with 1008 `Token expired` then. `None` for session tokens.
+    pub expires_at: Option<crate::store::Millis>,
     /// The bounded outbound queue, drained by the connection's writer task.
     pub outbox: Outbox,
 }

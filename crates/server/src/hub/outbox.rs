@@ -40,6 +40,9 @@ impl CloseReason {
     pub const DEVICE_MISMATCH: CloseReason = CloseReason { code: 1008, reason: "Device mismatch" };
     /// 1008 `Session revoked`.
     pub const SESSION_REVOKED: CloseReason = CloseReason { code: 1008, reason: "Session revoked" };
+    /// 1008 `Token expired`: the JWT a connection authenticated with expired while connected
+    /// (SERVER_API.md section 6); the client reconnects with a fresh token.
+    pub const TOKEN_EXPIRED: CloseReason = CloseReason { code: 1008, reason: "Token expired" };
     /// 1008 `Rate limit exceeded`.
     pub const RATE_LIMIT: CloseReason = CloseReason { code: 1008, reason: "Rate limit exceeded" };
     /// 1009 `Message too big`.

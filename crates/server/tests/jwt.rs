@@ -1,0 +1,375 @@
+//! JWT connection tokens (SERVER_API.md section 6): HS256, RS256 and ES256 tokens accepted on `/v1/ws`,
+//! every refusal as 1008 `Invalid session`, the `device` claim, 1008 `Token expired` while connected,
+//! session tokens alongside, and logs without tokens or the secret. The RSA and EC keys are test-only
+//! fixtures (`tests/fixtures/jwt`).
+
+mod common;
+
+use base64::Engine as _;
+use chatsync::config::Config;
+use chatsync::gateway::auth::sha256_hex;
+use chatsync_client::{Client, ConnectOptions, TokenPlacement};
+use common::TestServer;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+const SECRET: &str = "test-only-hs256-secret-5b1e";
+const INVALID: (u16, &str) = (1008, "Invalid session");
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt").join(name)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Claims for `sub` valid for an hour.
+fn claims(sub: &str) -> Value {
+    json!({ "sub": sub, "exp": now() + 3600, "iat": now() })
+}
+
+fn sign(alg: Algorithm, key: &EncodingKey, claims: &Value) -> String {
+    jsonwebtoken::encode(&Header::new(alg), claims, key).unwrap()
+}
+
+fn hs256(claims: &Value) -> String {
+    sign(Algorithm::HS256, &EncodingKey::from_secret(SECRET.as_bytes()), claims)
+}
+
+fn rs256(claims: &Value) -> String {
+    let key = EncodingKey::from_rsa_pem(&std::fs::read(fixture("rsa_private.pem")).unwrap()).unwrap();
+    sign(Algorithm::RS256, &key, claims)
+}
+
+fn es256(claims: &Value) -> String {
+    let key = EncodingKey::from_ec_pem(&std::fs::read(fixture("ec_private.pem")).unwrap()).unwrap();
+    sign(Algorithm::ES256, &key, claims)
+}
+
+async fn hs_server(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    TestServer::start_with(|c| {
+        c.jwt_hs256_secret = Some(SECRET.to_owned().into());
+        tweak(c);
+    })
+    .await
+}
+
+async fn key_server(pem: &str) -> TestServer {
+    TestServer::start_with(|c| c.jwt_public_key_file = Some(fixture(pem))).await
+}
+
+fn opts(token: &str, device: &str) -> ConnectOptions {
+    ConnectOptions { ignore_warmup_events: true, ..ConnectOptions::new(token, device) }
+}
+
+async fn refused(server: &TestServer, token: &str) -> (u16, String) {
+    server.refused(&opts(token, "d")).await
+}
+
+fn invalid() -> (u16, String) {
+    (INVALID.0, INVALID.1.to_owned())
+}
+
+#[tokio::test]
+async fn hs256_token_connects_and_creates_the_user() {
+    let server = hs_server(|_| {}).await;
+    assert!(server.ctx.store.user("alice").await.unwrap().is_none());
+    let token = hs256(&claims("alice"));
+    let (_c, hello) = Client::connect_authenticated(&server.url, &opts(&token, "laptop")).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+    assert_eq!(hello.device_hash, sha256_hex("id:laptop"));
+    assert!(server.ctx.store.user("alice").await.unwrap().is_some(), "created on first connection");
+    let devices = server.ctx.store.devices("alice").await.unwrap();
+    assert_eq!(devices.len(), 1);
+    // A second connection (the user exists now), as a query parameter.
+    let q = ConnectOptions { token_placement: TokenPlacement::Query, ..opts(&token, "phone") };
+    let (_c2, hello) = Client::connect_authenticated(&server.url, &q).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+}
+
+#[tokio::test]
+async fn rs256_token_connects() {
+    let server = key_server("rsa_public.pem").await;
+    let (_c, hello) = Client::connect_authenticated(&server.url, &opts(&rs256(&claims("bob")), "d")).await.unwrap();
+    assert_eq!(hello.user_id, "bob");
+}
+
+#[tokio::test]
+async fn es256_token_connects() {
+    let server = key_server("ec_public.pem").await;
+    let (_c, hello) = Client::connect_authenticated(&server.url, &opts(&es256(&claims("carol")), "d")).await.unwrap();
+    assert_eq!(hello.user_id, "carol");
+}
+
+#[tokio::test]
+async fn bad_signature_is_invalid_session() {
+    let server = hs_server(|_| {}).await;
+    let other = sign(Algorithm::HS256, &EncodingKey::from_secret(b"another-secret"), &claims("alice"));
+    assert_eq!(refused(&server, &other).await, invalid());
+    // A valid token whose claims were swapped for others.
+    let good = hs256(&claims("alice"));
+    let forged_claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims("mallory").to_string());
+    let parts: Vec<&str> = good.split('.').collect();
+    assert_eq!(refused(&server, &format!("{}.{forged_claims}.{}", parts[0], parts[2])).await, invalid());
+    assert!(server.ctx.store.user("mallory").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn alg_none_is_invalid_session() {
+    let server = hs_server(|_| {}).await;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let header = b64(json!({"alg": "none", "typ": "JWT"}));
+    let body = b64(claims("alice"));
+    assert_eq!(refused(&server, &format!("{header}.{body}.")).await, invalid());
+    assert_eq!(refused(&server, &format!("{header}.{body}.c2ln")).await, invalid());
+    assert!(server.ctx.store.user("alice").await.unwrap().is_none());
+}
+
+/// Algorithm confusion: an HS256 token whose HMAC key is the server's public key must not verify.
+#[tokio::test]
+async fn hs256_token_signed_with_the_public_key_is_refused_when_rs256_is_configured() {
+    let server = key_server("rsa_public.pem").await;
+    let public = std::fs::read(fixture("rsa_public.pem")).unwrap();
+    let confused = sign(Algorithm::HS256, &EncodingKey::from_secret(&public), &claims("alice"));
+    assert_eq!(refused(&server, &confused).await, invalid());
+    // And ES256 with an RSA key configured, RS256 with an EC key configured.
+    assert_eq!(refused(&server, &es256(&claims("alice"))).await, invalid());
+    let ec = key_server("ec_public.pem").await;
+    assert_eq!(refused(&ec, &rs256(&claims("alice"))).await, invalid());
+    let public = std::fs::read(fixture("ec_public.pem")).unwrap();
+    let confused = sign(Algorithm::HS256, &EncodingKey::from_secret(&public), &claims("alice"));
+    assert_eq!(refused(&ec, &confused).await, invalid());
+}
+
+#[tokio::test]
+async fn expired_and_not_yet_valid_tokens_are_invalid_session() {
+    let server = hs_server(|_| {}).await;
+    assert_eq!(refused(&server, &hs256(&json!({"sub": "alice", "exp": now() - 10}))).await, invalid());
+    let early = json!({"sub": "alice", "exp": now() + 3600, "nbf": now() + 600});
+    assert_eq!(refused(&server, &hs256(&early)).await, invalid());
+    let future_iat = json!({"sub": "alice", "exp": now() + 3600, "iat": now() + 600});
+    assert_eq!(refused(&server, &hs256(&future_iat)).await, invalid());
+    // The leeway forgives a little clock skew.
+    let lenient = hs_server(|c| c.jwt_leeway_secs = 60).await;
+    let (_c, hello) =
+        Client::connect_authenticated(&lenient.url, &opts(&hs256(&json!({"sub": "alice", "exp": now() - 10})), "d"))
+            .await
+            .unwrap();
+    assert_eq!(hello.user_id, "alice");
+}
+
+#[tokio::test]
+async fn missing_or_malformed_claims_are_invalid_session() {
+    let server = hs_server(|_| {}).await;
+    for bad in [
+        json!({"exp": now() + 3600}),
+        json!({"sub": "alice"}),
+        json!({"sub": "not a valid id!", "exp": now() + 3600}),
+        json!({"sub": "", "exp": now() + 3600}),
+        json!({"sub": "x".repeat(65), "exp": now() + 3600}),
+        json!({"sub": 42, "exp": now() + 3600}),
+        json!({"sub": "alice", "exp": "tomorrow"}),
+    ] {
+        assert_eq!(refused(&server, &hs256(&bad)).await, invalid(), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn audience_and_issuer_are_checked_when_configured() {
+    let server = hs_server(|c| {
+        c.jwt_audience = Some("chat-app".into());
+        c.jwt_issuer = Some("https://login.example".into());
+    })
+    .await;
+    let with = |aud: Option<&str>, iss: Option<&str>| {
+        let mut c = claims("alice");
+        if let Some(aud) = aud {
+            c["aud"] = json!(aud);
+        }
+        if let Some(iss) = iss {
+            c["iss"] = json!(iss);
+        }
+        hs256(&c)
+    };
+    let ok = with(Some("chat-app"), Some("https://login.example"));
+    Client::connect_authenticated(&server.url, &opts(&ok, "d")).await.unwrap();
+    for bad in [
+        with(Some("other-app"), Some("https://login.example")),
+        with(Some("chat-app"), Some("https://evil.example")),
+        with(None, Some("https://login.example")),
+        with(Some("chat-app"), None),
+    ] {
+        assert_eq!(refused(&server, &bad).await, invalid());
+    }
+    // Without --jwt-audience / --jwt-issuer, neither is checked.
+    let open = hs_server(|_| {}).await;
+    Client::connect_authenticated(&open.url, &opts(&with(Some("any"), Some("any")), "d")).await.unwrap();
+}
+
+#[tokio::test]
+async fn device_claim_binds_the_token_to_that_device() {
+    let server = hs_server(|_| {}).await;
+    let mut c = claims("alice");
+    c["device"] = json!("phone-1");
+    let token = hs256(&c);
+    // The client names the same device, or none (then the claim is its device, not the fingerprint).
+    let (_a, hello) = Client::connect_authenticated(&server.url, &opts(&token, "phone-1")).await.unwrap();
+    assert_eq!(hello.device_hash, sha256_hex("id:phone-1"));
+    let bare = ConnectOptions { device_id: None, ..opts(&token, "") };
+    let (_b, hello) = Client::connect_authenticated(&server.url, &bare).await.unwrap();
+    assert_eq!(hello.device_hash, sha256_hex("id:phone-1"));
+    // Another device: refused.
+    assert_eq!(server.refused(&opts(&token, "laptop")).await, (1008, "Device mismatch".into()));
+    let q = ConnectOptions { device_id_in_query: true, ..opts(&token, "laptop") };
+    assert_eq!(server.refused(&q).await, (1008, "Device mismatch".into()));
+    // A malformed device claim is an invalid token.
+    let mut c = claims("alice");
+    c["device"] = json!("x".repeat(129));
+    assert_eq!(refused(&server, &hs256(&c)).await, invalid());
+    // Without the claim the connection's own device is used.
+    let (_d, hello) = Client::connect_authenticated(&server.url, &opts(&hs256(&claims("alice")), "tab")).await.unwrap();
+    assert_eq!(hello.device_hash, sha256_hex("id:tab"));
+}
+
+#[tokio::test]
+async fn device_mismatch_says_2fa_required_for_a_2fa_user() {
+    let server = hs_server(|_| {}).await;
+    server.user("alice", true).await;
+    let mut c = claims("alice");
+    c["device"] = json!("phone-1");
+    assert_eq!(server.refused(&opts(&hs256(&c), "laptop")).await, (1008, "Device mismatch, 2FA required".into()));
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_with_token_expired_when_its_jwt_expires() {
+    let server = hs_server(|c| c.session_check_interval_secs = 1).await;
+    let short = hs256(&json!({"sub": "alice", "exp": now() + 2}));
+    let long = hs256(&claims("alice"));
+    let (mut expiring, _) = Client::connect_authenticated(&server.url, &opts(&short, "a")).await.unwrap();
+    let (mut lasting, _) = Client::connect_authenticated(&server.url, &opts(&long, "b")).await.unwrap();
+    let session = server.user_token("bob").await;
+    let (mut session_conn, _) = Client::connect_authenticated(&server.url, &opts(&session, "c")).await.unwrap();
+    assert_eq!(expiring.recv_close().await.unwrap(), (1008, "Token expired".into()));
+    // The others are still served.
+    for c in [&mut lasting, &mut session_conn] {
+        let reply = c.request(&chatsync_protocol::ClientMessage::Ping(Default::default())).await.unwrap();
+        assert!(matches!(reply.message, chatsync_protocol::ServerMessage::Pong(_)), "{reply:?}");
+    }
+    // The client reconnects with a fresh token.
+    Client::connect_authenticated(&server.url, &opts(&long, "a")).await.unwrap();
+}
+
+#[tokio::test]
+async fn session_tokens_work_alongside_jwts() {
+    let server = hs_server(|_| {}).await;
+    let session = server.user_token("alice").await;
+    assert!(session.starts_with("cs_") && !session.contains('.'));
+    let (_s, hello) = Client::connect_authenticated(&server.url, &opts(&session, "d")).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+    let (_j, hello) = Client::connect_authenticated(&server.url, &opts(&hs256(&claims("alice")), "d")).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+    assert_eq!(refused(&server, "cs_unknown").await, invalid());
+}
+
+#[tokio::test]
+async fn without_jwt_configuration_a_jwt_is_an_unknown_session_token() {
+    let server = TestServer::start().await;
+    assert_eq!(refused(&server, &hs256(&claims("alice"))).await, invalid());
+    assert!(server.ctx.store.user("alice").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn unusable_key_configuration_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = || Config { data_dir: dir.path().to_owned(), ..Config::default() };
+    let both = Config {
+        jwt_hs256_secret: Some(SECRET.to_owned().into()),
+        jwt_public_key_file: Some(fixture("rsa_public.pem")),
+        ..base()
+    };
+    let err = chatsync::build(both).await.err().unwrap().to_string();
+    assert!(err.contains("exclusive"), "{err}");
+    let not_pem = Config { jwt_public_key_file: Some(fixture("README.md")), ..base() };
+    let err = format!("{:#}", chatsync::build(not_pem).await.err().unwrap());
+    assert!(err.contains("not a PEM RSA or EC"), "{err}");
+    let p384 = Config { jwt_public_key_file: Some(fixture("ec384_public.pem")), ..base() };
+    let err = format!("{:#}", chatsync::build(p384).await.err().unwrap());
+    assert!(err.contains("P-256"), "{err}");
+    let missing = Config { jwt_public_key_file: Some(fixture("missing.pem")), ..base() };
+    let err = format!("{:#}", chatsync::build(missing).await.err().unwrap());
+    assert!(err.contains("cannot read"), "{err}");
+    let debug = format!("{:?}", Config { jwt_hs256_secret: Some(SECRET.to_owned().into()), ..base() });
+    assert!(!debug.contains(SECRET), "the secret never shows in Debug");
+}
+
+/// `chatsync serve` with trace logging: neither the tokens (accepted, refused, in the query) nor the
+/// secret reach the log; the refusal reason does.
+#[tokio::test]
+async fn logs_never_contain_jwts_or_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "trace"])
+        .env("CHATSYNC_JWT_HS256_SECRET", SECRET)
+        .env_remove("RUST_LOG")
+        .env_remove("CHATSYNC_CONFIG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("server exited before listening").unwrap();
+        if let Some(i) = line.find("ws://") {
+            break line[i..].split(['"', ' ']).next().unwrap().to_owned();
+        }
+    };
+    let reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
+    let good = hs256(&claims("alice"));
+    let (c, _) = Client::connect_authenticated(&url, &opts(&good, "d")).await.unwrap();
+    c.close().await.unwrap();
+    let q = ConnectOptions { token_placement: TokenPlacement::Query, ..opts(&good, "d") };
+    let (c, _) = Client::connect_authenticated(&url, &q).await.unwrap();
+    c.close().await.unwrap();
+    let bad = sign(Algorithm::HS256, &EncodingKey::from_secret(b"wrong"), &claims("alice"));
+    let mut rejected = Client::connect(&url, &opts(&bad, "d")).await.unwrap();
+    assert_eq!(rejected.recv_close().await.unwrap(), invalid());
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    let logs = reader.join().unwrap().join("\n");
+    assert!(logs.contains("bad signature"), "the reason is logged: {}", &logs[..logs.len().min(3000)]);
+    for (name, secret) in [("token", good.as_str()), ("refused token", bad.as_str()), ("secret", SECRET)] {
+        assert!(!logs.contains(secret), "the {name} reached the log");
+        for part in secret.split('.').skip(1).filter(|p| p.len() > 16) {
+            assert!(!logs.contains(part), "part of the {name} reached the log");
+        }
+    }
+}
+
+/// `chatsync serve` stops at once with a clear message when the JWT configuration is unusable.
+#[test]
+fn serve_refuses_to_start_with_an_unusable_jwt_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatsync"));
+        cmd.arg("--data-dir").arg(dir.path()).args(["serve", "--listen", "127.0.0.1:0"]).args(args);
+        cmd.env_remove("CHATSYNC_CONFIG").env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let readme = fixture("README.md");
+    let err = serve(&["--jwt-public-key-file", readme.to_str().unwrap()], &[]);
+    assert!(err.contains("not a PEM RSA or EC"), "{err}");
+    let rsa = fixture("rsa_public.pem");
+    let err = serve(&["--jwt-public-key-file", rsa.to_str().unwrap()], &[("CHATSYNC_JWT_HS256_SECRET", SECRET)]);
+    assert!(err.contains("jwt-hs256-secret") || err.contains("exclusive"), "{err}");
+    assert!(!err.contains(SECRET), "the secret is never printed: {err}");
+}
