@@ -137,7 +137,8 @@ impl Envelope {
 
 /// How the bench connects.
 pub struct Connector {
-    target: Target,
+    /// The servers (cluster nodes); connection slot `i` goes to `targets[i % len]`.
+    targets: Vec<Target>,
     sources: Vec<IpAddr>,
     ws_config: WebSocketConfig,
     timeout: Duration,
@@ -151,39 +152,43 @@ pub struct ConnectFailure(pub String);
 impl Connector {
     /// `source_addrs` client addresses 127.0.0.1..=127.0.0.N (IPv4 targets only), `buffer` bytes of
     /// tungstenite read/write buffer per connection, `timeout` for TCP + upgrade + greeting.
-    pub fn new(target: Target, source_addrs: u8, buffer: usize, timeout: Duration) -> Connector {
-        let sources = if target.addr.is_ipv4() {
+    /// With several `targets` (the nodes of a cluster), connection slot `i` goes to `targets[i % len]`,
+    /// so consecutive devices of a user land on different nodes.
+    pub fn new(targets: Vec<Target>, source_addrs: u8, buffer: usize, timeout: Duration) -> Connector {
+        let sources = if targets.iter().all(|t| t.addr.is_ipv4()) {
             (1..=source_addrs.max(1)).map(|x| IpAddr::V4(Ipv4Addr::new(127, 0, 0, x))).collect()
         } else {
             Vec::new()
         };
         let ws_config =
             WebSocketConfig::default().read_buffer_size(buffer).write_buffer_size(0).max_write_buffer_size(usize::MAX);
-        Connector { target, sources, ws_config, timeout, next_source: AtomicUsize::new(0) }
+        Connector { targets, sources, ws_config, timeout, next_source: AtomicUsize::new(0) }
     }
 
     /// Connects, upgrades with `Authorization: Bearer` and `X-Device-Id`, and waits for `connected`.
     /// Returns the socket, the greeting and the time all that took.
-    pub async fn connect(&self, cred: &Credential) -> Result<(Ws, Greeting, Duration), ConnectFailure> {
+    /// `slot` picks the target (see [`Connector::new`]).
+    pub async fn connect(&self, cred: &Credential, slot: usize) -> Result<(Ws, Greeting, Duration), ConnectFailure> {
         let start = Instant::now();
-        match tokio::time::timeout(self.timeout, self.connect_inner(cred)).await {
+        let target = &self.targets[slot % self.targets.len()];
+        match tokio::time::timeout(self.timeout, self.connect_inner(target, cred)).await {
             Ok(Ok((ws, g))) => Ok((ws, g, start.elapsed())),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ConnectFailure("timeout".into())),
         }
     }
 
-    async fn connect_inner(&self, cred: &Credential) -> Result<(Ws, Greeting), ConnectFailure> {
+    async fn connect_inner(&self, target: &Target, cred: &Credential) -> Result<(Ws, Greeting), ConnectFailure> {
         let fail = |s: String| ConnectFailure(s);
-        let socket = if self.target.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
+        let socket = if target.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
             .map_err(|e| fail(format!("socket: {}", e.kind())))?;
         if !self.sources.is_empty() {
             let i = self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len();
             socket.bind(SocketAddr::new(self.sources[i], 0)).map_err(|e| fail(format!("bind: {}", e.kind())))?;
         }
-        let stream = socket.connect(self.target.addr).await.map_err(|e| fail(format!("tcp connect: {}", e.kind())))?;
+        let stream = socket.connect(target.addr).await.map_err(|e| fail(format!("tcp connect: {}", e.kind())))?;
         let _ = stream.set_nodelay(true);
-        let mut request = self.target.url.as_str().into_client_request().map_err(|e| fail(format!("request: {e}")))?;
+        let mut request = target.url.as_str().into_client_request().map_err(|e| fail(format!("request: {e}")))?;
         let h = request.headers_mut();
         let value = |s: &str| HeaderValue::from_str(s).map_err(|_| fail("bad header value in tokens file".into()));
         h.insert("authorization", value(&format!("Bearer {}", cred.token))?);
@@ -381,7 +386,7 @@ pub async fn open_many<H: FrameHandler>(
         let (connector, cred, handler, cancel, log, progress) =
             (connector.clone(), cred.clone(), handler.clone(), cancel.clone(), log.clone(), progress.clone());
         tasks.push(tokio::spawn(async move {
-            let r = connector.connect(&cred).await;
+            let r = connector.connect(&cred, i).await;
             progress.inc(1);
             let (ws, greeting, latency) = r?;
             let (sink, closing) = attach(i, ws, handler, cancel, log);

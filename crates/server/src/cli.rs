@@ -147,6 +147,9 @@ pub struct UsersArgs {
     /// Storage.
     #[command(flatten)]
     pub storage: StorageArgs,
+    /// Cluster bus (accepted like `serve`'s, so one set of options reaches the whole cluster).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// `chatsync sessions`.
@@ -186,6 +189,9 @@ pub struct KeysArgs {
     /// Storage.
     #[command(flatten)]
     pub storage: StorageArgs,
+    /// Cluster bus (accepted like `serve`'s, so one set of options reaches the whole cluster).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 }
 
 /// `chatsync connect` options.
@@ -492,7 +498,7 @@ impl Cli {
                 a.storage.config.as_ref()
             }
             Command::Users(a) => {
-                overrides.push(&a.storage);
+                overrides.extend([&a.storage as &dyn crate::config::erased::Overrides, &a.cluster]);
                 a.storage.config.as_ref()
             }
             Command::Sessions(a) => {
@@ -504,7 +510,7 @@ impl Cli {
                 a.storage.config.as_ref()
             }
             Command::Keys(a) => {
-                overrides.push(&a.storage);
+                overrides.extend([&a.storage as &dyn crate::config::erased::Overrides, &a.cluster]);
                 a.storage.config.as_ref()
             }
             Command::Connect(a) => {

@@ -565,3 +565,32 @@ fn help_groups_options_and_shows_each_where_it_applies() {
     let users = help(&["users", "list", "--help"]);
     assert!(users.contains("--data-dir") && !users.contains("--log-level"), "{users}");
 }
+
+/// Issue 8: every command accepts the backend options of `serve` (`--database-url`, `--redis-url`,
+/// `--redis-prefix`), so one set of options reaches the whole cluster.
+#[test]
+fn every_command_accepts_the_backend_options_of_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/elsewhere.db", dir.path().display());
+    let backend = ["--database-url", db.as_str(), "--redis-url", "redis://127.0.0.1:1", "--redis-prefix", "p:"];
+    let with = |args: &[&str]| -> Vec<String> { args.iter().chain(&backend).map(|a| a.to_string()).collect() };
+    let run = |args: &[&str]| {
+        let args = with(args);
+        chatsync(dir.path(), &args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    ok(&run(&["users", "add", "alice"]));
+    assert!(dir.path().join("elsewhere.db").exists(), "--database-url was used");
+    ok(&run(&["users", "list"]));
+    let token = ok(&run(&["sessions", "issue", "alice", "--device-id", "d"]));
+    ok(&run(&["sessions", "list", "alice"]));
+    ok(&run(&["devices", "list", "alice"]));
+    ok(&run(&["keys", "rotate"]));
+    // Revocation succeeds in the store; the unreachable bus only costs a warning.
+    let out = run(&["sessions", "revoke", token.trim()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning"), "the bus failure is reported");
+    let serve_help = ok(&chatsync(dir.path(), &["serve", "--help"]));
+    for flag in ["--database-url", "--redis-url", "--redis-prefix", "--redis-sharded-pubsub"] {
+        assert!(serve_help.contains(flag), "serve --help lists {flag}");
+    }
+}

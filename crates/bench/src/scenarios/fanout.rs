@@ -277,7 +277,7 @@ async fn reconnect(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     close_on_purpose(sink, &closing, Duration::from_secs(5)).await;
-    match connector.connect(cred).await {
+    match connector.connect(cred, conn as usize).await {
         Ok((ws, _greeting, latency)) => {
             let mut st = stats.lock().expect("reconnect stats");
             st.0.done += 1;

@@ -25,8 +25,11 @@ use std::time::Duration;
 #[command(next_help_heading = "Common options (any scenario, before or after its name)")]
 pub struct Common {
     /// WebSocket URL of the server under test; only loopback hosts (127.0.0.0/8, ::1, localhost) are accepted.
-    #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/v1/ws", value_parser = parse_url)]
-    pub url: String,
+    /// Several, comma-separated, for the nodes of a cluster: connection i goes to node i mod N, so the
+    /// consecutive devices of a user are spread over the nodes.
+    #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/v1/ws", value_parser = parse_url,
+          value_delimiter = ',')]
+    pub url: Vec<String>,
     /// Tokens file: JSON lines {"user_id","device_id","token"}, e.g. from `chatsync sessions issue-bulk`.
     #[arg(long, global = true, value_name = "FILE", default_value = "tokens.jsonl")]
     pub tokens: PathBuf,
@@ -89,11 +92,11 @@ pub struct Ctx {
 impl Ctx {
     /// Loads the tokens and starts the server monitor (its first sample is the baseline).
     pub fn new(common: Common, nofile: u64) -> Result<Ctx> {
-        let target = Target::parse(&common.url)?;
+        let targets = common.url.iter().map(|u| Target::parse(u)).collect::<Result<Vec<_>>>()?;
         let creds = tokens::load(&common.tokens)?;
         let monitor = common.server_pid.map(ProcMonitor::start).transpose()?;
         let connector = Connector::new(
-            target,
+            targets,
             common.source_addrs,
             common.ws_buffer,
             Duration::from_secs_f64(common.connect_timeout),
