@@ -13,11 +13,11 @@ use backends::PgSchema;
 use chatsync_client::{Client, ConnectOptions};
 use chatsync_protocol::*;
 use common::cluster::{redis_url, unique_prefix};
+use common::process;
 use common::proxy::Proxy;
 use common::TestServer;
 use serde_json::json;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 use sync_util::*;
 
@@ -44,33 +44,25 @@ struct Env {
 
 impl Env {
     fn command(&self, data: &std::path::Path) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatsync"));
+        let mut cmd = process::chatsync();
         cmd.arg("--data-dir")
             .arg(data)
             .args(["--database-url", &self.database_url, "--redis-url", &self.redis_url])
             .args(["--redis-prefix", &self.prefix])
-            .env("CHATSYNC_MASTER_KEY", &self.master_key)
-            .env_remove("RUST_LOG")
-            .env_remove("CHATSYNC_CONFIG");
+            .env("CHATSYNC_MASTER_KEY", &self.master_key);
         cmd
     }
 
     fn node(&self) -> Node {
         let data = tempfile::tempdir().unwrap();
-        let mut child = self
-            .command(data.path())
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "info"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let url = loop {
-            let line = lines.next().expect("node exited before listening").unwrap();
-            if let Some(i) = line.find("ws://") {
-                break line[i..].split(['"', ' ']).next().unwrap().to_owned();
-            }
-        };
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+        let (child, url, lines) = process::spawn_serve(self.command(data.path()).args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "info",
+        ]));
+        process::drain(lines);
         Node { child, url, _data: data }
     }
 

@@ -10,13 +10,14 @@
 //! confirmed message is among them with its confirmed `seq`; the stored `title_v` / `draft_v` is at
 //! least the highest confirmed one, and the stored title / draft is the one sent as that version.
 
+mod common;
+
 use chatsync_client::{Client, ClientError, ConnectOptions};
 use chatsync_protocol::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,25 +50,15 @@ impl Drop for Server {
 /// Starts `chatsync serve` on port 0 and returns the child and its WebSocket URL; stderr is drained
 /// on a thread so that the child never blocks on its logs.
 fn serve(dir: &Path, durability: &str) -> (Server, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["serve", "--listen", "127.0.0.1:0", "--durability", durability])
-        .args(["--rate-per-sec", "1000000", "--rate-burst", "1000000", "--log-level", "info"])
-        .env_remove("RUST_LOG")
-        .env_remove("CHATSYNC_CONFIG")
-        .env_remove("CHATSYNC_MASTER_KEY")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("server exited before listening").unwrap();
-        if let Some(i) = line.find("ws://") {
-            break line[i..].split(['"', ' ']).next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+    let (child, url, lines) = common::process::spawn_serve(
+        common::process::chatsync()
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["serve", "--listen", "127.0.0.1:0", "--durability", durability])
+            .args(["--rate-per-sec", "1000000", "--rate-burst", "1000000", "--log-level", "info"])
+            .env_remove("CHATSYNC_MASTER_KEY"),
+    );
+    common::process::drain(lines);
     (Server(child), url)
 }
 

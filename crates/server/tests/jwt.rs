@@ -12,9 +12,8 @@ use chatsync_client::{Client, ConnectOptions, TokenPlacement};
 use common::TestServer;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const SECRET: &str = "test-only-hs256-secret-5b1e";
 const INVALID: (u16, &str) = (1008, "Invalid session");
@@ -311,23 +310,13 @@ async fn unusable_key_configuration_refuses_to_start() {
 #[tokio::test]
 async fn logs_never_contain_jwts_or_the_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "trace"])
-        .env("CHATSYNC_JWT_HS256_SECRET", SECRET)
-        .env_remove("RUST_LOG")
-        .env_remove("CHATSYNC_CONFIG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("server exited before listening").unwrap();
-        if let Some(i) = line.find("ws://") {
-            break line[i..].split(['"', ' ']).next().unwrap().to_owned();
-        }
-    };
+    let (mut child, url, lines) = common::process::spawn_serve(
+        common::process::chatsync()
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--log-level", "trace"])
+            .env("CHATSYNC_JWT_HS256_SECRET", SECRET),
+    );
     let reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
     let good = hs256(&claims("alice"));
     let (c, _) = Client::connect_authenticated(&url, &opts(&good, "d")).await.unwrap();
