@@ -1,6 +1,6 @@
 //! Measurements: latency histograms (hdrhistogram, microseconds) with a per-second timeline, and
-//! sampling of the server process from /proc (VmRSS from `/proc/PID/status`, utime + stime from
-//! `/proc/PID/stat`), and the RSS drift of a window of those samples (soak).
+//! sampling of the server process from /proc (VmRSS and Threads from `/proc/PID/status`, utime +
+//! stime from `/proc/PID/stat`), and the RSS drift of a window of those samples (soak).
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -156,6 +156,8 @@ pub struct ProcSample {
     pub rss_kib: u64,
     /// utime + stime, seconds.
     pub cpu_secs: f64,
+    /// Threads of the process.
+    pub threads: u32,
 }
 
 /// `VmRSS` in KiB from the text of `/proc/PID/status`.
@@ -165,6 +167,11 @@ pub fn parse_vmrss_kib(status: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// `Threads` from the text of `/proc/PID/status`.
+pub fn parse_threads(status: &str) -> Option<u32> {
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|rest| rest.trim().parse().ok())
 }
 
 /// `(utime, stime)` in clock ticks from the text of `/proc/PID/stat`. The command name (field 2)
@@ -186,12 +193,17 @@ fn clock_ticks_per_sec() -> f64 {
     }
 }
 
-/// Reads RSS (KiB) and CPU seconds of `pid` now.
-pub fn read_proc(pid: u32) -> Option<(u64, f64)> {
+/// Reads RSS (KiB), CPU seconds and threads of `pid` now, as a sample taken at `t`.
+pub fn read_proc(pid: u32, t: f64) -> Option<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (u, s) = parse_stat_ticks(&stat)?;
-    Some((parse_vmrss_kib(&status)?, (u + s) as f64 / clock_ticks_per_sec()))
+    Some(ProcSample {
+        t,
+        rss_kib: parse_vmrss_kib(&status)?,
+        cpu_secs: (u + s) as f64 / clock_ticks_per_sec(),
+        threads: parse_threads(&status).unwrap_or(0),
+    })
 }
 
 /// Samples a process every second in the background; also on demand.
@@ -206,7 +218,7 @@ pub struct ProcMonitor {
 impl ProcMonitor {
     /// Starts sampling `pid`. Fails if the process cannot be read.
     pub fn start(pid: u32) -> anyhow::Result<ProcMonitor> {
-        if read_proc(pid).is_none() {
+        if read_proc(pid, 0.0).is_none() {
             anyhow::bail!("cannot read /proc/{pid}/status and /proc/{pid}/stat: is --server-pid right?");
         }
         let mut m = ProcMonitor {
@@ -224,10 +236,8 @@ impl ProcMonitor {
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {
-                        if let Some((rss, cpu)) = read_proc(pid) {
-                            samples.lock().expect("samples lock").push(ProcSample {
-                                t: start.elapsed().as_secs_f64(), rss_kib: rss, cpu_secs: cpu,
-                            });
+                        if let Some(s) = read_proc(pid, start.elapsed().as_secs_f64()) {
+                            samples.lock().expect("samples lock").push(s);
                         }
                     }
                 }
@@ -238,8 +248,7 @@ impl ProcMonitor {
 
     /// Takes a sample now (kept in the series too). `None` if the process is gone.
     pub fn sample(&self) -> Option<ProcSample> {
-        let (rss, cpu) = read_proc(self.pid)?;
-        let s = ProcSample { t: self.start.elapsed().as_secs_f64(), rss_kib: rss, cpu_secs: cpu };
+        let s = read_proc(self.pid, self.start.elapsed().as_secs_f64())?;
         self.samples.lock().expect("samples lock").push(s);
         Some(s)
     }
@@ -288,6 +297,12 @@ pub struct RssWindow {
     pub cpu_secs: f64,
     /// CPU used as a share of one core, percent (100 = one core busy).
     pub cpu_pct_of_core: f64,
+    /// Server threads at the first and last sample of the window, and the most in it.
+    pub threads_start: u32,
+    /// See `threads_start`.
+    pub threads_end: u32,
+    /// See `threads_start`.
+    pub threads_max: u32,
 }
 
 fn median(mut v: Vec<u64>) -> Option<u64> {
@@ -335,6 +350,9 @@ pub fn rss_window(samples: &[ProcSample], from_t: f64, to_t: f64, edge: f64) -> 
         slope_kib_per_min: slope_per_sec * 60.0,
         cpu_secs,
         cpu_pct_of_core: if span > 0.0 { cpu_secs * 100.0 / span } else { 0.0 },
+        threads_start: first.threads,
+        threads_end: last.threads,
+        threads_max: w.iter().map(|s| s.threads).max().unwrap_or(0),
     })
 }
 
@@ -351,6 +369,8 @@ mod tests {
     fn parses_vmrss() {
         let status = "Name:\tchatsync\nVmPeak:\t  10000 kB\nVmRSS:\t   52344 kB\nThreads:\t3\n";
         assert_eq!(parse_vmrss_kib(status), Some(52344));
+        assert_eq!(parse_threads(status), Some(3));
+        assert_eq!(parse_threads("Name: x\n"), None);
         assert_eq!(parse_vmrss_kib("Name: x\n"), None);
     }
 
@@ -363,14 +383,16 @@ mod tests {
 
     #[test]
     fn reads_own_process() {
-        let (rss, cpu) = read_proc(std::process::id()).unwrap();
-        assert!(rss > 0);
-        assert!(cpu >= 0.0);
+        let s = read_proc(std::process::id(), 1.5).unwrap();
+        assert!(s.rss_kib > 0);
+        assert!(s.cpu_secs >= 0.0);
+        assert!(s.threads >= 1);
+        assert_eq!(s.t, 1.5);
     }
 
     #[test]
     fn rss_window_drift_slope_and_edges() {
-        let s = |t: f64, rss: u64| ProcSample { t, rss_kib: rss, cpu_secs: t / 2.0 };
+        let s = |t: f64, rss: u64| ProcSample { t, rss_kib: rss, cpu_secs: t / 2.0, threads: 10 + t as u32 / 10 };
         // Flat at 100,000 KiB with one spike at the start edge: the median ignores it.
         let mut v: Vec<ProcSample> = (0..=100).map(|t| s(t as f64, 100_000)).collect();
         v[11].rss_kib = 150_000;
@@ -379,6 +401,7 @@ mod tests {
         assert_eq!(w.samples, 81);
         assert!(w.drift_pct.abs() < 1e-9);
         assert!((w.cpu_secs - 40.0).abs() < 1e-9 && (w.cpu_pct_of_core - 50.0).abs() < 1e-9, "{w:?}");
+        assert_eq!((w.threads_start, w.threads_end, w.threads_max), (11, 19, 19));
         // Growing 60 KiB per second: 3,600 KiB per minute; 100 s from 100,000 to 106,000 = +6%.
         let v: Vec<ProcSample> = (0..=100).map(|t| s(t as f64, 100_000 + 60 * t)).collect();
         let w = rss_window(&v, 0.0, 100.0, 0.0).unwrap();

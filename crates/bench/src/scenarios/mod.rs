@@ -167,7 +167,8 @@ impl Ctx {
             t.kv("RSS first sample", format!("{:.1} MiB", first.rss_kib as f64 / 1024.0))
                 .kv("RSS last sample", format!("{:.1} MiB", last.rss_kib as f64 / 1024.0))
                 .kv("RSS peak", format!("{:.1} MiB", peak as f64 / 1024.0))
-                .kv("CPU used", format!("{:.2} s", last.cpu_secs - first.cpu_secs));
+                .kv("CPU used", format!("{:.2} s", last.cpu_secs - first.cpu_secs))
+                .kv("threads first / last", format!("{} / {}", first.threads, last.threads));
             report.tables.push(t);
             report.panels.push(Panel {
                 title: "server RSS".into(),

@@ -123,7 +123,11 @@ pub async fn run(ctx: &Ctx, args: SoakArgs) -> Result<(Report, bool)> {
             .kv("RSS drift", format!("{:+.2}% (limit {}%)", w.drift_pct, args.max_drift_pct))
             .kv("RSS min / max in window", format!("{} / {}", mib(w.min_kib), mib(w.max_kib)))
             .kv("RSS trend (least squares)", format!("{} KiB/min", f(w.slope_kib_per_min, 1)))
-            .kv("server CPU in window", format!("{:.1} s ({:.1}% of one core)", w.cpu_secs, w.cpu_pct_of_core));
+            .kv("server CPU in window", format!("{:.1} s ({:.1}% of one core)", w.cpu_secs, w.cpu_pct_of_core))
+            .kv(
+                "server threads start / end (max)",
+                format!("{} / {} ({})", w.threads_start, w.threads_end, w.threads_max),
+            );
     }
     let c = &outcome.completeness;
     let pct = |l: &crate::metrics::LatencySummary| format!("{:.2} / {:.2} ms", l.p50_ms, l.p99_ms);
@@ -174,6 +178,9 @@ mod tests {
             slope_kib_per_min: 0.0,
             cpu_secs: 100.0,
             cpu_pct_of_core: 18.0,
+            threads_start: 18,
+            threads_end: 18,
+            threads_max: 18,
         }
     }
 
