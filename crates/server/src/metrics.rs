@@ -38,7 +38,12 @@ pub const WRITER_BATCH: &str = "chatsync_writer_batch_size";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the Prometheus recorder (once per process; later calls return the same handle).
+/// How often recorded histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the Prometheus recorder (once per process; later calls return the same handle) and, the first
+/// time, a task that runs its upkeep every 5 s: the recorder keeps every histogram sample until it is
+/// rendered or upkept, so a server nobody scrapes would otherwise grow without bound.
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
@@ -56,6 +61,14 @@ pub fn install() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed: /metrics will be empty");
             }
             describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("chatsync-metrics".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP);
+                    upkeep.run_upkeep();
+                })
+                .expect("the metrics upkeep thread starts");
             handle
         })
         .clone()
