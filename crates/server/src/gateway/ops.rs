@@ -56,6 +56,5 @@ async fn readyz(State(ops): State<Ops>) -> Response {
 }
 
 async fn render(State(ops): State<Ops>) -> Response {
-    metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).set(ops.ctx.hub.connection_count() as f64);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], ops.metrics.render()).into_response()
 }
