@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pause;
 pub mod store;
+pub mod webhooks;
 
 pub use config::Config;
 pub use handlers::Ctx;
@@ -76,9 +77,20 @@ pub fn assemble(
         }
         None => (local, memory),
     };
+    let webhooks = config.webhook_url.as_ref().map(|_| {
+        // One process owns a SQLite database (the data directory lock): a fixed lease owner lets a
+        // restart release the leases of a process that was killed. Nodes sharing PostgreSQL are distinct.
+        let node = match config.database_url.as_deref() {
+            Some(url) if !url.starts_with("sqlite://") => format!("node-{}", uuid::Uuid::new_v4().simple()),
+            _ => "local".to_owned(),
+        };
+        Arc::new(webhooks::Webhooks::new(backend.events.clone(), node))
+    });
     Ok(Ctx {
         store: backend.identity,
         chats: Arc::new(store::metered::MeteredChatStore(backend.chats)),
+        events: backend.events,
+        webhooks,
         cache,
         keys,
         data_dir_lock: Arc::new(lock.unwrap_or_else(datadir::DataDirLock::none)),
@@ -106,6 +118,8 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let gateway = gateway::Gateway { ctx: ctx.clone(), shutdown: token.clone(), tracker: tracker.clone() };
     let watcher = tokio::spawn(watch_revocations(ctx.clone(), token.clone()));
+    let dispatcher =
+        ctx.webhooks.clone().map(|hooks| tokio::spawn(webhooks::dispatcher::run(ctx.clone(), hooks, token.clone())));
 
     let trigger = token.clone();
     let (store, store_failure) = (ctx.chats.clone(), Arc::new(parking_lot::Mutex::new(None::<String>)));
@@ -153,6 +167,10 @@ pub async fn run(
         ctx.hub.close_all(CloseReason::SHUTDOWN);
     }
     watcher.abort();
+    if let Some(dispatcher) = dispatcher {
+        // The token is cancelled: the dispatcher stops its requests and releases its leases.
+        let _ = dispatcher.await;
+    }
     if let Some(bus) = &ctx.bus {
         bus.stop();
     }

@@ -6,6 +6,7 @@
 //! the call returns only once that transaction is durable. Backends may batch concurrent writes into
 //! one transaction (group commit); each op still sees the effects of the ops before it.
 
+pub use super::events::NewEvent;
 use super::{Millis, StoreError};
 use async_trait::async_trait;
 
@@ -155,6 +156,9 @@ pub enum WriteOp {
         target: Target,
         /// Server clock.
         now: Millis,
+        /// A webhook event (`message.created`) to record for `owner` in the same transaction, with the
+        /// new message's `seq`, if the message is stored (not for a duplicate or a refused write).
+        event: Option<NewEvent>,
     },
     /// Delete the chat, its messages, its draft and its data key; leave a tombstone.
     DeleteChat {
@@ -164,6 +168,9 @@ pub enum WriteOp {
         chat_id: String,
         /// Server clock.
         now: Millis,
+        /// A webhook event (`chat.deleted`) to record for `owner` in the same transaction, if the chat
+        /// is deleted.
+        event: Option<NewEvent>,
     },
     /// Store the user's data key unless one exists; returns the one in force ([`WriteResult::UserKey`]).
     UserKey {

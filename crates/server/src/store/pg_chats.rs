@@ -186,6 +186,13 @@ struct BatchArgs<'a> {
     nows: Vec<Option<i64>>,
     message_ids: Vec<Option<&'a str>>,
     client_timestamps: Vec<Option<&'a str>>,
+    /// Webhook events of the batch (outbox rows), by the `r_idx` of the op that records each.
+    event_idx: Vec<i32>,
+    event_ids: Vec<&'a str>,
+    event_users: Vec<&'a str>,
+    event_kinds: Vec<&'a str>,
+    event_bodies: Vec<&'a [u8]>,
+    event_times: Vec<i64>,
 }
 
 impl<'a> BatchArgs<'a> {
@@ -204,7 +211,7 @@ impl<'a> BatchArgs<'a> {
             WriteOp::Message { owner, chat_id, content, target, now, .. } => {
                 ("message", owner, Some(chat_id), Some(&content[..]), Some(target), None, Some(*now))
             }
-            WriteOp::DeleteChat { owner, chat_id, now } => {
+            WriteOp::DeleteChat { owner, chat_id, now, .. } => {
                 ("delete_chat", owner, Some(chat_id), None, None, None, Some(*now))
             }
             WriteOp::UserKey { user_id, candidate } => {
@@ -235,8 +242,40 @@ impl<'a> BatchArgs<'a> {
         self.nows.push(now);
         self.message_ids.push(message_id);
         self.client_timestamps.push(client_timestamp);
+        let event = match op {
+            WriteOp::Message { event, .. } | WriteOp::DeleteChat { event, .. } => event.as_ref(),
+            _ => None,
+        };
+        if let Some(event) = event {
+            // `r_idx` of the op (the function numbers ops from 1).
+            self.event_idx.push(self.kinds.len() as i32);
+            self.event_ids.push(&event.event_id);
+            self.event_users.push(owner);
+            self.event_kinds.push(&event.kind);
+            self.event_bodies.push(&event.body);
+            self.event_times.push(event.created_at_ms);
+        }
     }
 }
+
+/// One batch, in one statement.
+const BATCH: &str =
+    "SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ORDER BY r_idx";
+
+/// One batch that records webhook events (migration `0007_webhooks.sql`), still in one statement, so
+/// in the write's own transaction: a data-modifying CTE inserts the outbox row of every op whose outcome
+/// is a stored message (with its `seq`) or a deleted chat. Ops refused, raced or duplicate record none.
+/// Rows are inserted in op order, so a user's events get ascending ids in the order of the writes.
+const BATCH_WITH_EVENTS: &str = "WITH r AS MATERIALIZED ( \
+      SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)), \
+    ev AS ( \
+      INSERT INTO webhook_events (event_id, user_id, kind, seq, body, created_at, next_attempt_at) \
+      SELECT e.event_id, e.user_id, e.kind, CASE WHEN r.r_outcome = 'message' THEN r.r_seq END, e.body, \
+             e.created_at, e.created_at \
+      FROM r JOIN unnest($12::int[], $13::text[], $14::text[], $15::text[], $16::bytea[], $17::bigint[]) \
+           AS e(idx, event_id, user_id, kind, body, created_at) ON e.idx = r.r_idx \
+      WHERE r.r_outcome IN ('message', 'deleted') ORDER BY r.r_idx) \
+    SELECT * FROM r ORDER BY r_idx";
 
 /// Applies `batch` in one statement (its own transaction: one round trip, one commit).
 async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, sqlx::Error> {
@@ -244,19 +283,29 @@ async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, s
     for job in batch {
         args.push(&job.op);
     }
-    let rows =
-        sqlx::query("SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ORDER BY r_idx")
-            .bind(&args.kinds)
-            .bind(&args.owners)
-            .bind(&args.chat_ids)
-            .bind(&args.payloads)
-            .bind(&args.create_keys)
-            .bind(&args.kek_ids)
-            .bind(&args.max_chats)
-            .bind(&args.conds)
-            .bind(&args.nows)
-            .bind(&args.message_ids)
-            .bind(&args.client_timestamps)
+    let sql = if args.event_idx.is_empty() { BATCH } else { BATCH_WITH_EVENTS };
+    let mut query = sqlx::query(sql)
+        .bind(&args.kinds)
+        .bind(&args.owners)
+        .bind(&args.chat_ids)
+        .bind(&args.payloads)
+        .bind(&args.create_keys)
+        .bind(&args.kek_ids)
+        .bind(&args.max_chats)
+        .bind(&args.conds)
+        .bind(&args.nows)
+        .bind(&args.message_ids)
+        .bind(&args.client_timestamps);
+    if !args.event_idx.is_empty() {
+        query = query
+            .bind(&args.event_idx)
+            .bind(&args.event_ids)
+            .bind(&args.event_users)
+            .bind(&args.event_kinds)
+            .bind(&args.event_bodies)
+            .bind(&args.event_times);
+    }
+    let rows = query
             .fetch_all(pool)
             .await?;
     if rows.len() != batch.len() {
