@@ -118,8 +118,6 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let gateway = gateway::Gateway { ctx: ctx.clone(), shutdown: token.clone(), tracker: tracker.clone() };
     let watcher = tokio::spawn(watch_revocations(ctx.clone(), token.clone()));
-    let dispatcher =
-        ctx.webhooks.clone().map(|hooks| tokio::spawn(webhooks::dispatcher::run(ctx.clone(), hooks, token.clone())));
 
     let trigger = token.clone();
     let (store, store_failure) = (ctx.chats.clone(), Arc::new(parking_lot::Mutex::new(None::<String>)));
@@ -135,6 +133,8 @@ pub async fn run(
         trigger.cancel();
     });
     let metrics = crate::metrics::install();
+    let dispatcher =
+        ctx.webhooks.clone().map(|hooks| tokio::spawn(webhooks::dispatcher::run(ctx.clone(), hooks, token.clone())));
     let mut app = gateway::router(gateway);
     let ops = gateway::ops::router(ctx.clone(), metrics);
     match ctx.config.metrics_listen {
