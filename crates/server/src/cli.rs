@@ -394,7 +394,13 @@ pub struct ServeArgs {
     pub webhook_url: Option<String>,
     /// Key of the X-Chatsync-Signature HMAC-SHA256 of every delivery; required with --webhook-url
     /// (prefer the environment variable: a flag shows in the process list).
-    #[arg(long, help_heading = "Webhooks", env = "CHATSYNC_WEBHOOK_SECRET", hide_env_values = true, value_name = "SECRET")]
+    #[arg(
+        long,
+        help_heading = "Webhooks",
+        env = "CHATSYNC_WEBHOOK_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_secret: Option<crate::config::Secret>,
     /// Seconds an event is retried before it is dropped with an error log [default: 86400].

@@ -648,8 +648,14 @@ async fn webhook_events_are_recorded_only_by_writes_that_apply(b: &TestBackend) 
     write(s, message_with_event("alice", "c1", "m2", Target::Existing, "e2")).await;
     // A duplicate, another user's chat, an absent chat: nothing recorded.
     write(s, message_with_event("alice", "c1", "m1", Target::Existing, "dup")).await;
-    assert_eq!(write(s, message_with_event("bob", "c1", "x", Target::Existing, "foreign")).await, WriteResult::NotFound);
-    assert_eq!(write(s, message_with_event("alice", "nope", "x", Target::Existing, "absent")).await, WriteResult::NotFound);
+    assert_eq!(
+        write(s, message_with_event("bob", "c1", "x", Target::Existing, "foreign")).await,
+        WriteResult::NotFound
+    );
+    assert_eq!(
+        write(s, message_with_event("alice", "nope", "x", Target::Existing, "absent")).await,
+        WriteResult::NotFound
+    );
     // A deletion records its event; deleting again (not found) does not.
     let mut del = delete_chat("alice", "c1");
     if let WriteOp::DeleteChat { event: e, .. } = &mut del {

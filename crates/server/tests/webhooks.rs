@@ -12,7 +12,6 @@ mod sync_util;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use chatsync_client::{Client, ConnectOptions};
-use chatsync_protocol::*;
 use common::TestServer;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -169,7 +168,10 @@ async fn a_message_from_a_device_is_delivered_signed_with_every_field() {
     let server = server_for(&receiver).await;
     let mut alice = new_user(&server, "alice", "laptop").await;
     let reply = alice
-        .request(&message_full("c1", json!({ "message_id": "m1", "content": { "text": "hi" }, "timestamp": 1700000000.5 })))
+        .request(&message_full(
+            "c1",
+            json!({ "message_id": "m1", "content": { "text": "hi" }, "timestamp": 1700000000.5 }),
+        ))
         .await
         .unwrap();
     let confirmed = expect_msg!(reply, ChatMessageConfirmed);
@@ -255,8 +257,11 @@ async fn a_users_events_are_delivered_in_order_each_waiting_for_the_previous_2xx
             .collect();
         let expected: Vec<(String, u16)> = want.iter().flat_map(|m| [(m.clone(), 500), (m.clone(), 200)]).collect();
         assert_eq!(attempts, expected, "{user}");
-        let seqs: Vec<u64> =
-            got.iter().filter(|d| d.status == 200 && d.json()["user_id"] == user).map(|d| d.json()["seq"].as_u64().unwrap()).collect();
+        let seqs: Vec<u64> = got
+            .iter()
+            .filter(|d| d.status == 200 && d.json()["user_id"] == user)
+            .map(|d| d.json()["seq"].as_u64().unwrap())
+            .collect();
         assert_eq!(seqs, [1, 2, 3, 4, 5]);
     }
 }

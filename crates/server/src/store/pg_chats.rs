@@ -259,8 +259,7 @@ impl<'a> BatchArgs<'a> {
 }
 
 /// One batch, in one statement.
-const BATCH: &str =
-    "SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ORDER BY r_idx";
+const BATCH: &str = "SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ORDER BY r_idx";
 
 /// One batch that records webhook events (migration `0007_webhooks.sql`), still in one statement, so
 /// in the write's own transaction: a data-modifying CTE inserts the outbox row of every op whose outcome
@@ -305,9 +304,7 @@ async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, s
             .bind(&args.event_bodies)
             .bind(&args.event_times);
     }
-    let rows = query
-            .fetch_all(pool)
-            .await?;
+    let rows = query.fetch_all(pool).await?;
     if rows.len() != batch.len() {
         return Err(sqlx::Error::Protocol(format!("{} results for {} writes", rows.len(), batch.len())));
     }
