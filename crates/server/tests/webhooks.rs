@@ -3,8 +3,11 @@
 //! the standalone `stream.cancel_requested`; the body shape, headers and HMAC signature; retries of a
 //! failed delivery with the same id; order per user; giving up after `webhook_max_age_secs`; delivery
 //! after a SIGKILL of the real binary; no body plaintext at rest; nothing recorded without a URL.
-//! The store-level rules (claims, leases, order, both backends) are in `chat_store_contract.rs`.
+//! On PostgreSQL (when `CHATSYNC_TEST_POSTGRES_URL` is set): two nodes sharing one database deliver each
+//! user's events once and in order, and no body plaintext is in the outbox table. The store-level rules
+//! (claims, leases, order, both backends) are in `chat_store_contract.rs`.
 
+mod backends;
 mod common;
 #[macro_use]
 mod sync_util;
@@ -465,4 +468,87 @@ async fn an_undelivered_event_is_delivered_after_a_sigkill_and_restart() {
     assert_eq!(success[0].signature, expected_signature(&success[0].body));
     let event = success[0].json();
     assert_eq!((event["message_id"].as_str(), event["seq"].as_u64()), (Some("m1"), Some(1)));
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+/// A second node on the same PostgreSQL database (its own pool and writers, the same master key), serving
+/// on its own port: its dispatcher competes with the first node's for the same outbox.
+async fn second_node(first: &TestServer, url: &str) -> TestServer {
+    let config = (*first.ctx.config).clone();
+    let backend = chatsync::store::open_backend(url, chatsync::store::Durability::Full).await.unwrap();
+    let (master, _) = chatsync::crypto::MasterKey::load_or_create(&config.data_dir, None).unwrap();
+    let node = chatsync::assemble(config, backend, master, None).unwrap();
+    TestServer::serve(node, tempfile::tempdir().unwrap()).await
+}
+
+#[tokio::test]
+async fn two_nodes_on_postgres_deliver_each_users_events_in_order() {
+    let Some(schema) = backends::PgSchema::create().await else { return };
+    // Every event's first attempt fails, so each user's next event must wait for a retry, on either node.
+    let receiver = Receiver::start(1).await;
+    let url = schema.url.clone();
+    let first = TestServer::start_with(|c| {
+        configure(c, &receiver);
+        c.database_url = Some(url);
+    })
+    .await;
+    let second = second_node(&first, &schema.url).await;
+    let users = ["alice", "bob", "carol"];
+    let mut devices = Vec::new();
+    for user in users {
+        devices.push(new_user(&first, user, "laptop").await);
+    }
+    for i in 1..=4 {
+        for (device, user) in devices.iter_mut().zip(users) {
+            add_message(device, &format!("{user}-chat"), &format!("m{i}"), json!(format!("{user} {i}"))).await;
+        }
+    }
+    let got =
+        receiver.wait_until("twelve deliveries", |got| got.iter().filter(|d| d.status == 200).count() >= 12).await;
+    for user in users {
+        let attempts: Vec<(String, u16)> = got
+            .iter()
+            .filter(|d| d.json()["user_id"] == user)
+            .map(|d| (d.json()["message_id"].as_str().unwrap().to_owned(), d.status))
+            .collect();
+        let expected: Vec<(String, u16)> =
+            (1..=4).flat_map(|i| [(format!("m{i}"), 500), (format!("m{i}"), 200)]).collect();
+        assert_eq!(attempts, expected, "{user}");
+    }
+    drained(&first).await;
+    drop(second);
+}
+
+#[tokio::test]
+async fn no_event_body_plaintext_is_stored_on_postgres() {
+    let Some(schema) = backends::PgSchema::create().await else { return };
+    let receiver = Receiver::start(u32::MAX).await;
+    let url = schema.url.clone();
+    let server = TestServer::start_with(|c| {
+        configure(c, &receiver);
+        c.webhook_backoff_base_ms = 60_000;
+        c.database_url = Some(url);
+    })
+    .await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    add_message(&mut alice, "c1", "m1", json!("PgWebhookPlainRt6Yu")).await;
+    chatsync::webhooks::stream_cancel_requested(&server.ctx, "alice", "c1", "PgStreamPlainJn2").await.unwrap();
+    receiver.wait_until("a first attempt", |got| !got.is_empty()).await;
+    let mut conn = schema.connect().await;
+    let row = sqlx::query("SELECT count(*), max(seq) FROM webhook_events").fetch_one(&mut conn).await.unwrap();
+    use sqlx::Row as _;
+    assert_eq!((row.get::<i64, _>(0), row.get::<Option<i64>, _>(1)), (2, Some(1)));
+    for needle in ["PgWebhookPlainRt6Yu", "PgStreamPlainJn2"] {
+        let found: i64 = sqlx::query(
+            "SELECT count(*) FROM webhook_events WHERE position(convert_to($1, 'UTF8') IN body) > 0 \
+             OR position($1 IN event_id || user_id || kind || coalesce(lease_owner, '')) > 0",
+        )
+        .bind(needle)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+        .get(0);
+        assert_eq!(found, 0, "{needle} stored in the clear");
+    }
 }
