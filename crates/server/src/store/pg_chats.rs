@@ -258,23 +258,34 @@ impl<'a> BatchArgs<'a> {
     }
 }
 
+/// The call of the batch function; its arguments `$1`…`$BATCH_ARGS` are bound first in `apply_batch`.
+const BATCH_CALL: &str = "chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+/// How many parameters [`BATCH_CALL`] takes (the webhook events' parameters come after them).
+const BATCH_ARGS: usize = 11;
+
 /// One batch, in one statement.
-const BATCH: &str = "SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ORDER BY r_idx";
+static BATCH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT * FROM {BATCH_CALL} ORDER BY r_idx"));
 
 /// One batch that records webhook events (migration `0007_webhooks.sql`), still in one statement, so
 /// in the write's own transaction: a data-modifying CTE inserts the outbox row of every op whose outcome
 /// is a stored message (with its `seq`) or a deleted chat. Ops refused, raced or duplicate record none.
 /// Rows are inserted in op order, so a user's events get ascending ids in the order of the writes.
-const BATCH_WITH_EVENTS: &str = "WITH r AS MATERIALIZED ( \
-      SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)), \
-    ev AS ( \
-      INSERT INTO webhook_events (event_id, user_id, kind, seq, body, created_at, next_attempt_at) \
-      SELECT e.event_id, e.user_id, e.kind, CASE WHEN r.r_outcome = 'message' THEN r.r_seq END, e.body, \
-             e.created_at, e.created_at \
-      FROM r JOIN unnest($12::int[], $13::text[], $14::text[], $15::text[], $16::bytea[], $17::bigint[]) \
-           AS e(idx, event_id, user_id, kind, body, created_at) ON e.idx = r.r_idx \
-      WHERE r.r_outcome IN ('message', 'deleted') ORDER BY r.r_idx) \
-    SELECT * FROM r ORDER BY r_idx";
+static BATCH_WITH_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let p: Vec<String> = (BATCH_ARGS + 1..=BATCH_ARGS + 6).map(|i| format!("${i}")).collect();
+    format!(
+        "WITH r AS MATERIALIZED (SELECT * FROM {BATCH_CALL}), \
+         ev AS ( \
+           INSERT INTO webhook_events (event_id, user_id, kind, seq, body, created_at, next_attempt_at) \
+           SELECT e.event_id, e.user_id, e.kind, CASE WHEN r.r_outcome = 'message' THEN r.r_seq END, e.body, \
+                  e.created_at, e.created_at \
+           FROM r JOIN unnest({}::int[], {}::text[], {}::text[], {}::text[], {}::bytea[], {}::bigint[]) \
+                AS e(idx, event_id, user_id, kind, body, created_at) ON e.idx = r.r_idx \
+           WHERE r.r_outcome IN ('message', 'deleted') ORDER BY r.r_idx) \
+         SELECT * FROM r ORDER BY r_idx",
+        p[0], p[1], p[2], p[3], p[4], p[5]
+    )
+});
 
 /// Applies `batch` in one statement (its own transaction: one round trip, one commit).
 async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, sqlx::Error> {
@@ -282,7 +293,7 @@ async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, s
     for job in batch {
         args.push(&job.op);
     }
-    let sql = if args.event_idx.is_empty() { BATCH } else { BATCH_WITH_EVENTS };
+    let sql: &str = if args.event_idx.is_empty() { &BATCH } else { &BATCH_WITH_EVENTS };
     let mut query = sqlx::query(sql)
         .bind(&args.kinds)
         .bind(&args.owners)
