@@ -427,6 +427,30 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_LEEWAY_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_leeway_secs: Option<u64>,
+    /// POST webhook events (message.created, chat.deleted, stream.cancel_requested) to this URL
+    /// [default: none: no event is recorded].
+    #[arg(long, help_heading = "Webhooks", env = "CHATSYNC_WEBHOOK_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Key of the X-Chatsync-Signature HMAC-SHA256 of every delivery; required with --webhook-url
+    /// (prefer the environment variable: a flag shows in the process list).
+    #[arg(
+        long,
+        help_heading = "Webhooks",
+        env = "CHATSYNC_WEBHOOK_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<crate::config::Secret>,
+    /// Seconds an event is retried before it is dropped with an error log [default: 86400].
+    #[arg(long, help_heading = "Webhooks", env = "CHATSYNC_WEBHOOK_MAX_AGE_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_max_age_secs: Option<u64>,
+    /// First retry delay in milliseconds (tests only).
+    #[arg(long, hide = true, env = "CHATSYNC_WEBHOOK_BACKOFF_BASE_MS", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_backoff_base_ms: Option<u64>,
     /// Logging.
     #[command(flatten)]
     #[serde(flatten)]

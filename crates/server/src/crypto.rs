@@ -269,6 +269,11 @@ impl Aad {
         Aad::new(&["bus", channel])
     }
 
+    /// The body of webhook event `event_id` of user `user_id` (SERVER_API.md section 5).
+    pub fn webhook(user_id: &str, event_id: &str) -> Aad {
+        Aad::new(&["webhook", user_id, event_id])
+    }
+
     fn dek(key_ref: &str) -> Aad {
         Aad::new(&["dek", key_ref])
     }
