@@ -387,6 +387,19 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_LEEWAY_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_leeway_secs: Option<u64>,
+    /// Do not serve the web demo (the page at / and the TypeScript SDK at /sdk/) on --listen; /v1/ws is
+    /// not affected [default: served].
+    #[arg(
+        long,
+        help_heading = "Network",
+        env = "CHATSYNC_NO_WEB_DEMO",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_web_demo: Option<bool>,
     /// Logging.
     #[command(flatten)]
     #[serde(flatten)]

@@ -97,6 +97,8 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// Clock leeway for a JWT's `exp`, `nbf` and `iat`, seconds.
     pub jwt_leeway_secs: u64,
+    /// Do not serve the web demo (`/`, `/sdk/…`) on `listen`.
+    pub no_web_demo: bool,
 }
 
 /// A secret configuration value: its `Debug` never shows it.
@@ -170,6 +172,7 @@ impl Default for Config {
             jwt_audience: None,
             jwt_issuer: None,
             jwt_leeway_secs: 0,
+            no_web_demo: false,
         }
     }
 }
