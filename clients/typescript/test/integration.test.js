@@ -1,0 +1,204 @@
+// @ts-check
+/**
+ * @file The SDK against the real server (`chatsync serve` on port 0, tokens from `chatsync sessions
+ * issue`): request/reply, two devices seeing each other's titles, drafts and messages, server error
+ * codes, refused and revoked credentials, and the offline queue across a lost connection (flushed as
+ * `sync_offline_changes`, then `initial_sync_request`, then the queued messages; a conflicting edit
+ * gives way to the other device's). Needs a WebSocket in Node: run with `--experimental-websocket`
+ * on Node 20 (Node 22 has it built in).
+ */
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { ChatSyncClient, ChatSyncError, draftFromText, draftText } from '../src/index.js';
+import { startServer, binary } from './server.js';
+import { until } from './fake-socket.js';
+
+if (typeof globalThis.WebSocket !== 'function') {
+  throw new Error('no global WebSocket: run node with --experimental-websocket (Node 20) or use Node 22+');
+}
+
+/** @type {Awaited<ReturnType<typeof startServer>>} */
+let server;
+
+before(async () => {
+  server = await startServer();
+});
+
+after(async () => {
+  await server?.stop();
+});
+
+/** @type {ChatSyncClient[]} */
+const clients = [];
+
+/**
+ * A client of `user` on `device` (a token bound to that device).
+ * @param {string} user
+ * @param {string} device
+ * @param {Record<string, unknown>} [extra]
+ */
+function device(user, device, extra = {}) {
+  const c = new ChatSyncClient({
+    url: server.url,
+    token: server.token(user, device),
+    deviceId: device,
+    backoff: { initialMs: 5, maxMs: 50 },
+    keepaliveMs: 0,
+    ...extra,
+  });
+  clients.push(c);
+  return c;
+}
+
+after(() => {
+  for (const c of clients) c.close();
+});
+
+test('connects, greets, and answers requests by request_id', { timeout: 30_000 }, async () => {
+  const c = device('ada', 'laptop');
+  const hello = await c.connect();
+  assert.equal(hello.user_id, 'ada');
+  assert.equal(hello.protocol, 'chatsync.v1');
+  assert.equal(typeof hello.limits.max_frame_bytes, 'number');
+  assert.equal(c.status, 'online');
+  const replies = await Promise.all([c.ping(), c.request('request_cache_status'), c.ping()]);
+  assert.deepEqual(replies.map((r) => r.type), ['pong', 'cache_status_response', 'pong']);
+  c.close();
+  assert.equal(c.status, 'closed');
+});
+
+test('two devices see each other\'s titles, drafts and messages', { timeout: 30_000 }, async () => {
+  const laptop = device('bob', 'laptop');
+  const phone = device('bob', 'phone');
+  await laptop.connect();
+  await phone.connect();
+
+  const t = await laptop.updateTitle('trip', 'Trip to Lisbon');
+  assert.equal(t.queued, false);
+  await until(() => phone.chat('trip').title === 'Trip to Lisbon');
+  assert.equal(phone.chat('trip').versions.title_v, 1);
+
+  await laptop.updateDraft('trip', draftFromText('pack sunscreen'));
+  await until(() => draftText(phone.chat('trip').draft_json) === 'pack sunscreen');
+  assert.equal(laptop.chat('trip').versions.draft_v, 1, 'the sender learns its draft_v');
+
+  const added = phone.waitFor('chat_message_added', (p) => p.chat_id === 'trip');
+  const sent = await laptop.sendMessage('trip', 'Booked the flights', { messageId: 'm-1' });
+  assert.equal(sent.queued, false);
+  assert.equal((await added).message.content, 'Booked the flights');
+  assert.equal((await added).message.sender_name, 'user');
+  assert.deepEqual(phone.chat('trip').messages.map((m) => [m.message_id, m.seq]), [['m-1', 1]]);
+  assert.deepEqual(laptop.chat('trip').messages.map((m) => [m.message_id, m.seq, m.pending]), [['m-1', 1, false]]);
+
+  // The same message id again is stored once.
+  const again = await laptop.sendMessage('trip', 'Booked the flights', { messageId: 'm-1' });
+  assert.equal(/** @type {any} */ (again).reply.payload.duplicate, true);
+  assert.equal(laptop.chat('trip').messages.length, 1);
+
+  await laptop.deleteDraft('trip');
+  await until(() => phone.chat('trip').draft_json === null);
+
+  // A third device syncs everything, most recent chat first, and loads the messages.
+  await laptop.updateTitle('older', 'Older chat');
+  await laptop.sendMessage('trip', 'newest');
+  const tablet = device('bob', 'tablet');
+  await tablet.connect();
+  assert.deepEqual(tablet.chatList().map((c) => c.chat_id), ['trip', 'older']);
+  assert.equal(tablet.chat('older').title, 'Older chat');
+  const messages = await tablet.loadMessages('trip');
+  assert.deepEqual(messages.map((m) => m.content), ['Booked the flights', 'newest']);
+
+  await laptop.deleteChat('older');
+  await until(() => !phone.chats.has('older'));
+  for (const c of [laptop, phone, tablet]) c.close();
+});
+
+test('the server\'s error codes reject the request; the connection stays', { timeout: 30_000 }, async () => {
+  const c = device('cyd', 'laptop');
+  await c.connect();
+  await assert.rejects(c.updateTitle('c1', 'x'.repeat(300)), (/** @type {any} */ e) => e instanceof ChatSyncError && e.code === 'limit_exceeded');
+  assert.equal(c.chat('c1').title, '', 'reverted');
+  await assert.rejects(c.updateTitle('bad id!', 't'), (/** @type {any} */ e) => e.code === 'invalid_payload');
+  await assert.rejects(c.request('no_such_type'), (/** @type {any} */ e) => e.code === 'unknown_type');
+  // Another user's chat is not_found.
+  const other = device('dee', 'laptop');
+  await other.connect();
+  await other.updateTitle('dees-chat', 'mine');
+  await assert.rejects(c.updateTitle('dees-chat', 'taken'), (/** @type {any} */ e) => e.code === 'not_found');
+  assert.equal((await c.ping()).type, 'pong');
+  c.close();
+  other.close();
+});
+
+test('a refused token closes for good; a revoked session too', { timeout: 30_000 }, async () => {
+  const bad = new ChatSyncClient({ url: server.url, token: 'cs_not_a_token', deviceId: 'x', keepaliveMs: 0 });
+  await assert.rejects(bad.connect(), (/** @type {any} */ e) => e.code === 'closed' && e.details.reason === 'Invalid session');
+  assert.equal(bad.status, 'closed');
+
+  const token = server.token('eve', 'laptop');
+  const c = new ChatSyncClient({ url: server.url, token, deviceId: 'laptop', keepaliveMs: 0, backoff: { initialMs: 5, maxMs: 50 } });
+  clients.push(c);
+  await c.connect();
+  const closed = c.waitFor('closed');
+  execFileSync(binary(), ['--data-dir', server.dir, 'sessions', 'revoke', token], { stdio: 'ignore' });
+  assert.deepEqual(await closed, { code: 1008, reason: 'Session revoked' });
+  assert.equal(c.status, 'closed');
+});
+
+test('offline edits are queued and sent on reconnect as sync_offline_changes, then initial_sync_request', { timeout: 30_000 }, async () => {
+  let down = false;
+  /** A WebSocket whose "network" can be cut. */
+  class Cuttable extends WebSocket {
+    /** @param {string} url */
+    constructor(url) {
+      if (down) throw new Error('network down');
+      super(url);
+    }
+  }
+  const laptop = device('fay', 'laptop', { WebSocket: Cuttable });
+  const phone = device('fay', 'phone');
+  await laptop.connect();
+  await phone.connect();
+  await laptop.updateTitle('c1', 'Before');
+  await laptop.updateTitle('c2', 'Shared');
+  await until(() => phone.chat('c2').title === 'Shared');
+
+  down = true;
+  laptop.dropConnection();
+  await until(() => laptop.status === 'offline');
+  assert.deepEqual(await laptop.updateTitle('c1', 'Edited offline'), { queued: true });
+  await laptop.updateDraft('c1', draftFromText('offline draft'));
+  await laptop.updateTitle('c2', 'Laptop title (loses)');
+  await laptop.sendMessage('c1', 'written on the train', { messageId: 'm-train' });
+  assert.equal(laptop.queue.size, 4);
+  // Meanwhile the phone changes c2's title: the laptop's offline edit of it must lose.
+  await phone.updateTitle('c2', 'Phone title (wins)');
+
+  /** @type {string[]} */
+  const sent = [];
+  laptop.on('sent', (/** @type {any} */ f) => sent.push(f.type));
+  const flushed = laptop.waitFor('offline_flushed');
+  down = false;
+  laptop.reconnect();
+  await laptop.waitFor('status', (s) => s === 'online');
+  assert.deepEqual(sent.slice(0, 3), ['sync_offline_changes', 'initial_sync_request', 'chat_message_added']);
+  const result = await flushed;
+  assert.equal(result.processed, 2);
+  assert.equal(result.conflicts, 1);
+  assert.deepEqual(result.results.map((/** @type {any} */ r) => [r.chat_id, r.type, r.status]), [
+    ['c1', 'title', 'applied'],
+    ['c1', 'draft', 'applied'],
+    ['c2', 'title', 'conflict'],
+  ]);
+  assert.equal(laptop.queue.size, 0);
+  assert.equal(laptop.chat('c2').title, 'Phone title (wins)', 'the server value replaced the losing edit');
+  assert.equal(laptop.chat('c1').title, 'Edited offline');
+
+  await until(() => phone.chat('c1').title === 'Edited offline');
+  await until(() => draftText(phone.chat('c1').draft_json) === 'offline draft');
+  await until(() => phone.chat('c1').messages.some((m) => m.message_id === 'm-train'));
+  assert.equal(laptop.chat('c1').messages.find((m) => m.message_id === 'm-train')?.pending, false);
+  laptop.close();
+  phone.close();
+});
