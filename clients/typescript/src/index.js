@@ -156,7 +156,7 @@ export class Emitter {
  */
 export class StreamAssembler {
   constructor() {
-    /** @type {Map<string, import('./index').StreamState>} */
+    /** @type {Map<string, import('./index.js').StreamState>} */
     this.streams = new Map();
   }
 
@@ -168,7 +168,7 @@ export class StreamAssembler {
   /**
    * @param {string} chatId
    * @param {string} streamId
-   * @returns {import('./index').StreamState | undefined}
+   * @returns {import('./index.js').StreamState | undefined}
    */
   get(chatId, streamId) {
     return this.streams.get(StreamAssembler.key(chatId, streamId));
@@ -177,15 +177,15 @@ export class StreamAssembler {
   /**
    * The open streams of a chat (all chats when `chatId` is omitted).
    * @param {string} [chatId]
-   * @returns {import('./index').StreamState[]}
+   * @returns {import('./index.js').StreamState[]}
    */
   open(chatId) {
     return [...this.streams.values()].filter((s) => chatId === undefined || s.chat_id === chatId);
   }
 
   /**
-   * @param {import('./index').StreamStarted} p
-   * @returns {import('./index').StreamState}
+   * @param {import('./index.js').StreamStarted} p
+   * @returns {import('./index.js').StreamState}
    */
   start(p) {
     const stream = {
@@ -206,8 +206,8 @@ export class StreamAssembler {
   /**
    * Seeds the streams of `active_streams` (joining mid-stream). A stream already known with a later
    * chunk keeps its own text.
-   * @param {import('./index').ActiveStream[]} active
-   * @returns {import('./index').StreamState[]}
+   * @param {import('./index.js').ActiveStream[]} active
+   * @returns {import('./index.js').StreamState[]}
    */
   seed(active) {
     return active.map((a) => {
@@ -224,8 +224,8 @@ export class StreamAssembler {
    * Appends a chunk. Returns the stream, or `null` when the chunk was ignored (a repeated or older
    * `seq`). A chunk of a stream never seen starts it with `complete: false` (its earlier text is
    * unknown; the stored message will have all of it).
-   * @param {import('./index').StreamChunk} p
-   * @returns {import('./index').StreamState | null}
+   * @param {import('./index.js').StreamChunk} p
+   * @returns {import('./index.js').StreamState | null}
    */
   chunk(p) {
     let stream = this.get(p.chat_id, p.stream_id);
@@ -244,7 +244,7 @@ export class StreamAssembler {
    * @param {string} chatId
    * @param {string} streamId
    * @param {'completed' | 'cancelled'} state
-   * @returns {import('./index').StreamState}
+   * @returns {import('./index.js').StreamState}
    */
   finish(chatId, streamId, state) {
     const key = StreamAssembler.key(chatId, streamId);
@@ -284,9 +284,9 @@ export class OfflineQueue {
   constructor(storage = null, key = 'chatsync.offline') {
     this.storage = storage;
     this.key = key;
-    /** @type {import('./index').OfflineChange[]} */
+    /** @type {import('./index.js').OfflineChange[]} */
     this.changes = [];
-    /** @type {import('./index').PendingMessage[]} */
+    /** @type {import('./index.js').PendingMessage[]} */
     this.messages = [];
     this._seq = 0;
     if (storage) {
@@ -312,7 +312,7 @@ export class OfflineQueue {
    * Queues a title, draft or draft deletion; replaces a queued edit of the same component of the same
    * chat (keeping its `version_before_edit`).
    * @param {{chat_id: string, type: 'title' | 'draft' | 'delete_draft', value: unknown, version_before_edit: number}} change
-   * @returns {import('./index').OfflineChange}
+   * @returns {import('./index.js').OfflineChange}
    */
   addChange(change) {
     const component = (/** @type {string} */ t) => (t === 'title' ? 'title' : 'draft');
@@ -334,7 +334,7 @@ export class OfflineQueue {
 
   /**
    * Queues a message (or keeps the one already queued with that id).
-   * @param {import('./index').PendingMessage} message
+   * @param {import('./index.js').PendingMessage} message
    */
   addMessage(message) {
     if (!this.messages.some((m) => m.chat_id === message.chat_id && m.message.message_id === message.message.message_id)) {
@@ -367,7 +367,7 @@ export class OfflineQueue {
   /**
    * Puts changes back at the front (their batch failed to reach the server), unless a newer edit of the
    * same component was queued meanwhile.
-   * @param {import('./index').OfflineChange[]} changes
+   * @param {import('./index.js').OfflineChange[]} changes
    */
   restore(changes) {
     const component = (/** @type {string} */ t) => (t === 'title' ? 'title' : 'draft');
@@ -417,7 +417,7 @@ export function draftText(draft) {
 /**
  * A Tiptap document holding `text` (one paragraph per line), or `null` for an empty text.
  * @param {string} text
- * @returns {import('./index').DraftJson | null}
+ * @returns {import('./index.js').DraftJson | null}
  */
 export function draftFromText(text) {
   if (text === '') return null;
@@ -463,7 +463,7 @@ export function mergeParts(a, b) {
  * `{code, reason}`), `sent` (every frame sent, for debugging and tests).
  */
 export class ChatSyncClient extends Emitter {
-  /** @param {import('./index').ClientOptions} options */
+  /** @param {import('./index.js').ClientOptions} options */
   constructor(options) {
     super();
     if (!options || !options.token) throw new TypeError('ChatSyncClient: a token is required');
@@ -479,11 +479,11 @@ export class ChatSyncClient extends Emitter {
     /** @type {any} */
     this.WebSocketImpl = options.WebSocket ?? /** @type {any} */ (globalThis).WebSocket;
     if (!this.WebSocketImpl) throw new TypeError('ChatSyncClient: no WebSocket implementation (pass options.WebSocket)');
-    /** @type {import('./index').Status} */
+    /** @type {import('./index.js').Status} */
     this.status = 'idle';
-    /** @type {import('./index').Connected | null} the greeting of the current (or last) connection */
+    /** @type {import('./index.js').Connected | null} the greeting of the current (or last) connection */
     this.connected = null;
-    /** @type {Map<string, import('./index').ChatState>} */
+    /** @type {Map<string, import('./index.js').ChatState>} */
     this.chats = new Map();
     /** Deleted chat ids (never reused; late events for them are ignored). */
     this.deleted = new Set();
@@ -510,7 +510,7 @@ export class ChatSyncClient extends Emitter {
   /**
    * Opens the connection (and keeps it open: reconnects after every loss until {@link close}).
    * Resolves once connected and synced; rejects if the server refuses the credentials.
-   * @returns {Promise<import('./index').Connected>}
+   * @returns {Promise<import('./index.js').Connected>}
    */
   connect() {
     this._closedByUser = false;
@@ -530,7 +530,7 @@ export class ChatSyncClient extends Emitter {
       });
     });
     if (this.status === 'idle' || this.status === 'closed') this._open();
-    return /** @type {Promise<import('./index').Connected>} */ (ready);
+    return /** @type {Promise<import('./index.js').Connected>} */ (ready);
   }
 
   /**
@@ -634,7 +634,7 @@ export class ChatSyncClient extends Emitter {
   /**
    * The local state of a chat, created (empty, not yet known to the server) when absent.
    * @param {string} chatId
-   * @returns {import('./index').ChatState}
+   * @returns {import('./index.js').ChatState}
    */
   chat(chatId) {
     let chat = this.chats.get(chatId);
@@ -658,7 +658,7 @@ export class ChatSyncClient extends Emitter {
 
   /**
    * `initial_sync_request` with the versions this client holds; applies the reply to the local model.
-   * @returns {Promise<import('./index').InitialSyncResponse>}
+   * @returns {Promise<import('./index.js').InitialSyncResponse>}
    */
   async sync() {
     /** @type {Record<string, {messages_v: number, title_v: number, draft_v: number}>} */
@@ -680,7 +680,7 @@ export class ChatSyncClient extends Emitter {
    * Sets a chat's title (creating the chat when new). Offline, the edit is queued.
    * @param {string} chatId
    * @param {string} title
-   * @returns {Promise<import('./index').WriteResult>}
+   * @returns {Promise<import('./index.js').WriteResult>}
    */
   updateTitle(chatId, title) {
     const chat = this.chat(chatId);
@@ -699,8 +699,8 @@ export class ChatSyncClient extends Emitter {
   /**
    * Sets a chat's draft (a Tiptap document, or `null` to clear). Offline, the edit is queued.
    * @param {string} chatId
-   * @param {import('./index').DraftJson | null} draftJson
-   * @returns {Promise<import('./index').WriteResult>}
+   * @param {import('./index.js').DraftJson | null} draftJson
+   * @returns {Promise<import('./index.js').WriteResult>}
    */
   updateDraft(chatId, draftJson) {
     const chat = this.chat(chatId);
@@ -719,7 +719,7 @@ export class ChatSyncClient extends Emitter {
   /**
    * Deletes a chat's draft. Offline, the deletion is queued.
    * @param {string} chatId
-   * @returns {Promise<import('./index').WriteResult>}
+   * @returns {Promise<import('./index.js').WriteResult>}
    */
   deleteDraft(chatId) {
     const chat = this.chat(chatId);
@@ -738,11 +738,11 @@ export class ChatSyncClient extends Emitter {
    * @param {string} chatId
    * @param {string | Record<string, unknown>} content
    * @param {{messageId?: string, tempId?: string}} [options]
-   * @returns {Promise<import('./index').WriteResult>}
+   * @returns {Promise<import('./index.js').WriteResult>}
    */
   async sendMessage(chatId, content, options = {}) {
     const message_id = options.messageId ?? newMessageId();
-    /** @type {import('./index').PendingMessage} */
+    /** @type {import('./index.js').PendingMessage} */
     const pending = {
       chat_id: chatId,
       message: { message_id, content, timestamp: new Date().toISOString(), ...(options.tempId ? { temp_id: options.tempId } : {}) },
@@ -779,7 +779,7 @@ export class ChatSyncClient extends Emitter {
   /**
    * Loads a chat's messages after the ones held locally (every page) into the local model.
    * @param {string} chatId
-   * @returns {Promise<import('./index').Message[]>}
+   * @returns {Promise<import('./index.js').Message[]>}
    */
   async loadMessages(chatId) {
     for (;;) {
@@ -1007,7 +1007,7 @@ export class ChatSyncClient extends Emitter {
    * @param {{chat_id: string, type: 'title' | 'draft' | 'delete_draft', value: unknown, version_before_edit: number}} change
    * @param {() => Promise<{type: string, payload: any}>} send
    * @param {() => void} revert
-   * @returns {Promise<import('./index').WriteResult>}
+   * @returns {Promise<import('./index.js').WriteResult>}
    */
   async _write(change, send, revert) {
     if (this.status !== 'online') {
@@ -1050,7 +1050,7 @@ export class ChatSyncClient extends Emitter {
     }
   }
 
-  /** @param {import('./index').Status} status */
+  /** @param {import('./index.js').Status} status */
   _setStatus(status) {
     if (this.status === status) return;
     this.status = status;
@@ -1271,8 +1271,8 @@ export class ChatSyncClient extends Emitter {
   }
 
   /**
-   * @param {import('./index').ChatState} chat
-   * @param {import('./index').Message[]} messages
+   * @param {import('./index.js').ChatState} chat
+   * @param {import('./index.js').Message[]} messages
    */
   _mergeMessages(chat, messages) {
     for (const m of messages) {
@@ -1286,7 +1286,7 @@ export class ChatSyncClient extends Emitter {
 
 /**
  * The highest `seq` up to which a chat's messages are held without a gap.
- * @param {import('./index').ChatState} chat
+ * @param {import('./index.js').ChatState} chat
  */
 function contiguousSeq(chat) {
   let seq = 0;
@@ -1298,7 +1298,7 @@ function contiguousSeq(chat) {
   return seq;
 }
 
-/** @param {import('./index').ChatState} chat */
+/** @param {import('./index.js').ChatState} chat */
 function sortMessages(chat) {
   chat.messages.sort((a, b) => (a.seq ?? Infinity) - (b.seq ?? Infinity));
 }
