@@ -949,9 +949,11 @@ export class ChatSyncClient extends Emitter {
     try {
       await this._flushChanges();
       if (this.options.autoSync) await this.sync();
-      await this._flushMessages();
-      // Edits made while syncing were queued: send them too.
-      while (this.queue.changes.length > 0) await this._flushChanges();
+      // Then the queued messages, and whatever was queued meanwhile (writes wait for `online`).
+      while (this.queue.size > 0) {
+        await this._flushChanges();
+        await this._flushMessages();
+      }
       if (this._socket === socket) {
         this._setStatus('online');
         this.emit('synced');
@@ -987,6 +989,7 @@ export class ChatSyncClient extends Emitter {
     for (const pending of [...this.queue.messages]) {
       try {
         await this.request('chat_message_added', { chat_id: pending.chat_id, message: pending.message });
+        this.queue.confirmMessage(pending.chat_id, pending.message.message_id);
       } catch (e) {
         if (e instanceof ChatSyncError && (e.code === 'disconnected' || e.code === 'timeout' || e.code === 'closed' || e.code === 'unavailable')) {
           throw e;
@@ -1094,12 +1097,9 @@ export class ChatSyncClient extends Emitter {
           const chat = this.chat(entry.chat_id);
           chat.known = true;
           const v = entry.versions ?? {};
-          if ('title' in entry && (v.title_v >= chat.versions.title_v || !this._hasQueued(chat.chat_id, 'title'))) {
-            chat.title = entry.title;
-          }
-          if ('draft_json' in entry && (v.draft_v >= chat.versions.draft_v || !this._hasQueued(chat.chat_id, 'draft'))) {
-            chat.draft_json = entry.draft_json;
-          }
+          // A broadcast received after the server built this reply may already be newer.
+          if ('title' in entry && v.title_v >= chat.versions.title_v) chat.title = entry.title;
+          if ('draft_json' in entry && v.draft_v >= chat.versions.draft_v) chat.draft_json = entry.draft_json;
           chat.versions = {
             messages_v: Math.max(chat.versions.messages_v, v.messages_v ?? 0),
             title_v: Math.max(chat.versions.title_v, v.title_v ?? 0),
@@ -1109,6 +1109,8 @@ export class ChatSyncClient extends Emitter {
           if (typeof entry.unread_count === 'number') chat.unread_count = entry.unread_count;
           if (Array.isArray(entry.messages)) this._mergeMessages(chat, entry.messages);
         }
+        // Chats the server no longer has come in `chat_ids_to_delete` (they were in `chat_versions`); a chat
+        // missing from the order but known here was learned from a broadcast newer than this reply.
         if (p.more !== true && Array.isArray(p.server_chat_order)) {
           p.server_chat_order.forEach((/** @type {string} */ id, /** @type {number} */ i) => {
             const chat = this.chats.get(id);
@@ -1117,12 +1119,6 @@ export class ChatSyncClient extends Emitter {
               chat.known = true;
             }
           });
-          // Chats the server no longer has (deleted elsewhere while this client was away) and that
-          // this client did not just create offline.
-          const listed = new Set(p.server_chat_order);
-          for (const chat of [...this.chats.values()]) {
-            if (chat.known && !listed.has(chat.chat_id)) this._forget(chat.chat_id);
-          }
         }
         if (Array.isArray(p.active_streams)) {
           for (const s of this.streams.seed(p.active_streams)) this.emit('stream', s);
@@ -1254,14 +1250,6 @@ export class ChatSyncClient extends Emitter {
         return;
     }
     this.emit('change', chatId);
-  }
-
-  /**
-   * @param {string} chatId
-   * @param {'title' | 'draft'} component
-   */
-  _hasQueued(chatId, component) {
-    return this.queue.changes.some((c) => c.chat_id === chatId && (component === 'title' ? c.type === 'title' : c.type !== 'title'));
   }
 
   /** @param {string} chatId */

@@ -227,6 +227,50 @@ test('a conflicting offline title gives way to the server value of the next sync
   c.close();
 });
 
+test('a sync reply older than a broadcast received before it neither reverts nor forgets', async () => {
+  const c = client();
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length > 0);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  // Broadcasts of writes that committed after the server built its reply arrive first.
+  socket.push({ type: 'chat_title_updated', payload: { chat_id: 'a', data: { title: 'newer' }, versions: { title_v: 2 } } });
+  socket.push({ type: 'chat_title_updated', payload: { chat_id: 'fresh', data: { title: 'just created' }, versions: { title_v: 1 } } });
+  socket.push({
+    type: 'initial_sync_response',
+    request_id: req.request_id,
+    payload: {
+      chat_ids_to_delete: [],
+      chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'older', draft_json: null }],
+      server_chat_order: ['a'],
+      sync_completed_at: 'T',
+    },
+  });
+  await ready;
+  assert.equal(c.chat('a').title, 'newer');
+  assert.equal(c.chat('a').versions.title_v, 2);
+  assert.equal(c.chats.get('fresh')?.title, 'just created');
+  c.close();
+});
+
+test('a message written while syncing is sent once the sync is done', async () => {
+  const c = client();
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length > 0);
+  const socket = lastSocket();
+  socket.greet();
+  await until(() => c.status === 'syncing');
+  assert.deepEqual(await c.sendMessage('a', 'early', { messageId: 'm-early' }), { queued: true });
+  await socket.answerSync();
+  const msg = await socket.next('chat_message_added');
+  assert.equal(msg.payload.message.message_id, 'm-early');
+  socket.push({ type: 'chat_message_confirmed', request_id: msg.request_id, payload: { chat_id: 'a', message_id: 'm-early', temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 1 } });
+  await ready;
+  assert.equal(c.queue.size, 0);
+  c.close();
+});
+
 test('a connection lost before the reply queues the edit again (safe: the version check)', async () => {
   const c = client();
   const first = await online(c);
