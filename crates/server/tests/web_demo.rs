@@ -92,14 +92,20 @@ async fn no_web_demo_leaves_every_demo_route_out_and_the_socket_works() {
     expect_msg!(alice.recv().await.unwrap(), Pong);
 }
 
-/// The flag and the environment variable of the real binary.
+/// The flag, the environment variable and the TOML key of the real binary.
 #[test]
-fn the_flag_and_the_env_variable_turn_the_demo_off() {
-    let cases: [(&[&str], Option<&str>, u16); 4] = [
+fn the_flag_the_env_variable_and_the_config_key_turn_the_demo_off() {
+    let config = tempfile::tempdir().unwrap();
+    let toml = config.path().join("chatsync.toml");
+    std::fs::write(&toml, "no_web_demo = true\n").unwrap();
+    let toml = toml.to_str().unwrap();
+    let cases: [(&[&str], Option<&str>, u16); 6] = [
         (&[], None, 200),
         (&["--no-web-demo"], None, 404),
         (&[], Some("1"), 404),
         (&["--no-web-demo=false"], Some("true"), 200),
+        (&["--config", toml], None, 404),
+        (&["--config", toml, "--no-web-demo=false"], None, 200),
     ];
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for (flags, env, expected) in cases {
