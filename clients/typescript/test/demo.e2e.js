@@ -3,8 +3,10 @@
  * @file End-to-end test of the web demo in headless Chromium (run by `scripts/web-e2e.sh`, which
  * installs Debian's chromium and playwright-core and builds the server): two browser contexts are two
  * devices of one user; a title, a draft and a message made in one appear in the other (and a message
- * back), and a title edited while "offline" reaches the other once back online. Screenshots of both
- * windows go to `target/web-demo-laptop.png` and `target/web-demo-phone.png`.
+ * back), and a title edited while "offline" reaches the other once back online; streamed replies,
+ * unread badges and read markers render (the backend's frames injected into the page's socket).
+ * Screenshots go to `target/web-demo-laptop.png`, `target/web-demo-phone.png` and
+ * `target/web-demo-stream.png`.
  *
  * Environment: PLAYWRIGHT_CORE_DIR (where `node_modules/playwright-core` is), CHROMIUM (default
  * /usr/bin/chromium), CHATSYNC_BIN (see server.js), SCREENSHOT_DIR (default `<repo>/target`).
@@ -140,6 +142,81 @@ test('two windows of one user sync titles, drafts and messages', { timeout: 120_
   await a.screenshot({ path: join(screenshots, 'web-demo-laptop.png') });
   await b.screenshot({ path: join(screenshots, 'web-demo-phone.png') });
   assert.deepEqual([...laptop.errors, ...phone.errors], [], 'no script errors in either window');
+});
+
+test('streamed replies, unread counts and read markers show in the page', { timeout: 120_000 }, async () => {
+  // The backend side of streams and read markers (SERVER_API.md §3-4) is played here: the page talks to
+  // the real server, and the test adds server frames to what the page receives and answers the page's
+  // `cancel_stream` and `mark_read` itself.
+  const context = await browser.newContext({ viewport: { width: 1000, height: 640 } });
+  const page = await context.newPage();
+  /** @type {string[]} */
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  /** @type {import('playwright-core').WebSocketRoute | undefined} */
+  let route;
+  /** @type {any[]} */
+  const intercepted = [];
+  await page.routeWebSocket(/\/v1\/ws/, (ws) => {
+    route = ws;
+    const upstream = ws.connectToServer();
+    ws.onMessage((text) => {
+      const frame = JSON.parse(String(text));
+      const { type, payload, request_id } = frame;
+      if (type === 'cancel_stream') {
+        intercepted.push(frame);
+        ws.send(JSON.stringify({ type: 'stream_cancelled', request_id, payload: { ...payload, reason: 'cancelled_by_user' } }));
+      } else if (type === 'mark_read') {
+        intercepted.push(frame);
+        ws.send(JSON.stringify({ type: 'chat_read_updated', request_id, payload: { chat_id: payload.chat_id, read_seq: payload.seq, unread_count: 0 } }));
+      } else {
+        upstream.send(text);
+      }
+    });
+  });
+  const inject = (/** @type {any} */ frame) => route?.send(JSON.stringify(frame));
+  await page.goto(`${server.http}/`);
+  await page.fill('#token', server.token('gus', 'laptop'));
+  await page.fill('#device-id', 'laptop');
+  await page.click('#sign-in');
+  await page.waitForSelector('#status[data-status="online"]');
+  await page.click('#new-chat');
+  await page.fill('#title', 'Ask the assistant');
+  await page.press('#title', 'Enter');
+  await page.locator('.chat-item.active', { hasText: 'Ask the assistant' }).waitFor();
+  const chatId = await page.getAttribute('.chat-item.active', 'data-chat-id');
+
+  // A reply streams in, word by word, into the open chat.
+  inject({ type: 'stream_started', payload: { chat_id: chatId, stream_id: 's1', message_id: 'm-s1', sender_name: 'assistant', meta: {} } });
+  inject({ type: 'stream_chunk', payload: { chat_id: chatId, stream_id: 's1', seq: 1, delta: 'Hello' } });
+  await page.locator('.message.streaming .text', { hasText: 'Hello' }).waitFor();
+  inject({ type: 'stream_chunk', payload: { chat_id: chatId, stream_id: 's1', seq: 2, delta: ', wor' } });
+  inject({ type: 'stream_chunk', payload: { chat_id: chatId, stream_id: 's1', seq: 2, delta: 'IGNORED' } });
+  inject({ type: 'stream_chunk', payload: { chat_id: chatId, stream_id: 's1', seq: 3, delta: 'ld' } });
+  await page.locator('.message.streaming .text', { hasText: 'Hello, world' }).waitFor();
+  assert.equal(await page.textContent('.message.streaming .text'), 'Hello, world');
+  assert.match(await page.textContent('.message.streaming .meta') ?? '', /assistant/);
+  mkdirSync(screenshots, { recursive: true });
+  await page.screenshot({ path: join(screenshots, 'web-demo-stream.png') });
+  await page.click('.message.streaming button');
+  await page.locator('.message.streaming').waitFor({ state: 'detached' });
+  assert.deepEqual(intercepted.map((f) => [f.type, f.payload]), [['cancel_stream', { chat_id: chatId, stream_id: 's1' }]]);
+
+  // A message from the backend in another chat: an unread badge, cleared (mark_read) once opened.
+  inject({
+    type: 'chat_message_added',
+    payload: { chat_id: 'news', message: { message_id: 'n1', seq: 1, sender_name: 'assistant', content: 'Your report is ready', created_at: new Date().toISOString(), client_timestamp: null }, versions: { messages_v: 1 }, last_edited_overall_timestamp: Math.floor(Date.now() / 1000) + 5 },
+  });
+  const news = page.locator('.chat-item[data-chat-id="news"]');
+  await news.locator('.badge.unread', { hasText: '1' }).waitFor();
+  assert.equal(await page.getAttribute('.chat-item >> nth=0', 'data-chat-id'), 'news', 'most recent first');
+  assert.match(await news.locator('.preview').textContent() ?? '', /assistant: Your report is ready/);
+  await news.click();
+  await news.locator('.badge.unread').waitFor({ state: 'detached' });
+  assert.deepEqual(intercepted.at(-1), { type: 'mark_read', payload: { chat_id: 'news', seq: 1 }, request_id: intercepted.at(-1).request_id });
+  await page.locator('.message .text', { hasText: 'Your report is ready' }).waitFor();
+  assert.deepEqual(errors, []);
+  await context.close();
 });
 
 test('a wrong token shows the server\'s reason on the sign-in form', { timeout: 60_000 }, async () => {

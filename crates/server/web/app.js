@@ -26,6 +26,8 @@ let client = null;
 let activeChat = null;
 let simulatedOffline = false;
 let markReadSupported = true;
+/** The chat whose `mark_read` is in flight (one at a time). */
+let markingRead = /** @type {string | null} */ (null);
 /** @type {ReturnType<typeof setTimeout> | undefined} */
 let draftTimer;
 /** @type {ReturnType<typeof setTimeout> | undefined} */
@@ -248,10 +250,17 @@ function renderChat() {
 function maybeMarkRead() {
   if (!client || !activeChat || !markReadSupported || document.visibilityState !== 'visible') return;
   const chat = client.chats.get(activeChat);
-  if (!chat || chat.unread_count === 0 || client.status !== 'online') return;
-  client.markRead(chat.chat_id).catch((/** @type {any} */ e) => {
-    if (e.code === 'unknown_type') markReadSupported = false; // a server without read markers
-  });
+  if (!chat || chat.unread_count === 0 || chat.read_seq >= chat.versions.messages_v) return;
+  if (client.status !== 'online' || markingRead === chat.chat_id) return;
+  markingRead = chat.chat_id;
+  client
+    .markRead(chat.chat_id)
+    .catch((/** @type {any} */ e) => {
+      if (e.code === 'unknown_type') markReadSupported = false; // a server without read markers
+    })
+    .finally(() => {
+      markingRead = null;
+    });
 }
 
 // ---------------------------------------------------------------------------------------------------
