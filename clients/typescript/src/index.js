@@ -43,6 +43,14 @@ const FINAL_REPLIES = {
   cancel_stream: ['stream_cancelled'],
 };
 
+/** Failures that a later attempt may not meet: the request is kept (queued edits, messages) and retried. */
+const TRANSIENT = new Set(['disconnected', 'timeout', 'closed', 'unavailable', 'rate_limited']);
+
+/** @param {unknown} e */
+function isTransient(e) {
+  return e instanceof ChatSyncError && TRANSIENT.has(e.code);
+}
+
 /** An error reply of the server (`error`, `initial_sync_error`), or a local failure of a request. */
 export class ChatSyncError extends Error {
   /**
@@ -485,6 +493,8 @@ export class ChatSyncClient extends Emitter {
     this.connected = null;
     /** @type {Map<string, import('./index.js').ChatState>} */
     this.chats = new Map();
+    /** @type {Map<string, Set<'title' | 'draft'>>} components to fetch again at the next sync */
+    this._stale = new Map();
     /** Deleted chat ids (never reused; late events for them are ignored). */
     this.deleted = new Set();
     this.streams = new StreamAssembler();
@@ -501,6 +511,9 @@ export class ChatSyncClient extends Emitter {
     this._retryTimer = null;
     /** @type {any} */
     this._keepaliveTimer = null;
+    /** @type {any} */
+    this._flushTimer = null;
+    this._flushAttempt = 0;
     this._closedByUser = false;
     /** @type {Promise<void> | null} */
     this._flushing = null;
@@ -541,6 +554,8 @@ export class ChatSyncClient extends Emitter {
   close(code = 1000, reason = 'bye') {
     this._closedByUser = true;
     clearTimeout(this._retryTimer);
+    clearTimeout(this._flushTimer);
+    this._flushTimer = null;
     this._stopKeepalive();
     if (typeof globalThis.removeEventListener === 'function') globalThis.removeEventListener('online', this._onOnline);
     const socket = this._socket;
@@ -667,12 +682,19 @@ export class ChatSyncClient extends Emitter {
       if (!chat.known) continue;
       // For the chat in view, the messages held without a gap, so that the reply brings the rest.
       const messages_v = chat.chat_id === this.activeChatId ? contiguousSeq(chat) : chat.versions.messages_v;
-      chat_versions[chat.chat_id] = { ...chat.versions, messages_v };
+      /** @type {any} */
+      const v = { ...chat.versions, messages_v };
+      // A component whose local value the server refused: a missing version counts as -1, so the
+      // reply brings the server's value.
+      for (const component of this._stale.get(chat.chat_id) ?? []) delete v[`${component}_v`];
+      chat_versions[chat.chat_id] = v;
     }
     /** @type {Record<string, unknown>} */
     const payload = { chat_versions };
     if (this.activeChatId) payload.immediate_view_chat_id = this.activeChatId;
+    const stale = this._stale;
     const reply = await this.request('initial_sync_request', payload);
+    if (this._stale === stale) this._stale = new Map();
     return reply.payload;
   }
 
@@ -766,7 +788,8 @@ export class ChatSyncClient extends Emitter {
       const reply = await this.request('chat_message_added', { chat_id: chatId, message: pending.message });
       return { queued: false, reply };
     } catch (e) {
-      if (e instanceof ChatSyncError && (e.code === 'disconnected' || e.code === 'timeout' || e.code === 'unavailable')) {
+      if (isTransient(e)) {
+        this._retrySoon();
         return { queued: true };
       }
       this.queue.confirmMessage(chatId, message_id);
@@ -973,15 +996,40 @@ export class ChatSyncClient extends Emitter {
     const max = this.connected?.limits?.max_offline_changes ?? 500;
     while (this.queue.changes.length > 0) {
       const batch = this.queue.takeChanges(max);
+      let reply;
       try {
-        const reply = await this.request('sync_offline_changes', { changes: batch });
-        this.emit('offline_flushed', reply.payload);
+        reply = await this.request('sync_offline_changes', { changes: batch });
       } catch (e) {
-        if (e instanceof ChatSyncError && (e.code === 'disconnected' || e.code === 'timeout' || e.code === 'closed')) {
-          this.queue.restore(batch);
-        }
+        if (isTransient(e)) this.queue.restore(batch);
         throw e;
       }
+      this._applyOfflineResults(reply.payload);
+      this.emit('offline_flushed', reply.payload);
+    }
+  }
+
+  /**
+   * What the results of a flush mean for the model: applied changes came back as broadcasts, conflicts
+   * are settled by the next sync (the server's version is newer); a refused change (`error`) left a
+   * local value the server never took, so the next sync asks for that component again, and a chat the
+   * server never created (nothing of it applied, no message queued) is dropped.
+   * @param {import('./index.js').ServerMessages['offline_sync_complete']} result
+   */
+  _applyOfflineResults(result) {
+    for (const r of result.results ?? []) {
+      if (r.status !== 'error' || !r.chat_id) continue;
+      const chat = this.chats.get(r.chat_id);
+      if (!chat) continue;
+      const hasMessages = this.queue.messages.some((m) => m.chat_id === r.chat_id);
+      if (!chat.known && !hasMessages) {
+        this._forget(r.chat_id);
+        if (r.code === 'not_found') this.deleted.add(r.chat_id);
+      } else {
+        const stale = this._stale.get(r.chat_id) ?? new Set();
+        stale.add(r.type === 'title' ? 'title' : 'draft');
+        this._stale.set(r.chat_id, stale);
+      }
+      this.emit('change', r.chat_id);
     }
   }
 
@@ -991,9 +1039,7 @@ export class ChatSyncClient extends Emitter {
         await this.request('chat_message_added', { chat_id: pending.chat_id, message: pending.message });
         this.queue.confirmMessage(pending.chat_id, pending.message.message_id);
       } catch (e) {
-        if (e instanceof ChatSyncError && (e.code === 'disconnected' || e.code === 'timeout' || e.code === 'closed' || e.code === 'unavailable')) {
-          throw e;
-        }
+        if (isTransient(e)) throw e;
         // Refused for good (deleted chat, too large…): drop it from the queue and the model.
         this.queue.confirmMessage(pending.chat_id, pending.message.message_id);
         const chat = this.chats.get(pending.chat_id);
@@ -1021,15 +1067,36 @@ export class ChatSyncClient extends Emitter {
       const reply = await send();
       return { queued: false, reply };
     } catch (e) {
-      if (e instanceof ChatSyncError && (e.code === 'disconnected' || e.code === 'timeout')) {
+      if (isTransient(e)) {
         // Safe to repeat: if it was applied, the version check makes the repeat a conflict.
         this.queue.addChange(change);
+        this._retrySoon();
         return { queued: true };
       }
       revert();
       this.emit('change', change.chat_id);
       throw e;
     }
+  }
+
+  /**
+   * While online, sends what a transient failure (`unavailable`, `rate_limited`, a timeout) left in the
+   * queue after a backoff delay (a reconnection flushes it anyway).
+   */
+  _retrySoon() {
+    if (this._flushTimer || this.status !== 'online') return;
+    const delay = backoffDelay(this._flushAttempt++, this.options.backoff, this.options.random);
+    this._flushTimer = setTimeout(async () => {
+      this._flushTimer = null;
+      if (this.status !== 'online' || this.queue.size === 0) return;
+      try {
+        await this._flushChanges();
+        await this._flushMessages();
+        this._flushAttempt = 0;
+      } catch (e) {
+        if (isTransient(e)) this._retrySoon();
+      }
+    }, delay);
   }
 
   /** @param {Record<string, unknown>} frame */

@@ -271,6 +271,67 @@ test('a message written while syncing is sent once the sync is done', async () =
   c.close();
 });
 
+test('a refused offline change: the next sync asks for that component again; a chat never created is dropped', async () => {
+  const c = client();
+  const first = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 2, draft_v: 5 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Server', draft_json: null }],
+    server_chat_order: ['c1'],
+  });
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('c1', 'refused');
+  await c.updateTitle('taken', 'refused too');
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed && s !== first));
+  const socket = lastSocket();
+  socket.greet();
+  const flush = await socket.next('sync_offline_changes');
+  const [a, b] = flush.payload.changes;
+  socket.push({
+    type: 'offline_sync_complete',
+    request_id: flush.request_id,
+    payload: {
+      processed: 0, conflicts: 0, errors: 2,
+      results: [
+        { change_id: a.change_id, chat_id: 'c1', type: 'title', status: 'error', code: 'limit_exceeded' },
+        { change_id: b.change_id, chat_id: 'taken', type: 'title', status: 'error', code: 'not_found' },
+      ],
+    },
+  });
+  const sync = await socket.next('initial_sync_request');
+  assert.deepEqual(sync.payload.chat_versions, { c1: { messages_v: 0, draft_v: 5 } }, 'title_v left out: counts as -1');
+  assert.equal(c.chats.has('taken'), false);
+  socket.push({
+    type: 'initial_sync_response',
+    request_id: sync.request_id,
+    payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 5 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Server' }], server_chat_order: ['c1'], sync_completed_at: 'T' },
+  });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chat('c1').title, 'Server', 'the refused local value is replaced');
+  const next = c.sync();
+  const again = await socket.next('initial_sync_request');
+  assert.deepEqual(again.payload.chat_versions.c1, { messages_v: 0, title_v: 2, draft_v: 5 }, 'asked once only');
+  socket.push({ type: 'initial_sync_response', request_id: again.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: ['c1'], sync_completed_at: 'T' } });
+  await next;
+  c.close();
+});
+
+test('a write refused as unavailable while online is queued and retried', async () => {
+  const c = client();
+  const socket = await online(c);
+  const p = c.updateTitle('c1', 'T');
+  const req = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'unavailable', message: 'Try again later.' } });
+  assert.deepEqual(await p, { queued: true });
+  assert.equal(c.chat('c1').title, 'T', 'kept');
+  const retry = await socket.next('sync_offline_changes');
+  assert.deepEqual(retry.payload.changes.map((/** @type {any} */ ch) => [ch.chat_id, ch.value, ch.version_before_edit]), [['c1', 'T', 0]]);
+  socket.push({ type: 'offline_sync_complete', request_id: retry.request_id, payload: { processed: 1, conflicts: 0, errors: 0, results: [] } });
+  await until(() => c.queue.size === 0);
+  c.close();
+});
+
 test('a connection lost before the reply queues the edit again (safe: the version check)', async () => {
   const c = client();
   const first = await online(c);
