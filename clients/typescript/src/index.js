@@ -20,6 +20,7 @@ const FATAL_REASONS = new Set([
   'Device mismatch',
   'Device mismatch, 2FA required',
   'Session revoked',
+  'Invalid device id',
 ]);
 
 /**

@@ -136,6 +136,9 @@ test('a refused token closes for good; a revoked session too', { timeout: 30_000
   await assert.rejects(bad.connect(), (/** @type {any} */ e) => e.code === 'closed' && e.details.reason === 'Invalid session');
   assert.equal(bad.status, 'closed');
 
+  const invalidDevice = new ChatSyncClient({ url: server.url, token: server.token('eve', 'laptop'), deviceId: 'x'.repeat(129), keepaliveMs: 0 });
+  await assert.rejects(invalidDevice.connect(), (/** @type {any} */ e) => e.details.reason === 'Invalid device id');
+
   const token = server.token('eve', 'laptop');
   const c = new ChatSyncClient({ url: server.url, token, deviceId: 'laptop', keepaliveMs: 0, backoff: { initialMs: 5, maxMs: 50 } });
   clients.push(c);
