@@ -516,8 +516,6 @@ export class ChatSyncClient extends Emitter {
     this._flushTimer = null;
     this._flushAttempt = 0;
     this._closedByUser = false;
-    /** @type {Promise<void> | null} */
-    this._flushing = null;
     this._onOnline = () => this.reconnect();
   }
 
@@ -543,6 +541,7 @@ export class ChatSyncClient extends Emitter {
         reject(new ChatSyncError('closed', `connection closed: ${c.code} ${c.reason}`, c));
       });
     });
+    if (this.status === 'online') return Promise.resolve(/** @type {import('./index.js').Connected} */ (this.connected));
     if (this.status === 'idle' || this.status === 'closed') this._open();
     return /** @type {Promise<import('./index.js').Connected>} */ (ready);
   }
@@ -579,13 +578,14 @@ export class ChatSyncClient extends Emitter {
    */
   dropConnection() {
     const socket = this._socket;
-    if (socket) {
-      try {
-        socket.close(4000, 'dropped by the client');
-      } catch {
-        // Already closing.
-      }
+    if (!socket) return;
+    try {
+      socket.close(4000, 'dropped by the client');
+    } catch {
+      // Already closing.
     }
+    // Offline from now on, without waiting for the close handshake (its event is then ignored).
+    this._onClose(4000, 'dropped by the client');
   }
 
   /**

@@ -345,6 +345,18 @@ test('a connection lost before the reply queues the edit again (safe: the versio
   c.close();
 });
 
+test('connect() when online resolves at once; dropConnection() is offline at once and reconnects', async () => {
+  const c = client();
+  const first = await online(c);
+  assert.equal((await c.connect()).user_id, 'alice');
+  c.dropConnection();
+  assert.equal(c.status, 'offline');
+  assert.deepEqual(await c.updateTitle('c1', 't'), { queued: true });
+  assert.equal(first.closed, true);
+  await until(() => FakeSocket.instances.length === 2);
+  c.close();
+});
+
 test('refused credentials close for good: no reconnect', async () => {
   const c = client();
   const ready = c.connect();
