@@ -525,6 +525,7 @@ export class ChatSyncClient extends Emitter {
    * @returns {Promise<import('./index.js').Connected>}
    */
   connect() {
+    if (this.status === 'online') return Promise.resolve(/** @type {import('./index.js').Connected} */ (this.connected));
     this._closedByUser = false;
     if (typeof globalThis.addEventListener === 'function') globalThis.addEventListener('online', this._onOnline);
     const ready = new Promise((resolve, reject) => {
@@ -541,7 +542,6 @@ export class ChatSyncClient extends Emitter {
         reject(new ChatSyncError('closed', `connection closed: ${c.code} ${c.reason}`, c));
       });
     });
-    if (this.status === 'online') return Promise.resolve(/** @type {import('./index.js').Connected} */ (this.connected));
     if (this.status === 'idle' || this.status === 'closed') this._open();
     return /** @type {Promise<import('./index.js').Connected>} */ (ready);
   }
