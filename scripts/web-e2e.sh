@@ -24,8 +24,8 @@ if [ ! -x "$CHROMIUM" ]; then
   log "installing Debian's chromium package"
   command -v apt-get >/dev/null || die "$CHROMIUM is missing and there is no apt-get to install it"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends chromium >/dev/null \
-    || { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium >/dev/null; } \
+  apt-get install -y chromium >/dev/null \
+    || { apt-get update >/dev/null && apt-get install -y chromium >/dev/null; } \
     || die "cannot install chromium with apt-get"
   [ -x "$CHROMIUM" ] || die "chromium installed, but $CHROMIUM is still missing"
 fi
