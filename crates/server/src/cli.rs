@@ -659,6 +659,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "chatsync listening on ws://{addr}/v1/ws");
+    if !ctx.config.no_web_demo {
+        tracing::info!("web demo: open http://{addr}/ in a browser (--no-web-demo turns it off)");
+    }
     crate::run(listener, ctx, shutdown_signal()).await
 }
 
