@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end test of the web demo (issue 10) in headless Chromium: two browser contexts as two devices
 # of one user sync a title, a draft and messages through a real `chatsync serve`; screenshots go to
-# target/web-demo-*.png; streamed replies and unread counts are checked with the backend's frames
-# injected into the page's socket. Needs Node.js (20.10+) and npm; installs what else it needs, idempotently:
+# target/web-demo-*.png; a backend message (posted through /v1/api) shows unread badges; streamed
+# replies are checked with stream frames injected into the page's socket. Needs Node.js (20.10+) and npm; installs what else it needs, idempotently:
 # Debian's `chromium` package (apt-get) when /usr/bin/chromium is missing, and playwright-core (pinned)
 # into target/web-e2e/ (never into the repository). Builds the server unless CHATSYNC_BIN names a
 # binary. `.ci/run` runs it; the README's test command (scripts/test.sh) does not, as it needs no Node.
@@ -51,4 +51,4 @@ log "web demo in headless Chromium (playwright-core $PLAYWRIGHT_VERSION)"
 export PLAYWRIGHT_CORE_DIR="$e2e_dir" CHROMIUM
 export SCREENSHOT_DIR="${SCREENSHOT_DIR:-$PWD/target}"
 node --test clients/typescript/test/demo.e2e.js
-log "screenshots: $SCREENSHOT_DIR/web-demo-{laptop,phone,stream}.png"
+log "screenshots: $SCREENSHOT_DIR/web-demo-{laptop,phone,unread,stream}.png"

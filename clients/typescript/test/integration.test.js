@@ -149,6 +149,38 @@ test('a refused token closes for good; a revoked session too', { timeout: 30_000
   assert.equal(c.status, 'closed');
 });
 
+test('messages from the backend count as unread until a device marks them read, on every device', { timeout: 30_000 }, async () => {
+  const laptop = device('gil', 'laptop');
+  const phone = device('gil', 'phone');
+  await laptop.connect();
+  await phone.connect();
+  const posted = await server.postMessage('gil', 'news', { message_id: 'n1', sender_name: 'assistant', content: 'Your report is ready' });
+  assert.equal(posted.status, 201, JSON.stringify(posted.body));
+  await server.postMessage('gil', 'news', { message_id: 'n2', sender_name: 'assistant', content: { text: 'and a summary' } });
+  for (const c of [laptop, phone]) {
+    await until(() => c.chat('news').messages.length === 2);
+    assert.deepEqual(c.chat('news').messages.map((m) => [m.seq, m.sender_name]), [[1, 'assistant'], [2, 'assistant']]);
+    assert.equal(c.chat('news').unread_count, 2);
+  }
+  // A device that connects now gets the server's count.
+  const tablet = device('gil', 'tablet');
+  await tablet.connect();
+  assert.equal(tablet.chat('news').unread_count, 2);
+  assert.equal(tablet.chatList()[0].chat_id, 'news');
+
+  const read = await laptop.markRead('news', 1);
+  assert.deepEqual(read.payload, { chat_id: 'news', read_seq: 1, unread_count: 1 });
+  await until(() => phone.chat('news').unread_count === 1 && tablet.chat('news').unread_count === 1);
+  await phone.markRead('news');
+  await until(() => laptop.chat('news').unread_count === 0 && tablet.chat('news').unread_count === 0);
+  assert.equal(laptop.chat('news').read_seq, 2);
+  // The user's own messages never count as unread.
+  await laptop.sendMessage('news', 'thanks');
+  await until(() => phone.chat('news').messages.length === 3);
+  assert.equal(phone.chat('news').unread_count, 0);
+  for (const c of [laptop, phone, tablet]) c.close();
+});
+
 test('offline edits are queued and sent on reconnect as sync_offline_changes, then initial_sync_request', { timeout: 30_000 }, async () => {
   let down = false;
   /** A WebSocket whose "network" can be cut. */

@@ -4,7 +4,8 @@
  * `chatsync serve` on port 0 with a fresh data directory, reads its URL from the log, and issues users
  * and tokens with the CLI (`users add`, `sessions issue`). The binary is `$CHATSYNC_BIN`, else
  * `$CARGO_TARGET_DIR/debug/chatsync`, else `target/debug/chatsync` of this repository (build it first:
- * `cargo build -p chatsync --bin chatsync`).
+ * `cargo build -p chatsync --bin chatsync`). It also plays the application backend: an API key from
+ * `chatsync api-keys create`, messages posted through `/v1/api` (SERVER_API.md §3).
  */
 import { spawn, execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
@@ -64,6 +65,8 @@ export async function startServer(extraArgs = []) {
     });
   });
   const users = new Set();
+  /** @type {string | undefined} */
+  let apiKey;
   const cli = (/** @type {string[]} */ ...args) =>
     execFileSync(bin, ['--data-dir', dir, ...args], { env: childEnv(), encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
   return {
@@ -84,6 +87,23 @@ export async function startServer(extraArgs = []) {
         users.add(user);
       }
       return cli('sessions', 'issue', user, ...(deviceId ? ['--device-id', deviceId] : []));
+    },
+    /**
+     * Posts a message from another sender (the application backend) into a user's chat; returns the
+     * HTTP status and the JSON body.
+     * @param {string} user
+     * @param {string} chatId
+     * @param {{message_id: string, sender_name: string, content: unknown}} body
+     */
+    async postMessage(user, chatId, body) {
+      apiKey ??= cli('api-keys', 'create', '--name', 'sdk-tests');
+      const base = /** @type {string} */ (url).replace(/^ws:/, 'http:').replace(/\/v1\/ws$/, '');
+      const res = await fetch(`${base}/v1/api/users/${encodeURIComponent(user)}/chats/${encodeURIComponent(chatId)}/messages`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${apiKey}`, 'content-type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+      return { status: res.status, body: await res.json() };
     },
     /** Stops the server and removes its data. */
     async stop() {

@@ -185,7 +185,7 @@ function renderChatList() {
   const chats = client.chatList();
   list.replaceChildren(
     ...chats.map((chat) => {
-      const li = el('li', `chat-item${chat.chat_id === activeChat ? ' active' : ''}`);
+      const li = el('li', `chat-item${chat.chat_id === activeChat ? ' active' : ''}${chat.unread_count > 0 ? ' has-unread' : ''}`);
       li.dataset.chatId = chat.chat_id;
       li.tabIndex = 0;
       li.append(el('span', `name${chat.title ? '' : ' untitled'}`, chat.title || 'Untitled chat'));
