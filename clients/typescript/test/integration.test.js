@@ -181,6 +181,60 @@ test('messages from the backend count as unread until a device marks them read, 
   for (const c of [laptop, phone, tablet]) c.close();
 });
 
+test('streamed replies are assembled on every device, joined mid-stream, stored on completion, cancelled from a device', { timeout: 30_000 }, async (t) => {
+  const stream = (/** @type {string} */ chat, /** @type {string} */ rest = '') => `/users/ivy/chats/${chat}/streams${rest}`;
+  const laptop = device('ivy', 'laptop');
+  const phone = device('ivy', 'phone');
+  await laptop.connect();
+  await phone.connect();
+  const started = await server.api('POST', stream('ask'), { stream_id: 's1', message_id: 'm-s1', sender_name: 'assistant', meta: { model: 'demo' } });
+  if (started.status === 404 && started.body?.error?.message === 'No such endpoint.') {
+    // A server without the streams API (SERVER_API.md §4): the fake-socket unit tests cover the SDK side.
+    t.skip('this server has no streams API');
+    return;
+  }
+  assert.equal(started.status, 201, JSON.stringify(started.body));
+  const chunk = (/** @type {string} */ id, /** @type {number} */ seq, /** @type {string} */ delta) =>
+    server.api('POST', stream('ask', `/${id}/chunks`), { seq, delta });
+  assert.equal((await chunk('s1', 1, 'Hel')).status, 202);
+  assert.equal((await chunk('s1', 2, 'lo')).status, 202);
+  for (const c of [laptop, phone]) await until(() => c.streams.get('ask', 's1')?.text === 'Hello');
+  assert.deepEqual(phone.streams.get('ask', 's1')?.meta, { model: 'demo' });
+
+  // A device that connects now joins mid-stream (active_streams) and continues with the next chunk.
+  const tablet = device('ivy', 'tablet');
+  await tablet.connect();
+  assert.equal(tablet.streams.get('ask', 's1')?.text, 'Hello');
+  assert.equal((await chunk('s1', 3, ', world')).status, 202);
+  for (const c of [laptop, phone, tablet]) await until(() => c.streams.get('ask', 's1')?.text === 'Hello, world');
+
+  // Completion stores the message; every device fetches it and the stream is gone.
+  const done = await server.api('POST', stream('ask', '/s1/complete'), {});
+  assert.equal(done.status, 201, JSON.stringify(done.body));
+  for (const c of [laptop, phone, tablet]) {
+    await until(() => c.chat('ask').messages.some((m) => m.message_id === 'm-s1'));
+    const m = c.chat('ask').messages.find((x) => x.message_id === 'm-s1');
+    assert.deepEqual([m?.content, m?.sender_name, m?.seq], ['Hello, world', 'assistant', 1]);
+    assert.equal(c.streams.open('ask').length, 0);
+  }
+
+  // A device cancels a stream: every device sees it end, and the backend's next chunk is refused.
+  await server.api('POST', stream('ask'), { stream_id: 's2', message_id: 'm-s2', sender_name: 'assistant' });
+  await chunk('s2', 1, 'Let me think');
+  await until(() => phone.streams.get('ask', 's2')?.text === 'Let me think');
+  /** @type {any[]} */
+  const ended = [];
+  laptop.on('stream', (/** @type {any} */ s) => s.stream_id === 's2' && s.state !== 'open' && ended.push(s));
+  const cancelled = await phone.cancelStream('ask', 's2');
+  assert.equal(cancelled.payload.reason, 'cancelled_by_user');
+  await until(() => ended.length === 1);
+  assert.equal(ended[0].state, 'cancelled');
+  assert.equal(ended[0].text, 'Let me think');
+  assert.equal((await chunk('s2', 2, 'more')).status, 409);
+  await assert.rejects(phone.cancelStream('ask', 's2'), (/** @type {any} */ e) => e.code === 'not_found');
+  for (const c of [laptop, phone, tablet]) c.close();
+});
+
 test('offline edits are queued and sent on reconnect as sync_offline_changes, then initial_sync_request', { timeout: 30_000 }, async () => {
   let down = false;
   /** A WebSocket whose "network" can be cut. */

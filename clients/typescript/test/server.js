@@ -95,15 +95,26 @@ export async function startServer(extraArgs = []) {
      * @param {string} chatId
      * @param {{message_id: string, sender_name: string, content: unknown}} body
      */
-    async postMessage(user, chatId, body) {
+    postMessage(user, chatId, body) {
+      return this.api('POST', `/users/${encodeURIComponent(user)}/chats/${encodeURIComponent(chatId)}/messages`, body);
+    },
+    /**
+     * A request to the server API (`/v1/api` + `path`) with this server's API key; returns the HTTP
+     * status and the JSON body (`null` when there is none).
+     * @param {string} method
+     * @param {string} path
+     * @param {unknown} [body]
+     */
+    async api(method, path, body) {
       apiKey ??= cli('api-keys', 'create', '--name', 'sdk-tests');
       const base = /** @type {string} */ (url).replace(/^ws:/, 'http:').replace(/\/v1\/ws$/, '');
-      const res = await fetch(`${base}/v1/api/users/${encodeURIComponent(user)}/chats/${encodeURIComponent(chatId)}/messages`, {
-        method: 'POST',
+      const res = await fetch(`${base}/v1/api${path}`, {
+        method,
         headers: { authorization: `Bearer ${apiKey}`, 'content-type': 'application/json' },
-        body: JSON.stringify(body),
+        body: body === undefined ? undefined : JSON.stringify(body),
       });
-      return { status: res.status, body: await res.json() };
+      const text = await res.text();
+      return { status: res.status, body: text ? JSON.parse(text) : null };
     },
     /** Stops the server and removes its data. */
     async stop() {
