@@ -451,6 +451,19 @@ pub struct ServeArgs {
     #[arg(long, hide = true, env = "CHATSYNC_WEBHOOK_BACKOFF_BASE_MS", value_name = "MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_backoff_base_ms: Option<u64>,
+    /// Do not serve the web demo (the page at / and the TypeScript SDK at /sdk/) on --listen; /v1/ws is
+    /// not affected [default: served].
+    #[arg(
+        long,
+        help_heading = "Network",
+        env = "CHATSYNC_NO_WEB_DEMO",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_web_demo: Option<bool>,
     /// Logging.
     #[command(flatten)]
     #[serde(flatten)]
@@ -670,6 +683,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "chatsync listening on ws://{addr}/v1/ws");
+    if !ctx.config.no_web_demo {
+        tracing::info!("web demo: open http://{addr}/ in a browser (--no-web-demo turns it off)");
+    }
     crate::run(listener, ctx, shutdown_signal()).await
 }
 

@@ -107,6 +107,8 @@ pub struct Config {
     /// flag: tests make it small.
     #[doc(hidden)]
     pub webhook_backoff_base_ms: u64,
+    /// Do not serve the web demo (`/`, `/sdk/…`) on `listen`.
+    pub no_web_demo: bool,
 }
 
 /// A secret configuration value: its `Debug` never shows it.
@@ -184,6 +186,7 @@ impl Default for Config {
             webhook_secret: None,
             webhook_max_age_secs: 86_400,
             webhook_backoff_base_ms: 1000,
+            no_web_demo: false,
         }
     }
 }
