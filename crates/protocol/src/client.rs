@@ -34,11 +34,13 @@ pub enum ClientMessage {
     SyncOfflineChanges(SyncOfflineChanges),
     /// `request_cache_status` → `cache_status_response`.
     RequestCacheStatus(Empty),
+    /// `cancel_stream` → ALL `stream_cancelled` (SERVER_API.md section 4).
+    CancelStream(crate::CancelStream),
 }
 
 impl ClientMessage {
     /// Every wire `type` a client may send.
-    pub const TYPES: [&'static str; 11] = [
+    pub const TYPES: [&'static str; 12] = [
         "ping",
         "initial_sync_request",
         "update_draft",
@@ -50,6 +52,7 @@ impl ClientMessage {
         "delete_chat",
         "sync_offline_changes",
         "request_cache_status",
+        "cancel_stream",
     ];
 
     /// The wire `type` of this message.
@@ -66,6 +69,7 @@ impl ClientMessage {
             ClientMessage::DeleteChat(_) => "delete_chat",
             ClientMessage::SyncOfflineChanges(_) => "sync_offline_changes",
             ClientMessage::RequestCacheStatus(_) => "request_cache_status",
+            ClientMessage::CancelStream(_) => "cancel_stream",
         }
     }
 
