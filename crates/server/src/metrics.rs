@@ -8,7 +8,10 @@
 //!   `handler_seconds{type}` (histogram), `errors_total{code}`;
 //! * `outbox_overflows_total` (connections closed as slow consumers);
 //! * `store_seconds{op}` (histogram of every store call), `cache_lookups_total{result}` (`hit`, `miss`),
-//!   `writer_batch_size` (histogram of group-commit batches).
+//!   `writer_batch_size` (histogram of group-commit batches);
+//! * `streams_started_total`, `stream_chunks_total`, `streams_ended_total{reason}` (`completed`,
+//!   `aborted`, `cancelled_by_user`, `timeout`), `stream_chunks_merged_total` (chunks folded into a queued
+//!   chunk of a connection that is behind).
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -35,6 +38,15 @@ pub const STORE_SECONDS: &str = "chatsync_store_seconds";
 pub const CACHE_LOOKUPS: &str = "chatsync_cache_lookups_total";
 /// Group-commit batch sizes.
 pub const WRITER_BATCH: &str = "chatsync_writer_batch_size";
+
+/// Streams opened.
+pub const STREAMS_STARTED: &str = "chatsync_streams_started_total";
+/// Stream chunks accepted.
+pub const STREAM_CHUNKS: &str = "chatsync_stream_chunks_total";
+/// Streams ended, by reason.
+pub const STREAMS_ENDED: &str = "chatsync_streams_ended_total";
+/// Chunks merged into a chunk already queued for a connection.
+pub const STREAM_CHUNKS_MERGED: &str = "chatsync_stream_chunks_merged_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -185,6 +185,7 @@ fn empty_part() -> InitialSyncResponse {
         chats_to_add_or_update: Vec::new(),
         server_chat_order: Vec::new(),
         sync_completed_at: String::new(),
+        active_streams: Vec::new(),
         more: false,
     }
 }
