@@ -11,6 +11,7 @@
 //! (`handlers/cancel_stream.rs`), and the merging of chunks for slow connections (`hub/outbox.rs`).
 
 pub mod memory;
+pub mod ops;
 pub mod redis;
 
 use async_trait::async_trait;
