@@ -11,7 +11,8 @@
 //!   `writer_batch_size` (histogram of group-commit batches);
 //! * `streams_started_total`, `stream_chunks_total`, `streams_ended_total{reason}` (`completed`,
 //!   `aborted`, `cancelled_by_user`, `timeout`), `stream_chunks_merged_total` (chunks folded into a queued
-//!   chunk of a connection that is behind).
+//!   chunk of a connection that is behind);
+//! * `api_requests_total{status}` (every authenticated `/v1/api` request), `api_errors_total{code}`.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -47,6 +48,15 @@ pub const STREAM_CHUNKS: &str = "chatsync_stream_chunks_total";
 pub const STREAMS_ENDED: &str = "chatsync_streams_ended_total";
 /// Chunks merged into a chunk already queued for a connection.
 pub const STREAM_CHUNKS_MERGED: &str = "chatsync_stream_chunks_merged_total";
+/// Server API requests that passed authentication, by HTTP status.
+pub const API_REQUESTS: &str = "chatsync_api_requests_total";
+/// Server API error responses, by code.
+pub const API_ERRORS: &str = "chatsync_api_errors_total";
+
+/// Counts one server API error response.
+pub fn api_error(code: &str) {
+    metrics::counter!(API_ERRORS, "code" => code.to_owned()).increment(1);
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -89,6 +99,8 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections on this node.");
+    describe_counter!(API_REQUESTS, "Authenticated server API requests, by HTTP status.");
+    describe_counter!(API_ERRORS, "Server API error responses, by code.");
     describe_counter!(CONNECTS, "Upgrades that finished authentication, by result.");
     describe_counter!(CLOSES, "WebSocket closes, by code (peer: the client closed first).");
     describe_counter!(MESSAGES_IN, "Inbound protocol messages, by type.");
