@@ -36,11 +36,13 @@ pub enum ClientMessage {
     RequestCacheStatus(Empty),
     /// `cancel_stream` → ALL `stream_cancelled` (SERVER_API.md section 4).
     CancelStream(crate::CancelStream),
+    /// `mark_read` → ALL `chat_read_updated` (SELF only when the marker does not move).
+    MarkRead(MarkRead),
 }
 
 impl ClientMessage {
     /// Every wire `type` a client may send.
-    pub const TYPES: [&'static str; 12] = [
+    pub const TYPES: [&'static str; 13] = [
         "ping",
         "initial_sync_request",
         "update_draft",
@@ -53,6 +55,7 @@ impl ClientMessage {
         "sync_offline_changes",
         "request_cache_status",
         "cancel_stream",
+        "mark_read",
     ];
 
     /// The wire `type` of this message.
@@ -70,6 +73,7 @@ impl ClientMessage {
             ClientMessage::SyncOfflineChanges(_) => "sync_offline_changes",
             ClientMessage::RequestCacheStatus(_) => "request_cache_status",
             ClientMessage::CancelStream(_) => "cancel_stream",
+            ClientMessage::MarkRead(_) => "mark_read",
         }
     }
 
@@ -224,6 +228,15 @@ pub struct DeleteChat {
     /// The chat to delete.
     #[serde(alias = "chatId")]
     pub chat_id: ChatId,
+}
+
+/// `mark_read` payload: the user has read the chat up to `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkRead {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The highest message seq read (capped at the chat's `messages_v`).
+    pub seq: u64,
 }
 
 /// `sync_offline_changes` payload. Each change is validated on its own ([`OfflineChange::parse`]), so one

@@ -59,6 +59,8 @@ pub enum ServerMessage {
     StreamCompleted(crate::StreamCompleted),
     /// ALL: a stream ended without a message.
     StreamCancelled(crate::StreamCancelled),
+    /// ALL after `mark_read` moved the read marker (SELF only when it did not).
+    ChatReadUpdated(ChatReadUpdated),
 }
 
 impl ServerMessage {
@@ -88,8 +90,20 @@ impl ServerMessage {
             ServerMessage::StreamChunk(_) => "stream_chunk",
             ServerMessage::StreamCompleted(_) => "stream_completed",
             ServerMessage::StreamCancelled(_) => "stream_cancelled",
+            ServerMessage::ChatReadUpdated(_) => "chat_read_updated",
         }
     }
+}
+
+/// `chat_read_updated` payload: the user's read marker of a chat and what is left unread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatReadUpdated {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The read marker (highest seq read).
+    pub read_seq: u64,
+    /// Messages from other senders above the marker.
+    pub unread_count: u64,
 }
 
 /// `connected` payload.

@@ -64,6 +64,7 @@ fn client_samples() -> Vec<ClientMessage> {
         }),
         ClientMessage::RequestCacheStatus(Empty {}),
         ClientMessage::CancelStream(CancelStream { chat_id: chat("c1"), stream_id: StreamId::new("s.1").unwrap() }),
+        ClientMessage::MarkRead(MarkRead { chat_id: chat("c1"), seq: 7 }),
     ]
 }
 
@@ -260,6 +261,7 @@ fn server_samples() -> Vec<ServerMessage> {
             stream_id: StreamId::new("s1").unwrap(),
             reason: StreamCancelReason::CancelledByUser,
         }),
+        ServerMessage::ChatReadUpdated(ChatReadUpdated { chat_id: chat("c1"), read_seq: 3, unread_count: 1 }),
     ]
 }
 

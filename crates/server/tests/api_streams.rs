@@ -245,4 +245,88 @@ async fn cluster_a_stream_started_on_one_node_reaches_devices_on_another() {
     assert_eq!(event.reason, StreamCancelReason::CancelledByUser);
     let (status, body) = send_chunk(&api_a, "s1", 3, "!").await;
     assert_eq!((status, code(&body)), (409, "conflict"));
+
+    // A second stream, completed through node B's API: node A's device gets the message, then the end.
+    assert_eq!(api_a.post(STREAMS, start_body("s2", "m2")).await.0, 201);
+    assert_eq!(send_chunk(&api_a, "s2", 1, "Bye").await.0, 202);
+    let (status, body) = api_b.post(&format!("{STREAMS}/s2/complete"), json!({})).await;
+    assert_eq!((status, body["seq"].clone()), (201, json!(1)), "{body}");
+    expect_msg!(next_event(&mut on_a).await, StreamStarted);
+    assert_eq!(text_until(&mut on_a, "s2", 1).await, "Bye");
+    let added = expect_msg!(next_event(&mut on_a).await, ChatMessageAdded);
+    assert_eq!(added.message.content, text("Bye"));
+    let done = expect_msg!(next_event(&mut on_a).await, StreamCompleted);
+    assert_eq!((done.stream_id.as_str(), done.seq), ("s2", 1));
+}
+
+#[tokio::test]
+async fn complete_stores_the_message_then_announces_it_and_closes_the_stream() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    add_message(&mut phone, "c1", "u1", json!("question")).await;
+    expect_msg!(next_event(&mut laptop).await, ChatMessageAdded);
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    for (seq, delta) in [(1, "STREAMED-"), (2, "SECRET-"), (3, "ANSWER")] {
+        assert_eq!(send_chunk(&api, "s1", seq, delta).await.0, 202);
+    }
+    // An invalid content is refused before the stream is touched.
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({"content": 5})).await;
+    assert_eq!((status, code(&body), field(&body)), (400, "invalid_payload", "content"));
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({"extra": 1})).await;
+    assert_eq!((status, code(&body)), (400, "invalid_payload"));
+
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({})).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body, json!({"chat_id": "c1", "message_id": "m1", "seq": 2, "messages_v": 2, "duplicate": false}));
+    for c in [&mut phone, &mut laptop] {
+        expect_msg!(next_event(c).await, StreamStarted);
+        assert_eq!(text_until(c, "s1", 3).await, "STREAMED-SECRET-ANSWER");
+        let added = expect_msg!(next_event(c).await, ChatMessageAdded);
+        assert_eq!((added.message.message_id.as_str(), added.message.sender_name.as_str()), ("m1", "assistant"));
+        assert_eq!(added.message.content, text("STREAMED-SECRET-ANSWER"));
+        let done = expect_msg!(next_event(c).await, StreamCompleted);
+        assert_eq!((done.stream_id.as_str(), done.message_id.as_str(), done.seq, done.messages_v), ("s1", "m1", 2, 2));
+        assert_quiet(c).await;
+    }
+    let history = all_messages(&mut laptop, "c1").await;
+    assert_eq!(history.messages.len(), 2);
+    assert_eq!(history.messages[1].content, text("STREAMED-SECRET-ANSWER"));
+    // Closed: chunks and a second completion are conflicts; nothing is open any more.
+    assert_eq!(code(&send_chunk(&api, "s1", 4, "x").await.1), "conflict");
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({})).await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+    assert!(sync_all(&mut phone).await.active_streams.is_empty());
+    // The stored text is encrypted at rest.
+    for (path, bytes) in server.data_files() {
+        assert!(!String::from_utf8_lossy(&bytes).contains("SECRET-ANSWER"), "plaintext in {}", path.display());
+    }
+
+    // An explicit content replaces the streamed text.
+    assert_eq!(api.post(STREAMS, start_body("s2", "m2")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s2", 1, "draft").await.0, 202);
+    let content = json!({"type": "doc", "content": []});
+    let (status, body) = api.post(&format!("{STREAMS}/s2/complete"), json!({"content": content})).await;
+    assert_eq!((status, body["seq"].clone()), (201, json!(3)));
+    let history = all_messages(&mut laptop, "c1").await;
+    assert_eq!(history.messages[2].content, MessageContent::Json(content.as_object().unwrap().clone()));
+}
+
+#[tokio::test]
+async fn completing_a_stream_whose_chat_was_deleted_is_not_found_and_ends_it() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    set_title(&mut phone, "c1", "t").await;
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s1", 1, "x").await.0, 202);
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({})).await;
+    assert_eq!((status, code(&body)), (404, "not_found"));
+    expect_msg!(next_event(&mut phone).await, StreamStarted);
+    expect_msg!(next_event(&mut phone).await, StreamChunk);
+    let ended = expect_msg!(next_event(&mut phone).await, StreamCancelled);
+    assert_eq!(ended.reason, StreamCancelReason::Aborted);
+    assert_eq!(code(&send_chunk(&api, "s1", 2, "x").await.1), "conflict");
 }

@@ -176,6 +176,7 @@ async fn a_slow_device_gets_every_chunk_once_in_order_possibly_merged_and_is_not
         c.outbox_max_messages = 4;
         c.outbox_max_bytes = 16 * 1024;
         c.max_stream_bytes = 64 << 20;
+        c.max_reply_bytes = (64 << 20) + 65_536;
     })
     .await;
     let mut reader = new_user(&server, "alice", "reader").await;

@@ -9,6 +9,7 @@
 
 mod devices;
 pub mod keys;
+pub mod messages;
 mod sessions;
 mod streams;
 mod users;
@@ -45,6 +46,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .merge(sessions::routes())
         .merge(devices::routes())
         .merge(streams::routes())
+        .merge(messages::routes())
         .fallback(|| async { ApiError::not_found("No such endpoint.") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), keys::authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

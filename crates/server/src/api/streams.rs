@@ -20,8 +20,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
 use axum::{Json, Router};
-use chatsync_protocol::api::{PostChunk, StartStream, StreamOpened};
-use chatsync_protocol::{MessageId, StreamId};
+use super::messages::{self, store_message, NewMessage};
+use chatsync_protocol::api::{CompleteStream, MessagePosted, PostChunk, StartStream, StreamOpened};
+use chatsync_protocol::{MessageContent, StreamId};
 use serde_json::{json, Value};
 
 /// Largest `meta`, bytes of JSON.
@@ -34,6 +35,7 @@ pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/users/{user_id}/chats/{chat_id}/streams", post(start))
         .route("/users/{user_id}/chats/{chat_id}/streams/{stream_id}/chunks", post(chunk))
+        .route("/users/{user_id}/chats/{chat_id}/streams/{stream_id}/complete", post(complete))
         .route("/users/{user_id}/chats/{chat_id}/streams/{stream_id}", delete(abort))
 }
 
@@ -48,17 +50,6 @@ fn stream_key(user_id: &str, chat_id: &str, stream_id: &str) -> ApiResult<Stream
 
 fn parse_stream_id(id: &str) -> ApiResult<StreamId> {
     StreamId::new(id).map_err(|why| ApiError::invalid_payload("stream_id", format!("Invalid stream id: {why}.")))
-}
-
-/// A `sender_name`: an id (1-64 characters of `[A-Za-z0-9_.@-]`) other than `"user"` (as `POST …/messages`).
-fn sender_name(name: &str) -> ApiResult<String> {
-    if name == "user" {
-        return Err(ApiError::invalid_payload("sender_name", "sender_name \"user\" is reserved for the user's own devices."));
-    }
-    if !super::valid_user_id(name) {
-        return Err(ApiError::invalid_payload("sender_name", "Invalid sender_name: use 1-64 characters of [A-Za-z0-9_.@-]."));
-    }
-    Ok(name.to_owned())
 }
 
 /// The status of a failed stream operation.
@@ -89,9 +80,8 @@ async fn start(
     let chat_id = path_chat_id(&chat_id)?;
     let stream_id = StreamId::new(body.stream_id.as_str())
         .map_err(|why| ApiError::invalid_payload("stream_id", format!("Invalid stream_id: {why}.")))?;
-    let message_id = MessageId::new(body.message_id.as_str())
-        .map_err(|why| ApiError::invalid_payload("message_id", format!("Invalid message_id: {why}.")))?;
-    let sender_name = sender_name(&body.sender_name)?;
+    let message_id = messages::message_id(&body.message_id)?;
+    let sender_name = messages::sender_name(&body.sender_name)?;
     let meta = body.meta.unwrap_or_default();
     if serde_json::to_vec(&meta).map_or(usize::MAX, |v| v.len()) > MAX_META_BYTES {
         return Err(ApiError::limit_exceeded("meta", format!("meta is larger than {MAX_META_BYTES} bytes of JSON.")));
@@ -125,6 +115,62 @@ async fn chunk(
         Appended::Duplicate => StatusCode::OK,
     };
     Ok((status, Json(json!({}))))
+}
+
+async fn complete(
+    State(s): State<ApiState>,
+    Path((user_id, chat_id, stream_id)): Path<(String, String, String)>,
+    Body(body): Body<CompleteStream>,
+) -> ApiResult<(StatusCode, Json<MessagePosted>)> {
+    let key = stream_key(&user_id, &chat_id, &stream_id)?;
+    // An explicit content is checked like `POST …/messages` before the stream is touched.
+    let explicit = body.content.map(messages::content).transpose()?;
+    let Some(stream) = ops::take_for_completion(&s.ctx, &key).await.map_err(op_error)? else {
+        return Err(ApiError::conflict("The stream is not open."));
+    };
+    let content = match explicit {
+        Some(c) => c,
+        None => MessageContent::Text(stream.content.clone()),
+    };
+    // The stored message must fit in one reply frame (bounded replies): only text that escapes heavily
+    // in JSON can exceed it; the stream stays open so the backend can complete with shorter content.
+    let budget = (s.ctx.config.max_reply_bytes as usize).saturating_sub(16 * 1024);
+    if serde_json::to_vec(&content).map_or(usize::MAX, |v| v.len()) > budget {
+        ops::completion_failed(&s.ctx, stream).await;
+        return Err(ApiError::limit_exceeded("content", format!("The message would be larger than {budget} bytes of JSON.")));
+    }
+    let message = NewMessage {
+        message_id: stream.info.message_id.clone(),
+        sender_name: stream.info.sender_name.clone(),
+        content,
+        created_at_ms: crate::store::now_millis(),
+    };
+    match store_message(&s.ctx, &key.user_id, &key.chat_id, message).await {
+        Ok(stored) => {
+            ops::completed(&s.ctx, &key, &stream.info.message_id, stored.seq, stored.messages_v).await;
+            let status = if stored.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+            Ok((
+                status,
+                Json(MessagePosted {
+                    chat_id: key.chat_id.to_string(),
+                    message_id: stream.info.message_id.to_string(),
+                    seq: stored.seq,
+                    messages_v: stored.messages_v,
+                    duplicate: stored.duplicate,
+                }),
+            ))
+        }
+        Err(e) if e.status() == StatusCode::NOT_FOUND => {
+            // The chat was deleted (or the user removed) while the stream ran: it can never complete.
+            ops::ended_without_message(&s.ctx, &key).await;
+            Err(e)
+        }
+        Err(e) => {
+            // Not stored (the store is unavailable): the stream is open again, so `complete` can be retried.
+            ops::completion_failed(&s.ctx, stream).await;
+            Err(e)
+        }
+    }
 }
 
 async fn abort(

@@ -98,6 +98,14 @@ pub async fn completed(ctx: &Ctx, key: &StreamKey, message_id: &chatsync_protoco
     ctx.hub.deliver(&key.user_id, Audience::All, encode(&event, None).into()).await;
 }
 
+/// Tells ALL that a stream taken for completion ended without a message (its chat is gone):
+/// `stream_cancelled` with reason `aborted`.
+pub async fn ended_without_message(ctx: &Ctx, key: &StreamKey) {
+    metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "aborted").increment(1);
+    let frame = super::cancelled_frame(key, StreamCancelReason::Aborted);
+    ctx.hub.deliver(&key.user_id, Audience::All, frame.into()).await;
+}
+
 /// The backend aborts a stream: ALL `stream_cancelled` with reason `aborted`. `Err(NotOpen)` when it is
 /// not open.
 pub async fn abort(ctx: &Ctx, key: &StreamKey) -> Result<(), OpError> {
