@@ -314,7 +314,12 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         chat_id().prop_map(|chat_id| ServerMessage::PriorityChatReady(PriorityChatReady { chat_id })),
         s().prop_map(|status| ServerMessage::CachePrimed(CachePrimed { status })),
         (chat_id(), message_id(), any::<u64>(), s()).prop_map(|(chat_id, m, seq, delta)| {
-            ServerMessage::StreamChunk(StreamChunk { chat_id, stream_id: StreamId::new(m.as_str()).unwrap(), seq, delta })
+            ServerMessage::StreamChunk(StreamChunk {
+                chat_id,
+                stream_id: StreamId::new(m.as_str()).unwrap(),
+                seq,
+                delta,
+            })
         }),
         (chat_id(), message_id(), s(), json_map()).prop_map(|(chat_id, m, sender_name, meta)| {
             ServerMessage::StreamStarted(StreamStarted {

@@ -410,7 +410,10 @@ fn stream_payloads_have_the_documented_shape() {
         None,
     ))
     .unwrap();
-    assert_eq!(v, json!({"type": "stream_cancelled", "payload": {"chat_id": "c1", "stream_id": "s1", "reason": "timeout"}}));
+    assert_eq!(
+        v,
+        json!({"type": "stream_cancelled", "payload": {"chat_id": "c1", "stream_id": "s1", "reason": "timeout"}})
+    );
     let started = decode_server(
         r#"{"type":"stream_started","payload":{"chat_id":"c","stream_id":"s","message_id":"m","sender_name":"a"}}"#,
     )

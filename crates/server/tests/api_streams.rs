@@ -63,7 +63,10 @@ async fn three_devices_one_joining_mid_stream_and_one_slow() {
 
     assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await, (201, json!({"stream_id": "s1"})));
     let started = expect_msg!(next_event(&mut phone).await, StreamStarted);
-    assert_eq!((started.chat_id.as_str(), started.message_id.as_str(), started.sender_name.as_str()), ("c1", "m1", "assistant"));
+    assert_eq!(
+        (started.chat_id.as_str(), started.message_id.as_str(), started.sender_name.as_str()),
+        ("c1", "m1", "assistant")
+    );
     assert_eq!(started.meta, json!({"model": "m-1"}).as_object().unwrap().clone());
 
     let words: Vec<String> = (1..=200).map(|i| format!("word{i} ")).collect();

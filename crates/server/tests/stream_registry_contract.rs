@@ -17,11 +17,7 @@ use std::time::Duration;
 const MAX: usize = 64;
 
 fn key(user: &str, chat: &str, stream: &str) -> StreamKey {
-    StreamKey {
-        user_id: user.into(),
-        chat_id: ChatId::new(chat).unwrap(),
-        stream_id: StreamId::new(stream).unwrap(),
-    }
+    StreamKey { user_id: user.into(), chat_id: ChatId::new(chat).unwrap(), stream_id: StreamId::new(stream).unwrap() }
 }
 
 fn info(message_id: &str) -> StreamInfo {
@@ -157,8 +153,7 @@ async fn redis_holds_no_plaintext_of_chunks_user_ids_or_metadata() {
 
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
     assert!(keys.len() >= 3, "{keys:?}");
     let mut everything = keys.join("\n").into_bytes();
     for k in &keys {

@@ -19,11 +19,7 @@ use std::time::Duration;
 use sync_util::*;
 
 fn skey(user: &str, chat: &str, stream: &str) -> StreamKey {
-    StreamKey {
-        user_id: user.into(),
-        chat_id: ChatId::new(chat).unwrap(),
-        stream_id: StreamId::new(stream).unwrap(),
-    }
+    StreamKey { user_id: user.into(), chat_id: ChatId::new(chat).unwrap(), stream_id: StreamId::new(stream).unwrap() }
 }
 
 fn info(message_id: &str) -> StreamInfo {
@@ -61,7 +57,10 @@ async fn all_devices_see_a_stream_and_a_device_cancels_it() {
         assert_eq!((started.message_id.as_str(), started.sender_name.as_str()), ("m1", "assistant"));
         assert_eq!(started.meta, info("m1").meta);
         let chunk = expect_msg!(next_event(c).await, StreamChunk);
-        assert_eq!((chunk.chat_id.as_str(), chunk.stream_id.as_str(), chunk.seq, chunk.delta.as_str()), ("c1", "s1", 1, "Hel"));
+        assert_eq!(
+            (chunk.chat_id.as_str(), chunk.stream_id.as_str(), chunk.seq, chunk.delta.as_str()),
+            ("c1", "s1", 1, "Hel")
+        );
     }
 
     // The laptop cancels: ALL get stream_cancelled (SELF's copy carries the request id).

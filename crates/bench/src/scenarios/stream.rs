@@ -263,14 +263,21 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
         notes.push(format!("{} deliveries missing", expected - deliveries));
     }
     if lag.p99_ms > 10.0 {
-        notes.push(format!("the bench fell behind its schedule (p99 lag {:.1} ms): the offered rate was not met", lag.p99_ms));
+        notes.push(format!(
+            "the bench fell behind its schedule (p99 lag {:.1} ms): the offered rate was not met",
+            lag.p99_ms
+        ));
     }
     let status_table = super::counts_table("chunk API statuses", &statuses.lock().expect("statuses"));
     let tables = vec![
         summary,
         latency_table(
             "latency (ms)",
-            &[("API call → receipt on each device", &delivery), ("chunk API call (HTTP round trip)", &api), ("bench lag behind schedule", &lag)],
+            &[
+                ("API call → receipt on each device", &delivery),
+                ("chunk API call (HTTP round trip)", &api),
+                ("bench lag behind schedule", &lag),
+            ],
         ),
         status_table,
         super::counts_table("other frames received", &inner.other),

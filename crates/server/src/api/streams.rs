@@ -13,6 +13,7 @@
 //! A stream of another user (the user id in the path is part of the stream's name) is simply not open.
 //! The work is in `streams::ops` (no transport); this file validates and maps outcomes to statuses.
 
+use super::messages::{self, store_message, NewMessage};
 use super::{path_chat_id, path_user_id, ApiError, ApiResult, ApiState, Body};
 use crate::streams::ops::{self, OpError};
 use crate::streams::{Appended, Opened, StreamError, StreamInfo, StreamKey};
@@ -20,7 +21,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
 use axum::{Json, Router};
-use super::messages::{self, store_message, NewMessage};
 use chatsync_protocol::api::{CompleteStream, MessagePosted, PostChunk, StartStream, StreamOpened};
 use chatsync_protocol::{MessageContent, StreamId};
 use serde_json::{json, Value};
@@ -137,7 +137,10 @@ async fn complete(
     let budget = (s.ctx.config.max_reply_bytes as usize).saturating_sub(16 * 1024);
     if serde_json::to_vec(&content).map_or(usize::MAX, |v| v.len()) > budget {
         ops::completion_failed(&s.ctx, stream).await;
-        return Err(ApiError::limit_exceeded("content", format!("The message would be larger than {budget} bytes of JSON.")));
+        return Err(ApiError::limit_exceeded(
+            "content",
+            format!("The message would be larger than {budget} bytes of JSON."),
+        ));
     }
     let message = NewMessage {
         message_id: stream.info.message_id.clone(),

@@ -16,7 +16,8 @@ use crate::keys::Keyring;
 use crate::store::chats::{ChatRecord, MessageRecord};
 use crate::store::now_millis;
 use chatsync_protocol::{
-    ActiveStream, ChatChangeKind, ChatId, ChatUpdate, ClientVersions, InitialSyncRequest, InitialSyncResponse, Limits, ServerMessage,
+    ActiveStream, ChatChangeKind, ChatId, ChatUpdate, ClientVersions, InitialSyncRequest, InitialSyncResponse, Limits,
+    ServerMessage,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

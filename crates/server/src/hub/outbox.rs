@@ -225,8 +225,7 @@ impl Outbox {
                 if s.close.is_some() {
                     return false;
                 }
-                let fits =
-                    s.frames == 0 || (s.bytes + frame.len() <= self.max_bytes && s.frames < self.max_messages);
+                let fits = s.frames == 0 || (s.bytes + frame.len() <= self.max_bytes && s.frames < self.max_messages);
                 if fits {
                     s.bytes += frame.len();
                     s.frames += 1;

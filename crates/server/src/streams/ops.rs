@@ -86,7 +86,13 @@ pub async fn completion_failed(ctx: &Ctx, stream: OpenStream) {
 }
 
 /// Announces a stored stream message to ALL with `stream_completed` (nothing else of the stream follows).
-pub async fn completed(ctx: &Ctx, key: &StreamKey, message_id: &chatsync_protocol::MessageId, seq: u64, messages_v: u64) {
+pub async fn completed(
+    ctx: &Ctx,
+    key: &StreamKey,
+    message_id: &chatsync_protocol::MessageId,
+    seq: u64,
+    messages_v: u64,
+) {
     metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "completed").increment(1);
     let event = ServerMessage::StreamCompleted(chatsync_protocol::StreamCompleted {
         chat_id: key.chat_id.clone(),
