@@ -11,6 +11,9 @@
 //!   `writer_batch_size` (histogram of group-commit batches);
 //! * `webhook_deliveries_total{outcome}` (`delivered`, `failed`: retried later, `dropped`: given up),
 //!   `webhook_pending` (gauge: events in the outbox, every node's, refreshed every 5 s).
+//! * `streams_started_total`, `stream_chunks_total`, `streams_ended_total{reason}` (`completed`,
+//!   `aborted`, `cancelled_by_user`, `timeout`), `stream_chunks_merged_total` (chunks folded into a queued
+//!   chunk of a connection that is behind);
 //! * `api_requests_total{status}` (every authenticated `/v1/api` request), `api_errors_total{code}`.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -44,6 +47,14 @@ pub const WEBHOOK_DELIVERIES: &str = "chatsync_webhook_deliveries_total";
 /// Webhook events still to deliver.
 pub const WEBHOOK_PENDING: &str = "chatsync_webhook_pending";
 
+/// Streams opened.
+pub const STREAMS_STARTED: &str = "chatsync_streams_started_total";
+/// Stream chunks accepted.
+pub const STREAM_CHUNKS: &str = "chatsync_stream_chunks_total";
+/// Streams ended, by reason.
+pub const STREAMS_ENDED: &str = "chatsync_streams_ended_total";
+/// Chunks merged into a chunk already queued for a connection.
+pub const STREAM_CHUNKS_MERGED: &str = "chatsync_stream_chunks_merged_total";
 /// Server API requests that passed authentication, by HTTP status.
 pub const API_REQUESTS: &str = "chatsync_api_requests_total";
 /// Server API error responses, by code.
