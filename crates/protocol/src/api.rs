@@ -67,7 +67,7 @@ pub struct CreateSession {
     /// first use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_id: Option<String>,
-    /// Lifetime in seconds (default: no expiry).
+    /// Lifetime in seconds (default: 30 days; at most ten years).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_secs: Option<u64>,
 }
