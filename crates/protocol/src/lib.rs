@@ -15,6 +15,8 @@ mod error;
 mod ids;
 mod limits;
 mod server;
+#[cfg(feature = "schema")]
+pub mod specs;
 
 pub use client::*;
 pub use decode::{decode, decode_server, DecodeError, Decoded, Incoming, PayloadError};

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 /// Every message the server sends, one variant per wire `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", content = "payload", rename_all = "snake_case")]
 pub enum ServerMessage {
     /// The greeting, sent first on every authenticated connection.
@@ -82,6 +83,7 @@ impl ServerMessage {
 
 /// `connected` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Connected {
     /// Unique per connection, never reused.
     pub connection_id: String,
@@ -99,6 +101,7 @@ pub struct Connected {
 
 /// `error` payload: a stable code, a plain-English message, and context where known.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ErrorPayload {
     /// Stable code.
     pub code: ErrorCode,
@@ -127,6 +130,7 @@ impl ErrorPayload {
 
 /// The three versions of a chat, as the server knows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Versions {
     /// Number of messages.
     pub messages_v: u64,
@@ -138,6 +142,7 @@ pub struct Versions {
 
 /// Whether an initial-sync entry is new to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ChatChangeKind {
     /// The client did not list this chat.
@@ -148,6 +153,7 @@ pub enum ChatChangeKind {
 
 /// One stored message as sent to clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MessageOut {
     /// Client-chosen id.
     pub message_id: MessageId,
@@ -165,6 +171,7 @@ pub struct MessageOut {
 
 /// One entry of `chats_to_add_or_update`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatUpdate {
     /// The chat.
     pub chat_id: ChatId,
@@ -182,6 +189,7 @@ pub struct ChatUpdate {
     pub title: Option<String>,
     /// Present when new or the draft is newer; an explicit `null` means no draft.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "double_option")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<Map<String, Value>>"))]
     pub draft_json: Option<Option<Map<String, Value>>>,
     /// For the immediate-view chat only: the messages the client lacks, oldest first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,6 +198,7 @@ pub struct ChatUpdate {
 
 /// `initial_sync_response` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct InitialSyncResponse {
     /// Ids the client listed that the user does not (or no longer) own.
     pub chat_ids_to_delete: Vec<ChatId>,
@@ -206,6 +215,7 @@ pub struct InitialSyncResponse {
 
 /// `initial_sync_error` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct InitialSyncError {
     /// Stable code.
     pub code: ErrorCode,
@@ -215,6 +225,7 @@ pub struct InitialSyncError {
 
 /// `draft_update_confirmed` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftUpdateConfirmed {
     /// The chat.
     pub chat_id: ChatId,
@@ -226,6 +237,7 @@ pub struct DraftUpdateConfirmed {
 
 /// `{"draft_json"}` inside `chat_draft_updated`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftData {
     /// The draft, or `null` when cleared.
     pub draft_json: Option<Map<String, Value>>,
@@ -233,6 +245,7 @@ pub struct DraftData {
 
 /// `{"draft_v"}` inside `chat_draft_updated`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftVersion {
     /// The new draft version.
     pub draft_v: u64,
@@ -240,6 +253,7 @@ pub struct DraftVersion {
 
 /// `chat_draft_updated` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatDraftUpdated {
     /// The chat.
     pub chat_id: ChatId,
@@ -253,6 +267,7 @@ pub struct ChatDraftUpdated {
 
 /// `draft_delete_receipt` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftDeleteReceipt {
     /// The chat.
     pub chat_id: ChatId,
@@ -268,6 +283,7 @@ pub struct DraftDeleteReceipt {
 
 /// `draft_deleted` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftDeleted {
     /// The chat.
     pub chat_id: ChatId,
@@ -277,6 +293,7 @@ pub struct DraftDeleted {
 
 /// `{"title"}` inside `chat_title_updated`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TitleData {
     /// The new title (may be `""`).
     pub title: String,
@@ -284,6 +301,7 @@ pub struct TitleData {
 
 /// `{"title_v"}` inside `chat_title_updated`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TitleVersion {
     /// The new title version.
     pub title_v: u64,
@@ -291,6 +309,7 @@ pub struct TitleVersion {
 
 /// `chat_title_updated` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatTitleUpdated {
     /// The chat.
     pub chat_id: ChatId,
@@ -302,6 +321,7 @@ pub struct ChatTitleUpdated {
 
 /// `chat_message_confirmed` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatMessageConfirmed {
     /// The chat.
     pub chat_id: ChatId,
@@ -320,6 +340,7 @@ pub struct ChatMessageConfirmed {
 
 /// `chat_message_added` payload (server to client).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MessageAddedEvent {
     /// The chat.
     pub chat_id: ChatId,
@@ -333,6 +354,7 @@ pub struct MessageAddedEvent {
 
 /// `chat_messages_response` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatMessagesResponse {
     /// The chat.
     pub chat_id: ChatId,
@@ -346,6 +368,7 @@ pub struct ChatMessagesResponse {
 
 /// `{"messages_v"}` inside `chat_content_batch_response`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MessagesVersion {
     /// The chat's message count.
     pub messages_v: u64,
@@ -353,6 +376,7 @@ pub struct MessagesVersion {
 
 /// `chat_content_batch_response` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatContentBatchResponse {
     /// Most recent messages per chat, oldest first.
     pub messages_by_chat_id: BTreeMap<ChatId, Vec<MessageOut>>,
@@ -367,6 +391,7 @@ pub struct ChatContentBatchResponse {
 
 /// `chat_deleted` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatDeleted {
     /// The chat.
     pub chat_id: ChatId,
@@ -376,6 +401,7 @@ pub struct ChatDeleted {
 
 /// The outcome of one offline change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OfflineStatus {
     /// Written and broadcast.
@@ -388,6 +414,7 @@ pub enum OfflineStatus {
 
 /// One entry of `offline_sync_complete.results`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OfflineResult {
     /// Echoed from the change (or `null`).
     pub change_id: Option<String>,
@@ -408,6 +435,7 @@ pub struct OfflineResult {
 
 /// `offline_sync_complete` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OfflineSyncComplete {
     /// Changes applied.
     pub processed: u32,
@@ -421,6 +449,7 @@ pub struct OfflineSyncComplete {
 
 /// `cache_status_response` payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CacheStatusResponse {
     /// Whether the warm-up finished.
     pub is_primed: bool,
@@ -428,6 +457,7 @@ pub struct CacheStatusResponse {
 
 /// `priority_chat_ready` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PriorityChatReady {
     /// The most recently edited chat.
     pub chat_id: ChatId,
@@ -435,6 +465,7 @@ pub struct PriorityChatReady {
 
 /// `cache_primed` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CachePrimed {
     /// Always `"full_sync_ready"`.
     pub status: String,
