@@ -9,6 +9,7 @@
 //!
 //! No I/O happens here. The normative text is `docs/PROTOCOL.md`.
 
+pub mod api;
 mod client;
 mod decode;
 mod error;

@@ -131,6 +131,8 @@ pub enum Command {
     Devices(DevicesArgs),
     /// Manage the master key that wraps the data keys.
     Keys(KeysArgs),
+    /// Create, list and revoke the API keys of application backends (the server API under /v1/api).
+    ApiKeys(ApiKeysArgs),
     /// Connect to a server as a client: prints every server message as a JSON line, sends every JSON
     /// line read from stdin (e.g. {"type":"ping","request_id":"1"}). Exits 0 at the end of the input
     /// (once the requests that carry a request_id are answered) or on Ctrl-C; exits 1 with the close code
@@ -178,6 +180,44 @@ pub struct DevicesArgs {
     /// Cluster bus (revocations).
     #[command(flatten)]
     pub cluster: ClusterArgs,
+}
+
+/// `chatsync api-keys`.
+#[derive(Debug, Args)]
+pub struct ApiKeysArgs {
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: ApiKeysCommand,
+    /// Storage.
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Cluster bus (accepted like `serve`'s, so one set of options reaches the whole cluster).
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// `chatsync api-keys …`
+#[derive(Debug, Subcommand)]
+pub enum ApiKeysCommand {
+    /// Create an API key and print it alone on stdout (`ck_` followed by 43 characters of base64url).
+    /// Only its SHA-256 is stored: it cannot be shown again.
+    Create {
+        /// A name to recognise the key by in `api-keys list`.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the API keys (id, name, created, last used, revoked); never the keys themselves.
+    List {
+        /// Print a JSON array of {"key_id","name","created_at","last_used_at","revoked_at"} instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an API key by its id (`ak_…`): every request after this command returns is refused with 401,
+    /// on every node (each request checks the store).
+    Revoke {
+        /// The key id, as shown by `api-keys list`.
+        key_id: String,
+    },
 }
 
 /// `chatsync keys`.
@@ -513,6 +553,10 @@ impl Cli {
                 overrides.extend([&a.storage as &dyn crate::config::erased::Overrides, &a.cluster]);
                 a.storage.config.as_ref()
             }
+            Command::ApiKeys(a) => {
+                overrides.extend([&a.storage as &dyn crate::config::erased::Overrides, &a.cluster]);
+                a.storage.config.as_ref()
+            }
             Command::Connect(a) => {
                 overrides.push(&a.storage);
                 a.storage.config.as_ref()
@@ -548,6 +592,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Devices(a) => {
             crate::logging::init(config.log_format, "warn");
             devices(config, a.command).await
+        }
+        Command::ApiKeys(a) => {
+            crate::logging::init(config.log_format, "warn");
+            api_keys(config, a.command).await
         }
         Command::Connect(_) => unreachable!("handled above"),
         Command::Keys(KeysArgs { command: KeysCommand::Rotate, .. }) => {
@@ -1090,6 +1138,58 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
             if let Some(session) = session {
                 publish_revocation(&config, vec![session.session_id]).await?;
             }
+            Ok(())
+        }
+    }
+}
+
+async fn api_keys(config: Config, cmd: ApiKeysCommand) -> anyhow::Result<()> {
+    let store = store::open(&config.store_url()).await?;
+    match cmd {
+        ApiKeysCommand::Create { name } => {
+            if name.as_ref().is_some_and(|n| n.is_empty() || n.len() > 200) {
+                bail!("--name must be 1-200 characters");
+            }
+            let (key_id, key) = crate::api::keys::create(store.as_ref(), name.as_deref()).await?;
+            println!("{key}");
+            eprintln!("created API key {key_id}; it is shown only now");
+            Ok(())
+        }
+        ApiKeysCommand::List { json } => {
+            let keys = store.api_keys().await?;
+            if json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "key_id": k.key_id,
+                            "name": k.name,
+                            "created_at": rfc3339(k.created_at),
+                            "last_used_at": k.last_used_at.map(rfc3339),
+                            "revoked_at": k.revoked_at.map(rfc3339),
+                        })
+                    })
+                    .collect();
+                return print_json(&serde_json::Value::Array(list));
+            }
+            println!("{:<35}  {:<20}  {:<20}  {:<20}  REVOKED", "KEY_ID", "NAME", "CREATED", "LAST_USED");
+            for k in keys {
+                println!(
+                    "{:<35}  {:<20}  {:<20}  {:<20}  {}",
+                    k.key_id,
+                    k.name.as_deref().unwrap_or("-"),
+                    rfc3339(k.created_at),
+                    k.last_used_at.map(rfc3339).unwrap_or_else(|| "never".into()),
+                    k.revoked_at.map(rfc3339).unwrap_or_else(|| "-".into()),
+                );
+            }
+            Ok(())
+        }
+        ApiKeysCommand::Revoke { key_id } => {
+            if !store.revoke_api_key(&key_id, now_millis()).await? {
+                bail!("no active API key has the id {key_id:?} (see `chatsync api-keys list`)");
+            }
+            eprintln!("API key {key_id} revoked");
             Ok(())
         }
     }

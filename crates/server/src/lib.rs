@@ -4,6 +4,7 @@
 //! listener until a shutdown future resolves, then closes every connection with 1001 and waits for
 //! them to drain. Tests call both on port 0; `main.rs` calls them from the CLI.
 
+pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod cluster;
@@ -121,7 +122,7 @@ pub async fn run(
         trigger.cancel();
     });
     let metrics = crate::metrics::install();
-    let mut app = gateway::router(gateway);
+    let mut app = gateway::router(gateway).merge(api::router(ctx.clone()));
     let ops = gateway::ops::router(ctx.clone(), metrics);
     match ctx.config.metrics_listen {
         None => app = app.merge(ops),

@@ -8,7 +8,8 @@
 //!   `handler_seconds{type}` (histogram), `errors_total{code}`;
 //! * `outbox_overflows_total` (connections closed as slow consumers);
 //! * `store_seconds{op}` (histogram of every store call), `cache_lookups_total{result}` (`hit`, `miss`),
-//!   `writer_batch_size` (histogram of group-commit batches).
+//!   `writer_batch_size` (histogram of group-commit batches);
+//! * `api_requests_total{status}` (every authenticated `/v1/api` request), `api_errors_total{code}`.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -35,6 +36,16 @@ pub const STORE_SECONDS: &str = "chatsync_store_seconds";
 pub const CACHE_LOOKUPS: &str = "chatsync_cache_lookups_total";
 /// Group-commit batch sizes.
 pub const WRITER_BATCH: &str = "chatsync_writer_batch_size";
+
+/// Server API requests that passed authentication, by HTTP status.
+pub const API_REQUESTS: &str = "chatsync_api_requests_total";
+/// Server API error responses, by code.
+pub const API_ERRORS: &str = "chatsync_api_errors_total";
+
+/// Counts one server API error response.
+pub fn api_error(code: &str) {
+    metrics::counter!(API_ERRORS, "code" => code.to_owned()).increment(1);
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -77,6 +88,8 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections on this node.");
+    describe_counter!(API_REQUESTS, "Authenticated server API requests, by HTTP status.");
+    describe_counter!(API_ERRORS, "Server API error responses, by code.");
     describe_counter!(CONNECTS, "Upgrades that finished authentication, by result.");
     describe_counter!(CLOSES, "WebSocket closes, by code (peer: the client closed first).");
     describe_counter!(MESSAGES_IN, "Inbound protocol messages, by type.");

@@ -594,3 +594,36 @@ fn every_command_accepts_the_backend_options_of_serve() {
         assert!(serve_help.contains(flag), "serve --help lists {flag}");
     }
 }
+
+#[tokio::test]
+async fn api_keys_are_created_listed_and_revoked_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let key = ok(&chatsync(dir.path(), &["api-keys", "create", "--name", "bot"])).trim().to_owned();
+    assert!(key.starts_with("ck_") && key.len() == 46, "{key}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&chatsync(dir.path(), &["api-keys", "list", "--json"]))).unwrap();
+    let entry = &listed[0];
+    assert_eq!(entry["name"], "bot");
+    assert!(entry["revoked_at"].is_null());
+    assert!(!listed.to_string().contains(&key), "the key itself is never shown again");
+    let key_id = entry["key_id"].as_str().unwrap().to_owned();
+    let table = ok(&chatsync(dir.path(), &["api-keys", "list"]));
+    assert!(table.contains(&key_id) && !table.contains(&key));
+
+    let (mut child, _lines, url) = serve(dir.path(), &[], None);
+    let api = url.replace("ws://", "http://").replace("/v1/ws", "/v1/api");
+    let get = |key: String| {
+        let api = api.clone();
+        async move {
+            reqwest::Client::new().get(format!("{api}/users/alice")).bearer_auth(key).send().await.unwrap().status()
+        }
+    };
+    assert_eq!(get(key.clone()).await.as_u16(), 200);
+    ok(&chatsync(dir.path(), &["api-keys", "revoke", &key_id]));
+    assert_eq!(get(key.clone()).await.as_u16(), 401, "refused as soon as the command returned");
+    fails(&chatsync(dir.path(), &["api-keys", "revoke", &key_id]), "no active API key");
+    fails(&chatsync(dir.path(), &["api-keys", "create", "--name", ""]), "--name");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

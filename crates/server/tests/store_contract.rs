@@ -41,6 +41,9 @@ contract_suites!(
     users_and_sessions_are_listed,
     revoking_a_device_revokes_its_active_sessions_only,
     a_closed_store_is_unavailable,
+    sessions_are_revoked_by_id_once_and_idempotently,
+    api_keys_are_found_by_hash_listed_touched_and_revoked,
+    user_summaries_count_devices,
 );
 
 async fn users_are_unique_and_keep_their_2fa_flag(s: &dyn Store) {
@@ -195,4 +198,45 @@ async fn revoking_a_device_revokes_its_active_sessions_only(s: &dyn Store) {
 async fn a_closed_store_is_unavailable(s: &dyn Store) {
     s.close().await;
     assert!(matches!(s.user("alice").await, Err(StoreError::Unavailable(_))));
+}
+
+async fn sessions_are_revoked_by_id_once_and_idempotently(s: &dyn Store) {
+    s.create_user("alice", false, 1).await.unwrap();
+    let token = auth::issue_session(s, "alice", None, Duration::from_secs(60)).await.unwrap();
+    let hash = auth::token_hash(&token);
+    let id = s.session_by_token_hash(&hash).await.unwrap().unwrap().session_id;
+    assert_eq!(s.revoke_session_by_id(&id, 1_000).await.unwrap().as_deref(), Some("alice"));
+    assert_eq!(s.revoke_session_by_id(&id, 2_000).await.unwrap().as_deref(), Some("alice"));
+    assert_eq!(s.session_by_token_hash(&hash).await.unwrap().unwrap().revoked_at, Some(1_000), "the first time stays");
+    assert_eq!(s.sessions_revoked_since(1_000).await.unwrap(), vec![id]);
+    assert_eq!(s.revoke_session_by_id("no-such-session", 3_000).await.unwrap(), None);
+}
+
+async fn api_keys_are_found_by_hash_listed_touched_and_revoked(s: &dyn Store) {
+    let (a, b) = (auth::token_hash("ck_a"), auth::token_hash("ck_b"));
+    s.create_api_key("ak_1", &a, Some("bot"), 10).await.unwrap();
+    s.create_api_key("ak_2", &b, None, 20).await.unwrap();
+    assert!(s.create_api_key("ak_3", &a, None, 30).await.is_err(), "a key hash is unique");
+    let found = s.api_key_by_hash(&a).await.unwrap().unwrap();
+    assert_eq!((found.key_id.as_str(), found.name.as_deref(), found.created_at), ("ak_1", Some("bot"), 10));
+    assert_eq!((found.last_used_at, found.revoked_at), (None, None));
+    assert!(s.api_key_by_hash(&auth::token_hash("ck_c")).await.unwrap().is_none());
+    s.touch_api_key("ak_1", 50).await.unwrap();
+    assert_eq!(s.api_key_by_hash(&a).await.unwrap().unwrap().last_used_at, Some(50));
+    assert!(s.revoke_api_key("ak_1", 60).await.unwrap());
+    assert!(!s.revoke_api_key("ak_1", 70).await.unwrap(), "already revoked");
+    assert!(!s.revoke_api_key("ak_9", 70).await.unwrap(), "unknown");
+    let listed: Vec<_> = s.api_keys().await.unwrap().into_iter().map(|k| (k.key_id, k.revoked_at)).collect();
+    assert_eq!(listed, vec![("ak_1".to_owned(), Some(60)), ("ak_2".to_owned(), None)]);
+}
+
+async fn user_summaries_count_devices(s: &dyn Store) {
+    s.create_user("alice", true, 5).await.unwrap();
+    s.create_user("bob", false, 6).await.unwrap();
+    s.record_device("alice", "aaaa", None, 10).await.unwrap();
+    s.record_device("alice", "bbbb", None, 11).await.unwrap();
+    s.record_device("bob", "aaaa", None, 12).await.unwrap();
+    let alice = s.user_summary("alice").await.unwrap().unwrap();
+    assert_eq!((alice.user.tfa_enabled, alice.user.created_at, alice.chat_count, alice.device_count), (true, 5, 0, 2));
+    assert!(s.user_summary("nobody").await.unwrap().is_none());
 }

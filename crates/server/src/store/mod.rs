@@ -137,6 +137,32 @@ pub struct SessionInfo {
     pub revoked_at: Option<Millis>,
 }
 
+/// An API key of an application backend (SERVER_API.md section 1). The key itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Public id (`ak_…`), for listing and revocation.
+    pub key_id: String,
+    /// Operator's name for it.
+    pub name: Option<String>,
+    /// Creation time.
+    pub created_at: Millis,
+    /// Latest authenticated request (updated at most once a minute).
+    pub last_used_at: Option<Millis>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<Millis>,
+}
+
+/// A user with the counts the server API reports (`GET /v1/api/users/{user_id}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSummary {
+    /// The user.
+    pub user: User,
+    /// Chats the user owns (deleted ones excluded).
+    pub chat_count: u64,
+    /// Devices known for the user.
+    pub device_count: u64,
+}
+
 /// Durable truth for identities. Every method is atomic on its own.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -189,6 +215,34 @@ pub trait Store: Send + Sync + 'static {
     /// Revokes every not yet revoked session of the user bound to `device_hash`, atomically, and returns
     /// their ids, sorted (empty if there were none).
     async fn revoke_device(&self, user_id: &str, device_hash: &str, now: Millis) -> Result<Vec<String>, StoreError>;
+
+    /// The user with its chat and device counts.
+    async fn user_summary(&self, user_id: &str) -> Result<Option<UserSummary>, StoreError>;
+
+    /// Revokes the session with this id (kept revoked if it already was) and returns its owner; `None` if
+    /// there is no such session.
+    async fn revoke_session_by_id(&self, session_id: &str, now: Millis) -> Result<Option<String>, StoreError>;
+
+    /// Stores an API key (`key_hash` = SHA-256 of the key).
+    async fn create_api_key(
+        &self,
+        key_id: &str,
+        key_hash: &[u8; 32],
+        name: Option<&str>,
+        now: Millis,
+    ) -> Result<(), StoreError>;
+
+    /// Finds an API key by SHA-256(key), whatever its state (the caller checks revocation).
+    async fn api_key_by_hash(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
+
+    /// Records that the key was used at `now`.
+    async fn touch_api_key(&self, key_id: &str, now: Millis) -> Result<(), StoreError>;
+
+    /// Every API key, oldest first.
+    async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+
+    /// Revokes an API key. Returns `false` if there is none with this id or it was already revoked.
+    async fn revoke_api_key(&self, key_id: &str, now: Millis) -> Result<bool, StoreError>;
 
     /// Closes the backend; every later call fails with [`StoreError::Unavailable`].
     async fn close(&self);

@@ -1,6 +1,6 @@
 //! The embedded store: SQLite through sqlx, WAL mode, migrations embedded in the binary.
 
-use super::{Device, Millis, NewSession, Session, SessionInfo, Store, StoreError, User};
+use super::{ApiKey, Device, Millis, NewSession, Session, SessionInfo, Store, StoreError, User, UserSummary};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
@@ -238,6 +238,87 @@ impl Store for SqliteStore {
         Ok(ids)
     }
 
+    async fn user_summary(&self, user_id: &str) -> Result<Option<UserSummary>, StoreError> {
+        let row = sqlx::query(
+            "SELECT u.user_id, u.tfa_enabled, u.created_at, \
+             (SELECT COUNT(*) FROM chats WHERE owner = u.user_id), \
+             (SELECT COUNT(*) FROM devices WHERE user_id = u.user_id) \
+             FROM users u WHERE u.user_id = ?1",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| UserSummary {
+            user: User { user_id: r.get(0), tfa_enabled: r.get(1), created_at: r.get(2) },
+            chat_count: r.get::<i64, _>(3) as u64,
+            device_count: r.get::<i64, _>(4) as u64,
+        }))
+    }
+
+    async fn revoke_session_by_id(&self, session_id: &str, now: Millis) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query(
+            "UPDATE sessions SET revoked_at = COALESCE(revoked_at, ?2) WHERE session_id = ?1 RETURNING user_id",
+        )
+        .bind(session_id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn create_api_key(
+        &self,
+        key_id: &str,
+        key_hash: &[u8; 32],
+        name: Option<&str>,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO api_keys (key_id, key_hash, name, created_at) VALUES (?1, ?2, ?3, ?4)")
+            .bind(key_id)
+            .bind(&key_hash[..])
+            .bind(name)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
+        let row =
+            sqlx::query("SELECT key_id, name, created_at, last_used_at, revoked_at FROM api_keys WHERE key_hash = ?1")
+                .bind(&key_hash[..])
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| api_key_row(&r)))
+    }
+
+    async fn touch_api_key(&self, key_id: &str, now: Millis) -> Result<(), StoreError> {
+        sqlx::query("UPDATE api_keys SET last_used_at = ?2 WHERE key_id = ?1")
+            .bind(key_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key_id, name, created_at, last_used_at, revoked_at FROM api_keys ORDER BY created_at, key_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(api_key_row).collect())
+    }
+
+    async fn revoke_api_key(&self, key_id: &str, now: Millis) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE api_keys SET revoked_at = ?2 WHERE key_id = ?1 AND revoked_at IS NULL")
+            .bind(key_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn close(&self) {
         self.writer.close().await;
         self.reads.close().await;
@@ -283,4 +364,8 @@ async fn upsert_device(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+fn api_key_row(r: &sqlx::sqlite::SqliteRow) -> ApiKey {
+    ApiKey { key_id: r.get(0), name: r.get(1), created_at: r.get(2), last_used_at: r.get(3), revoked_at: r.get(4) }
 }

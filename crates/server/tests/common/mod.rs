@@ -103,6 +103,59 @@ impl TestServer {
     }
 }
 
+/// A server API client: plain HTTP with an API key.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    /// `METHOD /v1/api{path}` with the key and an optional JSON body: (status, JSON body or `null`).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.key);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let json = if text.is_empty() { serde_json::Value::Null } else { serde_json::from_str(&text).unwrap() };
+        (status, json)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
+}
+
+impl TestServer {
+    /// `http://HOST:PORT/v1/api`.
+    pub fn api_base(&self) -> String {
+        self.url.replace("ws://", "http://").replace("/v1/ws", "/v1/api")
+    }
+
+    /// Creates an API key in the store and returns a client that uses it.
+    pub async fn api(&self) -> Api {
+        let (_, key) = chatsync::api::keys::create(self.ctx.store.as_ref(), Some("test")).await.unwrap();
+        Api { base: self.api_base(), key, http: reqwest::Client::new() }
+    }
+}
+
 impl Drop for TestServer {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {

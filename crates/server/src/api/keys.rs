@@ -1,0 +1,66 @@
+//! API keys (SERVER_API.md section 1): how they are made (`chatsync api-keys create`) and checked on every
+//! `/v1/api` request.
+//!
+//! A key is `ck_` followed by 32 random bytes in base64url; only its SHA-256 is stored, next to a public
+//! id (`ak_…`) used to list and revoke it. Every request looks the key up in the store, so a revocation is
+//! in force on every node as soon as the command returns (no cache to go stale).
+
+use super::{ApiError, ApiState};
+use crate::gateway::auth::token_hash;
+use crate::store::{now_millis, Millis, Store, StoreError};
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+
+/// The prefix of every API key. Session tokens start with `cs_`: neither is accepted in the other's place
+/// (they live in different tables), and the prefixes tell a human or a secret scanner which is which.
+pub const API_KEY_PREFIX: &str = "ck_";
+
+/// `last_used_at` is written at most this often per key (a busy backend does not turn reads into writes).
+const TOUCH_EVERY_MS: Millis = 60_000;
+
+/// Creates a key: stores its hash and returns `(key_id, key)`. The key is shown once, never stored.
+pub async fn create(store: &dyn Store, name: Option<&str>) -> Result<(String, String), StoreError> {
+    let bytes: [u8; 32] = rand::random();
+    let key = format!("{API_KEY_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+    let key_id = format!("ak_{}", uuid::Uuid::new_v4().simple());
+    store.create_api_key(&key_id, &token_hash(&key), name, now_millis()).await?;
+    Ok((key_id, key))
+}
+
+/// Middleware: lets a request through only with `Authorization: Bearer <api key>` naming an unrevoked
+/// key; 401 `unauthorized` otherwise (the same answer for a missing, malformed, unknown or revoked key).
+pub async fn authenticate(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    let Some(presented) = presented else {
+        return ApiError::unauthorized().into_response();
+    };
+    let key = match state.ctx.store.api_key_by_hash(&token_hash(presented)).await {
+        Ok(Some(key)) if key.revoked_at.is_none() => key,
+        Ok(_) => {
+            tracing::info!(method = %req.method(), path = %req.uri().path(), "API request refused: unknown or revoked key");
+            return ApiError::unauthorized().into_response();
+        }
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let now = now_millis();
+    if key.last_used_at.is_none_or(|t| now - t >= TOUCH_EVERY_MS) {
+        let store = state.ctx.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_api_key(&key.key_id, now).await {
+                tracing::debug!(error = %e, "cannot record API key use");
+            }
+        });
+    }
+    let response = next.run(req).await;
+    metrics::counter!(crate::metrics::API_REQUESTS, "status" => response.status().as_u16().to_string()).increment(1);
+    response
+}

@@ -1,0 +1,236 @@
+//! The application-backend API (SERVER_API.md): `/v1/api` on the WebSocket listener, authenticated with
+//! API keys, JSON in and out, one file per resource.
+//!
+//! This file holds what every resource shares: the router (API-key check on every route), [`ApiError`]
+//! (the one translation of failures into `{"error":{"code","message","field"?}}` and an HTTP status),
+//! the [`Body`] extractor (size limit, `invalid_json` / `invalid_payload` naming the field) and the path id
+//! checks. Handlers have the shape `async fn(State<ApiState>, Path<…>, Body<T>) -> ApiResult<impl
+//! IntoResponse>` and never see an unvalidated id or an unauthenticated request.
+
+mod devices;
+pub mod keys;
+mod sessions;
+mod users;
+
+use crate::handlers::Ctx;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use chatsync_protocol::api::{ApiErrorBody, ApiErrorDetail};
+use chatsync_protocol::ChatId;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+/// Largest accepted request body (SERVER_API.md section 1).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// State of every API handler.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The node's handler context (the same one the WebSocket handlers use).
+    pub ctx: Arc<Ctx>,
+}
+
+/// Result of an API handler.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The `/v1/api` router: every resource's routes behind the API-key check.
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    let state = ApiState { ctx };
+    let api = Router::new()
+        .merge(users::routes())
+        .merge(sessions::routes())
+        .merge(devices::routes())
+        .fallback(|| async { ApiError::not_found("No such endpoint.") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), keys::authenticate))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state);
+    Router::new().nest("/v1/api", api)
+}
+
+/// A failed API request: the status and the error body. Internal detail is logged, never sent.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: ApiErrorDetail,
+    internal: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>, field: Option<&str>) -> ApiError {
+        let detail = ApiErrorDetail { code: code.to_owned(), message: message.into(), field: field.map(str::to_owned) };
+        ApiError { status, detail, internal: None }
+    }
+
+    /// 400 `invalid_json`: the body is not JSON.
+    pub fn invalid_json(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", message, None)
+    }
+
+    /// 400 `invalid_payload` naming `field` (a dotted path, or a path segment).
+    pub fn invalid_payload(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_payload", message, Some(field))
+    }
+
+    /// 401 `unauthorized`.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "A valid API key is required (Authorization: Bearer <api key>).",
+            None,
+        )
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message, None)
+    }
+
+    /// 409 `conflict`.
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", message, None)
+    }
+
+    /// 413 `payload_too_large`.
+    pub fn payload_too_large() -> ApiError {
+        let message = format!("The request body is larger than {MAX_BODY_BYTES} bytes.");
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message, None)
+    }
+
+    /// 422 `limit_exceeded` naming the limit's field.
+    pub fn limit_exceeded(field: &str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "limit_exceeded", message, Some(field))
+    }
+
+    /// 503 `unavailable`; `detail` is logged.
+    pub fn unavailable(detail: impl Into<String>) -> ApiError {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "A backend is temporarily unavailable; retry later.",
+            None,
+        );
+        e.internal = Some(detail.into());
+        e
+    }
+
+    /// 500 `internal`; `detail` is logged.
+    pub fn internal(detail: impl Into<String>) -> ApiError {
+        let mut e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error.", None);
+        e.internal = Some(detail.into());
+        e
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable code.
+    pub fn code(&self) -> &str {
+        &self.detail.code
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Some(detail) = &self.internal {
+            tracing::warn!(code = %self.detail.code, %detail, "API request failed");
+        }
+        crate::metrics::api_error(&self.detail.code);
+        (self.status, axum::Json(ApiErrorBody { error: self.detail })).into_response()
+    }
+}
+
+impl From<crate::error::Error> for ApiError {
+    fn from(e: crate::error::Error) -> ApiError {
+        use chatsync_protocol::ErrorCode as C;
+        let internal = e.internal_detail().map(str::to_owned);
+        let p = e.into_payload();
+        let status = match p.code {
+            C::InvalidJson | C::InvalidMessage | C::UnknownType | C::InvalidPayload => StatusCode::BAD_REQUEST,
+            C::LimitExceeded => StatusCode::UNPROCESSABLE_ENTITY,
+            C::NotFound => StatusCode::NOT_FOUND,
+            C::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            C::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            C::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut out = ApiError::new(status, p.code.as_str(), p.message, p.field.as_deref());
+        out.internal = internal;
+        out
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> ApiError {
+        match e {
+            crate::store::StoreError::Unavailable(d) => ApiError::unavailable(d),
+            other => ApiError::internal(other.to_string()),
+        }
+    }
+}
+
+/// A JSON request body of type `T`: at most [`MAX_BODY_BYTES`] (413), JSON (`invalid_json`), and of the
+/// right shape (`invalid_payload` naming the dotted path of the first bad field; unknown fields are bad).
+#[derive(Debug, Clone)]
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::payload_too_large()
+            } else {
+                ApiError::invalid_json("The request body could not be read.")
+            }
+        })?;
+        parse_body(&bytes).map(Body)
+    }
+}
+
+/// Parses a request body (also for an empty body where every field is optional: `{}`).
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        return Err(ApiError::invalid_json(format!("The request body is not valid JSON ({e}).")));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        // serde's own message names the problem ("unknown field `x`", "missing field `y`", "invalid type").
+        ApiError::invalid_payload(&field, format!("Invalid payload: {}.", e.inner()))
+    })
+}
+
+/// Whether `id` is a valid user id: 1-64 characters of `[A-Za-z0-9_.@-]`.
+pub fn valid_user_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
+}
+
+/// A user id from the path (400 naming `user_id` when malformed).
+pub fn path_user_id(id: &str) -> ApiResult<String> {
+    if valid_user_id(id) {
+        Ok(id.to_owned())
+    } else {
+        Err(ApiError::invalid_payload("user_id", "Invalid user id: use 1-64 characters of [A-Za-z0-9_.@-]."))
+    }
+}
+
+/// A chat id from the path (400 naming `chat_id` when malformed).
+pub fn path_chat_id(id: &str) -> ApiResult<ChatId> {
+    ChatId::new(id).map_err(|why| ApiError::invalid_payload("chat_id", format!("Invalid chat id: {why}.")))
+}
+
+/// RFC 3339 (UTC, seconds) of a store time, as the API reports times.
+pub fn rfc3339(ms: crate::store::Millis) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64))
+        .to_string()
+}

@@ -1,0 +1,243 @@
+//! The server API's transport, authentication, users, sessions and devices (SERVER_API.md sections 1-2),
+//! over real HTTP against the real server, with real WebSocket clients for the revocation effects.
+
+mod common;
+
+use chatsync_client::ConnectOptions;
+use common::{Api, TestServer};
+use serde_json::json;
+
+fn error_code(body: &serde_json::Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
+}
+
+async fn raw(server: &TestServer, auth: Option<&str>, path: &str) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new().get(format!("{}{path}", server.api_base()));
+    if let Some(auth) = auth {
+        req = req.header("Authorization", auth);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_api_key_are_unauthorized() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    assert_eq!(api.get("/users/alice").await.0, 200);
+
+    for auth in
+        [None, Some("Bearer"), Some("Bearer ck_unknown"), Some("Basic abc"), Some(&format!("Bearer{}", api.key))]
+    {
+        let (status, body) = raw(&server, auth.map(|s| s as &str), "/users/alice").await;
+        assert_eq!((status, error_code(&body)), (401, "unauthorized"), "auth {auth:?}");
+    }
+    // A session token is not an API key.
+    let token = server.token("alice").await;
+    let (status, body) = raw(&server, Some(&format!("Bearer {token}")), "/users/alice").await;
+    assert_eq!((status, error_code(&body)), (401, "unauthorized"));
+    // Unknown paths under /v1/api answer in the API's format, after authentication.
+    assert_eq!(raw(&server, None, "/nope").await.0, 401);
+    let (status, body) = api.get("/nope").await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+}
+
+#[tokio::test]
+async fn a_revoked_api_key_is_refused_at_once() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    let other = server.api().await;
+    assert_eq!(api.get("/users/alice").await.0, 200);
+    let keys = server.ctx.store.api_keys().await.unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(server.ctx.store.revoke_api_key(&keys[0].key_id, chatsync::store::now_millis()).await.unwrap());
+    let (status, body) = api.get("/users/alice").await;
+    assert_eq!((status, error_code(&body)), (401, "unauthorized"));
+    assert_eq!(other.get("/users/alice").await.0, 200, "only the revoked key is refused");
+    assert!(!server.ctx.store.revoke_api_key(&keys[0].key_id, chatsync::store::now_millis()).await.unwrap());
+}
+
+#[tokio::test]
+async fn an_api_key_is_not_a_websocket_token() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let (code, reason) = server.refused(&ConnectOptions::new(&api.key, "laptop")).await;
+    assert_eq!((code, reason.as_str()), (1008, "Invalid session"));
+}
+
+#[tokio::test]
+async fn creating_users_and_its_errors() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let (status, body) = api.post("/users", json!({"user_id": "alice"})).await;
+    assert_eq!((status, body), (201, json!({"user_id": "alice"})));
+    let (status, body) = api.post("/users", json!({"user_id": "bob", "tfa": true})).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(server.ctx.store.user("bob").await.unwrap().unwrap().tfa_enabled);
+
+    let (status, body) = api.post("/users", json!({"user_id": "alice"})).await;
+    assert_eq!((status, error_code(&body)), (409, "conflict"));
+    let (status, body) = api.post("/users", json!({"user_id": "bad id!"})).await;
+    assert_eq!((status, error_code(&body), body["error"]["field"].as_str()), (400, "invalid_payload", Some("user_id")));
+    let (status, body) = api.post("/users", json!({"user_id": "carol", "admin": true})).await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_payload"), "unknown fields are refused");
+    assert!(body["error"]["message"].as_str().unwrap().contains("admin"), "{body}");
+    let (status, body) = api.post("/users", json!({"user_id": 7})).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("user_id")));
+    let (status, body) = api.post("/users", json!({})).await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_payload"));
+    assert!(server.ctx.store.user("carol").await.unwrap().is_none());
+
+    let resp = api
+        .http
+        .post(format!("{}/users", api.base))
+        .bearer_auth(&api.key)
+        .header("Content-Type", "application/json")
+        .body("{\"user_id\":")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(error_code(&resp.json().await.unwrap()), "invalid_json");
+
+    let big = format!("{{\"user_id\":\"{}\"}}", "a".repeat(300 * 1024));
+    let resp = api.http.post(format!("{}/users", api.base)).bearer_auth(&api.key).body(big).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    assert_eq!(error_code(&resp.json().await.unwrap()), "payload_too_large");
+}
+
+#[tokio::test]
+async fn showing_a_user() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let token = server.user_token("alice").await;
+    let (mut phone, _) = server.connect(&token, "phone").await;
+    phone.request(&sync_util_title("c1")).await.unwrap();
+
+    let (status, body) = api.get("/users/alice").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user_id"], "alice");
+    assert_eq!(body["tfa"], false);
+    assert_eq!(body["chat_count"], 1);
+    assert_eq!(body["device_count"], 1);
+    assert!(body["created_at"].as_str().unwrap().ends_with('Z'));
+
+    let (status, body) = api.get("/users/nobody").await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = api.get("/users/bad%20id").await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("user_id")));
+}
+
+fn sync_util_title(chat_id: &str) -> chatsync_protocol::ClientMessage {
+    chatsync_protocol::ClientMessage::UpdateTitle(chatsync_protocol::UpdateTitle {
+        chat_id: chatsync_protocol::ChatId::new(chat_id).unwrap(),
+        new_title: "t".into(),
+    })
+}
+
+#[tokio::test]
+async fn issuing_a_session_over_the_api() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+
+    let (status, body) = api.post("/users/alice/sessions", json!({})).await;
+    assert_eq!(status, 201, "{body}");
+    let token = body["token"].as_str().unwrap();
+    assert!(token.starts_with("cs_"));
+    assert!(body["session_id"].as_str().is_some() && body["expires_at"].as_str().is_some());
+    let (_phone, connected) = server.connect(token, "phone").await;
+    assert_eq!(connected.user_id, "alice");
+
+    // Bound at issue to a device id: another device is refused.
+    let (status, body) = api.post("/users/alice/sessions", json!({"device_id": "laptop", "ttl_secs": 60})).await;
+    assert_eq!(status, 201);
+    let bound = body["token"].as_str().unwrap();
+    let (code, reason) = server.refused(&ConnectOptions::new(bound, "tablet")).await;
+    assert_eq!((code, reason.as_str()), (1008, "Device mismatch"));
+    server.connect(bound, "laptop").await;
+
+    let (status, body) = api.post("/users/nobody/sessions", json!({})).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = api.post("/users/alice/sessions", json!({"ttl_secs": 0})).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("ttl_secs")));
+    let (status, body) = api.post("/users/alice/sessions", json!({"device_id": ""})).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("device_id")));
+    let (status, body) = api.post("/users/alice/sessions", json!({"ttl": 5})).await;
+    assert_eq!((status, error_code(&body)), (400, "invalid_payload"));
+}
+
+async fn issue(api: &Api, user: &str, device: &str) -> (String, String) {
+    let (status, body) = api.post(&format!("/users/{user}/sessions"), json!({"device_id": device})).await;
+    assert_eq!(status, 201, "{body}");
+    (body["session_id"].as_str().unwrap().to_owned(), body["token"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn revoking_a_session_closes_its_sockets_and_no_others() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+    server.user("bob", false).await;
+    let (phone_session, phone_token) = issue(&api, "alice", "phone").await;
+    let (_, laptop_token) = issue(&api, "alice", "laptop").await;
+    let (_, bob_token) = issue(&api, "bob", "phone").await;
+    let (mut phone, _) = server.connect(&phone_token, "phone").await;
+    let (mut laptop, _) = server.connect(&laptop_token, "laptop").await;
+    let (mut bob, _) = server.connect(&bob_token, "phone").await;
+
+    let (status, body) = api.delete(&format!("/sessions/{phone_session}")).await;
+    assert_eq!((status, body), (204, serde_json::Value::Null));
+    assert_eq!(phone.recv_close().await.unwrap(), (1008, "Session revoked".to_owned()));
+    assert_eq!(server.refused(&ConnectOptions::new(&phone_token, "phone")).await.1, "Invalid session");
+    // The other device and the other user are untouched.
+    for client in [&mut laptop, &mut bob] {
+        let reply = client.request(&chatsync_protocol::ClientMessage::Ping(chatsync_protocol::Empty {})).await.unwrap();
+        assert!(matches!(reply.message, chatsync_protocol::ServerMessage::Pong(_)), "{reply:?}");
+    }
+    // Revoking again is idempotent; unknown and malformed ids are told apart.
+    assert_eq!(api.delete(&format!("/sessions/{phone_session}")).await.0, 204);
+    let (status, body) = api.delete("/sessions/0123456789abcdef0123456789abcdef").await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = api.delete("/sessions/bad!id").await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("session_id")));
+}
+
+#[tokio::test]
+async fn listing_and_revoking_devices() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+    server.user("bob", false).await;
+    let (_, phone_token) = issue(&api, "alice", "phone").await;
+    let (_, laptop_token) = issue(&api, "alice", "laptop").await;
+    let (_, bob_token) = issue(&api, "bob", "phone").await;
+    let (mut phone, connected) = server.connect(&phone_token, "phone").await;
+    let (mut laptop, _) = server.connect(&laptop_token, "laptop").await;
+    let (mut bob, _) = server.connect(&bob_token, "phone").await;
+
+    let (status, body) = api.get("/users/alice/devices").await;
+    assert_eq!(status, 200, "{body}");
+    let devices = body["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2);
+    assert!(devices.iter().any(|d| d["device_hash"] == connected.device_hash.as_str()));
+    assert!(devices.iter().all(|d| d["first_seen"].is_string() && d["last_seen"].is_string()));
+
+    // Bob has a device with the same id, hence the same hash: revoking alice's leaves bob's alone.
+    let (status, _) = api.delete(&format!("/users/alice/devices/{}", connected.device_hash)).await;
+    assert_eq!(status, 204);
+    assert_eq!(phone.recv_close().await.unwrap(), (1008, "Session revoked".to_owned()));
+    for client in [&mut laptop, &mut bob] {
+        let reply = client.request(&chatsync_protocol::ClientMessage::Ping(chatsync_protocol::Empty {})).await.unwrap();
+        assert!(matches!(reply.message, chatsync_protocol::ServerMessage::Pong(_)), "{reply:?}");
+    }
+
+    let (status, body) = api.delete(&format!("/users/alice/devices/{}", "0".repeat(64))).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = api.delete("/users/alice/devices/ABC").await;
+    assert_eq!((status, body["error"]["field"].as_str()), (400, Some("device_hash")));
+    let (status, body) = api.get("/users/nobody/devices").await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+}
