@@ -102,64 +102,88 @@ pub struct Endpoint {
 }
 
 /// `Some(schema of T)`, for the endpoint table.
-#[allow(unused_macros)]
 macro_rules! body {
     ($t:ty) => {
-        Some(|g: &mut SchemaGenerator| g.subschema_for::<$t>())
+        Some((|g: &mut SchemaGenerator| g.subschema_for::<$t>()) as BodySchema)
     };
 }
 
-/// Every endpoint of the server API that has types in [`crate::api`]; add one line per endpoint.
+/// Every endpoint of the server API that has types in [`crate::api`]; add one entry per endpoint.
 pub fn endpoints() -> Vec<Endpoint> {
-    vec![]
-}
-
-/// The error body of the server API: `{"error":{"code","message","field"?}}`.
-#[derive(serde::Serialize, JsonSchema)]
-#[allow(dead_code)]
-struct ApiErrorBody {
-    /// The error.
-    error: ApiErrorDetail,
-}
-
-/// `error` of the server API's error body.
-#[derive(serde::Serialize, JsonSchema)]
-#[allow(dead_code)]
-struct ApiErrorDetail {
-    /// Stable code (SERVER_API.md section 1).
-    code: ApiErrorCode,
-    /// Plain-English sentence; never internal detail.
-    message: String,
-    /// The offending field as a dotted path (`invalid_payload`, `limit_exceeded`), or the path segment.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<String>,
-}
-
-/// The stable error codes of the server API and their HTTP statuses (SERVER_API.md section 1).
-#[derive(serde::Serialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-#[allow(dead_code)]
-enum ApiErrorCode {
-    /// 400: the body is not valid JSON.
-    InvalidJson,
-    /// 400: a field (or path segment) is missing, of the wrong type, unknown or malformed.
-    InvalidPayload,
-    /// 401: missing or unknown API key.
-    Unauthorized,
-    /// 404: no such resource (or another user's, or deleted).
-    NotFound,
-    /// 409: the resource exists, or the state does not allow it.
-    Conflict,
-    /// 413: the body is larger than 256 KiB.
-    PayloadTooLarge,
-    /// 422: a content or size limit is exceeded.
-    LimitExceeded,
-    /// 429: too many requests; see `Retry-After`.
-    RateLimited,
-    /// 503: a backend is temporarily unreachable; retry later.
-    Unavailable,
-    /// 500: anything else; no internal detail.
-    Internal,
+    use crate::api::*;
+    #[rustfmt::skip]
+    fn e(
+        method: &'static str, path: &'static str, id: &'static str, summary: &'static str,
+        request: Option<BodySchema>, success: Vec<(u16, Option<BodySchema>)>, errors: &'static [u16],
+    ) -> Endpoint {
+        Endpoint { method, path, id, summary, request, success, errors }
+    }
+    vec![
+        e(
+            "post",
+            "/users",
+            "createUser",
+            "Creates a user.",
+            body!(CreateUser),
+            vec![(201, body!(UserCreated))],
+            &[409],
+        ),
+        e(
+            "get",
+            "/users/{user_id}",
+            "getUser",
+            "A user, with chat and device counts.",
+            None,
+            vec![(200, body!(UserInfo))],
+            &[404],
+        ),
+        e(
+            "post",
+            "/users/{user_id}/sessions",
+            "createSession",
+            "Issues a session token for a device (shown only in this response).",
+            body!(CreateSession),
+            vec![(201, body!(SessionCreated))],
+            &[404],
+        ),
+        e(
+            "delete",
+            "/sessions/{session_id}",
+            "revokeSession",
+            "Revokes a session; its open sockets close with 1008 `Session revoked` on every node.",
+            None,
+            vec![(204, None)],
+            &[404],
+        ),
+        e(
+            "get",
+            "/users/{user_id}/devices",
+            "listDevices",
+            "The user's devices, most recently seen first.",
+            None,
+            vec![(200, body!(DeviceList))],
+            &[404],
+        ),
+        e(
+            "delete",
+            "/users/{user_id}/devices/{device_hash}",
+            "revokeDevice",
+            "Revokes every session bound to the device (its sockets close as for a revoked session).",
+            None,
+            vec![(204, None)],
+            &[404],
+        ),
+        e(
+            "post",
+            "/users/{user_id}/chats/{chat_id}/messages",
+            "postMessage",
+            "Puts a message from another sender into a chat (created when new); ALL of the user's connections \
+             receive `chat_message_added`. A repeated `message_id` is 200 with `duplicate: true`.",
+            body!(PostMessage),
+            vec![(201, body!(MessagePosted)), (200, body!(MessagePosted))],
+            &[404, 422],
+        ),
+    ]
 }
 
 /// The codes an error status carries.
@@ -470,7 +494,7 @@ pub fn asyncapi() -> Value {
 /// The OpenAPI 3.1 document of the server API (`/v1/api`).
 pub fn openapi() -> Value {
     let mut gen = Gen::new(SchemaSettings::draft2020_12());
-    let error_body = gen.output::<ApiErrorBody>();
+    let error_body = gen.output::<crate::api::ApiErrorBody>();
     let mut paths = Map::new();
     for e in endpoints() {
         let mut op = Map::new();
@@ -567,11 +591,14 @@ fn path_params(path: &str) -> impl Iterator<Item = &str> {
     path.split('/').filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
 }
 
+/// The schema of a path parameter (the checks of the server's `api::path_*`).
 fn path_param_schema(name: &str) -> Value {
     match name {
-        "user_id" | "chat_id" | "stream_id" => {
+        "user_id" => json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.@-]+$"}),
+        "chat_id" | "stream_id" => {
             json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$"})
         }
+        "session_id" => json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9]+$"}),
         "device_hash" => json!({"type": "string", "pattern": "^[0-9a-f]{64}$"}),
         _ => json!({"type": "string"}),
     }
