@@ -75,6 +75,7 @@ pub const CLOSE_CODES: &[(u16, &str, &str)] = &[
     (1008, "Rate limit exceeded", "more than 10x the burst dropped within 10 s"),
     (1009, "Message too big", "a frame larger than max_frame_bytes"),
     (1011, "Authentication error", "backend failure during authentication"),
+    (1011, "Internal error", "an unexpected failure of the server on this connection"),
     (1013, "Server overloaded", "the node is at its connection limit"),
     (1013, "Too many connections", "the user has the per-user maximum of open connections"),
     (1013, "Slow consumer", "the connection's outbound queue exceeded its bound; reconnect and re-sync"),
