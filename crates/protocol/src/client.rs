@@ -35,11 +35,13 @@ pub enum ClientMessage {
     SyncOfflineChanges(SyncOfflineChanges),
     /// `request_cache_status` → `cache_status_response`.
     RequestCacheStatus(Empty),
+    /// `mark_read` → ALL `chat_read_updated` (SELF only when the marker does not move).
+    MarkRead(MarkRead),
 }
 
 impl ClientMessage {
     /// Every wire `type` a client may send.
-    pub const TYPES: [&'static str; 11] = [
+    pub const TYPES: [&'static str; 12] = [
         "ping",
         "initial_sync_request",
         "update_draft",
@@ -51,6 +53,7 @@ impl ClientMessage {
         "delete_chat",
         "sync_offline_changes",
         "request_cache_status",
+        "mark_read",
     ];
 
     /// The wire `type` of this message.
@@ -67,6 +70,7 @@ impl ClientMessage {
             ClientMessage::DeleteChat(_) => "delete_chat",
             ClientMessage::SyncOfflineChanges(_) => "sync_offline_changes",
             ClientMessage::RequestCacheStatus(_) => "request_cache_status",
+            ClientMessage::MarkRead(_) => "mark_read",
         }
     }
 
@@ -236,6 +240,15 @@ pub struct DeleteChat {
     /// The chat to delete.
     #[serde(alias = "chatId")]
     pub chat_id: ChatId,
+}
+
+/// `mark_read` payload: the user has read the chat up to `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkRead {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The highest message seq read (capped at the chat's `messages_v`).
+    pub seq: u64,
 }
 
 /// `sync_offline_changes` payload. Each change is validated on its own ([`OfflineChange::parse`]), so one

@@ -52,6 +52,8 @@ pub enum ServerMessage {
     PriorityChatReady(PriorityChatReady),
     /// ALL: the whole cache is warm.
     CachePrimed(CachePrimed),
+    /// ALL after `mark_read` moved the read marker (SELF only when it did not).
+    ChatReadUpdated(ChatReadUpdated),
 }
 
 impl ServerMessage {
@@ -77,8 +79,20 @@ impl ServerMessage {
             ServerMessage::CacheStatusResponse(_) => "cache_status_response",
             ServerMessage::PriorityChatReady(_) => "priority_chat_ready",
             ServerMessage::CachePrimed(_) => "cache_primed",
+            ServerMessage::ChatReadUpdated(_) => "chat_read_updated",
         }
     }
+}
+
+/// `chat_read_updated` payload: the user's read marker of a chat and what is left unread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatReadUpdated {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The read marker (highest seq read).
+    pub read_seq: u64,
+    /// Messages from other senders above the marker.
+    pub unread_count: u64,
 }
 
 /// `connected` payload.

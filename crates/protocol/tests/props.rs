@@ -78,6 +78,7 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
         (chat_id(), option::of(json_map()))
             .prop_map(|(chat_id, draft_json)| ClientMessage::UpdateDraft(UpdateDraft { chat_id, draft_json })),
         chat_id().prop_map(|chat_id| ClientMessage::DeleteDraft(DeleteDraft { chat_id })),
+        (chat_id(), any::<u64>()).prop_map(|(chat_id, seq)| ClientMessage::MarkRead(MarkRead { chat_id, seq })),
         (chat_id(), any::<String>())
             .prop_map(|(chat_id, new_title)| ClientMessage::UpdateTitle(UpdateTitle { chat_id, new_title })),
         (chat_id(), message_id(), content(), option::of(timestamp()), option::of(temp_id())).prop_map(

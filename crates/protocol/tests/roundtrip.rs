@@ -63,6 +63,7 @@ fn client_samples() -> Vec<ClientMessage> {
             ],
         }),
         ClientMessage::RequestCacheStatus(Empty {}),
+        ClientMessage::MarkRead(MarkRead { chat_id: chat("c1"), seq: 7 }),
     ]
 }
 
@@ -225,6 +226,7 @@ fn server_samples() -> Vec<ServerMessage> {
         ServerMessage::CacheStatusResponse(CacheStatusResponse { is_primed: true }),
         ServerMessage::PriorityChatReady(PriorityChatReady { chat_id: chat("c1") }),
         ServerMessage::CachePrimed(CachePrimed { status: "full_sync_ready".into() }),
+        ServerMessage::ChatReadUpdated(ChatReadUpdated { chat_id: chat("c1"), read_seq: 3, unread_count: 1 }),
     ]
 }
 

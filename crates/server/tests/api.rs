@@ -241,3 +241,15 @@ async fn listing_and_revoking_devices() {
     let (status, body) = api.get("/users/nobody/devices").await;
     assert_eq!((status, error_code(&body)), (404, "not_found"));
 }
+
+#[tokio::test]
+async fn a_store_that_is_down_is_unavailable_not_an_error_of_the_caller() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    server.ctx.store.close().await;
+    for (status, body) in [api.get("/users/alice").await, api.post("/users", json!({"user_id": "bob"})).await] {
+        assert_eq!((status, error_code(&body)), (503, "unavailable"), "{body}");
+        assert!(!body.to_string().contains("closed"), "no internal detail: {body}");
+    }
+}

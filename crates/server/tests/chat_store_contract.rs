@@ -53,6 +53,7 @@ contract_suites!(
     a_failing_write_fails_alone,
     two_handles_on_one_database_share_the_truth,
     writes_survive_reopening,
+    other_senders_count_as_unread_until_marked_read,
 );
 
 const NOW: i64 = 1_000;
@@ -98,9 +99,34 @@ fn message(owner: &str, chat: &str, id: &str, target: Target, now: i64) -> Write
         message_id: id.into(),
         content: format!("content-{id}").into_bytes(),
         client_timestamp: Some(format!("\"ts-{id}\"")),
+        sender: "user".into(),
+        created_at: now,
         target,
         now,
     }
+}
+
+fn from(sender: &str, op: WriteOp) -> WriteOp {
+    match op {
+        WriteOp::Message { owner, chat_id, message_id, content, client_timestamp, target, now, .. } => {
+            WriteOp::Message {
+                owner,
+                chat_id,
+                message_id,
+                content,
+                client_timestamp,
+                sender: sender.into(),
+                created_at: 42,
+                target,
+                now,
+            }
+        }
+        other => other,
+    }
+}
+
+fn mark_read(owner: &str, chat: &str, seq: u64) -> WriteOp {
+    WriteOp::MarkRead { owner: owner.into(), chat_id: chat.into(), seq }
 }
 
 fn delete_chat(owner: &str, chat: &str) -> WriteOp {
@@ -607,4 +633,52 @@ async fn writes_survive_reopening(b: &TestBackend) {
     assert_eq!(append(reopened.chats.as_ref(), "alice", "c1", "m2").await, 2);
     assert!(reopened.identity.user("alice").await.unwrap().is_some());
     reopened.identity.close().await;
+}
+
+async fn other_senders_count_as_unread_until_marked_read(b: &TestBackend) {
+    users(b, &["alice", "bob"]).await;
+    let s = b.backend.chats.as_ref();
+    let WriteResult::Message { chat, message: stored, .. } =
+        write(s, from("assistant", message("alice", "c1", "m1", create(), NOW))).await
+    else {
+        panic!("expected a message")
+    };
+    assert_eq!(
+        (chat.unread_count, chat.read_seq, stored.sender.as_str(), stored.created_at_ms),
+        (1, 0, "assistant", 42)
+    );
+    append(s, "alice", "c1", "m2").await; // the user's own: not unread
+    let WriteResult::Message { chat, .. } =
+        write(s, from("bot", message("alice", "c1", "m3", Target::Existing, NOW))).await
+    else {
+        panic!("expected a message")
+    };
+    assert_eq!((chat.messages_v, chat.unread_count), (3, 2));
+    // A duplicate from another sender changes nothing.
+    let WriteResult::Message { chat, duplicate, .. } =
+        write(s, from("assistant", message("alice", "c1", "m1", Target::Existing, NOW))).await
+    else {
+        panic!("expected a message")
+    };
+    assert!(duplicate);
+    assert_eq!(chat.unread_count, 2);
+
+    let chat = applied(write(s, mark_read("alice", "c1", 1)).await);
+    assert_eq!((chat.read_seq, chat.unread_count), (1, 1));
+    match write(s, mark_read("alice", "c1", 1)).await {
+        WriteResult::Unchanged(chat) => assert_eq!((chat.read_seq, chat.unread_count), (1, 1)),
+        other => panic!("expected Unchanged, got {other:?}"),
+    }
+    let chat = applied(write(s, mark_read("alice", "c1", 99)).await);
+    assert_eq!((chat.read_seq, chat.unread_count), (3, 0), "capped at messages_v");
+    assert!(matches!(write(s, mark_read("bob", "c1", 3)).await, WriteResult::NotFound), "another user's chat");
+    assert!(matches!(write(s, mark_read("alice", "nope", 3)).await, WriteResult::NotFound));
+
+    let listed = s.chat("alice", "c1").await.unwrap().unwrap();
+    assert_eq!((listed.read_seq, listed.unread_count), (3, 0));
+    let (_, page, _) = s.messages_after("alice", "c1", 0, 10).await.unwrap().unwrap();
+    let senders: Vec<_> = page.iter().map(|m| m.sender.as_str()).collect();
+    assert_eq!(senders, ["assistant", "user", "bot"]);
+    let (_, latest) = s.latest_messages("alice", "c1", 1).await.unwrap().unwrap();
+    assert_eq!(latest[0].sender, "bot");
 }

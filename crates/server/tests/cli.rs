@@ -627,3 +627,32 @@ async fn api_keys_are_created_listed_and_revoked_from_the_command_line() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn trace_logs_never_contain_api_keys_or_backend_message_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let key = ok(&chatsync(dir.path(), &["api-keys", "create"])).trim().to_owned();
+    let (mut child, lines, url) = serve(dir.path(), &["--log-format", "json", "--log-level", "trace"], None);
+    let reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
+    let api = url.replace("ws://", "http://").replace("/v1/ws", "/v1/api");
+    let http = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        http.post(format!("{api}/users/alice/chats/c1/messages")).bearer_auth(&key).json(&body).send()
+    };
+    let sent =
+        post(serde_json::json!({"message_id": "a1", "sender_name": "assistant", "content": "api-plaintext-5e1"}));
+    assert_eq!(sent.await.unwrap().status().as_u16(), 201);
+    let bad =
+        post(serde_json::json!({"message_id": "a2", "sender_name": "assistant", "content": 1, "x": "api-bad-9a4"}));
+    assert_eq!(bad.await.unwrap().status().as_u16(), 400);
+    let wrong = http.get(format!("{api}/users/alice")).bearer_auth("ck_wrong-key-2b7").send().await.unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    let logs = reader.join().unwrap().join("\n");
+    assert!(logs.contains("API request refused"), "trace logging was on: {}", &logs[..logs.len().min(2000)]);
+    for secret in [key.as_str(), "api-plaintext-5e1", "api-bad-9a4", "ck_wrong-key-2b7"] {
+        assert!(!logs.contains(secret), "{secret:?} reached the log");
+    }
+}

@@ -9,6 +9,7 @@
 
 mod devices;
 pub mod keys;
+pub mod messages;
 mod sessions;
 mod users;
 
@@ -43,6 +44,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .merge(users::routes())
         .merge(sessions::routes())
         .merge(devices::routes())
+        .merge(messages::routes())
         .fallback(|| async { ApiError::not_found("No such endpoint.") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), keys::authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

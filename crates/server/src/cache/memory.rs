@@ -68,10 +68,13 @@ fn merge(old: &mut ChatRecord, new: &ChatRecord) {
         old.draft_v = new.draft_v;
         old.draft.clone_from(&new.draft);
     }
-    if new.messages_v >= old.messages_v {
-        old.messages_v = new.messages_v;
+    // Writes commit in one order and both messages_v and read_seq only grow along it, so of two states one
+    // is at least as new in both: its unread count is the one that holds.
+    if new.messages_v >= old.messages_v && new.read_seq >= old.read_seq {
+        old.read_seq = new.read_seq;
         old.unread_count = new.unread_count;
     }
+    old.messages_v = old.messages_v.max(new.messages_v);
     old.last_edited_ms = old.last_edited_ms.max(new.last_edited_ms);
 }
 
@@ -223,11 +226,19 @@ mod tests {
             last_edited_ms: edited,
             unread_count: 0,
             key: WrappedKey { wrapped: vec![], kek_id: "k".into() },
+            read_seq: 0,
         }
     }
 
     fn msg(seq: u64) -> MessageRecord {
-        MessageRecord { seq, message_id: format!("m{seq}"), content: vec![], client_timestamp: None, created_at_ms: 0 }
+        MessageRecord {
+            seq,
+            message_id: format!("m{seq}"),
+            content: vec![],
+            client_timestamp: None,
+            created_at_ms: 0,
+            sender: "user".into(),
+        }
     }
 
     async fn cache() -> MemoryCache {

@@ -35,6 +35,8 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: ChatMessageAdded) -> Result
         message_id: message.message_id.to_string(),
         content: seal_content(key, chat_id.as_str(), message.message_id.as_str(), &message.content),
         client_timestamp: client_timestamp.clone(),
+        sender: USER_SENDER.to_owned(),
+        created_at: now,
         target,
         now,
     })

@@ -11,8 +11,7 @@ use chatsync_protocol::{ChatId, ClientTimestamp, MessageContent, MessageId, Mess
 use serde_json::{Map, Value};
 use std::sync::Arc;
 
-/// `sender_name` of every message from a user's own devices.
-pub const USER_SENDER: &str = "user";
+pub use crate::store::chats::USER_SENDER;
 
 /// Unix seconds of a store timestamp (milliseconds).
 pub fn secs(ms: i64) -> i64 {
@@ -105,6 +104,7 @@ pub async fn cache_written(ctx: &Ctx, user_id: &str, result: &WriteResult) {
         WriteResult::Applied(chat)
         | WriteResult::Conflict(chat)
         | WriteResult::NoDraft(chat)
+        | WriteResult::Unchanged(chat)
         | WriteResult::Message { chat, .. } => ctx.cache.chat_written(user_id, chat).await,
         _ => {}
     }
@@ -164,7 +164,7 @@ pub fn message_out(key: &DataKey, chat_id: &str, m: &MessageRecord) -> Result<Me
     Ok(MessageOut {
         message_id: MessageId::new(m.message_id.clone()).map_err(|e| fail(&e))?,
         seq: m.seq,
-        sender_name: USER_SENDER.to_owned(),
+        sender_name: m.sender.clone(),
         content,
         created_at: rfc3339(m.created_at_ms),
         client_timestamp: client_timestamp(m.client_timestamp.as_deref()),

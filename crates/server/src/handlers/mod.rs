@@ -7,11 +7,12 @@
 
 mod bounded;
 mod chat_message_added;
-mod common;
+pub mod common;
 mod delete_chat;
 mod delete_draft;
 mod get_chat_messages;
 mod initial_sync_request;
+mod mark_read;
 mod ping;
 mod request_cache_status;
 mod request_chat_content_batch;
@@ -109,5 +110,6 @@ pub async fn dispatch(ctx: &Ctx, conn: &ConnHandle, message: ClientMessage) -> R
         ClientMessage::DeleteChat(p) => delete_chat::handle(ctx, conn, p).await,
         ClientMessage::SyncOfflineChanges(p) => sync_offline_changes::handle(ctx, conn, p).await,
         ClientMessage::RequestCacheStatus(p) => request_cache_status::handle(ctx, conn, p).await,
+        ClientMessage::MarkRead(p) => mark_read::handle(ctx, conn, p).await,
     }
 }

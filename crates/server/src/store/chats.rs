@@ -54,8 +54,11 @@ pub struct ChatRecord {
     pub draft_v: u64,
     /// Last message or draft change (server clock, never decreasing).
     pub last_edited_ms: Millis,
-    /// Unread messages.
+    /// Messages from other senders (not `"user"`) with a `seq` above `read_seq`.
     pub unread_count: u64,
+    /// The owner's read marker: the highest `seq` a device marked read (`mark_read`).
+    #[serde(default)]
+    pub read_seq: u64,
     /// The chat's wrapped data key.
     pub key: WrappedKey,
 }
@@ -72,9 +75,20 @@ pub struct MessageRecord {
     pub content: Vec<u8>,
     /// The client's timestamp as sent (JSON text), if any.
     pub client_timestamp: Option<String>,
-    /// Server time of acceptance.
+    /// Server time of acceptance, or the time the application backend gave (`created_at`).
     pub created_at_ms: Millis,
+    /// Who wrote it: `"user"` for the owner's devices, the backend's `sender_name` otherwise.
+    #[serde(default = "user_sender")]
+    pub sender: String,
 }
+
+fn user_sender() -> String {
+    USER_SENDER.to_owned()
+}
+
+/// `sender` of every message from a user's own devices. Messages from any other sender count as unread
+/// until the owner marks them read.
+pub const USER_SENDER: &str = "user";
 
 /// How a write reaches its chat.
 #[derive(Debug, Clone)]
@@ -151,10 +165,24 @@ pub enum WriteOp {
         content: Vec<u8>,
         /// Client timestamp as sent (JSON text).
         client_timestamp: Option<String>,
+        /// `"user"` ([`USER_SENDER`]) from a device; the backend's sender otherwise (counted as unread).
+        sender: String,
+        /// The message's time (`now`, or the time an application backend gave).
+        created_at: Millis,
         /// Existing or new chat.
         target: Target,
-        /// Server clock.
+        /// Server clock (`last_edited_ms`).
         now: Millis,
+    },
+    /// Move the owner's read marker forward to `seq` (capped at `messages_v`) and recount the unread
+    /// messages: [`WriteResult::Applied`] if it moved, [`WriteResult::Unchanged`] if `seq` was at or below it.
+    MarkRead {
+        /// Writer.
+        owner: String,
+        /// Chat.
+        chat_id: String,
+        /// The highest seq read.
+        seq: u64,
     },
     /// Delete the chat, its messages, its draft and its data key; leave a tombstone.
     DeleteChat {
@@ -198,6 +226,8 @@ pub enum WriteResult {
     NoDraft(ChatRecord),
     /// `DeleteChat` done.
     Deleted,
+    /// Nothing to change (`MarkRead` at or below the marker); the chat as it is.
+    Unchanged(ChatRecord),
     /// [`Target::Create`] found the owner at `max_chats`; nothing changed.
     ChatLimit,
     /// `UserKey`: the key in force.

@@ -25,6 +25,7 @@ fn write_name(op: &WriteOp) -> &'static str {
         WriteOp::Draft { .. } => "write_draft",
         WriteOp::DeleteDraft { .. } => "write_delete_draft",
         WriteOp::Message { .. } => "write_message",
+        WriteOp::MarkRead { .. } => "write_mark_read",
         WriteOp::DeleteChat { .. } => "write_delete_chat",
         WriteOp::UserKey { .. } => "write_user_key",
     }

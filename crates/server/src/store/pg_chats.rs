@@ -44,8 +44,8 @@ const MAX_BATCH: usize = 256;
 const QUEUE: usize = 4096;
 
 const CHAT_COLS: &str =
-    "chat_id, title, draft, title_v, messages_v, draft_v, last_edited_ms, unread_count, chat_key, kek_id";
-const MESSAGE_COLS: &str = "seq, message_id, content, client_timestamp, created_at";
+    "chat_id, title, draft, title_v, messages_v, draft_v, last_edited_ms, unread_count, chat_key, kek_id, read_seq";
+const MESSAGE_COLS: &str = "seq, message_id, content, client_timestamp, created_at, sender";
 
 /// Read transactions of more than one statement see one snapshot (as SQLite's do).
 const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
@@ -68,6 +68,7 @@ fn partition_key(op: &WriteOp) -> &str {
         | WriteOp::Draft { owner, .. }
         | WriteOp::DeleteDraft { owner, .. }
         | WriteOp::Message { owner, .. }
+        | WriteOp::MarkRead { owner, .. }
         | WriteOp::DeleteChat { owner, .. } => owner,
         WriteOp::UserKey { user_id, .. } => user_id,
     }
@@ -186,6 +187,8 @@ struct BatchArgs<'a> {
     nows: Vec<Option<i64>>,
     message_ids: Vec<Option<&'a str>>,
     client_timestamps: Vec<Option<&'a str>>,
+    senders: Vec<Option<&'a str>>,
+    created_ats: Vec<Option<i64>>,
 }
 
 impl<'a> BatchArgs<'a> {
@@ -204,6 +207,10 @@ impl<'a> BatchArgs<'a> {
             WriteOp::Message { owner, chat_id, content, target, now, .. } => {
                 ("message", owner, Some(chat_id), Some(&content[..]), Some(target), None, Some(*now))
             }
+            // The target seq travels in `conds` (see the migration).
+            WriteOp::MarkRead { owner, chat_id, seq } => {
+                ("mark_read", owner, Some(chat_id), None, None, Some(i64::try_from(*seq).unwrap_or(i64::MAX)), None)
+            }
             WriteOp::DeleteChat { owner, chat_id, now } => {
                 ("delete_chat", owner, Some(chat_id), None, None, None, Some(*now))
             }
@@ -218,11 +225,11 @@ impl<'a> BatchArgs<'a> {
             (_, WriteOp::UserKey { candidate, .. }) => (None, Some(candidate.kek_id.as_str()), None),
             _ => (None, None, None),
         };
-        let (message_id, client_timestamp) = match op {
-            WriteOp::Message { message_id, client_timestamp, .. } => {
-                (Some(message_id.as_str()), client_timestamp.as_deref())
+        let (message_id, client_timestamp, sender, created_at) = match op {
+            WriteOp::Message { message_id, client_timestamp, sender, created_at, .. } => {
+                (Some(message_id.as_str()), client_timestamp.as_deref(), Some(sender.as_str()), Some(*created_at))
             }
-            _ => (None, None),
+            _ => (None, None, None, None),
         };
         self.kinds.push(kind);
         self.owners.push(owner);
@@ -235,6 +242,8 @@ impl<'a> BatchArgs<'a> {
         self.nows.push(now);
         self.message_ids.push(message_id);
         self.client_timestamps.push(client_timestamp);
+        self.senders.push(sender);
+        self.created_ats.push(created_at);
     }
 }
 
@@ -244,21 +253,24 @@ async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, s
     for job in batch {
         args.push(&job.op);
     }
-    let rows =
-        sqlx::query("SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ORDER BY r_idx")
-            .bind(&args.kinds)
-            .bind(&args.owners)
-            .bind(&args.chat_ids)
-            .bind(&args.payloads)
-            .bind(&args.create_keys)
-            .bind(&args.kek_ids)
-            .bind(&args.max_chats)
-            .bind(&args.conds)
-            .bind(&args.nows)
-            .bind(&args.message_ids)
-            .bind(&args.client_timestamps)
-            .fetch_all(pool)
-            .await?;
+    let rows = sqlx::query(
+        "SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ORDER BY r_idx",
+    )
+    .bind(&args.kinds)
+    .bind(&args.owners)
+    .bind(&args.chat_ids)
+    .bind(&args.payloads)
+    .bind(&args.create_keys)
+    .bind(&args.kek_ids)
+    .bind(&args.max_chats)
+    .bind(&args.conds)
+    .bind(&args.nows)
+    .bind(&args.message_ids)
+    .bind(&args.client_timestamps)
+    .bind(&args.senders)
+    .bind(&args.created_ats)
+    .fetch_all(pool)
+    .await?;
     if rows.len() != batch.len() {
         return Err(sqlx::Error::Protocol(format!("{} results for {} writes", rows.len(), batch.len())));
     }
@@ -266,7 +278,7 @@ async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, s
 }
 
 /// One row of `chatsync_write_batch`: `r_idx`, `r_outcome`, the chat's columns (from index 2, in
-/// [`CHAT_COLS`] order) and the message's (from index 12).
+/// [`CHAT_COLS`] order) and the message's (from index 12), then `r_read_seq` (17) and `r_sender` (18).
 fn write_result(r: &PgRow) -> Result<WriteResult, sqlx::Error> {
     let outcome: String = r.try_get(1)?;
     let chat = || -> Result<ChatRecord, sqlx::Error> {
@@ -280,6 +292,7 @@ fn write_result(r: &PgRow) -> Result<WriteResult, sqlx::Error> {
             last_edited_ms: r.try_get(8)?,
             unread_count: r.try_get::<i64, _>(9)? as u64,
             key: WrappedKey { wrapped: r.try_get(10)?, kek_id: r.try_get(11)? },
+            read_seq: r.try_get::<i64, _>(17)? as u64,
         })
     };
     let message = || -> Result<MessageRecord, sqlx::Error> {
@@ -289,6 +302,7 @@ fn write_result(r: &PgRow) -> Result<WriteResult, sqlx::Error> {
             content: r.try_get(14)?,
             client_timestamp: r.try_get(15)?,
             created_at_ms: r.try_get(16)?,
+            sender: r.try_get(18)?,
         })
     };
     Ok(match outcome.as_str() {
@@ -301,6 +315,7 @@ fn write_result(r: &PgRow) -> Result<WriteResult, sqlx::Error> {
         "raced" => WriteResult::Raced,
         "chat_limit" => WriteResult::ChatLimit,
         "deleted" => WriteResult::Deleted,
+        "unchanged" => WriteResult::Unchanged(chat()?),
         "user_key" => WriteResult::UserKey(WrappedKey { wrapped: r.try_get(10)?, kek_id: r.try_get(11)? }),
         other => return Err(sqlx::Error::Protocol(format!("unknown write outcome {other:?}"))),
     })
@@ -317,6 +332,7 @@ fn chat_record(r: &PgRow) -> ChatRecord {
         last_edited_ms: r.get(6),
         unread_count: r.get::<i64, _>(7) as u64,
         key: WrappedKey { wrapped: r.get(8), kek_id: r.get(9) },
+        read_seq: r.get::<i64, _>(10) as u64,
     }
 }
 
@@ -327,6 +343,7 @@ fn message_record(r: &PgRow) -> MessageRecord {
         content: r.get(2),
         client_timestamp: r.get(3),
         created_at_ms: r.get(4),
+        sender: r.get(5),
     }
 }
 

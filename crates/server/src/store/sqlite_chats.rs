@@ -42,7 +42,9 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
 const CHAT_COLS: &str =
-    "chat_id, title, draft, title_v, messages_v, draft_v, last_edited_ms, unread_count, chat_key, kek_id";
+    "chat_id, title, draft, title_v, messages_v, draft_v, last_edited_ms, unread_count, chat_key, kek_id, read_seq";
+/// The columns [`message_row`] and [`message_record`] read, in order.
+const MESSAGE_COLS: &str = "seq, message_id, content, client_timestamp, created_at, sender";
 
 struct Job {
     op: WriteOp,
@@ -202,6 +204,7 @@ impl WriterFaults {
             | WriteOp::Draft { chat_id, .. }
             | WriteOp::DeleteDraft { chat_id, .. }
             | WriteOp::Message { chat_id, .. }
+            | WriteOp::MarkRead { chat_id, .. }
             | WriteOp::DeleteChat { chat_id, .. } => chat_id == failing,
             WriteOp::UserKey { .. } => false,
         }
@@ -491,6 +494,7 @@ fn chat_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatRecord> {
         last_edited_ms: r.get(6)?,
         unread_count: r.get::<_, i64>(7)? as u64,
         key: WrappedKey { wrapped: r.get(8)?, kek_id: r.get(9)? },
+        read_seq: r.get::<_, i64>(10)? as u64,
     })
 }
 
@@ -501,6 +505,7 @@ fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageRecord> {
         content: r.get(2)?,
         client_timestamp: r.get(3)?,
         created_at_ms: r.get(4)?,
+        sender: r.get(5)?,
     })
 }
 
@@ -624,7 +629,7 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
                 Some(chat) => WriteResult::Conflict(chat),
             })
         }
-        WriteOp::Message { owner, chat_id, message_id, content, client_timestamp, target, now } => {
+        WriteOp::Message { owner, chat_id, message_id, content, client_timestamp, sender, created_at, target, now } => {
             match target {
                 Target::Create { key, max_chats } => {
                     if let Err(result) = create_chat(tx, owner, chat_id, key, *max_chats, *now)? {
@@ -638,10 +643,7 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
                 }
             }
             let original = tx
-                .prepare_cached(
-                    "SELECT seq, message_id, content, client_timestamp, created_at FROM messages \
-                     WHERE chat_id = ?1 AND message_id = ?2",
-                )?
+                .prepare_cached(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE chat_id = ?1 AND message_id = ?2"))?
                 .query_row(params![chat_id, message_id], message_row)
                 .optional()?;
             if let Some(original) = original {
@@ -649,20 +651,21 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
                 return Ok(WriteResult::Message { chat, message: original, duplicate: true });
             }
             let sql = format!(
-                "UPDATE chats SET messages_v = messages_v + 1, last_edited_ms = MAX(last_edited_ms, ?2) \
-                 WHERE chat_id = ?1 RETURNING {CHAT_COLS}"
+                "UPDATE chats SET messages_v = messages_v + 1, last_edited_ms = MAX(last_edited_ms, ?2), \
+                 unread_count = unread_count + (?3 <> 'user') WHERE chat_id = ?1 RETURNING {CHAT_COLS}"
             );
-            let chat = update_chat(tx, &sql, params![chat_id, now])?.ok_or(StoreError::NotFound)?;
+            let chat = update_chat(tx, &sql, params![chat_id, now, sender])?.ok_or(StoreError::NotFound)?;
             let message = MessageRecord {
                 seq: chat.messages_v,
                 message_id: message_id.clone(),
                 content: content.clone(),
                 client_timestamp: client_timestamp.clone(),
-                created_at_ms: *now,
+                created_at_ms: *created_at,
+                sender: sender.clone(),
             };
             tx.prepare_cached(
-                "INSERT INTO messages (chat_id, seq, message_id, content, client_timestamp, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO messages (chat_id, seq, message_id, content, client_timestamp, created_at, sender) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 chat_id,
@@ -670,9 +673,23 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
                 message.message_id,
                 message.content,
                 message.client_timestamp,
-                message.created_at_ms
+                message.created_at_ms,
+                message.sender
             ])?;
             Ok(WriteResult::Message { chat, message, duplicate: false })
+        }
+        WriteOp::MarkRead { owner, chat_id, seq } => {
+            let Some(chat) = owned_chat(tx, owner, chat_id)? else { return Ok(WriteResult::NotFound) };
+            let target = (*seq).min(chat.messages_v);
+            if target <= chat.read_seq {
+                return Ok(WriteResult::Unchanged(chat));
+            }
+            let sql = format!(
+                "UPDATE chats SET read_seq = ?2, unread_count = (SELECT COUNT(*) FROM messages m \
+                 WHERE m.chat_id = ?1 AND m.seq > ?2 AND m.sender <> 'user') WHERE chat_id = ?1 RETURNING {CHAT_COLS}"
+            );
+            let chat = update_chat(tx, &sql, params![chat_id, target as i64])?.ok_or(StoreError::NotFound)?;
+            Ok(WriteResult::Applied(chat))
         }
         WriteOp::DeleteChat { owner, chat_id, now } => {
             let deleted = tx
@@ -709,6 +726,7 @@ fn chat_record(r: &SqliteRow) -> ChatRecord {
         last_edited_ms: r.get(6),
         unread_count: r.get::<i64, _>(7) as u64,
         key: WrappedKey { wrapped: r.get(8), kek_id: r.get(9) },
+        read_seq: r.get::<i64, _>(10) as u64,
     }
 }
 
@@ -719,6 +737,7 @@ fn message_record(r: &SqliteRow) -> MessageRecord {
         content: r.get(2),
         client_timestamp: r.get(3),
         created_at_ms: r.get(4),
+        sender: r.get(5),
     }
 }
 
@@ -789,7 +808,7 @@ impl ChatStore for SqliteStore {
         let mut tx = self.reads.begin().await?;
         let Some(chat) = pool_owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
         let rows = sqlx::query(
-            "SELECT seq, message_id, content, client_timestamp, created_at FROM messages \
+            "SELECT seq, message_id, content, client_timestamp, created_at, sender FROM messages \
              WHERE chat_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )
         .bind(chat_id)
@@ -813,7 +832,7 @@ impl ChatStore for SqliteStore {
         let mut tx = self.reads.begin().await?;
         let Some(chat) = pool_owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
         let rows = sqlx::query(
-            "SELECT seq, message_id, content, client_timestamp, created_at FROM messages \
+            "SELECT seq, message_id, content, client_timestamp, created_at, sender FROM messages \
              WHERE chat_id = ?1 ORDER BY seq DESC LIMIT ?2",
         )
         .bind(chat_id)

@@ -1,0 +1,181 @@
+//! Messages from other senders (SERVER_API.md section 3): `POST /v1/api/users/{user_id}/chats/{chat_id}/messages`
+//! puts a message of the application backend (the assistant, a bot, an agent) into a user's chat.
+//!
+//! [`store_message`] is the one path by which a backend's message is stored (also a completed stream):
+//! encrypted under the chat's key and durable before it returns, idempotent by `message_id`, counted as
+//! unread, merged into the cache, and broadcast as `chat_message_added` to ALL of the user's connections
+//! on every node (nothing is broadcast for a duplicate).
+
+use super::{path_chat_id, path_user_id, valid_user_id, ApiError, ApiResult, ApiState, Body};
+use crate::handlers::common::{rfc3339, seal_content, secs, write_chat, USER_SENDER};
+use crate::handlers::Ctx;
+use crate::hub::Audience;
+use crate::store::chats::{WriteOp, WriteResult};
+use crate::store::now_millis;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use chatsync_protocol::api::{MessagePosted, PostMessage};
+use chatsync_protocol::{encode, Limits, MessageAddedEvent, MessageContent, MessageId, MessageOut, MessagesVersion};
+use chatsync_protocol::{ChatId, ServerMessage};
+
+/// The routes of this resource.
+pub fn routes() -> Router<ApiState> {
+    Router::new().route("/users/{user_id}/chats/{chat_id}/messages", post(create))
+}
+
+/// A backend's message, validated.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Idempotency key, unique per chat.
+    pub message_id: MessageId,
+    /// Not `"user"`.
+    pub sender_name: String,
+    /// The content.
+    pub content: MessageContent,
+    /// The message's time.
+    pub created_at_ms: i64,
+}
+
+/// What [`store_message`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Its position (the original's for a duplicate).
+    pub seq: u64,
+    /// The chat's message count after the write.
+    pub messages_v: u64,
+    /// The id was already stored: nothing changed, nothing was broadcast.
+    pub duplicate: bool,
+}
+
+async fn create(
+    State(s): State<ApiState>,
+    Path((user_id, chat_id)): Path<(String, String)>,
+    Body(body): Body<PostMessage>,
+) -> ApiResult<(StatusCode, Json<MessagePosted>)> {
+    let user_id = path_user_id(&user_id)?;
+    let chat_id = path_chat_id(&chat_id)?;
+    let message = NewMessage {
+        message_id: message_id(&body.message_id)?,
+        sender_name: sender_name(&body.sender_name)?,
+        content: content(body.content)?,
+        created_at_ms: match &body.created_at {
+            None => now_millis(),
+            Some(text) => parse_time(text)?,
+        },
+    };
+    let stored = store_message(&s.ctx, &user_id, &chat_id, message).await?;
+    let status = if stored.duplicate { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((
+        status,
+        Json(MessagePosted {
+            chat_id: chat_id.to_string(),
+            message_id: body.message_id,
+            seq: stored.seq,
+            messages_v: stored.messages_v,
+            duplicate: stored.duplicate,
+        }),
+    ))
+}
+
+/// Stores a backend's message in `user_id`'s chat (creating the chat when its id is new) and broadcasts
+/// it to ALL of the user's connections. `not_found` when the user does not exist, or the chat is another
+/// user's or was deleted.
+pub async fn store_message(ctx: &Ctx, user_id: &str, chat_id: &ChatId, m: NewMessage) -> ApiResult<StoredMessage> {
+    if ctx.store.user(user_id).await?.is_none() {
+        return Err(ApiError::not_found("No user has this id."));
+    }
+    let now = now_millis();
+    let result = write_chat(ctx, user_id, chat_id.as_str(), |target, key| WriteOp::Message {
+        owner: user_id.to_owned(),
+        chat_id: chat_id.to_string(),
+        message_id: m.message_id.to_string(),
+        content: seal_content(key, chat_id.as_str(), m.message_id.as_str(), &m.content),
+        client_timestamp: None,
+        sender: m.sender_name.clone(),
+        created_at: m.created_at_ms,
+        target,
+        now,
+    })
+    .await
+    .map_err(|e| match e.code() {
+        chatsync_protocol::ErrorCode::NotFound => {
+            ApiError::not_found("The chat belongs to another user or was deleted.")
+        }
+        _ => ApiError::from(e),
+    })?;
+    let WriteResult::Message { chat, message: stored, duplicate } = result else {
+        return Err(ApiError::internal(format!("unexpected message result {result:?}")));
+    };
+    if duplicate {
+        return Ok(StoredMessage { seq: stored.seq, messages_v: chat.messages_v, duplicate: true });
+    }
+    ctx.cache.message_added(user_id, chat_id.as_str(), &stored).await;
+    let event = MessageAddedEvent {
+        chat_id: chat_id.clone(),
+        message: MessageOut {
+            message_id: m.message_id,
+            seq: stored.seq,
+            sender_name: m.sender_name,
+            content: m.content,
+            created_at: rfc3339(stored.created_at_ms),
+            client_timestamp: None,
+        },
+        versions: MessagesVersion { messages_v: chat.messages_v },
+        last_edited_overall_timestamp: secs(chat.last_edited_ms),
+    };
+    let frame = encode(&ServerMessage::ChatMessageAdded(event), None);
+    ctx.hub.deliver(user_id, Audience::All, frame.into()).await;
+    Ok(StoredMessage { seq: stored.seq, messages_v: chat.messages_v, duplicate: false })
+}
+
+/// A `message_id` from a body (PROTOCOL.md id rules).
+pub fn message_id(id: &str) -> ApiResult<MessageId> {
+    MessageId::new(id).map_err(|why| ApiError::invalid_payload("message_id", format!("Invalid message id: {why}.")))
+}
+
+/// A `sender_name`: an id (1-64 characters of `[A-Za-z0-9_.@-]`) other than `"user"`.
+pub fn sender_name(name: &str) -> ApiResult<String> {
+    if name == USER_SENDER {
+        return Err(ApiError::invalid_payload(
+            "sender_name",
+            "sender_name \"user\" is reserved for the user's own devices.",
+        ));
+    }
+    if !valid_user_id(name) {
+        return Err(ApiError::invalid_payload(
+            "sender_name",
+            "Invalid sender_name: use 1-64 characters of [A-Za-z0-9_.@-].",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// Message content: a JSON object or a string, at most [`Limits::MAX_MESSAGE_CONTENT_BYTES`] of JSON.
+pub fn content(value: serde_json::Value) -> ApiResult<MessageContent> {
+    let size = serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(usize::MAX);
+    let content = match value {
+        serde_json::Value::String(s) => MessageContent::Text(s),
+        serde_json::Value::Object(o) => MessageContent::Json(o),
+        _ => return Err(ApiError::invalid_payload("content", "content must be a JSON object or a string.")),
+    };
+    if size > Limits::MAX_MESSAGE_CONTENT_BYTES {
+        return Err(ApiError::limit_exceeded(
+            "content",
+            format!("The content is larger than {} bytes of JSON.", Limits::MAX_MESSAGE_CONTENT_BYTES),
+        ));
+    }
+    Ok(content)
+}
+
+/// An RFC 3339 `created_at`, in milliseconds since the epoch.
+fn parse_time(text: &str) -> ApiResult<i64> {
+    let bad = || ApiError::invalid_payload("created_at", "created_at must be an RFC 3339 date-time.");
+    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).map_err(|_| bad())?;
+    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    if ms < 0 {
+        return Err(bad());
+    }
+    i64::try_from(ms).map_err(|_| bad())
+}
