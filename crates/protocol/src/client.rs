@@ -244,6 +244,7 @@ pub struct DeleteChat {
 
 /// `mark_read` payload: the user has read the chat up to `seq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MarkRead {
     /// The chat.
     pub chat_id: ChatId,

@@ -86,6 +86,7 @@ impl ServerMessage {
 
 /// `chat_read_updated` payload: the user's read marker of a chat and what is left unread.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatReadUpdated {
     /// The chat.
     pub chat_id: ChatId,

@@ -30,6 +30,7 @@ const SERVER_TYPES: &[&str] = &[
     "cache_status_response",
     "priority_chat_ready",
     "cache_primed",
+    "chat_read_updated",
 ];
 
 fn docs_dir() -> PathBuf {
