@@ -344,8 +344,8 @@ fn is_fatal(close: &Option<(u16, String)>) -> bool {
 enum Pending {
     /// A live change, put back in the queue if the connection drops first.
     Change(Queued),
-    /// A chat message; leaves the outbox on confirmation.
-    Message,
+    /// A chat message; leaves the outbox on confirmation, or on an error that a retry would repeat.
+    Message(ChatId, chatsync_protocol::MessageId),
     /// A batch of queued changes (their ids), dropped from the queue on `offline_sync_complete`.
     Offline(Vec<u64>),
     /// The initial sync, with the parts so far.
@@ -463,7 +463,7 @@ impl Task {
         }
         for (chat_id, message) in outbox {
             let rid = id("message-");
-            pending.insert(rid.clone(), Pending::Message);
+            pending.insert(rid.clone(), Pending::Message(chat_id.clone(), message.message_id.clone()));
             sent = sent.and(
                 client.send(&ClientMessage::ChatMessageAdded(ChatMessageAdded { chat_id, message }), Some(&rid)).await,
             );
@@ -495,7 +495,7 @@ impl Task {
                             Some(Command::Message(chat_id, message)) => {
                                 self.lock().outbox.push((chat_id.clone(), message.clone()));
                                 let rid = id("message-");
-                                pending.insert(rid.clone(), Pending::Message);
+                                pending.insert(rid.clone(), Pending::Message(chat_id.clone(), message.message_id.clone()));
                                 client.send(&ClientMessage::ChatMessageAdded(ChatMessageAdded { chat_id, message }), Some(&rid)).await
                             }
                             Some(Command::Request(message, reply)) => {
@@ -528,7 +528,7 @@ impl Task {
                 Pending::Request(_, _, reply) => {
                     let _ = reply.send(Err(ClientError::Closed(None)));
                 }
-                Pending::Message | Pending::Offline(_) | Pending::Sync(_) => {}
+                Pending::Message(..) | Pending::Offline(_) | Pending::Sync(_) => {}
             }
         }
         end
@@ -542,10 +542,16 @@ impl Task {
         let is_error = matches!(m.message, ServerMessage::Error(_) | ServerMessage::InitialSyncError(_));
         match p {
             Pending::Change(_) => self.emit(Event::Message(m)),
-            Pending::Message => {
-                if let ServerMessage::ChatMessageConfirmed(c) = &m.message {
-                    let mut s = self.lock();
-                    s.outbox.retain(|(chat, msg)| !(chat == &c.chat_id && msg.message_id == c.message_id));
+            Pending::Message(chat_id, message_id) => {
+                use chatsync_protocol::ErrorCode::{Internal, RateLimited, Unavailable};
+                let settled = match &m.message {
+                    ServerMessage::ChatMessageConfirmed(_) => true,
+                    // Refused for good (too large, another user's chat…): re-sending would repeat it.
+                    ServerMessage::Error(e) => !matches!(e.code, Unavailable | RateLimited | Internal),
+                    _ => false,
+                };
+                if settled {
+                    self.lock().outbox.retain(|(chat, msg)| !(chat == &chat_id && msg.message_id == message_id));
                 }
                 self.emit(Event::Message(m));
             }

@@ -248,6 +248,36 @@ async fn another_user_sees_nothing_of_the_offline_changes() {
 }
 
 #[tokio::test]
+async fn a_queued_message_the_server_refuses_is_reported_and_not_resent() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
+    let mut laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), &token, "laptop");
+    synced(&mut laptop).await;
+    proxy.cut();
+    disconnected(&mut laptop).await;
+    let too_big = NewMessage {
+        message_id: MessageId::new("big").unwrap(),
+        content: MessageContent::Text("x".repeat(Limits::MAX_MESSAGE_CONTENT_BYTES + 1)),
+        timestamp: None,
+        temp_id: None,
+    };
+    laptop.send_message(chat("c1"), too_big);
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    assert_eq!(laptop.unconfirmed_messages(), 1);
+    proxy.restore();
+    let code = until(&mut laptop, |e| match e {
+        Event::Message(Incoming { message: ServerMessage::Error(e), .. }) => Some(e.code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    synced(&mut laptop).await;
+    assert_eq!(laptop.unconfirmed_messages(), 0, "a refused message leaves the outbox");
+    laptop.close();
+}
+
+#[tokio::test]
 async fn a_refused_session_stops_the_client_instead_of_retrying() {
     let server = TestServer::start().await;
     server.user("alice", false).await;
