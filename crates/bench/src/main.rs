@@ -5,7 +5,8 @@
 //! server), `fanout` (per-user broadcast latency and completeness), `saturate` (highest sustained
 //! `update_draft` rate with p99 under a target), `sync` (`initial_sync_request` round trip for a
 //! user with many chats) and `soak` (10,000 connections held under mixed load; RSS drift, closes and
-//! deliveries judged, non-zero exit on failure). Every scenario is bounded in connections and time
+//! deliveries judged, non-zero exit on failure) and `stream` (SERVER_API streams through the HTTP API,
+//! chunks to every device of each user). Every scenario is bounded in connections and time
 //! and stops by itself.
 
 mod connect;
@@ -51,6 +52,10 @@ enum Scenario {
     /// and judge it: RSS drift over the steady window at most --max-drift-pct, no close the bench did
     /// not ask for, every delivery exactly once, no error reply. Exits non-zero when it fails.
     Soak(scenarios::soak::SoakArgs),
+    /// S streams (one per user, started through the server API with --api-key), each sending
+    /// --chunks-per-sec chunks for --duration to the user's D connected devices: latency from the API
+    /// call to receipt on each device, in-order exactly-once delivery, server CPU per delivery.
+    Stream(scenarios::stream::StreamArgs),
 }
 
 fn main() -> Result<()> {
@@ -67,6 +72,7 @@ fn main() -> Result<()> {
                 Scenario::Saturate(a) => scenarios::saturate::run(&ctx, a).await.map(|r| (r, true)),
                 Scenario::Sync(a) => scenarios::sync::run(&ctx, a).await.map(|r| (r, true)),
                 Scenario::Soak(a) => scenarios::soak::run(&ctx, a).await,
+                Scenario::Stream(a) => scenarios::stream::run(&ctx, a).await.map(|r| (r, true)),
             }
         };
         let (report, passed) = tokio::select! {

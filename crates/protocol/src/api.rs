@@ -147,3 +147,48 @@ pub struct MessagePosted {
     /// The `message_id` was already stored; nothing changed and nothing was broadcast.
     pub duplicate: bool,
 }
+
+/// `POST /v1/api/users/{user_id}/chats/{chat_id}/streams` (SERVER_API.md section 4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StartStream {
+    /// The backend's id of the stream (the message id rules).
+    pub stream_id: String,
+    /// The id the completed message gets.
+    pub message_id: String,
+    /// Who writes it: any id except `"user"`.
+    pub sender_name: String,
+    /// Any JSON object up to 4 KiB, passed through to the devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Map<String, Value>>,
+}
+
+/// `201` (or `200` for a retried start of the same stream) of `POST …/streams`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct StreamOpened {
+    /// The stream.
+    pub stream_id: String,
+}
+
+/// `POST …/streams/{stream_id}/chunks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PostChunk {
+    /// 1 for the first chunk, +1 for each next one.
+    pub seq: u64,
+    /// The text this chunk adds (at most 16 KiB).
+    pub delta: String,
+}
+
+/// `POST …/streams/{stream_id}/complete`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CompleteStream {
+    /// The message to store (a JSON object or a string); default: the stream's text so far, as a string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Value>,
+}

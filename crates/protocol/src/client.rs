@@ -35,13 +35,15 @@ pub enum ClientMessage {
     SyncOfflineChanges(SyncOfflineChanges),
     /// `request_cache_status` → `cache_status_response`.
     RequestCacheStatus(Empty),
+    /// `cancel_stream` → ALL `stream_cancelled` (SERVER_API.md section 4).
+    CancelStream(crate::CancelStream),
     /// `mark_read` → ALL `chat_read_updated` (SELF only when the marker does not move).
     MarkRead(MarkRead),
 }
 
 impl ClientMessage {
     /// Every wire `type` a client may send.
-    pub const TYPES: [&'static str; 12] = [
+    pub const TYPES: [&'static str; 13] = [
         "ping",
         "initial_sync_request",
         "update_draft",
@@ -53,6 +55,7 @@ impl ClientMessage {
         "delete_chat",
         "sync_offline_changes",
         "request_cache_status",
+        "cancel_stream",
         "mark_read",
     ];
 
@@ -70,6 +73,7 @@ impl ClientMessage {
             ClientMessage::DeleteChat(_) => "delete_chat",
             ClientMessage::SyncOfflineChanges(_) => "sync_offline_changes",
             ClientMessage::RequestCacheStatus(_) => "request_cache_status",
+            ClientMessage::CancelStream(_) => "cancel_stream",
             ClientMessage::MarkRead(_) => "mark_read",
         }
     }

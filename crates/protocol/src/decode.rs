@@ -146,6 +146,7 @@ fn decode_payload(kind: &str, payload: &str) -> Result<ClientMessage, PayloadOrT
         "delete_chat" => ClientMessage::DeleteChat(p(payload)?),
         "sync_offline_changes" => ClientMessage::SyncOfflineChanges(p(payload)?),
         "request_cache_status" => ClientMessage::RequestCacheStatus(p(payload)?),
+        "cancel_stream" => ClientMessage::CancelStream(p(payload)?),
         "mark_read" => ClientMessage::MarkRead(p(payload)?),
         _ => return Err(PayloadOrType::UnknownType),
     })

@@ -96,6 +96,16 @@ id_type!(
 );
 
 id_type!(
+    /// A stream id (SERVER_API.md section 4), chosen by the backend: 1–128 characters of
+    /// `[A-Za-z0-9_.:-]` (the message id rules).
+    StreamId,
+    128,
+    |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'),
+    "[A-Za-z0-9_.:-]",
+    "^[A-Za-z0-9_.:-]+$"
+);
+
+id_type!(
     /// A request id, echoed on replies: 1–64 printable ASCII characters.
     RequestId,
     64,

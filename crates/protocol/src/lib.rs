@@ -18,13 +18,15 @@ mod limits;
 mod server;
 #[cfg(feature = "schema")]
 pub mod specs;
+mod streams;
 
 pub use client::*;
 pub use decode::{decode, decode_server, DecodeError, Decoded, Incoming, PayloadError};
 pub use error::ErrorCode;
-pub use ids::{ChatId, MessageId, RequestId};
+pub use ids::{ChatId, MessageId, RequestId, StreamId};
 pub use limits::Limits;
 pub use server::*;
+pub use streams::*;
 
 /// The protocol name announced in `connected`.
 pub const PROTOCOL_NAME: &str = "chatsync.v1";

@@ -52,6 +52,14 @@ pub enum ServerMessage {
     PriorityChatReady(PriorityChatReady),
     /// ALL: the whole cache is warm.
     CachePrimed(CachePrimed),
+    /// ALL: a stream began (SERVER_API.md section 4).
+    StreamStarted(crate::StreamStarted),
+    /// ALL: a stream's next text (possibly several chunks merged).
+    StreamChunk(crate::StreamChunk),
+    /// ALL: a stream's message is stored.
+    StreamCompleted(crate::StreamCompleted),
+    /// ALL: a stream ended without a message.
+    StreamCancelled(crate::StreamCancelled),
     /// ALL after `mark_read` moved the read marker (SELF only when it did not).
     ChatReadUpdated(ChatReadUpdated),
 }
@@ -79,6 +87,10 @@ impl ServerMessage {
             ServerMessage::CacheStatusResponse(_) => "cache_status_response",
             ServerMessage::PriorityChatReady(_) => "priority_chat_ready",
             ServerMessage::CachePrimed(_) => "cache_primed",
+            ServerMessage::StreamStarted(_) => "stream_started",
+            ServerMessage::StreamChunk(_) => "stream_chunk",
+            ServerMessage::StreamCompleted(_) => "stream_completed",
+            ServerMessage::StreamCancelled(_) => "stream_cancelled",
             ServerMessage::ChatReadUpdated(_) => "chat_read_updated",
         }
     }
@@ -223,6 +235,9 @@ pub struct InitialSyncResponse {
     pub server_chat_order: Vec<ChatId>,
     /// RFC 3339 (in the last part; empty before it).
     pub sync_completed_at: String,
+    /// The user's open streams, with their text so far (SERVER_API.md section 4); split over the parts.
+    #[serde(default)]
+    pub active_streams: Vec<crate::ActiveStream>,
     /// More parts of this reply follow ("Bounded replies"); `false` on the last (or only) part.
     #[serde(default)]
     pub more: bool,

@@ -184,6 +184,44 @@ pub fn endpoints() -> Vec<Endpoint> {
             vec![(201, body!(MessagePosted)), (200, body!(MessagePosted))],
             &[404, 422],
         ),
+        e(
+            "post",
+            "/users/{user_id}/chats/{chat_id}/streams",
+            "startStream",
+            "Opens a stream (a reply being written); ALL of the user's connections receive `stream_started`. \
+             Starting the same stream again is 200.",
+            body!(StartStream),
+            vec![(201, body!(StreamOpened)), (200, body!(StreamOpened))],
+            &[404, 409, 422],
+        ),
+        e(
+            "post",
+            "/users/{user_id}/chats/{chat_id}/streams/{stream_id}/chunks",
+            "postStreamChunk",
+            "Appends chunk `seq` (1, 2, …); ALL receive `stream_chunk`. A repeated `seq` is 200 and ignored; a gap \
+             or a stream that is not open is 409.",
+            body!(PostChunk),
+            vec![(202, body!(crate::Empty)), (200, body!(crate::Empty))],
+            &[404, 409, 422],
+        ),
+        e(
+            "post",
+            "/users/{user_id}/chats/{chat_id}/streams/{stream_id}/complete",
+            "completeStream",
+            "Stores the stream as a message (as `POST …/messages`), then ALL receive `stream_completed`.",
+            body!(CompleteStream),
+            vec![(201, body!(MessagePosted)), (200, body!(MessagePosted))],
+            &[404, 409, 422],
+        ),
+        e(
+            "delete",
+            "/users/{user_id}/chats/{chat_id}/streams/{stream_id}",
+            "abortStream",
+            "Aborts an open stream; ALL receive `stream_cancelled` with reason `aborted`.",
+            None,
+            vec![(204, None)],
+            &[404, 409],
+        ),
     ]
 }
 
@@ -596,9 +634,8 @@ fn path_params(path: &str) -> impl Iterator<Item = &str> {
 fn path_param_schema(name: &str) -> Value {
     match name {
         "user_id" => json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.@-]+$"}),
-        "chat_id" | "stream_id" => {
-            json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$"})
-        }
+        "chat_id" => json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$"}),
+        "stream_id" => json!({"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9_.:-]+$"}),
         "session_id" => json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9]+$"}),
         "device_hash" => json!({"type": "string", "pattern": "^[0-9a-f]{64}$"}),
         _ => json!({"type": "string"}),

@@ -96,6 +96,10 @@ fn client_message() -> impl Strategy<Value = ClientMessage> {
             .prop_map(|chat_ids| ClientMessage::RequestChatContentBatch(RequestChatContentBatch { chat_ids })),
         chat_id().prop_map(|chat_id| ClientMessage::DeleteChat(DeleteChat { chat_id })),
         vec(json_value(), 0..5).prop_map(|changes| ClientMessage::SyncOfflineChanges(SyncOfflineChanges { changes })),
+        (chat_id(), message_id()).prop_map(|(chat_id, m)| ClientMessage::CancelStream(CancelStream {
+            chat_id,
+            stream_id: StreamId::new(m.as_str()).unwrap()
+        })),
     ]
 }
 
@@ -222,6 +226,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                     chats_to_add_or_update,
                     server_chat_order,
                     sync_completed_at,
+                    active_streams: Vec::new(),
                     more,
                 })
             }
@@ -308,6 +313,23 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
         any::<bool>().prop_map(|is_primed| ServerMessage::CacheStatusResponse(CacheStatusResponse { is_primed })),
         chat_id().prop_map(|chat_id| ServerMessage::PriorityChatReady(PriorityChatReady { chat_id })),
         s().prop_map(|status| ServerMessage::CachePrimed(CachePrimed { status })),
+        (chat_id(), message_id(), any::<u64>(), s()).prop_map(|(chat_id, m, seq, delta)| {
+            ServerMessage::StreamChunk(StreamChunk {
+                chat_id,
+                stream_id: StreamId::new(m.as_str()).unwrap(),
+                seq,
+                delta,
+            })
+        }),
+        (chat_id(), message_id(), s(), json_map()).prop_map(|(chat_id, m, sender_name, meta)| {
+            ServerMessage::StreamStarted(StreamStarted {
+                chat_id,
+                stream_id: StreamId::new(m.as_str()).unwrap(),
+                message_id: m,
+                sender_name,
+                meta,
+            })
+        }),
     ]
 }
 

@@ -63,6 +63,7 @@ fn client_samples() -> Vec<ClientMessage> {
             ],
         }),
         ClientMessage::RequestCacheStatus(Empty {}),
+        ClientMessage::CancelStream(CancelStream { chat_id: chat("c1"), stream_id: StreamId::new("s.1").unwrap() }),
         ClientMessage::MarkRead(MarkRead { chat_id: chat("c1"), seq: 7 }),
     ]
 }
@@ -140,6 +141,15 @@ fn server_samples() -> Vec<ServerMessage> {
             ],
             server_chat_order: vec![chat("c1"), chat("c2")],
             sync_completed_at: "2026-11-29T10:00:00Z".into(),
+            active_streams: vec![ActiveStream {
+                chat_id: chat("c1"),
+                stream_id: StreamId::new("s1").unwrap(),
+                message_id: msg_id("m2"),
+                sender_name: "assistant".into(),
+                meta: doc(),
+                seq: 2,
+                content_so_far: "Hello, wor".into(),
+            }],
             more: true,
         }),
         ServerMessage::InitialSyncError(InitialSyncError { code: ErrorCode::Unavailable, message: "Retry.".into() }),
@@ -226,6 +236,31 @@ fn server_samples() -> Vec<ServerMessage> {
         ServerMessage::CacheStatusResponse(CacheStatusResponse { is_primed: true }),
         ServerMessage::PriorityChatReady(PriorityChatReady { chat_id: chat("c1") }),
         ServerMessage::CachePrimed(CachePrimed { status: "full_sync_ready".into() }),
+        ServerMessage::StreamStarted(StreamStarted {
+            chat_id: chat("c1"),
+            stream_id: StreamId::new("s1").unwrap(),
+            message_id: msg_id("m2"),
+            sender_name: "assistant".into(),
+            meta: Map::new(),
+        }),
+        ServerMessage::StreamChunk(StreamChunk {
+            chat_id: chat("c1"),
+            stream_id: StreamId::new("s1").unwrap(),
+            seq: 1,
+            delta: "Hel\"lo".into(),
+        }),
+        ServerMessage::StreamCompleted(StreamCompleted {
+            chat_id: chat("c1"),
+            stream_id: StreamId::new("s1").unwrap(),
+            message_id: msg_id("m2"),
+            seq: 4,
+            messages_v: 4,
+        }),
+        ServerMessage::StreamCancelled(StreamCancelled {
+            chat_id: chat("c1"),
+            stream_id: StreamId::new("s1").unwrap(),
+            reason: StreamCancelReason::CancelledByUser,
+        }),
         ServerMessage::ChatReadUpdated(ChatReadUpdated { chat_id: chat("c1"), read_seq: 3, unread_count: 1 }),
     ]
 }
@@ -414,4 +449,35 @@ fn payloads_the_decoder_refuses_are_refused_by_the_schema_too() {
         assert!(decode(text).is_err(), "the decoder accepts {text}");
         assert!(!schema_errors("client", text).is_empty(), "the schema accepts {text}");
     }
+}
+
+#[test]
+fn stream_payloads_have_the_documented_shape() {
+    let v: Value = serde_json::from_str(&encode(
+        &ServerMessage::StreamCancelled(StreamCancelled {
+            chat_id: chat("c1"),
+            stream_id: StreamId::new("s1").unwrap(),
+            reason: StreamCancelReason::Timeout,
+        }),
+        None,
+    ))
+    .unwrap();
+    assert_eq!(
+        v,
+        json!({"type": "stream_cancelled", "payload": {"chat_id": "c1", "stream_id": "s1", "reason": "timeout"}})
+    );
+    let started = decode_server(
+        r#"{"type":"stream_started","payload":{"chat_id":"c","stream_id":"s","message_id":"m","sender_name":"a"}}"#,
+    )
+    .unwrap();
+    assert!(matches!(started.message, ServerMessage::StreamStarted(s) if s.meta.is_empty()), "meta defaults to {{}}");
+    let sync = decode_server(
+        r#"{"type":"initial_sync_response","payload":{"chat_ids_to_delete":[],"chats_to_add_or_update":[],"server_chat_order":[],"sync_completed_at":""}}"#,
+    )
+    .unwrap();
+    assert!(matches!(sync.message, ServerMessage::InitialSyncResponse(r) if r.active_streams.is_empty()));
+    let e = err(r#"{"type":"cancel_stream","payload":{"chat_id":"c1","stream_id":"a/b"}}"#);
+    assert_eq!((e.code, e.field.as_deref()), (ErrorCode::InvalidPayload, Some("stream_id")));
+    let e = err(r#"{"type":"cancel_stream","payload":{"chat_id":"c1"}}"#);
+    assert_eq!((e.code, e.field.as_deref()), (ErrorCode::InvalidPayload, Some("stream_id")));
 }

@@ -31,6 +31,10 @@ const SERVER_TYPES: &[&str] = &[
     "priority_chat_ready",
     "cache_primed",
     "chat_read_updated",
+    "stream_started",
+    "stream_chunk",
+    "stream_completed",
+    "stream_cancelled",
 ];
 
 fn docs_dir() -> PathBuf {

@@ -358,6 +358,15 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_CHATS_PER_USER", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_chats_per_user: Option<u32>,
+    /// Most text one stream (SERVER_API section 4) may accumulate; a chunk beyond it is 422 `limit_exceeded`
+    /// [default: 262144].
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_STREAM_BYTES", value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_stream_bytes: Option<usize>,
+    /// Seconds without a chunk after which an open stream is cancelled with reason `timeout` [default: 60].
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_STREAM_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_idle_timeout_secs: Option<u64>,
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, help_heading = "Network", env = "CHATSYNC_LISTEN", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -97,6 +97,10 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// Clock leeway for a JWT's `exp`, `nbf` and `iat`, seconds.
     pub jwt_leeway_secs: u64,
+    /// Seconds without a chunk after which an open stream is cancelled with reason `timeout`.
+    pub stream_idle_timeout_secs: u64,
+    /// Most text one stream may accumulate, bytes (beyond it a chunk is `limit_exceeded`).
+    pub max_stream_bytes: usize,
 }
 
 /// A secret configuration value: its `Debug` never shows it.
@@ -170,6 +174,8 @@ impl Default for Config {
             jwt_audience: None,
             jwt_issuer: None,
             jwt_leeway_secs: 0,
+            stream_idle_timeout_secs: 60,
+            max_stream_bytes: 262_144,
         }
     }
 }
@@ -209,11 +215,18 @@ impl Config {
             ("max_chats_per_user", self.max_chats_per_user as u64),
             ("session_check_interval_secs", self.session_check_interval_secs),
             ("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64),
+            ("stream_idle_timeout_secs", self.stream_idle_timeout_secs),
+            ("max_stream_bytes", self.max_stream_bytes as u64),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(format!("{name} must be greater than 0"));
             }
+        }
+        if (self.max_reply_bytes as u64) < self.max_stream_bytes as u64 + 16_384 {
+            return Err(
+                "max_reply_bytes must be at least max_stream_bytes + 16 KiB (a completed stream is one message)".into(),
+            );
         }
         if self.jwt_hs256_secret.is_some() && self.jwt_public_key_file.is_some() {
             return Err("jwt_hs256_secret and jwt_public_key_file are exclusive: configure one".into());

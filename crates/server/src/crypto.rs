@@ -269,6 +269,11 @@ impl Aad {
         Aad::new(&["bus", channel])
     }
 
+    /// A part (`field`) of the open stream stored under `stream` (its Redis key), see `streams/redis.rs`.
+    pub fn stream(stream: &str, field: &str) -> Aad {
+        Aad::new(&["stream", stream, field])
+    }
+
     fn dek(key_ref: &str) -> Aad {
         Aad::new(&["dek", key_ref])
     }

@@ -46,6 +46,11 @@ impl Error {
         Error::new(ErrorCode::NotFound, "Chat not found.").with_chat(chat_id)
     }
 
+    /// `not_found` for a stream: no such open stream of the user in that chat.
+    pub fn stream_not_found(chat_id: &str) -> Error {
+        Error::new(ErrorCode::NotFound, "Stream not found.").with_chat(chat_id)
+    }
+
     /// `unavailable`: a backend is temporarily unreachable.
     pub fn unavailable(detail: impl Into<String>) -> Error {
         Error::new(ErrorCode::Unavailable, "A backend is temporarily unavailable; retry later.")

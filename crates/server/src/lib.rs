@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pause;
 pub mod store;
+pub mod streams;
 
 pub use config::Config;
 pub use handlers::Ctx;
@@ -62,6 +63,8 @@ pub fn assemble(
         Some(bus) => Some(cluster::Bus::start(bus, master.derive("bus"))?),
         None => None,
     };
+    // Open streams: Redis with the bus (shared by the nodes), else this node's memory.
+    let streams = streams::from_config(&config, &master)?;
     let keys = Arc::new(keys::Keyring::new(master));
     let (hub, cache): (Arc<dyn hub::Hub>, Arc<dyn cache::Cache>) = match &bus {
         Some(bus) => {
@@ -88,6 +91,7 @@ pub fn assemble(
         limits: config.limits(),
         jwt,
         pauses: Arc::default(),
+        streams,
         config: Arc::new(config),
     })
 }
@@ -107,6 +111,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let gateway = gateway::Gateway { ctx: ctx.clone(), shutdown: token.clone(), tracker: tracker.clone() };
     let watcher = tokio::spawn(watch_revocations(ctx.clone(), token.clone()));
+    let stream_sweeper = tokio::spawn(streams::sweep_idle_streams(ctx.clone(), token.clone()));
 
     let trigger = token.clone();
     let (store, store_failure) = (ctx.chats.clone(), Arc::new(parking_lot::Mutex::new(None::<String>)));
@@ -154,6 +159,7 @@ pub async fn run(
         ctx.hub.close_all(CloseReason::SHUTDOWN);
     }
     watcher.abort();
+    stream_sweeper.abort();
     if let Some(bus) = &ctx.bus {
         bus.stop();
     }

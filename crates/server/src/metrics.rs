@@ -9,6 +9,9 @@
 //! * `outbox_overflows_total` (connections closed as slow consumers);
 //! * `store_seconds{op}` (histogram of every store call), `cache_lookups_total{result}` (`hit`, `miss`),
 //!   `writer_batch_size` (histogram of group-commit batches);
+//! * `streams_started_total`, `stream_chunks_total`, `streams_ended_total{reason}` (`completed`,
+//!   `aborted`, `cancelled_by_user`, `timeout`), `stream_chunks_merged_total` (chunks folded into a queued
+//!   chunk of a connection that is behind);
 //! * `api_requests_total{status}` (every authenticated `/v1/api` request), `api_errors_total{code}`.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -37,6 +40,14 @@ pub const CACHE_LOOKUPS: &str = "chatsync_cache_lookups_total";
 /// Group-commit batch sizes.
 pub const WRITER_BATCH: &str = "chatsync_writer_batch_size";
 
+/// Streams opened.
+pub const STREAMS_STARTED: &str = "chatsync_streams_started_total";
+/// Stream chunks accepted.
+pub const STREAM_CHUNKS: &str = "chatsync_stream_chunks_total";
+/// Streams ended, by reason.
+pub const STREAMS_ENDED: &str = "chatsync_streams_ended_total";
+/// Chunks merged into a chunk already queued for a connection.
+pub const STREAM_CHUNKS_MERGED: &str = "chatsync_stream_chunks_merged_total";
 /// Server API requests that passed authentication, by HTTP status.
 pub const API_REQUESTS: &str = "chatsync_api_requests_total";
 /// Server API error responses, by code.

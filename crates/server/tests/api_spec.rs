@@ -159,3 +159,57 @@ async fn posting_a_message_answers_as_the_spec_says() {
     assert_eq!(s, 400);
     conforms("post", template, None, s, &b);
 }
+
+#[tokio::test]
+async fn streams_answer_as_the_spec_says() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    api.post("/users", json!({"user_id": "alice"})).await;
+    api.post("/users", json!({"user_id": "bob"})).await;
+    let start = "/users/{user_id}/chats/{chat_id}/streams";
+    let chunks = "/users/{user_id}/chats/{chat_id}/streams/{stream_id}/chunks";
+    let complete = "/users/{user_id}/chats/{chat_id}/streams/{stream_id}/complete";
+    let abort = "/users/{user_id}/chats/{chat_id}/streams/{stream_id}";
+
+    let body = json!({"stream_id": "s1", "message_id": "m1", "sender_name": "assistant", "meta": {"model": "x"}});
+    let (s, b) = api.post("/users/alice/chats/c1/streams", body.clone()).await;
+    assert_eq!(s, 201, "{b}");
+    conforms("post", start, Some(&body), s, &b);
+    let (s, b) = api.post("/users/alice/chats/c1/streams", body.clone()).await;
+    assert_eq!(s, 200, "{b}");
+    conforms("post", start, Some(&body), s, &b);
+    let (s, b) = api.post("/users/nobody/chats/c1/streams", body.clone()).await;
+    assert_eq!(s, 404, "{b}");
+    conforms("post", start, None, s, &b);
+
+    let chunk = json!({"seq": 1, "delta": "Hel"});
+    let (s, b) = api.post("/users/alice/chats/c1/streams/s1/chunks", chunk.clone()).await;
+    assert_eq!(s, 202, "{b}");
+    conforms("post", chunks, Some(&chunk), s, &b);
+    let (s, b) = api.post("/users/alice/chats/c1/streams/s1/chunks", chunk.clone()).await;
+    assert_eq!(s, 200, "{b}");
+    conforms("post", chunks, Some(&chunk), s, &b);
+    let (s, b) = api.post("/users/alice/chats/c1/streams/s1/chunks", json!({"seq": 3, "delta": "x"})).await;
+    assert_eq!(s, 409, "{b}");
+    conforms("post", chunks, None, s, &b);
+    // Cross-user: bob has no such stream.
+    let (s, b) = api.post("/users/bob/chats/c1/streams/s1/chunks", json!({"seq": 2, "delta": "x"})).await;
+    assert!(s == 404 || s == 409, "{s} {b}");
+    conforms("post", chunks, None, s, &b);
+
+    let (s, b) = api.post("/users/alice/chats/c1/streams/s1/complete", json!({})).await;
+    assert_eq!(s, 201, "{b}");
+    conforms("post", complete, Some(&json!({})), s, &b);
+    let (s, b) = api.post("/users/alice/chats/c1/streams/s1/complete", json!({})).await;
+    assert_eq!(s, 409, "{b}");
+    conforms("post", complete, None, s, &b);
+
+    let body = json!({"stream_id": "s2", "message_id": "m2", "sender_name": "assistant"});
+    api.post("/users/alice/chats/c1/streams", body).await;
+    let (s, b) = api.delete("/users/alice/chats/c1/streams/s2").await;
+    assert_eq!(s, 204, "{b}");
+    conforms("delete", abort, None, s, &b);
+    let (s, b) = api.delete("/users/alice/chats/c1/streams/s2").await;
+    assert!(s == 404 || s == 409, "{s} {b}");
+    conforms("delete", abort, None, s, &b);
+}

@@ -5,6 +5,7 @@ pub mod fanout;
 pub mod idle;
 pub mod saturate;
 pub mod soak;
+pub mod stream;
 pub mod sync;
 
 use crate::connect::{check_url, Connector, Target};

@@ -11,6 +11,7 @@ mod devices;
 pub mod keys;
 pub mod messages;
 mod sessions;
+mod streams;
 mod users;
 
 use crate::handlers::Ctx;
@@ -44,6 +45,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .merge(users::routes())
         .merge(sessions::routes())
         .merge(devices::routes())
+        .merge(streams::routes())
         .merge(messages::routes())
         .fallback(|| async { ApiError::not_found("No such endpoint.") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), keys::authenticate))

@@ -16,7 +16,8 @@ use crate::keys::Keyring;
 use crate::store::chats::{ChatRecord, MessageRecord};
 use crate::store::now_millis;
 use chatsync_protocol::{
-    ChatChangeKind, ChatId, ChatUpdate, ClientVersions, InitialSyncRequest, InitialSyncResponse, Limits, ServerMessage,
+    ActiveStream, ChatChangeKind, ChatId, ChatUpdate, ClientVersions, InitialSyncRequest, InitialSyncResponse, Limits,
+    ServerMessage,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -48,6 +49,15 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
             }
         }
     }
+    // Open streams (SERVER_API.md section 4). Their state being unreachable (Redis down) must not fail
+    // the sync: the device then sees the streams' messages when they complete.
+    let active_streams = match ctx.streams.list(&user).await {
+        Ok(streams) => streams.iter().map(|s| s.active()).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "open streams unavailable for initial sync; sent without them");
+            Vec::new()
+        }
+    };
     let job = SyncJob {
         keys: ctx.keys.clone(),
         user,
@@ -55,6 +65,7 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
         chats,
         chat_versions: p.chat_versions,
         immediate,
+        active_streams,
         budget: ctx.limits.max_reply_bytes as usize,
     };
     let parts = off_workers(move || job.build()).await?;
@@ -78,6 +89,7 @@ struct SyncJob {
     chats: Vec<ChatRecord>,
     chat_versions: BTreeMap<ChatId, ClientVersions>,
     immediate: Option<(String, Vec<MessageRecord>)>,
+    active_streams: Vec<ActiveStream>,
     budget: usize,
 }
 
@@ -123,6 +135,22 @@ impl SyncJob {
             }
             packer.add(size);
             part.chats_to_add_or_update.push(entry);
+        }
+        // Open streams, split over the parts like the lists. A stream whose text so far cannot fit in one
+        // frame on its own (only text that escapes heavily in JSON can) is left out: the device shows its
+        // message when it completes.
+        for stream in self.active_streams {
+            let size = json_len(&stream);
+            if !Packer::new(self.budget).fits(size) {
+                tracing::warn!(chat_id = %stream.chat_id, stream_id = %stream.stream_id, "open stream too large for a sync frame; left out");
+                continue;
+            }
+            if !packer.fits(size) && !packer.is_empty() {
+                parts.push(std::mem::replace(&mut part, empty_part()));
+                packer.next_part();
+            }
+            packer.add(size);
+            part.active_streams.push(stream);
         }
         // The order comes whole in the last part (Config::validate makes sure it fits in one frame).
         if !packer.fits(json_len(&order)) && !packer.is_empty() {
@@ -185,6 +213,7 @@ fn empty_part() -> InitialSyncResponse {
         chats_to_add_or_update: Vec::new(),
         server_chat_order: Vec::new(),
         sync_completed_at: String::new(),
+        active_streams: Vec::new(),
         more: false,
     }
 }

@@ -6,6 +6,7 @@
 //! [`Outcome`] (the reply and SELF's copies with the `request_id`, the OTHERS copy once, shared).
 
 mod bounded;
+mod cancel_stream;
 mod chat_message_added;
 pub mod common;
 mod delete_chat;
@@ -57,6 +58,8 @@ pub struct Ctx {
     pub jwt: Option<Arc<crate::gateway::jwt::JwtVerifier>>,
     /// Pause points for deterministic race tests (never armed in production).
     pub pauses: Arc<PausePoints>,
+    /// The open streams (SERVER_API.md section 4): memory, or Redis in a cluster.
+    pub streams: Arc<dyn crate::streams::StreamRegistry>,
 }
 
 /// A broadcast caused by a request.
@@ -110,6 +113,7 @@ pub async fn dispatch(ctx: &Ctx, conn: &ConnHandle, message: ClientMessage) -> R
         ClientMessage::DeleteChat(p) => delete_chat::handle(ctx, conn, p).await,
         ClientMessage::SyncOfflineChanges(p) => sync_offline_changes::handle(ctx, conn, p).await,
         ClientMessage::RequestCacheStatus(p) => request_cache_status::handle(ctx, conn, p).await,
+        ClientMessage::CancelStream(p) => cancel_stream::handle(ctx, conn, p).await,
         ClientMessage::MarkRead(p) => mark_read::handle(ctx, conn, p).await,
     }
 }

@@ -2,6 +2,16 @@
 //!
 //! Producers (the connection's own replies, broadcasts from any handler) never wait: [`Outbox::push`]
 //! either queues or, past the bound, marks the connection for closing with 1013 `Slow consumer`.
+//!
+//! Stream chunks (SERVER_API.md section 4, "Slow devices") are the exception: a `stream_chunk` frame never
+//! counts towards the bound, and when the connection is behind (a chunk of the same stream is still
+//! queued, with only chunks after it) the new chunk is merged into the queued one: one `stream_chunk`
+//! whose `seq` is the last merged and whose `delta` is the concatenation, in order. So a connection that
+//! reads slowly gets fewer, larger chunks and is never closed because of them; what a stream can add to
+//! a queue is bounded by the stream's text cap. A chunk is never merged across another frame (such as
+//! `stream_completed`, or a `stream_started` that reuses the stream id), so order is kept. Chunks are
+//! recognised by the fixed start of the frame ([`chatsync_protocol::chunk_frame_key`]), so a chunk that
+//! came over the cluster bus merges like a local one.
 
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
@@ -72,10 +82,39 @@ pub enum Next {
     Close(CloseReason),
 }
 
+/// A merged chunk stops growing at about this many bytes (the sum of the frames merged into it), so that
+/// it stays far below any `max_reply_bytes` (at least 64 KiB); the next chunk starts a new one.
+const MAX_MERGED_CHUNK_BYTES: usize = 32 * 1024;
+
+/// One queued item: a frame, or a stream chunk that later chunks of its stream may merge into.
+enum Item {
+    Frame(Utf8Bytes),
+    Chunk(Box<Chunk>),
+}
+
+enum ChunkBody {
+    Frame(Utf8Bytes),
+    Merged(chatsync_protocol::StreamChunk),
+}
+
+struct Chunk {
+    /// Names the stream (see [`chatsync_protocol::chunk_frame_key`]).
+    key: Box<str>,
+    /// The frame as delivered, or the merged chunk once a second one arrived (encoded when it leaves).
+    body: ChunkBody,
+    /// Bytes accounted for it.
+    bytes: usize,
+}
+
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Utf8Bytes>,
+    queue: VecDeque<Item>,
+    /// Bytes of the queued frames (chunks not included).
     bytes: usize,
+    /// Queued frames (chunks not included).
+    frames: usize,
+    /// Bytes of the queued chunks (unbounded by `max_bytes`; bounded by the streams' text caps).
+    chunk_bytes: usize,
     close: Option<CloseReason>,
     /// A reply is waiting for room ([`Outbox::push_reply`]).
     reply_waiting: bool,
@@ -105,18 +144,25 @@ impl Outbox {
 
     /// Queues a frame. Returns `false` if the connection is closing, or if the frame would exceed the
     /// bound, in which case the queue is dropped and the connection is closed with 1013 `Slow consumer`.
-    /// One frame larger than the byte bound is accepted when the queue is empty.
+    /// One frame larger than the byte bound is accepted when no other frame is queued. A `stream_chunk`
+    /// frame is always accepted (merged into a queued chunk of its stream when there is one, see the
+    /// module doc).
     pub fn push(&self, frame: Utf8Bytes) -> bool {
+        if let Some(key) = chatsync_protocol::chunk_frame_key(frame.as_str()) {
+            return self.push_chunk(key, frame.clone());
+        }
         let mut s = self.state.lock();
         if s.close.is_some() {
             return false;
         }
-        // A single frame larger than the byte bound (a big initial sync) is accepted on an empty queue:
-        // only a queue that keeps growing marks a slow consumer.
-        let over_bytes = !s.queue.is_empty() && s.bytes + frame.len() > self.max_bytes;
-        if s.queue.len() >= self.max_messages || over_bytes {
+        // A single frame larger than the byte bound (a big initial sync) is accepted when no other frame
+        // is queued: only a queue that keeps growing marks a slow consumer.
+        let over_bytes = s.frames > 0 && s.bytes + frame.len() > self.max_bytes;
+        if s.frames >= self.max_messages || over_bytes {
             s.queue = VecDeque::new();
             s.bytes = 0;
+            s.frames = 0;
+            s.chunk_bytes = 0;
             s.close = Some(CloseReason::SLOW_CONSUMER);
             drop(s);
             metrics::counter!(crate::metrics::OUTBOX_OVERFLOWS).increment(1);
@@ -125,7 +171,44 @@ impl Outbox {
             return false;
         }
         s.bytes += frame.len();
-        s.queue.push_back(frame);
+        s.frames += 1;
+        s.queue.push_back(Item::Frame(frame));
+        drop(s);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Queues a `stream_chunk` frame of the stream `key`, merging it into the chunk of that stream still
+    /// queued behind nothing but chunks, if any. Never closes the connection.
+    fn push_chunk(&self, key: &str, frame: Utf8Bytes) -> bool {
+        let mut s = self.state.lock();
+        if s.close.is_some() {
+            return false;
+        }
+        let len = frame.len();
+        for item in s.queue.iter_mut().rev() {
+            let Item::Chunk(queued) = item else { break };
+            if &*queued.key != key {
+                continue;
+            }
+            if queued.bytes + len > MAX_MERGED_CHUNK_BYTES {
+                break;
+            }
+            if let ChunkBody::Frame(f) = &queued.body {
+                let Some(first) = chatsync_protocol::parse_chunk_frame(f.as_str()) else { break };
+                queued.body = ChunkBody::Merged(first);
+            }
+            let ChunkBody::Merged(merged) = &mut queued.body else { break };
+            if !chatsync_protocol::merge_chunk_frames(merged, frame.as_str()) {
+                break;
+            }
+            queued.bytes += len;
+            s.chunk_bytes += len;
+            metrics::counter!(crate::metrics::STREAM_CHUNKS_MERGED).increment(1);
+            return true;
+        }
+        s.chunk_bytes += len;
+        s.queue.push_back(Item::Chunk(Box::new(Chunk { key: key.into(), body: ChunkBody::Frame(frame), bytes: len })));
         drop(s);
         self.notify.notify_one();
         true
@@ -142,11 +225,11 @@ impl Outbox {
                 if s.close.is_some() {
                     return false;
                 }
-                let fits = s.queue.is_empty()
-                    || (s.bytes + frame.len() <= self.max_bytes && s.queue.len() < self.max_messages);
+                let fits = s.frames == 0 || (s.bytes + frame.len() <= self.max_bytes && s.frames < self.max_messages);
                 if fits {
                     s.bytes += frame.len();
-                    s.queue.push_back(frame);
+                    s.frames += 1;
+                    s.queue.push_back(Item::Frame(frame));
                     drop(s);
                     self.notify.notify_one();
                     return true;
@@ -174,6 +257,8 @@ impl Outbox {
         let mut s = self.state.lock();
         s.queue = VecDeque::new();
         s.bytes = 0;
+        s.frames = 0;
+        s.chunk_bytes = 0;
         if s.close.is_none() {
             s.close = Some(reason);
         }
@@ -192,15 +277,35 @@ impl Outbox {
         loop {
             {
                 let mut s = self.state.lock();
-                if let Some(frame) = s.queue.pop_front() {
-                    s.bytes -= frame.len();
+                if let Some(item) = s.queue.pop_front() {
+                    let frame = match item {
+                        Item::Frame(frame) => {
+                            s.bytes -= frame.len();
+                            s.frames -= 1;
+                            Ok(frame)
+                        }
+                        Item::Chunk(chunk) => {
+                            s.chunk_bytes -= chunk.bytes;
+                            Err(chunk)
+                        }
+                    };
                     if std::mem::take(&mut s.reply_waiting) {
                         self.space.notify_waiters();
                     }
                     if s.queue.is_empty() && s.queue.capacity() > 16 {
                         s.queue = VecDeque::new();
                     }
-                    return Next::Frame(frame);
+                    drop(s);
+                    return Next::Frame(match frame {
+                        Ok(frame) => frame,
+                        Err(chunk) => match chunk.body {
+                            ChunkBody::Frame(frame) => frame,
+                            ChunkBody::Merged(merged) => {
+                                chatsync_protocol::encode(&chatsync_protocol::ServerMessage::StreamChunk(merged), None)
+                                    .into()
+                            }
+                        },
+                    });
                 }
                 if let Some(reason) = s.close {
                     return Next::Close(reason);
@@ -283,6 +388,75 @@ mod tests {
         assert!(o.push(frame("a")));
         o.close_now(CloseReason::PEER_CLOSED);
         assert!(matches!(o.next().await, Next::Close(CloseReason::PEER_CLOSED)));
+    }
+
+    fn chunk(stream: &str, seq: u64, delta: &str) -> Utf8Bytes {
+        let c = chatsync_protocol::StreamChunk {
+            chat_id: chatsync_protocol::ChatId::new("c1").unwrap(),
+            stream_id: chatsync_protocol::StreamId::new(stream).unwrap(),
+            seq,
+            delta: delta.into(),
+        };
+        chatsync_protocol::encode(&chatsync_protocol::ServerMessage::StreamChunk(c), None).into()
+    }
+
+    async fn next_text(o: &Outbox) -> String {
+        match o.next().await {
+            Next::Frame(f) => f.as_str().to_owned(),
+            Next::Close(r) => panic!("closed: {r:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn chunks_of_one_stream_merge_while_queued_and_never_overflow() {
+        let o = Outbox::new(64, 2);
+        for seq in 1..=200 {
+            assert!(o.push(chunk("s1", seq, "ab")), "a chunk never closes the connection");
+        }
+        assert!(201 * chunk("s1", 1, "ab").len() < MAX_MERGED_CHUNK_BYTES);
+        assert!(o.push(chunk("s2", 1, "x")));
+        assert!(o.push(chunk("s1", 201, "Z")), "merged across a chunk of another stream");
+        assert!(!o.is_closing());
+        let merged = chatsync_protocol::parse_chunk_frame(&next_text(&o).await).unwrap();
+        assert_eq!((merged.seq, merged.delta.len()), (201, 200 * 2 + 1), "one chunk: the last seq, every delta");
+        assert!(merged.delta.ends_with("abZ"));
+        assert_eq!(next_text(&o).await, chunk("s2", 1, "x").as_str());
+    }
+
+    #[tokio::test]
+    async fn chunks_never_merge_across_another_frame_and_do_not_count_towards_the_bound() {
+        let o = Outbox::new(1024, 2);
+        assert!(o.push(chunk("s1", 1, "a")));
+        assert!(o.push(frame("completed")));
+        assert!(o.push(chunk("s1", 1, "b")), "a new stream reusing the id");
+        assert!(o.push(chunk("s1", 2, "c")));
+        assert!(o.push(frame("other")), "two frames fit the bound of 2: chunks are not counted");
+        assert!(!o.push(frame("third")), "the third frame overflows");
+        let o = Outbox::new(1024, 8);
+        assert!(o.push(chunk("s1", 1, "a")));
+        assert!(o.push(frame("completed")));
+        assert!(o.push(chunk("s1", 1, "b")));
+        assert!(o.push(chunk("s1", 2, "c")));
+        assert_eq!(next_text(&o).await, chunk("s1", 1, "a").as_str());
+        assert_eq!(next_text(&o).await, "completed");
+        assert_eq!(next_text(&o).await, chunk("s1", 2, "bc").as_str(), "merged after the frame only");
+    }
+
+    #[tokio::test]
+    async fn a_merged_chunk_stops_growing_below_the_frame_limit() {
+        let o = Outbox::new(1024, 8);
+        let big = "y".repeat(MAX_MERGED_CHUNK_BYTES / 3);
+        for seq in 1..=7 {
+            assert!(o.push(chunk("s1", seq, &big)));
+        }
+        let mut seqs = Vec::new();
+        for _ in 0..3 {
+            let text = next_text(&o).await;
+            assert!(text.len() <= MAX_MERGED_CHUNK_BYTES, "{}", text.len());
+            seqs.push(chatsync_protocol::parse_chunk_frame(&text).unwrap().seq);
+        }
+        assert_eq!(seqs, [2, 4, 6]);
+        assert_eq!(chatsync_protocol::parse_chunk_frame(&next_text(&o).await).unwrap().seq, 7);
     }
 
     #[tokio::test]

@@ -1,0 +1,183 @@
+//! Streams (SERVER_API.md section 4, PROTOCOL.md "Messages from other senders, unread counts, streams"):
+//! the `cancel_stream` client payload, the four `stream_*` server payloads, the `active_streams` entry
+//! of `initial_sync_response`, and the helpers the server's outbox uses to merge queued `stream_chunk`
+//! frames of one stream ([`chunk_frame_key`], [`merge_chunk_frames`]).
+
+use crate::ids::{ChatId, MessageId, StreamId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// `cancel_stream` payload (client to server).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct CancelStream {
+    /// The chat the stream writes into.
+    pub chat_id: ChatId,
+    /// The stream to cancel.
+    pub stream_id: StreamId,
+}
+
+/// `stream_started` payload (ALL).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct StreamStarted {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The stream.
+    pub stream_id: StreamId,
+    /// The id the completed message will have.
+    pub message_id: MessageId,
+    /// Who writes it (never `"user"`).
+    pub sender_name: String,
+    /// The backend's metadata, untouched (`{}` when it gave none).
+    #[serde(default)]
+    pub meta: Map<String, Value>,
+}
+
+/// `stream_chunk` payload (ALL). When a connection is behind, several chunks of one stream arrive as one:
+/// `seq` is the last one merged and `delta` the concatenation, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct StreamChunk {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The stream.
+    pub stream_id: StreamId,
+    /// 1-based, +1 per chunk (the last one merged).
+    pub seq: u64,
+    /// The text added by this chunk (or the merged chunks).
+    pub delta: String,
+}
+
+/// `stream_completed` payload (ALL): the message is stored; nothing else of the stream follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct StreamCompleted {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The stream.
+    pub stream_id: StreamId,
+    /// The stored message.
+    pub message_id: MessageId,
+    /// The stored message's `seq` in the chat.
+    pub seq: u64,
+    /// The chat's `messages_v` after it.
+    pub messages_v: u64,
+}
+
+/// Why a stream ended without a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum StreamCancelReason {
+    /// A device of the user sent `cancel_stream`.
+    CancelledByUser,
+    /// The backend aborted it (`DELETE …/streams/{stream_id}`).
+    Aborted,
+    /// No chunk for the idle timeout.
+    Timeout,
+}
+
+/// `stream_cancelled` payload (ALL).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct StreamCancelled {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The stream.
+    pub stream_id: StreamId,
+    /// Why.
+    pub reason: StreamCancelReason,
+}
+
+/// One entry of `initial_sync_response.active_streams`: an open stream of the user, with its text so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct ActiveStream {
+    /// The chat.
+    pub chat_id: ChatId,
+    /// The stream.
+    pub stream_id: StreamId,
+    /// The id the completed message will have.
+    pub message_id: MessageId,
+    /// Who writes it.
+    pub sender_name: String,
+    /// The backend's metadata (`{}` when none).
+    #[serde(default)]
+    pub meta: Map<String, Value>,
+    /// The last chunk included in `content_so_far` (0: none yet); the next `stream_chunk` has `seq + 1`.
+    pub seq: u64,
+    /// Every chunk's text up to `seq`, concatenated.
+    pub content_so_far: String,
+}
+
+/// The start of every `stream_chunk` frame [`crate::encode`] writes without a `request_id`.
+const CHUNK_PREFIX: &str = r#"{"type":"stream_chunk","payload":{"chat_id":""#;
+
+/// If `frame` is a `stream_chunk` frame as [`crate::encode`] writes it, the part that names its stream
+/// (`<chat_id>","stream_id":"<stream_id>`), else `None`. Cheap (a prefix check and one search): ids
+/// contain neither quotes nor commas, so the first `","seq":` ends the key.
+pub fn chunk_frame_key(frame: &str) -> Option<&str> {
+    let rest = frame.strip_prefix(CHUNK_PREFIX)?;
+    let end = rest.find(r#"","seq":"#)?;
+    let key = &rest[..end];
+    key.contains(r#"","stream_id":""#).then_some(key)
+}
+
+/// Parses a `stream_chunk` frame back into its payload (`None` for any other frame).
+pub fn parse_chunk_frame(frame: &str) -> Option<StreamChunk> {
+    match crate::decode_server(frame).ok()?.message {
+        crate::ServerMessage::StreamChunk(c) => Some(c),
+        _ => None,
+    }
+}
+
+/// Appends the chunk of `next` (a `stream_chunk` frame of the same stream) to `into`: `seq` becomes the
+/// later one and `delta` the concatenation. Returns `false` (and changes nothing) if `next` is not a
+/// chunk of the same stream.
+pub fn merge_chunk_frames(into: &mut StreamChunk, next: &str) -> bool {
+    match parse_chunk_frame(next) {
+        Some(c) if c.chat_id == into.chat_id && c.stream_id == into.stream_id => {
+            into.seq = into.seq.max(c.seq);
+            into.delta.push_str(&c.delta);
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{encode, ServerMessage};
+
+    fn chunk(seq: u64, delta: &str) -> StreamChunk {
+        StreamChunk {
+            chat_id: ChatId::new("c-1").unwrap(),
+            stream_id: StreamId::new("s:1.x").unwrap(),
+            seq,
+            delta: delta.into(),
+        }
+    }
+
+    #[test]
+    fn the_key_of_a_chunk_frame_names_its_stream() {
+        let frame = encode(&ServerMessage::StreamChunk(chunk(3, "\",\"seq\":9 tricky")), None);
+        assert_eq!(chunk_frame_key(&frame), Some(r#"c-1","stream_id":"s:1.x"#));
+        let other = encode(&ServerMessage::Pong(crate::Empty {}), None);
+        assert_eq!(chunk_frame_key(&other), None);
+        let with_request_id = encode(&ServerMessage::StreamChunk(chunk(3, "x")), Some("r"));
+        assert!(parse_chunk_frame(&with_request_id).is_some());
+    }
+
+    #[test]
+    fn merging_concatenates_in_order_and_keeps_the_last_seq() {
+        let mut first = chunk(1, "Hel");
+        assert!(merge_chunk_frames(&mut first, &encode(&ServerMessage::StreamChunk(chunk(2, "lo")), None)));
+        assert_eq!(first, chunk(2, "Hello"));
+        let mut other = chunk(1, "a");
+        other.stream_id = StreamId::new("s2").unwrap();
+        assert!(!merge_chunk_frames(&mut first, &encode(&ServerMessage::StreamChunk(other), None)));
+        assert_eq!(first, chunk(2, "Hello"));
+    }
+}

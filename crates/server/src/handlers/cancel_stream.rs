@@ -1,0 +1,31 @@
+//! `cancel_stream` `{"chat_id","stream_id"}`: a device stops a reply being generated (SERVER_API.md
+//! section 4). ALL `stream_cancelled` `{"chat_id","stream_id","reason":"cancelled_by_user"}`; the stream is
+//! closed, so later chunks or `complete` for it get 409 `conflict`. `not_found` when the user has no such
+//! open stream (another user's stream is indistinguishable from none).
+
+use super::{Broadcast, Ctx, Outcome};
+use crate::error::Error;
+use crate::hub::ConnHandle;
+use crate::streams::StreamKey;
+use chatsync_protocol::{CancelStream, ServerMessage, StreamCancelReason, StreamCancelled};
+
+/// Handles `cancel_stream`.
+pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: CancelStream) -> Result<Outcome, Error> {
+    let key = StreamKey { user_id: conn.user_id.clone(), chat_id: p.chat_id, stream_id: p.stream_id };
+    match ctx.streams.take(&key).await {
+        Ok(Some(_)) => {
+            // WEBHOOK: stream.cancel_requested (user `key.user_id`, chat `key.chat_id`, `stream_id`
+            // `key.stream_id`): record the event here once the webhooks outbox exists (SERVER_API.md
+            // section 5); the stream is already closed at this point.
+            metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "cancelled_by_user").increment(1);
+            let event = StreamCancelled {
+                chat_id: key.chat_id,
+                stream_id: key.stream_id,
+                reason: StreamCancelReason::CancelledByUser,
+            };
+            Ok(Outcome::default().broadcast(Broadcast::All(ServerMessage::StreamCancelled(event))))
+        }
+        Ok(None) => Err(Error::stream_not_found(key.chat_id.as_str())),
+        Err(e) => Err(Error::unavailable(e.to_string())),
+    }
+}

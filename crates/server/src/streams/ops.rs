@@ -1,0 +1,127 @@
+//! The stream operations of SERVER_API.md section 4 that do not store anything (start, chunk, abort), as
+//! domain operations with no transport: the HTTP API (`api/streams.rs`) calls them, and so can anything
+//! else. Each one changes the registry first and then tells ALL of the user's connections (on every node,
+//! through the hub), so a device never sees a chunk the registry refused.
+//!
+//! Order: the chunks of one stream reach a device in `seq` order when the backend sends each after the
+//! previous one was answered (the seq rule asks for that: a chunk that overtakes its predecessor is a gap).
+
+use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey};
+use crate::hub::Audience;
+use crate::keys::ChatAccess;
+use crate::store::now_millis;
+use crate::Ctx;
+use chatsync_protocol::{encode, ServerMessage, StreamCancelReason, StreamChunk, StreamStarted};
+
+/// Why a stream operation failed (each maps to one status of SERVER_API.md section 4).
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// The chat belongs to another user or was deleted (404 `not_found`).
+    #[error("chat not found")]
+    ChatNotFound,
+    /// The registry refused (409 `conflict` for a closed stream, a gap or another stream under the id; 422
+    /// `limit_exceeded` past the cap; 503 `unavailable`).
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The store failed while checking the chat.
+    #[error("{0:?}")]
+    Store(crate::error::Error),
+}
+
+impl From<crate::error::Error> for OpError {
+    fn from(e: crate::error::Error) -> OpError {
+        OpError::Store(e)
+    }
+}
+
+/// Opens a stream in a chat of `key.user_id` (a chat id that is new is accepted; the chat is created when
+/// the stream's message is stored) and announces it to ALL with `stream_started`. A retried start of the
+/// same stream announces nothing.
+pub async fn start(ctx: &Ctx, key: &StreamKey, info: &StreamInfo) -> Result<Opened, OpError> {
+    if let ChatAccess::Denied = ctx.keys.chat(ctx.chats.as_ref(), &key.user_id, key.chat_id.as_str()).await? {
+        return Err(OpError::ChatNotFound);
+    }
+    let opened = ctx.streams.open(key, info, now_millis()).await?;
+    if opened == Opened::New {
+        metrics::counter!(crate::metrics::STREAMS_STARTED).increment(1);
+        let event = ServerMessage::StreamStarted(StreamStarted {
+            chat_id: key.chat_id.clone(),
+            stream_id: key.stream_id.clone(),
+            message_id: info.message_id.clone(),
+            sender_name: info.sender_name.clone(),
+            meta: info.meta.clone(),
+        });
+        ctx.hub.deliver(&key.user_id, Audience::All, encode(&event, None).into()).await;
+    }
+    Ok(opened)
+}
+
+/// Accepts chunk `seq` and delivers it to ALL as `stream_chunk`; a repeated `seq` is ignored.
+pub async fn chunk(ctx: &Ctx, key: &StreamKey, seq: u64, delta: &str) -> Result<Appended, OpError> {
+    let appended = ctx.streams.append(key, seq, delta, now_millis()).await?;
+    if appended == Appended::Accepted {
+        metrics::counter!(crate::metrics::STREAM_CHUNKS).increment(1);
+        let event = ServerMessage::StreamChunk(StreamChunk {
+            chat_id: key.chat_id.clone(),
+            stream_id: key.stream_id.clone(),
+            seq,
+            delta: delta.to_owned(),
+        });
+        ctx.hub.deliver(&key.user_id, Audience::All, encode(&event, None).into()).await;
+    }
+    Ok(appended)
+}
+
+/// Closes the stream for completion: the caller stores its message and then calls [`completed`], or
+/// [`completion_failed`] to put it back. `Ok(None)` when the stream is not open.
+pub async fn take_for_completion(ctx: &Ctx, key: &StreamKey) -> Result<Option<OpenStream>, OpError> {
+    Ok(ctx.streams.take(key).await?)
+}
+
+/// Puts back a stream whose message could not be stored, so that the backend can retry `complete`.
+pub async fn completion_failed(ctx: &Ctx, stream: OpenStream) {
+    if let Err(e) = ctx.streams.restore(stream, now_millis()).await {
+        tracing::warn!(error = %e, "a stream whose completion failed could not be reopened");
+    }
+}
+
+/// Announces a stored stream message to ALL with `stream_completed` (nothing else of the stream follows).
+pub async fn completed(
+    ctx: &Ctx,
+    key: &StreamKey,
+    message_id: &chatsync_protocol::MessageId,
+    seq: u64,
+    messages_v: u64,
+) {
+    metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "completed").increment(1);
+    let event = ServerMessage::StreamCompleted(chatsync_protocol::StreamCompleted {
+        chat_id: key.chat_id.clone(),
+        stream_id: key.stream_id.clone(),
+        message_id: message_id.clone(),
+        seq,
+        messages_v,
+    });
+    ctx.hub.deliver(&key.user_id, Audience::All, encode(&event, None).into()).await;
+}
+
+/// Tells ALL that a stream taken for completion ended without a message (its chat is gone):
+/// `stream_cancelled` with reason `aborted`.
+pub async fn ended_without_message(ctx: &Ctx, key: &StreamKey) {
+    metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "aborted").increment(1);
+    let frame = super::cancelled_frame(key, StreamCancelReason::Aborted);
+    ctx.hub.deliver(&key.user_id, Audience::All, frame.into()).await;
+}
+
+/// The backend aborts a stream: ALL `stream_cancelled` with reason `aborted`. `Err(NotOpen)` when it is
+/// not open.
+pub async fn abort(ctx: &Ctx, key: &StreamKey) -> Result<(), OpError> {
+    match ctx.streams.take(key).await? {
+        Some(_) => {
+            metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "aborted").increment(1);
+            let frame = super::cancelled_frame(key, StreamCancelReason::Aborted);
+            ctx.hub.deliver(&key.user_id, Audience::All, frame.into()).await;
+            Ok(())
+        }
+        None => Err(OpError::Stream(StreamError::NotOpen)),
+    }
+}

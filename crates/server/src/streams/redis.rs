@@ -1,0 +1,475 @@
+//! The cluster [`StreamRegistry`]: open streams in Redis, so that a stream started through one node's API
+//! takes chunks through any other and shows in `active_streams` on every node.
+//!
+//! Keys (under the configured `redis_prefix`, `P`; `U` = 128 bits of SHA-256 of the user id, `S` = the
+//! same of chat id and stream id, so key names show neither):
+//! * `P stream:{U}:S`: a hash `rec` (the key and [`StreamInfo`], sealed), `seq`, `bytes` (text so far),
+//!   `last` (unix ms of the start or last chunk);
+//! * `P stream:{U}:S:c`: a list of sealed chunks, each `seq` (8 bytes, big endian) + delta, bound to its
+//!   stream by the associated data and checked on read to be strictly increasing;
+//! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`);
+//! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`).
+//!
+//! The user's keys share the hash tag `{U}`, so each script touches one slot (Redis Cluster works). Each
+//! operation is one Lua script (atomic: the seq check, the cap and the append together); keys expire after
+//! twice the idle timeout as a backstop. Everything stream-specific is sealed with a key derived from the
+//! master key (`master.derive("streams")`): Redis never holds a chunk, a user id or metadata in plaintext.
+
+use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey, StreamRegistry};
+use crate::crypto::{Aad, DataKey};
+use async_trait::async_trait;
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Opens a stream unless one is open: returns the existing `rec`, or nil after creating it.
+/// KEYS: hash, chunks, user set. ARGV: rec, now, ttl ms, S.
+const OPEN: &str = r#"
+local r = redis.call('HGET', KEYS[1], 'rec')
+if r then return r end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'seq', 0, 'bytes', 0, 'last', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return false
+"#;
+
+/// Appends chunk `seq`: 1 accepted, 0 duplicate, -1 not open, -2 gap (then the last seq as 2nd), -3 cap.
+/// KEYS: hash, chunks, user set. ARGV: seq, sealed chunk, delta bytes, cap, now, ttl ms.
+const APPEND: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
+local cur = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local seq = tonumber(ARGV[1])
+if seq <= cur then return {0, cur} end
+if seq ~= cur + 1 then return {-2, cur} end
+local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes')) + tonumber(ARGV[3])
+if bytes > tonumber(ARGV[4]) then return {-3, cur} end
+redis.call('HSET', KEYS[1], 'seq', seq, 'bytes', bytes, 'last', ARGV[5])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
+return {1, seq}
+"#;
+
+/// Reads a stream: {rec, seq, chunks...}, or nil (and forgets S in the user set) when it is gone.
+/// With ARGV[2] == '1' also removes it (take). KEYS: hash, chunks, user set. ARGV: S, take.
+const READ: &str = r#"
+local v = redis.call('HMGET', KEYS[1], 'rec', 'seq')
+if not v[1] then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return false
+end
+local out = {v[1], v[2]}
+for _, c in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do table.insert(out, c) end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('SREM', KEYS[3], ARGV[1])
+end
+return out
+"#;
+
+/// Removes the stream if its `last` is at or before the cutoff: returns its rec; or the newer `last`
+/// (a number) when it is active; or -1 when it is gone. KEYS: hash, chunks, user set. ARGV: cutoff, S.
+const SWEEP: &str = r#"
+local v = redis.call('HMGET', KEYS[1], 'rec', 'last')
+if not v[1] then
+  redis.call('SREM', KEYS[3], ARGV[2])
+  return -1
+end
+if tonumber(v[2]) > tonumber(ARGV[1]) then return tonumber(v[2]) end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[2])
+return v[1]
+"#;
+
+/// Puts back a taken stream unless one is open. KEYS: hash, chunks, user set.
+/// ARGV: rec, seq, bytes, now, ttl ms, S, sealed chunk (everything so far as one chunk; may be empty).
+const RESTORE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'seq', ARGV[2], 'bytes', ARGV[3], 'last', ARGV[4])
+if ARGV[7] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[7]) end
+redis.call('SADD', KEYS[3], ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return 1
+"#;
+
+const SCRIPTS: [&str; 5] = [OPEN, APPEND, READ, SWEEP, RESTORE];
+
+/// The sealed `rec` field.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    key: StreamKey,
+    info: StreamInfo,
+}
+
+/// [`StreamRegistry`] in Redis.
+pub struct RedisStreams {
+    client: redis::Client,
+    conn: Mutex<Option<(MultiplexedConnection, std::sync::Arc<Vec<String>>)>>,
+    prefix: String,
+    key: DataKey,
+    max_bytes: usize,
+    ttl_ms: u64,
+}
+
+fn hash128(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u32).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The names of one stream's keys.
+struct Names {
+    hash: String,
+    chunks: String,
+    user_set: String,
+    /// `S`.
+    sid: String,
+    /// `U:S`, the member of the idle set and the associated data of its sealed parts.
+    member: String,
+}
+
+impl RedisStreams {
+    /// A registry on `url`; connects lazily (and again after a connection failure).
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        key: DataKey,
+        max_bytes: usize,
+        idle_timeout: Duration,
+    ) -> anyhow::Result<RedisStreams> {
+        Ok(RedisStreams {
+            client: redis::Client::open(url)?,
+            conn: Mutex::new(None),
+            prefix: prefix.to_owned(),
+            key,
+            max_bytes,
+            ttl_ms: (idle_timeout.as_millis() as u64).saturating_mul(2).max(60_000),
+        })
+    }
+
+    fn user_hash(user_id: &str) -> String {
+        hash128(&[user_id])
+    }
+
+    fn names(&self, key: &StreamKey) -> Names {
+        self.names_of(&Self::user_hash(&key.user_id), &hash128(&[key.chat_id.as_str(), key.stream_id.as_str()]))
+    }
+
+    fn names_of(&self, u: &str, s: &str) -> Names {
+        let p = &self.prefix;
+        Names {
+            hash: format!("{p}stream:{{{u}}}:{s}"),
+            chunks: format!("{p}stream:{{{u}}}:{s}:c"),
+            user_set: format!("{p}streams:{{{u}}}"),
+            sid: s.to_owned(),
+            member: format!("{u}:{s}"),
+        }
+    }
+
+    fn idle_set(&self) -> String {
+        format!("{}streams:idle", self.prefix)
+    }
+
+    fn seal_rec(&self, n: &Names, key: &StreamKey, info: &StreamInfo) -> Vec<u8> {
+        let json = serde_json::to_vec(&Record { key: key.clone(), info: info.clone() }).expect("records serialize");
+        self.key.encrypt(&json, &Aad::stream(&n.member, "rec"))
+    }
+
+    fn open_rec(&self, n: &Names, sealed: &[u8]) -> Result<Record, StreamError> {
+        let plain = self.key.decrypt(sealed, &Aad::stream(&n.member, "rec")).map_err(|_| corrupt(n))?;
+        serde_json::from_slice(&plain).map_err(|_| corrupt(n))
+    }
+
+    fn seal_chunk(&self, n: &Names, seq: u64, delta: &str) -> Vec<u8> {
+        let mut plain = zeroize::Zeroizing::new(Vec::with_capacity(8 + delta.len()));
+        plain.extend_from_slice(&seq.to_be_bytes());
+        plain.extend_from_slice(delta.as_bytes());
+        self.key.encrypt(&plain, &Aad::stream(&n.member, "chunk"))
+    }
+
+    /// Decodes the reply of [`READ`] into a stream.
+    fn decode_read(&self, n: &Names, v: Value) -> Result<Option<OpenStream>, StreamError> {
+        let items = match v {
+            Value::Nil => return Ok(None),
+            Value::Array(items) => items,
+            _ => return Err(corrupt(n)),
+        };
+        let mut it = items.into_iter();
+        let rec = self.open_rec(n, &bytes(it.next()).ok_or_else(|| corrupt(n))?)?;
+        let seq: u64 = bytes(it.next())
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt(n))?;
+        let mut content = String::new();
+        let mut last = 0u64;
+        for item in it {
+            let sealed = bytes(Some(item)).ok_or_else(|| corrupt(n))?;
+            let plain = self.key.decrypt(&sealed, &Aad::stream(&n.member, "chunk")).map_err(|_| corrupt(n))?;
+            if plain.len() < 8 {
+                return Err(corrupt(n));
+            }
+            let chunk_seq = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
+            if chunk_seq <= last {
+                return Err(corrupt(n));
+            }
+            last = chunk_seq;
+            content.push_str(std::str::from_utf8(&plain[8..]).map_err(|_| corrupt(n))?);
+        }
+        if last != seq {
+            return Err(corrupt(n));
+        }
+        Ok(Some(OpenStream { key: rec.key, info: rec.info, seq, content }))
+    }
+
+    /// The shared connection and the script hashes, connecting (and loading the scripts) when there is
+    /// none. The lock is held only for that, never during a command.
+    async fn connection(&self) -> Result<(MultiplexedConnection, std::sync::Arc<Vec<String>>), StreamError> {
+        let mut guard = self.conn.lock().await;
+        if let Some((conn, shas)) = guard.as_ref() {
+            return Ok((conn.clone(), shas.clone()));
+        }
+        let mut conn = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+        let mut shas = Vec::new();
+        for s in SCRIPTS {
+            shas.push(redis::cmd("SCRIPT").arg("LOAD").arg(s).query_async(&mut conn).await.map_err(unavailable)?);
+        }
+        let shas = std::sync::Arc::new(shas);
+        *guard = Some((conn.clone(), shas.clone()));
+        Ok((conn, shas))
+    }
+
+    /// Forgets the shared connection (the next call reconnects and reloads the scripts).
+    async fn reset(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    /// Runs script `index` (of [`SCRIPTS`]) with EVALSHA, loading the scripts on a new connection and
+    /// again after a NOSCRIPT (a Redis restart or flush); reconnects after a connection error.
+    async fn eval(&self, index: usize, keys: &[&str], args: Vec<Vec<u8>>) -> Result<Value, StreamError> {
+        for _attempt in 0..2 {
+            let (mut conn, shas) = self.connection().await?;
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&shas[index]).arg(keys.len()).arg(keys);
+            for a in &args {
+                cmd.arg(a.as_slice());
+            }
+            match cmd.query_async::<Value>(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => self.reset().await,
+                Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() => {
+                    self.reset().await;
+                    return Err(unavailable(e));
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(StreamError::Unavailable("Redis keeps forgetting the stream scripts".into()))
+    }
+
+    async fn command(&self, cmd: redis::Cmd) -> Result<Value, StreamError> {
+        let (mut conn, _) = self.connection().await?;
+        match cmd.query_async::<Value>(&mut conn).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    self.reset().await;
+                }
+                Err(unavailable(e))
+            }
+        }
+    }
+}
+
+fn bytes(v: Option<Value>) -> Option<Vec<u8>> {
+    match v? {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        _ => None,
+    }
+}
+
+fn corrupt(n: &Names) -> StreamError {
+    StreamError::Unavailable(format!("stream state {} in Redis does not open or is inconsistent", n.member))
+}
+
+fn unavailable(e: redis::RedisError) -> StreamError {
+    StreamError::Unavailable(e.to_string())
+}
+
+#[async_trait]
+impl StreamRegistry for RedisStreams {
+    async fn open(&self, key: &StreamKey, info: &StreamInfo, now_ms: i64) -> Result<Opened, StreamError> {
+        let n = self.names(key);
+        let rec = self.seal_rec(&n, key, info);
+        let args = vec![rec, now_ms.to_string().into(), self.ttl_ms.to_string().into(), n.sid.clone().into()];
+        let v = self.eval(0, &[&n.hash, &n.chunks, &n.user_set], args).await?;
+        match v {
+            Value::Nil => {
+                let mut zadd = redis::cmd("ZADD");
+                zadd.arg(self.idle_set()).arg(now_ms).arg(&n.member);
+                self.command(zadd).await?;
+                Ok(Opened::New)
+            }
+            other => {
+                let existing = self.open_rec(&n, &bytes(Some(other)).ok_or_else(|| corrupt(&n))?)?;
+                let same = existing.info.message_id == info.message_id && existing.info.sender_name == info.sender_name;
+                if same {
+                    Ok(Opened::AlreadyOpen)
+                } else {
+                    Err(StreamError::Conflict)
+                }
+            }
+        }
+    }
+
+    async fn append(&self, key: &StreamKey, seq: u64, delta: &str, now_ms: i64) -> Result<Appended, StreamError> {
+        if delta.len() > self.max_bytes {
+            // Never ship a chunk that cannot fit (the script would refuse it too).
+            let n = self.names(key);
+            let v = self.eval(2, &[&n.hash, &n.chunks, &n.user_set], vec![n.sid.clone().into(), b"0".to_vec()]).await?;
+            return match self.decode_read(&n, v)? {
+                None => Err(StreamError::NotOpen),
+                Some(s) if seq <= s.seq => Ok(Appended::Duplicate),
+                Some(s) if seq != s.seq + 1 => Err(StreamError::Gap { last: s.seq, got: seq }),
+                Some(_) => Err(StreamError::TooLarge { max: self.max_bytes }),
+            };
+        }
+        let n = self.names(key);
+        let args = vec![
+            seq.to_string().into(),
+            self.seal_chunk(&n, seq, delta),
+            delta.len().to_string().into(),
+            self.max_bytes.to_string().into(),
+            now_ms.to_string().into(),
+            self.ttl_ms.to_string().into(),
+        ];
+        let v = self.eval(1, &[&n.hash, &n.chunks, &n.user_set], args).await?;
+        let (code, last) = match &v {
+            Value::Array(items) if items.len() == 2 => (int(&items[0]), int(&items[1])),
+            _ => (None, None),
+        };
+        match (code, last) {
+            (Some(1), _) => Ok(Appended::Accepted),
+            (Some(0), _) => Ok(Appended::Duplicate),
+            (Some(-1), _) => Err(StreamError::NotOpen),
+            (Some(-2), Some(last)) => Err(StreamError::Gap { last: last as u64, got: seq }),
+            (Some(-3), _) => Err(StreamError::TooLarge { max: self.max_bytes }),
+            _ => Err(corrupt(&n)),
+        }
+    }
+
+    async fn take(&self, key: &StreamKey) -> Result<Option<OpenStream>, StreamError> {
+        let n = self.names(key);
+        let v = self.eval(2, &[&n.hash, &n.chunks, &n.user_set], vec![n.sid.clone().into(), b"1".to_vec()]).await?;
+        let taken = self.decode_read(&n, v)?;
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(self.idle_set()).arg(&n.member);
+        if let Err(e) = self.command(zrem).await {
+            tracing::debug!(error = %e, "idle index cleanup failed (the sweep retries)");
+        }
+        Ok(taken)
+    }
+
+    async fn restore(&self, stream: OpenStream, now_ms: i64) -> Result<(), StreamError> {
+        let n = self.names(&stream.key);
+        let chunk = if stream.seq == 0 { Vec::new() } else { self.seal_chunk(&n, stream.seq, &stream.content) };
+        let args = vec![
+            self.seal_rec(&n, &stream.key, &stream.info),
+            stream.seq.to_string().into(),
+            stream.content.len().to_string().into(),
+            now_ms.to_string().into(),
+            self.ttl_ms.to_string().into(),
+            n.sid.clone().into(),
+            chunk,
+        ];
+        self.eval(4, &[&n.hash, &n.chunks, &n.user_set], args).await?;
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(self.idle_set()).arg(now_ms).arg(&n.member);
+        self.command(zadd).await?;
+        Ok(())
+    }
+
+    async fn list(&self, user_id: &str) -> Result<Vec<OpenStream>, StreamError> {
+        let u = Self::user_hash(user_id);
+        let user_set = self.names_of(&u, "").user_set;
+        let mut smembers = redis::cmd("SMEMBERS");
+        smembers.arg(&user_set);
+        let sids: Vec<String> = match self.command(smembers).await? {
+            Value::Array(items) | Value::Set(items) => {
+                items.into_iter().filter_map(|v| bytes(Some(v)).and_then(|b| String::from_utf8(b).ok())).collect()
+            }
+            _ => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for s in sids {
+            let n = self.names_of(&u, &s);
+            let v = self.eval(2, &[&n.hash, &n.chunks, &n.user_set], vec![n.sid.clone().into(), b"0".to_vec()]).await?;
+            if let Some(stream) = self.decode_read(&n, v)? {
+                if stream.key.user_id == user_id {
+                    out.push(stream);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn sweep_idle(&self, cutoff_ms: i64) -> Result<Vec<StreamKey>, StreamError> {
+        let mut range = redis::cmd("ZRANGEBYSCORE");
+        range.arg(self.idle_set()).arg("-inf").arg(cutoff_ms).arg("LIMIT").arg(0).arg(1000);
+        let members: Vec<String> = match self.command(range).await? {
+            Value::Array(items) => {
+                items.into_iter().filter_map(|v| bytes(Some(v)).and_then(|b| String::from_utf8(b).ok())).collect()
+            }
+            _ => Vec::new(),
+        };
+        let mut idle = Vec::new();
+        for member in members {
+            let Some((u, s)) = member.split_once(':') else { continue };
+            let n = self.names_of(u, s);
+            let v = self
+                .eval(3, &[&n.hash, &n.chunks, &n.user_set], vec![cutoff_ms.to_string().into(), n.sid.clone().into()])
+                .await?;
+            let mut fix = redis::cmd("ZADD");
+            match v {
+                // Active since: move its hint forward.
+                Value::Int(last) if last >= 0 => {
+                    fix.arg(self.idle_set()).arg("XX").arg(last).arg(&member);
+                }
+                Value::Int(_) => {
+                    fix = redis::cmd("ZREM");
+                    fix.arg(self.idle_set()).arg(&member);
+                }
+                other => {
+                    fix = redis::cmd("ZREM");
+                    fix.arg(self.idle_set()).arg(&member);
+                    match bytes(Some(other)).map(|b| self.open_rec(&n, &b)) {
+                        Some(Ok(rec)) => idle.push(rec.key),
+                        _ => tracing::warn!(stream = %member, "an idle stream's record does not open; dropped"),
+                    }
+                }
+            }
+            self.command(fix).await?;
+        }
+        Ok(idle)
+    }
+}

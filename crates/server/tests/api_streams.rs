@@ -1,0 +1,335 @@
+//! Streams over the server API (SERVER_API.md section 4), end to end: real HTTP with an API key against the
+//! real server, real WebSocket devices. Every status of start / chunks / complete / abort; three devices
+//! (one live, one joining mid-stream, one slow); a device cancelling (then a chunk is 409); a restart
+//! losing the open streams; and a cluster where a stream started on node A's API reaches a device on node B.
+
+#[macro_use]
+mod sync_util;
+mod common;
+
+use chatsync_client::Client;
+use chatsync_protocol::*;
+use common::cluster::{redis_url, TestCluster};
+use common::{Api, TestServer};
+use serde_json::{json, Value};
+use std::time::Duration;
+use sync_util::*;
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
+}
+
+fn field(body: &Value) -> &str {
+    body["error"]["field"].as_str().unwrap_or("")
+}
+
+const STREAMS: &str = "/users/alice/chats/c1/streams";
+
+fn start_body(stream: &str, message: &str) -> Value {
+    json!({"stream_id": stream, "message_id": message, "sender_name": "assistant", "meta": {"model": "m-1"}})
+}
+
+async fn send_chunk(api: &Api, stream: &str, seq: u64, delta: &str) -> (u16, Value) {
+    api.post(&format!("{STREAMS}/{stream}/chunks"), json!({"seq": seq, "delta": delta})).await
+}
+
+/// The next broadcast on `c` (no `request_id`).
+async fn next_event(c: &mut Client) -> Incoming {
+    let m = tokio::time::timeout(Duration::from_secs(10), c.recv()).await.expect("an event").unwrap();
+    assert_eq!(m.request_id, None, "{m:?}");
+    m
+}
+
+/// Reads `c` until `stream`'s chunk `last` arrived; returns the text (chunks possibly merged, in order).
+async fn text_until(c: &mut Client, stream: &str, last: u64) -> String {
+    let mut text = String::new();
+    let mut seq = 0;
+    while seq < last {
+        let chunk = expect_msg!(next_event(c).await, StreamChunk);
+        assert_eq!(chunk.stream_id.as_str(), stream);
+        assert!(chunk.seq > seq, "in order");
+        seq = chunk.seq;
+        text.push_str(&chunk.delta);
+    }
+    text
+}
+
+#[tokio::test]
+async fn three_devices_one_joining_mid_stream_and_one_slow() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut slow = another_device(&server, "alice", "slow").await;
+
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await, (201, json!({"stream_id": "s1"})));
+    let started = expect_msg!(next_event(&mut phone).await, StreamStarted);
+    assert_eq!(
+        (started.chat_id.as_str(), started.message_id.as_str(), started.sender_name.as_str()),
+        ("c1", "m1", "assistant")
+    );
+    assert_eq!(started.meta, json!({"model": "m-1"}).as_object().unwrap().clone());
+
+    let words: Vec<String> = (1..=200).map(|i| format!("word{i} ")).collect();
+    let mut expected = String::new();
+    for (i, w) in words.iter().enumerate().take(100) {
+        assert_eq!(send_chunk(&api, "s1", i as u64 + 1, w).await, (202, json!({})));
+        expected.push_str(w);
+    }
+    // The laptop joins mid-stream: the text so far, then the next chunks.
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    let active = sync_all(&mut laptop).await.active_streams;
+    assert_eq!(active.len(), 1, "{active:?}");
+    assert_eq!((active[0].stream_id.as_str(), active[0].seq), ("s1", 100));
+    assert_eq!(active[0].content_so_far, expected);
+    let mut laptop_text = active[0].content_so_far.clone();
+    for (i, w) in words.iter().enumerate().skip(100) {
+        assert_eq!(send_chunk(&api, "s1", i as u64 + 1, w).await.0, 202);
+        expected.push_str(w);
+    }
+    assert_eq!(text_until(&mut phone, "s1", 200).await, expected, "the live device");
+    laptop_text.push_str(&text_until(&mut laptop, "s1", 200).await);
+    assert_eq!(laptop_text, expected, "the device that joined mid-stream");
+    // The slow device read nothing so far: it gets the same text, possibly merged, and is still open.
+    expect_msg!(next_event(&mut slow).await, StreamStarted);
+    assert_eq!(text_until(&mut slow, "s1", 200).await, expected, "the slow device");
+    for c in [&mut phone, &mut laptop, &mut slow] {
+        assert_quiet(c).await;
+    }
+
+    // The backend aborts: ALL stream_cancelled `aborted`; the stream is gone.
+    assert_eq!(api.delete(&format!("{STREAMS}/s1")).await.0, 204);
+    for c in [&mut phone, &mut laptop, &mut slow] {
+        let event = expect_msg!(next_event(c).await, StreamCancelled);
+        assert_eq!((event.stream_id.as_str(), event.reason), ("s1", StreamCancelReason::Aborted));
+    }
+    assert!(sync_all(&mut laptop).await.active_streams.is_empty());
+}
+
+#[tokio::test]
+async fn every_status_of_start_chunks_and_abort() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut alice = new_user(&server, "alice", "phone").await;
+    server.user("bob", false).await;
+    set_title(&mut alice, "c1", "t").await;
+
+    // start
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await, (200, json!({"stream_id": "s1"})), "a retried start");
+    let (status, body) = api.post(STREAMS, start_body("s1", "m2")).await;
+    assert_eq!((status, code(&body)), (409, "conflict"), "the id is open with another message");
+    for (bad, f) in [
+        (json!({"stream_id": "a b", "message_id": "m", "sender_name": "x"}), "stream_id"),
+        (json!({"stream_id": "s", "message_id": "a/b", "sender_name": "x"}), "message_id"),
+        (json!({"stream_id": "s", "message_id": "m", "sender_name": "user"}), "sender_name"),
+        (json!({"stream_id": "s", "message_id": "m", "sender_name": ""}), "sender_name"),
+        (json!({"stream_id": "s", "message_id": "m"}), "body"),
+        (json!({"stream_id": "s", "message_id": "m", "sender_name": "x", "meta": []}), "meta"),
+        (json!({"stream_id": "s", "message_id": "m", "sender_name": "x", "extra": 1}), "body"),
+    ] {
+        let (status, body) = api.post(STREAMS, bad.clone()).await;
+        assert_eq!((status, code(&body)), (400, "invalid_payload"), "{bad}: {body}");
+        assert!(field(&body).contains(f) || f == "body", "{bad}: {body}");
+    }
+    let (status, body) = api.post("/users/alice/chats/c%20d/streams", start_body("s", "m")).await;
+    assert_eq!((status, code(&body), field(&body)), (400, "invalid_payload", "chat_id"));
+    let big_meta = json!({"stream_id": "s9", "message_id": "m9", "sender_name": "x", "meta": {"k": "v".repeat(4096)}});
+    let (status, body) = api.post(STREAMS, big_meta).await;
+    assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "meta"));
+    let (status, body) = api.post("/users/nobody/chats/c1/streams", start_body("s", "m")).await;
+    assert_eq!((status, code(&body)), (404, "not_found"), "unknown user");
+    let (status, body) = api.post("/users/bob/chats/c1/streams", start_body("s", "m")).await;
+    assert_eq!((status, code(&body)), (404, "not_found"), "alice's chat is not bob's");
+    expect_msg!(next_event(&mut alice).await, StreamStarted);
+
+    // chunks
+    let (status, body) = send_chunk(&api, "s1", 2, "x").await;
+    assert_eq!((status, code(&body)), (409, "conflict"), "a gap");
+    assert_eq!(send_chunk(&api, "s1", 1, "first").await, (202, json!({})));
+    assert_eq!(send_chunk(&api, "s1", 1, "other").await, (200, json!({})), "a repeated seq is ignored");
+    let (status, body) = send_chunk(&api, "s1", 0, "x").await;
+    assert_eq!((status, code(&body), field(&body)), (400, "invalid_payload", "seq"));
+    let (status, body) = send_chunk(&api, "s1", 2, &"d".repeat(16 * 1024 + 1)).await;
+    assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "delta"));
+    let (status, body) = api.post(&format!("{STREAMS}/s1/chunks"), json!({"seq": 2})).await;
+    assert_eq!((status, code(&body)), (400, "invalid_payload"));
+    let (status, body) = send_chunk(&api, "nope", 1, "x").await;
+    assert_eq!((status, code(&body)), (409, "conflict"), "a stream that is not open");
+    let (status, body) = api.post("/users/bob/chats/c1/streams/s1/chunks", json!({"seq": 2, "delta": "x"})).await;
+    assert_eq!((status, code(&body)), (409, "conflict"), "another user's stream is not open for them");
+    let (status, body) = api.post(&format!("{STREAMS}/a%20b/chunks"), json!({"seq": 2, "delta": "x"})).await;
+    assert_eq!((status, code(&body), field(&body)), (400, "invalid_payload", "stream_id"));
+    let c = expect_msg!(next_event(&mut alice).await, StreamChunk);
+    assert_eq!((c.seq, c.delta.as_str()), (1, "first"));
+    assert_quiet(&mut alice).await;
+
+    // abort
+    let (status, body) = api.delete("/users/bob/chats/c1/streams/s1").await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+    assert_eq!(api.delete(&format!("{STREAMS}/s1")).await.0, 204);
+    let (status, body) = api.delete(&format!("{STREAMS}/s1")).await;
+    assert_eq!((status, code(&body)), (409, "conflict"), "aborted once");
+    let (status, body) = send_chunk(&api, "s1", 2, "x").await;
+    assert_eq!((status, code(&body)), (409, "conflict"), "closed");
+    expect_msg!(next_event(&mut alice).await, StreamCancelled);
+}
+
+#[tokio::test]
+async fn the_accumulated_text_is_capped() {
+    let server = TestServer::start_with(|c| c.max_stream_bytes = 20_000).await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s1", 1, &"a".repeat(16_000)).await.0, 202);
+    let (status, body) = send_chunk(&api, "s1", 2, &"b".repeat(4_001)).await;
+    assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "delta"));
+    assert_eq!(send_chunk(&api, "s1", 2, &"b".repeat(4_000)).await.0, 202, "up to the cap");
+}
+
+#[tokio::test]
+async fn a_device_cancels_and_later_chunks_are_conflicts() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s1", 1, "Hel").await.0, 202);
+    let reply = phone.request(&msg("cancel_stream", json!({"chat_id": "c1", "stream_id": "s1"}))).await.unwrap();
+    assert_eq!(expect_msg!(reply, StreamCancelled).reason, StreamCancelReason::CancelledByUser);
+    expect_msg!(next_event(&mut laptop).await, StreamStarted);
+    expect_msg!(next_event(&mut laptop).await, StreamChunk);
+    let event = expect_msg!(next_event(&mut laptop).await, StreamCancelled);
+    assert_eq!(event.reason, StreamCancelReason::CancelledByUser);
+    let (status, body) = send_chunk(&api, "s1", 2, "lo").await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+    let (status, body) = api.delete(&format!("{STREAMS}/s1")).await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+}
+
+#[tokio::test]
+async fn a_restart_loses_open_streams() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s1", 1, "Hel").await.0, 202);
+    let server = server.restart().await;
+    let api = Api { base: server.api_base(), ..api };
+    let (status, body) = send_chunk(&api, "s1", 2, "lo").await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+    let mut phone = another_device(&server, "alice", "phone").await;
+    assert!(sync_all(&mut phone).await.active_streams.is_empty());
+}
+
+#[tokio::test]
+async fn cluster_a_stream_started_on_one_node_reaches_devices_on_another() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let api_a = a.api().await;
+    let api_b = Api { base: b.api_base(), ..api_a.clone() };
+    let mut on_b = new_user(b, "alice", "phone").await;
+
+    assert_eq!(api_a.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    expect_msg!(next_event(&mut on_b).await, StreamStarted);
+    assert_eq!(send_chunk(&api_a, "s1", 1, "Hel").await.0, 202);
+    // The next chunk through the other node's API: the state is shared.
+    assert_eq!(send_chunk(&api_b, "s1", 2, "lo").await.0, 202);
+    assert_eq!(send_chunk(&api_a, "s1", 2, "XX").await.0, 200, "a repeat, whichever node");
+    assert_eq!(text_until(&mut on_b, "s1", 2).await, "Hello");
+    // A device joining on node A sees the stream.
+    let mut on_a = another_device(a, "alice", "laptop").await;
+    let active = sync_all(&mut on_a).await.active_streams;
+    assert_eq!((active.len(), active[0].content_so_far.as_str()), (1, "Hello"));
+    // Cancelled on node B's device: node A's API refuses the next chunk.
+    let reply = on_b.request(&msg("cancel_stream", json!({"chat_id": "c1", "stream_id": "s1"}))).await.unwrap();
+    expect_msg!(reply, StreamCancelled);
+    let event = expect_msg!(next_event(&mut on_a).await, StreamCancelled);
+    assert_eq!(event.reason, StreamCancelReason::CancelledByUser);
+    let (status, body) = send_chunk(&api_a, "s1", 3, "!").await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+
+    // A second stream, completed through node B's API: node A's device gets the message, then the end.
+    assert_eq!(api_a.post(STREAMS, start_body("s2", "m2")).await.0, 201);
+    assert_eq!(send_chunk(&api_a, "s2", 1, "Bye").await.0, 202);
+    let (status, body) = api_b.post(&format!("{STREAMS}/s2/complete"), json!({})).await;
+    assert_eq!((status, body["seq"].clone()), (201, json!(1)), "{body}");
+    expect_msg!(next_event(&mut on_a).await, StreamStarted);
+    assert_eq!(text_until(&mut on_a, "s2", 1).await, "Bye");
+    let added = expect_msg!(next_event(&mut on_a).await, ChatMessageAdded);
+    assert_eq!(added.message.content, text("Bye"));
+    let done = expect_msg!(next_event(&mut on_a).await, StreamCompleted);
+    assert_eq!((done.stream_id.as_str(), done.seq), ("s2", 1));
+}
+
+#[tokio::test]
+async fn complete_stores_the_message_then_announces_it_and_closes_the_stream() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    add_message(&mut phone, "c1", "u1", json!("question")).await;
+    expect_msg!(next_event(&mut laptop).await, ChatMessageAdded);
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    for (seq, delta) in [(1, "STREAMED-"), (2, "SECRET-"), (3, "ANSWER")] {
+        assert_eq!(send_chunk(&api, "s1", seq, delta).await.0, 202);
+    }
+    // An invalid content is refused before the stream is touched.
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({"content": 5})).await;
+    assert_eq!((status, code(&body), field(&body)), (400, "invalid_payload", "content"));
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({"extra": 1})).await;
+    assert_eq!((status, code(&body)), (400, "invalid_payload"));
+
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({})).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body, json!({"chat_id": "c1", "message_id": "m1", "seq": 2, "messages_v": 2, "duplicate": false}));
+    for c in [&mut phone, &mut laptop] {
+        expect_msg!(next_event(c).await, StreamStarted);
+        assert_eq!(text_until(c, "s1", 3).await, "STREAMED-SECRET-ANSWER");
+        let added = expect_msg!(next_event(c).await, ChatMessageAdded);
+        assert_eq!((added.message.message_id.as_str(), added.message.sender_name.as_str()), ("m1", "assistant"));
+        assert_eq!(added.message.content, text("STREAMED-SECRET-ANSWER"));
+        let done = expect_msg!(next_event(c).await, StreamCompleted);
+        assert_eq!((done.stream_id.as_str(), done.message_id.as_str(), done.seq, done.messages_v), ("s1", "m1", 2, 2));
+        assert_quiet(c).await;
+    }
+    let history = all_messages(&mut laptop, "c1").await;
+    assert_eq!(history.messages.len(), 2);
+    assert_eq!(history.messages[1].content, text("STREAMED-SECRET-ANSWER"));
+    // Closed: chunks and a second completion are conflicts; nothing is open any more.
+    assert_eq!(code(&send_chunk(&api, "s1", 4, "x").await.1), "conflict");
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({})).await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+    assert!(sync_all(&mut phone).await.active_streams.is_empty());
+    // The stored text is encrypted at rest.
+    for (path, bytes) in server.data_files() {
+        assert!(!String::from_utf8_lossy(&bytes).contains("SECRET-ANSWER"), "plaintext in {}", path.display());
+    }
+
+    // An explicit content replaces the streamed text.
+    assert_eq!(api.post(STREAMS, start_body("s2", "m2")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s2", 1, "draft").await.0, 202);
+    let content = json!({"type": "doc", "content": []});
+    let (status, body) = api.post(&format!("{STREAMS}/s2/complete"), json!({"content": content})).await;
+    assert_eq!((status, body["seq"].clone()), (201, json!(3)));
+    let history = all_messages(&mut laptop, "c1").await;
+    assert_eq!(history.messages[2].content, MessageContent::Json(content.as_object().unwrap().clone()));
+}
+
+#[tokio::test]
+async fn completing_a_stream_whose_chat_was_deleted_is_not_found_and_ends_it() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    set_title(&mut phone, "c1", "t").await;
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s1", 1, "x").await.0, 202);
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({})).await;
+    assert_eq!((status, code(&body)), (404, "not_found"));
+    expect_msg!(next_event(&mut phone).await, StreamStarted);
+    expect_msg!(next_event(&mut phone).await, StreamChunk);
+    let ended = expect_msg!(next_event(&mut phone).await, StreamCancelled);
+    assert_eq!(ended.reason, StreamCancelReason::Aborted);
+    assert_eq!(code(&send_chunk(&api, "s1", 2, "x").await.1), "conflict");
+}

@@ -1,0 +1,181 @@
+//! The `StreamRegistry` contract (SERVER_API.md section 4), run against every implementation: the memory
+//! registry always, the Redis registry when `CHATSYNC_TEST_REDIS_URL` is set (each case with a key prefix
+//! of its own). Also: two Redis registries (two nodes) share the streams, an idle stream is swept by
+//! exactly one of them, and Redis holds no plaintext of a chunk, a user id or the metadata.
+
+mod common;
+
+use chatsync::crypto::MasterKey;
+use chatsync::streams::memory::MemoryStreams;
+use chatsync::streams::redis::RedisStreams;
+use chatsync::streams::{Appended, Opened, StreamError, StreamInfo, StreamKey, StreamRegistry};
+use chatsync_protocol::{ChatId, MessageId, StreamId};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+const MAX: usize = 64;
+
+fn key(user: &str, chat: &str, stream: &str) -> StreamKey {
+    StreamKey { user_id: user.into(), chat_id: ChatId::new(chat).unwrap(), stream_id: StreamId::new(stream).unwrap() }
+}
+
+fn info(message_id: &str) -> StreamInfo {
+    StreamInfo {
+        message_id: MessageId::new(message_id).unwrap(),
+        sender_name: "assistant".into(),
+        meta: json!({"model": "secret-model-name"}).as_object().unwrap().clone(),
+    }
+}
+
+/// A fresh registry of each kind available: memory, and Redis (two handles on one prefix: two nodes).
+async fn registries() -> Vec<(&'static str, Arc<dyn StreamRegistry>, Arc<dyn StreamRegistry>)> {
+    let memory: Arc<dyn StreamRegistry> = Arc::new(MemoryStreams::new(MAX));
+    let mut out = vec![("memory", memory.clone(), memory)];
+    if let Some(url) = common::cluster::redis_url() {
+        let prefix = common::cluster::unique_prefix();
+        let master = MasterKey::generate();
+        let node = |m: &MasterKey| -> Arc<dyn StreamRegistry> {
+            Arc::new(RedisStreams::new(&url, &prefix, m.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
+        };
+        out.push(("redis", node(&master), node(&master)));
+    }
+    out
+}
+
+#[tokio::test]
+async fn open_is_idempotent_for_the_same_stream_and_refuses_another() {
+    for (name, r, _) in registries().await {
+        let k = key("alice", "c1", "s1");
+        assert_eq!(r.open(&k, &info("m1"), 1).await, Ok(Opened::New), "{name}");
+        assert_eq!(r.open(&k, &info("m1"), 2).await, Ok(Opened::AlreadyOpen), "{name}: a retried start");
+        assert_eq!(r.open(&k, &info("m2"), 3).await, Err(StreamError::Conflict), "{name}");
+        // The same stream id in another chat, or of another user, is another stream.
+        assert_eq!(r.open(&key("alice", "c2", "s1"), &info("m2"), 4).await, Ok(Opened::New), "{name}");
+        assert_eq!(r.open(&key("bob", "c1", "s1"), &info("m2"), 5).await, Ok(Opened::New), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn chunks_follow_the_seq_rules_and_the_cap() {
+    for (name, r, _) in registries().await {
+        let k = key("alice", "c1", "s1");
+        assert_eq!(r.append(&k, 1, "x", 1).await, Err(StreamError::NotOpen), "{name}: never opened");
+        r.open(&k, &info("m1"), 1).await.unwrap();
+        assert_eq!(r.append(&k, 2, "x", 2).await, Err(StreamError::Gap { last: 0, got: 2 }), "{name}");
+        assert_eq!(r.append(&k, 1, "Hel", 2).await, Ok(Appended::Accepted), "{name}");
+        assert_eq!(r.append(&k, 1, "XXX", 2).await, Ok(Appended::Duplicate), "{name}: the first one counts");
+        assert_eq!(r.append(&k, 2, "lo é", 3).await, Ok(Appended::Accepted), "{name}");
+        assert_eq!(r.append(&k, 4, "x", 3).await, Err(StreamError::Gap { last: 2, got: 4 }), "{name}");
+        // The cap is on bytes: "Hello é" is 8 bytes; up to MAX is accepted, one byte more is not.
+        let fill = "a".repeat(MAX - 8);
+        assert_eq!(r.append(&k, 3, &format!("{fill}b"), 4).await, Err(StreamError::TooLarge { max: MAX }), "{name}");
+        assert_eq!(r.append(&k, 3, &"c".repeat(MAX + 1), 4).await, Err(StreamError::TooLarge { max: MAX }), "{name}");
+        assert_eq!(r.append(&k, 3, &fill, 4).await, Ok(Appended::Accepted), "{name}: exactly at the cap");
+        let s = r.take(&k).await.unwrap().expect("open");
+        assert_eq!((s.seq, s.content), (3, format!("Hello é{fill}")), "{name}");
+        assert_eq!(s.info, info("m1"), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn take_closes_the_stream_once_and_restore_puts_it_back() {
+    for (name, r, other_node) in registries().await {
+        let k = key("alice", "c1", "s1");
+        r.open(&k, &info("m1"), 1).await.unwrap();
+        r.append(&k, 1, "partial", 2).await.unwrap();
+        let taken = other_node.take(&k).await.unwrap().expect("open");
+        assert_eq!(taken.content, "partial", "{name}");
+        assert_eq!(r.take(&k).await.unwrap(), None, "{name}: taken once");
+        assert_eq!(r.append(&k, 2, "x", 3).await, Err(StreamError::NotOpen), "{name}: closed for chunks");
+        assert!(r.list("alice").await.unwrap().is_empty(), "{name}");
+
+        r.restore(taken.clone(), 4).await.unwrap();
+        assert_eq!(r.append(&k, 2, " more", 5).await, Ok(Appended::Accepted), "{name}: restored with its seq");
+        let again = r.take(&k).await.unwrap().expect("restored");
+        assert_eq!((again.seq, again.content.as_str()), (2, "partial more"), "{name}");
+
+        // A stream opened meanwhile under the same key wins over a late restore.
+        r.open(&k, &info("m9"), 6).await.unwrap();
+        r.restore(taken, 7).await.unwrap();
+        assert_eq!(r.take(&k).await.unwrap().unwrap().info, info("m9"), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn list_shows_only_the_users_open_streams_with_their_text() {
+    for (name, r, other_node) in registries().await {
+        r.open(&key("alice", "c1", "s1"), &info("m1"), 1).await.unwrap();
+        r.open(&key("alice", "c2", "s2"), &info("m2"), 1).await.unwrap();
+        r.open(&key("bob", "c1", "s1"), &info("m3"), 1).await.unwrap();
+        r.append(&key("alice", "c1", "s1"), 1, "one", 2).await.unwrap();
+        r.append(&key("alice", "c1", "s1"), 2, " two", 2).await.unwrap();
+        r.take(&key("alice", "c2", "s2")).await.unwrap();
+        let listed = other_node.list("alice").await.unwrap();
+        assert_eq!(listed.len(), 1, "{name}: {listed:?}");
+        let a = listed[0].active();
+        assert_eq!((a.chat_id.as_str(), a.stream_id.as_str(), a.seq), ("c1", "s1", 2), "{name}");
+        assert_eq!((a.content_so_far.as_str(), a.message_id.as_str()), ("one two", "m1"), "{name}");
+        assert_eq!(a.meta, info("m1").meta, "{name}");
+        assert!(r.list("carol").await.unwrap().is_empty(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn idle_streams_are_swept_once_and_active_ones_stay() {
+    for (name, r, other_node) in registries().await {
+        let (idle, active) = (key("alice", "c1", "idle"), key("alice", "c1", "active"));
+        r.open(&idle, &info("m1"), 1_000).await.unwrap();
+        r.open(&active, &info("m2"), 1_000).await.unwrap();
+        r.append(&active, 1, "x", 5_000).await.unwrap();
+        let (a, b) = tokio::join!(r.sweep_idle(4_000), other_node.sweep_idle(4_000));
+        let mut swept = a.unwrap();
+        swept.extend(b.unwrap());
+        assert_eq!(swept, vec![idle.clone()], "{name}: the idle stream, returned to exactly one sweeper");
+        assert_eq!(r.append(&idle, 1, "x", 6_000).await, Err(StreamError::NotOpen), "{name}");
+        assert_eq!(r.sweep_idle(4_000).await.unwrap(), vec![], "{name}: the active one stays");
+        assert_eq!(r.append(&active, 2, "y", 6_000).await, Ok(Appended::Accepted), "{name}");
+        assert_eq!(r.sweep_idle(6_000).await.unwrap(), vec![active], "{name}: idle at a later cutoff");
+        assert!(r.list("alice").await.unwrap().is_empty(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn redis_holds_no_plaintext_of_chunks_user_ids_or_metadata() {
+    let Some(url) = common::cluster::redis_url() else { return };
+    let prefix = common::cluster::unique_prefix();
+    let r = RedisStreams::new(&url, &prefix, MasterKey::generate().derive("streams"), 4096, Duration::from_secs(60))
+        .unwrap();
+    let k = key("user-plaintext-id", "chat-plaintext-id", "stream-plaintext-id");
+    r.open(&k, &info("message-plaintext-id"), 1).await.unwrap();
+    r.append(&k, 1, "CHUNK-PLAINTEXT-ONE", 2).await.unwrap();
+    r.append(&k, 2, "CHUNK-PLAINTEXT-TWO", 3).await.unwrap();
+
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
+    assert!(keys.len() >= 3, "{keys:?}");
+    let mut everything = keys.join("\n").into_bytes();
+    for k in &keys {
+        let kind: String = redis::cmd("TYPE").arg(k).query_async(&mut conn).await.unwrap();
+        let dump: Vec<Vec<u8>> = match kind.as_str() {
+            "hash" => redis::cmd("HGETALL").arg(k).query_async(&mut conn).await.unwrap(),
+            "list" => redis::cmd("LRANGE").arg(k).arg(0).arg(-1).query_async(&mut conn).await.unwrap(),
+            "set" => redis::cmd("SMEMBERS").arg(k).query_async(&mut conn).await.unwrap(),
+            "zset" => redis::cmd("ZRANGE").arg(k).arg(0).arg(-1).query_async(&mut conn).await.unwrap(),
+            other => panic!("unexpected key type {other}"),
+        };
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query_async(&mut conn).await.unwrap();
+        assert!(kind == "zset" || ttl > 0, "{k} expires as a backstop (pttl {ttl})");
+        for d in dump {
+            everything.extend_from_slice(&d);
+        }
+    }
+    let hay = String::from_utf8_lossy(&everything);
+    for secret in ["PLAINTEXT", "plaintext", "secret-model"] {
+        assert!(!hay.contains(secret), "`{secret}` is in Redis");
+    }
+    // Still readable through the registry.
+    assert_eq!(r.take(&k).await.unwrap().unwrap().content, "CHUNK-PLAINTEXT-ONECHUNK-PLAINTEXT-TWO");
+    let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
+}
