@@ -574,6 +574,7 @@ impl Task {
                         Some(mut all) => {
                             all.chat_ids_to_delete.extend(part.chat_ids_to_delete);
                             all.chats_to_add_or_update.extend(part.chats_to_add_or_update);
+                            all.active_streams.extend(part.active_streams);
                             all.server_chat_order = part.server_chat_order;
                             all.sync_completed_at = part.sync_completed_at;
                             all.more = part.more;
