@@ -596,9 +596,8 @@ fn path_params(path: &str) -> impl Iterator<Item = &str> {
 fn path_param_schema(name: &str) -> Value {
     match name {
         "user_id" => json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.@-]+$"}),
-        "chat_id" | "stream_id" => {
-            json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$"})
-        }
+        "chat_id" => json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_-]+$"}),
+        "stream_id" => json!({"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9_.:-]+$"}),
         "session_id" => json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9]+$"}),
         "device_hash" => json!({"type": "string", "pattern": "^[0-9a-f]{64}$"}),
         _ => json!({"type": "string"}),
