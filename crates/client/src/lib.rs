@@ -1,8 +1,11 @@
 //! An async Rust client for the chatsync protocol: connect with a token and device, send typed
 //! messages, receive typed events, and match replies to requests by `request_id`.
 //!
-//! Used by the integration tests, the CLI client and the bench. It does no retries or reconnects:
-//! callers decide what a dropped connection means.
+//! Used by the integration tests, the CLI client and the bench. [`Client`] does no retries or reconnects:
+//! callers decide what a dropped connection means. [`ReconnectingClient`] (`reconnect.rs`) does: backoff
+//! with jitter, an offline queue sent as `sync_offline_changes` on reconnect, then an initial sync.
+
+pub mod reconnect;
 
 use chatsync_protocol::{decode_server, ClientMessage, Connected, Incoming, ServerMessage};
 use futures_util::{SinkExt, StreamExt};
@@ -15,6 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use chatsync_protocol as protocol;
+pub use reconnect::{Change, Event, ReconnectOptions, ReconnectingClient};
 pub use tokio_tungstenite::tungstenite;
 
 /// Where the client puts its token.

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 /// The body of every error response: `{"error":{"code","message","field"?}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ApiErrorBody {
     /// The error.
     pub error: ApiErrorDetail,
@@ -15,9 +16,14 @@ pub struct ApiErrorBody {
 
 /// One API error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ApiErrorDetail {
     /// Stable code: `invalid_json`, `invalid_payload`, `unauthorized`, `not_found`, `conflict`,
     /// `payload_too_large`, `limit_exceeded`, `rate_limited`, `unavailable`, `internal`.
+    #[cfg_attr(feature = "schema", schemars(extend("enum" = [
+        "invalid_json", "invalid_payload", "unauthorized", "not_found", "conflict", "payload_too_large",
+        "limit_exceeded", "rate_limited", "unavailable", "internal"
+    ])))]
     pub code: String,
     /// A plain English sentence.
     pub message: String,
@@ -28,9 +34,11 @@ pub struct ApiErrorDetail {
 
 /// `POST /v1/api/users`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     /// The new user's id (1-64 characters of `[A-Za-z0-9_.@-]`).
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.@-]+$")))]
     pub user_id: String,
     /// Two-factor authentication flag (changes the device-mismatch close reason).
     #[serde(default)]
@@ -39,6 +47,7 @@ pub struct CreateUser {
 
 /// `201` of `POST /v1/api/users`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UserCreated {
     /// The user id.
     pub user_id: String,
@@ -46,6 +55,7 @@ pub struct UserCreated {
 
 /// `GET /v1/api/users/{user_id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UserInfo {
     /// The user id.
     pub user_id: String,
@@ -61,6 +71,7 @@ pub struct UserInfo {
 
 /// `POST /v1/api/users/{user_id}/sessions`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateSession {
     /// Binds the session to this device id at issue (PROTOCOL.md section 2); unbound otherwise (bound on
@@ -74,6 +85,7 @@ pub struct CreateSession {
 
 /// `201` of `POST /v1/api/users/{user_id}/sessions`. The token is shown only here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SessionCreated {
     /// Session id (for `DELETE /v1/api/sessions/{session_id}`).
     pub session_id: String,
@@ -85,6 +97,7 @@ pub struct SessionCreated {
 
 /// One device of `GET /v1/api/users/{user_id}/devices`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DeviceInfo {
     /// Lowercase hex SHA-256 fingerprint.
     pub device_hash: String,
@@ -96,6 +109,7 @@ pub struct DeviceInfo {
 
 /// `GET /v1/api/users/{user_id}/devices`, most recently seen first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DeviceList {
     /// The devices.
     pub devices: Vec<DeviceInfo>,
@@ -103,6 +117,7 @@ pub struct DeviceList {
 
 /// `POST /v1/api/users/{user_id}/chats/{chat_id}/messages`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PostMessage {
     /// Idempotency key, unique per chat (PROTOCOL.md id rules).
@@ -110,6 +125,7 @@ pub struct PostMessage {
     /// Who wrote it: any id except `"user"` (e.g. `"assistant"`).
     pub sender_name: String,
     /// A JSON object or a string.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::MessageContent"))]
     pub content: Value,
     /// RFC 3339; default: now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,6 +134,7 @@ pub struct PostMessage {
 
 /// `201` (or `200` for a repeated `message_id`) of `POST …/messages`, and `201` of `POST …/complete`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MessagePosted {
     /// The chat.
     pub chat_id: String,
@@ -133,6 +150,7 @@ pub struct MessagePosted {
 
 /// `POST /v1/api/users/{user_id}/chats/{chat_id}/streams` (SERVER_API.md section 4).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StartStream {
     /// The backend's id of the stream (the message id rules).
@@ -148,6 +166,7 @@ pub struct StartStream {
 
 /// `201` (or `200` for a retried start of the same stream) of `POST …/streams`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StreamOpened {
     /// The stream.
     pub stream_id: String,
@@ -155,6 +174,7 @@ pub struct StreamOpened {
 
 /// `POST …/streams/{stream_id}/chunks`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PostChunk {
     /// 1 for the first chunk, +1 for each next one.
@@ -165,6 +185,7 @@ pub struct PostChunk {
 
 /// `POST …/streams/{stream_id}/complete`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CompleteStream {
     /// The message to store (a JSON object or a string); default: the stream's text so far, as a string.

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 /// Every message a client may send, one variant per wire `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", content = "payload", rename_all = "snake_case")]
 pub enum ClientMessage {
     /// `ping` → `pong`.
@@ -92,10 +93,12 @@ impl ClientMessage {
 
 /// A payload with no fields (`ping`, `request_cache_status`). Unknown fields are ignored.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Empty {}
 
 /// A client's known versions of one chat; a missing component counts as -1.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ClientVersions {
     /// Messages the client has (`messages_v`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,6 +113,7 @@ pub struct ClientVersions {
 
 /// `initial_sync_request` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct InitialSyncRequest {
     /// What the client already has, per chat (at most 10,000 entries).
     #[serde(deserialize_with = "versions_map")]
@@ -121,16 +125,19 @@ pub struct InitialSyncRequest {
 
 /// `update_draft` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UpdateDraft {
     /// The chat; created for the writer when unknown.
     pub chat_id: ChatId,
     /// The draft document (usually Tiptap), or `null` to clear. Required, even when `null`.
     #[serde(deserialize_with = "nullable_object")]
+    #[cfg_attr(feature = "schema", schemars(schema_with = "nullable_object_schema"))]
     pub draft_json: Option<Map<String, Value>>,
 }
 
 /// `delete_draft` payload (`chatId` accepted as an alias).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DeleteDraft {
     /// The chat whose draft is deleted.
     #[serde(alias = "chatId")]
@@ -139,6 +146,7 @@ pub struct DeleteDraft {
 
 /// `update_title` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct UpdateTitle {
     /// The chat; created for the writer when unknown.
     pub chat_id: ChatId,
@@ -148,6 +156,7 @@ pub struct UpdateTitle {
 
 /// `chat_message_added` payload (client to server).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatMessageAdded {
     /// The chat; created for the writer when unknown.
     pub chat_id: ChatId,
@@ -158,6 +167,7 @@ pub struct ChatMessageAdded {
 
 /// A message as a client sends it. A `sender` field is accepted and ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct NewMessage {
     /// Unique per chat; re-sending it is idempotent.
     pub message_id: MessageId,
@@ -173,6 +183,7 @@ pub struct NewMessage {
 
 /// Message content: a JSON object or a plain string.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum MessageContent {
     /// Plain text.
@@ -183,6 +194,7 @@ pub enum MessageContent {
 
 /// A client timestamp: unix seconds or RFC 3339 text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum ClientTimestamp {
     /// Unix seconds (fractions allowed).
@@ -193,6 +205,7 @@ pub enum ClientTimestamp {
 
 /// A client's temporary id for a message, echoed back: a string or a number.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum TempId {
     /// Text id.
@@ -203,6 +216,7 @@ pub enum TempId {
 
 /// `get_chat_messages` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct GetChatMessages {
     /// The chat.
     pub chat_id: ChatId,
@@ -217,6 +231,7 @@ pub struct GetChatMessages {
 
 /// `request_chat_content_batch` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct RequestChatContentBatch {
     /// The chats (at most the batch limit).
     pub chat_ids: Vec<ChatId>,
@@ -224,6 +239,7 @@ pub struct RequestChatContentBatch {
 
 /// `delete_chat` payload (`chatId` accepted as an alias).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DeleteChat {
     /// The chat to delete.
     #[serde(alias = "chatId")]
@@ -232,6 +248,7 @@ pub struct DeleteChat {
 
 /// `mark_read` payload: the user has read the chat up to `seq`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MarkRead {
     /// The chat.
     pub chat_id: ChatId,
@@ -242,13 +259,16 @@ pub struct MarkRead {
 /// `sync_offline_changes` payload. Each change is validated on its own ([`OfflineChange::parse`]), so one
 /// malformed change is an `error` result and does not fail the batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SyncOfflineChanges {
     /// The changes, applied in order (at most the offline limit).
+    #[cfg_attr(feature = "schema", schemars(with = "Vec<OfflineChange>"))]
     pub changes: Vec<Value>,
 }
 
 /// The kind of an offline change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OfflineChangeType {
     /// A title change; `value` is the new title.
@@ -261,6 +281,7 @@ pub enum OfflineChangeType {
 
 /// One validated offline change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OfflineChange {
     /// Echoed in the result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -297,6 +318,12 @@ impl OfflineChange {
         }
         Ok(change)
     }
+}
+
+/// The schema of a required field that may be `null` or an object (a plain `Option` would be optional).
+#[cfg(feature = "schema")]
+fn nullable_object_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": ["object", "null"], "additionalProperties": true})
 }
 
 /// Deserializes a required field that may be `null` or an object.

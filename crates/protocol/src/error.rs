@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// A stable error code sent in `error` payloads. Clients branch on these; never rename one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame is not valid JSON.

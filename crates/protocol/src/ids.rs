@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, $max:expr, $allowed:expr, $what:expr) => {
+    ($(#[$doc:meta])* $name:ident, $max:expr, $allowed:expr, $what:expr, $pattern:expr) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -56,6 +56,24 @@ macro_rules! id_type {
                 &self.0
             }
         }
+
+        /// The JSON Schema says what [`$name::new`] checks: length and alphabet.
+        #[cfg(feature = "schema")]
+        impl schemars::JsonSchema for $name {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($name).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!({
+                    "description": concat!("1-", stringify!($max), " characters of ", $what, "."),
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": $max,
+                    "pattern": $pattern,
+                })
+            }
+        }
     };
 }
 
@@ -64,7 +82,8 @@ id_type!(
     ChatId,
     64,
     |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-',
-    "[A-Za-z0-9_-]"
+    "[A-Za-z0-9_-]",
+    "^[A-Za-z0-9_-]+$"
 );
 
 id_type!(
@@ -72,7 +91,8 @@ id_type!(
     MessageId,
     128,
     |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'),
-    "[A-Za-z0-9_.:-]"
+    "[A-Za-z0-9_.:-]",
+    "^[A-Za-z0-9_.:-]+$"
 );
 
 id_type!(
@@ -81,7 +101,8 @@ id_type!(
     StreamId,
     128,
     |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'),
-    "[A-Za-z0-9_.:-]"
+    "[A-Za-z0-9_.:-]",
+    "^[A-Za-z0-9_.:-]+$"
 );
 
 id_type!(
@@ -89,7 +110,8 @@ id_type!(
     RequestId,
     64,
     |b: u8| b.is_ascii_graphic() || b == b' ',
-    "printable ASCII"
+    "printable ASCII",
+    "^[\\x20-\\x7E]+$"
 );
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ mod error;
 mod ids;
 mod limits;
 mod server;
+#[cfg(feature = "schema")]
+pub mod specs;
 mod streams;
 
 pub use client::*;

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// Content and rate limits. The server enforces them and announces them in `connected`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Limits {
     /// Largest accepted text frame, in bytes.
     pub max_frame_bytes: u32,

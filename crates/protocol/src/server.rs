@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 /// Every message the server sends, one variant per wire `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", content = "payload", rename_all = "snake_case")]
 pub enum ServerMessage {
     /// The greeting, sent first on every authenticated connection.
@@ -97,6 +98,7 @@ impl ServerMessage {
 
 /// `chat_read_updated` payload: the user's read marker of a chat and what is left unread.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatReadUpdated {
     /// The chat.
     pub chat_id: ChatId,
@@ -108,6 +110,7 @@ pub struct ChatReadUpdated {
 
 /// `connected` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Connected {
     /// Unique per connection, never reused.
     pub connection_id: String,
@@ -125,6 +128,7 @@ pub struct Connected {
 
 /// `error` payload: a stable code, a plain-English message, and context where known.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ErrorPayload {
     /// Stable code.
     pub code: ErrorCode,
@@ -153,6 +157,7 @@ impl ErrorPayload {
 
 /// The three versions of a chat, as the server knows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Versions {
     /// Number of messages.
     pub messages_v: u64,
@@ -164,6 +169,7 @@ pub struct Versions {
 
 /// Whether an initial-sync entry is new to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ChatChangeKind {
     /// The client did not list this chat.
@@ -174,6 +180,7 @@ pub enum ChatChangeKind {
 
 /// One stored message as sent to clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MessageOut {
     /// Client-chosen id.
     pub message_id: MessageId,
@@ -191,6 +198,7 @@ pub struct MessageOut {
 
 /// One entry of `chats_to_add_or_update`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatUpdate {
     /// The chat.
     pub chat_id: ChatId,
@@ -208,6 +216,7 @@ pub struct ChatUpdate {
     pub title: Option<String>,
     /// Present when new or the draft is newer; an explicit `null` means no draft.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "double_option")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<Map<String, Value>>"))]
     pub draft_json: Option<Option<Map<String, Value>>>,
     /// For the immediate-view chat only: the messages the client lacks, oldest first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -216,6 +225,7 @@ pub struct ChatUpdate {
 
 /// `initial_sync_response` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct InitialSyncResponse {
     /// Ids the client listed that the user does not (or no longer) own.
     pub chat_ids_to_delete: Vec<ChatId>,
@@ -235,6 +245,7 @@ pub struct InitialSyncResponse {
 
 /// `initial_sync_error` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct InitialSyncError {
     /// Stable code.
     pub code: ErrorCode,
@@ -244,6 +255,7 @@ pub struct InitialSyncError {
 
 /// `draft_update_confirmed` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftUpdateConfirmed {
     /// The chat.
     pub chat_id: ChatId,
@@ -255,6 +267,7 @@ pub struct DraftUpdateConfirmed {
 
 /// `{"draft_json"}` inside `chat_draft_updated`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftData {
     /// The draft, or `null` when cleared.
     pub draft_json: Option<Map<String, Value>>,
@@ -262,6 +275,7 @@ pub struct DraftData {
 
 /// `{"draft_v"}` inside `chat_draft_updated`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftVersion {
     /// The new draft version.
     pub draft_v: u64,
@@ -269,6 +283,7 @@ pub struct DraftVersion {
 
 /// `chat_draft_updated` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatDraftUpdated {
     /// The chat.
     pub chat_id: ChatId,
@@ -282,6 +297,7 @@ pub struct ChatDraftUpdated {
 
 /// `draft_delete_receipt` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftDeleteReceipt {
     /// The chat.
     pub chat_id: ChatId,
@@ -297,6 +313,7 @@ pub struct DraftDeleteReceipt {
 
 /// `draft_deleted` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DraftDeleted {
     /// The chat.
     pub chat_id: ChatId,
@@ -306,6 +323,7 @@ pub struct DraftDeleted {
 
 /// `{"title"}` inside `chat_title_updated`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TitleData {
     /// The new title (may be `""`).
     pub title: String,
@@ -313,6 +331,7 @@ pub struct TitleData {
 
 /// `{"title_v"}` inside `chat_title_updated`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TitleVersion {
     /// The new title version.
     pub title_v: u64,
@@ -320,6 +339,7 @@ pub struct TitleVersion {
 
 /// `chat_title_updated` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatTitleUpdated {
     /// The chat.
     pub chat_id: ChatId,
@@ -331,6 +351,7 @@ pub struct ChatTitleUpdated {
 
 /// `chat_message_confirmed` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatMessageConfirmed {
     /// The chat.
     pub chat_id: ChatId,
@@ -349,6 +370,7 @@ pub struct ChatMessageConfirmed {
 
 /// `chat_message_added` payload (server to client).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MessageAddedEvent {
     /// The chat.
     pub chat_id: ChatId,
@@ -362,6 +384,7 @@ pub struct MessageAddedEvent {
 
 /// `chat_messages_response` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatMessagesResponse {
     /// The chat.
     pub chat_id: ChatId,
@@ -375,6 +398,7 @@ pub struct ChatMessagesResponse {
 
 /// `{"messages_v"}` inside `chat_content_batch_response`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct MessagesVersion {
     /// The chat's message count.
     pub messages_v: u64,
@@ -382,6 +406,7 @@ pub struct MessagesVersion {
 
 /// `chat_content_batch_response` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatContentBatchResponse {
     /// Most recent messages per chat, oldest first.
     pub messages_by_chat_id: BTreeMap<ChatId, Vec<MessageOut>>,
@@ -396,6 +421,7 @@ pub struct ChatContentBatchResponse {
 
 /// `chat_deleted` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ChatDeleted {
     /// The chat.
     pub chat_id: ChatId,
@@ -405,6 +431,7 @@ pub struct ChatDeleted {
 
 /// The outcome of one offline change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OfflineStatus {
     /// Written and broadcast.
@@ -417,6 +444,7 @@ pub enum OfflineStatus {
 
 /// One entry of `offline_sync_complete.results`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OfflineResult {
     /// Echoed from the change (or `null`).
     pub change_id: Option<String>,
@@ -437,6 +465,7 @@ pub struct OfflineResult {
 
 /// `offline_sync_complete` payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OfflineSyncComplete {
     /// Changes applied.
     pub processed: u32,
@@ -450,6 +479,7 @@ pub struct OfflineSyncComplete {
 
 /// `cache_status_response` payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CacheStatusResponse {
     /// Whether the warm-up finished.
     pub is_primed: bool,
@@ -457,6 +487,7 @@ pub struct CacheStatusResponse {
 
 /// `priority_chat_ready` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PriorityChatReady {
     /// The most recently edited chat.
     pub chat_id: ChatId,
@@ -464,6 +495,7 @@ pub struct PriorityChatReady {
 
 /// `cache_primed` payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CachePrimed {
     /// Always `"full_sync_ready"`.
     pub status: String,

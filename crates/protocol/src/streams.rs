@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 /// `cancel_stream` payload (client to server).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CancelStream {
     /// The chat the stream writes into.
     pub chat_id: ChatId,
@@ -18,6 +19,7 @@ pub struct CancelStream {
 
 /// `stream_started` payload (ALL).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StreamStarted {
     /// The chat.
     pub chat_id: ChatId,
@@ -35,6 +37,7 @@ pub struct StreamStarted {
 /// `stream_chunk` payload (ALL). When a connection is behind, several chunks of one stream arrive as one:
 /// `seq` is the last one merged and `delta` the concatenation, in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StreamChunk {
     /// The chat.
     pub chat_id: ChatId,
@@ -48,6 +51,7 @@ pub struct StreamChunk {
 
 /// `stream_completed` payload (ALL): the message is stored; nothing else of the stream follows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StreamCompleted {
     /// The chat.
     pub chat_id: ChatId,
@@ -63,6 +67,7 @@ pub struct StreamCompleted {
 
 /// Why a stream ended without a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StreamCancelReason {
     /// A device of the user sent `cancel_stream`.
@@ -75,6 +80,7 @@ pub enum StreamCancelReason {
 
 /// `stream_cancelled` payload (ALL).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StreamCancelled {
     /// The chat.
     pub chat_id: ChatId,
@@ -86,6 +92,7 @@ pub struct StreamCancelled {
 
 /// One entry of `initial_sync_response.active_streams`: an open stream of the user, with its text so far.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ActiveStream {
     /// The chat.
     pub chat_id: ChatId,

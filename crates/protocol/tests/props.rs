@@ -347,6 +347,29 @@ fn jsonish() -> impl Strategy<Value = String> {
     ]
 }
 
+/// The validation errors of `text` against the AsyncAPI schema of its message (`side`: `client` or
+/// `server`); validators are built once per message type.
+fn schema_errors(side: &str, text: &str) -> Vec<String> {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+    static DOC: LazyLock<Value> = LazyLock::new(chatsync_protocol::specs::asyncapi);
+    static VALIDATORS: LazyLock<Mutex<HashMap<String, std::sync::Arc<jsonschema::Validator>>>> =
+        LazyLock::new(Default::default);
+    let v: Value = serde_json::from_str(text).unwrap();
+    let key = format!("{side}.{}", v["type"].as_str().unwrap());
+    let validator = VALIDATORS
+        .lock()
+        .unwrap()
+        .entry(key.clone())
+        .or_insert_with(|| {
+            let (side, wire_type) = key.split_once('.').unwrap();
+            let schema = chatsync_protocol::specs::message_schema(&DOC, side, wire_type).expect("a schema");
+            std::sync::Arc::new(jsonschema::draft7::new(&schema).unwrap())
+        })
+        .clone();
+    validator.iter_errors(&v).map(|e| format!("{} at {}", e, e.instance_path())).collect()
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -356,6 +379,25 @@ proptest! {
         let decoded = decode(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
         prop_assert_eq!(decoded.request_id.as_ref().map(|r| r.as_str()), rid.as_deref());
         prop_assert_eq!(decoded.message, message);
+    }
+
+    #[test]
+    fn client_messages_match_their_generated_schema(message in client_message(), rid in request_id()) {
+        // The schema describes valid offline changes; the decoder also takes invalid ones (each becomes an
+        // `error` result), which the strategy generates.
+        if let ClientMessage::SyncOfflineChanges(s) = &message {
+            prop_assume!(s.changes.iter().all(|c| OfflineChange::parse(c).is_ok()));
+        }
+        let text = message.encode(rid.as_deref());
+        let errors = schema_errors("client", &text);
+        prop_assert!(errors.is_empty(), "{}: {:?}", text, errors);
+    }
+
+    #[test]
+    fn server_messages_match_their_generated_schema(message in server_message(), rid in request_id()) {
+        let text = encode(&message, rid.as_deref());
+        let errors = schema_errors("server", &text);
+        prop_assert!(errors.is_empty(), "{}: {:?}", text, errors);
     }
 
     #[test]

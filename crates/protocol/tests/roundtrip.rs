@@ -399,6 +399,58 @@ fn server_wire_type_is_the_encoded_type() {
     }
 }
 
+/// Checks `text` against the AsyncAPI schema of its message (`side`: `client` or `server`); returns the
+/// validation errors.
+fn schema_errors(side: &str, text: &str) -> Vec<String> {
+    use std::sync::LazyLock;
+    static DOC: LazyLock<Value> = LazyLock::new(chatsync_protocol::specs::asyncapi);
+    let v: Value = serde_json::from_str(text).unwrap();
+    let wire_type = v["type"].as_str().unwrap();
+    let schema = chatsync_protocol::specs::message_schema(&DOC, side, wire_type)
+        .unwrap_or_else(|| panic!("no schema for {side}.{wire_type}"));
+    let validator = jsonschema::draft7::new(&schema).unwrap();
+    validator.iter_errors(&v).map(|e| format!("{} at {}", e, e.instance_path())).collect()
+}
+
+#[test]
+fn every_sample_matches_its_generated_schema() {
+    for m in client_samples() {
+        for text in [m.encode(Some("r-1")), m.encode(None)] {
+            let errors = schema_errors("client", &text);
+            assert!(errors.is_empty(), "{text}: {errors:?}");
+        }
+    }
+    for m in server_samples() {
+        for text in [encode(&m, Some("r-1")), encode(&m, None)] {
+            let errors = schema_errors("server", &text);
+            assert!(errors.is_empty(), "{text}: {errors:?}");
+        }
+    }
+    // The payload of `ping` may be omitted (PROTOCOL.md section 3); the `chatId` alias is not in the schema
+    // (it is accepted, not advertised).
+    assert!(schema_errors("client", r#"{"type":"ping"}"#).is_empty());
+}
+
+#[test]
+fn payloads_the_decoder_refuses_are_refused_by_the_schema_too() {
+    for text in [
+        r#"{"type":"update_title","payload":{"chat_id":"a b","new_title":"x"}}"#,
+        r#"{"type":"update_title","payload":{"chat_id":"","new_title":"x"}}"#,
+        r#"{"type":"update_draft","payload":{"chat_id":"c1"}}"#,
+        r#"{"type":"update_draft","payload":{"chat_id":"c1","draft_json":"text"}}"#,
+        r#"{"type":"chat_message_added","payload":{"chat_id":"c1","message":{"message_id":"m1"}}}"#,
+        r#"{"type":"chat_message_added","payload":{"chat_id":"c1","message":{"message_id":"m/1","content":"x"}}}"#,
+        r#"{"type":"chat_message_added","payload":{"chat_id":"c1","message":{"message_id":"m1","content":3}}}"#,
+        r#"{"type":"get_chat_messages","payload":{"chat_id":"c1","after_seq":-1}}"#,
+        r#"{"type":"initial_sync_request","payload":{}}"#,
+        r#"{"type":"initial_sync_request","payload":{"chat_versions":{"a b":{}}}}"#,
+        r#"{"type":"ping","payload":{},"request_id":""}"#,
+    ] {
+        assert!(decode(text).is_err(), "the decoder accepts {text}");
+        assert!(!schema_errors("client", text).is_empty(), "the schema accepts {text}");
+    }
+}
+
 #[test]
 fn stream_payloads_have_the_documented_shape() {
     let v: Value = serde_json::from_str(&encode(

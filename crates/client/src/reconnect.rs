@@ -1,0 +1,674 @@
+//! A client that stays connected: [`ReconnectingClient`] reconnects with exponential backoff and full
+//! jitter, keeps the changes made while it is offline, and on every (re)connection sends them as one
+//! `sync_offline_changes`, then the chat messages not yet confirmed, then an `initial_sync_request`
+//! with the versions it holds. What happens is surfaced as [`Event`]s.
+//!
+//! The same behaviour as the TypeScript SDK's client. A background task owns the connection; the handle
+//! is cheap to use from anywhere (`change`, `send_message` and `request` take `&self`).
+//!
+//! * Title and draft changes ([`Change`]) made while connected are sent live (`update_title`,
+//!   `update_draft`, `delete_draft`); made while disconnected (or sent but not confirmed when the
+//!   connection dropped) they are queued, one per chat and component (a later edit replaces an earlier
+//!   one, so the server sees the last state the user wanted, edited from the version the client held).
+//!   The server applies a queued change only if nobody changed that component since
+//!   (`version_before_edit`); otherwise the result is a `conflict` in [`Event::OfflineSynced`].
+//! * Chat messages ([`ReconnectingClient::send_message`]) stay in an outbox until their
+//!   `chat_message_confirmed` arrives and are re-sent after a reconnection (a `message_id` is idempotent).
+//! * The versions held are the newest the client has been told of (initial sync, confirmations,
+//!   broadcasts, offline results); a deleted chat is forgotten.
+//! * A close that reconnecting cannot cure (1008 other than `Token expired` and `Rate limit exceeded`:
+//!   an invalid or revoked session, a device mismatch) stops the client: [`Event::Disconnected`] with
+//!   `retry_in: None` is then the last event. `Token expired` is retried: give a fresh token first with
+//!   [`ReconnectingClient::set_token`].
+
+use crate::{Client, ClientError, ConnectOptions};
+use chatsync_protocol::{
+    ChatId, ChatMessageAdded, ClientMessage, ClientVersions, Connected, DeleteDraft, Incoming, InitialSyncRequest,
+    InitialSyncResponse, NewMessage, OfflineChangeType, OfflineSyncComplete, ServerMessage, SyncOfflineChanges,
+    UpdateDraft, UpdateTitle,
+};
+use rand::Rng;
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Reconnection timing.
+#[derive(Debug, Clone)]
+pub struct ReconnectOptions {
+    /// The backoff ceiling of the first retry; it doubles per failed attempt.
+    pub initial_delay: Duration,
+    /// The cap of the ceiling.
+    pub max_delay: Duration,
+    /// Give up after this many consecutive failed attempts (`None`: never).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for ReconnectOptions {
+    fn default() -> Self {
+        ReconnectOptions {
+            initial_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            max_attempts: None,
+        }
+    }
+}
+
+impl ReconnectOptions {
+    /// The backoff ceiling before retry `attempt` (1-based): `initial_delay · 2^(attempt-1)`, capped.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1).min(31)).unwrap_or(u32::MAX);
+        self.initial_delay.saturating_mul(factor).min(self.max_delay)
+    }
+
+    /// The delay before retry `attempt`: uniform in `[0, ceiling(attempt)]` ("full jitter"), so that
+    /// clients cut off together do not come back together.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rand::thread_rng().gen_range(0..=nanos))
+    }
+}
+
+/// A change to a chat's title or draft.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// `update_title` (offline: a `title` change).
+    Title {
+        /// The chat.
+        chat_id: ChatId,
+        /// The new title (`""` clears it).
+        title: String,
+    },
+    /// `update_draft` (offline: a `draft` change).
+    Draft {
+        /// The chat.
+        chat_id: ChatId,
+        /// The draft document, or `None` to clear it.
+        draft_json: Option<Map<String, Value>>,
+    },
+    /// `delete_draft` (offline: a `delete_draft` change).
+    DeleteDraft {
+        /// The chat.
+        chat_id: ChatId,
+    },
+}
+
+impl Change {
+    fn chat_id(&self) -> &ChatId {
+        match self {
+            Change::Title { chat_id, .. } | Change::Draft { chat_id, .. } | Change::DeleteDraft { chat_id } => chat_id,
+        }
+    }
+
+    /// Which component it changes: a later change of the same component replaces it in the queue.
+    fn is_title(&self) -> bool {
+        matches!(self, Change::Title { .. })
+    }
+
+    fn live(&self) -> ClientMessage {
+        match self.clone() {
+            Change::Title { chat_id, title } => ClientMessage::UpdateTitle(UpdateTitle { chat_id, new_title: title }),
+            Change::Draft { chat_id, draft_json } => ClientMessage::UpdateDraft(UpdateDraft { chat_id, draft_json }),
+            Change::DeleteDraft { chat_id } => ClientMessage::DeleteDraft(DeleteDraft { chat_id }),
+        }
+    }
+
+    fn offline(&self, version_before_edit: i64, change_id: u64) -> Value {
+        let (kind, value) = match self {
+            Change::Title { title, .. } => (OfflineChangeType::Title, json!(title)),
+            Change::Draft { draft_json, .. } => (OfflineChangeType::Draft, json!(draft_json)),
+            Change::DeleteDraft { .. } => (OfflineChangeType::DeleteDraft, Value::Null),
+        };
+        json!({
+            "change_id": format!("c{change_id}"),
+            "chat_id": self.chat_id(),
+            "type": kind,
+            "value": value,
+            "version_before_edit": version_before_edit,
+        })
+    }
+}
+
+/// What the client surfaces.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A connection is up; the queued changes, unconfirmed messages and an initial sync are on their way.
+    Connected(Connected),
+    /// The server's answer to the queued offline changes (one per batch of at most
+    /// `limits.max_offline_changes` changes).
+    OfflineSynced(OfflineSyncComplete),
+    /// The initial sync after a (re)connection, its parts merged.
+    Synced(InitialSyncResponse),
+    /// Any other server message (replies to live changes, broadcasts, errors, server events).
+    Message(Incoming),
+    /// The connection ended or could not be made. `retry_in`: when the next attempt starts; `None`: the
+    /// client stopped (a close reconnecting cannot cure, `max_attempts`, or [`ReconnectingClient::close`])
+    /// and this is its last event.
+    Disconnected {
+        /// The server's close code and reason, if it sent one.
+        close: Option<(u16, String)>,
+        /// What happened, in words.
+        error: String,
+        /// Delay before the next attempt.
+        retry_in: Option<Duration>,
+    },
+}
+
+/// One queued change and the version it was made from.
+#[derive(Debug, Clone)]
+struct Queued {
+    id: u64,
+    change: Change,
+    version_before_edit: i64,
+}
+
+/// State shared by the handle and the task.
+#[derive(Default)]
+struct Shared {
+    connected: bool,
+    versions: BTreeMap<ChatId, ClientVersions>,
+    queue: Vec<Queued>,
+    outbox: Vec<(ChatId, NewMessage)>,
+    options: ConnectOptions,
+    next_id: u64,
+}
+
+impl Shared {
+    fn held(&self, chat_id: &ChatId, title: bool) -> i64 {
+        let v = self.versions.get(chat_id).copied().unwrap_or_default();
+        let held = if title { v.title_v } else { v.draft_v };
+        held.unwrap_or(0)
+    }
+
+    /// Queues `change`, replacing a queued change of the same chat and component.
+    fn enqueue(&mut self, change: Change, version_before_edit: i64) {
+        self.queue.retain(|q| !(q.change.chat_id() == change.chat_id() && q.change.is_title() == change.is_title()));
+        self.next_id += 1;
+        self.queue.push(Queued { id: self.next_id, change, version_before_edit });
+    }
+
+    /// Puts back a live change that was never confirmed, unless a newer one of its component is queued.
+    fn requeue(&mut self, q: Queued) {
+        let newer = self
+            .queue
+            .iter()
+            .any(|n| n.change.chat_id() == q.change.chat_id() && n.change.is_title() == q.change.is_title());
+        if !newer {
+            self.queue.push(q);
+        }
+    }
+
+    fn bump(&mut self, chat_id: &ChatId, messages_v: Option<u64>, title_v: Option<u64>, draft_v: Option<u64>) {
+        let v = self.versions.entry(chat_id.clone()).or_default();
+        let max = |held: &mut Option<i64>, new: Option<u64>| {
+            if let Some(new) = new.and_then(|n| i64::try_from(n).ok()) {
+                *held = Some(held.map_or(new, |h| h.max(new)));
+            }
+        };
+        max(&mut v.messages_v, messages_v);
+        max(&mut v.title_v, title_v);
+        max(&mut v.draft_v, draft_v);
+    }
+
+    /// Learns the versions a server message tells of.
+    fn learn(&mut self, m: &ServerMessage) {
+        match m {
+            ServerMessage::InitialSyncResponse(r) => {
+                for id in &r.chat_ids_to_delete {
+                    self.versions.remove(id);
+                }
+                for c in &r.chats_to_add_or_update {
+                    let v = c.versions;
+                    self.bump(&c.chat_id, Some(v.messages_v), Some(v.title_v), Some(v.draft_v));
+                }
+            }
+            ServerMessage::DraftUpdateConfirmed(c) => self.bump(&c.chat_id, None, None, Some(c.draft_v)),
+            ServerMessage::ChatDraftUpdated(c) => self.bump(&c.chat_id, None, None, Some(c.versions.draft_v)),
+            ServerMessage::DraftDeleteReceipt(c) => self.bump(&c.chat_id, None, None, c.draft_v),
+            ServerMessage::DraftDeleted(c) => self.bump(&c.chat_id, None, None, Some(c.draft_v)),
+            ServerMessage::ChatTitleUpdated(c) => self.bump(&c.chat_id, None, Some(c.versions.title_v), None),
+            ServerMessage::ChatMessageConfirmed(c) => self.bump(&c.chat_id, Some(c.new_messages_v), None, None),
+            ServerMessage::ChatMessageAdded(c) => self.bump(&c.chat_id, Some(c.versions.messages_v), None, None),
+            ServerMessage::ChatDeleted(c) => {
+                self.versions.remove(&c.chat_id);
+                self.queue.retain(|q| q.change.chat_id() != &c.chat_id);
+                self.outbox.retain(|(chat, _)| chat != &c.chat_id);
+            }
+            ServerMessage::OfflineSyncComplete(c) => {
+                for r in &c.results {
+                    let chat = r.chat_id.as_deref().and_then(|id| ChatId::new(id).ok());
+                    if let (Some(chat), Some(v)) = (chat, r.versions) {
+                        self.bump(&chat, Some(v.messages_v), Some(v.title_v), Some(v.draft_v));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+enum Command {
+    Change(Change),
+    Message(ChatId, NewMessage),
+    Request(ClientMessage, oneshot::Sender<Result<Vec<Incoming>, ClientError>>),
+    Close,
+}
+
+/// A chatsync connection that reconnects by itself (see the module documentation).
+pub struct ReconnectingClient {
+    commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::UnboundedReceiver<Event>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl ReconnectingClient {
+    /// Starts connecting to `url` (e.g. `ws://127.0.0.1:8080/v1/ws`) in a background task.
+    pub fn start(url: &str, options: ConnectOptions, reconnect: ReconnectOptions) -> ReconnectingClient {
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::unbounded_channel();
+        let shared = Arc::new(Mutex::new(Shared { options, ..Shared::default() }));
+        let task =
+            Task { url: url.to_owned(), reconnect, shared: shared.clone(), commands: command_rx, events: event_tx };
+        tokio::spawn(task.run());
+        ReconnectingClient { commands, events, shared }
+    }
+
+    /// The next event; `None` once the client has stopped and every event was taken.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Changes a title or a draft: sent at once when connected, queued for the next connection otherwise.
+    pub fn change(&self, change: Change) {
+        let _ = self.commands.send(Command::Change(change));
+    }
+
+    /// Adds a chat message: sent at once when connected, and again after each reconnection until the server
+    /// confirms it.
+    pub fn send_message(&self, chat_id: ChatId, message: NewMessage) {
+        let _ = self.commands.send(Command::Message(chat_id, message));
+    }
+
+    /// Sends `message` on the current connection and returns every message carrying its `request_id`, the
+    /// final reply last (several for a reply in parts, or for `sync_offline_changes` with its broadcasts).
+    /// [`ClientError::Closed`] when not connected or when the connection drops first (nothing is retried).
+    pub async fn request(&self, message: ClientMessage) -> Result<Vec<Incoming>, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Request(message, tx)).map_err(|_| ClientError::Closed(None))?;
+        rx.await.unwrap_or(Err(ClientError::Closed(None)))
+    }
+
+    /// Replaces the token used from the next connection on (after `Token expired`, for example).
+    pub fn set_token(&self, token: &str) {
+        self.lock().options.token = Some(token.to_owned());
+    }
+
+    /// Whether a connection is up now.
+    pub fn is_connected(&self) -> bool {
+        self.lock().connected
+    }
+
+    /// The changes waiting for a connection.
+    pub fn queued_changes(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// The chat messages not yet confirmed.
+    pub fn unconfirmed_messages(&self) -> usize {
+        self.lock().outbox.len()
+    }
+
+    /// The versions the client holds, per chat (what its next `initial_sync_request` will send).
+    pub fn versions(&self) -> BTreeMap<ChatId, ClientVersions> {
+        self.lock().versions.clone()
+    }
+
+    /// Stops: closes the connection, and ends the event stream after a last [`Event::Disconnected`].
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Close);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Whether a close means that reconnecting cannot help.
+fn is_fatal(close: &Option<(u16, String)>) -> bool {
+    matches!(close, Some((1008, reason)) if reason != "Token expired" && reason != "Rate limit exceeded")
+}
+
+/// What a request id stands for on the current connection.
+enum Pending {
+    /// A live change, put back in the queue if the connection drops first.
+    Change(Queued),
+    /// A chat message; leaves the outbox on confirmation, or on an error that a retry would repeat.
+    Message(ChatId, chatsync_protocol::MessageId),
+    /// A batch of queued changes (their ids), dropped from the queue on `offline_sync_complete`.
+    Offline(Vec<u64>),
+    /// The initial sync, with the parts so far.
+    Sync(Option<InitialSyncResponse>),
+    /// A caller's request.
+    Request(ClientMessage, Vec<Incoming>, oneshot::Sender<Result<Vec<Incoming>, ClientError>>),
+}
+
+struct Task {
+    url: String,
+    reconnect: ReconnectOptions,
+    shared: Arc<Mutex<Shared>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// How a connection ended.
+enum End {
+    /// The caller closed or dropped the handle.
+    Closed,
+    /// The connection failed.
+    Lost(Option<(u16, String)>, String),
+}
+
+impl Task {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    async fn run(mut self) {
+        let mut failures = 0u32;
+        loop {
+            let options = self.lock().options.clone();
+            let url = self.url.clone();
+            let outcome = tokio::select! {
+                r = Client::connect_authenticated(&url, &options) => r,
+                _ = self.idle_until_closed() => return self.stopped(None, "closed"),
+            };
+            let (close, error) = match outcome {
+                Ok((client, connected)) => {
+                    failures = 0;
+                    match self.session(client, connected).await {
+                        End::Closed => return self.stopped(None, "closed"),
+                        End::Lost(close, error) => (close, error),
+                    }
+                }
+                Err(ClientError::Closed(close)) => (close, "the server closed the connection".to_owned()),
+                Err(e) => (None, e.to_string()),
+            };
+            failures += 1;
+            if is_fatal(&close) || self.reconnect.max_attempts.is_some_and(|max| failures >= max) {
+                return self.emit(Event::Disconnected { close, error, retry_in: None });
+            }
+            let delay = self.reconnect.delay(failures);
+            self.emit(Event::Disconnected { close, error, retry_in: Some(delay) });
+            let sleep = tokio::time::sleep(delay);
+            tokio::select! {
+                _ = sleep => {}
+                _ = self.idle_until_closed() => return self.stopped(None, "closed"),
+            }
+        }
+    }
+
+    fn stopped(&self, close: Option<(u16, String)>, error: &str) {
+        self.emit(Event::Disconnected { close, error: error.to_owned(), retry_in: None });
+    }
+
+    /// While disconnected: queues changes and messages, fails requests; returns when the caller closes.
+    async fn idle_until_closed(&mut self) {
+        loop {
+            match self.commands.recv().await {
+                None | Some(Command::Close) => return,
+                Some(Command::Change(change)) => {
+                    let mut s = self.lock();
+                    let held = s.held(change.chat_id(), change.is_title());
+                    s.enqueue(change, held);
+                }
+                Some(Command::Message(chat, message)) => self.lock().outbox.push((chat, message)),
+                Some(Command::Request(_, reply)) => {
+                    let _ = reply.send(Err(ClientError::Closed(None)));
+                }
+            }
+        }
+    }
+
+    /// One connection: sends what is queued and the initial sync, then relays until it ends.
+    async fn session(&mut self, mut client: Client, connected: Connected) -> End {
+        let mut pending: HashMap<String, Pending> = HashMap::new();
+        let mut next = 0u64;
+        let mut id = |prefix: &str| {
+            next += 1;
+            format!("{prefix}{next}")
+        };
+        let batch = connected.limits.max_offline_changes.max(1) as usize;
+        self.lock().connected = true;
+        self.emit(Event::Connected(connected));
+
+        // Queued changes, unconfirmed messages, then the initial sync: the server handles one connection's
+        // requests in order, so the sync already sees what was queued.
+        let (queue, outbox, versions) = {
+            let s = self.lock();
+            (s.queue.clone(), s.outbox.clone(), s.versions.clone())
+        };
+        let mut sent = Ok(());
+        for chunk in queue.chunks(batch) {
+            let changes = chunk.iter().map(|q| q.change.offline(q.version_before_edit, q.id)).collect();
+            let rid = id("offline-");
+            pending.insert(rid.clone(), Pending::Offline(chunk.iter().map(|q| q.id).collect()));
+            sent = sent
+                .and(client.send(&ClientMessage::SyncOfflineChanges(SyncOfflineChanges { changes }), Some(&rid)).await);
+        }
+        for (chat_id, message) in outbox {
+            let rid = id("message-");
+            pending.insert(rid.clone(), Pending::Message(chat_id.clone(), message.message_id.clone()));
+            sent = sent.and(
+                client.send(&ClientMessage::ChatMessageAdded(ChatMessageAdded { chat_id, message }), Some(&rid)).await,
+            );
+        }
+        let rid = id("sync-");
+        pending.insert(rid.clone(), Pending::Sync(None));
+        let sync = InitialSyncRequest { chat_versions: versions, immediate_view_chat_id: None };
+        sent = sent.and(client.send(&ClientMessage::InitialSyncRequest(sync), Some(&rid)).await);
+
+        let end = match sent {
+            Err(e) => End::Lost(None, e.to_string()),
+            Ok(()) => loop {
+                tokio::select! {
+                    incoming = client.recv() => match incoming {
+                        Ok(m) => self.receive(m, &mut pending),
+                        Err(ClientError::Closed(close)) => break End::Lost(close, "the server closed the connection".into()),
+                        Err(e) => break End::Lost(None, e.to_string()),
+                    },
+                    command = self.commands.recv() => {
+                        let result = match command {
+                            None | Some(Command::Close) => break End::Closed,
+                            Some(Command::Change(change)) => {
+                                let held = self.lock().held(change.chat_id(), change.is_title());
+                                let rid = id("change-");
+                                let message = change.live();
+                                pending.insert(rid.clone(), Pending::Change(Queued { id: 0, change, version_before_edit: held }));
+                                client.send(&message, Some(&rid)).await
+                            }
+                            Some(Command::Message(chat_id, message)) => {
+                                self.lock().outbox.push((chat_id.clone(), message.clone()));
+                                let rid = id("message-");
+                                pending.insert(rid.clone(), Pending::Message(chat_id.clone(), message.message_id.clone()));
+                                client.send(&ClientMessage::ChatMessageAdded(ChatMessageAdded { chat_id, message }), Some(&rid)).await
+                            }
+                            Some(Command::Request(message, reply)) => {
+                                let rid = id("request-");
+                                let sent = client.send(&message, Some(&rid)).await;
+                                pending.insert(rid, Pending::Request(message, Vec::new(), reply));
+                                sent
+                            }
+                        };
+                        if let Err(e) = result {
+                            break End::Lost(None, e.to_string());
+                        }
+                    }
+                }
+            },
+        };
+        if matches!(end, End::Closed) {
+            let _ = client.close().await;
+        }
+        // What was in flight: live changes go back to the queue, requests fail.
+        let mut s = self.lock();
+        s.connected = false;
+        for (_, p) in pending {
+            match p {
+                Pending::Change(q) => {
+                    s.next_id += 1;
+                    let id = s.next_id;
+                    s.requeue(Queued { id, ..q });
+                }
+                Pending::Request(_, _, reply) => {
+                    let _ = reply.send(Err(ClientError::Closed(None)));
+                }
+                Pending::Message(..) | Pending::Offline(_) | Pending::Sync(_) => {}
+            }
+        }
+        end
+    }
+
+    /// Handles one server message on a live connection.
+    fn receive(&self, m: Incoming, pending: &mut HashMap<String, Pending>) {
+        self.lock().learn(&m.message);
+        let Some(rid) = m.request_id.clone() else { return self.emit(Event::Message(m)) };
+        let Some(p) = pending.remove(&rid) else { return self.emit(Event::Message(m)) };
+        let is_error = matches!(m.message, ServerMessage::Error(_) | ServerMessage::InitialSyncError(_));
+        match p {
+            Pending::Change(_) => self.emit(Event::Message(m)),
+            Pending::Message(chat_id, message_id) => {
+                use chatsync_protocol::ErrorCode::{Internal, RateLimited, Unavailable};
+                let settled = match &m.message {
+                    ServerMessage::ChatMessageConfirmed(_) => true,
+                    // Refused for good (too large, another user's chat…): re-sending would repeat it.
+                    ServerMessage::Error(e) => !matches!(e.code, Unavailable | RateLimited | Internal),
+                    _ => false,
+                };
+                if settled {
+                    self.lock().outbox.retain(|(chat, msg)| !(chat == &chat_id && msg.message_id == message_id));
+                }
+                self.emit(Event::Message(m));
+            }
+            Pending::Offline(ids) => match m.message {
+                ServerMessage::OfflineSyncComplete(done) => {
+                    self.lock().queue.retain(|q| !ids.contains(&q.id));
+                    self.emit(Event::OfflineSynced(done));
+                }
+                _ if is_error => self.emit(Event::Message(m)),
+                // The broadcasts of applied changes come first, with the same request id.
+                _ => {
+                    pending.insert(rid, Pending::Offline(ids));
+                    self.emit(Event::Message(m));
+                }
+            },
+            Pending::Sync(so_far) => match m.message {
+                ServerMessage::InitialSyncResponse(part) => {
+                    let merged = match so_far {
+                        None => part,
+                        Some(mut all) => {
+                            all.chat_ids_to_delete.extend(part.chat_ids_to_delete);
+                            all.chats_to_add_or_update.extend(part.chats_to_add_or_update);
+                            all.active_streams.extend(part.active_streams);
+                            all.server_chat_order = part.server_chat_order;
+                            all.sync_completed_at = part.sync_completed_at;
+                            all.more = part.more;
+                            all
+                        }
+                    };
+                    if merged.more {
+                        pending.insert(rid, Pending::Sync(Some(merged)));
+                    } else {
+                        self.emit(Event::Synced(merged));
+                    }
+                }
+                _ => self.emit(Event::Message(m)),
+            },
+            Pending::Request(message, mut parts, reply) => {
+                let more = match &m.message {
+                    ServerMessage::InitialSyncResponse(r) => r.more,
+                    ServerMessage::ChatContentBatchResponse(r) => r.more,
+                    ServerMessage::Error(_) | ServerMessage::OfflineSyncComplete(_) => false,
+                    _ => matches!(message, ClientMessage::SyncOfflineChanges(_)),
+                };
+                parts.push(m);
+                if more {
+                    pending.insert(rid, Pending::Request(message, parts, reply));
+                } else {
+                    let _ = reply.send(Ok(parts));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_jitter_stays_below_the_ceiling() {
+        let o = ReconnectOptions {
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            max_attempts: None,
+        };
+        assert_eq!(o.ceiling(1), Duration::from_millis(100));
+        assert_eq!(o.ceiling(2), Duration::from_millis(200));
+        assert_eq!(o.ceiling(4), Duration::from_millis(800));
+        assert_eq!(o.ceiling(5), Duration::from_secs(1));
+        assert_eq!(o.ceiling(u32::MAX), Duration::from_secs(1));
+        for attempt in 1..40 {
+            assert!(o.delay(attempt) <= o.ceiling(attempt));
+        }
+        let distinct: std::collections::BTreeSet<Duration> = (0..50).map(|_| o.delay(10)).collect();
+        assert!(distinct.len() > 1, "the delay is jittered");
+    }
+
+    #[test]
+    fn a_later_change_of_a_component_replaces_the_queued_one() {
+        let chat = ChatId::new("c1").unwrap();
+        let mut s = Shared::default();
+        s.enqueue(Change::Title { chat_id: chat.clone(), title: "a".into() }, 3);
+        s.enqueue(Change::Draft { chat_id: chat.clone(), draft_json: None }, 1);
+        s.enqueue(Change::Title { chat_id: chat.clone(), title: "b".into() }, 3);
+        s.enqueue(Change::DeleteDraft { chat_id: chat.clone() }, 1);
+        let kinds: Vec<&Change> = s.queue.iter().map(|q| &q.change).collect();
+        assert_eq!(
+            kinds,
+            [
+                &Change::Title { chat_id: chat.clone(), title: "b".into() },
+                &Change::DeleteDraft { chat_id: chat.clone() }
+            ]
+        );
+        // A live change that was never confirmed does not override a newer queued one.
+        s.requeue(Queued {
+            id: 99,
+            change: Change::Title { chat_id: chat.clone(), title: "old".into() },
+            version_before_edit: 2,
+        });
+        assert_eq!(s.queue.len(), 2);
+        let other = ChatId::new("c2").unwrap();
+        s.requeue(Queued {
+            id: 100,
+            change: Change::Title { chat_id: other, title: "x".into() },
+            version_before_edit: 0,
+        });
+        assert_eq!(s.queue.len(), 3);
+    }
+
+    #[test]
+    fn only_curable_closes_are_retried() {
+        assert!(is_fatal(&Some((1008, "Invalid session".into()))));
+        assert!(is_fatal(&Some((1008, "Session revoked".into()))));
+        assert!(!is_fatal(&Some((1008, "Token expired".into()))));
+        assert!(!is_fatal(&Some((1001, "Server shutting down".into()))));
+        assert!(!is_fatal(&Some((1013, "Slow consumer".into()))));
+        assert!(!is_fatal(&None));
+    }
+}

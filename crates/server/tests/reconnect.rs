@@ -1,0 +1,342 @@
+//! The Rust client's reconnecting mode (`chatsync_client::ReconnectingClient`) against the real server:
+//! a connection cut by a proxy or a server restart is re-established with backoff, changes made offline
+//! reach the server as one `sync_offline_changes` (then an initial sync) and the user's other device sees
+//! them; conflicts are reported; another user sees nothing; a session the server refuses stops the client.
+
+mod common;
+
+use chatsync_client::{Change, ConnectOptions, Event, ReconnectOptions, ReconnectingClient};
+use chatsync_protocol::*;
+use common::proxy::Proxy;
+use common::TestServer;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn chat(id: &str) -> ChatId {
+    ChatId::new(id).unwrap()
+}
+
+fn doc(text: &str) -> Map<String, Value> {
+    json!({"type": "doc", "content": [{"type": "paragraph", "content": [{"type": "text", "text": text}]}]})
+        .as_object()
+        .unwrap()
+        .clone()
+}
+
+fn quick() -> ReconnectOptions {
+    ReconnectOptions {
+        initial_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(200),
+        max_attempts: None,
+    }
+}
+
+fn start(url: &str, token: &str, device: &str) -> ReconnectingClient {
+    let opts = ConnectOptions { ignore_warmup_events: true, ..ConnectOptions::new(token, device) };
+    ReconnectingClient::start(url, opts, quick())
+}
+
+/// Takes events until `f` picks one (a hang guard, not a timing assertion: the test fails instead of
+/// hanging if the event never comes).
+async fn until<T>(rc: &mut ReconnectingClient, mut f: impl FnMut(&Event) -> Option<T>) -> T {
+    let wait = async {
+        loop {
+            let event = rc.next_event().await.expect("the client stopped");
+            if let Some(t) = f(&event) {
+                return t;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait).await.expect("the awaited event never came")
+}
+
+async fn synced(rc: &mut ReconnectingClient) -> InitialSyncResponse {
+    until(rc, |e| match e {
+        Event::Synced(s) => Some(s.clone()),
+        _ => None,
+    })
+    .await
+}
+
+async fn disconnected(rc: &mut ReconnectingClient) -> (Option<(u16, String)>, Option<Duration>) {
+    until(rc, |e| match e {
+        Event::Disconnected { close, retry_in, .. } => Some((close.clone(), *retry_in)),
+        _ => None,
+    })
+    .await
+}
+
+async fn offline_synced(rc: &mut ReconnectingClient) -> OfflineSyncComplete {
+    until(rc, |e| match e {
+        Event::OfflineSynced(s) => Some(s.clone()),
+        _ => None,
+    })
+    .await
+}
+
+async fn confirmed_title(rc: &mut ReconnectingClient) {
+    until(rc, |e| {
+        matches!(e, Event::Message(m) if matches!(m.message, ServerMessage::ChatTitleUpdated(_))).then_some(())
+    })
+    .await
+}
+
+/// Receives on a plain client until `f` picks a message.
+async fn recv_until<T>(c: &mut chatsync_client::Client, mut f: impl FnMut(&ServerMessage) -> Option<T>) -> T {
+    loop {
+        let m = c.recv().await.unwrap();
+        if let Some(t) = f(&m.message) {
+            return t;
+        }
+    }
+}
+
+async fn sync_state(c: &mut chatsync_client::Client) -> InitialSyncResponse {
+    let reply = c
+        .request(&ClientMessage::InitialSyncRequest(InitialSyncRequest {
+            chat_versions: BTreeMap::new(),
+            immediate_view_chat_id: Some(chat("c1")),
+        }))
+        .await
+        .unwrap();
+    match reply.message {
+        ServerMessage::InitialSyncResponse(r) => r,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn changes_made_offline_are_applied_on_reconnect_and_seen_by_the_other_device() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let phone_token = server.token("alice").await;
+    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
+    let mut laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), &token, "laptop");
+    let (mut phone, _) = server.connect(&phone_token, "phone").await;
+    synced(&mut laptop).await;
+
+    // Online: a change goes out live and the phone sees it.
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "online".into() });
+    let title = recv_until(&mut phone, |m| match m {
+        ServerMessage::ChatTitleUpdated(t) => Some(t.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!((title.data.title.as_str(), title.versions.title_v), ("online", 1));
+    // The laptop holds title_v 1 once its own confirmation arrived (before that, an edit would be made
+    // from version 0 and conflict, correctly).
+    confirmed_title(&mut laptop).await;
+
+    // Offline: the connection is cut; the laptop keeps editing.
+    proxy.cut();
+    let (_, retry) = disconnected(&mut laptop).await;
+    assert!(retry.is_some(), "a cut connection is retried");
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "draft of a title".into() });
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "offline".into() });
+    laptop.change(Change::Draft { chat_id: chat("c1"), draft_json: Some(doc("written on the train")) });
+    let message = NewMessage {
+        message_id: MessageId::new("m1").unwrap(),
+        content: MessageContent::Text("sent offline".into()),
+        timestamp: None,
+        temp_id: None,
+    };
+    laptop.send_message(chat("c1"), message);
+    // Commands are handled in order: once a request fails (offline), the changes before it are queued.
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    assert_eq!(
+        (laptop.queued_changes(), laptop.unconfirmed_messages()),
+        (2, 1),
+        "two edits of one title are one change"
+    );
+    assert!(!laptop.is_connected());
+
+    // Back online: one sync_offline_changes (both changes applied), the message, then an initial sync.
+    proxy.restore();
+    let done = offline_synced(&mut laptop).await;
+    assert_eq!((done.processed, done.conflicts, done.errors), (2, 0, 0), "{done:?}");
+    let sync = synced(&mut laptop).await;
+    let c1 = sync.chats_to_add_or_update.iter().find(|c| c.chat_id == chat("c1")).expect("c1 is newer than held");
+    assert_eq!((c1.versions.title_v, c1.versions.draft_v, c1.versions.messages_v), (2, 1, 1));
+    assert_eq!((laptop.queued_changes(), laptop.unconfirmed_messages()), (0, 0));
+    assert_eq!(laptop.versions()[&chat("c1")].title_v, Some(2));
+
+    // The phone, connected all along, received every change as a broadcast.
+    let mut seen = (false, false, false);
+    while seen != (true, true, true) {
+        match phone.recv().await.unwrap().message {
+            ServerMessage::ChatTitleUpdated(t) => {
+                assert_eq!(t.data.title, "offline");
+                seen.0 = true;
+            }
+            ServerMessage::ChatDraftUpdated(d) => {
+                assert_eq!(d.data.draft_json, Some(doc("written on the train")));
+                seen.1 = true;
+            }
+            ServerMessage::ChatMessageAdded(m) => {
+                assert_eq!(m.message.content, MessageContent::Text("sent offline".into()));
+                seen.2 = true;
+            }
+            _ => {}
+        }
+    }
+    let state = sync_state(&mut phone).await;
+    let c1 = &state.chats_to_add_or_update[0];
+    assert_eq!(c1.title.as_deref(), Some("offline"));
+    assert_eq!(c1.messages.as_ref().map(Vec::len), Some(1));
+    laptop.close();
+    assert_eq!(disconnected(&mut laptop).await.1, None);
+}
+
+#[tokio::test]
+async fn an_offline_change_that_lost_to_another_device_is_a_conflict() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let phone_token = server.token("alice").await;
+    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
+    let mut laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), &token, "laptop");
+    let (mut phone, _) = server.connect(&phone_token, "phone").await;
+    synced(&mut laptop).await;
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "first".into() });
+    confirmed_title(&mut laptop).await;
+
+    proxy.cut();
+    disconnected(&mut laptop).await;
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "laptop".into() });
+    // Meanwhile the phone renames the chat.
+    let reply = phone
+        .request(&ClientMessage::UpdateTitle(UpdateTitle { chat_id: chat("c1"), new_title: "phone".into() }))
+        .await
+        .unwrap();
+    assert!(matches!(reply.message, ServerMessage::ChatTitleUpdated(_)));
+
+    proxy.restore();
+    let done = offline_synced(&mut laptop).await;
+    assert_eq!((done.processed, done.conflicts), (0, 1), "{done:?}");
+    assert_eq!(done.results[0].status, OfflineStatus::Conflict);
+    let sync = synced(&mut laptop).await;
+    let c1 = sync.chats_to_add_or_update.iter().find(|c| c.chat_id == chat("c1")).unwrap();
+    assert_eq!(c1.title.as_deref(), Some("phone"), "the newer title wins");
+    assert_eq!(laptop.queued_changes(), 0, "a conflict is reported, not retried");
+    laptop.close();
+}
+
+#[tokio::test]
+async fn another_user_sees_nothing_of_the_offline_changes() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let bob_token = server.user_token("bob").await;
+    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
+    let mut laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), &token, "laptop");
+    synced(&mut laptop).await;
+    proxy.cut();
+    disconnected(&mut laptop).await;
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "secret".into() });
+    proxy.restore();
+    let done = offline_synced(&mut laptop).await;
+    assert_eq!(done.processed, 1);
+
+    let (mut bob, _) = server.connect(&bob_token, "bob-phone").await;
+    let state = sync_state(&mut bob).await;
+    assert!(state.chats_to_add_or_update.is_empty() && state.server_chat_order.is_empty(), "{state:?}");
+    let reply = bob
+        .request(&ClientMessage::UpdateTitle(UpdateTitle { chat_id: chat("c1"), new_title: "mine".into() }))
+        .await
+        .unwrap();
+    assert!(matches!(reply.message, ServerMessage::Error(ref e) if e.code == ErrorCode::NotFound), "{reply:?}");
+    laptop.close();
+}
+
+#[tokio::test]
+async fn a_queued_message_the_server_refuses_is_reported_and_not_resent() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
+    let mut laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), &token, "laptop");
+    synced(&mut laptop).await;
+    proxy.cut();
+    disconnected(&mut laptop).await;
+    let too_big = NewMessage {
+        message_id: MessageId::new("big").unwrap(),
+        content: MessageContent::Text("x".repeat(Limits::MAX_MESSAGE_CONTENT_BYTES + 1)),
+        timestamp: None,
+        temp_id: None,
+    };
+    laptop.send_message(chat("c1"), too_big);
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    assert_eq!(laptop.unconfirmed_messages(), 1);
+    proxy.restore();
+    let code = until(&mut laptop, |e| match e {
+        Event::Message(Incoming { message: ServerMessage::Error(e), .. }) => Some(e.code),
+        _ => None,
+    })
+    .await;
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    synced(&mut laptop).await;
+    assert_eq!(laptop.unconfirmed_messages(), 0, "a refused message leaves the outbox");
+    laptop.close();
+}
+
+#[tokio::test]
+async fn a_refused_session_stops_the_client_instead_of_retrying() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let mut rc = start(&server.url, "cs_not-a-real-token", "laptop");
+    let (close, retry) = disconnected(&mut rc).await;
+    assert_eq!(close, Some((1008, "Invalid session".to_owned())));
+    assert_eq!(retry, None);
+    assert!(rc.next_event().await.is_none(), "no event after the client stopped");
+    // A change made after that stays queued; nothing panics.
+    rc.change(Change::DeleteDraft { chat_id: chat("c1") });
+}
+
+#[tokio::test]
+async fn a_server_restart_is_survived_with_the_queued_change_applied() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let phone_token = server.token("alice").await;
+    let addr = server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned();
+    let config = (*server.ctx.config).clone();
+    let mut laptop = start(&server.url, &token, "laptop");
+    synced(&mut laptop).await;
+
+    let data = server.stop_into_data().await;
+    let (close, retry) = disconnected(&mut laptop).await;
+    assert_eq!(close, Some((1001, "Server shutting down".to_owned())));
+    assert!(retry.is_some());
+    laptop.change(Change::Draft { chat_id: chat("c9"), draft_json: Some(doc("kept across the restart")) });
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    assert_eq!(laptop.queued_changes(), 1);
+
+    // The same address, the same data directory.
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    let ctx = chatsync::build(config).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(chatsync::run(listener, ctx.clone(), async move {
+        let _ = stopped.await;
+    }));
+    let done = offline_synced(&mut laptop).await;
+    assert_eq!(done.processed, 1, "{done:?}");
+    synced(&mut laptop).await;
+
+    let opts = ConnectOptions { ignore_warmup_events: true, ..ConnectOptions::new(&phone_token, "phone") };
+    let (mut phone, _) =
+        chatsync_client::Client::connect_authenticated(&format!("ws://{addr}/v1/ws"), &opts).await.unwrap();
+    let reply = phone
+        .request(&ClientMessage::InitialSyncRequest(InitialSyncRequest {
+            chat_versions: BTreeMap::new(),
+            immediate_view_chat_id: None,
+        }))
+        .await
+        .unwrap();
+    let ServerMessage::InitialSyncResponse(state) = reply.message else { panic!("{reply:?}") };
+    let c9 = state.chats_to_add_or_update.iter().find(|c| c.chat_id == chat("c9")).expect("c9 exists");
+    assert_eq!(c9.draft_json, Some(Some(doc("kept across the restart"))));
+
+    laptop.close();
+    disconnected(&mut laptop).await;
+    drop(phone);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    drop(data);
+}
