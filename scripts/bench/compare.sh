@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# compare.sh: run one chatsync-bench scenario against chatsync and then against the python-reference
-# peer with the same options, sessions and machine, and print the headline figures side by side with
-# their ratio. This is the command behind each row of BENCHMARKS.md.
+# compare.sh: run one chatsync-bench scenario against chatsync, then the python-reference peer, then the
+# node-ws peer, with the same options, sessions and machine, and print the headline figures side by side
+# with chatsync's ratio against each. This is the command behind each row of BENCHMARKS.md.
+# PEERS="python node" (default) chooses the peers; the node-ws peer needs Node.js (skipped, with a
+# warning, when `node` is missing).
 #
 # Usage: scripts/bench/compare.sh SCENARIO [chatsync-bench SCENARIO options...]
 #   SCENARIO   idle, fanout, saturate or sync
@@ -29,12 +31,24 @@ export OUT_DIR=${OUT_DIR:-target/bench}
 echo "######## chatsync: $SCENARIO $*"
 scripts/bench/chatsync.sh "$SCENARIO" "$@"
 echo
-echo "######## python-reference: $SCENARIO $*"
-scripts/bench/peer-python.sh "$SCENARIO" "$@"
-echo
-python3 - "$SCENARIO" "$OUT_DIR/$SCENARIO-chatsync.json" "$OUT_DIR/$SCENARIO-python.json" <<'PY'
-import json, sys
-scenario, a, b = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
+PEERS=${PEERS:-python node}
+RESULTS=("$OUT_DIR/$SCENARIO-chatsync.json")
+for peer in $PEERS; do
+    case "$peer" in
+        python) echo "######## python-reference: $SCENARIO $*"; scripts/bench/peer-python.sh "$SCENARIO" "$@" ;;
+        node)
+            if ! command -v node >/dev/null; then echo "warning: no node on PATH: skipping the node-ws peer" >&2; continue; fi
+            echo "######## node-ws: $SCENARIO $*"; scripts/bench/peer-node.sh "$SCENARIO" "$@" ;;
+        *) echo "unknown peer $peer (python, node)" >&2; exit 2 ;;
+    esac
+    RESULTS+=("$OUT_DIR/$SCENARIO-$peer.json")
+    echo
+done
+python3 - "$SCENARIO" "${RESULTS[@]}" <<'PY'
+import json, os, sys
+scenario, files = sys.argv[1], sys.argv[2:]
+runs = [(os.path.basename(f).split("-", 1)[1].rsplit(".", 1)[0], json.load(open(f))) for f in files]
+a = runs[0][1]
 def get(d, path):
     for k in path.split("."):
         if isinstance(d, list):
@@ -60,16 +74,25 @@ rows = {
                  ("p99 at that rate (ms)", "results.best.latency.p99_ms", "low")],
     "sync": [],
 }[scenario]
-print(f"== {scenario}: chatsync vs python-reference (same bench, same machine, one run) ==")
-print(f"{'':38} {'chatsync':>12} {'python':>12} {'ratio':>8}")
+peers = runs[1:]
+print(f"== {scenario}: chatsync vs {', '.join(n for n, _ in peers)} (same bench, same machine, one run) ==")
+header = f"{'':38} {'chatsync':>12}" + "".join(f" {n:>12}" for n, _ in peers) + "".join(f" {'vs ' + n:>10}" for n, _ in peers)
+print(header)
+fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
 for label, path, better in rows:
-    x, y = get(a, path), get(b, path)
-    ratio = ""
-    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x and y:
-        ratio = f"{(x / y if better == 'high' else y / x):.1f}x"
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
-    print(f"{label:38} {fmt(x):>12} {fmt(y):>12} {ratio:>8}")
-if scenario == "saturate":
+    x = get(a, path)
+    line = f"{label:38} {fmt(x):>12}"
+    ratios = ""
+    for _, d in peers:
+        y = get(d, path)
+        line += f" {fmt(y):>12}"
+        r = ""
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and x and y:
+            r = f"{(x / y if better == 'high' else y / x):.1f}x"
+        ratios += f" {r:>10}"
+    print(line + ratios)
+b = dict(peers).get("python") or (peers[0][1] if peers else {})
+if scenario == "saturate" and peers:
     # p99 of each server at the python peer's highest sustained rate (same offered load).
     rate = get(b, "results.highest_sustained_rate")
     steps = {s.get("offered_rate"): s for s in (get(a, "results.steps") or [])}
@@ -79,7 +102,7 @@ if scenario == "saturate":
 if scenario == "sync":
     for size, t in (a.get("server_time") or {}).items():
         print(f"chatsync server time, {size} chats: p50 {t['p50_ms']:.2f} ms, p99 {t['p99_ms']:.2f} ms")
-    for name, d in (("chatsync", a), ("python", b)):
+    for name, d in runs:
         for r in get(d, "results.sizes") or []:
             lat = r.get('latency') or {}
             print(f"{name} round trip, {r.get('chats')} chats: p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms, reply {r.get('reply_bytes')} bytes")

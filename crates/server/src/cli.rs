@@ -436,6 +436,43 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_LEEWAY_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_leeway_secs: Option<u64>,
+    /// POST webhook events (message.created, chat.deleted, stream.cancel_requested) to this URL
+    /// [default: none: no event is recorded].
+    #[arg(long, help_heading = "Webhooks", env = "CHATSYNC_WEBHOOK_URL", value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Key of the X-Chatsync-Signature HMAC-SHA256 of every delivery; required with --webhook-url
+    /// (prefer the environment variable: a flag shows in the process list).
+    #[arg(
+        long,
+        help_heading = "Webhooks",
+        env = "CHATSYNC_WEBHOOK_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<crate::config::Secret>,
+    /// Seconds an event is retried before it is dropped with an error log [default: 86400].
+    #[arg(long, help_heading = "Webhooks", env = "CHATSYNC_WEBHOOK_MAX_AGE_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_max_age_secs: Option<u64>,
+    /// First retry delay in milliseconds (tests only).
+    #[arg(long, hide = true, env = "CHATSYNC_WEBHOOK_BACKOFF_BASE_MS", value_name = "MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_backoff_base_ms: Option<u64>,
+    /// Do not serve the web demo (the page at / and the TypeScript SDK at /sdk/) on --listen; /v1/ws is
+    /// not affected [default: served].
+    #[arg(
+        long,
+        help_heading = "Network",
+        env = "CHATSYNC_NO_WEB_DEMO",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        value_name = "BOOL"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub no_web_demo: Option<bool>,
     /// Logging.
     #[command(flatten)]
     #[serde(flatten)]
@@ -655,6 +692,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "chatsync listening on ws://{addr}/v1/ws");
+    if !ctx.config.no_web_demo {
+        tracing::info!("web demo: open http://{addr}/ in a browser (--no-web-demo turns it off)");
+    }
     crate::run(listener, ctx, shutdown_signal()).await
 }
 

@@ -97,6 +97,18 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// Clock leeway for a JWT's `exp`, `nbf` and `iat`, seconds.
     pub jwt_leeway_secs: u64,
+    /// Where webhook events are POSTed (SERVER_API.md section 5); `None`: no event is recorded.
+    pub webhook_url: Option<String>,
+    /// The HMAC-SHA256 key of the `X-Chatsync-Signature` header (required with `webhook_url`).
+    pub webhook_secret: Option<Secret>,
+    /// Seconds after which an undelivered webhook event is dropped (with an error log).
+    pub webhook_max_age_secs: u64,
+    /// First retry delay of a failed webhook delivery, milliseconds (doubling, capped at 5 min). Not a
+    /// flag: tests make it small.
+    #[doc(hidden)]
+    pub webhook_backoff_base_ms: u64,
+    /// Do not serve the web demo (`/`, `/sdk/…`) on `listen`.
+    pub no_web_demo: bool,
     /// Seconds without a chunk after which an open stream is cancelled with reason `timeout`.
     pub stream_idle_timeout_secs: u64,
     /// Most text one stream may accumulate, bytes (beyond it a chunk is `limit_exceeded`).
@@ -174,6 +186,11 @@ impl Default for Config {
             jwt_audience: None,
             jwt_issuer: None,
             jwt_leeway_secs: 0,
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_max_age_secs: 86_400,
+            webhook_backoff_base_ms: 1000,
+            no_web_demo: false,
             stream_idle_timeout_secs: 60,
             max_stream_bytes: 262_144,
         }
@@ -225,6 +242,15 @@ impl Config {
         }
         if self.jwt_hs256_secret.is_some() && self.jwt_public_key_file.is_some() {
             return Err("jwt_hs256_secret and jwt_public_key_file are exclusive: configure one".into());
+        }
+        if let Some(url) = &self.webhook_url {
+            let parsed = reqwest::Url::parse(url).map_err(|e| format!("webhook_url is not a valid URL: {e}"))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err("webhook_url must be an http:// or https:// URL".into());
+            }
+            if self.webhook_secret.as_ref().is_none_or(|s| s.expose().is_empty()) {
+                return Err("webhook_url needs webhook_secret (the key that signs every delivery)".into());
+            }
         }
         if self.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());

@@ -269,6 +269,11 @@ impl Aad {
         Aad::new(&["bus", channel])
     }
 
+    /// The body of webhook event `event_id` of user `user_id` (SERVER_API.md section 5).
+    pub fn webhook(user_id: &str, event_id: &str) -> Aad {
+        Aad::new(&["webhook", user_id, event_id])
+    }
+
     /// A part (`field`) of the open stream stored under `stream` (its Redis key), see `streams/redis.rs`.
     pub fn stream(stream: &str, field: &str) -> Aad {
         Aad::new(&["stream", stream, field])

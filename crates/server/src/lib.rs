@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pause;
 pub mod store;
 pub mod streams;
+pub mod webhooks;
 
 pub use config::Config;
 pub use handlers::Ctx;
@@ -80,9 +81,20 @@ pub fn assemble(
         }
         None => (local, memory),
     };
+    let webhooks = config.webhook_url.as_ref().map(|_| {
+        // One process owns a SQLite database (the data directory lock): a fixed lease owner lets a
+        // restart release the leases of a process that was killed. Nodes sharing PostgreSQL are distinct.
+        let node = match config.database_url.as_deref() {
+            Some(url) if !url.starts_with("sqlite://") => format!("node-{}", uuid::Uuid::new_v4().simple()),
+            _ => "local".to_owned(),
+        };
+        Arc::new(webhooks::Webhooks::new(backend.events.clone(), node))
+    });
     Ok(Ctx {
         store: backend.identity,
         chats: Arc::new(store::metered::MeteredChatStore(backend.chats)),
+        events: backend.events,
+        webhooks,
         cache,
         keys,
         data_dir_lock: Arc::new(lock.unwrap_or_else(datadir::DataDirLock::none)),
@@ -127,6 +139,8 @@ pub async fn run(
         trigger.cancel();
     });
     let metrics = crate::metrics::install();
+    let dispatcher =
+        ctx.webhooks.clone().map(|hooks| tokio::spawn(webhooks::dispatcher::run(ctx.clone(), hooks, token.clone())));
     let mut app = gateway::router(gateway).merge(api::router(ctx.clone()));
     let ops = gateway::ops::router(ctx.clone(), metrics);
     match ctx.config.metrics_listen {
@@ -159,6 +173,10 @@ pub async fn run(
         ctx.hub.close_all(CloseReason::SHUTDOWN);
     }
     watcher.abort();
+    if let Some(dispatcher) = dispatcher {
+        // The token is cancelled: the dispatcher stops its requests and releases its leases.
+        let _ = dispatcher.await;
+    }
     stream_sweeper.abort();
     if let Some(bus) = &ctx.bus {
         bus.stop();

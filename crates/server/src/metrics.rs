@@ -9,6 +9,8 @@
 //! * `outbox_overflows_total` (connections closed as slow consumers);
 //! * `store_seconds{op}` (histogram of every store call), `cache_lookups_total{result}` (`hit`, `miss`),
 //!   `writer_batch_size` (histogram of group-commit batches);
+//! * `webhook_deliveries_total{outcome}` (`delivered`, `failed`: retried later, `dropped`: given up),
+//!   `webhook_pending` (gauge: events in the outbox, every node's, refreshed every 5 s).
 //! * `streams_started_total`, `stream_chunks_total`, `streams_ended_total{reason}` (`completed`,
 //!   `aborted`, `cancelled_by_user`, `timeout`), `stream_chunks_merged_total` (chunks folded into a queued
 //!   chunk of a connection that is behind);
@@ -39,6 +41,11 @@ pub const STORE_SECONDS: &str = "chatsync_store_seconds";
 pub const CACHE_LOOKUPS: &str = "chatsync_cache_lookups_total";
 /// Group-commit batch sizes.
 pub const WRITER_BATCH: &str = "chatsync_writer_batch_size";
+
+/// Webhook delivery attempts, by outcome.
+pub const WEBHOOK_DELIVERIES: &str = "chatsync_webhook_deliveries_total";
+/// Webhook events still to deliver.
+pub const WEBHOOK_PENDING: &str = "chatsync_webhook_pending";
 
 /// Streams opened.
 pub const STREAMS_STARTED: &str = "chatsync_streams_started_total";
@@ -111,4 +118,6 @@ fn describe() {
     describe_histogram!(STORE_SECONDS, Unit::Seconds, "Store call latency, by operation.");
     describe_counter!(CACHE_LOOKUPS, "Chat-list cache lookups, by result.");
     describe_histogram!(WRITER_BATCH, "Writes per group-commit transaction.");
+    describe_counter!(WEBHOOK_DELIVERIES, "Webhook delivery attempts, by outcome (delivered, failed, dropped).");
+    describe_gauge!(WEBHOOK_PENDING, "Webhook events in the outbox, still to deliver.");
 }

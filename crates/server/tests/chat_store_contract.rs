@@ -8,6 +8,7 @@ mod backends;
 
 use backends::TestBackend;
 use chatsync::store::chats::{ChatLookup, ChatRecord, ChatStore, Target, WrappedKey, WriteOp, WriteResult};
+use chatsync::store::events::{EventStore, NewEvent, PendingEvent};
 use chatsync::store::StoreError;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -54,6 +55,12 @@ contract_suites!(
     two_handles_on_one_database_share_the_truth,
     writes_survive_reopening,
     other_senders_count_as_unread_until_marked_read,
+    webhook_events_are_recorded_only_by_writes_that_apply,
+    webhook_events_are_claimed_one_per_user_in_order,
+    webhook_failures_reschedule_and_release_the_lease,
+    webhook_leases_expire_and_are_released_by_owner,
+    webhook_claims_from_two_handles_never_overlap,
+    webhook_events_survive_reopening,
 );
 
 const NOW: i64 = 1_000;
@@ -103,6 +110,7 @@ fn message(owner: &str, chat: &str, id: &str, target: Target, now: i64) -> Write
         created_at: now,
         target,
         now,
+        event: None,
     }
 }
 
@@ -119,6 +127,7 @@ fn from(sender: &str, op: WriteOp) -> WriteOp {
                 created_at: 42,
                 target,
                 now,
+                event: None,
             }
         }
         other => other,
@@ -130,7 +139,7 @@ fn mark_read(owner: &str, chat: &str, seq: u64) -> WriteOp {
 }
 
 fn delete_chat(owner: &str, chat: &str) -> WriteOp {
-    WriteOp::DeleteChat { owner: owner.into(), chat_id: chat.into(), now: NOW }
+    WriteOp::DeleteChat { owner: owner.into(), chat_id: chat.into(), now: NOW, event: None }
 }
 
 async fn users(b: &TestBackend, ids: &[&str]) {
@@ -681,4 +690,188 @@ async fn other_senders_count_as_unread_until_marked_read(b: &TestBackend) {
     assert_eq!(senders, ["assistant", "user", "bot"]);
     let (_, latest) = s.latest_messages("alice", "c1", 1).await.unwrap().unwrap();
     assert_eq!(latest[0].sender, "bot");
+}
+
+// ---------------------------------------------------------------- webhook outbox (EventStore)
+
+fn event(id: &str, kind: &str) -> NewEvent {
+    NewEvent { event_id: id.into(), kind: kind.into(), body: format!("sealed-{id}").into_bytes(), created_at_ms: NOW }
+}
+
+fn message_with_event(owner: &str, chat: &str, id: &str, target: Target, event_id: &str) -> WriteOp {
+    let mut op = message(owner, chat, id, target, NOW);
+    if let WriteOp::Message { event: e, .. } = &mut op {
+        *e = Some(event(event_id, "message.created"));
+    }
+    op
+}
+
+/// Claims everything due at `now` for `node` (a long lease).
+async fn claim(s: &dyn EventStore, node: &str, now: i64) -> Vec<PendingEvent> {
+    s.claim_events(node, now, 60_000, 100).await.unwrap()
+}
+
+fn event_ids(events: &[PendingEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.event_id.as_str()).collect()
+}
+
+async fn webhook_events_are_recorded_only_by_writes_that_apply(b: &TestBackend) {
+    users(b, &["alice", "bob"]).await;
+    let (s, ev) = (b.backend.chats.as_ref(), b.backend.events.as_ref());
+    // A stored message records its event with the seq the write gave it (also when it creates the chat).
+    write(s, message_with_event("alice", "c1", "m1", create(), "e1")).await;
+    write(s, message_with_event("alice", "c1", "m2", Target::Existing, "e2")).await;
+    // A duplicate, another user's chat, an absent chat: nothing recorded.
+    write(s, message_with_event("alice", "c1", "m1", Target::Existing, "dup")).await;
+    assert_eq!(
+        write(s, message_with_event("bob", "c1", "x", Target::Existing, "foreign")).await,
+        WriteResult::NotFound
+    );
+    assert_eq!(
+        write(s, message_with_event("alice", "nope", "x", Target::Existing, "absent")).await,
+        WriteResult::NotFound
+    );
+    // A deletion records its event; deleting again (not found) does not.
+    let mut del = delete_chat("alice", "c1");
+    if let WriteOp::DeleteChat { event: e, .. } = &mut del {
+        *e = Some(event("e3", "chat.deleted"));
+    }
+    assert_eq!(write(s, del.clone()).await, WriteResult::Deleted);
+    if let WriteOp::DeleteChat { event: e, .. } = &mut del {
+        *e = Some(event("gone", "chat.deleted"));
+    }
+    assert_eq!(write(s, del).await, WriteResult::NotFound);
+    // A standalone event (stream.cancel_requested).
+    ev.record_event("bob", &event("e4", "stream.cancel_requested")).await.unwrap();
+    assert_eq!(ev.pending_events().await.unwrap(), 4);
+
+    let mut alice = Vec::new();
+    for _ in 0..3 {
+        let claimed = claim(ev, "n1", NOW).await;
+        let mine: Vec<_> = claimed.iter().filter(|e| e.user_id == "alice").cloned().collect();
+        assert_eq!(mine.len(), 1, "one event of a user at a time: {claimed:?}");
+        for e in &claimed {
+            ev.event_done(e.id).await.unwrap();
+        }
+        alice.extend(mine);
+    }
+    assert_eq!(event_ids(&alice), ["e1", "e2", "e3"]);
+    assert_eq!(alice.iter().map(|e| e.seq).collect::<Vec<_>>(), [Some(1), Some(2), None]);
+    assert_eq!(alice[0].kind, "message.created");
+    assert_eq!(alice[2].kind, "chat.deleted");
+    assert_eq!(alice[0].body, b"sealed-e1");
+    assert_eq!((alice[0].created_at_ms, alice[0].attempts), (NOW, 0));
+    assert_eq!(ev.pending_events().await.unwrap(), 0);
+}
+
+async fn webhook_events_are_claimed_one_per_user_in_order(b: &TestBackend) {
+    let ev = b.backend.events.as_ref();
+    for (user, id) in [("u1", "a1"), ("u2", "b1"), ("u1", "a2"), ("u1", "a3"), ("u2", "b2")] {
+        ev.record_event(user, &event(id, "stream.cancel_requested")).await.unwrap();
+    }
+    // Not due before its creation time.
+    assert!(claim(ev, "n1", NOW - 1).await.is_empty());
+    let first = claim(ev, "n1", NOW).await;
+    assert_eq!(event_ids(&first), ["a1", "b1"]);
+    // While a user's head is leased, nothing else of that user is claimable (by anyone).
+    assert!(claim(ev, "n2", NOW).await.is_empty());
+    ev.event_done(first[0].id).await.unwrap();
+    assert_eq!(event_ids(&claim(ev, "n2", NOW).await), ["a2"]);
+    // `limit` bounds a claim.
+    ev.event_done(first[1].id).await.unwrap();
+    assert!(ev.claim_events("n3", NOW, 60_000, 0).await.unwrap().is_empty());
+    assert_eq!(event_ids(&ev.claim_events("n3", NOW, 60_000, 1).await.unwrap()), ["b2"]);
+    assert_eq!(ev.pending_events().await.unwrap(), 3);
+}
+
+async fn webhook_failures_reschedule_and_release_the_lease(b: &TestBackend) {
+    let ev = b.backend.events.as_ref();
+    ev.record_event("u1", &event("a1", "k")).await.unwrap();
+    ev.record_event("u1", &event("a2", "k")).await.unwrap();
+    let first = claim(ev, "n1", NOW).await;
+    assert_eq!(event_ids(&first), ["a1"]);
+    ev.event_failed(first[0].id, 1, NOW + 500).await.unwrap();
+    // The failed head is not due yet, and the user's next event waits behind it (order per user).
+    assert!(claim(ev, "n1", NOW + 499).await.is_empty());
+    let again = claim(ev, "n2", NOW + 500).await;
+    assert_eq!(event_ids(&again), ["a1"]);
+    assert_eq!(again[0].attempts, 1);
+    ev.event_failed(again[0].id, 2, NOW + 1500).await.unwrap();
+    assert_eq!(claim(ev, "n1", NOW + 1500).await[0].attempts, 2);
+}
+
+async fn webhook_leases_expire_and_are_released_by_owner(b: &TestBackend) {
+    let ev = b.backend.events.as_ref();
+    ev.record_event("u1", &event("a1", "k")).await.unwrap();
+    ev.record_event("u2", &event("b1", "k")).await.unwrap();
+    assert_eq!(ev.claim_events("dead", NOW, 1000, 1).await.unwrap().len(), 1);
+    assert_eq!(ev.claim_events("other", NOW, 1000, 1).await.unwrap().len(), 1);
+    assert!(claim(ev, "n1", NOW + 999).await.is_empty());
+    // An expired lease (its node died) frees the event.
+    assert_eq!(event_ids(&claim(ev, "n1", NOW + 1000).await), ["a1", "b1"]);
+    // A node releases only its own leases.
+    ev.release_leases("other").await.unwrap();
+    assert!(claim(ev, "n2", NOW + 1001).await.is_empty());
+    ev.release_leases("n1").await.unwrap();
+    assert_eq!(claim(ev, "n2", NOW + 1001).await.len(), 2);
+}
+
+async fn webhook_claims_from_two_handles_never_overlap(b: &TestBackend) {
+    let other = b.open_again().await;
+    let (one, two): (Arc<dyn EventStore>, Arc<dyn EventStore>) = (b.backend.events.clone(), other.events.clone());
+    for u in 0..8 {
+        for i in 0..5 {
+            one.record_event(&format!("u{u}"), &event(&format!("u{u}-{i}"), "k")).await.unwrap();
+        }
+    }
+    // Two nodes claim and complete concurrently; every event is delivered once, in order per user, and
+    // never while another event of its user is in flight.
+    let in_flight = Arc::new(parking_lot::Mutex::new(BTreeSet::<String>::new()));
+    let delivered = Arc::new(parking_lot::Mutex::new(Vec::<(String, String)>::new()));
+    let tasks: Vec<_> = [(one, "n1"), (two, "n2")]
+        .into_iter()
+        .map(|(s, node)| {
+            let (in_flight, delivered) = (in_flight.clone(), delivered.clone());
+            tokio::spawn(async move {
+                for _ in 0..200 {
+                    let claimed = s.claim_events(node, NOW, 60_000, 3).await.unwrap();
+                    for e in &claimed {
+                        assert!(in_flight.lock().insert(e.user_id.clone()), "{} claimed twice at once", e.user_id);
+                    }
+                    tokio::task::yield_now().await;
+                    for e in claimed {
+                        delivered.lock().push((e.user_id.clone(), e.event_id.clone()));
+                        in_flight.lock().remove(&e.user_id);
+                        s.event_done(e.id).await.unwrap();
+                    }
+                    if s.pending_events().await.unwrap() == 0 {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let delivered = delivered.lock().clone();
+    assert_eq!(delivered.len(), 40, "{delivered:?}");
+    for u in 0..8 {
+        let user = format!("u{u}");
+        let mine: Vec<_> = delivered.iter().filter(|(who, _)| *who == user).map(|(_, id)| id.clone()).collect();
+        assert_eq!(mine, (0..5).map(|i| format!("{user}-{i}")).collect::<Vec<_>>());
+    }
+}
+
+async fn webhook_events_survive_reopening(b: &TestBackend) {
+    users(b, &["alice"]).await;
+    write(b.backend.chats.as_ref(), message_with_event("alice", "c1", "m1", create(), "e1")).await;
+    let claimed = claim(b.backend.events.as_ref(), "n1", NOW).await;
+    b.backend.events.event_failed(claimed[0].id, 1, NOW + 10).await.unwrap();
+    b.backend.identity.close().await;
+    let again = b.open_again().await;
+    let claimed = claim(again.events.as_ref(), "n1", NOW + 10).await;
+    assert_eq!(event_ids(&claimed), ["e1"]);
+    assert_eq!((claimed[0].seq, claimed[0].attempts), (Some(1), 1));
+    again.identity.close().await;
 }

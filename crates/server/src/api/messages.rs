@@ -97,6 +97,8 @@ pub async fn store_message(ctx: &Ctx, user_id: &str, chat_id: &ChatId, m: NewMes
         created_at: m.created_at_ms,
         target,
         now,
+        // The backend's own messages are not told back to it (SERVER_API.md section 5).
+        event: None,
     })
     .await
     .map_err(|e| match e.code() {

@@ -6,6 +6,7 @@ mod connection;
 pub mod jwt;
 pub mod ops;
 mod rate;
+pub mod web;
 
 use crate::handlers::Ctx;
 use axum::extract::{Query, State, WebSocketUpgrade};
@@ -28,9 +29,15 @@ pub struct Gateway {
     pub tracker: TaskTracker,
 }
 
-/// The HTTP router: `GET /v1/ws`.
+/// The HTTP router: `GET /v1/ws`, and the web demo (`/`, `/sdk/…`) unless `no_web_demo`.
 pub fn router(gateway: Gateway) -> Router {
-    Router::new().route("/v1/ws", get(upgrade)).with_state(gateway)
+    let demo = !gateway.ctx.config.no_web_demo;
+    let router = Router::new().route("/v1/ws", get(upgrade)).with_state(gateway);
+    if demo {
+        router.merge(web::router())
+    } else {
+        router
+    }
 }
 
 async fn upgrade(

@@ -14,9 +14,16 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: CancelStream) -> Result<Out
     let key = StreamKey { user_id: conn.user_id.clone(), chat_id: p.chat_id, stream_id: p.stream_id };
     match ctx.streams.take(&key).await {
         Ok(Some(_)) => {
-            // WEBHOOK: stream.cancel_requested (user `key.user_id`, chat `key.chat_id`, `stream_id`
-            // `key.stream_id`): record the event here once the webhooks outbox exists (SERVER_API.md
-            // section 5); the stream is already closed at this point.
+            // Tell the backend (SERVER_API.md section 5). The stream is already closed: a failure to
+            // record the event is logged, and the cancel still holds (later chunks get 409).
+            let (user, chat, stream) = (key.user_id.as_str(), key.chat_id.as_str(), key.stream_id.as_str());
+            if let Err(e) = crate::webhooks::stream_cancel_requested(ctx, user, chat, stream).await {
+                tracing::error!(
+                    code = %e.code(),
+                    detail = e.internal_detail().unwrap_or_default(),
+                    "cannot record stream.cancel_requested"
+                );
+            }
             metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "cancelled_by_user").increment(1);
             let event = StreamCancelled {
                 chat_id: key.chat_id,

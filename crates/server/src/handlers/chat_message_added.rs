@@ -1,6 +1,8 @@
 //! `chat_message_added`: appends a message to one of the user's chats (creating the chat when the id is
 //! new). SELF `chat_message_confirmed`; OTHERS `chat_message_added`. A repeated `message_id` changes
 //! nothing and is confirmed with the original's versions and `"duplicate": true`, without a broadcast.
+//! With a webhook URL, a stored message records `message.created` in the same transaction (a
+//! duplicate records nothing).
 
 use super::common::{rfc3339, seal_content, secs, write_chat, USER_SENDER};
 use super::{Broadcast, Ctx, Outcome};
@@ -29,6 +31,16 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: ChatMessageAdded) -> Result
         Some(ts) => Some(validated_timestamp(ts)?),
     };
     let now = now_millis();
+    // Built once: the event id stays the same if the write is retried (a chat created meanwhile).
+    let event = crate::webhooks::message_created(
+        ctx,
+        &conn.user_id,
+        chat_id.as_str(),
+        message.message_id.as_str(),
+        &message.content,
+        message.timestamp.as_ref(),
+    )
+    .await?;
     let result = write_chat(ctx, &conn.user_id, chat_id.as_str(), |target, key| WriteOp::Message {
         owner: conn.user_id.clone(),
         chat_id: chat_id.to_string(),
@@ -39,6 +51,7 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: ChatMessageAdded) -> Result
         created_at: now,
         target,
         now,
+        event: event.clone(),
     })
     .await?;
     let WriteResult::Message { chat, message: stored, duplicate } = result else {
@@ -56,6 +69,7 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: ChatMessageAdded) -> Result
     if duplicate {
         return Ok(reply);
     }
+    crate::webhooks::recorded(ctx);
     ctx.cache.message_added(&conn.user_id, chat_id.as_str(), &stored).await;
     let event = MessageAddedEvent {
         chat_id,

@@ -1,5 +1,6 @@
 //! `delete_chat`: deletes one of the user's chats with its messages, draft and data key, and leaves a
-//! tombstone so the id is never reused. ALL `chat_deleted` `{"chat_id","tombstone":true}`.
+//! tombstone so the id is never reused. ALL `chat_deleted` `{"chat_id","tombstone":true}`. With a
+//! webhook URL, the deletion records `chat.deleted` in the same transaction.
 
 use super::{Broadcast, Ctx, Outcome};
 use crate::error::Error;
@@ -10,9 +11,12 @@ use chatsync_protocol::{ChatDeleted, DeleteChat, ServerMessage};
 
 /// Handles `delete_chat`.
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: DeleteChat) -> Result<Outcome, Error> {
-    let op = WriteOp::DeleteChat { owner: conn.user_id.clone(), chat_id: p.chat_id.to_string(), now: now_millis() };
+    let event = crate::webhooks::chat_deleted(ctx, &conn.user_id, p.chat_id.as_str()).await?;
+    let op =
+        WriteOp::DeleteChat { owner: conn.user_id.clone(), chat_id: p.chat_id.to_string(), now: now_millis(), event };
     match ctx.chats.write(op).await? {
         WriteResult::Deleted => {
+            crate::webhooks::recorded(ctx);
             ctx.keys.chat_deleted(p.chat_id.as_str());
             ctx.cache.chat_deleted(&conn.user_id, p.chat_id.as_str()).await;
             let event = ChatDeleted { chat_id: p.chat_id, tombstone: true };

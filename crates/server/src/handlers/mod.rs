@@ -40,6 +40,10 @@ pub struct Ctx {
     pub store: Arc<dyn Store>,
     /// Durable truth for chats, messages and wrapped keys.
     pub chats: Arc<dyn ChatStore>,
+    /// The webhook outbox (whatever the configuration; read and written only with a webhook URL).
+    pub events: Arc<dyn crate::store::events::EventStore>,
+    /// Webhook state, when a webhook URL is configured (SERVER_API.md section 5; see `webhooks/`).
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Fast copy of chat lists and recent messages (ciphertext only).
     pub cache: Arc<dyn Cache>,
     /// Master key and unwrapped data keys (process memory only).

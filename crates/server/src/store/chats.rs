@@ -6,6 +6,7 @@
 //! the call returns only once that transaction is durable. Backends may batch concurrent writes into
 //! one transaction (group commit); each op still sees the effects of the ops before it.
 
+pub use super::events::NewEvent;
 use super::{Millis, StoreError};
 use async_trait::async_trait;
 
@@ -173,6 +174,9 @@ pub enum WriteOp {
         target: Target,
         /// Server clock (`last_edited_ms`).
         now: Millis,
+        /// A webhook event (`message.created`) to record for `owner` in the same transaction, with the
+        /// new message's `seq`, if the message is stored (not for a duplicate or a refused write).
+        event: Option<NewEvent>,
     },
     /// Move the owner's read marker forward to `seq` (capped at `messages_v`) and recount the unread
     /// messages: [`WriteResult::Applied`] if it moved, [`WriteResult::Unchanged`] if `seq` was at or below it.
@@ -192,6 +196,9 @@ pub enum WriteOp {
         chat_id: String,
         /// Server clock.
         now: Millis,
+        /// A webhook event (`chat.deleted`) to record for `owner` in the same transaction, if the chat
+        /// is deleted.
+        event: Option<NewEvent>,
     },
     /// Store the user's data key unless one exists; returns the one in force ([`WriteResult::UserKey`]).
     UserKey {

@@ -6,11 +6,14 @@
 
 pub mod bytes;
 pub mod chats;
+pub mod events;
 pub mod metered;
 pub mod pg;
 mod pg_chats;
+mod pg_events;
 pub mod sqlite;
 mod sqlite_chats;
+mod sqlite_events;
 
 #[doc(hidden)]
 pub use sqlite_chats::WriterFaults;
@@ -268,6 +271,8 @@ pub struct Backend {
     pub identity: Arc<dyn Store>,
     /// Chats, messages, keys.
     pub chats: Arc<dyn chats::ChatStore>,
+    /// The webhook outbox.
+    pub events: Arc<dyn events::EventStore>,
 }
 
 /// Opens the store named by `url` (`sqlite://PATH`, or `postgres://…` / `postgresql://…`), creating
@@ -275,11 +280,11 @@ pub struct Backend {
 pub async fn open_backend(url: &str, durability: Durability) -> Result<Backend, anyhow::Error> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let store = Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path), durability).await?);
-        return Ok(Backend { identity: store.clone(), chats: store });
+        return Ok(Backend { identity: store.clone(), chats: store.clone(), events: store });
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = Arc::new(pg::PgStore::open(url, durability).await?);
-        return Ok(Backend { identity: store.clone(), chats: store });
+        return Ok(Backend { identity: store.clone(), chats: store.clone(), events: store });
     }
     anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH, postgres://USER@HOST:PORT/DB)")
 }

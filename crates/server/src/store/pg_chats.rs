@@ -189,6 +189,13 @@ struct BatchArgs<'a> {
     client_timestamps: Vec<Option<&'a str>>,
     senders: Vec<Option<&'a str>>,
     created_ats: Vec<Option<i64>>,
+    /// Webhook events of the batch (outbox rows), by the `r_idx` of the op that records each.
+    event_idx: Vec<i32>,
+    event_ids: Vec<&'a str>,
+    event_users: Vec<&'a str>,
+    event_kinds: Vec<&'a str>,
+    event_bodies: Vec<&'a [u8]>,
+    event_times: Vec<i64>,
 }
 
 impl<'a> BatchArgs<'a> {
@@ -211,7 +218,7 @@ impl<'a> BatchArgs<'a> {
             WriteOp::MarkRead { owner, chat_id, seq } => {
                 ("mark_read", owner, Some(chat_id), None, None, Some(i64::try_from(*seq).unwrap_or(i64::MAX)), None)
             }
-            WriteOp::DeleteChat { owner, chat_id, now } => {
+            WriteOp::DeleteChat { owner, chat_id, now, .. } => {
                 ("delete_chat", owner, Some(chat_id), None, None, None, Some(*now))
             }
             WriteOp::UserKey { user_id, candidate } => {
@@ -244,8 +251,50 @@ impl<'a> BatchArgs<'a> {
         self.client_timestamps.push(client_timestamp);
         self.senders.push(sender);
         self.created_ats.push(created_at);
+        let event = match op {
+            WriteOp::Message { event, .. } | WriteOp::DeleteChat { event, .. } => event.as_ref(),
+            _ => None,
+        };
+        if let Some(event) = event {
+            // `r_idx` of the op (the function numbers ops from 1).
+            self.event_idx.push(self.kinds.len() as i32);
+            self.event_ids.push(&event.event_id);
+            self.event_users.push(owner);
+            self.event_kinds.push(&event.kind);
+            self.event_bodies.push(&event.body);
+            self.event_times.push(event.created_at_ms);
+        }
     }
 }
+
+/// The call of the batch function; its arguments `$1`…`$BATCH_ARGS` are bound first in `apply_batch`.
+const BATCH_CALL: &str = "chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+/// How many parameters [`BATCH_CALL`] takes (the webhook events' parameters come after them).
+const BATCH_ARGS: usize = 13;
+
+/// One batch, in one statement.
+static BATCH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT * FROM {BATCH_CALL} ORDER BY r_idx"));
+
+/// One batch that records webhook events (migration `0007_webhooks.sql`), still in one statement, so
+/// in the write's own transaction: a data-modifying CTE inserts the outbox row of every op whose outcome
+/// is a stored message (with its `seq`) or a deleted chat. Ops refused, raced or duplicate record none.
+/// Rows are inserted in op order, so a user's events get ascending ids in the order of the writes.
+static BATCH_WITH_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let p: Vec<String> = (BATCH_ARGS + 1..=BATCH_ARGS + 6).map(|i| format!("${i}")).collect();
+    format!(
+        "WITH r AS MATERIALIZED (SELECT * FROM {BATCH_CALL}), \
+         ev AS ( \
+           INSERT INTO webhook_events (event_id, user_id, kind, seq, body, created_at, next_attempt_at) \
+           SELECT e.event_id, e.user_id, e.kind, CASE WHEN r.r_outcome = 'message' THEN r.r_seq END, e.body, \
+                  e.created_at, e.created_at \
+           FROM r JOIN unnest({}::int[], {}::text[], {}::text[], {}::text[], {}::bytea[], {}::bigint[]) \
+                AS e(idx, event_id, user_id, kind, body, created_at) ON e.idx = r.r_idx \
+           WHERE r.r_outcome IN ('message', 'deleted') ORDER BY r.r_idx) \
+         SELECT * FROM r ORDER BY r_idx",
+        p[0], p[1], p[2], p[3], p[4], p[5]
+    )
+});
 
 /// Applies `batch` in one statement (its own transaction: one round trip, one commit).
 async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, sqlx::Error> {
@@ -253,24 +302,31 @@ async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, s
     for job in batch {
         args.push(&job.op);
     }
-    let rows = sqlx::query(
-        "SELECT * FROM chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ORDER BY r_idx",
-    )
-    .bind(&args.kinds)
-    .bind(&args.owners)
-    .bind(&args.chat_ids)
-    .bind(&args.payloads)
-    .bind(&args.create_keys)
-    .bind(&args.kek_ids)
-    .bind(&args.max_chats)
-    .bind(&args.conds)
-    .bind(&args.nows)
-    .bind(&args.message_ids)
-    .bind(&args.client_timestamps)
-    .bind(&args.senders)
-    .bind(&args.created_ats)
-    .fetch_all(pool)
-    .await?;
+    let sql: &str = if args.event_idx.is_empty() { &BATCH } else { &BATCH_WITH_EVENTS };
+    let mut query = sqlx::query(sql)
+        .bind(&args.kinds)
+        .bind(&args.owners)
+        .bind(&args.chat_ids)
+        .bind(&args.payloads)
+        .bind(&args.create_keys)
+        .bind(&args.kek_ids)
+        .bind(&args.max_chats)
+        .bind(&args.conds)
+        .bind(&args.nows)
+        .bind(&args.message_ids)
+        .bind(&args.client_timestamps)
+        .bind(&args.senders)
+        .bind(&args.created_ats);
+    if !args.event_idx.is_empty() {
+        query = query
+            .bind(&args.event_idx)
+            .bind(&args.event_ids)
+            .bind(&args.event_users)
+            .bind(&args.event_kinds)
+            .bind(&args.event_bodies)
+            .bind(&args.event_times);
+    }
+    let rows = query.fetch_all(pool).await?;
     if rows.len() != batch.len() {
         return Err(sqlx::Error::Protocol(format!("{} results for {} writes", rows.len(), batch.len())));
     }

@@ -14,7 +14,9 @@
 //! `Unavailable` and [`ChatStore::failed`] resolves, which stops the server (non-zero exit). A full
 //! disk is not a death: those writes fail with `Unavailable` and later ones succeed once space returns.
 
-use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, WrappedKey, WriteOp, WriteResult};
+use super::chats::{
+    ChatLookup, ChatRecord, ChatStore, MessageRecord, NewEvent, Target, WrappedKey, WriteOp, WriteResult,
+};
 use super::sqlite::SqliteStore;
 use super::StoreError;
 use async_trait::async_trait;
@@ -629,7 +631,18 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
                 Some(chat) => WriteResult::Conflict(chat),
             })
         }
-        WriteOp::Message { owner, chat_id, message_id, content, client_timestamp, sender, created_at, target, now } => {
+        WriteOp::Message {
+            owner,
+            chat_id,
+            message_id,
+            content,
+            client_timestamp,
+            sender,
+            created_at,
+            target,
+            now,
+            event,
+        } => {
             match target {
                 Target::Create { key, max_chats } => {
                     if let Err(result) = create_chat(tx, owner, chat_id, key, *max_chats, *now)? {
@@ -676,6 +689,9 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
                 message.created_at_ms,
                 message.sender
             ])?;
+            if let Some(event) = event {
+                record_event(tx, owner, event, Some(message.seq))?;
+            }
             Ok(WriteResult::Message { chat, message, duplicate: false })
         }
         WriteOp::MarkRead { owner, chat_id, seq } => {
@@ -691,7 +707,7 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
             let chat = update_chat(tx, &sql, params![chat_id, target as i64])?.ok_or(StoreError::NotFound)?;
             Ok(WriteResult::Applied(chat))
         }
-        WriteOp::DeleteChat { owner, chat_id, now } => {
+        WriteOp::DeleteChat { owner, chat_id, now, event } => {
             let deleted = tx
                 .prepare_cached("DELETE FROM chats WHERE chat_id = ?1 AND owner = ?2")?
                 .execute(params![chat_id, owner])?;
@@ -700,6 +716,9 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
             }
             tx.prepare_cached("INSERT INTO chat_tombstones (chat_id, owner, deleted_at) VALUES (?1, ?2, ?3)")?
                 .execute(params![chat_id, owner, now])?;
+            if let Some(event) = event {
+                record_event(tx, owner, event, None)?;
+            }
             Ok(WriteResult::Deleted)
         }
         WriteOp::UserKey { user_id, candidate } => {
@@ -713,6 +732,28 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
             Ok(WriteResult::UserKey(key))
         }
     }
+}
+
+/// Inserts a webhook event into the outbox, inside the write's transaction (due at once).
+pub(super) fn record_event(
+    tx: &rusqlite::Connection,
+    user_id: &str,
+    event: &NewEvent,
+    seq: Option<u64>,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO webhook_events (event_id, user_id, kind, seq, body, created_at, next_attempt_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+    )?
+    .execute(params![
+        event.event_id,
+        user_id,
+        event.kind,
+        seq.map(|s| s as i64),
+        event.body,
+        event.created_at_ms
+    ])?;
+    Ok(())
 }
 
 fn chat_record(r: &SqliteRow) -> ChatRecord {

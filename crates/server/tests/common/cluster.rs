@@ -41,7 +41,11 @@ impl TestCluster {
         for _ in 1..n {
             let ctx = &nodes[0].ctx;
             let config = (*ctx.config).clone();
-            let backend = chatsync::store::Backend { identity: ctx.store.clone(), chats: ctx.chats.clone() };
+            let backend = chatsync::store::Backend {
+                identity: ctx.store.clone(),
+                chats: ctx.chats.clone(),
+                events: ctx.events.clone(),
+            };
             let (master, _) = chatsync::crypto::MasterKey::load_or_create(&config.data_dir, None).unwrap();
             let node = chatsync::assemble(config, backend, master, None).unwrap();
             nodes.push(TestServer::serve(node, tempfile::tempdir().unwrap()).await);

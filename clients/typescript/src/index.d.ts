@@ -1,0 +1,444 @@
+/**
+ * Types of the chatsync client SDK (`index.js`) and of the chatsync WebSocket protocol v1
+ * (PROTOCOL.md). Payload shapes are those the server sends; see the protocol for the rules.
+ */
+
+export declare const PROTOCOL: 'chatsync.v1';
+
+// ---------------------------------------------------------------------------------------------------
+// Protocol values
+
+/** A Tiptap document (or any JSON object) used as a draft. */
+export type DraftJson = { [key: string]: unknown };
+
+export type ErrorCode =
+  | 'invalid_json'
+  | 'invalid_message'
+  | 'unknown_type'
+  | 'invalid_payload'
+  | 'limit_exceeded'
+  | 'not_found'
+  | 'rate_limited'
+  | 'unavailable'
+  | 'internal';
+
+export interface Limits {
+  max_frame_bytes: number;
+  max_title_chars: number;
+  max_draft_chars: number;
+  max_draft_words: number;
+  max_offline_changes: number;
+  max_batch_chats: number;
+  max_page_messages: number;
+  rate_per_sec: number;
+  rate_burst: number;
+  max_reply_bytes: number;
+}
+
+export interface Connected {
+  connection_id: string;
+  user_id: string;
+  device_hash: string;
+  protocol: string;
+  server_time: string;
+  limits: Limits;
+}
+
+export interface Versions {
+  messages_v: number;
+  title_v: number;
+  draft_v: number;
+}
+
+export interface Message {
+  message_id: string;
+  /** 1-based position in the chat; `null` while a message of this client is not yet confirmed. */
+  seq: number | null;
+  /** `"user"` for the user's own devices; the backend's sender otherwise (e.g. `"assistant"`). */
+  sender_name: string;
+  content: string | { [key: string]: unknown };
+  /** RFC 3339, server time. */
+  created_at: string;
+  client_timestamp: string | number | null;
+  /** Local only: sent (or queued) and not yet confirmed. */
+  pending?: boolean;
+}
+
+export interface ErrorPayload {
+  code: ErrorCode;
+  message: string;
+  field?: string;
+  chat_id?: string;
+  message_id?: string;
+  change_id?: string;
+}
+
+export interface ChatUpdate {
+  chat_id: string;
+  type: 'new_chat' | 'updated_chat';
+  versions: Versions;
+  last_edited_overall_timestamp: number;
+  unread_count: number;
+  title?: string;
+  draft_json?: DraftJson | null;
+  messages?: Message[];
+}
+
+export interface ActiveStream {
+  chat_id: string;
+  stream_id: string;
+  message_id: string;
+  sender_name: string;
+  meta: { [key: string]: unknown };
+  seq: number;
+  content_so_far: string;
+}
+
+export interface InitialSyncResponse {
+  chat_ids_to_delete: string[];
+  chats_to_add_or_update: ChatUpdate[];
+  server_chat_order: string[];
+  sync_completed_at: string;
+  active_streams?: ActiveStream[];
+  more?: boolean;
+}
+
+export interface StreamStarted {
+  chat_id: string;
+  stream_id: string;
+  message_id: string;
+  sender_name: string;
+  meta: { [key: string]: unknown };
+}
+
+export interface StreamChunk {
+  chat_id: string;
+  stream_id: string;
+  seq: number;
+  delta: string;
+}
+
+export interface StreamCompleted {
+  chat_id: string;
+  stream_id: string;
+  message_id: string;
+  seq: number;
+  messages_v: number;
+}
+
+export interface StreamCancelled {
+  chat_id: string;
+  stream_id: string;
+  reason: 'cancelled_by_user' | 'aborted' | 'timeout' | string;
+}
+
+export interface OfflineResult {
+  change_id: string | null;
+  chat_id: string | null;
+  type: 'title' | 'draft' | 'delete_draft' | null;
+  status: 'applied' | 'conflict' | 'error';
+  code?: ErrorCode;
+  versions?: Versions;
+}
+
+/** Every server message type and its payload. */
+export interface ServerMessages {
+  connected: Connected;
+  pong: Record<string, never>;
+  error: ErrorPayload;
+  initial_sync_response: InitialSyncResponse;
+  initial_sync_error: { code: ErrorCode; message: string };
+  draft_update_confirmed: { chat_id: string; draft_v: number; last_edited_overall_timestamp: number };
+  chat_draft_updated: {
+    chat_id: string;
+    data: { draft_json: DraftJson | null };
+    versions: { draft_v: number };
+    last_edited_overall_timestamp: number;
+  };
+  draft_delete_receipt: { chat_id: string; success: boolean; draft_v?: number; message?: string };
+  draft_deleted: { chat_id: string; draft_v: number };
+  chat_title_updated: { chat_id: string; data: { title: string }; versions: { title_v: number } };
+  chat_message_confirmed: {
+    chat_id: string;
+    message_id: string;
+    temp_id: string | null;
+    new_messages_v: number;
+    new_last_edited_overall_timestamp: number;
+    duplicate?: boolean;
+  };
+  chat_message_added: {
+    chat_id: string;
+    message: Message;
+    versions: { messages_v: number };
+    last_edited_overall_timestamp: number;
+  };
+  chat_messages_response: { chat_id: string; messages: Message[]; messages_v: number; has_more: boolean };
+  chat_content_batch_response: {
+    messages_by_chat_id: { [chatId: string]: Message[] };
+    versions_by_chat_id: { [chatId: string]: { messages_v: number } };
+    not_found: string[];
+    more?: boolean;
+  };
+  chat_deleted: { chat_id: string; tombstone: true };
+  offline_sync_complete: { processed: number; conflicts: number; errors: number; results: OfflineResult[] };
+  cache_status_response: { is_primed: boolean };
+  priority_chat_ready: { chat_id: string };
+  cache_primed: { status: 'full_sync_ready' };
+  chat_read_updated: { chat_id: string; read_seq: number; unread_count: number };
+  stream_started: StreamStarted;
+  stream_chunk: StreamChunk;
+  stream_completed: StreamCompleted;
+  stream_cancelled: StreamCancelled;
+}
+
+export type ServerMessageType = keyof ServerMessages;
+
+/** A server frame. */
+export interface Envelope<K extends ServerMessageType = ServerMessageType> {
+  type: K;
+  payload: ServerMessages[K];
+  request_id?: string;
+}
+
+/** Every client request type, its payload and the reply that ends it. */
+export interface ClientRequests {
+  ping: { payload: Record<string, never>; reply: 'pong' };
+  initial_sync_request: {
+    payload: {
+      chat_versions: { [chatId: string]: Partial<Versions> };
+      immediate_view_chat_id?: string;
+    };
+    reply: 'initial_sync_response';
+  };
+  update_draft: { payload: { chat_id: string; draft_json: DraftJson | null }; reply: 'draft_update_confirmed' };
+  delete_draft: { payload: { chat_id: string }; reply: 'draft_delete_receipt' };
+  update_title: { payload: { chat_id: string; new_title: string }; reply: 'chat_title_updated' };
+  chat_message_added: {
+    payload: {
+      chat_id: string;
+      message: {
+        message_id: string;
+        content: string | { [key: string]: unknown };
+        timestamp?: string | number;
+        temp_id?: string;
+      };
+    };
+    reply: 'chat_message_confirmed';
+  };
+  get_chat_messages: {
+    payload: { chat_id: string; after_seq?: number; limit?: number };
+    reply: 'chat_messages_response';
+  };
+  request_chat_content_batch: { payload: { chat_ids: string[] }; reply: 'chat_content_batch_response' };
+  delete_chat: { payload: { chat_id: string }; reply: 'chat_deleted' };
+  sync_offline_changes: { payload: { changes: OfflineChange[] }; reply: 'offline_sync_complete' };
+  request_cache_status: { payload: Record<string, never>; reply: 'cache_status_response' };
+  mark_read: { payload: { chat_id: string; seq: number }; reply: 'chat_read_updated' };
+  cancel_stream: { payload: { chat_id: string; stream_id: string }; reply: 'stream_cancelled' };
+}
+
+export type ClientRequestType = keyof ClientRequests;
+
+// ---------------------------------------------------------------------------------------------------
+// SDK
+
+export type Status = 'idle' | 'connecting' | 'reconnecting' | 'syncing' | 'online' | 'offline' | 'closed';
+
+export interface BackoffOptions {
+  /** First delay, ms (default 500). */
+  initialMs?: number;
+  /** Largest delay, ms (default 30000). */
+  maxMs?: number;
+  /** Growth per attempt (default 2). */
+  factor?: number;
+  /** Up to this fraction of each delay is taken off at random (default 0.5). */
+  jitter?: number;
+}
+
+/** What `localStorage` offers; enough to keep the offline queue across reloads. */
+export interface QueueStorage {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+}
+
+export interface ClientOptions {
+  /** A session token or JWT, or a function returning one (called before every connection attempt). */
+  token: string | (() => string | Promise<string>);
+  /** The device id (1-128 printable ASCII), sent as `device_id`. */
+  deviceId: string;
+  /** `ws(s)://host/v1/ws`; in a browser, defaults to the page's own host. */
+  url?: string;
+  /** A WebSocket constructor (default: `globalThis.WebSocket`). */
+  WebSocket?: unknown;
+  backoff?: BackoffOptions;
+  /** Reply timeout per request, ms (default 30000; 0: none). */
+  requestTimeoutMs?: number;
+  /** Application-level ping interval that detects half-open connections, ms (default 25000; 0: off). */
+  keepaliveMs?: number;
+  /** Send `initial_sync_request` after every (re)connection (default true). */
+  autoSync?: boolean;
+  /** Keeps the offline queue (e.g. `localStorage`). */
+  storage?: QueueStorage | null;
+  /** Storage key of the queue (default `chatsync.offline.<deviceId>`). */
+  storageKey?: string;
+  /** The chat in view at start (its messages come with the initial sync). */
+  activeChatId?: string | null;
+  /** Random source for the jitter (tests). */
+  random?: () => number;
+}
+
+export interface ChatState {
+  chat_id: string;
+  title: string;
+  draft_json: DraftJson | null;
+  versions: Versions;
+  last_edited_overall_timestamp: number;
+  unread_count: number;
+  read_seq: number;
+  /** Messages held locally, by `seq` (unconfirmed ones last). */
+  messages: Message[];
+  /** Position in the server's order of the last sync. */
+  order: number | undefined;
+  /** The server has this chat (false for a chat created locally and not yet confirmed). */
+  known: boolean;
+}
+
+export interface StreamState {
+  chat_id: string;
+  stream_id: string;
+  message_id: string;
+  sender_name: string;
+  meta: { [key: string]: unknown };
+  /** The last chunk's seq. */
+  seq: number;
+  /** The text so far. */
+  text: string;
+  state: 'open' | 'completed' | 'cancelled';
+  /** False when chunks before the first one seen are unknown (the stored message has the whole text). */
+  complete: boolean;
+  reason?: string;
+  /** The stored message's seq, once completed. */
+  seq_stored?: number;
+}
+
+export interface OfflineChange {
+  change_id: string;
+  chat_id: string;
+  type: 'title' | 'draft' | 'delete_draft';
+  value: unknown;
+  version_before_edit: number;
+}
+
+export interface PendingMessage {
+  chat_id: string;
+  message: {
+    message_id: string;
+    content: string | { [key: string]: unknown };
+    timestamp: string;
+    temp_id?: string;
+  };
+}
+
+export type WriteResult = { queued: true } | { queued: false; reply: { type: string; payload: any } };
+
+export declare class ChatSyncError extends Error {
+  /** A PROTOCOL.md error code, or `disconnected`, `timeout`, `closed`. */
+  code: ErrorCode | 'disconnected' | 'timeout' | 'closed' | string;
+  details: Record<string, unknown>;
+  constructor(code: string, message: string, details?: Record<string, unknown>);
+}
+
+export declare function backoffDelay(attempt: number, options?: BackoffOptions, random?: () => number): number;
+export declare function draftText(draft: unknown): string;
+export declare function draftFromText(text: string): DraftJson | null;
+export declare function newMessageId(): string;
+export declare function mergeParts(a: unknown, b: unknown): any;
+
+export declare class Emitter {
+  on(type: string, handler: (...args: any[]) => void): () => void;
+  once(type: string, handler: (...args: any[]) => void): () => void;
+  off(type: string, handler: (...args: any[]) => void): void;
+  waitFor(type: string, predicate?: (...args: any[]) => boolean): Promise<any>;
+  emit(type: string, ...args: unknown[]): void;
+}
+
+export declare class StreamAssembler {
+  streams: Map<string, StreamState>;
+  get(chatId: string, streamId: string): StreamState | undefined;
+  open(chatId?: string): StreamState[];
+  start(p: StreamStarted): StreamState;
+  seed(active: ActiveStream[]): StreamState[];
+  chunk(p: StreamChunk): StreamState | null;
+  finish(chatId: string, streamId: string, state: 'completed' | 'cancelled'): StreamState;
+  clear(): void;
+}
+
+export declare class OfflineQueue {
+  constructor(storage?: QueueStorage | null, key?: string);
+  changes: OfflineChange[];
+  messages: PendingMessage[];
+  readonly size: number;
+  addChange(change: Omit<OfflineChange, 'change_id'>): OfflineChange;
+  addMessage(message: PendingMessage): void;
+  confirmMessage(chatId: string, messageId: string): void;
+  takeChanges(max: number): OfflineChange[];
+  restore(changes: OfflineChange[]): void;
+  clear(): void;
+}
+
+/** Local events of the client, beside every server message type. */
+export interface ClientEvents {
+  status: [Status];
+  change: [string | null];
+  stream: [StreamState];
+  closed: [{ code: number; reason: string }];
+  disconnected: [{ code: number; reason: string }];
+  reconnect_scheduled: [{ attempt: number; delay: number }];
+  synced: [];
+  sent: [{ type: string; payload: unknown; request_id?: string }];
+  offline_flushed: [ServerMessages['offline_sync_complete']];
+  message_rejected: [{ chat_id: string; message_id: string; error: ChatSyncError }];
+  message: [Envelope];
+  sync_error: [unknown];
+}
+
+export declare class ChatSyncClient extends Emitter {
+  constructor(options: ClientOptions);
+  readonly url: string;
+  status: Status;
+  connected: Connected | null;
+  chats: Map<string, ChatState>;
+  deleted: Set<string>;
+  streams: StreamAssembler;
+  queue: OfflineQueue;
+  activeChatId: string | null;
+  readonly isOpen: boolean;
+
+  on<K extends ServerMessageType>(type: K, handler: (payload: ServerMessages[K], envelope: Envelope<K>) => void): () => void;
+  on<K extends keyof ClientEvents>(type: K, handler: (...args: ClientEvents[K]) => void): () => void;
+  on(type: string, handler: (...args: any[]) => void): () => void;
+
+  connect(): Promise<Connected>;
+  close(code?: number, reason?: string): void;
+  dropConnection(): void;
+  reconnect(): void;
+  request<K extends ClientRequestType>(
+    type: K,
+    payload?: ClientRequests[K]['payload'],
+    options?: { timeoutMs?: number },
+  ): Promise<{ type: ClientRequests[K]['reply']; payload: ServerMessages[ClientRequests[K]['reply']] }>;
+  request(type: string, payload?: Record<string, unknown>, options?: { timeoutMs?: number }): Promise<{ type: string; payload: any }>;
+  send(type: string, payload?: Record<string, unknown>): boolean;
+  chatList(): ChatState[];
+  chat(chatId: string): ChatState;
+  sync(): Promise<InitialSyncResponse>;
+  updateTitle(chatId: string, title: string): Promise<WriteResult>;
+  updateDraft(chatId: string, draftJson: DraftJson | null): Promise<WriteResult>;
+  deleteDraft(chatId: string): Promise<WriteResult>;
+  sendMessage(chatId: string, content: string | { [key: string]: unknown }, options?: { messageId?: string; tempId?: string }): Promise<WriteResult>;
+  loadMessages(chatId: string): Promise<Message[]>;
+  deleteChat(chatId: string): Promise<{ type: 'chat_deleted'; payload: ServerMessages['chat_deleted'] }>;
+  markRead(chatId: string, seq?: number): Promise<{ type: 'chat_read_updated'; payload: ServerMessages['chat_read_updated'] }>;
+  cancelStream(chatId: string, streamId: string): Promise<{ type: 'stream_cancelled'; payload: StreamCancelled }>;
+  ping(): Promise<{ type: 'pong'; payload: Record<string, never> }>;
+}

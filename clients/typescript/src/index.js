@@ -1,0 +1,1369 @@
+// @ts-check
+/**
+ * @file chatsync client SDK for browsers and Node (plain ES module, no build step; types in
+ * `index.d.ts`). It speaks the chatsync WebSocket protocol (PROTOCOL.md): it connects with a token,
+ * reconnects with exponential backoff and jitter, queues edits made while offline and sends them as
+ * `sync_offline_changes` on reconnect followed by `initial_sync_request`, matches replies to requests by
+ * `request_id` (joining multi-part replies), keeps a local model of the user's chats (titles, drafts,
+ * versions, unread counts, messages) and assembles streamed replies (`stream_*`) into text.
+ *
+ * The server at `/sdk/chatsync.js` serves this very file (the web demo imports it from there).
+ */
+
+/** The protocol this SDK speaks (the `protocol` of the `connected` greeting). */
+export const PROTOCOL = 'chatsync.v1';
+
+/** Close reasons after which reconnecting with the same credentials cannot succeed. */
+const FATAL_REASONS = new Set([
+  'Authentication required',
+  'Invalid session',
+  'Device mismatch',
+  'Device mismatch, 2FA required',
+  'Session revoked',
+  'Invalid device id',
+]);
+
+/**
+ * For each request type, the reply types that end the request. Other frames carrying the same
+ * `request_id` (SELF's copies of broadcasts caused by a `sync_offline_changes`) are events only.
+ * @type {Record<string, string[]>}
+ */
+const FINAL_REPLIES = {
+  ping: ['pong'],
+  initial_sync_request: ['initial_sync_response', 'initial_sync_error'],
+  update_draft: ['draft_update_confirmed'],
+  delete_draft: ['draft_delete_receipt'],
+  update_title: ['chat_title_updated'],
+  chat_message_added: ['chat_message_confirmed'],
+  get_chat_messages: ['chat_messages_response'],
+  request_chat_content_batch: ['chat_content_batch_response'],
+  delete_chat: ['chat_deleted'],
+  sync_offline_changes: ['offline_sync_complete'],
+  request_cache_status: ['cache_status_response'],
+  mark_read: ['chat_read_updated'],
+  cancel_stream: ['stream_cancelled'],
+};
+
+/** Failures that a later attempt may not meet: the request is kept (queued edits, messages) and retried. */
+const TRANSIENT = new Set(['disconnected', 'timeout', 'closed', 'unavailable', 'rate_limited']);
+
+/** @param {unknown} e */
+function isTransient(e) {
+  return e instanceof ChatSyncError && TRANSIENT.has(e.code);
+}
+
+/** An error reply of the server (`error`, `initial_sync_error`), or a local failure of a request. */
+export class ChatSyncError extends Error {
+  /**
+   * @param {string} code stable code: a PROTOCOL.md §4 code, or `disconnected`, `timeout`, `closed`
+   * @param {string} message
+   * @param {Record<string, unknown>} [details] the rest of the error payload (`field`, `chat_id`, …)
+   */
+  constructor(code, message, details = {}) {
+    super(message);
+    this.name = 'ChatSyncError';
+    this.code = code;
+    this.details = details;
+  }
+}
+
+/**
+ * The delay before reconnect attempt `attempt` (0-based): exponential (`initialMs * factor^attempt`,
+ * capped at `maxMs`), minus a random part of up to `jitter` of it, so that clients cut off together do
+ * not come back together.
+ * @param {number} attempt
+ * @param {{initialMs?: number, maxMs?: number, factor?: number, jitter?: number}} [options]
+ * @param {() => number} [random] returns a number in [0, 1)
+ * @returns {number} milliseconds
+ */
+export function backoffDelay(attempt, options = {}, random = Math.random) {
+  const { initialMs = 500, maxMs = 30_000, factor = 2, jitter = 0.5 } = options;
+  const base = Math.min(maxMs, initialMs * Math.pow(factor, Math.max(0, attempt)));
+  return Math.max(0, Math.round(base - base * Math.min(1, Math.max(0, jitter)) * random()));
+}
+
+/** A minimal typed event emitter (works the same in browsers and Node). */
+export class Emitter {
+  constructor() {
+    /** @type {Map<string, Set<Function>>} */
+    this._handlers = new Map();
+  }
+
+  /**
+   * Calls `handler` for every event `type`; returns a function that removes it.
+   * @param {string} type
+   * @param {Function} handler
+   * @returns {() => void}
+   */
+  on(type, handler) {
+    let set = this._handlers.get(type);
+    if (!set) this._handlers.set(type, (set = new Set()));
+    set.add(handler);
+    return () => this.off(type, handler);
+  }
+
+  /**
+   * Calls `handler` for the next event `type` only.
+   * @param {string} type
+   * @param {Function} handler
+   * @returns {() => void}
+   */
+  once(type, handler) {
+    const off = this.on(type, (/** @type {unknown[]} */ ...args) => {
+      off();
+      handler(...args);
+    });
+    return off;
+  }
+
+  /**
+   * Resolves with the first event `type` whose arguments satisfy `predicate`.
+   * @param {string} type
+   * @param {(...args: any[]) => boolean} [predicate]
+   * @returns {Promise<any>}
+   */
+  waitFor(type, predicate = () => true) {
+    return new Promise((resolve) => {
+      const off = this.on(type, (/** @type {any[]} */ ...args) => {
+        if (predicate(...args)) {
+          off();
+          resolve(args[0]);
+        }
+      });
+    });
+  }
+
+  /**
+   * @param {string} type
+   * @param {Function} handler
+   */
+  off(type, handler) {
+    this._handlers.get(type)?.delete(handler);
+  }
+
+  /**
+   * @param {string} type
+   * @param {...unknown} args
+   */
+  emit(type, ...args) {
+    for (const handler of [...(this._handlers.get(type) ?? [])]) {
+      try {
+        handler(...args);
+      } catch (e) {
+        // A failing listener must not break the connection loop.
+        if (type !== 'listener_error') this.emit('listener_error', e);
+      }
+    }
+  }
+}
+
+/**
+ * Assembles streamed replies (SERVER_API.md §4) into text: `stream_started` opens a stream,
+ * `stream_chunk`s append their `delta` in `seq` order (a repeated `seq` is ignored; a jump is a merged
+ * chunk from a slow connection and is appended), `stream_completed` and `stream_cancelled` end it.
+ * `active_streams` of an initial sync seeds streams that were open before this device joined.
+ */
+export class StreamAssembler {
+  constructor() {
+    /** @type {Map<string, import('./index.js').StreamState>} */
+    this.streams = new Map();
+  }
+
+  /** @param {string} chatId @param {string} streamId */
+  static key(chatId, streamId) {
+    return `${chatId}\u0000${streamId}`;
+  }
+
+  /**
+   * @param {string} chatId
+   * @param {string} streamId
+   * @returns {import('./index.js').StreamState | undefined}
+   */
+  get(chatId, streamId) {
+    return this.streams.get(StreamAssembler.key(chatId, streamId));
+  }
+
+  /**
+   * The open streams of a chat (all chats when `chatId` is omitted).
+   * @param {string} [chatId]
+   * @returns {import('./index.js').StreamState[]}
+   */
+  open(chatId) {
+    return [...this.streams.values()].filter((s) => chatId === undefined || s.chat_id === chatId);
+  }
+
+  /**
+   * @param {import('./index.js').StreamStarted} p
+   * @returns {import('./index.js').StreamState}
+   */
+  start(p) {
+    const stream = {
+      chat_id: p.chat_id,
+      stream_id: p.stream_id,
+      message_id: p.message_id,
+      sender_name: p.sender_name,
+      meta: p.meta ?? {},
+      seq: 0,
+      text: '',
+      state: /** @type {const} */ ('open'),
+      complete: true,
+    };
+    this.streams.set(StreamAssembler.key(p.chat_id, p.stream_id), stream);
+    return stream;
+  }
+
+  /**
+   * Seeds the streams of `active_streams` (joining mid-stream). A stream already known with a later
+   * chunk keeps its own text.
+   * @param {import('./index.js').ActiveStream[]} active
+   * @returns {import('./index.js').StreamState[]}
+   */
+  seed(active) {
+    return active.map((a) => {
+      const known = this.get(a.chat_id, a.stream_id);
+      if (known && known.seq >= a.seq) return known;
+      const stream = this.start(a);
+      stream.seq = a.seq;
+      stream.text = a.content_so_far ?? '';
+      return stream;
+    });
+  }
+
+  /**
+   * Appends a chunk. Returns the stream, or `null` when the chunk was ignored (a repeated or older
+   * `seq`). A chunk of a stream never seen starts it with `complete: false` (its earlier text is
+   * unknown; the stored message will have all of it).
+   * @param {import('./index.js').StreamChunk} p
+   * @returns {import('./index.js').StreamState | null}
+   */
+  chunk(p) {
+    let stream = this.get(p.chat_id, p.stream_id);
+    if (!stream) {
+      stream = this.start({ chat_id: p.chat_id, stream_id: p.stream_id, message_id: '', sender_name: '', meta: {} });
+      stream.complete = p.seq === 1;
+    }
+    if (p.seq <= stream.seq) return null;
+    stream.text += p.delta;
+    stream.seq = p.seq;
+    return stream;
+  }
+
+  /**
+   * Ends a stream; returns it (or a stub when it was never seen).
+   * @param {string} chatId
+   * @param {string} streamId
+   * @param {'completed' | 'cancelled'} state
+   * @returns {import('./index.js').StreamState}
+   */
+  finish(chatId, streamId, state) {
+    const key = StreamAssembler.key(chatId, streamId);
+    const stream = this.streams.get(key) ?? {
+      chat_id: chatId,
+      stream_id: streamId,
+      message_id: '',
+      sender_name: '',
+      meta: {},
+      seq: 0,
+      text: '',
+      state: 'open',
+      complete: false,
+    };
+    this.streams.delete(key);
+    stream.state = state;
+    return stream;
+  }
+
+  /** Forgets every stream (a new initial sync brings the open ones back). */
+  clear() {
+    this.streams.clear();
+  }
+}
+
+/**
+ * Edits made while offline, waiting for the next connection. Title and draft edits of one chat are
+ * coalesced (the newest value with the version seen before the first edit, so that the server can
+ * tell a conflict); messages are kept in order and re-sent with their `message_id` (idempotent).
+ * With a `storage` (e.g. `localStorage`) the queue survives a reload.
+ */
+export class OfflineQueue {
+  /**
+   * @param {{getItem(key: string): string | null, setItem(key: string, value: string): void} | null} [storage]
+   * @param {string} [key]
+   */
+  constructor(storage = null, key = 'chatsync.offline') {
+    this.storage = storage;
+    this.key = key;
+    /** @type {import('./index.js').OfflineChange[]} */
+    this.changes = [];
+    /** @type {import('./index.js').PendingMessage[]} */
+    this.messages = [];
+    this._seq = 0;
+    if (storage) {
+      try {
+        const saved = JSON.parse(storage.getItem(key) ?? 'null');
+        if (saved && Array.isArray(saved.changes) && Array.isArray(saved.messages)) {
+          this.changes = saved.changes;
+          this.messages = saved.messages;
+          this._seq = Number(saved.seq) || 0;
+        }
+      } catch {
+        // A corrupt saved queue is dropped: the server stays the truth.
+      }
+    }
+  }
+
+  /** Number of waiting edits and messages. */
+  get size() {
+    return this.changes.length + this.messages.length;
+  }
+
+  /**
+   * Queues a title, draft or draft deletion; replaces a queued edit of the same component of the same
+   * chat (keeping its `version_before_edit`).
+   * @param {{chat_id: string, type: 'title' | 'draft' | 'delete_draft', value: unknown, version_before_edit: number}} change
+   * @returns {import('./index.js').OfflineChange}
+   */
+  addChange(change) {
+    const component = (/** @type {string} */ t) => (t === 'title' ? 'title' : 'draft');
+    const i = this.changes.findIndex(
+      (c) => c.chat_id === change.chat_id && component(c.type) === component(change.type),
+    );
+    const queued = {
+      change_id: `oc-${Date.now().toString(36)}-${++this._seq}`,
+      chat_id: change.chat_id,
+      type: change.type,
+      value: change.type === 'delete_draft' ? null : change.value,
+      version_before_edit: i >= 0 ? this.changes[i].version_before_edit : change.version_before_edit,
+    };
+    if (i >= 0) this.changes.splice(i, 1);
+    this.changes.push(queued);
+    this.save();
+    return queued;
+  }
+
+  /**
+   * Queues a message (or keeps the one already queued with that id).
+   * @param {import('./index.js').PendingMessage} message
+   */
+  addMessage(message) {
+    if (!this.messages.some((m) => m.chat_id === message.chat_id && m.message.message_id === message.message.message_id)) {
+      this.messages.push(message);
+      this.save();
+    }
+  }
+
+  /**
+   * Drops a message once the server confirmed it.
+   * @param {string} chatId
+   * @param {string} messageId
+   */
+  confirmMessage(chatId, messageId) {
+    const before = this.messages.length;
+    this.messages = this.messages.filter((m) => !(m.chat_id === chatId && m.message.message_id === messageId));
+    if (this.messages.length !== before) this.save();
+  }
+
+  /**
+   * Removes and returns at most `max` changes (oldest first).
+   * @param {number} max
+   */
+  takeChanges(max) {
+    const taken = this.changes.splice(0, Math.max(1, max));
+    this.save();
+    return taken;
+  }
+
+  /**
+   * Puts changes back at the front (their batch failed to reach the server), unless a newer edit of the
+   * same component was queued meanwhile.
+   * @param {import('./index.js').OfflineChange[]} changes
+   */
+  restore(changes) {
+    const component = (/** @type {string} */ t) => (t === 'title' ? 'title' : 'draft');
+    const back = changes.filter(
+      (c) => !this.changes.some((n) => n.chat_id === c.chat_id && component(n.type) === component(c.type)),
+    );
+    this.changes.unshift(...back);
+    this.save();
+  }
+
+  /** Forgets everything queued. */
+  clear() {
+    this.changes = [];
+    this.messages = [];
+    this.save();
+  }
+
+  save() {
+    if (!this.storage) return;
+    try {
+      this.storage.setItem(this.key, JSON.stringify({ changes: this.changes, messages: this.messages, seq: this._seq }));
+    } catch {
+      // Storage full or unavailable: the queue still lives in memory.
+    }
+  }
+}
+
+/**
+ * The text of a draft (a Tiptap document): the `text` nodes in order, blocks separated by newlines.
+ * @param {unknown} draft
+ * @returns {string}
+ */
+export function draftText(draft) {
+  if (!draft || typeof draft !== 'object') return '';
+  /** @param {any} node @returns {string} */
+  const inline = (node) => {
+    if (!node || typeof node !== 'object') return '';
+    if (node.type === 'text' && typeof node.text === 'string') return node.text;
+    return Array.isArray(node.content) ? node.content.map(inline).join('') : '';
+  };
+  const doc = /** @type {any} */ (draft);
+  // A document's top-level nodes are its blocks (paragraphs, headings…): one line each.
+  if (Array.isArray(doc.content) && doc.type !== 'text') return doc.content.map(inline).join('\n');
+  return inline(doc);
+}
+
+/**
+ * A Tiptap document holding `text` (one paragraph per line), or `null` for an empty text.
+ * @param {string} text
+ * @returns {import('./index.js').DraftJson | null}
+ */
+export function draftFromText(text) {
+  if (text === '') return null;
+  return {
+    type: 'doc',
+    content: text.split('\n').map((line) => ({
+      type: 'paragraph',
+      ...(line === '' ? {} : { content: [{ type: 'text', text: line }] }),
+    })),
+  };
+}
+
+/** A fresh id for messages: `m-` and 16 random hex digits with a time prefix (PROTOCOL.md id rules). */
+export function newMessageId() {
+  const bytes = new Uint8Array(8);
+  globalThis.crypto.getRandomValues(bytes);
+  return `m-${Date.now().toString(36)}-${[...bytes].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+}
+
+/**
+ * Merges the parts of a multi-part reply (PROTOCOL.md "Bounded replies"): lists are concatenated,
+ * objects merged, other values taken from the later part.
+ * @param {any} a
+ * @param {any} b
+ * @returns {any}
+ */
+export function mergeParts(a, b) {
+  if (Array.isArray(a) && Array.isArray(b)) return [...a, ...b];
+  if (a && b && typeof a === 'object' && typeof b === 'object' && !Array.isArray(a) && !Array.isArray(b)) {
+    /** @type {Record<string, unknown>} */
+    const out = { ...a };
+    for (const [k, v] of Object.entries(b)) out[k] = k in a ? mergeParts(a[k], v) : v;
+    return out;
+  }
+  return b;
+}
+
+/**
+ * A connection to chatsync, with reconnection, an offline queue and a local model of the user's chats.
+ * Events (`on(type, handler)`): every server message type (handler gets the payload and the envelope),
+ * `status` (the new {@link ChatSyncClient#status}), `change` (the local model changed; argument: the
+ * chat id or `null`), `stream` (a stream opened, grew or ended), `closed` (closed for good:
+ * `{code, reason}`), `sent` (every frame sent, for debugging and tests).
+ */
+export class ChatSyncClient extends Emitter {
+  /** @param {import('./index.js').ClientOptions} options */
+  constructor(options) {
+    super();
+    if (!options || !options.token) throw new TypeError('ChatSyncClient: a token is required');
+    if (!options.deviceId) throw new TypeError('ChatSyncClient: a deviceId is required');
+    this.options = {
+      requestTimeoutMs: 30_000,
+      keepaliveMs: 25_000,
+      autoSync: true,
+      ...options,
+      backoff: { initialMs: 500, maxMs: 30_000, factor: 2, jitter: 0.5, ...(options.backoff ?? {}) },
+    };
+    this.url = options.url ?? defaultUrl();
+    /** @type {any} */
+    this.WebSocketImpl = options.WebSocket ?? /** @type {any} */ (globalThis).WebSocket;
+    if (!this.WebSocketImpl) throw new TypeError('ChatSyncClient: no WebSocket implementation (pass options.WebSocket)');
+    /** @type {import('./index.js').Status} */
+    this.status = 'idle';
+    /** @type {import('./index.js').Connected | null} the greeting of the current (or last) connection */
+    this.connected = null;
+    /** @type {Map<string, import('./index.js').ChatState>} */
+    this.chats = new Map();
+    /** @type {Map<string, Set<'title' | 'draft'>>} components to fetch again at the next sync */
+    this._stale = new Map();
+    /** Deleted chat ids (never reused; late events for them are ignored). */
+    this.deleted = new Set();
+    this.streams = new StreamAssembler();
+    this.queue = new OfflineQueue(options.storage ?? null, options.storageKey ?? `chatsync.offline.${options.deviceId}`);
+    /** The chat the user looks at: its messages come with the initial sync (`immediate_view_chat_id`). */
+    this.activeChatId = options.activeChatId ?? null;
+    /** @type {Map<string, {type: string, finals: string[], resolve: Function, reject: Function, parts: any, timer: any}>} */
+    this._pending = new Map();
+    this._nextRequest = 0;
+    this._attempt = 0;
+    /** @type {any} */
+    this._socket = null;
+    /** @type {any} */
+    this._retryTimer = null;
+    /** @type {any} */
+    this._keepaliveTimer = null;
+    /** @type {any} */
+    this._flushTimer = null;
+    this._flushAttempt = 0;
+    this._closedByUser = false;
+    this._onOnline = () => this.reconnect();
+  }
+
+  /**
+   * Opens the connection (and keeps it open: reconnects after every loss until {@link close}).
+   * Resolves once connected and synced; rejects if the server refuses the credentials.
+   * @returns {Promise<import('./index.js').Connected>}
+   */
+  connect() {
+    if (this.status === 'online') return Promise.resolve(/** @type {import('./index.js').Connected} */ (this.connected));
+    this._closedByUser = false;
+    if (typeof globalThis.addEventListener === 'function') globalThis.addEventListener('online', this._onOnline);
+    const ready = new Promise((resolve, reject) => {
+      const offStatus = this.on('status', (/** @type {string} */ s) => {
+        if (s === 'online') {
+          offStatus();
+          offClosed();
+          resolve(this.connected);
+        }
+      });
+      const offClosed = this.on('closed', (/** @type {{code: number, reason: string}} */ c) => {
+        offStatus();
+        offClosed();
+        reject(new ChatSyncError('closed', `connection closed: ${c.code} ${c.reason}`, c));
+      });
+    });
+    if (this.status === 'idle' || this.status === 'closed') this._open();
+    return /** @type {Promise<import('./index.js').Connected>} */ (ready);
+  }
+
+  /**
+   * Closes the connection for good (no reconnect). Pending requests reject with `closed`.
+   * @param {number} [code]
+   * @param {string} [reason]
+   */
+  close(code = 1000, reason = 'bye') {
+    this._closedByUser = true;
+    clearTimeout(this._retryTimer);
+    clearTimeout(this._flushTimer);
+    this._flushTimer = null;
+    this._stopKeepalive();
+    if (typeof globalThis.removeEventListener === 'function') globalThis.removeEventListener('online', this._onOnline);
+    const socket = this._socket;
+    this._socket = null;
+    if (socket) {
+      try {
+        socket.close(code, reason);
+      } catch {
+        // Already closing.
+      }
+    }
+    this._failPending('closed', 'the client was closed');
+    this._setStatus('closed');
+    this.emit('closed', { code, reason });
+  }
+
+  /**
+   * Drops the current socket as a network loss would (the client then reconnects with backoff). For
+   * tests and the demo's "simulate offline" button.
+   */
+  dropConnection() {
+    const socket = this._socket;
+    if (!socket) return;
+    try {
+      socket.close(4000, 'dropped by the client');
+    } catch {
+      // Already closing.
+    }
+    // Offline from now on, without waiting for the close handshake (its event is then ignored).
+    this._onClose(4000, 'dropped by the client');
+  }
+
+  /**
+   * Reconnects now (resetting the backoff) when waiting between attempts; for an app's "retry" button or
+   * its own network detection. Browsers' `online` event does the same by itself.
+   */
+  reconnect() {
+    if (this.status === 'offline') this._reconnectNow();
+  }
+
+  /** Whether requests can be sent now. */
+  get isOpen() {
+    return !!this._socket && this.connected !== null && (this.status === 'online' || this.status === 'syncing');
+  }
+
+  /**
+   * Sends a request and resolves with its reply (`{type, payload}`; multi-part replies joined). Rejects
+   * with a {@link ChatSyncError}: the server's error code, or `disconnected` / `timeout` / `closed`.
+   * @param {string} type
+   * @param {Record<string, unknown>} [payload]
+   * @param {{timeoutMs?: number}} [options]
+   * @returns {Promise<{type: string, payload: any}>}
+   */
+  request(type, payload = {}, options = {}) {
+    if (!this.isOpen) return Promise.reject(new ChatSyncError('disconnected', 'not connected'));
+    const request_id = `r${++this._nextRequest}`;
+    return new Promise((resolve, reject) => {
+      const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
+      const timer =
+        timeoutMs > 0
+          ? setTimeout(() => {
+              this._pending.delete(request_id);
+              reject(new ChatSyncError('timeout', `no reply to ${type} within ${timeoutMs} ms`));
+            }, timeoutMs)
+          : null;
+      this._pending.set(request_id, { type, finals: FINAL_REPLIES[type] ?? [], resolve, reject, parts: null, timer });
+      this._sendFrame({ type, payload, request_id });
+    });
+  }
+
+  /**
+   * Sends a message without waiting for a reply. Returns false when not connected.
+   * @param {string} type
+   * @param {Record<string, unknown>} [payload]
+   */
+  send(type, payload = {}) {
+    if (!this.isOpen) return false;
+    this._sendFrame({ type, payload });
+    return true;
+  }
+
+  /** The chats, most recently edited first (ties: the server's order). */
+  chatList() {
+    return [...this.chats.values()].sort(
+      (a, b) =>
+        b.last_edited_overall_timestamp - a.last_edited_overall_timestamp ||
+        (a.order ?? Infinity) - (b.order ?? Infinity) ||
+        (a.chat_id < b.chat_id ? -1 : 1),
+    );
+  }
+
+  /**
+   * The local state of a chat, created (empty, not yet known to the server) when absent.
+   * @param {string} chatId
+   * @returns {import('./index.js').ChatState}
+   */
+  chat(chatId) {
+    let chat = this.chats.get(chatId);
+    if (!chat) {
+      chat = {
+        chat_id: chatId,
+        title: '',
+        draft_json: null,
+        versions: { messages_v: 0, title_v: 0, draft_v: 0 },
+        last_edited_overall_timestamp: 0,
+        unread_count: 0,
+        read_seq: 0,
+        messages: [],
+        order: undefined,
+        known: false,
+      };
+      this.chats.set(chatId, chat);
+    }
+    return chat;
+  }
+
+  /**
+   * `initial_sync_request` with the versions this client holds; applies the reply to the local model.
+   * @returns {Promise<import('./index.js').InitialSyncResponse>}
+   */
+  async sync() {
+    /** @type {Record<string, {messages_v: number, title_v: number, draft_v: number}>} */
+    const chat_versions = {};
+    for (const chat of this.chats.values()) {
+      if (!chat.known) continue;
+      // For the chat in view, the messages held without a gap, so that the reply brings the rest.
+      const messages_v = chat.chat_id === this.activeChatId ? contiguousSeq(chat) : chat.versions.messages_v;
+      /** @type {any} */
+      const v = { ...chat.versions, messages_v };
+      // A component whose local value the server refused: a missing version counts as -1, so the
+      // reply brings the server's value.
+      for (const component of this._stale.get(chat.chat_id) ?? []) delete v[`${component}_v`];
+      chat_versions[chat.chat_id] = v;
+    }
+    /** @type {Record<string, unknown>} */
+    const payload = { chat_versions };
+    if (this.activeChatId) payload.immediate_view_chat_id = this.activeChatId;
+    const stale = this._stale;
+    const reply = await this.request('initial_sync_request', payload);
+    if (this._stale === stale) this._stale = new Map();
+    return reply.payload;
+  }
+
+  /**
+   * Sets a chat's title (creating the chat when new). Offline, the edit is queued.
+   * @param {string} chatId
+   * @param {string} title
+   * @returns {Promise<import('./index.js').WriteResult>}
+   */
+  updateTitle(chatId, title) {
+    const chat = this.chat(chatId);
+    const before = chat.title;
+    chat.title = title;
+    this.emit('change', chatId);
+    return this._write(
+      { chat_id: chatId, type: 'title', value: title, version_before_edit: chat.versions.title_v },
+      () => this.request('update_title', { chat_id: chatId, new_title: title }),
+      () => {
+        chat.title = before;
+      },
+    );
+  }
+
+  /**
+   * Sets a chat's draft (a Tiptap document, or `null` to clear). Offline, the edit is queued.
+   * @param {string} chatId
+   * @param {import('./index.js').DraftJson | null} draftJson
+   * @returns {Promise<import('./index.js').WriteResult>}
+   */
+  updateDraft(chatId, draftJson) {
+    const chat = this.chat(chatId);
+    const before = chat.draft_json;
+    chat.draft_json = draftJson;
+    this.emit('change', chatId);
+    return this._write(
+      { chat_id: chatId, type: 'draft', value: draftJson, version_before_edit: chat.versions.draft_v },
+      () => this.request('update_draft', { chat_id: chatId, draft_json: draftJson }),
+      () => {
+        chat.draft_json = before;
+      },
+    );
+  }
+
+  /**
+   * Deletes a chat's draft. Offline, the deletion is queued.
+   * @param {string} chatId
+   * @returns {Promise<import('./index.js').WriteResult>}
+   */
+  deleteDraft(chatId) {
+    const chat = this.chat(chatId);
+    chat.draft_json = null;
+    this.emit('change', chatId);
+    return this._write(
+      { chat_id: chatId, type: 'delete_draft', value: null, version_before_edit: chat.versions.draft_v },
+      () => this.request('delete_draft', { chat_id: chatId }),
+      () => {},
+    );
+  }
+
+  /**
+   * Adds a message to a chat. It shows at once in the local model (`pending: true`); offline it waits in
+   * the queue and is sent on reconnect with the same `message_id` (so it is stored once).
+   * @param {string} chatId
+   * @param {string | Record<string, unknown>} content
+   * @param {{messageId?: string, tempId?: string}} [options]
+   * @returns {Promise<import('./index.js').WriteResult>}
+   */
+  async sendMessage(chatId, content, options = {}) {
+    const message_id = options.messageId ?? newMessageId();
+    /** @type {import('./index.js').PendingMessage} */
+    const pending = {
+      chat_id: chatId,
+      message: { message_id, content, timestamp: new Date().toISOString(), ...(options.tempId ? { temp_id: options.tempId } : {}) },
+    };
+    const chat = this.chat(chatId);
+    if (!chat.messages.some((m) => m.message_id === message_id)) {
+      chat.messages.push({
+        message_id,
+        seq: null,
+        sender_name: 'user',
+        content,
+        created_at: pending.message.timestamp,
+        client_timestamp: pending.message.timestamp,
+        pending: true,
+      });
+    }
+    this.queue.addMessage(pending);
+    this.emit('change', chatId);
+    if (this.status !== 'online') return { queued: true };
+    try {
+      const reply = await this.request('chat_message_added', { chat_id: chatId, message: pending.message });
+      return { queued: false, reply };
+    } catch (e) {
+      if (isTransient(e)) {
+        this._retrySoon();
+        return { queued: true };
+      }
+      this.queue.confirmMessage(chatId, message_id);
+      chat.messages = chat.messages.filter((m) => !(m.pending && m.message_id === message_id));
+      this.emit('change', chatId);
+      throw e;
+    }
+  }
+
+  /**
+   * Loads a chat's messages after the ones held locally (every page) into the local model.
+   * @param {string} chatId
+   * @returns {Promise<import('./index.js').Message[]>}
+   */
+  async loadMessages(chatId) {
+    for (;;) {
+      const after_seq = contiguousSeq(this.chat(chatId));
+      const reply = await this.request('get_chat_messages', { chat_id: chatId, after_seq });
+      if (!reply.payload.has_more || reply.payload.messages.length === 0) break;
+    }
+    return this.chat(chatId).messages;
+  }
+
+  /**
+   * Deletes a chat (for good: its id is never reused).
+   * @param {string} chatId
+   */
+  deleteChat(chatId) {
+    return this.request('delete_chat', { chat_id: chatId });
+  }
+
+  /**
+   * Moves the read marker of a chat to `seq` (default: its last message).
+   * @param {string} chatId
+   * @param {number} [seq]
+   */
+  markRead(chatId, seq) {
+    const chat = this.chat(chatId);
+    return this.request('mark_read', { chat_id: chatId, seq: seq ?? chat.versions.messages_v });
+  }
+
+  /**
+   * Asks the server to stop a streamed reply.
+   * @param {string} chatId
+   * @param {string} streamId
+   */
+  cancelStream(chatId, streamId) {
+    return this.request('cancel_stream', { chat_id: chatId, stream_id: streamId });
+  }
+
+  /** Round trip to the server. */
+  ping() {
+    return this.request('ping');
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Connection loop
+
+  async _open() {
+    clearTimeout(this._retryTimer);
+    this._setStatus(this._attempt === 0 && this.connected === null ? 'connecting' : 'reconnecting');
+    let token;
+    try {
+      token = typeof this.options.token === 'function' ? await this.options.token() : this.options.token;
+    } catch (e) {
+      this.emit('token_error', e);
+      this._scheduleReconnect();
+      return;
+    }
+    if (this._closedByUser) return;
+    const url = new URL(this.url);
+    url.searchParams.set('token', token);
+    url.searchParams.set('device_id', this.options.deviceId);
+    let socket;
+    try {
+      socket = new this.WebSocketImpl(url.toString());
+    } catch (e) {
+      this.emit('socket_error', e);
+      this._scheduleReconnect();
+      return;
+    }
+    this._socket = socket;
+    this.connected = null;
+    socket.addEventListener('message', (/** @type {{data: unknown}} */ ev) => {
+      if (this._socket === socket) this._onFrame(ev.data);
+    });
+    socket.addEventListener('close', (/** @type {{code: number, reason: string}} */ ev) => {
+      if (this._socket === socket) this._onClose(ev.code, ev.reason);
+    });
+    socket.addEventListener('error', () => {
+      // A 'close' event follows every 'error'.
+    });
+  }
+
+  /**
+   * @param {number} code
+   * @param {string} reason
+   */
+  _onClose(code, reason) {
+    this._socket = null;
+    this._stopKeepalive();
+    this._failPending('disconnected', `connection closed: ${code} ${reason ?? ''}`.trim());
+    if (this._closedByUser) return;
+    const fatal = code === 1008 && FATAL_REASONS.has(reason) && typeof this.options.token !== 'function';
+    if (fatal) {
+      this._setStatus('closed');
+      this.emit('closed', { code, reason });
+      return;
+    }
+    this.emit('disconnected', { code, reason });
+    if (code === 1008 && reason === 'Token expired') this._attempt = 0;
+    this._scheduleReconnect();
+  }
+
+  _scheduleReconnect() {
+    if (this._closedByUser) return;
+    this._setStatus('offline');
+    const delay = backoffDelay(this._attempt, this.options.backoff, this.options.random);
+    this._attempt += 1;
+    this.emit('reconnect_scheduled', { attempt: this._attempt, delay });
+    clearTimeout(this._retryTimer);
+    this._retryTimer = setTimeout(() => this._open(), delay);
+  }
+
+  _reconnectNow() {
+    this._attempt = 0;
+    clearTimeout(this._retryTimer);
+    this._open();
+  }
+
+  /** @param {unknown} data */
+  _onFrame(data) {
+    let envelope;
+    try {
+      envelope = JSON.parse(typeof data === 'string' ? data : String(data));
+    } catch {
+      this.emit('protocol_error', data);
+      return;
+    }
+    if (!envelope || typeof envelope.type !== 'string') {
+      this.emit('protocol_error', data);
+      return;
+    }
+    const { type, request_id } = envelope;
+    const payload = envelope.payload ?? {};
+    if (type === 'connected') {
+      this.connected = payload;
+      this._attempt = 0;
+      this._startKeepalive();
+      this.emit('connected', payload, envelope);
+      this._afterConnect();
+      return;
+    }
+    this._apply(type, payload);
+    this.emit(type, payload, envelope);
+    this.emit('message', envelope);
+    if (request_id === undefined) return;
+    const pending = this._pending.get(request_id);
+    if (!pending) return;
+    if (type === 'error' || type === 'initial_sync_error') {
+      this._pending.delete(request_id);
+      clearTimeout(pending.timer);
+      pending.reject(new ChatSyncError(payload.code ?? 'internal', payload.message ?? 'error', payload));
+      return;
+    }
+    if (pending.finals.length > 0 && !pending.finals.includes(type)) return;
+    pending.parts = pending.parts === null ? payload : mergeParts(pending.parts, payload);
+    if (payload.more === true) return;
+    this._pending.delete(request_id);
+    clearTimeout(pending.timer);
+    const merged = { ...pending.parts };
+    delete merged.more;
+    pending.resolve({ type, payload: merged });
+  }
+
+  /** After `connected`: flush the offline edits, sync, re-send queued messages, then `online`. */
+  async _afterConnect() {
+    this._setStatus('syncing');
+    const socket = this._socket;
+    try {
+      await this._flushChanges();
+      if (this.options.autoSync) await this.sync();
+      // Then the queued messages, and whatever was queued meanwhile (writes wait for `online`).
+      while (this.queue.size > 0) {
+        await this._flushChanges();
+        await this._flushMessages();
+      }
+      if (this._socket === socket) {
+        this._setStatus('online');
+        this.emit('synced');
+      }
+    } catch (e) {
+      if (e instanceof ChatSyncError && (e.code === 'disconnected' || e.code === 'closed')) return;
+      // A failed sync (e.g. `unavailable`): drop the connection and retry with backoff.
+      this.emit('sync_error', e);
+      if (this._socket === socket) {
+        this._attempt = Math.max(this._attempt, 1);
+        this.dropConnection();
+      }
+    }
+  }
+
+  async _flushChanges() {
+    const max = this.connected?.limits?.max_offline_changes ?? 500;
+    while (this.queue.changes.length > 0) {
+      const batch = this.queue.takeChanges(max);
+      let reply;
+      try {
+        reply = await this.request('sync_offline_changes', { changes: batch });
+      } catch (e) {
+        if (isTransient(e)) this.queue.restore(batch);
+        throw e;
+      }
+      this._applyOfflineResults(reply.payload);
+      this.emit('offline_flushed', reply.payload);
+    }
+  }
+
+  /**
+   * What the results of a flush mean for the model: applied changes came back as broadcasts, conflicts
+   * are settled by the next sync (the server's version is newer); a refused change (`error`) left a
+   * local value the server never took, so the next sync asks for that component again, and a chat the
+   * server never created (nothing of it applied, no message queued) is dropped.
+   * @param {import('./index.js').ServerMessages['offline_sync_complete']} result
+   */
+  _applyOfflineResults(result) {
+    for (const r of result.results ?? []) {
+      if (r.status !== 'error' || !r.chat_id) continue;
+      const chat = this.chats.get(r.chat_id);
+      if (!chat) continue;
+      const hasMessages = this.queue.messages.some((m) => m.chat_id === r.chat_id);
+      if (!chat.known && !hasMessages) {
+        this._forget(r.chat_id);
+        if (r.code === 'not_found') this.deleted.add(r.chat_id);
+      } else {
+        const stale = this._stale.get(r.chat_id) ?? new Set();
+        stale.add(r.type === 'title' ? 'title' : 'draft');
+        this._stale.set(r.chat_id, stale);
+      }
+      this.emit('change', r.chat_id);
+    }
+  }
+
+  async _flushMessages() {
+    for (const pending of [...this.queue.messages]) {
+      try {
+        await this.request('chat_message_added', { chat_id: pending.chat_id, message: pending.message });
+        this.queue.confirmMessage(pending.chat_id, pending.message.message_id);
+      } catch (e) {
+        if (isTransient(e)) throw e;
+        // Refused for good (deleted chat, too large…): drop it from the queue and the model.
+        this.queue.confirmMessage(pending.chat_id, pending.message.message_id);
+        const chat = this.chats.get(pending.chat_id);
+        if (chat) chat.messages = chat.messages.filter((m) => !(m.pending && m.message_id === pending.message.message_id));
+        this.emit('message_rejected', { chat_id: pending.chat_id, message_id: pending.message.message_id, error: e });
+        this.emit('change', pending.chat_id);
+      }
+    }
+  }
+
+  /**
+   * A write: sent now when online, else (or if the connection drops before the reply) queued as an
+   * offline change. A refusal by the server reverts the local edit and rejects.
+   * @param {{chat_id: string, type: 'title' | 'draft' | 'delete_draft', value: unknown, version_before_edit: number}} change
+   * @param {() => Promise<{type: string, payload: any}>} send
+   * @param {() => void} revert
+   * @returns {Promise<import('./index.js').WriteResult>}
+   */
+  async _write(change, send, revert) {
+    if (this.status !== 'online') {
+      this.queue.addChange(change);
+      return { queued: true };
+    }
+    try {
+      const reply = await send();
+      return { queued: false, reply };
+    } catch (e) {
+      if (isTransient(e)) {
+        // Safe to repeat: if it was applied, the version check makes the repeat a conflict.
+        this.queue.addChange(change);
+        this._retrySoon();
+        return { queued: true };
+      }
+      revert();
+      this.emit('change', change.chat_id);
+      throw e;
+    }
+  }
+
+  /**
+   * While online, sends what a transient failure (`unavailable`, `rate_limited`, a timeout) left in the
+   * queue after a backoff delay (a reconnection flushes it anyway).
+   */
+  _retrySoon() {
+    if (this._flushTimer || this.status !== 'online') return;
+    const delay = backoffDelay(this._flushAttempt++, this.options.backoff, this.options.random);
+    this._flushTimer = setTimeout(async () => {
+      this._flushTimer = null;
+      if (this.status !== 'online' || this.queue.size === 0) return;
+      try {
+        await this._flushChanges();
+        await this._flushMessages();
+        this._flushAttempt = 0;
+      } catch (e) {
+        if (isTransient(e)) this._retrySoon();
+      }
+    }, delay);
+  }
+
+  /** @param {Record<string, unknown>} frame */
+  _sendFrame(frame) {
+    const socket = this._socket;
+    if (!socket) return;
+    socket.send(JSON.stringify(frame));
+    this.emit('sent', frame);
+  }
+
+  /**
+   * @param {string} code
+   * @param {string} message
+   */
+  _failPending(code, message) {
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    for (const p of pending) {
+      clearTimeout(p.timer);
+      p.reject(new ChatSyncError(code, message));
+    }
+  }
+
+  /** @param {import('./index.js').Status} status */
+  _setStatus(status) {
+    if (this.status === status) return;
+    this.status = status;
+    this.emit('status', status);
+  }
+
+  _startKeepalive() {
+    this._stopKeepalive();
+    const every = this.options.keepaliveMs;
+    if (!every || every <= 0) return;
+    const socket = this._socket;
+    this._keepaliveTimer = setInterval(() => {
+      if (this._socket !== socket) return;
+      this.request('ping', {}, { timeoutMs: Math.max(every, 10_000) }).catch((e) => {
+        // No pong: the connection is half-open (sleep, network change). Drop it and reconnect.
+        if (e instanceof ChatSyncError && e.code === 'timeout' && this._socket === socket) this.dropConnection();
+      });
+    }, every);
+  }
+
+  _stopKeepalive() {
+    clearInterval(this._keepaliveTimer);
+    this._keepaliveTimer = null;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Local model
+
+  /**
+   * Applies a server message to the local model.
+   * @param {string} type
+   * @param {any} p
+   */
+  _apply(type, p) {
+    const chatId = typeof p.chat_id === 'string' ? p.chat_id : null;
+    if (chatId && this.deleted.has(chatId)) return;
+    switch (type) {
+      case 'initial_sync_response': {
+        for (const id of p.chat_ids_to_delete ?? []) this._forget(id);
+        for (const entry of p.chats_to_add_or_update ?? []) {
+          const chat = this.chat(entry.chat_id);
+          chat.known = true;
+          const v = entry.versions ?? {};
+          // A broadcast received after the server built this reply may already be newer.
+          if ('title' in entry && v.title_v >= chat.versions.title_v) chat.title = entry.title;
+          if ('draft_json' in entry && v.draft_v >= chat.versions.draft_v) chat.draft_json = entry.draft_json;
+          chat.versions = {
+            messages_v: Math.max(chat.versions.messages_v, v.messages_v ?? 0),
+            title_v: Math.max(chat.versions.title_v, v.title_v ?? 0),
+            draft_v: Math.max(chat.versions.draft_v, v.draft_v ?? 0),
+          };
+          chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, entry.last_edited_overall_timestamp ?? 0);
+          if (typeof entry.unread_count === 'number') chat.unread_count = entry.unread_count;
+          if (Array.isArray(entry.messages)) this._mergeMessages(chat, entry.messages);
+        }
+        // Chats the server no longer has come in `chat_ids_to_delete` (they were in `chat_versions`); a chat
+        // missing from the order but known here was learned from a broadcast newer than this reply.
+        if (p.more !== true && Array.isArray(p.server_chat_order)) {
+          p.server_chat_order.forEach((/** @type {string} */ id, /** @type {number} */ i) => {
+            const chat = this.chats.get(id);
+            if (chat) {
+              chat.order = i;
+              chat.known = true;
+            }
+          });
+        }
+        if (Array.isArray(p.active_streams)) {
+          for (const s of this.streams.seed(p.active_streams)) this.emit('stream', s);
+        }
+        this.emit('change', null);
+        return;
+      }
+      case 'chat_title_updated': {
+        const chat = this.chat(p.chat_id);
+        chat.known = true;
+        if (p.versions.title_v > chat.versions.title_v) {
+          chat.title = p.data.title;
+          chat.versions.title_v = p.versions.title_v;
+        }
+        break;
+      }
+      case 'draft_update_confirmed': {
+        const chat = this.chat(p.chat_id);
+        chat.known = true;
+        chat.versions.draft_v = Math.max(chat.versions.draft_v, p.draft_v);
+        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
+        break;
+      }
+      case 'chat_draft_updated': {
+        const chat = this.chat(p.chat_id);
+        chat.known = true;
+        if (p.versions.draft_v > chat.versions.draft_v) {
+          chat.draft_json = p.data.draft_json;
+          chat.versions.draft_v = p.versions.draft_v;
+        }
+        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
+        break;
+      }
+      case 'draft_delete_receipt':
+      case 'draft_deleted': {
+        if (type === 'draft_delete_receipt' && !p.success) return;
+        const chat = this.chat(p.chat_id);
+        if (p.draft_v > chat.versions.draft_v) {
+          chat.draft_json = null;
+          chat.versions.draft_v = p.draft_v;
+        }
+        break;
+      }
+      case 'chat_message_confirmed': {
+        const chat = this.chat(p.chat_id);
+        chat.known = true;
+        this.queue.confirmMessage(p.chat_id, p.message_id);
+        const m = chat.messages.find((x) => x.message_id === p.message_id);
+        if (m && m.pending) {
+          // `new_messages_v` is the message's seq (for a duplicate: the original's).
+          m.pending = false;
+          m.seq = p.new_messages_v;
+        }
+        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.new_messages_v);
+        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.new_last_edited_overall_timestamp);
+        sortMessages(chat);
+        break;
+      }
+      case 'chat_message_added': {
+        const chat = this.chat(p.chat_id);
+        chat.known = true;
+        const isNew = !chat.messages.some((m) => m.seq === p.message.seq);
+        this._mergeMessages(chat, [p.message]);
+        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.versions?.messages_v ?? p.message.seq);
+        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp ?? 0);
+        if (isNew && p.message.sender_name !== 'user' && p.message.seq > chat.read_seq) chat.unread_count += 1;
+        break;
+      }
+      case 'chat_messages_response': {
+        const chat = this.chat(p.chat_id);
+        chat.known = true;
+        this._mergeMessages(chat, p.messages);
+        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.messages_v);
+        break;
+      }
+      case 'chat_content_batch_response': {
+        for (const [id, messages] of Object.entries(p.messages_by_chat_id ?? {})) {
+          if (this.deleted.has(id)) continue;
+          const chat = this.chat(id);
+          chat.known = true;
+          this._mergeMessages(chat, /** @type {any[]} */ (messages));
+          const v = p.versions_by_chat_id?.[id]?.messages_v ?? 0;
+          chat.versions.messages_v = Math.max(chat.versions.messages_v, v);
+        }
+        this.emit('change', null);
+        return;
+      }
+      case 'chat_deleted':
+        this._forget(p.chat_id);
+        this.deleted.add(p.chat_id);
+        this.emit('change', p.chat_id);
+        return;
+      case 'chat_read_updated': {
+        const chat = this.chat(p.chat_id);
+        chat.read_seq = Math.max(chat.read_seq, p.read_seq);
+        chat.unread_count = p.unread_count;
+        break;
+      }
+      case 'stream_started': {
+        this.chat(p.chat_id).known = true;
+        this.emit('stream', this.streams.start(p));
+        break;
+      }
+      case 'stream_chunk': {
+        const stream = this.streams.chunk(p);
+        if (stream) this.emit('stream', stream);
+        break;
+      }
+      case 'stream_completed': {
+        const stream = this.streams.finish(p.chat_id, p.stream_id, 'completed');
+        stream.message_id = p.message_id ?? stream.message_id;
+        stream.seq_stored = p.seq;
+        const chat = this.chat(p.chat_id);
+        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.messages_v ?? 0);
+        this.emit('stream', stream);
+        // The stored message is the truth (chunks are never stored one by one): fetch it.
+        if (typeof p.seq === 'number' && this.isOpen) {
+          this.request('get_chat_messages', { chat_id: p.chat_id, after_seq: Math.max(0, p.seq - 1), limit: 1 }).catch(() => {});
+        }
+        break;
+      }
+      case 'stream_cancelled': {
+        const stream = this.streams.finish(p.chat_id, p.stream_id, 'cancelled');
+        stream.reason = p.reason;
+        this.emit('stream', stream);
+        break;
+      }
+      default:
+        return;
+    }
+    this.emit('change', chatId);
+  }
+
+  /** @param {string} chatId */
+  _forget(chatId) {
+    this.chats.delete(chatId);
+    for (const s of this.streams.open(chatId)) this.streams.finish(chatId, s.stream_id, 'cancelled');
+  }
+
+  /**
+   * @param {import('./index.js').ChatState} chat
+   * @param {import('./index.js').Message[]} messages
+   */
+  _mergeMessages(chat, messages) {
+    for (const m of messages) {
+      const i = chat.messages.findIndex((x) => x.message_id === m.message_id);
+      if (i >= 0) chat.messages[i] = { ...m, pending: false };
+      else chat.messages.push({ ...m, pending: false });
+    }
+    sortMessages(chat);
+  }
+}
+
+/**
+ * The highest `seq` up to which a chat's messages are held without a gap.
+ * @param {import('./index.js').ChatState} chat
+ */
+function contiguousSeq(chat) {
+  let seq = 0;
+  const seqs = chat.messages.map((m) => m.seq).filter((s) => typeof s === 'number').sort((a, b) => /** @type {number} */ (a) - /** @type {number} */ (b));
+  for (const s of seqs) {
+    if (s === seq + 1) seq = /** @type {number} */ (s);
+    else if (/** @type {number} */ (s) > seq + 1) break;
+  }
+  return seq;
+}
+
+/** @param {import('./index.js').ChatState} chat */
+function sortMessages(chat) {
+  chat.messages.sort((a, b) => (a.seq ?? Infinity) - (b.seq ?? Infinity));
+}
+
+/** `ws(s)://<this page's host>/v1/ws` in a browser; `ws://127.0.0.1:8080/v1/ws` elsewhere. */
+function defaultUrl() {
+  const loc = /** @type {any} */ (globalThis).location;
+  if (loc && typeof loc.host === 'string' && loc.host) {
+    return `${loc.protocol === 'https:' ? 'wss:' : 'ws:'}//${loc.host}/v1/ws`;
+  }
+  return 'ws://127.0.0.1:8080/v1/ws';
+}

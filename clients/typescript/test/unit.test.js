@@ -1,0 +1,509 @@
+// @ts-check
+/**
+ * @file Unit tests of the SDK against a fake socket: backoff, request/reply by `request_id` (multi-part
+ * replies, errors, disconnects), the offline queue and its flush order on reconnect, close handling,
+ * the local model, read markers, and stream assembly (the parts whose server side is built elsewhere).
+ */
+import { test, beforeEach } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  ChatSyncClient,
+  ChatSyncError,
+  OfflineQueue,
+  StreamAssembler,
+  backoffDelay,
+  draftFromText,
+  draftText,
+  mergeParts,
+} from '../src/index.js';
+import { FakeSocket, lastSocket, until } from './fake-socket.js';
+
+beforeEach(() => {
+  FakeSocket.instances = [];
+  FakeSocket.down = false;
+});
+
+/** A client on the fake socket with tiny backoff and no keepalive. @param {Record<string, unknown>} [extra] */
+function client(extra = {}) {
+  return new ChatSyncClient({
+    url: 'ws://chatsync.test/v1/ws',
+    token: 'cs_token',
+    deviceId: 'laptop',
+    WebSocket: FakeSocket,
+    backoff: { initialMs: 1, maxMs: 2 },
+    keepaliveMs: 0,
+    ...extra,
+  });
+}
+
+/** Connects a client and answers its first sync. @param {ChatSyncClient} c @param {any} [sync] */
+async function online(c, sync = {}) {
+  const before = FakeSocket.instances.length;
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length > before);
+  const socket = lastSocket();
+  socket.greet();
+  await socket.answerSync(sync);
+  await ready;
+  return socket;
+}
+
+test('backoff grows exponentially, is capped, and jitter only shortens it', () => {
+  const opts = { initialMs: 100, maxMs: 1000, factor: 2, jitter: 0.5 };
+  assert.equal(backoffDelay(0, opts, () => 0), 100);
+  assert.equal(backoffDelay(1, opts, () => 0), 200);
+  assert.equal(backoffDelay(3, opts, () => 0), 800);
+  assert.equal(backoffDelay(10, opts, () => 0), 1000, 'capped');
+  assert.equal(backoffDelay(2, opts, () => 0.999999), 200, 'at most half taken off');
+  for (let i = 0; i < 100; i++) {
+    const d = backoffDelay(5, opts);
+    assert.ok(d >= 500 && d <= 1000, `${d} within [max/2, max]`);
+  }
+});
+
+test('the token and the device id travel as query parameters', async () => {
+  const c = client();
+  await online(c);
+  const url = lastSocket().url;
+  assert.equal(url.searchParams.get('token'), 'cs_token');
+  assert.equal(url.searchParams.get('device_id'), 'laptop');
+  assert.equal(url.pathname, '/v1/ws');
+  c.close();
+});
+
+test('replies are matched by request_id, whatever their order', async () => {
+  const c = client();
+  const socket = await online(c);
+  const a = c.request('get_chat_messages', { chat_id: 'a' });
+  const b = c.request('get_chat_messages', { chat_id: 'b' });
+  const [ra, rb] = [await socket.next('get_chat_messages'), await socket.next('get_chat_messages')];
+  assert.notEqual(ra.request_id, rb.request_id);
+  const reply = (/** @type {any} */ r, /** @type {string} */ id) =>
+    socket.push({ type: 'chat_messages_response', request_id: r.request_id, payload: { chat_id: id, messages: [], messages_v: 0, has_more: false } });
+  reply(rb, 'b');
+  reply(ra, 'a');
+  assert.equal((await a).payload.chat_id, 'a');
+  assert.equal((await b).payload.chat_id, 'b');
+  c.close();
+});
+
+test('multi-part replies are joined; other frames with the same request_id are events only', async () => {
+  const c = client();
+  const socket = await online(c);
+  const p = c.sync();
+  const req = await socket.next('initial_sync_request');
+  const entry = (/** @type {string} */ id) => ({
+    chat_id: id, type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 5, unread_count: 0, title: id.toUpperCase(), draft_json: null,
+  });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [entry('a')], server_chat_order: [], sync_completed_at: '', more: true } });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [entry('b')], server_chat_order: ['b', 'a'], sync_completed_at: 'T', more: false } });
+  const merged = await p;
+  assert.deepEqual(merged.chats_to_add_or_update.map((e) => e.chat_id), ['a', 'b']);
+  assert.deepEqual(merged.server_chat_order, ['b', 'a']);
+  assert.equal(merged.sync_completed_at, 'T');
+  assert.equal('more' in merged, false);
+  assert.deepEqual(c.chatList().map((x) => x.chat_id), ['b', 'a'], 'server order breaks timestamp ties');
+  assert.equal(c.chat('a').title, 'A');
+
+  // sync_offline_changes: SELF's broadcasts carry the request_id, the request ends with offline_sync_complete.
+  const q = c.request('sync_offline_changes', { changes: [] });
+  const r = await socket.next('sync_offline_changes');
+  socket.push({ type: 'chat_title_updated', request_id: r.request_id, payload: { chat_id: 'a', data: { title: 'new' }, versions: { title_v: 2 } } });
+  socket.push({ type: 'offline_sync_complete', request_id: r.request_id, payload: { processed: 1, conflicts: 0, errors: 0, results: [] } });
+  assert.equal((await q).type, 'offline_sync_complete');
+  assert.equal(c.chat('a').title, 'new', 'the broadcast was applied');
+  c.close();
+});
+
+test('mergeParts concatenates lists and merges objects', () => {
+  assert.deepEqual(
+    mergeParts({ a: [1], m: { x: [1] }, s: '' }, { a: [2], m: { x: [2], y: [3] }, s: 'done' }),
+    { a: [1, 2], m: { x: [1, 2], y: [3] }, s: 'done' },
+  );
+});
+
+test('an error reply rejects with its code; the connection stays', async () => {
+  const c = client();
+  const socket = await online(c);
+  const p = c.updateTitle('c1', 'x'.repeat(300));
+  const req = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'limit_exceeded', message: 'Title too long.', chat_id: 'c1' } });
+  await assert.rejects(p, (/** @type {any} */ e) => e instanceof ChatSyncError && e.code === 'limit_exceeded' && e.details.chat_id === 'c1');
+  assert.equal(c.chat('c1').title, '', 'the optimistic edit is reverted');
+  assert.equal(c.status, 'online');
+  c.close();
+});
+
+test('pending requests reject with disconnected when the socket drops, and the client reconnects', async () => {
+  const c = client();
+  const first = await online(c);
+  const p = c.ping();
+  await first.next('ping');
+  first.serverClose(1006, '');
+  await assert.rejects(p, (/** @type {any} */ e) => e.code === 'disconnected');
+  await until(() => FakeSocket.instances.length === 2);
+  const second = lastSocket();
+  second.greet();
+  await second.answerSync();
+  await c.waitFor('status', (s) => s === 'online');
+  c.close();
+});
+
+test('edits made offline are sent as sync_offline_changes, then initial_sync_request, then queued messages', async () => {
+  const c = client();
+  const first = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 3, draft_v: 1 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Old', draft_json: null }],
+    server_chat_order: ['c1'],
+  });
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+
+  assert.deepEqual(await c.updateTitle('c1', 'First'), { queued: true });
+  await c.updateTitle('c1', 'Second');
+  await c.updateDraft('c1', draftFromText('hello'));
+  await c.updateTitle('c2', 'New chat');
+  const sent = await c.sendMessage('c1', 'offline message', { messageId: 'm-off' });
+  assert.deepEqual(sent, { queued: true });
+  assert.equal(c.chat('c1').title, 'Second', 'shown at once');
+  assert.equal(c.chat('c1').messages.at(-1)?.pending, true);
+  assert.equal(c.queue.changes.length, 3, 'two title edits of c1 coalesced');
+
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed && s !== first));
+  const socket = lastSocket();
+  socket.greet();
+  const flush = await socket.next('sync_offline_changes');
+  assert.deepEqual(
+    flush.payload.changes.map((/** @type {any} */ ch) => [ch.chat_id, ch.type, ch.value, ch.version_before_edit]),
+    [
+      ['c1', 'title', 'Second', 3],
+      ['c1', 'draft', draftFromText('hello'), 1],
+      ['c2', 'title', 'New chat', 0],
+    ],
+  );
+  assert.ok(flush.payload.changes.every((/** @type {any} */ ch) => typeof ch.change_id === 'string'));
+  assert.equal(socket.sent.length, 1, 'nothing else before the flush is answered');
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 3, conflicts: 0, errors: 0, results: [] } });
+  const sync = await socket.next('initial_sync_request');
+  assert.deepEqual(sync.payload.chat_versions, { c1: { messages_v: 0, title_v: 3, draft_v: 1 } }, 'c2 is not known to the server yet');
+  socket.push({ type: 'initial_sync_response', request_id: sync.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: ['c2', 'c1'], sync_completed_at: 'T' } });
+  const msg = await socket.next('chat_message_added');
+  assert.equal(msg.payload.message.message_id, 'm-off');
+  assert.equal(msg.payload.chat_id, 'c1');
+  assert.deepEqual(socket.sent.map((f) => f.type), ['sync_offline_changes', 'initial_sync_request', 'chat_message_added']);
+  socket.push({ type: 'chat_message_confirmed', request_id: msg.request_id, payload: { chat_id: 'c1', message_id: 'm-off', temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 9 } });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.queue.size, 0);
+  const m = c.chat('c1').messages.at(-1);
+  assert.equal(m?.pending, false);
+  assert.equal(m?.seq, 1);
+  c.close();
+});
+
+test('a conflicting offline title gives way to the server value of the next sync', async () => {
+  const c = client();
+  const first = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Old', draft_json: null }],
+    server_chat_order: ['c1'],
+  });
+  FakeSocket.down = true;
+  first.serverClose(1001, 'Server shutting down');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('c1', 'Mine');
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed && s !== first));
+  const socket = lastSocket();
+  socket.greet();
+  const flush = await socket.next('sync_offline_changes');
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: flush.payload.changes[0].change_id, chat_id: 'c1', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  await socket.answerSync({
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Theirs' }],
+    server_chat_order: ['c1'],
+  });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chat('c1').title, 'Theirs');
+  assert.equal(c.chat('c1').versions.title_v, 2);
+  c.close();
+});
+
+test('a sync reply older than a broadcast received before it neither reverts nor forgets', async () => {
+  const c = client();
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length > 0);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  // Broadcasts of writes that committed after the server built its reply arrive first.
+  socket.push({ type: 'chat_title_updated', payload: { chat_id: 'a', data: { title: 'newer' }, versions: { title_v: 2 } } });
+  socket.push({ type: 'chat_title_updated', payload: { chat_id: 'fresh', data: { title: 'just created' }, versions: { title_v: 1 } } });
+  socket.push({
+    type: 'initial_sync_response',
+    request_id: req.request_id,
+    payload: {
+      chat_ids_to_delete: [],
+      chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'older', draft_json: null }],
+      server_chat_order: ['a'],
+      sync_completed_at: 'T',
+    },
+  });
+  await ready;
+  assert.equal(c.chat('a').title, 'newer');
+  assert.equal(c.chat('a').versions.title_v, 2);
+  assert.equal(c.chats.get('fresh')?.title, 'just created');
+  c.close();
+});
+
+test('a message written while syncing is sent once the sync is done', async () => {
+  const c = client();
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length > 0);
+  const socket = lastSocket();
+  socket.greet();
+  await until(() => c.status === 'syncing');
+  assert.deepEqual(await c.sendMessage('a', 'early', { messageId: 'm-early' }), { queued: true });
+  await socket.answerSync();
+  const msg = await socket.next('chat_message_added');
+  assert.equal(msg.payload.message.message_id, 'm-early');
+  socket.push({ type: 'chat_message_confirmed', request_id: msg.request_id, payload: { chat_id: 'a', message_id: 'm-early', temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 1 } });
+  await ready;
+  assert.equal(c.queue.size, 0);
+  c.close();
+});
+
+test('a refused offline change: the next sync asks for that component again; a chat never created is dropped', async () => {
+  const c = client();
+  const first = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 2, draft_v: 5 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Server', draft_json: null }],
+    server_chat_order: ['c1'],
+  });
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('c1', 'refused');
+  await c.updateTitle('taken', 'refused too');
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed && s !== first));
+  const socket = lastSocket();
+  socket.greet();
+  const flush = await socket.next('sync_offline_changes');
+  const [a, b] = flush.payload.changes;
+  socket.push({
+    type: 'offline_sync_complete',
+    request_id: flush.request_id,
+    payload: {
+      processed: 0, conflicts: 0, errors: 2,
+      results: [
+        { change_id: a.change_id, chat_id: 'c1', type: 'title', status: 'error', code: 'limit_exceeded' },
+        { change_id: b.change_id, chat_id: 'taken', type: 'title', status: 'error', code: 'not_found' },
+      ],
+    },
+  });
+  const sync = await socket.next('initial_sync_request');
+  assert.deepEqual(sync.payload.chat_versions, { c1: { messages_v: 0, draft_v: 5 } }, 'title_v left out: counts as -1');
+  assert.equal(c.chats.has('taken'), false);
+  socket.push({
+    type: 'initial_sync_response',
+    request_id: sync.request_id,
+    payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 5 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Server' }], server_chat_order: ['c1'], sync_completed_at: 'T' },
+  });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chat('c1').title, 'Server', 'the refused local value is replaced');
+  const next = c.sync();
+  const again = await socket.next('initial_sync_request');
+  assert.deepEqual(again.payload.chat_versions.c1, { messages_v: 0, title_v: 2, draft_v: 5 }, 'asked once only');
+  socket.push({ type: 'initial_sync_response', request_id: again.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: ['c1'], sync_completed_at: 'T' } });
+  await next;
+  c.close();
+});
+
+test('a write refused as unavailable while online is queued and retried', async () => {
+  const c = client();
+  const socket = await online(c);
+  const p = c.updateTitle('c1', 'T');
+  const req = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'unavailable', message: 'Try again later.' } });
+  assert.deepEqual(await p, { queued: true });
+  assert.equal(c.chat('c1').title, 'T', 'kept');
+  const retry = await socket.next('sync_offline_changes');
+  assert.deepEqual(retry.payload.changes.map((/** @type {any} */ ch) => [ch.chat_id, ch.value, ch.version_before_edit]), [['c1', 'T', 0]]);
+  socket.push({ type: 'offline_sync_complete', request_id: retry.request_id, payload: { processed: 1, conflicts: 0, errors: 0, results: [] } });
+  await until(() => c.queue.size === 0);
+  c.close();
+});
+
+test('a connection lost before the reply queues the edit again (safe: the version check)', async () => {
+  const c = client();
+  const first = await online(c);
+  const p = c.updateTitle('c1', 'T');
+  await first.next('update_title');
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  assert.deepEqual(await p, { queued: true });
+  assert.equal(c.queue.changes.length, 1);
+  assert.equal(c.queue.changes[0].version_before_edit, 0);
+  c.close();
+});
+
+test('connect() when online resolves at once; dropConnection() is offline at once and reconnects', async () => {
+  const c = client();
+  const first = await online(c);
+  assert.equal((await c.connect()).user_id, 'alice');
+  c.dropConnection();
+  assert.equal(c.status, 'offline');
+  assert.deepEqual(await c.updateTitle('c1', 't'), { queued: true });
+  assert.equal(first.closed, true);
+  await until(() => FakeSocket.instances.length === 2);
+  c.close();
+});
+
+test('refused credentials close for good: no reconnect', async () => {
+  const c = client();
+  const ready = c.connect();
+  lastSocket().serverClose(1008, 'Invalid session');
+  await assert.rejects(ready, (/** @type {any} */ e) => e.code === 'closed' && e.details.reason === 'Invalid session');
+  assert.equal(c.status, 'closed');
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(FakeSocket.instances.length, 1, 'no second attempt');
+});
+
+test('an expired JWT reconnects with a fresh token from the token function', async () => {
+  let n = 0;
+  const c = client({ token: async () => `jwt-${++n}` });
+  await online(c);
+  lastSocket().serverClose(1008, 'Token expired');
+  await until(() => FakeSocket.instances.length === 2);
+  assert.equal(lastSocket().url.searchParams.get('token'), 'jwt-2');
+  c.close();
+});
+
+test('the offline queue survives in storage', () => {
+  /** @type {Map<string, string>} */
+  const store = new Map();
+  const storage = { getItem: (/** @type {string} */ k) => store.get(k) ?? null, setItem: (/** @type {string} */ k, /** @type {string} */ v) => void store.set(k, v) };
+  const q = new OfflineQueue(storage, 'k');
+  q.addChange({ chat_id: 'c', type: 'draft', value: { type: 'doc' }, version_before_edit: 4 });
+  q.addChange({ chat_id: 'c', type: 'delete_draft', value: 'ignored', version_before_edit: 9 });
+  q.addMessage({ chat_id: 'c', message: { message_id: 'm1', content: 'x', timestamp: 't' } });
+  q.addMessage({ chat_id: 'c', message: { message_id: 'm1', content: 'x', timestamp: 't' } });
+  const again = new OfflineQueue(storage, 'k');
+  assert.equal(again.changes.length, 1);
+  assert.equal(again.changes[0].type, 'delete_draft');
+  assert.equal(again.changes[0].value, null);
+  assert.equal(again.changes[0].version_before_edit, 4, 'the first edit\'s version');
+  assert.equal(again.messages.length, 1);
+  storage.setItem('k', '{not json');
+  assert.equal(new OfflineQueue(storage, 'k').size, 0, 'a corrupt queue is dropped');
+});
+
+test('live events update the model: titles, drafts, messages, deletions, unread counts', async () => {
+  const c = client();
+  const socket = await online(c, {
+    chats_to_add_or_update: [
+      { chat_id: 'a', type: 'new_chat', versions: { messages_v: 2, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 10, unread_count: 1, title: 'A', draft_json: null },
+      { chat_id: 'b', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 20, unread_count: 0, title: '', draft_json: null },
+    ],
+    server_chat_order: ['b', 'a'],
+  });
+  assert.deepEqual(c.chatList().map((x) => x.chat_id), ['b', 'a']);
+  socket.push({ type: 'chat_message_added', payload: { chat_id: 'a', message: { message_id: 'x', seq: 3, sender_name: 'assistant', content: 'hi', created_at: 'T', client_timestamp: null }, versions: { messages_v: 3 }, last_edited_overall_timestamp: 30 } });
+  await c.waitFor('chat_message_added');
+  assert.deepEqual(c.chatList().map((x) => x.chat_id), ['a', 'b'], 'recency order');
+  assert.equal(c.chat('a').unread_count, 2);
+  socket.push({ type: 'chat_draft_updated', payload: { chat_id: 'b', data: { draft_json: draftFromText('d') }, versions: { draft_v: 1 }, last_edited_overall_timestamp: 40 } });
+  socket.push({ type: 'chat_draft_updated', payload: { chat_id: 'b', data: { draft_json: draftFromText('stale') }, versions: { draft_v: 1 }, last_edited_overall_timestamp: 40 } });
+  await c.waitFor('chat_draft_updated', (p) => draftText(p.data.draft_json) === 'stale');
+  assert.equal(draftText(c.chat('b').draft_json), 'd', 'an event with a version already held is ignored');
+  socket.push({ type: 'draft_deleted', payload: { chat_id: 'b', draft_v: 2 } });
+  await c.waitFor('draft_deleted');
+  assert.equal(c.chat('b').draft_json, null);
+  socket.push({ type: 'chat_deleted', payload: { chat_id: 'b', tombstone: true } });
+  await c.waitFor('chat_deleted');
+  assert.equal(c.chats.has('b'), false);
+  c.close();
+});
+
+test('markRead sends mark_read and chat_read_updated sets the unread count', async () => {
+  const c = client();
+  const socket = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 4, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 3, title: '', draft_json: null }],
+    server_chat_order: ['a'],
+  });
+  const p = c.markRead('a');
+  const req = await socket.next('mark_read');
+  assert.deepEqual(req.payload, { chat_id: 'a', seq: 4 });
+  socket.push({ type: 'chat_read_updated', request_id: req.request_id, payload: { chat_id: 'a', read_seq: 4, unread_count: 0 } });
+  assert.equal((await p).payload.unread_count, 0);
+  assert.equal(c.chat('a').unread_count, 0);
+  assert.equal(c.chat('a').read_seq, 4);
+  // Another device read further: the broadcast (no request_id) moves this one too.
+  socket.push({ type: 'chat_read_updated', payload: { chat_id: 'a', read_seq: 6, unread_count: 0 } });
+  await c.waitFor('chat_read_updated', (p) => p.read_seq === 6);
+  assert.equal(c.chat('a').read_seq, 6);
+  c.close();
+});
+
+test('stream assembly: in order, repeated seq ignored, merged chunks appended, completion fetches the stored message', async () => {
+  const c = client();
+  const socket = await online(c);
+  /** @type {any[]} */
+  const seen = [];
+  c.on('stream', (/** @type {any} */ s) => seen.push({ state: s.state, text: s.text }));
+  socket.push({ type: 'stream_started', payload: { chat_id: 'a', stream_id: 's1', message_id: 'm9', sender_name: 'assistant', meta: { model: 'x' } } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's1', seq: 1, delta: 'Hel' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's1', seq: 1, delta: 'XXX' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's1', seq: 2, delta: 'lo' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's1', seq: 5, delta: ', wor' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's1', seq: 6, delta: 'ld' } });
+  await c.waitFor('stream_chunk', (p) => p.seq === 6);
+  const s = c.streams.get('a', 's1');
+  assert.equal(s?.text, 'Hello, world');
+  assert.equal(s?.seq, 6);
+  assert.deepEqual(s?.meta, { model: 'x' });
+  assert.equal(c.streams.open('a').length, 1);
+  socket.push({ type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's1', message_id: 'm9', seq: 1, messages_v: 1 } });
+  const fetch = await socket.next('get_chat_messages');
+  assert.deepEqual(fetch.payload, { chat_id: 'a', after_seq: 0, limit: 1 });
+  socket.push({ type: 'chat_messages_response', request_id: fetch.request_id, payload: { chat_id: 'a', messages: [{ message_id: 'm9', seq: 1, sender_name: 'assistant', content: 'Hello, world', created_at: 'T', client_timestamp: null }], messages_v: 1, has_more: false } });
+  await c.waitFor('chat_messages_response');
+  assert.equal(c.streams.open('a').length, 0);
+  assert.equal(c.chat('a').messages[0].content, 'Hello, world');
+  assert.deepEqual(seen.map((x) => x.state), ['open', 'open', 'open', 'open', 'open', 'completed']);
+  assert.equal(seen.at(-1).text, 'Hello, world');
+  c.close();
+});
+
+test('active_streams of an initial sync seed streams that then continue; cancel_stream resolves on stream_cancelled', async () => {
+  const c = client();
+  const socket = await online(c, {
+    chats_to_add_or_update: [],
+    server_chat_order: ['a'],
+    active_streams: [{ chat_id: 'a', stream_id: 's2', message_id: 'm2', sender_name: 'assistant', meta: {}, seq: 3, content_so_far: 'abc' }],
+  });
+  assert.equal(c.streams.get('a', 's2')?.text, 'abc');
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's2', seq: 3, delta: 'c' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's2', seq: 4, delta: 'd' } });
+  await c.waitFor('stream_chunk', (p) => p.seq === 4);
+  assert.equal(c.streams.get('a', 's2')?.text, 'abcd');
+  const p = c.cancelStream('a', 's2');
+  const req = await socket.next('cancel_stream');
+  assert.deepEqual(req.payload, { chat_id: 'a', stream_id: 's2' });
+  socket.push({ type: 'stream_cancelled', request_id: req.request_id, payload: { chat_id: 'a', stream_id: 's2', reason: 'cancelled_by_user' } });
+  assert.equal((await p).payload.reason, 'cancelled_by_user');
+  assert.equal(c.streams.get('a', 's2'), undefined);
+  c.close();
+});
+
+test('a chunk of a stream never seen starts it, marked incomplete unless it is the first', () => {
+  const a = new StreamAssembler();
+  assert.equal(a.chunk({ chat_id: 'c', stream_id: 's', seq: 4, delta: 'x' })?.complete, false);
+  assert.equal(a.chunk({ chat_id: 'c', stream_id: 't', seq: 1, delta: 'y' })?.complete, true);
+  assert.equal(a.finish('c', 'zz', 'cancelled').state, 'cancelled');
+});
+
+test('draft helpers round-trip text through a Tiptap document', () => {
+  assert.equal(draftFromText(''), null);
+  assert.equal(draftText(draftFromText('one\n\nthree')), 'one\n\nthree');
+  assert.equal(draftText({ type: 'doc', content: [{ type: 'heading', content: [{ type: 'text', text: 'H' }] }, { type: 'paragraph', content: [{ type: 'text', text: 'a' }, { type: 'text', text: 'b' }] }] }), 'H\nab');
+  assert.equal(draftText(null), '');
+});

@@ -1,0 +1,267 @@
+//! The webhook dispatcher: a task that claims due events from the outbox and POSTs them to the
+//! configured URL, signed, in order per user (a user's next event is claimable only once the previous
+//! one is delivered), different users in parallel (at most [`CONCURRENCY`] requests in flight).
+//!
+//! A delivery that is not answered 2xx within [`REQUEST_TIMEOUT`] is rescheduled in its row (attempts,
+//! next attempt time: `webhook_backoff_base_ms` doubling, capped at 5 min), which also releases its
+//! lease; one still failing `webhook_max_age_secs` after it was created is dropped with an error log.
+//! Because the schedule lives in the store, a restart resumes where the last process stopped; a node
+//! that dies mid-request loses its leases after [`LEASE`]. The dispatcher wakes when a write on this
+//! node recorded an event, when one of its deliveries ends, and polls as a backstop (other nodes'
+//! events, retries coming due).
+//!
+//! Logs carry the event type, id, attempt and HTTP status, never the body.
+
+use super::{Event, Webhooks};
+use crate::handlers::Ctx;
+use crate::store::events::PendingEvent;
+use crate::store::now_millis;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Most deliveries in flight per node (each for a different user).
+pub const CONCURRENCY: usize = 16;
+/// Longest wait for the backend's answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a claimed event stays leased to its node (longer than a request can take).
+pub const LEASE: Duration = Duration::from_secs(30);
+/// Longest pause between two retries.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Longest pause between two looks at the outbox.
+const POLL: Duration = Duration::from_secs(1);
+/// How often the pending-events gauge is refreshed.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
+
+/// `sha256=<lowercase hex HMAC-SHA256(secret, body)>`, the `X-Chatsync-Signature` header value.
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The pause after the `attempts`-th failed attempt (1-based): `base` doubling, capped at [`MAX_BACKOFF`].
+pub fn backoff(base: Duration, attempts: u32) -> Duration {
+    let factor = 1u32 << attempts.saturating_sub(1).min(20);
+    base.saturating_mul(factor).min(MAX_BACKOFF)
+}
+
+/// Runs the dispatcher until `shutdown`; then stops the requests in flight and releases this node's
+/// leases (their events are delivered again later: at least once).
+pub async fn run(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, shutdown: CancellationToken) {
+    let (Some(url), Some(secret)) = (ctx.config.webhook_url.clone(), ctx.config.webhook_secret.clone()) else {
+        return;
+    };
+    let client = match reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(REQUEST_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("chatsync/", env!("CARGO_PKG_VERSION")))
+        .build()
+    {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the webhook HTTP client; webhooks are not delivered");
+            return;
+        }
+    };
+    let target = Arc::new(Target { client, url, secret: secret.expose().as_bytes().to_vec() });
+    let base = Duration::from_millis(ctx.config.webhook_backoff_base_ms.max(1));
+    let poll = POLL.min(base).max(Duration::from_millis(10));
+    if let Err(e) = hooks.events.release_leases(&hooks.node).await {
+        tracing::warn!(error = %e, "cannot release the webhook leases of a previous run");
+    }
+    tracing::info!(node = %hooks.node, "webhook dispatcher started");
+    let mut in_flight = JoinSet::new();
+    let mut gauge_at: Option<Instant> = None;
+    loop {
+        let free = CONCURRENCY.saturating_sub(in_flight.len());
+        if free > 0 {
+            let lease = LEASE.as_millis() as i64;
+            match hooks.events.claim_events(&hooks.node, now_millis(), lease, free as u32).await {
+                Ok(claimed) => {
+                    for event in claimed {
+                        in_flight.spawn(deliver(ctx.clone(), hooks.clone(), target.clone(), event));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot claim webhook events"),
+            }
+        }
+        if gauge_at.is_none_or(|at| at.elapsed() >= GAUGE_EVERY) {
+            gauge_at = Some(Instant::now());
+            if let Ok(pending) = hooks.events.pending_events().await {
+                metrics::gauge!(crate::metrics::WEBHOOK_PENDING).set(pending as f64);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = hooks.wake.notified() => {}
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+    in_flight.abort_all();
+    while in_flight.join_next().await.is_some() {}
+    if let Err(e) = hooks.events.release_leases(&hooks.node).await {
+        tracing::warn!(error = %e, "cannot release webhook leases on shutdown");
+    }
+    tracing::info!("webhook dispatcher stopped");
+}
+
+/// Where events go.
+struct Target {
+    client: reqwest::Client,
+    url: String,
+    secret: Vec<u8>,
+}
+
+/// Why one attempt did not deliver.
+enum Failure {
+    /// The backend answered with this non-2xx status.
+    Status(u16),
+    /// No answer (connection refused, timeout, …).
+    Transport(String),
+}
+
+/// Delivers one claimed event once, and records the outcome in its row.
+async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pending: PendingEvent) {
+    let event: Event = match super::open(&ctx, &pending.user_id, &pending.event_id, &pending.body).await {
+        Ok(event) => event,
+        Err(e) if e.code() == chatsync_protocol::ErrorCode::Unavailable => {
+            // The store is unavailable (the user key could not be read): try again later.
+            tracing::warn!(event_id = %pending.event_id, "webhook event cannot be opened now; retrying later");
+            reschedule(&ctx, &hooks, &pending, "unavailable").await;
+            return;
+        }
+        Err(e) => {
+            tracing::error!(
+                event_id = %pending.event_id,
+                event_type = %pending.kind,
+                detail = e.internal_detail().unwrap_or_default(),
+                "webhook event cannot be opened; dropped"
+            );
+            metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "dropped").increment(1);
+            if let Err(e) = hooks.events.event_done(pending.id).await {
+                tracing::warn!(error = %e, event_id = %pending.event_id, "cannot drop a webhook event");
+            }
+            return;
+        }
+    };
+    let body = event.body(pending.seq);
+    let sent = target
+        .client
+        .post(&target.url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header("X-Chatsync-Event", &pending.kind)
+        .header("X-Chatsync-Delivery", &pending.event_id)
+        .header("X-Chatsync-Signature", signature(&target.secret, &body))
+        .body(body.to_vec())
+        .send()
+        .await;
+    let failure = match sent {
+        Ok(response) if response.status().is_success() => None,
+        Ok(response) => Some(Failure::Status(response.status().as_u16())),
+        Err(e) => Some(Failure::Transport(transport_error(&e))),
+    };
+    let Some(failure) = failure else {
+        tracing::debug!(event_id = %pending.event_id, event_type = %pending.kind, attempts = pending.attempts + 1, "webhook delivered");
+        metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "delivered").increment(1);
+        if let Err(e) = hooks.events.event_done(pending.id).await {
+            // The lease expires and the event goes again: the backend de-duplicates by id.
+            tracing::warn!(error = %e, event_id = %pending.event_id, "cannot remove a delivered webhook event");
+        }
+        return;
+    };
+    let reason = match &failure {
+        Failure::Status(status) => format!("HTTP {status}"),
+        Failure::Transport(e) => e.clone(),
+    };
+    reschedule(&ctx, &hooks, &pending, &reason).await;
+}
+
+/// Records a failed attempt: reschedules the event with backoff, or drops it once it is too old.
+async fn reschedule(ctx: &Ctx, hooks: &Webhooks, pending: &PendingEvent, reason: &str) {
+    let now = now_millis();
+    let attempts = pending.attempts.saturating_add(1);
+    let max_age = i64::try_from(ctx.config.webhook_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    if now.saturating_sub(pending.created_at_ms) >= max_age {
+        tracing::error!(
+            event_id = %pending.event_id,
+            event_type = %pending.kind,
+            user_id = %pending.user_id,
+            attempts,
+            reason,
+            "webhook event not delivered within webhook_max_age_secs; dropped"
+        );
+        metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "dropped").increment(1);
+        if let Err(e) = hooks.events.event_done(pending.id).await {
+            tracing::warn!(error = %e, event_id = %pending.event_id, "cannot drop a webhook event");
+        }
+        return;
+    }
+    let delay = backoff(Duration::from_millis(ctx.config.webhook_backoff_base_ms.max(1)), attempts);
+    tracing::warn!(
+        event_id = %pending.event_id,
+        event_type = %pending.kind,
+        attempts,
+        reason,
+        retry_in_ms = delay.as_millis() as u64,
+        "webhook delivery failed; retrying"
+    );
+    metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "failed").increment(1);
+    let next = now.saturating_add(delay.as_millis() as i64);
+    if let Err(e) = hooks.events.event_failed(pending.id, attempts, next).await {
+        // The lease expires and the event goes again.
+        tracing::warn!(error = %e, event_id = %pending.event_id, "cannot reschedule a webhook event");
+    }
+}
+
+/// A short description of a transport error (without the URL's query, which may hold a token).
+fn transport_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_request() {
+        "request failed"
+    } else {
+        "transport error"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_base_and_is_capped() {
+        let base = Duration::from_secs(1);
+        assert_eq!(backoff(base, 1), Duration::from_secs(1));
+        assert_eq!(backoff(base, 2), Duration::from_secs(2));
+        assert_eq!(backoff(base, 5), Duration::from_secs(16));
+        assert_eq!(backoff(base, 9), Duration::from_secs(256));
+        assert_eq!(backoff(base, 10), MAX_BACKOFF);
+        assert_eq!(backoff(base, u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn signature_is_the_hex_hmac_sha256_of_the_body() {
+        // RFC 4231 test case 2.
+        let sig = signature(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(sig, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+}
