@@ -240,11 +240,6 @@ impl Config {
                 return Err(format!("{name} must be greater than 0"));
             }
         }
-        if (self.max_reply_bytes as u64) < self.max_stream_bytes as u64 + 16_384 {
-            return Err(
-                "max_reply_bytes must be at least max_stream_bytes + 16 KiB (a completed stream is one message)".into(),
-            );
-        }
         if self.jwt_hs256_secret.is_some() && self.jwt_public_key_file.is_some() {
             return Err("jwt_hs256_secret and jwt_public_key_file are exclusive: configure one".into());
         }

@@ -333,3 +333,24 @@ async fn completing_a_stream_whose_chat_was_deleted_is_not_found_and_ends_it() {
     assert_eq!(ended.reason, StreamCancelReason::Aborted);
     assert_eq!(code(&send_chunk(&api, "s1", 2, "x").await.1), "conflict");
 }
+
+#[tokio::test]
+async fn a_completion_too_large_for_one_reply_frame_is_refused_and_the_stream_stays_open() {
+    let server = TestServer::start_with(|c| {
+        c.max_reply_bytes = 81_920;
+        c.max_chats_per_user = 100;
+    })
+    .await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    for seq in 1..=5 {
+        assert_eq!(send_chunk(&api, "s1", seq, &"z".repeat(16_000)).await.0, 202);
+    }
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({})).await;
+    assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "content"));
+    // Still open: the backend completes it with a shorter content.
+    assert_eq!(send_chunk(&api, "s1", 6, "z").await.0, 202);
+    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({"content": "summary"})).await;
+    assert_eq!((status, body["seq"].clone()), (201, json!(1)), "{body}");
+}

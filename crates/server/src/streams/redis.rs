@@ -8,7 +8,8 @@
 //! * `P stream:{U}:S:c`: a list of sealed chunks, each `seq` (8 bytes, big endian) + delta, bound to its
 //!   stream by the associated data and checked on read to be strictly increasing;
 //! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`);
-//! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`).
+//! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`),
+//!   its expiry pushed forward by every open and every sweep.
 //!
 //! The user's keys share the hash tag `{U}`, so each script touches one slot (Redis Cluster works). Each
 //! operation is one Lua script (atomic: the seq check, the cap and the append together); keys expire after
@@ -278,6 +279,16 @@ impl RedisStreams {
         Err(StreamError::Unavailable("Redis keeps forgetting the stream scripts".into()))
     }
 
+    /// Keeps the idle index alive while a node opens or sweeps streams (every node sweeps at least every
+    /// 15 s); once no node runs, it expires with the streams it indexes.
+    async fn refresh_idle_set(&self) {
+        let mut pexpire = redis::cmd("PEXPIRE");
+        pexpire.arg(self.idle_set()).arg(self.ttl_ms);
+        if let Err(e) = self.command(pexpire).await {
+            tracing::debug!(error = %e, "idle index expiry not refreshed");
+        }
+    }
+
     async fn command(&self, cmd: redis::Cmd) -> Result<Value, StreamError> {
         let (mut conn, _) = self.connection().await?;
         match cmd.query_async::<Value>(&mut conn).await {
@@ -328,6 +339,7 @@ impl StreamRegistry for RedisStreams {
                 let mut zadd = redis::cmd("ZADD");
                 zadd.arg(self.idle_set()).arg(now_ms).arg(&n.member);
                 self.command(zadd).await?;
+                self.refresh_idle_set().await;
                 Ok(Opened::New)
             }
             other => {
@@ -434,6 +446,7 @@ impl StreamRegistry for RedisStreams {
     }
 
     async fn sweep_idle(&self, cutoff_ms: i64) -> Result<Vec<StreamKey>, StreamError> {
+        self.refresh_idle_set().await;
         let mut range = redis::cmd("ZRANGEBYSCORE");
         range.arg(self.idle_set()).arg("-inf").arg(cutoff_ms).arg("LIMIT").arg(0).arg(1000);
         let members: Vec<String> = match self.command(range).await? {
