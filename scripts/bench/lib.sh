@@ -79,3 +79,21 @@ run_bench() {
         tail -20 "$log" >&2 || true
     fi
 }
+
+# peer_prelude SCENARIO: what both peer scripts do first: checks the scenario, sets USERS and DEVICES
+# (defaults: idle 5000 x 2; fanout 2000 x 3; saturate and sync 200 x 2) and OUT_DIR, raises the file
+# limit and builds chatsync-bench.
+peer_prelude() {
+    case "$1" in
+        idle) DEF_USERS=5000; DEF_DEVICES=2 ;;
+        fanout) DEF_USERS=2000; DEF_DEVICES=3 ;;
+        saturate | sync) DEF_USERS=200; DEF_DEVICES=2 ;;
+        *) echo "unknown scenario $1 (idle, fanout, saturate, sync)" >&2; exit 2 ;;
+    esac
+    USERS=${USERS:-$DEF_USERS}
+    DEVICES=${DEVICES:-$DEF_DEVICES}
+    OUT_DIR=${OUT_DIR:-target/bench}
+    mkdir -p "$OUT_DIR"
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    timeout 900 cargo build --release -q -p chatsync-bench
+}

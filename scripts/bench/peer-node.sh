@@ -21,22 +21,10 @@ cd "$(dirname "$0")/../.."
 
 SCENARIO=${1:-idle}
 if [ $# -gt 0 ]; then shift; fi
-case "$SCENARIO" in
-    idle) DEF_USERS=5000; DEF_DEVICES=2 ;;
-    fanout) DEF_USERS=2000; DEF_DEVICES=3 ;;
-    saturate | sync) DEF_USERS=200; DEF_DEVICES=2 ;;
-    *) echo "unknown scenario $SCENARIO (idle, fanout, saturate, sync)" >&2; exit 2 ;;
-esac
-USERS=${USERS:-$DEF_USERS}
-DEVICES=${DEVICES:-$DEF_DEVICES}
-OUT_DIR=${OUT_DIR:-target/bench}
+peer_prelude "$SCENARIO"
 PEER_SRC=${PEER_SRC:-../shared/peers/node-ws}
 [ -f "$PEER_SRC/peer.mjs" ] || { echo "node-ws peer not found at $PEER_SRC; set PEER_SRC" >&2; exit 2; }
 command -v node >/dev/null || { echo "node-ws peer needs Node.js (node, npm)" >&2; exit 2; }
-mkdir -p "$OUT_DIR"
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-timeout 900 cargo build --release -q -p chatsync-bench
 
 PEER=target/bench-node-ws
 if ! cmp -s "$PEER_SRC/peer.mjs" "$PEER/peer.mjs" || ! cmp -s "$PEER_SRC/package.json" "$PEER/package.json" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # peer-python.sh: run a chatsync-bench scenario against the python-reference peer
-# (FastAPI/uvicorn, /work/shared/peers/python-reference or $PEER_SRC).
+# (FastAPI/uvicorn, ../shared/peers/python-reference beside the repository, or $PEER_SRC).
 #
 # From the repo root: builds chatsync-bench, installs the peer's requirements into a venv under
 # target/ (once), copies the peer to a temp dir, issues sessions with the peer's `issue-bulk`,
@@ -11,7 +11,7 @@
 #   SCENARIO      idle (default), fanout, saturate or sync
 #   USERS=N DEVICES=D   sessions to issue (default: idle 5000 x 2; fanout 2000 x 3; others 200 x 2)
 #   OUT_DIR=dir   where <scenario>-python.json / .svg go (default target/bench)
-#   PEER_SRC=dir  the peer's source (default /work/shared/peers/python-reference, or ../shared/... beside the repo)
+#   PEER_SRC=dir  the peer's source (default ../shared/peers/python-reference, beside the repository)
 # Examples:
 #   scripts/bench/peer-python.sh idle --connections 10000 --hold 15
 #   USERS=500 DEVICES=3 scripts/bench/peer-python.sh fanout --users 500 --duration 20
@@ -23,25 +23,9 @@ cd "$(dirname "$0")/../.."
 
 SCENARIO=${1:-idle}
 if [ $# -gt 0 ]; then shift; fi
-case "$SCENARIO" in
-    idle) DEF_USERS=5000; DEF_DEVICES=2 ;;
-    fanout) DEF_USERS=2000; DEF_DEVICES=3 ;;
-    saturate | sync) DEF_USERS=200; DEF_DEVICES=2 ;;
-    *) echo "unknown scenario $SCENARIO (idle, fanout, saturate, sync)" >&2; exit 2 ;;
-esac
-USERS=${USERS:-$DEF_USERS}
-DEVICES=${DEVICES:-$DEF_DEVICES}
-OUT_DIR=${OUT_DIR:-target/bench}
-if [ -z "${PEER_SRC:-}" ]; then
-    for c in /work/shared/peers/python-reference ../shared/peers/python-reference; do
-        [ -f "$c/peer.py" ] && PEER_SRC=$c && break
-    done
-fi
-[ -f "${PEER_SRC:-}/peer.py" ] || { echo "python-reference peer not found; set PEER_SRC" >&2; exit 2; }
-mkdir -p "$OUT_DIR"
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-timeout 900 cargo build --release -q -p chatsync-bench
+peer_prelude "$SCENARIO"
+PEER_SRC=${PEER_SRC:-../shared/peers/python-reference}
+[ -f "$PEER_SRC/peer.py" ] || { echo "python-reference peer not found at $PEER_SRC; set PEER_SRC" >&2; exit 2; }
 
 VENV=target/bench-venv-python
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import fastapi, uvicorn, uvloop, httptools, cryptography' 2>/dev/null; then
