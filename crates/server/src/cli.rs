@@ -3,7 +3,7 @@
 
 use crate::config::{Config, LogFormat};
 use crate::gateway::auth;
-use crate::store::{self, now_millis, Millis, SessionInfo, Store, StoreError};
+use crate::store::{self, now_millis, SessionInfo, Store, StoreError};
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
@@ -739,11 +739,7 @@ async fn require_user(store: &dyn Store, user_id: &str, shown: &str) -> anyhow::
     Ok(())
 }
 
-/// RFC 3339 (seconds) of a store time.
-fn rfc3339(ms: Millis) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64))
-        .to_string()
-}
+use crate::api::rfc3339;
 
 /// Prints `value` as pretty JSON on stdout.
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
@@ -1245,7 +1241,7 @@ async fn api_keys(config: Config, cmd: ApiKeysCommand) -> anyhow::Result<()> {
 }
 
 /// Whether `h` is a device hash: 64 lowercase hex characters.
-fn is_device_hash(h: &str) -> bool {
+pub fn is_device_hash(h: &str) -> bool {
     h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 

@@ -40,9 +40,7 @@ async fn revoke_device(
     Path((user_id, device_hash)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let user_id = path_user_id(&user_id)?;
-    let valid =
-        device_hash.len() == 64 && device_hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !valid {
+    if !super::is_device_hash(&device_hash) {
         return Err(ApiError::invalid_payload("device_hash", "Invalid device hash: use 64 lowercase hex characters."));
     }
     let known = s.ctx.store.devices(&user_id).await?.iter().any(|d| d.device_hash == device_hash);

@@ -212,12 +212,7 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     })
 }
 
-/// Whether `id` is a valid user id: 1-64 characters of `[A-Za-z0-9_.@-]`.
-pub fn valid_user_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
-}
+pub use crate::cli::{is_device_hash, valid_user_id};
 
 /// A user id from the path (400 naming `user_id` when malformed).
 pub fn path_user_id(id: &str) -> ApiResult<String> {
