@@ -10,7 +10,7 @@
 # Usage: scripts/bench/chatsync.sh [SCENARIO] [chatsync-bench SCENARIO options...]
 #   SCENARIO      idle (default), fanout, saturate or sync
 #   USERS=N DEVICES=D   sessions to issue (default: idle 5000 x 2; fanout 2000 x 3; saturate 400 x 1; sync 1 x 1)
-#   OUT_DIR=dir   where <scenario>-chatsync.json / .svg go (default target/bench)
+#   OUT_DIR=dir   where <scenario>-chatsync.json / .svg / .server.log go (default target/bench)
 #   SERVER_ARGS="..."   extra `chatsync serve` options
 #   DATABASE_URL=postgres://...   run on this store instead of SQLite in the temp data dir (sessions are
 #                 issued into it too; use an empty database or schema, e.g.
@@ -45,6 +45,7 @@ DATA=$(mktemp -d /tmp/chatsync-bench.XXXXXX)
 SERVER_PID=
 cleanup() {
     stop_pid "$SERVER_PID"
+    cp "$DATA/server.log" "$OUT_DIR/$SCENARIO-chatsync.server.log" 2>/dev/null || true
     rm -rf "$DATA"
 }
 trap cleanup EXIT INT TERM

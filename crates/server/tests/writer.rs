@@ -1,7 +1,8 @@
 //! The supervised group-commit writer, over the real WebSocket: a writer panic or a broken connection
 //! fails only its batch (with `unavailable`) and the writer restarts; a writer that keeps dying stops the server with an
 //! error; one failing write in a group commit fails alone; a full disk fails writes with
-//! `unavailable`, loses nothing confirmed, and writes succeed again once space returns.
+//! `unavailable`, loses nothing confirmed, and writes succeed again once space returns; under constant writes
+//! and reads the WAL keeps starting over instead of growing.
 //!
 //! Faults are injected through the store's hidden test hook (`ChatStore::writer_faults`).
 
@@ -227,4 +228,54 @@ async fn a_full_disk_fails_writes_with_unavailable_loses_nothing_and_recovers() 
         }
     }
     assert_eq!(stored, confirmed);
+}
+
+#[tokio::test]
+async fn under_constant_writes_and_reads_the_wal_keeps_starting_over() {
+    let server = TestServer::start_with(|c| (c.rate_per_sec, c.rate_burst) = (100_000, 100_000)).await;
+    let faults = faults(&server);
+    faults.reset_wal_past(64);
+    let wal = server.data.path().join("chatsync.db-wal");
+    let mut writer = new_user(&server, "wal", "w").await;
+    // A reader in the WAL nearly all the time (the soak's reads): PASSIVE checkpoints alone never reset it.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, db) = (stop.clone(), server.data.path().join("chatsync.db"));
+        std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open(db).unwrap();
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n: i64 = conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0)).unwrap();
+                reads += n as u64 + 1;
+            }
+            reads
+        })
+    };
+
+    // 12 rounds of 50 messages of 6 KB, each round ~2 MB in the WAL (encrypted, with index and chat pages).
+    // After each round, keep writing small ones until the writer has checkpointed the WAL to its end once more
+    // (it does so between two batches, when the checkpoint thread, once a second, finds the WAL long).
+    let body = "x".repeat(6000);
+    let mut first_round = 0;
+    for round in 0..12 {
+        let before = faults.wal_resets();
+        for i in 0..50 {
+            add_message(&mut writer, "wal-chat", &format!("m{round}-{i}"), json!(body)).await;
+        }
+        let mut more = 0;
+        while faults.wal_resets() == before {
+            assert!(more < 200, "the WAL was never checkpointed to its end");
+            add_message(&mut writer, "wal-chat", &format!("s{round}-{more}"), json!("s")).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            more += 1;
+        }
+        if round == 0 {
+            first_round = std::fs::metadata(&wal).unwrap().len();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    // The WAL started over: its file holds about a round (a round appends ~2 MB), never the whole run.
+    let size = std::fs::metadata(&wal).unwrap().len();
+    assert!(size < 3 * first_round, "the WAL grew from {first_round} bytes after a round to {size} after 12");
 }

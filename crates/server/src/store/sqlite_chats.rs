@@ -25,13 +25,13 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// How often the WAL is checkpointed into the database (off the write path).
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Most writes in one group-commit transaction.
 const MAX_BATCH: usize = 512;
 /// Queued writes before `write` waits (backpressure).
@@ -127,10 +127,31 @@ pub struct WriterFaults {
     holding: AtomicBool,
     /// Connections the writer reopened after a death.
     restarts: AtomicU32,
+    /// WAL frames past which the WAL should start over (0: [`WAL_RESET_FRAMES`]).
+    wal_reset_frames: AtomicI64,
+    /// Times the writer checkpointed the WAL to its end so that it starts over.
+    wal_resets: AtomicU32,
     queue: OnceLock<mpsc::WeakSender<Job>>,
 }
 
 impl WriterFaults {
+    /// Lets the WAL start over past `frames` frames instead of [`WAL_RESET_FRAMES`].
+    pub fn reset_wal_past(&self, frames: i64) {
+        self.wal_reset_frames.store(frames, Ordering::SeqCst);
+    }
+
+    /// Times the writer has checkpointed the whole WAL so that its next transaction starts it over.
+    pub fn wal_resets(&self) -> u32 {
+        self.wal_resets.load(Ordering::SeqCst)
+    }
+
+    fn wal_reset_frames(&self) -> i64 {
+        match self.wal_reset_frames.load(Ordering::SeqCst) {
+            0 => WAL_RESET_FRAMES,
+            n => n,
+        }
+    }
+
     /// The next `n` batches panic inside their transaction, before it commits.
     pub fn panic_next(&self, n: u32) {
         self.panics.store(n, Ordering::SeqCst);
@@ -232,7 +253,7 @@ fn open_writer(path: &Path, durability: super::Durability) -> rusqlite::Result<r
     // Checkpoints run on their own thread (below), not inside a commit on the write path.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
-         PRAGMA wal_autocheckpoint = 0;",
+         PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
     )?;
     conn.execute_batch(match durability {
         super::Durability::Full => "PRAGMA synchronous = FULL;",
@@ -253,10 +274,13 @@ impl Writer {
         let _ = faults.queue.set(tx.downgrade());
         let (gave_up_tx, gave_up) = watch::channel(None);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let reset_wanted = Arc::new(AtomicBool::new(false));
+        let (wanted, knobs) = (reset_wanted.clone(), faults.clone());
         let checkpoints = std::thread::Builder::new()
             .name("chatsync-checkpoint".into())
-            .spawn(move || checkpoint(checkpointer, stopped))?;
-        let supervisor = Supervisor { path: path.to_owned(), durability, faults: faults.clone(), gave_up: gave_up_tx };
+            .spawn(move || checkpoint(checkpointer, stopped, wanted, &knobs))?;
+        let supervisor =
+            Supervisor { path: path.to_owned(), durability, faults: faults.clone(), gave_up: gave_up_tx, reset_wanted };
         let thread = std::thread::Builder::new().name("chatsync-writer".into()).spawn(move || {
             supervisor.run(conn, rx);
             // The final checkpoint is part of closing: it must not run into whoever opens the database next.
@@ -309,9 +333,31 @@ struct Supervisor {
     durability: super::Durability,
     faults: Arc<WriterFaults>,
     gave_up: watch::Sender<Option<String>>,
+    /// Set by the checkpoint thread when the WAL should start over (see [`checkpoint`]).
+    reset_wanted: Arc<AtomicBool>,
 }
 
 impl Supervisor {
+    /// Between two batches, when the checkpoint thread asks for it: checkpoints the last few frames so that
+    /// the WAL is fully copied and the next write transaction starts it over (see [`checkpoint`]). Keeps
+    /// asking, batch after batch, while another checkpoint runs or a reader holds frames back.
+    fn reset_wal(&self, conn: &rusqlite::Connection) {
+        if !self.reset_wanted.load(Ordering::Acquire) {
+            return;
+        }
+        match wal_checkpoint(conn, "PASSIVE") {
+            Ok((0, frames, copied)) if frames == copied => {
+                self.reset_wanted.store(false, Ordering::Release);
+                self.faults.wal_resets.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL checkpoint failed");
+                self.reset_wanted.store(false, Ordering::Release);
+            }
+        }
+    }
+
     fn run(&self, first: rusqlite::Connection, mut rx: mpsc::Receiver<Job>) {
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
         let mut deaths: VecDeque<Instant> = VecDeque::new();
@@ -394,6 +440,7 @@ impl Supervisor {
                     for (job, result) in batch.drain(..).zip(results) {
                         let _ = job.reply.send(Ok(result));
                     }
+                    self.reset_wal(conn);
                 }
                 Err(e) if e.broken => return Err(e.error),
                 Err(e) => {
@@ -432,35 +479,57 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
     panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("?")
 }
 
-/// Copies the WAL back into the database every [`CHECKPOINT_EVERY`], concurrently with the writer (PASSIVE never
-/// blocks it), and once more with TRUNCATE when the writer has stopped.
-/// WAL frames (pages) past which the checkpoint thread resets the WAL: 16,384 pages, 64 MiB at 4 KiB.
-const WAL_RESET_FRAMES: i64 = 16_384;
+/// WAL frames (pages) past which the WAL should start over from its beginning: 4,096 pages, 16 MiB at 4 KiB.
+const WAL_RESET_FRAMES: i64 = 4_096;
+/// WAL frames past which the checkpoint thread stops waiting for the writer to reset the WAL and forces it
+/// (TRUNCATE, which holds writers until the readers in the WAL are done): 262,144 pages, 1 GiB at 4 KiB.
+const WAL_FORCE_RESET_FRAMES: i64 = 262_144;
 
-fn checkpoint(conn: rusqlite::Connection, stopped: std::sync::mpsc::Receiver<()>) {
+/// Runs `PRAGMA wal_checkpoint(MODE)` and returns its row: (busy, frames in the WAL, frames checkpointed).
+fn wal_checkpoint(conn: &rusqlite::Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+}
+
+/// Copies the WAL back into the database every [`CHECKPOINT_EVERY`], concurrently with the writer (PASSIVE never
+/// blocks it), asks the writer to let the WAL start over once it passes [`WAL_RESET_FRAMES`], and checkpoints
+/// once more with TRUNCATE when the writer has stopped.
+///
+/// Why the writer resets the WAL, and not this thread: SQLite starts the WAL over from its beginning when a
+/// write transaction begins on a WAL that is fully checkpointed and that no reader is still reading. Under
+/// constant writes this thread never sees that state (the writer appends while it copies), so the WAL grew
+/// without bound (a 10-minute soak: gigabytes). Forcing it (TRUNCATE or RESTART) blocks every writer while
+/// SQLite's busy handler sleeps, in steps of up to 100 ms, for the readers: that was a 50-60 ms stall of every
+/// write every 5 s (`fanout`'s p99). The writer instead runs a PASSIVE checkpoint itself between two batches
+/// ([`Supervisor::reset_wal`]): this thread has just copied almost everything, so it copies a batch or two,
+/// and no write can arrive meanwhile, so the WAL is fully checkpointed and its next transaction starts it over.
+fn checkpoint(
+    conn: rusqlite::Connection,
+    stopped: std::sync::mpsc::Receiver<()>,
+    reset_wanted: Arc<AtomicBool>,
+    faults: &WriterFaults,
+) {
     use std::sync::mpsc::RecvTimeoutError;
     loop {
         match stopped.recv_timeout(CHECKPOINT_EVERY) {
-            Err(RecvTimeoutError::Timeout) => {
-                // PASSIVE never blocks anyone, but under constant reads and writes the WAL is never reset
-                // (a reset needs a moment with no reader in the WAL), so it grows without bound: the
-                // 10-minute soak grew it to gigabytes. Past `WAL_RESET_FRAMES` a TRUNCATE checkpoint waits
-                // (busy timeout) for that moment, briefly holding writers, and empties the file.
-                let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-                match frames {
-                    Ok(frames) if frames > WAL_RESET_FRAMES => {
-                        match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0)) {
-                            Ok(0) => tracing::debug!(frames, "WAL reset"),
-                            Ok(_) => tracing::warn!(frames, "WAL reset postponed: readers stayed in the WAL"),
-                            Err(e) => tracing::warn!(error = %e, "WAL reset failed"),
-                        }
+            Err(RecvTimeoutError::Timeout) => match wal_checkpoint(&conn, "PASSIVE") {
+                Ok((_, frames, _)) if frames > WAL_FORCE_RESET_FRAMES => {
+                    // Readers have kept the writer from resetting the WAL for a long time: force it.
+                    match wal_checkpoint(&conn, "TRUNCATE") {
+                        Ok((0, _, _)) => tracing::warn!(frames, "WAL forced back to empty (readers kept it growing)"),
+                        Ok(_) => tracing::warn!(frames, "WAL reset postponed: readers stayed in the WAL"),
+                        Err(e) => tracing::warn!(error = %e, "WAL reset failed"),
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
                 }
-            }
+                Ok((_, frames, _)) if frames > faults.wal_reset_frames() => {
+                    // A second pass copies what was written during the first, so the writer's is short.
+                    let _ = wal_checkpoint(&conn, "PASSIVE");
+                    reset_wanted.store(true, Ordering::Release);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+            },
             _ => {
-                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                let _ = wal_checkpoint(&conn, "TRUNCATE");
                 return;
             }
         }
