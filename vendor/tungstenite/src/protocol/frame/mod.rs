@@ -99,9 +99,6 @@ where
     }
 }
 
-/// chatsync patch: out-buffer capacity kept after a flush, at most.
-const RETAINED_OUT_BUFFER: usize = 4096;
-
 /// A codec for WebSocket frames.
 #[derive(Debug)]
 pub(super) struct FrameCodec {
@@ -289,9 +286,10 @@ impl FrameCodec {
             self.out_buffer.drain(0..len);
         }
         // chatsync patch: do not keep the capacity of the largest frame ever sent for the life of the
-        // connection (one large reply would pin that much memory per idle connection); once drained,
-        // give back anything above a small working size.
-        if self.out_buffer.capacity() > RETAINED_OUT_BUFFER {
+        // connection; once drained, give the buffer back. Upstream keeps it, so every connection ends up
+        // holding its largest frame (a 1 MiB reply pinned 1 MiB per idle connection; a 4 KiB cap still left
+        // ~2 KiB per connection after 5 minutes of ordinary replies, the soak's RSS drift).
+        if self.out_buffer.capacity() > 0 {
             self.out_buffer = Vec::new();
         }
 
