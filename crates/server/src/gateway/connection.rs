@@ -18,6 +18,8 @@ use chatsync_protocol::{
 };
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,15 +30,44 @@ use tracing::Instrument;
 /// that unread client data does not turn our close into a TCP reset.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// Authentication in progress, boxed: it is large, and done once.
+type Authenticating = Pin<Box<dyn Future<Output = Result<auth::Authenticated, CloseReason>> + Send>>;
+
 /// Runs one upgraded connection to its end.
-pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown: CancellationToken) {
-    let (sink, mut stream) = socket.split();
-    let authed = match auth::authenticate(&ctx, creds).await {
+///
+/// Not an `async fn`: the future of an `async fn` keeps its arguments (here the socket, 368 bytes, and the
+/// credentials) for its whole life, so every idle connection would carry them. The socket is split and the
+/// authentication boxed before the connection's future is made.
+pub fn run(
+    ctx: Arc<Ctx>,
+    socket: WebSocket,
+    creds: Box<Credentials>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send {
+    let (sink, stream) = socket.split();
+    let authenticating: Authenticating = {
+        let ctx = ctx.clone();
+        Box::pin(async move { auth::authenticate(&ctx, *creds).await })
+    };
+    serve(ctx, sink, stream, authenticating, shutdown)
+}
+
+/// The connection after the split: authenticate, register, then read until the end. The awaits reached only
+/// on the way out (refusal, closing) are boxed, so that their futures do not enlarge the one every idle
+/// connection keeps.
+async fn serve(
+    ctx: Arc<Ctx>,
+    sink: SplitSink<WebSocket, Message>,
+    mut stream: SplitStream<WebSocket>,
+    authenticating: Authenticating,
+    shutdown: CancellationToken,
+) {
+    let authed = match authenticating.await {
         Ok(a) => a,
         Err(reason) => {
             tracing::info!(code = reason.code, reason = reason.reason, "connection refused");
             metrics::counter!(crate::metrics::CONNECTS, "result" => reason.reason).increment(1);
-            reject(sink, stream, reason).await;
+            Box::pin(reject(sink, stream, reason)).await;
             return;
         }
     };
@@ -50,19 +81,12 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
     });
     let span = tracing::info_span!("conn", conn_id = %conn.id, user_id = %conn.user_id);
     async move {
-        // The greeting is queued before registering, so no broadcast can overtake it.
-        let connected = ServerMessage::Connected(Connected {
-            connection_id: conn.id.clone(),
-            user_id: conn.user_id.clone(),
-            device_hash: conn.device_hash.clone(),
-            protocol: PROTOCOL_NAME.to_owned(),
-            server_time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            limits: ctx.limits,
-        });
-        conn.outbox.push(encode(&connected, None).into());
+        // The greeting is queued before registering, so no broadcast can overtake it. (A value of its own, so
+        // that the greeting is not kept in this future, and in every connection's memory, across the awaits.)
+        conn.outbox.push(greeting(&ctx, &conn));
         if let Err(refused) = ctx.hub.register(conn.clone()).await {
             tracing::warn!(%refused, "connection refused");
-            reject(sink, stream, refused.close_reason()).await;
+            Box::pin(reject(sink, stream, refused.close_reason())).await;
             return;
         }
         metrics::counter!(crate::metrics::CONNECTS, "result" => "ok").increment(1);
@@ -83,17 +107,30 @@ pub async fn run(ctx: Arc<Ctx>, socket: WebSocket, creds: Credentials, shutdown:
         if !writer_done {
             if conn.outbox.is_closing() {
                 // Let the writer send the close, then wait for the client's answer.
-                let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer).await;
-                drain(&mut stream).await;
+                let _ = Box::pin(tokio::time::timeout(CLOSE_GRACE, &mut writer)).await;
+                Box::pin(drain(&mut stream)).await;
             }
             writer.abort();
         } else {
-            drain(&mut stream).await;
+            Box::pin(drain(&mut stream)).await;
         }
         tracing::debug!("disconnected");
     }
     .instrument(span)
     .await
+}
+
+/// The `connected` greeting, encoded.
+fn greeting(ctx: &Ctx, conn: &ConnHandle) -> Utf8Bytes {
+    let connected = ServerMessage::Connected(Connected {
+        connection_id: conn.id.clone(),
+        user_id: conn.user_id.clone(),
+        device_hash: conn.device_hash.clone(),
+        protocol: PROTOCOL_NAME.to_owned(),
+        server_time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        limits: ctx.limits,
+    });
+    encode(&connected, None).into()
 }
 
 /// Reads and handles frames until the connection ends or a close is requested. Returns whether the
@@ -244,57 +281,70 @@ async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Opt
 }
 
 /// Drains the outbox to the socket, pings, and enforces the heartbeat timeout.
-async fn write_loop(
+/// The writer task. (Not an `async fn`, which would keep a second copy of its arguments for its whole
+/// life: this future lives as long as the connection, so every byte of it counts per idle connection.)
+#[allow(clippy::manual_async_fn)]
+fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     conn: Arc<ConnHandle>,
     last_seen: Arc<AtomicU64>,
     started: Instant,
     config: Arc<crate::config::Config>,
-) {
-    let period = config.ping_interval();
-    let timeout = config.heartbeat_timeout().as_millis() as u64;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let check = Duration::from_secs(config.session_check_interval_secs);
-    let expiry = tokio::time::sleep(conn.expires_at.map_or(Duration::MAX, |at| until(at, check)));
-    tokio::pin!(expiry);
-    loop {
-        let next = tokio::select! {
-            next = conn.outbox.next() => next,
-            _ = &mut expiry, if conn.expires_at.is_some() && !conn.outbox.is_closing() => {
-                let at = conn.expires_at.unwrap_or(i64::MAX);
-                if crate::store::now_millis() >= at {
-                    tracing::info!("closing: token expired");
-                    conn.outbox.close(CloseReason::TOKEN_EXPIRED);
-                } else {
-                    expiry.as_mut().reset(tokio::time::Instant::now() + until(at, check));
-                }
-                continue;
-            }
-            _ = ticker.tick() => {
-                let now = started.elapsed().as_millis() as u64;
-                if now.saturating_sub(last_seen.load(Ordering::Relaxed)) > timeout {
-                    tracing::info!("closing: heartbeat timeout");
-                    conn.outbox.close(CloseReason::HEARTBEAT);
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let period = config.ping_interval();
+        let timeout = config.heartbeat_timeout().as_millis() as u64;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let check = Duration::from_secs(config.session_check_interval_secs);
+        // Only connections whose credential expires have a timer for it (boxed: most have none).
+        let mut expiry = conn.expires_at.map(|at| Box::pin(tokio::time::sleep(until(at, check))));
+        loop {
+            let next = tokio::select! {
+                next = conn.outbox.next() => next,
+                _ = expired(&mut expiry), if !conn.outbox.is_closing() => {
+                    let at = conn.expires_at.unwrap_or(i64::MAX);
+                    if crate::store::now_millis() >= at {
+                        tracing::info!("closing: token expired");
+                        conn.outbox.close(CloseReason::TOKEN_EXPIRED);
+                    } else if let Some(expiry) = expiry.as_mut() {
+                        expiry.as_mut().reset(tokio::time::Instant::now() + until(at, check));
+                    }
                     continue;
                 }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                _ = ticker.tick() => {
+                    let now = started.elapsed().as_millis() as u64;
+                    if now.saturating_sub(last_seen.load(Ordering::Relaxed)) > timeout {
+                        tracing::info!("closing: heartbeat timeout");
+                        conn.outbox.close(CloseReason::HEARTBEAT);
+                        continue;
+                    }
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match next {
+                Next::Frame(frame) => {
+                    if sink.send(Message::Text(frame)).await.is_err() {
+                        conn.outbox.close(CloseReason::INTERNAL);
+                        return;
+                    }
+                }
+                Next::Close(reason) => {
+                    send_close(&mut sink, reason).await;
                     return;
                 }
-                continue;
-            }
-        };
-        match next {
-            Next::Frame(frame) => {
-                if sink.send(Message::Text(frame)).await.is_err() {
-                    conn.outbox.close(CloseReason::INTERNAL);
-                    return;
-                }
-            }
-            Next::Close(reason) => {
-                send_close(&mut sink, reason).await;
-                return;
             }
         }
+    }
+}
+
+/// Resolves when the credential's expiry timer fires; never without one.
+async fn expired(expiry: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

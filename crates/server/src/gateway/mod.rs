@@ -54,7 +54,8 @@ async fn upgrade(
         return (StatusCode::FORBIDDEN, "Origin not allowed").into_response();
     }
     let query = query.map(|Query(q)| q).unwrap_or_default();
-    let creds = auth::credentials(&headers, &query);
+    // Boxed: the closure below is kept by the upgrade for the life of the connection.
+    let creds = Box::new(auth::credentials(&headers, &query));
     // Cross-site WebSocket hijacking: any page can make a browser open a socket that carries the cookie,
     // so the cookie counts only from an Origin the operator allowed.
     if creds.from_cookie() && !origin_allowed {

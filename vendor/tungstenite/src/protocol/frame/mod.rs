@@ -201,9 +201,20 @@ impl FrameCodec {
             }
 
             // Not enough data in buffer.
-            if self.read_in(stream)? == 0 {
-                trace!("no frame received");
-                return Ok(None);
+            match self.read_in(stream) {
+                Ok(0) => {
+                    trace!("no frame received");
+                    return Ok(None);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // chatsync patch: a connection waiting for its next frame, with nothing of one
+                    // buffered, holds no read buffer (`read_in` allocates it again when data comes).
+                    if e.kind() == IoErrorKind::WouldBlock && self.header.is_none() && self.in_buffer.is_empty() {
+                        self.in_buffer = BytesMut::new();
+                    }
+                    return Err(e.into());
+                }
             }
         };
 
@@ -232,6 +243,10 @@ impl FrameCodec {
     /// Read into available `in_buffer` capacity.
     fn read_in(&mut self, stream: &mut impl Read) -> io::Result<usize> {
         let len = self.in_buffer.len();
+        // chatsync patch: a released buffer (see `read_frame`) comes back at its working size.
+        if self.in_buffer.capacity() < self.in_buf_max_read {
+            self.in_buffer.reserve(self.in_buf_max_read - len.min(self.in_buf_max_read));
+        }
         debug_assert!(self.in_buffer.capacity() > len);
         self.in_buffer.resize(self.in_buffer.capacity().min(len + self.in_buf_max_read), 0);
         let size = stream.read(&mut self.in_buffer[len..]);
