@@ -52,6 +52,11 @@ pub struct FanoutArgs {
     /// Seconds to wait after the last send for outstanding deliveries.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     pub drain: f64,
+    /// Seconds after the first send at which the steady window starts; it ends with the sending. With
+    /// `--server-pid`, the server's CPU over the window divided by the writes sent in it is reported as
+    /// the server CPU per write (with its deliveries).
+    #[arg(long, value_name = "SECS", default_value_t = 4.0)]
+    pub steady_after: f64,
 }
 
 const MARKER: &str = "cs1:";
@@ -461,7 +466,9 @@ pub async fn run_with(ctx: &Ctx, args: FanoutArgs, extras: Extras) -> Result<(Re
     let pb = ctx.progress(total_sends as u64, &name);
     let send_end = t0 + Duration::from_secs_f64(args.duration);
     let drain_end = send_end + Duration::from_secs_f64(args.drain);
-    let window_from = t0 + Duration::from_secs_f64(extras.warmup_secs.min(args.duration));
+    // The soak names its own warm-up; a plain fanout run uses `--steady-after`.
+    let warmup = if extras.name.is_some() { extras.warmup_secs } else { args.steady_after };
+    let window_from = t0 + Duration::from_secs_f64(warmup.clamp(0.0, args.duration));
     let (mut w_start, mut w_end) = (None, None);
     let mut last_complete_check = Instant::now();
     loop {
@@ -469,13 +476,11 @@ pub async fn run_with(ctx: &Ctx, args: FanoutArgs, extras: Extras) -> Result<(Re
         pb.set_position(sent.load(Ordering::Relaxed));
         pb.set_message(format!("recv {} open {}", handler.deliveries.load(Ordering::Relaxed), opened.log.open()));
         let now = Instant::now();
-        if extras.name.is_some() {
-            if w_start.is_none() && now >= window_from {
-                w_start = Some(ctx.sample_server());
-            }
-            if w_end.is_none() && now >= send_end {
-                w_end = Some(ctx.sample_server());
-            }
+        if w_start.is_none() && now >= window_from {
+            w_start = Some(ctx.sample_server());
+        }
+        if w_end.is_none() && now >= send_end {
+            w_end = Some(ctx.sample_server());
         }
         if now >= drain_end {
             break;
@@ -574,6 +579,29 @@ pub async fn run_with(ctx: &Ctx, args: FanoutArgs, extras: Extras) -> Result<(Re
             .kv("reconnects failed", reconnects.failed.values().sum::<u64>())
             .kv("closed by the bench (reconnects)", bench_closed);
     }
+    // Server CPU per write over the steady window (the writes are sent at an even, fixed rate).
+    let steady = match (w_start.flatten(), w_end.flatten()) {
+        (Some(a), Some(b)) if b.t > a.t && args.duration > 0.0 => {
+            let writes = completeness.sent as f64 * (args.duration - warmup.clamp(0.0, args.duration)) / args.duration;
+            let cpu = b.cpu_secs - a.cpu_secs;
+            Some(json!({
+                "from_secs_after_first_send": warmup, "secs": b.t - a.t, "server_cpu_secs": cpu,
+                "writes": writes.round(), "server_cpu_us_per_write": if writes > 0.0 { cpu / writes * 1e6 } else { 0.0 },
+            }))
+        }
+        _ => None,
+    };
+    if let Some(w) = steady.as_ref().filter(|_| extras.name.is_none()) {
+        summary.kv(
+            "server CPU per write, with its deliveries",
+            format!(
+                "{:.1} µs ({:.2} s over the steady window: {:.0} s from {warmup} s after the first send)",
+                w["server_cpu_us_per_write"].as_f64().unwrap_or(0.0),
+                w["server_cpu_secs"].as_f64().unwrap_or(0.0),
+                w["secs"].as_f64().unwrap_or(0.0),
+            ),
+        );
+    }
     let mut lat_rows = vec![("fan-out (all)", &delivery)];
     for (i, s) in per_kind.iter().enumerate() {
         if s.count > 0 {
@@ -622,6 +650,7 @@ pub async fn run_with(ctx: &Ctx, args: FanoutArgs, extras: Extras) -> Result<(Re
             "other_frames": handler.other.load(Ordering::Relaxed),
             "rate_limit_per_conn": rate_limit, "max_send_rate_per_conn": max_per_conn,
             "exceeded_rate_limit": over_limit,
+            "steady_window": steady,
         },
     });
     let panels = vec![

@@ -106,6 +106,7 @@ pub async fn run(ctx: &Ctx, args: SoakArgs) -> Result<(Report, bool)> {
         mix: args.mix,
         chats_per_user: args.chats_per_user,
         drain: args.drain,
+        steady_after: args.warmup,
     };
     let extras =
         Extras { name: Some("soak".into()), reconnect_per_sec: args.reconnect_per_sec, warmup_secs: args.warmup };
