@@ -36,6 +36,7 @@ contract_suites!(
     binding_is_first_come_and_atomic,
     revocation_is_once_and_visible_to_watchers,
     devices_are_per_user_and_keep_first_seen,
+    concurrent_sightings_all_land_and_a_bad_one_fails_alone,
     provisioning_creates_missing_users_and_all_sessions,
     devices_keep_the_label_they_were_given,
     users_and_sessions_are_listed,
@@ -113,6 +114,25 @@ async fn devices_are_per_user_and_keep_first_seen(s: &dyn Store) {
     assert_eq!((devices[1].device_hash.as_str(), devices[1].first_seen), ("d2", 20));
     assert_eq!(s.devices("bob").await.unwrap().len(), 1);
     assert!(s.devices("nobody").await.unwrap().is_empty());
+}
+
+/// A reconnect storm: many authentications record their device at once (SQLite records them in shared
+/// transactions); every one lands, and one that cannot (its user is gone) fails alone.
+async fn concurrent_sightings_all_land_and_a_bad_one_fails_alone(s: &dyn Store) {
+    s.create_user("alice", false, 1).await.unwrap();
+    let ids: Vec<String> = (0..300).map(|i| format!("d{i}")).collect();
+    let sightings = ids.iter().enumerate().map(|(i, d)| {
+        let user = if i == 100 { "ghost" } else { "alice" };
+        s.record_device(user, d, Some("phone"), 10 + i as i64)
+    });
+    let results = futures_util::future::join_all(sightings).await;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.is_ok(), i != 100, "sighting {i}: {r:?}");
+    }
+    let devices = s.devices("alice").await.unwrap();
+    assert_eq!(devices.len(), 299);
+    assert!(devices.iter().all(|d| d.label.as_deref() == Some("phone")));
+    assert!(s.devices("ghost").await.unwrap().is_empty());
 }
 
 async fn provisioning_creates_missing_users_and_all_sessions(s: &dyn Store) {

@@ -25,6 +25,49 @@ pub struct SqliteStore {
     /// Chat reads (lists, pages, lookups).
     pub(super) reads: SqlitePool,
     pub(super) writer: super::sqlite_chats::Writer,
+    /// Device sightings (one per authentication), recorded in shared transactions ([`record_sightings`]).
+    sightings: tokio::sync::mpsc::Sender<Sighting>,
+}
+
+/// A device seen at an authentication, waiting to be recorded.
+struct Sighting {
+    user_id: String,
+    device_hash: String,
+    label: Option<String>,
+    now: Millis,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Most sightings recorded in one transaction.
+const MAX_SIGHTINGS: usize = 256;
+
+/// Records device sightings in shared transactions: a reconnect storm costs one commit (one fsync, one
+/// acquisition of SQLite's write lock, which the chat writer also wants) per batch instead of per connection.
+/// A batch that fails is retried sighting by sighting, so that one bad row (a user deleted meanwhile) fails
+/// only its own authentication.
+async fn record_sightings(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<Sighting>) {
+    let mut batch = Vec::with_capacity(MAX_SIGHTINGS);
+    while queue.recv_many(&mut batch, MAX_SIGHTINGS).await > 0 {
+        if record_batch(&pool, &batch).await.is_ok() {
+            for s in batch.drain(..) {
+                let _ = s.done.send(Ok(()));
+            }
+            continue;
+        }
+        for s in batch.drain(..) {
+            let result = record_batch(&pool, std::slice::from_ref(&s)).await;
+            let _ = s.done.send(result);
+        }
+    }
+}
+
+async fn record_batch(pool: &SqlitePool, batch: &[Sighting]) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with(BEGIN_WRITE).await?;
+    for s in batch {
+        upsert_device(&mut tx, &s.user_id, &s.device_hash, s.label.as_deref(), s.now).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 impl SqliteStore {
@@ -62,7 +105,9 @@ impl SqliteStore {
             .with_context(|| format!("cannot open database {}", path.display()))?;
         let writer = super::sqlite_chats::Writer::start(path, durability)
             .with_context(|| format!("cannot open database {} for writing", path.display()))?;
-        Ok(SqliteStore { pool, reads, writer })
+        let (sightings, queue) = tokio::sync::mpsc::channel(4 * MAX_SIGHTINGS);
+        tokio::spawn(record_sightings(pool.clone(), queue));
+        Ok(SqliteStore { pool, reads, writer, sightings })
     }
 }
 
@@ -159,8 +204,17 @@ impl Store for SqliteStore {
         label: Option<&str>,
         now: Millis,
     ) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        upsert_device(&mut conn, user_id, device_hash, label, now).await
+        let (done, recorded) = tokio::sync::oneshot::channel();
+        let sighting = Sighting {
+            user_id: user_id.to_owned(),
+            device_hash: device_hash.to_owned(),
+            label: label.map(str::to_owned),
+            now,
+            done,
+        };
+        let stopped = || StoreError::Unavailable("store closed".into());
+        self.sightings.send(sighting).await.map_err(|_| stopped())?;
+        recorded.await.map_err(|_| stopped())?
     }
 
     async fn revoke_session(&self, token_hash: &[u8; 32], now: Millis) -> Result<bool, StoreError> {
