@@ -681,6 +681,19 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Pending connections the listening socket queues before the kernel drops SYNs (capped by the kernel at
+/// `net.core.somaxconn`). tokio's `bind` asks for 1,024: in a reconnect storm (10,000 devices at once after a
+/// deploy) the overflow is dropped and those clients retry only after TCP's 1-second SYN timeout.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// A listening socket on `addr` (address reuse as tokio's `bind` sets it, and [`LISTEN_BACKLOG`]).
+fn listen_on(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     // Every connection is a file descriptor: take the hard limit, not the (often 1024) soft one.
@@ -689,7 +702,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
     }
     let ctx = crate::build(config).await?;
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = listen_on(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "chatsync listening on ws://{addr}/v1/ws");
     if !ctx.config.no_web_demo {
