@@ -686,9 +686,10 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
 /// deploy) the overflow is dropped and those clients retry only after TCP's 1-second SYN timeout.
 const LISTEN_BACKLOG: u32 = 8192;
 
-/// A listening socket on `addr` (address reuse as tokio's `bind` sets it, and [`LISTEN_BACKLOG`]).
+/// A listening socket on `addr` (address reuse on Unix, as tokio's `bind` sets it, and [`LISTEN_BACKLOG`]).
 fn listen_on(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    #[cfg(unix)]
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)

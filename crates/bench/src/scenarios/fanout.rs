@@ -585,7 +585,7 @@ pub async fn run_with(ctx: &Ctx, args: FanoutArgs, extras: Extras) -> Result<(Re
             let writes = completeness.sent as f64 * (args.duration - warmup.clamp(0.0, args.duration)) / args.duration;
             let cpu = b.cpu_secs - a.cpu_secs;
             Some(json!({
-                "from_secs_after_first_send": warmup, "secs": b.t - a.t, "server_cpu_secs": cpu,
+                "from_secs_after_first_send": warmup.clamp(0.0, args.duration), "secs": b.t - a.t, "server_cpu_secs": cpu,
                 "writes": writes.round(), "server_cpu_us_per_write": if writes > 0.0 { cpu / writes * 1e6 } else { 0.0 },
             }))
         }

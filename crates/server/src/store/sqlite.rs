@@ -43,31 +43,48 @@ const MAX_SIGHTINGS: usize = 256;
 
 /// Records device sightings in shared transactions: a reconnect storm costs one commit (one fsync, one
 /// acquisition of SQLite's write lock, which the chat writer also wants) per batch instead of per connection.
-/// A batch that fails is retried sighting by sighting, so that one bad row (a user deleted meanwhile) fails
-/// only its own authentication.
+/// A batch that a row of it fails (a constraint: its user was deleted meanwhile) is retried sighting by
+/// sighting, so that the bad one fails only its own authentication; any other failure (busy, I/O) fails the
+/// batch, without retrying each sighting against the same trouble.
 async fn record_sightings(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiver<Sighting>) {
     let mut batch = Vec::with_capacity(MAX_SIGHTINGS);
     while queue.recv_many(&mut batch, MAX_SIGHTINGS).await > 0 {
-        if record_batch(&pool, &batch).await.is_ok() {
-            for s in batch.drain(..) {
+        match record_batch(&pool, &batch).await {
+            Ok(()) => batch.drain(..).for_each(|s| {
                 let _ = s.done.send(Ok(()));
+            }),
+            Err(sqlx::Error::Database(e)) if batch.len() > 1 && e.kind() != sqlx::error::ErrorKind::Other => {
+                for s in batch.drain(..) {
+                    let result = record_batch(&pool, std::slice::from_ref(&s)).await.map_err(StoreError::from);
+                    let _ = s.done.send(result);
+                }
             }
-            continue;
-        }
-        for s in batch.drain(..) {
-            let result = record_batch(&pool, std::slice::from_ref(&s)).await;
-            let _ = s.done.send(result);
+            Err(e) => {
+                let e = StoreError::from(e);
+                batch.drain(..).for_each(|s| {
+                    let each = match &e {
+                        StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+                        other => StoreError::Backend(other.to_string()),
+                    };
+                    let _ = s.done.send(Err(each));
+                });
+            }
         }
     }
 }
 
-async fn record_batch(pool: &SqlitePool, batch: &[Sighting]) -> Result<(), StoreError> {
+async fn record_batch(pool: &SqlitePool, batch: &[Sighting]) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin_with(BEGIN_WRITE).await?;
     for s in batch {
-        upsert_device(&mut tx, &s.user_id, &s.device_hash, s.label.as_deref(), s.now).await?;
+        sqlx::query(UPSERT_DEVICE)
+            .bind(&s.user_id)
+            .bind(&s.device_hash)
+            .bind(s.label.as_deref())
+            .bind(s.now)
+            .execute(&mut *tx)
+            .await?;
     }
-    tx.commit().await?;
-    Ok(())
+    tx.commit().await
 }
 
 impl SqliteStore {
@@ -399,6 +416,11 @@ async fn insert_session(conn: &mut sqlx::SqliteConnection, s: &NewSession) -> Re
     Ok(())
 }
 
+/// Records a device seen at `?4`: first seen then if new, else its latest sighting and label.
+const UPSERT_DEVICE: &str = "INSERT INTO devices (user_id, device_hash, label, first_seen, last_seen) \
+     VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT (user_id, device_hash) DO UPDATE SET \
+     last_seen = MAX(last_seen, excluded.last_seen), label = COALESCE(excluded.label, label)";
+
 async fn upsert_device(
     conn: &mut sqlx::SqliteConnection,
     user_id: &str,
@@ -406,17 +428,7 @@ async fn upsert_device(
     label: Option<&str>,
     now: Millis,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO devices (user_id, device_hash, label, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4, ?4) \
-         ON CONFLICT (user_id, device_hash) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen), \
-         label = COALESCE(excluded.label, label)",
-    )
-    .bind(user_id)
-    .bind(device_hash)
-    .bind(label)
-    .bind(now)
-    .execute(conn)
-    .await?;
+    sqlx::query(UPSERT_DEVICE).bind(user_id).bind(device_hash).bind(label).bind(now).execute(conn).await?;
     Ok(())
 }
 

@@ -25,7 +25,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -129,7 +129,7 @@ pub struct WriterFaults {
     restarts: AtomicU32,
     /// WAL frames past which the WAL should start over (0: [`WAL_RESET_FRAMES`]).
     wal_reset_frames: AtomicI64,
-    /// Times the writer checkpointed the WAL to its end so that it starts over.
+    /// Times the checkpoint thread found that the WAL had started over since its previous pass.
     wal_resets: AtomicU32,
     queue: OnceLock<mpsc::WeakSender<Job>>,
 }
@@ -140,7 +140,7 @@ impl WriterFaults {
         self.wal_reset_frames.store(frames, Ordering::SeqCst);
     }
 
-    /// Times the writer has checkpointed the whole WAL so that its next transaction starts it over.
+    /// Times the checkpoint thread has found the WAL started over since its previous pass.
     pub fn wal_resets(&self) -> u32 {
         self.wal_resets.load(Ordering::SeqCst)
     }
@@ -274,13 +274,13 @@ impl Writer {
         let _ = faults.queue.set(tx.downgrade());
         let (gave_up_tx, gave_up) = watch::channel(None);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let reset_wanted = Arc::new(AtomicBool::new(false));
-        let (wanted, knobs) = (reset_wanted.clone(), faults.clone());
+        let reset_round = Arc::new(AtomicU64::new(0));
+        let (wanted, knobs) = (reset_round.clone(), faults.clone());
         let checkpoints = std::thread::Builder::new()
             .name("chatsync-checkpoint".into())
             .spawn(move || checkpoint(checkpointer, stopped, wanted, &knobs))?;
         let supervisor =
-            Supervisor { path: path.to_owned(), durability, faults: faults.clone(), gave_up: gave_up_tx, reset_wanted };
+            Supervisor { path: path.to_owned(), durability, faults: faults.clone(), gave_up: gave_up_tx, reset_round };
         let thread = std::thread::Builder::new().name("chatsync-writer".into()).spawn(move || {
             supervisor.run(conn, rx);
             // The final checkpoint is part of closing: it must not run into whoever opens the database next.
@@ -333,27 +333,28 @@ struct Supervisor {
     durability: super::Durability,
     faults: Arc<WriterFaults>,
     gave_up: watch::Sender<Option<String>>,
-    /// Set by the checkpoint thread when the WAL should start over (see [`checkpoint`]).
-    reset_wanted: Arc<AtomicBool>,
+    /// Raised by the checkpoint thread, once a pass, while the WAL should start over (see [`checkpoint`]).
+    reset_round: Arc<AtomicU64>,
 }
 
 impl Supervisor {
     /// Between two batches, when the checkpoint thread asks for it: checkpoints the last few frames so that
-    /// the WAL is fully copied and the next write transaction starts it over (see [`checkpoint`]). Keeps
-    /// asking, batch after batch, while another checkpoint runs or a reader holds frames back.
-    fn reset_wal(&self, conn: &rusqlite::Connection) {
-        if !self.reset_wanted.load(Ordering::Acquire) {
+    /// the WAL is fully copied and the next write transaction starts it over (see [`checkpoint`]). One success
+    /// per request (`done` holds the request answered); while another checkpoint runs or a reader holds
+    /// frames back, tries again at most every [`WAL_RESET_RETRY`]. A reader that began just before can still
+    /// keep the next transaction from starting the WAL over: the checkpoint thread then asks again.
+    fn reset_wal(&self, conn: &rusqlite::Connection, done: &mut u64, last_try: &mut Option<Instant>) {
+        let round = self.reset_round.load(Ordering::Acquire);
+        if round == *done || last_try.is_some_and(|t| t.elapsed() < WAL_RESET_RETRY) {
             return;
         }
+        *last_try = Some(Instant::now());
         match wal_checkpoint(conn, "PASSIVE") {
-            Ok((0, frames, copied)) if frames == copied => {
-                self.reset_wanted.store(false, Ordering::Release);
-                self.faults.wal_resets.fetch_add(1, Ordering::SeqCst);
-            }
+            Ok((0, frames, copied)) if frames == copied => *done = round,
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "WAL checkpoint failed");
-                self.reset_wanted.store(false, Ordering::Release);
+                *done = round;
             }
         }
     }
@@ -424,6 +425,7 @@ impl Supervisor {
         batch: &mut Vec<Job>,
     ) -> Result<(), StoreError> {
         let faults = &*self.faults;
+        let (mut reset_done, mut reset_tried) = (0, None);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
             faults.wait_while_held();
@@ -440,7 +442,7 @@ impl Supervisor {
                     for (job, result) in batch.drain(..).zip(results) {
                         let _ = job.reply.send(Ok(result));
                     }
-                    self.reset_wal(conn);
+                    self.reset_wal(conn, &mut reset_done, &mut reset_tried);
                 }
                 Err(e) if e.broken => return Err(e.error),
                 Err(e) => {
@@ -482,8 +484,12 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
 /// WAL frames (pages) past which the WAL should start over from its beginning: 4,096 pages, 16 MiB at 4 KiB.
 const WAL_RESET_FRAMES: i64 = 4_096;
 /// WAL frames past which the checkpoint thread stops waiting for the writer to reset the WAL and forces it
-/// (TRUNCATE, which holds writers until the readers in the WAL are done): 262,144 pages, 1 GiB at 4 KiB.
-const WAL_FORCE_RESET_FRAMES: i64 = 262_144;
+/// (TRUNCATE, which holds writers until the readers in the WAL are done): 65,536 pages, 256 MiB at 4 KiB.
+const WAL_FORCE_RESET_FRAMES: i64 = 65_536;
+/// How long a forced reset waits for readers before giving up until the next pass (writers wait as long).
+const WAL_FORCE_RESET_WAIT: Duration = Duration::from_millis(100);
+/// Least time between two attempts of the writer to let the WAL start over (each may sync the files).
+const WAL_RESET_RETRY: Duration = Duration::from_millis(50);
 
 /// Runs `PRAGMA wal_checkpoint(MODE)` and returns its row: (busy, frames in the WAL, frames checkpointed).
 fn wal_checkpoint(conn: &rusqlite::Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
@@ -501,31 +507,42 @@ fn wal_checkpoint(conn: &rusqlite::Connection, mode: &str) -> rusqlite::Result<(
 /// SQLite's busy handler sleeps, in steps of up to 100 ms, for the readers: that was a 50-60 ms stall of every
 /// write every 5 s (`fanout`'s p99). The writer instead runs a PASSIVE checkpoint itself between two batches
 /// ([`Supervisor::reset_wal`]): this thread has just copied almost everything, so it copies a batch or two,
-/// and no write can arrive meanwhile, so the WAL is fully checkpointed and its next transaction starts it over.
+/// and no write can arrive meanwhile, so the WAL is fully checkpointed and its next transaction starts it over
+/// (unless a reader that began just before still reads it: this thread sees the WAL still long a second later
+/// and asks again).
 fn checkpoint(
     conn: rusqlite::Connection,
     stopped: std::sync::mpsc::Receiver<()>,
-    reset_wanted: Arc<AtomicBool>,
+    reset_round: Arc<AtomicU64>,
     faults: &WriterFaults,
 ) {
     use std::sync::mpsc::RecvTimeoutError;
+    let mut last_frames = 0;
     loop {
         match stopped.recv_timeout(CHECKPOINT_EVERY) {
             Err(RecvTimeoutError::Timeout) => match wal_checkpoint(&conn, "PASSIVE") {
-                Ok((_, frames, _)) if frames > WAL_FORCE_RESET_FRAMES => {
-                    // Readers have kept the writer from resetting the WAL for a long time: force it.
-                    match wal_checkpoint(&conn, "TRUNCATE") {
-                        Ok((0, _, _)) => tracing::warn!(frames, "WAL forced back to empty (readers kept it growing)"),
-                        Ok(_) => tracing::warn!(frames, "WAL reset postponed: readers stayed in the WAL"),
-                        Err(e) => tracing::warn!(error = %e, "WAL reset failed"),
+                Ok((_, frames, _)) => {
+                    if frames < last_frames {
+                        faults.wal_resets.fetch_add(1, Ordering::SeqCst);
+                    }
+                    last_frames = frames;
+                    if frames > WAL_FORCE_RESET_FRAMES {
+                        // Readers have kept the WAL from starting over for long: force it, waiting only briefly.
+                        let _ = conn.busy_timeout(WAL_FORCE_RESET_WAIT);
+                        match wal_checkpoint(&conn, "TRUNCATE") {
+                            Ok((0, _, _)) => {
+                                tracing::warn!(frames, "WAL forced back to empty (readers kept it growing)")
+                            }
+                            Ok(_) => tracing::warn!(frames, "WAL reset postponed: readers stayed in the WAL"),
+                            Err(e) => tracing::warn!(error = %e, "WAL reset failed"),
+                        }
+                        let _ = conn.busy_timeout(super::sqlite::BUSY_TIMEOUT);
+                    } else if frames > faults.wal_reset_frames() {
+                        // A second pass copies what was written during the first, so the writer's is short.
+                        let _ = wal_checkpoint(&conn, "PASSIVE");
+                        reset_round.fetch_add(1, Ordering::AcqRel);
                     }
                 }
-                Ok((_, frames, _)) if frames > faults.wal_reset_frames() => {
-                    // A second pass copies what was written during the first, so the writer's is short.
-                    let _ = wal_checkpoint(&conn, "PASSIVE");
-                    reset_wanted.store(true, Ordering::Release);
-                }
-                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
             },
             _ => {
