@@ -37,6 +37,13 @@ fn start(url: &str, token: &str, device: &str) -> ReconnectingClient {
     ReconnectingClient::start(url, opts, quick())
 }
 
+/// A proxy in front of `server` that the test can cut, and the "laptop" device connected through it.
+async fn behind_proxy(server: &TestServer, token: &str) -> (Proxy, ReconnectingClient) {
+    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
+    let laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), token, "laptop");
+    (proxy, laptop)
+}
+
 /// Takes events until `f` picks one (a hang guard, not a timing assertion: the test fails instead of
 /// hanging if the event never comes).
 async fn until<T>(rc: &mut ReconnectingClient, mut f: impl FnMut(&Event) -> Option<T>) -> T {
@@ -111,8 +118,7 @@ async fn changes_made_offline_are_applied_on_reconnect_and_seen_by_the_other_dev
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     let phone_token = server.token("alice").await;
-    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
-    let mut laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), &token, "laptop");
+    let (proxy, mut laptop) = behind_proxy(&server, &token).await;
     let (mut phone, _) = server.connect(&phone_token, "phone").await;
     synced(&mut laptop).await;
 
@@ -193,8 +199,7 @@ async fn an_offline_change_that_lost_to_another_device_is_a_conflict() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     let phone_token = server.token("alice").await;
-    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
-    let mut laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), &token, "laptop");
+    let (proxy, mut laptop) = behind_proxy(&server, &token).await;
     let (mut phone, _) = server.connect(&phone_token, "phone").await;
     synced(&mut laptop).await;
     laptop.change(Change::Title { chat_id: chat("c1"), title: "first".into() });
@@ -226,8 +231,7 @@ async fn another_user_sees_nothing_of_the_offline_changes() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
     let bob_token = server.user_token("bob").await;
-    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
-    let mut laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), &token, "laptop");
+    let (proxy, mut laptop) = behind_proxy(&server, &token).await;
     synced(&mut laptop).await;
     proxy.cut();
     disconnected(&mut laptop).await;
@@ -251,8 +255,7 @@ async fn another_user_sees_nothing_of_the_offline_changes() {
 async fn a_queued_message_the_server_refuses_is_reported_and_not_resent() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;
-    let proxy = Proxy::start(server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()).await;
-    let mut laptop = start(&format!("ws://127.0.0.1:{}/v1/ws", proxy.port), &token, "laptop");
+    let (proxy, mut laptop) = behind_proxy(&server, &token).await;
     synced(&mut laptop).await;
     proxy.cut();
     disconnected(&mut laptop).await;
