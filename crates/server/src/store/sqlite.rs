@@ -76,13 +76,7 @@ async fn record_sightings(pool: SqlitePool, mut queue: tokio::sync::mpsc::Receiv
 async fn record_batch(pool: &SqlitePool, batch: &[Sighting]) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin_with(BEGIN_WRITE).await?;
     for s in batch {
-        sqlx::query(UPSERT_DEVICE)
-            .bind(&s.user_id)
-            .bind(&s.device_hash)
-            .bind(s.label.as_deref())
-            .bind(s.now)
-            .execute(&mut *tx)
-            .await?;
+        upsert_device(&mut tx, &s.user_id, &s.device_hash, s.label.as_deref(), s.now).await?;
     }
     tx.commit().await
 }
@@ -427,7 +421,7 @@ async fn upsert_device(
     device_hash: &str,
     label: Option<&str>,
     now: Millis,
-) -> Result<(), StoreError> {
+) -> Result<(), sqlx::Error> {
     sqlx::query(UPSERT_DEVICE).bind(user_id).bind(device_hash).bind(label).bind(now).execute(conn).await?;
     Ok(())
 }
