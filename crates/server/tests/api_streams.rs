@@ -317,21 +317,49 @@ async fn complete_stores_the_message_then_announces_it_and_closes_the_stream() {
 }
 
 #[tokio::test]
-async fn completing_a_stream_whose_chat_was_deleted_is_not_found_and_ends_it() {
+async fn deleting_a_chat_ends_its_open_streams_before_the_chat_goes() {
     let server = TestServer::start().await;
     let api = server.api().await;
     let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
     set_title(&mut phone, "c1", "t").await;
+    expect_msg!(next_event(&mut laptop).await, ChatTitleUpdated);
+    set_title(&mut phone, "c2", "other").await;
+    expect_msg!(next_event(&mut laptop).await, ChatTitleUpdated);
     assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(api.post(STREAMS, start_body("s2", "m2")).await.0, 201);
+    let other = "/users/alice/chats/c2/streams";
+    assert_eq!(api.post(other, start_body("s3", "m3")).await.0, 201);
     assert_eq!(send_chunk(&api, "s1", 1, "x").await.0, 202);
     expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
-    let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({})).await;
-    assert_eq!((status, code(&body)), (404, "not_found"));
-    expect_msg!(next_event(&mut phone).await, StreamStarted);
-    expect_msg!(next_event(&mut phone).await, StreamChunk);
-    let ended = expect_msg!(next_event(&mut phone).await, StreamCancelled);
-    assert_eq!(ended.reason, StreamCancelReason::Aborted);
+
+    // The laptop sees both streams of c1 end (aborted), then the chat go; c2's stream is untouched.
+    for _ in 0..3 {
+        expect_msg!(next_event(&mut laptop).await, StreamStarted);
+    }
+    expect_msg!(next_event(&mut laptop).await, StreamChunk);
+    let mut ended = Vec::new();
+    for _ in 0..2 {
+        let event = expect_msg!(next_event(&mut laptop).await, StreamCancelled);
+        assert_eq!((event.chat_id.as_str(), event.reason), ("c1", StreamCancelReason::Aborted));
+        ended.push(event.stream_id.to_string());
+    }
+    ended.sort();
+    assert_eq!(ended, ["s1", "s2"]);
+    assert_eq!(expect_msg!(next_event(&mut laptop).await, ChatDeleted).chat_id.as_str(), "c1");
+
+    // Closed: chunks, completion and abort are conflicts; a new stream in the deleted chat is not_found.
     assert_eq!(code(&send_chunk(&api, "s1", 2, "x").await.1), "conflict");
+    let (status, body) = api.post(&format!("{STREAMS}/s2/complete"), json!({})).await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+    assert_eq!(api.delete(&format!("{STREAMS}/s1")).await.0, 409);
+    let (status, body) = api.post(STREAMS, start_body("s4", "m4")).await;
+    assert_eq!((status, code(&body)), (404, "not_found"));
+    let sync = sync_all(&mut laptop).await;
+    let open: Vec<_> = sync.active_streams.iter().map(|s| s.stream_id.as_str()).collect();
+    assert_eq!(open, ["s3"]);
+    let (status, _) = api.post(&format!("{other}/s3/chunks"), json!({"seq": 1, "delta": "still here"})).await;
+    assert_eq!(status, 202);
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@
 mod sync_util;
 mod common;
 
+use chatsync::store::chats::{WriteOp, WriteResult};
 use chatsync::streams::ops::{self, OpError};
 use chatsync::streams::{Appended, Opened, StreamError, StreamInfo, StreamKey};
 use chatsync_client::Client;
@@ -108,6 +109,29 @@ async fn another_users_stream_cannot_be_cancelled_or_started_in_their_chat() {
     let bad = request_raw(&mut alice, "cancel_stream", json!({"chat_id": "c1", "stream_id": "a b"})).await;
     assert_error(&bad, ErrorCode::InvalidPayload, Some("stream_id"));
     assert_quiet(&mut alice).await;
+}
+
+#[tokio::test]
+async fn a_stream_opened_while_its_chat_is_being_deleted_is_closed_again() {
+    // The worst interleaving of `start` and `delete_chat`: the chat passes start's ownership check, then the
+    // deletion commits and lists the chat's streams (none yet), then start opens the stream. Reproduced by
+    // deleting through the store alone (no handler: the keyring still vouches for the chat, and nothing
+    // lists the streams), so start's second look at the store is all that can catch it.
+    let server = TestServer::start().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    set_title(&mut phone, "c1", "t").await;
+    let k = skey("alice", "c1", "s1");
+    ops::start(&server.ctx, &k, &info("m0")).await.unwrap();
+    ops::abort(&server.ctx, &k).await.unwrap(); // the keyring now holds c1's key: the first check passes
+    let del = WriteOp::DeleteChat { owner: "alice".into(), chat_id: "c1".into(), now: 1, event: None };
+    assert!(matches!(server.ctx.chats.write(del).await.unwrap(), WriteResult::Deleted));
+
+    assert!(matches!(ops::start(&server.ctx, &k, &info("m1")).await, Err(OpError::ChatNotFound)));
+    assert!(matches!(ops::chunk(&server.ctx, &k, 1, "x").await, Err(OpError::Stream(StreamError::NotOpen))));
+    assert!(server.ctx.streams.list("alice").await.unwrap().is_empty());
+    expect_msg!(next_event(&mut phone).await, StreamStarted);
+    expect_msg!(next_event(&mut phone).await, StreamCancelled);
+    assert_quiet(&mut phone).await;
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! `delete_chat`: deletes one of the user's chats with its messages, draft and data key, and leaves a
-//! tombstone so the id is never reused. ALL `chat_deleted` `{"chat_id","tombstone":true}`. With a
-//! webhook URL, the deletion records `chat.deleted` in the same transaction.
+//! tombstone so the id is never reused. ALL `chat_deleted` `{"chat_id","tombstone":true}`, after a
+//! `stream_cancelled` (reason `aborted`) for each stream still open in the chat. With a webhook URL, the
+//! deletion records `chat.deleted` in the same transaction.
 
 use super::{Broadcast, Ctx, Outcome};
 use crate::error::Error;
@@ -19,6 +20,7 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: DeleteChat) -> Result<Outco
             crate::webhooks::recorded(ctx);
             ctx.keys.chat_deleted(p.chat_id.as_str());
             ctx.cache.chat_deleted(&conn.user_id, p.chat_id.as_str()).await;
+            crate::streams::ops::chat_deleted(ctx, &conn.user_id, p.chat_id.as_str()).await;
             let event = ChatDeleted { chat_id: p.chat_id, tombstone: true };
             Ok(Outcome::default().broadcast(Broadcast::All(ServerMessage::ChatDeleted(event))))
         }

@@ -9,6 +9,7 @@
 use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey};
 use crate::hub::Audience;
 use crate::keys::ChatAccess;
+use crate::store::chats::ChatLookup;
 use crate::store::now_millis;
 use crate::Ctx;
 use chatsync_protocol::{encode, ServerMessage, StreamCancelReason, StreamChunk, StreamStarted};
@@ -42,6 +43,20 @@ pub async fn start(ctx: &Ctx, key: &StreamKey, info: &StreamInfo) -> Result<Open
         return Err(OpError::ChatNotFound);
     }
     let opened = ctx.streams.open(key, info, now_millis()).await?;
+    if opened == Opened::New {
+        // The chat may have been deleted between the check above and the opening, after the deletion
+        // listed the chat's streams (see [`chat_deleted`]): look again, and close the stream if so. One of
+        // the two always sees the other: the deletion commits before it lists, this opens before it looks.
+        // A failed look closes the stream too, so that a retried start announces it.
+        let gone = match ctx.chats.chat_lookup(key.chat_id.as_str()).await {
+            Ok(lookup) => (lookup == ChatLookup::Deleted).then_some(OpError::ChatNotFound),
+            Err(e) => Some(OpError::Store(e.into())),
+        };
+        if let Some(refusal) = gone {
+            ctx.streams.take(key).await?;
+            return Err(refusal);
+        }
+    }
     if opened == Opened::New {
         metrics::counter!(crate::metrics::STREAMS_STARTED).increment(1);
         let event = ServerMessage::StreamStarted(StreamStarted {
@@ -123,5 +138,27 @@ pub async fn abort(ctx: &Ctx, key: &StreamKey) -> Result<(), OpError> {
             Ok(())
         }
         None => Err(OpError::Stream(StreamError::NotOpen)),
+    }
+}
+
+/// Ends every open stream of a chat that was just deleted (after the deletion committed): ALL get
+/// `stream_cancelled` with reason `aborted`, before the `chat_deleted` the caller broadcasts, and later
+/// chunks or `complete` for those streams get 409 `conflict`. The deletion stands whatever happens here:
+/// a registry failure is logged (the streams then end at their completion, which finds no chat, or by the
+/// idle timeout).
+pub async fn chat_deleted(ctx: &Ctx, user_id: &str, chat_id: &str) {
+    let open = match ctx.streams.list(user_id).await {
+        Ok(open) => open,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the open streams of a deleted chat");
+            return;
+        }
+    };
+    for stream in open.into_iter().filter(|s| s.key.chat_id.as_str() == chat_id) {
+        match ctx.streams.take(&stream.key).await {
+            Ok(Some(_)) => ended_without_message(ctx, &stream.key).await,
+            Ok(None) => {} // completed, aborted or cancelled meanwhile: whoever took it announced it
+            Err(e) => tracing::warn!(error = %e, "cannot close an open stream of a deleted chat"),
+        }
     }
 }
