@@ -367,6 +367,15 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Limits", env = "CHATSYNC_STREAM_IDLE_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_idle_timeout_secs: Option<u64>,
+    /// Sustained /v1/api requests per second per API key on this node; beyond it 429 `rate_limited` with
+    /// Retry-After. 0: no limit (the backend holding the key is trusted to pace itself) [default: 0].
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_API_RATE_PER_SEC", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_rate_per_sec: Option<u32>,
+    /// /v1/api requests per API key allowed in a burst above --api-rate-per-sec [default: the rate].
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_API_RATE_BURST", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_rate_burst: Option<u32>,
     /// Address to listen on [default: 127.0.0.1:8080].
     #[arg(long, help_heading = "Network", env = "CHATSYNC_LISTEN", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -113,6 +113,10 @@ pub struct Config {
     pub stream_idle_timeout_secs: u64,
     /// Most text one stream may accumulate, bytes (beyond it a chunk is `limit_exceeded`).
     pub max_stream_bytes: usize,
+    /// Sustained `/v1/api` requests per second per API key on each node (0: no limit).
+    pub api_rate_per_sec: u32,
+    /// Requests per API key allowed in a burst above the rate (0: one second's worth, the rate itself).
+    pub api_rate_burst: u32,
 }
 
 /// A secret configuration value: its `Debug` never shows it.
@@ -193,6 +197,8 @@ impl Default for Config {
             no_web_demo: false,
             stream_idle_timeout_secs: 60,
             max_stream_bytes: 262_144,
+            api_rate_per_sec: 0,
+            api_rate_burst: 0,
         }
     }
 }

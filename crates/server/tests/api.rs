@@ -60,6 +60,45 @@ async fn a_revoked_api_key_is_refused_at_once() {
 }
 
 #[tokio::test]
+async fn a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not() {
+    let server = TestServer::start_with(|c| {
+        c.api_rate_per_sec = 1;
+        c.api_rate_burst = 3;
+    })
+    .await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    for _ in 0..3 {
+        assert_eq!(api.get("/users/alice").await.0, 200, "the burst passes");
+    }
+    // At one request per second, one of the next 50 is refused (all of them unless the machine needs
+    // more than a second per request).
+    let http = reqwest::Client::new();
+    let mut refused = None;
+    for _ in 0..50 {
+        let resp = http
+            .get(format!("{}/users/alice", server.api_base()))
+            .header("Authorization", format!("Bearer {}", api.key))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 429 {
+            refused = Some(resp);
+            break;
+        }
+    }
+    let resp = refused.expect("a request over the rate is refused");
+    let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "Retry-After in whole seconds, at least 1: {retry}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(error_code(&body), "rate_limited");
+    // Another key has its own bucket; a bad key is still 401, not 429.
+    assert_eq!(server.api().await.get("/users/alice").await.0, 200);
+    let (status, body) = raw(&server, Some("Bearer ck_unknown"), "/users/alice").await;
+    assert_eq!((status, error_code(&body)), (401, "unauthorized"));
+}
+
+#[tokio::test]
 async fn an_api_key_is_not_a_websocket_token() {
     let server = TestServer::start().await;
     let api = server.api().await;

@@ -3,7 +3,8 @@
 //!
 //! A key is `ck_` followed by 32 random bytes in base64url; only its SHA-256 is stored, next to a public
 //! id (`ak_…`) used to list and revoke it. Every request looks the key up in the store, so a revocation is
-//! in force on every node as soon as the command returns (no cache to go stale).
+//! in force on every node as soon as the command returns (no cache to go stale; the embedded store answers
+//! this lookup on the calling thread, see `store/sqlite.rs`).
 
 use super::{ApiError, ApiState};
 use crate::gateway::auth::token_hash;
@@ -32,6 +33,7 @@ pub async fn create(store: &dyn Store, name: Option<&str>) -> Result<(String, St
 
 /// Middleware: lets a request through only with `Authorization: Bearer <api key>` naming an unrevoked
 /// key; 401 `unauthorized` otherwise (the same answer for a missing, malformed, unknown or revoked key).
+/// With `--api-rate-per-sec`, a key over its rate gets 429 `rate_limited` ([`super::rate`]).
 pub async fn authenticate(State(state): State<ApiState>, req: Request, next: Next) -> Response {
     let presented = req
         .headers()
@@ -51,6 +53,11 @@ pub async fn authenticate(State(state): State<ApiState>, req: Request, next: Nex
         }
         Err(e) => return ApiError::from(e).into_response(),
     };
+    if let Some(limit) = &state.rate {
+        if let Err(secs) = limit.charge(&key.key_id, std::time::Instant::now()) {
+            return ApiError::rate_limited(secs).into_response();
+        }
+    }
     let now = now_millis();
     if key.last_used_at.is_none_or(|t| now - t >= TOUCH_EVERY_MS) {
         let store = state.ctx.store.clone();

@@ -10,6 +10,7 @@
 mod devices;
 pub mod keys;
 pub mod messages;
+pub mod rate;
 mod sessions;
 mod streams;
 mod users;
@@ -33,6 +34,8 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 pub struct ApiState {
     /// The node's handler context (the same one the WebSocket handlers use).
     pub ctx: Arc<Ctx>,
+    /// The per-key request limit (`None`: no limit).
+    pub rate: Option<Arc<rate::ApiRateLimit>>,
 }
 
 /// Result of an API handler.
@@ -40,7 +43,8 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 /// The `/v1/api` router: every resource's routes behind the API-key check.
 pub fn router(ctx: Arc<Ctx>) -> Router {
-    let state = ApiState { ctx };
+    let rate = rate::ApiRateLimit::new(ctx.config.api_rate_per_sec, ctx.config.api_rate_burst).map(Arc::new);
+    let state = ApiState { ctx, rate };
     let api = Router::new()
         .merge(users::routes())
         .merge(sessions::routes())
@@ -60,12 +64,14 @@ pub struct ApiError {
     status: StatusCode,
     detail: ApiErrorDetail,
     internal: Option<String>,
+    /// Seconds for `Retry-After` (429 only).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &str, message: impl Into<String>, field: Option<&str>) -> ApiError {
         let detail = ApiErrorDetail { code: code.to_owned(), message: message.into(), field: field.map(str::to_owned) };
-        ApiError { status, detail, internal: None }
+        ApiError { status, detail, internal: None, retry_after: None }
     }
 
     /// 400 `invalid_json`: the body is not JSON.
@@ -109,6 +115,14 @@ impl ApiError {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "limit_exceeded", message, Some(field))
     }
 
+    /// 429 `rate_limited` with `Retry-After: secs`.
+    pub fn rate_limited(secs: u64) -> ApiError {
+        let message = format!("Too many requests with this API key; retry in {secs} s.");
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message, None);
+        e.retry_after = Some(secs);
+        e
+    }
+
     /// 503 `unavailable`; `detail` is logged.
     pub fn unavailable(detail: impl Into<String>) -> ApiError {
         let mut e = ApiError::new(
@@ -145,7 +159,11 @@ impl IntoResponse for ApiError {
             tracing::warn!(code = %self.detail.code, %detail, "API request failed");
         }
         crate::metrics::api_error(&self.detail.code);
-        (self.status, axum::Json(ApiErrorBody { error: self.detail })).into_response()
+        let mut response = (self.status, axum::Json(ApiErrorBody { error: self.detail })).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
