@@ -135,3 +135,81 @@ async fn rows_containing(conn: &mut sqlx::PgConnection, table: &str, column: &st
     let query = if bytea { query.bind(needle.as_bytes()) } else { query.bind(needle) };
     query.fetch_one(conn).await.unwrap().get(0)
 }
+
+/// Calls the group-commit function on `conn` with one `title` op per (owner, chat) (what a node's
+/// writer does with a batch of title writes); returns the outcomes.
+async fn title_batch(mut conn: sqlx::PgConnection, ops: &[(&str, &str)]) -> Result<Vec<String>, sqlx::Error> {
+    let n = ops.len();
+    let none_text: Vec<Option<&str>> = vec![None; n];
+    let none_bytes: Vec<Option<&[u8]>> = vec![None; n];
+    let none_int: Vec<Option<i64>> = vec![None; n];
+    let rows = sqlx::query(
+        "SELECT r_outcome FROM chatsync_write_batch_locked($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+         ORDER BY r_idx",
+    )
+    .bind(vec!["title"; n])
+    .bind(ops.iter().map(|(owner, _)| *owner).collect::<Vec<_>>())
+    .bind(ops.iter().map(|(_, chat)| Some(*chat)).collect::<Vec<_>>())
+    .bind(vec![Some(&b"sealed elsewhere"[..]); n])
+    .bind(&none_bytes)
+    .bind(&none_text)
+    .bind(&none_int)
+    .bind(&none_int)
+    .bind(vec![Some(1_i64); n])
+    .bind(&none_text)
+    .bind(&none_text)
+    .bind(&none_text)
+    .bind(&none_int)
+    .fetch_all(&mut conn)
+    .await?;
+    Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+}
+
+/// Waits until `n` sessions of the database wait for a lock (a liveness bound, not a timing check).
+async fn until_waiting_for_locks(conn: &mut sqlx::PgConnection, n: i64) {
+    for _ in 0..1000 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE '%chatsync_write_batch_locked%' AND datname = current_database()",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{n} batches never waited for a lock");
+}
+
+#[tokio::test]
+async fn batches_of_two_nodes_sharing_owners_queue_instead_of_deadlocking() {
+    // The interleaving that deadlocked before the owner locks (migration 0008), made certain with a third
+    // session holding bob's chat: node 2's batch [bob/b1, alice/a1] queues first for b1; node 1's batch
+    // [alice/a1, bob/b1] locks a1 and queues for b1. When b1 is free, node 2's batch gets it and wants
+    // a1: without the owner locks both wait for each other until PostgreSQL aborts one (40P01).
+    let Some(schema) = PgSchema::create().await else { return };
+    let server = start(&schema).await;
+    for user in ["alice", "bob"] {
+        let token = server.user_token(user).await;
+        let (mut c, _) = server.connect(&token, "laptop").await;
+        set_title(&mut c, if user == "alice" { "a1" } else { "b1" }, "t").await;
+    }
+    let mut watcher = schema.connect().await;
+    for _ in 0..3 {
+        let mut holder = schema.connect().await;
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("SELECT 1 FROM chats WHERE chat_id = 'b1' FOR UPDATE").execute(&mut holder).await.unwrap();
+        let node2 = tokio::spawn(title_batch(schema.connect().await, &[("bob", "b1"), ("alice", "a1")]));
+        until_waiting_for_locks(&mut watcher, 1).await;
+        let node1 = tokio::spawn(title_batch(schema.connect().await, &[("alice", "a1"), ("bob", "b1")]));
+        until_waiting_for_locks(&mut watcher, 2).await;
+        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+        for batch in [node2, node1] {
+            assert_eq!(batch.await.unwrap().expect("no deadlock"), ["applied", "applied"]);
+        }
+    }
+    let mut server = server;
+    server.stop().await;
+}

@@ -1,8 +1,10 @@
 //! [`ChatStore`] for PostgreSQL: reads on the pool; writes through [`WRITERS`] writer tasks per process,
 //! each of which takes the writes queued to it (up to [`MAX_BATCH`]) and applies them as one batch in
-//! ONE statement, `SELECT * FROM chatsync_write_batch(…arrays…)` (a PL/pgSQL function, migration
-//! `0003_write_batch.sql`), which is its own transaction: one round trip and one commit (one WAL flush)
-//! per batch (group commit). Writes are spread over the writers by owner: one user's writes are applied
+//! ONE statement, `SELECT * FROM chatsync_write_batch_locked(…arrays…)` (PL/pgSQL functions, migrations
+//! `0003_write_batch.sql`, `0006_senders_read.sql` and `0008_batch_owner_locks.sql`), which is its own
+//! transaction: one round trip and one commit (one WAL flush) per batch (group commit). The batch first
+//! takes an advisory lock per distinct owner, in one global order, so batches of different nodes that
+//! share owners queue instead of deadlocking (PostgreSQL would break a deadlock only after a second). Writes are spread over the writers by owner: one user's writes are applied
 //! in order by one writer; batches of different users overlap.
 //!
 //! Correctness never rests on the writer being alone: several gateway nodes may write to one database.
@@ -268,7 +270,7 @@ impl<'a> BatchArgs<'a> {
 }
 
 /// The call of the batch function; its arguments `$1`…`$BATCH_ARGS` are bound first in `apply_batch`.
-const BATCH_CALL: &str = "chatsync_write_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+const BATCH_CALL: &str = "chatsync_write_batch_locked($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 /// How many parameters [`BATCH_CALL`] takes (the webhook events' parameters come after them).
 const BATCH_ARGS: usize = 13;
 
