@@ -276,22 +276,27 @@ pub struct Backend {
 }
 
 /// Opens the store named by `url` (`sqlite://PATH`, or `postgres://…` / `postgresql://…`), creating
-/// and migrating it as needed.
+/// and migrating it as needed, for a server (or `keys rotate`): a PostgreSQL pool is opened in full.
 pub async fn open_backend(url: &str, durability: Durability) -> Result<Backend, anyhow::Error> {
+    open_with(url, durability, true).await
+}
+
+/// Opens only the identity half (CLI commands; always fully durable; a PostgreSQL pool that opens
+/// connections only as the command needs them).
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, anyhow::Error> {
+    Ok(open_with(url, Durability::Full, false).await?.identity)
+}
+
+async fn open_with(url: &str, durability: Durability, serving: bool) -> Result<Backend, anyhow::Error> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let store = Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path), durability).await?);
         return Ok(Backend { identity: store.clone(), chats: store.clone(), events: store });
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = Arc::new(pg::PgStore::open(url, durability).await?);
+        let store = Arc::new(pg::PgStore::open(url, durability, serving).await?);
         return Ok(Backend { identity: store.clone(), chats: store.clone(), events: store });
     }
     anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH, postgres://USER@HOST:PORT/DB)")
-}
-
-/// Opens only the identity half (CLI commands; always fully durable).
-pub async fn open(url: &str) -> Result<Arc<dyn Store>, anyhow::Error> {
-    Ok(open_backend(url, Durability::Full).await?.identity)
 }
 
 /// Milliseconds since the Unix epoch, from the server clock.

@@ -32,7 +32,13 @@ impl PgStore {
     /// migrations. With [`super::Durability::Normal`] the connections use `synchronous_commit = off`:
     /// a crash of the chatsync process loses nothing acknowledged, a crash of the PostgreSQL server may
     /// lose the last moments of writes (never corrupting anything).
-    pub async fn open(url: &str, durability: super::Durability) -> anyhow::Result<PgStore> {
+    ///
+    /// `serving` (a server, not a one-off command) keeps the pool full ([`POOL_SIZE`] connections, opened
+    /// before this returns): otherwise the pool grows on demand, and the first burst of requests after a
+    /// start waits for PostgreSQL to start a backend per connection (a process each, tens of ms of CPU on
+    /// a small machine) while it is also serving that burst — in the three-node benchmark the seconds after
+    /// the first writes held most of the latency tail.
+    pub async fn open(url: &str, durability: super::Durability, serving: bool) -> anyhow::Result<PgStore> {
         let mut options = PgConnectOptions::from_str(url).context("invalid PostgreSQL URL")?;
         if durability == super::Durability::Normal {
             options = options.options([("synchronous_commit", "off")]);
@@ -45,6 +51,7 @@ impl PgStore {
         let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
+            .min_connections(if serving { POOL_SIZE } else { 0 })
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
@@ -53,6 +60,12 @@ impl PgStore {
             .run(&pool)
             .await
             .with_context(|| format!("cannot migrate the PostgreSQL database at {}", redact(url)))?;
+        if serving {
+            let conns = futures_util::future::join_all((0..POOL_SIZE).map(|_| pool.acquire())).await;
+            if let Some(Err(e)) = conns.into_iter().find(Result::is_err) {
+                tracing::warn!(error = %e, "could not open every PostgreSQL connection at start; the pool grows on demand");
+            }
+        }
         let writer = super::pg_chats::Writer::start(pool.clone());
         Ok(PgStore { pool, writer })
     }
