@@ -38,8 +38,12 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Writer tasks per process, each with its own queue and (per batch) its own connection. A write goes
 /// to the writer of its owner, so one user's writes stay in order; different users' batches commit in
-/// parallel, overlapping their round trips to the server.
-const WRITERS: usize = 4;
+/// parallel, overlapping their round trips to the server. One: the writes that queue while a batch is
+/// in flight form the next batch, so at ordinary load batches are larger and PostgreSQL runs fewer
+/// transactions (three-node `fanout` at 2,000 writes/s: ~460 instead of ~1,100 per second, 38% less
+/// PostgreSQL CPU than with four writers), and the saturation ceiling stayed within the noise of the
+/// measurement (BENCHMARKS.md). More writers help only when a commit waits long (a slow WAL flush).
+const WRITERS: usize = 1;
 /// Most writes in one group-commit batch (one statement).
 const MAX_BATCH: usize = 256;
 /// Queued writes per writer before `write` waits (backpressure).
@@ -421,18 +425,22 @@ impl ChatStore for PgStore {
     }
 
     async fn chat_lookup(&self, chat_id: &str) -> Result<ChatLookup, StoreError> {
-        let row = sqlx::query("SELECT owner, chat_key, kek_id FROM chats WHERE chat_id = $1")
-            .bind(chat_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        if let Some(r) = row {
-            return Ok(ChatLookup::Exists { owner: r.get(0), key: WrappedKey { wrapped: r.get(1), kek_id: r.get(2) } });
-        }
-        let gone = sqlx::query("SELECT 1 FROM chat_tombstones WHERE chat_id = $1")
-            .bind(chat_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(if gone.is_some() { ChatLookup::Deleted } else { ChatLookup::Absent })
+        // One round trip: the chat, or else whether a tombstone holds the id (a first write to a new
+        // chat looks up an absent id, and at a cold start every chat is new).
+        let row = sqlx::query(
+            "SELECT owner, chat_key, kek_id FROM chats WHERE chat_id = $1 \
+             UNION ALL SELECT NULL, NULL, NULL FROM chat_tombstones WHERE chat_id = $1 LIMIT 1",
+        )
+        .bind(chat_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => ChatLookup::Absent,
+            Some(r) => match r.get::<Option<String>, _>(0) {
+                Some(owner) => ChatLookup::Exists { owner, key: WrappedKey { wrapped: r.get(1), kek_id: r.get(2) } },
+                None => ChatLookup::Deleted,
+            },
+        })
     }
 
     async fn user_key(&self, user_id: &str) -> Result<Option<WrappedKey>, StoreError> {
