@@ -13,6 +13,8 @@
 #   USERS=N DEVICES=D   sessions to issue (default 2000 x 3)
 #   NODES=N       nodes (default 3)
 #   SERVER_ARGS="..."   extra `chatsync serve` options (e.g. --durability normal)
+#   SERVER_BIN=path   serve with this chatsync binary instead of the fresh build (to compare two builds
+#                 in one session: copy the first build aside, change, rebuild, run both)
 # Example:
 #   scripts/bench/cluster.sh fanout --duration 30
 set -euo pipefail
@@ -57,7 +59,7 @@ URLS=()
 for n in $(seq 1 "$NODES"); do
     PORT=$(free_port)
     # shellcheck disable=SC2086
-    target/release/chatsync --data-dir "$DATA/node$n" "${COMMON[@]}" serve --listen "127.0.0.1:$PORT" \
+    "${SERVER_BIN:-target/release/chatsync}" --data-dir "$DATA/node$n" "${COMMON[@]}" serve --listen "127.0.0.1:$PORT" \
         --max-connections 30000 --log-level warn ${SERVER_ARGS:-} > "$DATA/node$n.log" 2>&1 &
     PIDS+=($!)
     wait_listen "$PORT" "$!" 30

@@ -8,6 +8,7 @@
 #
 # Usage: scripts/bench/stream.sh [STREAMS] [CHUNKS_PER_SEC] [DURATION_SECS]   (default 200 20 10)
 #   OUT_DIR=dir   where stream-chatsync.json goes (default target/bench)
+#   SERVER_BIN=path   serve with this chatsync binary instead of the fresh build (to compare two builds)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/bench/lib.sh
@@ -23,7 +24,7 @@ cleanup() { stop_pid "$PID"; rm -rf "$DATA"; }
 trap cleanup EXIT
 "$B/chatsync" --data-dir "$DATA" sessions issue-bulk --users "$STREAMS" --devices 3 --prefix bs > "$DATA/tokens.jsonl"
 KEY=$("$B/chatsync" --data-dir "$DATA" api-keys create --name bench)
-"$B/chatsync" --data-dir "$DATA" serve --listen "127.0.0.1:$PORT" --durability normal --log-level warn &
+"${SERVER_BIN:-$B/chatsync}" --data-dir "$DATA" serve --listen "127.0.0.1:$PORT" --durability normal --log-level warn &
 PID=$!
 wait_listen "$PORT" "$PID" 30
 "$B/chatsync-bench" --no-progress --url "ws://127.0.0.1:$PORT/v1/ws" --tokens "$DATA/tokens.jsonl" \
