@@ -372,7 +372,8 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Limits", env = "CHATSYNC_API_RATE_PER_SEC", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_rate_per_sec: Option<u32>,
-    /// /v1/api requests per API key allowed in a burst above --api-rate-per-sec [default: the rate].
+    /// Size of each API key's bucket: the requests a key may send at once after a quiet period (then
+    /// --api-rate-per-sec refills it) [default: the rate].
     #[arg(long, help_heading = "Limits", env = "CHATSYNC_API_RATE_BURST", value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_rate_burst: Option<u32>,
@@ -655,7 +656,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(_) => unreachable!("handled above"),
         Command::Keys(KeysArgs { command: KeysCommand::Rotate, .. }) => {
             crate::logging::init(config.log_format, "warn");
-            let backend = store::open_backend(&config.store_url(), config.durability).await?;
+            let backend = store::open_command_backend(&config.store_url(), config.durability).await?;
             let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
             // With an environment key the new key is printed before the store is re-wrapped under it:
             // printed after, a crash in between would leave data that no known key opens.

@@ -115,7 +115,7 @@ pub struct Config {
     pub max_stream_bytes: usize,
     /// Sustained `/v1/api` requests per second per API key on each node (0: no limit).
     pub api_rate_per_sec: u32,
-    /// Requests per API key allowed in a burst above the rate (0: one second's worth, the rate itself).
+    /// Size of each API key's bucket, requests (0: one second's worth, the rate itself).
     pub api_rate_burst: u32,
 }
 

@@ -129,8 +129,31 @@ async fn a_stream_opened_while_its_chat_is_being_deleted_is_closed_again() {
     assert!(matches!(ops::start(&server.ctx, &k, &info("m1")).await, Err(OpError::ChatNotFound)));
     assert!(matches!(ops::chunk(&server.ctx, &k, 1, "x").await, Err(OpError::Stream(StreamError::NotOpen))));
     assert!(server.ctx.streams.list("alice").await.unwrap().is_empty());
+    // Devices see the stream end after its start: nothing is left open on them.
+    for message_id in ["m0", "m1"] {
+        assert_eq!(expect_msg!(next_event(&mut phone).await, StreamStarted).message_id.as_str(), message_id);
+        let ended = expect_msg!(next_event(&mut phone).await, StreamCancelled);
+        assert_eq!((ended.stream_id.as_str(), ended.reason), ("s1", StreamCancelReason::Aborted));
+    }
+    assert_quiet(&mut phone).await;
+}
+
+#[tokio::test]
+async fn a_failed_completion_does_not_reopen_a_stream_whose_chat_was_deleted_meanwhile() {
+    // `complete` took the stream; the chat was deleted (the deletion found no open stream to end); then
+    // storing the message failed and the stream is put back: it must end instead of living on.
+    let server = TestServer::start().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    set_title(&mut phone, "c1", "t").await;
+    let k = skey("alice", "c1", "s1");
+    ops::start(&server.ctx, &k, &info("m1")).await.unwrap();
+    let taken = ops::take_for_completion(&server.ctx, &k).await.unwrap().expect("open");
+    let del = WriteOp::DeleteChat { owner: "alice".into(), chat_id: "c1".into(), now: 1, event: None };
+    assert!(matches!(server.ctx.chats.write(del).await.unwrap(), WriteResult::Deleted));
+    ops::completion_failed(&server.ctx, taken).await;
+    assert!(server.ctx.streams.list("alice").await.unwrap().is_empty(), "not reopened");
     expect_msg!(next_event(&mut phone).await, StreamStarted);
-    expect_msg!(next_event(&mut phone).await, StreamCancelled);
+    assert_eq!(expect_msg!(next_event(&mut phone).await, StreamCancelled).reason, StreamCancelReason::Aborted);
     assert_quiet(&mut phone).await;
 }
 

@@ -5,9 +5,10 @@
 -- create chats on three nodes at once, that was a stall of 1-3 s (found in the three-node benchmark).
 --
 -- chatsync_write_batch_locked takes a transaction-scoped advisory lock per distinct owner of the batch,
--- in one global order (by hash) and before any row lock; every row a batch locks belongs to one of its
--- owners, so batches that share an owner run one after the other and the rest never wait for each other.
--- (Two owners whose 32-bit hashes collide only share a lock.) The first key, 0x63730001, keeps these
+-- in one global order (by hash) and before any row lock; the rows a batch locks belong to its owners, so
+-- batches that share an owner run one after the other. (Two owners whose 32-bit hashes collide only share
+-- a lock. Two owners creating the same chat id at once still meet on the unique index, which PostgreSQL's
+-- deadlock check resolves as before.) The first key, 0x63730001, keeps these
 -- locks apart from any other advisory locks of the database.
 CREATE FUNCTION chatsync_write_batch_locked(
     kinds TEXT[], owners TEXT[], chat_ids TEXT[], payloads BYTEA[], create_keys BYTEA[], kek_ids TEXT[],

@@ -276,9 +276,15 @@ pub struct Backend {
 }
 
 /// Opens the store named by `url` (`sqlite://PATH`, or `postgres://…` / `postgresql://…`), creating
-/// and migrating it as needed, for a server (or `keys rotate`): a PostgreSQL pool is opened in full.
+/// and migrating it as needed, for a server: a PostgreSQL pool is opened in full.
 pub async fn open_backend(url: &str, durability: Durability) -> Result<Backend, anyhow::Error> {
     open_with(url, durability, true).await
+}
+
+/// [`open_backend`] for a one-off command (`keys rotate`): a PostgreSQL pool that opens connections only as
+/// the command needs them.
+pub async fn open_command_backend(url: &str, durability: Durability) -> Result<Backend, anyhow::Error> {
+    open_with(url, durability, false).await
 }
 
 /// Opens only the identity half (CLI commands; always fully durable; a PostgreSQL pool that opens

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 /// Connections in the pool (reads, identity writes, and the chat writers' batches: one each).
 const POOL_SIZE: u32 = 12;
+/// How long a server's start waits for its whole pool to open.
+const WARM_UP: Duration = Duration::from_secs(3);
 /// How long a call waits for a free connection (or for a new one to be established).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,11 +35,11 @@ impl PgStore {
     /// a crash of the chatsync process loses nothing acknowledged, a crash of the PostgreSQL server may
     /// lose the last moments of writes (never corrupting anything).
     ///
-    /// `serving` (a server, not a one-off command) keeps the pool full ([`POOL_SIZE`] connections, opened
-    /// before this returns): otherwise the pool grows on demand, and the first burst of requests after a
-    /// start waits for PostgreSQL to start a backend per connection (a process each, tens of ms of CPU on
-    /// a small machine) while it is also serving that burst — in the three-node benchmark the seconds after
-    /// the first writes held most of the latency tail.
+    /// `serving` (a server, not a one-off command) opens the whole pool ([`POOL_SIZE`] connections) before
+    /// this returns and keeps it full: otherwise the pool grows on demand, and the first burst of requests
+    /// after a start waits for PostgreSQL to start a backend per connection (a process each, tens of ms of
+    /// CPU on a small machine) while it is also serving that burst. Best effort: a server whose
+    /// PostgreSQL has fewer free connections still starts (after at most [`WARM_UP`]) and grows on demand.
     pub async fn open(url: &str, durability: super::Durability, serving: bool) -> anyhow::Result<PgStore> {
         let mut options = PgConnectOptions::from_str(url).context("invalid PostgreSQL URL")?;
         if durability == super::Durability::Normal {
@@ -49,21 +51,28 @@ impl PgStore {
             .await
             .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
         let _ = probe.close().await;
+        // Lazy: the pool's maintenance keeps `min_connections` open when it can, never failing the start.
         let pool = PgPoolOptions::new()
             .max_connections(POOL_SIZE)
             .min_connections(if serving { POOL_SIZE } else { 0 })
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await
-            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+            .connect_lazy_with(options);
         sqlx::migrate!("migrations/postgres")
             .run(&pool)
             .await
             .with_context(|| format!("cannot migrate the PostgreSQL database at {}", redact(url)))?;
         if serving {
-            let conns = futures_util::future::join_all((0..POOL_SIZE).map(|_| pool.acquire())).await;
-            if let Some(Err(e)) = conns.into_iter().find(Result::is_err) {
-                tracing::warn!(error = %e, "could not open every PostgreSQL connection at start; the pool grows on demand");
+            let all = futures_util::future::join_all((0..POOL_SIZE).map(|_| pool.acquire()));
+            let opened = match tokio::time::timeout(WARM_UP, all).await {
+                Ok(conns) => conns.iter().filter(|c| c.is_ok()).count(),
+                Err(_) => 0,
+            };
+            if opened < POOL_SIZE as usize {
+                tracing::warn!(
+                    opened,
+                    wanted = POOL_SIZE,
+                    "could not open every PostgreSQL connection at start (is max_connections too low?); the pool grows on demand"
+                );
             }
         }
         let writer = super::pg_chats::Writer::start(pool.clone());

@@ -36,12 +36,12 @@ pub struct SqliteStore {
 /// WebSocket authentication), answered on the calling thread by connections of their own. Reading a row
 /// by its key from pages in memory takes a few µs; handing the query to a pool connection's thread and
 /// waking the task again costs more than the query (in the `stream` benchmark's profile the hand-off was
-/// about a fifth of the server's CPU). A lookup never waits: when both connections are in use, or SQLite
-/// cannot take its read lock at once (busy timeout 0), the lookup goes to the pool as before, so the
-/// runtime's threads are never held by a lock. The rows read are tiny and always current: this is not
-/// a cache (a revocation committed by another process is seen by the next lookup).
+/// about a fifth of the server's CPU). A lookup does not wait for other connections: when both reserved
+/// connections are in use, or SQLite cannot take its read lock at once (busy timeout 0), the lookup goes
+/// to the pool as before. The rows read are tiny and always current: this is not a cache (a revocation
+/// committed by another process is seen by the next lookup). [`Store::close`] closes both connections.
 struct InlineReads {
-    conns: [parking_lot::Mutex<rusqlite::Connection>; 2],
+    conns: [parking_lot::Mutex<Option<rusqlite::Connection>>; 2],
 }
 
 impl InlineReads {
@@ -51,15 +51,16 @@ impl InlineReads {
             let conn = rusqlite::Connection::open_with_flags(path, flags)?;
             conn.busy_timeout(Duration::ZERO)?;
             conn.execute_batch("PRAGMA query_only = ON;")?;
-            Ok(parking_lot::Mutex::new(conn))
+            Ok(parking_lot::Mutex::new(Some(conn)))
         };
         Ok(InlineReads { conns: [open()?, open()?] })
     }
 
-    /// Runs `read` on a free connection, or `None` (use the pool) when none is free or the read failed.
+    /// Runs `read` on a free connection, or `None` (use the pool) when none is free (or closed) or the read
+    /// failed.
     fn try_read<T>(&self, read: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>) -> Option<T> {
-        let conn = self.conns.iter().find_map(|c| c.try_lock())?;
-        match read(&conn) {
+        let guard = self.conns.iter().find_map(|c| c.try_lock().filter(|g| g.is_some()))?;
+        match read(guard.as_ref()?) {
             Ok(found) => Some(found),
             Err(e) => {
                 tracing::debug!(error = %e, "inline lookup failed; asking the pool");
@@ -160,11 +161,11 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .with_context(|| format!("cannot open database {}", path.display()))?;
+        let inline = InlineReads::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
         let writer = super::sqlite_chats::Writer::start(path, durability)
             .with_context(|| format!("cannot open database {} for writing", path.display()))?;
         let (sightings, queue) = tokio::sync::mpsc::channel(4 * MAX_SIGHTINGS);
         tokio::spawn(record_sightings(pool.clone(), queue));
-        let inline = InlineReads::open(path).with_context(|| format!("cannot open database {}", path.display()))?;
         Ok(SqliteStore { pool, reads, writer, sightings, inline })
     }
 }
@@ -452,6 +453,9 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
+        for conn in &self.inline.conns {
+            conn.lock().take();
+        }
         self.writer.close().await;
         self.reads.close().await;
         self.pool.close().await;
@@ -519,7 +523,7 @@ mod tests {
         store.create_api_key("ak_1", &[9; 32], Some("k"), 2).await.unwrap();
 
         let inline = (store.session_by_token_hash(&[7; 32]).await.unwrap(), store.api_key_by_hash(&[9; 32]).await);
-        let held: Vec<_> = store.inline.conns.iter().map(|c| c.lock()).collect();
+        let held: Vec<_> = store.inline.conns.iter().map(|c| c.lock()).collect(); // both busy: the pool answers
         let pooled = (store.session_by_token_hash(&[7; 32]).await.unwrap(), store.api_key_by_hash(&[9; 32]).await);
         drop(held);
         assert_eq!(inline.0, pooled.0);

@@ -44,20 +44,6 @@ pub async fn start(ctx: &Ctx, key: &StreamKey, info: &StreamInfo) -> Result<Open
     }
     let opened = ctx.streams.open(key, info, now_millis()).await?;
     if opened == Opened::New {
-        // The chat may have been deleted between the check above and the opening, after the deletion
-        // listed the chat's streams (see [`chat_deleted`]): look again, and close the stream if so. One of
-        // the two always sees the other: the deletion commits before it lists, this opens before it looks.
-        // A failed look closes the stream too, so that a retried start announces it.
-        let gone = match ctx.chats.chat_lookup(key.chat_id.as_str()).await {
-            Ok(lookup) => (lookup == ChatLookup::Deleted).then_some(OpError::ChatNotFound),
-            Err(e) => Some(OpError::Store(e.into())),
-        };
-        if let Some(refusal) = gone {
-            ctx.streams.take(key).await?;
-            return Err(refusal);
-        }
-    }
-    if opened == Opened::New {
         metrics::counter!(crate::metrics::STREAMS_STARTED).increment(1);
         let event = ServerMessage::StreamStarted(StreamStarted {
             chat_id: key.chat_id.clone(),
@@ -67,8 +53,42 @@ pub async fn start(ctx: &Ctx, key: &StreamKey, info: &StreamInfo) -> Result<Open
             meta: info.meta.clone(),
         });
         ctx.hub.deliver(&key.user_id, Audience::All, encode(&event, None).into()).await;
+        if still_deleted(ctx, key).await {
+            return Err(OpError::ChatNotFound);
+        }
     }
     Ok(opened)
+}
+
+/// After a stream was opened (or put back) and announced: if its chat was deleted meanwhile, ends it
+/// (`true`). The deletion may have listed the chat's streams before this one was open (see
+/// [`chat_deleted`]); looking at the chat after opening closes that gap, since one of the two always sees
+/// the other (the deletion commits before it lists; this opens before it looks). The end is announced
+/// after the stream's own announcement, even when the deletion took the stream first and announced it
+/// earlier: a device may see `stream_cancelled` twice, never a stream left open. A failed look leaves the
+/// stream open (its chat is looked at again when it completes; the idle timeout ends it otherwise).
+async fn still_deleted(ctx: &Ctx, key: &StreamKey) -> bool {
+    match ctx.chats.chat_lookup(key.chat_id.as_str()).await {
+        Ok(ChatLookup::Deleted) => {
+            match ctx.streams.take(key).await {
+                Ok(Some(_)) => ended_without_message(ctx, key).await,
+                // The deletion took it (and announced its end, perhaps before this stream's start).
+                Ok(None) => {
+                    let frame = super::cancelled_frame(key, StreamCancelReason::Aborted);
+                    ctx.hub.deliver(&key.user_id, Audience::All, frame.into()).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot close a stream whose chat was deleted; the idle timeout will")
+                }
+            }
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check the chat of a stream just opened");
+            false
+        }
+    }
 }
 
 /// Accepts chunk `seq` and delivers it to ALL as `stream_chunk`; a repeated `seq` is ignored.
@@ -93,11 +113,15 @@ pub async fn take_for_completion(ctx: &Ctx, key: &StreamKey) -> Result<Option<Op
     Ok(ctx.streams.take(key).await?)
 }
 
-/// Puts back a stream whose message could not be stored, so that the backend can retry `complete`.
+/// Puts back a stream whose message could not be stored, so that the backend can retry `complete`; if
+/// its chat was deleted while it was out of the registry, ends it instead (as [`start`] does).
 pub async fn completion_failed(ctx: &Ctx, stream: OpenStream) {
+    let key = stream.key.clone();
     if let Err(e) = ctx.streams.restore(stream, now_millis()).await {
         tracing::warn!(error = %e, "a stream whose completion failed could not be reopened");
+        return;
     }
+    still_deleted(ctx, &key).await;
 }
 
 /// Announces a stored stream message to ALL with `stream_completed` (nothing else of the stream follows).
