@@ -38,6 +38,9 @@ pub struct Config {
     pub redis_sharded_pubsub: bool,
     /// When a write counts as durable (embedded store).
     pub durability: crate::store::Durability,
+    /// Embedded store: how long, microseconds, the writer waits after a write reaches it idle for more
+    /// writes to share the transaction (and its fsync); 0: commit at once.
+    pub commit_window_us: u64,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `chatsync=debug`.
@@ -161,6 +164,7 @@ impl Default for Config {
             redis_prefix: "chatsync:".into(),
             redis_sharded_pubsub: false,
             durability: crate::store::Durability::Full,
+            commit_window_us: 1000,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             max_frame_bytes: l.max_frame_bytes,
@@ -245,6 +249,12 @@ impl Config {
             if v == 0 {
                 return Err(format!("{name} must be greater than 0"));
             }
+        }
+        if self.commit_window_us > 100_000 {
+            return Err(
+                "commit_window_us is at most 100000 (100 ms): every write that finds the writer idle waits that long"
+                    .into(),
+            );
         }
         if self.jwt_hs256_secret.is_some() && self.jwt_public_key_file.is_some() {
             return Err("jwt_hs256_secret and jwt_public_key_file are exclusive: configure one".into());
@@ -349,6 +359,17 @@ mod tests {
         rate_burst: Option<u32>,
         #[serde(skip_serializing_if = "Option::is_none")]
         max_frame_bytes: Option<u32>,
+    }
+
+    #[test]
+    fn validation_refuses_zero_limits_and_a_commit_window_past_100_ms() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let zero_rate = Config { rate_per_sec: 0, ..Config::default() };
+        assert_eq!(zero_rate.validate().unwrap_err(), "rate_per_sec must be greater than 0");
+        assert_eq!(Config { commit_window_us: 0, ..Config::default() }.validate(), Ok(()), "0 commits at once");
+        assert_eq!(Config { commit_window_us: 100_000, ..Config::default() }.validate(), Ok(()));
+        let too_long = Config { commit_window_us: 100_001, ..Config::default() };
+        assert!(too_long.validate().unwrap_err().starts_with("commit_window_us is at most 100000"));
     }
 
     #[test]

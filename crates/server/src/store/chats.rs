@@ -295,6 +295,10 @@ pub trait ChatStore: Send + Sync + 'static {
         std::future::pending().await
     }
 
+    /// Sets how long the writer waits, when a write reaches it idle, for more writes to share the
+    /// transaction (`--commit-window-us`); backends that batch otherwise ignore it.
+    fn set_commit_window(&self, _window: std::time::Duration) {}
+
     /// Fault injection into the backend's writer, for tests; `None` for backends without one.
     #[doc(hidden)]
     fn writer_faults(&self) -> Option<std::sync::Arc<super::WriterFaults>> {

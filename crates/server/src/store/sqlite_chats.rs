@@ -60,6 +60,8 @@ pub(super) struct Writer {
     faults: Arc<WriterFaults>,
     /// Becomes `Some(reason)` when the writer gives up.
     gave_up: watch::Receiver<Option<String>>,
+    /// The commit window, µs (see [`Supervisor::serve`]).
+    window_us: Arc<AtomicU64>,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -279,8 +281,15 @@ impl Writer {
         let checkpoints = std::thread::Builder::new()
             .name("chatsync-checkpoint".into())
             .spawn(move || checkpoint(checkpointer, stopped, wanted, &knobs))?;
-        let supervisor =
-            Supervisor { path: path.to_owned(), durability, faults: faults.clone(), gave_up: gave_up_tx, reset_round };
+        let window_us = Arc::new(AtomicU64::new(0));
+        let supervisor = Supervisor {
+            path: path.to_owned(),
+            durability,
+            faults: faults.clone(),
+            gave_up: gave_up_tx,
+            reset_round,
+            window_us: window_us.clone(),
+        };
         let thread = std::thread::Builder::new().name("chatsync-writer".into()).spawn(move || {
             supervisor.run(conn, rx);
             // The final checkpoint is part of closing: it must not run into whoever opens the database next.
@@ -294,6 +303,7 @@ impl Writer {
             thread: parking_lot::Mutex::new(Some(thread)),
             faults,
             gave_up,
+            window_us,
         })
     }
 
@@ -335,6 +345,8 @@ struct Supervisor {
     gave_up: watch::Sender<Option<String>>,
     /// Raised by the checkpoint thread, once a pass, while the WAL should start over (see [`checkpoint`]).
     reset_round: Arc<AtomicU64>,
+    /// The commit window, µs: see [`Supervisor::serve`].
+    window_us: Arc<AtomicU64>,
 }
 
 impl Supervisor {
@@ -429,6 +441,13 @@ impl Supervisor {
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
             faults.wait_while_held();
+            // The commit window: a write that finds the writer idle waits a moment for others to share its
+            // transaction (one commit, one fsync, and the writer sleeps through their arrival instead of
+            // being woken for each). Under load a queue is already waiting and nothing sleeps.
+            let window = self.window_us.load(Ordering::Relaxed);
+            if window > 0 && rx.is_empty() {
+                std::thread::sleep(Duration::from_micros(window));
+            }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(job) => batch.push(job),
@@ -1019,5 +1038,9 @@ impl ChatStore for SqliteStore {
 
     fn writer_faults(&self) -> Option<Arc<WriterFaults>> {
         Some(self.writer.faults.clone())
+    }
+
+    fn set_commit_window(&self, window: std::time::Duration) {
+        self.writer.window_us.store(u64::try_from(window.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 }
