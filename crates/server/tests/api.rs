@@ -11,12 +11,16 @@ fn error_code(body: &serde_json::Value) -> &str {
     body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
 }
 
-async fn raw(server: &TestServer, auth: Option<&str>, path: &str) -> (u16, serde_json::Value) {
+async fn raw_response(server: &TestServer, auth: Option<&str>, path: &str) -> reqwest::Response {
     let mut req = reqwest::Client::new().get(format!("{}{path}", server.api_base()));
     if let Some(auth) = auth {
         req = req.header("Authorization", auth);
     }
-    let resp = req.send().await.unwrap();
+    req.send().await.unwrap()
+}
+
+async fn raw(server: &TestServer, auth: Option<&str>, path: &str) -> (u16, serde_json::Value) {
+    let resp = raw_response(server, auth, path).await;
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
@@ -73,15 +77,9 @@ async fn a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not() {
     }
     // At one request per second, one of the next 50 is refused (all of them unless the machine needs
     // more than a second per request).
-    let http = reqwest::Client::new();
     let mut refused = None;
     for _ in 0..50 {
-        let resp = http
-            .get(format!("{}/users/alice", server.api_base()))
-            .header("Authorization", format!("Bearer {}", api.key))
-            .send()
-            .await
-            .unwrap();
+        let resp = raw_response(&server, Some(&format!("Bearer {}", api.key)), "/users/alice").await;
         if resp.status() == 429 {
             refused = Some(resp);
             break;

@@ -111,6 +111,20 @@ async fn another_users_stream_cannot_be_cancelled_or_started_in_their_chat() {
     assert_quiet(&mut alice).await;
 }
 
+/// alice with a phone and her chat c1, and the key of stream s1 in it.
+async fn alice_with_chat(server: &TestServer) -> (Client, StreamKey) {
+    let mut phone = new_user(server, "alice", "phone").await;
+    set_title(&mut phone, "c1", "t").await;
+    (phone, skey("alice", "c1", "s1"))
+}
+
+/// Deletes alice's c1 in the store only, as a deletion committing at the worst moment would have: no
+/// handler runs, so nothing ends the chat's streams and the keyring still vouches for the chat.
+async fn delete_behind_the_handlers(server: &TestServer) {
+    let del = WriteOp::DeleteChat { owner: "alice".into(), chat_id: "c1".into(), now: 1, event: None };
+    assert!(matches!(server.ctx.chats.write(del).await.unwrap(), WriteResult::Deleted));
+}
+
 #[tokio::test]
 async fn a_stream_opened_while_its_chat_is_being_deleted_is_closed_again() {
     // The worst interleaving of `start` and `delete_chat`: the chat passes start's ownership check, then the
@@ -118,13 +132,10 @@ async fn a_stream_opened_while_its_chat_is_being_deleted_is_closed_again() {
     // deleting through the store alone (no handler: the keyring still vouches for the chat, and nothing
     // lists the streams), so start's second look at the store is all that can catch it.
     let server = TestServer::start().await;
-    let mut phone = new_user(&server, "alice", "phone").await;
-    set_title(&mut phone, "c1", "t").await;
-    let k = skey("alice", "c1", "s1");
+    let (mut phone, k) = alice_with_chat(&server).await;
     ops::start(&server.ctx, &k, &info("m0")).await.unwrap();
     ops::abort(&server.ctx, &k).await.unwrap(); // the keyring now holds c1's key: the first check passes
-    let del = WriteOp::DeleteChat { owner: "alice".into(), chat_id: "c1".into(), now: 1, event: None };
-    assert!(matches!(server.ctx.chats.write(del).await.unwrap(), WriteResult::Deleted));
+    delete_behind_the_handlers(&server).await;
 
     assert!(matches!(ops::start(&server.ctx, &k, &info("m1")).await, Err(OpError::ChatNotFound)));
     assert!(matches!(ops::chunk(&server.ctx, &k, 1, "x").await, Err(OpError::Stream(StreamError::NotOpen))));
@@ -143,13 +154,10 @@ async fn a_failed_completion_does_not_reopen_a_stream_whose_chat_was_deleted_mea
     // `complete` took the stream; the chat was deleted (the deletion found no open stream to end); then
     // storing the message failed and the stream is put back: it must end instead of living on.
     let server = TestServer::start().await;
-    let mut phone = new_user(&server, "alice", "phone").await;
-    set_title(&mut phone, "c1", "t").await;
-    let k = skey("alice", "c1", "s1");
+    let (mut phone, k) = alice_with_chat(&server).await;
     ops::start(&server.ctx, &k, &info("m1")).await.unwrap();
     let taken = ops::take_for_completion(&server.ctx, &k).await.unwrap().expect("open");
-    let del = WriteOp::DeleteChat { owner: "alice".into(), chat_id: "c1".into(), now: 1, event: None };
-    assert!(matches!(server.ctx.chats.write(del).await.unwrap(), WriteResult::Deleted));
+    delete_behind_the_handlers(&server).await;
     ops::completion_failed(&server.ctx, taken).await;
     assert!(server.ctx.streams.list("alice").await.unwrap().is_empty(), "not reopened");
     expect_msg!(next_event(&mut phone).await, StreamStarted);
