@@ -95,4 +95,8 @@ impl ChatStore for MeteredChatStore {
     fn writer_faults(&self) -> Option<Arc<WriterFaults>> {
         self.0.writer_faults()
     }
+
+    fn set_commit_window(&self, window: std::time::Duration) {
+        self.0.set_commit_window(window)
+    }
 }

@@ -133,6 +133,8 @@ pub struct WriterFaults {
     wal_reset_frames: AtomicI64,
     /// Times the checkpoint thread found that the WAL had started over since its previous pass.
     wal_resets: AtomicU32,
+    /// Batches the writer began (counted when it takes a batch's first write, before the commit window).
+    batches: AtomicU64,
     queue: OnceLock<mpsc::WeakSender<Job>>,
 }
 
@@ -196,6 +198,11 @@ impl WriterFaults {
     /// How many times the writer restarted on a new connection.
     pub fn restarts(&self) -> u32 {
         self.restarts.load(Ordering::SeqCst)
+    }
+
+    /// How many batches the writer has begun (taken the first write of).
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::SeqCst)
     }
 
     fn wait_while_held(&self) {
@@ -440,6 +447,7 @@ impl Supervisor {
         let (mut reset_done, mut reset_tried) = (0, None);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
+            faults.batches.fetch_add(1, Ordering::SeqCst);
             faults.wait_while_held();
             // The commit window: a write that finds the writer idle waits a moment for others to share its
             // transaction (one commit, one fsync, and the writer sleeps through their arrival instead of
