@@ -235,7 +235,8 @@ test('streamed replies are assembled on every device, joined mid-stream, stored 
     await until(() => c.chat('ask').messages.some((m) => m.message_id === 'm-s1'));
     const m = c.chat('ask').messages.find((x) => x.message_id === 'm-s1');
     assert.deepEqual([m?.content, m?.sender_name, m?.seq], ['Hello, world', 'assistant', 1]);
-    assert.equal(c.streams.open('ask').length, 0, 'no stream left open');
+    // The message is broadcast (chat_message_added) just before stream_completed: wait for the latter.
+    await until(() => c.streams.open('ask').length === 0);
   }
 
   for (const c of [laptop, phone, tablet]) c.close();
