@@ -68,12 +68,14 @@ pub fn assemble(
     // Open streams: Redis with the bus (shared by the nodes), else this node's memory.
     let streams = streams::from_config(&config, &master)?;
     let keys = Arc::new(keys::Keyring::new(master));
+    let pauses = Arc::<pause::PausePoints>::default();
     let (hub, cache): (Arc<dyn hub::Hub>, Arc<dyn cache::Cache>) = match &bus {
         Some(bus) => {
             bus.set_handler(Arc::new(cluster::node::NodeHandler {
                 hub: local.clone(),
                 cache: memory.clone(),
                 keys: keys.clone(),
+                pauses: pauses.clone(),
             }));
             (
                 Arc::new(hub::redis::RedisHub::new(local, bus.clone())),
@@ -103,7 +105,7 @@ pub fn assemble(
         bus,
         limits: config.limits(),
         jwt,
-        pauses: Arc::default(),
+        pauses,
         streams,
         config: Arc::new(config),
     })

@@ -14,6 +14,9 @@ use tokio::sync::oneshot;
 pub const WRITE_COMMITTED: &str = "write_committed";
 /// After warm-up has loaded the chat list from the store, before it is stored in the cache.
 pub const WARMUP_LOADED: &str = "warmup_loaded";
+/// In a cluster, when a frame from another node arrives, before it is queued on this node's connections
+/// (holds the node's whole bus subscription, as a lagging subscriber would).
+pub const BUS_FRAME: &str = "bus_frame";
 
 struct Armed {
     reached: oneshot::Sender<()>,

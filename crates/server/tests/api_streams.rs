@@ -263,6 +263,33 @@ async fn cluster_a_stream_started_on_one_node_reaches_devices_on_another() {
 }
 
 #[tokio::test]
+async fn cluster_a_chunk_through_another_node_never_overtakes_the_previous_one_on_a_lagging_node() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let api_a = a.api().await;
+    let api_b = Api { base: b.api_base(), ..api_a.clone() };
+    let mut on_b = new_user(b, "alice", "phone").await;
+    assert_eq!(api_a.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    expect_msg!(next_event(&mut on_b).await, StreamStarted);
+
+    // Node B's bus lags: chunk 1 (through node A) is held on its way to B's connections.
+    let mut held = b.ctx.pauses.arm(chatsync::pause::BUS_FRAME);
+    assert_eq!(send_chunk(&api_a, "s1", 1, "Hel").await.0, 202);
+    held.reached().await;
+    // Chunk 2 through node B, answered after chunk 1: watch Redis until B has published it.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut watch = client.get_async_pubsub().await.unwrap();
+    watch.subscribe(chatsync::cluster::bus::user_channel(&b.ctx.config.redis_prefix, "alice")).await.unwrap();
+    let second = tokio::spawn(async move { send_chunk(&api_b, "s1", 2, "lo").await.0 });
+    futures_util::StreamExt::next(&mut watch.on_message()).await.unwrap();
+    // Only now does B's bus catch up: chunk 1 must still come first on B's device.
+    held.release();
+    assert_eq!(second.await.unwrap(), 202);
+    assert_eq!(text_until(&mut on_b, "s1", 2).await, "Hello");
+}
+
+#[tokio::test]
 async fn complete_stores_the_message_then_announces_it_and_closes_the_stream() {
     let server = TestServer::start().await;
     let api = server.api().await;

@@ -199,6 +199,14 @@ async fn with_redis_down_writes_are_confirmed_and_delivery_resumes_when_it_retur
     set_title(&mut phone, "c1", "during").await;
     assert_eq!(expect_msg!(next_broadcast(&mut tab).await, ChatTitleUpdated).data.title, "during");
     set_title(&mut laptop, "c1", "laptop during").await;
+    // A message from another sender (delivered in the bus order when the bus is up) is not held either.
+    let api = cluster.nodes[0].api().await;
+    let body = json!({"message_id": "b1", "sender_name": "assistant", "content": "during the outage"});
+    assert_eq!(api.post("/users/alice/chats/c1/messages", body).await.0, 201);
+    for device in [&mut phone, &mut tab] {
+        let added = expect_msg!(next_broadcast(device).await, ChatMessageAdded);
+        assert_eq!(added.message.content, text("during the outage"));
+    }
     // Node 1 does not serve its (possibly stale) cache while the bus is down: it reads the store.
     let sync = sync_all(&mut laptop).await;
     assert_eq!(entry(&sync, "c1").unwrap().versions.title_v, 3);

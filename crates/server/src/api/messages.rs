@@ -128,7 +128,7 @@ pub async fn store_message(ctx: &Ctx, user_id: &str, chat_id: &ChatId, m: NewMes
         last_edited_overall_timestamp: secs(chat.last_edited_ms),
     };
     let frame = encode(&ServerMessage::ChatMessageAdded(event), None);
-    ctx.hub.deliver(user_id, Audience::All, frame.into()).await;
+    ctx.hub.deliver_in_order(user_id, Audience::All, frame.into()).await;
     Ok(StoredMessage { seq: stored.seq, messages_v: chat.messages_v, duplicate: false })
 }
 

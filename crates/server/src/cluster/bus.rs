@@ -7,8 +7,8 @@ use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushKind, Value};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -20,6 +20,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const PIPELINE: usize = 256;
 /// Messages waiting to be published at most; beyond it they are dropped (and counted as a gap).
 const MAX_QUEUED: usize = 100_000;
+/// Longest wait for a turn (see [`Bus::publish_user_in_turn`]) before it runs anyway.
+const TURN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The kind of the marker the publisher puts among the pushes after a message with a turn.
+const TURN_MARKER: &str = "chatsync-turn";
 
 /// How to reach the bus.
 #[derive(Debug, Clone)]
@@ -79,7 +83,59 @@ struct Envelope {
     /// For user channels: the user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     u: Option<String>,
+    /// The publishing node's turn to run when the message comes back to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    t: Option<u64>,
     m: BusMessage,
+}
+
+/// This node's own work waiting for its place in the order of what arrives from the bus.
+type Turn = Box<dyn FnOnce() + Send>;
+
+/// The turns waiting; each runs exactly once (whoever removes it runs it).
+#[derive(Default)]
+struct Turns {
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, Turn>>,
+}
+
+impl Turns {
+    fn add(&self, turn: Turn) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.waiting.lock().insert(id, turn);
+        id
+    }
+
+    /// Runs turn `id` unless it already ran.
+    fn run(&self, id: u64) {
+        let turn = self.waiting.lock().remove(&id);
+        if let Some(turn) = turn {
+            turn();
+        }
+    }
+
+    /// Runs every waiting turn, oldest first (after a disconnection: their place is lost).
+    fn run_all(&self) {
+        let mut all: Vec<(u64, Turn)> = self.waiting.lock().drain().collect();
+        all.sort_unstable_by_key(|(id, _)| *id);
+        for (_, turn) in all {
+            turn();
+        }
+    }
+}
+
+/// A message waiting to be published.
+struct Outgoing {
+    channel: String,
+    payload: Vec<u8>,
+    turn: Option<u64>,
+}
+
+/// The connection publishing and subscribing, with the sender of the channel its pushes arrive on.
+#[derive(Clone)]
+struct Link {
+    conn: MultiplexedConnection,
+    pushes: mpsc::UnboundedSender<redis::PushInfo>,
 }
 
 /// What a node does with what arrives from the bus.
@@ -103,8 +159,9 @@ pub struct Bus {
     config: BusConfig,
     key: Arc<DataKey>,
     commands: mpsc::UnboundedSender<Command>,
-    outgoing: mpsc::UnboundedSender<(String, Vec<u8>)>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
     queued: Arc<AtomicUsize>,
+    turns: Arc<Turns>,
     healthy: Arc<AtomicBool>,
     handler: Arc<OnceLock<Arc<dyn BusHandler>>>,
     stop: CancellationToken,
@@ -126,6 +183,7 @@ impl Bus {
             commands,
             outgoing,
             queued: Arc::new(AtomicUsize::new(0)),
+            turns: Arc::new(Turns::default()),
             healthy: Arc::new(AtomicBool::new(false)),
             handler: Arc::new(OnceLock::new()),
             stop: CancellationToken::new(),
@@ -137,6 +195,7 @@ impl Bus {
             healthy: bus.healthy.clone(),
             handler: bus.handler.clone(),
             queued: bus.queued.clone(),
+            turns: bus.turns.clone(),
             connection: Arc::new(Mutex::new(None)),
         };
         tokio::spawn(subscriber(client, shared.clone(), command_rx, bus.stop.clone()));
@@ -180,24 +239,50 @@ impl Bus {
     /// Publishes `message` for `user_id`'s connections and caches on other nodes. Never waits.
     pub fn publish_user(&self, user_id: &str, message: BusMessage) {
         let channel = user_channel(&self.config.prefix, user_id);
-        self.enqueue(channel, Some(user_id), message);
+        self.enqueue(channel, Some(user_id), message, None);
+    }
+
+    /// Publishes `message` for `user_id` as [`publish_user`](Bus::publish_user) does, and runs `turn` (this
+    /// node's own delivery) at the message's place in the order of the user's channel: when the message
+    /// comes back to this node, after everything published on the channel before it. When this node does
+    /// not listen to the channel, `turn` runs once Redis confirmed the message; when the message cannot be
+    /// published (Redis down, queue full) or the connection drops first, at once; after [`TURN_TIMEOUT`]
+    /// in any case. Resolves once `turn` has run.
+    pub async fn publish_user_in_turn(&self, user_id: &str, message: BusMessage, turn: impl FnOnce() + Send + 'static) {
+        let (done, ran) = oneshot::channel();
+        let id = self.turns.add(Box::new(move || {
+            turn();
+            let _ = done.send(());
+        }));
+        let channel = user_channel(&self.config.prefix, user_id);
+        self.enqueue(channel, Some(user_id), message, Some(id));
+        if tokio::time::timeout(TURN_TIMEOUT, ran).await.is_err() {
+            self.turns.run(id);
+        }
     }
 
     /// Publishes a cluster-wide order on the control channel. Never waits.
     pub fn publish_control(&self, message: BusMessage) {
         let channel = control_channel(&self.config.prefix);
-        self.enqueue(channel, None, message);
+        self.enqueue(channel, None, message, None);
     }
 
-    fn enqueue(&self, channel: String, user: Option<&str>, message: BusMessage) {
+    fn enqueue(&self, channel: String, user: Option<&str>, message: BusMessage, turn: Option<u64>) {
         if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!("bus publish queue full: dropping a message (caches are dropped when the bus recovers)");
+            if let Some(id) = turn {
+                self.turns.run(id);
+            }
             return;
         }
-        let payload = seal(&self.key, &channel, &self.node, user, message);
-        if self.outgoing.send((channel, payload)).is_err() {
+        let envelope = Envelope { n: self.node.clone(), u: user.map(str::to_owned), t: turn, m: message };
+        let payload = seal_envelope(&self.key, &channel, &envelope);
+        if self.outgoing.send(Outgoing { channel, payload, turn }).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
+            if let Some(id) = turn {
+                self.turns.run(id);
+            }
         }
     }
 
@@ -228,8 +313,11 @@ pub fn control_channel(prefix: &str) -> String {
 
 /// Encrypts a bus message for `channel` (also used by the CLI to publish revocations).
 pub fn seal(key: &DataKey, channel: &str, node: &str, user: Option<&str>, message: BusMessage) -> Vec<u8> {
-    let envelope = Envelope { n: node.to_owned(), u: user.map(str::to_owned), m: message };
-    let plain = zeroize::Zeroizing::new(serde_json::to_vec(&envelope).expect("bus messages serialize"));
+    seal_envelope(key, channel, &Envelope { n: node.to_owned(), u: user.map(str::to_owned), t: None, m: message })
+}
+
+fn seal_envelope(key: &DataKey, channel: &str, envelope: &Envelope) -> Vec<u8> {
+    let plain = zeroize::Zeroizing::new(serde_json::to_vec(envelope).expect("bus messages serialize"));
     key.encrypt(&plain, &Aad::bus(channel))
 }
 
@@ -257,7 +345,8 @@ struct Shared {
     healthy: Arc<AtomicBool>,
     handler: Arc<OnceLock<Arc<dyn BusHandler>>>,
     queued: Arc<AtomicUsize>,
-    connection: Arc<Mutex<Option<MultiplexedConnection>>>,
+    turns: Arc<Turns>,
+    connection: Arc<Mutex<Option<Link>>>,
 }
 
 impl Shared {
@@ -290,7 +379,7 @@ async fn subscriber(
     let (sub, unsub, _) = shared.verbs();
     loop {
         let (push_tx, mut pushes) = mpsc::unbounded_channel();
-        let config = AsyncConnectionConfig::new().set_push_sender(push_tx);
+        let config = AsyncConnectionConfig::new().set_push_sender(push_tx.clone());
         let connected = tokio::select! {
             _ = stop.cancelled() => return,
             c = client.get_multiplexed_async_connection_with_config(&config) => c,
@@ -324,7 +413,7 @@ async fn subscriber(
             backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         }
-        *shared.connection.lock() = Some(conn.clone());
+        *shared.connection.lock() = Some(Link { conn: conn.clone(), pushes: push_tx.clone() });
         shared.gap().await;
         shared.healthy.store(true, Ordering::Release);
         tracing::info!(users = users.len(), "bus: connected and subscribed");
@@ -363,6 +452,11 @@ async fn subscriber(
                     let Some(push) = push else { break };
                     match push.kind {
                         PushKind::Message | PushKind::SMessage => deliver(&shared, push.data).await,
+                        PushKind::Other(kind) if kind == TURN_MARKER => {
+                            if let Some(Value::Int(id)) = push.data.first() {
+                                shared.turns.run(*id as u64);
+                            }
+                        }
                         PushKind::Disconnection => break,
                         _ => {}
                     }
@@ -371,6 +465,8 @@ async fn subscriber(
         }
         shared.healthy.store(false, Ordering::Release);
         shared.connection.lock().take();
+        drop(pushes);
+        shared.turns.run_all();
         shared.gap().await;
         tracing::warn!("bus: connection to Redis lost; serving this node's connections only until it returns");
     }
@@ -403,8 +499,8 @@ async fn wait_applying(
     }
 }
 
-/// Decrypts a pushed message and hands it to the handler (messages of this node are skipped: it
-/// delivered them itself).
+/// Decrypts a pushed message and hands it to the handler. Messages of this node are skipped (it
+/// delivered them itself), except that one carrying a turn runs it.
 async fn deliver(shared: &Shared, data: Vec<Value>) {
     // [channel, payload] (sharded and plain messages alike).
     let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.first(), data.get(1)) else {
@@ -416,6 +512,9 @@ async fn deliver(shared: &Shared, data: Vec<Value>) {
         return;
     };
     if envelope.n == shared.node {
+        if let Some(turn) = envelope.t {
+            shared.turns.run(turn);
+        }
         return;
     }
     if let Some(handler) = shared.handler.get() {
@@ -425,7 +524,9 @@ async fn deliver(shared: &Shared, data: Vec<Value>) {
 
 /// Publishes queued messages in order, pipelined. While Redis is down, messages are dropped (the gap is
 /// reported by the subscriber when it reconnects).
-async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<(String, Vec<u8>)>, stop: CancellationToken) {
+/// After a batch is confirmed, a marker for each of its turns follows the pushes: a turn whose message
+/// did not come back (this node does not listen to the channel) runs there.
+async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoing>, stop: CancellationToken) {
     let (_, _, publish) = shared.verbs();
     let mut batch = Vec::with_capacity(PIPELINE);
     loop {
@@ -437,17 +538,27 @@ async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<(String
             return;
         }
         shared.queued.fetch_sub(received, Ordering::AcqRel);
-        let conn = shared.connection.lock().clone();
-        let Some(mut conn) = conn else {
-            batch.clear();
+        let link = shared.connection.lock().clone();
+        let Some(mut link) = link else {
+            batch.drain(..).filter_map(|m| m.turn).for_each(|id| shared.turns.run(id));
             continue;
         };
         let mut pipe = redis::pipe();
-        for (channel, payload) in batch.drain(..) {
-            pipe.cmd(publish).arg(channel).arg(payload).ignore();
+        let mut turns = Vec::new();
+        for message in batch.drain(..) {
+            pipe.cmd(publish).arg(message.channel).arg(message.payload).ignore();
+            turns.extend(message.turn);
         }
-        if let Err(e) = pipe.exec_async(&mut conn).await {
+        let published = pipe.exec_async(&mut link.conn).await;
+        if let Err(e) = &published {
             tracing::warn!(error = %e, "bus: publish failed");
+        }
+        for id in turns {
+            let marker =
+                redis::PushInfo { kind: PushKind::Other(TURN_MARKER.to_owned()), data: vec![Value::Int(id as i64)] };
+            if published.is_err() || link.pushes.send(marker).is_err() {
+                shared.turns.run(id);
+            }
         }
     }
 }
@@ -455,6 +566,23 @@ async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<(String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_turn_runs_exactly_once_and_leftovers_run_oldest_first() {
+        let turns = Turns::default();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let ids: Vec<u64> = (0..3)
+            .map(|i| {
+                let ran = ran.clone();
+                turns.add(Box::new(move || ran.lock().push(i)))
+            })
+            .collect();
+        turns.run(ids[1]);
+        turns.run(ids[1]);
+        turns.run_all();
+        turns.run(ids[0]);
+        assert_eq!(*ran.lock(), vec![1, 0, 2]);
+    }
 
     #[test]
     fn a_sealed_message_opens_only_on_its_channel_with_the_cluster_key() {

@@ -8,6 +8,7 @@ use crate::cache::Cache;
 use crate::hub::local::LocalHub;
 use crate::hub::{Audience, CloseReason};
 use crate::keys::Keyring;
+use crate::pause::PausePoints;
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -19,6 +20,8 @@ pub struct NodeHandler {
     pub cache: Arc<MemoryCache>,
     /// This node's unwrapped keys.
     pub keys: Arc<Keyring>,
+    /// The node's pause points (tests hold the bus at [`BUS_FRAME`](crate::pause::BUS_FRAME)).
+    pub pauses: Arc<PausePoints>,
 }
 
 #[async_trait]
@@ -30,6 +33,7 @@ impl BusHandler for NodeHandler {
                     Some(except) => Audience::Others { except },
                     None => Audience::All,
                 };
+                self.pauses.at(crate::pause::BUS_FRAME).await;
                 self.hub.deliver_now(user, audience, frame.into());
             }
             (Some(user), BusMessage::ChatWritten { chat }) => self.cache.chat_written(user, &chat).await,

@@ -80,6 +80,15 @@ pub trait Hub: Send + Sync + 'static {
     /// Queues `frame` on every connection of `user_id` in `audience`. Never waits on a client.
     async fn deliver(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes);
 
+    /// Like [`deliver`](Hub::deliver), in one order on every node: in a cluster, this node's connections
+    /// get `frame` at its place among the frames other nodes send for the user (what they sent before it
+    /// first), so an event announced through one node's API after another's was answered never overtakes
+    /// it on any device. Returns once this node's connections have it queued. For the events of streams
+    /// and messages from other senders; a device's own writes use `deliver` (no wait for the bus).
+    async fn deliver_in_order(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
+        self.deliver(user_id, audience, frame).await
+    }
+
     /// Closes every connection authenticated with one of these sessions.
     async fn close_sessions(&self, session_ids: &[String], reason: CloseReason);
 

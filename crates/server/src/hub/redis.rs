@@ -2,7 +2,10 @@
 //!
 //! A broadcast is queued on the local connections at once and published on the user's channel; the
 //! other nodes deliver it to their connections of the user (the requesting connection, excluded from
-//! OTHERS, lives on the origin node, which skips its own messages). A node listens to the channel of a
+//! OTHERS, lives on the origin node, which skips its own messages). A broadcast delivered in order
+//! (`deliver_in_order`: stream events, messages from other senders) reaches the local connections only
+//! when it comes back from Redis, at its place in the channel's order, so two API calls answered one
+//! after the other on two nodes reach every device in that order. A node listens to the channel of a
 //! user exactly while that user has a connection on it: the first registration subscribes (and waits
 //! for the subscription, so no broadcast made after `connected` is missed), the last unregistration
 //! unsubscribes. Local bookkeeping and the subscription command are issued under one lock, so a
@@ -60,6 +63,23 @@ impl Hub for RedisHub {
         };
         self.bus.publish_user(user_id, BusMessage::Frame { frame: frame.as_str().to_owned(), except });
         self.local.deliver_now(user_id, audience, frame);
+    }
+
+    async fn deliver_in_order(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
+        let except = match audience {
+            Audience::Others { except } => Some(except.to_owned()),
+            Audience::All => None,
+        };
+        let message = BusMessage::Frame { frame: frame.as_str().to_owned(), except: except.clone() };
+        let (local, user) = (self.local.clone(), user_id.to_owned());
+        let own_delivery = move || {
+            let audience = match except.as_deref() {
+                Some(except) => Audience::Others { except },
+                None => Audience::All,
+            };
+            local.deliver_now(&user, audience, frame);
+        };
+        self.bus.publish_user_in_turn(user_id, message, own_delivery).await;
     }
 
     async fn close_sessions(&self, session_ids: &[String], reason: CloseReason) {

@@ -196,7 +196,7 @@ pub async fn sweep_idle_streams(ctx: Arc<crate::Ctx>, shutdown: CancellationToke
                     tracing::info!(user_id = %key.user_id, chat_id = %key.chat_id, stream_id = %key.stream_id, "stream timed out");
                     metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "timeout").increment(1);
                     let frame = cancelled_frame(&key, StreamCancelReason::Timeout);
-                    ctx.hub.deliver(&key.user_id, crate::hub::Audience::All, frame.into()).await;
+                    ctx.hub.deliver_in_order(&key.user_id, crate::hub::Audience::All, frame.into()).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "idle stream sweep failed"),

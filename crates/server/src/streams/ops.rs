@@ -4,7 +4,9 @@
 //! through the hub), so a device never sees a chunk the registry refused.
 //!
 //! Order: the chunks of one stream reach a device in `seq` order when the backend sends each after the
-//! previous one was answered (the seq rule asks for that: a chunk that overtakes its predecessor is a gap).
+//! previous one was answered (the seq rule asks for that: a chunk that overtakes its predecessor is a gap),
+//! whichever nodes the calls reach: every event here goes through `Hub::deliver_in_order`, which queues it
+//! on this node's connections at its place in the bus order before the call is answered.
 
 use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey};
 use crate::hub::Audience;
@@ -52,7 +54,7 @@ pub async fn start(ctx: &Ctx, key: &StreamKey, info: &StreamInfo) -> Result<Open
             sender_name: info.sender_name.clone(),
             meta: info.meta.clone(),
         });
-        ctx.hub.deliver(&key.user_id, Audience::All, encode(&event, None).into()).await;
+        ctx.hub.deliver_in_order(&key.user_id, Audience::All, encode(&event, None).into()).await;
         if still_deleted(ctx, key).await {
             return Err(OpError::ChatNotFound);
         }
@@ -75,7 +77,7 @@ async fn still_deleted(ctx: &Ctx, key: &StreamKey) -> bool {
                 // The deletion took it (and announced its end, perhaps before this stream's start).
                 Ok(None) => {
                     let frame = super::cancelled_frame(key, StreamCancelReason::Aborted);
-                    ctx.hub.deliver(&key.user_id, Audience::All, frame.into()).await;
+                    ctx.hub.deliver_in_order(&key.user_id, Audience::All, frame.into()).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot close a stream whose chat was deleted; the idle timeout will")
@@ -102,7 +104,7 @@ pub async fn chunk(ctx: &Ctx, key: &StreamKey, seq: u64, delta: &str) -> Result<
             seq,
             delta: delta.to_owned(),
         });
-        ctx.hub.deliver(&key.user_id, Audience::All, encode(&event, None).into()).await;
+        ctx.hub.deliver_in_order(&key.user_id, Audience::All, encode(&event, None).into()).await;
     }
     Ok(appended)
 }
@@ -140,7 +142,7 @@ pub async fn completed(
         seq,
         messages_v,
     });
-    ctx.hub.deliver(&key.user_id, Audience::All, encode(&event, None).into()).await;
+    ctx.hub.deliver_in_order(&key.user_id, Audience::All, encode(&event, None).into()).await;
 }
 
 /// Tells ALL that a stream taken for completion ended without a message (its chat is gone):
@@ -148,7 +150,7 @@ pub async fn completed(
 pub async fn ended_without_message(ctx: &Ctx, key: &StreamKey) {
     metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "aborted").increment(1);
     let frame = super::cancelled_frame(key, StreamCancelReason::Aborted);
-    ctx.hub.deliver(&key.user_id, Audience::All, frame.into()).await;
+    ctx.hub.deliver_in_order(&key.user_id, Audience::All, frame.into()).await;
 }
 
 /// The backend aborts a stream: ALL `stream_cancelled` with reason `aborted`. `Err(NotOpen)` when it is
@@ -158,7 +160,7 @@ pub async fn abort(ctx: &Ctx, key: &StreamKey) -> Result<(), OpError> {
         Some(_) => {
             metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "aborted").increment(1);
             let frame = super::cancelled_frame(key, StreamCancelReason::Aborted);
-            ctx.hub.deliver(&key.user_id, Audience::All, frame.into()).await;
+            ctx.hub.deliver_in_order(&key.user_id, Audience::All, frame.into()).await;
             Ok(())
         }
         None => Err(OpError::Stream(StreamError::NotOpen)),
