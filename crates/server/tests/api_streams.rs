@@ -283,6 +283,8 @@ async fn cluster_a_chunk_through_another_node_never_overtakes_the_previous_one_o
     watch.subscribe(chatsync::cluster::bus::user_channel(&b.ctx.config.redis_prefix, "alice")).await.unwrap();
     let second = tokio::spawn(async move { send_chunk(&api_b, "s1", 2, "lo").await.0 });
     futures_util::StreamExt::next(&mut watch.on_message()).await.unwrap();
+    // The call waits for its place, behind chunk 1 (held).
+    assert!(!second.is_finished());
     // Only now does B's bus catch up: chunk 1 must still come first on B's device.
     held.release();
     assert_eq!(second.await.unwrap(), 202);

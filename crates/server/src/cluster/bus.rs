@@ -3,6 +3,7 @@
 
 use crate::crypto::{Aad, DataKey};
 use crate::store::chats::{ChatRecord, MessageRecord};
+use futures_util::FutureExt;
 use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushKind, Value};
@@ -20,7 +21,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const PIPELINE: usize = 256;
 /// Messages waiting to be published at most; beyond it they are dropped (and counted as a gap).
 const MAX_QUEUED: usize = 100_000;
-/// Longest wait for a turn (see [`Bus::publish_user_in_turn`]) before it runs anyway.
+/// Longest wait for a turn (see [`Bus::publish_user_in_turn`]); the turn still runs at its place.
 const TURN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The kind of the marker the publisher puts among the pushes after a message with a turn.
 const TURN_MARKER: &str = "chatsync-turn";
@@ -83,9 +84,6 @@ struct Envelope {
     /// For user channels: the user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     u: Option<String>,
-    /// The publishing node's turn to run when the message comes back to it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    t: Option<u64>,
     m: BusMessage,
 }
 
@@ -198,8 +196,11 @@ impl Bus {
             turns: bus.turns.clone(),
             connection: Arc::new(Mutex::new(None)),
         };
-        tokio::spawn(subscriber(client, shared.clone(), command_rx, bus.stop.clone()));
-        tokio::spawn(publisher(shared, outgoing_rx, bus.stop.clone()));
+        // When a task ends (the bus stops), the turns it would have run run at once.
+        let turns = bus.turns.clone();
+        tokio::spawn(subscriber(client, shared.clone(), command_rx, bus.stop.clone()).map(move |()| turns.run_all()));
+        let turns = bus.turns.clone();
+        tokio::spawn(publisher(shared, outgoing_rx, bus.stop.clone()).map(move |()| turns.run_all()));
         Ok(bus)
     }
 
@@ -243,11 +244,13 @@ impl Bus {
     }
 
     /// Publishes `message` for `user_id` as [`publish_user`](Bus::publish_user) does, and runs `turn` (this
-    /// node's own delivery) at the message's place in the order of the user's channel: when the message
-    /// comes back to this node, after everything published on the channel before it. When this node does
-    /// not listen to the channel, `turn` runs once Redis confirmed the message; when the message cannot be
-    /// published (Redis down, queue full) or the connection drops first, at once; after [`TURN_TIMEOUT`]
-    /// in any case. Resolves once `turn` has run.
+    /// node's own delivery) at the message's place in the order of the user's channel: once Redis
+    /// confirmed the message, the publisher puts a marker among the pushes of the connection that both
+    /// publishes and subscribes; everything Redis sent before the confirmation (every message published
+    /// on the channel before this one) is ahead of the marker, and the subscriber runs `turn` when it
+    /// reaches it. When the message cannot be published (Redis down, queue full, an error) or the
+    /// connection drops first, `turn` runs at once (the order is lost with the gap). Resolves once `turn`
+    /// has run, or after [`TURN_TIMEOUT`] (a lagging subscriber; `turn` still runs at its place).
     pub async fn publish_user_in_turn(&self, user_id: &str, message: BusMessage, turn: impl FnOnce() + Send + 'static) {
         let (done, ran) = oneshot::channel();
         let id = self.turns.add(Box::new(move || {
@@ -257,7 +260,7 @@ impl Bus {
         let channel = user_channel(&self.config.prefix, user_id);
         self.enqueue(channel, Some(user_id), message, Some(id));
         if tokio::time::timeout(TURN_TIMEOUT, ran).await.is_err() {
-            self.turns.run(id);
+            tracing::warn!("bus: a frame waited more than 5 s for its turn (the subscriber lags)");
         }
     }
 
@@ -276,8 +279,7 @@ impl Bus {
             }
             return;
         }
-        let envelope = Envelope { n: self.node.clone(), u: user.map(str::to_owned), t: turn, m: message };
-        let payload = seal_envelope(&self.key, &channel, &envelope);
+        let payload = seal(&self.key, &channel, &self.node, user, message);
         if self.outgoing.send(Outgoing { channel, payload, turn }).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             if let Some(id) = turn {
@@ -313,11 +315,8 @@ pub fn control_channel(prefix: &str) -> String {
 
 /// Encrypts a bus message for `channel` (also used by the CLI to publish revocations).
 pub fn seal(key: &DataKey, channel: &str, node: &str, user: Option<&str>, message: BusMessage) -> Vec<u8> {
-    seal_envelope(key, channel, &Envelope { n: node.to_owned(), u: user.map(str::to_owned), t: None, m: message })
-}
-
-fn seal_envelope(key: &DataKey, channel: &str, envelope: &Envelope) -> Vec<u8> {
-    let plain = zeroize::Zeroizing::new(serde_json::to_vec(envelope).expect("bus messages serialize"));
+    let envelope = Envelope { n: node.to_owned(), u: user.map(str::to_owned), m: message };
+    let plain = zeroize::Zeroizing::new(serde_json::to_vec(&envelope).expect("bus messages serialize"));
     key.encrypt(&plain, &Aad::bus(channel))
 }
 
@@ -379,7 +378,9 @@ async fn subscriber(
     let (sub, unsub, _) = shared.verbs();
     loop {
         let (push_tx, mut pushes) = mpsc::unbounded_channel();
-        let config = AsyncConnectionConfig::new().set_push_sender(push_tx.clone());
+        // No response timeout: a slow reply is not a failed publish (a failure would run its turns out of
+        // order while Redis still carries the message); a lost connection shows as a disconnection.
+        let config = AsyncConnectionConfig::new().set_push_sender(push_tx.clone()).set_response_timeout(None);
         let connected = tokio::select! {
             _ = stop.cancelled() => return,
             c = client.get_multiplexed_async_connection_with_config(&config) => c,
@@ -499,8 +500,8 @@ async fn wait_applying(
     }
 }
 
-/// Decrypts a pushed message and hands it to the handler. Messages of this node are skipped (it
-/// delivered them itself), except that one carrying a turn runs it.
+/// Decrypts a pushed message and hands it to the handler (messages of this node are skipped: it
+/// delivered them itself).
 async fn deliver(shared: &Shared, data: Vec<Value>) {
     // [channel, payload] (sharded and plain messages alike).
     let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) = (data.first(), data.get(1)) else {
@@ -512,9 +513,6 @@ async fn deliver(shared: &Shared, data: Vec<Value>) {
         return;
     };
     if envelope.n == shared.node {
-        if let Some(turn) = envelope.t {
-            shared.turns.run(turn);
-        }
         return;
     }
     if let Some(handler) = shared.handler.get() {
@@ -524,8 +522,8 @@ async fn deliver(shared: &Shared, data: Vec<Value>) {
 
 /// Publishes queued messages in order, pipelined. While Redis is down, messages are dropped (the gap is
 /// reported by the subscriber when it reconnects).
-/// After a batch is confirmed, a marker for each of its turns follows the pushes: a turn whose message
-/// did not come back (this node does not listen to the channel) runs there.
+/// After a batch is confirmed, a marker for each of its turns goes into the push channel, behind every
+/// push Redis sent before the confirmation; the subscriber runs the turn when it reaches the marker.
 async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoing>, stop: CancellationToken) {
     let (_, _, publish) = shared.verbs();
     let mut batch = Vec::with_capacity(PIPELINE);

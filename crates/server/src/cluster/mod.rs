@@ -9,8 +9,9 @@
 //! Every payload is encrypted with a key derived from the master key and bound to its channel, so
 //! neither titles, drafts nor messages cross Redis in plaintext, and Redis stores nothing (pub/sub only).
 //!
-//! The bus never makes a request wait: publishing queues to one task that pipelines in order; when Redis
-//! is down, each node keeps serving its own connections, the bus reconnects with backoff, resubscribes,
+//! The bus never makes a device's request wait: publishing queues to one task that pipelines in order
+//! (the events of the application backend wait for their place in the bus order before the API answers,
+//! see `Bus::publish_user_in_turn`); when Redis is down, each node keeps serving its own connections, the bus reconnects with backoff, resubscribes,
 //! and tells its handler about the gap ([`BusHandler::on_gap`]) so that nothing cached before or during
 //! it is served afterwards.
 

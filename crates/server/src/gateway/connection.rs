@@ -267,8 +267,15 @@ async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Opt
                 m
             }
         };
+        // A stream's end keeps its place among the stream's events from the API (in a cluster too).
+        let stream_event = matches!(message, ServerMessage::StreamCancelled(_));
         let shared: Utf8Bytes = encode(&message, None).into();
-        ctx.hub.deliver(&conn.user_id, Audience::Others { except: &conn.id }, shared).await;
+        let others = Audience::Others { except: &conn.id };
+        if stream_event {
+            ctx.hub.deliver_in_order(&conn.user_id, others, shared).await;
+        } else {
+            ctx.hub.deliver(&conn.user_id, others, shared).await;
+        }
     }
     for reply in outcome.replies {
         metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => reply.wire_type()).increment(1);

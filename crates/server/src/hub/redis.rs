@@ -4,8 +4,9 @@
 //! other nodes deliver it to their connections of the user (the requesting connection, excluded from
 //! OTHERS, lives on the origin node, which skips its own messages). A broadcast delivered in order
 //! (`deliver_in_order`: stream events, messages from other senders) reaches the local connections only
-//! when it comes back from Redis, at its place in the channel's order, so two API calls answered one
-//! after the other on two nodes reach every device in that order. A node listens to the channel of a
+//! at its place in the channel's order, behind whatever the bus delivered before Redis confirmed it (see
+//! `Bus::publish_user_in_turn`), so two API calls answered one after the other on two nodes reach every
+//! device in that order. A node listens to the channel of a
 //! user exactly while that user has a connection on it: the first registration subscribes (and waits
 //! for the subscription, so no broadcast made after `connected` is missed), the last unregistration
 //! unsubscribes. Local bookkeeping and the subscription command are issued under one lock, so a
