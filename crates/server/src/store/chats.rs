@@ -304,4 +304,11 @@ pub trait ChatStore: Send + Sync + 'static {
     fn writer_faults(&self) -> Option<std::sync::Arc<super::WriterFaults>> {
         None
     }
+
+    /// Batches the writer has begun (counted when it takes a batch's first write, before the commit
+    /// window), for tests; `None` for backends without a writer.
+    #[doc(hidden)]
+    fn batches_begun(&self) -> Option<u64> {
+        self.writer_faults().map(|faults| faults.batches())
+    }
 }

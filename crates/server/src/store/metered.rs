@@ -92,6 +92,10 @@ impl ChatStore for MeteredChatStore {
         self.0.failed().await
     }
 
+    fn batches_begun(&self) -> Option<u64> {
+        self.0.batches_begun()
+    }
+
     fn writer_faults(&self) -> Option<Arc<WriterFaults>> {
         self.0.writer_faults()
     }

@@ -34,6 +34,8 @@ use super::StoreError;
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::Row;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// Writer tasks per process, each with its own queue and (per batch) its own connection. A write goes
@@ -65,6 +67,10 @@ struct Job {
 pub(super) struct Writer {
     queues: parking_lot::Mutex<Option<Vec<mpsc::Sender<Job>>>>,
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The commit window, µs (see [`serve`]).
+    window_us: Arc<AtomicU64>,
+    /// Batches begun (see [`ChatStore::batches_begun`]).
+    batches: Arc<AtomicU64>,
 }
 
 /// The user whose writer takes `op`: every op of one owner goes to the same writer, in order.
@@ -83,13 +89,25 @@ fn partition_key(op: &WriteOp) -> &str {
 impl Writer {
     /// Starts [`WRITERS`] writer tasks on `pool`.
     pub(super) fn start(pool: PgPool) -> Writer {
+        let (window_us, batches) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (queues, tasks) = (0..WRITERS)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                (tx, tokio::spawn(serve(pool.clone(), rx)))
+                (tx, tokio::spawn(serve(pool.clone(), rx, window_us.clone(), batches.clone())))
             })
             .unzip();
-        Writer { queues: parking_lot::Mutex::new(Some(queues)), tasks: parking_lot::Mutex::new(tasks) }
+        let (queues, tasks) = (parking_lot::Mutex::new(Some(queues)), parking_lot::Mutex::new(tasks));
+        Writer { queues, tasks, window_us, batches }
+    }
+
+    /// Batches begun.
+    pub(super) fn batches(&self) -> u64 {
+        self.batches.load(Ordering::SeqCst)
+    }
+
+    /// Sets the commit window (`--commit-window-us`).
+    pub(super) fn set_window(&self, window: std::time::Duration) {
+        self.window_us.store(u64::try_from(window.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     async fn submit(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
@@ -118,8 +136,18 @@ impl Writer {
 /// One writer's group-commit loop: collects what is queued (up to [`MAX_BATCH`]) and applies it in one
 /// transaction. Each batch runs in its own task: if it panics, its writes fail (their reply senders are
 /// dropped) and the loop goes on.
-async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>) {
+///
+/// The commit window: a write that finds the writer idle waits `window_us` (rounded up to the runtime
+/// timer's millisecond) for others to share its transaction, since PostgreSQL's cost is mostly per
+/// transaction (the batch function's setup); writes that queue while a batch is in flight form the next
+/// batch without waiting.
+async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU64>, batches: Arc<AtomicU64>) {
     while let Some(first) = rx.recv().await {
+        batches.fetch_add(1, Ordering::SeqCst);
+        let window = window_us.load(Ordering::Relaxed);
+        if window > 0 && rx.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_micros(window)).await;
+        }
         let mut batch = Vec::with_capacity(MAX_BATCH.min(rx.len() + 1));
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -552,5 +580,13 @@ impl ChatStore for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    fn set_commit_window(&self, window: std::time::Duration) {
+        self.writer.set_window(window);
+    }
+
+    fn batches_begun(&self) -> Option<u64> {
+        Some(self.writer.batches())
     }
 }
