@@ -367,19 +367,6 @@ async fn warm_up_for_a_user_without_chats_sends_only_cache_primed() {
 }
 
 #[tokio::test]
-async fn warm_up_creates_a_new_user_s_data_key_before_the_first_write_needs_it() {
-    let server = TestServer::start().await;
-    let token = server.user_token("alice").await;
-    assert_eq!(server.ctx.chats.user_key("alice").await.unwrap(), None);
-    let (mut c, _) = server.connect_raw(&token, "laptop").await;
-    expect_msg!(c.recv().await.unwrap(), CachePrimed);
-    let stored = server.ctx.chats.user_key("alice").await.unwrap().expect("created by the warm-up");
-    // The first draft uses that key (it is not replaced).
-    set_draft(&mut c, "c1", doc("first")).await;
-    assert_eq!(server.ctx.chats.user_key("alice").await.unwrap(), Some(stored));
-}
-
-#[tokio::test]
 async fn warm_up_events_go_only_to_the_warming_users_connections() {
     let server = TestServer::start().await;
     let token = server.user_token("alice").await;

@@ -1,7 +1,6 @@
 //! Server-initiated warm-up (no wire request): when a user connects and their cache is not warm, load
 //! the most recently edited chat first (then ALL `priority_chat_ready` `{"chat_id"}`), then the whole
-//! chat list and the most recent chats' messages (then ALL `cache_primed` `{"status":"full_sync_ready"}`);
-//! before the chats, the user's data key (memoized by the keyring, created for a new user).
+//! chat list and the most recent chats' messages (then ALL `cache_primed` `{"status":"full_sync_ready"}`).
 //! One warm-up runs per user at a time; a warm-up overtaken by writes starts over (a few times at most),
 //! and the user's last connection on this node closing cancels it.
 
@@ -51,11 +50,8 @@ async fn attempts(ctx: &Ctx, user_id: &str, mut token: LoadToken) -> bool {
     false
 }
 
-/// One attempt; `Ok(false)` when a write overtook the load. The user's data key is resolved first (and
-/// created for a new user, as their first `initial_sync_request` would), so that the first draft written
-/// after connecting does not wait for it.
+/// One attempt; `Ok(false)` when a write overtook the load.
 async fn warm(ctx: &Ctx, user_id: &str, token: LoadToken, announced: &mut bool) -> Result<bool, Error> {
-    ctx.keys.user_key(ctx.chats.as_ref(), user_id).await?;
     let chats = ctx.chats.chats(user_id).await?;
     let page = ctx.limits.max_page_messages;
     for (i, chat) in chats.iter().take(WARM_CHATS).enumerate() {
