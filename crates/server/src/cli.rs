@@ -294,9 +294,10 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Storage", env = "CHATSYNC_DURABILITY", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub durability: Option<crate::store::Durability>,
-    /// Microseconds the chat writer waits, when a write reaches it idle, for more writes to share the
-    /// transaction and its fsync (writes arriving meanwhile wait less; under load batches form without
-    /// waiting); on PostgreSQL rounded up to the millisecond; 0: commit at once [default: 1000].
+    /// Microseconds the chat writer waits, when it takes a write with none queued behind it, for more
+    /// writes to share the transaction and its fsync (writes arriving meanwhile wait less; under load
+    /// batches form without waiting); PostgreSQL rounds it up to the next millisecond tick (the default
+    /// waits 1-2 ms there); 0: commit at once [default: 1000].
     #[arg(long, help_heading = "Storage", env = "CHATSYNC_COMMIT_WINDOW_US", value_name = "MICROS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit_window_us: Option<u64>,

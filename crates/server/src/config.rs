@@ -38,8 +38,8 @@ pub struct Config {
     pub redis_sharded_pubsub: bool,
     /// When a write counts as durable (embedded store).
     pub durability: crate::store::Durability,
-    /// How long, microseconds, the chat writer (SQLite or PostgreSQL) waits after a write reaches it idle
-    /// for more writes to share the transaction (and its fsync); 0: commit at once.
+    /// How long, microseconds, the chat writer (SQLite or PostgreSQL) waits when it takes a write with
+    /// none queued behind it, for more writes to share the transaction (and its fsync); 0: commit at once.
     pub commit_window_us: u64,
     /// Log format.
     pub log_format: LogFormat,

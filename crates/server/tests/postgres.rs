@@ -220,7 +220,7 @@ async fn a_write_that_finds_the_writer_idle_waits_the_commit_window_for_company_
     // write B, sent once A has left the queue, joins A's transaction. With no window, A would be
     // committing alone by then. PostgreSQL shows it too: both rows carry one transaction id.
     let Some(schema) = PgSchema::create().await else { return };
-    let server = start(&schema).await;
+    let mut server = start(&schema).await;
     let mut c = new_user(&server, "alice", "laptop").await;
     set_title(&mut c, "a", "v1").await;
     set_title(&mut c, "b", "v1").await;
@@ -247,5 +247,7 @@ async fn a_write_that_finds_the_writer_idle_waits_the_commit_window_for_company_
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!((xmins.len(), xmins[0] == xmins[1]), (2, true), "{xmins:?}");
+    assert_eq!(xmins.len(), 2);
+    assert_eq!(xmins[0], xmins[1], "one transaction");
+    server.stop().await;
 }

@@ -42,9 +42,9 @@ use tokio::sync::{mpsc, oneshot};
 /// to the writer of its owner, so one user's writes stay in order; different users' batches commit in
 /// parallel, overlapping their round trips to the server. One: the writes that queue while a batch is
 /// in flight form the next batch, so at ordinary load batches are larger and PostgreSQL runs fewer
-/// transactions (three-node `fanout` at 2,000 writes/s: ~460 instead of ~1,100 per second, 38% less
-/// PostgreSQL CPU than with four writers), and the saturation ceiling stayed within the noise of the
-/// measurement (BENCHMARKS.md). More writers help only when a commit waits long (a slow WAL flush).
+/// transactions (three-node `fanout` at 2,000 writes/s, before the commit window: ~460 instead of ~1,100
+/// per second, 38% less PostgreSQL CPU than with four writers; the window took ~30% more off), and the
+/// saturation ceiling stayed within the noise of the measurement (BENCHMARKS.md). More writers help only when a commit waits long (a slow WAL flush).
 const WRITERS: usize = 1;
 /// Most writes in one group-commit batch (one statement).
 const MAX_BATCH: usize = 256;
@@ -137,10 +137,11 @@ impl Writer {
 /// transaction. Each batch runs in its own task: if it panics, its writes fail (their reply senders are
 /// dropped) and the loop goes on.
 ///
-/// The commit window: a write that finds the writer idle waits `window_us` (rounded up to the runtime
-/// timer's millisecond) for others to share its transaction, since PostgreSQL's cost is mostly per
-/// transaction (the batch function's setup); writes that queue while a batch is in flight form the next
-/// batch without waiting.
+/// The commit window: when the writer takes a write with none queued behind it (it was idle, or this one
+/// write arrived during the previous commit), it waits `window_us` (tokio's timer rounds it up to the
+/// next millisecond tick: the default 1000 waits 1-2 ms) for others to share the transaction, since
+/// PostgreSQL's cost is mostly per transaction (the batch function's setup); when several writes queued
+/// while a batch was in flight, they form the next batch without waiting.
 async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU64>, batches: Arc<AtomicU64>) {
     while let Some(first) = rx.recv().await {
         batches.fetch_add(1, Ordering::SeqCst);
@@ -157,6 +158,7 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU
             }
         }
         let size = batch.len();
+        metrics::histogram!(crate::metrics::WRITER_BATCH).record(size as f64);
         if let Err(e) = tokio::spawn(run_batch(pool.clone(), batch)).await {
             tracing::error!(error = %e, size, "chat writer batch panicked; its writes failed with unavailable");
         }
