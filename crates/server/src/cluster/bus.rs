@@ -17,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the subscriber checks that Redis still answers (a stalled Redis sends no disconnection).
+const HEALTH_CHECK: Duration = Duration::from_secs(1);
+/// Longest wait for a reply on the bus connection before it counts as lost.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Messages published in one pipeline at most.
 const PIPELINE: usize = 256;
 /// Messages waiting to be published at most; beyond it they are dropped (and counted as a gap).
@@ -378,9 +382,11 @@ async fn subscriber(
     let (sub, unsub, _) = shared.verbs();
     loop {
         let (push_tx, mut pushes) = mpsc::unbounded_channel();
-        // No response timeout: a slow reply is not a failed publish (a failure would run its turns out of
-        // order while Redis still carries the message); a lost connection shows as a disconnection.
-        let config = AsyncConnectionConfig::new().set_push_sender(push_tx.clone()).set_response_timeout(None);
+        // A reply may take REPLY_TIMEOUT (not the crate's 500 ms): a failed publish runs its turns at once,
+        // out of order if Redis still carries the message, so only a Redis that stopped answering should
+        // fail one.
+        let config =
+            AsyncConnectionConfig::new().set_push_sender(push_tx.clone()).set_response_timeout(Some(REPLY_TIMEOUT));
         let connected = tokio::select! {
             _ = stop.cancelled() => return,
             c = client.get_multiplexed_async_connection_with_config(&config) => c,
@@ -419,10 +425,20 @@ async fn subscriber(
         shared.healthy.store(true, Ordering::Release);
         tracing::info!(users = users.len(), "bus: connected and subscribed");
         backoff = Duration::from_millis(100);
+        let mut health = tokio::time::interval(HEALTH_CHECK);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = health.tick() => {
+                    // A stalled Redis (paused, swapping, a dead peer behind a proxy) keeps the connection
+                    // open and sends nothing: without this, the node would trust its caches forever.
+                    if let Err(e) = redis::cmd("PING").exec_async(&mut conn).await {
+                        tracing::warn!(error = %e, "bus: Redis does not answer");
+                        break;
+                    }
+                }
                 command = commands.recv() => {
                     let Some(command) = command else { return };
                     let result = match command {
