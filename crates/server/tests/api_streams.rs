@@ -221,17 +221,23 @@ async fn a_restart_loses_open_streams() {
     assert!(sync_all(&mut phone).await.active_streams.is_empty());
 }
 
+/// Two nodes; alice's phone on node B; stream `s1` started through node A's API and announced on B.
+/// Returns the cluster, an API client of each node, and the phone.
+async fn two_nodes_streaming_to_b(url: &str) -> (TestCluster, Api, Api, Client) {
+    let cluster = TestCluster::start(2, url, |_| {}).await;
+    let api_a = cluster.nodes[0].api().await;
+    let api_b = Api { base: cluster.nodes[1].api_base(), ..api_a.clone() };
+    let mut on_b = new_user(&cluster.nodes[1], "alice", "phone").await;
+    assert_eq!(api_a.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    expect_msg!(next_event(&mut on_b).await, StreamStarted);
+    (cluster, api_a, api_b, on_b)
+}
+
 #[tokio::test]
 async fn cluster_a_stream_started_on_one_node_reaches_devices_on_another() {
     let Some(url) = redis_url() else { return };
-    let cluster = TestCluster::start(2, &url, |_| {}).await;
-    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let api_a = a.api().await;
-    let api_b = Api { base: b.api_base(), ..api_a.clone() };
-    let mut on_b = new_user(b, "alice", "phone").await;
-
-    assert_eq!(api_a.post(STREAMS, start_body("s1", "m1")).await.0, 201);
-    expect_msg!(next_event(&mut on_b).await, StreamStarted);
+    let (cluster, api_a, api_b, mut on_b) = two_nodes_streaming_to_b(&url).await;
+    let a = &cluster.nodes[0];
     assert_eq!(send_chunk(&api_a, "s1", 1, "Hel").await.0, 202);
     // The next chunk through the other node's API: the state is shared.
     assert_eq!(send_chunk(&api_b, "s1", 2, "lo").await.0, 202);
@@ -265,13 +271,8 @@ async fn cluster_a_stream_started_on_one_node_reaches_devices_on_another() {
 #[tokio::test]
 async fn cluster_a_chunk_through_another_node_never_overtakes_the_previous_one_on_a_lagging_node() {
     let Some(url) = redis_url() else { return };
-    let cluster = TestCluster::start(2, &url, |_| {}).await;
-    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let api_a = a.api().await;
-    let api_b = Api { base: b.api_base(), ..api_a.clone() };
-    let mut on_b = new_user(b, "alice", "phone").await;
-    assert_eq!(api_a.post(STREAMS, start_body("s1", "m1")).await.0, 201);
-    expect_msg!(next_event(&mut on_b).await, StreamStarted);
+    let (cluster, api_a, api_b, mut on_b) = two_nodes_streaming_to_b(&url).await;
+    let b = &cluster.nodes[1];
 
     // Node B's bus lags: chunk 1 (through node A) is held on its way to B's connections.
     let mut held = b.ctx.pauses.arm(chatsync::pause::BUS_FRAME);

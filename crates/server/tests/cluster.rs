@@ -189,12 +189,7 @@ async fn with_redis_down_writes_are_confirmed_and_delivery_resumes_when_it_retur
     sync_all(&mut laptop).await; // node 1 caches the list
 
     redis.kill();
-    for node in &cluster.nodes {
-        let bus = node.ctx.bus.as_ref().unwrap();
-        while bus.is_healthy() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    cluster.wait_unhealthy().await;
     // Writes are still confirmed, and the node's own connections still get them.
     set_title(&mut phone, "c1", "during").await;
     assert_eq!(expect_msg!(next_broadcast(&mut tab).await, ChatTitleUpdated).data.title, "during");
@@ -238,12 +233,7 @@ async fn a_stalled_redis_is_noticed_and_delivery_resumes_when_it_answers_again()
     // Paused, Redis keeps every connection open and answers nothing: each node must still notice (and
     // stop trusting its cache), with no disconnection to tell it.
     redis.pause();
-    for node in &cluster.nodes {
-        let bus = node.ctx.bus.as_ref().unwrap();
-        while bus.is_healthy() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    cluster.wait_unhealthy().await;
     set_title(&mut phone, "c1", "during").await;
 
     redis.resume();

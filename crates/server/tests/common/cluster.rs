@@ -61,6 +61,16 @@ impl TestCluster {
             wait_healthy(&node.ctx).await;
         }
     }
+
+    /// Waits until no node's bus counts as connected (after Redis went away or stalled).
+    pub async fn wait_unhealthy(&self) {
+        for node in &self.nodes {
+            let bus = node.ctx.bus.as_ref().expect("a cluster node");
+            while bus.is_healthy() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 /// Waits until `ctx`'s bus is connected and subscribed.
