@@ -1,5 +1,6 @@
-//! The Redis bus: subscription bookkeeping, ordered pipelined publishing, reconnection with backoff,
-//! and the encrypted wire format of bus messages. See the module docs of `cluster`.
+//! The Redis bus: subscription bookkeeping, ordered pipelined publishing, turns (this node's own delivery
+//! of a frame run at the frame's place in the bus order), a health check (a PING every second), reconnection
+//! with backoff, and the encrypted wire format of bus messages. See the module docs of `cluster`.
 
 use crate::crypto::{Aad, DataKey};
 use crate::store::chats::{ChatRecord, MessageRecord};
