@@ -221,24 +221,7 @@ async fn a_write_that_finds_the_writer_idle_waits_the_commit_window_for_company_
     // committing alone by then. PostgreSQL shows it too: both rows carry one transaction id.
     let Some(schema) = PgSchema::create().await else { return };
     let mut server = start(&schema).await;
-    let mut c = new_user(&server, "alice", "laptop").await;
-    set_title(&mut c, "a", "v1").await;
-    set_title(&mut c, "b", "v1").await;
-    let mut other = another_device(&server, "alice", "phone").await;
-    server.ctx.chats.set_commit_window(std::time::Duration::from_secs(2));
-    let before = server.ctx.chats.batches_begun().unwrap();
-    let first = tokio::spawn(async move { c.request(&title("a", "v2")).await.unwrap() });
-    for _ in 0..2000 {
-        if server.ctx.chats.batches_begun().unwrap() > before {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-    assert_eq!(server.ctx.chats.batches_begun(), Some(before + 1), "the writer took A and is waiting the window");
-    let second = other.request(&title("b", "v2")).await.unwrap();
-    expect_msg!(first.await.unwrap(), ChatTitleUpdated);
-    expect_msg!(second, ChatTitleUpdated);
-    assert_eq!(server.ctx.chats.batches_begun(), Some(before + 1), "B shared A's transaction");
+    a_second_write_joins_the_first_in_the_commit_window(&server).await;
     let mut conn = schema.connect().await;
     let xmins: Vec<String> = sqlx::query("SELECT xmin::text FROM chats WHERE chat_id IN ('a', 'b')")
         .fetch_all(&mut conn)

@@ -283,27 +283,6 @@ async fn under_constant_writes_and_reads_the_wal_keeps_starting_over() {
 
 #[tokio::test]
 async fn a_write_that_finds_the_writer_idle_waits_the_commit_window_for_company() {
-    // Write A reaches the idle writer, which then waits the window (made long here: 2 s) before committing;
-    // write B, sent once A has left the queue, joins A's transaction. With no window (0), A would be
-    // committing alone by then and B would get a transaction of its own.
     let server = TestServer::start().await;
-    let mut c = new_user(&server, "alice", "laptop").await;
-    set_title(&mut c, "a", "v1").await;
-    set_title(&mut c, "b", "v1").await;
-    let faults = faults(&server);
-    server.ctx.chats.set_commit_window(Duration::from_secs(2));
-    let before = faults.batches();
-    let mut other = another_device(&server, "alice", "phone").await;
-    let first = tokio::spawn(async move { c.request(&title("a", "v2")).await.unwrap() });
-    for _ in 0..2000 {
-        if faults.batches() > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(faults.batches(), before + 1, "the writer took A and is waiting the window");
-    let second = other.request(&title("b", "v2")).await.unwrap();
-    expect_msg!(first.await.unwrap(), ChatTitleUpdated);
-    expect_msg!(second, ChatTitleUpdated);
-    assert_eq!(faults.batches(), before + 1, "B shared A's transaction");
+    a_second_write_joins_the_first_in_the_commit_window(&server).await;
 }

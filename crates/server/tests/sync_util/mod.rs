@@ -258,3 +258,29 @@ pub fn ids(list: &[ChatId]) -> Vec<&str> {
 pub fn text(s: &str) -> MessageContent {
     MessageContent::Text(s.to_owned())
 }
+
+/// The commit window at work, on any backend: alice's write A (title of chat "a") reaches the idle writer,
+/// which then waits the window (made long here: 2 s) before committing; write B (chat "b", from a second
+/// device), sent once the writer has taken A, joins A's transaction. With no window (0), A would be
+/// committing alone by then and B would get a transaction of its own. Leaves both chats written.
+pub async fn a_second_write_joins_the_first_in_the_commit_window(server: &TestServer) {
+    let batches = || server.ctx.chats.batches_begun().expect("the store has a writer");
+    let mut c = new_user(server, "alice", "laptop").await;
+    set_title(&mut c, "a", "v1").await;
+    set_title(&mut c, "b", "v1").await;
+    let mut other = another_device(server, "alice", "phone").await;
+    server.ctx.chats.set_commit_window(std::time::Duration::from_secs(2));
+    let before = batches();
+    let first = tokio::spawn(async move { c.request(&title("a", "v2")).await.unwrap() });
+    for _ in 0..2000 {
+        if batches() > before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert_eq!(batches(), before + 1, "the writer took A and is waiting the window");
+    let second = other.request(&title("b", "v2")).await.unwrap();
+    expect_msg!(first.await.unwrap(), ChatTitleUpdated);
+    expect_msg!(second, ChatTitleUpdated);
+    assert_eq!(batches(), before + 1, "B shared A's transaction");
+}
