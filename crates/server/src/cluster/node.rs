@@ -29,12 +29,8 @@ impl BusHandler for NodeHandler {
     async fn on_message(&self, user_id: Option<&str>, message: BusMessage) {
         match (user_id, message) {
             (Some(user), BusMessage::Frame { frame, except }) => {
-                let audience = match except.as_deref() {
-                    Some(except) => Audience::Others { except },
-                    None => Audience::All,
-                };
                 self.pauses.at(crate::pause::BUS_FRAME).await;
-                self.hub.deliver_now(user, audience, frame.into());
+                self.hub.deliver_now(user, Audience::from_except(except.as_deref()), frame.into());
             }
             (Some(user), BusMessage::ChatWritten { chat }) => self.cache.chat_written(user, &chat).await,
             (Some(user), BusMessage::ChatDeleted { chat_id }) => {

@@ -44,6 +44,21 @@ pub enum Audience<'a> {
     All,
 }
 
+impl<'a> Audience<'a> {
+    /// The connection left out (OTHERS), if any: what travels on the bus.
+    pub fn except(self) -> Option<&'a str> {
+        match self {
+            Audience::Others { except } => Some(except),
+            Audience::All => None,
+        }
+    }
+
+    /// OTHERS except `except`, or ALL (the inverse of [`Audience::except`]).
+    pub fn from_except(except: Option<&'a str>) -> Audience<'a> {
+        except.map_or(Audience::All, |except| Audience::Others { except })
+    }
+}
+
 /// Why a connection could not be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {

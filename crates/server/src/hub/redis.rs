@@ -58,28 +58,16 @@ impl Hub for RedisHub {
     }
 
     async fn deliver(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
-        let except = match audience {
-            Audience::Others { except } => Some(except.to_owned()),
-            Audience::All => None,
-        };
+        let except = audience.except().map(str::to_owned);
         self.bus.publish_user(user_id, BusMessage::Frame { frame: frame.as_str().to_owned(), except });
         self.local.deliver_now(user_id, audience, frame);
     }
 
     async fn deliver_in_order(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
-        let except = match audience {
-            Audience::Others { except } => Some(except.to_owned()),
-            Audience::All => None,
-        };
+        let except = audience.except().map(str::to_owned);
         let message = BusMessage::Frame { frame: frame.as_str().to_owned(), except: except.clone() };
         let (local, user) = (self.local.clone(), user_id.to_owned());
-        let own_delivery = move || {
-            let audience = match except.as_deref() {
-                Some(except) => Audience::Others { except },
-                None => Audience::All,
-            };
-            local.deliver_now(&user, audience, frame);
-        };
+        let own_delivery = move || local.deliver_now(&user, Audience::from_except(except.as_deref()), frame);
         self.bus.publish_user_in_turn(user_id, message, own_delivery).await;
     }
 
