@@ -6,7 +6,8 @@
 # into a fresh temp data dir, starts `chatsync serve` on a free loopback port, runs
 # `chatsync-bench stream` with --server-pid, stops the server (SIGTERM) and removes the temp dir.
 #
-# Usage: scripts/bench/stream.sh [STREAMS] [CHUNKS_PER_SEC] [DURATION_SECS]   (default 200 20 10)
+# Usage: scripts/bench/stream.sh [STREAMS] [CHUNKS_PER_SEC] [DURATION_SECS] [BENCH OPTIONS…]   (default 200 20 10)
+#   e.g. scripts/bench/stream.sh 1000 20 10 --http2   (the API over HTTP/2, streams multiplexed)
 #   OUT_DIR=dir   where stream-chatsync.json goes (default target/bench)
 #   SERVER_BIN=path   serve with this chatsync binary instead of the fresh build (to compare two builds)
 set -euo pipefail
@@ -29,4 +30,4 @@ PID=$!
 wait_listen "$PORT" "$PID" 30
 "$B/chatsync-bench" --no-progress --url "ws://127.0.0.1:$PORT/v1/ws" --tokens "$DATA/tokens.jsonl" \
     --server-pid "$PID" --json-out "$OUT_DIR/stream-chatsync.json" \
-    stream --streams "$STREAMS" --devices 3 --chunks-per-sec "$RATE" --duration "$DURATION" --api-key "$KEY"
+    stream --streams "$STREAMS" --devices 3 --chunks-per-sec "$RATE" --duration "$DURATION" --api-key "$KEY" "${@:4}"

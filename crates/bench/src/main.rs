@@ -21,6 +21,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use scenarios::Common;
 
+/// mimalloc, as in the server: glibc malloc took ~15% of the bench's CPU in the `stream` scenario, CPU the
+/// server it shares the machine with then lacks.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Load generator for the chatsync protocol (loopback targets only).
 ///
 /// Tokens come from a JSON-lines file written by `chatsync sessions issue-bulk` or a peer's

@@ -14,7 +14,9 @@ use crate::report::{Report, Table};
 use crate::tokens::group_by_user;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde_json::{json, Value};
+use serde::Deserialize;
+use serde_json::json;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +47,11 @@ pub struct StreamArgs {
     /// The API base URL [default: from the first --url, `/v1/ws` → `/v1/api`, ws → http].
     #[arg(long, value_name = "URL")]
     pub api_url: Option<String>,
+    /// Call the API over HTTP/2 (cleartext, prior knowledge) with every stream multiplexed on a few
+    /// connections, as a backend with many concurrent streams would; default HTTP/1.1, a connection per
+    /// stream.
+    #[arg(long)]
+    pub http2: bool,
     /// Seconds to wait after the last chunk for outstanding deliveries.
     #[arg(long, value_name = "SECS", default_value_t = 3.0)]
     pub drain: f64,
@@ -72,6 +79,8 @@ struct Inner {
     delivery: Timeline,
     /// Per connection: the last seq seen of its user's stream.
     last_seq: Vec<u64>,
+    /// Per connection: the chunks (markers) received.
+    received: Vec<u64>,
     out_of_order: u64,
     merged_frames: u64,
     other: BTreeMap<String, u64>,
@@ -84,17 +93,32 @@ struct Handler {
     frames: AtomicU64,
 }
 
+/// What the handler reads of a frame: its type and, for a chunk, the delta (borrowed unless escaped).
+/// Parsed into this rather than a `serde_json::Value`, which costs the bench CPU the server lacks.
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    payload: Option<ChunkPayload<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkPayload<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Cow<'a, str>>,
+}
+
 impl FrameHandler for Handler {
     fn on_text(&self, conn: usize, text: &str, at: Instant) {
-        let Ok(v) = serde_json::from_str::<Value>(text) else { return };
-        let kind = v["type"].as_str().unwrap_or("?");
+        let Ok(frame) = serde_json::from_str::<Frame>(text) else { return };
         let mut inner = self.inner.lock().expect("handler lock");
-        if kind != "stream_chunk" {
-            *inner.other.entry(kind.to_owned()).or_default() += 1;
+        if frame.kind != "stream_chunk" {
+            *inner.other.entry(frame.kind.into_owned()).or_default() += 1;
             return;
         }
         self.frames.fetch_add(1, Ordering::Relaxed);
-        let found = markers(v["payload"]["delta"].as_str().unwrap_or(""));
+        let found = markers(frame.payload.as_ref().and_then(|p| p.delta.as_deref()).unwrap_or(""));
         if found.len() > 1 {
             inner.merged_frames += 1;
         }
@@ -103,6 +127,7 @@ impl FrameHandler for Handler {
                 inner.out_of_order += 1;
             }
             inner.last_seq[conn] = seq;
+            inner.received[conn] += 1;
             let sent = self.epoch + Duration::from_micros(sent_us);
             inner.delivery.record(sent, at.saturating_duration_since(sent));
             self.deliveries.fetch_add(1, Ordering::Relaxed);
@@ -133,7 +158,11 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
         Some(u) => u.trim_end_matches('/').to_owned(),
         None => ctx.common.url[0].replacen("ws", "http", 1).replace("/v1/ws", "/v1/api"),
     };
-    let http = reqwest::Client::builder().pool_max_idle_per_host(s.max(16)).build()?;
+    let http = if args.http2 {
+        reqwest::Client::builder().http2_prior_knowledge().build()?
+    } else {
+        reqwest::Client::builder().pool_max_idle_per_host(s.max(16)).build()?
+    };
 
     let epoch = Instant::now();
     let handler = Arc::new(Handler {
@@ -141,6 +170,7 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
         inner: Mutex::new(Inner {
             delivery: Timeline::new(epoch),
             last_seq: vec![0; creds.len()],
+            received: vec![0; creds.len()],
             out_of_order: 0,
             merged_frames: 0,
             other: BTreeMap::new(),
@@ -175,12 +205,16 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
     let statuses = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let lag = Arc::new(Mutex::new(Latency::default()));
     let sent = Arc::new(AtomicU64::new(0));
+    // Per stream: chunks accepted (202), to find the devices that missed some.
+    let accepted_per_stream: Arc<Vec<AtomicU64>> = Arc::new((0..s).map(|_| AtomicU64::new(0)).collect());
     let t0 = Instant::now() + Duration::from_millis(200);
     let period = 1.0 / args.chunks_per_sec;
     let filler = "x".repeat(args.chunk_bytes);
     let mut tasks = Vec::new();
     for (i, g) in groups.iter().enumerate() {
-        let url = format!("{}/b{run_id}-{i}/chunks", path(g));
+        // Parsed once: reqwest would parse a string URL on every call.
+        let url = reqwest::Url::parse(&format!("{}/b{run_id}-{i}/chunks", path(g)))?;
+        let accepted_here = accepted_per_stream.clone();
         let (http, key, api_latency, statuses, lag, sent, filler) = (
             http.clone(),
             args.api_key.clone(),
@@ -204,13 +238,22 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
                 let call = Instant::now();
                 lag.lock().expect("lag").record(call.saturating_duration_since(due));
                 let us = call.duration_since(epoch).as_micros();
-                let body = json!({"seq": seq, "delta": format!("{MARKER}{i}:{seq}:{us} {filler}")});
-                let status = match http.post(&url).bearer_auth(&key).json(&body).send().await {
+                // The delta needs no JSON escaping (digits, colons, `x`), so the body is written directly.
+                let body = format!(r#"{{"seq":{seq},"delta":"{MARKER}{i}:{seq}:{us} {filler}"}}"#);
+                let request = http
+                    .post(url.clone())
+                    .bearer_auth(&key)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body);
+                let status = match request.send().await {
                     Ok(r) => r.status().as_u16().to_string(),
                     Err(e) => format!("error: {}", e.without_url()),
                 };
                 api_latency.lock().expect("api").record(call.elapsed());
                 sent.fetch_add(1, Ordering::Relaxed);
+                if status == "202" {
+                    accepted_here[i].fetch_add(1, Ordering::Relaxed);
+                }
                 *statuses.lock().expect("statuses").entry(status).or_default() += 1;
             }
         }));
@@ -223,6 +266,7 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
     pb.finish_and_clear();
     tokio::time::sleep(Duration::from_secs_f64(args.drain)).await;
     let after = ctx.sample_server();
+    let closes = opened.log.closes();
 
     for (i, g) in groups.iter().enumerate() {
         let _ = http.delete(format!("{}/b{run_id}-{i}", path(g))).bearer_auth(&args.api_key).send().await;
@@ -235,6 +279,15 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
     let deliveries = handler.deliveries.load(Ordering::Relaxed);
     let frames = handler.frames.load(Ordering::Relaxed);
     let inner = handler.inner.lock().expect("handler lock");
+    // Devices that received fewer chunks than their stream had accepted, and how many they missed.
+    let (mut short_devices, mut short_chunks) = (0u64, 0u64);
+    for (conn, &received) in inner.received.iter().enumerate() {
+        let accepted = accepted_per_stream[conn / args.devices].load(Ordering::Relaxed);
+        if received < accepted {
+            short_devices += 1;
+            short_chunks += accepted - received;
+        }
+    }
     let delivery = inner.delivery.total().summary();
     let api = api_latency.lock().expect("api").summary();
     let lag = lag.lock().expect("lag").summary();
@@ -249,7 +302,8 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
         .kv("chunks sent / accepted (202)", format!("{} / {accepted}", sent.load(Ordering::Relaxed)))
         .kv("deliveries expected / received", format!("{expected} / {deliveries}"))
         .kv("frames received (merged frames)", format!("{frames} ({})", inner.merged_frames))
-        .kv("out of order or repeated", inner.out_of_order);
+        .kv("out of order or repeated", inner.out_of_order)
+        .kv("devices short of their stream's chunks (chunks missed)", format!("{short_devices} ({short_chunks})"));
     let mut server = json!(null);
     if let (Some(b), Some(a)) = (before, after) {
         let cpu = a.cpu_secs - b.cpu_secs;
@@ -261,6 +315,9 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
     }
     if deliveries < expected {
         notes.push(format!("{} deliveries missing", expected - deliveries));
+    }
+    if !closes.is_empty() {
+        notes.push(format!("connections ended by the server during the run: {closes:?}"));
     }
     if lag.p99_ms > 10.0 {
         notes.push(format!(
@@ -288,6 +345,7 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
         "results": {"offered_deliveries_per_sec": offered, "achieved_deliveries_per_sec": achieved,
                     "accepted": accepted, "expected": expected, "deliveries": deliveries, "frames": frames,
                     "merged_frames": inner.merged_frames, "out_of_order": inner.out_of_order,
+                    "short_devices": short_devices, "short_chunks": short_chunks, "closes": closes,
                     "delivery_latency": delivery, "api_latency": api, "lag": lag,
                     "delivery_latency_per_second": inner.delivery.series()},
         "server": server,
