@@ -135,6 +135,17 @@ impl FrameHandler for Handler {
     }
 }
 
+/// A failed call's error with its causes ("error sending request" alone says little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = format!("error: {e}");
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    out
+}
+
 /// Runs the scenario.
 pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
     if args.devices == 0 || args.streams == 0 || args.chunks_per_sec <= 0.0 {
@@ -246,8 +257,16 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body);
                 let status = match request.send().await {
-                    Ok(r) => r.status().as_u16().to_string(),
-                    Err(e) => format!("error: {}", e.without_url()),
+                    // The body is read to its end: over HTTP/2 a response dropped unread resets its stream,
+                    // and h2 closes a connection after 1,024 such resets ("too_many_internal_resets").
+                    Ok(r) => {
+                        let status = r.status().as_u16().to_string();
+                        match r.bytes().await {
+                            Ok(_) => status,
+                            Err(e) => error_chain(&e.without_url()),
+                        }
+                    }
+                    Err(e) => error_chain(&e.without_url()),
                 };
                 api_latency.lock().expect("api").record(call.elapsed());
                 sent.fetch_add(1, Ordering::Relaxed);
