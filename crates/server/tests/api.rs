@@ -97,47 +97,6 @@ async fn a_key_over_its_rate_gets_429_with_retry_after_and_other_keys_do_not() {
 }
 
 #[tokio::test]
-async fn the_api_speaks_http2_with_prior_knowledge_and_websockets_stay_on_http1() {
-    let server = TestServer::start().await;
-    server.user("alice", false).await;
-    let api = server.api().await;
-    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
-    let get = |auth: Option<String>| {
-        let mut req = h2.get(format!("{}/users/alice", server.api_base()));
-        if let Some(auth) = auth {
-            req = req.header("Authorization", auth);
-        }
-        req.send()
-    };
-    // Many calls at once, multiplexed on the connection: each is authenticated and answered on its own.
-    let calls = (0..20).map(|i| get((i % 4 != 0).then(|| format!("Bearer {}", api.key))));
-    for (i, resp) in futures_util::future::join_all(calls).await.into_iter().enumerate() {
-        let resp = resp.unwrap();
-        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
-        let status = resp.status().as_u16();
-        let body: serde_json::Value = resp.json().await.unwrap();
-        if i % 4 == 0 {
-            assert_eq!((status, error_code(&body)), (401, "unauthorized"), "call {i}");
-        } else {
-            assert_eq!((status, body["user_id"].as_str()), (200, Some("alice")), "call {i}: {body}");
-        }
-    }
-    // A WebSocket needs HTTP/1.1's upgrade: over HTTP/2 the endpoint refuses the request, and the server
-    // goes on serving both.
-    let token = server.token("alice").await;
-    let resp = h2
-        .get(server.url.replace("ws://", "http://"))
-        .header("Authorization", format!("Bearer {token}"))
-        .header("X-Device-Id", "laptop")
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_client_error(), "WebSocket over HTTP/2: {}", resp.status());
-    server.connect(&token, "laptop").await;
-    assert_eq!(get(Some(format!("Bearer {}", api.key))).await.unwrap().status(), 200);
-}
-
-#[tokio::test]
 async fn an_api_key_is_not_a_websocket_token() {
     let server = TestServer::start().await;
     let api = server.api().await;
