@@ -7,7 +7,7 @@
 # `chatsync-bench stream` with --server-pid, stops the server (SIGTERM) and removes the temp dir.
 #
 # Usage: scripts/bench/stream.sh [STREAMS] [CHUNKS_PER_SEC] [DURATION_SECS] [BENCH OPTIONS…]   (default 200 20 10)
-#   e.g. scripts/bench/stream.sh 1000 20 10 --http2   (the API over HTTP/2, streams multiplexed)
+#   e.g. scripts/bench/stream.sh 1000 20 10 --chunk-bytes 100
 #   OUT_DIR=dir   where stream-chatsync.json goes (default target/bench)
 #   SERVER_BIN=path   serve with this chatsync binary instead of the fresh build (to compare two builds)
 set -euo pipefail

@@ -47,11 +47,6 @@ pub struct StreamArgs {
     /// The API base URL [default: from the first --url, `/v1/ws` → `/v1/api`, ws → http].
     #[arg(long, value_name = "URL")]
     pub api_url: Option<String>,
-    /// Call the API over HTTP/2 (cleartext, prior knowledge) with every stream multiplexed on a few
-    /// connections, as a backend with many concurrent streams would; default HTTP/1.1, a connection per
-    /// stream.
-    #[arg(long)]
-    pub http2: bool,
     /// Seconds to wait after the last chunk for outstanding deliveries.
     #[arg(long, value_name = "SECS", default_value_t = 3.0)]
     pub drain: f64,
@@ -169,11 +164,7 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
         Some(u) => u.trim_end_matches('/').to_owned(),
         None => ctx.common.url[0].replacen("ws", "http", 1).replace("/v1/ws", "/v1/api"),
     };
-    let http = if args.http2 {
-        reqwest::Client::builder().http2_prior_knowledge().build()?
-    } else {
-        reqwest::Client::builder().pool_max_idle_per_host(s.max(16)).build()?
-    };
+    let http = reqwest::Client::builder().pool_max_idle_per_host(s.max(16)).build()?;
 
     let epoch = Instant::now();
     let handler = Arc::new(Handler {
@@ -257,8 +248,8 @@ pub async fn run(ctx: &Ctx, args: StreamArgs) -> Result<Report> {
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body);
                 let status = match request.send().await {
-                    // The body is read to its end: over HTTP/2 a response dropped unread resets its stream,
-                    // and h2 closes a connection after 1,024 such resets ("too_many_internal_resets").
+                    // The body is read to its end, so that the connection goes back to the pool at once
+                    // (unread, the call's latency and the pool's behaviour under load were off).
                     Ok(r) => {
                         let status = r.status().as_u16().to_string();
                         match r.bytes().await {
