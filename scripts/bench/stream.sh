@@ -10,6 +10,7 @@
 #   e.g. scripts/bench/stream.sh 1000 20 10 --chunk-bytes 100
 #   OUT_DIR=dir   where stream-chatsync.json goes (default target/bench)
 #   SERVER_BIN=path   serve with this chatsync binary instead of the fresh build (to compare two builds)
+#   BENCH_BIN=path    drive it with this chatsync-bench binary instead of the fresh build
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/bench/lib.sh
@@ -28,6 +29,6 @@ KEY=$("$B/chatsync" --data-dir "$DATA" api-keys create --name bench)
 "${SERVER_BIN:-$B/chatsync}" --data-dir "$DATA" serve --listen "127.0.0.1:$PORT" --durability normal --log-level warn &
 PID=$!
 wait_listen "$PORT" "$PID" 30
-"$B/chatsync-bench" --no-progress --url "ws://127.0.0.1:$PORT/v1/ws" --tokens "$DATA/tokens.jsonl" \
+"${BENCH_BIN:-$B/chatsync-bench}" --no-progress --url "ws://127.0.0.1:$PORT/v1/ws" --tokens "$DATA/tokens.jsonl" \
     --server-pid "$PID" --json-out "$OUT_DIR/stream-chatsync.json" \
     stream --streams "$STREAMS" --devices 3 --chunks-per-sec "$RATE" --duration "$DURATION" --api-key "$KEY" "${@:4}"
