@@ -9,7 +9,8 @@
 # carries a third of the connections). Bounded in time; leaves no process behind.
 #
 # Usage: scripts/bench/cluster.sh [SCENARIO] [chatsync-bench SCENARIO options...]
-#   SCENARIO      fanout (default), idle, saturate or sync
+#   SCENARIO      fanout (default), idle, saturate, sync or stream (the server API is called on node 1;
+#                 an API key is created for it)
 #   USERS=N DEVICES=D   sessions to issue (default 2000 x 3)
 #   NODES=N       nodes (default 3)
 #   SERVER_ARGS="..."   extra `chatsync serve` options (e.g. --durability normal)
@@ -55,6 +56,11 @@ echo "issuing $((USERS * DEVICES)) sessions ($USERS users x $DEVICES devices) in
 timeout 300 target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" sessions issue-bulk \
     --users "$USERS" --devices "$DEVICES" --prefix u > "$DATA/tokens.jsonl"
 
+EXTRA=()
+if [ "$SCENARIO" = stream ]; then
+    EXTRA=(--api-key "$(target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" api-keys create --name bench)")
+fi
+
 URLS=()
 for n in $(seq 1 "$NODES"); do
     PORT=$(free_port)
@@ -71,7 +77,7 @@ OUT="$OUT_DIR/$SCENARIO-cluster$NODES"
 status=0
 timeout 1000 target/release/chatsync-bench --url "$URL_LIST" --tokens "$DATA/tokens.jsonl" \
     --server-pid "${PIDS[0]}" --json-out "$OUT.json" --plot "$OUT.svg" --max-runtime 900 \
-    "$SCENARIO" "$@" || status=$?
+    "$SCENARIO" "${EXTRA[@]}" "$@" || status=$?
 if [ "$status" -ne 0 ]; then
     echo "chatsync-bench exited with $status; last lines of node 1's log:" >&2
     tail -20 "$DATA/node1.log" >&2 || true
