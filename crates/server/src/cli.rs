@@ -213,7 +213,8 @@ pub enum ApiKeysCommand {
         json: bool,
     },
     /// Revoke an API key by its id (`ak_…`): every request after this command returns is refused with 401,
-    /// on every node (each request checks the store).
+    /// on every node (with --redis-url the nodes' key caches start over; the command fails if Redis does
+    /// not answer). Revoking a revoked key again succeeds.
     Revoke {
         /// The key id, as shown by `api-keys list`.
         key_id: String,
@@ -1262,10 +1263,24 @@ async fn api_keys(config: Config, cmd: ApiKeysCommand) -> anyhow::Result<()> {
             Ok(())
         }
         ApiKeysCommand::Revoke { key_id } => {
-            if !store.revoke_api_key(&key_id, now_millis()).await? {
-                bail!("no active API key has the id {key_id:?} (see `chatsync api-keys list`)");
+            let newly = store.revoke_api_key(&key_id, now_millis()).await?;
+            let known = newly || store.api_keys().await?.iter().any(|k| k.key_id == key_id);
+            if !known {
+                bail!("no API key has the id {key_id:?} (see `chatsync api-keys list`)");
             }
-            eprintln!("API key {key_id} revoked");
+            // In a cluster the nodes' key caches start over (see `api/key_cache.rs`), also for a key revoked
+            // before: running the command again repairs a revocation whose epoch could not be written.
+            if let Err(e) = crate::api::key_cache::bump_epoch(&config).await {
+                bail!(
+                    "API key {key_id} is revoked in the store, but Redis did not answer ({e:#}): nodes that \
+                     cached the key may still accept it; run this command again once Redis answers"
+                );
+            }
+            if newly {
+                eprintln!("API key {key_id} revoked");
+            } else {
+                eprintln!("API key {key_id} was revoked already");
+            }
             Ok(())
         }
     }

@@ -2,7 +2,8 @@
 //! every broadcast arrives exactly once on every other node and never echoes; a write on one node is what
 //! initial sync returns on another (caches stay true); a deletion is gone everywhere; the bus going down
 //! never stops a node from confirming writes, and delivery resumes when Redis returns; a revocation on
-//! the CLI closes the socket on another node at once; nothing crosses Redis in plaintext.
+//! the CLI closes the socket on another node at once; a node's cached API keys never outlive a revocation
+//! (nor a Redis outage or a lost epoch); nothing crosses Redis in plaintext.
 
 #[macro_use]
 mod sync_util;
@@ -340,4 +341,75 @@ async fn sharded_pub_sub_carries_broadcasts_and_cache_updates_too() {
     set_title(&mut phone, "c1", "sharded").await;
     assert_eq!(expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated).data.title, "sharded");
     assert_eq!(entry(&sync_all(&mut laptop).await, "c1").unwrap().title.as_deref(), Some("sharded"));
+}
+
+/// An API client of `node` with `api`'s key.
+fn api_on(node: &TestServer, api: &common::Api) -> common::Api {
+    common::Api { base: node.api_base(), ..api.clone() }
+}
+
+/// Revokes `api`'s key in the store only, without the epoch `chatsync api-keys revoke` writes next.
+async fn revoke_in_store_only(node: &TestServer, api: &common::Api) {
+    let hash = chatsync::gateway::auth::token_hash(&api.key);
+    let key = node.ctx.store.api_key_by_hash(&hash).await.unwrap().unwrap();
+    assert!(node.ctx.store.revoke_api_key(&key.key_id, chatsync::store::now_millis()).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_node_caches_api_keys_and_a_revocation_reaches_every_node_before_the_command_returns() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    cluster.nodes[0].user("alice", false).await;
+    let api = cluster.nodes[0].api().await;
+    let on_1 = api_on(&cluster.nodes[1], &api);
+    assert_eq!(on_1.get("/users/alice").await.0, 200);
+    // The key is cached on node 1: a revocation written to the store alone (without the epoch that
+    // `api-keys revoke` writes next) does not reach it. This is what makes the next step mean something.
+    revoke_in_store_only(&cluster.nodes[0], &api).await;
+    assert_eq!(on_1.get("/users/alice").await.0, 200, "served from node 1's cache");
+    // What `chatsync api-keys revoke` does after its commit: every node refuses the key from now on.
+    chatsync::api::key_cache::bump_epoch(&cluster.nodes[0].ctx.config).await.unwrap();
+    for client in [&on_1, &api] {
+        let (status, body) = client.get("/users/alice").await;
+        assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
+    }
+    // Another key is unaffected, and an unknown key is never cached.
+    let other = cluster.nodes[0].api().await;
+    assert_eq!(api_on(&cluster.nodes[1], &other).get("/users/alice").await.0, 200);
+    let unknown = common::Api { key: "ck_unknown".into(), ..other.clone() };
+    assert_eq!(api_on(&cluster.nodes[1], &unknown).get("/users/alice").await.0, 401);
+}
+
+#[tokio::test]
+async fn without_redis_a_node_checks_api_keys_in_the_store_and_a_redis_that_lost_its_data_empties_caches() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut redis = OwnRedis::start();
+    let cluster = TestCluster::start(2, &redis.url(), |_| {}).await;
+    cluster.nodes[0].user("alice", false).await;
+    let first = api_on(&cluster.nodes[1], &cluster.nodes[0].api().await);
+    assert_eq!(first.get("/users/alice").await.0, 200, "cached on node 1");
+
+    // Redis down: node 1 does not trust its cache; the store says revoked.
+    redis.kill();
+    cluster.wait_unhealthy().await;
+    revoke_in_store_only(&cluster.nodes[0], &first).await;
+    assert_eq!(first.get("/users/alice").await.0, 401, "looked up in the store while Redis is down");
+    let second = api_on(&cluster.nodes[1], &cluster.nodes[0].api().await);
+    assert_eq!(second.get("/users/alice").await.0, 200, "a valid key still passes");
+
+    // Back (empty: the epoch is gone): the node reconnects and caches again.
+    redis.restart();
+    cluster.wait_healthy().await;
+    for _ in 0..2 {
+        assert_eq!(second.get("/users/alice").await.0, 200);
+    }
+    // The epoch lost again (evicted, flushed) after a revocation wrote it: the lost value is replaced by a
+    // fresh one, never by one the key may have been cached under, so the store is asked again.
+    let epoch_key = format!("{}api-keys-epoch", cluster.nodes[0].ctx.config.redis_prefix);
+    let mut redis_conn = redis::Client::open(redis.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    revoke_in_store_only(&cluster.nodes[0], &second).await;
+    redis::cmd("DEL").arg(&epoch_key).query_async::<()>(&mut redis_conn).await.unwrap();
+    assert_eq!(second.get("/users/alice").await.0, 401);
 }

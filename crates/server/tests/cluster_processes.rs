@@ -134,6 +134,39 @@ async fn a_node_killed_with_sigkill_does_not_disturb_the_others() {
 }
 
 #[tokio::test]
+async fn an_api_key_revoked_on_the_cli_is_refused_by_every_node_once_the_command_returns() {
+    let Some(redis) = redis_url() else { return };
+    let Some(schema) = PgSchema::create().await else { return };
+    let env = Env {
+        database_url: schema.url.clone(),
+        redis_url: redis,
+        prefix: unique_prefix(),
+        master_key: chatsync::crypto::MasterKey::generate().to_base64().to_string(),
+    };
+    let nodes: Vec<Node> = (0..2).map(|_| env.node()).collect();
+    env.cli(&["users", "add", "alice"]);
+    let key = env.cli(&["api-keys", "create", "--name", "bot"]);
+    let key_id = env.cli(&["api-keys", "list", "--json"]);
+    let key_id: serde_json::Value = serde_json::from_str(&key_id).unwrap();
+    let key_id = key_id[0]["key_id"].as_str().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let get = |node: &Node| {
+        let url = node.url.replace("ws://", "http://").replace("/v1/ws", "/v1/api/users/alice");
+        let request = http.get(url).bearer_auth(&key);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    // Both nodes have seen (and cached) the key.
+    for node in &nodes {
+        assert_eq!(get(node).await, 200);
+        assert_eq!(get(node).await, 200);
+    }
+    env.cli(&["api-keys", "revoke", &key_id]);
+    for node in &nodes {
+        assert_eq!(get(node).await, 401, "refused as soon as the command returned");
+    }
+}
+
+#[tokio::test]
 async fn with_postgresql_cut_off_requests_get_unavailable_and_service_resumes_by_itself() {
     let Some(schema) = PgSchema::create().await else { return };
     // chatsync reaches PostgreSQL through a proxy the test can cut.

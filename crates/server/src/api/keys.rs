@@ -2,9 +2,10 @@
 //! `/v1/api` request.
 //!
 //! A key is `ck_` followed by 32 random bytes in base64url; only its SHA-256 is stored, next to a public
-//! id (`ak_…`) used to list and revoke it. Every request looks the key up in the store, so a revocation is
-//! in force on every node as soon as the command returns (no cache to go stale; the embedded store answers
-//! this lookup on the calling thread, see `store/sqlite.rs`).
+//! id (`ak_…`) used to list and revoke it. A revocation is in force on every node as soon as the command
+//! returns: a single node looks every request's key up in the store (the embedded store answers on the
+//! calling thread, see `store/sqlite.rs`); a cluster node keeps a cache that a revocation epoch in Redis
+//! keeps true (`key_cache.rs`).
 
 use super::{ApiError, ApiState};
 use crate::gateway::auth::token_hash;
@@ -45,7 +46,15 @@ pub async fn authenticate(State(state): State<ApiState>, req: Request, next: Nex
     let Some(presented) = presented else {
         return ApiError::unauthorized().into_response();
     };
-    let key = match state.ctx.store.api_key_by_hash(&token_hash(presented)).await {
+    let hash = token_hash(presented);
+    let looked_up = match &state.key_cache {
+        Some(cache) => {
+            let bus_up = state.ctx.bus.as_ref().is_some_and(|bus| bus.is_healthy());
+            cache.lookup(state.ctx.store.as_ref(), &hash, bus_up).await
+        }
+        None => state.ctx.store.api_key_by_hash(&hash).await,
+    };
+    let key = match looked_up {
         Ok(Some(key)) if key.revoked_at.is_none() => key,
         Ok(_) => {
             tracing::info!(method = %req.method(), path = %req.uri().path(), "API request refused: unknown or revoked key");
@@ -60,6 +69,9 @@ pub async fn authenticate(State(state): State<ApiState>, req: Request, next: Nex
     }
     let now = now_millis();
     if key.last_used_at.is_none_or(|t| now - t >= TOUCH_EVERY_MS) {
+        if let Some(cache) = &state.key_cache {
+            cache.touched(&hash, now);
+        }
         let store = state.ctx.store.clone();
         tokio::spawn(async move {
             if let Err(e) = store.touch_api_key(&key.key_id, now).await {

@@ -8,6 +8,7 @@
 //! IntoResponse>` and never see an unvalidated id or an unauthenticated request.
 
 mod devices;
+pub mod key_cache;
 pub mod keys;
 pub mod messages;
 pub mod rate;
@@ -36,6 +37,8 @@ pub struct ApiState {
     pub ctx: Arc<Ctx>,
     /// The per-key request limit (`None`: no limit).
     pub rate: Option<Arc<rate::ApiRateLimit>>,
+    /// The node's cache of API keys (cluster nodes only, see [`key_cache`]).
+    pub key_cache: Option<Arc<key_cache::KeyCache>>,
 }
 
 /// Result of an API handler.
@@ -44,7 +47,11 @@ pub type ApiResult<T> = Result<T, ApiError>;
 /// The `/v1/api` router: every resource's routes behind the API-key check.
 pub fn router(ctx: Arc<Ctx>) -> Router {
     let rate = rate::ApiRateLimit::new(ctx.config.api_rate_per_sec, ctx.config.api_rate_burst).map(Arc::new);
-    let state = ApiState { ctx, rate };
+    let key_cache = key_cache::KeyCache::from_config(&ctx.config).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no API key cache: every request looks its key up in the store");
+        None
+    });
+    let state = ApiState { ctx, rate, key_cache };
     let api = Router::new()
         .merge(users::routes())
         .merge(sessions::routes())
