@@ -56,9 +56,11 @@ echo "issuing $((USERS * DEVICES)) sessions ($USERS users x $DEVICES devices) in
 timeout 300 target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" sessions issue-bulk \
     --users "$USERS" --devices "$DEVICES" --prefix u > "$DATA/tokens.jsonl"
 
-EXTRA=()
 if [ "$SCENARIO" = stream ]; then
-    EXTRA=(--api-key "$(target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" api-keys create --name bench)")
+    # The bench reads the key from its environment (not on a command line, where `ps` shows it).
+    CHATSYNC_BENCH_API_KEY=$(timeout 60 target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" \
+        api-keys create --name bench)
+    export CHATSYNC_BENCH_API_KEY
 fi
 
 URLS=()
@@ -77,7 +79,7 @@ OUT="$OUT_DIR/$SCENARIO-cluster$NODES"
 status=0
 timeout 1000 target/release/chatsync-bench --url "$URL_LIST" --tokens "$DATA/tokens.jsonl" \
     --server-pid "${PIDS[0]}" --json-out "$OUT.json" --plot "$OUT.svg" --max-runtime 900 \
-    "$SCENARIO" "${EXTRA[@]}" "$@" || status=$?
+    "$SCENARIO" "$@" || status=$?
 if [ "$status" -ne 0 ]; then
     echo "chatsync-bench exited with $status; last lines of node 1's log:" >&2
     tail -20 "$DATA/node1.log" >&2 || true

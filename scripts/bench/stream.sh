@@ -7,7 +7,8 @@
 # `chatsync-bench stream` with --server-pid, stops the server (SIGTERM) and removes the temp dir.
 #
 # Usage: scripts/bench/stream.sh [STREAMS] [CHUNKS_PER_SEC] [DURATION_SECS] [BENCH OPTIONS…]   (default 200 20 10)
-#   e.g. scripts/bench/stream.sh 1000 20 10 --chunk-bytes 100
+#   e.g. scripts/bench/stream.sh 1000 20 10 --chunk-bytes 100   (options only after all three numbers;
+#   not --streams, --devices, --chunks-per-sec, --duration or --api-key, which the script sets)
 #   OUT_DIR=dir   where stream-chatsync.json goes (default target/bench)
 #   SERVER_BIN=path   serve with this chatsync binary instead of the fresh build (to compare two builds)
 #   BENCH_BIN=path    drive it with this chatsync-bench binary instead of the fresh build
