@@ -43,6 +43,20 @@ struct Env {
 }
 
 impl Env {
+    /// A fresh PostgreSQL schema (dropped with the returned guard), the test Redis with a prefix of its
+    /// own, and a master key; `None` (the test is skipped, saying so) without PostgreSQL or Redis.
+    async fn start() -> Option<(Env, PgSchema)> {
+        let redis = redis_url()?;
+        let schema = PgSchema::create().await?;
+        let env = Env {
+            database_url: schema.url.clone(),
+            redis_url: redis,
+            prefix: unique_prefix(),
+            master_key: chatsync::crypto::MasterKey::generate().to_base64().to_string(),
+        };
+        Some((env, schema))
+    }
+
     fn command(&self, data: &std::path::Path) -> Command {
         let mut cmd = process::chatsync();
         cmd.arg("--data-dir")
@@ -87,14 +101,7 @@ async fn broadcast(c: &mut Client) -> Incoming {
 
 #[tokio::test]
 async fn a_node_killed_with_sigkill_does_not_disturb_the_others() {
-    let Some(redis) = redis_url() else { return };
-    let Some(schema) = PgSchema::create().await else { return };
-    let env = Env {
-        database_url: schema.url.clone(),
-        redis_url: redis,
-        prefix: unique_prefix(),
-        master_key: chatsync::crypto::MasterKey::generate().to_base64().to_string(),
-    };
+    let Some((env, _schema)) = Env::start().await else { return };
     let nodes: Vec<Node> = (0..3).map(|_| env.node()).collect();
     env.cli(&["users", "add", "alice"]);
     let token = |device: &str| env.cli(&["sessions", "issue", "alice", "--device-id", device]);
@@ -135,14 +142,7 @@ async fn a_node_killed_with_sigkill_does_not_disturb_the_others() {
 
 #[tokio::test]
 async fn an_api_key_revoked_on_the_cli_is_refused_by_every_node_once_the_command_returns() {
-    let Some(redis) = redis_url() else { return };
-    let Some(schema) = PgSchema::create().await else { return };
-    let env = Env {
-        database_url: schema.url.clone(),
-        redis_url: redis,
-        prefix: unique_prefix(),
-        master_key: chatsync::crypto::MasterKey::generate().to_base64().to_string(),
-    };
+    let Some((env, _schema)) = Env::start().await else { return };
     let nodes: Vec<Node> = (0..2).map(|_| env.node()).collect();
     env.cli(&["users", "add", "alice"]);
     let key = env.cli(&["api-keys", "create", "--name", "bot"]);
