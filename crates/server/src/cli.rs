@@ -1268,6 +1268,13 @@ async fn api_keys(config: Config, cmd: ApiKeysCommand) -> anyhow::Result<()> {
             if !known {
                 bail!("no API key has the id {key_id:?} (see `chatsync api-keys list`)");
             }
+            if config.redis_url.is_none() && config.database_url.as_deref().is_some_and(|u| u.starts_with("postgres")) {
+                eprintln!(
+                    "warning: no --redis-url: nodes running as a cluster (with --redis-url) may accept this key \
+                     from their caches for up to {} s; pass the cluster's --redis-url and --redis-prefix",
+                    crate::api::key_cache::MAX_AGE.as_secs()
+                );
+            }
             // In a cluster the nodes' key caches start over (see `api/key_cache.rs`), also for a key revoked
             // before: running the command again repairs a revocation whose epoch could not be written.
             if let Err(e) = crate::api::key_cache::bump_epoch(&config).await {

@@ -348,6 +348,23 @@ fn api_on(node: &TestServer, api: &common::Api) -> common::Api {
     common::Api { base: node.api_base(), ..api.clone() }
 }
 
+/// Waits until `node` serves API keys from its cache again (after a Redis failure it asks the store for a
+/// while): a fresh key, seen, then revoked in the store only, still passes there.
+async fn wait_until_node_caches_keys(node: &TestServer, owner: &TestServer) {
+    for _ in 0..100 {
+        let probe = api_on(node, &owner.api().await);
+        for _ in 0..2 {
+            assert_eq!(probe.get("/users/alice").await.0, 200);
+        }
+        revoke_in_store_only(owner, &probe).await;
+        if probe.get("/users/alice").await.0 == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the node never used its API key cache again");
+}
+
 /// Revokes `api`'s key in the store only, without the epoch `chatsync api-keys revoke` writes next.
 async fn revoke_in_store_only(node: &TestServer, api: &common::Api) {
     let hash = chatsync::gateway::auth::token_hash(&api.key);
@@ -399,9 +416,10 @@ async fn without_redis_a_node_checks_api_keys_in_the_store_and_a_redis_that_lost
     let second = api_on(&cluster.nodes[1], &cluster.nodes[0].api().await);
     assert_eq!(second.get("/users/alice").await.0, 200, "a valid key still passes");
 
-    // Back (empty: the epoch is gone): the node reconnects and caches again.
+    // Back (empty: the epoch is gone): the node reconnects and, after its pause, caches again.
     redis.restart();
     cluster.wait_healthy().await;
+    wait_until_node_caches_keys(&cluster.nodes[1], &cluster.nodes[0]).await;
     for _ in 0..2 {
         assert_eq!(second.get("/users/alice").await.0, 200);
     }
