@@ -196,14 +196,19 @@ impl Client {
         self.pending.len()
     }
 
-    /// The next text frame as received (no decoding; buffered messages are not included). A close frame
-    /// is [`ClientError::Closed`].
+    /// The next text frame as received (no decoding; buffered messages are not included; warm-up events
+    /// skipped when the client ignores them). A close frame is [`ClientError::Closed`].
     pub async fn recv_text(&mut self) -> Result<String, ClientError> {
         loop {
             match self.ws.next().await {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
-                Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
+                Some(Ok(Message::Text(t))) => {
+                    if self.ignore_warmup_events && is_warmup_frame(t.as_str()) {
+                        continue;
+                    }
+                    return Ok(t.as_str().to_owned());
+                }
                 Some(Ok(Message::Close(frame))) => {
                     return Err(ClientError::Closed(
                         frame.map(|CloseFrame { code, reason }| (code.into(), reason.to_string())),
@@ -300,4 +305,10 @@ impl Client {
             }
         }
     }
+}
+
+/// Whether a raw frame is a warm-up event (`priority_chat_ready`, `cache_primed`).
+fn is_warmup_frame(text: &str) -> bool {
+    decode_server(text)
+        .is_ok_and(|m| matches!(m.message, ServerMessage::PriorityChatReady(_) | ServerMessage::CachePrimed(_)))
 }
