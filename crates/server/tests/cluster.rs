@@ -174,13 +174,18 @@ async fn next_is_pending(c: &mut Client) -> bool {
     matches!(tokio::time::timeout(Duration::from_millis(20), c.recv()).await, Ok(Ok(_)))
 }
 
+/// Two nodes on a redis-server of the test's own (which the test may stop); `None` on a machine without
+/// Redis (redis-server comes with it).
+async fn two_nodes_on_own_redis() -> Option<(OwnRedis, TestCluster)> {
+    redis_url()?;
+    let redis = OwnRedis::start();
+    let cluster = TestCluster::start(2, &redis.url(), |_| {}).await;
+    Some((redis, cluster))
+}
+
 #[tokio::test]
 async fn with_redis_down_writes_are_confirmed_and_delivery_resumes_when_it_returns() {
-    if redis_url().is_none() {
-        return; // no Redis on this machine (redis-server comes with it)
-    }
-    let mut redis = OwnRedis::start();
-    let cluster = TestCluster::start(2, &redis.url(), |_| {}).await;
+    let Some((mut redis, cluster)) = two_nodes_on_own_redis().await else { return };
     let mut phone = new_user(&cluster.nodes[0], "alice", "phone").await;
     let mut tab = another_device(&cluster.nodes[0], "alice", "tab").await;
     let mut laptop = another_device(&cluster.nodes[1], "alice", "laptop").await;
@@ -221,11 +226,7 @@ async fn with_redis_down_writes_are_confirmed_and_delivery_resumes_when_it_retur
 
 #[tokio::test]
 async fn a_stalled_redis_is_noticed_and_delivery_resumes_when_it_answers_again() {
-    if redis_url().is_none() {
-        return;
-    }
-    let mut redis = OwnRedis::start();
-    let cluster = TestCluster::start(2, &redis.url(), |_| {}).await;
+    let Some((mut redis, cluster)) = two_nodes_on_own_redis().await else { return };
     let mut phone = new_user(&cluster.nodes[0], "alice", "phone").await;
     let mut laptop = another_device(&cluster.nodes[1], "alice", "laptop").await;
     set_title(&mut phone, "c1", "before").await;
@@ -399,11 +400,7 @@ async fn a_node_caches_api_keys_and_a_revocation_reaches_every_node_before_the_c
 
 #[tokio::test]
 async fn without_redis_a_node_checks_api_keys_in_the_store_and_a_redis_that_lost_its_data_empties_caches() {
-    if redis_url().is_none() {
-        return;
-    }
-    let mut redis = OwnRedis::start();
-    let cluster = TestCluster::start(2, &redis.url(), |_| {}).await;
+    let Some((mut redis, cluster)) = two_nodes_on_own_redis().await else { return };
     cluster.nodes[0].user("alice", false).await;
     let first = api_on(&cluster.nodes[1], &cluster.nodes[0].api().await);
     assert_eq!(first.get("/users/alice").await.0, 200, "cached on node 1");
