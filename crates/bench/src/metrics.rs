@@ -1,6 +1,6 @@
 //! Measurements: latency histograms (hdrhistogram, microseconds) with a per-second timeline, and
 //! sampling of the server process from /proc (VmRSS and Threads from `/proc/PID/status`, utime +
-//! stime from `/proc/PID/stat`), and the RSS drift of a window of those samples (soak).
+//! stime from `/proc/PID/stat`, context switches summed over `/proc/PID/task/*/status`), and the RSS drift of a window of those samples (soak).
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -158,6 +158,11 @@ pub struct ProcSample {
     pub cpu_secs: f64,
     /// Threads of the process.
     pub threads: u32,
+    /// Voluntary context switches of the threads alive now (a thread that blocks: waits for I/O, a lock,
+    /// a wake-up), summed.
+    pub voluntary_switches: u64,
+    /// Involuntary context switches (preempted) of the threads alive now, summed.
+    pub involuntary_switches: u64,
 }
 
 /// `VmRSS` in KiB from the text of `/proc/PID/status`.
@@ -183,6 +188,23 @@ pub fn parse_stat_ticks(stat: &str) -> Option<(u64, u64)> {
     Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
 }
 
+/// `(voluntary, involuntary)` context switches from the text of `/proc/PID/task/TID/status`.
+pub fn parse_switches(status: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).and_then(|rest| rest.trim().parse().ok()).unwrap_or(0)
+    };
+    (field("voluntary_ctxt_switches:"), field("nonvoluntary_ctxt_switches:"))
+}
+
+/// Context switches of every thread of `pid` alive now, summed: `(voluntary, involuntary)`.
+fn read_switches(pid: u32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return (0, 0) };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .map(|status| parse_switches(&status))
+        .fold((0, 0), |(v, n), (dv, dn)| (v + dv, n + dn))
+}
+
 fn clock_ticks_per_sec() -> f64 {
     // SAFETY: sysconf has no preconditions; it only reads a system constant.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -198,11 +220,14 @@ pub fn read_proc(pid: u32, t: f64) -> Option<ProcSample> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (u, s) = parse_stat_ticks(&stat)?;
+    let (voluntary_switches, involuntary_switches) = read_switches(pid);
     Some(ProcSample {
         t,
         rss_kib: parse_vmrss_kib(&status)?,
         cpu_secs: (u + s) as f64 / clock_ticks_per_sec(),
         threads: parse_threads(&status).unwrap_or(0),
+        voluntary_switches,
+        involuntary_switches,
     })
 }
 
@@ -382,8 +407,17 @@ mod tests {
     }
 
     #[test]
+    fn parses_context_switches() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_switches(status), (120, 7));
+        assert_eq!(parse_switches("Name: x\n"), (0, 0));
+    }
+
+    #[test]
     fn reads_own_process() {
+        std::thread::sleep(Duration::from_millis(2));
         let s = read_proc(std::process::id(), 1.5).unwrap();
+        assert!(s.voluntary_switches > 0, "this thread has just slept");
         assert!(s.rss_kib > 0);
         assert!(s.cpu_secs >= 0.0);
         assert!(s.threads >= 1);
@@ -392,7 +426,14 @@ mod tests {
 
     #[test]
     fn rss_window_drift_slope_and_edges() {
-        let s = |t: f64, rss: u64| ProcSample { t, rss_kib: rss, cpu_secs: t / 2.0, threads: 10 + t as u32 / 10 };
+        let s = |t: f64, rss: u64| ProcSample {
+            t,
+            rss_kib: rss,
+            cpu_secs: t / 2.0,
+            threads: 10 + t as u32 / 10,
+            voluntary_switches: 0,
+            involuntary_switches: 0,
+        };
         // Flat at 100,000 KiB with one spike at the start edge: the median ignores it.
         let mut v: Vec<ProcSample> = (0..=100).map(|t| s(t as f64, 100_000)).collect();
         v[11].rss_kib = 150_000;

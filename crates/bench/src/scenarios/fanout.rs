@@ -584,9 +584,12 @@ pub async fn run_with(ctx: &Ctx, args: FanoutArgs, extras: Extras) -> Result<(Re
         (Some(a), Some(b)) if b.t > a.t && args.duration > 0.0 => {
             let writes = completeness.sent as f64 * (args.duration - warmup.clamp(0.0, args.duration)) / args.duration;
             let cpu = b.cpu_secs - a.cpu_secs;
+            let per_write = |n: u64, m: u64| if writes > 0.0 { n.saturating_sub(m) as f64 / writes } else { 0.0 };
             Some(json!({
                 "from_secs_after_first_send": warmup.clamp(0.0, args.duration), "secs": b.t - a.t, "server_cpu_secs": cpu,
                 "writes": writes.round(), "server_cpu_us_per_write": if writes > 0.0 { cpu / writes * 1e6 } else { 0.0 },
+                "server_voluntary_switches_per_write": per_write(b.voluntary_switches, a.voluntary_switches),
+                "server_involuntary_switches_per_write": per_write(b.involuntary_switches, a.involuntary_switches),
             }))
         }
         _ => None,
@@ -599,6 +602,14 @@ pub async fn run_with(ctx: &Ctx, args: FanoutArgs, extras: Extras) -> Result<(Re
                 w["server_cpu_us_per_write"].as_f64().unwrap_or(0.0),
                 w["server_cpu_secs"].as_f64().unwrap_or(0.0),
                 w["secs"].as_f64().unwrap_or(0.0),
+            ),
+        );
+        summary.kv(
+            "server context switches per write, voluntary / involuntary",
+            format!(
+                "{:.2} / {:.2} (every thread of the server, same window)",
+                w["server_voluntary_switches_per_write"].as_f64().unwrap_or(0.0),
+                w["server_involuntary_switches_per_write"].as_f64().unwrap_or(0.0),
             ),
         );
     }
