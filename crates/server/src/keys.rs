@@ -137,23 +137,39 @@ impl Keyring {
         if let Some(k) = self.users.get(user_id) {
             return Ok(k.clone());
         }
-        let wrapped = match store.user_key(user_id).await? {
-            Some(w) => w,
-            None => {
-                let candidate = WrappedKey {
-                    wrapped: self.master.wrap(&DataKey::generate(), &user_ref(user_id)),
-                    kek_id: self.master.id().to_owned(),
-                };
-                match store.write(WriteOp::UserKey { user_id: user_id.to_owned(), candidate }).await? {
-                    WriteResult::UserKey(w) => w,
-                    other => return Err(Error::internal(format!("unexpected user key result {other:?}"))),
-                }
-            }
-        };
+        let wrapped = self.stored_or_created(store, user_id).await?;
         let key = Arc::new(self.unwrap(&wrapped, &user_ref(user_id))?);
         self.trim();
         self.users.insert(user_id.to_owned(), key.clone());
         Ok(key)
+    }
+
+    /// Creates the user's data key now unless it exists, without keeping it in memory: called where the
+    /// server creates a user (`POST /v1/api/users`, a JWT's first connection), so that the user's first
+    /// write only reads its key instead of creating it in a transaction of its own (BENCHMARKS.md, sixth
+    /// session: that creation held the cluster's cold start). Only the server does this, under the master
+    /// key it checked against the store at start (a rotation runs with the servers stopped).
+    pub async fn ensure_user_key(&self, store: &dyn ChatStore, user_id: &str) -> Result<(), Error> {
+        if !self.users.contains_key(user_id) {
+            self.stored_or_created(store, user_id).await?;
+        }
+        Ok(())
+    }
+
+    /// The user's wrapped data key from the store, created there (under the master key) if it has none.
+    async fn stored_or_created(&self, store: &dyn ChatStore, user_id: &str) -> Result<WrappedKey, Error> {
+        if let Some(w) = store.user_key(user_id).await? {
+            return Ok(w);
+        }
+        let candidate = WrappedKey {
+            wrapped: self.master.wrap(&DataKey::generate(), &user_ref(user_id)),
+            kek_id: self.master.id().to_owned(),
+        };
+        // Insert-if-missing: whoever created it first (another node, a concurrent first write) wins.
+        match store.write(WriteOp::UserKey { user_id: user_id.to_owned(), candidate }).await? {
+            WriteResult::UserKey(w) => Ok(w),
+            other => Err(Error::internal(format!("unexpected user key result {other:?}"))),
+        }
     }
 
     fn remember(&self, chat_id: &str, owner: String, wrapped: &WrappedKey) -> Result<Arc<ChatKey>, Error> {

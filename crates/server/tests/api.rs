@@ -108,8 +108,13 @@ async fn an_api_key_is_not_a_websocket_token() {
 async fn creating_users_and_its_errors() {
     let server = TestServer::start().await;
     let api = server.api().await;
+    assert!(server.ctx.chats.user_key("alice").await.unwrap().is_none());
     let (status, body) = api.post("/users", json!({"user_id": "alice"})).await;
     assert_eq!((status, body), (201, json!({"user_id": "alice"})));
+    let stored = server.ctx.chats.user_key("alice").await.unwrap();
+    assert!(stored.is_some(), "the user's data key is created with the user, not in its first write");
+    server.ctx.keys.user_key(server.ctx.chats.as_ref(), "alice").await.expect("and it opens under the master key");
+    assert_eq!(server.ctx.chats.user_key("alice").await.unwrap(), stored, "the first use keeps it");
     let (status, body) = api.post("/users", json!({"user_id": "bob", "tfa": true})).await;
     assert_eq!(status, 201, "{body}");
     assert!(server.ctx.store.user("bob").await.unwrap().unwrap().tfa_enabled);
@@ -126,6 +131,7 @@ async fn creating_users_and_its_errors() {
     let (status, body) = api.post("/users", json!({})).await;
     assert_eq!((status, error_code(&body)), (400, "invalid_payload"));
     assert!(server.ctx.store.user("carol").await.unwrap().is_none());
+    assert!(server.ctx.chats.user_key("carol").await.unwrap().is_none(), "no key for a refused user");
 
     let resp = api
         .http

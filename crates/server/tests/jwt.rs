@@ -82,6 +82,8 @@ async fn hs256_token_connects_and_creates_the_user() {
     assert_eq!(hello.user_id, "alice");
     assert_eq!(hello.device_hash, sha256_hex("id:laptop"));
     assert!(server.ctx.store.user("alice").await.unwrap().is_some(), "created on first connection");
+    assert!(server.ctx.chats.user_key("alice").await.unwrap().is_some(), "with its data key");
+    server.ctx.keys.user_key(server.ctx.chats.as_ref(), "alice").await.expect("which opens under the master key");
     let devices = server.ctx.store.devices("alice").await.unwrap();
     assert_eq!(devices.len(), 1);
     // A second connection (the user exists now), as a query parameter.
