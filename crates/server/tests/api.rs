@@ -152,6 +152,20 @@ async fn creating_users_and_its_errors() {
 }
 
 #[tokio::test]
+async fn a_user_is_created_even_when_its_data_key_cannot_be_yet() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let faults = server.ctx.chats.writer_faults().expect("the SQLite store has a writer");
+    faults.break_next(1);
+    let (status, body) = api.post("/users", json!({"user_id": "dave"})).await;
+    assert_eq!((status, body), (201, json!({"user_id": "dave"})));
+    assert!(server.ctx.store.user("dave").await.unwrap().is_some());
+    assert!(server.ctx.chats.user_key("dave").await.unwrap().is_none(), "the key's write broke");
+    server.ctx.keys.user_key(server.ctx.chats.as_ref(), "dave").await.expect("the first use creates it, as before");
+    assert!(server.ctx.chats.user_key("dave").await.unwrap().is_some());
+}
+
+#[tokio::test]
 async fn showing_a_user() {
     let server = TestServer::start().await;
     let api = server.api().await;
