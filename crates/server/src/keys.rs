@@ -148,12 +148,15 @@ impl Keyring {
     /// server creates a user (`POST /v1/api/users`, a JWT's first connection), so that the user's first
     /// write only reads its key instead of creating it in a transaction of its own (BENCHMARKS.md, sixth
     /// session: that creation held the cluster's cold start). Only the server does this, under the master
-    /// key it checked against the store at start (a rotation runs with the servers stopped).
-    pub async fn ensure_user_key(&self, store: &dyn ChatStore, user_id: &str) -> Result<(), Error> {
-        if !self.users.contains_key(user_id) {
-            self.stored_or_created(store, user_id).await?;
+    /// key it checked against the store at start (a rotation runs with the servers stopped). Best effort: a
+    /// failure is logged, and the user's first write creates the key, as it would have.
+    pub async fn ensure_user_key(&self, store: &dyn ChatStore, user_id: &str) {
+        if self.users.contains_key(user_id) {
+            return;
         }
-        Ok(())
+        if let Err(e) = self.stored_or_created(store, user_id).await {
+            tracing::warn!(%user_id, code = %e.code(), detail = e.internal_detail().unwrap_or(""), "could not create the new user's data key yet");
+        }
     }
 
     /// The user's wrapped data key from the store, created there (under the master key) if it has none.

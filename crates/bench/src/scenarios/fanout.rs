@@ -595,21 +595,22 @@ pub async fn run_with(ctx: &Ctx, args: FanoutArgs, extras: Extras) -> Result<(Re
         _ => None,
     };
     if let Some(w) = steady.as_ref().filter(|_| extras.name.is_none()) {
+        let num = |field: &str| w[field].as_f64().unwrap_or(0.0);
         summary.kv(
             "server CPU per write, with its deliveries",
             format!(
                 "{:.1} µs ({:.2} s over the steady window: {:.0} s from {warmup} s after the first send)",
-                w["server_cpu_us_per_write"].as_f64().unwrap_or(0.0),
-                w["server_cpu_secs"].as_f64().unwrap_or(0.0),
-                w["secs"].as_f64().unwrap_or(0.0),
+                num("server_cpu_us_per_write"),
+                num("server_cpu_secs"),
+                num("secs"),
             ),
         );
         summary.kv(
             "server context switches per write, voluntary / involuntary",
             format!(
                 "{:.2} / {:.2} (every thread of the server, same window)",
-                w["server_voluntary_switches_per_write"].as_f64().unwrap_or(0.0),
-                w["server_involuntary_switches_per_write"].as_f64().unwrap_or(0.0),
+                num("server_voluntary_switches_per_write"),
+                num("server_involuntary_switches_per_write"),
             ),
         );
     }

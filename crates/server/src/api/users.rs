@@ -19,11 +19,8 @@ async fn create(State(s): State<ApiState>, Body(body): Body<CreateUser>) -> ApiR
     }
     match s.ctx.store.create_user(&body.user_id, body.tfa, now_millis()).await {
         Ok(()) => {
-            // The user's data key now, not in its first write. The user exists either way: if this fails,
-            // the first write creates the key, as it would have.
-            if let Err(e) = s.ctx.keys.ensure_user_key(s.ctx.chats.as_ref(), &body.user_id).await {
-                tracing::warn!(user_id = %body.user_id, code = %e.code(), detail = e.internal_detail().unwrap_or(""), "could not create the new user's data key yet");
-            }
+            // The user's data key now, not in its first write (the user exists whatever comes of it).
+            s.ctx.keys.ensure_user_key(s.ctx.chats.as_ref(), &body.user_id).await;
             Ok((StatusCode::CREATED, Json(UserCreated { user_id: body.user_id })))
         }
         Err(StoreError::AlreadyExists) => Err(ApiError::conflict("A user with this id exists.")),

@@ -245,11 +245,8 @@ async fn authenticate_jwt(
         match ctx.store.create_user(&verified.user_id, false, now).await {
             Ok(()) => {
                 tracing::info!(user_id = %verified.user_id, "user created on first JWT connection");
-                // Its data key now, once, rather than in its first write (see `Keyring::ensure_user_key`); if
-                // this fails, the first write creates it.
-                if let Err(e) = ctx.keys.ensure_user_key(ctx.chats.as_ref(), &verified.user_id).await {
-                    tracing::warn!(user_id = %verified.user_id, code = %e.code(), detail = e.internal_detail().unwrap_or(""), "could not create the new user's data key yet");
-                }
+                // Its data key now, once, rather than in its first write (see `Keyring::ensure_user_key`).
+                ctx.keys.ensure_user_key(ctx.chats.as_ref(), &verified.user_id).await;
             }
             Err(StoreError::AlreadyExists) => {}
             Err(e) => return Err(backend(e)),
