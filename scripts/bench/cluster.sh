@@ -52,17 +52,6 @@ trap cleanup EXIT INT TERM
 
 psql -q "$BASE_URL" -c "CREATE SCHEMA $SCHEMA" >/dev/null
 COMMON=(--database-url "$DB_URL" --redis-url "$REDIS_URL" --redis-prefix "$PREFIX")
-echo "issuing $((USERS * DEVICES)) sessions ($USERS users x $DEVICES devices) into schema $SCHEMA"
-timeout 300 target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" sessions issue-bulk \
-    --users "$USERS" --devices "$DEVICES" --prefix u > "$DATA/tokens.jsonl"
-
-if [ "$SCENARIO" = stream ]; then
-    # The bench reads the key from its environment (not on a command line, where `ps` shows it).
-    CHATSYNC_BENCH_API_KEY=$(timeout 60 target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" \
-        api-keys create --name bench)
-    export CHATSYNC_BENCH_API_KEY
-fi
-
 URLS=()
 for n in $(seq 1 "$NODES"); do
     PORT=$(free_port)
@@ -75,6 +64,20 @@ for n in $(seq 1 "$NODES"); do
     echo "node $n listening on 127.0.0.1:$PORT (pid $!)"
 done
 URL_LIST=$(IFS=,; echo "${URLS[*]}")
+
+# Users are provisioned once the nodes run, as in a live cluster: the first node has fixed the master
+# key in the store, so `issue-bulk` (which has CHATSYNC_MASTER_KEY) also creates the users' data keys.
+echo "issuing $((USERS * DEVICES)) sessions ($USERS users x $DEVICES devices) into schema $SCHEMA"
+timeout 300 target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" sessions issue-bulk \
+    --users "$USERS" --devices "$DEVICES" --prefix u > "$DATA/tokens.jsonl"
+
+if [ "$SCENARIO" = stream ]; then
+    # The bench reads the key from its environment (not on a command line, where `ps` shows it).
+    CHATSYNC_BENCH_API_KEY=$(timeout 60 target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" \
+        api-keys create --name bench)
+    export CHATSYNC_BENCH_API_KEY
+fi
+
 OUT="$OUT_DIR/$SCENARIO-cluster$NODES"
 status=0
 timeout 1000 target/release/chatsync-bench --url "$URL_LIST" --tokens "$DATA/tokens.jsonl" \

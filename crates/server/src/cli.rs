@@ -501,6 +501,10 @@ pub struct ServeArgs {
 #[derive(Debug, Subcommand)]
 pub enum UsersCommand {
     /// Create a user (and the database, if there is none yet).
+    ///
+    /// With the store's master key (`CHATSYNC_MASTER_KEY` or `<data_dir>/master.key`, once a server has
+    /// started on the store), the user's data key is created too; otherwise the user's first write
+    /// creates it.
     Add {
         /// User id: 1-64 characters of [A-Za-z0-9_.@-].
         user_id: String,
@@ -537,6 +541,7 @@ pub enum SessionsCommand {
     },
     /// Create users `<prefix>0..<prefix>N-1` (when absent) with D device-bound sessions each, in one
     /// transaction, and print one JSON line per session: {"user_id","device_id","token"} (for the bench).
+    /// The users' data keys are created as by `users add`.
     IssueBulk {
         /// Number of users.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -798,6 +803,35 @@ async fn publish_revocation(config: &Config, session_ids: Vec<String>) -> anyhow
     Ok(())
 }
 
+/// Creates the data keys of users this command just created when it has the store's master key
+/// (`CHATSYNC_MASTER_KEY`, else the data directory's `master.key`): their first writes then only read
+/// them (see [`crate::keys::create_user_keys`]). Without it, or when it does not fit, the keys are left
+/// to the first writes, as before, with a warning where the key given is wrong.
+async fn create_user_keys(config: &Config, chats: &dyn crate::store::chats::ChatStore, user_ids: &[String]) {
+    use crate::keys::UserKeys;
+    let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
+    let master = match crate::keys::existing_master_key(&config.data_dir, env_key.as_deref()) {
+        Ok(Some(master)) => master,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("warning: cannot read the master key ({e:#}): the users' data keys are created on first use");
+            return;
+        }
+    };
+    match crate::keys::create_user_keys(&master, chats, user_ids).await {
+        Ok(UserKeys::Stored | UserKeys::NotServedYet) => {}
+        Ok(UserKeys::OtherMasterKey) => eprintln!(
+            "warning: the master key here (id {}) is not this store's: the users' data keys are created on \
+             first use by the servers",
+            master.id()
+        ),
+        Ok(UserKeys::RotatedMeanwhile) => {
+            eprintln!("note: the master key was rotated meanwhile: the users' data keys are created on first use")
+        }
+        Err(e) => eprintln!("warning: could not store the users' data keys ({e}): they are created on first use"),
+    }
+}
+
 /// After the end of the input, how long `connect` waits without a frame before closing (server events
 /// that answer no request, such as the warm-up events, arrive meanwhile).
 const CONNECT_QUIET: Duration = Duration::from_millis(300);
@@ -1055,10 +1089,11 @@ async fn users(config: Config, cmd: UsersCommand) -> anyhow::Result<()> {
     match cmd {
         UsersCommand::Add { user_id, tfa } => {
             check_user_id(&user_id)?;
-            let store = store::open(&config.store_url()).await?;
-            match store.create_user(&user_id, tfa, now_millis()).await {
+            let backend = store::open_command_backend(&config.store_url(), store::Durability::Full).await?;
+            match backend.identity.create_user(&user_id, tfa, now_millis()).await {
                 Ok(()) => {
                     eprintln!("created user {user_id}{}", if tfa { " (2FA)" } else { "" });
+                    create_user_keys(&config, backend.chats.as_ref(), &[user_id]).await;
                     Ok(())
                 }
                 Err(StoreError::AlreadyExists) => {
@@ -1145,8 +1180,9 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
                     sessions.push(session);
                 }
             }
-            let store = store::open(&config.store_url()).await?;
-            store.provision(&user_ids, &sessions).await?;
+            let backend = store::open_command_backend(&config.store_url(), store::Durability::Full).await?;
+            backend.identity.provision(&user_ids, &sessions).await?;
+            create_user_keys(&config, backend.chats.as_ref(), &user_ids).await;
             use std::io::Write as _;
             std::io::stdout().lock().write_all(lines.as_bytes())?;
             Ok(())

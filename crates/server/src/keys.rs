@@ -199,6 +199,45 @@ impl Keyring {
     }
 }
 
+/// What [`create_user_keys`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserKeys {
+    /// Stored (users that had a key keep theirs).
+    Stored,
+    /// No master key check value is stored yet (no server has started on this store): the keys are
+    /// left to the users' first writes, under the master key the first server fixes.
+    NotServedYet,
+    /// The master key given cannot open this store: nothing stored.
+    OtherMasterKey,
+    /// A rotation committed between the check and the insert: nothing stored.
+    RotatedMeanwhile,
+}
+
+/// Creates the data keys of users a command just created (`users add`, `sessions issue-bulk`), so that
+/// their first writes only read them instead of creating them, as the server does for users it creates
+/// ([`Keyring::ensure_user_key`]). A key wrapped under any master key but the store's would lock its
+/// user out, so `master` is first verified against the store's check value, and the keys are stored
+/// only if that value is still the same when they commit (a rotation in between changes it). Whatever
+/// this does not store, the users' first writes create, as before.
+pub async fn create_user_keys(
+    master: &MasterKey,
+    store: &dyn ChatStore,
+    user_ids: &[String],
+) -> Result<UserKeys, crate::store::StoreError> {
+    let Some(check) = store.key_check().await? else { return Ok(UserKeys::NotServedYet) };
+    if master.verify_check(&check).is_err() {
+        return Ok(UserKeys::OtherMasterKey);
+    }
+    let keys: Vec<(String, WrappedKey)> = user_ids
+        .iter()
+        .map(|user_id| {
+            let wrapped = master.wrap(&DataKey::generate(), &user_ref(user_id));
+            (user_id.clone(), WrappedKey { wrapped, kek_id: master.id().to_owned() })
+        })
+        .collect();
+    Ok(if store.create_user_keys(&keys, &check).await? { UserKeys::Stored } else { UserKeys::RotatedMeanwhile })
+}
+
 /// The master key if one is configured (`CHATSYNC_MASTER_KEY`, else an existing `<data_dir>/master.key`),
 /// without creating one: for commands that only need to derive from it.
 pub fn existing_master_key(data_dir: &std::path::Path, env_value: Option<&str>) -> anyhow::Result<Option<MasterKey>> {
@@ -356,7 +395,7 @@ pub async fn rotate_with(
         crate::datadir::sync_dir(data_dir)?;
         after(RotationStep::NextDurable, &new)?;
     }
-    store.rewrap_keys(&rewrapped, &new.check_value()).await?;
+    store.rewrap_keys(&rewrapped, new.id(), &new.check_value()).await?;
     after(RotationStep::StoreRewrapped, &new)?;
     if env_value.is_none() {
         std::fs::rename(&next, data_dir.join(KEY_FILE))

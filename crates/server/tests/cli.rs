@@ -61,6 +61,44 @@ fn users_add_and_its_errors() {
     ok(&chatsync(dir.path(), &["users", "add", "carol@example.com", "--tfa"]));
 }
 
+#[tokio::test]
+async fn users_created_by_commands_get_their_data_key_under_the_store_s_master_key() {
+    // `users add` and `sessions issue-bulk` create the users' data keys (their first writes then only read
+    // them), but only under the master key the store was fixed with: before any server started there is
+    // none to check against, and a different key must not wrap anything (it would lock the users out).
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "early"]));
+    let url = format!("sqlite://{}", dir.path().join("chatsync.db").display());
+    let backend = chatsync::store::open_command_backend(&url, chatsync::store::Durability::Full).await.unwrap();
+    let chats = backend.chats.as_ref();
+    assert_eq!(chats.user_key("early").await.unwrap(), None, "no server has fixed the master key yet");
+    // What `serve` does at its first start: master.key created, the store's check value set.
+    let master = chatsync::keys::load_master_key(dir.path(), None, chats).await.unwrap();
+
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    ok(&chatsync(dir.path(), &["sessions", "issue-bulk", "--users", "2", "--devices", "1", "--prefix", "bulk"]));
+    for user in ["alice", "bulk0", "bulk1"] {
+        let key = chats.user_key(user).await.unwrap().unwrap_or_else(|| panic!("{user} has a key"));
+        assert_eq!(key.kek_id, master.id());
+        master.unwrap(&key.wrapped, &format!("user:{user}")).expect("opens under the store's master key");
+    }
+    assert_eq!(chats.user_key("early").await.unwrap(), None, "left to its first write");
+
+    let other = chatsync::crypto::MasterKey::generate();
+    let out = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["users", "add", "mallory"])
+        .env("CHATSYNC_MASTER_KEY", other.to_base64().as_str())
+        .output()
+        .unwrap();
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not this store's"), "{err}");
+    assert_eq!(chats.user_key("mallory").await.unwrap(), None, "nothing wrapped under another master key");
+    backend.identity.close().await;
+}
+
 #[test]
 fn sessions_issue_prints_only_a_token_and_checks_its_arguments() {
     let dir = tempfile::tempdir().unwrap();

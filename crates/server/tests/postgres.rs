@@ -234,3 +234,76 @@ async fn a_write_that_finds_the_writer_idle_waits_the_commit_window_for_company_
     assert_eq!(xmins[0], xmins[1], "one transaction");
     server.stop().await;
 }
+
+/// Waits until `task` has finished or a session of the database waits for a lock in a statement that
+/// mentions the master key check value (a liveness bound, not a timing check).
+async fn until_done_or_waiting_on_the_check<T>(conn: &mut sqlx::PgConnection, task: &tokio::task::JoinHandle<T>) {
+    for _ in 0..1000 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE '%kek_check%' AND datname = current_database()",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        if waiting > 0 || task.is_finished() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the task neither finished nor waited for a lock");
+}
+
+#[tokio::test]
+async fn key_creation_by_a_command_and_a_rotation_serialize_on_the_check_value() {
+    // The two interleavings a row lock on the check value decides, each made certain by holding the lock
+    // in a session of the test: (1) a rotation commits while a command's key creation waits: the
+    // creation must then see the new check value and store nothing (a key under the old master key
+    // would lock its user out); (2) a command's key creation is in flight when a rotation starts: the
+    // rotation must wait, then see that key and fail, changing nothing.
+    use chatsync::store::chats::WrappedKey;
+    let Some(schema) = PgSchema::create().await else { return };
+    let backend = chatsync::store::open_backend(&schema.url, chatsync::store::Durability::Full).await.unwrap();
+    let (identity, chats) = (backend.identity.clone(), backend.chats.clone());
+    for user in ["alice", "bob"] {
+        identity.create_user(user, false, 1).await.unwrap();
+    }
+    chats.init_key_check(b"check-1").await.unwrap();
+    let key = |tag: &str| WrappedKey { wrapped: tag.as_bytes().to_vec(), kek_id: "k1".into() };
+    let mut watcher = schema.connect().await;
+
+    // (1) The "rotation" holds the row, changed, uncommitted.
+    let mut rotation = schema.connect().await;
+    sqlx::query("BEGIN").execute(&mut rotation).await.unwrap();
+    sqlx::query("SELECT value FROM meta WHERE name = 'kek_check' FOR UPDATE").execute(&mut rotation).await.unwrap();
+    sqlx::query("UPDATE meta SET value = 'check-2' WHERE name = 'kek_check'").execute(&mut rotation).await.unwrap();
+    let creating = {
+        let chats = chats.clone();
+        tokio::spawn(async move { chats.create_user_keys(&[("alice".into(), key("alice"))], b"check-1").await })
+    };
+    until_done_or_waiting_on_the_check(&mut watcher, &creating).await;
+    sqlx::query("COMMIT").execute(&mut rotation).await.unwrap();
+    assert!(!creating.await.unwrap().unwrap(), "the creation saw the rotated check value");
+    assert_eq!(chats.user_key("alice").await.unwrap(), None, "nothing stored under the old master key");
+
+    // (2) The "command" holds the row and has stored bob's key under k1, uncommitted.
+    let mut command = schema.connect().await;
+    sqlx::query("BEGIN").execute(&mut command).await.unwrap();
+    sqlx::query("SELECT value FROM meta WHERE name = 'kek_check' FOR SHARE").execute(&mut command).await.unwrap();
+    sqlx::query("INSERT INTO user_keys (user_id, wrapped, kek_id) VALUES ('bob', 'bob', 'k1')")
+        .execute(&mut command)
+        .await
+        .unwrap();
+    let rotating = {
+        let chats = chats.clone();
+        // The rotation read the keys before bob's existed: none.
+        tokio::spawn(async move { chats.rewrap_keys(&[], "k2", b"check-3").await })
+    };
+    until_done_or_waiting_on_the_check(&mut watcher, &rotating).await;
+    sqlx::query("COMMIT").execute(&mut command).await.unwrap();
+    let err = rotating.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("stored after the rotation read the keys"), "{err}");
+    assert_eq!(chats.key_check().await.unwrap().as_deref(), Some(&b"check-2"[..]), "the rotation changed nothing");
+    assert_eq!(chats.user_key("bob").await.unwrap(), Some(key("bob")));
+    identity.close().await;
+}

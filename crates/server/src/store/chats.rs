@@ -280,8 +280,17 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Every wrapped data key, as (`chat:<id>` or `user:<id>`, key): for master key rotation.
     async fn wrapped_keys(&self) -> Result<Vec<(String, WrappedKey)>, StoreError>;
 
-    /// Replaces wrapped data keys and the master key check value in one transaction (rotation).
-    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<(), StoreError>;
+    /// Replaces wrapped data keys and the master key check value in one transaction (rotation), the new
+    /// keys being under `kek_id`. Fails and changes nothing if, once they are replaced, a stored key is
+    /// still not under `kek_id`: one stored after the rotation read the keys (a server or command still
+    /// running), which would otherwise stay wrapped under the old master key and lock its owner out.
+    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], kek_id: &str, check: &[u8]) -> Result<(), StoreError>;
+
+    /// Stores users' wrapped data keys, each unless the user has one, in one transaction, and only if the
+    /// stored master key check value is still `check` when it commits (the value the caller verified its
+    /// master key against; a rotation committing meanwhile changes it). Returns whether it stored them:
+    /// `false` (nothing written) when the check value differs or none is stored. The users must exist.
+    async fn create_user_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<bool, StoreError>;
 
     /// The stored master key check value, if any.
     async fn key_check(&self) -> Result<Option<Vec<u8>>, StoreError>;
@@ -311,4 +320,12 @@ pub trait ChatStore: Send + Sync + 'static {
     fn batches_begun(&self) -> Option<u64> {
         self.writer_faults().map(|faults| faults.batches())
     }
+}
+
+/// The error of a rotation that found `left` keys it did not re-wrap (stored after it read the keys).
+pub(super) fn stored_during_rotation(left: i64) -> String {
+    format!(
+        "{left} data key(s) were stored after the rotation read the keys (is a server or command still \
+         running?); nothing was changed: stop them and rotate again"
+    )
 }

@@ -76,8 +76,12 @@ impl ChatStore for MeteredChatStore {
         self.0.wrapped_keys().await
     }
 
-    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<(), StoreError> {
-        self.0.rewrap_keys(keys, check).await
+    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], kek_id: &str, check: &[u8]) -> Result<(), StoreError> {
+        self.0.rewrap_keys(keys, kek_id, check).await
+    }
+
+    async fn create_user_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<bool, StoreError> {
+        self.0.create_user_keys(keys, check).await
     }
 
     async fn key_check(&self) -> Result<Option<Vec<u8>>, StoreError> {

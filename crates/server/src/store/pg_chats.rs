@@ -550,8 +550,11 @@ impl ChatStore for PgStore {
         Ok(rows.iter().map(|r| (r.get(0), WrappedKey { wrapped: r.get(1), kek_id: r.get(2) })).collect())
     }
 
-    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<(), StoreError> {
+    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], kek_id: &str, check: &[u8]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The check value's row first: a `create_user_keys` holding it (FOR SHARE) commits before this
+        // goes on (and its keys are then counted below); one that comes later sees the new value.
+        sqlx::query("SELECT value FROM meta WHERE name = 'kek_check' FOR UPDATE").execute(&mut *tx).await?;
         for (key_ref, key) in keys {
             let (sql, id) = match key_ref.split_once(':') {
                 Some(("chat", id)) => ("UPDATE chats SET chat_key = $2, kek_id = $3 WHERE chat_id = $1", id),
@@ -559,6 +562,15 @@ impl ChatStore for PgStore {
                 _ => return Err(StoreError::Backend(format!("unknown key slot {key_ref}"))),
             };
             sqlx::query(sql).bind(id).bind(&key.wrapped).bind(&key.kek_id).execute(&mut *tx).await?;
+        }
+        let left: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM chats WHERE kek_id <> $1) + (SELECT count(*) FROM user_keys WHERE kek_id <> $1)",
+        )
+        .bind(kek_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if left > 0 {
+            return Err(StoreError::Backend(super::chats::stored_during_rotation(left)));
         }
         sqlx::query(
             "INSERT INTO meta (name, value) VALUES ('kek_check', $1) \
@@ -569,6 +581,32 @@ impl ChatStore for PgStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn create_user_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // FOR SHARE: a rotation (FOR UPDATE on this row) waits for this transaction; if one committed
+        // first, the row read here is its new value (READ COMMITTED re-reads a row it waited for).
+        let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT value FROM meta WHERE name = 'kek_check' FOR SHARE")
+            .fetch_optional(&mut *tx)
+            .await?;
+        if stored.as_deref() != Some(check) {
+            return Ok(false);
+        }
+        let users: Vec<&str> = keys.iter().map(|(user, _)| user.as_str()).collect();
+        let wrapped: Vec<&[u8]> = keys.iter().map(|(_, key)| &key.wrapped[..]).collect();
+        let kek_ids: Vec<&str> = keys.iter().map(|(_, key)| key.kek_id.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO user_keys (user_id, wrapped, kek_id) \
+             SELECT * FROM UNNEST($1::TEXT[], $2::BYTEA[], $3::TEXT[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&users)
+        .bind(&wrapped)
+        .bind(&kek_ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn key_check(&self) -> Result<Option<Vec<u8>>, StoreError> {

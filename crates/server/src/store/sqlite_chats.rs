@@ -1009,7 +1009,8 @@ impl ChatStore for SqliteStore {
         Ok(rows.iter().map(|r| (r.get(0), WrappedKey { wrapped: r.get(1), kek_id: r.get(2) })).collect())
     }
 
-    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<(), StoreError> {
+    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], kek_id: &str, check: &[u8]) -> Result<(), StoreError> {
+        // BEGIN IMMEDIATE: no other write (a key stored by a server or a command) interleaves.
         let mut tx = self.pool.begin_with(super::sqlite::BEGIN_WRITE).await?;
         for (key_ref, key) in keys {
             let (sql, id) = match key_ref.split_once(':') {
@@ -1019,12 +1020,41 @@ impl ChatStore for SqliteStore {
             };
             sqlx::query(sql).bind(id).bind(&key.wrapped).bind(&key.kek_id).execute(&mut *tx).await?;
         }
+        let left: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM chats WHERE kek_id <> ?1) + (SELECT count(*) FROM user_keys WHERE kek_id <> ?1)",
+        )
+        .bind(kek_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if left > 0 {
+            return Err(StoreError::Backend(super::chats::stored_during_rotation(left)));
+        }
         sqlx::query("INSERT INTO meta (name, value) VALUES ('kek_check', ?1) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
             .bind(check)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn create_user_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<bool, StoreError> {
+        // BEGIN IMMEDIATE: a rotation's transaction runs wholly before or after this one.
+        let mut tx = self.pool.begin_with(super::sqlite::BEGIN_WRITE).await?;
+        let stored: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT value FROM meta WHERE name = 'kek_check'").fetch_optional(&mut *tx).await?;
+        if stored.as_deref() != Some(check) {
+            return Ok(false);
+        }
+        for (user_id, key) in keys {
+            sqlx::query("INSERT INTO user_keys (user_id, wrapped, kek_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")
+                .bind(user_id)
+                .bind(&key.wrapped)
+                .bind(&key.kek_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn key_check(&self) -> Result<Option<Vec<u8>>, StoreError> {
