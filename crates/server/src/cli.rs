@@ -279,7 +279,9 @@ pub enum KeysCommand {
     /// locks the data directory (<data-dir>/chatsync.lock) and refuses to run while another process holds
     /// it. With a key file (<data-dir>/master.key) the file is replaced, each step flushed to disk so that
     /// a crash at any point leaves readable data; with CHATSYNC_MASTER_KEY the new key is printed on
-    /// stdout (before the store is re-wrapped under it) and must then be configured in its place.
+    /// stdout (before the store is re-wrapped under it) and must then be configured in its place. If a
+    /// data key is stored while it runs (a server or command still running against the store), it fails
+    /// and changes nothing: stop them and run it again.
     Rotate,
 }
 

@@ -147,8 +147,9 @@ impl Keyring {
     /// Creates the user's data key now unless it exists, without keeping it in memory: called where the
     /// server creates a user (`POST /v1/api/users`, a JWT's first connection), so that the user's first
     /// write only reads its key instead of creating it in a transaction of its own (BENCHMARKS.md, sixth
-    /// session: that creation held the cluster's cold start). Only the server does this, under the master
-    /// key it checked against the store at start (a rotation runs with the servers stopped). Best effort: a
+    /// session: that creation held the cluster's cold start). Under the master key the server checked
+    /// against the store at start (a rotation runs with the servers stopped; commands that create users
+    /// use [`create_user_keys`], which checks the key itself). Best effort: a
     /// failure is logged, and the user's first write creates the key, as it would have.
     pub async fn ensure_user_key(&self, store: &dyn ChatStore, user_id: &str) {
         if self.users.contains_key(user_id) {
@@ -367,6 +368,10 @@ pub async fn rotate_with(
     use anyhow::Context as _;
     let _lock = crate::datadir::DataDirLock::acquire(data_dir, "keys rotate")?;
     let old = load_master_key(data_dir, env_value, store).await?;
+    // The check value the old key opens, read before the keys: the store's transaction fails if it is
+    // not the one stored when it runs (another rotation meanwhile).
+    let from_check = store.key_check().await?.context("the store has no master key check value")?;
+    old.verify_check(&from_check).map_err(|e| anyhow::anyhow!("the master key was rotated meanwhile: {e}"))?;
     let new = MasterKey::generate();
     let mut rewrapped = Vec::new();
     for (key_ref, key) in store.wrapped_keys().await? {
@@ -395,7 +400,7 @@ pub async fn rotate_with(
         crate::datadir::sync_dir(data_dir)?;
         after(RotationStep::NextDurable, &new)?;
     }
-    store.rewrap_keys(&rewrapped, new.id(), &new.check_value()).await?;
+    store.rewrap_keys(&rewrapped, &from_check, new.id(), &new.check_value()).await?;
     after(RotationStep::StoreRewrapped, &new)?;
     if env_value.is_none() {
         std::fs::rename(&next, data_dir.join(KEY_FILE))

@@ -446,7 +446,7 @@ async fn key_rotation_rewraps_every_key_and_the_check(b: &TestBackend) {
         .iter()
         .map(|(slot, k)| (slot.clone(), WrappedKey { wrapped: [&k.wrapped[..], b"-r"].concat(), kek_id: "k2".into() }))
         .collect();
-    s.rewrap_keys(&rewrapped, "k2", b"check-2").await.unwrap();
+    s.rewrap_keys(&rewrapped, b"check-1", "k2", b"check-2").await.unwrap();
     let mut after = s.wrapped_keys().await.unwrap();
     after.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(after, rewrapped);
@@ -458,8 +458,13 @@ async fn key_rotation_rewraps_every_key_and_the_check(b: &TestBackend) {
     }
     assert_eq!(s.chat("alice", "c1").await.unwrap().unwrap().key.kek_id, "k2");
     let bad = [("nonsense".to_owned(), key("x"))];
-    assert!(matches!(s.rewrap_keys(&bad, "k3", b"check-3").await, Err(StoreError::Backend(_))));
+    assert!(matches!(s.rewrap_keys(&bad, b"check-2", "k3", b"check-3").await, Err(StoreError::Backend(_))));
     assert_eq!(s.key_check().await.unwrap().as_deref(), Some(&b"check-2"[..]), "a failed rotation changes nothing");
+    // A rotation that verified its key against a check value since replaced (a second rotation).
+    let err = s.rewrap_keys(&rewrapped_as(&after, "k3"), b"check-1", "k3", b"check-3").await.unwrap_err();
+    assert!(err.to_string().contains("rotated meanwhile"), "{err}");
+    assert_eq!(s.key_check().await.unwrap().as_deref(), Some(&b"check-2"[..]), "a failed rotation changes nothing");
+    assert_eq!(s.user_key("alice").await.unwrap().unwrap().kek_id, "k2");
 }
 
 fn rewrapped_as(keys: &[(String, WrappedKey)], kek_id: &str) -> Vec<(String, WrappedKey)> {
@@ -479,13 +484,13 @@ async fn key_rotation_refuses_keys_stored_after_it_read_them(b: &TestBackend) {
     write(s, WriteOp::UserKey { user_id: "alice".into(), candidate: key("alice") }).await;
     let read = s.wrapped_keys().await.unwrap();
     applied(write(s, title("bob", "late-chat", "t", create(), None, NOW)).await);
-    let err = s.rewrap_keys(&rewrapped_as(&read, "k2"), "k2", b"check-2").await.unwrap_err();
+    let err = s.rewrap_keys(&rewrapped_as(&read, "k2"), b"check-1", "k2", b"check-2").await.unwrap_err();
     assert!(err.to_string().contains("1 data key(s) were stored after the rotation read the keys"), "{err}");
     assert_eq!(s.key_check().await.unwrap().as_deref(), Some(&b"check-1"[..]), "nothing changed");
     assert_eq!(s.user_key("alice").await.unwrap(), Some(key("alice")), "nothing changed");
     // Read again, the rotation goes through.
     let read = s.wrapped_keys().await.unwrap();
-    s.rewrap_keys(&rewrapped_as(&read, "k2"), "k2", b"check-2").await.unwrap();
+    s.rewrap_keys(&rewrapped_as(&read, "k2"), b"check-1", "k2", b"check-2").await.unwrap();
     assert_eq!(s.user_key("alice").await.unwrap().unwrap().kek_id, "k2");
 }
 
@@ -504,7 +509,7 @@ async fn user_keys_are_created_only_under_the_check_value_given(b: &TestBackend)
     assert_eq!(s.user_key("bob").await.unwrap(), Some(key("cli-bob")));
     // After a rotation (another check value), a key wrapped under the old master key is refused.
     let read = s.wrapped_keys().await.unwrap();
-    s.rewrap_keys(&rewrapped_as(&read, "k2"), "k2", b"check-2").await.unwrap();
+    s.rewrap_keys(&rewrapped_as(&read, "k2"), b"check-1", "k2", b"check-2").await.unwrap();
     assert!(!s.create_user_keys(&keys(&["carol"]), b"check-1").await.unwrap());
     assert_eq!(s.user_key("carol").await.unwrap(), None);
     assert!(s.create_user_keys(&[], b"check-2").await.unwrap(), "an empty list is fine");

@@ -13,6 +13,7 @@ fn chatsync(data: &Path, args: &[&str]) -> Output {
         .args(args)
         .env_remove("CHATSYNC_DATA_DIR")
         .env_remove("CHATSYNC_CONFIG")
+        .env_remove("CHATSYNC_MASTER_KEY")
         .output()
         .unwrap()
 }

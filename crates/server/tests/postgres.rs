@@ -235,17 +235,16 @@ async fn a_write_that_finds_the_writer_idle_waits_the_commit_window_for_company_
     server.stop().await;
 }
 
-/// Waits until `task` has finished or a session of the database waits for a lock in a statement that
-/// mentions the master key check value (a liveness bound, not a timing check).
-async fn until_done_or_waiting_on_the_check<T>(conn: &mut sqlx::PgConnection, task: &tokio::task::JoinHandle<T>) {
+/// Waits until `task` has finished or a session waits for a lock that session `holder` (a backend pid)
+/// holds (a liveness bound, not a timing check).
+async fn until_done_or_blocked_by<T>(conn: &mut sqlx::PgConnection, holder: i32, task: &tokio::task::JoinHandle<T>) {
     for _ in 0..1000 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
-             AND query LIKE '%kek_check%' AND datname = current_database()",
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))")
+                .bind(holder)
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
         if waiting > 0 || task.is_finished() {
             return;
         }
@@ -274,6 +273,7 @@ async fn key_creation_by_a_command_and_a_rotation_serialize_on_the_check_value()
 
     // (1) The "rotation" holds the row, changed, uncommitted.
     let mut rotation = schema.connect().await;
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut rotation).await.unwrap();
     sqlx::query("BEGIN").execute(&mut rotation).await.unwrap();
     sqlx::query("SELECT value FROM meta WHERE name = 'kek_check' FOR UPDATE").execute(&mut rotation).await.unwrap();
     sqlx::query("UPDATE meta SET value = 'check-2' WHERE name = 'kek_check'").execute(&mut rotation).await.unwrap();
@@ -281,13 +281,14 @@ async fn key_creation_by_a_command_and_a_rotation_serialize_on_the_check_value()
         let chats = chats.clone();
         tokio::spawn(async move { chats.create_user_keys(&[("alice".into(), key("alice"))], b"check-1").await })
     };
-    until_done_or_waiting_on_the_check(&mut watcher, &creating).await;
+    until_done_or_blocked_by(&mut watcher, holder, &creating).await;
     sqlx::query("COMMIT").execute(&mut rotation).await.unwrap();
     assert!(!creating.await.unwrap().unwrap(), "the creation saw the rotated check value");
     assert_eq!(chats.user_key("alice").await.unwrap(), None, "nothing stored under the old master key");
 
     // (2) The "command" holds the row and has stored bob's key under k1, uncommitted.
     let mut command = schema.connect().await;
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut command).await.unwrap();
     sqlx::query("BEGIN").execute(&mut command).await.unwrap();
     sqlx::query("SELECT value FROM meta WHERE name = 'kek_check' FOR SHARE").execute(&mut command).await.unwrap();
     sqlx::query("INSERT INTO user_keys (user_id, wrapped, kek_id) VALUES ('bob', 'bob', 'k1')")
@@ -297,9 +298,9 @@ async fn key_creation_by_a_command_and_a_rotation_serialize_on_the_check_value()
     let rotating = {
         let chats = chats.clone();
         // The rotation read the keys before bob's existed: none.
-        tokio::spawn(async move { chats.rewrap_keys(&[], "k2", b"check-3").await })
+        tokio::spawn(async move { chats.rewrap_keys(&[], b"check-2", "k2", b"check-3").await })
     };
-    until_done_or_waiting_on_the_check(&mut watcher, &rotating).await;
+    until_done_or_blocked_by(&mut watcher, holder, &rotating).await;
     sqlx::query("COMMIT").execute(&mut command).await.unwrap();
     let err = rotating.await.unwrap().unwrap_err();
     assert!(err.to_string().contains("stored after the rotation read the keys"), "{err}");

@@ -280,11 +280,19 @@ pub trait ChatStore: Send + Sync + 'static {
     /// Every wrapped data key, as (`chat:<id>` or `user:<id>`, key): for master key rotation.
     async fn wrapped_keys(&self) -> Result<Vec<(String, WrappedKey)>, StoreError>;
 
-    /// Replaces wrapped data keys and the master key check value in one transaction (rotation), the new
-    /// keys being under `kek_id`. Fails and changes nothing if, once they are replaced, a stored key is
-    /// still not under `kek_id`: one stored after the rotation read the keys (a server or command still
-    /// running), which would otherwise stay wrapped under the old master key and lock its owner out.
-    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], kek_id: &str, check: &[u8]) -> Result<(), StoreError>;
+    /// Replaces wrapped data keys and the master key check value (`from_check`, the one the old master
+    /// key was verified against, by `check`) in one transaction (rotation), the new keys being under
+    /// `kek_id`. Fails and changes nothing if the stored check value is no longer `from_check` (another
+    /// rotation), or if, once the keys are replaced, a stored key is still not under `kek_id`: one stored
+    /// after the rotation read the keys (a server or command still running), which would otherwise stay
+    /// wrapped under the old master key and lock its owner out.
+    async fn rewrap_keys(
+        &self,
+        keys: &[(String, WrappedKey)],
+        from_check: &[u8],
+        kek_id: &str,
+        check: &[u8],
+    ) -> Result<(), StoreError>;
 
     /// Stores users' wrapped data keys, each unless the user has one, in one transaction, and only if the
     /// stored master key check value is still `check` when it commits (the value the caller verified its
@@ -321,6 +329,10 @@ pub trait ChatStore: Send + Sync + 'static {
         self.writer_faults().map(|faults| faults.batches())
     }
 }
+
+/// The error of a rotation that found another check value than the one it verified its key against.
+pub(super) const ROTATED_MEANWHILE: &str =
+    "the master key was rotated meanwhile (another `keys rotate`?); nothing was changed";
 
 /// The error of a rotation that found `left` keys it did not re-wrap (stored after it read the keys).
 pub(super) fn stored_during_rotation(left: i64) -> String {

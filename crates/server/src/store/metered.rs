@@ -76,8 +76,14 @@ impl ChatStore for MeteredChatStore {
         self.0.wrapped_keys().await
     }
 
-    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], kek_id: &str, check: &[u8]) -> Result<(), StoreError> {
-        self.0.rewrap_keys(keys, kek_id, check).await
+    async fn rewrap_keys(
+        &self,
+        keys: &[(String, WrappedKey)],
+        from_check: &[u8],
+        kek_id: &str,
+        check: &[u8],
+    ) -> Result<(), StoreError> {
+        self.0.rewrap_keys(keys, from_check, kek_id, check).await
     }
 
     async fn create_user_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<bool, StoreError> {

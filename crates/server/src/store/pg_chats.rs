@@ -550,11 +550,25 @@ impl ChatStore for PgStore {
         Ok(rows.iter().map(|r| (r.get(0), WrappedKey { wrapped: r.get(1), kek_id: r.get(2) })).collect())
     }
 
-    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], kek_id: &str, check: &[u8]) -> Result<(), StoreError> {
+    async fn rewrap_keys(
+        &self,
+        keys: &[(String, WrappedKey)],
+        from_check: &[u8],
+        kek_id: &str,
+        check: &[u8],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         // The check value's row first: a `create_user_keys` holding it (FOR SHARE) commits before this
         // goes on (and its keys are then counted below); one that comes later sees the new value.
-        sqlx::query("SELECT value FROM meta WHERE name = 'kek_check' FOR UPDATE").execute(&mut *tx).await?;
+        let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT value FROM meta WHERE name = 'kek_check' FOR UPDATE")
+            .fetch_optional(&mut *tx)
+            .await?;
+        if stored.is_some_and(|stored| stored != from_check) {
+            return Err(StoreError::Backend(super::chats::ROTATED_MEANWHILE.to_owned()));
+        }
+        // Then the key tables, against writers (servers' batches, which never take the row above): those
+        // writing now commit first, and are counted below; later ones wait for this transaction.
+        sqlx::query("LOCK TABLE chats, user_keys IN SHARE ROW EXCLUSIVE MODE").execute(&mut *tx).await?;
         for (key_ref, key) in keys {
             let (sql, id) = match key_ref.split_once(':') {
                 Some(("chat", id)) => ("UPDATE chats SET chat_key = $2, kek_id = $3 WHERE chat_id = $1", id),

@@ -1009,9 +1009,20 @@ impl ChatStore for SqliteStore {
         Ok(rows.iter().map(|r| (r.get(0), WrappedKey { wrapped: r.get(1), kek_id: r.get(2) })).collect())
     }
 
-    async fn rewrap_keys(&self, keys: &[(String, WrappedKey)], kek_id: &str, check: &[u8]) -> Result<(), StoreError> {
+    async fn rewrap_keys(
+        &self,
+        keys: &[(String, WrappedKey)],
+        from_check: &[u8],
+        kek_id: &str,
+        check: &[u8],
+    ) -> Result<(), StoreError> {
         // BEGIN IMMEDIATE: no other write (a key stored by a server or a command) interleaves.
         let mut tx = self.pool.begin_with(super::sqlite::BEGIN_WRITE).await?;
+        let stored: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT value FROM meta WHERE name = 'kek_check'").fetch_optional(&mut *tx).await?;
+        if stored.is_some_and(|stored| stored != from_check) {
+            return Err(StoreError::Backend(super::chats::ROTATED_MEANWHILE.to_owned()));
+        }
         for (key_ref, key) in keys {
             let (sql, id) = match key_ref.split_once(':') {
                 Some(("chat", id)) => ("UPDATE chats SET chat_key = ?2, kek_id = ?3 WHERE chat_id = ?1", id),
@@ -1038,22 +1049,30 @@ impl ChatStore for SqliteStore {
     }
 
     async fn create_user_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<bool, StoreError> {
-        // BEGIN IMMEDIATE: a rotation's transaction runs wholly before or after this one.
-        let mut tx = self.pool.begin_with(super::sqlite::BEGIN_WRITE).await?;
-        let stored: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT value FROM meta WHERE name = 'kek_check'").fetch_optional(&mut *tx).await?;
-        if stored.as_deref() != Some(check) {
-            return Ok(false);
-        }
-        for (user_id, key) in keys {
-            sqlx::query("INSERT INTO user_keys (user_id, wrapped, kek_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING")
+        // In transactions of at most CHUNK keys, so that a server's writes on the same file never wait
+        // long for the write lock. BEGIN IMMEDIATE: a rotation's transaction runs wholly before or after
+        // each (keys a chunk stored before one are counted by it, and make it fail).
+        const CHUNK: usize = 5_000;
+        // (An empty list still checks the value: one empty chunk.)
+        for chunk in keys.chunks(CHUNK).chain(keys.is_empty().then_some(&[][..])) {
+            let mut tx = self.pool.begin_with(super::sqlite::BEGIN_WRITE).await?;
+            let stored: Option<Vec<u8>> =
+                sqlx::query_scalar("SELECT value FROM meta WHERE name = 'kek_check'").fetch_optional(&mut *tx).await?;
+            if stored.as_deref() != Some(check) {
+                return Ok(false);
+            }
+            for (user_id, key) in chunk {
+                sqlx::query(
+                    "INSERT INTO user_keys (user_id, wrapped, kek_id) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                )
                 .bind(user_id)
                 .bind(&key.wrapped)
                 .bind(&key.kek_id)
                 .execute(&mut *tx)
                 .await?;
+            }
+            tx.commit().await?;
         }
-        tx.commit().await?;
         Ok(true)
     }
 
