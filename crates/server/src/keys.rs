@@ -61,13 +61,19 @@ impl Keyring {
         &self.master
     }
 
+    /// What memory alone says of `chat_id` for `user_id`: `None` if it has no word on it.
+    fn memoized(&self, user_id: &str, chat_id: &str) -> Option<ChatAccess> {
+        if self.deleted.contains_key(chat_id) {
+            return Some(ChatAccess::Denied);
+        }
+        let k = self.chats.get(chat_id)?;
+        Some(if k.owner == user_id { ChatAccess::Owned(k.clone()) } else { ChatAccess::Denied })
+    }
+
     /// Resolves `chat_id` for `user_id`.
     pub async fn chat(&self, store: &dyn ChatStore, user_id: &str, chat_id: &str) -> Result<ChatAccess, Error> {
-        if self.deleted.contains_key(chat_id) {
-            return Ok(ChatAccess::Denied);
-        }
-        if let Some(k) = self.chats.get(chat_id) {
-            return Ok(if k.owner == user_id { ChatAccess::Owned(k.clone()) } else { ChatAccess::Denied });
+        if let Some(access) = self.memoized(user_id, chat_id) {
+            return Ok(access);
         }
         match store.chat_lookup(chat_id).await? {
             ChatLookup::Absent => Ok(ChatAccess::New),
@@ -76,6 +82,29 @@ impl Keyring {
                 let k = self.remember(chat_id, owner, &key)?;
                 Ok(if k.owner == user_id { ChatAccess::Owned(k) } else { ChatAccess::Denied })
             }
+        }
+    }
+
+    /// Resolves `chat_id` for `user_id` for a write, from the user's chat list as this node's cache holds
+    /// it when it holds it, else as [`Keyring::chat`] does, from the store. The cached list is the user's
+    /// own and complete, so it spares the store a lookup; it may miss a chat another node created a moment
+    /// ago, or still hold one deleted there, which the write itself then finds out (a creation that finds
+    /// the chat is `Raced`, a change of a deleted chat `NotFound`): the caller retries a `Raced` write with
+    /// [`Keyring::chat`].
+    pub async fn chat_for_write(
+        &self,
+        store: &dyn ChatStore,
+        cache: &dyn crate::cache::Cache,
+        user_id: &str,
+        chat_id: &str,
+    ) -> Result<ChatAccess, Error> {
+        if let Some(access) = self.memoized(user_id, chat_id) {
+            return Ok(access);
+        }
+        match cache.chat(user_id, chat_id).await {
+            Some(Some(record)) => Ok(ChatAccess::Owned(self.remember(chat_id, user_id.to_owned(), &record.key)?)),
+            Some(None) => Ok(ChatAccess::New),
+            None => self.chat(store, user_id, chat_id).await,
         }
     }
 

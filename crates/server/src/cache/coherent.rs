@@ -45,6 +45,13 @@ impl Cache for CoherentCache {
         self.inner.chats(user_id).await
     }
 
+    async fn chat(&self, user_id: &str, chat_id: &str) -> Option<Option<ChatRecord>> {
+        if !self.bus.is_healthy() {
+            return None;
+        }
+        self.inner.chat(user_id, chat_id).await
+    }
+
     async fn begin_load(&self, user_id: &str) -> LoadToken {
         self.inner.begin_load(user_id).await
     }

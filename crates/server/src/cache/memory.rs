@@ -116,6 +116,11 @@ impl Cache for MemoryCache {
         Some(chats)
     }
 
+    async fn chat(&self, user_id: &str, chat_id: &str) -> Option<Option<ChatRecord>> {
+        let entry = self.users.get(user_id)?;
+        Some(entry.chats.as_ref()?.get(chat_id).cloned())
+    }
+
     async fn begin_load(&self, user_id: &str) -> LoadToken {
         self.users.get(user_id).map_or(LoadToken::NEVER, |e| LoadToken(e.generation))
     }
@@ -279,6 +284,19 @@ mod tests {
         assert_eq!(ids, ["b", "c", "a"]);
         c.chat_deleted("u", "b").await;
         assert_eq!(c.chats("u").await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn one_chat_is_found_in_the_cached_list_only() {
+        let c = cache().await;
+        assert_eq!(c.chat("u", "a").await, None, "no list cached");
+        let t = c.begin_load("u").await;
+        c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1)]).await;
+        assert_eq!(c.chat("u", "a").await.unwrap().unwrap().title_v, 1);
+        assert_eq!(c.chat("u", "b").await, Some(None), "the list is complete: no such chat");
+        c.chat_deleted("u", "a").await;
+        assert_eq!(c.chat("u", "a").await, Some(None));
+        assert_eq!(c.chat("nobody", "a").await, None);
     }
 
     #[tokio::test]

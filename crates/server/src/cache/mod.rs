@@ -56,6 +56,10 @@ pub trait Cache: Send + Sync + 'static {
     /// The user's complete chat list, most recently edited first, if cached.
     async fn chats(&self, user_id: &str) -> Option<Vec<ChatRecord>>;
 
+    /// One chat of the user's cached list: `None` if the list is not cached, `Some(None)` if it is and
+    /// holds no such chat.
+    async fn chat(&self, user_id: &str, chat_id: &str) -> Option<Option<ChatRecord>>;
+
     /// Starts a load from the store; pass the token to the `put_*` calls that store its result.
     async fn begin_load(&self, user_id: &str) -> LoadToken;
 

@@ -53,17 +53,23 @@ pub fn check_draft(ctx: &Ctx, draft: &Map<String, Value>, field: &str) -> Result
 }
 
 /// Runs a write against a chat of `owner`, creating the chat when the id is new: resolves the chat's
-/// key, builds the op (`build` gets the target and the key to encrypt with), starts over if another
-/// connection created the chat in the meantime, and merges the resulting chat state into the cache.
-/// Absent-and-deleted or foreign chats are `not_found`.
+/// key (first from the node's cache, [`crate::keys::Keyring::chat_for_write`]), builds the op (`build`
+/// gets the target and the key to encrypt with), starts over, asking the store, if another connection
+/// created the chat in the meantime, and merges the resulting chat state into the cache. Absent-and-deleted
+/// or foreign chats are `not_found`.
 pub async fn write_chat(
     ctx: &Ctx,
     owner: &str,
     chat_id: &str,
     build: impl Fn(Target, &DataKey) -> WriteOp,
 ) -> Result<WriteResult, Error> {
-    for _ in 0..3 {
-        let result = match ctx.keys.chat(ctx.chats.as_ref(), owner, chat_id).await? {
+    for attempt in 0..4 {
+        let access = if attempt == 0 {
+            ctx.keys.chat_for_write(ctx.chats.as_ref(), ctx.cache.as_ref(), owner, chat_id).await?
+        } else {
+            ctx.keys.chat(ctx.chats.as_ref(), owner, chat_id).await?
+        };
+        let result = match access {
             ChatAccess::Denied => return Err(Error::chat_not_found(chat_id)),
             ChatAccess::Owned(k) => ctx.chats.write(build(Target::Existing, &k.key)).await?,
             ChatAccess::New => {
