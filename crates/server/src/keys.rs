@@ -89,22 +89,27 @@ impl Keyring {
     /// it when it holds it, else as [`Keyring::chat`] does, from the store. The cached list is the user's
     /// own and complete, so it spares the store a lookup; it may miss a chat another node created a moment
     /// ago, or still hold one deleted there, which the write itself then finds out (a creation that finds
-    /// the chat is `Raced`, a change of a deleted chat `NotFound`): the caller retries a `Raced` write with
-    /// [`Keyring::chat`].
+    /// the chat is `Raced`, a change of a deleted chat `NotFound`): the caller retries such a write with
+    /// [`Keyring::chat`]. A key taken from the cache is not memoized here (the chat may be deleted
+    /// already), and the second value says so: the caller memoizes it with [`Keyring::confirmed`] once the
+    /// store has accepted a write to the chat.
     pub async fn chat_for_write(
         &self,
         store: &dyn ChatStore,
         cache: &dyn crate::cache::Cache,
         user_id: &str,
         chat_id: &str,
-    ) -> Result<ChatAccess, Error> {
+    ) -> Result<(ChatAccess, bool), Error> {
         if let Some(access) = self.memoized(user_id, chat_id) {
-            return Ok(access);
+            return Ok((access, false));
         }
-        match cache.chat(user_id, chat_id).await {
-            Some(Some(record)) => Ok(ChatAccess::Owned(self.remember(chat_id, user_id.to_owned(), &record.key)?)),
-            Some(None) => Ok(ChatAccess::New),
-            None => self.chat(store, user_id, chat_id).await,
+        match cache.chat_key(user_id, chat_id).await {
+            Some(Some(wrapped)) => {
+                let key = self.unwrap(&wrapped, &chat_ref(chat_id))?;
+                Ok((ChatAccess::Owned(Arc::new(ChatKey { owner: user_id.to_owned(), key })), true))
+            }
+            Some(None) => Ok((ChatAccess::New, false)),
+            None => Ok((self.chat(store, user_id, chat_id).await?, false)),
         }
     }
 
@@ -122,6 +127,11 @@ impl Keyring {
         let wrapped =
             WrappedKey { wrapped: self.master.wrap(&key, &chat_ref(chat_id)), kek_id: self.master.id().to_owned() };
         (key, wrapped)
+    }
+
+    /// Memoizes the key of a chat the store has just accepted a write to (unless it was deleted here since).
+    pub fn confirmed(&self, chat_id: &str, key: &Arc<ChatKey>) {
+        self.memo(chat_id, key);
     }
 
     /// Records the key of a chat the caller just created.

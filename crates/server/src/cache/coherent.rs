@@ -11,7 +11,7 @@
 use super::memory::MemoryCache;
 use super::{Cache, LoadToken, WarmClaim};
 use crate::cluster::{Bus, BusMessage};
-use crate::store::chats::{ChatRecord, MessageRecord};
+use crate::store::chats::{ChatRecord, MessageRecord, WrappedKey};
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -45,11 +45,11 @@ impl Cache for CoherentCache {
         self.inner.chats(user_id).await
     }
 
-    async fn chat(&self, user_id: &str, chat_id: &str) -> Option<Option<ChatRecord>> {
+    async fn chat_key(&self, user_id: &str, chat_id: &str) -> Option<Option<WrappedKey>> {
         if !self.bus.is_healthy() {
             return None;
         }
-        self.inner.chat(user_id, chat_id).await
+        self.inner.chat_key(user_id, chat_id).await
     }
 
     async fn begin_load(&self, user_id: &str) -> LoadToken {

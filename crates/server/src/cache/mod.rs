@@ -20,7 +20,7 @@
 pub mod coherent;
 pub mod memory;
 
-use crate::store::chats::{ChatRecord, MessageRecord};
+use crate::store::chats::{ChatRecord, MessageRecord, WrappedKey};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
@@ -56,9 +56,9 @@ pub trait Cache: Send + Sync + 'static {
     /// The user's complete chat list, most recently edited first, if cached.
     async fn chats(&self, user_id: &str) -> Option<Vec<ChatRecord>>;
 
-    /// One chat of the user's cached list: `None` if the list is not cached, `Some(None)` if it is and
-    /// holds no such chat.
-    async fn chat(&self, user_id: &str, chat_id: &str) -> Option<Option<ChatRecord>>;
+    /// The wrapped key of one chat of the user's cached list: `None` if the list is not cached,
+    /// `Some(None)` if it is and holds no such chat.
+    async fn chat_key(&self, user_id: &str, chat_id: &str) -> Option<Option<WrappedKey>>;
 
     /// Starts a load from the store; pass the token to the `put_*` calls that store its result.
     async fn begin_load(&self, user_id: &str) -> LoadToken;

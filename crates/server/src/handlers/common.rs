@@ -64,14 +64,20 @@ pub async fn write_chat(
     build: impl Fn(Target, &DataKey) -> WriteOp,
 ) -> Result<WriteResult, Error> {
     for attempt in 0..4 {
-        let access = if attempt == 0 {
+        let (access, unconfirmed) = if attempt == 0 {
             ctx.keys.chat_for_write(ctx.chats.as_ref(), ctx.cache.as_ref(), owner, chat_id).await?
         } else {
-            ctx.keys.chat(ctx.chats.as_ref(), owner, chat_id).await?
+            (ctx.keys.chat(ctx.chats.as_ref(), owner, chat_id).await?, false)
         };
         let result = match access {
             ChatAccess::Denied => return Err(Error::chat_not_found(chat_id)),
-            ChatAccess::Owned(k) => ctx.chats.write(build(Target::Existing, &k.key)).await?,
+            ChatAccess::Owned(k) => {
+                let result = ctx.chats.write(build(Target::Existing, &k.key)).await?;
+                if unconfirmed && !matches!(result, WriteResult::NotFound | WriteResult::Raced) {
+                    ctx.keys.confirmed(chat_id, &k);
+                }
+                result
+            }
             ChatAccess::New => {
                 let (key, wrapped) = ctx.keys.new_chat_key(chat_id);
                 let target = Target::Create { key: wrapped, max_chats: ctx.config.max_chats_per_user };
@@ -86,6 +92,9 @@ pub async fn write_chat(
         cache_written(ctx, owner, &result).await;
         match result {
             WriteResult::Raced => continue,
+            // The first answer may have been the cache's, out of date (the chat deleted elsewhere, or
+            // another user's): the store's answer is memoized, so later writes are refused from memory.
+            WriteResult::NotFound if attempt == 0 => ctx.keys.forget_chat(chat_id),
             WriteResult::NotFound => {
                 ctx.keys.forget_chat(chat_id);
                 return Err(Error::chat_not_found(chat_id));
