@@ -80,6 +80,12 @@ pub enum BusMessage {
         /// Session ids.
         session_ids: Vec<String>,
     },
+    /// The publishing node lost messages it could not publish (its queue was full, it had no connection,
+    /// or a publish failed), which the other nodes, whose own connections were fine, cannot tell: every
+    /// node forgets what it cached, as after a gap of its own (control channel; published first thing
+    /// once the node publishes again).
+    #[serde(rename = "g")]
+    Resync,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -168,6 +174,10 @@ pub struct Bus {
     healthy: Arc<AtomicBool>,
     handler: Arc<OnceLock<Arc<dyn BusHandler>>>,
     stop: CancellationToken,
+    /// Messages were dropped unpublished: the next pipeline starts with [`BusMessage::Resync`].
+    lost: Arc<AtomicBool>,
+    /// Test hook: drop every message as if the queue were full ([`Bus::drop_publishes`]).
+    dropping: AtomicBool,
 }
 
 impl Bus {
@@ -190,6 +200,8 @@ impl Bus {
             healthy: Arc::new(AtomicBool::new(false)),
             handler: Arc::new(OnceLock::new()),
             stop: CancellationToken::new(),
+            lost: Arc::new(AtomicBool::new(false)),
+            dropping: AtomicBool::new(false),
         });
         let shared = Shared {
             node: bus.node.clone(),
@@ -200,6 +212,7 @@ impl Bus {
             queued: bus.queued.clone(),
             turns: bus.turns.clone(),
             connection: Arc::new(Mutex::new(None)),
+            lost: bus.lost.clone(),
         };
         // When a task ends (the bus stops), the turns it would have run run at once.
         let turns = bus.turns.clone();
@@ -275,10 +288,17 @@ impl Bus {
         self.enqueue(channel, None, message, None);
     }
 
+    /// Test hook: while `on`, every message is dropped as if the publish queue were full.
+    #[doc(hidden)]
+    pub fn drop_publishes(&self, on: bool) {
+        self.dropping.store(on, Ordering::Release);
+    }
+
     fn enqueue(&self, channel: String, user: Option<&str>, message: BusMessage, turn: Option<u64>) {
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED || self.dropping.load(Ordering::Acquire) {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            tracing::warn!("bus publish queue full: dropping a message (caches are dropped when the bus recovers)");
+            self.lost.store(true, Ordering::Release);
+            tracing::warn!("bus publish queue full: dropping a message (every node resyncs when publishing resumes)");
             if let Some(id) = turn {
                 self.turns.run(id);
             }
@@ -351,6 +371,7 @@ struct Shared {
     queued: Arc<AtomicUsize>,
     turns: Arc<Turns>,
     connection: Arc<Mutex<Option<Link>>>,
+    lost: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -538,7 +559,8 @@ async fn deliver(shared: &Shared, data: Vec<Value>) {
 }
 
 /// Publishes queued messages in order, pipelined. While Redis is down, messages are dropped (the gap is
-/// reported by the subscriber when it reconnects).
+/// reported by this node's subscriber when it reconnects, and to the other nodes by a
+/// [`BusMessage::Resync`] at the head of the next pipeline: their connections may have been fine).
 /// After a batch is confirmed, a marker for each of its turns goes into the push channel, behind every
 /// push Redis sent before the confirmation; the subscriber runs the turn when it reaches the marker.
 async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoing>, stop: CancellationToken) {
@@ -555,10 +577,16 @@ async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoin
         shared.queued.fetch_sub(received, Ordering::AcqRel);
         let link = shared.connection.lock().clone();
         let Some(mut link) = link else {
+            shared.lost.store(true, Ordering::Release);
             batch.drain(..).filter_map(|m| m.turn).for_each(|id| shared.turns.run(id));
             continue;
         };
         let mut pipe = redis::pipe();
+        if shared.lost.swap(false, Ordering::AcqRel) {
+            let channel = control_channel(&shared.config.prefix);
+            let payload = seal(&shared.key, &channel, &shared.node, None, BusMessage::Resync);
+            pipe.cmd(publish).arg(channel).arg(payload).ignore();
+        }
         let mut turns = Vec::new();
         for message in batch.drain(..) {
             pipe.cmd(publish).arg(message.channel).arg(message.payload).ignore();
@@ -566,6 +594,7 @@ async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoin
         }
         let published = pipe.exec_async(&mut link.conn).await;
         if let Err(e) = &published {
+            shared.lost.store(true, Ordering::Release);
             tracing::warn!(error = %e, "bus: publish failed");
         }
         for id in turns {

@@ -43,6 +43,7 @@ impl BusHandler for NodeHandler {
             (_, BusMessage::SessionsRevoked { session_ids }) => {
                 self.hub.close_sessions_now(&session_ids, CloseReason::SESSION_REVOKED)
             }
+            (_, BusMessage::Resync) => self.on_gap().await,
             (None, other) => tracing::debug!(?other, "bus: a user message without a user was ignored"),
         }
     }
