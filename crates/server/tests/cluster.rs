@@ -171,10 +171,10 @@ async fn a_write_on_one_node_is_what_initial_sync_returns_on_another() {
 
 #[tokio::test]
 async fn messages_a_node_could_not_publish_make_every_node_resync() {
-    // Node 0 drops what it publishes (as with a full queue, or a connection of its own that is down)
-    // while alice deletes a chat there: node 1, whose bus stayed healthy, never hears of the delete and
-    // would go on serving the chat from its cache (and its key from memory). Node 0's next publish starts
-    // with a resync order, which node 1 handles before anything behind it.
+    // Node 0 drops what it publishes (as with a full queue) while alice deletes a chat there: node 1,
+    // whose bus stayed healthy, never hears of the delete and would go on serving the chat from its cache
+    // (and its key from memory). Node 0 queues a resync order behind what it dropped, published even if
+    // nothing else is, and node 1 drops its caches on it.
     let Some(url) = redis_url() else { return };
     let cluster = TestCluster::start(2, &url, |_| {}).await;
     let mut phone = new_user(&cluster.nodes[0], "alice", "phone").await;
@@ -187,11 +187,14 @@ async fn messages_a_node_could_not_publish_make_every_node_resync() {
     bus.drop_publishes(true);
     expect_msg!(phone.request(&delete_chat("doomed")).await.unwrap(), ChatDeleted);
     bus.drop_publishes(false);
-    set_title(&mut phone, "after", "published again").await;
-    let next = expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
-    assert_eq!(next.chat_id.as_str(), "after", "the delete's broadcast was lost");
-    assert_eq!(ids(&sync_all(&mut laptop).await.server_chat_order), ["after"], "node 1 no longer serves it");
-    assert_not_found(&laptop.request(&title("doomed", "back")).await.unwrap());
+    // Nothing else is published; node 1 must catch up all the same (a liveness bound, not a timing check).
+    for attempt in 0.. {
+        if sync_all(&mut laptop).await.server_chat_order.is_empty() {
+            break;
+        }
+        assert!(attempt < 500, "node 1 still serves the chat deleted on node 0");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Reads whatever the client has queued without waiting long (warm-up drained by the harness anyway).

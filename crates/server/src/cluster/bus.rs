@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// Longest wait between reconnection attempts.
@@ -138,7 +138,13 @@ struct Outgoing {
     channel: String,
     payload: Vec<u8>,
     turn: Option<u64>,
+    /// Counted in `queued` (a [`BusMessage::Resync`] queued after a drop is not: it goes past the bound).
+    counted: bool,
 }
+
+/// How often a publisher that lost messages retries its [`BusMessage::Resync`] while nothing else is
+/// published (it also tries as soon as its connection is back).
+const RESYNC_RETRY: Duration = Duration::from_secs(1);
 
 /// The connection publishing and subscribing, with the sender of the channel its pushes arrive on.
 #[derive(Clone)]
@@ -174,8 +180,8 @@ pub struct Bus {
     healthy: Arc<AtomicBool>,
     handler: Arc<OnceLock<Arc<dyn BusHandler>>>,
     stop: CancellationToken,
-    /// Messages were dropped unpublished: the next pipeline starts with [`BusMessage::Resync`].
-    lost: Arc<AtomicBool>,
+    /// A [`BusMessage::Resync`] is queued behind a dropped message and not yet taken by the publisher.
+    resync_queued: Arc<AtomicBool>,
     /// Test hook: drop every message as if the queue were full ([`Bus::drop_publishes`]).
     dropping: AtomicBool,
 }
@@ -200,7 +206,7 @@ impl Bus {
             healthy: Arc::new(AtomicBool::new(false)),
             handler: Arc::new(OnceLock::new()),
             stop: CancellationToken::new(),
-            lost: Arc::new(AtomicBool::new(false)),
+            resync_queued: Arc::new(AtomicBool::new(false)),
             dropping: AtomicBool::new(false),
         });
         let shared = Shared {
@@ -212,7 +218,9 @@ impl Bus {
             queued: bus.queued.clone(),
             turns: bus.turns.clone(),
             connection: Arc::new(Mutex::new(None)),
-            lost: bus.lost.clone(),
+            lost: Arc::new(AtomicBool::new(false)),
+            resync_queued: bus.resync_queued.clone(),
+            link_back: Arc::new(Notify::new()),
         };
         // When a task ends (the bus stops), the turns it would have run run at once.
         let turns = bus.turns.clone();
@@ -297,15 +305,21 @@ impl Bus {
     fn enqueue(&self, channel: String, user: Option<&str>, message: BusMessage, turn: Option<u64>) {
         if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED || self.dropping.load(Ordering::Acquire) {
             self.queued.fetch_sub(1, Ordering::AcqRel);
-            self.lost.store(true, Ordering::Release);
-            tracing::warn!("bus publish queue full: dropping a message (every node resyncs when publishing resumes)");
+            tracing::warn!("bus publish queue full: dropping a message (every node resyncs behind it)");
+            // Behind everything queued before the dropped message (past the bound: one at a time), so
+            // that no node applies an older message after it resynced.
+            if !self.resync_queued.swap(true, Ordering::AcqRel) {
+                let channel = control_channel(&self.config.prefix);
+                let payload = seal(&self.key, &channel, &self.node, None, BusMessage::Resync);
+                let _ = self.outgoing.send(Outgoing { channel, payload, turn: None, counted: false });
+            }
             if let Some(id) = turn {
                 self.turns.run(id);
             }
             return;
         }
         let payload = seal(&self.key, &channel, &self.node, user, message);
-        if self.outgoing.send(Outgoing { channel, payload, turn }).is_err() {
+        if self.outgoing.send(Outgoing { channel, payload, turn, counted: true }).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             if let Some(id) = turn {
                 self.turns.run(id);
@@ -371,7 +385,12 @@ struct Shared {
     queued: Arc<AtomicUsize>,
     turns: Arc<Turns>,
     connection: Arc<Mutex<Option<Link>>>,
+    /// The publisher dropped messages (no connection, or a failed pipeline): its next pipeline starts
+    /// with a [`BusMessage::Resync`].
     lost: Arc<AtomicBool>,
+    resync_queued: Arc<AtomicBool>,
+    /// Notified when the subscriber has (re)connected: a publisher that lost messages resyncs at once.
+    link_back: Arc<Notify>,
 }
 
 impl Shared {
@@ -443,6 +462,7 @@ async fn subscriber(
             continue;
         }
         *shared.connection.lock() = Some(Link { conn: conn.clone(), pushes: push_tx.clone() });
+        shared.link_back.notify_one();
         shared.gap().await;
         shared.healthy.store(true, Ordering::Release);
         tracing::info!(users = users.len(), "bus: connected and subscribed");
@@ -560,27 +580,37 @@ async fn deliver(shared: &Shared, data: Vec<Value>) {
 
 /// Publishes queued messages in order, pipelined. While Redis is down, messages are dropped (the gap is
 /// reported by this node's subscriber when it reconnects, and to the other nodes by a
-/// [`BusMessage::Resync`] at the head of the next pipeline: their connections may have been fine).
+/// [`BusMessage::Resync`] at the head of the next pipeline, sent as soon as the connection is back even
+/// if nothing else is: their own connections may have been fine all along).
 /// After a batch is confirmed, a marker for each of its turns goes into the push channel, behind every
 /// push Redis sent before the confirmation; the subscriber runs the turn when it reaches the marker.
 async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoing>, stop: CancellationToken) {
     let (_, _, publish) = shared.verbs();
     let mut batch = Vec::with_capacity(PIPELINE);
     loop {
-        let received = tokio::select! {
+        let lost = shared.lost.load(Ordering::Acquire);
+        tokio::select! {
             _ = stop.cancelled() => return,
-            n = outgoing.recv_many(&mut batch, PIPELINE) => n,
+            n = outgoing.recv_many(&mut batch, PIPELINE) => if n == 0 { return },
+            // Nothing to publish, but a resync to send (the connection is back, or a retry).
+            _ = shared.link_back.notified(), if lost => {}
+            _ = tokio::time::sleep(RESYNC_RETRY), if lost => {}
         };
-        if received == 0 {
-            return;
+        shared.queued.fetch_sub(batch.iter().filter(|m| m.counted).count(), Ordering::AcqRel);
+        if batch.iter().any(|m| !m.counted) {
+            shared.resync_queued.store(false, Ordering::Release);
         }
-        shared.queued.fetch_sub(received, Ordering::AcqRel);
         let link = shared.connection.lock().clone();
         let Some(mut link) = link else {
-            shared.lost.store(true, Ordering::Release);
+            if !batch.is_empty() {
+                shared.lost.store(true, Ordering::Release);
+            }
             batch.drain(..).filter_map(|m| m.turn).for_each(|id| shared.turns.run(id));
             continue;
         };
+        if batch.is_empty() && !shared.lost.load(Ordering::Acquire) {
+            continue;
+        }
         let mut pipe = redis::pipe();
         if shared.lost.swap(false, Ordering::AcqRel) {
             let channel = control_channel(&shared.config.prefix);
