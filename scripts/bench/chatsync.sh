@@ -12,8 +12,9 @@
 #   USERS=N DEVICES=D   sessions to issue (default: idle 5000 x 2; fanout 2000 x 3; saturate 400 x 1; sync 1 x 1)
 #   OUT_DIR=dir   where <scenario>-chatsync.json / .svg / .server.log go (default target/bench)
 #   SERVER_ARGS="..."   extra `chatsync serve` options
-#   SERVER_BIN=path   serve with this chatsync binary instead of the fresh build (to compare two builds
-#                 in one session: copy the first build aside, change, rebuild, run both)
+#   SERVER_BIN=path   serve, and issue the sessions, with this chatsync binary instead of the fresh build
+#                 (to compare two builds in one session: copy the first build aside, change, rebuild, run
+#                 both; the commands use it too, since a command migrates the store it opens)
 #   DATABASE_URL=postgres://...   run on this store instead of SQLite in the temp data dir (sessions are
 #                 issued into it too; use an empty database or schema, e.g.
 #                 postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3Dbench)
@@ -42,6 +43,7 @@ mkdir -p "$OUT_DIR"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 timeout 900 cargo build --release -q -p chatsync -p chatsync-bench
+CHATSYNC=${SERVER_BIN:-target/release/chatsync}
 
 DATA=$(mktemp -d /tmp/chatsync-bench.XXXXXX)
 SERVER_PID=
@@ -55,7 +57,7 @@ trap cleanup EXIT INT TERM
 echo "issuing $((USERS * DEVICES)) sessions ($USERS users x $DEVICES devices) into $DATA"
 DB_ARGS=()
 [ -n "${DATABASE_URL:-}" ] && DB_ARGS=(--database-url "$DATABASE_URL")
-timeout 300 target/release/chatsync --data-dir "$DATA" "${DB_ARGS[@]}" sessions issue-bulk \
+timeout 300 "$CHATSYNC" --data-dir "$DATA" "${DB_ARGS[@]}" sessions issue-bulk \
     --users "$USERS" --devices "$DEVICES" --prefix u > "$DATA/tokens.jsonl"
 
 LOG_LEVEL=warn
@@ -66,7 +68,7 @@ EXTRA=()
 [ "$SCENARIO" = sync ] && EXTRA=(--rate-per-sec 100000 --rate-burst 100000)
 PORT=$(free_port)
 # shellcheck disable=SC2086
-"${SERVER_BIN:-target/release/chatsync}" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" "${DB_ARGS[@]}" --max-connections 30000 \
+"$CHATSYNC" serve --listen "127.0.0.1:$PORT" --data-dir "$DATA" "${DB_ARGS[@]}" --max-connections 30000 \
     --log-level "$LOG_LEVEL" "${EXTRA[@]}" ${SERVER_ARGS:-} > "$DATA/server.log" 2>&1 &
 SERVER_PID=$!
 wait_listen "$PORT" "$SERVER_PID" 30

@@ -14,8 +14,9 @@
 #   USERS=N DEVICES=D   sessions to issue (default 2000 x 3)
 #   NODES=N       nodes (default 3)
 #   SERVER_ARGS="..."   extra `chatsync serve` options (e.g. --durability normal)
-#   SERVER_BIN=path   serve with this chatsync binary instead of the fresh build (to compare two builds
-#                 in one session: copy the first build aside, change, rebuild, run both)
+#   SERVER_BIN=path   serve, and issue the sessions, with this chatsync binary instead of the fresh build
+#                 (to compare two builds in one session: copy the first build aside, change, rebuild, run
+#                 both; the commands use it too, since a command migrates the store it opens)
 # Example:
 #   scripts/bench/cluster.sh fanout --duration 30
 set -euo pipefail
@@ -34,6 +35,7 @@ mkdir -p "$OUT_DIR"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 timeout 900 cargo build --release -q -p chatsync -p chatsync-bench
+CHATSYNC=${SERVER_BIN:-target/release/chatsync}
 
 SCHEMA="bench_$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 SEP='?'; case "$BASE_URL" in *\?*) SEP='&' ;; esac
@@ -56,7 +58,7 @@ URLS=()
 for n in $(seq 1 "$NODES"); do
     PORT=$(free_port)
     # shellcheck disable=SC2086
-    "${SERVER_BIN:-target/release/chatsync}" --data-dir "$DATA/node$n" "${COMMON[@]}" serve --listen "127.0.0.1:$PORT" \
+    "$CHATSYNC" --data-dir "$DATA/node$n" "${COMMON[@]}" serve --listen "127.0.0.1:$PORT" \
         --max-connections 30000 --log-level warn ${SERVER_ARGS:-} > "$DATA/node$n.log" 2>&1 &
     PIDS+=($!)
     wait_listen "$PORT" "$!" 30
@@ -68,12 +70,12 @@ URL_LIST=$(IFS=,; echo "${URLS[*]}")
 # Users are provisioned once the nodes run, as in a live cluster: the first node has fixed the master
 # key in the store, so `issue-bulk` (which has CHATSYNC_MASTER_KEY) also creates the users' data keys.
 echo "issuing $((USERS * DEVICES)) sessions ($USERS users x $DEVICES devices) into schema $SCHEMA"
-timeout 300 target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" sessions issue-bulk \
+timeout 300 "$CHATSYNC" --data-dir "$DATA/cli" "${COMMON[@]}" sessions issue-bulk \
     --users "$USERS" --devices "$DEVICES" --prefix u > "$DATA/tokens.jsonl"
 
 if [ "$SCENARIO" = stream ]; then
     # The bench reads the key from its environment (not on a command line, where `ps` shows it).
-    CHATSYNC_BENCH_API_KEY=$(timeout 60 target/release/chatsync --data-dir "$DATA/cli" "${COMMON[@]}" \
+    CHATSYNC_BENCH_API_KEY=$(timeout 60 "$CHATSYNC" --data-dir "$DATA/cli" "${COMMON[@]}" \
         api-keys create --name bench)
     export CHATSYNC_BENCH_API_KEY
 fi
