@@ -299,8 +299,8 @@ pub struct ServeArgs {
     pub durability: Option<crate::store::Durability>,
     /// Microseconds the chat writer waits, when it takes a write with none queued behind it, for more
     /// writes to share the transaction and its fsync (writes arriving meanwhile wait less; under load
-    /// batches form without waiting); PostgreSQL rounds it up to the next millisecond tick (the default
-    /// waits 1-2 ms there); 0: commit at once [default: 1000].
+    /// batches form without waiting); 0: commit at once [default: 1000 on the embedded store, 250 on
+    /// PostgreSQL].
     #[arg(long, help_heading = "Storage", env = "CHATSYNC_COMMIT_WINDOW_US", value_name = "MICROS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit_window_us: Option<u64>,

@@ -43,7 +43,7 @@ pub async fn build(config: Config) -> anyhow::Result<Ctx> {
     config.validate().map_err(anyhow::Error::msg)?;
     let lock = datadir::DataDirLock::acquire(&config.data_dir, "serve")?;
     let backend = store::open_backend(&config.store_url(), config.durability).await?;
-    backend.chats.set_commit_window(std::time::Duration::from_micros(config.commit_window_us));
+    backend.chats.set_commit_window(config.commit_window());
     let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
     let master = keys::load_master_key(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
     assemble(config, backend, master, Some(lock))

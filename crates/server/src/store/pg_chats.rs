@@ -138,16 +138,17 @@ impl Writer {
 /// dropped) and the loop goes on.
 ///
 /// The commit window: when the writer takes a write with none queued behind it (it was idle, or this one
-/// write arrived during the previous commit), it waits `window_us` (tokio's timer rounds it up to the
-/// next millisecond tick: the default 1000 waits 1-2 ms) for others to share the transaction, since
-/// PostgreSQL's cost is mostly per transaction (the batch function's setup); when several writes queued
-/// while a batch was in flight, they form the next batch without waiting.
+/// write arrived during the previous commit), it waits `window_us` for others to share the transaction,
+/// since PostgreSQL's cost is mostly per transaction (the batch function's setup); when several writes
+/// queued while a batch was in flight, they form the next batch without waiting. The wait is a thread's
+/// sleep on the blocking pool ([`precise_sleep`]), not tokio's timer, which rounds up to its next
+/// millisecond tick (a 250 µs window waited 1-2 ms).
 async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU64>, batches: Arc<AtomicU64>) {
     while let Some(first) = rx.recv().await {
         batches.fetch_add(1, Ordering::SeqCst);
         let window = window_us.load(Ordering::Relaxed);
         if window > 0 && rx.is_empty() {
-            tokio::time::sleep(std::time::Duration::from_micros(window)).await;
+            precise_sleep(std::time::Duration::from_micros(window)).await;
         }
         let mut batch = Vec::with_capacity(MAX_BATCH.min(rx.len() + 1));
         batch.push(first);
@@ -162,6 +163,17 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU
         if let Err(e) = tokio::spawn(run_batch(pool.clone(), batch)).await {
             tracing::error!(error = %e, size, "chat writer batch panicked; its writes failed with unavailable");
         }
+    }
+}
+
+/// Sleeps `duration` to within the OS timer's slack (tens of µs on Linux), where `tokio::time::sleep`
+/// would round it up to the timer wheel's next millisecond tick: a thread of the blocking pool sleeps
+/// and wakes the caller (two wake-ups per batch that waits, a few µs of CPU; at most one such thread per
+/// writer, kept by the pool between batches). Falls back to tokio's timer if the pool refuses the task
+/// (the runtime is shutting down).
+async fn precise_sleep(duration: std::time::Duration) {
+    if tokio::task::spawn_blocking(move || std::thread::sleep(duration)).await.is_err() {
+        tokio::time::sleep(duration).await;
     }
 }
 
