@@ -308,3 +308,70 @@ async fn key_creation_by_a_command_and_a_rotation_serialize_on_the_check_value()
     assert_eq!(chats.user_key("bob").await.unwrap(), Some(key("bob")));
     identity.close().await;
 }
+
+#[tokio::test]
+async fn the_warm_up_runs_every_kind_of_write_and_stores_nothing() {
+    // `warm_up` checks each op's outcome itself (it fails on any other); here: it succeeds on a migrated
+    // schema holding a user's data, which it leaves as it was, and nothing of its own remains.
+    let Some(schema) = PgSchema::create().await else { return };
+    let mut server = start(&schema).await;
+    let token = server.user_token("alice").await;
+    let (mut c, _) = server.connect(&token, "laptop").await;
+    set_title(&mut c, "c1", "kept").await;
+    add_message(&mut c, "c1", "m1", json!("one")).await;
+    let before = sync_all(&mut c).await;
+
+    let mut conn = schema.connect().await;
+    chatsync::store::pg::warm_up(&mut conn).await.expect("every outcome as expected");
+    chatsync::store::pg::warm_up(&mut conn).await.expect("and again on a warm connection");
+    for (table, column) in [
+        ("users", "user_id"),
+        ("user_keys", "user_id"),
+        ("chats", "owner"),
+        ("chat_tombstones", "owner"),
+        ("messages", "message_id"),
+    ] {
+        let n: i64 = sqlx::query(&format!("SELECT count(*) FROM {table} WHERE {column} LIKE 'chatsync warm-up%'"))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "nothing of the warm-up in {table}");
+    }
+    let after = sync_all(&mut c).await;
+    assert_eq!(
+        (after.chats_to_add_or_update, after.server_chat_order),
+        (before.chats_to_add_or_update, before.server_chat_order),
+        "the user's data is untouched"
+    );
+    assert_eq!(add_message(&mut c, "c1", "m2", json!("two")).await.new_messages_v, 2);
+    drop(c);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_warms_up_its_postgresql_connections_when_it_opens_them() {
+    // The server's sessions are told apart by an application name; each warmed session's last statement
+    // is the warm-up's ROLLBACK (until it carries other work). Without the warm-up there is none.
+    let Some(schema) = PgSchema::create().await else { return };
+    let app = format!("warm-{}", schema.name);
+    let url = format!("{}&application_name={app}", schema.url);
+    let mut server = TestServer::start_with(|config| config.database_url = Some(url)).await;
+    let mut conn = schema.connect().await;
+    let mut warmed = 0;
+    for _ in 0..200 {
+        warmed =
+            sqlx::query("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query = 'ROLLBACK'")
+                .bind(&app)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap()
+                .get::<i64, _>(0);
+        if warmed > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(warmed > 0, "no session of the server ran the warm-up");
+    server.stop().await;
+}

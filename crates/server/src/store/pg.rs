@@ -29,6 +29,8 @@ pub struct PgStore {
     pub(super) writer: super::pg_chats::Writer,
 }
 
+pub use super::pg_chats::warm_up;
+
 impl PgStore {
     /// Connects to the database at `url` (`postgres://…` or `postgresql://…`) and applies pending
     /// migrations. With [`super::Durability::Normal`] the connections use `synchronous_commit = off`:
@@ -38,7 +40,8 @@ impl PgStore {
     /// `serving` (a server, not a one-off command) opens the whole pool ([`POOL_SIZE`] connections) before
     /// this returns and keeps it full: otherwise the pool grows on demand, and the first burst of requests
     /// after a start waits for PostgreSQL to start a backend per connection (a process each, tens of ms of
-    /// CPU on a small machine) while it is also serving that burst. Best effort: a server whose
+    /// CPU on a small machine) while it is also serving that burst. Each of those connections is warmed up
+    /// for the writer's batches when it opens (`pg_chats::warm_up`). Best effort: a server whose
     /// PostgreSQL has fewer free connections still starts (after at most [`WARM_UP`]) and grows on demand.
     pub async fn open(url: &str, durability: super::Durability, serving: bool) -> anyhow::Result<PgStore> {
         let mut options = PgConnectOptions::from_str(url).context("invalid PostgreSQL URL")?;
@@ -47,20 +50,35 @@ impl PgStore {
         }
         // One connection first: a refused connection or a bad password is reported as such, at once
         // (the pool would retry until its acquire timeout and report only the timeout).
-        let probe = sqlx::PgConnection::connect_with(&options)
+        let mut probe = sqlx::PgConnection::connect_with(&options)
             .await
             .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
-        let _ = probe.close().await;
-        // Lazy: the pool's maintenance keeps `min_connections` open when it can, never failing the start.
-        let pool = PgPoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .min_connections(if serving { POOL_SIZE } else { 0 })
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(options);
+        // Migrated on that connection, before the pool opens any: a server's connections are warmed up
+        // (below) with the functions the migrations create.
         sqlx::migrate!("migrations/postgres")
-            .run(&pool)
+            .run(&mut probe)
             .await
             .with_context(|| format!("cannot migrate the PostgreSQL database at {}", redact(url)))?;
+        let _ = probe.close().await;
+        // Lazy: the pool's maintenance keeps `min_connections` open when it can, never failing the start.
+        let mut pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .min_connections(if serving { POOL_SIZE } else { 0 })
+            .acquire_timeout(ACQUIRE_TIMEOUT);
+        if serving {
+            // Every connection a server opens (at start, and when the pool replaces one: after a
+            // PostgreSQL restart, or at the end of a connection's lifetime) is warmed up before its first
+            // use. Best effort: a connection whose warm-up fails is used cold.
+            pool = pool.after_connect(|conn, _| {
+                Box::pin(async move {
+                    if let Err(e) = super::pg_chats::warm_up(conn).await {
+                        tracing::warn!(error = %e, "could not warm up a PostgreSQL connection; its first writes plan the batch function");
+                    }
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool.connect_lazy_with(options);
         if serving {
             let all = futures_util::future::join_all((0..POOL_SIZE).map(|_| pool.acquire()));
             let opened = match tokio::time::timeout(WARM_UP, all).await {

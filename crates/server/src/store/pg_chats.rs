@@ -346,10 +346,19 @@ static BATCH_WITH_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new
 
 /// Applies `batch` in one statement (its own transaction: one round trip, one commit).
 async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, sqlx::Error> {
+    apply_ops(pool, batch.iter().map(|job| &job.op)).await
+}
+
+/// Applies `ops` in one statement on `executor`.
+async fn apply_ops<'a, 'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    ops: impl Iterator<Item = &'a WriteOp>,
+) -> Result<Vec<WriteResult>, sqlx::Error> {
     let mut args = BatchArgs::default();
-    for job in batch {
-        args.push(&job.op);
+    for op in ops {
+        args.push(op);
     }
+    let count = args.kinds.len();
     let sql: &str = if args.event_idx.is_empty() { &BATCH } else { &BATCH_WITH_EVENTS };
     let mut query = sqlx::query(sql)
         .bind(&args.kinds)
@@ -374,11 +383,121 @@ async fn apply_batch(pool: &PgPool, batch: &[Job]) -> Result<Vec<WriteResult>, s
             .bind(&args.event_bodies)
             .bind(&args.event_times);
     }
-    let rows = query.fetch_all(pool).await?;
-    if rows.len() != batch.len() {
-        return Err(sqlx::Error::Protocol(format!("{} results for {} writes", rows.len(), batch.len())));
+    let rows = query.fetch_all(executor).await?;
+    if rows.len() != count {
+        return Err(sqlx::Error::Protocol(format!("{} results for {count} writes", rows.len())));
     }
     rows.iter().map(write_result).collect()
+}
+
+/// The user and chat id of [`warm_up`]'s writes: no client can name a user or a chat so (a space).
+const WARM_UP_ID: &str = "chatsync warm-up";
+/// Rounds of [`warm_up`]: PostgreSQL plans a PL/pgSQL statement for its parameters on each of its first
+/// five executions in a session before it settles on a generic plan.
+const WARM_UP_ROUNDS: usize = 6;
+
+/// Prepares a new connection for the writer's batches, so that the first writes it carries do not pay
+/// for it: PostgreSQL compiles the PL/pgSQL batch functions and plans each of their statements per
+/// session, when first executed (and for its parameters on the first five executions). Measured
+/// with `pgbench`: a draft write's first batch on a new connection took ~5 ms, later ones 0.3 ms; in the
+/// three-node benchmark, each node's twelve connections paid it in turn during the first seconds, whose
+/// batches took 4-21 ms.
+///
+/// Each round runs, in a transaction that is rolled back, one batch of every kind of write and outcome
+/// on a user and a chat of its own ([`WARM_UP_ID`]), and checks the outcomes: nothing is stored, and the
+/// only lock another transaction could meet is the batch's advisory lock on that id's hash, for a few
+/// milliseconds. The batch that records webhook events is left to its first use.
+pub async fn warm_up(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    use sqlx::Connection as _;
+    let key = WrappedKey { wrapped: vec![0; 40], kek_id: "warm-up".into() };
+    let (owner, chat_id) = (WARM_UP_ID.to_owned(), WARM_UP_ID.to_owned());
+    let create = Target::Create { key: key.clone(), max_chats: 1 };
+    let message = |sender: &str| WriteOp::Message {
+        owner: owner.clone(),
+        chat_id: chat_id.clone(),
+        message_id: WARM_UP_ID.into(),
+        content: vec![0; 16],
+        client_timestamp: None,
+        sender: sender.into(),
+        created_at: 1,
+        now: 1,
+        target: Target::Existing,
+        event: None,
+    };
+    let draft = |target: Target, if_version_at_most: Option<i64>| WriteOp::Draft {
+        owner: owner.clone(),
+        chat_id: chat_id.clone(),
+        draft: Some(vec![0; 16]),
+        target,
+        if_version_at_most,
+        now: 1,
+    };
+    let delete_draft = || WriteOp::DeleteDraft {
+        owner: owner.clone(),
+        chat_id: chat_id.clone(),
+        target: Target::Existing,
+        if_version_at_most: None,
+    };
+    // Each op, and the outcome it must have (the batch function's every branch, but the webhook one).
+    let ops = [
+        (WriteOp::UserKey { user_id: owner.clone(), candidate: key.clone() }, "user_key"),
+        (draft(create.clone(), None), "applied (created)"),
+        (draft(Target::Existing, Some(0)), "conflict"),
+        (
+            WriteOp::Title {
+                owner: owner.clone(),
+                chat_id: chat_id.clone(),
+                title: vec![0; 16],
+                target: Target::Existing,
+                if_version_at_most: None,
+                now: 1,
+            },
+            "applied",
+        ),
+        (message("user"), "message"),
+        (message("user"), "duplicate"),
+        (WriteOp::MarkRead { owner: owner.clone(), chat_id: chat_id.clone(), seq: 1 }, "applied"),
+        (WriteOp::MarkRead { owner: owner.clone(), chat_id: chat_id.clone(), seq: 1 }, "unchanged"),
+        (delete_draft(), "applied"),
+        (delete_draft(), "no_draft"),
+        (WriteOp::DeleteChat { owner: owner.clone(), chat_id: chat_id.clone(), now: 1, event: None }, "deleted"),
+        (draft(create, None), "not_found"),
+    ];
+    for _ in 0..WARM_UP_ROUNDS {
+        let mut tx = conn.begin().await?;
+        sqlx::query("INSERT INTO users (user_id, created_at) VALUES ($1, 0) ON CONFLICT DO NOTHING")
+            .bind(WARM_UP_ID)
+            .execute(&mut *tx)
+            .await?;
+        let results = apply_ops(&mut *tx, ops.iter().map(|(op, _)| op)).await?;
+        tx.rollback().await?;
+        let outcomes: Vec<&str> = results.iter().map(outcome_name).collect();
+        let expected: Vec<&str> = ops.iter().map(|(_, outcome)| *outcome).collect();
+        if outcomes != expected {
+            return Err(sqlx::Error::Protocol(format!("warm-up outcomes {outcomes:?}, expected {expected:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// The name of `result`'s outcome, for [`warm_up`]'s check.
+fn outcome_name(result: &WriteResult) -> &'static str {
+    match result {
+        WriteResult::Applied(chat) if chat.draft_v == 1 && chat.title_v == 0 && chat.messages_v == 0 => {
+            "applied (created)"
+        }
+        WriteResult::Applied(_) => "applied",
+        WriteResult::Message { duplicate: false, .. } => "message",
+        WriteResult::Message { duplicate: true, .. } => "duplicate",
+        WriteResult::NotFound => "not_found",
+        WriteResult::Raced => "raced",
+        WriteResult::Conflict(_) => "conflict",
+        WriteResult::NoDraft(_) => "no_draft",
+        WriteResult::Deleted => "deleted",
+        WriteResult::Unchanged(_) => "unchanged",
+        WriteResult::ChatLimit => "chat_limit",
+        WriteResult::UserKey(_) => "user_key",
+    }
 }
 
 /// One row of `chatsync_write_batch`: `r_idx`, `r_outcome`, the chat's columns (from index 2, in
