@@ -10,7 +10,8 @@
 #   e.g. scripts/bench/stream.sh 1000 20 10 --chunk-bytes 100   (options only after all three numbers;
 #   not --streams, --devices, --chunks-per-sec, --duration or --api-key, which the script sets)
 #   OUT_DIR=dir   where stream-chatsync.json goes (default target/bench)
-#   SERVER_BIN=path   serve with this chatsync binary instead of the fresh build (to compare two builds)
+#   SERVER_BIN=path   serve, and issue the sessions and the API key, with this chatsync binary instead of
+#                 the fresh build (to compare two builds; a command migrates the store it opens)
 #   BENCH_BIN=path    drive it with this chatsync-bench binary instead of the fresh build
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,14 +21,15 @@ OUT_DIR=${OUT_DIR:-target/bench}
 mkdir -p "$OUT_DIR"
 cargo build --release -q -p chatsync -p chatsync-bench
 B=${CARGO_TARGET_DIR:-target}/release
+CHATSYNC=${SERVER_BIN:-$B/chatsync}
 DATA=$(mktemp -d)
 PORT=$(free_port)
 PID=
 cleanup() { stop_pid "$PID"; rm -rf "$DATA"; }
 trap cleanup EXIT
-"$B/chatsync" --data-dir "$DATA" sessions issue-bulk --users "$STREAMS" --devices 3 --prefix bs > "$DATA/tokens.jsonl"
-KEY=$("$B/chatsync" --data-dir "$DATA" api-keys create --name bench)
-"${SERVER_BIN:-$B/chatsync}" --data-dir "$DATA" serve --listen "127.0.0.1:$PORT" --durability normal --log-level warn &
+"$CHATSYNC" --data-dir "$DATA" sessions issue-bulk --users "$STREAMS" --devices 3 --prefix bs > "$DATA/tokens.jsonl"
+KEY=$("$CHATSYNC" --data-dir "$DATA" api-keys create --name bench)
+"$CHATSYNC" --data-dir "$DATA" serve --listen "127.0.0.1:$PORT" --durability normal --log-level warn &
 PID=$!
 wait_listen "$PORT" "$PID" 30
 "${BENCH_BIN:-$B/chatsync-bench}" --no-progress --url "ws://127.0.0.1:$PORT/v1/ws" --tokens "$DATA/tokens.jsonl" \
