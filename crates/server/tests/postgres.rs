@@ -375,3 +375,25 @@ async fn a_server_warms_up_its_postgresql_connections_when_it_opens_them() {
     assert!(warmed > 0, "no session of the server ran the warm-up");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_starts_and_serves_while_a_key_rotation_holds_the_tables_its_warm_up_needs() {
+    // `keys rotate` locks `chats` and `user_keys` against writes; a server starting meanwhile must not
+    // wait for it (its warm-ups give up on the lock and leave their connections cold, free for other
+    // work), and serves once the rotation is over.
+    let Some(schema) = PgSchema::create().await else { return };
+    let server = start(&schema).await; // migrates the schema
+    let mut rotation = schema.connect().await;
+    sqlx::query("BEGIN").execute(&mut rotation).await.unwrap();
+    sqlx::query("LOCK TABLE chats, user_keys IN SHARE ROW EXCLUSIVE MODE").execute(&mut rotation).await.unwrap();
+    let mut server = server.restart().await;
+    // The server's connections are usable during the rotation (their warm-ups gave up): a session is
+    // issued. (Writes wait for the rotation, as they should.)
+    let token = server.user_token("carol").await;
+    sqlx::query("COMMIT").execute(&mut rotation).await.unwrap();
+    let (mut c, _) = server.connect(&token, "laptop").await;
+    assert_eq!(set_title(&mut c, "c1", "after the rotation").await.versions.title_v, 1);
+    assert_eq!(add_message(&mut c, "c1", "m1", json!("one")).await.new_messages_v, 1);
+    drop(c);
+    server.stop().await;
+}

@@ -68,12 +68,20 @@ impl PgStore {
         if serving {
             // Every connection a server opens (at start, and when the pool replaces one: after a
             // PostgreSQL restart, or at the end of a connection's lifetime) is warmed up before its first
-            // use. Best effort: a connection whose warm-up fails is used cold.
+            // use. Best effort, and bounded: a connection whose warm-up fails or takes too long is used
+            // cold (a warm-up cut short rolls back when the connection is next used).
             pool = pool.after_connect(|conn, _| {
                 Box::pin(async move {
-                    if let Err(e) = super::pg_chats::warm_up(conn).await {
-                        tracing::warn!(error = %e, "could not warm up a PostgreSQL connection; its first writes plan the batch function");
-                    }
+                    let limit = super::pg_chats::WARM_UP_LIMIT;
+                    let error = match tokio::time::timeout(limit, super::pg_chats::warm_up(conn)).await {
+                        Ok(Ok(())) => return Ok(()),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => format!("not done after {limit:?}"),
+                    };
+                    tracing::warn!(
+                        error,
+                        "could not warm up a PostgreSQL connection; its first writes plan the batch function"
+                    );
                     Ok(())
                 })
             });

@@ -169,12 +169,10 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU
 /// Sleeps `duration` to within the OS timer's slack (tens of µs on Linux), where `tokio::time::sleep`
 /// would round it up to the timer wheel's next millisecond tick: a thread of the blocking pool sleeps
 /// and wakes the caller (two wake-ups per batch that waits, a few µs of CPU; at most one such thread per
-/// writer, kept by the pool between batches). Falls back to tokio's timer if the pool refuses the task
-/// (the runtime is shutting down).
+/// writer, kept by the pool between batches). If the pool refuses the task (the runtime is shutting
+/// down), the window is skipped.
 async fn precise_sleep(duration: std::time::Duration) {
-    if tokio::task::spawn_blocking(move || std::thread::sleep(duration)).await.is_err() {
-        tokio::time::sleep(duration).await;
-    }
+    let _ = tokio::task::spawn_blocking(move || std::thread::sleep(duration)).await;
 }
 
 async fn run_batch(pool: PgPool, batch: Vec<Job>) {
@@ -390,8 +388,17 @@ async fn apply_ops<'a, 'c>(
     rows.iter().map(write_result).collect()
 }
 
-/// The user and chat id of [`warm_up`]'s writes: no client can name a user or a chat so (a space).
+/// The start of the user and chat id of [`warm_up`]'s writes, followed by the session's backend pid (so
+/// that the warm-ups of several connections never wait for each other): no client can name a user or a
+/// chat so (a space).
 const WARM_UP_ID: &str = "chatsync warm-up";
+/// How long a round of [`warm_up`] waits for a lock before it gives up (and the warm-up with it).
+const WARM_UP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
+/// How long a statement of [`warm_up`] may run.
+const WARM_UP_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long [`warm_up`] may take in all, as the pool's `after_connect` runs it (it counts against the
+/// acquire timeout of the request that opens the connection).
+pub(super) const WARM_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Rounds of [`warm_up`]: PostgreSQL plans a PL/pgSQL statement for its parameters on each of its first
 /// five executions in a session before it settles on a generic plan.
 const WARM_UP_ROUNDS: usize = 6;
@@ -404,18 +411,23 @@ const WARM_UP_ROUNDS: usize = 6;
 /// batches took 4-21 ms.
 ///
 /// Each round runs, in a transaction that is rolled back, one batch of every kind of write and outcome
-/// on a user and a chat of its own ([`WARM_UP_ID`]), and checks the outcomes: nothing is stored, and the
-/// only lock another transaction could meet is the batch's advisory lock on that id's hash, for a few
-/// milliseconds. The batch that records webhook events is left to its first use.
+/// on a user and a chat of its own ([`WARM_UP_ID`] and the backend pid), and checks the outcomes: nothing
+/// is stored. It never waits long for another session: each round gives up on a lock after
+/// [`WARM_UP_LOCK_TIMEOUT`] (a `keys rotate` holding the tables, an owner lock of the batch function on
+/// a colliding hash) and on a statement after [`WARM_UP_STATEMENT_TIMEOUT`], and takes the tables in the
+/// order a rotation does (`chats`, then `user_keys`). The batch that records webhook events is left to
+/// its first use.
 pub async fn warm_up(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     use sqlx::Connection as _;
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await?;
+    let id = format!("{WARM_UP_ID} {pid}");
     let key = WrappedKey { wrapped: vec![0; 40], kek_id: "warm-up".into() };
-    let (owner, chat_id) = (WARM_UP_ID.to_owned(), WARM_UP_ID.to_owned());
+    let (owner, chat_id) = (id.clone(), id.clone());
     let create = Target::Create { key: key.clone(), max_chats: 1 };
     let message = |sender: &str| WriteOp::Message {
         owner: owner.clone(),
         chat_id: chat_id.clone(),
-        message_id: WARM_UP_ID.into(),
+        message_id: id.clone(),
         content: vec![0; 16],
         client_timestamp: None,
         sender: sender.into(),
@@ -440,7 +452,6 @@ pub async fn warm_up(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     };
     // Each op, and the outcome it must have (the batch function's every branch, but the webhook one).
     let ops = [
-        (WriteOp::UserKey { user_id: owner.clone(), candidate: key.clone() }, "user_key"),
         (draft(create.clone(), None), "applied (created)"),
         (draft(Target::Existing, Some(0)), "conflict"),
         (
@@ -462,11 +473,18 @@ pub async fn warm_up(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         (delete_draft(), "no_draft"),
         (WriteOp::DeleteChat { owner: owner.clone(), chat_id: chat_id.clone(), now: 1, event: None }, "deleted"),
         (draft(create, None), "not_found"),
+        (WriteOp::UserKey { user_id: owner.clone(), candidate: key.clone() }, "user_key"),
     ];
     for _ in 0..WARM_UP_ROUNDS {
         let mut tx = conn.begin().await?;
+        // SET LOCAL, for this transaction only.
+        sqlx::query("SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)")
+            .bind(format!("{}ms", WARM_UP_LOCK_TIMEOUT.as_millis()))
+            .bind(format!("{}ms", WARM_UP_STATEMENT_TIMEOUT.as_millis()))
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("INSERT INTO users (user_id, created_at) VALUES ($1, 0) ON CONFLICT DO NOTHING")
-            .bind(WARM_UP_ID)
+            .bind(&id)
             .execute(&mut *tx)
             .await?;
         let results = apply_ops(&mut *tx, ops.iter().map(|(op, _)| op)).await?;
