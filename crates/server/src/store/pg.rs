@@ -68,8 +68,8 @@ impl PgStore {
         if serving {
             // Every connection a server opens (at start, and when the pool replaces one: after a
             // PostgreSQL restart, or at the end of a connection's lifetime) is warmed up before its first
-            // use. Best effort, and bounded: a connection whose warm-up fails or takes too long is used
-            // cold (a warm-up cut short rolls back when the connection is next used).
+            // use. Best effort, and bounded: a connection whose warm-up fails or takes too long is rolled
+            // back and used cold (or discarded, if even that fails).
             pool = pool.after_connect(|conn, _| {
                 Box::pin(async move {
                     let limit = super::pg_chats::WARM_UP_LIMIT;
@@ -82,7 +82,14 @@ impl PgStore {
                         error,
                         "could not warm up a PostgreSQL connection; its first writes plan the batch function"
                     );
-                    Ok(())
+                    // A warm-up cut short may have left its transaction open on the server (sqlx does not
+                    // know of a BEGIN it did not see answered): end it, or discard the connection.
+                    use sqlx::Executor as _;
+                    match tokio::time::timeout(Duration::from_secs(2), conn.execute("ROLLBACK")).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(sqlx::Error::PoolTimedOut),
+                    }
                 })
             });
         }

@@ -23,9 +23,10 @@
 //!
 //! A batch whose statement fails in the database (a deadlock with another writer or node, a constraint
 //! hit, a bug) is rolled back whole and retried op by op, each in its own statement, so one bad op fails
-//! alone. A batch whose outcome is unknown (the connection broke) fails whole with
-//! [`StoreError::Unavailable`] and is not retried. A panic while handling a batch fails that batch's
-//! writes with `Unavailable` and the writer carries on; the pool replaces broken connections by itself,
+//! alone. A batch whose outcome is unknown or whose connection broke (an I/O error, a FATAL error, a
+//! connection exception) fails whole with [`StoreError::Unavailable`] and is not retried, and its
+//! connection is closed. A panic while handling a batch fails that batch's writes with `Unavailable` and
+//! the writer carries on; the writer replaces its broken connection from the pool, which replaces its own,
 //! so [`ChatStore::failed`] never resolves and [`ChatStore::writer_faults`] is `None` for this backend.
 
 use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, WrappedKey, WriteOp, WriteResult};
@@ -37,6 +38,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
 use sqlx::Row;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 /// Writer tasks per process, each with its own queue and its own connection (held across batches). A write goes
@@ -47,6 +49,12 @@ use tokio::sync::{mpsc, oneshot};
 /// per second, 38% less PostgreSQL CPU than with four writers; the window took ~30% more off), and the
 /// saturation ceiling stayed within the noise of the measurement (BENCHMARKS.md). More writers help only when a commit waits long (a slow WAL flush).
 const WRITERS: usize = 1;
+/// How long the writer keeps its connection between two batches (see [`run_batch`]).
+const HELD_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the writer keeps one connection at most (the pool's own `max_lifetime` does not see a
+/// connection that is never given back).
+const HELD_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// Most writes in one group-commit batch (one statement).
 const MAX_BATCH: usize = 256;
 /// Queued writes per writer before `write` waits (backpressure).
@@ -145,8 +153,9 @@ impl Writer {
 /// sleep on the blocking pool ([`precise_sleep`]), not tokio's timer, which rounds up to its next
 /// millisecond tick (a 250 µs window waited 1-2 ms).
 async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU64>, batches: Arc<AtomicU64>) {
-    // The writer's own connection, held from one batch to the next (see [`run_batch`]).
-    let mut held: Option<PoolConnection<Postgres>> = None;
+    // The writer's own connection, held from one batch to the next (see [`run_batch`]), with when it was
+    // acquired and last used.
+    let mut held: Option<(PoolConnection<Postgres>, Instant, Instant)> = None;
     while let Some(first) = rx.recv().await {
         batches.fetch_add(1, Ordering::SeqCst);
         let window = window_us.load(Ordering::Relaxed);
@@ -163,10 +172,17 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU
         }
         let size = batch.len();
         metrics::histogram!(crate::metrics::WRITER_BATCH).record(size as f64);
-        let conn = match held.take() {
-            Some(conn) => conn,
+        let now = Instant::now();
+        // A connection idle for a while may have been dropped by the server or the network meanwhile
+        // (a restart, an idle timeout): it goes back to the pool, which checks it, and a checked one is
+        // taken. Under load batches follow each other and the connection is kept, up to an age.
+        let held_one = held.take().filter(|(_, acquired, used)| {
+            now.duration_since(*used) < HELD_IDLE && now.duration_since(*acquired) < HELD_MAX_AGE
+        });
+        let (conn, acquired) = match held_one {
+            Some((conn, acquired, _)) => (conn, acquired),
             None => match pool.acquire().await {
-                Ok(conn) => conn,
+                Ok(conn) => (conn, Instant::now()),
                 Err(e) => {
                     tracing::error!(error = %e, size, "no PostgreSQL connection for a group commit; its writes failed with unavailable");
                     let text = e.to_string();
@@ -178,7 +194,7 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU
             },
         };
         match tokio::spawn(run_batch(conn, batch)).await {
-            Ok(conn) => held = conn,
+            Ok(conn) => held = conn.map(|conn| (conn, acquired, Instant::now())),
             Err(e) => {
                 tracing::error!(error = %e, size, "chat writer batch panicked; its writes failed with unavailable");
             }
@@ -199,11 +215,13 @@ async fn precise_sleep(duration: std::time::Duration) {
 /// it may be broken.
 ///
 /// The writer holds one connection of the pool from one batch to the next instead of acquiring one per
-/// batch: an acquire costs a task hand-off and a round trip (sqlx checks the connection with a ping
-/// before handing it out), and in the three-node benchmark the writer's batch took ~1.07 ms against
-/// 0.3-0.4 ms of statement. A connection that failed other than with the database's own error (the
-/// socket broke: PostgreSQL restarted, or the network) is closed, and the next batch acquires a checked
-/// one: the batch that met the broken connection fails with `unavailable`, as it did before.
+/// batch: an acquire and a release cost a task hand-off and two round trips (sqlx checks a connection
+/// with a ping before handing it out and when it comes back), and in the three-node benchmark the
+/// writer's batch took ~1.07 ms against 0.3-0.4 ms of statement. The connection is kept while batches
+/// follow each other ([`HELD_IDLE`]) and up to an age ([`HELD_MAX_AGE`]); after a pause the next batch
+/// takes a checked one, so a connection dropped while the writer was idle costs no write. A connection
+/// that breaks under a batch ([`breaks_connection`]) is closed: that batch fails with `unavailable` (its
+/// outcome is unknown), and the next one acquires a checked connection.
 async fn run_batch(mut conn: PoolConnection<Postgres>, batch: Vec<Job>) -> Option<PoolConnection<Postgres>> {
     let mut healthy = true;
     match apply_batch(&mut conn, &batch).await {
@@ -218,12 +236,17 @@ async fn run_batch(mut conn: PoolConnection<Postgres>, batch: Vec<Job>) -> Optio
             tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying its writes one by one");
             for job in batch {
                 let result = if healthy {
-                    apply_batch(&mut conn, std::slice::from_ref(&job)).await
+                    apply_batch(&mut conn, std::slice::from_ref(&job)).await.map_err(|e| {
+                        if breaks_connection(&e) {
+                            healthy = false;
+                            tracing::error!(error = %e, "the connection broke while retrying a group commit's writes one by one");
+                        }
+                        StoreError::from(e)
+                    })
                 } else {
-                    Err(sqlx::Error::PoolClosed)
+                    Err(StoreError::Unavailable("the connection to PostgreSQL broke while retrying the batch".into()))
                 };
-                healthy &= !matches!(&result, Err(e) if breaks_connection(e));
-                let _ = job.reply.send(result.map(|mut r| r.remove(0)).map_err(StoreError::from));
+                let _ = job.reply.send(result.map(|mut r| r.remove(0)));
             }
         }
         // A lone op's own error; or the batch may not have reached the server, or its outcome is unknown
@@ -232,7 +255,7 @@ async fn run_batch(mut conn: PoolConnection<Postgres>, batch: Vec<Job>) -> Optio
             let size = batch.len();
             let lone = matches!(e, sqlx::Error::Database(_));
             healthy = !breaks_connection(&e);
-            if !lone {
+            if !healthy {
                 tracing::error!(error = %e, size, "group commit failed; its writes failed with unavailable");
             }
             let text = e.to_string();
@@ -252,13 +275,16 @@ async fn run_batch(mut conn: PoolConnection<Postgres>, batch: Vec<Job>) -> Optio
 }
 
 /// Whether `e` leaves the connection unusable or in doubt: anything but the database's own error, and
-/// of those the connection exceptions (class 08) and operator intervention (57: a shutdown, a terminated
-/// backend).
+/// of those a FATAL or PANIC one (the session ends: a shutdown, a terminated backend, an idle timeout),
+/// a connection exception (class 08), or a transaction left aborted (25P02). A cancelled statement
+/// (57014, a statement timeout) leaves the session as it was.
 fn breaks_connection(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")),
-        _ => true,
-    }
+    use sqlx::postgres::{PgDatabaseError, PgSeverity};
+    let Some(db) = e.as_database_error() else { return true };
+    let fatal = db
+        .try_downcast_ref::<PgDatabaseError>()
+        .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic));
+    fatal || db.code().is_some_and(|c| c.starts_with("08") || c == "25P02")
 }
 
 /// A copy of `error` (same kind, same text) for the other writes of a failed batch.
