@@ -397,3 +397,28 @@ async fn a_server_starts_and_serves_while_a_key_rotation_holds_the_tables_its_wa
     drop(c);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_connection_terminated_while_the_writer_was_idle_costs_no_write() {
+    // PostgreSQL ends the server's sessions (a restart, an idle timeout, an operator) while no write is
+    // in flight. The writer gives its connection back after a pause (5 s) and takes a checked one, so
+    // the next write after the pause is confirmed at the first try.
+    let Some(schema) = PgSchema::create().await else { return };
+    let app = format!("idle-{}", schema.name);
+    let url = format!("{}&application_name={app}", schema.url);
+    let mut server = TestServer::start_with(|config| config.database_url = Some(url)).await;
+    let mut c = new_user(&server, "dora", "laptop").await;
+    set_title(&mut c, "c1", "before").await;
+    let mut admin = schema.connect().await;
+    let terminated: Vec<bool> =
+        sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&app)
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+    assert!(terminated.len() >= 2 && terminated.iter().all(|t| *t), "{terminated:?}");
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    assert_eq!(set_title(&mut c, "c1", "after").await.versions.title_v, 2);
+    drop(c);
+    server.stop().await;
+}
