@@ -331,11 +331,7 @@ async fn the_warm_up_runs_every_kind_of_write_and_stores_nothing() {
         ("chat_tombstones", "owner"),
         ("messages", "message_id"),
     ] {
-        let n: i64 = sqlx::query(&format!("SELECT count(*) FROM {table} WHERE {column} LIKE 'chatsync warm-up%'"))
-            .fetch_one(&mut conn)
-            .await
-            .unwrap()
-            .get(0);
+        let n = rows_containing(&mut conn, table, column, false, "chatsync warm-up").await;
         assert_eq!(n, 0, "nothing of the warm-up in {table}");
     }
     let after = sync_all(&mut c).await;

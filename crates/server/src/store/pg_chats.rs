@@ -500,31 +500,30 @@ pub async fn warm_up(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *conn).await?;
     let id = format!("{WARM_UP_ID} {pid}");
     let key = WrappedKey { wrapped: vec![0; 40], kek_id: "warm-up".into() };
-    let (owner, chat_id) = (id.clone(), id.clone());
     let create = Target::Create { key: key.clone(), max_chats: 1 };
-    let message = |sender: &str| WriteOp::Message {
-        owner: owner.clone(),
-        chat_id: chat_id.clone(),
+    let message = || WriteOp::Message {
+        owner: id.clone(),
+        chat_id: id.clone(),
         message_id: id.clone(),
         content: vec![0; 16],
         client_timestamp: None,
-        sender: sender.into(),
+        sender: super::chats::USER_SENDER.into(),
         created_at: 1,
         now: 1,
         target: Target::Existing,
         event: None,
     };
     let draft = |target: Target, if_version_at_most: Option<i64>| WriteOp::Draft {
-        owner: owner.clone(),
-        chat_id: chat_id.clone(),
+        owner: id.clone(),
+        chat_id: id.clone(),
         draft: Some(vec![0; 16]),
         target,
         if_version_at_most,
         now: 1,
     };
     let delete_draft = || WriteOp::DeleteDraft {
-        owner: owner.clone(),
-        chat_id: chat_id.clone(),
+        owner: id.clone(),
+        chat_id: id.clone(),
         target: Target::Existing,
         if_version_at_most: None,
     };
@@ -534,8 +533,8 @@ pub async fn warm_up(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         (draft(Target::Existing, Some(0)), "conflict"),
         (
             WriteOp::Title {
-                owner: owner.clone(),
-                chat_id: chat_id.clone(),
+                owner: id.clone(),
+                chat_id: id.clone(),
                 title: vec![0; 16],
                 target: Target::Existing,
                 if_version_at_most: None,
@@ -543,15 +542,15 @@ pub async fn warm_up(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
             },
             "applied",
         ),
-        (message("user"), "message"),
-        (message("user"), "duplicate"),
-        (WriteOp::MarkRead { owner: owner.clone(), chat_id: chat_id.clone(), seq: 1 }, "applied"),
-        (WriteOp::MarkRead { owner: owner.clone(), chat_id: chat_id.clone(), seq: 1 }, "unchanged"),
+        (message(), "message"),
+        (message(), "duplicate"),
+        (WriteOp::MarkRead { owner: id.clone(), chat_id: id.clone(), seq: 1 }, "applied"),
+        (WriteOp::MarkRead { owner: id.clone(), chat_id: id.clone(), seq: 1 }, "unchanged"),
         (delete_draft(), "applied"),
         (delete_draft(), "no_draft"),
-        (WriteOp::DeleteChat { owner: owner.clone(), chat_id: chat_id.clone(), now: 1, event: None }, "deleted"),
+        (WriteOp::DeleteChat { owner: id.clone(), chat_id: id.clone(), now: 1, event: None }, "deleted"),
         (draft(create, None), "not_found"),
-        (WriteOp::UserKey { user_id: owner.clone(), candidate: key.clone() }, "user_key"),
+        (WriteOp::UserKey { user_id: id.clone(), candidate: key.clone() }, "user_key"),
     ];
     for _ in 0..WARM_UP_ROUNDS {
         let mut tx = conn.begin().await?;
