@@ -61,7 +61,22 @@ impl Drop for PgSchema {
             rt.block_on(async move {
                 use sqlx::Connection as _;
                 let mut conn = sqlx::PgConnection::connect(&url).await?;
-                sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).execute(&mut conn).await?;
+                sqlx::query("SET lock_timeout = '10s'").execute(&mut conn).await?;
+                let drop_schema = format!("DROP SCHEMA IF EXISTS {name} CASCADE");
+                if sqlx::query(&drop_schema).execute(&mut conn).await.is_err() {
+                    // A server the test left running (its runtime no longer polled after a panic) may
+                    // hold locks on the schema's tables in the middle of a transaction: end its
+                    // sessions, then drop.
+                    sqlx::query(
+                        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+                         JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()",
+                    )
+                    .bind(&name)
+                    .execute(&mut conn)
+                    .await?;
+                    sqlx::query(&drop_schema).execute(&mut conn).await?;
+                }
                 conn.close().await
             })
         })
