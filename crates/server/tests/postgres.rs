@@ -436,8 +436,8 @@ async fn bounded<T>(
     if let Ok(done) = tokio::time::timeout(std::time::Duration::from_secs(60), step).await {
         return done;
     }
-    let sessions: Vec<(i32, Option<String>, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT pid, application_name, state, wait_event_type || ':' || wait_event, left(query, 120) \
+    let sessions: Vec<String> = sqlx::query_scalar(
+        "SELECT concat_ws(' | ', pid, application_name, state, wait_event_type || ':' || wait_event, left(query, 120)) \
          FROM pg_stat_activity WHERE application_name = $1 OR wait_event_type = 'Lock'",
     )
     .bind(app)
