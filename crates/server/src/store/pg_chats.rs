@@ -33,6 +33,7 @@ use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, Wra
 use super::pg::PgStore;
 use super::StoreError;
 use async_trait::async_trait;
+use futures_util::FutureExt as _;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
 use sqlx::Row;
@@ -143,7 +144,7 @@ impl Writer {
 }
 
 /// One writer's group-commit loop: collects what is queued (up to [`MAX_BATCH`]) and applies it in one
-/// transaction. Each batch runs in its own task: if it panics, its writes fail (their reply senders are
+/// transaction. A batch that panics is caught: its writes fail (their reply senders are
 /// dropped) and the loop goes on.
 ///
 /// The commit window: when the writer takes a write with none queued behind it (it was idle, or this one
@@ -193,10 +194,12 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU
                 }
             },
         };
-        match tokio::spawn(run_batch(conn, batch)).await {
+        // Run in the writer's own task (a spawned task would cost a hand-off and a wake-up per batch);
+        // a panic is caught here and fails only this batch.
+        match std::panic::AssertUnwindSafe(run_batch(conn, batch)).catch_unwind().await {
             Ok(conn) => held = conn.map(|conn| (conn, acquired, Instant::now())),
-            Err(e) => {
-                tracing::error!(error = %e, size, "chat writer batch panicked; its writes failed with unavailable");
+            Err(_) => {
+                tracing::error!(size, "chat writer batch panicked; its writes failed with unavailable");
             }
         }
     }
