@@ -403,6 +403,20 @@ async fn a_connection_terminated_while_the_writer_was_idle_costs_no_write() {
     // PostgreSQL ends the server's sessions (a restart, an idle timeout, an operator) while no write is
     // in flight. The writer gives its connection back after a pause (5 s) and takes a checked one, so
     // the next write after the pause is confirmed at the first try.
+    terminated_sessions_cost_no_write(std::time::Duration::from_secs(6)).await;
+}
+
+#[tokio::test]
+async fn a_connection_terminated_under_the_writer_between_two_batches_costs_no_write() {
+    // The same, with the next write at once: the writer still holds its connection, and its batch gets
+    // the session's FATAL error before any result, so the batch never ran; it is run again on a checked
+    // connection.
+    terminated_sessions_cost_no_write(std::time::Duration::ZERO).await;
+}
+
+/// Terminates every PostgreSQL session of a server while it is idle (and waits until they are gone),
+/// waits `pause`, then writes: the write is confirmed at the first try.
+async fn terminated_sessions_cost_no_write(pause: std::time::Duration) {
     let Some(schema) = PgSchema::create().await else { return };
     let app = format!("idle-{}", schema.name);
     let url = format!("{}&application_name={app}", schema.url);
@@ -411,14 +425,30 @@ async fn a_connection_terminated_while_the_writer_was_idle_costs_no_write() {
         bounded(&mut admin, &app, "start", TestServer::start_with(|config| config.database_url = Some(url))).await;
     let mut c = bounded(&mut admin, &app, "new user", new_user(&server, "dora", "laptop")).await;
     bounded(&mut admin, &app, "first write", set_title(&mut c, "c1", "before")).await;
-    let terminated: Vec<bool> =
-        sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
-            .bind(&app)
-            .fetch_all(&mut admin)
-            .await
-            .unwrap();
-    assert!(terminated.len() >= 2 && terminated.iter().all(|t| *t), "{terminated:?}");
-    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+        .bind(&app)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+    assert!(pids.len() >= 2, "{pids:?}");
+    for pid in &pids {
+        sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&mut admin).await.unwrap();
+    }
+    let gone = async {
+        loop {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                .bind(&pids)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), gone).await.expect("the sessions end");
+    tokio::time::sleep(pause).await;
     let after = bounded(&mut admin, &app, "write after the pause", set_title(&mut c, "c1", "after")).await;
     assert_eq!(after.versions.title_v, 2);
     drop(c);

@@ -33,7 +33,7 @@ use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, Wra
 use super::pg::PgStore;
 use super::StoreError;
 use async_trait::async_trait;
-use futures_util::FutureExt as _;
+use futures_util::{FutureExt as _, TryStreamExt as _};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
 use sqlx::Row;
@@ -196,7 +196,7 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU
         };
         // Run in the writer's own task (a spawned task would cost a hand-off and a wake-up per batch);
         // a panic is caught here and fails only this batch.
-        match std::panic::AssertUnwindSafe(run_batch(conn, batch)).catch_unwind().await {
+        match std::panic::AssertUnwindSafe(run_batch(&pool, conn, batch)).catch_unwind().await {
             Ok(conn) => held = conn.map(|conn| (conn, acquired, Instant::now())),
             Err(_) => {
                 tracing::error!(size, "chat writer batch panicked; its writes failed with unavailable");
@@ -225,9 +225,34 @@ async fn precise_sleep(duration: std::time::Duration) {
 /// takes a checked one, so a connection dropped while the writer was idle costs no write. A connection
 /// that breaks under a batch ([`breaks_connection`]) is closed: that batch fails with `unavailable` (its
 /// outcome is unknown), and the next one acquires a checked connection.
-async fn run_batch(mut conn: PoolConnection<Postgres>, batch: Vec<Job>) -> Option<PoolConnection<Postgres>> {
+async fn run_batch(
+    pool: &PgPool,
+    mut conn: PoolConnection<Postgres>,
+    batch: Vec<Job>,
+) -> Option<PoolConnection<Postgres>> {
     let mut healthy = true;
-    match apply_batch(&mut conn, &batch).await {
+    let mut results_seen = false;
+    let mut outcome = apply_batch(&mut conn, &batch, &mut results_seen).await;
+    if matches!(&outcome, Err(e) if !results_seen && session_ended(e)) {
+        // The session had ended before the batch ran (PostgreSQL restarted, or an operator or an idle
+        // timeout ended it between two batches): nothing of it was applied, so it runs again, once, on a
+        // checked connection.
+        let Err(e) = &outcome else { unreachable!() };
+        tracing::warn!(error = %e, "the writer's PostgreSQL session had ended; its batch runs on another connection");
+        conn.close_on_drop();
+        conn = match pool.acquire().await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                let text = e.to_string();
+                for job in batch {
+                    let _ = job.reply.send(Err(StoreError::Unavailable(text.clone())));
+                }
+                return None;
+            }
+        };
+        outcome = apply_batch(&mut conn, &batch, &mut results_seen).await;
+    }
+    match outcome {
         Ok(results) => {
             for (job, result) in batch.into_iter().zip(results) {
                 let _ = job.reply.send(Ok(result));
@@ -239,7 +264,7 @@ async fn run_batch(mut conn: PoolConnection<Postgres>, batch: Vec<Job>) -> Optio
             tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying its writes one by one");
             for job in batch {
                 let result = if healthy {
-                    apply_batch(&mut conn, std::slice::from_ref(&job)).await.map_err(|e| {
+                    apply_batch(&mut conn, std::slice::from_ref(&job), &mut false).await.map_err(|e| {
                         if breaks_connection(&e) {
                             healthy = false;
                             tracing::error!(error = %e, "the connection broke while retrying a group commit's writes one by one");
@@ -288,6 +313,17 @@ fn breaks_connection(e: &sqlx::Error) -> bool {
         .try_downcast_ref::<PgDatabaseError>()
         .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic));
     fatal || db.code().is_some_and(|c| c.starts_with("08") || c == "25P02")
+}
+
+/// Whether `e` is the end of the session (a FATAL error: PostgreSQL shutting down or restarting, the
+/// backend terminated, an idle timeout). Received before any result row, it means the batch did not run
+/// to its end, and so did not commit: its rows are sent before the commit, and an error after them
+/// would follow them.
+fn session_ended(e: &sqlx::Error) -> bool {
+    use sqlx::postgres::{PgDatabaseError, PgSeverity};
+    e.as_database_error()
+        .and_then(|db| db.try_downcast_ref::<PgDatabaseError>())
+        .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic))
 }
 
 /// A copy of `error` (same kind, same text) for the other writes of a failed batch.
@@ -424,14 +460,20 @@ static BATCH_WITH_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new
 });
 
 /// Applies `batch` in one statement (its own transaction: one round trip, one commit).
-async fn apply_batch(conn: &mut PgConnection, batch: &[Job]) -> Result<Vec<WriteResult>, sqlx::Error> {
-    apply_ops(conn, batch.iter().map(|job| &job.op)).await
+async fn apply_batch(
+    conn: &mut PgConnection,
+    batch: &[Job],
+    results_seen: &mut bool,
+) -> Result<Vec<WriteResult>, sqlx::Error> {
+    apply_ops(conn, batch.iter().map(|job| &job.op), results_seen).await
 }
 
-/// Applies `ops` in one statement on `executor`.
+/// Applies `ops` in one statement on `executor`. `results_seen` tells, when it fails, whether any
+/// result row had arrived before the error.
 async fn apply_ops<'a, 'c>(
     executor: impl sqlx::PgExecutor<'c>,
     ops: impl Iterator<Item = &'a WriteOp>,
+    results_seen: &mut bool,
 ) -> Result<Vec<WriteResult>, sqlx::Error> {
     let mut args = BatchArgs::default();
     for op in ops {
@@ -462,7 +504,18 @@ async fn apply_ops<'a, 'c>(
             .bind(&args.event_bodies)
             .bind(&args.event_times);
     }
-    let rows = query.fetch_all(executor).await?;
+    let mut rows = Vec::with_capacity(count);
+    let mut stream = query.fetch(executor);
+    loop {
+        match stream.try_next().await {
+            Ok(Some(row)) => rows.push(row),
+            Ok(None) => break,
+            Err(e) => {
+                *results_seen = !rows.is_empty();
+                return Err(e);
+            }
+        }
+    }
     if rows.len() != count {
         return Err(sqlx::Error::Protocol(format!("{} results for {count} writes", rows.len())));
     }
@@ -567,7 +620,7 @@ pub async fn warm_up(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
             .bind(&id)
             .execute(&mut *tx)
             .await?;
-        let results = apply_ops(&mut *tx, ops.iter().map(|(op, _)| op)).await?;
+        let results = apply_ops(&mut *tx, ops.iter().map(|(op, _)| op), &mut false).await?;
         tx.rollback().await?;
         let outcomes: Vec<&str> = results.iter().map(outcome_name).collect();
         let expected: Vec<&str> = ops.iter().map(|(_, outcome)| *outcome).collect();
