@@ -41,6 +41,8 @@ pub const STORE_SECONDS: &str = "chatsync_store_seconds";
 pub const CACHE_LOOKUPS: &str = "chatsync_cache_lookups_total";
 /// Group-commit batch sizes.
 pub const WRITER_BATCH: &str = "chatsync_writer_batch_size";
+/// PostgreSQL group-commit batches run again because their session had ended before they ran.
+pub const WRITER_RERUNS: &str = "chatsync_writer_reruns_total";
 
 /// Webhook delivery attempts, by outcome.
 pub const WEBHOOK_DELIVERIES: &str = "chatsync_webhook_deliveries_total";
@@ -118,6 +120,10 @@ fn describe() {
     describe_histogram!(STORE_SECONDS, Unit::Seconds, "Store call latency, by operation.");
     describe_counter!(CACHE_LOOKUPS, "Chat-list cache lookups, by result.");
     describe_histogram!(WRITER_BATCH, "Writes per group-commit transaction.");
+    describe_counter!(
+        WRITER_RERUNS,
+        "PostgreSQL group-commit batches run again on a new connection: their session had ended before they ran."
+    );
     describe_counter!(WEBHOOK_DELIVERIES, "Webhook delivery attempts, by outcome (delivered, failed, dropped).");
     describe_gauge!(WEBHOOK_PENDING, "Webhook events in the outbox, still to deliver.");
 }

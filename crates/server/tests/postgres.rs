@@ -403,7 +403,8 @@ async fn a_connection_terminated_while_the_writer_was_idle_costs_no_write() {
     // PostgreSQL ends the server's sessions (a restart, an idle timeout, an operator) while no write is
     // in flight. The writer gives its connection back after a pause (5 s) and takes a checked one, so
     // the next write after the pause is confirmed at the first try.
-    terminated_sessions_cost_no_write(std::time::Duration::from_secs(6)).await;
+    let reruns = terminated_sessions_cost_no_write(std::time::Duration::from_secs(6)).await;
+    assert_eq!(reruns, 0, "the writer took a checked connection after the pause");
 }
 
 #[tokio::test]
@@ -411,13 +412,15 @@ async fn a_connection_terminated_under_the_writer_between_two_batches_costs_no_w
     // The same, with the next write at once: the writer still holds its connection, and its batch gets
     // the session's FATAL error before any result, so the batch never ran; it is run again on a checked
     // connection.
-    terminated_sessions_cost_no_write(std::time::Duration::ZERO).await;
+    let reruns = terminated_sessions_cost_no_write(std::time::Duration::ZERO).await;
+    assert_eq!(reruns, 1, "the batch ran again on another connection");
 }
 
 /// Terminates every PostgreSQL session of a server while it is idle (and waits until they are gone),
-/// waits `pause`, then writes: the write is confirmed at the first try.
-async fn terminated_sessions_cost_no_write(pause: std::time::Duration) {
-    let Some(schema) = PgSchema::create().await else { return };
+/// waits `pause`, then writes: the write is confirmed at the first try. Returns how many batches the
+/// writer ran again (`chatsync_writer_reruns_total`).
+async fn terminated_sessions_cost_no_write(pause: std::time::Duration) -> u64 {
+    let Some(schema) = PgSchema::create().await else { return 0 };
     let app = format!("idle-{}", schema.name);
     let url = format!("{}&application_name={app}", schema.url);
     let mut admin = schema.connect().await;
@@ -451,8 +454,14 @@ async fn terminated_sessions_cost_no_write(pause: std::time::Duration) {
     tokio::time::sleep(pause).await;
     let after = bounded(&mut admin, &app, "write after the pause", set_title(&mut c, "c1", "after")).await;
     assert_eq!(after.versions.title_v, 2);
+    let metrics = bounded(&mut admin, &app, "metrics", server.metrics()).await;
+    let reruns = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("chatsync_writer_reruns_total "))
+        .map_or(0, |value| value.trim().parse().unwrap());
     drop(c);
-    server.stop().await;
+    bounded(&mut admin, &app, "stop", server.stop()).await;
+    reruns
 }
 
 /// Awaits `step` for at most 60 s (a liveness bound, not a timing check); past it, prints the server's

@@ -25,7 +25,8 @@
 //! hit, a bug) is rolled back whole and retried op by op, each in its own statement, so one bad op fails
 //! alone. A batch whose outcome is unknown or whose connection broke (an I/O error, a FATAL error, a
 //! connection exception) fails whole with [`StoreError::Unavailable`] and is not retried, and its
-//! connection is closed. A panic while handling a batch fails that batch's writes with `Unavailable` and
+//! connection is closed; except a batch that PostgreSQL answered with nothing but the end of its session
+//! ([`session_ended_before`]): it did not run, and runs again, once, on another connection. A panic while handling a batch fails that batch's writes with `Unavailable` and
 //! the writer carries on; the writer replaces its broken connection from the pool, which replaces its own,
 //! so [`ChatStore::failed`] never resolves and [`ChatStore::writer_faults`] is `None` for this backend.
 
@@ -196,10 +197,15 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU
         };
         // Run in the writer's own task (a spawned task would cost a hand-off and a wake-up per batch);
         // a panic is caught here and fails only this batch.
-        match std::panic::AssertUnwindSafe(run_batch(&pool, conn, batch)).catch_unwind().await {
-            Ok(conn) => held = conn.map(|conn| (conn, acquired, Instant::now())),
-            Err(_) => {
-                tracing::error!(size, "chat writer batch panicked; its writes failed with unavailable");
+        match std::panic::AssertUnwindSafe(run_batch(&pool, (conn, acquired), batch)).catch_unwind().await {
+            Ok(conn) => held = conn.map(|(conn, acquired)| (conn, acquired, Instant::now())),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(no message)");
+                tracing::error!(size, panic = what, "chat writer batch panicked; its writes failed with unavailable");
             }
         }
     }
@@ -224,33 +230,38 @@ async fn precise_sleep(duration: std::time::Duration) {
 /// follow each other ([`HELD_IDLE`]) and up to an age ([`HELD_MAX_AGE`]); after a pause the next batch
 /// takes a checked one, so a connection dropped while the writer was idle costs no write. A connection
 /// that breaks under a batch ([`breaks_connection`]) is closed: that batch fails with `unavailable` (its
-/// outcome is unknown), and the next one acquires a checked connection.
+/// outcome is unknown), and the next one acquires a checked connection; except when the session had
+/// ended before the batch ran ([`session_ended_before`]): then it runs again, once, on a checked
+/// connection (PostgreSQL restarted, or an operator or an idle timeout ended the session, between two
+/// batches).
 async fn run_batch(
     pool: &PgPool,
-    mut conn: PoolConnection<Postgres>,
+    (mut conn, mut acquired): (PoolConnection<Postgres>, Instant),
     batch: Vec<Job>,
-) -> Option<PoolConnection<Postgres>> {
+) -> Option<(PoolConnection<Postgres>, Instant)> {
     let mut healthy = true;
-    let mut results_seen = false;
-    let mut outcome = apply_batch(&mut conn, &batch, &mut results_seen).await;
-    if matches!(&outcome, Err(e) if !results_seen && session_ended(e)) {
-        // The session had ended before the batch ran (PostgreSQL restarted, or an operator or an idle
-        // timeout ended it between two batches): nothing of it was applied, so it runs again, once, on a
-        // checked connection.
-        let Err(e) = &outcome else { unreachable!() };
-        tracing::warn!(error = %e, "the writer's PostgreSQL session had ended; its batch runs on another connection");
-        conn.close_on_drop();
-        conn = match pool.acquire().await {
-            Ok(fresh) => fresh,
-            Err(e) => {
-                let text = e.to_string();
-                for job in batch {
-                    let _ = job.reply.send(Err(StoreError::Unavailable(text.clone())));
+    let mut answered = false;
+    let mut outcome = apply_batch(&mut conn, &batch, &mut answered).await;
+    if let Err(e) = &outcome {
+        if session_ended_before(e, answered) {
+            tracing::warn!(error = %e, "the writer's PostgreSQL session had ended; its batch runs on another connection");
+            metrics::counter!(crate::metrics::WRITER_RERUNS).increment(1);
+            // Its pool slot is freed before another connection is asked for.
+            conn.close_on_drop();
+            drop(conn);
+            conn = match pool.acquire().await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    let text = e.to_string();
+                    for job in batch {
+                        let _ = job.reply.send(Err(StoreError::Unavailable(text.clone())));
+                    }
+                    return None;
                 }
-                return None;
-            }
-        };
-        outcome = apply_batch(&mut conn, &batch, &mut results_seen).await;
+            };
+            acquired = Instant::now();
+            outcome = apply_batch(&mut conn, &batch, &mut answered).await;
+        }
     }
     match outcome {
         Ok(results) => {
@@ -295,7 +306,7 @@ async fn run_batch(
         }
     }
     if healthy {
-        Some(conn)
+        Some((conn, acquired))
     } else {
         conn.close_on_drop();
         None
@@ -315,15 +326,19 @@ fn breaks_connection(e: &sqlx::Error) -> bool {
     fatal || db.code().is_some_and(|c| c.starts_with("08") || c == "25P02")
 }
 
-/// Whether `e` is the end of the session (a FATAL error: PostgreSQL shutting down or restarting, the
-/// backend terminated, an idle timeout). Received before any result row, it means the batch did not run
-/// to its end, and so did not commit: its rows are sent before the commit, and an error after them
-/// would follow them.
-fn session_ended(e: &sqlx::Error) -> bool {
-    use sqlx::postgres::{PgDatabaseError, PgSeverity};
-    e.as_database_error()
-        .and_then(|db| db.try_downcast_ref::<PgDatabaseError>())
-        .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic))
+/// Whether a batch that failed with `e`, PostgreSQL having `answered` nothing of its statement before
+/// (no result row, no completion), did not run: `e` is PostgreSQL's own end of the session (57P01: a
+/// shutdown or restart, or the backend terminated; 57P02: a crash of another backend; 57P03: starting
+/// up; 57P05: an idle timeout). The statement's rows and its completion are sent before its implicit
+/// transaction commits (at the protocol's Sync), and an error after them would follow them in the
+/// stream, so such a batch did not commit. This holds for errors PostgreSQL sends; a proxy in between
+/// that made up such an error after a commit would break it (PgBouncer's own errors are other codes).
+/// An I/O error (a crash, a socket closed) may follow a commit, and is never taken for this.
+fn session_ended_before(e: &sqlx::Error, answered: bool) -> bool {
+    !answered
+        && e.as_database_error()
+            .and_then(|db| db.code())
+            .is_some_and(|code| matches!(&*code, "57P01" | "57P02" | "57P03" | "57P05"))
 }
 
 /// A copy of `error` (same kind, same text) for the other writes of a failed batch.
@@ -463,17 +478,17 @@ static BATCH_WITH_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new
 async fn apply_batch(
     conn: &mut PgConnection,
     batch: &[Job],
-    results_seen: &mut bool,
+    answered: &mut bool,
 ) -> Result<Vec<WriteResult>, sqlx::Error> {
-    apply_ops(conn, batch.iter().map(|job| &job.op), results_seen).await
+    apply_ops(conn, batch.iter().map(|job| &job.op), answered).await
 }
 
-/// Applies `ops` in one statement on `executor`. `results_seen` tells, when it fails, whether any
-/// result row had arrived before the error.
+/// Applies `ops` in one statement on `executor`. `answered` tells, when it fails, whether anything of
+/// the statement's results (a row, its completion) had arrived before the error.
 async fn apply_ops<'a, 'c>(
     executor: impl sqlx::PgExecutor<'c>,
     ops: impl Iterator<Item = &'a WriteOp>,
-    results_seen: &mut bool,
+    answered: &mut bool,
 ) -> Result<Vec<WriteResult>, sqlx::Error> {
     let mut args = BatchArgs::default();
     for op in ops {
@@ -505,15 +520,17 @@ async fn apply_ops<'a, 'c>(
             .bind(&args.event_times);
     }
     let mut rows = Vec::with_capacity(count);
-    let mut stream = query.fetch(executor);
+    let mut stream = sqlx::Executor::fetch_many(executor, query);
     loop {
         match stream.try_next().await {
-            Ok(Some(row)) => rows.push(row),
-            Ok(None) => break,
-            Err(e) => {
-                *results_seen = !rows.is_empty();
-                return Err(e);
+            Ok(Some(result)) => {
+                *answered = true;
+                if let sqlx::Either::Right(row) = result {
+                    rows.push(row);
+                }
             }
+            Ok(None) => break,
+            Err(e) => return Err(e),
         }
     }
     if rows.len() != count {

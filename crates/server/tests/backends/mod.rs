@@ -63,19 +63,26 @@ impl Drop for PgSchema {
                 let mut conn = sqlx::PgConnection::connect(&url).await?;
                 sqlx::query("SET lock_timeout = '10s'").execute(&mut conn).await?;
                 let drop_schema = format!("DROP SCHEMA IF EXISTS {name} CASCADE");
-                if sqlx::query(&drop_schema).execute(&mut conn).await.is_err() {
-                    // A server the test left running (its runtime no longer polled after a panic) may
-                    // hold locks on the schema's tables in the middle of a transaction: end its
-                    // sessions, then drop.
+                let dropped = sqlx::query(&drop_schema).execute(&mut conn).await;
+                if dropped.as_ref().err().and_then(|e| e.as_database_error()).and_then(|e| e.code()).as_deref()
+                    == Some("55P03")
+                {
+                    // A lock timeout: a server the test left running (its runtime no longer polled after
+                    // a panic) may hold locks on the schema's tables in the middle of a transaction. End
+                    // the sessions of this database that hold locks on them (waiting up to 5 s for each
+                    // to exit), then drop.
                     sqlx::query(
-                        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+                        "SELECT pg_terminate_backend(l.pid, 5000) FROM pg_locks l \
                          JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace \
-                         WHERE n.nspname = $1 AND l.pid <> pg_backend_pid()",
+                         WHERE n.nspname = $1 AND l.pid <> pg_backend_pid() \
+                         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                     )
                     .bind(&name)
                     .execute(&mut conn)
                     .await?;
                     sqlx::query(&drop_schema).execute(&mut conn).await?;
+                } else {
+                    dropped?;
                 }
                 conn.close().await
             })

@@ -69,6 +69,21 @@ impl TestServer {
         std::mem::replace(&mut self.data, tempfile::tempdir().unwrap())
     }
 
+    /// `GET /metrics` on the server's listener: the Prometheus text (the recorder is the process's, so
+    /// it counts for every server of the test).
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let addr = self.url.trim_start_matches("ws://").trim_end_matches("/v1/ws");
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+    }
+
     /// Creates a user.
     pub async fn user(&self, user_id: &str, tfa: bool) {
         self.ctx.store.create_user(user_id, tfa, chatsync::store::now_millis()).await.unwrap();
