@@ -394,10 +394,11 @@ async fn a_server_starts_and_serves_while_a_key_rotation_holds_the_tables_its_wa
     server.stop().await;
 }
 
-// It hung until nextest's 120 s limit once, in one clean-clone CI run of the whole suite (2026-11-30),
-// and has passed in every run since (alone, under CPU load, in the whole suite). Each step is bounded so
-// that a stuck step names itself and prints the sessions it may wait for; .config/nextest.toml retries
-// it, so that such a run reports it as flaky, with that output, instead of failing CI.
+// It hung until nextest's 120 s limit once, in a CI run (2026-11-30): not in the test, but in the drop
+// of its schema, which blocks the test's runtime while the server's pool, on that runtime, was warming
+// up a connection it had opened to replace the terminated ones, in a transaction holding the schema's
+// tables (seen under CPU load; `PgSchema`'s drop now ends such sessions after a 1 s lock timeout). Each
+// step is bounded all the same, so that a stuck step names itself and prints the sessions it may wait for.
 #[tokio::test]
 async fn a_connection_terminated_while_the_writer_was_idle_costs_no_write() {
     // PostgreSQL ends the server's sessions (a restart, an idle timeout, an operator) while no write is
@@ -416,10 +417,15 @@ async fn a_connection_terminated_under_the_writer_between_two_batches_costs_no_w
     assert_eq!(reruns, 1, "the batch ran again on another connection");
 }
 
+/// The tests that end a server's sessions read `chatsync_writer_reruns_total`, which is the process's:
+/// under `cargo test` (one process) they take turns.
+static RERUN_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Terminates every PostgreSQL session of a server while it is idle (and waits until they are gone),
 /// waits `pause`, then writes: the write is confirmed at the first try. Returns how many batches the
-/// writer ran again (`chatsync_writer_reruns_total`).
+/// writer ran again meanwhile (`chatsync_writer_reruns_total`).
 async fn terminated_sessions_cost_no_write(pause: std::time::Duration) -> u64 {
+    let _turn = RERUN_TESTS.lock().await;
     let Some(schema) = PgSchema::create().await else { return 0 };
     let app = format!("idle-{}", schema.name);
     let url = format!("{}&application_name={app}", schema.url);
@@ -428,6 +434,7 @@ async fn terminated_sessions_cost_no_write(pause: std::time::Duration) -> u64 {
         bounded(&mut admin, &app, "start", TestServer::start_with(|config| config.database_url = Some(url))).await;
     let mut c = bounded(&mut admin, &app, "new user", new_user(&server, "dora", "laptop")).await;
     bounded(&mut admin, &app, "first write", set_title(&mut c, "c1", "before")).await;
+    let reruns_before = reruns(&bounded(&mut admin, &app, "metrics", server.metrics()).await);
     let pids: Vec<i32> = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
         .bind(&app)
         .fetch_all(&mut admin)
@@ -454,14 +461,18 @@ async fn terminated_sessions_cost_no_write(pause: std::time::Duration) -> u64 {
     tokio::time::sleep(pause).await;
     let after = bounded(&mut admin, &app, "write after the pause", set_title(&mut c, "c1", "after")).await;
     assert_eq!(after.versions.title_v, 2);
-    let metrics = bounded(&mut admin, &app, "metrics", server.metrics()).await;
-    let reruns = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("chatsync_writer_reruns_total "))
-        .map_or(0, |value| value.trim().parse().unwrap());
+    let reruns_after = reruns(&bounded(&mut admin, &app, "metrics", server.metrics()).await);
     drop(c);
     bounded(&mut admin, &app, "stop", server.stop()).await;
-    reruns
+    reruns_after - reruns_before
+}
+
+/// `chatsync_writer_reruns_total` in a `/metrics` text (0 before the first).
+fn reruns(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("chatsync_writer_reruns_total "))
+        .map_or(0, |value| value.trim().parse().unwrap())
 }
 
 /// Awaits `step` for at most 60 s (a liveness bound, not a timing check); past it, prints the server's

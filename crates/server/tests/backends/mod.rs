@@ -61,16 +61,19 @@ impl Drop for PgSchema {
             rt.block_on(async move {
                 use sqlx::Connection as _;
                 let mut conn = sqlx::PgConnection::connect(&url).await?;
-                sqlx::query("SET lock_timeout = '10s'").execute(&mut conn).await?;
+                sqlx::query("SET lock_timeout = '1s'").execute(&mut conn).await?;
                 let drop_schema = format!("DROP SCHEMA IF EXISTS {name} CASCADE");
                 let dropped = sqlx::query(&drop_schema).execute(&mut conn).await;
                 if dropped.as_ref().err().and_then(|e| e.as_database_error()).and_then(|e| e.code()).as_deref()
                     == Some("55P03")
                 {
-                    // A lock timeout: a server the test left running (its runtime no longer polled after
-                    // a panic) may hold locks on the schema's tables in the middle of a transaction. End
-                    // the sessions of this database that hold locks on them (waiting up to 5 s for each
-                    // to exit), then drop.
+                    // A lock timeout. This drop blocks the test's runtime (the join above), and a server
+                    // of the test may still have work on that runtime in the middle of a transaction: a
+                    // pool connection opened in the background, warming up (seen holding the schema's
+                    // tables "idle in transaction" after tests that end the server's sessions), or a
+                    // server left running after a panic. Nothing will finish it, so the DROP waited
+                    // forever (a test hung in CI this way). End the sessions of this database that hold
+                    // locks on the schema's tables (waiting up to 5 s for each to exit), then drop.
                     sqlx::query(
                         "SELECT pg_terminate_backend(l.pid, 5000) FROM pg_locks l \
                          JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace \
