@@ -5,42 +5,14 @@
 mod sync_util;
 mod common;
 
-use common::TestServer;
+use common::{http_get as get, sample, TestServer};
 use serde_json::json;
 use sync_util::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A plain HTTP/1.1 GET; returns the status code and the body.
-async fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tcp.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
-}
-
-fn host(server: &TestServer) -> String {
-    server.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()
-}
-
-/// The value of the first sample line of `series` whose labels contain `labels`.
-fn sample(metrics: &str, series: &str, labels: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(series) && l.contains(labels))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 #[tokio::test]
 async fn healthz_and_readyz_answer_and_readyz_fails_when_the_store_does() {
     let server = TestServer::start().await;
-    let addr = host(&server);
+    let addr = server.host();
     assert_eq!(get(&addr, "/healthz").await, (200, "ok\n".into()));
     let (status, body) = get(&addr, "/readyz").await;
     assert_eq!(status, 200, "{body}");
@@ -64,7 +36,7 @@ async fn metrics_show_live_figures() {
     sync_all(&mut alice).await;
     alice.send_text("not json").await.unwrap();
     alice.recv().await.unwrap();
-    let (status, text) = get(&host(&server), "/metrics").await;
+    let (status, text) = get(&server.host(), "/metrics").await;
     assert_eq!(status, 200);
     assert_eq!(sample(&text, "chatsync_connections_open", ""), Some(2.0), "{text}");
     assert_eq!(sample(&text, "chatsync_connects_total", "result=\"ok\""), Some(2.0));
@@ -79,7 +51,7 @@ async fn metrics_show_live_figures() {
     // A refused connection and a close are counted too.
     assert_eq!(server.refused(&chatsync_client::ConnectOptions::new("cs_nope", "d")).await.0, 1008);
     alice.close().await.unwrap();
-    let (_, text) = get(&host(&server), "/metrics").await;
+    let (_, text) = get(&server.host(), "/metrics").await;
     assert_eq!(sample(&text, "chatsync_connects_total", "result=\"Invalid session\""), Some(1.0), "{text}");
     assert!(sample(&text, "chatsync_closes_total", "code=\"1008\"").unwrap() >= 1.0);
 }
@@ -89,8 +61,8 @@ async fn with_metrics_listen_the_endpoints_move_off_the_public_port() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let ops = format!("127.0.0.1:{port}");
     let server = TestServer::start_with(|c| c.metrics_listen = Some(ops.parse().unwrap())).await;
-    assert_eq!(get(&host(&server), "/metrics").await.0, 404);
-    assert_eq!(get(&host(&server), "/readyz").await.0, 404);
+    assert_eq!(get(&server.host(), "/metrics").await.0, 404);
+    assert_eq!(get(&server.host(), "/readyz").await.0, 404);
     // The operations listener is bound as the server starts: wait until it accepts.
     while tokio::net::TcpStream::connect(&ops).await.is_err() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

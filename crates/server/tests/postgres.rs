@@ -469,10 +469,7 @@ async fn terminated_sessions_cost_no_write(pause: std::time::Duration) -> u64 {
 
 /// `chatsync_writer_reruns_total` in a `/metrics` text (0 before the first).
 fn reruns(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("chatsync_writer_reruns_total "))
-        .map_or(0, |value| value.trim().parse().unwrap())
+    common::sample(metrics, "chatsync_writer_reruns_total", "").map_or(0, |value| value as u64)
 }
 
 /// Awaits `step` for at most 60 s (a liveness bound, not a timing check); past it, prints the server's

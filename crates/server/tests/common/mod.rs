@@ -69,19 +69,17 @@ impl TestServer {
         std::mem::replace(&mut self.data, tempfile::tempdir().unwrap())
     }
 
+    /// The server's listener address (`127.0.0.1:port`).
+    pub fn host(&self) -> String {
+        self.url.trim_start_matches("ws://").trim_end_matches("/v1/ws").to_owned()
+    }
+
     /// `GET /metrics` on the server's listener: the Prometheus text (the recorder is the process's, so
     /// it counts for every server of the test).
     pub async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let addr = self.url.trim_start_matches("ws://").trim_end_matches("/v1/ws");
-        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        tcp.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        tcp.read_to_end(&mut raw).await.unwrap();
-        let text = String::from_utf8(raw).unwrap();
-        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-        text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+        let (status, body) = http_get(&self.host(), "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body
     }
 
     /// Creates a user.
@@ -208,4 +206,28 @@ impl TestServer {
         walk(self.data.path(), &mut out);
         out
     }
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the first sample line of `series` in a `/metrics` text whose labels contain `labels`.
+pub fn sample(metrics: &str, series: &str, labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(series) && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
