@@ -99,6 +99,9 @@ async fn every_error_of_posting_a_message() {
         (json!({"content": 5}), "content"),
         (json!({"content": [1]}), "content"),
         (json!({"created_at": "yesterday"}), "created_at"),
+        (json!({"created_at": "1969-12-31T23:59:59Z"}), "created_at"),
+        // Year 9999 at an offset west of UTC is year 10000 in UTC, which the wire cannot carry.
+        (json!({"created_at": "9999-12-31T23:59:59-00:01"}), "created_at"),
         (json!({"extra": 1}), "body"),
     ];
     for (extra, field) in cases {

@@ -6,13 +6,14 @@
 //! unread, merged into the cache, and broadcast as `chat_message_added` to ALL of the user's connections
 //! on every node (nothing is broadcast for a duplicate).
 
+use super::Path;
 use super::{path_chat_id, path_user_id, valid_user_id, ApiError, ApiResult, ApiState, Body};
 use crate::handlers::common::{rfc3339, seal_content, secs, write_chat, USER_SENDER};
 use crate::handlers::Ctx;
 use crate::hub::Audience;
 use crate::store::chats::{WriteOp, WriteResult};
 use crate::store::now_millis;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
@@ -171,13 +172,20 @@ pub fn content(value: serde_json::Value) -> ApiResult<MessageContent> {
     Ok(content)
 }
 
-/// An RFC 3339 `created_at`, in milliseconds since the epoch.
+/// An RFC 3339 `created_at`, in milliseconds since the epoch, between 1970 and the end of 9999 in UTC
+/// (an offset can take a year-9999 time past it, and the wire has four-digit years).
 fn parse_time(text: &str) -> ApiResult<i64> {
-    let bad = || ApiError::invalid_payload("created_at", "created_at must be an RFC 3339 date-time.");
+    let bad = || {
+        ApiError::invalid_payload(
+            "created_at",
+            "created_at must be an RFC 3339 date-time between 1970 and 9999-12-31T23:59:59.999Z.",
+        )
+    };
     let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).map_err(|_| bad())?;
     let ms = t.unix_timestamp_nanos() / 1_000_000;
-    if ms < 0 {
+    let ms = i64::try_from(ms).map_err(|_| bad())?;
+    if !(0..=crate::store::LATEST_MILLIS).contains(&ms) {
         return Err(bad());
     }
-    i64::try_from(ms).map_err(|_| bad())
+    Ok(ms)
 }

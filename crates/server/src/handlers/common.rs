@@ -20,8 +20,7 @@ pub fn secs(ms: i64) -> i64 {
 
 /// RFC 3339 (UTC, milliseconds) of a store timestamp.
 pub fn rfc3339(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    humantime::format_rfc3339_millis(crate::store::system_time(ms)).to_string()
 }
 
 /// The wire versions of a chat record.
@@ -194,4 +193,19 @@ pub fn client_timestamp(stored: Option<&str>) -> Option<ClientTimestamp> {
 /// A chat id from the store (always valid: it was validated on the way in).
 pub fn chat_id(id: &str) -> Result<ChatId, Error> {
     ChatId::new(id).map_err(|e| Error::internal(format!("stored chat id {id:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+    use crate::store::LATEST_MILLIS;
+
+    #[test]
+    fn every_stored_time_formats_without_panicking_clamped_to_the_four_digit_years() {
+        assert_eq!(rfc3339(LATEST_MILLIS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(LATEST_MILLIS + 1), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(-1), "1970-01-01T00:00:00.000Z");
+        assert_eq!(crate::api::rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+    }
 }

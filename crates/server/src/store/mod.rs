@@ -24,6 +24,15 @@ use std::sync::Arc;
 /// Milliseconds since the Unix epoch (the store's time unit).
 pub type Millis = i64;
 
+/// The latest time the wire can carry: 9999-12-31T23:59:59.999Z (RFC 3339 has four-digit years).
+pub const LATEST_MILLIS: Millis = 253_402_300_799_999;
+
+/// A store time as a [`SystemTime`](std::time::SystemTime), clamped to 1970..=[`LATEST_MILLIS`] so that
+/// formatting it as RFC 3339 cannot fail.
+pub fn system_time(ms: Millis) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.clamp(0, LATEST_MILLIS) as u64)
+}
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
