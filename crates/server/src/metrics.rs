@@ -111,7 +111,10 @@ fn describe() {
     describe_counter!(API_REQUESTS, "Authenticated server API requests, by HTTP status.");
     describe_counter!(API_ERRORS, "Server API error responses, by code.");
     describe_counter!(CONNECTS, "Upgrades that finished authentication, by result.");
-    describe_counter!(CLOSES, "WebSocket closes, by code (peer: the client closed first).");
+    describe_counter!(
+        CLOSES,
+        "WebSocket closes, by code (peer: the client closed first; stalled: dropped without a close frame, the client had stopped reading)."
+    );
     describe_counter!(MESSAGES_IN, "Inbound protocol messages, by type.");
     describe_counter!(MESSAGES_OUT, "Outbound protocol messages (replies, broadcasts once), by type.");
     describe_histogram!(HANDLER_SECONDS, Unit::Seconds, "Handler latency, by message type.");

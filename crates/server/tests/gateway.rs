@@ -212,6 +212,46 @@ async fn a_client_that_does_not_read_is_closed_as_slow_consumer() {
     assert_eq!(client.recv_clean_close().await.unwrap(), (1013, "Slow consumer".into()));
 }
 
+/// A client whose TCP window stays shut (it reads nothing while the server has far more to send than the
+/// socket buffers hold) cannot be sent a close frame either: the connection is dropped once a send has
+/// waited `heartbeat_timeout`, and its per-user slot is free again.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_and_frees_its_slot() {
+    let server = TestServer::start_with(|c| {
+        c.ping_interval_secs = 1;
+        c.heartbeat_timeout_secs = 1;
+        c.max_connections_per_user = 1;
+        c.outbox_max_bytes = 64 << 20;
+    })
+    .await;
+    let token = server.user_token("alice").await;
+    let (stalled, _) = server.connect(&token, "d").await;
+    let pad = "x".repeat(64 << 10);
+    let frame = format!(r#"{{"type":"pong","payload":{{}},"pad":"{pad}"}}"#);
+    // 32 MiB: more than loopback's socket buffers take from a peer that reads nothing.
+    for _ in 0..512 {
+        server.ctx.hub.deliver("alice", Audience::All, frame.clone().into()).await;
+    }
+    assert_eq!(server.refused(&ConnectOptions::new(&token, "d")).await, (1013, "Too many connections".into()));
+    let dropped = async {
+        loop {
+            let mut c = Client::connect(&server.url, &ConnectOptions::new(&token, "d")).await.unwrap();
+            match c.recv().await {
+                Ok(m) if matches!(m.message, ServerMessage::Connected(_)) => break,
+                Err(chatsync_client::ClientError::Closed(Some((1013, _)))) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), dropped)
+        .await
+        .expect("the stalled connection still holds the user's only slot after 60 s");
+    assert!(server.metrics().await.contains(r#"chatsync_closes_total{code="stalled"} 1"#));
+    drop(stalled);
+}
+
 #[tokio::test]
 async fn a_silent_client_is_closed_on_heartbeat_timeout() {
     let server = TestServer::start_with(|c| {

@@ -158,6 +158,10 @@ async fn read_loop(
             _ = &mut *writer => return true,
             next = stream.next() => next,
         };
+        if conn.outbox.is_closing() {
+            // Closed meanwhile (revoked, expired, a slow consumer): nothing more is handled.
+            return false;
+        }
         let now = Instant::now();
         last_seen.store(now.duration_since(started).as_millis() as u64, Ordering::Relaxed);
         match next {
@@ -301,6 +305,9 @@ fn write_loop(
     async move {
         let period = config.ping_interval();
         let timeout = config.heartbeat_timeout().as_millis() as u64;
+        // A send that waits this long has a peer that stopped reading (its TCP window stays shut): the
+        // connection is dropped without a close frame, which could not get through either.
+        let stall = config.heartbeat_timeout();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let check = Duration::from_secs(config.session_check_interval_secs);
         // Only connections whose credential expires have a timer for it (boxed: most have none).
@@ -325,7 +332,7 @@ fn write_loop(
                         conn.outbox.close(CloseReason::HEARTBEAT);
                         continue;
                     }
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    if !send_within(&mut sink, Message::Ping(Default::default()), stall).await {
                         return;
                     }
                     continue;
@@ -333,16 +340,28 @@ fn write_loop(
             };
             match next {
                 Next::Frame(frame) => {
-                    if sink.send(Message::Text(frame)).await.is_err() {
+                    if !send_within(&mut sink, Message::Text(frame), stall).await {
                         conn.outbox.close(CloseReason::INTERNAL);
                         return;
                     }
                 }
                 Next::Close(reason) => {
-                    send_close(&mut sink, reason).await;
+                    let _ = tokio::time::timeout(stall, send_close(&mut sink, reason)).await;
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Sends one message; false if the socket failed or the peer did not take it within `stall`.
+async fn send_within(sink: &mut SplitSink<WebSocket, Message>, message: Message, stall: Duration) -> bool {
+    match tokio::time::timeout(stall, sink.send(message)).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            tracing::info!("dropping the connection: the peer stopped reading");
+            metrics::counter!(crate::metrics::CLOSES, "code" => "stalled").increment(1);
+            false
         }
     }
 }
