@@ -1,7 +1,11 @@
 //! The bounded outbound queue of one connection, drained by its writer task.
 //!
 //! Producers (the connection's own replies, broadcasts from any handler) never wait: [`Outbox::push`]
-//! either queues or, past the bound, marks the connection for closing with 1013 `Slow consumer`.
+//! either queues or, past the bound, marks the connection for closing with 1013 `Slow consumer`. The
+//! parts of the connection's own replies are the exception: [`Outbox::push_reply`] waits for room, and
+//! the parts queued do not count towards the bound a broadcast is checked against (a big initial sync
+//! read slowly is not a slow consumer of the broadcasts behind it), so the queue holds at most about
+//! twice the bound.
 //!
 //! Stream chunks (SERVER_API.md section 4, "Slow devices") are the exception: a `stream_chunk` frame never
 //! counts towards the bound, and when the connection is behind (a chunk of the same stream is still
@@ -86,9 +90,11 @@ pub enum Next {
 /// it stays far below any `max_reply_bytes` (at least 64 KiB); the next chunk starts a new one.
 const MAX_MERGED_CHUNK_BYTES: usize = 32 * 1024;
 
-/// One queued item: a frame, or a stream chunk that later chunks of its stream may merge into.
+/// One queued item: a frame, a part of the connection's own reply, or a stream chunk that later chunks of
+/// its stream may merge into.
 enum Item {
     Frame(Utf8Bytes),
+    Reply(Utf8Bytes),
     Chunk(Box<Chunk>),
 }
 
@@ -109,10 +115,15 @@ struct Chunk {
 #[derive(Default)]
 struct State {
     queue: VecDeque<Item>,
-    /// Bytes of the queued frames (chunks not included).
+    /// Bytes of the queued frames, reply parts included (chunks not included).
     bytes: usize,
-    /// Queued frames (chunks not included).
+    /// Queued frames, reply parts included (chunks not included).
     frames: usize,
+    /// Of those, the bytes of reply parts: they wait for room instead of overflowing, so a broadcast is
+    /// checked against the other frames only (a big reply taking the room is not a slow consumer).
+    reply_bytes: usize,
+    /// Of those, the reply parts.
+    reply_frames: usize,
     /// Bytes of the queued chunks (unbounded by `max_bytes`; bounded by the streams' text caps).
     chunk_bytes: usize,
     close: Option<CloseReason>,
@@ -156,12 +167,16 @@ impl Outbox {
             return false;
         }
         // A single frame larger than the byte bound (a big initial sync) is accepted when no other frame
-        // is queued: only a queue that keeps growing marks a slow consumer.
-        let over_bytes = s.frames > 0 && s.bytes + frame.len() > self.max_bytes;
-        if s.frames >= self.max_messages || over_bytes {
+        // is queued: only a queue that keeps growing marks a slow consumer. Reply parts queued (which
+        // wait for room themselves) do not count: the broadcasts have a bound of their own.
+        let (frames, bytes) = (s.frames - s.reply_frames, s.bytes - s.reply_bytes);
+        let over_bytes = frames > 0 && bytes + frame.len() > self.max_bytes;
+        if frames >= self.max_messages || over_bytes {
             s.queue = VecDeque::new();
             s.bytes = 0;
             s.frames = 0;
+            s.reply_bytes = 0;
+            s.reply_frames = 0;
             s.chunk_bytes = 0;
             s.close = Some(CloseReason::SLOW_CONSUMER);
             drop(s);
@@ -229,7 +244,9 @@ impl Outbox {
                 if fits {
                     s.bytes += frame.len();
                     s.frames += 1;
-                    s.queue.push_back(Item::Frame(frame));
+                    s.reply_bytes += frame.len();
+                    s.reply_frames += 1;
+                    s.queue.push_back(Item::Reply(frame));
                     drop(s);
                     self.notify.notify_one();
                     return true;
@@ -258,6 +275,8 @@ impl Outbox {
         s.queue = VecDeque::new();
         s.bytes = 0;
         s.frames = 0;
+        s.reply_bytes = 0;
+        s.reply_frames = 0;
         s.chunk_bytes = 0;
         if s.close.is_none() {
             s.close = Some(reason);
@@ -282,6 +301,13 @@ impl Outbox {
                         Item::Frame(frame) => {
                             s.bytes -= frame.len();
                             s.frames -= 1;
+                            Ok(frame)
+                        }
+                        Item::Reply(frame) => {
+                            s.bytes -= frame.len();
+                            s.frames -= 1;
+                            s.reply_bytes -= frame.len();
+                            s.reply_frames -= 1;
                             Ok(frame)
                         }
                         Item::Chunk(chunk) => {
@@ -380,6 +406,23 @@ mod tests {
         tokio::task::yield_now().await;
         o.close(CloseReason::SHUTDOWN);
         assert!(!waiting.await.unwrap(), "a close wakes a waiting reply");
+    }
+
+    #[tokio::test]
+    async fn reply_parts_filling_the_queue_leave_the_broadcasts_their_own_room() {
+        let o = Outbox::new(8, 3);
+        assert!(o.push_reply(frame("12345678")).await, "a reply part takes the whole byte bound");
+        assert!(o.push(frame("abcd")), "a broadcast behind it is not a slow consumer");
+        assert!(o.push(frame("efgh")));
+        assert!(!o.is_closing());
+        assert!(!o.push(frame("i")), "the broadcasts' own bound still holds");
+        assert!(o.is_closing());
+
+        let o = Outbox::new(1024, 2);
+        assert!(o.push_reply(frame("r")).await);
+        assert!(o.push(frame("a")) && o.push(frame("b")), "reply parts do not count towards the broadcasts' frames");
+        assert!(!o.push(frame("c")));
+        assert!(matches!(o.next().await, Next::Close(CloseReason::SLOW_CONSUMER)), "the overflow dropped the queue");
     }
 
     #[tokio::test]
