@@ -75,6 +75,15 @@ impl Paused {
         }
     }
 
+    /// Resolves if the held request is dropped before its release (its task was cancelled); never
+    /// while it is still held.
+    pub async fn abandoned(&mut self) {
+        match self.release.as_mut() {
+            Some(tx) => tx.closed().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Lets the held request go on.
     pub fn release(mut self) {
         if let Some(tx) = self.release.take() {

@@ -45,6 +45,12 @@ async fn requests_without_a_valid_api_key_are_unauthorized() {
     assert_eq!(raw(&server, None, "/nope").await.0, 401);
     let (status, body) = api.get("/nope").await;
     assert_eq!((status, error_code(&body)), (404, "not_found"));
+    // A known path with a method it does not have, and a path segment that is not UTF-8: the API's
+    // format too (not the framework's empty 405 or plain-text 400).
+    let (status, body) = api.call(reqwest::Method::PUT, "/users/alice", None).await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = api.get("/users/%FF").await;
+    assert_eq!((status, error_code(&body), body["error"]["field"].as_str()), (400, "invalid_payload", Some("path")));
 }
 
 #[tokio::test]

@@ -228,3 +228,35 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A backend that goes away while its message is being stored (hyper then drops the request's future)
+/// does not leave it committed but never broadcast: the request still runs to its end.
+#[tokio::test]
+async fn a_message_whose_caller_hangs_up_after_the_commit_still_reaches_every_device() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut held = server.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    let url = format!("{}/users/alice/chats/c1/messages", server.api_base());
+    let key = api.key.clone();
+    let caller = tokio::spawn(async move {
+        let body = json!({"message_id": "a1", "sender_name": "assistant", "content": "hi"});
+        reqwest::Client::new().post(url).bearer_auth(key).json(&body).send().await
+    });
+    held.reached().await;
+    caller.abort();
+    // Give hyper the time to notice the closed connection and drop the request (without the request's
+    // own task this resolves within milliseconds; with it, never).
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), held.abandoned()).await;
+    held.release();
+    let event = tokio::time::timeout(std::time::Duration::from_secs(10), phone.recv())
+        .await
+        .expect("the message was committed but never broadcast")
+        .unwrap();
+    let event = expect_msg!(event, ChatMessageAdded);
+    assert_eq!((event.chat_id.as_str(), event.message.sender_name.as_str()), ("c1", "assistant"));
+    // The backend's retry is a duplicate of the stored message.
+    let (status, reply) =
+        post(&api, "alice", "c1", json!({"message_id": "a1", "sender_name": "assistant", "content": "hi"})).await;
+    assert_eq!((status, reply["duplicate"].clone()), (200, json!(true)));
+}

@@ -325,6 +325,95 @@ async fn stream_cancel_requested_is_recorded_on_its_own_and_delivered() {
     assert_eq!(event.as_object().unwrap().len(), 6);
 }
 
+/// The outbox of a real store, whose `record_event` fails while `failing` is set (as when the store is
+/// unreachable).
+struct FlakyOutbox {
+    inner: Arc<dyn chatsync::store::events::EventStore>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl chatsync::store::events::EventStore for FlakyOutbox {
+    async fn record_event(
+        &self,
+        user_id: &str,
+        event: &chatsync::store::events::NewEvent,
+    ) -> Result<(), chatsync::store::StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(chatsync::store::StoreError::Unavailable("the test's outbox is down".into()));
+        }
+        self.inner.record_event(user_id, event).await
+    }
+    async fn claim_events(
+        &self,
+        node: &str,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<chatsync::store::events::PendingEvent>, chatsync::store::StoreError> {
+        self.inner.claim_events(node, now, lease_ms, limit).await
+    }
+    async fn event_done(&self, id: i64) -> Result<(), chatsync::store::StoreError> {
+        self.inner.event_done(id).await
+    }
+    async fn event_failed(&self, id: i64, attempts: u32, next: i64) -> Result<(), chatsync::store::StoreError> {
+        self.inner.event_failed(id, attempts, next).await
+    }
+    async fn release_leases(&self, node: &str) -> Result<(), chatsync::store::StoreError> {
+        self.inner.release_leases(node).await
+    }
+    async fn pending_events(&self) -> Result<u64, chatsync::store::StoreError> {
+        self.inner.pending_events().await
+    }
+}
+
+/// A device's cancel whose `stream.cancel_requested` cannot be recorded does not happen: the device gets
+/// `unavailable`, the stream stays open (its chunks still reach every device), and the retried cancel,
+/// once the outbox answers, ends it and reaches the backend.
+#[tokio::test]
+async fn a_cancel_whose_webhook_event_cannot_be_recorded_leaves_the_stream_open() {
+    let receiver = Receiver::start(0).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut config = chatsync::Config { data_dir: data.path().to_owned(), ..chatsync::Config::default() };
+    configure(&mut config, &receiver);
+    let mut backend = chatsync::store::open_backend(&config.store_url(), config.durability).await.unwrap();
+    let outbox = Arc::new(FlakyOutbox { inner: backend.events.clone(), failing: true.into() });
+    backend.events = outbox.clone();
+    let (master, _) = chatsync::crypto::MasterKey::load_or_create(&config.data_dir, None).unwrap();
+    let server = TestServer::serve(chatsync::assemble(config, backend, master, None).unwrap(), data).await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    let key = chatsync::streams::StreamKey {
+        user_id: "alice".into(),
+        chat_id: chatsync_protocol::ChatId::new("c1").unwrap(),
+        stream_id: chatsync_protocol::StreamId::new("s1").unwrap(),
+    };
+    let info = chatsync::streams::StreamInfo {
+        message_id: chatsync_protocol::MessageId::new("m1").unwrap(),
+        sender_name: "assistant".into(),
+        meta: Default::default(),
+    };
+    chatsync::streams::ops::start(&server.ctx, &key, &info).await.unwrap();
+    for device in [&mut phone, &mut laptop] {
+        assert_eq!(device.recv().await.unwrap().message.wire_type(), "stream_started");
+    }
+    let cancel = msg("cancel_stream", json!({"chat_id": "c1", "stream_id": "s1"}));
+    let reply = laptop.request(&cancel).await.unwrap();
+    assert_eq!(error_of(&reply).code, chatsync_protocol::ErrorCode::Unavailable, "{reply:?}");
+    // Still open: a chunk is accepted and reaches both devices, and nothing was cancelled.
+    let appended = chatsync::streams::ops::chunk(&server.ctx, &key, 1, "Hi").await.unwrap();
+    assert_eq!(appended, chatsync::streams::Appended::Accepted);
+    for device in [&mut phone, &mut laptop] {
+        assert_eq!(device.recv().await.unwrap().message.wire_type(), "stream_chunk");
+    }
+    outbox.failing.store(false, Ordering::SeqCst);
+    let reply = laptop.request(&cancel).await.unwrap();
+    assert_eq!(reply.message.wire_type(), "stream_cancelled");
+    assert_eq!(phone.recv().await.unwrap().message.wire_type(), "stream_cancelled");
+    let got = receiver.wait_until("stream.cancel_requested", |got| !got.is_empty()).await;
+    assert_eq!((got.len(), got[0].event.as_str()), (1, "stream.cancel_requested"));
+}
+
 // ---------------------------------------------------------------- give up, configuration
 
 #[tokio::test]

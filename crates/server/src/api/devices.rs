@@ -2,9 +2,10 @@
 //! sockets close as for a session revocation, see `sessions.rs`).
 
 use super::sessions::close_everywhere;
+use super::Path;
 use super::{path_user_id, rfc3339, ApiError, ApiResult, ApiState};
 use crate::store::now_millis;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};

@@ -59,10 +59,27 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .merge(streams::routes())
         .merge(messages::routes())
         .fallback(|| async { ApiError::not_found("No such endpoint.") })
+        // A known path with another method: the same 404 (SERVER_API.md's codes have no 405).
+        .method_not_allowed_fallback(|| async { ApiError::not_found("No such endpoint for this method.") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), keys::authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(to_completion))
         .with_state(state);
     Router::new().nest("/v1/api", api)
+}
+
+/// Runs every request but a `GET` in a task of its own, awaited. hyper drops a request's future when its
+/// client goes away, and a write cut there would stay half done: a message committed but never broadcast
+/// (its retry is a `duplicate`), a stream taken from the registry but neither completed nor put back. A
+/// panic in a handler becomes a 500 `internal` instead of a dropped connection.
+async fn to_completion(request: Request, next: axum::middleware::Next) -> Response {
+    if request.method() == axum::http::Method::GET {
+        return next.run(request).await;
+    }
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(e) => ApiError::internal(format!("API handler: {e}")).into_response(),
+    }
 }
 
 /// A failed API request: the status and the error body. Internal detail is logged, never sent.
@@ -222,6 +239,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     }
 }
 
+/// The path's segments (axum's `Path`), with a segment that does not decode (a `%FF`, not UTF-8) refused as
+/// 400 `invalid_payload` naming `path`, in the API's error format. The ids in it are checked by the
+/// handlers (`path_user_id`, `path_chat_id`, …), which name the segment.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> axum::extract::FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(t)| Path(t))
+            .map_err(|_| ApiError::invalid_payload("path", "A path segment is not valid percent-encoded UTF-8."))
+    }
+}
+
 /// Parses a request body (also for an empty body where every field is optional: `{}`).
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
@@ -255,6 +288,5 @@ pub fn path_chat_id(id: &str) -> ApiResult<ChatId> {
 
 /// RFC 3339 (UTC, seconds) of a store time, as the API reports times.
 pub fn rfc3339(ms: crate::store::Millis) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64))
-        .to_string()
+    humantime::format_rfc3339_seconds(crate::store::system_time(ms)).to_string()
 }

@@ -3,12 +3,13 @@
 //! node at once, on the other nodes through the bus, and (as a fallback when the bus is down) at every
 //! node's next revocation poll.
 
+use super::Path;
 use super::{path_user_id, rfc3339, ApiError, ApiResult, ApiState, Body};
 use crate::gateway::auth;
 use crate::handlers::Ctx;
 use crate::hub::CloseReason;
 use crate::store::{now_millis, StoreError};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
 use axum::{Json, Router};

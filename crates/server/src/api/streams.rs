@@ -14,10 +14,11 @@
 //! The work is in `streams::ops` (no transport); this file validates and maps outcomes to statuses.
 
 use super::messages::{self, store_message, NewMessage};
+use super::Path;
 use super::{path_chat_id, path_user_id, ApiError, ApiResult, ApiState, Body};
 use crate::streams::ops::{self, OpError};
 use crate::streams::{Appended, Opened, StreamError, StreamInfo, StreamKey};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, post};
 use axum::{Json, Router};

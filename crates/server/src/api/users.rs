@@ -1,8 +1,9 @@
 //! Users (SERVER_API.md section 2): `POST /v1/api/users`, `GET /v1/api/users/{user_id}`.
 
+use super::Path;
 use super::{path_user_id, rfc3339, valid_user_id, ApiError, ApiResult, ApiState, Body};
 use crate::store::{now_millis, StoreError};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
