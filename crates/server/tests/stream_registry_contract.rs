@@ -179,3 +179,33 @@ async fn redis_holds_no_plaintext_of_chunks_user_ids_or_metadata() {
     assert_eq!(r.take(&k).await.unwrap().unwrap().content, "CHUNK-PLAINTEXT-ONECHUNK-PLAINTEXT-TWO");
     let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
 }
+
+/// A start whose stream cannot be put in the idle index (Redis refuses the second command) is undone:
+/// the caller's error means "not open", and no stream is left that no sweep would ever time out. Redis
+/// refuses through an ACL user of the test's own that may run everything but ZADD.
+#[tokio::test]
+async fn a_start_that_cannot_be_indexed_for_the_idle_sweep_is_undone() {
+    let Some(url) = common::cluster::redis_url() else { return };
+    let prefix = common::cluster::unique_prefix();
+    let user = format!("{}nozadd", prefix.replace(':', "-"));
+    let admin = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", &user, "reset", "on", ">pw", "~*", "&*", "+@all", "-zadd"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let limited = url.replacen("redis://", &format!("redis://{user}:pw@"), 1);
+    let master = MasterKey::generate();
+    let node =
+        |url: &str| RedisStreams::new(url, &prefix, master.derive("streams"), MAX, Duration::from_secs(60)).unwrap();
+    let (refused, full) = (node(&limited), node(&url));
+    let k = key("alice", "c1", "s1");
+    let opened = refused.open(&k, &info("m1"), 1).await;
+    let _: () = redis::cmd("ACL").arg(&["DELUSER", &user]).query_async(&mut conn).await.unwrap();
+    assert!(matches!(opened, Err(StreamError::Unavailable(_))), "{opened:?}");
+    assert!(full.list("alice").await.unwrap().is_empty(), "the open was undone");
+    assert_eq!(full.open(&k, &info("m1"), 2).await, Ok(Opened::New), "the retry opens it afresh");
+    assert_eq!(full.take(&k).await.unwrap().map(|s| s.seq), Some(0));
+    let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
+}

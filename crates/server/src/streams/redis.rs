@@ -338,7 +338,15 @@ impl StreamRegistry for RedisStreams {
             Value::Nil => {
                 let mut zadd = redis::cmd("ZADD");
                 zadd.arg(self.idle_set()).arg(now_ms).arg(&n.member);
-                self.command(zadd).await?;
+                if let Err(e) = self.command(zadd).await {
+                    // Not in the idle index, it would never time out: undo the open (not announced yet),
+                    // so that the caller's 503 means "not open" and its retry opens it afresh. If the undo
+                    // fails too, the stream's keys expire after twice the idle timeout.
+                    if let Err(undo) = self.take(key).await {
+                        tracing::warn!(error = %undo, "a stream missing from the idle index could not be closed");
+                    }
+                    return Err(e);
+                }
                 self.refresh_idle_set().await;
                 Ok(Opened::New)
             }
