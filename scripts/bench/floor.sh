@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# floor.sh: run `chatsync-bench fanout` or `stream` against the floor server
+# (crates/bench/examples/floor.rs): the least a server can do for that exchange on chatsync's own stack
+# (axum, hyper, tungstenite, tokio): the greeting, then a reply to the sender and a copy to each other
+# device (fanout), or a 202 and a copy to each device (stream); nothing stored, encrypted or checked. Its
+# CPU per write or per delivery is what the exchange costs this machine before any server work: the bar
+# against which chatsync's and the peers' figures can be read.
+#
+# Usage: scripts/bench/floor.sh [fanout|stream] [chatsync-bench scenario options...]
+#   USERS=N DEVICES=D   sessions (default 2000 x 3 for fanout; for stream, --streams users x 3)
+#   FLOOR_ARGS="..."    floor options: --threads N (default 1: one thread), --direct (frames written by
+#                       the producing task instead of a writer task per connection)
+#   OUT_DIR=dir         where <scenario>-floor.json goes (default target/bench)
+# Examples:
+#   scripts/bench/floor.sh fanout --duration 30
+#   FLOOR_ARGS="--threads 2" scripts/bench/floor.sh stream --streams 1000 --chunks-per-sec 20 --duration 10
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/bench/lib.sh
+
+SCENARIO=${1:-fanout}
+if [ $# -gt 0 ]; then shift; fi
+case "$SCENARIO" in
+    fanout) DEF_USERS=2000 ;;
+    stream) DEF_USERS=1000 ;;
+    *) echo "unknown scenario $SCENARIO (fanout, stream)" >&2; exit 2 ;;
+esac
+USERS=${USERS:-$DEF_USERS}
+DEVICES=${DEVICES:-3}
+OUT_DIR=${OUT_DIR:-target/bench}
+mkdir -p "$OUT_DIR"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+timeout 900 cargo build --release -q -p chatsync-bench --bins --example floor
+
+DATA=$(mktemp -d /tmp/chatsync-floor.XXXXXX)
+SERVER_PID=
+cleanup() {
+    stop_pid "$SERVER_PID"
+    rm -rf "$DATA"
+}
+trap cleanup EXIT INT TERM
+
+python3 - "$USERS" "$DEVICES" > "$DATA/tokens.jsonl" <<'PY'
+import json, sys
+users, devices = int(sys.argv[1]), int(sys.argv[2])
+for u in range(users):
+    for d in range(devices):
+        print(json.dumps({"user_id": f"u{u}", "device_id": f"u{u}-d{d}", "token": f"floor-{u}-{d}"}))
+PY
+
+PORT=$(free_port)
+# shellcheck disable=SC2086
+target/release/examples/floor --tokens "$DATA/tokens.jsonl" --listen "127.0.0.1:$PORT" ${FLOOR_ARGS:-} \
+    > "$DATA/server.log" 2>&1 &
+SERVER_PID=$!
+wait_listen "$PORT" "$SERVER_PID" 30
+echo "floor listening on 127.0.0.1:$PORT (pid $SERVER_PID, ${FLOOR_ARGS:-one thread, writer tasks})"
+EXTRA=()
+[ "$SCENARIO" = stream ] && EXTRA=(--api-key floor --devices "$DEVICES")
+run_bench "$PORT" "$DATA/tokens.jsonl" "$SERVER_PID" "$OUT_DIR/$SCENARIO-floor" floor "$DATA/server.log" \
+    "$SCENARIO" "${EXTRA[@]}" "$@"
+exit "$status"
