@@ -419,7 +419,7 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Network", env = "CHATSYNC_SESSION_CHECK_INTERVAL_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_check_interval_secs: Option<u64>,
-    /// Seconds to wait for connections to drain on shutdown [default: 10].
+    /// Seconds to wait for connections to drain and API requests in flight to finish on shutdown [default: 10].
     #[arg(long, help_heading = "Network", env = "CHATSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_secs: Option<u64>,

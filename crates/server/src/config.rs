@@ -87,7 +87,7 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Seconds between checks for sessions revoked elsewhere (CLI, another node).
     pub session_check_interval_secs: u64,
-    /// Seconds to wait for connections to drain on shutdown.
+    /// Seconds to wait for connections to drain and API requests in flight to finish on shutdown.
     pub shutdown_timeout_secs: u64,
     /// WebSocket read buffer per connection, bytes.
     pub ws_read_buffer_bytes: usize,

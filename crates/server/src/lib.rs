@@ -144,7 +144,7 @@ pub async fn run(
     let metrics = crate::metrics::install();
     let dispatcher =
         ctx.webhooks.clone().map(|hooks| tokio::spawn(webhooks::dispatcher::run(ctx.clone(), hooks, token.clone())));
-    let mut app = gateway::router(gateway).merge(api::router(ctx.clone()));
+    let mut app = gateway::router(gateway).merge(api::router(ctx.clone(), tracker.clone()));
     let ops = gateway::ops::router(ctx.clone(), metrics);
     match ctx.config.metrics_listen {
         None => app = app.merge(ops),

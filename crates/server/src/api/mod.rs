@@ -39,19 +39,23 @@ pub struct ApiState {
     pub rate: Option<Arc<rate::ApiRateLimit>>,
     /// The node's cache of API keys (cluster nodes only, see [`key_cache`]).
     pub key_cache: Option<Arc<key_cache::KeyCache>>,
+    /// The server's tracker of tasks that shutdown waits for (before it closes the store): the requests
+    /// run by [`to_completion`] are among them.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 /// Result of an API handler.
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// The `/v1/api` router: every resource's routes behind the API-key check.
-pub fn router(ctx: Arc<Ctx>) -> Router {
+/// The `/v1/api` router: every resource's routes behind the API-key check. `tasks` is the server's
+/// tracker of the tasks its shutdown waits for.
+pub fn router(ctx: Arc<Ctx>, tasks: tokio_util::task::TaskTracker) -> Router {
     let rate = rate::ApiRateLimit::new(ctx.config.api_rate_per_sec, ctx.config.api_rate_burst).map(Arc::new);
     let key_cache = key_cache::KeyCache::from_config(&ctx.config).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no API key cache: every request looks its key up in the store");
         None
     });
-    let state = ApiState { ctx, rate, key_cache };
+    let state = ApiState { ctx, rate, key_cache, tasks };
     let api = Router::new()
         .merge(users::routes())
         .merge(sessions::routes())
@@ -63,20 +67,25 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::not_found("No such endpoint for this method.") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), keys::authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(to_completion))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), to_completion))
         .with_state(state);
     Router::new().nest("/v1/api", api)
 }
 
 /// Runs every request but a `GET` in a task of its own, awaited. hyper drops a request's future when its
 /// client goes away, and a write cut there would stay half done: a message committed but never broadcast
-/// (its retry is a `duplicate`), a stream taken from the registry but neither completed nor put back. A
-/// panic in a handler becomes a 500 `internal` instead of a dropped connection.
-async fn to_completion(request: Request, next: axum::middleware::Next) -> Response {
+/// (its retry is a `duplicate`), a stream taken from the registry but neither completed nor put back. The
+/// task is tracked, so a shutdown waits for it (up to `shutdown_timeout_secs`) before it closes the store.
+/// A panic in a handler becomes a 500 `internal` instead of a dropped connection.
+async fn to_completion(
+    axum::extract::State(state): axum::extract::State<ApiState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
     if request.method() == axum::http::Method::GET {
         return next.run(request).await;
     }
-    match tokio::spawn(next.run(request)).await {
+    match state.tasks.spawn(next.run(request)).await {
         Ok(response) => response,
         Err(e) => ApiError::internal(format!("API handler: {e}")).into_response(),
     }
