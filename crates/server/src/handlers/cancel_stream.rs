@@ -1,8 +1,13 @@
 //! `cancel_stream` `{"chat_id","stream_id"}`: a device stops a reply being generated (SERVER_API.md
 //! section 4). ALL `stream_cancelled` `{"chat_id","stream_id","reason":"cancelled_by_user"}`; the stream is
 //! closed, so later chunks or `complete` for it get 409 `conflict`. `not_found` when the user has no such
-//! open stream (another user's stream is indistinguishable from none); `unavailable` (the stream stays
-//! open) when the `stream.cancel_requested` webhook event cannot be recorded.
+//! open stream (another user's stream is indistinguishable from none); `unavailable` when the
+//! `stream.cancel_requested` webhook event cannot be recorded (the stream is left as it was).
+//!
+//! The event is recorded before the stream is closed (SERVER_API.md section 5: at least once): a cancel
+//! that the backend would never hear of cannot happen, and the stream stays open for the backend while
+//! the event is being recorded. A stream that ends otherwise between the two (completed, aborted) costs a
+//! spare event, which the backend ignores like any repeated one.
 
 use super::{Broadcast, Ctx, Outcome};
 use crate::error::Error;
@@ -13,18 +18,14 @@ use chatsync_protocol::{CancelStream, ServerMessage, StreamCancelReason, StreamC
 /// Handles `cancel_stream`.
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: CancelStream) -> Result<Outcome, Error> {
     let key = StreamKey { user_id: conn.user_id.clone(), chat_id: p.chat_id, stream_id: p.stream_id };
+    let open = ctx.streams.list(&key.user_id).await.map_err(|e| Error::unavailable(e.to_string()))?;
+    if !open.iter().any(|s| s.key == key) {
+        return Err(Error::stream_not_found(key.chat_id.as_str()));
+    }
+    let (user, chat, stream) = (key.user_id.as_str(), key.chat_id.as_str(), key.stream_id.as_str());
+    crate::webhooks::stream_cancel_requested(ctx, user, chat, stream).await?;
     match ctx.streams.take(&key).await {
-        Ok(Some(open)) => {
-            // Tell the backend (SERVER_API.md section 5: at least once). An event that cannot be recorded
-            // undoes the cancel: the stream is put back and the device told `unavailable`, so that the
-            // backend never keeps generating a reply the user cancelled without hearing of it.
-            let (user, chat, stream) = (key.user_id.as_str(), key.chat_id.as_str(), key.stream_id.as_str());
-            if let Err(e) = crate::webhooks::stream_cancel_requested(ctx, user, chat, stream).await {
-                if let Err(restore) = ctx.streams.restore(open, crate::store::now_millis()).await {
-                    tracing::warn!(error = %restore, "a stream whose cancel could not be recorded stays closed");
-                }
-                return Err(e);
-            }
+        Ok(Some(_)) => {
             metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "cancelled_by_user").increment(1);
             let event = StreamCancelled {
                 chat_id: key.chat_id,
