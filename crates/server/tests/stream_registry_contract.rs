@@ -180,11 +180,11 @@ async fn redis_holds_no_plaintext_of_chunks_user_ids_or_metadata() {
     let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
 }
 
-/// A start whose stream cannot be put in the idle index (Redis refuses the second command) is undone:
-/// the caller's error means "not open", and no stream is left that no sweep would ever time out. Redis
+/// A start whose stream cannot be put in the idle index (Redis refuses the command) opens nothing: the
+/// caller's error means "not open", and no stream is left that no sweep would ever time out. Redis
 /// refuses through an ACL user of the test's own that may run everything but ZADD.
 #[tokio::test]
-async fn a_start_that_cannot_be_indexed_for_the_idle_sweep_is_undone() {
+async fn a_start_that_cannot_be_indexed_for_the_idle_sweep_opens_nothing() {
     let Some(url) = common::cluster::redis_url() else { return };
     let prefix = common::cluster::unique_prefix();
     let user = format!("{}nozadd", prefix.replace(':', "-"));
@@ -204,7 +204,7 @@ async fn a_start_that_cannot_be_indexed_for_the_idle_sweep_is_undone() {
     let opened = refused.open(&k, &info("m1"), 1).await;
     let _: () = redis::cmd("ACL").arg(&["DELUSER", &user]).query_async(&mut conn).await.unwrap();
     assert!(matches!(opened, Err(StreamError::Unavailable(_))), "{opened:?}");
-    assert!(full.list("alice").await.unwrap().is_empty(), "the open was undone");
+    assert!(full.list("alice").await.unwrap().is_empty(), "nothing was opened");
     assert_eq!(full.open(&k, &info("m1"), 2).await, Ok(Opened::New), "the retry opens it afresh");
     assert_eq!(full.take(&k).await.unwrap().map(|s| s.seq), Some(0));
     let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();

@@ -331,22 +331,17 @@ fn unavailable(e: redis::RedisError) -> StreamError {
 impl StreamRegistry for RedisStreams {
     async fn open(&self, key: &StreamKey, info: &StreamInfo, now_ms: i64) -> Result<Opened, StreamError> {
         let n = self.names(key);
+        // Indexed for the idle sweep first: a stream is never open without its entry (a failure here
+        // leaves nothing open). An entry without a stream (the script below failed) is harmless: the
+        // sweep looks at the stream itself and drops the entry. NX: a retried start keeps its entry's time.
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(self.idle_set()).arg("NX").arg(now_ms).arg(&n.member);
+        self.command(zadd).await?;
         let rec = self.seal_rec(&n, key, info);
         let args = vec![rec, now_ms.to_string().into(), self.ttl_ms.to_string().into(), n.sid.clone().into()];
         let v = self.eval(0, &[&n.hash, &n.chunks, &n.user_set], args).await?;
         match v {
             Value::Nil => {
-                let mut zadd = redis::cmd("ZADD");
-                zadd.arg(self.idle_set()).arg(now_ms).arg(&n.member);
-                if let Err(e) = self.command(zadd).await {
-                    // Not in the idle index, it would never time out: undo the open (not announced yet),
-                    // so that the caller's 503 means "not open" and its retry opens it afresh. If the undo
-                    // fails too, the stream's keys expire after twice the idle timeout.
-                    if let Err(undo) = self.take(key).await {
-                        tracing::warn!(error = %undo, "a stream missing from the idle index could not be closed");
-                    }
-                    return Err(e);
-                }
                 self.refresh_idle_set().await;
                 Ok(Opened::New)
             }
