@@ -110,6 +110,9 @@ async fn rate_limited_requests_are_dropped_with_an_error_and_the_connection_surv
     for i in 0..3 {
         client.send(&ClientMessage::Ping(Empty {}), Some(&format!("p{i}"))).await.unwrap();
     }
+    // A dropped frame whose payload would not even have decoded still gets its request id back.
+    let bad = r#"{"type":"update_title","request_id":"bad-1","payload":{"chat_id":5}}"#;
+    client.send_raw(Message::text(bad)).await.unwrap();
     let mut codes = Vec::new();
     for i in 0..3 {
         let reply = client.recv_reply(&format!("p{i}")).await.unwrap();
@@ -120,6 +123,11 @@ async fn rate_limited_requests_are_dropped_with_an_error_and_the_connection_surv
         });
     }
     assert_eq!(codes, [None, None, Some(ErrorCode::RateLimited)]);
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(10), client.recv_reply("bad-1"))
+        .await
+        .expect("no reply carried the request id")
+        .unwrap();
+    assert!(matches!(reply.message, ServerMessage::Error(ref e) if e.code == ErrorCode::RateLimited), "{reply:?}");
 }
 
 #[tokio::test]
@@ -214,7 +222,8 @@ async fn a_client_that_does_not_read_is_closed_as_slow_consumer() {
 
 /// A client whose TCP window stays shut (it reads nothing while the server has far more to send than the
 /// socket buffers hold) cannot be sent a close frame either: the connection is dropped once a send has
-/// waited `heartbeat_timeout`, and its per-user slot is free again.
+/// waited `heartbeat_timeout` (plus a second per 4 KB of the frame), and its per-user slot is free again.
+/// Without that, the slot stays taken for good and the wait below runs out.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_and_frees_its_slot() {
     let server = TestServer::start_with(|c| {
@@ -222,17 +231,17 @@ async fn a_client_that_stops_reading_is_dropped_and_frees_its_slot() {
         c.heartbeat_timeout_secs = 1;
         c.max_connections_per_user = 1;
         c.outbox_max_bytes = 64 << 20;
+        c.outbox_max_messages = 100_000;
     })
     .await;
     let token = server.user_token("alice").await;
     let (stalled, _) = server.connect(&token, "d").await;
-    let pad = "x".repeat(64 << 10);
+    let pad = "x".repeat(4000);
     let frame = format!(r#"{{"type":"pong","payload":{{}},"pad":"{pad}"}}"#);
-    // 32 MiB: more than loopback's socket buffers take from a peer that reads nothing.
-    for _ in 0..512 {
+    // 32 MB: more than loopback's socket buffers take from a peer that reads nothing.
+    for _ in 0..8000 {
         server.ctx.hub.deliver("alice", Audience::All, frame.clone().into()).await;
     }
-    assert_eq!(server.refused(&ConnectOptions::new(&token, "d")).await, (1013, "Too many connections".into()));
     let dropped = async {
         loop {
             let mut c = Client::connect(&server.url, &ConnectOptions::new(&token, "d")).await.unwrap();
@@ -248,7 +257,8 @@ async fn a_client_that_stops_reading_is_dropped_and_frees_its_slot() {
     tokio::time::timeout(std::time::Duration::from_secs(60), dropped)
         .await
         .expect("the stalled connection still holds the user's only slot after 60 s");
-    assert!(server.metrics().await.contains(r#"chatsync_closes_total{code="stalled"} 1"#));
+    let stalls = common::sample(&server.metrics().await, "chatsync_closes_total", r#"code="stalled""#);
+    assert!(stalls >= Some(1.0), "{stalls:?}");
     drop(stalled);
 }
 

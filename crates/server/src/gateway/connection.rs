@@ -179,7 +179,11 @@ async fn read_loop(
             Some(Ok(Message::Text(text))) => match limiter.check(now) {
                 Verdict::Allow => Box::pin(handle_text(ctx, conn, text.as_str())).await,
                 Verdict::Drop => {
-                    let request_id = decode(text.as_str()).ok().and_then(|d| d.request_id);
+                    // The request id is echoed even when the rest of the frame would not have decoded.
+                    let request_id = match decode(text.as_str()) {
+                        Ok(d) => d.request_id,
+                        Err(e) => e.request_id,
+                    };
                     let error = ErrorPayload::new(ErrorCode::RateLimited, "Too many messages; this one was dropped.");
                     conn.outbox
                         .push(encode(&ServerMessage::Error(error), request_id.as_ref().map(RequestId::as_str)).into());
@@ -305,8 +309,9 @@ fn write_loop(
     async move {
         let period = config.ping_interval();
         let timeout = config.heartbeat_timeout().as_millis() as u64;
-        // A send that waits this long has a peer that stopped reading (its TCP window stays shut): the
-        // connection is dropped without a close frame, which could not get through either.
+        // A send that waits this long (plus a second per 4 KB of its frame, for a slow but live link)
+        // has a peer that stopped reading (its TCP window stays shut): the connection is dropped without
+        // a close frame, which could not get through either.
         let stall = config.heartbeat_timeout();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let check = Duration::from_secs(config.session_check_interval_secs);
@@ -346,7 +351,9 @@ fn write_loop(
                     }
                 }
                 Next::Close(reason) => {
-                    let _ = tokio::time::timeout(stall, send_close(&mut sink, reason)).await;
+                    if tokio::time::timeout(stall, send_close(&mut sink, reason)).await.is_err() {
+                        stalled();
+                    }
                     return;
                 }
             }
@@ -354,16 +361,27 @@ fn write_loop(
     }
 }
 
-/// Sends one message; false if the socket failed or the peer did not take it within `stall`.
+/// Sends one message; false if the socket failed or the peer did not take it within `stall` plus a
+/// second per 4 KB of the message.
 async fn send_within(sink: &mut SplitSink<WebSocket, Message>, message: Message, stall: Duration) -> bool {
-    match tokio::time::timeout(stall, sink.send(message)).await {
+    let len = match &message {
+        Message::Text(t) => t.len(),
+        _ => 0,
+    };
+    let within = stall + Duration::from_millis(len as u64 / 4);
+    match tokio::time::timeout(within, sink.send(message)).await {
         Ok(sent) => sent.is_ok(),
         Err(_) => {
-            tracing::info!("dropping the connection: the peer stopped reading");
-            metrics::counter!(crate::metrics::CLOSES, "code" => "stalled").increment(1);
+            stalled();
             false
         }
     }
+}
+
+/// Counts and logs a connection dropped because its peer stopped reading.
+fn stalled() {
+    tracing::info!("dropping the connection: the peer stopped reading");
+    metrics::counter!(crate::metrics::CLOSES, "code" => "stalled").increment(1);
 }
 
 /// Resolves when the credential's expiry timer fires; never without one.
