@@ -363,7 +363,9 @@ export declare class Emitter {
 }
 
 export declare class StreamAssembler {
+  static ENDED_KEPT: number;
   streams: Map<string, StreamState>;
+  ended: Set<string>;
   get(chatId: string, streamId: string): StreamState | undefined;
   open(chatId?: string): StreamState[];
   start(p: StreamStarted): StreamState;

@@ -161,13 +161,19 @@ export class Emitter {
  * Assembles streamed replies (SERVER_API.md §4) into text: `stream_started` opens a stream,
  * `stream_chunk`s append their `delta` in `seq` order (a repeated `seq` is ignored; a jump is a merged
  * chunk from a slow connection and is appended), `stream_completed` and `stream_cancelled` end it.
- * `active_streams` of an initial sync seeds streams that were open before this device joined.
+ * `active_streams` of an initial sync seeds streams that were open before this device joined. A chunk
+ * of a stream that has ended is ignored (one accepted just before a cancel may arrive after it).
  */
 export class StreamAssembler {
   constructor() {
     /** @type {Map<string, import('./index.js').StreamState>} */
     this.streams = new Map();
+    /** Keys of the streams that ended here, newest last (at most {@link StreamAssembler.ENDED_KEPT}). */
+    this.ended = new Set();
   }
+
+  /** How many ended streams are remembered, to ignore their late chunks. */
+  static ENDED_KEPT = 1024;
 
   /** @param {string} chatId @param {string} streamId */
   static key(chatId, streamId) {
@@ -208,7 +214,9 @@ export class StreamAssembler {
       state: /** @type {const} */ ('open'),
       complete: true,
     };
-    this.streams.set(StreamAssembler.key(p.chat_id, p.stream_id), stream);
+    const key = StreamAssembler.key(p.chat_id, p.stream_id);
+    this.ended.delete(key);
+    this.streams.set(key, stream);
     return stream;
   }
 
@@ -231,13 +239,14 @@ export class StreamAssembler {
 
   /**
    * Appends a chunk. Returns the stream, or `null` when the chunk was ignored (a repeated or older
-   * `seq`). A chunk of a stream never seen starts it with `complete: false` (its earlier text is
+   * `seq`, or a stream that ended). A chunk of a stream never seen starts it with `complete: false` (its earlier text is
    * unknown; the stored message will have all of it).
    * @param {import('./index.js').StreamChunk} p
    * @returns {import('./index.js').StreamState | null}
    */
   chunk(p) {
     let stream = this.get(p.chat_id, p.stream_id);
+    if (!stream && this.ended.has(StreamAssembler.key(p.chat_id, p.stream_id))) return null;
     if (!stream) {
       stream = this.start({ chat_id: p.chat_id, stream_id: p.stream_id, message_id: '', sender_name: '', meta: {} });
       stream.complete = p.seq === 1;
@@ -269,6 +278,8 @@ export class StreamAssembler {
       complete: false,
     };
     this.streams.delete(key);
+    this.ended.add(key);
+    if (this.ended.size > StreamAssembler.ENDED_KEPT) this.ended.delete(this.ended.values().next().value);
     stream.state = state;
     return stream;
   }
@@ -1281,8 +1292,13 @@ export class ChatSyncClient extends Emitter {
         return;
       case 'chat_read_updated': {
         const chat = this.chat(p.chat_id);
-        chat.read_seq = Math.max(chat.read_seq, p.read_seq);
-        chat.unread_count = p.unread_count;
+        // An older marker arriving late changes nothing. The count is the server's when the marker
+        // moved; a message from another sender that arrived around it may not be in it, so the messages
+        // held above the marker count as well.
+        if (p.read_seq < chat.read_seq) break;
+        chat.read_seq = p.read_seq;
+        const held = chat.messages.filter((m) => m.sender_name !== 'user' && (m.seq ?? 0) > chat.read_seq).length;
+        chat.unread_count = Math.max(p.unread_count, held);
         break;
       }
       case 'stream_started': {

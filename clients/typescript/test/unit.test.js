@@ -440,6 +440,13 @@ test('markRead sends mark_read and chat_read_updated sets the unread count', asy
   socket.push({ type: 'chat_read_updated', payload: { chat_id: 'a', read_seq: 6, unread_count: 0 } });
   await c.waitFor('chat_read_updated', (p) => p.read_seq === 6);
   assert.equal(c.chat('a').read_seq, 6);
+  // A backend message that overtook the marker's broadcast stays unread, and an older marker changes nothing.
+  socket.push({ type: 'chat_message_added', payload: { chat_id: 'a', message: { message_id: 'x7', seq: 7, sender_name: 'assistant', content: 'new', created_at: 'T', client_timestamp: null }, versions: { messages_v: 7 }, last_edited_overall_timestamp: 2 } });
+  socket.push({ type: 'chat_read_updated', payload: { chat_id: 'a', read_seq: 6, unread_count: 0 } });
+  socket.push({ type: 'chat_read_updated', payload: { chat_id: 'a', read_seq: 5, unread_count: 2 } });
+  await c.waitFor('chat_read_updated', (p) => p.read_seq === 5);
+  assert.equal(c.chat('a').unread_count, 1);
+  assert.equal(c.chat('a').read_seq, 6);
   c.close();
 });
 
@@ -499,6 +506,19 @@ test('a chunk of a stream never seen starts it, marked incomplete unless it is t
   assert.equal(a.chunk({ chat_id: 'c', stream_id: 's', seq: 4, delta: 'x' })?.complete, false);
   assert.equal(a.chunk({ chat_id: 'c', stream_id: 't', seq: 1, delta: 'y' })?.complete, true);
   assert.equal(a.finish('c', 'zz', 'cancelled').state, 'cancelled');
+});
+
+test('a chunk that arrives after its stream ended is ignored; the same id started again is a new stream', () => {
+  const a = new StreamAssembler();
+  a.start({ chat_id: 'c', stream_id: 's', message_id: 'm', sender_name: 'assistant', meta: {} });
+  a.chunk({ chat_id: 'c', stream_id: 's', seq: 1, delta: 'x' });
+  a.finish('c', 's', 'cancelled');
+  assert.equal(a.chunk({ chat_id: 'c', stream_id: 's', seq: 2, delta: 'late' }), null);
+  assert.equal(a.open().length, 0, 'no stream left showing');
+  a.start({ chat_id: 'c', stream_id: 's', message_id: 'm2', sender_name: 'assistant', meta: {} });
+  assert.equal(a.chunk({ chat_id: 'c', stream_id: 's', seq: 1, delta: 'again' })?.text, 'again');
+  for (let i = 0; i <= StreamAssembler.ENDED_KEPT; i++) a.finish('c', `t${i}`, 'completed');
+  assert.equal(a.ended.size, StreamAssembler.ENDED_KEPT, 'the memory of ended streams is bounded');
 });
 
 test('draft helpers round-trip text through a Tiptap document', () => {
