@@ -7,7 +7,8 @@
 # against which chatsync's and the peers' figures can be read.
 #
 # Usage: scripts/bench/floor.sh [fanout|stream] [chatsync-bench scenario options...]
-#   USERS=N DEVICES=D   sessions (default 2000 x 3 for fanout; for stream, --streams users x 3)
+#   USERS=N DEVICES=D   sessions (default 2000 x 3 for fanout, 1000 x 3 for stream: USERS must be at
+#                       least fanout's --users or stream's --streams)
 #   FLOOR_ARGS="..."    floor options: --threads N (default 1: one thread), --direct (frames written by
 #                       the producing task instead of a writer task per connection)
 #   OUT_DIR=dir         where <scenario>-floor.json goes (default target/bench)
@@ -58,5 +59,5 @@ echo "floor listening on 127.0.0.1:$PORT (pid $SERVER_PID, ${FLOOR_ARGS:-one thr
 EXTRA=()
 [ "$SCENARIO" = stream ] && EXTRA=(--api-key floor --devices "$DEVICES")
 run_bench "$PORT" "$DATA/tokens.jsonl" "$SERVER_PID" "$OUT_DIR/$SCENARIO-floor" floor "$DATA/server.log" \
-    "$SCENARIO" "${EXTRA[@]}" "$@"
+    "$SCENARIO" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
 exit "$status"
