@@ -11,9 +11,13 @@
 #                       least fanout's --users or stream's --streams)
 #   FLOOR_ARGS="..."    floor options: --threads N (default 1: one thread), --direct (frames written by
 #                       the producing task instead of a writer task per connection)
+#   NODES=N             run N floor nodes joined by Redis pub/sub (default 1), the bench spreading each
+#                       user's devices over them as cluster.sh does; CPU is sampled for node 1
+#   REDIS_URL=url       the Redis of a cluster (default redis://127.0.0.1:6379)
 #   OUT_DIR=dir         where <scenario>-floor.json goes (default target/bench)
 # Examples:
 #   scripts/bench/floor.sh fanout --duration 30
+#   NODES=3 scripts/bench/floor.sh fanout --duration 30
 #   FLOOR_ARGS="--threads 2" scripts/bench/floor.sh stream --streams 1000 --chunks-per-sec 20 --duration 10
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,15 +32,17 @@ case "$SCENARIO" in
 esac
 USERS=${USERS:-$DEF_USERS}
 DEVICES=${DEVICES:-3}
+NODES=${NODES:-1}
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
 OUT_DIR=${OUT_DIR:-target/bench}
 mkdir -p "$OUT_DIR"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 timeout 900 cargo build --release -q -p chatsync-bench --bins --example floor
 
 DATA=$(mktemp -d /tmp/chatsync-floor.XXXXXX)
-SERVER_PID=
+PIDS=()
 cleanup() {
-    stop_pid "$SERVER_PID"
+    for pid in ${PIDS[@]+"${PIDS[@]}"}; do stop_pid "$pid"; done
     rm -rf "$DATA"
 }
 trap cleanup EXIT INT TERM
@@ -49,15 +55,29 @@ for u in range(users):
         print(json.dumps({"user_id": f"u{u}", "device_id": f"u{u}-d{d}", "token": f"floor-{u}-{d}"}))
 PY
 
-PORT=$(free_port)
-# shellcheck disable=SC2086
-target/release/examples/floor --tokens "$DATA/tokens.jsonl" --listen "127.0.0.1:$PORT" ${FLOOR_ARGS:-} \
-    > "$DATA/server.log" 2>&1 &
-SERVER_PID=$!
-wait_listen "$PORT" "$SERVER_PID" 30
-echo "floor listening on 127.0.0.1:$PORT (pid $SERVER_PID, ${FLOOR_ARGS:-one thread, writer tasks})"
+URLS=()
+for n in $(seq 1 "$NODES"); do
+    PORT=$(free_port)
+    BUS=()
+    [ "$NODES" -gt 1 ] && BUS=(--redis-url "$REDIS_URL")
+    # shellcheck disable=SC2086
+    target/release/examples/floor --tokens "$DATA/tokens.jsonl" --listen "127.0.0.1:$PORT" ${FLOOR_ARGS:-} \
+        ${BUS[@]+"${BUS[@]}"} > "$DATA/node$n.log" 2>&1 &
+    PIDS+=($!)
+    wait_listen "$PORT" "$!" 30
+    URLS+=("ws://127.0.0.1:$PORT/v1/ws")
+    echo "floor node $n listening on 127.0.0.1:$PORT (pid $!, ${FLOOR_ARGS:-one thread, writer tasks})"
+done
+URL_LIST=$(IFS=,; echo "${URLS[*]}")
 EXTRA=()
 [ "$SCENARIO" = stream ] && EXTRA=(--api-key floor --devices "$DEVICES")
-run_bench "$PORT" "$DATA/tokens.jsonl" "$SERVER_PID" "$OUT_DIR/$SCENARIO-floor" floor "$DATA/server.log" \
-    "$SCENARIO" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
+OUT="$OUT_DIR/$SCENARIO-floor$NODES"
+status=0
+timeout 1000 target/release/chatsync-bench --url "$URL_LIST" --tokens "$DATA/tokens.jsonl" \
+    --server-pid "${PIDS[0]}" --json-out "$OUT.json" --plot "$OUT.svg" --max-runtime 900 \
+    "$SCENARIO" ${EXTRA[@]+"${EXTRA[@]}"} "$@" || status=$?
+if [ "$status" -ne 0 ]; then
+    echo "chatsync-bench exited with $status; last lines of node 1's log:" >&2
+    tail -20 "$DATA/node1.log" >&2 || true
+fi
 exit "$status"

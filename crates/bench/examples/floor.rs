@@ -13,7 +13,11 @@
 //!
 //! `--threads 1` (the default) runs one thread, as the node-ws peer does; `--direct` writes every frame
 //! from the task that produced it (each connection's sink behind a lock) instead of through a writer task
-//! per connection. `scripts/bench/floor.sh` runs it.
+//! per connection. With `--redis-url URL` it is one node of a cluster, as chatsync's nodes are: a user's
+//! other connections on this node get a copy at once, and the copy is published on the user's channel
+//! (`floor:<user>`, to which a node subscribes on the user's first connection), from which the other
+//! nodes deliver it (one RESP3 connection per node for both, a node skipping its own messages).
+//! `scripts/bench/floor.sh` runs it (`NODES=3` for a cluster).
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
@@ -28,7 +32,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
+/// This node's link to the other nodes (`--redis-url`).
+struct Bus {
+    /// Publishes and subscribes; messages arrive as RESP3 pushes.
+    conn: redis::aio::MultiplexedConnection,
+    /// Names this node in what it publishes.
+    node: String,
+}
+
 type Sink = SplitSink<WebSocket, Message>;
+/// user → its connections on this node (id, way out).
+type Connections = HashMap<Arc<str>, Vec<(u64, Out)>>;
 
 /// How a frame reaches a connection.
 #[derive(Clone)]
@@ -56,9 +70,10 @@ struct Floor {
     /// token → user.
     users: HashMap<String, Arc<str>>,
     /// user → its connections (id, way out).
-    conns: Mutex<HashMap<Arc<str>, Vec<(u64, Out)>>>,
+    conns: Mutex<Connections>,
     next: AtomicU64,
     direct: bool,
+    bus: Option<Bus>,
 }
 
 impl Floor {
@@ -76,6 +91,7 @@ fn main() -> anyhow::Result<()> {
     let mut listen = "127.0.0.1:0".to_owned();
     let mut threads = 1usize;
     let mut direct = false;
+    let mut redis_url = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -83,7 +99,8 @@ fn main() -> anyhow::Result<()> {
             "--listen" => listen = args.next().unwrap_or(listen),
             "--threads" => threads = args.next().and_then(|t| t.parse().ok()).unwrap_or(1),
             "--direct" => direct = true,
-            _ => anyhow::bail!("usage: floor --tokens FILE [--listen ADDR] [--threads N] [--direct]"),
+            "--redis-url" => redis_url = args.next(),
+            _ => anyhow::bail!("usage: floor --tokens FILE [--listen ADDR] [--threads N] [--direct] [--redis-url URL]"),
         }
     }
     let tokens = tokens.ok_or_else(|| anyhow::anyhow!("--tokens FILE is required"))?;
@@ -93,7 +110,28 @@ fn main() -> anyhow::Result<()> {
         let (Some(user), Some(token)) = (v["user_id"].as_str(), v["token"].as_str()) else { continue };
         users.insert(token.to_owned(), Arc::<str>::from(user));
     }
-    let floor = Arc::new(Floor { users, conns: Mutex::default(), next: AtomicU64::new(0), direct });
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+    };
+    let (bus, pushes) = match redis_url {
+        None => (None, None),
+        Some(url) => {
+            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())?;
+            let resp3 = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+            let client = redis::Client::open(info.set_redis_settings(resp3))?;
+            let (push_tx, push_rx) = mpsc::unbounded_channel();
+            let config = redis::AsyncConnectionConfig::new().set_push_sender(push_tx);
+            let conn = runtime.block_on(client.get_multiplexed_async_connection_with_config(&config))?;
+            let node = format!("{}-{}", std::process::id(), listen);
+            (Some(Bus { conn, node }), Some(push_rx))
+        }
+    };
+    let floor = Arc::new(Floor { users, conns: Mutex::default(), next: AtomicU64::new(0), direct, bus });
+    if let Some(pushes) = pushes {
+        runtime.spawn(deliver_from_bus(floor.clone(), pushes));
+    }
     let app = Router::new()
         .route("/v1/ws", any(upgrade))
         .route("/v1/api/users/{user}/chats/{chat}/streams", post(|| async { (StatusCode::CREATED, "{}") }))
@@ -103,11 +141,6 @@ fn main() -> anyhow::Result<()> {
         )
         .route("/v1/api/users/{user}/chats/{chat}/streams/{stream}/chunks", post(chunk))
         .with_state(floor);
-    let runtime = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
-    };
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen).await?;
         println!("floor listening on {}", listener.local_addr()?);
@@ -152,7 +185,15 @@ async fn serve(floor: Arc<Floor>, user: Arc<str>, socket: WebSocket) {
         });
         Out::Queue(tx)
     };
-    floor.conns.lock().unwrap().entry(user.clone()).or_default().push((id, out.clone()));
+    let first = {
+        let mut conns = floor.conns.lock().unwrap();
+        let list = conns.entry(user.clone()).or_default();
+        list.push((id, out.clone()));
+        list.len() == 1
+    };
+    if let (true, Some(bus)) = (first, &floor.bus) {
+        let _ = redis::cmd("SUBSCRIBE").arg(format!("floor:{user}")).exec_async(&mut bus.conn.clone()).await;
+    }
     while let Some(Ok(m)) = source.next().await {
         let Message::Text(text) = m else { continue };
         let Ok(v) = serde_json::from_str::<serde_json::Value>(text.as_str()) else { continue };
@@ -164,7 +205,15 @@ async fn serve(floor: Arc<Floor>, user: Arc<str>, socket: WebSocket) {
         };
         let reply = serde_json::json!({"type": "ok", "request_id": v["request_id"]});
         out.send(Message::text(reply.to_string())).await;
-        let copy = Message::text(serde_json::json!({"type": kind, "payload": v["payload"]}).to_string());
+        let copy = serde_json::json!({"type": kind, "payload": v["payload"]}).to_string();
+        if let Some(bus) = &floor.bus {
+            let (channel, published) = (format!("floor:{user}"), format!("{}\n{copy}", bus.node));
+            let mut conn = bus.conn.clone();
+            tokio::spawn(async move {
+                let _ = redis::cmd("PUBLISH").arg(channel).arg(published).exec_async(&mut conn).await;
+            });
+        }
+        let copy = Message::text(copy);
         for o in floor.outs(&user, Some(id)) {
             o.send(copy.clone()).await;
         }
@@ -172,6 +221,32 @@ async fn serve(floor: Arc<Floor>, user: Arc<str>, socket: WebSocket) {
     let mut conns = floor.conns.lock().unwrap();
     if let Some(list) = conns.get_mut(&user) {
         list.retain(|(c, _)| *c != id);
+    }
+}
+
+/// Delivers what other nodes published to this node's connections of the user.
+async fn deliver_from_bus(floor: Arc<Floor>, mut pushes: mpsc::UnboundedReceiver<redis::PushInfo>) {
+    let Some(bus) = &floor.bus else { return };
+    while let Some(push) = pushes.recv().await {
+        if push.kind != redis::PushKind::Message {
+            continue;
+        }
+        let (Some(redis::Value::BulkString(channel)), Some(redis::Value::BulkString(payload))) =
+            (push.data.first(), push.data.get(1))
+        else {
+            continue;
+        };
+        let (Ok(channel), Ok(payload)) = (std::str::from_utf8(channel), std::str::from_utf8(payload)) else { continue };
+        let (Some(user), Some((node, frame))) = (channel.strip_prefix("floor:"), payload.split_once('\n')) else {
+            continue;
+        };
+        if node == bus.node {
+            continue;
+        }
+        let frame = Message::text(frame.to_owned());
+        for o in floor.outs(user, None) {
+            o.send(frame.clone()).await;
+        }
     }
 }
 

@@ -185,6 +185,11 @@ async fn unread_counts_follow_other_senders_and_the_read_marker_syncs_across_dev
     let server = server.restart().await;
     let mut phone = another_device(&server, "alice", "phone2").await;
     assert_eq!(chat_state(&mut phone, "c1").await.unread_count, 0);
+
+    // Her own chat, once deleted, has no marker to move.
+    set_title(&mut phone, "gone", "x").await;
+    phone.request(&delete_chat("gone")).await.unwrap();
+    assert_not_found(&phone.request(&mark_read("gone", 1)).await.unwrap());
 }
 
 /// Reads and drops warm-up and broadcast events until a ping round trip finds nothing pending.
