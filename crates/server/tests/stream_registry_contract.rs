@@ -82,15 +82,22 @@ async fn chunks_follow_the_seq_rules_and_the_cap() {
 async fn take_closes_the_stream_once_and_restore_puts_it_back() {
     for (name, r, other_node) in registries().await {
         let k = key("alice", "c1", "s1");
+        assert!(!r.is_open(&k).await.unwrap(), "{name}: never opened");
         r.open(&k, &info("m1"), 1).await.unwrap();
         r.append(&k, 1, "partial", 2).await.unwrap();
+        assert!(other_node.is_open(&k).await.unwrap(), "{name}: open, on every node");
+        for elsewhere in [key("bob", "c1", "s1"), key("alice", "c2", "s1"), key("alice", "c1", "s2")] {
+            assert!(!r.is_open(&elsewhere).await.unwrap(), "{name}: {elsewhere:?} is another stream");
+        }
         let taken = other_node.take(&k).await.unwrap().expect("open");
         assert_eq!(taken.content, "partial", "{name}");
+        assert!(!r.is_open(&k).await.unwrap(), "{name}: taken");
         assert_eq!(r.take(&k).await.unwrap(), None, "{name}: taken once");
         assert_eq!(r.append(&k, 2, "x", 3).await, Err(StreamError::NotOpen), "{name}: closed for chunks");
         assert!(r.list("alice").await.unwrap().is_empty(), "{name}");
 
         r.restore(taken.clone(), 4).await.unwrap();
+        assert!(r.is_open(&k).await.unwrap(), "{name}: restored");
         assert_eq!(r.append(&k, 2, " more", 5).await, Ok(Appended::Accepted), "{name}: restored with its seq");
         let again = r.take(&k).await.unwrap().expect("restored");
         assert_eq!((again.seq, again.content.as_str()), (2, "partial more"), "{name}");
@@ -180,8 +187,8 @@ async fn redis_holds_no_plaintext_of_chunks_user_ids_or_metadata() {
     let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
 }
 
-/// A start whose stream cannot be put in the idle index (Redis refuses the command) opens nothing: the
-/// caller's error means "not open", and no stream is left that no sweep would ever time out. Redis
+/// A start (or a put-back) whose stream cannot be put in the idle index (Redis refuses the command) opens
+/// nothing: the caller's error means "not open", and no stream is left that no sweep would ever time out. Redis
 /// refuses through an ACL user of the test's own that may run everything but ZADD.
 #[tokio::test]
 async fn a_start_that_cannot_be_indexed_for_the_idle_sweep_opens_nothing() {
@@ -202,9 +209,15 @@ async fn a_start_that_cannot_be_indexed_for_the_idle_sweep_opens_nothing() {
     let (refused, full) = (node(&limited), node(&url));
     let k = key("alice", "c1", "s1");
     let opened = refused.open(&k, &info("m1"), 1).await;
+    // The same for putting back a stream taken for a completion that failed.
+    let k2 = key("alice", "c1", "s2");
+    full.open(&k2, &info("m2"), 1).await.unwrap();
+    let taken = full.take(&k2).await.unwrap().unwrap();
+    let restored = refused.restore(taken, 2).await;
     let _: () = redis::cmd("ACL").arg(&["DELUSER", &user]).query_async(&mut conn).await.unwrap();
     assert!(matches!(opened, Err(StreamError::Unavailable(_))), "{opened:?}");
-    assert!(full.list("alice").await.unwrap().is_empty(), "nothing was opened");
+    assert!(matches!(restored, Err(StreamError::Unavailable(_))), "{restored:?}");
+    assert!(full.list("alice").await.unwrap().is_empty(), "nothing was opened or put back");
     assert_eq!(full.open(&k, &info("m1"), 2).await, Ok(Opened::New), "the retry opens it afresh");
     assert_eq!(full.take(&k).await.unwrap().map(|s| s.seq), Some(0));
     let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();

@@ -2,7 +2,9 @@
 //! section 4). ALL `stream_cancelled` `{"chat_id","stream_id","reason":"cancelled_by_user"}`; the stream is
 //! closed, so later chunks or `complete` for it get 409 `conflict`. `not_found` when the user has no such
 //! open stream (another user's stream is indistinguishable from none); `unavailable` when the
-//! `stream.cancel_requested` webhook event cannot be recorded (the stream is left as it was).
+//! `stream.cancel_requested` webhook event cannot be recorded (the stream is left as it was), or when the
+//! registry fails after it was (the backend is told; the stream stays open until the device retries, the
+//! backend aborts it or the idle timeout ends it).
 //!
 //! The event is recorded before the stream is closed (SERVER_API.md section 5: at least once): a cancel
 //! that the backend would never hear of cannot happen, and the stream stays open for the backend while
@@ -18,8 +20,7 @@ use chatsync_protocol::{CancelStream, ServerMessage, StreamCancelReason, StreamC
 /// Handles `cancel_stream`.
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: CancelStream) -> Result<Outcome, Error> {
     let key = StreamKey { user_id: conn.user_id.clone(), chat_id: p.chat_id, stream_id: p.stream_id };
-    let open = ctx.streams.list(&key.user_id).await.map_err(|e| Error::unavailable(e.to_string()))?;
-    if !open.iter().any(|s| s.key == key) {
+    if !ctx.streams.is_open(&key).await.map_err(|e| Error::unavailable(e.to_string()))? {
         return Err(Error::stream_not_found(key.chat_id.as_str()));
     }
     let (user, chat, stream) = (key.user_id.as_str(), key.chat_id.as_str(), key.stream_id.as_str());

@@ -89,6 +89,10 @@ impl StreamRegistry for MemoryStreams {
         Ok(())
     }
 
+    async fn is_open(&self, key: &StreamKey) -> Result<bool, StreamError> {
+        Ok(self.users.lock().get(&key.user_id).is_some_and(|streams| streams.contains_key(&id(key))))
+    }
+
     async fn list(&self, user_id: &str) -> Result<Vec<OpenStream>, StreamError> {
         let users = self.users.lock();
         let Some(streams) = users.get(user_id) else { return Ok(Vec::new()) };

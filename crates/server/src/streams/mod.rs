@@ -139,6 +139,9 @@ pub trait StreamRegistry: Send + Sync + 'static {
     /// that key was opened meanwhile.
     async fn restore(&self, stream: OpenStream, now_ms: i64) -> Result<(), StreamError>;
 
+    /// Whether the stream is open (a read: another call may change it at once).
+    async fn is_open(&self, key: &StreamKey) -> Result<bool, StreamError>;
+
     /// Every open stream of `user_id` (any order).
     async fn list(&self, user_id: &str) -> Result<Vec<OpenStream>, StreamError>;
 

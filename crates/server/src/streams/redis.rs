@@ -279,6 +279,17 @@ impl RedisStreams {
         Err(StreamError::Unavailable("Redis keeps forgetting the stream scripts".into()))
     }
 
+    /// Puts a stream's entry in the idle index at `now_ms`, *before* the stream is opened or put back: a
+    /// stream is never open without its entry (a failure here leaves nothing open). An entry without a
+    /// stream (the script after it failed, or found another stream) is harmless: the sweep looks at the
+    /// stream itself and drops the entry. The time is `now_ms` even over an older entry, so that a sweep
+    /// running between this and the script cannot take the entry as idle and drop it.
+    async fn index(&self, n: &Names, now_ms: i64) -> Result<(), StreamError> {
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(self.idle_set()).arg(now_ms).arg(&n.member);
+        self.command(zadd).await.map(|_| ())
+    }
+
     /// Keeps the idle index alive while a node opens or sweeps streams (every node sweeps at least every
     /// 15 s); once no node runs, it expires with the streams it indexes.
     async fn refresh_idle_set(&self) {
@@ -331,12 +342,7 @@ fn unavailable(e: redis::RedisError) -> StreamError {
 impl StreamRegistry for RedisStreams {
     async fn open(&self, key: &StreamKey, info: &StreamInfo, now_ms: i64) -> Result<Opened, StreamError> {
         let n = self.names(key);
-        // Indexed for the idle sweep first: a stream is never open without its entry (a failure here
-        // leaves nothing open). An entry without a stream (the script below failed) is harmless: the
-        // sweep looks at the stream itself and drops the entry. NX: a retried start keeps its entry's time.
-        let mut zadd = redis::cmd("ZADD");
-        zadd.arg(self.idle_set()).arg("NX").arg(now_ms).arg(&n.member);
-        self.command(zadd).await?;
+        self.index(&n, now_ms).await?;
         let rec = self.seal_rec(&n, key, info);
         let args = vec![rec, now_ms.to_string().into(), self.ttl_ms.to_string().into(), n.sid.clone().into()];
         let v = self.eval(0, &[&n.hash, &n.chunks, &n.user_set], args).await?;
@@ -407,6 +413,7 @@ impl StreamRegistry for RedisStreams {
 
     async fn restore(&self, stream: OpenStream, now_ms: i64) -> Result<(), StreamError> {
         let n = self.names(&stream.key);
+        self.index(&n, now_ms).await?;
         let chunk = if stream.seq == 0 { Vec::new() } else { self.seal_chunk(&n, stream.seq, &stream.content) };
         let args = vec![
             self.seal_rec(&n, &stream.key, &stream.info),
@@ -418,10 +425,14 @@ impl StreamRegistry for RedisStreams {
             chunk,
         ];
         self.eval(4, &[&n.hash, &n.chunks, &n.user_set], args).await?;
-        let mut zadd = redis::cmd("ZADD");
-        zadd.arg(self.idle_set()).arg(now_ms).arg(&n.member);
-        self.command(zadd).await?;
         Ok(())
+    }
+
+    async fn is_open(&self, key: &StreamKey) -> Result<bool, StreamError> {
+        // Open exactly while its hash exists (OPEN and RESTORE create it; READ's take and SWEEP delete it).
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(&self.names(key).hash);
+        Ok(matches!(self.command(exists).await?, Value::Int(1)))
     }
 
     async fn list(&self, user_id: &str) -> Result<Vec<OpenStream>, StreamError> {
