@@ -166,12 +166,26 @@ pub async fn run(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned()).await?;
+    // The grace period counts from the shutdown signal, for the HTTP requests in flight (an API request
+    // waits for its task, which could wait on a store that hangs) and the connections alike.
+    let grace = Duration::from_secs(ctx.config.shutdown_timeout_secs);
+    let (deadline_tx, deadline_rx) = tokio::sync::oneshot::channel();
+    let overdue = async {
+        token.cancelled().await;
+        let deadline = tokio::time::Instant::now() + grace;
+        let _ = deadline_tx.send(deadline);
+        tokio::time::sleep_until(deadline).await;
+    };
+    let served = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
+    tokio::select! {
+        served = std::future::IntoFuture::into_future(served) => served?,
+        () = overdue => tracing::warn!("shutdown timeout: HTTP requests still in flight are not waited for"),
+    }
+    let deadline = deadline_rx.await.unwrap_or_else(|_| tokio::time::Instant::now() + grace);
 
     tracing::info!(connections = ctx.hub.connection_count(), "shutting down");
     tracker.close();
-    let grace = Duration::from_secs(ctx.config.shutdown_timeout_secs);
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
         tracing::warn!(left = ctx.hub.connection_count(), "shutdown timeout: closing the remaining connections");
         ctx.hub.close_all(CloseReason::SHUTDOWN);
     }

@@ -265,3 +265,24 @@ async fn a_message_whose_caller_hangs_up_after_the_commit_still_reaches_every_de
         post(&api, "alice", "c1", json!({"message_id": "a1", "sender_name": "assistant", "content": "hi"})).await;
     assert_eq!((status, reply["duplicate"].clone()), (200, json!(true)));
 }
+
+/// A shutdown does not wait past `shutdown_timeout_secs` (from the signal) for an API request in flight
+/// whose caller is still connected: here one held after its commit for good.
+#[tokio::test]
+async fn shutdown_does_not_wait_past_its_timeout_for_an_api_request_in_flight() {
+    let mut server = TestServer::start_with(|c| c.shutdown_timeout_secs = 1).await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    let mut held = server.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    let (url, key) = (format!("{}/users/alice/chats/c1/messages", server.api_base()), api.key.clone());
+    let caller = tokio::spawn(async move {
+        let body = json!({"message_id": "a1", "sender_name": "assistant", "content": "hi"});
+        reqwest::Client::new().post(url).bearer_auth(key).json(&body).send().await
+    });
+    held.reached().await;
+    tokio::time::timeout(std::time::Duration::from_secs(60), server.stop())
+        .await
+        .expect("the shutdown waited for the held request");
+    held.release();
+    caller.abort();
+}
