@@ -14,7 +14,7 @@
 #   NODES=N             run N floor nodes joined by Redis pub/sub (default 1), the bench spreading each
 #                       user's devices over them as cluster.sh does; CPU is sampled for node 1
 #   REDIS_URL=url       the Redis of a cluster (default redis://127.0.0.1:6379)
-#   OUT_DIR=dir         where <scenario>-floor.json goes (default target/bench)
+#   OUT_DIR=dir         where <scenario>-floor<NODES>.json / .svg go (default target/bench)
 # Examples:
 #   scripts/bench/floor.sh fanout --duration 30
 #   NODES=3 scripts/bench/floor.sh fanout --duration 30
@@ -30,6 +30,10 @@ case "$SCENARIO" in
     stream) DEF_USERS=1000 ;;
     *) echo "unknown scenario $SCENARIO (fanout, stream)" >&2; exit 2 ;;
 esac
+if [ "$SCENARIO" = stream ] && [ "${NODES:-1}" -gt 1 ]; then
+    echo "stream runs on one floor node (its chunks are not published to other nodes)" >&2
+    exit 2
+fi
 USERS=${USERS:-$DEF_USERS}
 DEVICES=${DEVICES:-3}
 NODES=${NODES:-1}

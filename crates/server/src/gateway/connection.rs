@@ -352,7 +352,8 @@ fn write_loop(
                 }
                 Next::Close(reason) => {
                     if tokio::time::timeout(stall, send_close(&mut sink, reason)).await.is_err() {
-                        stalled();
+                        // Counted under its close code already.
+                        tracing::info!("dropping the connection: the peer stopped reading");
                     }
                     return;
                 }
