@@ -344,6 +344,23 @@ async fn complete_stores_the_message_then_announces_it_and_closes_the_stream() {
     assert_eq!((status, body["seq"].clone()), (201, json!(3)));
     let history = all_messages(&mut laptop, "c1").await;
     assert_eq!(history.messages[2].content, MessageContent::Json(content.as_object().unwrap().clone()));
+    while laptop.buffered() > 0 {
+        laptop.recv().await.unwrap();
+    }
+
+    // A stream whose message id already names a message of the chat (the user's own "u1") can never be
+    // stored: 409, the stream ends as aborted, and the stored message stays as it was.
+    assert_eq!(api.post(STREAMS, start_body("s3", "u1")).await.0, 201);
+    expect_msg!(next_event(&mut laptop).await, StreamStarted);
+    assert_eq!(send_chunk(&api, "s3", 1, "other text").await.0, 202);
+    expect_msg!(next_event(&mut laptop).await, StreamChunk);
+    let (status, body) = api.post(&format!("{STREAMS}/s3/complete"), json!({})).await;
+    assert_eq!((status, code(&body)), (409, "conflict"), "{body}");
+    let ended = expect_msg!(next_event(&mut laptop).await, StreamCancelled);
+    assert_eq!((ended.stream_id.as_str(), ended.reason), ("s3", StreamCancelReason::Aborted));
+    assert_quiet(&mut laptop).await;
+    let history = all_messages(&mut laptop, "c1").await;
+    assert_eq!((history.messages.len(), history.messages[0].content.clone()), (3, text("question")));
 }
 
 #[tokio::test]

@@ -150,17 +150,25 @@ async fn complete(
         created_at_ms: crate::store::now_millis(),
     };
     match store_message(&s.ctx, &key.user_id, &key.chat_id, message).await {
+        Ok(stored) if stored.duplicate => {
+            // The stream's message id already names a stored message of the chat (a backend reusing ids;
+            // a retried `complete` finds the stream closed instead): the streamed text can never be
+            // stored under it, so the stream ends without a message.
+            ops::ended_without_message(&s.ctx, &key).await;
+            Err(ApiError::conflict(
+                "The stream's message_id already names a message of this chat; the stream was ended.",
+            ))
+        }
         Ok(stored) => {
             ops::completed(&s.ctx, &key, &stream.info.message_id, stored.seq, stored.messages_v).await;
-            let status = if stored.duplicate { StatusCode::OK } else { StatusCode::CREATED };
             Ok((
-                status,
+                StatusCode::CREATED,
                 Json(MessagePosted {
                     chat_id: key.chat_id.to_string(),
                     message_id: stream.info.message_id.to_string(),
                     seq: stored.seq,
                     messages_v: stored.messages_v,
-                    duplicate: stored.duplicate,
+                    duplicate: false,
                 }),
             ))
         }
