@@ -1,0 +1,114 @@
+//! The server API's edges (SERVER_API.md sections 1-4) with hostile input, over real HTTP: numbers out of
+//! range or of the wrong kind, nesting past the JSON parser's depth, bodies at and one byte past the size
+//! limit, deltas at the byte limit in multi-byte UTF-8, session lifetimes at their bound. Each is a clear
+//! 4xx with a stable code and field, never a 500, and leaves the server and the stream working.
+
+mod common;
+
+use common::{Api, TestServer};
+use serde_json::{json, Value};
+
+const STREAMS: &str = "/users/alice/chats/c1/streams";
+/// SERVER_API.md section 4: at most 16 KiB of UTF-8 per chunk.
+const MAX_DELTA_BYTES: usize = 16 * 1024;
+
+fn error(body: &Value) -> (&str, Option<&str>) {
+    (
+        body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}")),
+        body["error"]["field"].as_str(),
+    )
+}
+
+/// POSTs a raw body (not built by `json!`, so that it can hold what `json!` cannot).
+async fn post_raw(api: &Api, path: &str, body: String) -> (u16, Value) {
+    let resp = api
+        .http
+        .post(format!("{}{path}", api.base))
+        .bearer_auth(&api.key)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn chunk_numbers_out_of_range_or_of_the_wrong_kind_are_invalid_payload() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    let start = json!({"stream_id": "s1", "message_id": "m1", "sender_name": "assistant"});
+    assert_eq!(api.post(STREAMS, start).await.0, 201);
+    let chunks = format!("{STREAMS}/s1/chunks");
+    for seq in ["18446744073709551616", "-1", "1.5", "\"1\"", "null", "1e3"] {
+        let (status, body) = post_raw(&api, &chunks, format!(r#"{{"seq":{seq},"delta":"x"}}"#)).await;
+        assert_eq!((status, error(&body)), (400, ("invalid_payload", Some("seq"))), "seq {seq}: {body}");
+    }
+    // The largest seq is a gap, not an overflow; the stream still takes its first chunk.
+    let (status, body) = post_raw(&api, &chunks, r#"{"seq":18446744073709551615,"delta":"x"}"#.into()).await;
+    assert_eq!((status, error(&body).0), (409, "conflict"), "{body}");
+    assert_eq!(post_raw(&api, &chunks, r#"{"seq":1,"delta":"x"}"#.into()).await.0, 202);
+}
+
+#[tokio::test]
+async fn a_delta_at_the_byte_limit_in_multi_byte_utf8_is_taken_and_one_byte_more_is_not() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    let start = json!({"stream_id": "s1", "message_id": "m1", "sender_name": "assistant"});
+    assert_eq!(api.post(STREAMS, start).await.0, 201);
+    let chunks = format!("{STREAMS}/s1/chunks");
+    let at_limit = "é".repeat(MAX_DELTA_BYTES / 2);
+    let (status, body) = api.post(&chunks, json!({"seq": 2, "delta": format!("{at_limit}a")})).await;
+    assert_eq!((status, error(&body)), (422, ("limit_exceeded", Some("delta"))), "{body}");
+    assert_eq!(api.post(&chunks, json!({"seq": 1, "delta": at_limit})).await.0, 202);
+}
+
+#[tokio::test]
+async fn bodies_at_the_size_limit_are_read_and_one_byte_more_is_413() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    let body_of = |len: usize| {
+        let shell = r#"{"message_id":"m1","sender_name":"bot","content":""}"#;
+        let pad = "x".repeat(len - shell.len());
+        format!(r#"{{"message_id":"m1","sender_name":"bot","content":"{pad}"}}"#)
+    };
+    let path = "/users/alice/chats/c1/messages";
+    let (status, body) = post_raw(&api, path, body_of(chatsync::api::MAX_BODY_BYTES)).await;
+    assert_eq!((status, error(&body)), (422, ("limit_exceeded", Some("content"))), "read, then refused by content");
+    let (status, body) = post_raw(&api, path, body_of(chatsync::api::MAX_BODY_BYTES + 1)).await;
+    assert_eq!((status, error(&body).0), (413, "payload_too_large"));
+}
+
+#[tokio::test]
+async fn nesting_past_the_parsers_depth_is_a_client_error_and_the_server_goes_on() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let body = format!(r#"{{"message_id":"m1","sender_name":"bot","content":{{"a":{deep}}}}}"#);
+    let (status, body) = post_raw(&api, "/users/alice/chats/c1/messages", body).await;
+    // Well-formed JSON, refused by the typed parse at its depth limit, naming where.
+    assert_eq!((status, error(&body).0), (400, "invalid_payload"), "{body}");
+    assert!(error(&body).1.is_some_and(|f| f.starts_with("content.a[0]")), "{body}");
+    let ok = json!({"message_id": "m1", "sender_name": "bot", "content": "fine"});
+    assert_eq!(api.post("/users/alice/chats/c1/messages", ok).await.0, 201);
+}
+
+#[tokio::test]
+async fn a_session_lifetime_at_its_bound_is_taken_and_one_second_more_is_not() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    let ten_years: u64 = 10 * 365 * 24 * 3600;
+    let (status, body) = api.post("/users/alice/sessions", json!({"ttl_secs": ten_years + 1})).await;
+    assert_eq!((status, error(&body)), (400, ("invalid_payload", Some("ttl_secs"))));
+    let (status, body) = api.post("/users/alice/sessions", json!({"ttl_secs": u64::MAX})).await;
+    assert_eq!((status, error(&body)), (400, ("invalid_payload", Some("ttl_secs"))));
+    let (status, body) = api.post("/users/alice/sessions", json!({"ttl_secs": ten_years})).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(body["expires_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
+}
