@@ -62,11 +62,12 @@ async fn a_revoked_api_key_is_refused_at_once() {
     assert_eq!(api.get("/users/alice").await.0, 200);
     let keys = server.ctx.store.api_keys().await.unwrap();
     assert_eq!(keys.len(), 2);
-    assert!(server.ctx.store.revoke_api_key(&keys[0].key_id, chatsync::store::now_millis()).await.unwrap());
+    // By the key's own id: the list is ordered by creation time, and both may share a millisecond.
+    assert!(server.ctx.store.revoke_api_key(&api.key_id, chatsync::store::now_millis()).await.unwrap());
     let (status, body) = api.get("/users/alice").await;
     assert_eq!((status, error_code(&body)), (401, "unauthorized"));
     assert_eq!(other.get("/users/alice").await.0, 200, "only the revoked key is refused");
-    assert!(!server.ctx.store.revoke_api_key(&keys[0].key_id, chatsync::store::now_millis()).await.unwrap());
+    assert!(!server.ctx.store.revoke_api_key(&api.key_id, chatsync::store::now_millis()).await.unwrap());
 }
 
 #[tokio::test]

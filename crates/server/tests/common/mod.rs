@@ -121,6 +121,8 @@ impl TestServer {
 pub struct Api {
     pub base: String,
     pub key: String,
+    /// The key's public id (`ak_…`), for revoking it.
+    pub key_id: String,
     pub http: reqwest::Client,
 }
 
@@ -164,8 +166,8 @@ impl TestServer {
 
     /// Creates an API key in the store and returns a client that uses it.
     pub async fn api(&self) -> Api {
-        let (_, key) = chatsync::api::keys::create(self.ctx.store.as_ref(), Some("test")).await.unwrap();
-        Api { base: self.api_base(), key, http: reqwest::Client::new() }
+        let (key_id, key) = chatsync::api::keys::create(self.ctx.store.as_ref(), Some("test")).await.unwrap();
+        Api { base: self.api_base(), key, key_id, http: reqwest::Client::new() }
     }
 }
 
