@@ -34,14 +34,19 @@ async fn post_raw(api: &Api, path: &str, body: String) -> (u16, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-#[tokio::test]
-async fn chunk_numbers_out_of_range_or_of_the_wrong_kind_are_invalid_payload() {
+/// A server with user alice and her stream `s1` open in chat `c1`; the API and the stream's chunks path.
+async fn open_stream() -> (TestServer, Api, String) {
     let server = TestServer::start().await;
     server.user("alice", false).await;
     let api = server.api().await;
     let start = json!({"stream_id": "s1", "message_id": "m1", "sender_name": "assistant"});
     assert_eq!(api.post(STREAMS, start).await.0, 201);
-    let chunks = format!("{STREAMS}/s1/chunks");
+    (server, api, format!("{STREAMS}/s1/chunks"))
+}
+
+#[tokio::test]
+async fn chunk_numbers_out_of_range_or_of_the_wrong_kind_are_invalid_payload() {
+    let (_server, api, chunks) = open_stream().await;
     for seq in ["18446744073709551616", "-1", "1.5", "\"1\"", "null", "1e3"] {
         let (status, body) = post_raw(&api, &chunks, format!(r#"{{"seq":{seq},"delta":"x"}}"#)).await;
         assert_eq!((status, error(&body)), (400, ("invalid_payload", Some("seq"))), "seq {seq}: {body}");
@@ -54,12 +59,7 @@ async fn chunk_numbers_out_of_range_or_of_the_wrong_kind_are_invalid_payload() {
 
 #[tokio::test]
 async fn a_delta_at_the_byte_limit_in_multi_byte_utf8_is_taken_and_one_byte_more_is_not() {
-    let server = TestServer::start().await;
-    server.user("alice", false).await;
-    let api = server.api().await;
-    let start = json!({"stream_id": "s1", "message_id": "m1", "sender_name": "assistant"});
-    assert_eq!(api.post(STREAMS, start).await.0, 201);
-    let chunks = format!("{STREAMS}/s1/chunks");
+    let (_server, api, chunks) = open_stream().await;
     let at_limit = "é".repeat(MAX_DELTA_BYTES / 2);
     let (status, body) = api.post(&chunks, json!({"seq": 2, "delta": format!("{at_limit}a")})).await;
     assert_eq!((status, error(&body)), (422, ("limit_exceeded", Some("delta"))), "{body}");

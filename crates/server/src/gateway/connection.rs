@@ -373,16 +373,11 @@ async fn send_within(sink: &mut SplitSink<WebSocket, Message>, message: Message,
     match tokio::time::timeout(within, sink.send(message)).await {
         Ok(sent) => sent.is_ok(),
         Err(_) => {
-            stalled();
+            tracing::info!("dropping the connection: the peer stopped reading");
+            metrics::counter!(crate::metrics::CLOSES, "code" => "stalled").increment(1);
             false
         }
     }
-}
-
-/// Counts and logs a connection dropped because its peer stopped reading.
-fn stalled() {
-    tracing::info!("dropping the connection: the peer stopped reading");
-    metrics::counter!(crate::metrics::CLOSES, "code" => "stalled").increment(1);
 }
 
 /// Resolves when the credential's expiry timer fires; never without one.

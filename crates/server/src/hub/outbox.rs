@@ -131,6 +131,13 @@ struct State {
     reply_waiting: bool,
 }
 
+impl State {
+    /// Empties the queue and its counts (an overflow, or the client's close).
+    fn drop_queue(&mut self) {
+        *self = State { close: self.close, reply_waiting: self.reply_waiting, ..State::default() };
+    }
+}
+
 /// A bounded, non-blocking outbound queue. An idle outbox allocates nothing.
 pub struct Outbox {
     state: Mutex<State>,
@@ -172,12 +179,7 @@ impl Outbox {
         let (frames, bytes) = (s.frames - s.reply_frames, s.bytes - s.reply_bytes);
         let over_bytes = frames > 0 && bytes + frame.len() > self.max_bytes;
         if frames >= self.max_messages || over_bytes {
-            s.queue = VecDeque::new();
-            s.bytes = 0;
-            s.frames = 0;
-            s.reply_bytes = 0;
-            s.reply_frames = 0;
-            s.chunk_bytes = 0;
+            s.drop_queue();
             s.close = Some(CloseReason::SLOW_CONSUMER);
             drop(s);
             metrics::counter!(crate::metrics::OUTBOX_OVERFLOWS).increment(1);
@@ -272,12 +274,7 @@ impl Outbox {
     /// client's close frame). The first close reason wins.
     pub fn close_now(&self, reason: CloseReason) {
         let mut s = self.state.lock();
-        s.queue = VecDeque::new();
-        s.bytes = 0;
-        s.frames = 0;
-        s.reply_bytes = 0;
-        s.reply_frames = 0;
-        s.chunk_bytes = 0;
+        s.drop_queue();
         if s.close.is_none() {
             s.close = Some(reason);
         }
