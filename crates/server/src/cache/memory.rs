@@ -16,13 +16,19 @@ struct Entry {
     /// only if it is unchanged.
     generation: u64,
     chats: Option<HashMap<String, ChatRecord>>,
-    /// Chats deleted while this entry lives: late write results for them are ignored.
-    deleted: HashSet<String>,
+    /// Chats deleted while this entry lives: late write results for them are ignored. `None` once more
+    /// than [`MAX_DELETED`] were: the entry then caches no chat list for the rest of its life.
+    deleted: Option<HashSet<String>>,
     messages: HashMap<String, VecDeque<MessageRecord>>,
     primed: bool,
     /// The running warm-up: its claim id and cancellation.
     warming: Option<(u64, CancellationToken)>,
 }
+
+/// Deleted chat ids remembered per entry. A user who deletes more while connected (a script creating
+/// and deleting chats in a loop) would otherwise grow the set without bound; past this, the entry stops
+/// caching the user's chat list instead (reads go to the store, which keeps the tombstones).
+pub const MAX_DELETED: usize = 1024;
 
 /// In-memory [`Cache`].
 pub struct MemoryCache {
@@ -31,12 +37,18 @@ pub struct MemoryCache {
     clock: AtomicU64,
     /// Messages kept per chat.
     keep_messages: usize,
+    /// Deleted ids remembered per entry ([`MAX_DELETED`]).
+    max_deleted: usize,
 }
 
 impl MemoryCache {
     /// A cache keeping up to `keep_messages` recent messages per cached chat.
     pub fn new(keep_messages: usize) -> MemoryCache {
-        MemoryCache { users: DashMap::new(), clock: AtomicU64::new(1), keep_messages: keep_messages.max(1) }
+        MemoryCache::with_max_deleted(keep_messages, MAX_DELETED)
+    }
+
+    fn with_max_deleted(keep_messages: usize, max_deleted: usize) -> MemoryCache {
+        MemoryCache { users: DashMap::new(), clock: AtomicU64::new(1), keep_messages: keep_messages.max(1), max_deleted }
     }
 
     fn tick(&self) -> u64 {
@@ -88,7 +100,7 @@ impl Cache for MemoryCache {
                 connections: 0,
                 generation,
                 chats: None,
-                deleted: HashSet::new(),
+                deleted: Some(HashSet::new()),
                 messages: HashMap::new(),
                 primed: false,
                 warming: None,
@@ -127,7 +139,7 @@ impl Cache for MemoryCache {
 
     async fn put_chats(&self, user_id: &str, token: LoadToken, chats: Vec<ChatRecord>) -> bool {
         let Some(mut entry) = self.users.get_mut(user_id) else { return false };
-        if entry.generation != token.0 {
+        if entry.generation != token.0 || entry.deleted.is_none() {
             return false;
         }
         entry.chats = Some(chats.into_iter().map(|c| (c.chat_id.clone(), c)).collect());
@@ -137,7 +149,7 @@ impl Cache for MemoryCache {
     async fn chat_written(&self, user_id: &str, chat: &ChatRecord) {
         let Some(mut entry) = self.users.get_mut(user_id) else { return };
         entry.generation = self.tick();
-        if entry.deleted.contains(&chat.chat_id) {
+        if entry.deleted.as_ref().is_none_or(|deleted| deleted.contains(&chat.chat_id)) {
             return;
         }
         if let Some(chats) = entry.chats.as_mut() {
@@ -148,11 +160,18 @@ impl Cache for MemoryCache {
     async fn chat_deleted(&self, user_id: &str, chat_id: &str) {
         let Some(mut entry) = self.users.get_mut(user_id) else { return };
         entry.generation = self.tick();
-        entry.deleted.insert(chat_id.to_owned());
-        if let Some(chats) = entry.chats.as_mut() {
-            chats.remove(chat_id);
-        }
         entry.messages.remove(chat_id);
+        let Some(deleted) = entry.deleted.as_mut() else { return };
+        if deleted.len() < self.max_deleted {
+            deleted.insert(chat_id.to_owned());
+            if let Some(chats) = entry.chats.as_mut() {
+                chats.remove(chat_id);
+            }
+        } else {
+            // Forgetting an id could let a late write result bring its chat back; caching no list cannot.
+            entry.deleted = None;
+            entry.chats = None;
+        }
     }
 
     async fn messages(&self, user_id: &str, chat_id: &str) -> Option<Vec<MessageRecord>> {
@@ -332,6 +351,28 @@ mod tests {
         c.chat_deleted("u", "a").await;
         c.chat_written("u", &chat("a", 1, 2, 1, 20)).await;
         assert!(c.chats("u").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn past_its_bound_of_deleted_ids_an_entry_caches_no_chat_list() {
+        let c = MemoryCache::with_max_deleted(10, 2);
+        c.attach("u").await;
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 1, 1, 1, 10), chat("b", 1, 1, 1, 10), chat("c", 1, 1, 1, 10)]).await);
+        c.chat_deleted("u", "a").await;
+        c.chat_deleted("u", "b").await;
+        assert_eq!(c.chats("u").await.unwrap().len(), 1, "two deleted ids are remembered");
+        c.chat_deleted("u", "c").await;
+        assert!(c.users.get("u").unwrap().deleted.is_none(), "the set is dropped, not grown");
+        assert!(c.chats("u").await.is_none());
+        let t = c.begin_load("u").await;
+        assert!(!c.put_chats("u", t, vec![chat("d", 1, 1, 1, 10)]).await, "no list is cached again");
+        c.chat_written("u", &chat("a", 1, 2, 1, 20)).await;
+        assert!(c.chats("u").await.is_none(), "so no late write can bring a deleted chat back");
+        c.detach("u").await;
+        c.attach("u").await;
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![]).await, "a new entry caches again");
     }
 
     #[tokio::test]

@@ -15,6 +15,8 @@
 //!   match the entry that replaces it.
 //! * A deleted chat never comes back: the entry remembers the ids deleted while it lives, and a write
 //!   result merged after the delete (a write that committed just before it) is ignored for those ids.
+//!   The memory is bounded: past [`memory::MAX_DELETED`] ids, the entry forgets them and caches no chat
+//!   list for the rest of its life.
 //! * The cache is best-effort: a miss (or a failing cache) falls back to the store.
 
 pub mod coherent;

@@ -61,18 +61,18 @@ impl Hub for LocalHub {
 impl LocalHub {
     /// Registers a connection; returns whether it is the user's first on this node.
     pub fn add(&self, conn: Arc<ConnHandle>) -> Result<bool, Refused> {
+        // The per-user check, the node's count and the insert happen under the user's shard lock: two
+        // connects of one user cannot both pass the check, and a connect refused for its user never holds
+        // one of the node's slots, even for a moment (a user over its cap cannot crowd out others).
+        let entry = self.users.entry(conn.user_id.clone());
+        if matches!(&entry, Entry::Occupied(e) if e.get().len() >= self.max_per_user) {
+            return Err(Refused::TooManyForUser);
+        }
         if self.count.fetch_add(1, Ordering::AcqRel) >= self.max_connections {
             self.count.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::Overloaded);
         }
-        // The per-user check and the insert happen under the user's shard lock: two connects of one
-        // user cannot both pass the check.
-        match self.users.entry(conn.user_id.clone()) {
-            Entry::Occupied(e) if e.get().len() >= self.max_per_user => {
-                drop(e);
-                self.count.fetch_sub(1, Ordering::AcqRel);
-                Err(Refused::TooManyForUser)
-            }
+        match entry {
             Entry::Occupied(mut e) => {
                 e.get_mut().push(conn);
                 Ok(false)
@@ -125,5 +125,36 @@ impl LocalHub {
                 c.outbox.close(reason);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::outbox::Outbox;
+
+    fn conn(id: &str, user_id: &str) -> Arc<ConnHandle> {
+        Arc::new(ConnHandle {
+            id: id.into(),
+            user_id: user_id.into(),
+            session_id: "s".into(),
+            device_hash: "d".into(),
+            expires_at: None,
+            outbox: Outbox::new(1024, 16),
+        })
+    }
+
+    #[test]
+    fn a_connect_over_its_users_cap_never_takes_a_node_slot() {
+        let hub = LocalHub::new(2, 1);
+        assert_eq!(hub.add(conn("a1", "a")), Ok(true));
+        assert_eq!(hub.add(conn("a2", "a")), Err(Refused::TooManyForUser));
+        assert_eq!(hub.connection_count(), 1);
+        assert_eq!(hub.add(conn("b1", "b")), Ok(true), "the last slot is still free");
+        assert_eq!(hub.add(conn("a3", "a")), Err(Refused::TooManyForUser), "told why, even on a full node");
+        assert_eq!(hub.add(conn("c1", "c")), Err(Refused::Overloaded));
+        assert_eq!(hub.connection_count(), 2);
+        assert!(hub.remove(&conn("b1", "b")));
+        assert_eq!(hub.add(conn("c1", "c")), Ok(true));
     }
 }
