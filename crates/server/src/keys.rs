@@ -153,7 +153,14 @@ impl Keyring {
         self.users.clear();
     }
 
-    /// Forgets a chat deleted through this node, for good: its key is never memoized again.
+    /// Whether the chat's unwrapped key is memoized here (for tests of crypto-shredding).
+    #[doc(hidden)]
+    pub fn holds_key(&self, chat_id: &str) -> bool {
+        self.chats.contains_key(chat_id)
+    }
+
+    /// Forgets a deleted chat, for good: its key is never memoized again (a deletion through this node, or
+    /// in a cluster one announced on the bus by any node).
     pub fn chat_deleted(&self, chat_id: &str) {
         self.trim();
         self.deleted.insert(chat_id.to_owned(), ());

@@ -372,6 +372,88 @@ async fn sharded_pub_sub_carries_broadcasts_and_cache_updates_too() {
     assert_eq!(entry(&sync_all(&mut laptop).await, "c1").unwrap().title.as_deref(), Some("sharded"));
 }
 
+#[tokio::test]
+async fn sharded_pub_sub_resubscribes_every_user_after_redis_returns() {
+    // Redis Cluster refuses an SSUBSCRIBE whose channels hash to different slots; a standalone Redis does
+    // not check, so this runs on a one-server cluster of the test's own.
+    if redis_url().is_none() {
+        return;
+    }
+    let mut redis = OwnRedis::start_cluster();
+    let cluster = TestCluster::start(2, &redis.url(), |c| c.redis_sharded_pubsub = true).await;
+    let mut phone = new_user(&cluster.nodes[0], "alice", "phone").await;
+    let mut laptop = another_device(&cluster.nodes[1], "alice", "laptop").await;
+    set_title(&mut phone, "c1", "before").await;
+    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
+
+    redis.kill();
+    cluster.wait_unhealthy().await;
+    redis.restart();
+    // Node 1 now subscribes to alice's channel and the control channel at once.
+    tokio::time::timeout(Duration::from_secs(30), cluster.wait_healthy()).await.expect("every node resubscribed");
+    set_title(&mut phone, "c1", "after").await;
+    assert_eq!(expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated).data.title, "after");
+    redis.kill();
+}
+
+#[tokio::test]
+async fn a_user_subscribed_late_is_not_served_what_the_node_cached_before() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut bob0 = new_user(node0, "bob", "phone").await;
+    let _bob1 = another_device(node1, "bob", "laptop").await;
+    let mut phone = new_user(node0, "alice", "phone").await;
+    set_title(&mut phone, "c1", "doomed").await;
+    // Node 1's subscriber is held on one of bob's frames: alice's subscription waits behind it, longer
+    // than her connection waits for it.
+    let mut held = node1.ctx.pauses.arm(chatsync::pause::BUS_FRAME);
+    set_title(&mut bob0, "b1", "x").await;
+    held.reached().await;
+    let token = node1.token("alice").await;
+    let (mut laptop, _) = node1.connect_raw(&token, "laptop").await;
+    loop {
+        // Node 1 cached alice's list (with c1) while not yet subscribed to her channel.
+        if matches!(laptop.recv().await.unwrap().message, ServerMessage::CachePrimed(_)) {
+            break;
+        }
+    }
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    // A device's write is answered before its node has published it; an API call is answered after its
+    // turn on the bus, so once it is, Redis has seen the deletion (before node 1 subscribes to alice).
+    let body = json!({"message_id": "m1", "sender_name": "assistant", "content": "x"});
+    assert_eq!(node0.api().await.post("/users/bob/chats/b1/messages", body).await.0, 201);
+    held.release();
+    set_title(&mut phone, "c2", "after").await;
+    let m = next_broadcast(&mut laptop).await;
+    assert_eq!(expect_msg!(m, ChatTitleUpdated).chat_id.as_str(), "c2", "subscribed now");
+    let sync = sync_with(&mut laptop, json!({"c1": {"title_v": 1, "messages_v": 0, "draft_v": 0}}), None).await;
+    assert_eq!(ids(&sync.chat_ids_to_delete), ["c1"], "the deletion it missed is not hidden by its cache");
+    assert_eq!(ids(&sync.server_chat_order), ["c2"]);
+}
+
+#[tokio::test]
+async fn a_deleted_chat_s_key_is_forgotten_on_a_node_without_the_user_s_connections() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut phone = new_user(node0, "alice", "phone").await;
+    set_title(&mut phone, "c1", "secret").await;
+    // The backend writes through node 1, which then holds the chat's key; alice has no connection there.
+    let api = node1.api().await;
+    let body = json!({"message_id": "b1", "sender_name": "assistant", "content": "hi"});
+    assert_eq!(api.post("/users/alice/chats/c1/messages", body).await.0, 201);
+    assert!(node1.ctx.keys.holds_key("c1"));
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while node1.ctx.keys.holds_key("c1") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("node 1 forgot the deleted chat's key (crypto-shredding holds on every node)");
+}
+
 /// An API client of `node` with `api`'s key.
 fn api_on(node: &TestServer, api: &common::Api) -> common::Api {
     common::Api { base: node.api_base(), ..api.clone() }

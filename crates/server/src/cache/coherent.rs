@@ -68,6 +68,9 @@ impl Cache for CoherentCache {
     async fn chat_deleted(&self, user_id: &str, chat_id: &str) {
         self.inner.chat_deleted(user_id, chat_id).await;
         self.bus.publish_user(user_id, BusMessage::ChatDeleted { chat_id: chat_id.to_owned() });
+        // Every node, not only those with a connection of the user, may hold the chat's unwrapped key
+        // (an API write, a connection since closed): all of them forget it (crypto-shredding).
+        self.bus.publish_control(BusMessage::ChatDeleted { chat_id: chat_id.to_owned() });
     }
 
     async fn messages(&self, user_id: &str, chat_id: &str) -> Option<Vec<MessageRecord>> {

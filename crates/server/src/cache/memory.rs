@@ -48,7 +48,12 @@ impl MemoryCache {
     }
 
     fn with_max_deleted(keep_messages: usize, max_deleted: usize) -> MemoryCache {
-        MemoryCache { users: DashMap::new(), clock: AtomicU64::new(1), keep_messages: keep_messages.max(1), max_deleted }
+        MemoryCache {
+            users: DashMap::new(),
+            clock: AtomicU64::new(1),
+            keep_messages: keep_messages.max(1),
+            max_deleted,
+        }
     }
 
     fn tick(&self) -> u64 {
@@ -59,10 +64,25 @@ impl MemoryCache {
     /// load begun before this can store its result). Cluster mode calls it after a gap in the bus.
     pub fn invalidate_all(&self) {
         for mut entry in self.users.iter_mut() {
-            entry.generation = self.tick();
-            entry.chats = None;
-            entry.messages.clear();
+            self.drop_lists(&mut entry);
         }
+    }
+
+    /// Drops the user's cached chat list and message runs, as [`invalidate_all`](Self::invalidate_all)
+    /// does for everyone. Cluster mode calls it when the user's channel is subscribed (again).
+    pub fn invalidate(&self, user_id: &str) {
+        if let Some(mut entry) = self.users.get_mut(user_id) {
+            self.drop_lists(&mut entry);
+        }
+    }
+
+    /// A fresh generation, no lists, and no longer primed (`cache_status_response` says so; nothing is
+    /// cached any more).
+    fn drop_lists(&self, entry: &mut Entry) {
+        entry.generation = self.tick();
+        entry.chats = None;
+        entry.messages.clear();
+        entry.primed = false;
     }
 }
 
@@ -171,6 +191,7 @@ impl Cache for MemoryCache {
             // Forgetting an id could let a late write result bring its chat back; caching no list cannot.
             entry.deleted = None;
             entry.chats = None;
+            entry.primed = false;
         }
     }
 
@@ -358,7 +379,9 @@ mod tests {
         let c = MemoryCache::with_max_deleted(10, 2);
         c.attach("u").await;
         let t = c.begin_load("u").await;
-        assert!(c.put_chats("u", t, vec![chat("a", 1, 1, 1, 10), chat("b", 1, 1, 1, 10), chat("c", 1, 1, 1, 10)]).await);
+        assert!(
+            c.put_chats("u", t, vec![chat("a", 1, 1, 1, 10), chat("b", 1, 1, 1, 10), chat("c", 1, 1, 1, 10)]).await
+        );
         c.chat_deleted("u", "a").await;
         c.chat_deleted("u", "b").await;
         assert_eq!(c.chats("u").await.unwrap().len(), 1, "two deleted ids are remembered");
@@ -373,6 +396,26 @@ mod tests {
         c.attach("u").await;
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![]).await, "a new entry caches again");
+    }
+
+    #[tokio::test]
+    async fn invalidating_a_user_drops_its_lists_and_refuses_loads_begun_before() {
+        let c = cache().await;
+        c.attach("v").await;
+        for user in ["u", "v"] {
+            let t = c.begin_load(user).await;
+            assert!(c.put_chats(user, t, vec![chat("a", 1, 1, 1, 10)]).await);
+            let claim = c.begin_warm(user).await.unwrap();
+            c.end_warm(user, &claim, true).await;
+        }
+        let stale = c.begin_load("u").await;
+        c.invalidate("u");
+        assert!(c.chats("u").await.is_none());
+        assert!(!c.is_primed("u").await, "cache_status_response tells the truth");
+        assert!(!c.put_chats("u", stale, vec![chat("a", 1, 1, 1, 10)]).await);
+        assert_eq!(c.chats("v").await.unwrap().len(), 1, "other users keep theirs");
+        c.invalidate_all();
+        assert!(c.chats("v").await.is_none() && !c.is_primed("v").await);
     }
 
     #[tokio::test]

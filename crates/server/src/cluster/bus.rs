@@ -26,6 +26,9 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 const PIPELINE: usize = 256;
 /// Messages waiting to be published at most; beyond it they are dropped (and counted as a gap).
 const MAX_QUEUED: usize = 100_000;
+/// Bytes of sealed messages waiting to be published at most (clients can send frames of 64 KiB: the
+/// count alone would let a stalled link hold gigabytes); beyond it they are dropped, as past the count.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// Longest wait for a turn (see [`Bus::publish_user_in_turn`]); the turn still runs at its place.
 const TURN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The kind of the marker the publisher puts among the pushes after a message with a turn.
@@ -142,6 +145,37 @@ struct Outgoing {
     counted: bool,
 }
 
+/// What waits in the publish queue, against its bounds ([`MAX_QUEUED`] messages, [`MAX_QUEUED_BYTES`]).
+struct Backlog {
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl Backlog {
+    fn new(max_messages: usize, max_bytes: usize) -> Backlog {
+        Backlog { messages: AtomicUsize::new(0), bytes: AtomicUsize::new(0), max_messages, max_bytes }
+    }
+
+    /// Counts a message of `bytes` in, unless that would pass a bound.
+    fn admit(&self, bytes: usize) -> bool {
+        let messages = self.messages.fetch_add(1, Ordering::AcqRel);
+        let before = self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        if messages >= self.max_messages || before + bytes > self.max_bytes {
+            self.release(1, bytes);
+            return false;
+        }
+        true
+    }
+
+    /// Counts messages out (taken by the publisher, or never sent).
+    fn release(&self, messages: usize, bytes: usize) {
+        self.messages.fetch_sub(messages, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
 /// How often a publisher that lost messages retries its [`BusMessage::Resync`] while nothing else is
 /// published (it also tries as soon as its connection is back).
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
@@ -159,6 +193,11 @@ pub trait BusHandler: Send + Sync + 'static {
     /// A message for `user_id` (`None` on the control channel) from another node.
     async fn on_message(&self, user_id: Option<&str>, message: BusMessage);
 
+    /// This node has just subscribed to `user_id`'s channel: whatever it holds of the user was kept while
+    /// it was not subscribed (a subscription that outlasted its caller's wait, an old connection's entry
+    /// kept across an unsubscribe and a subscribe), so messages may have been missed for that user.
+    async fn on_subscribed(&self, user_id: &str);
+
     /// The bus was interrupted (or has just come back): messages may have been missed.
     async fn on_gap(&self);
 }
@@ -175,7 +214,7 @@ pub struct Bus {
     key: Arc<DataKey>,
     commands: mpsc::UnboundedSender<Command>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Backlog>,
     turns: Arc<Turns>,
     healthy: Arc<AtomicBool>,
     handler: Arc<OnceLock<Arc<dyn BusHandler>>>,
@@ -201,7 +240,7 @@ impl Bus {
             key: Arc::new(key),
             commands,
             outgoing,
-            queued: Arc::new(AtomicUsize::new(0)),
+            queued: Arc::new(Backlog::new(MAX_QUEUED, MAX_QUEUED_BYTES)),
             turns: Arc::new(Turns::default()),
             healthy: Arc::new(AtomicBool::new(false)),
             handler: Arc::new(OnceLock::new()),
@@ -303,8 +342,9 @@ impl Bus {
     }
 
     fn enqueue(&self, channel: String, user: Option<&str>, message: BusMessage, turn: Option<u64>) {
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED || self.dropping.load(Ordering::Acquire) {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+        let payload = seal(&self.key, &channel, &self.node, user, message);
+        let bytes = payload.len();
+        if self.dropping.load(Ordering::Acquire) || !self.queued.admit(bytes) {
             tracing::warn!("bus publish queue full: dropping a message (every node resyncs behind it)");
             // Behind everything queued before the dropped message (past the bound: one at a time), so
             // that no node applies an older message after it resynced.
@@ -318,9 +358,8 @@ impl Bus {
             }
             return;
         }
-        let payload = seal(&self.key, &channel, &self.node, user, message);
         if self.outgoing.send(Outgoing { channel, payload, turn, counted: true }).is_err() {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.queued.release(1, bytes);
             if let Some(id) = turn {
                 self.turns.run(id);
             }
@@ -382,7 +421,7 @@ struct Shared {
     key: Arc<DataKey>,
     healthy: Arc<AtomicBool>,
     handler: Arc<OnceLock<Arc<dyn BusHandler>>>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Backlog>,
     turns: Arc<Turns>,
     connection: Arc<Mutex<Option<Link>>>,
     /// The publisher dropped messages (no connection, or a failed pipeline): its next pipeline starts
@@ -446,8 +485,10 @@ async fn subscriber(
         // Subscribe to everything this node needs, then declare the gap over.
         let mut channels: Vec<String> = users.iter().map(|u| user_channel(&shared.config.prefix, u)).collect();
         channels.push(control_channel(&shared.config.prefix));
+        // Sharded channels of one SSUBSCRIBE must hash to one slot (CROSSSLOT otherwise): one each.
+        let per_command = if shared.config.sharded { 1 } else { 512 };
         let subscribed = async {
-            for chunk in channels.chunks(512) {
+            for chunk in channels.chunks(per_command) {
                 redis::cmd(sub).arg(chunk).exec_async(&mut conn).await?;
             }
             Ok::<(), redis::RedisError>(())
@@ -491,6 +532,11 @@ async fn subscriber(
                             } else {
                                 Ok(())
                             };
+                            if fresh && r.is_ok() {
+                                if let Some(handler) = shared.handler.get() {
+                                    handler.on_subscribed(&user).await;
+                                }
+                            }
                             let _ = ack.send(());
                             r
                         }
@@ -596,7 +642,8 @@ async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoin
             _ = shared.link_back.notified(), if lost => {}
             _ = tokio::time::sleep(RESYNC_RETRY), if lost => {}
         };
-        shared.queued.fetch_sub(batch.iter().filter(|m| m.counted).count(), Ordering::AcqRel);
+        let counted = batch.iter().filter(|m| m.counted);
+        shared.queued.release(counted.clone().count(), counted.map(|m| m.payload.len()).sum());
         if batch.iter().any(|m| !m.counted) {
             shared.resync_queued.store(false, Ordering::Release);
         }
@@ -656,6 +703,19 @@ mod tests {
         turns.run_all();
         turns.run(ids[0]);
         assert_eq!(*ran.lock(), vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn the_publish_backlog_is_bounded_in_bytes_as_well_as_in_messages() {
+        let backlog = Backlog::new(2, 100);
+        assert!(backlog.admit(60));
+        assert!(!backlog.admit(41), "past the bytes");
+        assert!(backlog.admit(40));
+        assert!(!backlog.admit(0), "past the messages");
+        backlog.release(1, 60);
+        assert!(backlog.admit(50), "what is counted out makes room");
+        assert!(!backlog.admit(11));
+        assert_eq!(backlog.bytes.load(Ordering::Acquire), 90, "a refusal leaves nothing counted");
     }
 
     #[test]

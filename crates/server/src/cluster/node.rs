@@ -1,6 +1,6 @@
 //! What a node does with what arrives from the bus: deliver frames to its connections of the user,
-//! apply other nodes' writes to its cache and keyring, close revoked sessions, and forget everything
-//! cached after a gap.
+//! apply other nodes' writes to its cache and keyring, close revoked sessions, forget a user's cached
+//! state when its channel is (re)subscribed, and forget everything cached after a gap.
 
 use super::{BusHandler, BusMessage};
 use crate::cache::memory::MemoryCache;
@@ -43,9 +43,15 @@ impl BusHandler for NodeHandler {
             (_, BusMessage::SessionsRevoked { session_ids }) => {
                 self.hub.close_sessions_now(&session_ids, CloseReason::SESSION_REVOKED)
             }
+            (None, BusMessage::ChatDeleted { chat_id }) => self.keys.chat_deleted(&chat_id),
             (_, BusMessage::Resync) => self.on_gap().await,
-            (None, other) => tracing::debug!(?other, "bus: a user message without a user was ignored"),
+            // Not logged: a frame carries the plaintext of what it announces.
+            (None, _) => tracing::debug!("bus: a user message without a user was ignored"),
         }
+    }
+
+    async fn on_subscribed(&self, user_id: &str) {
+        self.cache.invalidate(user_id);
     }
 
     async fn on_gap(&self) {

@@ -85,14 +85,42 @@ pub async fn wait_healthy(ctx: &Ctx) {
 pub struct OwnRedis {
     pub port: u16,
     child: Option<std::process::Child>,
+    /// In cluster mode: the directory of its cluster configuration (kept across restarts).
+    cluster: Option<tempfile::TempDir>,
 }
 
 impl OwnRedis {
     pub fn start() -> OwnRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = OwnRedis { port, child: None };
+        let mut redis = OwnRedis { port, child: None, cluster: None };
         redis.restart();
         redis
+    }
+
+    /// A Redis Cluster of this one server, holding every slot (what sharded pub/sub runs on). A restart
+    /// keeps its slots.
+    pub fn start_cluster() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut redis = OwnRedis { port, child: None, cluster: Some(tempfile::tempdir().unwrap()) };
+        redis.restart();
+        redis.cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        for _ in 0..500 {
+            if redis.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the cluster-mode redis-server on port {} did not become ready", redis.port);
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli is installed with redis-server");
+        assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn url(&self) -> String {
@@ -101,8 +129,13 @@ impl OwnRedis {
 
     /// Starts (again) on the same port, and waits until it answers.
     pub fn restart(&mut self) {
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let mut command = std::process::Command::new("redis-server");
+        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if let Some(dir) = &self.cluster {
+            let conf = dir.path().join("nodes.conf");
+            command.args(["--cluster-enabled", "yes", "--cluster-config-file"]).arg(conf).arg("--dir").arg(dir.path());
+        }
+        let child = command
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed (the machine's services include Redis)");
