@@ -399,7 +399,10 @@ export interface ClientEvents {
   synced: [];
   sent: [{ type: string; payload: unknown; request_id?: string }];
   offline_flushed: [ServerMessages['offline_sync_complete']];
+  /** A queued message refused for good (by the server, or `limit_exceeded` here: larger than `max_frame_bytes`); dropped. */
   message_rejected: [{ chat_id: string; message_id: string; error: ChatSyncError }];
+  /** A queued title, draft or draft deletion refused for good (as for messages); the next sync brings the server's value. */
+  change_rejected: [{ chat_id: string; change_id: string | null; type: OfflineResult['type']; error: ChatSyncError }];
   message: [Envelope];
   sync_error: [unknown];
 }
@@ -430,6 +433,7 @@ export declare class ChatSyncClient extends Emitter {
     options?: { timeoutMs?: number },
   ): Promise<{ type: ClientRequests[K]['reply']; payload: ServerMessages[ClientRequests[K]['reply']] }>;
   request(type: string, payload?: Record<string, unknown>, options?: { timeoutMs?: number }): Promise<{ type: string; payload: any }>;
+  /** Fire and forget; false when not connected; throws `limit_exceeded` for a frame past `max_frame_bytes`. */
   send(type: string, payload?: Record<string, unknown>): boolean;
   chatList(): ChatState[];
   chat(chatId: string): ChatState;

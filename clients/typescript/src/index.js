@@ -47,6 +47,14 @@ const FINAL_REPLIES = {
 /** Failures that a later attempt may not meet: the request is kept (queued edits, messages) and retried. */
 const TRANSIENT = new Set(['disconnected', 'timeout', 'closed', 'unavailable', 'rate_limited']);
 
+/** A `request_id` at least as long as any this client sends, to bound the size of a frame before it is numbered. */
+const LONGEST_REQUEST_ID = `r${'9'.repeat(16)}`;
+
+/** The size of a frame on the wire: the UTF-8 bytes of its JSON text. @param {string} text */
+function utf8Length(text) {
+  return new TextEncoder().encode(text).length;
+}
+
 /** @param {unknown} e */
 function isTransient(e) {
   return e instanceof ChatSyncError && TRANSIENT.has(e.code);
@@ -623,6 +631,13 @@ export class ChatSyncClient extends Emitter {
   request(type, payload = {}, options = {}) {
     if (!this.isOpen) return Promise.reject(new ChatSyncError('disconnected', 'not connected'));
     const request_id = `r${++this._nextRequest}`;
+    const frame = { type, payload, request_id };
+    let data;
+    try {
+      data = this._encode(frame);
+    } catch (e) {
+      return Promise.reject(e);
+    }
     return new Promise((resolve, reject) => {
       const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
       const timer =
@@ -633,18 +648,20 @@ export class ChatSyncClient extends Emitter {
             }, timeoutMs)
           : null;
       this._pending.set(request_id, { type, finals: FINAL_REPLIES[type] ?? [], resolve, reject, parts: null, timer });
-      this._sendFrame({ type, payload, request_id });
+      this._sendFrame(frame, data);
     });
   }
 
   /**
-   * Sends a message without waiting for a reply. Returns false when not connected.
+   * Sends a message without waiting for a reply. Returns false when not connected; throws a
+   * {@link ChatSyncError} `limit_exceeded` when the frame is larger than `max_frame_bytes`.
    * @param {string} type
    * @param {Record<string, unknown>} [payload]
    */
   send(type, payload = {}) {
     if (!this.isOpen) return false;
-    this._sendFrame({ type, payload });
+    const frame = { type, payload };
+    this._sendFrame(frame, this._encode(frame));
     return true;
   }
 
@@ -1006,8 +1023,28 @@ export class ChatSyncClient extends Emitter {
 
   async _flushChanges() {
     const max = this.connected?.limits?.max_offline_changes ?? 500;
+    const empty = utf8Length(JSON.stringify({ type: 'sync_offline_changes', payload: { changes: [] }, request_id: LONGEST_REQUEST_ID }));
     while (this.queue.changes.length > 0) {
-      const batch = this.queue.takeChanges(max);
+      // As many changes as fit in one frame (and in max_offline_changes); one that cannot fit even alone
+      // is refused here, as the server refuses a change it cannot take.
+      let count = 0;
+      let bytes = empty;
+      while (count < Math.min(max, this.queue.changes.length)) {
+        bytes += utf8Length(JSON.stringify(this.queue.changes[count])) + (count > 0 ? 1 : 0);
+        if (bytes > this._maxFrameBytes) break;
+        count += 1;
+      }
+      if (count === 0) {
+        const [change] = this.queue.takeChanges(1);
+        const error = new ChatSyncError('limit_exceeded', `The offline ${change.type} change is larger than max_frame_bytes (${this._maxFrameBytes}).`, {
+          limit: 'max_frame_bytes',
+          chat_id: change.chat_id,
+          change_id: change.change_id,
+        });
+        this._refuseChange({ change_id: change.change_id, chat_id: change.chat_id, type: change.type }, error);
+        continue;
+      }
+      const batch = this.queue.takeChanges(count);
       let reply;
       try {
         reply = await this.request('sync_offline_changes', { changes: batch });
@@ -1030,19 +1067,32 @@ export class ChatSyncClient extends Emitter {
   _applyOfflineResults(result) {
     for (const r of result.results ?? []) {
       if (r.status !== 'error' || !r.chat_id) continue;
-      const chat = this.chats.get(r.chat_id);
-      if (!chat) continue;
+      const code = r.code ?? 'internal';
+      this._refuseChange({ change_id: r.change_id, chat_id: r.chat_id, type: r.type }, new ChatSyncError(code, `The server refused the offline ${r.type} change (${code}).`, { ...r }));
+    }
+  }
+
+  /**
+   * A queued change refused for good (by the server, or here when too large to send): see
+   * {@link _applyOfflineResults}; emits `change_rejected`.
+   * @param {{change_id: string | null, chat_id: string, type: import('./index.js').OfflineResult['type']}} r
+   * @param {ChatSyncError} error
+   */
+  _refuseChange(r, error) {
+    const chat = this.chats.get(r.chat_id);
+    if (chat) {
       const hasMessages = this.queue.messages.some((m) => m.chat_id === r.chat_id);
       if (!chat.known && !hasMessages) {
         this._forget(r.chat_id);
-        if (r.code === 'not_found') this.deleted.add(r.chat_id);
+        if (error.code === 'not_found') this.deleted.add(r.chat_id);
       } else {
         const stale = this._stale.get(r.chat_id) ?? new Set();
         stale.add(r.type === 'title' ? 'title' : 'draft');
         this._stale.set(r.chat_id, stale);
       }
-      this.emit('change', r.chat_id);
     }
+    this.emit('change_rejected', { ...r, error });
+    if (chat) this.emit('change', r.chat_id);
   }
 
   async _flushMessages() {
@@ -1111,11 +1161,36 @@ export class ChatSyncClient extends Emitter {
     }, delay);
   }
 
-  /** @param {Record<string, unknown>} frame */
-  _sendFrame(frame) {
+  /** The largest frame the server takes (`limits.max_frame_bytes`; past it, it closes with 1009). */
+  get _maxFrameBytes() {
+    return this.connected?.limits?.max_frame_bytes ?? 65536;
+  }
+
+  /**
+   * A frame's JSON text. A frame larger than `max_frame_bytes` is refused here with `limit_exceeded`:
+   * sent, it would close the connection (1009 `Message too big`) on every attempt.
+   * @param {{type: string, payload: unknown}} frame
+   * @returns {string}
+   */
+  _encode(frame) {
+    const data = JSON.stringify(frame);
+    const bytes = utf8Length(data);
+    if (bytes > this._maxFrameBytes) {
+      throw new ChatSyncError('limit_exceeded', `The ${frame.type} frame (${bytes} bytes) is larger than max_frame_bytes (${this._maxFrameBytes}).`, {
+        limit: 'max_frame_bytes',
+      });
+    }
+    return data;
+  }
+
+  /**
+   * @param {{type: string, payload: unknown, request_id?: string}} frame
+   * @param {string} data its JSON text, from {@link _encode}
+   */
+  _sendFrame(frame, data) {
     const socket = this._socket;
     if (!socket) return;
-    socket.send(JSON.stringify(frame));
+    socket.send(data);
     this.emit('sent', frame);
   }
 

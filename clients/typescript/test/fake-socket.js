@@ -23,6 +23,8 @@ export class FakeSocket {
   static instances = [];
   /** When set, new sockets close at once with 1006 (the network is down). */
   static down = false;
+  /** A frame larger than this (UTF-8 bytes) closes the socket with 1009, as the server does. */
+  static maxFrameBytes = Infinity;
 
   /** @param {string} url */
   constructor(url) {
@@ -54,6 +56,10 @@ export class FakeSocket {
   send(data) {
     if (this.closed) throw new Error('send on a closed socket');
     this.sent.push(JSON.parse(data));
+    if (new TextEncoder().encode(data).length > FakeSocket.maxFrameBytes) {
+      queueMicrotask(() => this.serverClose(1009, 'Message too big'));
+      return;
+    }
     const waiters = this._waiters;
     this._waiters = [];
     for (const w of waiters) w();

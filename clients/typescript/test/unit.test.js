@@ -21,6 +21,7 @@ import { FakeSocket, lastSocket, until } from './fake-socket.js';
 beforeEach(() => {
   FakeSocket.instances = [];
   FakeSocket.down = false;
+  FakeSocket.maxFrameBytes = Infinity;
 });
 
 /** A client on the fake socket with tiny backoff and no keepalive. @param {Record<string, unknown>} [extra] */
@@ -198,6 +199,82 @@ test('edits made offline are sent as sync_offline_changes, then initial_sync_req
   const m = c.chat('c1').messages.at(-1);
   assert.equal(m?.pending, false);
   assert.equal(m?.seq, 1);
+  c.close();
+});
+
+/** Goes offline (the network down), runs `edit`, comes back; returns the new socket, greeted. @param {ChatSyncClient} c @param {() => Promise<unknown>} edit */
+async function offlineThen(c, edit) {
+  const first = lastSocket();
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await edit();
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed && s !== first));
+  const socket = lastSocket();
+  socket.greet();
+  return socket;
+}
+
+/** Answers a `sync_offline_changes` frame: every change applied, at `versions`. @param {FakeSocket} socket @param {any} flush @param {any} [versions] */
+function applyAll(socket, flush, versions = { messages_v: 0, title_v: 1, draft_v: 1 }) {
+  const results = flush.payload.changes.map((/** @type {any} */ ch) => ({ change_id: ch.change_id, chat_id: ch.chat_id, type: ch.type, status: 'applied', versions }));
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: results.length, conflicts: 0, errors: 0, results } });
+}
+
+const C1 = {
+  chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Old', draft_json: null }],
+  server_chat_order: ['c1'],
+};
+
+test('a live write past max_frame_bytes is refused before it is sent (limit_exceeded) and reverted; the connection stays', { timeout: 5000 }, async () => {
+  FakeSocket.maxFrameBytes = 65536;
+  const c = client();
+  const socket = await online(c, C1);
+  await assert.rejects(c.sendMessage('c1', 'x'.repeat(70_000)), (/** @type {any} */ e) => e instanceof ChatSyncError && e.code === 'limit_exceeded');
+  assert.equal(c.chat('c1').messages.length, 0, 'the message is gone from the model');
+  assert.equal(c.queue.size, 0, 'and from the queue');
+  await assert.rejects(c.updateTitle('c1', '\u20ac'.repeat(30_000)), (/** @type {any} */ e) => e.code === 'limit_exceeded');
+  assert.equal(c.chat('c1').title, 'Old', 'the title edit is reverted');
+  assert.throws(() => c.send('chat_message_added', { chat_id: 'c1', message: { message_id: 'm', content: 'x'.repeat(70_000) } }), (/** @type {any} */ e) => e.code === 'limit_exceeded');
+  assert.deepEqual(socket.sent.map((f) => f.type), ['initial_sync_request'], 'nothing oversized went out');
+  assert.equal(socket.closed, false);
+  assert.equal(c.status, 'online');
+  c.close();
+});
+
+test('an offline queue past max_frame_bytes is split into frames that fit; an item that cannot fit alone is dropped once (change_rejected, message_rejected) and the rest is flushed', { timeout: 5000 }, async () => {
+  FakeSocket.maxFrameBytes = 65536;
+  const c = client();
+  await online(c, C1);
+  /** @type {any[]} */
+  const rejected = [];
+  c.on('change_rejected', (/** @type {any} */ r) => rejected.push(['change', r.chat_id, r.type, r.error.code]));
+  c.on('message_rejected', (/** @type {any} */ r) => rejected.push(['message', r.chat_id, r.message_id, r.error.code]));
+  const long = draftFromText('\u20ac'.repeat(7000)); // 21 KB of UTF-8: three fit in a frame, not four
+  const socket = await offlineThen(c, async () => {
+    await c.updateTitle('c1', 'z'.repeat(70_000));
+    for (const id of ['d1', 'd2', 'd3', 'd4']) await c.updateDraft(id, long);
+    await c.sendMessage('c1', 'x'.repeat(70_000), { messageId: 'm-big' });
+    await c.sendMessage('c1', 'small', { messageId: 'm-small' });
+  });
+  const first = await socket.next('sync_offline_changes');
+  assert.deepEqual(first.payload.changes.map((/** @type {any} */ ch) => ch.chat_id), ['d1', 'd2', 'd3']);
+  applyAll(socket, first);
+  const second = await socket.next('sync_offline_changes');
+  assert.deepEqual(second.payload.changes.map((/** @type {any} */ ch) => ch.chat_id), ['d4']);
+  applyAll(socket, second);
+  const sync = await socket.answerSync(C1);
+  assert.deepEqual(sync.payload.chat_versions.c1, { messages_v: 0, draft_v: 0 }, 'the refused title is fetched again');
+  const msg = await socket.next('chat_message_added');
+  assert.equal(msg.payload.message.message_id, 'm-small');
+  socket.push({ type: 'chat_message_confirmed', request_id: msg.request_id, payload: { chat_id: 'c1', message_id: 'm-small', temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 9 } });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.deepEqual(rejected, [['change', 'c1', 'title', 'limit_exceeded'], ['message', 'c1', 'm-big', 'limit_exceeded']]);
+  assert.equal(c.chat('c1').title, 'Old');
+  assert.deepEqual(c.chat('c1').messages.map((m) => m.message_id), ['m-small']);
+  assert.equal(c.queue.size, 0);
+  assert.equal(FakeSocket.instances.length, 2, 'no 1009 close, no reconnect');
   c.close();
 });
 
