@@ -377,13 +377,21 @@ export declare class StreamAssembler {
 
 export declare class OfflineQueue {
   constructor(storage?: QueueStorage | null, key?: string);
+  /** Waiting to be sent. */
   changes: OfflineChange[];
+  /** Sent, results not yet received (kept in storage; a reload queues them again). */
+  inFlight: OfflineChange[];
   messages: PendingMessage[];
+  /** Waiting changes and messages (not the in-flight ones). */
   readonly size: number;
   addChange(change: Omit<OfflineChange, 'change_id'>): OfflineChange;
   addMessage(message: PendingMessage): void;
   confirmMessage(chatId: string, messageId: string): void;
+  /** Moves at most `max` changes to `inFlight`. */
   takeChanges(max: number): OfflineChange[];
+  /** Forgets answered (or dropped) changes; rebases edits queued on top of an `applied` one. */
+  settle(changes: OfflineChange[], results?: OfflineResult[]): void;
+  /** Puts in-flight changes back in the queue (unless a newer edit of the component is queued). */
   restore(changes: OfflineChange[]): void;
   clear(): void;
 }

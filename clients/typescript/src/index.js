@@ -298,11 +298,17 @@ export class StreamAssembler {
   }
 }
 
+/** The version a change is checked against: `title` for titles, `draft` for drafts and deletions. @param {string} type */
+function componentOf(type) {
+  return type === 'title' ? 'title' : 'draft';
+}
+
 /**
  * Edits made while offline, waiting for the next connection. Title and draft edits of one chat are
  * coalesced (the newest value with the version seen before the first edit, so that the server can
  * tell a conflict); messages are kept in order and re-sent with their `message_id` (idempotent).
- * With a `storage` (e.g. `localStorage`) the queue survives a reload.
+ * Changes sent in a batch stay `inFlight` until its results arrive. With a `storage` (e.g.
+ * `localStorage`) the queue, in-flight changes included, survives a reload.
  */
 export class OfflineQueue {
   /**
@@ -314,6 +320,8 @@ export class OfflineQueue {
     this.key = key;
     /** @type {import('./index.js').OfflineChange[]} */
     this.changes = [];
+    /** @type {import('./index.js').OfflineChange[]} taken by {@link takeChanges}, not yet {@link settle}d */
+    this.inFlight = [];
     /** @type {import('./index.js').PendingMessage[]} */
     this.messages = [];
     this._seq = 0;
@@ -324,6 +332,8 @@ export class OfflineQueue {
           this.changes = saved.changes;
           this.messages = saved.messages;
           this._seq = Number(saved.seq) || 0;
+          // A batch whose results never arrived (reloaded during the round trip) is sent again.
+          if (Array.isArray(saved.in_flight)) this.restore(saved.in_flight);
         }
       } catch {
         // A corrupt saved queue is dropped: the server stays the truth.
@@ -343,9 +353,8 @@ export class OfflineQueue {
    * @returns {import('./index.js').OfflineChange}
    */
   addChange(change) {
-    const component = (/** @type {string} */ t) => (t === 'title' ? 'title' : 'draft');
     const i = this.changes.findIndex(
-      (c) => c.chat_id === change.chat_id && component(c.type) === component(change.type),
+      (c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type),
     );
     const queued = {
       change_id: `oc-${Date.now().toString(36)}-${++this._seq}`,
@@ -383,13 +392,38 @@ export class OfflineQueue {
   }
 
   /**
-   * Removes and returns at most `max` changes (oldest first).
+   * Moves at most `max` changes (oldest first) to {@link inFlight} and returns them.
    * @param {number} max
    */
   takeChanges(max) {
     const taken = this.changes.splice(0, Math.max(1, max));
+    this.inFlight.push(...taken);
     this.save();
     return taken;
+  }
+
+  /**
+   * Forgets changes the server answered (or that are dropped). An edit queued while an `applied` one
+   * was in flight, on the same base version, was made on top of it: it moves to the version the
+   * applied change produced, so that it is not taken for a conflict.
+   * @param {import('./index.js').OfflineChange[]} changes
+   * @param {import('./index.js').OfflineResult[]} [results]
+   */
+  settle(changes, results = []) {
+    for (const r of results) {
+      const sent = changes.find((c) => c.change_id === r.change_id);
+      if (!sent || r.status !== 'applied' || !r.versions) continue;
+      const component = componentOf(sent.type);
+      for (const c of this.changes) {
+        if (c.chat_id === sent.chat_id && componentOf(c.type) === component && c.version_before_edit === sent.version_before_edit) {
+          c.version_before_edit = r.versions[component === 'title' ? 'title_v' : 'draft_v'];
+        }
+      }
+    }
+    const ids = new Set(changes.map((c) => c.change_id));
+    this.inFlight = this.inFlight.filter((c) => !ids.has(c.change_id));
+    this.changes = this.changes.filter((c) => !ids.has(c.change_id));
+    this.save();
   }
 
   /**
@@ -398,9 +432,10 @@ export class OfflineQueue {
    * @param {import('./index.js').OfflineChange[]} changes
    */
   restore(changes) {
-    const component = (/** @type {string} */ t) => (t === 'title' ? 'title' : 'draft');
+    const ids = new Set(changes.map((c) => c.change_id));
+    this.inFlight = this.inFlight.filter((c) => !ids.has(c.change_id));
     const back = changes.filter(
-      (c) => !this.changes.some((n) => n.chat_id === c.chat_id && component(n.type) === component(c.type)),
+      (c) => !this.changes.some((n) => n.chat_id === c.chat_id && componentOf(n.type) === componentOf(c.type)),
     );
     this.changes.unshift(...back);
     this.save();
@@ -409,6 +444,7 @@ export class OfflineQueue {
   /** Forgets everything queued. */
   clear() {
     this.changes = [];
+    this.inFlight = [];
     this.messages = [];
     this.save();
   }
@@ -416,7 +452,8 @@ export class OfflineQueue {
   save() {
     if (!this.storage) return;
     try {
-      this.storage.setItem(this.key, JSON.stringify({ changes: this.changes, messages: this.messages, seq: this._seq }));
+      const saved = { changes: this.changes, in_flight: this.inFlight, messages: this.messages, seq: this._seq };
+      this.storage.setItem(this.key, JSON.stringify(saved));
     } catch {
       // Storage full or unavailable: the queue still lives in memory.
     }
@@ -1035,7 +1072,8 @@ export class ChatSyncClient extends Emitter {
         count += 1;
       }
       if (count === 0) {
-        const [change] = this.queue.takeChanges(1);
+        const change = this.queue.changes[0];
+        this.queue.settle([change]);
         const error = new ChatSyncError('limit_exceeded', `The offline ${change.type} change is larger than max_frame_bytes (${this._maxFrameBytes}).`, {
           limit: 'max_frame_bytes',
           chat_id: change.chat_id,
@@ -1049,9 +1087,12 @@ export class ChatSyncClient extends Emitter {
       try {
         reply = await this.request('sync_offline_changes', { changes: batch });
       } catch (e) {
+        // Refused as a whole (not a transient failure): dropped, as before in-flight changes were kept.
         if (isTransient(e)) this.queue.restore(batch);
+        else this.queue.settle(batch);
         throw e;
       }
+      this.queue.settle(batch, reply.payload.results ?? []);
       this._applyOfflineResults(reply.payload);
       this.emit('offline_flushed', reply.payload);
     }

@@ -473,6 +473,50 @@ test('the offline queue survives in storage', () => {
   assert.equal(new OfflineQueue(storage, 'k').size, 0, 'a corrupt queue is dropped');
 });
 
+test('changes sent in a batch stay in storage until their results arrive: a reload queues them again', () => {
+  /** @type {Map<string, string>} */
+  const store = new Map();
+  const storage = { getItem: (/** @type {string} */ k) => store.get(k) ?? null, setItem: (/** @type {string} */ k, /** @type {string} */ v) => void store.set(k, v) };
+  const q = new OfflineQueue(storage, 'k');
+  q.addChange({ chat_id: 'a', type: 'title', value: 'A', version_before_edit: 1 });
+  q.addChange({ chat_id: 'b', type: 'draft', value: { type: 'doc' }, version_before_edit: 2 });
+  const batch = q.takeChanges(10);
+  assert.equal(q.size, 0);
+  q.addChange({ chat_id: 'b', type: 'draft', value: { type: 'doc', n: 2 }, version_before_edit: 2 });
+  const reloaded = new OfflineQueue(storage, 'k');
+  assert.deepEqual(
+    reloaded.changes.map((c) => [c.chat_id, c.value, c.version_before_edit]),
+    [['a', 'A', 1], ['b', { type: 'doc', n: 2 }, 2]],
+    'the in-flight title is back; the in-flight draft gave way to the newer edit of it',
+  );
+  assert.equal(reloaded.inFlight.length, 0);
+  assert.equal(q.inFlight.length, 2);
+  q.settle(batch, []);
+  assert.deepEqual(new OfflineQueue(storage, 'k').changes.map((c) => c.chat_id), ['b'], 'answered: gone from storage too');
+});
+
+test('an edit queued while an offline change of the same component is in flight moves to the version it produced', { timeout: 5000 }, async () => {
+  const c = client();
+  await online(c, C1);
+  const socket = await offlineThen(c, () => c.updateTitle('c1', 'A'));
+  const first = await socket.next('sync_offline_changes');
+  assert.equal(first.payload.changes[0].version_before_edit, 1);
+  await c.updateTitle('c1', 'AB'); // typed during the round trip, on top of 'A'
+  await c.updateDraft('c1', draftFromText('d')); // another component: untouched
+  socket.push({ type: 'chat_title_updated', request_id: first.request_id, payload: { chat_id: 'c1', data: { title: 'A' }, versions: { title_v: 2 } } });
+  applyAll(socket, first, { messages_v: 0, title_v: 2, draft_v: 0 });
+  const second = await socket.next('sync_offline_changes');
+  assert.deepEqual(
+    second.payload.changes.map((/** @type {any} */ ch) => [ch.type, ch.value, ch.version_before_edit]),
+    [['title', 'AB', 2], ['draft', draftFromText('d'), 0]],
+  );
+  applyAll(socket, second, { messages_v: 0, title_v: 3, draft_v: 1 });
+  await socket.answerSync();
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.queue.inFlight.length, 0);
+  c.close();
+});
+
 test('live events update the model: titles, drafts, messages, deletions, unread counts', async () => {
   const c = client();
   const socket = await online(c, {
