@@ -313,9 +313,14 @@ export interface StreamState {
   seq: number;
   /** The text so far. */
   text: string;
+  /**
+   * `cancelled` also for a stream that ended unseen (open here, missing from a later sync's
+   * `active_streams`): then `reason` is `ended_unseen`.
+   */
   state: 'open' | 'completed' | 'cancelled';
   /** False when chunks before the first one seen are unknown (the stored message has the whole text). */
   complete: boolean;
+  /** The `stream_cancelled` reason, or `ended_unseen`. */
   reason?: string;
   /** The stored message's seq, once completed. */
   seq_stored?: number;

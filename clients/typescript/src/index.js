@@ -759,8 +759,19 @@ export class ChatSyncClient extends Emitter {
     const payload = { chat_versions };
     if (this.activeChatId) payload.immediate_view_chat_id = this.activeChatId;
     const stale = this._stale;
+    const openBefore = this.streams.open();
     const reply = await this.request('initial_sync_request', payload);
     if (this._stale === stale) this._stale = new Map();
+    // A stream open here before the request and missing from `active_streams` ended unseen (while
+    // disconnected): how is unknown, so it ends as cancelled, reason `ended_unseen` (a completed one's
+    // message comes with the chat's messages). A stream started after the request is left alone.
+    const active = new Set((reply.payload.active_streams ?? []).map((/** @type {import('./index.js').ActiveStream} */ a) => StreamAssembler.key(a.chat_id, a.stream_id)));
+    for (const s of openBefore) {
+      if (active.has(StreamAssembler.key(s.chat_id, s.stream_id)) || this.streams.get(s.chat_id, s.stream_id) !== s) continue;
+      this.streams.finish(s.chat_id, s.stream_id, 'cancelled').reason = 'ended_unseen';
+      this.emit('stream', s);
+      this.emit('change', s.chat_id);
+    }
     return reply.payload;
   }
 

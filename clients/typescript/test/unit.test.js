@@ -622,6 +622,32 @@ test('active_streams of an initial sync seed streams that then continue; cancel_
   c.close();
 });
 
+test('a stream that ended while disconnected ends at the next sync (cancelled, ended_unseen); one started since the request stays', { timeout: 5000 }, async () => {
+  const c = client();
+  const first = await online(c);
+  const started = (/** @type {string} */ id) => ({ type: 'stream_started', payload: { chat_id: 'a', stream_id: id, message_id: `m-${id}`, sender_name: 'assistant', meta: {} } });
+  first.push(started('gone'));
+  first.push(started('alive'));
+  await until(() => c.streams.open().length === 2);
+  /** @type {any[]} */
+  const seen = [];
+  c.on('stream', (/** @type {any} */ s) => seen.push([s.stream_id, s.state, s.reason]));
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  socket.push(started('new')); // after the server built its reply
+  const alive = { chat_id: 'a', stream_id: 'alive', message_id: 'm-alive', sender_name: 'assistant', meta: {}, seq: 2, content_so_far: 'hi' };
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: [], sync_completed_at: '', active_streams: [alive], more: true } });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: ['a'], sync_completed_at: 'T', active_streams: [] } });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.deepEqual(c.streams.open().map((s) => s.stream_id).sort(), ['alive', 'new']);
+  assert.deepEqual(seen.filter(([, state]) => state !== 'open'), [['gone', 'cancelled', 'ended_unseen']]);
+  assert.equal(c.streams.streams.size, 2, 'the map does not grow');
+  c.close();
+});
+
 test('a chunk of a stream never seen starts it, marked incomplete unless it is the first', () => {
   const a = new StreamAssembler();
   assert.equal(a.chunk({ chat_id: 'c', stream_id: 's', seq: 4, delta: 'x' })?.complete, false);
