@@ -1306,13 +1306,14 @@ export class ChatSyncClient extends Emitter {
           // A broadcast received after the server built this reply may already be newer.
           if ('title' in entry && v.title_v >= chat.versions.title_v) chat.title = entry.title;
           if ('draft_json' in entry && v.draft_v >= chat.versions.draft_v) chat.draft_json = entry.draft_json;
+          // Its count leaves out messages this client already holds from a newer broadcast.
+          if (typeof entry.unread_count === 'number' && (v.messages_v ?? 0) >= chat.versions.messages_v) chat.unread_count = entry.unread_count;
           chat.versions = {
             messages_v: Math.max(chat.versions.messages_v, v.messages_v ?? 0),
             title_v: Math.max(chat.versions.title_v, v.title_v ?? 0),
             draft_v: Math.max(chat.versions.draft_v, v.draft_v ?? 0),
           };
           chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, entry.last_edited_overall_timestamp ?? 0);
-          if (typeof entry.unread_count === 'number') chat.unread_count = entry.unread_count;
           if (Array.isArray(entry.messages)) this._mergeMessages(chat, entry.messages);
         }
         // Chats the server no longer has come in `chat_ids_to_delete` (they were in `chat_versions`); a chat

@@ -571,6 +571,26 @@ test('markRead sends mark_read and chat_read_updated sets the unread count', asy
   c.close();
 });
 
+test('an initial sync older than a message from another sender does not reset its unread count', { timeout: 5000 }, async () => {
+  const c = client();
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length === 1);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'chat_message_added', payload: { chat_id: 'c1', message: { message_id: 'a1', seq: 1, sender_name: 'assistant', content: 'hi', created_at: 'T', client_timestamp: null }, versions: { messages_v: 1 }, last_edited_overall_timestamp: 2 } });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '' }], server_chat_order: ['c1'], sync_completed_at: 'T' } });
+  await ready;
+  assert.equal(c.chat('c1').unread_count, 1);
+  // A reply as new as what is held sets the count (another device read the chat).
+  const p = c.sync();
+  const again = await socket.next('initial_sync_request');
+  socket.push({ type: 'initial_sync_response', request_id: again.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0 }], server_chat_order: ['c1'], sync_completed_at: 'T' } });
+  await p;
+  assert.equal(c.chat('c1').unread_count, 0);
+  c.close();
+});
+
 test('stream assembly: in order, repeated seq ignored, merged chunks appended, completion fetches the stored message', async () => {
   const c = client();
   const socket = await online(c);
