@@ -332,6 +332,12 @@ export interface OfflineChange {
   type: 'title' | 'draft' | 'delete_draft';
   value: unknown;
   version_before_edit: number;
+  /**
+   * Local only (never sent): the value of a live write of this component, on `version_before_edit`,
+   * whose reply never arrived. A conflict that only this write explains is not a loss: the edit is
+   * sent again on top of it.
+   */
+  written?: unknown;
 }
 
 export interface PendingMessage {
@@ -396,6 +402,8 @@ export declare class OfflineQueue {
   takeChanges(max: number): OfflineChange[];
   /** Forgets answered (or dropped) changes; rebases edits queued on top of an `applied` one. */
   settle(changes: OfflineChange[], results?: OfflineResult[]): void;
+  /** Queues a change again on `version` (or moves the newer queued edit of its component there); returns the queued edit. */
+  requeue(change: OfflineChange, version: number): OfflineChange;
   /** Puts in-flight changes back in the queue (unless a newer edit of the component is queued). */
   restore(changes: OfflineChange[]): void;
   clear(): void;

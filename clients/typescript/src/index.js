@@ -304,6 +304,28 @@ function componentOf(type) {
 }
 
 /**
+ * JSON text with object keys sorted at every depth, to compare two values.
+ * @param {unknown} value
+ * @returns {string}
+ */
+function canonicalJson(value) {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(',')}]`;
+  if (value && typeof value === 'object') {
+    const entries = Object.entries(value).filter(([, v]) => v !== undefined).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(',')}}`;
+  }
+  return JSON.stringify(value) ?? 'null';
+}
+
+/**
+ * An offline change as sent: without the local-only `written`.
+ * @param {import('./index.js').OfflineChange} change
+ */
+function wireChange({ written, ...change }) {
+  return change;
+}
+
+/**
  * Edits made while offline, waiting for the next connection. Title and draft edits of one chat are
  * coalesced (the newest value with the version seen before the first edit, so that the server can
  * tell a conflict); messages are kept in order and re-sent with their `message_id` (idempotent).
@@ -348,21 +370,24 @@ export class OfflineQueue {
 
   /**
    * Queues a title, draft or draft deletion; replaces a queued edit of the same component of the same
-   * chat (keeping its `version_before_edit`).
-   * @param {{chat_id: string, type: 'title' | 'draft' | 'delete_draft', value: unknown, version_before_edit: number}} change
+   * chat (keeping its `version_before_edit` and `written`).
+   * @param {Omit<import('./index.js').OfflineChange, 'change_id'>} change
    * @returns {import('./index.js').OfflineChange}
    */
   addChange(change) {
     const i = this.changes.findIndex(
       (c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type),
     );
+    const first = i >= 0 ? this.changes[i] : change;
+    /** @type {import('./index.js').OfflineChange} */
     const queued = {
       change_id: `oc-${Date.now().toString(36)}-${++this._seq}`,
       chat_id: change.chat_id,
       type: change.type,
       value: change.type === 'delete_draft' ? null : change.value,
-      version_before_edit: i >= 0 ? this.changes[i].version_before_edit : change.version_before_edit,
+      version_before_edit: first.version_before_edit,
     };
+    if ('written' in first) queued.written = first.written;
     if (i >= 0) this.changes.splice(i, 1);
     this.changes.push(queued);
     this.save();
@@ -413,17 +438,37 @@ export class OfflineQueue {
     for (const r of results) {
       const sent = changes.find((c) => c.change_id === r.change_id);
       if (!sent || r.status !== 'applied' || !r.versions) continue;
-      const component = componentOf(sent.type);
-      for (const c of this.changes) {
-        if (c.chat_id === sent.chat_id && componentOf(c.type) === component && c.version_before_edit === sent.version_before_edit) {
-          c.version_before_edit = r.versions[component === 'title' ? 'title_v' : 'draft_v'];
-        }
-      }
+      this._rebase(sent, r.versions[componentOf(sent.type) === 'title' ? 'title_v' : 'draft_v']);
     }
     const ids = new Set(changes.map((c) => c.change_id));
     this.inFlight = this.inFlight.filter((c) => !ids.has(c.change_id));
     this.changes = this.changes.filter((c) => !ids.has(c.change_id));
     this.save();
+  }
+
+  /**
+   * Queues `change` again on `version`; when a newer edit of its component is queued, that one (if made
+   * on the change's base) moves to `version` instead. Returns the queued edit.
+   * @param {import('./index.js').OfflineChange} change
+   * @param {number} version
+   * @returns {import('./index.js').OfflineChange}
+   */
+  requeue(change, version) {
+    const newer = this._rebase(change, version);
+    if (!newer) return this.addChange({ chat_id: change.chat_id, type: change.type, value: change.value, version_before_edit: version });
+    this.save();
+    return newer;
+  }
+
+  /**
+   * The queued edit of `change`'s component, moved to `version` if it was made on the change's base.
+   * @param {import('./index.js').OfflineChange} change
+   * @param {number} version
+   */
+  _rebase(change, version) {
+    const newer = this.changes.find((c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type));
+    if (newer && newer.version_before_edit === change.version_before_edit) newer.version_before_edit = version;
+    return newer;
   }
 
   /**
@@ -552,6 +597,8 @@ export class ChatSyncClient extends Emitter {
     this.chats = new Map();
     /** @type {Map<string, Set<'title' | 'draft'>>} components to fetch again at the next sync */
     this._stale = new Map();
+    /** @type {import('./index.js').OfflineChange[]} conflicts to look at again after the next sync (see {@link _flushChanges}) */
+    this._recheck = [];
     /** Deleted chat ids (never reused; late events for them are ignored). */
     this.deleted = new Set();
     this.streams = new StreamAssembler();
@@ -759,9 +806,12 @@ export class ChatSyncClient extends Emitter {
     const payload = { chat_versions };
     if (this.activeChatId) payload.immediate_view_chat_id = this.activeChatId;
     const stale = this._stale;
+    const rechecks = [...this._recheck];
     const openBefore = this.streams.open();
     const reply = await this.request('initial_sync_request', payload);
     if (this._stale === stale) this._stale = new Map();
+    this._recheck = this._recheck.filter((c) => !rechecks.includes(c));
+    for (const change of rechecks) this._recheckConflict(change);
     // A stream open here before the request and missing from `active_streams` ended unseen (while
     // disconnected): how is unknown, so it ends as cancelled, reason `ended_unseen` (a completed one's
     // message comes with the chat's messages). A stream started after the request is left alone.
@@ -773,6 +823,26 @@ export class ChatSyncClient extends Emitter {
       this.emit('change', s.chat_id);
     }
     return reply.payload;
+  }
+
+  /**
+   * A queued edit that conflicted, and that carries the value of a live write whose reply never arrived
+   * (`written`, on the same base): if the server's component is now exactly one version past that base
+   * and holds that value, the only write since was this device's own, so the edit made on top of it is
+   * queued again on the server's version (else the conflict stands: the server's value stays).
+   * @param {import('./index.js').OfflineChange} change
+   */
+  _recheckConflict(change) {
+    const chat = this.chats.get(change.chat_id);
+    const isTitle = componentOf(change.type) === 'title';
+    if (!chat) return;
+    const version = change.version_before_edit + 1;
+    if ((isTitle ? chat.versions.title_v : chat.versions.draft_v) !== version) return;
+    if (canonicalJson(isTitle ? chat.title : chat.draft_json) !== canonicalJson(change.written)) return;
+    const queued = this.queue.requeue(change, version);
+    if (isTitle) chat.title = /** @type {string} */ (queued.value);
+    else chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (queued.value);
+    this.emit('change', chat.chat_id);
   }
 
   /**
@@ -1078,7 +1148,7 @@ export class ChatSyncClient extends Emitter {
       let count = 0;
       let bytes = empty;
       while (count < Math.min(max, this.queue.changes.length)) {
-        bytes += utf8Length(JSON.stringify(this.queue.changes[count])) + (count > 0 ? 1 : 0);
+        bytes += utf8Length(JSON.stringify(wireChange(this.queue.changes[count]))) + (count > 0 ? 1 : 0);
         if (bytes > this._maxFrameBytes) break;
         count += 1;
       }
@@ -1096,7 +1166,7 @@ export class ChatSyncClient extends Emitter {
       const batch = this.queue.takeChanges(count);
       let reply;
       try {
-        reply = await this.request('sync_offline_changes', { changes: batch });
+        reply = await this.request('sync_offline_changes', { changes: batch.map(wireChange) });
       } catch (e) {
         // Refused as a whole (not a transient failure): dropped, as before in-flight changes were kept.
         if (isTransient(e)) this.queue.restore(batch);
@@ -1104,6 +1174,14 @@ export class ChatSyncClient extends Emitter {
         throw e;
       }
       this.queue.settle(batch, reply.payload.results ?? []);
+      for (const r of reply.payload.results ?? []) {
+        const sent = batch.find((c) => c.change_id === r.change_id);
+        if (r.status !== 'conflict' || !sent || !('written' in sent) || canonicalJson(sent.value) === canonicalJson(sent.written)) continue;
+        // Maybe a conflict with this device's own write whose reply was lost: the next sync brings the
+        // server's value of that component, to tell (see _recheckConflict).
+        this._recheck.push(sent);
+        this._markStale(sent.chat_id, sent.type);
+      }
       this._applyOfflineResults(reply.payload);
       this.emit('offline_flushed', reply.payload);
     }
@@ -1138,13 +1216,22 @@ export class ChatSyncClient extends Emitter {
         this._forget(r.chat_id);
         if (error.code === 'not_found') this.deleted.add(r.chat_id);
       } else {
-        const stale = this._stale.get(r.chat_id) ?? new Set();
-        stale.add(r.type === 'title' ? 'title' : 'draft');
-        this._stale.set(r.chat_id, stale);
+        this._markStale(r.chat_id, r.type);
       }
     }
     this.emit('change_rejected', { ...r, error });
     if (chat) this.emit('change', r.chat_id);
+  }
+
+  /**
+   * The next sync asks for this component again (a missing version counts as -1).
+   * @param {string} chatId
+   * @param {string | null} type a change type
+   */
+  _markStale(chatId, type) {
+    const stale = this._stale.get(chatId) ?? new Set();
+    stale.add(componentOf(type ?? 'draft'));
+    this._stale.set(chatId, stale);
   }
 
   async _flushMessages() {
@@ -1182,8 +1269,9 @@ export class ChatSyncClient extends Emitter {
       return { queued: false, reply };
     } catch (e) {
       if (isTransient(e)) {
-        // Safe to repeat: if it was applied, the version check makes the repeat a conflict.
-        this.queue.addChange(change);
+        // Safe to repeat: if it was applied, the version check makes the repeat a conflict. The value
+        // is remembered (`written`) to tell that conflict from another device's write.
+        this.queue.addChange({ ...change, written: change.value });
         this._retrySoon();
         return { queued: true };
       }
@@ -1205,6 +1293,10 @@ export class ChatSyncClient extends Emitter {
       if (this.status !== 'online' || this.queue.size === 0) return;
       try {
         await this._flushChanges();
+        if (this._recheck.length > 0) {
+          await this.sync();
+          await this._flushChanges();
+        }
         await this._flushMessages();
         this._flushAttempt = 0;
       } catch (e) {

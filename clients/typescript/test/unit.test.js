@@ -517,6 +517,36 @@ test('an edit queued while an offline change of the same component is in flight 
   c.close();
 });
 
+test('an offline edit on top of an online write whose reply was lost is sent again when the conflict is only that write', { timeout: 5000 }, async () => {
+  const c = client();
+  const title = (/** @type {string} */ id, /** @type {number} */ v, /** @type {string} */ t) => ({ chat_id: id, type: 'updated_chat', versions: { messages_v: 0, title_v: v, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: t });
+  const first = await online(c, { chats_to_add_or_update: [title('c1', 0, ''), title('c2', 0, '')], server_chat_order: ['c1', 'c2'] });
+  const p1 = c.updateTitle('c1', 'T1');
+  const p2 = c.updateTitle('c2', 'U1');
+  await first.next('update_title');
+  await first.next('update_title'); // the server applies both (title_v 1); the replies are lost
+  const socket = await offlineThen(c, async () => {
+    assert.deepEqual([await p1, await p2], [{ queued: true }, { queued: true }]);
+    await c.updateTitle('c1', 'T2');
+    await c.updateTitle('c2', 'U2');
+  });
+  const flush = await socket.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit, 'written' in ch]), [['T2', 0, false], ['U2', 0, false]]);
+  const results = flush.payload.changes.map((/** @type {any} */ ch) => ({ change_id: ch.change_id, chat_id: ch.chat_id, type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 1, draft_v: 0 } }));
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 2, errors: 0, results } });
+  // c1 holds this device's lost write; c2 another device's title.
+  const sync = await socket.answerSync({ chats_to_add_or_update: [title('c1', 1, 'T1'), title('c2', 1, 'Other')], server_chat_order: ['c1', 'c2'] });
+  assert.equal(sync.payload.chat_versions.c1.title_v, undefined, 'the title is fetched again');
+  const again = await socket.next('sync_offline_changes');
+  assert.deepEqual(again.payload.changes.map((/** @type {any} */ ch) => [ch.chat_id, ch.value, ch.version_before_edit]), [['c1', 'T2', 1]]);
+  assert.equal(c.chat('c1').title, 'T2');
+  applyAll(socket, again, { messages_v: 0, title_v: 2, draft_v: 0 });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chat('c2').title, 'Other', 'a conflict with another write still gives way');
+  assert.equal(c.queue.size, 0);
+  c.close();
+});
+
 test('live events update the model: titles, drafts, messages, deletions, unread counts', async () => {
   const c = client();
   const socket = await online(c, {
