@@ -1,7 +1,8 @@
 // @ts-check
 /**
  * @file Unit tests of the SDK against a fake socket: backoff, request/reply by `request_id` (multi-part
- * replies, errors, disconnects), the offline queue and its flush order on reconnect, close handling,
+ * replies, errors, disconnects), the offline queue (flush order on reconnect, in-flight batches, frames
+ * past max_frame_bytes), close handling,
  * the local model, read markers, and stream assembly (the parts whose server side is built elsewhere).
  */
 import { test, beforeEach } from 'node:test';
