@@ -82,6 +82,7 @@ async function signIn(token, device) {
   c.on('change', () => scheduleRender());
   c.on('stream', () => scheduleRender());
   c.on('message_rejected', (/** @type {any} */ r) => toast(`A queued message was refused: ${r.error.message}`));
+  c.on('change_rejected', (/** @type {any} */ r) => toast(`A queued ${r.type === 'title' ? 'title' : 'draft'} change was refused: ${r.error.message}`));
   c.on('closed', (/** @type {{code: number, reason: string}} */ e) => {
     if (client !== c || e.reason === 'signed out') return;
     showSignIn(`The server closed the connection: ${e.code} ${e.reason}`);
