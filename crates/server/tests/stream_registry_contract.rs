@@ -222,3 +222,35 @@ async fn a_start_that_cannot_be_indexed_for_the_idle_sweep_opens_nothing() {
     assert_eq!(full.take(&k).await.unwrap().map(|s| s.seq), Some(0));
     let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
 }
+
+/// A sweep that fails on one stream still returns the streams it already removed (their `stream_cancelled`
+/// is announced from that list alone) and goes on with the next ones. The failing one here is a key that
+/// is not a stream's hash (a string where the hash should be): it is dropped from the idle index, so it does
+/// not fail every later sweep.
+#[tokio::test]
+async fn a_sweep_that_fails_on_one_stream_returns_those_it_removed() {
+    let Some(url) = common::cluster::redis_url() else { return };
+    let prefix = common::cluster::unique_prefix();
+    let r = RedisStreams::new(&url, &prefix, MasterKey::generate().derive("streams"), MAX, Duration::from_secs(60))
+        .unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // The broken stream first, alone, to find its hash key; then one idle before it and one after it.
+    let (first, broken, last) = (key("alice", "c1", "first"), key("alice", "c1", "broken"), key("bob", "c1", "last"));
+    r.open(&broken, &info("m2"), 2_000).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}stream:*")).query_async(&mut conn).await.unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: () = redis::cmd("SET").arg(&keys[0]).arg("not a hash").query_async(&mut conn).await.unwrap();
+    r.open(&first, &info("m1"), 1_000).await.unwrap();
+    r.open(&last, &info("m3"), 3_000).await.unwrap();
+
+    let swept = r.sweep_idle(4_000).await.expect("what was removed is returned");
+    assert_eq!(swept, vec![first.clone(), last.clone()], "before and after the broken one");
+    assert!(!r.is_open(&first).await.unwrap() && !r.is_open(&last).await.unwrap());
+    assert_eq!(r.sweep_idle(4_000).await, Ok(vec![]), "the broken key left the idle index");
+    let idle: Vec<String> =
+        redis::cmd("ZRANGE").arg(format!("{prefix}streams:idle")).arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+    assert!(idle.is_empty(), "{idle:?}");
+    let _: () =
+        redis::cmd("DEL").arg(&keys[0]).arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
+}

@@ -258,9 +258,9 @@ impl RedisStreams {
 
     /// Runs script `index` (of [`SCRIPTS`]) with EVALSHA, loading the scripts on a new connection and
     /// again after a NOSCRIPT (a Redis restart or flush); reconnects after a connection error.
-    async fn eval(&self, index: usize, keys: &[&str], args: Vec<Vec<u8>>) -> Result<Value, StreamError> {
+    async fn eval(&self, index: usize, keys: &[&str], args: Vec<Vec<u8>>) -> Result<Value, EvalError> {
         for _attempt in 0..2 {
-            let (mut conn, shas) = self.connection().await?;
+            let (mut conn, shas) = self.connection().await.map_err(|e| EvalError::Connection(e.to_string()))?;
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(&shas[index]).arg(keys.len()).arg(keys);
             for a in &args {
@@ -271,12 +271,14 @@ impl RedisStreams {
                 Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => self.reset().await,
                 Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() => {
                     self.reset().await;
-                    return Err(unavailable(e));
+                    return Err(EvalError::Connection(e.to_string()));
                 }
-                Err(e) => return Err(unavailable(e)),
+                Err(e) => {
+                    return Err(EvalError::Refused { wrong_type: e.code() == Some("WRONGTYPE"), detail: e.to_string() })
+                }
             }
         }
-        Err(StreamError::Unavailable("Redis keeps forgetting the stream scripts".into()))
+        Err(EvalError::Refused { wrong_type: false, detail: "Redis keeps forgetting the stream scripts".into() })
     }
 
     /// Puts a stream's entry in the idle index at `now_ms`, *before* the stream is opened or put back: a
@@ -327,6 +329,29 @@ fn int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
         _ => None,
+    }
+}
+
+/// Why a script gave no reply.
+#[derive(Debug)]
+enum EvalError {
+    /// No connection, or it failed (and was reset): the next command is likely to fail too.
+    Connection(String),
+    /// Redis answered with an error; `wrong_type` when a key is not of the type the script expects (a key
+    /// that is not this registry's, or damaged: every later run on it fails the same way).
+    Refused {
+        /// The reply was WRONGTYPE.
+        wrong_type: bool,
+        /// Redis's message.
+        detail: String,
+    },
+}
+
+impl From<EvalError> for StreamError {
+    fn from(e: EvalError) -> StreamError {
+        match e {
+            EvalError::Connection(detail) | EvalError::Refused { detail, .. } => StreamError::Unavailable(detail),
+        }
     }
 }
 
@@ -469,24 +494,27 @@ impl StreamRegistry for RedisStreams {
             }
             _ => Vec::new(),
         };
+        // Streams removed here are returned whatever fails later: they are gone from Redis, and only this
+        // sweep can announce their end. A failure on one stream is logged and the sweep goes on with the
+        // next (it is retried at the next sweep), except a lost connection, which ends this sweep.
         let mut idle = Vec::new();
         for member in members {
             let Some((u, s)) = member.split_once(':') else { continue };
             let n = self.names_of(u, s);
-            let v = self
+            let swept = self
                 .eval(3, &[&n.hash, &n.chunks, &n.user_set], vec![cutoff_ms.to_string().into(), n.sid.clone().into()])
-                .await?;
+                .await;
             let mut fix = redis::cmd("ZADD");
-            match v {
+            match swept {
                 // Active since: move its hint forward.
-                Value::Int(last) if last >= 0 => {
+                Ok(Value::Int(last)) if last >= 0 => {
                     fix.arg(self.idle_set()).arg("XX").arg(last).arg(&member);
                 }
-                Value::Int(_) => {
+                Ok(Value::Int(_)) => {
                     fix = redis::cmd("ZREM");
                     fix.arg(self.idle_set()).arg(&member);
                 }
-                other => {
+                Ok(other) => {
                     fix = redis::cmd("ZREM");
                     fix.arg(self.idle_set()).arg(&member);
                     match bytes(Some(other)).map(|b| self.open_rec(&n, &b)) {
@@ -494,8 +522,25 @@ impl StreamRegistry for RedisStreams {
                         _ => tracing::warn!(stream = %member, "an idle stream's record does not open; dropped"),
                     }
                 }
+                // Not a stream's hash (no stream can be open under it: every script fails on it), so
+                // nothing to time out; dropped from the index so that it does not fail every sweep.
+                Err(EvalError::Refused { wrong_type: true, detail }) => {
+                    tracing::warn!(stream = %member, error = %detail, "an idle stream's key is not a stream; dropped from the idle index");
+                    fix = redis::cmd("ZREM");
+                    fix.arg(self.idle_set()).arg(&member);
+                }
+                Err(EvalError::Refused { detail, .. }) => {
+                    tracing::warn!(stream = %member, error = %detail, "idle stream not swept (retried at the next sweep)");
+                    continue;
+                }
+                Err(EvalError::Connection(detail)) => {
+                    tracing::warn!(error = %detail, "idle stream sweep interrupted (retried at the next sweep)");
+                    break;
+                }
             }
-            self.command(fix).await?;
+            if let Err(e) = self.command(fix).await {
+                tracing::debug!(stream = %member, error = %e, "idle index not updated (the next sweep looks again)");
+            }
         }
         Ok(idle)
     }
