@@ -78,6 +78,65 @@ async fn chunks_follow_the_seq_rules_and_the_cap() {
     }
 }
 
+/// Empty chunks are chunks like any other (they move `seq` and the idle clock, and survive a take and a
+/// put-back) and take no room: in Redis they add no entry to the stream's chunk list, so a backend sending
+/// them without end does not grow Redis (each used to add a sealed entry that the text cap did not count).
+#[tokio::test]
+async fn empty_chunks_move_the_seq_and_take_no_room() {
+    for (name, r, other_node) in registries().await {
+        let k = key("alice", "c1", "s1");
+        r.open(&k, &info("m1"), 1_000).await.unwrap();
+        assert_eq!(r.append(&k, 1, "", 1_000).await, Ok(Appended::Accepted), "{name}: an empty first chunk");
+        assert_eq!(r.append(&k, 2, "a", 1_000).await, Ok(Appended::Accepted), "{name}");
+        for seq in 3..=202 {
+            assert_eq!(r.append(&k, seq, "", 3_000).await, Ok(Appended::Accepted), "{name}: chunk {seq}");
+        }
+        assert_eq!(r.append(&k, 202, "zzz", 3_000).await, Ok(Appended::Duplicate), "{name}");
+        assert_eq!(r.append(&k, 204, "", 3_000).await, Err(StreamError::Gap { last: 202, got: 204 }), "{name}");
+        assert_eq!(r.sweep_idle(2_999).await.unwrap(), vec![], "{name}: empty chunks keep the stream active");
+        let listed = other_node.list("alice").await.unwrap();
+        assert_eq!(listed.iter().map(|s| (s.seq, s.content.as_str())).collect::<Vec<_>>(), [(202, "a")], "{name}");
+        // Taken and put back with trailing empty chunks, and with nothing but empty chunks.
+        let taken = r.take(&k).await.unwrap().expect("open");
+        assert_eq!((taken.seq, taken.content.as_str()), (202, "a"), "{name}");
+        r.restore(taken, 4_000).await.unwrap();
+        assert_eq!(r.append(&k, 203, "b", 4_000).await, Ok(Appended::Accepted), "{name}: restored with its seq");
+        assert_eq!(r.append(&k, 204, "", 4_000).await, Ok(Appended::Accepted), "{name}");
+        let again = other_node.take(&k).await.unwrap().expect("restored");
+        assert_eq!((again.seq, again.content.as_str()), (204, "ab"), "{name}");
+        let k2 = key("alice", "c1", "s2");
+        r.open(&k2, &info("m2"), 4_000).await.unwrap();
+        r.append(&k2, 1, "", 4_000).await.unwrap();
+        let empty = r.take(&k2).await.unwrap().expect("open");
+        assert_eq!((empty.seq, empty.content.as_str()), (1, ""), "{name}");
+        r.restore(empty, 5_000).await.unwrap();
+        assert_eq!(r.append(&k2, 2, "x", 5_000).await, Ok(Appended::Accepted), "{name}");
+        assert_eq!(r.take(&k2).await.unwrap().map(|s| (s.seq, s.content)), Some((2, "x".into())), "{name}");
+    }
+
+    // Redis holds one entry per chunk with text, however many empty chunks came between.
+    let Some(url) = common::cluster::redis_url() else { return };
+    let prefix = common::cluster::unique_prefix();
+    let r = RedisStreams::new(&url, &prefix, MasterKey::generate().derive("streams"), MAX, Duration::from_secs(60))
+        .unwrap();
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1).await.unwrap();
+    r.append(&k, 1, "a", 2).await.unwrap();
+    for seq in 2..=1_001 {
+        r.append(&k, seq, "", 2).await.unwrap();
+    }
+    r.append(&k, 1_002, "b", 2).await.unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let lists: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{prefix}stream:*:c")).query_async(&mut conn).await.unwrap();
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    let entries: i64 = redis::cmd("LLEN").arg(&lists[0]).query_async(&mut conn).await.unwrap();
+    assert_eq!(entries, 2, "1,002 chunks, two of them with text");
+    assert_eq!(r.take(&k).await.unwrap().map(|s| (s.seq, s.content)), Some((1_002, "ab".into())));
+    let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
+}
+
 #[tokio::test]
 async fn take_closes_the_stream_once_and_restore_puts_it_back() {
     for (name, r, other_node) in registries().await {

@@ -6,7 +6,10 @@
 //! * `P stream:{U}:S`: a hash `rec` (the key and [`StreamInfo`], sealed), `seq`, `bytes` (text so far),
 //!   `last` (unix ms of the start or last chunk);
 //! * `P stream:{U}:S:c`: a list of sealed chunks, each `seq` (8 bytes, big endian) + delta, bound to its
-//!   stream by the associated data and checked on read to be strictly increasing;
+//!   stream by the associated data and checked on read to be strictly increasing and to end at or before
+//!   `seq`. Only chunks with text are kept: an empty delta moves `seq` and `last` and adds no entry, so the
+//!   list has at most one entry per byte of the stream's capped text (an entry per empty chunk grew it
+//!   without bound, and READ copies the whole list inside its script);
 //! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`);
 //! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`),
 //!   its expiry pushed forward by every open and every sweep.
@@ -40,7 +43,8 @@ return false
 "#;
 
 /// Appends chunk `seq`: 1 accepted, 0 duplicate, -1 not open, -2 gap (then the last seq as 2nd), -3 cap.
-/// KEYS: hash, chunks, user set. ARGV: seq, sealed chunk, delta bytes, cap, now, ttl ms.
+/// KEYS: hash, chunks, user set. ARGV: seq, sealed chunk (empty for an empty delta: nothing is pushed),
+/// delta bytes, cap, now, ttl ms.
 const APPEND: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'seq'))
@@ -50,7 +54,7 @@ if seq ~= cur + 1 then return {-2, cur} end
 local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes')) + tonumber(ARGV[3])
 if bytes > tonumber(ARGV[4]) then return {-3, cur} end
 redis.call('HSET', KEYS[1], 'seq', seq, 'bytes', bytes, 'last', ARGV[5])
-redis.call('RPUSH', KEYS[2], ARGV[2])
+if ARGV[2] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[2]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
@@ -89,7 +93,7 @@ return v[1]
 "#;
 
 /// Puts back a taken stream unless one is open. KEYS: hash, chunks, user set.
-/// ARGV: rec, seq, bytes, now, ttl ms, S, sealed chunk (everything so far as one chunk; may be empty).
+/// ARGV: rec, seq, bytes, now, ttl ms, S, sealed chunk (all the text as one chunk; empty when there is none).
 const RESTORE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('DEL', KEYS[2])
@@ -228,7 +232,8 @@ impl RedisStreams {
             last = chunk_seq;
             content.push_str(std::str::from_utf8(&plain[8..]).map_err(|_| corrupt(n))?);
         }
-        if last != seq {
+        // Trailing empty chunks have no entry: the last entry may be before `seq`, never after.
+        if last > seq {
             return Err(corrupt(n));
         }
         Ok(Some(OpenStream { key: rec.key, info: rec.info, seq, content }))
@@ -403,7 +408,7 @@ impl StreamRegistry for RedisStreams {
         let n = self.names(key);
         let args = vec![
             seq.to_string().into(),
-            self.seal_chunk(&n, seq, delta),
+            if delta.is_empty() { Vec::new() } else { self.seal_chunk(&n, seq, delta) },
             delta.len().to_string().into(),
             self.max_bytes.to_string().into(),
             now_ms.to_string().into(),
@@ -439,7 +444,8 @@ impl StreamRegistry for RedisStreams {
     async fn restore(&self, stream: OpenStream, now_ms: i64) -> Result<(), StreamError> {
         let n = self.names(&stream.key);
         self.index(&n, now_ms).await?;
-        let chunk = if stream.seq == 0 { Vec::new() } else { self.seal_chunk(&n, stream.seq, &stream.content) };
+        let chunk =
+            if stream.content.is_empty() { Vec::new() } else { self.seal_chunk(&n, stream.seq, &stream.content) };
         let args = vec![
             self.seal_rec(&n, &stream.key, &stream.info),
             stream.seq.to_string().into(),
