@@ -313,3 +313,31 @@ async fn a_sweep_that_fails_on_one_stream_returns_those_it_removed() {
     let _: () =
         redis::cmd("DEL").arg(&keys[0]).arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
 }
+
+/// A take whose reply is slow (Redis stalls for a second and a half with the take queued) still returns the
+/// stream: the script runs when Redis goes on, so giving up on its reply would lose the stream's text (gone
+/// from Redis, no copy with the caller, and a retried `complete` finds nothing). The registry waits as long
+/// as the bus (3 s), not the crate's default 500 ms. On a Redis server of the test's own, since it stalls.
+#[tokio::test]
+async fn a_take_whose_reply_is_slow_still_returns_the_stream() {
+    if common::cluster::redis_url().is_none() {
+        return;
+    }
+    let own = common::cluster::OwnRedis::start();
+    let r = Arc::new(
+        RedisStreams::new(&own.url(), "slow:", MasterKey::generate().derive("streams"), MAX, Duration::from_secs(60))
+            .unwrap(),
+    );
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1).await.unwrap();
+    r.append(&k, 1, "partial", 2).await.unwrap();
+    own.pause();
+    let take = tokio::spawn({
+        let (r, k) = (r.clone(), k.clone());
+        async move { r.take(&k).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    own.resume();
+    let taken = take.await.unwrap();
+    assert_eq!(taken.map(|s| s.map(|s| (s.seq, s.content))), Ok(Some((1, "partial".into()))));
+}

@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the subscriber checks that Redis still answers (a stalled Redis sends no disconnection).
 const HEALTH_CHECK: Duration = Duration::from_secs(1);
-/// Longest wait for a reply on the bus connection before it counts as lost.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for a reply on the bus connection before it counts as lost (the stream registry's
+/// connection waits as long: `streams/redis.rs`).
+pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Messages published in one pipeline at most.
 const PIPELINE: usize = 256;
 /// Messages waiting to be published at most; beyond it they are dropped (and counted as a gap).

@@ -18,12 +18,18 @@
 //! operation is one Lua script (atomic: the seq check, the cap and the append together); keys expire after
 //! twice the idle timeout as a backstop. Everything stream-specific is sealed with a key derived from the
 //! master key (`master.derive("streams")`): Redis never holds a chunk, a user id or metadata in plaintext.
+//!
+//! A reply may take [`REPLY_TIMEOUT`] (the bus's, not the crate's 500 ms): a script whose reply is given
+//! up on may still run, and for a take (READ with take) that loses the stream: Redis no longer has it and
+//! the caller has no copy. Only a Redis that stopped answering (or a connection that broke between the
+//! script and its reply) loses one; ARCHITECTURE.md ("A stream taken in Redis…") describes that window.
 
 use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey, StreamRegistry};
+use crate::cluster::bus::REPLY_TIMEOUT;
 use crate::crypto::{Aad, DataKey};
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
-use redis::Value;
+use redis::{AsyncConnectionConfig, Value};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -246,7 +252,8 @@ impl RedisStreams {
         if let Some((conn, shas)) = guard.as_ref() {
             return Ok((conn.clone(), shas.clone()));
         }
-        let mut conn = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(REPLY_TIMEOUT));
+        let mut conn = self.client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)?;
         let mut shas = Vec::new();
         for s in SCRIPTS {
             shas.push(redis::cmd("SCRIPT").arg("LOAD").arg(s).query_async(&mut conn).await.map_err(unavailable)?);
