@@ -9,10 +9,14 @@ use crate::crypto::{DataKey, MasterKey};
 use crate::error::Error;
 use crate::store::chats::{ChatLookup, ChatStore, WrappedKey, WriteOp, WriteResult};
 use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Unwrapped keys kept at most; past it the memo is cleared (keys are re-unwrapped on demand).
 const MAX_KEYS: usize = 200_000;
+/// Deleted chat ids remembered at most; past it the older half is forgotten (never the latest ones: a
+/// request that resolved a key just before its chat's deletion must still find it there).
+const MAX_DELETED: usize = 200_000;
 
 /// A chat's owner and unwrapped key.
 pub struct ChatKey {
@@ -37,9 +41,14 @@ pub struct Keyring {
     master: MasterKey,
     chats: DashMap<String, Arc<ChatKey>>,
     users: DashMap<String, Arc<DataKey>>,
-    /// Chats deleted through this node: their keys are never memoized again, even by a request that
-    /// resolved the key before the delete and finishes after it (crypto-shredding holds in memory too).
-    deleted: DashMap<String, ()>,
+    /// Chats deleted (through this node, or in a cluster announced on the bus), with their deletion's
+    /// number: their keys are never memoized again, even by a request that resolved the key before the
+    /// delete and finishes after it (crypto-shredding holds in memory too).
+    deleted: DashMap<String, u64>,
+    /// Deletions counted so far.
+    deletions: AtomicU64,
+    /// [`MAX_DELETED`].
+    max_deleted: usize,
 }
 
 fn chat_ref(chat_id: &str) -> String {
@@ -53,7 +62,18 @@ fn user_ref(user_id: &str) -> String {
 impl Keyring {
     /// A keyring over `master`.
     pub fn new(master: MasterKey) -> Keyring {
-        Keyring { master, chats: DashMap::new(), users: DashMap::new(), deleted: DashMap::new() }
+        Keyring::with_max_deleted(master, MAX_DELETED)
+    }
+
+    fn with_max_deleted(master: MasterKey, max_deleted: usize) -> Keyring {
+        Keyring {
+            master,
+            chats: DashMap::new(),
+            users: DashMap::new(),
+            deleted: DashMap::new(),
+            deletions: AtomicU64::new(0),
+            max_deleted,
+        }
     }
 
     /// The master key.
@@ -162,9 +182,13 @@ impl Keyring {
     /// Forgets a deleted chat, for good: its key is never memoized again (a deletion through this node, or
     /// in a cluster one announced on the bus by any node).
     pub fn chat_deleted(&self, chat_id: &str) {
-        self.trim();
-        self.deleted.insert(chat_id.to_owned(), ());
+        let n = self.deletions.fetch_add(1, Ordering::Relaxed);
+        self.deleted.insert(chat_id.to_owned(), n);
         self.chats.remove(chat_id);
+        if self.deleted.len() > self.max_deleted {
+            let keep_from = n.saturating_sub(self.max_deleted as u64 / 2);
+            self.deleted.retain(|_, deletion| *deletion >= keep_from);
+        }
     }
 
     fn memo(&self, chat_id: &str, key: &Arc<ChatKey>) {
@@ -239,9 +263,6 @@ impl Keyring {
         if self.chats.len() + self.users.len() > MAX_KEYS {
             self.chats.clear();
             self.users.clear();
-        }
-        if self.deleted.len() > MAX_KEYS {
-            self.deleted.clear();
         }
     }
 }
@@ -456,4 +477,23 @@ pub async fn rotate_with(
         after(RotationStep::RenameDurable, &new)?;
     }
     Ok((new, rewrapped.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::DataKey;
+
+    #[test]
+    fn past_its_bound_the_keyring_forgets_the_oldest_deletions_only() {
+        let keys = Keyring::with_max_deleted(MasterKey::generate(), 4);
+        for i in 0..5 {
+            keys.chat_deleted(&format!("c{i}"));
+        }
+        for i in 0..5 {
+            keys.created(&format!("c{i}"), "alice", DataKey::generate());
+        }
+        let held: Vec<bool> = (0..5).map(|i| keys.holds_key(&format!("c{i}"))).collect();
+        assert_eq!(held, [true, true, false, false, false], "the latest deletions are still refused");
+    }
 }

@@ -383,16 +383,20 @@ async fn sharded_pub_sub_resubscribes_every_user_after_redis_returns() {
     let cluster = TestCluster::start(2, &redis.url(), |c| c.redis_sharded_pubsub = true).await;
     let mut phone = new_user(&cluster.nodes[0], "alice", "phone").await;
     let mut laptop = another_device(&cluster.nodes[1], "alice", "laptop").await;
+    let mut bob0 = new_user(&cluster.nodes[0], "bob", "phone").await;
+    let mut bob1 = another_device(&cluster.nodes[1], "bob", "laptop").await;
     set_title(&mut phone, "c1", "before").await;
     expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
 
     redis.kill();
     cluster.wait_unhealthy().await;
     redis.restart();
-    // Node 1 now subscribes to alice's channel and the control channel at once.
+    // Node 1 now subscribes to alice's, bob's and the control channel at once.
     tokio::time::timeout(Duration::from_secs(30), cluster.wait_healthy()).await.expect("every node resubscribed");
     set_title(&mut phone, "c1", "after").await;
     assert_eq!(expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated).data.title, "after");
+    set_title(&mut bob0, "b1", "after").await;
+    assert_eq!(expect_msg!(next_broadcast(&mut bob1).await, ChatTitleUpdated).data.title, "after");
     redis.kill();
 }
 
@@ -424,9 +428,14 @@ async fn a_user_subscribed_late_is_not_served_what_the_node_cached_before() {
     let body = json!({"message_id": "m1", "sender_name": "assistant", "content": "x"});
     assert_eq!(node0.api().await.post("/users/bob/chats/b1/messages", body).await.0, 201);
     held.release();
-    set_title(&mut phone, "c2", "after").await;
-    let m = next_broadcast(&mut laptop).await;
-    assert_eq!(expect_msg!(m, ChatTitleUpdated).chat_id.as_str(), "c2", "subscribed now");
+    // Node 1 subscribes to alice once its subscriber is free; until then her broadcasts do not reach it.
+    for i in 0.. {
+        set_title(&mut phone, "c2", &format!("after {i}")).await;
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), laptop.recv()).await {
+            assert_eq!(expect_msg!(m.unwrap(), ChatTitleUpdated).chat_id.as_str(), "c2", "subscribed now");
+            break;
+        }
+    }
     let sync = sync_with(&mut laptop, json!({"c1": {"title_v": 1, "messages_v": 0, "draft_v": 0}}), None).await;
     assert_eq!(ids(&sync.chat_ids_to_delete), ["c1"], "the deletion it missed is not hidden by its cache");
     assert_eq!(ids(&sync.server_chat_order), ["c2"]);

@@ -236,7 +236,8 @@ impl Cache for MemoryCache {
 
     async fn begin_warm(&self, user_id: &str) -> Option<WarmClaim> {
         let mut entry = self.users.get_mut(user_id)?;
-        if entry.primed || entry.warming.is_some() {
+        // An entry past its bound of deleted ids caches no list: a warm-up could only load in vain.
+        if entry.primed || entry.warming.is_some() || entry.deleted.is_none() {
             return None;
         }
         let claim =
@@ -392,6 +393,7 @@ mod tests {
         assert!(!c.put_chats("u", t, vec![chat("d", 1, 1, 1, 10)]).await, "no list is cached again");
         c.chat_written("u", &chat("a", 1, 2, 1, 20)).await;
         assert!(c.chats("u").await.is_none(), "so no late write can bring a deleted chat back");
+        assert!(c.begin_warm("u").await.is_none(), "and no warm-up loads in vain");
         c.detach("u").await;
         c.attach("u").await;
         let t = c.begin_load("u").await;

@@ -87,7 +87,8 @@ pub trait Cache: Send + Sync + 'static {
     /// Whether the user's warm-up has finished (and nothing has been evicted since).
     async fn is_primed(&self, user_id: &str) -> bool;
 
-    /// Claims the user's warm-up: `None` if the user has no entry, or it is primed or being warmed.
+    /// Claims the user's warm-up: `None` if the user has no entry, or it is primed, being warmed, or caches
+    /// no list (see [`memory::MAX_DELETED`]).
     async fn begin_warm(&self, user_id: &str) -> Option<WarmClaim>;
 
     /// Ends the warm-up `claim`; `primed` says whether it completed. Ignored if the claim is stale.

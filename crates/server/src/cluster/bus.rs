@@ -486,11 +486,19 @@ async fn subscriber(
         // Subscribe to everything this node needs, then declare the gap over.
         let mut channels: Vec<String> = users.iter().map(|u| user_channel(&shared.config.prefix, u)).collect();
         channels.push(control_channel(&shared.config.prefix));
-        // Sharded channels of one SSUBSCRIBE must hash to one slot (CROSSSLOT otherwise): one each.
-        let per_command = if shared.config.sharded { 1 } else { 512 };
         let subscribed = async {
-            for chunk in channels.chunks(per_command) {
-                redis::cmd(sub).arg(chunk).exec_async(&mut conn).await?;
+            for chunk in channels.chunks(512) {
+                if shared.config.sharded {
+                    // The channels of one SSUBSCRIBE must hash to one slot (CROSSSLOT otherwise): one
+                    // command each, pipelined.
+                    let mut pipe = redis::pipe();
+                    for channel in chunk {
+                        pipe.cmd(sub).arg(channel).ignore();
+                    }
+                    pipe.exec_async(&mut conn).await?;
+                } else {
+                    redis::cmd(sub).arg(chunk).exec_async(&mut conn).await?;
+                }
             }
             Ok::<(), redis::RedisError>(())
         }
