@@ -334,7 +334,7 @@ export interface OfflineChange {
   version_before_edit: number;
   /**
    * Local only (never sent): the value of a live write of this component, on `version_before_edit`,
-   * whose reply never arrived. A conflict that only this write explains is not a loss: the edit is
+   * whose reply never arrived (or of an offline change of a batch whose results never arrived). A conflict that only this write explains is not a loss: the edit is
    * sent again on top of it.
    */
   written?: unknown;
@@ -404,7 +404,10 @@ export declare class OfflineQueue {
   settle(changes: OfflineChange[], results?: OfflineResult[]): void;
   /** Queues a change again on `version` (or moves the newer queued edit of its component there); returns the queued edit. */
   requeue(change: OfflineChange, version: number): OfflineChange;
-  /** Puts in-flight changes back in the queue (unless a newer edit of the component is queued). */
+  /**
+   * Puts in-flight changes back in the queue, unless a newer edit of the component is queued (that one,
+   * when on the same base, keeps the dropped value as `written`: the server may have applied it).
+   */
   restore(changes: OfflineChange[]): void;
   clear(): void;
 }

@@ -472,16 +472,20 @@ export class OfflineQueue {
   }
 
   /**
-   * Puts changes back at the front (their batch failed to reach the server), unless a newer edit of the
-   * same component was queued meanwhile.
+   * Puts changes back at the front (their batch's results never arrived), unless a newer edit of the
+   * same component was queued meanwhile. That edit, when made on the same base, was made on top of the
+   * dropped change, which the server may have applied: it remembers the dropped value as `written`, so
+   * that a conflict with it alone is not a loss (see `ChatSyncClient#_recheckConflict`).
    * @param {import('./index.js').OfflineChange[]} changes
    */
   restore(changes) {
     const ids = new Set(changes.map((c) => c.change_id));
     this.inFlight = this.inFlight.filter((c) => !ids.has(c.change_id));
-    const back = changes.filter(
-      (c) => !this.changes.some((n) => n.chat_id === c.chat_id && componentOf(n.type) === componentOf(c.type)),
-    );
+    const back = changes.filter((c) => {
+      const newer = this.changes.find((n) => n.chat_id === c.chat_id && componentOf(n.type) === componentOf(c.type));
+      if (newer && newer.version_before_edit === c.version_before_edit && !('written' in newer)) newer.written = c.value;
+      return !newer;
+    });
     this.changes.unshift(...back);
     this.save();
   }

@@ -490,6 +490,8 @@ test('changes sent in a batch stay in storage until their results arrive: a relo
     [['a', 'A', 1], ['b', { type: 'doc', n: 2 }, 2]],
     'the in-flight title is back; the in-flight draft gave way to the newer edit of it',
   );
+  assert.deepEqual(reloaded.changes[1].written, { type: 'doc' }, 'which remembers it: the server may have applied it (see the next tests)');
+  assert.equal('written' in reloaded.changes[0], false);
   assert.equal(reloaded.inFlight.length, 0);
   assert.equal(q.inFlight.length, 2);
   q.settle(batch, []);
@@ -515,6 +517,33 @@ test('an edit queued while an offline change of the same component is in flight 
   await socket.answerSync();
   await c.waitFor('status', (s) => s === 'online');
   assert.equal(c.queue.inFlight.length, 0);
+  c.close();
+});
+
+test('an edit queued while a batch is in flight is not lost when the batch\'s reply is: it is sent again on top of the batch\'s edit', { timeout: 5000 }, async () => {
+  const c = client();
+  await online(c, C1);
+  const socket = await offlineThen(c, () => c.updateTitle('c1', 'A'));
+  const first = await socket.next('sync_offline_changes');
+  assert.deepEqual(first.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit]), [['A', 1]]);
+  await c.updateTitle('c1', 'AB'); // typed during the round trip, on top of 'A'
+  // The server applies 'A' (title_v 2); the connection drops before the reply.
+  const next = await offlineThen(c, async () => {});
+  const flush = await next.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit, 'written' in ch]), [['AB', 1, false]]);
+  const ch = flush.payload.changes[0];
+  next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  const sync = await next.answerSync({
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A' }],
+    server_chat_order: ['c1'],
+  });
+  assert.equal(sync.payload.chat_versions.c1.title_v, undefined, 'the title is fetched again');
+  const again = await next.next('sync_offline_changes');
+  assert.deepEqual(again.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit]), [['AB', 2]]);
+  applyAll(next, again, { messages_v: 0, title_v: 3, draft_v: 0 });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chat('c1').title, 'AB');
+  assert.equal(c.queue.size + c.queue.inFlight.length, 0);
   c.close();
 });
 
