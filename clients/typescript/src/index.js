@@ -847,6 +847,8 @@ export class ChatSyncClient extends Emitter {
     if (isTitle) chat.title = /** @type {string} */ (queued.value);
     else chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (queued.value);
     this.emit('change', chat.chat_id);
+    // Online (an app's own sync()), nothing else would send it before the next reconnect.
+    this._retrySoon();
   }
 
   /**

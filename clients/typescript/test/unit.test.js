@@ -577,6 +577,39 @@ test('an offline edit on top of an online write whose reply was lost is sent aga
   c.close();
 });
 
+test('an edit queued again by a sync the app asks for (autoSync off) is sent without waiting for a reconnect', { timeout: 5000 }, async () => {
+  const c = client({ autoSync: false });
+  const title = (/** @type {number} */ v, /** @type {string} */ t) => ({ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: v, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: t });
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length === 1);
+  const first = lastSocket();
+  first.greet();
+  await ready;
+  const s0 = c.sync();
+  await first.answerSync({ chats_to_add_or_update: [title(0, '')], server_chat_order: ['c1'] });
+  await s0;
+  const p1 = c.updateTitle('c1', 'T1');
+  await first.next('update_title'); // applied (title_v 1); the reply is lost
+  const socket = await offlineThen(c, async () => {
+    assert.deepEqual(await p1, { queued: true });
+    await c.updateTitle('c1', 'T2');
+  });
+  const flush = await socket.next('sync_offline_changes');
+  const ch = flush.payload.changes[0];
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 1, draft_v: 0 } }] } });
+  await c.waitFor('status', (s) => s === 'online');
+  const s1 = c.sync();
+  await socket.answerSync({ chats_to_add_or_update: [title(1, 'T1')], server_chat_order: ['c1'] });
+  await s1;
+  const again = await socket.next('sync_offline_changes');
+  assert.deepEqual(again.payload.changes.map((/** @type {any} */ x) => [x.value, x.version_before_edit]), [['T2', 1]]);
+  applyAll(socket, again, { messages_v: 0, title_v: 2, draft_v: 0 });
+  await until(() => c.queue.size + c.queue.inFlight.length === 0);
+  assert.equal(c.chat('c1').title, 'T2');
+  assert.equal(FakeSocket.instances.length, 2, 'no reconnect');
+  c.close();
+});
+
 test('live events update the model: titles, drafts, messages, deletions, unread counts', async () => {
   const c = client();
   const socket = await online(c, {
