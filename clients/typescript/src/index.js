@@ -1174,10 +1174,15 @@ export class ChatSyncClient extends Emitter {
       try {
         reply = await this.request('sync_offline_changes', { changes: batch.map(wireChange) });
       } catch (e) {
-        // Refused as a whole (not a transient failure): dropped, as before in-flight changes were kept.
-        if (isTransient(e)) this.queue.restore(batch);
-        else this.queue.settle(batch);
-        throw e;
+        if (isTransient(e)) {
+          this.queue.restore(batch);
+          throw e;
+        }
+        // Refused as a whole: every change of it is refused, as the server refuses one.
+        this.queue.settle(batch);
+        const error = e instanceof ChatSyncError ? e : new ChatSyncError('internal', String(e));
+        for (const c of batch) this._refuseChange({ change_id: c.change_id, chat_id: c.chat_id, type: c.type }, error);
+        continue;
       }
       this.queue.settle(batch, reply.payload.results ?? []);
       for (const r of reply.payload.results ?? []) {

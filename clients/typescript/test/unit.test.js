@@ -395,6 +395,29 @@ test('a refused offline change: the next sync asks for that component again; a c
   c.close();
 });
 
+test('an offline batch refused as a whole refuses each of its changes: change_rejected, the server\'s value fetched again, a chat never created dropped', { timeout: 5000 }, async () => {
+  const c = client();
+  await online(c, C1);
+  /** @type {any[]} */
+  const rejected = [];
+  c.on('change_rejected', (/** @type {any} */ r) => rejected.push([r.chat_id, r.type, r.error.code]));
+  const socket = await offlineThen(c, async () => {
+    await c.updateTitle('c1', 'Mine');
+    await c.updateTitle('fresh', 'New');
+  });
+  const flush = await socket.next('sync_offline_changes');
+  socket.push({ type: 'error', request_id: flush.request_id, payload: { code: 'invalid_payload', message: 'Bad changes.' } });
+  const sync = await socket.answerSync(C1);
+  assert.deepEqual(sync.payload.chat_versions, { c1: { messages_v: 0, draft_v: 0 } }, 'the refused title is fetched again');
+  await c.waitFor('status', (s) => s === 'online');
+  assert.deepEqual(rejected, [['c1', 'title', 'invalid_payload'], ['fresh', 'title', 'invalid_payload']]);
+  assert.equal(c.chat('c1').title, 'Old');
+  assert.equal(c.chats.has('fresh'), false);
+  assert.equal(c.queue.size + c.queue.inFlight.length, 0);
+  assert.equal(FakeSocket.instances.length, 2, 'the connection stays');
+  c.close();
+});
+
 test('a write refused as unavailable while online is queued and retried', async () => {
   const c = client();
   const socket = await online(c);
