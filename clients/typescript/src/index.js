@@ -47,6 +47,9 @@ const FINAL_REPLIES = {
 /** Failures that a later attempt may not meet: the request is kept (queued edits, messages) and retried. */
 const TRANSIENT = new Set(['disconnected', 'timeout', 'closed', 'unavailable', 'rate_limited']);
 
+/** The most chats an `initial_sync_request` may name (PROTOCOL.md). */
+const MAX_SYNC_CHATS = 10_000;
+
 /** A `request_id` at least as long as any this client sends, to bound the size of a frame before it is numbered. */
 const LONGEST_REQUEST_ID = `r${'9'.repeat(16)}`;
 
@@ -790,13 +793,24 @@ export class ChatSyncClient extends Emitter {
 
   /**
    * `initial_sync_request` with the versions this client holds; applies the reply to the local model.
+   * The versions of a user with many chats may not all fit in one frame (`max_frame_bytes`): then the
+   * chat in view, the chats with queued edits and the most recently edited ones are named, up to what
+   * fits, and the server sends the others in full (as new).
    * @returns {Promise<import('./index.js').InitialSyncResponse>}
    */
   async sync() {
     /** @type {Record<string, {messages_v: number, title_v: number, draft_v: number}>} */
     const chat_versions = {};
-    for (const chat of this.chats.values()) {
-      if (!chat.known) continue;
+    /** @type {Record<string, unknown>} */
+    const payload = { chat_versions };
+    if (this.activeChatId) payload.immediate_view_chat_id = this.activeChatId;
+    let room = this._maxFrameBytes - utf8Length(JSON.stringify({ type: 'initial_sync_request', payload, request_id: LONGEST_REQUEST_ID }));
+    let count = 0;
+    /** @type {string[]} known chats left out of the request */
+    const omitted = [];
+    const queued = new Set([...this.queue.changes, ...this.queue.inFlight].map((c) => c.chat_id));
+    const rank = (/** @type {import('./index.js').ChatState} */ chat) => (chat.chat_id === this.activeChatId ? 0 : queued.has(chat.chat_id) ? 1 : 2);
+    for (const chat of this.chatList().filter((c) => c.known).sort((a, b) => rank(a) - rank(b))) {
       // For the chat in view, the messages held without a gap, so that the reply brings the rest.
       const messages_v = chat.chat_id === this.activeChatId ? contiguousSeq(chat) : chat.versions.messages_v;
       /** @type {any} */
@@ -804,16 +818,29 @@ export class ChatSyncClient extends Emitter {
       // A component whose local value the server refused: a missing version counts as -1, so the
       // reply brings the server's value.
       for (const component of this._stale.get(chat.chat_id) ?? []) delete v[`${component}_v`];
-      chat_versions[chat.chat_id] = v;
+      const size = utf8Length(`${JSON.stringify(chat.chat_id)}:${JSON.stringify(v)},`);
+      if (omitted.length === 0 && count < MAX_SYNC_CHATS && size <= room) {
+        chat_versions[chat.chat_id] = v;
+        room -= size;
+        count += 1;
+      } else {
+        omitted.push(chat.chat_id);
+      }
     }
-    /** @type {Record<string, unknown>} */
-    const payload = { chat_versions };
-    if (this.activeChatId) payload.immediate_view_chat_id = this.activeChatId;
     const stale = this._stale;
     const rechecks = [...this._recheck];
     const openBefore = this.streams.open();
     const reply = await this.request('initial_sync_request', payload);
     if (this._stale === stale) this._stale = new Map();
+    // `chat_ids_to_delete` names only chats of the request: a chat left out and missing from the
+    // server's order is gone too (unless edits or messages of it wait in the queue: they settle it).
+    if (omitted.length > 0 && Array.isArray(reply.payload.server_chat_order)) {
+      const kept = new Set([...reply.payload.server_chat_order, ...[...this.queue.changes, ...this.queue.inFlight, ...this.queue.messages].map((c) => c.chat_id)]);
+      for (const id of omitted.filter((id) => !kept.has(id))) {
+        this._forget(id);
+        this.emit('change', id);
+      }
+    }
     this._recheck = this._recheck.filter((c) => !rechecks.includes(c));
     for (const change of rechecks) this._recheckConflict(change);
     // A stream open here before the request and missing from `active_streams` ended unseen (while
@@ -1419,8 +1446,9 @@ export class ChatSyncClient extends Emitter {
           chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, entry.last_edited_overall_timestamp ?? 0);
           if (Array.isArray(entry.messages)) this._mergeMessages(chat, entry.messages);
         }
-        // Chats the server no longer has come in `chat_ids_to_delete` (they were in `chat_versions`); a chat
-        // missing from the order but known here was learned from a broadcast newer than this reply.
+        // Chats the server no longer has come in `chat_ids_to_delete` when they were in `chat_versions`
+        // (sync() drops those it left out); a chat missing from the order but known here was learned from
+        // a broadcast newer than this reply.
         if (p.more !== true && Array.isArray(p.server_chat_order)) {
           p.server_chat_order.forEach((/** @type {string} */ id, /** @type {number} */ i) => {
             const chat = this.chats.get(id);

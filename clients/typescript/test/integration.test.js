@@ -4,7 +4,7 @@
  * issue`): request/reply, two devices seeing each other's titles, drafts and messages, server error
  * codes, refused and revoked credentials, and the offline queue across a lost connection (flushed as
  * `sync_offline_changes`, then `initial_sync_request`, then the queued messages; a conflicting edit
- * gives way to the other device's). Needs a WebSocket in Node: run with `--experimental-websocket`
+ * gives way to the other device's), and a user with more chats than one sync request can name. Needs a WebSocket in Node: run with `--experimental-websocket`
  * on Node 20 (Node 22 has it built in).
  */
 import { test, before, after } from 'node:test';
@@ -296,5 +296,36 @@ test('offline edits are queued and sent on reconnect as sync_offline_changes, th
   await until(() => phone.chat('c1').messages.some((m) => m.message_id === 'm-train'));
   assert.equal(laptop.chat('c1').messages.find((m) => m.message_id === 'm-train')?.pending, false);
   laptop.close();
+  phone.close();
+});
+
+test('a user with more chats than one sync request can name syncs: the chats left out come in full, a deleted one is dropped', { timeout: 30_000 }, async () => {
+  const id = (/** @type {number} */ i) => `chat-${String(i).padStart(4, '0')}-${'x'.repeat(50)}`;
+  const n = 1000;
+  // The writer queues n titles before connecting: they go out as frame-sized sync_offline_changes.
+  const writer = device('gus', 'laptop');
+  for (let i = 0; i < n; i++) await writer.updateTitle(id(i), `T${i}`);
+  await writer.connect();
+  assert.equal(writer.chats.size, n);
+  await writer.deleteChat(id(0));
+
+  // A fresh device whose local model holds every chat at title_v 0, the deleted one the oldest.
+  const phone = device('gus', 'phone');
+  for (let i = 0; i < n; i++) Object.assign(phone.chat(id(i)), { known: true, title: 'stale', last_edited_overall_timestamp: i });
+  /** @type {any[]} */
+  const requests = [];
+  phone.on('sent', (/** @type {any} */ f) => f.type === 'initial_sync_request' && requests.push(f));
+  let drops = 0;
+  phone.on('disconnected', () => drops++);
+  await phone.connect();
+  assert.equal(requests.length, 1);
+  const max = /** @type {any} */ (phone.connected).limits.max_frame_bytes;
+  assert.ok(new TextEncoder().encode(JSON.stringify(requests[0])).length <= max, 'the request fits in a frame');
+  assert.ok(Object.keys(requests[0].payload.chat_versions).length < n - 1, 'not every chat is named');
+  assert.equal(phone.chats.has(id(0)), false, 'the deleted chat is dropped');
+  assert.equal(phone.chats.size, n - 1);
+  for (let i = 1; i < n; i++) assert.equal(phone.chat(id(i)).title, `T${i}`);
+  assert.equal(drops, 0);
+  writer.close();
   phone.close();
 });

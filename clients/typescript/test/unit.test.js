@@ -2,7 +2,7 @@
 /**
  * @file Unit tests of the SDK against a fake socket: backoff, request/reply by `request_id` (multi-part
  * replies, errors, disconnects), the offline queue (flush order on reconnect, in-flight batches, frames
- * past max_frame_bytes), close handling,
+ * past max_frame_bytes, a sync request for more chats than fit in one), close handling,
  * the local model, read markers, and stream assembly (the parts whose server side is built elsewhere).
  */
 import { test, beforeEach } from 'node:test';
@@ -630,6 +630,41 @@ test('an edit queued again by a sync the app asks for (autoSync off) is sent wit
   await until(() => c.queue.size + c.queue.inFlight.length === 0);
   assert.equal(c.chat('c1').title, 'T2');
   assert.equal(FakeSocket.instances.length, 2, 'no reconnect');
+  c.close();
+});
+
+test('a user with more chats than one sync request can name: the request fits max_frame_bytes (the chat in view and the most recent first), the chats left out come in full, and one missing from the server\'s order is dropped', { timeout: 10000 }, async () => {
+  FakeSocket.maxFrameBytes = 65536;
+  const id = (/** @type {number} */ i) => `chat-${String(i).padStart(4, '0')}-${'x'.repeat(30)}`;
+  const entry = (/** @type {number} */ i, title = 't') => ({ chat_id: id(i), type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: i + 1, unread_count: 0, title, draft_json: null });
+  const all = Array.from({ length: 2000 }, (_, i) => i).reverse(); // most recent first
+  const c = client({ activeChatId: id(0) });
+  await online(c, { chats_to_add_or_update: all.map((i) => entry(i)), server_chat_order: all.map(id) });
+  assert.equal(c.chats.size, 2000);
+  const socket = await offlineThen(c, () => c.sendMessage(id(1), 'queued', { messageId: 'm-q' }));
+  const req = await socket.next('initial_sync_request');
+  assert.ok(new TextEncoder().encode(JSON.stringify(req)).length <= 65536, 'the request fits in a frame');
+  const named = Object.keys(req.payload.chat_versions);
+  assert.equal(req.payload.immediate_view_chat_id, id(0));
+  assert.equal(named[0], id(0), 'the chat in view first');
+  assert.ok(named.length > 500 && named.length < 2000, `${named.length} chats named`);
+  assert.deepEqual(named.slice(1), all.slice(0, named.length - 1).map(id), 'then the most recently edited');
+  // The server sends the chats left out in full; id(3) and id(1) were deleted meanwhile (not in the order).
+  const gone = new Set([id(3), id(1)]);
+  const left = all.filter((i) => !named.includes(id(i)) && !gone.has(id(i)));
+  socket.push({
+    type: 'initial_sync_response',
+    request_id: req.request_id,
+    payload: { chat_ids_to_delete: [], chats_to_add_or_update: left.map((i) => entry(i, i === 2 ? 'renamed' : 't')), server_chat_order: all.map(id).filter((x) => !gone.has(x)), sync_completed_at: 'T' },
+  });
+  const msg = await socket.next('chat_message_added');
+  assert.equal(c.chat(id(2)).title, 'renamed', 'a full entry of a chat left out updates the model');
+  assert.equal(c.chats.has(id(3)), false, 'a chat left out and missing from the order is dropped');
+  assert.equal(c.chats.has(id(1)), true, 'unless a queued message waits for it');
+  assert.equal(c.chats.size, 1999);
+  socket.push({ type: 'error', request_id: msg.request_id, payload: { code: 'not_found', message: 'Chat not found.', chat_id: id(1) } });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(FakeSocket.instances.length, 2, 'no 1009 close, no reconnect');
   c.close();
 });
 
