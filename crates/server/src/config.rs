@@ -43,6 +43,8 @@ pub struct Config {
     /// Unset: the store's default ([`Config::commit_window`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_window_us: Option<u64>,
+    /// Seconds a batch of writes may take in PostgreSQL before its writes fail with `unavailable`.
+    pub store_timeout_secs: u64,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `chatsync=debug`.
@@ -167,6 +169,7 @@ impl Default for Config {
             redis_sharded_pubsub: false,
             durability: crate::store::Durability::Full,
             commit_window_us: None,
+            store_timeout_secs: 30,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             max_frame_bytes: l.max_frame_bytes,
@@ -232,6 +235,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("store_timeout_secs", self.store_timeout_secs),
             ("rate_per_sec", self.rate_per_sec as u64),
             ("rate_burst", self.rate_burst as u64),
             ("max_page_messages", self.max_page_messages as u64),

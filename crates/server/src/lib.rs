@@ -44,6 +44,7 @@ pub async fn build(config: Config) -> anyhow::Result<Ctx> {
     let lock = datadir::DataDirLock::acquire(&config.data_dir, "serve")?;
     let backend = store::open_backend(&config.store_url(), config.durability).await?;
     backend.chats.set_commit_window(config.commit_window());
+    backend.chats.set_write_timeout(Duration::from_secs(config.store_timeout_secs));
     let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
     let master = keys::load_master_key(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
     assemble(config, backend, master, Some(lock))

@@ -97,3 +97,29 @@ async fn normal_durability_keeps_writes_across_a_restart() {
     let ServerMessage::InitialSyncResponse(r) = c.request(&sync).await.unwrap().message else { panic!("no sync") };
     assert_eq!(r.chats_to_add_or_update[0].title.as_deref(), Some("kept"));
 }
+
+#[tokio::test]
+async fn a_deleted_chat_leaves_neither_its_key_nor_its_ciphertext_in_any_data_file() {
+    // Crypto-shredding: the wrapped key of a deleted chat must be gone from the disk, not only from the
+    // tables (SQLite keeps deleted cells in freed space unless told to overwrite them).
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let (mut c, _) = server.connect(&token, "laptop").await;
+    set_title(&mut c, "doomed", "a title").await;
+    add_message(&mut c, "doomed", "m1", json!("a message long enough to fill a cell of its own page")).await;
+    let db = rusqlite::Connection::open(server.data.path().join("chatsync.db")).unwrap();
+    let key: Vec<u8> = db.query_row("SELECT chat_key FROM chats WHERE chat_id = 'doomed'", [], |r| r.get(0)).unwrap();
+    let content: Vec<u8> =
+        db.query_row("SELECT content FROM messages WHERE chat_id = 'doomed'", [], |r| r.get(0)).unwrap();
+    drop(db);
+    expect_msg!(c.request(&delete_chat("doomed")).await.unwrap(), ChatDeleted);
+    drop(c);
+
+    let mut server = server;
+    server.stop().await;
+    let contains = |bytes: &[u8], needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for (path, bytes) in &server.data_files() {
+        assert!(!contains(bytes, &key), "{} still holds the deleted chat's wrapped key", path.display());
+        assert!(!contains(bytes, &content[..32]), "{} still holds the deleted message", path.display());
+    }
+}

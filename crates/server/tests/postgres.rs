@@ -394,6 +394,39 @@ async fn a_server_starts_and_serves_while_a_key_rotation_holds_the_tables_its_wa
     server.stop().await;
 }
 
+#[tokio::test]
+async fn a_batch_stuck_in_postgresql_fails_with_unavailable_and_the_writer_goes_on() {
+    // A lock another session holds (or a host gone without a reset) used to hold the node's only
+    // writer, and with it every later write, for as long as it lasted.
+    let Some(schema) = PgSchema::create().await else { return };
+    let url = schema.url.clone();
+    let mut server = TestServer::start_with(|c| {
+        c.database_url = Some(url);
+        c.store_timeout_secs = 1;
+    })
+    .await;
+    let token = server.user_token("alice").await;
+    let (mut c, _) = server.connect(&token, "laptop").await;
+    set_title(&mut c, "c1", "before").await;
+    let mut holder = schema.connect().await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE chats IN EXCLUSIVE MODE").execute(&mut holder).await.unwrap();
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(60), c.request(&title("c1", "stuck")))
+        .await
+        .expect("the write is answered while the lock is held")
+        .unwrap();
+    let ServerMessage::Error(e) = &reply.message else { panic!("{reply:?}") };
+    assert_eq!(e.code, ErrorCode::Unavailable, "{reply:?}");
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    // The writer took a new connection; the stuck write may have committed after the lock went (its
+    // outcome was unknown, as the error said), so only the next write's success is certain.
+    assert_eq!(set_title(&mut c, "c1", "after").await.chat_id.as_str(), "c1");
+    let sync = sync_all(&mut c).await;
+    assert_eq!(entry(&sync, "c1").unwrap().title.as_deref(), Some("after"));
+    drop(c);
+    server.stop().await;
+}
+
 // It hung until nextest's 120 s limit once, in a CI run (2026-11-30): not in the test, but in the drop
 // of its schema, which blocks the test's runtime while the server's pool, on that runtime, was warming
 // up a connection it had opened to replace the terminated ones, in a transaction holding the schema's

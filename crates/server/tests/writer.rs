@@ -177,6 +177,32 @@ async fn one_failing_write_in_a_group_commit_fails_alone() {
 }
 
 #[tokio::test]
+async fn a_group_commit_that_finds_the_database_held_fails_whole_instead_of_waiting_once_per_write() {
+    // Another process holds the write lock: the batch fails after the busy timeout. Retried one by one,
+    // each of its writes would wait that long again (a 256-write batch: most of an hour).
+    let server = TestServer::start().await;
+    let faults = faults(&server);
+    let mut conns = users_with_a_chat(&server, "b", 3).await;
+    let holder = rusqlite::Connection::open(server.data.path().join("chatsync.db")).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    faults.hold();
+    for (c, chat) in &mut conns {
+        c.send(&title(chat, "v2"), Some("w")).await.unwrap();
+    }
+    queued(&faults, conns.len()).await;
+    faults.release();
+    let first = conns[0].0.recv_reply("w").await.unwrap();
+    assert_error(&first, ErrorCode::Unavailable, None);
+    // Let go once the batch has failed: retried one by one, the other writes would now succeed.
+    holder.execute_batch("ROLLBACK").unwrap();
+    for (c, _) in &mut conns[1..] {
+        assert_error(&c.recv_reply("w").await.unwrap(), ErrorCode::Unavailable, None);
+    }
+    let (c, chat) = &mut conns[0];
+    assert_eq!(set_title(c, chat, "v2").await.versions.title_v, 2, "the writer goes on");
+}
+
+#[tokio::test]
 async fn a_full_disk_fails_writes_with_unavailable_loses_nothing_and_recovers() {
     let server = TestServer::start().await;
     let faults = faults(&server);

@@ -316,6 +316,10 @@ pub trait ChatStore: Send + Sync + 'static {
     /// transaction (`--commit-window-us`); backends that batch otherwise ignore it.
     fn set_commit_window(&self, _window: std::time::Duration) {}
 
+    /// Sets how long a batch of writes may take before its writes fail with `unavailable`
+    /// (`--store-timeout-secs`; PostgreSQL only: the embedded store's writer cannot lose its database).
+    fn set_write_timeout(&self, _timeout: std::time::Duration) {}
+
     /// Fault injection into the backend's writer, for tests; `None` for backends without one.
     #[doc(hidden)]
     fn writer_faults(&self) -> Option<std::sync::Arc<super::WriterFaults>> {

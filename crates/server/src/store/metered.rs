@@ -110,6 +110,10 @@ impl ChatStore for MeteredChatStore {
         self.0.writer_faults()
     }
 
+    fn set_write_timeout(&self, timeout: std::time::Duration) {
+        self.0.set_write_timeout(timeout)
+    }
+
     fn set_commit_window(&self, window: std::time::Duration) {
         self.0.set_commit_window(window)
     }

@@ -261,7 +261,8 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// When a write counts as durable (SQLite's `synchronous` setting; on PostgreSQL, `normal` turns
-/// `synchronous_commit` off for chatsync's connections and `full` keeps the server's setting).
+/// `synchronous_commit` off for chatsync's connections and `full` keeps the server's setting, unless
+/// that is `off`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {

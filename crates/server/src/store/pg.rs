@@ -31,11 +31,23 @@ pub struct PgStore {
 
 pub use super::pg_chats::warm_up;
 
+/// The `synchronous_commit` chatsync's connections set, given the one PostgreSQL has for them
+/// (`configured`): `off` for [`Durability::Normal`](super::Durability::Normal); for `Full`, `on` when
+/// it is `off` (a database or role tuned that way would confirm writes a PostgreSQL crash can lose),
+/// else none (`on`, `local`, `remote_write` and `remote_apply` all flush locally first).
+fn synchronous_commit(durability: super::Durability, configured: &str) -> Option<&'static str> {
+    match durability {
+        super::Durability::Normal => Some("off"),
+        super::Durability::Full => configured.eq_ignore_ascii_case("off").then_some("on"),
+    }
+}
+
 impl PgStore {
     /// Connects to the database at `url` (`postgres://…` or `postgresql://…`) and applies pending
     /// migrations. With [`super::Durability::Normal`] the connections use `synchronous_commit = off`:
     /// a crash of the chatsync process loses nothing acknowledged, a crash of the PostgreSQL server may
-    /// lose the last moments of writes (never corrupting anything).
+    /// lose the last moments of writes (never corrupting anything). With `Full` they keep PostgreSQL's
+    /// setting, unless that is `off` ([`synchronous_commit`]).
     ///
     /// `serving` (a server, not a one-off command) opens the whole pool ([`POOL_SIZE`] connections) before
     /// this returns and keeps it full: otherwise the pool grows on demand, and the first burst of requests
@@ -45,14 +57,21 @@ impl PgStore {
     /// PostgreSQL has fewer free connections still starts (after at most [`WARM_UP`]) and grows on demand.
     pub async fn open(url: &str, durability: super::Durability, serving: bool) -> anyhow::Result<PgStore> {
         let mut options = PgConnectOptions::from_str(url).context("invalid PostgreSQL URL")?;
-        if durability == super::Durability::Normal {
-            options = options.options([("synchronous_commit", "off")]);
-        }
         // One connection first: a refused connection or a bad password is reported as such, at once
         // (the pool would retry until its acquire timeout and report only the timeout).
         let mut probe = sqlx::PgConnection::connect_with(&options)
             .await
             .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+        let configured: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&mut probe)
+            .await
+            .context("cannot read synchronous_commit")?;
+        if let Some(value) = synchronous_commit(durability, &configured) {
+            if durability == super::Durability::Full {
+                tracing::warn!(configured = %configured, "PostgreSQL's synchronous_commit is off; chatsync's connections turn it on (--durability full)");
+            }
+            options = options.options([("synchronous_commit", value)]);
+        }
         // Migrated on that connection, before the pool opens any: a server's connections are warmed up
         // (below) with the functions the migrations create.
         sqlx::migrate!("migrations/postgres")
@@ -430,4 +449,20 @@ async fn upsert_device(
 
 fn api_key_row(r: &sqlx::postgres::PgRow) -> ApiKey {
     ApiKey { key_id: r.get(0), name: r.get(1), created_at: r.get(2), last_used_at: r.get(3), revoked_at: r.get(4) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Durability;
+    use super::synchronous_commit;
+
+    #[test]
+    fn full_durability_never_runs_with_synchronous_commit_off() {
+        assert_eq!(synchronous_commit(Durability::Full, "off"), Some("on"));
+        assert_eq!(synchronous_commit(Durability::Full, "OFF"), Some("on"));
+        for kept in ["on", "local", "remote_write", "remote_apply"] {
+            assert_eq!(synchronous_commit(Durability::Full, kept), None, "{kept}");
+        }
+        assert_eq!(synchronous_commit(Durability::Normal, "on"), Some("off"));
+    }
 }

@@ -58,6 +58,9 @@ const HELD_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// connection that is never given back).
 const HELD_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
+/// How long a batch may take before its writes fail (`--store-timeout-secs`).
+const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Most writes in one group-commit batch (one statement).
 const MAX_BATCH: usize = 256;
 /// Queued writes per writer before `write` waits (backpressure).
@@ -81,6 +84,8 @@ pub(super) struct Writer {
     tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The commit window, µs (see [`serve`]).
     window_us: Arc<AtomicU64>,
+    /// How long a batch may take, ms (see [`run_batch`]).
+    timeout_ms: Arc<AtomicU64>,
     /// Batches begun (see [`ChatStore::batches_begun`]).
     batches: Arc<AtomicU64>,
 }
@@ -102,14 +107,22 @@ impl Writer {
     /// Starts [`WRITERS`] writer tasks on `pool`.
     pub(super) fn start(pool: PgPool) -> Writer {
         let (window_us, batches) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let timeout_ms = Arc::new(AtomicU64::new(DEFAULT_TIMEOUT.as_millis() as u64));
         let (queues, tasks) = (0..WRITERS)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                (tx, tokio::spawn(serve(pool.clone(), rx, window_us.clone(), batches.clone())))
+                let knobs =
+                    Knobs { window_us: window_us.clone(), timeout_ms: timeout_ms.clone(), batches: batches.clone() };
+                (tx, tokio::spawn(serve(pool.clone(), rx, knobs)))
             })
             .unzip();
         let (queues, tasks) = (parking_lot::Mutex::new(Some(queues)), parking_lot::Mutex::new(tasks));
-        Writer { queues, tasks, window_us, batches }
+        Writer { queues, tasks, window_us, timeout_ms, batches }
+    }
+
+    /// Sets how long a batch may take (`--store-timeout-secs`).
+    pub(super) fn set_timeout(&self, timeout: std::time::Duration) {
+        self.timeout_ms.store(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
     }
 
     /// Batches begun.
@@ -155,7 +168,15 @@ impl Writer {
 /// queued while a batch was in flight, they form the next batch without waiting. The wait is a thread's
 /// sleep on the blocking pool ([`precise_sleep`]), not tokio's timer, which rounds up to its next
 /// millisecond tick (a 250 µs window waited 1-2 ms).
-async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU64>, batches: Arc<AtomicU64>) {
+/// What a writer task reads of its [`Writer`]'s settings and counters.
+struct Knobs {
+    window_us: Arc<AtomicU64>,
+    timeout_ms: Arc<AtomicU64>,
+    batches: Arc<AtomicU64>,
+}
+
+async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, knobs: Knobs) {
+    let Knobs { window_us, timeout_ms, batches } = knobs;
     // The writer's own connection, held from one batch to the next (see [`run_batch`]), with when it was
     // acquired and last used.
     let mut held: Option<(PoolConnection<Postgres>, Instant, Instant)> = None;
@@ -198,7 +219,8 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, window_us: Arc<AtomicU
         };
         // Run in the writer's own task (a spawned task would cost a hand-off and a wake-up per batch);
         // a panic is caught here and fails only this batch.
-        match std::panic::AssertUnwindSafe(run_batch(&pool, (conn, acquired), batch)).catch_unwind().await {
+        let timeout = std::time::Duration::from_millis(timeout_ms.load(Ordering::Relaxed));
+        match std::panic::AssertUnwindSafe(run_batch(&pool, (conn, acquired), batch, timeout)).catch_unwind().await {
             Ok(conn) => held = conn.map(|(conn, acquired)| (conn, acquired, Instant::now())),
             Err(panic) => {
                 let what = panic
@@ -239,10 +261,11 @@ async fn run_batch(
     pool: &PgPool,
     (mut conn, mut acquired): (PoolConnection<Postgres>, Instant),
     batch: Vec<Job>,
+    timeout: std::time::Duration,
 ) -> Option<(PoolConnection<Postgres>, Instant)> {
     let mut healthy = true;
     let mut answered = false;
-    let mut outcome = apply_batch(&mut conn, &batch, &mut answered).await;
+    let mut outcome = bounded(timeout, apply_batch(&mut conn, &batch, &mut answered)).await;
     if let Err(e) = &outcome {
         if session_ended_before(e, answered) {
             tracing::warn!(error = %e, "the writer's PostgreSQL session had ended; its batch runs on another connection");
@@ -261,7 +284,7 @@ async fn run_batch(
                 }
             };
             acquired = Instant::now();
-            outcome = apply_batch(&mut conn, &batch, &mut answered).await;
+            outcome = bounded(timeout, apply_batch(&mut conn, &batch, &mut answered)).await;
         }
     }
     match outcome {
@@ -276,7 +299,7 @@ async fn run_batch(
             tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying its writes one by one");
             for job in batch {
                 let result = if healthy {
-                    apply_batch(&mut conn, std::slice::from_ref(&job), &mut false).await.map_err(|e| {
+                    bounded(timeout, apply_batch(&mut conn, std::slice::from_ref(&job), &mut false)).await.map_err(|e| {
                         if breaks_connection(&e) {
                             healthy = false;
                             tracing::error!(error = %e, "the connection broke while retrying a group commit's writes one by one");
@@ -312,6 +335,20 @@ async fn run_batch(
         conn.close_on_drop();
         None
     }
+}
+
+/// `work`, or an I/O error (the connection is in doubt: it is closed, and the writes fail with
+/// `unavailable`, their outcome unknown) once it has taken `timeout`. Without it a batch waiting on a
+/// host that vanished mid-statement (no reply, no reset: a failover, a partition) or on a lock another
+/// session holds would hold the writer, and every later write of the node, for as long.
+async fn bounded<T>(
+    timeout: std::time::Duration,
+    work: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| {
+        tracing::error!(timeout_ms = timeout.as_millis() as u64, "a batch of writes timed out in PostgreSQL");
+        Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "the batch timed out in PostgreSQL")))
+    })
 }
 
 /// Whether `e` leaves the connection unusable or in doubt: anything but the database's own error, and
@@ -934,6 +971,10 @@ impl ChatStore for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    fn set_write_timeout(&self, timeout: std::time::Duration) {
+        self.writer.set_timeout(timeout);
     }
 
     fn set_commit_window(&self, window: std::time::Duration) {

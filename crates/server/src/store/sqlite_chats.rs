@@ -89,6 +89,9 @@ impl From<rusqlite::Error> for StoreError {
 struct WriteError {
     error: StoreError,
     broken: bool,
+    /// Another connection held the database past the busy timeout: retrying the batch's writes one by
+    /// one would wait that long for each.
+    busy: bool,
 }
 
 impl From<rusqlite::Error> for WriteError {
@@ -98,13 +101,14 @@ impl From<rusqlite::Error> for WriteError {
             e.sqlite_error_code(),
             Some(SystemIoFailure | DatabaseCorrupt | NotADatabase | CannotOpen | ReadOnly)
         );
-        WriteError { error: e.into(), broken }
+        let busy = matches!(e.sqlite_error_code(), Some(DatabaseBusy | DatabaseLocked));
+        WriteError { error: e.into(), broken, busy }
     }
 }
 
 impl From<StoreError> for WriteError {
     fn from(error: StoreError) -> Self {
-        WriteError { error, broken: false }
+        WriteError { error, broken: false, busy: false }
     }
 }
 
@@ -249,7 +253,11 @@ impl WriterFaults {
             panic!("injected writer fault");
         }
         if take(&self.breaks) {
-            return Err(WriteError { error: StoreError::Unavailable("injected I/O error".into()), broken: true });
+            return Err(WriteError {
+                error: StoreError::Unavailable("injected I/O error".into()),
+                broken: true,
+                busy: false,
+            });
         }
         Ok(())
     }
@@ -262,7 +270,8 @@ fn open_writer(path: &Path, durability: super::Durability) -> rusqlite::Result<r
     // Checkpoints run on their own thread (below), not inside a commit on the write path.
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; \
-         PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
+         PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864; \
+         PRAGMA secure_delete = ON;",
     )?;
     conn.execute_batch(match durability {
         super::Durability::Full => "PRAGMA synchronous = FULL;",
@@ -472,6 +481,13 @@ impl Supervisor {
                     self.reset_wal(conn, &mut reset_done, &mut reset_tried);
                 }
                 Err(e) if e.broken => return Err(e.error),
+                Err(e) if e.busy => {
+                    tracing::error!(error = %e.error, size = batch.len(), "group commit failed: another connection holds the database; its writes failed with unavailable");
+                    let text = e.error.to_string();
+                    for job in batch.drain(..) {
+                        let _ = job.reply.send(Err(StoreError::Unavailable(text.clone())));
+                    }
+                }
                 Err(e) => {
                     log_batch_failure(&e.error, batch.len());
                     batch.reverse();
@@ -498,7 +514,7 @@ fn log_batch_failure(error: &StoreError, size: usize) {
         StoreError::Unavailable(_) => tracing::error!(
             %error,
             size,
-            "group commit failed (database busy or disk full?); retrying its writes one by one, failures get unavailable"
+            "group commit failed (disk full?); retrying its writes one by one, failures get unavailable"
         ),
         _ => tracing::warn!(%error, size, "group commit failed; retrying its writes one by one"),
     }
