@@ -277,7 +277,9 @@ pub enum UserKeys {
     NotServedYet,
     /// The master key given cannot open this store: nothing stored.
     OtherMasterKey,
-    /// A rotation committed between the check and the insert: nothing stored.
+    /// A rotation committed between the check and the insert: nothing stored (on the embedded store,
+    /// which stores 5,000 keys per transaction, the chunks stored before it may stay; see
+    /// `ChatStore::create_user_keys`).
     RotatedMeanwhile,
 }
 

@@ -294,10 +294,14 @@ pub trait ChatStore: Send + Sync + 'static {
         check: &[u8],
     ) -> Result<(), StoreError>;
 
-    /// Stores users' wrapped data keys, each unless the user has one, in one transaction, and only if the
-    /// stored master key check value is still `check` when it commits (the value the caller verified its
-    /// master key against; a rotation committing meanwhile changes it). Returns whether it stored them:
-    /// `false` (nothing written) when the check value differs or none is stored. The users must exist.
+    /// Stores users' wrapped data keys, each unless the user has one, only while the stored master key
+    /// check value is still `check` (the value the caller verified its master key against; a rotation
+    /// committing meanwhile changes it). PostgreSQL stores them in one transaction; the embedded store in
+    /// transactions of 5,000, each checking the value, so that a server's writes on the same file never
+    /// wait long. Returns whether it stored them all: `false` when the check value differs or none is
+    /// stored (nothing written on PostgreSQL; on the embedded store, the chunks committed before the
+    /// rotation stay: like any key stored around a rotation, they are re-wrapped by it, or make it fail
+    /// when stored after it read the keys). The users must exist.
     async fn create_user_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<bool, StoreError>;
 
     /// The stored master key check value, if any.
