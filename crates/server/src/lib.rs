@@ -42,9 +42,9 @@ use tokio_util::task::TaskTracker;
 pub async fn build(config: Config) -> anyhow::Result<Ctx> {
     config.validate().map_err(anyhow::Error::msg)?;
     let lock = datadir::DataDirLock::acquire(&config.data_dir, "serve")?;
-    let backend = store::open_backend(&config.store_url(), config.durability).await?;
+    let store_timeout = Duration::from_secs(config.store_timeout_secs);
+    let backend = store::open_server_backend(&config.store_url(), config.durability, store_timeout).await?;
     backend.chats.set_commit_window(config.commit_window());
-    backend.chats.set_write_timeout(Duration::from_secs(config.store_timeout_secs));
     let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
     let master = keys::load_master_key(&config.data_dir, env_key.as_deref(), backend.chats.as_ref()).await?;
     assemble(config, backend, master, Some(lock))

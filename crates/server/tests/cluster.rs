@@ -430,6 +430,7 @@ async fn a_user_subscribed_late_is_not_served_what_the_node_cached_before() {
     held.release();
     // Node 1 subscribes to alice once its subscriber is free; until then her broadcasts do not reach it.
     for i in 0.. {
+        assert!(i < 60, "node 1 never subscribed to alice's channel");
         set_title(&mut phone, "c2", &format!("after {i}")).await;
         if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), laptop.recv()).await {
             assert_eq!(expect_msg!(m.unwrap(), ChatTitleUpdated).chat_id.as_str(), "c2", "subscribed now");

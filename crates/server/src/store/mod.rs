@@ -285,25 +285,49 @@ pub struct Backend {
     pub events: Arc<dyn events::EventStore>,
 }
 
+/// How long a statement of a server may run in PostgreSQL by default (`--store-timeout-secs`).
+pub const DEFAULT_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Opens the store named by `url` (`sqlite://PATH`, or `postgres://…` / `postgresql://…`), creating
-/// and migrating it as needed, for a server: a PostgreSQL pool is opened in full.
+/// and migrating it as needed, for a server: a PostgreSQL pool is opened in full, and its statements
+/// are bounded by [`DEFAULT_STORE_TIMEOUT`] (see [`open_server_backend`]).
 pub async fn open_backend(url: &str, durability: Durability) -> Result<Backend, anyhow::Error> {
-    open_with(url, durability, true).await
+    open_server_backend(url, durability, DEFAULT_STORE_TIMEOUT).await
+}
+
+/// [`open_backend`] with `store_timeout` (`--store-timeout-secs`): on PostgreSQL, the server's
+/// connections run with that `statement_timeout`, so that PostgreSQL cancels (and rolls back) a write
+/// batch stuck on a lock another session holds, and the writer gives up on a batch with no answer
+/// shortly after (a host gone without a reset).
+pub async fn open_server_backend(
+    url: &str,
+    durability: Durability,
+    store_timeout: std::time::Duration,
+) -> Result<Backend, anyhow::Error> {
+    let backend = open_with(url, durability, Some(store_timeout)).await?;
+    backend.chats.set_write_timeout(store_timeout);
+    Ok(backend)
 }
 
 /// [`open_backend`] for a one-off command (`keys rotate`): a PostgreSQL pool that opens connections only as
 /// the command needs them.
 pub async fn open_command_backend(url: &str, durability: Durability) -> Result<Backend, anyhow::Error> {
-    open_with(url, durability, false).await
+    open_with(url, durability, None).await
 }
 
 /// Opens only the identity half (CLI commands; always fully durable; a PostgreSQL pool that opens
 /// connections only as the command needs them).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, anyhow::Error> {
-    Ok(open_with(url, Durability::Full, false).await?.identity)
+    Ok(open_with(url, Durability::Full, None).await?.identity)
 }
 
-async fn open_with(url: &str, durability: Durability, serving: bool) -> Result<Backend, anyhow::Error> {
+/// `serving`: for a server, its statement timeout (a command's statements, such as a key rotation's,
+/// may take as long as they need).
+async fn open_with(
+    url: &str,
+    durability: Durability,
+    serving: Option<std::time::Duration>,
+) -> Result<Backend, anyhow::Error> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let store = Arc::new(sqlite::SqliteStore::open(std::path::Path::new(path), durability).await?);
         return Ok(Backend { identity: store.clone(), chats: store.clone(), events: store });

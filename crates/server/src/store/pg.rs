@@ -49,14 +49,21 @@ impl PgStore {
     /// lose the last moments of writes (never corrupting anything). With `Full` they keep PostgreSQL's
     /// setting, unless that is `off` ([`synchronous_commit`]).
     ///
-    /// `serving` (a server, not a one-off command) opens the whole pool ([`POOL_SIZE`] connections) before
+    /// `serving` (a server, not a one-off command: `Some` of its statement timeout, `statement_timeout`
+    /// on every connection) opens the whole pool ([`POOL_SIZE`] connections) before
     /// this returns and keeps it full: otherwise the pool grows on demand, and the first burst of requests
     /// after a start waits for PostgreSQL to start a backend per connection (a process each, tens of ms of
     /// CPU on a small machine) while it is also serving that burst. Each of those connections is warmed up
     /// for the writer's batches when it opens (`pg_chats::warm_up`). Best effort: a server whose
     /// PostgreSQL has fewer free connections still starts (after at most [`WARM_UP`]) and grows on demand.
-    pub async fn open(url: &str, durability: super::Durability, serving: bool) -> anyhow::Result<PgStore> {
+    pub async fn open(
+        url: &str,
+        durability: super::Durability,
+        serving: Option<std::time::Duration>,
+    ) -> anyhow::Result<PgStore> {
         let mut options = PgConnectOptions::from_str(url).context("invalid PostgreSQL URL")?;
+        let statement_timeout = serving;
+        let serving = serving.is_some();
         // One connection first: a refused connection or a bad password is reported as such, at once
         // (the pool would retry until its acquire timeout and report only the timeout).
         let mut probe = sqlx::PgConnection::connect_with(&options)
@@ -71,6 +78,9 @@ impl PgStore {
                 tracing::warn!(configured = %configured, "PostgreSQL's synchronous_commit is off; chatsync's connections turn it on (--durability full)");
             }
             options = options.options([("synchronous_commit", value)]);
+        }
+        if let Some(timeout) = statement_timeout {
+            options = options.options([("statement_timeout", format!("{}ms", timeout.as_millis().max(1)))]);
         }
         // Migrated on that connection, before the pool opens any: a server's connections are warmed up
         // (below) with the functions the migrations create.

@@ -58,8 +58,11 @@ const HELD_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 /// connection that is never given back).
 const HELD_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
-/// How long a batch may take before its writes fail (`--store-timeout-secs`).
-const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a batch may take in PostgreSQL (`--store-timeout-secs`, the server's `statement_timeout`).
+const DEFAULT_TIMEOUT: std::time::Duration = super::DEFAULT_STORE_TIMEOUT;
+/// How much longer than that the writer waits for a batch's answer before it gives up on its connection
+/// (PostgreSQL cancels the statement at the timeout and answers; no answer by then: the host is gone).
+const NO_ANSWER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Most writes in one group-commit batch (one statement).
 const MAX_BATCH: usize = 256;
@@ -219,7 +222,7 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, knobs: Knobs) {
         };
         // Run in the writer's own task (a spawned task would cost a hand-off and a wake-up per batch);
         // a panic is caught here and fails only this batch.
-        let timeout = std::time::Duration::from_millis(timeout_ms.load(Ordering::Relaxed));
+        let timeout = std::time::Duration::from_millis(timeout_ms.load(Ordering::Relaxed)) + NO_ANSWER_GRACE;
         match std::panic::AssertUnwindSafe(run_batch(&pool, (conn, acquired), batch, timeout)).catch_unwind().await {
             Ok(conn) => held = conn.map(|(conn, acquired)| (conn, acquired, Instant::now())),
             Err(panic) => {
@@ -293,6 +296,15 @@ async fn run_batch(
                 let _ = job.reply.send(Ok(result));
             }
         }
+        // PostgreSQL cancelled the statement at `statement_timeout` (a lock another session holds): it
+        // was rolled back, and each op retried alone would wait as long again.
+        Err(e) if is_cancelled(&e) => {
+            tracing::error!(error = %e, size = batch.len(), "group commit cancelled at the store timeout; its writes failed with unavailable");
+            let text = e.to_string();
+            for job in batch {
+                let _ = job.reply.send(Err(StoreError::Unavailable(text.clone())));
+            }
+        }
         // The statement failed in the database and was rolled back whole: retry op by op, so that only
         // the failing op gets the error.
         Err(e @ sqlx::Error::Database(_)) if batch.len() > 1 && !breaks_connection(&e) => {
@@ -337,10 +349,18 @@ async fn run_batch(
     }
 }
 
+/// Whether PostgreSQL cancelled the statement (57014: `statement_timeout`, or an operator's
+/// `pg_cancel_backend`); the transaction was rolled back and the connection stays usable.
+fn is_cancelled(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|db| db.code()).is_some_and(|code| code == "57014")
+}
+
 /// `work`, or an I/O error (the connection is in doubt: it is closed, and the writes fail with
-/// `unavailable`, their outcome unknown) once it has taken `timeout`. Without it a batch waiting on a
-/// host that vanished mid-statement (no reply, no reset: a failover, a partition) or on a lock another
-/// session holds would hold the writer, and every later write of the node, for as long.
+/// `unavailable`, their outcome unknown) once it has taken `timeout`. PostgreSQL itself cancels a
+/// statement at the server's `statement_timeout` (a lock another session holds; the writes then fail,
+/// not applied); this is for a batch with no answer at all past that (a host that vanished
+/// mid-statement: no reply, no reset), which would hold the writer, and every later write of the node,
+/// for as long.
 async fn bounded<T>(
     timeout: std::time::Duration,
     work: impl std::future::Future<Output = Result<T, sqlx::Error>>,

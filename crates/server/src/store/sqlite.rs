@@ -146,6 +146,9 @@ impl SqliteStore {
                 super::Durability::Normal => SqliteSynchronous::Normal,
             })
             .foreign_keys(true)
+            // Deleted rows (delivered webhook events, ended sessions) are overwritten, as the chat
+            // writer's are.
+            .pragma("secure_delete", "on")
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)

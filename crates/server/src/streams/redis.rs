@@ -286,7 +286,10 @@ impl RedisStreams {
                     return Err(EvalError::Connection(e.to_string()));
                 }
                 Err(e) => {
-                    return Err(EvalError::Refused { wrong_type: e.code() == Some("WRONGTYPE"), detail: e.to_string() })
+                    return Err(EvalError::Refused {
+                        wrong_type: e.code() == Some("WRONGTYPE") || e.to_string().contains("WRONGTYPE"),
+                        detail: e.to_string(),
+                    })
                 }
             }
         }
