@@ -464,7 +464,7 @@ export declare class ChatSyncClient extends Emitter {
   /**
    * `initial_sync_request`. When `chat_versions` would not fit in `max_frame_bytes`, names the chat in view,
    * the chats with queued edits, then the most recently edited, up to what fits (the others come in full);
-   * a chat left out and missing from `server_chat_order` is dropped (unless edits or messages of it are queued).
+   * a chat left out and missing from `server_chat_order` is dropped (edits or messages of it still queued are refused).
    */
   sync(): Promise<InitialSyncResponse>;
   updateTitle(chatId: string, title: string): Promise<WriteResult>;

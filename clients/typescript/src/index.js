@@ -625,6 +625,8 @@ export class ChatSyncClient extends Emitter {
     /** @type {any} */
     this._flushTimer = null;
     this._flushAttempt = 0;
+    /** @type {Promise<void>} The flush of offline changes running or last run (see `_flushChanges`). */
+    this._changesFlushed = Promise.resolve();
     this._closedByUser = false;
     this._onOnline = () => this.reconnect();
   }
@@ -832,10 +834,11 @@ export class ChatSyncClient extends Emitter {
     const openBefore = this.streams.open();
     const reply = await this.request('initial_sync_request', payload);
     if (this._stale === stale) this._stale = new Map();
-    // `chat_ids_to_delete` names only chats of the request: a chat left out and missing from the
-    // server's order is gone too (unless edits or messages of it wait in the queue: they settle it).
+    // `chat_ids_to_delete` names only chats of the request: a chat left out (known to the server before
+    // the request) and missing from the server's order was deleted, as a named one would have been
+    // (edits or messages of it still queued are then refused with `not_found`).
     if (omitted.length > 0 && Array.isArray(reply.payload.server_chat_order)) {
-      const kept = new Set([...reply.payload.server_chat_order, ...[...this.queue.changes, ...this.queue.inFlight, ...this.queue.messages].map((c) => c.chat_id)]);
+      const kept = new Set(reply.payload.server_chat_order);
       for (const id of omitted.filter((id) => !kept.has(id))) {
         this._forget(id);
         this.emit('change', id);
@@ -1172,7 +1175,19 @@ export class ChatSyncClient extends Emitter {
     }
   }
 
-  async _flushChanges() {
+  /**
+   * Sends the queued offline changes, one flush at a time: a flush started while another runs (a retry
+   * timer, the connect loop) waits for it. Two batches of one chat's component in flight at once, lost
+   * together, would be put back in the wrong order and the newer edit dropped for the older.
+   * @returns {Promise<void>}
+   */
+  _flushChanges() {
+    const run = this._changesFlushed.catch(() => {}).then(() => this._flushChangesNow());
+    this._changesFlushed = run;
+    return run;
+  }
+
+  async _flushChangesNow() {
     const max = this.connected?.limits?.max_offline_changes ?? 500;
     const empty = utf8Length(JSON.stringify({ type: 'sync_offline_changes', payload: { changes: [] }, request_id: LONGEST_REQUEST_ID }));
     while (this.queue.changes.length > 0) {

@@ -660,8 +660,8 @@ test('a user with more chats than one sync request can name: the request fits ma
   const msg = await socket.next('chat_message_added');
   assert.equal(c.chat(id(2)).title, 'renamed', 'a full entry of a chat left out updates the model');
   assert.equal(c.chats.has(id(3)), false, 'a chat left out and missing from the order is dropped');
-  assert.equal(c.chats.has(id(1)), true, 'unless a queued message waits for it');
-  assert.equal(c.chats.size, 1999);
+  assert.equal(c.chats.has(id(1)), false, 'also when a queued message waits for it (it is refused)');
+  assert.equal(c.chats.size, 1998);
   socket.push({ type: 'error', request_id: msg.request_id, payload: { code: 'not_found', message: 'Chat not found.', chat_id: id(1) } });
   await c.waitFor('status', (s) => s === 'online');
   assert.equal(FakeSocket.instances.length, 2, 'no 1009 close, no reconnect');
@@ -844,4 +844,34 @@ test('draft helpers round-trip text through a Tiptap document', () => {
   assert.equal(draftText(draftFromText('one\n\nthree')), 'one\n\nthree');
   assert.equal(draftText({ type: 'doc', content: [{ type: 'heading', content: [{ type: 'text', text: 'H' }] }, { type: 'paragraph', content: [{ type: 'text', text: 'a' }, { type: 'text', text: 'b' }] }] }), 'H\nab');
   assert.equal(draftText(null), '');
+});
+
+test('two flushes never run at once: edits whose live writes failed, lost with their batch, come back newest last', { timeout: 5000 }, async (t) => {
+  const c = client();
+  t.after(() => c.close());
+  const socket = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Old', draft_json: null }],
+    server_chat_order: ['c1'],
+  });
+  /** A live title whose reply is `unavailable`: it is queued, and a retry flush is scheduled. @param {string} title */
+  const fails = async (title) => {
+    const write = c.updateTitle('c1', title);
+    await until(() => socket.sent.some((f) => f.type === 'update_title' && f.payload.new_title === title));
+    const sent = socket.sent.find((f) => f.type === 'update_title' && f.payload.new_title === title);
+    socket.push({ type: 'error', request_id: sent.request_id, payload: { code: 'unavailable', message: 'try later' } });
+    assert.deepEqual(await write, { queued: true });
+  };
+  const batches = () => socket.sent.filter((f) => f.type === 'sync_offline_changes');
+  await fails('v1');
+  await until(() => batches().length === 1);
+  await fails('v2');
+  // The retry timer fires again while the first batch waits for its answer: the second flush waits too.
+  await new Promise((resolve) => setTimeout(resolve, 30));
+  assert.equal(batches().length, 1, 'one batch in flight at a time');
+  FakeSocket.down = true;
+  socket.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  const queued = c.queue.changes.filter((q) => q.chat_id === 'c1' && q.type === 'title');
+  assert.equal(queued.length, 1);
+  assert.equal(queued[0].value, 'v2', 'the newest edit is the one kept');
 });
