@@ -49,8 +49,8 @@ impl PgStore {
     /// lose the last moments of writes (never corrupting anything). With `Full` they keep PostgreSQL's
     /// setting, unless that is `off` ([`synchronous_commit`]).
     ///
-    /// `serving` (a server, not a one-off command: `Some` of its statement timeout, `statement_timeout`
-    /// on every connection) opens the whole pool ([`POOL_SIZE`] connections) before
+    /// A server (not a one-off command) passes its `statement_timeout`, set on every connection; it
+    /// opens the whole pool ([`POOL_SIZE`] connections) before
     /// this returns and keeps it full: otherwise the pool grows on demand, and the first burst of requests
     /// after a start waits for PostgreSQL to start a backend per connection (a process each, tens of ms of
     /// CPU on a small machine) while it is also serving that burst. Each of those connections is warmed up
@@ -59,11 +59,10 @@ impl PgStore {
     pub async fn open(
         url: &str,
         durability: super::Durability,
-        serving: Option<std::time::Duration>,
+        statement_timeout: Option<std::time::Duration>,
     ) -> anyhow::Result<PgStore> {
         let mut options = PgConnectOptions::from_str(url).context("invalid PostgreSQL URL")?;
-        let statement_timeout = serving;
-        let serving = serving.is_some();
+        let serving = statement_timeout.is_some();
         // One connection first: a refused connection or a bad password is reported as such, at once
         // (the pool would retry until its acquire timeout and report only the timeout).
         let mut probe = sqlx::PgConnection::connect_with(&options)

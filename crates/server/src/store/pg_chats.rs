@@ -161,6 +161,13 @@ impl Writer {
     }
 }
 
+/// What a writer task reads of its [`Writer`]'s settings and counters.
+struct Knobs {
+    window_us: Arc<AtomicU64>,
+    timeout_ms: Arc<AtomicU64>,
+    batches: Arc<AtomicU64>,
+}
+
 /// One writer's group-commit loop: collects what is queued (up to [`MAX_BATCH`]) and applies it in one
 /// transaction. A batch that panics is caught: its writes fail (their reply senders are
 /// dropped) and the loop goes on.
@@ -171,13 +178,6 @@ impl Writer {
 /// queued while a batch was in flight, they form the next batch without waiting. The wait is a thread's
 /// sleep on the blocking pool ([`precise_sleep`]), not tokio's timer, which rounds up to its next
 /// millisecond tick (a 250 µs window waited 1-2 ms).
-/// What a writer task reads of its [`Writer`]'s settings and counters.
-struct Knobs {
-    window_us: Arc<AtomicU64>,
-    timeout_ms: Arc<AtomicU64>,
-    batches: Arc<AtomicU64>,
-}
-
 async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, knobs: Knobs) {
     let Knobs { window_us, timeout_ms, batches } = knobs;
     // The writer's own connection, held from one batch to the next (see [`run_batch`]), with when it was
@@ -366,7 +366,10 @@ async fn bounded<T>(
     work: impl std::future::Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, sqlx::Error> {
     tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| {
-        tracing::error!(timeout_ms = timeout.as_millis() as u64, "a batch of writes timed out in PostgreSQL");
+        tracing::error!(
+            timeout_ms = timeout.as_millis() as u64,
+            "no answer from PostgreSQL to a batch of writes in time; its connection is dropped"
+        );
         Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "the batch timed out in PostgreSQL")))
     })
 }
