@@ -1,9 +1,10 @@
 //! Cluster mode (issue 8): nodes sharing one store and a Redis bus. One user with a device on each node:
 //! every broadcast arrives exactly once on every other node and never echoes; a write on one node is what
-//! initial sync returns on another (caches stay true); a deletion is gone everywhere; the bus going down
-//! never stops a node from confirming writes, and delivery resumes when Redis returns; a revocation on
-//! the CLI closes the socket on another node at once; a node's cached API keys never outlive a revocation
-//! (nor a Redis outage or a lost epoch); nothing crosses Redis in plaintext.
+//! initial sync returns on another (caches stay true); a deletion is gone everywhere; a write whose outcome
+//! is unknown empties every node's cache of its user; the bus going down never stops a node from confirming
+//! writes, and delivery resumes when Redis returns; a revocation on the CLI closes the socket on another
+//! node at once; a node's cached API keys never outlive a revocation (nor a Redis outage or a lost epoch);
+//! nothing crosses Redis in plaintext.
 
 #[macro_use]
 mod sync_util;
@@ -547,4 +548,34 @@ async fn without_redis_a_node_checks_api_keys_in_the_store_and_a_redis_that_lost
     revoke_in_store_only(&cluster.nodes[0], &second).await;
     redis::cmd("DEL").arg(&epoch_key).query_async::<()>(&mut redis_conn).await.unwrap();
     assert_eq!(second.get("/users/alice").await.0, 401);
+}
+
+#[tokio::test]
+async fn a_write_whose_outcome_is_unknown_empties_every_node_s_cache_of_the_user() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut phone = new_user(node0, "alice", "phone").await;
+    let mut laptop = another_device(node1, "alice", "laptop").await;
+    set_title(&mut phone, "c1", "one").await;
+    while laptop.buffered() > 0 || next_is_pending(&mut laptop).await {}
+    assert_eq!(sync_all(&mut laptop).await.server_chat_order.len(), 1);
+    assert!(node1.ctx.cache.chats("alice").await.is_some(), "node 1 cached alice's list");
+    // Node 1 holds c1's key (the backend wrote through it).
+    let body = json!({"message_id": "b1", "sender_name": "assistant", "content": "hi"});
+    assert_eq!(node1.api().await.post("/users/alice/chats/c1/messages", body).await.0, 201);
+    assert!(node1.ctx.keys.holds_key("c1"));
+
+    // A deletion of c1 on node 0 fails with its outcome unknown (it may have committed).
+    node0.ctx.cache.write_unknown("alice", Some("c1")).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while node1.ctx.cache.chats("alice").await.is_some() || node1.ctx.keys.holds_key("c1") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("node 1 dropped alice's cached list and forgot c1's key");
+    // Reads go to the store, and refill the cache.
+    assert_eq!(chat_state(&mut laptop, "c1").await.title.as_deref(), Some("one"));
+    assert!(node1.ctx.cache.chats("alice").await.is_some());
 }

@@ -3,7 +3,8 @@
 //! error; one failing write in a group commit fails alone; a full disk fails writes with
 //! `unavailable`, loses nothing confirmed, and writes succeed again once space returns; under constant writes
 //! and reads the WAL keeps starting over instead of growing; a write that finds the writer idle waits the
-//! commit window for others to share its transaction.
+//! commit window for others to share its transaction; a write that committed but whose answer was lost
+//! leaves no stale state in the cache.
 //!
 //! Faults are injected through the store's hidden test hook (`ChatStore::writer_faults`).
 
@@ -311,4 +312,24 @@ async fn under_constant_writes_and_reads_the_wal_keeps_starting_over() {
 async fn a_write_that_finds_the_writer_idle_waits_the_commit_window_for_company() {
     let server = TestServer::start().await;
     a_second_write_joins_the_first_in_the_commit_window(&server).await;
+}
+
+#[tokio::test]
+async fn a_write_whose_answer_is_lost_leaves_no_stale_state_in_the_cache() {
+    let server = TestServer::start().await;
+    let faults = faults(&server);
+    let mut phone = new_user(&server, "lost", "phone").await;
+    let mut laptop = another_device(&server, "lost", "laptop").await;
+    assert_eq!(set_title(&mut phone, "lost-chat", "v1").await.versions.title_v, 1);
+    // The laptop's sync loads the user's chat list into the cache.
+    assert_eq!(chat_state(&mut laptop, "lost-chat").await.title.as_deref(), Some("v1"));
+
+    // The write commits, but its answer is lost: the phone hears `unavailable`.
+    faults.lose_answer_next(1);
+    let reply = phone.request(&title("lost-chat", "v2")).await.unwrap();
+    assert_error(&reply, ErrorCode::Unavailable, None);
+
+    // What the store holds now is what every device reads, not the cached title it replaced.
+    let state = chat_state(&mut laptop, "lost-chat").await;
+    assert_eq!((state.title.as_deref(), state.versions.title_v), (Some("v2"), 2));
 }

@@ -73,6 +73,16 @@ impl Cache for CoherentCache {
         self.bus.publish_control(BusMessage::ChatDeleted { chat_id: chat_id.to_owned() });
     }
 
+    async fn write_unknown(&self, user_id: &str, deleting: Option<&str>) {
+        self.inner.invalidate(user_id);
+        // The write may have committed on PostgreSQL, which every node reads: the others drop what they
+        // cached of the user too, and every node the deleted chat's key (as for a deletion).
+        self.bus.publish_user(user_id, BusMessage::Forget { chat_id: None });
+        if let Some(chat_id) = deleting {
+            self.bus.publish_control(BusMessage::Forget { chat_id: Some(chat_id.to_owned()) });
+        }
+    }
+
     async fn messages(&self, user_id: &str, chat_id: &str) -> Option<Vec<MessageRecord>> {
         if !self.bus.is_healthy() {
             return None;

@@ -195,6 +195,10 @@ impl Cache for MemoryCache {
         }
     }
 
+    async fn write_unknown(&self, user_id: &str, _deleting: Option<&str>) {
+        self.invalidate(user_id);
+    }
+
     async fn messages(&self, user_id: &str, chat_id: &str) -> Option<Vec<MessageRecord>> {
         let entry = self.users.get(user_id)?;
         Some(entry.messages.get(chat_id)?.iter().cloned().collect())

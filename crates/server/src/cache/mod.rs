@@ -17,6 +17,8 @@
 //!   result merged after the delete (a write that committed just before it) is ignored for those ids.
 //!   The memory is bounded: past [`memory::MAX_DELETED`] ids, the entry forgets them and caches no chat
 //!   list for the rest of its life.
+//! * A write whose outcome is unknown (`unavailable`) drops what is cached of its user
+//!   ([`Cache::write_unknown`]): the store may hold what it wrote.
 //! * The cache is best-effort: a miss (or a failing cache) falls back to the store.
 
 pub mod coherent;
@@ -74,6 +76,13 @@ pub trait Cache: Send + Sync + 'static {
 
     /// Removes a deleted chat and its messages, for good.
     async fn chat_deleted(&self, user_id: &str, chat_id: &str);
+
+    /// A write of the user failed with its outcome unknown (`unavailable`: it may have committed, its
+    /// answer lost): drops what is cached for the user (in a cluster, on every node), so that reads go to
+    /// the store, and its next load is cached, instead of serving what the write may have replaced. For a
+    /// deletion (`deleting`), a cluster's other nodes also forget the chat's unwrapped key (the caller
+    /// forgets this node's).
+    async fn write_unknown(&self, user_id: &str, deleting: Option<&str>);
 
     /// The chat's most recent messages (contiguous, oldest first, ending at the chat's latest), if cached.
     async fn messages(&self, user_id: &str, chat_id: &str) -> Option<Vec<MessageRecord>>;

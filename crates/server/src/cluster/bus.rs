@@ -78,6 +78,16 @@ pub enum BusMessage {
         /// The stored message.
         message: MessageRecord,
     },
+    /// A write failed with its outcome unknown (it may have committed): on the user's channel, drop what
+    /// is cached of the user; with a chat (a deletion's outcome unknown, on the control channel), forget
+    /// its unwrapped key, which the store then resolves afresh. Nodes that predate it ignore it (it fails
+    /// to decode).
+    #[serde(rename = "x")]
+    Forget {
+        /// The chat whose deletion's outcome is unknown.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chat_id: Option<String>,
+    },
     /// Sessions revoked: close their connections on every node (control channel).
     #[serde(rename = "r")]
     SessionsRevoked {

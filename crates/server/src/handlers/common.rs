@@ -7,6 +7,7 @@ use crate::drafts::DraftLimit;
 use crate::error::Error;
 use crate::keys::{ChatAccess, ChatKey};
 use crate::store::chats::{ChatRecord, MessageRecord, Target, WriteOp, WriteResult};
+use crate::store::StoreError;
 use chatsync_protocol::{ChatId, ClientTimestamp, MessageContent, MessageId, MessageOut, Versions};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -51,6 +52,25 @@ pub fn check_draft(ctx: &Ctx, draft: &Map<String, Value>, field: &str) -> Result
     }
 }
 
+/// Applies `op`, a write of `owner`'s, in the store. A write that fails with `unavailable` may have
+/// committed (its answer lost: a connection that broke after the commit, a timeout): what the cache holds
+/// of the user is dropped (in a cluster, on every node) and, for a deletion, the chat's unwrapped key is
+/// forgotten, so that no read serves what the write may have replaced until the store is asked again.
+pub async fn store_write(ctx: &Ctx, owner: &str, op: WriteOp) -> Result<WriteResult, Error> {
+    let deleting = match &op {
+        WriteOp::DeleteChat { chat_id, .. } => Some(chat_id.clone()),
+        _ => None,
+    };
+    let result = ctx.chats.write(op).await;
+    if let Err(StoreError::Unavailable(_)) = &result {
+        if let Some(chat_id) = &deleting {
+            ctx.keys.forget_chat(chat_id);
+        }
+        ctx.cache.write_unknown(owner, deleting.as_deref()).await;
+    }
+    Ok(result?)
+}
+
 /// Runs a write against a chat of `owner`, creating the chat when the id is new: resolves the chat's
 /// key (first from the node's cache, [`crate::keys::Keyring::chat_for_write`]), builds the op (`build`
 /// gets the target and the key to encrypt with), starts over, asking the store, if another connection
@@ -71,7 +91,7 @@ pub async fn write_chat(
         let result = match access {
             ChatAccess::Denied => return Err(Error::chat_not_found(chat_id)),
             ChatAccess::Owned(k) => {
-                let result = ctx.chats.write(build(Target::Existing, &k.key)).await?;
+                let result = store_write(ctx, owner, build(Target::Existing, &k.key)).await?;
                 if unconfirmed && !matches!(result, WriteResult::NotFound | WriteResult::Raced) {
                     ctx.keys.confirmed(chat_id, &k);
                 }
@@ -80,7 +100,7 @@ pub async fn write_chat(
             ChatAccess::New => {
                 let (key, wrapped) = ctx.keys.new_chat_key(chat_id);
                 let target = Target::Create { key: wrapped, max_chats: ctx.config.max_chats_per_user };
-                let result = ctx.chats.write(build(target, &key)).await?;
+                let result = store_write(ctx, owner, build(target, &key)).await?;
                 if !matches!(result, WriteResult::Raced | WriteResult::NotFound | WriteResult::ChatLimit) {
                     ctx.keys.created(chat_id, owner, key);
                 }

@@ -15,7 +15,7 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: DeleteChat) -> Result<Outco
     let event = crate::webhooks::chat_deleted(ctx, &conn.user_id, p.chat_id.as_str()).await?;
     let op =
         WriteOp::DeleteChat { owner: conn.user_id.clone(), chat_id: p.chat_id.to_string(), now: now_millis(), event };
-    match ctx.chats.write(op).await? {
+    match super::common::store_write(ctx, &conn.user_id, op).await? {
         WriteResult::Deleted => {
             crate::webhooks::recorded(ctx);
             ctx.keys.chat_deleted(p.chat_id.as_str());

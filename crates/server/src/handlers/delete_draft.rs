@@ -52,7 +52,7 @@ pub async fn apply(
     if create {
         return write_chat(ctx, user_id, chat_id, |target, _chat_key| op(target)).await;
     }
-    let result = ctx.chats.write(op(Target::Existing)).await?;
+    let result = super::common::store_write(ctx, user_id, op(Target::Existing)).await?;
     if let WriteResult::NotFound = result {
         return Err(Error::chat_not_found(chat_id));
     }

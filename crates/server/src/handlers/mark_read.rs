@@ -12,7 +12,7 @@ use chatsync_protocol::{ChatReadUpdated, MarkRead, ServerMessage};
 /// Handles `mark_read`.
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: MarkRead) -> Result<Outcome, Error> {
     let op = WriteOp::MarkRead { owner: conn.user_id.clone(), chat_id: p.chat_id.to_string(), seq: p.seq };
-    let result = ctx.chats.write(op).await?;
+    let result = super::common::store_write(ctx, &conn.user_id, op).await?;
     super::common::cache_written(ctx, &conn.user_id, &result).await;
     let update = |read_seq, unread_count| ChatReadUpdated { chat_id: p.chat_id.clone(), read_seq, unread_count };
     match result {

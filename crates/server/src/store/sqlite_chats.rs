@@ -121,6 +121,9 @@ pub struct WriterFaults {
     panics: AtomicU32,
     /// The next this-many batches fail as on a broken connection (an I/O error), before their commit.
     breaks: AtomicU32,
+    /// The next this-many batches commit, and then their writes fail with `unavailable`, as a lost answer
+    /// would (their outcome unknown to the caller).
+    lost_answers: AtomicU32,
     /// Ops on this chat id fail with a backend error.
     failing_chat: parking_lot::Mutex<Option<String>>,
     /// `PRAGMA max_page_count` for the writer's connection (`None`: SQLite's maximum), and whether the
@@ -168,6 +171,17 @@ impl WriterFaults {
     /// The next `n` batches fail inside their transaction as if the connection broke (an I/O error).
     pub fn break_next(&self, n: u32) {
         self.breaks.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` batches commit, and then answer their writes with `unavailable` (as a connection that
+    /// broke after the commit would, on a server store).
+    pub fn lose_answer_next(&self, n: u32) {
+        self.lost_answers.store(n, Ordering::SeqCst);
+    }
+
+    /// Whether this committed batch's answer is to be lost.
+    fn answer_lost(&self) -> bool {
+        self.lost_answers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
     }
 
     /// Every op on `chat_id` fails with a backend error (`None`: none does).
@@ -475,8 +489,13 @@ impl Supervisor {
             metrics::histogram!(crate::metrics::WRITER_BATCH).record(batch.len() as f64);
             match apply_batch(conn, batch, faults) {
                 Ok(results) => {
+                    let lost = faults.answer_lost();
                     for (job, result) in batch.drain(..).zip(results) {
-                        let _ = job.reply.send(Ok(result));
+                        let result = match lost {
+                            true => Err(StoreError::Unavailable("injected lost answer".into())),
+                            false => Ok(result),
+                        };
+                        let _ = job.reply.send(result);
                     }
                     self.reset_wal(conn, &mut reset_done, &mut reset_tried);
                 }
