@@ -250,6 +250,11 @@ async fn a_user_beyond_the_per_user_cap_gets_1013_too_many_connections() {
         open.push(server.connect(&token, "d").await.0);
     }
     assert_eq!(server.refused(&opts(&token, "d")).await, (1013, "Too many connections".into()));
+    // A device whose connection the cap refused is not recorded as one of the user's devices.
+    let other = server.token("alice").await;
+    assert_eq!(server.refused(&opts(&other, "tablet")).await, (1013, "Too many connections".into()));
+    let devices = server.ctx.store.devices("alice").await.unwrap();
+    assert_eq!(devices.iter().map(|d| d.device_hash.clone()).collect::<Vec<_>>(), [sha256_hex("id:d")]);
     let bob = server.user_token("bob").await;
     server.connect(&bob, "d").await;
     open.pop().unwrap().close().await.unwrap();

@@ -61,6 +61,9 @@ pub struct Authenticated {
     /// When the credential stops being valid while connected (a JWT's `exp` plus the leeway, unix
     /// milliseconds); `None` for session tokens, whose expiry is checked when connecting.
     pub expires_at: Option<Millis>,
+    /// The device's label (the client's device id, or a JWT's `device` claim), recorded with the device
+    /// once the connection is registered (a connection refused by a cap records no device).
+    pub device_label: Option<String>,
 }
 
 /// Lowercase hex SHA-256 of `input`.
@@ -196,8 +199,13 @@ pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated
     if bound != device_hash {
         return Err(if session.user_tfa { CloseReason::DEVICE_MISMATCH_TFA } else { CloseReason::DEVICE_MISMATCH });
     }
-    ctx.store.record_device(&session.user_id, &device_hash, creds.device_id.as_deref(), now).await.map_err(backend)?;
-    Ok(Authenticated { session_id: session.session_id, user_id: session.user_id, device_hash, expires_at: None })
+    Ok(Authenticated {
+        session_id: session.session_id,
+        user_id: session.user_id,
+        device_hash,
+        expires_at: None,
+        device_label: creds.device_id,
+    })
 }
 
 /// The synthetic session id of a JWT connection (it has no row in `sessions`): `jwt:` and the first
@@ -252,13 +260,13 @@ async fn authenticate_jwt(
             Err(e) => return Err(backend(e)),
         }
     }
-    let label = verified.device_id.as_deref().or(client_device_id);
-    ctx.store.record_device(&verified.user_id, &device_hash, label, now).await.map_err(backend)?;
+    let device_label = verified.device_id.as_deref().or(client_device_id).map(str::to_owned);
     Ok(Authenticated {
         session_id: jwt_session_id(token),
         user_id: verified.user_id,
         device_hash,
         expires_at: Some(verified.expires_at),
+        device_label,
     })
 }
 

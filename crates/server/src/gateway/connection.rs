@@ -71,6 +71,7 @@ async fn serve(
             return;
         }
     };
+    let device_label = authed.device_label;
     let conn = Arc::new(ConnHandle {
         id: uuid::Uuid::new_v4().simple().to_string(),
         user_id: authed.user_id,
@@ -87,6 +88,21 @@ async fn serve(
         if let Err(refused) = ctx.hub.register(conn.clone()).await {
             tracing::warn!(%refused, "connection refused");
             Box::pin(reject(sink, stream, refused.close_reason())).await;
+            return;
+        }
+        // The device is recorded (a sighting) only for a connection a cap did not refuse.
+        let sighting = ctx.store.record_device(
+            &conn.user_id,
+            &conn.device_hash,
+            device_label.as_deref(),
+            crate::store::now_millis(),
+        );
+        if let Err(e) = Box::pin(sighting).await {
+            tracing::warn!(error = %e, "authentication backend failure");
+            ctx.hub.unregister(&conn);
+            let reason = CloseReason::AUTH_ERROR;
+            metrics::counter!(crate::metrics::CONNECTS, "result" => reason.reason).increment(1);
+            Box::pin(reject(sink, stream, reason)).await;
             return;
         }
         metrics::counter!(crate::metrics::CONNECTS, "result" => "ok").increment(1);
