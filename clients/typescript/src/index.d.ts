@@ -333,11 +333,12 @@ export interface OfflineChange {
   value: unknown;
   version_before_edit: number;
   /**
-   * Local only (never sent): the value of a live write of this component, on `version_before_edit`,
-   * whose reply never arrived (or of an offline change of a batch whose results never arrived). A conflict that only this write explains is not a loss: the edit is
-   * sent again on top of it.
+   * Local only (never sent): the values of live writes of this component, on `version_before_edit`,
+   * whose replies never arrived (or of offline changes of a batch whose results never arrived), oldest
+   * first, the newest 4 kept. A conflict that only one of these writes explains is not a loss: the edit
+   * is sent again on top of it. (A queue stored by an older SDK, with a single value here, still loads.)
    */
-  written?: unknown;
+  written?: unknown[];
 }
 
 export interface PendingMessage {
@@ -406,7 +407,7 @@ export declare class OfflineQueue {
   requeue(change: OfflineChange, version: number): OfflineChange;
   /**
    * Puts in-flight changes back in the queue, unless a newer edit of the component is queued (that one,
-   * when on the same base, keeps the dropped value as `written`: the server may have applied it).
+   * when on the same base, adds the dropped value to its `written`: the server may have applied it).
    */
   restore(changes: OfflineChange[]): void;
   clear(): void;

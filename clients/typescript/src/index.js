@@ -328,6 +328,85 @@ function wireChange({ written, ...change }) {
   return change;
 }
 
+/** How many values of lost-reply writes a queued edit remembers (`written`): the newest ones. */
+const WRITTEN_KEPT = 4;
+
+/**
+ * The `written` of a queued edit: the values of `lists` (each oldest first, the lists in the order they
+ * were written), a value written again counted once at its newest place, the newest
+ * {@link WRITTEN_KEPT} kept.
+ * @param {...unknown[]} lists
+ * @returns {unknown[]}
+ */
+function mergeWritten(...lists) {
+  /** @type {Map<string, unknown>} canonical JSON to value, in insertion order */
+  const seen = new Map();
+  for (const value of lists.flat()) {
+    const key = canonicalJson(value);
+    seen.delete(key);
+    seen.set(key, value);
+  }
+  return [...seen.values()].slice(-WRITTEN_KEPT);
+}
+
+/**
+ * The values of a queued edit's lost-reply writes (`written`) other than its own value: a conflict
+ * with one of them alone is not a loss (see `ChatSyncClient#_recheckConflict`). A conflict with its own
+ * value is the edit itself, already applied: nothing to send again.
+ * @param {import('./index.js').OfflineChange} change
+ * @returns {unknown[]}
+ */
+function otherWrites(change) {
+  const own = canonicalJson(change.value);
+  return (change.written ?? []).filter((w) => canonicalJson(w) !== own);
+}
+
+/** Whether `value` can be the value of a change of `type` (what the server takes: a title is a string, a draft an object or `null`). @param {string} type @param {unknown} value */
+function fitsType(type, value) {
+  if (type === 'title') return typeof value === 'string';
+  if (type === 'draft') return value === null || (typeof value === 'object' && !Array.isArray(value));
+  return value === null;
+}
+
+/**
+ * A queued change read back from storage, whose content is not trusted: its fields checked, `written`
+ * made a list (an older SDK kept one value) of values of the change's kind, at most
+ * {@link WRITTEN_KEPT}. `null` when malformed (it is dropped).
+ * @param {unknown} raw
+ * @returns {import('./index.js').OfflineChange | null}
+ */
+function readChange(raw) {
+  if (!raw || typeof raw !== 'object' || Array.isArray(raw)) return null;
+  const c = /** @type {Record<string, unknown>} */ (raw);
+  const { change_id, chat_id, type, version_before_edit } = c;
+  if (typeof change_id !== 'string' || typeof chat_id !== 'string' || chat_id === '') return null;
+  if (type !== 'title' && type !== 'draft' && type !== 'delete_draft') return null;
+  if (typeof version_before_edit !== 'number' || !Number.isSafeInteger(version_before_edit) || version_before_edit < 0) return null;
+  const value = type === 'delete_draft' ? null : c.value;
+  if (!fitsType(type, value)) return null;
+  try {
+    /** @type {import('./index.js').OfflineChange} */
+    const change = { change_id, chat_id, type, value, version_before_edit };
+    // Values of a draft deletion's lost-reply writes are drafts (or null): checked as drafts.
+    const kind = type === 'title' ? 'title' : 'draft';
+    const written = (Array.isArray(c.written) ? c.written : 'written' in c ? [c.written] : []).filter((w) => fitsType(kind, w));
+    if (written.length > 0) change.written = mergeWritten(written);
+    canonicalJson(value); // a value nested too deep to compare throws here, not later
+    return change;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The well-formed changes of a list read back from storage (see {@link readChange}).
+ * @param {unknown[]} list
+ * @returns {import('./index.js').OfflineChange[]}
+ */
+function readChanges(list) {
+  return /** @type {import('./index.js').OfflineChange[]} */ (list.map(readChange).filter((c) => c !== null));
+}
+
 /**
  * Edits made while offline, waiting for the next connection. Title and draft edits of one chat are
  * coalesced (the newest value with the version seen before the first edit, so that the server can
@@ -354,11 +433,13 @@ export class OfflineQueue {
       try {
         const saved = JSON.parse(storage.getItem(key) ?? 'null');
         if (saved && Array.isArray(saved.changes) && Array.isArray(saved.messages)) {
-          this.changes = saved.changes;
+          // Changes are checked one by one (a malformed one is dropped; `written` of an older SDK, one
+          // value, becomes a list).
+          this.changes = readChanges(saved.changes);
           this.messages = saved.messages;
           this._seq = Number(saved.seq) || 0;
           // A batch whose results never arrived (reloaded during the round trip) is sent again.
-          if (Array.isArray(saved.in_flight)) this.restore(saved.in_flight);
+          if (Array.isArray(saved.in_flight)) this.restore(readChanges(saved.in_flight));
         }
       } catch {
         // A corrupt saved queue is dropped: the server stays the truth.
@@ -373,7 +454,8 @@ export class OfflineQueue {
 
   /**
    * Queues a title, draft or draft deletion; replaces a queued edit of the same component of the same
-   * chat (keeping its `version_before_edit` and `written`).
+   * chat (keeping its `version_before_edit` and `written`, to which the values `change` brings in its
+   * own `written` are added when it was made on that same version).
    * @param {Omit<import('./index.js').OfflineChange, 'change_id'>} change
    * @returns {import('./index.js').OfflineChange}
    */
@@ -390,7 +472,9 @@ export class OfflineQueue {
       value: change.type === 'delete_draft' ? null : change.value,
       version_before_edit: first.version_before_edit,
     };
-    if ('written' in first) queued.written = first.written;
+    const sameBase = first !== change && change.version_before_edit === first.version_before_edit;
+    const written = mergeWritten(first.written ?? [], sameBase ? change.written ?? [] : []);
+    if (written.length > 0) queued.written = written;
     if (i >= 0) this.changes.splice(i, 1);
     this.changes.push(queued);
     this.save();
@@ -477,8 +561,9 @@ export class OfflineQueue {
   /**
    * Puts changes back at the front (their batch's results never arrived), unless a newer edit of the
    * same component was queued meanwhile. That edit, when made on the same base, was made on top of the
-   * dropped change, which the server may have applied: it remembers the dropped value as `written`, so
-   * that a conflict with it alone is not a loss (see `ChatSyncClient#_recheckConflict`).
+   * dropped change, which the server may have applied (or one of the writes it remembers): it adds the
+   * dropped value (and the dropped change's `written`) to its own `written`, so that a conflict with
+   * one of them alone is not a loss (see `ChatSyncClient#_recheckConflict`).
    * @param {import('./index.js').OfflineChange[]} changes
    */
   restore(changes) {
@@ -486,7 +571,8 @@ export class OfflineQueue {
     this.inFlight = this.inFlight.filter((c) => !ids.has(c.change_id));
     const back = changes.filter((c) => {
       const newer = this.changes.find((n) => n.chat_id === c.chat_id && componentOf(n.type) === componentOf(c.type));
-      if (newer && newer.version_before_edit === c.version_before_edit && !('written' in newer)) newer.written = c.value;
+      // Oldest first: the dropped change's own writes, its value, then the newer edit's (made after).
+      if (newer && newer.version_before_edit === c.version_before_edit) newer.written = mergeWritten(c.written ?? [], [c.value], newer.written ?? []);
       return !newer;
     });
     this.changes.unshift(...back);
@@ -860,10 +946,11 @@ export class ChatSyncClient extends Emitter {
   }
 
   /**
-   * A queued edit that conflicted, and that carries the value of a live write whose reply never arrived
+   * A queued edit that conflicted, and that carries the values of live writes whose replies never arrived
    * (`written`, on the same base): if the server's component is now exactly one version past that base
-   * and holds that value, the only write since was this device's own, so the edit made on top of it is
-   * queued again on the server's version (else the conflict stands: the server's value stays).
+   * and holds one of those values (other than the edit's own), the only write since was one of this
+   * device's own, so the edit made on top of it is queued again on the server's version (else the
+   * conflict stands: the server's value stays).
    * @param {import('./index.js').OfflineChange} change
    */
   _recheckConflict(change) {
@@ -872,7 +959,8 @@ export class ChatSyncClient extends Emitter {
     if (!chat) return;
     const version = change.version_before_edit + 1;
     if ((isTitle ? chat.versions.title_v : chat.versions.draft_v) !== version) return;
-    if (canonicalJson(isTitle ? chat.title : chat.draft_json) !== canonicalJson(change.written)) return;
+    const server = canonicalJson(isTitle ? chat.title : chat.draft_json);
+    if (!otherWrites(change).some((w) => canonicalJson(w) === server)) return;
     const queued = this.queue.requeue(change, version);
     if (isTitle) chat.title = /** @type {string} */ (queued.value);
     else chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (queued.value);
@@ -1229,7 +1317,7 @@ export class ChatSyncClient extends Emitter {
       this.queue.settle(batch, reply.payload.results ?? []);
       for (const r of reply.payload.results ?? []) {
         const sent = batch.find((c) => c.change_id === r.change_id);
-        if (r.status !== 'conflict' || !sent || !('written' in sent) || canonicalJson(sent.value) === canonicalJson(sent.written)) continue;
+        if (r.status !== 'conflict' || !sent || otherWrites(sent).length === 0) continue;
         // Maybe a conflict with this device's own write whose reply was lost: the next sync brings the
         // server's value of that component, to tell (see _recheckConflict).
         this._recheck.push(sent);
@@ -1323,8 +1411,9 @@ export class ChatSyncClient extends Emitter {
     } catch (e) {
       if (isTransient(e)) {
         // Safe to repeat: if it was applied, the version check makes the repeat a conflict. The value
-        // is remembered (`written`) to tell that conflict from another device's write.
-        this.queue.addChange({ ...change, written: change.value });
+        // is remembered (`written`, with those of earlier such writes on the same version) to tell that
+        // conflict from another device's write.
+        this.queue.addChange({ ...change, written: [change.value] });
         this._retrySoon();
         return { queued: true };
       }

@@ -513,7 +513,7 @@ test('changes sent in a batch stay in storage until their results arrive: a relo
     [['a', 'A', 1], ['b', { type: 'doc', n: 2 }, 2]],
     'the in-flight title is back; the in-flight draft gave way to the newer edit of it',
   );
-  assert.deepEqual(reloaded.changes[1].written, { type: 'doc' }, 'which remembers it: the server may have applied it (see the next tests)');
+  assert.deepEqual(reloaded.changes[1].written, [{ type: 'doc' }], 'which remembers it: the server may have applied it (see the next tests)');
   assert.equal('written' in reloaded.changes[0], false);
   assert.equal(reloaded.inFlight.length, 0);
   assert.equal(q.inFlight.length, 2);
@@ -598,6 +598,70 @@ test('an offline edit on top of an online write whose reply was lost is sent aga
   assert.equal(c.chat('c2').title, 'Other', 'a conflict with another write still gives way');
   assert.equal(c.queue.size, 0);
   c.close();
+});
+
+test('an edit on top of two lost-reply writes of its component is sent again when the conflict is the first of them', { timeout: 5000 }, async (t) => {
+  const c = client();
+  t.after(() => c.close());
+  const socket = await online(c, C1);
+  // 'A': the server answers unavailable (it may have applied it); queued, and retried at once.
+  const pa = c.updateTitle('c1', 'A');
+  const a = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: a.request_id, payload: { code: 'unavailable', message: 'try later' } });
+  assert.deepEqual(await pa, { queued: true });
+  const retry = await socket.next('sync_offline_changes');
+  assert.deepEqual(retry.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit]), [['A', 1]]);
+  // 'B', written while that retry waits for its answer: unavailable as well.
+  const pb = c.updateTitle('c1', 'B');
+  const b = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: b.request_id, payload: { code: 'unavailable', message: 'try later' } });
+  assert.deepEqual(await pb, { queued: true });
+  // The retry's answer is lost with the connection: 'B' is sent, on the version both were written on.
+  const next = await offlineThen(c, async () => {});
+  const flush = await next.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit, 'written' in ch]), [['B', 1, false]]);
+  assert.deepEqual(c.queue.inFlight.map((ch) => ch.written), [['A', 'B']], 'both values remembered');
+  const ch = flush.payload.changes[0];
+  next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  // The server applied 'A' only (the live write, or the lost retry of it): that conflict is this device's own.
+  const sync = await next.answerSync({
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A' }],
+    server_chat_order: ['c1'],
+  });
+  assert.equal(sync.payload.chat_versions.c1.title_v, undefined, 'the title is fetched again');
+  await until(() => next.sent.filter((f) => f.type === 'sync_offline_changes').length === 2 || c.status === 'online');
+  const again = next.sent.filter((f) => f.type === 'sync_offline_changes')[1];
+  assert.ok(again, 'the edit is sent again');
+  assert.deepEqual(again.payload.changes.map((/** @type {any} */ x) => [x.value, x.version_before_edit]), [['B', 2]]);
+  applyAll(next, again, { messages_v: 0, title_v: 3, draft_v: 0 });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chat('c1').title, 'B');
+  assert.equal(c.queue.size + c.queue.inFlight.length, 0);
+});
+
+test('a queued edit remembers the newest four values written on its base; a queue stored with one written value still loads', () => {
+  /** @type {Map<string, string>} */
+  const store = new Map();
+  const storage = { getItem: (/** @type {string} */ k) => store.get(k) ?? null, setItem: (/** @type {string} */ k, /** @type {string} */ v) => void store.set(k, v) };
+  const q = new OfflineQueue(storage, 'k');
+  for (const v of ['a', 'b', 'c', 'b', 'd', 'e']) q.addChange({ chat_id: 'x', type: 'title', value: v, version_before_edit: 3, written: [v] });
+  assert.deepEqual(q.changes[0].written, ['c', 'b', 'd', 'e'], 'a value written again counts once, at its newest place');
+  q.addChange({ chat_id: 'x', type: 'title', value: 'f', version_before_edit: 4, written: ['f'] });
+  assert.deepEqual(q.changes[0].written, ['c', 'b', 'd', 'e'], 'a write on another version is not added');
+  assert.equal(q.changes[0].version_before_edit, 3);
+  // The form of an older SDK: one value.
+  const old = { change_id: 'oc-1', chat_id: 'y', type: 'draft', value: { type: 'doc', n: 2 }, version_before_edit: 5, written: { type: 'doc', n: 1 } };
+  const deleted = { change_id: 'oc-2', chat_id: 'z', type: 'delete_draft', value: null, version_before_edit: 1, written: null };
+  const hostile = [null, 7, 'x', [], { chat_id: 'y' }, { ...old, type: 'rename' }, { ...old, version_before_edit: -1 }, { ...old, version_before_edit: '5' }, { ...old, type: 'title' }, { ...old, chat_id: '' }];
+  store.set('k', JSON.stringify({ changes: [...hostile, old, { ...deleted, written: [null, 'not a draft', { type: 'doc' }] }], in_flight: [...hostile, { ...old, change_id: 'oc-3', chat_id: 'w' }], messages: [], seq: 9 }));
+  const loaded = new OfflineQueue(storage, 'k');
+  assert.deepEqual(loaded.changes.map((ch) => [ch.change_id, ch.written]), [
+    ['oc-3', [{ type: 'doc', n: 1 }]],
+    ['oc-1', [{ type: 'doc', n: 1 }]],
+    ['oc-2', [null, { type: 'doc' }]],
+  ], 'malformed changes and values dropped; the in-flight one back in front');
+  const next = loaded.addChange({ chat_id: 'y', type: 'draft', value: { type: 'doc', n: 3 }, version_before_edit: 5, written: [{ type: 'doc', n: 3 }] });
+  assert.deepEqual(next.written, [{ type: 'doc', n: 1 }, { type: 'doc', n: 3 }]);
 });
 
 test('an edit queued again by a sync the app asks for (autoSync off) is sent without waiting for a reconnect', { timeout: 5000 }, async () => {
