@@ -394,6 +394,12 @@ export declare class OfflineQueue {
   /** Sent, results not yet received (kept in storage; a reload queues them again). */
   inFlight: OfflineChange[];
   messages: PendingMessage[];
+  /**
+   * Conflicting changes (with `written` values other than their own) to look at again after the next
+   * sync: a conflict with one of this device's own lost-reply writes alone is not a loss, and the edit is
+   * queued again (kept in storage; one per chat and component, at most 100).
+   */
+  recheck: OfflineChange[];
   /** Waiting changes and messages (not the in-flight ones). */
   readonly size: number;
   addChange(change: Omit<OfflineChange, 'change_id'>): OfflineChange;
@@ -410,6 +416,10 @@ export declare class OfflineQueue {
    * when on the same base, adds the dropped value to its `written`: the server may have applied it).
    */
   restore(changes: OfflineChange[]): void;
+  /** Adds conflicting changes to `recheck` (those with `written` values other than their own). */
+  addRechecks(changes: OfflineChange[]): void;
+  /** Removes changes from `recheck` (looked at again). */
+  dropRechecks(changes: OfflineChange[]): void;
   clear(): void;
 }
 

@@ -407,12 +407,16 @@ function readChanges(list) {
   return /** @type {import('./index.js').OfflineChange[]} */ (list.map(readChange).filter((c) => c !== null));
 }
 
+/** The most conflicts an {@link OfflineQueue} keeps to look at again (`recheck`); past it, the oldest are dropped. */
+const RECHECK_KEPT = 100;
+
 /**
  * Edits made while offline, waiting for the next connection. Title and draft edits of one chat are
  * coalesced (the newest value with the version seen before the first edit, so that the server can
  * tell a conflict); messages are kept in order and re-sent with their `message_id` (idempotent).
- * Changes sent in a batch stay `inFlight` until its results arrive. With a `storage` (e.g.
- * `localStorage`) the queue, in-flight changes included, survives a reload.
+ * Changes sent in a batch stay `inFlight` until its results arrive; conflicts that the next sync may
+ * show to be with this device's own writes wait in `recheck`. With a `storage` (e.g. `localStorage`)
+ * the queue, in-flight changes and conflicts to recheck included, survives a reload.
  */
 export class OfflineQueue {
   /**
@@ -428,6 +432,8 @@ export class OfflineQueue {
     this.inFlight = [];
     /** @type {import('./index.js').PendingMessage[]} */
     this.messages = [];
+    /** @type {import('./index.js').OfflineChange[]} conflicts to look at again after the next sync (see {@link addRechecks}) */
+    this.recheck = [];
     this._seq = 0;
     if (storage) {
       try {
@@ -438,6 +444,8 @@ export class OfflineQueue {
           this.changes = readChanges(saved.changes);
           this.messages = saved.messages;
           this._seq = Number(saved.seq) || 0;
+          // Conflicts whose recheck the reload came before: checked, bounded, as when added.
+          if (Array.isArray(saved.recheck)) this.addRechecks(readChanges(saved.recheck));
           // A batch whose results never arrived (reloaded during the round trip) is sent again.
           if (Array.isArray(saved.in_flight)) this.restore(readChanges(saved.in_flight));
         }
@@ -579,18 +587,48 @@ export class OfflineQueue {
     this.save();
   }
 
+  /**
+   * Keeps conflicting changes (answered, so no longer in the queue) to look at again once the next sync
+   * has brought the server's values (see `ChatSyncClient#_recheckConflict`); stored with the queue, so
+   * that a reload before that sync loses none. Only changes with `written` values other than their own
+   * count; one per chat and component, the newest (an edit made after the older one, which it would
+   * replace anyway); at most {@link RECHECK_KEPT}, the oldest dropped past it.
+   * @param {import('./index.js').OfflineChange[]} changes
+   */
+  addRechecks(changes) {
+    const added = changes.filter((c) => otherWrites(c).length > 0);
+    if (added.length === 0) return;
+    for (const c of added) {
+      this.recheck = this.recheck.filter((r) => !(r.chat_id === c.chat_id && componentOf(r.type) === componentOf(c.type)));
+      this.recheck.push(c);
+    }
+    this.recheck = this.recheck.slice(-RECHECK_KEPT);
+    this.save();
+  }
+
+  /**
+   * Forgets conflicts that were looked at again.
+   * @param {import('./index.js').OfflineChange[]} changes
+   */
+  dropRechecks(changes) {
+    const before = this.recheck.length;
+    this.recheck = this.recheck.filter((c) => !changes.includes(c));
+    if (this.recheck.length !== before) this.save();
+  }
+
   /** Forgets everything queued. */
   clear() {
     this.changes = [];
     this.inFlight = [];
     this.messages = [];
+    this.recheck = [];
     this.save();
   }
 
   save() {
     if (!this.storage) return;
     try {
-      const saved = { changes: this.changes, in_flight: this.inFlight, messages: this.messages, seq: this._seq };
+      const saved = { changes: this.changes, in_flight: this.inFlight, messages: this.messages, recheck: this.recheck, seq: this._seq };
       this.storage.setItem(this.key, JSON.stringify(saved));
     } catch {
       // Storage full or unavailable: the queue still lives in memory.
@@ -690,8 +728,6 @@ export class ChatSyncClient extends Emitter {
     this.chats = new Map();
     /** @type {Map<string, Set<'title' | 'draft'>>} components to fetch again at the next sync */
     this._stale = new Map();
-    /** @type {import('./index.js').OfflineChange[]} conflicts to look at again after the next sync (see {@link _flushChanges}) */
-    this._recheck = [];
     /** Deleted chat ids (never reused; late events for them are ignored). */
     this.deleted = new Set();
     this.streams = new StreamAssembler();
@@ -916,7 +952,7 @@ export class ChatSyncClient extends Emitter {
       }
     }
     const stale = this._stale;
-    const rechecks = [...this._recheck];
+    const rechecks = [...this.queue.recheck];
     const openBefore = this.streams.open();
     const reply = await this.request('initial_sync_request', payload);
     if (this._stale === stale) this._stale = new Map();
@@ -930,7 +966,7 @@ export class ChatSyncClient extends Emitter {
         this.emit('change', id);
       }
     }
-    this._recheck = this._recheck.filter((c) => !rechecks.includes(c));
+    this.queue.dropRechecks(rechecks);
     for (const change of rechecks) this._recheckConflict(change);
     // A stream open here before the request and missing from `active_streams` ended unseen (while
     // disconnected): how is unknown, so it ends as cancelled, reason `ended_unseen` (a completed one's
@@ -1314,15 +1350,20 @@ export class ChatSyncClient extends Emitter {
         for (const c of batch) this._refuseChange({ change_id: c.change_id, chat_id: c.chat_id, type: c.type }, error);
         continue;
       }
-      this.queue.settle(batch, reply.payload.results ?? []);
-      for (const r of reply.payload.results ?? []) {
+      const results = reply.payload.results ?? [];
+      /** @type {import('./index.js').OfflineChange[]} */
+      const rechecks = [];
+      for (const r of results) {
         const sent = batch.find((c) => c.change_id === r.change_id);
         if (r.status !== 'conflict' || !sent || otherWrites(sent).length === 0) continue;
         // Maybe a conflict with this device's own write whose reply was lost: the next sync brings the
         // server's value of that component, to tell (see _recheckConflict).
-        this._recheck.push(sent);
+        rechecks.push(sent);
         this._markStale(sent.chat_id, sent.type);
       }
+      // Kept with the queue (in its storage: a reload before the next sync loses none of them).
+      this.queue.addRechecks(rechecks);
+      this.queue.settle(batch, results);
       this._applyOfflineResults(reply.payload);
       this.emit('offline_flushed', reply.payload);
     }
@@ -1435,7 +1476,7 @@ export class ChatSyncClient extends Emitter {
       if (this.status !== 'online' || this.queue.size === 0) return;
       try {
         await this._flushChanges();
-        if (this._recheck.length > 0) {
+        if (this.queue.recheck.length > 0) {
           await this.sync();
           await this._flushChanges();
         }

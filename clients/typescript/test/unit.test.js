@@ -664,6 +664,72 @@ test('a queued edit remembers the newest four values written on its base; a queu
   assert.deepEqual(next.written, [{ type: 'doc', n: 1 }, { type: 'doc', n: 3 }]);
 });
 
+test('a conflict waiting for the next sync to be looked at again survives a reload (a new client on the same storage)', { timeout: 5000 }, async (t) => {
+  /** @type {Map<string, string>} */
+  const store = new Map();
+  const storage = { getItem: (/** @type {string} */ k) => store.get(k) ?? null, setItem: (/** @type {string} */ k, /** @type {string} */ v) => void store.set(k, v) };
+  const title = (/** @type {number} */ v, /** @type {string} */ t) => ({ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: v, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: t });
+  const c = client({ storage });
+  t.after(() => c.close());
+  const first = await online(c, { chats_to_add_or_update: [title(0, '')], server_chat_order: ['c1'] });
+  const p1 = c.updateTitle('c1', 'T1');
+  await first.next('update_title'); // applied (title_v 1); the reply is lost
+  const socket = await offlineThen(c, async () => {
+    assert.deepEqual(await p1, { queued: true });
+    await c.updateTitle('c1', 'T2');
+  });
+  const flush = await socket.next('sync_offline_changes');
+  const ch = flush.payload.changes[0];
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 1, draft_v: 0 } }] } });
+  await socket.next('initial_sync_request');
+  // The page reloads before the sync's reply: the conflict is no longer queued, only stored to recheck.
+  c.close();
+  const reloaded = client({ storage });
+  t.after(() => reloaded.close());
+  assert.deepEqual(reloaded.queue.changes, []);
+  const ready = reloaded.connect();
+  await until(() => FakeSocket.instances.length === 3);
+  const next = lastSocket();
+  next.greet();
+  const sync = await next.answerSync({ chats_to_add_or_update: [title(1, 'T1')], server_chat_order: ['c1'] });
+  assert.deepEqual(sync.payload.chat_versions, {}, 'a new client names no chat: the server sends them in full');
+  await until(() => next.sent.some((f) => f.type === 'sync_offline_changes') || reloaded.status === 'online');
+  const again = next.sent.find((f) => f.type === 'sync_offline_changes');
+  assert.ok(again, 'the edit is sent again on top of this device\'s own write');
+  assert.deepEqual(again.payload.changes.map((/** @type {any} */ x) => [x.chat_id, x.value, x.version_before_edit]), [['c1', 'T2', 1]]);
+  applyAll(next, again, { messages_v: 0, title_v: 2, draft_v: 0 });
+  await ready;
+  assert.equal(reloaded.chat('c1').title, 'T2');
+  assert.equal(reloaded.queue.size + reloaded.queue.inFlight.length + reloaded.queue.recheck.length, 0);
+  assert.deepEqual(JSON.parse(store.get('chatsync.offline.laptop') ?? '{}').recheck, [], 'looked at: gone from storage too');
+});
+
+test('the stored conflicts to recheck are read back checked (malformed ones dropped) and bounded', () => {
+  /** @type {Map<string, string>} */
+  const store = new Map();
+  const storage = { getItem: (/** @type {string} */ k) => store.get(k) ?? null, setItem: (/** @type {string} */ k, /** @type {string} */ v) => void store.set(k, v) };
+  const entry = (/** @type {number} */ i, extra = {}) => ({ change_id: `oc-${i}`, chat_id: `c${i}`, type: 'title', value: `mine ${i}`, version_before_edit: 1, written: [`lost ${i}`], ...extra });
+  // Nested deeper than can be compared (JSON.parse takes it; written in the text below).
+  const deep = { deep: true };
+  const hostile = [null, 'x', 3, [], {}, entry(0, { type: 'x' }), entry(0, { version_before_edit: 1.5 }), entry(0, { chat_id: 7 }), entry(0, { value: {} }), entry(0, { written: [] }), entry(0, { written: ['mine 0'] }), entry(0, { type: 'draft', value: {}, written: [deep] }), entry(0, { type: 'draft', value: deep })];
+  /** @param {any} saved */
+  const stored = (saved) => JSON.stringify(saved).replaceAll('{"deep":true}', `{"a":${'['.repeat(100_000)}${']'.repeat(100_000)}}`);
+  const valid = Array.from({ length: 150 }, (_, i) => entry(i + 1));
+  // An older SDK's form (one written value), and a second entry of one chat's title (the newer is kept).
+  const old = entry(200, { written: 'lost 200' });
+  store.set('k', stored({ changes: [], messages: [], recheck: [...hostile, old, ...valid, entry(150, { change_id: 'oc-150b' })], seq: 1 }));
+  const q = new OfflineQueue(storage, 'k');
+  assert.equal(q.recheck.length, 100, 'at most 100 kept');
+  assert.deepEqual(q.recheck.slice(0, 2).map((c) => c.change_id), ['oc-51', 'oc-52'], 'the newest');
+  assert.deepEqual(q.recheck.at(-1), { ...entry(150), change_id: 'oc-150b' });
+  assert.equal(q.recheck.filter((c) => c.chat_id === 'c150').length, 1, 'one per chat and component');
+  assert.deepEqual(JSON.parse(store.get('k') ?? '').recheck.length, 100, 'stored bounded');
+  store.set('k', stored({ changes: [], messages: [], recheck: [...hostile, old] }));
+  assert.deepEqual(new OfflineQueue(storage, 'k').recheck, [{ ...old, written: ['lost 200'] }]);
+  store.set('k', JSON.stringify({ changes: [], messages: [], recheck: { not: 'a list' } }));
+  assert.deepEqual(new OfflineQueue(storage, 'k').recheck, []);
+});
+
 test('an edit queued again by a sync the app asks for (autoSync off) is sent without waiting for a reconnect', { timeout: 5000 }, async () => {
   const c = client({ autoSync: false });
   const title = (/** @type {number} */ v, /** @type {string} */ t) => ({ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: v, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: t });
