@@ -436,7 +436,11 @@ export interface ClientEvents {
   offline_flushed: [ServerMessages['offline_sync_complete']];
   /** A queued message refused for good (by the server, or `limit_exceeded` here: larger than `max_frame_bytes`); dropped. */
   message_rejected: [{ chat_id: string; message_id: string; error: ChatSyncError }];
-  /** A queued title, draft or draft deletion refused for good (as for messages); the next sync brings the server's value. */
+  /**
+   * A queued title, draft or draft deletion refused for good (as for messages; of a batch refused as a whole
+   * with `limit_exceeded`, only a change still refused alone once the batch is split); the next sync brings
+   * the server's value.
+   */
   change_rejected: [{ chat_id: string; change_id: string | null; type: OfflineResult['type']; error: ChatSyncError }];
   message: [Envelope];
   sync_error: [unknown];

@@ -1335,26 +1335,48 @@ export class ChatSyncClient extends Emitter {
         this._refuseChange({ change_id: change.change_id, chat_id: change.chat_id, type: change.type }, error);
         continue;
       }
-      const batch = this.queue.takeChanges(count);
+      await this._sendBatch(this.queue.takeChanges(count));
+    }
+  }
+
+  /**
+   * Sends a batch of offline changes (taken from the queue) and settles it with its results. A batch
+   * refused as a whole with `limit_exceeded` (larger than the server takes, whatever its `limits` said)
+   * is split in halves, the first sent (and split again if refused) before the second, so that a chat's
+   * changes keep their order, down to single changes: only a single change still refused is dropped
+   * (`change_rejected`). Every refusal leaves smaller parts, so the splitting ends (at most 2n - 1
+   * requests for n changes). On a transient failure, what was not answered goes back to the queue.
+   * @param {import('./index.js').OfflineChange[]} batch
+   */
+  async _sendBatch(batch) {
+    /** @type {import('./index.js').OfflineChange[][]} the parts of the batch not yet sent, in order */
+    const parts = [batch];
+    while (parts.length > 0) {
+      const part = /** @type {import('./index.js').OfflineChange[]} */ (parts.shift());
       let reply;
       try {
-        reply = await this.request('sync_offline_changes', { changes: batch.map(wireChange) });
+        reply = await this.request('sync_offline_changes', { changes: part.map(wireChange) });
       } catch (e) {
         if (isTransient(e)) {
-          this.queue.restore(batch);
+          this.queue.restore([...part, ...parts.flat()]);
           throw e;
         }
+        if (e instanceof ChatSyncError && e.code === 'limit_exceeded' && part.length > 1) {
+          const half = Math.ceil(part.length / 2);
+          parts.unshift(part.slice(0, half), part.slice(half));
+          continue;
+        }
         // Refused as a whole: every change of it is refused, as the server refuses one.
-        this.queue.settle(batch);
+        this.queue.settle(part);
         const error = e instanceof ChatSyncError ? e : new ChatSyncError('internal', String(e));
-        for (const c of batch) this._refuseChange({ change_id: c.change_id, chat_id: c.chat_id, type: c.type }, error);
+        for (const c of part) this._refuseChange({ change_id: c.change_id, chat_id: c.chat_id, type: c.type }, error);
         continue;
       }
       const results = reply.payload.results ?? [];
       /** @type {import('./index.js').OfflineChange[]} */
       const rechecks = [];
       for (const r of results) {
-        const sent = batch.find((c) => c.change_id === r.change_id);
+        const sent = part.find((c) => c.change_id === r.change_id);
         if (r.status !== 'conflict' || !sent || otherWrites(sent).length === 0) continue;
         // Maybe a conflict with this device's own write whose reply was lost: the next sync brings the
         // server's value of that component, to tell (see _recheckConflict).
@@ -1363,7 +1385,7 @@ export class ChatSyncClient extends Emitter {
       }
       // Kept with the queue (in its storage: a reload before the next sync loses none of them).
       this.queue.addRechecks(rechecks);
-      this.queue.settle(batch, results);
+      this.queue.settle(part, results);
       this._applyOfflineResults(reply.payload);
       this.emit('offline_flushed', reply.payload);
     }

@@ -2,7 +2,8 @@
 /**
  * @file Unit tests of the SDK against a fake socket: backoff, request/reply by `request_id` (multi-part
  * replies, errors, disconnects), the offline queue (flush order on reconnect, in-flight batches, frames
- * past max_frame_bytes, a sync request for more chats than fit in one), close handling,
+ * past max_frame_bytes, batches refused as too large, a sync request for more chats than fit in one,
+ * conflicts with this device's own lost-reply writes, across a reload too), close handling,
  * the local model, read markers, and stream assembly (the parts whose server side is built elsewhere).
  */
 import { test, beforeEach } from 'node:test';
@@ -416,6 +417,73 @@ test('an offline batch refused as a whole refuses each of its changes: change_re
   assert.equal(c.queue.size + c.queue.inFlight.length, 0);
   assert.equal(FakeSocket.instances.length, 2, 'the connection stays');
   c.close();
+});
+
+test('an offline batch refused as a whole with limit_exceeded is split in halves down to single changes: only a single change still refused is dropped, the others go through in order', { timeout: 5000 }, async (t) => {
+  const c = client();
+  t.after(() => c.close());
+  await online(c, C1);
+  /** @type {any[]} */
+  const rejected = [];
+  c.on('change_rejected', (/** @type {any} */ r) => rejected.push([r.chat_id, r.type, r.error.code]));
+  const socket = await offlineThen(c, async () => {
+    await c.updateTitle('c1', 'Mine');
+    await c.updateTitle('c2', 'Too big for the server');
+    await c.updateDraft('c1', draftFromText('d'));
+    await c.updateTitle('c3', 'New');
+  });
+  /** The `i`th frame sent on `socket` (0-based), once sent. @param {number} i */
+  const frame = async (i) => {
+    await until(() => socket.sent.length > i);
+    return socket.sent[i];
+  };
+  /** @param {any} f */
+  const changes = (f) => (f.type === 'sync_offline_changes' ? f.payload.changes.map((/** @type {any} */ ch) => `${ch.chat_id}:${ch.type}`) : f.type);
+  /** @param {any} f */
+  const tooLarge = (f) => socket.push({ type: 'error', request_id: f.request_id, payload: { code: 'limit_exceeded', message: 'More than max_offline_changes (1) changes.', field: 'changes' } });
+  const whole = await frame(0);
+  assert.deepEqual(changes(whole), ['c1:title', 'c2:title', 'c1:draft', 'c3:title']);
+  tooLarge(whole);
+  const firstHalf = await frame(1);
+  assert.deepEqual(changes(firstHalf), ['c1:title', 'c2:title'], 'the first half');
+  tooLarge(firstHalf);
+  const one = await frame(2);
+  assert.deepEqual(changes(one), ['c1:title']);
+  applyAll(socket, one, { messages_v: 0, title_v: 2, draft_v: 0 });
+  const two = await frame(3);
+  assert.deepEqual(changes(two), ['c2:title']);
+  tooLarge(two); // refused alone: dropped
+  const secondHalf = await frame(4);
+  assert.deepEqual(changes(secondHalf), ['c1:draft', 'c3:title'], 'then the second half, whole');
+  applyAll(socket, secondHalf, { messages_v: 0, title_v: 1, draft_v: 1 });
+  const sync = await frame(5);
+  assert.equal(sync.type, 'initial_sync_request');
+  socket.push({ type: 'initial_sync_response', request_id: sync.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: ['c3', 'c1'], sync_completed_at: 'T' } });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.deepEqual(rejected, [['c2', 'title', 'limit_exceeded']]);
+  assert.equal(c.chats.has('c2'), false, 'a chat never created is dropped');
+  assert.equal(c.chat('c1').title, 'Mine');
+  assert.equal(c.queue.size + c.queue.inFlight.length, 0);
+  assert.equal(FakeSocket.instances.length, 2, 'the connection stays');
+});
+
+test('a connection lost while the halves of a batch refused as too large are sent puts what was not answered back in the queue, in order', { timeout: 5000 }, async (t) => {
+  const c = client();
+  t.after(() => c.close());
+  await online(c, C1);
+  const socket = await offlineThen(c, async () => {
+    for (const id of ['a', 'b', 'c']) await c.updateTitle(id, id.toUpperCase());
+  });
+  const whole = await socket.next('sync_offline_changes');
+  socket.push({ type: 'error', request_id: whole.request_id, payload: { code: 'limit_exceeded', message: 'Too large.' } });
+  const half = await socket.next('sync_offline_changes');
+  assert.deepEqual(half.payload.changes.map((/** @type {any} */ ch) => ch.chat_id), ['a', 'b']);
+  const next = await offlineThen(c, async () => {
+    assert.deepEqual(c.queue.changes.map((ch) => ch.chat_id), ['a', 'b', 'c']);
+    assert.equal(c.queue.inFlight.length, 0);
+  });
+  const again = await next.next('sync_offline_changes');
+  assert.deepEqual(again.payload.changes.map((/** @type {any} */ ch) => ch.chat_id), ['a', 'b', 'c']);
 });
 
 test('a write refused as unavailable while online is queued and retried', async () => {
