@@ -435,6 +435,45 @@ async fn an_event_failing_past_the_max_age_is_dropped_and_the_users_next_event_g
     assert_eq!(message_ids(&receiver.successes(), "alice"), ["m2"]);
 }
 
+/// The `attempts` of the outbox's events, read beside the server (empty once none is pending).
+fn attempts(server: &TestServer) -> Vec<i64> {
+    let db = rusqlite::Connection::open(server.data.path().join("chatsync.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut query = db.prepare("SELECT attempts FROM webhook_events").unwrap();
+    query.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+}
+
+#[tokio::test]
+async fn an_event_whose_users_key_cannot_be_read_now_is_retried_not_dropped() {
+    let receiver = Receiver::start(u32::MAX).await;
+    let server = server_for(&receiver).await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    add_message(&mut alice, "c1", "m1", json!("kept")).await;
+    receiver.wait_until("one attempt", |got| !got.is_empty()).await;
+    // The store cannot read the user's key now (an error that is not `unavailable`), and the node no
+    // longer holds it in memory.
+    let db = rusqlite::Connection::open(server.data.path().join("chatsync.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch("ALTER TABLE user_keys RENAME TO user_keys_away").unwrap();
+    server.ctx.keys.forget_all();
+    receiver.state.fail_attempts.store(0, Ordering::SeqCst);
+    let before = attempts(&server);
+    assert_eq!(before.len(), 1);
+    for i in 0.. {
+        let now = attempts(&server);
+        assert_eq!(now.len(), 1, "the event is still pending (not dropped)");
+        if now[0] >= before[0] + 2 {
+            break;
+        }
+        assert!(i < 2000, "the event was never retried");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(receiver.successes().is_empty(), "nothing delivered without the key");
+    db.execute_batch("ALTER TABLE user_keys_away RENAME TO user_keys").unwrap();
+    receiver.wait_until("m1", |got| got.iter().any(|d| d.status == 200)).await;
+    assert_eq!(message_ids(&receiver.successes(), "alice"), ["m1"]);
+}
+
 #[tokio::test]
 async fn without_a_webhook_url_nothing_is_recorded() {
     let server = TestServer::start().await;

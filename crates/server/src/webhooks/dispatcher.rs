@@ -5,6 +5,8 @@
 //! A delivery that is not answered 2xx within [`REQUEST_TIMEOUT`] is rescheduled in its row (attempts,
 //! next attempt time: `webhook_backoff_base_ms` doubling, capped at 5 min), which also releases its
 //! lease; one still failing `webhook_max_age_secs` after it was created is dropped with an error log.
+//! An event whose user's key cannot be read now (the store failing) is rescheduled the same way; one
+//! whose body does not open under that key never will, and is dropped at once.
 //! Because the schedule lives in the store, a restart resumes where the last process stopped; a node
 //! that dies mid-request loses its leases after [`LEASE`]. The dispatcher wakes when a write on this
 //! node recorded an event, when one of its deliveries ends, and polls as a backstop (other nodes'
@@ -128,14 +130,24 @@ enum Failure {
 
 /// Delivers one claimed event once, and records the outcome in its row.
 async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pending: PendingEvent) {
-    let event: Event = match super::open(&ctx, &pending.user_id, &pending.event_id, &pending.body).await {
-        Ok(event) => event,
-        Err(e) if e.code() == chatsync_protocol::ErrorCode::Unavailable => {
-            // The store is unavailable (the user key could not be read): try again later.
-            tracing::warn!(event_id = %pending.event_id, "webhook event cannot be opened now; retrying later");
-            reschedule(&ctx, &hooks, &pending, "unavailable").await;
+    // Any failure to read the user's key (the store unavailable or failing, a row that cannot be read now)
+    // is retried with backoff, up to `webhook_max_age_secs`: the event itself may be fine.
+    let key = match ctx.keys.user_key(ctx.chats.as_ref(), &pending.user_id).await {
+        Ok(key) => key,
+        Err(e) => {
+            tracing::warn!(
+                event_id = %pending.event_id,
+                code = %e.code(),
+                detail = e.internal_detail().unwrap_or_default(),
+                "webhook event cannot be opened now (its user's key); retrying later"
+            );
+            reschedule(&ctx, &hooks, &pending, "key unavailable").await;
             return;
         }
+    };
+    // A body that does not open under its key never will: dropped at once.
+    let event: Event = match super::open(&key, &pending.user_id, &pending.event_id, &pending.body) {
+        Ok(event) => event,
         Err(e) => {
             tracing::error!(
                 event_id = %pending.event_id,

@@ -128,9 +128,9 @@ async fn seal(ctx: &Ctx, event: &Event, now: i64) -> Result<NewEvent, Error> {
     })
 }
 
-/// Opens a stored event body (the caller adds `seq`).
-pub async fn open(ctx: &Ctx, user_id: &str, event_id: &str, sealed: &[u8]) -> Result<Event, Error> {
-    let key = ctx.keys.user_key(ctx.chats.as_ref(), user_id).await?;
+/// Opens a stored event body under its user's `key` (the caller adds `seq`); an error means the body
+/// will never open (it does not decrypt or parse).
+pub fn open(key: &crate::crypto::DataKey, user_id: &str, event_id: &str, sealed: &[u8]) -> Result<Event, Error> {
     let plain = key
         .decrypt(sealed, &Aad::webhook(user_id, event_id))
         .map_err(|e| Error::internal(format!("webhook event {event_id}: {e}")))?;
