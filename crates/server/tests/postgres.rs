@@ -139,6 +139,11 @@ async fn rows_containing(conn: &mut sqlx::PgConnection, table: &str, column: &st
 /// Calls the group-commit function on `conn` with one `title` op per (owner, chat) (what a node's
 /// writer does with a batch of title writes); returns the outcomes.
 async fn title_batch(mut conn: sqlx::PgConnection, ops: &[(&str, &str)]) -> Result<Vec<String>, sqlx::Error> {
+    title_batch_on(&mut conn, ops).await
+}
+
+/// [`title_batch`] on a borrowed connection (inside a transaction the caller keeps open).
+async fn title_batch_on(conn: &mut sqlx::PgConnection, ops: &[(&str, &str)]) -> Result<Vec<String>, sqlx::Error> {
     let n = ops.len();
     let none_text: Vec<Option<&str>> = vec![None; n];
     let none_bytes: Vec<Option<&[u8]>> = vec![None; n];
@@ -160,7 +165,7 @@ async fn title_batch(mut conn: sqlx::PgConnection, ops: &[(&str, &str)]) -> Resu
     .bind(&none_text)
     .bind(&none_text)
     .bind(&none_int)
-    .fetch_all(&mut conn)
+    .fetch_all(conn)
     .await?;
     Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
 }
@@ -526,4 +531,24 @@ async fn bounded<T>(
     .await
     .unwrap_or_default();
     panic!("{what}: no answer within 60 s; sessions: {sessions:#?}");
+}
+
+#[tokio::test]
+async fn deployments_in_two_schemas_of_one_database_do_not_share_owner_locks() {
+    let (Some(one), Some(two)) = (PgSchema::create().await, PgSchema::create().await) else { return };
+    let mut servers = [start(&one).await, start(&two).await];
+    // A batch for alice holds its owner lock in the first schema's deployment...
+    let mut holder = one.connect().await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    assert_eq!(title_batch_on(&mut holder, &[("alice", "a1")]).await.unwrap(), ["not_found"]);
+    // ...and the second's batch for its own alice does not wait for it (a bound, so that the old
+    // behaviour fails instead of hanging).
+    let mut other = two.connect().await;
+    sqlx::query("SET lock_timeout = '10s'").execute(&mut other).await.unwrap();
+    let outcome = title_batch_on(&mut other, &[("alice", "a1")]).await;
+    assert_eq!(outcome.expect("no wait for another schema's lock"), ["not_found"]);
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    for server in &mut servers {
+        server.stop().await;
+    }
 }

@@ -3,9 +3,10 @@
 //! ONE statement, `SELECT * FROM chatsync_write_batch_locked(…arrays…)` (PL/pgSQL functions, migrations
 //! `0003_write_batch.sql`, `0006_senders_read.sql` and `0008_batch_owner_locks.sql`), which is its own
 //! transaction: one round trip and one commit (one WAL flush) per batch (group commit). The batch first
-//! takes an advisory lock per distinct owner, in one global order, so batches of different nodes that
-//! share owners queue instead of deadlocking (PostgreSQL would break a deadlock only after a second). Writes are spread over the writers by owner: one user's writes are applied
-//! in order by one writer; batches of different users overlap.
+//! takes an advisory lock per distinct owner (of this schema: `0010_owner_locks_per_schema.sql`), in one
+//! global order, so batches of different nodes that share owners queue instead of deadlocking
+//! (PostgreSQL would break a deadlock only after a second). Writes are spread over the writers by owner:
+//! one user's writes are applied in order by one writer; batches of different users overlap.
 //!
 //! Correctness never rests on the writer being alone: several gateway nodes may write to one database.
 //! Each op in the function is written so that PostgreSQL's row locks and statement atomicity (READ
