@@ -10,6 +10,8 @@
 //!   `seq`. Only chunks with text are kept: an empty delta moves `seq` and `last` and adds no entry, so the
 //!   list has at most one entry per byte of the stream's capped text (an entry per empty chunk grew it
 //!   without bound, and READ copies the whole list inside its script);
+//! * `P stream:{U}:S:taken:N`: a stream just taken (`N`, 128 random bits in hex, is the take's nonce): a
+//!   list `rec`, `seq`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`);
 //! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`);
 //! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`),
 //!   its expiry pushed forward by every open and every sweep.
@@ -19,10 +21,18 @@
 //! twice the idle timeout as a backstop. Everything stream-specific is sealed with a key derived from the
 //! master key (`master.derive("streams")`): Redis never holds a chunk, a user id or metadata in plaintext.
 //!
-//! A reply may take [`REPLY_TIMEOUT`] (the bus's, not the crate's 500 ms): a script whose reply is given
-//! up on may still run, and for a take (READ with take) that loses the stream: Redis no longer has it and
-//! the caller has no copy. Only a Redis that stopped answering (or a connection that broke between the
-//! script and its reply) loses one; ARCHITECTURE.md ("A stream taken in Redis…") describes that window.
+//! A reply may take [`REPLY_TIMEOUT`] (the bus's, not the crate's 500 ms), and a script whose reply is
+//! given up on (or whose connection broke between the script and its reply) may still have run. For a
+//! take (`take`, and the idle sweep, which takes a stream that is idle) that would lose the stream, gone
+//! from Redis with no copy at the caller, so a take is idempotent: each take draws a nonce, and its script
+//! (`TAKE`) moves the stream to the taken key of that nonce instead of deleting it. When the reply is
+//! lost, the take runs the script again with the same nonce (up to `TAKE_ATTEMPTS` runs, each bounded
+//! by [`REPLY_TIMEOUT`]), and the script, finding the taken key, returns what the first run took. No other
+//! take names that key, so of two takes racing on one stream exactly one gets it as before; once the
+//! reply is in, the take deletes its taken key (with the idle index's entry, in one round trip), and the
+//! key's expiry removes it when that delete never comes. A stream is lost only when every run fails,
+//! i.e. Redis stays unreachable or stalled for the whole retry window; ARCHITECTURE.md ("A take in
+//! Redis…") describes it.
 
 use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey, StreamRegistry};
 use crate::cluster::bus::REPLY_TIMEOUT;
@@ -68,7 +78,7 @@ return {1, seq}
 "#;
 
 /// Reads a stream: {rec, seq, chunks...}, or nil (and forgets S in the user set) when it is gone.
-/// With ARGV[2] == '1' also removes it (take). KEYS: hash, chunks, user set. ARGV: S, take.
+/// KEYS: hash, chunks, user set. ARGV: S.
 const READ: &str = r#"
 local v = redis.call('HMGET', KEYS[1], 'rec', 'seq')
 if not v[1] then
@@ -77,25 +87,34 @@ if not v[1] then
 end
 local out = {v[1], v[2]}
 for _, c in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do table.insert(out, c) end
-if ARGV[2] == '1' then
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('SREM', KEYS[3], ARGV[1])
-end
 return out
 "#;
 
-/// Removes the stream if its `last` is at or before the cutoff: returns its rec; or the newer `last`
-/// (a number) when it is active; or -1 when it is gone. KEYS: hash, chunks, user set. ARGV: cutoff, S.
-const SWEEP: &str = r#"
-local v = redis.call('HMGET', KEYS[1], 'rec', 'last')
-if not v[1] then
-  redis.call('SREM', KEYS[3], ARGV[2])
-  return -1
+/// Takes a stream (a take, or the sweep with a cutoff): moves it to this take's own taken key `T` (named
+/// with the take's nonce; a list {rec, seq, chunks...} expiring after ARGV[2] ms) and returns it, the whole
+/// list or only `rec` (ARGV[4] '1' or '0'). `T` is looked at first: a retry of the same take (same nonce)
+/// whose first run took the stream returns what that run took, whatever the stream's keys hold since.
+/// With a cutoff (ARGV[3], '' for none), a stream whose `last` is after it stays, and its `last` (a number)
+/// is returned. Nil when there is neither a stream nor `T` (S is then forgotten in the user set).
+/// KEYS: hash, chunks, user set, T. ARGV: S, T's ttl ms, cutoff, whole.
+const TAKE: &str = r#"
+local function taken()
+  if ARGV[4] == '1' then return redis.call('LRANGE', KEYS[4], 0, -1) end
+  return redis.call('LINDEX', KEYS[4], 0)
 end
-if tonumber(v[2]) > tonumber(ARGV[1]) then return tonumber(v[2]) end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[2])
-return v[1]
+if redis.call('EXISTS', KEYS[4]) == 1 then return taken() end
+local v = redis.call('HMGET', KEYS[1], 'rec', 'seq', 'last')
+if not v[1] then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return false
+end
+if ARGV[3] ~= '' and tonumber(v[3]) > tonumber(ARGV[3]) then return tonumber(v[3]) end
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[4]) end
+redis.call('LPUSH', KEYS[4], v[2], v[1])
+redis.call('PEXPIRE', KEYS[4], ARGV[2])
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+return taken()
 "#;
 
 /// Puts back a taken stream unless one is open. KEYS: hash, chunks, user set.
@@ -112,7 +131,16 @@ redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return 1
 "#;
 
-const SCRIPTS: [&str; 5] = [OPEN, APPEND, READ, SWEEP, RESTORE];
+const SCRIPTS: [&str; 5] = [OPEN, APPEND, READ, TAKE, RESTORE];
+
+/// How long a taken stream's copy (the taken key of [`TAKE`]) waits for a retry of its take that lost the
+/// reply. Far longer than the retries take ([`TAKE_ATTEMPTS`] of at most about [`REPLY_TIMEOUT`] each).
+const TAKEN_TTL_MS: u64 = 60_000;
+
+/// Runs of one take's script, the first included, when the reply is lost (a connection error or no
+/// reply within [`REPLY_TIMEOUT`]); the pause before each retry grows from [`TAKE_BACKOFF`].
+const TAKE_ATTEMPTS: u32 = 4;
+const TAKE_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The sealed `rec` field.
 #[derive(Serialize, Deserialize)]
@@ -296,6 +324,51 @@ impl RedisStreams {
         Err(EvalError::Refused { wrong_type: false, detail: "Redis keeps forgetting the stream scripts".into() })
     }
 
+    /// Runs [`TAKE`] on one stream under a nonce of its own, and again with the same nonce when the reply
+    /// is lost (a connection error, or no reply within [`REPLY_TIMEOUT`]), up to [`TAKE_ATTEMPTS`] runs: the
+    /// first run may have taken the stream before its reply was lost, and a retry finds it in the taken
+    /// key that only this nonce names. A refusal (Redis answered with an error) is not retried. Returns the
+    /// reply and the taken key, which the caller deletes once it has the reply ([`RedisStreams::taken`]).
+    async fn take_script(&self, n: &Names, cutoff: Option<i64>, whole: bool) -> Result<(Value, String), EvalError> {
+        let nonce: [u8; 16] = rand::random();
+        let taken = format!("{}:taken:{}", n.hash, hex::encode(nonce));
+        let args: Vec<Vec<u8>> = vec![
+            n.sid.clone().into(),
+            TAKEN_TTL_MS.to_string().into(),
+            cutoff.map(|c| c.to_string()).unwrap_or_default().into(),
+            if whole { b"1".to_vec() } else { b"0".to_vec() },
+        ];
+        let mut backoff = TAKE_BACKOFF;
+        for attempt in 1.. {
+            match self.eval(3, &[&n.hash, &n.chunks, &n.user_set, &taken], args.clone()).await {
+                Err(EvalError::Connection(detail)) if attempt < TAKE_ATTEMPTS => {
+                    tracing::debug!(stream = %n.member, attempt, error = %detail, "a take's reply was lost; retrying it");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                result => return result.map(|v| (v, taken)),
+            }
+        }
+        unreachable!("the loop returns by its last attempt")
+    }
+
+    /// Drops a taken stream's entry in the idle index and its taken key, once its take has the reply.
+    ///
+    /// The taken key is deleted rather than left to expire: once the reply is in, nothing can use it (only
+    /// this take knows its nonce, and it has the stream: a failed completion puts the stream back from that
+    /// copy, not from Redis), while waiting for [`TAKEN_TTL_MS`] would hold up to the stream cap per take in
+    /// Redis memory for a minute and keep a deleted chat's text (sealed) there after the deletion. It costs
+    /// no round trip: it goes with the idle index's ZREM. Best effort: a failure (or a node that stops before
+    /// it) leaves the key to its expiry, and nothing reads it meanwhile.
+    async fn taken(&self, n: &Names, taken: &str) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM").arg(self.idle_set()).arg(&n.member).ignore();
+        pipe.cmd("DEL").arg(taken).ignore();
+        if let Err(e) = self.pipeline(pipe).await {
+            tracing::debug!(stream = %n.member, error = %e, "taken stream's cleanup failed (its index entry is dropped by the sweep, its taken copy expires)");
+        }
+    }
+
     /// Puts a stream's entry in the idle index at `now_ms`, *before* the stream is opened or put back: a
     /// stream is never open without its entry (a failure here leaves nothing open). An entry without a
     /// stream (the script after it failed, or found another stream) is harmless: the sweep looks at the
@@ -321,6 +394,20 @@ impl RedisStreams {
         let (mut conn, _) = self.connection().await?;
         match cmd.query_async::<Value>(&mut conn).await {
             Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    self.reset().await;
+                }
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    /// Sends `pipe` in one round trip (as [`RedisStreams::command`] one command).
+    async fn pipeline(&self, pipe: redis::Pipeline) -> Result<(), StreamError> {
+        let (mut conn, _) = self.connection().await?;
+        match pipe.query_async::<()>(&mut conn).await {
+            Ok(()) => Ok(()),
             Err(e) => {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
                     self.reset().await;
@@ -407,7 +494,7 @@ impl StreamRegistry for RedisStreams {
         if delta.len() > self.max_bytes {
             // Never ship a chunk that cannot fit (the script would refuse it too).
             let n = self.names(key);
-            let v = self.eval(2, &[&n.hash, &n.chunks, &n.user_set], vec![n.sid.clone().into(), b"0".to_vec()]).await?;
+            let v = self.eval(2, &[&n.hash, &n.chunks, &n.user_set], vec![n.sid.clone().into()]).await?;
             return match self.decode_read(&n, v)? {
                 None => Err(StreamError::NotOpen),
                 Some(s) if seq <= s.seq => Ok(Appended::Duplicate),
@@ -441,14 +528,9 @@ impl StreamRegistry for RedisStreams {
 
     async fn take(&self, key: &StreamKey) -> Result<Option<OpenStream>, StreamError> {
         let n = self.names(key);
-        let v = self.eval(2, &[&n.hash, &n.chunks, &n.user_set], vec![n.sid.clone().into(), b"1".to_vec()]).await?;
-        let taken = self.decode_read(&n, v)?;
-        let mut zrem = redis::cmd("ZREM");
-        zrem.arg(self.idle_set()).arg(&n.member);
-        if let Err(e) = self.command(zrem).await {
-            tracing::debug!(error = %e, "idle index cleanup failed (the sweep retries)");
-        }
-        Ok(taken)
+        let (v, taken) = self.take_script(&n, None, true).await?;
+        self.taken(&n, &taken).await;
+        self.decode_read(&n, v)
     }
 
     async fn restore(&self, stream: OpenStream, now_ms: i64) -> Result<(), StreamError> {
@@ -470,7 +552,7 @@ impl StreamRegistry for RedisStreams {
     }
 
     async fn is_open(&self, key: &StreamKey) -> Result<bool, StreamError> {
-        // Open exactly while its hash exists (OPEN and RESTORE create it; READ's take and SWEEP delete it).
+        // Open exactly while its hash exists (OPEN and RESTORE create it; TAKE deletes it).
         let mut exists = redis::cmd("EXISTS");
         exists.arg(&self.names(key).hash);
         Ok(matches!(self.command(exists).await?, Value::Int(1)))
@@ -490,7 +572,7 @@ impl StreamRegistry for RedisStreams {
         let mut out = Vec::new();
         for s in sids {
             let n = self.names_of(&u, &s);
-            let v = self.eval(2, &[&n.hash, &n.chunks, &n.user_set], vec![n.sid.clone().into(), b"0".to_vec()]).await?;
+            let v = self.eval(2, &[&n.hash, &n.chunks, &n.user_set], vec![n.sid.clone().into()]).await?;
             if let Some(stream) = self.decode_read(&n, v)? {
                 if stream.key.user_id == user_id {
                     out.push(stream);
@@ -512,38 +594,35 @@ impl StreamRegistry for RedisStreams {
         };
         // Streams removed here are returned whatever fails later: they are gone from Redis, and only this
         // sweep can announce their end. A failure on one stream is logged and the sweep goes on with the
-        // next (it is retried at the next sweep), except a lost connection, which ends this sweep.
+        // next (it is retried at the next sweep), except a lost connection (after the retries of its take),
+        // which ends this sweep.
         let mut idle = Vec::new();
         for member in members {
             let Some((u, s)) = member.split_once(':') else { continue };
             let n = self.names_of(u, s);
-            let swept = self
-                .eval(3, &[&n.hash, &n.chunks, &n.user_set], vec![cutoff_ms.to_string().into(), n.sid.clone().into()])
-                .await;
-            let mut fix = redis::cmd("ZADD");
-            match swept {
+            let mut fix = redis::cmd("ZREM");
+            fix.arg(self.idle_set()).arg(&member);
+            match self.take_script(&n, Some(cutoff_ms), false).await {
                 // Active since: move its hint forward.
-                Ok(Value::Int(last)) if last >= 0 => {
+                Ok((Value::Int(last), _)) => {
+                    fix = redis::cmd("ZADD");
                     fix.arg(self.idle_set()).arg("XX").arg(last).arg(&member);
                 }
-                Ok(Value::Int(_)) => {
-                    fix = redis::cmd("ZREM");
-                    fix.arg(self.idle_set()).arg(&member);
-                }
-                Ok(other) => {
-                    fix = redis::cmd("ZREM");
-                    fix.arg(self.idle_set()).arg(&member);
+                // Gone (taken, or expired): drop its entry.
+                Ok((Value::Nil, _)) => {}
+                // Taken here: its entry and its taken key go together.
+                Ok((other, taken)) => {
+                    self.taken(&n, &taken).await;
                     match bytes(Some(other)).map(|b| self.open_rec(&n, &b)) {
                         Some(Ok(rec)) => idle.push(rec.key),
                         _ => tracing::warn!(stream = %member, "an idle stream's record does not open; dropped"),
                     }
+                    continue;
                 }
                 // Not a stream's hash (no stream can be open under it: every script fails on it), so
                 // nothing to time out; dropped from the index so that it does not fail every sweep.
                 Err(EvalError::Refused { wrong_type: true, detail }) => {
                     tracing::warn!(stream = %member, error = %detail, "an idle stream's key is not a stream; dropped from the idle index");
-                    fix = redis::cmd("ZREM");
-                    fix.arg(self.idle_set()).arg(&member);
                 }
                 Err(EvalError::Refused { detail, .. }) => {
                     tracing::warn!(stream = %member, error = %detail, "idle stream not swept (retried at the next sweep)");
