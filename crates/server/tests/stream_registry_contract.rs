@@ -1,7 +1,8 @@
 //! The `StreamRegistry` contract (SERVER_API.md section 4), run against every implementation: the memory
 //! registry always, the Redis registry when `CHATSYNC_TEST_REDIS_URL` is set (each case with a key prefix
 //! of its own). Also: two Redis registries (two nodes) share the streams, an idle stream is swept by
-//! exactly one of them, and Redis holds no plaintext of a chunk, a user id or the metadata.
+//! exactly one of them, Redis holds no plaintext of a chunk, a user id or the metadata, and a take (or a
+//! sweep) whose script ran but whose reply was lost still returns its stream, once.
 
 mod common;
 
@@ -340,4 +341,179 @@ async fn a_take_whose_reply_is_slow_still_returns_the_stream() {
     own.resume();
     let taken = take.await.unwrap();
     assert_eq!(taken.map(|s| s.map(|s| (s.seq, s.content))), Ok(Some((1, "partial".into()))));
+}
+
+/// A TCP proxy to a Redis server that, when armed, forwards the next EVALSHA, waits for Redis's reply (so
+/// the script has run), tells the test, waits until the test lets it go on, and then closes the connection
+/// without passing the reply on: a script that ran and whose reply was lost.
+struct ReplyLoser {
+    port: u16,
+    armed: Arc<parking_lot::Mutex<Option<Armed>>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+struct Armed {
+    ran: tokio::sync::oneshot::Sender<()>,
+    go_on: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl ReplyLoser {
+    async fn start(target: String) -> ReplyLoser {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed: Arc<parking_lot::Mutex<Option<Armed>>> = Arc::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (armed2, stop2) = (armed.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    a = listener.accept() => a.unwrap(),
+                };
+                let (target, armed, stop) = (target.clone(), armed2.clone(), stop2.clone());
+                tokio::spawn(async move {
+                    let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+                    let ((mut cr, mut cw), (mut sr, mut sw)) = (client.into_split(), server.into_split());
+                    let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            n = cr.read(&mut up) => {
+                                let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
+                                if sw.write_all(&up[..n]).await.is_err() { return }
+                                if !up[..n].windows(7).any(|w| w == b"EVALSHA") { continue }
+                                let Some(armed) = armed.lock().take() else { continue };
+                                // The reply comes once the script has run: read it and drop it.
+                                let _ = sr.read(&mut down).await;
+                                let _ = armed.ran.send(());
+                                let _ = armed.go_on.await;
+                                return; // closes both sides
+                            }
+                            n = sr.read(&mut down) => {
+                                let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
+                                if cw.write_all(&down[..n]).await.is_err() { return }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        ReplyLoser { port, armed, stop }
+    }
+
+    /// Loses the reply of the next script: returns (script ran, let it go on).
+    fn arm(&self) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+        let (ran, ran_rx) = tokio::sync::oneshot::channel();
+        let (go_on_tx, go_on) = tokio::sync::oneshot::channel();
+        *self.armed.lock() = Some(Armed { ran, go_on });
+        (ran_rx, go_on_tx)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ReplyLoser {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Every key in `redis` (a server of the test's own) with its remaining time to live (ms; -1: none).
+async fn keys_with_ttl(url: &str) -> Vec<(String, i64)> {
+    let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+    let mut out = Vec::new();
+    for k in keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(&k).query_async(&mut conn).await.unwrap();
+        out.push((k, ttl));
+    }
+    out
+}
+
+/// A take whose script ran in Redis but whose reply never reached the node (the connection broke right
+/// after the script) still returns the stream with its whole text: the take runs its script again with the
+/// same nonce, which finds what the first run took. Meanwhile the stream is not open for any other take
+/// (another node's take finds nothing, so exactly one wins), and afterwards Redis holds nothing of it.
+/// Before, the take failed and the stream was gone: its text lost, a retried `complete` got 409.
+#[tokio::test]
+async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
+    if common::cluster::redis_url().is_none() {
+        return;
+    }
+    let own = common::cluster::OwnRedis::start();
+    let loser = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
+    let master = MasterKey::generate();
+    let node = |url: &str| {
+        Arc::new(RedisStreams::new(url, "lost:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
+    };
+    let (r, other_node) = (node(&loser.url()), node(&own.url()));
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1).await.unwrap();
+    r.append(&k, 1, "partial ", 2).await.unwrap();
+    r.append(&k, 2, "text", 3).await.unwrap();
+    r.append(&k, 3, "", 4).await.unwrap();
+
+    let (ran, go_on) = loser.arm();
+    let take = tokio::spawn({
+        let (r, k) = (r.clone(), k.clone());
+        async move { r.take(&k).await }
+    });
+    ran.await.expect("the take's script reached Redis");
+    // The script ran; its reply is held back. The stream is taken for everyone else.
+    assert!(!other_node.is_open(&k).await.unwrap());
+    assert_eq!(other_node.take(&k).await, Ok(None), "another take races and finds nothing");
+    assert!(other_node.list("alice").await.unwrap().is_empty());
+    let held: Vec<_> = keys_with_ttl(&own.url()).await.into_iter().filter(|(k, _)| k.contains(":taken:")).collect();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(held[0].1 > 0 && held[0].1 <= 60_000, "the taken copy expires: {held:?}");
+    drop(go_on);
+
+    let taken = tokio::time::timeout(Duration::from_secs(20), take).await.expect("the take ends").unwrap();
+    let taken = taken.expect("the take gets its reply at a retry").expect("the stream it took");
+    assert_eq!((taken.seq, taken.content.as_str(), &taken.info), (3, "partial text", &info("m1")));
+    assert_eq!(r.take(&k).await, Ok(None), "taken once");
+    assert_eq!(r.append(&k, 4, "x", 5).await, Err(StreamError::NotOpen));
+    assert_eq!(keys_with_ttl(&own.url()).await, vec![], "nothing left in Redis: no taken copy, no index entry");
+
+    // It can be put back (a completion that failed) and completes normally afterwards.
+    r.restore(taken, 6).await.unwrap();
+    assert_eq!(r.append(&k, 4, "!", 7).await, Ok(Appended::Accepted));
+    assert_eq!(other_node.take(&k).await.unwrap().map(|s| (s.seq, s.content)), Some((4, "partial text!".into())));
+    assert_eq!(keys_with_ttl(&own.url()).await, vec![]);
+}
+
+/// The idle sweep takes too: a sweep whose script ran but whose reply was lost still returns the idle
+/// stream (its `stream_cancelled` is announced), exactly once across the nodes, and leaves nothing behind.
+#[tokio::test]
+async fn a_sweep_whose_reply_is_lost_still_returns_the_idle_stream_once() {
+    if common::cluster::redis_url().is_none() {
+        return;
+    }
+    let own = common::cluster::OwnRedis::start();
+    let loser = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
+    let master = MasterKey::generate();
+    let node = |url: &str| {
+        Arc::new(RedisStreams::new(url, "lost:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
+    };
+    let (r, other_node) = (node(&loser.url()), node(&own.url()));
+    let k = key("alice", "c1", "idle");
+    r.open(&k, &info("m1"), 1_000).await.unwrap();
+    r.append(&k, 1, "some text", 1_000).await.unwrap();
+
+    let (ran, go_on) = loser.arm();
+    let sweep = tokio::spawn({
+        let r = r.clone();
+        async move { r.sweep_idle(4_000).await }
+    });
+    ran.await.expect("the sweep's script reached Redis");
+    assert_eq!(other_node.sweep_idle(4_000).await, Ok(vec![]), "the other node's sweep finds it taken");
+    drop(go_on);
+    let swept = tokio::time::timeout(Duration::from_secs(20), sweep).await.expect("the sweep ends").unwrap();
+    assert_eq!(swept, Ok(vec![k.clone()]));
+    assert_eq!(r.sweep_idle(4_000).await, Ok(vec![]));
+    assert!(!r.is_open(&k).await.unwrap());
+    assert_eq!(keys_with_ttl(&own.url()).await, vec![], "nothing left in Redis");
 }
