@@ -335,8 +335,9 @@ export interface OfflineChange {
   /**
    * Local only (never sent): the values of live writes of this component, on `version_before_edit`,
    * whose replies never arrived (or of offline changes of a batch whose results never arrived), oldest
-   * first, the newest 4 kept. A conflict that only one of these writes explains is not a loss: the edit
-   * is sent again on top of it. (A queue stored by an older SDK, with a single value here, still loads.)
+   * first, the newest 4 kept. A conflict that these writes alone explain (the server holding one of
+   * them, at most as many versions past `version_before_edit` as there are writes up to it) is not a
+   * loss: the edit is sent again on top of it. (A queue stored by an older SDK, with a single value here, still loads.)
    */
   written?: unknown[];
 }

@@ -351,7 +351,7 @@ function mergeWritten(...lists) {
 
 /**
  * The values of a queued edit's lost-reply writes (`written`) other than its own value: a conflict
- * with one of them alone is not a loss (see `ChatSyncClient#_recheckConflict`). A conflict with its own
+ * that these writes alone explain is not a loss (see `ChatSyncClient#_recheckConflict`). A conflict with its own
  * value is the edit itself, already applied: nothing to send again.
  * @param {import('./index.js').OfflineChange} change
  * @returns {unknown[]}
@@ -983,20 +983,40 @@ export class ChatSyncClient extends Emitter {
 
   /**
    * A queued edit that conflicted, and that carries the values of live writes whose replies never arrived
-   * (`written`, on the same base): if the server's component is now exactly one version past that base
-   * and holds one of those values (other than the edit's own), the only write since was one of this
-   * device's own, so the edit made on top of it is queued again on the server's version (else the
-   * conflict stands: the server's value stays).
+   * (`written`, on the same base, oldest first): if the server's component holds one of those values
+   * (other than the edit's own) and is at most as many versions past that base as there are remembered
+   * writes up to and including that value, this device's own writes explain the conflict, so the edit
+   * made on top of them is queued again on the server's version (else the conflict stands: the server's
+   * value stays).
+   *
+   * Why this is safe (it never takes another device's value for this device's own): the edit is sent
+   * again only when the value the server holds now is one this device wrote on that base; sent on the
+   * server's version, it overwrites that value only, and any write made after it (by anyone) still makes
+   * it a conflict. A write of another device before that value was overwritten by it already: this
+   * device's live writes are not version-checked (a retried offline one is, and then could not have
+   * been applied after another write at all). The bound on the versions keeps a coincidence (another
+   * device writing a common value such as an empty title or a cleared draft, versions later) from
+   * passing for one of this device's writes: each of this device's remembered writes moves the version
+   * once at most (a live write is sent once; its retry is checked against the base, so it conflicts
+   * once anything, that live write included, was applied), and they are applied in the order they were
+   * made (one connection's requests in order; a retry after the connection that carried the write is
+   * gone), so the value at index `i` of `written` is the last of at most `i + 1` of them. With one
+   * version past the base this is the rule of a single lost write: any remembered value. A value written
+   * twice is remembered once, at its newest place: such histories are refused (the conflict stands),
+   * never wrongly accepted.
    * @param {import('./index.js').OfflineChange} change
    */
   _recheckConflict(change) {
     const chat = this.chats.get(change.chat_id);
     const isTitle = componentOf(change.type) === 'title';
     if (!chat) return;
-    const version = change.version_before_edit + 1;
-    if ((isTitle ? chat.versions.title_v : chat.versions.draft_v) !== version) return;
+    const version = isTitle ? chat.versions.title_v : chat.versions.draft_v;
+    const past = version - change.version_before_edit;
     const server = canonicalJson(isTitle ? chat.title : chat.draft_json);
-    if (!otherWrites(change).some((w) => canonicalJson(w) === server)) return;
+    if (past < 1 || server === canonicalJson(change.value)) return;
+    // The newest place of the server's value among the remembered writes (each is remembered once).
+    const index = (change.written ?? []).map(canonicalJson).lastIndexOf(server);
+    if (index < 0 || past > index + 1) return;
     const queued = this.queue.requeue(change, version);
     if (isTitle) chat.title = /** @type {string} */ (queued.value);
     else chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (queued.value);

@@ -707,6 +707,77 @@ test('an edit on top of two lost-reply writes of its component is sent again whe
   assert.equal(c.queue.size + c.queue.inFlight.length, 0);
 });
 
+test('an edit on top of two lost-reply writes that were both applied is sent again on top of them (the server two versions past the base, holding the second)', { timeout: 5000 }, async (t) => {
+  const c = client();
+  t.after(() => c.close());
+  const socket = await online(c, C1);
+  // 'A' and 'B' on title_v 1, both answered unavailable (as in the previous test); the server applied both.
+  const pa = c.updateTitle('c1', 'A');
+  const a = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: a.request_id, payload: { code: 'unavailable', message: 'try later' } });
+  assert.deepEqual(await pa, { queued: true });
+  await socket.next('sync_offline_changes'); // the retry of 'A': its answer is lost below
+  const pb = c.updateTitle('c1', 'B');
+  const b = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: b.request_id, payload: { code: 'unavailable', message: 'try later' } });
+  assert.deepEqual(await pb, { queued: true });
+  // Offline, 'C' is typed on top of 'B'.
+  const next = await offlineThen(c, () => c.updateTitle('c1', 'C'));
+  const flush = await next.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit]), [['C', 1]]);
+  assert.deepEqual(c.queue.inFlight.map((ch) => ch.written), [['A', 'B']]);
+  const ch = flush.payload.changes[0];
+  next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 3, draft_v: 0 } }] } });
+  await next.answerSync({
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: 3, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'B' }],
+    server_chat_order: ['c1'],
+  });
+  await until(() => next.sent.filter((f) => f.type === 'sync_offline_changes').length === 2 || c.status === 'online');
+  const again = next.sent.filter((f) => f.type === 'sync_offline_changes')[1];
+  assert.ok(again, 'the edit is sent again');
+  assert.deepEqual(again.payload.changes.map((/** @type {any} */ x) => [x.value, x.version_before_edit]), [['C', 3]]);
+  applyAll(next, again, { messages_v: 0, title_v: 4, draft_v: 0 });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chat('c1').title, 'C');
+  assert.equal(c.queue.size + c.queue.inFlight.length + c.queue.recheck.length, 0);
+});
+
+test('the recheck of a conflict takes the server for this device\'s own writes only when as many of them, in order, can explain its version and value', () => {
+  /**
+   * Whether a conflicting title edit ('mine', on title_v 5, remembering `written`) is queued again when
+   * the sync shows the server at `version` holding `title`.
+   * @param {string[]} written @param {number} version @param {string} title
+   */
+  const requeued = (written, version, title) => {
+    const c = client();
+    const chat = c.chat('c1');
+    chat.known = true;
+    chat.versions.title_v = version;
+    chat.title = title;
+    /** @type {any} */ (c)._recheckConflict({ change_id: 'oc-1', chat_id: 'c1', type: 'title', value: 'mine', version_before_edit: 5, written });
+    const queued = c.queue.changes.map((q) => [q.value, q.version_before_edit]);
+    c.close();
+    if (queued.length === 0) return false;
+    assert.deepEqual(queued, [['mine', version]], 'queued again on the server\'s version');
+    return true;
+  };
+  // One version past the base: any remembered write (the rule before).
+  assert.equal(requeued(['A', 'B'], 6, 'A'), true);
+  assert.equal(requeued(['A', 'B'], 6, 'B'), true);
+  // Two versions: the second of two writes applied after the first (or after another device's write
+  // that it overwrote: the value on the server is this device's either way).
+  assert.equal(requeued(['A', 'B'], 7, 'B'), true);
+  assert.equal(requeued(['A', 'B', 'C', 'D'], 9, 'D'), true);
+  assert.equal(requeued(['A', 'B', 'C', 'D'], 7, 'C'), true);
+  // Not explained by this device's writes alone, in the order they were made: the conflict stands.
+  assert.equal(requeued(['A', 'B'], 7, 'A'), false, 'A two versions past the base needs another write before it');
+  assert.equal(requeued(['A', 'B'], 8, 'B'), false, 'more versions than remembered writes');
+  assert.equal(requeued(['A', 'B', 'C', 'D'], 10, 'D'), false);
+  assert.equal(requeued(['A', 'B'], 7, 'X'), false, 'another value');
+  assert.equal(requeued(['A', 'mine'], 7, 'mine'), false, 'its own value: the edit itself was applied');
+  assert.equal(requeued(['A', 'B'], 5, 'A'), false, 'not past the base: no recheck to do');
+});
+
 test('a queued edit remembers the newest four values written on its base; a queue stored with one written value still loads', () => {
   /** @type {Map<string, string>} */
   const store = new Map();
