@@ -408,7 +408,11 @@ export declare class OfflineQueue {
   confirmMessage(chatId: string, messageId: string): void;
   /** Moves at most `max` changes to `inFlight`. */
   takeChanges(max: number): OfflineChange[];
-  /** Forgets answered (or dropped) changes; rebases edits queued on top of an `applied` one. */
+  /**
+   * Forgets answered (or dropped) changes; rebases edits queued on top of an `applied` one; an edit
+   * queued on top of one that met a `conflict` takes over that one's `written` (its conflict is then
+   * looked at again after the next sync too).
+   */
   settle(changes: OfflineChange[], results?: OfflineResult[]): void;
   /** Queues a change again on `version` (or moves the newer queued edit of its component there); returns the queued edit. */
   requeue(change: OfflineChange, version: number): OfflineChange;

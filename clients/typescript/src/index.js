@@ -525,15 +525,24 @@ export class OfflineQueue {
   /**
    * Forgets changes the server answered (or that are dropped). An edit queued while an `applied` one
    * was in flight, on the same base version, was made on top of it: it moves to the version the
-   * applied change produced, so that it is not taken for a conflict.
+   * applied change produced, so that it is not taken for a conflict. An edit queued on top of one that
+   * met a `conflict` is on the same base and meets the same conflict: when that conflict may be with
+   * this device's own lost-reply writes (the answered change has `written`), the edit takes those
+   * values over, so that its own conflict is looked at again after the next sync as well (see
+   * `ChatSyncClient#_recheckConflict`; the answered change's own value was not applied by it).
    * @param {import('./index.js').OfflineChange[]} changes
    * @param {import('./index.js').OfflineResult[]} [results]
    */
   settle(changes, results = []) {
     for (const r of results) {
       const sent = changes.find((c) => c.change_id === r.change_id);
-      if (!sent || r.status !== 'applied' || !r.versions) continue;
-      this._rebase(sent, r.versions[componentOf(sent.type) === 'title' ? 'title_v' : 'draft_v']);
+      if (!sent) continue;
+      if (r.status === 'applied' && r.versions) {
+        this._rebase(sent, r.versions[componentOf(sent.type) === 'title' ? 'title_v' : 'draft_v']);
+      } else if (r.status === 'conflict' && sent.written && sent.written.length > 0) {
+        const newer = this._newer(sent);
+        if (newer && newer.version_before_edit === sent.version_before_edit) newer.written = mergeWritten(sent.written, newer.written ?? []);
+      }
     }
     const ids = new Set(changes.map((c) => c.change_id));
     this.inFlight = this.inFlight.filter((c) => !ids.has(c.change_id));
@@ -561,9 +570,17 @@ export class OfflineQueue {
    * @param {number} version
    */
   _rebase(change, version) {
-    const newer = this.changes.find((c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type));
+    const newer = this._newer(change);
     if (newer && newer.version_before_edit === change.version_before_edit) newer.version_before_edit = version;
     return newer;
+  }
+
+  /**
+   * The queued edit of `change`'s component (of its chat), if any.
+   * @param {import('./index.js').OfflineChange} change
+   */
+  _newer(change) {
+    return this.changes.find((c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type));
   }
 
   /**

@@ -778,6 +778,69 @@ test('the recheck of a conflict takes the server for this device\'s own writes o
   assert.equal(requeued(['A', 'B'], 5, 'A'), false, 'not past the base: no recheck to do');
 });
 
+/**
+ * Plays the server for the titles of the chats (`titles`: chat id to `{v, title}`) from the socket's next
+ * frame on: offline changes applied when their base is not older than the title's version (broadcast
+ * with the request's id, as the server does), else a conflict; syncs answered with every chat whose title
+ * the client asks for again or holds older. Returns a function that stops it.
+ * @param {FakeSocket} socket
+ * @param {Record<string, {v: number, title: string}>} titles
+ */
+function titleServer(socket, titles) {
+  let handled = socket.sent.length;
+  let stopped = false;
+  (async () => {
+    for (;;) {
+      await until(() => stopped || socket.sent.length > handled);
+      if (stopped) return;
+      const f = socket.sent[handled++];
+      if (f.type === 'sync_offline_changes') {
+        const results = f.payload.changes.map((/** @type {any} */ ch) => {
+          const t = titles[ch.chat_id];
+          if (ch.version_before_edit < t.v) return { change_id: ch.change_id, chat_id: ch.chat_id, type: ch.type, status: 'conflict', versions: { messages_v: 0, title_v: t.v, draft_v: 0 } };
+          t.v += 1;
+          t.title = ch.value;
+          socket.push({ type: 'chat_title_updated', request_id: f.request_id, payload: { chat_id: ch.chat_id, data: { title: t.title }, versions: { title_v: t.v } } });
+          return { change_id: ch.change_id, chat_id: ch.chat_id, type: ch.type, status: 'applied', versions: { messages_v: 0, title_v: t.v, draft_v: 0 } };
+        });
+        socket.push({ type: 'offline_sync_complete', request_id: f.request_id, payload: { processed: results.length, conflicts: 0, errors: 0, results } });
+      } else if (f.type === 'initial_sync_request') {
+        const entries = Object.entries(titles)
+          .filter(([id, t]) => !(f.payload.chat_versions[id]?.title_v >= t.v))
+          .map(([id, t]) => ({ chat_id: id, type: 'updated_chat', versions: { messages_v: 0, title_v: t.v, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: t.title }));
+        socket.push({ type: 'initial_sync_response', request_id: f.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: entries, server_chat_order: Object.keys(titles), sync_completed_at: 'T' } });
+      }
+    }
+  })();
+  return () => {
+    stopped = true;
+  };
+}
+
+test('an edit queued while the retry of a lost-reply write of its component is in flight is not lost when that retry conflicts with the write itself', { timeout: 5000 }, async (t) => {
+  const c = client();
+  t.after(() => c.close());
+  const first = await online(c, C1);
+  const pa = c.updateTitle('c1', 'A');
+  await first.next('update_title'); // applied (title_v 2); the reply is lost
+  const titles = { c1: { v: 2, title: 'A' } };
+  const socket = await offlineThen(c, async () => {
+    assert.deepEqual(await pa, { queued: true });
+  });
+  const retry = await socket.next('sync_offline_changes');
+  assert.deepEqual(retry.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit]), [['A', 1]]);
+  // Typed while the retry is in flight (syncing: queued), on top of 'A'.
+  assert.deepEqual(await c.updateTitle('c1', 'AB'), { queued: true });
+  const stop = titleServer(socket, titles);
+  t.after(stop);
+  const ch = retry.payload.changes[0];
+  socket.push({ type: 'offline_sync_complete', request_id: retry.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  await c.waitFor('status', (s) => s === 'online');
+  await until(() => c.queue.size + c.queue.inFlight.length + c.queue.recheck.length === 0);
+  assert.deepEqual(titles.c1, { v: 3, title: 'AB' }, 'the server has the edit');
+  assert.equal(c.chat('c1').title, 'AB');
+});
+
 test('a queued edit remembers the newest four values written on its base; a queue stored with one written value still loads', () => {
   /** @type {Map<string, string>} */
   const store = new Map();
