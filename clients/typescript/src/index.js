@@ -361,6 +361,18 @@ function otherWrites(change) {
   return (change.written ?? []).filter((w) => canonicalJson(w) !== own);
 }
 
+/**
+ * The version of its component that a live write's reply says the write produced; `null` when it
+ * changed nothing (a draft deletion with no draft) or the reply does not say.
+ * @param {string} type the change type
+ * @param {any} payload the reply's payload (`chat_title_updated`, `draft_update_confirmed`, `draft_delete_receipt`)
+ * @returns {number | null}
+ */
+function appliedVersion(type, payload) {
+  const version = type === 'title' ? payload?.versions?.title_v : type === 'delete_draft' && payload?.success !== true ? undefined : payload?.draft_v;
+  return typeof version === 'number' && Number.isSafeInteger(version) ? version : null;
+}
+
 /** Whether `value` can be the value of a change of `type` (what the server takes: a title is a string, a draft an object or `null`). @param {string} type @param {unknown} value */
 function fitsType(type, value) {
   if (type === 'title') return typeof value === 'string';
@@ -764,6 +776,8 @@ export class ChatSyncClient extends Emitter {
     /** @type {any} */
     this._flushTimer = null;
     this._flushAttempt = 0;
+    /** @type {Set<{chat_id: string, type: string, value: unknown, version_before_edit: number}>} live writes sent and not answered, in the order sent (see `_write`) */
+    this._liveWrites = new Set();
     /** @type {Promise<void>} The flush of offline changes running or last run (see `_flushChanges`). */
     this._changesFlushed = Promise.resolve();
     this._closedByUser = false;
@@ -1494,7 +1508,9 @@ export class ChatSyncClient extends Emitter {
 
   /**
    * A write: sent now when online, else (or if the connection drops before the reply) queued as an
-   * offline change. A refusal by the server reverts the local edit and rejects.
+   * offline change. A refusal by the server reverts the local edit and rejects. A live write sent while
+   * an earlier one of its component waits for its reply (on the same base) moves to the version that
+   * one produced once its reply says so: it was made on top of it.
    * @param {{chat_id: string, type: 'title' | 'draft' | 'delete_draft', value: unknown, version_before_edit: number}} change
    * @param {() => Promise<{type: string, payload: any}>} send
    * @param {() => void} revert
@@ -1505,8 +1521,20 @@ export class ChatSyncClient extends Emitter {
       this.queue.addChange(change);
       return { queued: true };
     }
+    this._liveWrites.add(change);
     try {
       const reply = await send();
+      // Live writes of the component sent after this one, on its base, were made on top of it: should
+      // one of them fail and be queued, it is checked against the version this one produced (else it
+      // would meet this device's own write as a conflict and be dropped).
+      const version = appliedVersion(change.type, reply.payload);
+      let after = false;
+      for (const other of version === null ? [] : this._liveWrites) {
+        if (other === change) after = true;
+        else if (after && other.chat_id === change.chat_id && componentOf(other.type) === componentOf(change.type) && other.version_before_edit === change.version_before_edit) {
+          other.version_before_edit = /** @type {number} */ (version);
+        }
+      }
       return { queued: false, reply };
     } catch (e) {
       if (isTransient(e)) {
@@ -1520,6 +1548,8 @@ export class ChatSyncClient extends Emitter {
       revert();
       this.emit('change', change.chat_id);
       throw e;
+    } finally {
+      this._liveWrites.delete(change);
     }
   }
 

@@ -841,6 +841,28 @@ test('an edit queued while the retry of a lost-reply write of its component is i
   assert.equal(c.chat('c1').title, 'AB');
 });
 
+test('an edit on top of a live write still in flight, queued when its own live write fails, is sent on the version that write produced', { timeout: 5000 }, async (t) => {
+  const c = client();
+  t.after(() => c.close());
+  const socket = await online(c, C1);
+  const pa = c.updateTitle('c1', 'A');
+  const pb = c.updateTitle('c1', 'AB'); // typed before the reply to 'A'
+  const a = await socket.next('update_title');
+  const b = await socket.next('update_title');
+  const titles = { c1: { v: 2, title: 'A' } };
+  const stop = titleServer(socket, titles);
+  t.after(stop);
+  socket.push({ type: 'chat_title_updated', request_id: a.request_id, payload: { chat_id: 'c1', data: { title: 'A' }, versions: { title_v: 2 } } });
+  socket.push({ type: 'error', request_id: b.request_id, payload: { code: 'unavailable', message: 'try later' } }); // not applied
+  assert.equal((await pa).queued, false);
+  assert.deepEqual(await pb, { queued: true });
+  const retry = await socket.next('sync_offline_changes');
+  assert.deepEqual(retry.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit]), [['AB', 2]], 'on top of the version of \'A\'');
+  await until(() => c.queue.size + c.queue.inFlight.length + c.queue.recheck.length === 0);
+  assert.deepEqual(titles.c1, { v: 3, title: 'AB' }, 'the server has the edit');
+  assert.equal(c.chat('c1').title, 'AB');
+});
+
 test('a queued edit remembers the newest four values written on its base; a queue stored with one written value still loads', () => {
   /** @type {Map<string, string>} */
   const store = new Map();
