@@ -389,11 +389,17 @@ export declare class StreamAssembler {
 }
 
 export declare class OfflineQueue {
+  /**
+   * Reads back the queue kept in `storage` under `key`, if any, checked entry by entry: a malformed
+   * change, message or conflict to recheck is dropped, as is a stored counter of change ids that is not a
+   * whole number from 0 (the counter restarts); a corrupt queue is dropped whole.
+   */
   constructor(storage?: QueueStorage | null, key?: string);
   /** Waiting to be sent. */
   changes: OfflineChange[];
   /** Sent, results not yet received (kept in storage; a reload queues them again). */
   inFlight: OfflineChange[];
+  /** Waiting to be sent, in order (each chat and `message_id` once; a stored one is read back only when well-formed). */
   messages: PendingMessage[];
   /**
    * Conflicting changes (with `written` values other than their own) to look at again after the next

@@ -419,6 +419,56 @@ function readChanges(list) {
   return /** @type {import('./index.js').OfflineChange[]} */ (list.map(readChange).filter((c) => c !== null));
 }
 
+/** The largest stored counter of change ids read back (far more than a queue ever counts; counting up from it stays exact). */
+const MAX_STORED_SEQ = 2 ** 52;
+
+/**
+ * A queued message read back from storage, whose content is not trusted: the fields the server takes
+ * (PROTOCOL.md `chat_message_added`), of the types this SDK writes, and nothing else (`temp_id` when
+ * present). `null` when malformed (it is dropped).
+ * @param {unknown} raw
+ * @returns {import('./index.js').PendingMessage | null}
+ */
+function readMessage(raw) {
+  if (!raw || typeof raw !== 'object' || Array.isArray(raw)) return null;
+  const { chat_id, message } = /** @type {Record<string, unknown>} */ (raw);
+  if (typeof chat_id !== 'string' || chat_id === '') return null;
+  if (!message || typeof message !== 'object' || Array.isArray(message)) return null;
+  const { message_id, content, timestamp, temp_id } = /** @type {Record<string, unknown>} */ (message);
+  if (typeof message_id !== 'string' || message_id === '' || typeof timestamp !== 'string') return null;
+  if (typeof content !== 'string' && !(content && typeof content === 'object' && !Array.isArray(content))) return null;
+  if (temp_id !== undefined && typeof temp_id !== 'string') return null;
+  try {
+    JSON.stringify(content); // content nested too deep to send (or to store again) throws here, not later
+  } catch {
+    return null;
+  }
+  return {
+    chat_id,
+    message: {
+      message_id,
+      content: /** @type {string | {[key: string]: unknown}} */ (content),
+      timestamp,
+      ...(temp_id !== undefined ? { temp_id } : {}),
+    },
+  };
+}
+
+/**
+ * The well-formed messages of a list read back from storage (see {@link readMessage}), each (chat and
+ * `message_id`) once.
+ * @param {unknown[]} list
+ * @returns {import('./index.js').PendingMessage[]}
+ */
+function readMessages(list) {
+  /** @type {import('./index.js').PendingMessage[]} */
+  const messages = [];
+  for (const m of list.map(readMessage)) {
+    if (m && !messages.some((x) => x.chat_id === m.chat_id && x.message.message_id === m.message.message_id)) messages.push(m);
+  }
+  return messages;
+}
+
 /** The most conflicts an {@link OfflineQueue} keeps to look at again (`recheck`); past it, the oldest are dropped. */
 const RECHECK_KEPT = 100;
 
@@ -451,11 +501,13 @@ export class OfflineQueue {
       try {
         const saved = JSON.parse(storage.getItem(key) ?? 'null');
         if (saved && Array.isArray(saved.changes) && Array.isArray(saved.messages)) {
-          // Changes are checked one by one (a malformed one is dropped; `written` of an older SDK, one
-          // value, becomes a list).
+          // Changes and messages are checked one by one (a malformed one is dropped; `written` of an
+          // older SDK, one value, becomes a list).
           this.changes = readChanges(saved.changes);
-          this.messages = saved.messages;
-          this._seq = Number(saved.seq) || 0;
+          this.messages = readMessages(saved.messages);
+          // The counter of change ids: a whole number that counting up keeps exact, else it restarts (the
+          // ids also carry the time, so they stay distinct from the stored ones).
+          this._seq = Number.isSafeInteger(saved.seq) && saved.seq >= 0 && saved.seq <= MAX_STORED_SEQ ? saved.seq : 0;
           // Conflicts whose recheck the reload came before: checked, bounded, as when added.
           if (Array.isArray(saved.recheck)) this.addRechecks(readChanges(saved.recheck));
           // A batch whose results never arrived (reloaded during the round trip) is sent again.

@@ -565,6 +565,53 @@ test('the offline queue survives in storage', () => {
   assert.equal(new OfflineQueue(storage, 'k').size, 0, 'a corrupt queue is dropped');
 });
 
+test('stored messages and the stored change counter are read back checked: malformed entries dropped, the rest sent; nothing throws later', { timeout: 5000 }, async (t) => {
+  /** @type {Map<string, string>} */
+  const store = new Map();
+  const storage = { getItem: (/** @type {string} */ k) => store.get(k) ?? null, setItem: (/** @type {string} */ k, /** @type {string} */ v) => void store.set(k, v) };
+  const good = { chat_id: 'c1', message: { message_id: 'm1', content: 'hi', timestamp: '2026-01-01T00:00:00Z' } };
+  const object = { chat_id: 'c1', message: { message_id: 'm2', content: { text: 'x' }, timestamp: 'T', temp_id: 't2', sender: 'ignored' } };
+  const msg = (/** @type {any} */ m) => ({ chat_id: 'c1', message: { ...good.message, ...m } });
+  const hostile = [
+    null, 7, 'x', [], {}, { chat_id: 'c1' }, { chat_id: 'c1', message: null }, { chat_id: 'c1', message: [] }, { chat_id: '', message: good.message }, { chat_id: 3, message: good.message },
+    msg({ message_id: 5 }), msg({ message_id: '' }), msg({ content: 5 }), msg({ content: null }), msg({ content: ['a'] }), msg({ timestamp: {} }), msg({ temp_id: 9 }),
+    msg({ message_id: 'deep', content: { deep: true } }),
+    { ...good }, // the same message again: once
+  ];
+  /** @param {any} saved */
+  const stored = (saved) => JSON.stringify(saved).replaceAll('{"deep":true}', `{"a":${'['.repeat(100_000)}${']'.repeat(100_000)}}`);
+  store.set('k', stored({ changes: [], messages: [good, ...hostile, object], seq: 1 }));
+  const q = new OfflineQueue(storage, 'k');
+  assert.deepEqual(q.messages, [good, { chat_id: 'c1', message: { message_id: 'm2', content: { text: 'x' }, timestamp: 'T', temp_id: 't2' } }]);
+  q.confirmMessage('c1', 'm1');
+  assert.deepEqual(q.messages.map((m) => m.message.message_id), ['m2']);
+  store.set('k', stored({ changes: [], messages: { not: 'a list' } }));
+  assert.deepEqual(new OfflineQueue(storage, 'k').messages, []);
+  // The counter of change ids: anything but a whole number from 0 restarts it (1e400 reads back as Infinity).
+  for (const seq of ['"12"', '-3', '1.5', '1e400', 'null', '{}', '9007199254740991']) {
+    store.set('k', `{"changes":[],"messages":[],"seq":${seq}}`);
+    const r = new OfflineQueue(storage, 'k');
+    const ids = [r.addChange({ chat_id: 'a', type: 'title', value: 'A', version_before_edit: 0 }), r.addChange({ chat_id: 'b', type: 'title', value: 'B', version_before_edit: 0 })].map((c) => c.change_id);
+    assert.notEqual(ids[0], ids[1], `distinct change ids after seq ${seq}`);
+    assert.match(ids[0], /^oc-[0-9a-z]+-[0-9]+$/, `after seq ${seq}`);
+  }
+  // A client on hostile storage gets online and sends the well-formed messages.
+  store.set('chatsync.offline.laptop', stored({ changes: [], messages: [...hostile, good], seq: 1 }));
+  const c = client({ storage });
+  t.after(() => c.close());
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length === 1);
+  const socket = lastSocket();
+  socket.greet();
+  await socket.answerSync();
+  const sent = await socket.next('chat_message_added');
+  assert.deepEqual(sent.payload, good);
+  socket.push({ type: 'chat_message_confirmed', request_id: sent.request_id, payload: { chat_id: 'c1', message_id: 'm1', temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 1 } });
+  await ready;
+  assert.equal(c.queue.size, 0);
+  assert.equal(socket.sent.filter((f) => f.type === 'chat_message_added').length, 1);
+});
+
 test('changes sent in a batch stay in storage until their results arrive: a reload queues them again', () => {
   /** @type {Map<string, string>} */
   const store = new Map();
