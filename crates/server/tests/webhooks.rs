@@ -443,6 +443,20 @@ fn attempts(server: &TestServer) -> Vec<i64> {
     query.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
 }
 
+/// Runs `sql` on the server's database beside it, from a blocking thread: the server shares this test's
+/// one-thread runtime, so a write waiting for SQLite's lock on that thread would stall the server's own
+/// transaction that holds it (the dispatcher's, between two awaits) until the busy timeout.
+async fn beside(server: &TestServer, sql: &'static str) {
+    let path = server.data.path().join("chatsync.db");
+    tokio::task::spawn_blocking(move || {
+        let db = rusqlite::Connection::open(path).unwrap();
+        db.busy_timeout(Duration::from_secs(30)).unwrap();
+        db.execute_batch(sql).unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn an_event_whose_users_key_cannot_be_read_now_is_retried_not_dropped() {
     let receiver = Receiver::start(u32::MAX).await;
@@ -452,9 +466,7 @@ async fn an_event_whose_users_key_cannot_be_read_now_is_retried_not_dropped() {
     receiver.wait_until("one attempt", |got| !got.is_empty()).await;
     // The store cannot read the user's key now (an error that is not `unavailable`), and the node no
     // longer holds it in memory.
-    let db = rusqlite::Connection::open(server.data.path().join("chatsync.db")).unwrap();
-    db.busy_timeout(Duration::from_secs(5)).unwrap();
-    db.execute_batch("ALTER TABLE user_keys RENAME TO user_keys_away").unwrap();
+    beside(&server, "ALTER TABLE user_keys RENAME TO user_keys_away").await;
     server.ctx.keys.forget_all();
     receiver.state.fail_attempts.store(0, Ordering::SeqCst);
     let before = attempts(&server);
@@ -469,7 +481,7 @@ async fn an_event_whose_users_key_cannot_be_read_now_is_retried_not_dropped() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(receiver.successes().is_empty(), "nothing delivered without the key");
-    db.execute_batch("ALTER TABLE user_keys_away RENAME TO user_keys").unwrap();
+    beside(&server, "ALTER TABLE user_keys_away RENAME TO user_keys").await;
     receiver.wait_until("m1", |got| got.iter().any(|d| d.status == 200)).await;
     assert_eq!(message_ids(&receiver.successes(), "alice"), ["m1"]);
 }
