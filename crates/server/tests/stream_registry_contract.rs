@@ -345,7 +345,9 @@ async fn a_take_whose_reply_is_slow_still_returns_the_stream() {
 
 /// A TCP proxy to a Redis server that, when armed, forwards the next EVALSHA, waits for Redis's reply (so
 /// the script has run), tells the test, waits until the test lets it go on, and then closes the connection
-/// without passing the reply on: a script that ran and whose reply was lost.
+/// without passing the reply on: a script that ran and whose reply was lost. Armed with
+/// [`ReplyLoser::hold_after`], it passes the reply on instead and holds what the client sends next until
+/// the test lets it go on: the test acts between a script and the command that follows it.
 struct ReplyLoser {
     port: u16,
     armed: Arc<parking_lot::Mutex<Option<Armed>>>,
@@ -355,6 +357,7 @@ struct ReplyLoser {
 struct Armed {
     ran: tokio::sync::oneshot::Sender<()>,
     go_on: tokio::sync::oneshot::Receiver<()>,
+    lose: bool,
 }
 
 impl ReplyLoser {
@@ -384,11 +387,13 @@ impl ReplyLoser {
                                 if sw.write_all(&up[..n]).await.is_err() { return }
                                 if !up[..n].windows(7).any(|w| w == b"EVALSHA") { continue }
                                 let Some(armed) = armed.lock().take() else { continue };
-                                // The reply comes once the script has run: read it and drop it.
-                                let _ = sr.read(&mut down).await;
+                                // The reply comes once the script has run: read it and drop it, or
+                                // pass it on and hold what follows.
+                                let n = match sr.read(&mut down).await { Ok(0) | Err(_) => return, Ok(n) => n };
+                                if !armed.lose && cw.write_all(&down[..n]).await.is_err() { return }
                                 let _ = armed.ran.send(());
                                 let _ = armed.go_on.await;
-                                return; // closes both sides
+                                if armed.lose { return } // closes both sides
                             }
                             n = sr.read(&mut down) => {
                                 let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
@@ -404,9 +409,19 @@ impl ReplyLoser {
 
     /// Loses the reply of the next script: returns (script ran, let it go on).
     fn arm(&self) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+        self.armed_to(true)
+    }
+
+    /// Passes on the reply of the next script and holds what the client sends after it: returns (script
+    /// ran and its reply is passed on, let the rest through).
+    fn hold_after(&self) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+        self.armed_to(false)
+    }
+
+    fn armed_to(&self, lose: bool) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
         let (ran, ran_rx) = tokio::sync::oneshot::channel();
         let (go_on_tx, go_on) = tokio::sync::oneshot::channel();
-        *self.armed.lock() = Some(Armed { ran, go_on });
+        *self.armed.lock() = Some(Armed { ran, go_on, lose });
         (ran_rx, go_on_tx)
     }
 
@@ -515,5 +530,77 @@ async fn a_sweep_whose_reply_is_lost_still_returns_the_idle_stream_once() {
     assert_eq!(swept, Ok(vec![k.clone()]));
     assert_eq!(r.sweep_idle(4_000).await, Ok(vec![]));
     assert!(!r.is_open(&k).await.unwrap());
+    assert_eq!(keys_with_ttl(&own.url()).await, vec![], "nothing left in Redis");
+}
+
+/// A stream opened again, under the same chat and stream id, between a take's script and the cleanup
+/// that follows it keeps its idle index entry: it is swept (and its end announced) when it goes idle.
+/// Before, the take's cleanup removed the entry by name, and the stream opened again was never swept.
+#[tokio::test]
+async fn a_stream_opened_again_between_a_take_and_its_cleanup_is_still_swept() {
+    if common::cluster::redis_url().is_none() {
+        return;
+    }
+    let own = common::cluster::OwnRedis::start();
+    let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
+    let master = MasterKey::generate();
+    let node = |url: &str| {
+        Arc::new(RedisStreams::new(url, "again:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
+    };
+    let (r, other_node) = (node(&proxy.url()), node(&own.url()));
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1_000).await.unwrap();
+    r.append(&k, 1, "first", 2_000).await.unwrap();
+
+    let (ran, go_on) = proxy.hold_after();
+    let take = tokio::spawn({
+        let (r, k) = (r.clone(), k.clone());
+        async move { r.take(&k).await }
+    });
+    ran.await.expect("the take's script ran");
+    assert_eq!(other_node.open(&k, &info("m2"), 3_000).await, Ok(Opened::New));
+    drop(go_on);
+    let taken = take.await.unwrap().unwrap().expect("the first stream");
+    assert_eq!((taken.content.as_str(), &taken.info), ("first", &info("m1")));
+
+    assert_eq!(other_node.sweep_idle(10_000).await, Ok(vec![k.clone()]), "the second stream is swept");
+    assert_eq!(keys_with_ttl(&own.url()).await, vec![], "nothing left in Redis");
+}
+
+/// Likewise for the sweep: an index entry whose stream is gone (taken elsewhere, or expired) is dropped,
+/// but not once the same chat and stream id has been opened again after the sweep's script looked.
+#[tokio::test]
+async fn a_stream_opened_again_while_the_sweep_drops_its_old_entry_is_still_swept() {
+    if common::cluster::redis_url().is_none() {
+        return;
+    }
+    let own = common::cluster::OwnRedis::start();
+    let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
+    let master = MasterKey::generate();
+    let node = |url: &str| {
+        Arc::new(RedisStreams::new(url, "again:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
+    };
+    let (r, other_node) = (node(&proxy.url()), node(&own.url()));
+    let k = key("alice", "c1", "s1");
+    other_node.open(&k, &info("m1"), 1_000).await.unwrap();
+    // The stream's keys expire (the backstop), its index entry stays.
+    let mut conn = redis::Client::open(own.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    for (name, _) in keys_with_ttl(&own.url()).await {
+        if !name.ends_with("streams:idle") {
+            let _: () = redis::cmd("DEL").arg(&name).query_async(&mut conn).await.unwrap();
+        }
+    }
+
+    let (ran, go_on) = proxy.hold_after();
+    let sweep = tokio::spawn({
+        let r = r.clone();
+        async move { r.sweep_idle(4_000).await }
+    });
+    ran.await.expect("the sweep's script ran");
+    assert_eq!(other_node.open(&k, &info("m2"), 5_000).await, Ok(Opened::New));
+    drop(go_on);
+    assert_eq!(sweep.await.unwrap(), Ok(vec![]), "nothing was idle");
+
+    assert_eq!(other_node.sweep_idle(10_000).await, Ok(vec![k.clone()]), "the second stream is swept");
     assert_eq!(keys_with_ttl(&own.url()).await, vec![], "nothing left in Redis");
 }

@@ -11,10 +11,13 @@
 //!   list has at most one entry per byte of the stream's capped text (an entry per empty chunk grew it
 //!   without bound, and READ copies the whole list inside its script);
 //! * `P stream:{U}:S:taken:N`: a stream just taken (`N`, 128 random bits in hex, is the take's nonce): a
-//!   list `rec`, `seq`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`);
+//!   list `rec`, `seq`, `last`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`);
 //! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`);
 //! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`),
-//!   its expiry pushed forward by every open and every sweep.
+//!   its expiry pushed forward by every open and every sweep. An entry is dropped only while its score is
+//!   at most the `last` of the stream that was taken (by the sweep: its cutoff), never by a plain ZREM:
+//!   the same chat and stream id opened again after the take and before that drop puts its own entry
+//!   there, at its opening time, and keeps it (`IDLE_DROP`).
 //!
 //! The user's keys share the hash tag `{U}`, so each script touches one slot (Redis Cluster works). Each
 //! operation is one Lua script (atomic: the seq check, the cap and the append together); keys expire after
@@ -91,8 +94,8 @@ return out
 "#;
 
 /// Takes a stream (a take, or the sweep with a cutoff): moves it to this take's own taken key `T` (named
-/// with the take's nonce; a list {rec, seq, chunks...} expiring after ARGV[2] ms) and returns it, the whole
-/// list or only `rec` (ARGV[4] '1' or '0'). `T` is looked at first: a retry of the same take (same nonce)
+/// with the take's nonce; a list {rec, seq, last, chunks...} expiring after ARGV[2] ms) and returns it, the
+/// whole list or only `rec` (ARGV[4] '1' or '0'). `T` is looked at first: a retry of the same take (same nonce)
 /// whose first run took the stream returns what that run took, whatever the stream's keys hold since.
 /// With a cutoff (ARGV[3], '' for none), a stream whose `last` is after it stays, and its `last` (a number)
 /// is returned. Nil when there is neither a stream nor `T` (S is then forgotten in the user set).
@@ -110,7 +113,7 @@ if not v[1] then
 end
 if ARGV[3] ~= '' and tonumber(v[3]) > tonumber(ARGV[3]) then return tonumber(v[3]) end
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('RENAME', KEYS[2], KEYS[4]) end
-redis.call('LPUSH', KEYS[4], v[2], v[1])
+redis.call('LPUSH', KEYS[4], v[3], v[2], v[1])
 redis.call('PEXPIRE', KEYS[4], ARGV[2])
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[3], ARGV[1])
@@ -129,6 +132,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return 1
+"#;
+
+/// Drops member ARGV[1] of the idle index KEYS[1] if its score is at most ARGV[2] (one key: it runs on the
+/// index's slot, sent with EVAL in the take's cleanup pipeline). An entry with a later score belongs to
+/// a stream opened again, with the same chat and stream id, after the take: it stays.
+const IDLE_DROP: &str = r#"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 0
 "#;
 
 const SCRIPTS: [&str; 5] = [OPEN, APPEND, READ, TAKE, RESTORE];
@@ -236,6 +248,20 @@ impl RedisStreams {
         plain.extend_from_slice(&seq.to_be_bytes());
         plain.extend_from_slice(delta.as_bytes());
         self.key.encrypt(&plain, &Aad::stream(&n.member, "chunk"))
+    }
+
+    /// Decodes the whole reply of [`TAKE`] ({rec, seq, last, chunks...}) into the stream and its `last`.
+    fn decode_taken(&self, n: &Names, v: Value) -> Result<Option<(OpenStream, i64)>, StreamError> {
+        let mut items = match v {
+            Value::Nil => return Ok(None),
+            Value::Array(items) if items.len() >= 3 => items,
+            _ => return Err(corrupt(n)),
+        };
+        let last = bytes(Some(items.remove(2)))
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt(n))?;
+        Ok(self.decode_read(n, Value::Array(items))?.map(|s| (s, last)))
     }
 
     /// Decodes the reply of [`READ`] into a stream.
@@ -352,21 +378,31 @@ impl RedisStreams {
         unreachable!("the loop returns by its last attempt")
     }
 
-    /// Drops a taken stream's entry in the idle index and its taken key, once its take has the reply.
+    /// Drops a taken stream's entry in the idle index and its taken key, once its take has the reply. The
+    /// entry goes only if its score is at most `until` (the taken stream's `last`, or the sweep's cutoff):
+    /// a stream opened again under the same name since the take has put its own entry there, which a
+    /// plain ZREM would drop (that stream would never be swept: no `stream_cancelled` when it goes idle).
     ///
     /// The taken key is deleted rather than left to expire: once the reply is in, nothing can use it (only
     /// this take knows its nonce, and it has the stream: a failed completion puts the stream back from that
     /// copy, not from Redis), while waiting for [`TAKEN_TTL_MS`] would hold up to the stream cap per take in
     /// Redis memory for a minute and keep a deleted chat's text (sealed) there after the deletion. It costs
-    /// no round trip: it goes with the idle index's ZREM. Best effort: a failure (or a node that stops before
+    /// no round trip: it goes with the idle index's drop. Best effort: a failure (or a node that stops before
     /// it) leaves the key to its expiry, and nothing reads it meanwhile.
-    async fn taken(&self, n: &Names, taken: &str) {
+    async fn taken(&self, n: &Names, taken: &str, until: i64) {
         let mut pipe = redis::pipe();
-        pipe.cmd("ZREM").arg(self.idle_set()).arg(&n.member).ignore();
+        pipe.add_command(self.idle_drop(&n.member, until)).ignore();
         pipe.cmd("DEL").arg(taken).ignore();
         if let Err(e) = self.pipeline(pipe).await {
             tracing::debug!(stream = %n.member, error = %e, "taken stream's cleanup failed (its index entry is dropped by the sweep, its taken copy expires)");
         }
+    }
+
+    /// [`IDLE_DROP`] of `member` while its score is at most `until`.
+    fn idle_drop(&self, member: &str, until: i64) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(IDLE_DROP).arg(1).arg(self.idle_set()).arg(member).arg(until);
+        cmd
     }
 
     /// Puts a stream's entry in the idle index at `now_ms`, *before* the stream is opened or put back: a
@@ -529,8 +565,18 @@ impl StreamRegistry for RedisStreams {
     async fn take(&self, key: &StreamKey) -> Result<Option<OpenStream>, StreamError> {
         let n = self.names(key);
         let (v, taken) = self.take_script(&n, None, true).await?;
-        self.taken(&n, &taken).await;
-        self.decode_read(&n, v)
+        match self.decode_taken(&n, v) {
+            Ok(Some((stream, last))) => {
+                self.taken(&n, &taken, last).await;
+                Ok(Some(stream))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                // A copy that does not open: deleted, its index entry left to the sweep.
+                self.taken(&n, &taken, i64::MIN).await;
+                Err(e)
+            }
+        }
     }
 
     async fn restore(&self, stream: OpenStream, now_ms: i64) -> Result<(), StreamError> {
@@ -600,8 +646,9 @@ impl StreamRegistry for RedisStreams {
         for member in members {
             let Some((u, s)) = member.split_once(':') else { continue };
             let n = self.names_of(u, s);
-            let mut fix = redis::cmd("ZREM");
-            fix.arg(self.idle_set()).arg(&member);
+            // Dropped only while it is still as old as the cutoff: a stream opened again under this name
+            // since the script ran has put its own entry there (see `taken`).
+            let mut fix = self.idle_drop(&member, cutoff_ms);
             match self.take_script(&n, Some(cutoff_ms), false).await {
                 // Active since: move its hint forward.
                 Ok((Value::Int(last), _)) => {
@@ -612,7 +659,7 @@ impl StreamRegistry for RedisStreams {
                 Ok((Value::Nil, _)) => {}
                 // Taken here: its entry and its taken key go together.
                 Ok((other, taken)) => {
-                    self.taken(&n, &taken).await;
+                    self.taken(&n, &taken, cutoff_ms).await;
                     match bytes(Some(other)).map(|b| self.open_rec(&n, &b)) {
                         Some(Ok(rec)) => idle.push(rec.key),
                         _ => tracing::warn!(stream = %member, "an idle stream's record does not open; dropped"),
