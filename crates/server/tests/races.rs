@@ -49,6 +49,39 @@ async fn a_write_merged_after_a_delete_does_not_bring_the_chat_back() {
     assert_not_found(&laptop.request(&title("c1", "again")).await.unwrap());
 }
 
+/// As above, but the delete's answer is lost (it committed; the phone hears `unavailable`), and a sync
+/// reloads the chat list, without the chat, before the draft's result is merged: the chat must stay
+/// deleted. It used to come back: the unknown outcome only dropped the cached list, so the late result
+/// was merged into the reloaded one.
+#[tokio::test]
+async fn a_write_merged_after_a_delete_whose_answer_was_lost_does_not_bring_the_chat_back() {
+    let server = TestServer::start().await;
+    let faults = server.ctx.chats.writer_faults().expect("the SQLite store has a writer");
+    let mut laptop = new_user(&server, "alice", "laptop").await;
+    let mut phone = another_device(&server, "alice", "phone").await;
+    set_title(&mut laptop, "c1", "doomed").await;
+    expect_msg!(phone.recv().await.unwrap(), ChatTitleUpdated);
+    sync_all(&mut laptop).await; // the chat list is cached
+
+    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
+    laptop.send(&draft("c1", doc("late")), Some("d1")).await.unwrap();
+    held.reached().await;
+    faults.lose_answer_next(1);
+    assert_error(&phone.request(&delete_chat("c1")).await.unwrap(), ErrorCode::Unavailable, None);
+    let sync = sync_all(&mut phone).await; // reloads the list from the store: c1 is gone
+    assert!(entry(&sync, "c1").is_none(), "{sync:?}");
+    held.release();
+    let confirmed = laptop.recv_reply("d1").await.unwrap();
+    assert!(matches!(confirmed.message, ServerMessage::DraftUpdateConfirmed(_)), "{confirmed:?}");
+
+    for device in [&mut laptop, &mut phone] {
+        let sync = sync_with(device, json!({ "c1": { "messages_v": 0, "title_v": 1, "draft_v": 0 } }), None).await;
+        assert_eq!(ids(&sync.chat_ids_to_delete), ["c1"]);
+        assert!(entry(&sync, "c1").is_none(), "a deleted chat came back: {sync:?}");
+        assert!(sync.server_chat_order.is_empty());
+    }
+}
+
 /// A warm-up that loaded the chat list, then lost its user's last connection, must never store that
 /// list over what a later connection sees: it is cancelled, and its load token can never match the
 /// new cache entry (it used to: the per-user counter restarted at 0, and a deleted chat came back).

@@ -74,10 +74,11 @@ impl Cache for CoherentCache {
     }
 
     async fn write_unknown(&self, user_id: &str, deleting: Option<&str>) {
-        self.inner.invalidate(user_id);
+        self.inner.forget(user_id, deleting);
         // The write may have committed on PostgreSQL, which every node reads: the others drop what they
-        // cached of the user too, and every node the deleted chat's key (as for a deletion).
-        self.bus.publish_user(user_id, BusMessage::Forget { chat_id: None });
+        // cached of the user too (and take a deletion's chat as uncertain), and every node forgets the
+        // deleted chat's key (as for a deletion).
+        self.bus.publish_user(user_id, BusMessage::Forget { chat_id: deleting.map(str::to_owned) });
         if let Some(chat_id) = deleting {
             self.bus.publish_control(BusMessage::Forget { chat_id: Some(chat_id.to_owned()) });
         }

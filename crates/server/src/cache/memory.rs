@@ -19,6 +19,11 @@ struct Entry {
     /// Chats deleted while this entry lives: late write results for them are ignored. `None` once more
     /// than [`MAX_DELETED`] were: the entry then caches no chat list for the rest of its life.
     deleted: Option<HashSet<String>>,
+    /// Chats whose deletion failed with its outcome unknown (it may have committed) while this entry
+    /// lives: a late write result for one drops the lists instead of merging (it could bring back a chat
+    /// deleted in the store, or, merged nowhere, leave a chat that still exists stale). Bounded with
+    /// `deleted`: past [`MAX_DELETED`], the entry caches no chat list.
+    uncertain: HashSet<String>,
     messages: HashMap<String, VecDeque<MessageRecord>>,
     primed: bool,
     /// The running warm-up: its claim id and cancellation.
@@ -65,6 +70,24 @@ impl MemoryCache {
     pub fn invalidate_all(&self) {
         for mut entry in self.users.iter_mut() {
             self.drop_lists(&mut entry);
+        }
+    }
+
+    /// After a write of the user's whose outcome is unknown (here or, in a cluster, on another node):
+    /// drops the user's lists, and for a deletion (`deleting`) remembers the chat as uncertain, so that a
+    /// write result for it that arrives late (a write that committed before the deletion, merged after a
+    /// reload without the chat) does not bring it back.
+    pub fn forget(&self, user_id: &str, deleting: Option<&str>) {
+        let Some(mut entry) = self.users.get_mut(user_id) else { return };
+        self.drop_lists(&mut entry);
+        let Some(chat_id) = deleting else { return };
+        if entry.deleted.is_none() {
+            return; // caches no list already
+        }
+        if entry.uncertain.len() < self.max_deleted {
+            entry.uncertain.insert(chat_id.to_owned());
+        } else {
+            entry.deleted = None;
         }
     }
 
@@ -121,6 +144,7 @@ impl Cache for MemoryCache {
                 generation,
                 chats: None,
                 deleted: Some(HashSet::new()),
+                uncertain: HashSet::new(),
                 messages: HashMap::new(),
                 primed: false,
                 warming: None,
@@ -172,6 +196,10 @@ impl Cache for MemoryCache {
         if entry.deleted.as_ref().is_none_or(|deleted| deleted.contains(&chat.chat_id)) {
             return;
         }
+        if entry.uncertain.contains(&chat.chat_id) {
+            self.drop_lists(&mut entry);
+            return;
+        }
         if let Some(chats) = entry.chats.as_mut() {
             chats.entry(chat.chat_id.clone()).and_modify(|old| merge(old, chat)).or_insert_with(|| chat.clone());
         }
@@ -181,6 +209,7 @@ impl Cache for MemoryCache {
         let Some(mut entry) = self.users.get_mut(user_id) else { return };
         entry.generation = self.tick();
         entry.messages.remove(chat_id);
+        entry.uncertain.remove(chat_id);
         let Some(deleted) = entry.deleted.as_mut() else { return };
         if deleted.len() < self.max_deleted {
             deleted.insert(chat_id.to_owned());
@@ -195,8 +224,8 @@ impl Cache for MemoryCache {
         }
     }
 
-    async fn write_unknown(&self, user_id: &str, _deleting: Option<&str>) {
-        self.invalidate(user_id);
+    async fn write_unknown(&self, user_id: &str, deleting: Option<&str>) {
+        self.forget(user_id, deleting);
     }
 
     async fn messages(&self, user_id: &str, chat_id: &str) -> Option<Vec<MessageRecord>> {
@@ -308,6 +337,30 @@ mod tests {
         assert_eq!(got.draft_v, 4);
         assert_eq!(got.messages_v, 1);
         assert_eq!(got.last_edited_ms, 20);
+    }
+
+    #[tokio::test]
+    async fn a_late_write_result_never_brings_back_a_chat_whose_deletion_is_uncertain() {
+        let c = cache().await;
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1), chat("b", 1, 0, 0, 1)]).await);
+        // Deleting "a" failed with its outcome unknown; a reload finds it gone (it did commit).
+        c.write_unknown("u", Some("a")).await;
+        assert!(c.chats("u").await.is_none());
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("b", 1, 0, 0, 1)]).await);
+        // A write to "a" that committed before the deletion reports late: not merged, the list dropped.
+        c.chat_written("u", &chat("a", 2, 0, 0, 2)).await;
+        assert!(c.chats("u").await.is_none(), "reads go to the store, which knows");
+        // Other chats' writes merge as before once a list is loaded again.
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("b", 1, 0, 0, 1)]).await);
+        c.chat_written("u", &chat("b", 2, 0, 0, 3)).await;
+        assert_eq!(c.chats("u").await.unwrap()[0].title_v, 2);
+        // A deletion confirmed afterwards makes it an ordinary deleted chat: late results are ignored.
+        c.chat_deleted("u", "a").await;
+        c.chat_written("u", &chat("a", 3, 0, 0, 4)).await;
+        assert_eq!(c.chats("u").await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -79,9 +79,9 @@ pub enum BusMessage {
         message: MessageRecord,
     },
     /// A write failed with its outcome unknown (it may have committed): on the user's channel, drop what
-    /// is cached of the user; with a chat (a deletion's outcome unknown, on the control channel), forget
-    /// its unwrapped key, which the store then resolves afresh. Nodes that predate it ignore it (it fails
-    /// to decode).
+    /// is cached of the user (with a chat, a deletion's: take the chat as uncertain, see
+    /// `MemoryCache::forget`); on the control channel, with a chat, forget its unwrapped key, which the
+    /// store then resolves afresh. Nodes that predate it ignore it (it fails to decode).
     #[serde(rename = "x")]
     Forget {
         /// The chat whose deletion's outcome is unknown.
