@@ -204,11 +204,19 @@ impl Keyring {
 
     /// The user's data key (for drafts), created on first use.
     pub async fn user_key(&self, store: &dyn ChatStore, user_id: &str) -> Result<Arc<DataKey>, Error> {
+        self.user_key_or_why(store, user_id).await.map_err(|e| match e {
+            UserKeyError::Store(e) | UserKeyError::Unwrap(e) => e,
+        })
+    }
+
+    /// [`Keyring::user_key`], telling a store that failed (which may answer later) from a stored key
+    /// that does not open under the master key (which never will).
+    pub async fn user_key_or_why(&self, store: &dyn ChatStore, user_id: &str) -> Result<Arc<DataKey>, UserKeyError> {
         if let Some(k) = self.users.get(user_id) {
             return Ok(k.clone());
         }
-        let wrapped = self.stored_or_created(store, user_id).await?;
-        let key = Arc::new(self.unwrap(&wrapped, &user_ref(user_id))?);
+        let wrapped = self.stored_or_created(store, user_id).await.map_err(UserKeyError::Store)?;
+        let key = Arc::new(self.unwrap(&wrapped, &user_ref(user_id)).map_err(UserKeyError::Unwrap)?);
         self.trim();
         self.users.insert(user_id.to_owned(), key.clone());
         Ok(key)
@@ -265,6 +273,15 @@ impl Keyring {
             self.users.clear();
         }
     }
+}
+
+/// Why [`Keyring::user_key_or_why`] has no key.
+#[derive(Debug)]
+pub enum UserKeyError {
+    /// Reading (or creating) the wrapped key in the store failed.
+    Store(Error),
+    /// The stored key does not open under the master key.
+    Unwrap(Error),
 }
 
 /// What [`create_user_keys`] did.

@@ -486,6 +486,22 @@ async fn an_event_whose_users_key_cannot_be_read_now_is_retried_not_dropped() {
     assert_eq!(message_ids(&receiver.successes(), "alice"), ["m1"]);
 }
 
+/// A stored user key that does not open under the master key never will: the event is dropped at once,
+/// not retried for `webhook_max_age_secs` while it holds up the user's later events.
+#[tokio::test]
+async fn an_event_whose_users_key_does_not_open_is_dropped() {
+    let receiver = Receiver::start(u32::MAX).await;
+    let server = server_for(&receiver).await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    add_message(&mut alice, "c1", "m1", json!("lost")).await;
+    receiver.wait_until("one attempt", |got| !got.is_empty()).await;
+    beside(&server, "UPDATE user_keys SET wrapped = randomblob(60)").await;
+    server.ctx.keys.forget_all();
+    receiver.state.fail_attempts.store(0, Ordering::SeqCst);
+    drained(&server).await;
+    assert!(receiver.successes().is_empty(), "nothing delivered without the key");
+}
+
 #[tokio::test]
 async fn without_a_webhook_url_nothing_is_recorded() {
     let server = TestServer::start().await;

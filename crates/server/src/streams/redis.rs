@@ -29,13 +29,13 @@
 //! take (`take`, and the idle sweep, which takes a stream that is idle) that would lose the stream, gone
 //! from Redis with no copy at the caller, so a take is idempotent: each take draws a nonce, and its script
 //! (`TAKE`) moves the stream to the taken key of that nonce instead of deleting it. When the reply is
-//! lost, the take runs the script again with the same nonce (up to `TAKE_ATTEMPTS` runs, each bounded
-//! by [`REPLY_TIMEOUT`]), and the script, finding the taken key, returns what the first run took. No other
-//! take names that key, so of two takes racing on one stream exactly one gets it as before; once the
-//! reply is in, the take deletes its taken key (with the idle index's entry, in one round trip), and the
-//! key's expiry removes it when that delete never comes. A stream is lost only when every run fails,
-//! i.e. Redis stays unreachable or stalled for the whole retry window; ARCHITECTURE.md ("A take in
-//! Redis…") describes it.
+//! lost, the take runs the script again with the same nonce (up to `TAKE_ATTEMPTS` runs, all within
+//! `TAKE_DEADLINE` of the take's start, well inside the copy's life), and the script, finding the taken
+//! key, returns what the first run took. No other take names that key, so of two takes racing on one
+//! stream exactly one gets it as before; once the reply is in, the take deletes its taken key (with the
+//! idle index's entry, in one round trip), and the key's expiry removes it when that delete never comes.
+//! A stream is lost only when every run fails, i.e. Redis stays unreachable or stalled for the whole
+//! retry window; ARCHITECTURE.md ("A take in Redis…") describes it.
 
 use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey, StreamRegistry};
 use crate::cluster::bus::REPLY_TIMEOUT;
@@ -146,13 +146,20 @@ return 0
 const SCRIPTS: [&str; 5] = [OPEN, APPEND, READ, TAKE, RESTORE];
 
 /// How long a taken stream's copy (the taken key of [`TAKE`]) waits for a retry of its take that lost the
-/// reply. Far longer than the retries take ([`TAKE_ATTEMPTS`] of at most about [`REPLY_TIMEOUT`] each).
+/// reply. Longer than the retries may take ([`TAKE_DEADLINE`]).
 const TAKEN_TTL_MS: u64 = 60_000;
 
 /// Runs of one take's script, the first included, when the reply is lost (a connection error or no
 /// reply within [`REPLY_TIMEOUT`]); the pause before each retry grows from [`TAKE_BACKOFF`].
 const TAKE_ATTEMPTS: u32 = 4;
 const TAKE_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Every run of a take has its reply within this of the take's start, or the take fails: the taken copy
+/// a run made expires [`TAKEN_TTL_MS`] after that run (after the start), so a later run answering within
+/// this still finds it. One run may take several reply timeouts (a reconnect, the scripts loaded again),
+/// so four of them could otherwise outlast the copy, and a retry finding neither copy nor stream would
+/// report the stream as not open (a `complete` answered 409, not 503).
+const TAKE_DEADLINE: Duration = Duration::from_secs(45);
 
 /// The sealed `rec` field.
 #[derive(Serialize, Deserialize)]
@@ -365,9 +372,17 @@ impl RedisStreams {
             if whole { b"1".to_vec() } else { b"0".to_vec() },
         ];
         let mut backoff = TAKE_BACKOFF;
+        let deadline = tokio::time::Instant::now() + TAKE_DEADLINE;
+        let keys = [n.hash.as_str(), &n.chunks, &n.user_set, &taken];
         for attempt in 1.. {
-            match self.eval(3, &[&n.hash, &n.chunks, &n.user_set, &taken], args.clone()).await {
-                Err(EvalError::Connection(detail)) if attempt < TAKE_ATTEMPTS => {
+            let run = self.eval(3, &keys, args.clone());
+            let Ok(result) = tokio::time::timeout_at(deadline, run).await else {
+                return Err(EvalError::Connection("no reply within the take's deadline".into()));
+            };
+            match result {
+                Err(EvalError::Connection(detail))
+                    if attempt < TAKE_ATTEMPTS && tokio::time::Instant::now() + backoff < deadline =>
+                {
                     tracing::debug!(stream = %n.member, attempt, error = %detail, "a take's reply was lost; retrying it");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;

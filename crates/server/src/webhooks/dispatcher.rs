@@ -113,6 +113,14 @@ pub async fn run(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, shutdown: CancellationToke
     tracing::info!("webhook dispatcher stopped");
 }
 
+/// Removes an event that can never be delivered (counted as dropped).
+async fn drop_event(hooks: &Webhooks, pending: &PendingEvent) {
+    metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "dropped").increment(1);
+    if let Err(e) = hooks.events.event_done(pending.id).await {
+        tracing::warn!(error = %e, event_id = %pending.event_id, "cannot drop a webhook event");
+    }
+}
+
 /// Where events go.
 struct Target {
     client: reqwest::Client,
@@ -130,11 +138,22 @@ enum Failure {
 
 /// Delivers one claimed event once, and records the outcome in its row.
 async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pending: PendingEvent) {
-    // Any failure to read the user's key (the store unavailable or failing, a row that cannot be read now)
-    // is retried with backoff, up to `webhook_max_age_secs`: the event itself may be fine.
-    let key = match ctx.keys.user_key(ctx.chats.as_ref(), &pending.user_id).await {
+    // A store that fails to give the user's key (unavailable or failing, a row that cannot be read now)
+    // is retried with backoff, up to `webhook_max_age_secs`: the event itself may be fine. A stored key
+    // that does not open never will: the event is dropped, not left to hold up the user's later events.
+    let key = match ctx.keys.user_key_or_why(ctx.chats.as_ref(), &pending.user_id).await {
         Ok(key) => key,
-        Err(e) => {
+        Err(crate::keys::UserKeyError::Unwrap(e)) => {
+            tracing::error!(
+                event_id = %pending.event_id,
+                event_type = %pending.kind,
+                detail = e.internal_detail().unwrap_or_default(),
+                "webhook event's user key does not open; dropped"
+            );
+            drop_event(&hooks, &pending).await;
+            return;
+        }
+        Err(crate::keys::UserKeyError::Store(e)) => {
             tracing::warn!(
                 event_id = %pending.event_id,
                 code = %e.code(),
@@ -155,10 +174,7 @@ async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pendi
                 detail = e.internal_detail().unwrap_or_default(),
                 "webhook event cannot be opened; dropped"
             );
-            metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "dropped").increment(1);
-            if let Err(e) = hooks.events.event_done(pending.id).await {
-                tracing::warn!(error = %e, event_id = %pending.event_id, "cannot drop a webhook event");
-            }
+            drop_event(&hooks, &pending).await;
             return;
         }
     };
