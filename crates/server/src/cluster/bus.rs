@@ -409,9 +409,18 @@ pub fn seal(key: &DataKey, channel: &str, node: &str, user: Option<&str>, messag
     key.encrypt(&plain, &Aad::bus(channel))
 }
 
-fn open(key: &DataKey, channel: &str, payload: &[u8]) -> Option<Envelope> {
-    let plain = key.decrypt(payload, &Aad::bus(channel)).ok()?;
-    serde_json::from_slice(&plain).ok()
+/// Why a pushed message was not opened.
+#[derive(Debug, PartialEq)]
+enum Unopened {
+    /// It does not decrypt under this cluster's key (another cluster on the same prefix, a wrong key).
+    Sealed,
+    /// It decrypts but is not a message this node knows (a newer node's, during a rolling upgrade).
+    Unknown,
+}
+
+fn open(key: &DataKey, channel: &str, payload: &[u8]) -> Result<Envelope, Unopened> {
+    let plain = key.decrypt(payload, &Aad::bus(channel)).map_err(|_| Unopened::Sealed)?;
+    serde_json::from_slice(&plain).map_err(|_| Unopened::Unknown)
 }
 
 /// Publishes one message on a fresh connection (for the CLI: `sessions revoke` with `--redis-url`).
@@ -631,9 +640,17 @@ async fn deliver(shared: &Shared, data: Vec<Value>) {
         return;
     };
     let Ok(channel) = std::str::from_utf8(channel) else { return };
-    let Some(envelope) = open(&shared.key, channel, payload) else {
-        tracing::warn!("bus: a message that does not decrypt under this cluster's key was ignored");
-        return;
+    let envelope = match open(&shared.key, channel, payload) {
+        Ok(envelope) => envelope,
+        Err(Unopened::Sealed) => {
+            tracing::warn!("bus: a message that does not decrypt under this cluster's key was ignored");
+            return;
+        }
+        Err(Unopened::Unknown) => {
+            // Not logged with its content: it carries the plaintext of what it announces.
+            tracing::debug!("bus: a message of a kind this node does not know was ignored (a newer node's)");
+            return;
+        }
     };
     if envelope.n == shared.node {
         return;
@@ -744,9 +761,18 @@ mod tests {
         let sealed = seal(&key, "p:u:alice", "n1", Some("alice"), message.clone());
         let opened = open(&key, "p:u:alice", &sealed).unwrap();
         assert_eq!((opened.n.as_str(), opened.u.as_deref(), opened.m), ("n1", Some("alice"), message));
-        assert!(open(&key, "p:u:bob", &sealed).is_none(), "bound to its channel");
+        assert_eq!(open(&key, "p:u:bob", &sealed).err(), Some(Unopened::Sealed), "bound to its channel");
         let other = crate::crypto::MasterKey::generate().derive("bus");
-        assert!(open(&other, "p:u:alice", &sealed).is_none(), "another cluster's key");
+        assert_eq!(open(&other, "p:u:alice", &sealed).err(), Some(Unopened::Sealed), "another cluster's key");
         assert!(!String::from_utf8_lossy(&sealed).contains("c1"), "no plaintext on the wire");
+    }
+
+    #[test]
+    fn a_message_of_an_unknown_kind_is_told_from_one_that_does_not_decrypt() {
+        // A newer node's message (a rolling upgrade): it decrypts, but this node does not know its kind.
+        let key = crate::crypto::MasterKey::generate().derive("bus");
+        let newer = br#"{"n":"n2","u":"alice","m":{"t":"some-future-kind"}}"#;
+        let sealed = key.encrypt(newer, &Aad::bus("p:u:alice"));
+        assert_eq!(open(&key, "p:u:alice", &sealed).err(), Some(Unopened::Unknown));
     }
 }
