@@ -347,7 +347,9 @@ async fn a_take_whose_reply_is_slow_still_returns_the_stream() {
 /// the script has run), tells the test, waits until the test lets it go on, and then closes the connection
 /// without passing the reply on: a script that ran and whose reply was lost. Armed with
 /// [`ReplyLoser::hold_after`], it passes the reply on instead and holds what the client sends next until
-/// the test lets it go on: the test acts between a script and the command that follows it.
+/// the test lets it go on: the test acts between a script and the command that follows it. Armed with
+/// [`ReplyLoser::delay`], it holds the script itself until the test lets it go on, then sends it to Redis
+/// and tells the test once it ran: a script that reaches Redis late (its client gave up on it).
 struct ReplyLoser {
     port: u16,
     armed: Arc<parking_lot::Mutex<Option<Armed>>>,
@@ -357,7 +359,14 @@ struct ReplyLoser {
 struct Armed {
     ran: tokio::sync::oneshot::Sender<()>,
     go_on: tokio::sync::oneshot::Receiver<()>,
-    lose: bool,
+    mode: Mode,
+}
+
+enum Mode {
+    Lose,
+    HoldAfter,
+    /// Holds the script; the sender says when it has run, late.
+    Delay(tokio::sync::oneshot::Sender<()>),
 }
 
 impl ReplyLoser {
@@ -384,16 +393,29 @@ impl ReplyLoser {
                             _ = stop.cancelled() => return,
                             n = cr.read(&mut up) => {
                                 let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
+                                let script = up[..n].windows(7).any(|w| w == b"EVALSHA");
+                                let Some(armed) = script.then(|| armed.lock().take()).flatten() else {
+                                    if sw.write_all(&up[..n]).await.is_err() { return }
+                                    continue;
+                                };
+                                if let Mode::Delay(ran_late) = armed.mode {
+                                    // Held here; sent once the test lets it go, then the connection ends.
+                                    let _ = armed.ran.send(());
+                                    let _ = armed.go_on.await;
+                                    if sw.write_all(&up[..n]).await.is_err() { return }
+                                    let _ = sr.read(&mut down).await;
+                                    let _ = ran_late.send(());
+                                    return;
+                                }
                                 if sw.write_all(&up[..n]).await.is_err() { return }
-                                if !up[..n].windows(7).any(|w| w == b"EVALSHA") { continue }
-                                let Some(armed) = armed.lock().take() else { continue };
                                 // The reply comes once the script has run: read it and drop it, or
                                 // pass it on and hold what follows.
                                 let n = match sr.read(&mut down).await { Ok(0) | Err(_) => return, Ok(n) => n };
-                                if !armed.lose && cw.write_all(&down[..n]).await.is_err() { return }
+                                let lose = matches!(armed.mode, Mode::Lose);
+                                if !lose && cw.write_all(&down[..n]).await.is_err() { return }
                                 let _ = armed.ran.send(());
                                 let _ = armed.go_on.await;
-                                if armed.lose { return } // closes both sides
+                                if lose { return } // closes both sides
                             }
                             n = sr.read(&mut down) => {
                                 let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
@@ -409,19 +431,29 @@ impl ReplyLoser {
 
     /// Loses the reply of the next script: returns (script ran, let it go on).
     fn arm(&self) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
-        self.armed_to(true)
+        self.armed_to(Mode::Lose)
     }
 
     /// Passes on the reply of the next script and holds what the client sends after it: returns (script
     /// ran and its reply is passed on, let the rest through).
     fn hold_after(&self) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
-        self.armed_to(false)
+        self.armed_to(Mode::HoldAfter)
     }
 
-    fn armed_to(&self, lose: bool) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+    /// Holds the next script: returns (script held, send it now, it ran).
+    fn delay(
+        &self,
+    ) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>, tokio::sync::oneshot::Receiver<()>)
+    {
+        let (ran_late, ran_late_rx) = tokio::sync::oneshot::channel();
+        let (held, go_on) = self.armed_to(Mode::Delay(ran_late));
+        (held, go_on, ran_late_rx)
+    }
+
+    fn armed_to(&self, mode: Mode) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
         let (ran, ran_rx) = tokio::sync::oneshot::channel();
         let (go_on_tx, go_on) = tokio::sync::oneshot::channel();
-        *self.armed.lock() = Some(Armed { ran, go_on, lose });
+        *self.armed.lock() = Some(Armed { ran, go_on, mode });
         (ran_rx, go_on_tx)
     }
 
@@ -434,6 +466,36 @@ impl Drop for ReplyLoser {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// The keys in `redis` (a server of the test's own) once the streams there are taken: none but the
+/// markers of finished takes (`…:taken:<nonce>` = `1`, expiring within the copy's 60 s), which are left out.
+async fn left_in_redis(url: &str) -> Vec<(String, i64)> {
+    let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut left = Vec::new();
+    for (k, ttl) in keys_with_ttl(url).await {
+        let kind: String = redis::cmd("TYPE").arg(&k).query_async(&mut conn).await.unwrap();
+        if k.contains(":taken:") && kind == "string" {
+            let v: String = redis::cmd("GET").arg(&k).query_async(&mut conn).await.unwrap();
+            assert!(v == "1" && ttl > 0 && ttl <= 60_000, "a take's marker: {k} = {v}, ttl {ttl}");
+        } else {
+            left.push((k, ttl));
+        }
+    }
+    left
+}
+
+/// The copies of streams taken (lists under `…:taken:<nonce>`), with their time to live.
+async fn taken_copies(url: &str) -> Vec<(String, i64)> {
+    let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut copies = Vec::new();
+    for (k, ttl) in keys_with_ttl(url).await {
+        let kind: String = redis::cmd("TYPE").arg(&k).query_async(&mut conn).await.unwrap();
+        if k.contains(":taken:") && kind == "list" {
+            copies.push((k, ttl));
+        }
+    }
+    copies
 }
 
 /// Every key in `redis` (a server of the test's own) with its remaining time to live (ms; -1: none).
@@ -481,7 +543,7 @@ async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
     assert!(!other_node.is_open(&k).await.unwrap());
     assert_eq!(other_node.take(&k).await, Ok(None), "another take races and finds nothing");
     assert!(other_node.list("alice").await.unwrap().is_empty());
-    let held: Vec<_> = keys_with_ttl(&own.url()).await.into_iter().filter(|(k, _)| k.contains(":taken:")).collect();
+    let held = taken_copies(&own.url()).await;
     assert_eq!(held.len(), 1, "{held:?}");
     assert!(held[0].1 > 0 && held[0].1 <= 60_000, "the taken copy expires: {held:?}");
     drop(go_on);
@@ -491,13 +553,13 @@ async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
     assert_eq!((taken.seq, taken.content.as_str(), &taken.info), (3, "partial text", &info("m1")));
     assert_eq!(r.take(&k).await, Ok(None), "taken once");
     assert_eq!(r.append(&k, 4, "x", 5).await, Err(StreamError::NotOpen));
-    assert_eq!(keys_with_ttl(&own.url()).await, vec![], "nothing left in Redis: no taken copy, no index entry");
+    assert_eq!(left_in_redis(&own.url()).await, vec![], "nothing left in Redis: no taken copy, no index entry");
 
     // It can be put back (a completion that failed) and completes normally afterwards.
     r.restore(taken, 6).await.unwrap();
     assert_eq!(r.append(&k, 4, "!", 7).await, Ok(Appended::Accepted));
     assert_eq!(other_node.take(&k).await.unwrap().map(|s| (s.seq, s.content)), Some((4, "partial text!".into())));
-    assert_eq!(keys_with_ttl(&own.url()).await, vec![]);
+    assert_eq!(left_in_redis(&own.url()).await, vec![]);
 }
 
 /// The idle sweep takes too: a sweep whose script ran but whose reply was lost still returns the idle
@@ -530,7 +592,7 @@ async fn a_sweep_whose_reply_is_lost_still_returns_the_idle_stream_once() {
     assert_eq!(swept, Ok(vec![k.clone()]));
     assert_eq!(r.sweep_idle(4_000).await, Ok(vec![]));
     assert!(!r.is_open(&k).await.unwrap());
-    assert_eq!(keys_with_ttl(&own.url()).await, vec![], "nothing left in Redis");
+    assert_eq!(left_in_redis(&own.url()).await, vec![], "nothing left in Redis");
 }
 
 /// A stream opened again, under the same chat and stream id, between a take's script and the cleanup
@@ -564,7 +626,7 @@ async fn a_stream_opened_again_between_a_take_and_its_cleanup_is_still_swept() {
     assert_eq!((taken.content.as_str(), &taken.info), ("first", &info("m1")));
 
     assert_eq!(other_node.sweep_idle(10_000).await, Ok(vec![k.clone()]), "the second stream is swept");
-    assert_eq!(keys_with_ttl(&own.url()).await, vec![], "nothing left in Redis");
+    assert_eq!(left_in_redis(&own.url()).await, vec![], "nothing left in Redis");
 }
 
 /// Likewise for the sweep: an index entry whose stream is gone (taken elsewhere, or expired) is dropped,
@@ -602,5 +664,46 @@ async fn a_stream_opened_again_while_the_sweep_drops_its_old_entry_is_still_swep
     assert_eq!(sweep.await.unwrap(), Ok(vec![]), "nothing was idle");
 
     assert_eq!(other_node.sweep_idle(10_000).await, Ok(vec![k.clone()]), "the second stream is swept");
-    assert_eq!(keys_with_ttl(&own.url()).await, vec![], "nothing left in Redis");
+    assert_eq!(left_in_redis(&own.url()).await, vec![], "nothing left in Redis");
+}
+
+/// A run of a take that reaches Redis late (given up on at the reply timeout while delayed on the way, and
+/// run again, which took the stream) finds the take over and takes nothing, not even the stream that a
+/// failed completion has put back meanwhile. Before, it took that stream into a copy nobody reads: the
+/// stream vanished, and the backend's retried `complete` got 409.
+#[tokio::test]
+async fn a_late_run_of_a_finished_take_takes_nothing() {
+    if common::cluster::redis_url().is_none() {
+        return;
+    }
+    let own = common::cluster::OwnRedis::start();
+    let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
+    let master = MasterKey::generate();
+    let node = |url: &str| {
+        Arc::new(RedisStreams::new(url, "late:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
+    };
+    let (r, other_node) = (node(&proxy.url()), node(&own.url()));
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1_000).await.unwrap();
+    r.append(&k, 1, "text", 2_000).await.unwrap();
+
+    let (held, send_it, ran_late) = proxy.delay();
+    let take = tokio::spawn({
+        let (r, k) = (r.clone(), k.clone());
+        async move { r.take(&k).await }
+    });
+    held.await.expect("the take's first run is held on the way");
+    // Its reply times out; the take runs again on a new connection and takes the stream.
+    let taken = tokio::time::timeout(Duration::from_secs(30), take).await.expect("the take ends").unwrap();
+    let taken = taken.unwrap().expect("taken by the second run");
+    assert_eq!((taken.seq, taken.content.as_str()), (1, "text"));
+    // The completion failed: the stream is put back. Then the first run reaches Redis.
+    r.restore(taken, 5_000).await.unwrap();
+    drop(send_it);
+    ran_late.await.expect("the late run ran");
+
+    assert!(other_node.is_open(&k).await.unwrap(), "the stream put back is still open");
+    let again = other_node.take(&k).await.unwrap().expect("and can be taken");
+    assert_eq!((again.seq, again.content.as_str()), (1, "text"));
+    assert_eq!(left_in_redis(&own.url()).await, vec![], "nothing left in Redis");
 }

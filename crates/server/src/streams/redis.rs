@@ -11,7 +11,8 @@
 //!   list has at most one entry per byte of the stream's capped text (an entry per empty chunk grew it
 //!   without bound, and READ copies the whole list inside its script);
 //! * `P stream:{U}:S:taken:N`: a stream just taken (`N`, 128 random bits in hex, is the take's nonce): a
-//!   list `rec`, `seq`, `last`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`);
+//!   list `rec`, `seq`, `last`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`); once the
+//!   take has its reply, a string (`1`, same expiry) that tells a late run of that take it is over;
 //! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`);
 //! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`),
 //!   its expiry pushed forward by every open and every sweep. An entry is dropped only while its score is
@@ -32,8 +33,11 @@
 //! lost, the take runs the script again with the same nonce (up to `TAKE_ATTEMPTS` runs, all within
 //! `TAKE_DEADLINE` of the take's start, well inside the copy's life), and the script, finding the taken
 //! key, returns what the first run took. No other take names that key, so of two takes racing on one
-//! stream exactly one gets it as before; once the reply is in, the take deletes its taken key (with the
-//! idle index's entry, in one round trip), and the key's expiry removes it when that delete never comes.
+//! stream exactly one gets it as before; once the reply is in, the take replaces its taken copy with a
+//! marker (with the idle index's entry dropped, in one round trip), so that a run of it that reaches Redis
+//! late (sent before a reply timeout, delayed on the network) finds the take over and takes nothing (it
+//! would take the same stream opened again, or put back by a failed completion, into a copy nobody reads).
+//! The key's expiry removes the copy when that cleanup never comes.
 //! A stream is lost only when every run fails, i.e. Redis stays unreachable or stalled for the whole
 //! retry window; ARCHITECTURE.md ("A take in Redis…") describes it.
 
@@ -95,7 +99,8 @@ return out
 
 /// Takes a stream (a take, or the sweep with a cutoff): moves it to this take's own taken key `T` (named
 /// with the take's nonce; a list {rec, seq, last, chunks...} expiring after ARGV[2] ms) and returns it, the
-/// whole list or only `rec` (ARGV[4] '1' or '0'). `T` is looked at first: a retry of the same take (same nonce)
+/// whole list or only `rec` (ARGV[4] '1' or '0'). A `T` that is not a list marks this take as over (it has
+/// its reply; a late run of it): nil, and nothing is taken. `T` is looked at first: a retry of the same take (same nonce)
 /// whose first run took the stream returns what that run took, whatever the stream's keys hold since.
 /// With a cutoff (ARGV[3], '' for none), a stream whose `last` is after it stays, and its `last` (a number)
 /// is returned. Nil when there is neither a stream nor `T` (S is then forgotten in the user set).
@@ -105,7 +110,9 @@ local function taken()
   if ARGV[4] == '1' then return redis.call('LRANGE', KEYS[4], 0, -1) end
   return redis.call('LINDEX', KEYS[4], 0)
 end
-if redis.call('EXISTS', KEYS[4]) == 1 then return taken() end
+local t = redis.call('TYPE', KEYS[4])['ok']
+if t == 'list' then return taken() end
+if t ~= 'none' then return false end
 local v = redis.call('HMGET', KEYS[1], 'rec', 'seq', 'last')
 if not v[1] then
   redis.call('SREM', KEYS[3], ARGV[1])
@@ -393,21 +400,25 @@ impl RedisStreams {
         unreachable!("the loop returns by its last attempt")
     }
 
-    /// Drops a taken stream's entry in the idle index and its taken key, once its take has the reply. The
-    /// entry goes only if its score is at most `until` (the taken stream's `last`, or the sweep's cutoff):
-    /// a stream opened again under the same name since the take has put its own entry there, which a
-    /// plain ZREM would drop (that stream would never be swept: no `stream_cancelled` when it goes idle).
+    /// Ends a take once it has its reply: drops the taken stream's entry in the idle index (with
+    /// `until`), and replaces its taken copy with a marker. The entry goes only if its score is at most
+    /// `until` (the taken stream's `last`, or the sweep's cutoff): a stream opened again under the same
+    /// name since the take has put its own entry there, which a plain ZREM would drop (that stream would
+    /// never be swept: no `stream_cancelled` when it goes idle).
     ///
-    /// The taken key is deleted rather than left to expire: once the reply is in, nothing can use it (only
-    /// this take knows its nonce, and it has the stream: a failed completion puts the stream back from that
-    /// copy, not from Redis), while waiting for [`TAKEN_TTL_MS`] would hold up to the stream cap per take in
-    /// Redis memory for a minute and keep a deleted chat's text (sealed) there after the deletion. It costs
+    /// The copy is replaced rather than left to expire: once the reply is in, nothing can use it (only this
+    /// take knows its nonce, and it has the stream: a failed completion puts the stream back from that copy,
+    /// not from Redis), while waiting for [`TAKEN_TTL_MS`] would hold up to the stream cap per take in Redis
+    /// memory for a minute and keep a deleted chat's text (sealed) there after the deletion. The marker (a
+    /// few bytes, same expiry) makes a run of this take that reaches Redis only now take nothing. It costs
     /// no round trip: it goes with the idle index's drop. Best effort: a failure (or a node that stops before
-    /// it) leaves the key to its expiry, and nothing reads it meanwhile.
-    async fn taken(&self, n: &Names, taken: &str, until: i64) {
+    /// it) leaves the copy to its expiry, and nothing reads it meanwhile.
+    async fn taken(&self, n: &Names, taken: &str, until: Option<i64>) {
         let mut pipe = redis::pipe();
-        pipe.add_command(self.idle_drop(&n.member, until)).ignore();
-        pipe.cmd("DEL").arg(taken).ignore();
+        if let Some(until) = until {
+            pipe.add_command(self.idle_drop(&n.member, until)).ignore();
+        }
+        pipe.cmd("SET").arg(taken).arg(1).arg("PX").arg(TAKEN_TTL_MS).ignore();
         if let Err(e) = self.pipeline(pipe).await {
             tracing::debug!(stream = %n.member, error = %e, "taken stream's cleanup failed (its index entry is dropped by the sweep, its taken copy expires)");
         }
@@ -580,18 +591,12 @@ impl StreamRegistry for RedisStreams {
     async fn take(&self, key: &StreamKey) -> Result<Option<OpenStream>, StreamError> {
         let n = self.names(key);
         let (v, taken) = self.take_script(&n, None, true).await?;
-        match self.decode_taken(&n, v) {
-            Ok(Some((stream, last))) => {
-                self.taken(&n, &taken, last).await;
-                Ok(Some(stream))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => {
-                // A copy that does not open: deleted, its index entry left to the sweep.
-                self.taken(&n, &taken, i64::MIN).await;
-                Err(e)
-            }
-        }
+        let decoded = self.decode_taken(&n, v);
+        // Nothing taken, or a copy that does not open: the take is over all the same; an index entry
+        // is left to the sweep.
+        let until = decoded.as_ref().ok().and_then(|d| d.as_ref()).map(|(_, last)| *last);
+        self.taken(&n, &taken, until).await;
+        decoded.map(|d| d.map(|(stream, _)| stream))
     }
 
     async fn restore(&self, stream: OpenStream, now_ms: i64) -> Result<(), StreamError> {
@@ -674,7 +679,7 @@ impl StreamRegistry for RedisStreams {
                 Ok((Value::Nil, _)) => {}
                 // Taken here: its entry and its taken key go together.
                 Ok((other, taken)) => {
-                    self.taken(&n, &taken, cutoff_ms).await;
+                    self.taken(&n, &taken, Some(cutoff_ms)).await;
                     match bytes(Some(other)).map(|b| self.open_rec(&n, &b)) {
                         Some(Ok(rec)) => idle.push(rec.key),
                         _ => tracing::warn!(stream = %member, "an idle stream's record does not open; dropped"),
