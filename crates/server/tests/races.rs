@@ -7,6 +7,7 @@ mod sync_util;
 mod common;
 
 use chatsync::pause::{WARMUP_LOADED, WRITE_COMMITTED};
+use chatsync_client::Client;
 use chatsync_protocol::*;
 use common::TestServer;
 use serde_json::json;
@@ -19,15 +20,7 @@ use sync_util::*;
 #[tokio::test]
 async fn a_write_merged_after_a_delete_does_not_bring_the_chat_back() {
     let server = TestServer::start().await;
-    let mut laptop = new_user(&server, "alice", "laptop").await;
-    let mut phone = another_device(&server, "alice", "phone").await;
-    set_title(&mut laptop, "c1", "doomed").await;
-    expect_msg!(phone.recv().await.unwrap(), ChatTitleUpdated);
-    sync_all(&mut laptop).await; // the chat list is cached
-
-    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
-    laptop.send(&draft("c1", doc("late")), Some("d1")).await.unwrap();
-    held.reached().await;
+    let (mut laptop, mut phone, held) = a_draft_held_after_its_commit(&server).await;
     let deleted = phone.request(&delete_chat("c1")).await.unwrap();
     expect_msg!(deleted, ChatDeleted);
     held.release();
@@ -57,15 +50,7 @@ async fn a_write_merged_after_a_delete_does_not_bring_the_chat_back() {
 async fn a_write_merged_after_a_delete_whose_answer_was_lost_does_not_bring_the_chat_back() {
     let server = TestServer::start().await;
     let faults = server.ctx.chats.writer_faults().expect("the SQLite store has a writer");
-    let mut laptop = new_user(&server, "alice", "laptop").await;
-    let mut phone = another_device(&server, "alice", "phone").await;
-    set_title(&mut laptop, "c1", "doomed").await;
-    expect_msg!(phone.recv().await.unwrap(), ChatTitleUpdated);
-    sync_all(&mut laptop).await; // the chat list is cached
-
-    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
-    laptop.send(&draft("c1", doc("late")), Some("d1")).await.unwrap();
-    held.reached().await;
+    let (mut laptop, mut phone, held) = a_draft_held_after_its_commit(&server).await;
     faults.lose_answer_next(1);
     assert_error(&phone.request(&delete_chat("c1")).await.unwrap(), ErrorCode::Unavailable, None);
     let sync = sync_all(&mut phone).await; // reloads the list from the store: c1 is gone
@@ -80,6 +65,21 @@ async fn a_write_merged_after_a_delete_whose_answer_was_lost_does_not_bring_the_
         assert!(entry(&sync, "c1").is_none(), "a deleted chat came back: {sync:?}");
         assert!(sync.server_chat_order.is_empty());
     }
+}
+
+/// Alice's laptop and phone, chat c1 in the laptop's cached list, and a draft of the laptop's on c1
+/// (request `d1`) held after its commit, before its result is merged into the cache.
+async fn a_draft_held_after_its_commit(server: &TestServer) -> (Client, Client, chatsync::pause::Paused) {
+    let mut laptop = new_user(server, "alice", "laptop").await;
+    let mut phone = another_device(server, "alice", "phone").await;
+    set_title(&mut laptop, "c1", "doomed").await;
+    expect_msg!(phone.recv().await.unwrap(), ChatTitleUpdated);
+    sync_all(&mut laptop).await; // the chat list is cached
+
+    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
+    laptop.send(&draft("c1", doc("late")), Some("d1")).await.unwrap();
+    held.reached().await;
+    (laptop, phone, held)
 }
 
 /// A warm-up that loaded the chat list, then lost its user's last connection, must never store that

@@ -468,6 +468,28 @@ impl Drop for ReplyLoser {
     }
 }
 
+/// A Redis server of the test's own, the proxy in front of it, and two nodes' registries on it: `r`
+/// through the proxy, `other_node` directly.
+struct TwoNodes {
+    own: common::cluster::OwnRedis,
+    proxy: ReplyLoser,
+    r: Arc<RedisStreams>,
+    other_node: Arc<RedisStreams>,
+}
+
+/// [`TwoNodes`], or `None` where the tests run without Redis.
+async fn two_nodes() -> Option<TwoNodes> {
+    common::cluster::redis_url()?;
+    let own = common::cluster::OwnRedis::start();
+    let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
+    let master = MasterKey::generate();
+    let node = |url: &str| {
+        Arc::new(RedisStreams::new(url, "two:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
+    };
+    let (r, other_node) = (node(&proxy.url()), node(&own.url()));
+    Some(TwoNodes { own, proxy, r, other_node })
+}
+
 /// The keys in `redis` (a server of the test's own) once the streams there are taken: none but the
 /// markers of finished takes (`…:taken:<nonce>` = `1`, expiring within the copy's 60 s), which are left out.
 async fn left_in_redis(url: &str) -> Vec<(String, i64)> {
@@ -517,16 +539,7 @@ async fn keys_with_ttl(url: &str) -> Vec<(String, i64)> {
 /// Before, the take failed and the stream was gone: its text lost, a retried `complete` got 409.
 #[tokio::test]
 async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
-    if common::cluster::redis_url().is_none() {
-        return;
-    }
-    let own = common::cluster::OwnRedis::start();
-    let loser = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
-    let master = MasterKey::generate();
-    let node = |url: &str| {
-        Arc::new(RedisStreams::new(url, "lost:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
-    };
-    let (r, other_node) = (node(&loser.url()), node(&own.url()));
+    let Some(TwoNodes { own, proxy: loser, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1).await.unwrap();
     r.append(&k, 1, "partial ", 2).await.unwrap();
@@ -566,16 +579,7 @@ async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
 /// stream (its `stream_cancelled` is announced), exactly once across the nodes, and leaves nothing behind.
 #[tokio::test]
 async fn a_sweep_whose_reply_is_lost_still_returns_the_idle_stream_once() {
-    if common::cluster::redis_url().is_none() {
-        return;
-    }
-    let own = common::cluster::OwnRedis::start();
-    let loser = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
-    let master = MasterKey::generate();
-    let node = |url: &str| {
-        Arc::new(RedisStreams::new(url, "lost:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
-    };
-    let (r, other_node) = (node(&loser.url()), node(&own.url()));
+    let Some(TwoNodes { own, proxy: loser, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "idle");
     r.open(&k, &info("m1"), 1_000).await.unwrap();
     r.append(&k, 1, "some text", 1_000).await.unwrap();
@@ -600,16 +604,7 @@ async fn a_sweep_whose_reply_is_lost_still_returns_the_idle_stream_once() {
 /// Before, the take's cleanup removed the entry by name, and the stream opened again was never swept.
 #[tokio::test]
 async fn a_stream_opened_again_between_a_take_and_its_cleanup_is_still_swept() {
-    if common::cluster::redis_url().is_none() {
-        return;
-    }
-    let own = common::cluster::OwnRedis::start();
-    let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
-    let master = MasterKey::generate();
-    let node = |url: &str| {
-        Arc::new(RedisStreams::new(url, "again:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
-    };
-    let (r, other_node) = (node(&proxy.url()), node(&own.url()));
+    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1_000).await.unwrap();
     r.append(&k, 1, "first", 2_000).await.unwrap();
@@ -633,16 +628,7 @@ async fn a_stream_opened_again_between_a_take_and_its_cleanup_is_still_swept() {
 /// but not once the same chat and stream id has been opened again after the sweep's script looked.
 #[tokio::test]
 async fn a_stream_opened_again_while_the_sweep_drops_its_old_entry_is_still_swept() {
-    if common::cluster::redis_url().is_none() {
-        return;
-    }
-    let own = common::cluster::OwnRedis::start();
-    let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
-    let master = MasterKey::generate();
-    let node = |url: &str| {
-        Arc::new(RedisStreams::new(url, "again:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
-    };
-    let (r, other_node) = (node(&proxy.url()), node(&own.url()));
+    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     other_node.open(&k, &info("m1"), 1_000).await.unwrap();
     // The stream's keys expire (the backstop), its index entry stays.
@@ -673,16 +659,7 @@ async fn a_stream_opened_again_while_the_sweep_drops_its_old_entry_is_still_swep
 /// stream vanished, and the backend's retried `complete` got 409.
 #[tokio::test]
 async fn a_late_run_of_a_finished_take_takes_nothing() {
-    if common::cluster::redis_url().is_none() {
-        return;
-    }
-    let own = common::cluster::OwnRedis::start();
-    let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
-    let master = MasterKey::generate();
-    let node = |url: &str| {
-        Arc::new(RedisStreams::new(url, "late:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
-    };
-    let (r, other_node) = (node(&proxy.url()), node(&own.url()));
+    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1_000).await.unwrap();
     r.append(&k, 1, "text", 2_000).await.unwrap();
