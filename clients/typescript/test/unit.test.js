@@ -715,22 +715,30 @@ test('an offline edit on top of an online write whose reply was lost is sent aga
   c.close();
 });
 
+/**
+ * Writes `value` as c1's title live; the server answers `unavailable` (it may have applied it), so the
+ * write is queued.
+ * @param {any} c
+ * @param {any} socket
+ * @param {string} value
+ */
+async function titleAnsweredUnavailable(c, socket, value) {
+  const pending = c.updateTitle('c1', value);
+  const sent = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: sent.request_id, payload: { code: 'unavailable', message: 'try later' } });
+  assert.deepEqual(await pending, { queued: true });
+}
+
 test('an edit on top of two lost-reply writes of its component is sent again when the conflict is the first of them', { timeout: 5000 }, async (t) => {
   const c = client();
   t.after(() => c.close());
   const socket = await online(c, C1);
   // 'A': the server answers unavailable (it may have applied it); queued, and retried at once.
-  const pa = c.updateTitle('c1', 'A');
-  const a = await socket.next('update_title');
-  socket.push({ type: 'error', request_id: a.request_id, payload: { code: 'unavailable', message: 'try later' } });
-  assert.deepEqual(await pa, { queued: true });
+  await titleAnsweredUnavailable(c, socket, 'A');
   const retry = await socket.next('sync_offline_changes');
   assert.deepEqual(retry.payload.changes.map((/** @type {any} */ ch) => [ch.value, ch.version_before_edit]), [['A', 1]]);
   // 'B', written while that retry waits for its answer: unavailable as well.
-  const pb = c.updateTitle('c1', 'B');
-  const b = await socket.next('update_title');
-  socket.push({ type: 'error', request_id: b.request_id, payload: { code: 'unavailable', message: 'try later' } });
-  assert.deepEqual(await pb, { queued: true });
+  await titleAnsweredUnavailable(c, socket, 'B');
   // The retry's answer is lost with the connection: 'B' is sent, on the version both were written on.
   const next = await offlineThen(c, async () => {});
   const flush = await next.next('sync_offline_changes');
@@ -759,15 +767,9 @@ test('an edit on top of two lost-reply writes that were both applied is sent aga
   t.after(() => c.close());
   const socket = await online(c, C1);
   // 'A' and 'B' on title_v 1, both answered unavailable (as in the previous test); the server applied both.
-  const pa = c.updateTitle('c1', 'A');
-  const a = await socket.next('update_title');
-  socket.push({ type: 'error', request_id: a.request_id, payload: { code: 'unavailable', message: 'try later' } });
-  assert.deepEqual(await pa, { queued: true });
+  await titleAnsweredUnavailable(c, socket, 'A');
   await socket.next('sync_offline_changes'); // the retry of 'A': its answer is lost below
-  const pb = c.updateTitle('c1', 'B');
-  const b = await socket.next('update_title');
-  socket.push({ type: 'error', request_id: b.request_id, payload: { code: 'unavailable', message: 'try later' } });
-  assert.deepEqual(await pb, { queued: true });
+  await titleAnsweredUnavailable(c, socket, 'B');
   // Offline, 'C' is typed on top of 'B'.
   const next = await offlineThen(c, () => c.updateTitle('c1', 'C'));
   const flush = await next.next('sync_offline_changes');
