@@ -45,6 +45,10 @@ pub struct Keyring {
     /// number: their keys are never memoized again, even by a request that resolved the key before the
     /// delete and finishes after it (crypto-shredding holds in memory too).
     deleted: DashMap<String, u64>,
+    /// Chats whose deletion failed with its outcome unknown (it may have committed), numbered like
+    /// `deleted`: their keys are not memoized either (a request that resolved the key before may finish
+    /// after), and are resolved from the store each time, which knows.
+    uncertain: DashMap<String, u64>,
     /// Deletions counted so far.
     deletions: AtomicU64,
     /// [`MAX_DELETED`].
@@ -71,6 +75,7 @@ impl Keyring {
             chats: DashMap::new(),
             users: DashMap::new(),
             deleted: DashMap::new(),
+            uncertain: DashMap::new(),
             deletions: AtomicU64::new(0),
             max_deleted,
         }
@@ -166,6 +171,20 @@ impl Keyring {
         self.chats.remove(chat_id);
     }
 
+    /// A deletion of the chat failed with its outcome unknown (here, or in a cluster on any node): its key
+    /// is forgotten and not memoized again while the chat is remembered as uncertain (bounded as the
+    /// deleted ids are), so that no request that resolved it before keeps it in memory if the deletion
+    /// did commit. The chat is then resolved from the store on every use.
+    pub fn deletion_unknown(&self, chat_id: &str) {
+        let n = self.deletions.fetch_add(1, Ordering::Relaxed);
+        self.uncertain.insert(chat_id.to_owned(), n);
+        self.chats.remove(chat_id);
+        if self.uncertain.len() > self.max_deleted {
+            let keep_from = n.saturating_sub(self.max_deleted as u64 / 2);
+            self.uncertain.retain(|_, marked| *marked >= keep_from);
+        }
+    }
+
     /// Forgets every memoized key (they are unwrapped again on demand). Cluster mode calls it after a gap
     /// in the bus, when chats may have been deleted on other nodes unseen.
     pub fn forget_all(&self) {
@@ -193,10 +212,11 @@ impl Keyring {
 
     fn memo(&self, chat_id: &str, key: &Arc<ChatKey>) {
         self.trim();
-        if !self.deleted.contains_key(chat_id) {
+        let refused = || self.deleted.contains_key(chat_id) || self.uncertain.contains_key(chat_id);
+        if !refused() {
             self.chats.insert(chat_id.to_owned(), key.clone());
-            // A delete between the check and the insert: take it out again.
-            if self.deleted.contains_key(chat_id) {
+            // A delete (or one of unknown outcome) between the check and the insert: take it out again.
+            if refused() {
                 self.chats.remove(chat_id);
             }
         }
@@ -514,5 +534,21 @@ mod tests {
         }
         let held: Vec<bool> = (0..5).map(|i| keys.holds_key(&format!("c{i}"))).collect();
         assert_eq!(held, [true, true, false, false, false], "the latest deletions are still refused");
+    }
+
+    #[test]
+    fn a_chat_whose_deletion_is_uncertain_is_not_memoized_again_but_stays_usable() {
+        let keys = Keyring::new(MasterKey::generate());
+        let key = Arc::new(ChatKey { owner: "alice".into(), key: DataKey::generate() });
+        keys.confirmed("c1", &key);
+        assert!(keys.holds_key("c1"));
+        keys.deletion_unknown("c1");
+        assert!(!keys.holds_key("c1"), "forgotten");
+        // A write that resolved the key before the deletion confirms it after: not memoized again.
+        keys.confirmed("c1", &key);
+        assert!(!keys.holds_key("c1"), "a late confirmation keeps no key in memory");
+        assert!(keys.memoized("alice", "c1").is_none(), "resolved from the store, which knows");
+        keys.confirmed("c2", &key);
+        assert!(keys.holds_key("c2"), "other chats as before");
     }
 }

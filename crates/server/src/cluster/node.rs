@@ -41,7 +41,7 @@ impl BusHandler for NodeHandler {
                 self.cache.message_added(user, &chat_id, &message).await
             }
             (Some(user), BusMessage::Forget { chat_id }) => self.cache.forget(user, chat_id.as_deref()),
-            (None, BusMessage::Forget { chat_id: Some(chat_id) }) => self.keys.forget_chat(&chat_id),
+            (None, BusMessage::Forget { chat_id: Some(chat_id) }) => self.keys.deletion_unknown(&chat_id),
             (_, BusMessage::SessionsRevoked { session_ids }) => {
                 self.hub.close_sessions_now(&session_ids, CloseReason::SESSION_REVOKED)
             }

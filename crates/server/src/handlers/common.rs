@@ -64,7 +64,7 @@ pub async fn store_write(ctx: &Ctx, owner: &str, op: WriteOp) -> Result<WriteRes
     let result = ctx.chats.write(op).await;
     if let Err(StoreError::Unavailable(_)) = &result {
         if let Some(chat_id) = &deleting {
-            ctx.keys.forget_chat(chat_id);
+            ctx.keys.deletion_unknown(chat_id);
         }
         ctx.cache.write_unknown(owner, deleting.as_deref()).await;
     }
