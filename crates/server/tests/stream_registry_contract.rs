@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const MAX: usize = 64;
+/// The cap of the tests that write many chunks.
+const BIG: usize = 64 * 1024;
 
 fn key(user: &str, chat: &str, stream: &str) -> StreamKey {
     StreamKey { user_id: user.into(), chat_id: ChatId::new(chat).unwrap(), stream_id: StreamId::new(stream).unwrap() }
@@ -360,6 +362,8 @@ struct Armed {
     ran: tokio::sync::oneshot::Sender<()>,
     go_on: tokio::sync::oneshot::Receiver<()>,
     mode: Mode,
+    /// Scripts to let through before this one.
+    skip: usize,
 }
 
 enum Mode {
@@ -394,7 +398,17 @@ impl ReplyLoser {
                             n = cr.read(&mut up) => {
                                 let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
                                 let script = up[..n].windows(7).any(|w| w == b"EVALSHA");
-                                let Some(armed) = script.then(|| armed.lock().take()).flatten() else {
+                                let armed = script.then(|| {
+                                    let mut armed = armed.lock();
+                                    match armed.as_mut() {
+                                        Some(a) if a.skip > 0 => {
+                                            a.skip -= 1;
+                                            None
+                                        }
+                                        _ => armed.take(),
+                                    }
+                                });
+                                let Some(armed) = armed.flatten() else {
                                     if sw.write_all(&up[..n]).await.is_err() { return }
                                     continue;
                                 };
@@ -440,6 +454,16 @@ impl ReplyLoser {
         self.armed_to(Mode::HoldAfter)
     }
 
+    /// As [`ReplyLoser::hold_after`], for the script after the next `skip` ones.
+    fn hold_after_skipping(
+        &self,
+        skip: usize,
+    ) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+        let armed = self.armed_to(Mode::HoldAfter);
+        self.armed.lock().as_mut().expect("just armed").skip = skip;
+        armed
+    }
+
     /// Holds the next script: returns (script held, send it now, it ran).
     fn delay(
         &self,
@@ -453,7 +477,7 @@ impl ReplyLoser {
     fn armed_to(&self, mode: Mode) -> (tokio::sync::oneshot::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
         let (ran, ran_rx) = tokio::sync::oneshot::channel();
         let (go_on_tx, go_on) = tokio::sync::oneshot::channel();
-        *self.armed.lock() = Some(Armed { ran, go_on, mode });
+        *self.armed.lock() = Some(Armed { ran, go_on, mode, skip: 0 });
         (ran_rx, go_on_tx)
     }
 
@@ -475,7 +499,12 @@ struct TwoNodes {
     proxy: ReplyLoser,
     r: Arc<RedisStreams>,
     other_node: Arc<RedisStreams>,
+    /// Another node's registry on `url`.
+    node: NodeOn,
 }
+
+/// Makes a node's registry on a URL, under the test's master key.
+type NodeOn = Box<dyn Fn(&str) -> Arc<RedisStreams> + Send>;
 
 /// [`TwoNodes`], or `None` where the tests run without Redis.
 async fn two_nodes() -> Option<TwoNodes> {
@@ -483,11 +512,11 @@ async fn two_nodes() -> Option<TwoNodes> {
     let own = common::cluster::OwnRedis::start();
     let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
     let master = MasterKey::generate();
-    let node = |url: &str| {
-        Arc::new(RedisStreams::new(url, "two:", master.derive("streams"), MAX, Duration::from_secs(60)).unwrap())
+    let node = move |url: &str| {
+        Arc::new(RedisStreams::new(url, "two:", master.derive("streams"), BIG, Duration::from_secs(60)).unwrap())
     };
     let (r, other_node) = (node(&proxy.url()), node(&own.url()));
-    Some(TwoNodes { own, proxy, r, other_node })
+    Some(TwoNodes { own, proxy, r, other_node, node: Box::new(node) })
 }
 
 /// The keys in `redis` (a server of the test's own) once the streams there are taken: none but the
@@ -539,7 +568,7 @@ async fn keys_with_ttl(url: &str) -> Vec<(String, i64)> {
 /// Before, the take failed and the stream was gone: its text lost, a retried `complete` got 409.
 #[tokio::test]
 async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
-    let Some(TwoNodes { own, proxy: loser, r, other_node }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy: loser, r, other_node, .. }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1).await.unwrap();
     r.append(&k, 1, "partial ", 2).await.unwrap();
@@ -579,7 +608,7 @@ async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
 /// stream (its `stream_cancelled` is announced), exactly once across the nodes, and leaves nothing behind.
 #[tokio::test]
 async fn a_sweep_whose_reply_is_lost_still_returns_the_idle_stream_once() {
-    let Some(TwoNodes { own, proxy: loser, r, other_node }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy: loser, r, other_node, .. }) = two_nodes().await else { return };
     let k = key("alice", "c1", "idle");
     r.open(&k, &info("m1"), 1_000).await.unwrap();
     r.append(&k, 1, "some text", 1_000).await.unwrap();
@@ -604,7 +633,7 @@ async fn a_sweep_whose_reply_is_lost_still_returns_the_idle_stream_once() {
 /// Before, the take's cleanup removed the entry by name, and the stream opened again was never swept.
 #[tokio::test]
 async fn a_stream_opened_again_between_a_take_and_its_cleanup_is_still_swept() {
-    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy, r, other_node, .. }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1_000).await.unwrap();
     r.append(&k, 1, "first", 2_000).await.unwrap();
@@ -628,7 +657,7 @@ async fn a_stream_opened_again_between_a_take_and_its_cleanup_is_still_swept() {
 /// but not once the same chat and stream id has been opened again after the sweep's script looked.
 #[tokio::test]
 async fn a_stream_opened_again_while_the_sweep_drops_its_old_entry_is_still_swept() {
-    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy, r, other_node, .. }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     other_node.open(&k, &info("m1"), 1_000).await.unwrap();
     // The stream's keys expire (the backstop), its index entry stays.
@@ -659,7 +688,7 @@ async fn a_stream_opened_again_while_the_sweep_drops_its_old_entry_is_still_swep
 /// stream vanished, and the backend's retried `complete` got 409.
 #[tokio::test]
 async fn a_late_run_of_a_finished_take_takes_nothing() {
-    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy, r, other_node, .. }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1_000).await.unwrap();
     r.append(&k, 1, "text", 2_000).await.unwrap();
@@ -683,4 +712,103 @@ async fn a_late_run_of_a_finished_take_takes_nothing() {
     let again = other_node.take(&k).await.unwrap().expect("and can be taken");
     assert_eq!((again.seq, again.content.as_str()), (1, "text"));
     assert_eq!(left_in_redis(&own.url()).await, vec![], "nothing left in Redis");
+}
+
+/// The length of the one stream's chunk list in `redis` (a server of the test's own).
+async fn chunk_entries(url: &str) -> i64 {
+    let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let lists: Vec<String> = redis::cmd("KEYS").arg("*:c").query_async(&mut conn).await.unwrap();
+    assert_eq!(lists.len(), 1, "{lists:?}");
+    redis::cmd("LLEN").arg(&lists[0]).query_async(&mut conn).await.unwrap()
+}
+
+/// Token-sized chunks are merged in Redis as they come (about one entry per 64 chunks instead of one
+/// each: each entry costs a nonce, a tag and a seq besides Redis's own overhead), and the stream reads
+/// and is taken whole, in order.
+#[tokio::test]
+async fn small_chunks_are_kept_merged_in_redis_and_read_whole() {
+    let Some(TwoNodes { own, proxy: _proxy, r, other_node, .. }) = two_nodes().await else { return };
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1).await.unwrap();
+    let mut expected = String::new();
+    for seq in 1..=1000u64 {
+        let delta = format!("{seq},");
+        expected.push_str(&delta);
+        // Through both nodes: either may be the one that merges.
+        let node = if seq % 3 == 0 { &other_node } else { &r };
+        assert_eq!(node.append(&k, seq, &delta, 2).await, Ok(Appended::Accepted));
+        if seq % 10 == 0 {
+            assert_eq!(node.append(&k, seq, "dup", 2).await, Ok(Appended::Duplicate));
+        }
+    }
+    let entries = chunk_entries(&own.url()).await;
+    assert!(entries <= 1000 / 64 + 65, "{entries} entries for 1,000 chunks");
+    let listed = other_node.list("alice").await.unwrap();
+    assert_eq!(listed.iter().map(|s| (s.seq, s.content.as_str())).collect::<Vec<_>>(), [(1000, expected.as_str())]);
+    let taken = r.take(&k).await.unwrap().expect("open");
+    assert_eq!((taken.seq, taken.content.as_str()), (1000, expected.as_str()));
+}
+
+/// A chunk appended between a merge's read and its write stays after the merged run; the merge that the
+/// later append starts meanwhile, from the same head, then writes nothing.
+#[tokio::test]
+async fn a_chunk_appended_while_chunks_are_merged_is_kept_after_them() {
+    let Some(TwoNodes { own, proxy, r, other_node, node }) = two_nodes().await else { return };
+    let proxy2 = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
+    let third = node(&proxy2.url());
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1).await.unwrap();
+    let mut expected = String::new();
+    for seq in 1..=64u64 {
+        expected.push_str("ab");
+        r.append(&k, seq, "ab", 2).await.unwrap();
+    }
+    // The 65th append merges: held after the merge has read the entries (the append's script, then the
+    // read). Then a third node appends the 66th and starts its own merge, held likewise.
+    let (read, go_on) = proxy.hold_after_skipping(1);
+    let append = tokio::spawn({
+        let (r, k) = (r.clone(), k.clone());
+        async move { r.append(&k, 65, "ab", 3).await }
+    });
+    read.await.expect("the merge read the entries");
+    let (read2, go_on2) = proxy2.hold_after_skipping(1);
+    let append2 = tokio::spawn({
+        let (third, k) = (third.clone(), k.clone());
+        async move { third.append(&k, 66, "YZ", 4).await }
+    });
+    read2.await.expect("the second merge read the entries");
+    drop(go_on);
+    assert_eq!(append.await.unwrap(), Ok(Appended::Accepted));
+    drop(go_on2);
+    assert_eq!(append2.await.unwrap(), Ok(Appended::Accepted));
+    expected.push_str("abYZ");
+    assert_eq!(chunk_entries(&own.url()).await, 2, "the merged run, then the 66th");
+    let taken = other_node.take(&k).await.unwrap().expect("open");
+    assert_eq!((taken.seq, taken.content.as_str()), (66, expected.as_str()));
+}
+
+/// A merge whose entries were replaced meanwhile (the stream taken and put back) writes nothing.
+#[tokio::test]
+async fn a_merge_raced_by_a_take_and_a_restore_leaves_the_restored_stream() {
+    let Some(TwoNodes { own, proxy, r, other_node, .. }) = two_nodes().await else { return };
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1).await.unwrap();
+    for seq in 1..=64u64 {
+        r.append(&k, seq, "ab", 2).await.unwrap();
+    }
+    let (read, go_on) = proxy.hold_after_skipping(1);
+    let append = tokio::spawn({
+        let (r, k) = (r.clone(), k.clone());
+        async move { r.append(&k, 65, "ab", 3).await }
+    });
+    read.await.expect("the merge read the entries");
+    let taken = other_node.take(&k).await.unwrap().expect("open");
+    assert_eq!(taken.seq, 65);
+    other_node.restore(taken, 5).await.unwrap();
+    assert_eq!(other_node.append(&k, 66, "!", 6).await, Ok(Appended::Accepted));
+    drop(go_on);
+    assert_eq!(append.await.unwrap(), Ok(Appended::Accepted));
+    assert_eq!(chunk_entries(&own.url()).await, 2, "the restored text, then the 66th");
+    let again = other_node.take(&k).await.unwrap().expect("open");
+    assert_eq!((again.seq, again.content), (66, format!("{}!", "ab".repeat(65))));
 }

