@@ -46,8 +46,8 @@ pub struct Keyring {
     /// delete and finishes after it (crypto-shredding holds in memory too).
     deleted: DashMap<String, u64>,
     /// Chats whose deletion failed with its outcome unknown (it may have committed), numbered like
-    /// `deleted`: their keys are not memoized either (a request that resolved the key before may finish
-    /// after), and are resolved from the store each time, which knows.
+    /// `deleted`: their keys are not memoized (a request that resolved the key before may finish after)
+    /// until a store lookup that began after the mark finds the chat (the deletion did not commit).
     uncertain: DashMap<String, u64>,
     /// Deletions counted so far.
     deletions: AtomicU64,
@@ -100,10 +100,13 @@ impl Keyring {
         if let Some(access) = self.memoized(user_id, chat_id) {
             return Ok(access);
         }
+        let began = self.deletions.load(Ordering::SeqCst);
         match store.chat_lookup(chat_id).await? {
             ChatLookup::Absent => Ok(ChatAccess::New),
             ChatLookup::Deleted => Ok(ChatAccess::Denied),
             ChatLookup::Exists { owner, key } => {
+                // Marked uncertain before this lookup began: the deletion did not commit after all.
+                self.uncertain.remove_if(chat_id, |_, marked| *marked < began);
                 let k = self.remember(chat_id, owner, &key)?;
                 Ok(if k.owner == user_id { ChatAccess::Owned(k) } else { ChatAccess::Denied })
             }
@@ -174,9 +177,9 @@ impl Keyring {
     /// A deletion of the chat failed with its outcome unknown (here, or in a cluster on any node): its key
     /// is forgotten and not memoized again while the chat is remembered as uncertain (bounded as the
     /// deleted ids are), so that no request that resolved it before keeps it in memory if the deletion
-    /// did commit. The chat is then resolved from the store on every use.
+    /// did commit. The chat is resolved from the store until a lookup that began after this finds it.
     pub fn deletion_unknown(&self, chat_id: &str) {
-        let n = self.deletions.fetch_add(1, Ordering::Relaxed);
+        let n = self.deletions.fetch_add(1, Ordering::SeqCst);
         self.uncertain.insert(chat_id.to_owned(), n);
         self.chats.remove(chat_id);
         if self.uncertain.len() > self.max_deleted {
@@ -236,6 +239,15 @@ impl Keyring {
             return Ok(k.clone());
         }
         let wrapped = self.stored_or_created(store, user_id).await.map_err(UserKeyError::Store)?;
+        if wrapped.kek_id != self.master.id() {
+            // Wrapped under another master key (this node left running through a rotation): the store is
+            // ahead of this node, not broken; another node, or this one restarted, can open it.
+            return Err(UserKeyError::Store(Error::internal(format!(
+                "the key of user {user_id} is wrapped under master key {}, this node has {}",
+                wrapped.kek_id,
+                self.master.id()
+            ))));
+        }
         let key = Arc::new(self.unwrap(&wrapped, &user_ref(user_id)).map_err(UserKeyError::Unwrap)?);
         self.trim();
         self.users.insert(user_id.to_owned(), key.clone());
@@ -298,9 +310,10 @@ impl Keyring {
 /// Why [`Keyring::user_key_or_why`] has no key.
 #[derive(Debug)]
 pub enum UserKeyError {
-    /// Reading (or creating) the wrapped key in the store failed.
+    /// Reading (or creating) the wrapped key in the store failed, or the key is wrapped under another
+    /// master key than this node's.
     Store(Error),
-    /// The stored key does not open under the master key.
+    /// The stored key, wrapped under this node's master key, does not open.
     Unwrap(Error),
 }
 

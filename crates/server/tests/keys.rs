@@ -277,3 +277,22 @@ async fn rotation_killed_after_the_rename_is_complete() {
 async fn rotation_killed_after_flushing_the_rename_is_complete() {
     rotation_killed_after(RotationStep::RenameDurable).await;
 }
+
+/// A chat whose deletion failed with its outcome unknown is kept out of the keyring's memo, so that no
+/// request resolving its key before can keep it in memory if the deletion committed; once a store lookup
+/// that began after the failure finds the chat (the deletion did not commit: a deadlock rolled it back),
+/// its key is memoized again instead of being looked up on every use for the life of the process.
+#[tokio::test]
+async fn a_chat_whose_deletion_did_not_commit_is_memoized_again_once_the_store_finds_it() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let (mut c, _) = server.connect(&token, "d").await;
+    let reply = c.request(&title("c1", "kept")).await.unwrap();
+    assert!(matches!(reply.message, ServerMessage::ChatTitleUpdated(_)), "{reply:?}");
+    assert!(server.ctx.keys.holds_key("c1"));
+    server.ctx.keys.deletion_unknown("c1");
+    assert!(!server.ctx.keys.holds_key("c1"));
+    let access = server.ctx.keys.chat(server.ctx.chats.as_ref(), "alice", "c1").await.unwrap();
+    assert!(matches!(access, keys::ChatAccess::Owned(_)));
+    assert!(server.ctx.keys.holds_key("c1"), "memoized again");
+}

@@ -20,9 +20,9 @@ struct Entry {
     /// than [`MAX_DELETED`] were: the entry then caches no chat list for the rest of its life.
     deleted: Option<HashSet<String>>,
     /// Chats whose deletion failed with its outcome unknown (it may have committed) while this entry
-    /// lives: a late write result for one drops the lists instead of merging (it could bring back a chat
-    /// deleted in the store, or, merged nowhere, leave a chat that still exists stale). Bounded with
-    /// `deleted`: past [`MAX_DELETED`], the entry caches no chat list.
+    /// lives: a write result for one is merged only into a cached list that holds it (one loaded after
+    /// the outcome was settled, so the chat exists), never inserted (that could bring back a chat deleted
+    /// in the store). Bounded with `deleted`: past [`MAX_DELETED`], the entry caches no chat list.
     uncertain: HashSet<String>,
     messages: HashMap<String, VecDeque<MessageRecord>>,
     primed: bool,
@@ -196,12 +196,15 @@ impl Cache for MemoryCache {
         if entry.deleted.as_ref().is_none_or(|deleted| deleted.contains(&chat.chat_id)) {
             return;
         }
-        if entry.uncertain.contains(&chat.chat_id) {
-            self.drop_lists(&mut entry);
-            return;
-        }
+        let uncertain = entry.uncertain.contains(&chat.chat_id);
         if let Some(chats) = entry.chats.as_mut() {
-            chats.entry(chat.chat_id.clone()).and_modify(|old| merge(old, chat)).or_insert_with(|| chat.clone());
+            let cached = chats.entry(chat.chat_id.clone()).and_modify(|old| merge(old, chat));
+            // An uncertain chat is merged only into a list that holds it: any list cached now was loaded
+            // after the deletion's outcome was settled, so it holds the chat exactly when the deletion
+            // did not commit; inserting it would bring back a deleted chat.
+            if !uncertain {
+                cached.or_insert_with(|| chat.clone());
+            }
         }
     }
 
@@ -349,18 +352,29 @@ mod tests {
         assert!(c.chats("u").await.is_none());
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("b", 1, 0, 0, 1)]).await);
-        // A write to "a" that committed before the deletion reports late: not merged, the list dropped.
+        // A write to "a" that committed before the deletion reports late: not brought back.
         c.chat_written("u", &chat("a", 2, 0, 0, 2)).await;
-        assert!(c.chats("u").await.is_none(), "reads go to the store, which knows");
-        // Other chats' writes merge as before once a list is loaded again.
-        let t = c.begin_load("u").await;
-        assert!(c.put_chats("u", t, vec![chat("b", 1, 0, 0, 1)]).await);
+        let ids: Vec<String> = c.chats("u").await.unwrap().into_iter().map(|c| c.chat_id).collect();
+        assert_eq!(ids, ["b"]);
+        // Other chats' writes merge as before.
         c.chat_written("u", &chat("b", 2, 0, 0, 3)).await;
         assert_eq!(c.chats("u").await.unwrap()[0].title_v, 2);
         // A deletion confirmed afterwards makes it an ordinary deleted chat: late results are ignored.
         c.chat_deleted("u", "a").await;
         c.chat_written("u", &chat("a", 3, 0, 0, 4)).await;
         assert_eq!(c.chats("u").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_chat_whose_deletion_did_not_commit_is_cached_and_merged_as_before() {
+        let c = cache().await;
+        c.write_unknown("u", Some("a")).await;
+        // The deletion did not commit (a deadlock rolled it back): the reload holds the chat.
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1)]).await);
+        c.chat_written("u", &chat("a", 2, 0, 0, 2)).await;
+        let got = c.chats("u").await.expect("the list stays cached");
+        assert_eq!((got.len(), got[0].title_v), (1, 2), "the write merged into it");
     }
 
     #[tokio::test]
