@@ -380,6 +380,10 @@ impl ReplyLoser {
         let port = listener.local_addr().unwrap().port();
         let armed: Arc<parking_lot::Mutex<Option<Armed>>> = Arc::default();
         let stop = tokio_util::sync::CancellationToken::new();
+        // While a lost reply is held, scripts on the proxy's other connections wait too: a client that gave
+        // up on the reply (its 3 s timeout, on a loaded machine) retries on a new connection, which must
+        // not overtake the held script's test.
+        let (losing, _) = tokio::sync::watch::channel(false);
         let (armed2, stop2) = (armed.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
@@ -387,7 +391,7 @@ impl ReplyLoser {
                     _ = stop2.cancelled() => return,
                     a = listener.accept() => a.unwrap(),
                 };
-                let (target, armed, stop) = (target.clone(), armed2.clone(), stop2.clone());
+                let (target, armed, stop, losing) = (target.clone(), armed2.clone(), stop2.clone(), losing.clone());
                 tokio::spawn(async move {
                     let server = tokio::net::TcpStream::connect(&target).await.unwrap();
                     let ((mut cr, mut cw), (mut sr, mut sw)) = (client.into_split(), server.into_split());
@@ -409,6 +413,9 @@ impl ReplyLoser {
                                     }
                                 });
                                 let Some(armed) = armed.flatten() else {
+                                    if script {
+                                        let _ = losing.subscribe().wait_for(|held| !held).await;
+                                    }
                                     if sw.write_all(&up[..n]).await.is_err() { return }
                                     continue;
                                 };
@@ -427,9 +434,15 @@ impl ReplyLoser {
                                 let n = match sr.read(&mut down).await { Ok(0) | Err(_) => return, Ok(n) => n };
                                 let lose = matches!(armed.mode, Mode::Lose);
                                 if !lose && cw.write_all(&down[..n]).await.is_err() { return }
+                                if lose {
+                                    losing.send_replace(true);
+                                }
                                 let _ = armed.ran.send(());
                                 let _ = armed.go_on.await;
-                                if lose { return } // closes both sides
+                                if lose {
+                                    losing.send_replace(false);
+                                    return; // closes both sides
+                                }
                             }
                             n = sr.read(&mut down) => {
                                 let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };

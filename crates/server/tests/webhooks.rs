@@ -146,7 +146,8 @@ fn expected_signature(body: &[u8]) -> String {
 /// Waits until the outbox is empty (a delivered event leaves it just after its 2xx; a dropped one after
 /// its failure); bounded.
 async fn drained(server: &TestServer) {
-    for _ in 0..1000 {
+    // Up to 30 s: a test stalled on a loaded machine lets the backoff grow before the last attempt.
+    for _ in 0..3000 {
         if server.ctx.events.pending_events().await.unwrap() == 0 {
             return;
         }

@@ -414,13 +414,23 @@ pub fn seal(key: &DataKey, channel: &str, node: &str, user: Option<&str>, messag
 enum Unopened {
     /// It does not decrypt under this cluster's key (another cluster on the same prefix, a wrong key).
     Sealed,
-    /// It decrypts but is not a message this node knows (a newer node's, during a rolling upgrade).
-    Unknown,
+    /// It decrypts but is not a message this node knows: a newer node's (a rolling upgrade), or a shape
+    /// this version does not read. With its kind (the tag, at most 16 characters), when it has one.
+    Unknown(Option<String>),
 }
+
+/// Kinds of unknown bus messages already warned about (a warning per kind, not per message).
+static UNKNOWN_KINDS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 fn open(key: &DataKey, channel: &str, payload: &[u8]) -> Result<Envelope, Unopened> {
     let plain = key.decrypt(payload, &Aad::bus(channel)).map_err(|_| Unopened::Sealed)?;
-    serde_json::from_slice(&plain).map_err(|_| Unopened::Unknown)
+    serde_json::from_slice(&plain).map_err(|_| {
+        // Only the tag is read out: the rest carries the plaintext of what the message announces.
+        let kind = serde_json::from_slice::<serde_json::Value>(&plain)
+            .ok()
+            .and_then(|v| v.get("m")?.get("k")?.as_str().filter(|k| k.len() <= 16).map(str::to_owned));
+        Unopened::Unknown(kind)
+    })
 }
 
 /// Publishes one message on a fresh connection (for the CLI: `sessions revoke` with `--redis-url`).
@@ -646,9 +656,23 @@ async fn deliver(shared: &Shared, data: Vec<Value>) {
             tracing::warn!("bus: a message that does not decrypt under this cluster's key was ignored");
             return;
         }
-        Err(Unopened::Unknown) => {
-            // Not logged with its content: it carries the plaintext of what it announces.
-            tracing::debug!("bus: a message of a kind this node does not know was ignored (a newer node's)");
+        Err(Unopened::Unknown(kind)) => {
+            // Not logged with its content: it carries the plaintext of what it announces. A warning once per
+            // kind (a newer node's messages come often during a rolling upgrade), then debug.
+            let kind = kind.unwrap_or_else(|| "(none)".into());
+            let first = {
+                let mut seen = UNKNOWN_KINDS.lock().unwrap_or_else(|e| e.into_inner());
+                let first = !seen.contains(&kind) && seen.len() < 32;
+                if first {
+                    seen.push(kind.clone());
+                }
+                first
+            };
+            if first {
+                tracing::warn!(%kind, "bus: messages of a kind this node does not read are ignored (a newer node's during a rolling upgrade; else a bug)");
+            } else {
+                tracing::debug!(%kind, "bus: a message of a kind this node does not read was ignored");
+            }
             return;
         }
     };
@@ -771,8 +795,8 @@ mod tests {
     fn a_message_of_an_unknown_kind_is_told_from_one_that_does_not_decrypt() {
         // A newer node's message (a rolling upgrade): it decrypts, but this node does not know its kind.
         let key = crate::crypto::MasterKey::generate().derive("bus");
-        let newer = br#"{"n":"n2","u":"alice","m":{"t":"some-future-kind"}}"#;
+        let newer = br#"{"n":"n2","u":"alice","m":{"k":"zz","secret":"plaintext"}}"#;
         let sealed = key.encrypt(newer, &Aad::bus("p:u:alice"));
-        assert_eq!(open(&key, "p:u:alice", &sealed).err(), Some(Unopened::Unknown));
+        assert_eq!(open(&key, "p:u:alice", &sealed).err(), Some(Unopened::Unknown(Some("zz".into()))));
     }
 }

@@ -17,8 +17,9 @@
 //!   tag and seq besides Redis's own per-entry overhead: 2,000 chunks of 4 bytes, 8 KB of text, took
 //!   90.7 KB of Redis memory one entry each, and take 11.5 KB merged);
 //! * `P stream:{U}:S:taken:N`: a stream just taken (`N`, 128 random bits in hex, is the take's nonce): a
-//!   list `rec`, `seq`, `last`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`); once the
-//!   take has its reply, a string (`1`, same expiry) that tells a late run of that take it is over;
+//!   list `rec`, `seq`, `last`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`); once a
+//!   take that ran its script more than once has its reply, a string (`1`, same expiry) that tells a late
+//!   run of it that it is over (a take answered at its first run deletes the key);
 //! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`);
 //! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`),
 //!   its expiry pushed forward by every open and every sweep. An entry is dropped only while its score is
@@ -39,10 +40,11 @@
 //! lost, the take runs the script again with the same nonce (up to `TAKE_ATTEMPTS` runs, all within
 //! `TAKE_DEADLINE` of the take's start, well inside the copy's life), and the script, finding the taken
 //! key, returns what the first run took. No other take names that key, so of two takes racing on one
-//! stream exactly one gets it as before; once the reply is in, the take replaces its taken copy with a
-//! marker (with the idle index's entry dropped, in one round trip), so that a run of it that reaches Redis
-//! late (sent before a reply timeout, delayed on the network) finds the take over and takes nothing (it
-//! would take the same stream opened again, or put back by a failed completion, into a copy nobody reads).
+//! stream exactly one gets it as before; once the reply is in, the take deletes its taken copy (with the
+//! idle index's entry dropped, in one round trip) or, if it ran more than once, replaces it with a marker,
+//! so that an earlier run that reaches Redis late (sent before a reply timeout, delayed on the network)
+//! finds the take over and takes nothing (it would take the same stream opened again, or put back by a
+//! failed completion, into a copy nobody reads).
 //! The key's expiry removes the copy when that cleanup never comes.
 //! A stream is lost only when every run fails, i.e. Redis stays unreachable or stalled for the whole
 //! retry window; ARCHITECTURE.md ("A take in Redis…") describes it.
@@ -212,6 +214,13 @@ const TAKE_BACKOFF: Duration = Duration::from_millis(50);
 /// so four of them could otherwise outlast the copy, and a retry finding neither copy nor stream would
 /// report the stream as not open (a `complete` answered 409, not 503).
 const TAKE_DEADLINE: Duration = Duration::from_secs(45);
+
+/// A take's taken key, and whether the take ran its script more than once (a run of it may then still
+/// reach Redis late: its cleanup leaves a marker rather than nothing).
+struct Taken {
+    key: String,
+    retried: bool,
+}
 
 /// The sealed `rec` field.
 #[derive(Serialize, Deserialize)]
@@ -459,7 +468,7 @@ impl RedisStreams {
     /// first run may have taken the stream before its reply was lost, and a retry finds it in the taken
     /// key that only this nonce names. A refusal (Redis answered with an error) is not retried. Returns the
     /// reply and the taken key, which the caller deletes once it has the reply ([`RedisStreams::taken`]).
-    async fn take_script(&self, n: &Names, cutoff: Option<i64>, whole: bool) -> Result<(Value, String), EvalError> {
+    async fn take_script(&self, n: &Names, cutoff: Option<i64>, whole: bool) -> Result<(Value, Taken), EvalError> {
         let nonce: [u8; 16] = rand::random();
         let taken = format!("{}:taken:{}", n.hash, hex::encode(nonce));
         let args: Vec<Vec<u8>> = vec![
@@ -484,7 +493,7 @@ impl RedisStreams {
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
-                result => return result.map(|v| (v, taken)),
+                result => return result.map(|v| (v, Taken { key: taken, retried: attempt > 1 })),
             }
         }
         unreachable!("the loop returns by its last attempt")
@@ -496,19 +505,25 @@ impl RedisStreams {
     /// name since the take has put its own entry there, which a plain ZREM would drop (that stream would
     /// never be swept: no `stream_cancelled` when it goes idle).
     ///
-    /// The copy is replaced rather than left to expire: once the reply is in, nothing can use it (only this
+    /// The copy is removed rather than left to expire: once the reply is in, nothing can use it (only this
     /// take knows its nonce, and it has the stream: a failed completion puts the stream back from that copy,
     /// not from Redis), while waiting for [`TAKEN_TTL_MS`] would hold up to the stream cap per take in Redis
-    /// memory for a minute and keep a deleted chat's text (sealed) there after the deletion. The marker (a
-    /// few bytes, same expiry) makes a run of this take that reaches Redis only now take nothing. It costs
-    /// no round trip: it goes with the idle index's drop. Best effort: a failure (or a node that stops before
-    /// it) leaves the copy to its expiry, and nothing reads it meanwhile.
-    async fn taken(&self, n: &Names, taken: &str, until: Option<i64>) {
+    /// memory for a minute and keep a deleted chat's text (sealed) there after the deletion. A take that ran
+    /// its script more than once replaces it with a marker (a key of ~150 bytes, same expiry), which makes
+    /// a run of it that reaches Redis only now take nothing; one answered at its first run just deletes it.
+    /// It costs no round trip: it goes with the idle index's drop. Best effort: a failure (or a node that
+    /// stops before it) leaves the copy to its expiry, and nothing reads it meanwhile.
+    async fn taken(&self, n: &Names, taken: &Taken, until: Option<i64>) {
         let mut pipe = redis::pipe();
         if let Some(until) = until {
             pipe.add_command(self.idle_drop(&n.member, until)).ignore();
         }
-        pipe.cmd("SET").arg(taken).arg(1).arg("PX").arg(TAKEN_TTL_MS).ignore();
+        if taken.retried {
+            pipe.cmd("SET").arg(&taken.key).arg(1).arg("PX").arg(TAKEN_TTL_MS).ignore();
+        } else {
+            // Answered at its first run: no other run of this take can be in flight.
+            pipe.cmd("DEL").arg(&taken.key).ignore();
+        }
         if let Err(e) = self.pipeline(pipe).await {
             tracing::debug!(stream = %n.member, error = %e, "taken stream's cleanup failed (its index entry is dropped by the sweep, its taken copy expires)");
         }
@@ -689,10 +704,12 @@ impl StreamRegistry for RedisStreams {
         let n = self.names(key);
         let (v, taken) = self.take_script(&n, None, true).await?;
         let decoded = self.decode_taken(&n, v);
-        // Nothing taken, or a copy that does not open: the take is over all the same; an index entry
-        // is left to the sweep.
+        // Nothing taken, or a copy that does not open: the take is over all the same (marked so if it ran
+        // more than once); an index entry is left to the sweep.
         let until = decoded.as_ref().ok().and_then(|d| d.as_ref()).map(|(_, last)| *last);
-        self.taken(&n, &taken, until).await;
+        if until.is_some() || decoded.is_err() || taken.retried {
+            self.taken(&n, &taken, until).await;
+        }
         decoded.map(|d| d.map(|(stream, _)| stream))
     }
 
