@@ -45,10 +45,14 @@ pub struct Keyring {
     /// number: their keys are never memoized again, even by a request that resolved the key before the
     /// delete and finishes after it (crypto-shredding holds in memory too).
     deleted: DashMap<String, u64>,
-    /// Chats whose deletion failed with its outcome unknown (it may have committed), numbered like
-    /// `deleted`: their keys are not memoized (a request that resolved the key before may finish after)
-    /// until a store lookup that began after the mark finds the chat (the deletion did not commit).
-    uncertain: DashMap<String, u64>,
+    /// Chats whose deletion failed with its outcome unknown (it may have committed), with when: their
+    /// keys are not memoized (a request that resolved the key before may finish after) until a store
+    /// lookup that began [`Keyring::settle`] after the mark finds the chat (the deletion did not commit).
+    uncertain: DashMap<String, std::time::Instant>,
+    /// How long after a write failed with its outcome unknown the store surely shows its outcome: the
+    /// store's timeout and the writer's grace for an answer, with a margin (a commit can land after the
+    /// writer gave up on it: a slow flush, a batch still on the wire).
+    settle: std::time::Duration,
     /// Deletions counted so far.
     deletions: AtomicU64,
     /// [`MAX_DELETED`].
@@ -76,9 +80,16 @@ impl Keyring {
             users: DashMap::new(),
             deleted: DashMap::new(),
             uncertain: DashMap::new(),
+            settle: std::time::Duration::from_secs(60),
             deletions: AtomicU64::new(0),
             max_deleted,
         }
+    }
+
+    /// Sets [`Keyring::settle`] (60 s unless set): the store's timeout plus a margin.
+    pub fn with_settle(mut self, settle: std::time::Duration) -> Keyring {
+        self.settle = settle;
+        self
     }
 
     /// The master key.
@@ -100,13 +111,13 @@ impl Keyring {
         if let Some(access) = self.memoized(user_id, chat_id) {
             return Ok(access);
         }
-        let began = self.deletions.load(Ordering::SeqCst);
+        let began = std::time::Instant::now();
         match store.chat_lookup(chat_id).await? {
             ChatLookup::Absent => Ok(ChatAccess::New),
             ChatLookup::Deleted => Ok(ChatAccess::Denied),
             ChatLookup::Exists { owner, key } => {
-                // Marked uncertain before this lookup began: the deletion did not commit after all.
-                self.uncertain.remove_if(chat_id, |_, marked| *marked < began);
+                // Marked uncertain long enough before this lookup began: the deletion did not commit.
+                self.uncertain.remove_if(chat_id, |_, marked| *marked + self.settle <= began);
                 let k = self.remember(chat_id, owner, &key)?;
                 Ok(if k.owner == user_id { ChatAccess::Owned(k) } else { ChatAccess::Denied })
             }
@@ -177,13 +188,17 @@ impl Keyring {
     /// A deletion of the chat failed with its outcome unknown (here, or in a cluster on any node): its key
     /// is forgotten and not memoized again while the chat is remembered as uncertain (bounded as the
     /// deleted ids are), so that no request that resolved it before keeps it in memory if the deletion
-    /// did commit. The chat is resolved from the store until a lookup that began after this finds it.
+    /// did commit. The chat is resolved from the store until a lookup that began [`Keyring::settle`] after
+    /// this finds it.
     pub fn deletion_unknown(&self, chat_id: &str) {
-        let n = self.deletions.fetch_add(1, Ordering::SeqCst);
-        self.uncertain.insert(chat_id.to_owned(), n);
+        let now = std::time::Instant::now();
+        self.uncertain.entry(chat_id.to_owned()).and_modify(|marked| *marked = (*marked).max(now)).or_insert(now);
         self.chats.remove(chat_id);
         if self.uncertain.len() > self.max_deleted {
-            let keep_from = n.saturating_sub(self.max_deleted as u64 / 2);
+            // The older half goes (their deletions have long been settled in the store).
+            let mut times: Vec<std::time::Instant> = self.uncertain.iter().map(|e| *e.value()).collect();
+            times.sort_unstable();
+            let keep_from = times[times.len() / 2];
             self.uncertain.retain(|_, marked| *marked >= keep_from);
         }
     }

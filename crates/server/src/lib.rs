@@ -68,7 +68,10 @@ pub fn assemble(
     };
     // Open streams: Redis with the bus (shared by the nodes), else this node's memory.
     let streams = streams::from_config(&config, &master)?;
-    let keys = Arc::new(keys::Keyring::new(master));
+    // A write whose outcome is unknown has surely landed, or not, once the store's timeout and the
+    // writer's grace for an answer have passed; a margin on top.
+    let settle = std::time::Duration::from_secs(config.store_timeout_secs.saturating_add(10));
+    let keys = Arc::new(keys::Keyring::new(master).with_settle(settle));
     let pauses = Arc::<pause::PausePoints>::default();
     let (hub, cache): (Arc<dyn hub::Hub>, Arc<dyn cache::Cache>) = match &bus {
         Some(bus) => {

@@ -280,11 +280,13 @@ async fn rotation_killed_after_flushing_the_rename_is_complete() {
 
 /// A chat whose deletion failed with its outcome unknown is kept out of the keyring's memo, so that no
 /// request resolving its key before can keep it in memory if the deletion committed; once a store lookup
-/// that began after the failure finds the chat (the deletion did not commit: a deadlock rolled it back),
-/// its key is memoized again instead of being looked up on every use for the life of the process.
+/// that began when the outcome has surely settled (the store's timeout and a margin after the failure)
+/// finds the chat (the deletion did not commit: a deadlock rolled it back), its key is memoized again
+/// instead of being looked up on every use for the life of the process. A lookup before that does not:
+/// the deletion could still commit (a commit that lands after the writer gave up on it).
 #[tokio::test]
 async fn a_chat_whose_deletion_did_not_commit_is_memoized_again_once_the_store_finds_it() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| c.store_timeout_secs = 1).await;
     let token = server.user_token("alice").await;
     let (mut c, _) = server.connect(&token, "d").await;
     let reply = c.request(&title("c1", "kept")).await.unwrap();
@@ -292,7 +294,11 @@ async fn a_chat_whose_deletion_did_not_commit_is_memoized_again_once_the_store_f
     assert!(server.ctx.keys.holds_key("c1"));
     server.ctx.keys.deletion_unknown("c1");
     assert!(!server.ctx.keys.holds_key("c1"));
-    let access = server.ctx.keys.chat(server.ctx.chats.as_ref(), "alice", "c1").await.unwrap();
-    assert!(matches!(access, keys::ChatAccess::Owned(_)));
+    let lookup = || server.ctx.keys.chat(server.ctx.chats.as_ref(), "alice", "c1");
+    assert!(matches!(lookup().await.unwrap(), keys::ChatAccess::Owned(_)));
+    assert!(!server.ctx.keys.holds_key("c1"), "not yet: the deletion could still land");
+    // The store's timeout (1 s) and the margin (10 s) later.
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    assert!(matches!(lookup().await.unwrap(), keys::ChatAccess::Owned(_)));
     assert!(server.ctx.keys.holds_key("c1"), "memoized again");
 }

@@ -512,12 +512,7 @@ struct TwoNodes {
     proxy: ReplyLoser,
     r: Arc<RedisStreams>,
     other_node: Arc<RedisStreams>,
-    /// Another node's registry on `url`.
-    node: NodeOn,
 }
-
-/// Makes a node's registry on a URL, under the test's master key.
-type NodeOn = Box<dyn Fn(&str) -> Arc<RedisStreams> + Send>;
 
 /// [`TwoNodes`], or `None` where the tests run without Redis.
 async fn two_nodes() -> Option<TwoNodes> {
@@ -525,11 +520,11 @@ async fn two_nodes() -> Option<TwoNodes> {
     let own = common::cluster::OwnRedis::start();
     let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
     let master = MasterKey::generate();
-    let node = move |url: &str| {
+    let node = |url: &str| {
         Arc::new(RedisStreams::new(url, "two:", master.derive("streams"), BIG, Duration::from_secs(60)).unwrap())
     };
     let (r, other_node) = (node(&proxy.url()), node(&own.url()));
-    Some(TwoNodes { own, proxy, r, other_node, node: Box::new(node) })
+    Some(TwoNodes { own, proxy, r, other_node })
 }
 
 /// The keys in `redis` (a server of the test's own) once the streams there are taken: none but the
@@ -581,7 +576,7 @@ async fn keys_with_ttl(url: &str) -> Vec<(String, i64)> {
 /// Before, the take failed and the stream was gone: its text lost, a retried `complete` got 409.
 #[tokio::test]
 async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
-    let Some(TwoNodes { own, proxy: loser, r, other_node, .. }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy: loser, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1).await.unwrap();
     r.append(&k, 1, "partial ", 2).await.unwrap();
@@ -621,7 +616,7 @@ async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
 /// stream (its `stream_cancelled` is announced), exactly once across the nodes, and leaves nothing behind.
 #[tokio::test]
 async fn a_sweep_whose_reply_is_lost_still_returns_the_idle_stream_once() {
-    let Some(TwoNodes { own, proxy: loser, r, other_node, .. }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy: loser, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "idle");
     r.open(&k, &info("m1"), 1_000).await.unwrap();
     r.append(&k, 1, "some text", 1_000).await.unwrap();
@@ -646,7 +641,7 @@ async fn a_sweep_whose_reply_is_lost_still_returns_the_idle_stream_once() {
 /// Before, the take's cleanup removed the entry by name, and the stream opened again was never swept.
 #[tokio::test]
 async fn a_stream_opened_again_between_a_take_and_its_cleanup_is_still_swept() {
-    let Some(TwoNodes { own, proxy, r, other_node, .. }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1_000).await.unwrap();
     r.append(&k, 1, "first", 2_000).await.unwrap();
@@ -670,7 +665,7 @@ async fn a_stream_opened_again_between_a_take_and_its_cleanup_is_still_swept() {
 /// but not once the same chat and stream id has been opened again after the sweep's script looked.
 #[tokio::test]
 async fn a_stream_opened_again_while_the_sweep_drops_its_old_entry_is_still_swept() {
-    let Some(TwoNodes { own, proxy, r, other_node, .. }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     other_node.open(&k, &info("m1"), 1_000).await.unwrap();
     // The stream's keys expire (the backstop), its index entry stays.
@@ -701,7 +696,7 @@ async fn a_stream_opened_again_while_the_sweep_drops_its_old_entry_is_still_swep
 /// stream vanished, and the backend's retried `complete` got 409.
 #[tokio::test]
 async fn a_late_run_of_a_finished_take_takes_nothing() {
-    let Some(TwoNodes { own, proxy, r, other_node, .. }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1_000).await.unwrap();
     r.append(&k, 1, "text", 2_000).await.unwrap();
@@ -740,7 +735,7 @@ async fn chunk_entries(url: &str) -> i64 {
 /// and is taken whole, in order.
 #[tokio::test]
 async fn small_chunks_are_kept_merged_in_redis_and_read_whole() {
-    let Some(TwoNodes { own, proxy: _proxy, r, other_node, .. }) = two_nodes().await else { return };
+    let Some(TwoNodes { own, proxy: _proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1).await.unwrap();
     let mut expected = String::new();
@@ -750,6 +745,7 @@ async fn small_chunks_are_kept_merged_in_redis_and_read_whole() {
         // Through both nodes: either may be the one that merges.
         let node = if seq % 3 == 0 { &other_node } else { &r };
         assert_eq!(node.append(&k, seq, &delta, 2).await, Ok(Appended::Accepted));
+        node.tidy(&k).await; // as the chunk call does once the chunk is delivered
         if seq % 10 == 0 {
             assert_eq!(node.append(&k, seq, "dup", 2).await, Ok(Appended::Duplicate));
         }
@@ -760,50 +756,49 @@ async fn small_chunks_are_kept_merged_in_redis_and_read_whole() {
     assert_eq!(listed.iter().map(|s| (s.seq, s.content.as_str())).collect::<Vec<_>>(), [(1000, expected.as_str())]);
     let taken = r.take(&k).await.unwrap().expect("open");
     assert_eq!((taken.seq, taken.content.as_str()), (1000, expected.as_str()));
+    let kept: Vec<_> = keys_with_ttl(&own.url()).await.into_iter().filter(|(k, _)| k.contains(":taken:")).collect();
+    assert!(kept.is_empty(), "a take answered at its first run leaves no marker: {kept:?}");
 }
 
-/// A chunk appended between a merge's read and its write stays after the merged run; the merge that the
-/// later append starts meanwhile, from the same head, then writes nothing.
+/// A chunk appended between a merge's read and its write stays after the merged run.
 #[tokio::test]
 async fn a_chunk_appended_while_chunks_are_merged_is_kept_after_them() {
-    let Some(TwoNodes { own, proxy, r, other_node, node }) = two_nodes().await else { return };
-    let proxy2 = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
-    let third = node(&proxy2.url());
+    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1).await.unwrap();
     let mut expected = String::new();
     for seq in 1..=64u64 {
         expected.push_str("ab");
         r.append(&k, seq, "ab", 2).await.unwrap();
+        r.tidy(&k).await;
     }
-    // The 65th append merges: held after the merge has read the entries (the append's script, then the
-    // read). Then a third node appends the 66th and starts its own merge, held likewise.
+    assert_eq!(chunk_entries(&own.url()).await, 64, "not merged yet");
+    // The 65th chunk asks for a merge: held after the merge has read the entries (the append's script,
+    // then the read), while another node appends the 66th.
     let (read, go_on) = proxy.hold_after_skipping(1);
     let append = tokio::spawn({
         let (r, k) = (r.clone(), k.clone());
-        async move { r.append(&k, 65, "ab", 3).await }
+        async move {
+            let appended = r.append(&k, 65, "ab", 3).await;
+            r.tidy(&k).await;
+            appended
+        }
     });
     read.await.expect("the merge read the entries");
-    let (read2, go_on2) = proxy2.hold_after_skipping(1);
-    let append2 = tokio::spawn({
-        let (third, k) = (third.clone(), k.clone());
-        async move { third.append(&k, 66, "YZ", 4).await }
-    });
-    read2.await.expect("the second merge read the entries");
+    assert_eq!(other_node.append(&k, 66, "YZ", 4).await, Ok(Appended::Accepted));
     drop(go_on);
     assert_eq!(append.await.unwrap(), Ok(Appended::Accepted));
-    drop(go_on2);
-    assert_eq!(append2.await.unwrap(), Ok(Appended::Accepted));
     expected.push_str("abYZ");
     assert_eq!(chunk_entries(&own.url()).await, 2, "the merged run, then the 66th");
     let taken = other_node.take(&k).await.unwrap().expect("open");
     assert_eq!((taken.seq, taken.content.as_str()), (66, expected.as_str()));
 }
 
-/// A merge whose entries were replaced meanwhile (the stream taken and put back) writes nothing.
+/// A merge held while the stream is taken and a new one opened under the same name, with as many entries
+/// after its (empty) merged head, writes nothing: the entry it read is not there any more.
 #[tokio::test]
-async fn a_merge_raced_by_a_take_and_a_restore_leaves_the_restored_stream() {
-    let Some(TwoNodes { own, proxy, r, other_node, .. }) = two_nodes().await else { return };
+async fn a_merge_raced_by_a_new_stream_of_the_same_name_writes_nothing() {
+    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
     r.open(&k, &info("m1"), 1).await.unwrap();
     for seq in 1..=64u64 {
@@ -812,7 +807,42 @@ async fn a_merge_raced_by_a_take_and_a_restore_leaves_the_restored_stream() {
     let (read, go_on) = proxy.hold_after_skipping(1);
     let append = tokio::spawn({
         let (r, k) = (r.clone(), k.clone());
-        async move { r.append(&k, 65, "ab", 3).await }
+        async move {
+            let appended = r.append(&k, 65, "ab", 3).await;
+            r.tidy(&k).await;
+            appended
+        }
+    });
+    read.await.expect("the merge read the entries");
+    assert!(other_node.take(&k).await.unwrap().is_some());
+    assert_eq!(other_node.open(&k, &info("m2"), 5).await, Ok(Opened::New));
+    for seq in 1..=64u64 {
+        other_node.append(&k, seq, "n", 6).await.unwrap();
+    }
+    drop(go_on);
+    assert_eq!(append.await.unwrap(), Ok(Appended::Accepted));
+    assert_eq!(chunk_entries(&own.url()).await, 64, "the new stream's entries, untouched");
+    let taken = other_node.take(&k).await.unwrap().expect("open");
+    assert_eq!((taken.seq, taken.content, taken.info), (64, "n".repeat(64), info("m2")));
+}
+
+/// A merge whose entries were replaced meanwhile (the stream taken and put back) writes nothing.
+#[tokio::test]
+async fn a_merge_raced_by_a_take_and_a_restore_leaves_the_restored_stream() {
+    let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1).await.unwrap();
+    for seq in 1..=64u64 {
+        r.append(&k, seq, "ab", 2).await.unwrap();
+    }
+    let (read, go_on) = proxy.hold_after_skipping(1);
+    let append = tokio::spawn({
+        let (r, k) = (r.clone(), k.clone());
+        async move {
+            let appended = r.append(&k, 65, "ab", 3).await;
+            r.tidy(&k).await;
+            appended
+        }
     });
     read.await.expect("the merge read the entries");
     let taken = other_node.take(&k).await.unwrap().expect("open");

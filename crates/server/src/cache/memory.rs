@@ -22,7 +22,9 @@ struct Entry {
     /// Chats whose deletion failed with its outcome unknown (it may have committed) while this entry
     /// lives: a write result for one is merged only into a cached list that holds it (one loaded after
     /// the outcome was settled, so the chat exists), never inserted (that could bring back a chat deleted
-    /// in the store). Bounded with `deleted`: past [`MAX_DELETED`], the entry caches no chat list.
+    /// in the store); for one the list does not hold, the lists are dropped. A list loaded from the store
+    /// that holds the chat ends its uncertainty. Bounded with `deleted`: past [`MAX_DELETED`], the entry
+    /// caches no chat list.
     uncertain: HashSet<String>,
     messages: HashMap<String, VecDeque<MessageRecord>>,
     primed: bool,
@@ -186,6 +188,9 @@ impl Cache for MemoryCache {
         if entry.generation != token.0 || entry.deleted.is_none() {
             return false;
         }
+        // A chat the store lists after the deletion's outcome was settled exists: no longer uncertain.
+        let Entry { uncertain, .. } = &mut *entry;
+        uncertain.retain(|id| !chats.iter().any(|c| &c.chat_id == id));
         entry.chats = Some(chats.into_iter().map(|c| (c.chat_id.clone(), c)).collect());
         true
     }
@@ -197,14 +202,16 @@ impl Cache for MemoryCache {
             return;
         }
         let uncertain = entry.uncertain.contains(&chat.chat_id);
-        if let Some(chats) = entry.chats.as_mut() {
-            let cached = chats.entry(chat.chat_id.clone()).and_modify(|old| merge(old, chat));
-            // An uncertain chat is merged only into a list that holds it: any list cached now was loaded
-            // after the deletion's outcome was settled, so it holds the chat exactly when the deletion
-            // did not commit; inserting it would bring back a deleted chat.
-            if !uncertain {
-                cached.or_insert_with(|| chat.clone());
+        let Some(chats) = entry.chats.as_mut() else { return };
+        match chats.get_mut(&chat.chat_id) {
+            Some(old) => merge(old, chat),
+            None if !uncertain => {
+                chats.insert(chat.chat_id.clone(), chat.clone());
             }
+            // An uncertain chat the cached list does not hold: a late result of a write to a chat that
+            // the deletion removed (inserting it would bring it back), or a chat created since under
+            // an id the failed deletion named but that did not exist then. Only the store can tell.
+            None => self.drop_lists(&mut entry),
         }
     }
 
@@ -352,10 +359,12 @@ mod tests {
         assert!(c.chats("u").await.is_none());
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("b", 1, 0, 0, 1)]).await);
-        // A write to "a" that committed before the deletion reports late: not brought back.
+        // A write to "a" that committed before the deletion reports late: not brought back (the list is
+        // dropped; the store knows).
         c.chat_written("u", &chat("a", 2, 0, 0, 2)).await;
-        let ids: Vec<String> = c.chats("u").await.unwrap().into_iter().map(|c| c.chat_id).collect();
-        assert_eq!(ids, ["b"]);
+        assert!(c.chats("u").await.is_none());
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("b", 1, 0, 0, 1)]).await);
         // Other chats' writes merge as before.
         c.chat_written("u", &chat("b", 2, 0, 0, 3)).await;
         assert_eq!(c.chats("u").await.unwrap()[0].title_v, 2);
@@ -375,6 +384,23 @@ mod tests {
         c.chat_written("u", &chat("a", 2, 0, 0, 2)).await;
         let got = c.chats("u").await.expect("the list stays cached");
         assert_eq!((got.len(), got[0].title_v), (1, 2), "the write merged into it");
+        assert!(c.users.get("u").unwrap().uncertain.is_empty(), "the load showed it exists");
+    }
+
+    #[tokio::test]
+    async fn a_chat_created_under_an_id_whose_deletion_failed_reaches_the_cache() {
+        let c = cache().await;
+        // A deletion of "x", which did not exist, failed with its outcome unknown; "x" is created since.
+        c.write_unknown("u", Some("x")).await;
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1)]).await);
+        c.chat_written("u", &chat("x", 1, 0, 0, 2)).await;
+        assert!(c.chats("u").await.is_none(), "not left out of a list that stays cached");
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1), chat("x", 1, 0, 0, 2)]).await);
+        c.chat_written("u", &chat("x", 2, 0, 0, 3)).await;
+        let x = c.chats("u").await.unwrap().into_iter().find(|c| c.chat_id == "x").unwrap();
+        assert_eq!(x.title_v, 2, "merged as any chat once the store listed it");
     }
 
     #[tokio::test]

@@ -132,6 +132,10 @@ pub trait StreamRegistry: Send + Sync + 'static {
     /// or below the last one is [`Appended::Duplicate`] and changes nothing. Refreshes the idle clock.
     async fn append(&self, key: &StreamKey, seq: u64, delta: &str, now_ms: i64) -> Result<Appended, StreamError>;
 
+    /// Housekeeping after an accepted chunk has been delivered (the Redis registry merges the stream's
+    /// chunk list when an append asked for it). Best effort and bounded in time; it changes no text.
+    async fn tidy(&self, _key: &StreamKey) {}
+
     /// Removes the stream and returns it (to be completed), or `None` if it is not open.
     async fn take(&self, key: &StreamKey) -> Result<Option<OpenStream>, StreamError>;
 

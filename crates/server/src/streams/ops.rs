@@ -105,6 +105,7 @@ pub async fn chunk(ctx: &Ctx, key: &StreamKey, seq: u64, delta: &str) -> Result<
             delta: delta.to_owned(),
         });
         ctx.hub.deliver_in_order(&key.user_id, Audience::All, encode(&event, None).into()).await;
+        ctx.streams.tidy(key).await;
     }
     Ok(appended)
 }

@@ -12,7 +12,8 @@
 //!   without bound, and READ copies the whole list inside its script). And the list is kept compact: the
 //!   hash's `merged` counts the entries at its head that are merged runs; once more than
 //!   [`COMPACT_AFTER`] entries follow them, the node whose append made it so merges those into one entry
-//!   (`COMPACT_READ`, then `COMPACT`, which replaces them only if they are still there), so a stream of
+//!   once it has delivered the chunk (`tidy`: `COMPACT_READ`, then `COMPACT`, which replaces them only if
+//!   they are still there; bounded to 1 s, retried only after 4 × 64 more entries), so a stream of
 //!   token-sized chunks holds about one entry per 64 chunks (each sealed chunk costs ~36 bytes of nonce,
 //!   tag and seq besides Redis's own per-entry overhead: 2,000 chunks of 4 bytes, 8 KB of text, took
 //!   90.7 KB of Redis memory one entry each, and take 11.5 KB merged);
@@ -110,7 +111,7 @@ return out
 /// head is still `m` long and entry `m + n - 1` is still the one read (entries are sealed with random
 /// nonces, so a list replaced since, by a take and a restore, or a new stream, cannot match); entries
 /// appended since stay after it. 1 when replaced, 0 when left as it is.
-/// KEYS: hash, chunks. ARGV: m, n, entry m + n - 1, the merged run.
+/// KEYS: hash, chunks. ARGV: m, n, entry m + n - 1, the merged run, ttl ms.
 const COMPACT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local m = tonumber(redis.call('HGET', KEYS[1], 'merged') or '0')
@@ -121,8 +122,7 @@ if m == 0 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, m
 redis.call('RPUSH', KEYS[2], ARGV[4])
 for _, c in ipairs(tail) do redis.call('RPUSH', KEYS[2], c) end
 redis.call('HSET', KEYS[1], 'merged', m + 1)
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return 1
 "#;
 
@@ -199,6 +199,16 @@ const SCRIPTS: [&str; 7] = [OPEN, APPEND, READ, TAKE, RESTORE, COMPACT_READ, COM
 /// Entries after the merged head of a stream's chunk list past which they are merged into one.
 const COMPACT_AFTER: i64 = 64;
 
+/// How long a merge may take (after the chunk was delivered; it only delays the chunk call's answer).
+const COMPACT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Whether an append that leaves `unmerged` entries after the merged head asks for a merge: when it
+/// passes [`COMPACT_AFTER`], and again at every further multiple of 4 × [`COMPACT_AFTER`] should that
+/// merge have failed (a retry at every append would read the growing tail again each time).
+fn merge_due(unmerged: i64) -> bool {
+    unmerged == COMPACT_AFTER + 1 || (unmerged > COMPACT_AFTER && unmerged % (4 * COMPACT_AFTER) == 0)
+}
+
 /// How long a taken stream's copy (the taken key of [`TAKE`]) waits for a retry of its take that lost the
 /// reply. Longer than the retries may take ([`TAKE_DEADLINE`]).
 const TAKEN_TTL_MS: u64 = 60_000;
@@ -231,6 +241,8 @@ struct Record {
 
 /// [`StreamRegistry`] in Redis.
 pub struct RedisStreams {
+    /// Streams (`U:S`) whose chunk list an append found due for merging, for [`StreamRegistry::tidy`].
+    to_merge: parking_lot::Mutex<std::collections::HashSet<String>>,
     client: redis::Client,
     conn: Mutex<Option<(MultiplexedConnection, std::sync::Arc<Vec<String>>)>>,
     prefix: String,
@@ -269,6 +281,7 @@ impl RedisStreams {
         idle_timeout: Duration,
     ) -> anyhow::Result<RedisStreams> {
         Ok(RedisStreams {
+            to_merge: parking_lot::Mutex::default(),
             client: redis::Client::open(url)?,
             conn: Mutex::new(None),
             prefix: prefix.to_owned(),
@@ -357,6 +370,7 @@ impl RedisStreams {
             sealed.len().to_string().into(),
             sealed.last().expect("two or more").clone(),
             merged,
+            self.ttl_ms.to_string().into(),
         ];
         if let Err(e) = self.eval(6, &[&n.hash, &n.chunks], args).await {
             tracing::debug!(stream = %n.member, error = ?e, "stream chunks not compacted");
@@ -687,8 +701,12 @@ impl StreamRegistry for RedisStreams {
         };
         match (code, last) {
             (Some(1), _) => {
-                if unmerged > COMPACT_AFTER {
-                    self.compact(&n).await;
+                if merge_due(unmerged) {
+                    let mut due = self.to_merge.lock();
+                    if due.len() >= 10_000 {
+                        due.clear(); // entries of appends whose tidy never came; a later append asks again
+                    }
+                    due.insert(n.member.clone());
                 }
                 Ok(Appended::Accepted)
             }
@@ -697,6 +715,15 @@ impl StreamRegistry for RedisStreams {
             (Some(-2), Some(last)) => Err(StreamError::Gap { last: last as u64, got: seq }),
             (Some(-3), _) => Err(StreamError::TooLarge { max: self.max_bytes }),
             _ => Err(corrupt(&n)),
+        }
+    }
+
+    async fn tidy(&self, key: &StreamKey) {
+        let n = self.names(key);
+        if self.to_merge.lock().remove(&n.member)
+            && tokio::time::timeout(COMPACT_TIMEOUT, self.compact(&n)).await.is_err()
+        {
+            tracing::debug!(stream = %n.member, "stream chunks not merged in time (left as they are)");
         }
     }
 
