@@ -765,16 +765,29 @@ async fn small_chunks_are_kept_merged_in_redis_and_read_whole() {
 async fn a_chunk_appended_while_chunks_are_merged_is_kept_after_them() {
     let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
-    r.open(&k, &info("m1"), 1).await.unwrap();
-    let mut expected = String::new();
+    // The 65th chunk asks for a merge: held after the merge has read the entries, while another node
+    // appends the 66th.
+    let (append, go_on) = a_merge_held_after_its_read(&proxy, &r, &k).await;
+    assert_eq!(other_node.append(&k, 66, "YZ", 4).await, Ok(Appended::Accepted));
+    drop(go_on);
+    assert_eq!(append.await.unwrap(), Ok(Appended::Accepted));
+    assert_eq!(chunk_entries(&own.url()).await, 2, "the merged run, then the 66th");
+    let taken = other_node.take(&k).await.unwrap().expect("open");
+    assert_eq!((taken.seq, taken.content), (66, format!("{}YZ", "ab".repeat(65))));
+}
+
+/// Opens `k` through `r` with 64 chunks of "ab", then appends a 65th (which asks for a merge) and tidies,
+/// held by `proxy` once the merge has read the entries (the append's script, then the read): returns
+/// that append (with its merge) and what lets it go on.
+async fn a_merge_held_after_its_read(
+    proxy: &ReplyLoser,
+    r: &Arc<RedisStreams>,
+    k: &StreamKey,
+) -> (tokio::task::JoinHandle<Result<Appended, StreamError>>, tokio::sync::oneshot::Sender<()>) {
+    r.open(k, &info("m1"), 1).await.unwrap();
     for seq in 1..=64u64 {
-        expected.push_str("ab");
-        r.append(&k, seq, "ab", 2).await.unwrap();
-        r.tidy(&k).await;
+        r.append(k, seq, "ab", 2).await.unwrap();
     }
-    assert_eq!(chunk_entries(&own.url()).await, 64, "not merged yet");
-    // The 65th chunk asks for a merge: held after the merge has read the entries (the append's script,
-    // then the read), while another node appends the 66th.
     let (read, go_on) = proxy.hold_after_skipping(1);
     let append = tokio::spawn({
         let (r, k) = (r.clone(), k.clone());
@@ -785,13 +798,7 @@ async fn a_chunk_appended_while_chunks_are_merged_is_kept_after_them() {
         }
     });
     read.await.expect("the merge read the entries");
-    assert_eq!(other_node.append(&k, 66, "YZ", 4).await, Ok(Appended::Accepted));
-    drop(go_on);
-    assert_eq!(append.await.unwrap(), Ok(Appended::Accepted));
-    expected.push_str("abYZ");
-    assert_eq!(chunk_entries(&own.url()).await, 2, "the merged run, then the 66th");
-    let taken = other_node.take(&k).await.unwrap().expect("open");
-    assert_eq!((taken.seq, taken.content.as_str()), (66, expected.as_str()));
+    (append, go_on)
 }
 
 /// A merge held while the stream is taken and a new one opened under the same name, with as many entries
@@ -800,20 +807,7 @@ async fn a_chunk_appended_while_chunks_are_merged_is_kept_after_them() {
 async fn a_merge_raced_by_a_new_stream_of_the_same_name_writes_nothing() {
     let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
-    r.open(&k, &info("m1"), 1).await.unwrap();
-    for seq in 1..=64u64 {
-        r.append(&k, seq, "ab", 2).await.unwrap();
-    }
-    let (read, go_on) = proxy.hold_after_skipping(1);
-    let append = tokio::spawn({
-        let (r, k) = (r.clone(), k.clone());
-        async move {
-            let appended = r.append(&k, 65, "ab", 3).await;
-            r.tidy(&k).await;
-            appended
-        }
-    });
-    read.await.expect("the merge read the entries");
+    let (append, go_on) = a_merge_held_after_its_read(&proxy, &r, &k).await;
     assert!(other_node.take(&k).await.unwrap().is_some());
     assert_eq!(other_node.open(&k, &info("m2"), 5).await, Ok(Opened::New));
     for seq in 1..=64u64 {
@@ -831,20 +825,7 @@ async fn a_merge_raced_by_a_new_stream_of_the_same_name_writes_nothing() {
 async fn a_merge_raced_by_a_take_and_a_restore_leaves_the_restored_stream() {
     let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
     let k = key("alice", "c1", "s1");
-    r.open(&k, &info("m1"), 1).await.unwrap();
-    for seq in 1..=64u64 {
-        r.append(&k, seq, "ab", 2).await.unwrap();
-    }
-    let (read, go_on) = proxy.hold_after_skipping(1);
-    let append = tokio::spawn({
-        let (r, k) = (r.clone(), k.clone());
-        async move {
-            let appended = r.append(&k, 65, "ab", 3).await;
-            r.tidy(&k).await;
-            appended
-        }
-    });
-    read.await.expect("the merge read the entries");
+    let (append, go_on) = a_merge_held_after_its_read(&proxy, &r, &k).await;
     let taken = other_node.take(&k).await.unwrap().expect("open");
     assert_eq!(taken.seq, 65);
     other_node.restore(taken, 5).await.unwrap();
