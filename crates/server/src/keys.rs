@@ -117,7 +117,7 @@ impl Keyring {
             ChatLookup::Deleted => Ok(ChatAccess::Denied),
             ChatLookup::Exists { owner, key } => {
                 // Marked uncertain long enough before this lookup began: the deletion did not commit.
-                self.uncertain.remove_if(chat_id, |_, marked| *marked + self.settle <= began);
+                self.uncertain.remove_if(chat_id, |_, marked| began.saturating_duration_since(*marked) >= self.settle);
                 let k = self.remember(chat_id, owner, &key)?;
                 Ok(if k.owner == user_id { ChatAccess::Owned(k) } else { ChatAccess::Denied })
             }

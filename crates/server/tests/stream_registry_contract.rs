@@ -520,8 +520,11 @@ async fn two_nodes() -> Option<TwoNodes> {
     let own = common::cluster::OwnRedis::start();
     let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
     let master = MasterKey::generate();
+    // A merge may wait for the test as long as it needs (a proxy holds it): the default 1 s could pass
+    // on a loaded machine, and the merge would then run after the test looked.
     let node = |url: &str| {
-        Arc::new(RedisStreams::new(url, "two:", master.derive("streams"), BIG, Duration::from_secs(60)).unwrap())
+        let streams = RedisStreams::new(url, "two:", master.derive("streams"), BIG, Duration::from_secs(60));
+        Arc::new(streams.unwrap().with_merge_timeout(Duration::from_secs(120)))
     };
     let (r, other_node) = (node(&proxy.url()), node(&own.url()));
     Some(TwoNodes { own, proxy, r, other_node })
@@ -801,8 +804,8 @@ async fn a_merge_held_after_its_read(
     (append, go_on)
 }
 
-/// A merge held while the stream is taken and a new one opened under the same name, with as many entries
-/// after its (empty) merged head, writes nothing: the entry it read is not there any more.
+/// A merge held while the stream is taken and a new one opened under the same name, with more entries
+/// after its (empty) merged head than the merge read, writes nothing: the entry it read is not there.
 #[tokio::test]
 async fn a_merge_raced_by_a_new_stream_of_the_same_name_writes_nothing() {
     let Some(TwoNodes { own, proxy, r, other_node }) = two_nodes().await else { return };
@@ -810,14 +813,16 @@ async fn a_merge_raced_by_a_new_stream_of_the_same_name_writes_nothing() {
     let (append, go_on) = a_merge_held_after_its_read(&proxy, &r, &k).await;
     assert!(other_node.take(&k).await.unwrap().is_some());
     assert_eq!(other_node.open(&k, &info("m2"), 5).await, Ok(Opened::New));
-    for seq in 1..=64u64 {
+    // As many entries as the held merge read, and more (no tidy: this node merges nothing), so that only
+    // the comparison of the entry it read tells the lists apart.
+    for seq in 1..=70u64 {
         other_node.append(&k, seq, "n", 6).await.unwrap();
     }
     drop(go_on);
     assert_eq!(append.await.unwrap(), Ok(Appended::Accepted));
-    assert_eq!(chunk_entries(&own.url()).await, 64, "the new stream's entries, untouched");
+    assert_eq!(chunk_entries(&own.url()).await, 70, "the new stream's entries, untouched");
     let taken = other_node.take(&k).await.unwrap().expect("open");
-    assert_eq!((taken.seq, taken.content, taken.info), (64, "n".repeat(64), info("m2")));
+    assert_eq!((taken.seq, taken.content, taken.info), (70, "n".repeat(70), info("m2")));
 }
 
 /// A merge whose entries were replaced meanwhile (the stream taken and put back) writes nothing.

@@ -20,10 +20,9 @@ struct Entry {
     /// than [`MAX_DELETED`] were: the entry then caches no chat list for the rest of its life.
     deleted: Option<HashSet<String>>,
     /// Chats whose deletion failed with its outcome unknown (it may have committed) while this entry
-    /// lives: a write result for one is merged only into a cached list that holds it (one loaded after
-    /// the outcome was settled, so the chat exists), never inserted (that could bring back a chat deleted
-    /// in the store); for one the list does not hold, the lists are dropped. A list loaded from the store
-    /// that holds the chat ends its uncertainty. Bounded with `deleted`: past [`MAX_DELETED`], the entry
+    /// lives: a write result for one is merged into a cached list that holds it, and is never inserted
+    /// (that could bring back a chat deleted in the store): for one the list does not hold, the lists are
+    /// dropped instead, and the store answers. Bounded with `deleted`: past [`MAX_DELETED`], the entry
     /// caches no chat list.
     uncertain: HashSet<String>,
     messages: HashMap<String, VecDeque<MessageRecord>>,
@@ -188,9 +187,6 @@ impl Cache for MemoryCache {
         if entry.generation != token.0 || entry.deleted.is_none() {
             return false;
         }
-        // A chat the store lists after the deletion's outcome was settled exists: no longer uncertain.
-        let Entry { uncertain, .. } = &mut *entry;
-        uncertain.retain(|id| !chats.iter().any(|c| &c.chat_id == id));
         entry.chats = Some(chats.into_iter().map(|c| (c.chat_id.clone(), c)).collect());
         true
     }
@@ -384,7 +380,6 @@ mod tests {
         c.chat_written("u", &chat("a", 2, 0, 0, 2)).await;
         let got = c.chats("u").await.expect("the list stays cached");
         assert_eq!((got.len(), got[0].title_v), (1, 2), "the write merged into it");
-        assert!(c.users.get("u").unwrap().uncertain.is_empty(), "the load showed it exists");
     }
 
     #[tokio::test]

@@ -19,9 +19,8 @@
 //!   list for the rest of its life.
 //! * A write whose outcome is unknown (`unavailable`) drops what is cached of its user
 //!   ([`Cache::write_unknown`]): the store may hold what it wrote. For a deletion, the chat is uncertain
-//!   while the entry lives: a write result for it is merged only into a list that holds it (loaded after
-//!   the outcome was settled, so the chat exists), never inserted, so a deleted chat does not come back
-//!   this way either.
+//!   while the entry lives: a write result for it is merged into a list that holds it and never inserted
+//!   (the lists are dropped instead), so a deleted chat does not come back this way either.
 //! * The cache is best-effort: a miss (or a failing cache) falls back to the store.
 
 pub mod coherent;

@@ -13,7 +13,8 @@
 //!   hash's `merged` counts the entries at its head that are merged runs; once more than
 //!   [`COMPACT_AFTER`] entries follow them, the node whose append made it so merges those into one entry
 //!   once it has delivered the chunk (`tidy`: `COMPACT_READ`, then `COMPACT`, which replaces them only if
-//!   they are still there; bounded to 1 s, retried only after 4 × 64 more entries), so a stream of
+//!   they are still there; bounded to 1 s, and after a failure tried again at 256 unmerged entries and
+//!   every 256 after), so a stream of
 //!   token-sized chunks holds about one entry per 64 chunks (each sealed chunk costs ~36 bytes of nonce,
 //!   tag and seq besides Redis's own per-entry overhead: 2,000 chunks of 4 bytes, 8 KB of text, took
 //!   90.7 KB of Redis memory one entry each, and take 11.5 KB merged);
@@ -199,7 +200,8 @@ const SCRIPTS: [&str; 7] = [OPEN, APPEND, READ, TAKE, RESTORE, COMPACT_READ, COM
 /// Entries after the merged head of a stream's chunk list past which they are merged into one.
 const COMPACT_AFTER: i64 = 64;
 
-/// How long a merge may take (after the chunk was delivered; it only delays the chunk call's answer).
+/// How long a merge may take by default (after the chunk was delivered; it only delays the chunk call's
+/// answer); [`RedisStreams::with_merge_timeout`].
 const COMPACT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Whether an append that leaves `unmerged` entries after the merged head asks for a merge: when it
@@ -243,6 +245,8 @@ struct Record {
 pub struct RedisStreams {
     /// Streams (`U:S`) whose chunk list an append found due for merging, for [`StreamRegistry::tidy`].
     to_merge: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// [`COMPACT_TIMEOUT`] unless set.
+    merge_timeout: Duration,
     client: redis::Client,
     conn: Mutex<Option<(MultiplexedConnection, std::sync::Arc<Vec<String>>)>>,
     prefix: String,
@@ -282,6 +286,7 @@ impl RedisStreams {
     ) -> anyhow::Result<RedisStreams> {
         Ok(RedisStreams {
             to_merge: parking_lot::Mutex::default(),
+            merge_timeout: COMPACT_TIMEOUT,
             client: redis::Client::open(url)?,
             conn: Mutex::new(None),
             prefix: prefix.to_owned(),
@@ -289,6 +294,12 @@ impl RedisStreams {
             max_bytes,
             ttl_ms: (idle_timeout.as_millis() as u64).saturating_mul(2).max(60_000),
         })
+    }
+
+    /// Sets how long a merge of a stream's chunks may take ([`COMPACT_TIMEOUT`] unless set).
+    pub fn with_merge_timeout(mut self, timeout: Duration) -> RedisStreams {
+        self.merge_timeout = timeout;
+        self
     }
 
     fn user_hash(user_id: &str) -> String {
@@ -721,7 +732,7 @@ impl StreamRegistry for RedisStreams {
     async fn tidy(&self, key: &StreamKey) {
         let n = self.names(key);
         if self.to_merge.lock().remove(&n.member)
-            && tokio::time::timeout(COMPACT_TIMEOUT, self.compact(&n)).await.is_err()
+            && tokio::time::timeout(self.merge_timeout, self.compact(&n)).await.is_err()
         {
             tracing::debug!(stream = %n.member, "stream chunks not merged in time (left as they are)");
         }
