@@ -730,6 +730,9 @@ impl StreamRegistry for RedisStreams {
     }
 
     async fn tidy(&self, key: &StreamKey) {
+        if self.to_merge.lock().is_empty() {
+            return; // the common case: no merge due on this node, no names to hash
+        }
         let n = self.names(key);
         if self.to_merge.lock().remove(&n.member)
             && tokio::time::timeout(self.merge_timeout, self.compact(&n)).await.is_err()
