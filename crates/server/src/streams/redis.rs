@@ -14,10 +14,9 @@
 //!   [`COMPACT_AFTER`] entries follow them, the node whose append made it so merges those into one entry
 //!   once it has delivered the chunk (`tidy`: `COMPACT_READ`, then `COMPACT`, which replaces them only if
 //!   they are still there; bounded to 1 s, and after a failure tried again at 256 unmerged entries and
-//!   every 256 after), so a stream of
-//!   token-sized chunks holds about one entry per 64 chunks (each sealed chunk costs ~36 bytes of nonce,
-//!   tag and seq besides Redis's own per-entry overhead: 2,000 chunks of 4 bytes, 8 KB of text, took
-//!   90.7 KB of Redis memory one entry each, and take 11.5 KB merged);
+//!   every 256 after), so a stream of token-sized chunks holds about one entry per 64 chunks (each sealed
+//!   chunk costs ~36 bytes of nonce, tag and seq besides Redis's own per-entry overhead: 2,000 chunks of 4
+//!   bytes, 8 KB of text, took 90.7 KB of Redis memory one entry each, and take 11.5 KB merged);
 //! * `P stream:{U}:S:taken:N`: a stream just taken (`N`, 128 random bits in hex, is the take's nonce): a
 //!   list `rec`, `seq`, `last`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`); once a
 //!   take that ran its script more than once has its reply, a string (`1`, same expiry) that tells a late
@@ -46,10 +45,9 @@
 //! idle index's entry dropped, in one round trip) or, if it ran more than once, replaces it with a marker,
 //! so that an earlier run that reaches Redis late (sent before a reply timeout, delayed on the network)
 //! finds the take over and takes nothing (it would take the same stream opened again, or put back by a
-//! failed completion, into a copy nobody reads).
-//! The key's expiry removes the copy when that cleanup never comes.
-//! A stream is lost only when every run fails, i.e. Redis stays unreachable or stalled for the whole
-//! retry window; ARCHITECTURE.md ("A take in Redis…") describes it.
+//! failed completion, into a copy nobody reads). The key's expiry removes the copy when that cleanup never
+//! comes. A stream is lost only when every run fails, i.e. Redis stays unreachable or stalled for the
+//! whole retry window; ARCHITECTURE.md ("A take in Redis…") describes it.
 
 use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey, StreamRegistry};
 use crate::cluster::bus::REPLY_TIMEOUT;
@@ -142,9 +140,9 @@ return out
 
 /// Takes a stream (a take, or the sweep with a cutoff): moves it to this take's own taken key `T` (named
 /// with the take's nonce; a list {rec, seq, last, chunks...} expiring after ARGV[2] ms) and returns it, the
-/// whole list or only `rec` (ARGV[4] '1' or '0'). A `T` that is not a list marks this take as over (it has
-/// its reply; a late run of it): nil, and nothing is taken. `T` is looked at first: a retry of the same take (same nonce)
-/// whose first run took the stream returns what that run took, whatever the stream's keys hold since.
+/// whole list or only `rec` (ARGV[4] '1' or '0'). `T` is looked at first: a retry of the same take (same
+/// nonce) whose first run took the stream returns what that run took, whatever the stream's keys hold
+/// since; a `T` that is not a list marks the take as over (a late run of it): nil, and nothing is taken.
 /// With a cutoff (ARGV[3], '' for none), a stream whose `last` is after it stays, and its `last` (a number)
 /// is returned. Nil when there is neither a stream nor `T` (S is then forgotten in the user set).
 /// KEYS: hash, chunks, user set, T. ARGV: S, T's ttl ms, cutoff, whole.
@@ -360,22 +358,9 @@ impl RedisStreams {
         if sealed.len() < 2 {
             return;
         }
-        let mut text = zeroize::Zeroizing::new(Vec::new());
-        let mut last_seq = 0u64;
-        for entry in &sealed {
-            let Ok(plain) = self.key.decrypt(entry, &Aad::stream(&n.member, "chunk")) else { return };
-            if plain.len() < 8 {
-                return;
-            }
-            let seq = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
-            if seq <= last_seq {
-                return; // not a run this node wrote; READ reports it
-            }
-            last_seq = seq;
-            text.extend_from_slice(&plain[8..]);
-        }
-        let Ok(text) = std::str::from_utf8(&text) else { return };
-        let merged = self.seal_chunk(n, last_seq, text);
+        // Entries that do not open are left as they are (READ reports them).
+        let Ok((text, last_seq)) = self.open_chunks(n, &sealed) else { return };
+        let merged = self.seal_chunk(n, last_seq, &zeroize::Zeroizing::new(text));
         let args = vec![
             head.to_string().into(),
             sealed.len().to_string().into(),
@@ -402,6 +387,27 @@ impl RedisStreams {
         Ok(self.decode_read(n, Value::Array(items))?.map(|s| (s, last)))
     }
 
+    /// Opens sealed chunk entries (single chunks or merged runs) in order: their text joined, and the last
+    /// entry's seq (0 for none). Corrupt if one does not open, is not text, or does not follow the one
+    /// before it.
+    fn open_chunks(&self, n: &Names, sealed: &[Vec<u8>]) -> Result<(String, u64), StreamError> {
+        let mut content = String::new();
+        let mut last = 0u64;
+        for entry in sealed {
+            let plain = self.key.decrypt(entry, &Aad::stream(&n.member, "chunk")).map_err(|_| corrupt(n))?;
+            if plain.len() < 8 {
+                return Err(corrupt(n));
+            }
+            let chunk_seq = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
+            if chunk_seq <= last {
+                return Err(corrupt(n));
+            }
+            last = chunk_seq;
+            content.push_str(std::str::from_utf8(&plain[8..]).map_err(|_| corrupt(n))?);
+        }
+        Ok((content, last))
+    }
+
     /// Decodes the reply of [`READ`] into a stream.
     fn decode_read(&self, n: &Names, v: Value) -> Result<Option<OpenStream>, StreamError> {
         let items = match v {
@@ -415,21 +421,9 @@ impl RedisStreams {
             .and_then(|b| String::from_utf8(b).ok())
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| corrupt(n))?;
-        let mut content = String::new();
-        let mut last = 0u64;
-        for item in it {
-            let sealed = bytes(Some(item)).ok_or_else(|| corrupt(n))?;
-            let plain = self.key.decrypt(&sealed, &Aad::stream(&n.member, "chunk")).map_err(|_| corrupt(n))?;
-            if plain.len() < 8 {
-                return Err(corrupt(n));
-            }
-            let chunk_seq = u64::from_be_bytes(plain[..8].try_into().expect("8 bytes"));
-            if chunk_seq <= last {
-                return Err(corrupt(n));
-            }
-            last = chunk_seq;
-            content.push_str(std::str::from_utf8(&plain[8..]).map_err(|_| corrupt(n))?);
-        }
+        let sealed: Vec<Vec<u8>> =
+            it.map(|item| bytes(Some(item)).ok_or_else(|| corrupt(n))).collect::<Result<_, _>>()?;
+        let (content, last) = self.open_chunks(n, &sealed)?;
         // Trailing empty chunks have no entry: the last entry may be before `seq`, never after.
         if last > seq {
             return Err(corrupt(n));
@@ -525,7 +519,7 @@ impl RedisStreams {
     }
 
     /// Ends a take once it has its reply: drops the taken stream's entry in the idle index (with
-    /// `until`), and replaces its taken copy with a marker. The entry goes only if its score is at most
+    /// `until`), and removes its taken copy (see below). The entry goes only if its score is at most
     /// `until` (the taken stream's `last`, or the sweep's cutoff): a stream opened again under the same
     /// name since the take has put its own entry there, which a plain ZREM would drop (that stream would
     /// never be swept: no `stream_cancelled` when it goes idle).
