@@ -351,7 +351,7 @@ fn versions_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<ChatId, Clie
 }
 
 /// A deserializer that reads a struct as a map only (see [`object_only`]).
-struct ObjectOnly<D>(D);
+pub(crate) struct ObjectOnly<D>(pub(crate) D);
 
 impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
     type Error = D::Error;

@@ -68,7 +68,14 @@ fn envelope_error(code: ErrorCode, message: impl Into<String>) -> DecodeError {
 
 /// Decodes one client text frame.
 pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
-    let raw: RawEnvelope = serde_json::from_str(text).map_err(|e| match e.classify() {
+    // An object only: serde's derived structs would also take an array of the members in order.
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw = RawEnvelope::deserialize(crate::client::ObjectOnly(&mut de)).and_then(|raw| de.end().map(|()| raw));
+    let raw: RawEnvelope = raw.map_err(|e| match e.classify() {
+        // Not an object: still `invalid_json` if it is not JSON at all.
+        serde_json::error::Category::Data if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() => {
+            envelope_error(ErrorCode::InvalidJson, "The frame is not valid JSON.")
+        }
         serde_json::error::Category::Data => envelope_error(
             ErrorCode::InvalidMessage,
             "A message must be a JSON object with a string `type`, an object `payload` and an optional `request_id`.",
@@ -98,6 +105,9 @@ pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
     let kind = raw.kind.ok_or_else(|| fail(ErrorCode::InvalidMessage, "The message has no `type`.".into()))?;
     let kind: String = serde_json::from_str(kind.get())
         .map_err(|_| fail(ErrorCode::InvalidMessage, "`type` must be a string.".into()))?;
+    // From here on a failure names the type when it is a known one.
+    let message_type = ClientMessage::TYPES.iter().copied().find(|t| *t == kind);
+    let fail = |code, message: String| DecodeError { message_type, ..fail(code, message) };
     let payload = match raw.payload {
         None => "{}",
         Some(p) if p.get().starts_with('{') => p.get(),
@@ -114,7 +124,7 @@ pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
             message: format!("Invalid payload: {p}."),
             field: Some(p.field),
             request_id: request_id.clone(),
-            message_type: ClientMessage::TYPES.iter().copied().find(|t| *t == kind),
+            message_type,
         },
     })?;
     Ok(Decoded { request_id, message })

@@ -259,6 +259,14 @@ async fn malformed_envelopes_get_their_documented_errors() {
         // Valid JSON syntax, but not a string Rust can hold.
         raw("type with a lone surrogate escape", r#"{"type":"\ud800"}"#, None, Want::Error(InvalidMessage, None)),
         raw("JSON array", r#"[{"type":"ping"}]"#, None, Want::Error(InvalidMessage, None)),
+        // serde would read an array as the envelope's members in order.
+        raw("JSON array of the members", r#"["ping",{},"hostile-1"]"#, None, Want::Error(InvalidMessage, None)),
+        raw(
+            "JSON array of a write's members",
+            r#"["update_title",{"chat_id":"c1","new_title":"x"},"hostile-1"]"#,
+            None,
+            Want::Error(InvalidMessage, None),
+        ),
         raw("JSON string", r#""ping""#, None, Want::Error(InvalidMessage, None)),
         raw("JSON number", "42", None, Want::Error(InvalidMessage, None)),
         raw("JSON null", "null", None, Want::Error(InvalidMessage, None)),
@@ -324,6 +332,15 @@ async fn malformed_envelopes_get_their_documented_errors() {
             format!(r#"{{"type":"ping","payload":{v},"request_id":"hostile-1"}}"#),
             Some(RID),
             Want::Error(InvalidMessage, None),
+        ));
+    }
+    // Every failure of an initial sync is `initial_sync_error`, a malformed envelope's too.
+    for (label, v) in [("null", "null"), ("array", "[]"), ("string", "\"x\"")] {
+        cases.push(raw(
+            format!("initial sync payload is {label}"),
+            format!(r#"{{"type":"initial_sync_request","payload":{v},"request_id":"hostile-1"}}"#),
+            Some(RID),
+            Want::SyncError(InvalidMessage, "payload"),
         ));
     }
     let long = format!("\"{}\"", "r".repeat(65));
