@@ -214,3 +214,53 @@ async fn a_reply_budget_too_small_for_one_item_is_refused_at_start() {
 async fn assert_alive(c: &mut Client) {
     expect_msg!(c.request(&ping()).await.unwrap(), Pong);
 }
+
+/// A reply far larger than the socket buffers, read at a slow but steady pace, arrives whole: while the
+/// reader waits for room to queue the next part it reads nothing (the client's Pongs wait unread), and
+/// that time is not counted as the client's silence: no heartbeat timeout. (The Pings queue
+/// behind the reply in the socket too, so the timeout must still cover draining the socket buffers,
+/// a few MB on loopback, at the client's pace: ~2 s here.)
+#[tokio::test]
+async fn a_reply_read_slowly_for_longer_than_the_heartbeat_timeout_arrives_whole() {
+    let server = TestServer::start_with(|c| {
+        c.ping_interval_secs = 1;
+        c.heartbeat_timeout_secs = 5;
+        c.outbox_max_bytes = 16_384;
+        c.max_reply_bytes = 320 * 1024;
+        c.max_chats_per_user = 100;
+        c.max_batch_chats = 100;
+        c.rate_burst = 10_000;
+    })
+    .await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    // 24 MB of messages in 80 chats, a part each: several times what loopback's buffers hold.
+    let text = "x".repeat(30_000);
+    let chats: Vec<String> = (0..80).map(|i| format!("c{i}")).collect();
+    for chat in &chats {
+        for m in 0..10 {
+            add_message(&mut alice, chat, &format!("m{m:03}"), json!(text)).await;
+        }
+    }
+    let frame = json!({"type": "request_chat_content_batch", "request_id": "big",
+        "payload": {"chat_ids": chats}});
+    alice.send_text(frame.to_string()).await.unwrap();
+    let mut messages = 0;
+    loop {
+        // At most 3 MB/s: the reply takes ~10 s, for ~6 s of which the server's reader waits for room.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let text = alice.recv_text().await.unwrap_or_else(|e| panic!("after {messages} messages: {e}"));
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if v["request_id"] != "big" {
+            continue;
+        }
+        for chat in v["payload"]["messages_by_chat_id"].as_object().unwrap().values() {
+            messages += chat.as_array().unwrap().len();
+        }
+        if v["payload"]["more"] != json!(true) {
+            break;
+        }
+    }
+    assert_eq!(messages, 80 * 10);
+    let reply = alice.request(&ClientMessage::Ping(Empty {})).await.unwrap();
+    assert!(matches!(reply.message, ServerMessage::Pong(_)), "{reply:?}");
+}

@@ -113,6 +113,10 @@ async fn rate_limited_requests_are_dropped_with_an_error_and_the_connection_surv
     // A dropped frame whose payload would not even have decoded still gets its request id back.
     let bad = r#"{"type":"update_title","request_id":"bad-1","payload":{"chat_id":5}}"#;
     client.send_raw(Message::text(bad)).await.unwrap();
+    // A dropped initial sync is answered as every failure of one is: `initial_sync_error`.
+    client.send_raw(Message::text(r#"{"type":"initial_sync_request","request_id":"sync-1"}"#)).await.unwrap();
+    let bad_sync = r#"{"type":"initial_sync_request","request_id":"sync-2","payload":{"chat_versions":5}}"#;
+    client.send_raw(Message::text(bad_sync)).await.unwrap();
     let mut codes = Vec::new();
     for i in 0..3 {
         let reply = client.recv_reply(&format!("p{i}")).await.unwrap();
@@ -128,6 +132,12 @@ async fn rate_limited_requests_are_dropped_with_an_error_and_the_connection_surv
         .expect("no reply carried the request id")
         .unwrap();
     assert!(matches!(reply.message, ServerMessage::Error(ref e) if e.code == ErrorCode::RateLimited), "{reply:?}");
+    for rid in ["sync-1", "sync-2"] {
+        let reply = client.recv_reply(rid).await.unwrap();
+        let dropped =
+            matches!(reply.message, ServerMessage::InitialSyncError(ref e) if e.code == ErrorCode::RateLimited);
+        assert!(dropped, "{rid}: {reply:?}");
+    }
 }
 
 #[tokio::test]

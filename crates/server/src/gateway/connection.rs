@@ -17,7 +17,7 @@ use chatsync_protocol::{
     decode, encode, Connected, ErrorCode, ErrorPayload, InitialSyncError, RequestId, ServerMessage, PROTOCOL_NAME,
 };
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,6 +161,7 @@ async fn read_loop(
     shutdown: &CancellationToken,
 ) -> bool {
     let mut limiter = RateLimiter::new(ctx.limits.rate_per_sec, ctx.limits.rate_burst);
+    let alive = Alive { last_seen, started };
     loop {
         if shutdown.is_cancelled() {
             conn.outbox.close(CloseReason::SHUTDOWN);
@@ -179,7 +180,7 @@ async fn read_loop(
             return false;
         }
         let now = Instant::now();
-        last_seen.store(now.duration_since(started).as_millis() as u64, Ordering::Relaxed);
+        alive.seen(now);
         match next {
             None => return false,
             Some(Err(e)) => {
@@ -193,16 +194,23 @@ async fn read_loop(
                 return false;
             }
             Some(Ok(Message::Text(text))) => match limiter.check(now) {
-                Verdict::Allow => Box::pin(handle_text(ctx, conn, text.as_str())).await,
+                Verdict::Allow => {
+                    alive.busy();
+                    Box::pin(handle_text(ctx, conn, text.as_str())).await;
+                    alive.seen(Instant::now());
+                }
                 Verdict::Drop => {
-                    // The request id is echoed even when the rest of the frame would not have decoded.
-                    let request_id = match decode(text.as_str()) {
-                        Ok(d) => d.request_id,
-                        Err(e) => e.request_id,
+                    // The request id is echoed even when the rest of the frame would not have decoded, and
+                    // a dropped initial sync is answered as its failures are.
+                    let (request_id, kind) = match decode(text.as_str()) {
+                        Ok(d) => (d.request_id, Some(d.message.wire_type())),
+                        Err(e) => (e.request_id, e.message_type),
                     };
-                    let error = ErrorPayload::new(ErrorCode::RateLimited, "Too many messages; this one was dropped.");
-                    conn.outbox
-                        .push(encode(&ServerMessage::Error(error), request_id.as_ref().map(RequestId::as_str)).into());
+                    let message = failure(
+                        kind,
+                        ErrorPayload::new(ErrorCode::RateLimited, "Too many messages; this one was dropped."),
+                    );
+                    conn.outbox.push(encode(&message, request_id.as_ref().map(RequestId::as_str)).into());
                 }
                 Verdict::Close => {
                     tracing::info!("closing: rate limit exceeded");
@@ -237,11 +245,8 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
             tracing::debug!(code = %e.code, "undecodable message");
             metrics::counter!(crate::metrics::MESSAGES_IN, "type" => "undecodable").increment(1);
             metrics::counter!(crate::metrics::ERRORS, "code" => e.code.as_str()).increment(1);
-            let message = if e.message_type == Some("initial_sync_request") {
-                ServerMessage::InitialSyncError(InitialSyncError { code: e.code, message: e.message })
-            } else {
-                ServerMessage::Error(ErrorPayload { field: e.field, ..ErrorPayload::new(e.code, e.message) })
-            };
+            let message =
+                failure(e.message_type, ErrorPayload { field: e.field, ..ErrorPayload::new(e.code, e.message) });
             conn.outbox.push_reply(encode(&message, e.request_id.as_ref().map(RequestId::as_str)).into()).await;
             return;
         }
@@ -267,13 +272,18 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
             }
             let payload = err.into_payload();
             metrics::counter!(crate::metrics::ERRORS, "code" => payload.code.as_str()).increment(1);
-            let message = if wire_type == "initial_sync_request" {
-                ServerMessage::InitialSyncError(InitialSyncError { code: payload.code, message: payload.message })
-            } else {
-                ServerMessage::Error(payload)
-            };
-            conn.outbox.push_reply(encode(&message, request_id).into()).await;
+            conn.outbox.push_reply(encode(&failure(Some(wire_type), payload), request_id).into()).await;
         }
+    }
+}
+
+/// The answer to a failed request of type `kind`: `error`, or `initial_sync_error` for an initial sync
+/// (every failure of which is answered so, PROTOCOL.md).
+fn failure(kind: Option<&str>, error: ErrorPayload) -> ServerMessage {
+    if kind == Some("initial_sync_request") {
+        ServerMessage::InitialSyncError(InitialSyncError { code: error.code, message: error.message })
+    } else {
+        ServerMessage::Error(error)
     }
 }
 
@@ -311,12 +321,36 @@ async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Opt
     }
 }
 
+/// When the client was last heard from, for the writer's heartbeat check.
+struct Alive<'a> {
+    /// Milliseconds since `started`; [`BUSY`] while the reader handles a request.
+    last_seen: &'a AtomicU64,
+    started: Instant,
+}
+
+/// `last_seen` while the reader handles a request: the heartbeat pauses.
+const BUSY: u64 = u64::MAX;
+
+impl Alive<'_> {
+    fn seen(&self, now: Instant) {
+        self.last_seen.store(now.duration_since(self.started).as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The reader reads nothing while it handles a request, and the parts of a big reply wait for room
+    /// at the pace the client reads them: the client's Pongs wait unread meanwhile, so that time is not
+    /// the client's silence. (A client that stops reading is dropped by the writer's send bound instead.)
+    fn busy(&self) {
+        self.last_seen.store(BUSY, Ordering::Relaxed);
+    }
+}
+
 /// Drains the outbox to the socket, pings, and enforces the heartbeat timeout.
 /// The writer task. (Not an `async fn`, which would keep a second copy of its arguments for its whole
 /// life: this future lives as long as the connection, so every byte of it counts per idle connection.)
+/// However it ends, the outbox is closed, so that a reply waiting for room and the reader see the end.
 #[allow(clippy::manual_async_fn)]
-fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+fn write_loop<S: Sink<Message> + Unpin + Send>(
+    mut sink: S,
     conn: Arc<ConnHandle>,
     last_seen: Arc<AtomicU64>,
     started: Instant,
@@ -348,13 +382,14 @@ fn write_loop(
                 }
                 _ = ticker.tick() => {
                     let now = started.elapsed().as_millis() as u64;
+                    // (Never while the reader is busy: `BUSY` is later than any `now`.)
                     if now.saturating_sub(last_seen.load(Ordering::Relaxed)) > timeout {
                         tracing::info!("closing: heartbeat timeout");
                         conn.outbox.close(CloseReason::HEARTBEAT);
                         continue;
                     }
                     if !send_within(&mut sink, Message::Ping(Default::default()), stall).await {
-                        return;
+                        break;
                     }
                     continue;
                 }
@@ -362,8 +397,7 @@ fn write_loop(
             match next {
                 Next::Frame(frame) => {
                     if !send_within(&mut sink, Message::Text(frame), stall).await {
-                        conn.outbox.close(CloseReason::INTERNAL);
-                        return;
+                        break;
                     }
                 }
                 Next::Close(reason) => {
@@ -371,16 +405,18 @@ fn write_loop(
                         // Counted under its close code already.
                         tracing::info!("dropping the connection: the peer stopped reading");
                     }
-                    return;
+                    break;
                 }
             }
         }
+        // A no-op after a requested close (the first reason wins).
+        conn.outbox.close(CloseReason::INTERNAL);
     }
 }
 
 /// Sends one message; false if the socket failed or the peer did not take it within `stall` plus a
 /// second per 4 KB of the message.
-async fn send_within(sink: &mut SplitSink<WebSocket, Message>, message: Message, stall: Duration) -> bool {
+async fn send_within<S: Sink<Message> + Unpin>(sink: &mut S, message: Message, stall: Duration) -> bool {
     let len = match &message {
         Message::Text(t) => t.len(),
         _ => 0,
@@ -411,7 +447,7 @@ fn until(at: crate::store::Millis, check: Duration) -> Duration {
     Duration::from_millis(left).min(check)
 }
 
-async fn send_close(sink: &mut SplitSink<WebSocket, Message>, reason: CloseReason) {
+async fn send_close<S: Sink<Message> + Unpin>(sink: &mut S, reason: CloseReason) {
     if reason != CloseReason::PEER_CLOSED {
         metrics::counter!(crate::metrics::CLOSES, "code" => reason.code.to_string()).increment(1);
     }
@@ -439,5 +475,45 @@ fn read_error_close(e: axum::Error) -> Option<CloseReason> {
         Ok(WsError::Utf8(_)) => Some(CloseReason::INVALID_UTF8),
         Ok(WsError::Protocol(_)) => Some(CloseReason::PROTOCOL_ERROR),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Arc<ConnHandle> {
+        Arc::new(ConnHandle {
+            id: "c".into(),
+            user_id: "u".into(),
+            session_id: "s".into(),
+            device_hash: "d".into(),
+            expires_at: None,
+            outbox: Outbox::new(1 << 16, 64),
+        })
+    }
+
+    /// A socket whose every send fails.
+    fn broken() -> impl Sink<Message> + Unpin + Send {
+        Box::pin(futures_util::sink::unfold((), |(), _: Message| async { Err::<(), _>(std::io::Error::other("gone")) }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_whose_ping_fails_closes_the_outbox() {
+        // Nothing queued: the first send is the ping.
+        let conn = conn();
+        let last_seen = Arc::new(AtomicU64::new(0));
+        write_loop(broken(), conn.clone(), last_seen, Instant::now(), Arc::default()).await;
+        assert!(conn.outbox.is_closing(), "a reply waiting for room, and the reader, must see the end");
+        assert!(!conn.outbox.push_reply("late".into()).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_whose_frame_fails_closes_the_outbox() {
+        let conn = conn();
+        assert!(conn.outbox.push("frame".into()));
+        let last_seen = Arc::new(AtomicU64::new(0));
+        write_loop(broken(), conn.clone(), last_seen, Instant::now(), Arc::default()).await;
+        assert!(conn.outbox.is_closing());
     }
 }
