@@ -262,19 +262,22 @@ async fn handle_text(ctx: &Ctx, conn: &ConnHandle, text: &str) {
     // Server time per request (what the `sync` benchmark reports), at debug level.
     tracing::debug!(r#type = wire_type, elapsed_us = started.elapsed().as_micros() as u64, "handled");
     match result {
-        Ok(outcome) => deliver(ctx, conn, outcome, request_id).await,
+        Ok(outcome) => deliver(ctx, conn, outcome, wire_type, request_id).await,
         Err(err) => {
-            match err.internal_detail() {
-                Some(detail) => {
-                    tracing::warn!(r#type = wire_type, code = %err.code(), detail, "request failed")
-                }
-                None => tracing::debug!(r#type = wire_type, code = %err.code(), "request rejected"),
-            }
-            let payload = err.into_payload();
-            metrics::counter!(crate::metrics::ERRORS, "code" => payload.code.as_str()).increment(1);
-            conn.outbox.push_reply(encode(&failure(Some(wire_type), payload), request_id).into()).await;
+            conn.outbox.push_reply(encode(&failed(wire_type, err), request_id).into()).await;
         }
     }
+}
+
+/// Logs and counts a request's failure, and makes its answer.
+fn failed(wire_type: &'static str, err: crate::error::Error) -> ServerMessage {
+    match err.internal_detail() {
+        Some(detail) => tracing::warn!(r#type = wire_type, code = %err.code(), detail, "request failed"),
+        None => tracing::debug!(r#type = wire_type, code = %err.code(), "request rejected"),
+    }
+    let payload = err.into_payload();
+    metrics::counter!(crate::metrics::ERRORS, "code" => payload.code.as_str()).increment(1);
+    failure(Some(wire_type), payload)
 }
 
 /// The answer to a failed request of type `kind`: `error`, or `initial_sync_error` for an initial sync
@@ -288,7 +291,7 @@ fn failure(kind: Option<&str>, error: ErrorPayload) -> ServerMessage {
 }
 
 /// Queues SELF's copies (with `request_id`) and hands the OTHERS copies to the hub, encoded once.
-async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Option<&str>) {
+async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, wire_type: &'static str, request_id: Option<&str>) {
     for broadcast in outcome.broadcasts {
         let kind = match &broadcast {
             Broadcast::Others(m) | Broadcast::All(m) => m.wire_type(),
@@ -316,6 +319,20 @@ async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, request_id: Opt
         // The parts of a big reply wait for room in the outbox (the client's own reading pace) rather
         // than count as a slow consumer; each part is at most `max_reply_bytes`.
         if !conn.outbox.push_reply(encode(&reply, request_id).into()).await {
+            return;
+        }
+    }
+    // Each lazy part is made once the previous one has found room.
+    let Some(mut parts) = outcome.lazy else { return };
+    while let Some(part) = parts.next().await {
+        let (reply, end) = match part {
+            Ok(reply) => {
+                metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => reply.wire_type()).increment(1);
+                (reply, false)
+            }
+            Err(err) => (failed(wire_type, err), true),
+        };
+        if !conn.outbox.push_reply(encode(&reply, request_id).into()).await || end {
             return;
         }
     }

@@ -75,24 +75,46 @@ pub enum Broadcast {
     All(ServerMessage),
 }
 
-/// What a handler wants sent. SELF receives its copies of `broadcasts` first, then `replies`.
-#[derive(Debug, Default)]
+/// What a handler wants sent. SELF receives its copies of `broadcasts` first, then `replies`, then the
+/// `lazy` parts.
+#[derive(Default)]
 pub struct Outcome {
     /// Broadcasts, in order.
     pub broadcasts: Vec<Broadcast>,
     /// The direct reply to SELF: one frame, or the parts of a bounded reply, in order.
     pub replies: Vec<ServerMessage>,
+    /// Parts of a reply made one at a time, each when the client has room for it, so that a big reply
+    /// never sits in memory whole. An error ends the reply (the client discards the parts it got).
+    pub lazy: Option<LazyParts>,
+}
+
+/// See [`Outcome::lazy`].
+pub type LazyParts = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<ServerMessage, Error>> + Send>>;
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outcome")
+            .field("broadcasts", &self.broadcasts)
+            .field("replies", &self.replies)
+            .field("lazy", &self.lazy.is_some())
+            .finish()
+    }
 }
 
 impl Outcome {
     /// Only a reply to SELF.
     pub fn reply(message: ServerMessage) -> Outcome {
-        Outcome { broadcasts: Vec::new(), replies: vec![message] }
+        Outcome { replies: vec![message], ..Outcome::default() }
     }
 
     /// A reply in several parts.
     pub fn parts(parts: Vec<ServerMessage>) -> Outcome {
-        Outcome { broadcasts: Vec::new(), replies: parts }
+        Outcome { replies: parts, ..Outcome::default() }
+    }
+
+    /// A reply whose parts are made as the client takes them.
+    pub fn lazy(parts: LazyParts) -> Outcome {
+        Outcome { lazy: Some(parts), ..Outcome::default() }
     }
 
     /// Adds a broadcast.
