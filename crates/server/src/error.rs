@@ -68,6 +68,12 @@ impl Error {
         self
     }
 
+    /// Adds the message id as context.
+    pub fn with_message(mut self, message_id: &str) -> Error {
+        self.0.payload.message_id = Some(message_id.to_owned());
+        self
+    }
+
     /// The stable code.
     pub fn code(&self) -> ErrorCode {
         self.0.payload.code

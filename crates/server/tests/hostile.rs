@@ -46,6 +46,9 @@ async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 enum Want {
     /// `error` with this code and, when given, exactly this `field`.
     Error(ErrorCode, Option<&'static str>),
+    /// `error` with this code and `field`, and the payload's `chat_id` and `message.message_id` as its
+    /// context (an error the handler found in a payload that decoded).
+    ErrorAbout(ErrorCode, &'static str),
     /// `initial_sync_error` with this code; its message names the given field.
     SyncError(ErrorCode, &'static str),
     /// A normal reply of this wire type (a boundary value that is accepted).
@@ -210,7 +213,24 @@ async fn check_case(c: &mut Client, case: &Case) {
     c.send_text(case.frame.clone()).await.unwrap_or_else(|e| panic!("{name}: send failed: {e}"));
     let reply = within(name, c.recv()).await.unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(reply.request_id.as_deref(), case.request_id, "{name}: request_id of {reply:?}");
+    let payload = serde_json::from_str::<Value>(&case.frame).ok().map(|v| v["payload"].clone()).unwrap_or_default();
+    let context = |e: &ErrorPayload| {
+        assert_eq!(e.chat_id.as_deref(), payload["chat_id"].as_str(), "{name}: the chat is the context: {e:?}");
+        let message_id = payload["message"]["message_id"].as_str();
+        assert_eq!(e.message_id.as_deref(), message_id, "{name}: the message is the context: {e:?}");
+    };
     match case.want {
+        Want::ErrorAbout(code, field) => {
+            let ServerMessage::Error(e) = &reply.message else { panic!("{name}: expected an error, got {reply:?}") };
+            assert_eq!((e.code, e.field.as_deref()), (code, Some(field)), "{name}: {e:?}");
+            context(e);
+        }
+        // A limit is checked by the handler, which knows the chat (and message) the request is about.
+        Want::Error(code @ ErrorCode::LimitExceeded, field) if payload["chat_id"].is_string() => {
+            let ServerMessage::Error(e) = &reply.message else { panic!("{name}: expected an error, got {reply:?}") };
+            assert_eq!((e.code, e.field.as_deref()), (code, field), "{name}: {e:?}");
+            context(e);
+        }
         Want::Error(code, field) => {
             let ServerMessage::Error(e) = &reply.message else { panic!("{name}: expected an error, got {reply:?}") };
             assert_eq!(e.code, code, "{name}: {e:?}");
@@ -710,7 +730,7 @@ async fn numbers_beyond_64_bits_in_every_numeric_field() {
             format!("chat_message_added: timestamp = {text:?}"),
             "chat_message_added",
             with(&msg, "message.timestamp", Some(json!(text))),
-            Want::Error(InvalidPayload, Some("message.timestamp")),
+            Want::ErrorAbout(InvalidPayload, "message.timestamp"),
         ));
     }
     // 2^64 is a finite non-negative number of seconds: accepted as the client's clock, kept as given.

@@ -24,11 +24,15 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: ChatMessageAdded) -> Result
             "message.content",
             format!("The message content is larger than {} bytes of JSON.", Limits::MAX_MESSAGE_CONTENT_BYTES),
         )
-        .with_chat(chat_id.as_str()));
+        .with_chat(chat_id.as_str())
+        .with_message(message.message_id.as_str()));
     }
     let client_timestamp = match &message.timestamp {
         None => None,
-        Some(ts) => Some(validated_timestamp(ts)?),
+        Some(ts) => Some(
+            validated_timestamp(ts)
+                .map_err(|e| e.with_chat(chat_id.as_str()).with_message(message.message_id.as_str()))?,
+        ),
     };
     let now = now_millis();
     // Built once: the event id stays the same if the write is retried (a chat created meanwhile).

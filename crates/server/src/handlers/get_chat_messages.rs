@@ -13,13 +13,15 @@ use chatsync_protocol::{ChatMessagesResponse, GetChatMessages, Limits, ServerMes
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: GetChatMessages) -> Result<Outcome, Error> {
     let limit = p.limit.unwrap_or(Limits::DEFAULT_PAGE_MESSAGES.min(ctx.limits.max_page_messages));
     if limit == 0 {
-        return Err(Error::invalid_payload("limit", "Invalid payload: field `limit` must be at least 1."));
+        return Err(Error::invalid_payload("limit", "Invalid payload: field `limit` must be at least 1.")
+            .with_chat(p.chat_id.as_str()));
     }
     if limit > ctx.limits.max_page_messages {
         return Err(Error::limit_exceeded(
             "limit",
             format!("`limit` is larger than max_page_messages ({}).", ctx.limits.max_page_messages),
-        ));
+        )
+        .with_chat(p.chat_id.as_str()));
     }
     let chat_id = p.chat_id.as_str();
     let Some((chat, records, has_more)) = ctx.chats.messages_after(&conn.user_id, chat_id, p.after_seq, limit).await?

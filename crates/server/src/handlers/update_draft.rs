@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 /// Handles `update_draft`.
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: UpdateDraft) -> Result<Outcome, Error> {
     if let Some(draft) = &p.draft_json {
-        check_draft(ctx, draft, "draft_json")?;
+        check_draft(ctx, draft, "draft_json").map_err(|e| e.with_chat(p.chat_id.as_str()))?;
     }
     let chat = match apply(ctx, &conn.user_id, p.chat_id.as_str(), p.draft_json.as_ref(), None).await? {
         WriteResult::Applied(chat) => chat,

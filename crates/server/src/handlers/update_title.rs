@@ -11,7 +11,7 @@ use chatsync_protocol::{ChatId, ChatTitleUpdated, ServerMessage, TitleData, Titl
 
 /// Handles `update_title`.
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: UpdateTitle) -> Result<Outcome, Error> {
-    check_title(ctx, &p.new_title, "new_title")?;
+    check_title(ctx, &p.new_title, "new_title").map_err(|e| e.with_chat(p.chat_id.as_str()))?;
     match apply(ctx, &conn.user_id, p.chat_id.as_str(), &p.new_title, None).await? {
         WriteResult::Applied(chat) => {
             Ok(Outcome::default().broadcast(Broadcast::All(event(&p.chat_id, &chat, p.new_title))))
