@@ -10,6 +10,12 @@
 //! another chat, message, draft or key slot fails to decrypt. Keys and plaintext never appear in `Debug`
 //! output or in errors.
 //!
+//! The keys a cluster's nodes derive from the master key for the traffic they share ([`SharedKey`]: the
+//! bus, open streams in Redis) seal far more messages than any data key, for as long as the master key
+//! lives: they use XChaCha20-Poly1305, `[version 2][24-byte random nonce][ciphertext + tag]`, whose
+//! random nonces never practically repeat (AES-GCM's 96-bit random nonces are good for 2^32 messages
+//! per key, which a busy cluster's bus reaches in weeks).
+//!
 //! What it is not: it protects data files, backups and database dumps from someone without the master
 //! key. It does not protect against an attacker who can read process memory or the master key, does not
 //! hide metadata (ids, sizes, timestamps), and does not stop a stored row from being rolled back to an
@@ -22,6 +28,7 @@ use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::rngs::OsRng;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -85,10 +92,10 @@ impl MasterKey {
         Ok(MasterKey::from_bytes(bytes))
     }
 
-    /// A data key derived from this master key for `purpose` (SHA-256 of a domain tag, the purpose and
-    /// the key bytes): every node holding the same master key derives the same key, and nothing derived
-    /// reveals the master key. Used for the cluster bus ([`Aad::bus`]).
-    pub fn derive(&self, purpose: &str) -> DataKey {
+    /// A key derived from this master key for `purpose` (SHA-256 of a domain tag, the purpose and the
+    /// key bytes): every node holding the same master key derives the same key, and nothing derived
+    /// reveals the master key. Used for the cluster bus ([`Aad::bus`]) and open streams ([`Aad::stream`]).
+    pub fn derive(&self, purpose: &str) -> SharedKey {
         let digest = Sha256::new()
             .chain_update(b"chatsync-derive:v1:")
             .chain_update(purpose.as_bytes())
@@ -97,7 +104,7 @@ impl MasterKey {
             .finalize();
         let mut bytes = Zeroizing::new([0u8; 32]);
         bytes.copy_from_slice(&digest);
-        DataKey::from_bytes(bytes)
+        SharedKey::from_bytes(bytes)
     }
 
     /// A new random key.
@@ -234,6 +241,63 @@ impl std::fmt::Debug for DataKey {
     }
 }
 
+/// A key the nodes of a cluster derive alike ([`MasterKey::derive`]) for the traffic they share. Seals
+/// with XChaCha20-Poly1305 (see the module doc); opens that and, for what nodes of an earlier version
+/// sealed, AES-256-GCM under the same key bytes. `Debug` prints `SharedKey(..)`.
+pub struct SharedKey {
+    cipher: XChaCha20Poly1305,
+    /// Opens version-1 ciphertexts (sealed before the shared keys used XChaCha20-Poly1305).
+    legacy: DataKey,
+}
+
+/// The version byte of [`SharedKey`] ciphertexts.
+const SHARED_VERSION: u8 = 2;
+const XNONCE_LEN: usize = 24;
+
+impl SharedKey {
+    fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> SharedKey {
+        let cipher = XChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(&bytes[..]));
+        SharedKey { cipher, legacy: DataKey::from_bytes(bytes) }
+    }
+
+    /// Encrypts with a fresh random 192-bit nonce. Output: `[version 2][24-byte nonce][ciphertext + tag]`.
+    pub fn encrypt(&self, plaintext: &[u8], ad: &Aad) -> Vec<u8> {
+        let mut nonce = [0u8; XNONCE_LEN];
+        OsRng.fill_bytes(&mut nonce);
+        let sealed = self
+            .cipher
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: &ad.0 })
+            .expect("XChaCha20-Poly1305 encryption cannot fail below 256 GiB");
+        let mut out = Vec::with_capacity(1 + XNONCE_LEN + sealed.len());
+        out.push(SHARED_VERSION);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Decrypts a version-2 ciphertext, or a version-1 one of an earlier node; [`CryptoError::Decrypt`]
+    /// on a wrong key, wrong AD, unknown version, truncation or tampering.
+    pub fn decrypt(&self, ciphertext: &[u8], ad: &Aad) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        match ciphertext.first() {
+            Some(&SHARED_VERSION) if ciphertext.len() >= 1 + XNONCE_LEN + TAG_LEN => {
+                let (nonce, sealed) = ciphertext[1..].split_at(XNONCE_LEN);
+                self.cipher
+                    .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: &ad.0 })
+                    .map(Zeroizing::new)
+                    .map_err(|_| CryptoError::Decrypt)
+            }
+            Some(&VERSION) => self.legacy.decrypt(ciphertext, ad),
+            _ => Err(CryptoError::Decrypt),
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedKey(..)")
+    }
+}
+
 /// Associated data: what a ciphertext is bound to. Encoded unambiguously as length-prefixed parts after
 /// the domain prefix `"chatsync:v1"` and a field name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -364,6 +428,33 @@ mod tests {
             assert!(dek.decrypt(&ct[..len], &ad).is_err(), "len {len}");
         }
         assert!(matches!(DataKey::generate().decrypt(&ct, &ad), Err(CryptoError::Decrypt)));
+    }
+
+    #[test]
+    fn shared_keys_seal_with_192_bit_nonces_and_open_what_earlier_nodes_sealed() {
+        let master = MasterKey::generate();
+        let (bus, again, streams) = (master.derive("bus"), master.derive("bus"), master.derive("streams"));
+        let ad = Aad::bus("p:u:alice");
+        let a = bus.encrypt(b"hello", &ad);
+        assert_eq!((a[0], a.len()), (SHARED_VERSION, 1 + XNONCE_LEN + 5 + TAG_LEN));
+        assert_ne!(a, bus.encrypt(b"hello", &ad));
+        assert_eq!(&again.decrypt(&a, &ad).unwrap()[..], b"hello", "every node derives the same key");
+        assert!(streams.decrypt(&a, &ad).is_err(), "a key per purpose");
+        assert!(again.decrypt(&a, &Aad::bus("p:u:bob")).is_err());
+        for i in 0..a.len() {
+            let mut bad = a.clone();
+            bad[i] ^= 0x01;
+            assert!(again.decrypt(&bad, &ad).is_err(), "byte {i}");
+        }
+        for len in 0..a.len() {
+            assert!(again.decrypt(&a[..len], &ad).is_err(), "len {len}");
+        }
+        // What a node of an earlier version sealed: AES-256-GCM under the same derived bytes.
+        let old = bus.legacy.encrypt(b"from before", &ad);
+        assert_eq!(old[0], VERSION);
+        assert_eq!(&again.decrypt(&old, &ad).unwrap()[..], b"from before");
+        assert!(again.decrypt(&old, &Aad::bus("p:u:bob")).is_err());
+        assert_eq!(format!("{bus:?}"), "SharedKey(..)");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! of a frame run at the frame's place in the bus order), a health check (a PING every second), reconnection
 //! with backoff, and the encrypted wire format of bus messages. See the module docs of `cluster`.
 
-use crate::crypto::{Aad, DataKey};
+use crate::crypto::{Aad, SharedKey};
 use crate::store::chats::{ChatRecord, MessageRecord};
 use futures_util::FutureExt;
 use parking_lot::Mutex;
@@ -222,7 +222,7 @@ enum Command {
 pub struct Bus {
     node: String,
     config: BusConfig,
-    key: Arc<DataKey>,
+    key: Arc<SharedKey>,
     commands: mpsc::UnboundedSender<Command>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
     queued: Arc<Backlog>,
@@ -238,7 +238,7 @@ pub struct Bus {
 
 impl Bus {
     /// Starts the bus tasks (they connect, and reconnect, in the background). `key` encrypts every payload.
-    pub fn start(config: BusConfig, key: DataKey) -> anyhow::Result<Arc<Bus>> {
+    pub fn start(config: BusConfig, key: SharedKey) -> anyhow::Result<Arc<Bus>> {
         // RESP3: subscriptions and publishing share one multiplexed connection; messages arrive as pushes.
         let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())?;
         let resp3 = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
@@ -403,7 +403,7 @@ pub fn control_channel(prefix: &str) -> String {
 }
 
 /// Encrypts a bus message for `channel` (also used by the CLI to publish revocations).
-pub fn seal(key: &DataKey, channel: &str, node: &str, user: Option<&str>, message: BusMessage) -> Vec<u8> {
+pub fn seal(key: &SharedKey, channel: &str, node: &str, user: Option<&str>, message: BusMessage) -> Vec<u8> {
     let envelope = Envelope { n: node.to_owned(), u: user.map(str::to_owned), m: message };
     let plain = zeroize::Zeroizing::new(serde_json::to_vec(&envelope).expect("bus messages serialize"));
     key.encrypt(&plain, &Aad::bus(channel))
@@ -422,7 +422,7 @@ enum Unopened {
 /// Kinds of unknown bus messages already warned about (a warning per kind, not per message).
 static UNKNOWN_KINDS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-fn open(key: &DataKey, channel: &str, payload: &[u8]) -> Result<Envelope, Unopened> {
+fn open(key: &SharedKey, channel: &str, payload: &[u8]) -> Result<Envelope, Unopened> {
     let plain = key.decrypt(payload, &Aad::bus(channel)).map_err(|_| Unopened::Sealed)?;
     serde_json::from_slice(&plain).map_err(|_| {
         // Only the tag is read out: the rest carries the plaintext of what the message announces.
@@ -434,7 +434,7 @@ fn open(key: &DataKey, channel: &str, payload: &[u8]) -> Result<Envelope, Unopen
 }
 
 /// Publishes one message on a fresh connection (for the CLI: `sessions revoke` with `--redis-url`).
-pub async fn publish_once(config: &BusConfig, key: &DataKey, message: BusMessage) -> anyhow::Result<()> {
+pub async fn publish_once(config: &BusConfig, key: &SharedKey, message: BusMessage) -> anyhow::Result<()> {
     let client = redis::Client::open(config.url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let channel = control_channel(&config.prefix);
@@ -448,7 +448,7 @@ pub async fn publish_once(config: &BusConfig, key: &DataKey, message: BusMessage
 struct Shared {
     node: String,
     config: BusConfig,
-    key: Arc<DataKey>,
+    key: Arc<SharedKey>,
     healthy: Arc<AtomicBool>,
     handler: Arc<OnceLock<Arc<dyn BusHandler>>>,
     queued: Arc<Backlog>,

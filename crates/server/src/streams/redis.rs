@@ -51,7 +51,7 @@
 
 use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey, StreamRegistry};
 use crate::cluster::bus::REPLY_TIMEOUT;
-use crate::crypto::{Aad, DataKey};
+use crate::crypto::{Aad, SharedKey};
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
@@ -248,7 +248,7 @@ pub struct RedisStreams {
     client: redis::Client,
     conn: Mutex<Option<(MultiplexedConnection, std::sync::Arc<Vec<String>>)>>,
     prefix: String,
-    key: DataKey,
+    key: SharedKey,
     max_bytes: usize,
     ttl_ms: u64,
 }
@@ -278,7 +278,7 @@ impl RedisStreams {
     pub fn new(
         url: &str,
         prefix: &str,
-        key: DataKey,
+        key: SharedKey,
         max_bytes: usize,
         idle_timeout: Duration,
     ) -> anyhow::Result<RedisStreams> {
