@@ -112,3 +112,18 @@ async fn a_session_lifetime_at_its_bound_is_taken_and_one_second_more_is_not() {
     assert_eq!(status, 201, "{body}");
     assert!(body["expires_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
 }
+
+/// A missing field is named (SERVER_API.md section 1: `field` is the offending field's dotted path), not
+/// reported as `body`, the object that lacks it.
+#[tokio::test]
+async fn a_missing_field_is_named() {
+    let (_server, api, chunks) = open_stream().await;
+    let (status, reply) = post_raw(&api, &chunks, r#"{"seq":1}"#.into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("delta"))), "{reply}");
+    let (status, reply) = post_raw(&api, &chunks, r#"{"delta":"x"}"#.into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("seq"))), "{reply}");
+    let (status, reply) = post_raw(&api, "/users", "".into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("user_id"))), "an empty body is {{}}: {reply}");
+    let (status, reply) = post_raw(&api, STREAMS, r#"{"stream_id":"s2","message_id":"m2"}"#.into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("sender_name"))), "{reply}");
+}

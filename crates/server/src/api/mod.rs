@@ -272,11 +272,24 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { "body".to_owned() } else { path };
         // serde's own message names the problem ("unknown field `x`", "missing field `y`", "invalid type").
-        ApiError::invalid_payload(&field, format!("Invalid payload: {}.", e.inner()))
+        let message = e.inner().to_string();
+        let field = error_field(&e.path().to_string(), &message);
+        ApiError::invalid_payload(&field, format!("Invalid payload: {message}."))
     })
+}
+
+/// The dotted path of the field a body's error is about. serde_path_to_error's path ends at the value being
+/// read, which for a missing field is the object that lacks it (`.` for the body itself): the field is
+/// named in serde's message instead ("missing field `x`"), and is joined to that path.
+fn error_field(path: &str, message: &str) -> String {
+    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')).map(|(f, _)| f);
+    match (path, missing) {
+        (".", Some(field)) => field.to_owned(),
+        (".", None) => "body".to_owned(),
+        (path, Some(field)) => format!("{path}.{field}"),
+        (path, None) => path.to_owned(),
+    }
 }
 
 pub use crate::cli::{is_device_hash, valid_user_id};
@@ -298,4 +311,18 @@ pub fn path_chat_id(id: &str) -> ApiResult<ChatId> {
 /// RFC 3339 (UTC, seconds) of a store time, as the API reports times.
 pub fn rfc3339(ms: crate::store::Millis) -> String {
     humantime::format_rfc3339_seconds(crate::store::system_time(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_field;
+
+    #[test]
+    fn a_missing_field_is_named_by_its_whole_path() {
+        assert_eq!(error_field(".", "missing field `sender_name` at line 1 column 40"), "sender_name");
+        assert_eq!(error_field("a", "missing field `b` at line 1 column 9"), "a.b");
+        assert_eq!(error_field("a[0]", "missing field `b`"), "a[0].b");
+        assert_eq!(error_field(".", "unknown field `x`, expected `y`"), "body");
+        assert_eq!(error_field("seq", "invalid type: string \"1\", expected u64"), "seq");
+    }
 }
