@@ -264,11 +264,16 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> axum::extract::FromRequestParts
     }
 }
 
-/// Parses a request body (also for an empty body where every field is optional: `{}`).
+/// Parses a request body (also for an empty body where every field is optional: `{}`). Every body is a JSON
+/// object: serde would also read a struct from an array (its fields by position), so any other JSON value
+/// is refused up front (`invalid_payload` naming `body`).
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
         return Err(ApiError::invalid_json(format!("The request body is not valid JSON ({e}).")));
+    }
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid_payload("body", "The request body must be a JSON object."));
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
