@@ -447,6 +447,49 @@ async fn a_complete_retried_after_its_write_committed_but_lost_the_answer_comple
     assert_eq!(history.messages[2].content, text("another reply"));
 }
 
+/// A user has at most `max_open_streams_per_user` streams open (each holds up to `max_stream_bytes` until
+/// its idle timeout, and every initial sync copies them all): one more start is 422 `limit_exceeded`
+/// naming `stream_id` and announces nothing, until a stream ends (completed, aborted, cancelled by a
+/// device; the idle sweep in `stream_registry_contract.rs`). A retried start is not a new stream, and
+/// the cap is per user.
+#[tokio::test]
+async fn a_start_past_the_users_cap_of_open_streams_is_limit_exceeded_until_one_ends() {
+    let server = TestServer::start_with(|c| c.max_open_streams_per_user = 2).await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    server.user("bob", false).await;
+    let start = |stream: &str| start_body(stream, &format!("m-{stream}"));
+    let over_cap = |(status, body): (u16, Value)| {
+        assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "stream_id"), "{body}");
+    };
+    assert_eq!(api.post(STREAMS, start("s1")).await.0, 201);
+    assert_eq!(api.post("/users/alice/chats/c2/streams", start("s2")).await.0, 201);
+    over_cap(api.post(STREAMS, start("s3")).await);
+    over_cap(api.post("/users/alice/chats/c3/streams", start("s3")).await);
+    assert_eq!(api.post(STREAMS, start("s1")).await.0, 200, "a retried start");
+    assert_eq!(api.post("/users/bob/chats/c1/streams", start("s3")).await.0, 201, "bob's own cap");
+    for expected in ["s1", "s2"] {
+        assert_eq!(expect_msg!(next_event(&mut phone).await, StreamStarted).stream_id.as_str(), expected);
+    }
+    assert_quiet(&mut phone).await;
+    let open: Vec<_> = sync_all(&mut phone).await.active_streams.into_iter().map(|s| s.stream_id.to_string()).collect();
+    assert_eq!(open.len(), 2, "{open:?}");
+
+    // A completed stream frees its slot...
+    assert_eq!(api.post(&format!("{STREAMS}/s1/complete"), json!({"content": "done"})).await.0, 201);
+    assert_eq!(api.post(STREAMS, start("s3")).await.0, 201);
+    over_cap(api.post(STREAMS, start("s4")).await);
+    // ...and so does an aborted one...
+    assert_eq!(api.delete(&format!("{STREAMS}/s3")).await.0, 204);
+    assert_eq!(api.post(STREAMS, start("s4")).await.0, 201);
+    over_cap(api.post(STREAMS, start("s5")).await);
+    // ...and one a device cancelled.
+    let reply = phone.request(&msg("cancel_stream", json!({"chat_id": "c1", "stream_id": "s4"}))).await.unwrap();
+    assert_eq!(expect_msg!(reply, StreamCancelled).reason, StreamCancelReason::CancelledByUser);
+    assert_eq!(api.post(STREAMS, start("s5")).await.0, 201);
+    over_cap(api.post(STREAMS, start("s6")).await);
+}
+
 #[tokio::test]
 async fn deleting_a_chat_ends_its_open_streams_before_the_chat_goes() {
     let server = TestServer::start().await;

@@ -74,6 +74,10 @@ fn op_error(e: OpError) -> ApiError {
         OpError::Stream(StreamError::TooLarge { max }) => {
             ApiError::limit_exceeded("delta", format!("The stream's text would exceed max_stream_bytes ({max})."))
         }
+        OpError::Stream(StreamError::TooMany { max }) => ApiError::limit_exceeded(
+            "stream_id",
+            format!("The user has {max} streams open (max_open_streams_per_user); end one before starting another."),
+        ),
         OpError::Stream(StreamError::Unavailable(detail)) => ApiError::unavailable(detail),
     }
 }
