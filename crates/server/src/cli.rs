@@ -379,6 +379,11 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_STREAM_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_stream_bytes: Option<usize>,
+    /// Most streams (SERVER_API section 4) one user may have open at once; starting one more is 422
+    /// `limit_exceeded` until one ends [default: 16].
+    #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_OPEN_STREAMS_PER_USER", value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_open_streams_per_user: Option<usize>,
     /// Seconds without a chunk after which an open stream is cancelled with reason `timeout` [default: 60].
     #[arg(long, help_heading = "Limits", env = "CHATSYNC_STREAM_IDLE_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -120,6 +120,8 @@ pub struct Config {
     pub stream_idle_timeout_secs: u64,
     /// Most text one stream may accumulate, bytes (beyond it a chunk is `limit_exceeded`).
     pub max_stream_bytes: usize,
+    /// Most streams one user may have open at once (beyond it a start is `limit_exceeded`).
+    pub max_open_streams_per_user: usize,
     /// Sustained `/v1/api` requests per second per API key on each node (0: no limit).
     pub api_rate_per_sec: u32,
     /// Size of each API key's bucket, requests (0: one second's worth, the rate itself).
@@ -206,6 +208,7 @@ impl Default for Config {
             no_web_demo: false,
             stream_idle_timeout_secs: 60,
             max_stream_bytes: 262_144,
+            max_open_streams_per_user: 16,
             api_rate_per_sec: 0,
             api_rate_burst: 0,
         }
@@ -250,6 +253,7 @@ impl Config {
             ("ws_read_buffer_bytes", self.ws_read_buffer_bytes as u64),
             ("stream_idle_timeout_secs", self.stream_idle_timeout_secs),
             ("max_stream_bytes", self.max_stream_bytes as u64),
+            ("max_open_streams_per_user", self.max_open_streams_per_user as u64),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -398,6 +402,21 @@ mod tests {
         assert_eq!(Config { commit_window_us: Some(100_000), ..Config::default() }.validate(), Ok(()));
         let too_long = Config { commit_window_us: Some(100_001), ..Config::default() };
         assert!(too_long.validate().unwrap_err().starts_with("commit_window_us is at most 100000"));
+    }
+
+    #[test]
+    fn the_cap_of_open_streams_is_16_unless_the_file_or_a_flag_says_otherwise_and_never_0() {
+        use clap::Parser;
+        assert_eq!(Config::default().max_open_streams_per_user, 16);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "max_open_streams_per_user = 4\n").unwrap();
+        assert_eq!(Config::load(Some(&file), &[]).unwrap().max_open_streams_per_user, 4, "the file");
+        let args = ["chatsync", "serve", "--max-open-streams-per-user", "3", "--config", file.to_str().unwrap()];
+        let cli = crate::cli::Cli::try_parse_from(args).unwrap();
+        assert_eq!(cli.config().unwrap().max_open_streams_per_user, 3, "the flag beats the file");
+        let zero = Config { max_open_streams_per_user: 0, ..Config::default() };
+        assert_eq!(zero.validate().unwrap_err(), "max_open_streams_per_user must be greater than 0");
     }
 
     #[test]

@@ -112,3 +112,45 @@ async fn a_session_lifetime_at_its_bound_is_taken_and_one_second_more_is_not() {
     assert_eq!(status, 201, "{body}");
     assert!(body["expires_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{body}");
 }
+
+/// serde reads a struct from a JSON array too, its fields by position: `[1,"x"]` was accepted as chunk 1
+/// (202), `["carol", true]` created a user with 2FA, and `[]` completed a stream. Every request body is a
+/// JSON object (SERVER_API.md section 7, "Bodies"): any other JSON value is 400 `invalid_payload` naming
+/// `body`, and changes nothing.
+#[tokio::test]
+async fn a_body_that_is_not_a_json_object_is_refused_and_changes_nothing() {
+    let (server, api, chunks) = open_stream().await;
+    let complete = format!("{STREAMS}/s1/complete");
+    let bodies = [r#"[1,"x"]"#, " \n[1, \"x\"]", "[]", "1", r#""x""#, "null", "true"];
+    for path in
+        [chunks.as_str(), &complete, STREAMS, "/users", "/users/alice/sessions", "/users/alice/chats/c1/messages"]
+    {
+        for body in bodies {
+            let (status, reply) = post_raw(&api, path, body.into()).await;
+            assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("body"))), "{path} {body}: {reply}");
+        }
+    }
+    let (status, reply) = post_raw(&api, "/users", r#"["carol", true]"#.into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("body"))), "{reply}");
+    assert!(server.ctx.store.user("carol").await.unwrap().is_none(), "no user from an array");
+    // Not JSON at all stays `invalid_json`; an object (also after whitespace) is read as before.
+    let (status, reply) = post_raw(&api, &chunks, "[1,".into()).await;
+    assert_eq!((status, error(&reply).0), (400, "invalid_json"), "{reply}");
+    // The stream is still open, with no chunk: it takes chunk 1 now.
+    assert_eq!(post_raw(&api, &chunks, " \r\n\t{\"seq\":1,\"delta\":\"x\"}".into()).await.0, 202);
+}
+
+/// A missing field is named (SERVER_API.md section 1: `field` is the offending field's dotted path), not
+/// reported as `body`, the object that lacks it.
+#[tokio::test]
+async fn a_missing_field_is_named() {
+    let (_server, api, chunks) = open_stream().await;
+    let (status, reply) = post_raw(&api, &chunks, r#"{"seq":1}"#.into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("delta"))), "{reply}");
+    let (status, reply) = post_raw(&api, &chunks, r#"{"delta":"x"}"#.into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("seq"))), "{reply}");
+    let (status, reply) = post_raw(&api, "/users", "".into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("user_id"))), "an empty body is {{}}: {reply}");
+    let (status, reply) = post_raw(&api, STREAMS, r#"{"stream_id":"s2","message_id":"m2"}"#.into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("sender_name"))), "{reply}");
+}

@@ -123,13 +123,14 @@ async fn every_status_of_start_chunks_and_abort() {
         (json!({"stream_id": "s", "message_id": "a/b", "sender_name": "x"}), "message_id"),
         (json!({"stream_id": "s", "message_id": "m", "sender_name": "user"}), "sender_name"),
         (json!({"stream_id": "s", "message_id": "m", "sender_name": ""}), "sender_name"),
-        (json!({"stream_id": "s", "message_id": "m"}), "body"),
+        (json!({"stream_id": "s", "message_id": "m"}), "sender_name"),
+        (json!({"message_id": "m", "sender_name": "x"}), "stream_id"),
         (json!({"stream_id": "s", "message_id": "m", "sender_name": "x", "meta": []}), "meta"),
-        (json!({"stream_id": "s", "message_id": "m", "sender_name": "x", "extra": 1}), "body"),
+        (json!({"stream_id": "s", "message_id": "m", "sender_name": "x", "extra": 1}), "extra"),
     ] {
         let (status, body) = api.post(STREAMS, bad.clone()).await;
         assert_eq!((status, code(&body)), (400, "invalid_payload"), "{bad}: {body}");
-        assert!(field(&body).contains(f) || f == "body", "{bad}: {body}");
+        assert_eq!(field(&body), f, "{bad}: {body}");
     }
     let (status, body) = api.post("/users/alice/chats/c%20d/streams", start_body("s", "m")).await;
     assert_eq!((status, code(&body), field(&body)), (400, "invalid_payload", "chat_id"));
@@ -361,6 +362,132 @@ async fn complete_stores_the_message_then_announces_it_and_closes_the_stream() {
     assert_quiet(&mut laptop).await;
     let history = all_messages(&mut laptop, "c1").await;
     assert_eq!((history.messages.len(), history.messages[0].content.clone()), (3, text("question")));
+}
+
+/// A `complete` whose write committed but whose answer was lost is 503, and the stream is open again
+/// (SERVER_API.md section 7); the retry finds the stream's own message stored (same id, chat, sender and
+/// content) and completes the stream: devices get `chat_message_added` and `stream_completed` exactly as on
+/// a first success, the backend the duplicate answer of section 3 (200, the original `seq`). It used to
+/// take the branch of a backend reusing ids: 409 for the backend and `stream_cancelled` (`aborted`) on
+/// every device, though the reply was stored (and never announced). Another message under the stream's
+/// id (same sender, other content) is still that case.
+#[tokio::test]
+async fn a_complete_retried_after_its_write_committed_but_lost_the_answer_completes_the_stream() {
+    let server = TestServer::start().await;
+    let faults = server.ctx.chats.writer_faults().expect("the SQLite store has a writer");
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    let complete = |stream: &str| format!("{STREAMS}/{stream}/complete");
+
+    // The streamed text, into a chat that the completion creates.
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s1", 1, "Hello ").await.0, 202);
+    assert_eq!(send_chunk(&api, "s1", 2, "world").await.0, 202);
+    faults.lose_answer_next(1);
+    let (status, body) = api.post(&complete("s1"), json!({})).await;
+    assert_eq!((status, code(&body)), (503, "unavailable"), "{body}");
+    let (status, body) = api.post(&complete("s1"), json!({})).await;
+    assert_eq!(
+        (status, body.clone()),
+        (200, json!({"chat_id": "c1", "message_id": "m1", "seq": 1, "messages_v": 1, "duplicate": true})),
+        "{body}"
+    );
+    for c in [&mut phone, &mut laptop] {
+        expect_msg!(next_event(c).await, StreamStarted);
+        assert_eq!(text_until(c, "s1", 2).await, "Hello world");
+        let added = expect_msg!(next_event(c).await, ChatMessageAdded);
+        assert_eq!((added.message.message_id.as_str(), added.message.seq), ("m1", 1));
+        assert_eq!(
+            (added.message.sender_name.as_str(), added.message.content.clone()),
+            ("assistant", text("Hello world"))
+        );
+        let done = expect_msg!(next_event(c).await, StreamCompleted);
+        assert_eq!((done.stream_id.as_str(), done.message_id.as_str(), done.seq, done.messages_v), ("s1", "m1", 1, 1));
+        assert_quiet(c).await;
+    }
+    // Completed: closed, stored once.
+    let (status, body) = api.post(&complete("s1"), json!({})).await;
+    assert_eq!((status, code(&body)), (409, "conflict"));
+    assert!(sync_all(&mut phone).await.active_streams.is_empty());
+    let history = all_messages(&mut laptop, "c1").await;
+    assert_eq!(history.messages.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), ["m1"]);
+
+    // With an explicit content, retried with the same body.
+    let content = json!({"type": "doc", "text": "final"});
+    assert_eq!(api.post(STREAMS, start_body("s2", "m2")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s2", 1, "draft").await.0, 202);
+    faults.lose_answer_next(1);
+    assert_eq!(api.post(&complete("s2"), json!({"content": content})).await.0, 503);
+    let (status, body) = api.post(&complete("s2"), json!({"content": content})).await;
+    assert_eq!((status, body["seq"].clone(), body["duplicate"].clone()), (200, json!(2), json!(true)), "{body}");
+    expect_msg!(next_event(&mut laptop).await, StreamStarted);
+    expect_msg!(next_event(&mut laptop).await, StreamChunk);
+    let added = expect_msg!(next_event(&mut laptop).await, ChatMessageAdded);
+    assert_eq!(added.message.content, MessageContent::Json(content.as_object().unwrap().clone()));
+    expect_msg!(next_event(&mut laptop).await, StreamCompleted);
+    assert_quiet(&mut laptop).await;
+
+    // Another message of the same sender under the stream's id: the stream's text can never be stored
+    // there, so the stream ends (409, `aborted`), as for a backend reusing ids.
+    let other = json!({"message_id": "m3", "sender_name": "assistant", "content": "another reply"});
+    assert_eq!(api.post("/users/alice/chats/c1/messages", other).await.0, 201);
+    expect_msg!(next_event(&mut laptop).await, ChatMessageAdded);
+    assert_eq!(api.post(STREAMS, start_body("s3", "m3")).await.0, 201);
+    expect_msg!(next_event(&mut laptop).await, StreamStarted);
+    assert_eq!(send_chunk(&api, "s3", 1, "my reply").await.0, 202);
+    expect_msg!(next_event(&mut laptop).await, StreamChunk);
+    let (status, body) = api.post(&complete("s3"), json!({})).await;
+    assert_eq!((status, code(&body)), (409, "conflict"), "{body}");
+    let ended = expect_msg!(next_event(&mut laptop).await, StreamCancelled);
+    assert_eq!((ended.stream_id.as_str(), ended.reason), ("s3", StreamCancelReason::Aborted));
+    assert_quiet(&mut laptop).await;
+    let history = all_messages(&mut laptop, "c1").await;
+    assert_eq!(history.messages.len(), 3);
+    assert_eq!(history.messages[2].content, text("another reply"));
+}
+
+/// A user has at most `max_open_streams_per_user` streams open (each holds up to `max_stream_bytes` until
+/// its idle timeout, and every initial sync copies them all): one more start is 422 `limit_exceeded`
+/// naming `stream_id` and announces nothing, until a stream ends (completed, aborted, cancelled by a
+/// device; the idle sweep in `stream_registry_contract.rs`). A retried start is not a new stream, and
+/// the cap is per user.
+#[tokio::test]
+async fn a_start_past_the_users_cap_of_open_streams_is_limit_exceeded_until_one_ends() {
+    let server = TestServer::start_with(|c| c.max_open_streams_per_user = 2).await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    server.user("bob", false).await;
+    let start = |stream: &str| start_body(stream, &format!("m-{stream}"));
+    let over_cap = |(status, body): (u16, Value)| {
+        assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "stream_id"), "{body}");
+    };
+    assert_eq!(api.post(STREAMS, start("s1")).await.0, 201);
+    assert_eq!(api.post("/users/alice/chats/c2/streams", start("s2")).await.0, 201);
+    over_cap(api.post(STREAMS, start("s3")).await);
+    over_cap(api.post("/users/alice/chats/c3/streams", start("s3")).await);
+    assert_eq!(api.post(STREAMS, start("s1")).await.0, 200, "a retried start");
+    assert_eq!(api.post("/users/bob/chats/c1/streams", start("s3")).await.0, 201, "bob's own cap");
+    for expected in ["s1", "s2"] {
+        assert_eq!(expect_msg!(next_event(&mut phone).await, StreamStarted).stream_id.as_str(), expected);
+    }
+    assert_quiet(&mut phone).await;
+    let open: Vec<_> = sync_all(&mut phone).await.active_streams.into_iter().map(|s| s.stream_id.to_string()).collect();
+    assert_eq!(open.len(), 2, "{open:?}");
+
+    // A completed stream frees its slot...
+    assert_eq!(api.post(&format!("{STREAMS}/s1/complete"), json!({"content": "done"})).await.0, 201);
+    assert_eq!(api.post(STREAMS, start("s3")).await.0, 201);
+    over_cap(api.post(STREAMS, start("s4")).await);
+    // ...and so does an aborted one...
+    assert_eq!(api.delete(&format!("{STREAMS}/s3")).await.0, 204);
+    assert_eq!(api.post(STREAMS, start("s4")).await.0, 201);
+    over_cap(api.post(STREAMS, start("s5")).await);
+    // ...and one a device cancelled.
+    let reply = phone.request(&msg("cancel_stream", json!({"chat_id": "c1", "stream_id": "s4"}))).await.unwrap();
+    assert_eq!(expect_msg!(reply, StreamCancelled).reason, StreamCancelReason::CancelledByUser);
+    assert_eq!(api.post(STREAMS, start("s5")).await.0, 201);
+    over_cap(api.post(STREAMS, start("s6")).await);
 }
 
 #[tokio::test]

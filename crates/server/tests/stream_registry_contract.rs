@@ -46,6 +46,22 @@ async fn registries() -> Vec<(&'static str, Arc<dyn StreamRegistry>, Arc<dyn Str
     out
 }
 
+/// As [`registries`], with at most `cap` open streams per user.
+async fn capped_registries(cap: usize) -> Vec<(&'static str, Arc<dyn StreamRegistry>, Arc<dyn StreamRegistry>)> {
+    let memory: Arc<dyn StreamRegistry> = Arc::new(MemoryStreams::new(MAX).with_max_open(cap));
+    let mut out = vec![("memory", memory.clone(), memory)];
+    if let Some(url) = common::cluster::redis_url() {
+        let prefix = common::cluster::unique_prefix();
+        let master = MasterKey::generate();
+        let node = |m: &MasterKey| -> Arc<dyn StreamRegistry> {
+            let r = RedisStreams::new(&url, &prefix, m.derive("streams"), MAX, Duration::from_secs(60)).unwrap();
+            Arc::new(r.with_max_open(cap))
+        };
+        out.push(("redis", node(&master), node(&master)));
+    }
+    out
+}
+
 #[tokio::test]
 async fn open_is_idempotent_for_the_same_stream_and_refuses_another() {
     for (name, r, _) in registries().await {
@@ -840,4 +856,69 @@ async fn a_merge_raced_by_a_take_and_a_restore_leaves_the_restored_stream() {
     assert_eq!(chunk_entries(&own.url()).await, 2, "the restored text, then the 66th");
     let again = other_node.take(&k).await.unwrap().expect("open");
     assert_eq!((again.seq, again.content), (66, format!("{}!", "ab".repeat(65))));
+}
+
+/// A user has at most the cap of streams open (`max_open_streams_per_user`), counted across chats and, in
+/// Redis, across nodes; a retried start of an open stream is not a new one, another user has a cap of
+/// their own, and every way a stream ends frees its slot: a take (`complete`, abort, `cancel_stream`, a
+/// deleted chat) and the idle sweep. A failed completion puts its stream back even at the cap (it held a
+/// slot until its take); starts then wait until the count is under the cap again.
+#[tokio::test]
+async fn a_user_has_at_most_the_cap_of_streams_open_and_an_ended_one_frees_its_slot() {
+    const CAP: usize = 3;
+    let too_many = Err(StreamError::TooMany { max: CAP });
+    for (name, r, other_node) in capped_registries(CAP).await {
+        let s = |i: usize| key("alice", "c1", &format!("s{i}"));
+        let m = |i: usize| info(&format!("m{i}"));
+        for i in 0..CAP {
+            assert_eq!(r.open(&s(i), &m(i), 1).await, Ok(Opened::New), "{name}: stream {i}");
+        }
+        let elsewhere = key("alice", "c2", "x");
+        assert_eq!(other_node.open(&elsewhere, &m(9), 2).await, too_many, "{name}: in another chat, on another node");
+        assert!(!r.is_open(&elsewhere).await.unwrap(), "{name}: a refused start opens nothing");
+        assert_eq!(r.open(&s(0), &m(0), 2).await, Ok(Opened::AlreadyOpen), "{name}: a retried start");
+        assert_eq!(r.open(&s(0), &m(7), 2).await, Err(StreamError::Conflict), "{name}");
+        assert_eq!(r.open(&key("bob", "c1", "s0"), &m(0), 5).await, Ok(Opened::New), "{name}: bob's own cap");
+
+        let taken = r.take(&s(0)).await.unwrap().expect("open");
+        assert_eq!(other_node.open(&s(10), &m(10), 3).await, Ok(Opened::New), "{name}: the taken stream's slot");
+        assert_eq!(r.open(&s(11), &m(11), 3).await, too_many, "{name}");
+        r.restore(taken, 3).await.unwrap();
+        assert!(r.is_open(&s(0)).await.unwrap(), "{name}: put back over the cap");
+        assert_eq!(other_node.list("alice").await.unwrap().len(), CAP + 1, "{name}");
+        r.take(&s(1)).await.unwrap().expect("open");
+        assert_eq!(r.open(&s(11), &m(11), 4).await, too_many, "{name}: at the cap again, not under it");
+        assert_eq!(r.sweep_idle(2).await.unwrap(), vec![s(2)], "{name}: s2 went idle");
+        assert_eq!(r.open(&s(11), &m(11), 4).await, Ok(Opened::New), "{name}: the idle stream's slot");
+        assert_eq!(other_node.open(&s(12), &m(12), 4).await, too_many, "{name}");
+        let mut open: Vec<_> =
+            r.list("alice").await.unwrap().into_iter().map(|s| s.key.stream_id.to_string()).collect();
+        open.sort();
+        assert_eq!(open, ["s0", "s10", "s11"], "{name}");
+    }
+}
+
+/// Redis: a member of a user's set whose stream is gone without a take (its keys expired: the backstop
+/// when no node swept it) does not hold a slot for ever: an open that finds the user at the cap forgets
+/// such members and tries again.
+#[tokio::test]
+async fn redis_a_stream_that_expired_does_not_hold_a_slot() {
+    let Some(url) = common::cluster::redis_url() else { return };
+    let prefix = common::cluster::unique_prefix();
+    let r = RedisStreams::new(&url, &prefix, MasterKey::generate().derive("streams"), MAX, Duration::from_secs(60))
+        .unwrap()
+        .with_max_open(1);
+    r.open(&key("alice", "c1", "s1"), &info("m1"), 1).await.unwrap();
+    assert_eq!(r.open(&key("alice", "c1", "s2"), &info("m2"), 2).await, Err(StreamError::TooMany { max: 1 }));
+    // s1's hash expires (it has no chunk list): the user set still names it.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}stream:*")).query_async(&mut conn).await.unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let _: () = redis::cmd("DEL").arg(&keys[0]).query_async(&mut conn).await.unwrap();
+    assert_eq!(r.open(&key("alice", "c1", "s2"), &info("m2"), 3).await, Ok(Opened::New));
+    let open: Vec<_> = r.list("alice").await.unwrap().into_iter().map(|s| s.key.stream_id.to_string()).collect();
+    assert_eq!(open, ["s2"]);
+    assert_eq!(r.open(&key("alice", "c1", "s3"), &info("m3"), 4).await, Err(StreamError::TooMany { max: 1 }));
+    let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
 }

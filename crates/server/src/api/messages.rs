@@ -11,7 +11,7 @@ use super::{path_chat_id, path_user_id, valid_user_id, ApiError, ApiResult, ApiS
 use crate::handlers::common::{rfc3339, seal_content, secs, write_chat, USER_SENDER};
 use crate::handlers::Ctx;
 use crate::hub::Audience;
-use crate::store::chats::{WriteOp, WriteResult};
+use crate::store::chats::{ChatRecord, MessageRecord, WriteOp, WriteResult};
 use crate::store::now_millis;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -84,6 +84,39 @@ async fn create(
 /// it to ALL of the user's connections. `not_found` when the user does not exist, or the chat is another
 /// user's or was deleted.
 pub async fn store_message(ctx: &Ctx, user_id: &str, chat_id: &ChatId, m: NewMessage) -> ApiResult<StoredMessage> {
+    match write_message(ctx, user_id, chat_id, &m).await? {
+        Written::New { chat, message } => {
+            announce(ctx, user_id, chat_id, &chat, &message, m).await;
+            Ok(StoredMessage { seq: message.seq, messages_v: chat.messages_v, duplicate: false })
+        }
+        Written::Duplicate { chat, original } => {
+            Ok(StoredMessage { seq: original.seq, messages_v: chat.messages_v, duplicate: true })
+        }
+    }
+}
+
+/// What [`write_message`] found.
+pub enum Written {
+    /// The message was stored by this write: it is to be announced ([`announce`]).
+    New {
+        /// The chat after the write.
+        chat: ChatRecord,
+        /// The message as stored.
+        message: MessageRecord,
+    },
+    /// The chat already holds a message with this id (nothing changed).
+    Duplicate {
+        /// The chat as it is.
+        chat: ChatRecord,
+        /// The stored message (sealed): the caller may open it to see whether it is its own (a retried
+        /// `complete` whose first write committed but lost its answer).
+        original: MessageRecord,
+    },
+}
+
+/// Stores a backend's message, announcing nothing ([`store_message`] is the whole path; a completed
+/// stream uses the two steps to tell its own earlier write from another message under its id).
+pub async fn write_message(ctx: &Ctx, user_id: &str, chat_id: &ChatId, m: &NewMessage) -> ApiResult<Written> {
     if ctx.store.user(user_id).await?.is_none() {
         return Err(ApiError::not_found("No user has this id."));
     }
@@ -108,13 +141,25 @@ pub async fn store_message(ctx: &Ctx, user_id: &str, chat_id: &ChatId, m: NewMes
         }
         _ => ApiError::from(e),
     })?;
-    let WriteResult::Message { chat, message: stored, duplicate } = result else {
-        return Err(ApiError::internal(format!("unexpected message result {result:?}")));
-    };
-    if duplicate {
-        return Ok(StoredMessage { seq: stored.seq, messages_v: chat.messages_v, duplicate: true });
+    match result {
+        WriteResult::Message { chat, message, duplicate: false } => Ok(Written::New { chat, message }),
+        WriteResult::Message { chat, message, duplicate: true } => Ok(Written::Duplicate { chat, original: message }),
+        other => Err(ApiError::internal(format!("unexpected message result {other:?}"))),
     }
-    ctx.cache.message_added(user_id, chat_id.as_str(), &stored).await;
+}
+
+/// Merges a stored message into the cache and broadcasts it as `chat_message_added` to ALL of the user's
+/// connections (in the cluster's order for the user): `stored` as the store returned it, `m` what it holds
+/// in the clear (its id, sender and content).
+pub async fn announce(
+    ctx: &Ctx,
+    user_id: &str,
+    chat_id: &ChatId,
+    chat: &ChatRecord,
+    stored: &MessageRecord,
+    m: NewMessage,
+) {
+    ctx.cache.message_added(user_id, chat_id.as_str(), stored).await;
     let event = MessageAddedEvent {
         chat_id: chat_id.clone(),
         message: MessageOut {
@@ -130,7 +175,6 @@ pub async fn store_message(ctx: &Ctx, user_id: &str, chat_id: &ChatId, m: NewMes
     };
     let frame = encode(&ServerMessage::ChatMessageAdded(event), None);
     ctx.hub.deliver_in_order(user_id, Audience::All, frame.into()).await;
-    Ok(StoredMessage { seq: stored.seq, messages_v: chat.messages_v, duplicate: false })
 }
 
 /// A `message_id` from a body (PROTOCOL.md id rules).

@@ -264,19 +264,37 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> axum::extract::FromRequestParts
     }
 }
 
-/// Parses a request body (also for an empty body where every field is optional: `{}`).
+/// Parses a request body (also for an empty body where every field is optional: `{}`). Every body is a JSON
+/// object: serde would also read a struct from an array (its fields by position), so any other JSON value
+/// is refused up front (`invalid_payload` naming `body`).
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
         return Err(ApiError::invalid_json(format!("The request body is not valid JSON ({e}).")));
     }
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid_payload("body", "The request body must be a JSON object."));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { "body".to_owned() } else { path };
         // serde's own message names the problem ("unknown field `x`", "missing field `y`", "invalid type").
-        ApiError::invalid_payload(&field, format!("Invalid payload: {}.", e.inner()))
+        let message = e.inner().to_string();
+        let field = error_field(&e.path().to_string(), &message);
+        ApiError::invalid_payload(&field, format!("Invalid payload: {message}."))
     })
+}
+
+/// The dotted path of the field a body's error is about. serde_path_to_error's path ends at the value being
+/// read, which for a missing field is the object that lacks it (`.` for the body itself): the field is
+/// named in serde's message instead ("missing field `x`"), and is joined to that path.
+fn error_field(path: &str, message: &str) -> String {
+    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')).map(|(f, _)| f);
+    match (path, missing) {
+        (".", Some(field)) => field.to_owned(),
+        (".", None) => "body".to_owned(),
+        (path, Some(field)) => format!("{path}.{field}"),
+        (path, None) => path.to_owned(),
+    }
 }
 
 pub use crate::cli::{is_device_hash, valid_user_id};
@@ -298,4 +316,18 @@ pub fn path_chat_id(id: &str) -> ApiResult<ChatId> {
 /// RFC 3339 (UTC, seconds) of a store time, as the API reports times.
 pub fn rfc3339(ms: crate::store::Millis) -> String {
     humantime::format_rfc3339_seconds(crate::store::system_time(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_field;
+
+    #[test]
+    fn a_missing_field_is_named_by_its_whole_path() {
+        assert_eq!(error_field(".", "missing field `sender_name` at line 1 column 40"), "sender_name");
+        assert_eq!(error_field("a", "missing field `b` at line 1 column 9"), "a.b");
+        assert_eq!(error_field("a[0]", "missing field `b`"), "a[0].b");
+        assert_eq!(error_field(".", "unknown field `x`, expected `y`"), "body");
+        assert_eq!(error_field("seq", "invalid type: string \"1\", expected u64"), "seq");
+    }
 }

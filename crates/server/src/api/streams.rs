@@ -7,15 +7,21 @@
 //! * `POST …/streams/{stream_id}/chunks` `{"seq","delta"}` → 202 `{}`; a repeated `seq` → 200 `{}` and
 //!   ignored; a gap or a stream that is not open → 409; past the text cap → 422; ALL `stream_chunk`.
 //! * `POST …/streams/{stream_id}/complete` `{"content"?}` → 201 as `POST …/messages`; ALL
-//!   `stream_completed`. A stream that is not open → 409.
+//!   `chat_message_added`, then `stream_completed`. A stream that is not open → 409. A retry after a 503
+//!   whose write had committed finds the stream's own message stored → 200 with `duplicate: true`, and
+//!   ALL get what a first success sends; another message under the stream's id → 409, ALL
+//!   `stream_cancelled` (`aborted`).
 //! * `DELETE …/streams/{stream_id}` → 204; ALL `stream_cancelled` (`aborted`). Not open → 409.
 //!
 //! A stream of another user (the user id in the path is part of the stream's name) is simply not open.
 //! The work is in `streams::ops` (no transport); this file validates and maps outcomes to statuses.
 
-use super::messages::{self, store_message, NewMessage};
+use super::messages::{self, announce, write_message, NewMessage, Written};
 use super::Path;
 use super::{path_chat_id, path_user_id, ApiError, ApiResult, ApiState, Body};
+use crate::handlers::common::{chat_key, message_out};
+use crate::handlers::Ctx;
+use crate::store::chats::{ChatRecord, MessageRecord};
 use crate::streams::ops::{self, OpError};
 use crate::streams::{Appended, Opened, StreamError, StreamInfo, StreamKey};
 use axum::extract::State;
@@ -68,6 +74,10 @@ fn op_error(e: OpError) -> ApiError {
         OpError::Stream(StreamError::TooLarge { max }) => {
             ApiError::limit_exceeded("delta", format!("The stream's text would exceed max_stream_bytes ({max})."))
         }
+        OpError::Stream(StreamError::TooMany { max }) => ApiError::limit_exceeded(
+            "stream_id",
+            format!("The user has {max} streams open (max_open_streams_per_user); end one before starting another."),
+        ),
         OpError::Stream(StreamError::Unavailable(detail)) => ApiError::unavailable(detail),
     }
 }
@@ -149,27 +159,37 @@ async fn complete(
         content,
         created_at_ms: crate::store::now_millis(),
     };
-    match store_message(&s.ctx, &key.user_id, &key.chat_id, message).await {
-        Ok(stored) if stored.duplicate => {
-            // The stream's message id already names a stored message of the chat (a backend reusing ids;
-            // a retried `complete` finds the stream closed instead): the streamed text can never be
-            // stored under it, so the stream ends without a message.
+    let message_id = message.message_id.clone();
+    let posted = |status, seq, messages_v, duplicate| -> ApiResult<(StatusCode, Json<MessagePosted>)> {
+        let body = MessagePosted {
+            chat_id: key.chat_id.to_string(),
+            message_id: message_id.to_string(),
+            seq,
+            messages_v,
+            duplicate,
+        };
+        Ok((status, Json(body)))
+    };
+    match write_message(&s.ctx, &key.user_id, &key.chat_id, &message).await {
+        Ok(Written::New { chat, message: stored }) => {
+            announce(&s.ctx, &key.user_id, &key.chat_id, &chat, &stored, message).await;
+            ops::completed(&s.ctx, &key, &stream.info.message_id, stored.seq, chat.messages_v).await;
+            posted(StatusCode::CREATED, stored.seq, chat.messages_v, false)
+        }
+        Ok(Written::Duplicate { chat, original }) if is_this_message(&s.ctx, &key, &chat, &original, &message) => {
+            // This stream's own message, stored by an earlier `complete` whose answer was lost after the
+            // commit (it answered 503 and put the stream back; this is the retry). It was never announced:
+            // devices get what a first success sends, and the backend the duplicate answer of section 3.
+            announce(&s.ctx, &key.user_id, &key.chat_id, &chat, &original, message).await;
+            ops::completed(&s.ctx, &key, &stream.info.message_id, original.seq, chat.messages_v).await;
+            posted(StatusCode::OK, original.seq, chat.messages_v, true)
+        }
+        Ok(Written::Duplicate { .. }) => {
+            // The stream's message id already names another stored message of the chat (a backend reusing
+            // ids): the streamed text can never be stored under it, so the stream ends without a message.
             ops::ended_without_message(&s.ctx, &key).await;
             Err(ApiError::conflict(
                 "The stream's message_id already names a message of this chat; the stream was ended.",
-            ))
-        }
-        Ok(stored) => {
-            ops::completed(&s.ctx, &key, &stream.info.message_id, stored.seq, stored.messages_v).await;
-            Ok((
-                StatusCode::CREATED,
-                Json(MessagePosted {
-                    chat_id: key.chat_id.to_string(),
-                    message_id: stream.info.message_id.to_string(),
-                    seq: stored.seq,
-                    messages_v: stored.messages_v,
-                    duplicate: false,
-                }),
             ))
         }
         Err(e) if e.status() == StatusCode::NOT_FOUND => {
@@ -178,9 +198,29 @@ async fn complete(
             Err(e)
         }
         Err(e) => {
-            // Not stored (the store is unavailable): the stream is open again, so `complete` can be retried.
+            // Not stored, or not known to be (the store is unavailable; a write that committed but lost
+            // its answer is found by the retry, above): the stream is open again, so `complete` can be
+            // retried.
             ops::completion_failed(&s.ctx, stream).await;
             Err(e)
+        }
+    }
+}
+
+/// Whether `original`, the message stored under the stream's message id in its chat, is the one this
+/// `complete` would store: same sender and same content (the store already matched the chat and the id).
+/// So a retried `complete` tells its own earlier write, committed but unanswered, from another message
+/// under the id. A message that does not open is not this one (logged).
+fn is_this_message(ctx: &Ctx, key: &StreamKey, chat: &ChatRecord, original: &MessageRecord, m: &NewMessage) -> bool {
+    if original.sender != m.sender_name {
+        return false;
+    }
+    let opened = chat_key(ctx, &key.user_id, chat).and_then(|k| message_out(&k.key, key.chat_id.as_str(), original));
+    match opened {
+        Ok(out) => out.content == m.content,
+        Err(e) => {
+            tracing::warn!(error = ?e, chat_id = %key.chat_id, "a stored message under a stream's id does not open");
+            false
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The embedded [`StreamRegistry`]: open streams in this node's memory (one map per user under one lock).
 //! A restart loses them (SERVER_API.md section 4). Process memory is not at rest: the text is held as is.
+//! A user's open streams are counted in their map, under the lock of the insert, for the per-user cap.
 
 use super::{Appended, OpenStream, Opened, StreamError, StreamInfo, StreamKey, StreamRegistry};
 use async_trait::async_trait;
@@ -20,12 +21,21 @@ type UserStreams = HashMap<(ChatId, StreamId), Entry>;
 pub struct MemoryStreams {
     users: Mutex<HashMap<String, UserStreams>>,
     max_bytes: usize,
+    max_open: usize,
 }
 
 impl MemoryStreams {
-    /// An empty registry whose streams hold at most `max_bytes` of text each.
+    /// An empty registry whose streams hold at most `max_bytes` of text each (and no cap on the streams a
+    /// user may have open: [`MemoryStreams::with_max_open`]).
     pub fn new(max_bytes: usize) -> MemoryStreams {
-        MemoryStreams { users: Mutex::default(), max_bytes }
+        MemoryStreams { users: Mutex::default(), max_bytes, max_open: usize::MAX }
+    }
+
+    /// Caps the streams one user may have open at once at `max_open` (a start beyond it is
+    /// [`StreamError::TooMany`]).
+    pub fn with_max_open(mut self, max_open: usize) -> MemoryStreams {
+        self.max_open = max_open;
+        self
     }
 }
 
@@ -41,6 +51,10 @@ impl StreamRegistry for MemoryStreams {
         if let Some(open) = streams.get(&id(key)) {
             let same = open.info.message_id == info.message_id && open.info.sender_name == info.sender_name;
             return if same { Ok(Opened::AlreadyOpen) } else { Err(StreamError::Conflict) };
+        }
+        // Counted under the lock of the insert: concurrent starts cannot both take the last slot.
+        if streams.len() >= self.max_open {
+            return Err(StreamError::TooMany { max: self.max_open });
         }
         streams.insert(id(key), Entry { info: info.clone(), seq: 0, content: String::new(), last_ms: now_ms });
         Ok(Opened::New)

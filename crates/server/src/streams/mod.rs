@@ -112,6 +112,13 @@ pub enum StreamError {
         /// The cap, bytes.
         max: usize,
     },
+    /// The user has as many streams open as the registry allows (`max_open_streams_per_user`); a stream
+    /// that ends frees its slot.
+    #[error("the user has {max} streams open already")]
+    TooMany {
+        /// The cap, streams per user.
+        max: usize,
+    },
     /// A stream with this id is open with another message id or sender.
     #[error("a stream with this id is already open with another message id or sender")]
     Conflict,
@@ -125,7 +132,9 @@ pub enum StreamError {
 #[async_trait]
 pub trait StreamRegistry: Send + Sync + 'static {
     /// Opens a stream (`seq` 0, no text). A stream already open with the same message id and sender is
-    /// [`Opened::AlreadyOpen`]; with others, [`StreamError::Conflict`].
+    /// [`Opened::AlreadyOpen`]; with others, [`StreamError::Conflict`]. A new stream of a user who has the
+    /// registry's cap of streams open is [`StreamError::TooMany`] (checked atomically with the opening:
+    /// concurrent starts, on any node, never take a user past it).
     async fn open(&self, key: &StreamKey, info: &StreamInfo, now_ms: i64) -> Result<Opened, StreamError>;
 
     /// Accepts chunk `seq` if it is the next one (last + 1) and the text stays within the cap; a `seq` at
@@ -140,7 +149,9 @@ pub trait StreamRegistry: Send + Sync + 'static {
     async fn take(&self, key: &StreamKey) -> Result<Option<OpenStream>, StreamError>;
 
     /// Puts back a stream taken by [`StreamRegistry::take`] whose completion failed, unless a stream of
-    /// that key was opened meanwhile.
+    /// that key was opened meanwhile. The cap of open streams is not checked: the stream held a slot until
+    /// its take, and refusing it here would lose it (a user can be over the cap by the completions that
+    /// failed while new streams took their slots; starts are refused until the count is under it again).
     async fn restore(&self, stream: OpenStream, now_ms: i64) -> Result<(), StreamError>;
 
     /// Whether the stream is open (a read: another call may change it at once).
@@ -160,15 +171,19 @@ pub fn from_config(
     master: &crate::crypto::MasterKey,
 ) -> anyhow::Result<Arc<dyn StreamRegistry>> {
     let max = config.max_stream_bytes;
+    let max_open = config.max_open_streams_per_user;
     Ok(match &config.redis_url {
-        Some(url) => Arc::new(redis::RedisStreams::new(
-            url,
-            &config.redis_prefix,
-            master.derive("streams"),
-            max,
-            Duration::from_secs(config.stream_idle_timeout_secs),
-        )?),
-        None => Arc::new(memory::MemoryStreams::new(max)),
+        Some(url) => Arc::new(
+            redis::RedisStreams::new(
+                url,
+                &config.redis_prefix,
+                master.derive("streams"),
+                max,
+                Duration::from_secs(config.stream_idle_timeout_secs),
+            )?
+            .with_max_open(max_open),
+        ),
+        None => Arc::new(memory::MemoryStreams::new(max).with_max_open(max_open)),
     })
 }
 

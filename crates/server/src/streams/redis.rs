@@ -21,7 +21,8 @@
 //!   list `rec`, `seq`, `last`, then the chunks as above, expiring after 60 s (`TAKEN_TTL_MS`); once a
 //!   take that ran its script more than once has its reply, a string (`1`, same expiry) that tells a late
 //!   run of it that it is over (a take answered at its first run deletes the key);
-//! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`);
+//! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`, and counted by `OPEN` against
+//!   the per-user cap of open streams; a member whose hash expired is forgotten by `PRUNE`);
 //! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`),
 //!   its expiry pushed forward by every open and every sweep. An entry is dropped only while its score is
 //!   at most the `last` of the stream that was taken (by the sweep: its cutoff), never by a plain ZREM:
@@ -60,11 +61,15 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
-/// Opens a stream unless one is open: returns the existing `rec`, or nil after creating it.
-/// KEYS: hash, chunks, user set. ARGV: rec, now, ttl ms, S.
+/// Opens a stream unless one is open: returns the existing `rec`, or nil after creating it, or the number
+/// of the user's open streams (an integer) when that is the cap already (the user set counts them; see
+/// [`PRUNE`] for members whose stream expired).
+/// KEYS: hash, chunks, user set. ARGV: rec, now, ttl ms, S, cap.
 const OPEN: &str = r#"
 local r = redis.call('HGET', KEYS[1], 'rec')
 if r then return r end
+local open = redis.call('SCARD', KEYS[3])
+if open >= tonumber(ARGV[5]) then return open end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'seq', 0, 'bytes', 0, 'last', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[4])
@@ -193,7 +198,20 @@ if s and tonumber(s) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[
 return 0
 "#;
 
-const SCRIPTS: [&str; 7] = [OPEN, APPEND, READ, TAKE, RESTORE, COMPACT_READ, COMPACT];
+/// Forgets the members of a user set whose stream is gone (its hash expired: the backstop when no node
+/// swept it), so that they no longer count towards the user's cap; returns how many members are left.
+/// Run by an open that found the user at the cap, before it tries once more. Only members whose hash is
+/// absent go, in one script: a stream is open exactly while its hash exists (OPEN and RESTORE create the
+/// hash and add the member together; TAKE deletes both together).
+/// KEYS: user set, then the hash of each member. ARGV: the members (S), in the same order.
+const PRUNE: &str = r#"
+for i, s in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then redis.call('SREM', KEYS[1], s) end
+end
+return redis.call('SCARD', KEYS[1])
+"#;
+
+const SCRIPTS: [&str; 8] = [OPEN, APPEND, READ, TAKE, RESTORE, COMPACT_READ, COMPACT, PRUNE];
 
 /// Entries after the merged head of a stream's chunk list past which they are merged into one.
 const COMPACT_AFTER: i64 = 64;
@@ -250,6 +268,8 @@ pub struct RedisStreams {
     prefix: String,
     key: SharedKey,
     max_bytes: usize,
+    /// Most streams one user may have open at once (`usize::MAX`: no cap).
+    max_open: usize,
     ttl_ms: u64,
 }
 
@@ -290,8 +310,17 @@ impl RedisStreams {
             prefix: prefix.to_owned(),
             key,
             max_bytes,
+            max_open: usize::MAX,
             ttl_ms: (idle_timeout.as_millis() as u64).saturating_mul(2).max(60_000),
         })
+    }
+
+    /// Caps the streams one user may have open at once at `max_open` (no cap unless set); a start beyond
+    /// it is [`StreamError::TooMany`]. Counted in the user set by the opening script itself, so starts
+    /// racing on several nodes never take a user past it.
+    pub fn with_max_open(mut self, max_open: usize) -> RedisStreams {
+        self.max_open = max_open;
+        self
     }
 
     /// Sets how long a merge of a stream's chunks may take ([`COMPACT_TIMEOUT`] unless set).
@@ -447,6 +476,27 @@ impl RedisStreams {
         let shas = std::sync::Arc::new(shas);
         *guard = Some((conn.clone(), shas.clone()));
         Ok((conn, shas))
+    }
+
+    /// [`PRUNE`] of the user set of `n`: forgets the members whose stream expired; returns how many are left.
+    async fn prune(&self, n: &Names) -> Result<usize, StreamError> {
+        let mut smembers = redis::cmd("SMEMBERS");
+        smembers.arg(&n.user_set);
+        let u = n.member.split_once(':').map_or("", |(u, _)| u);
+        let members: Vec<String> = match self.command(smembers).await? {
+            Value::Array(items) | Value::Set(items) => {
+                items.into_iter().filter_map(|v| bytes(Some(v)).and_then(|b| String::from_utf8(b).ok())).collect()
+            }
+            _ => Vec::new(),
+        };
+        let hashes: Vec<String> = members.iter().map(|s| self.names_of(u, s).hash).collect();
+        let mut keys = vec![n.user_set.as_str()];
+        keys.extend(hashes.iter().map(String::as_str));
+        let args = members.into_iter().map(String::into_bytes).collect();
+        match self.eval(7, &keys, args).await? {
+            Value::Int(left) => Ok(usize::try_from(left).unwrap_or(0)),
+            _ => Err(corrupt(n)),
+        }
     }
 
     /// Forgets the shared connection (the next call reconnects and reloads the scripts).
@@ -657,9 +707,23 @@ impl StreamRegistry for RedisStreams {
         let n = self.names(key);
         self.index(&n, now_ms).await?;
         let rec = self.seal_rec(&n, key, info);
-        let args = vec![rec, now_ms.to_string().into(), self.ttl_ms.to_string().into(), n.sid.clone().into()];
-        let v = self.eval(0, &[&n.hash, &n.chunks, &n.user_set], args).await?;
+        let args = vec![
+            rec,
+            now_ms.to_string().into(),
+            self.ttl_ms.to_string().into(),
+            n.sid.clone().into(),
+            self.max_open.to_string().into(),
+        ];
+        let mut v = self.eval(0, &[&n.hash, &n.chunks, &n.user_set], args.clone()).await?;
+        if let Value::Int(_) = v {
+            // At the cap: members whose stream expired may fill it. Forget those and try once more.
+            if self.prune(&n).await? < self.max_open {
+                v = self.eval(0, &[&n.hash, &n.chunks, &n.user_set], args).await?;
+            }
+        }
         match v {
+            // The idle index entry put there above stays: the sweep finds no stream under it and drops it.
+            Value::Int(_) => Err(StreamError::TooMany { max: self.max_open }),
             Value::Nil => {
                 self.refresh_idle_set().await;
                 Ok(Opened::New)
