@@ -12,9 +12,13 @@
 //!
 //! The keys a cluster's nodes derive from the master key for the traffic they share ([`SharedKey`]: the
 //! bus, open streams in Redis) seal far more messages than any data key, for as long as the master key
-//! lives: they use XChaCha20-Poly1305, `[version 2][24-byte random nonce][ciphertext + tag]`, whose
-//! random nonces never practically repeat (AES-GCM's 96-bit random nonces are good for 2^32 messages
-//! per key, which a busy cluster's bus reaches in weeks).
+//! lives: AES-GCM's random 96-bit nonces are good for 2^32 messages per key, which a busy cluster's bus
+//! reaches in weeks. They use AES-256-GCM-SIV (RFC 8452),
+//! `[version 2][12-byte random nonce][ciphertext + tag]`: it derives the message keys from the nonce
+//! and its tag is a synthetic IV, so a random nonce that repeats reveals at most that two messages were
+//! identical (no keystream reuse, no forgery), and its limits per key are far beyond what a cluster
+//! sends. It runs on the same AES instructions as GCM (~1.4 against ~0.9 µs to seal and open 200 bytes
+//! here; XChaCha20-Poly1305 measured 4.4 µs).
 //!
 //! What it is not: it protects data files, backups and database dumps from someone without the master
 //! key. It does not protect against an attacker who can read process memory or the master key, does not
@@ -23,12 +27,12 @@
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
+use aes_gcm_siv::Aes256GcmSiv;
 use anyhow::Context;
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::rngs::OsRng;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -242,33 +246,32 @@ impl std::fmt::Debug for DataKey {
 }
 
 /// A key the nodes of a cluster derive alike ([`MasterKey::derive`]) for the traffic they share. Seals
-/// with XChaCha20-Poly1305 (see the module doc); opens that and, for what nodes of an earlier version
+/// with AES-256-GCM-SIV (see the module doc); opens that and, for what nodes of an earlier version
 /// sealed, AES-256-GCM under the same key bytes. `Debug` prints `SharedKey(..)`.
 pub struct SharedKey {
-    cipher: XChaCha20Poly1305,
-    /// Opens version-1 ciphertexts (sealed before the shared keys used XChaCha20-Poly1305).
+    cipher: Aes256GcmSiv,
+    /// Opens version-1 ciphertexts (sealed before the shared keys used AES-GCM-SIV).
     legacy: DataKey,
 }
 
 /// The version byte of [`SharedKey`] ciphertexts.
 const SHARED_VERSION: u8 = 2;
-const XNONCE_LEN: usize = 24;
 
 impl SharedKey {
     fn from_bytes(bytes: Zeroizing<[u8; 32]>) -> SharedKey {
-        let cipher = XChaCha20Poly1305::new(chacha20poly1305::Key::from_slice(&bytes[..]));
+        let cipher = Aes256GcmSiv::new(aes_gcm_siv::Key::<Aes256GcmSiv>::from_slice(&bytes[..]));
         SharedKey { cipher, legacy: DataKey::from_bytes(bytes) }
     }
 
-    /// Encrypts with a fresh random 192-bit nonce. Output: `[version 2][24-byte nonce][ciphertext + tag]`.
+    /// Encrypts with a fresh random 96-bit nonce. Output: `[version 2][12-byte nonce][ciphertext + tag]`.
     pub fn encrypt(&self, plaintext: &[u8], ad: &Aad) -> Vec<u8> {
-        let mut nonce = [0u8; XNONCE_LEN];
+        let mut nonce = [0u8; NONCE_LEN];
         OsRng.fill_bytes(&mut nonce);
         let sealed = self
             .cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: &ad.0 })
-            .expect("XChaCha20-Poly1305 encryption cannot fail below 256 GiB");
-        let mut out = Vec::with_capacity(1 + XNONCE_LEN + sealed.len());
+            .encrypt(aes_gcm_siv::Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &ad.0 })
+            .expect("AES-GCM-SIV encryption cannot fail below 64 GiB");
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
         out.push(SHARED_VERSION);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
@@ -279,10 +282,10 @@ impl SharedKey {
     /// on a wrong key, wrong AD, unknown version, truncation or tampering.
     pub fn decrypt(&self, ciphertext: &[u8], ad: &Aad) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         match ciphertext.first() {
-            Some(&SHARED_VERSION) if ciphertext.len() >= 1 + XNONCE_LEN + TAG_LEN => {
-                let (nonce, sealed) = ciphertext[1..].split_at(XNONCE_LEN);
+            Some(&SHARED_VERSION) if ciphertext.len() >= 1 + NONCE_LEN + TAG_LEN => {
+                let (nonce, sealed) = ciphertext[1..].split_at(NONCE_LEN);
                 self.cipher
-                    .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: &ad.0 })
+                    .decrypt(aes_gcm_siv::Nonce::from_slice(nonce), Payload { msg: sealed, aad: &ad.0 })
                     .map(Zeroizing::new)
                     .map_err(|_| CryptoError::Decrypt)
             }
@@ -431,12 +434,12 @@ mod tests {
     }
 
     #[test]
-    fn shared_keys_seal_with_192_bit_nonces_and_open_what_earlier_nodes_sealed() {
+    fn shared_keys_seal_with_gcm_siv_and_open_what_earlier_nodes_sealed() {
         let master = MasterKey::generate();
         let (bus, again, streams) = (master.derive("bus"), master.derive("bus"), master.derive("streams"));
         let ad = Aad::bus("p:u:alice");
         let a = bus.encrypt(b"hello", &ad);
-        assert_eq!((a[0], a.len()), (SHARED_VERSION, 1 + XNONCE_LEN + 5 + TAG_LEN));
+        assert_eq!((a[0], a.len()), (SHARED_VERSION, 1 + NONCE_LEN + 5 + TAG_LEN));
         assert_ne!(a, bus.encrypt(b"hello", &ad));
         assert_eq!(&again.decrypt(&a, &ad).unwrap()[..], b"hello", "every node derives the same key");
         assert!(streams.decrypt(&a, &ad).is_err(), "a key per purpose");
