@@ -6,7 +6,7 @@
 
 mod backends;
 
-use backends::TestBackend;
+use backends::{Place, TestBackend};
 use chatsync::store::chats::{ChatLookup, ChatRecord, ChatStore, Target, WrappedKey, WriteOp, WriteResult};
 use chatsync::store::events::{EventStore, NewEvent, PendingEvent};
 use chatsync::store::StoreError;
@@ -63,6 +63,7 @@ contract_suites!(
     webhook_leases_expire_and_are_released_by_owner,
     webhook_claims_from_two_handles_never_overlap,
     webhook_events_survive_reopening,
+    text_ties_are_ordered_by_bytes,
 );
 
 const NOW: i64 = 1_000;
@@ -929,4 +930,37 @@ async fn webhook_events_survive_reopening(b: &TestBackend) {
     assert_eq!(event_ids(&claimed), ["e1"]);
     assert_eq!((claimed[0].seq, claimed[0].attempts), (Some(1), 1));
     again.identity.close().await;
+}
+
+/// Ties in listings are broken by the bytes of the ids, as SQLite and the cache compare them, whatever
+/// the database's collation. The test database's collation is C, so on PostgreSQL the id columns are
+/// given ICU's root collation ("a1" before "B1") when the server has it: the queries must say `COLLATE "C"`.
+async fn text_ties_are_ordered_by_bytes(b: &TestBackend) {
+    if let Place::Postgres(schema) = &b.place {
+        let mut conn = schema.connect().await;
+        let icu: Option<String> =
+            sqlx::query_scalar("SELECT collname::text FROM pg_collation WHERE collname = 'und-x-icu'")
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap();
+        if icu.is_some() {
+            for sql in [
+                r#"ALTER TABLE chats ALTER COLUMN chat_id TYPE TEXT COLLATE "und-x-icu""#,
+                r#"ALTER TABLE users ALTER COLUMN user_id TYPE TEXT COLLATE "und-x-icu""#,
+            ] {
+                sqlx::query(sql).execute(&mut conn).await.unwrap();
+            }
+        } else {
+            eprintln!("note: no ICU collation on this server; the tie order is checked under its own");
+        }
+    }
+    users(b, &["a1", "B1", "alice"]).await;
+    let ids: Vec<String> = b.backend.identity.users().await.unwrap().into_iter().map(|u| u.user_id).collect();
+    assert_eq!(ids, ["B1", "a1", "alice"]);
+    let s = b.backend.chats.as_ref();
+    for chat in ["a1", "B1", "_x"] {
+        applied(write(s, title("alice", chat, "t", create(), None, 100)).await);
+    }
+    let order: Vec<String> = s.chats("alice").await.unwrap().into_iter().map(|c| c.chat_id).collect();
+    assert_eq!(order, ["B1", "_x", "a1"]);
 }

@@ -844,7 +844,7 @@ impl ChatStore for PgStore {
 
     async fn chats(&self, owner: &str) -> Result<Vec<ChatRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {CHAT_COLS} FROM chats WHERE owner = $1 ORDER BY last_edited_ms DESC, chat_id"
+            "SELECT {CHAT_COLS} FROM chats WHERE owner = $1 ORDER BY last_edited_ms DESC, chat_id COLLATE \"C\""
         ))
         .bind(owner)
         .fetch_all(&self.pool)
