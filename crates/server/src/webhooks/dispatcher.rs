@@ -8,9 +8,10 @@
 //! An event whose user's key cannot be read now (the store failing) is rescheduled the same way; one
 //! whose body does not open under that key never will, and is dropped at once.
 //! Because the schedule lives in the store, a restart resumes where the last process stopped; a node
-//! that dies mid-request loses its leases after [`LEASE`]. An attempt's outcome is recorded only if the
-//! event still holds its lease (a late result of an attempt whose lease another node took over is
-//! dropped; that node delivers the event again). The dispatcher wakes when a write on this
+//! that dies mid-request loses its leases after [`LEASE`]. An attempt (the key lookup, which waits for
+//! the store, and the request) is cut off [`ATTEMPT_BUDGET`] after its claim, well inside the lease, and
+//! its outcome is recorded only if the event still holds that lease (a late result of an attempt whose
+//! lease another node took over is dropped; that node delivers the event again). The dispatcher wakes when a write on this
 //! node recorded an event, when one of its deliveries ends, and polls as a backstop (other nodes'
 //! events, retries coming due).
 //!
@@ -31,8 +32,13 @@ use tokio_util::sync::CancellationToken;
 pub const CONCURRENCY: usize = 16;
 /// Longest wait for the backend's answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a claimed event stays leased to its node (longer than a request can take).
+/// How long a claimed event stays leased to its node (longer than an attempt can take).
 pub const LEASE: Duration = Duration::from_secs(30);
+/// How long one attempt (reading the user's key, which waits for the store, then the request) may take
+/// from the claim: well inside [`LEASE`], which leaves the outcome 10 s to be recorded under the lease.
+pub const ATTEMPT_BUDGET: Duration = Duration::from_secs(20);
+const _: () = assert!(REQUEST_TIMEOUT.as_secs() < ATTEMPT_BUDGET.as_secs());
+const _: () = assert!(ATTEMPT_BUDGET.as_secs() + 10 <= LEASE.as_secs());
 /// Longest pause between two retries.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Longest pause between two looks at the outbox.
@@ -85,10 +91,12 @@ pub async fn run(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, shutdown: CancellationToke
         let free = CONCURRENCY.saturating_sub(in_flight.len());
         if free > 0 {
             let lease = LEASE.as_millis() as i64;
+            // Taken before the claim's clock reading, so that every attempt ends inside its lease.
+            let deadline = tokio::time::Instant::now() + ATTEMPT_BUDGET;
             match hooks.events.claim_events(&hooks.node, now_millis(), lease, free as u32).await {
                 Ok(claimed) => {
                     for event in claimed {
-                        in_flight.spawn(deliver(ctx.clone(), hooks.clone(), target.clone(), event));
+                        in_flight.spawn(deliver(ctx.clone(), hooks.clone(), target.clone(), event, deadline));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot claim webhook events"),
@@ -128,15 +136,22 @@ enum Outcome {
     Delivered,
     /// The event can never be delivered (its user's key or its body does not open): dropped at once.
     Undeliverable,
-    /// Not delivered this time (a non-2xx status, no answer, the key not readable now): rescheduled, or
-    /// dropped once too old.
+    /// Not delivered this time (a non-2xx status, no answer, the key not readable now, the attempt out of
+    /// time): rescheduled, or dropped once too old.
     Failed(String),
 }
 
-/// Delivers one claimed event once, and records the outcome in its row, fenced by the lease (a result
-/// that comes after another node claimed the event again changes nothing).
-async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pending: PendingEvent) {
-    match attempt(&ctx, &target, &pending).await {
+/// Delivers one claimed event once, and records the outcome in its row. The attempt (the user's key, the
+/// request) must end by `deadline`, well inside the lease; recording the outcome is fenced by the lease
+/// (a result that comes after another node claimed the event again changes nothing).
+async fn deliver(
+    ctx: Arc<Ctx>,
+    hooks: Arc<Webhooks>,
+    target: Arc<Target>,
+    pending: PendingEvent,
+    deadline: tokio::time::Instant,
+) {
+    match within(deadline, attempt(&ctx, &target, &pending)).await {
         Outcome::Delivered => {
             tracing::debug!(event_id = %pending.event_id, event_type = %pending.kind, attempts = pending.attempts + 1, "webhook delivered");
             metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "delivered").increment(1);
@@ -148,6 +163,15 @@ async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pendi
             remove(&hooks, &pending, "drop a").await;
         }
         Outcome::Failed(reason) => reschedule(&ctx, &hooks, &pending, &reason).await,
+    }
+}
+
+/// `attempt`'s outcome, or a failure if it has none by `deadline` (the attempt is dropped there: a
+/// request cut off may still have reached the backend, which de-duplicates by id).
+async fn within(deadline: tokio::time::Instant, attempt: impl std::future::Future<Output = Outcome>) -> Outcome {
+    match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::Failed(format!("no outcome within {} s of the claim", ATTEMPT_BUDGET.as_secs())),
     }
 }
 
@@ -302,6 +326,19 @@ mod tests {
         assert_eq!(backoff(base, 9), Duration::from_secs(256));
         assert_eq!(backoff(base, 10), MAX_BACKOFF);
         assert_eq!(backoff(base, u32::MAX), MAX_BACKOFF);
+    }
+
+    /// An attempt that hangs (a key lookup on a stalled store, a request) ends at its deadline as a
+    /// failure; one that ends in time keeps its outcome. (The deadline the dispatcher gives is
+    /// [`ATTEMPT_BUDGET`] after the claim, checked against [`LEASE`] at compile time.)
+    #[tokio::test]
+    async fn an_attempt_is_cut_off_at_its_deadline() {
+        let start = tokio::time::Instant::now();
+        let outcome = within(start + Duration::from_millis(50), std::future::pending()).await;
+        assert!(matches!(outcome, Outcome::Failed(ref why) if why.contains("of the claim")));
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        let quick = within(tokio::time::Instant::now() + ATTEMPT_BUDGET, async { Outcome::Delivered }).await;
+        assert!(matches!(quick, Outcome::Delivered));
     }
 
     #[test]
