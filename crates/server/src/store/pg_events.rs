@@ -185,14 +185,23 @@ impl EventStore for PgStore {
     }
 
     async fn release_leases(&self, node: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE webhook_heads h SET lease_owner = NULL, lease_until = 0, \
-               due_at = COALESCE((SELECT e.next_attempt_at FROM webhook_events e WHERE e.id = h.head_id), 0) \
-             WHERE lease_owner = $1",
-        )
-        .bind(node)
-        .execute(&self.pool)
-        .await?;
+        // One head per statement: a statement that locked several heads while it waited for another
+        // (an insert's transaction holds its users' heads, in its own order) could deadlock with it.
+        let users: Vec<String> = sqlx::query_scalar("SELECT user_id FROM webhook_heads WHERE lease_owner = $1")
+            .bind(node)
+            .fetch_all(&self.pool)
+            .await?;
+        for user_id in users {
+            sqlx::query(
+                "UPDATE webhook_heads h SET lease_owner = NULL, lease_until = 0, \
+                   due_at = COALESCE((SELECT e.next_attempt_at FROM webhook_events e WHERE e.id = h.head_id), 0) \
+                 WHERE user_id = $1 AND lease_owner = $2",
+            )
+            .bind(&user_id)
+            .bind(node)
+            .execute(&self.pool)
+            .await?;
+        }
         Ok(())
     }
 
