@@ -1225,3 +1225,39 @@ mod heads_migration {
         backend.identity.close().await;
     }
 }
+
+/// PostgreSQL: a user's head delivered while another event of the user is being inserted (its
+/// transaction not yet committed) is passed on to that event, never dropped with it left headless: the
+/// insert's trigger holds the head row's lock until its commit, and `event_done` waits for that lock
+/// before it looks for the user's next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_head_passed_on_while_an_event_commits_keeps_it() {
+    use sqlx::Connection as _;
+    let Some(b) = backends::postgres().await else { return };
+    let Place::Postgres(schema) = &b.place else { unreachable!() };
+    let ev = b.backend.events.clone();
+    ev.record_event("u1", &event("a1", "k")).await.unwrap();
+    let claimed = claim(ev.as_ref(), "n1", NOW).await;
+    assert_eq!(event_ids(&claimed), ["a1"]);
+    let mut conn = schema.connect().await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO webhook_events (event_id, user_id, kind, body, created_at, next_attempt_at) \
+         VALUES ('a2', 'u1', 'k', '\\x00'::bytea, $1, $1)",
+    )
+    .bind(NOW)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let done = tokio::spawn({
+        let (ev, a1) = (ev.clone(), claimed[0].clone());
+        async move { ev.event_done(&a1).await.unwrap() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!done.is_finished(), "event_done waits for the inserting transaction");
+    tx.commit().await.unwrap();
+    assert!(done.await.unwrap());
+    assert_eq!(event_ids(&claim(ev.as_ref(), "n1", NOW).await), ["a2"]);
+    assert_eq!(ev.pending_events().await.unwrap(), 1);
+    heads(&b).await;
+}
