@@ -6,7 +6,7 @@
 
 mod backends;
 
-use backends::TestBackend;
+use backends::{Place, TestBackend};
 use chatsync::store::chats::{ChatLookup, ChatRecord, ChatStore, Target, WrappedKey, WriteOp, WriteResult};
 use chatsync::store::events::{EventStore, NewEvent, PendingEvent};
 use chatsync::store::StoreError;
@@ -63,6 +63,9 @@ contract_suites!(
     webhook_leases_expire_and_are_released_by_owner,
     webhook_claims_from_two_handles_never_overlap,
     webhook_events_survive_reopening,
+    webhook_heads_follow_inserts_deletes_and_reschedules,
+    webhook_results_after_a_lost_lease_change_nothing,
+    text_ties_are_ordered_by_bytes,
 );
 
 const NOW: i64 = 1_000;
@@ -806,7 +809,7 @@ async fn webhook_events_are_recorded_only_by_writes_that_apply(b: &TestBackend) 
         let mine: Vec<_> = claimed.iter().filter(|e| e.user_id == "alice").cloned().collect();
         assert_eq!(mine.len(), 1, "one event of a user at a time: {claimed:?}");
         for e in &claimed {
-            ev.event_done(e.id).await.unwrap();
+            assert!(ev.event_done(e).await.unwrap());
         }
         alice.extend(mine);
     }
@@ -830,10 +833,10 @@ async fn webhook_events_are_claimed_one_per_user_in_order(b: &TestBackend) {
     assert_eq!(event_ids(&first), ["a1", "b1"]);
     // While a user's head is leased, nothing else of that user is claimable (by anyone).
     assert!(claim(ev, "n2", NOW).await.is_empty());
-    ev.event_done(first[0].id).await.unwrap();
+    assert!(ev.event_done(&first[0]).await.unwrap());
     assert_eq!(event_ids(&claim(ev, "n2", NOW).await), ["a2"]);
     // `limit` bounds a claim.
-    ev.event_done(first[1].id).await.unwrap();
+    assert!(ev.event_done(&first[1]).await.unwrap());
     assert!(ev.claim_events("n3", NOW, 60_000, 0).await.unwrap().is_empty());
     assert_eq!(event_ids(&ev.claim_events("n3", NOW, 60_000, 1).await.unwrap()), ["b2"]);
     assert_eq!(ev.pending_events().await.unwrap(), 3);
@@ -845,13 +848,13 @@ async fn webhook_failures_reschedule_and_release_the_lease(b: &TestBackend) {
     ev.record_event("u1", &event("a2", "k")).await.unwrap();
     let first = claim(ev, "n1", NOW).await;
     assert_eq!(event_ids(&first), ["a1"]);
-    ev.event_failed(first[0].id, 1, NOW + 500).await.unwrap();
+    assert!(ev.event_failed(&first[0], 1, NOW + 500).await.unwrap());
     // The failed head is not due yet, and the user's next event waits behind it (order per user).
     assert!(claim(ev, "n1", NOW + 499).await.is_empty());
     let again = claim(ev, "n2", NOW + 500).await;
     assert_eq!(event_ids(&again), ["a1"]);
     assert_eq!(again[0].attempts, 1);
-    ev.event_failed(again[0].id, 2, NOW + 1500).await.unwrap();
+    assert!(ev.event_failed(&again[0], 2, NOW + 1500).await.unwrap());
     assert_eq!(claim(ev, "n1", NOW + 1500).await[0].attempts, 2);
 }
 
@@ -897,7 +900,7 @@ async fn webhook_claims_from_two_handles_never_overlap(b: &TestBackend) {
                     for e in claimed {
                         delivered.lock().push((e.user_id.clone(), e.event_id.clone()));
                         in_flight.lock().remove(&e.user_id);
-                        s.event_done(e.id).await.unwrap();
+                        assert!(s.event_done(&e).await.unwrap());
                     }
                     if s.pending_events().await.unwrap() == 0 {
                         break;
@@ -922,11 +925,339 @@ async fn webhook_events_survive_reopening(b: &TestBackend) {
     users(b, &["alice"]).await;
     write(b.backend.chats.as_ref(), message_with_event("alice", "c1", "m1", create(), "e1")).await;
     let claimed = claim(b.backend.events.as_ref(), "n1", NOW).await;
-    b.backend.events.event_failed(claimed[0].id, 1, NOW + 10).await.unwrap();
+    assert!(b.backend.events.event_failed(&claimed[0], 1, NOW + 10).await.unwrap());
     b.backend.identity.close().await;
     let again = b.open_again().await;
     let claimed = claim(again.events.as_ref(), "n1", NOW + 10).await;
     assert_eq!(event_ids(&claimed), ["e1"]);
     assert_eq!((claimed[0].seq, claimed[0].attempts), (Some(1), 1));
     again.identity.close().await;
+}
+
+/// The webhook heads as stored, by user: (user, the head's event id, due at, leased to, pending), checked
+/// against the outbox itself (each user with events has one head, on the oldest, counting them all).
+async fn heads(b: &TestBackend) -> Vec<(String, String, i64, Option<String>, i64)> {
+    use sqlx::Row as _;
+    const HEADS: &str = "SELECT h.user_id, e.event_id, h.due_at, h.lease_owner, h.pending \
+                         FROM webhook_heads h JOIN webhook_events e ON e.id = h.head_id ORDER BY h.user_id";
+    const DERIVED: &str = "SELECT e.user_id, e.event_id, m.n FROM webhook_events e \
+                           JOIN (SELECT user_id, MIN(id) AS id, COUNT(*) AS n FROM webhook_events GROUP BY user_id) m \
+                           ON m.id = e.id ORDER BY e.user_id";
+    type Head = (String, String, i64, Option<String>, i64);
+    let (heads, derived): (Vec<Head>, Vec<(String, String, i64)>) = match &b.place {
+        Place::Sqlite(_) => {
+            let path = b.url().trim_start_matches("sqlite://").to_owned();
+            let db = rusqlite::Connection::open(path).unwrap();
+            let heads = db
+                .prepare(HEADS)
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let derived = db
+                .prepare(DERIVED)
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            (heads, derived)
+        }
+        Place::Postgres(schema) => {
+            let mut conn = schema.connect().await;
+            let heads = sqlx::query(HEADS)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+                .collect();
+            let derived = sqlx::query(DERIVED)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            (heads, derived)
+        }
+    };
+    let shape: Vec<(String, String, i64)> = heads.iter().map(|h| (h.0.clone(), h.1.clone(), h.4)).collect();
+    assert_eq!(shape, derived, "one head per user with events, on its oldest, counting them");
+    heads
+}
+
+/// A claim reads heads only: with thousands of events none of which is due it returns nothing, and after
+/// inserts, deliveries and reschedules the heads (one per user, on its oldest event, with its schedule
+/// and count) are exactly what the outbox implies. The index keeps a claim's cost to what it returns
+/// (BENCHMARKS.md, fourteenth session, for the time).
+async fn webhook_heads_follow_inserts_deletes_and_reschedules(b: &TestBackend) {
+    const USERS: usize = 40;
+    const EACH: usize = 50;
+    let names: Vec<String> = (0..USERS).map(|u| format!("u{u:02}")).collect();
+    users(b, &names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    // 2,000 events through the chat writers (group-committed), in order per user.
+    let tasks: Vec<_> = names
+        .iter()
+        .map(|user| {
+            let (s, user) = (b.backend.chats.clone(), user.clone());
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let target = if i == 0 { create() } else { Target::Existing };
+                    let op = message_with_event(
+                        &user,
+                        &format!("{user}-c"),
+                        &format!("m{i}"),
+                        target,
+                        &format!("{user}-{i:02}"),
+                    );
+                    assert!(matches!(s.write(op).await.unwrap(), WriteResult::Message { duplicate: false, .. }));
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ev = b.backend.events.as_ref();
+    assert_eq!(ev.pending_events().await.unwrap(), (USERS * EACH) as u64);
+    let all = heads(b).await;
+    assert_eq!(all.len(), USERS);
+    assert!(all.iter().all(|h| h.1.ends_with("-00") && h.2 == NOW && h.3.is_none() && h.4 == EACH as i64), "{all:?}");
+
+    assert!(claim(ev, "n1", NOW - 1).await.is_empty(), "nothing due yet");
+    let first = claim(ev, "n1", NOW).await;
+    assert_eq!(first.len(), USERS, "one head per user, out of {} events", USERS * EACH);
+    assert!(first.iter().all(|e| e.event_id == format!("{}-00", e.user_id)));
+    assert!(heads(b).await.iter().all(|h| h.2 == NOW + 60_000 && h.3.as_deref() == Some("n1")), "leased");
+    // Every head rescheduled: thousands of events, none due.
+    for e in &first {
+        assert!(ev.event_failed(e, 1, NOW + 10_000).await.unwrap());
+    }
+    assert!(claim(ev, "n1", NOW + 9_999).await.is_empty());
+    assert!(heads(b).await.iter().all(|h| h.2 == NOW + 10_000 && h.3.is_none()));
+    // The heads due longest go first (ties by id); a limit takes some of them.
+    let some = ev.claim_events("n2", NOW + 10_000, 60_000, 10).await.unwrap();
+    assert_eq!(some.len(), 10);
+    assert!(some.iter().all(|e| e.attempts == 1 && e.event_id == format!("{}-00", e.user_id)));
+    // Delivered: each of those users' next event becomes its head, due at its own time (at once).
+    for e in &some {
+        assert!(ev.event_done(e).await.unwrap());
+    }
+    let moved: BTreeSet<String> = some.iter().map(|e| e.user_id.clone()).collect();
+    for h in heads(b).await {
+        if moved.contains(&h.0) {
+            assert_eq!((h.1.clone(), h.2, h.3, h.4), (format!("{}-01", h.0), NOW, None, EACH as i64 - 1));
+        } else {
+            assert_eq!((h.2, h.4), (NOW + 10_000, EACH as i64));
+        }
+    }
+    let next = claim(ev, "n3", NOW + 5_000).await;
+    assert_eq!(next.iter().map(|e| e.user_id.clone()).collect::<BTreeSet<_>>(), moved);
+    assert!(next.iter().all(|e| e.event_id == format!("{}-01", e.user_id) && e.attempts == 0));
+    // A new user's first event is its head at once; another event of a user only counts.
+    ev.record_event("zz", &event("zz-00", "k")).await.unwrap();
+    ev.record_event("u00", &event("u00-extra", "k")).await.unwrap();
+    let all = heads(b).await;
+    assert_eq!(all.last().unwrap(), &("zz".to_owned(), "zz-00".to_owned(), NOW, None, 1));
+    assert_eq!(all[0].4, EACH as i64 + 1 - i64::from(moved.contains("u00")));
+    assert_eq!(event_ids(&claim(ev, "n3", NOW + 5_000).await), ["zz-00"]);
+    // A user's last event delivered: no head left.
+    let zz_head = heads(b).await.into_iter().find(|h| h.0 == "zz").unwrap();
+    assert_eq!(zz_head.3.as_deref(), Some("n3"));
+    b.backend.events.release_leases("n3").await.unwrap();
+    let zz = claim(ev, "n4", NOW + 5_000).await.into_iter().find(|e| e.user_id == "zz").unwrap();
+    assert!(ev.event_done(&zz).await.unwrap());
+    assert!(heads(b).await.iter().all(|h| h.0 != "zz"));
+    assert_eq!(ev.pending_events().await.unwrap(), (USERS * EACH - some.len() + 1) as u64);
+}
+
+/// Leases are fences: after A's lease expired and B claimed the event again, A's late result (delivered
+/// or failed) changes nothing, and the user's next event stays behind B's claim. A lease that expired
+/// without being taken over still holds.
+async fn webhook_results_after_a_lost_lease_change_nothing(b: &TestBackend) {
+    let ev = b.backend.events.as_ref();
+    ev.record_event("u1", &event("a1", "k")).await.unwrap();
+    ev.record_event("u1", &event("a2", "k")).await.unwrap();
+    ev.record_event("u2", &event("b1", "k")).await.unwrap();
+    let a = ev.claim_events("A", NOW, 1000, 10).await.unwrap();
+    assert_eq!(event_ids(&a), ["a1", "b1"]);
+    // A's attempts outlive their lease; B claims both again.
+    let taken = ev.claim_events("B", NOW + 1000, 1000, 10).await.unwrap();
+    assert_eq!(event_ids(&taken), ["a1", "b1"]);
+    assert!(!ev.event_done(&a[0]).await.unwrap(), "A's late delivery must not delete B's event");
+    assert!(!ev.event_failed(&a[1], 1, NOW + 1001).await.unwrap(), "nor reschedule it");
+    assert!(claim(ev, "C", NOW + 1001).await.is_empty(), "a2 waits behind B's claim of a1, b1 stays B's");
+    assert_eq!(ev.pending_events().await.unwrap(), 3);
+    // B's results count.
+    assert!(ev.event_done(&taken[0]).await.unwrap());
+    assert!(ev.event_failed(&taken[1], 1, NOW + 5000).await.unwrap());
+    let next = claim(ev, "C", NOW + 1999).await;
+    assert_eq!(event_ids(&next), ["a2"]);
+    assert_eq!(claim(ev, "C", NOW + 5000).await[0].attempts, 1);
+    // C's lease on a2 ends unclaimed by anyone else: C's late result still holds.
+    assert!(ev.event_done(&next[0]).await.unwrap());
+    assert_eq!(ev.pending_events().await.unwrap(), 1);
+}
+
+/// Ties in listings are broken by the bytes of the ids, as SQLite and the cache compare them, whatever
+/// the database's collation. The test database's collation is C, so on PostgreSQL the id columns are
+/// given ICU's root collation ("a1" before "B1") when the server has it: the queries must say `COLLATE "C"`.
+async fn text_ties_are_ordered_by_bytes(b: &TestBackend) {
+    if let Place::Postgres(schema) = &b.place {
+        let mut conn = schema.connect().await;
+        let icu: Option<String> =
+            sqlx::query_scalar("SELECT collname::text FROM pg_collation WHERE collname = 'und-x-icu'")
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap();
+        if icu.is_some() {
+            for sql in [
+                r#"ALTER TABLE chats ALTER COLUMN chat_id TYPE TEXT COLLATE "und-x-icu""#,
+                r#"ALTER TABLE users ALTER COLUMN user_id TYPE TEXT COLLATE "und-x-icu""#,
+            ] {
+                sqlx::query(sql).execute(&mut conn).await.unwrap();
+            }
+        } else {
+            eprintln!("note: no ICU collation on this server; the tie order is checked under its own");
+        }
+    }
+    users(b, &["a1", "B1", "alice"]).await;
+    let ids: Vec<String> = b.backend.identity.users().await.unwrap().into_iter().map(|u| u.user_id).collect();
+    assert_eq!(ids, ["B1", "a1", "alice"]);
+    let s = b.backend.chats.as_ref();
+    for chat in ["a1", "B1", "_x"] {
+        applied(write(s, title("alice", chat, "t", create(), None, 100)).await);
+    }
+    let order: Vec<String> = s.chats("alice").await.unwrap().into_iter().map(|c| c.chat_id).collect();
+    assert_eq!(order, ["B1", "_x", "a1"]);
+}
+
+/// A database whose outbox predates the heads (migrations up to `0006` on SQLite, `0010` on PostgreSQL)
+/// gets them filled from its events when a store opens it: each user's oldest event, with its schedule
+/// and lease, not due before any lease of the user ends, counting the user's events.
+mod heads_migration {
+    use super::backends;
+    use chatsync::store::events::EventStore;
+    use chatsync::store::{self, Durability};
+
+    const NOW: i64 = 1_000;
+
+    /// (event id, user, attempts, next attempt, lease owner, lease until).
+    type OldRow = (&'static str, &'static str, i64, i64, Option<&'static str>, i64);
+
+    /// The outbox before the heads, in id order.
+    const OLD_ROWS: [OldRow; 6] = [
+        ("a1", "u1", 2, NOW + 500, None, 0),
+        ("b1", "u2", 0, NOW, Some("old"), NOW + 1000),
+        ("a2", "u1", 0, NOW, None, 0),
+        ("c1", "u3", 0, NOW, None, 0),
+        ("c2", "u3", 0, NOW, Some("odd"), NOW + 2000),
+        ("a3", "u1", 0, NOW, None, 0),
+    ];
+
+    fn insert(blob: &str) -> String {
+        let rows: Vec<String> = OLD_ROWS
+            .iter()
+            .map(|(id, user, attempts, next, owner, until)| {
+                let owner = owner.map_or("NULL".to_owned(), |o| format!("'{o}'"));
+                format!("('{id}', '{user}', 'k', NULL, {blob}, {NOW}, {attempts}, {next}, {owner}, {until})")
+            })
+            .collect();
+        format!(
+            "INSERT INTO webhook_events (event_id, user_id, kind, seq, body, created_at, attempts, next_attempt_at, \
+             lease_owner, lease_until) VALUES {}",
+            rows.join(", ")
+        )
+    }
+
+    async fn older(dir: &str, last: i64) -> sqlx::migrate::Migrator {
+        let mut migrator = sqlx::migrate::Migrator::new(std::path::Path::new(&format!(
+            "{}/migrations/{dir}",
+            env!("CARGO_MANIFEST_DIR")
+        )))
+        .await
+        .unwrap();
+        let kept: Vec<_> = migrator.migrations.iter().filter(|m| m.version <= last).cloned().collect();
+        assert_eq!(kept.len() as i64, last);
+        migrator.migrations = kept.into();
+        migrator
+    }
+
+    async fn check(ev: &dyn EventStore) {
+        let ids = |events: Vec<chatsync::store::events::PendingEvent>| {
+            events.into_iter().map(|e| (e.event_id, e.attempts)).collect::<Vec<_>>()
+        };
+        let claim = |now| ev.claim_events("new", now, 60_000, 10);
+        assert_eq!(ev.pending_events().await.unwrap(), 6);
+        assert!(claim(NOW).await.unwrap().is_empty(), "u1 retries later, u2 and u3 are leased");
+        ev.release_leases("old").await.unwrap();
+        assert_eq!(ids(claim(NOW).await.unwrap()), [("b1".to_owned(), 0)]);
+        assert_eq!(ids(claim(NOW + 500).await.unwrap()), [("a1".to_owned(), 2)]);
+        assert!(claim(NOW + 1999).await.unwrap().is_empty(), "u3's head waits for the lease on its later row");
+        assert_eq!(ids(claim(NOW + 2000).await.unwrap()), [("c1".to_owned(), 0)]);
+    }
+
+    #[tokio::test]
+    async fn sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chatsync.db");
+        let options = sqlx::sqlite::SqliteConnectOptions::new().filename(&path).create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+        older("sqlite", 6).await.run(&pool).await.unwrap();
+        sqlx::query(&insert("X'00'")).execute(&pool).await.unwrap();
+        pool.close().await;
+        let backend = store::open_backend(&format!("sqlite://{}", path.display()), Durability::Full).await.unwrap();
+        check(backend.events.as_ref()).await;
+        backend.identity.close().await;
+    }
+
+    #[tokio::test]
+    async fn postgres() {
+        let Some(schema) = backends::PgSchema::create().await else { return };
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&schema.url).await.unwrap();
+        older("postgres", 10).await.run(&pool).await.unwrap();
+        sqlx::query(&insert("'\\x00'::bytea")).execute(&pool).await.unwrap();
+        pool.close().await;
+        let backend = store::open_backend(&schema.url, Durability::Full).await.unwrap();
+        check(backend.events.as_ref()).await;
+        backend.identity.close().await;
+    }
+}
+
+/// PostgreSQL: a user's head delivered while another event of the user is being inserted (its
+/// transaction not yet committed) is passed on to that event, never dropped with it left headless: the
+/// insert's trigger holds the head row's lock until its commit, and `event_done` waits for that lock
+/// before it looks for the user's next event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_head_passed_on_while_an_event_commits_keeps_it() {
+    use sqlx::Connection as _;
+    let Some(b) = backends::postgres().await else { return };
+    let Place::Postgres(schema) = &b.place else { unreachable!() };
+    let ev = b.backend.events.clone();
+    ev.record_event("u1", &event("a1", "k")).await.unwrap();
+    let claimed = claim(ev.as_ref(), "n1", NOW).await;
+    assert_eq!(event_ids(&claimed), ["a1"]);
+    let mut conn = schema.connect().await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO webhook_events (event_id, user_id, kind, body, created_at, next_attempt_at) \
+         VALUES ('a2', 'u1', 'k', '\\x00'::bytea, $1, $1)",
+    )
+    .bind(NOW)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let done = tokio::spawn({
+        let (ev, a1) = (ev.clone(), claimed[0].clone());
+        async move { ev.event_done(&a1).await.unwrap() }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!done.is_finished(), "event_done waits for the inserting transaction");
+    tx.commit().await.unwrap();
+    assert!(done.await.unwrap());
+    assert_eq!(event_ids(&claim(ev.as_ref(), "n1", NOW).await), ["a2"]);
+    assert_eq!(ev.pending_events().await.unwrap(), 1);
+    heads(&b).await;
 }

@@ -354,11 +354,19 @@ impl chatsync::store::events::EventStore for FlakyOutbox {
     ) -> Result<Vec<chatsync::store::events::PendingEvent>, chatsync::store::StoreError> {
         self.inner.claim_events(node, now, lease_ms, limit).await
     }
-    async fn event_done(&self, id: i64) -> Result<(), chatsync::store::StoreError> {
-        self.inner.event_done(id).await
+    async fn event_done(
+        &self,
+        event: &chatsync::store::events::PendingEvent,
+    ) -> Result<bool, chatsync::store::StoreError> {
+        self.inner.event_done(event).await
     }
-    async fn event_failed(&self, id: i64, attempts: u32, next: i64) -> Result<(), chatsync::store::StoreError> {
-        self.inner.event_failed(id, attempts, next).await
+    async fn event_failed(
+        &self,
+        event: &chatsync::store::events::PendingEvent,
+        attempts: u32,
+        next: i64,
+    ) -> Result<bool, chatsync::store::StoreError> {
+        self.inner.event_failed(event, attempts, next).await
     }
     async fn release_leases(&self, node: &str) -> Result<(), chatsync::store::StoreError> {
         self.inner.release_leases(node).await
@@ -699,7 +707,7 @@ async fn no_event_body_plaintext_is_stored_on_postgres() {
     for needle in ["PgWebhookPlainRt6Yu", "PgStreamPlainJn2"] {
         let found: i64 = sqlx::query(
             "SELECT count(*) FROM webhook_events WHERE position(convert_to($1, 'UTF8') IN body) > 0 \
-             OR position($1 IN event_id || user_id || kind || coalesce(lease_owner, '')) > 0",
+             OR position($1 IN event_id || user_id || kind) > 0",
         )
         .bind(needle)
         .fetch_one(&mut conn)

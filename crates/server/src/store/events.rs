@@ -6,9 +6,15 @@
 //! `webhooks/`) and leave sealed: the store never sees an event's plaintext.
 //!
 //! Delivery order is per user: only a user's oldest pending event (its *head*) can be claimed, and only
-//! while no other event of that user is leased. A claim leases the row to one node until a deadline; the
-//! node then deletes it ([`EventStore::event_done`]) or reschedules it ([`EventStore::event_failed`]),
-//! which releases the lease. A node that dies mid-delivery loses its leases when they expire.
+//! while it is not leased. Both backends keep one head row per user with pending events (`webhook_heads`:
+//! the head's id, when it is due, its lease), kept in the transaction that inserts, deletes or reschedules
+//! the user's events, so that a claim reads only the due heads through an index on `due_at`: its cost
+//! follows what it returns, not the backlog. A claim leases heads to one node until a deadline; the node
+//! then deletes the event ([`EventStore::event_done`], which makes the user's next event the head) or
+//! reschedules it ([`EventStore::event_failed`]), which releases the lease. Both are *fenced*: they change
+//! nothing unless the head still carries the lease the claim returned ([`Lease`]), so the late result of
+//! an attempt whose lease expired (and that another node may have claimed again) is dropped. A node that
+//! dies mid-delivery loses its leases when they expire.
 
 use super::{Millis, StoreError};
 use async_trait::async_trait;
@@ -24,6 +30,15 @@ pub struct NewEvent {
     pub body: Vec<u8>,
     /// Creation time (server clock).
     pub created_at_ms: Millis,
+}
+
+/// The lease under which an event was claimed: its holder and its end (the store's fence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The node that claimed the event.
+    pub owner: String,
+    /// The end of the lease (`now + lease_ms` of the claim).
+    pub until: Millis,
 }
 
 /// A pending event, as claimed for delivery.
@@ -45,6 +60,8 @@ pub struct PendingEvent {
     pub created_at_ms: Millis,
     /// Failed delivery attempts so far.
     pub attempts: u32,
+    /// The lease of this claim ([`EventStore::event_done`] and [`EventStore::event_failed`] check it).
+    pub lease: Lease,
 }
 
 /// Durable outbox of webhook events. Every method is atomic on its own.
@@ -53,8 +70,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// Records one event for `user_id`, due at once, in a transaction of its own.
     async fn record_event(&self, user_id: &str, event: &NewEvent) -> Result<(), StoreError>;
 
-    /// Leases up to `limit` due events to `node` until `now + lease_ms`: each is the oldest pending event
-    /// of its user, due (`next attempt <= now`), and no event of its user is leased. Oldest first.
+    /// Leases up to `limit` due events to `node` until `now + lease_ms`: each is the head (oldest pending
+    /// event) of its user, due (`next attempt <= now`) and not leased (or its lease ended by `now`). The
+    /// heads due longest are taken first; the result is in id order. Costs an index probe and the heads
+    /// it returns, whatever the number of events waiting.
     async fn claim_events(
         &self,
         node: &str,
@@ -63,15 +82,24 @@ pub trait EventStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<PendingEvent>, StoreError>;
 
-    /// Removes event `id` (delivered, or given up).
-    async fn event_done(&self, id: i64) -> Result<(), StoreError>;
+    /// Removes a claimed event (delivered, or given up) and makes its user's next event the head, if the
+    /// event still holds the claim's lease (`event.lease`: same owner, same end; an expired lease that
+    /// nobody claimed again still holds). `Ok(false)`: the lease was lost, nothing changed.
+    async fn event_done(&self, event: &PendingEvent) -> Result<bool, StoreError>;
 
-    /// Records a failed attempt of event `id`: `attempts`, the next attempt time, and releases its lease.
-    async fn event_failed(&self, id: i64, attempts: u32, next_attempt_ms: Millis) -> Result<(), StoreError>;
+    /// Records a failed attempt of a claimed event (`attempts`, the next attempt time) and releases its
+    /// lease, under the same fence as [`EventStore::event_done`]. `Ok(false)`: the lease was lost.
+    async fn event_failed(
+        &self,
+        event: &PendingEvent,
+        attempts: u32,
+        next_attempt_ms: Millis,
+    ) -> Result<bool, StoreError>;
 
     /// Releases every lease held by `node` (its dispatcher stops, or restarts on a store it owns alone).
     async fn release_leases(&self, node: &str) -> Result<(), StoreError>;
 
-    /// Events still to deliver.
+    /// Events still to deliver (summed over the heads' counts: one row per user with pending events,
+    /// not a count of the outbox).
     async fn pending_events(&self) -> Result<u64, StoreError>;
 }

@@ -274,7 +274,7 @@ impl Store for PgStore {
     async fn devices(&self, user_id: &str) -> Result<Vec<Device>, StoreError> {
         let rows = sqlx::query(
             "SELECT device_hash, label, first_seen, last_seen FROM devices WHERE user_id = $1 \
-             ORDER BY last_seen DESC, device_hash",
+             ORDER BY last_seen DESC, device_hash COLLATE \"C\"",
         )
         .bind(user_id)
         .fetch_all(&self.pool)
@@ -286,7 +286,7 @@ impl Store for PgStore {
     }
 
     async fn users(&self) -> Result<Vec<User>, StoreError> {
-        let rows = sqlx::query("SELECT user_id, tfa_enabled, created_at FROM users ORDER BY user_id")
+        let rows = sqlx::query("SELECT user_id, tfa_enabled, created_at FROM users ORDER BY user_id COLLATE \"C\"")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(|r| User { user_id: r.get(0), tfa_enabled: r.get(1), created_at: r.get(2) }).collect())
@@ -296,7 +296,7 @@ impl Store for PgStore {
         let rows = sqlx::query(
             "SELECT s.session_id, s.device_hash, d.label, s.created_at, s.expires_at, s.revoked_at \
              FROM sessions s LEFT JOIN devices d ON d.user_id = s.user_id AND d.device_hash = s.device_hash \
-             WHERE s.user_id = $1 ORDER BY s.created_at DESC, s.session_id",
+             WHERE s.user_id = $1 ORDER BY s.created_at DESC, s.session_id COLLATE \"C\"",
         )
         .bind(user_id)
         .fetch_all(&self.pool)
@@ -394,7 +394,7 @@ impl Store for PgStore {
 
     async fn api_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         let rows = sqlx::query(
-            "SELECT key_id, name, created_at, last_used_at, revoked_at FROM api_keys ORDER BY created_at, key_id",
+            "SELECT key_id, name, created_at, last_used_at, revoked_at FROM api_keys ORDER BY created_at, key_id COLLATE \"C\"",
         )
         .fetch_all(&self.pool)
         .await?;

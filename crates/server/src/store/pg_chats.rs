@@ -519,7 +519,8 @@ static BATCH: std::sync::LazyLock<String> =
 /// One batch that records webhook events (migration `0007_webhooks.sql`), still in one statement, so
 /// in the write's own transaction: a data-modifying CTE inserts the outbox row of every op whose outcome
 /// is a stored message (with its `seq`) or a deleted chat. Ops refused, raced or duplicate record none.
-/// Rows are inserted in op order, so a user's events get ascending ids in the order of the writes.
+/// Rows are inserted in op order, so a user's events get ascending ids in the order of the writes; the
+/// trigger of migration `0011_webhook_heads.sql` keeps each user's head in the same statement.
 static BATCH_WITH_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let p: Vec<String> = (BATCH_ARGS + 1..=BATCH_ARGS + 6).map(|i| format!("${i}")).collect();
     format!(
@@ -844,7 +845,7 @@ impl ChatStore for PgStore {
 
     async fn chats(&self, owner: &str) -> Result<Vec<ChatRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {CHAT_COLS} FROM chats WHERE owner = $1 ORDER BY last_edited_ms DESC, chat_id"
+            "SELECT {CHAT_COLS} FROM chats WHERE owner = $1 ORDER BY last_edited_ms DESC, chat_id COLLATE \"C\""
         ))
         .bind(owner)
         .fetch_all(&self.pool)

@@ -882,7 +882,8 @@ fn apply(tx: &rusqlite::Connection, op: &WriteOp) -> Result<WriteResult, WriteEr
     }
 }
 
-/// Inserts a webhook event into the outbox, inside the write's transaction (due at once).
+/// Inserts a webhook event into the outbox, inside the write's transaction (due at once); the trigger of
+/// migration `0007_webhook_heads.sql` makes it its user's head, or counts it, in the same transaction.
 pub(super) fn record_event(
     tx: &rusqlite::Connection,
     user_id: &str,

@@ -8,7 +8,10 @@
 //! An event whose user's key cannot be read now (the store failing) is rescheduled the same way; one
 //! whose body does not open under that key never will, and is dropped at once.
 //! Because the schedule lives in the store, a restart resumes where the last process stopped; a node
-//! that dies mid-request loses its leases after [`LEASE`]. The dispatcher wakes when a write on this
+//! that dies mid-request loses its leases after [`LEASE`]. An attempt (the key lookup, which waits for
+//! the store, and the request) is cut off [`ATTEMPT_BUDGET`] after its claim, well inside the lease, and
+//! its outcome is recorded only if the event still holds that lease (a late result of an attempt whose
+//! lease another node took over is dropped; that node delivers the event again). The dispatcher wakes when a write on this
 //! node recorded an event, when one of its deliveries ends, and polls as a backstop (other nodes'
 //! events, retries coming due).
 //!
@@ -29,8 +32,13 @@ use tokio_util::sync::CancellationToken;
 pub const CONCURRENCY: usize = 16;
 /// Longest wait for the backend's answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a claimed event stays leased to its node (longer than a request can take).
+/// How long a claimed event stays leased to its node (longer than an attempt can take).
 pub const LEASE: Duration = Duration::from_secs(30);
+/// How long one attempt (reading the user's key, which waits for the store, then the request) may take
+/// from the claim: well inside [`LEASE`], which leaves the outcome 10 s to be recorded under the lease.
+pub const ATTEMPT_BUDGET: Duration = Duration::from_secs(20);
+const _: () = assert!(REQUEST_TIMEOUT.as_secs() < ATTEMPT_BUDGET.as_secs());
+const _: () = assert!(ATTEMPT_BUDGET.as_secs() + 10 <= LEASE.as_secs());
 /// Longest pause between two retries.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Longest pause between two looks at the outbox.
@@ -83,10 +91,12 @@ pub async fn run(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, shutdown: CancellationToke
         let free = CONCURRENCY.saturating_sub(in_flight.len());
         if free > 0 {
             let lease = LEASE.as_millis() as i64;
+            // Taken before the claim's clock reading, so that every attempt ends inside its lease.
+            let deadline = tokio::time::Instant::now() + ATTEMPT_BUDGET;
             match hooks.events.claim_events(&hooks.node, now_millis(), lease, free as u32).await {
                 Ok(claimed) => {
                     for event in claimed {
-                        in_flight.spawn(deliver(ctx.clone(), hooks.clone(), target.clone(), event));
+                        in_flight.spawn(deliver(ctx.clone(), hooks.clone(), target.clone(), event, deadline));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot claim webhook events"),
@@ -113,14 +123,6 @@ pub async fn run(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, shutdown: CancellationToke
     tracing::info!("webhook dispatcher stopped");
 }
 
-/// Removes an event that can never be delivered (counted as dropped).
-async fn drop_event(hooks: &Webhooks, pending: &PendingEvent) {
-    metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "dropped").increment(1);
-    if let Err(e) = hooks.events.event_done(pending.id).await {
-        tracing::warn!(error = %e, event_id = %pending.event_id, "cannot drop a webhook event");
-    }
-}
-
 /// Where events go.
 struct Target {
     client: reqwest::Client,
@@ -128,16 +130,53 @@ struct Target {
     secret: Vec<u8>,
 }
 
-/// Why one attempt did not deliver.
-enum Failure {
-    /// The backend answered with this non-2xx status.
-    Status(u16),
-    /// No answer (connection refused, timeout, …).
-    Transport(String),
+/// What one attempt came to.
+enum Outcome {
+    /// The backend answered 2xx.
+    Delivered,
+    /// The event can never be delivered (its user's key or its body does not open): dropped at once.
+    Undeliverable,
+    /// Not delivered this time (a non-2xx status, no answer, the key not readable now, the attempt out of
+    /// time): rescheduled, or dropped once too old.
+    Failed(String),
 }
 
-/// Delivers one claimed event once, and records the outcome in its row.
-async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pending: PendingEvent) {
+/// Delivers one claimed event once, and records the outcome in its row. The attempt (the user's key, the
+/// request) must end by `deadline`, well inside the lease; recording the outcome is fenced by the lease
+/// (a result that comes after another node claimed the event again changes nothing).
+async fn deliver(
+    ctx: Arc<Ctx>,
+    hooks: Arc<Webhooks>,
+    target: Arc<Target>,
+    pending: PendingEvent,
+    deadline: tokio::time::Instant,
+) {
+    match within(deadline, attempt(&ctx, &target, &pending)).await {
+        Outcome::Delivered => {
+            tracing::debug!(event_id = %pending.event_id, event_type = %pending.kind, attempts = pending.attempts + 1, "webhook delivered");
+            metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "delivered").increment(1);
+            // On an error the lease expires and the event goes again: the backend de-duplicates by id.
+            remove(&hooks, &pending, "remove a delivered").await;
+        }
+        Outcome::Undeliverable => {
+            metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "dropped").increment(1);
+            remove(&hooks, &pending, "drop a").await;
+        }
+        Outcome::Failed(reason) => reschedule(&ctx, &hooks, &pending, &reason).await,
+    }
+}
+
+/// `attempt`'s outcome, or a failure if it has none by `deadline` (the attempt is dropped there: a
+/// request cut off may still have reached the backend, which de-duplicates by id).
+async fn within(deadline: tokio::time::Instant, attempt: impl std::future::Future<Output = Outcome>) -> Outcome {
+    match tokio::time::timeout_at(deadline, attempt).await {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::Failed(format!("no outcome within {} s of the claim", ATTEMPT_BUDGET.as_secs())),
+    }
+}
+
+/// One attempt: the user's key, the body opened under it, the signed request.
+async fn attempt(ctx: &Ctx, target: &Target, pending: &PendingEvent) -> Outcome {
     // A store that fails to give the user's key (unavailable or failing, a row that cannot be read now)
     // is retried with backoff, up to `webhook_max_age_secs`: the event itself may be fine. A stored key
     // that does not open never will: the event is dropped, not left to hold up the user's later events.
@@ -150,8 +189,7 @@ async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pendi
                 detail = e.internal_detail().unwrap_or_default(),
                 "webhook event's user key does not open; dropped"
             );
-            drop_event(&hooks, &pending).await;
-            return;
+            return Outcome::Undeliverable;
         }
         Err(crate::keys::UserKeyError::Store(e)) => {
             tracing::warn!(
@@ -160,8 +198,7 @@ async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pendi
                 detail = e.internal_detail().unwrap_or_default(),
                 "webhook event cannot be opened now (its user's key); retrying later"
             );
-            reschedule(&ctx, &hooks, &pending, "key unavailable").await;
-            return;
+            return Outcome::Failed("key unavailable".to_owned());
         }
     };
     // A body that does not open under its key never will: dropped at once.
@@ -174,8 +211,7 @@ async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pendi
                 detail = e.internal_detail().unwrap_or_default(),
                 "webhook event cannot be opened; dropped"
             );
-            drop_event(&hooks, &pending).await;
-            return;
+            return Outcome::Undeliverable;
         }
     };
     let body = event.body(pending.seq);
@@ -189,25 +225,31 @@ async fn deliver(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, target: Arc<Target>, pendi
         .body(body.to_vec())
         .send()
         .await;
-    let failure = match sent {
-        Ok(response) if response.status().is_success() => None,
-        Ok(response) => Some(Failure::Status(response.status().as_u16())),
-        Err(e) => Some(Failure::Transport(transport_error(&e))),
-    };
-    let Some(failure) = failure else {
-        tracing::debug!(event_id = %pending.event_id, event_type = %pending.kind, attempts = pending.attempts + 1, "webhook delivered");
-        metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "delivered").increment(1);
-        if let Err(e) = hooks.events.event_done(pending.id).await {
-            // The lease expires and the event goes again: the backend de-duplicates by id.
-            tracing::warn!(error = %e, event_id = %pending.event_id, "cannot remove a delivered webhook event");
-        }
-        return;
-    };
-    let reason = match &failure {
-        Failure::Status(status) => format!("HTTP {status}"),
-        Failure::Transport(e) => e.clone(),
-    };
-    reschedule(&ctx, &hooks, &pending, &reason).await;
+    match sent {
+        Ok(response) if response.status().is_success() => Outcome::Delivered,
+        Ok(response) => Outcome::Failed(format!("HTTP {}", response.status().as_u16())),
+        Err(e) => Outcome::Failed(transport_error(&e)),
+    }
+}
+
+/// Removes a claimed event (delivered, or given up) if it still holds its lease; `what` completes the
+/// warning ("cannot {what} webhook event").
+async fn remove(hooks: &Webhooks, pending: &PendingEvent, what: &str) {
+    match hooks.events.event_done(pending).await {
+        Ok(true) => {}
+        Ok(false) => lease_lost(pending),
+        Err(e) => tracing::warn!(error = %e, event_id = %pending.event_id, "cannot {what} webhook event"),
+    }
+}
+
+/// The outcome of an attempt came after its lease was taken over (it expired and another claim took the
+/// event): nothing was recorded, and the event is delivered again (at least once).
+fn lease_lost(pending: &PendingEvent) {
+    tracing::warn!(
+        event_id = %pending.event_id,
+        event_type = %pending.kind,
+        "webhook event's lease was lost before its outcome was recorded; left to its new claim"
+    );
 }
 
 /// Records a failed attempt: reschedules the event with backoff, or drops it once it is too old.
@@ -225,9 +267,7 @@ async fn reschedule(ctx: &Ctx, hooks: &Webhooks, pending: &PendingEvent, reason:
             "webhook event not delivered within webhook_max_age_secs; dropped"
         );
         metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "dropped").increment(1);
-        if let Err(e) = hooks.events.event_done(pending.id).await {
-            tracing::warn!(error = %e, event_id = %pending.event_id, "cannot drop a webhook event");
-        }
+        remove(hooks, pending, "drop a").await;
         return;
     }
     let delay = backoff(Duration::from_millis(ctx.config.webhook_backoff_base_ms.max(1)), attempts);
@@ -241,9 +281,11 @@ async fn reschedule(ctx: &Ctx, hooks: &Webhooks, pending: &PendingEvent, reason:
     );
     metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "failed").increment(1);
     let next = now.saturating_add(delay.as_millis() as i64);
-    if let Err(e) = hooks.events.event_failed(pending.id, attempts, next).await {
+    match hooks.events.event_failed(pending, attempts, next).await {
+        Ok(true) => {}
+        Ok(false) => lease_lost(pending),
         // The lease expires and the event goes again.
-        tracing::warn!(error = %e, event_id = %pending.event_id, "cannot reschedule a webhook event");
+        Err(e) => tracing::warn!(error = %e, event_id = %pending.event_id, "cannot reschedule a webhook event"),
     }
 }
 
@@ -284,6 +326,19 @@ mod tests {
         assert_eq!(backoff(base, 9), Duration::from_secs(256));
         assert_eq!(backoff(base, 10), MAX_BACKOFF);
         assert_eq!(backoff(base, u32::MAX), MAX_BACKOFF);
+    }
+
+    /// An attempt that hangs (a key lookup on a stalled store, a request) ends at its deadline as a
+    /// failure; one that ends in time keeps its outcome. (The deadline the dispatcher gives is
+    /// [`ATTEMPT_BUDGET`] after the claim, checked against [`LEASE`] at compile time.)
+    #[tokio::test]
+    async fn an_attempt_is_cut_off_at_its_deadline() {
+        let start = tokio::time::Instant::now();
+        let outcome = within(start + Duration::from_millis(50), std::future::pending()).await;
+        assert!(matches!(outcome, Outcome::Failed(ref why) if why.contains("of the claim")));
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        let quick = within(tokio::time::Instant::now() + ATTEMPT_BUDGET, async { Outcome::Delivered }).await;
+        assert!(matches!(quick, Outcome::Delivered));
     }
 
     #[test]
