@@ -2,9 +2,12 @@
 //! SELF `initial_sync_response`: ids to delete, new or newer chats (the immediate-view chat first, with
 //! the messages the client lacks), and the server's chat order. Failures are `initial_sync_error`.
 //!
-//! The reply is bounded ("Bounded replies"): it is built (decrypted, measured) on the blocking pool and
-//! sent in parts of at most `max_reply_bytes`, `more: true` on all but the last; the lists are split over
-//! the parts, `server_chat_order` and `sync_completed_at` come whole in the last part.
+//! The reply is bounded ("Bounded replies"): it is sent in parts of at most `max_reply_bytes`, `more: true`
+//! on all but the last; the lists are split over the parts, `server_chat_order` and `sync_completed_at`
+//! (the time of the snapshot) come whole in the last part. It is built from a snapshot of the user's chats
+//! taken at once, but each part is decrypted and measured (on the blocking pool) only when the previous
+//! one has found room in the connection's queue, so a client reading a big sync slowly holds one part's
+//! plaintext in server memory, not the whole reply's.
 
 use super::bounded::{json_len, off_workers, Packer, ENVELOPE_BYTES};
 use super::common::{chat_id, message_out, open_draft, open_title, rfc3339, secs, versions};
@@ -58,18 +61,31 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
             Vec::new()
         }
     };
-    let job = SyncJob {
-        keys: ctx.keys.clone(),
+    let job = SyncJob::new(
+        ctx.keys.clone(),
         user,
         user_key,
         chats,
-        chat_versions: p.chat_versions,
+        p.chat_versions,
         immediate,
         active_streams,
-        budget: ctx.limits.max_reply_bytes as usize,
-    };
-    let parts = off_workers(move || job.build()).await?;
-    Ok(Outcome::parts(parts.into_iter().map(ServerMessage::InitialSyncResponse).collect()))
+        ctx.limits.max_reply_bytes as usize,
+    )?;
+    // Each part is built on the blocking pool when the previous one has found room (Outcome::lazy).
+    let parts = futures_util::stream::unfold(Some(job), |job| async move {
+        let mut job = job?;
+        let built = off_workers(move || {
+            let part = job.next_part();
+            Ok((job, part))
+        })
+        .await;
+        match built {
+            Ok((job, Ok(Some(part)))) => Some((Ok(ServerMessage::InitialSyncResponse(part)), Some(job))),
+            Ok((_, Ok(None))) => None,
+            Ok((_, Err(e))) | Err(e) => Some((Err(e), None)),
+        }
+    });
+    Ok(Outcome::lazy(Box::pin(parts)))
 }
 
 /// Whether the client lacks something of `chat` (any component newer than it has; `-1` when missing).
@@ -81,7 +97,8 @@ fn needs_update(chat: &ChatRecord, known: Option<&ClientVersions>) -> bool {
         || chat.messages_v as i64 > have(k.messages_v)
 }
 
-/// Everything the reply is built from, moved to the blocking pool.
+/// The reply in the making, from the snapshot taken when the request was handled: each part is built
+/// (decrypted, measured) when it is to be sent, so only one part's plaintext is in memory at a time.
 struct SyncJob {
     keys: Arc<Keyring>,
     user: String,
@@ -89,81 +106,128 @@ struct SyncJob {
     chats: Vec<ChatRecord>,
     chat_versions: BTreeMap<ChatId, ClientVersions>,
     immediate: Option<(String, Vec<MessageRecord>)>,
-    active_streams: Vec<ActiveStream>,
     budget: usize,
+    /// The time of the snapshot (the last part's `sync_completed_at`).
+    synced_at: String,
+    /// Still to place, in order: the ids to delete, the chats to add or update (indices into `chats`,
+    /// the immediate-view chat first), the open streams.
+    to_delete: std::vec::IntoIter<ChatId>,
+    updates: std::vec::IntoIter<usize>,
+    streams: std::vec::IntoIter<ActiveStream>,
+    /// An item that did not fit in the previous part, with its size.
+    carried: Option<(Item, usize)>,
+    /// The server's chat order, whole in the last part (`None` once sent).
+    order: Option<Vec<ChatId>>,
+}
+
+/// One item of a part.
+enum Item {
+    Delete(ChatId),
+    Update(Box<ChatUpdate>),
+    Stream(ActiveStream),
 }
 
 impl SyncJob {
-    /// Decrypts what the client needs and packs it into parts.
-    fn build(self) -> Result<Vec<InitialSyncResponse>, Error> {
-        let owned: HashSet<&str> = self.chats.iter().map(|c| c.chat_id.as_str()).collect();
-        let to_delete: Vec<ChatId> =
-            self.chat_versions.keys().filter(|id| !owned.contains(id.as_str())).cloned().collect();
-
-        let mut updates = Vec::new();
-        for chat in &self.chats {
-            let known = self.chat_versions.get(chat.chat_id.as_str());
-            if !needs_update(chat, known) {
-                continue;
-            }
-            let entry = self.entry(chat, known)?;
-            if entry.messages.is_some() {
-                updates.insert(0, entry);
-            } else {
-                updates.push(entry);
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        keys: Arc<Keyring>,
+        user: String,
+        user_key: Arc<DataKey>,
+        chats: Vec<ChatRecord>,
+        chat_versions: BTreeMap<ChatId, ClientVersions>,
+        immediate: Option<(String, Vec<MessageRecord>)>,
+        active_streams: Vec<ActiveStream>,
+        budget: usize,
+    ) -> Result<SyncJob, Error> {
+        let owned: HashSet<&str> = chats.iter().map(|c| c.chat_id.as_str()).collect();
+        let to_delete: Vec<ChatId> = chat_versions.keys().filter(|id| !owned.contains(id.as_str())).cloned().collect();
+        let mut updates: Vec<usize> = (0..chats.len())
+            .filter(|&i| needs_update(&chats[i], chat_versions.get(chats[i].chat_id.as_str())))
+            .collect();
+        // The immediate-view chat (the one that carries messages) comes first.
+        if let Some((id, _)) = &immediate {
+            if let Some(at) = updates.iter().position(|&i| chats[i].chat_id == *id) {
+                let first = updates.remove(at);
+                updates.insert(0, first);
             }
         }
-        let order = self.chats.iter().map(|c| chat_id(&c.chat_id)).collect::<Result<Vec<_>, _>>()?;
+        let order = chats.iter().map(|c| chat_id(&c.chat_id)).collect::<Result<Vec<_>, _>>()?;
+        Ok(SyncJob {
+            keys,
+            user,
+            user_key,
+            chats,
+            chat_versions,
+            immediate,
+            budget,
+            synced_at: rfc3339(now_millis()),
+            to_delete: to_delete.into_iter(),
+            updates: updates.into_iter(),
+            streams: active_streams.into_iter(),
+            carried: None,
+            order: Some(order),
+        })
+    }
 
-        let mut parts = Vec::new();
+    /// The next part (`None` after the last): the lists split over the parts, then the order, whole, and
+    /// `sync_completed_at` in the last part (Config::validate makes sure the order fits in one frame).
+    fn next_part(&mut self) -> Result<Option<InitialSyncResponse>, Error> {
+        let Some(order) = self.order.as_ref() else { return Ok(None) };
+        let order_size = json_len(order);
         let mut part = empty_part();
         let mut packer = Packer::new(self.budget);
-        for id in to_delete {
+        loop {
+            let (item, size) = match self.carried.take() {
+                Some(carried) => carried,
+                None => match self.next_item()? {
+                    Some(next) => next,
+                    None => break,
+                },
+            };
+            if !packer.fits(size) && !packer.is_empty() {
+                self.carried = Some((item, size));
+                part.more = true;
+                return Ok(Some(part));
+            }
+            packer.add(size);
+            match item {
+                Item::Delete(id) => part.chat_ids_to_delete.push(id),
+                Item::Update(entry) => part.chats_to_add_or_update.push(*entry),
+                Item::Stream(stream) => part.active_streams.push(stream),
+            }
+        }
+        if !packer.fits(order_size) && !packer.is_empty() {
+            // The order goes in a part of its own, the next call.
+            part.more = true;
+            return Ok(Some(part));
+        }
+        part.server_chat_order = self.order.take().unwrap_or_default();
+        part.sync_completed_at = std::mem::take(&mut self.synced_at);
+        Ok(Some(part))
+    }
+
+    /// The next item to place, decrypted, and its size.
+    fn next_item(&mut self) -> Result<Option<(Item, usize)>, Error> {
+        if let Some(id) = self.to_delete.next() {
             let size = json_len(&id);
-            if !packer.fits(size) {
-                parts.push(std::mem::replace(&mut part, empty_part()));
-                packer.next_part();
-            }
-            packer.add(size);
-            part.chat_ids_to_delete.push(id);
+            return Ok(Some((Item::Delete(id), size)));
         }
-        for entry in updates {
+        if let Some(i) = self.updates.next() {
+            let chat = &self.chats[i];
+            let entry = self.entry(chat, self.chat_versions.get(chat.chat_id.as_str()))?;
             let size = json_len(&entry);
-            if !packer.fits(size) && !packer.is_empty() {
-                parts.push(std::mem::replace(&mut part, empty_part()));
-                packer.next_part();
-            }
-            packer.add(size);
-            part.chats_to_add_or_update.push(entry);
+            return Ok(Some((Item::Update(Box::new(entry)), size)));
         }
-        // Open streams, split over the parts like the lists. A stream whose text so far cannot fit in one
-        // frame on its own (only text that escapes heavily in JSON can) is left out: the device shows its
-        // message when it completes.
-        for stream in self.active_streams {
+        // A stream whose text so far cannot fit in one frame on its own (only text that escapes heavily
+        // in JSON can) is left out: the device shows its message when it completes.
+        for stream in self.streams.by_ref() {
             let size = json_len(&stream);
-            if !Packer::new(self.budget).fits(size) {
-                tracing::warn!(chat_id = %stream.chat_id, stream_id = %stream.stream_id, "open stream too large for a sync frame; left out");
-                continue;
+            if Packer::new(self.budget).fits(size) {
+                return Ok(Some((Item::Stream(stream), size)));
             }
-            if !packer.fits(size) && !packer.is_empty() {
-                parts.push(std::mem::replace(&mut part, empty_part()));
-                packer.next_part();
-            }
-            packer.add(size);
-            part.active_streams.push(stream);
+            tracing::warn!(chat_id = %stream.chat_id, stream_id = %stream.stream_id, "open stream too large for a sync frame; left out");
         }
-        // The order comes whole in the last part (Config::validate makes sure it fits in one frame).
-        if !packer.fits(json_len(&order)) && !packer.is_empty() {
-            parts.push(std::mem::replace(&mut part, empty_part()));
-        }
-        part.server_chat_order = order;
-        part.sync_completed_at = rfc3339(now_millis());
-        parts.push(part);
-        let last = parts.len() - 1;
-        for (i, p) in parts.iter_mut().enumerate() {
-            p.more = i < last;
-        }
-        Ok(parts)
+        Ok(None)
     }
 
     /// One `chats_to_add_or_update` entry, decrypted; the immediate-view chat carries its messages, as
