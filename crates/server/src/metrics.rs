@@ -117,7 +117,7 @@ fn describe() {
     );
     describe_counter!(MESSAGES_IN, "Inbound protocol messages, by type.");
     describe_counter!(MESSAGES_OUT, "Outbound protocol messages (replies, broadcasts once), by type.");
-    describe_histogram!(HANDLER_SECONDS, Unit::Seconds, "Handler latency, by message type.");
+    describe_histogram!(HANDLER_SECONDS, Unit::Seconds, "Handler latency, by message type (up to its outcome: the parts of an initial sync or a content batch are built afterwards, as the client takes them).");
     describe_counter!(ERRORS, "Error replies, by code.");
     describe_counter!(OUTBOX_OVERFLOWS, "Connections closed as slow consumers.");
     describe_histogram!(STORE_SECONDS, Unit::Seconds, "Store call latency, by operation.");

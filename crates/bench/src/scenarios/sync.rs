@@ -72,6 +72,8 @@ struct SyncReply {
     kind: String,
     chats_changed: usize,
     order: Vec<String>,
+    /// More parts follow (`more: true`, "Bounded replies"); a server without parts never says so.
+    more: bool,
 }
 
 struct Handler {
@@ -100,6 +102,7 @@ impl FrameHandler for Handler {
                     kind: env.kind.clone(),
                     chats_changed: p["chats_to_add_or_update"].as_array().map_or(0, Vec::len),
                     order,
+                    more: p["more"] == Value::Bool(true),
                 });
             }
             "draft_update_confirmed" | "chat_title_updated" => {
@@ -186,13 +189,20 @@ async fn sync_once(
     let sent_at = Instant::now();
     sink.send(Message::text(frame.to_string())).await.context("send failed")?;
     let deadline = sent_at + timeout;
+    // A reply in parts is whole at its last part: the round trip ends there, and the parts add up.
+    let (mut bytes, mut chats) = (0, 0);
     loop {
         let r = tokio::time::timeout_at(deadline.into(), rx.recv())
             .await
             .context("timed out waiting for initial_sync_response")?
             .context("connection closed")?;
-        if r.request_id.as_deref() == Some(request_id) {
-            return Ok((r.at.saturating_duration_since(sent_at), r));
+        if r.request_id.as_deref() != Some(request_id) {
+            continue;
+        }
+        bytes += r.bytes;
+        chats += r.chats_changed;
+        if !r.more || r.kind != "initial_sync_response" {
+            return Ok((r.at.saturating_duration_since(sent_at), SyncReply { bytes, chats_changed: chats, ..r }));
         }
     }
 }
