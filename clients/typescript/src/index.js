@@ -1346,8 +1346,9 @@ export class ChatSyncClient extends Emitter {
     const { type, request_id } = envelope;
     const payload = envelope.payload ?? {};
     if (type === 'connected') {
+      // The backoff is reset only once online (see `_afterConnect`): a server that greets and then fails
+      // the sync, or closes, must not be retried at once every time.
       this.connected = payload;
-      this._attempt = 0;
       this._startKeepalive();
       this.emit('connected', payload, envelope);
       this._afterConnect();
@@ -1388,6 +1389,7 @@ export class ChatSyncClient extends Emitter {
         await this._flushMessages();
       }
       if (this._socket === socket) {
+        this._attempt = 0;
         this._setStatus('online');
         this.emit('synced');
       }

@@ -1278,3 +1278,40 @@ test('two flushes never run at once: edits whose live writes failed, lost with t
   assert.equal(queued.length, 1);
   assert.equal(queued[0].value, 'v2', 'the newest edit is the one kept');
 });
+
+// ---- review fixes ----
+
+const EMPTY_SYNC = { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: [], sync_completed_at: 'T' };
+
+test('a sync failing after `connected` (unavailable, or a close) does not reset the backoff: the delay grows', async () => {
+  const c = client({ backoff: { initialMs: 4, maxMs: 30000, jitter: 0 } });
+  /** @type {number[]} */
+  const delays = [];
+  c.on('reconnect_scheduled', (/** @type {{delay: number}} */ e) => delays.push(e.delay));
+  c.connect().catch(() => {});
+  for (let i = 0; i < 5; i++) {
+    await until(() => FakeSocket.instances.length === i + 1);
+    const s = lastSocket();
+    s.greet();
+    if (i % 2 === 0) {
+      const req = await s.next('initial_sync_request');
+      s.push({ type: 'initial_sync_error', request_id: req.request_id, payload: { code: 'unavailable', message: 'store down' } });
+    } else {
+      await until(() => c.connected !== null);
+      s.serverClose(1011, 'internal');
+    }
+    await until(() => delays.length === i + 1);
+  }
+  c.close();
+  assert.deepEqual(delays, [8, 16, 32, 64, 128]);
+  // Once online, the next loss starts from the first delay again.
+  const d = client({ backoff: { initialMs: 4, maxMs: 30000, jitter: 0 } });
+  /** @type {number[]} */
+  const after = [];
+  d.on('reconnect_scheduled', (/** @type {{delay: number}} */ e) => after.push(e.delay));
+  const socket = await online(d);
+  socket.serverClose(1006, '');
+  await until(() => after.length === 1);
+  assert.deepEqual(after, [4]);
+  d.close();
+});
