@@ -454,7 +454,19 @@ export interface ClientEvents {
    */
   change_rejected: [{ chat_id: string; change_id: string | null; type: OfflineResult['type']; error: ChatSyncError }];
   message: [Envelope];
+  /** The initial sync after a connection failed (e.g. `unavailable`): the connection is dropped and retried with backoff. */
   sync_error: [unknown];
+  /** The `token` function threw or rejected: retried with backoff. */
+  token_error: [unknown];
+  /** The `WebSocket` constructor threw: retried with backoff. */
+  socket_error: [unknown];
+  /**
+   * A server frame that is not JSON, has no `type`, or lacks a field the local model needs (the raw frame,
+   * and the error when the frame parsed). The model is left as it was; the frame is still emitted as its type.
+   */
+  protocol_error: [unknown, unknown?];
+  /** An event handler threw (the error); the other handlers and the connection carry on. */
+  listener_error: [unknown];
 }
 
 export declare class ChatSyncClient extends Emitter {

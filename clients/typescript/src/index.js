@@ -1354,7 +1354,13 @@ export class ChatSyncClient extends Emitter {
       this._afterConnect();
       return;
     }
-    this._apply(type, payload);
+    try {
+      this._apply(type, payload);
+    } catch (e) {
+      // A malformed frame (a field missing or of the wrong type) leaves the model as it was and is
+      // reported; it must not throw out of the socket's event handler (in Node, a crash of the process).
+      this.emit('protocol_error', data, e);
+    }
     this.emit(type, payload, envelope);
     this.emit('message', envelope);
     if (request_id === undefined) return;
@@ -1713,11 +1719,13 @@ export class ChatSyncClient extends Emitter {
    */
   _apply(type, p) {
     const chatId = typeof p.chat_id === 'string' ? p.chat_id : null;
+    if (chatId === null && CHAT_EVENTS.has(type)) throw new TypeError(`${type} without a chat_id`);
     if (chatId && this.deleted.has(chatId)) return;
     switch (type) {
       case 'initial_sync_response': {
         for (const id of p.chat_ids_to_delete ?? []) this._forget(id);
         for (const entry of p.chats_to_add_or_update ?? []) {
+          if (typeof entry?.chat_id !== 'string') throw new TypeError('initial_sync_response: an entry without a chat_id');
           const chat = this.chat(entry.chat_id);
           chat.known = true;
           const v = entry.versions ?? {};
@@ -1727,11 +1735,11 @@ export class ChatSyncClient extends Emitter {
           // Its count leaves out messages this client already holds from a newer broadcast.
           if (typeof entry.unread_count === 'number' && (v.messages_v ?? 0) >= chat.versions.messages_v) chat.unread_count = entry.unread_count;
           chat.versions = {
-            messages_v: Math.max(chat.versions.messages_v, v.messages_v ?? 0),
-            title_v: Math.max(chat.versions.title_v, v.title_v ?? 0),
-            draft_v: Math.max(chat.versions.draft_v, v.draft_v ?? 0),
+            messages_v: newer(chat.versions.messages_v, v.messages_v ?? 0),
+            title_v: newer(chat.versions.title_v, v.title_v ?? 0),
+            draft_v: newer(chat.versions.draft_v, v.draft_v ?? 0),
           };
-          chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, entry.last_edited_overall_timestamp ?? 0);
+          chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, entry.last_edited_overall_timestamp ?? 0);
           if (Array.isArray(entry.messages)) this._mergeMessages(chat, entry.messages);
         }
         // Chats the server no longer has come in `chat_ids_to_delete` when they were in `chat_versions`
@@ -1764,8 +1772,8 @@ export class ChatSyncClient extends Emitter {
       case 'draft_update_confirmed': {
         const chat = this.chat(p.chat_id);
         chat.known = true;
-        chat.versions.draft_v = Math.max(chat.versions.draft_v, p.draft_v);
-        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
+        chat.versions.draft_v = newer(chat.versions.draft_v, p.draft_v);
+        chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
         break;
       }
       case 'chat_draft_updated': {
@@ -1775,7 +1783,7 @@ export class ChatSyncClient extends Emitter {
           chat.draft_json = p.data.draft_json;
           chat.versions.draft_v = p.versions.draft_v;
         }
-        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
+        chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
         break;
       }
       case 'draft_delete_receipt':
@@ -1798,8 +1806,8 @@ export class ChatSyncClient extends Emitter {
           m.pending = false;
           m.seq = p.new_messages_v;
         }
-        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.new_messages_v);
-        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.new_last_edited_overall_timestamp);
+        chat.versions.messages_v = newer(chat.versions.messages_v, p.new_messages_v);
+        chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.new_last_edited_overall_timestamp);
         sortMessages(chat);
         break;
       }
@@ -1808,8 +1816,8 @@ export class ChatSyncClient extends Emitter {
         chat.known = true;
         const isNew = !chat.messages.some((m) => m.seq === p.message.seq);
         this._mergeMessages(chat, [p.message]);
-        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.versions?.messages_v ?? p.message.seq);
-        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp ?? 0);
+        chat.versions.messages_v = newer(chat.versions.messages_v, p.versions?.messages_v ?? p.message.seq);
+        chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp ?? 0);
         if (isNew && p.message.sender_name !== 'user' && p.message.seq > chat.read_seq) chat.unread_count += 1;
         break;
       }
@@ -1817,7 +1825,7 @@ export class ChatSyncClient extends Emitter {
         const chat = this.chat(p.chat_id);
         chat.known = true;
         this._mergeMessages(chat, p.messages);
-        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.messages_v);
+        chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v);
         break;
       }
       case 'chat_content_batch_response': {
@@ -1827,7 +1835,7 @@ export class ChatSyncClient extends Emitter {
           chat.known = true;
           this._mergeMessages(chat, /** @type {any[]} */ (messages));
           const v = p.versions_by_chat_id?.[id]?.messages_v ?? 0;
-          chat.versions.messages_v = Math.max(chat.versions.messages_v, v);
+          chat.versions.messages_v = newer(chat.versions.messages_v, v);
         }
         this.emit('change', null);
         return;
@@ -1845,7 +1853,7 @@ export class ChatSyncClient extends Emitter {
         if (p.read_seq < chat.read_seq) break;
         chat.read_seq = p.read_seq;
         const held = chat.messages.filter((m) => m.sender_name !== 'user' && (m.seq ?? 0) > chat.read_seq).length;
-        chat.unread_count = Math.max(p.unread_count, held);
+        chat.unread_count = newer(held, p.unread_count);
         break;
       }
       case 'stream_started': {
@@ -1863,7 +1871,7 @@ export class ChatSyncClient extends Emitter {
         stream.message_id = p.message_id ?? stream.message_id;
         stream.seq_stored = p.seq;
         const chat = this.chat(p.chat_id);
-        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.messages_v ?? 0);
+        chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v ?? 0);
         this.emit('stream', stream);
         // The stored message is the truth (chunks are never stored one by one): fetch it.
         if (typeof p.seq === 'number' && this.isOpen) {
@@ -1902,6 +1910,34 @@ export class ChatSyncClient extends Emitter {
     sortMessages(chat);
   }
 }
+
+/**
+ * The larger of `current` and `value`, or `current` when `value` is not a finite number (a malformed or
+ * missing field of a server frame).
+ * @param {number} current
+ * @param {unknown} value
+ */
+function newer(current, value) {
+  return typeof value === 'number' && Number.isFinite(value) ? Math.max(current, value) : current;
+}
+
+/** Server messages about one chat: their `chat_id` is required (see `ChatSyncClient#_apply`). */
+const CHAT_EVENTS = new Set([
+  'chat_title_updated',
+  'draft_update_confirmed',
+  'chat_draft_updated',
+  'draft_delete_receipt',
+  'draft_deleted',
+  'chat_message_confirmed',
+  'chat_message_added',
+  'chat_messages_response',
+  'chat_deleted',
+  'chat_read_updated',
+  'stream_started',
+  'stream_chunk',
+  'stream_completed',
+  'stream_cancelled',
+]);
 
 /**
  * The highest `seq` up to which a chat's messages are held without a gap.

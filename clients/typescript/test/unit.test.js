@@ -1315,3 +1315,34 @@ test('a sync failing after `connected` (unavailable, or a close) does not reset 
   assert.deepEqual(after, [4]);
   d.close();
 });
+
+test('a malformed server frame emits protocol_error, never throws; the request it answers settles; a missing number is not NaN', async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 3 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  /** @type {unknown[]} */
+  const errors = [];
+  c.on('protocol_error', (/** @type {unknown} */ data) => errors.push(data));
+  /** @type {unknown[]} */
+  const uncaught = [];
+  const onUncaught = (/** @type {unknown} */ e) => uncaught.push(e);
+  process.on('uncaughtException', onUncaught);
+  try {
+    const w = c.updateTitle('a', 't');
+    const req = await socket.next('update_title');
+    socket.push({ type: 'chat_title_updated', request_id: req.request_id, payload: { chat_id: 'a', data: { title: 't' } } });
+    await w;
+    const d = c.updateDraft('a', null);
+    const dreq = await socket.next('update_draft');
+    socket.push({ type: 'draft_update_confirmed', request_id: dreq.request_id, payload: { chat_id: 'a' } });
+    await d;
+    socket.push({ type: 'chat_draft_updated', payload: { data: { draft_json: null }, versions: { draft_v: 9 } } });
+    await new Promise((r) => setTimeout(r, 10));
+  } finally {
+    process.off('uncaughtException', onUncaught);
+  }
+  assert.equal(uncaught.length, 0);
+  assert.ok(errors.length >= 2, `protocol_error events: ${errors.length}`);
+  assert.equal(c.chat('a').versions.draft_v, 3, 'a reply without draft_v leaves the version as it was');
+  assert.equal(c.chats.has('undefined'), false);
+  c.close();
+});
