@@ -259,6 +259,23 @@ export interface BackoffOptions {
 export interface QueueStorage {
   getItem(key: string): string | null;
   setItem(key: string, value: string): void;
+  /** With `key`, `length` and `removeItem` (as `localStorage` has), each client has a key of its own (see `OfflineQueue.adopt`). */
+  removeItem?(key: string): void;
+  key?(index: number): string | null;
+  readonly length?: number;
+}
+
+/** A storage that lists its keys (`localStorage`). */
+export interface EnumerableStorage extends QueueStorage {
+  removeItem(key: string): void;
+  key(index: number): string | null;
+  readonly length: number;
+}
+
+/** The part of `navigator.locks` (Web Locks API) the offline queue uses. */
+export interface LockManagerLike {
+  request<T>(name: string, callback: (lock: unknown) => T | Promise<T>): Promise<T>;
+  request<T>(name: string, options: { ifAvailable?: boolean }, callback: (lock: unknown) => T | Promise<T>): Promise<T>;
 }
 
 export interface ClientOptions {
@@ -279,8 +296,14 @@ export interface ClientOptions {
   autoSync?: boolean;
   /** Keeps the offline queue (e.g. `localStorage`). */
   storage?: QueueStorage | null;
-  /** Storage key of the queue (default `chatsync.offline.<deviceId>`). */
+  /**
+   * Storage key of the queue (default `chatsync.offline.<deviceId>`). With a storage that lists its keys
+   * (`localStorage`), each client writes `<storageKey>.tab.<random>` and adopts the keys of clients
+   * (tabs) that are gone; else it writes `storageKey` itself (one client per storage).
+   */
   storageKey?: string;
+  /** Tells live tabs (default `navigator.locks`; `null`: none, only clients of this realm are known alive). */
+  locks?: LockManagerLike | null;
   /** The chat in view at start (its messages come with the initial sync). */
   activeChatId?: string | null;
   /** Random source for the jitter (tests). */
@@ -394,7 +417,23 @@ export declare class OfflineQueue {
    * change, message or conflict to recheck is dropped, as is a stored counter of change ids that is not a
    * whole number from 0 (the counter restarts); a corrupt queue is dropped whole.
    */
-  constructor(storage?: QueueStorage | null, key?: string);
+  constructor(storage?: QueueStorage | null, key?: string, options?: { perTab?: boolean; locks?: LockManagerLike | null });
+  /** The key given (with `perTab`, the prefix of every tab's key). */
+  readonly baseKey: string;
+  /** The key written: `key`, or with `perTab` (and a storage that lists its keys) `<key>.tab.<random>`. */
+  readonly key: string;
+  readonly perTab: boolean;
+  /** The adoption started by the constructor. */
+  adopted: Promise<void>;
+  /**
+   * Merges into this queue (and removes) the queues stored under `baseKey` and `baseKey.tab.*` whose
+   * owners are gone: held by no live queue of this realm nor (with locks) by a lock of that name.
+   */
+  adopt(): Promise<void>;
+  /** Marks this queue's key as held (this realm, and a lock with `locks`). */
+  hold(): void;
+  /** Lets another queue adopt this one's key. */
+  release(): void;
   /** Waiting to be sent. */
   changes: OfflineChange[];
   /** Sent, results not yet received (kept in storage; a reload queues them again). */

@@ -469,6 +469,32 @@ function readMessages(list) {
   return messages;
 }
 
+/** Keys of stored queues that a live {@link OfflineQueue} of this JavaScript realm holds (see `OfflineQueue#adopt`). */
+const LIVE_KEYS = new Set();
+
+/**
+ * Whether a storage can list its keys and remove one (as `localStorage` can): needed for a queue per tab.
+ * @param {unknown} storage
+ * @returns {storage is import('./index.js').EnumerableStorage}
+ */
+function isEnumerable(storage) {
+  const s = /** @type {any} */ (storage);
+  return !!s && typeof s.key === 'function' && typeof s.length === 'number' && typeof s.removeItem === 'function';
+}
+
+/** `n` random bytes in hex. @param {number} n */
+function randomHex(n) {
+  const bytes = new Uint8Array(n);
+  globalThis.crypto.getRandomValues(bytes);
+  return [...bytes].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/** When a queued change was made (ms), from its id (`oc-<time base 36>-…`); 0 when unknown. @param {{change_id: string}} change */
+function changeTime(change) {
+  const t = parseInt(change.change_id.split('-')[1] ?? '', 36);
+  return Number.isFinite(t) ? t : 0;
+}
+
 /** The most conflicts an {@link OfflineQueue} keeps to look at again (`recheck`); past it, the oldest are dropped. */
 const RECHECK_KEPT = 100;
 
@@ -484,10 +510,24 @@ export class OfflineQueue {
   /**
    * @param {{getItem(key: string): string | null, setItem(key: string, value: string): void} | null} [storage]
    * @param {string} [key]
+   * @param {{perTab?: boolean, locks?: import('./index.js').LockManagerLike | null}} [options] `perTab`: a key of
+   *   its own beside other tabs' on the same storage (see {@link adopt}); `locks`: default `navigator.locks`
    */
-  constructor(storage = null, key = 'chatsync.offline') {
+  constructor(storage = null, key = 'chatsync.offline', options = {}) {
     this.storage = storage;
-    this.key = key;
+    /** The key given; with `perTab`, the prefix of every tab's key (and a queue stored there by an older SDK). */
+    this.baseKey = key;
+    /** Whether this queue has a key of its own, beside other tabs' (see {@link adopt}). */
+    this.perTab = !!options.perTab && isEnumerable(storage);
+    const tab = this.perTab ? randomHex(6) : '';
+    /** The key this queue writes. */
+    this.key = this.perTab ? `${key}.tab.${tab}` : key;
+    /** @type {import('./index.js').LockManagerLike | null} */
+    this.locks = options.locks !== undefined ? options.locks : /** @type {any} */ (globalThis).navigator?.locks ?? null;
+    /** @type {(() => void) | null} releases the lock held on {@link key} */
+    this._unlock = null;
+    /** Tells the change ids of tabs apart. */
+    this._idTag = tab ? `${tab}-` : '';
     /** @type {import('./index.js').OfflineChange[]} */
     this.changes = [];
     /** @type {import('./index.js').OfflineChange[]} taken by {@link takeChanges}, not yet {@link settle}d */
@@ -497,25 +537,132 @@ export class OfflineQueue {
     /** @type {import('./index.js').OfflineChange[]} conflicts to look at again after the next sync (see {@link addRechecks}) */
     this.recheck = [];
     this._seq = 0;
-    if (storage) {
-      try {
-        const saved = JSON.parse(storage.getItem(key) ?? 'null');
-        if (saved && Array.isArray(saved.changes) && Array.isArray(saved.messages)) {
-          // Changes and messages are checked one by one (a malformed one is dropped; `written` of an
-          // older SDK, one value, becomes a list).
-          this.changes = readChanges(saved.changes);
-          this.messages = readMessages(saved.messages);
-          // The counter of change ids: a whole number that counting up keeps exact, else it restarts (the
-          // ids also carry the time, so they stay distinct from the stored ones).
-          this._seq = Number.isSafeInteger(saved.seq) && saved.seq >= 0 && saved.seq <= MAX_STORED_SEQ ? saved.seq : 0;
-          // Conflicts whose recheck the reload came before: checked, bounded, as when added.
-          if (Array.isArray(saved.recheck)) this.addRechecks(readChanges(saved.recheck));
-          // A batch whose results never arrived (reloaded during the round trip) is sent again.
-          if (Array.isArray(saved.in_flight)) this.restore(readChanges(saved.in_flight));
-        }
-      } catch {
-        // A corrupt saved queue is dropped: the server stays the truth.
+    const saved = this._read(this.key);
+    if (saved) {
+      this.changes = saved.changes;
+      this.messages = saved.messages;
+      this._seq = saved.seq;
+      // Conflicts whose recheck the reload came before: checked, bounded, as when added.
+      this.addRechecks(saved.recheck);
+      // A batch whose results never arrived (reloaded during the round trip) is sent again.
+      this.restore(saved.inFlight);
+    }
+    /** The adoption of the queues of tabs that are gone, started by the constructor (see {@link adopt}). */
+    this.adopted = Promise.resolve();
+    if (this.perTab) {
+      this.hold();
+      this.adopted = this.adopt();
+    }
+  }
+
+  /**
+   * The queue stored under `key`, read back checked: changes and messages one by one (a malformed one is
+   * dropped; `written` of an older SDK, one value, becomes a list); `null` when there is none or it is
+   * corrupt (the server stays the truth).
+   * @param {string} key
+   */
+  _read(key) {
+    if (!this.storage) return null;
+    try {
+      const saved = JSON.parse(this.storage.getItem(key) ?? 'null');
+      if (!saved || !Array.isArray(saved.changes) || !Array.isArray(saved.messages)) return null;
+      return {
+        changes: readChanges(saved.changes),
+        messages: readMessages(saved.messages),
+        // The counter of change ids: a whole number that counting up keeps exact, else it restarts (the
+        // ids also carry the time, so they stay distinct from the stored ones).
+        seq: Number.isSafeInteger(saved.seq) && saved.seq >= 0 && saved.seq <= MAX_STORED_SEQ ? saved.seq : 0,
+        recheck: Array.isArray(saved.recheck) ? readChanges(saved.recheck) : [],
+        inFlight: Array.isArray(saved.in_flight) ? readChanges(saved.in_flight) : [],
+      };
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * Marks {@link key} as held by a live queue: in this JavaScript realm, and with a lock of that name
+   * (`navigator.locks`) for other tabs, until {@link release}. The constructor calls it.
+   */
+  hold() {
+    if (!this.perTab) return;
+    LIVE_KEYS.add(this.key);
+    if (!this.locks || this._unlock) return;
+    /** @type {Promise<void>} */
+    const held = new Promise((resolve) => (this._unlock = resolve));
+    this.locks.request(this.key, () => held).catch(() => {});
+  }
+
+  /** Lets another queue adopt this one's stored entries (see {@link adopt}); the client's `close()` calls it. */
+  release() {
+    LIVE_KEYS.delete(this.key);
+    this._unlock?.();
+    this._unlock = null;
+  }
+
+  /**
+   * With `perTab`: takes over the queues stored by tabs that are gone (their keys start with
+   * {@link baseKey}, the key itself being an older SDK's), so that nothing queued in a closed or
+   * reloaded tab is lost: each is merged into this queue, stored under {@link key}, then removed. A key
+   * is gone when no live queue of this realm holds it and, with `navigator.locks`, its lock is free (it
+   * is taken for the adoption, so two tabs never adopt the same key). Without `navigator.locks`, a key
+   * held by another live tab (or process) would be taken as well: both would then send its entries,
+   * which is safe (a message is stored once by its `message_id`; the second of two equal changes is a
+   * conflict with its own value). Synchronous without `navigator.locks`.
+   * @returns {Promise<void>}
+   */
+  async adopt() {
+    const storage = this.storage;
+    if (!this.perTab || !isEnumerable(storage)) return;
+    /** @type {string[]} */
+    const keys = [];
+    for (let i = 0; i < storage.length; i++) {
+      const k = storage.key(i);
+      if (k !== null && k !== this.key && (k === this.baseKey || k.startsWith(`${this.baseKey}.tab.`))) keys.push(k);
+    }
+    for (const k of keys) {
+      if (LIVE_KEYS.has(k)) continue;
+      if (!this.locks) {
+        this._adoptKey(k);
+        continue;
       }
+      try {
+        await this.locks.request(k, { ifAvailable: true }, (lock) => {
+          if (lock && !LIVE_KEYS.has(k)) this._adoptKey(k);
+        });
+      } catch {
+        // No lock manager after all (e.g. an opaque origin): left for a later adoption.
+      }
+    }
+  }
+
+  /**
+   * Merges the queue stored under `key` into this one, saves, and removes `key` (in that order: a crash
+   * in between leaves it twice, which is safe, never lost). A queued edit of a component queued here
+   * too: the one made later is kept (as one tab coalesces its own edits). Changes in flight there are
+   * queued again, as a reload does.
+   * @param {string} key
+   */
+  _adoptKey(key) {
+    const saved = this._read(key);
+    if (saved) {
+      for (const c of saved.changes) {
+        const own = this._newer(c);
+        if (own && changeTime(own) >= changeTime(c)) continue;
+        if (own) this.changes.splice(this.changes.indexOf(own), 1);
+        this.changes.push(c);
+      }
+      this.restore(saved.inFlight);
+      for (const m of saved.messages) {
+        if (!this.messages.some((x) => x.chat_id === m.chat_id && x.message.message_id === m.message.message_id)) this.messages.push(m);
+      }
+      this.addRechecks(saved.recheck);
+      this.save();
+    }
+    try {
+      /** @type {import('./index.js').EnumerableStorage} */ (this.storage).removeItem(key);
+    } catch {
+      // Left in place: adopted again later (its entries are then already here, and kept once).
     }
   }
 
@@ -538,7 +685,7 @@ export class OfflineQueue {
     const first = i >= 0 ? this.changes[i] : change;
     /** @type {import('./index.js').OfflineChange} */
     const queued = {
-      change_id: `oc-${Date.now().toString(36)}-${++this._seq}`,
+      change_id: `oc-${Date.now().toString(36)}-${this._idTag}${++this._seq}`,
       chat_id: change.chat_id,
       type: change.type,
       value: change.type === 'delete_draft' ? null : change.value,
@@ -709,6 +856,10 @@ export class OfflineQueue {
   save() {
     if (!this.storage) return;
     try {
+      if (this.perTab && this.size + this.inFlight.length + this.recheck.length === 0) {
+        /** @type {import('./index.js').EnumerableStorage} */ (this.storage).removeItem(this.key);
+        return;
+      }
       const saved = { changes: this.changes, in_flight: this.inFlight, messages: this.messages, recheck: this.recheck, seq: this._seq };
       this.storage.setItem(this.key, JSON.stringify(saved));
     } catch {
@@ -754,9 +905,7 @@ export function draftFromText(text) {
 
 /** A fresh id for messages: `m-` and 16 random hex digits with a time prefix (PROTOCOL.md id rules). */
 export function newMessageId() {
-  const bytes = new Uint8Array(8);
-  globalThis.crypto.getRandomValues(bytes);
-  return `m-${Date.now().toString(36)}-${[...bytes].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+  return `m-${Date.now().toString(36)}-${randomHex(8)}`;
 }
 
 /**
@@ -812,7 +961,12 @@ export class ChatSyncClient extends Emitter {
     /** Deleted chat ids (never reused; late events for them are ignored). */
     this.deleted = new Set();
     this.streams = new StreamAssembler();
-    this.queue = new OfflineQueue(options.storage ?? null, options.storageKey ?? `chatsync.offline.${options.deviceId}`);
+    // A queue per tab (its own key under this one), adopting those of tabs that are gone: two tabs on
+    // one `localStorage` never overwrite each other's (see OfflineQueue#adopt).
+    this.queue = new OfflineQueue(options.storage ?? null, options.storageKey ?? `chatsync.offline.${options.deviceId}`, {
+      perTab: true,
+      locks: options.locks,
+    });
     /** The chat the user looks at: its messages come with the initial sync (`immediate_view_chat_id`). */
     this.activeChatId = options.activeChatId ?? null;
     /** @type {Map<string, {type: string, finals: string[], resolve: Function, reject: Function, parts: any, timer: any}>} */
@@ -844,6 +998,7 @@ export class ChatSyncClient extends Emitter {
   connect() {
     if (this.status === 'online') return Promise.resolve(/** @type {import('./index.js').Connected} */ (this.connected));
     this._closedByUser = false;
+    this.queue.hold();
     if (typeof globalThis.addEventListener === 'function') globalThis.addEventListener('online', this._onOnline);
     const ready = new Promise((resolve, reject) => {
       const offStatus = this.on('status', (/** @type {string} */ s) => {
@@ -885,6 +1040,8 @@ export class ChatSyncClient extends Emitter {
       }
     }
     this._failPending('closed', 'the client was closed');
+    // What is still queued is in storage, for the next client (a reload) to adopt.
+    this.queue.release();
     this._setStatus('closed');
     this.emit('closed', { code, reason });
   }
@@ -1387,6 +1544,10 @@ export class ChatSyncClient extends Emitter {
     this._setStatus('syncing');
     const socket = this._socket;
     try {
+      // The queues of tabs closed since (or still being adopted since the start) are sent too.
+      await this.queue.adopted;
+      await this.queue.adopt();
+      if (this._socket !== socket) return;
       await this._flushChanges();
       if (this.options.autoSync) await this.sync();
       // Then the queued messages, and whatever was queued meanwhile (writes wait for `online`).

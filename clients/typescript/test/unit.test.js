@@ -1346,3 +1346,109 @@ test('a malformed server frame emits protocol_error, never throws; the request i
   assert.equal(c.chats.has('undefined'), false);
   c.close();
 });
+
+/** A storage like `localStorage`: it lists its keys. */
+function webStorage() {
+  /** @type {Map<string, string>} */
+  const m = new Map();
+  return {
+    m,
+    getItem: (/** @type {string} */ k) => m.get(k) ?? null,
+    setItem: (/** @type {string} */ k, /** @type {string} */ v) => void m.set(k, String(v)),
+    removeItem: (/** @type {string} */ k) => void m.delete(k),
+    key: (/** @type {number} */ i) => [...m.keys()][i] ?? null,
+    get length() {
+      return m.size;
+    },
+  };
+}
+
+test('two tabs sharing one localStorage: neither overwrites the other\'s queue; a tab started later adopts the queues of closed tabs, not of live ones', async () => {
+  const storage = webStorage();
+  FakeSocket.down = true;
+  const tabA = client({ storage });
+  const tabB = client({ storage });
+  assert.deepEqual(await tabA.updateTitle('trip', 'Lisbon'), { queued: true });
+  await tabB.sendMessage('other', 'hi', { messageId: 'm1' });
+  assert.notEqual(tabA.queue.key, tabB.queue.key);
+  // A tab started while A and B live takes nothing of theirs.
+  const tabC = client({ storage });
+  assert.equal(tabC.queue.size, 0);
+  tabA.close();
+  tabB.close();
+  const reloaded = client({ storage });
+  assert.deepEqual(reloaded.queue.changes.map((c) => [c.chat_id, c.value]), [['trip', 'Lisbon']]);
+  assert.deepEqual(reloaded.queue.messages.map((m) => m.message.message_id), ['m1']);
+  assert.deepEqual([...storage.m.keys()], [reloaded.queue.key], 'the adopted keys are removed, the live tab C wrote nothing');
+  // Both are sent on the next connection.
+  FakeSocket.down = false;
+  const ready = reloaded.connect();
+  await until(() => FakeSocket.instances.some((s) => !s.closed));
+  const socket = /** @type {FakeSocket} */ (FakeSocket.instances.find((s) => !s.closed));
+  socket.greet();
+  const flush = await socket.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ c) => c.value), ['Lisbon']);
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 1, conflicts: 0, errors: 0, results: [{ change_id: flush.payload.changes[0].change_id, chat_id: 'trip', type: 'title', status: 'applied', versions: { messages_v: 0, title_v: 1, draft_v: 0 } }] } });
+  await socket.answerSync();
+  const m = await socket.next('chat_message_added');
+  socket.push({ type: 'chat_message_confirmed', request_id: m.request_id, payload: { chat_id: 'other', message_id: 'm1', temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 1 } });
+  await ready;
+  assert.equal(storage.m.size, 0, 'an empty queue leaves no key behind');
+  tabC.close();
+  reloaded.close();
+});
+
+test('with navigator.locks, a key whose lock another tab holds is not adopted; one whose lock is free is, by one tab only', async () => {
+  const storage = webStorage();
+  /** @type {Set<string>} names held (by other tabs: this fake manager serves them all) */
+  const held = new Set();
+  const locks = {
+    /** @param {string} name @param {any} a @param {any} [b] */
+    async request(name, a, b) {
+      const callback = typeof a === 'function' ? a : b;
+      const ifAvailable = typeof a === 'object' && a?.ifAvailable;
+      if (held.has(name)) {
+        if (ifAvailable) return callback(null);
+        throw new Error('this fake does not queue');
+      }
+      held.add(name);
+      try {
+        return await callback({ name });
+      } finally {
+        held.delete(name);
+      }
+    },
+  };
+  const change = (/** @type {string} */ id, /** @type {string} */ chat) => ({ change_id: id, chat_id: chat, type: 'title', value: chat, version_before_edit: 0 });
+  storage.setItem('q.tab.alive', JSON.stringify({ changes: [change('oc-1-1', 'alive')], messages: [] }));
+  storage.setItem('q.tab.gone', JSON.stringify({ changes: [change('oc-1-2', 'gone')], messages: [] }));
+  storage.setItem('q', JSON.stringify({ changes: [change('oc-1-3', 'legacy')], messages: [] }));
+  held.add('q.tab.alive'); // another tab, alive
+  const one = new OfflineQueue(storage, 'q', { perTab: true, locks });
+  const two = new OfflineQueue(storage, 'q', { perTab: true, locks });
+  await Promise.all([one.adopted, two.adopted]);
+  const all = [...one.changes, ...two.changes].map((c) => c.chat_id).sort();
+  assert.deepEqual(all, ['gone', 'legacy'], 'each gone queue adopted once, the live one left');
+  assert.ok(storage.getItem('q.tab.alive'));
+  assert.equal(storage.getItem('q.tab.gone'), null);
+  assert.ok(held.has(one.key) && held.has(two.key), 'each holds the lock of its own key');
+  one.release();
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(held.has(one.key), false);
+  two.release();
+});
+
+test('an adopted queue and this tab\'s own edit of the same component: the one made later is kept; in-flight changes are queued again', () => {
+  const storage = webStorage();
+  const old = { change_id: `oc-${(1000).toString(36)}-1`, chat_id: 'a', type: 'title', value: 'old', version_before_edit: 2 };
+  const newer = { change_id: `oc-${(Date.now() + 60_000).toString(36)}-1`, chat_id: 'b', type: 'title', value: 'later', version_before_edit: 2 };
+  const flying = { change_id: 'oc-1-9', chat_id: 'c', type: 'draft', value: null, version_before_edit: 1 };
+  const q = new OfflineQueue(storage, 'q', { perTab: true, locks: null });
+  q.addChange({ chat_id: 'a', type: 'title', value: 'mine', version_before_edit: 2 });
+  q.addChange({ chat_id: 'b', type: 'title', value: 'mine', version_before_edit: 2 });
+  storage.setItem('q.tab.x', JSON.stringify({ changes: [old, newer], in_flight: [flying], messages: [] }));
+  q.adopt();
+  assert.deepEqual(q.changes.map((c) => [c.chat_id, c.value]).sort(), [['a', 'mine'], ['b', 'later'], ['c', null]]);
+  assert.deepEqual(JSON.parse(storage.getItem(q.key) ?? '{}').changes.length, 3);
+  q.release();
+});
