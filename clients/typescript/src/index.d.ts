@@ -363,6 +363,12 @@ export interface OfflineChange {
    * loss: the edit is sent again on top of it. (A queue stored by an older SDK, with a single value here, still loads.)
    */
   written?: unknown[];
+  /**
+   * Local only (never sent): made before the first sync of this load on a chat not known here (after a
+   * reload, offline), so the version seen before the edit is unknown: held until that sync, then moved to
+   * the version it brought (the user's edit wins over the value held before).
+   */
+  base_unknown?: boolean;
 }
 
 export interface PendingMessage {
@@ -453,6 +459,8 @@ export declare class OfflineQueue {
   confirmMessage(chatId: string, messageId: string): void;
   /** Moves at most `max` changes to `inFlight`. */
   takeChanges(max: number): OfflineChange[];
+  /** Moves these queued changes to `inFlight`. */
+  take(changes: OfflineChange[]): OfflineChange[];
   /**
    * Forgets answered (or dropped) changes; rebases edits queued on top of an `applied` one; an edit
    * queued on top of one that met a `conflict` takes over that one's `written` (its conflict is then
@@ -495,6 +503,12 @@ export interface ClientEvents {
   message: [Envelope];
   /** The initial sync after a connection failed (e.g. `unavailable`): the connection is dropped and retried with backoff. */
   sync_error: [unknown];
+  /**
+   * A queued title, draft or draft deletion met a conflict (another write came first: the server's
+   * version was past `version_before_edit`) and was dropped; the server's value stays (`versions`: the
+   * server's, when known). The app may tell the user, or write `value` again.
+   */
+  change_conflict: [{ chat_id: string; change_id: string; type: OfflineChange['type']; value: unknown; version_before_edit: number; versions: Versions | null }];
   /** The `token` function threw or rejected: retried with backoff. */
   token_error: [unknown];
   /** The `WebSocket` constructor threw: retried with backoff. */

@@ -321,10 +321,10 @@ function canonicalJson(value) {
 }
 
 /**
- * An offline change as sent: without the local-only `written`.
+ * An offline change as sent: without the local-only `written` and `base_unknown`.
  * @param {import('./index.js').OfflineChange} change
  */
-function wireChange({ written, ...change }) {
+function wireChange({ written, base_unknown, ...change }) {
   return change;
 }
 
@@ -403,6 +403,7 @@ function readChange(raw) {
     const kind = type === 'title' ? 'title' : 'draft';
     const written = (Array.isArray(c.written) ? c.written : 'written' in c ? [c.written] : []).filter((w) => fitsType(kind, w));
     if (written.length > 0) change.written = mergeWritten(written);
+    if (c.base_unknown === true) change.base_unknown = true;
     canonicalJson(value); // a value nested too deep to compare throws here, not later
     return change;
   } catch {
@@ -694,6 +695,7 @@ export class OfflineQueue {
     const sameBase = first !== change && change.version_before_edit === first.version_before_edit;
     const written = mergeWritten(first.written ?? [], sameBase ? change.written ?? [] : []);
     if (written.length > 0) queued.written = written;
+    if (first.base_unknown) queued.base_unknown = true;
     if (i >= 0) this.changes.splice(i, 1);
     this.changes.push(queued);
     this.save();
@@ -727,10 +729,18 @@ export class OfflineQueue {
    * @param {number} max
    */
   takeChanges(max) {
-    const taken = this.changes.splice(0, Math.max(1, max));
-    this.inFlight.push(...taken);
+    return this.take(this.changes.slice(0, Math.max(1, max)));
+  }
+
+  /**
+   * Moves the given queued changes to {@link inFlight} and returns them.
+   * @param {import('./index.js').OfflineChange[]} changes
+   */
+  take(changes) {
+    this.changes = this.changes.filter((c) => !changes.includes(c));
+    this.inFlight.push(...changes);
     this.save();
-    return taken;
+    return changes;
   }
 
   /**
@@ -987,6 +997,8 @@ export class ChatSyncClient extends Emitter {
     /** @type {Promise<void>} The flush of offline changes running or last run (see `_flushChanges`). */
     this._changesFlushed = Promise.resolve();
     this._closedByUser = false;
+    /** Whether a sync completed on this load (see `_rebaseUnsynced`). */
+    this._synced = false;
     this._onOnline = () => this.reconnect();
   }
 
@@ -1196,6 +1208,7 @@ export class ChatSyncClient extends Emitter {
     const openBefore = this.streams.open();
     const reply = await this.request('initial_sync_request', payload);
     if (this._stale === stale) this._stale = new Map();
+    this._rebaseUnsynced();
     // `chat_ids_to_delete` names only chats of the request: a chat left out (known to the server before
     // the request) and missing from the server's order was deleted, as a named one would have been
     // (edits or messages of it still queued are then refused with `not_found`).
@@ -1256,13 +1269,26 @@ export class ChatSyncClient extends Emitter {
     if (past < 1 || server === canonicalJson(change.value)) return;
     // The newest place of the server's value among the remembered writes (each is remembered once).
     const index = (change.written ?? []).map(canonicalJson).lastIndexOf(server);
-    if (index < 0 || past > index + 1) return;
+    if (index < 0 || past > index + 1) {
+      this._conflict(change, chat.versions);
+      return;
+    }
     const queued = this.queue.requeue(change, version);
     if (isTitle) chat.title = /** @type {string} */ (queued.value);
     else chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (queued.value);
     this.emit('change', chat.chat_id);
     // Online (an app's own sync()), nothing else would send it before the next reconnect.
     this._retrySoon();
+  }
+
+  /**
+   * A queued edit that met a conflict and is dropped (the server's value stays): `change_conflict`, so
+   * that the app can tell the user or apply it again.
+   * @param {import('./index.js').OfflineChange} change
+   * @param {import('./index.js').Versions | null} versions the server's, when known
+   */
+  _conflict(change, versions) {
+    this.emit('change_conflict', { chat_id: change.chat_id, change_id: change.change_id, type: change.type, value: change.value, version_before_edit: change.version_before_edit, versions });
   }
 
   /**
@@ -1586,18 +1612,22 @@ export class ChatSyncClient extends Emitter {
   async _flushChangesNow() {
     const max = this.connected?.limits?.max_offline_changes ?? 500;
     const empty = utf8Length(JSON.stringify({ type: 'sync_offline_changes', payload: { changes: [] }, request_id: LONGEST_REQUEST_ID }));
-    while (this.queue.changes.length > 0) {
+    // Edits of chats this load never synced wait for the first sync (see `_rebaseUnsynced`).
+    const hold = !this._synced && this.options.autoSync;
+    for (;;) {
+      const sendable = hold ? this.queue.changes.filter((c) => !c.base_unknown) : this.queue.changes;
+      if (sendable.length === 0) break;
       // As many changes as fit in one frame (and in max_offline_changes); one that cannot fit even alone
       // is refused here, as the server refuses a change it cannot take.
       let count = 0;
       let bytes = empty;
-      while (count < Math.min(max, this.queue.changes.length)) {
-        bytes += utf8Length(JSON.stringify(wireChange(this.queue.changes[count]))) + (count > 0 ? 1 : 0);
+      while (count < Math.min(max, sendable.length)) {
+        bytes += utf8Length(JSON.stringify(wireChange(sendable[count]))) + (count > 0 ? 1 : 0);
         if (bytes > this._maxFrameBytes) break;
         count += 1;
       }
       if (count === 0) {
-        const change = this.queue.changes[0];
+        const change = sendable[0];
         this.queue.settle([change]);
         const error = new ChatSyncError('limit_exceeded', `The offline ${change.type} change is larger than max_frame_bytes (${this._maxFrameBytes}).`, {
           limit: 'max_frame_bytes',
@@ -1607,8 +1637,32 @@ export class ChatSyncClient extends Emitter {
         this._refuseChange({ change_id: change.change_id, chat_id: change.chat_id, type: change.type }, error);
         continue;
       }
-      await this._sendBatch(this.queue.takeChanges(count));
+      await this._sendBatch(this.queue.take(sendable.slice(0, count)));
     }
+  }
+
+  /**
+   * After the first sync of this load: the queued edits of chats that were not synced when they were
+   * made (`base_unknown`: after a reload, offline, the model is empty and the version seen before the
+   * edit unknown) move to the version the sync brought, so that the user's edit wins over the value
+   * held before (last writer wins), and show in the model again. A chat the server does not have stays
+   * on 0 (it is created).
+   */
+  _rebaseUnsynced() {
+    this._synced = true;
+    let moved = false;
+    for (const c of this.queue.changes) {
+      if (!c.base_unknown) continue;
+      delete c.base_unknown;
+      moved = true;
+      const chat = this.chats.get(c.chat_id);
+      if (!chat || !chat.known) continue;
+      c.version_before_edit = componentOf(c.type) === 'title' ? chat.versions.title_v : chat.versions.draft_v;
+      if (c.type === 'title') chat.title = /** @type {string} */ (c.value);
+      else chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (c.value);
+      this.emit('change', c.chat_id);
+    }
+    if (moved) this.queue.save();
   }
 
   /**
@@ -1649,7 +1703,11 @@ export class ChatSyncClient extends Emitter {
       const rechecks = [];
       for (const r of results) {
         const sent = part.find((c) => c.change_id === r.change_id);
-        if (r.status !== 'conflict' || !sent || otherWrites(sent).length === 0) continue;
+        if (r.status !== 'conflict' || !sent) continue;
+        if (otherWrites(sent).length === 0) {
+          this._conflict(sent, r.versions ?? null);
+          continue;
+        }
         // Maybe a conflict with this device's own write whose reply was lost: the next sync brings the
         // server's value of that component, to tell (see _recheckConflict).
         rechecks.push(sent);
@@ -1739,7 +1797,10 @@ export class ChatSyncClient extends Emitter {
    */
   async _write(change, send, revert) {
     if (this.status !== 'online') {
-      this.queue.addChange(change);
+      // Before the first sync of this load, a chat not known here may well exist on the server (after a
+      // reload the model is empty): the version this edit was made on is unknown (see `_rebaseUnsynced`).
+      const unknown = !this._synced && !this.chats.get(change.chat_id)?.known;
+      this.queue.addChange(unknown ? { ...change, base_unknown: true } : change);
       return { queued: true };
     }
     this._liveWrites.add(change);

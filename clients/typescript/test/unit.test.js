@@ -1386,10 +1386,11 @@ test('two tabs sharing one localStorage: neither overwrites the other\'s queue; 
   await until(() => FakeSocket.instances.some((s) => !s.closed));
   const socket = /** @type {FakeSocket} */ (FakeSocket.instances.find((s) => !s.closed));
   socket.greet();
+  // Made before any sync of its load (offline from the start): sent after the first sync (see below).
+  await socket.answerSync();
   const flush = await socket.next('sync_offline_changes');
   assert.deepEqual(flush.payload.changes.map((/** @type {any} */ c) => c.value), ['Lisbon']);
   socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 1, conflicts: 0, errors: 0, results: [{ change_id: flush.payload.changes[0].change_id, chat_id: 'trip', type: 'title', status: 'applied', versions: { messages_v: 0, title_v: 1, draft_v: 0 } }] } });
-  await socket.answerSync();
   const m = await socket.next('chat_message_added');
   socket.push({ type: 'chat_message_confirmed', request_id: m.request_id, payload: { chat_id: 'other', message_id: 'm1', temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 1 } });
   await ready;
@@ -1451,4 +1452,47 @@ test('an adopted queue and this tab\'s own edit of the same component: the one m
   assert.deepEqual(q.changes.map((c) => [c.chat_id, c.value]).sort(), [['a', 'mine'], ['b', 'later'], ['c', null]]);
   assert.deepEqual(JSON.parse(storage.getItem(q.key) ?? '{}').changes.length, 3);
   q.release();
+});
+
+test('an edit made offline after a reload (the model empty) waits for the first sync and is sent on the version it brought: it is not lost to a conflict', async () => {
+  const storage = webStorage();
+  FakeSocket.down = true;
+  const c = client({ storage });
+  c.connect().catch(() => {});
+  const X = draftFromText('pack sunscreen');
+  assert.deepEqual(await c.updateDraft('trip', X), { queued: true });
+  await c.updateTitle('new-chat', 'Fresh');
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed));
+  const socket = /** @type {FakeSocket} */ (FakeSocket.instances.find((s) => !s.closed));
+  socket.greet();
+  await socket.answerSync({ chats_to_add_or_update: [{ chat_id: 'trip', type: 'new_chat', versions: { messages_v: 4, title_v: 2, draft_v: 3 }, last_edited_overall_timestamp: 9, unread_count: 0, title: 'Trip', draft_json: null }], server_chat_order: ['trip'] });
+  assert.equal(socket.sent.findIndex((f) => f.type === 'sync_offline_changes') > socket.sent.findIndex((f) => f.type === 'initial_sync_request') || !socket.sent.some((f) => f.type === 'sync_offline_changes'), true, 'nothing sent before the sync');
+  const flush = await socket.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ x) => [x.chat_id, x.type, x.version_before_edit]).sort(), [['new-chat', 'title', 0], ['trip', 'draft', 3]]);
+  assert.ok(flush.payload.changes.every((/** @type {any} */ x) => !('base_unknown' in x)), 'local fields are not sent');
+  assert.deepEqual(c.chat('trip').draft_json, X, 'the queued edit shows again after the sync');
+  c.close();
+});
+
+test('a queued edit dropped as a conflict emits change_conflict with its value', async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'] });
+  /** @type {any[]} */
+  const conflicts = [];
+  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  socket.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('a', 'mine');
+  await until(() => FakeSocket.instances.length === 2);
+  const next = lastSocket();
+  next.greet();
+  const flush = await next.next('sync_offline_changes');
+  const ch = flush.payload.changes[0];
+  assert.equal(ch.version_before_edit, 1);
+  next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'a', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  await next.answerSync();
+  await until(() => conflicts.length > 0);
+  assert.deepEqual(conflicts, [{ chat_id: 'a', change_id: ch.change_id, type: 'title', value: 'mine', version_before_edit: 1, versions: { messages_v: 0, title_v: 2, draft_v: 0 } }]);
+  c.close();
 });
