@@ -411,7 +411,13 @@ export declare class StreamAssembler {
   get(chatId: string, streamId: string): StreamState | undefined;
   open(chatId?: string): StreamState[];
   start(p: StreamStarted): StreamState;
+  /**
+   * Seeds `active_streams`: `content_so_far`, then the chunks kept while a sync request was out with a later
+   * `seq` (replacing what was held); a stream that ended here is not reopened.
+   */
   seed(active: ActiveStream[]): StreamState[];
+  /** Counts sync requests out (`true` one more, `false` one fewer): meanwhile chunks are kept by `seq` for `seed`. */
+  buffer(on: boolean): void;
   chunk(p: StreamChunk): StreamState | null;
   finish(chatId: string, streamId: string, state: 'completed' | 'cancelled'): StreamState;
   clear(): void;

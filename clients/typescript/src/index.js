@@ -181,6 +181,9 @@ export class StreamAssembler {
     this.streams = new Map();
     /** Keys of the streams that ended here, newest last (at most {@link StreamAssembler.ENDED_KEPT}). */
     this.ended = new Set();
+    /** @type {Map<string, Map<number, string>>} chunks received while a sync request is out, by stream and `seq` (see {@link buffer}) */
+    this._recent = new Map();
+    this._buffering = 0;
   }
 
   /** How many ended streams are remembered, to ignore their late chunks. */
@@ -232,20 +235,37 @@ export class StreamAssembler {
   }
 
   /**
-   * Seeds the streams of `active_streams` (joining mid-stream). A stream already known with a later
-   * chunk keeps its own text.
+   * Seeds the streams of `active_streams` (joining mid-stream): the text is the stream's `content_so_far`
+   * (up to its `seq`) followed by the chunks received while the sync request was out (see
+   * {@link buffer}) with a later `seq`; what the stream held here before is replaced (it may have
+   * missed chunks while disconnected). A stream that ended here is not reopened (the reply was built
+   * before it ended).
    * @param {import('./index.js').ActiveStream[]} active
    * @returns {import('./index.js').StreamState[]}
    */
   seed(active) {
-    return active.map((a) => {
-      const known = this.get(a.chat_id, a.stream_id);
-      if (known && known.seq >= a.seq) return known;
+    /** @type {import('./index.js').StreamState[]} */
+    const seeded = [];
+    for (const a of active) {
+      const key = StreamAssembler.key(a.chat_id, a.stream_id);
+      if (this.ended.has(key)) continue;
+      const later = [...(this._recent.get(key) ?? new Map())].filter(([seq]) => seq > a.seq).sort(([x], [y]) => x - y);
       const stream = this.start(a);
-      stream.seq = a.seq;
-      stream.text = a.content_so_far ?? '';
-      return stream;
-    });
+      stream.text = (a.content_so_far ?? '') + later.map(([, delta]) => delta).join('');
+      stream.seq = later.length > 0 ? later[later.length - 1][0] : a.seq;
+      seeded.push(stream);
+    }
+    return seeded;
+  }
+
+  /**
+   * While a sync request is out (`on`: one more; off: one fewer), chunks are also kept by `seq`, to be
+   * replayed over the `content_so_far` of its reply (see {@link seed}); forgotten when none is out.
+   * @param {boolean} on
+   */
+  buffer(on) {
+    this._buffering = Math.max(0, this._buffering + (on ? 1 : -1));
+    if (this._buffering === 0) this._recent.clear();
   }
 
   /**
@@ -256,6 +276,12 @@ export class StreamAssembler {
    * @returns {import('./index.js').StreamState | null}
    */
   chunk(p) {
+    if (this._buffering > 0 && !this.ended.has(StreamAssembler.key(p.chat_id, p.stream_id))) {
+      const key = StreamAssembler.key(p.chat_id, p.stream_id);
+      const chunks = this._recent.get(key) ?? new Map();
+      if (!chunks.has(p.seq)) chunks.set(p.seq, p.delta);
+      this._recent.set(key, chunks);
+    }
     let stream = this.get(p.chat_id, p.stream_id);
     if (!stream && this.ended.has(StreamAssembler.key(p.chat_id, p.stream_id))) return null;
     if (!stream) {
@@ -1206,7 +1232,13 @@ export class ChatSyncClient extends Emitter {
     const stale = this._stale;
     const rechecks = [...this.queue.recheck];
     const openBefore = this.streams.open();
-    const reply = await this.request('initial_sync_request', payload);
+    this.streams.buffer(true);
+    let reply;
+    try {
+      reply = await this.request('initial_sync_request', payload);
+    } finally {
+      this.streams.buffer(false);
+    }
     if (this._stale === stale) this._stale = new Map();
     this._rebaseUnsynced();
     // `chat_ids_to_delete` names only chats of the request: a chat left out (known to the server before
@@ -1948,6 +1980,8 @@ export class ChatSyncClient extends Emitter {
         for (const id of p.chat_ids_to_delete ?? []) this._forget(id);
         for (const entry of p.chats_to_add_or_update ?? []) {
           if (typeof entry?.chat_id !== 'string') throw new TypeError('initial_sync_response: an entry without a chat_id');
+          // Deleted after the server built this reply: not brought back (ids are never reused).
+          if (this.deleted.has(entry.chat_id)) continue;
           const chat = this.chat(entry.chat_id);
           chat.known = true;
           const v = entry.versions ?? {};

@@ -1496,3 +1496,62 @@ test('a queued edit dropped as a conflict emits change_conflict with its value',
   assert.deepEqual(conflicts, [{ chat_id: 'a', change_id: ch.change_id, type: 'title', value: 'mine', version_before_edit: 1, versions: { messages_v: 0, title_v: 2, draft_v: 0 } }]);
   c.close();
 });
+
+const STREAM = { chat_id: 'a', stream_id: 's', message_id: 'm', sender_name: 'assistant', meta: {} };
+
+test('joining mid-stream: a chunk delivered before the sync reply that includes it does not replace content_so_far', async () => {
+  const c = client();
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length === 1);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 5, delta: 'E' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 6, delta: 'F' } });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: ['a'], active_streams: [{ ...STREAM, seq: 5, content_so_far: 'ABCDE' }] } });
+  await ready;
+  const s = c.streams.get('a', 's');
+  assert.equal(s?.text, 'ABCDEF');
+  assert.equal(s?.seq, 6);
+  assert.equal(s?.message_id, 'm');
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 7, delta: 'G' } });
+  await until(() => c.streams.get('a', 's')?.seq === 7);
+  assert.equal(c.streams.get('a', 's')?.text, 'ABCDEFG');
+  c.close();
+});
+
+test('reconnecting mid-stream: a chunk after the reconnect, before the sync reply, leaves no gap', async () => {
+  const c = client();
+  const first = await online(c);
+  first.push({ type: 'stream_started', payload: STREAM });
+  first.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 1, delta: 'A' } });
+  await until(() => c.streams.get('a', 's')?.seq === 1);
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 4, delta: 'D' } });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: ['a'], active_streams: [{ ...STREAM, seq: 4, content_so_far: 'ABCD' }] } });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.streams.get('a', 's')?.text, 'ABCD');
+  c.close();
+});
+
+test('a sync reply built before a stream completed or a chat was deleted brings neither back', async () => {
+  const c = client();
+  const first = await online(c, { chats_to_add_or_update: [{ chat_id: 'd', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'D', draft_json: null }], server_chat_order: ['d'] });
+  first.push({ type: 'stream_started', payload: STREAM });
+  await until(() => c.streams.open().length === 1);
+  const p = c.sync();
+  const req = await first.next('initial_sync_request');
+  first.push({ type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's', message_id: 'm', seq: 1, messages_v: 1 } });
+  first.push({ type: 'chat_deleted', payload: { chat_id: 'd', tombstone: true } });
+  first.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: ['a', 'd'],
+    chats_to_add_or_update: [{ chat_id: 'd', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'D2' }],
+    active_streams: [{ ...STREAM, seq: 0, content_so_far: '' }] } });
+  await p;
+  assert.equal(c.streams.open().length, 0, 'the completed stream is not reopened');
+  assert.equal(c.chats.has('d'), false, 'the deleted chat is not resurrected');
+  c.close();
+});
