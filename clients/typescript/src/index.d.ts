@@ -288,10 +288,16 @@ export interface ClientOptions {
   /** A WebSocket constructor (default: `globalThis.WebSocket`). */
   WebSocket?: unknown;
   backoff?: BackoffOptions;
-  /** Reply timeout per request, ms (default 30000; 0: none). */
+  /** Reply timeout per request, ms (default 30000; 0: none); for a multi-part reply, the longest wait for its next part. */
   requestTimeoutMs?: number;
   /** Application-level ping interval that detects half-open connections, ms (default 25000; 0: off). */
   keepaliveMs?: number;
+  /**
+   * How long a keepalive ping waits for its pong, ms (default the larger of `keepaliveMs` and 10000); the
+   * connection is dropped only when no frame at all arrived meanwhile (the server answers no ping while it
+   * sends the parts of a big reply).
+   */
+  keepaliveTimeoutMs?: number;
   /** Send `initial_sync_request` after every (re)connection (default true). */
   autoSync?: boolean;
   /** Keeps the offline queue (e.g. `localStorage`). */

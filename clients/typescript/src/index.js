@@ -1005,9 +1005,11 @@ export class ChatSyncClient extends Emitter {
     });
     /** The chat the user looks at: its messages come with the initial sync (`immediate_view_chat_id`). */
     this.activeChatId = options.activeChatId ?? null;
-    /** @type {Map<string, {type: string, finals: string[], resolve: Function, reject: Function, parts: any, timer: any}>} */
+    /** @type {Map<string, {type: string, finals: string[], resolve: Function, reject: Function, parts: any, timer: any, arm: () => any, sent: Record<string, unknown>}>} */
     this._pending = new Map();
     this._nextRequest = 0;
+    /** When the last server frame arrived (ms since the epoch; see `_startKeepalive`). */
+    this._lastFrameAt = 0;
     this._attempt = 0;
     /** @type {any} */
     this._socket = null;
@@ -1133,14 +1135,16 @@ export class ChatSyncClient extends Emitter {
     }
     return new Promise((resolve, reject) => {
       const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
-      const timer =
+      // Armed again by every part of a multi-part reply (see `_onFrame`): the bound is on the silence
+      // between parts, not on the whole reply, which may be long and steady.
+      const arm = () =>
         timeoutMs > 0
           ? setTimeout(() => {
               this._pending.delete(request_id);
               reject(new ChatSyncError('timeout', `no reply to ${type} within ${timeoutMs} ms`));
             }, timeoutMs)
           : null;
-      this._pending.set(request_id, { type, finals: FINAL_REPLIES[type] ?? [], resolve, reject, parts: null, timer });
+      this._pending.set(request_id, { type, finals: FINAL_REPLIES[type] ?? [], resolve, reject, parts: null, timer: arm(), arm, sent: payload });
       this._sendFrame(frame, data);
     });
   }
@@ -1560,6 +1564,7 @@ export class ChatSyncClient extends Emitter {
     }
     const { type, request_id } = envelope;
     const payload = envelope.payload ?? {};
+    this._lastFrameAt = Date.now();
     if (type === 'connected') {
       // The backoff is reset only once online (see `_afterConnect`): a server that greets and then fails
       // the sync, or closes, must not be retried at once every time.
@@ -1570,7 +1575,7 @@ export class ChatSyncClient extends Emitter {
       return;
     }
     try {
-      this._apply(type, payload);
+      this._apply(type, payload, typeof request_id === 'string' ? request_id : null);
     } catch (e) {
       // A malformed frame (a field missing or of the wrong type) leaves the model as it was and is
       // reported; it must not throw out of the socket's event handler (in Node, a crash of the process).
@@ -1589,7 +1594,11 @@ export class ChatSyncClient extends Emitter {
     }
     if (pending.finals.length > 0 && !pending.finals.includes(type)) return;
     pending.parts = pending.parts === null ? payload : mergeParts(pending.parts, payload);
-    if (payload.more === true) return;
+    if (payload.more === true) {
+      clearTimeout(pending.timer);
+      pending.timer = pending.arm();
+      return;
+    }
     this._pending.delete(request_id);
     clearTimeout(pending.timer);
     const merged = { ...pending.parts };
@@ -1949,11 +1958,15 @@ export class ChatSyncClient extends Emitter {
     const every = this.options.keepaliveMs;
     if (!every || every <= 0) return;
     const socket = this._socket;
+    const timeoutMs = this.options.keepaliveTimeoutMs ?? Math.max(every, 10_000);
     this._keepaliveTimer = setInterval(() => {
       if (this._socket !== socket) return;
-      this.request('ping', {}, { timeoutMs: Math.max(every, 10_000) }).catch((e) => {
-        // No pong: the connection is half-open (sleep, network change). Drop it and reconnect.
-        if (e instanceof ChatSyncError && e.code === 'timeout' && this._socket === socket) this.dropConnection();
+      const sentAt = Date.now();
+      this.request('ping', {}, { timeoutMs }).catch((e) => {
+        // No pong and nothing else either: the connection is half-open (sleep, network change). Drop it
+        // and reconnect. A frame received meanwhile shows it alive: the server answers nothing (not even a
+        // ping) while it sends the parts of a big reply.
+        if (e instanceof ChatSyncError && e.code === 'timeout' && this._socket === socket && this._lastFrameAt <= sentAt) this.dropConnection();
       });
     }, every);
   }
@@ -1970,8 +1983,9 @@ export class ChatSyncClient extends Emitter {
    * Applies a server message to the local model.
    * @param {string} type
    * @param {any} p
+   * @param {string | null} [requestId] the `request_id` of the frame
    */
-  _apply(type, p) {
+  _apply(type, p, requestId = null) {
     const chatId = typeof p.chat_id === 'string' ? p.chat_id : null;
     if (chatId === null && CHAT_EVENTS.has(type)) throw new TypeError(`${type} without a chat_id`);
     if (chatId && this.deleted.has(chatId)) return;
@@ -2028,6 +2042,13 @@ export class ChatSyncClient extends Emitter {
       case 'draft_update_confirmed': {
         const chat = this.chat(p.chat_id);
         chat.known = true;
+        // The server holds the draft this device sent at `draft_v`: when that is newer than what is held
+        // (another device's write may have come in meanwhile, and shown), it is this device's value again,
+        // unless a later write of this draft is on its way (which will set its own).
+        const sent = requestId === null ? undefined : this._pending.get(requestId)?.sent;
+        if (sent && sent.chat_id === p.chat_id && 'draft_json' in sent && typeof p.draft_v === 'number' && p.draft_v > chat.versions.draft_v && !this._laterDraftWrite(p.chat_id, /** @type {string} */ (requestId))) {
+          chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (sent.draft_json);
+        }
         chat.versions.draft_v = newer(chat.versions.draft_v, p.draft_v);
         chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
         break;
@@ -2145,6 +2166,19 @@ export class ChatSyncClient extends Emitter {
         return;
     }
     this.emit('change', chatId);
+  }
+
+  /**
+   * Whether a draft write of the chat was sent after request `requestId` and waits for its reply.
+   * @param {string} chatId
+   * @param {string} requestId
+   */
+  _laterDraftWrite(chatId, requestId) {
+    const n = Number(requestId.slice(1));
+    for (const [id, q] of this._pending) {
+      if ((q.type === 'update_draft' || q.type === 'delete_draft') && q.sent.chat_id === chatId && Number(id.slice(1)) > n) return true;
+    }
+    return false;
   }
 
   /** @param {string} chatId */

@@ -1555,3 +1555,45 @@ test('a sync reply built before a stream completed or a chat was deleted brings 
   assert.equal(c.chats.has('d'), false, 'the deleted chat is not resurrected');
   c.close();
 });
+
+test('a draft confirmed at a version newer than another device\'s broadcast shows this device\'s value again (the server holds it)', async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 3 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  const X = draftFromText('mine');
+  const Y = draftFromText('phone');
+  const w = c.updateDraft('a', X);
+  const req = await socket.next('update_draft');
+  // The phone's write committed first (v4), this one second (v5): the server holds X at v5.
+  socket.push({ type: 'chat_draft_updated', payload: { chat_id: 'a', data: { draft_json: Y }, versions: { draft_v: 4 }, last_edited_overall_timestamp: 2 } });
+  socket.push({ type: 'draft_update_confirmed', request_id: req.request_id, payload: { chat_id: 'a', draft_v: 5, last_edited_overall_timestamp: 3 } });
+  await w;
+  assert.deepEqual(c.chat('a').draft_json, X);
+  assert.equal(c.chat('a').versions.draft_v, 5);
+  // The other order: the phone's write came after (v7 over this one's v6): the phone's value stays.
+  const w2 = c.updateDraft('a', X);
+  const req2 = await socket.next('update_draft');
+  socket.push({ type: 'chat_draft_updated', payload: { chat_id: 'a', data: { draft_json: Y }, versions: { draft_v: 7 }, last_edited_overall_timestamp: 4 } });
+  socket.push({ type: 'draft_update_confirmed', request_id: req2.request_id, payload: { chat_id: 'a', draft_v: 6, last_edited_overall_timestamp: 3 } });
+  await w2;
+  assert.deepEqual(c.chat('a').draft_json, Y);
+  assert.equal(c.chat('a').versions.draft_v, 7);
+  c.close();
+});
+
+test('a multi-part reply slower in total than requestTimeoutMs but steady does not time out; the keepalive does not drop the connection meanwhile', async () => {
+  const c = client({ requestTimeoutMs: 100, keepaliveMs: 20, keepaliveTimeoutMs: 50 });
+  const socket = await online(c);
+  const p = c.sync();
+  const req = await socket.next('initial_sync_request');
+  for (let i = 0; i < 8; i++) {
+    await new Promise((r) => setTimeout(r, 30));
+    socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: [], sync_completed_at: '', more: true } });
+  }
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, more: false } });
+  await assert.doesNotReject(p);
+  assert.equal(FakeSocket.instances.length, 1, 'not dropped');
+  assert.ok(socket.sent.some((f) => f.type === 'ping'), 'pings were sent (and left unanswered)');
+  // Silence (a half-open connection) is still detected.
+  await until(() => FakeSocket.instances.length === 2);
+  c.close();
+});
