@@ -1025,6 +1025,10 @@ export class ChatSyncClient extends Emitter {
     /** @type {Promise<void>} The flush of offline changes running or last run (see `_flushChanges`). */
     this._changesFlushed = Promise.resolve();
     this._closedByUser = false;
+    /** @type {string | null} the fatal close reason retried once with a fresh token (see `_onClose`) */
+    this._fatalRetried = null;
+    /** Counts `_open` calls and `close()`s: an `_open` that awaited its token while another began (or a close) gives up. */
+    this._generation = 0;
     /** Whether a sync completed on this load (see `_rebaseUnsynced`). */
     this._synced = false;
     this._onOnline = () => this.reconnect();
@@ -1065,6 +1069,7 @@ export class ChatSyncClient extends Emitter {
    */
   close(code = 1000, reason = 'bye') {
     this._closedByUser = true;
+    this._generation += 1;
     clearTimeout(this._retryTimer);
     clearTimeout(this._flushTimer);
     this._flushTimer = null;
@@ -1374,12 +1379,15 @@ export class ChatSyncClient extends Emitter {
    */
   deleteDraft(chatId) {
     const chat = this.chat(chatId);
+    const before = chat.draft_json;
     chat.draft_json = null;
     this.emit('change', chatId);
     return this._write(
       { chat_id: chatId, type: 'delete_draft', value: null, version_before_edit: chat.versions.draft_v },
       () => this.request('delete_draft', { chat_id: chatId }),
-      () => {},
+      () => {
+        chat.draft_json = before;
+      },
     );
   }
 
@@ -1478,17 +1486,20 @@ export class ChatSyncClient extends Emitter {
   // Connection loop
 
   async _open() {
+    const generation = ++this._generation;
     clearTimeout(this._retryTimer);
     this._setStatus(this._attempt === 0 && this.connected === null ? 'connecting' : 'reconnecting');
     let token;
     try {
       token = typeof this.options.token === 'function' ? await this.options.token() : this.options.token;
     } catch (e) {
+      if (generation !== this._generation) return;
       this.emit('token_error', e);
       this._scheduleReconnect();
       return;
     }
-    if (this._closedByUser) return;
+    // Closed, or closed and connected again, while the token was awaited: this attempt is stale.
+    if (this._closedByUser || generation !== this._generation) return;
     const url = new URL(this.url);
     url.searchParams.set('token', token);
     url.searchParams.set('device_id', this.options.deviceId);
@@ -1522,11 +1533,21 @@ export class ChatSyncClient extends Emitter {
     this._stopKeepalive();
     this._failPending('disconnected', `connection closed: ${code} ${reason ?? ''}`.trim());
     if (this._closedByUser) return;
-    const fatal = code === 1008 && FATAL_REASONS.has(reason) && typeof this.options.token !== 'function';
-    if (fatal) {
-      this._setStatus('closed');
-      this.emit('closed', { code, reason });
-      return;
+    if (code === 1008 && FATAL_REASONS.has(reason)) {
+      // No token fixes a device id the server refuses. With a token function, a refused token may be
+      // replaced by the next call: one retry, and the same reason again ends it.
+      const always = reason === 'Invalid device id' || reason.startsWith('Device mismatch');
+      if (always || typeof this.options.token !== 'function' || this._fatalRetried === reason) {
+        this._fatalRetried = null;
+        this._closedByUser = true;
+        this._stopKeepalive();
+        clearTimeout(this._retryTimer);
+        this.queue.release();
+        this._setStatus('closed');
+        this.emit('closed', { code, reason });
+        return;
+      }
+      this._fatalRetried = reason;
     }
     this.emit('disconnected', { code, reason });
     if (code === 1008 && reason === 'Token expired') this._attempt = 0;
@@ -1624,6 +1645,7 @@ export class ChatSyncClient extends Emitter {
       }
       if (this._socket === socket) {
         this._attempt = 0;
+        this._fatalRetried = null;
         this._setStatus('online');
         this.emit('synced');
       }

@@ -1597,3 +1597,59 @@ test('a multi-part reply slower in total than requestTimeoutMs but steady does n
   await until(() => FakeSocket.instances.length === 2);
   c.close();
 });
+
+test('with a token function: Session revoked gets one retry with a fresh token, and stops when it comes back; Invalid device id and Device mismatch stop at once', async () => {
+  let calls = 0;
+  const c = client({ token: () => `cs_t${++calls}` });
+  await online(c);
+  /** @type {any[]} */
+  const closed = [];
+  c.on('closed', (/** @type {any} */ e) => closed.push(e));
+  lastSocket().serverClose(1008, 'Session revoked');
+  await until(() => FakeSocket.instances.length === 2);
+  assert.equal(lastSocket().url.searchParams.get('token'), 'cs_t2', 'a fresh token');
+  lastSocket().serverClose(1008, 'Session revoked');
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(FakeSocket.instances.length, 2, 'no third attempt');
+  assert.equal(c.status, 'closed');
+  assert.deepEqual(closed, [{ code: 1008, reason: 'Session revoked' }]);
+  for (const reason of ['Invalid device id', 'Device mismatch']) {
+    FakeSocket.instances = [];
+    const d = client({ token: async () => 'jwt' });
+    const ready = d.connect();
+    await until(() => FakeSocket.instances.length === 1);
+    lastSocket().serverClose(1008, reason);
+    await assert.rejects(ready, /closed/);
+    await new Promise((r) => setTimeout(r, 20));
+    assert.equal(FakeSocket.instances.length, 1, reason);
+  }
+});
+
+test('close() then connect() while the token function is pending opens one socket only, and close() closes it', async () => {
+  /** @type {() => void} */
+  let release = () => {};
+  const gate = new Promise((r) => (release = () => r(undefined)));
+  const c = client({ token: async () => { await gate; return 'jwt'; } });
+  c.connect().catch(() => {});
+  await new Promise((r) => setTimeout(r, 5));
+  c.close();
+  c.connect().catch(() => {});
+  release();
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(FakeSocket.instances.length, 1);
+  c.close();
+  assert.ok(FakeSocket.instances.every((s) => s.closed));
+});
+
+test('deleteDraft refused for good (internal) puts the draft back', async () => {
+  const c = client();
+  const X = draftFromText('keep me');
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 1 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: X }], server_chat_order: ['a'] });
+  const w = c.deleteDraft('a');
+  assert.equal(c.chat('a').draft_json, null);
+  const req = await socket.next('delete_draft');
+  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'internal', message: 'x' } });
+  await assert.rejects(w);
+  assert.deepEqual(c.chat('a').draft_json, X);
+  c.close();
+});
