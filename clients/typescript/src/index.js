@@ -2166,10 +2166,16 @@ export class ChatSyncClient extends Emitter {
         break;
       }
       case 'stream_completed': {
+        const first = !this.streams.ended.has(StreamAssembler.key(p.chat_id, p.stream_id));
         const stream = this.streams.finish(p.chat_id, p.stream_id, 'completed');
         stream.message_id = p.message_id ?? stream.message_id;
         stream.seq_stored = p.seq;
         const chat = this.chat(p.chat_id);
+        // The stored message comes with no `chat_message_added`: it counts as unread here, as the server
+        // counts it (a reply of another sender past the read marker), once.
+        if (first && typeof p.seq === 'number' && stream.sender_name !== 'user' && p.seq > chat.read_seq && p.seq > chat.versions.messages_v && !chat.messages.some((m) => m.seq === p.seq)) {
+          chat.unread_count += 1;
+        }
         chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v ?? 0);
         this.emit('stream', stream);
         // The stored message is the truth (chunks are never stored one by one): fetch it.

@@ -1653,3 +1653,18 @@ test('deleteDraft refused for good (internal) puts the draft back', async () => 
   assert.deepEqual(c.chat('a').draft_json, X);
   c.close();
 });
+
+test('a completed streamed reply of another sender counts as unread once, as the server counts it', async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  socket.push({ type: 'stream_started', payload: { ...STREAM, message_id: 'm2' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 1, delta: 'Hi' } });
+  const completed = { type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's', message_id: 'm2', seq: 2, messages_v: 2 } };
+  socket.push(completed);
+  socket.push(completed);
+  const fetch = await socket.next('get_chat_messages');
+  socket.push({ type: 'chat_messages_response', request_id: fetch.request_id, payload: { chat_id: 'a', messages: [{ message_id: 'm2', seq: 2, sender_name: 'assistant', content: 'Hi', created_at: 'T', client_timestamp: null }], messages_v: 2, has_more: false } });
+  await c.waitFor('chat_messages_response');
+  assert.equal(c.chat('a').unread_count, 1);
+  c.close();
+});
