@@ -496,6 +496,9 @@ function readMessages(list) {
   return messages;
 }
 
+/** What follows the base key in a tab's key (see `OfflineQueue#adopt`). */
+const TAB_SUFFIX = /^\.tab\.[0-9a-f]{12}$/;
+
 /** Keys of stored queues that a live {@link OfflineQueue} of this JavaScript realm holds (see `OfflineQueue#adopt`). */
 const LIVE_KEYS = new Set();
 
@@ -645,7 +648,7 @@ export class OfflineQueue {
     const keys = [];
     for (let i = 0; i < storage.length; i++) {
       const k = storage.key(i);
-      if (k !== null && k !== this.key && (k === this.baseKey || k.startsWith(`${this.baseKey}.tab.`))) keys.push(k);
+      if (k !== null && k !== this.key && (k === this.baseKey || TAB_SUFFIX.test(k.slice(this.baseKey.length)) && k.startsWith(this.baseKey))) keys.push(k);
     }
     for (const k of keys) {
       if (LIVE_KEYS.has(k)) continue;

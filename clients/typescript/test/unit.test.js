@@ -1421,17 +1421,19 @@ test('with navigator.locks, a key whose lock another tab holds is not adopted; o
     },
   };
   const change = (/** @type {string} */ id, /** @type {string} */ chat) => ({ change_id: id, chat_id: chat, type: 'title', value: chat, version_before_edit: 0 });
-  storage.setItem('q.tab.alive', JSON.stringify({ changes: [change('oc-1-1', 'alive')], messages: [] }));
-  storage.setItem('q.tab.gone', JSON.stringify({ changes: [change('oc-1-2', 'gone')], messages: [] }));
+  storage.setItem('q.tab.a11ce0000001', JSON.stringify({ changes: [change('oc-1-1', 'alive')], messages: [] }));
+  storage.setItem('q.tab.9011e0000002', JSON.stringify({ changes: [change('oc-1-2', 'gone')], messages: [] }));
   storage.setItem('q', JSON.stringify({ changes: [change('oc-1-3', 'legacy')], messages: [] }));
-  held.add('q.tab.alive'); // another tab, alive
+  storage.setItem('q.tab.other-device', JSON.stringify({ changes: [change('oc-1-4', 'other')], messages: [] }));
+  held.add('q.tab.a11ce0000001'); // another tab, alive
   const one = new OfflineQueue(storage, 'q', { perTab: true, locks });
   const two = new OfflineQueue(storage, 'q', { perTab: true, locks });
   await Promise.all([one.adopted, two.adopted]);
   const all = [...one.changes, ...two.changes].map((c) => c.chat_id).sort();
   assert.deepEqual(all, ['gone', 'legacy'], 'each gone queue adopted once, the live one left');
-  assert.ok(storage.getItem('q.tab.alive'));
-  assert.equal(storage.getItem('q.tab.gone'), null);
+  assert.ok(storage.getItem('q.tab.a11ce0000001'));
+  assert.equal(storage.getItem('q.tab.9011e0000002'), null);
+  assert.ok(storage.getItem('q.tab.other-device'), 'not a tab key of this base: left alone');
   assert.ok(held.has(one.key) && held.has(two.key), 'each holds the lock of its own key');
   one.release();
   await new Promise((r) => setTimeout(r, 0));
@@ -1447,7 +1449,7 @@ test('an adopted queue and this tab\'s own edit of the same component: the one m
   const q = new OfflineQueue(storage, 'q', { perTab: true, locks: null });
   q.addChange({ chat_id: 'a', type: 'title', value: 'mine', version_before_edit: 2 });
   q.addChange({ chat_id: 'b', type: 'title', value: 'mine', version_before_edit: 2 });
-  storage.setItem('q.tab.x', JSON.stringify({ changes: [old, newer], in_flight: [flying], messages: [] }));
+  storage.setItem('q.tab.000000000003', JSON.stringify({ changes: [old, newer], in_flight: [flying], messages: [] }));
   q.adopt();
   assert.deepEqual(q.changes.map((c) => [c.chat_id, c.value]).sort(), [['a', 'mine'], ['b', 'later'], ['c', null]]);
   assert.deepEqual(JSON.parse(storage.getItem(q.key) ?? '{}').changes.length, 3);
