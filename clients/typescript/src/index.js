@@ -276,6 +276,7 @@ export class StreamAssembler {
    * @returns {import('./index.js').StreamState | null}
    */
   chunk(p) {
+    if (!Number.isSafeInteger(p.seq) || typeof p.delta !== 'string') throw new TypeError('stream_chunk: seq or delta malformed');
     if (this._buffering > 0 && !this.ended.has(StreamAssembler.key(p.chat_id, p.stream_id))) {
       const key = StreamAssembler.key(p.chat_id, p.stream_id);
       const chunks = this._recent.get(key) ?? new Map();

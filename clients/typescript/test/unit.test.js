@@ -1670,3 +1670,18 @@ test('a completed streamed reply of another sender counts as unread once, as the
   assert.equal(c.chat('a').unread_count, 1);
   c.close();
 });
+
+test('a stream_chunk without a whole seq or a string delta is a protocol_error and leaves the text as it was', async () => {
+  const c = client();
+  const socket = await online(c);
+  /** @type {unknown[]} */
+  const errors = [];
+  c.on('protocol_error', (/** @type {unknown} */ d) => errors.push(d));
+  socket.push({ type: 'stream_started', payload: STREAM });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 1, delta: 'A' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 2 } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: '3', delta: 'C' } });
+  await until(() => errors.length === 2);
+  assert.equal(c.streams.get('a', 's')?.text, 'A');
+  c.close();
+});
