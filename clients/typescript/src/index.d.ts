@@ -259,7 +259,7 @@ export interface BackoffOptions {
 export interface QueueStorage {
   getItem(key: string): string | null;
   setItem(key: string, value: string): void;
-  /** With `key`, `length` and `removeItem` (as `localStorage` has), each client has a key of its own (see `OfflineQueue.adopt`). */
+  /** Optional, as `localStorage` has them: the tab keys are listed from the storage (else from an index under `<storageKey>.tabs`). */
   removeItem?(key: string): void;
   key?(index: number): string | null;
   readonly length?: number;
@@ -303,9 +303,10 @@ export interface ClientOptions {
   /** Keeps the offline queue (e.g. `localStorage`). */
   storage?: QueueStorage | null;
   /**
-   * Storage key of the queue (default `chatsync.offline.<deviceId>`). With a storage that lists its keys
-   * (`localStorage`), each client writes `<storageKey>.tab.<random>` and adopts the keys of clients
-   * (tabs) that are gone; else it writes `storageKey` itself (one client per storage).
+   * Storage key of the queue (default `chatsync.offline.<deviceId>`). Each client writes
+   * `<storageKey>.tab.<12 hex digits>` and adopts the keys of clients (tabs) that are gone, and
+   * `storageKey` itself (an older SDK's queue); a storage that cannot list its keys also holds the index
+   * `<storageKey>.tabs`.
    */
   storageKey?: string;
   /** Tells live tabs (default `navigator.locks`; `null`: none, only clients of this realm are known alive). */
@@ -438,7 +439,7 @@ export declare class OfflineQueue {
   constructor(storage?: QueueStorage | null, key?: string, options?: { perTab?: boolean; locks?: LockManagerLike | null });
   /** The key given (with `perTab`, the prefix of every tab's key). */
   readonly baseKey: string;
-  /** The key written: `key`, or with `perTab` (and a storage that lists its keys) `<key>.tab.<random>`. */
+  /** The key written: `key`, or with `perTab` `<key>.tab.<12 hex digits>`. */
   readonly key: string;
   readonly perTab: boolean;
   /** The adoption started by the constructor. */

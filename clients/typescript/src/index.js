@@ -549,7 +549,7 @@ export class OfflineQueue {
     /** The key given; with `perTab`, the prefix of every tab's key (and a queue stored there by an older SDK). */
     this.baseKey = key;
     /** Whether this queue has a key of its own, beside other tabs' (see {@link adopt}). */
-    this.perTab = !!options.perTab && isEnumerable(storage);
+    this.perTab = !!options.perTab && !!storage;
     const tab = this.perTab ? randomHex(6) : '';
     /** The key this queue writes. */
     this.key = this.perTab ? `${key}.tab.${tab}` : key;
@@ -643,14 +643,8 @@ export class OfflineQueue {
    * @returns {Promise<void>}
    */
   async adopt() {
-    const storage = this.storage;
-    if (!this.perTab || !isEnumerable(storage)) return;
-    /** @type {string[]} */
-    const keys = [];
-    for (let i = 0; i < storage.length; i++) {
-      const k = storage.key(i);
-      if (k !== null && k !== this.key && (k === this.baseKey || TAB_SUFFIX.test(k.slice(this.baseKey.length)) && k.startsWith(this.baseKey))) keys.push(k);
-    }
+    if (!this.perTab) return;
+    const keys = this._tabKeys().filter((k) => k !== this.key);
     for (const k of keys) {
       if (LIVE_KEYS.has(k)) continue;
       if (!this.locks) {
@@ -690,8 +684,62 @@ export class OfflineQueue {
       this.addRechecks(saved.recheck);
       this.save();
     }
+    this._removeKey(key);
+  }
+
+  /**
+   * The stored queues under {@link baseKey}: the keys of the storage that are that key or a tab's key
+   * under it; for a storage that cannot list its keys, that key and those named in the index
+   * `<baseKey>.tabs` (kept by {@link save}).
+   * @returns {string[]}
+   */
+  _tabKeys() {
+    const storage = this.storage;
+    if (!storage) return [];
+    if (!isEnumerable(storage)) return [this.baseKey, ...this._index().map((id) => `${this.baseKey}.tab.${id}`)];
+    /** @type {string[]} */
+    const keys = [];
+    for (let i = 0; i < storage.length; i++) {
+      const k = storage.key(i);
+      if (k !== null && (k === this.baseKey || (k.startsWith(this.baseKey) && TAB_SUFFIX.test(k.slice(this.baseKey.length))))) keys.push(k);
+    }
+    return keys;
+  }
+
+  /** The tab ids of the index of a storage that cannot list its keys. @returns {string[]} */
+  _index() {
     try {
-      /** @type {import('./index.js').EnumerableStorage} */ (this.storage).removeItem(key);
+      const list = JSON.parse(/** @type {NonNullable<OfflineQueue['storage']>} */ (this.storage).getItem(`${this.baseKey}.tabs`) ?? '[]');
+      return Array.isArray(list) ? list.filter((id) => typeof id === 'string' && TAB_SUFFIX.test(`.tab.${id}`)) : [];
+    } catch {
+      return [];
+    }
+  }
+
+  /**
+   * Adds (or removes) a tab's key to the index of a storage that cannot list its keys.
+   * @param {string} key
+   * @param {boolean} listed
+   */
+  _list(key, listed) {
+    const storage = this.storage;
+    if (!storage || isEnumerable(storage) || key === this.baseKey) return;
+    const id = key.slice(`${this.baseKey}.tab.`.length);
+    const index = this._index();
+    if (index.includes(id) === listed) return;
+    storage.setItem(`${this.baseKey}.tabs`, JSON.stringify(listed ? [...index, id] : index.filter((x) => x !== id)));
+  }
+
+  /**
+   * Removes a stored queue (emptied where the storage has no `removeItem`) and unlists it.
+   * @param {string} key
+   */
+  _removeKey(key) {
+    const storage = /** @type {import('./index.js').QueueStorage} */ (this.storage);
+    try {
+      if (typeof storage.removeItem === 'function') storage.removeItem(key);
+      else if (storage.getItem(key) !== null) storage.setItem(key, 'null');
+      this._list(key, false);
     } catch {
       // Left in place: adopted again later (its entries are then already here, and kept once).
     }
@@ -897,11 +945,13 @@ export class OfflineQueue {
     if (!this.storage) return;
     try {
       if (this.perTab && this.size + this.inFlight.length + this.recheck.length === 0) {
-        /** @type {import('./index.js').EnumerableStorage} */ (this.storage).removeItem(this.key);
+        this._removeKey(this.key);
         return;
       }
       const saved = { changes: this.changes, in_flight: this.inFlight, messages: this.messages, recheck: this.recheck, seq: this._seq };
       this.storage.setItem(this.key, JSON.stringify(saved));
+      // Listed again on every save (another tab's write of the index may have dropped it).
+      if (this.perTab) this._list(this.key, true);
     } catch {
       // Storage full or unavailable: the queue still lives in memory.
     }

@@ -974,7 +974,9 @@ test('a conflict waiting for the next sync to be looked at again survives a relo
   await ready;
   assert.equal(reloaded.chat('c1').title, 'T2');
   assert.equal(reloaded.queue.size + reloaded.queue.inFlight.length + reloaded.queue.recheck.length, 0);
-  assert.deepEqual(JSON.parse(store.get('chatsync.offline.laptop') ?? '{}').recheck, [], 'looked at: gone from storage too');
+  // Each client has a queue key of its own (the reloaded one adopted the first's): none holds it any more.
+  const stored = [...store.entries()].filter(([k]) => k.startsWith('chatsync.offline.laptop') && !k.endsWith('.tabs'));
+  assert.ok(stored.every(([, v]) => (JSON.parse(v)?.recheck ?? []).length === 0), 'looked at: gone from storage too');
 });
 
 test('the stored conflicts to recheck are read back checked (malformed ones dropped) and bounded', () => {
@@ -1362,6 +1364,25 @@ function webStorage() {
     },
   };
 }
+
+test('two clients on a storage that cannot list its keys (getItem and setItem only): an index of tab keys, nothing lost', async () => {
+  /** @type {Map<string, string>} */
+  const m = new Map();
+  const storage = { getItem: (/** @type {string} */ k) => m.get(k) ?? null, setItem: (/** @type {string} */ k, /** @type {string} */ v) => void m.set(k, v) };
+  FakeSocket.down = true;
+  const tabA = client({ storage });
+  const tabB = client({ storage });
+  assert.deepEqual(await tabA.updateTitle('trip', 'Lisbon'), { queued: true });
+  await tabB.sendMessage('other', 'hi', { messageId: 'm1' });
+  assert.equal(client({ storage }).queue.size, 0, 'live clients\' queues are not adopted');
+  tabA.close();
+  tabB.close();
+  const reloaded = client({ storage });
+  assert.equal(reloaded.queue.changes.length, 1);
+  assert.equal(reloaded.queue.messages.length, 1);
+  assert.deepEqual(JSON.parse(m.get('chatsync.offline.laptop.tabs') ?? '[]'), [reloaded.queue.key.split('.tab.')[1]]);
+  reloaded.close();
+});
 
 test('two tabs sharing one localStorage: neither overwrites the other\'s queue; a tab started later adopts the queues of closed tabs, not of live ones', async () => {
   const storage = webStorage();
