@@ -1729,8 +1729,9 @@ export class ChatSyncClient extends Emitter {
   async _flushChangesNow() {
     const max = this.connected?.limits?.max_offline_changes ?? 500;
     const empty = utf8Length(JSON.stringify({ type: 'sync_offline_changes', payload: { changes: [] }, request_id: LONGEST_REQUEST_ID }));
-    // Edits of chats this load never synced wait for the first sync (see `_rebaseUnsynced`).
-    const hold = !this._synced && this.options.autoSync;
+    // Edits made on a chat not synced yet wait for the next sync (see `_rebaseUnsynced`): this load's
+    // before its first one, and those adopted from a tab that was gone before its own.
+    const hold = this.options.autoSync;
     for (;;) {
       const sendable = hold ? this.queue.changes.filter((c) => !c.base_unknown) : this.queue.changes;
       if (sendable.length === 0) break;
@@ -1759,7 +1760,7 @@ export class ChatSyncClient extends Emitter {
   }
 
   /**
-   * After the first sync of this load: the queued edits of chats that were not synced when they were
+   * After a sync (the first of this load, or one after adopting another tab's queue): the queued edits of chats that were not synced when they were
    * made (`base_unknown`: after a reload, offline, the model is empty and the version seen before the
    * edit unknown) move to the version the sync brought, so that the user's edit wins over the value
    * held before (last writer wins), and show in the model again. A chat the server does not have stays

@@ -1706,3 +1706,23 @@ test('a stream_chunk without a whole seq or a string delta is a protocol_error a
   assert.equal(c.streams.get('a', 's')?.text, 'A');
   c.close();
 });
+
+test('an edit adopted from a tab that never synced, after this one synced, also waits for the sync and is sent on its version', async () => {
+  const storage = webStorage();
+  FakeSocket.down = true;
+  const gone = client({ storage });
+  await gone.updateTitle('trip', 'Lisbon');
+  gone.close();
+  FakeSocket.down = false;
+  const c = client({ storage: webStorage() });
+  const first = await online(c);
+  c.queue.storage = storage; // the gone tab's storage from now on: its queue is adopted at the next connection
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  await socket.answerSync({ chats_to_add_or_update: [{ chat_id: 'trip', type: 'new_chat', versions: { messages_v: 0, title_v: 4, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Trip', draft_json: null }], server_chat_order: ['trip'] });
+  const flush = await socket.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ x) => [x.chat_id, x.value, x.version_before_edit]), [['trip', 'Lisbon', 4]]);
+  c.close();
+});
