@@ -460,9 +460,9 @@ export declare class OfflineQueue {
   /** Waiting to be sent, in order (each chat and `message_id` once; a stored one is read back only when well-formed). */
   messages: PendingMessage[];
   /**
-   * Conflicting changes (with `written` values other than their own) to look at again after the next
-   * sync: a conflict with one of this device's own lost-reply writes alone is not a loss, and the edit is
-   * queued again (kept in storage; one per chat and component, at most 100).
+   * Conflicting changes to look at again after the next sync: a conflict with one of this device's own
+   * lost-reply writes alone is not a loss, and the edit is queued again; one with the change's own value
+   * is none; else `change_conflict` (kept in storage; one per chat and component, at most 100).
    */
   recheck: OfflineChange[];
   /** Waiting changes and messages (not the in-flight ones). */
@@ -487,7 +487,7 @@ export declare class OfflineQueue {
    * when on the same base, adds the dropped value to its `written`: the server may have applied it).
    */
   restore(changes: OfflineChange[]): void;
-  /** Adds conflicting changes to `recheck` (those with `written` values other than their own). */
+  /** Adds conflicting changes to `recheck`. */
   addRechecks(changes: OfflineChange[]): void;
   /** Removes changes from `recheck` (looked at again). */
   dropRechecks(changes: OfflineChange[]): void;
@@ -519,9 +519,10 @@ export interface ClientEvents {
   /**
    * A queued title, draft or draft deletion met a conflict (another write came first: the server's
    * version was past `version_before_edit`) and was dropped; the server's value stays (`versions`: the
-   * server's, when known). The app may tell the user, or write `value` again.
+   * model's after the sync that brought it). Emitted after that sync, and only when the server holds
+   * another value and no later edit of the component is queued. The app may tell the user, or write `value` again.
    */
-  change_conflict: [{ chat_id: string; change_id: string; type: OfflineChange['type']; value: unknown; version_before_edit: number; versions: Versions | null }];
+  change_conflict: [{ chat_id: string; change_id: string; type: OfflineChange['type']; value: unknown; version_before_edit: number; versions: Versions }];
   /** The `token` function threw or rejected: retried with backoff. */
   token_error: [unknown];
   /** The `WebSocket` constructor threw: retried with backoff. */

@@ -905,14 +905,15 @@ export class OfflineQueue {
 
   /**
    * Keeps conflicting changes (answered, so no longer in the queue) to look at again once the next sync
-   * has brought the server's values (see `ChatSyncClient#_recheckConflict`); stored with the queue, so
-   * that a reload before that sync loses none. Only changes with `written` values other than their own
-   * count; one per chat and component, the newest (an edit made after the older one, which it would
+   * has brought the server's values (see `ChatSyncClient#_recheckConflict`: a conflict that this
+   * device's own lost-reply writes explain is not a loss; one with the change's own value is none
+   * either; else `change_conflict`); stored with the queue, so that a reload before that sync loses
+   * none. One per chat and component, the newest (an edit made after the older one, which it would
    * replace anyway); at most {@link RECHECK_KEPT}, the oldest dropped past it.
    * @param {import('./index.js').OfflineChange[]} changes
    */
   addRechecks(changes) {
-    const added = changes.filter((c) => otherWrites(c).length > 0);
+    const added = changes;
     if (added.length === 0) return;
     for (const c of added) {
       this.recheck = this.recheck.filter((r) => !(r.chat_id === c.chat_id && componentOf(r.type) === componentOf(c.type)));
@@ -1361,11 +1362,14 @@ export class ChatSyncClient extends Emitter {
     const version = isTitle ? chat.versions.title_v : chat.versions.draft_v;
     const past = version - change.version_before_edit;
     const server = canonicalJson(isTitle ? chat.title : chat.draft_json);
-    if (past < 1 || server === canonicalJson(change.value)) return;
+    // The server holds the edit's own value (e.g. another tab sent the same edit, adopted): no loss.
+    if (server === canonicalJson(change.value)) return;
     // The newest place of the server's value among the remembered writes (each is remembered once).
     const index = (change.written ?? []).map(canonicalJson).lastIndexOf(server);
-    if (index < 0 || past > index + 1) {
-      this._conflict(change, chat.versions);
+    if (past < 1 || index < 0 || past > index + 1) {
+      // Lost, unless a later edit of the component is queued (it meets its own conflict, or wins).
+      const later = [...this.queue.changes, ...this.queue.inFlight].some((c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type));
+      if (!later) this._conflict(change, { ...chat.versions });
       return;
     }
     const queued = this.queue.requeue(change, version);
@@ -1380,7 +1384,7 @@ export class ChatSyncClient extends Emitter {
    * A queued edit that met a conflict and is dropped (the server's value stays): `change_conflict`, so
    * that the app can tell the user or apply it again.
    * @param {import('./index.js').OfflineChange} change
-   * @param {import('./index.js').Versions | null} versions the server's, when known
+   * @param {import('./index.js').Versions} versions the model's, after the sync that brought the server's value
    */
   _conflict(change, versions) {
     this.emit('change_conflict', { chat_id: change.chat_id, change_id: change.change_id, type: change.type, value: change.value, version_before_edit: change.version_before_edit, versions });
@@ -1822,10 +1826,6 @@ export class ChatSyncClient extends Emitter {
       for (const r of results) {
         const sent = part.find((c) => c.change_id === r.change_id);
         if (r.status !== 'conflict' || !sent) continue;
-        if (otherWrites(sent).length === 0) {
-          this._conflict(sent, r.versions ?? null);
-          continue;
-        }
         // Maybe a conflict with this device's own write whose reply was lost: the next sync brings the
         // server's value of that component, to tell (see _recheckConflict).
         rechecks.push(sent);

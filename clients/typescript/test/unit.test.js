@@ -1000,7 +1000,8 @@ test('the stored conflicts to recheck are read back checked (malformed ones drop
   assert.equal(q.recheck.filter((c) => c.chat_id === 'c150').length, 1, 'one per chat and component');
   assert.deepEqual(JSON.parse(store.get('k') ?? '').recheck.length, 100, 'stored bounded');
   store.set('k', stored({ changes: [], messages: [], recheck: [...hostile, old] }));
-  assert.deepEqual(new OfflineQueue(storage, 'k').recheck, [{ ...old, written: ['lost 200'] }]);
+  // Every well-formed conflict is kept (one without other writes is looked at for change_conflict).
+  assert.deepEqual(new OfflineQueue(storage, 'k').recheck, [{ ...entry(0), written: ['mine 0'] }, { ...old, written: ['lost 200'] }]);
   store.set('k', JSON.stringify({ changes: [], messages: [], recheck: { not: 'a list' } }));
   assert.deepEqual(new OfflineQueue(storage, 'k').recheck, []);
 });
@@ -1498,7 +1499,7 @@ test('an edit made offline after a reload (the model empty) waits for the first 
   c.close();
 });
 
-test('a queued edit dropped as a conflict emits change_conflict with its value', async () => {
+test('a queued edit dropped as a conflict emits change_conflict with its value once the next sync shows the server holding another', { timeout: 5000 }, async () => {
   const c = client();
   const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'] });
   /** @type {any[]} */
@@ -1514,7 +1515,9 @@ test('a queued edit dropped as a conflict emits change_conflict with its value',
   const ch = flush.payload.changes[0];
   assert.equal(ch.version_before_edit, 1);
   next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'a', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
-  await next.answerSync();
+  // The sync asks for the title again and brings the server's (another device's) value: then the event.
+  const sync = await next.answerSync({ chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0, title: 'theirs' }], server_chat_order: ['a'] });
+  assert.equal(sync.payload.chat_versions.a.title_v, undefined, 'the title is asked for again');
   await until(() => conflicts.length > 0);
   assert.deepEqual(conflicts, [{ chat_id: 'a', change_id: ch.change_id, type: 'title', value: 'mine', version_before_edit: 1, versions: { messages_v: 0, title_v: 2, draft_v: 0 } }]);
   c.close();
@@ -1724,5 +1727,27 @@ test('an edit adopted from a tab that never synced, after this one synced, also 
   await socket.answerSync({ chats_to_add_or_update: [{ chat_id: 'trip', type: 'new_chat', versions: { messages_v: 0, title_v: 4, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Trip', draft_json: null }], server_chat_order: ['trip'] });
   const flush = await socket.next('sync_offline_changes');
   assert.deepEqual(flush.payload.changes.map((/** @type {any} */ x) => [x.chat_id, x.value, x.version_before_edit]), [['trip', 'Lisbon', 4]]);
+  c.close();
+});
+
+test('a conflict of an edit whose value the server holds (the same edit sent by two tabs) emits no change_conflict', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'] });
+  /** @type {any[]} */
+  const conflicts = [];
+  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  socket.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('a', 'same');
+  await until(() => FakeSocket.instances.length === 2);
+  const next = lastSocket();
+  next.greet();
+  const flush = await next.next('sync_offline_changes');
+  const ch = flush.payload.changes[0];
+  next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'a', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  await next.answerSync({ chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0, title: 'same' }], server_chat_order: ['a'] });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.deepEqual(conflicts, []);
+  assert.equal(c.queue.recheck.length, 0);
   c.close();
 });
