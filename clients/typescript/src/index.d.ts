@@ -259,6 +259,23 @@ export interface BackoffOptions {
 export interface QueueStorage {
   getItem(key: string): string | null;
   setItem(key: string, value: string): void;
+  /** Optional, as `localStorage` has them: the tab keys are listed from the storage (else from an index under `<storageKey>.tabs`). */
+  removeItem?(key: string): void;
+  key?(index: number): string | null;
+  readonly length?: number;
+}
+
+/** A storage that lists its keys (`localStorage`). */
+export interface EnumerableStorage extends QueueStorage {
+  removeItem(key: string): void;
+  key(index: number): string | null;
+  readonly length: number;
+}
+
+/** The part of `navigator.locks` (Web Locks API) the offline queue uses. */
+export interface LockManagerLike {
+  request<T>(name: string, callback: (lock: unknown) => T | Promise<T>): Promise<T>;
+  request<T>(name: string, options: { ifAvailable?: boolean }, callback: (lock: unknown) => T | Promise<T>): Promise<T>;
 }
 
 export interface ClientOptions {
@@ -271,16 +288,29 @@ export interface ClientOptions {
   /** A WebSocket constructor (default: `globalThis.WebSocket`). */
   WebSocket?: unknown;
   backoff?: BackoffOptions;
-  /** Reply timeout per request, ms (default 30000; 0: none). */
+  /** Reply timeout per request, ms (default 30000; 0: none); for a multi-part reply, the longest wait for its next part. */
   requestTimeoutMs?: number;
   /** Application-level ping interval that detects half-open connections, ms (default 25000; 0: off). */
   keepaliveMs?: number;
+  /**
+   * How long a keepalive ping waits for its pong, ms (default the larger of `keepaliveMs` and 10000); the
+   * connection is dropped only when no frame at all arrived meanwhile (the server answers no ping while it
+   * sends the parts of a big reply).
+   */
+  keepaliveTimeoutMs?: number;
   /** Send `initial_sync_request` after every (re)connection (default true). */
   autoSync?: boolean;
   /** Keeps the offline queue (e.g. `localStorage`). */
   storage?: QueueStorage | null;
-  /** Storage key of the queue (default `chatsync.offline.<deviceId>`). */
+  /**
+   * Storage key of the queue (default `chatsync.offline.<deviceId>`). Each client writes
+   * `<storageKey>.tab.<12 hex digits>` and adopts the keys of clients (tabs) that are gone, and
+   * `storageKey` itself (an older SDK's queue); a storage that cannot list its keys also holds the index
+   * `<storageKey>.tabs`.
+   */
   storageKey?: string;
+  /** Tells live tabs (default `navigator.locks`; `null`: none, only clients of this realm are known alive). */
+  locks?: LockManagerLike | null;
   /** The chat in view at start (its messages come with the initial sync). */
   activeChatId?: string | null;
   /** Random source for the jitter (tests). */
@@ -340,6 +370,12 @@ export interface OfflineChange {
    * loss: the edit is sent again on top of it. (A queue stored by an older SDK, with a single value here, still loads.)
    */
   written?: unknown[];
+  /**
+   * Local only (never sent): made before the first sync of this load on a chat not known here (after a
+   * reload, offline), so the version seen before the edit is unknown: held until that sync, then moved to
+   * the version it brought (the user's edit wins over the value held before).
+   */
+  base_unknown?: boolean;
 }
 
 export interface PendingMessage {
@@ -382,7 +418,13 @@ export declare class StreamAssembler {
   get(chatId: string, streamId: string): StreamState | undefined;
   open(chatId?: string): StreamState[];
   start(p: StreamStarted): StreamState;
+  /**
+   * Seeds `active_streams`: `content_so_far`, then the chunks kept while a sync request was out with a later
+   * `seq` (replacing what was held); a stream that ended here is not reopened.
+   */
   seed(active: ActiveStream[]): StreamState[];
+  /** Counts sync requests out (`true` one more, `false` one fewer): meanwhile chunks are kept by `seq` for `seed`. */
+  buffer(on: boolean): void;
   chunk(p: StreamChunk): StreamState | null;
   finish(chatId: string, streamId: string, state: 'completed' | 'cancelled'): StreamState;
   clear(): void;
@@ -394,7 +436,23 @@ export declare class OfflineQueue {
    * change, message or conflict to recheck is dropped, as is a stored counter of change ids that is not a
    * whole number from 0 (the counter restarts); a corrupt queue is dropped whole.
    */
-  constructor(storage?: QueueStorage | null, key?: string);
+  constructor(storage?: QueueStorage | null, key?: string, options?: { perTab?: boolean; locks?: LockManagerLike | null });
+  /** The key given (with `perTab`, the prefix of every tab's key). */
+  readonly baseKey: string;
+  /** The key written: `key`, or with `perTab` `<key>.tab.<12 hex digits>`. */
+  readonly key: string;
+  readonly perTab: boolean;
+  /** The adoption started by the constructor. */
+  adopted: Promise<void>;
+  /**
+   * Merges into this queue (and removes) the queues stored under `baseKey` and `baseKey.tab.*` whose
+   * owners are gone: held by no live queue of this realm nor (with locks) by a lock of that name.
+   */
+  adopt(): Promise<void>;
+  /** Marks this queue's key as held (this realm, and a lock with `locks`). */
+  hold(): void;
+  /** Lets another queue adopt this one's key. */
+  release(): void;
   /** Waiting to be sent. */
   changes: OfflineChange[];
   /** Sent, results not yet received (kept in storage; a reload queues them again). */
@@ -402,9 +460,9 @@ export declare class OfflineQueue {
   /** Waiting to be sent, in order (each chat and `message_id` once; a stored one is read back only when well-formed). */
   messages: PendingMessage[];
   /**
-   * Conflicting changes (with `written` values other than their own) to look at again after the next
-   * sync: a conflict with one of this device's own lost-reply writes alone is not a loss, and the edit is
-   * queued again (kept in storage; one per chat and component, at most 100).
+   * Conflicting changes to look at again after the next sync: a conflict with one of this device's own
+   * lost-reply writes alone is not a loss, and the edit is queued again; one with the change's own value
+   * is none; else `change_conflict` (kept in storage; one per chat and component, at most 100).
    */
   recheck: OfflineChange[];
   /** Waiting changes and messages (not the in-flight ones). */
@@ -414,6 +472,8 @@ export declare class OfflineQueue {
   confirmMessage(chatId: string, messageId: string): void;
   /** Moves at most `max` changes to `inFlight`. */
   takeChanges(max: number): OfflineChange[];
+  /** Moves these queued changes to `inFlight`. */
+  take(changes: OfflineChange[]): OfflineChange[];
   /**
    * Forgets answered (or dropped) changes; rebases edits queued on top of an `applied` one; an edit
    * queued on top of one that met a `conflict` takes over that one's `written` (its conflict is then
@@ -427,7 +487,7 @@ export declare class OfflineQueue {
    * when on the same base, adds the dropped value to its `written`: the server may have applied it).
    */
   restore(changes: OfflineChange[]): void;
-  /** Adds conflicting changes to `recheck` (those with `written` values other than their own). */
+  /** Adds conflicting changes to `recheck`. */
   addRechecks(changes: OfflineChange[]): void;
   /** Removes changes from `recheck` (looked at again). */
   dropRechecks(changes: OfflineChange[]): void;
@@ -454,7 +514,26 @@ export interface ClientEvents {
    */
   change_rejected: [{ chat_id: string; change_id: string | null; type: OfflineResult['type']; error: ChatSyncError }];
   message: [Envelope];
+  /** The initial sync after a connection failed (e.g. `unavailable`): the connection is dropped and retried with backoff. */
   sync_error: [unknown];
+  /**
+   * A queued title, draft or draft deletion met a conflict (another write came first: the server's
+   * version was past `version_before_edit`) and was dropped; the server's value stays (`versions`: the
+   * model's after the sync that brought it). Emitted after that sync, and only when the server holds
+   * another value and no later edit of the component is queued. The app may tell the user, or write `value` again.
+   */
+  change_conflict: [{ chat_id: string; change_id: string; type: OfflineChange['type']; value: unknown; version_before_edit: number; versions: Versions }];
+  /** The `token` function threw or rejected: retried with backoff. */
+  token_error: [unknown];
+  /** The `WebSocket` constructor threw: retried with backoff. */
+  socket_error: [unknown];
+  /**
+   * A server frame that is not JSON, has no `type`, or lacks a field the local model needs (the raw frame,
+   * and the error when the frame parsed). The model is left as it was; the frame is still emitted as its type.
+   */
+  protocol_error: [unknown, unknown?];
+  /** An event handler threw (the error); the other handlers and the connection carry on. */
+  listener_error: [unknown];
 }
 
 export declare class ChatSyncClient extends Emitter {

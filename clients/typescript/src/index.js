@@ -181,6 +181,9 @@ export class StreamAssembler {
     this.streams = new Map();
     /** Keys of the streams that ended here, newest last (at most {@link StreamAssembler.ENDED_KEPT}). */
     this.ended = new Set();
+    /** @type {Map<string, Map<number, string>>} chunks received while a sync request is out, by stream and `seq` (see {@link buffer}) */
+    this._recent = new Map();
+    this._buffering = 0;
   }
 
   /** How many ended streams are remembered, to ignore their late chunks. */
@@ -232,20 +235,37 @@ export class StreamAssembler {
   }
 
   /**
-   * Seeds the streams of `active_streams` (joining mid-stream). A stream already known with a later
-   * chunk keeps its own text.
+   * Seeds the streams of `active_streams` (joining mid-stream): the text is the stream's `content_so_far`
+   * (up to its `seq`) followed by the chunks received while the sync request was out (see
+   * {@link buffer}) with a later `seq`; what the stream held here before is replaced (it may have
+   * missed chunks while disconnected). A stream that ended here is not reopened (the reply was built
+   * before it ended).
    * @param {import('./index.js').ActiveStream[]} active
    * @returns {import('./index.js').StreamState[]}
    */
   seed(active) {
-    return active.map((a) => {
-      const known = this.get(a.chat_id, a.stream_id);
-      if (known && known.seq >= a.seq) return known;
+    /** @type {import('./index.js').StreamState[]} */
+    const seeded = [];
+    for (const a of active) {
+      const key = StreamAssembler.key(a.chat_id, a.stream_id);
+      if (this.ended.has(key)) continue;
+      const later = [...(this._recent.get(key) ?? new Map())].filter(([seq]) => seq > a.seq).sort(([x], [y]) => x - y);
       const stream = this.start(a);
-      stream.seq = a.seq;
-      stream.text = a.content_so_far ?? '';
-      return stream;
-    });
+      stream.text = (a.content_so_far ?? '') + later.map(([, delta]) => delta).join('');
+      stream.seq = later.length > 0 ? later[later.length - 1][0] : a.seq;
+      seeded.push(stream);
+    }
+    return seeded;
+  }
+
+  /**
+   * While a sync request is out (`on`: one more; off: one fewer), chunks are also kept by `seq`, to be
+   * replayed over the `content_so_far` of its reply (see {@link seed}); forgotten when none is out.
+   * @param {boolean} on
+   */
+  buffer(on) {
+    this._buffering = Math.max(0, this._buffering + (on ? 1 : -1));
+    if (this._buffering === 0) this._recent.clear();
   }
 
   /**
@@ -256,6 +276,13 @@ export class StreamAssembler {
    * @returns {import('./index.js').StreamState | null}
    */
   chunk(p) {
+    if (!Number.isSafeInteger(p.seq) || typeof p.delta !== 'string') throw new TypeError('stream_chunk: seq or delta malformed');
+    if (this._buffering > 0 && !this.ended.has(StreamAssembler.key(p.chat_id, p.stream_id))) {
+      const key = StreamAssembler.key(p.chat_id, p.stream_id);
+      const chunks = this._recent.get(key) ?? new Map();
+      if (!chunks.has(p.seq)) chunks.set(p.seq, p.delta);
+      this._recent.set(key, chunks);
+    }
     let stream = this.get(p.chat_id, p.stream_id);
     if (!stream && this.ended.has(StreamAssembler.key(p.chat_id, p.stream_id))) return null;
     if (!stream) {
@@ -321,10 +348,10 @@ function canonicalJson(value) {
 }
 
 /**
- * An offline change as sent: without the local-only `written`.
+ * An offline change as sent: without the local-only `written` and `base_unknown`.
  * @param {import('./index.js').OfflineChange} change
  */
-function wireChange({ written, ...change }) {
+function wireChange({ written, base_unknown, ...change }) {
   return change;
 }
 
@@ -403,6 +430,7 @@ function readChange(raw) {
     const kind = type === 'title' ? 'title' : 'draft';
     const written = (Array.isArray(c.written) ? c.written : 'written' in c ? [c.written] : []).filter((w) => fitsType(kind, w));
     if (written.length > 0) change.written = mergeWritten(written);
+    if (c.base_unknown === true) change.base_unknown = true;
     canonicalJson(value); // a value nested too deep to compare throws here, not later
     return change;
   } catch {
@@ -469,6 +497,35 @@ function readMessages(list) {
   return messages;
 }
 
+/** What follows the base key in a tab's key (see `OfflineQueue#adopt`). */
+const TAB_SUFFIX = /^\.tab\.[0-9a-f]{12}$/;
+
+/** Keys of stored queues that a live {@link OfflineQueue} of this JavaScript realm holds (see `OfflineQueue#adopt`). */
+const LIVE_KEYS = new Set();
+
+/**
+ * Whether a storage can list its keys and remove one (as `localStorage` can): needed for a queue per tab.
+ * @param {unknown} storage
+ * @returns {storage is import('./index.js').EnumerableStorage}
+ */
+function isEnumerable(storage) {
+  const s = /** @type {any} */ (storage);
+  return !!s && typeof s.key === 'function' && typeof s.length === 'number' && typeof s.removeItem === 'function';
+}
+
+/** `n` random bytes in hex. @param {number} n */
+function randomHex(n) {
+  const bytes = new Uint8Array(n);
+  globalThis.crypto.getRandomValues(bytes);
+  return [...bytes].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/** When a queued change was made (ms), from its id (`oc-<time base 36>-…`); 0 when unknown. @param {{change_id: string}} change */
+function changeTime(change) {
+  const t = parseInt(change.change_id.split('-')[1] ?? '', 36);
+  return Number.isFinite(t) ? t : 0;
+}
+
 /** The most conflicts an {@link OfflineQueue} keeps to look at again (`recheck`); past it, the oldest are dropped. */
 const RECHECK_KEPT = 100;
 
@@ -484,10 +541,24 @@ export class OfflineQueue {
   /**
    * @param {{getItem(key: string): string | null, setItem(key: string, value: string): void} | null} [storage]
    * @param {string} [key]
+   * @param {{perTab?: boolean, locks?: import('./index.js').LockManagerLike | null}} [options] `perTab`: a key of
+   *   its own beside other tabs' on the same storage (see {@link adopt}); `locks`: default `navigator.locks`
    */
-  constructor(storage = null, key = 'chatsync.offline') {
+  constructor(storage = null, key = 'chatsync.offline', options = {}) {
     this.storage = storage;
-    this.key = key;
+    /** The key given; with `perTab`, the prefix of every tab's key (and a queue stored there by an older SDK). */
+    this.baseKey = key;
+    /** Whether this queue has a key of its own, beside other tabs' (see {@link adopt}). */
+    this.perTab = !!options.perTab && !!storage;
+    const tab = this.perTab ? randomHex(6) : '';
+    /** The key this queue writes. */
+    this.key = this.perTab ? `${key}.tab.${tab}` : key;
+    /** @type {import('./index.js').LockManagerLike | null} */
+    this.locks = options.locks !== undefined ? options.locks : /** @type {any} */ (globalThis).navigator?.locks ?? null;
+    /** @type {(() => void) | null} releases the lock held on {@link key} */
+    this._unlock = null;
+    /** Tells the change ids of tabs apart. */
+    this._idTag = tab ? `${tab}-` : '';
     /** @type {import('./index.js').OfflineChange[]} */
     this.changes = [];
     /** @type {import('./index.js').OfflineChange[]} taken by {@link takeChanges}, not yet {@link settle}d */
@@ -497,25 +568,180 @@ export class OfflineQueue {
     /** @type {import('./index.js').OfflineChange[]} conflicts to look at again after the next sync (see {@link addRechecks}) */
     this.recheck = [];
     this._seq = 0;
-    if (storage) {
-      try {
-        const saved = JSON.parse(storage.getItem(key) ?? 'null');
-        if (saved && Array.isArray(saved.changes) && Array.isArray(saved.messages)) {
-          // Changes and messages are checked one by one (a malformed one is dropped; `written` of an
-          // older SDK, one value, becomes a list).
-          this.changes = readChanges(saved.changes);
-          this.messages = readMessages(saved.messages);
-          // The counter of change ids: a whole number that counting up keeps exact, else it restarts (the
-          // ids also carry the time, so they stay distinct from the stored ones).
-          this._seq = Number.isSafeInteger(saved.seq) && saved.seq >= 0 && saved.seq <= MAX_STORED_SEQ ? saved.seq : 0;
-          // Conflicts whose recheck the reload came before: checked, bounded, as when added.
-          if (Array.isArray(saved.recheck)) this.addRechecks(readChanges(saved.recheck));
-          // A batch whose results never arrived (reloaded during the round trip) is sent again.
-          if (Array.isArray(saved.in_flight)) this.restore(readChanges(saved.in_flight));
-        }
-      } catch {
-        // A corrupt saved queue is dropped: the server stays the truth.
+    const saved = this._read(this.key);
+    if (saved) {
+      this.changes = saved.changes;
+      this.messages = saved.messages;
+      this._seq = saved.seq;
+      // Conflicts whose recheck the reload came before: checked, bounded, as when added.
+      this.addRechecks(saved.recheck);
+      // A batch whose results never arrived (reloaded during the round trip) is sent again.
+      this.restore(saved.inFlight);
+    }
+    /** The adoption of the queues of tabs that are gone, started by the constructor (see {@link adopt}). */
+    this.adopted = Promise.resolve();
+    if (this.perTab) {
+      this.hold();
+      this.adopted = this.adopt();
+    }
+  }
+
+  /**
+   * The queue stored under `key`, read back checked: changes and messages one by one (a malformed one is
+   * dropped; `written` of an older SDK, one value, becomes a list); `null` when there is none or it is
+   * corrupt (the server stays the truth).
+   * @param {string} key
+   */
+  _read(key) {
+    if (!this.storage) return null;
+    try {
+      const saved = JSON.parse(this.storage.getItem(key) ?? 'null');
+      if (!saved || !Array.isArray(saved.changes) || !Array.isArray(saved.messages)) return null;
+      return {
+        changes: readChanges(saved.changes),
+        messages: readMessages(saved.messages),
+        // The counter of change ids: a whole number that counting up keeps exact, else it restarts (the
+        // ids also carry the time, so they stay distinct from the stored ones).
+        seq: Number.isSafeInteger(saved.seq) && saved.seq >= 0 && saved.seq <= MAX_STORED_SEQ ? saved.seq : 0,
+        recheck: Array.isArray(saved.recheck) ? readChanges(saved.recheck) : [],
+        inFlight: Array.isArray(saved.in_flight) ? readChanges(saved.in_flight) : [],
+      };
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * Marks {@link key} as held by a live queue: in this JavaScript realm, and with a lock of that name
+   * (`navigator.locks`) for other tabs, until {@link release}. The constructor calls it.
+   */
+  hold() {
+    if (!this.perTab) return;
+    LIVE_KEYS.add(this.key);
+    if (!this.locks || this._unlock) return;
+    /** @type {Promise<void>} */
+    const held = new Promise((resolve) => (this._unlock = resolve));
+    this.locks.request(this.key, () => held).catch(() => {});
+  }
+
+  /** Lets another queue adopt this one's stored entries (see {@link adopt}); the client's `close()` calls it. */
+  release() {
+    LIVE_KEYS.delete(this.key);
+    this._unlock?.();
+    this._unlock = null;
+  }
+
+  /**
+   * With `perTab`: takes over the queues stored by tabs that are gone (their keys start with
+   * {@link baseKey}, the key itself being an older SDK's), so that nothing queued in a closed or
+   * reloaded tab is lost: each is merged into this queue, stored under {@link key}, then removed. A key
+   * is gone when no live queue of this realm holds it and, with `navigator.locks`, its lock is free (it
+   * is taken for the adoption, so two tabs never adopt the same key). Without `navigator.locks`, a key
+   * held by another live tab (or process) would be taken as well: both would then send its entries,
+   * which is safe (a message is stored once by its `message_id`; the second of two equal changes is a
+   * conflict with its own value). Synchronous without `navigator.locks`.
+   * @returns {Promise<void>}
+   */
+  async adopt() {
+    if (!this.perTab) return;
+    const keys = this._tabKeys().filter((k) => k !== this.key);
+    for (const k of keys) {
+      if (LIVE_KEYS.has(k)) continue;
+      if (!this.locks) {
+        this._adoptKey(k);
+        continue;
       }
+      try {
+        await this.locks.request(k, { ifAvailable: true }, (lock) => {
+          if (lock && !LIVE_KEYS.has(k)) this._adoptKey(k);
+        });
+      } catch {
+        // No lock manager after all (e.g. an opaque origin): left for a later adoption.
+      }
+    }
+  }
+
+  /**
+   * Merges the queue stored under `key` into this one, saves, and removes `key` (in that order: a crash
+   * in between leaves it twice, which is safe, never lost). A queued edit of a component queued here
+   * too: the one made later is kept (as one tab coalesces its own edits). Changes in flight there are
+   * queued again, as a reload does.
+   * @param {string} key
+   */
+  _adoptKey(key) {
+    const saved = this._read(key);
+    if (saved) {
+      for (const c of saved.changes) {
+        const own = this._newer(c);
+        if (own && changeTime(own) >= changeTime(c)) continue;
+        if (own) this.changes.splice(this.changes.indexOf(own), 1);
+        this.changes.push(c);
+      }
+      this.restore(saved.inFlight);
+      for (const m of saved.messages) {
+        if (!this.messages.some((x) => x.chat_id === m.chat_id && x.message.message_id === m.message.message_id)) this.messages.push(m);
+      }
+      this.addRechecks(saved.recheck);
+      this.save();
+    }
+    this._removeKey(key);
+  }
+
+  /**
+   * The stored queues under {@link baseKey}: the keys of the storage that are that key or a tab's key
+   * under it; for a storage that cannot list its keys, that key and those named in the index
+   * `<baseKey>.tabs` (kept by {@link save}).
+   * @returns {string[]}
+   */
+  _tabKeys() {
+    const storage = this.storage;
+    if (!storage) return [];
+    if (!isEnumerable(storage)) return [this.baseKey, ...this._index().map((id) => `${this.baseKey}.tab.${id}`)];
+    /** @type {string[]} */
+    const keys = [];
+    for (let i = 0; i < storage.length; i++) {
+      const k = storage.key(i);
+      if (k !== null && (k === this.baseKey || (k.startsWith(this.baseKey) && TAB_SUFFIX.test(k.slice(this.baseKey.length))))) keys.push(k);
+    }
+    return keys;
+  }
+
+  /** The tab ids of the index of a storage that cannot list its keys. @returns {string[]} */
+  _index() {
+    try {
+      const list = JSON.parse(/** @type {NonNullable<OfflineQueue['storage']>} */ (this.storage).getItem(`${this.baseKey}.tabs`) ?? '[]');
+      return Array.isArray(list) ? list.filter((id) => typeof id === 'string' && TAB_SUFFIX.test(`.tab.${id}`)) : [];
+    } catch {
+      return [];
+    }
+  }
+
+  /**
+   * Adds (or removes) a tab's key to the index of a storage that cannot list its keys.
+   * @param {string} key
+   * @param {boolean} listed
+   */
+  _list(key, listed) {
+    const storage = this.storage;
+    if (!storage || isEnumerable(storage) || key === this.baseKey) return;
+    const id = key.slice(`${this.baseKey}.tab.`.length);
+    const index = this._index();
+    if (index.includes(id) === listed) return;
+    storage.setItem(`${this.baseKey}.tabs`, JSON.stringify(listed ? [...index, id] : index.filter((x) => x !== id)));
+  }
+
+  /**
+   * Removes a stored queue (emptied where the storage has no `removeItem`) and unlists it.
+   * @param {string} key
+   */
+  _removeKey(key) {
+    const storage = /** @type {import('./index.js').QueueStorage} */ (this.storage);
+    try {
+      if (typeof storage.removeItem === 'function') storage.removeItem(key);
+      else if (storage.getItem(key) !== null) storage.setItem(key, 'null');
+      this._list(key, false);
+    } catch {
+      // Left in place: adopted again later (its entries are then already here, and kept once).
     }
   }
 
@@ -538,7 +764,7 @@ export class OfflineQueue {
     const first = i >= 0 ? this.changes[i] : change;
     /** @type {import('./index.js').OfflineChange} */
     const queued = {
-      change_id: `oc-${Date.now().toString(36)}-${++this._seq}`,
+      change_id: `oc-${Date.now().toString(36)}-${this._idTag}${++this._seq}`,
       chat_id: change.chat_id,
       type: change.type,
       value: change.type === 'delete_draft' ? null : change.value,
@@ -547,6 +773,7 @@ export class OfflineQueue {
     const sameBase = first !== change && change.version_before_edit === first.version_before_edit;
     const written = mergeWritten(first.written ?? [], sameBase ? change.written ?? [] : []);
     if (written.length > 0) queued.written = written;
+    if (first.base_unknown) queued.base_unknown = true;
     if (i >= 0) this.changes.splice(i, 1);
     this.changes.push(queued);
     this.save();
@@ -580,10 +807,18 @@ export class OfflineQueue {
    * @param {number} max
    */
   takeChanges(max) {
-    const taken = this.changes.splice(0, Math.max(1, max));
-    this.inFlight.push(...taken);
+    return this.take(this.changes.slice(0, Math.max(1, max)));
+  }
+
+  /**
+   * Moves the given queued changes to {@link inFlight} and returns them.
+   * @param {import('./index.js').OfflineChange[]} changes
+   */
+  take(changes) {
+    this.changes = this.changes.filter((c) => !changes.includes(c));
+    this.inFlight.push(...changes);
     this.save();
-    return taken;
+    return changes;
   }
 
   /**
@@ -670,14 +905,15 @@ export class OfflineQueue {
 
   /**
    * Keeps conflicting changes (answered, so no longer in the queue) to look at again once the next sync
-   * has brought the server's values (see `ChatSyncClient#_recheckConflict`); stored with the queue, so
-   * that a reload before that sync loses none. Only changes with `written` values other than their own
-   * count; one per chat and component, the newest (an edit made after the older one, which it would
+   * has brought the server's values (see `ChatSyncClient#_recheckConflict`: a conflict that this
+   * device's own lost-reply writes explain is not a loss; one with the change's own value is none
+   * either; else `change_conflict`); stored with the queue, so that a reload before that sync loses
+   * none. One per chat and component, the newest (an edit made after the older one, which it would
    * replace anyway); at most {@link RECHECK_KEPT}, the oldest dropped past it.
    * @param {import('./index.js').OfflineChange[]} changes
    */
   addRechecks(changes) {
-    const added = changes.filter((c) => otherWrites(c).length > 0);
+    const added = changes;
     if (added.length === 0) return;
     for (const c of added) {
       this.recheck = this.recheck.filter((r) => !(r.chat_id === c.chat_id && componentOf(r.type) === componentOf(c.type)));
@@ -709,8 +945,14 @@ export class OfflineQueue {
   save() {
     if (!this.storage) return;
     try {
+      if (this.perTab && this.size + this.inFlight.length + this.recheck.length === 0) {
+        this._removeKey(this.key);
+        return;
+      }
       const saved = { changes: this.changes, in_flight: this.inFlight, messages: this.messages, recheck: this.recheck, seq: this._seq };
       this.storage.setItem(this.key, JSON.stringify(saved));
+      // Listed again on every save (another tab's write of the index may have dropped it).
+      if (this.perTab) this._list(this.key, true);
     } catch {
       // Storage full or unavailable: the queue still lives in memory.
     }
@@ -754,9 +996,7 @@ export function draftFromText(text) {
 
 /** A fresh id for messages: `m-` and 16 random hex digits with a time prefix (PROTOCOL.md id rules). */
 export function newMessageId() {
-  const bytes = new Uint8Array(8);
-  globalThis.crypto.getRandomValues(bytes);
-  return `m-${Date.now().toString(36)}-${[...bytes].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+  return `m-${Date.now().toString(36)}-${randomHex(8)}`;
 }
 
 /**
@@ -812,12 +1052,19 @@ export class ChatSyncClient extends Emitter {
     /** Deleted chat ids (never reused; late events for them are ignored). */
     this.deleted = new Set();
     this.streams = new StreamAssembler();
-    this.queue = new OfflineQueue(options.storage ?? null, options.storageKey ?? `chatsync.offline.${options.deviceId}`);
+    // A queue per tab (its own key under this one), adopting those of tabs that are gone: two tabs on
+    // one `localStorage` never overwrite each other's (see OfflineQueue#adopt).
+    this.queue = new OfflineQueue(options.storage ?? null, options.storageKey ?? `chatsync.offline.${options.deviceId}`, {
+      perTab: true,
+      locks: options.locks,
+    });
     /** The chat the user looks at: its messages come with the initial sync (`immediate_view_chat_id`). */
     this.activeChatId = options.activeChatId ?? null;
-    /** @type {Map<string, {type: string, finals: string[], resolve: Function, reject: Function, parts: any, timer: any}>} */
+    /** @type {Map<string, {type: string, finals: string[], resolve: Function, reject: Function, parts: any, timer: any, arm: () => any, sent: Record<string, unknown>}>} */
     this._pending = new Map();
     this._nextRequest = 0;
+    /** When the last server frame arrived (ms since the epoch; see `_startKeepalive`). */
+    this._lastFrameAt = 0;
     this._attempt = 0;
     /** @type {any} */
     this._socket = null;
@@ -833,6 +1080,12 @@ export class ChatSyncClient extends Emitter {
     /** @type {Promise<void>} The flush of offline changes running or last run (see `_flushChanges`). */
     this._changesFlushed = Promise.resolve();
     this._closedByUser = false;
+    /** @type {string | null} the fatal close reason retried once with a fresh token (see `_onClose`) */
+    this._fatalRetried = null;
+    /** Counts `_open` calls and `close()`s: an `_open` that awaited its token while another began (or a close) gives up. */
+    this._generation = 0;
+    /** Whether a sync completed on this load (see `_rebaseUnsynced`). */
+    this._synced = false;
     this._onOnline = () => this.reconnect();
   }
 
@@ -844,6 +1097,7 @@ export class ChatSyncClient extends Emitter {
   connect() {
     if (this.status === 'online') return Promise.resolve(/** @type {import('./index.js').Connected} */ (this.connected));
     this._closedByUser = false;
+    this.queue.hold();
     if (typeof globalThis.addEventListener === 'function') globalThis.addEventListener('online', this._onOnline);
     const ready = new Promise((resolve, reject) => {
       const offStatus = this.on('status', (/** @type {string} */ s) => {
@@ -870,6 +1124,7 @@ export class ChatSyncClient extends Emitter {
    */
   close(code = 1000, reason = 'bye') {
     this._closedByUser = true;
+    this._generation += 1;
     clearTimeout(this._retryTimer);
     clearTimeout(this._flushTimer);
     this._flushTimer = null;
@@ -885,6 +1140,8 @@ export class ChatSyncClient extends Emitter {
       }
     }
     this._failPending('closed', 'the client was closed');
+    // What is still queued is in storage, for the next client (a reload) to adopt.
+    this.queue.release();
     this._setStatus('closed');
     this.emit('closed', { code, reason });
   }
@@ -938,14 +1195,16 @@ export class ChatSyncClient extends Emitter {
     }
     return new Promise((resolve, reject) => {
       const timeoutMs = options.timeoutMs ?? this.options.requestTimeoutMs;
-      const timer =
+      // Armed again by every part of a multi-part reply (see `_onFrame`): the bound is on the silence
+      // between parts, not on the whole reply, which may be long and steady.
+      const arm = () =>
         timeoutMs > 0
           ? setTimeout(() => {
               this._pending.delete(request_id);
               reject(new ChatSyncError('timeout', `no reply to ${type} within ${timeoutMs} ms`));
             }, timeoutMs)
           : null;
-      this._pending.set(request_id, { type, finals: FINAL_REPLIES[type] ?? [], resolve, reject, parts: null, timer });
+      this._pending.set(request_id, { type, finals: FINAL_REPLIES[type] ?? [], resolve, reject, parts: null, timer: arm(), arm, sent: payload });
       this._sendFrame(frame, data);
     });
   }
@@ -1037,8 +1296,15 @@ export class ChatSyncClient extends Emitter {
     const stale = this._stale;
     const rechecks = [...this.queue.recheck];
     const openBefore = this.streams.open();
-    const reply = await this.request('initial_sync_request', payload);
+    this.streams.buffer(true);
+    let reply;
+    try {
+      reply = await this.request('initial_sync_request', payload);
+    } finally {
+      this.streams.buffer(false);
+    }
     if (this._stale === stale) this._stale = new Map();
+    this._rebaseUnsynced();
     // `chat_ids_to_delete` names only chats of the request: a chat left out (known to the server before
     // the request) and missing from the server's order was deleted, as a named one would have been
     // (edits or messages of it still queued are then refused with `not_found`).
@@ -1096,16 +1362,32 @@ export class ChatSyncClient extends Emitter {
     const version = isTitle ? chat.versions.title_v : chat.versions.draft_v;
     const past = version - change.version_before_edit;
     const server = canonicalJson(isTitle ? chat.title : chat.draft_json);
-    if (past < 1 || server === canonicalJson(change.value)) return;
+    // The server holds the edit's own value (e.g. another tab sent the same edit, adopted): no loss.
+    if (server === canonicalJson(change.value)) return;
     // The newest place of the server's value among the remembered writes (each is remembered once).
     const index = (change.written ?? []).map(canonicalJson).lastIndexOf(server);
-    if (index < 0 || past > index + 1) return;
+    if (past < 1 || index < 0 || past > index + 1) {
+      // Lost, unless a later edit of the component is queued (it meets its own conflict, or wins).
+      const later = [...this.queue.changes, ...this.queue.inFlight].some((c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type));
+      if (!later) this._conflict(change, { ...chat.versions });
+      return;
+    }
     const queued = this.queue.requeue(change, version);
     if (isTitle) chat.title = /** @type {string} */ (queued.value);
     else chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (queued.value);
     this.emit('change', chat.chat_id);
     // Online (an app's own sync()), nothing else would send it before the next reconnect.
     this._retrySoon();
+  }
+
+  /**
+   * A queued edit that met a conflict and is dropped (the server's value stays): `change_conflict`, so
+   * that the app can tell the user or apply it again.
+   * @param {import('./index.js').OfflineChange} change
+   * @param {import('./index.js').Versions} versions the model's, after the sync that brought the server's value
+   */
+  _conflict(change, versions) {
+    this.emit('change_conflict', { chat_id: change.chat_id, change_id: change.change_id, type: change.type, value: change.value, version_before_edit: change.version_before_edit, versions });
   }
 
   /**
@@ -1155,12 +1437,15 @@ export class ChatSyncClient extends Emitter {
    */
   deleteDraft(chatId) {
     const chat = this.chat(chatId);
+    const before = chat.draft_json;
     chat.draft_json = null;
     this.emit('change', chatId);
     return this._write(
       { chat_id: chatId, type: 'delete_draft', value: null, version_before_edit: chat.versions.draft_v },
       () => this.request('delete_draft', { chat_id: chatId }),
-      () => {},
+      () => {
+        chat.draft_json = before;
+      },
     );
   }
 
@@ -1259,17 +1544,20 @@ export class ChatSyncClient extends Emitter {
   // Connection loop
 
   async _open() {
+    const generation = ++this._generation;
     clearTimeout(this._retryTimer);
     this._setStatus(this._attempt === 0 && this.connected === null ? 'connecting' : 'reconnecting');
     let token;
     try {
       token = typeof this.options.token === 'function' ? await this.options.token() : this.options.token;
     } catch (e) {
+      if (generation !== this._generation) return;
       this.emit('token_error', e);
       this._scheduleReconnect();
       return;
     }
-    if (this._closedByUser) return;
+    // Closed, or closed and connected again, while the token was awaited: this attempt is stale.
+    if (this._closedByUser || generation !== this._generation) return;
     const url = new URL(this.url);
     url.searchParams.set('token', token);
     url.searchParams.set('device_id', this.options.deviceId);
@@ -1303,11 +1591,21 @@ export class ChatSyncClient extends Emitter {
     this._stopKeepalive();
     this._failPending('disconnected', `connection closed: ${code} ${reason ?? ''}`.trim());
     if (this._closedByUser) return;
-    const fatal = code === 1008 && FATAL_REASONS.has(reason) && typeof this.options.token !== 'function';
-    if (fatal) {
-      this._setStatus('closed');
-      this.emit('closed', { code, reason });
-      return;
+    if (code === 1008 && FATAL_REASONS.has(reason)) {
+      // No token fixes a device id the server refuses. With a token function, a refused token may be
+      // replaced by the next call: one retry, and the same reason again ends it.
+      const always = reason === 'Invalid device id' || reason.startsWith('Device mismatch');
+      if (always || typeof this.options.token !== 'function' || this._fatalRetried === reason) {
+        this._fatalRetried = null;
+        this._closedByUser = true;
+        this._stopKeepalive();
+        clearTimeout(this._retryTimer);
+        this.queue.release();
+        this._setStatus('closed');
+        this.emit('closed', { code, reason });
+        return;
+      }
+      this._fatalRetried = reason;
     }
     this.emit('disconnected', { code, reason });
     if (code === 1008 && reason === 'Token expired') this._attempt = 0;
@@ -1345,15 +1643,23 @@ export class ChatSyncClient extends Emitter {
     }
     const { type, request_id } = envelope;
     const payload = envelope.payload ?? {};
+    this._lastFrameAt = Date.now();
     if (type === 'connected') {
+      // The backoff is reset only once online (see `_afterConnect`): a server that greets and then fails
+      // the sync, or closes, must not be retried at once every time.
       this.connected = payload;
-      this._attempt = 0;
       this._startKeepalive();
       this.emit('connected', payload, envelope);
       this._afterConnect();
       return;
     }
-    this._apply(type, payload);
+    try {
+      this._apply(type, payload, typeof request_id === 'string' ? request_id : null);
+    } catch (e) {
+      // A malformed frame (a field missing or of the wrong type) leaves the model as it was and is
+      // reported; it must not throw out of the socket's event handler (in Node, a crash of the process).
+      this.emit('protocol_error', data, e);
+    }
     this.emit(type, payload, envelope);
     this.emit('message', envelope);
     if (request_id === undefined) return;
@@ -1367,7 +1673,11 @@ export class ChatSyncClient extends Emitter {
     }
     if (pending.finals.length > 0 && !pending.finals.includes(type)) return;
     pending.parts = pending.parts === null ? payload : mergeParts(pending.parts, payload);
-    if (payload.more === true) return;
+    if (payload.more === true) {
+      clearTimeout(pending.timer);
+      pending.timer = pending.arm();
+      return;
+    }
     this._pending.delete(request_id);
     clearTimeout(pending.timer);
     const merged = { ...pending.parts };
@@ -1380,6 +1690,10 @@ export class ChatSyncClient extends Emitter {
     this._setStatus('syncing');
     const socket = this._socket;
     try {
+      // The queues of tabs closed since (or still being adopted since the start) are sent too.
+      await this.queue.adopted;
+      await this.queue.adopt();
+      if (this._socket !== socket) return;
       await this._flushChanges();
       if (this.options.autoSync) await this.sync();
       // Then the queued messages, and whatever was queued meanwhile (writes wait for `online`).
@@ -1388,6 +1702,8 @@ export class ChatSyncClient extends Emitter {
         await this._flushMessages();
       }
       if (this._socket === socket) {
+        this._attempt = 0;
+        this._fatalRetried = null;
         this._setStatus('online');
         this.emit('synced');
       }
@@ -1417,18 +1733,23 @@ export class ChatSyncClient extends Emitter {
   async _flushChangesNow() {
     const max = this.connected?.limits?.max_offline_changes ?? 500;
     const empty = utf8Length(JSON.stringify({ type: 'sync_offline_changes', payload: { changes: [] }, request_id: LONGEST_REQUEST_ID }));
-    while (this.queue.changes.length > 0) {
+    // Edits made on a chat not synced yet wait for the next sync (see `_rebaseUnsynced`): this load's
+    // before its first one, and those adopted from a tab that was gone before its own.
+    const hold = this.options.autoSync;
+    for (;;) {
+      const sendable = hold ? this.queue.changes.filter((c) => !c.base_unknown) : this.queue.changes;
+      if (sendable.length === 0) break;
       // As many changes as fit in one frame (and in max_offline_changes); one that cannot fit even alone
       // is refused here, as the server refuses a change it cannot take.
       let count = 0;
       let bytes = empty;
-      while (count < Math.min(max, this.queue.changes.length)) {
-        bytes += utf8Length(JSON.stringify(wireChange(this.queue.changes[count]))) + (count > 0 ? 1 : 0);
+      while (count < Math.min(max, sendable.length)) {
+        bytes += utf8Length(JSON.stringify(wireChange(sendable[count]))) + (count > 0 ? 1 : 0);
         if (bytes > this._maxFrameBytes) break;
         count += 1;
       }
       if (count === 0) {
-        const change = this.queue.changes[0];
+        const change = sendable[0];
         this.queue.settle([change]);
         const error = new ChatSyncError('limit_exceeded', `The offline ${change.type} change is larger than max_frame_bytes (${this._maxFrameBytes}).`, {
           limit: 'max_frame_bytes',
@@ -1438,8 +1759,32 @@ export class ChatSyncClient extends Emitter {
         this._refuseChange({ change_id: change.change_id, chat_id: change.chat_id, type: change.type }, error);
         continue;
       }
-      await this._sendBatch(this.queue.takeChanges(count));
+      await this._sendBatch(this.queue.take(sendable.slice(0, count)));
     }
+  }
+
+  /**
+   * After a sync (the first of this load, or one after adopting another tab's queue): the queued edits of chats that were not synced when they were
+   * made (`base_unknown`: after a reload, offline, the model is empty and the version seen before the
+   * edit unknown) move to the version the sync brought, so that the user's edit wins over the value
+   * held before (last writer wins), and show in the model again. A chat the server does not have stays
+   * on 0 (it is created).
+   */
+  _rebaseUnsynced() {
+    this._synced = true;
+    let moved = false;
+    for (const c of this.queue.changes) {
+      if (!c.base_unknown) continue;
+      delete c.base_unknown;
+      moved = true;
+      const chat = this.chats.get(c.chat_id);
+      if (!chat || !chat.known) continue;
+      c.version_before_edit = componentOf(c.type) === 'title' ? chat.versions.title_v : chat.versions.draft_v;
+      if (c.type === 'title') chat.title = /** @type {string} */ (c.value);
+      else chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (c.value);
+      this.emit('change', c.chat_id);
+    }
+    if (moved) this.queue.save();
   }
 
   /**
@@ -1480,7 +1825,7 @@ export class ChatSyncClient extends Emitter {
       const rechecks = [];
       for (const r of results) {
         const sent = part.find((c) => c.change_id === r.change_id);
-        if (r.status !== 'conflict' || !sent || otherWrites(sent).length === 0) continue;
+        if (r.status !== 'conflict' || !sent) continue;
         // Maybe a conflict with this device's own write whose reply was lost: the next sync brings the
         // server's value of that component, to tell (see _recheckConflict).
         rechecks.push(sent);
@@ -1570,7 +1915,10 @@ export class ChatSyncClient extends Emitter {
    */
   async _write(change, send, revert) {
     if (this.status !== 'online') {
-      this.queue.addChange(change);
+      // Before the first sync of this load, a chat not known here may well exist on the server (after a
+      // reload the model is empty): the version this edit was made on is unknown (see `_rebaseUnsynced`).
+      const unknown = !this._synced && !this.chats.get(change.chat_id)?.known;
+      this.queue.addChange(unknown ? { ...change, base_unknown: true } : change);
       return { queued: true };
     }
     this._liveWrites.add(change);
@@ -1687,11 +2035,15 @@ export class ChatSyncClient extends Emitter {
     const every = this.options.keepaliveMs;
     if (!every || every <= 0) return;
     const socket = this._socket;
+    const timeoutMs = this.options.keepaliveTimeoutMs ?? Math.max(every, 10_000);
     this._keepaliveTimer = setInterval(() => {
       if (this._socket !== socket) return;
-      this.request('ping', {}, { timeoutMs: Math.max(every, 10_000) }).catch((e) => {
-        // No pong: the connection is half-open (sleep, network change). Drop it and reconnect.
-        if (e instanceof ChatSyncError && e.code === 'timeout' && this._socket === socket) this.dropConnection();
+      const sentAt = Date.now();
+      this.request('ping', {}, { timeoutMs }).catch((e) => {
+        // No pong and nothing else either: the connection is half-open (sleep, network change). Drop it
+        // and reconnect. A frame received meanwhile shows it alive: the server answers nothing (not even a
+        // ping) while it sends the parts of a big reply.
+        if (e instanceof ChatSyncError && e.code === 'timeout' && this._socket === socket && this._lastFrameAt <= sentAt) this.dropConnection();
       });
     }, every);
   }
@@ -1708,14 +2060,19 @@ export class ChatSyncClient extends Emitter {
    * Applies a server message to the local model.
    * @param {string} type
    * @param {any} p
+   * @param {string | null} [requestId] the `request_id` of the frame
    */
-  _apply(type, p) {
+  _apply(type, p, requestId = null) {
     const chatId = typeof p.chat_id === 'string' ? p.chat_id : null;
+    if (chatId === null && CHAT_EVENTS.has(type)) throw new TypeError(`${type} without a chat_id`);
     if (chatId && this.deleted.has(chatId)) return;
     switch (type) {
       case 'initial_sync_response': {
         for (const id of p.chat_ids_to_delete ?? []) this._forget(id);
         for (const entry of p.chats_to_add_or_update ?? []) {
+          if (typeof entry?.chat_id !== 'string') throw new TypeError('initial_sync_response: an entry without a chat_id');
+          // Deleted after the server built this reply: not brought back (ids are never reused).
+          if (this.deleted.has(entry.chat_id)) continue;
           const chat = this.chat(entry.chat_id);
           chat.known = true;
           const v = entry.versions ?? {};
@@ -1725,11 +2082,11 @@ export class ChatSyncClient extends Emitter {
           // Its count leaves out messages this client already holds from a newer broadcast.
           if (typeof entry.unread_count === 'number' && (v.messages_v ?? 0) >= chat.versions.messages_v) chat.unread_count = entry.unread_count;
           chat.versions = {
-            messages_v: Math.max(chat.versions.messages_v, v.messages_v ?? 0),
-            title_v: Math.max(chat.versions.title_v, v.title_v ?? 0),
-            draft_v: Math.max(chat.versions.draft_v, v.draft_v ?? 0),
+            messages_v: newer(chat.versions.messages_v, v.messages_v ?? 0),
+            title_v: newer(chat.versions.title_v, v.title_v ?? 0),
+            draft_v: newer(chat.versions.draft_v, v.draft_v ?? 0),
           };
-          chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, entry.last_edited_overall_timestamp ?? 0);
+          chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, entry.last_edited_overall_timestamp ?? 0);
           if (Array.isArray(entry.messages)) this._mergeMessages(chat, entry.messages);
         }
         // Chats the server no longer has come in `chat_ids_to_delete` when they were in `chat_versions`
@@ -1762,8 +2119,15 @@ export class ChatSyncClient extends Emitter {
       case 'draft_update_confirmed': {
         const chat = this.chat(p.chat_id);
         chat.known = true;
-        chat.versions.draft_v = Math.max(chat.versions.draft_v, p.draft_v);
-        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
+        // The server holds the draft this device sent at `draft_v`: when that is newer than what is held
+        // (another device's write may have come in meanwhile, and shown), it is this device's value again,
+        // unless a later write of this draft is on its way (which will set its own).
+        const sent = requestId === null ? undefined : this._pending.get(requestId)?.sent;
+        if (sent && sent.chat_id === p.chat_id && 'draft_json' in sent && typeof p.draft_v === 'number' && p.draft_v > chat.versions.draft_v && !this._laterDraftWrite(p.chat_id, /** @type {string} */ (requestId))) {
+          chat.draft_json = /** @type {import('./index.js').DraftJson | null} */ (sent.draft_json);
+        }
+        chat.versions.draft_v = newer(chat.versions.draft_v, p.draft_v);
+        chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
         break;
       }
       case 'chat_draft_updated': {
@@ -1773,7 +2137,7 @@ export class ChatSyncClient extends Emitter {
           chat.draft_json = p.data.draft_json;
           chat.versions.draft_v = p.versions.draft_v;
         }
-        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
+        chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp);
         break;
       }
       case 'draft_delete_receipt':
@@ -1796,8 +2160,8 @@ export class ChatSyncClient extends Emitter {
           m.pending = false;
           m.seq = p.new_messages_v;
         }
-        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.new_messages_v);
-        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.new_last_edited_overall_timestamp);
+        chat.versions.messages_v = newer(chat.versions.messages_v, p.new_messages_v);
+        chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.new_last_edited_overall_timestamp);
         sortMessages(chat);
         break;
       }
@@ -1806,8 +2170,8 @@ export class ChatSyncClient extends Emitter {
         chat.known = true;
         const isNew = !chat.messages.some((m) => m.seq === p.message.seq);
         this._mergeMessages(chat, [p.message]);
-        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.versions?.messages_v ?? p.message.seq);
-        chat.last_edited_overall_timestamp = Math.max(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp ?? 0);
+        chat.versions.messages_v = newer(chat.versions.messages_v, p.versions?.messages_v ?? p.message.seq);
+        chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp ?? 0);
         if (isNew && p.message.sender_name !== 'user' && p.message.seq > chat.read_seq) chat.unread_count += 1;
         break;
       }
@@ -1815,7 +2179,7 @@ export class ChatSyncClient extends Emitter {
         const chat = this.chat(p.chat_id);
         chat.known = true;
         this._mergeMessages(chat, p.messages);
-        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.messages_v);
+        chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v);
         break;
       }
       case 'chat_content_batch_response': {
@@ -1825,7 +2189,7 @@ export class ChatSyncClient extends Emitter {
           chat.known = true;
           this._mergeMessages(chat, /** @type {any[]} */ (messages));
           const v = p.versions_by_chat_id?.[id]?.messages_v ?? 0;
-          chat.versions.messages_v = Math.max(chat.versions.messages_v, v);
+          chat.versions.messages_v = newer(chat.versions.messages_v, v);
         }
         this.emit('change', null);
         return;
@@ -1843,7 +2207,7 @@ export class ChatSyncClient extends Emitter {
         if (p.read_seq < chat.read_seq) break;
         chat.read_seq = p.read_seq;
         const held = chat.messages.filter((m) => m.sender_name !== 'user' && (m.seq ?? 0) > chat.read_seq).length;
-        chat.unread_count = Math.max(p.unread_count, held);
+        chat.unread_count = newer(held, p.unread_count);
         break;
       }
       case 'stream_started': {
@@ -1857,11 +2221,17 @@ export class ChatSyncClient extends Emitter {
         break;
       }
       case 'stream_completed': {
+        const first = !this.streams.ended.has(StreamAssembler.key(p.chat_id, p.stream_id));
         const stream = this.streams.finish(p.chat_id, p.stream_id, 'completed');
         stream.message_id = p.message_id ?? stream.message_id;
         stream.seq_stored = p.seq;
         const chat = this.chat(p.chat_id);
-        chat.versions.messages_v = Math.max(chat.versions.messages_v, p.messages_v ?? 0);
+        // The stored message comes with no `chat_message_added`: it counts as unread here, as the server
+        // counts it (a reply of another sender past the read marker), once.
+        if (first && typeof p.seq === 'number' && stream.sender_name !== 'user' && p.seq > chat.read_seq && p.seq > chat.versions.messages_v && !chat.messages.some((m) => m.seq === p.seq)) {
+          chat.unread_count += 1;
+        }
+        chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v ?? 0);
         this.emit('stream', stream);
         // The stored message is the truth (chunks are never stored one by one): fetch it.
         if (typeof p.seq === 'number' && this.isOpen) {
@@ -1879,6 +2249,19 @@ export class ChatSyncClient extends Emitter {
         return;
     }
     this.emit('change', chatId);
+  }
+
+  /**
+   * Whether a draft write of the chat was sent after request `requestId` and waits for its reply.
+   * @param {string} chatId
+   * @param {string} requestId
+   */
+  _laterDraftWrite(chatId, requestId) {
+    const n = Number(requestId.slice(1));
+    for (const [id, q] of this._pending) {
+      if ((q.type === 'update_draft' || q.type === 'delete_draft') && q.sent.chat_id === chatId && Number(id.slice(1)) > n) return true;
+    }
+    return false;
   }
 
   /** @param {string} chatId */
@@ -1900,6 +2283,34 @@ export class ChatSyncClient extends Emitter {
     sortMessages(chat);
   }
 }
+
+/**
+ * The larger of `current` and `value`, or `current` when `value` is not a finite number (a malformed or
+ * missing field of a server frame).
+ * @param {number} current
+ * @param {unknown} value
+ */
+function newer(current, value) {
+  return typeof value === 'number' && Number.isFinite(value) ? Math.max(current, value) : current;
+}
+
+/** Server messages about one chat: their `chat_id` is required (see `ChatSyncClient#_apply`). */
+const CHAT_EVENTS = new Set([
+  'chat_title_updated',
+  'draft_update_confirmed',
+  'chat_draft_updated',
+  'draft_delete_receipt',
+  'draft_deleted',
+  'chat_message_confirmed',
+  'chat_message_added',
+  'chat_messages_response',
+  'chat_deleted',
+  'chat_read_updated',
+  'stream_started',
+  'stream_chunk',
+  'stream_completed',
+  'stream_cancelled',
+]);
 
 /**
  * The highest `seq` up to which a chat's messages are held without a gap.

@@ -974,7 +974,9 @@ test('a conflict waiting for the next sync to be looked at again survives a relo
   await ready;
   assert.equal(reloaded.chat('c1').title, 'T2');
   assert.equal(reloaded.queue.size + reloaded.queue.inFlight.length + reloaded.queue.recheck.length, 0);
-  assert.deepEqual(JSON.parse(store.get('chatsync.offline.laptop') ?? '{}').recheck, [], 'looked at: gone from storage too');
+  // Each client has a queue key of its own (the reloaded one adopted the first's): none holds it any more.
+  const stored = [...store.entries()].filter(([k]) => k.startsWith('chatsync.offline.laptop') && !k.endsWith('.tabs'));
+  assert.ok(stored.every(([, v]) => (JSON.parse(v)?.recheck ?? []).length === 0), 'looked at: gone from storage too');
 });
 
 test('the stored conflicts to recheck are read back checked (malformed ones dropped) and bounded', () => {
@@ -998,7 +1000,8 @@ test('the stored conflicts to recheck are read back checked (malformed ones drop
   assert.equal(q.recheck.filter((c) => c.chat_id === 'c150').length, 1, 'one per chat and component');
   assert.deepEqual(JSON.parse(store.get('k') ?? '').recheck.length, 100, 'stored bounded');
   store.set('k', stored({ changes: [], messages: [], recheck: [...hostile, old] }));
-  assert.deepEqual(new OfflineQueue(storage, 'k').recheck, [{ ...old, written: ['lost 200'] }]);
+  // Every well-formed conflict is kept (one without other writes is looked at for change_conflict).
+  assert.deepEqual(new OfflineQueue(storage, 'k').recheck, [{ ...entry(0), written: ['mine 0'] }, { ...old, written: ['lost 200'] }]);
   store.set('k', JSON.stringify({ changes: [], messages: [], recheck: { not: 'a list' } }));
   assert.deepEqual(new OfflineQueue(storage, 'k').recheck, []);
 });
@@ -1277,4 +1280,474 @@ test('two flushes never run at once: edits whose live writes failed, lost with t
   const queued = c.queue.changes.filter((q) => q.chat_id === 'c1' && q.type === 'title');
   assert.equal(queued.length, 1);
   assert.equal(queued[0].value, 'v2', 'the newest edit is the one kept');
+});
+
+// ---- review fixes ----
+
+const EMPTY_SYNC = { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: [], sync_completed_at: 'T' };
+
+test('a sync failing after `connected` (unavailable, or a close) does not reset the backoff: the delay grows', async () => {
+  const c = client({ backoff: { initialMs: 4, maxMs: 30000, jitter: 0 } });
+  /** @type {number[]} */
+  const delays = [];
+  c.on('reconnect_scheduled', (/** @type {{delay: number}} */ e) => delays.push(e.delay));
+  c.connect().catch(() => {});
+  for (let i = 0; i < 5; i++) {
+    await until(() => FakeSocket.instances.length === i + 1);
+    const s = lastSocket();
+    s.greet();
+    if (i % 2 === 0) {
+      const req = await s.next('initial_sync_request');
+      s.push({ type: 'initial_sync_error', request_id: req.request_id, payload: { code: 'unavailable', message: 'store down' } });
+    } else {
+      await until(() => c.connected !== null);
+      s.serverClose(1011, 'internal');
+    }
+    await until(() => delays.length === i + 1);
+  }
+  c.close();
+  assert.deepEqual(delays, [8, 16, 32, 64, 128]);
+  // Once online, the next loss starts from the first delay again.
+  const d = client({ backoff: { initialMs: 4, maxMs: 30000, jitter: 0 } });
+  /** @type {number[]} */
+  const after = [];
+  d.on('reconnect_scheduled', (/** @type {{delay: number}} */ e) => after.push(e.delay));
+  const socket = await online(d);
+  socket.serverClose(1006, '');
+  await until(() => after.length === 1);
+  assert.deepEqual(after, [4]);
+  d.close();
+});
+
+test('a malformed server frame emits protocol_error, never throws; the request it answers settles; a missing number is not NaN', async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 3 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  /** @type {unknown[]} */
+  const errors = [];
+  c.on('protocol_error', (/** @type {unknown} */ data) => errors.push(data));
+  /** @type {unknown[]} */
+  const uncaught = [];
+  const onUncaught = (/** @type {unknown} */ e) => uncaught.push(e);
+  process.on('uncaughtException', onUncaught);
+  try {
+    const w = c.updateTitle('a', 't');
+    const req = await socket.next('update_title');
+    socket.push({ type: 'chat_title_updated', request_id: req.request_id, payload: { chat_id: 'a', data: { title: 't' } } });
+    await w;
+    const d = c.updateDraft('a', null);
+    const dreq = await socket.next('update_draft');
+    socket.push({ type: 'draft_update_confirmed', request_id: dreq.request_id, payload: { chat_id: 'a' } });
+    await d;
+    socket.push({ type: 'chat_draft_updated', payload: { data: { draft_json: null }, versions: { draft_v: 9 } } });
+    await new Promise((r) => setTimeout(r, 10));
+  } finally {
+    process.off('uncaughtException', onUncaught);
+  }
+  assert.equal(uncaught.length, 0);
+  assert.ok(errors.length >= 2, `protocol_error events: ${errors.length}`);
+  assert.equal(c.chat('a').versions.draft_v, 3, 'a reply without draft_v leaves the version as it was');
+  assert.equal(c.chats.has('undefined'), false);
+  c.close();
+});
+
+/** A storage like `localStorage`: it lists its keys. */
+function webStorage() {
+  /** @type {Map<string, string>} */
+  const m = new Map();
+  return {
+    m,
+    getItem: (/** @type {string} */ k) => m.get(k) ?? null,
+    setItem: (/** @type {string} */ k, /** @type {string} */ v) => void m.set(k, String(v)),
+    removeItem: (/** @type {string} */ k) => void m.delete(k),
+    key: (/** @type {number} */ i) => [...m.keys()][i] ?? null,
+    get length() {
+      return m.size;
+    },
+  };
+}
+
+test('two clients on a storage that cannot list its keys (getItem and setItem only): an index of tab keys, nothing lost', async () => {
+  /** @type {Map<string, string>} */
+  const m = new Map();
+  const storage = { getItem: (/** @type {string} */ k) => m.get(k) ?? null, setItem: (/** @type {string} */ k, /** @type {string} */ v) => void m.set(k, v) };
+  FakeSocket.down = true;
+  const tabA = client({ storage });
+  const tabB = client({ storage });
+  assert.deepEqual(await tabA.updateTitle('trip', 'Lisbon'), { queued: true });
+  await tabB.sendMessage('other', 'hi', { messageId: 'm1' });
+  assert.equal(client({ storage }).queue.size, 0, 'live clients\' queues are not adopted');
+  tabA.close();
+  tabB.close();
+  const reloaded = client({ storage });
+  assert.equal(reloaded.queue.changes.length, 1);
+  assert.equal(reloaded.queue.messages.length, 1);
+  assert.deepEqual(JSON.parse(m.get('chatsync.offline.laptop.tabs') ?? '[]'), [reloaded.queue.key.split('.tab.')[1]]);
+  reloaded.close();
+});
+
+test('two tabs sharing one localStorage: neither overwrites the other\'s queue; a tab started later adopts the queues of closed tabs, not of live ones', async () => {
+  const storage = webStorage();
+  FakeSocket.down = true;
+  const tabA = client({ storage });
+  const tabB = client({ storage });
+  assert.deepEqual(await tabA.updateTitle('trip', 'Lisbon'), { queued: true });
+  await tabB.sendMessage('other', 'hi', { messageId: 'm1' });
+  assert.notEqual(tabA.queue.key, tabB.queue.key);
+  // A tab started while A and B live takes nothing of theirs.
+  const tabC = client({ storage });
+  assert.equal(tabC.queue.size, 0);
+  tabA.close();
+  tabB.close();
+  const reloaded = client({ storage });
+  assert.deepEqual(reloaded.queue.changes.map((c) => [c.chat_id, c.value]), [['trip', 'Lisbon']]);
+  assert.deepEqual(reloaded.queue.messages.map((m) => m.message.message_id), ['m1']);
+  assert.deepEqual([...storage.m.keys()], [reloaded.queue.key], 'the adopted keys are removed, the live tab C wrote nothing');
+  // Both are sent on the next connection.
+  FakeSocket.down = false;
+  const ready = reloaded.connect();
+  await until(() => FakeSocket.instances.some((s) => !s.closed));
+  const socket = /** @type {FakeSocket} */ (FakeSocket.instances.find((s) => !s.closed));
+  socket.greet();
+  // Made before any sync of its load (offline from the start): sent after the first sync (see below).
+  await socket.answerSync();
+  const flush = await socket.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ c) => c.value), ['Lisbon']);
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 1, conflicts: 0, errors: 0, results: [{ change_id: flush.payload.changes[0].change_id, chat_id: 'trip', type: 'title', status: 'applied', versions: { messages_v: 0, title_v: 1, draft_v: 0 } }] } });
+  const m = await socket.next('chat_message_added');
+  socket.push({ type: 'chat_message_confirmed', request_id: m.request_id, payload: { chat_id: 'other', message_id: 'm1', temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 1 } });
+  await ready;
+  assert.equal(storage.m.size, 0, 'an empty queue leaves no key behind');
+  tabC.close();
+  reloaded.close();
+});
+
+test('with navigator.locks, a key whose lock another tab holds is not adopted; one whose lock is free is, by one tab only', async () => {
+  const storage = webStorage();
+  /** @type {Set<string>} names held (by other tabs: this fake manager serves them all) */
+  const held = new Set();
+  const locks = {
+    /** @param {string} name @param {any} a @param {any} [b] */
+    async request(name, a, b) {
+      const callback = typeof a === 'function' ? a : b;
+      const ifAvailable = typeof a === 'object' && a?.ifAvailable;
+      if (held.has(name)) {
+        if (ifAvailable) return callback(null);
+        throw new Error('this fake does not queue');
+      }
+      held.add(name);
+      try {
+        return await callback({ name });
+      } finally {
+        held.delete(name);
+      }
+    },
+  };
+  const change = (/** @type {string} */ id, /** @type {string} */ chat) => ({ change_id: id, chat_id: chat, type: 'title', value: chat, version_before_edit: 0 });
+  storage.setItem('q.tab.a11ce0000001', JSON.stringify({ changes: [change('oc-1-1', 'alive')], messages: [] }));
+  storage.setItem('q.tab.9011e0000002', JSON.stringify({ changes: [change('oc-1-2', 'gone')], messages: [] }));
+  storage.setItem('q', JSON.stringify({ changes: [change('oc-1-3', 'legacy')], messages: [] }));
+  storage.setItem('q.tab.other-device', JSON.stringify({ changes: [change('oc-1-4', 'other')], messages: [] }));
+  held.add('q.tab.a11ce0000001'); // another tab, alive
+  const one = new OfflineQueue(storage, 'q', { perTab: true, locks });
+  const two = new OfflineQueue(storage, 'q', { perTab: true, locks });
+  await Promise.all([one.adopted, two.adopted]);
+  const all = [...one.changes, ...two.changes].map((c) => c.chat_id).sort();
+  assert.deepEqual(all, ['gone', 'legacy'], 'each gone queue adopted once, the live one left');
+  assert.ok(storage.getItem('q.tab.a11ce0000001'));
+  assert.equal(storage.getItem('q.tab.9011e0000002'), null);
+  assert.ok(storage.getItem('q.tab.other-device'), 'not a tab key of this base: left alone');
+  assert.ok(held.has(one.key) && held.has(two.key), 'each holds the lock of its own key');
+  one.release();
+  await new Promise((r) => setTimeout(r, 0));
+  assert.equal(held.has(one.key), false);
+  two.release();
+});
+
+test('an adopted queue and this tab\'s own edit of the same component: the one made later is kept; in-flight changes are queued again', () => {
+  const storage = webStorage();
+  const old = { change_id: `oc-${(1000).toString(36)}-1`, chat_id: 'a', type: 'title', value: 'old', version_before_edit: 2 };
+  const newer = { change_id: `oc-${(Date.now() + 60_000).toString(36)}-1`, chat_id: 'b', type: 'title', value: 'later', version_before_edit: 2 };
+  const flying = { change_id: 'oc-1-9', chat_id: 'c', type: 'draft', value: null, version_before_edit: 1 };
+  const q = new OfflineQueue(storage, 'q', { perTab: true, locks: null });
+  q.addChange({ chat_id: 'a', type: 'title', value: 'mine', version_before_edit: 2 });
+  q.addChange({ chat_id: 'b', type: 'title', value: 'mine', version_before_edit: 2 });
+  storage.setItem('q.tab.000000000003', JSON.stringify({ changes: [old, newer], in_flight: [flying], messages: [] }));
+  q.adopt();
+  assert.deepEqual(q.changes.map((c) => [c.chat_id, c.value]).sort(), [['a', 'mine'], ['b', 'later'], ['c', null]]);
+  assert.deepEqual(JSON.parse(storage.getItem(q.key) ?? '{}').changes.length, 3);
+  q.release();
+});
+
+test('an edit made offline after a reload (the model empty) waits for the first sync and is sent on the version it brought: it is not lost to a conflict', async () => {
+  const storage = webStorage();
+  FakeSocket.down = true;
+  const c = client({ storage });
+  c.connect().catch(() => {});
+  const X = draftFromText('pack sunscreen');
+  assert.deepEqual(await c.updateDraft('trip', X), { queued: true });
+  await c.updateTitle('new-chat', 'Fresh');
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed));
+  const socket = /** @type {FakeSocket} */ (FakeSocket.instances.find((s) => !s.closed));
+  socket.greet();
+  await socket.answerSync({ chats_to_add_or_update: [{ chat_id: 'trip', type: 'new_chat', versions: { messages_v: 4, title_v: 2, draft_v: 3 }, last_edited_overall_timestamp: 9, unread_count: 0, title: 'Trip', draft_json: null }], server_chat_order: ['trip'] });
+  assert.equal(socket.sent.findIndex((f) => f.type === 'sync_offline_changes') > socket.sent.findIndex((f) => f.type === 'initial_sync_request') || !socket.sent.some((f) => f.type === 'sync_offline_changes'), true, 'nothing sent before the sync');
+  const flush = await socket.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ x) => [x.chat_id, x.type, x.version_before_edit]).sort(), [['new-chat', 'title', 0], ['trip', 'draft', 3]]);
+  assert.ok(flush.payload.changes.every((/** @type {any} */ x) => !('base_unknown' in x)), 'local fields are not sent');
+  assert.deepEqual(c.chat('trip').draft_json, X, 'the queued edit shows again after the sync');
+  c.close();
+});
+
+test('a queued edit dropped as a conflict emits change_conflict with its value once the next sync shows the server holding another', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'] });
+  /** @type {any[]} */
+  const conflicts = [];
+  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  socket.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('a', 'mine');
+  await until(() => FakeSocket.instances.length === 2);
+  const next = lastSocket();
+  next.greet();
+  const flush = await next.next('sync_offline_changes');
+  const ch = flush.payload.changes[0];
+  assert.equal(ch.version_before_edit, 1);
+  next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'a', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  // The sync asks for the title again and brings the server's (another device's) value: then the event.
+  const sync = await next.answerSync({ chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0, title: 'theirs' }], server_chat_order: ['a'] });
+  assert.equal(sync.payload.chat_versions.a.title_v, undefined, 'the title is asked for again');
+  await until(() => conflicts.length > 0);
+  assert.deepEqual(conflicts, [{ chat_id: 'a', change_id: ch.change_id, type: 'title', value: 'mine', version_before_edit: 1, versions: { messages_v: 0, title_v: 2, draft_v: 0 } }]);
+  c.close();
+});
+
+const STREAM = { chat_id: 'a', stream_id: 's', message_id: 'm', sender_name: 'assistant', meta: {} };
+
+test('joining mid-stream: a chunk delivered before the sync reply that includes it does not replace content_so_far', async () => {
+  const c = client();
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length === 1);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 5, delta: 'E' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 6, delta: 'F' } });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: ['a'], active_streams: [{ ...STREAM, seq: 5, content_so_far: 'ABCDE' }] } });
+  await ready;
+  const s = c.streams.get('a', 's');
+  assert.equal(s?.text, 'ABCDEF');
+  assert.equal(s?.seq, 6);
+  assert.equal(s?.message_id, 'm');
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 7, delta: 'G' } });
+  await until(() => c.streams.get('a', 's')?.seq === 7);
+  assert.equal(c.streams.get('a', 's')?.text, 'ABCDEFG');
+  c.close();
+});
+
+test('reconnecting mid-stream: a chunk after the reconnect, before the sync reply, leaves no gap', async () => {
+  const c = client();
+  const first = await online(c);
+  first.push({ type: 'stream_started', payload: STREAM });
+  first.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 1, delta: 'A' } });
+  await until(() => c.streams.get('a', 's')?.seq === 1);
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 4, delta: 'D' } });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: ['a'], active_streams: [{ ...STREAM, seq: 4, content_so_far: 'ABCD' }] } });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.streams.get('a', 's')?.text, 'ABCD');
+  c.close();
+});
+
+test('a sync reply built before a stream completed or a chat was deleted brings neither back', async () => {
+  const c = client();
+  const first = await online(c, { chats_to_add_or_update: [{ chat_id: 'd', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'D', draft_json: null }], server_chat_order: ['d'] });
+  first.push({ type: 'stream_started', payload: STREAM });
+  await until(() => c.streams.open().length === 1);
+  const p = c.sync();
+  const req = await first.next('initial_sync_request');
+  first.push({ type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's', message_id: 'm', seq: 1, messages_v: 1 } });
+  first.push({ type: 'chat_deleted', payload: { chat_id: 'd', tombstone: true } });
+  first.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: ['a', 'd'],
+    chats_to_add_or_update: [{ chat_id: 'd', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'D2' }],
+    active_streams: [{ ...STREAM, seq: 0, content_so_far: '' }] } });
+  await p;
+  assert.equal(c.streams.open().length, 0, 'the completed stream is not reopened');
+  assert.equal(c.chats.has('d'), false, 'the deleted chat is not resurrected');
+  c.close();
+});
+
+test('a draft confirmed at a version newer than another device\'s broadcast shows this device\'s value again (the server holds it)', async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 3 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  const X = draftFromText('mine');
+  const Y = draftFromText('phone');
+  const w = c.updateDraft('a', X);
+  const req = await socket.next('update_draft');
+  // The phone's write committed first (v4), this one second (v5): the server holds X at v5.
+  socket.push({ type: 'chat_draft_updated', payload: { chat_id: 'a', data: { draft_json: Y }, versions: { draft_v: 4 }, last_edited_overall_timestamp: 2 } });
+  socket.push({ type: 'draft_update_confirmed', request_id: req.request_id, payload: { chat_id: 'a', draft_v: 5, last_edited_overall_timestamp: 3 } });
+  await w;
+  assert.deepEqual(c.chat('a').draft_json, X);
+  assert.equal(c.chat('a').versions.draft_v, 5);
+  // The other order: the phone's write came after (v7 over this one's v6): the phone's value stays.
+  const w2 = c.updateDraft('a', X);
+  const req2 = await socket.next('update_draft');
+  socket.push({ type: 'chat_draft_updated', payload: { chat_id: 'a', data: { draft_json: Y }, versions: { draft_v: 7 }, last_edited_overall_timestamp: 4 } });
+  socket.push({ type: 'draft_update_confirmed', request_id: req2.request_id, payload: { chat_id: 'a', draft_v: 6, last_edited_overall_timestamp: 3 } });
+  await w2;
+  assert.deepEqual(c.chat('a').draft_json, Y);
+  assert.equal(c.chat('a').versions.draft_v, 7);
+  c.close();
+});
+
+test('a multi-part reply slower in total than requestTimeoutMs but steady does not time out; the keepalive does not drop the connection meanwhile', async () => {
+  const c = client({ requestTimeoutMs: 100, keepaliveMs: 20, keepaliveTimeoutMs: 50 });
+  const socket = await online(c);
+  const p = c.sync();
+  const req = await socket.next('initial_sync_request');
+  for (let i = 0; i < 8; i++) {
+    await new Promise((r) => setTimeout(r, 30));
+    socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: [], sync_completed_at: '', more: true } });
+  }
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, more: false } });
+  await assert.doesNotReject(p);
+  assert.equal(FakeSocket.instances.length, 1, 'not dropped');
+  assert.ok(socket.sent.some((f) => f.type === 'ping'), 'pings were sent (and left unanswered)');
+  // Silence (a half-open connection) is still detected.
+  await until(() => FakeSocket.instances.length === 2);
+  c.close();
+});
+
+test('with a token function: Session revoked gets one retry with a fresh token, and stops when it comes back; Invalid device id and Device mismatch stop at once', async () => {
+  let calls = 0;
+  const c = client({ token: () => `cs_t${++calls}` });
+  await online(c);
+  /** @type {any[]} */
+  const closed = [];
+  c.on('closed', (/** @type {any} */ e) => closed.push(e));
+  lastSocket().serverClose(1008, 'Session revoked');
+  await until(() => FakeSocket.instances.length === 2);
+  assert.equal(lastSocket().url.searchParams.get('token'), 'cs_t2', 'a fresh token');
+  lastSocket().serverClose(1008, 'Session revoked');
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(FakeSocket.instances.length, 2, 'no third attempt');
+  assert.equal(c.status, 'closed');
+  assert.deepEqual(closed, [{ code: 1008, reason: 'Session revoked' }]);
+  for (const reason of ['Invalid device id', 'Device mismatch']) {
+    FakeSocket.instances = [];
+    const d = client({ token: async () => 'jwt' });
+    const ready = d.connect();
+    await until(() => FakeSocket.instances.length === 1);
+    lastSocket().serverClose(1008, reason);
+    await assert.rejects(ready, /closed/);
+    await new Promise((r) => setTimeout(r, 20));
+    assert.equal(FakeSocket.instances.length, 1, reason);
+  }
+});
+
+test('close() then connect() while the token function is pending opens one socket only, and close() closes it', async () => {
+  /** @type {() => void} */
+  let release = () => {};
+  const gate = new Promise((r) => (release = () => r(undefined)));
+  const c = client({ token: async () => { await gate; return 'jwt'; } });
+  c.connect().catch(() => {});
+  await new Promise((r) => setTimeout(r, 5));
+  c.close();
+  c.connect().catch(() => {});
+  release();
+  await new Promise((r) => setTimeout(r, 20));
+  assert.equal(FakeSocket.instances.length, 1);
+  c.close();
+  assert.ok(FakeSocket.instances.every((s) => s.closed));
+});
+
+test('deleteDraft refused for good (internal) puts the draft back', async () => {
+  const c = client();
+  const X = draftFromText('keep me');
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 1 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: X }], server_chat_order: ['a'] });
+  const w = c.deleteDraft('a');
+  assert.equal(c.chat('a').draft_json, null);
+  const req = await socket.next('delete_draft');
+  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'internal', message: 'x' } });
+  await assert.rejects(w);
+  assert.deepEqual(c.chat('a').draft_json, X);
+  c.close();
+});
+
+test('a completed streamed reply of another sender counts as unread once, as the server counts it', async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  socket.push({ type: 'stream_started', payload: { ...STREAM, message_id: 'm2' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 1, delta: 'Hi' } });
+  const completed = { type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's', message_id: 'm2', seq: 2, messages_v: 2 } };
+  socket.push(completed);
+  socket.push(completed);
+  const fetch = await socket.next('get_chat_messages');
+  socket.push({ type: 'chat_messages_response', request_id: fetch.request_id, payload: { chat_id: 'a', messages: [{ message_id: 'm2', seq: 2, sender_name: 'assistant', content: 'Hi', created_at: 'T', client_timestamp: null }], messages_v: 2, has_more: false } });
+  await c.waitFor('chat_messages_response');
+  assert.equal(c.chat('a').unread_count, 1);
+  c.close();
+});
+
+test('a stream_chunk without a whole seq or a string delta is a protocol_error and leaves the text as it was', async () => {
+  const c = client();
+  const socket = await online(c);
+  /** @type {unknown[]} */
+  const errors = [];
+  c.on('protocol_error', (/** @type {unknown} */ d) => errors.push(d));
+  socket.push({ type: 'stream_started', payload: STREAM });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 1, delta: 'A' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 2 } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: '3', delta: 'C' } });
+  await until(() => errors.length === 2);
+  assert.equal(c.streams.get('a', 's')?.text, 'A');
+  c.close();
+});
+
+test('an edit adopted from a tab that never synced, after this one synced, also waits for the sync and is sent on its version', async () => {
+  const storage = webStorage();
+  FakeSocket.down = true;
+  const gone = client({ storage });
+  await gone.updateTitle('trip', 'Lisbon');
+  gone.close();
+  FakeSocket.down = false;
+  const c = client({ storage: webStorage() });
+  const first = await online(c);
+  c.queue.storage = storage; // the gone tab's storage from now on: its queue is adopted at the next connection
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  await socket.answerSync({ chats_to_add_or_update: [{ chat_id: 'trip', type: 'new_chat', versions: { messages_v: 0, title_v: 4, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Trip', draft_json: null }], server_chat_order: ['trip'] });
+  const flush = await socket.next('sync_offline_changes');
+  assert.deepEqual(flush.payload.changes.map((/** @type {any} */ x) => [x.chat_id, x.value, x.version_before_edit]), [['trip', 'Lisbon', 4]]);
+  c.close();
+});
+
+test('a conflict of an edit whose value the server holds (the same edit sent by two tabs) emits no change_conflict', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'] });
+  /** @type {any[]} */
+  const conflicts = [];
+  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  socket.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('a', 'same');
+  await until(() => FakeSocket.instances.length === 2);
+  const next = lastSocket();
+  next.greet();
+  const flush = await next.next('sync_offline_changes');
+  const ch = flush.payload.changes[0];
+  next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'a', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  await next.answerSync({ chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0, title: 'same' }], server_chat_order: ['a'] });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.deepEqual(conflicts, []);
+  assert.equal(c.queue.recheck.length, 0);
+  c.close();
 });
