@@ -25,7 +25,8 @@
 //! hide metadata (ids, sizes, timestamps), and does not stop a stored row from being rolled back to an
 //! older ciphertext of the same row and field.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::consts::U12;
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use aes_gcm_siv::Aes256GcmSiv;
 use anyhow::Context;
@@ -179,12 +180,12 @@ impl MasterKey {
 
     /// Wraps a data key for the slot named `key_ref` (e.g. `"chat:abc"`); the AD binds it to `key_ref`.
     pub fn wrap(&self, dek: &DataKey, key_ref: &str) -> Vec<u8> {
-        seal(&self.cipher, &dek.bytes[..], &Aad::dek(key_ref))
+        seal(&self.cipher, VERSION, &dek.bytes[..], &Aad::dek(key_ref))
     }
 
     /// Unwraps; [`CryptoError::Decrypt`] if the key is wrong, the blob was altered, or `key_ref` differs.
     pub fn unwrap(&self, wrapped: &[u8], key_ref: &str) -> Result<DataKey, CryptoError> {
-        let plain = open(&self.cipher, wrapped, &Aad::dek(key_ref))?;
+        let plain = open(&self.cipher, VERSION, wrapped, &Aad::dek(key_ref))?;
         let bytes: [u8; 32] = plain[..].try_into().map_err(|_| CryptoError::Decrypt)?;
         Ok(DataKey::from_bytes(Zeroizing::new(bytes)))
     }
@@ -230,12 +231,12 @@ impl DataKey {
 
     /// Encrypts with a fresh random 96-bit nonce. Output: `[version 1][12-byte nonce][ciphertext + tag]`.
     pub fn encrypt(&self, plaintext: &[u8], ad: &Aad) -> Vec<u8> {
-        seal(&self.cipher, plaintext, ad)
+        seal(&self.cipher, VERSION, plaintext, ad)
     }
 
     /// Decrypts; [`CryptoError::Decrypt`] on a wrong key, wrong AD, unknown version, truncation or tampering.
     pub fn decrypt(&self, ciphertext: &[u8], ad: &Aad) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        open(&self.cipher, ciphertext, ad)
+        open(&self.cipher, VERSION, ciphertext, ad)
     }
 }
 
@@ -265,32 +266,15 @@ impl SharedKey {
 
     /// Encrypts with a fresh random 96-bit nonce. Output: `[version 2][12-byte nonce][ciphertext + tag]`.
     pub fn encrypt(&self, plaintext: &[u8], ad: &Aad) -> Vec<u8> {
-        let mut nonce = [0u8; NONCE_LEN];
-        OsRng.fill_bytes(&mut nonce);
-        let sealed = self
-            .cipher
-            .encrypt(aes_gcm_siv::Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &ad.0 })
-            .expect("AES-GCM-SIV encryption cannot fail below 64 GiB");
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-        out.push(SHARED_VERSION);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        out
+        seal(&self.cipher, SHARED_VERSION, plaintext, ad)
     }
 
     /// Decrypts a version-2 ciphertext, or a version-1 one of an earlier node; [`CryptoError::Decrypt`]
     /// on a wrong key, wrong AD, unknown version, truncation or tampering.
     pub fn decrypt(&self, ciphertext: &[u8], ad: &Aad) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         match ciphertext.first() {
-            Some(&SHARED_VERSION) if ciphertext.len() >= 1 + NONCE_LEN + TAG_LEN => {
-                let (nonce, sealed) = ciphertext[1..].split_at(NONCE_LEN);
-                self.cipher
-                    .decrypt(aes_gcm_siv::Nonce::from_slice(nonce), Payload { msg: sealed, aad: &ad.0 })
-                    .map(Zeroizing::new)
-                    .map_err(|_| CryptoError::Decrypt)
-            }
             Some(&VERSION) => self.legacy.decrypt(ciphertext, ad),
-            _ => Err(CryptoError::Decrypt),
+            _ => open(&self.cipher, SHARED_VERSION, ciphertext, ad),
         }
     }
 }
@@ -357,21 +341,28 @@ fn random_key() -> Zeroizing<[u8; 32]> {
     bytes
 }
 
-fn seal(cipher: &Aes256Gcm, plaintext: &[u8], ad: &Aad) -> Vec<u8> {
+/// `[version][12-byte random nonce][ciphertext + tag]` under `cipher` (AES-256-GCM or AES-256-GCM-SIV).
+fn seal<C: Aead + AeadCore<NonceSize = U12>>(cipher: &C, version: u8, plaintext: &[u8], ad: &Aad) -> Vec<u8> {
     let mut nonce = [0u8; NONCE_LEN];
     OsRng.fill_bytes(&mut nonce);
     let sealed = cipher
         .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &ad.0 })
-        .expect("AES-GCM encryption cannot fail below 64 GiB");
+        .expect("AES-GCM(-SIV) encryption cannot fail below 64 GiB");
     let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-    out.push(VERSION);
+    out.push(version);
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&sealed);
     out
 }
 
-fn open(cipher: &Aes256Gcm, data: &[u8], ad: &Aad) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-    if data.len() < 1 + NONCE_LEN + TAG_LEN || data[0] != VERSION {
+/// Opens what [`seal`] made with `version` under `cipher`.
+fn open<C: Aead + AeadCore<NonceSize = U12>>(
+    cipher: &C,
+    version: u8,
+    data: &[u8],
+    ad: &Aad,
+) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    if data.len() < 1 + NONCE_LEN + TAG_LEN || data[0] != version {
         return Err(CryptoError::Decrypt);
     }
     let (nonce, sealed) = data[1..].split_at(NONCE_LEN);
