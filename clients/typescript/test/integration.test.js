@@ -235,7 +235,7 @@ test('streamed replies are assembled on every device, joined mid-stream, stored 
     await until(() => c.chat('ask').messages.some((m) => m.message_id === 'm-s1'));
     const m = c.chat('ask').messages.find((x) => x.message_id === 'm-s1');
     assert.deepEqual([m?.content, m?.sender_name, m?.seq], ['Hello, world', 'assistant', 1]);
-    // The message is broadcast (chat_message_added) just before stream_completed: wait for the latter.
+    // Only stream_completed is broadcast (SERVER_API.md §4); the SDK fetched the message: the stream is gone.
     await until(() => c.streams.open('ask').length === 0);
   }
 

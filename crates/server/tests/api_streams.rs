@@ -256,17 +256,16 @@ async fn cluster_a_stream_started_on_one_node_reaches_devices_on_another() {
     let (status, body) = send_chunk(&api_a, "s1", 3, "!").await;
     assert_eq!((status, code(&body)), (409, "conflict"));
 
-    // A second stream, completed through node B's API: node A's device gets the message, then the end.
+    // A second stream, completed through node B's API: node A's device gets the end, and the message is stored.
     assert_eq!(api_a.post(STREAMS, start_body("s2", "m2")).await.0, 201);
     assert_eq!(send_chunk(&api_a, "s2", 1, "Bye").await.0, 202);
     let (status, body) = api_b.post(&format!("{STREAMS}/s2/complete"), json!({})).await;
     assert_eq!((status, body["seq"].clone()), (201, json!(1)), "{body}");
     expect_msg!(next_event(&mut on_a).await, StreamStarted);
     assert_eq!(text_until(&mut on_a, "s2", 1).await, "Bye");
-    let added = expect_msg!(next_event(&mut on_a).await, ChatMessageAdded);
-    assert_eq!(added.message.content, text("Bye"));
     let done = expect_msg!(next_event(&mut on_a).await, StreamCompleted);
     assert_eq!((done.stream_id.as_str(), done.seq), ("s2", 1));
+    assert_eq!(all_messages(&mut on_a, "c1").await.messages[0].content, text("Bye"));
 }
 
 #[tokio::test]
@@ -294,7 +293,7 @@ async fn cluster_a_chunk_through_another_node_never_overtakes_the_previous_one_o
 }
 
 #[tokio::test]
-async fn complete_stores_the_message_then_announces_it_and_closes_the_stream() {
+async fn complete_stores_the_message_then_announces_only_the_end_and_closes_the_stream() {
     let server = TestServer::start().await;
     let api = server.api().await;
     let mut phone = new_user(&server, "alice", "phone").await;
@@ -317,16 +316,16 @@ async fn complete_stores_the_message_then_announces_it_and_closes_the_stream() {
     for c in [&mut phone, &mut laptop] {
         expect_msg!(next_event(c).await, StreamStarted);
         assert_eq!(text_until(c, "s1", 3).await, "STREAMED-SECRET-ANSWER");
-        let added = expect_msg!(next_event(c).await, ChatMessageAdded);
-        assert_eq!((added.message.message_id.as_str(), added.message.sender_name.as_str()), ("m1", "assistant"));
-        assert_eq!(added.message.content, text("STREAMED-SECRET-ANSWER"));
+        // `stream_completed` and nothing else (SERVER_API.md section 4): devices fetch the stored message.
         let done = expect_msg!(next_event(c).await, StreamCompleted);
         assert_eq!((done.stream_id.as_str(), done.message_id.as_str(), done.seq, done.messages_v), ("s1", "m1", 2, 2));
         assert_quiet(c).await;
     }
     let history = all_messages(&mut laptop, "c1").await;
     assert_eq!(history.messages.len(), 2);
-    assert_eq!(history.messages[1].content, text("STREAMED-SECRET-ANSWER"));
+    let stored = &history.messages[1];
+    assert_eq!((stored.message_id.as_str(), stored.sender_name.as_str()), ("m1", "assistant"));
+    assert_eq!(stored.content, text("STREAMED-SECRET-ANSWER"));
     // Closed: chunks and a second completion are conflicts; nothing is open any more.
     assert_eq!(code(&send_chunk(&api, "s1", 4, "x").await.1), "conflict");
     let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({})).await;
@@ -366,8 +365,7 @@ async fn complete_stores_the_message_then_announces_it_and_closes_the_stream() {
 
 /// A `complete` whose write committed but whose answer was lost is 503, and the stream is open again
 /// (SERVER_API.md section 7); the retry finds the stream's own message stored (same id, chat, sender and
-/// content) and completes the stream: devices get `chat_message_added` and `stream_completed` exactly as on
-/// a first success, the backend the duplicate answer of section 3 (200, the original `seq`). It used to
+/// content) and completes the stream: devices get `stream_completed` exactly as on a first success, the backend the duplicate answer of section 3 (200, the original `seq`). It used to
 /// take the branch of a backend reusing ids: 409 for the backend and `stream_cancelled` (`aborted`) on
 /// every device, though the reply was stored (and never announced). Another message under the stream's
 /// id (same sender, other content) is still that case.
@@ -396,12 +394,6 @@ async fn a_complete_retried_after_its_write_committed_but_lost_the_answer_comple
     for c in [&mut phone, &mut laptop] {
         expect_msg!(next_event(c).await, StreamStarted);
         assert_eq!(text_until(c, "s1", 2).await, "Hello world");
-        let added = expect_msg!(next_event(c).await, ChatMessageAdded);
-        assert_eq!((added.message.message_id.as_str(), added.message.seq), ("m1", 1));
-        assert_eq!(
-            (added.message.sender_name.as_str(), added.message.content.clone()),
-            ("assistant", text("Hello world"))
-        );
         let done = expect_msg!(next_event(c).await, StreamCompleted);
         assert_eq!((done.stream_id.as_str(), done.message_id.as_str(), done.seq, done.messages_v), ("s1", "m1", 1, 1));
         assert_quiet(c).await;
@@ -412,6 +404,10 @@ async fn a_complete_retried_after_its_write_committed_but_lost_the_answer_comple
     assert!(sync_all(&mut phone).await.active_streams.is_empty());
     let history = all_messages(&mut laptop, "c1").await;
     assert_eq!(history.messages.iter().map(|m| m.message_id.as_str()).collect::<Vec<_>>(), ["m1"]);
+    assert_eq!(
+        (history.messages[0].seq, history.messages[0].sender_name.as_str(), history.messages[0].content.clone()),
+        (1, "assistant", text("Hello world"))
+    );
 
     // With an explicit content, retried with the same body.
     let content = json!({"type": "doc", "text": "final"});
@@ -423,10 +419,10 @@ async fn a_complete_retried_after_its_write_committed_but_lost_the_answer_comple
     assert_eq!((status, body["seq"].clone(), body["duplicate"].clone()), (200, json!(2), json!(true)), "{body}");
     expect_msg!(next_event(&mut laptop).await, StreamStarted);
     expect_msg!(next_event(&mut laptop).await, StreamChunk);
-    let added = expect_msg!(next_event(&mut laptop).await, ChatMessageAdded);
-    assert_eq!(added.message.content, MessageContent::Json(content.as_object().unwrap().clone()));
     expect_msg!(next_event(&mut laptop).await, StreamCompleted);
     assert_quiet(&mut laptop).await;
+    let history = all_messages(&mut laptop, "c1").await;
+    assert_eq!(history.messages[1].content, MessageContent::Json(content.as_object().unwrap().clone()));
 
     // Another message of the same sender under the stream's id: the stream's text can never be stored
     // there, so the stream ends (409, `aborted`), as for a backend reusing ids.

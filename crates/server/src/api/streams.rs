@@ -7,16 +7,16 @@
 //! * `POST …/streams/{stream_id}/chunks` `{"seq","delta"}` → 202 `{}`; a repeated `seq` → 200 `{}` and
 //!   ignored; a gap or a stream that is not open → 409; past the text cap → 422; ALL `stream_chunk`.
 //! * `POST …/streams/{stream_id}/complete` `{"content"?}` → 201 as `POST …/messages`; ALL
-//!   `chat_message_added`, then `stream_completed`. A stream that is not open → 409. A retry after a 503
-//!   whose write had committed finds the stream's own message stored → 200 with `duplicate: true`, and
-//!   ALL get what a first success sends; another message under the stream's id → 409, ALL
-//!   `stream_cancelled` (`aborted`).
+//!   `stream_completed` (nothing else: devices fetch the stored message). A stream that is not open →
+//!   409. A retry after a 503 whose write had committed finds the stream's own message stored → 200 with
+//!   `duplicate: true`, and ALL get what a first success sends; another message under the stream's id →
+//!   409, ALL `stream_cancelled` (`aborted`).
 //! * `DELETE …/streams/{stream_id}` → 204; ALL `stream_cancelled` (`aborted`). Not open → 409.
 //!
 //! A stream of another user (the user id in the path is part of the stream's name) is simply not open.
 //! The work is in `streams::ops` (no transport); this file validates and maps outcomes to statuses.
 
-use super::messages::{self, announce, write_message, NewMessage, Written};
+use super::messages::{self, write_message, NewMessage, Written};
 use super::Path;
 use super::{path_chat_id, path_user_id, ApiError, ApiResult, ApiState, Body};
 use crate::handlers::common::{chat_key, message_out};
@@ -172,7 +172,9 @@ async fn complete(
     };
     match write_message(&s.ctx, &key.user_id, &key.chat_id, &message).await {
         Ok(Written::New { chat, message: stored }) => {
-            announce(&s.ctx, &key.user_id, &key.chat_id, &chat, &stored, message).await;
+            // Only `stream_completed` is broadcast (SERVER_API.md section 4: "followed by nothing else";
+            // devices fetch the stored message), the cache takes the message.
+            s.ctx.cache.message_added(&key.user_id, key.chat_id.as_str(), &stored).await;
             ops::completed(&s.ctx, &key, &stream.info.message_id, stored.seq, chat.messages_v).await;
             posted(StatusCode::CREATED, stored.seq, chat.messages_v, false)
         }
@@ -180,7 +182,7 @@ async fn complete(
             // This stream's own message, stored by an earlier `complete` whose answer was lost after the
             // commit (it answered 503 and put the stream back; this is the retry). It was never announced:
             // devices get what a first success sends, and the backend the duplicate answer of section 3.
-            announce(&s.ctx, &key.user_id, &key.chat_id, &chat, &original, message).await;
+            s.ctx.cache.message_added(&key.user_id, key.chat_id.as_str(), &original).await;
             ops::completed(&s.ctx, &key, &stream.info.message_id, original.seq, chat.messages_v).await;
             posted(StatusCode::OK, original.seq, chat.messages_v, true)
         }
