@@ -189,6 +189,15 @@ async fn offline_delete_draft_applies_when_current_and_conflicts_when_stale() {
     assert_eq!(done.results[0].versions.unwrap().draft_v, 3);
     assert_eq!(expect_msg!(before[0], DraftDeleted).draft_v, 3);
     assert_eq!(chat_state(&mut alice, "c1").await.draft_json, Some(None));
+
+    // No draft any more: a deletion made before the last one is still a conflict (the draft moved on since
+    // the client saw it), one made after it is applied, and neither changes anything.
+    let (before, done) = offline_round(&mut alice, json!([off_delete_draft("late", "c1", 2)])).await;
+    assert!(before.is_empty(), "{before:?}");
+    assert_eq!((done.results[0].status, done.results[0].versions.unwrap().draft_v), (OfflineStatus::Conflict, 3));
+    let (before, done) = offline_round(&mut alice, json!([off_delete_draft("again", "c1", 3)])).await;
+    assert!(before.is_empty(), "{before:?}");
+    assert_eq!((done.results[0].status, done.results[0].versions.unwrap().draft_v), (OfflineStatus::Applied, 3));
 }
 
 #[tokio::test]

@@ -61,9 +61,13 @@ async fn apply(ctx: &Ctx, conn: &ConnHandle, change: OfflineChange, outcome: &mu
             result.versions = Some(versions(&chat));
             outcome.broadcasts.extend(event.map(Broadcast::All));
         }
-        // Deleting a draft that is already gone reaches the state the client wanted: applied, no event.
+        // Deleting a draft that is already gone reaches the state the client wanted: applied, no event,
+        // if the client had seen the draft's latest version (or the chat never had a draft); otherwise a
+        // conflict like any change (PROTOCOL.md: it applies only if the version is at most its
+        // `version_before_edit`), so the client learns that the draft moved on meanwhile.
         Ok((WriteResult::NoDraft(chat), _)) => {
-            result.status = OfflineStatus::Applied;
+            let current = chat.draft_v == 0 || chat.draft_v as i64 <= change.version_before_edit;
+            result.status = if current { OfflineStatus::Applied } else { OfflineStatus::Conflict };
             result.versions = Some(versions(&chat));
         }
         Ok((WriteResult::Conflict(chat), _)) => {
