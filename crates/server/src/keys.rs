@@ -55,6 +55,9 @@ pub struct Keyring {
     settle: std::time::Duration,
     /// Deletions counted so far.
     deletions: AtomicU64,
+    /// Bumped by every [`Keyring::forget_all`] (a gap in the cluster's bus): a key resolved from what was
+    /// read before a gap is not memoized after it ([`Keyring::chat_key_since`]).
+    epoch: AtomicU64,
     /// [`MAX_DELETED`].
     max_deleted: usize,
 }
@@ -82,6 +85,7 @@ impl Keyring {
             uncertain: DashMap::new(),
             settle: std::time::Duration::from_secs(60),
             deletions: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             max_deleted,
         }
     }
@@ -160,6 +164,36 @@ impl Keyring {
         self.remember(chat_id, owner.to_owned(), wrapped)
     }
 
+    /// The current epoch: take it before reading the chat records whose keys [`Keyring::chat_key_since`]
+    /// will resolve.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// [`Keyring::chat_key`] for a record read at `epoch` (or later): the key is memoized only if no gap
+    /// came since (a chat deleted elsewhere unseen in the gap must not be memoized from an older record;
+    /// an initial sync builds its parts from its snapshot for as long as the client takes to read them).
+    pub fn chat_key_since(
+        &self,
+        chat_id: &str,
+        owner: &str,
+        wrapped: &WrappedKey,
+        epoch: u64,
+    ) -> Result<Arc<ChatKey>, Error> {
+        if let Some(k) = self.chats.get(chat_id) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(ChatKey { owner: owner.to_owned(), key: self.unwrap(wrapped, &chat_ref(chat_id))? });
+        if self.epoch() == epoch {
+            self.memo(chat_id, &k);
+            // A gap between the check and the insert: take it out again (forget_all bumps, then clears).
+            if self.epoch() != epoch {
+                self.chats.remove(chat_id);
+            }
+        }
+        Ok(k)
+    }
+
     /// A fresh key for a new chat, and its wrapped form to store.
     pub fn new_chat_key(&self, chat_id: &str) -> (DataKey, WrappedKey) {
         let key = DataKey::generate();
@@ -206,6 +240,7 @@ impl Keyring {
     /// Forgets every memoized key (they are unwrapped again on demand). Cluster mode calls it after a gap
     /// in the bus, when chats may have been deleted on other nodes unseen.
     pub fn forget_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         self.chats.clear();
         self.users.clear();
     }
@@ -550,6 +585,20 @@ pub async fn rotate_with(
 mod tests {
     use super::*;
     use crate::crypto::DataKey;
+
+    #[test]
+    fn a_key_resolved_from_a_record_read_before_a_gap_is_used_but_not_memoized() {
+        let keys = Keyring::new(MasterKey::generate());
+        let (key, wrapped) = keys.new_chat_key("c1");
+        let sealed = key.encrypt(b"title", &crate::crypto::Aad::title("c1"));
+        let before = keys.epoch();
+        keys.forget_all(); // a gap: c1 may have been deleted on another node, unseen here
+        let k = keys.chat_key_since("c1", "alice", &wrapped, before).unwrap();
+        assert_eq!(&k.key.decrypt(&sealed, &crate::crypto::Aad::title("c1")).unwrap()[..], b"title");
+        assert!(!keys.holds_key("c1"), "not memoized from a record older than the gap");
+        keys.chat_key_since("c1", "alice", &wrapped, keys.epoch()).unwrap();
+        assert!(keys.holds_key("c1"), "a record read after the gap is memoized");
+    }
 
     #[test]
     fn past_its_bound_the_keyring_forgets_the_oldest_deletions_only() {

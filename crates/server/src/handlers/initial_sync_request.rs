@@ -34,6 +34,8 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
         ));
     }
     let user = conn.user_id.clone();
+    // Taken before the snapshot: its keys are not memoized if a gap in the cluster's bus comes meanwhile.
+    let epoch = ctx.keys.epoch();
     let chats = user_chats(ctx, &user).await?;
     let user_key = ctx.keys.user_key(ctx.chats.as_ref(), &user).await?;
     // The immediate-view chat's missing messages, if it is among the chats the client needs.
@@ -63,6 +65,7 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
     };
     let job = SyncJob::new(
         ctx.keys.clone(),
+        epoch,
         user,
         user_key,
         chats,
@@ -101,6 +104,8 @@ fn needs_update(chat: &ChatRecord, known: Option<&ClientVersions>) -> bool {
 /// (decrypted, measured) when it is to be sent, so only one part's plaintext is in memory at a time.
 struct SyncJob {
     keys: Arc<Keyring>,
+    /// The keyring's epoch before the snapshot was read ([`Keyring::chat_key_since`]).
+    epoch: u64,
     user: String,
     user_key: Arc<DataKey>,
     chats: Vec<ChatRecord>,
@@ -131,6 +136,7 @@ impl SyncJob {
     #[allow(clippy::too_many_arguments)]
     fn new(
         keys: Arc<Keyring>,
+        epoch: u64,
         user: String,
         user_key: Arc<DataKey>,
         chats: Vec<ChatRecord>,
@@ -154,6 +160,7 @@ impl SyncJob {
         let order = chats.iter().map(|c| chat_id(&c.chat_id)).collect::<Result<Vec<_>, _>>()?;
         Ok(SyncJob {
             keys,
+            epoch,
             user,
             user_key,
             chats,
@@ -238,7 +245,7 @@ impl SyncJob {
             None => (true, true),
             Some(k) => (chat.title_v as i64 > have(k.title_v), chat.draft_v as i64 > have(k.draft_v)),
         };
-        let key = self.keys.chat_key(&chat.chat_id, &self.user, &chat.key)?;
+        let key = self.keys.chat_key_since(&chat.chat_id, &self.user, &chat.key, self.epoch)?;
         let mut entry = ChatUpdate {
             chat_id: chat_id(&chat.chat_id)?,
             kind: if known.is_none() { ChatChangeKind::NewChat } else { ChatChangeKind::UpdatedChat },

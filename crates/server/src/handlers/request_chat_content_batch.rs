@@ -10,7 +10,7 @@
 //! pool, newest message first, and stops at the first that does not fit.
 
 use super::bounded::{json_len, off_workers, Packer};
-use super::common::{chat_key, message_out};
+use super::common::message_out;
 use super::{Ctx, Outcome};
 use crate::error::Error;
 use crate::keys::{ChatAccess, ChatKey};
@@ -122,6 +122,7 @@ impl Batch {
     async fn entry(&self, chat_id: ChatId) -> Result<Option<Entry>, Error> {
         let ctx = &self.ctx;
         let page = ctx.limits.max_page_messages;
+        let epoch = ctx.keys.epoch();
         // A cached run ends at the chat's latest message; it answers if it holds a full page or the
         // whole chat. Otherwise the store does.
         let cached = ctx
@@ -139,7 +140,9 @@ impl Batch {
                 _ => return Ok(None),
             },
             None => match ctx.chats.latest_messages(&self.user, chat_id.as_str(), page).await? {
-                Some((chat, records)) => (chat_key(ctx, &self.user, &chat)?, chat.messages_v, records),
+                Some((chat, records)) => {
+                    (ctx.keys.chat_key_since(&chat.chat_id, &self.user, &chat.key, epoch)?, chat.messages_v, records)
+                }
                 None => return Ok(None),
             },
         };

@@ -7,9 +7,10 @@
 //! at its place in the channel's order, behind whatever the bus delivered before Redis confirmed it (see
 //! `Bus::publish_user_in_turn`), so two API calls answered one after the other on two nodes reach every
 //! device in that order. A node listens to the channel of a
-//! user exactly while that user has a connection on it: the first registration subscribes (and waits
-//! for the subscription, so no broadcast made after `connected` is missed), the last unregistration
-//! unsubscribes. Local bookkeeping and the subscription command are issued under one lock, so a
+//! user exactly while that user has a connection on it: the first registration subscribes, every
+//! registration waits for the subscription (so no broadcast made after `connected` is missed, also by a
+//! second connection arriving while the first one's subscription is on its way), the last
+//! unregistration unsubscribes. Local bookkeeping and the subscription command are issued under one lock, so a
 //! subscribe and an unsubscribe of the same user can never be reordered.
 
 use super::local::LocalHub;
@@ -37,14 +38,16 @@ impl RedisHub {
 impl Hub for RedisHub {
     async fn register(&self, conn: Arc<ConnHandle>) -> Result<(), Refused> {
         let user = conn.user_id.clone();
+        // Every registration waits, not only the first: a second connection of the user arriving while
+        // the first one's subscription is still on its way must not get `connected` before it holds. The
+        // subscriber handles commands in order, so this one's (a no-op for a user already subscribed) is
+        // answered after the first one's.
         let subscribed = {
             let _order = self.order.lock();
-            let first = self.local.add(conn)?;
-            first.then(|| self.bus.subscribe(&user))
+            self.local.add(conn)?;
+            self.bus.subscribe(&user)
         };
-        if let Some(subscribed) = subscribed {
-            subscribed.await;
-        }
+        subscribed.await;
         Ok(())
     }
 
