@@ -1499,7 +1499,13 @@ test('an edit made offline after a reload (the model empty) waits for the first 
   c.close();
 });
 
-test('a queued edit dropped as a conflict emits change_conflict with its value once the next sync shows the server holding another', { timeout: 5000 }, async () => {
+/**
+ * Chat `a` (title_v 1) synced, then a title edited offline to `title` and flushed on reconnect, and the
+ * server answering it as a conflict (title_v 2). Returns the client, the conflicts it emits, the new
+ * socket and the change sent.
+ * @param {string} title
+ */
+async function titleConflict(title) {
   const c = client();
   const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'] });
   /** @type {any[]} */
@@ -1507,7 +1513,7 @@ test('a queued edit dropped as a conflict emits change_conflict with its value o
   c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
   socket.serverClose(1006, '');
   await until(() => c.status === 'offline');
-  await c.updateTitle('a', 'mine');
+  await c.updateTitle('a', title);
   await until(() => FakeSocket.instances.length === 2);
   const next = lastSocket();
   next.greet();
@@ -1515,6 +1521,11 @@ test('a queued edit dropped as a conflict emits change_conflict with its value o
   const ch = flush.payload.changes[0];
   assert.equal(ch.version_before_edit, 1);
   next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'a', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  return { c, conflicts, next, ch };
+}
+
+test('a queued edit dropped as a conflict emits change_conflict with its value once the next sync shows the server holding another', { timeout: 5000 }, async () => {
+  const { c, conflicts, next, ch } = await titleConflict('mine');
   // The sync asks for the title again and brings the server's (another device's) value: then the event.
   const sync = await next.answerSync({ chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0, title: 'theirs' }], server_chat_order: ['a'] });
   assert.equal(sync.payload.chat_versions.a.title_v, undefined, 'the title is asked for again');
@@ -1731,20 +1742,7 @@ test('an edit adopted from a tab that never synced, after this one synced, also 
 });
 
 test('a conflict of an edit whose value the server holds (the same edit sent by two tabs) emits no change_conflict', { timeout: 5000 }, async () => {
-  const c = client();
-  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'] });
-  /** @type {any[]} */
-  const conflicts = [];
-  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
-  socket.serverClose(1006, '');
-  await until(() => c.status === 'offline');
-  await c.updateTitle('a', 'same');
-  await until(() => FakeSocket.instances.length === 2);
-  const next = lastSocket();
-  next.greet();
-  const flush = await next.next('sync_offline_changes');
-  const ch = flush.payload.changes[0];
-  next.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'a', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  const { c, conflicts, next } = await titleConflict('same');
   await next.answerSync({ chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0, title: 'same' }], server_chat_order: ['a'] });
   await c.waitFor('status', (s) => s === 'online');
   assert.deepEqual(conflicts, []);

@@ -97,7 +97,7 @@ pub async fn store_message(ctx: &Ctx, user_id: &str, chat_id: &ChatId, m: NewMes
 
 /// What [`write_message`] found.
 pub enum Written {
-    /// The message was stored by this write: it is to be announced ([`announce`]).
+    /// The message was stored by this write (not announced yet).
     New {
         /// The chat after the write.
         chat: ChatRecord,
@@ -151,7 +151,7 @@ pub async fn write_message(ctx: &Ctx, user_id: &str, chat_id: &ChatId, m: &NewMe
 /// Merges a stored message into the cache and broadcasts it as `chat_message_added` to ALL of the user's
 /// connections (in the cluster's order for the user): `stored` as the store returned it, `m` what it holds
 /// in the clear (its id, sender and content).
-pub async fn announce(
+async fn announce(
     ctx: &Ctx,
     user_id: &str,
     chat_id: &ChatId,
