@@ -336,6 +336,8 @@ impl Config {
             url: url.clone(),
             prefix: self.redis_prefix.clone(),
             sharded: self.redis_sharded_pubsub,
+            max_incoming: crate::cluster::bus::MAX_INCOMING,
+            max_incoming_bytes: crate::cluster::bus::MAX_INCOMING_BYTES,
         })
     }
 

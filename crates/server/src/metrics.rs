@@ -9,6 +9,7 @@
 //! * `outbox_overflows_total` (connections closed as slow consumers);
 //! * `store_seconds{op}` (histogram of every store call), `cache_lookups_total{result}` (`hit`, `miss`),
 //!   `writer_batch_size` (histogram of group-commit batches);
+//! * `bus_dropped_total{direction}` (cluster mode: bus messages dropped, `out` or `in`, each run a gap);
 //! * `webhook_deliveries_total{outcome}` (`delivered`, `failed`: retried later, `dropped`: given up),
 //!   `webhook_pending` (gauge: events in the outbox, every node's, refreshed every 5 s).
 //! * `streams_started_total`, `stream_chunks_total`, `streams_ended_total{reason}` (`completed`,
@@ -43,6 +44,10 @@ pub const CACHE_LOOKUPS: &str = "chatsync_cache_lookups_total";
 pub const WRITER_BATCH: &str = "chatsync_writer_batch_size";
 /// PostgreSQL group-commit batches run again because their session had ended before they ran.
 pub const WRITER_RERUNS: &str = "chatsync_writer_reruns_total";
+
+/// Bus messages dropped, by direction (`out`: not published, the queue full or Redis down; `in`:
+/// received while the subscriber lagged past its bound). Every run of drops is a gap.
+pub const BUS_DROPPED: &str = "chatsync_bus_dropped_total";
 
 /// Webhook delivery attempts, by outcome.
 pub const WEBHOOK_DELIVERIES: &str = "chatsync_webhook_deliveries_total";

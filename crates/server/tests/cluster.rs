@@ -4,7 +4,7 @@
 //! is unknown empties every node's cache of its user; the bus going down never stops a node from confirming
 //! writes, and delivery resumes when Redis returns; a revocation on the CLI closes the socket on another
 //! node at once; a node's cached API keys never outlive a revocation (nor a Redis outage or a lost epoch);
-//! nothing crosses Redis in plaintext.
+//! nothing crosses Redis in plaintext; a node whose subscriber lags drops past its bound and declares a gap.
 
 #[macro_use]
 mod sync_util;
@@ -600,4 +600,98 @@ async fn a_write_whose_outcome_is_unknown_empties_every_node_s_cache_of_the_user
     assert!(node1.ctx.cache.put_chats("alice", token, Vec::new()).await);
     node0.ctx.cache.chat_written("alice", &c9).await;
     dropped("node 1 dropped the list rather than bring the uncertain chat back into it").await;
+}
+
+/// A [`BusHandler`](chatsync::cluster::BusHandler) that records what arrives and holds the first message
+/// until released (a subscriber that lags).
+struct Lagging {
+    received: parking_lot::Mutex<Vec<chatsync::cluster::BusMessage>>,
+    gaps: std::sync::atomic::AtomicUsize,
+    reached: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    release: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+#[async_trait::async_trait]
+impl chatsync::cluster::BusHandler for Lagging {
+    async fn on_message(&self, _user: Option<&str>, message: chatsync::cluster::BusMessage) {
+        self.received.lock().push(message);
+        let first = self.reached.lock().take();
+        if let Some(reached) = first {
+            let _ = reached.send(());
+            if let Some(release) = self.release.lock().await.take() {
+                let _ = release.await;
+            }
+        }
+    }
+    async fn on_subscribed(&self, _user: &str) {}
+    async fn on_gap(&self) {
+        self.gaps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn deleted(chat_id: &str) -> chatsync::cluster::BusMessage {
+    chatsync::cluster::BusMessage::ChatDeleted { chat_id: chat_id.into() }
+}
+
+#[tokio::test]
+async fn a_node_whose_subscriber_lags_past_its_bound_drops_what_comes_next_declares_a_gap_and_keeps_listening() {
+    use chatsync::cluster::{Bus, BusConfig};
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+    let Some(url) = redis_url() else { return };
+    let config = |max_incoming| BusConfig {
+        url: url.clone(),
+        prefix: common::cluster::unique_prefix(),
+        sharded: false,
+        max_incoming,
+        max_incoming_bytes: 1 << 20,
+    };
+    let lagging_config = config(2);
+    let sending_config =
+        BusConfig { prefix: lagging_config.prefix.clone(), ..config(chatsync::cluster::bus::MAX_INCOMING) };
+    let master = chatsync::crypto::MasterKey::generate();
+    let (reached_tx, reached) = tokio::sync::oneshot::channel();
+    let (release, release_rx) = tokio::sync::oneshot::channel();
+    let handler = Arc::new(Lagging {
+        received: Default::default(),
+        gaps: Default::default(),
+        reached: parking_lot::Mutex::new(Some(reached_tx)),
+        release: tokio::sync::Mutex::new(Some(release_rx)),
+    });
+    let lagging = Bus::start(lagging_config, master.derive("bus")).unwrap();
+    lagging.set_handler(handler.clone());
+    lagging.subscribe("alice").await;
+    let sender = Bus::start(sending_config, master.derive("bus")).unwrap();
+    for bus in [&lagging, &sender] {
+        while !bus.is_healthy() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let gaps_before = handler.gaps.load(SeqCst);
+
+    // The first message holds the subscriber; two more fit in its inbox; the other eight are dropped.
+    sender.publish_user("alice", deleted("c0"));
+    reached.await.unwrap();
+    for i in 1..10 {
+        sender.publish_user("alice", deleted(&format!("c{i}")));
+    }
+    sender.publish_user_in_turn("alice", deleted("c10"), || {}).await;
+    while lagging.dropped_incoming() < 8 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!lagging.is_healthy(), "a node that dropped messages stops trusting its caches at once");
+    release.send(()).unwrap();
+    while handler.gaps.load(SeqCst) == gaps_before || !lagging.is_healthy() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(lagging.dropped_incoming(), 8);
+
+    // Still subscribed on the same connection: what comes next arrives, after what was queued.
+    sender.publish_user("alice", deleted("c11"));
+    while handler.received.lock().len() < 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let received = handler.received.lock().clone();
+    assert_eq!(received, vec![deleted("c0"), deleted("c1"), deleted("c2"), deleted("c11")]);
+    assert_eq!(handler.gaps.load(SeqCst), gaps_before + 1, "one gap for the run of drops, no reconnection");
 }

@@ -30,6 +30,11 @@ const MAX_QUEUED: usize = 100_000;
 /// Bytes of sealed messages waiting to be published at most (clients can send frames of 64 KiB: the
 /// count alone would let a stalled link hold gigabytes); beyond it they are dropped, as past the count.
 const MAX_QUEUED_BYTES: usize = 64 << 20;
+/// Messages Redis sent that wait for the subscriber at most (a node whose subscriber lags: a CPU
+/// starved by other work, a handler held up); beyond it they are dropped and the node declares a gap.
+pub const MAX_INCOMING: usize = 100_000;
+/// Bytes of those messages at most, as for [`MAX_QUEUED_BYTES`].
+pub const MAX_INCOMING_BYTES: usize = 64 << 20;
 /// Longest wait for a turn (see [`Bus::publish_user_in_turn`]); the turn still runs at its place.
 const TURN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The kind of the marker the publisher puts among the pushes after a message with a turn.
@@ -44,6 +49,10 @@ pub struct BusConfig {
     pub prefix: String,
     /// Use sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`, Redis 7+), for Redis Cluster.
     pub sharded: bool,
+    /// Messages received and not yet handled at most ([`MAX_INCOMING`]; tests make it small).
+    pub max_incoming: usize,
+    /// Bytes of those at most ([`MAX_INCOMING_BYTES`]).
+    pub max_incoming_bytes: usize,
 }
 
 /// What travels on the bus (inside the encryption).
@@ -187,6 +196,72 @@ impl Backlog {
     }
 }
 
+/// What Redis sent this connection and the subscriber has not handled yet, against its bounds
+/// ([`BusConfig::max_incoming`], [`BusConfig::max_incoming_bytes`]). One per connection: what a closed
+/// connection still counts goes with it.
+struct Inbox {
+    waiting: Backlog,
+    /// A message was dropped and the subscriber has not declared the gap yet.
+    overflowed: AtomicBool,
+    /// Wakes the subscriber to declare it.
+    overflow: Notify,
+}
+
+impl Inbox {
+    /// The push sender of the connection: messages go to `pushes` while within the bounds; past them
+    /// one is dropped, the node stops trusting its caches at once and the subscriber is woken to declare
+    /// the gap. Other pushes (disconnection, subscription replies) always go through.
+    fn sender(
+        self: &Arc<Inbox>,
+        pushes: mpsc::UnboundedSender<redis::PushInfo>,
+        shared: &Shared,
+    ) -> impl Fn(redis::PushInfo) -> Result<(), ()> + Send + Sync + 'static {
+        let inbox = self.clone();
+        let healthy = shared.healthy.clone();
+        let dropped = shared.dropped_incoming.clone();
+        move |push| {
+            if pushes.is_closed() {
+                return Err(()); // a connection the subscriber has left
+            }
+            if let Some(bytes) = message_bytes(&push) {
+                if !inbox.waiting.admit(bytes) {
+                    if !inbox.overflowed.swap(true, Ordering::SeqCst) {
+                        healthy.store(false, Ordering::SeqCst);
+                        inbox.overflow.notify_one();
+                    }
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::BUS_DROPPED, "direction" => "in").increment(1);
+                    return Ok(());
+                }
+            }
+            pushes.send(push).map_err(|_| ())
+        }
+    }
+
+    /// Counts a message out of the inbox (the subscriber took it).
+    fn taken(&self, push: &redis::PushInfo) {
+        if let Some(bytes) = message_bytes(push) {
+            self.waiting.release(1, bytes);
+        }
+    }
+
+    /// Trusts the caches again (after the gap was declared), unless a message was dropped meanwhile:
+    /// healthy is set before `overflowed` is read, and a drop sets `overflowed` before clearing healthy,
+    /// so a drop racing with this leaves the node untrusting until its own gap.
+    fn trust(&self, healthy: &AtomicBool) {
+        healthy.store(true, Ordering::SeqCst);
+        if self.overflowed.load(Ordering::SeqCst) {
+            healthy.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The size of a pushed message (the bytes its inbox bound counts), `None` for other pushes.
+fn message_bytes(push: &redis::PushInfo) -> Option<usize> {
+    matches!(push.kind, PushKind::Message | PushKind::SMessage)
+        .then(|| push.data.iter().map(|v| if let Value::BulkString(b) = v { b.len() } else { 0 }).sum())
+}
+
 /// How often a publisher that lost messages retries its [`BusMessage::Resync`] while nothing else is
 /// published (it also tries as soon as its connection is back).
 const RESYNC_RETRY: Duration = Duration::from_secs(1);
@@ -234,6 +309,8 @@ pub struct Bus {
     resync_queued: Arc<AtomicBool>,
     /// Test hook: drop every message as if the queue were full ([`Bus::drop_publishes`]).
     dropping: AtomicBool,
+    /// Messages received and dropped (the subscriber lagged past its bounds).
+    dropped_incoming: Arc<AtomicU64>,
 }
 
 impl Bus {
@@ -258,6 +335,7 @@ impl Bus {
             stop: CancellationToken::new(),
             resync_queued: Arc::new(AtomicBool::new(false)),
             dropping: AtomicBool::new(false),
+            dropped_incoming: Arc::new(AtomicU64::new(0)),
         });
         let shared = Shared {
             node: bus.node.clone(),
@@ -271,6 +349,7 @@ impl Bus {
             lost: Arc::new(AtomicBool::new(false)),
             resync_queued: bus.resync_queued.clone(),
             link_back: Arc::new(Notify::new()),
+            dropped_incoming: bus.dropped_incoming.clone(),
         };
         // When a task ends (the bus stops), the turns it would have run run at once.
         let turns = bus.turns.clone();
@@ -293,6 +372,12 @@ impl Bus {
     /// Whether the bus is connected and subscribed (what arrives can be trusted to be complete).
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
+    }
+
+    /// How many messages from Redis this node has dropped because its subscriber lagged past
+    /// [`BusConfig::max_incoming`] (each run of drops is a gap; also `chatsync_bus_dropped_total`).
+    pub fn dropped_incoming(&self) -> u64 {
+        self.dropped_incoming.load(Ordering::Relaxed)
     }
 
     /// Subscribes to `user_id`'s channel. The command is issued at once (in order with every other
@@ -357,6 +442,7 @@ impl Bus {
         let bytes = payload.len();
         if self.dropping.load(Ordering::Acquire) || !self.queued.admit(bytes) {
             tracing::warn!("bus publish queue full: dropping a message (every node resyncs behind it)");
+            metrics::counter!(crate::metrics::BUS_DROPPED, "direction" => "out").increment(1);
             // Behind everything queued before the dropped message (past the bound: one at a time), so
             // that no node applies an older message after it resynced.
             if !self.resync_queued.swap(true, Ordering::AcqRel) {
@@ -460,6 +546,7 @@ struct Shared {
     resync_queued: Arc<AtomicBool>,
     /// Notified when the subscriber has (re)connected: a publisher that lost messages resyncs at once.
     link_back: Arc<Notify>,
+    dropped_incoming: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -492,11 +579,17 @@ async fn subscriber(
     let (sub, unsub, _) = shared.verbs();
     loop {
         let (push_tx, mut pushes) = mpsc::unbounded_channel();
+        let inbox = Arc::new(Inbox {
+            waiting: Backlog::new(shared.config.max_incoming, shared.config.max_incoming_bytes),
+            overflowed: AtomicBool::new(false),
+            overflow: Notify::new(),
+        });
         // A reply may take REPLY_TIMEOUT (not the crate's 500 ms): a failed publish runs its turns at once,
         // out of order if Redis still carries the message, so only a Redis that stopped answering should
         // fail one.
-        let config =
-            AsyncConnectionConfig::new().set_push_sender(push_tx.clone()).set_response_timeout(Some(REPLY_TIMEOUT));
+        let config = AsyncConnectionConfig::new()
+            .set_push_sender(inbox.sender(push_tx.clone(), &shared))
+            .set_response_timeout(Some(REPLY_TIMEOUT));
         let connected = tokio::select! {
             _ = stop.cancelled() => return,
             c = client.get_multiplexed_async_connection_with_config(&config) => c,
@@ -543,7 +636,7 @@ async fn subscriber(
         *shared.connection.lock() = Some(Link { conn: conn.clone(), pushes: push_tx.clone() });
         shared.link_back.notify_one();
         shared.gap().await;
-        shared.healthy.store(true, Ordering::Release);
+        inbox.trust(&shared.healthy);
         tracing::info!(users = users.len(), "bus: connected and subscribed");
         backoff = Duration::from_millis(100);
         let mut health = tokio::time::interval(HEALTH_CHECK);
@@ -591,8 +684,21 @@ async fn subscriber(
                         break;
                     }
                 }
+                _ = inbox.overflow.notified() => {
+                    // What was dropped cannot be asked for again: as after a disconnection, the node forgets
+                    // what it cached (what is still queued is newer than nothing it forgets, and is handled
+                    // after). The connection stays: Redis itself was fine.
+                    tracing::warn!(
+                        dropped_total = shared.dropped_incoming.load(Ordering::Relaxed),
+                        "bus: this node fell behind what Redis sent it and dropped messages; cached state is dropped (a gap)"
+                    );
+                    inbox.overflowed.store(false, Ordering::SeqCst);
+                    shared.gap().await;
+                    inbox.trust(&shared.healthy);
+                }
                 push = pushes.recv() => {
                     let Some(push) = push else { break };
+                    inbox.taken(&push);
                     match push.kind {
                         PushKind::Message | PushKind::SMessage => deliver(&shared, push.data).await,
                         PushKind::Other(kind) if kind == TURN_MARKER => {
@@ -711,6 +817,7 @@ async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoin
         let Some(mut link) = link else {
             if !batch.is_empty() {
                 shared.lost.store(true, Ordering::Release);
+                metrics::counter!(crate::metrics::BUS_DROPPED, "direction" => "out").increment(batch.len() as u64);
             }
             batch.drain(..).filter_map(|m| m.turn).for_each(|id| shared.turns.run(id));
             continue;
@@ -724,6 +831,7 @@ async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoin
             let payload = seal(&shared.key, &channel, &shared.node, None, BusMessage::Resync);
             pipe.cmd(publish).arg(channel).arg(payload).ignore();
         }
+        let messages = batch.len() as u64;
         let mut turns = Vec::new();
         for message in batch.drain(..) {
             pipe.cmd(publish).arg(message.channel).arg(message.payload).ignore();
@@ -732,6 +840,7 @@ async fn publisher(shared: Shared, mut outgoing: mpsc::UnboundedReceiver<Outgoin
         let published = pipe.exec_async(&mut link.conn).await;
         if let Err(e) = &published {
             shared.lost.store(true, Ordering::Release);
+            metrics::counter!(crate::metrics::BUS_DROPPED, "direction" => "out").increment(messages);
             tracing::warn!(error = %e, "bus: publish failed");
         }
         for id in turns {

@@ -14,7 +14,8 @@
 //! see `Bus::publish_user_in_turn`); when Redis is down (disconnected, or not answering a PING within
 //! 3 s), each node keeps serving its own connections, the bus reconnects with backoff, resubscribes,
 //! and tells its handler about the gap ([`BusHandler::on_gap`]) so that nothing cached before or during
-//! it is served afterwards.
+//! it is served afterwards. A node whose subscriber falls behind what Redis sends it drops messages past a
+//! bound and declares a gap the same way, without reconnecting.
 
 pub mod bus;
 pub mod node;
