@@ -124,6 +124,21 @@ pub fn chunk_frame_key(frame: &str) -> Option<&str> {
     key.contains(r#"","stream_id":""#).then_some(key)
 }
 
+/// The key [`chunk_frame_key`] finds in the `stream_chunk` frames of the stream `stream_id` of `chat_id`.
+pub fn chunk_key(chat_id: &str, stream_id: &str) -> String {
+    // Ids are validated to [A-Za-z0-9_.:-]: JSON writes them as they are.
+    format!(r#"{chat_id}","stream_id":"{stream_id}"#)
+}
+
+/// The `seq` of a `stream_chunk` frame as [`crate::encode`] writes it (`None` for any other frame). Cheap:
+/// the number follows the key.
+pub fn chunk_frame_seq(frame: &str) -> Option<u64> {
+    let key = chunk_frame_key(frame)?;
+    let rest = &frame[CHUNK_PREFIX.len() + key.len() + r#"","seq":"#.len()..];
+    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..digits].parse().ok()
+}
+
 /// Parses a `stream_chunk` frame back into its payload (`None` for any other frame).
 pub fn parse_chunk_frame(frame: &str) -> Option<StreamChunk> {
     match crate::decode_server(frame).ok()?.message {
@@ -168,6 +183,11 @@ mod tests {
         assert_eq!(chunk_frame_key(&other), None);
         let with_request_id = encode(&ServerMessage::StreamChunk(chunk(3, "x")), Some("r"));
         assert!(parse_chunk_frame(&with_request_id).is_some());
+        assert_eq!(chunk_key("c-1", "s:1.x"), chunk_frame_key(&frame).unwrap());
+        assert_eq!(chunk_frame_seq(&frame), Some(3));
+        let big = encode(&ServerMessage::StreamChunk(chunk(u64::MAX, "9")), None);
+        assert_eq!(chunk_frame_seq(&big), Some(u64::MAX));
+        assert_eq!(chunk_frame_seq(&other), None);
     }
 
     #[test]

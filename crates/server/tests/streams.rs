@@ -205,6 +205,77 @@ async fn a_device_joining_mid_stream_gets_the_text_so_far_then_the_next_chunks()
 }
 
 #[tokio::test]
+async fn a_device_behind_that_syncs_never_gets_a_chunk_merged_across_the_snapshot() {
+    // A device that does not read while a stream runs has its chunks merged in its queue; when it asks
+    // for an initial sync, a chunk that arrives after the snapshot (`active_streams[].seq`) but before the
+    // reply is queued must not be merged with chunks the snapshot holds: the client replays what came
+    // before the reply over `content_so_far` by `seq`, and a merged chunk carries only its last `seq`.
+    let server = TestServer::start_with(|c| {
+        c.outbox_max_messages = 4;
+        c.outbox_max_bytes = 16 * 1024;
+        c.max_stream_bytes = 64 << 20;
+        c.max_reply_bytes = (64 << 20) + 65_536;
+    })
+    .await;
+    let mut slow = new_user(&server, "alice", "slow").await;
+    let k = skey("alice", "c1", "s1");
+    ops::start(&server.ctx, &k, &info("m1")).await.unwrap();
+    // Far more than the socket buffers take from a device that does not read (~12 MB), then a short
+    // chunk: the last queued (merged) chunk has room for the next one.
+    let mut expected = String::new();
+    let mut seq = 0;
+    let mut send = |delta: String| {
+        seq += 1;
+        expected.push_str(&delta);
+        let (ctx, k) = (server.ctx.clone(), k.clone());
+        async move { assert_eq!(ops::chunk(&ctx, &k, seq, &delta).await.unwrap(), Appended::Accepted) }
+    };
+    for i in 0..1500 {
+        send(format!("<{i}:{}>", "x".repeat(8 * 1024))).await;
+    }
+    send("<tail>".into()).await;
+
+    let mut held = server.ctx.pauses.arm(chatsync::pause::SYNC_STREAMS_LISTED);
+    slow.send(&sync_request(json!({}), None), Some("sync")).await.unwrap();
+    held.reached().await;
+    send("<after the snapshot>".into()).await;
+    held.release();
+    send("<after the reply>".into()).await;
+    let last = seq;
+
+    // Read as a client that follows PROTOCOL.md: chunks before the reply are kept by `seq` and replayed
+    // over `content_so_far`; later ones are appended when their `seq` is greater than the last applied.
+    expect_msg!(next_event(&mut slow).await, StreamStarted);
+    let mut early = std::collections::BTreeMap::new();
+    let active = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), slow.recv()).await.unwrap().unwrap();
+        match m.message {
+            ServerMessage::StreamChunk(c) => {
+                early.entry(c.seq).or_insert(c.delta);
+            }
+            ServerMessage::InitialSyncResponse(r) if !r.more => break r.active_streams,
+            ServerMessage::InitialSyncResponse(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(active.len(), 1);
+    let (mut text, mut applied) = (active[0].content_so_far.clone(), active[0].seq);
+    assert!(applied < last, "the snapshot came before the last two chunks");
+    for (&seq, delta) in early.range(applied + 1..) {
+        text.push_str(delta);
+        applied = seq;
+    }
+    while applied < last {
+        let c = expect_msg!(next_event(&mut slow).await, StreamChunk);
+        if c.seq > applied {
+            text.push_str(&c.delta);
+            applied = c.seq;
+        }
+    }
+    assert!(text == expected, "the text once, in order: {} bytes against {}", text.len(), expected.len());
+}
+
+#[tokio::test]
 async fn an_idle_stream_times_out_on_every_device() {
     let server = TestServer::start_with(|c| c.stream_idle_timeout_secs = 1).await;
     let mut phone = new_user(&server, "alice", "phone").await;

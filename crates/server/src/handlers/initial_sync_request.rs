@@ -55,14 +55,23 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
         }
     }
     // Open streams (SERVER_API.md section 4). Their state being unreachable (Redis down) must not fail
-    // the sync: the device then sees the streams' messages when they complete.
-    let active_streams = match ctx.streams.list(&user).await {
+    // the sync: the device then sees the streams' messages when they complete. No chunk queued for this
+    // connection merges across a stream's `seq` in the snapshot (Outbox::split_chunks_at).
+    conn.outbox.hold_chunk_merges();
+    let active_streams: Vec<ActiveStream> = match ctx.streams.list(&user).await {
         Ok(streams) => streams.iter().map(|s| s.active()).collect(),
         Err(e) => {
             tracing::warn!(error = %e, "open streams unavailable for initial sync; sent without them");
             Vec::new()
         }
     };
+    conn.outbox.split_chunks_at(
+        active_streams
+            .iter()
+            .map(|s| (chatsync_protocol::chunk_key(s.chat_id.as_str(), s.stream_id.as_str()), s.seq))
+            .collect(),
+    );
+    ctx.pauses.at(crate::pause::SYNC_STREAMS_LISTED).await;
     let job = SyncJob::new(
         ctx.keys.clone(),
         epoch,

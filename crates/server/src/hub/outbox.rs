@@ -129,6 +129,18 @@ struct State {
     close: Option<CloseReason>,
     /// A reply is waiting for room ([`Outbox::push_reply`]).
     reply_waiting: bool,
+    /// Where chunks stop merging, around an initial sync ([`Outbox::hold_chunk_merges`]); `None` (the
+    /// rule everywhere else) costs an idle connection one word.
+    splits: Option<Box<Splits>>,
+}
+
+/// Chunk merging around the snapshot of an initial sync: none while the open streams are being listed,
+/// then none across the `seq` each stream had in the snapshot (`active_streams[].seq`).
+#[derive(Default)]
+struct Splits {
+    holding: bool,
+    /// (stream key, its `seq` in the snapshot): a chunk up to it never merges with one after it.
+    at: Vec<(Box<str>, u64)>,
 }
 
 impl State {
@@ -195,21 +207,53 @@ impl Outbox {
         true
     }
 
+    /// Stops merging chunks until [`split_chunks_at`](Self::split_chunks_at): an initial sync calls it
+    /// before it lists the open streams, whose `seq`s it does not know yet.
+    pub fn hold_chunk_merges(&self) {
+        self.state.lock().splits.get_or_insert_default().holding = true;
+    }
+
+    /// Resumes merging after [`hold_chunk_merges`](Self::hold_chunk_merges), except across the given
+    /// `seq` of each stream (`(chatsync_protocol::chunk_key, seq)`, as the sync's `active_streams` has
+    /// them, replacing any earlier sync's). A client replays the chunks it received around the reply over
+    /// `content_so_far` by `seq`, and a merged chunk carries only its last `seq`: one holding text from
+    /// both sides of the snapshot would repeat what `content_so_far` holds.
+    pub fn split_chunks_at(&self, at: Vec<(String, u64)>) {
+        let at: Vec<(Box<str>, u64)> = at.into_iter().map(|(key, seq)| (key.into_boxed_str(), seq)).collect();
+        self.state.lock().splits = (!at.is_empty()).then(|| Box::new(Splits { holding: false, at }));
+    }
+
     /// Queues a `stream_chunk` frame of the stream `key`, merging it into the chunk of that stream still
-    /// queued behind nothing but chunks, if any. Never closes the connection.
+    /// queued behind nothing but chunks, if any (see [`Splits`] for when not). Never closes the connection.
     fn push_chunk(&self, key: &str, frame: Utf8Bytes) -> bool {
         let mut s = self.state.lock();
         if s.close.is_some() {
             return false;
         }
         let len = frame.len();
-        for item in s.queue.iter_mut().rev() {
+        let (holding, split) = match &s.splits {
+            Some(splits) => (splits.holding, splits.at.iter().find(|(k, _)| &**k == key).map(|&(_, seq)| seq)),
+            None => (false, None),
+        };
+        let side = |seq: Option<u64>| split.zip(seq).map(|(at, seq)| seq <= at);
+        let incoming = split.and_then(|_| side(chatsync_protocol::chunk_frame_seq(frame.as_str())));
+        // Nothing merges while held.
+        for item in s.queue.iter_mut().rev().take_while(|_| !holding) {
             let Item::Chunk(queued) = item else { break };
             if &*queued.key != key {
                 continue;
             }
             if queued.bytes + len > MAX_MERGED_CHUNK_BYTES {
                 break;
+            }
+            if split.is_some() {
+                let queued_seq = match &queued.body {
+                    ChunkBody::Frame(f) => chatsync_protocol::chunk_frame_seq(f.as_str()),
+                    ChunkBody::Merged(merged) => Some(merged.seq),
+                };
+                if incoming.is_none() || side(queued_seq) != incoming {
+                    break;
+                }
             }
             if let ChunkBody::Frame(f) = &queued.body {
                 let Some(first) = chatsync_protocol::parse_chunk_frame(f.as_str()) else { break };
@@ -461,6 +505,29 @@ mod tests {
         assert_eq!((merged.seq, merged.delta.len()), (201, 200 * 2 + 1), "one chunk: the last seq, every delta");
         assert!(merged.delta.ends_with("abZ"));
         assert_eq!(next_text(&o).await, chunk("s2", 1, "x").as_str());
+    }
+
+    #[tokio::test]
+    async fn around_an_initial_sync_chunks_merge_on_neither_side_of_the_snapshot() {
+        let o = Outbox::new(1024, 8);
+        let key = |stream| chatsync_protocol::chunk_key("c1", stream);
+        assert!(o.push(chunk("s1", 1, "a")));
+        o.hold_chunk_merges();
+        assert!(o.push(chunk("s1", 2, "b")), "while the streams are listed, nothing merges");
+        o.split_chunks_at(vec![(key("s1"), 3)]);
+        assert!(o.push(chunk("s1", 3, "c")), "up to the snapshot's seq: merged");
+        assert!(o.push(chunk("s1", 4, "d")), "after it: not merged with what is before");
+        assert!(o.push(chunk("s1", 5, "e")), "after it: merged");
+        assert!(o.push(chunk("s2", 1, "x")) && o.push(chunk("s2", 2, "y")), "a stream not in the snapshot merges");
+        let texts: Vec<String> =
+            [next_text(&o).await, next_text(&o).await, next_text(&o).await, next_text(&o).await].into_iter().collect();
+        let parts: Vec<(u64, String)> =
+            texts.iter().map(|t| chatsync_protocol::parse_chunk_frame(t).map(|c| (c.seq, c.delta)).unwrap()).collect();
+        assert_eq!(parts, [(1, "a".into()), (3, "bc".into()), (5, "de".into()), (2, "xy".into())]);
+        o.split_chunks_at(Vec::new());
+        assert!(o.push(chunk("s1", 6, "f")) && o.push(chunk("s1", 7, "g")));
+        let merged = chatsync_protocol::parse_chunk_frame(&next_text(&o).await).unwrap();
+        assert_eq!((merged.seq, merged.delta.as_str()), (7, "fg"), "without a snapshot, merging as before");
     }
 
     #[tokio::test]
