@@ -251,6 +251,13 @@ impl Keyring {
         self.chats.contains_key(chat_id)
     }
 
+    /// Whether `chat_id` is among the chats known deleted (through this node, or announced on the bus by
+    /// any node; the latest [`MAX_DELETED`] at least). Deleted ids are never reused, so any record of one
+    /// is out of date.
+    pub fn is_deleted(&self, chat_id: &str) -> bool {
+        self.deleted.contains_key(chat_id)
+    }
+
     /// Forgets a deleted chat, for good: its key is never memoized again (a deletion through this node, or
     /// in a cluster one announced on the bus by any node).
     pub fn chat_deleted(&self, chat_id: &str) {

@@ -695,3 +695,44 @@ async fn a_node_whose_subscriber_lags_past_its_bound_drops_what_comes_next_decla
     assert_eq!(received, vec![deleted("c0"), deleted("c1"), deleted("c2"), deleted("c11")]);
     assert_eq!(handler.gaps.load(SeqCst), gaps_before + 1, "one gap for the run of drops, no reconnection");
 }
+
+#[tokio::test]
+async fn a_late_write_result_from_another_node_does_not_bring_back_a_chat_deleted_before_this_node_cached_the_user() {
+    // Node 1 commits a title, then holds before merging and publishing it; the chat is deleted on node 0;
+    // node 1 does not hear of it yet (its subscriber is held); a device connects on node 2 after the
+    // deletion (a fresh cache entry, loaded without the chat). Node 1's late record must not be taken
+    // for a new chat there.
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(3, &url, |_| {}).await;
+    let (node0, node1, node2) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
+    let mut phone = new_user(node0, "alice", "phone").await;
+    let mut laptop = another_device(node1, "alice", "laptop").await;
+    set_title(&mut phone, "c1", "doomed").await;
+    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
+    let mut write = node1.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    laptop.send(&title("c1", "late"), Some("t")).await.unwrap();
+    write.reached().await;
+    // Node 1's subscriber is held on the next frame for alice: it hears nothing of the deletion.
+    let mut bus = node1.ctx.pauses.arm(chatsync::pause::BUS_FRAME);
+    set_title(&mut phone, "c0", "first").await;
+    bus.reached().await;
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    while !node2.ctx.keys.is_deleted("c1") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut tablet = another_device(node2, "alice", "tablet").await;
+    assert!(!lists_chat(&mut tablet, "c1").await);
+    write.release();
+    expect_msg!(laptop.recv_reply("t").await.unwrap(), ChatTitleUpdated);
+    // Node 1 publishes in order: once node 2 has passed this title, it has handled the late record.
+    set_title(&mut laptop, "c2", "after").await;
+    loop {
+        if let ServerMessage::ChatTitleUpdated(t) = next_broadcast(&mut tablet).await.message {
+            if t.chat_id.as_str() == "c2" {
+                break;
+            }
+        }
+    }
+    bus.release();
+    assert!(!lists_chat(&mut tablet, "c1").await, "node 2 does not list the deleted chat");
+}

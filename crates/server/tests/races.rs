@@ -145,3 +145,29 @@ async fn wait_for_no_connections(server: &TestServer) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A backend's message commits, then the chat is deleted, then the user's devices all go and one comes
+/// back (a fresh cache entry, its list loaded without the chat), then the message's result is merged:
+/// it must not be taken for a new chat (it was, and initial sync listed the deleted chat).
+#[tokio::test]
+async fn a_write_merged_after_its_chat_was_deleted_is_not_taken_for_a_new_chat_by_a_later_cache_entry() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    set_title(&mut phone, "c1", "doomed").await;
+    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
+    let (url, key) = (format!("{}/users/alice/chats/c1/messages", server.api_base()), api.key.clone());
+    let caller = tokio::spawn(async move {
+        let body = json!({"message_id": "a1", "sender_name": "assistant", "content": "hi"});
+        reqwest::Client::new().post(url).bearer_auth(key).json(&body).send().await.unwrap().status()
+    });
+    held.reached().await;
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    phone.close().await.unwrap();
+    wait_for_no_connections(&server).await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    assert!(!lists_chat(&mut laptop, "c1").await, "the list, loaded after the deletion, is cached");
+    held.release();
+    assert_eq!(caller.await.unwrap(), 201, "committed before the deletion");
+    assert!(!lists_chat(&mut laptop, "c1").await, "the late result did not bring the chat back");
+}

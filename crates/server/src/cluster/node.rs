@@ -32,7 +32,12 @@ impl BusHandler for NodeHandler {
                 self.pauses.at(crate::pause::BUS_FRAME).await;
                 self.hub.deliver_now(user, Audience::from_except(except.as_deref()), frame.into());
             }
-            (Some(user), BusMessage::ChatWritten { chat }) => self.cache.chat_written(user, &chat).await,
+            // A late result of a write to a chat deleted since (every node hears of every deletion on
+            // the control channel) is not taken for a new chat by an entry loaded after the deletion.
+            (Some(user), BusMessage::ChatWritten { chat }) if !self.keys.is_deleted(&chat.chat_id) => {
+                self.cache.chat_written(user, &chat).await
+            }
+            (Some(_), BusMessage::ChatWritten { .. }) => {}
             (Some(user), BusMessage::ChatDeleted { chat_id }) => {
                 self.keys.chat_deleted(&chat_id);
                 self.cache.chat_deleted(user, &chat_id).await;

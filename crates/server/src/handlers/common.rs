@@ -132,14 +132,20 @@ pub async fn write_chat(
     Err(Error::internal("chat creation raced three times"))
 }
 
-/// Merges the chat state a write returned into the cache (applied or not: it is the store's truth).
+/// Merges the chat state a write returned into the cache (applied or not: it is the store's truth), unless
+/// the chat has been deleted since the write committed: a cache entry made after the deletion (or, in a
+/// cluster, another node's) would take the late record for a new chat and list a deleted one.
 pub async fn cache_written(ctx: &Ctx, user_id: &str, result: &WriteResult) {
     match result {
         WriteResult::Applied(chat)
         | WriteResult::Conflict(chat)
         | WriteResult::NoDraft(chat)
         | WriteResult::Unchanged(chat)
-        | WriteResult::Message { chat, .. } => ctx.cache.chat_written(user_id, chat).await,
+        | WriteResult::Message { chat, .. }
+            if !ctx.keys.is_deleted(&chat.chat_id) =>
+        {
+            ctx.cache.chat_written(user_id, chat).await
+        }
         _ => {}
     }
 }
