@@ -184,13 +184,7 @@ impl Keyring {
             return Ok(k.clone());
         }
         let k = Arc::new(ChatKey { owner: owner.to_owned(), key: self.unwrap(wrapped, &chat_ref(chat_id))? });
-        if self.epoch() == epoch {
-            self.memo(chat_id, &k);
-            // A gap between the check and the insert: take it out again (forget_all bumps, then clears).
-            if self.epoch() != epoch {
-                self.chats.remove(chat_id);
-            }
-        }
+        self.memo_since(chat_id, &k, epoch);
         Ok(k)
     }
 
@@ -202,16 +196,12 @@ impl Keyring {
         (key, wrapped)
     }
 
-    /// Memoizes the key of a chat the store has just accepted a write to (unless it was deleted here since).
-    pub fn confirmed(&self, chat_id: &str, key: &Arc<ChatKey>) {
-        self.memo(chat_id, key);
-    }
-
-    /// Records the key of a chat the caller just created.
-    pub fn created(&self, chat_id: &str, owner: &str, key: DataKey) -> Arc<ChatKey> {
-        let k = Arc::new(ChatKey { owner: owner.to_owned(), key });
-        self.memo(chat_id, &k);
-        k
+    /// Memoizes the key of a chat the store has just accepted a write to, or that the caller just created,
+    /// unless it was deleted here since or a gap came since `epoch` (taken before the write resolved the
+    /// chat: a chat deleted elsewhere unseen in the gap, after the write committed, must not stay in
+    /// memory).
+    pub fn confirmed(&self, chat_id: &str, key: &Arc<ChatKey>, epoch: u64) {
+        self.memo_since(chat_id, key, epoch);
     }
 
     /// Forgets a chat's memoized key (it may be resolved again from the store).
@@ -271,11 +261,18 @@ impl Keyring {
     }
 
     fn memo(&self, chat_id: &str, key: &Arc<ChatKey>) {
+        self.memo_since(chat_id, key, self.epoch());
+    }
+
+    /// Memoizes `key` unless the chat is deleted (or its deletion uncertain) or a gap came since `epoch`.
+    fn memo_since(&self, chat_id: &str, key: &Arc<ChatKey>, epoch: u64) {
         self.trim();
-        let refused = || self.deleted.contains_key(chat_id) || self.uncertain.contains_key(chat_id);
+        let refused =
+            || self.epoch() != epoch || self.deleted.contains_key(chat_id) || self.uncertain.contains_key(chat_id);
         if !refused() {
             self.chats.insert(chat_id.to_owned(), key.clone());
-            // A delete (or one of unknown outcome) between the check and the insert: take it out again.
+            // A delete (or one of unknown outcome, or a gap: forget_all bumps the epoch, then clears)
+            // between the check and the insert: take it out again.
             if refused() {
                 self.chats.remove(chat_id);
             }
@@ -614,7 +611,8 @@ mod tests {
             keys.chat_deleted(&format!("c{i}"));
         }
         for i in 0..5 {
-            keys.created(&format!("c{i}"), "alice", DataKey::generate());
+            let key = Arc::new(ChatKey { owner: "alice".into(), key: DataKey::generate() });
+            keys.confirmed(&format!("c{i}"), &key, keys.epoch());
         }
         let held: Vec<bool> = (0..5).map(|i| keys.holds_key(&format!("c{i}"))).collect();
         assert_eq!(held, [true, true, false, false, false], "the latest deletions are still refused");
@@ -624,15 +622,19 @@ mod tests {
     fn a_chat_whose_deletion_is_uncertain_is_not_memoized_again_but_stays_usable() {
         let keys = Keyring::new(MasterKey::generate());
         let key = Arc::new(ChatKey { owner: "alice".into(), key: DataKey::generate() });
-        keys.confirmed("c1", &key);
+        keys.confirmed("c1", &key, keys.epoch());
         assert!(keys.holds_key("c1"));
         keys.deletion_unknown("c1");
         assert!(!keys.holds_key("c1"), "forgotten");
         // A write that resolved the key before the deletion confirms it after: not memoized again.
-        keys.confirmed("c1", &key);
+        keys.confirmed("c1", &key, keys.epoch());
         assert!(!keys.holds_key("c1"), "a late confirmation keeps no key in memory");
         assert!(keys.memoized("alice", "c1").is_none(), "resolved from the store, which knows");
-        keys.confirmed("c2", &key);
+        let before = keys.epoch();
+        keys.forget_all();
+        keys.confirmed("c2", &key, before);
+        assert!(!keys.holds_key("c2"), "not memoized across a gap since the write resolved the chat");
+        keys.confirmed("c2", &key, keys.epoch());
         assert!(keys.holds_key("c2"), "other chats as before");
     }
 }

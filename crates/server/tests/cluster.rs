@@ -736,3 +736,36 @@ async fn a_late_write_result_from_another_node_does_not_bring_back_a_chat_delete
     bus.release();
     assert!(!lists_chat(&mut tablet, "c1").await, "node 2 does not list the deleted chat");
 }
+
+#[tokio::test]
+async fn a_write_that_crossed_a_gap_does_not_memoize_the_key_of_a_chat_deleted_unseen_in_it() {
+    // Node 1 writes to a chat it resolved from its cached list (the key not yet in its memory) and holds
+    // after the commit; the chat is deleted on node 0 while node 0 drops what it publishes (node 1 hears
+    // only the resync order that follows: a gap). The write's key must not be memoized when it ends: the
+    // chat is gone, and its key must not stay in node 1's memory (crypto-shredding).
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut phone = new_user(node0, "alice", "phone").await;
+    let mut laptop = another_device(node1, "alice", "laptop").await;
+    set_title(&mut phone, "c1", "doomed").await;
+    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
+    assert_eq!(ids(&sync_all(&mut laptop).await.server_chat_order), ["c1"], "node 1 caches the list");
+    node1.ctx.keys.forget_all(); // as after an earlier gap: the list is cached, the key is not
+    let mut write = node1.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    laptop.send(&draft("c1", doc("late")), Some("d")).await.unwrap();
+    write.reached().await;
+
+    let epoch = node1.ctx.keys.epoch();
+    let bus = node0.ctx.bus.as_ref().expect("a cluster node");
+    bus.drop_publishes(true);
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    bus.drop_publishes(false);
+    // Node 0 publishes in order: once this title reaches the laptop, node 1 has had every resync order.
+    set_title(&mut phone, "c2", "after").await;
+    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
+    assert_ne!(node1.ctx.keys.epoch(), epoch, "node 1 had a gap");
+    write.release();
+    expect_msg!(laptop.recv_reply("d").await.unwrap(), DraftUpdateConfirmed);
+    assert!(!node1.ctx.keys.holds_key("c1"), "the deleted chat's key is not in node 1's memory");
+}

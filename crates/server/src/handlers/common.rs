@@ -83,31 +83,34 @@ pub async fn write_chat(
     build: impl Fn(Target, &DataKey) -> WriteOp,
 ) -> Result<WriteResult, Error> {
     for attempt in 0..4 {
+        // Taken before the chat is resolved: its key is not memoized if a gap in the cluster's bus comes
+        // before the write's end (a deletion elsewhere after the commit may have gone unseen).
+        let epoch = ctx.keys.epoch();
         let (access, unconfirmed) = if attempt == 0 {
             ctx.keys.chat_for_write(ctx.chats.as_ref(), ctx.cache.as_ref(), owner, chat_id).await?
         } else {
             (ctx.keys.chat(ctx.chats.as_ref(), owner, chat_id).await?, false)
         };
-        let result = match access {
+        // The write's result, and the key to memoize once it is known to have been accepted.
+        let (result, accepted) = match access {
             ChatAccess::Denied => return Err(Error::chat_not_found(chat_id)),
             ChatAccess::Owned(k) => {
                 let result = store_write(ctx, owner, build(Target::Existing, &k.key)).await?;
-                if unconfirmed && !matches!(result, WriteResult::NotFound | WriteResult::Raced) {
-                    ctx.keys.confirmed(chat_id, &k);
-                }
-                result
+                let accepted = unconfirmed && !matches!(result, WriteResult::NotFound | WriteResult::Raced);
+                (result, accepted.then_some(k))
             }
             ChatAccess::New => {
                 let (key, wrapped) = ctx.keys.new_chat_key(chat_id);
                 let target = Target::Create { key: wrapped, max_chats: ctx.config.max_chats_per_user };
                 let result = store_write(ctx, owner, build(target, &key)).await?;
-                if !matches!(result, WriteResult::Raced | WriteResult::NotFound | WriteResult::ChatLimit) {
-                    ctx.keys.created(chat_id, owner, key);
-                }
-                result
+                let created = !matches!(result, WriteResult::Raced | WriteResult::NotFound | WriteResult::ChatLimit);
+                (result, created.then(|| Arc::new(ChatKey { owner: owner.to_owned(), key })))
             }
         };
         ctx.pauses.at(crate::pause::WRITE_COMMITTED).await;
+        if let Some(k) = accepted {
+            ctx.keys.confirmed(chat_id, &k, epoch);
+        }
         cache_written(ctx, owner, &result).await;
         match result {
             WriteResult::Raced => continue,
