@@ -274,3 +274,66 @@ async fn a_reply_read_slowly_for_longer_than_the_heartbeat_timeout_arrives_whole
     let reply = alice.request(&ClientMessage::Ping(Empty {})).await.unwrap();
     assert!(matches!(reply.message, ServerMessage::Pong(_)), "{reply:?}");
 }
+
+/// Flips one bit of a stored ciphertext: `select` reads it, `update` writes it back as `?1`.
+fn corrupt(server: &TestServer, select: &str, update: &str) {
+    let db = rusqlite::Connection::open(server.data.path().join("chatsync.db")).unwrap();
+    let mut blob: Vec<u8> = db.query_row(select, [], |r| r.get(0)).unwrap();
+    let last = blob.len() - 1;
+    blob[last] ^= 0x01;
+    assert_eq!(db.execute(update, [blob]).unwrap(), 1);
+}
+
+/// A failure met while a split reply is being built (here stored data that no longer decrypts, in a
+/// chat of a later part) ends the reply with `initial_sync_error` / `error` after the parts already sent;
+/// the connection carries on.
+#[tokio::test]
+async fn a_reply_that_fails_after_its_first_parts_ends_with_an_error_and_the_connection_lives() {
+    let server = small_reply_server().await;
+    let token = server.user_token("alice").await;
+    {
+        let (mut alice, _) = server.connect(&token, "laptop").await;
+        for i in 0..400 {
+            set_title(&mut alice, &format!("c{i:03}"), &long_title(i)).await;
+        }
+        let body = "m".repeat(8_000);
+        for chat in ["a", "b", "c"] {
+            for i in 0..12 {
+                add_message(&mut alice, chat, &format!("m{i}"), json!(body)).await;
+            }
+        }
+        alice.close().await.unwrap();
+    }
+    // The oldest chat's title and the last batch chat's newest message no longer decrypt (read from the
+    // store: the user's cache went with the last connection).
+    while server.ctx.hub.connection_count() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    corrupt(
+        &server,
+        "SELECT title FROM chats WHERE chat_id = 'c000'",
+        "UPDATE chats SET title = ?1 WHERE chat_id = 'c000'",
+    );
+    corrupt(
+        &server,
+        "SELECT content FROM messages WHERE chat_id = 'c' AND seq = 12",
+        "UPDATE messages SET content = ?1 WHERE chat_id = 'c' AND seq = 12",
+    );
+    let (mut alice, _) = server.connect(&token, "laptop").await;
+
+    let frame = json!({"type": "initial_sync_request", "request_id": "s", "payload": {"chat_versions": {}}});
+    let parts = raw_parts(&mut alice, frame, "s").await;
+    let (last, sent) = parts.split_last().unwrap();
+    assert!(!sent.is_empty(), "the failure comes after parts already sent");
+    assert!(sent.iter().all(|p| p["type"] == "initial_sync_response" && p["payload"]["more"] == true));
+    assert_eq!((&last["type"], &last["payload"]["code"]), (&json!("initial_sync_error"), &json!("internal")));
+
+    let frame =
+        json!({"type": "request_chat_content_batch", "request_id": "b", "payload": {"chat_ids": ["a", "b", "c"]}});
+    let parts = raw_parts(&mut alice, frame, "b").await;
+    let (last, sent) = parts.split_last().unwrap();
+    assert!(!sent.is_empty(), "the failure comes after parts already sent");
+    assert!(sent.iter().all(|p| p["type"] == "chat_content_batch_response" && p["payload"]["more"] == true));
+    assert_eq!((&last["type"], &last["payload"]["code"]), (&json!("error"), &json!("internal")));
+    assert_alive(&mut alice).await;
+}
