@@ -1,6 +1,7 @@
 //! Bounded replies (PROTOCOL.md "Bounded replies"): no server frame is larger than `max_reply_bytes`;
 //! initial sync and content batches are split into parts with `more`, message pages are shortened with
-//! `has_more`, and a user owns at most `max_chats_per_user` chats. Checked on the raw frames.
+//! `has_more`, and a user owns at most `max_chats_per_user` chats; a failure after the first parts ends
+//! the reply with an error. Checked on the raw frames.
 
 #[macro_use]
 mod sync_util;
