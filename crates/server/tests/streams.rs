@@ -204,19 +204,25 @@ async fn a_device_joining_mid_stream_gets_the_text_so_far_then_the_next_chunks()
     assert_eq!((text.as_str(), others_started), ("Once upon a time.", 1));
 }
 
+/// A small outbox and room for streams far larger than the socket buffers: a device that does not read
+/// falls behind and has its chunks merged.
+async fn behind_server() -> TestServer {
+    TestServer::start_with(|c| {
+        c.outbox_max_messages = 4;
+        c.outbox_max_bytes = 16 * 1024;
+        c.max_stream_bytes = 64 << 20;
+        c.max_reply_bytes = (64 << 20) + 65_536;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_device_behind_that_syncs_never_gets_a_chunk_merged_across_the_snapshot() {
     // A device that does not read while a stream runs has its chunks merged in its queue; when it asks
     // for an initial sync, a chunk that arrives after the snapshot (`active_streams[].seq`) but before the
     // reply is queued must not be merged with chunks the snapshot holds: the client replays what came
     // before the reply over `content_so_far` by `seq`, and a merged chunk carries only its last `seq`.
-    let server = TestServer::start_with(|c| {
-        c.outbox_max_messages = 4;
-        c.outbox_max_bytes = 16 * 1024;
-        c.max_stream_bytes = 64 << 20;
-        c.max_reply_bytes = (64 << 20) + 65_536;
-    })
-    .await;
+    let server = behind_server().await;
     let mut slow = new_user(&server, "alice", "slow").await;
     let k = skey("alice", "c1", "s1");
     ops::start(&server.ctx, &k, &info("m1")).await.unwrap();
@@ -297,13 +303,7 @@ async fn an_idle_stream_times_out_on_every_device() {
 async fn a_slow_device_gets_every_chunk_once_in_order_possibly_merged_and_is_not_closed() {
     // A small outbox, chunks much larger than socket buffers can absorb, and a device that does not read
     // while they are sent: its queue fills with chunks, which merge instead of closing it.
-    let server = TestServer::start_with(|c| {
-        c.outbox_max_messages = 4;
-        c.outbox_max_bytes = 16 * 1024;
-        c.max_stream_bytes = 64 << 20;
-        c.max_reply_bytes = (64 << 20) + 65_536;
-    })
-    .await;
+    let server = behind_server().await;
     let mut reader = new_user(&server, "alice", "reader").await;
     let mut slow = another_device(&server, "alice", "slow").await;
     let k = skey("alice", "c1", "s1");
