@@ -300,6 +300,12 @@ async fn unusable_key_configuration_refuses_to_start() {
     let p384 = Config { jwt_public_key_file: Some(fixture("ec384_public.pem")), ..base() };
     let err = format!("{:#}", chatsync::build(p384).await.err().unwrap());
     assert!(err.contains("P-256"), "{err}");
+    // A private key (the backend's signing key, by mistake) is not a public key, RSA as EC.
+    for private in ["rsa_private.pem", "ec_private.pem"] {
+        let config = Config { jwt_public_key_file: Some(fixture(private)), ..base() };
+        let err = format!("{:#}", chatsync::build(config).await.err().unwrap());
+        assert!(err.contains("not a PEM RSA or EC"), "{private}: {err}");
+    }
     let missing = Config { jwt_public_key_file: Some(fixture("missing.pem")), ..base() };
     let err = format!("{:#}", chatsync::build(missing).await.err().unwrap());
     assert!(err.contains("cannot read"), "{err}");

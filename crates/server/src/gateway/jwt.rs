@@ -113,8 +113,13 @@ impl JwtVerifier {
         Ok(Some(JwtVerifier { key, validation, leeway_secs: config.jwt_leeway_secs }))
     }
 
-    /// An RSA key allows RS256 only; an EC key, ES256 only (so it must be on P-256).
+    /// An RSA key allows RS256 only; an EC key, ES256 only (so it must be on P-256). Only a public key
+    /// (`PUBLIC KEY`, or PKCS#1 `RSA PUBLIC KEY`): the library would also take an RSA private key, whose
+    /// bytes then verify nothing, so the server would start and refuse every token.
     fn public_key(pem: &[u8]) -> anyhow::Result<(DecodingKey, Algorithm)> {
+        if !matches!(pem_label(pem), Some("PUBLIC KEY" | "RSA PUBLIC KEY")) {
+            bail!("not a PEM RSA or EC (P-256) public key (a private key or a certificate is not one)");
+        }
         if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
             return Ok((key, Algorithm::RS256));
         }
@@ -169,6 +174,13 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => "malformed token".into(),
         _ => "invalid token".into(),
     }
+}
+
+/// The label of the first block of a PEM document (`PUBLIC KEY` in `-----BEGIN PUBLIC KEY-----`).
+fn pem_label(pem: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(pem).ok()?;
+    let begin = text.lines().map(str::trim).find(|l| l.starts_with("-----BEGIN "))?;
+    begin.strip_prefix("-----BEGIN ")?.strip_suffix("-----")
 }
 
 /// The DER inside a PEM document (the first block), if it is one.
