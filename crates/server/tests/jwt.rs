@@ -179,6 +179,24 @@ async fn missing_or_malformed_claims_are_invalid_session() {
     }
 }
 
+/// RFC 7519 NumericDate may be a non-integer number of seconds; such an `exp`, `nbf` or `iat` is honoured,
+/// not refused as malformed.
+#[tokio::test]
+async fn fractional_numeric_dates_are_accepted_and_honoured() {
+    let server = hs_server(|_| {}).await;
+    let t = now() as f64;
+    let fractional = json!({"sub": "alice", "exp": t + 3600.5, "nbf": t - 0.5, "iat": t - 1.25});
+    let (_c, hello) = Client::connect_authenticated(&server.url, &opts(&hs256(&fractional), "d")).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+    for bad in [
+        json!({"sub": "alice", "exp": t - 10.5}),
+        json!({"sub": "alice", "exp": t + 3600.5, "iat": t + 600.5}),
+        json!({"sub": "alice", "exp": -1.5}),
+    ] {
+        assert_eq!(refused(&server, &hs256(&bad)).await, invalid(), "{bad}");
+    }
+}
+
 #[tokio::test]
 async fn audience_and_issuer_are_checked_when_configured() {
     let server = hs_server(|c| {

@@ -39,12 +39,28 @@ pub fn looks_like_jwt(token: &str) -> bool {
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "numeric_date")]
     exp: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "numeric_date")]
     iat: Option<u64>,
     #[serde(default)]
     device: Option<String>,
+}
+
+/// An RFC 7519 NumericDate (seconds since the epoch), which may be a non-integer number: rounded to whole
+/// seconds, as the library rounds the `exp` and `nbf` it checks, so that both read the same value. A negative,
+/// non-finite or non-numeric value is a malformed claim.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    let Some(value) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    if let Some(secs) = value.as_u64() {
+        return Ok(Some(secs));
+    }
+    match value.as_f64() {
+        Some(secs) if secs.is_finite() && secs >= 0.0 && secs < u64::MAX as f64 => Ok(Some(secs.round() as u64)),
+        _ => Err(serde::de::Error::custom("a NumericDate is a non-negative number of seconds")),
+    }
 }
 
 /// A verified token.
