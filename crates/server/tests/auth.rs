@@ -223,6 +223,10 @@ async fn node_at_its_connection_limit_is_overloaded() {
     let token = server.user_token("alice").await;
     let (first, _) = server.connect(&token, "d").await;
     assert_eq!(server.refused(&opts(&token, "d")).await, (1013, "Server overloaded".into()));
+    // Counted like every other refusal, so that an operator sees the node turning clients away.
+    let metrics = server.metrics().await;
+    let refused = common::sample(&metrics, "chatsync_connects_total", "result=\"Server overloaded\"");
+    assert_eq!(refused, Some(1.0), "{metrics}");
     first.close().await.unwrap();
     // The slot is freed once the first connection is gone.
     let mut tries = 0;
@@ -255,6 +259,9 @@ async fn a_user_beyond_the_per_user_cap_gets_1013_too_many_connections() {
     assert_eq!(server.refused(&opts(&other, "tablet")).await, (1013, "Too many connections".into()));
     let devices = server.ctx.store.devices("alice").await.unwrap();
     assert_eq!(devices.iter().map(|d| d.device_hash.clone()).collect::<Vec<_>>(), [sha256_hex("id:d")]);
+    let metrics = server.metrics().await;
+    let refused = common::sample(&metrics, "chatsync_connects_total", "result=\"Too many connections\"");
+    assert_eq!(refused, Some(2.0), "both refusals are counted: {metrics}");
     let bob = server.user_token("bob").await;
     server.connect(&bob, "d").await;
     open.pop().unwrap().close().await.unwrap();
