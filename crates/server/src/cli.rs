@@ -101,16 +101,17 @@ pub struct ClusterArgs {
     pub redis_sharded_pubsub: Option<bool>,
 }
 
-/// Server logs (`serve`).
+/// Server logs (`serve`). `global`, as the storage and cluster options are: a value given before the
+/// command (`chatsync --log-format json serve`) then reaches these, so that it beats the environment.
 #[derive(Debug, Args, Serialize)]
 #[command(next_help_heading = "Logging")]
 pub struct LogArgs {
     /// Log format (stderr) [default: text].
-    #[arg(long, env = "CHATSYNC_LOG_FORMAT", value_enum)]
+    #[arg(long, global = true, env = "CHATSYNC_LOG_FORMAT", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
     /// Log filter, e.g. `info`, `debug`, `chatsync=debug` [default: info; RUST_LOG wins].
-    #[arg(long, env = "CHATSYNC_LOG_LEVEL", value_name = "FILTER")]
+    #[arg(long, global = true, env = "CHATSYNC_LOG_LEVEL", value_name = "FILTER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
 }

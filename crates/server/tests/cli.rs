@@ -247,6 +247,40 @@ fn help_lists_every_command() {
     assert!(serve.contains("CHATSYNC_LISTEN") && serve.contains("--max-frame-bytes"), "{serve}");
 }
 
+/// The log options given before the command (`chatsync --log-format text serve`) are flags too: they beat
+/// `CHATSYNC_LOG_FORMAT` / `CHATSYNC_LOG_LEVEL`, as the storage and cluster options given there do.
+#[test]
+fn log_flags_before_the_command_beat_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--log-format", "text", "--log-level", "debug", "serve", "--listen", "127.0.0.1:0"])
+        .env("CHATSYNC_LOG_FORMAT", "json")
+        .env("CHATSYNC_LOG_LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .env_remove("CHATSYNC_CONFIG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let listening = line.contains("ws://");
+        seen.push(line);
+        if listening {
+            break;
+        }
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    let listening = seen.last().expect("the server logged nothing");
+    assert!(listening.contains("ws://") && !listening.starts_with('{'), "--log-format text: {seen:?}");
+    assert!(seen.iter().any(|l| l.contains("DEBUG")), "--log-level debug: {seen:?}");
+}
+
 #[tokio::test]
 async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
