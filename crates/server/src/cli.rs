@@ -408,8 +408,9 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Network", env = "CHATSYNC_METRICS_LISTEN", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Allowed Origin header values, comma-separated; others get HTTP 403. Cookie authentication is
-    /// accepted only from an Origin in this list (none without it) [default: any Origin; no cookies].
+    /// Allowed Origin header values, comma-separated, each as browsers send it (`https://app.example.com`:
+    /// no trailing slash, path or wildcard); others get HTTP 403. Cookie authentication is accepted only
+    /// from an Origin in this list (none without it) [default: any Origin; no cookies].
     #[arg(
         long,
         help_heading = "Network",

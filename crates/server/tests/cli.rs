@@ -281,6 +281,39 @@ fn log_flags_before_the_command_beat_the_environment() {
     assert!(seen.iter().any(|l| l.contains("DEBUG")), "--log-level debug: {seen:?}");
 }
 
+/// An `--allowed-origins` entry is compared byte for byte with the `Origin` header, so one a browser never
+/// sends (a trailing slash, a space after the comma, capitals, a default port, a path, a wildcard) would
+/// refuse that site's every upgrade without a word: `serve` refuses to start instead and says how to
+/// write it. `null` (what sandboxed frames and local files send, on any site's behalf) is refused too.
+#[test]
+fn serve_refuses_allowed_origins_that_no_browser_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |origins: &str| {
+        Command::new(env!("CARGO_BIN_EXE_chatsync"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--allowed-origins", origins])
+            .env_remove("CHATSYNC_CONFIG")
+            .env_remove("CHATSYNC_ALLOWED_ORIGINS")
+            .output()
+            .unwrap()
+    };
+    for (origins, needle) in [
+        ("https://app.example/", "write it as \"https://app.example\""),
+        ("https://a.example, https://b.example", "write it as \"https://b.example\""),
+        ("https://App.Example", "write it as \"https://app.example\""),
+        ("https://app.example:443", "write it as \"https://app.example\""),
+        ("https://app.example/chat", "write it as \"https://app.example\""),
+        ("*", "\"*\" is not an origin"),
+        ("null", "\"null\""),
+        ("https://app.example,", "an entry is empty"),
+    ] {
+        let out = serve(origins);
+        fails(&out, "allowed_origins");
+        fails(&out, needle);
+    }
+}
+
 #[tokio::test]
 async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
