@@ -168,6 +168,26 @@ async fn device_id_in_query_is_the_same_device_as_the_header() {
     assert_eq!(hello.device_hash, sha256_hex("id:tab-7"));
 }
 
+/// A query parameter given twice counts once, with its first value, as a repeated header or cookie does:
+/// the device id is never dropped for the User-Agent fingerprint (which would bind the session to a device
+/// the client did not name), nor the query token.
+#[tokio::test]
+async fn a_repeated_query_parameter_counts_with_its_first_value() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let url = format!("{}?device_id=phone&device_id=laptop", server.url);
+    let bearer = ConnectOptions { device_id: None, ..opts(&token, "") };
+    let (_c, hello) = Client::connect_authenticated(&url, &bearer).await.unwrap();
+    assert_eq!(hello.device_hash, sha256_hex("id:phone"));
+    let url = format!("{}?token={token}&token=cs_other", server.url);
+    let (_c, hello) = Client::connect_authenticated(&url, &opts_without_token("phone")).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+}
+
+fn opts_without_token(device: &str) -> ConnectOptions {
+    ConnectOptions { token: None, ..opts("", device) }
+}
+
 #[tokio::test]
 async fn malformed_device_id_is_refused() {
     let server = TestServer::start().await;
