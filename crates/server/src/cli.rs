@@ -750,8 +750,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     crate::run(listener, ctx, shutdown_signal()).await
 }
 
-/// The store URL as shown in messages: a password in it is replaced by `***`.
+/// The store URL as shown in messages: a password in it (userinfo or query) is replaced by `***`.
 pub fn shown_url(url: &str) -> String {
+    let url = &store::mask_query_secrets(url);
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

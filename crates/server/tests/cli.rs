@@ -247,6 +247,28 @@ fn help_lists_every_command() {
     assert!(serve.contains("CHATSYNC_LISTEN") && serve.contains("--max-frame-bytes"), "{serve}");
 }
 
+/// A store URL may carry its password in the query (`?password=…`, as libpq allows): the errors that name
+/// the URL never show it, whichever command opens the store.
+#[test]
+fn a_password_in_the_store_url_s_query_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "hunter2-query-secret";
+    for url in [
+        format!("postgres://cs@127.0.0.1:1/db?password={secret}"),
+        format!("postgres://cs@127.0.0.1:1/db?sslmode=disable&password={secret}&application_name=x"),
+        format!("postgresql://cs:{secret}@127.0.0.1:1/db?password={secret}"),
+    ] {
+        for args in [&["users", "list"][..], &["users", "add", "alice"], &["sessions", "list", "alice"]] {
+            let mut all = vec!["--database-url", url.as_str()];
+            all.extend_from_slice(args);
+            let out = chatsync(dir.path(), &all);
+            fails(&out, "127.0.0.1:1/db");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!err.contains(secret), "{args:?}: {err}");
+        }
+    }
+}
+
 /// The log options given before the command (`chatsync --log-format text serve`) are flags too: they beat
 /// `CHATSYNC_LOG_FORMAT` / `CHATSYNC_LOG_LEVEL`, as the storage and cluster options given there do.
 #[test]
