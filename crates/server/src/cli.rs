@@ -465,7 +465,8 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_ISSUER", value_name = "ISS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_issuer: Option<String>,
-    /// Clock leeway for the `exp`, `nbf` and `iat` of JWT connection tokens, seconds [default: 0].
+    /// Clock leeway for the `exp`, `nbf` and `iat` of JWT connection tokens, seconds, at most 86400
+    /// [default: 0].
     #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_LEEWAY_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_leeway_secs: Option<u64>,

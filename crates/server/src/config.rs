@@ -269,6 +269,11 @@ impl Config {
         for origin in &self.allowed_origins {
             check_origin(origin)?;
         }
+        // Clock skew is seconds or minutes; past a day `exp` hardly means anything, and past the epoch's
+        // age the JWT library's `now - leeway` overflows.
+        if self.jwt_leeway_secs > 86_400 {
+            return Err("jwt_leeway_secs is at most 86400 (a day): it allows for clock skew".into());
+        }
         if self.jwt_hs256_secret.is_some() && self.jwt_public_key_file.is_some() {
             return Err("jwt_hs256_secret and jwt_public_key_file are exclusive: configure one".into());
         }

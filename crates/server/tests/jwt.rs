@@ -324,6 +324,20 @@ async fn unusable_key_configuration_refuses_to_start() {
         let err = format!("{:#}", chatsync::build(config).await.err().unwrap());
         assert!(err.contains("not a PEM RSA or EC"), "{private}: {err}");
     }
+    // A leeway is for clock skew: one past a day is a mistake, and one past the epoch's age overflowed the
+    // library's `now - leeway` (a panic per JWT connection in a debug build, every JWT "expired" in release).
+    let secret = || Some(SECRET.to_owned().into());
+    let huge = Config { jwt_hs256_secret: secret(), jwt_leeway_secs: u64::MAX, ..base() };
+    let err = format!("{:#}", chatsync::build(huge).await.err().unwrap());
+    assert!(err.contains("jwt_leeway_secs"), "{err}");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let day = Config {
+        jwt_hs256_secret: secret(),
+        jwt_leeway_secs: 86_400,
+        data_dir: elsewhere.path().to_owned(),
+        ..Config::default()
+    };
+    drop(chatsync::build(day).await.unwrap());
     let missing = Config { jwt_public_key_file: Some(fixture("missing.pem")), ..base() };
     let err = format!("{:#}", chatsync::build(missing).await.err().unwrap());
     assert!(err.contains("cannot read"), "{err}");
