@@ -76,7 +76,8 @@ pub struct StorageArgs {
     #[arg(long, global = true, env = "CHATSYNC_DATA_DIR", value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
-    /// Store URL, `sqlite://PATH` [default: sqlite://<data-dir>/chatsync.db].
+    /// Store URL: `sqlite://PATH`, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for a cluster
+    /// [default: sqlite://<data-dir>/chatsync.db].
     #[arg(long, global = true, env = "CHATSYNC_DATABASE_URL", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,

@@ -28,7 +28,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the embedded store (`chatsync.db`).
     pub data_dir: PathBuf,
-    /// Store URL; `sqlite://PATH` (default: `sqlite://<data_dir>/chatsync.db`).
+    /// Store URL; `sqlite://PATH` or `postgres://…` (default: `sqlite://<data_dir>/chatsync.db`).
     pub database_url: Option<String>,
     /// Cluster mode: the Redis URL of the delivery bus (`None`: a single node, in-process hub).
     pub redis_url: Option<String>,

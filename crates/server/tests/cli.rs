@@ -692,6 +692,11 @@ fn help_groups_options_and_shows_each_where_it_applies() {
     assert!(connect.contains("CHATSYNC_TOKEN") && connect.contains("Device mismatch"), "{connect}");
     let users = help(&["users", "list", "--help"]);
     assert!(users.contains("--data-dir") && !users.contains("--log-level"), "{users}");
+    // Every command that opens the store says it may be PostgreSQL.
+    for args in [&["serve", "--help"][..], &["users", "list", "--help"], &["api-keys", "create", "--help"]] {
+        let text = help(args);
+        assert!(text.contains("postgres://"), "{args:?}: {text}");
+    }
 }
 
 /// Issue 8: every command accepts the backend options of `serve` (`--database-url`, `--redis-url`,
