@@ -295,9 +295,10 @@ fn log_flags_before_the_command_beat_the_environment() {
             break;
         }
     }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(child.wait().unwrap().success(), "{rest:?}");
+    // (Killed: a SIGTERM this early may come before the server's handler is installed.)
+    child.kill().unwrap();
+    let _rest: Vec<String> = lines.map_while(Result::ok).collect();
+    child.wait().unwrap();
     let listening = seen.last().expect("the server logged nothing");
     assert!(listening.contains("ws://") && !listening.starts_with('{'), "--log-format text: {seen:?}");
     assert!(seen.iter().any(|l| l.contains("DEBUG")), "--log-level debug: {seen:?}");
