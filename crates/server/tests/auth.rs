@@ -84,6 +84,21 @@ async fn cookie_wins_over_bearer() {
     assert_eq!(hello.user_id, "alice");
 }
 
+/// An empty cookie is no cookie, quoted (`auth_refresh_token=""`, as a logout may leave it) or not: the
+/// bearer token of the same upgrade is used, without the cookie's Origin rule.
+#[tokio::test]
+async fn an_empty_cookie_is_no_cookie() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    for cookie in ["auth_refresh_token=", "auth_refresh_token=\"\"", "theme=dark; auth_refresh_token=\"\""] {
+        let mut o = ConnectOptions { token_placement: TokenPlacement::Bearer, ..opts(&token, "d") };
+        o.headers.push(("Cookie".into(), cookie.into()));
+        let (_c, hello) =
+            Client::connect_authenticated(&server.url, &o).await.unwrap_or_else(|e| panic!("{cookie}: {e}"));
+        assert_eq!(hello.user_id, "alice");
+    }
+}
+
 /// Cross-site WebSocket hijacking: the cookie counts only with an Origin from the allow-list.
 #[tokio::test]
 async fn a_cookie_without_an_allowed_origin_is_refused_with_403() {

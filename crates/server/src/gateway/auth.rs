@@ -173,7 +173,10 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
     headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|cookies| {
         cookies.split(';').find_map(|pair| {
             let (name, value) = pair.trim().split_once('=')?;
-            (name == "auth_refresh_token" && !value.is_empty()).then(|| value.trim_matches('"').to_owned())
+            // Empty, quoted or not, is no cookie (else `""` would outrank the bearer token, and be held to
+            // the cookie's Origin rule).
+            let value = value.trim_matches('"');
+            (name == "auth_refresh_token" && !value.is_empty()).then(|| value.to_owned())
         })
     })
 }
