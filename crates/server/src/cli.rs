@@ -76,7 +76,8 @@ pub struct StorageArgs {
     #[arg(long, global = true, env = "CHATSYNC_DATA_DIR", value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
-    /// Store URL, `sqlite://PATH` [default: sqlite://<data-dir>/chatsync.db].
+    /// Store URL: `sqlite://PATH`, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for a cluster
+    /// [default: sqlite://<data-dir>/chatsync.db].
     #[arg(long, global = true, env = "CHATSYNC_DATABASE_URL", value_name = "URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
@@ -101,16 +102,17 @@ pub struct ClusterArgs {
     pub redis_sharded_pubsub: Option<bool>,
 }
 
-/// Server logs (`serve`).
+/// Server logs (`serve`). `global`, as the storage and cluster options are: a value given before the
+/// command (`chatsync --log-format json serve`) then reaches these, so that it beats the environment.
 #[derive(Debug, Args, Serialize)]
 #[command(next_help_heading = "Logging")]
 pub struct LogArgs {
     /// Log format (stderr) [default: text].
-    #[arg(long, env = "CHATSYNC_LOG_FORMAT", value_enum)]
+    #[arg(long, global = true, env = "CHATSYNC_LOG_FORMAT", value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
     /// Log filter, e.g. `info`, `debug`, `chatsync=debug` [default: info; RUST_LOG wins].
-    #[arg(long, env = "CHATSYNC_LOG_LEVEL", value_name = "FILTER")]
+    #[arg(long, global = true, env = "CHATSYNC_LOG_LEVEL", value_name = "FILTER")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
 }
@@ -407,8 +409,9 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Network", env = "CHATSYNC_METRICS_LISTEN", value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Allowed Origin header values, comma-separated; others get HTTP 403. Cookie authentication is
-    /// accepted only from an Origin in this list (none without it) [default: any Origin; no cookies].
+    /// Allowed Origin header values, comma-separated, each as browsers send it (`https://app.example.com`:
+    /// no trailing slash, path or wildcard); others get HTTP 403. Cookie authentication is accepted only
+    /// from an Origin in this list (none without it) [default: any Origin; no cookies].
     #[arg(
         long,
         help_heading = "Network",
@@ -463,7 +466,8 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_ISSUER", value_name = "ISS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_issuer: Option<String>,
-    /// Clock leeway for the `exp`, `nbf` and `iat` of JWT connection tokens, seconds [default: 0].
+    /// Clock leeway for the `exp`, `nbf` and `iat` of JWT connection tokens, seconds, at most 86400
+    /// [default: 0].
     #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_LEEWAY_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_leeway_secs: Option<u64>,
@@ -748,8 +752,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     crate::run(listener, ctx, shutdown_signal()).await
 }
 
-/// The store URL as shown in messages: a password in it is replaced by `***`.
+/// The store URL as shown in messages: a password in it (userinfo or query) is replaced by `***`.
 pub fn shown_url(url: &str) -> String {
+    let url = &store::mask_query_secrets(url);
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

@@ -28,7 +28,7 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for the embedded store (`chatsync.db`).
     pub data_dir: PathBuf,
-    /// Store URL; `sqlite://PATH` (default: `sqlite://<data_dir>/chatsync.db`).
+    /// Store URL; `sqlite://PATH` or `postgres://…` (default: `sqlite://<data_dir>/chatsync.db`).
     pub database_url: Option<String>,
     /// Cluster mode: the Redis URL of the delivery bus (`None`: a single node, in-process hub).
     pub redis_url: Option<String>,
@@ -266,6 +266,14 @@ impl Config {
                     .into(),
             );
         }
+        for origin in &self.allowed_origins {
+            check_origin(origin)?;
+        }
+        // Clock skew is seconds or minutes; past a day `exp` hardly means anything, and past the epoch's
+        // age the JWT library's `now - leeway` overflows.
+        if self.jwt_leeway_secs > 86_400 {
+            return Err("jwt_leeway_secs is at most 86400 (a day): it allows for clock skew".into());
+        }
         if self.jwt_hs256_secret.is_some() && self.jwt_public_key_file.is_some() {
             return Err("jwt_hs256_secret and jwt_public_key_file are exclusive: configure one".into());
         }
@@ -349,6 +357,33 @@ impl Config {
     /// Silence after which a connection is closed.
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_secs(self.heartbeat_timeout_secs)
+    }
+}
+
+/// Checks one `allowed_origins` entry. The gateway compares it byte for byte with the `Origin` header, so
+/// it must be written as browsers serialize an origin (`scheme://host[:port]`: lowercase, no default port,
+/// no path, no trailing slash); anything else would refuse that site without a word. `null` (sent by
+/// sandboxed frames and local files, whichever site they come from) would let any page use the cookie.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let serialized =
+        reqwest::Url::parse(origin).ok().map(|u| u.origin()).filter(|o| o.is_tuple()).map(|o| o.ascii_serialization());
+    match serialized {
+        Some(s) if s == origin => Ok(()),
+        Some(s) => Err(format!(
+            "allowed_origins: {origin:?} is not an origin as browsers send it in the Origin header; write it as {s:?}"
+        )),
+        None if origin.is_empty() => Err("allowed_origins: an entry is empty (a trailing comma, or \
+             CHATSYNC_ALLOWED_ORIGINS set to nothing: unset it to allow any Origin)"
+            .into()),
+        None if origin == "null" => {
+            Err("allowed_origins: \"null\" is the Origin of sandboxed frames and local files on any site's behalf; \
+             it cannot be allowed"
+                .into())
+        }
+        None => Err(format!(
+            "allowed_origins: {origin:?} is not an origin: list each one as scheme://host[:port], e.g. \
+             https://app.example.com (no wildcards, comma-separated without spaces)"
+        )),
     }
 }
 

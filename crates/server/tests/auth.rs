@@ -84,6 +84,21 @@ async fn cookie_wins_over_bearer() {
     assert_eq!(hello.user_id, "alice");
 }
 
+/// An empty cookie is no cookie, quoted (`auth_refresh_token=""`, as a logout may leave it) or not: the
+/// bearer token of the same upgrade is used, without the cookie's Origin rule.
+#[tokio::test]
+async fn an_empty_cookie_is_no_cookie() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    for cookie in ["auth_refresh_token=", "auth_refresh_token=\"\"", "theme=dark; auth_refresh_token=\"\""] {
+        let mut o = ConnectOptions { token_placement: TokenPlacement::Bearer, ..opts(&token, "d") };
+        o.headers.push(("Cookie".into(), cookie.into()));
+        let (_c, hello) =
+            Client::connect_authenticated(&server.url, &o).await.unwrap_or_else(|e| panic!("{cookie}: {e}"));
+        assert_eq!(hello.user_id, "alice");
+    }
+}
+
 /// Cross-site WebSocket hijacking: the cookie counts only with an Origin from the allow-list.
 #[tokio::test]
 async fn a_cookie_without_an_allowed_origin_is_refused_with_403() {
@@ -168,6 +183,26 @@ async fn device_id_in_query_is_the_same_device_as_the_header() {
     assert_eq!(hello.device_hash, sha256_hex("id:tab-7"));
 }
 
+/// A query parameter given twice counts once, with its first value, as a repeated header or cookie does:
+/// the device id is never dropped for the User-Agent fingerprint (which would bind the session to a device
+/// the client did not name), nor the query token.
+#[tokio::test]
+async fn a_repeated_query_parameter_counts_with_its_first_value() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let url = format!("{}?device_id=phone&device_id=laptop", server.url);
+    let bearer = ConnectOptions { device_id: None, ..opts(&token, "") };
+    let (_c, hello) = Client::connect_authenticated(&url, &bearer).await.unwrap();
+    assert_eq!(hello.device_hash, sha256_hex("id:phone"));
+    let url = format!("{}?token={token}&token=cs_other", server.url);
+    let (_c, hello) = Client::connect_authenticated(&url, &opts_without_token("phone")).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+}
+
+fn opts_without_token(device: &str) -> ConnectOptions {
+    ConnectOptions { token: None, ..opts("", device) }
+}
+
 #[tokio::test]
 async fn malformed_device_id_is_refused() {
     let server = TestServer::start().await;
@@ -223,6 +258,10 @@ async fn node_at_its_connection_limit_is_overloaded() {
     let token = server.user_token("alice").await;
     let (first, _) = server.connect(&token, "d").await;
     assert_eq!(server.refused(&opts(&token, "d")).await, (1013, "Server overloaded".into()));
+    // Counted like every other refusal, so that an operator sees the node turning clients away.
+    let metrics = server.metrics().await;
+    let refused = common::sample(&metrics, "chatsync_connects_total", "result=\"Server overloaded\"");
+    assert_eq!(refused, Some(1.0), "{metrics}");
     first.close().await.unwrap();
     // The slot is freed once the first connection is gone.
     let mut tries = 0;
@@ -255,6 +294,9 @@ async fn a_user_beyond_the_per_user_cap_gets_1013_too_many_connections() {
     assert_eq!(server.refused(&opts(&other, "tablet")).await, (1013, "Too many connections".into()));
     let devices = server.ctx.store.devices("alice").await.unwrap();
     assert_eq!(devices.iter().map(|d| d.device_hash.clone()).collect::<Vec<_>>(), [sha256_hex("id:d")]);
+    let metrics = server.metrics().await;
+    let refused = common::sample(&metrics, "chatsync_connects_total", "result=\"Too many connections\"");
+    assert_eq!(refused, Some(2.0), "both refusals are counted: {metrics}");
     let bob = server.user_token("bob").await;
     server.connect(&bob, "d").await;
     open.pop().unwrap().close().await.unwrap();

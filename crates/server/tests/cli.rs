@@ -247,6 +247,96 @@ fn help_lists_every_command() {
     assert!(serve.contains("CHATSYNC_LISTEN") && serve.contains("--max-frame-bytes"), "{serve}");
 }
 
+/// A store URL may carry its password in the query (`?password=…`, as libpq allows): the errors that name
+/// the URL never show it, whichever command opens the store.
+#[test]
+fn a_password_in_the_store_url_s_query_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "hunter2-query-secret";
+    for url in [
+        format!("postgres://cs@127.0.0.1:1/db?password={secret}"),
+        format!("postgres://cs@127.0.0.1:1/db?sslmode=disable&password={secret}&application_name=x"),
+        format!("postgresql://cs:{secret}@127.0.0.1:1/db?password={secret}"),
+    ] {
+        for args in [&["users", "list"][..], &["users", "add", "alice"], &["sessions", "list", "alice"]] {
+            let mut all = vec!["--database-url", url.as_str()];
+            all.extend_from_slice(args);
+            let out = chatsync(dir.path(), &all);
+            fails(&out, "127.0.0.1:1/db");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!err.contains(secret), "{args:?}: {err}");
+        }
+    }
+}
+
+/// The log options given before the command (`chatsync --log-format text serve`) are flags too: they beat
+/// `CHATSYNC_LOG_FORMAT` / `CHATSYNC_LOG_LEVEL`, as the storage and cluster options given there do.
+#[test]
+fn log_flags_before_the_command_beat_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--log-format", "text", "--log-level", "debug", "serve", "--listen", "127.0.0.1:0"])
+        .env("CHATSYNC_LOG_FORMAT", "json")
+        .env("CHATSYNC_LOG_LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .env_remove("CHATSYNC_CONFIG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let listening = line.contains("ws://");
+        seen.push(line);
+        if listening {
+            break;
+        }
+    }
+    // (Killed: a SIGTERM this early may come before the server's handler is installed.)
+    child.kill().unwrap();
+    let _rest: Vec<String> = lines.map_while(Result::ok).collect();
+    child.wait().unwrap();
+    let listening = seen.last().expect("the server logged nothing");
+    assert!(listening.contains("ws://") && !listening.starts_with('{'), "--log-format text: {seen:?}");
+    assert!(seen.iter().any(|l| l.contains("DEBUG")), "--log-level debug: {seen:?}");
+}
+
+/// An `--allowed-origins` entry is compared byte for byte with the `Origin` header, so one a browser never
+/// sends (a trailing slash, a space after the comma, capitals, a default port, a path, a wildcard) would
+/// refuse that site's every upgrade without a word: `serve` refuses to start instead and says how to
+/// write it. `null` (what sandboxed frames and local files send, on any site's behalf) is refused too.
+#[test]
+fn serve_refuses_allowed_origins_that_no_browser_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |origins: &str| {
+        Command::new(env!("CARGO_BIN_EXE_chatsync"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--allowed-origins", origins])
+            .env_remove("CHATSYNC_CONFIG")
+            .env_remove("CHATSYNC_ALLOWED_ORIGINS")
+            .output()
+            .unwrap()
+    };
+    for (origins, needle) in [
+        ("https://app.example/", "write it as \"https://app.example\""),
+        ("https://a.example, https://b.example", "write it as \"https://b.example\""),
+        ("https://App.Example", "write it as \"https://app.example\""),
+        ("https://app.example:443", "write it as \"https://app.example\""),
+        ("https://app.example/chat", "write it as \"https://app.example\""),
+        ("*", "\"*\" is not an origin"),
+        ("null", "\"null\""),
+        ("https://app.example,", "an entry is empty"),
+    ] {
+        let out = serve(origins);
+        fails(&out, "allowed_origins");
+        fails(&out, needle);
+    }
+}
+
 #[tokio::test]
 async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
@@ -603,6 +693,11 @@ fn help_groups_options_and_shows_each_where_it_applies() {
     assert!(connect.contains("CHATSYNC_TOKEN") && connect.contains("Device mismatch"), "{connect}");
     let users = help(&["users", "list", "--help"]);
     assert!(users.contains("--data-dir") && !users.contains("--log-level"), "{users}");
+    // Every command that opens the store says it may be PostgreSQL.
+    for args in [&["serve", "--help"][..], &["users", "list", "--help"], &["api-keys", "create", "--help"]] {
+        let text = help(args);
+        assert!(text.contains("postgres://"), "{args:?}: {text}");
+    }
 }
 
 /// Issue 8: every command accepts the backend options of `serve` (`--database-url`, `--redis-url`,

@@ -179,6 +179,24 @@ async fn missing_or_malformed_claims_are_invalid_session() {
     }
 }
 
+/// RFC 7519 NumericDate may be a non-integer number of seconds; such an `exp`, `nbf` or `iat` is honoured,
+/// not refused as malformed.
+#[tokio::test]
+async fn fractional_numeric_dates_are_accepted_and_honoured() {
+    let server = hs_server(|_| {}).await;
+    let t = now() as f64;
+    let fractional = json!({"sub": "alice", "exp": t + 3600.5, "nbf": t - 0.5, "iat": t - 1.25});
+    let (_c, hello) = Client::connect_authenticated(&server.url, &opts(&hs256(&fractional), "d")).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+    for bad in [
+        json!({"sub": "alice", "exp": t - 10.5}),
+        json!({"sub": "alice", "exp": t + 3600.5, "iat": t + 600.5}),
+        json!({"sub": "alice", "exp": -1.5}),
+    ] {
+        assert_eq!(refused(&server, &hs256(&bad)).await, invalid(), "{bad}");
+    }
+}
+
 #[tokio::test]
 async fn audience_and_issuer_are_checked_when_configured() {
     let server = hs_server(|c| {
@@ -300,6 +318,26 @@ async fn unusable_key_configuration_refuses_to_start() {
     let p384 = Config { jwt_public_key_file: Some(fixture("ec384_public.pem")), ..base() };
     let err = format!("{:#}", chatsync::build(p384).await.err().unwrap());
     assert!(err.contains("P-256"), "{err}");
+    // A private key (the backend's signing key, by mistake) is not a public key, RSA as EC.
+    for private in ["rsa_private.pem", "ec_private.pem"] {
+        let config = Config { jwt_public_key_file: Some(fixture(private)), ..base() };
+        let err = format!("{:#}", chatsync::build(config).await.err().unwrap());
+        assert!(err.contains("not a PEM RSA or EC"), "{private}: {err}");
+    }
+    // A leeway is for clock skew: one past a day is a mistake, and one past the epoch's age overflowed the
+    // library's `now - leeway` (a panic per JWT connection in a debug build, every JWT "expired" in release).
+    let secret = || Some(SECRET.to_owned().into());
+    let huge = Config { jwt_hs256_secret: secret(), jwt_leeway_secs: u64::MAX, ..base() };
+    let err = format!("{:#}", chatsync::build(huge).await.err().unwrap());
+    assert!(err.contains("jwt_leeway_secs"), "{err}");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let day = Config {
+        jwt_hs256_secret: secret(),
+        jwt_leeway_secs: 86_400,
+        data_dir: elsewhere.path().to_owned(),
+        ..Config::default()
+    };
+    drop(chatsync::build(day).await.unwrap());
     let missing = Config { jwt_public_key_file: Some(fixture("missing.pem")), ..base() };
     let err = format!("{:#}", chatsync::build(missing).await.err().unwrap());
     assert!(err.contains("cannot read"), "{err}");

@@ -36,6 +36,24 @@ pub struct WsQuery {
     pub device_id: Option<String>,
 }
 
+impl WsQuery {
+    /// The parameters read from the query's pairs. A parameter given twice counts with its first value, as
+    /// a repeated header or cookie does (read as a struct, a repeated one failed the whole query, which then
+    /// silently fell back to the fingerprint for the device and lost the query token).
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> WsQuery {
+        let mut query = WsQuery::default();
+        for (name, value) in pairs {
+            let slot = match name.as_str() {
+                "token" => &mut query.token,
+                "device_id" => &mut query.device_id,
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        query
+    }
+}
+
 /// What the client presented.
 pub struct Credentials {
     token: Option<String>,
@@ -155,7 +173,10 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
     headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|cookies| {
         cookies.split(';').find_map(|pair| {
             let (name, value) = pair.trim().split_once('=')?;
-            (name == "auth_refresh_token" && !value.is_empty()).then(|| value.trim_matches('"').to_owned())
+            // Empty, quoted or not, is no cookie (else `""` would outrank the bearer token, and be held to
+            // the cookie's Origin rule).
+            let value = value.trim_matches('"');
+            (name == "auth_refresh_token" && !value.is_empty()).then(|| value.to_owned())
         })
     })
 }

@@ -87,7 +87,9 @@ async fn serve(
         conn.outbox.push(greeting(&ctx, &conn));
         if let Err(refused) = ctx.hub.register(conn.clone()).await {
             tracing::warn!(%refused, "connection refused");
-            Box::pin(reject(sink, stream, refused.close_reason())).await;
+            let reason = refused.close_reason();
+            metrics::counter!(crate::metrics::CONNECTS, "result" => reason.reason).increment(1);
+            Box::pin(reject(sink, stream, reason)).await;
             return;
         }
         // The device is recorded (a sighting) only for a connection a cap did not refuse.

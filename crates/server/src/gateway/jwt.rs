@@ -39,12 +39,28 @@ pub fn looks_like_jwt(token: &str) -> bool {
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "numeric_date")]
     exp: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "numeric_date")]
     iat: Option<u64>,
     #[serde(default)]
     device: Option<String>,
+}
+
+/// An RFC 7519 NumericDate (seconds since the epoch), which may be a non-integer number: rounded to whole
+/// seconds, as the library rounds the `exp` and `nbf` it checks, so that both read the same value. A negative,
+/// non-finite or non-numeric value is a malformed claim.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    let Some(value) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    if let Some(secs) = value.as_u64() {
+        return Ok(Some(secs));
+    }
+    match value.as_f64() {
+        Some(secs) if secs.is_finite() && secs >= 0.0 && secs < u64::MAX as f64 => Ok(Some(secs.round() as u64)),
+        _ => Err(serde::de::Error::custom("a NumericDate is a non-negative number of seconds")),
+    }
 }
 
 /// A verified token.
@@ -113,8 +129,13 @@ impl JwtVerifier {
         Ok(Some(JwtVerifier { key, validation, leeway_secs: config.jwt_leeway_secs }))
     }
 
-    /// An RSA key allows RS256 only; an EC key, ES256 only (so it must be on P-256).
+    /// An RSA key allows RS256 only; an EC key, ES256 only (so it must be on P-256). Only a public key
+    /// (`PUBLIC KEY`, or PKCS#1 `RSA PUBLIC KEY`): the library would also take an RSA private key, whose
+    /// bytes then verify nothing, so the server would start and refuse every token.
     fn public_key(pem: &[u8]) -> anyhow::Result<(DecodingKey, Algorithm)> {
+        if !matches!(pem_label(pem), Some("PUBLIC KEY" | "RSA PUBLIC KEY")) {
+            bail!("not a PEM RSA or EC (P-256) public key (a private key or a certificate is not one)");
+        }
         if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
             return Ok((key, Algorithm::RS256));
         }
@@ -169,6 +190,13 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => "malformed token".into(),
         _ => "invalid token".into(),
     }
+}
+
+/// The label of the first block of a PEM document (`PUBLIC KEY` in `-----BEGIN PUBLIC KEY-----`).
+fn pem_label(pem: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(pem).ok()?;
+    let begin = text.lines().map(str::trim).find(|l| l.starts_with("-----BEGIN "))?;
+    begin.strip_prefix("-----BEGIN ")?.strip_suffix("-----")
 }
 
 /// The DER inside a PEM document (the first block), if it is one.

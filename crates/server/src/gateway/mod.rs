@@ -44,7 +44,7 @@ async fn upgrade(
     State(gw): State<Gateway>,
     ws: WebSocketUpgrade,
     headers: HeaderMap,
-    query: Result<Query<auth::WsQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let config = &gw.ctx.config;
     let origin = headers.get(header::ORIGIN);
@@ -53,7 +53,7 @@ async fn upgrade(
     if !config.allowed_origins.is_empty() && origin.is_some() && !origin_allowed {
         return (StatusCode::FORBIDDEN, "Origin not allowed").into_response();
     }
-    let query = query.map(|Query(q)| q).unwrap_or_default();
+    let query = auth::WsQuery::from_pairs(query.map(|Query(pairs)| pairs).unwrap_or_default());
     // Boxed: the closure below is kept by the upgrade for the life of the connection.
     let creds = Box::new(auth::credentials(&headers, &query));
     // Cross-site WebSocket hijacking: any page can make a browser open a socket that carries the cookie,

@@ -339,6 +339,21 @@ async fn open_with(
     anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH, postgres://USER@HOST:PORT/DB)")
 }
 
+/// `url` with the value of its query's `password` parameter (sqlx, like libpq, takes the password there
+/// too) replaced by `***`, for messages that show a store URL (the userinfo's password is the caller's to
+/// hide).
+pub fn mask_query_secrets(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else { return url.to_owned() };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some(("password", _)) => "password=***".to_owned(),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
+}
+
 /// Milliseconds since the Unix epoch, from the server clock.
 pub fn now_millis() -> Millis {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)

@@ -141,8 +141,9 @@ impl PgStore {
     }
 }
 
-/// The URL without its password (for error messages and logs).
+/// The URL without its password, in the userinfo or the query (for error messages and logs).
 pub(super) fn redact(url: &str) -> String {
+    let url = &super::mask_query_secrets(url);
     let Some((scheme, rest)) = url.split_once("://") else { return "(invalid URL)".to_owned() };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     match rest[..authority_end].rsplit_once('@') {
