@@ -225,6 +225,32 @@ async fn idle_streams_are_swept_once_and_active_ones_stay() {
     }
 }
 
+/// A start that finds its stream open (a retried start, or one refused as another stream under the id)
+/// and a put-back that finds a stream open are no activity: the open stream still times out from its last
+/// chunk (or start). In Redis each of them used to move the stream's idle index entry to its own time, so
+/// a backend retrying a start more often than the idle timeout kept the stream from ever being swept
+/// (its keys then expired silently: no `stream_cancelled` for the devices).
+#[tokio::test]
+async fn a_start_or_put_back_that_finds_the_stream_open_does_not_keep_it_from_timing_out() {
+    for (name, r, other_node) in registries().await {
+        let k = key("alice", "c1", "s1");
+        r.open(&k, &info("m1"), 1_000).await.unwrap();
+        r.append(&k, 1, "x", 2_000).await.unwrap();
+        assert_eq!(other_node.open(&k, &info("m1"), 9_000).await, Ok(Opened::AlreadyOpen), "{name}");
+        assert_eq!(r.sweep_idle(5_000).await.unwrap(), vec![k.clone()], "{name}: a retried start is no chunk");
+
+        r.open(&k, &info("m1"), 10_000).await.unwrap();
+        assert_eq!(other_node.open(&k, &info("m2"), 19_000).await, Err(StreamError::Conflict), "{name}");
+        assert_eq!(r.sweep_idle(15_000).await.unwrap(), vec![k.clone()], "{name}: nor is a refused start");
+
+        r.open(&k, &info("m1"), 20_000).await.unwrap();
+        let taken = r.take(&k).await.unwrap().expect("open");
+        r.open(&k, &info("m2"), 21_000).await.unwrap();
+        other_node.restore(taken, 29_000).await.unwrap();
+        assert_eq!(r.sweep_idle(25_000).await.unwrap(), vec![k.clone()], "{name}: nor a put-back that lost");
+    }
+}
+
 #[tokio::test]
 async fn redis_holds_no_plaintext_of_chunks_user_ids_or_metadata() {
     let Some(url) = common::cluster::redis_url() else { return };

@@ -24,8 +24,10 @@
 //! * `P streams:{U}`: the set of the user's open `S` (for `active_streams`, and counted by `OPEN` against
 //!   the per-user cap of open streams; a member whose hash expired is forgotten by `PRUNE`);
 //! * `P streams:idle`: a sorted set `U:S` → `last` at open (only a hint: the sweep re-checks `last`),
-//!   its expiry pushed forward by every open and every sweep. An entry is dropped only while its score is
-//!   at most the `last` of the stream that was taken (by the sweep: its cutoff), never by a plain ZREM:
+//!   its expiry pushed forward by every open and every sweep; an open or a put-back that finds the stream
+//!   open moves the entry back to that stream's `last` (`unindex`), so that only chunks keep a stream
+//!   from timing out. An entry is dropped only while its score is at most the `last` of the stream that
+//!   was taken (by the sweep: its cutoff), never by a plain ZREM:
 //!   the same chat and stream id opened again after the take and before that drop puts its own entry
 //!   there, at its opening time, and keeps it (`IDLE_DROP`).
 //!
@@ -61,13 +63,13 @@ use sha2::{Digest, Sha256};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
-/// Opens a stream unless one is open: returns the existing `rec`, or nil after creating it, or the number
-/// of the user's open streams (an integer) when that is the cap already (the user set counts them; see
-/// [`PRUNE`] for members whose stream expired).
+/// Opens a stream unless one is open: returns the existing {`rec`, `last`}, or nil after creating it, or
+/// the number of the user's open streams (an integer) when that is the cap already (the user set counts
+/// them; see [`PRUNE`] for members whose stream expired).
 /// KEYS: hash, chunks, user set. ARGV: rec, now, ttl ms, S, cap.
 const OPEN: &str = r#"
-local r = redis.call('HGET', KEYS[1], 'rec')
-if r then return r end
+local v = redis.call('HMGET', KEYS[1], 'rec', 'last')
+if v[1] then return v end
 local open = redis.call('SCARD', KEYS[3])
 if open >= tonumber(ARGV[5]) then return open end
 redis.call('DEL', KEYS[2])
@@ -173,10 +175,12 @@ redis.call('SREM', KEYS[3], ARGV[1])
 return taken()
 "#;
 
-/// Puts back a taken stream unless one is open. KEYS: hash, chunks, user set.
+/// Puts back a taken stream unless one is open: 1 when put back, else the open stream's `last`.
+/// KEYS: hash, chunks, user set.
 /// ARGV: rec, seq, bytes, now, ttl ms, S, sealed chunk (all the text as one chunk; empty when there is none).
 const RESTORE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local last = redis.call('HGET', KEYS[1], 'last')
+if last then return last end
 redis.call('DEL', KEYS[2])
 local merged = 0
 if ARGV[7] ~= '' then merged = 1 end
@@ -616,6 +620,23 @@ impl RedisStreams {
         self.command(zadd).await.map(|_| ())
     }
 
+    /// After [`RedisStreams::index`] put the entry at `now_ms` for an open or a put-back that found the
+    /// stream already open (and so changed nothing of it): moves the entry back to that stream's `last`
+    /// (only ever lower: `XX LT`). Left at `now_ms`, the entry would hide the stream from the sweep until
+    /// `now_ms` plus the timeout, and a start retried more often than that would keep it from ever being
+    /// swept (its keys would expire silently, no `stream_cancelled`). An entry lower than the stream's
+    /// `last` is harmless (the sweep looks at `last` and moves the entry forward). Best effort.
+    async fn unindex(&self, n: &Names, last: Option<Value>) {
+        let Some(last) = bytes(last).and_then(|b| String::from_utf8(b).ok()).and_then(|s| s.parse::<i64>().ok()) else {
+            return;
+        };
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(self.idle_set()).arg("XX").arg("LT").arg(last).arg(&n.member);
+        if let Err(e) = self.command(zadd).await {
+            tracing::debug!(stream = %n.member, error = %e, "idle index entry not moved back (swept late)");
+        }
+    }
+
     /// Keeps the idle index alive while a node opens or sweeps streams (every node sweeps at least every
     /// 15 s); once no node runs, it expires with the streams it indexes.
     async fn refresh_idle_set(&self) {
@@ -728,8 +749,11 @@ impl StreamRegistry for RedisStreams {
                 self.refresh_idle_set().await;
                 Ok(Opened::New)
             }
-            other => {
-                let existing = self.open_rec(&n, &bytes(Some(other)).ok_or_else(|| corrupt(&n))?)?;
+            Value::Array(found) => {
+                let mut found = found.into_iter();
+                let rec = bytes(found.next()).ok_or_else(|| corrupt(&n))?;
+                self.unindex(&n, found.next()).await;
+                let existing = self.open_rec(&n, &rec)?;
                 let same = existing.info.message_id == info.message_id && existing.info.sender_name == info.sender_name;
                 if same {
                     Ok(Opened::AlreadyOpen)
@@ -737,6 +761,7 @@ impl StreamRegistry for RedisStreams {
                     Err(StreamError::Conflict)
                 }
             }
+            _ => Err(corrupt(&n)),
         }
     }
 
@@ -826,7 +851,11 @@ impl StreamRegistry for RedisStreams {
             n.sid.clone().into(),
             chunk,
         ];
-        self.eval(4, &[&n.hash, &n.chunks, &n.user_set], args).await?;
+        match self.eval(4, &[&n.hash, &n.chunks, &n.user_set], args).await? {
+            Value::Int(1) => {}
+            // Another stream of that name is open: it stays as it was, its index entry too.
+            last => self.unindex(&n, Some(last)).await,
+        }
         Ok(())
     }
 
