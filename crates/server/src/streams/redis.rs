@@ -202,6 +202,14 @@ if s and tonumber(s) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[
 return 0
 "#;
 
+/// Lowers member ARGV[1] of the idle index KEYS[1] to ARGV[2] if it is there with a higher score (one
+/// key, sent with EVAL like [`IDLE_DROP`]; `ZADD XX LT` needs Redis 6.2).
+const IDLE_LOWER: &str = r#"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) > tonumber(ARGV[2]) then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) end
+return 0
+"#;
+
 /// Forgets the members of a user set whose stream is gone (its hash expired: the backstop when no node
 /// swept it), so that they no longer count towards the user's cap; returns how many members are left.
 /// Run by an open that found the user at the cap, before it tries once more. Only members whose hash is
@@ -622,17 +630,17 @@ impl RedisStreams {
 
     /// After [`RedisStreams::index`] put the entry at `now_ms` for an open or a put-back that found the
     /// stream already open (and so changed nothing of it): moves the entry back to that stream's `last`
-    /// (only ever lower: `XX LT`). Left at `now_ms`, the entry would hide the stream from the sweep until
-    /// `now_ms` plus the timeout, and a start retried more often than that would keep it from ever being
-    /// swept (its keys would expire silently, no `stream_cancelled`). An entry lower than the stream's
-    /// `last` is harmless (the sweep looks at `last` and moves the entry forward). Best effort.
+    /// (only ever lower: [`IDLE_LOWER`]). Left at `now_ms`, the entry would hide the stream from the sweep
+    /// until `now_ms` plus the timeout, and a start retried more often than that would keep it from ever
+    /// being swept (its keys would expire silently, no `stream_cancelled`). An entry lower than the
+    /// stream's `last` is harmless (the sweep looks at `last` and moves the entry forward). Best effort.
     async fn unindex(&self, n: &Names, last: Option<Value>) {
         let Some(last) = bytes(last).and_then(|b| String::from_utf8(b).ok()).and_then(|s| s.parse::<i64>().ok()) else {
             return;
         };
-        let mut zadd = redis::cmd("ZADD");
-        zadd.arg(self.idle_set()).arg("XX").arg("LT").arg(last).arg(&n.member);
-        if let Err(e) = self.command(zadd).await {
+        let mut lower = redis::cmd("EVAL");
+        lower.arg(IDLE_LOWER).arg(1).arg(self.idle_set()).arg(&n.member).arg(last);
+        if let Err(e) = self.command(lower).await {
             tracing::debug!(stream = %n.member, error = %e, "idle index entry not moved back (swept late)");
         }
     }
