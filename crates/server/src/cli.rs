@@ -686,7 +686,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(_) => unreachable!("handled above"),
         Command::Keys(KeysArgs { command: KeysCommand::Rotate, .. }) => {
             crate::logging::init(config.log_format, "warn");
-            let backend = store::open_command_backend(&config.store_url(), config.durability).await?;
+            // Never in a directory without a database: it would write a new master key there.
+            let (url, _) = existing_url(&config)?;
+            let backend = store::open_command_backend(&url, config.durability).await?;
             let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
             // With an environment key the new key is printed before the store is re-wrapped under it:
             // printed after, a crash in between would leave data that no known key opens.
@@ -771,6 +773,14 @@ pub fn shown_url(url: &str) -> String {
 /// never creates a database, so a command run from the wrong directory says where it looked instead of
 /// answering from a new, empty one. Returns the store and its URL as shown in messages.
 async fn open_existing(config: &Config) -> anyhow::Result<(Arc<dyn Store>, String)> {
+    let (url, shown) = existing_url(config)?;
+    let store = store::open(&url).await.with_context(|| format!("cannot open {shown}"))?;
+    Ok((store, shown))
+}
+
+/// The store URL of a command that must not create a database, and that URL as shown in messages; fails
+/// naming where it looked when an embedded store has no database file there.
+fn existing_url(config: &Config) -> anyhow::Result<(String, String)> {
     let url = config.store_url();
     let shown = shown_url(&url);
     if let Some(path) = url.strip_prefix("sqlite://") {
@@ -781,8 +791,7 @@ async fn open_existing(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Strin
             );
         }
     }
-    let store = store::open(&url).await.with_context(|| format!("cannot open {shown}"))?;
-    Ok((store, shown))
+    Ok((url, shown))
 }
 
 /// Fails with "unknown user …" naming the store unless the user exists.
@@ -1275,7 +1284,9 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
 }
 
 async fn api_keys(config: Config, cmd: ApiKeysCommand) -> anyhow::Result<()> {
-    let store = store::open(&config.store_url()).await?;
+    // A key created in a new, empty database (a command run from the wrong directory) would be refused
+    // by the server with 401, without a word on why.
+    let (store, _) = open_existing(&config).await?;
     match cmd {
         ApiKeysCommand::Create { name } => {
             if name.as_ref().is_some_and(|n| n.is_empty() || n.len() > 200) {

@@ -667,10 +667,18 @@ async fn devices_revoke_closes_the_device_s_live_sockets_only() {
 fn commands_that_read_name_the_database_and_never_create_one() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty");
-    for args in [&["users", "list"][..], &["devices", "list", "alice"], &["sessions", "issue", "alice"]] {
+    let commands = [
+        &["users", "list"][..],
+        &["devices", "list", "alice"],
+        &["sessions", "issue", "alice"],
+        &["api-keys", "create"],
+        &["api-keys", "list"],
+        &["keys", "rotate"],
+    ];
+    for args in commands {
         fails(&chatsync(&empty, args), &format!("no database at sqlite://{}", empty.join("chatsync.db").display()));
     }
-    assert!(!empty.join("chatsync.db").exists());
+    assert!(!empty.join("chatsync.db").exists() && !empty.join("master.key").exists());
     ok(&chatsync(dir.path(), &["users", "add", "bob"]));
     fails(
         &chatsync(dir.path(), &["sessions", "issue", "alice"]),
