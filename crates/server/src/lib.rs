@@ -135,6 +135,7 @@ pub async fn run(
     let trigger = token.clone();
     let (store, store_failure) = (ctx.chats.clone(), Arc::new(parking_lot::Mutex::new(None::<String>)));
     let failure = store_failure.clone();
+    let hub = ctx.hub.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = shutdown => {}
@@ -143,6 +144,8 @@ pub async fn run(
                 *failure.lock() = Some(reason);
             }
         }
+        // Counted before the connections hear of it (they close at once).
+        tracing::info!(connections = hub.connection_count(), "shutting down");
         trigger.cancel();
     });
     let metrics = crate::metrics::install();
@@ -187,7 +190,6 @@ pub async fn run(
     }
     let deadline = deadline_rx.await.unwrap_or_else(|_| tokio::time::Instant::now() + grace);
 
-    tracing::info!(connections = ctx.hub.connection_count(), "shutting down");
     tracker.close();
     if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
         tracing::warn!(left = ctx.hub.connection_count(), "shutdown timeout: closing the remaining connections");
