@@ -15,7 +15,16 @@ use std::time::Duration;
 
 /// chatsync: real-time sync gateway for multi-device chat applications.
 #[derive(Debug, Parser)]
-#[command(name = "chatsync", version, about, long_about = None)]
+#[command(
+    name = "chatsync",
+    version,
+    about,
+    long_about = None,
+    after_help = "The storage, cluster and log options (--config, --data-dir, --database-url, --redis-url, \
+--redis-prefix, --redis-sharded-pubsub, --log-format, --log-level) are also accepted before the command: \
+chatsync --data-dir DIR users add alice. Every option has its CHATSYNC_* environment variable (see each \
+command's --help). The master key comes from CHATSYNC_MASTER_KEY, else <data-dir>/master.key."
+)]
 pub struct Cli {
     /// The storage, cluster and log options, also accepted before the command (hidden in the help: each
     /// command documents the ones it uses).
@@ -72,7 +81,8 @@ pub struct StorageArgs {
     #[arg(long, global = true, env = "CHATSYNC_CONFIG", value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Data directory of the embedded store [default: ./data].
+    /// Data directory of the embedded store, and of `master.key` unless CHATSYNC_MASTER_KEY is set
+    /// [default: ./data].
     #[arg(long, global = true, env = "CHATSYNC_DATA_DIR", value_name = "DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
