@@ -94,6 +94,19 @@ impl ServerMessage {
             ServerMessage::ChatReadUpdated(_) => "chat_read_updated",
         }
     }
+
+    /// The chat whose state a broadcast of a change announces (title, draft, message, read marker); `None`
+    /// for every other message (a deletion, stream events, replies).
+    pub fn changed_chat(&self) -> Option<&ChatId> {
+        match self {
+            ServerMessage::ChatDraftUpdated(e) => Some(&e.chat_id),
+            ServerMessage::DraftDeleted(e) => Some(&e.chat_id),
+            ServerMessage::ChatTitleUpdated(e) => Some(&e.chat_id),
+            ServerMessage::ChatMessageAdded(e) => Some(&e.chat_id),
+            ServerMessage::ChatReadUpdated(e) => Some(&e.chat_id),
+            _ => None,
+        }
+    }
 }
 
 /// `chat_read_updated` payload: the user's read marker of a chat and what is left unread.

@@ -31,6 +31,11 @@ async fn a_write_merged_after_a_delete_does_not_bring_the_chat_back() {
     }
     assert!(got.iter().any(|m| matches!(m.message, ServerMessage::DraftUpdateConfirmed(_))), "{got:?}");
     assert!(got.iter().any(|m| matches!(m.message, ServerMessage::ChatDeleted(_))), "{got:?}");
+    // The draft's broadcast was due before the laptop's answer: the phone, which had its chat_deleted,
+    // does not get the chat back from it (everything queued for it comes before this pong).
+    let pong = phone.request(&ping()).await.unwrap();
+    expect_msg!(pong, Pong);
+    assert_eq!(phone.buffered(), 0);
 
     for device in [&mut laptop, &mut phone] {
         let sync = sync_with(device, json!({ "c1": { "messages_v": 0, "title_v": 1, "draft_v": 0 } }), None).await;

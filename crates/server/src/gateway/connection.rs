@@ -307,6 +307,13 @@ async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, wire_type: &'st
                 m
             }
         };
+        // A change that committed just before its chat's deletion, delivered after it: the deletion's
+        // `chat_deleted` has reached the other devices already, and this would show them the chat again.
+        // (The requester still gets its answer above; the check leaves a window of this function's
+        // duration, not the write's.)
+        if message.changed_chat().is_some_and(|chat| ctx.keys.is_deleted(chat.as_str())) {
+            continue;
+        }
         // A stream's end keeps its place among the stream's events from the API (in a cluster too).
         let stream_event = matches!(message, ServerMessage::StreamCancelled(_));
         let shared: Utf8Bytes = encode(&message, None).into();
