@@ -204,9 +204,14 @@ return 0
 
 /// Lowers member ARGV[1] of the idle index KEYS[1] to ARGV[2] if it is there with a higher score (one
 /// key, sent with EVAL like [`IDLE_DROP`]; `ZADD XX LT` needs Redis 6.2).
+/// Only while the entry is still the one this node put there (its score is ARGV[3], the time of that
+/// `ZADD`): if the name was taken and opened again meanwhile, the entry is the new stream's, and lowering
+/// it would let the pending drop of the taken stream's entry ([`IDLE_DROP`]) remove it.
 const IDLE_LOWER: &str = r#"
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if s and tonumber(s) > tonumber(ARGV[2]) then redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1]) end
+if s and tonumber(s) == tonumber(ARGV[3]) and tonumber(s) > tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
 return 0
 "#;
 
@@ -630,16 +635,19 @@ impl RedisStreams {
 
     /// After [`RedisStreams::index`] put the entry at `now_ms` for an open or a put-back that found the
     /// stream already open (and so changed nothing of it): moves the entry back to that stream's `last`
-    /// (only ever lower: [`IDLE_LOWER`]). Left at `now_ms`, the entry would hide the stream from the sweep
+    /// (only ever lower, and only while the entry is still the one put at `indexed_at`, not a stream's
+    /// opened under the same name meanwhile: [`IDLE_LOWER`]). Left at `now_ms`, the entry would hide the stream from the sweep
     /// until `now_ms` plus the timeout, and a start retried more often than that would keep it from ever
     /// being swept (its keys would expire silently, no `stream_cancelled`). An entry lower than the
-    /// stream's `last` is harmless (the sweep looks at `last` and moves the entry forward). Best effort.
-    async fn unindex(&self, n: &Names, last: Option<Value>) {
+    /// stream's `last` is harmless (the sweep looks at `last` and moves the entry forward). Best effort
+    /// (two nodes indexing the same name in the same millisecond defeat the check; the stream is then
+    /// swept by its keys' expiry at worst, as before).
+    async fn unindex(&self, n: &Names, indexed_at: i64, last: Option<Value>) {
         let Some(last) = bytes(last).and_then(|b| String::from_utf8(b).ok()).and_then(|s| s.parse::<i64>().ok()) else {
             return;
         };
         let mut lower = redis::cmd("EVAL");
-        lower.arg(IDLE_LOWER).arg(1).arg(self.idle_set()).arg(&n.member).arg(last);
+        lower.arg(IDLE_LOWER).arg(1).arg(self.idle_set()).arg(&n.member).arg(last).arg(indexed_at);
         if let Err(e) = self.command(lower).await {
             tracing::debug!(stream = %n.member, error = %e, "idle index entry not moved back (swept late)");
         }
@@ -760,7 +768,7 @@ impl StreamRegistry for RedisStreams {
             Value::Array(found) => {
                 let mut found = found.into_iter();
                 let rec = bytes(found.next()).ok_or_else(|| corrupt(&n))?;
-                self.unindex(&n, found.next()).await;
+                self.unindex(&n, now_ms, found.next()).await;
                 let existing = self.open_rec(&n, &rec)?;
                 let same = existing.info.message_id == info.message_id && existing.info.sender_name == info.sender_name;
                 if same {
@@ -862,7 +870,7 @@ impl StreamRegistry for RedisStreams {
         match self.eval(4, &[&n.hash, &n.chunks, &n.user_set], args).await? {
             Value::Int(1) => {}
             // Another stream of that name is open: it stays as it was, its index entry too.
-            last => self.unindex(&n, Some(last)).await,
+            last => self.unindex(&n, now_ms, Some(last)).await,
         }
         Ok(())
     }
