@@ -420,7 +420,8 @@ pub struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Allowed Origin header values, comma-separated, each as browsers send it (`https://app.example.com`:
-    /// no trailing slash, path or wildcard); others get HTTP 403. Cookie authentication is accepted only
+    /// no trailing slash, path or wildcard; an app's own scheme as it is, `capacitor://localhost`); others
+    /// get HTTP 403. Cookie authentication is accepted only
     /// from an Origin in this list (none without it) [default: any Origin; no cookies].
     #[arg(
         long,

@@ -365,8 +365,17 @@ impl Config {
 /// no path, no trailing slash); anything else would refuse that site without a word. `null` (sent by
 /// sandboxed frames and local files, whichever site they come from) would let any page use the cookie.
 fn check_origin(origin: &str) -> Result<(), String> {
-    let serialized =
-        reqwest::Url::parse(origin).ok().map(|u| u.origin()).filter(|o| o.is_tuple()).map(|o| o.ascii_serialization());
+    let parsed = reqwest::Url::parse(origin).ok();
+    // Schemes without a URL-standard origin (capacitor://localhost, chrome-extension://ID, tauri://…) are
+    // sent as written: `scheme://host[:port]` with nothing after it.
+    if let Some(u) = parsed.as_ref().filter(|u| !u.origin().is_tuple() && origin != "null") {
+        let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
+        let bare = u.path().is_empty() && u.query().is_none() && u.fragment().is_none() && u.username().is_empty();
+        if bare && u.host_str().is_some_and(|host| origin == format!("{}://{host}{port}", u.scheme())) {
+            return Ok(());
+        }
+    }
+    let serialized = parsed.map(|u| u.origin()).filter(|o| o.is_tuple()).map(|o| o.ascii_serialization());
     match serialized {
         Some(s) if s == origin => Ok(()),
         Some(s) => Err(format!(
@@ -478,5 +487,22 @@ mod tests {
         std::fs::write(&file, "rate_burst = 0\n").unwrap();
         assert!(Config::load(Some(&file), &[]).is_err());
         assert!(Config::load(Some(&dir.path().join("missing.toml")), &[]).is_err());
+    }
+
+    #[test]
+    fn origins_of_apps_and_extensions_are_taken_as_written() {
+        for ok in [
+            "https://app.example",
+            "http://127.0.0.1:8080",
+            "capacitor://localhost",
+            "tauri://localhost",
+            "chrome-extension://abcdefghijklmnop",
+            "ionic://localhost:8100",
+        ] {
+            assert_eq!(check_origin(ok), Ok(()), "{ok}");
+        }
+        for bad in ["capacitor://localhost/", "capacitor://localhost/app", "capacitor://", "null", "*", ""] {
+            assert!(check_origin(bad).is_err(), "{bad}");
+        }
     }
 }
