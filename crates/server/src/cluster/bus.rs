@@ -225,6 +225,9 @@ impl Inbox {
             }
             if let Some(bytes) = message_bytes(&push) {
                 if !inbox.waiting.admit(bytes) {
+                    if pushes.is_closed() {
+                        return Err(()); // left meanwhile: a later connection's health is not this one's
+                    }
                     if !inbox.overflowed.swap(true, Ordering::SeqCst) {
                         healthy.store(false, Ordering::SeqCst);
                         inbox.overflow.notify_one();
