@@ -765,21 +765,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     crate::run(listener, ctx, shutdown_signal()).await
 }
 
-/// The store URL as shown in messages: a password in it (userinfo or query) is replaced by `***`.
-pub fn shown_url(url: &str) -> String {
-    let url = &store::mask_query_secrets(url);
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// Opens the store of a command that reads or changes existing data: unlike `users add` and `serve`, it
 /// never creates a database, so a command run from the wrong directory says where it looked instead of
 /// answering from a new, empty one. Returns the store and its URL as shown in messages.
@@ -793,7 +778,7 @@ async fn open_existing(config: &Config) -> anyhow::Result<(Arc<dyn Store>, Strin
 /// naming where it looked when an embedded store has no database file there.
 fn existing_url(config: &Config) -> anyhow::Result<(String, String)> {
     let url = config.store_url();
-    let shown = shown_url(&url);
+    let shown = store::shown_url(&url);
     if let Some(path) = url.strip_prefix("sqlite://") {
         if !std::path::Path::new(path).is_file() {
             bail!(
@@ -1135,7 +1120,7 @@ async fn users(config: Config, cmd: UsersCommand) -> anyhow::Result<()> {
                     Ok(())
                 }
                 Err(StoreError::AlreadyExists) => {
-                    bail!("user {user_id} already exists in {}", shown_url(&config.store_url()))
+                    bail!("user {user_id} already exists in {}", store::shown_url(&config.store_url()))
                 }
                 Err(e) => Err(e.into()),
             }

@@ -339,22 +339,59 @@ async fn open_with(
     anyhow::bail!("unsupported database URL scheme (supported: sqlite://PATH, postgres://USER@HOST:PORT/DB)")
 }
 
-/// `url` with the value of its query's `password` parameter (sqlx, like libpq, takes the password there
-/// too) replaced by `***`, for messages that show a store URL (the userinfo's password is the caller's to
-/// hide).
-pub fn mask_query_secrets(url: &str) -> String {
-    let Some((base, query)) = url.split_once('?') else { return url.to_owned() };
-    let pairs: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some(("password", _)) => "password=***".to_owned(),
-            _ => pair.to_owned(),
-        })
-        .collect();
-    format!("{base}?{}", pairs.join("&"))
+/// A store URL as shown in messages and logs: the password of its userinfo and the value of a `password`
+/// parameter in its query (sqlx, like libpq, takes it there too) are replaced by `***`.
+pub fn shown_url(url: &str) -> String {
+    let url = match url.split_once('?') {
+        Some((base, query)) => {
+            let pairs: Vec<&str> = query
+                .split('&')
+                .map(
+                    |pair| {
+                        if pair.split_once('=').is_some_and(|(k, _)| k == "password") {
+                            "password=***"
+                        } else {
+                            pair
+                        }
+                    },
+                )
+                .collect();
+            format!("{base}?{}", pairs.join("&"))
+        }
+        None => url.to_owned(),
+    };
+    let Some((scheme, rest)) = url.split_once("://") else { return url };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
+        }
+        _ => url,
+    }
 }
 
 /// Milliseconds since the Unix epoch, from the server clock.
 pub fn now_millis() -> Millis {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_url;
+
+    #[test]
+    fn a_shown_store_url_holds_no_password() {
+        assert_eq!(shown_url("postgres://cs:pw@db:5432/x"), "postgres://cs:***@db:5432/x");
+        assert_eq!(
+            shown_url("postgres://cs@db/x?sslmode=require&password=pw"),
+            "postgres://cs@db/x?sslmode=require&password=***"
+        );
+        assert_eq!(
+            shown_url("postgres://db/x?options=a@b:c"),
+            "postgres://db/x?options=a@b:c",
+            "an @ after the host is not userinfo"
+        );
+        assert_eq!(shown_url("sqlite://./data/chatsync.db"), "sqlite://./data/chatsync.db");
+    }
 }

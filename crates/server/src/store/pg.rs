@@ -67,7 +67,7 @@ impl PgStore {
         // (the pool would retry until its acquire timeout and report only the timeout).
         let mut probe = sqlx::PgConnection::connect_with(&options)
             .await
-            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+            .with_context(|| format!("cannot connect to PostgreSQL at {}", super::shown_url(url)))?;
         let configured: String = sqlx::query_scalar("SHOW synchronous_commit")
             .fetch_one(&mut probe)
             .await
@@ -86,7 +86,7 @@ impl PgStore {
         sqlx::migrate!("migrations/postgres")
             .run(&mut probe)
             .await
-            .with_context(|| format!("cannot migrate the PostgreSQL database at {}", redact(url)))?;
+            .with_context(|| format!("cannot migrate the PostgreSQL database at {}", super::shown_url(url)))?;
         let _ = probe.close().await;
         // Lazy: the pool's maintenance keeps `min_connections` open when it can, never failing the start.
         let mut pool = PgPoolOptions::new()
@@ -138,20 +138,6 @@ impl PgStore {
         }
         let writer = super::pg_chats::Writer::start(pool.clone());
         Ok(PgStore { pool, writer })
-    }
-}
-
-/// The URL without its password, in the userinfo or the query (for error messages and logs).
-pub(super) fn redact(url: &str) -> String {
-    let url = &super::mask_query_secrets(url);
-    let Some((scheme, rest)) = url.split_once("://") else { return "(invalid URL)".to_owned() };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}@{host}{}", &rest[authority_end..])
-        }
-        None => url.to_owned(),
     }
 }
 
