@@ -140,7 +140,7 @@ struct State {
 struct Splits {
     holding: bool,
     /// (stream key, its `seq` in the snapshot): a chunk up to it never merges with one after it.
-    at: Vec<(Box<str>, u64)>,
+    at: Vec<(String, u64)>,
 }
 
 impl State {
@@ -219,7 +219,6 @@ impl Outbox {
     /// `content_so_far` by `seq`, and a merged chunk carries only its last `seq`: one holding text from
     /// both sides of the snapshot would repeat what `content_so_far` holds.
     pub fn split_chunks_at(&self, at: Vec<(String, u64)>) {
-        let at: Vec<(Box<str>, u64)> = at.into_iter().map(|(key, seq)| (key.into_boxed_str(), seq)).collect();
         self.state.lock().splits = (!at.is_empty()).then(|| Box::new(Splits { holding: false, at }));
     }
 
@@ -232,7 +231,7 @@ impl Outbox {
         }
         let len = frame.len();
         let (holding, split) = match &s.splits {
-            Some(splits) => (splits.holding, splits.at.iter().find(|(k, _)| &**k == key).map(|&(_, seq)| seq)),
+            Some(splits) => (splits.holding, splits.at.iter().find(|(k, _)| k == key).map(|&(_, seq)| seq)),
             None => (false, None),
         };
         let side = |seq: Option<u64>| split.zip(seq).map(|(at, seq)| seq <= at);
