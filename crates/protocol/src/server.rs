@@ -109,6 +109,60 @@ impl ServerMessage {
     }
 }
 
+/// The wire types of the messages [`ServerMessage::changed_chat`] names a chat of.
+const CHANGE_TYPES: [&str; 5] =
+    ["chat_draft_updated", "draft_deleted", "chat_title_updated", "chat_message_added", "chat_read_updated"];
+
+/// [`ServerMessage::changed_chat`] read off a frame as [`crate::encode`] writes it (the type, then the
+/// payload with `chat_id` first), without parsing it: a node checks the frames other nodes publish
+/// against the chats it knows deleted. `None` for every other frame.
+pub fn frame_changed_chat(frame: &str) -> Option<&str> {
+    let (kind, rest) = frame.strip_prefix(r#"{"type":""#)?.split_once('"')?;
+    if !CHANGE_TYPES.contains(&kind) {
+        return None;
+    }
+    // Chat ids are validated to [A-Za-z0-9_-]: JSON writes them as they are.
+    let (chat, _) = rest.strip_prefix(r#","payload":{"chat_id":""#)?.split_once('"')?;
+    Some(chat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{frame_changed_chat, ServerMessage};
+    use serde_json::json;
+
+    #[test]
+    fn a_frame_names_the_chat_its_message_changes() {
+        let message = json!({"message_id": "m1", "seq": 1, "sender_name": "user", "content": "hi",
+            "created_at": "2026-01-01T00:00:00Z", "client_timestamp": null});
+        let samples = [
+            json!({"type": "chat_draft_updated", "payload": {"chat_id": "c-1", "data": {"draft_json": null},
+                "versions": {"draft_v": 2}, "last_edited_overall_timestamp": 1}}),
+            json!({"type": "draft_deleted", "payload": {"chat_id": "c_2", "draft_v": 3}}),
+            json!({"type": "chat_title_updated", "payload": {"chat_id": "c3", "data": {"title": "t"},
+                "versions": {"title_v": 1}}}),
+            json!({"type": "chat_message_added", "payload": {"chat_id": "c_4", "message": message,
+                "versions": {"messages_v": 1}, "last_edited_overall_timestamp": 1}}),
+            json!({"type": "chat_read_updated", "payload": {"chat_id": "C5", "read_seq": 1, "unread_count": 0}}),
+            json!({"type": "chat_deleted", "payload": {"chat_id": "c6", "tombstone": true}}),
+            json!({"type": "stream_cancelled", "payload": {"chat_id": "c7", "stream_id": "s", "reason": "aborted"}}),
+            json!({"type": "pong", "payload": {}}),
+        ];
+        let mut changes = 0;
+        for sample in samples {
+            let m: ServerMessage = serde_json::from_value(sample.clone()).expect("a valid sample");
+            changes += usize::from(m.changed_chat().is_some());
+            for request_id in [None, Some("r1")] {
+                let frame = crate::encode(&m, request_id);
+                assert_eq!(frame_changed_chat(&frame), m.changed_chat().map(|c| c.as_str()), "{frame}");
+            }
+        }
+        assert_eq!(changes, super::CHANGE_TYPES.len());
+        assert_eq!(frame_changed_chat(r#"{"type":"chat_title_updated""#), None);
+        assert_eq!(frame_changed_chat(""), None);
+    }
+}
+
 /// `chat_read_updated` payload: the user's read marker of a chat and what is left unread.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]

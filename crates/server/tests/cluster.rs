@@ -738,6 +738,44 @@ async fn a_late_write_result_from_another_node_does_not_bring_back_a_chat_delete
 }
 
 #[tokio::test]
+async fn a_change_published_by_a_node_that_has_not_heard_of_the_deletion_reaches_no_device_that_had_chat_deleted() {
+    // Node 1 commits a title of c1 and holds before broadcasting it; c1 is deleted on node 0; node 1 does
+    // not hear of it (its subscriber is held), so it publishes the title. The devices on nodes 0 and 2
+    // had `chat_deleted`: their nodes, which know of the deletion, must not give them the title.
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(3, &url, |_| {}).await;
+    let (node0, node1, node2) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
+    let mut phone = new_user(node0, "alice", "phone").await;
+    let mut laptop = another_device(node1, "alice", "laptop").await;
+    let mut tablet = another_device(node2, "alice", "tablet").await;
+    set_title(&mut phone, "c1", "doomed").await;
+    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
+    expect_msg!(next_broadcast(&mut tablet).await, ChatTitleUpdated);
+    let mut write = node1.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    laptop.send(&title("c1", "late"), Some("t")).await.unwrap();
+    write.reached().await;
+    let mut bus = node1.ctx.pauses.arm(chatsync::pause::BUS_FRAME);
+    set_title(&mut phone, "c0", "first").await;
+    expect_msg!(next_broadcast(&mut tablet).await, ChatTitleUpdated);
+    bus.reached().await;
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    expect_msg!(next_broadcast(&mut tablet).await, ChatDeleted);
+    while !node2.ctx.keys.is_deleted("c1") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    write.release();
+    expect_msg!(laptop.recv_reply("t").await.unwrap(), ChatTitleUpdated);
+    assert!(!node1.ctx.keys.is_deleted("c1"), "node 1 published without knowing");
+    // Node 1 publishes in order: this title comes after the late one on every node.
+    set_title(&mut laptop, "c2", "after").await;
+    for device in [&mut phone, &mut tablet] {
+        let next = expect_msg!(next_broadcast(device).await, ChatTitleUpdated);
+        assert_eq!(next.chat_id.as_str(), "c2", "the deleted chat's late title reached a device");
+    }
+    bus.release();
+}
+
+#[tokio::test]
 async fn a_write_that_crossed_a_gap_does_not_memoize_the_key_of_a_chat_deleted_unseen_in_it() {
     // Node 1 writes to a chat it resolved from its cached list (the key not yet in its memory) and holds
     // after the commit; the chat is deleted on node 0 while node 0 drops what it publishes (node 1 hears

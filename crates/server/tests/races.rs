@@ -176,3 +176,32 @@ async fn a_write_merged_after_its_chat_was_deleted_is_not_taken_for_a_new_chat_b
     assert_eq!(caller.await.unwrap(), 201, "committed before the deletion");
     assert!(!lists_chat(&mut laptop, "c1").await, "the late result did not bring the chat back");
 }
+
+/// A backend's message commits, then a device deletes the chat (every device has `chat_deleted`), then
+/// the message is announced: no device may get it (a `chat_message_added` after `chat_deleted` shows a
+/// client that does not remember deleted ids the chat again). The backend still has its 201.
+#[tokio::test]
+async fn a_backends_message_announced_after_its_chat_was_deleted_reaches_no_device() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    set_title(&mut phone, "c1", "doomed").await;
+    expect_msg!(laptop.recv().await.unwrap(), ChatTitleUpdated);
+    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
+    let (url, key) = (format!("{}/users/alice/chats/c1/messages", server.api_base()), api.key.clone());
+    let caller = tokio::spawn(async move {
+        let body = json!({"message_id": "a1", "sender_name": "assistant", "content": "hi"});
+        reqwest::Client::new().post(url).bearer_auth(key).json(&body).send().await.unwrap().status()
+    });
+    held.reached().await;
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    expect_msg!(laptop.recv().await.unwrap(), ChatDeleted);
+    held.release();
+    assert_eq!(caller.await.unwrap(), 201, "committed before the deletion");
+    // Anything the announcement queued comes before these (it finished before the 201).
+    for device in [&mut phone, &mut laptop] {
+        expect_msg!(device.request(&ping()).await.unwrap(), Pong);
+        assert_eq!(device.buffered(), 0, "a message of the deleted chat was announced");
+    }
+}

@@ -160,6 +160,10 @@ async fn announce(
     m: NewMessage,
 ) {
     ctx.cache.message_added(user_id, chat_id.as_str(), stored).await;
+    // Deleted since it committed: the devices had `chat_deleted`, and this would show them the chat again.
+    if ctx.keys.is_deleted(chat_id.as_str()) {
+        return;
+    }
     let event = MessageAddedEvent {
         chat_id: chat_id.clone(),
         message: MessageOut {

@@ -30,7 +30,13 @@ impl BusHandler for NodeHandler {
         match (user_id, message) {
             (Some(user), BusMessage::Frame { frame, except }) => {
                 self.pauses.at(crate::pause::BUS_FRAME).await;
-                self.hub.deliver_now(user, Audience::from_except(except.as_deref()), frame.into());
+                // A change another node published before it heard of its chat's deletion, which this
+                // node knows of: the devices here had `chat_deleted`, and this would show them the chat
+                // again (the origin checks too, gateway `deliver`, but may learn of the deletion later).
+                let deleted = chatsync_protocol::frame_changed_chat(&frame).is_some_and(|c| self.keys.is_deleted(c));
+                if !deleted {
+                    self.hub.deliver_now(user, Audience::from_except(except.as_deref()), frame.into());
+                }
             }
             // A late result of a write to a chat deleted since (every node hears of every deletion on
             // the control channel) is not taken for a new chat by an entry loaded after the deletion.
