@@ -776,6 +776,50 @@ async fn a_change_published_by_a_node_that_has_not_heard_of_the_deletion_reaches
 }
 
 #[tokio::test]
+async fn a_late_write_result_does_not_bring_back_a_chat_whose_deletion_was_lost_in_a_gap() {
+    // Node 1 commits a title of the existing chat c1 and holds before merging and publishing it; c1 is
+    // deleted on node 0 while node 0 drops what it publishes (the other nodes have a gap, and no keyring
+    // but node 0's hears of the deletion); a device connects on node 2 after that (a fresh entry, loaded
+    // without c1). Node 1's late record, of a write that did not create c1, must not be taken there for
+    // a new chat.
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(3, &url, |_| {}).await;
+    let (node0, node1, node2) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
+    let mut phone = new_user(node0, "alice", "phone").await;
+    let mut laptop = another_device(node1, "alice", "laptop").await;
+    set_title(&mut phone, "c1", "doomed").await;
+    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
+    let mut write = node1.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    laptop.send(&title("c1", "late"), Some("t")).await.unwrap();
+    write.reached().await;
+
+    let epoch = node2.ctx.keys.epoch();
+    let bus = node0.ctx.bus.as_ref().expect("a cluster node");
+    bus.drop_publishes(true);
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    bus.drop_publishes(false);
+    set_title(&mut phone, "c2", "after").await; // node 0 publishes again: the resync order first
+    while node2.ctx.keys.epoch() == epoch {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!node2.ctx.keys.is_deleted("c1"), "node 2 never heard of the deletion");
+    let mut tablet = another_device(node2, "alice", "tablet").await;
+    assert!(!lists_chat(&mut tablet, "c1").await);
+    write.release();
+    expect_msg!(laptop.recv_reply("t").await.unwrap(), ChatTitleUpdated);
+    // Node 1 publishes in order: once node 2 has passed this title, it has handled the late record.
+    set_title(&mut laptop, "c3", "after").await;
+    loop {
+        if let ServerMessage::ChatTitleUpdated(t) = next_broadcast(&mut tablet).await.message {
+            if t.chat_id.as_str() == "c3" {
+                break;
+            }
+        }
+    }
+    assert!(!lists_chat(&mut tablet, "c1").await, "node 2 does not list the deleted chat");
+}
+
+#[tokio::test]
 async fn a_write_that_crossed_a_gap_does_not_memoize_the_key_of_a_chat_deleted_unseen_in_it() {
     // Node 1 writes to a chat it resolved from its cached list (the key not yet in its memory) and holds
     // after the commit; the chat is deleted on node 0 while node 0 drops what it publishes (node 1 hears

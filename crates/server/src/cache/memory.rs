@@ -115,6 +115,13 @@ pub fn sort_chats(chats: &mut [ChatRecord]) {
     chats.sort_by(|a, b| b.last_edited_ms.cmp(&a.last_edited_ms).then_with(|| a.chat_id.cmp(&b.chat_id)));
 }
 
+/// Whether `chat` may be the result of the write that created the chat: every write increments one of
+/// the three versions by one (a mark_read none), and a chat is created by its first title, draft or
+/// message, so the record of its creation has versions adding up to 1.
+fn may_be_creation(chat: &ChatRecord) -> bool {
+    chat.title_v.saturating_add(chat.messages_v).saturating_add(chat.draft_v) <= 1
+}
+
 fn merge(old: &mut ChatRecord, new: &ChatRecord) {
     if new.title_v >= old.title_v {
         old.title_v = new.title_v;
@@ -201,12 +208,17 @@ impl Cache for MemoryCache {
         let Some(chats) = entry.chats.as_mut() else { return };
         match chats.get_mut(&chat.chat_id) {
             Some(old) => merge(old, chat),
-            None if !uncertain => {
+            None if !uncertain && may_be_creation(chat) => {
                 chats.insert(chat.chat_id.clone(), chat.clone());
             }
             // An uncertain chat the cached list does not hold: a late result of a write to a chat that
             // the deletion removed (inserting it would bring it back), or a chat created since under
-            // an id the failed deletion named but that did not exist then. Only the store can tell.
+            // an id the failed deletion named but that did not exist then. Likewise a chat the list
+            // does not hold whose record is not of the write that created it: the chat existed before
+            // this write, so either its creation has not reached this entry yet (a record from another
+            // node overtaken by this one), or it was deleted before the list was loaded and this is a
+            // late result (in a cluster, a deletion lost in a gap of the bus is known to no keyring
+            // here). Only the store can tell.
             None => self.drop_lists(&mut entry),
         }
     }
@@ -396,6 +408,22 @@ mod tests {
         c.chat_written("u", &chat("x", 2, 0, 0, 3)).await;
         let x = c.chats("u").await.unwrap().into_iter().find(|c| c.chat_id == "x").unwrap();
         assert_eq!(x.title_v, 2, "merged as any chat once the store listed it");
+    }
+
+    #[tokio::test]
+    async fn a_chat_the_list_lacks_is_inserted_only_from_the_record_of_its_creation() {
+        let c = cache().await;
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1)]).await);
+        // A new chat: its first title, draft or message.
+        for (id, title_v, draft_v, messages_v) in [("t", 1, 0, 0), ("d", 0, 1, 0), ("m", 0, 0, 1)] {
+            c.chat_written("u", &chat(id, title_v, draft_v, messages_v, 2)).await;
+        }
+        assert_eq!(c.chats("u").await.unwrap().len(), 4);
+        // A later write of a chat the list lacks: deleted before the list was loaded (a late result), or
+        // its creation not merged yet. Only the store can tell: the list is dropped.
+        c.chat_written("u", &chat("x", 1, 1, 0, 3)).await;
+        assert!(c.chats("u").await.is_none());
     }
 
     #[tokio::test]
