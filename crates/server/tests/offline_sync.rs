@@ -358,3 +358,19 @@ async fn offline_delete_draft_of_an_unknown_chat_creates_it_and_applies() {
     // The live message still answers not_found for an unknown chat (section 8).
     assert_not_found(&alice.request(&delete_draft("unknown")).await.unwrap());
 }
+
+/// A `version_before_edit` below every version (negative): the component's version (0 at least) is greater,
+/// so each type of change to an existing chat is a conflict (PROTOCOL.md), `delete_draft` of a chat that
+/// never had a draft too (docs/PROTOCOL.md section 8: applied only if `draft_v` is at most it).
+#[tokio::test]
+async fn offline_changes_to_an_existing_chat_made_before_version_zero_are_conflicts() {
+    let server = TestServer::start().await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    add_message(&mut alice, "c1", "m1", json!("hi")).await; // a chat with no title and no draft
+    let changes =
+        json!([off_title("t", "c1", "x", -1), off_draft("d", "c1", doc("x"), -1), off_delete_draft("dd", "c1", -1),]);
+    let (before, done) = offline_round(&mut alice, changes).await;
+    assert!(before.is_empty(), "{before:?}");
+    let statuses: Vec<_> = done.results.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [OfflineStatus::Conflict; 3], "{done:?}");
+}

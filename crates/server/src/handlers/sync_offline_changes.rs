@@ -64,9 +64,10 @@ async fn apply(ctx: &Ctx, conn: &ConnHandle, change: OfflineChange, outcome: &mu
         // Deleting a draft that is already gone reaches the state the client wanted: applied, no event,
         // if the client had seen the draft's latest version (or the chat never had a draft); otherwise a
         // conflict like any change (PROTOCOL.md: it applies only if the version is at most its
-        // `version_before_edit`), so the client learns that the draft moved on meanwhile.
+        // `version_before_edit`), so the client learns that the draft moved on meanwhile. A negative
+        // `version_before_edit` is below every version: a conflict, as for titles and drafts.
         Ok((WriteResult::NoDraft(chat), _)) => {
-            let current = chat.draft_v == 0 || chat.draft_v as i64 <= change.version_before_edit;
+            let current = i64::try_from(chat.draft_v).is_ok_and(|v| v <= change.version_before_edit);
             result.status = if current { OfflineStatus::Applied } else { OfflineStatus::Conflict };
             result.versions = Some(versions(&chat));
         }
