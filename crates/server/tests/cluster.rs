@@ -696,6 +696,29 @@ async fn a_node_whose_subscriber_lags_past_its_bound_drops_what_comes_next_decla
     assert_eq!(handler.gaps.load(SeqCst), gaps_before + 1, "one gap for the run of drops, no reconnection");
 }
 
+/// Alice's phone on node 0 and laptop on node 1 (and, with `tablet`, a tablet on node 2), chat c1 titled
+/// from the phone, and a title of c1 from the laptop (request `t`) held on node 1 after its commit, before
+/// it is merged, published and broadcast.
+async fn a_late_title_on_node1(
+    cluster: &TestCluster,
+    tablet: bool,
+) -> (Client, Client, Option<Client>, chatsync::pause::Paused) {
+    let mut phone = new_user(&cluster.nodes[0], "alice", "phone").await;
+    let mut laptop = another_device(&cluster.nodes[1], "alice", "laptop").await;
+    let mut tablet = match tablet {
+        true => Some(another_device(&cluster.nodes[2], "alice", "tablet").await),
+        false => None,
+    };
+    set_title(&mut phone, "c1", "doomed").await;
+    for device in std::iter::once(&mut laptop).chain(tablet.as_mut()) {
+        expect_msg!(next_broadcast(device).await, ChatTitleUpdated);
+    }
+    let mut write = cluster.nodes[1].ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    laptop.send(&title("c1", "late"), Some("t")).await.unwrap();
+    write.reached().await;
+    (phone, laptop, tablet, write)
+}
+
 #[tokio::test]
 async fn a_late_write_result_from_another_node_does_not_bring_back_a_chat_deleted_before_this_node_cached_the_user() {
     // Node 1 commits a title, then holds before merging and publishing it; the chat is deleted on node 0;
@@ -704,14 +727,8 @@ async fn a_late_write_result_from_another_node_does_not_bring_back_a_chat_delete
     // for a new chat there.
     let Some(url) = redis_url() else { return };
     let cluster = TestCluster::start(3, &url, |_| {}).await;
-    let (node0, node1, node2) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
-    let mut phone = new_user(node0, "alice", "phone").await;
-    let mut laptop = another_device(node1, "alice", "laptop").await;
-    set_title(&mut phone, "c1", "doomed").await;
-    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
-    let mut write = node1.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
-    laptop.send(&title("c1", "late"), Some("t")).await.unwrap();
-    write.reached().await;
+    let (node1, node2) = (&cluster.nodes[1], &cluster.nodes[2]);
+    let (mut phone, mut laptop, _, write) = a_late_title_on_node1(&cluster, false).await;
     // Node 1's subscriber is held on the next frame for alice: it hears nothing of the deletion.
     let mut bus = node1.ctx.pauses.arm(chatsync::pause::BUS_FRAME);
     set_title(&mut phone, "c0", "first").await;
@@ -744,16 +761,9 @@ async fn a_change_published_by_a_node_that_has_not_heard_of_the_deletion_reaches
     // had `chat_deleted`: their nodes, which know of the deletion, must not give them the title.
     let Some(url) = redis_url() else { return };
     let cluster = TestCluster::start(3, &url, |_| {}).await;
-    let (node0, node1, node2) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
-    let mut phone = new_user(node0, "alice", "phone").await;
-    let mut laptop = another_device(node1, "alice", "laptop").await;
-    let mut tablet = another_device(node2, "alice", "tablet").await;
-    set_title(&mut phone, "c1", "doomed").await;
-    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
-    expect_msg!(next_broadcast(&mut tablet).await, ChatTitleUpdated);
-    let mut write = node1.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
-    laptop.send(&title("c1", "late"), Some("t")).await.unwrap();
-    write.reached().await;
+    let (node1, node2) = (&cluster.nodes[1], &cluster.nodes[2]);
+    let (mut phone, mut laptop, tablet, write) = a_late_title_on_node1(&cluster, true).await;
+    let mut tablet = tablet.expect("a tablet");
     let mut bus = node1.ctx.pauses.arm(chatsync::pause::BUS_FRAME);
     set_title(&mut phone, "c0", "first").await;
     expect_msg!(next_broadcast(&mut tablet).await, ChatTitleUpdated);
@@ -784,14 +794,8 @@ async fn a_late_write_result_does_not_bring_back_a_chat_whose_deletion_was_lost_
     // a new chat.
     let Some(url) = redis_url() else { return };
     let cluster = TestCluster::start(3, &url, |_| {}).await;
-    let (node0, node1, node2) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
-    let mut phone = new_user(node0, "alice", "phone").await;
-    let mut laptop = another_device(node1, "alice", "laptop").await;
-    set_title(&mut phone, "c1", "doomed").await;
-    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
-    let mut write = node1.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
-    laptop.send(&title("c1", "late"), Some("t")).await.unwrap();
-    write.reached().await;
+    let (node0, node2) = (&cluster.nodes[0], &cluster.nodes[2]);
+    let (mut phone, mut laptop, _, write) = a_late_title_on_node1(&cluster, false).await;
 
     let epoch = node2.ctx.keys.epoch();
     let bus = node0.ctx.bus.as_ref().expect("a cluster node");

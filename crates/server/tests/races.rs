@@ -157,16 +157,9 @@ async fn wait_for_no_connections(server: &TestServer) {
 #[tokio::test]
 async fn a_write_merged_after_its_chat_was_deleted_is_not_taken_for_a_new_chat_by_a_later_cache_entry() {
     let server = TestServer::start().await;
-    let api = server.api().await;
     let mut phone = new_user(&server, "alice", "phone").await;
     set_title(&mut phone, "c1", "doomed").await;
-    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
-    let (url, key) = (format!("{}/users/alice/chats/c1/messages", server.api_base()), api.key.clone());
-    let caller = tokio::spawn(async move {
-        let body = json!({"message_id": "a1", "sender_name": "assistant", "content": "hi"});
-        reqwest::Client::new().post(url).bearer_auth(key).json(&body).send().await.unwrap().status()
-    });
-    held.reached().await;
+    let (caller, held) = a_backend_message_held_after_its_commit(&server).await;
     expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
     phone.close().await.unwrap();
     wait_for_no_connections(&server).await;
@@ -183,18 +176,11 @@ async fn a_write_merged_after_its_chat_was_deleted_is_not_taken_for_a_new_chat_b
 #[tokio::test]
 async fn a_backends_message_announced_after_its_chat_was_deleted_reaches_no_device() {
     let server = TestServer::start().await;
-    let api = server.api().await;
     let mut phone = new_user(&server, "alice", "phone").await;
     let mut laptop = another_device(&server, "alice", "laptop").await;
     set_title(&mut phone, "c1", "doomed").await;
     expect_msg!(laptop.recv().await.unwrap(), ChatTitleUpdated);
-    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
-    let (url, key) = (format!("{}/users/alice/chats/c1/messages", server.api_base()), api.key.clone());
-    let caller = tokio::spawn(async move {
-        let body = json!({"message_id": "a1", "sender_name": "assistant", "content": "hi"});
-        reqwest::Client::new().post(url).bearer_auth(key).json(&body).send().await.unwrap().status()
-    });
-    held.reached().await;
+    let (caller, held) = a_backend_message_held_after_its_commit(&server).await;
     expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
     expect_msg!(laptop.recv().await.unwrap(), ChatDeleted);
     held.release();
@@ -204,4 +190,20 @@ async fn a_backends_message_announced_after_its_chat_was_deleted_reaches_no_devi
         expect_msg!(device.request(&ping()).await.unwrap(), Pong);
         assert_eq!(device.buffered(), 0, "a message of the deleted chat was announced");
     }
+}
+
+/// A backend's message `a1` to alice's chat c1, held after its commit (before it is merged and announced);
+/// the task answers the response's status.
+async fn a_backend_message_held_after_its_commit(
+    server: &TestServer,
+) -> (tokio::task::JoinHandle<reqwest::StatusCode>, chatsync::pause::Paused) {
+    let api = server.api().await;
+    let mut held = server.ctx.pauses.arm(WRITE_COMMITTED);
+    let (url, key) = (format!("{}/users/alice/chats/c1/messages", server.api_base()), api.key.clone());
+    let caller = tokio::spawn(async move {
+        let body = json!({"message_id": "a1", "sender_name": "assistant", "content": "hi"});
+        reqwest::Client::new().post(url).bearer_auth(key).json(&body).send().await.unwrap().status()
+    });
+    held.reached().await;
+    (caller, held)
 }
