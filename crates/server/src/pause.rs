@@ -19,6 +19,9 @@ pub const SYNC_STREAMS_LISTED: &str = "sync_streams_listed";
 /// In a cluster, when a frame from another node arrives, before it is queued on this node's connections
 /// (holds the node's whole bus subscription, as a lagging subscriber would).
 pub const BUS_FRAME: &str = "bus_frame";
+/// In a cluster, once Redis confirmed the subscription to a user's channel, before the node takes it as
+/// done (holds the node's whole bus subscription; the connections waiting for it wait on).
+pub const BUS_SUBSCRIBED: &str = "bus_subscribed";
 
 struct Armed {
     reached: oneshot::Sender<()>,

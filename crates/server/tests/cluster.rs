@@ -696,6 +696,37 @@ async fn a_node_whose_subscriber_lags_past_its_bound_drops_what_comes_next_decla
     assert_eq!(handler.gaps.load(SeqCst), gaps_before + 1, "one gap for the run of drops, no reconnection");
 }
 
+#[tokio::test]
+async fn a_connection_arriving_while_the_users_subscription_is_on_its_way_waits_for_it() {
+    // Alice's first connection on the node starts the subscription to her channel, held after Redis
+    // confirmed it, before the node takes it as done. A second connection arriving meanwhile must not be
+    // greeted before that either: a broadcast made after its `connected` could be missed.
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(1, &url, |_| {}).await;
+    let node = &cluster.nodes[0];
+    node.user("alice", false).await;
+    let (first, second) = (node.token("alice").await, node.token("alice").await);
+    let mut held = node.ctx.pauses.arm(chatsync::pause::BUS_SUBSCRIBED);
+    let mut laptop = Box::pin(node.connect(&first, "laptop"));
+    tokio::select! {
+        _ = &mut laptop => panic!("greeted while its subscription was held"),
+        _ = held.reached() => {}
+    }
+    let mut tablet = Box::pin(node.connect(&second, "tablet"));
+    let greeted = tokio::time::timeout(Duration::from_secs(1), async {
+        tokio::select! {
+            _ = &mut laptop => "the first",
+            _ = &mut tablet => "the second",
+        }
+    })
+    .await;
+    assert!(greeted.is_err(), "{} connection was greeted while the subscription was on its way", greeted.unwrap());
+    held.release();
+    let ((mut laptop, _), (mut tablet, _)) = tokio::join!(laptop, tablet);
+    set_title(&mut laptop, "c1", "t").await;
+    expect_msg!(next_broadcast(&mut tablet).await, ChatTitleUpdated);
+}
+
 /// Alice's phone on node 0 and laptop on node 1 (and, with `tablet`, a tablet on node 2), chat c1 titled
 /// from the phone, and a title of c1 from the laptop (request `t`) held on node 1 after its commit, before
 /// it is merged, published and broadcast.

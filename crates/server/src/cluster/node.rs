@@ -65,6 +65,7 @@ impl BusHandler for NodeHandler {
 
     async fn on_subscribed(&self, user_id: &str) {
         self.cache.invalidate(user_id);
+        self.pauses.at(crate::pause::BUS_SUBSCRIBED).await;
     }
 
     async fn on_gap(&self) {
