@@ -53,6 +53,21 @@ async fn requests_without_a_valid_api_key_are_unauthorized() {
     assert_eq!((status, error_code(&body), body["error"]["field"].as_str()), (400, "invalid_payload", Some("path")));
 }
 
+/// The auth-scheme of `Authorization` is case-insensitive (RFC 9110 section 11.1), as `/v1/ws` already
+/// reads it: `BEARER <key>` was 401 because only `Bearer ` and `bearer ` were looked for.
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let (status, body) = raw(&server, Some(&format!("{scheme} {}", api.key)), "/users/alice").await;
+        assert_eq!(status, 200, "scheme {scheme}: {body}");
+    }
+    let (status, body) = raw(&server, Some(&format!("Basic {}", api.key)), "/users/alice").await;
+    assert_eq!((status, error_code(&body)), (401, "unauthorized"), "another scheme is still refused");
+}
+
 #[tokio::test]
 async fn a_revoked_api_key_is_refused_at_once() {
     let server = TestServer::start().await;

@@ -8,10 +8,9 @@
 //! keeps true (`key_cache.rs`).
 
 use super::{ApiError, ApiState};
-use crate::gateway::auth::token_hash;
+use crate::gateway::auth::{bearer_token, token_hash};
 use crate::store::{now_millis, Millis, Store, StoreError};
 use axum::extract::{Request, State};
-use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -36,17 +35,11 @@ pub async fn create(store: &dyn Store, name: Option<&str>) -> Result<(String, St
 /// key; 401 `unauthorized` otherwise (the same answer for a missing, malformed, unknown or revoked key).
 /// With `--api-rate-per-sec`, a key over its rate gets 429 `rate_limited` ([`super::rate`]).
 pub async fn authenticate(State(state): State<ApiState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
-    let Some(presented) = presented else {
+    // The scheme is case-insensitive (`BEARER` too), as on `/v1/ws`: one reader for both.
+    let Some(presented) = bearer_token(req.headers()) else {
         return ApiError::unauthorized().into_response();
     };
-    let hash = token_hash(presented);
+    let hash = token_hash(&presented);
     let looked_up = match &state.key_cache {
         Some(cache) => {
             let bus_up = state.ctx.bus.as_ref().is_some_and(|bus| bus.is_healthy());

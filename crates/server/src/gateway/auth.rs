@@ -181,7 +181,9 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
     })
 }
 
-fn bearer_token(headers: &HeaderMap) -> Option<String> {
+/// The credentials of `Authorization: Bearer <credentials>`, trimmed; the scheme is case-insensitive
+/// (RFC 9110 section 11.1). Also the API key's reader on `/v1/api` (`api/keys.rs`).
+pub fn bearer_token(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
