@@ -154,3 +154,18 @@ async fn a_missing_field_is_named() {
     let (status, reply) = post_raw(&api, STREAMS, r#"{"stream_id":"s2","message_id":"m2"}"#.into()).await;
     assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("sender_name"))), "{reply}");
 }
+
+/// A field given twice is refused (serde: "duplicate field") and named, not reported as `body`: the
+/// offending field is the repeated one (SERVER_API.md section 1), and nothing of the request runs.
+#[tokio::test]
+async fn a_duplicated_field_is_named() {
+    let (server, api, chunks) = open_stream().await;
+    let (status, reply) = post_raw(&api, &chunks, r#"{"seq":1,"seq":2,"delta":"x"}"#.into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("seq"))), "{reply}");
+    let (status, reply) = post_raw(&api, "/users", r#"{"user_id":"carol","user_id":"dave"}"#.into()).await;
+    assert_eq!((status, error(&reply)), (400, ("invalid_payload", Some("user_id"))), "{reply}");
+    assert!(server.ctx.store.user("carol").await.unwrap().is_none());
+    assert!(server.ctx.store.user("dave").await.unwrap().is_none());
+    // The stream took nothing: its first chunk is still 1.
+    assert_eq!(post_raw(&api, &chunks, r#"{"seq":1,"delta":"x"}"#.into()).await.0, 202);
+}

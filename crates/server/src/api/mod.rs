@@ -285,11 +285,16 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
 }
 
 /// The dotted path of the field a body's error is about. serde_path_to_error's path ends at the value being
-/// read, which for a missing field is the object that lacks it (`.` for the body itself): the field is
-/// named in serde's message instead ("missing field `x`"), and is joined to that path.
+/// read, which for a missing or a repeated field is the object that holds (or lacks) it (`.` for the body
+/// itself): the field is named in serde's message instead ("missing field `x`", "duplicate field `x`"),
+/// and is joined to that path.
 fn error_field(path: &str, message: &str) -> String {
-    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')).map(|(f, _)| f);
-    match (path, missing) {
+    let named = ["missing field `", "duplicate field `"]
+        .iter()
+        .find_map(|prefix| message.strip_prefix(prefix))
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(f, _)| f);
+    match (path, named) {
         (".", Some(field)) => field.to_owned(),
         (".", None) => "body".to_owned(),
         (path, Some(field)) => format!("{path}.{field}"),
@@ -323,11 +328,13 @@ mod tests {
     use super::error_field;
 
     #[test]
-    fn a_missing_field_is_named_by_its_whole_path() {
+    fn a_missing_or_repeated_field_is_named_by_its_whole_path() {
         assert_eq!(error_field(".", "missing field `sender_name` at line 1 column 40"), "sender_name");
         assert_eq!(error_field("a", "missing field `b` at line 1 column 9"), "a.b");
         assert_eq!(error_field("a[0]", "missing field `b`"), "a[0].b");
         assert_eq!(error_field(".", "unknown field `x`, expected `y`"), "body");
         assert_eq!(error_field("seq", "invalid type: string \"1\", expected u64"), "seq");
+        assert_eq!(error_field(".", "duplicate field `seq` at line 1 column 14"), "seq");
+        assert_eq!(error_field("a", "duplicate field `b`"), "a.b");
     }
 }
