@@ -53,6 +53,24 @@ async fn requests_without_a_valid_api_key_are_unauthorized() {
     assert_eq!((status, error_code(&body), body["error"]["field"].as_str()), (400, "invalid_payload", Some("path")));
 }
 
+/// A 401 carries a `WWW-Authenticate` challenge (RFC 9110 section 15.5.2: a server generating a 401 MUST
+/// send one; RFC 6750 section 3 for the `Bearer` scheme), for a missing key and for a refused one alike.
+#[tokio::test]
+async fn a_401_names_the_bearer_scheme_in_www_authenticate() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    for auth in [None, Some("Basic abc"), Some("Bearer ck_unknown")] {
+        let resp = raw_response(&server, auth, "/users/alice").await;
+        assert_eq!(resp.status(), 401, "auth {auth:?}");
+        let challenge = resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_owned());
+        assert!(challenge.as_deref().is_some_and(|c| c.starts_with("Bearer")), "auth {auth:?}: {challenge:?}");
+    }
+    let resp = raw_response(&server, Some(&format!("Bearer {}", api.key)), "/users/alice").await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("www-authenticate").is_none(), "no challenge on success");
+}
+
 /// The auth-scheme of `Authorization` is case-insensitive (RFC 9110 section 11.1), as `/v1/ws` already
 /// reads it: `BEARER <key>` was 401 because only `Bearer ` and `bearer ` were looked for.
 #[tokio::test]

@@ -196,6 +196,11 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
         }
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 9110 section 15.5.2: a 401 MUST carry a challenge; HTTP clients read the scheme from it.
+            let challenge = axum::http::HeaderValue::from_static("Bearer realm=\"chatsync\"");
+            response.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, challenge);
+        }
         response
     }
 }
