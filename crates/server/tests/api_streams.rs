@@ -552,3 +552,29 @@ async fn a_completion_too_large_for_one_reply_frame_is_refused_and_the_stream_st
     let (status, body) = api.post(&format!("{STREAMS}/s1/complete"), json!({"content": "summary"})).await;
     assert_eq!((status, body["seq"].clone()), (201, json!(1)), "{body}");
 }
+
+/// A stream in a chat id that is new, for a user who owns `max_chats_per_user` chats already, could never
+/// be stored (its chat is created at completion, and that creation is refused): it was started (201, ALL
+/// `stream_started`), took the whole reply, and then `complete` was 422 and left it open until the idle
+/// timeout. The start is refused instead, as `POST …/messages` is for that chat: 422 naming `chat_id`,
+/// nothing announced. A stream in one of the user's own chats is not affected.
+#[tokio::test]
+async fn a_start_that_would_create_a_chat_past_the_users_limit_is_refused() {
+    let server = TestServer::start_with(|c| c.max_chats_per_user = 1).await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let first = json!({"message_id": "m0", "sender_name": "assistant", "content": "hi"});
+    assert_eq!(api.post("/users/alice/chats/c1/messages", first).await.0, 201);
+    expect_msg!(next_event(&mut phone).await, ChatMessageAdded);
+    let over = json!({"message_id": "m0", "sender_name": "assistant", "content": "hi"});
+    let (status, body) = api.post("/users/alice/chats/c2/messages", over).await;
+    assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "chat_id"), "{body}");
+
+    let (status, body) = api.post("/users/alice/chats/c2/streams", start_body("s1", "m1")).await;
+    assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "chat_id"), "{body}");
+    assert!(server.ctx.streams.list("alice").await.unwrap().is_empty(), "no stream was opened");
+    assert_quiet(&mut phone).await;
+    // In the user's own chat a stream starts and completes as ever.
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(api.post(&format!("{STREAMS}/s1/complete"), json!({"content": "done"})).await.0, 201);
+}

@@ -22,6 +22,13 @@ pub enum OpError {
     /// The chat belongs to another user or was deleted (404 `not_found`).
     #[error("chat not found")]
     ChatNotFound,
+    /// The chat id is new and the user owns `max_chats_per_user` chats already: the stream's message
+    /// could never be stored (422 `limit_exceeded` naming `chat_id`).
+    #[error("the user owns {max} chats already")]
+    ChatLimit {
+        /// The limit, chats per user.
+        max: u32,
+    },
     /// The registry refused (409 `conflict` for a closed stream, a gap or another stream under the id; 422
     /// `limit_exceeded` past the cap; 503 `unavailable`).
     #[error(transparent)]
@@ -37,12 +44,23 @@ impl From<crate::error::Error> for OpError {
     }
 }
 
-/// Opens a stream in a chat of `key.user_id` (a chat id that is new is accepted; the chat is created when
-/// the stream's message is stored) and announces it to ALL with `stream_started`. A retried start of the
-/// same stream announces nothing.
+/// Opens a stream in a chat of `key.user_id` (a chat id that is new is accepted, unless the user owns
+/// `max_chats_per_user` chats already; the chat is created when the stream's message is stored) and
+/// announces it to ALL with `stream_started`. A retried start of the same stream announces nothing.
 pub async fn start(ctx: &Ctx, key: &StreamKey, info: &StreamInfo) -> Result<Opened, OpError> {
-    if let ChatAccess::Denied = ctx.keys.chat(ctx.chats.as_ref(), &key.user_id, key.chat_id.as_str()).await? {
-        return Err(OpError::ChatNotFound);
+    match ctx.keys.chat(ctx.chats.as_ref(), &key.user_id, key.chat_id.as_str()).await? {
+        ChatAccess::Denied => return Err(OpError::ChatNotFound),
+        // The completion would create the chat and be refused at the limit: a stream that can never be
+        // stored is refused before devices see it grow, as a message to that chat is. (A chat created
+        // meanwhile still takes the last place: `complete` is then 422 and the stream stays open.)
+        ChatAccess::New => {
+            let max = ctx.config.max_chats_per_user;
+            let owned = ctx.store.user_summary(&key.user_id).await.map_err(crate::error::Error::from)?;
+            if owned.is_some_and(|u| u.chat_count >= u64::from(max)) {
+                return Err(OpError::ChatLimit { max });
+            }
+        }
+        ChatAccess::Owned(_) => {}
     }
     let opened = ctx.streams.open(key, info, now_millis()).await?;
     if opened == Opened::New {
