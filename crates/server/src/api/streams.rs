@@ -5,7 +5,8 @@
 //!   → 201 `{"stream_id"}` (200 for a retried start of the same stream; 409 when the id is open with
 //!   another message id or sender); ALL `stream_started`.
 //! * `POST …/streams/{stream_id}/chunks` `{"seq","delta"}` → 202 `{}`; a repeated `seq` → 200 `{}` and
-//!   ignored; a gap or a stream that is not open → 409; past the text cap → 422; ALL `stream_chunk`.
+//!   ignored (whatever its delta); a gap or a stream that is not open → 409; a delta over 16 KiB or past
+//!   the text cap → 422; ALL `stream_chunk`.
 //! * `POST …/streams/{stream_id}/complete` `{"content"?}` → 201 as `POST …/messages`; ALL
 //!   `stream_completed` (nothing else: devices fetch the stored message). A stream that is not open →
 //!   409. A retry after a 503 whose write had committed finds the stream's own message stored → 200 with
@@ -122,6 +123,11 @@ async fn chunk(
         return Err(ApiError::invalid_payload("seq", "seq starts at 1."));
     }
     if body.delta.len() > MAX_DELTA_BYTES {
+        // A repeated `seq` is ignored whatever its delta (SERVER_API.md section 4): only a chunk that
+        // could be accepted is refused for its size. The stream is looked up on this error path only.
+        if already_accepted(&s, &key, body.seq).await {
+            return Ok((StatusCode::OK, Json(json!({}))));
+        }
         return Err(ApiError::limit_exceeded("delta", format!("delta is longer than {MAX_DELTA_BYTES} bytes.")));
     }
     let status = match ops::chunk(&s.ctx, &key, body.seq, &body.delta).await.map_err(op_error)? {
@@ -129,6 +135,12 @@ async fn chunk(
         Appended::Duplicate => StatusCode::OK,
     };
     Ok((status, Json(json!({}))))
+}
+
+/// Whether `key` is open with chunk `seq` accepted already (a registry that fails answers no).
+async fn already_accepted(s: &ApiState, key: &StreamKey, seq: u64) -> bool {
+    let open = s.ctx.streams.list(&key.user_id).await.unwrap_or_default();
+    open.iter().any(|o| o.key == *key && seq <= o.seq)
 }
 
 async fn complete(
