@@ -38,6 +38,8 @@ struct Delivery {
     body: Vec<u8>,
     /// The status the receiver answered.
     status: u16,
+    /// When the receiver got it (the wall clock, which the server's `created_at` also reads).
+    at: std::time::SystemTime,
 }
 
 impl Delivery {
@@ -78,6 +80,7 @@ async fn hook(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, body:
         content_type: header("content-type"),
         body: body.to_vec(),
         status,
+        at: std::time::SystemTime::now(),
     });
     StatusCode::from_u16(status).unwrap()
 }
@@ -442,6 +445,32 @@ async fn an_event_failing_past_the_max_age_is_dropped_and_the_users_next_event_g
     add_message(&mut alice, "c1", "m2", json!("kept")).await;
     receiver.wait_until("m2", |got| got.iter().any(|d| d.status == 200)).await;
     assert_eq!(message_ids(&receiver.successes(), "alice"), ["m2"]);
+}
+
+/// The retry schedule ends at the max age: a retry that the backoff would put later comes at the max age
+/// instead (and its failure drops the event), so an event is neither retried nor kept past
+/// `webhook_max_age_secs` because its last backoff was long.
+#[tokio::test]
+async fn the_last_retry_comes_at_the_max_age_not_a_backoff_past_it() {
+    let receiver = Receiver::start(u32::MAX).await;
+    let server = TestServer::start_with(|c| {
+        configure(c, &receiver);
+        // Long enough that the first attempt comes before it, even on a loaded machine.
+        c.webhook_max_age_secs = 3;
+        // The backoff alone would put the first retry an hour after the first failure.
+        c.webhook_backoff_base_ms = 3_600_000;
+    })
+    .await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    add_message(&mut alice, "c1", "m1", json!("late")).await;
+    let got = receiver.wait_until("a retry at the max age", |got| got.len() >= 2).await;
+    drained(&server).await;
+    let got_now = receiver.got();
+    assert_eq!(got_now.len(), 2, "no attempt after the one at the max age: {got_now:#?}");
+    assert!(got_now.iter().all(|d| d.delivery == got[0].delivery && d.status == 500));
+    let created = humantime::parse_rfc3339(got[0].json()["created_at"].as_str().unwrap()).unwrap();
+    assert!(got[0].at < created + Duration::from_secs(3), "the first attempt came too late for this test");
+    assert!(got[1].at >= created + Duration::from_secs(3), "the retry came before the max age");
 }
 
 /// The `attempts` of the outbox's events, read beside the server (empty once none is pending).

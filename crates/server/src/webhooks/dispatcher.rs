@@ -3,8 +3,9 @@
 //! one is delivered), different users in parallel (at most [`CONCURRENCY`] requests in flight).
 //!
 //! A delivery that is not answered 2xx within [`REQUEST_TIMEOUT`] is rescheduled in its row (attempts,
-//! next attempt time: `webhook_backoff_base_ms` doubling, capped at 5 min), which also releases its
-//! lease; one still failing `webhook_max_age_secs` after it was created is dropped with an error log.
+//! next attempt time: `webhook_backoff_base_ms` doubling, capped at 5 min, and never later than
+//! `webhook_max_age_secs` after the event was created), which also releases its lease; one still failing
+//! `webhook_max_age_secs` after it was created is dropped with an error log.
 //! An event whose user's key cannot be read now (the store failing) is rescheduled the same way; one
 //! whose body does not open under that key never will, and is dropped at once.
 //! Because the schedule lives in the store, a restart resumes where the last process stopped; a node
@@ -271,16 +272,19 @@ async fn reschedule(ctx: &Ctx, hooks: &Webhooks, pending: &PendingEvent, reason:
         return;
     }
     let delay = backoff(Duration::from_millis(ctx.config.webhook_backoff_base_ms.max(1)), attempts);
+    // The schedule ends at the max age: a retry that the backoff puts later comes at the max age instead
+    // (its failure drops the event), or an event would be retried, and kept, up to a whole backoff (5 min;
+    // most of the max age when it is short) past it.
+    let next = now.saturating_add(delay.as_millis() as i64).min(pending.created_at_ms.saturating_add(max_age));
     tracing::warn!(
         event_id = %pending.event_id,
         event_type = %pending.kind,
         attempts,
         reason,
-        retry_in_ms = delay.as_millis() as u64,
+        retry_in_ms = next.saturating_sub(now),
         "webhook delivery failed; retrying"
     );
     metrics::counter!(crate::metrics::WEBHOOK_DELIVERIES, "outcome" => "failed").increment(1);
-    let next = now.saturating_add(delay.as_millis() as i64);
     match hooks.events.event_failed(pending, attempts, next).await {
         Ok(true) => {}
         Ok(false) => lease_lost(pending),
