@@ -542,6 +542,7 @@ export declare class ChatSyncClient extends Emitter {
   status: Status;
   connected: Connected | null;
   chats: Map<string, ChatState>;
+  /** Chats deleted (`chat_deleted`, or named deleted by a sync): later events for them are ignored. */
   deleted: Set<string>;
   streams: StreamAssembler;
   queue: OfflineQueue;

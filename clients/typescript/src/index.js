@@ -1311,7 +1311,7 @@ export class ChatSyncClient extends Emitter {
     if (omitted.length > 0 && Array.isArray(reply.payload.server_chat_order)) {
       const kept = new Set(reply.payload.server_chat_order);
       for (const id of omitted.filter((id) => !kept.has(id))) {
-        this._forget(id);
+        this._forget(id, true);
         this.emit('change', id);
       }
     }
@@ -2068,7 +2068,9 @@ export class ChatSyncClient extends Emitter {
     if (chatId && this.deleted.has(chatId)) return;
     switch (type) {
       case 'initial_sync_response': {
-        for (const id of p.chat_ids_to_delete ?? []) this._forget(id);
+        // Chats the server had (known here) and no longer has were deleted: remembered as such, so that a
+        // late event for one (PROTOCOL.md "Changes racing a deletion") does not bring it back.
+        for (const id of p.chat_ids_to_delete ?? []) this._forget(id, this.chats.get(id)?.known === true);
         for (const entry of p.chats_to_add_or_update ?? []) {
           if (typeof entry?.chat_id !== 'string') throw new TypeError('initial_sync_response: an entry without a chat_id');
           // Deleted after the server built this reply: not brought back (ids are never reused).
@@ -2195,8 +2197,7 @@ export class ChatSyncClient extends Emitter {
         return;
       }
       case 'chat_deleted':
-        this._forget(p.chat_id);
-        this.deleted.add(p.chat_id);
+        this._forget(p.chat_id, true);
         this.emit('change', p.chat_id);
         return;
       case 'chat_read_updated': {
@@ -2264,9 +2265,15 @@ export class ChatSyncClient extends Emitter {
     return false;
   }
 
-  /** @param {string} chatId */
-  _forget(chatId) {
+  /**
+   * Drops a chat from the model; `deleted`: the server deleted it (its id is never reused), so that later
+   * events for it are ignored.
+   * @param {string} chatId
+   * @param {boolean} [deleted]
+   */
+  _forget(chatId, deleted = false) {
     this.chats.delete(chatId);
+    if (deleted) this.deleted.add(chatId);
     for (const s of this.streams.open(chatId)) this.streams.finish(chatId, s.stream_id, 'cancelled');
   }
 

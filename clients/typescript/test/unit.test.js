@@ -1071,6 +1071,10 @@ test('a user with more chats than one sync request can name: the request fits ma
   socket.push({ type: 'error', request_id: msg.request_id, payload: { code: 'not_found', message: 'Chat not found.', chat_id: id(1) } });
   await c.waitFor('status', (s) => s === 'online');
   assert.equal(FakeSocket.instances.length, 2, 'no 1009 close, no reconnect');
+  // Dropped as deleted: a late event for it does not bring it back.
+  socket.push({ type: 'chat_title_updated', payload: { chat_id: id(3), data: { title: 'late' }, versions: { title_v: 9 } } });
+  await c.waitFor('chat_title_updated');
+  assert.equal(c.chats.has(id(3)), false, 'a late event of a chat dropped as deleted is ignored');
   c.close();
 });
 
@@ -1747,5 +1751,31 @@ test('a conflict of an edit whose value the server holds (the same edit sent by 
   await c.waitFor('status', (s) => s === 'online');
   assert.deepEqual(conflicts, []);
   assert.equal(c.queue.recheck.length, 0);
+  c.close();
+});
+
+// ---- SDK review (review-sdk) ----
+
+test('a chat the sync reply says was deleted is remembered as deleted: a late event for it does not bring it back', async () => {
+  const c = client();
+  const first = await online(c, {
+    chats_to_add_or_update: [
+      { chat_id: 'gone', type: 'new_chat', versions: { messages_v: 1, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Gone', draft_json: null },
+      { chat_id: 'kept', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0, title: '', draft_json: null },
+    ],
+    server_chat_order: ['kept', 'gone'],
+  });
+  // Offline meanwhile: another device deleted `gone`. The reconnect's sync names it in chat_ids_to_delete.
+  const socket = await offlineThen(c, () => {});
+  await socket.answerSync({ chat_ids_to_delete: ['gone'], server_chat_order: ['kept'] });
+  await until(() => c.status === 'online');
+  assert.equal(c.chats.has('gone'), false);
+  // A broadcast already on its way (the backend's API, another node) arrives after the deletion.
+  socket.push({ type: 'chat_message_added', payload: { chat_id: 'gone', message: { message_id: 'late', seq: 2, sender_name: 'assistant', content: 'late', created_at: 'T', client_timestamp: null }, versions: { messages_v: 2 }, last_edited_overall_timestamp: 9 } });
+  socket.push({ type: 'stream_started', payload: { chat_id: 'gone', stream_id: 's', message_id: 'm', sender_name: 'assistant', meta: {} } });
+  await c.waitFor('stream_started');
+  assert.equal(c.chats.has('gone'), false, 'the deleted chat does not come back');
+  assert.deepEqual(c.chatList().map((x) => x.chat_id), ['kept']);
+  assert.equal(c.streams.open().length, 0);
   c.close();
 });
