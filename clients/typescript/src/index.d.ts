@@ -290,6 +290,11 @@ export interface ClientOptions {
   backoff?: BackoffOptions;
   /** Reply timeout per request, ms (default 30000; 0: none); for a multi-part reply, the longest wait for its next part. */
   requestTimeoutMs?: number;
+  /**
+   * How long a connection attempt waits for the server's `connected` greeting, ms (default 20000; 0: no
+   * bound); past it the attempt is dropped and retried with backoff (a handshake stuck on a dead network).
+   */
+  connectTimeoutMs?: number;
   /** Application-level ping interval that detects half-open connections, ms (default 25000; 0: off). */
   keepaliveMs?: number;
   /**

@@ -1033,6 +1033,7 @@ export class ChatSyncClient extends Emitter {
     this.options = {
       requestTimeoutMs: 30_000,
       keepaliveMs: 25_000,
+      connectTimeoutMs: 20_000,
       autoSync: true,
       ...options,
       backoff: { initialMs: 500, maxMs: 30_000, factor: 2, jitter: 0.5, ...(options.backoff ?? {}) },
@@ -1072,6 +1073,8 @@ export class ChatSyncClient extends Emitter {
     this._retryTimer = null;
     /** @type {any} */
     this._keepaliveTimer = null;
+    /** @type {any} bounds the wait for the greeting of a connection attempt (see `_open`) */
+    this._connectTimer = null;
     /** @type {any} */
     this._flushTimer = null;
     this._flushAttempt = 0;
@@ -1128,6 +1131,7 @@ export class ChatSyncClient extends Emitter {
     clearTimeout(this._retryTimer);
     clearTimeout(this._flushTimer);
     this._flushTimer = null;
+    clearTimeout(this._connectTimer);
     this._stopKeepalive();
     if (typeof globalThis.removeEventListener === 'function') globalThis.removeEventListener('online', this._onOnline);
     const socket = this._socket;
@@ -1571,6 +1575,15 @@ export class ChatSyncClient extends Emitter {
     }
     this._socket = socket;
     this.connected = null;
+    // An attempt on a network that died mid-handshake may get neither a greeting nor a close for minutes
+    // (the keepalive only starts with the greeting): it is dropped, and retried with backoff.
+    clearTimeout(this._connectTimer);
+    const connectTimeoutMs = this.options.connectTimeoutMs;
+    if (connectTimeoutMs && connectTimeoutMs > 0) {
+      this._connectTimer = setTimeout(() => {
+        if (this._socket === socket && this.connected === null) this.dropConnection();
+      }, connectTimeoutMs);
+    }
     socket.addEventListener('message', (/** @type {{data: unknown}} */ ev) => {
       if (this._socket === socket) this._onFrame(ev.data);
     });
@@ -1588,6 +1601,7 @@ export class ChatSyncClient extends Emitter {
    */
   _onClose(code, reason) {
     this._socket = null;
+    clearTimeout(this._connectTimer);
     this._stopKeepalive();
     this._failPending('disconnected', `connection closed: ${code} ${reason ?? ''}`.trim());
     if (this._closedByUser) return;
@@ -1648,6 +1662,7 @@ export class ChatSyncClient extends Emitter {
       // The backoff is reset only once online (see `_afterConnect`): a server that greets and then fails
       // the sync, or closes, must not be retried at once every time.
       this.connected = payload;
+      clearTimeout(this._connectTimer);
       this._startKeepalive();
       this.emit('connected', payload, envelope);
       this._afterConnect();

@@ -1779,3 +1779,28 @@ test('a chat the sync reply says was deleted is remembered as deleted: a late ev
   assert.equal(c.streams.open().length, 0);
   c.close();
 });
+
+test('a connection attempt that gets no greeting (a handshake stuck on a dead network) is dropped after connectTimeoutMs and retried with backoff', { timeout: 5000 }, async () => {
+  const c = client({ connectTimeoutMs: 20 });
+  /** @type {{code: number, reason: string}[]} */
+  const drops = [];
+  c.on('disconnected', (/** @type {{code: number, reason: string}} */ e) => drops.push(e));
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length === 1);
+  const stuck = lastSocket();
+  // Nothing comes back (no open, no greeting, no close): the client gives up on it and tries again.
+  const deadline = Date.now() + 2000;
+  await until(() => FakeSocket.instances.length === 2 || Date.now() > deadline);
+  assert.equal(FakeSocket.instances.length, 2, 'a new attempt');
+  assert.equal(stuck.closed, true, 'the stuck socket is closed');
+  assert.equal(drops.length, 1);
+  const socket = lastSocket();
+  socket.greet();
+  await socket.answerSync();
+  await ready;
+  // Once greeted, the timer is gone: a quiet connection is not dropped by it.
+  await new Promise((r) => setTimeout(r, 60));
+  assert.equal(FakeSocket.instances.length, 2);
+  assert.equal(c.status, 'online');
+  c.close();
+});
