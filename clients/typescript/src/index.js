@@ -2170,8 +2170,15 @@ export class ChatSyncClient extends Emitter {
       case 'chat_message_confirmed': {
         const chat = this.chat(p.chat_id);
         chat.known = true;
+        const queued = this.queue.messages.find((x) => x.chat_id === p.chat_id && x.message.message_id === p.message_id);
         this.queue.confirmMessage(p.chat_id, p.message_id);
         const m = chat.messages.find((x) => x.message_id === p.message_id);
+        if (!m && queued && typeof p.new_messages_v === 'number') {
+          // Queued by an earlier load of the page (or a tab that is gone): not in this model yet. It is
+          // shown as `sendMessage` shows its own (created_at: the client's time).
+          const { message_id, content, timestamp } = queued.message;
+          chat.messages.push({ message_id, seq: p.new_messages_v, sender_name: 'user', content, created_at: timestamp, client_timestamp: timestamp, pending: false });
+        }
         if (m && m.pending) {
           // `new_messages_v` is the message's seq (for a duplicate: the original's).
           m.pending = false;

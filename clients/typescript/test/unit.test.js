@@ -1804,3 +1804,36 @@ test('a connection attempt that gets no greeting (a handshake stuck on a dead ne
   assert.equal(c.status, 'online');
   c.close();
 });
+
+test('a message queued before a reload (or by a tab that is gone) shows in the model once the server confirms it', { timeout: 5000 }, async (t) => {
+  /** @type {Map<string, string>} */
+  const store = new Map();
+  const storage = { getItem: (/** @type {string} */ k) => store.get(k) ?? null, setItem: (/** @type {string} */ k, /** @type {string} */ v) => void store.set(k, v) };
+  const c = client({ storage, activeChatId: 'c1' });
+  t.after(() => c.close());
+  await online(c, C1);
+  await offlineThen(c, async () => {
+    assert.deepEqual(await c.sendMessage('c1', 'written in the tunnel', { messageId: 'm-tunnel' }), { queued: true });
+  });
+  // The page reloads before the connection comes back: the message waits in storage only.
+  c.close();
+  const reloaded = client({ storage, activeChatId: 'c1' });
+  t.after(() => reloaded.close());
+  const ready = reloaded.connect();
+  await until(() => FakeSocket.instances.length === 3);
+  const socket = lastSocket();
+  socket.greet();
+  await socket.answerSync({
+    chats_to_add_or_update: [{ ...C1.chats_to_add_or_update[0], versions: { messages_v: 1, title_v: 1, draft_v: 0 }, messages: [{ message_id: 'm-old', seq: 1, sender_name: 'user', content: 'before', created_at: 'T', client_timestamp: null }] }],
+    server_chat_order: ['c1'],
+  });
+  const sent = await socket.next('chat_message_added');
+  assert.equal(sent.payload.message.message_id, 'm-tunnel');
+  socket.push({ type: 'chat_message_confirmed', request_id: sent.request_id, payload: { chat_id: 'c1', message_id: 'm-tunnel', temp_id: null, new_messages_v: 2, new_last_edited_overall_timestamp: 5 } });
+  await ready;
+  assert.deepEqual(
+    reloaded.chat('c1').messages.map((m) => [m.message_id, m.seq, m.content, m.pending]),
+    [['m-old', 1, 'before', false], ['m-tunnel', 2, 'written in the tunnel', false]],
+    'the user\'s own message is not missing from the chat it was sent to',
+  );
+});
