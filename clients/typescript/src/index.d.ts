@@ -525,7 +525,7 @@ export interface ClientEvents {
    * A queued title, draft or draft deletion met a conflict (another write came first: the server's
    * version was past `version_before_edit`) and was dropped; the server's value stays (`versions`: the
    * model's after the sync that brought it). Emitted after that sync, and only when the server holds
-   * another value and no later edit of the component is queued. The app may tell the user, or write `value` again.
+   * another value and no later edit of the component is queued or was confirmed live since. The app may tell the user, or write `value` again.
    */
   change_conflict: [{ chat_id: string; change_id: string; type: OfflineChange['type']; value: unknown; version_before_edit: number; versions: Versions }];
   /** The `token` function threw or rejected: retried with backoff. */

@@ -1319,8 +1319,10 @@ export class ChatSyncClient extends Emitter {
         this.emit('change', id);
       }
     }
-    this.queue.dropRechecks(rechecks);
-    for (const change of rechecks) this._recheckConflict(change);
+    // Those still kept: a live write of the component confirmed meanwhile has made one moot (see `_write`).
+    const recheck = rechecks.filter((c) => this.queue.recheck.includes(c));
+    this.queue.dropRechecks(recheck);
+    for (const change of recheck) this._recheckConflict(change);
     // A stream open here before the request and missing from `active_streams` ended unseen (while
     // disconnected): how is unknown, so it ends as cancelled, reason `ended_unseen` (a completed one's
     // message comes with the chat's messages). A stream started after the request is left alone.
@@ -1929,16 +1931,26 @@ export class ChatSyncClient extends Emitter {
    * @returns {Promise<import('./index.js').WriteResult>}
    */
   async _write(change, send, revert) {
-    if (this.status !== 'online') {
+    // An earlier edit of this component waiting in the queue (a transient failure while online, its retry
+    // not sent yet) goes out with the next flush: this one goes behind it, coalesced with it, else the
+    // earlier one, sent after this one, would meet it as a conflict (a `change_conflict` for a value the
+    // user wrote over). One already in flight was sent before this one, which the server applies after it.
+    const behind = this.queue.changes.some((c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type));
+    if (this.status !== 'online' || behind) {
       // Before the first sync of this load, a chat not known here may well exist on the server (after a
       // reload the model is empty): the version this edit was made on is unknown (see `_rebaseUnsynced`).
       const unknown = !this._synced && !this.chats.get(change.chat_id)?.known;
       this.queue.addChange(unknown ? { ...change, base_unknown: true } : change);
+      this._retrySoon();
       return { queued: true };
     }
     this._liveWrites.add(change);
     try {
       const reply = await send();
+      // Conflicts of this component waiting for the next sync to tell (see `_recheckConflict`) are of edits
+      // sent before this write (their results came before its reply), which the server applied after
+      // them: no loss, whatever they met.
+      this.queue.dropRechecks(this.queue.recheck.filter((r) => r.chat_id === change.chat_id && componentOf(r.type) === componentOf(change.type)));
       // Live writes of the component sent after this one, on its base, were made on top of it: should
       // one of them fail and be queued, it is checked against the version this one produced (else it
       // would meet this device's own write as a conflict and be dropped).

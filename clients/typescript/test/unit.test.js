@@ -1837,3 +1837,99 @@ test('a message queued before a reload (or by a tab that is gone) shows in the m
     'the user\'s own message is not missing from the chat it was sent to',
   );
 });
+
+/**
+ * Plays the server for the title of chat c1 on `socket`, answering every frame the client sends, in order
+ * (update_title, sync_offline_changes, initial_sync_request, ping) as PROTOCOL.md says; `unavailable`
+ * for the frames `fail` picks: not applied (`true`), or applied with the answer `unavailable` all the same
+ * (`'applied'`: the store's connection broke under its commit, PROTOCOL.md §8). Returns a function that stops it.
+ * @param {FakeSocket} socket
+ * @param {{title: string, title_v: number}} server
+ * @param {(frame: any) => boolean | 'applied'} fail
+ */
+function playTitleServer(socket, server, fail) {
+  let seen = 0;
+  let stopped = false;
+  (async () => {
+    while (!stopped) {
+      await until(() => stopped || socket.sent.length > seen);
+      if (stopped) return;
+      const f = socket.sent[seen++];
+      const reply = (/** @type {string} */ type, /** @type {any} */ payload) => socket.push({ type, request_id: f.request_id, payload });
+      const failed = fail(f);
+      if (failed === 'applied' && f.type === 'update_title') {
+        server.title = f.payload.new_title;
+        server.title_v += 1;
+      }
+      if (failed) {
+        reply('error', { code: 'unavailable', message: 'Try again later.' });
+      } else if (f.type === 'update_title') {
+        server.title = f.payload.new_title;
+        server.title_v += 1;
+        reply('chat_title_updated', { chat_id: 'c1', data: { title: server.title }, versions: { title_v: server.title_v } });
+      } else if (f.type === 'sync_offline_changes') {
+        const results = f.payload.changes.map((/** @type {any} */ ch) => {
+          if (server.title_v > ch.version_before_edit) return { change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'conflict' };
+          server.title = ch.value;
+          server.title_v += 1;
+          reply('chat_title_updated', { chat_id: 'c1', data: { title: server.title }, versions: { title_v: server.title_v } });
+          return { change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'applied', versions: { messages_v: 0, title_v: server.title_v, draft_v: 0 } };
+        });
+        const conflicts = results.filter((/** @type {any} */ r) => r.status === 'conflict').length;
+        reply('offline_sync_complete', { processed: results.length - conflicts, conflicts, errors: 0, results });
+      } else if (f.type === 'initial_sync_request') {
+        const entry = { chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: server.title_v, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: server.title };
+        reply('initial_sync_response', { ...EMPTY_SYNC, chats_to_add_or_update: [entry], server_chat_order: ['c1'] });
+      } else if (f.type === 'ping') {
+        reply('pong', {});
+      }
+    }
+  })();
+  return () => {
+    stopped = true;
+  };
+}
+
+test('a live write made while an older edit of its component waits in the queue (a transient failure) is not undone by that edit, and raises no change_conflict', { timeout: 5000 }, async (t) => {
+  // The retry of the failed write waits a backoff delay (50 ms here); the user types on meanwhile.
+  const c = client({ backoff: { initialMs: 50, maxMs: 50, jitter: 0 } });
+  t.after(() => c.close());
+  const socket = await online(c, C1);
+  const server = { title: 'Old', title_v: 1 };
+  let failed = 0;
+  const stop = playTitleServer(socket, server, (f) => f.type === 'update_title' && failed++ === 0);
+  t.after(stop);
+  /** @type {any[]} */
+  const conflicts = [];
+  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  assert.deepEqual(await c.updateTitle('c1', 'Trip'), { queued: true }, 'unavailable: queued for a retry');
+  await c.updateTitle('c1', 'Trip to Lisbon');
+  await until(() => c.queue.size + c.queue.inFlight.length + c.queue.recheck.length === 0 && !c._flushTimer);
+  await c.ping(); // every frame before it is answered
+  assert.equal(server.title, 'Trip to Lisbon', 'the server holds the newest edit');
+  assert.equal(c.chat('c1').title, 'Trip to Lisbon');
+  assert.deepEqual(conflicts, [], 'the older edit was not lost: the user wrote over it');
+});
+
+test('a live write confirmed after the retry of an older edit of its component met a conflict makes that conflict moot: no change_conflict', { timeout: 5000 }, async (t) => {
+  const c = client({ backoff: { initialMs: 20, maxMs: 20, jitter: 0 } });
+  t.after(() => c.close());
+  const socket = await online(c, C1);
+  const server = { title: 'Old', title_v: 1 };
+  let titles = 0;
+  // 'Trip' is applied but answered unavailable; its retry (on title_v 1) then meets it as a conflict.
+  const stop = playTitleServer(socket, server, (f) => (f.type === 'update_title' && titles++ === 0 ? 'applied' : false));
+  t.after(stop);
+  /** @type {any[]} */
+  const conflicts = [];
+  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  assert.deepEqual(await c.updateTitle('c1', 'Trip'), { queued: true });
+  // The retry is in flight: the next edit is sent live, after it.
+  await socket.next('sync_offline_changes');
+  await c.updateTitle('c1', 'Trip to Lisbon');
+  await until(() => c.queue.size + c.queue.inFlight.length + c.queue.recheck.length === 0 && !c._flushTimer);
+  await c.ping();
+  assert.equal(server.title, 'Trip to Lisbon');
+  assert.equal(c.chat('c1').title, 'Trip to Lisbon');
+  assert.deepEqual(conflicts, [], 'the user wrote over the edit that met the conflict');
+});
