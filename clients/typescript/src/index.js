@@ -1078,6 +1078,8 @@ export class ChatSyncClient extends Emitter {
     /** @type {any} */
     this._flushTimer = null;
     this._flushAttempt = 0;
+    /** @type {Set<string>} queued messages being sent (chat id and message id, see `_sendQueued`) */
+    this._sendingMessages = new Set();
     /** @type {Set<{chat_id: string, type: string, value: unknown, version_before_edit: number}>} live writes sent and not answered, in the order sent (see `_write`) */
     this._liveWrites = new Set();
     /** @type {Promise<void>} The flush of offline changes running or last run (see `_flushChanges`). */
@@ -1485,8 +1487,16 @@ export class ChatSyncClient extends Emitter {
     this.queue.addMessage(pending);
     this.emit('change', chatId);
     if (this.status !== 'online') return { queued: true };
+    // An earlier message of this chat waiting in the queue for its retry (a transient failure) goes first:
+    // this one waits behind it (the retry sends the queue in order), else it would be stored before it.
+    const queued = this.queue.messages;
+    const earlier = queued.slice(0, queued.findIndex((m) => m.chat_id === chatId && m.message.message_id === message_id));
+    if (earlier.some((m) => m.chat_id === chatId && !this._sendingMessages.has(messageKey(m)))) {
+      this._retrySoon();
+      return { queued: true };
+    }
     try {
-      const reply = await this.request('chat_message_added', { chat_id: chatId, message: pending.message });
+      const reply = await this._sendQueued(pending);
       return { queued: false, reply };
     } catch (e) {
       if (isTransient(e)) {
@@ -1903,10 +1913,24 @@ export class ChatSyncClient extends Emitter {
     this._stale.set(chatId, stale);
   }
 
+  /**
+   * Sends a queued message (marked as being sent meanwhile).
+   * @param {import('./index.js').PendingMessage} pending
+   */
+  async _sendQueued(pending) {
+    const key = messageKey(pending);
+    this._sendingMessages.add(key);
+    try {
+      return await this.request('chat_message_added', { chat_id: pending.chat_id, message: pending.message });
+    } finally {
+      this._sendingMessages.delete(key);
+    }
+  }
+
   async _flushMessages() {
     for (const pending of [...this.queue.messages]) {
       try {
-        await this.request('chat_message_added', { chat_id: pending.chat_id, message: pending.message });
+        await this._sendQueued(pending);
         this.queue.confirmMessage(pending.chat_id, pending.message.message_id);
       } catch (e) {
         if (isTransient(e)) throw e;
@@ -2352,6 +2376,11 @@ const CHAT_EVENTS = new Set([
   'stream_completed',
   'stream_cancelled',
 ]);
+
+/** A queued message's key (chat id and message id). @param {import('./index.js').PendingMessage} m */
+function messageKey(m) {
+  return `${m.chat_id}\u0000${m.message.message_id}`;
+}
 
 /**
  * The highest `seq` up to which a chat's messages are held without a gap.

@@ -1933,3 +1933,38 @@ test('a live write confirmed after the retry of an older edit of its component m
   assert.equal(c.chat('c1').title, 'Trip to Lisbon');
   assert.deepEqual(conflicts, [], 'the user wrote over the edit that met the conflict');
 });
+
+test('a message sent while an earlier one of its chat waits for its retry (a transient failure) is stored after it, not before', { timeout: 5000 }, async (t) => {
+  const c = client({ backoff: { initialMs: 50, maxMs: 50, jitter: 0 } });
+  t.after(() => c.close());
+  const socket = await online(c, C1);
+  /** @type {string[]} the server's messages of c1, by seq */
+  const stored = [];
+  let seen = 0;
+  let first = true;
+  let stopped = false;
+  t.after(() => (stopped = true));
+  (async () => {
+    while (!stopped) {
+      await until(() => stopped || socket.sent.length > seen);
+      if (stopped) return;
+      const f = socket.sent[seen++];
+      if (f.type === 'ping') socket.push({ type: 'pong', request_id: f.request_id, payload: {} });
+      if (f.type !== 'chat_message_added') continue;
+      if (first) {
+        first = false;
+        socket.push({ type: 'error', request_id: f.request_id, payload: { code: 'unavailable', message: 'Try again later.' } });
+        continue;
+      }
+      const id = f.payload.message.message_id;
+      if (!stored.includes(id)) stored.push(id);
+      socket.push({ type: 'chat_message_confirmed', request_id: f.request_id, payload: { chat_id: 'c1', message_id: id, temp_id: null, new_messages_v: stored.indexOf(id) + 1, new_last_edited_overall_timestamp: 1 } });
+    }
+  })();
+  assert.deepEqual(await c.sendMessage('c1', 'one', { messageId: 'm-1' }), { queued: true }, 'unavailable: waits for a retry');
+  await c.sendMessage('c1', 'two', { messageId: 'm-2' });
+  await until(() => c.queue.messages.length === 0 && !c._flushTimer);
+  await c.ping();
+  assert.deepEqual(stored, ['m-1', 'm-2'], 'the server stores them in the order they were written');
+  assert.deepEqual(c.chat('c1').messages.map((m) => [m.message_id, m.seq]), [['m-1', 1], ['m-2', 2]]);
+});
