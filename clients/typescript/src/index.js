@@ -1626,6 +1626,10 @@ export class ChatSyncClient extends Emitter {
         this._closedByUser = true;
         this._stopKeepalive();
         clearTimeout(this._retryTimer);
+        // As `close()`: no timer or listener left behind (a process can exit, a page drop the client).
+        clearTimeout(this._flushTimer);
+        this._flushTimer = null;
+        if (typeof globalThis.removeEventListener === 'function') globalThis.removeEventListener('online', this._onOnline);
         this.queue.release();
         this._setStatus('closed');
         this.emit('closed', { code, reason });

@@ -1968,3 +1968,25 @@ test('a message sent while an earlier one of its chat waits for its retry (a tra
   assert.deepEqual(stored, ['m-1', 'm-2'], 'the server stores them in the order they were written');
   assert.deepEqual(c.chat('c1').messages.map((m) => [m.message_id, m.seq]), [['m-1', 1], ['m-2', 2]]);
 });
+
+test('a close for good by the server (Session revoked) clears the retry timer of a failed write and the online listener, as close() does', { timeout: 5000 }, async (t) => {
+  /** @type {Set<Function>} */
+  const listeners = new Set();
+  const g = /** @type {any} */ (globalThis);
+  const saved = { add: g.addEventListener, remove: g.removeEventListener };
+  g.addEventListener = (/** @type {string} */ type, /** @type {Function} */ fn) => type === 'online' && listeners.add(fn);
+  g.removeEventListener = (/** @type {string} */ type, /** @type {Function} */ fn) => type === 'online' && listeners.delete(fn);
+  t.after(() => Object.assign(g, { addEventListener: saved.add, removeEventListener: saved.remove }));
+  const c = client({ backoff: { initialMs: 60_000, maxMs: 60_000, jitter: 0 } });
+  const socket = await online(c, C1);
+  assert.equal(listeners.size, 1);
+  const p = c.updateTitle('c1', 'T');
+  const req = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'unavailable', message: 'Try again later.' } });
+  assert.deepEqual(await p, { queued: true });
+  assert.notEqual(c._flushTimer, null, 'a retry is scheduled');
+  socket.serverClose(1008, 'Session revoked');
+  assert.equal(c.status, 'closed');
+  assert.equal(c._flushTimer, null, 'no timer left to keep the process alive');
+  assert.equal(listeners.size, 0, 'no listener left to keep the client alive');
+});
