@@ -283,7 +283,7 @@ export interface ClientOptions {
   token: string | (() => string | Promise<string>);
   /** The device id (1-128 printable ASCII), sent as `device_id`. */
   deviceId: string;
-  /** `ws(s)://host/v1/ws`; in a browser, defaults to the page's own host. */
+  /** `ws(s)://host/v1/ws` (absolute: the constructor throws a `TypeError` otherwise); in a browser, defaults to the page's own host. */
   url?: string;
   /** A WebSocket constructor (default: `globalThis.WebSocket`). */
   WebSocket?: unknown;

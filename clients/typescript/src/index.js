@@ -1039,6 +1039,13 @@ export class ChatSyncClient extends Emitter {
       backoff: { initialMs: 500, maxMs: 30_000, factor: 2, jitter: 0.5, ...(options.backoff ?? {}) },
     };
     this.url = options.url ?? defaultUrl();
+    // Checked here: in `_open` (async, not awaited) a malformed url would be an unhandled rejection (in
+    // Node, the end of the process) and the client would stay `connecting`.
+    try {
+      new URL(this.url);
+    } catch {
+      throw new TypeError('ChatSyncClient: url must be an absolute ws:// or wss:// URL');
+    }
     /** @type {any} */
     this.WebSocketImpl = options.WebSocket ?? /** @type {any} */ (globalThis).WebSocket;
     if (!this.WebSocketImpl) throw new TypeError('ChatSyncClient: no WebSocket implementation (pass options.WebSocket)');

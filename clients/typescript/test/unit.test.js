@@ -1990,3 +1990,8 @@ test('a close for good by the server (Session revoked) clears the retry timer of
   assert.equal(c._flushTimer, null, 'no timer left to keep the process alive');
   assert.equal(listeners.size, 0, 'no listener left to keep the client alive');
 });
+
+test('a url that is not an absolute URL is refused by the constructor (a TypeError), not by an unhandled rejection of connect()', () => {
+  assert.throws(() => client({ url: '/v1/ws' }), TypeError);
+  assert.throws(() => client({ url: 'not a url' }), TypeError);
+});
