@@ -169,7 +169,8 @@ export class Emitter {
 }
 
 /**
- * Assembles streamed replies (SERVER_API.md §4) into text: `stream_started` opens a stream,
+ * Assembles streamed replies (SERVER_API.md §4) into text: `stream_started` opens a stream (for one open
+ * here already, whose first chunk overtook it, it only fills in who writes),
  * `stream_chunk`s append their `delta` in `seq` order (a repeated `seq` is ignored; a jump is a merged
  * chunk from a slow connection and is appended), `stream_completed` and `stream_cancelled` end it.
  * `active_streams` of an initial sync seeds streams that were open before this device joined. A chunk
@@ -217,6 +218,14 @@ export class StreamAssembler {
    * @returns {import('./index.js').StreamState}
    */
   start(p) {
+    const key = StreamAssembler.key(p.chat_id, p.stream_id);
+    const open = this.streams.get(key);
+    if (open) {
+      // Open here already: a chunk overtook this announcement (a retried start answered before its
+      // original announced the stream), or it is repeated. The text so far stays; who writes is filled in.
+      Object.assign(open, { message_id: p.message_id, sender_name: p.sender_name, meta: p.meta ?? {} });
+      return open;
+    }
     const stream = {
       chat_id: p.chat_id,
       stream_id: p.stream_id,
@@ -228,7 +237,6 @@ export class StreamAssembler {
       state: /** @type {const} */ ('open'),
       complete: true,
     };
-    const key = StreamAssembler.key(p.chat_id, p.stream_id);
     this.ended.delete(key);
     this.streams.set(key, stream);
     return stream;
@@ -251,6 +259,7 @@ export class StreamAssembler {
       if (this.ended.has(key)) continue;
       const later = [...(this._recent.get(key) ?? new Map())].filter(([seq]) => seq > a.seq).sort(([x], [y]) => x - y);
       const stream = this.start(a);
+      stream.complete = true;
       stream.text = (a.content_so_far ?? '') + later.map(([, delta]) => delta).join('');
       stream.seq = later.length > 0 ? later[later.length - 1][0] : a.seq;
       seeded.push(stream);

@@ -1236,6 +1236,15 @@ test('a chunk of a stream never seen starts it, marked incomplete unless it is t
   assert.equal(a.finish('c', 'zz', 'cancelled').state, 'cancelled');
 });
 
+test('a stream_started for a stream open here already (its first chunk overtook it) keeps the text and fills in who writes', () => {
+  const a = new StreamAssembler();
+  a.chunk({ chat_id: 'c', stream_id: 's', seq: 1, delta: 'Hel' });
+  const s = a.start({ chat_id: 'c', stream_id: 's', message_id: 'm', sender_name: 'assistant', meta: { model: 'x' } });
+  assert.deepEqual([s.text, s.seq, s.complete, s.message_id, s.sender_name, s.meta], ['Hel', 1, true, 'm', 'assistant', { model: 'x' }]);
+  assert.equal(a.chunk({ chat_id: 'c', stream_id: 's', seq: 2, delta: 'lo' })?.text, 'Hello');
+  assert.equal(a.open().length, 1);
+});
+
 test('a chunk that arrives after its stream ended is ignored; the same id started again is a new stream', () => {
   const a = new StreamAssembler();
   a.start({ chat_id: 'c', stream_id: 's', message_id: 'm', sender_name: 'assistant', meta: {} });
