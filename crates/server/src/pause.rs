@@ -14,6 +14,8 @@ use tokio::sync::oneshot;
 pub const WRITE_COMMITTED: &str = "write_committed";
 /// After warm-up has loaded the chat list from the store, before it is stored in the cache.
 pub const WARMUP_LOADED: &str = "warmup_loaded";
+/// After a connection's credentials were checked, before it is registered with the hub.
+pub const AUTHENTICATED: &str = "authenticated";
 /// After an initial sync listed the user's open streams, before its reply is queued.
 pub const SYNC_STREAMS_LISTED: &str = "sync_streams_listed";
 /// In a cluster, when a frame from another node arrives, before it is queued on this node's connections

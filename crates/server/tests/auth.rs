@@ -229,6 +229,51 @@ async fn devices_are_recorded_per_user() {
     assert_eq!(server.ctx.store.devices("bob").await.unwrap().len(), 1);
 }
 
+/// A session valid when its connection read it, revoked before the connection was registered (the
+/// revocation found no connection of it to close): the connection is refused at once, not left open until
+/// the periodic check (an hour here).
+#[tokio::test]
+async fn a_session_revoked_while_its_connection_is_being_set_up_is_refused() {
+    let server = TestServer::start_with(|c| c.session_check_interval_secs = 3600).await;
+    let doomed = server.user_token("alice").await;
+    let kept = server.token("alice").await;
+    let mut held = server.ctx.pauses.arm(chatsync::pause::AUTHENTICATED);
+    let mut phone = Client::connect(&server.url, &opts(&doomed, "phone")).await.unwrap();
+    held.reached().await;
+    // Another session of the user, being set up at the same time, is checked again and let in.
+    let mut held_too = server.ctx.pauses.arm(chatsync::pause::AUTHENTICATED);
+    let laptop = tokio::spawn({
+        let (url, kept) = (server.url.clone(), kept.clone());
+        async move {
+            let opts = ConnectOptions { ignore_warmup_events: true, ..opts(&kept, "laptop") };
+            Client::connect_authenticated(&url, &opts).await.unwrap().0
+        }
+    });
+    held_too.reached().await;
+    assert!(server.ctx.store.revoke_session(&auth::token_hash(&doomed), chatsync::store::now_millis()).await.unwrap());
+    server
+        .ctx
+        .hub
+        .close_sessions(&[session_of(&server, &doomed).await], chatsync::hub::CloseReason::SESSION_REVOKED)
+        .await;
+    held.release();
+    held_too.release();
+    match tokio::time::timeout(Duration::from_secs(10), phone.recv()).await.expect("an answer") {
+        Err(chatsync_client::ClientError::Closed(close)) => {
+            assert_eq!(close, Some((1008, "Session revoked".into())))
+        }
+        other => panic!("the connection of a revoked session was set up: {other:?}"),
+    }
+    let mut laptop = laptop.await.unwrap();
+    let pong = laptop.request(&chatsync_protocol::ClientMessage::Ping(Default::default())).await.unwrap();
+    assert_eq!(pong.message, ServerMessage::Pong(Default::default()));
+}
+
+/// The id of the session of `token`.
+async fn session_of(server: &TestServer, token: &str) -> String {
+    server.ctx.store.session_by_token_hash(&auth::token_hash(token)).await.unwrap().unwrap().session_id
+}
+
 #[tokio::test]
 async fn revoking_a_session_closes_its_open_connections_only() {
     let server = TestServer::start_with(|c| c.session_check_interval_secs = 1).await;

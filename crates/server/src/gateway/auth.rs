@@ -82,6 +82,20 @@ pub struct Authenticated {
     /// The device's label (the client's device id, or a JWT's `device` claim), recorded with the device
     /// once the connection is registered (a connection refused by a cap records no device).
     pub device_label: Option<String>,
+    /// For a session token: what to check again once the connection is registered ([`Recheck`]).
+    pub recheck: Option<Recheck>,
+}
+
+/// A session read before its connection was registered may have been revoked in between, by a
+/// revocation that looked for the connection before it was there: the hub's count of session closes
+/// when the session was read ([`crate::hub::Hub::revocations`]), and the token's hash to read it again
+/// when that count moved.
+#[derive(Debug, Clone, Copy)]
+pub struct Recheck {
+    /// The hub's count of session closes before the session was read.
+    pub revocations: u64,
+    /// SHA-256 of the token.
+    pub token_hash: [u8; 32],
 }
 
 /// Lowercase hex SHA-256 of `input`.
@@ -206,9 +220,10 @@ pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated
         CloseReason::AUTH_ERROR
     };
     let now = now_millis();
+    let recheck = Recheck { revocations: ctx.hub.revocations(), token_hash: token_hash(&token) };
     let session: Session = ctx
         .store
-        .session_by_token_hash(&token_hash(&token))
+        .session_by_token_hash(&recheck.token_hash)
         .await
         .map_err(backend)?
         .ok_or(CloseReason::INVALID_SESSION)?;
@@ -228,7 +243,21 @@ pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated
         device_hash,
         expires_at: None,
         device_label: creds.device_id,
+        recheck: Some(recheck),
     })
+}
+
+impl Recheck {
+    /// Whether a session close began on this node since the session was read (then read it again).
+    pub fn due(&self, ctx: &Ctx) -> bool {
+        ctx.hub.revocations() != self.revocations
+    }
+
+    /// Whether the session is revoked now (read again).
+    pub async fn revoked(&self, ctx: &Ctx) -> Result<bool, crate::store::StoreError> {
+        let session = ctx.store.session_by_token_hash(&self.token_hash).await?;
+        Ok(session.is_none_or(|s| s.revoked_at.is_some()))
+    }
 }
 
 /// The synthetic session id of a JWT connection (it has no row in `sessions`): `jwt:` and the first
@@ -290,6 +319,7 @@ async fn authenticate_jwt(
         device_hash,
         expires_at: Some(verified.expires_at),
         device_label,
+        recheck: None,
     })
 }
 

@@ -63,7 +63,10 @@ async fn serve(
     shutdown: CancellationToken,
 ) {
     let authed = match authenticating.await {
-        Ok(a) => a,
+        Ok(a) => {
+            ctx.pauses.at(crate::pause::AUTHENTICATED).await;
+            a
+        }
         Err(reason) => {
             tracing::info!(code = reason.code, reason = reason.reason, "connection refused");
             metrics::counter!(crate::metrics::CONNECTS, "result" => reason.reason).increment(1);
@@ -91,6 +94,24 @@ async fn serve(
             metrics::counter!(crate::metrics::CONNECTS, "result" => reason.reason).increment(1);
             Box::pin(reject(sink, stream, reason)).await;
             return;
+        }
+        // Revoked between the read of its session and its registration (the revocation found no
+        // connection of it to close): refused now, not left open until the periodic check.
+        if let Some(recheck) = authed.recheck.filter(|r| r.due(&ctx)) {
+            let revoked = match Box::pin(recheck.revoked(&ctx)).await {
+                Ok(false) => None,
+                Ok(true) => Some(CloseReason::SESSION_REVOKED),
+                Err(e) => {
+                    tracing::warn!(error = %e, "authentication backend failure");
+                    Some(CloseReason::AUTH_ERROR)
+                }
+            };
+            if let Some(reason) = revoked {
+                ctx.hub.unregister(&conn);
+                metrics::counter!(crate::metrics::CONNECTS, "result" => reason.reason).increment(1);
+                Box::pin(reject(sink, stream, reason)).await;
+                return;
+            }
         }
         // The device is recorded (a sighting) only for a connection a cap did not refuse.
         let sighting = ctx.store.record_device(

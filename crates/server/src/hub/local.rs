@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Delivers to connections of this process only (the embedded default).
@@ -14,12 +14,20 @@ pub struct LocalHub {
     count: AtomicUsize,
     max_connections: usize,
     max_per_user: usize,
+    /// Session closes begun (see [`Hub::revocations`]).
+    revocations: AtomicU64,
 }
 
 impl LocalHub {
     /// A hub that accepts at most `max_connections` connections, and `max_per_user` of one user.
     pub fn new(max_connections: usize, max_per_user: usize) -> LocalHub {
-        LocalHub { users: DashMap::new(), count: AtomicUsize::new(0), max_connections, max_per_user }
+        LocalHub {
+            users: DashMap::new(),
+            count: AtomicUsize::new(0),
+            max_connections,
+            max_per_user,
+            revocations: AtomicU64::new(0),
+        }
     }
 
     fn each(&self, mut f: impl FnMut(&ConnHandle)) {
@@ -55,6 +63,10 @@ impl Hub for LocalHub {
 
     fn connection_count(&self) -> usize {
         self.count.load(Ordering::Acquire)
+    }
+
+    fn revocations(&self) -> u64 {
+        self.revocations.load(Ordering::SeqCst)
     }
 }
 
@@ -119,6 +131,9 @@ impl LocalHub {
 
     /// Closes the connections here that authenticated with one of these sessions.
     pub fn close_sessions_now(&self, session_ids: &[String], reason: CloseReason) {
+        // Counted before the connections are looked at: one registered too late to be seen here reads the
+        // new count after its registration, and checks its session again (see `Hub::revocations`).
+        self.revocations.fetch_add(1, Ordering::SeqCst);
         let ids: HashSet<&str> = session_ids.iter().map(String::as_str).collect();
         self.each(|c| {
             if ids.contains(c.session_id.as_str()) {

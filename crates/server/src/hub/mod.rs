@@ -112,4 +112,10 @@ pub trait Hub: Send + Sync + 'static {
 
     /// Connections registered on this node.
     fn connection_count(&self) -> usize;
+
+    /// How many times sessions were closed on this node ([`close_sessions`](Hub::close_sessions), and
+    /// in a cluster the revocations other nodes announce), counted before the connections are looked
+    /// at. A connection reads it before its session is read and again once registered: when it moved, a
+    /// revocation may have looked for the connection before it was there, and the session is read again.
+    fn revocations(&self) -> u64;
 }

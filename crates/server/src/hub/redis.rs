@@ -85,4 +85,8 @@ impl Hub for RedisHub {
     fn connection_count(&self) -> usize {
         self.local.connection_count()
     }
+
+    fn revocations(&self) -> u64 {
+        self.local.revocations()
+    }
 }
