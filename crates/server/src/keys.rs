@@ -423,7 +423,8 @@ pub fn existing_master_key(data_dir: &std::path::Path, env_value: Option<&str>) 
 
 /// Loads the master key (`CHATSYNC_MASTER_KEY`, else `<data_dir>/master.key`, created on first start)
 /// and checks it against the store: a key that cannot unwrap the stored keys is refused with a clear
-/// message. What an interrupted rotation (see [`RotationStep`]) left behind is cleaned up: a
+/// message. On a store without a check value yet, this key's is stored if none is by then, and read back
+/// (another server may have stored its own first). What an interrupted rotation (see [`RotationStep`]) left behind is cleaned up: a
 /// `master.key.next` that the store was re-wrapped under is moved into place; one that it was not (the
 /// rotation stopped before its transaction committed) is removed. The caller holds the data directory
 /// lock ([`crate::datadir::DataDirLock`]).
@@ -432,11 +433,18 @@ pub async fn load_master_key(
     env_value: Option<&str>,
     store: &dyn ChatStore,
 ) -> anyhow::Result<MasterKey> {
+    use anyhow::Context as _;
     let (master, _created) = MasterKey::load_or_create(data_dir, env_value)?;
     let next = data_dir.join(NEXT_KEY_FILE);
-    let Some(check) = store.key_check().await? else {
-        store.init_key_check(&master.check_value()).await?;
-        return Ok(master);
+    let check = match store.key_check().await? {
+        Some(check) => check,
+        None => {
+            store.init_key_check(&master.check_value()).await?;
+            // Read back and verified below like any stored value: another server starting on the same
+            // fresh store at the same moment (a cluster's nodes, each with a key of its own) may have
+            // stored its check value first, and this node would then wrap keys that no other opens.
+            store.key_check().await?.context("the store has no master key check value")?
+        }
     };
     if master.verify_check(&check).is_ok() {
         if env_value.is_none() && next.exists() {

@@ -5,6 +5,8 @@
 mod common;
 
 use chatsync::keys::{self, RotationStep};
+use chatsync::store::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, WrappedKey, WriteOp, WriteResult};
+use chatsync::store::StoreError;
 use chatsync::Config;
 use chatsync_protocol::*;
 use common::TestServer;
@@ -301,4 +303,124 @@ async fn a_chat_whose_deletion_did_not_commit_is_memoized_again_once_the_store_f
     tokio::time::sleep(std::time::Duration::from_secs(11)).await;
     assert!(matches!(lookup().await.unwrap(), keys::ChatAccess::Owned(_)));
     assert!(server.ctx.keys.holds_key("c1"), "memoized again");
+}
+
+/// A chat store that hands every call to `inner`, with two hooks that put another party's move at the
+/// worst point of a call: `check_first` (another node's master key check value, stored in `inner` just
+/// after this call read that there was none), and `after_read` (run once a chat lookup or a read of
+/// messages has read the store, before the caller goes on).
+struct Hooked {
+    inner: std::sync::Arc<dyn ChatStore>,
+    check_first: std::sync::Mutex<Option<Vec<u8>>>,
+    after_read: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Hooked {
+    fn new(inner: std::sync::Arc<dyn ChatStore>) -> Hooked {
+        Hooked { inner, check_first: Default::default(), after_read: Default::default() }
+    }
+
+    fn read(&self) {
+        if let Some(hook) = self.after_read.lock().unwrap().take() {
+            hook();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ChatStore for Hooked {
+    async fn write(&self, op: WriteOp) -> Result<WriteResult, StoreError> {
+        self.inner.write(op).await
+    }
+    async fn chat_lookup(&self, chat_id: &str) -> Result<ChatLookup, StoreError> {
+        let found = self.inner.chat_lookup(chat_id).await;
+        self.read();
+        found
+    }
+    async fn user_key(&self, user_id: &str) -> Result<Option<WrappedKey>, StoreError> {
+        self.inner.user_key(user_id).await
+    }
+    async fn chats(&self, owner: &str) -> Result<Vec<ChatRecord>, StoreError> {
+        self.inner.chats(owner).await
+    }
+    async fn chat(&self, owner: &str, chat_id: &str) -> Result<Option<ChatRecord>, StoreError> {
+        self.inner.chat(owner, chat_id).await
+    }
+    async fn messages_after(
+        &self,
+        owner: &str,
+        chat_id: &str,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>, bool)>, StoreError> {
+        let found = self.inner.messages_after(owner, chat_id, after_seq, limit).await;
+        self.read();
+        found
+    }
+    async fn latest_messages(
+        &self,
+        owner: &str,
+        chat_id: &str,
+        limit: u32,
+    ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
+        self.inner.latest_messages(owner, chat_id, limit).await
+    }
+    async fn wrapped_keys(&self) -> Result<Vec<(String, WrappedKey)>, StoreError> {
+        self.inner.wrapped_keys().await
+    }
+    async fn rewrap_keys(
+        &self,
+        keys: &[(String, WrappedKey)],
+        from_check: &[u8],
+        kek_id: &str,
+        check: &[u8],
+    ) -> Result<(), StoreError> {
+        self.inner.rewrap_keys(keys, from_check, kek_id, check).await
+    }
+    async fn create_user_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<bool, StoreError> {
+        self.inner.create_user_keys(keys, check).await
+    }
+    async fn key_check(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let first = self.check_first.lock().unwrap().take();
+        match first {
+            Some(other) => {
+                assert_eq!(self.inner.key_check().await?, None, "a fresh store");
+                self.inner.init_key_check(&other).await?;
+                Ok(None)
+            }
+            None => self.inner.key_check().await,
+        }
+    }
+    async fn init_key_check(&self, check: &[u8]) -> Result<(), StoreError> {
+        self.inner.init_key_check(check).await
+    }
+}
+
+/// A fresh store's data directory and its store, wrapped in [`Hooked`].
+async fn hooked_store() -> (tempfile::TempDir, Config, chatsync::store::Backend, std::sync::Arc<Hooked>) {
+    let data = tempfile::tempdir().unwrap();
+    let config = Config { data_dir: data.path().to_owned(), ..Config::default() };
+    let backend = chatsync::store::open_backend(&config.store_url(), config.durability).await.unwrap();
+    let hooked = std::sync::Arc::new(Hooked::new(backend.chats.clone()));
+    let backend = chatsync::store::Backend { chats: hooked.clone(), ..backend };
+    (data, config, backend, hooked)
+}
+
+/// Two servers starting at the same moment on a fresh shared store (a cluster's nodes, each with a
+/// master key of its own: `CHATSYNC_MASTER_KEY` not set, a data directory per node) both read that no
+/// check value is stored yet, and both store theirs if none is: only the first one lands. The other
+/// server must not go on with its key, which no other node can open (the keys it wraps would lock their
+/// users out): it refuses to start, as it would have a moment later.
+#[tokio::test]
+async fn a_server_that_loses_the_race_to_store_the_first_check_value_refuses_its_master_key() {
+    let (data, _config, backend, hooked) = hooked_store().await;
+    let other = chatsync::crypto::MasterKey::generate();
+    *hooked.check_first.lock().unwrap() = Some(other.check_value());
+    let mine = chatsync::crypto::MasterKey::generate();
+    let err = keys::load_master_key(data.path(), Some(mine.to_base64().as_str()), backend.chats.as_ref())
+        .await
+        .expect_err("a master key that is not the store's must not be used");
+    assert!(format!("{err:#}").contains("cannot unwrap the stored data keys"), "{err:#}");
+    // The node that stored its value first starts.
+    keys::load_master_key(data.path(), Some(other.to_base64().as_str()), backend.chats.as_ref()).await.unwrap();
 }
