@@ -116,13 +116,15 @@ impl Keyring {
             return Ok(access);
         }
         let began = std::time::Instant::now();
+        // Before the lookup: a gap that comes while it runs may hide the chat's deletion elsewhere.
+        let epoch = self.epoch();
         match store.chat_lookup(chat_id).await? {
             ChatLookup::Absent => Ok(ChatAccess::New),
             ChatLookup::Deleted => Ok(ChatAccess::Denied),
             ChatLookup::Exists { owner, key } => {
                 // Marked uncertain long enough before this lookup began: the deletion did not commit.
                 self.uncertain.remove_if(chat_id, |_, marked| began.saturating_duration_since(*marked) >= self.settle);
-                let k = self.remember(chat_id, owner, &key)?;
+                let k = self.chat_key_since(chat_id, &owner, &key, epoch)?;
                 Ok(if k.owner == user_id { ChatAccess::Owned(k) } else { ChatAccess::Denied })
             }
         }
@@ -156,22 +158,15 @@ impl Keyring {
         }
     }
 
-    /// The key of a chat whose record (and wrapped key) the caller already has.
-    pub fn chat_key(&self, chat_id: &str, owner: &str, wrapped: &WrappedKey) -> Result<Arc<ChatKey>, Error> {
-        if let Some(k) = self.chats.get(chat_id) {
-            return Ok(k.clone());
-        }
-        self.remember(chat_id, owner.to_owned(), wrapped)
-    }
-
     /// The current epoch: take it before reading the chat records whose keys [`Keyring::chat_key_since`]
-    /// will resolve.
+    /// will resolve (every key resolved from a record is: a record read before a gap may be of a chat
+    /// deleted elsewhere in it).
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
     }
 
-    /// [`Keyring::chat_key`] for a record read at `epoch` (or later): the key is memoized only if no gap
-    /// came since (a chat deleted elsewhere unseen in the gap must not be memoized from an older record;
+    /// The key of a chat whose record (and wrapped key) the caller read at `epoch` (or later): the key is
+    /// memoized only if no gap came since (a chat deleted elsewhere unseen in the gap must not be memoized from an older record;
     /// an initial sync builds its parts from its snapshot for as long as the client takes to read them).
     pub fn chat_key_since(
         &self,
@@ -260,10 +255,6 @@ impl Keyring {
         }
     }
 
-    fn memo(&self, chat_id: &str, key: &Arc<ChatKey>) {
-        self.memo_since(chat_id, key, self.epoch());
-    }
-
     /// Memoizes `key` unless the chat is deleted (or its deletion uncertain) or a gap came since `epoch`.
     fn memo_since(&self, chat_id: &str, key: &Arc<ChatKey>, epoch: u64) {
         self.trim();
@@ -338,13 +329,6 @@ impl Keyring {
             WriteResult::UserKey(w) => Ok(w),
             other => Err(Error::internal(format!("unexpected user key result {other:?}"))),
         }
-    }
-
-    fn remember(&self, chat_id: &str, owner: String, wrapped: &WrappedKey) -> Result<Arc<ChatKey>, Error> {
-        let key = self.unwrap(wrapped, &chat_ref(chat_id))?;
-        let k = Arc::new(ChatKey { owner, key });
-        self.memo(chat_id, &k);
-        Ok(k)
     }
 
     fn unwrap(&self, wrapped: &WrappedKey, key_ref: &str) -> Result<DataKey, Error> {

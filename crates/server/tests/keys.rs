@@ -424,3 +424,44 @@ async fn a_server_that_loses_the_race_to_store_the_first_check_value_refuses_its
     // The node that stored its value first starts.
     keys::load_master_key(data.path(), Some(other.to_base64().as_str()), backend.chats.as_ref()).await.unwrap();
 }
+
+/// In a cluster, a gap in the bus may hide a chat's deletion on another node: the keyring forgets every
+/// key, and a key resolved from what was read before the gap must not be memoized after it (the chat
+/// may be gone, and its key would stay in memory for the life of the process). Here the gap comes right
+/// after the store was read: by a chat lookup (a write or a stream resolving the chat), and by a page of
+/// messages (`get_chat_messages`). The key serves the request, and is not kept.
+#[tokio::test]
+async fn a_key_read_from_the_store_before_a_gap_is_not_memoized_after_it() {
+    let (data, config, backend, hooked) = hooked_store().await;
+    let master = keys::load_master_key(data.path(), None, backend.chats.as_ref()).await.unwrap();
+    let server = TestServer::serve(chatsync::assemble(config, backend, master, None).unwrap(), data).await;
+    let token = server.user_token("alice").await;
+    let (mut c, _) = server.connect(&token, "d").await;
+    let reply = c.request(&title("c1", "doomed")).await.unwrap();
+    assert!(matches!(reply.message, ServerMessage::ChatTitleUpdated(_)), "{reply:?}");
+    assert!(server.ctx.keys.holds_key("c1"));
+    server.ctx.keys.forget_all(); // an earlier gap: the key is not in memory
+    let gap_after_the_read = || {
+        let keys = server.ctx.keys.clone();
+        *hooked.after_read.lock().unwrap() = Some(Box::new(move || keys.forget_all()));
+    };
+
+    gap_after_the_read();
+    let access = server.ctx.keys.chat(server.ctx.chats.as_ref(), "alice", "c1").await.unwrap();
+    assert!(matches!(access, keys::ChatAccess::Owned(_)));
+    assert!(!server.ctx.keys.holds_key("c1"), "a chat lookup from before the gap is not memoized");
+
+    let page = ClientMessage::GetChatMessages(GetChatMessages {
+        chat_id: ChatId::new("c1").unwrap(),
+        after_seq: 0,
+        limit: None,
+    });
+    gap_after_the_read();
+    let reply = c.request(&page).await.unwrap();
+    assert!(matches!(reply.message, ServerMessage::ChatMessagesResponse(_)), "{reply:?}");
+    assert!(!server.ctx.keys.holds_key("c1"), "a page of messages read before the gap memoizes no key");
+
+    let reply = c.request(&page).await.unwrap();
+    assert!(matches!(reply.message, ServerMessage::ChatMessagesResponse(_)), "{reply:?}");
+    assert!(server.ctx.keys.holds_key("c1"), "a page read after the gap does");
+}

@@ -185,6 +185,8 @@ async fn complete(
         };
         Ok((status, Json(body)))
     };
+    // Before the write reads the chat: a duplicate's key is resolved from the record it returns.
+    let epoch = s.ctx.keys.epoch();
     match write_message(&s.ctx, &key.user_id, &key.chat_id, &message).await {
         Ok(Written::New { chat, message: stored }) => {
             // Only `stream_completed` is broadcast (SERVER_API.md section 4: "followed by nothing else";
@@ -193,7 +195,9 @@ async fn complete(
             ops::completed(&s.ctx, &key, &stream.info.message_id, stored.seq, chat.messages_v).await;
             posted(StatusCode::CREATED, stored.seq, chat.messages_v, false)
         }
-        Ok(Written::Duplicate { chat, original }) if is_this_message(&s.ctx, &key, &chat, &original, &message) => {
+        Ok(Written::Duplicate { chat, original })
+            if is_this_message(&s.ctx, &key, &chat, &original, &message, epoch) =>
+        {
             // This stream's own message, stored by an earlier `complete` whose answer was lost after the
             // commit (it answered 503 and put the stream back; this is the retry). It was never announced:
             // devices get what a first success sends, and the backend the duplicate answer of section 3.
@@ -228,11 +232,20 @@ async fn complete(
 /// `complete` would store: same sender and same content (the store already matched the chat and the id).
 /// So a retried `complete` tells its own earlier write, committed but unanswered, from another message
 /// under the id. A message that does not open is not this one (logged).
-fn is_this_message(ctx: &Ctx, key: &StreamKey, chat: &ChatRecord, original: &MessageRecord, m: &NewMessage) -> bool {
+/// `epoch`: the keyring's, taken before the write.
+fn is_this_message(
+    ctx: &Ctx,
+    key: &StreamKey,
+    chat: &ChatRecord,
+    original: &MessageRecord,
+    m: &NewMessage,
+    epoch: u64,
+) -> bool {
     if original.sender != m.sender_name {
         return false;
     }
-    let opened = chat_key(ctx, &key.user_id, chat).and_then(|k| message_out(&k.key, key.chat_id.as_str(), original));
+    let opened =
+        chat_key(ctx, &key.user_id, chat, epoch).and_then(|k| message_out(&k.key, key.chat_id.as_str(), original));
     match opened {
         Ok(out) => out.content == m.content,
         Err(e) => {

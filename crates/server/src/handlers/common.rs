@@ -153,9 +153,10 @@ pub async fn cache_written(ctx: &Ctx, user_id: &str, result: &WriteResult) {
     }
 }
 
-/// The key of one of the user's chats, from its record.
-pub fn chat_key(ctx: &Ctx, owner: &str, chat: &ChatRecord) -> Result<Arc<ChatKey>, Error> {
-    ctx.keys.chat_key(&chat.chat_id, owner, &chat.key)
+/// The key of one of the user's chats, from its record, read at the keyring's `epoch` (taken before the
+/// read: see [`crate::keys::Keyring::chat_key_since`]).
+pub fn chat_key(ctx: &Ctx, owner: &str, chat: &ChatRecord, epoch: u64) -> Result<Arc<ChatKey>, Error> {
+    ctx.keys.chat_key_since(&chat.chat_id, owner, &chat.key, epoch)
 }
 
 /// Encrypts a draft (or `None` for no draft) under the user's key.

@@ -24,11 +24,13 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: GetChatMessages) -> Result<
         .with_chat(p.chat_id.as_str()));
     }
     let chat_id = p.chat_id.as_str();
+    // Before the read: a gap in the cluster's bus after it may hide the chat's deletion elsewhere.
+    let epoch = ctx.keys.epoch();
     let Some((chat, records, has_more)) = ctx.chats.messages_after(&conn.user_id, chat_id, p.after_seq, limit).await?
     else {
         return Err(Error::chat_not_found(chat_id));
     };
-    let key = chat_key(ctx, &conn.user_id, &chat)?;
+    let key = chat_key(ctx, &conn.user_id, &chat, epoch)?;
     let budget = ctx.limits.max_reply_bytes as usize;
     let owned_id = chat_id.to_owned();
     // Decrypt on the blocking pool; stop at the frame budget ("Bounded replies": fewer messages and
