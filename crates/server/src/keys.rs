@@ -408,7 +408,7 @@ pub fn existing_master_key(data_dir: &std::path::Path, env_value: Option<&str>) 
 /// Loads the master key (`CHATSYNC_MASTER_KEY`, else `<data_dir>/master.key`, created on first start)
 /// and checks it against the store: a key that cannot unwrap the stored keys is refused with a clear
 /// message. On a store without a check value yet, this key's is stored if none is by then, and read back
-/// (another server may have stored its own first). What an interrupted rotation (see [`RotationStep`]) left behind is cleaned up: a
+/// (another server may have stored its own first); a `master.key.next` is then left alone. What an interrupted rotation (see [`RotationStep`]) left behind is cleaned up: a
 /// `master.key.next` that the store was re-wrapped under is moved into place; one that it was not (the
 /// rotation stopped before its transaction committed) is removed. The caller holds the data directory
 /// lock ([`crate::datadir::DataDirLock`]).
@@ -420,18 +420,22 @@ pub async fn load_master_key(
     use anyhow::Context as _;
     let (master, _created) = MasterKey::load_or_create(data_dir, env_value)?;
     let next = data_dir.join(NEXT_KEY_FILE);
-    let check = match store.key_check().await? {
-        Some(check) => check,
+    let (check, fresh) = match store.key_check().await? {
+        Some(check) => (check, false),
         None => {
             store.init_key_check(&master.check_value()).await?;
             // Read back and verified below like any stored value: another server starting on the same
             // fresh store at the same moment (a cluster's nodes, each with a key of its own) may have
             // stored its check value first, and this node would then wrap keys that no other opens.
-            store.key_check().await?.context("the store has no master key check value")?
+            (store.key_check().await?.context("the store has no master key check value")?, true)
         }
     };
+    // A store that had no check value says nothing about a `master.key.next`: it may be the only copy of
+    // the key of another store, whose rotation was interrupted (a data directory pointed at a new
+    // database meanwhile). It is left alone.
+    let next_is_ours = !fresh && env_value.is_none() && next.exists();
     if master.verify_check(&check).is_ok() {
-        if env_value.is_none() && next.exists() {
+        if next_is_ours {
             // The store is still under master.key: the new key never wrapped anything committed.
             std::fs::remove_file(&next)?;
             crate::datadir::sync_dir(data_dir)?;
@@ -441,7 +445,7 @@ pub async fn load_master_key(
         }
         return Ok(master);
     }
-    if env_value.is_none() && next.exists() {
+    if next_is_ours {
         let text = zeroize::Zeroizing::new(std::fs::read_to_string(&next)?);
         if let Ok(candidate) = MasterKey::from_base64(&text) {
             if candidate.verify_check(&check).is_ok() {

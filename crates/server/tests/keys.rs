@@ -425,6 +425,21 @@ async fn a_server_that_loses_the_race_to_store_the_first_check_value_refuses_its
     keys::load_master_key(data.path(), Some(other.to_base64().as_str()), backend.chats.as_ref()).await.unwrap();
 }
 
+/// A `master.key.next` left by a rotation of another store, interrupted after that store was re-wrapped
+/// (its only copy of the new key), then the data directory pointed at a new, empty store: starting there
+/// must not remove the file (a fresh store cannot tell whether it is stale).
+#[tokio::test]
+async fn a_first_start_on_a_fresh_store_leaves_a_master_key_next_alone() {
+    let (data, _config, backend, _hooked) = hooked_store().await;
+    chatsync::crypto::MasterKey::load_or_create(data.path(), None).unwrap();
+    let next = data.path().join("master.key.next");
+    let other_store_key = chatsync::crypto::MasterKey::generate().to_base64().to_string();
+    std::fs::write(&next, &other_store_key).unwrap();
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
+    keys::load_master_key(data.path(), None, backend.chats.as_ref()).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&next).unwrap(), other_store_key, "the other store's key is kept");
+}
+
 /// In a cluster, a gap in the bus may hide a chat's deletion on another node: the keyring forgets every
 /// key, and a key resolved from what was read before the gap must not be memoized after it (the chat
 /// may be gone, and its key would stay in memory for the life of the process). Here the gap comes right
