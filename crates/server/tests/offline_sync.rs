@@ -348,13 +348,16 @@ async fn an_offline_change_to_an_unknown_chat_creates_it_whatever_its_version_be
 async fn offline_delete_draft_of_an_unknown_chat_creates_it_and_applies() {
     let server = TestServer::start().await;
     let mut alice = new_user(&server, "alice", "laptop").await;
-    let (before, done) = offline_round(&mut alice, json!([off_delete_draft("x", "fresh", 0)])).await;
-    assert!(before.is_empty(), "no draft was deleted, nothing to broadcast: {before:?}");
-    assert_eq!((done.processed, done.conflicts, done.errors), (1, 0, 0));
-    assert_eq!(done.results[0].status, OfflineStatus::Applied);
-    assert_eq!(done.results[0].versions, Some(Versions { messages_v: 0, title_v: 0, draft_v: 0 }));
-    let state = chat_state(&mut alice, "fresh").await;
-    assert_eq!(state.draft_json, Some(None));
+    // Whatever `version_before_edit` says (as for titles and drafts: there is no version to conflict with).
+    for (chat, version_before_edit) in [("fresh", 0), ("fresh2", -1)] {
+        let (before, done) = offline_round(&mut alice, json!([off_delete_draft("x", chat, version_before_edit)])).await;
+        assert!(before.is_empty(), "no draft was deleted, nothing to broadcast: {before:?}");
+        assert_eq!((done.processed, done.conflicts, done.errors), (1, 0, 0), "{chat}");
+        assert_eq!(done.results[0].status, OfflineStatus::Applied);
+        assert_eq!(done.results[0].versions, Some(Versions { messages_v: 0, title_v: 0, draft_v: 0 }));
+        let state = chat_state(&mut alice, chat).await;
+        assert_eq!(state.draft_json, Some(None));
+    }
     // The live message still answers not_found for an unknown chat (section 8).
     assert_not_found(&alice.request(&delete_draft("unknown")).await.unwrap());
 }

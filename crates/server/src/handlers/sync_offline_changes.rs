@@ -62,12 +62,15 @@ async fn apply(ctx: &Ctx, conn: &ConnHandle, change: OfflineChange, outcome: &mu
             outcome.broadcasts.extend(event.map(Broadcast::All));
         }
         // Deleting a draft that is already gone reaches the state the client wanted: applied, no event,
-        // if the client had seen the draft's latest version (or the chat never had a draft); otherwise a
-        // conflict like any change (PROTOCOL.md: it applies only if the version is at most its
-        // `version_before_edit`), so the client learns that the draft moved on meanwhile. A negative
-        // `version_before_edit` is below every version: a conflict, as for titles and drafts.
+        // if the client had seen the draft's latest version; otherwise a conflict like any change
+        // (PROTOCOL.md: it applies only if the version is at most its `version_before_edit`), so the
+        // client learns that the draft moved on meanwhile. A negative `version_before_edit` is below
+        // every version: a conflict, as for titles and drafts; except for a chat with nothing in it yet,
+        // which this change may just have created (docs/PROTOCOL.md section 8: applied, whatever
+        // `version_before_edit` says).
         Ok((WriteResult::NoDraft(chat), _)) => {
-            let current = i64::try_from(chat.draft_v).is_ok_and(|v| v <= change.version_before_edit);
+            let empty = chat.draft_v == 0 && chat.title_v == 0 && chat.messages_v == 0;
+            let current = empty || i64::try_from(chat.draft_v).is_ok_and(|v| v <= change.version_before_edit);
             result.status = if current { OfflineStatus::Applied } else { OfflineStatus::Conflict };
             result.versions = Some(versions(&chat));
         }
