@@ -598,7 +598,7 @@ async fn a_write_whose_outcome_is_unknown_empties_every_node_s_cache_of_the_user
     dropped("node 1 dropped alice's list at the second Forget").await;
     let token = node1.ctx.cache.begin_load("alice").await;
     assert!(node1.ctx.cache.put_chats("alice", token, Vec::new()).await);
-    node0.ctx.cache.chat_written("alice", &c9).await;
+    node0.ctx.cache.chat_written("alice", &c9, true).await;
     dropped("node 1 dropped the list rather than bring the uncertain chat back into it").await;
 }
 

@@ -60,9 +60,9 @@ impl Cache for CoherentCache {
         self.bus.is_healthy() && self.inner.put_chats(user_id, token, chats).await
     }
 
-    async fn chat_written(&self, user_id: &str, chat: &ChatRecord) {
-        self.inner.chat_written(user_id, chat).await;
-        self.bus.publish_user(user_id, BusMessage::ChatWritten { chat: chat.clone() });
+    async fn chat_written(&self, user_id: &str, chat: &ChatRecord, created: bool) {
+        self.inner.chat_written(user_id, chat, created).await;
+        self.bus.publish_user(user_id, BusMessage::ChatWritten { chat: chat.clone(), created });
     }
 
     async fn chat_deleted(&self, user_id: &str, chat_id: &str) {

@@ -115,13 +115,6 @@ pub fn sort_chats(chats: &mut [ChatRecord]) {
     chats.sort_by(|a, b| b.last_edited_ms.cmp(&a.last_edited_ms).then_with(|| a.chat_id.cmp(&b.chat_id)));
 }
 
-/// Whether `chat` may be the result of the write that created the chat: every write increments one of
-/// the three versions by one (a mark_read none), and a chat is created by its first title, draft or
-/// message, so the record of its creation has versions adding up to 1.
-fn may_be_creation(chat: &ChatRecord) -> bool {
-    chat.title_v.saturating_add(chat.messages_v).saturating_add(chat.draft_v) <= 1
-}
-
 fn merge(old: &mut ChatRecord, new: &ChatRecord) {
     if new.title_v >= old.title_v {
         old.title_v = new.title_v;
@@ -198,7 +191,7 @@ impl Cache for MemoryCache {
         true
     }
 
-    async fn chat_written(&self, user_id: &str, chat: &ChatRecord) {
+    async fn chat_written(&self, user_id: &str, chat: &ChatRecord, created: bool) {
         let Some(mut entry) = self.users.get_mut(user_id) else { return };
         entry.generation = self.tick();
         if entry.deleted.as_ref().is_none_or(|deleted| deleted.contains(&chat.chat_id)) {
@@ -208,7 +201,7 @@ impl Cache for MemoryCache {
         let Some(chats) = entry.chats.as_mut() else { return };
         match chats.get_mut(&chat.chat_id) {
             Some(old) => merge(old, chat),
-            None if !uncertain && may_be_creation(chat) => {
+            None if !uncertain && created => {
                 chats.insert(chat.chat_id.clone(), chat.clone());
             }
             // An uncertain chat the cached list does not hold: a late result of a write to a chat that
@@ -216,9 +209,9 @@ impl Cache for MemoryCache {
             // an id the failed deletion named but that did not exist then. Likewise a chat the list
             // does not hold whose record is not of the write that created it: the chat existed before
             // this write, so either its creation has not reached this entry yet (a record from another
-            // node overtaken by this one), or it was deleted before the list was loaded and this is a
-            // late result (in a cluster, a deletion lost in a gap of the bus is known to no keyring
-            // here). Only the store can tell.
+            // node overtaken by this one, or a write that raced the creation), or it was deleted before
+            // the list was loaded and this is a late result (in a cluster, a deletion lost in a gap of
+            // the bus is known to no keyring here). Only the store can tell.
             None => self.drop_lists(&mut entry),
         }
     }
@@ -348,8 +341,8 @@ mod tests {
         let c = cache().await;
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("a", 1, 1, 1, 10)]).await);
-        c.chat_written("u", &chat("a", 3, 1, 1, 20)).await;
-        c.chat_written("u", &chat("a", 2, 4, 0, 15)).await;
+        c.chat_written("u", &chat("a", 3, 1, 1, 20), false).await;
+        c.chat_written("u", &chat("a", 2, 4, 0, 15), false).await;
         let got = &c.chats("u").await.unwrap()[0];
         assert_eq!((got.title_v, got.title.as_deref()), (3, Some(&[3u8][..])));
         assert_eq!(got.draft_v, 4);
@@ -369,16 +362,16 @@ mod tests {
         assert!(c.put_chats("u", t, vec![chat("b", 1, 0, 0, 1)]).await);
         // A write to "a" that committed before the deletion reports late: not brought back (the list is
         // dropped; the store knows).
-        c.chat_written("u", &chat("a", 2, 0, 0, 2)).await;
+        c.chat_written("u", &chat("a", 2, 0, 0, 2), true).await;
         assert!(c.chats("u").await.is_none());
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("b", 1, 0, 0, 1)]).await);
         // Other chats' writes merge as before.
-        c.chat_written("u", &chat("b", 2, 0, 0, 3)).await;
+        c.chat_written("u", &chat("b", 2, 0, 0, 3), false).await;
         assert_eq!(c.chats("u").await.unwrap()[0].title_v, 2);
         // A deletion confirmed afterwards makes it an ordinary deleted chat: late results are ignored.
         c.chat_deleted("u", "a").await;
-        c.chat_written("u", &chat("a", 3, 0, 0, 4)).await;
+        c.chat_written("u", &chat("a", 3, 0, 0, 4), true).await;
         assert_eq!(c.chats("u").await.unwrap().len(), 1);
     }
 
@@ -389,7 +382,7 @@ mod tests {
         // The deletion did not commit (a deadlock rolled it back): the reload holds the chat.
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1)]).await);
-        c.chat_written("u", &chat("a", 2, 0, 0, 2)).await;
+        c.chat_written("u", &chat("a", 2, 0, 0, 2), false).await;
         let got = c.chats("u").await.expect("the list stays cached");
         assert_eq!((got.len(), got[0].title_v), (1, 2), "the write merged into it");
     }
@@ -401,11 +394,11 @@ mod tests {
         c.write_unknown("u", Some("x")).await;
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1)]).await);
-        c.chat_written("u", &chat("x", 1, 0, 0, 2)).await;
+        c.chat_written("u", &chat("x", 1, 0, 0, 2), true).await;
         assert!(c.chats("u").await.is_none(), "not left out of a list that stays cached");
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1), chat("x", 1, 0, 0, 2)]).await);
-        c.chat_written("u", &chat("x", 2, 0, 0, 3)).await;
+        c.chat_written("u", &chat("x", 2, 0, 0, 3), false).await;
         let x = c.chats("u").await.unwrap().into_iter().find(|c| c.chat_id == "x").unwrap();
         assert_eq!(x.title_v, 2, "merged as any chat once the store listed it");
     }
@@ -415,14 +408,15 @@ mod tests {
         let c = cache().await;
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1)]).await);
-        // A new chat: its first title, draft or message.
+        // New chats: the records of the writes that created them.
         for (id, title_v, draft_v, messages_v) in [("t", 1, 0, 0), ("d", 0, 1, 0), ("m", 0, 0, 1)] {
-            c.chat_written("u", &chat(id, title_v, draft_v, messages_v, 2)).await;
+            c.chat_written("u", &chat(id, title_v, draft_v, messages_v, 2), true).await;
         }
         assert_eq!(c.chats("u").await.unwrap().len(), 4);
-        // A later write of a chat the list lacks: deleted before the list was loaded (a late result), or
-        // its creation not merged yet. Only the store can tell: the list is dropped.
-        c.chat_written("u", &chat("x", 1, 1, 0, 3)).await;
+        // Any other write of a chat the list lacks (whatever its versions: a mark_read or a duplicate
+        // message leave them as they are): deleted before the list was loaded (a late result), or its
+        // creation not merged yet. Only the store can tell: the list is dropped.
+        c.chat_written("u", &chat("x", 0, 0, 1, 3), false).await;
         assert!(c.chats("u").await.is_none());
     }
 
@@ -430,7 +424,7 @@ mod tests {
     async fn a_load_overtaken_by_a_write_is_not_stored() {
         let c = cache().await;
         let t = c.begin_load("u").await;
-        c.chat_written("u", &chat("a", 1, 0, 0, 1)).await;
+        c.chat_written("u", &chat("a", 1, 0, 0, 1), true).await;
         assert!(!c.put_chats("u", t, vec![]).await);
         assert!(c.chats("u").await.is_none(), "miss, so reads go to the store");
     }
@@ -491,7 +485,7 @@ mod tests {
         let t = c.begin_load("u").await;
         assert!(c.put_chats("u", t, vec![chat("a", 1, 1, 1, 10)]).await);
         c.chat_deleted("u", "a").await;
-        c.chat_written("u", &chat("a", 1, 2, 1, 20)).await;
+        c.chat_written("u", &chat("a", 1, 2, 1, 20), true).await;
         assert!(c.chats("u").await.unwrap().is_empty());
     }
 
@@ -511,7 +505,7 @@ mod tests {
         assert!(c.chats("u").await.is_none());
         let t = c.begin_load("u").await;
         assert!(!c.put_chats("u", t, vec![chat("d", 1, 1, 1, 10)]).await, "no list is cached again");
-        c.chat_written("u", &chat("a", 1, 2, 1, 20)).await;
+        c.chat_written("u", &chat("a", 1, 2, 1, 20), true).await;
         assert!(c.chats("u").await.is_none(), "so no late write can bring a deleted chat back");
         assert!(c.begin_warm("u").await.is_none(), "and no warm-up loads in vain");
         c.detach("u").await;

@@ -74,7 +74,10 @@ pub trait Cache: Send + Sync + 'static {
 
     /// Merges a chat record the store returned after a committed write (never moves a version back,
     /// never brings back a chat deleted meanwhile).
-    async fn chat_written(&self, user_id: &str, chat: &ChatRecord);
+    /// `created`: this write created the chat; only such a record adds a chat the cached list lacks (any
+    /// other is of a chat that existed before the write: its creation not merged yet, or a deletion
+    /// before the list was loaded, which only the store can tell apart).
+    async fn chat_written(&self, user_id: &str, chat: &ChatRecord, created: bool);
 
     /// Removes a deleted chat and its messages, for good.
     async fn chat_deleted(&self, user_id: &str, chat_id: &str);

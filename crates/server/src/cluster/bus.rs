@@ -72,6 +72,10 @@ pub enum BusMessage {
     ChatWritten {
         /// The record the store returned.
         chat: ChatRecord,
+        /// The write created the chat (`Cache::chat_written`). A node of an earlier version sends none:
+        /// `false`, which costs at most a reload of a list.
+        #[serde(default)]
+        created: bool,
     },
     /// A chat was deleted: drop it from the cache and its key from the keyring, for good.
     #[serde(rename = "d")]

@@ -40,8 +40,8 @@ impl BusHandler for NodeHandler {
             }
             // A late result of a write to a chat deleted since (every node hears of every deletion on
             // the control channel) is not taken for a new chat by an entry loaded after the deletion.
-            (Some(user), BusMessage::ChatWritten { chat }) if !self.keys.is_deleted(&chat.chat_id) => {
-                self.cache.chat_written(user, &chat).await
+            (Some(user), BusMessage::ChatWritten { chat, created }) if !self.keys.is_deleted(&chat.chat_id) => {
+                self.cache.chat_written(user, &chat, created).await
             }
             (Some(_), BusMessage::ChatWritten { .. }) => {}
             (Some(user), BusMessage::ChatDeleted { chat_id }) => {

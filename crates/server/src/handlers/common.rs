@@ -91,27 +91,28 @@ pub async fn write_chat(
         } else {
             (ctx.keys.chat(ctx.chats.as_ref(), owner, chat_id).await?, false)
         };
-        // The write's result, and the key to memoize once it is known to have been accepted.
-        let (result, accepted) = match access {
+        // The write's result, the key to memoize once it is known to have been accepted, and whether the
+        // write created the chat.
+        let (result, accepted, created) = match access {
             ChatAccess::Denied => return Err(Error::chat_not_found(chat_id)),
             ChatAccess::Owned(k) => {
                 let result = store_write(ctx, owner, build(Target::Existing, &k.key)).await?;
                 let accepted = unconfirmed && !matches!(result, WriteResult::NotFound | WriteResult::Raced);
-                (result, accepted.then_some(k))
+                (result, accepted.then_some(k), false)
             }
             ChatAccess::New => {
                 let (key, wrapped) = ctx.keys.new_chat_key(chat_id);
                 let target = Target::Create { key: wrapped, max_chats: ctx.config.max_chats_per_user };
                 let result = store_write(ctx, owner, build(target, &key)).await?;
                 let created = !matches!(result, WriteResult::Raced | WriteResult::NotFound | WriteResult::ChatLimit);
-                (result, created.then(|| Arc::new(ChatKey { owner: owner.to_owned(), key })))
+                (result, created.then(|| Arc::new(ChatKey { owner: owner.to_owned(), key })), created)
             }
         };
         ctx.pauses.at(crate::pause::WRITE_COMMITTED).await;
         if let Some(k) = accepted {
             ctx.keys.confirmed(chat_id, &k, epoch);
         }
-        cache_written(ctx, owner, &result).await;
+        cache_written(ctx, owner, &result, created).await;
         match result {
             WriteResult::Raced => continue,
             // The first answer may have been the cache's, out of date (the chat deleted elsewhere, or
@@ -137,8 +138,9 @@ pub async fn write_chat(
 
 /// Merges the chat state a write returned into the cache (applied or not: it is the store's truth), unless
 /// the chat has been deleted since the write committed: a cache entry made after the deletion (or, in a
-/// cluster, another node's) would take the late record for a new chat and list a deleted one.
-pub async fn cache_written(ctx: &Ctx, user_id: &str, result: &WriteResult) {
+/// cluster, another node's) would take the late record for a new chat and list a deleted one. `created`:
+/// the write created the chat (see [`crate::cache::Cache::chat_written`]).
+pub async fn cache_written(ctx: &Ctx, user_id: &str, result: &WriteResult, created: bool) {
     match result {
         WriteResult::Applied(chat)
         | WriteResult::Conflict(chat)
@@ -147,7 +149,7 @@ pub async fn cache_written(ctx: &Ctx, user_id: &str, result: &WriteResult) {
         | WriteResult::Message { chat, .. }
             if !ctx.keys.is_deleted(&chat.chat_id) =>
         {
-            ctx.cache.chat_written(user_id, chat).await
+            ctx.cache.chat_written(user_id, chat, created).await
         }
         _ => {}
     }

@@ -56,6 +56,6 @@ pub async fn apply(
     if let WriteResult::NotFound = result {
         return Err(Error::chat_not_found(chat_id));
     }
-    super::common::cache_written(ctx, user_id, &result).await;
+    super::common::cache_written(ctx, user_id, &result, false).await;
     Ok(result)
 }

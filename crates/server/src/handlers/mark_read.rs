@@ -13,7 +13,7 @@ use chatsync_protocol::{ChatReadUpdated, MarkRead, ServerMessage};
 pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: MarkRead) -> Result<Outcome, Error> {
     let op = WriteOp::MarkRead { owner: conn.user_id.clone(), chat_id: p.chat_id.to_string(), seq: p.seq };
     let result = super::common::store_write(ctx, &conn.user_id, op).await?;
-    super::common::cache_written(ctx, &conn.user_id, &result).await;
+    super::common::cache_written(ctx, &conn.user_id, &result, false).await;
     let update = |read_seq, unread_count| ChatReadUpdated { chat_id: p.chat_id.clone(), read_seq, unread_count };
     match result {
         WriteResult::Applied(chat) => Ok(Outcome::default()
