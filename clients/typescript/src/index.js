@@ -790,6 +790,18 @@ export class OfflineQueue {
   }
 
   /**
+   * Drops the queued changes `superseded` picks (a later edit of the same component was sent live).
+   * @param {(change: import('./index.js').OfflineChange) => boolean} superseded
+   */
+  dropChanges(superseded) {
+    const kept = this.changes.filter((c) => !superseded(c));
+    if (kept.length !== this.changes.length) {
+      this.changes = kept;
+      this.save();
+    }
+  }
+
+  /**
    * Queues a message (or keeps the one already queued with that id).
    * @param {import('./index.js').PendingMessage} message
    */
@@ -1050,9 +1062,12 @@ export class ChatSyncClient extends Emitter {
     this.url = options.url ?? defaultUrl();
     // Checked here: in `_open` (async, not awaited) a malformed url would be an unhandled rejection (in
     // Node, the end of the process) and the client would stay `connecting`.
+    let scheme = '';
     try {
-      new URL(this.url);
-    } catch {
+      scheme = new URL(this.url).protocol;
+    } catch {}
+    // (http: and https: too: the WebSocket standard takes them for ws: and wss:.)
+    if (!['ws:', 'wss:', 'http:', 'https:'].includes(scheme)) {
       throw new TypeError('ChatSyncClient: url must be an absolute ws:// or wss:// URL');
     }
     /** @type {any} */
@@ -1975,12 +1990,7 @@ export class ChatSyncClient extends Emitter {
    * @returns {Promise<import('./index.js').WriteResult>}
    */
   async _write(change, send, revert) {
-    // An earlier edit of this component waiting in the queue (a transient failure while online, its retry
-    // not sent yet) goes out with the next flush: this one goes behind it, coalesced with it, else the
-    // earlier one, sent after this one, would meet it as a conflict (a `change_conflict` for a value the
-    // user wrote over). One already in flight was sent before this one, which the server applies after it.
-    const behind = this.queue.changes.some((c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type));
-    if (this.status !== 'online' || behind) {
+    if (this.status !== 'online') {
       // Before the first sync of this load, a chat not known here may well exist on the server (after a
       // reload the model is empty): the version this edit was made on is unknown (see `_rebaseUnsynced`).
       const unknown = !this._synced && !this.chats.get(change.chat_id)?.known;
@@ -1988,6 +1998,13 @@ export class ChatSyncClient extends Emitter {
       this._retrySoon();
       return { queued: true };
     }
+    // An earlier edit of this component waiting in the queue (a transient failure while online, its retry
+    // not sent yet) is superseded by this one, which the user made over it: dropped, else, sent after
+    // this one, it would undo it or meet it as a conflict (a `change_conflict` for a value the user wrote
+    // over). (Joined with it instead, this one would be checked against that edit's older base, and lost
+    // to a write another device made since, which this device had seen.) One already in flight was sent
+    // before this one, which the server applies after it.
+    this.queue.dropChanges((c) => c.chat_id === change.chat_id && componentOf(c.type) === componentOf(change.type));
     this._liveWrites.add(change);
     try {
       const reply = await send();

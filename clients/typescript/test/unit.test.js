@@ -1920,6 +1920,31 @@ test('a live write made while an older edit of its component waits in the queue 
   assert.deepEqual(conflicts, [], 'the older edit was not lost: the user wrote over it');
 });
 
+test('a live write that supersedes a queued edit of its component is checked on its own base: a write another device made in between, which this device had seen, does not make it a conflict', { timeout: 5000 }, async (t) => {
+  const c = client({ backoff: { initialMs: 200, maxMs: 200, jitter: 0 } });
+  t.after(() => c.close());
+  const socket = await online(c, C1);
+  const server = { title: 'Old', title_v: 1 };
+  let failed = 0;
+  const stop = playTitleServer(socket, server, (f) => f.type === 'update_title' && failed++ === 0);
+  t.after(stop);
+  /** @type {any[]} */
+  const conflicts = [];
+  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  assert.deepEqual(await c.updateTitle('c1', 'X'), { queued: true }, 'unavailable: queued for a retry');
+  // Another device writes Y; this one sees it, and the user types Z over it.
+  server.title = 'Y';
+  server.title_v += 1;
+  socket.push({ type: 'chat_title_updated', payload: { chat_id: 'c1', data: { title: 'Y' }, versions: { title_v: server.title_v } } });
+  await until(() => c.chat('c1').title === 'Y');
+  await c.updateTitle('c1', 'Z');
+  await until(() => c.queue.size + c.queue.inFlight.length + c.queue.recheck.length === 0 && !c._flushTimer);
+  await c.ping();
+  assert.equal(server.title, 'Z', 'the edit made last, over what the user saw, is what the server holds');
+  assert.equal(c.chat('c1').title, 'Z');
+  assert.deepEqual(conflicts, []);
+});
+
 test('a live write confirmed after the retry of an older edit of its component met a conflict makes that conflict moot: no change_conflict', { timeout: 5000 }, async (t) => {
   const c = client({ backoff: { initialMs: 20, maxMs: 20, jitter: 0 } });
   t.after(() => c.close());
@@ -2003,4 +2028,6 @@ test('a close for good by the server (Session revoked) clears the retry timer of
 test('a url that is not an absolute URL is refused by the constructor (a TypeError), not by an unhandled rejection of connect()', () => {
   assert.throws(() => client({ url: '/v1/ws' }), TypeError);
   assert.throws(() => client({ url: 'not a url' }), TypeError);
+  assert.throws(() => client({ url: 'foo:bar' }), TypeError, 'an absolute URL of no WebSocket scheme');
+  assert.doesNotThrow(() => client({ url: 'wss://chat.example/v1/ws' }).close());
 });
