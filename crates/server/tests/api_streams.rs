@@ -580,3 +580,18 @@ async fn a_start_that_would_create_a_chat_past_the_users_limit_is_refused() {
     assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
     assert_eq!(api.post(&format!("{STREAMS}/s1/complete"), json!({"content": "done"})).await.0, 201);
 }
+
+/// A retried start of a stream that is open (announced) in a new chat id, after the user reached
+/// `max_chats_per_user` since, is a retry (200), not refused: the backend would never end a stream its
+/// devices show.
+#[tokio::test]
+async fn a_retried_start_in_a_new_chat_is_a_retry_after_the_user_reached_the_limit() {
+    let server = TestServer::start_with(|c| c.max_chats_per_user = 1).await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+    assert_eq!(api.post("/users/alice/chats/c2/streams", start_body("s1", "m1")).await.0, 201);
+    let first = json!({"message_id": "m0", "sender_name": "assistant", "content": "hi"});
+    assert_eq!(api.post("/users/alice/chats/c1/messages", first).await.0, 201, "the user's one chat");
+    let (status, body) = api.post("/users/alice/chats/c2/streams", start_body("s1", "m1")).await;
+    assert_eq!(status, 200, "{body}");
+}

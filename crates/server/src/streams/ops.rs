@@ -56,7 +56,9 @@ pub async fn start(ctx: &Ctx, key: &StreamKey, info: &StreamInfo) -> Result<Open
         ChatAccess::New => {
             let max = ctx.config.max_chats_per_user;
             let owned = ctx.store.user_summary(&key.user_id).await.map_err(crate::error::Error::from)?;
-            if owned.is_some_and(|u| u.chat_count >= u64::from(max)) {
+            // (A retried start of a stream already open and announced, the limit reached since, goes on
+            // as a retry: refused, it would leave the devices a stream that never ends.)
+            if owned.is_some_and(|u| u.chat_count >= u64::from(max)) && !ctx.streams.is_open(key).await? {
                 return Err(OpError::ChatLimit { max });
             }
         }
