@@ -1899,18 +1899,28 @@ function playTitleServer(socket, server, fail) {
   };
 }
 
-test('a live write made while an older edit of its component waits in the queue (a transient failure) is not undone by that edit, and raises no change_conflict', { timeout: 5000 }, async (t) => {
-  // The retry of the failed write waits a backoff delay (50 ms here); the user types on meanwhile.
-  const c = client({ backoff: { initialMs: 50, maxMs: 50, jitter: 0 } });
+/**
+ * An online client whose server (see {@link playTitleServer}) answers its first update_title with
+ * `unavailable`, retries after `backoffMs`, and the change_conflict events it emits.
+ * @param {any} t
+ * @param {number} backoffMs
+ */
+async function titleFailingOnce(t, backoffMs) {
+  const c = client({ backoff: { initialMs: backoffMs, maxMs: backoffMs, jitter: 0 } });
   t.after(() => c.close());
   const socket = await online(c, C1);
   const server = { title: 'Old', title_v: 1 };
   let failed = 0;
-  const stop = playTitleServer(socket, server, (f) => f.type === 'update_title' && failed++ === 0);
-  t.after(stop);
+  t.after(playTitleServer(socket, server, (f) => f.type === 'update_title' && failed++ === 0));
   /** @type {any[]} */
   const conflicts = [];
   c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  return { c, conflicts, server, socket };
+}
+
+test('a live write made while an older edit of its component waits in the queue (a transient failure) is not undone by that edit, and raises no change_conflict', { timeout: 5000 }, async (t) => {
+  // The retry of the failed write waits a backoff delay (50 ms here); the user types on meanwhile.
+  const { c, conflicts, server } = await titleFailingOnce(t, 50);
   assert.deepEqual(await c.updateTitle('c1', 'Trip'), { queued: true }, 'unavailable: queued for a retry');
   await c.updateTitle('c1', 'Trip to Lisbon');
   await until(() => c.queue.size + c.queue.inFlight.length + c.queue.recheck.length === 0 && !c._flushTimer);
@@ -1921,16 +1931,7 @@ test('a live write made while an older edit of its component waits in the queue 
 });
 
 test('a live write that supersedes a queued edit of its component is checked on its own base: a write another device made in between, which this device had seen, does not make it a conflict', { timeout: 5000 }, async (t) => {
-  const c = client({ backoff: { initialMs: 200, maxMs: 200, jitter: 0 } });
-  t.after(() => c.close());
-  const socket = await online(c, C1);
-  const server = { title: 'Old', title_v: 1 };
-  let failed = 0;
-  const stop = playTitleServer(socket, server, (f) => f.type === 'update_title' && failed++ === 0);
-  t.after(stop);
-  /** @type {any[]} */
-  const conflicts = [];
-  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  const { c, conflicts, server, socket } = await titleFailingOnce(t, 200);
   assert.deepEqual(await c.updateTitle('c1', 'X'), { queued: true }, 'unavailable: queued for a retry');
   // Another device writes Y; this one sees it, and the user types Z over it.
   server.title = 'Y';
