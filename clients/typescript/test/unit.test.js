@@ -1763,8 +1763,6 @@ test('a conflict of an edit whose value the server holds (the same edit sent by 
   c.close();
 });
 
-// ---- SDK review (review-sdk) ----
-
 test('a chat the sync reply says was deleted is remembered as deleted: a late event for it does not bring it back', async () => {
   const c = client();
   const first = await online(c, {

@@ -41,6 +41,12 @@ impl Error {
         e
     }
 
+    /// `limit_exceeded` naming `chat_id`: creating the chat would take its owner past `max` chats.
+    pub fn chat_limit(chat_id: &str, max: u32) -> Error {
+        Error::limit_exceeded("chat_id", format!("Creating this chat would exceed max_chats_per_user ({max})."))
+            .with_chat(chat_id)
+    }
+
     /// `not_found` for a chat (absent, deleted or another user's: indistinguishable on purpose).
     pub fn chat_not_found(chat_id: &str) -> Error {
         Error::new(ErrorCode::NotFound, "Chat not found.").with_chat(chat_id)

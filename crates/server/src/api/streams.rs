@@ -64,9 +64,6 @@ fn parse_stream_id(id: &str) -> ApiResult<StreamId> {
 fn op_error(e: OpError) -> ApiError {
     match e {
         OpError::ChatNotFound => ApiError::not_found("Chat not found."),
-        OpError::ChatLimit { max } => {
-            ApiError::limit_exceeded("chat_id", format!("Creating this chat would exceed max_chats_per_user ({max})."))
-        }
         OpError::Store(e) => e.into(),
         OpError::Stream(StreamError::NotOpen) => ApiError::conflict("The stream is not open."),
         OpError::Stream(StreamError::Gap { last, got }) => {

@@ -122,14 +122,7 @@ pub async fn write_chat(
                 ctx.keys.forget_chat(chat_id);
                 return Err(Error::chat_not_found(chat_id));
             }
-            WriteResult::ChatLimit => {
-                let max = ctx.config.max_chats_per_user;
-                return Err(Error::limit_exceeded(
-                    "chat_id",
-                    format!("Creating this chat would exceed max_chats_per_user ({max}).",),
-                )
-                .with_chat(chat_id));
-            }
+            WriteResult::ChatLimit => return Err(Error::chat_limit(chat_id, ctx.config.max_chats_per_user)),
             other => return Ok(other),
         }
     }

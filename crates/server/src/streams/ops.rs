@@ -22,18 +22,11 @@ pub enum OpError {
     /// The chat belongs to another user or was deleted (404 `not_found`).
     #[error("chat not found")]
     ChatNotFound,
-    /// The chat id is new and the user owns `max_chats_per_user` chats already: the stream's message
-    /// could never be stored (422 `limit_exceeded` naming `chat_id`).
-    #[error("the user owns {max} chats already")]
-    ChatLimit {
-        /// The limit, chats per user.
-        max: u32,
-    },
     /// The registry refused (409 `conflict` for a closed stream, a gap or another stream under the id; 422
     /// `limit_exceeded` past the cap; 503 `unavailable`).
     #[error(transparent)]
     Stream(#[from] StreamError),
-    /// The store failed while checking the chat.
+    /// The store failed while checking the chat, or the chat cannot be created (past `max_chats_per_user`).
     #[error("{0:?}")]
     Store(crate::error::Error),
 }
@@ -59,7 +52,7 @@ pub async fn start(ctx: &Ctx, key: &StreamKey, info: &StreamInfo) -> Result<Open
             // (A retried start of a stream already open and announced, the limit reached since, goes on
             // as a retry: refused, it would leave the devices a stream that never ends.)
             if owned.is_some_and(|u| u.chat_count >= u64::from(max)) && !ctx.streams.is_open(key).await? {
-                return Err(OpError::ChatLimit { max });
+                return Err(crate::error::Error::chat_limit(key.chat_id.as_str(), max).into());
             }
         }
         ChatAccess::Owned(_) => {}
