@@ -130,8 +130,10 @@ impl MasterKey {
 
     /// Loads the master key. `env_value` (the `CHATSYNC_MASTER_KEY` variable, base64) wins when `Some`;
     /// otherwise reads `<data_dir>/master.key` (base64, trailing whitespace allowed). When that file does
-    /// not exist, creates `data_dir` and the file (mode 0600, `create_new`, flushed to disk with its
-    /// directory entry) with a new random key and returns `created = true`. A key file readable by group or others is rejected.
+    /// not exist, creates `data_dir` and the file with a new random key and returns `created = true`: the key
+    /// is written whole to a temporary file (mode 0600, flushed to disk), hard-linked as `master.key` (so
+    /// that a crash never leaves a partial key file, and a key another process created meanwhile wins and is
+    /// read instead), and the directory entry flushed. A key file readable by group or others is rejected.
     pub fn load_or_create(data_dir: &Path, env_value: Option<&str>) -> anyhow::Result<(MasterKey, bool)> {
         if let Some(value) = env_value {
             let key = MasterKey::from_base64(value).context("invalid CHATSYNC_MASTER_KEY")?;
@@ -157,18 +159,21 @@ impl MasterKey {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 std::fs::create_dir_all(data_dir)
                     .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .with_context(|| format!("cannot create master key file {shown}"))?;
                 let key = MasterKey::generate();
-                let mut line = key.to_base64();
-                line.push('\n');
-                if let Err(e) = file.write_all(line.as_bytes()).and_then(|()| file.sync_all()) {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e).with_context(|| format!("cannot write master key file {shown}"));
+                // Written whole under a name of its own, then linked into place: a crash mid-write leaves
+                // no empty or partial `master.key` behind (only a stray file that nothing reads), and the
+                // link, unlike a rename, fails when another process created `master.key` meanwhile.
+                let mut nonce = [0u8; 8];
+                OsRng.fill_bytes(&mut nonce);
+                let temp = data_dir.join(format!("master.key.new-{}", hex::encode(nonce)));
+                let written = write_new_key_file(&temp, &key);
+                let linked = written.and_then(|()| std::fs::hard_link(&temp, &path));
+                let _ = std::fs::remove_file(&temp);
+                match linked {
+                    Ok(()) => {}
+                    // Another process created the key first: that one is the key.
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => return MasterKey::load_or_create(data_dir, None),
+                    Err(e) => return Err(e).with_context(|| format!("cannot write master key file {shown}")),
                 }
                 // The file's own fsync does not make its directory entry durable.
                 crate::datadir::sync_dir(data_dir)?;
@@ -204,6 +209,15 @@ impl MasterKey {
             _ => Err(CryptoError::WrongMasterKey),
         }
     }
+}
+
+/// Writes `key` to a new file at `path` (mode 0600) and flushes it to disk.
+fn write_new_key_file(path: &Path, key: &MasterKey) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut line = key.to_base64();
+    line.push('\n');
+    file.write_all(line.as_bytes())?;
+    file.sync_all()
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -492,6 +506,9 @@ mod tests {
         assert!(created);
         let path = data.join("master.key");
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // The temporary file it was written to is gone: the key is in the data directory once.
+        let names: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["master.key"]);
         let (again, created) = MasterKey::load_or_create(&data, None).unwrap();
         assert!(!created);
         assert_eq!(again.id(), key.id());
