@@ -6,7 +6,8 @@
  * back), and a title edited while "offline" reaches the other once back online; a message posted by
  * the backend (`/v1/api`) shows an unread badge in both windows until one opens the chat; a reply the
  * backend streams through `/v1/api` renders word by word, and its stop button cancels the stream on the
- * server. Screenshots go to `target/web-demo-{laptop,phone,unread,stream}.png`.
+ * server; a message queued offline and left unsent by one user is not sent by the next user signing in
+ * on the same browser and device id, but by the first once back. Screenshots go to `target/web-demo-{laptop,phone,unread,stream}.png`.
  *
  * Environment: PLAYWRIGHT_CORE_DIR (where `node_modules/playwright-core` is), CHROMIUM (default
  * /usr/bin/chromium), CHATSYNC_BIN (see server.js), SCREENSHOT_DIR (default `<repo>/target`).
@@ -215,5 +216,46 @@ test('a wrong token shows the server\'s reason on the sign-in form', { timeout: 
   await page.click('#sign-in');
   await page.locator('#signin-error', { hasText: 'Invalid session' }).waitFor();
   assert.equal(await page.isVisible('#signin'), true);
+  await context.close();
+});
+
+test('what one user queued and left unsent is never sent as the next user of the browser', { timeout: 120_000 }, async () => {
+  // One browser profile, one device id (the page prefills the same one for every sign-in): Ada queues a
+  // message offline and signs out; Ben signs in on the same device id. Ada's message must not reach
+  // Ben's account (it waits for Ada's token), and it is sent once Ada signs in again.
+  const context = await browser.newContext({ viewport: { width: 1000, height: 640 } });
+  const page = await context.newPage();
+  /** @type {string[]} */
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  const ada = server.token('ada', 'shared');
+  const signIn = async (/** @type {string} */ token) => {
+    await page.fill('#token', token);
+    await page.fill('#device-id', 'shared');
+    await page.click('#sign-in');
+  };
+  await page.goto(`${server.http}/`);
+  await signIn(ada);
+  await page.waitForSelector('#status[data-status="online"]');
+  await page.check('#simulate-offline');
+  await page.waitForSelector('#status[data-status="offline"]');
+  await page.click('#new-chat');
+  await page.fill('#composer', 'for Ada only');
+  await page.press('#composer', 'Enter');
+  await page.locator('#status', { hasText: '1 queued' }).waitFor();
+  await page.click('#sign-out');
+
+  await signIn(server.token('ben', 'shared'));
+  await page.uncheck('#simulate-offline');
+  await page.waitForSelector('#status[data-status="online"]');
+  assert.equal((await server.api('GET', '/users/ben')).body.chat_count, 0, "Ada's queued message went into Ben's account");
+  assert.equal(await page.locator('.chat-item').count(), 0);
+
+  await page.click('#sign-out');
+  await signIn(ada);
+  await page.waitForSelector('#status[data-status="online"]');
+  await page.locator('.chat-item .preview', { hasText: 'for Ada only' }).waitFor();
+  assert.equal((await server.api('GET', '/users/ada')).body.chat_count, 1);
+  assert.deepEqual(errors, []);
   await context.close();
 });

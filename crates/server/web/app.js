@@ -53,6 +53,29 @@ function randomHex(bytes) {
   return [...b].map((x) => x.toString(16).padStart(2, '0')).join('');
 }
 
+/**
+ * The key of the offline queue in `localStorage`: per device id, as the SDK's default, and per token. With
+ * the device id alone, what one user queued and left unsent (signed out, or closed the tab, while offline)
+ * would be adopted by the next user signing in on this browser with that device id (the page prefills
+ * the same one every time), and sent as theirs. A token belongs to one user; what was queued with it waits
+ * for it (a new token of the same user does not find it). A hash of the token, not the token itself: the
+ * token is kept in this tab only.
+ * @param {string} token
+ * @param {string} device
+ */
+function queueKey(token, device) {
+  // FNV-1a, twice with different offsets (64 bits): a storage key, not a secret.
+  let h1 = 0x811c9dc5;
+  let h2 = 0x050c5d1f;
+  for (let i = 0; i < token.length; i++) {
+    const c = token.charCodeAt(i);
+    h1 = Math.imul(h1 ^ c, 0x01000193) >>> 0;
+    h2 = Math.imul(h2 ^ c, 0x01000193) >>> 0;
+  }
+  const hex = (/** @type {number} */ n) => n.toString(16).padStart(8, '0');
+  return `chatsync.offline.${device}.${hex(h1)}${hex(h2)}`;
+}
+
 /** A WebSocket that refuses to open while "offline" is ticked (to try the offline queue). */
 class DemoSocket extends WebSocket {
   /** @param {string | URL} url */
@@ -75,6 +98,7 @@ async function signIn(token, device) {
     deviceId: device,
     WebSocket: DemoSocket,
     storage: localStorage,
+    storageKey: queueKey(token, device),
     activeChatId: activeChat,
   });
   client = c;
@@ -110,6 +134,9 @@ function showSignIn(error) {
   client?.close(1000, 'signed out');
   client = null;
   sessionStorage.removeItem('chatsync.demo.token');
+  // The chat in view is this user's: the next one to sign in here starts with none (else it would open
+  // that chat id in the next user's account, as an empty chat).
+  sessionStorage.removeItem('chatsync.demo.chat');
   $('app').hidden = true;
   $('signin').hidden = false;
   for (const id of ['sign-out', 'offline-toggle', 'user']) $(id).hidden = true;
