@@ -7,7 +7,8 @@
  * the backend (`/v1/api`) shows an unread badge in both windows until one opens the chat; a reply the
  * backend streams through `/v1/api` renders word by word, and its stop button cancels the stream on the
  * server; a message queued offline and left unsent by one user is not sent by the next user signing in
- * on the same browser and device id, but by the first once back. Screenshots go to `target/web-demo-{laptop,phone,unread,stream}.png`.
+ * on the same browser and device id, but by the first once back; a chat deleted on another device while
+ * open in a window does not come back there after a reconnection or a reload. Screenshots go to `target/web-demo-{laptop,phone,unread,stream}.png`.
  *
  * Environment: PLAYWRIGHT_CORE_DIR (where `node_modules/playwright-core` is), CHROMIUM (default
  * /usr/bin/chromium), CHATSYNC_BIN (see server.js), SCREENSHOT_DIR (default `<repo>/target`).
@@ -258,4 +259,36 @@ test('what one user queued and left unsent is never sent as the next user of the
   assert.equal((await server.api('GET', '/users/ada')).body.chat_count, 1);
   assert.deepEqual(errors, []);
   await context.close();
+});
+
+test('a chat deleted on another device does not come back in the window that had it open', { timeout: 120_000 }, async () => {
+  const laptop = await window('dora', 'laptop');
+  const phone = await window('dora', 'phone');
+  const a = laptop.page;
+  const b = phone.page;
+  await a.click('#new-chat');
+  await a.fill('#title', 'Soon gone');
+  await a.press('#title', 'Enter');
+  await b.locator('.chat-item', { hasText: 'Soon gone' }).click();
+  await until(b, () => /** @type {HTMLInputElement} */ (document.querySelector('#title')).value === 'Soon gone');
+
+  b.once('dialog', (d) => d.accept());
+  await b.click('#delete-chat');
+  await a.locator('.chat-item').waitFor({ state: 'detached' });
+  assert.equal(await a.isVisible('#chat'), false);
+
+  // Reconnected (its chat in view was deleted meanwhile), and reloaded: still gone, not an empty
+  // "Untitled chat" that every write would meet as not found.
+  await a.check('#simulate-offline');
+  await a.waitForSelector('#status[data-status="offline"]');
+  await a.uncheck('#simulate-offline');
+  await a.waitForSelector('#status[data-status="online"]');
+  await a.evaluate(() => new Promise((resolve) => requestAnimationFrame(resolve)));
+  assert.equal(await a.locator('.chat-item').count(), 0, 'the deleted chat is back after a reconnection');
+  assert.equal(await a.isVisible('#chat'), false);
+  await a.reload();
+  await a.waitForSelector('#status[data-status="online"]');
+  await a.evaluate(() => new Promise((resolve) => requestAnimationFrame(resolve)));
+  assert.equal(await a.locator('.chat-item').count(), 0, 'the deleted chat is back after a reload');
+  assert.deepEqual([...laptop.errors, ...phone.errors], []);
 });

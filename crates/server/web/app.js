@@ -76,6 +76,28 @@ function queueKey(token, device) {
   return `chatsync.offline.${device}.${hex(h1)}${hex(h2)}`;
 }
 
+/**
+ * Leaves the chat in view when the server no longer has it: deleted (here, on another device, or while
+ * this window was away), or, after a sync, not among the user's chats (a chat id kept by a reload, of a
+ * chat deleted since or of another user signed in before). Kept in view, it came back as an empty
+ * "Untitled chat" (`client.chat` creates what it does not hold) whose every write is `not_found`. Its
+ * pending title and draft edits go with it.
+ * @param {boolean} [synced] the model has just been synced: a chat it does not hold is gone
+ */
+function leaveChatIfGone(synced = false) {
+  if (!client || !activeChat) return;
+  const gone = client.deleted.has(activeChat) || (synced && !client.chats.has(activeChat));
+  if (!gone) return;
+  clearTimeout(titleTimer);
+  titleTimer = undefined;
+  clearTimeout(draftTimer);
+  draftTimer = undefined;
+  activeChat = null;
+  client.activeChatId = null;
+  sessionStorage.removeItem('chatsync.demo.chat');
+  scheduleRender();
+}
+
 /** A WebSocket that refuses to open while "offline" is ticked (to try the offline queue). */
 class DemoSocket extends WebSocket {
   /** @param {string | URL} url */
@@ -103,7 +125,10 @@ async function signIn(token, device) {
   });
   client = c;
   c.on('status', () => renderStatus());
-  c.on('change', () => scheduleRender());
+  c.on('change', (/** @type {string | null} */ chatId) => {
+    if (chatId !== null && chatId === activeChat) leaveChatIfGone();
+    scheduleRender();
+  });
   c.on('stream', () => scheduleRender());
   c.on('message_rejected', (/** @type {any} */ r) => toast(`A queued message was refused: ${r.error.message}`));
   c.on('change_rejected', (/** @type {any} */ r) => toast(`A queued ${r.type === 'title' ? 'title' : 'draft'} change was refused: ${r.error.message}`));
@@ -112,6 +137,7 @@ async function signIn(token, device) {
     showSignIn(`The server closed the connection: ${e.code} ${e.reason}`);
   });
   c.on('synced', () => {
+    leaveChatIfGone(true);
     if (activeChat) openChat(activeChat);
   });
   $('signin').hidden = true;
