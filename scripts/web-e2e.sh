@@ -2,8 +2,9 @@
 # End-to-end test of the web demo (issue 10) in headless Chromium: two browser contexts as two devices
 # of one user sync a title, a draft and messages through a real `chatsync serve`; a backend message
 # (posted through /v1/api) shows unread badges; a reply streamed through /v1/api shows word by word and
-# its stop button cancels it; screenshots go to target/web-demo-*.png. Needs Node.js (20.10+) and npm;
-# installs what else it needs, idempotently: Debian's `chromium` package (apt-get) when /usr/bin/chromium
+# its stop button cancels it; what one user queued offline is not sent by the next user signing in on the
+# same browser; a chat deleted on another device stays gone; screenshots go to target/web-demo-*.png.
+# Needs Node.js (20.10+) and npm; installs what else it needs, idempotently: Debian's `chromium` package (apt-get) when /usr/bin/chromium
 # is missing, and playwright-core (pinned) into target/web-e2e/ (never into the repository). Builds the
 # server unless CHATSYNC_BIN names a binary. `.ci/run` runs it; the README's test command
 # (scripts/test.sh) does not, as it needs no Node.
