@@ -547,7 +547,8 @@ export declare class ChatSyncClient extends Emitter {
   status: Status;
   connected: Connected | null;
   chats: Map<string, ChatState>;
-  /** Chats deleted (`chat_deleted`, or named deleted by a sync): later events for them are ignored. */
+  /** Chats deleted (`chat_deleted`, or named deleted by a sync): later events for them are ignored, and
+   * writes to them (titles, drafts, messages, read markers) reject with `not_found` at once. */
   deleted: Set<string>;
   streams: StreamAssembler;
   queue: OfflineQueue;

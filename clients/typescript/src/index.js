@@ -1270,6 +1270,17 @@ export class ChatSyncClient extends Emitter {
   }
 
   /**
+   * Refuses a write to a chat this client knows deleted, before it touches the model: the server would
+   * answer `not_found` (an id is never reused), and `chat()` would meanwhile have brought the chat back
+   * into `chats` as an empty one (offline, the edit would also wait in the queue for its refusal).
+   * @param {string} chatId
+   */
+  _refuseDeleted(chatId) {
+    if (!this.deleted.has(chatId)) return null;
+    return Promise.reject(new ChatSyncError('not_found', 'Chat not found.', { chat_id: chatId }));
+  }
+
+  /**
    * The local state of a chat, created (empty, not yet known to the server) when absent.
    * @param {string} chatId
    * @returns {import('./index.js').ChatState}
@@ -1436,6 +1447,8 @@ export class ChatSyncClient extends Emitter {
    * @returns {Promise<import('./index.js').WriteResult>}
    */
   updateTitle(chatId, title) {
+    const refused = this._refuseDeleted(chatId);
+    if (refused) return refused;
     const chat = this.chat(chatId);
     const before = chat.title;
     chat.title = title;
@@ -1456,6 +1469,8 @@ export class ChatSyncClient extends Emitter {
    * @returns {Promise<import('./index.js').WriteResult>}
    */
   updateDraft(chatId, draftJson) {
+    const refused = this._refuseDeleted(chatId);
+    if (refused) return refused;
     const chat = this.chat(chatId);
     const before = chat.draft_json;
     chat.draft_json = draftJson;
@@ -1475,6 +1490,8 @@ export class ChatSyncClient extends Emitter {
    * @returns {Promise<import('./index.js').WriteResult>}
    */
   deleteDraft(chatId) {
+    const refused = this._refuseDeleted(chatId);
+    if (refused) return refused;
     const chat = this.chat(chatId);
     const before = chat.draft_json;
     chat.draft_json = null;
@@ -1497,6 +1514,8 @@ export class ChatSyncClient extends Emitter {
    * @returns {Promise<import('./index.js').WriteResult>}
    */
   async sendMessage(chatId, content, options = {}) {
+    const refused = this._refuseDeleted(chatId);
+    if (refused) return refused;
     const message_id = options.messageId ?? newMessageId();
     /** @type {import('./index.js').PendingMessage} */
     const pending = {
@@ -1569,6 +1588,8 @@ export class ChatSyncClient extends Emitter {
    * @param {number} [seq]
    */
   markRead(chatId, seq) {
+    const refused = this._refuseDeleted(chatId);
+    if (refused) return refused;
     const chat = this.chat(chatId);
     return this.request('mark_read', { chat_id: chatId, seq: seq ?? chat.versions.messages_v });
   }

@@ -1105,6 +1105,33 @@ test('live events update the model: titles, drafts, messages, deletions, unread 
   c.close();
 });
 
+test('writes to a chat known deleted reject with not_found at once and do not bring it back, online or offline', { timeout: 10_000 }, async () => {
+  const c = client();
+  const socket = await online(c, {
+    chats: [{ chat_id: 'b', type: 'new_chat', versions: { messages_v: 1, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 20, unread_count: 0, title: 'B', draft_json: null }],
+    server_chat_order: ['b'],
+  });
+  socket.push({ type: 'chat_deleted', payload: { chat_id: 'b', tombstone: true } });
+  await c.waitFor('chat_deleted');
+  const writes = () => [
+    c.updateTitle('b', 'back'),
+    c.updateDraft('b', draftFromText('d')),
+    c.deleteDraft('b'),
+    c.sendMessage('b', 'hi'),
+    c.markRead('b', 1),
+  ];
+  const sentBefore = socket.sent.length;
+  for (const write of writes()) await assert.rejects(write, (e) => e instanceof ChatSyncError && e.code === 'not_found');
+  assert.equal(socket.sent.length, sentBefore, 'nothing is sent for a chat known deleted');
+  assert.equal(c.chats.has('b'), false, 'the deleted chat is not brought back as an empty one');
+  socket.serverClose(1006, '');
+  await until(() => c.status !== 'online');
+  for (const write of writes()) await assert.rejects(write, (e) => e instanceof ChatSyncError && e.code === 'not_found');
+  assert.equal(c.queue.size, 0, 'offline, nothing is queued for it');
+  assert.equal(c.chats.has('b'), false);
+  c.close();
+});
+
 test('markRead sends mark_read and chat_read_updated sets the unread count', async () => {
   const c = client();
   const socket = await online(c, {
