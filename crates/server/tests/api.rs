@@ -71,6 +71,34 @@ async fn a_401_names_the_bearer_scheme_in_www_authenticate() {
     assert!(resp.headers().get("www-authenticate").is_none(), "no challenge on success");
 }
 
+/// Every API response, a new session token's first, is `Cache-Control: no-store` and `nosniff`, errors
+/// (a refused key, an unknown path) too: no cache between the backend and the server keeps a token or a
+/// user's data.
+#[tokio::test]
+async fn api_responses_are_never_cached() {
+    let server = TestServer::start().await;
+    server.user("alice", false).await;
+    let api = server.api().await;
+    let key = format!("Bearer {}", api.key);
+    let issued = reqwest::Client::new()
+        .post(format!("{}/users/alice/sessions", server.api_base()))
+        .header("Authorization", &key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(issued.status(), 201);
+    let mut responses = vec![("session issue", issued)];
+    responses.push(("refused key", raw_response(&server, Some("Bearer ck_unknown"), "/users/alice").await));
+    responses.push(("unknown path", raw_response(&server, Some(&key), "/nope").await));
+    responses.push(("user", raw_response(&server, Some(&key), "/users/alice").await));
+    for (what, resp) in responses {
+        let header = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(header("cache-control").as_deref(), Some("no-store"), "{what}");
+        assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "{what}");
+    }
+}
+
 /// The auth-scheme of `Authorization` is case-insensitive (RFC 9110 section 11.1), as `/v1/ws` already
 /// reads it: `BEARER <key>` was 401 because only `Bearer ` and `bearer ` were looked for.
 #[tokio::test]

@@ -68,8 +68,19 @@ pub fn router(ctx: Arc<Ctx>, tasks: tokio_util::task::TaskTracker) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), keys::authenticate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(state.clone(), to_completion))
+        .layer(axum::middleware::map_response(no_store))
         .with_state(state);
     Router::new().nest("/v1/api", api)
+}
+
+/// Every API response, errors included, says `Cache-Control: no-store` (a session token or a user's data
+/// must stay in no cache between the backend and the server: RFC 9111 section 5.2.2.5, as OAuth token
+/// responses do) and `X-Content-Type-Options: nosniff` (a JSON body is never read as anything else).
+async fn no_store(mut response: axum::response::Response) -> axum::response::Response {
+    let headers = response.headers_mut();
+    headers.insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    headers.insert(axum::http::header::X_CONTENT_TYPE_OPTIONS, axum::http::HeaderValue::from_static("nosniff"));
+    response
 }
 
 /// Runs every request but a `GET` in a task of its own, awaited. hyper drops a request's future when its
