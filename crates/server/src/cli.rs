@@ -436,7 +436,8 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Network", env = "CHATSYNC_PING_INTERVAL_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ping_interval_secs: Option<u64>,
-    /// Seconds of client silence before closing with 1001 [default: 60].
+    /// Seconds of client silence before closing with 1001; more than --ping-interval-secs (silence is
+    /// checked at each Ping) [default: 60].
     #[arg(long, help_heading = "Network", env = "CHATSYNC_HEARTBEAT_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_timeout_secs: Option<u64>,

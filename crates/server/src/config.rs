@@ -260,6 +260,16 @@ impl Config {
                 return Err(format!("{name} must be greater than 0"));
             }
         }
+        // Silence is checked at each Ping: a client that answers every Ping at once has been silent for a
+        // whole interval when the next check comes (and one that sent nothing since it connected, a little
+        // longer). With a timeout not above the interval, every idle, healthy connection is closed.
+        if self.heartbeat_timeout_secs <= self.ping_interval_secs {
+            return Err(format!(
+                "heartbeat_timeout_secs ({}) must be greater than ping_interval_secs ({}): silence is checked at \
+                 each Ping, so a client that answers every Ping is silent for a whole interval at the next check",
+                self.heartbeat_timeout_secs, self.ping_interval_secs
+            ));
+        }
         if self.commit_window_us.is_some_and(|us| us > 100_000) {
             return Err(
                 "commit_window_us is at most 100000 (100 ms): every write that finds the writer idle waits that long"
@@ -448,6 +458,21 @@ mod tests {
         assert_eq!(Config { commit_window_us: Some(100_000), ..Config::default() }.validate(), Ok(()));
         let too_long = Config { commit_window_us: Some(100_001), ..Config::default() };
         assert!(too_long.validate().unwrap_err().starts_with("commit_window_us is at most 100000"));
+    }
+
+    #[test]
+    fn validation_refuses_a_heartbeat_timeout_not_above_the_ping_interval() {
+        let with = |ping, heartbeat| Config {
+            ping_interval_secs: ping,
+            heartbeat_timeout_secs: heartbeat,
+            ..Config::default()
+        };
+        assert_eq!(with(25, 60).validate(), Ok(()));
+        assert_eq!(with(1, 2).validate(), Ok(()));
+        for (ping, heartbeat) in [(60, 10), (25, 25), (1, 1)] {
+            let err = with(ping, heartbeat).validate().unwrap_err();
+            assert!(err.starts_with("heartbeat_timeout_secs") && err.contains("ping_interval_secs"), "{err}");
+        }
     }
 
     #[test]

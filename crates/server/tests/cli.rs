@@ -337,6 +337,51 @@ fn serve_refuses_allowed_origins_that_no_browser_sends() {
     }
 }
 
+/// Runs `serve` with `args` and returns its stderr, expecting it to refuse to start; if it starts
+/// listening instead, stops it and fails the test.
+fn refused_at_start(dir: &Path, args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env_remove("CHATSYNC_CONFIG")
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.contains("ws://") {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("serve started with {args:?}: {line}");
+        }
+        seen.push(line);
+    }
+    let status = child.wait().unwrap();
+    let stderr = seen.join("\n");
+    assert_eq!(status.code(), Some(1), "{args:?}: {stderr}");
+    stderr
+}
+
+/// A heartbeat timeout not above the Ping interval closes every idle, healthy connection (silence is
+/// checked at each Ping: a client that answers every Ping is silent for a whole interval then). `serve`
+/// refuses it at start, naming the setting, with exit status 1.
+#[test]
+fn serve_refuses_timings_and_buffers_it_cannot_run_with() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, needle) in [
+        (vec!["--ping-interval-secs", "30", "--heartbeat-timeout-secs", "10"], "heartbeat_timeout_secs (10)"),
+        (vec!["--heartbeat-timeout-secs", "25"], "must be greater than ping_interval_secs (25)"),
+    ] {
+        let stderr = refused_at_start(dir.path(), &args);
+        assert!(stderr.contains("invalid configuration") && stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 #[tokio::test]
 async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();

@@ -238,7 +238,7 @@ async fn a_client_that_does_not_read_is_closed_as_slow_consumer() {
 async fn a_client_that_stops_reading_is_dropped_and_frees_its_slot() {
     let server = TestServer::start_with(|c| {
         c.ping_interval_secs = 1;
-        c.heartbeat_timeout_secs = 1;
+        c.heartbeat_timeout_secs = 2;
         c.max_connections_per_user = 1;
         c.outbox_max_bytes = 64 << 20;
         c.outbox_max_messages = 100_000;
@@ -276,13 +276,14 @@ async fn a_client_that_stops_reading_is_dropped_and_frees_its_slot() {
 async fn a_silent_client_is_closed_on_heartbeat_timeout() {
     let server = TestServer::start_with(|c| {
         c.ping_interval_secs = 1;
-        c.heartbeat_timeout_secs = 1;
+        c.heartbeat_timeout_secs = 2;
     })
     .await;
     let token = server.user_token("alice").await;
     let (mut client, _) = server.connect(&token, "d").await;
-    // A client that does not read does not answer Pings either.
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // A client that does not read does not answer Pings either. (The check at the third Ping finds 3 s of
+    // silence, more than the 2 s allowed.)
+    tokio::time::sleep(std::time::Duration::from_millis(4000)).await;
     assert_eq!(client.recv_close().await.unwrap(), (1001, "Heartbeat timeout".into()));
 }
 
