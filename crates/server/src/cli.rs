@@ -449,7 +449,7 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Network", env = "CHATSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_secs: Option<u64>,
-    /// WebSocket read buffer in bytes, held by a connection only while it reads; larger frames are read in chunks of this size [default: 1024].
+    /// WebSocket read buffer in bytes, held by a connection only while it reads; larger frames are read in chunks of this size; at most 4 x --max-frame-bytes [default: 1024].
     #[arg(long, help_heading = "Network", env = "CHATSYNC_WS_READ_BUFFER_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ws_read_buffer_bytes: Option<usize>,

@@ -9,6 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The largest value of a setting in seconds (a year): see [`Config::validate`].
+pub const MAX_SECS: u64 = 365 * 86_400;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -260,6 +263,23 @@ impl Config {
                 return Err(format!("{name} must be greater than 0"));
             }
         }
+        // Timers are set as instants this far ahead (every connection's first Ping, the shutdown's
+        // deadline): near u64::MAX seconds the addition overflows, a panic in every connection or at
+        // shutdown. A year is beyond any meaningful value of these.
+        let seconds = [
+            ("ping_interval_secs", self.ping_interval_secs),
+            ("heartbeat_timeout_secs", self.heartbeat_timeout_secs),
+            ("session_check_interval_secs", self.session_check_interval_secs),
+            ("shutdown_timeout_secs", self.shutdown_timeout_secs),
+            ("stream_idle_timeout_secs", self.stream_idle_timeout_secs),
+            ("store_timeout_secs", self.store_timeout_secs),
+            ("webhook_max_age_secs", self.webhook_max_age_secs),
+        ];
+        for (name, v) in seconds {
+            if v > MAX_SECS {
+                return Err(format!("{name} is at most {MAX_SECS} (a year)"));
+            }
+        }
         // Silence is checked at each Ping: a client that answers every Ping at once has been silent for a
         // whole interval when the next check comes (and one that sent nothing since it connected, a little
         // longer). With a timeout not above the interval, every idle, healthy connection is closed.
@@ -268,6 +288,15 @@ impl Config {
                 "heartbeat_timeout_secs ({}) must be greater than ping_interval_secs ({}): silence is checked at \
                  each Ping, so a client that answers every Ping is silent for a whole interval at the next check",
                 self.heartbeat_timeout_secs, self.ping_interval_secs
+            ));
+        }
+        // Each connection allocates the whole buffer when it reads; one beyond the largest message
+        // tungstenite reads (4 x max_frame_bytes) is never filled, and a huge one aborts the process at the
+        // first connection (a failed allocation).
+        let largest_read = (self.max_frame_bytes as u64).saturating_mul(4);
+        if self.ws_read_buffer_bytes as u64 > largest_read {
+            return Err(format!(
+                "ws_read_buffer_bytes is at most 4 x max_frame_bytes ({largest_read}): the largest message read"
             ));
         }
         if self.commit_window_us.is_some_and(|us| us > 100_000) {
@@ -473,6 +502,37 @@ mod tests {
             let err = with(ping, heartbeat).validate().unwrap_err();
             assert!(err.starts_with("heartbeat_timeout_secs") && err.contains("ping_interval_secs"), "{err}");
         }
+    }
+
+    #[test]
+    fn validation_refuses_timers_past_a_year_and_a_read_buffer_past_the_largest_message() {
+        let year = Config {
+            ping_interval_secs: MAX_SECS - 1,
+            heartbeat_timeout_secs: MAX_SECS,
+            session_check_interval_secs: MAX_SECS,
+            shutdown_timeout_secs: MAX_SECS,
+            stream_idle_timeout_secs: MAX_SECS,
+            store_timeout_secs: MAX_SECS,
+            webhook_max_age_secs: MAX_SECS,
+            ..Config::default()
+        };
+        assert_eq!(year.validate(), Ok(()));
+        let huge = u64::MAX;
+        for config in [
+            Config { ping_interval_secs: huge, heartbeat_timeout_secs: huge, ..Config::default() },
+            Config { heartbeat_timeout_secs: MAX_SECS + 1, ..Config::default() },
+            Config { session_check_interval_secs: huge, ..Config::default() },
+            Config { shutdown_timeout_secs: huge, ..Config::default() },
+            Config { stream_idle_timeout_secs: huge, ..Config::default() },
+            Config { store_timeout_secs: huge, ..Config::default() },
+            Config { webhook_max_age_secs: huge, ..Config::default() },
+        ] {
+            assert!(config.validate().unwrap_err().contains("is at most 31536000 (a year)"), "{config:?}");
+        }
+        let frame = Config::default().max_frame_bytes as usize;
+        assert_eq!(Config { ws_read_buffer_bytes: 4 * frame, ..Config::default() }.validate(), Ok(()));
+        let over = Config { ws_read_buffer_bytes: 4 * frame + 1, ..Config::default() };
+        assert!(over.validate().unwrap_err().starts_with("ws_read_buffer_bytes is at most"));
     }
 
     #[test]

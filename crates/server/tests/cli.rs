@@ -367,14 +367,21 @@ fn refused_at_start(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A heartbeat timeout not above the Ping interval closes every idle, healthy connection (silence is
-/// checked at each Ping: a client that answers every Ping is silent for a whole interval then). `serve`
-/// refuses it at start, naming the setting, with exit status 1.
+/// checked at each Ping: a client that answers every Ping is silent for a whole interval then); timers set
+/// near u64::MAX seconds overflow (a panic in every connection at its first Ping, or at shutdown instead of
+/// draining); a huge read buffer aborts the process at the first connection. `serve` refuses them all at
+/// start, naming the setting, with exit status 1.
 #[test]
 fn serve_refuses_timings_and_buffers_it_cannot_run_with() {
     let dir = tempfile::tempdir().unwrap();
+    let huge = u64::MAX.to_string();
     for (args, needle) in [
         (vec!["--ping-interval-secs", "30", "--heartbeat-timeout-secs", "10"], "heartbeat_timeout_secs (10)"),
         (vec!["--heartbeat-timeout-secs", "25"], "must be greater than ping_interval_secs (25)"),
+        (vec!["--ping-interval-secs", &huge, "--heartbeat-timeout-secs", &huge], "ping_interval_secs is at most"),
+        (vec!["--shutdown-timeout-secs", &huge], "shutdown_timeout_secs is at most 31536000"),
+        (vec!["--session-check-interval-secs", &huge], "session_check_interval_secs is at most"),
+        (vec!["--ws-read-buffer-bytes", "100000000000000"], "ws_read_buffer_bytes is at most"),
     ] {
         let stderr = refused_at_start(dir.path(), &args);
         assert!(stderr.contains("invalid configuration") && stderr.contains(needle), "{args:?}: {stderr}");
