@@ -30,12 +30,15 @@ impl DataDirLock {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
         let path = data_dir.join(LOCK_FILE);
+        // Never through a symbolic link: the holder's note is written over the file's content, so a link
+        // planted in a directory others can write to would have this process overwrite the file it names.
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .with_context(|| format!("cannot open lock file {}", path.display()))?;
         // SAFETY: flock on a descriptor this function owns; no memory is involved.

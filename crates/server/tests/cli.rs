@@ -389,6 +389,27 @@ fn serve_refuses_timings_and_buffers_it_cannot_run_with() {
     }
 }
 
+/// The files chatsync writes in the data directory by name (the lock file, whose content becomes the holder's
+/// note, and the probe of a writable directory) are never written through a symbolic link planted under
+/// that name: in a data directory others can write to, it would have the server or a command overwrite
+/// any file its user may write.
+#[test]
+fn files_in_the_data_dir_are_never_written_through_a_planted_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, data.join(".chatsync-write-test")).unwrap();
+    ok(&chatsync(&data, &["users", "add", "alice"]));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the probe truncated the victim");
+
+    std::os::unix::fs::symlink(&victim, data.join("chatsync.lock")).unwrap();
+    let stderr = refused_at_start(&data, &[]);
+    assert!(stderr.contains("cannot open lock file"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the lock note overwrote the victim");
+}
+
 #[tokio::test]
 async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();

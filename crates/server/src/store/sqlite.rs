@@ -133,8 +133,16 @@ impl SqliteStore {
     pub async fn open(path: &Path, durability: super::Durability) -> anyhow::Result<SqliteStore> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+            // Created anew (O_EXCL, which never follows a symbolic link): a link planted under the probe's
+            // name in a directory others can write to would otherwise have this process truncate the file
+            // it names. One left by a crash between the two steps is removed first.
             let probe = dir.join(".chatsync-write-test");
-            std::fs::write(&probe, b"").with_context(|| format!("data directory {} is not writable", dir.display()))?;
+            let _ = std::fs::remove_file(&probe);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&probe)
+                .with_context(|| format!("data directory {} is not writable", dir.display()))?;
             let _ = std::fs::remove_file(probe);
         }
         let options = SqliteConnectOptions::new()
