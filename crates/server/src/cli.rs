@@ -700,6 +700,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             crate::logging::init(config.log_format, "warn");
             // Never in a directory without a database: it would write a new master key there.
             let (url, _) = existing_url(&config)?;
+            // The database's directory, when it is not the data directory (which `rotate_with` locks).
+            let _store_lock =
+                crate::datadir::DataDirLock::none().with_store_dir(&config.data_dir, &url, "keys rotate")?;
             let backend = store::open_command_backend(&url, config.durability).await?;
             let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
             // With an environment key the new key is printed before the store is re-wrapped under it:

@@ -6,6 +6,10 @@
 //! it when the process ends, however it ends (even SIGKILL), so a stale lock file never blocks a restart;
 //! the file is never deleted (deleting a lock file races with a process about to lock it). The file's
 //! content (pid and command of the holder) is only for the error message of whoever finds it locked.
+//!
+//! An embedded store whose database lies outside the data directory (`--database-url sqlite://PATH`) is
+//! locked too, by the same file in the database's directory ([`DataDirLock::with_store_dir`]): two servers
+//! with data directories of their own would otherwise share one database, each with its own hub and cache.
 
 use anyhow::Context as _;
 use std::fs::File;
@@ -20,15 +24,40 @@ pub const LOCK_FILE: &str = "chatsync.lock";
 /// An exclusive lock on a data directory, held until [`DataDirLock::release`] or drop.
 pub struct DataDirLock {
     path: PathBuf,
-    file: parking_lot::Mutex<Option<File>>,
+    files: parking_lot::Mutex<Vec<File>>,
 }
 
 impl DataDirLock {
     /// Locks `data_dir` (creating it if needed) for `holder` (e.g. `"serve"`), or fails at once with a
     /// message naming the process that holds it.
     pub fn acquire(data_dir: &Path, holder: &str) -> anyhow::Result<DataDirLock> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        Self::lock_dir(data_dir, holder, "data directory")
+    }
+
+    /// Also locks the directory of the embedded store's database when `store_url` (`sqlite://PATH`) puts
+    /// it outside `data_dir` (the lock of a PostgreSQL store is PostgreSQL's own); both are held until
+    /// release or drop.
+    pub fn with_store_dir(self, data_dir: &Path, store_url: &str, holder: &str) -> anyhow::Result<DataDirLock> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(db) = store_url.strip_prefix("sqlite://") else { return Ok(self) };
+        let dir = Path::new(db).parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the database's directory {}", dir.display()))?;
+        // The same directory by another name (`./data` and `data`, a symbolic link) is locked already: a
+        // second lock on the same file would fail against this process's own.
+        let id = |d: &Path| std::fs::metadata(d).map(|m| (m.dev(), m.ino()));
+        if let (Ok(a), Ok(b)) = (id(dir), id(data_dir)) {
+            if a == b {
+                return Ok(self);
+            }
+        }
+        let other = Self::lock_dir(dir, holder, "the database's directory")?;
+        self.files.lock().append(&mut other.files.lock());
+        Ok(self)
+    }
+
+    fn lock_dir(data_dir: &Path, holder: &str, what: &str) -> anyhow::Result<DataDirLock> {
+        std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {what} {}", data_dir.display()))?;
         let path = data_dir.join(LOCK_FILE);
         // Never through a symbolic link: the holder's note is written over the file's content, so a link
         // planted in a directory others can write to would have this process overwrite the file it names.
@@ -49,7 +78,7 @@ impl DataDirLock {
                 let owner = owner.trim();
                 let owner = if owner.is_empty() { String::new() } else { format!(" ({owner})") };
                 anyhow::bail!(
-                    "data directory {} is in use by another chatsync process{owner}: `serve` and `keys rotate` \
+                    "{what} {} is in use by another chatsync process{owner}: `serve` and `keys rotate` \
                      each need it to themselves; stop the other one first",
                     data_dir.display()
                 );
@@ -60,20 +89,20 @@ impl DataDirLock {
         if let Err(e) = file.set_len(0).and_then(|()| file.write_all(note.as_bytes())) {
             tracing::debug!(error = %e, "cannot record the lock holder");
         }
-        Ok(DataDirLock { path, file: parking_lot::Mutex::new(Some(file)) })
+        Ok(DataDirLock { path, files: parking_lot::Mutex::new(vec![file]) })
     }
 
     /// A lock that holds nothing (a node assembled in-process on a store another node owns, in tests).
     pub fn none() -> DataDirLock {
-        DataDirLock { path: PathBuf::new(), file: parking_lot::Mutex::new(None) }
+        DataDirLock { path: PathBuf::new(), files: parking_lot::Mutex::new(Vec::new()) }
     }
 
     /// Releases the lock now (also done on drop).
     pub fn release(&self) {
-        self.file.lock().take();
+        self.files.lock().clear();
     }
 
-    /// The lock file.
+    /// The lock file (of the data directory).
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -36,12 +36,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Locks the data directory (refusing to start if another `serve` or `keys rotate` holds it), opens the
+/// Locks the data directory, and the embedded database's directory when it lies elsewhere (refusing to
+/// start if another `serve` or `keys rotate` holds either), opens the
 /// backends named by `config`, loads the master key (refusing to start if it cannot unwrap the stored
 /// keys), and builds the handler context. The lock is held until [`run`] ends or the context is dropped.
 pub async fn build(config: Config) -> anyhow::Result<Ctx> {
     config.validate().map_err(anyhow::Error::msg)?;
-    let lock = datadir::DataDirLock::acquire(&config.data_dir, "serve")?;
+    let lock = datadir::DataDirLock::acquire(&config.data_dir, "serve")?.with_store_dir(
+        &config.data_dir,
+        &config.store_url(),
+        "serve",
+    )?;
     let store_timeout = Duration::from_secs(config.store_timeout_secs);
     let backend = store::open_server_backend(&config.store_url(), config.durability, store_timeout).await?;
     backend.chats.set_commit_window(config.commit_window());

@@ -410,6 +410,32 @@ fn files_in_the_data_dir_are_never_written_through_a_planted_symlink() {
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the lock note overwrote the victim");
 }
 
+/// Two servers with data directories of their own but one embedded database (`--database-url sqlite://…`,
+/// the same master key) would each serve it with their own hub and cache: neither's devices would hear of
+/// the other's writes, and their caches would go stale. The database's directory is locked like the data
+/// directory, so the second stops at once, and so does `keys rotate` while a server runs.
+#[test]
+fn two_servers_never_share_an_embedded_database_outside_their_data_dirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("shared").join("chatsync.db").display());
+    let key = format!("{}\n", chatsync::crypto::MasterKey::generate().to_base64().as_str());
+    let data = |name: &str| {
+        let data = dir.path().join(name);
+        std::fs::create_dir(&data).unwrap();
+        let file = data.join("master.key");
+        std::fs::write(&file, &key).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        data
+    };
+    let (first, second, third) = (data("a"), data("b"), data("c"));
+    let (server, _lines, _url) = serve(&first, &["--database-url", &db], None);
+    let stderr = refused_at_start(&second, &["--database-url", &db]);
+    assert!(stderr.contains("is in use by another chatsync process") && stderr.contains("serve"), "{stderr}");
+    fails(&chatsync(&third, &["keys", "rotate", "--database-url", &db]), "is in use by another chatsync process");
+    stop(server);
+    ok(&chatsync(&third, &["keys", "rotate", "--database-url", &db]));
+}
+
 #[tokio::test]
 async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
