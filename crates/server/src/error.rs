@@ -80,6 +80,19 @@ impl Error {
         self
     }
 
+    /// Adds the request's chat and message ids where the error does not name them yet (PROTOCOL.md
+    /// section 4: context "where known"), so that a store failure names them too.
+    pub fn with_context(mut self, chat_id: Option<&str>, message_id: Option<&str>) -> Error {
+        let payload = &mut self.0.payload;
+        if payload.chat_id.is_none() {
+            payload.chat_id = chat_id.map(str::to_owned);
+        }
+        if payload.message_id.is_none() {
+            payload.message_id = message_id.map(str::to_owned);
+        }
+        self
+    }
+
     /// The stable code.
     pub fn code(&self) -> ErrorCode {
         self.0.payload.code

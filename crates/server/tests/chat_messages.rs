@@ -247,6 +247,38 @@ async fn message_to_another_users_chat_is_not_found_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn every_error_of_a_message_names_its_chat_and_message() {
+    // PROTOCOL.md section 4: context fields are added where known; a client that pipelines messages
+    // without request ids can tell only by them which message failed.
+    let server = TestServer::start().await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    let mut bob = new_user(&server, "bob", "phone").await;
+    add_message(&mut alice, "c1", "m1", json!("mine")).await;
+    let reply = bob.request(&message("c1", "m2", json!("intruder"))).await.unwrap();
+    let e = assert_error(&reply, ErrorCode::NotFound, None);
+    assert_eq!((e.chat_id.as_deref(), e.message_id.as_deref()), (Some("c1"), Some("m2")), "{e:?}");
+
+    // A store failure: the write of this one chat fails (internal), the others are untouched.
+    let faults = server.ctx.chats.writer_faults().expect("the SQLite store has a writer");
+    faults.fail_chat(Some("c1"));
+    let reply = alice.request(&message("c1", "m3", json!("lost"))).await.unwrap();
+    let e = assert_error(&reply, ErrorCode::Internal, None);
+    assert_eq!((e.chat_id.as_deref(), e.message_id.as_deref()), (Some("c1"), Some("m3")), "{e:?}");
+    for request in [
+        title("c1", "t"),
+        draft("c1", doc("d")),
+        delete_chat("c1"),
+        msg("mark_read", json!({"chat_id": "c1", "seq": 1})),
+    ] {
+        let reply = alice.request(&request).await.unwrap();
+        let e = assert_error(&reply, ErrorCode::Internal, None);
+        assert_eq!((e.chat_id.as_deref(), e.message_id.as_deref()), (Some("c1"), None), "{request:?}: {e:?}");
+    }
+    faults.fail_chat(None);
+    assert_eq!(all_messages(&mut alice, "c1").await.messages_v, 1);
+}
+
+#[tokio::test]
 async fn last_edited_timestamp_never_goes_backwards_across_messages_and_drafts() {
     let server = TestServer::start().await;
     let mut alice = new_user(&server, "alice", "laptop").await;

@@ -127,6 +127,36 @@ impl Outcome {
 /// Routes one decoded message to its handler. Exhaustive: a new message type does not compile
 /// until it has a handler.
 pub async fn dispatch(ctx: &Ctx, conn: &ConnHandle, message: ClientMessage) -> Result<Outcome, Error> {
+    // Every failure names the chat and message the request named (PROTOCOL.md section 4), also one that
+    // comes from below the handler (the store, the keyring): without a `request_id`, that is how a
+    // client tells which of its pipelined writes failed. Taken before the payload moves.
+    let (chat_id, message_id) = context(&message);
+    route(ctx, conn, message).await.map_err(|e| e.with_context(chat_id.as_deref(), message_id.as_deref()))
+}
+
+/// The chat and message ids a request names, for its errors' context. (An initial sync, a content batch
+/// and an offline batch name no single chat; each offline change's result carries its own.)
+fn context(message: &ClientMessage) -> (Option<String>, Option<String>) {
+    let chat = |id: &chatsync_protocol::ChatId| Some(id.to_string());
+    match message {
+        ClientMessage::UpdateDraft(p) => (chat(&p.chat_id), None),
+        ClientMessage::DeleteDraft(p) => (chat(&p.chat_id), None),
+        ClientMessage::UpdateTitle(p) => (chat(&p.chat_id), None),
+        ClientMessage::ChatMessageAdded(p) => (chat(&p.chat_id), Some(p.message.message_id.to_string())),
+        ClientMessage::GetChatMessages(p) => (chat(&p.chat_id), None),
+        ClientMessage::DeleteChat(p) => (chat(&p.chat_id), None),
+        ClientMessage::CancelStream(p) => (chat(&p.chat_id), None),
+        ClientMessage::MarkRead(p) => (chat(&p.chat_id), None),
+        ClientMessage::Ping(_)
+        | ClientMessage::InitialSyncRequest(_)
+        | ClientMessage::RequestChatContentBatch(_)
+        | ClientMessage::SyncOfflineChanges(_)
+        | ClientMessage::RequestCacheStatus(_) => (None, None),
+    }
+}
+
+/// The exhaustive `match` of [`dispatch`].
+async fn route(ctx: &Ctx, conn: &ConnHandle, message: ClientMessage) -> Result<Outcome, Error> {
     match message {
         ClientMessage::Ping(p) => ping::handle(ctx, conn, p).await,
         ClientMessage::InitialSyncRequest(p) => initial_sync_request::handle(ctx, conn, p).await,
