@@ -291,7 +291,8 @@ pub struct OfflineChange {
     /// The kind of change.
     #[serde(rename = "type")]
     pub kind: OfflineChangeType,
-    /// The new value (title string, draft object or `null`).
+    /// The new value (title string, draft object or `null`); required for a title or a draft, ignored
+    /// (and optional) for a draft deletion.
     #[serde(default)]
     pub value: Value,
     /// The component version the client edited from.
@@ -305,9 +306,12 @@ impl OfflineChange {
             return Err(crate::PayloadError { field: "change".into(), reason: "must be an object".into() });
         }
         let change: OfflineChange = crate::decode::typed_payload(raw)?;
+        // A missing `value` reads as `null`; for a draft that would clear it, so a draft change must
+        // carry it, `null` or not (as `update_draft` must carry `draft_json`).
+        let has_value = raw.get("value").is_some();
         let bad_value = match change.kind {
             OfflineChangeType::Title => !change.value.is_string(),
-            OfflineChangeType::Draft => !(change.value.is_object() || change.value.is_null()),
+            OfflineChangeType::Draft => !has_value || !(change.value.is_object() || change.value.is_null()),
             OfflineChangeType::DeleteDraft => false,
         };
         if bad_value {

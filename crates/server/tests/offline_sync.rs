@@ -201,6 +201,30 @@ async fn offline_delete_draft_applies_when_current_and_conflicts_when_stale() {
 }
 
 #[tokio::test]
+async fn an_offline_draft_without_a_value_is_an_error_and_keeps_the_draft() {
+    // The live `update_draft` requires `draft_json`, even when null; an offline draft change without
+    // `value` is malformed too, not a deletion of the draft on every device.
+    let server = TestServer::start().await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    let mut phone = another_device(&server, "alice", "phone").await;
+    set_draft(&mut alice, "c1", doc("keep me")).await;
+    expect_msg!(phone.recv().await.unwrap(), ChatDraftUpdated);
+    let change = json!({ "change_id": "no-value", "chat_id": "c1", "type": "draft", "version_before_edit": 1 });
+    let (before, done) = offline_round(&mut alice, json!([change])).await;
+    assert!(before.is_empty(), "nothing is applied: {before:?}");
+    let got: Vec<_> = done.results.iter().map(result_summary).collect();
+    assert_eq!(got, [(Some("no-value"), OfflineStatus::Error, Some(ErrorCode::InvalidPayload))]);
+    let state = chat_state(&mut alice, "c1").await;
+    assert_eq!((state.versions.draft_v, state.draft_json), (1, Some(doc("keep me").as_object().cloned())));
+    assert_quiet(&mut phone).await;
+
+    // A draft deletion's `value` is ignored: it may be left out.
+    let change = json!({ "change_id": "del", "chat_id": "c1", "type": "delete_draft", "version_before_edit": 1 });
+    let (_, done) = offline_round(&mut alice, json!([change])).await;
+    assert_eq!(done.results[0].status, OfflineStatus::Applied);
+}
+
+#[tokio::test]
 async fn offline_drafts_obey_the_draft_limits_of_the_live_message() {
     let server = TestServer::start_with(|c| {
         c.max_draft_chars = 10;
