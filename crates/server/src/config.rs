@@ -333,11 +333,15 @@ impl Config {
         // part: at most 67 bytes per chat id).
         let entry_bytes = self.max_frame_bytes as u64 + 16_384;
         let order_bytes = 67 * self.max_chats_per_user as u64 + 8192;
-        let min_reply = entry_bytes.max(order_bytes).max(65_536);
+        // `offline_sync_complete` has no parts: one result per change, each at most 184 bytes besides the
+        // ids it echoes from the request (which fit in one inbound frame), and the envelope.
+        let offline_bytes = self.max_frame_bytes as u64 + 184 * self.max_offline_changes as u64 + 512;
+        let min_reply = entry_bytes.max(order_bytes).max(offline_bytes).max(65_536);
         if (self.max_reply_bytes as u64) < min_reply {
             return Err(format!(
-                "max_reply_bytes must be at least {min_reply} (max_frame_bytes + 16 KiB, and room for the chat \
-                 order of max_chats_per_user chats)"
+                "max_reply_bytes must be at least {min_reply} (max_frame_bytes + 16 KiB, room for the chat \
+                 order of max_chats_per_user chats, and max_frame_bytes + 184 bytes per max_offline_changes \
+                 for the offline summary)"
             ));
         }
         Ok(())

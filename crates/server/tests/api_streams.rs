@@ -539,6 +539,7 @@ async fn a_completion_too_large_for_one_reply_frame_is_refused_and_the_stream_st
     let server = TestServer::start_with(|c| {
         c.max_reply_bytes = 81_920;
         c.max_chats_per_user = 100;
+        c.max_offline_changes = 50;
     })
     .await;
     let api = server.api().await;

@@ -21,6 +21,7 @@ async fn small_reply_server() -> TestServer {
         c.max_frame_bytes = 16_384;
         c.max_reply_bytes = REPLY;
         c.max_chats_per_user = 1_000;
+        c.max_offline_changes = 50;
         c.rate_burst = 10_000;
     })
     .await
@@ -337,4 +338,47 @@ async fn a_reply_that_fails_after_its_first_parts_ends_with_an_error_and_the_con
     assert!(sent.iter().all(|p| p["type"] == "chat_content_batch_response" && p["payload"]["more"] == true));
     assert_eq!((&last["type"], &last["payload"]["code"]), (&json!("error"), &json!("internal")));
     assert_alive(&mut alice).await;
+}
+
+#[tokio::test]
+async fn the_offline_summary_fits_the_smallest_reply_budget_the_server_accepts() {
+    // `offline_sync_complete` is one frame (it has no parts): its results may add ~90 bytes per change to
+    // what the request echoes, so a budget just above one inbound frame is not enough for it.
+    // Few chats, so that the chat order does not set the smallest budget.
+    let config =
+        |max_reply_bytes| chatsync::Config { max_reply_bytes, max_chats_per_user: 100, ..chatsync::Config::default() };
+    let (mut refused, mut accepted) = (0u32, 8 << 20);
+    assert!(config(accepted).validate().is_ok());
+    while accepted - refused > 1 {
+        let mid = refused + (accepted - refused) / 2;
+        if config(mid).validate().is_ok() {
+            accepted = mid;
+        } else {
+            refused = mid;
+        }
+    }
+    let server = TestServer::start_with(|c| {
+        c.max_reply_bytes = accepted;
+        c.max_chats_per_user = 100;
+    })
+    .await;
+    let token = server.user_token("alice").await;
+    let (mut alice, hello) = server.connect(&token, "d").await;
+    let (max_frame, max_changes) = (hello.limits.max_frame_bytes as usize, hello.limits.max_offline_changes as usize);
+    // The most results for the fewest bytes: malformed changes (`5`), and one echoing a change id that
+    // fills the rest of the inbound frame.
+    let mut changes = vec!["5".to_owned(); max_changes - 1];
+    let head = r#"{"type":"sync_offline_changes","payload":{"changes":["#;
+    let tail = r#"]},"request_id":"r"}"#;
+    let used =
+        head.len() + tail.len() + changes.iter().map(|c| c.len() + 1).sum::<usize>() + r#"{"change_id":""}"#.len();
+    changes.push(format!(r#"{{"change_id":"{}"}}"#, "x".repeat(max_frame - used)));
+    let frame = format!("{head}{}{tail}", changes.join(","));
+    assert_eq!(frame.len(), max_frame);
+    alice.send_text(frame).await.unwrap();
+    let text = alice.recv_text().await.unwrap();
+    let done: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(done["type"], "offline_sync_complete", "{}", &text[..200.min(text.len())]);
+    assert_eq!(done["payload"]["errors"], max_changes);
+    assert!(text.len() <= accepted as usize, "a frame of {} bytes exceeds max_reply_bytes ({accepted})", text.len());
 }
