@@ -886,3 +886,65 @@ async fn a_write_that_crossed_a_gap_does_not_memoize_the_key_of_a_chat_deleted_u
     expect_msg!(laptop.recv_reply("d").await.unwrap(), DraftUpdateConfirmed);
     assert!(!node1.ctx.keys.holds_key("c1"), "the deleted chat's key is not in node 1's memory");
 }
+
+/// Counts the gaps a bus declares and the messages it hands over.
+#[derive(Default)]
+struct Gaps {
+    gaps: std::sync::atomic::AtomicUsize,
+    messages: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl chatsync::cluster::BusHandler for Gaps {
+    async fn on_message(&self, _user: Option<&str>, _message: chatsync::cluster::BusMessage) {
+        self.messages.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    async fn on_subscribed(&self, _user: &str) {}
+    async fn on_gap(&self) {
+        self.gaps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_redis_loading_its_dataset_is_answering_and_the_bus_stays_connected_to_it() {
+    // A Redis restarted with persistence answers while it loads its dataset, pub/sub included, but refuses
+    // `PING` with `-LOADING` (for seconds, or minutes with a large dataset). That refusal is an answer: a
+    // bus that took it for a Redis that does not answer reconnected at once, resubscribed every user,
+    // trusted its caches and dropped them again, in a loop with no backoff, for the whole load.
+    use chatsync::cluster::{Bus, BusConfig};
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+    let Some(_) = redis_url() else { return };
+    let redis = OwnRedis::start_loading(200_000);
+    let config = BusConfig {
+        url: redis.url(),
+        prefix: common::cluster::unique_prefix(),
+        sharded: false,
+        max_incoming: chatsync::cluster::bus::MAX_INCOMING,
+        max_incoming_bytes: chatsync::cluster::bus::MAX_INCOMING_BYTES,
+    };
+    let master = chatsync::crypto::MasterKey::generate();
+    let handler = Arc::new(Gaps::default());
+    let bus = Bus::start(config.clone(), master.derive("bus")).unwrap();
+    bus.set_handler(handler.clone());
+    // The bus is the only client that sends PING: three health checks refused.
+    while redis.rejected_calls("ping") < 3 {
+        assert!(redis.loading(), "the dataset was loaded before three health checks: make it larger");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(redis.loading());
+    assert!(bus.is_healthy(), "connected and subscribed to a Redis that answers");
+    assert_eq!(handler.gaps.load(SeqCst), 1, "one gap, the first connection's: no reconnection");
+    // And it carries messages meanwhile: trusting it is right.
+    bus.subscribe("alice").await;
+    let sender = Bus::start(config, master.derive("bus")).unwrap();
+    while !sender.is_healthy() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sender.publish_user_in_turn("alice", deleted("c1"), || {}).await;
+    while handler.messages.load(SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(redis.loading(), "delivered while Redis was loading");
+    assert_eq!(handler.gaps.load(SeqCst), 1);
+}

@@ -655,9 +655,18 @@ async fn subscriber(
                 _ = health.tick() => {
                     // A stalled Redis (paused, swapping, a dead peer behind a proxy) keeps the connection
                     // open and sends nothing: without this, the node would trust its caches forever.
-                    if let Err(e) = redis::cmd("PING").exec_async(&mut conn).await {
-                        tracing::warn!(error = %e, "bus: Redis does not answer");
-                        break;
+                    // A Redis loading its dataset after a restart refuses PING with `-LOADING` (for as long
+                    // as the load takes) while its pub/sub works: it answers, and the bus works. Taken for
+                    // silence, it made the bus reconnect, resubscribe and drop every cache in a loop with no
+                    // backoff. Any other refusal (`-BUSY` with a script running, when PUBLISH fails too)
+                    // still counts as down, as does no answer (a timeout, a broken connection).
+                    match redis::cmd("PING").exec_async(&mut conn).await {
+                        Ok(()) => {}
+                        Err(e) if loading(&e) => tracing::debug!("bus: Redis is loading its dataset"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "bus: Redis does not answer");
+                            break;
+                        }
                     }
                 }
                 command = commands.recv() => {
@@ -726,6 +735,11 @@ async fn subscriber(
         shared.gap().await;
         tracing::warn!("bus: connection to Redis lost; serving this node's connections only until it returns");
     }
+}
+
+/// Whether `e` is Redis's `-LOADING`: it is loading its dataset, and serves pub/sub meanwhile.
+fn loading(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
 }
 
 /// Sleeps `backoff` while still applying subscription commands (so the set is current on reconnect).

@@ -87,21 +87,58 @@ pub struct OwnRedis {
     child: Option<std::process::Child>,
     /// In cluster mode: the directory of its cluster configuration (kept across restarts).
     cluster: Option<tempfile::TempDir>,
+    /// With a dataset to load at start ([`OwnRedis::start_loading`]): its directory and the arguments that
+    /// make the load slow.
+    dataset: Option<(tempfile::TempDir, Vec<String>)>,
 }
 
 impl OwnRedis {
     pub fn start() -> OwnRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = OwnRedis { port, child: None, cluster: None };
+        let mut redis = OwnRedis { port, child: None, cluster: None, dataset: None };
         redis.restart();
         redis
+    }
+
+    /// A Redis restarted with persistence: it loads a dataset of `keys` keys at start, slowly (50 µs a
+    /// key), answering commands meanwhile (every KiB loaded) as Redis does while it loads: `PING` gets
+    /// `-LOADING`, pub/sub works. See [`OwnRedis::loading`].
+    pub fn start_loading(keys: u32) -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let dir_arg = dir.path().to_str().unwrap().to_owned();
+        let mut redis =
+            OwnRedis { port, child: None, cluster: None, dataset: Some((dir, vec!["--dir".into(), dir_arg])) };
+        redis.restart();
+        let fill = format!("for i = 1, {keys} do redis.call('SET', 'k' .. i, 'v') end");
+        redis.cli(&["EVAL", &fill, "0"]);
+        redis.cli(&["SAVE"]);
+        redis.kill();
+        let args = &mut redis.dataset.as_mut().unwrap().1;
+        args.extend(["--key-load-delay", "50", "--loading-process-events-interval-bytes", "1024"].map(String::from));
+        redis.restart();
+        assert!(redis.loading(), "the dataset loaded at once: make it larger");
+        redis
+    }
+
+    /// Whether it is still loading its dataset.
+    pub fn loading(&self) -> bool {
+        self.cli(&["INFO", "persistence"]).lines().any(|l| l.trim() == "loading:1")
+    }
+
+    /// How many times a command was refused before it ran (`rejected_calls`: `-LOADING`, an ACL…).
+    pub fn rejected_calls(&self, command: &str) -> u64 {
+        let stats = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:");
+        let line = stats.lines().find_map(|l| l.strip_prefix(prefix.as_str())).unwrap_or("");
+        line.split(',').find_map(|f| f.strip_prefix("rejected_calls=")).map_or(0, |n| n.trim().parse().unwrap())
     }
 
     /// A Redis Cluster of this one server, holding every slot (what sharded pub/sub runs on). A restart
     /// keeps its slots.
     pub fn start_cluster() -> OwnRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut redis = OwnRedis { port, child: None, cluster: Some(tempfile::tempdir().unwrap()) };
+        let mut redis = OwnRedis { port, child: None, cluster: Some(tempfile::tempdir().unwrap()), dataset: None };
         redis.restart();
         redis.cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
         for _ in 0..500 {
@@ -113,7 +150,7 @@ impl OwnRedis {
         panic!("the cluster-mode redis-server on port {} did not become ready", redis.port);
     }
 
-    fn cli(&self, args: &[&str]) -> String {
+    pub fn cli(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
             .args(args)
@@ -134,6 +171,9 @@ impl OwnRedis {
         if let Some(dir) = &self.cluster {
             let conf = dir.path().join("nodes.conf");
             command.args(["--cluster-enabled", "yes", "--cluster-config-file"]).arg(conf).arg("--dir").arg(dir.path());
+        }
+        if let Some((_, args)) = &self.dataset {
+            command.args(args);
         }
         let child = command
             .stdout(std::process::Stdio::null())
