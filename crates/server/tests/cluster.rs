@@ -948,3 +948,41 @@ async fn a_redis_loading_its_dataset_is_answering_and_the_bus_stays_connected_to
     assert!(redis.loading(), "delivered while Redis was loading");
     assert_eq!(handler.gaps.load(SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_redis_that_takes_the_subscriptions_but_fails_the_health_check_is_never_trusted() {
+    // A replica cut off from its master, with `replica-serve-stale-data no`, takes HELLO and SUBSCRIBE but
+    // answers PING with `-MASTERDOWN`. The bus trusted such a connection (a gap, its caches) before its
+    // first health check, which failed at once; it then reconnected at once (its backoff reset by the
+    // subscription): hundreds of reconnections a second, each dropping every cache.
+    use chatsync::cluster::{Bus, BusConfig};
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+    let Some(_) = redis_url() else { return };
+    let redis = OwnRedis::start();
+    redis.cli(&["CONFIG", "SET", "replica-serve-stale-data", "no"]);
+    redis.cli(&["REPLICAOF", "127.0.0.1", "1"]); // nothing listens there
+    let config = BusConfig {
+        url: redis.url(),
+        prefix: common::cluster::unique_prefix(),
+        sharded: false,
+        max_incoming: chatsync::cluster::bus::MAX_INCOMING,
+        max_incoming_bytes: chatsync::cluster::bus::MAX_INCOMING_BYTES,
+    };
+    let handler = Arc::new(Gaps::default());
+    let bus = Bus::start(config, chatsync::crypto::MasterKey::generate().derive("bus")).unwrap();
+    bus.set_handler(handler.clone());
+    // The bus is the only client that sends PING: three connections' checks refused.
+    while redis.rejected_calls("ping") < 3 {
+        assert!(!bus.is_healthy(), "trusted a Redis that fails the health check");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!bus.is_healthy());
+    assert_eq!(handler.gaps.load(SeqCst), 0, "never taken as up, so never a gap");
+    // Once it answers, the bus comes up (after its backoff).
+    redis.cli(&["REPLICAOF", "NO", "ONE"]);
+    while !bus.is_healthy() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(handler.gaps.load(SeqCst), 1);
+}

@@ -632,8 +632,17 @@ async fn subscriber(
             Ok::<(), redis::RedisError>(())
         }
         .await;
-        if let Err(e) = subscribed {
-            tracing::warn!(error = %e, "bus: cannot subscribe");
+        // One health check before the connection is taken as up (and the backoff reset): a Redis that
+        // takes the subscriptions but fails it (a replica cut off from its master answers `-MASTERDOWN`
+        // with `replica-serve-stale-data no`; an ACL without PING) was trusted for a moment, failed the
+        // first check at once and was reconnected to at once, in a loop with no backoff (hundreds of
+        // reconnections a second, each dropping every cache). It now waits as a failed subscription does.
+        let up = match subscribed {
+            Ok(()) => health_check(&mut conn).await.map_err(|e| ("bus: Redis fails the health check", e)),
+            Err(e) => Err(("bus: cannot subscribe", e)),
+        };
+        if let Err((what, e)) = up {
+            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "{what}");
             if !wait_applying(&mut commands, &mut users, backoff, &stop).await {
                 return;
             }
@@ -646,27 +655,17 @@ async fn subscriber(
         inbox.trust(&shared.healthy);
         tracing::info!(users = users.len(), "bus: connected and subscribed");
         backoff = Duration::from_millis(100);
-        let mut health = tokio::time::interval(HEALTH_CHECK);
+        // (Checked just now: the next check in a period.)
+        let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_CHECK, HEALTH_CHECK);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = health.tick() => {
-                    // A stalled Redis (paused, swapping, a dead peer behind a proxy) keeps the connection
-                    // open and sends nothing: without this, the node would trust its caches forever.
-                    // A Redis loading its dataset after a restart refuses PING with `-LOADING` (for as long
-                    // as the load takes) while its pub/sub works: it answers, and the bus works. Taken for
-                    // silence, it made the bus reconnect, resubscribe and drop every cache in a loop with no
-                    // backoff. Any other refusal (`-BUSY` with a script running, when PUBLISH fails too)
-                    // still counts as down, as does no answer (a timeout, a broken connection).
-                    match redis::cmd("PING").exec_async(&mut conn).await {
-                        Ok(()) => {}
-                        Err(e) if loading(&e) => tracing::debug!("bus: Redis is loading its dataset"),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "bus: Redis does not answer");
-                            break;
-                        }
+                    if let Err(e) = health_check(&mut conn).await {
+                        tracing::warn!(error = %e, "bus: Redis fails the health check");
+                        break;
                     }
                 }
                 command = commands.recv() => {
@@ -737,9 +736,21 @@ async fn subscriber(
     }
 }
 
-/// Whether `e` is Redis's `-LOADING`: it is loading its dataset, and serves pub/sub meanwhile.
-fn loading(e: &redis::RedisError) -> bool {
-    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+/// Checks that Redis answers, with a PING. A stalled Redis (paused, swapping, a dead peer behind a proxy)
+/// keeps the connection open and sends nothing: without this, a node would trust its caches forever.
+/// A Redis loading its dataset after a restart refuses PING with `-LOADING` (for as long as the load
+/// takes) while its pub/sub works: it answers, and the bus works (taken for silence, it made the bus
+/// reconnect, resubscribe and drop every cache in a loop). Any other refusal (`-BUSY` with a script
+/// running, when PUBLISH fails too; `-MASTERDOWN`) fails the check, as does no answer (a timeout, a
+/// broken connection).
+async fn health_check(conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    match redis::cmd("PING").exec_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading) => {
+            tracing::debug!("bus: Redis is loading its dataset");
+            Ok(())
+        }
+        result => result,
+    }
 }
 
 /// Sleeps `backoff` while still applying subscription commands (so the set is current on reconnect).
