@@ -318,7 +318,7 @@ pub struct ServeArgs {
     pub commit_window_us: Option<u64>,
     /// Seconds a batch of writes may take in PostgreSQL before its writes fail with `unavailable` (a
     /// host that vanished mid-statement, a lock held by another session); the connection is then
-    /// dropped [default: 30].
+    /// dropped; at most 86400 [default: 30].
     #[arg(long, help_heading = "Storage", env = "CHATSYNC_STORE_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_timeout_secs: Option<u64>,
@@ -817,9 +817,12 @@ async fn publish_revocation(config: &Config, session_ids: Vec<String>) -> anyhow
     let Some(bus) = config.bus() else { return Ok(()) };
     let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
     let message = crate::cluster::BusMessage::SessionsRevoked { session_ids };
-    let published = match crate::keys::existing_master_key(&config.data_dir, env_key.as_deref())? {
-        Some(master) => crate::cluster::bus::publish_once(&bus, &master.derive("bus"), message).await,
-        None => Err(anyhow::anyhow!("no master key here (set CHATSYNC_MASTER_KEY)")),
+    // The revocation is committed already: a key that cannot be read here is a warning like a Redis that
+    // cannot be reached (failing would exit 1 after the revocation, and a second run find nothing to revoke).
+    let published = match crate::keys::existing_master_key(&config.data_dir, env_key.as_deref()) {
+        Ok(Some(master)) => crate::cluster::bus::publish_once(&bus, &master.derive("bus"), message).await,
+        Ok(None) => Err(anyhow::anyhow!("no master key here (set CHATSYNC_MASTER_KEY)")),
+        Err(e) => Err(e),
     };
     if let Err(e) = published {
         eprintln!(
@@ -1191,6 +1194,9 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
             check_user_id(&format!("{prefix}{}", users - 1))?;
             if users as u64 * devices as u64 > 1_000_000 {
                 bail!("at most 1,000,000 sessions per call");
+            }
+            if ttl.is_zero() {
+                bail!("--ttl must be greater than zero");
             }
             let user_ids: Vec<String> = (0..users).map(|u| format!("{prefix}{u}")).collect();
             let mut lines = String::new();

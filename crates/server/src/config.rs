@@ -257,6 +257,12 @@ impl Config {
             ("stream_idle_timeout_secs", self.stream_idle_timeout_secs),
             ("max_stream_bytes", self.max_stream_bytes as u64),
             ("max_open_streams_per_user", self.max_open_streams_per_user as u64),
+            // At 0 every request that carries one of these would be refused.
+            ("max_title_chars", self.max_title_chars as u64),
+            ("max_draft_chars", self.max_draft_chars as u64),
+            ("max_draft_words", self.max_draft_words as u64),
+            ("max_offline_changes", self.max_offline_changes as u64),
+            ("max_batch_chats", self.max_batch_chats as u64),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -279,6 +285,11 @@ impl Config {
             if v > MAX_SECS {
                 return Err(format!("{name} is at most {MAX_SECS} (a year)"));
             }
+        }
+        // A PostgreSQL store runs with `statement_timeout` set to it, whose range ends at 2^31 - 1 ms (24.8
+        // days): past that every connection would be refused. A day is already far beyond any use.
+        if self.store_timeout_secs > 86_400 {
+            return Err("store_timeout_secs is at most 86400 (a day)".into());
         }
         // Silence is checked at each Ping: a client that answers every Ping at once has been silent for a
         // whole interval when the next check comes (and one that sent nothing since it connected, a little
@@ -516,11 +527,23 @@ mod tests {
             session_check_interval_secs: MAX_SECS,
             shutdown_timeout_secs: MAX_SECS,
             stream_idle_timeout_secs: MAX_SECS,
-            store_timeout_secs: MAX_SECS,
+            store_timeout_secs: 86_400,
             webhook_max_age_secs: MAX_SECS,
             ..Config::default()
         };
         assert_eq!(year.validate(), Ok(()));
+        let over = Config { store_timeout_secs: 86_401, ..Config::default() };
+        assert_eq!(over.validate().unwrap_err(), "store_timeout_secs is at most 86400 (a day)");
+        // At 0 a limit would refuse every request that carries what it limits.
+        for zero in [
+            Config { max_title_chars: 0, ..Config::default() },
+            Config { max_draft_chars: 0, ..Config::default() },
+            Config { max_draft_words: 0, ..Config::default() },
+            Config { max_offline_changes: 0, ..Config::default() },
+            Config { max_batch_chats: 0, ..Config::default() },
+        ] {
+            assert!(zero.validate().unwrap_err().ends_with("must be greater than 0"), "{zero:?}");
+        }
         let huge = u64::MAX;
         for config in [
             Config { ping_interval_secs: huge, heartbeat_timeout_secs: huge, ..Config::default() },
