@@ -157,7 +157,7 @@ impl MasterKey {
                 Ok((key, false))
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                std::fs::create_dir_all(data_dir)
+                crate::datadir::create_private_dir(data_dir)
                     .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
                 let key = MasterKey::generate();
                 // Written whole under a name of its own, then linked into place: a crash mid-write leaves

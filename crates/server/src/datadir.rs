@@ -41,8 +41,7 @@ impl DataDirLock {
         use std::os::unix::fs::MetadataExt as _;
         let Some(db) = store_url.strip_prefix("sqlite://") else { return Ok(self) };
         let dir = Path::new(db).parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the database's directory {}", dir.display()))?;
+        create_private_dir(dir).with_context(|| format!("cannot create the database's directory {}", dir.display()))?;
         // The same directory by another name (`./data` and `data`, a symbolic link) is locked already: a
         // second lock on the same file would fail against this process's own.
         let id = |d: &Path| std::fs::metadata(d).map(|m| (m.dev(), m.ino()));
@@ -57,7 +56,7 @@ impl DataDirLock {
     }
 
     fn lock_dir(data_dir: &Path, holder: &str, what: &str) -> anyhow::Result<DataDirLock> {
-        std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {what} {}", data_dir.display()))?;
+        create_private_dir(data_dir).with_context(|| format!("cannot create {what} {}", data_dir.display()))?;
         let path = data_dir.join(LOCK_FILE);
         // Never through a symbolic link: the holder's note is written over the file's content, so a link
         // planted in a directory others can write to would have this process overwrite the file it names.
@@ -108,6 +107,14 @@ impl DataDirLock {
     }
 }
 
+/// Creates `dir` and its missing parents with mode 0700 (before the umask): the database holds user
+/// ids, device labels and the hashes of session tokens and API keys in the clear (only chat content is
+/// encrypted), and SQLite creates its files 0644. A directory that exists is left as it is.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
 /// Flushes `dir` itself to disk, so that files just created in it, or renamed within it, are still there
 /// after a power loss (fsync of a file does not cover its directory entry).
 pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
@@ -119,6 +126,22 @@ pub fn sync_dir(dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_directory_is_created_private_and_an_existing_one_left_as_it_is() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("a/data");
+        let _lock = DataDirLock::acquire(&data, "serve").unwrap();
+        for d in [dir.path().join("a"), data] {
+            assert_eq!(std::fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700, "{}", d.display());
+        }
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let _lock = DataDirLock::acquire(&shared, "serve").unwrap();
+        assert_eq!(std::fs::metadata(&shared).unwrap().permissions().mode() & 0o777, 0o750);
+    }
 
     #[test]
     fn a_second_lock_fails_until_the_first_is_released() {

@@ -132,7 +132,8 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and applies pending migrations.
     pub async fn open(path: &Path, durability: super::Durability) -> anyhow::Result<SqliteStore> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+            crate::datadir::create_private_dir(dir)
+                .with_context(|| format!("cannot create data directory {}", dir.display()))?;
             // Created anew (O_EXCL, which never follows a symbolic link): a link planted under the probe's
             // name in a directory others can write to would otherwise have this process truncate the file
             // it names. One left by a crash between the two steps is removed first.
