@@ -189,14 +189,14 @@ impl Shared {
         self.queue.push(Queued { id: self.next_id, change, version_before_edit });
     }
 
-    /// Puts back a live change that was never confirmed, unless a newer one of its component is queued.
-    fn requeue(&mut self, q: Queued) {
-        let newer = self
-            .queue
-            .iter()
-            .any(|n| n.change.chat_id() == q.change.chat_id() && n.change.is_title() == q.change.is_title());
-        if !newer {
-            self.queue.push(q);
+    /// Puts back the live changes a lost connection left unconfirmed, in the order they were sent (by
+    /// their `id`): each is newer than any queued change of its component (the queue only grows while
+    /// offline, so what it holds during a connection was made before it: its batch unconfirmed, or
+    /// refused), and the last one sent is the user's last word.
+    fn requeue(&mut self, mut unconfirmed: Vec<Queued>) {
+        unconfirmed.sort_by_key(|q| q.id);
+        for q in unconfirmed {
+            self.enqueue(q.change, q.version_before_edit);
         }
     }
 
@@ -486,10 +486,15 @@ impl Task {
                         let result = match command {
                             None | Some(Command::Close) => break End::Closed,
                             Some(Command::Change(change)) => {
-                                let held = self.lock().held(change.chat_id(), change.is_title());
+                                // Numbered like queued changes: a lost connection puts them back in this order.
+                                let (order, held) = {
+                                    let mut s = self.lock();
+                                    s.next_id += 1;
+                                    (s.next_id, s.held(change.chat_id(), change.is_title()))
+                                };
                                 let rid = id("change-");
                                 let message = change.live();
-                                pending.insert(rid.clone(), Pending::Change(Queued { id: 0, change, version_before_edit: held }));
+                                pending.insert(rid.clone(), Pending::Change(Queued { id: order, change, version_before_edit: held }));
                                 client.send(&message, Some(&rid)).await
                             }
                             Some(Command::Message(chat_id, message)) => {
@@ -518,19 +523,17 @@ impl Task {
         // What was in flight: live changes go back to the queue, requests fail.
         let mut s = self.lock();
         s.connected = false;
+        let mut unconfirmed = Vec::new();
         for (_, p) in pending {
             match p {
-                Pending::Change(q) => {
-                    s.next_id += 1;
-                    let id = s.next_id;
-                    s.requeue(Queued { id, ..q });
-                }
+                Pending::Change(q) => unconfirmed.push(q),
                 Pending::Request(_, _, reply) => {
                     let _ = reply.send(Err(ClientError::Closed(None)));
                 }
                 Pending::Message(..) | Pending::Offline(_) | Pending::Sync(_) => {}
             }
         }
+        s.requeue(unconfirmed);
         end
     }
 
@@ -646,19 +649,23 @@ mod tests {
                 &Change::DeleteDraft { chat_id: chat.clone() }
             ]
         );
-        // A live change that was never confirmed does not override a newer queued one.
-        s.requeue(Queued {
-            id: 99,
-            change: Change::Title { chat_id: chat.clone(), title: "old".into() },
-            version_before_edit: 2,
-        });
-        assert_eq!(s.queue.len(), 2);
+        // Live changes a lost connection left unconfirmed were made after what is queued: they replace it,
+        // the last one sent winning, whatever order they are handed back in.
         let other = ChatId::new("c2").unwrap();
-        s.requeue(Queued {
-            id: 100,
-            change: Change::Title { chat_id: other, title: "x".into() },
-            version_before_edit: 0,
-        });
+        let live = |id, chat_id: &ChatId, title: &str| Queued {
+            id,
+            change: Change::Title { chat_id: chat_id.clone(), title: title.into() },
+            version_before_edit: 2,
+        };
+        s.requeue(vec![live(101, &chat, "newest"), live(100, &chat, "newer"), live(102, &other, "x")]);
+        let titles: Vec<&Change> = s.queue.iter().filter(|q| q.change.is_title()).map(|q| &q.change).collect();
+        assert_eq!(
+            titles,
+            [
+                &Change::Title { chat_id: chat.clone(), title: "newest".into() },
+                &Change::Title { chat_id: other, title: "x".into() }
+            ]
+        );
         assert_eq!(s.queue.len(), 3);
     }
 

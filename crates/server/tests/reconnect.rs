@@ -2,6 +2,8 @@
 //! a connection cut by a proxy or a server restart is re-established with backoff, changes made offline
 //! reach the server as one `sync_offline_changes` (then an initial sync) and the user's other device sees
 //! them; conflicts are reported; another user sees nothing; a session the server refuses stops the client.
+//! The interleavings a real server cannot be held at (a connection dropped while requests are in flight and
+//! unanswered, a server that greets and then fails) are played by a scripted server (`Scripted`).
 
 mod common;
 
@@ -12,6 +14,9 @@ use common::TestServer;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 fn chat(id: &str) -> ChatId {
     ChatId::new(id).unwrap()
@@ -342,4 +347,116 @@ async fn a_server_restart_is_survived_with_the_queued_change_applied() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
     drop(data);
+}
+
+/// A stand-in for the server that the test drives frame by frame: every connection it accepts is handed
+/// to the test, which greets it, reads what the client sends, answers or drops it.
+struct Scripted {
+    url: String,
+    accepted: tokio::sync::mpsc::UnboundedReceiver<WebSocketStream<TcpStream>>,
+}
+
+impl Scripted {
+    async fn start() -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
+        let (tx, accepted) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                    if tx.send(ws).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Scripted { url, accepted }
+    }
+
+    /// The client's next connection (upgraded, not greeted yet).
+    async fn accept(&mut self) -> WebSocketStream<TcpStream> {
+        let next = tokio::time::timeout(Duration::from_secs(30), self.accepted.recv());
+        next.await.expect("the client never connected again").unwrap()
+    }
+}
+
+/// Sends `connected`, as the server does after authenticating.
+async fn greet(ws: &mut WebSocketStream<TcpStream>) {
+    use futures_util::SinkExt;
+    let connected = ServerMessage::Connected(Connected {
+        connection_id: "conn".into(),
+        user_id: "alice".into(),
+        device_hash: "0".repeat(64),
+        protocol: "chatsync.v1".into(),
+        server_time: "2026-01-01T00:00:00Z".into(),
+        limits: Limits::default(),
+    });
+    ws.send(Message::text(encode(&connected, None))).await.unwrap();
+}
+
+/// The next frame the client sent, as JSON.
+async fn read_frame(ws: &mut WebSocketStream<TcpStream>) -> Value {
+    use futures_util::StreamExt;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("the client sent nothing");
+        if let Message::Text(t) = frame.expect("the client hung up").unwrap() {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn edits_in_flight_when_the_connection_drops_are_resent_the_newest_winning() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    // A first connection that ends at once: the laptop is offline and queues an edit.
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    drop(ws);
+    disconnected(&mut laptop).await;
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "old".into() });
+    // The next connection is upgraded but not greeted: the laptop is still offline.
+    let mut ws = server.accept().await;
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    assert_eq!(laptop.queued_changes(), 1);
+
+    // Greeted: the queued edit goes out, then the sync; nothing is answered.
+    greet(&mut ws).await;
+    let offline = read_frame(&mut ws).await;
+    assert_eq!(
+        (offline["type"].as_str(), offline["payload"]["changes"][0]["value"].as_str()),
+        (Some("sync_offline_changes"), Some("old"))
+    );
+    assert_eq!(read_frame(&mut ws).await["type"], "initial_sync_request");
+    // Online now, the user edits the same title again, and, in other chats, one title twice.
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "new".into() });
+    let chats: Vec<ChatId> = (0..8).map(|i| chat(&format!("k{i}"))).collect();
+    for c in &chats {
+        laptop.change(Change::Title { chat_id: c.clone(), title: "first".into() });
+        laptop.change(Change::Title { chat_id: c.clone(), title: "second".into() });
+    }
+    for _ in 0..1 + 2 * chats.len() {
+        assert_eq!(read_frame(&mut ws).await["type"], "update_title");
+    }
+    // The connection drops with all of that unanswered.
+    drop(ws);
+    disconnected(&mut laptop).await;
+
+    // The next connection carries the last title the user gave each chat.
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let offline = read_frame(&mut ws).await;
+    assert_eq!(offline["type"], "sync_offline_changes");
+    let titles: BTreeMap<String, String> = offline["payload"]["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["chat_id"].as_str().unwrap().to_owned(), c["value"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(titles.get("c1").map(String::as_str), Some("new"), "{offline}");
+    for c in &chats {
+        assert_eq!(titles.get(c.as_str()).map(String::as_str), Some("second"), "{offline}");
+    }
+    assert_eq!(titles.len(), 1 + chats.len(), "one change per chat: {offline}");
+    laptop.close();
 }
