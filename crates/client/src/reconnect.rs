@@ -16,6 +16,11 @@
 //!   `chat_message_confirmed` arrives and are re-sent after a reconnection (a `message_id` is idempotent).
 //! * The versions held are the newest the client has been told of (initial sync, confirmations,
 //!   broadcasts, offline results); a deleted chat is forgotten.
+//! * A connection counts as a success, and resets the backoff, once its initial sync is complete: a
+//!   server that greets and then closes, or fails the sync, is retried with growing delays like one that
+//!   refuses, and counts towards `max_attempts`. A failed initial sync (`initial_sync_error`, or an
+//!   `error` in its place) ends the connection: staying on it, the client would never learn what changed
+//!   while it was offline.
 //! * A close that reconnecting cannot cure (1008 other than `Token expired` and `Rate limit exceeded`:
 //!   an invalid or revoked session, a device mismatch) stops the client: [`Event::Disconnected`] with
 //!   `retry_in: None` is then the last event. `Token expired` is retried: give a fresh token first with
@@ -41,7 +46,8 @@ pub struct ReconnectOptions {
     pub initial_delay: Duration,
     /// The cap of the ceiling.
     pub max_delay: Duration,
-    /// Give up after this many consecutive failed attempts (`None`: never).
+    /// Give up after this many consecutive failed attempts (`None`: never). An attempt fails unless its
+    /// initial sync completes.
     pub max_attempts: Option<u32>,
 }
 
@@ -269,8 +275,14 @@ impl ReconnectingClient {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::unbounded_channel();
         let shared = Arc::new(Mutex::new(Shared { options, ..Shared::default() }));
-        let task =
-            Task { url: url.to_owned(), reconnect, shared: shared.clone(), commands: command_rx, events: event_tx };
+        let task = Task {
+            url: url.to_owned(),
+            reconnect,
+            shared: shared.clone(),
+            commands: command_rx,
+            events: event_tx,
+            failures: 0,
+        };
         tokio::spawn(task.run());
         ReconnectingClient { commands, events, shared }
     }
@@ -360,6 +372,8 @@ struct Task {
     shared: Arc<Mutex<Shared>>,
     commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
+    /// Consecutive failed attempts; reset when a connection's initial sync completes.
+    failures: u32,
 }
 
 /// How a connection ended.
@@ -380,7 +394,6 @@ impl Task {
     }
 
     async fn run(mut self) {
-        let mut failures = 0u32;
         loop {
             let options = self.lock().options.clone();
             let url = self.url.clone();
@@ -389,21 +402,18 @@ impl Task {
                 _ = self.idle_until_closed() => return self.stopped(None, "closed"),
             };
             let (close, error) = match outcome {
-                Ok((client, connected)) => {
-                    failures = 0;
-                    match self.session(client, connected).await {
-                        End::Closed => return self.stopped(None, "closed"),
-                        End::Lost(close, error) => (close, error),
-                    }
-                }
+                Ok((client, connected)) => match self.session(client, connected).await {
+                    End::Closed => return self.stopped(None, "closed"),
+                    End::Lost(close, error) => (close, error),
+                },
                 Err(ClientError::Closed(close)) => (close, "the server closed the connection".to_owned()),
                 Err(e) => (None, e.to_string()),
             };
-            failures += 1;
-            if is_fatal(&close) || self.reconnect.max_attempts.is_some_and(|max| failures >= max) {
+            self.failures += 1;
+            if is_fatal(&close) || self.reconnect.max_attempts.is_some_and(|max| self.failures >= max) {
                 return self.emit(Event::Disconnected { close, error, retry_in: None });
             }
-            let delay = self.reconnect.delay(failures);
+            let delay = self.reconnect.delay(self.failures);
             self.emit(Event::Disconnected { close, error, retry_in: Some(delay) });
             let sleep = tokio::time::sleep(delay);
             tokio::select! {
@@ -478,7 +488,10 @@ impl Task {
             Ok(()) => loop {
                 tokio::select! {
                     incoming = client.recv() => match incoming {
-                        Ok(m) => self.receive(m, &mut pending),
+                        Ok(m) => if let Err(why) = self.receive(m, &mut pending) {
+                            let _ = tokio::time::timeout(Duration::from_secs(2), client.close_with(1000, "")).await;
+                            break End::Lost(None, why);
+                        },
                         Err(ClientError::Closed(close)) => break End::Lost(close, "the server closed the connection".into()),
                         Err(e) => break End::Lost(None, e.to_string()),
                     },
@@ -537,11 +550,18 @@ impl Task {
         end
     }
 
-    /// Handles one server message on a live connection.
-    fn receive(&self, m: Incoming, pending: &mut HashMap<String, Pending>) {
+    /// Handles one server message on a live connection; `Err` (why) when the connection is of no use: its
+    /// initial sync failed.
+    fn receive(&mut self, m: Incoming, pending: &mut HashMap<String, Pending>) -> Result<(), String> {
         self.lock().learn(&m.message);
-        let Some(rid) = m.request_id.clone() else { return self.emit(Event::Message(m)) };
-        let Some(p) = pending.remove(&rid) else { return self.emit(Event::Message(m)) };
+        let Some(rid) = m.request_id.clone() else {
+            self.emit(Event::Message(m));
+            return Ok(());
+        };
+        let Some(p) = pending.remove(&rid) else {
+            self.emit(Event::Message(m));
+            return Ok(());
+        };
         let is_error = matches!(m.message, ServerMessage::Error(_) | ServerMessage::InitialSyncError(_));
         match p {
             Pending::Change(_) => self.emit(Event::Message(m)),
@@ -587,8 +607,19 @@ impl Task {
                     if merged.more {
                         pending.insert(rid, Pending::Sync(Some(merged)));
                     } else {
+                        self.failures = 0;
                         self.emit(Event::Synced(merged));
                     }
+                }
+                ServerMessage::InitialSyncError(ref e) => {
+                    let why = format!("the initial sync failed: {:?} ({})", e.code, e.message);
+                    self.emit(Event::Message(m));
+                    return Err(why);
+                }
+                ServerMessage::Error(ref e) => {
+                    let why = format!("the initial sync failed: {:?} ({})", e.code, e.message);
+                    self.emit(Event::Message(m));
+                    return Err(why);
                 }
                 _ => self.emit(Event::Message(m)),
             },
@@ -607,6 +638,7 @@ impl Task {
                 }
             }
         }
+        Ok(())
     }
 }
 

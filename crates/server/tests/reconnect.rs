@@ -460,3 +460,54 @@ async fn edits_in_flight_when_the_connection_drops_are_resent_the_newest_winning
     assert_eq!(titles.len(), 1 + chats.len(), "one change per chat: {offline}");
     laptop.close();
 }
+
+#[tokio::test]
+async fn a_server_that_greets_and_then_fails_counts_as_a_failed_attempt() {
+    let mut server = Scripted::start().await;
+    let once = ReconnectOptions { max_attempts: Some(3), ..quick() };
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), once);
+    // Each connection is greeted and dropped before its initial sync is answered: the backoff grows as
+    // for a refused connection, and max_attempts ends it.
+    for attempt in 1..=3 {
+        let mut ws = server.accept().await;
+        greet(&mut ws).await;
+        assert_eq!(read_frame(&mut ws).await["type"], "initial_sync_request");
+        drop(ws);
+        let (_, retry) = disconnected(&mut laptop).await;
+        assert_eq!(retry.is_none(), attempt == 3, "attempt {attempt}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_initial_sync_is_retried_on_a_new_connection() {
+    use futures_util::SinkExt;
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    let failed = ServerMessage::InitialSyncError(InitialSyncError {
+        code: ErrorCode::Unavailable,
+        message: "The store is unavailable.".into(),
+    });
+    ws.send(Message::text(encode(&failed, sync["request_id"].as_str()))).await.unwrap();
+    // The client does not stay on a connection whose sync failed: it would never learn what changed
+    // while it was offline.
+    let (_, retry) = disconnected(&mut laptop).await;
+    assert!(retry.is_some());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    assert_eq!(sync["type"], "initial_sync_request");
+    let done = ServerMessage::InitialSyncResponse(InitialSyncResponse {
+        chat_ids_to_delete: vec![],
+        chats_to_add_or_update: vec![],
+        server_chat_order: vec![],
+        sync_completed_at: "2026-01-01T00:00:00Z".into(),
+        active_streams: vec![],
+        more: false,
+    });
+    ws.send(Message::text(encode(&done, sync["request_id"].as_str()))).await.unwrap();
+    synced(&mut laptop).await;
+    laptop.close();
+}
