@@ -10,9 +10,11 @@
 //! - verify `X-Chatsync-Signature` over the raw body, in constant time, before parsing anything;
 //! - answer the webhook quickly (202) and do the slow work (generating the reply) in the background:
 //!   chatsync delivers a user's events one at a time and waits for each answer;
-//! - be idempotent, since delivery is at least once: the stream id and the reply's `message_id` are derived
-//!   from the user's message, and chunks are idempotent by `seq`, so a redelivered event replays the same
-//!   calls and chatsync reports them as duplicates instead of writing a second reply;
+//! - be idempotent, since delivery is at least once: an event id seen before is acknowledged (200) and
+//!   nothing else (replayed, the reply would stream again on every device, and come back after the user
+//!   cancelled it); and the stream id and the reply's `message_id` are derived from the user's message,
+//!   so that even a redelivery this process cannot recognise (it restarted meanwhile) stores no second
+//!   reply;
 //! - log event types and ids, never contents.
 
 use axum::body::Bytes;
@@ -23,7 +25,7 @@ use axum::Router;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +52,35 @@ pub struct Backend {
     writing: Mutex<HashSet<String>>,
     /// Streams a device cancelled: their writer stops before its next chunk.
     cancelled: Mutex<HashSet<String>>,
+    /// The ids of the latest events received, to acknowledge a redelivery without acting on it again.
+    seen: Mutex<Seen>,
+}
+
+/// The most event ids remembered: a redelivery comes after a lost answer, within the sender's retry
+/// schedule, so the latest ones are the ones that matter.
+const SEEN_EVENTS: usize = 10_000;
+
+/// Event ids received, the oldest forgotten first.
+#[derive(Default)]
+struct Seen {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Seen {
+    /// Records `id`; `false` if it was already there.
+    fn first_time(&mut self, id: &str) -> bool {
+        if !self.ids.insert(id.to_owned()) {
+            return false;
+        }
+        self.order.push_back(id.to_owned());
+        if self.order.len() > SEEN_EVENTS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+        true
+    }
 }
 
 /// The webhook route: `POST /webhook`.
@@ -59,6 +90,7 @@ pub fn router(config: Config) -> Router {
         http: reqwest::Client::new(),
         writing: Mutex::default(),
         cancelled: Mutex::default(),
+        seen: Mutex::default(),
     });
     Router::new().route("/webhook", post(webhook)).with_state(backend)
 }
@@ -81,6 +113,10 @@ async fn webhook(State(b): State<Arc<Backend>>, headers: HeaderMap, body: Bytes)
     let Ok(event) = serde_json::from_slice::<Value>(&body) else { return StatusCode::BAD_REQUEST };
     let (kind, id) = (event["type"].as_str().unwrap_or(""), event["id"].as_str().unwrap_or(""));
     tracing::info!(kind, id, "webhook");
+    if !id.is_empty() && !b.seen.lock().unwrap().first_time(id) {
+        tracing::info!(kind, id, "redelivered: already handled");
+        return StatusCode::OK;
+    }
     match kind {
         "message.created" => {
             let b = b.clone();

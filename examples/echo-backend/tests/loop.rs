@@ -1,6 +1,7 @@
 //! The whole loop, on real servers: a device writes a message → chatsync stores it and calls the echo
 //! backend's webhook → the backend streams a reply through the server API → every device of the user sees
-//! the reply word by word and then stored; a device that cancels stops it; a bad signature is refused.
+//! the reply word by word and then stored; a device that cancels stops it; a redelivered event is answered
+//! once; a bad signature is refused.
 
 use chatsync_client::{Client, ConnectOptions};
 use chatsync_protocol::{
@@ -12,6 +13,7 @@ const SECRET: &str = "echo-test-secret";
 
 struct Loop {
     ws_url: String,
+    hook: String,
     ctx: chatsync::Ctx,
     _data: tempfile::TempDir,
 }
@@ -25,7 +27,7 @@ async fn start(word_delay: Duration) -> Loop {
     let data = tempfile::tempdir().unwrap();
     let config = chatsync::Config {
         data_dir: data.path().to_owned(),
-        webhook_url: Some(hook),
+        webhook_url: Some(hook.clone()),
         webhook_secret: Some(SECRET.to_owned().into()),
         ..chatsync::Config::default()
     };
@@ -41,7 +43,7 @@ async fn start(word_delay: Duration) -> Loop {
     });
     tokio::spawn(async move { axum::serve(backend_listener, backend).await });
     ctx.store.create_user("alice", false, 0).await.unwrap();
-    Loop { ws_url: format!("ws://{addr}/v1/ws"), ctx, _data: data }
+    Loop { ws_url: format!("ws://{addr}/v1/ws"), hook, ctx, _data: data }
 }
 
 impl Loop {
@@ -157,6 +159,42 @@ async fn a_webhook_with_a_bad_signature_is_refused() {
         b"body",
         Some(&format!("sha256={}", hmac_hex(b"k", b"body")))
     ));
+}
+
+/// POSTs a signed `message.created` event to the backend, as chatsync delivers it; returns the status.
+async fn deliver(l: &Loop, event_id: &str, message_id: &str, text: &str) -> u16 {
+    let body = serde_json::json!({"id": event_id, "type": "message.created", "created_at": "2026-01-01T00:00:00.000Z",
+        "user_id": "alice", "chat_id": "c1", "message_id": message_id, "seq": 1, "content": text,
+        "client_timestamp": null})
+    .to_string();
+    let request = reqwest::Client::new()
+        .post(&l.hook)
+        .header("X-Chatsync-Signature", format!("sha256={}", hmac_hex(SECRET.as_bytes(), body.as_bytes())))
+        .body(body);
+    request.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn a_redelivered_event_is_answered_once() {
+    let l = start(Duration::from_millis(1)).await;
+    let mut phone = l.device("phone").await;
+    assert_eq!(deliver(&l, "evt_00000000000000000000000000000001", "m1", "hello again").await, 202);
+    assert_eq!(assemble(&mut phone).await, "echo: hello again");
+    // Delivery is at least once: the same event again (its 2xx lost on the way back) is acknowledged and
+    // does nothing; devices would otherwise see the reply streamed a second time.
+    assert_eq!(deliver(&l, "evt_00000000000000000000000000000001", "m1", "hello again").await, 200);
+    assert_eq!(deliver(&l, "evt_00000000000000000000000000000002", "m2", "and again").await, 202);
+    // What the phone sees next is the reply to m2 and nothing else.
+    let (mut started, mut text) = (Vec::new(), String::new());
+    loop {
+        match phone.recv().await.unwrap().message {
+            ServerMessage::StreamStarted(s) => started.push(s.stream_id),
+            ServerMessage::StreamChunk(c) => text.push_str(&c.delta),
+            ServerMessage::StreamCompleted(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!((started.len(), text.as_str()), (1, "echo: and again"), "{started:?}");
 }
 
 fn hmac_hex(key: &[u8], body: &[u8]) -> String {
