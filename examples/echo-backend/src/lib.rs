@@ -15,6 +15,8 @@
 //!   cancelled it); and the stream id and the reply's `message_id` are derived from the user's message,
 //!   so that even a redelivery this process cannot recognise (it restarted meanwhile) stores no second
 //!   reply;
+//! - end a reply it cannot finish with `DELETE …/streams/{id}`: devices would otherwise show it frozen
+//!   until chatsync's idle timeout;
 //! - log event types and ids, never contents.
 
 use axum::body::Bytes;
@@ -124,7 +126,9 @@ async fn webhook(State(b): State<Arc<Backend>>, headers: HeaderMap, body: Bytes)
             StatusCode::ACCEPTED
         }
         "stream.cancel_requested" => {
-            if let Some(stream_id) = event["stream_id"].as_str() {
+            // Only a stream being written has a writer to stop (and to forget the mark when it ends).
+            let writing = b.writing.lock().unwrap();
+            if let Some(stream_id) = event["stream_id"].as_str().filter(|id| writing.contains(*id)) {
                 b.cancelled.lock().unwrap().insert(stream_id.to_owned());
             }
             StatusCode::NO_CONTENT
@@ -179,8 +183,23 @@ impl Backend {
             self.write_stream(user, chat, &stream_id, &format!("r-{digest}"), &text_of(&event["content"])).await;
         if let Err(e) = result {
             tracing::warn!(stream_id, error = %e, "reply not completed");
+            // Ended for every device at once (they would otherwise show the reply frozen until chatsync's
+            // idle timeout). A 409 means it is not open anyway.
+            let url = format!("{}/{stream_id}", self.streams_url(user, chat));
+            let aborted = self.http.delete(&url).bearer_auth(&self.config.api_key).send().await;
+            if let Err(e) = aborted {
+                tracing::warn!(stream_id, error = %e, "reply not aborted; chatsync's idle timeout ends it");
+            }
         }
-        self.writing.lock().unwrap().remove(&stream_id);
+        // With a cancel that came after the last look at it (under `writing`'s lock, as the mark is made).
+        let mut writing = self.writing.lock().unwrap();
+        writing.remove(&stream_id);
+        self.cancelled.lock().unwrap().remove(&stream_id);
+    }
+
+    /// `…/users/{user}/chats/{chat}/streams` on chatsync's API.
+    fn streams_url(&self, user: &str, chat: &str) -> String {
+        format!("{}/v1/api/users/{user}/chats/{chat}/streams", self.config.api_url.trim_end_matches('/'))
     }
 
     async fn write_stream(
@@ -191,7 +210,7 @@ impl Backend {
         reply_id: &str,
         text: &str,
     ) -> anyhow::Result<()> {
-        let base = format!("{}/v1/api/users/{user}/chats/{chat}/streams", self.config.api_url.trim_end_matches('/'));
+        let base = self.streams_url(user, chat);
         let start = json!({"stream_id": stream_id, "message_id": reply_id, "sender_name": self.config.sender_name});
         self.call(&base, start).await?;
         let words: Vec<String> = format!("echo: {text}").split_whitespace().map(str::to_owned).collect();

@@ -1,7 +1,7 @@
 //! The whole loop, on real servers: a device writes a message → chatsync stores it and calls the echo
 //! backend's webhook → the backend streams a reply through the server API → every device of the user sees
-//! the reply word by word and then stored; a device that cancels stops it; a redelivered event is answered
-//! once; a bad signature is refused.
+//! the reply word by word and then stored; a device that cancels stops it; a reply that cannot be finished
+//! is ended; a redelivered event is answered once; a bad signature is refused.
 
 use chatsync_client::{Client, ConnectOptions};
 use chatsync_protocol::{
@@ -20,17 +20,23 @@ struct Loop {
 
 /// chatsync on port 0 with its webhook pointed at an echo backend on port 0.
 async fn start(word_delay: Duration) -> Loop {
+    start_with(word_delay, |_| {}).await
+}
+
+/// [`start`], with chatsync's configuration changed by `tweak`.
+async fn start_with(word_delay: Duration, tweak: impl FnOnce(&mut chatsync::Config)) -> Loop {
     let backend_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook = format!("http://{}/webhook", backend_listener.local_addr().unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let config = chatsync::Config {
+    let mut config = chatsync::Config {
         data_dir: data.path().to_owned(),
         webhook_url: Some(hook.clone()),
         webhook_secret: Some(SECRET.to_owned().into()),
         ..chatsync::Config::default()
     };
+    tweak(&mut config);
     let ctx = chatsync::build(config).await.unwrap();
     tokio::spawn(chatsync::run(listener, ctx.clone(), std::future::pending()));
     let (_, api_key) = chatsync::api::keys::create(ctx.store.as_ref(), Some("echo")).await.unwrap();
@@ -159,6 +165,30 @@ async fn a_webhook_with_a_bad_signature_is_refused() {
         b"body",
         Some(&format!("sha256={}", hmac_hex(b"k", b"body")))
     ));
+}
+
+#[tokio::test]
+async fn a_reply_that_cannot_be_finished_is_ended_on_every_device() {
+    // The stream's text is capped below the reply: a chunk is refused (422) half way through.
+    let l = start_with(Duration::from_millis(1), |c| {
+        c.max_stream_bytes = 16;
+        c.stream_idle_timeout_secs = 3600;
+    })
+    .await;
+    let mut phone = l.device("phone").await;
+    phone.request(&say("one two three four five six seven")).await.unwrap();
+    // The backend gives up and says so: devices do not show a reply frozen until the idle timeout.
+    let ended = async {
+        loop {
+            match phone.recv().await.unwrap().message {
+                ServerMessage::StreamCancelled(c) => return c.reason,
+                ServerMessage::StreamCompleted(c) => panic!("completed: {c:?}"),
+                _ => {}
+            }
+        }
+    };
+    let reason = tokio::time::timeout(Duration::from_secs(30), ended).await.expect("the stream was left open");
+    assert_eq!(reason, chatsync_protocol::StreamCancelReason::Aborted);
 }
 
 /// POSTs a signed `message.created` event to the backend, as chatsync delivers it; returns the status.
