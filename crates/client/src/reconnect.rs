@@ -23,7 +23,9 @@
 //!   while it was offline.
 //! * A close that reconnecting cannot cure (1008 other than `Token expired` and `Rate limit exceeded`:
 //!   an invalid or revoked session, a device mismatch) stops the client: [`Event::Disconnected`] with
-//!   `retry_in: None` is then the last event. `Token expired` is retried: give a fresh token first with
+//!   `retry_in: None` is then the last event. So does an upgrade refused with an HTTP 4xx other than 408
+//!   and 429 (a cookie or an Origin the server forbids, 403; a wrong path, 404): every attempt would get
+//!   it again. `Token expired` is retried: give a fresh token first with
 //!   [`ReconnectingClient::set_token`].
 
 use crate::{Client, ClientError, ConnectOptions};
@@ -150,8 +152,8 @@ pub enum Event {
     /// Any other server message (replies to live changes, broadcasts, errors, server events).
     Message(Incoming),
     /// The connection ended or could not be made. `retry_in`: when the next attempt starts; `None`: the
-    /// client stopped (a close reconnecting cannot cure, `max_attempts`, or [`ReconnectingClient::close`])
-    /// and this is its last event.
+    /// client stopped (a close or an HTTP refusal reconnecting cannot cure, `max_attempts`, or
+    /// [`ReconnectingClient::close`]) and this is its last event.
     Disconnected {
         /// The server's close code and reason, if it sent one.
         close: Option<(u16, String)>,
@@ -352,6 +354,15 @@ fn is_fatal(close: &Option<(u16, String)>) -> bool {
     matches!(close, Some((1008, reason)) if reason != "Token expired" && reason != "Rate limit exceeded")
 }
 
+/// Whether the server answered the upgrade with an HTTP status that every attempt would get again: a
+/// 4xx (403 for a cookie or an Origin it forbids, 404 for a wrong path), except 408 and 429, which ask
+/// to come back later. A 5xx (a proxy in front of a node that restarts) is retried.
+fn is_refused_upgrade(e: &ClientError) -> bool {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    matches!(e, ClientError::Ws(WsError::Http(r))
+        if r.status().is_client_error() && !matches!(r.status().as_u16(), 408 | 429))
+}
+
 /// What a request id stands for on the current connection.
 enum Pending {
     /// A live change, put back in the queue if the connection drops first.
@@ -401,16 +412,16 @@ impl Task {
                 r = Client::connect_authenticated(&url, &options) => r,
                 _ = self.idle_until_closed() => return self.stopped(None, "closed"),
             };
-            let (close, error) = match outcome {
+            let (close, error, refused) = match outcome {
                 Ok((client, connected)) => match self.session(client, connected).await {
                     End::Closed => return self.stopped(None, "closed"),
-                    End::Lost(close, error) => (close, error),
+                    End::Lost(close, error) => (close, error, false),
                 },
-                Err(ClientError::Closed(close)) => (close, "the server closed the connection".to_owned()),
-                Err(e) => (None, e.to_string()),
+                Err(ClientError::Closed(close)) => (close, "the server closed the connection".to_owned(), false),
+                Err(e) => (None, e.to_string(), is_refused_upgrade(&e)),
             };
             self.failures += 1;
-            if is_fatal(&close) || self.reconnect.max_attempts.is_some_and(|max| self.failures >= max) {
+            if refused || is_fatal(&close) || self.reconnect.max_attempts.is_some_and(|max| self.failures >= max) {
                 return self.emit(Event::Disconnected { close, error, retry_in: None });
             }
             let delay = self.reconnect.delay(self.failures);

@@ -511,3 +511,23 @@ async fn a_failed_initial_sync_is_retried_on_a_new_connection() {
     synced(&mut laptop).await;
     laptop.close();
 }
+
+#[tokio::test]
+async fn an_upgrade_the_server_forbids_stops_the_client_instead_of_retrying() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    // A cookie without an allowed Origin: HTTP 403 before any upgrade, on every attempt alike.
+    let opts = ConnectOptions {
+        token_placement: chatsync_client::TokenPlacement::Cookie,
+        ..ConnectOptions::new(&token, "laptop")
+    };
+    let mut rc = ReconnectingClient::start(&server.url, opts, quick());
+    let stopped = until(&mut rc, |e| match e {
+        Event::Disconnected { error, retry_in, .. } => Some((error.clone(), *retry_in)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(stopped.1, None, "{stopped:?}");
+    assert!(stopped.0.contains("403"), "{stopped:?}");
+    assert!(rc.next_event().await.is_none(), "no event after the client stopped");
+}
