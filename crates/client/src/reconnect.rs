@@ -15,7 +15,9 @@
 //! * Chat messages ([`ReconnectingClient::send_message`]) stay in an outbox until their
 //!   `chat_message_confirmed` arrives and are re-sent after a reconnection (a `message_id` is idempotent).
 //! * The versions held are the newest the client has been told of (initial sync, confirmations,
-//!   broadcasts, offline results); a deleted chat is forgotten.
+//!   broadcasts, offline results); a deleted chat is forgotten. The initial sync names as many chats as
+//!   fit in one frame (`max_frame_bytes`); the server sends the others in full, and those of them missing
+//!   from its `server_chat_order` are added to the [`Event::Synced`]'s `chat_ids_to_delete`.
 //! * A connection counts as a success, and resets the backoff, once its initial sync is complete: a
 //!   server that greets and then closes, or fails the sync, is retried with growing delays like one that
 //!   refuses, and counts towards `max_attempts`. A failed initial sync (`initial_sync_error`, or an
@@ -36,7 +38,7 @@ use chatsync_protocol::{
 };
 use rand::Rng;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -349,6 +351,37 @@ impl ReconnectingClient {
     }
 }
 
+/// The most chats an `initial_sync_request` may name (PROTOCOL.md).
+const MAX_SYNC_CHATS: usize = 10_000;
+
+/// The `initial_sync_request` for the versions held, naming as many chats as fit in one frame of
+/// `max_frame_bytes` (and at most [`MAX_SYNC_CHATS`]): past it the server closes with 1009, as it would
+/// on every attempt, and a user with some hundreds of chats could never sync again. The server sends
+/// the chats left out in full, as new; they are returned, to tell from the reply which of them are gone.
+fn sync_request(
+    versions: BTreeMap<ChatId, ClientVersions>,
+    max_frame_bytes: usize,
+    request_id: &str,
+) -> (InitialSyncRequest, Vec<ChatId>) {
+    let mut request = InitialSyncRequest { chat_versions: BTreeMap::new(), immediate_view_chat_id: None };
+    let empty = ClientMessage::InitialSyncRequest(request.clone()).encode(Some(request_id)).len();
+    let mut room = max_frame_bytes.saturating_sub(empty);
+    let mut left_out = Vec::new();
+    for (chat_id, v) in versions {
+        // `"id":{…},`
+        let id_len = serde_json::to_string(&chat_id).map_or(usize::MAX / 4, |t| t.len());
+        let v_len = serde_json::to_string(&v).map_or(usize::MAX / 4, |t| t.len());
+        let size = id_len + 1 + v_len + 1;
+        if left_out.is_empty() && request.chat_versions.len() < MAX_SYNC_CHATS && size <= room {
+            room -= size;
+            request.chat_versions.insert(chat_id, v);
+        } else {
+            left_out.push(chat_id);
+        }
+    }
+    (request, left_out)
+}
+
 /// Whether a close means that reconnecting cannot help.
 fn is_fatal(close: &Option<(u16, String)>) -> bool {
     matches!(close, Some((1008, reason)) if reason != "Token expired" && reason != "Rate limit exceeded")
@@ -371,8 +404,8 @@ enum Pending {
     Message(ChatId, chatsync_protocol::MessageId),
     /// A batch of queued changes (their ids), dropped from the queue on `offline_sync_complete`.
     Offline(Vec<u64>),
-    /// The initial sync, with the parts so far.
-    Sync(Option<InitialSyncResponse>),
+    /// The initial sync, with the parts so far, and the chats held that it could not name.
+    Sync(Option<InitialSyncResponse>, Vec<ChatId>),
     /// A caller's request.
     Request(ClientMessage, Vec<Incoming>, oneshot::Sender<Result<Vec<Incoming>, ClientError>>),
 }
@@ -465,6 +498,7 @@ impl Task {
             format!("{prefix}{next}")
         };
         let batch = connected.limits.max_offline_changes.max(1) as usize;
+        let connected_limits = connected.limits;
         self.lock().connected = true;
         self.emit(Event::Connected(connected));
 
@@ -490,8 +524,8 @@ impl Task {
             );
         }
         let rid = id("sync-");
-        pending.insert(rid.clone(), Pending::Sync(None));
-        let sync = InitialSyncRequest { chat_versions: versions, immediate_view_chat_id: None };
+        let (sync, left_out) = sync_request(versions, connected_limits.max_frame_bytes as usize, &rid);
+        pending.insert(rid.clone(), Pending::Sync(None, left_out));
         sent = sent.and(client.send(&ClientMessage::InitialSyncRequest(sync), Some(&rid)).await);
 
         let end = match sent {
@@ -554,7 +588,7 @@ impl Task {
                 Pending::Request(_, _, reply) => {
                     let _ = reply.send(Err(ClientError::Closed(None)));
                 }
-                Pending::Message(..) | Pending::Offline(_) | Pending::Sync(_) => {}
+                Pending::Message(..) | Pending::Offline(_) | Pending::Sync(..) => {}
             }
         }
         s.requeue(unconfirmed);
@@ -601,7 +635,7 @@ impl Task {
                     self.emit(Event::Message(m));
                 }
             },
-            Pending::Sync(so_far) => match m.message {
+            Pending::Sync(so_far, left_out) => match m.message {
                 ServerMessage::InitialSyncResponse(part) => {
                     let merged = match so_far {
                         None => part,
@@ -616,8 +650,19 @@ impl Task {
                         }
                     };
                     if merged.more {
-                        pending.insert(rid, Pending::Sync(Some(merged)));
+                        pending.insert(rid, Pending::Sync(Some(merged), left_out));
                     } else {
+                        // A chat the request could not name is sent in full if it exists, and not named
+                        // as deleted if it does not: gone is what the complete chat order lacks.
+                        let mut merged = merged;
+                        let order: HashSet<&ChatId> = merged.server_chat_order.iter().collect();
+                        let gone: Vec<ChatId> = left_out.into_iter().filter(|id| !order.contains(id)).collect();
+                        let mut s = self.lock();
+                        for id in &gone {
+                            s.versions.remove(id);
+                        }
+                        drop(s);
+                        merged.chat_ids_to_delete.extend(gone);
                         self.failures = 0;
                         self.emit(Event::Synced(merged));
                     }
@@ -710,6 +755,20 @@ mod tests {
             ]
         );
         assert_eq!(s.queue.len(), 3);
+    }
+
+    #[test]
+    fn the_initial_sync_names_what_fits_in_a_frame_and_returns_the_rest() {
+        let v = ClientVersions { messages_v: Some(12), title_v: Some(3), draft_v: Some(4) };
+        let versions: BTreeMap<ChatId, ClientVersions> =
+            (0..500).map(|i| (ChatId::new(format!("chat-{i:03}")).unwrap(), v)).collect();
+        let (request, left_out) = sync_request(versions.clone(), 4096, "sync-9");
+        let named = request.chat_versions.len();
+        let frame = ClientMessage::InitialSyncRequest(request).encode(Some("sync-9"));
+        assert!(frame.len() <= 4096 && frame.len() > 4096 - 100, "{}", frame.len());
+        assert_eq!(named + left_out.len(), 500);
+        let (all, none) = sync_request(versions, 1 << 20, "sync-9");
+        assert_eq!((all.chat_versions.len(), none.len()), (500, 0));
     }
 
     #[test]

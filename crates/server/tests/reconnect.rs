@@ -531,3 +531,47 @@ async fn an_upgrade_the_server_forbids_stops_the_client_instead_of_retrying() {
     assert!(stopped.0.contains("403"), "{stopped:?}");
     assert!(rc.next_event().await.is_none(), "no event after the client stopped");
 }
+
+#[tokio::test]
+async fn a_user_with_more_chats_than_one_frame_can_name_still_resyncs() {
+    // Small frames, so that a few dozen chats' versions are more than one initial_sync_request can hold.
+    let server = TestServer::start_with(|c| c.max_frame_bytes = 2048).await;
+    let token = server.user_token("alice").await;
+    let phone_token = server.token("alice").await;
+    let (mut phone, _) = server.connect(&phone_token, "phone").await;
+    let chats: Vec<ChatId> = (0..60).map(|i| chat(&format!("a-chat-with-a-longer-id-{i:02}"))).collect();
+    for c in &chats {
+        let title = UpdateTitle { chat_id: c.clone(), new_title: "t".into() };
+        let reply = phone.request(&ClientMessage::UpdateTitle(title)).await.unwrap();
+        assert!(matches!(reply.message, ServerMessage::ChatTitleUpdated(_)), "{reply:?}");
+    }
+    let (proxy, mut laptop) = behind_proxy(&server, &token).await;
+    assert_eq!(synced(&mut laptop).await.chats_to_add_or_update.len(), chats.len());
+    assert_eq!(laptop.versions().len(), chats.len());
+
+    // Offline, the laptop misses a rename and a deletion.
+    proxy.cut();
+    disconnected(&mut laptop).await;
+    let renamed = UpdateTitle { chat_id: chats[59].clone(), new_title: "renamed".into() };
+    phone.request(&ClientMessage::UpdateTitle(renamed)).await.unwrap();
+    let deleted = DeleteChat { chat_id: chats[58].clone() };
+    phone.request(&ClientMessage::DeleteChat(deleted)).await.unwrap();
+    proxy.restore();
+
+    // Its versions do not fit in one frame: it still syncs (instead of being closed with 1009 on every
+    // attempt), and learns both.
+    let sync = until(&mut laptop, |e| match e {
+        Event::Synced(s) => Some(s.clone()),
+        Event::Disconnected { close: Some(close), .. } => panic!("closed: {close:?}"),
+        _ => None,
+    })
+    .await;
+    let c59 = sync.chats_to_add_or_update.iter().find(|c| c.chat_id == chats[59]).expect("the renamed chat");
+    assert_eq!(c59.title.as_deref(), Some("renamed"));
+    assert!(sync.chat_ids_to_delete.contains(&chats[58]), "{:?}", sync.chat_ids_to_delete);
+    let held = laptop.versions();
+    assert_eq!(held.len(), chats.len() - 1);
+    assert!(!held.contains_key(&chats[58]));
+    assert_eq!(held[&chats[59]].title_v, Some(2));
+    laptop.close();
+}
