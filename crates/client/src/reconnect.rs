@@ -1,6 +1,6 @@
 //! A client that stays connected: [`ReconnectingClient`] reconnects with exponential backoff and full
-//! jitter, keeps the changes made while it is offline, and on every (re)connection sends them as one
-//! `sync_offline_changes`, then the chat messages not yet confirmed, then an `initial_sync_request`
+//! jitter, keeps the changes made while it is offline, and on every (re)connection sends them as
+//! `sync_offline_changes` (as few as the limits allow), then the chat messages not yet confirmed, then an `initial_sync_request`
 //! with the versions it holds. What happens is surfaced as [`Event`]s.
 //!
 //! The same behaviour as the TypeScript SDK's client. A background task owns the connection; the handle
@@ -32,9 +32,9 @@
 
 use crate::{Client, ClientError, ConnectOptions};
 use chatsync_protocol::{
-    ChatId, ChatMessageAdded, ClientMessage, ClientVersions, Connected, DeleteDraft, Incoming, InitialSyncRequest,
-    InitialSyncResponse, NewMessage, OfflineChangeType, OfflineSyncComplete, ServerMessage, SyncOfflineChanges,
-    UpdateDraft, UpdateTitle,
+    ChatId, ChatMessageAdded, ClientMessage, ClientVersions, Connected, DeleteDraft, ErrorCode, Incoming,
+    InitialSyncRequest, InitialSyncResponse, NewMessage, OfflineChangeType, OfflineResult, OfflineStatus,
+    OfflineSyncComplete, ServerMessage, SyncOfflineChanges, UpdateDraft, UpdateTitle,
 };
 use rand::Rng;
 use serde_json::{json, Map, Value};
@@ -125,16 +125,24 @@ impl Change {
         }
     }
 
+    fn kind(&self) -> OfflineChangeType {
+        match self {
+            Change::Title { .. } => OfflineChangeType::Title,
+            Change::Draft { .. } => OfflineChangeType::Draft,
+            Change::DeleteDraft { .. } => OfflineChangeType::DeleteDraft,
+        }
+    }
+
     fn offline(&self, version_before_edit: i64, change_id: u64) -> Value {
-        let (kind, value) = match self {
-            Change::Title { title, .. } => (OfflineChangeType::Title, json!(title)),
-            Change::Draft { draft_json, .. } => (OfflineChangeType::Draft, json!(draft_json)),
-            Change::DeleteDraft { .. } => (OfflineChangeType::DeleteDraft, Value::Null),
+        let value = match self {
+            Change::Title { title, .. } => json!(title),
+            Change::Draft { draft_json, .. } => json!(draft_json),
+            Change::DeleteDraft { .. } => Value::Null,
         };
         json!({
             "change_id": format!("c{change_id}"),
             "chat_id": self.chat_id(),
-            "type": kind,
+            "type": self.kind(),
             "value": value,
             "version_before_edit": version_before_edit,
         })
@@ -147,7 +155,9 @@ pub enum Event {
     /// A connection is up; the queued changes, unconfirmed messages and an initial sync are on their way.
     Connected(Connected),
     /// The server's answer to the queued offline changes (one per batch of at most
-    /// `limits.max_offline_changes` changes).
+    /// `limits.max_offline_changes` changes in one frame of `limits.max_frame_bytes`). A change larger
+    /// than a frame on its own is not sent (the server would close the connection, on every attempt): it
+    /// leaves the queue, reported here as an `error` result with `limit_exceeded`.
     OfflineSynced(OfflineSyncComplete),
     /// The initial sync after a (re)connection, its parts merged.
     Synced(InitialSyncResponse),
@@ -351,6 +361,42 @@ impl ReconnectingClient {
     }
 }
 
+/// The changes at the head of `queue` that one `sync_offline_changes` can carry: at most `max_changes`,
+/// in one frame of `max_frame_bytes` (past it the server closes with 1009, as it would on every attempt).
+/// Empty when the first change alone does not fit.
+fn offline_batch(queue: &[Queued], max_changes: usize, max_frame_bytes: usize, request_id: &str) -> Vec<Value> {
+    let empty = ClientMessage::SyncOfflineChanges(SyncOfflineChanges { changes: Vec::new() });
+    let mut size = empty.encode(Some(request_id)).len();
+    let mut changes = Vec::new();
+    for q in queue.iter().take(max_changes) {
+        let change = q.change.offline(q.version_before_edit, q.id);
+        // The change and a comma.
+        size += change.to_string().len() + 1;
+        if size > max_frame_bytes {
+            break;
+        }
+        changes.push(change);
+    }
+    changes
+}
+
+/// The result reported for a queued change refused before sending: larger than a frame.
+fn too_large(q: &Queued) -> OfflineSyncComplete {
+    OfflineSyncComplete {
+        processed: 0,
+        conflicts: 0,
+        errors: 1,
+        results: vec![OfflineResult {
+            change_id: Some(format!("c{}", q.id)),
+            chat_id: Some(q.change.chat_id().as_str().to_owned()),
+            kind: Some(q.change.kind()),
+            status: OfflineStatus::Error,
+            code: Some(ErrorCode::LimitExceeded),
+            versions: None,
+        }],
+    }
+}
+
 /// The most chats an `initial_sync_request` may name (PROTOCOL.md).
 const MAX_SYNC_CHATS: usize = 10_000;
 
@@ -509,10 +555,20 @@ impl Task {
             (s.queue.clone(), s.outbox.clone(), s.versions.clone())
         };
         let mut sent = Ok(());
-        for chunk in queue.chunks(batch) {
-            let changes = chunk.iter().map(|q| q.change.offline(q.version_before_edit, q.id)).collect();
+        let mut rest = queue.as_slice();
+        while let Some(first) = rest.first() {
             let rid = id("offline-");
-            pending.insert(rid.clone(), Pending::Offline(chunk.iter().map(|q| q.id).collect()));
+            let changes = offline_batch(rest, batch, connected_limits.max_frame_bytes as usize, &rid);
+            if changes.is_empty() {
+                // Alone larger than a frame: sent, it would close the connection (1009) on every attempt.
+                self.lock().queue.retain(|q| q.id != first.id);
+                self.emit(Event::OfflineSynced(too_large(first)));
+                rest = &rest[1..];
+                continue;
+            }
+            let (taken, left) = rest.split_at(changes.len());
+            rest = left;
+            pending.insert(rid.clone(), Pending::Offline(taken.iter().map(|q| q.id).collect()));
             sent = sent
                 .and(client.send(&ClientMessage::SyncOfflineChanges(SyncOfflineChanges { changes }), Some(&rid)).await);
         }

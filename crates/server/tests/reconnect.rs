@@ -575,3 +575,40 @@ async fn a_user_with_more_chats_than_one_frame_can_name_still_resyncs() {
     assert_eq!(held[&chats[59]].title_v, Some(2));
     laptop.close();
 }
+
+#[tokio::test]
+async fn offline_changes_larger_than_one_frame_go_in_several_batches() {
+    let server = TestServer::start_with(|c| c.max_frame_bytes = 2048).await;
+    let token = server.user_token("alice").await;
+    let (proxy, mut laptop) = behind_proxy(&server, &token).await;
+    synced(&mut laptop).await;
+    proxy.cut();
+    disconnected(&mut laptop).await;
+    // 20 long titles: some 4 KiB of changes, twice what one frame may hold.
+    for i in 0..20 {
+        laptop.change(Change::Title { chat_id: chat(&format!("c{i}")), title: format!("{i:02}").repeat(100) });
+    }
+    // And one change that no frame can hold: refused by the client, not sent.
+    laptop.change(Change::Title { chat_id: chat("huge"), title: "é".repeat(255).repeat(5) });
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    assert_eq!(laptop.queued_changes(), 21);
+    proxy.restore();
+    let (mut processed, mut refused) = (0usize, Vec::new());
+    while processed + refused.len() < 21 {
+        let done = until(&mut laptop, |e| match e {
+            Event::OfflineSynced(s) => Some(s.clone()),
+            Event::Disconnected { close: Some(close), .. } => panic!("closed: {close:?}"),
+            _ => None,
+        })
+        .await;
+        processed += done.processed as usize;
+        refused.extend(done.results.into_iter().filter(|r| r.status == OfflineStatus::Error));
+    }
+    assert_eq!(processed, 20);
+    assert_eq!(refused.len(), 1);
+    assert_eq!((refused[0].chat_id.as_deref(), refused[0].code), (Some("huge"), Some(ErrorCode::LimitExceeded)));
+    synced(&mut laptop).await;
+    assert_eq!(laptop.queued_changes(), 0);
+    assert_eq!(laptop.versions()[&chat("c19")].title_v, Some(1));
+    laptop.close();
+}
