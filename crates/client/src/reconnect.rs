@@ -14,6 +14,8 @@
 //!   (`version_before_edit`); otherwise the result is a `conflict` in [`Event::OfflineSynced`].
 //! * Chat messages ([`ReconnectingClient::send_message`]) stay in an outbox until their
 //!   `chat_message_confirmed` arrives and are re-sent after a reconnection (a `message_id` is idempotent).
+//!   One whose frame is larger than `max_frame_bytes` is not sent (the server would close the connection,
+//!   on every attempt): it leaves the outbox, reported as an `error` `limit_exceeded`.
 //! * The versions held are the newest the client has been told of (initial sync, confirmations,
 //!   broadcasts, offline results); a deleted chat is forgotten. The initial sync names as many chats as
 //!   fit in one frame (`max_frame_bytes`); the server sends the others in full, and those of them missing
@@ -32,7 +34,7 @@
 
 use crate::{Client, ClientError, ConnectOptions};
 use chatsync_protocol::{
-    ChatId, ChatMessageAdded, ClientMessage, ClientVersions, Connected, DeleteDraft, ErrorCode, Incoming,
+    ChatId, ChatMessageAdded, ClientMessage, ClientVersions, Connected, DeleteDraft, ErrorCode, ErrorPayload, Incoming,
     InitialSyncRequest, InitialSyncResponse, NewMessage, OfflineChangeType, OfflineResult, OfflineStatus,
     OfflineSyncComplete, ServerMessage, SyncOfflineChanges, UpdateDraft, UpdateTitle,
 };
@@ -572,12 +574,10 @@ impl Task {
             sent = sent
                 .and(client.send(&ClientMessage::SyncOfflineChanges(SyncOfflineChanges { changes }), Some(&rid)).await);
         }
+        let max_frame = connected_limits.max_frame_bytes as usize;
         for (chat_id, message) in outbox {
             let rid = id("message-");
-            pending.insert(rid.clone(), Pending::Message(chat_id.clone(), message.message_id.clone()));
-            sent = sent.and(
-                client.send(&ClientMessage::ChatMessageAdded(ChatMessageAdded { chat_id, message }), Some(&rid)).await,
-            );
+            sent = sent.and(self.send_message(&mut client, &mut pending, rid, chat_id, message, max_frame).await);
         }
         let rid = id("sync-");
         let (sync, left_out) = sync_request(versions, connected_limits.max_frame_bytes as usize, &rid);
@@ -614,8 +614,7 @@ impl Task {
                             Some(Command::Message(chat_id, message)) => {
                                 self.lock().outbox.push((chat_id.clone(), message.clone()));
                                 let rid = id("message-");
-                                pending.insert(rid.clone(), Pending::Message(chat_id.clone(), message.message_id.clone()));
-                                client.send(&ClientMessage::ChatMessageAdded(ChatMessageAdded { chat_id, message }), Some(&rid)).await
+                                self.send_message(&mut client, &mut pending, rid, chat_id, message, max_frame).await
                             }
                             Some(Command::Request(message, reply)) => {
                                 let rid = id("request-");
@@ -649,6 +648,43 @@ impl Task {
         }
         s.requeue(unconfirmed);
         end
+    }
+
+    /// Sends a chat message of the outbox with request id `rid`, unless its frame is larger than the
+    /// server takes: it would close the connection (1009), and the re-sent message every following one.
+    /// Such a message leaves the outbox, reported as the server reports a message it refuses (an `error`
+    /// `limit_exceeded` carrying `rid`).
+    async fn send_message(
+        &self,
+        client: &mut Client,
+        pending: &mut HashMap<String, Pending>,
+        rid: String,
+        chat_id: ChatId,
+        message: NewMessage,
+        max_frame_bytes: usize,
+    ) -> Result<(), ClientError> {
+        let message_id = message.message_id.clone();
+        let frame =
+            ClientMessage::ChatMessageAdded(ChatMessageAdded { chat_id: chat_id.clone(), message }).encode(Some(&rid));
+        if frame.len() > max_frame_bytes {
+            self.lock().outbox.retain(|(chat, msg)| !(chat == &chat_id && msg.message_id == message_id));
+            let error = ErrorPayload {
+                field: Some("message".into()),
+                chat_id: Some(chat_id.as_str().to_owned()),
+                message_id: Some(message_id.as_str().to_owned()),
+                ..ErrorPayload::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "The message's frame ({} bytes) is larger than max_frame_bytes ({max_frame_bytes}).",
+                        frame.len()
+                    ),
+                )
+            };
+            self.emit(Event::Message(Incoming { message: ServerMessage::Error(error), request_id: Some(rid) }));
+            return Ok(());
+        }
+        pending.insert(rid, Pending::Message(chat_id, message_id));
+        client.send_text(frame).await
     }
 
     /// Handles one server message on a live connection; `Err` (why) when the connection is of no use: its

@@ -612,3 +612,39 @@ async fn offline_changes_larger_than_one_frame_go_in_several_batches() {
     assert_eq!(laptop.versions()[&chat("c19")].title_v, Some(1));
     laptop.close();
 }
+
+#[tokio::test]
+async fn a_message_larger_than_a_frame_is_refused_without_losing_the_connection() {
+    let server = TestServer::start_with(|c| c.max_frame_bytes = 4096).await;
+    let token = server.user_token("alice").await;
+    let (proxy, mut laptop) = behind_proxy(&server, &token).await;
+    synced(&mut laptop).await;
+    let big = |id: &str| NewMessage {
+        message_id: MessageId::new(id).unwrap(),
+        content: MessageContent::Text("x".repeat(5000)),
+        timestamp: None,
+        temp_id: None,
+    };
+    let refused = |e: &Event| match e {
+        Event::Message(Incoming { message: ServerMessage::Error(e), .. }) => Some(e.clone()),
+        Event::Disconnected { close, .. } => panic!("disconnected: {close:?}"),
+        _ => None,
+    };
+    // Online: sent, the frame would close the connection (1009), and again on every reconnection.
+    laptop.send_message(chat("c1"), big("online"));
+    let error = until(&mut laptop, refused).await;
+    assert_eq!((error.code, error.message_id.as_deref()), (ErrorCode::LimitExceeded, Some("online")));
+    assert_eq!(laptop.unconfirmed_messages(), 0);
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_ok(), "still connected");
+
+    // Queued offline: refused at the reconnection, which goes on to sync.
+    proxy.cut();
+    disconnected(&mut laptop).await;
+    laptop.send_message(chat("c1"), big("offline"));
+    proxy.restore();
+    let error = until(&mut laptop, refused).await;
+    assert_eq!((error.code, error.message_id.as_deref()), (ErrorCode::LimitExceeded, Some("offline")));
+    synced(&mut laptop).await;
+    assert_eq!(laptop.unconfirmed_messages(), 0);
+    laptop.close();
+}
