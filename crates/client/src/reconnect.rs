@@ -1,7 +1,7 @@
 //! A client that stays connected: [`ReconnectingClient`] reconnects with exponential backoff and full
 //! jitter, keeps the changes made while it is offline, and on every (re)connection sends them as
-//! `sync_offline_changes` (as few as the limits allow), then the chat messages not yet confirmed, then an `initial_sync_request`
-//! with the versions it holds. What happens is surfaced as [`Event`]s.
+//! `sync_offline_changes` (as few as the limits allow), then the chat messages not yet confirmed, then
+//! an `initial_sync_request` with the versions it holds. What happens is surfaced as [`Event`]s.
 //!
 //! The same behaviour as the TypeScript SDK's client. A background task owns the connection; the handle
 //! is cheap to use from anywhere (`change`, `send_message` and `request` take `&self`).
@@ -608,7 +608,8 @@ impl Task {
                                 };
                                 let rid = id("change-");
                                 let message = change.live();
-                                pending.insert(rid.clone(), Pending::Change(Queued { id: order, change, version_before_edit: held }));
+                                let sent = Queued { id: order, change, version_before_edit: held };
+                                pending.insert(rid.clone(), Pending::Change(sent));
                                 client.send(&message, Some(&rid)).await
                             }
                             Some(Command::Message(chat_id, message)) => {
