@@ -47,6 +47,24 @@ contract_suites!(
     user_summaries_count_devices,
 );
 
+/// SQLite's transient failures reach the identity half through sqlx (every call but the chat writer's):
+/// the database held by another connection past the busy timeout (a `keys rotate`, a CLI command, another
+/// process) is `Unavailable` there too, as it is for the chat writer, not a backend error, which a client
+/// sees as `internal` (500) instead of `unavailable` (503, retry later).
+#[tokio::test]
+async fn sqlite_a_database_held_past_the_busy_timeout_is_unavailable() {
+    let b = backends::sqlite().await.unwrap();
+    let backends::Place::Sqlite(dir) = &b.place else { unreachable!() };
+    let s = b.backend.identity.as_ref();
+    let holder = rusqlite::Connection::open(dir.path().join("chatsync.db")).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Waits the store's busy timeout (10 s) for the lock, then fails.
+    let refused = s.create_user("alice", false, 1).await;
+    holder.execute_batch("ROLLBACK").unwrap();
+    assert!(matches!(refused, Err(StoreError::Unavailable(_))), "{refused:?}");
+    s.create_user("alice", false, 1).await.unwrap();
+}
+
 async fn users_are_unique_and_keep_their_2fa_flag(s: &dyn Store) {
     s.create_user("alice", false, 1).await.unwrap();
     s.create_user("carol", true, 2).await.unwrap();

@@ -56,10 +56,28 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
                 StoreError::Unavailable(e.to_string())
             }
-            ref db if pg_transient(db) => StoreError::Unavailable(e.to_string()),
+            ref db if pg_transient(db) || sqlite_transient(db) => StoreError::Unavailable(e.to_string()),
             other => StoreError::Backend(other.to_string()),
         }
     }
+}
+
+/// SQLite errors worth retrying later, the same the chat writer's connection maps to `Unavailable`
+/// (`sqlite_chats.rs`): the database held by another connection past the busy timeout (BUSY, LOCKED), a
+/// full disk (FULL), an I/O error (IOERR), a file that cannot be opened (CANTOPEN). The identity half,
+/// the chat reads and the webhook outbox reach SQLite through sqlx, which reports SQLite's extended result
+/// code: its low byte is the primary one.
+fn sqlite_transient(e: &sqlx::Error) -> bool {
+    use rusqlite::ffi;
+    let Some(db) = e.as_database_error() else { return false };
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_none() {
+        return false;
+    }
+    let Some(code) = db.code().and_then(|c| c.parse::<i32>().ok()) else { return false };
+    matches!(
+        code & 0xff,
+        ffi::SQLITE_BUSY | ffi::SQLITE_LOCKED | ffi::SQLITE_FULL | ffi::SQLITE_IOERR | ffi::SQLITE_CANTOPEN
+    )
 }
 
 /// PostgreSQL errors worth retrying later: connection exceptions (08), a transaction rolled back by a
