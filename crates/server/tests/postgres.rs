@@ -9,6 +9,8 @@ mod common;
 mod sync_util;
 
 use backends::PgSchema;
+use chatsync::store;
+use chatsync::store::chats::{Target, WriteOp, WriteResult};
 use chatsync_protocol::*;
 use common::TestServer;
 use serde_json::json;
@@ -551,4 +553,86 @@ async fn deployments_in_two_schemas_of_one_database_do_not_share_owner_locks() {
     for server in &mut servers {
         server.stop().await;
     }
+}
+
+/// Calls `function` (`chatsync_write_batch_locked`, or `chatsync_write_batch` as a node from before the
+/// owner locks of migration 0008 does) with one op of `kind` on alice's chat `c1`: a message `message_id`
+/// from `sender`, or a read marker at `seq`. Returns (outcome, read_seq, unread_count).
+async fn one_op(
+    conn: &mut sqlx::PgConnection,
+    function: &str,
+    kind: &str,
+    message_id: Option<&str>,
+    sender: Option<&str>,
+    seq: Option<i64>,
+) -> (String, i64, i64) {
+    let none_text: Vec<Option<&str>> = vec![None];
+    let none_bytes: Vec<Option<&[u8]>> = vec![None];
+    let none_int: Vec<Option<i64>> = vec![None];
+    let payload: Vec<Option<&[u8]>> = vec![message_id.map(|_| &b"sealed elsewhere"[..])];
+    let row = sqlx::query(&format!(
+        "SELECT r_outcome, r_read_seq, r_unread_count FROM {function}($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+         $12, $13)"
+    ))
+    .bind(vec![kind])
+    .bind(vec!["alice"])
+    .bind(vec![Some("c1")])
+    .bind(&payload)
+    .bind(&none_bytes)
+    .bind(&none_text)
+    .bind(&none_int)
+    .bind(vec![seq])
+    .bind(vec![Some(1_000_i64)])
+    .bind(vec![message_id])
+    .bind(&none_text)
+    .bind(vec![sender])
+    .bind(vec![message_id.map(|_| 1_000_i64)])
+    .fetch_one(conn)
+    .await
+    .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test]
+async fn a_read_marker_that_waited_for_a_message_counts_it_as_unread() {
+    // `mark_read` recounts the unread messages in its UPDATE. One that waits for the chat's row (a message
+    // being added by a transaction not under the owner lock: a node from before migration 0008, during a
+    // rolling upgrade) is re-checked on the new row, but its recount ran on the statement's snapshot, taken
+    // before that message committed: the message was missing from `unread_count` for good.
+    use chatsync::store::chats::WrappedKey;
+    let Some(schema) = PgSchema::create().await else { return };
+    let backend = store::open_backend(&schema.url, store::Durability::Full).await.unwrap();
+    backend.identity.create_user("alice", false, 1).await.unwrap();
+    // Alice's chat c1 with one message from the bot (seq 1).
+    let first = WriteOp::Message {
+        owner: "alice".into(),
+        chat_id: "c1".into(),
+        message_id: "m1".into(),
+        content: b"sealed elsewhere".to_vec(),
+        client_timestamp: None,
+        sender: "bot".into(),
+        created_at: 1_000,
+        target: Target::Create { key: WrappedKey { wrapped: b"wrapped".to_vec(), kek_id: "k1".into() }, max_chats: 10 },
+        now: 1_000,
+        event: None,
+    };
+    assert!(matches!(backend.chats.write(first).await.unwrap(), WriteResult::Message { duplicate: false, .. }));
+    // An older node adds m2 from the bot (seq 2), not committed yet.
+    let mut older = schema.connect().await;
+    sqlx::query("BEGIN").execute(&mut older).await.unwrap();
+    let added = one_op(&mut older, "chatsync_write_batch", "message", Some("m2"), Some("bot"), None).await;
+    assert_eq!(added, ("message".to_owned(), 0, 2));
+    // A device marks m1 read: the batch waits for the chat's row.
+    let marker = schema.connect().await;
+    let read = tokio::spawn(async move {
+        let mut marker = marker;
+        one_op(&mut marker, "chatsync_write_batch_locked", "mark_read", None, None, Some(1)).await
+    });
+    let mut watcher = schema.connect().await;
+    until_waiting_for_locks(&mut watcher, 1).await;
+    sqlx::query("COMMIT").execute(&mut older).await.unwrap();
+    assert_eq!(read.await.unwrap(), ("applied".to_owned(), 1, 1), "m2 is above the marker: unread");
+    let chat = backend.chats.chat("alice", "c1").await.unwrap().unwrap();
+    assert_eq!((chat.messages_v, chat.read_seq, chat.unread_count), (2, 1, 1));
+    backend.identity.close().await;
 }

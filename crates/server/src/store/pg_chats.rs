@@ -1,7 +1,8 @@
 //! [`ChatStore`] for PostgreSQL: reads on the pool; writes through [`WRITERS`] writer tasks per process,
 //! each of which takes the writes queued to it (up to [`MAX_BATCH`]) and applies them as one batch in
 //! ONE statement, `SELECT * FROM chatsync_write_batch_locked(…arrays…)` (PL/pgSQL functions, migrations
-//! `0003_write_batch.sql`, `0006_senders_read.sql` and `0008_batch_owner_locks.sql`), which is its own
+//! `0003_write_batch.sql`, `0006_senders_read.sql`, `0008_batch_owner_locks.sql` and
+//! `0012_mark_read_locks_its_chat.sql`), which is its own
 //! transaction: one round trip and one commit (one WAL flush) per batch (group commit). The batch first
 //! takes an advisory lock per distinct owner (of this schema: `0010_owner_locks_per_schema.sql`), in one
 //! global order, so batches of different nodes that share owners queue instead of deadlocking
@@ -17,7 +18,8 @@
 //!   offline-sync condition (re-evaluated on the newest row version if it had to wait for a lock);
 //! - a message first locks its chat row (`FOR NO KEY UPDATE`), so the duplicate check and the `seq`
 //!   assignment after it see every message committed before; the `(chat_id, message_id)` and
-//!   `(chat_id, seq)` unique indexes back this up;
+//!   `(chat_id, seq)` unique indexes back this up; a read marker locks it likewise before it recounts
+//!   the unread messages (a subquery of an `UPDATE` that waited for the row reads the older snapshot);
 //! - creating a chat locks the owner's `users` row first, so the count in the inserting statement sees
 //!   every other creation of that owner (the chat limit cannot be overshot by two nodes); a deletion of
 //!   the same id that committed while the insert waited is caught by a second look at the tombstones.
