@@ -1,7 +1,9 @@
 //! The real server on PostgreSQL (`database_url = postgres://…`), end to end over WebSocket: writes and
 //! initial sync, a restart on the same database with versions continuing, and no title, draft or
 //! message plaintext in any text or bytea column of any table. Each test uses a schema of its own; see
-//! `backends/mod.rs` for when these tests skip (variable unset) or fail (server down).
+//! `backends/mod.rs` for when these tests skip (variable unset) or fail (server down). Also the batch
+//! function against other sessions' transactions (two connections, one holding a lock), and the writer
+//! against a connection PostgreSQL ends with a FATAL error after a commit (a proxy that reads the protocol).
 
 mod backends;
 mod common;
@@ -15,7 +17,10 @@ use chatsync_protocol::*;
 use common::TestServer;
 use serde_json::json;
 use sqlx::Row;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use sync_util::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn start(schema: &PgSchema) -> TestServer {
     let url = schema.url.clone();
@@ -635,4 +640,140 @@ async fn a_read_marker_that_waited_for_a_message_counts_it_as_unread() {
     let chat = backend.chats.chat("alice", "c1").await.unwrap().unwrap();
     assert_eq!((chat.messages_v, chat.read_seq, chat.unread_count), (2, 1, 1));
     backend.identity.close().await;
+}
+
+/// A proxy to PostgreSQL (plain TCP: the server's URL says `sslmode=disable`) that, once armed, answers the
+/// next group-commit batch, after PostgreSQL has run and committed it, with nothing but a FATAL error of
+/// class XX (as a backend that PANICs at the commit's WAL flush would), and closes that connection. It reads
+/// the protocol's messages in both directions: the client's Parse names the batch's prepared statement,
+/// its Bind runs it.
+struct FatalAfterCommit {
+    url: String,
+    armed: Arc<AtomicBool>,
+}
+
+impl FatalAfterCommit {
+    async fn start(schema: &PgSchema) -> FatalAfterCommit {
+        let rest = schema.url.split_once("://").unwrap().1;
+        let authority = rest.split(['/', '?']).next().unwrap();
+        let target = authority.rsplit_once('@').map_or(authority, |(_, host)| host).to_owned();
+        let target = if target.contains(':') { target } else { format!("{target}:5432") };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            format!("{}&sslmode=disable", schema.url.replacen(&target, &listener.local_addr().unwrap().to_string(), 1));
+        let armed = Arc::new(AtomicBool::new(false));
+        let trigger = armed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else { continue };
+                tokio::spawn(proxy_connection(client, server, trigger.clone()));
+            }
+        });
+        FatalAfterCommit { url, armed }
+    }
+}
+
+/// Reads one message (`typed`: a type byte first) into `out`; `None` at the end of the stream.
+async fn pg_message(r: &mut (impl AsyncReadExt + Unpin), typed: bool, out: &mut Vec<u8>) -> Option<()> {
+    out.clear();
+    out.resize(if typed { 5 } else { 4 }, 0);
+    r.read_exact(out).await.ok()?;
+    let len = u32::from_be_bytes(out[out.len() - 4..].try_into().unwrap()) as usize;
+    let start = out.len();
+    out.resize(start + len - 4, 0);
+    r.read_exact(&mut out[start..]).await.ok()?;
+    Some(())
+}
+
+async fn proxy_connection(client: tokio::net::TcpStream, server: tokio::net::TcpStream, armed: Arc<AtomicBool>) {
+    // Written a message at a time: without this, Nagle's algorithm holds each small write for an ACK.
+    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+    let (mut client_r, mut client_w) = client.into_split();
+    let (mut server_r, mut server_w) = server.into_split();
+    // Set by the client's side when it forwards a Bind of the batch statement while armed.
+    let fail_next = Arc::new(AtomicBool::new(false));
+    let fail = fail_next.clone();
+    let upstream = tokio::spawn(async move {
+        let mut batch_statements = std::collections::HashSet::new();
+        let mut msg = Vec::new();
+        let mut first = true;
+        while pg_message(&mut client_r, !first, &mut msg).await.is_some() {
+            first = false;
+            let body = &msg[5..];
+            let cstr = |from: usize| {
+                let end = from + body[from..].iter().position(|b| *b == 0).unwrap();
+                (String::from_utf8_lossy(&body[from..end]).into_owned(), end + 1)
+            };
+            match msg[0] {
+                b'P' => {
+                    let (name, next) = cstr(0);
+                    if cstr(next).0.contains("chatsync_write_batch_locked") {
+                        batch_statements.insert(name);
+                    }
+                }
+                b'B' => {
+                    let (_, next) = cstr(0);
+                    if batch_statements.contains(&cstr(next).0) && armed.swap(false, Ordering::SeqCst) {
+                        fail.store(true, Ordering::SeqCst);
+                    }
+                }
+                _ => {}
+            }
+            if server_w.write_all(&msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut msg = Vec::new();
+    let mut swallowing = false;
+    while pg_message(&mut server_r, true, &mut msg).await.is_some() {
+        swallowing |= fail_next.load(Ordering::SeqCst);
+        if !swallowing {
+            if client_w.write_all(&msg).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        if msg[0] == b'Z' {
+            // The batch ran and committed (ReadyForQuery follows the commit): the client hears only this.
+            let mut fields = Vec::new();
+            for (tag, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', "XX000"), (b'M', "injected after the commit")]
+            {
+                fields.push(tag);
+                fields.extend_from_slice(value.as_bytes());
+                fields.push(0);
+            }
+            fields.push(0);
+            let mut error = vec![b'E'];
+            error.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+            error.extend_from_slice(&fields);
+            let _ = client_w.write_all(&error).await;
+            break;
+        }
+    }
+    upstream.abort();
+}
+
+#[tokio::test]
+async fn a_batch_whose_connection_fails_fatally_after_its_commit_is_unavailable() {
+    // A write whose connection PostgreSQL ends with a FATAL or PANIC error has an unknown outcome (it may
+    // have committed): it must fail with `unavailable`, so that the node drops what it cached of the user
+    // and the device knows the write may have been applied. Taken through the error's class (here XX,
+    // internal), it was `internal`, and the cache went on serving the state from before the write.
+    let Some(schema) = PgSchema::create().await else { return };
+    let proxy = FatalAfterCommit::start(&schema).await;
+    let url = proxy.url.clone();
+    let mut server = TestServer::start_with(|config| config.database_url = Some(url)).await;
+    let token = server.user_token("alice").await;
+    let (mut c, _) = server.connect(&token, "laptop").await;
+    assert_eq!(set_title(&mut c, "c1", "v1").await.versions.title_v, 1);
+    assert_eq!(chat_state(&mut c, "c1").await.versions.title_v, 1, "cached");
+    proxy.armed.store(true, Ordering::SeqCst);
+    let reply = c.request(&title("c1", "v2")).await.unwrap();
+    assert_error(&reply, ErrorCode::Unavailable, None);
+    assert!(!proxy.armed.load(Ordering::SeqCst), "the batch went through the proxy");
+    // It had committed: what the device reads next is the store's truth, not the cache's older state.
+    let state = chat_state(&mut c, "c1").await;
+    assert_eq!((state.title.as_deref(), state.versions.title_v), (Some("v2"), 2));
+    server.stop().await;
 }

@@ -318,6 +318,8 @@ async fn run_batch(
                         if breaks_connection(&e) {
                             healthy = false;
                             tracing::error!(error = %e, "the connection broke while retrying a group commit's writes one by one");
+                            // Its outcome is unknown, whatever the error's class.
+                            return StoreError::Unavailable(e.to_string());
                         }
                         StoreError::from(e)
                     })
@@ -327,12 +329,14 @@ async fn run_batch(
                 let _ = job.reply.send(result.map(|mut r| r.remove(0)));
             }
         }
-        // A lone op's own error; or the batch may not have reached the server, or its outcome is unknown
-        // (the connection broke): nothing is retried.
+        // A lone op's own error (the database refused it, on a connection still usable); or the batch may
+        // not have reached the server, or its outcome is unknown (the connection broke, also by a FATAL or
+        // PANIC error, which can follow a commit whatever its class): nothing is retried, and the writes
+        // fail with `unavailable`, which tells their callers that they may have been applied.
         Err(e) => {
             let size = batch.len();
-            let lone = matches!(e, sqlx::Error::Database(_));
             healthy = !breaks_connection(&e);
+            let lone = healthy && matches!(e, sqlx::Error::Database(_));
             if !healthy {
                 tracing::error!(error = %e, size, "group commit failed; its writes failed with unavailable");
             }
