@@ -3,7 +3,8 @@
 //! message plaintext in any text or bytea column of any table. Each test uses a schema of its own; see
 //! `backends/mod.rs` for when these tests skip (variable unset) or fail (server down). Also the batch
 //! function against other sessions' transactions (two connections, one holding a lock), and the writer
-//! against a connection PostgreSQL ends with a FATAL error after a commit (a proxy that reads the protocol).
+//! against a connection PostgreSQL ends with a FATAL error after a commit (a proxy that reads the protocol),
+//! and a write a read-only server refuses (a demoted primary).
 
 mod backends;
 mod common;
@@ -132,6 +133,18 @@ async fn no_plaintext_title_draft_or_message_is_stored_in_any_postgres_column() 
 }
 
 /// How many rows of `table` hold `needle` anywhere in `column` (text or bytea).
+/// A write refused because the server is read-only (25006: a primary demoted by a failover, a standby
+/// reached before the promotion) is `unavailable`, retried later, not an internal error.
+#[tokio::test]
+async fn a_write_refused_by_a_read_only_server_is_unavailable() {
+    let Some(schema) = PgSchema::create().await else { return };
+    let mut conn = schema.connect().await;
+    sqlx::query("SET default_transaction_read_only = on").execute(&mut conn).await.unwrap();
+    let err = sqlx::query("CREATE TABLE refused (x int)").execute(&mut conn).await.unwrap_err();
+    assert_eq!(err.as_database_error().and_then(|db| db.code()).as_deref(), Some("25006"));
+    assert!(matches!(store::StoreError::from(err), store::StoreError::Unavailable(_)));
+}
+
 async fn rows_containing(conn: &mut sqlx::PgConnection, table: &str, column: &str, bytea: bool, needle: &str) -> i64 {
     let sql = if bytea {
         format!("SELECT COUNT(*) FROM \"{table}\" WHERE position($1::BYTEA IN \"{column}\") > 0")

@@ -82,11 +82,12 @@ fn sqlite_transient(e: &sqlx::Error) -> bool {
 
 /// PostgreSQL errors worth retrying later: connection exceptions (08), a transaction rolled back by a
 /// deadlock or serialization failure (40), insufficient resources such as a full disk (53), operator
-/// intervention such as a shutdown (57).
+/// intervention such as a shutdown (57), and a write refused as read-only (25006): a primary demoted by
+/// a failover, or a standby reached before the new primary is promoted.
 fn pg_transient(e: &sqlx::Error) -> bool {
     let Some(db) = e.as_database_error() else { return false };
     let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() else { return false };
-    ["08", "40", "53", "57"].iter().any(|class| pg.code().starts_with(class))
+    pg.code() == "25006" || ["08", "40", "53", "57"].iter().any(|class| pg.code().starts_with(class))
 }
 
 /// A user account.

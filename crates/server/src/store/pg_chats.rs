@@ -391,7 +391,9 @@ fn breaks_connection(e: &sqlx::Error) -> bool {
     let fatal = db
         .try_downcast_ref::<PgDatabaseError>()
         .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic));
-    fatal || db.code().is_some_and(|c| c.starts_with("08") || c == "25P02")
+    // 25006: a read-only server (a primary demoted by a failover): this connection will never write again,
+    // a new one may reach the new primary.
+    fatal || db.code().is_some_and(|c| c.starts_with("08") || c == "25P02" || c == "25006")
 }
 
 /// Whether a batch that failed with `e`, PostgreSQL having `answered` nothing of its statement before
