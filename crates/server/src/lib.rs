@@ -158,6 +158,8 @@ pub async fn run(
         ctx.webhooks.clone().map(|hooks| tokio::spawn(webhooks::dispatcher::run(ctx.clone(), hooks, token.clone())));
     let mut app = gateway::router(gateway).merge(api::router(ctx.clone(), tracker.clone()));
     let ops = gateway::ops::router(ctx.clone(), metrics);
+    // How long a peer may take to send a request head (see `gateway::serve`).
+    let head_timeout = ctx.config.heartbeat_timeout();
     match ctx.config.metrics_listen {
         None => app = app.merge(ops),
         Some(addr) => {
@@ -165,10 +167,7 @@ pub async fn run(
             tracing::info!(%addr, "operations endpoints (/metrics, /healthz, /readyz) listening");
             let stop = token.clone();
             tokio::spawn(async move {
-                let served = axum::serve(listener, ops).with_graceful_shutdown(stop.cancelled_owned()).await;
-                if let Err(e) = served {
-                    tracing::warn!(error = %e, "operations listener failed");
-                }
+                gateway::serve(listener, ops, stop, head_timeout).await;
             });
         }
     }
@@ -188,9 +187,8 @@ pub async fn run(
         let _ = deadline_tx.send(deadline);
         tokio::time::sleep_until(deadline).await;
     };
-    let served = axum::serve(listener, app).with_graceful_shutdown(token.clone().cancelled_owned());
     tokio::select! {
-        served = std::future::IntoFuture::into_future(served) => served?,
+        () = gateway::serve(listener, app, token.clone(), head_timeout) => {}
         () = overdue => tracing::warn!("shutdown timeout: HTTP requests still in flight are not waited for"),
     }
     let deadline = deadline_rx.await.unwrap_or_else(|_| tokio::time::Instant::now() + grace);

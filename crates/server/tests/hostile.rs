@@ -1415,3 +1415,51 @@ async fn a_socket_that_never_reads_is_closed_as_slow_consumer_and_nobody_else_wa
     assert_quiet(&mut arena.attacker).await;
     arena.healthy().await;
 }
+
+/// Reads until the server ends the connection; the bytes it sent meanwhile.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Without credentials, a peer must not hold a socket (and the buffer of a request head it never finishes)
+/// for ever: a request head that does not arrive within the heartbeat timeout ends the TCP connection, as
+/// does an HTTP/1.1 connection idle that long between requests. HTTP/2 (which has no such bound here and
+/// is not part of the protocol) is not spoken.
+#[tokio::test]
+async fn a_request_head_that_never_ends_does_not_hold_a_connection() {
+    use tokio::io::AsyncWriteExt as _;
+    let server = TestServer::start_with(|c| {
+        c.ping_interval_secs = 1;
+        c.heartbeat_timeout_secs = 2;
+    })
+    .await;
+    let host = server.host();
+    let connect = || tokio::net::TcpStream::connect(host.clone());
+    // Nothing at all, a request line and a header without the blank line, an idle keep-alive connection.
+    let mut silent = connect().await.unwrap();
+    let mut partial = connect().await.unwrap();
+    partial.write_all(format!("GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nX-Slow: ").as_bytes()).await.unwrap();
+    let mut idle = connect().await.unwrap();
+    idle.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut h2 = connect().await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    assert!(within("the silent connection's end", read_until_closed(&mut silent)).await.is_empty());
+    assert!(within("the unfinished head's end", read_until_closed(&mut partial)).await.is_empty());
+    let answered =
+        String::from_utf8_lossy(&within("the idle connection's end", read_until_closed(&mut idle)).await).into_owned();
+    assert!(answered.starts_with("HTTP/1.1 200"), "the request was answered first: {answered}");
+    let h2_answer = within("the HTTP/2 connection's end", read_until_closed(&mut h2)).await;
+    assert!(!h2_answer.starts_with(&[0, 0]), "no HTTP/2 SETTINGS frame: {h2_answer:?}");
+    // A connection that does speak in time is served as before.
+    let token = server.user_token("alice").await;
+    let (_c, hello) = server.connect(&token, "phone").await;
+    assert_eq!(hello.user_id, "alice");
+}

@@ -1,5 +1,6 @@
-//! The HTTP side: the `/v1/ws` route, the origin check, WebSocket tuning, and the task tracking that
-//! lets shutdown wait for upgraded connections (axum does not wait for them by itself).
+//! The HTTP side: the listener's HTTP/1.1 server ([`serve`]), the `/v1/ws` route, the origin check,
+//! WebSocket tuning, and the task tracking that lets shutdown wait for upgraded connections (the HTTP
+//! server does not wait for them).
 
 pub mod auth;
 mod connection;
@@ -15,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,6 +40,54 @@ pub fn router(gateway: Gateway) -> Router {
     } else {
         router
     }
+}
+
+/// Serves `app` on `listener` over HTTP/1.1 until `stop` is cancelled; then stops accepting, lets each
+/// connection finish its request in flight, and returns once every one has (an upgraded WebSocket is no
+/// longer one of them: see [`Gateway::tracker`]).
+///
+/// In place of `axum::serve`, which sets hyper no timer, so that hyper's bound on the wait for a request
+/// head did not apply: a peer without any credential held a socket for as long as it liked, with up to
+/// 400 KB of an unfinished head buffered, and a file descriptor (the node's connection cap counts only
+/// authenticated WebSockets). Here a head must arrive within `head_timeout` (the heartbeat timeout, the
+/// silence after which a WebSocket client is gone too), which also ends a keep-alive connection idle
+/// that long between requests. HTTP/1.1 only: `axum::serve` also spoke HTTP/2 with prior knowledge (hyper's
+/// HTTP/2 is compiled in for the webhook client), which no client of the protocol uses and which had no
+/// such bound either.
+pub async fn serve<L: axum::serve::Listener>(
+    mut listener: L,
+    app: Router,
+    stop: CancellationToken,
+    head_timeout: Duration,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let (io, _) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(head_timeout);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(io), service).with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = served {
+                tracing::trace!(error = %e, "HTTP connection ended");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
 }
 
 async fn upgrade(
