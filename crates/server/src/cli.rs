@@ -453,8 +453,8 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Network", env = "CHATSYNC_WS_READ_BUFFER_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ws_read_buffer_bytes: Option<usize>,
-    /// Accept JWT connection tokens signed with HS256 and this secret (prefer the environment variable:
-    /// a flag shows in the process list) [default: none].
+    /// Accept JWT connection tokens signed with HS256 and this secret, at least 32 bytes (prefer the
+    /// environment variable: a flag shows in the process list) [default: none].
     #[arg(
         long,
         help_heading = "JWT connection tokens",

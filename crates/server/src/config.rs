@@ -96,7 +96,7 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// WebSocket read buffer per connection, bytes.
     pub ws_read_buffer_bytes: usize,
-    /// JWT connection tokens signed with HS256 and this secret (SERVER_API.md section 6).
+    /// JWT connection tokens signed with HS256 and this secret, at least 32 bytes (SERVER_API.md section 6).
     pub jwt_hs256_secret: Option<Secret>,
     /// JWT connection tokens signed with the private half of this PEM public key (RSA: RS256; EC
     /// P-256: ES256). Exclusive with `jwt_hs256_secret`.

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::Command;
 
-const SECRET: &str = "test-only-hs256-secret-5b1e";
+const SECRET: &str = "test-only-hs256-secret-5b1e-0c9f7a2d";
 const INVALID: (u16, &str) = (1008, "Invalid session");
 
 fn fixture(name: &str) -> PathBuf {
@@ -326,6 +326,14 @@ async fn unusable_key_configuration_refuses_to_start() {
     }
     // A leeway is for clock skew: one past a day is a mistake, and one past the epoch's age overflowed the
     // library's `now - leeway` (a panic per JWT connection in a debug build, every JWT "expired" in release).
+    // HS256 needs a secret of at least 256 bits (RFC 7518 section 3.2): a shorter one can be recovered from
+    // any one token by brute force offline, and then a token forged for any user.
+    for short in ["hunter2", "", &"s".repeat(31)] {
+        let config = Config { jwt_hs256_secret: Some(short.to_owned().into()), ..base() };
+        let err = format!("{:#}", chatsync::build(config).await.err().unwrap());
+        assert!(err.contains("at least 32 bytes"), "{short:?}: {err}");
+        assert!(short.is_empty() || !err.contains(short), "the secret is never printed: {err}");
+    }
     let secret = || Some(SECRET.to_owned().into());
     let huge = Config { jwt_hs256_secret: secret(), jwt_leeway_secs: u64::MAX, ..base() };
     let err = format!("{:#}", chatsync::build(huge).await.err().unwrap());

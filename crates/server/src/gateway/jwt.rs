@@ -19,6 +19,9 @@ use serde::Deserialize;
 /// `Invalid session` without being parsed.
 pub const MAX_JWT_LEN: usize = 8192;
 
+/// Shortest HS256 secret accepted, in bytes: the size of the SHA-256 output (RFC 7518 section 3.2).
+pub const MIN_HS256_SECRET_LEN: usize = 32;
+
 /// DER of the OID of the P-256 curve (1.2.840.10045.3.1.7), as found in an EC public key's PEM.
 const P256_OID: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
@@ -91,14 +94,21 @@ impl std::fmt::Debug for JwtVerifier {
 impl JwtVerifier {
     /// The verifier the configuration asks for: `None` without `jwt_hs256_secret` or
     /// `jwt_public_key_file`. Fails (the server refuses to start) when both are set, the secret is
-    /// empty, or the key file cannot be read or is neither an RSA nor a P-256 EC public key.
+    /// shorter than [`MIN_HS256_SECRET_LEN`] bytes, or the key file cannot be read or is neither an RSA
+    /// nor a P-256 EC public key.
     pub fn from_config(config: &Config) -> anyhow::Result<Option<JwtVerifier>> {
         let (key, alg) = match (&config.jwt_hs256_secret, &config.jwt_public_key_file) {
             (None, None) => return Ok(None),
             (Some(_), Some(_)) => bail!("jwt_hs256_secret and jwt_public_key_file are exclusive: configure one"),
             (Some(secret), None) => {
-                if secret.expose().is_empty() {
-                    bail!("jwt_hs256_secret is empty");
+                // RFC 7518 section 3.2: a key of at least the hash's size MUST be used with HS256. A shorter
+                // secret (a password) can be recovered offline from any one token, by brute force, and with
+                // it a token forged for any user (created on its first connection).
+                if secret.expose().len() < MIN_HS256_SECRET_LEN {
+                    bail!(
+                        "jwt_hs256_secret must be at least {MIN_HS256_SECRET_LEN} bytes (256 bits, RFC 7518 section \
+                         3.2): a shorter one can be found by brute force from any token"
+                    );
                 }
                 (DecodingKey::from_secret(secret.expose().as_bytes()), Algorithm::HS256)
             }
