@@ -39,7 +39,9 @@ impl ApiRateLimit {
         };
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.last = now;
+        // `now` is read before the lock: a request that read it earlier may come second. The bucket's
+        // time never goes back, or the time between the two would be refilled twice.
+        bucket.last = bucket.last.max(now);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             Ok(())
@@ -67,6 +69,12 @@ mod tests {
         assert_eq!(limit.charge("ak_a", t0 + Duration::from_millis(500)), Ok(()), "one token after 1/rate");
         assert_eq!(limit.charge("ak_a", t0 + Duration::from_millis(500)), Err(1));
         assert_eq!(limit.charge("ak_a", t0 + Duration::from_secs(60)), Ok(()), "refilled, up to the burst only");
+        // A request whose time was read before the last one's (it took the lock second) refills nothing,
+        // and does not move the bucket's time back (the same second would be refilled again after it).
+        let racing = ApiRateLimit::new(1, 1).unwrap();
+        assert_eq!(racing.charge("k", t0 + Duration::from_secs(10)), Ok(()));
+        assert_eq!(racing.charge("k", t0 + Duration::from_secs(9)), Err(1));
+        assert_eq!(racing.charge("k", t0 + Duration::from_millis(10_500)), Err(1), "half a token since 10 s");
         let slow = ApiRateLimit::new(1, 0).unwrap();
         assert_eq!(slow.charge("k", t0), Ok(()), "burst 0 means the rate");
         assert_eq!(slow.charge("k", t0), Err(1));
