@@ -3,7 +3,8 @@
 //!
 //! In production nothing is ever armed and [`PausePoints::at`] costs one relaxed atomic load. A test
 //! arms a point through the server's [`Ctx`](crate::Ctx) (`ctx.pauses.arm(…)`); the next request that
-//! reaches it stops there until the test releases it.
+//! reaches it stops there until the test releases it. A point can also be armed to panic
+//! ([`PausePoints::arm_panic`]): a stand-in for a bug, to check what a panic leaves behind.
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -25,9 +26,9 @@ pub const BUS_FRAME: &str = "bus_frame";
 /// done (holds the node's whole bus subscription; the connections waiting for it wait on).
 pub const BUS_SUBSCRIBED: &str = "bus_subscribed";
 
-struct Armed {
-    reached: oneshot::Sender<()>,
-    release: oneshot::Receiver<()>,
+enum Armed {
+    Hold { reached: oneshot::Sender<()>, release: oneshot::Receiver<()> },
+    Panic,
 }
 
 /// The registry of armed points (one per server).
@@ -49,9 +50,18 @@ impl PausePoints {
     pub fn arm(&self, point: &'static str) -> Paused {
         let (reached_tx, reached_rx) = oneshot::channel();
         let (release_tx, release_rx) = oneshot::channel();
-        self.points.lock().entry(point).or_default().push(Armed { reached: reached_tx, release: release_rx });
-        self.armed.fetch_add(1, Ordering::Release);
+        self.push(point, Armed::Hold { reached: reached_tx, release: release_rx });
         Paused { reached: Some(reached_rx), release: Some(release_tx) }
+    }
+
+    /// Arms `point` to panic in the next request that reaches it (in the order armed, among holds).
+    pub fn arm_panic(&self, point: &'static str) {
+        self.push(point, Armed::Panic);
+    }
+
+    fn push(&self, point: &'static str, armed: Armed) {
+        self.points.lock().entry(point).or_default().push(armed);
+        self.armed.fetch_add(1, Ordering::Release);
     }
 
     /// Holds the caller here if `point` is armed, until the test releases it.
@@ -67,9 +77,13 @@ impl PausePoints {
             }
             armed
         };
-        if let Some(Armed { reached, release }) = armed {
-            let _ = reached.send(());
-            let _ = release.await;
+        match armed {
+            Some(Armed::Hold { reached, release }) => {
+                let _ = reached.send(());
+                let _ = release.await;
+            }
+            Some(Armed::Panic) => panic!("panic injected at the pause point {point}"),
+            None => {}
         }
     }
 }

@@ -366,3 +366,38 @@ async fn revocation_closes_cleanly_with_1008() {
     server.ctx.hub.close_sessions(&[session_id], chatsync::hub::CloseReason::SESSION_REVOKED).await;
     assert_eq!(client.recv_clean_close().await.unwrap(), (1008, "Session revoked".into()));
 }
+
+/// A request that panics (a bug: none should be reachable from the network, which is why nothing else
+/// would notice) ends its connection with 1011 `Internal error` and gives back everything the connection
+/// held: its slot in the user's cap and the node's, the open-connections gauge, the user's cache entry.
+/// The panic used to unwind through the connection's task past all of that: the user stayed at its cap
+/// for good (here its only slot: locked out until a restart), and the writer task, left running, kept the
+/// socket open and answering Pings, so the client waited for its reply forever instead of reconnecting.
+#[tokio::test]
+async fn a_request_that_panics_closes_its_connection_and_gives_back_what_it_held() {
+    let server = TestServer::start_with(|c| c.max_connections_per_user = 1).await;
+    let token = server.user_token("alice").await;
+    let (mut client, _) = server.connect_raw(&token, "d").await;
+    while !matches!(client.recv().await.unwrap().message, ServerMessage::CachePrimed(_)) {}
+    assert!(server.ctx.cache.chats("alice").await.is_some(), "the user's entry holds its chat list");
+
+    server.ctx.pauses.arm_panic(chatsync::pause::WRITE_COMMITTED);
+    client.send_text(r#"{"type":"update_title","payload":{"chat_id":"c1","new_title":"t"}}"#).await.unwrap();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), client.recv_close()).await;
+    assert_eq!(closed.expect("no close 10 s after the panic").unwrap(), (1011, "Internal error".into()));
+    let released = async {
+        loop {
+            let open = common::sample(&server.metrics().await, "chatsync_connections_open", "");
+            if server.ctx.hub.connection_count() == 0 && open == Some(0.0) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), released)
+        .await
+        .expect("the connection still counts (hub or gauge) 10 s after it closed");
+    assert!(server.ctx.cache.chats("alice").await.is_none(), "the cache entry outlived the user's connections");
+    let (mut again, _) = server.connect(&token, "d").await;
+    assert_alive(&mut again).await;
+}

@@ -6,7 +6,7 @@
 //!   the connection on heartbeat timeout or when anyone asks the outbox to close.
 //!
 //! Every close goes through the outbox, so queued frames are sent before the close frame (except a
-//! slow consumer, whose queue is dropped).
+//! slow consumer, whose queue is dropped). A request that panics ends its connection alone, with 1011.
 
 use super::auth::{self, Credentials};
 use super::rate::{RateLimiter, Verdict};
@@ -17,7 +17,7 @@ use chatsync_protocol::{
     decode, encode, Connected, ErrorCode, ErrorPayload, InitialSyncError, RequestId, ServerMessage, PROTOCOL_NAME,
 };
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{Sink, SinkExt, StreamExt};
+use futures_util::{FutureExt as _, Sink, SinkExt, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,7 +139,24 @@ async fn serve(
         let started = Instant::now();
         let mut writer = tokio::spawn(write_loop(sink, conn.clone(), last_seen.clone(), started, ctx.config.clone()));
 
-        let writer_done = read_loop(&ctx, &conn, &mut stream, &mut writer, &last_seen, started, &shutdown).await;
+        // A request that panics (a bug) must not unwind past the cleanup below: the connection would stay
+        // registered (the user's and the node's slots taken for good), counted in the gauge, its user's cache
+        // entry kept, and the writer, left running, would keep the socket open and answering Pings while the
+        // reply never came. It ends this connection alone, with 1011.
+        let reading = read_loop(&ctx, &conn, &mut stream, &mut writer, &last_seen, started, &shutdown);
+        let writer_done = match std::panic::AssertUnwindSafe(reading).catch_unwind().await {
+            Ok(writer_done) => writer_done,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(no message)");
+                tracing::error!(panic = what, "a request panicked; closing its connection");
+                conn.outbox.close(CloseReason::INTERNAL);
+                false
+            }
+        };
         ctx.hub.unregister(&conn);
         ctx.cache.detach(&conn.user_id).await;
         metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).decrement(1.0);
