@@ -15,6 +15,9 @@ use tokio::sync::oneshot;
 pub const WRITE_COMMITTED: &str = "write_committed";
 /// After warm-up has loaded the chat list from the store, before it is stored in the cache.
 pub const WARMUP_LOADED: &str = "warmup_loaded";
+/// Once a WebSocket upgrade is done, before its connection starts (axum hands the upgraded socket over in
+/// a task of its own, after the HTTP connection has ended).
+pub const UPGRADED: &str = "upgraded";
 /// After a connection's credentials were checked, before it is registered with the hub.
 pub const AUTHENTICATED: &str = "authenticated";
 /// After an initial sync listed the user's open streams, before its reply is queued.

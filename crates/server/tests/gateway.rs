@@ -301,6 +301,30 @@ async fn shutdown_closes_every_connection_with_1001() {
     assert_eq!(cb, (1001, "Server shutting down".into()));
 }
 
+/// A shutdown waits for a connection whose upgrade was done just before it, and closes it with 1001 like
+/// every other. axum hands the upgraded socket over in a task of its own once the HTTP connection has
+/// ended (held here at the `upgraded` pause point); the connection was tracked only from there, so `run`
+/// found nothing to wait for: it closed the store, released the data directory and returned while the
+/// connection went on (in `serve`, the process exited under it: the client was cut off without a close).
+#[tokio::test]
+async fn shutdown_waits_for_a_connection_upgraded_just_before_it() {
+    let mut server = TestServer::start_with(|c| c.shutdown_timeout_secs = 600).await;
+    let token = server.user_token("alice").await;
+    let mut held = server.ctx.pauses.arm(chatsync::pause::UPGRADED);
+    let mut client = Client::connect(&server.url, &ConnectOptions::new(&token, "d")).await.unwrap();
+    held.reached().await;
+    let mut stopping = tokio::spawn(async move {
+        server.stop().await;
+        server
+    });
+    // `run` cannot return while the connection is held (its grace is 10 minutes): it used to at once.
+    let early = tokio::time::timeout(std::time::Duration::from_secs(3), &mut stopping).await;
+    assert!(early.is_err(), "the server stopped while an upgraded connection had not started");
+    held.release();
+    assert_eq!(client.recv_clean_close().await.unwrap(), (1001, "Server shutting down".into()));
+    stopping.await.unwrap();
+}
+
 #[tokio::test]
 async fn origin_outside_the_allowed_list_gets_403_before_upgrade() {
     let server = TestServer::start_with(|c| c.allowed_origins = vec!["https://app.example".into()]).await;

@@ -123,10 +123,21 @@ async fn upgrade(
     let max = (config.max_frame_bytes as usize).saturating_mul(4);
     let ctx = gw.ctx.clone();
     let shutdown = gw.shutdown.clone();
-    let tracker = gw.tracker.clone();
+    let pauses = gw.ctx.pauses.clone();
+    // Tracked from here, not from the callback: axum calls it in a task of its own once the upgrade is
+    // done, after the HTTP connection (which the graceful shutdown waits for) has ended, so a shutdown in
+    // between found nothing to wait for. (Dropped with the callback if the upgrade fails.)
+    let tracked = gw.tracker.token();
     ws.read_buffer_size(config.ws_read_buffer_bytes)
         .write_buffer_size(0)
         .max_frame_size(max)
         .max_message_size(max)
-        .on_upgrade(move |socket| tracker.track_future(connection::run(ctx, socket, creds, shutdown)))
+        .on_upgrade(move |socket| {
+            let connection = connection::run(ctx, socket, creds, shutdown);
+            async move {
+                let _tracked = tracked;
+                pauses.at(crate::pause::UPGRADED).await;
+                connection.await
+            }
+        })
 }
