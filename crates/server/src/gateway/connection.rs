@@ -412,7 +412,7 @@ impl Alive<'_> {
 /// Drains the outbox to the socket, pings, and enforces the heartbeat timeout.
 /// The writer task. (Not an `async fn`, which would keep a second copy of its arguments for its whole
 /// life: this future lives as long as the connection, so every byte of it counts per idle connection.)
-/// However it ends, the outbox is closed, so that a reply waiting for room and the reader see the end.
+/// However it ends (a panic too), the outbox is closed, so that a reply waiting for room and the reader see the end.
 #[allow(clippy::manual_async_fn)]
 fn write_loop<S: Sink<Message> + Unpin + Send>(
     mut sink: S,
@@ -422,6 +422,8 @@ fn write_loop<S: Sink<Message> + Unpin + Send>(
     config: Arc<crate::config::Config>,
 ) -> impl Future<Output = ()> + Send {
     async move {
+        // However the writer ends, a panic too (where the end of this block is never reached).
+        let _closes = ClosesOnExit(&conn.outbox);
         let period = config.ping_interval();
         let timeout = config.heartbeat_timeout().as_millis() as u64;
         // A send that waits this long (plus a second per 4 KB of its frame, for a slow but live link)
@@ -474,8 +476,15 @@ fn write_loop<S: Sink<Message> + Unpin + Send>(
                 }
             }
         }
-        // A no-op after a requested close (the first reason wins).
-        conn.outbox.close(CloseReason::INTERNAL);
+    }
+}
+
+/// Closes the outbox when dropped, with 1011 (a no-op after a requested close: the first reason wins).
+struct ClosesOnExit<'a>(&'a Outbox);
+
+impl Drop for ClosesOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.close(CloseReason::INTERNAL);
     }
 }
 
@@ -571,6 +580,23 @@ mod tests {
         write_loop(broken(), conn.clone(), last_seen, Instant::now(), Arc::default()).await;
         assert!(conn.outbox.is_closing(), "a reply waiting for room, and the reader, must see the end");
         assert!(!conn.outbox.push_reply("late".into()).await);
+    }
+
+    /// A writer that panics (a bug) closes the outbox too: the reader may be waiting in `push_reply` for
+    /// room only the writer makes, and would wait for ever (the connection registered, its slots taken).
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_panics_closes_the_outbox() {
+        let conn = conn();
+        assert!(conn.outbox.push_reply("a reply part".into()).await);
+        let sink = Box::pin(futures_util::sink::unfold((), |(), _: Message| async {
+            panic!("a bug in the writer");
+            #[allow(unreachable_code)]
+            Ok::<(), std::io::Error>(())
+        }));
+        let writer =
+            tokio::spawn(write_loop(sink, conn.clone(), Arc::new(AtomicU64::new(0)), Instant::now(), Arc::default()));
+        assert!(writer.await.unwrap_err().is_panic());
+        assert!(conn.outbox.is_closing(), "a reply waiting for room must see the end");
     }
 
     #[tokio::test(start_paused = true)]
