@@ -425,3 +425,41 @@ async fn a_request_that_panics_closes_its_connection_and_gives_back_what_it_held
     let (mut again, _) = server.connect(&token, "d").await;
     assert_alive(&mut again).await;
 }
+
+/// A shutdown (SIGTERM) lets a request in flight finish: a write that committed is answered before the
+/// 1001, never dropped after its commit. A connection still authenticating when it began is closed with
+/// 1001 too, and `run` waits for both.
+#[tokio::test]
+async fn shutdown_answers_a_write_that_is_committing_and_closes_a_connection_still_authenticating() {
+    let mut server = TestServer::start_with(|c| c.shutdown_timeout_secs = 600).await;
+    let token = server.user_token("alice").await;
+    let (mut client, _) = server.connect(&token, "d").await;
+    let mut write = server.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    client
+        .send_text(r#"{"type":"update_title","request_id":"r1","payload":{"chat_id":"c1","new_title":"t"}}"#)
+        .await
+        .unwrap();
+    write.reached().await;
+    let mut authenticating = server.ctx.pauses.arm(chatsync::pause::AUTHENTICATED);
+    let other = server.token("alice").await;
+    let mut late = Client::connect(&server.url, &ConnectOptions::new(&other, "e")).await.unwrap();
+    authenticating.reached().await;
+    let addr = server.host();
+    let stopping = tokio::spawn(async move {
+        server.stop().await;
+        server
+    });
+    // The shutdown has begun once the listener is gone.
+    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+        tokio::task::yield_now().await;
+    }
+    write.release();
+    authenticating.release();
+    let answer = client.recv().await.unwrap();
+    assert_eq!(answer.request_id.as_deref(), Some("r1"));
+    assert!(matches!(answer.message, ServerMessage::ChatTitleUpdated(_)), "{answer:?}");
+    assert_eq!(client.recv_clean_close().await.unwrap(), (1001, "Server shutting down".into()));
+    assert_eq!(late.recv_clean_close().await.unwrap(), (1001, "Server shutting down".into()));
+    let server = stopping.await.unwrap();
+    assert_eq!(server.ctx.hub.connection_count(), 0);
+}
