@@ -140,6 +140,41 @@ async fn rate_limited_requests_are_dropped_with_an_error_and_the_connection_surv
     }
 }
 
+/// PROTOCOL.md section 8, "Error context": every error answering a request that names one chat carries
+/// its `chat_id` (and `message_id` for a message), whatever the code, so that a client sending without
+/// `request_id` can tell which write failed. A write dropped by the rate limit is one of those.
+#[tokio::test]
+async fn a_rate_limited_write_without_request_id_names_its_chat_and_message() {
+    let server = TestServer::start_with(|c| {
+        c.rate_per_sec = 1;
+        c.rate_burst = 1;
+    })
+    .await;
+    let token = server.user_token("alice").await;
+    let (mut client, _) = server.connect(&token, "d").await;
+    client.send(&ClientMessage::Ping(Empty {}), Some("p0")).await.unwrap();
+    client
+        .send_text(
+            r#"{"type":"chat_message_added","payload":{"chat_id":"c7","message":{"message_id":"m7","content":"x"}}}"#,
+        )
+        .await
+        .unwrap();
+    client.send_text(r#"{"type":"update_title","payload":{"chat_id":"c8","new_title":"t"}}"#).await.unwrap();
+    let mut errors = Vec::new();
+    while errors.len() < 2 {
+        let m = client.recv().await.unwrap();
+        if let ServerMessage::Error(e) = m.message {
+            assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
+            errors.push((e.chat_id, e.message_id));
+        }
+    }
+    assert_eq!(
+        errors,
+        [(Some("c7".to_string()), Some("m7".to_string())), (Some("c8".to_string()), None)],
+        "a dropped write names what was dropped"
+    );
+}
+
 #[tokio::test]
 async fn a_flood_far_above_the_burst_closes_with_1008() {
     let server = TestServer::start_with(|c| {

@@ -241,15 +241,19 @@ async fn read_loop(
                 }
                 Verdict::Drop => {
                     // The request id is echoed even when the rest of the frame would not have decoded, and
-                    // a dropped initial sync is answered as its failures are.
+                    // a dropped initial sync is answered as its failures are. A decoded request's chat and
+                    // message ids go with it as with any failure (PROTOCOL.md section 8, "Error context"):
+                    // without a request id, that is how a client tells which of its writes was dropped.
+                    let mut error =
+                        ErrorPayload::new(ErrorCode::RateLimited, "Too many messages; this one was dropped.");
                     let (request_id, kind) = match decode(text.as_str()) {
-                        Ok(d) => (d.request_id, Some(d.message.wire_type())),
+                        Ok(d) => {
+                            (error.chat_id, error.message_id) = handlers::context(&d.message);
+                            (d.request_id, Some(d.message.wire_type()))
+                        }
                         Err(e) => (e.request_id, e.message_type),
                     };
-                    let message = failure(
-                        kind,
-                        ErrorPayload::new(ErrorCode::RateLimited, "Too many messages; this one was dropped."),
-                    );
+                    let message = failure(kind, error);
                     conn.outbox.push(encode(&message, request_id.as_ref().map(RequestId::as_str)).into());
                 }
                 Verdict::Close => {

@@ -134,9 +134,10 @@ pub async fn dispatch(ctx: &Ctx, conn: &ConnHandle, message: ClientMessage) -> R
     route(ctx, conn, message).await.map_err(|e| e.with_context(chat_id.as_deref(), message_id.as_deref()))
 }
 
-/// The chat and message ids a request names, for its errors' context. (An initial sync, a content batch
-/// and an offline batch name no single chat; each offline change's result carries its own.)
-fn context(message: &ClientMessage) -> (Option<String>, Option<String>) {
+/// The chat and message ids a request names, for its errors' context, also of a request that the rate
+/// limit dropped before dispatch (`gateway/connection.rs`). (An initial sync, a content batch and an
+/// offline batch name no single chat; each offline change's result carries its own.)
+pub fn context(message: &ClientMessage) -> (Option<String>, Option<String>) {
     let chat = |id: &chatsync_protocol::ChatId| Some(id.to_string());
     match message {
         ClientMessage::UpdateDraft(p) => (chat(&p.chat_id), None),
