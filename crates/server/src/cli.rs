@@ -976,12 +976,14 @@ fn print_line(text: &str) -> std::io::Result<()> {
     out.flush()
 }
 
-/// The `request_id` of a JSON line typed by the user, if any.
+/// The `request_id` of a JSON line typed by the user (or of a server message), if any. Only one the server
+/// echoes counts: a string of 1-64 printable ASCII characters. Another (a number, `""`, 65 characters) makes
+/// the line `invalid_message`, answered without it, and waiting for a reply carrying it would end in a
+/// 10 s timeout and exit 1.
 fn request_id_of(line: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_str(line).ok()?;
     match value.get("request_id")? {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::String(s) => chatsync_protocol::RequestId::new(s.as_str()).ok().map(|_| s.clone()),
         _ => None,
     }
 }

@@ -618,6 +618,30 @@ fn connect_exits_0_at_the_end_of_piped_input_after_printing_the_replies() {
     stop(server);
 }
 
+/// A line whose `request_id` the server cannot echo (not a 1-64-character printable ASCII string: PROTOCOL.md
+/// section 8, "Envelope strictness") is answered with `invalid_message` without one: `connect` must not wait
+/// for a reply carrying it, and still exits 0 at the end of the input.
+#[test]
+fn connect_does_not_wait_for_replies_to_request_ids_the_server_cannot_echo() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "laptop"])).trim().to_owned();
+    let (server, _lines, url) = serve(dir.path(), &[], None);
+    let long = "r".repeat(65);
+    let input = format!(
+        "{}\n{}\n{}\n{}\n",
+        r#"{"type":"ping","request_id":7}"#,
+        format_args!(r#"{{"type":"ping","request_id":"{long}"}}"#),
+        r#"{"type":"ping","request_id":""}"#,
+        r#"{"type":"ping","request_id":"p1"}"#,
+    );
+    let out = connect_with_input(&url, &token, "laptop", &[], &input);
+    let stdout = ok(&out);
+    assert_eq!(stdout.lines().filter(|l| l.contains(r#""code":"invalid_message""#)).count(), 3, "{stdout}");
+    assert!(stdout.lines().any(|l| l.contains(r#""type":"pong""#) && l.contains(r#""request_id":"p1""#)), "{stdout}");
+    stop(server);
+}
+
 #[test]
 fn connect_fails_with_the_reason_on_an_invalid_session() {
     let dir = tempfile::tempdir().unwrap();
