@@ -26,17 +26,18 @@ pub enum ServerMessage {
     InitialSyncError(InitialSyncError),
     /// SELF after `update_draft`.
     DraftUpdateConfirmed(DraftUpdateConfirmed),
-    /// OTHERS after `update_draft`.
+    /// OTHERS after `update_draft`; ALL after an applied `draft` change of `sync_offline_changes`.
     ChatDraftUpdated(ChatDraftUpdated),
     /// SELF after `delete_draft`.
     DraftDeleteReceipt(DraftDeleteReceipt),
-    /// OTHERS after `delete_draft`.
+    /// OTHERS after `delete_draft`; ALL after an applied `delete_draft` change of `sync_offline_changes`.
     DraftDeleted(DraftDeleted),
-    /// ALL after `update_title`.
+    /// ALL after `update_title`, and after an applied `title` change of `sync_offline_changes`.
     ChatTitleUpdated(ChatTitleUpdated),
     /// SELF after `chat_message_added`.
     ChatMessageConfirmed(ChatMessageConfirmed),
-    /// OTHERS after `chat_message_added`.
+    /// OTHERS after `chat_message_added`; ALL for a message from the application backend (SERVER_API.md
+    /// section 3).
     ChatMessageAdded(MessageAddedEvent),
     /// Reply to `get_chat_messages`.
     ChatMessagesResponse(ChatMessagesResponse),
