@@ -13,7 +13,15 @@ pub fn init(format: LogFormat, level: &str) {
         filter = filter.add_directive(quiet.parse().expect("a valid directive"));
     }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    // A failed write is dropped, not reported: tracing-subscriber reports it with `eprintln!`, which panics
+    // when stderr is what failed (a pipe whose reader went away, `serve 2>&1 | logger` with the logger
+    // gone): every task that logged died with it, connections were refused and SIGTERM no longer stopped
+    // the server. Without a reader the lines are lost either way.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -476,6 +476,35 @@ async fn serve_closes_clients_with_1001_on_sigterm_and_exits_0() {
     assert!(logs.iter().all(|l| !l.contains(&token)), "the token never reaches a log line");
 }
 
+/// A server whose log reader went away (`chatsync serve 2>&1 | logger`, the logger gone) writes its log
+/// lines into a broken pipe: it must go on serving and still stop on SIGTERM (README, Operations). The
+/// log library reported a failed write with `eprintln!`, which panics on that same broken stderr: every
+/// task that logged died, and SIGTERM left the process running.
+#[tokio::test]
+async fn serve_with_its_stderr_reader_gone_still_serves_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let token = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"])).trim().to_owned();
+    let (child, lines, url) = serve(dir.path(), &[], Some("info"));
+    drop(lines);
+    // Killed if the test fails: a server that ignores SIGTERM would outlive it.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = KillOnDrop(child);
+    let (mut client, _) = Client::connect_authenticated(&url, &ConnectOptions::new(&token, "d")).await.unwrap();
+    let reply = client.request(&chatsync_protocol::ClientMessage::Ping(chatsync_protocol::Empty {})).await.unwrap();
+    assert_eq!(reply.message, chatsync_protocol::ServerMessage::Pong(chatsync_protocol::Empty {}));
+    Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status().unwrap();
+    assert_eq!(client.recv_close().await.unwrap(), (1001, "Server shutting down".into()));
+    let status = tokio::task::spawn_blocking(move || exit_of(&mut server.0)).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test]
 async fn debug_logs_never_contain_tokens_titles_drafts_or_message_bodies() {
     use chatsync_protocol::*;
