@@ -805,9 +805,23 @@ async fn require_user(store: &dyn Store, user_id: &str, shown: &str) -> anyhow::
 
 use crate::api::rfc3339;
 
+/// `println!` for a command's output: a reader that went away (`chatsync users list | head -1`) ends the
+/// command quietly with success, as for other Unix tools, instead of a panic (exit 101).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(e.into());
+        }
+    }};
+}
+
 /// Prints `value` as pretty JSON on stdout.
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    out!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -1144,9 +1158,9 @@ async fn users(config: Config, cmd: UsersCommand) -> anyhow::Result<()> {
                     .collect();
                 return print_json(&serde_json::Value::Array(list));
             }
-            println!("{:<24}  {:<3}  {:<20}", "USER_ID", "2FA", "CREATED");
+            out!("{:<24}  {:<3}  {:<20}", "USER_ID", "2FA", "CREATED");
             for u in users {
-                println!(
+                out!(
                     "{:<24}  {:<3}  {:<20}",
                     u.user_id,
                     if u.tfa_enabled { "yes" } else { "no" },
@@ -1183,7 +1197,7 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
             session.device_label = device_id;
             match store.create_session(&session).await {
                 Ok(()) => {
-                    println!("{token}");
+                    out!("{token}");
                     Ok(())
                 }
                 Err(StoreError::NotFound) => {
@@ -1253,9 +1267,13 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
                     .collect();
                 return print_json(&serde_json::Value::Array(list));
             }
-            println!(
+            out!(
                 "{:<32}  {:<7}  {:<20}  {:<20}  {:<20}  DEVICE_HASH",
-                "SESSION_ID", "STATE", "DEVICE", "CREATED", "EXPIRES"
+                "SESSION_ID",
+                "STATE",
+                "DEVICE",
+                "CREATED",
+                "EXPIRES"
             );
             for s in &list {
                 let device = match (&s.device_label, &s.device_hash) {
@@ -1263,7 +1281,7 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
                     (None, Some(_)) => "(no label)".to_owned(),
                     (None, None) => "(unbound)".to_owned(),
                 };
-                println!(
+                out!(
                     "{:<32}  {:<7}  {:<20}  {:<20}  {:<20}  {}",
                     s.session_id,
                     state(s),
@@ -1301,7 +1319,7 @@ async fn api_keys(config: Config, cmd: ApiKeysCommand) -> anyhow::Result<()> {
                 bail!("--name must be 1-200 characters");
             }
             let (key_id, key) = crate::api::keys::create(store.as_ref(), name.as_deref()).await?;
-            println!("{key}");
+            out!("{key}");
             eprintln!("created API key {key_id}; it is shown only now");
             Ok(())
         }
@@ -1322,9 +1340,9 @@ async fn api_keys(config: Config, cmd: ApiKeysCommand) -> anyhow::Result<()> {
                     .collect();
                 return print_json(&serde_json::Value::Array(list));
             }
-            println!("{:<35}  {:<20}  {:<20}  {:<20}  REVOKED", "KEY_ID", "NAME", "CREATED", "LAST_USED");
+            out!("{:<35}  {:<20}  {:<20}  {:<20}  REVOKED", "KEY_ID", "NAME", "CREATED", "LAST_USED");
             for k in keys {
-                println!(
+                out!(
                     "{:<35}  {:<20}  {:<20}  {:<20}  {}",
                     k.key_id,
                     k.name.as_deref().unwrap_or("-"),
@@ -1391,10 +1409,10 @@ async fn devices(config: Config, cmd: DevicesCommand) -> anyhow::Result<()> {
                     .collect();
                 return print_json(&serde_json::Value::Array(list));
             }
-            println!("{:<20}  {:<64}  {:<20}  {:<20}", "LABEL", "DEVICE_HASH", "FIRST_SEEN", "LAST_SEEN");
+            out!("{:<20}  {:<64}  {:<20}  {:<20}", "LABEL", "DEVICE_HASH", "FIRST_SEEN", "LAST_SEEN");
             for d in devices {
                 let label = d.label.as_deref().unwrap_or("(no label)");
-                println!(
+                out!(
                     "{:<20}  {:<64}  {:<20}  {:<20}",
                     label,
                     d.device_hash,

@@ -137,6 +137,31 @@ fn sessions_revoke_once() {
     fails(&chatsync(dir.path(), &["sessions", "revoke", "made-up"]), "no active session");
 }
 
+/// A command whose output reader is gone (`chatsync users list | head -1`) ends with success, as other
+/// Unix tools do, not with a panic (exit 101) on the broken pipe.
+#[test]
+fn a_listing_whose_reader_is_gone_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    for args in [&["users", "list"][..], &["users", "list", "--json"][..]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .env_remove("CHATSYNC_DATA_DIR")
+            .env_remove("CHATSYNC_CONFIG")
+            .env_remove("CHATSYNC_MASTER_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The read end closed before anything is written: every write is a broken pipe.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{args:?}: {:?}, stderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// With a cluster bus, a revocation that cannot be announced on it (here: the master key, which seals the
 /// bus, cannot be read) is still a success with a warning: it is committed, the nodes' periodic check
 /// closes the connections, and a failure would have a second run find nothing to revoke.

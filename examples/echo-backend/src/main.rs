@@ -31,7 +31,12 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).init();
+    // A log line that cannot be written is dropped: reported with `eprintln!`, it would panic the task that
+    // logged when stderr itself is a broken pipe (as in chatsync's own logging).
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .log_internal_errors(false)
+        .init();
     let args = Args::parse();
     let config = chatsync_echo_backend::Config {
         api_url: args.api_url,
