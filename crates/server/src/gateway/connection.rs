@@ -143,8 +143,17 @@ async fn serve(
         // registered (the user's and the node's slots taken for good), counted in the gauge, its user's cache
         // entry kept, and the writer, left running, would keep the socket open and answering Pings while the
         // reply never came. It ends this connection alone, with 1011.
-        let reading = read_loop(&ctx, &conn, &mut stream, &mut writer, &last_seen, started, &shutdown);
-        let writer_done = match std::panic::AssertUnwindSafe(reading).catch_unwind().await {
+        // (Made where it is awaited, so that this future holds it once.)
+        let reading = std::panic::AssertUnwindSafe(read_loop(
+            &ctx,
+            &conn,
+            &mut stream,
+            &mut writer,
+            &last_seen,
+            started,
+            &shutdown,
+        ));
+        let writer_done = match reading.catch_unwind().await {
             Ok(writer_done) => writer_done,
             Err(panic) => {
                 let what = panic

@@ -132,12 +132,12 @@ async fn upgrade(
         .write_buffer_size(0)
         .max_frame_size(max)
         .max_message_size(max)
-        .on_upgrade(move |socket| {
-            let connection = connection::run(ctx, socket, creds, shutdown);
-            async move {
-                let _tracked = tracked;
-                pauses.at(crate::pause::UPGRADED).await;
-                connection.await
-            }
+        // The connection's future is made where it is awaited: one made before the pause and awaited after
+        // it took its room twice in this future, for the connection's whole life (~0.9 KiB per idle
+        // connection).
+        .on_upgrade(move |socket| async move {
+            let _tracked = tracked;
+            pauses.at(crate::pause::UPGRADED).await;
+            connection::run(ctx, socket, creds, shutdown).await
         })
 }
