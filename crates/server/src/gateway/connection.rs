@@ -156,11 +156,7 @@ async fn serve(
         let writer_done = match reading.catch_unwind().await {
             Ok(writer_done) => writer_done,
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .copied()
-                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                    .unwrap_or("(no message)");
+                let what = crate::logging::panic_text(&*panic);
                 tracing::error!(panic = what, "a request panicked; closing its connection");
                 conn.outbox.close(CloseReason::INTERNAL);
                 false

@@ -229,11 +229,7 @@ async fn serve(pool: PgPool, mut rx: mpsc::Receiver<Job>, knobs: Knobs) {
         match std::panic::AssertUnwindSafe(run_batch(&pool, (conn, acquired), batch, timeout)).catch_unwind().await {
             Ok(conn) => held = conn.map(|(conn, acquired)| (conn, acquired, Instant::now())),
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .copied()
-                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                    .unwrap_or("(no message)");
+                let what = crate::logging::panic_text(&*panic);
                 tracing::error!(size, panic = what, "chat writer batch panicked; its writes failed with unavailable");
             }
         }

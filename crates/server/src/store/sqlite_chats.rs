@@ -424,7 +424,7 @@ impl Supervisor {
                     match served {
                         Ok(Ok(())) => return,
                         Ok(Err(e)) => format!("its connection failed: {e}"),
-                        Err(panic) => format!("it panicked: {}", panic_text(panic.as_ref())),
+                        Err(panic) => format!("it panicked: {}", crate::logging::panic_text(panic.as_ref())),
                     }
                     // `c` is dropped here: the connection closes, rolling back any open transaction.
                 }
@@ -537,10 +537,6 @@ fn log_batch_failure(error: &StoreError, size: usize) {
         ),
         _ => tracing::warn!(%error, size, "group commit failed; retrying its writes one by one"),
     }
-}
-
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic.downcast_ref::<&str>().copied().or_else(|| panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("?")
 }
 
 /// WAL frames (pages) past which the WAL should start over from its beginning: 4,096 pages, 16 MiB at 4 KiB.
