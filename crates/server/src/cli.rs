@@ -445,6 +445,12 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Network", env = "CHATSYNC_SESSION_CHECK_INTERVAL_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_check_interval_secs: Option<u64>,
+    /// Seconds an HTTP request's head may take to arrive, and an HTTP keep-alive connection may stay idle
+    /// between requests, before the TCP connection is closed; keep it above the idle timeout of a proxy in
+    /// front (nginx's upstream keep-alive and AWS ALB use 60) [default: 75].
+    #[arg(long, help_heading = "Network", env = "CHATSYNC_HTTP_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_idle_timeout_secs: Option<u64>,
     /// Seconds to wait for connections to drain and API requests in flight to finish on shutdown [default: 10].
     #[arg(long, help_heading = "Network", env = "CHATSYNC_SHUTDOWN_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -700,9 +706,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             crate::logging::init(config.log_format, "warn");
             // Never in a directory without a database: it would write a new master key there.
             let (url, _) = existing_url(&config)?;
-            // The database's directory, when it is not the data directory (which `rotate_with` locks).
-            let _store_lock =
-                crate::datadir::DataDirLock::none().with_store_dir(&config.data_dir, &url, "keys rotate")?;
+            // The database itself (`rotate_with` locks the data directory), as `serve` locks it.
+            let _store_lock = crate::datadir::DataDirLock::none().with_store_file(&url, "keys rotate")?;
             let backend = store::open_command_backend(&url, config.durability).await?;
             let env_key = std::env::var("CHATSYNC_MASTER_KEY").ok().filter(|k| !k.is_empty());
             // With an environment key the new key is printed before the store is re-wrapped under it:
@@ -1197,7 +1202,8 @@ async fn sessions(config: Config, cmd: SessionsCommand) -> anyhow::Result<()> {
             session.device_label = device_id;
             match store.create_session(&session).await {
                 Ok(()) => {
-                    out!("{token}");
+                    // A secret shown only now: not written is an error (exit 1), not a quiet end as for a listing.
+                    print_line(&token).context("the token could not be written; revoke the session")?;
                     Ok(())
                 }
                 Err(StoreError::NotFound) => {
@@ -1319,8 +1325,10 @@ async fn api_keys(config: Config, cmd: ApiKeysCommand) -> anyhow::Result<()> {
                 bail!("--name must be 1-200 characters");
             }
             let (key_id, key) = crate::api::keys::create(store.as_ref(), name.as_deref()).await?;
-            out!("{key}");
+            // The id first, so that a key that could not be written can be revoked; a secret shown only
+            // now not written is an error (exit 1), not a quiet end as for a listing.
             eprintln!("created API key {key_id}; it is shown only now");
+            print_line(&key).with_context(|| format!("the key could not be written; revoke {key_id}"))?;
             Ok(())
         }
         ApiKeysCommand::List { json } => {

@@ -94,6 +94,8 @@ pub struct Config {
     pub session_check_interval_secs: u64,
     /// Seconds to wait for connections to drain and API requests in flight to finish on shutdown.
     pub shutdown_timeout_secs: u64,
+    /// How long an HTTP request head may take, and a keep-alive HTTP connection may stay idle, seconds.
+    pub http_idle_timeout_secs: u64,
     /// WebSocket read buffer per connection, bytes.
     pub ws_read_buffer_bytes: usize,
     /// JWT connection tokens signed with HS256 and this secret, at least 32 bytes (SERVER_API.md section 6).
@@ -198,6 +200,7 @@ impl Default for Config {
             metrics_listen: None,
             session_check_interval_secs: 5,
             shutdown_timeout_secs: 10,
+            http_idle_timeout_secs: 75,
             ws_read_buffer_bytes: 1024,
             jwt_hs256_secret: None,
             jwt_public_key_file: None,
@@ -247,6 +250,7 @@ impl Config {
             ("max_page_messages", self.max_page_messages as u64),
             ("ping_interval_secs", self.ping_interval_secs),
             ("heartbeat_timeout_secs", self.heartbeat_timeout_secs),
+            ("http_idle_timeout_secs", self.http_idle_timeout_secs),
             ("outbox_max_bytes", self.outbox_max_bytes as u64),
             ("outbox_max_messages", self.outbox_max_messages as u64),
             ("max_connections", self.max_connections as u64),
@@ -277,6 +281,7 @@ impl Config {
             ("heartbeat_timeout_secs", self.heartbeat_timeout_secs),
             ("session_check_interval_secs", self.session_check_interval_secs),
             ("shutdown_timeout_secs", self.shutdown_timeout_secs),
+            ("http_idle_timeout_secs", self.http_idle_timeout_secs),
             ("stream_idle_timeout_secs", self.stream_idle_timeout_secs),
             ("store_timeout_secs", self.store_timeout_secs),
             ("webhook_max_age_secs", self.webhook_max_age_secs),

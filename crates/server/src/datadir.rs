@@ -7,9 +7,9 @@
 //! the file is never deleted (deleting a lock file races with a process about to lock it). The file's
 //! content (pid and command of the holder) is only for the error message of whoever finds it locked.
 //!
-//! An embedded store whose database lies outside the data directory (`--database-url sqlite://PATH`) is
-//! locked too, by the same file in the database's directory ([`DataDirLock::with_store_dir`]): two servers
-//! with data directories of their own would otherwise share one database, each with its own hub and cache.
+//! The embedded store's database is locked too, by `PATH.lock` beside it ([`DataDirLock::with_store_file`]):
+//! two servers with data directories of their own (`--database-url sqlite://PATH`) would otherwise share
+//! one database, each with its own hub and cache.
 
 use anyhow::Context as _;
 use std::fs::File;
@@ -34,30 +34,28 @@ impl DataDirLock {
         Self::lock_dir(data_dir, holder, "data directory")
     }
 
-    /// Also locks the directory of the embedded store's database when `store_url` (`sqlite://PATH`) puts
-    /// it outside `data_dir` (the lock of a PostgreSQL store is PostgreSQL's own); both are held until
-    /// release or drop.
-    pub fn with_store_dir(self, data_dir: &Path, store_url: &str, holder: &str) -> anyhow::Result<DataDirLock> {
-        use std::os::unix::fs::MetadataExt as _;
+    /// Also locks the embedded store's database (`store_url` `sqlite://PATH`; the lock of a PostgreSQL store
+    /// is PostgreSQL's own) by `PATH.lock` beside it, whatever data directory names it: two servers with
+    /// data directories of their own would otherwise share one database, each with its own hub and cache.
+    /// A lock of the database's own, not of its directory, so that databases side by side in one directory
+    /// do not exclude each other. Both are held until release or drop.
+    pub fn with_store_file(self, store_url: &str, holder: &str) -> anyhow::Result<DataDirLock> {
         let Some(db) = store_url.strip_prefix("sqlite://") else { return Ok(self) };
         let dir = Path::new(db).parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         create_private_dir(dir).with_context(|| format!("cannot create the database's directory {}", dir.display()))?;
-        // The same directory by another name (`./data` and `data`, a symbolic link) is locked already: a
-        // second lock on the same file would fail against this process's own.
-        let id = |d: &Path| std::fs::metadata(d).map(|m| (m.dev(), m.ino()));
-        if let (Ok(a), Ok(b)) = (id(dir), id(data_dir)) {
-            if a == b {
-                return Ok(self);
-            }
-        }
-        let other = Self::lock_dir(dir, holder, "the database's directory")?;
+        let other = Self::lock_file(&PathBuf::from(format!("{db}.lock")), holder, "database", Path::new(db))?;
         self.files.lock().append(&mut other.files.lock());
         Ok(self)
     }
 
     fn lock_dir(data_dir: &Path, holder: &str, what: &str) -> anyhow::Result<DataDirLock> {
         create_private_dir(data_dir).with_context(|| format!("cannot create {what} {}", data_dir.display()))?;
-        let path = data_dir.join(LOCK_FILE);
+        Self::lock_file(&data_dir.join(LOCK_FILE), holder, what, data_dir)
+    }
+
+    /// Locks the file `path` for `holder`; `what` and `shown` name the locked thing in the error.
+    fn lock_file(path: &Path, holder: &str, what: &str, shown: &Path) -> anyhow::Result<DataDirLock> {
+        let path = path.to_path_buf();
         // Never through a symbolic link: the holder's note is written over the file's content, so a link
         // planted in a directory others can write to would have this process overwrite the file it names.
         let mut file = std::fs::OpenOptions::new()
@@ -79,7 +77,7 @@ impl DataDirLock {
                 anyhow::bail!(
                     "{what} {} is in use by another chatsync process{owner}: `serve` and `keys rotate` \
                      each need it to themselves; stop the other one first",
-                    data_dir.display()
+                    shown.display()
                 );
             }
             return Err(err).with_context(|| format!("cannot lock {}", path.display()));

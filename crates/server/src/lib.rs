@@ -42,11 +42,8 @@ use tokio_util::task::TaskTracker;
 /// keys), and builds the handler context. The lock is held until [`run`] ends or the context is dropped.
 pub async fn build(config: Config) -> anyhow::Result<Ctx> {
     config.validate().map_err(anyhow::Error::msg)?;
-    let lock = datadir::DataDirLock::acquire(&config.data_dir, "serve")?.with_store_dir(
-        &config.data_dir,
-        &config.store_url(),
-        "serve",
-    )?;
+    let lock =
+        datadir::DataDirLock::acquire(&config.data_dir, "serve")?.with_store_file(&config.store_url(), "serve")?;
     let store_timeout = Duration::from_secs(config.store_timeout_secs);
     let backend = store::open_server_backend(&config.store_url(), config.durability, store_timeout).await?;
     backend.chats.set_commit_window(config.commit_window());
@@ -158,8 +155,9 @@ pub async fn run(
         ctx.webhooks.clone().map(|hooks| tokio::spawn(webhooks::dispatcher::run(ctx.clone(), hooks, token.clone())));
     let mut app = gateway::router(gateway).merge(api::router(ctx.clone(), tracker.clone()));
     let ops = gateway::ops::router(ctx.clone(), metrics);
-    // How long a peer may take to send a request head (see `gateway::serve`).
-    let head_timeout = ctx.config.heartbeat_timeout();
+    // How long a peer may take to send a request head, or leave a keep-alive connection idle (see
+    // `gateway::serve`).
+    let head_timeout = Duration::from_secs(ctx.config.http_idle_timeout_secs);
     match ctx.config.metrics_listen {
         None => app = app.merge(ops),
         Some(addr) => {

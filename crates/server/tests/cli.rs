@@ -137,13 +137,14 @@ fn sessions_revoke_once() {
     fails(&chatsync(dir.path(), &["sessions", "revoke", "made-up"]), "no active session");
 }
 
-/// A command whose output reader is gone (`chatsync users list | head -1`) ends with success, as other
-/// Unix tools do, not with a panic (exit 101) on the broken pipe.
+/// A listing whose output reader is gone (`chatsync users list | head -1`) ends with success, as other
+/// Unix tools do, not with a panic (exit 101) on the broken pipe; a secret shown only once (a session
+/// token, an API key) that could not be written is an error, naming what to revoke.
 #[test]
-fn a_listing_whose_reader_is_gone_exits_0() {
+fn a_listing_whose_reader_is_gone_exits_0_and_an_unwritten_secret_fails() {
     let dir = tempfile::tempdir().unwrap();
     ok(&chatsync(dir.path(), &["users", "add", "alice"]));
-    for args in [&["users", "list"][..], &["users", "list", "--json"][..]] {
+    let closed_stdout = |args: &[&str]| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
             .arg("--data-dir")
             .arg(dir.path())
@@ -155,9 +156,14 @@ fn a_listing_whose_reader_is_gone_exits_0() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // The read end closed before anything is written: every write is a broken pipe.
         drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
+        child.wait_with_output().unwrap()
+    };
+    fails(&closed_stdout(&["sessions", "issue", "alice"]), "revoke the session");
+    fails(&closed_stdout(&["api-keys", "create"]), "could not be written; revoke ak_");
+    for args in [&["users", "list"][..], &["users", "list", "--json"][..]] {
+        // The read end closed before anything is written: every write is a broken pipe.
+        let out = closed_stdout(args);
         assert!(out.status.success(), "{args:?}: {:?}, stderr: {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
 }
@@ -437,9 +443,8 @@ fn serve_refuses_timings_and_buffers_it_cannot_run_with() {
     }
 }
 
-/// The files chatsync writes in the data directory by name (the lock file, whose content becomes the holder's
-/// note, and the probe of a writable directory) are never written through a symbolic link planted under
-/// that name: in a data directory others can write to, it would have the server or a command overwrite
+/// The lock file, whose content becomes the holder's note, is never written through a symbolic link planted
+/// under its name: in a data directory others can write to, it would have the server or a command overwrite
 /// any file its user may write.
 #[test]
 fn files_in_the_data_dir_are_never_written_through_a_planted_symlink() {
@@ -448,14 +453,27 @@ fn files_in_the_data_dir_are_never_written_through_a_planted_symlink() {
     std::fs::create_dir(&data).unwrap();
     let victim = dir.path().join("victim");
     std::fs::write(&victim, "precious").unwrap();
-    std::os::unix::fs::symlink(&victim, data.join(".chatsync-write-test")).unwrap();
-    ok(&chatsync(&data, &["users", "add", "alice"]));
-    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the probe truncated the victim");
-
     std::os::unix::fs::symlink(&victim, data.join("chatsync.lock")).unwrap();
     let stderr = refused_at_start(&data, &[]);
     assert!(stderr.contains("cannot open lock file"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the lock note overwrote the victim");
+}
+
+/// The probe of a writable data directory (named after the process) is never written through a symbolic link
+/// planted under its name: it would truncate the file the link names.
+#[tokio::test]
+async fn the_writability_probe_is_never_written_through_a_planted_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let probe = data.join(format!(".chatsync-write-test-{}", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &probe).unwrap();
+    let store = chatsync::store::sqlite::SqliteStore::open(&data.join("chatsync.db"), Default::default()).await;
+    store.expect("the store opens");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the probe truncated the victim");
+    assert!(std::fs::symlink_metadata(&probe).is_err(), "the probe is gone");
 }
 
 /// Two servers with data directories of their own but one embedded database (`--database-url sqlite://…`,
@@ -480,8 +498,19 @@ fn two_servers_never_share_an_embedded_database_outside_their_data_dirs() {
     let stderr = refused_at_start(&second, &["--database-url", &db]);
     assert!(stderr.contains("is in use by another chatsync process") && stderr.contains("serve"), "{stderr}");
     fails(&chatsync(&third, &["keys", "rotate", "--database-url", &db]), "is in use by another chatsync process");
+    // Another database in the same directory is another database: served beside it.
+    let (fourth, fifth) = (data("d"), data("e"));
+    let beside = format!("sqlite://{}", dir.path().join("shared").join("other.db").display());
+    let (other, _lines, _url) = serve(&fourth, &["--database-url", &beside], None);
     stop(server);
+    stop(other);
     ok(&chatsync(&third, &["keys", "rotate", "--database-url", &db]));
+    // A data directory's own database, named by another server's --database-url: the same lock.
+    let (owner, _lines, _url) = serve(&fifth, &[], None);
+    let own = format!("sqlite://{}", fifth.join("chatsync.db").display());
+    let stderr = refused_at_start(&second, &["--database-url", &own]);
+    assert!(stderr.contains("is in use by another chatsync process"), "{stderr}");
+    stop(owner);
 }
 
 #[tokio::test]

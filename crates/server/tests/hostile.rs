@@ -1430,15 +1430,14 @@ async fn read_until_closed(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
 }
 
 /// Without credentials, a peer must not hold a socket (and the buffer of a request head it never finishes)
-/// for ever: a request head that does not arrive within the heartbeat timeout ends the TCP connection, as
+/// for ever: a request head that does not arrive within `http_idle_timeout_secs` ends the TCP connection, as
 /// does an HTTP/1.1 connection idle that long between requests. HTTP/2 (which has no such bound here and
 /// is not part of the protocol) is not spoken.
 #[tokio::test]
 async fn a_request_head_that_never_ends_does_not_hold_a_connection() {
     use tokio::io::AsyncWriteExt as _;
     let server = TestServer::start_with(|c| {
-        c.ping_interval_secs = 1;
-        c.heartbeat_timeout_secs = 2;
+        c.http_idle_timeout_secs = 2;
     })
     .await;
     let host = server.host();

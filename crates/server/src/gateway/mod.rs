@@ -49,9 +49,10 @@ pub fn router(gateway: Gateway) -> Router {
 /// In place of `axum::serve`, which sets hyper no timer, so that hyper's bound on the wait for a request
 /// head did not apply: a peer without any credential held a socket for as long as it liked, with up to
 /// 400 KB of an unfinished head buffered, and a file descriptor (the node's connection cap counts only
-/// authenticated WebSockets). Here a head must arrive within `head_timeout` (the heartbeat timeout, the
-/// silence after which a WebSocket client is gone too), which also ends a keep-alive connection idle
-/// that long between requests. HTTP/1.1 only: `axum::serve` also spoke HTTP/2 with prior knowledge (hyper's
+/// authenticated WebSockets). Here a head must arrive within `head_timeout` (`http_idle_timeout_secs`),
+/// which also ends a keep-alive connection idle that long between requests (hyper has one timer for
+/// both): longer than the idle timeout of common proxies (60 s), which must close an idle connection
+/// first, or a request they send on it as it closes fails (a 502). HTTP/1.1 only: `axum::serve` also spoke HTTP/2 with prior knowledge (hyper's
 /// HTTP/2 is compiled in for the webhook client), which no client of the protocol uses and which had no
 /// such bound either.
 pub async fn serve<L: axum::serve::Listener>(

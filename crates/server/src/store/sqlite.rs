@@ -136,8 +136,9 @@ impl SqliteStore {
                 .with_context(|| format!("cannot create data directory {}", dir.display()))?;
             // Created anew (O_EXCL, which never follows a symbolic link): a link planted under the probe's
             // name in a directory others can write to would otherwise have this process truncate the file
-            // it names. One left by a crash between the two steps is removed first.
-            let probe = dir.join(".chatsync-write-test");
+            // it names. A name of this process's own, so that commands opening the store at once do not
+            // meet each other's probe.
+            let probe = dir.join(format!(".chatsync-write-test-{}", std::process::id()));
             let _ = std::fs::remove_file(&probe);
             std::fs::OpenOptions::new()
                 .write(true)
