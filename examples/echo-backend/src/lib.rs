@@ -179,16 +179,25 @@ impl Backend {
         if !self.writing.lock().unwrap().insert(stream_id.clone()) {
             return;
         }
-        let result =
-            self.write_stream(user, chat, &stream_id, &format!("r-{digest}"), &text_of(&event["content"])).await;
+        let mut started = false;
+        let reply = format!("r-{digest}");
+        let result = self.write_stream(user, chat, &stream_id, &reply, &text_of(&event["content"]), &mut started).await;
         if let Err(e) = result {
             tracing::warn!(stream_id, error = %e, "reply not completed");
-            // Ended for every device at once (they would otherwise show the reply frozen until chatsync's
-            // idle timeout). A 409 means it is not open anyway.
-            let url = format!("{}/{stream_id}", self.streams_url(user, chat));
-            let aborted = self.http.delete(&url).bearer_auth(&self.config.api_key).send().await;
-            if let Err(e) = aborted {
-                tracing::warn!(stream_id, error = %e, "reply not aborted; chatsync's idle timeout ends it");
+            // A stream this call opened is ended for every device at once (they would otherwise show the
+            // reply frozen until chatsync's idle timeout); one whose start failed may be another writer's
+            // (a start refused as already open) and is left alone. A 409 means it is not open anyway.
+            if started {
+                let url = format!("{}/{stream_id}", self.streams_url(user, chat));
+                match self.http.delete(&url).bearer_auth(&self.config.api_key).send().await {
+                    Ok(r) if r.status().is_success() || r.status() == reqwest::StatusCode::CONFLICT => {}
+                    Ok(r) => {
+                        tracing::warn!(stream_id, status = %r.status(), "reply not aborted; chatsync's idle timeout ends it")
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream_id, error = %e, "reply not aborted; chatsync's idle timeout ends it")
+                    }
+                }
             }
         }
         // With a cancel that came after the last look at it (under `writing`'s lock, as the mark is made).
@@ -209,10 +218,12 @@ impl Backend {
         stream_id: &str,
         reply_id: &str,
         text: &str,
+        started: &mut bool,
     ) -> anyhow::Result<()> {
         let base = self.streams_url(user, chat);
         let start = json!({"stream_id": stream_id, "message_id": reply_id, "sender_name": self.config.sender_name});
         self.call(&base, start).await?;
+        *started = true;
         let words: Vec<String> = format!("echo: {text}").split_whitespace().map(str::to_owned).collect();
         for (i, word) in words.iter().enumerate() {
             tokio::time::sleep(self.config.word_delay).await;
