@@ -633,19 +633,25 @@ fn deleted(chat_id: &str) -> chatsync::cluster::BusMessage {
     chatsync::cluster::BusMessage::ChatDeleted { chat_id: chat_id.into() }
 }
 
+/// A bus on `url` with the server's bounds and a channel prefix of its own.
+fn default_bus_config(url: String) -> chatsync::cluster::BusConfig {
+    chatsync::cluster::BusConfig {
+        url,
+        prefix: common::cluster::unique_prefix(),
+        sharded: false,
+        max_incoming: chatsync::cluster::bus::MAX_INCOMING,
+        max_incoming_bytes: chatsync::cluster::bus::MAX_INCOMING_BYTES,
+    }
+}
+
 #[tokio::test]
 async fn a_node_whose_subscriber_lags_past_its_bound_drops_what_comes_next_declares_a_gap_and_keeps_listening() {
     use chatsync::cluster::{Bus, BusConfig};
     use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Arc;
     let Some(url) = redis_url() else { return };
-    let config = |max_incoming| BusConfig {
-        url: url.clone(),
-        prefix: common::cluster::unique_prefix(),
-        sharded: false,
-        max_incoming,
-        max_incoming_bytes: 1 << 20,
-    };
+    let config =
+        |max_incoming| BusConfig { max_incoming, max_incoming_bytes: 1 << 20, ..default_bus_config(url.clone()) };
     let lagging_config = config(2);
     let sending_config =
         BusConfig { prefix: lagging_config.prefix.clone(), ..config(chatsync::cluster::bus::MAX_INCOMING) };
@@ -911,18 +917,12 @@ async fn a_redis_loading_its_dataset_is_answering_and_the_bus_stays_connected_to
     // `PING` with `-LOADING` (for seconds, or minutes with a large dataset). That refusal is an answer: a
     // bus that took it for a Redis that does not answer reconnected at once, resubscribed every user,
     // trusted its caches and dropped them again, in a loop with no backoff, for the whole load.
-    use chatsync::cluster::{Bus, BusConfig};
+    use chatsync::cluster::Bus;
     use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Arc;
     let Some(_) = redis_url() else { return };
     let redis = OwnRedis::start_loading(200_000);
-    let config = BusConfig {
-        url: redis.url(),
-        prefix: common::cluster::unique_prefix(),
-        sharded: false,
-        max_incoming: chatsync::cluster::bus::MAX_INCOMING,
-        max_incoming_bytes: chatsync::cluster::bus::MAX_INCOMING_BYTES,
-    };
+    let config = default_bus_config(redis.url());
     let master = chatsync::crypto::MasterKey::generate();
     let handler = Arc::new(Gaps::default());
     let bus = Bus::start(config.clone(), master.derive("bus")).unwrap();
@@ -955,20 +955,14 @@ async fn a_redis_that_takes_the_subscriptions_but_fails_the_health_check_is_neve
     // answers PING with `-MASTERDOWN`. The bus trusted such a connection (a gap, its caches) before its
     // first health check, which failed at once; it then reconnected at once (its backoff reset by the
     // subscription): hundreds of reconnections a second, each dropping every cache.
-    use chatsync::cluster::{Bus, BusConfig};
+    use chatsync::cluster::Bus;
     use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Arc;
     let Some(_) = redis_url() else { return };
     let redis = OwnRedis::start();
     redis.cli(&["CONFIG", "SET", "replica-serve-stale-data", "no"]);
     redis.cli(&["REPLICAOF", "127.0.0.1", "1"]); // nothing listens there
-    let config = BusConfig {
-        url: redis.url(),
-        prefix: common::cluster::unique_prefix(),
-        sharded: false,
-        max_incoming: chatsync::cluster::bus::MAX_INCOMING,
-        max_incoming_bytes: chatsync::cluster::bus::MAX_INCOMING_BYTES,
-    };
+    let config = default_bus_config(redis.url());
     let handler = Arc::new(Gaps::default());
     let bus = Bus::start(config, chatsync::crypto::MasterKey::generate().derive("bus")).unwrap();
     bus.set_handler(handler.clone());
