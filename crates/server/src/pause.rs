@@ -20,6 +20,9 @@ pub const WARMUP_LOADED: &str = "warmup_loaded";
 pub const UPGRADED: &str = "upgraded";
 /// After a connection's credentials were checked, before it is registered with the hub.
 pub const AUTHENTICATED: &str = "authenticated";
+/// After a connection was registered with the hub, before it is admitted (the revocation recheck, the
+/// device sighting, the cache entry).
+pub const REGISTERED: &str = "registered";
 /// After an initial sync listed the user's open streams, before its reply is queued.
 pub const SYNC_STREAMS_LISTED: &str = "sync_streams_listed";
 /// In a cluster, when a frame from another node arrives, before it is queued on this node's connections

@@ -461,6 +461,21 @@ async fn a_request_that_panics_closes_its_connection_and_gives_back_what_it_held
     assert_alive(&mut again).await;
 }
 
+/// A panic between a connection's registration and its service (the revocation recheck, the device
+/// sighting: a bug in a store) refuses that connection with 1011 and gives its slot back. It used to unwind
+/// past the unregistering: the user stayed at its cap for good (here its only slot).
+#[tokio::test]
+async fn a_panic_while_admitting_a_connection_refuses_it_and_gives_its_slot_back() {
+    let server = TestServer::start_with(|c| c.max_connections_per_user = 1).await;
+    let token = server.user_token("alice").await;
+    server.ctx.pauses.arm_panic(chatsync::pause::REGISTERED);
+    let mut refused = Client::connect(&server.url, &ConnectOptions::new(&token, "d")).await.unwrap();
+    assert_eq!(refused.recv_clean_close().await.unwrap(), (1011, "Internal error".into()));
+    assert_eq!(server.ctx.hub.connection_count(), 0, "the refused connection is still registered");
+    let (mut again, _) = server.connect(&token, "d").await;
+    assert_alive(&mut again).await;
+}
+
 /// A shutdown (SIGTERM) lets a request in flight finish: a write that committed is answered before the
 /// 1001, never dropped after its commit. A connection still authenticating when it began is closed with
 /// 1001 too, and `run` waits for both.

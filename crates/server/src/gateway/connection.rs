@@ -95,35 +95,19 @@ async fn serve(
             Box::pin(reject(sink, stream, reason)).await;
             return;
         }
-        // Revoked between the read of its session and its registration (the revocation found no
-        // connection of it to close): refused now, not left open until the periodic check.
-        if let Some(recheck) = authed.recheck.filter(|r| r.due(&ctx)) {
-            let revoked = match Box::pin(recheck.revoked(&ctx)).await {
-                Ok(false) => None,
-                Ok(true) => Some(CloseReason::SESSION_REVOKED),
-                Err(e) => {
-                    tracing::warn!(error = %e, "authentication backend failure");
-                    Some(CloseReason::AUTH_ERROR)
-                }
-            };
-            if let Some(reason) = revoked {
-                ctx.hub.unregister(&conn);
-                metrics::counter!(crate::metrics::CONNECTS, "result" => reason.reason).increment(1);
-                Box::pin(reject(sink, stream, reason)).await;
-                return;
+        // A panic in the admission (a bug) refuses the connection like any refusal, with 1011: it would
+        // otherwise unwind past the unregistering, and the user's and the node's slots stay taken for good.
+        let admission = std::panic::AssertUnwindSafe(Box::pin(admit(&ctx, &conn, authed.recheck, device_label)));
+        let refused = match admission.catch_unwind().await {
+            Ok(admitted) => admitted.err(),
+            Err(panic) => {
+                let what = crate::logging::panic_text(&*panic);
+                tracing::error!(panic = what, "a connection's admission panicked; refusing it");
+                Some(CloseReason::INTERNAL)
             }
-        }
-        // The device is recorded (a sighting) only for a connection a cap did not refuse.
-        let sighting = ctx.store.record_device(
-            &conn.user_id,
-            &conn.device_hash,
-            device_label.as_deref(),
-            crate::store::now_millis(),
-        );
-        if let Err(e) = Box::pin(sighting).await {
-            tracing::warn!(error = %e, "authentication backend failure");
+        };
+        if let Some(reason) = refused {
             ctx.hub.unregister(&conn);
-            let reason = CloseReason::AUTH_ERROR;
             metrics::counter!(crate::metrics::CONNECTS, "result" => reason.reason).increment(1);
             Box::pin(reject(sink, stream, reason)).await;
             return;
@@ -179,6 +163,30 @@ async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// What a registered connection must pass before it is served: a session revoked between the read of it
+/// and the registration (the revocation found no connection of it to close) is refused now, not left open
+/// until the periodic check; then the device is recorded (a sighting: only for a connection a cap did not
+/// refuse).
+async fn admit(
+    ctx: &Ctx,
+    conn: &ConnHandle,
+    recheck: Option<auth::Recheck>,
+    device_label: Option<String>,
+) -> Result<(), CloseReason> {
+    ctx.pauses.at(crate::pause::REGISTERED).await;
+    let backend = |e: crate::store::StoreError| {
+        tracing::warn!(error = %e, "authentication backend failure");
+        CloseReason::AUTH_ERROR
+    };
+    if let Some(recheck) = recheck.filter(|r| r.due(ctx)) {
+        if recheck.revoked(ctx).await.map_err(backend)? {
+            return Err(CloseReason::SESSION_REVOKED);
+        }
+    }
+    let now = crate::store::now_millis();
+    ctx.store.record_device(&conn.user_id, &conn.device_hash, device_label.as_deref(), now).await.map_err(backend)
 }
 
 /// The `connected` greeting, encoded.
