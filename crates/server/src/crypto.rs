@@ -133,7 +133,8 @@ impl MasterKey {
     /// not exist, creates `data_dir` and the file with a new random key and returns `created = true`: the key
     /// is written whole to a temporary file (mode 0600, flushed to disk), hard-linked as `master.key` (so
     /// that a crash never leaves a partial key file, and a key another process created meanwhile wins and is
-    /// read instead), and the directory entry flushed. A key file readable by group or others is rejected.
+    /// read instead), and the directory entry flushed; a later load removes a temporary name a crash left
+    /// linked to the key. A key file readable by group or others is rejected.
     pub fn load_or_create(data_dir: &Path, env_value: Option<&str>) -> anyhow::Result<(MasterKey, bool)> {
         if let Some(value) = env_value {
             let key = MasterKey::from_base64(value).context("invalid CHATSYNC_MASTER_KEY")?;
@@ -154,6 +155,7 @@ impl MasterKey {
                 file.read_to_string(&mut text).with_context(|| format!("cannot read master key file {shown}"))?;
                 let key = MasterKey::from_base64(&text)
                     .with_context(|| format!("master key file {shown} does not contain a valid key"))?;
+                remove_stray_links(data_dir, &file);
                 Ok((key, false))
             }
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -207,6 +209,27 @@ impl MasterKey {
         match self.unwrap(check, CHECK_REF) {
             Ok(dek) if *dek.bytes == [0; 32] => Ok(()),
             _ => Err(CryptoError::WrongMasterKey),
+        }
+    }
+}
+
+/// Removes the temporary names of `master.key` (`master.key.new-*` linked to the same file) that a crash
+/// between linking the key into place and removing its temporary name left behind: a second copy of the
+/// key that an operator moving the key out of the directory would not know of. Best effort (a read-only
+/// directory keeps them). Temporary files of another inode hold keys that never encrypted anything (or are
+/// a concurrent creator's, about to be linked) and are left alone.
+fn remove_stray_links(data_dir: &Path, key_file: &std::fs::File) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(key) = key_file.metadata() else { return };
+    if key.nlink() < 2 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(data_dir) else { return };
+    for entry in entries.flatten() {
+        let stray = entry.file_name().to_str().is_some_and(|n| n.starts_with("master.key.new-"))
+            && entry.metadata().is_ok_and(|m| m.dev() == key.dev() && m.ino() == key.ino());
+        if stray {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -512,6 +535,16 @@ mod tests {
         let (again, created) = MasterKey::load_or_create(&data, None).unwrap();
         assert!(!created);
         assert_eq!(again.id(), key.id());
+        // A crash between the link and the removal of the temporary name left a second name of the key;
+        // one before the link left a file of a key never used. The next start removes the first only.
+        std::fs::hard_link(&path, data.join("master.key.new-0123456789abcdef")).unwrap();
+        std::fs::write(data.join("master.key.new-fedcba9876543210"), "unused\n").unwrap();
+        let (again, _) = MasterKey::load_or_create(&data, None).unwrap();
+        assert_eq!(again.id(), key.id());
+        let mut names: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["master.key", "master.key.new-fedcba9876543210"]);
+        std::fs::remove_file(data.join("master.key.new-fedcba9876543210")).unwrap();
 
         let env = MasterKey::generate();
         let (from_env, created) = MasterKey::load_or_create(&data, Some(&env.to_base64())).unwrap();
