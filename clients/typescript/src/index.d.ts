@@ -308,12 +308,21 @@ export interface ClientOptions {
   /** Keeps the offline queue (e.g. `localStorage`). */
   storage?: QueueStorage | null;
   /**
-   * Storage key of the queue (default `chatsync.offline.<deviceId>`). Each client writes
+   * Storage key of the queue (default `chatsync.offline.<deviceId>`; the queues of the users of that device
+   * id are told apart by the user stored with each, see `userId`). Each client writes
    * `<storageKey>.tab.<12 hex digits>` and adopts the keys of clients (tabs) that are gone, and
    * `storageKey` itself (an older SDK's queue); a storage that cannot list its keys also holds the index
    * `<storageKey>.tabs`.
    */
   storageKey?: string;
+  /**
+   * The id of the user the token belongs to, when the app knows it before connecting (the `user_id` of the
+   * `connected` greeting). The offline queue is stored with its user, and a queue of another user is never
+   * adopted, so a user signing in after another on one browser with one device id never sends the
+   * other's queued edits. Without it the user is learned from the first `connected` greeting: edits queued
+   * by a client that never connected have no user, and are adopted by the next client of any user.
+   */
+  userId?: string;
   /** Tells live tabs (default `navigator.locks`; `null`: none, only clients of this realm are known alive). */
   locks?: LockManagerLike | null;
   /** The chat in view at start (its messages come with the initial sync). */
@@ -441,7 +450,18 @@ export declare class OfflineQueue {
    * change, message or conflict to recheck is dropped, as is a stored counter of change ids that is not a
    * whole number from 0 (the counter restarts); a corrupt queue is dropped whole.
    */
-  constructor(storage?: QueueStorage | null, key?: string, options?: { perTab?: boolean; locks?: LockManagerLike | null });
+  constructor(storage?: QueueStorage | null, key?: string, options?: { perTab?: boolean; locks?: LockManagerLike | null; owner?: string | null });
+  /**
+   * The user whose edits this queue holds (stored with it; `null` until known). A stored queue of another
+   * user is neither read back nor adopted.
+   */
+  owner: string | null;
+  /**
+   * Sets the user (the client calls it with the `user_id` of every `connected` greeting, before it sends
+   * anything). Another user's entries are set aside: with `perTab`, left stored under their own key for
+   * that user, this queue moving to a new key; without, dropped.
+   */
+  own(userId: string): void;
   /** The key given (with `perTab`, the prefix of every tab's key). */
   readonly baseKey: string;
   /** The key written: `key`, or with `perTab` `<key>.tab.<12 hex digits>`. */

@@ -550,8 +550,9 @@ export class OfflineQueue {
   /**
    * @param {{getItem(key: string): string | null, setItem(key: string, value: string): void} | null} [storage]
    * @param {string} [key]
-   * @param {{perTab?: boolean, locks?: import('./index.js').LockManagerLike | null}} [options] `perTab`: a key of
-   *   its own beside other tabs' on the same storage (see {@link adopt}); `locks`: default `navigator.locks`
+   * @param {{perTab?: boolean, locks?: import('./index.js').LockManagerLike | null, owner?: string | null}} [options] `perTab`: a key of
+   *   its own beside other tabs' on the same storage (see {@link adopt}); `locks`: default `navigator.locks`;
+   *   `owner`: the user whose queue this is, when known before a connection says (see {@link own})
    */
   constructor(storage = null, key = 'chatsync.offline', options = {}) {
     this.storage = storage;
@@ -577,8 +578,17 @@ export class OfflineQueue {
     /** @type {import('./index.js').OfflineChange[]} conflicts to look at again after the next sync (see {@link addRechecks}) */
     this.recheck = [];
     this._seq = 0;
+    /**
+     * The user whose edits this queue holds (the `user_id` of the `connected` greeting, see {@link own}),
+     * stored with it: a stored queue of another user is never read back nor adopted, so that one user's
+     * edits are never sent with another's credentials (two users signing in on one browser with one
+     * device id share the default key). `null` until known.
+     * @type {string | null}
+     */
+    this.owner = options.owner ?? null;
     const saved = this._read(this.key);
-    if (saved) {
+    if (saved && this._mayTake(saved.owner)) {
+      this.owner = saved.owner ?? this.owner;
       this.changes = saved.changes;
       this.messages = saved.messages;
       this._seq = saved.seq;
@@ -614,6 +624,8 @@ export class OfflineQueue {
         seq: Number.isSafeInteger(saved.seq) && saved.seq >= 0 && saved.seq <= MAX_STORED_SEQ ? saved.seq : 0,
         recheck: Array.isArray(saved.recheck) ? readChanges(saved.recheck) : [],
         inFlight: Array.isArray(saved.in_flight) ? readChanges(saved.in_flight) : [],
+        // Whose queue it is (none: stored before its client learned its user, or by an older SDK).
+        owner: typeof saved.user_id === 'string' ? saved.user_id : null,
       };
     } catch {
       return null;
@@ -679,6 +691,8 @@ export class OfflineQueue {
    */
   _adoptKey(key) {
     const saved = this._read(key);
+    // Another user's queue (or one whose user is known while this one's is not yet): left for that user.
+    if (saved && !this._mayTake(saved.owner)) return;
     if (saved) {
       for (const c of saved.changes) {
         const own = this._newer(c);
@@ -694,6 +708,44 @@ export class OfflineQueue {
       this.save();
     }
     this._removeKey(key);
+  }
+
+  /**
+   * Whether a stored queue of `owner` may be taken into this one: a queue of no known user, or of this
+   * queue's user (see {@link owner}).
+   * @param {string | null} owner
+   */
+  _mayTake(owner) {
+    return owner === null || owner === this.owner;
+  }
+
+  /**
+   * Sets the user whose queue this is (the `user_id` of a `connected` greeting; the client calls it before
+   * it sends anything). Edits queued before the user was known are that user's (they were made with this
+   * client's credentials). A queue of another user (the credentials now name someone else) is never sent
+   * as this one's: with a key per tab it stays stored, under its own key and user, for that user's next
+   * client to adopt, and this queue starts empty under a new key; without, it is dropped.
+   * @param {string} userId
+   */
+  own(userId) {
+    const previous = this.owner;
+    if (previous === userId) return;
+    this.owner = userId;
+    if (previous !== null) {
+      if (this.perTab) {
+        // Stored under its key with its user (every change is saved): let it go, and take a new key.
+        this.release();
+        const tab = randomHex(6);
+        this.key = `${this.baseKey}.tab.${tab}`;
+        this._idTag = `${tab}-`;
+        this.hold();
+      }
+      this.changes = [];
+      this.inFlight = [];
+      this.messages = [];
+      this.recheck = [];
+    }
+    this.save();
   }
 
   /**
@@ -970,7 +1022,7 @@ export class OfflineQueue {
         this._removeKey(this.key);
         return;
       }
-      const saved = { changes: this.changes, in_flight: this.inFlight, messages: this.messages, recheck: this.recheck, seq: this._seq };
+      const saved = { changes: this.changes, in_flight: this.inFlight, messages: this.messages, recheck: this.recheck, seq: this._seq, ...(this.owner !== null ? { user_id: this.owner } : {}) };
       this.storage.setItem(this.key, JSON.stringify(saved));
       // Listed again on every save (another tab's write of the index may have dropped it).
       if (this.perTab) this._list(this.key, true);
@@ -1086,9 +1138,13 @@ export class ChatSyncClient extends Emitter {
     this.streams = new StreamAssembler();
     // A queue per tab (its own key under this one), adopting those of tabs that are gone: two tabs on
     // one `localStorage` never overwrite each other's (see OfflineQueue#adopt).
+    // Per device id (an older SDK's key), and per user within it: each stored queue names its user (see
+    // OfflineQueue#owner), so that a user signing in after another on this device id never sends the
+    // other's queued edits.
     this.queue = new OfflineQueue(options.storage ?? null, options.storageKey ?? `chatsync.offline.${options.deviceId}`, {
       perTab: true,
       locks: options.locks,
+      owner: options.userId ?? null,
     });
     /** The chat the user looks at: its messages come with the initial sync (`immediate_view_chat_id`). */
     this.activeChatId = options.activeChatId ?? null;
@@ -1731,6 +1787,13 @@ export class ChatSyncClient extends Emitter {
       // the sync, or closes, must not be retried at once every time.
       this.connected = payload;
       clearTimeout(this._connectTimer);
+      // Before anything is sent: the queue is this user's from now on (another user's, queued under
+      // other credentials, is set aside, and so is the model of that user's chats).
+      if (typeof payload.user_id === 'string' && payload.user_id !== '') {
+        const previous = this.queue.owner;
+        this.queue.own(payload.user_id);
+        if (previous !== null && previous !== payload.user_id) this._forgetUser();
+      }
       this._startKeepalive();
       this.emit('connected', payload, envelope);
       this._afterConnect();
@@ -2366,6 +2429,19 @@ export class ChatSyncClient extends Emitter {
         return;
     }
     this.emit('change', chatId);
+  }
+
+  /**
+   * Drops the local model of another user's chats (the credentials now name someone else): the next sync
+   * brings this user's.
+   */
+  _forgetUser() {
+    this.chats.clear();
+    this.deleted.clear();
+    this._stale = new Map();
+    this.streams.clear();
+    this._synced = false;
+    this.emit('change', null);
   }
 
   /**

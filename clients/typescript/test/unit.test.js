@@ -2057,3 +2057,112 @@ test('a url that is not an absolute URL is refused by the constructor (a TypeErr
   assert.throws(() => client({ url: 'foo:bar' }), TypeError, 'an absolute URL of no WebSocket scheme');
   assert.doesNotThrow(() => client({ url: 'wss://chat.example/v1/ws' }).close());
 });
+
+/**
+ * Connects `c` as `user` and answers its first sync; returns the socket (the client may still be sending
+ * what it queued). @param {ChatSyncClient} c @param {string} user
+ */
+async function connectAs(c, user) {
+  const ready = c.connect();
+  ready.catch(() => {});
+  await until(() => FakeSocket.instances.some((s) => !s.closed));
+  const socket = /** @type {FakeSocket} */ (FakeSocket.instances.find((s) => !s.closed));
+  socket.greet(user);
+  return { socket, ready };
+}
+
+test('two users on one device id and one storage: a queue left by one is never adopted (nor sent) by the other, and waits for its own user', { timeout: 5000 }, async () => {
+  const storage = webStorage();
+  // Alice queues an edit and a message offline, then signs out.
+  const alice = client({ storage });
+  const first = await online(alice); // greeted as alice
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  await until(() => alice.status === 'offline');
+  assert.deepEqual(await alice.updateTitle('a-chat', 'Alice private'), { queued: true });
+  assert.deepEqual(await alice.sendMessage('a-chat', 'for alice only', { messageId: 'ma' }), { queued: true });
+  alice.close();
+  // A client that named its user, never connected (offline from its start): its queue is alice's too.
+  const offlineAlice = client({ storage, userId: 'alice' });
+  await offlineAlice.updateDraft('a-draft', draftFromText('alice draft'));
+  offlineAlice.close();
+  FakeSocket.down = false;
+  // Bob signs in on the same browser with the same device id (the default storage key is the same).
+  const bob = client({ storage });
+  assert.equal(bob.queue.size, 0, 'a queue of a known user is not adopted before this client knows its own');
+  const { socket, ready } = await connectAs(bob, 'bob');
+  await socket.answerSync();
+  await ready;
+  assert.equal(bob.queue.size, 0, 'alice\'s queues are not adopted by bob');
+  assert.deepEqual(socket.sent.map((f) => f.type), ['initial_sync_request'], 'nothing of alice\'s is sent as bob\'s');
+  bob.close();
+  // Alice signs in again: her queues are adopted and sent.
+  const again = client({ storage });
+  const next = await connectAs(again, 'alice');
+  const sent = await serve(next.socket, next.ready);
+  assert.deepEqual(sent.changes.map((c) => [c.chat_id, c.type]).sort(), [['a-chat', 'title'], ['a-draft', 'draft']]);
+  assert.deepEqual(sent.messages, ['ma']);
+  assert.equal(again.queue.size, 0);
+  again.close();
+});
+
+/**
+ * Plays a server that applies every offline change and confirms every message until `ready` settles;
+ * returns what was sent. @param {FakeSocket} socket @param {Promise<unknown>} ready
+ */
+async function serve(socket, ready) {
+  /** @type {{changes: any[], messages: string[]}} */
+  const sent = { changes: [], messages: [] };
+  let done = false;
+  ready.then(() => (done = true), () => (done = true));
+  let i = 0;
+  while (!done) {
+    await until(() => done || socket.sent.length > i);
+    for (; i < socket.sent.length; i++) {
+      const f = socket.sent[i];
+      if (f.type === 'initial_sync_request') {
+        socket.push({ type: 'initial_sync_response', request_id: f.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: [], sync_completed_at: new Date().toISOString() } });
+      } else if (f.type === 'sync_offline_changes') {
+        sent.changes.push(...f.payload.changes);
+        applyAll(socket, f);
+      } else if (f.type === 'chat_message_added') {
+        sent.messages.push(f.payload.message.message_id);
+        socket.push({ type: 'chat_message_confirmed', request_id: f.request_id, payload: { chat_id: f.payload.chat_id, message_id: f.payload.message.message_id, temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 1 } });
+      }
+    }
+  }
+  return sent;
+}
+
+test('a token function that comes to name another user: the first user\'s queued edits are not sent as the second\'s, nor shown in their model; they wait for the first user', { timeout: 5000 }, async () => {
+  const storage = webStorage();
+  let token = 'alice-token';
+  const c = client({ storage, token: () => token });
+  const first = await online(c, C1); // alice, with chat c1
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('c1', 'Alice private');
+  // Alice signs out and bob signs in; the app's token function now returns bob's token.
+  token = 'bob-token';
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed));
+  const socket = /** @type {FakeSocket} */ (FakeSocket.instances.find((s) => !s.closed));
+  assert.equal(socket.url.searchParams.get('token'), 'bob-token');
+  socket.greet('bob');
+  await until(() => socket.sent.length > 0);
+  assert.deepEqual(socket.sent.map((f) => f.type), ['initial_sync_request'], 'alice\'s edit is not sent with bob\'s token');
+  await socket.answerSync();
+  await until(() => c.status === 'online');
+  assert.equal(socket.sent.length, 1);
+  assert.deepEqual(socket.sent[0].payload.chat_versions, {}, 'alice\'s chats are not named in bob\'s sync');
+  assert.equal(c.chats.has('c1'), false, 'alice\'s chat is not in bob\'s model');
+  assert.equal(c.queue.size, 0);
+  c.close();
+  // Alice's next client adopts her edit.
+  const alice = client({ storage });
+  const next = await connectAs(alice, 'alice');
+  const sent = await serve(next.socket, next.ready);
+  assert.deepEqual(sent.changes.map((x) => [x.chat_id, x.value]), [['c1', 'Alice private']]);
+  alice.close();
+});
