@@ -59,6 +59,11 @@ function utf8Length(text) {
 }
 
 /** @param {unknown} e */
+function isNotFound(e) {
+  return e instanceof ChatSyncError && e.code === 'not_found';
+}
+
+/** @param {unknown} e */
 function isTransient(e) {
   return e instanceof ChatSyncError && TRANSIENT.has(e.code);
 }
@@ -1611,6 +1616,7 @@ export class ChatSyncClient extends Emitter {
       }
       this.queue.confirmMessage(chatId, message_id);
       chat.messages = chat.messages.filter((m) => !(m.pending && m.message_id === message_id));
+      this._dropUnknown(chatId, isNotFound(e));
       this.emit('change', chatId);
       throw e;
     }
@@ -1622,12 +1628,14 @@ export class ChatSyncClient extends Emitter {
    * @returns {Promise<import('./index.js').Message[]>}
    */
   async loadMessages(chatId) {
+    // Not `chat()`: a chat the server does not have (`not_found`) is not brought into the model.
     for (;;) {
-      const after_seq = contiguousSeq(this.chat(chatId));
+      const held = this.chats.get(chatId);
+      const after_seq = held ? contiguousSeq(held) : 0;
       const reply = await this.request('get_chat_messages', { chat_id: chatId, after_seq });
       if (!reply.payload.has_more || reply.payload.messages.length === 0) break;
     }
-    return this.chat(chatId).messages;
+    return this.chats.get(chatId)?.messages ?? [];
   }
 
   /**
@@ -1646,8 +1654,8 @@ export class ChatSyncClient extends Emitter {
   markRead(chatId, seq) {
     const refused = this._refuseDeleted(chatId);
     if (refused) return refused;
-    const chat = this.chat(chatId);
-    return this.request('mark_read', { chat_id: chatId, seq: seq ?? chat.versions.messages_v });
+    // Not `chat()`: a chat the server does not have (`not_found`) is not brought into the model.
+    return this.request('mark_read', { chat_id: chatId, seq: seq ?? this.chats.get(chatId)?.versions.messages_v ?? 0 });
   }
 
   /**
@@ -2118,11 +2126,33 @@ export class ChatSyncClient extends Emitter {
         return { queued: true };
       }
       revert();
+      // (A draft deletion creates no chat: its `not_found` may only mean that the chat does not exist yet.)
+      this._dropUnknown(change.chat_id, change.type !== 'delete_draft' && isNotFound(e), change);
       this.emit('change', change.chat_id);
       throw e;
     } finally {
       this._liveWrites.delete(change);
     }
+  }
+
+  /**
+   * After a live write to a chat the server does not have (not `known`: created here by the write) was
+   * refused for good: the server never created it, so when nothing of it is left (no message, nothing
+   * queued, no other write of it on its way) it leaves the model, where it would stay an empty chat that
+   * no sync ever removes; `deleted`: the write would have created it and met `not_found` (another user's
+   * chat, or a deleted one), so it is remembered as deleted, as for a refused offline change (see
+   * `_refuseChange`).
+   * @param {string} chatId
+   * @param {boolean} deleted
+   * @param {object} [self] the refused live write (still counted among those on their way)
+   */
+  _dropUnknown(chatId, deleted, self) {
+    const chat = this.chats.get(chatId);
+    if (!chat || chat.known || chat.messages.length > 0) return;
+    const queued = [...this.queue.changes, ...this.queue.inFlight, ...this.queue.messages].some((c) => c.chat_id === chatId);
+    const writing = [...this._liveWrites].some((w) => w !== self && w.chat_id === chatId);
+    if (queued || writing) return;
+    this._forget(chatId, deleted);
   }
 
   /**

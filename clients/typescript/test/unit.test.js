@@ -2166,3 +2166,41 @@ test('a token function that comes to name another user: the first user\'s queued
   assert.deepEqual(sent.changes.map((x) => [x.chat_id, x.value]), [['c1', 'Alice private']]);
   alice.close();
 });
+
+test('a live write, message or read marker refused for a chat the server does not have leaves no empty chat behind in the model', { timeout: 5000 }, async (t) => {
+  const c = client();
+  t.after(() => c.close());
+  const socket = await online(c, C1);
+  /** Answers the next `type` request with an error `code`. @param {string} type @param {string} code */
+  const refuse = async (type, code) => {
+    const f = await socket.next(type);
+    socket.push({ type: 'error', request_id: f.request_id, payload: { code, message: 'refused', chat_id: f.payload.chat_id } });
+  };
+  const rejected = (/** @type {Promise<unknown>} */ p, /** @type {string} */ code) => assert.rejects(p, (/** @type {any} */ e) => e.code === code);
+  // A read marker or a page of messages of a chat that does not exist.
+  let p = c.markRead('nope');
+  await refuse('mark_read', 'not_found');
+  await rejected(p, 'not_found');
+  p = c.loadMessages('nope2');
+  await refuse('get_chat_messages', 'not_found');
+  await rejected(p, 'not_found');
+  // A write that would create a chat, refused: over a limit, or another user's chat id.
+  p = c.updateTitle('long', 'x'.repeat(300));
+  await refuse('update_title', 'limit_exceeded');
+  await rejected(p, 'limit_exceeded');
+  p = c.sendMessage('theirs', 'hi');
+  await refuse('chat_message_added', 'not_found');
+  await rejected(p, 'not_found');
+  // A draft deletion of a chat not created yet: not_found, yet the id may still be created.
+  p = c.deleteDraft('later');
+  await refuse('delete_draft', 'not_found');
+  await rejected(p, 'not_found');
+  assert.deepEqual(c.chatList().map((x) => x.chat_id), ['c1'], 'only the chat the server has');
+  assert.ok(c.deleted.has('theirs'), 'a chat id whose creation met not_found is known deleted (its writes are refused at once)');
+  assert.equal(c.deleted.has('later'), false);
+  // A refused write of a chat the server has keeps it.
+  p = c.updateTitle('c1', 'y'.repeat(300));
+  await refuse('update_title', 'limit_exceeded');
+  await rejected(p, 'limit_exceeded');
+  assert.equal(c.chat('c1').title, 'Old');
+});
