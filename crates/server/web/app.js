@@ -54,12 +54,13 @@ function randomHex(bytes) {
 }
 
 /**
- * The key of the offline queue in `localStorage`: per device id, as the SDK's default, and per token. With
- * the device id alone, what one user queued and left unsent (signed out, or closed the tab, while offline)
- * would be adopted by the next user signing in on this browser with that device id (the page prefills
- * the same one every time), and sent as theirs. A token belongs to one user; what was queued with it waits
- * for it (a new token of the same user does not find it). A hash of the token, not the token itself: the
- * token is kept in this tab only.
+ * The key of the offline queue in `localStorage`: per device id, as the SDK's default, and per token. The
+ * SDK stores each queue with its user and adopts only its own user's, but the user is known only once
+ * connected: what one user queued and left unsent in a tab that never connected (offline from the start)
+ * names no user, and with the device id alone would be adopted by the next user signing in on this
+ * browser with that device id (the page prefills the same one every time), and sent as theirs. A token
+ * belongs to one user; what was queued with it waits for it (a new token of the same user does not find
+ * it). A hash of the token, not the token itself: the token is kept in this tab only.
  * @param {string} token
  * @param {string} device
  */
