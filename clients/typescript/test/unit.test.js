@@ -1657,12 +1657,16 @@ test('a draft confirmed at a version newer than another device\'s broadcast show
   c.close();
 });
 
-test('a multi-part reply slower in total than requestTimeoutMs but steady does not time out; the keepalive does not drop the connection meanwhile', async () => {
-  const c = client({ requestTimeoutMs: 100, keepaliveMs: 20, keepaliveTimeoutMs: 50 });
+test('a multi-part reply slower in total than requestTimeoutMs but steady does not time out; the keepalive does not drop the connection meanwhile', async (t) => {
+  // Wide margins (each gap between parts a small fraction of both timeouts, the whole reply longer than
+  // the request timeout): a loaded machine delays timers, and a failure here would leave a client
+  // reconnecting into the next tests.
+  const c = client({ requestTimeoutMs: 600, keepaliveMs: 20, keepaliveTimeoutMs: 300 });
+  t.after(() => c.close());
   const socket = await online(c);
   const p = c.sync();
   const req = await socket.next('initial_sync_request');
-  for (let i = 0; i < 8; i++) {
+  for (let i = 0; i < 30; i++) {
     await new Promise((r) => setTimeout(r, 30));
     socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: [], sync_completed_at: '', more: true } });
   }
