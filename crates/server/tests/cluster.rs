@@ -4,7 +4,8 @@
 //! is unknown empties every node's cache of its user; the bus going down never stops a node from confirming
 //! writes, and delivery resumes when Redis returns; a revocation on the CLI closes the socket on another
 //! node at once; a node's cached API keys never outlive a revocation (nor a Redis outage or a lost epoch);
-//! nothing crosses Redis in plaintext; a node whose subscriber lags drops past its bound and declares a gap.
+//! nothing crosses Redis in plaintext; a node whose subscriber lags drops past its bound and declares a gap; a
+//! subscription Redis drops without closing the connection (a Redis Cluster slot leaving the server) is a gap.
 
 #[macro_use]
 mod sync_util;
@@ -402,6 +403,57 @@ async fn sharded_pub_sub_resubscribes_every_user_after_redis_returns() {
 }
 
 #[tokio::test]
+async fn a_subscription_redis_drops_without_closing_the_connection_is_a_gap() {
+    // On a Redis Cluster, a shard channel's subscribers get `sunsubscribe` when its slot leaves the
+    // server (moved, or its primary demoted by a failover) and keep their connection, which still
+    // answers PING. A node that took no notice trusted its cache for ever while nothing arrived.
+    if redis_url().is_none() {
+        return;
+    }
+    let redis = OwnRedis::start_cluster();
+    let cluster = TestCluster::start(2, &redis.url(), |c| c.redis_sharded_pubsub = true).await;
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut phone = new_user(node0, "alice", "phone").await;
+    let mut laptop = another_device(node1, "alice", "laptop").await;
+    set_title(&mut phone, "c1", "before").await;
+    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
+    while laptop.buffered() > 0 || next_is_pending(&mut laptop).await {}
+    assert_eq!(entry(&sync_all(&mut laptop).await, "c1").unwrap().title.as_deref(), Some("before"));
+    assert!(node1.ctx.cache.chats("alice").await.is_some(), "node 1 cached alice's list");
+
+    // Alice's slot leaves the server and comes back: every subscriber of her channel got `sunsubscribe`.
+    let channel = chatsync::cluster::bus::user_channel(&node1.ctx.config.redis_prefix, "alice");
+    let slot = redis.cli(&["CLUSTER", "KEYSLOT", &channel]).trim().to_owned();
+    // (Serving the other slots meanwhile: no publish fails, so no node resyncs for that reason.)
+    redis.cli(&["CONFIG", "SET", "cluster-require-full-coverage", "no"]);
+    redis.cli(&["CLUSTER", "DELSLOTS", &slot]);
+    redis.cli(&["CLUSTER", "ADDSLOTS", &slot]);
+    while !redis.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    set_title(&mut phone, "c1", "after").await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while entry(&sync_all(&mut laptop).await, "c1").unwrap().title.as_deref() != Some("after") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("node 1 stopped serving the list it cached before its subscription was dropped");
+    // Subscribed again: broadcasts reach node 1.
+    for i in 0.. {
+        assert!(i < 60, "node 1 never subscribed to alice's channel again");
+        set_title(&mut phone, "c2", &format!("again {i}")).await;
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), laptop.recv()).await {
+            if let ServerMessage::ChatTitleUpdated(u) = m.unwrap().message {
+                if u.chat_id.as_str() == "c2" {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_user_subscribed_late_is_not_served_what_the_node_cached_before() {
     let Some(url) = redis_url() else { return };
     let cluster = TestCluster::start(2, &url, |_| {}).await;
@@ -700,6 +752,48 @@ async fn a_node_whose_subscriber_lags_past_its_bound_drops_what_comes_next_decla
     let received = handler.received.lock().clone();
     assert_eq!(received, vec![deleted("c0"), deleted("c1"), deleted("c2"), deleted("c11")]);
     assert_eq!(handler.gaps.load(SeqCst), gaps_before + 1, "one gap for the run of drops, no reconnection");
+}
+
+#[tokio::test]
+async fn a_node_s_own_unsubscribe_is_not_taken_for_redis_dropping_a_subscription() {
+    use chatsync::cluster::Bus;
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+    let Some(url) = redis_url() else { return };
+    let config = default_bus_config(url);
+    let master = chatsync::crypto::MasterKey::generate();
+    let (reached, _) = tokio::sync::oneshot::channel();
+    let (release, release_rx) = tokio::sync::oneshot::channel();
+    release.send(()).unwrap();
+    let handler = Arc::new(Lagging {
+        received: Default::default(),
+        gaps: Default::default(),
+        reached: parking_lot::Mutex::new(Some(reached)),
+        release: tokio::sync::Mutex::new(Some(release_rx)),
+    });
+    let node = Bus::start(config.clone(), master.derive("bus")).unwrap();
+    node.set_handler(handler.clone());
+    let sender = Bus::start(config, master.derive("bus")).unwrap();
+    for bus in [&node, &sender] {
+        while !bus.is_healthy() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let gaps = handler.gaps.load(SeqCst);
+    // Alice's last connection closes and another opens: the confirmation of the unsubscribe arrives as
+    // Redis's own would, and is this node's.
+    for _ in 0..3 {
+        node.subscribe("alice").await;
+        node.unsubscribe("alice");
+    }
+    node.subscribe("alice").await;
+    sender.publish_user_in_turn("alice", deleted("c1"), || {}).await;
+    while handler.received.lock().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(*handler.received.lock(), vec![deleted("c1")]);
+    assert!(node.is_healthy());
+    assert_eq!(handler.gaps.load(SeqCst), gaps, "no reconnection");
 }
 
 #[tokio::test]

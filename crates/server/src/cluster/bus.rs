@@ -658,6 +658,9 @@ async fn subscriber(
         // (Checked just now: the next check in a period.)
         let mut health = tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_CHECK, HEALTH_CHECK);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The confirmations of this connection's own unsubscribes still to come, by channel: any other
+        // (s)unsubscribe push is Redis dropping a subscription the node needs (see `own_unsubscribe`).
+        let mut unsubscribing: HashMap<String, usize> = HashMap::new();
 
         loop {
             tokio::select! {
@@ -688,7 +691,9 @@ async fn subscriber(
                         }
                         Command::Unsubscribe(user) => {
                             if users.remove(&user) {
-                                redis::cmd(unsub).arg(user_channel(&shared.config.prefix, &user)).exec_async(&mut conn).await
+                                let channel = user_channel(&shared.config.prefix, &user);
+                                *unsubscribing.entry(channel.clone()).or_default() += 1;
+                                redis::cmd(unsub).arg(channel).exec_async(&mut conn).await
                             } else {
                                 Ok(())
                             }
@@ -721,6 +726,17 @@ async fn subscriber(
                                 shared.turns.run(*id as u64);
                             }
                         }
+                        PushKind::Unsubscribe | PushKind::SUnsubscribe
+                            if !own_unsubscribe(&mut unsubscribing, &push.data) =>
+                        {
+                            // Redis dropped a subscription and kept the connection (a shard channel's slot
+                            // was moved, or its primary demoted by a failover: PING still answers): nothing
+                            // more arrives on that channel, so nothing cached can be trusted. (The client
+                            // may also have taken the push for the reply of a command in flight.) As after a
+                            // disconnection: a new connection, every subscription again, a gap.
+                            tracing::warn!("bus: Redis dropped a subscription of this node; reconnecting");
+                            break;
+                        }
                         PushKind::Disconnection => break,
                         _ => {}
                     }
@@ -733,6 +749,25 @@ async fn subscriber(
         shared.turns.run_all();
         shared.gap().await;
         tracing::warn!("bus: connection to Redis lost; serving this node's connections only until it returns");
+    }
+}
+
+/// Whether an (s)unsubscribe push (`data`: the channel, then the count left) confirms one of this
+/// connection's own unsubscribes (`unsubscribing`, counted when sent), and counts it out. Any other is
+/// Redis dropping a subscription by itself.
+fn own_unsubscribe(unsubscribing: &mut HashMap<String, usize>, data: &[Value]) -> bool {
+    let Some(Value::BulkString(channel)) = data.first() else { return false };
+    let Ok(channel) = std::str::from_utf8(channel) else { return false };
+    match unsubscribing.get_mut(channel) {
+        Some(1) => {
+            unsubscribing.remove(channel);
+            true
+        }
+        Some(pending) => {
+            *pending -= 1;
+            true
+        }
+        None => false,
     }
 }
 

@@ -12,7 +12,8 @@
 //! The bus never makes a device's request wait: publishing queues to one task that pipelines in order
 //! (the events of the application backend wait for their place in the bus order before the API answers,
 //! see `Bus::publish_user_in_turn`); when Redis is down (disconnected, or not answering a PING within
-//! 3 s), each node keeps serving its own connections, the bus reconnects with backoff, resubscribes,
+//! 3 s; or it dropped a subscription of the node by itself, as Redis Cluster does when a shard channel's slot
+//! leaves the server), each node keeps serving its own connections, the bus reconnects with backoff, resubscribes,
 //! and tells its handler about the gap ([`BusHandler::on_gap`]) so that nothing cached before or during
 //! it is served afterwards. A node whose subscriber falls behind what Redis sends it drops messages past a
 //! bound and declares a gap the same way, without reconnecting.
