@@ -2421,7 +2421,10 @@ export class ChatSyncClient extends Emitter {
         break;
       }
       case 'stream_started': {
-        this.chat(p.chat_id).known = true;
+        // Not `known`: a stream started in a new chat id creates the chat only when its message is
+        // stored (docs/SERVER_API.md §4); a cancelled one leaves none behind, and a chat taken as known
+        // would come back from the next sync in `chat_ids_to_delete` and be remembered deleted for good.
+        this.chat(p.chat_id);
         this.emit('stream', this.streams.start(p));
         break;
       }
@@ -2453,6 +2456,14 @@ export class ChatSyncClient extends Emitter {
         const stream = this.streams.finish(p.chat_id, p.stream_id, 'cancelled');
         stream.reason = p.reason;
         this.emit('stream', stream);
+        // The empty chat only this stream brought (the server never created it) goes with it; one this
+        // device has written into (held, queued or on its way) stays.
+        const chat = this.chats.get(p.chat_id);
+        const untouched = chat && !chat.known && chat.messages.length === 0 && chat.title === '' && chat.draft_json === null;
+        const writing = (/** @type {{chat_id: string}} */ x) => x.chat_id === p.chat_id;
+        if (untouched && this.streams.open(p.chat_id).length === 0 && !this.queue.messages.some(writing) && !this.queue.changes.some(writing) && ![...this._liveWrites].some(writing)) {
+          this.chats.delete(p.chat_id);
+        }
         break;
       }
       default:

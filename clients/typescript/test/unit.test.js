@@ -2208,3 +2208,46 @@ test('a live write, message or read marker refused for a chat the server does no
   await rejected(p, 'limit_exceeded');
   assert.equal(c.chat('c1').title, 'Old');
 });
+
+test('a stream started and cancelled in a new chat id leaves no chat: not sent to the next sync as known, not remembered deleted, a later reply there shows', { timeout: 5000 }, async () => {
+  const c = client();
+  await online(c);
+  const first = lastSocket();
+  first.push({ type: 'stream_started', payload: { chat_id: 'n', stream_id: 's1', message_id: 'm1', sender_name: 'assistant', meta: {} } });
+  await c.waitFor('stream_started');
+  assert.equal(c.chats.has('n'), true, 'the chat shows while its reply streams');
+  first.push({ type: 'stream_cancelled', payload: { chat_id: 'n', stream_id: 's1', reason: 'aborted' } });
+  await c.waitFor('stream_cancelled');
+  assert.equal(c.chats.has('n'), false, 'the empty chat goes with its cancelled stream');
+  // The server never created the chat: the next sync does not name it, so nothing comes back deleted.
+  const socket = await offlineThen(c, () => {});
+  const req = await socket.answerSync({ chat_ids_to_delete: [] });
+  assert.equal('n' in req.payload.chat_versions, false);
+  await until(() => c.status === 'online');
+  assert.equal(c.deleted.has('n'), false);
+  // The backend streams into the same chat id again, and this time the reply is stored.
+  socket.push({ type: 'stream_started', payload: { chat_id: 'n', stream_id: 's2', message_id: 'm2', sender_name: 'assistant', meta: {} } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'n', stream_id: 's2', seq: 1, delta: 'hi' } });
+  await c.waitFor('stream_chunk');
+  assert.equal(c.streams.get('n', 's2')?.text, 'hi');
+  socket.push({ type: 'stream_completed', payload: { chat_id: 'n', stream_id: 's2', message_id: 'm2', seq: 1, messages_v: 1 } });
+  const fetch = await socket.next('get_chat_messages');
+  socket.push({ type: 'chat_messages_response', request_id: fetch.request_id, payload: { chat_id: 'n', messages: [{ message_id: 'm2', seq: 1, sender_name: 'assistant', content: 'hi', created_at: 'T', client_timestamp: null }], messages_v: 1, has_more: false } });
+  await c.waitFor('chat_messages_response');
+  assert.equal(c.chat('n').known, true);
+  assert.equal(c.chat('n').messages[0].content, 'hi');
+  c.close();
+});
+
+test('a cancelled stream leaves a new chat this device wrote into', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c);
+  socket.push({ type: 'stream_started', payload: { chat_id: 'w', stream_id: 's', message_id: 'm', sender_name: 'assistant', meta: {} } });
+  await c.waitFor('stream_started');
+  void c.updateTitle('w', 'Mine').catch(() => {});
+  await socket.next('update_title');
+  socket.push({ type: 'stream_cancelled', payload: { chat_id: 'w', stream_id: 's', reason: 'aborted' } });
+  await c.waitFor('stream_cancelled');
+  assert.equal(c.chat('w').title, 'Mine');
+  c.close();
+});
