@@ -55,9 +55,18 @@ pub struct Keyring {
     settle: std::time::Duration,
     /// Deletions counted so far.
     deletions: AtomicU64,
-    /// Bumped by every [`Keyring::forget_all`] (a gap in the cluster's bus): a key resolved from what was
-    /// read before a gap is not memoized after it ([`Keyring::chat_key_since`]).
+    /// Bumped by every [`Keyring::forget_all`] (a gap in the cluster's bus), and by the recheck after
+    /// one: a key resolved from what was read before either is not memoized after it
+    /// ([`Keyring::chat_key_since`]).
     epoch: AtomicU64,
+    /// Set by [`Keyring::forget_all`]: [`Keyring::settle`] after the last gap, every chat key is forgotten
+    /// once more. A deletion of unknown outcome announced in the gap was lost with it, so no chat is
+    /// marked uncertain, and such a deletion may still commit after a lookup here found the chat; once
+    /// the store surely shows every outcome, the keys are resolved from it again. Checked on every
+    /// [`Keyring::epoch`] (every request: a node that serves none keeps such a key until its next).
+    recheck_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Whether `recheck_at` holds a time (read without the lock).
+    recheck_pending: std::sync::atomic::AtomicBool,
     /// [`MAX_DELETED`].
     max_deleted: usize,
 }
@@ -86,6 +95,8 @@ impl Keyring {
             settle: std::time::Duration::from_secs(60),
             deletions: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
+            recheck_at: std::sync::Mutex::new(None),
+            recheck_pending: std::sync::atomic::AtomicBool::new(false),
             max_deleted,
         }
     }
@@ -162,7 +173,22 @@ impl Keyring {
     /// will resolve (every key resolved from a record is: a record read before a gap may be of a chat
     /// deleted elsewhere in it).
     pub fn epoch(&self) -> u64 {
+        if self.recheck_pending.load(Ordering::SeqCst) {
+            self.recheck_if_due(std::time::Instant::now());
+        }
         self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The recheck after a gap, once it is due (`now`): every chat key is forgotten, and the epoch bumped
+    /// so that nothing read before is memoized after it.
+    fn recheck_if_due(&self, now: std::time::Instant) {
+        let mut recheck_at = self.recheck_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if recheck_at.is_some_and(|at| now >= at) {
+            *recheck_at = None;
+            self.recheck_pending.store(false, Ordering::SeqCst);
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            self.chats.clear();
+        }
     }
 
     /// The key of a chat whose record (and wrapped key) the caller read at `epoch` (or later): the key is
@@ -223,8 +249,15 @@ impl Keyring {
     }
 
     /// Forgets every memoized key (they are unwrapped again on demand). Cluster mode calls it after a gap
-    /// in the bus, when chats may have been deleted on other nodes unseen.
+    /// in the bus, when chats may have been deleted on other nodes unseen; and once more
+    /// [`Keyring::settle`] later (a deletion of unknown outcome lost in the gap may commit meanwhile).
     pub fn forget_all(&self) {
+        {
+            let at = std::time::Instant::now() + self.settle;
+            let mut recheck_at = self.recheck_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *recheck_at = Some(recheck_at.map_or(at, |t| t.max(at)));
+            self.recheck_pending.store(true, Ordering::SeqCst);
+        }
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.chats.clear();
         self.users.clear();
@@ -255,7 +288,8 @@ impl Keyring {
         }
     }
 
-    /// Memoizes `key` unless the chat is deleted (or its deletion uncertain) or a gap came since `epoch`.
+    /// Memoizes `key` unless the chat is deleted (or its deletion uncertain) or a gap (or the recheck
+    /// after one) came since `epoch`.
     fn memo_since(&self, chat_id: &str, key: &Arc<ChatKey>, epoch: u64) {
         self.trim();
         let refused =
@@ -632,5 +666,29 @@ mod tests {
         assert!(!keys.holds_key("c2"), "not memoized across a gap since the write resolved the chat");
         keys.confirmed("c2", &key, keys.epoch());
         assert!(keys.holds_key("c2"), "other chats as before");
+    }
+
+    #[test]
+    fn after_a_gap_every_chat_key_is_forgotten_once_more_when_the_store_has_settled() {
+        let settle = std::time::Duration::from_secs(60);
+        let keys = Keyring::new(MasterKey::generate()).with_settle(settle);
+        let key = Arc::new(ChatKey { owner: "alice".into(), key: DataKey::generate() });
+        // A gap: a deletion of c1 of unknown outcome, announced by another node, was lost in it (no
+        // chat is marked uncertain here), and may still commit after a lookup here found the chat.
+        keys.forget_all();
+        let during = keys.epoch();
+        keys.confirmed("c1", &key, during);
+        assert!(keys.holds_key("c1"), "memoized meanwhile");
+        assert_eq!(keys.epoch(), during, "until the recheck");
+        // `settle` later the store shows every outcome: the key is resolved from it again, and what was
+        // read before is not memoized after.
+        keys.recheck_if_due(std::time::Instant::now() + settle);
+        assert!(!keys.holds_key("c1"), "forgotten at the recheck");
+        keys.confirmed("c1", &key, during);
+        assert!(!keys.holds_key("c1"), "read before the recheck: not memoized after it");
+        keys.confirmed("c1", &key, keys.epoch());
+        assert!(keys.holds_key("c1"), "read after it: memoized as before, and no recheck is left");
+        keys.recheck_if_due(std::time::Instant::now() + 2 * settle);
+        assert!(keys.holds_key("c1"));
     }
 }

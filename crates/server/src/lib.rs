@@ -63,16 +63,16 @@ pub fn assemble(
 ) -> anyhow::Result<Ctx> {
     let jwt = gateway::jwt::JwtVerifier::from_config(&config)?.map(Arc::new);
     let local = Arc::new(LocalHub::new(config.max_connections, config.max_connections_per_user));
-    let memory = Arc::new(cache::memory::MemoryCache::new(config.max_page_messages as usize));
+    // A write whose outcome is unknown has surely landed, or not, once the store's timeout and the
+    // writer's grace for an answer have passed; a margin on top.
+    let settle = std::time::Duration::from_secs(config.store_timeout_secs.saturating_add(10));
+    let memory = Arc::new(cache::memory::MemoryCache::new(config.max_page_messages as usize).with_settle(settle));
     let bus = match config.bus() {
         Some(bus) => Some(cluster::Bus::start(bus, master.derive("bus"))?),
         None => None,
     };
     // Open streams: Redis with the bus (shared by the nodes), else this node's memory.
     let streams = streams::from_config(&config, &master)?;
-    // A write whose outcome is unknown has surely landed, or not, once the store's timeout and the
-    // writer's grace for an answer have passed; a margin on top.
-    let settle = std::time::Duration::from_secs(config.store_timeout_secs.saturating_add(10));
     let keys = Arc::new(keys::Keyring::new(master).with_settle(settle));
     let pauses = Arc::<pause::PausePoints>::default();
     let (hub, cache): (Arc<dyn hub::Hub>, Arc<dyn cache::Cache>) = match &bus {

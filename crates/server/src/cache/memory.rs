@@ -7,6 +7,8 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 struct Entry {
@@ -29,6 +31,10 @@ struct Entry {
     primed: bool,
     /// The running warm-up: its claim id and cancellation.
     warming: Option<(u64, CancellationToken)>,
+    /// When the lists are dropped once more: [`MemoryCache::settle`] after the last write of the user's
+    /// whose outcome was unknown (or the last gap in a cluster's bus). Such a write may commit after the
+    /// lists were reloaded, and then nothing announces it: the reload after this sees it.
+    recheck_at: Option<Instant>,
 }
 
 /// Deleted chat ids remembered per entry. A user who deletes more while connected (a script creating
@@ -45,6 +51,12 @@ pub struct MemoryCache {
     keep_messages: usize,
     /// Deleted ids remembered per entry ([`MAX_DELETED`]).
     max_deleted: usize,
+    /// How long after a write failed with its outcome unknown the store surely shows its outcome (as
+    /// the keyring's `settle`): the lists loaded meanwhile are dropped then ([`Entry::recheck_at`]).
+    settle: Duration,
+    /// [`Entry::recheck_at`] for entries created after the last gap (a write of unknown outcome announced
+    /// in the gap was lost with it, whoever it was of), while it is still ahead.
+    recheck_all_at: Mutex<Option<Instant>>,
 }
 
 impl MemoryCache {
@@ -59,7 +71,38 @@ impl MemoryCache {
             clock: AtomicU64::new(1),
             keep_messages: keep_messages.max(1),
             max_deleted,
+            settle: Duration::from_secs(60),
+            recheck_all_at: Mutex::new(None),
         }
+    }
+
+    /// Sets [`MemoryCache::settle`] (60 s unless set): the store's timeout plus a margin.
+    pub fn with_settle(mut self, settle: Duration) -> MemoryCache {
+        self.settle = settle;
+        self
+    }
+
+    /// The user's entry for a read, its lists dropped first if their recheck is due.
+    fn entry(&self, user_id: &str) -> Option<dashmap::mapref::one::Ref<'_, String, Entry>> {
+        let due = |e: &Entry| e.recheck_at.is_some_and(|t| Instant::now() >= t);
+        let entry = self.users.get(user_id)?;
+        if !due(&entry) {
+            return Some(entry);
+        }
+        drop(entry);
+        if let Some(mut entry) = self.users.get_mut(user_id) {
+            if due(&entry) {
+                entry.recheck_at = None;
+                self.drop_lists(&mut entry);
+            }
+        }
+        self.users.get(user_id)
+    }
+
+    /// `now + settle`, or `current` when that is later.
+    fn recheck_after(&self, current: Option<Instant>) -> Instant {
+        let at = Instant::now() + self.settle;
+        current.map_or(at, |c| c.max(at))
     }
 
     fn tick(&self) -> u64 {
@@ -69,18 +112,25 @@ impl MemoryCache {
     /// Drops every cached chat list and message run (the entries stay, with fresh generations, so no
     /// load begun before this can store its result). Cluster mode calls it after a gap in the bus.
     pub fn invalidate_all(&self) {
+        {
+            let mut all = self.recheck_all_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *all = Some(self.recheck_after(*all));
+        }
         for mut entry in self.users.iter_mut() {
             self.drop_lists(&mut entry);
+            entry.recheck_at = Some(self.recheck_after(entry.recheck_at));
         }
     }
 
     /// After a write of the user's whose outcome is unknown (here or, in a cluster, on another node):
     /// drops the user's lists, and for a deletion (`deleting`) remembers the chat as uncertain, so that a
     /// write result for it that arrives late (a write that committed before the deletion, merged after a
-    /// reload without the chat) does not bring it back.
+    /// reload without the chat) does not bring it back. The lists are dropped once more
+    /// [`MemoryCache::settle`] later, when the store surely shows the write's outcome.
     pub fn forget(&self, user_id: &str, deleting: Option<&str>) {
         let Some(mut entry) = self.users.get_mut(user_id) else { return };
         self.drop_lists(&mut entry);
+        entry.recheck_at = Some(self.recheck_after(entry.recheck_at));
         let Some(chat_id) = deleting else { return };
         if entry.deleted.is_none() {
             return; // caches no list already
@@ -138,6 +188,8 @@ fn merge(old: &mut ChatRecord, new: &ChatRecord) {
 impl Cache for MemoryCache {
     async fn attach(&self, user_id: &str) {
         let generation = self.tick();
+        let recheck_at = *self.recheck_all_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let recheck_at = recheck_at.filter(|t| *t > Instant::now());
         self.users
             .entry(user_id.to_owned())
             .or_insert_with(|| Entry {
@@ -149,6 +201,7 @@ impl Cache for MemoryCache {
                 messages: HashMap::new(),
                 primed: false,
                 warming: None,
+                recheck_at,
             })
             .connections += 1;
     }
@@ -166,7 +219,7 @@ impl Cache for MemoryCache {
     }
 
     async fn chats(&self, user_id: &str) -> Option<Vec<ChatRecord>> {
-        let entry = self.users.get(user_id)?;
+        let entry = self.entry(user_id)?;
         let mut chats: Vec<ChatRecord> = entry.chats.as_ref()?.values().cloned().collect();
         drop(entry);
         sort_chats(&mut chats);
@@ -174,12 +227,12 @@ impl Cache for MemoryCache {
     }
 
     async fn chat_key(&self, user_id: &str, chat_id: &str) -> Option<Option<WrappedKey>> {
-        let entry = self.users.get(user_id)?;
+        let entry = self.entry(user_id)?;
         Some(entry.chats.as_ref()?.get(chat_id).map(|chat| chat.key.clone()))
     }
 
     async fn begin_load(&self, user_id: &str) -> LoadToken {
-        self.users.get(user_id).map_or(LoadToken::NEVER, |e| LoadToken(e.generation))
+        self.entry(user_id).map_or(LoadToken::NEVER, |e| LoadToken(e.generation))
     }
 
     async fn put_chats(&self, user_id: &str, token: LoadToken, chats: Vec<ChatRecord>) -> bool {
@@ -240,7 +293,7 @@ impl Cache for MemoryCache {
     }
 
     async fn messages(&self, user_id: &str, chat_id: &str) -> Option<Vec<MessageRecord>> {
-        let entry = self.users.get(user_id)?;
+        let entry = self.entry(user_id)?;
         Some(entry.messages.get(chat_id)?.iter().cloned().collect())
     }
 
@@ -275,10 +328,11 @@ impl Cache for MemoryCache {
     }
 
     async fn is_primed(&self, user_id: &str) -> bool {
-        self.users.get(user_id).is_some_and(|e| e.primed)
+        self.entry(user_id).is_some_and(|e| e.primed)
     }
 
     async fn begin_warm(&self, user_id: &str) -> Option<WarmClaim> {
+        drop(self.entry(user_id)?);
         let mut entry = self.users.get_mut(user_id)?;
         // An entry past its bound of deleted ids caches no list: a warm-up could only load in vain.
         if entry.primed || entry.warming.is_some() || entry.deleted.is_none() {
@@ -563,5 +617,58 @@ mod tests {
         c.end_warm("u", &claim, true).await;
         assert!(!c.is_primed("u").await, "a stale warm-up cannot mark the new entry primed");
         assert!(c.begin_warm("u").await.is_some(), "the new entry can be warmed");
+    }
+
+    /// The settle time passes: every recheck pending is due now.
+    fn settle_passes(c: &MemoryCache) {
+        let now = Instant::now();
+        for mut entry in c.users.iter_mut() {
+            entry.recheck_at = entry.recheck_at.map(|_| now);
+        }
+        let mut all = c.recheck_all_at.lock().unwrap();
+        *all = all.map(|_| now);
+    }
+
+    #[tokio::test]
+    async fn a_list_reloaded_after_a_write_of_unknown_outcome_is_dropped_once_the_store_has_settled() {
+        let c = cache().await;
+        // A title write failed with its outcome unknown; the reload happens before it commits late.
+        c.write_unknown("u", None).await;
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 1, 0, 0, 1)]).await);
+        assert!(c.chats("u").await.is_some(), "until the store has settled, the reload serves");
+        let before = c.begin_load("u").await;
+        // Nothing announces the late commit: the list read before it is dropped at the recheck, and a
+        // load begun before the recheck is not stored.
+        settle_passes(&c);
+        assert!(c.chats("u").await.is_none(), "dropped when the store surely shows the write");
+        assert!(!c.put_chats("u", before, vec![chat("a", 1, 0, 0, 1)]).await);
+        let t = c.begin_load("u").await;
+        assert!(c.put_chats("u", t, vec![chat("a", 2, 0, 0, 2)]).await);
+        assert_eq!(c.chats("u").await.unwrap()[0].title_v, 2, "once: the reload after it stays");
+    }
+
+    #[tokio::test]
+    async fn after_a_gap_every_list_is_dropped_once_more_when_the_store_has_settled_even_a_later_user_s() {
+        let c = cache().await;
+        c.invalidate_all();
+        // A user whose first connection comes after the gap: a write of theirs lost in it may land late.
+        c.attach("v").await;
+        for user in ["u", "v"] {
+            let t = c.begin_load(user).await;
+            assert!(c.put_chats(user, t, vec![chat("a", 1, 0, 0, 1)]).await);
+        }
+        settle_passes(&c);
+        // A user attached once the settling is over is not rechecked.
+        c.attach("w").await;
+        let t = c.begin_load("w").await;
+        assert!(c.put_chats("w", t, vec![chat("a", 1, 0, 0, 1)]).await);
+        for user in ["u", "v"] {
+            assert!(c.chats(user).await.is_none(), "{user}: dropped at the recheck");
+            let t = c.begin_load(user).await;
+            assert!(c.put_chats(user, t, vec![chat("a", 1, 0, 0, 1)]).await);
+            assert!(c.chats(user).await.is_some(), "{user}: once");
+        }
+        assert!(c.chats("w").await.is_some());
     }
 }
