@@ -1839,8 +1839,11 @@ export class ChatSyncClient extends Emitter {
     pending.resolve({ type, payload: merged });
   }
 
-  /** After `connected`: flush the offline edits, sync, re-send queued messages, then `online`. */
-  async _afterConnect() {
+  /**
+   * After `connected`: flush the offline edits, sync, re-send queued messages, then `online`.
+   * @param {number} [retry] how many times a `rate_limited` step was retried on this connection
+   */
+  async _afterConnect(retry = 0) {
     this._setStatus('syncing');
     const socket = this._socket;
     try {
@@ -1863,6 +1866,15 @@ export class ChatSyncClient extends Emitter {
       }
     } catch (e) {
       if (e instanceof ChatSyncError && (e.code === 'disconnected' || e.code === 'closed')) return;
+      if (e instanceof ChatSyncError && e.code === 'rate_limited' && this._socket === socket) {
+        // This connection's rate: it refills as time passes, so the steps start over on it after a
+        // backoff (a new connection would only cost the server a connect and an authentication more).
+        const delay = backoffDelay(retry, this.options.backoff, this.options.random);
+        setTimeout(() => {
+          if (this._socket === socket) void this._afterConnect(retry + 1);
+        }, delay);
+        return;
+      }
       // A failed sync (e.g. `unavailable`): drop the connection and retry with backoff.
       this.emit('sync_error', e);
       if (this._socket === socket) {
@@ -2167,7 +2179,9 @@ export class ChatSyncClient extends Emitter {
       if (this.status !== 'online' || this.queue.size === 0) return;
       try {
         await this._flushChanges();
-        if (this.queue.recheck.length > 0) {
+        // A conflict to recheck, or a change refused for good (its component asked for again): the
+        // server's value now, not at the next reconnection.
+        if (this.queue.recheck.length > 0 || this._stale.size > 0) {
           await this.sync();
           await this._flushChanges();
         }
@@ -2456,14 +2470,8 @@ export class ChatSyncClient extends Emitter {
         const stream = this.streams.finish(p.chat_id, p.stream_id, 'cancelled');
         stream.reason = p.reason;
         this.emit('stream', stream);
-        // The empty chat only this stream brought (the server never created it) goes with it; one this
-        // device has written into (held, queued or on its way) stays.
-        const chat = this.chats.get(p.chat_id);
-        const untouched = chat && !chat.known && chat.messages.length === 0 && chat.title === '' && chat.draft_json === null;
-        const writing = (/** @type {{chat_id: string}} */ x) => x.chat_id === p.chat_id;
-        if (untouched && this.streams.open(p.chat_id).length === 0 && !this.queue.messages.some(writing) && !this.queue.changes.some(writing) && ![...this._liveWrites].some(writing)) {
-          this.chats.delete(p.chat_id);
-        }
+        // The empty chat only this stream brought (the server never created it) goes with it.
+        if (this.streams.open(p.chat_id).length === 0) this._dropUnknown(p.chat_id, false);
         break;
       }
       default:

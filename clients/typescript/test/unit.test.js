@@ -2251,3 +2251,41 @@ test('a cancelled stream leaves a new chat this device wrote into', { timeout: 5
   assert.equal(c.chat('w').title, 'Mine');
   c.close();
 });
+
+test('a retried write refused for good while online is replaced by the server value at once, not at the next reconnection', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Server', draft_json: null }],
+    server_chat_order: ['c1'],
+  });
+  const p = c.updateTitle('c1', 'Mine');
+  const req = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'unavailable', message: 'Try again later.' } });
+  assert.deepEqual(await p, { queued: true });
+  const retry = await socket.next('sync_offline_changes');
+  const [ch] = retry.payload.changes;
+  socket.push({ type: 'offline_sync_complete', request_id: retry.request_id, payload: { processed: 0, conflicts: 0, errors: 1, results: [{ change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'error', code: 'limit_exceeded' }] } });
+  const sync = await socket.next('initial_sync_request');
+  assert.deepEqual(sync.payload.chat_versions, { c1: { messages_v: 0, draft_v: 0 } }, 'the title asked for again');
+  socket.push({ type: 'initial_sync_response', request_id: sync.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Server' }], server_chat_order: ['c1'], sync_completed_at: 'T' } });
+  await until(() => c.chat('c1').title === 'Server');
+  assert.equal(c.status, 'online');
+  c.close();
+});
+
+test('a sync refused as rate_limited after connecting is retried on the same connection after a backoff, not by reconnecting', { timeout: 5000 }, async () => {
+  const c = client();
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length === 1);
+  const socket = lastSocket();
+  socket.greet();
+  const first = await socket.next('initial_sync_request');
+  socket.push({ type: 'initial_sync_error', request_id: first.request_id, payload: { code: 'rate_limited', message: 'Too many messages.' } });
+  const again = await socket.next('initial_sync_request');
+  assert.equal(FakeSocket.instances.length, 1, 'no new connection');
+  socket.push({ type: 'initial_sync_response', request_id: again.request_id, payload: EMPTY_SYNC });
+  await ready;
+  assert.equal(c.status, 'online');
+  assert.equal(socket.closed, false);
+  c.close();
+});
