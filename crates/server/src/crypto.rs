@@ -129,60 +129,45 @@ impl MasterKey {
     }
 
     /// Loads the master key. `env_value` (the `CHATSYNC_MASTER_KEY` variable, base64) wins when `Some`;
-    /// otherwise reads `<data_dir>/master.key` (base64, trailing whitespace allowed). When that file does
-    /// not exist, creates `data_dir` and the file with a new random key and returns `created = true`: the key
-    /// is written whole to a temporary file (mode 0600, flushed to disk), hard-linked as `master.key` (so
-    /// that a crash never leaves a partial key file, and a key another process created meanwhile wins and is
-    /// read instead), and the directory entry flushed; a later load removes a temporary name a crash left
-    /// linked to the key. A key file readable by group or others is rejected.
+    /// otherwise reads `<data_dir>/master.key` (base64, trailing whitespace allowed; it may be a symlink to
+    /// the key file). When that file does not exist, creates `data_dir` and the file with a new random key
+    /// and returns `created = true`: the key is written whole to a temporary file (mode 0600, flushed to
+    /// disk), hard-linked as `master.key` (so that a crash never leaves a partial key file, and a key another
+    /// process created meanwhile wins and is read instead), and the directory entry flushed; a later load
+    /// removes a temporary name a crash left linked to the key. A key file readable by group or others is
+    /// rejected, and so is a `master.key` symlink to a file that does not exist (the key it pointed to is
+    /// missing: a new key would not open the data stored under it).
     pub fn load_or_create(data_dir: &Path, env_value: Option<&str>) -> anyhow::Result<(MasterKey, bool)> {
         if let Some(value) = env_value {
             let key = MasterKey::from_base64(value).context("invalid CHATSYNC_MASTER_KEY")?;
             return Ok((key, false));
         }
         let path = data_dir.join("master.key");
-        let shown = path.display();
-        match std::fs::File::open(&path) {
-            Ok(mut file) => {
-                let mode = file.metadata().with_context(|| format!("cannot stat {shown}"))?.permissions().mode();
-                if mode & 0o077 != 0 {
-                    anyhow::bail!(
-                        "master key file {shown} is accessible by group/others (mode {:o}); run `chmod 600 {shown}`",
-                        mode & 0o777
-                    );
-                }
-                let mut text = Zeroizing::new(String::new());
-                file.read_to_string(&mut text).with_context(|| format!("cannot read master key file {shown}"))?;
-                let key = MasterKey::from_base64(&text)
-                    .with_context(|| format!("master key file {shown} does not contain a valid key"))?;
-                remove_stray_links(data_dir, &file);
-                Ok((key, false))
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                crate::datadir::create_private_dir(data_dir)
-                    .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-                let key = MasterKey::generate();
-                // Written whole under a name of its own, then linked into place: a crash mid-write leaves
-                // no empty or partial `master.key` behind (only a stray file that nothing reads), and the
-                // link, unlike a rename, fails when another process created `master.key` meanwhile.
-                let mut nonce = [0u8; 8];
-                OsRng.fill_bytes(&mut nonce);
-                let temp = data_dir.join(format!("master.key.new-{}", hex::encode(nonce)));
-                let written = write_new_key_file(&temp, &key);
-                let linked = written.and_then(|()| std::fs::hard_link(&temp, &path));
-                let _ = std::fs::remove_file(&temp);
-                match linked {
-                    Ok(()) => {}
-                    // Another process created the key first: that one is the key.
-                    Err(e) if e.kind() == ErrorKind::AlreadyExists => return MasterKey::load_or_create(data_dir, None),
-                    Err(e) => return Err(e).with_context(|| format!("cannot write master key file {shown}")),
-                }
-                // The file's own fsync does not make its directory entry durable.
-                crate::datadir::sync_dir(data_dir)?;
-                Ok((key, true))
-            }
-            Err(e) => Err(e).with_context(|| format!("cannot open master key file {shown}")),
+        if existing_master_key(&path)? {
+            return Ok((read_key_file(data_dir, &path)?, false));
         }
+        crate::datadir::create_private_dir(data_dir)
+            .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+        let key = MasterKey::generate();
+        // Written whole under a name of its own, then linked into place: a crash mid-write leaves no empty
+        // or partial `master.key` behind (only a stray file that nothing reads), and the link, unlike a
+        // rename, fails when another process created `master.key` meanwhile.
+        let mut nonce = [0u8; 8];
+        OsRng.fill_bytes(&mut nonce);
+        let temp = data_dir.join(format!("master.key.new-{}", hex::encode(nonce)));
+        let written = write_new_key_file(&temp, &key);
+        let linked = written.and_then(|()| std::fs::hard_link(&temp, &path));
+        let _ = std::fs::remove_file(&temp);
+        match linked {
+            Ok(()) => {}
+            // Another process created the key first: that one is the key. Read once, not retried: whatever
+            // is there now (a key, a dangling symlink, nothing) gives a key or an error.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok((read_key_file(data_dir, &path)?, false)),
+            Err(e) => return Err(e).with_context(|| format!("cannot write master key file {}", path.display())),
+        }
+        // The file's own fsync does not make its directory entry durable.
+        crate::datadir::sync_dir(data_dir)?;
+        Ok((key, true))
     }
 
     /// Wraps a data key for the slot named `key_ref` (e.g. `"chat:abc"`); the AD binds it to `key_ref`.
@@ -211,6 +196,60 @@ impl MasterKey {
             _ => Err(CryptoError::WrongMasterKey),
         }
     }
+}
+
+/// Whether the key file `path` exists, judged by the directory entry itself (not followed): `false` only
+/// when there is no entry, so that a key is created only where there is none. An entry that is a symlink
+/// to a file that does not exist is an error naming the path and the target: the key it pointed to is
+/// missing (an unmounted volume, a moved file), and creating a key through or beside the link would
+/// replace it with one that cannot open the stored data.
+fn existing_master_key(path: &Path) -> anyhow::Result<bool> {
+    let shown = path.display();
+    match std::fs::symlink_metadata(path) {
+        Ok(entry) if entry.file_type().is_symlink() => match std::fs::metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let target = std::fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+                anyhow::bail!(
+                    "master key file {shown} is a symlink to {target:?}, which does not exist; restore the key \
+                     file it points to (a new key could not open the data stored under the missing one)"
+                )
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot open master key file {shown}")),
+        },
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot open master key file {shown}")),
+    }
+}
+
+/// Reads the key file `path` (following a symlink) in `data_dir`: refused when group or others may read
+/// it; the temporary names a crash left linked to it are removed afterwards ([`remove_stray_links`]).
+fn read_key_file(data_dir: &Path, path: &Path) -> anyhow::Result<MasterKey> {
+    let shown = path.display();
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) => {
+            if e.kind() == ErrorKind::NotFound {
+                // A dangling symlink put in place since it was checked: the same error as at the check.
+                existing_master_key(path)?;
+            }
+            return Err(e).with_context(|| format!("cannot open master key file {shown}"));
+        }
+    };
+    let mode = file.metadata().with_context(|| format!("cannot stat {shown}"))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "master key file {shown} is accessible by group/others (mode {:o}); run `chmod 600 {shown}`",
+            mode & 0o777
+        );
+    }
+    let mut text = Zeroizing::new(String::new());
+    file.read_to_string(&mut text).with_context(|| format!("cannot read master key file {shown}"))?;
+    let key = MasterKey::from_base64(&text)
+        .with_context(|| format!("master key file {shown} does not contain a valid key"))?;
+    remove_stray_links(data_dir, &file);
+    Ok(key)
 }
 
 /// Removes the temporary names of `master.key` (`master.key.new-*` linked to the same file) that a crash
@@ -562,6 +601,49 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let err = format!("{:#}", MasterKey::load_or_create(&data, None).unwrap_err());
         assert!(err.contains("master.key") && err.contains("malformed master key"), "{err}");
+    }
+
+    #[test]
+    fn load_or_create_refuses_a_dangling_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        // The key lives elsewhere (a volume not mounted, a file moved away): the link points nowhere.
+        let target = dir.path().join("keys/master.key");
+        std::os::unix::fs::symlink(&target, data.join("master.key")).unwrap();
+        for _ in 0..2 {
+            let err = format!("{:#}", MasterKey::load_or_create(&data, None).unwrap_err());
+            assert!(err.contains("data/master.key") && err.contains("keys/master.key"), "{err}");
+            assert!(err.contains("does not exist"), "{err}");
+        }
+        // No key created through the link nor beside it.
+        assert!(!dir.path().join("keys").exists());
+        let names: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["master.key"]);
+        assert_eq!(std::fs::read_link(data.join("master.key")).unwrap(), target);
+        // The variable still wins over the file.
+        let env = MasterKey::generate();
+        assert_eq!(MasterKey::load_or_create(&data, Some(&env.to_base64())).unwrap().0.id(), env.id());
+    }
+
+    #[test]
+    fn load_or_create_reads_a_key_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, created) = MasterKey::load_or_create(&dir.path().join("keys"), None).unwrap();
+        assert!(created);
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::os::unix::fs::symlink("../keys/master.key", data.join("master.key")).unwrap();
+        let (again, created) = MasterKey::load_or_create(&data, None).unwrap();
+        assert!(!created);
+        assert_eq!(again.id(), key.id());
+        let names: Vec<_> = std::fs::read_dir(&data).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["master.key"]);
+        // The mode checked is the key file's, not the link's.
+        let file = dir.path().join("keys/master.key");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = format!("{:#}", MasterKey::load_or_create(&data, None).unwrap_err());
+        assert!(err.contains("chmod 600"), "{err}");
     }
 
     #[test]
