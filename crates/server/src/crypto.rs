@@ -273,12 +273,14 @@ fn remove_stray_links(data_dir: &Path, key_file: &std::fs::File) {
     }
 }
 
-/// Writes `key` to a new file at `path` (mode 0600) and flushes it to disk.
+/// Writes `key` to a new file at `path` (mode 0600) and flushes it to disk. The text and the newline are
+/// written one after the other: appending the newline to the text could move it to a larger buffer and
+/// free the old one without zeroizing it, leaving a copy of the key in freed heap memory.
 fn write_new_key_file(path: &Path, key: &MasterKey) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    let mut line = key.to_base64();
-    line.push('\n');
-    file.write_all(line.as_bytes())?;
+    let text = key.to_base64();
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")?;
     file.sync_all()
 }
 
