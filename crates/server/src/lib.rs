@@ -119,7 +119,8 @@ pub fn assemble(
 
 /// Serves `ctx` on `listener` until `shutdown` resolves; then stops accepting, closes every
 /// connection with 1001 `Server shutting down` after its in-flight request, waits for them (at most
-/// `shutdown_timeout_secs`), closes the store, and releases the data directory lock. If the store fails for
+/// `shutdown_timeout_secs`), waits for the webhook deliveries in flight (each within its attempt's
+/// deadline) and records them, closes the store, and releases the data directory lock. If the store fails for
 /// good ([`store::chats::ChatStore::failed`]) it shuts down the same way and returns an error (`serve` then exits
 /// non-zero).
 pub async fn run(
@@ -198,7 +199,10 @@ pub async fn run(
     }
     watcher.abort();
     if let Some(dispatcher) = dispatcher {
-        // The token is cancelled: the dispatcher stops its requests and releases its leases.
+        // The token is cancelled: the dispatcher starts no more deliveries, lets those in flight end (each
+        // within its own attempt deadline, not the shutdown timeout: a delivery cut off could have been
+        // processed by the backend, and would go again), records their outcomes in the store, still open
+        // here, and releases its leases.
         let _ = dispatcher.await;
     }
     stream_sweeper.abort();

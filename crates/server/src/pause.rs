@@ -31,6 +31,9 @@ pub const BUS_FRAME: &str = "bus_frame";
 /// In a cluster, once Redis confirmed the subscription to a user's channel, before the node takes it as
 /// done (holds the node's whole bus subscription; the connections waiting for it wait on).
 pub const BUS_SUBSCRIBED: &str = "bus_subscribed";
+/// When the webhook dispatcher has taken the stop signal (it starts no more deliveries), before it waits
+/// for the deliveries in flight to end.
+pub const WEBHOOKS_STOPPING: &str = "webhooks_stopping";
 
 enum Armed {
     Hold { reached: oneshot::Sender<()>, release: oneshot::Receiver<()> },

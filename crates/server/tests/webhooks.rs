@@ -2,7 +2,9 @@
 //! the real server, real devices. Events from device writes (`message.created`, `chat.deleted`) and
 //! the standalone `stream.cancel_requested`; the body shape, headers and HMAC signature; retries of a
 //! failed delivery with the same id; order per user; giving up after `webhook_max_age_secs`; delivery
-//! after a SIGKILL of the real binary; no body plaintext at rest; nothing recorded without a URL.
+//! after a SIGKILL of the real binary; a delivery in flight at a graceful stop that ends, and is
+//! recorded, instead of going again after the restart; no body plaintext at rest; nothing recorded
+//! without a URL.
 //! On PostgreSQL (when `CHATSYNC_TEST_POSTGRES_URL` is set): two nodes sharing one database deliver each
 //! user's events once and in order, and no body plaintext is in the outbox table. The store-level rules
 //! (claims, leases, order, both backends) are in `chat_store_contract.rs`.
@@ -54,6 +56,9 @@ struct ReceiverState {
     attempts: parking_lot::Mutex<HashMap<String, u32>>,
     /// Each event id's first this-many attempts are answered 500.
     fail_attempts: AtomicU32,
+    /// The next request is held (once counted in `attempts`): its event id is sent on the first
+    /// channel, and it is answered only once the second one fires (or is dropped).
+    hold: parking_lot::Mutex<Option<(tokio::sync::oneshot::Sender<String>, tokio::sync::oneshot::Receiver<()>)>>,
 }
 
 /// A webhook receiver on port 0.
@@ -72,6 +77,11 @@ async fn hook(State(state): State<Arc<ReceiverState>>, headers: HeaderMap, body:
         *n += 1;
         *n
     };
+    let hold = state.hold.lock().take();
+    if let Some((reached, answer)) = hold {
+        let _ = reached.send(delivery.clone());
+        let _ = answer.await;
+    }
     let status = if attempt <= state.fail_attempts.load(Ordering::SeqCst) { 500 } else { 200 };
     state.got.lock().push(Delivery {
         event: header("x-chatsync-event"),
@@ -95,6 +105,20 @@ impl Receiver {
             axum::serve(listener, app).await.unwrap();
         });
         Receiver { url, state, task }
+    }
+
+    /// Holds the next request: returns a channel that gets its event id once it arrived, and the one that
+    /// lets the receiver answer it (by its usual rule).
+    fn hold_next(&self) -> (tokio::sync::oneshot::Receiver<String>, tokio::sync::oneshot::Sender<()>) {
+        let (reached_tx, reached_rx) = tokio::sync::oneshot::channel();
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        *self.state.hold.lock() = Some((reached_tx, answer_rx));
+        (reached_rx, answer_tx)
+    }
+
+    /// How many requests carried the event `id` (counted as they arrive, before any answer).
+    fn requests_for(&self, id: &str) -> u32 {
+        self.state.attempts.lock().get(id).copied().unwrap_or(0)
     }
 
     fn got(&self) -> Vec<Delivery> {
@@ -662,6 +686,44 @@ async fn an_undelivered_event_is_delivered_after_a_sigkill_and_restart() {
     assert_eq!(success[0].signature, expected_signature(&success[0].body));
     let event = success[0].json();
     assert_eq!((event["message_id"].as_str(), event["seq"].as_u64()), (Some("m1"), Some(1)));
+}
+
+/// A graceful stop (SIGTERM) does not abandon a delivery in flight: the dispatcher starts nothing more,
+/// waits for the request (the receiver answers 200 only after the dispatcher took the stop signal) and
+/// records the 2xx before the store closes, so the backend, which processed the event, does not get it a
+/// second time after the restart.
+#[tokio::test]
+async fn a_delivery_in_flight_at_a_graceful_stop_ends_and_is_not_sent_again_after_the_restart() {
+    let receiver = Receiver::start(0).await;
+    let (reached, answer) = receiver.hold_next();
+    let mut server = server_for(&receiver).await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    add_message(&mut alice, "c1", "m1", json!("held across the stop")).await;
+    let id = reached.await.expect("the receiver got m1's request");
+    drop(alice);
+
+    // The stop signal, while the receiver holds the request; once the dispatcher has taken it (and would
+    // have cut its requests off), the receiver answers 200.
+    let mut stopping = server.ctx.pauses.arm(chatsync::pause::WEBHOOKS_STOPPING);
+    server.signal_stop();
+    stopping.reached().await;
+    stopping.release();
+    let _ = answer.send(());
+    let server = server.restart().await;
+    assert_eq!(receiver.requests_for(&id), 1);
+    assert_eq!(
+        receiver.got().iter().map(|d| (d.delivery.as_str(), d.status)).collect::<Vec<_>>(),
+        [(id.as_str(), 200)]
+    );
+
+    // After the restart: a user's events go in order, so once m2 is delivered, m1 would have gone first
+    // had it still been pending.
+    let mut alice = another_device(&server, "alice", "laptop").await;
+    add_message(&mut alice, "c1", "m2", json!("after the restart")).await;
+    receiver.wait_until("m2", |got| got.iter().any(|d| d.status == 200 && d.json()["message_id"] == "m2")).await;
+    assert_eq!(message_ids(&receiver.successes(), "alice"), ["m1", "m2"]);
+    assert_eq!(receiver.requests_for(&id), 1, "m1 was not delivered a second time");
+    drained(&server).await;
 }
 
 // ---------------------------------------------------------------- PostgreSQL

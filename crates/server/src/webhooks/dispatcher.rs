@@ -9,9 +9,11 @@
 //! An event whose user's key cannot be read now (the store failing) is rescheduled the same way; one
 //! whose body does not open under that key never will, and is dropped at once.
 //! Because the schedule lives in the store, a restart resumes where the last process stopped; a node
-//! that dies mid-request loses its leases after [`LEASE`]. An attempt (the key lookup, which waits for
-//! the store, and the request) is cut off [`ATTEMPT_BUDGET`] after its claim, well inside the lease, and
-//! its outcome is recorded only if the event still holds that lease (a late result of an attempt whose
+//! that dies mid-request loses its leases after [`LEASE`]. A graceful stop starts no more deliveries but
+//! lets those in flight end (within their attempt's deadline) and records their outcomes before the
+//! store closes: a 2xx answered meanwhile is not delivered again after the restart.
+//! An attempt (the key lookup, which waits for the store, and the request) is cut off [`ATTEMPT_BUDGET`]
+//! after its claim, well inside the lease, and its outcome is recorded only if the event still holds that lease (a late result of an attempt whose
 //! lease another node took over is dropped; that node delivers the event again). The dispatcher wakes when a write on this
 //! node recorded an event, when one of its deliveries ends, and polls as a backstop (other nodes'
 //! events, retries coming due).
@@ -60,8 +62,11 @@ pub fn backoff(base: Duration, attempts: u32) -> Duration {
     base.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
-/// Runs the dispatcher until `shutdown`; then stops the requests in flight and releases this node's
-/// leases (their events are delivered again later: at least once).
+/// Runs the dispatcher until `shutdown`; then starts no more deliveries, lets those in flight end (each
+/// is bounded by its attempt's deadline, [`ATTEMPT_BUDGET`] after its claim, its request by
+/// [`REQUEST_TIMEOUT`]) and records their outcomes, so that a 2xx answered during a graceful stop counts
+/// as delivered, and releases this node's remaining leases (events claimed as the stop came, not
+/// started).
 pub async fn run(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, shutdown: CancellationToken) {
     let (Some(url), Some(secret)) = (ctx.config.webhook_url.clone(), ctx.config.webhook_secret.clone()) else {
         return;
@@ -95,6 +100,8 @@ pub async fn run(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, shutdown: CancellationToke
             // Taken before the claim's clock reading, so that every attempt ends inside its lease.
             let deadline = tokio::time::Instant::now() + ATTEMPT_BUDGET;
             match hooks.events.claim_events(&hooks.node, now_millis(), lease, free as u32).await {
+                // A claim that ends after the stop signal starts nothing: its leases are released below.
+                Ok(_) if shutdown.is_cancelled() => break,
                 Ok(claimed) => {
                     for event in claimed {
                         in_flight.spawn(deliver(ctx.clone(), hooks.clone(), target.clone(), event, deadline));
@@ -116,7 +123,11 @@ pub async fn run(ctx: Arc<Ctx>, hooks: Arc<Webhooks>, shutdown: CancellationToke
             _ = tokio::time::sleep(poll) => {}
         }
     }
-    in_flight.abort_all();
+    // A delivery cut off here could have reached the backend, which may have processed it: it would be
+    // delivered again after the restart. Each ends by its own deadline, and records its outcome (under
+    // its lease) before `run` closes the store.
+    tracing::info!(in_flight = in_flight.len(), "webhook dispatcher stopping; letting the deliveries in flight end");
+    ctx.pauses.at(crate::pause::WEBHOOKS_STOPPING).await;
     while in_flight.join_next().await.is_some() {}
     if let Err(e) = hooks.events.release_leases(&hooks.node).await {
         tracing::warn!(error = %e, "cannot release webhook leases on shutdown");

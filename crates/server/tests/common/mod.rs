@@ -53,6 +53,14 @@ impl TestServer {
         TestServer { url, ctx, data, stop: Some(stop), task: Some(task) }
     }
 
+    /// Gives the server its shutdown signal (as SIGTERM does) without waiting for it to finish: `stop`,
+    /// `stop_into_data` or `restart` then wait for that.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
     /// Stops the server (as on SIGTERM) and waits for it to finish.
     pub async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
