@@ -1,10 +1,10 @@
 //! Webhooks end to end (SERVER_API.md section 5): a real HTTP receiver (axum, port 0) inside the test,
 //! the real server, real devices. Events from device writes (`message.created`, `chat.deleted`) and
 //! the standalone `stream.cancel_requested`; the body shape, headers and HMAC signature; retries of a
-//! failed delivery with the same id; order per user; giving up after `webhook_max_age_secs`; delivery
-//! after a SIGKILL of the real binary; a delivery in flight at a graceful stop that ends, and is
-//! recorded, instead of going again after the restart; no body plaintext at rest; nothing recorded
-//! without a URL.
+//! failed delivery with the same id; a redirect not followed (a failed attempt); order per user; giving
+//! up after `webhook_max_age_secs`; delivery after a SIGKILL of the real binary; a delivery in flight at
+//! a graceful stop that ends, and is recorded, instead of going again after the restart; no body
+//! plaintext at rest; nothing recorded without a URL.
 //! On PostgreSQL (when `CHATSYNC_TEST_POSTGRES_URL` is set): two nodes sharing one database deliver each
 //! user's events once and in order, and no body plaintext is in the outbox table. The store-level rules
 //! (claims, leases, order, both backends) are in `chat_store_contract.rs`.
@@ -263,6 +263,48 @@ async fn a_failed_delivery_is_retried_with_the_same_id_and_body_until_2xx() {
         let series = format!("chatsync_webhook_deliveries_total{{outcome=\"{outcome}\"}}");
         assert!(metrics.contains(&series), "{series} missing: {metrics}");
     }
+}
+
+/// A receiver that answers a redirect is not followed (a redirect could send signed bodies to another
+/// host): the 3xx is a failed attempt, retried later with the same id, and the redirect's target never
+/// gets a request.
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_counts_as_a_failed_attempt() {
+    let elsewhere = Receiver::start(0).await;
+    // Answers 307, then 308 (both keep the method and the body), then 200, each pointing at `elsewhere`.
+    let answered: Arc<parking_lot::Mutex<Vec<(String, u16)>>> = Arc::default();
+    let (seen, location) = (answered.clone(), elsewhere.url.clone());
+    let redirecting = axum::routing::post(move |headers: HeaderMap| {
+        let (seen, location) = (seen.clone(), location.clone());
+        async move {
+            let id = headers.get("x-chatsync-delivery").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            let mut seen = seen.lock();
+            let status = [307, 308].get(seen.len()).copied().unwrap_or(200);
+            seen.push((id, status));
+            (StatusCode::from_u16(status).unwrap(), [(axum::http::header::LOCATION, location)])
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().route("/hook", redirecting)).await.unwrap();
+    });
+    let server = TestServer::start_with(|c| {
+        c.webhook_url = Some(url);
+        c.webhook_secret = Some(SECRET.to_owned().into());
+        c.webhook_backoff_base_ms = 20;
+    })
+    .await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    add_message(&mut alice, "c1", "m1", json!("signed, for this host only")).await;
+    drained(&server).await;
+
+    let answered = answered.lock().clone();
+    let statuses: Vec<u16> = answered.iter().map(|(_, status)| *status).collect();
+    assert_eq!(statuses, [307, 308, 200], "each redirect was a failed attempt, retried");
+    assert!(answered.iter().all(|(id, _)| *id == answered[0].0), "the same event each time: {answered:?}");
+    assert!(elsewhere.got().is_empty(), "the redirect was followed: {:#?}", elsewhere.got());
+    task.abort();
 }
 
 #[tokio::test]
