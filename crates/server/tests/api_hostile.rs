@@ -169,3 +169,44 @@ async fn a_duplicated_field_is_named() {
     // The stream took nothing: its first chunk is still 1.
     assert_eq!(post_raw(&api, &chunks, r#"{"seq":1,"delta":"x"}"#.into()).await.0, 202);
 }
+
+/// `created_at` is between 1970 and 9999-12-31T23:59:59.999Z in UTC (SERVER_API.md section 7, "Section 3"),
+/// to the millisecond, rounding a finer fraction down (toward the past). A time in the last millisecond of
+/// 1969 (a negative epoch millisecond with a fraction, also written at an offset) was truncated toward zero,
+/// into 1970-01-01T00:00:00.000Z, and taken: it is 400 naming `created_at`, like the rest of 1969. The
+/// first and last instants of the range are taken, and the devices see them to the millisecond.
+#[tokio::test]
+async fn a_created_at_in_the_last_millisecond_of_1969_is_refused_and_the_range_ends_are_taken() {
+    let server = TestServer::start().await;
+    let token = server.user_token("alice").await;
+    let (mut device, _) = server.connect(&token, "phone").await;
+    let api = server.api().await;
+    let post = |id: &str, created_at: &str| json!({"message_id": id, "sender_name": "bot", "content": "x", "created_at": created_at});
+    let path = "/users/alice/chats/c1/messages";
+    for before in [
+        "1969-12-31T23:59:59.9995Z",
+        "1969-12-31T23:59:59.999999999Z",
+        "1970-01-01T00:59:59.9999+01:00",
+        "1969-12-31T23:59:59.999Z",
+    ] {
+        let (status, body) = api.post(path, post("m0", before)).await;
+        assert_eq!((status, error(&body)), (400, ("invalid_payload", Some("created_at"))), "{before}: {body}");
+    }
+    for (i, (sent, seen)) in [
+        ("1970-01-01T00:00:00Z", "1970-01-01T00:00:00.000Z"),
+        ("1970-01-01T00:00:00.0009Z", "1970-01-01T00:00:00.000Z"),
+        ("1970-01-01T01:00:00.0015+01:00", "1970-01-01T00:00:00.001Z"),
+        ("9999-12-31T23:59:59.9999999Z", "9999-12-31T23:59:59.999Z"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, body) = api.post(path, post(&format!("m{}", i + 1), sent)).await;
+        assert_eq!(status, 201, "{sent}: {body}");
+        let event = device.recv().await.unwrap();
+        let chatsync_protocol::ServerMessage::ChatMessageAdded(event) = event.message else {
+            panic!("{sent}: expected chat_message_added, got {event:?}");
+        };
+        assert_eq!(event.message.created_at, seen, "{sent}");
+    }
+}

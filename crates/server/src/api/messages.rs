@@ -230,7 +230,9 @@ fn parse_time(text: &str) -> ApiResult<i64> {
         )
     };
     let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).map_err(|_| bad())?;
-    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    // Floor, not truncation toward zero: 1969-12-31T23:59:59.9995Z is -0.5 ms, the last millisecond of
+    // 1969 (-1, refused), which `/` made 0 (1970-01-01T00:00:00.000Z, taken as a time the backend never sent).
+    let ms = t.unix_timestamp_nanos().div_euclid(1_000_000);
     let ms = i64::try_from(ms).map_err(|_| bad())?;
     if !(0..=crate::store::LATEST_MILLIS).contains(&ms) {
         return Err(bad());
