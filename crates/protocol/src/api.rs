@@ -124,7 +124,7 @@ pub struct PostMessage {
     pub message_id: String,
     /// Who wrote it: any id except `"user"` (e.g. `"assistant"`).
     pub sender_name: String,
-    /// A JSON object or a string.
+    /// A JSON object or a string: at most 32 KiB of JSON and 32 levels of nested objects and arrays.
     #[cfg_attr(feature = "schema", schemars(with = "crate::MessageContent"))]
     pub content: Value,
     /// RFC 3339; default: now.

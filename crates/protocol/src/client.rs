@@ -171,7 +171,7 @@ pub struct ChatMessageAdded {
 pub struct NewMessage {
     /// Unique per chat; re-sending it is idempotent.
     pub message_id: MessageId,
-    /// The content: a JSON object or a string (at most 32 KiB of JSON).
+    /// The content: a JSON object or a string (at most 32 KiB of JSON and 32 levels of nesting).
     pub content: MessageContent,
     /// The client's clock, kept as `client_timestamp`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,6 +190,17 @@ pub enum MessageContent {
     Text(String),
     /// A structured document.
     Json(Map<String, Value>),
+}
+
+impl MessageContent {
+    /// Its nesting depth ([`crate::json_depth`]): 0 for text, at least 1 for a document; at most
+    /// [`crate::Limits::MAX_MESSAGE_CONTENT_DEPTH`] is accepted.
+    pub fn depth(&self) -> usize {
+        match self {
+            MessageContent::Text(_) => 0,
+            MessageContent::Json(members) => crate::object_depth(members),
+        }
+    }
 }
 
 /// A client timestamp: unix seconds or RFC 3339 text.

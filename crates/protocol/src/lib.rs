@@ -24,7 +24,7 @@ pub use client::*;
 pub use decode::{decode, decode_server, DecodeError, Decoded, Incoming, PayloadError};
 pub use error::ErrorCode;
 pub use ids::{ChatId, MessageId, RequestId, StreamId};
-pub use limits::Limits;
+pub use limits::{json_depth, object_depth, Limits};
 pub use server::*;
 pub use streams::*;
 

@@ -210,3 +210,34 @@ async fn a_created_at_in_the_last_millisecond_of_1969_is_refused_and_the_range_e
         assert_eq!(event.message.created_at, seen, "{sent}");
     }
 }
+
+/// `levels` levels of objects, each the only member `a` of the one around it (`{"a":{}}` is 2).
+fn nested(levels: usize) -> Value {
+    (1..levels).fold(json!({}), |inner, _| json!({ "a": inner }))
+}
+
+/// Message content nested past `Limits::MAX_MESSAGE_CONTENT_DEPTH` (within the byte limits) was stored,
+/// and poisoned the devices' later reads of it (initial sync, message pages: a reader's parser stops at 128
+/// levels, the frame's own levels included). Content at the limit is taken; one level more is 422
+/// `limit_exceeded` naming `content`, on `POST …/messages` and on a stream's `complete` (which leaves the
+/// stream open, so that the backend can complete it with other content).
+#[tokio::test]
+async fn content_nested_at_the_depth_limit_is_taken_and_one_level_more_is_limit_exceeded() {
+    let (_server, api, _chunks) = open_stream().await;
+    let max = chatsync_protocol::Limits::MAX_MESSAGE_CONTENT_DEPTH;
+    let path = "/users/alice/chats/c1/messages";
+    let post = |id: &str, content: Value| json!({"message_id": id, "sender_name": "bot", "content": content});
+    let (status, body) = api.post(path, post("m2", nested(max + 1))).await;
+    assert_eq!((status, error(&body)), (422, ("limit_exceeded", Some("content"))), "{body}");
+    let in_arrays = (2..=max).fold(json!([]), |inner, _| json!([inner]));
+    let (status, body) = api.post(path, post("m2", json!({"a": in_arrays}))).await;
+    assert_eq!((status, error(&body)), (422, ("limit_exceeded", Some("content"))), "{body}");
+    let (status, body) = api.post(path, post("m2", nested(max))).await;
+    assert_eq!((status, body["seq"].clone()), (201, json!(1)), "{body}");
+
+    let complete = format!("{STREAMS}/s1/complete");
+    let (status, body) = api.post(&complete, json!({"content": nested(max + 1)})).await;
+    assert_eq!((status, error(&body)), (422, ("limit_exceeded", Some("content"))), "{body}");
+    let (status, body) = api.post(&complete, json!({"content": nested(max)})).await;
+    assert_eq!((status, body["seq"].clone()), (201, json!(2)), "{body}");
+}

@@ -179,6 +179,37 @@ async fn content_of_exactly_32_kib_of_json_is_accepted_and_one_byte_more_is_limi
     assert_eq!(all_messages(&mut alice, "c1").await.messages_v, 1);
 }
 
+/// `levels` levels of objects, each the only member `a` of the one around it (`{"a":{}}` is 2).
+fn nested(levels: usize) -> Value {
+    (1..levels).fold(json!({}), |inner, _| json!({ "a": inner }))
+}
+
+/// Content nested past the limit was stored (only its bytes were checked) and then poisoned every read of
+/// it: a reader's JSON parser (serde_json stops at 128 levels) meets it inside the frame that carries it.
+/// `Limits::MAX_MESSAGE_CONTENT_DEPTH` levels are taken and read back; one more, in objects or in arrays,
+/// is `limit_exceeded` naming `message.content`, with the chat and message ids, and stores nothing.
+#[tokio::test]
+async fn content_nested_at_the_depth_limit_is_accepted_and_one_level_more_is_limit_exceeded() {
+    let server = TestServer::start().await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    let at_limit = nested(Limits::MAX_MESSAGE_CONTENT_DEPTH);
+    let ok = add_message(&mut alice, "c1", "m1", at_limit.clone()).await;
+    assert_eq!(ok.new_messages_v, 1);
+    let mut in_arrays = json!([]);
+    for _ in 2..=Limits::MAX_MESSAGE_CONTENT_DEPTH {
+        in_arrays = json!([in_arrays]);
+    }
+    for (id, over) in [("m2", nested(Limits::MAX_MESSAGE_CONTENT_DEPTH + 1)), ("m3", json!({ "a": in_arrays }))] {
+        let reply = alice.request(&message("c1", id, over)).await.unwrap();
+        let e = assert_error(&reply, ErrorCode::LimitExceeded, Some("message.content"));
+        assert!(e.message.contains(&Limits::MAX_MESSAGE_CONTENT_DEPTH.to_string()), "{e:?}");
+        assert_eq!((e.chat_id.as_deref(), e.message_id.as_deref()), (Some("c1"), Some(id)));
+    }
+    let page = all_messages(&mut alice, "c1").await;
+    assert_eq!(page.messages_v, 1);
+    assert_eq!(serde_json::to_value(&page.messages[0].content).unwrap(), at_limit);
+}
+
 #[tokio::test]
 async fn bad_client_timestamps_are_invalid_payload_naming_message_timestamp() {
     let server = TestServer::start().await;

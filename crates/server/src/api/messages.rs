@@ -203,7 +203,8 @@ pub fn sender_name(name: &str) -> ApiResult<String> {
     Ok(name.to_owned())
 }
 
-/// Message content: a JSON object or a string, at most [`Limits::MAX_MESSAGE_CONTENT_BYTES`] of JSON.
+/// Message content: a JSON object or a string, at most [`Limits::MAX_MESSAGE_CONTENT_BYTES`] of JSON and
+/// [`Limits::MAX_MESSAGE_CONTENT_DEPTH`] levels of nesting.
 pub fn content(value: serde_json::Value) -> ApiResult<MessageContent> {
     let size = serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(usize::MAX);
     let content = match value {
@@ -215,6 +216,12 @@ pub fn content(value: serde_json::Value) -> ApiResult<MessageContent> {
         return Err(ApiError::limit_exceeded(
             "content",
             format!("The content is larger than {} bytes of JSON.", Limits::MAX_MESSAGE_CONTENT_BYTES),
+        ));
+    }
+    if content.depth() > Limits::MAX_MESSAGE_CONTENT_DEPTH {
+        return Err(ApiError::limit_exceeded(
+            "content",
+            format!("The content nests objects and arrays deeper than {} levels.", Limits::MAX_MESSAGE_CONTENT_DEPTH),
         ));
     }
     Ok(content)

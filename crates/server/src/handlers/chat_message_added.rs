@@ -27,6 +27,17 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: ChatMessageAdded) -> Result
         .with_chat(chat_id.as_str())
         .with_message(message.message_id.as_str()));
     }
+    if message.content.depth() > Limits::MAX_MESSAGE_CONTENT_DEPTH {
+        return Err(Error::limit_exceeded(
+            "message.content",
+            format!(
+                "The message content nests objects and arrays deeper than {} levels.",
+                Limits::MAX_MESSAGE_CONTENT_DEPTH
+            ),
+        )
+        .with_chat(chat_id.as_str())
+        .with_message(message.message_id.as_str()));
+    }
     let client_timestamp = match &message.timestamp {
         None => None,
         Some(ts) => Some(
