@@ -1,18 +1,24 @@
 //! Fuzz target `draft_text`: the draft text extraction and limit check behind `update_draft`
 //! (`chatsync::drafts`). The input is a JSON document (or, when it is not one, a text node inside a
-//! Tiptap-shaped document). Checks: no panic; the text is trimmed; `check_limits` agrees with the
-//! character and word counts of `draft_text`; a document whose only text node holds `s` has text
+//! Tiptap-shaped document). Checks: no panic; the text is trimmed; `check_limits` refuses a document
+//! nested deeper than `Limits::MAX_DRAFT_DEPTH` and otherwise agrees with the character and word counts
+//! of `draft_text`; a document whose only text node holds `s` has text
 //! `s.trim()`; a document decoded from an `update_draft` frame gives the same text as the document itself.
 #![no_main]
 
 use chatsync::drafts::{check_limits, draft_text, DraftLimit};
-use chatsync_protocol::{decode, ClientMessage};
+use chatsync_protocol::{decode, object_depth, ClientMessage, Limits};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Map, Value};
 
 fn check(doc: &Map<String, Value>) -> String {
     let text = draft_text(doc);
     assert_eq!(text, text.trim());
+    if object_depth(doc) > Limits::MAX_DRAFT_DEPTH {
+        // Refused for its depth before its text is counted, whatever the text limits.
+        assert_eq!(check_limits(doc, usize::MAX, usize::MAX), Err(DraftLimit::Depth));
+        return text;
+    }
     let (chars, words) = (text.chars().count(), text.split_whitespace().count());
     assert_eq!(check_limits(doc, chars, words), Ok(()));
     assert_eq!(check_limits(doc, usize::MAX, usize::MAX), Ok(()));

@@ -55,6 +55,9 @@ impl Limits {
     /// as [`json_depth`] counts them (fixed by the protocol). Deeper content would reach a reader's parser
     /// limit (serde_json's 128) once wrapped in the frames that carry it (initial sync, message pages).
     pub const MAX_MESSAGE_CONTENT_DEPTH: usize = 32;
+    /// Deepest draft (`update_draft.draft_json`, an offline draft change's `value`), counted like message
+    /// content and for the same reason: drafts travel inside `initial_sync_response` (fixed by the protocol).
+    pub const MAX_DRAFT_DEPTH: usize = 32;
     /// Default page size of `get_chat_messages`.
     pub const DEFAULT_PAGE_MESSAGES: u32 = 100;
 }

@@ -1,4 +1,5 @@
-//! Draft text extraction and the draft limits (`max_draft_chars`, `max_draft_words`), as pure functions.
+//! Draft text extraction and the draft limits (`max_draft_chars`, `max_draft_words`, and the fixed
+//! nesting depth `Limits::MAX_DRAFT_DEPTH`), as pure functions.
 //!
 //! A draft is a JSON document (usually Tiptap). Its text is the string `text` member of every object at
 //! any depth (the root's own `text` first), joined with single spaces and trimmed. `update_draft` and
@@ -10,6 +11,8 @@ use serde_json::{Map, Value};
 /// Which draft limit a document exceeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DraftLimit {
+    /// Objects and arrays nested deeper than `Limits::MAX_DRAFT_DEPTH`.
+    Depth,
     /// More Unicode scalar values than `max_draft_chars`.
     Chars,
     /// More whitespace-separated words than `max_draft_words`.
@@ -42,9 +45,12 @@ pub fn draft_text(draft: &Map<String, Value>) -> String {
     parts.join(" ").trim().to_owned()
 }
 
-/// Checks a draft's text against `max_chars` (Unicode scalar values) and `max_words` (whitespace-separated
-/// words); characters are checked first.
+/// Checks a draft's depth against `Limits::MAX_DRAFT_DEPTH`, then its text against `max_chars` (Unicode
+/// scalar values) and `max_words` (whitespace-separated words); characters are checked before words.
 pub fn check_limits(draft: &Map<String, Value>, max_chars: usize, max_words: usize) -> Result<(), DraftLimit> {
+    if chatsync_protocol::object_depth(draft) > chatsync_protocol::Limits::MAX_DRAFT_DEPTH {
+        return Err(DraftLimit::Depth);
+    }
     let text = draft_text(draft);
     if text.chars().count() > max_chars {
         return Err(DraftLimit::Chars);
@@ -81,5 +87,9 @@ mod tests {
         assert_eq!(check_limits(&doc, 7, 3), Err(DraftLimit::Chars));
         assert_eq!(check_limits(&doc, 8, 2), Err(DraftLimit::Words));
         assert_eq!(check_limits(&map(json!({"text": "ééé"})), 3, 1), Ok(()));
+        let nested = |levels: usize| (1..levels).fold(json!({"text": "a"}), |inner, _| json!({"a": inner}));
+        let max = chatsync_protocol::Limits::MAX_DRAFT_DEPTH;
+        assert_eq!(check_limits(&map(nested(max)), 8, 3), Ok(()));
+        assert_eq!(check_limits(&map(nested(max + 1)), 8, 3), Err(DraftLimit::Depth));
     }
 }

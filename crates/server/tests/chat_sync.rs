@@ -166,6 +166,38 @@ async fn draft_text_in_a_heading_over_the_char_limit_is_limit_exceeded() {
     assert!(!lists_chat(&mut alice, "c1").await, "a rejected draft creates no chat");
 }
 
+/// Tiptap-like nodes, `wraps` of them around a text node: each `{"content":[…]}` is two levels of
+/// nesting, the text node one (`wraps` 14 is 29 levels).
+fn nested_draft(wraps: usize) -> serde_json::Value {
+    (0..wraps).fold(json!({ "type": "text", "text": "deep" }), |inner, _| json!({ "type": "x", "content": [inner] }))
+}
+
+/// A draft nested past the limit (only its text was checked: 124 levels were accepted) was stored and then
+/// broke every initial sync of the user: the Rust client's parser stops at 128 levels, the frame's own
+/// levels included. `Limits::MAX_DRAFT_DEPTH` levels are taken and synced to a new device; one level more
+/// is `limit_exceeded` naming `draft_json` (as the draft's text limits), and the draft stays as it was.
+#[tokio::test]
+async fn a_draft_nested_at_the_depth_limit_is_accepted_and_one_level_more_is_limit_exceeded() {
+    let server = TestServer::start().await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    assert_eq!(Limits::MAX_DRAFT_DEPTH, 32, "the drafts below are built for 32 levels");
+    // 3 (the doc, its content array, a node) + 29 = 32 levels.
+    let at_limit = json!({ "type": "doc", "content": [{ "type": "x", "attrs": nested_draft(14) }] });
+    assert_eq!(set_draft(&mut alice, "c1", at_limit.clone()).await.draft_v, 1);
+    for over in [
+        json!({ "type": "doc", "content": [{ "type": "x", "content": [nested_draft(14)] }] }), // 4 + 29
+        json!({ "type": "doc", "content": [nested_draft(60)] }),
+    ] {
+        let reply = alice.request(&draft("c1", over)).await.unwrap();
+        let e = assert_limit(&reply, "draft_json", "32 levels");
+        assert_eq!(e.chat_id.as_deref(), Some("c1"));
+    }
+    let mut phone = another_device(&server, "alice", "phone").await;
+    let state = chat_state(&mut phone, "c1").await;
+    assert_eq!(state.draft_json, Some(at_limit.as_object().cloned()), "the draft at the limit is kept and synced");
+    assert_eq!(state.versions.draft_v, 1);
+}
+
 #[tokio::test]
 async fn draft_text_in_nested_list_items_counts_toward_the_char_limit() {
     let server = TestServer::start_with(|c| c.max_draft_chars = 10).await;

@@ -865,9 +865,10 @@ async fn content_limits_titles_drafts_batches_and_offline_lists() {
     let mut arena = Arena::start().await;
     let words = |n: usize| vec!["w"; n].join(" ");
     let nested_text = {
-        // Text hidden 40 nodes deep in non-paragraph nodes still counts.
+        // Text hidden 14 nodes deep in non-paragraph nodes still counts (31 levels of nesting, within the
+        // draft depth limit of 32: the text limit refuses it, not the depth limit).
         let mut v = json!({ "type": "text", "text": "x".repeat(7_001) });
-        for _ in 0..40 {
+        for _ in 0..14 {
             v = json!({ "type": "weird", "content": [v] });
         }
         json!({ "type": "doc", "content": [v] })
@@ -922,7 +923,7 @@ async fn content_limits_titles_drafts_batches_and_offline_lists() {
             Want::Error(LimitExceeded, Some("draft_json")),
         ),
         req(
-            "draft text 40 nodes deep",
+            "draft text 14 nodes deep",
             "update_draft",
             json!({ "chat_id": "m1", "draft_json": nested_text }),
             Want::Error(LimitExceeded, Some("draft_json")),
@@ -1083,17 +1084,37 @@ async fn deep_nesting_and_huge_collections_do_not_hurt_the_server() {
             json!({ "changes": vec![json!({}); 100_000] }),
             Want::Error(LimitExceeded, Some("changes")),
         ),
+        // Within the parser's depth but past the protocol's (32 levels): stored, such a document made
+        // every later read of it fail in a reader whose parser stops at 128 levels, frame included.
         req(
-            "draft nested 100 deep (accepted)",
+            "draft nested 100 deep",
             "update_draft",
             json!({ "chat_id": "m1", "draft_json": nested(100) }),
+            Want::Error(LimitExceeded, Some("draft_json")),
+        ),
+        req(
+            "draft nested 32 deep (accepted)",
+            "update_draft",
+            json!({ "chat_id": "m1", "draft_json": nested(Limits::MAX_DRAFT_DEPTH - 1) }),
             Want::Reply("draft_update_confirmed"),
+        ),
+        req(
+            "message content nested 100 deep",
+            "chat_message_added",
+            json!({ "chat_id": "m1", "message": { "message_id": "deep", "content": nested(100) } }),
+            Want::Error(LimitExceeded, Some("message.content")),
+        ),
+        req(
+            "message content nested 32 deep (accepted)",
+            "chat_message_added",
+            json!({ "chat_id": "m1", "message": { "message_id": "deep", "content": nested(Limits::MAX_MESSAGE_CONTENT_DEPTH - 1) } }),
+            Want::Reply("chat_message_confirmed"),
         ),
     ];
     arena.run(cases).await;
 }
 
-/// An object nested `depth` deep.
+/// An object nested `depth` deep under the outermost one (`depth + 1` levels).
 fn nested(depth: usize) -> Value {
     let mut v = json!({ "text": "deep" });
     for _ in 0..depth {

@@ -254,6 +254,34 @@ async fn offline_drafts_obey_the_draft_limits_of_the_live_message() {
     assert_eq!(chat_state(&mut alice, "c1").await.versions.draft_v, 1);
 }
 
+/// An offline draft change obeys the draft depth limit (`Limits::MAX_DRAFT_DEPTH`) like `update_draft`:
+/// at the limit it is applied, one level more is a `limit_exceeded` result and changes nothing.
+#[tokio::test]
+async fn offline_drafts_obey_the_draft_depth_limit() {
+    let server = TestServer::start().await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    let nested = |levels: usize| (1..levels).fold(json!({ "text": "x" }), |inner, _| json!({ "a": inner }));
+    let changes = json!([
+        off_draft("over", "c1", nested(Limits::MAX_DRAFT_DEPTH + 1), 0),
+        off_draft("at", "c1", nested(Limits::MAX_DRAFT_DEPTH), 0),
+        off_draft("over-again", "c1", nested(Limits::MAX_DRAFT_DEPTH + 1), 1),
+    ]);
+    let (_, done) = offline_round(&mut alice, changes).await;
+    let got: Vec<_> = done.results.iter().map(result_summary).collect();
+    use OfflineStatus::*;
+    assert_eq!(
+        got,
+        [
+            (Some("over"), Error, Some(ErrorCode::LimitExceeded)),
+            (Some("at"), Applied, None),
+            (Some("over-again"), Error, Some(ErrorCode::LimitExceeded)),
+        ]
+    );
+    let state = chat_state(&mut alice, "c1").await;
+    assert_eq!(state.versions.draft_v, 1);
+    assert_eq!(state.draft_json, Some(nested(Limits::MAX_DRAFT_DEPTH).as_object().cloned()));
+}
+
 #[tokio::test]
 async fn offline_changes_to_another_users_chat_are_not_found_errors_and_change_nothing() {
     let server = TestServer::start().await;

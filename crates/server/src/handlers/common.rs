@@ -38,11 +38,19 @@ pub fn check_title(ctx: &Ctx, title: &str, field: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Checks a draft against `max_draft_chars` and `max_draft_words` (text as in [`crate::drafts::draft_text`]).
+/// Checks a draft against `Limits::MAX_DRAFT_DEPTH`, `max_draft_chars` and `max_draft_words` (text as in
+/// [`crate::drafts::draft_text`]).
 pub fn check_draft(ctx: &Ctx, draft: &Map<String, Value>, field: &str) -> Result<(), Error> {
     let (max_chars, max_words) = (ctx.limits.max_draft_chars as usize, ctx.limits.max_draft_words as usize);
     match crate::drafts::check_limits(draft, max_chars, max_words) {
         Ok(()) => Ok(()),
+        Err(DraftLimit::Depth) => Err(Error::limit_exceeded(
+            field,
+            format!(
+                "The draft nests objects and arrays deeper than {} levels (the draft depth limit).",
+                chatsync_protocol::Limits::MAX_DRAFT_DEPTH
+            ),
+        )),
         Err(DraftLimit::Chars) => {
             Err(Error::limit_exceeded(field, format!("The draft text is longer than max_draft_chars ({max_chars}).")))
         }
