@@ -159,7 +159,7 @@ pub struct StartStream {
     pub message_id: String,
     /// Who writes it: any id except `"user"`.
     pub sender_name: String,
-    /// Any JSON object up to 4 KiB, passed through to the devices.
+    /// Any JSON object up to 4 KiB and 32 levels of nesting, passed through to the devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<serde_json::Map<String, Value>>,
 }

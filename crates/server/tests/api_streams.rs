@@ -54,6 +54,38 @@ async fn text_until(c: &mut Client, stream: &str, last: u64) -> String {
     text
 }
 
+/// `meta` nested past the limit of message content (within its 4 KiB) was passed through to every device
+/// in `stream_started` and in each initial sync while the stream was open, where it broke a reader whose
+/// parser stops at 128 levels (frame included). 32 levels (`meta` itself the first) are taken and reach the
+/// devices; one level more is 422 `limit_exceeded` naming `meta`, and opens no stream.
+#[tokio::test]
+async fn meta_nested_at_the_depth_limit_is_taken_and_one_level_more_is_limit_exceeded() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let max = Limits::MAX_MESSAGE_CONTENT_DEPTH;
+    let meta = |levels: usize| (1..levels).fold(json!({}), |inner, _| json!({"a": inner}));
+    let start = |stream: &str, levels: usize| json!({"stream_id": stream, "message_id": stream, "sender_name": "assistant", "meta": meta(levels)});
+    let in_arrays = (2..=max).fold(json!([]), |inner, _| json!([inner])); // 32 levels, 33 in meta
+    for over in [
+        start("s1", max + 1),
+        start("s1", 100),
+        json!({"stream_id": "s1", "message_id": "s1",
+        "sender_name": "assistant", "meta": {"model": "m", "a": in_arrays}}),
+    ] {
+        let (status, body) = api.post(STREAMS, over.clone()).await;
+        assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "meta"), "{body}");
+    }
+    assert_eq!(api.post(STREAMS, start("s2", max)).await, (201, json!({"stream_id": "s2"})));
+    let started = expect_msg!(next_event(&mut phone).await, StreamStarted);
+    assert_eq!((started.stream_id.as_str(), Value::Object(started.meta)), ("s2", meta(max)));
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    let active = sync_all(&mut laptop).await.active_streams;
+    let ids: Vec<_> = active.iter().map(|s| s.stream_id.as_str()).collect();
+    assert_eq!(ids, ["s2"], "no stream opened for refused meta");
+    assert_eq!(Value::Object(active[0].meta.clone()), meta(max));
+}
+
 #[tokio::test]
 async fn three_devices_one_joining_mid_stream_and_one_slow() {
     let server = TestServer::start().await;

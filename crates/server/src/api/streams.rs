@@ -35,6 +35,10 @@ use serde_json::{json, Value};
 
 /// Largest `meta`, bytes of JSON.
 pub const MAX_META_BYTES: usize = 4096;
+/// Deepest `meta`, levels of nested objects and arrays as [`chatsync_protocol::object_depth`] counts them
+/// (`meta` itself is the first): the limit of message content, since `meta` reaches the devices in
+/// `stream_started` and in every `initial_sync_response` while the stream is open.
+pub const MAX_META_DEPTH: usize = chatsync_protocol::Limits::MAX_MESSAGE_CONTENT_DEPTH;
 /// Largest `delta` of one chunk, bytes.
 pub const MAX_DELTA_BYTES: usize = 16 * 1024;
 
@@ -97,6 +101,12 @@ async fn start(
     let meta = body.meta.unwrap_or_default();
     if serde_json::to_vec(&meta).map_or(usize::MAX, |v| v.len()) > MAX_META_BYTES {
         return Err(ApiError::limit_exceeded("meta", format!("meta is larger than {MAX_META_BYTES} bytes of JSON.")));
+    }
+    if chatsync_protocol::object_depth(&meta) > MAX_META_DEPTH {
+        return Err(ApiError::limit_exceeded(
+            "meta",
+            format!("meta nests objects and arrays deeper than {MAX_META_DEPTH} levels."),
+        ));
     }
     if s.ctx.store.user(&user_id).await?.is_none() {
         return Err(ApiError::not_found("No user has this id."));
