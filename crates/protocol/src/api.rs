@@ -179,7 +179,8 @@ pub struct StreamOpened {
 pub struct PostChunk {
     /// 1 for the first chunk, +1 for each next one.
     pub seq: u64,
-    /// The text this chunk adds (at most 16 KiB).
+    /// The text this chunk adds (at most 16 KiB, and its `stream_chunk` frame, JSON-escaped, at most
+    /// `max_reply_bytes`).
     pub delta: String,
 }
 

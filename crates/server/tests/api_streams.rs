@@ -628,3 +628,59 @@ async fn a_retried_start_in_a_new_chat_is_a_retry_after_the_user_reached_the_lim
     let (status, body) = api.post("/users/alice/chats/c2/streams", start_body("s1", "m1")).await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// A chunk whose `stream_chunk` frame would be larger than `max_reply_bytes` (PROTOCOL.md "Bounded
+/// replies") is refused up front: 422 `limit_exceeded` naming `delta`, nothing applied or delivered, the
+/// stream still open at the same `seq`. Within the 16 KiB of a delta only text that grows in JSON gets
+/// there (a control character is escaped as six bytes). A chunk whose frame is exactly the bound is
+/// accepted and delivered whole. Before, the larger one was accepted (202, its text part of the stream)
+/// and then could not be delivered.
+#[tokio::test]
+async fn a_chunk_whose_frame_would_exceed_the_reply_bound_is_refused() {
+    const REPLY: u32 = 81_920;
+    let server = TestServer::start_with(|c| {
+        c.max_reply_bytes = REPLY;
+        c.max_chats_per_user = 100;
+        c.max_offline_changes = 50;
+    })
+    .await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    expect_msg!(next_event(&mut phone).await, StreamStarted);
+
+    // A delta of `escaped` control characters and `plain` letters whose frame is exactly `REPLY` bytes.
+    let frame_len = |seq: u64, delta: &str| {
+        let chunk = StreamChunk {
+            chat_id: ChatId::new("c1").unwrap(),
+            stream_id: StreamId::new("s1").unwrap(),
+            seq,
+            delta: delta.to_owned(),
+        };
+        encode(&ServerMessage::StreamChunk(chunk), None).len()
+    };
+    let escaped = "\u{1}".repeat(13_400);
+    let plain = REPLY as usize - frame_len(1, &escaped);
+    let fits = format!("{escaped}{}", "a".repeat(plain));
+    let over = format!("{fits}a");
+    assert_eq!(frame_len(1, &fits), REPLY as usize);
+    assert!(over.len() <= 16 * 1024, "within the delta limit: only the frame is too large");
+
+    let (status, body) = send_chunk(&api, "s1", 1, &over).await;
+    assert_eq!((status, code(&body), field(&body)), (422, "limit_exceeded", "delta"), "{body}");
+    assert_quiet(&mut phone).await;
+    assert_eq!(server.ctx.streams.list("alice").await.unwrap()[0].seq, 0, "nothing applied");
+
+    assert_eq!(send_chunk(&api, "s1", 1, &fits).await, (202, json!({})));
+    let text = tokio::time::timeout(Duration::from_secs(10), phone.recv_text()).await.expect("the chunk").unwrap();
+    assert_eq!(text.len(), REPLY as usize);
+    let delivered = parse_chunk_frame(&text).expect("a stream_chunk");
+    assert_eq!((delivered.seq, delivered.delta == fits), (1, true));
+
+    // A repeated seq is ignored whatever its delta, also one too large; the stream goes on.
+    assert_eq!(send_chunk(&api, "s1", 1, &over).await, (200, json!({})));
+    assert_eq!(send_chunk(&api, "s1", 2, "more").await, (202, json!({})));
+    assert_eq!(text_until(&mut phone, "s1", 2).await, "more");
+    let open = server.ctx.streams.list("alice").await.unwrap();
+    assert_eq!((open[0].seq, open[0].content.len()), (2, fits.len() + 4));
+}

@@ -5,8 +5,8 @@
 //!   → 201 `{"stream_id"}` (200 for a retried start of the same stream; 409 when the id is open with
 //!   another message id or sender); ALL `stream_started`.
 //! * `POST …/streams/{stream_id}/chunks` `{"seq","delta"}` → 202 `{}`; a repeated `seq` → 200 `{}` and
-//!   ignored (whatever its delta); a gap or a stream that is not open → 409; a delta over 16 KiB or past
-//!   the text cap → 422; ALL `stream_chunk`.
+//!   ignored (whatever its delta); a gap or a stream that is not open → 409; a delta over 16 KiB, past
+//!   the text cap, or whose `stream_chunk` frame would exceed `max_reply_bytes` → 422; ALL `stream_chunk`.
 //! * `POST …/streams/{stream_id}/complete` `{"content"?}` → 201 as `POST …/messages`; ALL
 //!   `stream_completed` (nothing else: devices fetch the stored message). A stream that is not open →
 //!   409. A retry after a 503 whose write had committed finds the stream's own message stored → 200 with
@@ -84,6 +84,10 @@ fn op_error(e: OpError) -> ApiError {
             format!("The user has {max} streams open (max_open_streams_per_user); end one before starting another."),
         ),
         OpError::Stream(StreamError::Unavailable(detail)) => ApiError::unavailable(detail),
+        OpError::FrameTooLarge { max } => ApiError::limit_exceeded(
+            "delta",
+            format!("The stream_chunk frame of this delta would be larger than max_reply_bytes ({max}) in JSON."),
+        ),
     }
 }
 
@@ -137,9 +141,12 @@ async fn chunk(
         }
         return Err(ApiError::limit_exceeded("delta", format!("delta is longer than {MAX_DELTA_BYTES} bytes.")));
     }
-    let status = match ops::chunk(&s.ctx, &key, body.seq, &body.delta).await.map_err(op_error)? {
-        Appended::Accepted => StatusCode::ACCEPTED,
-        Appended::Duplicate => StatusCode::OK,
+    let status = match ops::chunk(&s.ctx, &key, body.seq, &body.delta).await {
+        Ok(Appended::Accepted) => StatusCode::ACCEPTED,
+        Ok(Appended::Duplicate) => StatusCode::OK,
+        // As for a delta over 16 KiB: a repeated `seq` is ignored whatever its delta.
+        Err(OpError::FrameTooLarge { .. }) if already_accepted(&s, &key, body.seq).await => StatusCode::OK,
+        Err(e) => return Err(op_error(e)),
     };
     Ok((status, Json(json!({}))))
 }

@@ -29,6 +29,15 @@ pub enum OpError {
     /// The store failed while checking the chat, or the chat cannot be created (past `max_chats_per_user`).
     #[error("{0:?}")]
     Store(crate::error::Error),
+    /// The chunk's `stream_chunk` frame would be larger than `max_reply_bytes` (PROTOCOL.md "Bounded
+    /// replies"), so no device could be sent it (422 `limit_exceeded` naming `delta`). Only a delta that
+    /// grows in JSON (control characters escaped as `\u00XX`, six bytes each) gets there within the 16 KiB
+    /// limit of a delta. Nothing was applied: the stream stays open at the same `seq`.
+    #[error("the chunk's frame would be larger than {max} bytes")]
+    FrameTooLarge {
+        /// `max_reply_bytes`.
+        max: usize,
+    },
 }
 
 impl From<crate::error::Error> for OpError {
@@ -106,18 +115,25 @@ async fn still_deleted(ctx: &Ctx, key: &StreamKey) -> bool {
     }
 }
 
-/// Accepts chunk `seq` and delivers it to ALL as `stream_chunk`; a repeated `seq` is ignored.
+/// Accepts chunk `seq` and delivers it to ALL as `stream_chunk`; a repeated `seq` is ignored. A chunk whose
+/// frame would exceed `max_reply_bytes` is [`OpError::FrameTooLarge`] before the registry sees it (checked
+/// on the frame itself, as it would be delivered), so it is never accepted without being deliverable.
 pub async fn chunk(ctx: &Ctx, key: &StreamKey, seq: u64, delta: &str) -> Result<Appended, OpError> {
+    let event = ServerMessage::StreamChunk(StreamChunk {
+        chat_id: key.chat_id.clone(),
+        stream_id: key.stream_id.clone(),
+        seq,
+        delta: delta.to_owned(),
+    });
+    let frame = encode(&event, None);
+    let max = ctx.config.max_reply_bytes as usize;
+    if frame.len() > max {
+        return Err(OpError::FrameTooLarge { max });
+    }
     let appended = ctx.streams.append(key, seq, delta, now_millis()).await?;
     if appended == Appended::Accepted {
         metrics::counter!(crate::metrics::STREAM_CHUNKS).increment(1);
-        let event = ServerMessage::StreamChunk(StreamChunk {
-            chat_id: key.chat_id.clone(),
-            stream_id: key.stream_id.clone(),
-            seq,
-            delta: delta.to_owned(),
-        });
-        ctx.hub.deliver_in_order(&key.user_id, Audience::All, encode(&event, None).into()).await;
+        ctx.hub.deliver_in_order(&key.user_id, Audience::All, frame.into()).await;
         ctx.streams.tidy(key).await;
     }
     Ok(appended)
