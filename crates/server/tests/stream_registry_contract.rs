@@ -1,8 +1,9 @@
 //! The `StreamRegistry` contract (SERVER_API.md section 4), run against every implementation: the memory
 //! registry always, the Redis registry when `CHATSYNC_TEST_REDIS_URL` is set (each case with a key prefix
 //! of its own). Also: two Redis registries (two nodes) share the streams, an idle stream is swept by
-//! exactly one of them, Redis holds no plaintext of a chunk, a user id or the metadata, and a take (or a
-//! sweep) whose script ran but whose reply was lost still returns its stream, once.
+//! exactly one of them, Redis holds no plaintext of a chunk, a user id or the metadata, a take (or a
+//! sweep) whose script ran but whose reply was lost still returns its stream, once, and an open or an
+//! append whose reply was lost still gets the first run's answer.
 
 mod common;
 
@@ -655,6 +656,55 @@ async fn a_take_whose_reply_is_lost_still_returns_the_stream_once() {
     assert_eq!(r.append(&k, 4, "!", 7).await, Ok(Appended::Accepted));
     assert_eq!(other_node.take(&k).await.unwrap().map(|s| (s.seq, s.content)), Some((4, "partial text!".into())));
     assert_eq!(left_in_redis(&own.url()).await, vec![]);
+}
+
+/// An open whose script ran in Redis but whose reply never reached the node runs it again with the same
+/// nonce and gets the first run's answer: a new stream (to be announced), opened once. Before, the call
+/// failed (503), and the backend's retried start found the stream open: 200, and `stream_started` was never
+/// sent; a run again without the nonce answered "already open" likewise.
+#[tokio::test]
+async fn an_open_whose_reply_is_lost_still_answers_new_once() {
+    let Some(TwoNodes { own: _own, proxy: loser, r, other_node }) = two_nodes().await else { return };
+    let k = key("alice", "c1", "s1");
+    let (ran, go_on) = loser.arm();
+    let open = tokio::spawn({
+        let (r, k) = (r.clone(), k.clone());
+        async move { r.open(&k, &info("m1"), 1_000).await }
+    });
+    ran.await.expect("the open's script reached Redis");
+    assert!(other_node.is_open(&k).await.unwrap(), "the first run opened it");
+    drop(go_on);
+    let opened = tokio::time::timeout(Duration::from_secs(20), open).await.expect("the open ends").unwrap();
+    assert_eq!(opened, Ok(Opened::New), "the first run's answer");
+    let open: Vec<_> = other_node.list("alice").await.unwrap().into_iter().map(|s| (s.key, s.seq)).collect();
+    assert_eq!(open, vec![(k.clone(), 0)], "one stream");
+    assert_eq!(r.open(&k, &info("m1"), 2_000).await, Ok(Opened::AlreadyOpen), "another start is a retry");
+    assert_eq!(r.open(&k, &info("m2"), 2_000).await, Err(StreamError::Conflict));
+}
+
+/// An append whose script ran in Redis but whose reply never reached the node runs it again with the same
+/// nonce and gets the first run's answer, accepted (so the chunk is delivered), and the text holds the
+/// chunk once. Before, the call failed (503) and the backend's retry was a duplicate (200): accepted and
+/// never delivered to the devices; a run again without the nonce answered "duplicate" likewise.
+#[tokio::test]
+async fn an_append_whose_reply_is_lost_still_answers_accepted_once() {
+    let Some(TwoNodes { own: _own, proxy: loser, r, other_node }) = two_nodes().await else { return };
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1_000).await.unwrap();
+    r.append(&k, 1, "partial ", 1_001).await.unwrap();
+    let (ran, go_on) = loser.arm();
+    let append = tokio::spawn({
+        let (r, k) = (r.clone(), k.clone());
+        async move { r.append(&k, 2, "text", 1_002).await }
+    });
+    ran.await.expect("the append's script reached Redis");
+    drop(go_on);
+    let appended = tokio::time::timeout(Duration::from_secs(20), append).await.expect("the append ends").unwrap();
+    assert_eq!(appended, Ok(Appended::Accepted), "the first run's answer");
+    assert_eq!(r.append(&k, 2, "text", 1_003).await, Ok(Appended::Duplicate), "a later call is a repeat");
+    assert_eq!(r.append(&k, 3, "!", 1_004).await, Ok(Appended::Accepted));
+    let taken = other_node.take(&k).await.unwrap().expect("open");
+    assert_eq!((taken.seq, taken.content.as_str()), (3, "partial text!"), "each chunk once");
 }
 
 /// The idle sweep takes too: a sweep whose script ran but whose reply was lost still returns the idle

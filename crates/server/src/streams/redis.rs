@@ -4,7 +4,8 @@
 //! Keys (under the configured `redis_prefix`, `P`; `U` = 128 bits of SHA-256 of the user id, `S` = the
 //! same of chat id and stream id, so key names show neither):
 //! * `P stream:{U}:S`: a hash `rec` (the key and [`StreamInfo`], sealed), `seq`, `bytes` (text so far),
-//!   `last` (unix ms of the start or last chunk);
+//!   `last` (unix ms of the start or last chunk), `on` (the nonce of the open that created it) and `an`
+//!   (that of the last accepted append: see below);
 //! * `P stream:{U}:S:c`: a list of sealed chunks, each `seq` (8 bytes, big endian) + delta, bound to its
 //!   stream by the associated data and checked on read to be strictly increasing and to end at or before
 //!   `seq`. Only chunks with text are kept: an empty delta moves `seq` and `last` and adds no entry, so the
@@ -37,13 +38,27 @@
 //! master key (`master.derive("streams")`): Redis never holds a chunk, a user id or metadata in plaintext.
 //!
 //! A reply may take [`REPLY_TIMEOUT`] (the bus's, not the crate's 500 ms), and a script whose reply is
-//! given up on (or whose connection broke between the script and its reply) may still have run. For a
-//! take (`take`, and the idle sweep, which takes a stream that is idle) that would lose the stream, gone
-//! from Redis with no copy at the caller, so a take is idempotent: each take draws a nonce, and its script
-//! (`TAKE`) moves the stream to the taken key of that nonce instead of deleting it. When the reply is
-//! lost, the take runs the script again with the same nonce (up to `TAKE_ATTEMPTS` runs, all within
-//! `TAKE_DEADLINE` of the take's start, well inside the copy's life), and the script, finding the taken
-//! key, returns what the first run took. No other take names that key, so of two takes racing on one
+//! given up on (or whose connection broke between the script and its reply) may still have run. So the
+//! scripts that change a stream are idempotent under a nonce the call draws, and a call whose reply is
+//! lost runs its script again with the same nonce (`eval_until_answered`: up to `ANSWER_ATTEMPTS` runs,
+//! all within `ANSWER_DEADLINE` of the call's start), which answers as the first run did:
+//! * an open (`OPEN`) that created the stream leaves its nonce in the hash's `on`; a run again finds it
+//!   and answers "new" (not "already open": the stream would never be announced);
+//! * an accepted append (`APPEND`) leaves its nonce in `an`; a run again answers "accepted" (not
+//!   "duplicate": the chunk would never be delivered), and nothing is appended twice;
+//! * a take (`take`, and the idle sweep, which takes a stream that is idle) would otherwise lose the
+//!   stream, gone from Redis with no copy at the caller: its script (`TAKE`) moves the stream to the taken
+//!   key of the take's nonce instead of deleting it (well inside the copy's life), and a run again, finding
+//!   the taken key, returns what the first run took.
+//!
+//! Any other outcome of an open or an append changes nothing, so a run again answers the same. A run of
+//! an append that reaches Redis late (sent before a reply timeout, delayed on the network, while a later
+//! run answered) changes nothing either: it finds its nonce, or a later `seq`, or no stream. A late run of
+//! an open after the stream it opened was taken would open it again (with no idle index entry: its keys'
+//! expiry ends it, silently); unlike a take's, nothing marks an open as over, since that takes a window
+//! of a whole stream's life, not of one reply.
+//!
+//! For a take, no other take names its taken key, so of two takes racing on one
 //! stream exactly one gets it as before; once the reply is in, the take deletes its taken copy (with the
 //! idle index's entry dropped, in one round trip) or, if it ran more than once, replaces it with a marker,
 //! so that an earlier run that reaches Redis late (sent before a reply timeout, delayed on the network)
@@ -65,15 +80,20 @@ use tokio::sync::Mutex;
 
 /// Opens a stream unless one is open: returns the existing {`rec`, `last`}, or nil after creating it, or
 /// the number of the user's open streams (an integer) when that is the cap already (the user set counts
-/// them; see [`PRUNE`] for members whose stream expired).
-/// KEYS: hash, chunks, user set. ARGV: rec, now, ttl ms, S, cap.
+/// them; see [`PRUNE`] for members whose stream expired). The stream created keeps the open's nonce in
+/// `on`: a run of the same open again (its reply was lost) finds it and answers nil, as the run that
+/// created it did, not the existing stream (a retried start, which announces nothing).
+/// KEYS: hash, chunks, user set. ARGV: rec, now, ttl ms, S, cap, nonce.
 const OPEN: &str = r#"
-local v = redis.call('HMGET', KEYS[1], 'rec', 'last')
-if v[1] then return v end
+local v = redis.call('HMGET', KEYS[1], 'rec', 'last', 'on')
+if v[1] then
+  if v[3] == ARGV[6] then return false end
+  return {v[1], v[2]}
+end
 local open = redis.call('SCARD', KEYS[3])
 if open >= tonumber(ARGV[5]) then return open end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'seq', 0, 'bytes', 0, 'last', ARGV[2])
+redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'seq', 0, 'bytes', 0, 'last', ARGV[2], 'on', ARGV[6])
 redis.call('SADD', KEYS[3], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
@@ -81,18 +101,28 @@ return false
 "#;
 
 /// Appends chunk `seq`: 1 accepted, 0 duplicate, -1 not open, -2 gap (then the last seq as 2nd), -3 cap.
-/// Accepted, the 3rd is the number of entries after the merged head (0 when nothing was pushed).
+/// Accepted, the 3rd is the number of entries after the merged head (0 when nothing was pushed). The
+/// accepting run keeps the append's nonce in `an`: a run of the same append again (its reply was lost)
+/// finds it and answers accepted, as the first run did, not duplicate (the chunk would never be
+/// delivered). Only the last append's nonce is kept, which is enough: a backend sends the next chunk once
+/// this one is answered, and any other outcome changes nothing, so that a run again answers the same.
 /// KEYS: hash, chunks, user set. ARGV: seq, sealed chunk (empty for an empty delta: nothing is pushed),
-/// delta bytes, cap, now, ttl ms.
+/// delta bytes, cap, now, ttl ms, nonce.
 const APPEND: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
-local cur = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local h = redis.call('HMGET', KEYS[1], 'seq', 'bytes', 'an', 'merged')
+local cur = tonumber(h[1])
 local seq = tonumber(ARGV[1])
+if h[3] == ARGV[7] then
+  local unmerged = 0
+  if ARGV[2] ~= '' then unmerged = redis.call('LLEN', KEYS[2]) - tonumber(h[4] or '0') end
+  return {1, seq, unmerged}
+end
 if seq <= cur then return {0, cur} end
 if seq ~= cur + 1 then return {-2, cur} end
-local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes')) + tonumber(ARGV[3])
+local bytes = tonumber(h[2]) + tonumber(ARGV[3])
 if bytes > tonumber(ARGV[4]) then return {-3, cur} end
-redis.call('HSET', KEYS[1], 'seq', seq, 'bytes', bytes, 'last', ARGV[5])
+redis.call('HSET', KEYS[1], 'seq', seq, 'bytes', bytes, 'last', ARGV[5], 'an', ARGV[7])
 local unmerged = 0
 if ARGV[2] ~= '' then
   unmerged = redis.call('RPUSH', KEYS[2], ARGV[2]) - tonumber(redis.call('HGET', KEYS[1], 'merged') or '0')
@@ -245,20 +275,22 @@ fn merge_due(unmerged: i64) -> bool {
 }
 
 /// How long a taken stream's copy (the taken key of [`TAKE`]) waits for a retry of its take that lost the
-/// reply. Longer than the retries may take ([`TAKE_DEADLINE`]).
+/// reply. Longer than the retries may take ([`ANSWER_DEADLINE`]).
 const TAKEN_TTL_MS: u64 = 60_000;
 
-/// Runs of one take's script, the first included, when the reply is lost (a connection error or no
-/// reply within [`REPLY_TIMEOUT`]); the pause before each retry grows from [`TAKE_BACKOFF`].
-const TAKE_ATTEMPTS: u32 = 4;
-const TAKE_BACKOFF: Duration = Duration::from_millis(50);
+/// Runs of one operation's script (a take, an open, an append), the first included, when the reply is
+/// lost (a connection error or no reply within [`REPLY_TIMEOUT`]); the pause before each retry starts at
+/// [`ANSWER_BACKOFF`] and doubles (50, 100, 200 ms).
+const ANSWER_ATTEMPTS: u32 = 4;
+const ANSWER_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Every run of a take has its reply within this of the take's start, or the take fails: the taken copy
-/// a run made expires [`TAKEN_TTL_MS`] after that run (after the start), so a later run answering within
-/// this still finds it. One run may take several reply timeouts (a reconnect, the scripts loaded again),
-/// so four of them could otherwise outlast the copy, and a retry finding neither copy nor stream would
-/// report the stream as not open (a `complete` answered 409, not 503).
-const TAKE_DEADLINE: Duration = Duration::from_secs(45);
+/// Every run of an operation has its reply within this of the operation's start, or the operation fails:
+/// what a first run left for its retries (a take's copy, expiring [`TAKEN_TTL_MS`] after that run; the
+/// nonce of an open or an append, in the stream's hash, which lives at least 60 s from then) is still
+/// there for a later run answering within this. One run may take several reply timeouts (a reconnect,
+/// the scripts loaded again), so four of them could otherwise outlast a take's copy, and a retry finding
+/// neither copy nor stream would report the stream as not open (a `complete` answered 409, not 503).
+const ANSWER_DEADLINE: Duration = Duration::from_secs(45);
 
 /// A take's taken key, and whether the take ran its script more than once (a run of it may then still
 /// reach Redis late: its cleanup leaves a marker rather than nothing).
@@ -549,11 +581,44 @@ impl RedisStreams {
         Err(EvalError::Refused { wrong_type: false, detail: "Redis keeps forgetting the stream scripts".into() })
     }
 
-    /// Runs [`TAKE`] on one stream under a nonce of its own, and again with the same nonce when the reply
-    /// is lost (a connection error, or no reply within [`REPLY_TIMEOUT`]), up to [`TAKE_ATTEMPTS`] runs: the
-    /// first run may have taken the stream before its reply was lost, and a retry finds it in the taken
-    /// key that only this nonce names. A refusal (Redis answered with an error) is not retried. Returns the
-    /// reply and the taken key, which the caller deletes once it has the reply ([`RedisStreams::taken`]).
+    /// Runs script `index` as [`RedisStreams::eval`] does, and again with the same arguments when the reply
+    /// is lost (a connection error, or no reply within [`REPLY_TIMEOUT`]), up to [`ANSWER_ATTEMPTS`] runs,
+    /// all within [`ANSWER_DEADLINE`]. Only for a script that a run again answers as its first run did
+    /// (its arguments carry a nonce, which the first run leaves in Redis for the others to find: [`TAKE`],
+    /// [`OPEN`], [`APPEND`]): the first run may have run before its reply was lost. A refusal
+    /// (Redis answered with an error) is not retried. Returns the reply and the number of runs.
+    async fn eval_until_answered(
+        &self,
+        n: &Names,
+        index: usize,
+        keys: &[&str],
+        args: Vec<Vec<u8>>,
+    ) -> Result<(Value, u32), EvalError> {
+        let mut backoff = ANSWER_BACKOFF;
+        let deadline = tokio::time::Instant::now() + ANSWER_DEADLINE;
+        for attempt in 1.. {
+            let run = self.eval(index, keys, args.clone());
+            let Ok(result) = tokio::time::timeout_at(deadline, run).await else {
+                return Err(EvalError::Connection("no reply within the operation's deadline".into()));
+            };
+            match result {
+                Err(EvalError::Connection(detail))
+                    if attempt < ANSWER_ATTEMPTS && tokio::time::Instant::now() + backoff < deadline =>
+                {
+                    tracing::debug!(stream = %n.member, attempt, error = %detail, "a stream script's reply was lost; running it again");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                result => return result.map(|v| (v, attempt)),
+            }
+        }
+        unreachable!("the loop returns by its last attempt")
+    }
+
+    /// Runs [`TAKE`] on one stream under a nonce of its own, until answered
+    /// ([`RedisStreams::eval_until_answered`]): the first run may have taken the stream before its reply
+    /// was lost, and a retry finds it in the taken key that only this nonce names. Returns the reply and
+    /// the taken key, which the caller deletes once it has the reply ([`RedisStreams::taken`]).
     async fn take_script(&self, n: &Names, cutoff: Option<i64>, whole: bool) -> Result<(Value, Taken), EvalError> {
         let nonce: [u8; 16] = rand::random();
         let taken = format!("{}:taken:{}", n.hash, hex::encode(nonce));
@@ -563,26 +628,9 @@ impl RedisStreams {
             cutoff.map(|c| c.to_string()).unwrap_or_default().into(),
             if whole { b"1".to_vec() } else { b"0".to_vec() },
         ];
-        let mut backoff = TAKE_BACKOFF;
-        let deadline = tokio::time::Instant::now() + TAKE_DEADLINE;
         let keys = [n.hash.as_str(), &n.chunks, &n.user_set, &taken];
-        for attempt in 1.. {
-            let run = self.eval(3, &keys, args.clone());
-            let Ok(result) = tokio::time::timeout_at(deadline, run).await else {
-                return Err(EvalError::Connection("no reply within the take's deadline".into()));
-            };
-            match result {
-                Err(EvalError::Connection(detail))
-                    if attempt < TAKE_ATTEMPTS && tokio::time::Instant::now() + backoff < deadline =>
-                {
-                    tracing::debug!(stream = %n.member, attempt, error = %detail, "a take's reply was lost; retrying it");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
-                result => return result.map(|v| (v, Taken { key: taken, retried: attempt > 1 })),
-            }
-        }
-        unreachable!("the loop returns by its last attempt")
+        let (v, runs) = self.eval_until_answered(n, 3, &keys, args).await?;
+        Ok((v, Taken { key: taken, retried: runs > 1 }))
     }
 
     /// Ends a take once it has its reply: drops the taken stream's entry in the idle index (with
@@ -750,12 +798,15 @@ impl StreamRegistry for RedisStreams {
             self.ttl_ms.to_string().into(),
             n.sid.clone().into(),
             self.max_open.to_string().into(),
+            rand::random::<[u8; 16]>().to_vec(),
         ];
-        let mut v = self.eval(0, &[&n.hash, &n.chunks, &n.user_set], args.clone()).await?;
+        let keys = [n.hash.as_str(), &n.chunks, &n.user_set];
+        let (mut v, _) = self.eval_until_answered(&n, 0, &keys, args.clone()).await?;
         if let Value::Int(_) = v {
-            // At the cap: members whose stream expired may fill it. Forget those and try once more.
+            // At the cap: members whose stream expired may fill it. Forget those and try once more (with
+            // the same nonce: the first try created nothing).
             if self.prune(&n).await? < self.max_open {
-                v = self.eval(0, &[&n.hash, &n.chunks, &n.user_set], args).await?;
+                v = self.eval_until_answered(&n, 0, &keys, args).await?.0;
             }
         }
         match v {
@@ -801,8 +852,9 @@ impl StreamRegistry for RedisStreams {
             self.max_bytes.to_string().into(),
             now_ms.to_string().into(),
             self.ttl_ms.to_string().into(),
+            rand::random::<[u8; 16]>().to_vec(),
         ];
-        let v = self.eval(1, &[&n.hash, &n.chunks, &n.user_set], args).await?;
+        let (v, _) = self.eval_until_answered(&n, 1, &[&n.hash, &n.chunks, &n.user_set], args).await?;
         let (code, last, unmerged) = match &v {
             Value::Array(items) if items.len() >= 2 => {
                 (int(&items[0]), int(&items[1]), items.get(2).and_then(int).unwrap_or(0))
