@@ -574,13 +574,14 @@ async fn two_nodes() -> Option<TwoNodes> {
 }
 
 /// The keys in `redis` (a server of the test's own) once the streams there are taken: none but the
-/// markers of finished takes (`…:taken:<nonce>` = `1`, expiring within the copy's 60 s), which are left out.
+/// markers of finished takes and put-backs (`…:taken:<nonce>` or `…:restored:<nonce>` = `1`, expiring
+/// within 60 s), which are left out.
 async fn left_in_redis(url: &str) -> Vec<(String, i64)> {
     let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
     let mut left = Vec::new();
     for (k, ttl) in keys_with_ttl(url).await {
         let kind: String = redis::cmd("TYPE").arg(&k).query_async(&mut conn).await.unwrap();
-        if k.contains(":taken:") && kind == "string" {
+        if (k.contains(":taken:") || k.contains(":restored:")) && kind == "string" {
             let v: String = redis::cmd("GET").arg(&k).query_async(&mut conn).await.unwrap();
             assert!(v == "1" && ttl > 0 && ttl <= 60_000, "a take's marker: {k} = {v}, ttl {ttl}");
         } else {
@@ -705,6 +706,47 @@ async fn an_append_whose_reply_is_lost_still_answers_accepted_once() {
     assert_eq!(r.append(&k, 3, "!", 1_004).await, Ok(Appended::Accepted));
     let taken = other_node.take(&k).await.unwrap().expect("open");
     assert_eq!((taken.seq, taken.content.as_str()), (3, "partial text!"), "each chunk once");
+}
+
+/// A put-back (a completion that failed) whose script ran in Redis but whose reply never reached the node
+/// runs it again with the same nonce and succeeds: the stream is open with its text. And if the stream
+/// was taken between the run and the run again (a device cancelled it), the run again does not reopen it.
+/// Before, the put-back failed (logged only) although it had happened; a run again without its marker
+/// would have reopened the cancelled stream.
+#[tokio::test]
+async fn a_put_back_whose_reply_is_lost_succeeds_once() {
+    let Some(TwoNodes { own, proxy: loser, r, other_node }) = two_nodes().await else { return };
+    let k = key("alice", "c1", "s1");
+    r.open(&k, &info("m1"), 1_000).await.unwrap();
+    r.append(&k, 1, "text", 1_001).await.unwrap();
+    let taken = r.take(&k).await.unwrap().expect("open");
+
+    let (ran, go_on) = loser.arm();
+    let restore = tokio::spawn({
+        let (r, taken) = (r.clone(), taken.clone());
+        async move { r.restore(taken, 2_000).await }
+    });
+    ran.await.expect("the put-back's script reached Redis");
+    drop(go_on);
+    let restored = tokio::time::timeout(Duration::from_secs(20), restore).await.expect("the put-back ends").unwrap();
+    assert_eq!(restored, Ok(()));
+    assert_eq!(r.append(&k, 2, "!", 2_001).await, Ok(Appended::Accepted));
+    let again = other_node.take(&k).await.unwrap().expect("put back");
+    assert_eq!((again.seq, again.content.as_str()), (2, "text!"));
+
+    // The stream is cancelled between the put-back's run and its run again: it stays cancelled.
+    let (ran, go_on) = loser.arm();
+    let restore = tokio::spawn({
+        let r = r.clone();
+        async move { r.restore(again, 3_000).await }
+    });
+    ran.await.expect("the put-back's script reached Redis");
+    assert!(other_node.take(&k).await.unwrap().is_some(), "a device cancels the stream put back");
+    drop(go_on);
+    let restored = tokio::time::timeout(Duration::from_secs(20), restore).await.expect("the put-back ends").unwrap();
+    assert_eq!(restored, Ok(()));
+    assert!(!other_node.is_open(&k).await.unwrap(), "not reopened by the run again");
+    assert_eq!(left_in_redis(&own.url()).await, vec![], "nothing left in Redis but expiring markers");
 }
 
 /// The idle sweep takes too: a sweep whose script ran but whose reply was lost still returns the idle

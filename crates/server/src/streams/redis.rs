@@ -46,6 +46,10 @@
 //!   and answers "new" (not "already open": the stream would never be announced);
 //! * an accepted append (`APPEND`) leaves its nonce in `an`; a run again answers "accepted" (not
 //!   "duplicate": the chunk would never be delivered), and nothing is appended twice;
+//! * a put-back (`RESTORE`, of a stream whose completion failed) leaves a marker `P stream:{U}:S:restored:N`
+//!   (`N` its nonce, expiring after 60 s like a taken copy; removed once answered at its first run); a run
+//!   again finds it and answers "put back" without looking at the stream, which a take (a device's cancel)
+//!   may have ended meanwhile: not reopened;
 //! * a take (`take`, and the idle sweep, which takes a stream that is idle) would otherwise lose the
 //!   stream, gone from Redis with no copy at the caller: its script (`TAKE`) moves the stream to the taken
 //!   key of the take's nonce instead of deleting it (well inside the copy's life), and a run again, finding
@@ -205,10 +209,15 @@ redis.call('SREM', KEYS[3], ARGV[1])
 return taken()
 "#;
 
-/// Puts back a taken stream unless one is open: 1 when put back, else the open stream's `last`.
-/// KEYS: hash, chunks, user set.
-/// ARGV: rec, seq, bytes, now, ttl ms, S, sealed chunk (all the text as one chunk; empty when there is none).
+/// Puts back a taken stream unless one is open: 1 when put back, else the open stream's `last`. A put-back
+/// leaves a marker `R` (named with the restore's nonce, expiring after ARGV[8] ms): a run of the same
+/// restore again (its reply was lost) or late finds it and answers 1 without looking at the stream, which
+/// may have been taken since (a device's cancel: put back again, a cancelled stream would be open).
+/// KEYS: hash, chunks, user set, R.
+/// ARGV: rec, seq, bytes, now, ttl ms, S, sealed chunk (all the text as one chunk; empty when there is
+/// none), R's ttl ms.
 const RESTORE: &str = r#"
+if redis.call('EXISTS', KEYS[4]) == 1 then return 1 end
 local last = redis.call('HGET', KEYS[1], 'last')
 if last then return last end
 redis.call('DEL', KEYS[2])
@@ -220,6 +229,7 @@ redis.call('SADD', KEYS[3], ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
+redis.call('SET', KEYS[4], 1, 'PX', ARGV[8])
 return 1
 "#;
 
@@ -275,18 +285,20 @@ fn merge_due(unmerged: i64) -> bool {
 }
 
 /// How long a taken stream's copy (the taken key of [`TAKE`]) waits for a retry of its take that lost the
-/// reply. Longer than the retries may take ([`ANSWER_DEADLINE`]).
+/// reply, and a put-back's marker ([`RESTORE`]) for its own. Longer than the retries may take
+/// ([`ANSWER_DEADLINE`]).
 const TAKEN_TTL_MS: u64 = 60_000;
 
-/// Runs of one operation's script (a take, an open, an append), the first included, when the reply is
-/// lost (a connection error or no reply within [`REPLY_TIMEOUT`]); the pause before each retry starts at
-/// [`ANSWER_BACKOFF`] and doubles (50, 100, 200 ms).
+/// Runs of one operation's script (a take, an open, an append, a put-back), the first included, when the
+/// reply is lost (a connection error or no reply within [`REPLY_TIMEOUT`]); the pause before each retry
+/// starts at [`ANSWER_BACKOFF`] and doubles (50, 100, 200 ms).
 const ANSWER_ATTEMPTS: u32 = 4;
 const ANSWER_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Every run of an operation has its reply within this of the operation's start, or the operation fails:
-/// what a first run left for its retries (a take's copy, expiring [`TAKEN_TTL_MS`] after that run; the
-/// nonce of an open or an append, in the stream's hash, which lives at least 60 s from then) is still
+/// what a first run left for its retries (a take's copy or a put-back's marker, expiring [`TAKEN_TTL_MS`]
+/// after that run; the nonce of an open or an append, in the stream's hash, which lives at least 60 s
+/// from then) is still
 /// there for a later run answering within this. One run may take several reply timeouts (a reconnect,
 /// the scripts loaded again), so four of them could otherwise outlast a take's copy, and a retry finding
 /// neither copy nor stream would report the stream as not open (a `complete` answered 409, not 503).
@@ -585,7 +597,7 @@ impl RedisStreams {
     /// is lost (a connection error, or no reply within [`REPLY_TIMEOUT`]), up to [`ANSWER_ATTEMPTS`] runs,
     /// all within [`ANSWER_DEADLINE`]. Only for a script that a run again answers as its first run did
     /// (its arguments carry a nonce, which the first run leaves in Redis for the others to find: [`TAKE`],
-    /// [`OPEN`], [`APPEND`]): the first run may have run before its reply was lost. A refusal
+    /// [`OPEN`], [`APPEND`], [`RESTORE`]): the first run may have run before its reply was lost. A refusal
     /// (Redis answered with an error) is not retried. Returns the reply and the number of runs.
     async fn eval_until_answered(
         &self,
@@ -918,11 +930,23 @@ impl StreamRegistry for RedisStreams {
             self.ttl_ms.to_string().into(),
             n.sid.clone().into(),
             chunk,
+            TAKEN_TTL_MS.to_string().into(),
         ];
-        match self.eval(4, &[&n.hash, &n.chunks, &n.user_set], args).await? {
-            Value::Int(1) => {}
+        let marker = format!("{}:restored:{}", n.hash, hex::encode(rand::random::<[u8; 16]>()));
+        let keys = [n.hash.as_str(), &n.chunks, &n.user_set, &marker];
+        match self.eval_until_answered(&n, 4, &keys, args).await? {
+            // Put back at the first run: no other run of it can reach Redis, its marker can go. (After more
+            // runs the marker stays until it expires, for a run that reaches Redis late.)
+            (Value::Int(1), 1) => {
+                let mut del = redis::cmd("DEL");
+                del.arg(&marker);
+                if let Err(e) = self.command(del).await {
+                    tracing::debug!(stream = %n.member, error = %e, "a put-back's marker not removed (it expires)");
+                }
+            }
+            (Value::Int(1), _) => {}
             // Another stream of that name is open: it stays as it was, its index entry too.
-            last => self.unindex(&n, now_ms, Some(last)).await,
+            (last, _) => self.unindex(&n, now_ms, Some(last)).await,
         }
         Ok(())
     }
