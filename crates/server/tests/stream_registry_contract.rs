@@ -1040,3 +1040,46 @@ async fn redis_a_stream_that_expired_does_not_hold_a_slot() {
     assert_eq!(r.open(&key("alice", "c1", "s3"), &info("m3"), 4).await, Err(StreamError::TooMany { max: 1 }));
     let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
 }
+
+/// Redis: a stream whose stored state does not decode (damaged, or written by another version; here a
+/// `rec` that does not open, and a string where a stream's hash should be) is left out of the user's list,
+/// and the others are listed. Before, the whole list failed until the damaged stream expired: every initial
+/// sync of the user came without `active_streams`, and a chat deletion ended none of the user's streams.
+#[tokio::test]
+async fn redis_a_stream_that_does_not_decode_is_left_out_of_the_list() {
+    let Some(url) = common::cluster::redis_url() else { return };
+    let prefix = common::cluster::unique_prefix();
+    let r = RedisStreams::new(&url, &prefix, MasterKey::generate().derive("streams"), MAX, Duration::from_secs(60))
+        .unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let hashes = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let pattern = format!("{prefix}stream:*");
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.unwrap();
+            keys.into_iter().filter(|k| !k.ends_with(":c")).collect::<std::collections::BTreeSet<_>>()
+        }
+    };
+    // Each damaged stream opened alone first, to find its hash.
+    r.open(&key("alice", "c1", "damaged"), &info("m1"), 1).await.unwrap();
+    let damaged = hashes(&mut conn).await;
+    assert_eq!(damaged.len(), 1, "{damaged:?}");
+    let damaged = damaged.into_iter().next().unwrap();
+    let _: () = redis::cmd("HSET").arg(&damaged).arg("rec").arg("not sealed").query_async(&mut conn).await.unwrap();
+    r.open(&key("alice", "c1", "not-a-hash"), &info("m2"), 2).await.unwrap();
+    let string = hashes(&mut conn).await.into_iter().find(|k| *k != damaged).unwrap();
+    let _: () = redis::cmd("DEL").arg(&string).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("SET").arg(&string).arg("not a hash").query_async(&mut conn).await.unwrap();
+    let good = key("alice", "c2", "good");
+    r.open(&good, &info("m3"), 3).await.unwrap();
+    r.append(&good, 1, "text", 4).await.unwrap();
+
+    let open = r.list("alice").await.expect("the streams that decode");
+    let open: Vec<_> = open.into_iter().map(|s| (s.key, s.seq, s.content)).collect();
+    assert_eq!(open, vec![(good.clone(), 1, "text".to_owned())]);
+
+    let mut all: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap();
+    all.sort();
+    let _: () = redis::cmd("DEL").arg(&all).query_async(&mut conn).await.unwrap();
+}

@@ -157,7 +157,9 @@ pub trait StreamRegistry: Send + Sync + 'static {
     /// Whether the stream is open (a read: another call may change it at once).
     async fn is_open(&self, key: &StreamKey) -> Result<bool, StreamError>;
 
-    /// Every open stream of `user_id` (any order).
+    /// Every open stream of `user_id` (any order). A stream whose stored state does not decode (damaged,
+    /// or written by another version) is left out and logged by its id, not an error: the others are
+    /// listed.
     async fn list(&self, user_id: &str) -> Result<Vec<OpenStream>, StreamError>;
 
     /// Removes every stream whose last chunk (or start) is at or before `cutoff_ms` and returns their keys.
