@@ -431,9 +431,12 @@ pub async fn create_user_keys(
 }
 
 /// The master key if one is configured (`CHATSYNC_MASTER_KEY`, else an existing `<data_dir>/master.key`),
-/// without creating one: for commands that only need to derive from it.
+/// without creating one: for commands that only need to derive from it. A `master.key` symlink to a
+/// missing file is an error, as at the server's start (not "no key": the key is lost, not absent).
 pub fn existing_master_key(data_dir: &std::path::Path, env_value: Option<&str>) -> anyhow::Result<Option<MasterKey>> {
-    if env_value.is_none() && !data_dir.join("master.key").exists() {
+    let absent = std::fs::symlink_metadata(data_dir.join("master.key"))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+    if env_value.is_none() && absent {
         return Ok(None);
     }
     Ok(Some(MasterKey::load_or_create(data_dir, env_value)?.0))
@@ -690,5 +693,15 @@ mod tests {
         assert!(keys.holds_key("c1"), "read after it: memoized as before, and no recheck is left");
         keys.recheck_if_due(std::time::Instant::now() + 2 * settle);
         assert!(keys.holds_key("c1"));
+    }
+
+    #[test]
+    fn a_dangling_master_key_symlink_is_an_error_for_commands_not_no_key() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(existing_master_key(dir.path(), None).unwrap().is_none(), "no key file: no key");
+        std::os::unix::fs::symlink(dir.path().join("gone.key"), dir.path().join("master.key")).unwrap();
+        let err = format!("{:#}", existing_master_key(dir.path(), None).unwrap_err());
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(!dir.path().join("gone.key").exists(), "no key created through the link");
     }
 }
