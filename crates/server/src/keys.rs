@@ -553,7 +553,8 @@ impl RotationStep {
 /// key file, the new key is first written to `master.key.next`, the store is re-wrapped in one
 /// transaction, then the file replaces `master.key`, each step flushed to disk (see [`RotationStep`]).
 /// With `CHATSYNC_MASTER_KEY`, nothing is written: the new key is returned for the operator to configure.
-/// Returns the new key and the number of keys re-wrapped.
+/// A `master.key` that is a symlink is refused (see the error). Returns the new key and the number of
+/// keys re-wrapped.
 pub async fn rotate(
     data_dir: &std::path::Path,
     env_value: Option<&str>,
@@ -573,6 +574,18 @@ pub async fn rotate_with(
 ) -> anyhow::Result<(MasterKey, usize)> {
     use anyhow::Context as _;
     let _lock = crate::datadir::DataDirLock::acquire(data_dir, "keys rotate")?;
+    let key_file = data_dir.join(KEY_FILE);
+    if env_value.is_none() && std::fs::symlink_metadata(&key_file).is_ok_and(|m| m.file_type().is_symlink()) {
+        // The rename at the end would replace the link with a file, and leave the retired key where the
+        // link pointed (a copy the operator believes gone).
+        let target = std::fs::read_link(&key_file).map(|t| t.display().to_string()).unwrap_or_default();
+        anyhow::bail!(
+            "{} is a symlink to {target:?}: keys rotate replaces master.key in the data directory, which would \
+             leave the retired key at {target:?}; copy the key file over the link first (and put the new key \
+             where the link pointed afterwards), or rotate with CHATSYNC_MASTER_KEY",
+            key_file.display()
+        );
+    }
     let old = load_master_key(data_dir, env_value, store).await?;
     // The check value the old key opens, read before the keys: the store's transaction fails if it is
     // not the one stored when it runs (another rotation meanwhile).

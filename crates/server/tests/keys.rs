@@ -114,6 +114,26 @@ async fn rotate_with_a_key_file_rewraps_and_data_stays_readable() {
 }
 
 #[tokio::test]
+async fn rotate_refuses_a_master_key_symlink_and_changes_nothing() {
+    let data = write_title(tempfile::tempdir().unwrap(), "linked").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let target = secrets.path().join("chatsync.key");
+    std::fs::rename(data.path().join("master.key"), &target).unwrap();
+    std::os::unix::fs::symlink(&target, data.path().join("master.key")).unwrap();
+    let before = std::fs::read_to_string(&target).unwrap();
+    let out = chatsync(data.path(), &["keys", "rotate"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("symlink") && err.contains("CHATSYNC_MASTER_KEY"), "{err}");
+    let link = std::fs::symlink_metadata(data.path().join("master.key")).unwrap();
+    assert!(link.file_type().is_symlink(), "the link is left as it was");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), before, "the key is not replaced");
+    assert!(!data.path().join("master.key.next").exists());
+    let (t, _) = read_title(data).await;
+    assert_eq!(t, "linked", "the store still opens under the linked key");
+}
+
+#[tokio::test]
 async fn rotate_with_an_environment_key_prints_the_new_key() {
     let dir = tempfile::tempdir().unwrap();
     let old = chatsync::crypto::MasterKey::generate();
