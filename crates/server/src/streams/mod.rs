@@ -202,7 +202,7 @@ pub fn cancelled_frame(key: &StreamKey, reason: StreamCancelReason) -> String {
 }
 
 /// Cancels idle streams with reason `timeout` until `shutdown`: sweeps every quarter of the idle timeout
-/// (at least every second, at most every 15 s).
+/// (no more often than every 250 ms, at least every 15 s).
 pub async fn sweep_idle_streams(ctx: Arc<crate::Ctx>, shutdown: CancellationToken) {
     let idle = Duration::from_secs(ctx.config.stream_idle_timeout_secs);
     let period = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
