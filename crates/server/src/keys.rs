@@ -434,8 +434,8 @@ pub async fn create_user_keys(
 /// without creating one: for commands that only need to derive from it. A `master.key` symlink to a
 /// missing file is an error, as at the server's start (not "no key": the key is lost, not absent).
 pub fn existing_master_key(data_dir: &std::path::Path, env_value: Option<&str>) -> anyhow::Result<Option<MasterKey>> {
-    let absent = std::fs::symlink_metadata(data_dir.join("master.key"))
-        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+    let absent =
+        std::fs::symlink_metadata(data_dir.join("master.key")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
     if env_value.is_none() && absent {
         return Ok(None);
     }
