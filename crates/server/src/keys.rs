@@ -455,7 +455,7 @@ pub async fn load_master_key(
     store: &dyn ChatStore,
 ) -> anyhow::Result<MasterKey> {
     use anyhow::Context as _;
-    let (master, _created) = MasterKey::load_or_create(data_dir, env_value)?;
+    let (master, created) = MasterKey::load_or_create(data_dir, env_value)?;
     let next = data_dir.join(NEXT_KEY_FILE);
     let (check, fresh) = match store.key_check().await? {
         Some(check) => (check, false),
@@ -492,6 +492,19 @@ pub async fn load_master_key(
                 return Ok(candidate);
             }
         }
+    }
+    if created {
+        // A key this start made, for a store that has one already (its key file lost or moved, the data
+        // directory pointed at another node's database): it never encrypted anything, and left in place
+        // it would pass for the key of this data (backed up, copied to other nodes).
+        std::fs::remove_file(data_dir.join(KEY_FILE))?;
+        crate::datadir::sync_dir(data_dir)?;
+        anyhow::bail!(
+            "{} did not exist, and the stored data keys are wrapped under another master key: configure the \
+             master key this database was created or last rotated with (the new key this start created was \
+             removed)",
+            data_dir.join(KEY_FILE).display()
+        );
     }
     let source = if env_value.is_some() {
         "CHATSYNC_MASTER_KEY".to_owned()

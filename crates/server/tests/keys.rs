@@ -68,6 +68,28 @@ async fn first_start_creates_a_private_master_key_file() {
 }
 
 #[tokio::test]
+async fn a_lost_master_key_file_is_not_replaced_by_a_new_key_that_stays_behind() {
+    let data = write_title(tempfile::tempdir().unwrap(), "secret plans").await;
+    let key_file = data.path().join("master.key");
+    let original = std::fs::read_to_string(&key_file).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
+    let config = Config { data_dir: data.path().to_owned(), ..Config::default() };
+    let err = format!("{:#}", chatsync::build(config).await.err().expect("no key opens the store: no start"));
+    assert!(err.contains("did not exist") && err.contains("removed"), "{err}");
+    assert!(!key_file.exists(), "the key made for the refused start is not left as if it were the data's");
+    let stray: Vec<_> = std::fs::read_dir(data.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("master.key"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+    std::fs::write(&key_file, original).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (t, _) = read_title(data).await;
+    assert_eq!(t, "secret plans");
+}
+
+#[tokio::test]
 async fn a_wrong_master_key_refuses_to_start_with_a_clear_message() {
     let data = write_title(tempfile::tempdir().unwrap(), "secret plans").await;
     let key_file = data.path().join("master.key");
