@@ -1623,15 +1623,21 @@ export class ChatSyncClient extends Emitter {
   }
 
   /**
-   * Loads a chat's messages after the ones held locally (every page) into the local model.
+   * Loads a chat's messages after the ones held locally (every page, until one does not extend the run of
+   * seqs held) into the local model.
    * @param {string} chatId
    * @returns {Promise<import('./index.js').Message[]>}
    */
   async loadMessages(chatId) {
     // Not `chat()`: a chat the server does not have (`not_found`) is not brought into the model.
+    let previous = -1;
     for (;;) {
       const held = this.chats.get(chatId);
       const after_seq = held ? contiguousSeq(held) : 0;
+      // A page that did not extend the run held (its first message not the next seq, or entries that
+      // did not parse) would be asked for again and again: stop with what is held.
+      if (after_seq === previous) break;
+      previous = after_seq;
       const reply = await this.request('get_chat_messages', { chat_id: chatId, after_seq });
       if (!reply.payload.has_more || reply.payload.messages.length === 0) break;
     }

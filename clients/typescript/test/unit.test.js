@@ -2289,3 +2289,17 @@ test('a sync refused as rate_limited after connecting is retried on the same con
   assert.equal(socket.closed, false);
   c.close();
 });
+
+test('loadMessages stops when a page marked has_more does not extend the messages held (it asked for the same page for ever)', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 9, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  const loaded = c.loadMessages('a');
+  const req = await socket.next('get_chat_messages');
+  assert.equal(req.payload.after_seq, 0);
+  // Seq 1 missing: the run held still ends at 0.
+  socket.push({ type: 'chat_messages_response', request_id: req.request_id, payload: { chat_id: 'a', messages: [{ message_id: 'm5', seq: 5, sender_name: 'user', content: 'x', created_at: 'T', client_timestamp: null }], messages_v: 9, has_more: true } });
+  const messages = await loaded;
+  assert.deepEqual(messages.map((m) => m.seq), [5]);
+  assert.equal(socket.sent.filter((f) => f.type === 'get_chat_messages').length, 1, 'not asked again');
+  c.close();
+});
