@@ -122,6 +122,13 @@ async fn upgrade(
     // the protocol limit itself, after the frame is read, so that the stream stays in sync and the
     // 1009 close reaches the client instead of a TCP reset over the unread rest of the frame.
     let max = (config.max_frame_bytes as usize).saturating_mul(4);
+    // The write buffer holds what the socket has not taken yet: a frame of the writer (at most
+    // `max_reply_bytes`) and the Pongs tungstenite answers while reading. Unbounded (tungstenite's
+    // default), a client that sent Pings and never read made it grow by one Pong per Ping until the
+    // writer's send bound ran out (a minute or more): its upload, held in memory. Past this bound a Pong
+    // waits in tungstenite's single pending slot (the latest replaces the one before), and a frame of the
+    // writer that does not fit ends the connection as a peer that stopped reading.
+    let max_write = (config.max_reply_bytes as usize).saturating_mul(2);
     let ctx = gw.ctx.clone();
     let shutdown = gw.shutdown.clone();
     let pauses = gw.ctx.pauses.clone();
@@ -131,6 +138,7 @@ async fn upgrade(
     let tracked = gw.tracker.token();
     ws.read_buffer_size(config.ws_read_buffer_bytes)
         .write_buffer_size(0)
+        .max_write_buffer_size(max_write)
         .max_frame_size(max)
         .max_message_size(max)
         // The connection's future is made where it is awaited: one made before the pause and awaited after
