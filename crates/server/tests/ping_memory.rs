@@ -63,8 +63,9 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-/// Pings written by the client: 24 MiB of frames, far past what the kernel's socket buffers take.
-const PING_BYTES: usize = 24 << 20;
+/// Pings written by the client: 48 MiB of frames, far past what the kernel's socket buffers take (a few
+/// MiB).
+const PING_BYTES: usize = 48 << 20;
 
 /// A client Ping frame with a 125-byte payload (the most a control frame carries), masked with a zero key.
 fn ping_frame() -> Vec<u8> {
@@ -120,6 +121,7 @@ async fn pings_from_a_client_that_never_reads_are_not_buffered_without_bound() {
     tcp.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]).await.unwrap();
     until("the connection's end", || server.ctx.hub.connection_count() == 0).await;
     let grew = PEAK.load(Ordering::SeqCst).saturating_sub(before);
-    // Twice `max_reply_bytes` (2 MiB) of Pongs at most, and the server's own allocations besides.
-    assert!(grew < 8 << 20, "the heap grew by {grew} bytes while the client sent {PING_BYTES} bytes of Pings");
+    // Twice `max_reply_bytes` (2 MiB) of Pongs at most (3 MiB as the buffer's last growth moves it), and the
+    // process's other allocations meanwhile (about 3 MiB measured; without the bound, ~100 MB).
+    assert!(grew < 16 << 20, "the heap grew by {grew} bytes while the client sent {PING_BYTES} bytes of Pings");
 }
