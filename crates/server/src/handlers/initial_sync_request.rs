@@ -8,6 +8,11 @@
 //! taken at once, but each part is decrypted and measured (on the blocking pool) only when the previous
 //! one has found room in the connection's queue, so a client reading a big sync slowly holds one part's
 //! plaintext in server memory, not the whole reply's.
+//!
+//! A chat deleted after the snapshot (by another device, while the reply is made) is left out of the
+//! parts made after this node knows of the deletion, which it does before it delivers the deletion's
+//! `chat_deleted`: no part sent after that event lists the chat again (PROTOCOL.md section 8, "Changes
+//! racing a deletion"). A client that named it in `chat_versions` finds it in `chat_ids_to_delete`.
 
 use super::bounded::{json_len, off_workers, Packer, ENVELOPE_BYTES};
 use super::common::{chat_id, message_out, open_draft, open_title, rfc3339, secs, versions};
@@ -188,8 +193,12 @@ impl SyncJob {
     /// The next part (`None` after the last): the lists split over the parts, then the order, whole, and
     /// `sync_completed_at` in the last part (Config::validate makes sure the order fits in one frame).
     fn next_part(&mut self) -> Result<Option<InitialSyncResponse>, Error> {
-        let Some(order) = self.order.as_ref() else { return Ok(None) };
-        let order_size = json_len(order);
+        let Some(order) = self.order.as_mut() else { return Ok(None) };
+        // A chat deleted since the snapshot is left out: its `chat_deleted` may have reached the client
+        // already, and the order would show it the chat again.
+        let keys = &self.keys;
+        order.retain(|id| !keys.is_deleted(id.as_str()));
+        let order_size = json_len(&*order);
         let mut part = empty_part();
         let mut packer = Packer::new(self.budget);
         loop {
@@ -228,15 +237,31 @@ impl SyncJob {
             let size = json_len(&id);
             return Ok(Some((Item::Delete(id), size)));
         }
-        if let Some(i) = self.updates.next() {
+        for i in self.updates.by_ref() {
             let chat = &self.chats[i];
-            let entry = self.entry(chat, self.chat_versions.get(chat.chat_id.as_str()))?;
+            let known = self.chat_versions.get(chat.chat_id.as_str());
+            // Deleted since the snapshot (by another device, while this reply waited or was being made):
+            // its `chat_deleted` may have reached the client before this part, which must not bring the
+            // chat back. A client that knew it is told to delete it, as for any chat it no longer owns.
+            if self.keys.is_deleted(&chat.chat_id) {
+                if known.is_some() {
+                    let id = chat_id(&chat.chat_id)?;
+                    let size = json_len(&id);
+                    return Ok(Some((Item::Delete(id), size)));
+                }
+                continue;
+            }
+            let entry = self.entry(chat, known)?;
             let size = json_len(&entry);
             return Ok(Some((Item::Update(Box::new(entry)), size)));
         }
         // A stream whose text so far cannot fit in one frame on its own (only text that escapes heavily
         // in JSON can) is left out: the device shows its message when it completes.
         for stream in self.streams.by_ref() {
+            // A deleted chat's streams were cancelled (`stream_cancelled` before its `chat_deleted`).
+            if self.keys.is_deleted(stream.chat_id.as_str()) {
+                continue;
+            }
             let size = json_len(&stream);
             if Packer::new(self.budget).fits(size) {
                 return Ok(Some((Item::Stream(stream), size)));
