@@ -361,3 +361,32 @@ async fn open_streams_are_lost_on_restart_and_nothing_of_a_chunk_is_at_rest() {
     assert!(sync_all(&mut phone).await.active_streams.is_empty());
     assert!(matches!(ops::chunk(&server.ctx, &k, 2, "x").await, Err(OpError::Stream(StreamError::NotOpen))));
 }
+
+/// An initial sync lists the open streams, then another device deletes their chat (every device gets
+/// `stream_cancelled`, then `chat_deleted`), then the reply is made: its `active_streams` must not hold
+/// the ended stream (it did: the syncing device, told the stream had ended, was shown it open again, in a
+/// chat it had deleted).
+#[tokio::test]
+async fn an_initial_sync_whose_stream_list_raced_a_chat_deletion_leaves_the_streams_out() {
+    let server = TestServer::start().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    set_title(&mut phone, "c1", "doomed").await;
+    expect_msg!(next_event(&mut laptop).await, ChatTitleUpdated);
+    ops::start(&server.ctx, &skey("alice", "c1", "s1"), &info("m1")).await.unwrap();
+    for c in [&mut phone, &mut laptop] {
+        expect_msg!(next_event(c).await, StreamStarted);
+    }
+
+    let mut held = server.ctx.pauses.arm(chatsync::pause::SYNC_STREAMS_LISTED);
+    laptop.send(&sync_request(json!({}), None), Some("sync")).await.unwrap();
+    held.reached().await;
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    held.release();
+    let cancelled = expect_msg!(next_event(&mut laptop).await, StreamCancelled);
+    assert_eq!(cancelled.reason, StreamCancelReason::Aborted);
+    expect_msg!(next_event(&mut laptop).await, ChatDeleted);
+    let sync = expect_msg!(laptop.recv_reply("sync").await.unwrap(), InitialSyncResponse);
+    assert!(sync.active_streams.is_empty(), "an ended stream of a deleted chat: {sync:?}");
+    assert!(entry(&sync, "c1").is_none() && sync.server_chat_order.is_empty(), "{sync:?}");
+}
