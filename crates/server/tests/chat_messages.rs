@@ -448,6 +448,30 @@ async fn content_batch_returns_own_chats_and_lists_unknown_foreign_and_deleted_i
     assert_eq!(seqs(&b.messages_by_chat_id[&ChatId::new("b1").unwrap()]), [1]);
 }
 
+/// A chat deleted by another device after the batch read its page, before the part was handed over:
+/// the device gets the chat's `chat_deleted` first, so the part leaves the chat out (it would show the
+/// deleted chat's messages again) and names it in `not_found`.
+#[tokio::test]
+async fn a_content_batch_part_made_as_its_chat_is_deleted_leaves_the_chat_out() {
+    let server = TestServer::start().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    add_n(&mut phone, "a1", 2).await;
+    add_n(&mut phone, "a2", 1).await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    let mut held = server.ctx.pauses.arm(chatsync::pause::BATCH_PART);
+    laptop.send(&batch(&["a1", "a2"]), Some("batch")).await.unwrap();
+    held.reached().await;
+    expect_msg!(phone.request(&delete_chat("a1")).await.unwrap(), ChatDeleted);
+    held.release();
+    let deleted = expect_msg!(laptop.recv().await.unwrap(), ChatDeleted);
+    assert_eq!(deleted.chat_id.as_str(), "a1");
+    let r = expect_msg!(laptop.recv_reply("batch").await.unwrap(), ChatContentBatchResponse);
+    assert_eq!(r.messages_by_chat_id.keys().map(ChatId::as_str).collect::<Vec<_>>(), ["a2"], "{r:?}");
+    assert_eq!(r.versions_by_chat_id.len(), 1);
+    assert_eq!(ids(&r.not_found), ["a1"]);
+    assert!(!r.more);
+}
+
 #[tokio::test]
 async fn content_batch_returns_the_most_recent_page_oldest_first() {
     let server = TestServer::start_with(|c| c.max_page_messages = 3).await;

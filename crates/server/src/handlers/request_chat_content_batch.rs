@@ -8,6 +8,10 @@
 //! time, each once the previous part has found room in the connection's queue: only one chat's page
 //! and one part are in memory at once, however slowly the client reads. Decryption runs on the blocking
 //! pool, newest message first, and stops at the first that does not fit.
+//!
+//! A chat deleted after its page was read and before its part is handed over is left out of the part,
+//! and named in `not_found` (PROTOCOL.md "Changes racing a deletion": the node knows of a deletion before
+//! it delivers its `chat_deleted`, so the device does not get the chat's messages after that).
 
 use super::bounded::{json_len, off_workers, Packer};
 use super::common::message_out;
@@ -94,28 +98,48 @@ impl Batch {
             self.packer.add(entry.size);
             self.part.versions_by_chat_id.insert(entry.chat_id.clone(), entry.version);
             self.part.messages_by_chat_id.insert(entry.chat_id, entry.messages);
-            if let Some(full) = full {
-                return Some((Ok(full), self));
+            if let Some(mut full) = full {
+                self.ctx.pauses.at(crate::pause::BATCH_PART).await;
+                self.leave_out_deleted(&mut full);
+                return Some((Ok(ServerMessage::ChatContentBatchResponse(full)), self));
             }
         }
         let size: usize = self.not_found.iter().map(|id| json_len(id) + 1).sum();
         if !self.packer.fits(size) && !self.packer.is_empty() {
             // `not_found` goes in a part of its own, the next call.
-            let full = self.take_part();
-            return Some((Ok(full), self));
+            let mut full = self.take_part();
+            self.ctx.pauses.at(crate::pause::BATCH_PART).await;
+            self.leave_out_deleted(&mut full);
+            return Some((Ok(ServerMessage::ChatContentBatchResponse(full)), self));
         }
         self.done = true;
         let mut last = std::mem::replace(&mut self.part, empty());
+        self.ctx.pauses.at(crate::pause::BATCH_PART).await;
+        self.leave_out_deleted(&mut last);
+        // (The chats left out make the part smaller: `not_found` still fits.)
         last.not_found = std::mem::take(&mut self.not_found);
         Some((Ok(ServerMessage::ChatContentBatchResponse(last)), self))
     }
 
     /// Ends the current part (`more`: something follows it) and starts the next.
-    fn take_part(&mut self) -> ServerMessage {
+    fn take_part(&mut self) -> ChatContentBatchResponse {
         self.packer.next_part();
         let mut full = std::mem::replace(&mut self.part, empty());
         full.more = true;
-        ServerMessage::ChatContentBatchResponse(full)
+        full
+    }
+
+    /// Moves the chats of `part` known deleted by now (their `chat_deleted` may have gone out since their
+    /// page was read) to `not_found`, which the last part carries.
+    fn leave_out_deleted(&mut self, part: &mut ChatContentBatchResponse) {
+        let keys = &self.ctx.keys;
+        let deleted: Vec<ChatId> =
+            part.messages_by_chat_id.keys().filter(|id| keys.is_deleted(id.as_str())).cloned().collect();
+        for id in deleted {
+            part.messages_by_chat_id.remove(&id);
+            part.versions_by_chat_id.remove(&id);
+            self.not_found.push(id);
+        }
     }
 
     /// The chat's most recent messages that fit one frame; `None` if it is not the user's chat.
