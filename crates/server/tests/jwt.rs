@@ -163,6 +163,36 @@ async fn expired_and_not_yet_valid_tokens_are_invalid_session() {
     assert_eq!(hello.user_id, "alice");
 }
 
+/// RFC 7519 section 4.1.4: a token is valid only *before* its `exp` (plus the leeway). One presented in that
+/// very second is refused, and creates nothing: it was let in (the user created, the device recorded) and
+/// closed at once with `Token expired`. (Whatever the second, the answer with the rule is the same; the
+/// wait for the start of a second only makes the connect land in the second the token names.)
+#[tokio::test]
+async fn a_token_presented_in_the_second_of_its_exp_is_invalid_session_and_creates_nothing() {
+    let strict = hs_server(|_| {}).await;
+    let lenient = hs_server(|c| c.jwt_leeway_secs = 30).await;
+    let this_second = loop {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        if t.subsec_millis() < 300 {
+            break t.as_secs();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    let at_exp = hs256(&json!({"sub": "alice", "exp": this_second}));
+    assert_eq!(refused(&strict, &at_exp).await, invalid());
+    let at_exp_and_leeway = hs256(&json!({"sub": "alice", "exp": this_second - 30}));
+    assert_eq!(refused(&lenient, &at_exp_and_leeway).await, invalid());
+    for server in [&strict, &lenient] {
+        assert!(server.ctx.store.user("alice").await.unwrap().is_none(), "no user for a refused token");
+    }
+    // A token whose `exp` is still ahead is taken.
+    let (_c, hello) =
+        Client::connect_authenticated(&strict.url, &opts(&hs256(&json!({"sub": "bob", "exp": now() + 60})), "d"))
+            .await
+            .unwrap();
+    assert_eq!(hello.user_id, "bob");
+}
+
 #[tokio::test]
 async fn missing_or_malformed_claims_are_invalid_session() {
     let server = hs_server(|_| {}).await;

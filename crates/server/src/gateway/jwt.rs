@@ -178,6 +178,13 @@ impl JwtVerifier {
         }
         let expires = exp.saturating_add(self.leeway_secs);
         let expires_at = i64::try_from(expires).ok().and_then(|s| s.checked_mul(1000)).unwrap_or(i64::MAX);
+        // RFC 7519 section 4.1.4: a token is valid only *before* `exp`. The library refuses `exp < now -
+        // leeway` and so took a token in the very second its `exp` (plus the leeway) names: the user was
+        // created and the device recorded, and the connection closed at once with `Token expired` (the
+        // connection's own rule, `now >= expires_at`). The same rule here, before anything is done.
+        if crate::store::now_millis() >= expires_at {
+            return Err("expired".into());
+        }
         Ok(Verified { user_id: sub, device_id: claims.device, expires_at })
     }
 }
