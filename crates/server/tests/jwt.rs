@@ -193,6 +193,21 @@ async fn a_token_presented_in_the_second_of_its_exp_is_invalid_session_and_creat
     assert_eq!(hello.user_id, "bob");
 }
 
+/// SERVER_API.md section 6: the user of a JWT is created on its first *successful* connection. One refused
+/// after authentication (the node at its connection limit) creates no user (it did: the user was created
+/// while the token was verified, before the node's limit was checked).
+#[tokio::test]
+async fn a_jwt_connection_refused_by_the_nodes_limit_creates_no_user() {
+    let server = hs_server(|c| c.max_connections = 1).await;
+    let bob = server.user_token("bob").await;
+    let (first, _) = server.connect(&bob, "d").await;
+    assert_eq!(server.refused(&opts(&hs256(&claims("alice")), "d")).await, (1013, "Server overloaded".into()));
+    assert!(server.ctx.store.user("alice").await.unwrap().is_none(), "no user for a refused connection");
+    assert!(server.ctx.store.devices("alice").await.unwrap().is_empty());
+    // Its connection once the node has room creates it (`hs256_token_connects_and_creates_the_user`).
+    drop(first);
+}
+
 #[tokio::test]
 async fn missing_or_malformed_claims_are_invalid_session() {
     let server = hs_server(|_| {}).await;

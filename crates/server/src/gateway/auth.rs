@@ -84,6 +84,10 @@ pub struct Authenticated {
     pub device_label: Option<String>,
     /// For a session token: what to check again once the connection is registered ([`Recheck`]).
     pub recheck: Option<Recheck>,
+    /// The user of a JWT does not exist yet: it is created by the admission, once the connection is
+    /// registered (SERVER_API.md section 6: "on first successful connection"), so that a connection refused
+    /// meanwhile (`Server overloaded`) creates none.
+    pub create_user: bool,
 }
 
 /// A session read before its connection was registered may have been revoked in between, by a
@@ -244,6 +248,7 @@ pub async fn authenticate(ctx: &Ctx, creds: Credentials) -> Result<Authenticated
         expires_at: None,
         device_label: creds.device_id,
         recheck: Some(recheck),
+        create_user: false,
     })
 }
 
@@ -268,7 +273,8 @@ pub fn jwt_session_id(token: &str) -> String {
 
 /// JWT connection tokens (SERVER_API.md section 6). The `device` claim binds the token to that device
 /// id; a client that names a different device is refused with `Device mismatch` (with `2FA required`
-/// for a 2FA user), one that names none is taken to be that device. The user is created when absent.
+/// for a 2FA user), one that names none is taken to be that device. A user that is absent is created by
+/// the admission ([`create_user`]), once the connection is registered.
 async fn authenticate_jwt(
     ctx: &Ctx,
     verifier: &JwtVerifier,
@@ -300,18 +306,6 @@ async fn authenticate_jwt(
             bound
         }
     };
-    let now = now_millis();
-    if user.is_none() {
-        match ctx.store.create_user(&verified.user_id, false, now).await {
-            Ok(()) => {
-                tracing::info!(user_id = %verified.user_id, "user created on first JWT connection");
-                // Its data key now, once, rather than in its first write (see `Keyring::ensure_user_key`).
-                ctx.keys.ensure_user_key(ctx.chats.as_ref(), &verified.user_id).await;
-            }
-            Err(StoreError::AlreadyExists) => {}
-            Err(e) => return Err(backend(e)),
-        }
-    }
     let device_label = verified.device_id.as_deref().or(client_device_id).map(str::to_owned);
     Ok(Authenticated {
         session_id: jwt_session_id(token),
@@ -320,7 +314,23 @@ async fn authenticate_jwt(
         expires_at: Some(verified.expires_at),
         device_label,
         recheck: None,
+        create_user: user.is_none(),
     })
+}
+
+/// Creates the user of a JWT connection being admitted, with its data key (SERVER_API.md section 6). A user
+/// created meanwhile (another connection) is no error.
+pub(crate) async fn create_user(ctx: &Ctx, user_id: &str) -> Result<(), StoreError> {
+    match ctx.store.create_user(user_id, false, now_millis()).await {
+        Ok(()) => {
+            tracing::info!(user_id = %user_id, "user created on first JWT connection");
+            // Its data key now, once, rather than in its first write (see `Keyring::ensure_user_key`).
+            ctx.keys.ensure_user_key(ctx.chats.as_ref(), user_id).await;
+            Ok(())
+        }
+        Err(StoreError::AlreadyExists) => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

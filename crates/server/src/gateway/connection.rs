@@ -97,7 +97,13 @@ async fn serve(
         }
         // A panic in the admission (a bug) refuses the connection like any refusal, with 1011: it would
         // otherwise unwind past the unregistering, and the user's and the node's slots stay taken for good.
-        let admission = std::panic::AssertUnwindSafe(Box::pin(admit(&ctx, &conn, authed.recheck, device_label)));
+        let admission = std::panic::AssertUnwindSafe(Box::pin(admit(
+            &ctx,
+            &conn,
+            authed.recheck,
+            authed.create_user,
+            device_label,
+        )));
         let refused = match admission.catch_unwind().await {
             Ok(admitted) => admitted.err(),
             Err(panic) => {
@@ -167,12 +173,13 @@ async fn serve(
 
 /// What a registered connection must pass before it is served: a session revoked between the read of it
 /// and the registration (the revocation found no connection of it to close) is refused now, not left open
-/// until the periodic check; then the device is recorded (a sighting: only for a connection a cap did not
-/// refuse).
+/// until the periodic check; then the user of a JWT is created if it is new, and the device is recorded
+/// (both only for a connection a cap did not refuse).
 async fn admit(
     ctx: &Ctx,
     conn: &ConnHandle,
     recheck: Option<auth::Recheck>,
+    create_user: bool,
     device_label: Option<String>,
 ) -> Result<(), CloseReason> {
     ctx.pauses.at(crate::pause::REGISTERED).await;
@@ -184,6 +191,9 @@ async fn admit(
         if recheck.revoked(ctx).await.map_err(backend)? {
             return Err(CloseReason::SESSION_REVOKED);
         }
+    }
+    if create_user {
+        auth::create_user(ctx, &conn.user_id).await.map_err(backend)?;
     }
     let now = crate::store::now_millis();
     ctx.store.record_device(&conn.user_id, &conn.device_hash, device_label.as_deref(), now).await.map_err(backend)
