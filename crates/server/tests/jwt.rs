@@ -208,6 +208,29 @@ async fn a_jwt_connection_refused_by_the_nodes_limit_creates_no_user() {
     drop(first);
 }
 
+/// RFC 7515 section 4.1.11: a header whose `crit` lists extensions the server does not understand (it
+/// understands none) makes the token invalid, though its signature is good; an empty `crit` is malformed.
+#[tokio::test]
+async fn a_token_with_a_critical_header_extension_is_invalid_session() {
+    let server = hs_server(|_| {}).await;
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+    for crit in [vec!["x-only-for-audience".to_owned()], vec![]] {
+        let header = Header { crit: Some(crit.clone()), ..Header::new(Algorithm::HS256) };
+        let token = jsonwebtoken::encode(&header, &claims("alice"), &key).unwrap();
+        // (Not `refused`, which would wait for ever on a connection let in.)
+        match Client::connect_authenticated(&server.url, &opts(&token, "d")).await.map(|(_, hello)| hello) {
+            Err(chatsync_client::ClientError::Closed(close)) => {
+                assert_eq!(close, Some((INVALID.0, INVALID.1.to_owned())), "crit {crit:?}")
+            }
+            other => panic!("crit {crit:?}: {other:?}"),
+        }
+    }
+    assert!(server.ctx.store.user("alice").await.unwrap().is_none());
+    // The same token without it connects.
+    let (_c, hello) = Client::connect_authenticated(&server.url, &opts(&hs256(&claims("alice")), "d")).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+}
+
 #[tokio::test]
 async fn missing_or_malformed_claims_are_invalid_session() {
     let server = hs_server(|_| {}).await;

@@ -4,7 +4,7 @@
 //! The key is configured once ([`JwtVerifier::from_config`]): an HS256 secret, or a PEM public key
 //! whose kind pins the algorithm (RSA: RS256 only; EC P-256: ES256 only). Any other `alg`, `none`
 //! included, is refused, so a token signed with HS256 using the public key as the secret (algorithm
-//! confusion) never verifies. Required claims: `sub` (a valid user id) and `exp`; `nbf` and `iat` are
+//! confusion) never verifies, and so is a header with `crit` (no extension is understood). Required claims: `sub` (a valid user id) and `exp`; `nbf` and `iat` are
 //! checked when present; `aud` / `iss` when configured. Errors name the reason for the log, never the
 //! token.
 
@@ -163,6 +163,13 @@ impl JwtVerifier {
     pub fn verify(&self, token: &str) -> Result<Verified, String> {
         if token.len() > MAX_JWT_LEN {
             return Err("token too long".into());
+        }
+        // RFC 7515 section 4.1.11: a recipient MUST refuse a token whose `crit` names an extension it does not
+        // understand, and chatsync understands none (an empty `crit` is malformed). The library reads the
+        // member and checks nothing: such a token was taken, the issuer's critical constraint ignored.
+        let header = jsonwebtoken::decode_header(token).map_err(|e| describe(&e))?;
+        if header.crit.is_some() {
+            return Err("critical header extension (crit) not supported".into());
         }
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| describe(&e))?;
         let claims = data.claims;
