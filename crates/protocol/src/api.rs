@@ -77,9 +77,11 @@ pub struct CreateSession {
     /// Binds the session to this device id at issue (PROTOCOL.md section 2); unbound otherwise (bound on
     /// first use).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 128), regex(pattern = r"^[\x20-\x7e]+$")))]
     pub device_id: Option<String>,
-    /// Lifetime in seconds (default: 30 days; at most ten years).
+    /// Lifetime in seconds (default: 30 days; at least 1, at most ten years).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 315_360_000)))]
     pub ttl_secs: Option<u64>,
 }
 

@@ -213,3 +213,37 @@ async fn streams_answer_as_the_spec_says() {
     assert!(s == 404 || s == 409, "{s} {b}");
     conforms("delete", abort, None, s, &b);
 }
+
+/// The bounds of a session request are the spec's: every body below is refused by the server (400) exactly
+/// when the spec's request schema refuses it. (The spec allowed `ttl_secs` 0 and any `device_id`, so a client
+/// generated from it sent requests the server answers 400.)
+#[tokio::test]
+async fn a_session_requests_bounds_are_the_specs() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+    let schema =
+        &OPENAPI["paths"]["/users/{user_id}/sessions"]["post"]["requestBody"]["content"]["application/json"]["schema"];
+    let ten_years = 10 * 365 * 24 * 3600_u64;
+    for body in [
+        json!({"ttl_secs": 0}),
+        json!({"ttl_secs": 1}),
+        json!({"ttl_secs": ten_years}),
+        json!({"ttl_secs": ten_years + 1}),
+        json!({"device_id": ""}),
+        json!({"device_id": "d".repeat(128)}),
+        json!({"device_id": "d".repeat(129)}),
+        json!({"device_id": "tab\u{7f}"}),
+        json!({"device_id": "tablet é"}),
+        json!({"device_id": " ~"}),
+    ] {
+        let (status, reply) = api.post("/users/alice/sessions", body.clone()).await;
+        let spec_takes = errors(schema, &body).is_empty();
+        assert!(status == 201 || status == 400, "{body}: {status} {reply}");
+        assert_eq!(
+            status == 201,
+            spec_takes,
+            "{body}: the server answered {status}, the spec says valid: {spec_takes}"
+        );
+    }
+}
