@@ -1261,3 +1261,65 @@ async fn postgres_a_head_passed_on_while_an_event_commits_keeps_it() {
     assert_eq!(ev.pending_events().await.unwrap(), 1);
     heads(&b).await;
 }
+
+/// PostgreSQL: a user's events are claimed in the order they commit, even when a standalone event
+/// (`record_event`) is recorded while a chat write batch of the same user is in flight, its event's id
+/// drawn but not yet inserted. The standalone insert waits for the batch's owner lock, so it draws the
+/// later id; it drew the lower-numbered batch event's successor at once before, and its head row came
+/// first: the newer event was delivered before the older. The batch is played here by a transaction
+/// doing what `chatsync_write_batch_locked` and the batch's event insert do, in their order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_standalone_event_waits_for_a_batch_of_its_user_in_flight() {
+    use sqlx::Connection as _;
+    let Some(b) = backends::postgres().await else { return };
+    let Place::Postgres(schema) = &b.place else { unreachable!() };
+    let ev = b.backend.events.clone();
+    let mut conn = schema.connect().await;
+    let mut batch = conn.begin().await.unwrap();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(1668481025, hashtext(coalesce(current_schema(), '') || chr(31) || 'u1'))",
+    )
+    .execute(&mut *batch)
+    .await
+    .unwrap();
+    let batch_id: i64 = sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('webhook_events', 'id'))")
+        .fetch_one(&mut *batch)
+        .await
+        .unwrap();
+    let standalone = tokio::spawn({
+        let ev = ev.clone();
+        async move { ev.record_event("u1", &event("a2", "stream.cancel_requested")).await.unwrap() }
+    });
+    // Until the standalone insert is done, or waits for the owner lock.
+    let mut watcher = schema.connect().await;
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND classid = 1668481025 AND objsubid = 2 \
+             AND objid = hashtext(coalesce(current_schema(), '') || chr(31) || 'u1')::oid)",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting || standalone.is_finished() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    sqlx::query(
+        "INSERT INTO webhook_events (id, event_id, user_id, kind, seq, body, created_at, next_attempt_at) \
+         OVERRIDING SYSTEM VALUE VALUES ($1, 'a1', 'u1', 'message.created', 1, '\\x00'::bytea, $2, $2)",
+    )
+    .bind(batch_id)
+    .bind(NOW)
+    .execute(&mut *batch)
+    .await
+    .unwrap();
+    batch.commit().await.unwrap();
+    standalone.await.unwrap();
+    let first = claim(ev.as_ref(), "n1", NOW).await;
+    assert_eq!(event_ids(&first), ["a1"], "the event committed first goes first");
+    assert!(ev.event_done(&first[0]).await.unwrap());
+    assert_eq!(event_ids(&claim(ev.as_ref(), "n1", NOW).await), ["a2"]);
+    heads(&b).await;
+}

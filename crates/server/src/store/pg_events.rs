@@ -18,6 +18,11 @@
 //! and looks for the next one in a later statement (a new snapshot under `READ COMMITTED`), so it sees
 //! every event whose insert committed before it got the lock, and an insert that comes after its commit
 //! makes a new head (see the migration).
+//!
+//! A user's events get ids in the order they commit: every insert draws its id under the user's owner
+//! lock (the transaction-scoped advisory lock of the chat write batches, `0010_owner_locks_per_schema.sql`),
+//! the batch's from its function, [`EventStore::record_event`]'s in its own statement; so the head a
+//! trigger makes is always the user's oldest event.
 
 use super::events::{EventStore, Lease, NewEvent, PendingEvent};
 use super::pg::PgStore;
@@ -79,10 +84,17 @@ async fn pass_head(conn: &mut PgConnection, user_id: &str, id: i64) -> Result<()
 #[async_trait]
 impl EventStore for PgStore {
     async fn record_event(&self, user_id: &str, event: &NewEvent) -> Result<(), StoreError> {
-        // The trigger `webhook_events_head` makes it the user's head, or counts it.
+        // The trigger `webhook_events_head` makes it the user's head, or counts it. The user's owner lock
+        // first (the one a chat write batch takes, migration `0010_owner_locks_per_schema.sql`), held to
+        // the commit, in the same statement: the event's id is drawn only then, so a user's events get
+        // their ids in the order they commit. Without it, an id drawn by a batch of the user still in
+        // flight could be lower than this one's while this one's head row came first: the older event
+        // was then delivered after the newer.
         sqlx::query(
             "INSERT INTO webhook_events (event_id, user_id, kind, seq, body, created_at, next_attempt_at) \
-             VALUES ($1, $2, $3, NULL, $4, $5, $5)",
+             SELECT $1, $2, $3, NULL, $4, $5, $5 \
+             FROM (SELECT pg_advisory_xact_lock(1668481025, \
+                     hashtext(coalesce(current_schema(), '') || chr(31) || $2))) AS locked",
         )
         .bind(&event.event_id)
         .bind(user_id)
