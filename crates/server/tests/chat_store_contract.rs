@@ -1323,3 +1323,57 @@ async fn postgres_a_standalone_event_waits_for_a_batch_of_its_user_in_flight() {
     assert_eq!(event_ids(&claim(ev.as_ref(), "n1", NOW).await), ["a2"]);
     heads(&b).await;
 }
+
+/// PostgreSQL: a lone write that PostgreSQL rolls back as a deadlock's victim runs once more (it did not
+/// commit), as the same write in a larger batch is retried op by op, instead of failing with
+/// `unavailable`. The deadlock is another transaction's: it holds a new chat id's unique index entry
+/// (bob's chat `x`, not yet committed) when the write, creating `x` for alice, has locked alice's `users`
+/// row and waits for that entry; the transaction then asks for alice's row. PostgreSQL's deadlock check
+/// aborts the write, which began waiting first; run again once the other transaction committed, it
+/// finds `x` taken by bob: `NotFound`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_lone_write_rolled_back_by_a_deadlock_runs_again() {
+    use sqlx::Connection as _;
+    let Some(b) = backends::postgres().await else { return };
+    let Place::Postgres(schema) = &b.place else { unreachable!() };
+    users(&b, &["alice", "bob"]).await;
+    let s = b.backend.chats.clone();
+    let mut conn = schema.connect().await;
+    let mut other = conn.begin().await.unwrap();
+    let xid: String = sqlx::query_scalar("SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text")
+        .fetch_one(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO chats (chat_id, owner, chat_key, kek_id, last_edited_ms, created_at) \
+         VALUES ('x', 'bob', '\\x00'::bytea, 'k1', 1, 1)",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let write = tokio::spawn(async move { s.write(title("alice", "x", "t", create(), None, NOW)).await });
+    // Until the write waits for the other transaction's index entry.
+    let mut watcher = schema.connect().await;
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted \
+             AND transactionid::text = $1)",
+        )
+        .bind(&xid)
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        assert!(!write.is_finished(), "the write ended before it waited: {:?}", write.await);
+        tokio::task::yield_now().await;
+    }
+    sqlx::query("SELECT 1 FROM users WHERE user_id = 'alice' FOR UPDATE").execute(&mut *other).await.unwrap();
+    other.commit().await.unwrap();
+    assert_eq!(write.await.unwrap().unwrap(), WriteResult::NotFound, "run again after the deadlock");
+    assert_eq!(
+        b.backend.chats.chat_lookup("x").await.unwrap(),
+        ChatLookup::Exists { owner: "bob".into(), key: WrappedKey { wrapped: vec![0], kek_id: "k1".into() } }
+    );
+}

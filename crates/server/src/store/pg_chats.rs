@@ -26,7 +26,8 @@
 //!
 //! A batch whose statement fails in the database (a deadlock with another writer or node, a constraint
 //! hit, a bug) is rolled back whole and retried op by op, each in its own statement, so one bad op fails
-//! alone. A batch whose outcome is unknown or whose connection broke (an I/O error, a FATAL error, a
+//! alone; a write alone in its statement that PostgreSQL rolled back as a deadlock's victim or a
+//! serialization failure runs once more (it did not commit). A batch whose outcome is unknown or whose connection broke (an I/O error, a FATAL error, a
 //! connection exception) fails whole with [`StoreError::Unavailable`] and is not retried, and its
 //! connection is closed; except a batch that PostgreSQL answered with nothing but the end of its
 //! session ([`session_ended_before`]): it did not run, and runs again, once, on another connection. A
@@ -267,7 +268,7 @@ async fn run_batch(
 ) -> Option<(PoolConnection<Postgres>, Instant)> {
     let mut healthy = true;
     let mut answered = false;
-    let mut outcome = bounded(timeout, apply_batch(&mut conn, &batch, &mut answered)).await;
+    let mut outcome = apply_lone_again_if_conflicted(&mut conn, &batch, timeout, &mut answered).await;
     if let Err(e) = &outcome {
         if session_ended_before(e, answered) {
             tracing::warn!(error = %e, "the writer's PostgreSQL session had ended; its batch runs on another connection");
@@ -286,7 +287,7 @@ async fn run_batch(
                 }
             };
             acquired = Instant::now();
-            outcome = bounded(timeout, apply_batch(&mut conn, &batch, &mut answered)).await;
+            outcome = apply_lone_again_if_conflicted(&mut conn, &batch, timeout, &mut answered).await;
         }
     }
     match outcome {
@@ -310,7 +311,8 @@ async fn run_batch(
             tracing::warn!(error = %e, size = batch.len(), "group commit failed; retrying its writes one by one");
             for job in batch {
                 let result = if healthy {
-                    bounded(timeout, apply_batch(&mut conn, std::slice::from_ref(&job), &mut false)).await.map_err(|e| {
+                    let one = std::slice::from_ref(&job);
+                    apply_lone_again_if_conflicted(&mut conn, one, timeout, &mut false).await.map_err(|e| {
                         if breaks_connection(&e) {
                             healthy = false;
                             tracing::error!(error = %e, "the connection broke while retrying a group commit's writes one by one");
@@ -350,6 +352,33 @@ async fn run_batch(
         conn.close_on_drop();
         None
     }
+}
+
+/// `batch` applied ([`apply_batch`], [`bounded`]); a batch of one write that PostgreSQL rolled back as a
+/// deadlock's victim or a serialization failure ([`rolled_back_by_conflict`]) runs once more: it did not
+/// commit, and what it met (another node's transaction: two owners creating one chat id, `keys rotate`)
+/// has usually ended by then. A larger batch that fails so is retried op by op (see [`run_batch`]), each
+/// op through here; before, a lone write failed with `unavailable` where the same write in a larger
+/// batch was retried.
+async fn apply_lone_again_if_conflicted(
+    conn: &mut PgConnection,
+    batch: &[Job],
+    timeout: std::time::Duration,
+    answered: &mut bool,
+) -> Result<Vec<WriteResult>, sqlx::Error> {
+    match bounded(timeout, apply_batch(conn, batch, answered)).await {
+        Err(e) if batch.len() == 1 && rolled_back_by_conflict(&e) => {
+            tracing::warn!(error = %e, "a write was rolled back by a conflict with another transaction; running it again");
+            bounded(timeout, apply_batch(conn, batch, answered)).await
+        }
+        other => other,
+    }
+}
+
+/// Whether PostgreSQL rolled the statement (and its implicit transaction) back as a deadlock's victim
+/// (40P01) or a serialization failure (40001): nothing of it committed.
+fn rolled_back_by_conflict(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|db| db.code()).is_some_and(|code| code == "40P01" || code == "40001")
 }
 
 /// Whether PostgreSQL cancelled the statement (57014: `statement_timeout`, or an operator's
