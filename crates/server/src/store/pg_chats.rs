@@ -24,16 +24,16 @@
 //!   every other creation of that owner (the chat limit cannot be overshot by two nodes); a deletion of
 //!   the same id that committed while the insert waited is caught by a second look at the tombstones.
 //!
-//! A batch whose statement fails in the database (a deadlock with another writer or node, a constraint
-//! hit, a bug) is rolled back whole and retried op by op, each in its own statement, so one bad op fails
-//! alone; a write alone in its statement that PostgreSQL rolled back as a deadlock's victim or a
-//! serialization failure runs once more (it did not commit). A batch whose outcome is unknown or whose connection broke (an I/O error, a FATAL error, a
-//! connection exception) fails whole with [`StoreError::Unavailable`] and is not retried, and its
-//! connection is closed; except a batch that PostgreSQL answered with nothing but the end of its
-//! session ([`session_ended_before`]): it did not run, and runs again, once, on another connection. A
-//! panic while handling a batch fails that batch's writes with `Unavailable` and the writer carries on;
-//! the writer replaces its broken connection from the pool, which replaces its own, so
-//! [`ChatStore::failed`] never resolves and [`ChatStore::writer_faults`] is `None` for this backend.
+//! A batch whose statement fails in the database (a deadlock with another writer or node, a constraint hit, a
+//! bug) is rolled back whole and retried op by op, each in its own statement, so one bad op fails alone; a
+//! write alone in its statement that PostgreSQL rolled back as a deadlock's victim or a serialization failure
+//! runs once more (it did not commit). A batch whose outcome is unknown or whose connection broke (an I/O
+//! error, a FATAL error, a connection exception) fails whole with [`StoreError::Unavailable`] and is not
+//! retried, and its connection is closed; except a batch that PostgreSQL answered with nothing but the end of
+//! its session ([`session_ended_before`]): it did not run, and runs again, once, on another connection. A
+//! panic while handling a batch fails that batch's writes with `Unavailable` and the writer carries on; the
+//! writer replaces its broken connection from the pool, which replaces its own, so [`ChatStore::failed`]
+//! never resolves and [`ChatStore::writer_faults`] is `None` for this backend.
 
 use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, WrappedKey, WriteOp, WriteResult};
 use super::pg::PgStore;
