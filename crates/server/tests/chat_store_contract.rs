@@ -1340,6 +1340,9 @@ async fn postgres_a_lone_write_rolled_back_by_a_deadlock_runs_again() {
     let s = b.backend.chats.clone();
     let mut conn = schema.connect().await;
     let mut other = conn.begin().await.unwrap();
+    // The write's deadlock check (the server's 1 s) runs long before this transaction's would, however
+    // loaded the machine: the write is the victim, always (a superuser setting; the tests connect as one).
+    sqlx::query("SET LOCAL deadlock_timeout = '60s'").execute(&mut *other).await.unwrap();
     let xid: String = sqlx::query_scalar("SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text")
         .fetch_one(&mut *other)
         .await
