@@ -328,6 +328,14 @@ async fn a_start_that_cannot_be_indexed_for_the_idle_sweep_opens_nothing() {
     let _: () = redis::cmd("DEL").arg(format!("{prefix}streams:idle")).query_async(&mut conn).await.unwrap();
 }
 
+/// A Redis registry under `prefix`, and a connection of the test's own to look at its keys.
+async fn redis_registry(url: &str, prefix: &str) -> (RedisStreams, redis::aio::MultiplexedConnection) {
+    let r =
+        RedisStreams::new(url, prefix, MasterKey::generate().derive("streams"), MAX, Duration::from_secs(60)).unwrap();
+    let conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+    (r, conn)
+}
+
 /// A sweep that fails on one stream still returns the streams it already removed (their `stream_cancelled`
 /// is announced from that list alone) and goes on with the next ones. The failing one here is a key that
 /// is not a stream's hash (a string where the hash should be): it is dropped from the idle index, so it does
@@ -336,10 +344,7 @@ async fn a_start_that_cannot_be_indexed_for_the_idle_sweep_opens_nothing() {
 async fn a_sweep_that_fails_on_one_stream_returns_those_it_removed() {
     let Some(url) = common::cluster::redis_url() else { return };
     let prefix = common::cluster::unique_prefix();
-    let r = RedisStreams::new(&url, &prefix, MasterKey::generate().derive("streams"), MAX, Duration::from_secs(60))
-        .unwrap();
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (r, mut conn) = redis_registry(&url, &prefix).await;
     // The broken stream first, alone, to find its hash key; then one idle before it and one after it.
     let (first, broken, last) = (key("alice", "c1", "first"), key("alice", "c1", "broken"), key("bob", "c1", "last"));
     r.open(&broken, &info("m2"), 2_000).await.unwrap();
@@ -1049,10 +1054,7 @@ async fn redis_a_stream_that_expired_does_not_hold_a_slot() {
 async fn redis_a_stream_that_does_not_decode_is_left_out_of_the_list() {
     let Some(url) = common::cluster::redis_url() else { return };
     let prefix = common::cluster::unique_prefix();
-    let r = RedisStreams::new(&url, &prefix, MasterKey::generate().derive("streams"), MAX, Duration::from_secs(60))
-        .unwrap();
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (r, mut conn) = redis_registry(&url, &prefix).await;
     let hashes = |conn: &mut redis::aio::MultiplexedConnection| {
         let mut conn = conn.clone();
         let pattern = format!("{prefix}stream:*");
