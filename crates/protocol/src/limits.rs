@@ -69,13 +69,13 @@ pub fn json_depth(value: &Value) -> usize {
     let mut deepest = 0;
     let mut pending = vec![(value, 1)];
     while let Some((value, depth)) = pending.pop() {
-        let children: Box<dyn Iterator<Item = &Value>> = match value {
-            Value::Array(items) => Box::new(items.iter()),
-            Value::Object(members) => Box::new(members.values()),
+        let containers = |v: &&Value| v.is_array() || v.is_object();
+        match value {
+            Value::Array(items) => pending.extend(items.iter().filter(containers).map(|v| (v, depth + 1))),
+            Value::Object(members) => pending.extend(members.values().filter(containers).map(|v| (v, depth + 1))),
             _ => continue,
-        };
+        }
         deepest = deepest.max(depth);
-        pending.extend(children.filter(|v| v.is_array() || v.is_object()).map(|v| (v, depth + 1)));
     }
     deepest
 }
