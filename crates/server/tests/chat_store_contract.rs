@@ -1327,10 +1327,13 @@ async fn postgres_a_standalone_event_waits_for_a_batch_of_its_user_in_flight() {
 /// PostgreSQL: a lone write that PostgreSQL rolls back as a deadlock's victim runs once more (it did not
 /// commit), as the same write in a larger batch is retried op by op, instead of failing with
 /// `unavailable`. The deadlock is another transaction's: it holds a new chat id's unique index entry
-/// (bob's chat `x`, not yet committed) when the write, creating `x` for alice, has locked alice's `users`
-/// row and waits for that entry; the transaction then asks for alice's row. PostgreSQL's deadlock check
-/// aborts the write, which began waiting first; run again once the other transaction committed, it
-/// finds `x` taken by bob: `NotFound`.
+/// (bob's chat `x`, not yet committed) when the write, creating `x` for alice, has taken alice's owner
+/// lock and waits for that entry; the transaction then asks for alice's owner lock. PostgreSQL's deadlock
+/// check aborts the write, which began waiting first; run again once the other transaction committed, it
+/// finds `x` taken by bob: `NotFound`. The owner lock, not alice's `users` row: an advisory lock is
+/// granted to its waiter when the victim's abort releases it, so the run again queues behind the other
+/// transaction; a row lock is taken by whoever gets to the row first, and the run again could take it
+/// before the waiter woke up and deadlock once more (it did, in CI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_lone_write_rolled_back_by_a_deadlock_runs_again() {
     use sqlx::Connection as _;
@@ -1372,7 +1375,13 @@ async fn postgres_a_lone_write_rolled_back_by_a_deadlock_runs_again() {
         assert!(!write.is_finished(), "the write ended before it waited: {:?}", write.await);
         tokio::task::yield_now().await;
     }
-    sqlx::query("SELECT 1 FROM users WHERE user_id = 'alice' FOR UPDATE").execute(&mut *other).await.unwrap();
+    // Alice's owner lock, as the write batch takes it (migration 0010_owner_locks_per_schema.sql).
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(1668481025, hashtext(coalesce(current_schema(), '') || chr(31) || 'alice'))",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
     other.commit().await.unwrap();
     assert_eq!(write.await.unwrap().unwrap(), WriteResult::NotFound, "run again after the deadlock");
     assert_eq!(
