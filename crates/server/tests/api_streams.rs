@@ -684,3 +684,55 @@ async fn a_chunk_whose_frame_would_exceed_the_reply_bound_is_refused() {
     let open = server.ctx.streams.list("alice").await.unwrap();
     assert_eq!((open[0].seq, open[0].content.len()), (2, fits.len() + 4));
 }
+
+/// A `complete` whose message committed just before the chat's deletion, held there (before it announces
+/// the end) while a device deletes the chat: the deletion finds no open stream to end (the completion
+/// took it), every device gets `chat_deleted`, and then the completion's announcement. That must not be
+/// `stream_completed`, which names the deleted chat as one holding a new message (the TypeScript SDK
+/// made the chat again, empty, in its chat list, and asked for its messages), as a backend's message is
+/// not announced after its chat's deletion: the stream ends with `stream_cancelled` (`aborted`), as for a
+/// start that raced the deletion.
+#[tokio::test]
+async fn a_completion_committed_before_its_chats_deletion_is_not_announced_after_it() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    let mut phone = new_user(&server, "alice", "phone").await;
+    let mut laptop = another_device(&server, "alice", "laptop").await;
+    set_title(&mut phone, "c1", "t").await;
+    expect_msg!(next_event(&mut laptop).await, ChatTitleUpdated);
+    assert_eq!(api.post(STREAMS, start_body("s1", "m1")).await.0, 201);
+    assert_eq!(send_chunk(&api, "s1", 1, "hello").await.0, 202);
+    for device in [&mut phone, &mut laptop] {
+        expect_msg!(next_event(device).await, StreamStarted);
+        expect_msg!(next_event(device).await, StreamChunk);
+    }
+
+    let mut held = server.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    let (url, key) = (format!("{}{STREAMS}/s1/complete", server.api_base()), api.key.clone());
+    let caller = tokio::spawn(async move {
+        reqwest::Client::new().post(url).bearer_auth(key).json(&json!({})).send().await.unwrap().status()
+    });
+    held.reached().await;
+    expect_msg!(phone.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    expect_msg!(next_event(&mut laptop).await, ChatDeleted);
+    held.release();
+    assert_eq!(caller.await.unwrap(), 201, "stored before the deletion");
+
+    // Whatever the completion announced was queued before its answer, so before these pongs.
+    for device in [&mut phone, &mut laptop] {
+        let pong = device.request(&ping()).await.unwrap();
+        expect_msg!(pong, Pong);
+        let mut after_deletion = Vec::new();
+        while device.buffered() > 0 {
+            after_deletion.push(device.recv().await.unwrap().message);
+        }
+        assert!(
+            !after_deletion.iter().any(|m| matches!(m, ServerMessage::StreamCompleted(_))),
+            "the deleted chat's stream was announced completed after chat_deleted: {after_deletion:?}"
+        );
+        let [ServerMessage::StreamCancelled(ended)] = &after_deletion[..] else {
+            panic!("the stream was left open on the device: {after_deletion:?}");
+        };
+        assert_eq!((ended.stream_id.as_str(), ended.reason), ("s1", StreamCancelReason::Aborted));
+    }
+}

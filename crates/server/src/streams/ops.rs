@@ -157,6 +157,10 @@ pub async fn completion_failed(ctx: &Ctx, stream: OpenStream) {
 }
 
 /// Announces a stored stream message to ALL with `stream_completed` (nothing else of the stream follows).
+/// If the chat was deleted since the message committed, the devices had `chat_deleted` already (the
+/// deletion found no open stream to end: this completion had taken it), and `stream_completed` would name
+/// the deleted chat as one holding a new message: the stream ends with `stream_cancelled` (`aborted`)
+/// instead, as a backend's message is not announced after its chat's deletion.
 pub async fn completed(
     ctx: &Ctx,
     key: &StreamKey,
@@ -164,6 +168,10 @@ pub async fn completed(
     seq: u64,
     messages_v: u64,
 ) {
+    if ctx.keys.is_deleted(key.chat_id.as_str()) {
+        ended_without_message(ctx, key).await;
+        return;
+    }
     metrics::counter!(crate::metrics::STREAMS_ENDED, "reason" => "completed").increment(1);
     let event = ServerMessage::StreamCompleted(chatsync_protocol::StreamCompleted {
         chat_id: key.chat_id.clone(),
