@@ -123,8 +123,13 @@ pub struct DeviceList {
 #[serde(deny_unknown_fields)]
 pub struct PostMessage {
     /// Idempotency key, unique per chat (PROTOCOL.md id rules).
+    #[cfg_attr(feature = "schema", schemars(with = "crate::MessageId"))]
     pub message_id: String,
-    /// Who wrote it: any id except `"user"` (e.g. `"assistant"`).
+    /// Who wrote it: any id except `"user"` (e.g. `"assistant"`): 1-64 characters of `[A-Za-z0-9_.@-]`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.@-]+$"), extend("not" = {"const": "user"}))
+    )]
     pub sender_name: String,
     /// A JSON object or a string: at most 32 KiB of JSON and 32 levels of nested objects and arrays.
     #[cfg_attr(feature = "schema", schemars(with = "crate::MessageContent"))]
@@ -156,10 +161,16 @@ pub struct MessagePosted {
 #[serde(deny_unknown_fields)]
 pub struct StartStream {
     /// The backend's id of the stream (the message id rules).
+    #[cfg_attr(feature = "schema", schemars(with = "crate::StreamId"))]
     pub stream_id: String,
     /// The id the completed message gets.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::MessageId"))]
     pub message_id: String,
-    /// Who writes it: any id except `"user"`.
+    /// Who writes it: any id except `"user"`: 1-64 characters of `[A-Za-z0-9_.@-]`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9_.@-]+$"), extend("not" = {"const": "user"}))
+    )]
     pub sender_name: String,
     /// Any JSON object up to 4 KiB and 32 levels of nesting, passed through to the devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,6 +191,7 @@ pub struct StreamOpened {
 #[serde(deny_unknown_fields)]
 pub struct PostChunk {
     /// 1 for the first chunk, +1 for each next one.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub seq: u64,
     /// The text this chunk adds (at most 16 KiB, and its `stream_chunk` frame, JSON-escaped, at most
     /// `max_reply_bytes`).

@@ -247,3 +247,71 @@ async fn a_session_requests_bounds_are_the_specs() {
         );
     }
 }
+
+/// The ids and chunk numbers of message and stream bodies are bounded as the server bounds them: every
+/// body below is refused by the server (400) exactly when the spec's request schema refuses it. (The spec
+/// had no bounds on `message_id`, `stream_id` and `sender_name`, and allowed chunk `seq` 0, so a client
+/// generated from it sent requests the server answers 400.)
+#[tokio::test]
+async fn message_and_stream_bodies_are_bounded_as_the_spec_says() {
+    let server = TestServer::start().await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+    let schema_of = |template: &str| {
+        OPENAPI["paths"][template]["post"]["requestBody"]["content"]["application/json"]["schema"].clone()
+    };
+    let ids = ["", "a", "A-z_0.9:x", "a b", "a/b", "é", &"m".repeat(128), &"m".repeat(129)];
+    let senders = ["assistant", "bot@x.y", "user", "", "a b", "a:b", &"s".repeat(64), &"s".repeat(65)];
+    let mut n = 0;
+    let mut unique = || {
+        n += 1;
+        format!("u{n}")
+    };
+
+    let mut cases = Vec::new();
+    let messages = "/users/{user_id}/chats/{chat_id}/messages";
+    for id in ids {
+        cases.push((messages, json!({"message_id": id, "sender_name": "assistant", "content": "x"})));
+    }
+    for sender in senders {
+        cases.push((messages, json!({"message_id": unique(), "sender_name": sender, "content": "x"})));
+    }
+    let streams = "/users/{user_id}/chats/{chat_id}/streams";
+    for id in ids {
+        cases.push((streams, json!({"stream_id": id, "message_id": unique(), "sender_name": "assistant"})));
+        cases.push((streams, json!({"stream_id": unique(), "message_id": id, "sender_name": "assistant"})));
+    }
+    for sender in senders {
+        cases.push((streams, json!({"stream_id": unique(), "message_id": unique(), "sender_name": sender})));
+    }
+    for (template, body) in cases {
+        let path = template.replace("{user_id}", "alice").replace("{chat_id}", "c1");
+        let (status, reply) = api.post(&path, body.clone()).await;
+        // Each accepted start opens a stream: end it, so the user's cap of open streams is never reached.
+        if template == streams && status == 201 {
+            let stream = body["stream_id"].as_str().unwrap();
+            assert_eq!(api.delete(&format!("{path}/{stream}")).await.0, 204);
+        }
+        let spec_takes = errors(&schema_of(template), &body).is_empty();
+        assert!(status == 201 || status == 400, "{template} {body}: {status} {reply}");
+        assert_eq!(
+            status == 201,
+            spec_takes,
+            "{template} {body}: the server answered {status}, the spec says valid: {spec_takes}"
+        );
+    }
+
+    let start = json!({"stream_id": "s1", "message_id": "m1", "sender_name": "assistant"});
+    assert_eq!(api.post("/users/alice/chats/c1/streams", start).await.0, 201);
+    let chunks = "/users/{user_id}/chats/{chat_id}/streams/{stream_id}/chunks";
+    for body in [json!({"seq": 0, "delta": "x"}), json!({"seq": 1, "delta": "x"})] {
+        let (status, reply) = api.post("/users/alice/chats/c1/streams/s1/chunks", body.clone()).await;
+        let spec_takes = errors(&schema_of(chunks), &body).is_empty();
+        assert!(status == 202 || status == 400, "{body}: {status} {reply}");
+        assert_eq!(
+            status == 202,
+            spec_takes,
+            "{body}: the server answered {status}, the spec says valid: {spec_takes}"
+        );
+    }
+}
