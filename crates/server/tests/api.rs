@@ -45,6 +45,14 @@ async fn requests_without_a_valid_api_key_are_unauthorized() {
     assert_eq!(raw(&server, None, "/nope").await.0, 401);
     let (status, body) = api.get("/nope").await;
     assert_eq!((status, error_code(&body)), (404, "not_found"));
+    // The prefix itself, with and without its trailing slash (`/v1/api/` fell through to the web server's
+    // empty 404, before authentication).
+    for root in ["", "/"] {
+        let (status, body) = raw(&server, None, root).await;
+        assert_eq!((status, error_code(&body)), (401, "unauthorized"), "{root:?}");
+        let (status, body) = api.get(root).await;
+        assert_eq!((status, error_code(&body)), (404, "not_found"), "{root:?}");
+    }
     // A known path with a method it does not have, and a path segment that is not UTF-8: the API's
     // format too (not the framework's empty 405 or plain-text 400).
     let (status, body) = api.call(reqwest::Method::PUT, "/users/alice", None).await;

@@ -70,7 +70,9 @@ pub fn router(ctx: Arc<Ctx>, tasks: tokio_util::task::TaskTracker) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), to_completion))
         .layer(axum::middleware::map_response(no_store))
         .with_state(state);
-    Router::new().nest("/v1/api", api)
+    // `nest` routes `/v1/api` and the paths below it, not `/v1/api/`: that one goes to the same router
+    // (which has no route for it), so it is authenticated and answered in the API's format too.
+    Router::new().nest("/v1/api", api.clone()).route_service("/v1/api/", api.into_service())
 }
 
 /// Every API response, errors included, says `Cache-Control: no-store` (a session token or a user's data
