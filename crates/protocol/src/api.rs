@@ -205,5 +205,6 @@ pub struct PostChunk {
 pub struct CompleteStream {
     /// The message to store (a JSON object or a string); default: the stream's text so far, as a string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(with = "Option<crate::MessageContent>"))]
     pub content: Option<Value>,
 }

@@ -248,10 +248,11 @@ async fn a_session_requests_bounds_are_the_specs() {
     }
 }
 
-/// The ids and chunk numbers of message and stream bodies are bounded as the server bounds them: every
-/// body below is refused by the server (400) exactly when the spec's request schema refuses it. (The spec
-/// had no bounds on `message_id`, `stream_id` and `sender_name`, and allowed chunk `seq` 0, so a client
-/// generated from it sent requests the server answers 400.)
+/// The ids, chunk numbers and completion contents of message and stream bodies are bounded as the server
+/// bounds them: every body below is refused by the server (400) exactly when the spec's request schema
+/// refuses it. (The spec had no bounds on `message_id`, `stream_id` and `sender_name`, allowed chunk `seq`
+/// 0, and any JSON value as a completion's `content`, so a client generated from it sent requests the
+/// server answers 400.)
 #[tokio::test]
 async fn message_and_stream_bodies_are_bounded_as_the_spec_says() {
     let server = TestServer::start().await;
@@ -298,6 +299,26 @@ async fn message_and_stream_bodies_are_bounded_as_the_spec_says() {
             status == 201,
             spec_takes,
             "{template} {body}: the server answered {status}, the spec says valid: {spec_takes}"
+        );
+    }
+
+    let complete = "/users/{user_id}/chats/{chat_id}/streams/{stream_id}/complete";
+    for content in [json!(null), json!("x"), json!({"a": 1}), json!(5), json!([1]), json!(true)] {
+        let stream = unique();
+        let start = json!({"stream_id": stream, "message_id": stream, "sender_name": "assistant"});
+        assert_eq!(api.post("/users/alice/chats/c1/streams", start).await.0, 201);
+        let path = format!("/users/alice/chats/c1/streams/{stream}");
+        let body = json!({ "content": content });
+        let (status, reply) = api.post(&format!("{path}/complete"), body.clone()).await;
+        if status != 201 {
+            assert_eq!(api.delete(&path).await.0, 204);
+        }
+        let spec_takes = errors(&schema_of(complete), &body).is_empty();
+        assert!(status == 201 || status == 400, "{body}: {status} {reply}");
+        assert_eq!(
+            status == 201,
+            spec_takes,
+            "{body}: the server answered {status}, the spec says valid: {spec_takes}"
         );
     }
 
