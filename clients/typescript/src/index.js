@@ -1859,10 +1859,16 @@ export class ChatSyncClient extends Emitter {
       if (this._socket !== socket) return;
       await this._flushChanges();
       if (this.options.autoSync) await this.sync();
-      // Then the queued messages, and whatever was queued meanwhile (writes wait for `online`).
-      while (this.queue.size > 0) {
-        await this._flushChanges();
-        await this._flushMessages();
+      // Then the queued messages, and whatever was queued meanwhile (writes wait for `online`). Edits
+      // queued while the sync was out may meet a conflict or a refusal: the server's value of that
+      // component is asked for again on this connection (see `_recheckConflict`), not at the next one.
+      for (;;) {
+        while (this.queue.size > 0) {
+          await this._flushChanges();
+          await this._flushMessages();
+        }
+        if (!this.options.autoSync || (this.queue.recheck.length === 0 && this._stale.size === 0)) break;
+        await this.sync();
       }
       if (this._socket === socket) {
         this._attempt = 0;

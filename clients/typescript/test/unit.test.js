@@ -2303,3 +2303,31 @@ test('loadMessages stops when a page marked has_more does not extend the message
   assert.equal(socket.sent.filter((f) => f.type === 'get_chat_messages').length, 1, 'not asked again');
   c.close();
 });
+
+test('an edit made while the reconnect syncs, which then meets a conflict, emits change_conflict at once, not at the next reconnection', { timeout: 5000 }, async () => {
+  const c = client();
+  const first = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'] });
+  /** @type {any[]} */
+  const conflicts = [];
+  c.on('change_conflict', (/** @type {any} */ e) => conflicts.push(e));
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  // Made on the title seen (version 1) while the sync is out; another device wrote version 2 meanwhile.
+  assert.deepEqual(await c.updateTitle('a', 'mine'), { queued: true });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0, title: 'theirs' }], server_chat_order: ['a'], sync_completed_at: 'T' } });
+  const flush = await socket.next('sync_offline_changes');
+  const [ch] = flush.payload.changes;
+  assert.equal(ch.version_before_edit, 1);
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: ch.change_id, chat_id: 'a', type: 'title', status: 'conflict', versions: { messages_v: 0, title_v: 2, draft_v: 0 } }] } });
+  // The server's value is asked for again on this connection, and the conflict told.
+  const sync = await socket.answerSync({ chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 0, title: 'theirs' }], server_chat_order: ['a'] });
+  assert.equal(sync.payload.chat_versions.a.title_v, undefined, 'the title is asked for again');
+  await until(() => conflicts.length > 0);
+  assert.deepEqual(conflicts.map((e) => [e.value, e.versions.title_v]), [['mine', 2]]);
+  assert.equal(c.chat('a').title, 'theirs');
+  await until(() => c.status === 'online');
+  c.close();
+});
