@@ -1140,6 +1140,13 @@ export class ChatSyncClient extends Emitter {
     this._stale = new Map();
     /** Deleted chat ids (never reused; late events for them are ignored). */
     this.deleted = new Set();
+    /**
+     * Per chat, the `messages_v` of the sync entry whose `unread_count` the model took: that count covers
+     * the messages up to it, so a broadcast of one of them arriving later (stored before the sync's
+     * snapshot, broadcast after it) is not counted again.
+     * @type {Map<string, number>}
+     */
+    this._unreadCovers = new Map();
     this.streams = new StreamAssembler();
     // A queue per tab (its own key under this one), adopting those of tabs that are gone: two tabs on
     // one `localStorage` never overwrite each other's (see OfflineQueue#adopt).
@@ -2310,7 +2317,10 @@ export class ChatSyncClient extends Emitter {
           if ('title' in entry && v.title_v >= chat.versions.title_v) chat.title = entry.title;
           if ('draft_json' in entry && v.draft_v >= chat.versions.draft_v) chat.draft_json = entry.draft_json;
           // Its count leaves out messages this client already holds from a newer broadcast.
-          if (typeof entry.unread_count === 'number' && (v.messages_v ?? 0) >= chat.versions.messages_v) chat.unread_count = entry.unread_count;
+          if (typeof entry.unread_count === 'number' && (v.messages_v ?? 0) >= chat.versions.messages_v) {
+            chat.unread_count = entry.unread_count;
+            this._unreadCovers.set(entry.chat_id, newer(0, v.messages_v));
+          }
           chat.versions = {
             messages_v: newer(chat.versions.messages_v, v.messages_v ?? 0),
             title_v: newer(chat.versions.title_v, v.title_v ?? 0),
@@ -2409,7 +2419,8 @@ export class ChatSyncClient extends Emitter {
         this._mergeMessages(chat, [p.message]);
         chat.versions.messages_v = newer(chat.versions.messages_v, p.versions?.messages_v ?? p.message.seq);
         chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp ?? 0);
-        if (isNew && p.message.sender_name !== 'user' && p.message.seq > chat.read_seq) chat.unread_count += 1;
+        const covered = this._unreadCovers.get(p.chat_id) ?? 0;
+        if (isNew && p.message.sender_name !== 'user' && p.message.seq > chat.read_seq && p.message.seq > covered) chat.unread_count += 1;
         break;
       }
       case 'chat_messages_response': {
@@ -2499,6 +2510,7 @@ export class ChatSyncClient extends Emitter {
   _forgetUser() {
     this.chats.clear();
     this.deleted.clear();
+    this._unreadCovers.clear();
     this._stale = new Map();
     this.streams.clear();
     this._synced = false;
@@ -2526,6 +2538,7 @@ export class ChatSyncClient extends Emitter {
    */
   _forget(chatId, deleted = false) {
     this.chats.delete(chatId);
+    this._unreadCovers.delete(chatId);
     if (deleted) this.deleted.add(chatId);
     for (const s of this.streams.open(chatId)) this.streams.finish(chatId, s.stream_id, 'cancelled');
   }

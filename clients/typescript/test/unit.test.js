@@ -2331,3 +2331,22 @@ test('an edit made while the reconnect syncs, which then meets a conflict, emits
   await until(() => c.status === 'online');
   c.close();
 });
+
+test('a message from another sender whose broadcast comes after a sync reply that counted it is not counted twice', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  // The sync's snapshot was taken after the backend's message 2 was stored and before it was broadcast.
+  const p = c.sync();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 2, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 1 }], server_chat_order: ['a'], sync_completed_at: 'T' } });
+  await p;
+  assert.equal(c.chat('a').unread_count, 1);
+  socket.push({ type: 'chat_message_added', payload: { chat_id: 'a', message: { message_id: 'x2', seq: 2, sender_name: 'assistant', content: 'hi', created_at: 'T', client_timestamp: null }, versions: { messages_v: 2 }, last_edited_overall_timestamp: 2 } });
+  await c.waitFor('chat_message_added');
+  assert.equal(c.chat('a').unread_count, 1, 'counted once');
+  // The next one counts.
+  socket.push({ type: 'chat_message_added', payload: { chat_id: 'a', message: { message_id: 'x3', seq: 3, sender_name: 'assistant', content: 'more', created_at: 'T', client_timestamp: null }, versions: { messages_v: 3 }, last_edited_overall_timestamp: 3 } });
+  await c.waitFor('chat_message_added');
+  assert.equal(c.chat('a').unread_count, 2);
+  c.close();
+});
