@@ -440,6 +440,13 @@ export declare class StreamAssembler {
   /** Counts sync requests out (`true` one more, `false` one fewer): meanwhile chunks are kept by `seq` for `seed`. */
   buffer(on: boolean): void;
   chunk(p: StreamChunk): StreamState | null;
+  /** Whether the stream's end came here already (a later end event is a repeat); not for one only ended by `endUnseen`. */
+  hasEnded(chatId: string, streamId: string): boolean;
+  /**
+   * Ends an open stream that a sync no longer lists (`cancelled`, reason `ended_unseen`); its own end event,
+   * should it still come, ends it for real with its text kept.
+   */
+  endUnseen(chatId: string, streamId: string): StreamState;
   finish(chatId: string, streamId: string, state: 'completed' | 'cancelled'): StreamState;
   clear(): void;
 }

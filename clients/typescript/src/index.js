@@ -179,7 +179,8 @@ export class Emitter {
  * `stream_chunk`s append their `delta` in `seq` order (a repeated `seq` is ignored; a jump is a merged
  * chunk from a slow connection and is appended), `stream_completed` and `stream_cancelled` end it.
  * `active_streams` of an initial sync seeds streams that were open before this device joined. A chunk
- * of a stream that has ended is ignored (one accepted just before a cancel may arrive after it).
+ * of a stream that has ended is ignored (one accepted just before a cancel may arrive after it), and so
+ * is a repeated end event; a stream that a sync ended as unseen takes its own end event when it comes.
  */
 export class StreamAssembler {
   constructor() {
@@ -190,6 +191,12 @@ export class StreamAssembler {
     /** @type {Map<string, Map<number, string>>} chunks received while a sync request is out, by stream and `seq` (see {@link buffer}) */
     this._recent = new Map();
     this._buffering = 0;
+    /**
+     * Streams ended by a sync that no longer listed them (see {@link endUnseen}), by key: their end event
+     * may still come (the server takes a stream out of its open ones before it broadcasts the end).
+     * @type {Map<string, import('./index.js').StreamState>}
+     */
+    this._unseen = new Map();
   }
 
   /** How many ended streams are remembered, to ignore their late chunks. */
@@ -243,6 +250,7 @@ export class StreamAssembler {
       complete: true,
     };
     this.ended.delete(key);
+    this._unseen.delete(key);
     this.streams.set(key, stream);
     return stream;
   }
@@ -310,7 +318,33 @@ export class StreamAssembler {
   }
 
   /**
-   * Ends a stream; returns it (or a stub when it was never seen).
+   * Whether the stream's end came here already (`stream_completed`, `stream_cancelled`, or its chat
+   * deleted): a later end event of it is a repeat. One ended by a sync only ({@link endUnseen}) has not.
+   * @param {string} chatId
+   * @param {string} streamId
+   */
+  hasEnded(chatId, streamId) {
+    const key = StreamAssembler.key(chatId, streamId);
+    return this.ended.has(key) && !this._unseen.has(key);
+  }
+
+  /**
+   * Ends an open stream that a sync no longer lists (`cancelled`, reason `ended_unseen`): it ended unseen.
+   * Its own end event, should it still come, ends it for real, text kept (see {@link finish}).
+   * @param {string} chatId
+   * @param {string} streamId
+   * @returns {import('./index.js').StreamState}
+   */
+  endUnseen(chatId, streamId) {
+    const stream = this.finish(chatId, streamId, 'cancelled');
+    stream.reason = 'ended_unseen';
+    this._unseen.set(StreamAssembler.key(chatId, streamId), stream);
+    return stream;
+  }
+
+  /**
+   * Ends a stream; returns it (one that ended unseen, see {@link endUnseen}, with its text; a stub when
+   * it was never seen).
    * @param {string} chatId
    * @param {string} streamId
    * @param {'completed' | 'cancelled'} state
@@ -318,7 +352,12 @@ export class StreamAssembler {
    */
   finish(chatId, streamId, state) {
     const key = StreamAssembler.key(chatId, streamId);
-    const stream = this.streams.get(key) ?? {
+    const unseen = this._unseen.get(key);
+    if (unseen) {
+      this._unseen.delete(key);
+      delete unseen.reason;
+    }
+    const stream = this.streams.get(key) ?? unseen ?? {
       chat_id: chatId,
       stream_id: streamId,
       message_id: '',
@@ -331,7 +370,11 @@ export class StreamAssembler {
     };
     this.streams.delete(key);
     this.ended.add(key);
-    if (this.ended.size > StreamAssembler.ENDED_KEPT) this.ended.delete(this.ended.values().next().value);
+    if (this.ended.size > StreamAssembler.ENDED_KEPT) {
+      const oldest = this.ended.values().next().value;
+      this.ended.delete(oldest);
+      this._unseen.delete(oldest);
+    }
     stream.state = state;
     return stream;
   }
@@ -1441,7 +1484,7 @@ export class ChatSyncClient extends Emitter {
     const active = new Set((reply.payload.active_streams ?? []).map((/** @type {import('./index.js').ActiveStream} */ a) => StreamAssembler.key(a.chat_id, a.stream_id)));
     for (const s of openBefore) {
       if (active.has(StreamAssembler.key(s.chat_id, s.stream_id)) || this.streams.get(s.chat_id, s.stream_id) !== s) continue;
-      this.streams.finish(s.chat_id, s.stream_id, 'cancelled').reason = 'ended_unseen';
+      this.streams.endUnseen(s.chat_id, s.stream_id);
       this.emit('stream', s);
       this.emit('change', s.chat_id);
     }
@@ -2471,14 +2514,15 @@ export class ChatSyncClient extends Emitter {
         break;
       }
       case 'stream_completed': {
-        const first = !this.streams.ended.has(StreamAssembler.key(p.chat_id, p.stream_id));
+        // A repeated end changes nothing (nor fetches the message again).
+        if (this.streams.hasEnded(p.chat_id, p.stream_id)) return;
         const stream = this.streams.finish(p.chat_id, p.stream_id, 'completed');
         stream.message_id = p.message_id ?? stream.message_id;
         stream.seq_stored = p.seq;
         const chat = this.chat(p.chat_id);
         // The stored message comes with no `chat_message_added`: it counts as unread here, as the server
         // counts it (a reply of another sender past the read marker), once.
-        if (first && typeof p.seq === 'number' && stream.sender_name !== 'user' && p.seq > chat.read_seq && p.seq > chat.versions.messages_v && !chat.messages.some((m) => m.seq === p.seq)) {
+        if (typeof p.seq === 'number' && stream.sender_name !== 'user' && p.seq > chat.read_seq && p.seq > chat.versions.messages_v && !chat.messages.some((m) => m.seq === p.seq)) {
           chat.unread_count += 1;
         }
         chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v ?? 0);
@@ -2490,6 +2534,7 @@ export class ChatSyncClient extends Emitter {
         break;
       }
       case 'stream_cancelled': {
+        if (this.streams.hasEnded(p.chat_id, p.stream_id)) return;
         const stream = this.streams.finish(p.chat_id, p.stream_id, 'cancelled');
         stream.reason = p.reason;
         this.emit('stream', stream);

@@ -2350,3 +2350,31 @@ test('a message from another sender whose broadcast comes after a sync reply tha
   assert.equal(c.chat('a').unread_count, 2);
   c.close();
 });
+
+test('a stream ended as ended_unseen by a sync built between its end and the end\'s broadcast takes the real end when it comes: its text kept, counted unread once; a repeated end is ignored', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  socket.push({ type: 'stream_started', payload: { ...STREAM, message_id: 'm2' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 1, delta: 'Hello' } });
+  await until(() => c.streams.get('a', 's')?.text === 'Hello');
+  /** @type {any[]} */
+  const seen = [];
+  c.on('stream', (/** @type {any} */ s) => seen.push([s.state, s.text, s.reason]));
+  // The server took the stream for its completion, then took the sync's snapshot (no open stream, the
+  // message not stored yet), then broadcast stream_completed.
+  const p = c.sync();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: ['a'], sync_completed_at: 'T', active_streams: [] } });
+  await p;
+  const completed = { type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's', message_id: 'm2', seq: 2, messages_v: 2 } };
+  socket.push(completed);
+  socket.push(completed);
+  socket.push({ type: 'stream_cancelled', payload: { chat_id: 'a', stream_id: 's', reason: 'aborted' } });
+  const fetch = await socket.next('get_chat_messages');
+  socket.push({ type: 'chat_messages_response', request_id: fetch.request_id, payload: { chat_id: 'a', messages: [{ message_id: 'm2', seq: 2, sender_name: 'assistant', content: 'Hello', created_at: 'T', client_timestamp: null }], messages_v: 2, has_more: false } });
+  await c.waitFor('chat_messages_response');
+  assert.deepEqual(seen, [['cancelled', 'Hello', 'ended_unseen'], ['completed', 'Hello', undefined]]);
+  assert.equal(c.chat('a').unread_count, 1);
+  assert.equal(socket.sent.filter((f) => f.type === 'get_chat_messages').length, 1, 'the stored message fetched once');
+  c.close();
+});
