@@ -1658,6 +1658,9 @@ export class ChatSyncClient extends Emitter {
     }
     try {
       const reply = await this._sendQueued(pending);
+      // Also when the model took no note of the confirmation (its chat deleted meanwhile: the message
+      // committed just before): stored, so never sent again.
+      this.queue.confirmMessage(chatId, message_id);
       return { queued: false, reply };
     } catch (e) {
       if (isTransient(e)) {

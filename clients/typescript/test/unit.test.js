@@ -2378,3 +2378,26 @@ test('a stream ended as ended_unseen by a sync built between its end and the end
   assert.equal(socket.sent.filter((f) => f.type === 'get_chat_messages').length, 1, 'the stored message fetched once');
   c.close();
 });
+
+test('a message confirmed after its chat was deleted (it committed just before) leaves the queue: not sent again at the next connection, no message_rejected', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  /** @type {any[]} */
+  const rejected = [];
+  c.on('message_rejected', (/** @type {any} */ e) => rejected.push(e));
+  const p = c.sendMessage('a', 'hi', { messageId: 'm1' });
+  const req = await socket.next('chat_message_added');
+  socket.push({ type: 'chat_deleted', payload: { chat_id: 'a', tombstone: true } });
+  socket.push({ type: 'chat_message_confirmed', request_id: req.request_id, payload: { chat_id: 'a', message_id: 'm1', temp_id: null, new_messages_v: 1, new_last_edited_overall_timestamp: 2 } });
+  assert.equal((await p).queued, false);
+  assert.equal(c.queue.size, 0, 'confirmed: nothing left to send');
+  socket.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const next = lastSocket();
+  next.greet();
+  await next.answerSync({ chat_ids_to_delete: [] });
+  await until(() => c.status === 'online');
+  assert.equal(next.sent.filter((f) => f.type === 'chat_message_added').length, 0);
+  assert.deepEqual(rejected, []);
+  c.close();
+});
