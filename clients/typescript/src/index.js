@@ -1481,7 +1481,8 @@ export class ChatSyncClient extends Emitter {
     // A stream open here before the request and missing from `active_streams` ended unseen (while
     // disconnected): how is unknown, so it ends as cancelled, reason `ended_unseen` (a completed one's
     // message comes with the chat's messages). A stream started after the request is left alone.
-    const active = new Set((reply.payload.active_streams ?? []).map((/** @type {import('./index.js').ActiveStream} */ a) => StreamAssembler.key(a.chat_id, a.stream_id)));
+    const listed = Array.isArray(reply.payload.active_streams) ? reply.payload.active_streams : [];
+    const active = new Set(listed.filter((/** @type {unknown} */ a) => a && typeof a === 'object').map((/** @type {import('./index.js').ActiveStream} */ a) => StreamAssembler.key(a.chat_id, a.stream_id)));
     for (const s of openBefore) {
       if (active.has(StreamAssembler.key(s.chat_id, s.stream_id)) || this.streams.get(s.chat_id, s.stream_id) !== s) continue;
       this.streams.endUnseen(s.chat_id, s.stream_id);
@@ -2051,7 +2052,11 @@ export class ChatSyncClient extends Emitter {
         for (const c of part) this._refuseChange({ change_id: c.change_id, chat_id: c.chat_id, type: c.type }, error);
         continue;
       }
-      const results = reply.payload.results ?? [];
+      // A malformed reply (results not a list, a result that is no object) must not throw here: the part
+      // would stay in flight, never sent again.
+      const raw = reply.payload.results;
+      /** @type {import('./index.js').OfflineResult[]} */
+      const results = (Array.isArray(raw) ? raw : []).filter((r) => r && typeof r === 'object' && typeof r.change_id === 'string');
       /** @type {import('./index.js').OfflineChange[]} */
       const rechecks = [];
       for (const r of results) {
@@ -2065,7 +2070,14 @@ export class ChatSyncClient extends Emitter {
       // Kept with the queue (in its storage: a reload before the next sync loses none of them).
       this.queue.addRechecks(rechecks);
       this.queue.settle(part, results);
-      this._applyOfflineResults(reply.payload);
+      this._applyOfflineResults({ ...reply.payload, results });
+      // A change the reply gives no result for: what became of it is unknown, so it is refused as
+      // `internal` (change_rejected), and the next sync brings the server's value of its component.
+      const unanswered = part.filter((c) => !results.some((r) => r.change_id === c.change_id));
+      if (unanswered.length > 0) this.emit('protocol_error', reply.payload, new TypeError('offline_sync_complete: a change without a result'));
+      for (const c of unanswered) {
+        this._refuseChange({ change_id: c.change_id, chat_id: c.chat_id, type: c.type }, new ChatSyncError('internal', `The server sent no result for the offline ${c.type} change.`, { chat_id: c.chat_id, change_id: c.change_id }));
+      }
       this.emit('offline_flushed', reply.payload);
     }
   }

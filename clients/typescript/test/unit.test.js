@@ -187,7 +187,7 @@ test('edits made offline are sent as sync_offline_changes, then initial_sync_req
   );
   assert.ok(flush.payload.changes.every((/** @type {any} */ ch) => typeof ch.change_id === 'string'));
   assert.equal(socket.sent.length, 1, 'nothing else before the flush is answered');
-  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 3, conflicts: 0, errors: 0, results: [] } });
+  applyAll(socket, flush, { messages_v: 0, title_v: 4, draft_v: 2 });
   const sync = await socket.next('initial_sync_request');
   assert.deepEqual(sync.payload.chat_versions, { c1: { messages_v: 0, title_v: 3, draft_v: 1 } }, 'c2 is not known to the server yet');
   socket.push({ type: 'initial_sync_response', request_id: sync.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [], server_chat_order: ['c2', 'c1'], sync_completed_at: 'T' } });
@@ -2399,5 +2399,33 @@ test('a message confirmed after its chat was deleted (it committed just before) 
   await until(() => c.status === 'online');
   assert.equal(next.sent.filter((f) => f.type === 'chat_message_added').length, 0);
   assert.deepEqual(rejected, []);
+  c.close();
+});
+
+test('a malformed offline_sync_complete or sync reply (a result that is no object, a change left without a result, active_streams no list) neither drops the connection nor loses the change silently', { timeout: 5000 }, async () => {
+  const c = client();
+  const first = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'] });
+  /** @type {any[]} */
+  const rejected = [];
+  c.on('change_rejected', (/** @type {any} */ e) => rejected.push(e));
+  first.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('a', 'mine');
+  await c.updateDraft('a', null);
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  const flush = await socket.next('sync_offline_changes');
+  assert.equal(flush.payload.changes.length, 2);
+  // One result that is not an object; the other change gets none.
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 0, conflicts: 0, errors: 0, results: [null] } });
+  const sync = await socket.next('initial_sync_request');
+  assert.deepEqual(sync.payload.chat_versions, { a: { messages_v: 0 } }, 'both components asked for again');
+  socket.push({ type: 'initial_sync_response', request_id: sync.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'A', draft_json: null }], server_chat_order: ['a'], sync_completed_at: 'T', active_streams: 'none' } });
+  await until(() => c.status === 'online');
+  assert.equal(FakeSocket.instances.length, 2, 'the connection stays');
+  assert.deepEqual(rejected.map((e) => [e.type, e.error.code]), [['title', 'internal'], ['draft', 'internal']]);
+  assert.equal(c.chat('a').title, 'A');
+  assert.equal(c.queue.inFlight.length, 0);
   c.close();
 });
