@@ -2253,7 +2253,9 @@ export class ChatSyncClient extends Emitter {
     const delay = backoffDelay(this._flushAttempt++, this.options.backoff, this.options.random);
     this._flushTimer = setTimeout(async () => {
       this._flushTimer = null;
-      if (this.status !== 'online' || this.queue.size === 0) return;
+      // (Also with nothing queued: a sync that failed after the flush still has a conflict or a refused
+      // value to ask the server about.)
+      if (this.status !== 'online' || (this.queue.size === 0 && this.queue.recheck.length === 0 && this._stale.size === 0)) return;
       try {
         await this._flushChanges();
         // A conflict to recheck, or a change refused for good (its component asked for again): the
