@@ -22,8 +22,8 @@ use std::time::Duration;
     long_about = None,
     after_help = "The storage, cluster and log options (--config, --data-dir, --database-url, --redis-url, \
 --redis-prefix, --redis-sharded-pubsub, --log-format, --log-level) are also accepted before the command: \
-chatsync --data-dir DIR users add alice. Every option has its CHATSYNC_* environment variable (see each \
-command's --help). The master key comes from CHATSYNC_MASTER_KEY, else <data-dir>/master.key."
+chatsync --data-dir DIR users add alice. Every storage, cluster, log and serve option has its CHATSYNC_* environment \
+variable (see each command's --help). The master key comes from CHATSYNC_MASTER_KEY, else <data-dir>/master.key."
 )]
 pub struct Cli {
     /// The storage, cluster and log options, also accepted before the command (hidden in the help: each
@@ -311,8 +311,8 @@ pub struct ServeArgs {
     pub durability: Option<crate::store::Durability>,
     /// Microseconds the chat writer waits, when it takes a write with none queued behind it, for more
     /// writes to share the transaction and its fsync (writes arriving meanwhile wait less; under load
-    /// batches form without waiting); 0: commit at once [default: 1000 on the embedded store, 250 on
-    /// PostgreSQL].
+    /// batches form without waiting); 0: commit at once; at most 100000 [default: 1000 on the embedded
+    /// store, 250 on PostgreSQL].
     #[arg(long, help_heading = "Storage", env = "CHATSYNC_COMMIT_WINDOW_US", value_name = "MICROS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit_window_us: Option<u64>,
@@ -326,7 +326,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub cluster: ClusterArgs,
-    /// Largest accepted frame in bytes; larger closes with 1009 [default: 65536].
+    /// Largest accepted frame in bytes, at least 1024; larger closes with 1009 [default: 65536].
     #[arg(long, help_heading = "Limits", env = "CHATSYNC_MAX_FRAME_BYTES", value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_frame_bytes: Option<u32>,

@@ -321,6 +321,21 @@ impl Config {
                     .into(),
             );
         }
+        // SQLite opens an empty name, `:memory:` and (URI names are on) `file:` URIs such as `file::memory:`
+        // as a private, temporary database per connection: commands would report success into a database
+        // gone at exit, and a server's connections would each see a database of their own.
+        if let Some(path) = self.database_url.as_deref().and_then(|u| u.strip_prefix("sqlite://")) {
+            if path.is_empty() || path == ":memory:" || path.starts_with("file:") {
+                return Err(format!(
+                    "database_url {:?} is not a database file: write sqlite://PATH with the path of the file",
+                    self.database_url.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+        // A directive that does not parse was ignored with a note, which could leave no log at all.
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
+            return Err(format!("log_level {:?} is not a valid log filter: {e}", self.log_level));
+        }
         for origin in &self.allowed_origins {
             check_origin(origin)?;
         }

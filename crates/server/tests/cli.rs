@@ -1030,3 +1030,28 @@ async fn trace_logs_never_contain_api_keys_or_backend_message_bodies() {
         assert!(!logs.contains(secret), "{secret:?} reached the log");
     }
 }
+
+/// `--database-url sqlite://` with an empty path or `:memory:` (or a `file:` URI) opens one private,
+/// temporary database per connection: `users add` and `sessions issue-bulk` reported success (printing
+/// tokens) into databases that vanished at exit. Every command refuses such a URL, naming it.
+#[test]
+fn a_store_url_of_a_temporary_sqlite_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in ["sqlite://", "sqlite://:memory:", "sqlite://file::memory:"] {
+        fails(&chatsync(dir.path(), &["--database-url", url, "users", "add", "alice"]), "database_url");
+        let out = chatsync(dir.path(), &["--database-url", url, "sessions", "issue-bulk", "--users", "1"]);
+        fails(&out, "database_url");
+        assert!(out.stdout.is_empty(), "{url}: tokens printed");
+    }
+}
+
+/// A log filter with a directive that does not parse (`--log-level nonsense=bogus=x`) was ignored with a
+/// note, leaving a server that logged nothing, not even its listening address: `serve` refuses it.
+#[test]
+fn serve_refuses_a_log_filter_that_does_not_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    for filter in ["nonsense=bogus=x", "info,["] {
+        let stderr = refused_at_start(dir.path(), &["--log-level", filter]);
+        assert!(stderr.contains("log_level"), "{filter}: {stderr}");
+    }
+}
