@@ -163,6 +163,8 @@ pub async fn run(
         None => app = app.merge(ops),
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            // The port bound, not the one asked for (`:0` picks a free one).
+            let addr = listener.local_addr().unwrap_or(addr);
             tracing::info!(%addr, "operations endpoints (/metrics, /healthz, /readyz) listening");
             let stop = token.clone();
             tokio::spawn(async move {
