@@ -1321,7 +1321,7 @@ async fn api_keys(config: Config, cmd: ApiKeysCommand) -> anyhow::Result<()> {
     let (store, _) = open_existing(&config).await?;
     match cmd {
         ApiKeysCommand::Create { name } => {
-            if name.as_ref().is_some_and(|n| n.is_empty() || n.len() > 200) {
+            if name.as_ref().is_some_and(|n| n.is_empty() || n.chars().count() > 200) {
                 bail!("--name must be 1-200 characters");
             }
             let (key_id, key) = crate::api::keys::create(store.as_ref(), name.as_deref()).await?;

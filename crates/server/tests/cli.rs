@@ -998,6 +998,9 @@ async fn api_keys_are_created_listed_and_revoked_from_the_command_line() {
     ok(&chatsync(dir.path(), &["api-keys", "revoke", &key_id]));
     fails(&chatsync(dir.path(), &["api-keys", "revoke", "ak_unknown"]), "no API key has the id");
     fails(&chatsync(dir.path(), &["api-keys", "create", "--name", ""]), "--name");
+    // 1-200 characters, not bytes: 200 two-byte characters are a name, 201 are not.
+    ok(&chatsync(dir.path(), &["api-keys", "create", "--name", &"é".repeat(200)]));
+    fails(&chatsync(dir.path(), &["api-keys", "create", "--name", &"é".repeat(201)]), "--name");
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -1054,4 +1057,25 @@ fn serve_refuses_a_log_filter_that_does_not_parse() {
         let stderr = refused_at_start(dir.path(), &["--log-level", filter]);
         assert!(stderr.contains("log_level"), "{filter}: {stderr}");
     }
+}
+
+/// `--metrics-listen` with port 0 (a free port, as `--listen` takes it): the log line names the port
+/// bound, so that the operations endpoints can be found (it said `:0`).
+#[tokio::test]
+async fn serve_logs_the_port_its_operations_endpoints_are_bound_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, mut lines, _) =
+        serve(dir.path(), &["--log-format", "text", "--metrics-listen", "127.0.0.1:0"], Some("info"));
+    let line = loop {
+        let line = lines.next().expect("server exited before its operations endpoints listened").unwrap();
+        if line.contains("operations endpoints") {
+            break line;
+        }
+    };
+    let addr = line.split("addr=").nth(1).expect("the line names the address").split([' ', '"']).next().unwrap();
+    assert!(!addr.ends_with(":0"), "{line}");
+    let status = reqwest::get(format!("http://{addr}/healthz")).await.unwrap().status();
+    assert_eq!(status.as_u16(), 200, "{line}");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
