@@ -2252,7 +2252,11 @@ test('a cancelled stream leaves a new chat this device wrote into', { timeout: 5
   c.close();
 });
 
-test('a retried write refused for good while online is replaced by the server value at once, not at the next reconnection', { timeout: 5000 }, async () => {
+/**
+ * Online with chat c1 titled 'Server' (title_v 2); `updateTitle('c1', 'Mine')` answered `unavailable`, queued,
+ * retried and refused for good (`limit_exceeded`): returns the client, its socket and the sync that follows.
+ */
+async function titleRefusedOnRetry() {
   const c = client();
   const socket = await online(c, {
     chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Server', draft_json: null }],
@@ -2266,6 +2270,11 @@ test('a retried write refused for good while online is replaced by the server va
   const [ch] = retry.payload.changes;
   socket.push({ type: 'offline_sync_complete', request_id: retry.request_id, payload: { processed: 0, conflicts: 0, errors: 1, results: [{ change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'error', code: 'limit_exceeded' }] } });
   const sync = await socket.next('initial_sync_request');
+  return { c, socket, sync };
+}
+
+test('a retried write refused for good while online is replaced by the server value at once, not at the next reconnection', { timeout: 5000 }, async () => {
+  const { c, socket, sync } = await titleRefusedOnRetry();
   assert.deepEqual(sync.payload.chat_versions, { c1: { messages_v: 0, draft_v: 0 } }, 'the title asked for again');
   socket.push({ type: 'initial_sync_response', request_id: sync.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'c1', type: 'updated_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Server' }], server_chat_order: ['c1'], sync_completed_at: 'T' } });
   await until(() => c.chat('c1').title === 'Server');
@@ -2431,19 +2440,7 @@ test('a malformed offline_sync_complete or sync reply (a result that is no objec
 });
 
 test('a retry while online whose follow-up sync is refused as rate_limited syncs again after a backoff (a refused value stayed shown until the next reconnection)', { timeout: 5000 }, async () => {
-  const c = client();
-  const socket = await online(c, {
-    chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 'Server', draft_json: null }],
-    server_chat_order: ['c1'],
-  });
-  const p = c.updateTitle('c1', 'Mine');
-  const req = await socket.next('update_title');
-  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'unavailable', message: 'Try again later.' } });
-  assert.deepEqual(await p, { queued: true });
-  const retry = await socket.next('sync_offline_changes');
-  const [ch] = retry.payload.changes;
-  socket.push({ type: 'offline_sync_complete', request_id: retry.request_id, payload: { processed: 0, conflicts: 0, errors: 1, results: [{ change_id: ch.change_id, chat_id: 'c1', type: 'title', status: 'error', code: 'limit_exceeded' }] } });
-  const sync = await socket.next('initial_sync_request');
+  const { c, socket, sync } = await titleRefusedOnRetry();
   socket.push({ type: 'error', request_id: sync.request_id, payload: { code: 'rate_limited', message: 'Slow down.' } });
   const again = await socket.next('initial_sync_request');
   assert.deepEqual(again.payload.chat_versions, { c1: { messages_v: 0, draft_v: 0 } }, 'the title asked for again');

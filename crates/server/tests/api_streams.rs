@@ -688,8 +688,8 @@ async fn a_chunk_whose_frame_would_exceed_the_reply_bound_is_refused() {
 /// A `complete` whose message committed just before the chat's deletion, held there (before it announces
 /// the end) while a device deletes the chat: the deletion finds no open stream to end (the completion
 /// took it), every device gets `chat_deleted`, and then the completion's announcement. That must not be
-/// `stream_completed`, which names the deleted chat as one holding a new message (the TypeScript SDK
-/// made the chat again, empty, in its chat list, and asked for its messages), as a backend's message is
+/// `stream_completed`, which names the deleted chat as one holding a new message (a client that does not
+/// ignore the events of a chat it saw deleted would list the chat again), as a backend's message is
 /// not announced after its chat's deletion: the stream ends with `stream_cancelled` (`aborted`), as for a
 /// start that raced the deletion.
 #[tokio::test]
