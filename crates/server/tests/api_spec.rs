@@ -293,13 +293,7 @@ async fn message_and_stream_bodies_are_bounded_as_the_spec_says() {
             let stream = body["stream_id"].as_str().unwrap();
             assert_eq!(api.delete(&format!("{path}/{stream}")).await.0, 204);
         }
-        let spec_takes = errors(&schema_of(template), &body).is_empty();
-        assert!(status == 201 || status == 400, "{template} {body}: {status} {reply}");
-        assert_eq!(
-            status == 201,
-            spec_takes,
-            "{template} {body}: the server answered {status}, the spec says valid: {spec_takes}"
-        );
+        server_and_spec_agree(&schema_of(template), &body, (status, &reply), 201);
     }
 
     let complete = "/users/{user_id}/chats/{chat_id}/streams/{stream_id}/complete";
@@ -313,13 +307,7 @@ async fn message_and_stream_bodies_are_bounded_as_the_spec_says() {
         if status != 201 {
             assert_eq!(api.delete(&path).await.0, 204);
         }
-        let spec_takes = errors(&schema_of(complete), &body).is_empty();
-        assert!(status == 201 || status == 400, "{body}: {status} {reply}");
-        assert_eq!(
-            status == 201,
-            spec_takes,
-            "{body}: the server answered {status}, the spec says valid: {spec_takes}"
-        );
+        server_and_spec_agree(&schema_of(complete), &body, (status, &reply), 201);
     }
 
     let start = json!({"stream_id": "s1", "message_id": "m1", "sender_name": "assistant"});
@@ -327,12 +315,18 @@ async fn message_and_stream_bodies_are_bounded_as_the_spec_says() {
     let chunks = "/users/{user_id}/chats/{chat_id}/streams/{stream_id}/chunks";
     for body in [json!({"seq": 0, "delta": "x"}), json!({"seq": 1, "delta": "x"})] {
         let (status, reply) = api.post("/users/alice/chats/c1/streams/s1/chunks", body.clone()).await;
-        let spec_takes = errors(&schema_of(chunks), &body).is_empty();
-        assert!(status == 202 || status == 400, "{body}: {status} {reply}");
-        assert_eq!(
-            status == 202,
-            spec_takes,
-            "{body}: the server answered {status}, the spec says valid: {spec_takes}"
-        );
+        server_and_spec_agree(&schema_of(chunks), &body, (status, &reply), 202);
     }
+}
+
+/// The server took `body` (answered `success`) exactly when `schema` takes it, and refused it with 400
+/// otherwise.
+fn server_and_spec_agree(schema: &Value, body: &Value, (status, reply): (u16, &Value), success: u16) {
+    let spec_takes = errors(schema, body).is_empty();
+    assert!(status == success || status == 400, "{body}: {status} {reply}");
+    assert_eq!(
+        status == success,
+        spec_takes,
+        "{body}: the server answered {status}, the spec says valid: {spec_takes}"
+    );
 }
