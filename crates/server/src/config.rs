@@ -336,6 +336,22 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
             return Err(format!("log_level {:?} is not a valid log filter: {e}", self.log_level));
         }
+        // A bare word that is not a level parses as a target name with every level on: `warning` (as
+        // uvicorn and Python's logging spell it) logged nothing at all, not even the listening address.
+        if let Some(word) = self.log_level.split(',').map(str::trim).find(|d| is_unknown_bare_word(d)) {
+            return Err(format!(
+                "log_level {word:?} is neither a level (off, error, warn, info, debug, trace) nor TARGET=LEVEL; \
+                 to log every level of one target, write {word}=trace"
+            ));
+        }
+        // Both bound would only fail at start with `address in use`, after the store was opened.
+        if let Some(metrics) = self.metrics_listen {
+            let (a, b) = (metrics, self.listen);
+            let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+            if a.port() != 0 && a.port() == b.port() && overlap {
+                return Err(format!("metrics_listen {a} and listen {b} cannot share a port"));
+            }
+        }
         for origin in &self.allowed_origins {
             check_origin(origin)?;
         }
@@ -487,6 +503,15 @@ pub mod erased {
             fig.merge(Serialized::defaults(self))
         }
     }
+}
+
+/// A log directive of one word (no `=`, span filter or path) that is not a level name.
+fn is_unknown_bare_word(directive: &str) -> bool {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    !directive.is_empty()
+        && directive.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive))
+        && directive.parse::<u8>().is_err()
 }
 
 #[cfg(test)]

@@ -392,7 +392,8 @@ fn serve_refuses_allowed_origins_that_no_browser_sends() {
 }
 
 /// Runs `serve` with `args` and returns its stderr, expecting it to refuse to start; if it starts
-/// listening instead, stops it and fails the test.
+/// listening instead, stops it and fails the test. `RUST_LOG` (which wins over `--log-level`, still
+/// checked) makes a server that starts say so, whatever log filter `args` give it.
 fn refused_at_start(dir: &Path, args: &[&str]) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_chatsync"))
         .arg("--data-dir")
@@ -400,7 +401,7 @@ fn refused_at_start(dir: &Path, args: &[&str]) -> String {
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(args)
         .env_remove("CHATSYNC_CONFIG")
-        .env_remove("RUST_LOG")
+        .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -1056,6 +1057,44 @@ fn serve_refuses_a_log_filter_that_does_not_parse() {
     for filter in ["nonsense=bogus=x", "info,["] {
         let stderr = refused_at_start(dir.path(), &["--log-level", filter]);
         assert!(stderr.contains("log_level"), "{filter}: {stderr}");
+    }
+}
+
+/// A bare word that is not a level (`warning`, as uvicorn spells it) parses as a target name with every
+/// level on, so the server logged nothing at all: it is refused, naming the levels and the target form.
+/// Levels, numbers and `TARGET=LEVEL` directives still start.
+#[test]
+fn serve_refuses_a_log_filter_word_that_is_not_a_level() {
+    let dir = tempfile::tempdir().unwrap();
+    for filter in ["warning", "info,warning", "chatsync=debug,verbose"] {
+        let stderr = refused_at_start(dir.path(), &["--log-level", filter]);
+        assert!(stderr.contains("neither a level") && stderr.contains("=trace"), "{filter}: {stderr}");
+    }
+    for filter in ["WARN", "off", "chatsync=debug,warn", "3"] {
+        // RUST_LOG wins over the option (so that the address is logged); the option is checked still.
+        let (mut child, _, _) = serve(dir.path(), &["--log-level", filter], Some("info"));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+/// `--metrics-listen` on the port of `--listen` (the same address, or one of them on every interface)
+/// failed at bind with `address in use`, after the store was opened: the configuration is refused.
+#[test]
+fn serve_refuses_a_metrics_address_on_the_listening_port() {
+    let dir = tempfile::tempdir().unwrap();
+    for (listen, metrics) in [("127.0.0.1:47811", "127.0.0.1:47811"), ("127.0.0.1:47812", "0.0.0.0:47812")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_chatsync"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["serve", "--listen", listen, "--metrics-listen", metrics])
+            .env_remove("CHATSYNC_CONFIG")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("cannot share a port"), "{listen} {metrics}: {stderr}");
     }
 }
 
