@@ -1060,6 +1060,40 @@ fn serve_refuses_a_log_filter_that_does_not_parse() {
     }
 }
 
+/// Commands opening a new embedded database at once (a provisioning script adding users in parallel, a
+/// command started beside `serve`) applied the same migration twice, SQLite giving sqlx's migrator no
+/// lock: all but one failed (`table users already exists`, in every round of six on this machine). The
+/// migrations are now serialized by a lock on the database's directory. (A race by nature: six processes
+/// in three rounds, each of which failed without the lock.)
+#[test]
+fn commands_opening_a_new_database_at_once_all_succeed() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let users: Vec<String> = (0..6).map(|i| format!("u{round}-{i}")).collect();
+        let children: Vec<_> = users
+            .iter()
+            .map(|user| {
+                Command::new(env!("CARGO_BIN_EXE_chatsync"))
+                    .arg("--data-dir")
+                    .arg(dir.path())
+                    .args(["users", "add", user])
+                    .env_remove("CHATSYNC_CONFIG")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            ok(&child.wait_with_output().unwrap());
+        }
+        let listed = chatsync(dir.path(), &["users", "list"]);
+        ok(&listed);
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        assert!(users.iter().all(|u| listed.contains(u.as_str())), "{listed}");
+    }
+}
+
 /// A bare word that is not a level (`warning`, as uvicorn spells it) parses as a target name with every
 /// level on, so the server logged nothing at all: it is refused, naming the levels and the target form.
 /// Levels, numbers and `TARGET=LEVEL` directives still start.

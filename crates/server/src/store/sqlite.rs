@@ -165,10 +165,13 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .with_context(|| format!("cannot open database {}", path.display()))?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let migrating = crate::datadir::lock_for_migrations(dir).await?;
         sqlx::migrate!("migrations/sqlite")
             .run(&pool)
             .await
             .with_context(|| format!("cannot migrate database {}", path.display()))?;
+        drop(migrating);
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
