@@ -44,7 +44,7 @@ pub struct GlobalArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Data directory.
-    #[arg(long, env = "CHATSYNC_DATA_DIR", value_name = "DIR", hide = true)]
+    #[arg(long, env = "CHATSYNC_DATA_DIR", value_name = "DIR", hide = true, value_parser = utf8_path)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// Store URL.
@@ -73,6 +73,13 @@ pub struct GlobalArgs {
     pub log_level: Option<String>,
 }
 
+/// A path the configuration carries as text (the data directory, a key file): one that is not UTF-8 is
+/// refused here, naming its option, instead of by the configuration's merge with an error naming source
+/// locations.
+fn utf8_path(value: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(value))
+}
+
 /// Where the data lives (every command that opens the store).
 #[derive(Debug, Args, Serialize)]
 #[command(next_help_heading = "Storage")]
@@ -83,7 +90,7 @@ pub struct StorageArgs {
     pub config: Option<PathBuf>,
     /// Data directory of the embedded store, and of `master.key` unless CHATSYNC_MASTER_KEY is set
     /// [default: ./data].
-    #[arg(long, global = true, env = "CHATSYNC_DATA_DIR", value_name = "DIR")]
+    #[arg(long, global = true, env = "CHATSYNC_DATA_DIR", value_name = "DIR", value_parser = utf8_path)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// Store URL: `sqlite://PATH`, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE` for a cluster
@@ -275,7 +282,7 @@ pub struct HintStorageArgs {
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// The server's data directory [default: ./data].
-    #[arg(long, env = "CHATSYNC_DATA_DIR", value_name = "DIR")]
+    #[arg(long, env = "CHATSYNC_DATA_DIR", value_name = "DIR", value_parser = utf8_path)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// The server's store URL [default: sqlite://<data-dir>/chatsync.db].
@@ -473,7 +480,7 @@ pub struct ServeArgs {
     pub jwt_hs256_secret: Option<crate::config::Secret>,
     /// Accept JWT connection tokens verified with this PEM public key: RSA (RS256) or EC P-256 (ES256)
     /// [default: none].
-    #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_PUBLIC_KEY_FILE", value_name = "PEM")]
+    #[arg(long, help_heading = "JWT connection tokens", env = "CHATSYNC_JWT_PUBLIC_KEY_FILE", value_name = "PEM", value_parser = utf8_path)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_public_key_file: Option<PathBuf>,
     /// Required `aud` claim of JWT connection tokens [default: not checked].

@@ -1094,6 +1094,28 @@ fn commands_opening_a_new_database_at_once_all_succeed() {
     }
 }
 
+/// A data directory (or JWT key file) whose path is not UTF-8, as an option or in the environment, was
+/// refused by the configuration's merge with an error naming the server's source files
+/// (`config.rs:503:23 &chatsync::cli::StorageArgs`): it is a usage error (exit 2) in plain words.
+#[test]
+fn a_path_that_is_not_utf8_is_a_usage_error() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join(std::ffi::OsStr::from_bytes(b"data\xff"));
+    let runs = [
+        Command::new(env!("CARGO_BIN_EXE_chatsync")).arg("--data-dir").arg(&bad).args(["users", "list"]).output(),
+        Command::new(env!("CARGO_BIN_EXE_chatsync")).args(["users", "list"]).env("CHATSYNC_DATA_DIR", &bad).output(),
+        Command::new(env!("CARGO_BIN_EXE_chatsync")).arg("serve").arg("--jwt-public-key-file").arg(&bad).output(),
+    ];
+    for out in runs {
+        let out = out.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("invalid UTF-8") && !stderr.contains(".rs"), "{stderr}");
+    }
+    assert!(!bad.exists());
+}
+
 /// A bare word that is not a level (`warning`, as uvicorn spells it) parses as a target name with every
 /// level on, so the server logged nothing at all: it is refused, naming the levels and the target form.
 /// Levels, numbers and `TARGET=LEVEL` directives still start.
