@@ -118,10 +118,45 @@ const CHANGE_TYPES: [&str; 5] =
 /// payload with `chat_id` first), without parsing it: a node checks the frames other nodes publish
 /// against the chats it knows deleted. `None` for every other frame.
 pub fn frame_changed_chat(frame: &str) -> Option<&str> {
-    let (kind, rest) = frame.strip_prefix(r#"{"type":""#)?.split_once('"')?;
+    let (kind, rest) = frame_type(frame)?;
     if !CHANGE_TYPES.contains(&kind) {
         return None;
     }
+    leading_chat(rest)
+}
+
+/// A stream event that a device must not get for a chat it had `chat_deleted` of: a chunk (text of the
+/// chat's stream) or a completion (a message stored in the chat). `stream_started` and `stream_cancelled`
+/// are not among them (SERVER_API.md allows both just after `chat_deleted`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamProgress {
+    /// `stream_chunk`.
+    Chunk,
+    /// `stream_completed`.
+    Completed,
+}
+
+/// The kind and chat of a `stream_chunk` or `stream_completed` frame as [`crate::encode`] writes it (the
+/// type, then the payload with `chat_id` first), read without parsing it, as [`frame_changed_chat`] does:
+/// a node checks the stream frames other nodes publish against the chats it knows deleted. `None` for
+/// every other frame.
+pub fn frame_stream_progress(frame: &str) -> Option<(StreamProgress, &str)> {
+    let (kind, rest) = frame_type(frame)?;
+    let progress = match kind {
+        "stream_chunk" => StreamProgress::Chunk,
+        "stream_completed" => StreamProgress::Completed,
+        _ => return None,
+    };
+    Some((progress, leading_chat(rest)?))
+}
+
+/// The wire type of a frame as [`crate::encode`] writes it, and what follows it.
+fn frame_type(frame: &str) -> Option<(&str, &str)> {
+    frame.strip_prefix(r#"{"type":""#)?.split_once('"')
+}
+
+/// The `chat_id` that opens the payload, in what follows a frame's type.
+fn leading_chat(rest: &str) -> Option<&str> {
     // Chat ids are validated to [A-Za-z0-9_-]: JSON writes them as they are.
     let (chat, _) = rest.strip_prefix(r#","payload":{"chat_id":""#)?.split_once('"')?;
     Some(chat)
@@ -129,7 +164,7 @@ pub fn frame_changed_chat(frame: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::{frame_changed_chat, ServerMessage};
+    use super::{frame_changed_chat, frame_stream_progress, ServerMessage, StreamProgress};
     use serde_json::json;
 
     #[test]
@@ -161,6 +196,48 @@ mod tests {
         assert_eq!(changes, super::CHANGE_TYPES.len());
         assert_eq!(frame_changed_chat(r#"{"type":"chat_title_updated""#), None);
         assert_eq!(frame_changed_chat(""), None);
+    }
+
+    #[test]
+    fn a_frame_names_the_chat_of_its_stream_s_chunk_or_completion() {
+        let samples = [
+            (
+                json!({"type": "stream_chunk", "payload": {"chat_id": "c-1", "stream_id": "s.1:a", "seq": 3,
+                "delta": "\"chat_id\":\"x\""}}),
+                Some((StreamProgress::Chunk, "c-1")),
+            ),
+            (
+                json!({"type": "stream_completed", "payload": {"chat_id": "c_2", "stream_id": "s", "message_id": "m",
+                "seq": 1, "messages_v": 1}}),
+                Some((StreamProgress::Completed, "c_2")),
+            ),
+            (
+                json!({"type": "stream_started", "payload": {"chat_id": "c3", "stream_id": "s", "message_id": "m",
+                "sender_name": "assistant", "meta": {}}}),
+                None,
+            ),
+            (
+                json!({"type": "stream_cancelled", "payload": {"chat_id": "c4", "stream_id": "s",
+                "reason": "aborted"}}),
+                None,
+            ),
+            (json!({"type": "chat_deleted", "payload": {"chat_id": "c5", "tombstone": true}}), None),
+            (
+                json!({"type": "chat_title_updated", "payload": {"chat_id": "c6", "data": {"title": "t"},
+                "versions": {"title_v": 1}}}),
+                None,
+            ),
+        ];
+        for (sample, expected) in samples {
+            let m: ServerMessage = serde_json::from_value(sample.clone()).expect("a valid sample");
+            for request_id in [None, Some("r1")] {
+                let frame = crate::encode(&m, request_id);
+                assert_eq!(frame_stream_progress(&frame), expected, "{frame}");
+            }
+        }
+        assert_eq!(frame_stream_progress(r#"{"type":"stream_completed""#), None);
+        assert_eq!(frame_stream_progress(r#"{"type":"stream_chunk","payload":{"chat_id":"c"#), None);
+        assert_eq!(frame_stream_progress(""), None);
     }
 }
 

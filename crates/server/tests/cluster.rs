@@ -917,6 +917,46 @@ async fn a_change_published_by_a_node_that_has_not_heard_of_the_deletion_reaches
 }
 
 #[tokio::test]
+async fn a_stream_completed_by_a_node_that_has_not_heard_of_the_deletion_ends_aborted_where_the_chat_is_known_deleted()
+{
+    // Node 0 stores a stream's message and holds before announcing it; c1 is deleted from the laptop on
+    // node 1 (the deletion finds no open stream to end: the completion took it); node 0 does not hear of it
+    // (its subscriber is held), so it announces `stream_completed`. Node 1 knows: as on a single node, its
+    // device must get `stream_cancelled` (`aborted`) instead.
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |_| {}).await;
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut phone = new_user(node0, "alice", "phone").await;
+    let mut laptop = another_device(node1, "alice", "laptop").await;
+    set_title(&mut phone, "c1", "doomed").await;
+    expect_msg!(next_broadcast(&mut laptop).await, ChatTitleUpdated);
+    let api = node0.api().await;
+    let start = json!({"stream_id": "s1", "message_id": "m1", "sender_name": "assistant"});
+    assert_eq!(api.post("/users/alice/chats/c1/streams", start).await.0, 201);
+    for device in [&mut phone, &mut laptop] {
+        expect_msg!(next_broadcast(device).await, StreamStarted);
+    }
+    let mut write = node0.ctx.pauses.arm(chatsync::pause::WRITE_COMMITTED);
+    let complete = tokio::spawn(async move { api.post("/users/alice/chats/c1/streams/s1/complete", json!({})).await });
+    write.reached().await;
+    let mut bus = node0.ctx.pauses.arm(chatsync::pause::BUS_FRAME);
+    set_title(&mut laptop, "c0", "first").await;
+    bus.reached().await;
+    expect_msg!(laptop.request(&delete_chat("c1")).await.unwrap(), ChatDeleted);
+    assert!(node1.ctx.keys.is_deleted("c1"));
+    write.release();
+    let aborted = |end: StreamCancelled| (end.chat_id.to_string(), end.stream_id.to_string(), end.reason);
+    let expected = ("c1".to_owned(), "s1".to_owned(), StreamCancelReason::Aborted);
+    let end = next_broadcast(&mut laptop).await;
+    assert_eq!(aborted(expect_msg!(end, StreamCancelled)), expected, "node 1's device had chat_deleted");
+    assert!(!node0.ctx.keys.is_deleted("c1"), "node 0 announced without knowing");
+    bus.release();
+    let (status, body) = complete.await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_quiet(&mut laptop).await;
+}
+
+#[tokio::test]
 async fn a_late_write_result_does_not_bring_back_a_chat_whose_deletion_was_lost_in_a_gap() {
     // Node 1 commits a title of the existing chat c1 and holds before merging and publishing it; c1 is
     // deleted on node 0 while node 0 drops what it publishes (the other nodes have a gap, and no keyring
