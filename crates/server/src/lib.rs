@@ -84,7 +84,7 @@ pub fn assemble(
                 pauses: pauses.clone(),
             }));
             (
-                Arc::new(hub::redis::RedisHub::new(local, bus.clone())),
+                Arc::new(hub::redis::RedisHub::new(local, bus.clone(), keys.clone())),
                 Arc::new(cache::coherent::CoherentCache::new(memory, bus.clone())),
             )
         }

@@ -922,7 +922,8 @@ async fn a_stream_completed_by_a_node_that_has_not_heard_of_the_deletion_ends_ab
     // Node 0 stores a stream's message and holds before announcing it; c1 is deleted from the laptop on
     // node 1 (the deletion finds no open stream to end: the completion took it); node 0 does not hear of it
     // (its subscriber is held), so it announces `stream_completed`. Node 1 knows: as on a single node, its
-    // device must get `stream_cancelled` (`aborted`) instead.
+    // device must get `stream_cancelled` (`aborted`) instead. So must the phone on node 0 itself, whose own
+    // delivery runs at the frame's place in the bus order, after the deletion.
     let Some(url) = redis_url() else { return };
     let cluster = TestCluster::start(2, &url, |_| {}).await;
     let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
@@ -953,6 +954,11 @@ async fn a_stream_completed_by_a_node_that_has_not_heard_of_the_deletion_ends_ab
     bus.release();
     let (status, body) = complete.await.unwrap();
     assert_eq!(status, 201, "{body}");
+    expect_msg!(next_broadcast(&mut phone).await, ChatTitleUpdated);
+    expect_msg!(next_broadcast(&mut phone).await, ChatDeleted);
+    let end = next_broadcast(&mut phone).await;
+    assert_eq!(aborted(expect_msg!(end, StreamCancelled)), expected, "node 0's device had chat_deleted");
+    assert_quiet(&mut phone).await;
     assert_quiet(&mut laptop).await;
 }
 

@@ -6,7 +6,8 @@
 //! (`deliver_in_order`: stream events, messages from other senders) reaches the local connections only
 //! at its place in the channel's order, behind whatever the bus delivered before Redis confirmed it (see
 //! `Bus::publish_user_in_turn`), so two API calls answered one after the other on two nodes reach every
-//! device in that order. A node listens to the channel of a
+//! device in that order; the frame is checked against the chats this node knows deleted when its turn
+//! comes, as the other nodes check it (`cluster::node::after_deletions`). A node listens to the channel of a
 //! user exactly while that user has a connection on it: the first registration subscribes, every
 //! registration waits for the subscription (so no broadcast made after `connected` is missed, also by a
 //! second connection arriving while the first one's subscription is on its way), the last
@@ -15,7 +16,9 @@
 
 use super::local::LocalHub;
 use super::{Audience, CloseReason, ConnHandle, Hub, Refused, Utf8Bytes};
+use crate::cluster::node::{after_deletions, Delivery};
 use crate::cluster::{Bus, BusMessage};
+use crate::keys::Keyring;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -24,13 +27,15 @@ use std::sync::Arc;
 pub struct RedisHub {
     local: Arc<LocalHub>,
     bus: Arc<Bus>,
+    keys: Arc<Keyring>,
     order: Mutex<()>,
 }
 
 impl RedisHub {
-    /// A hub delivering to `local` and, through `bus`, to the other nodes.
-    pub fn new(local: Arc<LocalHub>, bus: Arc<Bus>) -> RedisHub {
-        RedisHub { local, bus, order: Mutex::new(()) }
+    /// A hub delivering to `local` and, through `bus`, to the other nodes; `keys` knows the chats deleted
+    /// (checked when a frame delivered in order gets its turn).
+    pub fn new(local: Arc<LocalHub>, bus: Arc<Bus>, keys: Arc<Keyring>) -> RedisHub {
+        RedisHub { local, bus, keys, order: Mutex::new(()) }
     }
 }
 
@@ -69,8 +74,18 @@ impl Hub for RedisHub {
     async fn deliver_in_order(&self, user_id: &str, audience: Audience<'_>, frame: Utf8Bytes) {
         let except = audience.except().map(str::to_owned);
         let message = BusMessage::Frame { frame: frame.as_str().to_owned(), except: except.clone() };
-        let (local, user) = (self.local.clone(), user_id.to_owned());
-        let own_delivery = move || local.deliver_now(&user, Audience::from_except(except.as_deref()), frame);
+        let (local, keys, user) = (self.local.clone(), self.keys.clone(), user_id.to_owned());
+        // The turn comes after whatever the bus delivered first, which may be the chat's deletion by
+        // another node (its `chat_deleted` already queued here): the frame is checked then, as another
+        // node's frame is (the caller checked before publishing, when the deletion was not known yet).
+        let own_delivery = move || {
+            let frame = match after_deletions(frame.as_str(), |chat| keys.is_deleted(chat)) {
+                Delivery::AsIs => frame,
+                Delivery::Instead(other) => other.into(),
+                Delivery::Dropped => return,
+            };
+            local.deliver_now(&user, Audience::from_except(except.as_deref()), frame)
+        };
         self.bus.publish_user_in_turn(user_id, message, own_delivery).await;
     }
 
