@@ -359,12 +359,13 @@ export interface StreamState {
   text: string;
   /**
    * `cancelled` also for a stream that ended unseen (open here, missing from a later sync's
-   * `active_streams`): then `reason` is `ended_unseen`.
+   * `active_streams`): then `reason` is `ended_unseen`; and for a stream still open here when its chat
+   * was deleted (`chat_deleted`, or a sync's `chat_ids_to_delete`): then `reason` is `chat_deleted`.
    */
   state: 'open' | 'completed' | 'cancelled';
   /** False when chunks before the first one seen are unknown (the stored message has the whole text). */
   complete: boolean;
-  /** The `stream_cancelled` reason, or `ended_unseen`. */
+  /** The `stream_cancelled` reason, or `ended_unseen` or `chat_deleted`. */
   reason?: string;
   /** The stored message's seq, once completed. */
   seq_stored?: number;

@@ -2594,7 +2594,9 @@ export class ChatSyncClient extends Emitter {
 
   /**
    * Drops a chat from the model; `deleted`: the server deleted it (its id is never reused), so that later
-   * events for it are ignored.
+   * events for it are ignored. Its streams still open here end as `cancelled` (reason `chat_deleted`
+   * when deleted), each with a `stream` event: their own `stream_cancelled`, should it come after
+   * (`chat_deleted` raced it) or never (a sync's `chat_ids_to_delete`), is an event of a deleted chat.
    * @param {string} chatId
    * @param {boolean} [deleted]
    */
@@ -2602,7 +2604,11 @@ export class ChatSyncClient extends Emitter {
     this.chats.delete(chatId);
     this._unreadCovers.delete(chatId);
     if (deleted) this.deleted.add(chatId);
-    for (const s of this.streams.open(chatId)) this.streams.finish(chatId, s.stream_id, 'cancelled');
+    for (const s of this.streams.open(chatId)) {
+      const stream = this.streams.finish(chatId, s.stream_id, 'cancelled');
+      if (deleted) stream.reason = 'chat_deleted';
+      this.emit('stream', stream);
+    }
   }
 
   /**

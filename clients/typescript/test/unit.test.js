@@ -2448,3 +2448,42 @@ test('a retry while online whose follow-up sync is refused as rate_limited syncs
   await until(() => c.chat('c1').title === 'Server');
   c.close();
 });
+
+/** Online with chats `a` and `b`, a stream open in each (`b`'s with text): returns the client, its socket and the `stream` events seen from then on. */
+async function streamsInTwoChats() {
+  const chats = ['a', 'b'].map((chat_id) => ({ chat_id, type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: chat_id, draft_json: null }));
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: chats, server_chat_order: ['a', 'b'] });
+  socket.push({ type: 'stream_started', payload: { ...STREAM, chat_id: 'a' } });
+  socket.push({ type: 'stream_started', payload: { ...STREAM, chat_id: 'b' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'b', stream_id: 's', seq: 1, delta: 'Hel' } });
+  await until(() => c.streams.open().length === 2 && c.streams.get('b', 's')?.seq === 1);
+  /** @type {any[]} */
+  const seen = [];
+  c.on('stream', (/** @type {any} */ s) => seen.push([s.chat_id, s.state, s.reason, s.text]));
+  return { c, socket, seen };
+}
+
+test('a chat_deleted for a chat whose reply still streams (its stream_cancelled comes after: its start raced the deletion) ends the stream with a stream event', { timeout: 5000 }, async () => {
+  const { c, socket, seen } = await streamsInTwoChats();
+  socket.push({ type: 'chat_deleted', payload: { chat_id: 'a', tombstone: true } });
+  socket.push({ type: 'stream_cancelled', payload: { chat_id: 'a', stream_id: 's', reason: 'aborted' } });
+  await c.waitFor('stream_cancelled');
+  assert.deepEqual(seen, [['a', 'cancelled', 'chat_deleted', '']]);
+  assert.deepEqual(c.streams.open().map((s) => s.chat_id), ['b']);
+  c.close();
+});
+
+test('a sync whose chat_ids_to_delete names a chat with a reply streaming here ends the stream with a stream event', { timeout: 5000 }, async () => {
+  const { c, socket: first, seen } = await streamsInTwoChats();
+  // Offline meanwhile, `b` was deleted (and its stream with it): the reconnection's sync names it.
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  await socket.answerSync({ chat_ids_to_delete: ['b'], server_chat_order: ['a'], active_streams: [{ ...STREAM, seq: 0, content_so_far: '' }] });
+  await until(() => c.status === 'online');
+  assert.deepEqual(seen.filter(([, state]) => state !== 'open'), [['b', 'cancelled', 'chat_deleted', 'Hel']]);
+  assert.deepEqual(c.streams.open().map((s) => s.chat_id), ['a']);
+  c.close();
+});
