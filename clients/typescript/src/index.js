@@ -1220,6 +1220,15 @@ export class ChatSyncClient extends Emitter {
     /** @type {any} */
     this._flushTimer = null;
     this._flushAttempt = 0;
+    /**
+     * The stored messages of completed streams still to fetch (`stream_completed` comes with no message),
+     * by chat and `seq`; `sending`: a `get_chat_messages` for it is out (see `_fetchCompleted`).
+     * @type {Map<string, {chat_id: string, seq: number, sending: boolean}>}
+     */
+    this._toFetch = new Map();
+    /** @type {any} the backoff before fetching them again after a transient failure */
+    this._fetchTimer = null;
+    this._fetchAttempt = 0;
     /** @type {Set<string>} queued messages being sent (chat id and message id, see `_sendQueued`) */
     this._sendingMessages = new Set();
     /** @type {Set<{chat_id: string, type: string, value: unknown, version_before_edit: number}>} live writes sent and not answered, in the order sent (see `_write`) */
@@ -1275,6 +1284,8 @@ export class ChatSyncClient extends Emitter {
     clearTimeout(this._retryTimer);
     clearTimeout(this._flushTimer);
     this._flushTimer = null;
+    clearTimeout(this._fetchTimer);
+    this._fetchTimer = null;
     clearTimeout(this._connectTimer);
     this._stopKeepalive();
     if (typeof globalThis.removeEventListener === 'function') globalThis.removeEventListener('online', this._onOnline);
@@ -1805,6 +1816,8 @@ export class ChatSyncClient extends Emitter {
         // As `close()`: no timer or listener left behind (a process can exit, a page drop the client).
         clearTimeout(this._flushTimer);
         this._flushTimer = null;
+        clearTimeout(this._fetchTimer);
+        this._fetchTimer = null;
         if (typeof globalThis.removeEventListener === 'function') globalThis.removeEventListener('online', this._onOnline);
         this.queue.release();
         this._setStatus('closed');
@@ -1929,6 +1942,9 @@ export class ChatSyncClient extends Emitter {
         this._fatalRetried = null;
         this._setStatus('online');
         this.emit('synced');
+        // Messages of completed streams whose fetch the last connection lost: the sync brings messages
+        // for the chat in view only (and the chat's `messages_v` counts them already).
+        this._fetchCompleted();
       }
     } catch (e) {
       if (e instanceof ChatSyncError && (e.code === 'disconnected' || e.code === 'closed')) return;
@@ -2245,6 +2261,46 @@ export class ChatSyncClient extends Emitter {
   }
 
   /**
+   * Fetches the stored messages of completed streams ({@link _toFetch}) that the model does not hold yet:
+   * one that it holds meanwhile (a sync, a page, a late reply brought it) or whose chat is gone is
+   * dropped. A transient failure (`unavailable`, `rate_limited`, a timeout) fetches again after a
+   * backoff; a lost connection leaves it for the next one (see `_afterConnect`); any other refusal
+   * (`not_found`: the chat was deleted) drops it. Not while not connected (the next connection calls it).
+   */
+  _fetchCompleted() {
+    for (const [key, f] of this._toFetch) {
+      const chat = this.chats.get(f.chat_id);
+      if (this.deleted.has(f.chat_id) || chat?.messages.some((m) => m.seq === f.seq)) {
+        this._toFetch.delete(key);
+        continue;
+      }
+      if (f.sending || !this.isOpen) continue;
+      f.sending = true;
+      this.request('get_chat_messages', { chat_id: f.chat_id, after_seq: f.seq - 1, limit: 1 }).then(
+        () => {
+          this._toFetch.delete(key);
+          this._fetchAttempt = 0;
+        },
+        (e) => {
+          f.sending = false;
+          if (!isTransient(e)) this._toFetch.delete(key);
+          else if (e.code !== 'disconnected' && e.code !== 'closed') this._fetchSoon();
+        },
+      );
+    }
+  }
+
+  /** {@link _fetchCompleted} after a backoff delay (one timer for all). */
+  _fetchSoon() {
+    if (this._fetchTimer || this._closedByUser) return;
+    const delay = backoffDelay(this._fetchAttempt++, this.options.backoff, this.options.random);
+    this._fetchTimer = setTimeout(() => {
+      this._fetchTimer = null;
+      this._fetchCompleted();
+    }, delay);
+  }
+
+  /**
    * While online, sends what a transient failure (`unavailable`, `rate_limited`, a timeout) left in the
    * queue after a backoff delay (a reconnection flushes it anyway).
    */
@@ -2544,9 +2600,12 @@ export class ChatSyncClient extends Emitter {
         }
         chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v ?? 0);
         this.emit('stream', stream);
-        // The stored message is the truth (chunks are never stored one by one): fetch it.
-        if (typeof p.seq === 'number' && this.isOpen) {
-          this.request('get_chat_messages', { chat_id: p.chat_id, after_seq: Math.max(0, p.seq - 1), limit: 1 }).catch(() => {});
+        // The stored message is the truth (chunks are never stored one by one): fetch it (again after a
+        // transient failure, and after the next connection's sync if that one is lost).
+        if (typeof p.seq === 'number' && Number.isSafeInteger(p.seq) && p.seq > 0) {
+          const key = `${p.chat_id}\u0000${p.seq}`;
+          if (!this._toFetch.has(key)) this._toFetch.set(key, { chat_id: p.chat_id, seq: p.seq, sending: false });
+          this._fetchCompleted();
         }
         break;
       }
@@ -2575,6 +2634,7 @@ export class ChatSyncClient extends Emitter {
     this._unreadCovers.clear();
     this._stale = new Map();
     this.streams.clear();
+    this._toFetch.clear();
     this._synced = false;
     this.emit('change', null);
   }

@@ -2449,6 +2449,89 @@ test('a retry while online whose follow-up sync is refused as rate_limited syncs
   c.close();
 });
 
+/** Chat `a` known with one message, a stream of it started and completed as seq 2: returns the socket and the fetch of the stored message. @param {ChatSyncClient} c @param {any} [sync] */
+async function streamCompleted(c, sync = {}) {
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'], ...sync });
+  socket.push({ type: 'stream_started', payload: { ...STREAM, message_id: 'm2' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 1, delta: 'Hi' } });
+  socket.push({ type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's', message_id: 'm2', seq: 2, messages_v: 2 } });
+  return { socket, fetch: await socket.next('get_chat_messages') };
+}
+
+/** The stored message of {@link streamCompleted}. */
+const STORED = { message_id: 'm2', seq: 2, sender_name: 'assistant', content: 'Hi', created_at: 'T', client_timestamp: null };
+
+test('the fetch of a completed stream\'s message refused as unavailable or rate_limited, or timed out, is retried after a backoff', { timeout: 5000 }, async () => {
+  const c = client({ requestTimeoutMs: 1000 });
+  const { socket, fetch } = await streamCompleted(c);
+  socket.push({ type: 'error', request_id: fetch.request_id, payload: { code: 'unavailable', message: 'Store down.', chat_id: 'a' } });
+  const second = await socket.next('get_chat_messages');
+  assert.deepEqual(second.payload, fetch.payload);
+  socket.push({ type: 'error', request_id: second.request_id, payload: { code: 'rate_limited', message: 'Slow down.' } });
+  // The third gets no reply at all: it times out, and is sent once more.
+  await socket.next('get_chat_messages');
+  const fourth = await socket.next('get_chat_messages');
+  socket.push({ type: 'chat_messages_response', request_id: fourth.request_id, payload: { chat_id: 'a', messages: [STORED], messages_v: 2, has_more: false } });
+  await until(() => c.chat('a').messages.length === 1);
+  assert.equal(c.chat('a').messages[0].content, 'Hi');
+  c.close();
+});
+
+test('the fetch of a completed stream\'s message lost to a disconnect is sent again after the reconnection\'s sync, unless that sync brought the message', { timeout: 5000 }, async () => {
+  // Not the chat in view: the sync brings no messages (and the chat's messages_v already counts the message).
+  const c = client();
+  const { socket: first } = await streamCompleted(c);
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.answerSync({ server_chat_order: ['a'] });
+  assert.equal(req.payload.chat_versions.a.messages_v, 2);
+  const again = await socket.next('get_chat_messages');
+  assert.deepEqual(again.payload, { chat_id: 'a', after_seq: 1, limit: 1 });
+  socket.push({ type: 'chat_messages_response', request_id: again.request_id, payload: { chat_id: 'a', messages: [STORED], messages_v: 2, has_more: false } });
+  await until(() => c.chat('a').messages.length === 1);
+  c.close();
+
+  // The chat in view: its sync entry brings the message, which is then not fetched again.
+  const d = client({ activeChatId: 'a' });
+  const { socket: first2 } = await streamCompleted(d);
+  first2.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 4);
+  const socket2 = lastSocket();
+  socket2.greet();
+  await socket2.answerSync({ chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 2, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 1, messages: [STORED] }], server_chat_order: ['a'] });
+  await until(() => d.status === 'online');
+  const ping = d.ping();
+  const p = await socket2.next('ping');
+  socket2.push({ type: 'pong', request_id: p.request_id, payload: {} });
+  await ping;
+  assert.deepEqual(socket2.sent.map((f) => f.type), ['initial_sync_request', 'ping'], 'no fetch of a message held');
+  assert.deepEqual(d.chat('a').messages.map((m) => m.message_id), ['m2']);
+  d.close();
+});
+
+test('the fetch of a completed stream\'s message refused as not_found (its chat deleted) is not retried', { timeout: 5000 }, async () => {
+  const c = client();
+  const { socket: first, fetch } = await streamCompleted(c);
+  first.push({ type: 'error', request_id: fetch.request_id, payload: { code: 'not_found', message: 'Chat not found.', chat_id: 'a' } });
+  await c.waitFor('error');
+  // Neither a backoff nor the next connection sends it again.
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  await socket.answerSync({ server_chat_order: ['a'] });
+  await until(() => c.status === 'online');
+  const ping = c.ping();
+  const p = await socket.next('ping');
+  socket.push({ type: 'pong', request_id: p.request_id, payload: {} });
+  await ping;
+  assert.deepEqual(first.sent.filter((f) => f.type === 'get_chat_messages').length, 1);
+  assert.deepEqual(socket.sent.map((f) => f.type), ['initial_sync_request', 'ping']);
+  c.close();
+});
+
 /** Online with chats `a` and `b`, a stream open in each (`b`'s with text): returns the client, its socket and the `stream` events seen from then on. */
 async function streamsInTwoChats() {
   const chats = ['a', 'b'].map((chat_id) => ({ chat_id, type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: chat_id, draft_json: null }));
