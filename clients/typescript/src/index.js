@@ -2123,9 +2123,10 @@ export class ChatSyncClient extends Emitter {
     const chat = this.chats.get(r.chat_id);
     if (chat) {
       const hasMessages = this.queue.messages.some((m) => m.chat_id === r.chat_id);
-      if (!chat.known && !hasMessages) {
-        this._forget(r.chat_id);
-        if (error.code === 'not_found') this.deleted.add(r.chat_id);
+      // (A chat where a reply streams stays, unless the server does not have it: see `_dropUnknown`.)
+      const streaming = error.code !== 'not_found' && this.streams.open(r.chat_id).length > 0;
+      if (!chat.known && !hasMessages && !streaming) {
+        this._forget(r.chat_id, error.code === 'not_found');
       } else {
         this._markStale(r.chat_id, r.type);
       }
@@ -2246,7 +2247,8 @@ export class ChatSyncClient extends Emitter {
    * queued, no other write of it on its way) it leaves the model, where it would stay an empty chat that
    * no sync ever removes; `deleted`: the write would have created it and met `not_found` (another user's
    * chat, or a deleted one), so it is remembered as deleted, as for a refused offline change (see
-   * `_refuseChange`).
+   * `_refuseChange`). A chat where a reply streams is kept unless `deleted` (the stream's message creates
+   * it; forgotten, the stream would end here while it goes on).
    * @param {string} chatId
    * @param {boolean} deleted
    * @param {object} [self] the refused live write (still counted among those on their way)
@@ -2254,6 +2256,7 @@ export class ChatSyncClient extends Emitter {
   _dropUnknown(chatId, deleted, self) {
     const chat = this.chats.get(chatId);
     if (!chat || chat.known || chat.messages.length > 0) return;
+    if (!deleted && this.streams.open(chatId).length > 0) return;
     const queued = [...this.queue.changes, ...this.queue.inFlight, ...this.queue.messages].some((c) => c.chat_id === chatId);
     const writing = [...this._liveWrites].some((w) => w !== self && w.chat_id === chatId);
     if (queued || writing) return;

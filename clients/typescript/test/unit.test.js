@@ -2570,3 +2570,46 @@ test('a sync whose chat_ids_to_delete names a chat with a reply streaming here e
   assert.deepEqual(c.streams.open().map((s) => s.chat_id), ['a']);
   c.close();
 });
+
+test('a write refused for good in a new chat id where a reply streams leaves the chat and the stream: it goes on, completes, and its message is fetched', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c);
+  socket.push({ type: 'stream_started', payload: { ...STREAM, chat_id: 'n' } });
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'n', stream_id: 's', seq: 1, delta: 'He' } });
+  await until(() => c.streams.get('n', 's')?.seq === 1);
+  /** @type {any[]} */
+  const seen = [];
+  c.on('stream', (/** @type {any} */ s) => seen.push([s.state, s.text]));
+  const p = c.updateTitle('n', 'x'.repeat(300));
+  const req = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'limit_exceeded', message: 'Title too long.', chat_id: 'n' } });
+  await assert.rejects(p, (/** @type {any} */ e) => e.code === 'limit_exceeded');
+  assert.equal(c.chats.has('n'), true, 'the chat stays while its reply streams');
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'n', stream_id: 's', seq: 2, delta: 'llo' } });
+  socket.push({ type: 'stream_completed', payload: { chat_id: 'n', stream_id: 's', message_id: 'm', seq: 1, messages_v: 1 } });
+  const fetch = await socket.next('get_chat_messages');
+  socket.push({ type: 'chat_messages_response', request_id: fetch.request_id, payload: { chat_id: 'n', messages: [{ message_id: 'm', seq: 1, sender_name: 'assistant', content: 'Hello', created_at: 'T', client_timestamp: null }], messages_v: 1, has_more: false } });
+  await c.waitFor('chat_messages_response');
+  assert.deepEqual(seen, [['open', 'Hello'], ['completed', 'Hello']]);
+  assert.equal(c.chat('n').messages[0].content, 'Hello');
+  c.close();
+});
+
+test('an offline change refused for good in a new chat id where a reply streams leaves the stream: the reconnection\'s sync continues it', { timeout: 5000 }, async () => {
+  const c = client();
+  const first = await online(c);
+  first.push({ type: 'stream_started', payload: { ...STREAM, chat_id: 'n' } });
+  await until(() => c.streams.open('n').length === 1);
+  /** @type {any[]} */
+  const seen = [];
+  c.on('stream', (/** @type {any} */ s) => seen.push([s.state, s.text]));
+  const socket = await offlineThen(c, () => void c.updateTitle('n', 'x'.repeat(300)));
+  const flush = await socket.next('sync_offline_changes');
+  const [change] = flush.payload.changes;
+  socket.push({ type: 'offline_sync_complete', request_id: flush.request_id, payload: { processed: 1, conflicts: 0, errors: 1, results: [{ change_id: change.change_id, chat_id: 'n', type: 'title', status: 'error', code: 'limit_exceeded' }] } });
+  await socket.answerSync({ active_streams: [{ ...STREAM, chat_id: 'n', seq: 1, content_so_far: 'Hi' }] });
+  await until(() => c.status === 'online');
+  assert.deepEqual(seen, [['open', 'Hi']]);
+  assert.equal(c.streams.get('n', 's')?.text, 'Hi');
+  c.close();
+});
