@@ -2461,7 +2461,9 @@ export class ChatSyncClient extends Emitter {
           });
         }
         if (Array.isArray(p.active_streams)) {
-          for (const s of this.streams.seed(p.active_streams)) this.emit('stream', s);
+          // A stream of a chat deleted since the reply was made (its `chat_deleted` came first) stays ended.
+          const active = p.active_streams.filter((/** @type {any} */ a) => !(a && this.deleted.has(a.chat_id)));
+          for (const s of this.streams.seed(active)) this.emit('stream', s);
         }
         this.emit('change', null);
         return;

@@ -2613,3 +2613,18 @@ test('an offline change refused for good in a new chat id where a reply streams 
   assert.equal(c.streams.get('n', 's')?.text, 'Hi');
   c.close();
 });
+
+test('a sync reply that crossed chat_deleted does not open the deleted chat\'s streams again', { timeout: 5000 }, async () => {
+  const c = client();
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length === 1);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.next('initial_sync_request');
+  // The reply was made before the deletion was known, and queued behind its broadcast.
+  socket.push({ type: 'chat_deleted', payload: { chat_id: 'd', tombstone: true } });
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: ['d'], active_streams: [{ ...STREAM, chat_id: 'd', seq: 1, content_so_far: 'x' }] } });
+  await ready;
+  assert.equal(c.streams.open().length, 0);
+  c.close();
+});
