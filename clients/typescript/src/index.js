@@ -2599,8 +2599,11 @@ export class ChatSyncClient extends Emitter {
         stream.seq_stored = p.seq;
         const chat = this.chat(p.chat_id);
         // The stored message comes with no `chat_message_added`: it counts as unread here, as the server
-        // counts it (a reply of another sender past the read marker), once.
-        if (typeof p.seq === 'number' && stream.sender_name !== 'user' && p.seq > chat.read_seq && p.seq > chat.versions.messages_v && !chat.messages.some((m) => m.seq === p.seq)) {
+        // counts it (a reply of another sender past the read marker), once: not when the `unread_count`
+        // of a sync covers it (as for `chat_message_added`), nor when it is held already. (Not checked
+        // against `messages_v`: a later message, this device's own say, may have been confirmed first.)
+        const covered = this._unreadCovers.get(p.chat_id) ?? 0;
+        if (typeof p.seq === 'number' && stream.sender_name !== 'user' && p.seq > chat.read_seq && p.seq > covered && !chat.messages.some((m) => m.seq === p.seq)) {
           chat.unread_count += 1;
         }
         chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v ?? 0);

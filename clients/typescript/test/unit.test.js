@@ -2628,3 +2628,19 @@ test('a sync reply that crossed chat_deleted does not open the deleted chat\'s s
   assert.equal(c.streams.open().length, 0);
   c.close();
 });
+
+test('a completed reply counts as unread when a later message of the chat (this device\'s own) was confirmed before its stream_completed came', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c, { chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }], server_chat_order: ['a'] });
+  socket.push({ type: 'stream_started', payload: { ...STREAM, message_id: 'm2' } });
+  await until(() => c.streams.open('a').length === 1);
+  // The reply is stored as seq 2; this device's message, sent meanwhile, as seq 3 and confirmed first.
+  const p = c.sendMessage('a', 'mine', { messageId: 'u3' });
+  const sent = await socket.next('chat_message_added');
+  socket.push({ type: 'chat_message_confirmed', request_id: sent.request_id, payload: { chat_id: 'a', message_id: 'u3', temp_id: null, new_messages_v: 3, new_last_edited_overall_timestamp: 2 } });
+  await p;
+  socket.push({ type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's', message_id: 'm2', seq: 2, messages_v: 3 } });
+  await c.waitFor('stream_completed');
+  assert.equal(c.chat('a').unread_count, 1);
+  c.close();
+});
