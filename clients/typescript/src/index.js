@@ -2598,6 +2598,8 @@ export class ChatSyncClient extends Emitter {
         stream.message_id = p.message_id ?? stream.message_id;
         stream.seq_stored = p.seq;
         const chat = this.chat(p.chat_id);
+        // Its message is stored: the server has the chat (one the stream started in a new chat id too).
+        chat.known = true;
         // The stored message comes with no `chat_message_added`: it counts as unread here, as the server
         // counts it (a reply of another sender past the read marker), once: not when the `unread_count`
         // of a sync covers it (as for `chat_message_added`), nor when it is held already. (Not checked

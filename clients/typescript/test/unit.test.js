@@ -2644,3 +2644,21 @@ test('a completed reply counts as unread when a later message of the chat (this 
   assert.equal(c.chat('a').unread_count, 1);
   c.close();
 });
+
+test('a reply completed in a new chat id makes the chat known: a write refused there before the message is fetched does not drop it (nor its unread count)', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c);
+  socket.push({ type: 'stream_started', payload: { ...STREAM, chat_id: 'n' } });
+  socket.push({ type: 'stream_completed', payload: { chat_id: 'n', stream_id: 's', message_id: 'm', seq: 1, messages_v: 1 } });
+  const fetch = await socket.next('get_chat_messages');
+  assert.equal(c.chat('n').unread_count, 1);
+  const p = c.updateTitle('n', 'x'.repeat(300));
+  const req = await socket.next('update_title');
+  socket.push({ type: 'error', request_id: req.request_id, payload: { code: 'limit_exceeded', message: 'Title too long.', chat_id: 'n' } });
+  await assert.rejects(p, (/** @type {any} */ e) => e.code === 'limit_exceeded');
+  assert.equal(c.chats.has('n'), true, 'the server has the chat: its reply is stored');
+  socket.push({ type: 'chat_messages_response', request_id: fetch.request_id, payload: { chat_id: 'n', messages: [{ message_id: 'm', seq: 1, sender_name: 'assistant', content: 'hi', created_at: 'T', client_timestamp: null }], messages_v: 1, has_more: false } });
+  await c.waitFor('chat_messages_response');
+  assert.equal(c.chat('n').unread_count, 1);
+  c.close();
+});
