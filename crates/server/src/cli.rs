@@ -994,12 +994,32 @@ async fn connect(args: ConnectArgs, config: Option<Config>) -> anyhow::Result<()
     }
 }
 
-/// Prints one line on stdout and flushes it (a script reads the replies as they come).
+/// Prints one frame as one line on stdout and flushes it (a script reads the replies as they come).
+/// Control characters are written as JSON escapes (`\u001b`): JSON leaves DEL and the C1 controls raw in
+/// strings, and a server's frame need not be JSON at all, so a message (or a hostile server) could
+/// otherwise drive the terminal with escape sequences, or split one frame over several lines. Within a
+/// JSON string the escape stands for the same character, so what a script parses is unchanged.
 fn print_line(text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}")?;
+    writeln!(out, "{}", escape_controls(text))?;
     out.flush()
+}
+
+/// `text` with every control character (C0, DEL, C1) written as a JSON `\uXXXX` escape.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut escaped = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() {
+            escaped.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped.into()
 }
 
 /// The `request_id` of a JSON line typed by the user (or of a server message), if any. Only one the server
@@ -1471,5 +1491,25 @@ async fn devices(config: Config, cmd: DevicesCommand) -> anyhow::Result<()> {
             );
             publish_revocation(&config, revoked).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    /// A frame's control characters (JSON leaves DEL and C1 raw in strings; a hostile server may send any)
+    /// reach the terminal as escapes, on one line, and the JSON a script parses keeps its value.
+    #[test]
+    fn printed_frames_carry_no_control_character() {
+        let content = "red \u{1b}[31m, CSI \u{9b}2J, DEL \u{7f}, line\nbreak";
+        let frame = serde_json::json!({"type": "chat_message_added", "payload": {"content": content}}).to_string();
+        assert!(frame.contains('\u{9b}') && frame.contains('\u{7f}'), "serde_json leaves these raw: {frame}");
+        let printed = escape_controls(&frame);
+        assert!(!printed.chars().any(char::is_control), "{printed}");
+        let parsed: serde_json::Value = serde_json::from_str(&printed).unwrap();
+        assert_eq!(parsed["payload"]["content"], content);
+        assert_eq!(escape_controls("raw\u{1b}]0;title\u{7}\r\nx"), "raw\\u001b]0;title\\u0007\\u000d\\u000ax");
+        assert!(matches!(escape_controls(r#"{"type":"pong"}"#), std::borrow::Cow::Borrowed(_)));
     }
 }
