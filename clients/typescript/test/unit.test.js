@@ -39,6 +39,16 @@ function client(extra = {}) {
   });
 }
 
+/** Connects a client and waits for its first `initial_sync_request`, unanswered: returns `connect()`'s promise, the socket and the request. @param {ChatSyncClient} c */
+async function syncAsked(c) {
+  const before = FakeSocket.instances.length;
+  const ready = c.connect();
+  await until(() => FakeSocket.instances.length > before);
+  const socket = lastSocket();
+  socket.greet();
+  return { ready, socket, req: await socket.next('initial_sync_request') };
+}
+
 /** Connects a client and answers its first sync. @param {ChatSyncClient} c @param {any} [sync] */
 async function online(c, sync = {}) {
   const before = FakeSocket.instances.length;
@@ -308,11 +318,7 @@ test('a conflicting offline title gives way to the server value of the next sync
 
 test('a sync reply older than a broadcast received before it neither reverts nor forgets', async () => {
   const c = client();
-  const ready = c.connect();
-  await until(() => FakeSocket.instances.length > 0);
-  const socket = lastSocket();
-  socket.greet();
-  const req = await socket.next('initial_sync_request');
+  const { ready, socket, req } = await syncAsked(c);
   // Broadcasts of writes that committed after the server built its reply arrive first.
   socket.push({ type: 'chat_title_updated', payload: { chat_id: 'a', data: { title: 'newer' }, versions: { title_v: 2 } } });
   socket.push({ type: 'chat_title_updated', payload: { chat_id: 'fresh', data: { title: 'just created' }, versions: { title_v: 1 } } });
@@ -1161,11 +1167,7 @@ test('markRead sends mark_read and chat_read_updated sets the unread count', asy
 
 test('an initial sync older than a message from another sender does not reset its unread count', { timeout: 5000 }, async () => {
   const c = client();
-  const ready = c.connect();
-  await until(() => FakeSocket.instances.length === 1);
-  const socket = lastSocket();
-  socket.greet();
-  const req = await socket.next('initial_sync_request');
+  const { ready, socket, req } = await syncAsked(c);
   socket.push({ type: 'chat_message_added', payload: { chat_id: 'c1', message: { message_id: 'a1', seq: 1, sender_name: 'assistant', content: 'hi', created_at: 'T', client_timestamp: null }, versions: { messages_v: 1 }, last_edited_overall_timestamp: 2 } });
   socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'c1', type: 'new_chat', versions: { messages_v: 0, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '' }], server_chat_order: ['c1'], sync_completed_at: 'T' } });
   await ready;
@@ -1578,11 +1580,7 @@ const STREAM = { chat_id: 'a', stream_id: 's', message_id: 'm', sender_name: 'as
 
 test('joining mid-stream: a chunk delivered before the sync reply that includes it does not replace content_so_far', async () => {
   const c = client();
-  const ready = c.connect();
-  await until(() => FakeSocket.instances.length === 1);
-  const socket = lastSocket();
-  socket.greet();
-  const req = await socket.next('initial_sync_request');
+  const { ready, socket, req } = await syncAsked(c);
   socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 5, delta: 'E' } });
   socket.push({ type: 'stream_chunk', payload: { chat_id: 'a', stream_id: 's', seq: 6, delta: 'F' } });
   socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: ['a'], active_streams: [{ ...STREAM, seq: 5, content_so_far: 'ABCDE' }] } });
@@ -2284,11 +2282,7 @@ test('a retried write refused for good while online is replaced by the server va
 
 test('a sync refused as rate_limited after connecting is retried on the same connection after a backoff, not by reconnecting', { timeout: 5000 }, async () => {
   const c = client();
-  const ready = c.connect();
-  await until(() => FakeSocket.instances.length === 1);
-  const socket = lastSocket();
-  socket.greet();
-  const first = await socket.next('initial_sync_request');
+  const { ready, socket, req: first } = await syncAsked(c);
   socket.push({ type: 'initial_sync_error', request_id: first.request_id, payload: { code: 'rate_limited', message: 'Too many messages.' } });
   const again = await socket.next('initial_sync_request');
   assert.equal(FakeSocket.instances.length, 1, 'no new connection');
@@ -2616,11 +2610,7 @@ test('an offline change refused for good in a new chat id where a reply streams 
 
 test('a sync reply that crossed chat_deleted does not open the deleted chat\'s streams again', { timeout: 5000 }, async () => {
   const c = client();
-  const ready = c.connect();
-  await until(() => FakeSocket.instances.length === 1);
-  const socket = lastSocket();
-  socket.greet();
-  const req = await socket.next('initial_sync_request');
+  const { ready, socket, req } = await syncAsked(c);
   // The reply was made before the deletion was known, and queued behind its broadcast.
   socket.push({ type: 'chat_deleted', payload: { chat_id: 'd', tombstone: true } });
   socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { ...EMPTY_SYNC, server_chat_order: ['d'], active_streams: [{ ...STREAM, chat_id: 'd', seq: 1, content_so_far: 'x' }] } });
