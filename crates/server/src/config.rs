@@ -340,16 +340,14 @@ impl Config {
         // uvicorn and Python's logging spell it) logged nothing at all, not even the listening address.
         if let Some(word) = self.log_level.split(',').map(str::trim).find(|d| is_unknown_bare_word(d)) {
             return Err(format!(
-                "log_level {word:?} is neither a level (off, error, warn, info, debug, trace) nor TARGET=LEVEL; \
+                "log_level {word:?} is neither a level (off, error, warn, info, debug, trace, or 0 to 5) nor TARGET=LEVEL; \
                  to log every level of one target, write {word}=trace"
             ));
         }
         // Both bound would only fail at start with `address in use`, after the store was opened.
         if let Some(metrics) = self.metrics_listen {
-            let (a, b) = (metrics, self.listen);
-            let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
-            if a.port() != 0 && a.port() == b.port() && overlap {
-                return Err(format!("metrics_listen {a} and listen {b} cannot share a port"));
+            if binds_collide(metrics, self.listen) {
+                return Err(format!("metrics_listen {metrics} and listen {} cannot share a port", self.listen));
             }
         }
         for origin in &self.allowed_origins {
@@ -505,13 +503,30 @@ pub mod erased {
     }
 }
 
-/// A log directive of one word (no `=`, span filter or path) that is not a level name.
+/// A log directive of one word (no `=`, span filter or path) that is not a level: a name (`warning`) or a
+/// number (`30`) that tracing's own parser (the one `EnvFilter` asks) does not take for a level, so that
+/// `EnvFilter` takes it for a target name.
 fn is_unknown_bare_word(directive: &str) -> bool {
-    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
     !directive.is_empty()
         && directive.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive))
-        && directive.parse::<u8>().is_err()
+        && directive.parse::<tracing_subscriber::filter::LevelFilter>().is_err()
+}
+
+/// Whether listening on `a` and on `b` at once fails with `address in use` (Linux, whose IPv6 sockets take
+/// the IPv4 addresses too unless `net.ipv6.bindv6only` is set): the same port (not 0, a free one) and the
+/// same address, or either address unspecified in its family, or `[::]` (dual stack) with any address.
+/// `0.0.0.0` and an IPv6 address bind side by side.
+fn binds_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    // `[::ffff:127.0.0.1]` binds 127.0.0.1.
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let dual_stack = |ip: std::net::IpAddr| ip.is_ipv6() && ip.is_unspecified();
+    x == y
+        || (x.is_ipv4() == y.is_ipv4() && (x.is_unspecified() || y.is_unspecified()))
+        || dual_stack(x)
+        || dual_stack(y)
 }
 
 #[cfg(test)]
@@ -547,6 +562,58 @@ mod tests {
         assert_eq!(Config { commit_window_us: Some(100_000), ..Config::default() }.validate(), Ok(()));
         let too_long = Config { commit_window_us: Some(100_001), ..Config::default() };
         assert!(too_long.validate().unwrap_err().starts_with("commit_window_us is at most 100000"));
+    }
+
+    /// `--metrics-listen` on the port of `--listen` is refused only where the two binds collide: an IPv4
+    /// and an IPv6 address on one port bind side by side unless one of them is `[::]` (dual stack, which
+    /// takes the IPv4 addresses too, Linux's default); `0.0.0.0` does not take IPv6 ones.
+    #[test]
+    fn validation_refuses_a_metrics_address_only_where_its_bind_collides_with_the_listener_s() {
+        let with = |listen: &str, metrics: &str| Config {
+            listen: listen.parse().unwrap(),
+            metrics_listen: Some(metrics.parse().unwrap()),
+            ..Config::default()
+        };
+        let apart = [
+            ("0.0.0.0:8080", "[::1]:8080"),
+            ("127.0.0.1:8080", "[::1]:8080"),
+            ("127.0.0.1:8080", "10.0.0.1:8080"),
+            ("127.0.0.1:8080", "127.0.0.1:9090"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ];
+        for (listen, metrics) in apart {
+            assert_eq!(with(listen, metrics).validate(), Ok(()), "{listen} {metrics}");
+            assert_eq!(with(metrics, listen).validate(), Ok(()), "{metrics} {listen}");
+        }
+        let collide = [
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("0.0.0.0:8080", "10.0.0.1:8080"),
+            ("[::1]:8080", "[::]:8080"),
+            ("[::]:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "[::]:8080"),
+            ("[::ffff:127.0.0.1]:8080", "127.0.0.1:8080"),
+        ];
+        for (listen, metrics) in collide {
+            let err = with(listen, metrics).validate().err().unwrap_or_default();
+            assert!(err.contains("cannot share a port"), "{listen} {metrics}: {err:?}");
+            let err = with(metrics, listen).validate().err().unwrap_or_default();
+            assert!(err.contains("cannot share a port"), "{metrics} {listen}: {err:?}");
+        }
+    }
+
+    /// A number that is not a level (`30`, Python's WARNING) parses as a target name, as `warning` does:
+    /// the server logged nothing. Only 0-5 are levels.
+    #[test]
+    fn validation_refuses_a_log_filter_number_that_is_not_a_level() {
+        let with = |filter: &str| Config { log_level: filter.into(), ..Config::default() };
+        for filter in ["30", "6", "info,10", "255", "256"] {
+            let err = with(filter).validate().err().unwrap_or_default();
+            assert!(err.contains("neither a level"), "{filter}: {err:?}");
+        }
+        for filter in ["0", "3", "5", "03", "WARN", "Debug", "chatsync=debug,warn", "chatsync::api", "[conn]=debug"] {
+            assert_eq!(with(filter).validate(), Ok(()), "{filter}");
+        }
     }
 
     #[test]
