@@ -333,6 +333,16 @@ impl Config {
             }
         }
         // A directive that does not parse was ignored with a note, which could leave no log at all.
+        // tracing reads a directive with a space around it as a target name (`chatsync=debug, info`: the
+        // target ` info`, so no info lines; `warn `: nothing logged at all), or fails on it with a message
+        // that does not say why (`info, chatsync=debug`).
+        if let Some(spaced) = self.log_level.split(',').find(|d| !d.trim().is_empty() && d.trim() != *d) {
+            return Err(format!(
+                "log_level {:?}: the directive {spaced:?} has a space around it, which tracing would take as \
+                 part of a target name; write the directives without spaces (chatsync=debug,info)",
+                self.log_level
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
             return Err(format!("log_level {:?} is not a valid log filter: {e}", self.log_level));
         }

@@ -1134,6 +1134,19 @@ fn serve_refuses_a_log_filter_word_that_is_not_a_level() {
     }
 }
 
+/// tracing reads a directive with a space around it (`chatsync=debug, info`, `"warn "`) as a target name:
+/// `info` became the target ` info`, so the server logged only chatsync's debug lines, and `"warn "` logged
+/// nothing at all; the check of bare words trimmed them first and let them through. They are refused,
+/// naming the directive (`RUST_LOG`, which is tracing's own, is left as tracing reads it).
+#[test]
+fn serve_refuses_a_log_filter_with_a_space_around_a_directive() {
+    let dir = tempfile::tempdir().unwrap();
+    for filter in ["chatsync=debug, info", "warn ", " info", "info ,chatsync=debug", "warn,\tchatsync=debug"] {
+        let stderr = refused_at_start(dir.path(), &["--log-level", filter]);
+        assert!(stderr.contains("space"), "{filter:?}: {stderr}");
+    }
+}
+
 /// `--metrics-listen` on the port of `--listen` (the same address, or one of them on every interface)
 /// failed at bind with `address in use`, after the store was opened: the configuration is refused.
 #[test]
