@@ -515,9 +515,11 @@ pub mod erased {
 
 /// A log directive of one word (no `=`, span filter or path) that is not a level: a name (`warning`) or a
 /// number (`30`) that tracing's own parser (the one `EnvFilter` asks) does not take for a level, so that
-/// `EnvFilter` takes it for a target name.
+/// `EnvFilter` takes it for a target name. This server's own crates (`chatsync`, `chatsync_protocol`) are
+/// targets that one may mean that way (every level of them).
 fn is_unknown_bare_word(directive: &str) -> bool {
     !directive.is_empty()
+        && !directive.starts_with("chatsync")
         && directive.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         && directive.parse::<tracing_subscriber::filter::LevelFilter>().is_err()
 }
@@ -621,7 +623,19 @@ mod tests {
             let err = with(filter).validate().err().unwrap_or_default();
             assert!(err.contains("neither a level"), "{filter}: {err:?}");
         }
-        for filter in ["0", "3", "5", "03", "WARN", "Debug", "chatsync=debug,warn", "chatsync::api", "[conn]=debug"] {
+        for filter in [
+            "0",
+            "3",
+            "5",
+            "03",
+            "WARN",
+            "Debug",
+            "chatsync=debug,warn",
+            "chatsync::api",
+            "chatsync",
+            "info,chatsync_protocol",
+            "[conn]=debug",
+        ] {
             assert_eq!(with(filter).validate(), Ok(()), "{filter}");
         }
     }

@@ -10,10 +10,6 @@
 //! The embedded store's database is locked too, by `PATH.lock` beside it ([`DataDirLock::with_store_file`]):
 //! two servers with data directories of their own (`--database-url sqlite://PATH`) would otherwise share
 //! one database, each with its own hub and cache.
-//!
-//! Migrations of the embedded store are serialized between processes by [`lock_for_migrations`]
-//! (SQLite gives sqlx's migrator no lock: processes opening a new database at once applied the same
-//! migration twice, and all but one failed).
 
 use anyhow::Context as _;
 use std::fs::File;
@@ -107,27 +103,6 @@ impl DataDirLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-/// Waits for and takes an exclusive `flock` on the directory `dir` itself (no file of its own to leave
-/// behind; released when the returned handle is dropped or the process ends). Held while the embedded
-/// store's migrations run: every process opening the database takes it, so each finds the migrations
-/// the one before it applied. Databases sharing a directory wait for each other's migrations only.
-pub async fn lock_for_migrations(dir: &Path) -> anyhow::Result<File> {
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let handle = File::open(&dir).with_context(|| format!("cannot open directory {}", dir.display()))?;
-        // SAFETY: flock on a descriptor this function owns; no memory is involved.
-        while unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err).with_context(|| format!("cannot lock directory {} for migrations", dir.display()));
-            }
-        }
-        Ok(handle)
-    })
-    .await
-    .context("the migration lock's task failed")?
 }
 
 /// Creates `dir` and its missing parents with mode 0700 (before the umask): the database holds user

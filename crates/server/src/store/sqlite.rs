@@ -128,6 +128,19 @@ async fn record_batch(pool: &SqlitePool, batch: &[Sighting]) -> Result<(), sqlx:
     tx.commit().await
 }
 
+/// Applies the pending migrations in one write transaction (`BEGIN IMMEDIATE`; each migration a savepoint
+/// in it). sqlx's migrator takes no lock on SQLite: processes opening a new database at once each read
+/// the list of applied migrations before the first of them applied any, and all but one failed on a
+/// migration another had applied (`table users already exists`). In one transaction, the list is read
+/// under SQLite's write lock, which the others wait for (up to the busy timeout), and a process that dies
+/// in the middle leaves no migration half applied.
+async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
+    let mut tx = pool.begin_with(BEGIN_WRITE).await?;
+    sqlx::migrate!("migrations/sqlite").run_direct(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and applies pending migrations.
     pub async fn open(path: &Path, durability: super::Durability) -> anyhow::Result<SqliteStore> {
@@ -165,13 +178,7 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .with_context(|| format!("cannot open database {}", path.display()))?;
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let migrating = crate::datadir::lock_for_migrations(dir).await?;
-        sqlx::migrate!("migrations/sqlite")
-            .run(&pool)
-            .await
-            .with_context(|| format!("cannot migrate database {}", path.display()))?;
-        drop(migrating);
+        migrate(&pool).await.with_context(|| format!("cannot migrate database {}", path.display()))?;
         let reads = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
