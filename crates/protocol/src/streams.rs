@@ -1,7 +1,8 @@
 //! Streams (SERVER_API.md section 4, PROTOCOL.md "Messages from other senders, unread counts, streams"):
 //! the `cancel_stream` client payload, the four `stream_*` server payloads, the `active_streams` entry
 //! of `initial_sync_response`, and the helpers the server's outbox uses to merge queued `stream_chunk`
-//! frames of one stream ([`chunk_frame_key`], [`merge_chunk_frames`]).
+//! frames of one stream ([`chunk_frame_key`], [`merge_chunk_frames`]) and to find the end of a stream
+//! ([`stream_end_frame_key`]).
 
 use crate::ids::{ChatId, MessageId, StreamId};
 use serde::{Deserialize, Serialize};
@@ -139,6 +140,22 @@ pub fn chunk_frame_seq(frame: &str) -> Option<u64> {
     rest[..digits].parse().ok()
 }
 
+/// The starts of the `stream_completed` and `stream_cancelled` frames [`crate::encode`] writes (with or
+/// without a `request_id`, which comes after the payload), and what follows the stream's key in each.
+const END_PREFIXES: [(&str, &str); 2] = [
+    (r#"{"type":"stream_completed","payload":{"chat_id":""#, r#"","message_id":"#),
+    (r#"{"type":"stream_cancelled","payload":{"chat_id":""#, r#"","reason":"#),
+];
+
+/// If `frame` is a `stream_completed` or `stream_cancelled` frame as [`crate::encode`] writes it, the key of
+/// its stream (as [`chunk_frame_key`] finds it in the stream's chunks), else `None`. Cheap: a prefix check
+/// and one search.
+pub fn stream_end_frame_key(frame: &str) -> Option<&str> {
+    let (rest, after) = END_PREFIXES.iter().find_map(|(prefix, after)| Some((frame.strip_prefix(prefix)?, after)))?;
+    let key = &rest[..rest.find(after)?];
+    key.contains(r#"","stream_id":""#).then_some(key)
+}
+
 /// Parses a `stream_chunk` frame back into its payload (`None` for any other frame).
 pub fn parse_chunk_frame(frame: &str) -> Option<StreamChunk> {
     match crate::decode_server(frame).ok()?.message {
@@ -188,6 +205,35 @@ mod tests {
         let big = encode(&ServerMessage::StreamChunk(chunk(u64::MAX, "9")), None);
         assert_eq!(chunk_frame_seq(&big), Some(u64::MAX));
         assert_eq!(chunk_frame_seq(&other), None);
+    }
+
+    #[test]
+    fn the_key_of_a_stream_end_frame_is_the_key_of_its_chunks() {
+        use crate::{MessageId, StreamCancelReason, StreamCancelled, StreamCompleted};
+        let (chat_id, stream_id) = (ChatId::new("c-1").unwrap(), StreamId::new("s:1.x").unwrap());
+        let completed = ServerMessage::StreamCompleted(StreamCompleted {
+            chat_id: chat_id.clone(),
+            stream_id: stream_id.clone(),
+            message_id: MessageId::new("m").unwrap(),
+            seq: 3,
+            messages_v: 4,
+        });
+        let cancelled = ServerMessage::StreamCancelled(StreamCancelled {
+            chat_id,
+            stream_id,
+            reason: StreamCancelReason::CancelledByUser,
+        });
+        let key = chunk_key("c-1", "s:1.x");
+        for message in [completed, cancelled] {
+            assert_eq!(stream_end_frame_key(&encode(&message, None)), Some(key.as_str()));
+            assert_eq!(
+                stream_end_frame_key(&encode(&message, Some("r1"))),
+                Some(key.as_str()),
+                "a device's own cancel"
+            );
+        }
+        assert_eq!(stream_end_frame_key(&encode(&ServerMessage::StreamChunk(chunk(1, "x")), None)), None);
+        assert_eq!(stream_end_frame_key(&encode(&ServerMessage::Pong(crate::Empty {}), None)), None);
     }
 
     #[test]

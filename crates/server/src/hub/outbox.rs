@@ -11,8 +11,12 @@
 //! counts towards the bound, and when the connection is behind (a chunk of the same stream is still
 //! queued, with only chunks after it) the new chunk is merged into the queued one: one `stream_chunk`
 //! whose `seq` is the last merged and whose `delta` is the concatenation, in order. So a connection that
-//! reads slowly gets fewer, larger chunks and is never closed because of them; what a stream can add to
-//! a queue is bounded by the stream's text cap. A chunk is never merged across another frame (such as
+//! reads slowly gets fewer, larger chunks and is never closed because of them; what an open stream can
+//! add to a queue is bounded by the stream's text cap. The chunks of streams that ended are held to the
+//! byte bound: a `stream_completed` or `stream_cancelled` queued while the chunks queued exceed it drops
+//! its stream's chunks (the device gets the end and fetches a completed stream's message), so a device
+//! that stays connected while falling ever further behind holds at most the byte bound of ended streams'
+//! text plus the open streams' (not one text cap per stream that ended meanwhile). A chunk is never merged across another frame (such as
 //! `stream_completed`, or a `stream_started` that reuses the stream id), so order is kept. Chunks are
 //! recognised by the fixed start of the frame ([`chatsync_protocol::chunk_frame_key`]), so a chunk that
 //! came over the cluster bus merges like a local one.
@@ -201,10 +205,32 @@ impl Outbox {
         }
         s.bytes += frame.len();
         s.frames += 1;
+        self.end_of_stream(&mut s, &frame);
         s.queue.push_back(Item::Frame(frame));
         drop(s);
         self.notify.notify_one();
         true
+    }
+
+    /// When `frame` ends a stream (`stream_completed`, `stream_cancelled`) while the queued chunks exceed
+    /// the byte bound, drops the queued chunks of that stream: they would reach the device only to be
+    /// followed by the stream's end (a completed stream's message is fetched like any other). So the
+    /// chunks of ended streams never hold more than the byte bound, and the chunks a connection can hold
+    /// are bounded by the open streams' text caps (see the module doc).
+    fn end_of_stream(&self, s: &mut State, frame: &Utf8Bytes) {
+        if s.chunk_bytes <= self.max_bytes {
+            return;
+        }
+        let Some(key) = chatsync_protocol::stream_end_frame_key(frame.as_str()) else { return };
+        let mut freed = 0;
+        s.queue.retain(|item| match item {
+            Item::Chunk(chunk) if &*chunk.key == key => {
+                freed += chunk.bytes;
+                false
+            }
+            _ => true,
+        });
+        s.chunk_bytes -= freed;
     }
 
     /// Stops merging chunks until [`split_chunks_at`](Self::split_chunks_at): an initial sync calls it
@@ -291,6 +317,7 @@ impl Outbox {
                     s.frames += 1;
                     s.reply_bytes += frame.len();
                     s.reply_frames += 1;
+                    self.end_of_stream(&mut s, &frame);
                     s.queue.push_back(Item::Reply(frame));
                     drop(s);
                     self.notify.notify_one();
@@ -563,6 +590,81 @@ mod tests {
         }
         assert_eq!(seqs, [2, 4, 6]);
         assert_eq!(chatsync_protocol::parse_chunk_frame(&next_text(&o).await).unwrap().seq, 7);
+    }
+
+    fn stream_end(stream: &str, completed: bool, request_id: Option<&str>) -> Utf8Bytes {
+        use chatsync_protocol::{ChatId, MessageId, ServerMessage, StreamCancelReason, StreamId};
+        let (chat_id, stream_id) = (ChatId::new("c1").unwrap(), StreamId::new(stream).unwrap());
+        let message = if completed {
+            ServerMessage::StreamCompleted(chatsync_protocol::StreamCompleted {
+                chat_id,
+                stream_id,
+                message_id: MessageId::new(format!("m-{stream}")).unwrap(),
+                seq: 7,
+                messages_v: 7,
+            })
+        } else {
+            ServerMessage::StreamCancelled(chatsync_protocol::StreamCancelled {
+                chat_id,
+                stream_id,
+                reason: StreamCancelReason::Aborted,
+            })
+        };
+        chatsync_protocol::encode(&message, request_id).into()
+    }
+
+    /// A device that stays connected (it takes a frame now and then) but falls ever further behind while
+    /// stream after stream runs and ends: the chunks never count towards the bound, so without a bound of
+    /// their own the queue held every ended stream's text (up to `outbox_max_messages` / 2 streams of 256
+    /// KiB each). The chunks of a stream whose end is queued are dropped once the queued chunks exceed the
+    /// byte bound: its `stream_completed` (or `stream_cancelled`) still comes, in order.
+    #[tokio::test]
+    async fn the_chunks_of_ended_streams_are_held_to_the_byte_bound() {
+        let max = 64 * 1024;
+        let o = Outbox::new(max, 1024);
+        let delta = "y".repeat(2 * 1024);
+        for n in 0..100 {
+            let stream = format!("s{n}");
+            assert!(o.push(frame("started")));
+            for seq in 1..=8 {
+                assert!(o.push(chunk(&stream, seq, &delta)));
+            }
+            // The device's own cancel comes as a reply part (with its request id), the others as broadcasts.
+            let end = stream_end(&stream, n % 3 != 0, (n % 5 == 0).then_some("r1"));
+            if n % 5 == 0 {
+                assert!(o.push_reply(end).await);
+            } else {
+                assert!(o.push(end));
+            }
+        }
+        assert!(!o.is_closing(), "chunks never close a connection");
+        let queued = o.state.lock().chunk_bytes;
+        assert!(queued <= max, "{queued} bytes of ended streams' chunks queued, over the bound of {max}");
+        // Every stream's end still comes, in order; the chunks that remain are whole runs of their stream.
+        let mut ends = 0;
+        let mut deltas = std::collections::BTreeMap::<String, usize>::new();
+        while ends < 100 {
+            let text = next_text(&o).await;
+            if let Some(c) = chatsync_protocol::parse_chunk_frame(&text) {
+                *deltas.entry(c.stream_id.as_str().to_owned()).or_default() += c.delta.len();
+            } else if text != "started" {
+                let end = chatsync_protocol::decode_server(&text).unwrap().message;
+                let stream = match end {
+                    chatsync_protocol::ServerMessage::StreamCompleted(e) => e.stream_id,
+                    chatsync_protocol::ServerMessage::StreamCancelled(e) => e.stream_id,
+                    other => panic!("{other:?}"),
+                };
+                assert_eq!(stream.as_str(), format!("s{ends}"));
+                assert!(deltas.get(stream.as_str()).is_none_or(|&n| n == 8 * delta.len()), "all of a stream or none");
+                ends += 1;
+            }
+        }
+        // Each stream's chunks take about 17 KB: the first three fit in the bound and are kept.
+        assert_eq!(
+            deltas.into_keys().collect::<Vec<_>>(),
+            ["s0", "s1", "s2"],
+            "the streams that fit keep their chunks"
+        );
     }
 
     #[tokio::test]
