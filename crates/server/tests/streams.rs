@@ -390,3 +390,48 @@ async fn an_initial_sync_whose_stream_list_raced_a_chat_deletion_leaves_the_stre
     assert!(sync.active_streams.is_empty(), "an ended stream of a deleted chat: {sync:?}");
     assert!(entry(&sync, "c1").is_none() && sync.server_chat_order.is_empty(), "{sync:?}");
 }
+
+/// A device's own copy of a change it makes that goes to ALL (a title, a read marker, a deletion, a
+/// cancel) is a reply: it waits for room in the device's queue. The user's other devices must not wait
+/// with it: the copy for OTHERS was handed to the hub only once the device's own copy had found room, so
+/// a device that had fallen behind held up every other device's copy until it read its backlog (or, not
+/// reading at all, until its writer gave up on it, a minute later).
+#[tokio::test]
+async fn a_device_behind_does_not_hold_up_the_other_devices_copy_of_its_change() {
+    let server = behind_server().await;
+    let mut slow = new_user(&server, "alice", "slow").await;
+    // The slow device's socket is filled with chunks (which never close it), far beyond the socket
+    // buffers, so its writer is stuck and its queue keeps what comes next.
+    let k = skey("alice", "c1", "s1");
+    ops::start(&server.ctx, &k, &info("m1")).await.unwrap();
+    for seq in 1..=3000 {
+        let delta = format!("<{seq}:{}>", "x".repeat(8 * 1024));
+        assert_eq!(ops::chunk(&server.ctx, &k, seq, &delta).await.unwrap(), Appended::Accepted);
+    }
+    let mut phone = another_device(&server, "alice", "phone").await;
+    // Four broadcasts fill the slow device's queue to its bound of four frames (not beyond it).
+    for i in 0..4 {
+        set_draft(&mut phone, "c2", doc(&format!("draft {i}"))).await;
+    }
+    // The slow device renames a chat: its own copy waits for room, the phone's must not.
+    slow.send(&title("c2", "renamed"), Some("t1")).await.unwrap();
+    let m = next_event(&mut phone).await;
+    let renamed = expect_msg!(m, ChatTitleUpdated);
+    assert_eq!((renamed.chat_id.as_str(), renamed.data.title.as_str()), ("c2", "renamed"));
+    // The slow device gets everything once it reads: its backlog, the drafts, then its own copy.
+    let mut drafts = 0;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), slow.recv()).await.expect("a frame").unwrap();
+        match m.message {
+            ServerMessage::StreamStarted(_) | ServerMessage::StreamChunk(_) => {}
+            ServerMessage::ChatDraftUpdated(_) => drafts += 1,
+            ServerMessage::ChatTitleUpdated(t) => {
+                assert_eq!((m.request_id.as_deref(), t.data.title.as_str()), (Some("t1"), "renamed"));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(drafts, 4);
+    assert_quiet(&mut slow).await;
+}

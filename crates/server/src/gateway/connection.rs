@@ -365,28 +365,29 @@ async fn deliver(ctx: &Ctx, conn: &ConnHandle, outcome: Outcome, wire_type: &'st
             Broadcast::Others(m) | Broadcast::All(m) => m.wire_type(),
         };
         metrics::counter!(crate::metrics::MESSAGES_OUT, "type" => kind).increment(1);
-        let message = match broadcast {
-            Broadcast::Others(m) => m,
-            Broadcast::All(m) => {
-                conn.outbox.push_reply(encode(&m, request_id).into()).await;
-                m
-            }
+        let (message, to_self) = match broadcast {
+            Broadcast::Others(m) => (m, false),
+            Broadcast::All(m) => (m, true),
         };
+        // The other devices' copy goes first: this connection's own copy waits for room in its queue (at
+        // the pace this client reads), and the other devices must not wait with it.
         // A change that committed just before its chat's deletion, delivered after it: the deletion's
         // `chat_deleted` has reached the other devices already, and this would show them the chat again.
-        // (The requester still gets its answer above; the check leaves a window of this function's
+        // (The requester still gets its answer below; the check leaves a window of this function's
         // duration, not the write's.)
-        if message.changed_chat().is_some_and(|chat| ctx.keys.is_deleted(chat.as_str())) {
-            continue;
+        if !message.changed_chat().is_some_and(|chat| ctx.keys.is_deleted(chat.as_str())) {
+            // A stream's end keeps its place among the stream's events from the API (in a cluster too).
+            let stream_event = matches!(message, ServerMessage::StreamCancelled(_));
+            let shared: Utf8Bytes = encode(&message, None).into();
+            let others = Audience::Others { except: &conn.id };
+            if stream_event {
+                ctx.hub.deliver_in_order(&conn.user_id, others, shared).await;
+            } else {
+                ctx.hub.deliver(&conn.user_id, others, shared).await;
+            }
         }
-        // A stream's end keeps its place among the stream's events from the API (in a cluster too).
-        let stream_event = matches!(message, ServerMessage::StreamCancelled(_));
-        let shared: Utf8Bytes = encode(&message, None).into();
-        let others = Audience::Others { except: &conn.id };
-        if stream_event {
-            ctx.hub.deliver_in_order(&conn.user_id, others, shared).await;
-        } else {
-            ctx.hub.deliver(&conn.user_id, others, shared).await;
+        if to_self {
+            conn.outbox.push_reply(encode(&message, request_id).into()).await;
         }
     }
     for reply in outcome.replies {
