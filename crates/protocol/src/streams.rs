@@ -156,6 +156,19 @@ pub fn stream_end_frame_key(frame: &str) -> Option<&str> {
     key.contains(r#"","stream_id":""#).then_some(key)
 }
 
+/// The bytes of the `delta` string, as JSON writes it (escapes included, quotes not), in a `stream_chunk`
+/// frame as [`crate::encode`] writes it without a `request_id`: what the chunk adds to a merged chunk's
+/// frame. Cheap (no parsing). For any other frame, the frame's length (an upper bound).
+pub fn chunk_frame_delta_len(frame: &str) -> usize {
+    let Some(key) = chunk_frame_key(frame) else { return frame.len() };
+    let rest = &frame[CHUNK_PREFIX.len() + key.len() + r#"","seq":"#.len()..];
+    let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    match rest[digits..].strip_prefix(r#","delta":""#).and_then(|delta| delta.strip_suffix(r#""}}"#)) {
+        Some(delta) => delta.len(),
+        None => frame.len(),
+    }
+}
+
 /// Parses a `stream_chunk` frame back into its payload (`None` for any other frame).
 pub fn parse_chunk_frame(frame: &str) -> Option<StreamChunk> {
     match crate::decode_server(frame).ok()?.message {
@@ -234,6 +247,16 @@ mod tests {
         }
         assert_eq!(stream_end_frame_key(&encode(&ServerMessage::StreamChunk(chunk(1, "x")), None)), None);
         assert_eq!(stream_end_frame_key(&encode(&ServerMessage::Pong(crate::Empty {}), None)), None);
+    }
+
+    #[test]
+    fn the_delta_of_a_chunk_frame_is_measured_as_json_writes_it() {
+        for delta in ["", "abc", "a\"b\\c\n\u{1}é😀", "\",\"seq\":9}}"] {
+            let frame = encode(&ServerMessage::StreamChunk(chunk(12, delta)), None);
+            assert_eq!(chunk_frame_delta_len(&frame), serde_json::to_string(delta).unwrap().len() - 2, "{delta:?}");
+        }
+        let with_request_id = encode(&ServerMessage::StreamChunk(chunk(3, "x")), Some("r"));
+        assert_eq!(chunk_frame_delta_len(&with_request_id), with_request_id.len(), "an upper bound");
     }
 
     #[test]

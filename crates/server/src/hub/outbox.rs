@@ -90,8 +90,9 @@ pub enum Next {
     Close(CloseReason),
 }
 
-/// A merged chunk stops growing at about this many bytes (the sum of the frames merged into it), so that
-/// it stays far below any `max_reply_bytes` (at least 64 KiB); the next chunk starts a new one.
+/// A merged chunk stops growing at about this many bytes of JSON (its first frame, and the delta of each
+/// chunk merged into it as JSON writes it; the `seq` may grow by a few digits), so that it stays far below
+/// any `max_reply_bytes` (at least 64 KiB); the next chunk starts a new one.
 const MAX_MERGED_CHUNK_BYTES: usize = 32 * 1024;
 
 /// One queued item: a frame, a part of the connection's own reply, or a stream chunk that later chunks of
@@ -112,7 +113,7 @@ struct Chunk {
     key: Box<str>,
     /// The frame as delivered, or the merged chunk once a second one arrived (encoded when it leaves).
     body: ChunkBody,
-    /// Bytes accounted for it.
+    /// Bytes accounted for it: about the length of the frame it is sent as.
     bytes: usize,
 }
 
@@ -268,7 +269,9 @@ impl Outbox {
             if &*queued.key != key {
                 continue;
             }
-            if queued.bytes + len > MAX_MERGED_CHUNK_BYTES {
+            // What the chunk adds to the merged frame: its delta (the rest of its frame is not repeated).
+            let added = chatsync_protocol::chunk_frame_delta_len(frame.as_str());
+            if queued.bytes + added > MAX_MERGED_CHUNK_BYTES {
                 break;
             }
             if split.is_some() {
@@ -288,8 +291,8 @@ impl Outbox {
             if !chatsync_protocol::merge_chunk_frames(merged, frame.as_str()) {
                 break;
             }
-            queued.bytes += len;
-            s.chunk_bytes += len;
+            queued.bytes += added;
+            s.chunk_bytes += added;
             metrics::counter!(crate::metrics::STREAM_CHUNKS_MERGED).increment(1);
             return true;
         }
@@ -665,6 +668,35 @@ mod tests {
             ["s0", "s1", "s2"],
             "the streams that fit keep their chunks"
         );
+    }
+
+    /// A merged chunk is measured by the frame it becomes, not by the frames merged into it: each chunk's
+    /// envelope (about 80 bytes) counted again made token-sized chunks stop merging at about 400 of them
+    /// (a device far behind got a frame per 400 tokens, and empty chunks, which cost a stream no room,
+    /// added a queued chunk per 400), and made the queued chunks look 20 times their size to the bound
+    /// on ended streams' chunks.
+    #[tokio::test]
+    async fn a_merged_chunk_is_measured_by_the_frame_it_becomes() {
+        let o = Outbox::new(1024, 8);
+        for seq in 1..=4000 {
+            assert!(o.push(chunk("s1", seq, if seq % 2 == 0 { "" } else { "ab" })));
+        }
+        let text = next_text(&o).await;
+        assert!(text.len() <= MAX_MERGED_CHUNK_BYTES);
+        let merged = chatsync_protocol::parse_chunk_frame(&text).unwrap();
+        assert_eq!((merged.seq, merged.delta.len()), (4000, 4000), "one frame: about 4 KB of text");
+        assert_eq!(o.state.lock().chunk_bytes, 0);
+        // Escaped text is measured as escaped: 10,000 control characters are 60,000 bytes of JSON.
+        for seq in 1..=1000 {
+            assert!(o.push(chunk("s2", seq, &"\u{1}".repeat(10))));
+        }
+        let mut frames = 0;
+        while o.state.lock().queue.front().is_some() {
+            let text = next_text(&o).await;
+            assert!(text.len() <= MAX_MERGED_CHUNK_BYTES, "{}", text.len());
+            frames += 1;
+        }
+        assert_eq!(frames, 2);
     }
 
     #[tokio::test]
