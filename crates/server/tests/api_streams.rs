@@ -326,6 +326,39 @@ async fn cluster_a_chunk_through_another_node_never_overtakes_the_previous_one_o
     assert_eq!(text_until(&mut on_b, "s1", 2).await, "Hello");
 }
 
+/// A device's own `stream_cancelled` keeps its place among the stream's events too: a chunk accepted
+/// through another node before the cancel, still on its way to the device's node, comes first. The device's
+/// copy (a reply) was queued before the copy for the others took its turn in the bus order, so the device
+/// got the stream's end and then a chunk of it.
+#[tokio::test]
+async fn cluster_a_devices_own_cancel_never_overtakes_a_chunk_accepted_before_it() {
+    let Some(url) = redis_url() else { return };
+    let (cluster, api_a, _api_b, mut on_b) = two_nodes_streaming_to_b(&url).await;
+    let b = &cluster.nodes[1];
+    // Node B's bus lags: chunk 1 (through node A) is held on its way to B's connections.
+    let mut held = b.ctx.pauses.arm(chatsync::pause::BUS_FRAME);
+    assert_eq!(send_chunk(&api_a, "s1", 1, "Hel").await.0, 202);
+    held.reached().await;
+    // The device on B cancels; once the stream is closed, B's bus catches up.
+    on_b.send(&msg("cancel_stream", json!({"chat_id": "c1", "stream_id": "s1"})), Some("cancel")).await.unwrap();
+    let key = chatsync::streams::StreamKey {
+        user_id: "alice".into(),
+        chat_id: ChatId::new("c1").unwrap(),
+        stream_id: StreamId::new("s1").unwrap(),
+    };
+    while b.ctx.streams.is_open(&key).await.unwrap() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    held.release();
+    let first = tokio::time::timeout(Duration::from_secs(10), on_b.recv()).await.unwrap().unwrap();
+    let chunk = expect_msg!(first, StreamChunk);
+    assert_eq!((chunk.seq, chunk.delta.as_str()), (1, "Hel"));
+    let end = tokio::time::timeout(Duration::from_secs(10), on_b.recv()).await.unwrap().unwrap();
+    assert_eq!(end.request_id.as_deref(), Some("cancel"));
+    let end = expect_msg!(end, StreamCancelled);
+    assert_eq!(end.reason, StreamCancelReason::CancelledByUser);
+}
+
 #[tokio::test]
 async fn complete_stores_the_message_then_announces_only_the_end_and_closes_the_stream() {
     let server = TestServer::start().await;
