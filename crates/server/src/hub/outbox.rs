@@ -16,10 +16,11 @@
 //! byte bound: a `stream_completed` or `stream_cancelled` queued while the chunks queued exceed it drops
 //! its stream's chunks (the device gets the end and fetches a completed stream's message), so a device
 //! that stays connected while falling ever further behind holds at most the byte bound of ended streams'
-//! text plus the open streams' (not one text cap per stream that ended meanwhile). A chunk is never merged across another frame (such as
-//! `stream_completed`, or a `stream_started` that reuses the stream id), so order is kept. Chunks are
-//! recognised by the fixed start of the frame ([`chatsync_protocol::chunk_frame_key`]), so a chunk that
-//! came over the cluster bus merges like a local one.
+//! text plus the open streams' (not one text cap per stream that ended meanwhile). A chunk is never
+//! merged across another frame (such as `stream_completed`, or a `stream_started` that reuses the stream
+//! id), so order is kept. Chunks are recognised by the fixed start of the frame
+//! ([`chatsync_protocol::chunk_frame_key`]), so a chunk that came over the cluster bus merges like a local
+//! one.
 
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
