@@ -130,7 +130,9 @@ struct State {
     reply_bytes: usize,
     /// Of those, the reply parts.
     reply_frames: usize,
-    /// Bytes of the queued chunks (unbounded by `max_bytes`; bounded by the streams' text caps).
+    /// Bytes of the queued chunks, as the frames they are sent as: not checked against `max_bytes` on a
+    /// chunk; those of ended streams are held to it ([`Outbox::end_of_stream`]), the open streams' are
+    /// bounded by their text caps.
     chunk_bytes: usize,
     close: Option<CloseReason>,
     /// A reply is waiting for room ([`Outbox::push_reply`]).
