@@ -14,7 +14,8 @@
 //!   `webhook_pending` (gauge: events in the outbox, every node's, refreshed every 5 s).
 //! * `streams_started_total`, `stream_chunks_total`, `streams_ended_total{reason}` (`completed`,
 //!   `aborted`, `cancelled_by_user`, `timeout`), `stream_chunks_merged_total` (chunks folded into a queued
-//!   chunk of a connection that is behind);
+//!   chunk of a connection that is behind), `stream_chunks_dropped_total` (queued chunks of a stream that
+//!   ended, dropped for a connection far behind);
 //! * `api_requests_total{status}` (every authenticated `/v1/api` request), `api_errors_total{code}`.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -62,6 +63,8 @@ pub const STREAM_CHUNKS: &str = "chatsync_stream_chunks_total";
 pub const STREAMS_ENDED: &str = "chatsync_streams_ended_total";
 /// Chunks merged into a chunk already queued for a connection.
 pub const STREAM_CHUNKS_MERGED: &str = "chatsync_stream_chunks_merged_total";
+/// Queued chunks (merged ones count once) dropped for a connection far behind when their stream ended.
+pub const STREAM_CHUNKS_DROPPED: &str = "chatsync_stream_chunks_dropped_total";
 /// Server API requests that passed authentication, by HTTP status.
 pub const API_REQUESTS: &str = "chatsync_api_requests_total";
 /// Server API error responses, by code.
@@ -134,4 +137,8 @@ fn describe() {
     );
     describe_counter!(WEBHOOK_DELIVERIES, "Webhook delivery attempts, by outcome (delivered, failed, dropped).");
     describe_gauge!(WEBHOOK_PENDING, "Webhook events in the outbox, still to deliver.");
+    describe_counter!(
+        STREAM_CHUNKS_DROPPED,
+        "Queued stream chunks dropped for a connection far behind when their stream ended."
+    );
 }

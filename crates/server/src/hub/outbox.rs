@@ -226,15 +226,19 @@ impl Outbox {
             return;
         }
         let Some(key) = chatsync_protocol::stream_end_frame_key(frame.as_str()) else { return };
-        let mut freed = 0;
+        let (mut freed, mut dropped) = (0, 0);
         s.queue.retain(|item| match item {
             Item::Chunk(chunk) if &*chunk.key == key => {
                 freed += chunk.bytes;
+                dropped += 1;
                 false
             }
             _ => true,
         });
         s.chunk_bytes -= freed;
+        if dropped > 0 {
+            metrics::counter!(crate::metrics::STREAM_CHUNKS_DROPPED).increment(dropped);
+        }
     }
 
     /// Stops merging chunks until [`split_chunks_at`](Self::split_chunks_at): an initial sync calls it
