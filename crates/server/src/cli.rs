@@ -73,9 +73,9 @@ pub struct GlobalArgs {
     pub log_level: Option<String>,
 }
 
-/// A path the configuration carries as text (the data directory, a key file): one that is not UTF-8 is
-/// refused here, naming its option, instead of by the configuration's merge with an error naming source
-/// locations.
+/// A path the configuration carries as text (the data directory, a key file). Taking `&str`, clap refuses
+/// one that is not UTF-8 as a usage error, before the configuration's merge would, with an error naming
+/// source locations.
 fn utf8_path(value: &str) -> Result<PathBuf, std::convert::Infallible> {
     Ok(PathBuf::from(value))
 }

@@ -346,9 +346,10 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log_level) {
             return Err(format!("log_level {:?} is not a valid log filter: {e}", self.log_level));
         }
+        // (Directives are untrimmed from here on: one with a space around it was refused above.)
         // A bare word that is not a level parses as a target name with every level on: `warning` (as
         // uvicorn and Python's logging spell it) logged nothing at all, not even the listening address.
-        if let Some(word) = self.log_level.split(',').map(str::trim).find(|d| is_unknown_bare_word(d)) {
+        if let Some(word) = self.log_level.split(',').find(|d| is_unknown_bare_word(d)) {
             return Err(format!(
                 "log_level {word:?} is neither a level (off, error, warn, info, debug, trace, or 0 to 5) nor TARGET=LEVEL; \
                  to log every level of one target, write {word}=trace"

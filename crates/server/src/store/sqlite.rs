@@ -133,7 +133,8 @@ async fn record_batch(pool: &SqlitePool, batch: &[Sighting]) -> Result<(), sqlx:
 /// the list of applied migrations before the first of them applied any, and all but one failed on a
 /// migration another had applied (`table users already exists`). In one transaction, the list is read
 /// under SQLite's write lock, which the others wait for (up to the busy timeout), and a process that dies
-/// in the middle leaves no migration half applied.
+/// in the middle leaves no migration half applied. (`run_direct` is what `run` calls on the connection it
+/// acquires; here that connection is the transaction's.)
 async fn migrate(pool: &SqlitePool) -> anyhow::Result<()> {
     let mut tx = pool.begin_with(BEGIN_WRITE).await?;
     sqlx::migrate!("migrations/sqlite").run_direct(&mut *tx).await?;
