@@ -360,12 +360,13 @@ export interface StreamState {
   /**
    * `cancelled` also for a stream that ended unseen (open here, missing from a later sync's
    * `active_streams`): then `reason` is `ended_unseen`; and for a stream still open here when its chat
-   * was deleted (`chat_deleted`, or a sync's `chat_ids_to_delete`): then `reason` is `chat_deleted`.
+   * was deleted (`chat_deleted`, or a sync's `chat_ids_to_delete`): then `reason` is `chat_deleted`;
+   * and for a stream open here when the token came to name another user: then `reason` is `user_changed`.
    */
   state: 'open' | 'completed' | 'cancelled';
   /** False when chunks before the first one seen are unknown (the stored message has the whole text). */
   complete: boolean;
-  /** The `stream_cancelled` reason, or `ended_unseen` or `chat_deleted`. */
+  /** The `stream_cancelled` reason, or `ended_unseen`, `chat_deleted` or `user_changed`. */
   reason?: string;
   /** The stored message's seq, once completed. */
   seq_stored?: number;

@@ -2588,7 +2588,11 @@ export class ChatSyncClient extends Emitter {
       }
       case 'stream_chunk': {
         const stream = this.streams.chunk(p);
-        if (stream) this.emit('stream', stream);
+        if (!stream) break;
+        // A chunk of a stream never announced here opens it: its chat shows, not known (as for
+        // `stream_started`).
+        this.chat(p.chat_id);
+        this.emit('stream', stream);
         break;
       }
       case 'stream_completed': {
@@ -2639,6 +2643,12 @@ export class ChatSyncClient extends Emitter {
    * brings this user's.
    */
   _forgetUser() {
+    // The first user's open streams end where a listener can see them go.
+    for (const s of this.streams.open()) {
+      const stream = this.streams.finish(s.chat_id, s.stream_id, 'cancelled');
+      stream.reason = 'user_changed';
+      this.emit('stream', stream);
+    }
     this.chats.clear();
     this.deleted.clear();
     this._unreadCovers.clear();

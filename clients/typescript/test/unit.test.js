@@ -2652,3 +2652,35 @@ test('a reply completed in a new chat id makes the chat known: a write refused t
   assert.equal(c.chat('n').unread_count, 1);
   c.close();
 });
+
+test('a chunk of a stream never announced (its stream_started lost, or sent before this connection) in a new chat id shows the chat, as stream_started does', { timeout: 5000 }, async () => {
+  const c = client();
+  const socket = await online(c);
+  socket.push({ type: 'stream_chunk', payload: { chat_id: 'n', stream_id: 's1', seq: 3, delta: 'lo' } });
+  await c.waitFor('stream_chunk');
+  assert.equal(c.streams.get('n', 's1')?.text, 'lo');
+  assert.equal(c.chats.has('n'), true, 'the chat of a reply streaming shows');
+  assert.equal(c.chat('n').known, false, 'not known: the server creates the chat only when the reply is stored');
+  c.close();
+});
+
+test('a token function that comes to name another user ends the first user\'s open streams with a stream event (cancelled, user_changed)', { timeout: 5000 }, async () => {
+  let token = 'alice-token';
+  const c = client({ token: () => token });
+  const first = await online(c, C1);
+  first.push({ type: 'stream_started', payload: { chat_id: 'c1', stream_id: 's1', message_id: 'm1', sender_name: 'assistant', meta: {} } });
+  await c.waitFor('stream_started');
+  /** @type {any[]} */
+  const seen = [];
+  c.on('stream', (/** @type {any} */ s) => seen.push([s.chat_id, s.stream_id, s.state, s.reason]));
+  token = 'bob-token';
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.some((s) => !s.closed));
+  const socket = /** @type {FakeSocket} */ (FakeSocket.instances.find((s) => !s.closed));
+  socket.greet('bob');
+  await socket.answerSync();
+  await until(() => c.status === 'online');
+  assert.deepEqual(seen, [['c1', 's1', 'cancelled', 'user_changed']]);
+  assert.equal(c.streams.open().length, 0);
+  c.close();
+});
