@@ -35,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 pub const CONCURRENCY: usize = 16;
 /// Longest wait for the backend's answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a claimed event stays leased to its node (longer than an attempt can take).
+/// How long a claimed event stays leased to its node (longer than an attempt can take). Other nodes judge
+/// its end by their own clocks: one more than `LEASE - ATTEMPT_BUDGET` (10 s) ahead can claim an event
+/// whose attempt is still in flight here (SERVER_API.md section 7, "Order and retries").
 pub const LEASE: Duration = Duration::from_secs(30);
 /// How long one attempt (reading the user's key, which waits for the store, then the request) may take
 /// from the claim: well inside [`LEASE`], which leaves the outcome 10 s to be recorded under the lease.
