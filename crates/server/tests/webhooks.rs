@@ -5,8 +5,9 @@
 //! up after `webhook_max_age_secs`; delivery after a SIGKILL of the real binary; a delivery in flight at
 //! a graceful stop that ends, and is recorded, instead of going again after the restart; no body
 //! plaintext at rest; nothing recorded without a URL.
-//! On PostgreSQL (when `CHATSYNC_TEST_POSTGRES_URL` is set): two nodes sharing one database deliver each
-//! user's events once and in order, and no body plaintext is in the outbox table. The store-level rules
+//! A receiver whose 2xx body never ends. On PostgreSQL (when `CHATSYNC_TEST_POSTGRES_URL` is set): two
+//! nodes sharing one database deliver each user's events once and in order, also while nodes stop and
+//! start (never two requests of a user open at once), and no body plaintext is in the outbox table. The store-level rules
 //! (claims, leases, order, both backends) are in `chat_store_contract.rs`.
 
 mod backends;
@@ -849,4 +850,161 @@ async fn no_event_body_plaintext_is_stored_on_postgres() {
         .get(0);
         assert_eq!(found, 0, "{needle} stored in the clear");
     }
+}
+
+/// What a strict receiver saw: requests of one user overlapping, and each user's 2xx-answered events.
+#[derive(Default)]
+struct StrictState {
+    in_flight: parking_lot::Mutex<HashMap<String, u32>>,
+    violations: parking_lot::Mutex<Vec<String>>,
+    /// Per user, the events answered 2xx (message id, or the type), in order.
+    done: parking_lot::Mutex<HashMap<String, Vec<String>>>,
+    attempts: parking_lot::Mutex<HashMap<String, u32>>,
+}
+
+impl StrictState {
+    fn delivered(&self) -> usize {
+        self.done.lock().values().map(Vec::len).sum()
+    }
+}
+
+/// A receiver that answers about a third of the attempts 500 (by event id and attempt number), holds each
+/// request a moment, and notes a user's request arriving while another of the same user is in flight,
+/// or an event answered 2xx twice.
+async fn strict_hook(State(state): State<Arc<StrictState>>, body: axum::body::Bytes) -> StatusCode {
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let user = v["user_id"].as_str().unwrap().to_owned();
+    let label = match v["type"].as_str().unwrap() {
+        "message.created" => v["message_id"].as_str().unwrap().to_owned(),
+        other => other.to_owned(),
+    };
+    let id = v["id"].as_str().unwrap().to_owned();
+    {
+        let mut in_flight = state.in_flight.lock();
+        let n = in_flight.entry(user.clone()).or_default();
+        *n += 1;
+        if *n > 1 {
+            state.violations.lock().push(format!("{user}: {label} while another request of the user is in flight"));
+        }
+    }
+    let attempt = {
+        let mut attempts = state.attempts.lock();
+        let n = attempts.entry(id.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    // Long enough for other nodes' claims to come while the request is open.
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    *state.in_flight.lock().get_mut(&user).unwrap() -= 1;
+    if (u32::from(id.as_bytes()[4]) + attempt) % 3 == 0 {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    let mut done = state.done.lock();
+    let list = done.entry(user.clone()).or_default();
+    if list.contains(&label) {
+        state.violations.lock().push(format!("{user}: {label} answered 2xx twice"));
+    }
+    list.push(label);
+    StatusCode::OK
+}
+
+/// Several nodes on one database, users writing through two devices, a third of the attempts failing,
+/// and nodes stopping and starting while events go: each user's events are answered once each, in the
+/// order written (`chat.deleted` last), and no two requests of a user are ever open at once.
+#[tokio::test]
+async fn nodes_stopping_and_starting_on_postgres_never_overlap_or_reorder_a_users_events() {
+    let Some(schema) = backends::PgSchema::create().await else { return };
+    let state = Arc::new(StrictState::default());
+    let app = axum::Router::new().route("/hook", axum::routing::post(strict_hook)).with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let receiver = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = schema.url.clone();
+    let first = TestServer::start_with(move |c| {
+        c.webhook_url = Some(hook_url);
+        c.webhook_secret = Some(SECRET.to_owned().into());
+        c.webhook_backoff_base_ms = 5;
+        c.database_url = Some(url);
+    })
+    .await;
+    let mut other = second_node(&first, &schema.url).await;
+    let users: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+    let mut writers = Vec::new();
+    for user in &users {
+        let mut laptop = new_user(&first, user, "laptop").await;
+        let mut phone = another_device(&first, user, "phone").await;
+        let (user, chat) = (user.clone(), format!("{user}-chat"));
+        writers.push(tokio::spawn(async move {
+            for k in 0..10 {
+                let device = if k % 2 == 0 { &mut laptop } else { &mut phone };
+                add_message(device, &chat, &format!("m{k:02}"), json!(format!("{user} {k}"))).await;
+            }
+            let reply = laptop.request(&delete_chat(&chat)).await.unwrap();
+            expect_msg!(reply, ChatDeleted);
+        }));
+    }
+    // The other node is replaced twice while the events go (each stop lets its requests end).
+    for at in [30, 60] {
+        for _ in 0..3000 {
+            if state.delivered() >= at {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        other.stop().await;
+        other = second_node(&first, &schema.url).await;
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    drained(&first).await;
+    let violations = state.violations.lock().clone();
+    assert!(violations.is_empty(), "{violations:#?}");
+    let done = state.done.lock().clone();
+    for user in &users {
+        let mut expected: Vec<String> = (0..10).map(|k| format!("m{k:02}")).collect();
+        expected.push("chat.deleted".into());
+        assert_eq!(done.get(user).cloned().unwrap_or_default(), expected, "{user}");
+    }
+    drop(other);
+    receiver.abort();
+}
+
+// ---------------------------------------------------------------- hostile receivers
+
+/// A receiver that answers 200 and then sends a body without end: the answer counts (the body is never
+/// read), the request is dropped, and the user's next event goes.
+#[tokio::test]
+async fn a_2xx_whose_body_never_ends_counts_and_holds_nothing_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let requests = Arc::new(AtomicU32::new(0));
+    let counted = requests.clone();
+    let receiver = tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let _ = socket.read(&mut buf).await;
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = socket.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").await;
+                let chunk = format!("{:x}\r\n{}\r\n", 60_000, "x".repeat(60_000));
+                while socket.write_all(chunk.as_bytes()).await.is_ok() {}
+            });
+        }
+    });
+    let server = TestServer::start_with(move |c| {
+        c.webhook_url = Some(hook_url);
+        c.webhook_secret = Some(SECRET.to_owned().into());
+        c.webhook_backoff_base_ms = 20;
+    })
+    .await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    add_message(&mut alice, "c1", "m1", json!("a")).await;
+    add_message(&mut alice, "c1", "m2", json!("b")).await;
+    drained(&server).await;
+    assert_eq!(requests.load(Ordering::SeqCst), 2, "each event sent once");
+    receiver.abort();
 }
