@@ -348,7 +348,10 @@ impl Cache for MemoryCache {
         if let Some(mut entry) = self.users.get_mut(user_id) {
             if entry.warming.as_ref().is_some_and(|(id, _)| *id == claim.id) {
                 entry.warming = None;
-                entry.primed = primed;
+                // Lists dropped since the warm-up stored its list (a gap, a write of unknown outcome, on
+                // another thread): nothing it loaded is cached any more, so the entry is not primed, and
+                // the next connection warms it again.
+                entry.primed = primed && entry.chats.is_some();
             }
         }
     }
@@ -526,6 +529,7 @@ mod tests {
         let c = cache().await;
         let claim = c.begin_warm("u").await.unwrap();
         assert!(c.begin_warm("u").await.is_none());
+        assert!(c.put_chats("u", claim.token, vec![chat("a", 1, 1, 1, 10)]).await);
         c.end_warm("u", &claim, true).await;
         assert!(c.is_primed("u").await);
         assert!(c.begin_warm("u").await.is_none());
@@ -617,6 +621,19 @@ mod tests {
         c.end_warm("u", &claim, true).await;
         assert!(!c.is_primed("u").await, "a stale warm-up cannot mark the new entry primed");
         assert!(c.begin_warm("u").await.is_some(), "the new entry can be warmed");
+    }
+
+    #[tokio::test]
+    async fn lists_dropped_between_a_warm_ups_store_and_its_end_leave_the_entry_unprimed() {
+        let c = cache().await;
+        let claim = c.begin_warm("u").await.unwrap();
+        assert!(c.put_chats("u", claim.token, vec![chat("a", 1, 1, 1, 10)]).await);
+        // A gap in the cluster's bus (another thread) between the warm-up's store and its end.
+        c.invalidate_all();
+        c.end_warm("u", &claim, true).await;
+        assert!(c.chats("u").await.is_none());
+        assert!(!c.is_primed("u").await, "cache_status_response tells the truth");
+        assert!(c.begin_warm("u").await.is_some(), "the next connection warms the entry again");
     }
 
     /// The settle time passes: every recheck pending is due now.
