@@ -321,6 +321,38 @@ async fn device_revocation_on_the_cli_closes_the_device_s_socket_on_another_node
     assert_eq!(close.unwrap(), (1008, "Session revoked".into()));
 }
 
+/// A session revoked through the API of one node while its connection on another node is being set up
+/// (its session read as valid, the connection not registered yet): the revocation reaches that node
+/// through the bus, finds no connection of the session to close, and the connection is refused when it
+/// is admitted (1008 `Session revoked`), not left open until the periodic check (an hour here).
+#[tokio::test]
+async fn a_session_revoked_on_another_node_while_its_connection_is_being_set_up_is_refused() {
+    let Some(url) = redis_url() else { return };
+    let cluster = TestCluster::start(2, &url, |c| c.session_check_interval_secs = 3600).await;
+    let (node0, node1) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let token = node0.user_token("alice").await;
+    let hash = chatsync::gateway::auth::token_hash(&token);
+    let session_id = node0.ctx.store.session_by_token_hash(&hash).await.unwrap().unwrap().session_id;
+    let mut held = node1.ctx.pauses.arm(chatsync::pause::AUTHENTICATED);
+    let mut laptop =
+        Client::connect(&node1.url, &chatsync_client::ConnectOptions::new(&token, "laptop")).await.unwrap();
+    held.reached().await;
+    let closes_before = node1.ctx.hub.revocations();
+    assert_eq!(node0.api().await.delete(&format!("/sessions/{session_id}")).await.0, 204);
+    // Node 1 has handled the revocation from the bus (and found nothing to close) before the connection
+    // goes on.
+    while node1.ctx.hub.revocations() == closes_before {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    held.release();
+    match tokio::time::timeout(Duration::from_secs(10), laptop.recv()).await.expect("an answer") {
+        Err(chatsync_client::ClientError::Closed(close)) => {
+            assert_eq!(close, Some((1008, "Session revoked".into())))
+        }
+        other => panic!("the connection of a session revoked on another node was set up: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn nothing_crosses_or_rests_in_redis_in_plaintext() {
     let Some(url) = redis_url() else { return };
