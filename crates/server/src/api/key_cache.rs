@@ -20,8 +20,10 @@
 //!   its epoch could not reach the nodes (a `revoke` run without `--redis-url`, which warns when the store
 //!   is PostgreSQL; a Redis that rolled back to an older epoch after a crash or an asynchronous failover).
 //!
-//! Unknown and revoked keys are never cached. The embedded single node has no cache: its store answers
-//! the lookup on the calling thread.
+//! Unknown and revoked keys are never cached. A node without `--redis-url` (the embedded default) has no
+//! cache: its store answers the lookup on the calling thread. A node on SQLite *with* `--redis-url` caches
+//! like any other, and a `revoke` run on its database without `--redis-url` does not warn (the warning
+//! names the cluster's store, PostgreSQL): its key may then be accepted for up to [`MAX_AGE`].
 
 use crate::config::Config;
 use crate::store::{ApiKey, Millis, Store, StoreError};
