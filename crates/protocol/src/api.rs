@@ -80,7 +80,7 @@ pub struct CreateSession {
     #[cfg_attr(feature = "schema", schemars(length(min = 1, max = 128), regex(pattern = r"^[\x20-\x7e]+$")))]
     pub device_id: Option<String>,
     /// Lifetime in seconds (default: 30 days; at least 1, at most ten years).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "integral::option")]
     #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 315_360_000)))]
     pub ttl_secs: Option<u64>,
 }
@@ -192,6 +192,7 @@ pub struct StreamOpened {
 pub struct PostChunk {
     /// 1 for the first chunk, +1 for each next one.
     #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
+    #[serde(deserialize_with = "integral::u64")]
     pub seq: u64,
     /// The text this chunk adds (at most 16 KiB, and its `stream_chunk` frame, JSON-escaped, at most
     /// `max_reply_bytes`).
@@ -207,4 +208,71 @@ pub struct CompleteStream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "schema", schemars(with = "Option<crate::MessageContent>"))]
     pub content: Option<Value>,
+}
+
+/// Integer fields as the spec's JSON Schema `integer` reads them: any JSON number whose value is an
+/// integer, `2`, `2.0` or `2e0` alike (a JSON library may write an integral float so), not only the
+/// literal serde's `u64` takes. A fraction, a negative number or one past `u64::MAX` is still refused.
+mod integral {
+    use serde::de::{Deserializer, Error, Unexpected, Visitor};
+    use std::fmt;
+
+    struct Integral;
+
+    impl Visitor<'_> for Integral {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a non-negative integer")
+        }
+
+        fn visit_u64<E: Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+
+        fn visit_f64<E: Error>(self, v: f64) -> Result<u64, E> {
+            // 2^64 is the first double past u64::MAX; `as` is exact below it for an integral value.
+            if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                Ok(v as u64)
+            } else {
+                Err(E::invalid_value(Unexpected::Float(v), &self))
+            }
+        }
+    }
+
+    /// A `u64` from any integral JSON number.
+    pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(Integral)
+    }
+
+    /// An optional integer: `null` is `None`, as for a plain `Option<u64>`.
+    pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        struct Optional;
+
+        impl<'de> Visitor<'de> for Optional {
+            type Value = Option<u64>;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                Integral.expecting(f)
+            }
+
+            fn visit_none<E: Error>(self) -> Result<Option<u64>, E> {
+                Ok(None)
+            }
+
+            fn visit_unit<E: Error>(self) -> Result<Option<u64>, E> {
+                Ok(None)
+            }
+
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+                u64(d).map(Some)
+            }
+        }
+
+        d.deserialize_option(Optional)
+    }
 }

@@ -47,7 +47,7 @@ async fn open_stream() -> (TestServer, Api, String) {
 #[tokio::test]
 async fn chunk_numbers_out_of_range_or_of_the_wrong_kind_are_invalid_payload() {
     let (_server, api, chunks) = open_stream().await;
-    for seq in ["18446744073709551616", "-1", "1.5", "\"1\"", "null", "1e3"] {
+    for seq in ["18446744073709551616", "-1", "1.5", "\"1\"", "null", "1e-3", "1.8446744073709552e19"] {
         let (status, body) = post_raw(&api, &chunks, format!(r#"{{"seq":{seq},"delta":"x"}}"#)).await;
         assert_eq!((status, error(&body)), (400, ("invalid_payload", Some("seq"))), "seq {seq}: {body}");
     }
@@ -55,6 +55,25 @@ async fn chunk_numbers_out_of_range_or_of_the_wrong_kind_are_invalid_payload() {
     let (status, body) = post_raw(&api, &chunks, r#"{"seq":18446744073709551615,"delta":"x"}"#.into()).await;
     assert_eq!((status, error(&body).0), (409, "conflict"), "{body}");
     assert_eq!(post_raw(&api, &chunks, r#"{"seq":1,"delta":"x"}"#.into()).await.0, 202);
+}
+
+/// JSON Schema's `integer`, which the spec declares for `seq` and `ttl_secs`, is any number with a
+/// zero fractional part: `2.0` and `3e0` are integers, and a backend whose JSON library writes its
+/// integers as floats (Python's `timedelta.total_seconds()`) sends them. schemathesis found them refused
+/// as "invalid type: floating point" (SERVER_API.md section 7, "Bodies").
+#[tokio::test]
+async fn integers_written_with_a_zero_fraction_or_an_exponent_are_integers() {
+    let (_server, api, chunks) = open_stream().await;
+    for (seq, status) in [("1.0", 202), ("1", 200), ("2e0", 202), ("3.000", 202), ("30E-1", 200)] {
+        let (s, body) = post_raw(&api, &chunks, format!(r#"{{"seq":{seq},"delta":"x"}}"#)).await;
+        assert_eq!(s, status, "seq {seq}: {body}");
+    }
+    let (status, body) = post_raw(&api, "/users/alice/sessions", r#"{"ttl_secs":3600.0}"#.into()).await;
+    assert_eq!(status, 201, "{body}");
+    for ttl in ["0.0", "1.5", "-1.0", "3.15360001e8"] {
+        let (status, body) = post_raw(&api, "/users/alice/sessions", format!(r#"{{"ttl_secs":{ttl}}}"#)).await;
+        assert_eq!((status, error(&body)), (400, ("invalid_payload", Some("ttl_secs"))), "ttl {ttl}: {body}");
+    }
 }
 
 #[tokio::test]
