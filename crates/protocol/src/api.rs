@@ -134,8 +134,13 @@ pub struct PostMessage {
     /// A JSON object or a string: at most 32 KiB of JSON and 32 levels of nested objects and arrays.
     #[cfg_attr(feature = "schema", schemars(with = "crate::MessageContent"))]
     pub content: Value,
-    /// RFC 3339; default: now.
+    /// RFC 3339, between 1970 and 9999-12-31T23:59:59.999Z in UTC (an offset that takes the time out of
+    /// that range is refused too); default: now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(regex(pattern = r"^(19[7-9][0-9]|[2-9][0-9]{3})-"), extend("format" = "date-time"))
+    )]
     pub created_at: Option<String>,
 }
 

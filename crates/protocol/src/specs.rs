@@ -225,6 +225,63 @@ pub fn endpoints() -> Vec<Endpoint> {
     ]
 }
 
+/// OpenAPI links (what a success answer gives the next call, for clients and stateful testers such as
+/// schemathesis): from operation, its status, to operation, and each parameter's runtime expression.
+pub const LINKS: &[(&str, u16, &str, &[(&str, &str)])] = &[
+    ("createUser", 201, "getUser", &[("user_id", "$response.body#/user_id")]),
+    ("createUser", 201, "createSession", &[("user_id", "$response.body#/user_id")]),
+    ("createUser", 201, "listDevices", &[("user_id", "$response.body#/user_id")]),
+    ("createSession", 201, "revokeSession", &[("session_id", "$response.body#/session_id")]),
+    ("createSession", 201, "listDevices", &[("user_id", "$request.path.user_id")]),
+    (
+        "listDevices",
+        200,
+        "revokeDevice",
+        &[("user_id", "$request.path.user_id"), ("device_hash", "$response.body#/devices/0/device_hash")],
+    ),
+    ("postMessage", 201, "getUser", &[("user_id", "$request.path.user_id")]),
+    (
+        "startStream",
+        201,
+        "postStreamChunk",
+        &[
+            ("user_id", "$request.path.user_id"),
+            ("chat_id", "$request.path.chat_id"),
+            ("stream_id", "$response.body#/stream_id"),
+        ],
+    ),
+    (
+        "startStream",
+        201,
+        "completeStream",
+        &[
+            ("user_id", "$request.path.user_id"),
+            ("chat_id", "$request.path.chat_id"),
+            ("stream_id", "$response.body#/stream_id"),
+        ],
+    ),
+    (
+        "startStream",
+        201,
+        "abortStream",
+        &[
+            ("user_id", "$request.path.user_id"),
+            ("chat_id", "$request.path.chat_id"),
+            ("stream_id", "$response.body#/stream_id"),
+        ],
+    ),
+    (
+        "postStreamChunk",
+        202,
+        "completeStream",
+        &[
+            ("user_id", "$request.path.user_id"),
+            ("chat_id", "$request.path.chat_id"),
+            ("stream_id", "$request.path.stream_id"),
+        ],
+    ),
+];
+
 /// The codes an error status carries.
 const STATUS_TEXT: &[(u16, &str)] = &[
     (400, "`invalid_json` or `invalid_payload` (`field` names the offending field or path segment)"),
@@ -553,9 +610,13 @@ pub fn openapi() -> Value {
             op.insert("parameters".into(), Value::Array(params));
         }
         if let Some(request) = e.request {
+            let schema = request(&mut gen.input).to_value();
+            // An empty body counts as `{}` (SERVER_API.md section 7, "Bodies"): it may be left out
+            // where no field is required.
+            let required = has_required(&gen, &schema);
             op.insert(
                 "requestBody".into(),
-                json!({"required": true, "content": {"application/json": {"schema": request(&mut gen.input)}}}),
+                json!({"required": required, "content": {"application/json": {"schema": schema}}}),
             );
         }
         let mut responses = Map::new();
@@ -563,6 +624,17 @@ pub fn openapi() -> Value {
             let mut r = json!({"description": success_text(*status)});
             if let Some(body) = body {
                 r["content"] = json!({"application/json": {"schema": body(&mut gen.output)}});
+            }
+            let links: Map<String, Value> = LINKS
+                .iter()
+                .filter(|(from, s, _, _)| *from == e.id && s == status)
+                .map(|(_, _, to, params)| {
+                    let params: Map<String, Value> = params.iter().map(|(p, x)| (p.to_string(), json!(x))).collect();
+                    (to.to_string(), json!({"operationId": to, "parameters": params}))
+                })
+                .collect();
+            if !links.is_empty() {
+                r["links"] = Value::Object(links);
             }
             responses.insert(status.to_string(), r);
         }

@@ -184,3 +184,22 @@ fn openapi_operations_are_complete() {
     let operations: usize = doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
     assert_eq!(operations, endpoints.len());
 }
+
+/// Every OpenAPI link (`specs::LINKS`) is on a success response that exists and names an operation that
+/// exists, with exactly that operation's path parameters.
+#[test]
+fn openapi_links_name_real_operations_and_all_their_parameters() {
+    let doc = openapi();
+    let endpoints = specs::endpoints();
+    for (from, status, to, params) in specs::LINKS {
+        let source = endpoints.iter().find(|e| e.id == *from).unwrap_or_else(|| panic!("link from unknown {from}"));
+        let target = endpoints.iter().find(|e| e.id == *to).unwrap_or_else(|| panic!("link to unknown {to}"));
+        assert!(source.success.iter().any(|(s, _)| s == status), "{from} has no {status}");
+        let link = &doc["paths"][source.path][source.method]["responses"][status.to_string()]["links"][*to];
+        assert_eq!(link["operationId"], *to, "{from} {status} -> {to}");
+        let named: BTreeSet<&str> = params.iter().map(|(p, _)| *p).collect();
+        let in_path: BTreeSet<&str> =
+            target.path.split('/').filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}'))).collect();
+        assert_eq!(named, in_path, "{from} {status} -> {to}: parameters");
+    }
+}
