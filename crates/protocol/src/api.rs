@@ -195,8 +195,8 @@ pub struct StreamOpened {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PostChunk {
-    /// 1 for the first chunk, +1 for each next one.
-    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
+    /// 1 for the first chunk, +1 for each next one (at most 2^64 - 1).
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 18_446_744_073_709_551_615_u64)))]
     #[serde(deserialize_with = "integral::u64")]
     pub seq: u64,
     /// The text this chunk adds (at most 16 KiB, and its `stream_chunk` frame, JSON-escaped, at most
