@@ -225,9 +225,12 @@ pub fn endpoints() -> Vec<Endpoint> {
     ]
 }
 
+/// One OpenAPI link: from operation, its status, to operation, `(parameter, runtime expression)`s.
+pub type Link = (&'static str, u16, &'static str, &'static [(&'static str, &'static str)]);
+
 /// OpenAPI links (what a success answer gives the next call, for clients and stateful testers such as
 /// schemathesis): from operation, its status, to operation, and each parameter's runtime expression.
-pub const LINKS: &[(&str, u16, &str, &[(&str, &str)])] = &[
+pub const LINKS: &[Link] = &[
     ("createUser", 201, "getUser", &[("user_id", "$response.body#/user_id")]),
     ("createUser", 201, "createSession", &[("user_id", "$response.body#/user_id")]),
     ("createUser", 201, "listDevices", &[("user_id", "$response.body#/user_id")]),
