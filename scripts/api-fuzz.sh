@@ -52,5 +52,7 @@ cd "$data" # schemathesis's example database (.schemathesis/) goes here, not int
 if [ "$rc" -ne 0 ]; then
     echo "== server log ($data/server.log), last lines:"
     tail -n 20 "$data/server.log"
+else
+    cd "$root" && rm -rf "$data"
 fi
 exit "$rc"

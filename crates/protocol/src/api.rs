@@ -240,8 +240,10 @@ mod integral {
         }
 
         fn visit_f64<E: Error>(self, v: f64) -> Result<u64, E> {
-            // 2^64 is the first double past u64::MAX; `as` is exact below it for an integral value.
-            if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+            // Only below 2^53, where every integer is a double: a larger one written with a fraction or
+            // an exponent may have been rounded by the parse (2^53 + 1 reads as 2^53), and would be taken
+            // as another number than the one sent. Such values are past every bound these fields have.
+            if v.fract() == 0.0 && (0.0..9_007_199_254_740_992.0).contains(&v) {
                 Ok(v as u64)
             } else {
                 Err(E::invalid_value(Unexpected::Float(v), &self))
