@@ -87,10 +87,15 @@ pub fn decode(text: &str) -> Result<Decoded, DecodeError> {
         None => None,
         Some(v) => Some(serde_json::from_str::<String>(v.get()).ok().and_then(|s| RequestId::new(s).ok()).ok_or_else(
             || {
-                envelope_error(
-                    ErrorCode::InvalidMessage,
-                    "`request_id` must be a string of 1-64 printable ASCII characters.",
-                )
+                // Named when it is a known one, so that an initial sync is answered `initial_sync_error`.
+                let kind = raw.kind.and_then(|k| serde_json::from_str::<String>(k.get()).ok());
+                DecodeError {
+                    message_type: kind.and_then(|k| ClientMessage::TYPES.iter().copied().find(|t| *t == k)),
+                    ..envelope_error(
+                        ErrorCode::InvalidMessage,
+                        "`request_id` must be a string of 1-64 printable ASCII characters.",
+                    )
+                }
             },
         )?),
     };

@@ -383,6 +383,14 @@ async fn malformed_envelopes_get_their_documented_errors() {
             None,
             Want::Error(InvalidMessage, None),
         ));
+        // An initial sync's failure is `initial_sync_error` (PROTOCOL.md section 8), a malformed
+        // `request_id`'s too: the type is known, and a client waits for one of the initial sync's replies.
+        cases.push(raw(
+            format!("initial sync request_id is {label}"),
+            format!(r#"{{"type":"initial_sync_request","request_id":{v}}}"#),
+            None,
+            Want::SyncError(InvalidMessage, "request_id"),
+        ));
     }
     cases.push(raw(
         "payload string with a lone surrogate escape",
