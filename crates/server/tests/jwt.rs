@@ -106,6 +106,26 @@ async fn es256_token_connects() {
     assert_eq!(hello.user_id, "carol");
 }
 
+/// A JWT may be up to 8 KiB (SERVER_API.md section 7), larger than a session token's 1 KiB: claims an issuer
+/// adds (and a 4096-bit RSA signature, 683 characters alone) must not lock its users out. One byte more
+/// is `Invalid session`.
+#[tokio::test]
+async fn a_jwt_of_up_to_8_kib_connects_and_a_longer_one_is_invalid_session() {
+    let server = hs_server(|_| {}).await;
+    let padded = |n: usize| {
+        let mut c = claims("alice");
+        c["pad"] = json!("p".repeat(n));
+        hs256(&c)
+    };
+    // The longest token of at most 8192 bytes, and the next one (base64url grows by one or two characters).
+    let n = (0..8192).take_while(|&n| padded(n + 1).len() <= 8192).last().unwrap() + 1;
+    let (longest, over) = (padded(n), padded(n + 1));
+    assert!(longest.len() <= 8192 && longest.len() > 8190 && over.len() > 8192, "{} {}", longest.len(), over.len());
+    let (_c, hello) = Client::connect_authenticated(&server.url, &opts(&longest, "d")).await.unwrap();
+    assert_eq!(hello.user_id, "alice");
+    assert_eq!(refused(&server, &over).await, invalid());
+}
+
 #[tokio::test]
 async fn bad_signature_is_invalid_session() {
     let server = hs_server(|_| {}).await;
