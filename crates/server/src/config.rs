@@ -395,7 +395,7 @@ impl Config {
         let min_reply = entry_bytes.max(order_bytes).max(offline_bytes).max(65_536);
         if (self.max_reply_bytes as u64) < min_reply {
             return Err(format!(
-                "max_reply_bytes must be at least {min_reply} (max_frame_bytes + 16 KiB, room for the chat \
+                "max_reply_bytes must be at least {min_reply} (64 KiB, max_frame_bytes + 16 KiB, room for the chat \
                  order of max_chats_per_user chats, and max_frame_bytes + 184 bytes per max_offline_changes \
                  for the offline summary)"
             ));
