@@ -226,9 +226,12 @@ async fn delete_draft_needs_a_draft(b: &TestBackend) {
         WriteResult::NoDraft(chat) => assert_eq!(chat.draft_v, 0),
         other => panic!("expected NoDraft, got {other:?}"),
     }
-    applied(write(s, draft("alice", "c1", Some("d"), Target::Existing, None, NOW)).await);
+    let drafted = applied(write(s, draft("alice", "c1", Some("d"), Target::Existing, None, NOW)).await);
     let chat = applied(write(s, delete_draft("alice", "c1", Target::Existing, None)).await);
     assert_eq!((chat.draft, chat.draft_v), (None, 2));
+    // PROTOCOL.md section 8: a deleted draft does not move the chat in the list (its receipt and
+    // `draft_deleted` carry no timestamp, so devices would disagree on the order).
+    assert_eq!(chat.last_edited_ms, drafted.last_edited_ms, "delete_draft leaves last_edited_ms");
     assert!(matches!(write(s, delete_draft("alice", "c1", Target::Existing, None)).await, WriteResult::NoDraft(_)));
 }
 
