@@ -191,6 +191,27 @@ async fn a_flood_far_above_the_burst_closes_with_1008() {
     assert_eq!(client.recv_close().await.unwrap(), (1008, "Rate limit exceeded".into()));
 }
 
+/// PROTOCOL.md section 8, "Rate limit": every inbound text frame counts, undecodable ones too, so that a
+/// flood of garbage (each answered with an error) is held to the rate as requests are: the frames past
+/// the burst are dropped as `rate_limited`, and a flood far above it closes with 1008.
+#[tokio::test]
+async fn undecodable_frames_count_towards_the_rate_limit() {
+    let server = TestServer::start_with(|c| {
+        c.rate_per_sec = 1;
+        c.rate_burst = 1;
+    })
+    .await;
+    let token = server.user_token("alice").await;
+    let (mut client, _) = server.connect(&token, "d").await;
+    for _ in 0..40 {
+        client.send_raw(Message::text("{oops")).await.unwrap();
+    }
+    let close = tokio::time::timeout(std::time::Duration::from_secs(30), client.recv_close())
+        .await
+        .expect("the flood of undecodable frames was never closed: they are not counted");
+    assert_eq!(close.unwrap(), (1008, "Rate limit exceeded".into()));
+}
+
 #[tokio::test]
 async fn binary_frame_closes_with_1003() {
     let server = TestServer::start().await;
