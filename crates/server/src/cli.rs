@@ -323,9 +323,10 @@ pub struct ServeArgs {
     #[arg(long, help_heading = "Storage", env = "CHATSYNC_COMMIT_WINDOW_US", value_name = "MICROS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit_window_us: Option<u64>,
-    /// Seconds a batch of writes may take in PostgreSQL before its writes fail with `unavailable` (a
-    /// host that vanished mid-statement, a lock held by another session); the connection is then
-    /// dropped; at most 86400 [default: 30].
+    /// Seconds a batch of writes may take in PostgreSQL before its writes fail with `unavailable` (a lock
+    /// held by another session: PostgreSQL cancels the batch at this `statement_timeout`; a host that
+    /// vanished mid-statement: no answer 5 s later, and the connection is dropped); at most 86400
+    /// [default: 30].
     #[arg(long, help_heading = "Storage", env = "CHATSYNC_STORE_TIMEOUT_SECS", value_name = "SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_timeout_secs: Option<u64>,
