@@ -47,7 +47,9 @@ async fn open_stream() -> (TestServer, Api, String) {
 #[tokio::test]
 async fn chunk_numbers_out_of_range_or_of_the_wrong_kind_are_invalid_payload() {
     let (_server, api, chunks) = open_stream().await;
-    for seq in ["18446744073709551616", "-1", "1.5", "\"1\"", "null", "1e-3", "1.8446744073709552e19", "9007199254740993.0"] {
+    for seq in
+        ["18446744073709551616", "-1", "1.5", "\"1\"", "null", "1e-3", "1.8446744073709552e19", "9007199254740993.0"]
+    {
         let (status, body) = post_raw(&api, &chunks, format!(r#"{{"seq":{seq},"delta":"x"}}"#)).await;
         assert_eq!((status, error(&body)), (400, ("invalid_payload", Some("seq"))), "seq {seq}: {body}");
     }
