@@ -22,7 +22,7 @@
 //!   from its `server_chat_order` are added to the [`Event::Synced`]'s `chat_ids_to_delete`.
 //! * A connection counts as a success, and resets the backoff, once its initial sync is complete: a
 //!   server that greets and then closes, or fails the sync, is retried with growing delays like one that
-//!   refuses, and counts towards `max_attempts`. A failed initial sync (`initial_sync_error`, or an
+//!   refuses, and counts towards `max_attempts`; the later end of a connection that synced does not. A failed initial sync (`initial_sync_error`, or an
 //!   `error` in its place) ends the connection: staying on it, the client would never learn what changed
 //!   while it was offline.
 //! * A close that reconnecting cannot cure (1008 other than `Token expired` and `Rate limit exceeded`:
@@ -53,7 +53,7 @@ pub struct ReconnectOptions {
     /// The cap of the ceiling.
     pub max_delay: Duration,
     /// Give up after this many consecutive failed attempts (`None`: never). An attempt fails unless its
-    /// initial sync completes.
+    /// initial sync completes (a connection that synced and drops later is no failed attempt).
     pub max_attempts: Option<u32>,
 }
 
@@ -298,6 +298,7 @@ impl ReconnectingClient {
             commands: command_rx,
             events: event_tx,
             failures: 0,
+            synced: false,
         };
         tokio::spawn(task.run());
         ReconnectingClient { commands, events, shared }
@@ -466,6 +467,8 @@ struct Task {
     events: mpsc::UnboundedSender<Event>,
     /// Consecutive failed attempts; reset when a connection's initial sync completes.
     failures: u32,
+    /// Whether the current connection's initial sync completed (its end is then no failed attempt).
+    synced: bool,
 }
 
 /// How a connection ended.
@@ -493,6 +496,7 @@ impl Task {
                 r = Client::connect_authenticated(&url, &options) => r,
                 _ = self.idle_until_closed() => return self.stopped(None, "closed"),
             };
+            self.synced = false;
             let (close, error, refused) = match outcome {
                 Ok((client, connected)) => match self.session(client, connected).await {
                     End::Closed => return self.stopped(None, "closed"),
@@ -501,11 +505,17 @@ impl Task {
                 Err(ClientError::Closed(close)) => (close, "the server closed the connection".to_owned(), false),
                 Err(e) => (None, e.to_string(), is_refused_upgrade(&e)),
             };
-            self.failures += 1;
-            if refused || is_fatal(&close) || self.reconnect.max_attempts.is_some_and(|max| self.failures >= max) {
+            // A connection whose initial sync completed was a success: its end starts a new series of
+            // attempts (the first retry after the first ceiling), it is not one of them.
+            let failed = !self.synced;
+            if failed {
+                self.failures += 1;
+            }
+            let exhausted = failed && self.reconnect.max_attempts.is_some_and(|max| self.failures >= max);
+            if refused || is_fatal(&close) || exhausted {
                 return self.emit(Event::Disconnected { close, error, retry_in: None });
             }
-            let delay = self.reconnect.delay(self.failures);
+            let delay = self.reconnect.delay(self.failures.max(1));
             self.emit(Event::Disconnected { close, error, retry_in: Some(delay) });
             let sleep = tokio::time::sleep(delay);
             tokio::select! {
@@ -757,6 +767,7 @@ impl Task {
                         drop(s);
                         merged.chat_ids_to_delete.extend(gone);
                         self.failures = 0;
+                        self.synced = true;
                         self.emit(Event::Synced(merged));
                     }
                 }

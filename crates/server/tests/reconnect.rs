@@ -648,3 +648,50 @@ async fn a_message_larger_than_a_frame_is_refused_without_losing_the_connection(
     assert_eq!(laptop.unconfirmed_messages(), 0);
     laptop.close();
 }
+
+/// Sends a raw frame on a scripted connection.
+async fn send_json(ws: &mut WebSocketStream<TcpStream>, frame: Value) {
+    use futures_util::SinkExt;
+    ws.send(Message::text(frame.to_string())).await.unwrap();
+}
+
+/// Answers the initial sync `sync` (a frame read from the client) with `chats` (`(id, title_v)`).
+async fn answer_sync(ws: &mut WebSocketStream<TcpStream>, sync: &Value, chats: &[(&str, u64)]) {
+    assert_eq!(sync["type"], "initial_sync_request", "{sync}");
+    let chats: Vec<Value> = chats
+        .iter()
+        .map(|(id, title_v)| {
+            json!({"chat_id": id, "type": "new_chat", "title": "t", "draft_json": null,
+                "versions": {"messages_v": 0, "title_v": title_v, "draft_v": 0},
+                "last_edited_overall_timestamp": 0, "unread_count": 0})
+        })
+        .collect();
+    let order: Vec<&str> = chats.iter().map(|c| c["chat_id"].as_str().unwrap()).collect();
+    let reply = json!({"type": "initial_sync_response", "request_id": sync["request_id"], "payload": {
+        "chat_ids_to_delete": [], "chats_to_add_or_update": chats, "server_chat_order": order,
+        "sync_completed_at": "2026-01-01T00:00:00Z", "active_streams": [], "more": false}});
+    send_json(ws, reply).await;
+}
+
+#[tokio::test]
+async fn the_drop_of_a_synced_connection_is_not_a_failed_attempt() {
+    let mut server = Scripted::start().await;
+    let once = ReconnectOptions { max_attempts: Some(1), ..quick() };
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), once);
+    // A connection that syncs is a success: when it drops later, the client tries again.
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[]).await;
+    synced(&mut laptop).await;
+    drop(ws);
+    let (_, retry) = disconnected(&mut laptop).await;
+    assert!(retry.is_some(), "a synced connection that drops is retried, even with max_attempts 1");
+    // That retry failing is the one failed attempt allowed.
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    read_frame(&mut ws).await;
+    drop(ws);
+    let (_, retry) = disconnected(&mut laptop).await;
+    assert_eq!(retry, None);
+}
