@@ -354,7 +354,8 @@ impl ReconnectingClient {
         self.lock().versions.clone()
     }
 
-    /// Stops: closes the connection, and ends the event stream after a last [`Event::Disconnected`].
+    /// Stops: closes the connection (waiting at most 2 s for the server's answer), and ends the event
+    /// stream after a last [`Event::Disconnected`].
     pub fn close(&self) {
         let _ = self.commands.send(Command::Close);
     }
@@ -399,6 +400,9 @@ fn too_large(q: &Queued) -> OfflineSyncComplete {
         }],
     }
 }
+
+/// How long closing a connection waits for the server's answer.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// The most chats an `initial_sync_request` may name (PROTOCOL.md).
 const MAX_SYNC_CHATS: usize = 10_000;
@@ -600,7 +604,7 @@ impl Task {
                 tokio::select! {
                     incoming = client.recv() => match incoming {
                         Ok(m) => if let Err(why) = self.receive(m, &mut pending) {
-                            let _ = tokio::time::timeout(Duration::from_secs(2), client.close_with(1000, "")).await;
+                            let _ = tokio::time::timeout(CLOSE_WAIT, client.close_with(1000, "")).await;
                             break End::Lost(None, why);
                         },
                         Err(ClientError::Closed(close)) => break End::Lost(close, "the server closed the connection".into()),
@@ -642,7 +646,9 @@ impl Task {
             },
         };
         if matches!(end, End::Closed) {
-            let _ = client.close().await;
+            // Bounded: a server that never answers the close (a half-open connection, a peer that hangs
+            // or floods) must not keep the client from stopping.
+            let _ = tokio::time::timeout(CLOSE_WAIT, client.close()).await;
         }
         // What was in flight: live changes go back to the queue, requests fail.
         let mut s = self.lock();

@@ -695,3 +695,21 @@ async fn the_drop_of_a_synced_connection_is_not_a_failed_attempt() {
     let (_, retry) = disconnected(&mut laptop).await;
     assert_eq!(retry, None);
 }
+
+#[tokio::test]
+async fn close_ends_the_client_when_the_server_never_answers_the_close() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[]).await;
+    synced(&mut laptop).await;
+    // The server (a half-open connection, a peer that hangs) reads nothing more and answers nothing.
+    laptop.close();
+    let (_, retry) = disconnected(&mut laptop).await;
+    assert_eq!(retry, None);
+    let end = tokio::time::timeout(Duration::from_secs(30), laptop.next_event()).await;
+    assert!(matches!(end, Ok(None)), "no event after the last one: {end:?}");
+    drop(ws);
+}
