@@ -9,7 +9,8 @@
 //! * Title and draft changes ([`Change`]) made while connected are sent live (`update_title`,
 //!   `update_draft`, `delete_draft`); made while disconnected (or sent but not confirmed when the
 //!   connection dropped) they are queued, one per chat and component (a later edit replaces an earlier
-//!   one, so the server sees the last state the user wanted, edited from the version the client held).
+//!   one, so the server sees the last state the user wanted, edited from the version the client held,
+//!   or from the one its own earlier edit of that component produced once the server applied it).
 //!   The server applies a queued change only if nobody changed that component since
 //!   (`version_before_edit`); otherwise the result is a `conflict` in [`Event::OfflineSynced`].
 //! * Chat messages ([`ReconnectingClient::send_message`]) stay in an outbox until their
@@ -435,6 +436,22 @@ fn sync_request(
     (request, left_out)
 }
 
+/// After this device's change `id` of a chat's title (`title`) or draft was applied at `version`: the
+/// live changes of that component made after it and still unanswered were made on top of it, so if the
+/// connection drops they are re-sent (queued) from `version` at least. From the version held when they
+/// were made, the server would discard them as conflicting with the device's own edit, and keep the
+/// older value instead of the user's last word.
+fn rebase(pending: &mut HashMap<String, Pending>, chat_id: &ChatId, title: bool, id: u64, version: u64) {
+    let Ok(version) = i64::try_from(version) else { return };
+    for p in pending.values_mut() {
+        if let Pending::Change(later) = p {
+            if later.id > id && later.change.chat_id() == chat_id && later.change.is_title() == title {
+                later.version_before_edit = later.version_before_edit.max(version);
+            }
+        }
+    }
+}
+
 /// Whether a close means that reconnecting cannot help.
 fn is_fatal(close: &Option<(u16, String)>) -> bool {
     matches!(close, Some((1008, reason)) if reason != "Token expired" && reason != "Rate limit exceeded")
@@ -718,7 +735,18 @@ impl Task {
         };
         let is_error = matches!(m.message, ServerMessage::Error(_) | ServerMessage::InitialSyncError(_));
         match p {
-            Pending::Change(_) => self.emit(Event::Message(m)),
+            Pending::Change(q) => {
+                let written = match (&q.change, &m.message) {
+                    (Change::Title { .. }, ServerMessage::ChatTitleUpdated(c)) => Some(c.versions.title_v),
+                    (Change::Draft { .. }, ServerMessage::DraftUpdateConfirmed(c)) => Some(c.draft_v),
+                    (Change::DeleteDraft { .. }, ServerMessage::DraftDeleteReceipt(c)) => c.draft_v,
+                    _ => None,
+                };
+                if let Some(version) = written {
+                    rebase(pending, q.change.chat_id(), q.change.is_title(), q.id, version);
+                }
+                self.emit(Event::Message(m));
+            }
             Pending::Message(chat_id, message_id) => {
                 use chatsync_protocol::ErrorCode::{Internal, RateLimited, Unavailable};
                 let settled = match &m.message {
@@ -734,6 +762,16 @@ impl Task {
             }
             Pending::Offline(ids) => match m.message {
                 ServerMessage::OfflineSyncComplete(done) => {
+                    for r in done.results.iter().filter(|r| r.status == OfflineStatus::Applied) {
+                        let id = r.change_id.as_deref().and_then(|c| c.strip_prefix('c')?.parse::<u64>().ok());
+                        let chat = r.chat_id.as_deref().and_then(|c| ChatId::new(c).ok());
+                        if let (Some(id), Some(chat), Some(kind), Some(v)) = (id, chat, r.kind, r.versions) {
+                            if ids.contains(&id) {
+                                let title = kind == OfflineChangeType::Title;
+                                rebase(pending, &chat, title, id, if title { v.title_v } else { v.draft_v });
+                            }
+                        }
+                    }
                     self.lock().queue.retain(|q| !ids.contains(&q.id));
                     self.emit(Event::OfflineSynced(done));
                 }

@@ -713,3 +713,86 @@ async fn close_ends_the_client_when_the_server_never_answers_the_close() {
     assert!(matches!(end, Ok(None)), "no event after the last one: {end:?}");
     drop(ws);
 }
+
+#[tokio::test]
+async fn an_edit_resent_after_a_drop_is_based_on_the_devices_own_confirmed_edit() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[("c1", 3)]).await;
+    synced(&mut laptop).await;
+    // Two quick edits of one title, made from title_v 3: the first is applied (title_v 4) and confirmed,
+    // the connection drops before the second arrives.
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "a".into() });
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "ab".into() });
+    let first = read_frame(&mut ws).await;
+    assert_eq!(read_frame(&mut ws).await["payload"]["new_title"], "ab");
+    let confirmed = json!({"type": "chat_title_updated", "request_id": first["request_id"],
+        "payload": {"chat_id": "c1", "data": {"title": "a"}, "versions": {"title_v": 4}}});
+    send_json(&mut ws, confirmed).await;
+    drop(ws);
+    disconnected(&mut laptop).await;
+    // The second is re-sent on the version the first produced: the server holds only this device's
+    // own edit since, and would otherwise discard the user's last word as a conflict.
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let offline = read_frame(&mut ws).await;
+    let change = &offline["payload"]["changes"][0];
+    assert_eq!((change["value"].as_str(), change["version_before_edit"].as_i64()), (Some("ab"), Some(4)), "{offline}");
+    laptop.close();
+}
+
+#[tokio::test]
+async fn an_edit_made_while_its_queued_predecessor_is_in_flight_is_based_on_it() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[("c1", 3)]).await;
+    synced(&mut laptop).await;
+    drop(ws);
+    disconnected(&mut laptop).await;
+    // Offline: an edit queued on title_v 3.
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "queued".into() });
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let offline = read_frame(&mut ws).await;
+    assert_eq!(offline["payload"]["changes"][0]["version_before_edit"], 3);
+    let sync = read_frame(&mut ws).await;
+    // Online, before the batch is answered, the user edits the title again (still on title_v 3).
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "live".into() });
+    assert_eq!(read_frame(&mut ws).await["payload"]["new_title"], "live");
+    // The queued edit is applied (title_v 4); the connection drops before the live one arrives.
+    let rid = offline["request_id"].clone();
+    send_json(
+        &mut ws,
+        json!({"type": "chat_title_updated", "request_id": rid,
+        "payload": {"chat_id": "c1", "data": {"title": "queued"}, "versions": {"title_v": 4}}}),
+    )
+    .await;
+    let result = json!({"change_id": offline["payload"]["changes"][0]["change_id"], "chat_id": "c1", "type": "title",
+        "status": "applied", "versions": {"messages_v": 0, "title_v": 4, "draft_v": 0}});
+    send_json(
+        &mut ws,
+        json!({"type": "offline_sync_complete", "request_id": rid,
+        "payload": {"processed": 1, "conflicts": 0, "errors": 0, "results": [result]}}),
+    )
+    .await;
+    answer_sync(&mut ws, &sync, &[("c1", 4)]).await;
+    synced(&mut laptop).await;
+    drop(ws);
+    disconnected(&mut laptop).await;
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let offline = read_frame(&mut ws).await;
+    let change = &offline["payload"]["changes"][0];
+    assert_eq!(
+        (change["value"].as_str(), change["version_before_edit"].as_i64()),
+        (Some("live"), Some(4)),
+        "{offline}"
+    );
+    laptop.close();
+}
