@@ -23,9 +23,12 @@
 //!   from its `server_chat_order` are added to the [`Event::Synced`]'s `chat_ids_to_delete`.
 //! * A connection counts as a success, and resets the backoff, once its initial sync is complete: a
 //!   server that greets and then closes, or fails the sync, is retried with growing delays like one that
-//!   refuses, and counts towards `max_attempts`; the later end of a connection that synced does not. A failed initial sync (`initial_sync_error`, or an
-//!   `error` in its place) ends the connection: staying on it, the client would never learn what changed
-//!   while it was offline.
+//!   refuses, and counts towards `max_attempts`; the later end of a connection that synced does not. A
+//!   failed initial sync (`initial_sync_error`, or an `error` in its place) ends the connection: staying
+//!   on it, the client would never learn what changed while it was offline.
+//! * An attempt that brings no `connected` greeting within `connect_timeout` (20 s) fails and is retried;
+//!   a connection that brings no frame for `keepalive` (25 s) is sent a `ping`, and is dropped and
+//!   re-established (a half-open connection) when as long again passes without any frame.
 //! * A close that reconnecting cannot cure (1008 other than `Token expired` and `Rate limit exceeded`:
 //!   an invalid or revoked session, a device mismatch) stops the client: [`Event::Disconnected`] with
 //!   `retry_in: None` is then the last event. So does an upgrade refused with an HTTP 4xx other than 408
@@ -56,6 +59,15 @@ pub struct ReconnectOptions {
     /// Give up after this many consecutive failed attempts (`None`: never). An attempt fails unless its
     /// initial sync completes (a connection that synced and drops later is no failed attempt).
     pub max_attempts: Option<u32>,
+    /// How long an attempt may take until the server's `connected` greeting (TCP connect, TLS, upgrade,
+    /// authentication): a network that died mid-handshake may answer nothing for minutes. Past it the
+    /// attempt fails and is retried. `Duration::ZERO`: no bound.
+    pub connect_timeout: Duration,
+    /// After this long without a frame from the server, a `ping` is sent; when this long again passes
+    /// without any frame, the connection is taken for half-open (a laptop that slept, a network that
+    /// changed: TCP may notice only after many minutes, or never while the client sends nothing), dropped
+    /// and re-established. `Duration::ZERO`: no keepalive.
+    pub keepalive: Duration,
 }
 
 impl Default for ReconnectOptions {
@@ -64,6 +76,8 @@ impl Default for ReconnectOptions {
             initial_delay: Duration::from_millis(500),
             max_delay: Duration::from_secs(30),
             max_attempts: None,
+            connect_timeout: Duration::from_secs(20),
+            keepalive: Duration::from_secs(25),
         }
     }
 }
@@ -478,6 +492,8 @@ enum Pending {
     Sync(Option<InitialSyncResponse>, Vec<ChatId>),
     /// A caller's request.
     Request(ClientMessage, Vec<Incoming>, oneshot::Sender<Result<Vec<Incoming>, ClientError>>),
+    /// The keepalive's `ping`: its `pong` is not surfaced.
+    Keepalive,
 }
 
 struct Task {
@@ -513,8 +529,18 @@ impl Task {
         loop {
             let options = self.lock().options.clone();
             let url = self.url.clone();
+            let timeout = self.reconnect.connect_timeout;
+            let attempt = async {
+                if timeout.is_zero() {
+                    return Client::connect_authenticated(&url, &options).await;
+                }
+                match tokio::time::timeout(timeout, Client::connect_authenticated(&url, &options)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ClientError::Unexpected(format!("no greeting within {timeout:?}"))),
+                }
+            };
             let outcome = tokio::select! {
-                r = Client::connect_authenticated(&url, &options) => r,
+                r = attempt => r,
                 _ = self.idle_until_closed() => return self.stopped(None, "closed"),
             };
             self.synced = false;
@@ -615,18 +641,38 @@ impl Task {
         pending.insert(rid.clone(), Pending::Sync(None, left_out));
         sent = sent.and(client.send(&ClientMessage::InitialSyncRequest(sync), Some(&rid)).await);
 
+        // The keepalive: a `ping` after `keepalive` without a frame, the connection dropped after as long
+        // again without one.
+        let keepalive = self.reconnect.keepalive;
+        let mut quiet_until = tokio::time::Instant::now() + keepalive;
+        let mut pinged = false;
         let end = match sent {
             Err(e) => End::Lost(None, e.to_string()),
             Ok(()) => loop {
                 tokio::select! {
-                    incoming = client.recv() => match incoming {
-                        Ok(m) => if let Err(why) = self.receive(m, &mut pending) {
-                            let _ = tokio::time::timeout(CLOSE_WAIT, client.close_with(1000, "")).await;
-                            break End::Lost(None, why);
-                        },
-                        Err(ClientError::Closed(close)) => break End::Lost(close, "the server closed the connection".into()),
-                        Err(e) => break End::Lost(None, e.to_string()),
-                    },
+                    _ = tokio::time::sleep_until(quiet_until), if !keepalive.is_zero() => {
+                        if pinged {
+                            break End::Lost(None, format!("no frame from the server for {:?}", keepalive * 2));
+                        }
+                        pinged = true;
+                        quiet_until = tokio::time::Instant::now() + keepalive;
+                        let rid = id("keepalive-");
+                        pending.insert(rid.clone(), Pending::Keepalive);
+                        if let Err(e) = client.send(&ClientMessage::Ping(chatsync_protocol::Empty {}), Some(&rid)).await {
+                            break End::Lost(None, e.to_string());
+                        }
+                    }
+                    incoming = client.recv() => {
+                        (quiet_until, pinged) = (tokio::time::Instant::now() + keepalive, false);
+                        match incoming {
+                            Ok(m) => if let Err(why) = self.receive(m, &mut pending) {
+                                let _ = tokio::time::timeout(CLOSE_WAIT, client.close_with(1000, "")).await;
+                                break End::Lost(None, why);
+                            },
+                            Err(ClientError::Closed(close)) => break End::Lost(close, "the server closed the connection".into()),
+                            Err(e) => break End::Lost(None, e.to_string()),
+                        }
+                    }
                     command = self.commands.recv() => {
                         let result = match command {
                             None | Some(Command::Close) => break End::Closed,
@@ -677,7 +723,7 @@ impl Task {
                 Pending::Request(_, _, reply) => {
                     let _ = reply.send(Err(ClientError::Closed(None)));
                 }
-                Pending::Message(..) | Pending::Offline(_) | Pending::Sync(..) => {}
+                Pending::Message(..) | Pending::Offline(_) | Pending::Sync(..) | Pending::Keepalive => {}
             }
         }
         s.requeue(unconfirmed);
@@ -735,6 +781,7 @@ impl Task {
         };
         let is_error = matches!(m.message, ServerMessage::Error(_) | ServerMessage::InitialSyncError(_));
         match p {
+            Pending::Keepalive => {}
             Pending::Change(q) => {
                 let written = match (&q.change, &m.message) {
                     (Change::Title { .. }, ServerMessage::ChatTitleUpdated(c)) => Some(c.versions.title_v),
@@ -855,7 +902,7 @@ mod tests {
         let o = ReconnectOptions {
             initial_delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
-            max_attempts: None,
+            ..ReconnectOptions::default()
         };
         assert_eq!(o.ceiling(1), Duration::from_millis(100));
         assert_eq!(o.ceiling(2), Duration::from_millis(200));

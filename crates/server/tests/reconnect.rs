@@ -33,7 +33,7 @@ fn quick() -> ReconnectOptions {
     ReconnectOptions {
         initial_delay: Duration::from_millis(20),
         max_delay: Duration::from_millis(200),
-        max_attempts: None,
+        ..ReconnectOptions::default()
     }
 }
 
@@ -795,4 +795,52 @@ async fn an_edit_made_while_its_queued_predecessor_is_in_flight_is_based_on_it()
         "{offline}"
     );
     laptop.close();
+}
+
+#[tokio::test]
+async fn an_attempt_that_is_never_greeted_is_given_up_and_retried() {
+    let mut server = Scripted::start().await;
+    let opts = ReconnectOptions { connect_timeout: Duration::from_millis(200), ..quick() };
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), opts);
+    // Upgraded, never greeted (a network that died mid-handshake, a server stuck authenticating).
+    let _silent = server.accept().await;
+    let (_, retry) = disconnected(&mut laptop).await;
+    assert!(retry.is_some());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[]).await;
+    synced(&mut laptop).await;
+    laptop.close();
+}
+
+#[tokio::test]
+async fn a_half_open_connection_is_found_by_the_keepalive_and_replaced() {
+    let mut server = Scripted::start().await;
+    let opts = ReconnectOptions { keepalive: Duration::from_millis(200), ..quick() };
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), opts);
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[]).await;
+    synced(&mut laptop).await;
+    // A quiet connection is pinged; a live server's pong keeps it (and is not surfaced).
+    let ping = read_frame(&mut ws).await;
+    assert_eq!(ping["type"], "ping");
+    send_json(&mut ws, json!({"type": "pong", "payload": {}, "request_id": ping["request_id"]})).await;
+    assert_eq!(read_frame(&mut ws).await["type"], "ping", "pinged again once quiet again");
+    assert!(laptop.is_connected());
+    // That one is never answered: the connection is taken for dead and replaced.
+    let (close, retry) = until(&mut laptop, |e| match e {
+        Event::Disconnected { close, retry_in, .. } => Some((close.clone(), *retry_in)),
+        Event::Message(m) => panic!("the keepalive's pong is not surfaced: {m:?}"),
+        _ => None,
+    })
+    .await;
+    assert_eq!((close, retry.is_some()), (None, true));
+    let mut ws2 = server.accept().await;
+    greet(&mut ws2).await;
+    assert_eq!(read_frame(&mut ws2).await["type"], "initial_sync_request");
+    laptop.close();
+    drop(ws);
 }
