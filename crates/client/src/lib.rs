@@ -282,19 +282,36 @@ impl Client {
     }
 
     async fn read(&mut self) -> Result<Incoming, ClientError> {
+        self.read_or_undecodable()
+            .await?
+            .map_err(|Undecodable { frame, error }| ClientError::Decode(format!("{error}: {frame}")))
+    }
+
+    /// Like [`Client::recv`], but a text frame that is not a protocol message this client knows (a newer
+    /// server's type, a malformed payload) is handed back as it is instead of failing the read.
+    pub(crate) async fn recv_lenient(&mut self) -> Result<Result<Incoming, Undecodable>, ClientError> {
+        match self.pending.pop_front() {
+            Some(m) => Ok(Ok(m)),
+            None => self.read_or_undecodable().await,
+        }
+    }
+
+    async fn read_or_undecodable(&mut self) -> Result<Result<Incoming, Undecodable>, ClientError> {
         loop {
             match self.ws.next().await {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {
-                    let m =
-                        decode_server(t.as_str()).map_err(|e| ClientError::Decode(format!("{e}: {}", t.as_str())))?;
+                    let m = match decode_server(t.as_str()) {
+                        Ok(m) => m,
+                        Err(e) => return Ok(Err(Undecodable { frame: t.as_str().to_owned(), error: e.to_string() })),
+                    };
                     let warmup =
                         matches!(m.message, ServerMessage::PriorityChatReady(_) | ServerMessage::CachePrimed(_));
                     if warmup && self.ignore_warmup_events {
                         continue;
                     }
-                    return Ok(m);
+                    return Ok(Ok(m));
                 }
                 Some(Ok(Message::Close(frame))) => {
                     return Err(ClientError::Closed(
@@ -305,6 +322,14 @@ impl Client {
             }
         }
     }
+}
+
+/// A text frame that does not decode as a server message.
+pub(crate) struct Undecodable {
+    /// The frame as received.
+    pub(crate) frame: String,
+    /// Why it does not decode.
+    pub(crate) error: String,
 }
 
 /// Whether a raw frame is a warm-up event (`priority_chat_ready`, `cache_primed`).

@@ -29,6 +29,9 @@
 //! * An attempt that brings no `connected` greeting within `connect_timeout` (20 s) fails and is retried;
 //!   a connection that brings no frame for `keepalive` (25 s) is sent a `ping`, and is dropped and
 //!   re-established (a half-open connection) when as long again passes without any frame.
+//! * A frame the client cannot read (a type newer than it, a malformed payload) is reported as
+//!   [`Event::ProtocolError`] and skipped, as the TypeScript SDK's `protocol_error`; only one that carries
+//!   the `request_id` of a request in flight (its reply, lost) ends the connection.
 //! * A close that reconnecting cannot cure (1008 other than `Token expired` and `Rate limit exceeded`:
 //!   an invalid or revoked session, a device mismatch) stops the client: [`Event::Disconnected`] with
 //!   `retry_in: None` is then the last event. So does an upgrade refused with an HTTP 4xx other than 408
@@ -36,7 +39,7 @@
 //!   it again. `Token expired` is retried: give a fresh token first with
 //!   [`ReconnectingClient::set_token`].
 
-use crate::{Client, ClientError, ConnectOptions};
+use crate::{Client, ClientError, ConnectOptions, Undecodable};
 use chatsync_protocol::{
     ChatId, ChatMessageAdded, ClientMessage, ClientVersions, Connected, DeleteDraft, ErrorCode, ErrorPayload, Incoming,
     InitialSyncRequest, InitialSyncResponse, NewMessage, OfflineChangeType, OfflineResult, OfflineStatus,
@@ -180,6 +183,15 @@ pub enum Event {
     Synced(InitialSyncResponse),
     /// Any other server message (replies to live changes, broadcasts, errors, server events).
     Message(Incoming),
+    /// A frame that is not a server message this client can read (a type newer than it, a malformed
+    /// payload, not JSON) and answers none of its requests: skipped, the connection kept. (One carrying
+    /// the `request_id` of a request in flight ends the connection instead: its reply is lost.)
+    ProtocolError {
+        /// The frame as received.
+        frame: String,
+        /// Why it could not be read.
+        error: String,
+    },
     /// The connection ended or could not be made. `retry_in`: when the next attempt starts; `None`: the
     /// client stopped (a close or an HTTP refusal reconnecting cannot cure, `max_attempts`, or
     /// [`ReconnectingClient::close`]) and this is its last event.
@@ -662,10 +674,20 @@ impl Task {
                             break End::Lost(None, e.to_string());
                         }
                     }
-                    incoming = client.recv() => {
+                    incoming = client.recv_lenient() => {
                         (quiet_until, pinged) = (tokio::time::Instant::now() + keepalive, false);
                         match incoming {
-                            Ok(m) => if let Err(why) = self.receive(m, &mut pending) {
+                            Ok(Err(Undecodable { frame, error })) => {
+                                let rid = serde_json::from_str::<Value>(&frame)
+                                    .ok()
+                                    .and_then(|v| v.get("request_id")?.as_str().map(str::to_owned));
+                                if rid.is_some_and(|rid| pending.contains_key(&rid)) {
+                                    let _ = tokio::time::timeout(CLOSE_WAIT, client.close_with(1000, "")).await;
+                                    break End::Lost(None, format!("undecodable server frame: {error}: {frame}"));
+                                }
+                                self.emit(Event::ProtocolError { frame, error });
+                            }
+                            Ok(Ok(m)) => if let Err(why) = self.receive(m, &mut pending) {
                                 let _ = tokio::time::timeout(CLOSE_WAIT, client.close_with(1000, "")).await;
                                 break End::Lost(None, why);
                             },

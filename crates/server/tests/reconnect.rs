@@ -844,3 +844,52 @@ async fn a_half_open_connection_is_found_by_the_keepalive_and_replaced() {
     laptop.close();
     drop(ws);
 }
+
+#[tokio::test]
+async fn a_frame_the_client_cannot_read_is_reported_and_the_connection_kept() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[("c1", 3)]).await;
+    synced(&mut laptop).await;
+    // A newer server's event, a malformed one, a frame that is not JSON: none answers a request of the
+    // client's. Dropping the connection for them would reconnect (and resync) in a loop, since each new
+    // connection syncs and gets them again.
+    send_json(&mut ws, json!({"type": "server_notice", "payload": {"text": "hello"}})).await;
+    send_json(&mut ws, json!({"type": "chat_title_updated", "payload": {"chat_id": "c1"}})).await;
+    {
+        use futures_util::SinkExt;
+        ws.send(Message::text("not json")).await.unwrap();
+    }
+    send_json(
+        &mut ws,
+        json!({"type": "chat_title_updated",
+        "payload": {"chat_id": "c1", "data": {"title": "x"}, "versions": {"title_v": 4}}}),
+    )
+    .await;
+    let mut unreadable = Vec::new();
+    until(&mut laptop, |e| match e {
+        Event::ProtocolError { frame, .. } => {
+            unreadable.push(frame.clone());
+            None
+        }
+        Event::Message(m) => matches!(m.message, ServerMessage::ChatTitleUpdated(_)).then_some(()),
+        Event::Disconnected { error, .. } => panic!("disconnected: {error}"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(unreadable.len(), 3, "{unreadable:?}");
+    assert_eq!(laptop.versions()[&chat("c1")].title_v, Some(4));
+    // One that carries the request_id of a request in flight is its lost reply: the connection ends.
+    let laptop = std::sync::Arc::new(tokio::sync::Mutex::new(laptop));
+    let asking = laptop.clone();
+    let request = tokio::spawn(async move { asking.lock().await.request(ClientMessage::Ping(Empty {})).await });
+    let ping = read_frame(&mut ws).await;
+    send_json(&mut ws, json!({"type": "pong", "payload": "pong", "request_id": ping["request_id"]})).await;
+    assert!(request.await.unwrap().is_err());
+    let (_, retry) = disconnected(&mut *laptop.lock().await).await;
+    assert!(retry.is_some());
+    laptop.lock().await.close();
+}
