@@ -8,9 +8,10 @@
 //!
 //! * Title and draft changes ([`Change`]) made while connected are sent live (`update_title`,
 //!   `update_draft`, `delete_draft`); made while disconnected (or sent but not confirmed when the
-//!   connection dropped) they are queued, one per chat and component (a later edit replaces an earlier
-//!   one, so the server sees the last state the user wanted, edited from the version the client held,
-//!   or from the one its own earlier edit of that component produced once the server applied it).
+//!   connection dropped, or refused for now: `unavailable`, `rate_limited`, `internal`) they are queued
+//!   for the next connection, one per chat and component (a later edit, queued or live, replaces an
+//!   earlier one, so the server sees the last state the user wanted, edited from the version the client
+//!   held, or from the one its own earlier edit of that component produced once the server applied it).
 //!   The server applies a queued change only if nobody changed that component since
 //!   (`version_before_edit`); otherwise the result is a `conflict` in [`Event::OfflineSynced`].
 //! * Chat messages ([`ReconnectingClient::send_message`]) stay in an outbox until their
@@ -478,6 +479,12 @@ fn rebase(pending: &mut HashMap<String, Pending>, chat_id: &ChatId, title: bool,
     }
 }
 
+/// Whether an error refuses a request for now only (a retry may succeed): the store unreachable, the
+/// rate exceeded, an internal failure.
+fn is_transient(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::Unavailable | ErrorCode::RateLimited | ErrorCode::Internal)
+}
+
 /// Whether a close means that reconnecting cannot help.
 fn is_fatal(close: &Option<(u16, String)>) -> bool {
     matches!(close, Some((1008, reason)) if reason != "Token expired" && reason != "Rate limit exceeded")
@@ -702,6 +709,12 @@ impl Task {
                                 // Numbered like queued changes: a lost connection puts them back in this order.
                                 let (order, held) = {
                                     let mut s = self.lock();
+                                    // It supersedes a queued edit of its component (one refused for now,
+                                    // or one whose batch is unanswered): sent after it, that one would undo
+                                    // it, or meet it as a conflict.
+                                    s.queue.retain(|q| {
+                                        !(q.change.chat_id() == change.chat_id() && q.change.is_title() == change.is_title())
+                                    });
                                     s.next_id += 1;
                                     (s.next_id, s.held(change.chat_id(), change.is_title()))
                                 };
@@ -814,14 +827,25 @@ impl Task {
                 if let Some(version) = written {
                     rebase(pending, q.change.chat_id(), q.change.is_title(), q.id, version);
                 }
+                // Not taken for now (the store unreachable, the rate exceeded): kept for the next
+                // connection like a lost reply, unless a later edit of that component is on its way.
+                if matches!(&m.message, ServerMessage::Error(e) if is_transient(e.code)) {
+                    let superseded = pending.values().any(|p| {
+                        matches!(p, Pending::Change(later) if later.id > q.id
+                            && later.change.chat_id() == q.change.chat_id()
+                            && later.change.is_title() == q.change.is_title())
+                    });
+                    if !superseded {
+                        self.lock().requeue(vec![q]);
+                    }
+                }
                 self.emit(Event::Message(m));
             }
             Pending::Message(chat_id, message_id) => {
-                use chatsync_protocol::ErrorCode::{Internal, RateLimited, Unavailable};
                 let settled = match &m.message {
                     ServerMessage::ChatMessageConfirmed(_) => true,
                     // Refused for good (too large, another user's chat…): re-sending would repeat it.
-                    ServerMessage::Error(e) => !matches!(e.code, Unavailable | RateLimited | Internal),
+                    ServerMessage::Error(e) => !is_transient(e.code),
                     _ => false,
                 };
                 if settled {

@@ -893,3 +893,53 @@ async fn a_frame_the_client_cannot_read_is_reported_and_the_connection_kept() {
     assert!(retry.is_some());
     laptop.lock().await.close();
 }
+
+#[tokio::test]
+async fn a_live_edit_the_server_could_not_take_for_now_is_queued_not_lost() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[("c1", 3), ("c2", 1)]).await;
+    synced(&mut laptop).await;
+    let refused = |e: &Event| match e {
+        Event::Message(Incoming { message: ServerMessage::Error(e), .. }) => Some(e.code),
+        _ => None,
+    };
+    // The store is briefly unavailable: the edit is kept for the next connection, as a message would be.
+    for (chat_id, title) in [("c1", "a"), ("c2", "z")] {
+        laptop.change(Change::Title { chat_id: chat(chat_id), title: title.into() });
+        let sent = read_frame(&mut ws).await;
+        send_json(
+            &mut ws,
+            json!({"type": "error", "request_id": sent["request_id"],
+            "payload": {"code": "unavailable", "message": "The store is unavailable.", "chat_id": chat_id}}),
+        )
+        .await;
+        assert_eq!(until(&mut laptop, refused).await, ErrorCode::Unavailable);
+    }
+    assert_eq!(laptop.queued_changes(), 2);
+    // A later live edit of c1's title supersedes the queued one (sent after it, it would undo it, or
+    // meet it as a conflict).
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "ab".into() });
+    let sent = read_frame(&mut ws).await;
+    send_json(
+        &mut ws,
+        json!({"type": "chat_title_updated", "request_id": sent["request_id"],
+        "payload": {"chat_id": "c1", "data": {"title": "ab"}, "versions": {"title_v": 4}}}),
+    )
+    .await;
+    confirmed_title(&mut laptop).await;
+    assert_eq!(laptop.queued_changes(), 1);
+    drop(ws);
+    disconnected(&mut laptop).await;
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let offline = read_frame(&mut ws).await;
+    let changes = offline["payload"]["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{offline}");
+    assert_eq!((changes[0]["chat_id"].as_str(), changes[0]["value"].as_str()), (Some("c2"), Some("z")));
+    assert_eq!(changes[0]["version_before_edit"], 1);
+    laptop.close();
+}
