@@ -39,6 +39,9 @@
 //!   and 429 (a cookie or an Origin the server forbids, 403; a wrong path, 404): every attempt would get
 //!   it again. `Token expired` is retried: give a fresh token first with
 //!   [`ReconnectingClient::set_token`].
+//! * A connection as another user than the last one (a token of someone else given with `set_token`)
+//!   starts from nothing: the previous user's queued changes, unconfirmed messages and versions are
+//!   dropped, never sent as the new user's (as the TypeScript SDK's queue without per-tab storage).
 
 use crate::{Client, ClientError, ConnectOptions, Undecodable};
 use chatsync_protocol::{
@@ -218,6 +221,8 @@ struct Queued {
 #[derive(Default)]
 struct Shared {
     connected: bool,
+    /// The user of the last connection (`connected`'s `user_id`).
+    user: Option<String>,
     versions: BTreeMap<ChatId, ClientVersions>,
     queue: Vec<Queued>,
     outbox: Vec<(ChatId, NewMessage)>,
@@ -357,7 +362,9 @@ impl ReconnectingClient {
         rx.await.unwrap_or(Err(ClientError::Closed(None)))
     }
 
-    /// Replaces the token used from the next connection on (after `Token expired`, for example).
+    /// Replaces the token used from the next connection on (after `Token expired`, for example). When
+    /// the next connection turns out to be another user's, the changes, messages and versions held for
+    /// the previous user are dropped (never sent as the new user's).
     pub fn set_token(&self, token: &str) {
         self.lock().options.token = Some(token.to_owned());
     }
@@ -623,7 +630,19 @@ impl Task {
         };
         let batch = connected.limits.max_offline_changes.max(1) as usize;
         let connected_limits = connected.limits;
-        self.lock().connected = true;
+        {
+            let mut s = self.lock();
+            // Another user's connection (a token of someone else given with `set_token`): what the first
+            // user left unsent is never sent as this one's (a queued title would create a chat with it
+            // in this user's account, a message be posted as theirs), nor are their chats' versions.
+            if s.user.as_ref().is_some_and(|user| *user != connected.user_id) {
+                s.queue.clear();
+                s.outbox.clear();
+                s.versions.clear();
+            }
+            s.user = Some(connected.user_id.clone());
+            s.connected = true;
+        }
         self.emit(Event::Connected(connected));
 
         // Queued changes, unconfirmed messages, then the initial sync: the server handles one connection's

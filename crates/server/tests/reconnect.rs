@@ -382,10 +382,15 @@ impl Scripted {
 
 /// Sends `connected`, as the server does after authenticating.
 async fn greet(ws: &mut WebSocketStream<TcpStream>) {
+    greet_as(ws, "alice").await;
+}
+
+/// Sends `connected` naming `user_id`.
+async fn greet_as(ws: &mut WebSocketStream<TcpStream>, user_id: &str) {
     use futures_util::SinkExt;
     let connected = ServerMessage::Connected(Connected {
         connection_id: "conn".into(),
-        user_id: "alice".into(),
+        user_id: user_id.into(),
         device_hash: "0".repeat(64),
         protocol: "chatsync.v1".into(),
         server_time: "2026-01-01T00:00:00Z".into(),
@@ -941,5 +946,40 @@ async fn a_live_edit_the_server_could_not_take_for_now_is_queued_not_lost() {
     assert_eq!(changes.len(), 1, "{offline}");
     assert_eq!((changes[0]["chat_id"].as_str(), changes[0]["value"].as_str()), (Some("c2"), Some("z")));
     assert_eq!(changes[0]["version_before_edit"], 1);
+    laptop.close();
+}
+
+#[tokio::test]
+async fn what_one_user_left_unsent_never_reaches_another_users_account() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_alice", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet_as(&mut ws, "alice").await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[("alice-chat", 3)]).await;
+    synced(&mut laptop).await;
+    drop(ws);
+    disconnected(&mut laptop).await;
+    // Offline, Alice edits and writes; then the app signs in as Bob on the same client.
+    laptop.change(Change::Title { chat_id: chat("alice-chat"), title: "alice's title".into() });
+    let message = NewMessage {
+        message_id: MessageId::new("m1").unwrap(),
+        content: MessageContent::Text("alice's message".into()),
+        timestamp: None,
+        temp_id: None,
+    };
+    laptop.send_message(chat("alice-chat"), message);
+    laptop.set_token("cs_bob");
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    assert_eq!((laptop.queued_changes(), laptop.unconfirmed_messages()), (1, 1));
+    // The next connection is Bob's: Alice's edit, message and chats are not sent as his (the edit would
+    // create a chat with her title in his account, the message be posted as his).
+    let mut ws = server.accept().await;
+    greet_as(&mut ws, "bob").await;
+    let first = read_frame(&mut ws).await;
+    assert_eq!(first["type"], "initial_sync_request", "{first}");
+    assert_eq!(first["payload"]["chat_versions"], json!({}), "{first}");
+    assert_eq!((laptop.queued_changes(), laptop.unconfirmed_messages()), (0, 0));
+    assert!(laptop.versions().is_empty());
     laptop.close();
 }
