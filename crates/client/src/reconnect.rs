@@ -937,7 +937,11 @@ impl Task {
                     self.emit(Event::Message(m));
                     return Err(why);
                 }
-                _ => self.emit(Event::Message(m)),
+                // Not the sync's reply (a buggy server's frame): the sync still waits for it.
+                _ => {
+                    pending.insert(rid, Pending::Sync(so_far, left_out));
+                    self.emit(Event::Message(m));
+                }
             },
             Pending::Request(message, mut parts, reply) => {
                 let more = match &m.message {

@@ -983,3 +983,17 @@ async fn what_one_user_left_unsent_never_reaches_another_users_account() {
     assert!(laptop.versions().is_empty());
     laptop.close();
 }
+
+#[tokio::test]
+async fn a_stray_frame_with_the_syncs_request_id_does_not_lose_the_sync() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    // A buggy server's frame of another type carrying the sync's request_id, then the sync's reply.
+    send_json(&mut ws, json!({"type": "pong", "payload": {}, "request_id": sync["request_id"]})).await;
+    answer_sync(&mut ws, &sync, &[("c1", 3)]).await;
+    synced(&mut laptop).await;
+    laptop.close();
+}
