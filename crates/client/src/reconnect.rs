@@ -19,9 +19,11 @@
 //!   One whose frame is larger than `max_frame_bytes` is not sent (the server would close the connection,
 //!   on every attempt): it leaves the outbox, reported as an `error` `limit_exceeded`.
 //! * The versions held are the newest the client has been told of (initial sync, confirmations,
-//!   broadcasts, offline results); a deleted chat is forgotten. The initial sync names as many chats as
-//!   fit in one frame (`max_frame_bytes`); the server sends the others in full, and those of them missing
-//!   from its `server_chat_order` are added to the [`Event::Synced`]'s `chat_ids_to_delete`.
+//!   broadcasts, offline results), those of the initial sync once it is complete (as [`Event::Synced`]:
+//!   the parts of one that fails or is cut are not held, so the next sync sends them again); a deleted
+//!   chat is forgotten, and nothing that still arrives about it is held. The initial sync names as many
+//!   chats as fit in one frame (`max_frame_bytes`); the server sends the others in full, and those of
+//!   them missing from its `server_chat_order` are added to the [`Event::Synced`]'s `chat_ids_to_delete`.
 //! * A connection counts as a success, and resets the backoff, once its initial sync is complete: a
 //!   server that greets and then closes, or fails the sync, is retried with growing delays like one that
 //!   refuses, and counts towards `max_attempts`; the later end of a connection that synced does not. A
@@ -224,6 +226,9 @@ struct Shared {
     /// The user of the last connection (`connected`'s `user_id`).
     user: Option<String>,
     versions: BTreeMap<ChatId, ClientVersions>,
+    /// Chats seen deleted (`chat_deleted`): ids are never reused, so what still arrives about them (a
+    /// broadcast that raced the deletion, a part of the initial sync from before it) is not taken as held.
+    deleted: HashSet<ChatId>,
     queue: Vec<Queued>,
     outbox: Vec<(ChatId, NewMessage)>,
     options: ConnectOptions,
@@ -256,6 +261,9 @@ impl Shared {
     }
 
     fn bump(&mut self, chat_id: &ChatId, messages_v: Option<u64>, title_v: Option<u64>, draft_v: Option<u64>) {
+        if self.deleted.contains(chat_id) {
+            return;
+        }
         let v = self.versions.entry(chat_id.clone()).or_default();
         let max = |held: &mut Option<i64>, new: Option<u64>| {
             if let Some(new) = new.and_then(|n| i64::try_from(n).ok()) {
@@ -267,18 +275,21 @@ impl Shared {
         max(&mut v.draft_v, draft_v);
     }
 
+    /// Learns the versions an initial sync (complete, or one part of a caller's) tells of.
+    fn learn_sync(&mut self, r: &InitialSyncResponse) {
+        for id in &r.chat_ids_to_delete {
+            self.versions.remove(id);
+        }
+        for c in &r.chats_to_add_or_update {
+            let v = c.versions;
+            self.bump(&c.chat_id, Some(v.messages_v), Some(v.title_v), Some(v.draft_v));
+        }
+    }
+
     /// Learns the versions a server message tells of.
     fn learn(&mut self, m: &ServerMessage) {
         match m {
-            ServerMessage::InitialSyncResponse(r) => {
-                for id in &r.chat_ids_to_delete {
-                    self.versions.remove(id);
-                }
-                for c in &r.chats_to_add_or_update {
-                    let v = c.versions;
-                    self.bump(&c.chat_id, Some(v.messages_v), Some(v.title_v), Some(v.draft_v));
-                }
-            }
+            ServerMessage::InitialSyncResponse(r) => self.learn_sync(r),
             ServerMessage::DraftUpdateConfirmed(c) => self.bump(&c.chat_id, None, None, Some(c.draft_v)),
             ServerMessage::ChatDraftUpdated(c) => self.bump(&c.chat_id, None, None, Some(c.versions.draft_v)),
             ServerMessage::DraftDeleteReceipt(c) => self.bump(&c.chat_id, None, None, c.draft_v),
@@ -288,6 +299,7 @@ impl Shared {
             ServerMessage::ChatMessageAdded(c) => self.bump(&c.chat_id, Some(c.versions.messages_v), None, None),
             ServerMessage::ChatDeleted(c) => {
                 self.versions.remove(&c.chat_id);
+                self.deleted.insert(c.chat_id.clone());
                 self.queue.retain(|q| q.change.chat_id() != &c.chat_id);
                 self.outbox.retain(|(chat, _)| chat != &c.chat_id);
             }
@@ -639,6 +651,7 @@ impl Task {
                 s.queue.clear();
                 s.outbox.clear();
                 s.versions.clear();
+                s.deleted.clear();
             }
             s.user = Some(connected.user_id.clone());
             s.connected = true;
@@ -824,7 +837,15 @@ impl Task {
     /// Handles one server message on a live connection; `Err` (why) when the connection is of no use: its
     /// initial sync failed.
     fn receive(&mut self, m: Incoming, pending: &mut HashMap<String, Pending>) -> Result<(), String> {
-        self.lock().learn(&m.message);
+        // A part of the initial sync is learned with the whole, once complete: the application gets the
+        // parts only then ([`Event::Synced`]), and from a sync that fails or is cut before its last part
+        // never. Held before, the versions they carry would keep the next sync from sending what they
+        // carried.
+        let sync_part = matches!(m.message, ServerMessage::InitialSyncResponse(_))
+            && m.request_id.as_ref().is_some_and(|rid| matches!(pending.get(rid), Some(Pending::Sync(..))));
+        if !sync_part {
+            self.lock().learn(&m.message);
+        }
         let Some(rid) = m.request_id.clone() else {
             self.emit(Event::Message(m));
             return Ok(());
@@ -917,6 +938,7 @@ impl Task {
                         let order: HashSet<&ChatId> = merged.server_chat_order.iter().collect();
                         let gone: Vec<ChatId> = left_out.into_iter().filter(|id| !order.contains(id)).collect();
                         let mut s = self.lock();
+                        s.learn_sync(&merged);
                         for id in &gone {
                             s.versions.remove(id);
                         }

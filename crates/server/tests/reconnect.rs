@@ -997,3 +997,92 @@ async fn a_stray_frame_with_the_syncs_request_id_does_not_lose_the_sync() {
     synced(&mut laptop).await;
     laptop.close();
 }
+
+#[tokio::test]
+async fn the_parts_of_a_sync_that_never_completed_are_not_taken_as_held() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let part = |sync: &Value, id: &str| {
+        json!({"type": "initial_sync_response", "request_id": sync["request_id"], "payload": {
+            "chat_ids_to_delete": [], "server_chat_order": [], "sync_completed_at": "2026-01-01T00:00:00Z",
+            "active_streams": [], "more": true, "chats_to_add_or_update": [{"chat_id": id, "type": "new_chat",
+            "title": "renamed", "draft_json": null, "versions": {"messages_v": 0, "title_v": 5, "draft_v": 0},
+            "last_edited_overall_timestamp": 0, "unread_count": 0}]}})
+    };
+    // A sync that fails after a first part (the store gone mid-reply), then one cut after a first part.
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    send_json(&mut ws, part(&sync, "c1")).await;
+    send_json(
+        &mut ws,
+        json!({"type": "initial_sync_error", "request_id": sync["request_id"],
+        "payload": {"code": "unavailable", "message": "The store is unavailable."}}),
+    )
+    .await;
+    disconnected(&mut laptop).await;
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    assert_eq!(sync["payload"]["chat_versions"], json!({}), "{sync}");
+    send_json(&mut ws, part(&sync, "c2")).await;
+    drop(ws);
+    disconnected(&mut laptop).await;
+    // The application never got those parts (no Event::Synced): the next sync must not claim the
+    // chats' new versions as held, or the server would never send what they carry.
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    assert_eq!(sync["payload"]["chat_versions"], json!({}), "{sync}");
+    assert!(laptop.versions().is_empty());
+    laptop.close();
+}
+
+#[tokio::test]
+async fn a_chat_seen_deleted_is_not_held_again() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    // A first part lists c1 and c2, c1 is deleted (on another device) before the last part comes.
+    let chat_entry = |id: &str| {
+        json!({"chat_id": id, "type": "new_chat", "title": "t", "draft_json": null,
+            "versions": {"messages_v": 0, "title_v": 1, "draft_v": 0}, "last_edited_overall_timestamp": 0,
+            "unread_count": 0})
+    };
+    send_json(
+        &mut ws,
+        json!({"type": "initial_sync_response", "request_id": sync["request_id"], "payload": {
+        "chat_ids_to_delete": [], "chats_to_add_or_update": [chat_entry("c1"), chat_entry("c2")],
+        "server_chat_order": [], "sync_completed_at": "2026-01-01T00:00:00Z", "active_streams": [], "more": true}}),
+    )
+    .await;
+    send_json(&mut ws, json!({"type": "chat_deleted", "payload": {"chat_id": "c1", "tombstone": true}})).await;
+    answer_sync(&mut ws, &sync, &[("c3", 1)]).await;
+    synced(&mut laptop).await;
+    // And a broadcast that raced the deletion (PROTOCOL.md: a client ignores events for a chat it saw
+    // deleted), then one of a live chat, to know both were handled.
+    send_json(
+        &mut ws,
+        json!({"type": "chat_title_updated",
+        "payload": {"chat_id": "c1", "data": {"title": "x"}, "versions": {"title_v": 9}}}),
+    )
+    .await;
+    send_json(
+        &mut ws,
+        json!({"type": "chat_title_updated",
+        "payload": {"chat_id": "c2", "data": {"title": "x"}, "versions": {"title_v": 2}}}),
+    )
+    .await;
+    until(&mut laptop, |e| match e {
+        Event::Message(Incoming { message: ServerMessage::ChatTitleUpdated(c), .. }) => {
+            (c.chat_id == chat("c2")).then_some(())
+        }
+        _ => None,
+    })
+    .await;
+    let held: Vec<ChatId> = laptop.versions().into_keys().collect();
+    assert_eq!(held, [chat("c2"), chat("c3")]);
+    laptop.close();
+}
