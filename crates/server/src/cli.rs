@@ -914,10 +914,13 @@ async fn connect(args: ConnectArgs, config: Option<Config>) -> anyhow::Result<()
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let opts = chatsync_client::ConnectOptions::new(&args.token, &args.device_id);
+    // Bounded: a host that accepts the TCP connection and answers nothing would hang a script for good.
+    let upgrade = tokio::time::timeout(CONNECT_REPLY_TIMEOUT, chatsync_client::Client::connect(&args.url, &opts));
     let mut client = tokio::select! {
-        connected = chatsync_client::Client::connect(&args.url, &opts) => match connected {
-            Ok(client) => client,
-            Err(e) => bail!("cannot connect to {}: {}", args.url, connect_error(&e)),
+        connected = upgrade => match connected {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => bail!("cannot connect to {}: {}", args.url, connect_error(&e)),
+            Err(_) => bail!("cannot connect to {}: no answer within {} s", args.url, CONNECT_REPLY_TIMEOUT.as_secs()),
         },
         _ = &mut ctrl_c => return Ok(()),
     };
@@ -936,9 +939,10 @@ async fn connect(args: ConnectArgs, config: Option<Config>) -> anyhow::Result<()
     let mut greeted = false;
     let mut last_activity = Instant::now();
     loop {
-        let wait = if pending.is_empty() { CONNECT_QUIET } else { CONNECT_REPLY_TIMEOUT };
-        // After the input ends (and once authenticated, so that a refusal is always reported).
-        let finishing = !input_open && greeted;
+        let wait = if pending.is_empty() && greeted { CONNECT_QUIET } else { CONNECT_REPLY_TIMEOUT };
+        // After the input ends (and, for a refusal to be reported, after the greeting or a close; a
+        // server that sends neither is given up after a while).
+        let finishing = !input_open;
         tokio::select! {
             line = lines.recv(), if input_open => match line {
                 Some(Ok(line)) if line.trim().is_empty() => {}
@@ -984,6 +988,9 @@ async fn connect(args: ConnectArgs, config: Option<Config>) -> anyhow::Result<()
             }
             _ = tokio::time::sleep_until(last_activity + wait), if finishing => {
                 close_politely(&mut client).await;
+                if !greeted {
+                    bail!("no greeting from {} within {} s", args.url, wait.as_secs());
+                }
                 if !pending.is_empty() {
                     let mut ids: Vec<_> = pending.into_iter().collect();
                     ids.sort();

@@ -828,6 +828,31 @@ fn connect_to_no_server_says_so_once_with_the_url() {
 }
 
 #[test]
+fn connect_gives_up_on_a_server_that_never_answers_or_never_greets() {
+    // One that accepts the TCP connection and answers nothing (not even the upgrade), one that upgrades
+    // and never greets (stuck authenticating): a script piping its input must not hang forever.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_url = format!("ws://{}/v1/ws", mute.local_addr().unwrap());
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("ws://{}/v1/ws", silent.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<_> = mute.incoming().take(1).collect();
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        drop(held);
+    });
+    std::thread::spawn(move || {
+        let tcp = silent.incoming().next().unwrap().unwrap();
+        let ws = tokio_tungstenite::tungstenite::accept(tcp).unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        drop(ws);
+    });
+    let out = connect_with_input(&mute_url, "cs_x", "laptop", &[], "");
+    fails(&out, &format!("cannot connect to {mute_url}: no answer within 10 s"));
+    let out = connect_with_input(&silent_url, "cs_x", "laptop", &[], "");
+    fails(&out, &format!("no greeting from {silent_url} within 10 s"));
+}
+
+#[test]
 fn connect_requires_a_device_id() {
     let out = Command::new(env!("CARGO_BIN_EXE_chatsync")).args(["connect", "--token", "cs_x"]).output().unwrap();
     fails(&out, "--device-id");
