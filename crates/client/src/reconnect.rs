@@ -707,7 +707,9 @@ impl Task {
                         }
                         pinged = true;
                         quiet_until = tokio::time::Instant::now() + keepalive;
-                        let rid = id("keepalive-");
+                        // One request id for all: a server that answers no ping but sends often enough
+                        // to keep the connection leaves one entry, not one per ping.
+                        let rid = "keepalive".to_owned();
                         pending.insert(rid.clone(), Pending::Keepalive);
                         if let Err(e) = client.send(&ClientMessage::Ping(chatsync_protocol::Empty {}), Some(&rid)).await {
                             break End::Lost(None, e.to_string());
