@@ -84,6 +84,9 @@ pub struct Client {
     pending: VecDeque<Incoming>,
     next_request: u64,
     ignore_warmup_events: bool,
+    /// When the last frame of any kind came from the server (a WebSocket Ping of its heartbeat, a frame
+    /// skipped, too): what the reconnecting client's keepalive takes as a sign of life.
+    heard_at: tokio::time::Instant,
 }
 
 fn percent_encode(s: &str) -> String {
@@ -131,7 +134,13 @@ impl Client {
             headers.insert(name, value(v)?);
         }
         let (ws, _response) = tokio_tungstenite::connect_async_with_config(request, None, true).await?;
-        Ok(Client { ws, pending: VecDeque::new(), next_request: 0, ignore_warmup_events: opts.ignore_warmup_events })
+        Ok(Client {
+            ws,
+            pending: VecDeque::new(),
+            next_request: 0,
+            ignore_warmup_events: opts.ignore_warmup_events,
+            heard_at: tokio::time::Instant::now(),
+        })
     }
 
     /// Connects and waits for the `connected` greeting.
@@ -200,7 +209,11 @@ impl Client {
     /// skipped when the client ignores them). A close frame is [`ClientError::Closed`].
     pub async fn recv_text(&mut self) -> Result<String, ClientError> {
         loop {
-            match self.ws.next().await {
+            let frame = self.ws.next().await;
+            if matches!(frame, Some(Ok(_))) {
+                self.heard_at = tokio::time::Instant::now();
+            }
+            match frame {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {
@@ -289,6 +302,11 @@ impl Client {
 
     /// Like [`Client::recv`], but a text frame that is not a protocol message this client knows (a newer
     /// server's type, a malformed payload) is handed back as it is instead of failing the read.
+    /// When the last frame of any kind (a WebSocket Ping included) came from the server.
+    pub(crate) fn heard_at(&self) -> tokio::time::Instant {
+        self.heard_at
+    }
+
     pub(crate) async fn recv_lenient(&mut self) -> Result<Result<Incoming, Undecodable>, ClientError> {
         match self.pending.pop_front() {
             Some(m) => Ok(Ok(m)),
@@ -298,7 +316,11 @@ impl Client {
 
     async fn read_or_undecodable(&mut self) -> Result<Result<Incoming, Undecodable>, ClientError> {
         loop {
-            match self.ws.next().await {
+            let frame = self.ws.next().await;
+            if matches!(frame, Some(Ok(_))) {
+                self.heard_at = tokio::time::Instant::now();
+            }
+            match frame {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {

@@ -31,7 +31,9 @@
 //!   on it, the client would never learn what changed while it was offline.
 //! * An attempt that brings no `connected` greeting within `connect_timeout` (20 s) fails and is retried;
 //!   a connection that brings no frame for `keepalive` (25 s) is sent a `ping`, and is dropped and
-//!   re-established (a half-open connection) when as long again passes without any frame.
+//!   re-established (a half-open connection) when as long again passes without any frame. Every frame
+//!   counts, the WebSocket Pings of the server's heartbeat too (they go on while the server works
+//!   through a long request, which the `ping` would wait behind).
 //! * A frame the client cannot read (a type newer than it, a malformed payload) is reported as
 //!   [`Event::ProtocolError`] and skipped, as the TypeScript SDK's `protocol_error`; only one that carries
 //!   the `request_id` of a request in flight (its reply, lost) ends the connection.
@@ -448,6 +450,9 @@ fn too_large(q: &Queued) -> OfflineSyncComplete {
     }
 }
 
+/// The request id of the keepalive's `ping` (callers' requests are numbered `request-N`).
+const KEEPALIVE_ID: &str = "keepalive";
+
 /// How long closing a connection waits for the server's answer.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -693,8 +698,8 @@ impl Task {
         sent = sent.and(client.send(&ClientMessage::InitialSyncRequest(sync), Some(&rid)).await);
 
         // The keepalive: a `ping` after `keepalive` without a frame, the connection dropped after as long
-        // again without one.
-        let keepalive = self.reconnect.keepalive;
+        // again without one. (Bounded to a year: a `Duration::MAX` meant as "never" must not overflow.)
+        let keepalive = self.reconnect.keepalive.min(Duration::from_secs(365 * 24 * 3600));
         let mut quiet_until = tokio::time::Instant::now() + keepalive;
         let mut pinged = false;
         let end = match sent {
@@ -702,17 +707,27 @@ impl Task {
             Ok(()) => loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(quiet_until), if !keepalive.is_zero() => {
+                        let now = tokio::time::Instant::now();
+                        // A frame this loop never sees is a sign of life too: the WebSocket Pings of the
+                        // server's heartbeat, which go on while the server works through a long request
+                        // (it handles a connection's requests in order, so the `ping` waits behind it).
+                        if client.heard_at() + keepalive > now {
+                            (quiet_until, pinged) = (client.heard_at() + keepalive, false);
+                            continue;
+                        }
                         if pinged {
                             break End::Lost(None, format!("no frame from the server for {:?}", keepalive * 2));
                         }
                         pinged = true;
-                        quiet_until = tokio::time::Instant::now() + keepalive;
-                        // One request id for all: a server that answers no ping but sends often enough
-                        // to keep the connection leaves one entry, not one per ping.
-                        let rid = "keepalive".to_owned();
-                        pending.insert(rid.clone(), Pending::Keepalive);
-                        if let Err(e) = client.send(&ClientMessage::Ping(chatsync_protocol::Empty {}), Some(&rid)).await {
-                            break End::Lost(None, e.to_string());
+                        quiet_until = now + keepalive;
+                        // One ping at a time, under one request id: its pong is never surfaced, and a
+                        // server slow to answer does not get (and answer) a pile of them.
+                        if !pending.contains_key(KEEPALIVE_ID) {
+                            pending.insert(KEEPALIVE_ID.to_owned(), Pending::Keepalive);
+                            let ping = ClientMessage::Ping(chatsync_protocol::Empty {});
+                            if let Err(e) = client.send(&ping, Some(KEEPALIVE_ID)).await {
+                                break End::Lost(None, e.to_string());
+                            }
                         }
                     }
                     incoming = client.recv_lenient() => {

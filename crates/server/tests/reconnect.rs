@@ -850,6 +850,35 @@ async fn a_half_open_connection_is_found_by_the_keepalive_and_replaced() {
     drop(ws);
 }
 
+/// A server busy with a long request answers no `ping` (it handles a connection's requests in order), but
+/// its WebSocket Pings (the server's heartbeat) show it alive: the connection is kept, and not pinged.
+#[tokio::test]
+async fn a_server_that_sends_websocket_pings_is_alive_though_it_answers_no_ping() {
+    use futures_util::{FutureExt, SinkExt};
+    let mut server = Scripted::start().await;
+    let opts = ReconnectOptions { keepalive: Duration::from_millis(200), ..quick() };
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), opts);
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[]).await;
+    synced(&mut laptop).await;
+    // Five times the keepalive (two and a half times what would drop a silent connection), the server
+    // sending nothing but WebSocket Pings.
+    for _ in 0..20 {
+        ws.send(Message::Ping(Vec::new().into())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while let Some(Some(event)) = laptop.next_event().now_or_never() {
+        assert!(!matches!(event, Event::Disconnected { .. }), "dropped: {event:?}");
+    }
+    assert!(laptop.is_connected());
+    // The next text frame the client sent is a request of its own, not a keepalive ping.
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "t".into() });
+    assert_eq!(read_frame(&mut ws).await["type"], "update_title");
+    laptop.close();
+}
+
 #[tokio::test]
 async fn a_frame_the_client_cannot_read_is_reported_and_the_connection_kept() {
     let mut server = Scripted::start().await;
