@@ -379,9 +379,16 @@ export class StreamAssembler {
     return stream;
   }
 
-  /** Forgets every stream (a new initial sync brings the open ones back). */
+  /**
+   * Forgets every stream and which ones ended (another user's model starts: a new initial sync brings
+   * the open ones back, also those of a user switched away from and back to, which ended here only for
+   * the switch).
+   */
   clear() {
     this.streams.clear();
+    this.ended.clear();
+    this._unseen.clear();
+    this._recent.clear();
   }
 }
 

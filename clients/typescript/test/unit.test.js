@@ -2682,5 +2682,16 @@ test('a token function that comes to name another user ends the first user\'s op
   await until(() => c.status === 'online');
   assert.deepEqual(seen, [['c1', 's1', 'cancelled', 'user_changed']]);
   assert.equal(c.streams.open().length, 0);
+  // Back to alice while her reply still streams: the sync's active_streams shows it again, and it goes on.
+  token = 'alice-token';
+  socket.serverClose(1006, '');
+  await until(() => FakeSocket.instances.some((s) => !s.closed && s !== socket));
+  const again = /** @type {FakeSocket} */ (FakeSocket.instances.find((s) => !s.closed && s !== socket));
+  again.greet('alice');
+  await again.answerSync({ active_streams: [{ chat_id: 'c1', stream_id: 's1', message_id: 'm1', sender_name: 'assistant', meta: {}, seq: 1, content_so_far: 'Hel' }] });
+  await until(() => c.status === 'online');
+  again.push({ type: 'stream_chunk', payload: { chat_id: 'c1', stream_id: 's1', seq: 2, delta: 'lo' } });
+  await c.waitFor('stream_chunk');
+  assert.equal(c.streams.get('c1', 's1')?.text, 'Hello', 'the stream ended for the other user is not taken as ended for good');
   c.close();
 });
