@@ -44,8 +44,9 @@
 //!   it again. `Token expired` is retried: give a fresh token first with
 //!   [`ReconnectingClient::set_token`].
 //! * A connection as another user than the last one (a token of someone else given with `set_token`)
-//!   starts from nothing: the previous user's queued changes, unconfirmed messages and versions are
-//!   dropped, never sent as the new user's (as the TypeScript SDK's queue without per-tab storage).
+//!   starts from nothing: the queued changes, unconfirmed messages and versions are dropped, never sent
+//!   as the new user's (as the TypeScript SDK's queue without per-tab storage); to switch users, start
+//!   a new client.
 
 use crate::{Client, ClientError, ConnectOptions, Undecodable};
 use chatsync_protocol::{
@@ -377,8 +378,10 @@ impl ReconnectingClient {
     }
 
     /// Replaces the token used from the next connection on (after `Token expired`, for example). When
-    /// the next connection turns out to be another user's, the changes, messages and versions held for
-    /// the previous user are dropped (never sent as the new user's).
+    /// the next connection turns out to be another user's, every change and message still queued and the
+    /// versions held are dropped (never sent as the new user's): also what was made after this call and
+    /// before that connection, since commands are not ordered with this call. The current connection, if
+    /// any, stays its user's. To switch users, start a new client instead.
     pub fn set_token(&self, token: &str) {
         self.lock().options.token = Some(token.to_owned());
     }
