@@ -44,14 +44,14 @@
 //!   it again. `Token expired` is retried: give a fresh token first with
 //!   [`ReconnectingClient::set_token`].
 //! * A connection as another user than the last one (a token of someone else given with `set_token`)
-//!   starts from nothing: the queued changes, unconfirmed messages and versions are dropped, never sent
-//!   as the new user's (as the TypeScript SDK's queue without per-tab storage); to switch users, start
-//!   a new client.
+//!   starts from nothing: the changes and messages queued before the `set_token` call, and the versions
+//!   held, are dropped, never sent as the new user's (as the TypeScript SDK's queue without per-tab
+//!   storage); what was made after the call goes out as the new user's.
 
 use crate::{Client, ClientError, ConnectOptions, Undecodable};
 use chatsync_protocol::{
     ChatId, ChatMessageAdded, ClientMessage, ClientVersions, Connected, DeleteDraft, ErrorCode, ErrorPayload, Incoming,
-    InitialSyncRequest, InitialSyncResponse, NewMessage, OfflineChangeType, OfflineResult, OfflineStatus,
+    InitialSyncRequest, InitialSyncResponse, MessageId, NewMessage, OfflineChangeType, OfflineResult, OfflineStatus,
     OfflineSyncComplete, ServerMessage, SyncOfflineChanges, UpdateDraft, UpdateTitle,
 };
 use rand::Rng;
@@ -236,6 +236,23 @@ struct Shared {
     outbox: Vec<(ChatId, NewMessage)>,
     options: ConnectOptions,
     next_id: u64,
+    /// How many tokens [`ReconnectingClient::set_token`] has given (the connection made with the
+    /// latest one knows it by this number).
+    token_epoch: u64,
+    /// Where the queue stood when the latest token was given: see [`TokenMark`].
+    token_mark: Option<TokenMark>,
+}
+
+/// What was queued when a token was given (in the order of the caller's commands): if the connection
+/// made with it is another user's, that is what the previous user left, and it is dropped; what was
+/// queued after it was made under the new token and goes out as the new user's.
+struct TokenMark {
+    /// The token's number ([`Shared::token_epoch`]).
+    epoch: u64,
+    /// The id of the last change queued before it.
+    last_id: u64,
+    /// The messages in the outbox then.
+    messages: HashSet<(ChatId, MessageId)>,
 }
 
 impl Shared {
@@ -243,6 +260,14 @@ impl Shared {
         let v = self.versions.get(chat_id).copied().unwrap_or_default();
         let held = if title { v.title_v } else { v.draft_v };
         held.unwrap_or(0)
+    }
+
+    /// Takes `token` for the next connections, and marks what was queued until now (see [`TokenMark`]).
+    fn set_token(&mut self, token: String) {
+        self.options.token = Some(token);
+        self.token_epoch += 1;
+        let messages = self.outbox.iter().map(|(chat, m)| (chat.clone(), m.message_id.clone())).collect();
+        self.token_mark = Some(TokenMark { epoch: self.token_epoch, last_id: self.next_id, messages });
     }
 
     /// Queues `change`, replacing a queued change of the same chat and component.
@@ -323,6 +348,7 @@ enum Command {
     Change(Change),
     Message(ChatId, NewMessage),
     Request(ClientMessage, oneshot::Sender<Result<Vec<Incoming>, ClientError>>),
+    Token(String),
     Close,
 }
 
@@ -378,12 +404,15 @@ impl ReconnectingClient {
     }
 
     /// Replaces the token used from the next connection on (after `Token expired`, for example). When
-    /// the next connection turns out to be another user's, every change and message still queued and the
-    /// versions held are dropped (never sent as the new user's): also what was made after this call and
-    /// before that connection, since commands are not ordered with this call. The current connection, if
-    /// any, stays its user's. To switch users, start a new client instead.
+    /// that connection turns out to be another user's, the changes and messages queued before this call,
+    /// and the versions held, are dropped (never sent as the new user's); what is made after it goes out
+    /// as the new user's. (Of two calls before that connection, the last one marks the boundary: what was
+    /// made between them is dropped too.) The current connection, if any, stays its user's: to switch
+    /// users while connected, start a new client.
     pub fn set_token(&self, token: &str) {
-        self.lock().options.token = Some(token.to_owned());
+        // Through the task, in order with the caller's changes and messages: what was made before this
+        // call is told apart from what was made after it.
+        let _ = self.commands.send(Command::Token(token.to_owned()));
     }
 
     /// Whether a connection is up now.
@@ -573,7 +602,10 @@ impl Task {
 
     async fn run(mut self) {
         loop {
-            let options = self.lock().options.clone();
+            let (options, epoch) = {
+                let s = self.lock();
+                (s.options.clone(), s.token_epoch)
+            };
             let url = self.url.clone();
             let timeout = self.reconnect.connect_timeout;
             let attempt = async {
@@ -591,7 +623,7 @@ impl Task {
             };
             self.synced = false;
             let (close, error, refused) = match outcome {
-                Ok((client, connected)) => match self.session(client, connected).await {
+                Ok((client, connected)) => match self.session(client, connected, epoch).await {
                     End::Closed => return self.stopped(None, "closed"),
                     End::Lost(close, error) => (close, error, false),
                 },
@@ -633,6 +665,7 @@ impl Task {
                     s.enqueue(change, held);
                 }
                 Some(Command::Message(chat, message)) => self.lock().outbox.push((chat, message)),
+                Some(Command::Token(token)) => self.lock().set_token(token),
                 Some(Command::Request(_, reply)) => {
                     let _ = reply.send(Err(ClientError::Closed(None)));
                 }
@@ -641,7 +674,7 @@ impl Task {
     }
 
     /// One connection: sends what is queued and the initial sync, then relays until it ends.
-    async fn session(&mut self, mut client: Client, connected: Connected) -> End {
+    async fn session(&mut self, mut client: Client, connected: Connected, epoch: u64) -> End {
         let mut pending: HashMap<String, Pending> = HashMap::new();
         let mut next = 0u64;
         let mut id = |prefix: &str| {
@@ -655,9 +688,22 @@ impl Task {
             // Another user's connection (a token of someone else given with `set_token`): what the first
             // user left unsent is never sent as this one's (a queued title would create a chat with it
             // in this user's account, a message be posted as theirs), nor are their chats' versions.
+            // What was queued after the token of this connection was given is this user's.
+            let mark = match &s.token_mark {
+                Some(m) if m.epoch <= epoch => s.token_mark.take(),
+                _ => None,
+            };
             if s.user.as_ref().is_some_and(|user| *user != connected.user_id) {
-                s.queue.clear();
-                s.outbox.clear();
+                match mark {
+                    Some(m) => {
+                        s.queue.retain(|q| q.id > m.last_id);
+                        s.outbox.retain(|(chat, msg)| !m.messages.contains(&(chat.clone(), msg.message_id.clone())));
+                    }
+                    None => {
+                        s.queue.clear();
+                        s.outbox.clear();
+                    }
+                }
                 s.versions.clear();
                 s.deleted.clear();
             }
@@ -780,6 +826,10 @@ impl Task {
                                 self.lock().outbox.push((chat_id.clone(), message.clone()));
                                 let rid = id("message-");
                                 self.send_message(&mut client, &mut pending, rid, chat_id, message, max_frame).await
+                            }
+                            Some(Command::Token(token)) => {
+                                self.lock().set_token(token);
+                                Ok(())
                             }
                             Some(Command::Request(message, reply)) => {
                                 let rid = id("request-");

@@ -353,18 +353,27 @@ async fn a_server_restart_is_survived_with_the_queued_change_applied() {
 /// to the test, which greets it, reads what the client sends, answers or drops it.
 struct Scripted {
     url: String,
-    accepted: tokio::sync::mpsc::UnboundedReceiver<WebSocketStream<TcpStream>>,
+    /// Each connection upgraded, with the `Authorization` header of its upgrade request (the token).
+    accepted: tokio::sync::mpsc::UnboundedReceiver<(WebSocketStream<TcpStream>, String)>,
 }
 
 impl Scripted {
+    // The handshake callback's error type is tungstenite's (an HTTP response), large by its design.
+    #[allow(clippy::result_large_err)]
     async fn start() -> Scripted {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
         let (tx, accepted) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
-                    if tx.send(ws).is_err() {
+                let mut auth = String::new();
+                let capture = |req: &tokio_tungstenite::tungstenite::handshake::server::Request, resp| {
+                    let header = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+                    auth = header.unwrap_or_default().to_owned();
+                    Ok(resp)
+                };
+                if let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, capture).await {
+                    if tx.send((ws, auth)).is_err() {
                         return;
                     }
                 }
@@ -375,6 +384,11 @@ impl Scripted {
 
     /// The client's next connection (upgraded, not greeted yet).
     async fn accept(&mut self) -> WebSocketStream<TcpStream> {
+        self.accept_with_auth().await.0
+    }
+
+    /// The client's next connection and the `Authorization` header of its upgrade request.
+    async fn accept_with_auth(&mut self) -> (WebSocketStream<TcpStream>, String) {
         let next = tokio::time::timeout(Duration::from_secs(30), self.accepted.recv());
         next.await.expect("the client never connected again").unwrap()
     }
@@ -1010,6 +1024,57 @@ async fn what_one_user_left_unsent_never_reaches_another_users_account() {
     assert_eq!(first["payload"]["chat_versions"], json!({}), "{first}");
     assert_eq!((laptop.queued_changes(), laptop.unconfirmed_messages()), (0, 0));
     assert!(laptop.versions().is_empty());
+    laptop.close();
+}
+
+/// What the new user did after `set_token` named them, offline, is theirs: only what was queued before it
+/// is dropped when the connection turns out to be another user's.
+#[tokio::test]
+async fn what_the_new_user_queued_after_set_token_is_sent_as_theirs() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_alice", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet_as(&mut ws, "alice").await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[("alice-chat", 3)]).await;
+    synced(&mut laptop).await;
+    drop(ws);
+    disconnected(&mut laptop).await;
+    let message = |id: &str, text: &str| NewMessage {
+        message_id: MessageId::new(id).unwrap(),
+        content: MessageContent::Text(text.into()),
+        timestamp: None,
+        temp_id: None,
+    };
+    laptop.change(Change::Title { chat_id: chat("alice-chat"), title: "alice's title".into() });
+    laptop.send_message(chat("alice-chat"), message("m1", "alice's message"));
+    laptop.set_token("cs_bob");
+    // Bob, signed in while offline, edits and writes before the connection comes.
+    laptop.change(Change::Title { chat_id: chat("bob-chat"), title: "bob's title".into() });
+    laptop.send_message(chat("bob-chat"), message("m2", "bob's message"));
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    assert_eq!((laptop.queued_changes(), laptop.unconfirmed_messages()), (2, 2));
+    // The first connection with Bob's token (an attempt begun before the call still carries Alice's: it
+    // is turned away before its greeting, as a server that failed).
+    let mut ws = loop {
+        let (ws, auth) = server.accept_with_auth().await;
+        if auth == "Bearer cs_bob" {
+            break ws;
+        }
+    };
+    greet_as(&mut ws, "bob").await;
+    let offline = read_frame(&mut ws).await;
+    assert_eq!(offline["type"], "sync_offline_changes", "{offline}");
+    let changes = offline["payload"]["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 1, "{offline}");
+    assert_eq!(changes[0]["chat_id"], "bob-chat", "{offline}");
+    let sent = read_frame(&mut ws).await;
+    assert_eq!(
+        (sent["type"].as_str(), sent["payload"]["chat_id"].as_str()),
+        (Some("chat_message_added"), Some("bob-chat")),
+        "{sent}"
+    );
+    assert_eq!(read_frame(&mut ws).await["type"], "initial_sync_request");
     laptop.close();
 }
 
