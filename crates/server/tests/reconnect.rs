@@ -394,6 +394,25 @@ impl Scripted {
     }
 }
 
+/// Starts a client with token `token` on `server` and brings it online: its connection greeted as
+/// `user`, its initial sync answered with `chats` (id, version of each). Returns the client and the
+/// server's side of that connection.
+async fn online(
+    server: &mut Scripted,
+    token: &str,
+    user: &str,
+    opts: ReconnectOptions,
+    chats: &[(&str, u64)],
+) -> (ReconnectingClient, WebSocketStream<TcpStream>) {
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new(token, "laptop"), opts);
+    let mut ws = server.accept().await;
+    greet_as(&mut ws, user).await;
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, chats).await;
+    synced(&mut laptop).await;
+    (laptop, ws)
+}
+
 /// Sends `connected`, as the server does after authenticating.
 async fn greet(ws: &mut WebSocketStream<TcpStream>) {
     greet_as(ws, "alice").await;
@@ -718,12 +737,7 @@ async fn the_drop_of_a_synced_connection_is_not_a_failed_attempt() {
 #[tokio::test]
 async fn close_ends_the_client_when_the_server_never_answers_the_close() {
     let mut server = Scripted::start().await;
-    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
-    let mut ws = server.accept().await;
-    greet(&mut ws).await;
-    let sync = read_frame(&mut ws).await;
-    answer_sync(&mut ws, &sync, &[]).await;
-    synced(&mut laptop).await;
+    let (mut laptop, ws) = online(&mut server, "cs_t", "alice", quick(), &[]).await;
     // The server (a half-open connection, a peer that hangs) reads nothing more and answers nothing.
     laptop.close();
     let (_, retry) = disconnected(&mut laptop).await;
@@ -736,12 +750,7 @@ async fn close_ends_the_client_when_the_server_never_answers_the_close() {
 #[tokio::test]
 async fn an_edit_resent_after_a_drop_is_based_on_the_devices_own_confirmed_edit() {
     let mut server = Scripted::start().await;
-    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
-    let mut ws = server.accept().await;
-    greet(&mut ws).await;
-    let sync = read_frame(&mut ws).await;
-    answer_sync(&mut ws, &sync, &[("c1", 3)]).await;
-    synced(&mut laptop).await;
+    let (mut laptop, mut ws) = online(&mut server, "cs_t", "alice", quick(), &[("c1", 3)]).await;
     // Two quick edits of one title, made from title_v 3: the first is applied (title_v 4) and confirmed,
     // the connection drops before the second arrives.
     laptop.change(Change::Title { chat_id: chat("c1"), title: "a".into() });
@@ -766,12 +775,7 @@ async fn an_edit_resent_after_a_drop_is_based_on_the_devices_own_confirmed_edit(
 #[tokio::test]
 async fn an_edit_made_while_its_queued_predecessor_is_in_flight_is_based_on_it() {
     let mut server = Scripted::start().await;
-    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
-    let mut ws = server.accept().await;
-    greet(&mut ws).await;
-    let sync = read_frame(&mut ws).await;
-    answer_sync(&mut ws, &sync, &[("c1", 3)]).await;
-    synced(&mut laptop).await;
+    let (mut laptop, ws) = online(&mut server, "cs_t", "alice", quick(), &[("c1", 3)]).await;
     drop(ws);
     disconnected(&mut laptop).await;
     // Offline: an edit queued on title_v 3.
@@ -837,12 +841,7 @@ async fn an_attempt_that_is_never_greeted_is_given_up_and_retried() {
 async fn a_half_open_connection_is_found_by_the_keepalive_and_replaced() {
     let mut server = Scripted::start().await;
     let opts = ReconnectOptions { keepalive: Duration::from_millis(200), ..quick() };
-    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), opts);
-    let mut ws = server.accept().await;
-    greet(&mut ws).await;
-    let sync = read_frame(&mut ws).await;
-    answer_sync(&mut ws, &sync, &[]).await;
-    synced(&mut laptop).await;
+    let (mut laptop, mut ws) = online(&mut server, "cs_t", "alice", opts, &[]).await;
     // A quiet connection is pinged; a live server's pong keeps it (and is not surfaced).
     let ping = read_frame(&mut ws).await;
     assert_eq!(ping["type"], "ping");
@@ -871,12 +870,7 @@ async fn a_server_that_sends_websocket_pings_is_alive_though_it_answers_no_ping(
     use futures_util::{FutureExt, SinkExt};
     let mut server = Scripted::start().await;
     let opts = ReconnectOptions { keepalive: Duration::from_millis(200), ..quick() };
-    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), opts);
-    let mut ws = server.accept().await;
-    greet(&mut ws).await;
-    let sync = read_frame(&mut ws).await;
-    answer_sync(&mut ws, &sync, &[]).await;
-    synced(&mut laptop).await;
+    let (mut laptop, mut ws) = online(&mut server, "cs_t", "alice", opts, &[]).await;
     // Five times the keepalive (two and a half times what would drop a silent connection), the server
     // sending nothing but WebSocket Pings.
     for _ in 0..20 {
@@ -896,12 +890,7 @@ async fn a_server_that_sends_websocket_pings_is_alive_though_it_answers_no_ping(
 #[tokio::test]
 async fn a_frame_the_client_cannot_read_is_reported_and_the_connection_kept() {
     let mut server = Scripted::start().await;
-    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
-    let mut ws = server.accept().await;
-    greet(&mut ws).await;
-    let sync = read_frame(&mut ws).await;
-    answer_sync(&mut ws, &sync, &[("c1", 3)]).await;
-    synced(&mut laptop).await;
+    let (mut laptop, mut ws) = online(&mut server, "cs_t", "alice", quick(), &[("c1", 3)]).await;
     // A newer server's event, a malformed one, a frame that is not JSON: none answers a request of the
     // client's. Dropping the connection for them would reconnect (and resync) in a loop, since each new
     // connection syncs and gets them again.
@@ -945,12 +934,7 @@ async fn a_frame_the_client_cannot_read_is_reported_and_the_connection_kept() {
 #[tokio::test]
 async fn a_live_edit_the_server_could_not_take_for_now_is_queued_not_lost() {
     let mut server = Scripted::start().await;
-    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
-    let mut ws = server.accept().await;
-    greet(&mut ws).await;
-    let sync = read_frame(&mut ws).await;
-    answer_sync(&mut ws, &sync, &[("c1", 3), ("c2", 1)]).await;
-    synced(&mut laptop).await;
+    let (mut laptop, mut ws) = online(&mut server, "cs_t", "alice", quick(), &[("c1", 3), ("c2", 1)]).await;
     let refused = |e: &Event| match e {
         Event::Message(Incoming { message: ServerMessage::Error(e), .. }) => Some(e.code),
         _ => None,
@@ -998,12 +982,7 @@ async fn a_live_edit_the_server_could_not_take_for_now_is_queued_not_lost() {
 #[tokio::test]
 async fn what_one_user_left_unsent_never_reaches_another_users_account_and_the_new_users_work_does() {
     let mut server = Scripted::start().await;
-    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_alice", "laptop"), quick());
-    let mut ws = server.accept().await;
-    greet_as(&mut ws, "alice").await;
-    let sync = read_frame(&mut ws).await;
-    answer_sync(&mut ws, &sync, &[("alice-chat", 3)]).await;
-    synced(&mut laptop).await;
+    let (mut laptop, ws) = online(&mut server, "cs_alice", "alice", quick(), &[("alice-chat", 3)]).await;
     drop(ws);
     disconnected(&mut laptop).await;
     let message = |id: &str, text: &str| NewMessage {
