@@ -146,6 +146,11 @@ impl Change {
         matches!(self, Change::Title { .. })
     }
 
+    /// Whether `other` changes the same chat's same component (a draft update and a draft deletion do).
+    fn same_component(&self, other: &Change) -> bool {
+        self.chat_id() == other.chat_id() && self.is_title() == other.is_title()
+    }
+
     fn live(&self) -> ClientMessage {
         match self.clone() {
             Change::Title { chat_id, title } => ClientMessage::UpdateTitle(UpdateTitle { chat_id, new_title: title }),
@@ -272,7 +277,7 @@ impl Shared {
 
     /// Queues `change`, replacing a queued change of the same chat and component.
     fn enqueue(&mut self, change: Change, version_before_edit: i64) {
-        self.queue.retain(|q| !(q.change.chat_id() == change.chat_id() && q.change.is_title() == change.is_title()));
+        self.queue.retain(|q| !q.change.same_component(&change));
         self.next_id += 1;
         self.queue.push(Queued { id: self.next_id, change, version_before_edit });
     }
@@ -760,8 +765,9 @@ impl Task {
                         // A frame this loop never sees is a sign of life too: the WebSocket Pings of the
                         // server's heartbeat, which go on while the server works through a long request
                         // (it handles a connection's requests in order, so the `ping` waits behind it).
-                        if client.heard_at() + keepalive > now {
-                            (quiet_until, pinged) = (client.heard_at() + keepalive, false);
+                        let alive_until = client.heard_at() + keepalive;
+                        if alive_until > now {
+                            (quiet_until, pinged) = (alive_until, false);
                             continue;
                         }
                         if pinged {
@@ -810,9 +816,7 @@ impl Task {
                                     // It supersedes a queued edit of its component (one refused for now,
                                     // or one whose batch is unanswered): sent after it, that one would undo
                                     // it, or meet it as a conflict.
-                                    s.queue.retain(|q| {
-                                        !(q.change.chat_id() == change.chat_id() && q.change.is_title() == change.is_title())
-                                    });
+                                    s.queue.retain(|q| !q.change.same_component(&change));
                                     s.next_id += 1;
                                     (s.next_id, s.held(change.chat_id(), change.is_title()))
                                 };
@@ -941,9 +945,7 @@ impl Task {
                 // connection like a lost reply, unless a later edit of that component is on its way.
                 if matches!(&m.message, ServerMessage::Error(e) if is_transient(e.code)) {
                     let superseded = pending.values().any(|p| {
-                        matches!(p, Pending::Change(later) if later.id > q.id
-                            && later.change.chat_id() == q.change.chat_id()
-                            && later.change.is_title() == q.change.is_title())
+                        matches!(p, Pending::Change(later) if later.id > q.id && later.change.same_component(&q.change))
                     });
                     if !superseded {
                         self.lock().requeue(vec![q]);
