@@ -209,11 +209,7 @@ impl Client {
     /// skipped when the client ignores them). A close frame is [`ClientError::Closed`].
     pub async fn recv_text(&mut self) -> Result<String, ClientError> {
         loop {
-            let frame = self.ws.next().await;
-            if matches!(frame, Some(Ok(_))) {
-                self.heard_at = tokio::time::Instant::now();
-            }
-            match frame {
+            match self.next_frame().await {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {
@@ -300,13 +296,22 @@ impl Client {
             .map_err(|Undecodable { frame, error }| ClientError::Decode(format!("{error}: {frame}")))
     }
 
-    /// Like [`Client::recv`], but a text frame that is not a protocol message this client knows (a newer
-    /// server's type, a malformed payload) is handed back as it is instead of failing the read.
     /// When the last frame of any kind (a WebSocket Ping included) came from the server.
     pub(crate) fn heard_at(&self) -> tokio::time::Instant {
         self.heard_at
     }
 
+    /// The next WebSocket frame, noting when it came ([`Client::heard_at`]).
+    async fn next_frame(&mut self) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+        let frame = self.ws.next().await;
+        if matches!(frame, Some(Ok(_))) {
+            self.heard_at = tokio::time::Instant::now();
+        }
+        frame
+    }
+
+    /// Like [`Client::recv`], but a text frame that is not a protocol message this client knows (a newer
+    /// server's type, a malformed payload) is handed back as it is instead of failing the read.
     pub(crate) async fn recv_lenient(&mut self) -> Result<Result<Incoming, Undecodable>, ClientError> {
         match self.pending.pop_front() {
             Some(m) => Ok(Ok(m)),
@@ -316,11 +321,7 @@ impl Client {
 
     async fn read_or_undecodable(&mut self) -> Result<Result<Incoming, Undecodable>, ClientError> {
         loop {
-            let frame = self.ws.next().await;
-            if matches!(frame, Some(Ok(_))) {
-                self.heard_at = tokio::time::Instant::now();
-            }
-            match frame {
+            match self.next_frame().await {
                 None => return Err(ClientError::Closed(None)),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {

@@ -228,6 +228,20 @@ pub fn endpoints() -> Vec<Endpoint> {
 /// One OpenAPI link: from operation, its status, to operation, `(parameter, runtime expression)`s.
 pub type Link = (&'static str, u16, &'static str, &'static [(&'static str, &'static str)]);
 
+/// The stream a start answered with, in the chat of its path.
+const STARTED_STREAM: &[(&str, &str)] = &[
+    ("user_id", "$request.path.user_id"),
+    ("chat_id", "$request.path.chat_id"),
+    ("stream_id", "$response.body#/stream_id"),
+];
+
+/// The stream of the request's own path.
+const SAME_STREAM: &[(&str, &str)] = &[
+    ("user_id", "$request.path.user_id"),
+    ("chat_id", "$request.path.chat_id"),
+    ("stream_id", "$request.path.stream_id"),
+];
+
 /// OpenAPI links (what a success answer gives the next call, for clients and stateful testers such as
 /// schemathesis): from operation, its status, to operation, and each parameter's runtime expression.
 pub const LINKS: &[Link] = &[
@@ -243,46 +257,10 @@ pub const LINKS: &[Link] = &[
         &[("user_id", "$request.path.user_id"), ("device_hash", "$response.body#/devices/0/device_hash")],
     ),
     ("postMessage", 201, "getUser", &[("user_id", "$request.path.user_id")]),
-    (
-        "startStream",
-        201,
-        "postStreamChunk",
-        &[
-            ("user_id", "$request.path.user_id"),
-            ("chat_id", "$request.path.chat_id"),
-            ("stream_id", "$response.body#/stream_id"),
-        ],
-    ),
-    (
-        "startStream",
-        201,
-        "completeStream",
-        &[
-            ("user_id", "$request.path.user_id"),
-            ("chat_id", "$request.path.chat_id"),
-            ("stream_id", "$response.body#/stream_id"),
-        ],
-    ),
-    (
-        "startStream",
-        201,
-        "abortStream",
-        &[
-            ("user_id", "$request.path.user_id"),
-            ("chat_id", "$request.path.chat_id"),
-            ("stream_id", "$response.body#/stream_id"),
-        ],
-    ),
-    (
-        "postStreamChunk",
-        202,
-        "completeStream",
-        &[
-            ("user_id", "$request.path.user_id"),
-            ("chat_id", "$request.path.chat_id"),
-            ("stream_id", "$request.path.stream_id"),
-        ],
-    ),
+    ("startStream", 201, "postStreamChunk", STARTED_STREAM),
+    ("startStream", 201, "completeStream", STARTED_STREAM),
+    ("startStream", 201, "abortStream", STARTED_STREAM),
+    ("postStreamChunk", 202, "completeStream", SAME_STREAM),
 ];
 
 /// The codes an error status carries.
