@@ -18,6 +18,9 @@
 //!   `chat_message_confirmed` arrives and are re-sent after a reconnection (a `message_id` is idempotent).
 //!   One whose frame is larger than `max_frame_bytes` is not sent (the server would close the connection,
 //!   on every attempt): it leaves the outbox, reported as an `error` `limit_exceeded`.
+//! * The limits kept to (frame size, batch size) are those of the `connected` greeting; a value no
+//!   chatsync server announces (0, a `max_frame_bytes` below 1024) says nothing usable and is taken as
+//!   the protocol's default (PROTOCOL.md section 2), not as a frame nothing fits in.
 //! * The versions held are the newest the client has been told of (initial sync, confirmations,
 //!   broadcasts, offline results), those of the initial sync once it is complete (as [`Event::Synced`]:
 //!   the parts of one that fails or is cut are not held, so the next sync sends them again); a deleted
@@ -51,8 +54,8 @@
 use crate::{Client, ClientError, ConnectOptions, Undecodable};
 use chatsync_protocol::{
     ChatId, ChatMessageAdded, ClientMessage, ClientVersions, Connected, DeleteDraft, ErrorCode, ErrorPayload, Incoming,
-    InitialSyncRequest, InitialSyncResponse, MessageId, NewMessage, OfflineChangeType, OfflineResult, OfflineStatus,
-    OfflineSyncComplete, ServerMessage, SyncOfflineChanges, UpdateDraft, UpdateTitle,
+    InitialSyncRequest, InitialSyncResponse, Limits, MessageId, NewMessage, OfflineChangeType, OfflineResult,
+    OfflineStatus, OfflineSyncComplete, ServerMessage, SyncOfflineChanges, UpdateDraft, UpdateTitle,
 };
 use rand::Rng;
 use serde_json::{json, Map, Value};
@@ -470,6 +473,25 @@ fn offline_batch(queue: &[Queued], max_changes: usize, max_frame_bytes: usize, r
     changes
 }
 
+/// The least `max_frame_bytes` a chatsync server can be configured with.
+const MIN_FRAME_BYTES: u32 = 1024;
+
+/// The limits a connection keeps to: the greeting's, except where a value is one no chatsync server
+/// announces (0, or a frame smaller than [`MIN_FRAME_BYTES`]: a server that took nothing could not be
+/// used at all). Such a value says nothing usable, so the protocol's default takes its place: taken as
+/// it is, it would make every queued change and message "larger than a frame", dropped for good.
+fn effective_limits(announced: Limits) -> Limits {
+    let default = Limits::default();
+    let or_default = |value: u32, least: u32, default: u32| if value < least { default } else { value };
+    Limits {
+        max_frame_bytes: or_default(announced.max_frame_bytes, MIN_FRAME_BYTES, default.max_frame_bytes),
+        max_offline_changes: or_default(announced.max_offline_changes, 1, default.max_offline_changes),
+        rate_per_sec: or_default(announced.rate_per_sec, 1, default.rate_per_sec),
+        rate_burst: or_default(announced.rate_burst, 1, default.rate_burst),
+        ..announced
+    }
+}
+
 /// The result reported for a queued change refused before sending: larger than a frame.
 fn too_large(q: &Queued) -> OfflineSyncComplete {
     OfflineSyncComplete {
@@ -686,8 +708,8 @@ impl Task {
             next += 1;
             format!("{prefix}{next}")
         };
-        let batch = connected.limits.max_offline_changes.max(1) as usize;
-        let connected_limits = connected.limits;
+        let connected_limits = effective_limits(connected.limits);
+        let batch = connected_limits.max_offline_changes as usize;
         {
             let mut s = self.lock();
             // Another user's connection (a token of someone else given with `set_token`): what the first

@@ -6,6 +6,9 @@ use serde_json::{Map, Value};
 /// Content and rate limits. The server enforces them and announces them in `connected`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+// A limit missing from a greeting (an older or newer server) reads as the protocol's default: a client
+// has a value to keep to, rather than failing every connection on the greeting.
+#[serde(default)]
 pub struct Limits {
     /// Largest accepted text frame, in bytes.
     pub max_frame_bytes: u32,

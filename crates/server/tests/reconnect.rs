@@ -1129,3 +1129,60 @@ async fn a_chat_seen_deleted_is_not_held_again() {
     assert_eq!(held, [chat("c2"), chat("c3")]);
     laptop.close();
 }
+
+/// A client offline with one queued title change and one unconfirmed message, on `server`'s next
+/// connection (upgraded, not greeted).
+async fn offline_with_work(server: &mut Scripted) -> (ReconnectingClient, WebSocketStream<TcpStream>) {
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    drop(ws);
+    disconnected(&mut laptop).await;
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "offline".into() });
+    let message = NewMessage {
+        message_id: MessageId::new("m1").unwrap(),
+        content: MessageContent::Text("hello".into()),
+        timestamp: None,
+        temp_id: None,
+    };
+    laptop.send_message(chat("c1"), message);
+    let ws = server.accept().await;
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    assert_eq!((laptop.queued_changes(), laptop.unconfirmed_messages()), (1, 1));
+    (laptop, ws)
+}
+
+/// A greeting whose `max_frame_bytes` is 0, below the 1024 any chatsync server takes, or missing, says
+/// nothing usable about the frame size: the client keeps to the protocol's default instead of taking every
+/// queued change and message for "larger than a frame" and dropping them all.
+#[tokio::test]
+async fn a_greeting_with_a_zero_frame_size_does_not_empty_the_queue() {
+    let mut server = Scripted::start().await;
+    // 0, absurdly small, and missing (a greeting whose `limits` lacks them): the default.
+    for max_frame_bytes in [Some(0), Some(10), None] {
+        let (mut laptop, mut ws) = offline_with_work(&mut server).await;
+        let limits =
+            Limits { max_frame_bytes: max_frame_bytes.unwrap_or(0), max_offline_changes: 0, ..Limits::default() };
+        let mut greeting = json!({"type": "connected", "payload": {"connection_id": "conn", "user_id": "alice",
+            "device_hash": "0".repeat(64), "protocol": "chatsync.v1", "server_time": "2026-01-01T00:00:00Z",
+            "limits": limits}});
+        if max_frame_bytes.is_none() {
+            let limits = greeting["payload"]["limits"].as_object_mut().unwrap();
+            limits.remove("max_frame_bytes");
+            limits.remove("max_offline_changes");
+        }
+        send_json(&mut ws, greeting).await;
+        let offline = read_frame(&mut ws).await;
+        assert_eq!(offline["type"], "sync_offline_changes", "{offline}");
+        assert_eq!(offline["payload"]["changes"][0]["value"], "offline");
+        let message = read_frame(&mut ws).await;
+        assert_eq!(
+            (message["type"].as_str(), message["payload"]["message"]["message_id"].as_str()),
+            (Some("chat_message_added"), Some("m1"))
+        );
+        assert_eq!(read_frame(&mut ws).await["type"], "initial_sync_request");
+        assert_eq!((laptop.queued_changes(), laptop.unconfirmed_messages()), (1, 1), "nothing dropped");
+        laptop.close();
+        disconnected(&mut laptop).await;
+    }
+}
