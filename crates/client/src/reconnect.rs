@@ -13,7 +13,11 @@
 //!   earlier one, so the server sees the last state the user wanted, edited from the version the client
 //!   held, or from the one its own earlier edit of that component produced once the server applied it).
 //!   The server applies a queued change only if nobody changed that component since
-//!   (`version_before_edit`); otherwise the result is a `conflict` in [`Event::OfflineSynced`].
+//!   (`version_before_edit`); otherwise the result is a `conflict` in [`Event::OfflineSynced`]. A batch
+//!   the server refuses as a whole is kept for the next connection when refused for now (`unavailable`,
+//!   `rate_limited`, `internal`); refused with any other error (`invalid_payload`, `limit_exceeded`…),
+//!   which a retry would repeat, its changes leave the queue, each reported as an `error` result with
+//!   that code in [`Event::OfflineSynced`] (as the TypeScript SDK's `change_rejected`).
 //! * Chat messages ([`ReconnectingClient::send_message`]) stay in an outbox until their
 //!   `chat_message_confirmed` arrives and are re-sent after a reconnection (a `message_id` is idempotent).
 //!   One whose frame is larger than `max_frame_bytes` is not sent (the server would close the connection,
@@ -194,7 +198,10 @@ pub enum Event {
     /// The server's answer to the queued offline changes (one per batch of at most
     /// `limits.max_offline_changes` changes in one frame of `limits.max_frame_bytes`). A change larger
     /// than a frame on its own is not sent (the server would close the connection, on every attempt): it
-    /// leaves the queue, reported here as an `error` result with `limit_exceeded`.
+    /// leaves the queue, reported here as an `error` result with `limit_exceeded`. A batch the server
+    /// refuses as a whole with an error a retry would repeat (not `unavailable`, `rate_limited` or
+    /// `internal`) leaves the queue too, reported here (after that `error` as an [`Event::Message`]) as an
+    /// `error` result with its code for each change.
     OfflineSynced(OfflineSyncComplete),
     /// The initial sync after a (re)connection, its parts merged.
     Synced(InitialSyncResponse),
@@ -492,21 +499,22 @@ fn effective_limits(announced: Limits) -> Limits {
     }
 }
 
-/// The result reported for a queued change refused before sending: larger than a frame.
-fn too_large(q: &Queued) -> OfflineSyncComplete {
-    OfflineSyncComplete {
-        processed: 0,
-        conflicts: 0,
-        errors: 1,
-        results: vec![OfflineResult {
+/// The result reported for queued changes refused with `code` without a result of the server's own:
+/// one larger than a frame (refused before sending, `limit_exceeded`), or a batch the server refused as
+/// a whole.
+fn refused(changes: &[Queued], code: ErrorCode) -> OfflineSyncComplete {
+    let results: Vec<OfflineResult> = changes
+        .iter()
+        .map(|q| OfflineResult {
             change_id: Some(format!("c{}", q.id)),
             chat_id: Some(q.change.chat_id().as_str().to_owned()),
             kind: Some(q.change.kind()),
             status: OfflineStatus::Error,
-            code: Some(ErrorCode::LimitExceeded),
+            code: Some(code),
             versions: None,
-        }],
-    }
+        })
+        .collect();
+    OfflineSyncComplete { processed: 0, conflicts: 0, errors: results.len() as u32, results }
 }
 
 /// The request id of the keepalive's `ping` (callers' requests are numbered `request-N`).
@@ -588,8 +596,9 @@ enum Pending {
     Change(Queued),
     /// A chat message; leaves the outbox on confirmation, or on an error that a retry would repeat.
     Message(ChatId, chatsync_protocol::MessageId),
-    /// A batch of queued changes (their ids), dropped from the queue on `offline_sync_complete`.
-    Offline(Vec<u64>),
+    /// A batch of queued changes, dropped from the queue on `offline_sync_complete` (or on an error that
+    /// refuses it for good).
+    Offline(Vec<Queued>),
     /// The initial sync, with the parts so far, and the chats held that it could not name.
     Sync(Option<InitialSyncResponse>, Vec<ChatId>),
     /// A caller's request.
@@ -753,13 +762,13 @@ impl Task {
             if changes.is_empty() {
                 // Alone larger than a frame: sent, it would close the connection (1009) on every attempt.
                 self.lock().queue.retain(|q| q.id != first.id);
-                self.emit(Event::OfflineSynced(too_large(first)));
+                self.emit(Event::OfflineSynced(refused(std::slice::from_ref(first), ErrorCode::LimitExceeded)));
                 rest = &rest[1..];
                 continue;
             }
             let (taken, left) = rest.split_at(changes.len());
             rest = left;
-            pending.insert(rid.clone(), Pending::Offline(taken.iter().map(|q| q.id).collect()));
+            pending.insert(rid.clone(), Pending::Offline(taken.to_vec()));
             sent = sent
                 .and(client.send(&ClientMessage::SyncOfflineChanges(SyncOfflineChanges { changes }), Some(&rid)).await);
         }
@@ -987,8 +996,9 @@ impl Task {
                 }
                 self.emit(Event::Message(m));
             }
-            Pending::Offline(ids) => match m.message {
+            Pending::Offline(batch) => match m.message {
                 ServerMessage::OfflineSyncComplete(done) => {
+                    let ids: HashSet<u64> = batch.iter().map(|q| q.id).collect();
                     for r in done.results.iter().filter(|r| r.status == OfflineStatus::Applied) {
                         let id = r.change_id.as_deref().and_then(|c| c.strip_prefix('c')?.parse::<u64>().ok());
                         let chat = r.chat_id.as_deref().and_then(|c| ChatId::new(c).ok());
@@ -1002,10 +1012,20 @@ impl Task {
                     self.lock().queue.retain(|q| !ids.contains(&q.id));
                     self.emit(Event::OfflineSynced(done));
                 }
+                // Refused as a whole with an error a retry would repeat (a malformed or oversized batch):
+                // sent again on every connection, it would be refused again, forever. Its changes leave
+                // the queue, each reported as refused with that code, as the server reports one change.
+                ServerMessage::Error(ref e) if !is_transient(e.code) => {
+                    let code = e.code;
+                    self.lock().queue.retain(|q| !batch.iter().any(|b| b.id == q.id));
+                    self.emit(Event::Message(m));
+                    self.emit(Event::OfflineSynced(refused(&batch, code)));
+                }
+                // Refused for now: the changes stay queued for the next connection.
                 _ if is_error => self.emit(Event::Message(m)),
                 // The broadcasts of applied changes come first, with the same request id.
                 _ => {
-                    pending.insert(rid, Pending::Offline(ids));
+                    pending.insert(rid, Pending::Offline(batch));
                     self.emit(Event::Message(m));
                 }
             },

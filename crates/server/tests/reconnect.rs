@@ -1186,3 +1186,62 @@ async fn a_greeting_with_a_zero_frame_size_does_not_empty_the_queue() {
         disconnected(&mut laptop).await;
     }
 }
+
+/// A `sync_offline_changes` batch the server refuses as a whole for now (`unavailable`) stays queued for
+/// the next connection; one it refuses with an error a retry would repeat (`invalid_payload`) leaves the
+/// queue, each change reported as refused, instead of being sent again on every connection, forever.
+#[tokio::test]
+async fn an_offline_batch_refused_for_good_leaves_the_queue_and_is_reported() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    drop(ws);
+    disconnected(&mut laptop).await;
+    laptop.change(Change::Title { chat_id: chat("c1"), title: "a".into() });
+    laptop.change(Change::DeleteDraft { chat_id: chat("c2") });
+    let refused = |code: &'static str| {
+        move |offline: &Value| {
+            json!({"type": "error", "request_id": offline["request_id"],
+                "payload": {"code": code, "message": "Refused.", "field": "changes"}})
+        }
+    };
+    for (code, kept) in [("unavailable", 2), ("invalid_payload", 0)] {
+        let mut ws = server.accept().await;
+        greet(&mut ws).await;
+        let offline = read_frame(&mut ws).await;
+        assert_eq!(offline["type"], "sync_offline_changes", "{offline}");
+        assert_eq!(offline["payload"]["changes"].as_array().unwrap().len(), 2, "{offline}");
+        send_json(&mut ws, refused(code)(&offline)).await;
+        let error = until(&mut laptop, |e| match e {
+            Event::Message(Incoming { message: ServerMessage::Error(e), .. }) => Some(e.code),
+            _ => None,
+        })
+        .await;
+        assert_eq!(serde_json::to_value(error).unwrap(), code);
+        if kept == 0 {
+            let done = offline_synced(&mut laptop).await;
+            assert_eq!((done.processed, done.errors), (0, 2));
+            let results: Vec<(Option<&str>, OfflineStatus, Option<ErrorCode>)> =
+                done.results.iter().map(|r| (r.chat_id.as_deref(), r.status, r.code)).collect();
+            assert_eq!(
+                results,
+                [
+                    (Some("c1"), OfflineStatus::Error, Some(ErrorCode::InvalidPayload)),
+                    (Some("c2"), OfflineStatus::Error, Some(ErrorCode::InvalidPayload))
+                ]
+            );
+        }
+        let sync = read_frame(&mut ws).await;
+        answer_sync(&mut ws, &sync, &[]).await;
+        synced(&mut laptop).await;
+        assert_eq!(laptop.queued_changes(), kept, "after {code}");
+        drop(ws);
+        disconnected(&mut laptop).await;
+    }
+    // The next connection has nothing left to send but its sync.
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    assert_eq!(read_frame(&mut ws).await["type"], "initial_sync_request");
+    laptop.close();
+}
