@@ -87,6 +87,14 @@ pub struct ReconnectOptions {
     /// changed: TCP may notice only after many minutes, or never while the client sends nothing), dropped
     /// and re-established. `Duration::ZERO`: no keepalive.
     pub keepalive: Duration,
+    /// The most parts of one reply the client collects (a caller's [`ReconnectingClient::request`], the
+    /// connection's initial sync): a server that sends parts (`more: true`) without end must not grow
+    /// the client's memory without end. Past it a request fails ([`ClientError::Unexpected`]; the
+    /// reply's remaining parts are dropped as they come), and an initial sync fails, ending the
+    /// connection. A server's parts are each at most its `max_reply_bytes` (1 MiB by default), so the
+    /// default, 1024, is far beyond any sync; a caller's own `sync_offline_changes` counts a part per
+    /// change applied (its broadcast), so keep it above `max_offline_changes`.
+    pub max_reply_parts: usize,
 }
 
 impl Default for ReconnectOptions {
@@ -97,6 +105,7 @@ impl Default for ReconnectOptions {
             max_attempts: None,
             connect_timeout: Duration::from_secs(20),
             keepalive: Duration::from_secs(25),
+            max_reply_parts: 1024,
         }
     }
 }
@@ -599,10 +608,14 @@ enum Pending {
     /// A batch of queued changes, dropped from the queue on `offline_sync_complete` (or on an error that
     /// refuses it for good).
     Offline(Vec<Queued>),
-    /// The initial sync, with the parts so far, and the chats held that it could not name.
-    Sync(Option<InitialSyncResponse>, Vec<ChatId>),
+    /// The initial sync, with the parts so far (merged, and how many), and the chats held that it could
+    /// not name.
+    Sync(Option<InitialSyncResponse>, Vec<ChatId>, usize),
     /// A caller's request.
     Request(ClientMessage, Vec<Incoming>, oneshot::Sender<Result<Vec<Incoming>, ClientError>>),
+    /// A caller's request whose reply came in more than `max_reply_parts` parts: failed, its remaining
+    /// parts are dropped up to the last one.
+    Overflowed,
     /// The keepalive's `ping`: its `pong` is not surfaced.
     Keepalive,
 }
@@ -779,7 +792,7 @@ impl Task {
         }
         let rid = id("sync-");
         let (sync, left_out) = sync_request(versions, connected_limits.max_frame_bytes as usize, &rid);
-        pending.insert(rid.clone(), Pending::Sync(None, left_out));
+        pending.insert(rid.clone(), Pending::Sync(None, left_out, 0));
         sent = sent.and(client.send(&ClientMessage::InitialSyncRequest(sync), Some(&rid)).await);
 
         // The keepalive: a `ping` after `keepalive` without a frame, the connection dropped after as long
@@ -895,7 +908,11 @@ impl Task {
                 Pending::Request(_, _, reply) => {
                     let _ = reply.send(Err(ClientError::Closed(None)));
                 }
-                Pending::Message(..) | Pending::Offline(_) | Pending::Sync(..) | Pending::Keepalive => {}
+                Pending::Message(..)
+                | Pending::Offline(_)
+                | Pending::Sync(..)
+                | Pending::Keepalive
+                | Pending::Overflowed => {}
             }
         }
         s.requeue(unconfirmed);
@@ -1029,8 +1046,14 @@ impl Task {
                     self.emit(Event::Message(m));
                 }
             },
-            Pending::Sync(so_far, left_out) => match m.message {
+            Pending::Sync(so_far, left_out, parts) => match m.message {
                 ServerMessage::InitialSyncResponse(part) => {
+                    let parts = parts + 1;
+                    if part.more && parts >= self.reconnect.max_reply_parts {
+                        return Err(format!(
+                            "the initial sync failed: its reply came in more than {parts} parts (max_reply_parts)"
+                        ));
+                    }
                     let merged = match so_far {
                         None => part,
                         Some(mut all) => {
@@ -1044,7 +1067,7 @@ impl Task {
                         }
                     };
                     if merged.more {
-                        pending.insert(rid, Pending::Sync(Some(merged), left_out));
+                        pending.insert(rid, Pending::Sync(Some(merged), left_out, parts));
                     } else {
                         // A chat the request could not name is sent in full if it exists, and not named
                         // as deleted if it does not: gone is what the complete chat order lacks.
@@ -1075,7 +1098,7 @@ impl Task {
                 }
                 // Not the sync's reply (a buggy server's frame): the sync still waits for it.
                 _ => {
-                    pending.insert(rid, Pending::Sync(so_far, left_out));
+                    pending.insert(rid, Pending::Sync(so_far, left_out, parts));
                     self.emit(Event::Message(m));
                 }
             },
@@ -1087,10 +1110,25 @@ impl Task {
                     _ => matches!(message, ClientMessage::SyncOfflineChanges(_)),
                 };
                 parts.push(m);
-                if more {
-                    pending.insert(rid, Pending::Request(message, parts, reply));
-                } else {
+                if !more {
                     let _ = reply.send(Ok(parts));
+                } else if parts.len() >= self.reconnect.max_reply_parts {
+                    let why = format!("the reply to {rid} came in more than {} parts (max_reply_parts)", parts.len());
+                    let _ = reply.send(Err(ClientError::Unexpected(why)));
+                    pending.insert(rid, Pending::Overflowed);
+                } else {
+                    pending.insert(rid, Pending::Request(message, parts, reply));
+                }
+            }
+            Pending::Overflowed => {
+                let last = match &m.message {
+                    ServerMessage::InitialSyncResponse(r) => !r.more,
+                    ServerMessage::ChatContentBatchResponse(r) => !r.more,
+                    ServerMessage::Error(_) | ServerMessage::OfflineSyncComplete(_) => true,
+                    _ => false,
+                };
+                if !last {
+                    pending.insert(rid, Pending::Overflowed);
                 }
             }
         }

@@ -1245,3 +1245,68 @@ async fn an_offline_batch_refused_for_good_leaves_the_queue_and_is_reported() {
     assert_eq!(read_frame(&mut ws).await["type"], "initial_sync_request");
     laptop.close();
 }
+
+/// One empty part of an initial sync's reply to request `rid`.
+fn sync_part(rid: &Value, more: bool) -> Value {
+    json!({"type": "initial_sync_response", "request_id": rid, "payload": {
+        "chat_ids_to_delete": [], "chats_to_add_or_update": [], "server_chat_order": [],
+        "sync_completed_at": "2026-01-01T00:00:00Z", "active_streams": [], "more": more}})
+}
+
+/// A server that sends the parts of a reply forever (`more: true`, again and again) does not make the
+/// client collect them without end: past `max_reply_parts` (1024 by default) a caller's request fails,
+/// and the connection's initial sync fails (the connection is dropped and retried).
+#[tokio::test]
+async fn a_reply_in_endless_parts_is_given_up_not_collected_forever() {
+    let mut server = Scripted::start().await;
+    let parts = ReconnectOptions::default().max_reply_parts;
+    assert_eq!(parts, 1024);
+    let (mut laptop, mut ws) = online(&mut server, "cs_t", "alice", quick(), &[]).await;
+    let request = ClientMessage::InitialSyncRequest(InitialSyncRequest {
+        chat_versions: BTreeMap::new(),
+        immediate_view_chat_id: None,
+    });
+    let script = async {
+        let sent = read_frame(&mut ws).await;
+        for _ in 0..=parts {
+            send_json(&mut ws, sync_part(&sent["request_id"], true)).await;
+        }
+        // The parts after the cap are dropped, up to the last one; the connection goes on.
+        send_json(&mut ws, sync_part(&sent["request_id"], false)).await;
+        let ping = read_frame(&mut ws).await;
+        send_json(&mut ws, json!({"type": "pong", "request_id": ping["request_id"], "payload": {}})).await;
+    };
+    let asked = async {
+        let reply = tokio::time::timeout(Duration::from_secs(30), laptop.request(request)).await;
+        let error =
+            reply.expect("the request never ended").map(|parts| parts.len()).expect_err("more parts than allowed");
+        assert!(error.to_string().contains("parts"), "{error}");
+        let pong = tokio::time::timeout(Duration::from_secs(30), laptop.request(ClientMessage::Ping(Empty {})));
+        assert!(pong.await.expect("no pong").is_ok());
+    };
+    tokio::join!(script, asked);
+
+    // The connection's own initial sync, in endless parts: the sync fails and the connection is dropped.
+    drop(ws);
+    disconnected(&mut laptop).await;
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let sync = read_frame(&mut ws).await;
+    let script = async {
+        // The last of these is one too many: the client hangs up after it.
+        for _ in 0..parts {
+            send_json(&mut ws, sync_part(&sync["request_id"], true)).await;
+        }
+    };
+    let gone = async {
+        until(&mut laptop, |e| match e {
+            Event::Disconnected { error, .. } => Some(error.clone()),
+            Event::Synced(_) => panic!("synced"),
+            _ => None,
+        })
+        .await
+    };
+    let (_, error) = tokio::join!(script, gone);
+    assert!(error.contains("parts"), "{error}");
+    laptop.close();
+}
