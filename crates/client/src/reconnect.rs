@@ -41,6 +41,11 @@
 //!   re-established (a half-open connection) when as long again passes without any frame. Every frame
 //!   counts, the WebSocket Pings of the server's heartbeat too (they go on while the server works
 //!   through a long request, which the `ping` would wait behind).
+//! * Nothing the server sends grows the client's memory without end: at most `event_capacity` (1024)
+//!   events wait for the application, and while they do the client stops reading the connection
+//!   (backpressure: the server's bounded outbox, and its rule for slow consumers, take it from there;
+//!   nothing is lost, a dropped connection resyncs); a reply is collected in at most `max_reply_parts`
+//!   (1024) parts, past which the request (or the initial sync, and with it the connection) fails.
 //! * A frame the client cannot read (a type newer than it, a malformed payload) is reported as
 //!   [`Event::ProtocolError`] and skipped, as the TypeScript SDK's `protocol_error`; only one that carries
 //!   the `request_id` of a request in flight (its reply, lost) ends the connection.
@@ -63,7 +68,7 @@ use chatsync_protocol::{
 };
 use rand::Rng;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -95,6 +100,13 @@ pub struct ReconnectOptions {
     /// default, 1024, is far beyond any sync; a caller's own `sync_offline_changes` counts a part per
     /// change applied (its broadcast), so keep it above `max_offline_changes`.
     pub max_reply_parts: usize,
+    /// How many events may wait for the application ([`ReconnectingClient::next_event`]). When that
+    /// many wait, the client stops reading the connection until the application takes one: what the
+    /// server sends waits in the network (the server's bounded outbox, then its slow-consumer rule, hold
+    /// it from there), never in this client's memory. An application that awaits a
+    /// [`ReconnectingClient::request`] must take events meanwhile (another task), or the reply may wait
+    /// behind them. At least 1.
+    pub event_capacity: usize,
 }
 
 impl Default for ReconnectOptions {
@@ -106,6 +118,7 @@ impl Default for ReconnectOptions {
             connect_timeout: Duration::from_secs(20),
             keepalive: Duration::from_secs(25),
             max_reply_parts: 1024,
+            event_capacity: 1024,
         }
     }
 }
@@ -379,7 +392,7 @@ enum Command {
 /// A chatsync connection that reconnects by itself (see the module documentation).
 pub struct ReconnectingClient {
     commands: mpsc::UnboundedSender<Command>,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: mpsc::Receiver<Event>,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -387,7 +400,7 @@ impl ReconnectingClient {
     /// Starts connecting to `url` (e.g. `ws://127.0.0.1:8080/v1/ws`) in a background task.
     pub fn start(url: &str, options: ConnectOptions, reconnect: ReconnectOptions) -> ReconnectingClient {
         let (commands, command_rx) = mpsc::unbounded_channel();
-        let (event_tx, events) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::channel(reconnect.event_capacity.max(1));
         let shared = Arc::new(Mutex::new(Shared { options, ..Shared::default() }));
         let task = Task {
             url: url.to_owned(),
@@ -395,6 +408,7 @@ impl ReconnectingClient {
             shared: shared.clone(),
             commands: command_rx,
             events: event_tx,
+            backlog: VecDeque::new(),
             failures: 0,
             synced: false,
         };
@@ -402,7 +416,8 @@ impl ReconnectingClient {
         ReconnectingClient { commands, events, shared }
     }
 
-    /// The next event; `None` once the client has stopped and every event was taken.
+    /// The next event; `None` once the client has stopped and every event was taken. Take them
+    /// steadily: while [`ReconnectOptions::event_capacity`] events wait, the connection is not read.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
     }
@@ -437,6 +452,12 @@ impl ReconnectingClient {
         // Through the task, in order with the caller's changes and messages: what was made before this
         // call is told apart from what was made after it.
         let _ = self.commands.send(Command::Token(token.to_owned()));
+    }
+
+    /// The events waiting to be taken with [`ReconnectingClient::next_event`] (at most
+    /// [`ReconnectOptions::event_capacity`]).
+    pub fn buffered_events(&self) -> usize {
+        self.events.len()
     }
 
     /// Whether a connection is up now.
@@ -625,7 +646,10 @@ struct Task {
     reconnect: ReconnectOptions,
     shared: Arc<Mutex<Shared>>,
     commands: mpsc::UnboundedReceiver<Command>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
+    /// The events of the step in progress, not yet handed to `events` (see [`Task::deliver`]): a few
+    /// per frame received, handed over before the next frame is read.
+    backlog: VecDeque<Event>,
     /// Consecutive failed attempts; reset when a connection's initial sync completes.
     failures: u32,
     /// Whether the current connection's initial sync completed (its end is then no failed attempt).
@@ -645,11 +669,38 @@ impl Task {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn emit(&self, event: Event) {
-        let _ = self.events.send(event);
+    fn emit(&mut self, event: Event) {
+        self.backlog.push_back(event);
+    }
+
+    /// Hands the events emitted to the application, waiting while `event_capacity` of them wait for it
+    /// (the connection is not read meanwhile: backpressure, not memory). Whether it had to wait.
+    async fn deliver(&mut self) -> bool {
+        let mut waited = false;
+        while let Some(event) = self.backlog.pop_front() {
+            let gone = match self.events.try_send(event) {
+                Ok(()) => false,
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    waited = true;
+                    self.events.send(event).await.is_err()
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => true,
+            };
+            // The handle was dropped: nobody will read them.
+            if gone {
+                self.backlog.clear();
+            }
+        }
+        waited
     }
 
     async fn run(mut self) {
+        self.connections().await;
+        self.deliver().await;
+    }
+
+    /// Connects, and reconnects, until the client stops.
+    async fn connections(&mut self) {
         loop {
             let (options, epoch) = {
                 let s = self.lock();
@@ -691,6 +742,7 @@ impl Task {
             }
             let delay = self.reconnect.delay(self.failures.max(1));
             self.emit(Event::Disconnected { close, error, retry_in: Some(delay) });
+            self.deliver().await;
             let sleep = tokio::time::sleep(delay);
             tokio::select! {
                 _ = sleep => {}
@@ -699,7 +751,7 @@ impl Task {
         }
     }
 
-    fn stopped(&self, close: Option<(u16, String)>, error: &str) {
+    fn stopped(&mut self, close: Option<(u16, String)>, error: &str) {
         self.emit(Event::Disconnected { close, error: error.to_owned(), retry_in: None });
     }
 
@@ -803,6 +855,11 @@ impl Task {
         let end = match sent {
             Err(e) => End::Lost(None, e.to_string()),
             Ok(()) => loop {
+                // The events of the last step reach the application before the next frame is read; the
+                // time spent waiting for it to take them is not the server's silence.
+                if self.deliver().await {
+                    (quiet_until, pinged) = (tokio::time::Instant::now() + keepalive, false);
+                }
                 tokio::select! {
                     _ = tokio::time::sleep_until(quiet_until), if !keepalive.is_zero() => {
                         let now = tokio::time::Instant::now();
@@ -924,7 +981,7 @@ impl Task {
     /// Such a message leaves the outbox, reported as the server reports a message it refuses (an `error`
     /// `limit_exceeded` carrying `rid`).
     async fn send_message(
-        &self,
+        &mut self,
         client: &mut Client,
         pending: &mut HashMap<String, Pending>,
         rid: String,

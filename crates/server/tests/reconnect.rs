@@ -1310,3 +1310,50 @@ async fn a_reply_in_endless_parts_is_given_up_not_collected_forever() {
     assert!(error.contains("parts"), "{error}");
     laptop.close();
 }
+
+/// An application that takes its events slowly holds the connection back (the client stops reading it
+/// while `event_capacity` events wait), instead of the client buffering whatever the server sends:
+/// the events waiting never exceed the capacity, and none is lost.
+#[tokio::test]
+async fn events_the_application_has_not_taken_are_bounded_and_none_is_lost() {
+    let mut server = Scripted::start().await;
+    let capacity = 16;
+    let opts = ReconnectOptions { event_capacity: capacity, ..quick() };
+    let (mut laptop, mut ws) = online(&mut server, "cs_t", "alice", opts, &[]).await;
+    let broadcasts = 2000;
+    let script = tokio::spawn(async move {
+        for i in 0..=broadcasts {
+            let title = if i == broadcasts { "last".to_owned() } else { format!("t{i}") };
+            send_json(
+                &mut ws,
+                json!({"type": "chat_title_updated",
+                "payload": {"chat_id": "c1", "data": {"title": title}, "versions": {"title_v": i + 1}}}),
+            )
+            .await;
+        }
+        ws
+    });
+    // The application is busy: the events fill up to the capacity...
+    let full = async {
+        while laptop.buffered_events() < capacity {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), full).await.expect("the events never filled up");
+    // ...and no further, while it takes them one by one, to the last.
+    let mut titles = 0;
+    loop {
+        let waiting = laptop.buffered_events();
+        assert!(waiting <= capacity, "{waiting} events waiting, capacity {capacity}");
+        let event = tokio::time::timeout(Duration::from_secs(30), laptop.next_event()).await.expect("no event");
+        if let Some(Event::Message(Incoming { message: ServerMessage::ChatTitleUpdated(t), .. })) = event {
+            titles += 1;
+            if t.data.title == "last" {
+                break;
+            }
+        }
+    }
+    assert_eq!(titles, broadcasts + 1);
+    let _ws = script.await.unwrap();
+    laptop.close();
+}
