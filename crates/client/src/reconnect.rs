@@ -22,7 +22,11 @@
 //!   `chat_message_confirmed` arrives and are re-sent after a reconnection (a `message_id` is idempotent).
 //!   One whose frame is larger than `max_frame_bytes` is not sent (the server would close the connection,
 //!   on every attempt): it leaves the outbox, reported as an `error` `limit_exceeded`.
-//! * The limits kept to (frame size, batch size) are those of the `connected` greeting; a value no
+//! * Frames go at the pace of the server's rate limit (the greeting's `rate_per_sec` and `rate_burst`,
+//!   with a margin): after a long time offline, the queued changes, the messages to re-send and the
+//!   initial sync are more frames than the burst, and sent at once those past it would be refused
+//!   `rate_limited`, the initial sync with them (and with it the connection).
+//! * The limits kept to (frame size, batch size, rate) are those of the `connected` greeting; a value no
 //!   chatsync server announces (0, a `max_frame_bytes` below 1024) says nothing usable and is taken as
 //!   the protocol's default (PROTOCOL.md section 2), not as a frame nothing fits in.
 //! * The versions held are the newest the client has been told of (initial sync, confirmations,
@@ -547,6 +551,59 @@ fn refused(changes: &[Queued], code: ErrorCode) -> OfflineSyncComplete {
     OfflineSyncComplete { processed: 0, conflicts: 0, errors: results.len() as u32, results }
 }
 
+/// The frames a connection has to send, and the pace they go at: a token bucket like the server's
+/// (PROTOCOL.md, "Rate limit": `rate_per_sec`, `rate_burst` of the greeting), so that no frame is refused
+/// `rate_limited`. After a long time offline the queued changes, the messages to re-send and the initial
+/// sync are more frames than the burst: sent at once, those past it were refused, the initial sync with
+/// them, and the connection was lost for it. The bucket holds half the server's burst and fills at 90%
+/// of its rate: the server's bucket, full when the connection opened (before the greeting), keeps the
+/// rest for frames the network delivers closer together than they were sent.
+struct Outgoing {
+    frames: VecDeque<String>,
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Outgoing {
+    fn new(limits: &Limits) -> Outgoing {
+        let burst = (f64::from(limits.rate_burst) / 2.0).floor().max(1.0);
+        let rate = f64::from(limits.rate_per_sec.max(1)) * 0.9;
+        Outgoing { frames: VecDeque::new(), rate, burst, tokens: burst, at: tokio::time::Instant::now() }
+    }
+
+    /// Queues a frame, sent after those queued before it.
+    fn push(&mut self, frame: String) {
+        self.frames.push_back(frame);
+    }
+
+    fn refill(&mut self) {
+        let now = tokio::time::Instant::now();
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.at = now;
+    }
+
+    /// When the next frame may go.
+    fn ready_at(&mut self) -> tokio::time::Instant {
+        self.refill();
+        let wait = if self.tokens >= 1.0 { 0.0 } else { (1.0 - self.tokens) / self.rate };
+        self.at + Duration::from_secs_f64(wait)
+    }
+
+    /// Sends the frames the pace allows now, in order.
+    async fn send_due(&mut self, client: &mut Client) -> Result<(), ClientError> {
+        self.refill();
+        while self.tokens >= 1.0 {
+            let Some(frame) = self.frames.pop_front() else { break };
+            self.tokens -= 1.0;
+            client.send_text(frame).await?;
+        }
+        Ok(())
+    }
+}
+
 /// The request id of the keepalive's `ping` (callers' requests are numbered `request-N`).
 const KEEPALIVE_ID: &str = "keepalive";
 
@@ -819,7 +876,8 @@ impl Task {
             let s = self.lock();
             (s.queue.clone(), s.outbox.clone(), s.versions.clone())
         };
-        let mut sent = Ok(());
+        // Everything is sent through `out`, at the pace of the server's rate limit.
+        let mut out = Outgoing::new(&connected_limits);
         let mut rest = queue.as_slice();
         while let Some(first) = rest.first() {
             let rid = id("offline-");
@@ -834,121 +892,112 @@ impl Task {
             let (taken, left) = rest.split_at(changes.len());
             rest = left;
             pending.insert(rid.clone(), Pending::Offline(taken.to_vec()));
-            sent = sent
-                .and(client.send(&ClientMessage::SyncOfflineChanges(SyncOfflineChanges { changes }), Some(&rid)).await);
+            out.push(ClientMessage::SyncOfflineChanges(SyncOfflineChanges { changes }).encode(Some(&rid)));
         }
         let max_frame = connected_limits.max_frame_bytes as usize;
         for (chat_id, message) in outbox {
             let rid = id("message-");
-            sent = sent.and(self.send_message(&mut client, &mut pending, rid, chat_id, message, max_frame).await);
+            self.send_message(&mut out, &mut pending, rid, chat_id, message, max_frame);
         }
         let rid = id("sync-");
         let (sync, left_out) = sync_request(versions, connected_limits.max_frame_bytes as usize, &rid);
         pending.insert(rid.clone(), Pending::Sync(None, left_out, 0));
-        sent = sent.and(client.send(&ClientMessage::InitialSyncRequest(sync), Some(&rid)).await);
+        out.push(ClientMessage::InitialSyncRequest(sync).encode(Some(&rid)));
 
         // The keepalive: a `ping` after `keepalive` without a frame, the connection dropped after as long
         // again without one. (Bounded to a year: a `Duration::MAX` meant as "never" must not overflow.)
         let keepalive = self.reconnect.keepalive.min(Duration::from_secs(365 * 24 * 3600));
         let mut quiet_until = tokio::time::Instant::now() + keepalive;
         let mut pinged = false;
-        let end = match sent {
-            Err(e) => End::Lost(None, e.to_string()),
-            Ok(()) => loop {
-                // The events of the last step reach the application before the next frame is read; the
-                // time spent waiting for it to take them is not the server's silence.
-                if self.deliver().await {
+        let end = loop {
+            // The events of the last step reach the application before the next frame is read; the
+            // time spent waiting for it to take them is not the server's silence.
+            if self.deliver().await {
+                (quiet_until, pinged) = (tokio::time::Instant::now() + keepalive, false);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(out.ready_at()), if !out.frames.is_empty() => {
+                    if let Err(e) = out.send_due(&mut client).await {
+                        break End::Lost(None, e.to_string());
+                    }
+                }
+                _ = tokio::time::sleep_until(quiet_until), if !keepalive.is_zero() => {
+                    let now = tokio::time::Instant::now();
+                    // A frame this loop never sees is a sign of life too: the WebSocket Pings of the
+                    // server's heartbeat, which go on while the server works through a long request
+                    // (it handles a connection's requests in order, so the `ping` waits behind it).
+                    let alive_until = client.heard_at() + keepalive;
+                    if alive_until > now {
+                        (quiet_until, pinged) = (alive_until, false);
+                        continue;
+                    }
+                    if pinged {
+                        break End::Lost(None, format!("no frame from the server for {:?}", keepalive * 2));
+                    }
+                    pinged = true;
+                    quiet_until = now + keepalive;
+                    // One ping at a time, under one request id: its pong is never surfaced, and a
+                    // server slow to answer does not get (and answer) a pile of them.
+                    if !pending.contains_key(KEEPALIVE_ID) {
+                        pending.insert(KEEPALIVE_ID.to_owned(), Pending::Keepalive);
+                        out.push(ClientMessage::Ping(chatsync_protocol::Empty {}).encode(Some(KEEPALIVE_ID)));
+                    }
+                }
+                incoming = client.recv_lenient() => {
                     (quiet_until, pinged) = (tokio::time::Instant::now() + keepalive, false);
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep_until(quiet_until), if !keepalive.is_zero() => {
-                        let now = tokio::time::Instant::now();
-                        // A frame this loop never sees is a sign of life too: the WebSocket Pings of the
-                        // server's heartbeat, which go on while the server works through a long request
-                        // (it handles a connection's requests in order, so the `ping` waits behind it).
-                        let alive_until = client.heard_at() + keepalive;
-                        if alive_until > now {
-                            (quiet_until, pinged) = (alive_until, false);
-                            continue;
-                        }
-                        if pinged {
-                            break End::Lost(None, format!("no frame from the server for {:?}", keepalive * 2));
-                        }
-                        pinged = true;
-                        quiet_until = now + keepalive;
-                        // One ping at a time, under one request id: its pong is never surfaced, and a
-                        // server slow to answer does not get (and answer) a pile of them.
-                        if !pending.contains_key(KEEPALIVE_ID) {
-                            pending.insert(KEEPALIVE_ID.to_owned(), Pending::Keepalive);
-                            let ping = ClientMessage::Ping(chatsync_protocol::Empty {});
-                            if let Err(e) = client.send(&ping, Some(KEEPALIVE_ID)).await {
-                                break End::Lost(None, e.to_string());
-                            }
-                        }
-                    }
-                    incoming = client.recv_lenient() => {
-                        (quiet_until, pinged) = (tokio::time::Instant::now() + keepalive, false);
-                        match incoming {
-                            Ok(Err(Undecodable { frame, error })) => {
-                                let rid = serde_json::from_str::<Value>(&frame)
-                                    .ok()
-                                    .and_then(|v| v.get("request_id")?.as_str().map(str::to_owned));
-                                if rid.is_some_and(|rid| pending.contains_key(&rid)) {
-                                    let _ = tokio::time::timeout(CLOSE_WAIT, client.close_with(1000, "")).await;
-                                    break End::Lost(None, format!("undecodable server frame: {error}: {frame}"));
-                                }
-                                self.emit(Event::ProtocolError { frame, error });
-                            }
-                            Ok(Ok(m)) => if let Err(why) = self.receive(m, &mut pending) {
+                    match incoming {
+                        Ok(Err(Undecodable { frame, error })) => {
+                            let rid = serde_json::from_str::<Value>(&frame)
+                                .ok()
+                                .and_then(|v| v.get("request_id")?.as_str().map(str::to_owned));
+                            if rid.is_some_and(|rid| pending.contains_key(&rid)) {
                                 let _ = tokio::time::timeout(CLOSE_WAIT, client.close_with(1000, "")).await;
-                                break End::Lost(None, why);
-                            },
-                            Err(ClientError::Closed(close)) => break End::Lost(close, "the server closed the connection".into()),
-                            Err(e) => break End::Lost(None, e.to_string()),
+                                break End::Lost(None, format!("undecodable server frame: {error}: {frame}"));
+                            }
+                            self.emit(Event::ProtocolError { frame, error });
                         }
+                        Ok(Ok(m)) => if let Err(why) = self.receive(m, &mut pending) {
+                            let _ = tokio::time::timeout(CLOSE_WAIT, client.close_with(1000, "")).await;
+                            break End::Lost(None, why);
+                        },
+                        Err(ClientError::Closed(close)) => break End::Lost(close, "the server closed the connection".into()),
+                        Err(e) => break End::Lost(None, e.to_string()),
                     }
-                    command = self.commands.recv() => {
-                        let result = match command {
-                            None | Some(Command::Close) => break End::Closed,
-                            Some(Command::Change(change)) => {
-                                // Numbered like queued changes: a lost connection puts them back in this order.
-                                let (order, held) = {
-                                    let mut s = self.lock();
-                                    // It supersedes a queued edit of its component (one refused for now,
-                                    // or one whose batch is unanswered): sent after it, that one would undo
-                                    // it, or meet it as a conflict.
-                                    s.queue.retain(|q| !q.change.same_component(&change));
-                                    s.next_id += 1;
-                                    (s.next_id, s.held(change.chat_id(), change.is_title()))
-                                };
-                                let rid = id("change-");
-                                let message = change.live();
-                                let sent = Queued { id: order, change, version_before_edit: held };
-                                pending.insert(rid.clone(), Pending::Change(sent));
-                                client.send(&message, Some(&rid)).await
-                            }
-                            Some(Command::Message(chat_id, message)) => {
-                                self.lock().outbox.push((chat_id.clone(), message.clone()));
-                                let rid = id("message-");
-                                self.send_message(&mut client, &mut pending, rid, chat_id, message, max_frame).await
-                            }
-                            Some(Command::Token(token)) => {
-                                self.lock().set_token(token);
-                                Ok(())
-                            }
-                            Some(Command::Request(message, reply)) => {
-                                let rid = id("request-");
-                                let sent = client.send(&message, Some(&rid)).await;
-                                pending.insert(rid, Pending::Request(message, Vec::new(), reply));
-                                sent
-                            }
-                        };
-                        if let Err(e) = result {
-                            break End::Lost(None, e.to_string());
+                }
+                command = self.commands.recv() => {
+                    match command {
+                        None | Some(Command::Close) => break End::Closed,
+                        Some(Command::Change(change)) => {
+                            // Numbered like queued changes: a lost connection puts them back in this order.
+                            let (order, held) = {
+                                let mut s = self.lock();
+                                // It supersedes a queued edit of its component (one refused for now,
+                                // or one whose batch is unanswered): sent after it, that one would undo
+                                // it, or meet it as a conflict.
+                                s.queue.retain(|q| !q.change.same_component(&change));
+                                s.next_id += 1;
+                                (s.next_id, s.held(change.chat_id(), change.is_title()))
+                            };
+                            let rid = id("change-");
+                            let message = change.live();
+                            let sent = Queued { id: order, change, version_before_edit: held };
+                            out.push(message.encode(Some(&rid)));
+                            pending.insert(rid, Pending::Change(sent));
+                        }
+                        Some(Command::Message(chat_id, message)) => {
+                            self.lock().outbox.push((chat_id.clone(), message.clone()));
+                            let rid = id("message-");
+                            self.send_message(&mut out, &mut pending, rid, chat_id, message, max_frame);
+                        }
+                        Some(Command::Token(token)) => self.lock().set_token(token),
+                        Some(Command::Request(message, reply)) => {
+                            let rid = id("request-");
+                            out.push(message.encode(Some(&rid)));
+                            pending.insert(rid, Pending::Request(message, Vec::new(), reply));
                         }
                     }
                 }
-            },
+            }
         };
         if matches!(end, End::Closed) {
             // Bounded: a server that never answers the close (a half-open connection, a peer that hangs
@@ -980,15 +1029,15 @@ impl Task {
     /// server takes: it would close the connection (1009), and the re-sent message every following one.
     /// Such a message leaves the outbox, reported as the server reports a message it refuses (an `error`
     /// `limit_exceeded` carrying `rid`).
-    async fn send_message(
+    fn send_message(
         &mut self,
-        client: &mut Client,
+        out: &mut Outgoing,
         pending: &mut HashMap<String, Pending>,
         rid: String,
         chat_id: ChatId,
         message: NewMessage,
         max_frame_bytes: usize,
-    ) -> Result<(), ClientError> {
+    ) {
         let message_id = message.message_id.clone();
         let frame =
             ClientMessage::ChatMessageAdded(ChatMessageAdded { chat_id: chat_id.clone(), message }).encode(Some(&rid));
@@ -1007,10 +1056,10 @@ impl Task {
                 )
             };
             self.emit(Event::Message(Incoming { message: ServerMessage::Error(error), request_id: Some(rid) }));
-            return Ok(());
+            return;
         }
         pending.insert(rid, Pending::Message(chat_id, message_id));
-        client.send_text(frame).await
+        out.push(frame);
     }
 
     /// Handles one server message on a live connection; `Err` (why) when the connection is of no use: its

@@ -1357,3 +1357,60 @@ async fn events_the_application_has_not_taken_are_bounded_and_none_is_lost() {
     let _ws = script.await.unwrap();
     laptop.close();
 }
+
+/// After a long time offline, what the client has to send (queued changes, unconfirmed messages, the
+/// initial sync) is more frames than the server's rate burst: the client spaces them by the rate the
+/// greeting announces, so that none is refused `rate_limited` and the initial sync completes on the
+/// first connection (sent at once, the messages past the burst were refused, and the sync with them,
+/// which cost the connection).
+#[tokio::test]
+async fn a_long_outbox_is_paced_to_the_servers_rate_and_the_sync_is_not_refused() {
+    let server = TestServer::start_with(|c| {
+        c.rate_per_sec = 20;
+        c.rate_burst = 10;
+    })
+    .await;
+    let token = server.user_token("alice").await;
+    let (proxy, mut laptop) = behind_proxy(&server, &token).await;
+    synced(&mut laptop).await;
+    proxy.cut();
+    disconnected(&mut laptop).await;
+    // 42 frames, four times the burst: some 2 s at the pace of the rate.
+    let messages = 40;
+    for i in 0..messages {
+        let message = NewMessage {
+            message_id: MessageId::new(format!("m{i}")).unwrap(),
+            content: MessageContent::Text(format!("offline {i}")),
+            timestamp: None,
+            temp_id: None,
+        };
+        laptop.send_message(chat("c1"), message);
+    }
+    laptop.change(Change::Title { chat_id: chat("c2"), title: "offline".into() });
+    assert!(laptop.request(ClientMessage::Ping(Empty {})).await.is_err());
+    proxy.restore();
+    // Attempts that failed before the restore aside, the next connection is the one.
+    until(&mut laptop, |e| matches!(e, Event::Connected(_)).then_some(())).await;
+    let mut confirmed = 0;
+    let mut offline = None;
+    let refused = |e: &Event| match e {
+        Event::Message(Incoming { message: ServerMessage::Error(e), .. }) => Some(format!("{:?}", e.code)),
+        Event::Message(Incoming { message: ServerMessage::InitialSyncError(e), .. }) => Some(format!("{:?}", e.code)),
+        Event::Disconnected { error, .. } => Some(error.clone()),
+        _ => None,
+    };
+    loop {
+        let event = until(&mut laptop, |e| Some(e.clone())).await;
+        assert_eq!(refused(&event), None, "{event:?}");
+        match event {
+            Event::Message(Incoming { message: ServerMessage::ChatMessageConfirmed(_), .. }) => confirmed += 1,
+            Event::OfflineSynced(done) => offline = Some(done),
+            Event::Synced(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(confirmed, messages);
+    assert_eq!(offline.map(|done| done.processed), Some(1));
+    assert_eq!((laptop.unconfirmed_messages(), laptop.queued_changes()), (0, 0));
+    laptop.close();
+}
