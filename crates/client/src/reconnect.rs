@@ -39,7 +39,9 @@
 //!   server that greets and then closes, or fails the sync, is retried with growing delays like one that
 //!   refuses, and counts towards `max_attempts`; the later end of a connection that synced does not. A
 //!   failed initial sync (`initial_sync_error`, or an `error` in its place) ends the connection: staying
-//!   on it, the client would never learn what changed while it was offline.
+//!   on it, the client would never learn what changed while it was offline. Except when refused
+//!   `rate_limited`: the rate refills with time, so the sync is sent again on the same connection after a
+//!   pause (jittered, growing like the backoff with each refusal), as the TypeScript SDK does.
 //! * An attempt that brings no `connected` greeting within `connect_timeout` (20 s) fails and is retried;
 //!   a connection that brings no frame for `keepalive` (25 s) is sent a `ping`, and is dropped and
 //!   re-established (a half-open connection) when as long again passes without any frame. Every frame
@@ -67,8 +69,8 @@
 use crate::{Client, ClientError, ConnectOptions, Undecodable};
 use chatsync_protocol::{
     ChatId, ChatMessageAdded, ClientMessage, ClientVersions, Connected, DeleteDraft, ErrorCode, ErrorPayload, Incoming,
-    InitialSyncRequest, InitialSyncResponse, Limits, MessageId, NewMessage, OfflineChangeType, OfflineResult,
-    OfflineStatus, OfflineSyncComplete, ServerMessage, SyncOfflineChanges, UpdateDraft, UpdateTitle,
+    InitialSyncError, InitialSyncRequest, InitialSyncResponse, Limits, MessageId, NewMessage, OfflineChangeType,
+    OfflineResult, OfflineStatus, OfflineSyncComplete, ServerMessage, SyncOfflineChanges, UpdateDraft, UpdateTitle,
 };
 use rand::Rng;
 use serde_json::{json, Map, Value};
@@ -580,9 +582,20 @@ impl Outgoing {
 
     fn refill(&mut self) {
         let now = tokio::time::Instant::now();
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.at = now;
+        // Not before the end of a pause.
+        if now > self.at {
+            let elapsed = (now - self.at).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+            self.at = now;
+        }
+    }
+
+    /// After a frame refused for the rate: the server's bucket is empty, so nothing goes for `pause`, and
+    /// then at the rate, from an empty bucket.
+    fn pause(&mut self, pause: Duration) {
+        self.refill();
+        self.tokens = 0.0;
+        self.at = self.at.max(tokio::time::Instant::now() + pause);
     }
 
     /// When the next frame may go.
@@ -686,9 +699,8 @@ enum Pending {
     /// A batch of queued changes, dropped from the queue on `offline_sync_complete` (or on an error that
     /// refuses it for good).
     Offline(Vec<Queued>),
-    /// The initial sync, with the parts so far (merged, and how many), and the chats held that it could
-    /// not name.
-    Sync(Option<InitialSyncResponse>, Vec<ChatId>, usize),
+    /// The initial sync.
+    Sync(SyncState),
     /// A caller's request.
     Request(ClientMessage, Vec<Incoming>, oneshot::Sender<Result<Vec<Incoming>, ClientError>>),
     /// A caller's request whose reply came in more than `max_reply_parts` parts: failed, its remaining
@@ -696,6 +708,20 @@ enum Pending {
     Overflowed,
     /// The keepalive's `ping`: its `pong` is not surfaced.
     Keepalive,
+}
+
+/// The initial sync in flight.
+struct SyncState {
+    /// Its parts so far, merged.
+    so_far: Option<InitialSyncResponse>,
+    /// The chats held that it could not name.
+    left_out: Vec<ChatId>,
+    /// How many parts came.
+    parts: usize,
+    /// Its frame, sent again when refused for the rate.
+    frame: String,
+    /// How many times it was refused for the rate.
+    refused: u32,
 }
 
 struct Task {
@@ -901,8 +927,12 @@ impl Task {
         }
         let rid = id("sync-");
         let (sync, left_out) = sync_request(versions, connected_limits.max_frame_bytes as usize, &rid);
-        pending.insert(rid.clone(), Pending::Sync(None, left_out, 0));
-        out.push(ClientMessage::InitialSyncRequest(sync).encode(Some(&rid)));
+        let frame = ClientMessage::InitialSyncRequest(sync).encode(Some(&rid));
+        pending.insert(
+            rid.clone(),
+            Pending::Sync(SyncState { so_far: None, left_out, parts: 0, frame: frame.clone(), refused: 0 }),
+        );
+        out.push(frame);
 
         // The keepalive: a `ping` after `keepalive` without a frame, the connection dropped after as long
         // again without one. (Bounded to a year: a `Duration::MAX` meant as "never" must not overflow.)
@@ -956,7 +986,7 @@ impl Task {
                             }
                             self.emit(Event::ProtocolError { frame, error });
                         }
-                        Ok(Ok(m)) => if let Err(why) = self.receive(m, &mut pending) {
+                        Ok(Ok(m)) => if let Err(why) = self.receive(m, &mut pending, &mut out) {
                             let _ = tokio::time::timeout(CLOSE_WAIT, client.close_with(1000, "")).await;
                             break End::Lost(None, why);
                         },
@@ -1016,7 +1046,7 @@ impl Task {
                 }
                 Pending::Message(..)
                 | Pending::Offline(_)
-                | Pending::Sync(..)
+                | Pending::Sync(_)
                 | Pending::Keepalive
                 | Pending::Overflowed => {}
             }
@@ -1064,13 +1094,18 @@ impl Task {
 
     /// Handles one server message on a live connection; `Err` (why) when the connection is of no use: its
     /// initial sync failed.
-    fn receive(&mut self, m: Incoming, pending: &mut HashMap<String, Pending>) -> Result<(), String> {
+    fn receive(
+        &mut self,
+        m: Incoming,
+        pending: &mut HashMap<String, Pending>,
+        out: &mut Outgoing,
+    ) -> Result<(), String> {
         // A part of the initial sync is learned with the whole, once complete: the application gets the
         // parts only then ([`Event::Synced`]), and from a sync that fails or is cut before its last part
         // never. Held before, the versions they carry would keep the next sync from sending what they
         // carried.
         let sync_part = matches!(m.message, ServerMessage::InitialSyncResponse(_))
-            && m.request_id.as_ref().is_some_and(|rid| matches!(pending.get(rid), Some(Pending::Sync(..))));
+            && m.request_id.as_ref().is_some_and(|rid| matches!(pending.get(rid), Some(Pending::Sync(_))));
         if !sync_part {
             self.lock().learn(&m.message);
         }
@@ -1152,8 +1187,9 @@ impl Task {
                     self.emit(Event::Message(m));
                 }
             },
-            Pending::Sync(so_far, left_out, parts) => match m.message {
+            Pending::Sync(sync) => match m.message {
                 ServerMessage::InitialSyncResponse(part) => {
+                    let SyncState { so_far, left_out, parts, frame, refused } = sync;
                     let parts = parts + 1;
                     if part.more && parts >= self.reconnect.max_reply_parts {
                         return Err(format!(
@@ -1173,7 +1209,8 @@ impl Task {
                         }
                     };
                     if merged.more {
-                        pending.insert(rid, Pending::Sync(Some(merged), left_out, parts));
+                        let so_far = Some(merged);
+                        pending.insert(rid, Pending::Sync(SyncState { so_far, left_out, parts, frame, refused }));
                     } else {
                         // A chat the request could not name is sent in full if it exists, and not named
                         // as deleted if it does not: gone is what the complete chat order lacks.
@@ -1192,19 +1229,27 @@ impl Task {
                         self.emit(Event::Synced(merged));
                     }
                 }
-                ServerMessage::InitialSyncError(ref e) => {
-                    let why = format!("the initial sync failed: {:?} ({})", e.code, e.message);
-                    self.emit(Event::Message(m));
-                    return Err(why);
-                }
-                ServerMessage::Error(ref e) => {
-                    let why = format!("the initial sync failed: {:?} ({})", e.code, e.message);
+                ServerMessage::InitialSyncError(InitialSyncError { code, ref message })
+                | ServerMessage::Error(ErrorPayload { code, ref message, .. }) => {
+                    // Dropped for the rate (the server charges a frame when it reads it: those sent while it
+                    // worked on a long request come to it together): the rate refills as time passes, so
+                    // the sync goes again on this connection after a pause growing with each refusal, as
+                    // the TypeScript SDK's steps do (a new connection would only cost a connect more).
+                    if code == ErrorCode::RateLimited && sync.so_far.is_none() {
+                        let refused = sync.refused + 1;
+                        out.pause(self.reconnect.delay(refused));
+                        out.push(sync.frame.clone());
+                        pending.insert(rid, Pending::Sync(SyncState { refused, ..sync }));
+                        self.emit(Event::Message(m));
+                        return Ok(());
+                    }
+                    let why = format!("the initial sync failed: {code:?} ({message})");
                     self.emit(Event::Message(m));
                     return Err(why);
                 }
                 // Not the sync's reply (a buggy server's frame): the sync still waits for it.
                 _ => {
-                    pending.insert(rid, Pending::Sync(so_far, left_out, parts));
+                    pending.insert(rid, Pending::Sync(sync));
                     self.emit(Event::Message(m));
                 }
             },

@@ -1414,3 +1414,36 @@ async fn a_long_outbox_is_paced_to_the_servers_rate_and_the_sync_is_not_refused(
     assert_eq!((laptop.unconfirmed_messages(), laptop.queued_changes()), (0, 0));
     laptop.close();
 }
+
+/// An initial sync refused `rate_limited` all the same (a server slower than it announced: it charges a
+/// frame when it reads it, and frames sent while it worked on a long request are read together) is
+/// sent again on the same connection after a pause, as the TypeScript SDK does, instead of costing the
+/// connection: the rate refills as time passes, where a new connection would cost a connect more.
+#[tokio::test]
+async fn an_initial_sync_refused_for_rate_is_sent_again_on_the_same_connection() {
+    let mut server = Scripted::start().await;
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), quick());
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    for _ in 0..2 {
+        let sync = read_frame(&mut ws).await;
+        assert_eq!(sync["type"], "initial_sync_request", "{sync}");
+        send_json(
+            &mut ws,
+            json!({"type": "initial_sync_error", "request_id": sync["request_id"],
+            "payload": {"code": "rate_limited", "message": "Too many messages; this one was dropped."}}),
+        )
+        .await;
+    }
+    let sync = read_frame(&mut ws).await;
+    answer_sync(&mut ws, &sync, &[("c1", 2)]).await;
+    let done = until(&mut laptop, |e| match e {
+        Event::Synced(s) => Some(s.clone()),
+        Event::Disconnected { error, .. } => panic!("disconnected: {error}"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(done.chats_to_add_or_update.len(), 1);
+    assert_eq!(laptop.versions()[&chat("c1")].title_v, Some(2));
+    laptop.close();
+}
