@@ -4,7 +4,8 @@
 //! `backends/mod.rs` for when these tests skip (variable unset) or fail (server down). Also the batch
 //! function against other sessions' transactions (two connections, one holding a lock), and the writer
 //! against a connection PostgreSQL ends with a FATAL error after a commit (a proxy that reads the protocol),
-//! and a write a read-only server refuses (a demoted primary).
+//! and a write a read-only server refuses (a demoted primary), and a read cancelled while its `BEGIN` is
+//! unanswered (a proxy that holds the answer) leaving no pooled connection inside its transaction.
 
 mod backends;
 mod common;
@@ -788,5 +789,129 @@ async fn a_batch_whose_connection_fails_fatally_after_its_commit_is_unavailable(
     // It had committed: what the device reads next is the store's truth, not the cache's older state.
     let state = chat_state(&mut c, "c1").await;
     assert_eq!((state.title.as_deref(), state.versions.title_v), (Some("v2"), 2));
+    server.stop().await;
+}
+
+/// A TCP proxy to PostgreSQL that, once armed, holds back everything PostgreSQL sends from the moment a
+/// client sends a read's `BEGIN` (the answers wait until `held` is cleared); what clients send goes
+/// through at once.
+struct HoldingProxy {
+    url: String,
+    armed: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
+}
+
+impl HoldingProxy {
+    async fn start(schema: &PgSchema, app: &str) -> HoldingProxy {
+        let rest = schema.url.split_once("://").unwrap().1;
+        let authority = rest.split(['/', '?']).next().unwrap();
+        let target = authority.rsplit_once('@').map_or(authority, |(_, host)| host).to_owned();
+        let target = if target.contains(':') { target } else { format!("{target}:5432") };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let here = listener.local_addr().unwrap().to_string();
+        let url = format!("{}&sslmode=disable&application_name={app}", schema.url.replacen(&target, &here, 1));
+        let (armed, held) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (trigger, gate) = (armed.clone(), held.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else { continue };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let (trigger, hold) = (trigger.clone(), gate.clone());
+                tokio::spawn(async move {
+                    let mut message = Vec::new();
+                    let mut typed = false; // the startup message has no type byte
+                    while pg_message(&mut client_read, typed, &mut message).await.is_some() {
+                        let begin = b"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+                        let is_begin = typed && message[0] == b'Q' && message.windows(begin.len()).any(|w| w == begin);
+                        if is_begin && trigger.swap(false, Ordering::SeqCst) {
+                            hold.store(true, Ordering::SeqCst);
+                        }
+                        typed = true;
+                        if server_write.write_all(&message).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        while gate.load(Ordering::SeqCst) {
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        HoldingProxy { url, armed, held }
+    }
+}
+
+#[tokio::test]
+async fn a_read_cancelled_while_its_begin_is_unanswered_leaves_no_connection_in_a_transaction() {
+    // A store read cancelled after its `BEGIN` went out but before PostgreSQL's answer came (a warm-up
+    // cancelled because the user's last connection on the node closed, or dropped with the caches when
+    // the Redis bus had a gap) returned its connection to the pool still inside that transaction: sqlx
+    // counts a transaction only once the `BEGIN` is answered, so its rollback on drop did nothing. The
+    // next user of the connection ran in the stale read-only snapshot: a device's sighting failed ("cannot
+    // execute INSERT in a read-only transaction", the connect refused with 1011), and after that error every
+    // statement on the connection failed ("current transaction is aborted"), for good. Found by
+    // `convergence.rs` (Redis killed under load).
+    let Some(schema) = PgSchema::create().await else { return };
+    let app = format!("held-{}", schema.name);
+    let proxy = HoldingProxy::start(&schema, &app).await;
+    let url = proxy.url.clone();
+    let mut server = TestServer::start_with(|config| config.database_url = Some(url)).await;
+    let mut c = new_user(&server, "alice", "laptop").await;
+    add_message(&mut c, "c1", "m1", json!("hello")).await;
+    let mut admin = schema.connect().await;
+    let in_transaction = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+                          AND state IN ('idle in transaction', 'idle in transaction (aborted)')";
+
+    proxy.armed.store(true, Ordering::SeqCst);
+    let chats = server.ctx.chats.clone();
+    let read = tokio::spawn(async move { chats.latest_messages("alice", "c1", 10).await });
+    // PostgreSQL has run the read's BEGIN; its answer is held in the proxy.
+    let begun = async {
+        loop {
+            let n: i64 = sqlx::query_scalar(in_transaction).bind(&app).fetch_one(&mut admin).await.unwrap();
+            if n > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), begun).await.expect("the read begins");
+    assert!(proxy.held.load(Ordering::SeqCst), "the read's BEGIN went through the proxy");
+    read.abort();
+    assert!(read.await.unwrap_err().is_cancelled());
+    proxy.held.store(false, Ordering::SeqCst);
+
+    // No connection of the server stays inside that transaction (a bounded wait for the pool to settle).
+    let settled = async {
+        loop {
+            let n: i64 = sqlx::query_scalar(in_transaction).bind(&app).fetch_one(&mut admin).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), settled)
+        .await
+        .expect("a connection was left in the cancelled read's transaction");
+    // And every connection of the pool still works: as many new devices as the pool has connections.
+    for i in 0..16 {
+        let mut d = another_device(&server, "alice", &format!("tablet{i}")).await;
+        assert_eq!(chat_state(&mut d, "c1").await.versions.messages_v, 1);
+    }
     server.stop().await;
 }

@@ -23,6 +23,49 @@ const WARM_UP: Duration = Duration::from_secs(3);
 /// How long a call waits for a free connection (or for a new one to be established).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A connection of the pool for one transaction, safe to cancel while its `BEGIN` is unanswered.
+///
+/// sqlx counts a transaction only once PostgreSQL has answered its `BEGIN`; a future dropped in between
+/// (a warm-up cancelled because the user's last connection on the node closed, or any other cancelled
+/// caller) rolled nothing back, and the connection went back to the pool inside that transaction: its next
+/// user ran in the stale snapshot (a read-only one refused every write: "cannot execute INSERT in a
+/// read-only transaction"), and once a statement failed there every later one did ("current transaction
+/// is aborted"), for as long as the connection lived. Dropped while the `BEGIN` is in doubt, this closes
+/// the connection instead (ending the transaction with the session); the pool opens another. Once the
+/// `BEGIN` is answered, sqlx's own rollback on drop takes over.
+pub(super) struct TxConn {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    in_doubt: bool,
+}
+
+impl TxConn {
+    pub(super) async fn acquire(pool: &PgPool) -> Result<TxConn, sqlx::Error> {
+        Ok(TxConn { conn: pool.acquire().await?, in_doubt: false })
+    }
+
+    /// Begins a transaction with `statement` (`None`: a plain `BEGIN`).
+    pub(super) async fn begin(
+        &mut self,
+        statement: Option<&'static str>,
+    ) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+        self.in_doubt = true;
+        let tx = match statement {
+            Some(statement) => self.conn.begin_with(statement).await?,
+            None => self.conn.begin().await?,
+        };
+        self.in_doubt = false;
+        Ok(tx)
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        if self.in_doubt {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
 /// PostgreSQL-backed [`Store`] (and [`super::chats::ChatStore`]).
 pub struct PgStore {
     pub(super) pool: PgPool,
@@ -173,7 +216,8 @@ impl Store for PgStore {
 
     async fn create_session(&self, s: &NewSession) -> Result<(), StoreError> {
         // The foreign key makes "the user exists" part of the insert itself.
-        let mut tx = self.pool.begin().await?;
+        let mut conn = TxConn::acquire(&self.pool).await?;
+        let mut tx = conn.begin(None).await?;
         match insert_session(&mut tx, s).await {
             Err(e) if foreign_key_violation(&e) => return Err(StoreError::NotFound),
             other => other?,
@@ -183,7 +227,8 @@ impl Store for PgStore {
     }
 
     async fn provision(&self, users: &[String], sessions: &[NewSession]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = TxConn::acquire(&self.pool).await?;
+        let mut tx = conn.begin(None).await?;
         sqlx::query(
             "INSERT INTO users (user_id, tfa_enabled, created_at) SELECT u, FALSE, $2 FROM UNNEST($1::TEXT[]) AS u \
              ON CONFLICT DO NOTHING",

@@ -36,7 +36,7 @@
 //! never resolves and [`ChatStore::writer_faults`] is `None` for this backend.
 
 use super::chats::{ChatLookup, ChatRecord, ChatStore, MessageRecord, Target, WrappedKey, WriteOp, WriteResult};
-use super::pg::PgStore;
+use super::pg::{PgStore, TxConn};
 use super::StoreError;
 use async_trait::async_trait;
 use futures_util::{FutureExt as _, TryStreamExt as _};
@@ -898,7 +898,8 @@ impl ChatStore for PgStore {
         after_seq: u64,
         limit: u32,
     ) -> Result<Option<(ChatRecord, Vec<MessageRecord>, bool)>, StoreError> {
-        let mut tx = self.pool.begin_with(BEGIN_READ).await?;
+        let mut conn = TxConn::acquire(&self.pool).await?;
+        let mut tx = conn.begin(Some(BEGIN_READ)).await?;
         let Some(chat) = owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
         let rows = sqlx::query(&format!(
             "SELECT {MESSAGE_COLS} FROM messages WHERE chat_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
@@ -921,7 +922,8 @@ impl ChatStore for PgStore {
         chat_id: &str,
         limit: u32,
     ) -> Result<Option<(ChatRecord, Vec<MessageRecord>)>, StoreError> {
-        let mut tx = self.pool.begin_with(BEGIN_READ).await?;
+        let mut conn = TxConn::acquire(&self.pool).await?;
+        let mut tx = conn.begin(Some(BEGIN_READ)).await?;
         let Some(chat) = owned_chat(&mut tx, owner, chat_id).await? else { return Ok(None) };
         let rows =
             sqlx::query(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE chat_id = $1 ORDER BY seq DESC LIMIT $2"))
@@ -952,7 +954,8 @@ impl ChatStore for PgStore {
         kek_id: &str,
         check: &[u8],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = TxConn::acquire(&self.pool).await?;
+        let mut tx = conn.begin(None).await?;
         // The check value's row first: a `create_user_keys` holding it (FOR SHARE) commits before this
         // goes on (and its keys are then counted below); one that comes later sees the new value.
         let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT value FROM meta WHERE name = 'kek_check' FOR UPDATE")
@@ -993,7 +996,8 @@ impl ChatStore for PgStore {
     }
 
     async fn create_user_keys(&self, keys: &[(String, WrappedKey)], check: &[u8]) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = TxConn::acquire(&self.pool).await?;
+        let mut tx = conn.begin(None).await?;
         // FOR SHARE: a rotation (FOR UPDATE on this row) waits for this transaction; if one committed
         // first, the row read here is its new value (READ COMMITTED re-reads a row it waited for).
         let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT value FROM meta WHERE name = 'kek_check' FOR SHARE")

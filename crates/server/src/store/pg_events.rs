@@ -25,7 +25,7 @@
 //! trigger makes is always the user's oldest event.
 
 use super::events::{EventStore, Lease, NewEvent, PendingEvent};
-use super::pg::PgStore;
+use super::pg::{PgStore, TxConn};
 use super::{Millis, StoreError};
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
@@ -149,7 +149,8 @@ impl EventStore for PgStore {
                 if !events.iter().any(|e| e.id == id) {
                     // Never left so by the store; repaired rather than leased for ever.
                     tracing::error!(user_id, id, "webhook head names no event; moving it on");
-                    let mut tx = self.pool.begin().await?;
+                    let mut conn = TxConn::acquire(&self.pool).await?;
+                    let mut tx = conn.begin(None).await?;
                     if lock_head(&mut tx, &user_id, id, &lease).await? {
                         pass_head(&mut tx, &user_id, id).await?;
                     }
@@ -162,7 +163,8 @@ impl EventStore for PgStore {
     }
 
     async fn event_done(&self, event: &PendingEvent) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = TxConn::acquire(&self.pool).await?;
+        let mut tx = conn.begin(None).await?;
         if !lock_head(&mut tx, &event.user_id, event.id, &event.lease).await? {
             return Ok(false);
         }
