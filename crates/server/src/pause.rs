@@ -25,6 +25,9 @@ pub const AUTHENTICATED: &str = "authenticated";
 pub const REGISTERED: &str = "registered";
 /// After an initial sync listed the user's open streams, before its reply is queued.
 pub const SYNC_STREAMS_LISTED: &str = "sync_streams_listed";
+/// When a part of an `initial_sync_response` is made (on the blocking pool), before it is checked
+/// against the deletions known again and handed to the connection.
+pub const SYNC_PART: &str = "sync_part";
 /// When a part of a `chat_content_batch_response` is made, before it is checked against the deletions
 /// known and handed to the connection.
 pub const BATCH_PART: &str = "batch_part";

@@ -12,7 +12,10 @@
 //! A chat deleted after the snapshot (by another device, while the reply is made) is left out of the
 //! parts made after this node knows of the deletion, which it does before it delivers the deletion's
 //! `chat_deleted`: no part sent after that event lists the chat again (PROTOCOL.md section 8, "Changes
-//! racing a deletion"). A client that named it in `chat_versions` finds it in `chat_ids_to_delete`.
+//! racing a deletion"). A client that named it in `chat_versions` finds it in `chat_ids_to_delete`. A
+//! part is checked while it is made (on the blocking pool) and again once it is back, just before the
+//! connection queues it: the hop back took milliseconds on a loaded machine, and a `chat_deleted` queued
+//! meanwhile came before a part that listed the chat.
 
 use super::bounded::{json_len, off_workers, Packer, ENVELOPE_BYTES};
 use super::common::{chat_id, message_out, open_draft, open_title, rfc3339, secs, versions};
@@ -89,17 +92,27 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
         ctx.limits.max_reply_bytes as usize,
     )?;
     // Each part is built on the blocking pool when the previous one has found room (Outcome::lazy).
-    let parts = futures_util::stream::unfold(Some(job), |job| async move {
-        let mut job = job?;
-        let built = off_workers(move || {
-            let part = job.next_part();
-            Ok((job, part))
-        })
-        .await;
-        match built {
-            Ok((job, Ok(Some(part)))) => Some((Ok(ServerMessage::InitialSyncResponse(part)), Some(job))),
-            Ok((_, Ok(None))) => None,
-            Ok((_, Err(e))) | Err(e) => Some((Err(e), None)),
+    let pauses = ctx.pauses.clone();
+    let parts = futures_util::stream::unfold(Some(job), move |job| {
+        let pauses = pauses.clone();
+        async move {
+            let mut job = job?;
+            let built = off_workers(move || {
+                let part = job.next_part();
+                Ok((job, part))
+            })
+            .await;
+            match built {
+                Ok((job, Ok(Some(mut part)))) => {
+                    pauses.at(crate::pause::SYNC_PART).await;
+                    // Checked again now that it is back from the blocking pool, just before the connection
+                    // queues it: a deletion known since it was made may have queued its `chat_deleted` first.
+                    job.leave_out_deleted(&mut part);
+                    Some((Ok(ServerMessage::InitialSyncResponse(part)), Some(job)))
+                }
+                Ok((_, Ok(None))) => None,
+                Ok((_, Err(e))) | Err(e) => Some((Err(e), None)),
+            }
         }
     });
     Ok(Outcome::lazy(Box::pin(parts)))
@@ -229,6 +242,25 @@ impl SyncJob {
         part.server_chat_order = self.order.take().unwrap_or_default();
         part.sync_completed_at = std::mem::take(&mut self.synced_at);
         Ok(Some(part))
+    }
+
+    /// Leaves out of a part made the chats deleted since it was made: an entry of a chat the client knew
+    /// becomes an id to delete (as when the deletion is known while the part is made), and the chat leaves
+    /// the order and the open streams.
+    fn leave_out_deleted(&self, part: &mut InitialSyncResponse) {
+        let keys = &self.keys;
+        let known = &self.chat_versions;
+        let mut gone = Vec::new();
+        part.chats_to_add_or_update.retain(|e| {
+            let deleted = keys.is_deleted(e.chat_id.as_str());
+            if deleted && known.contains_key(e.chat_id.as_str()) {
+                gone.push(e.chat_id.clone());
+            }
+            !deleted
+        });
+        part.chat_ids_to_delete.extend(gone);
+        part.server_chat_order.retain(|id| !keys.is_deleted(id.as_str()));
+        part.active_streams.retain(|s| !keys.is_deleted(s.chat_id.as_str()));
     }
 
     /// The next item to place, decrypted, and its size.
