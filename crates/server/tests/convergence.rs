@@ -78,12 +78,13 @@ impl ChatState {
 struct Replica {
     chats: BTreeMap<String, ChatState>,
     /// Chats the device saw deleted: events about them are ignored (ids are never reused).
-    deleted: BTreeSet<String>,
+    /// (With how the device learned it, for the diff.)
+    deleted: BTreeMap<String, String>,
 }
 
 impl Replica {
     fn chat(&mut self, id: &str) -> Option<&mut ChatState> {
-        if self.deleted.contains(id) {
+        if self.deleted.contains_key(id) {
             return None;
         }
         Some(self.chats.entry(id.to_owned()).or_default())
@@ -121,9 +122,9 @@ impl Replica {
         }
     }
 
-    fn delete(&mut self, id: &str) {
+    fn delete(&mut self, id: &str, how: String) {
         self.chats.remove(id);
-        self.deleted.insert(id.to_owned());
+        self.deleted.entry(id.to_owned()).or_insert(how);
     }
 }
 
@@ -305,7 +306,7 @@ impl Device {
                 match reply.message {
                     ServerMessage::ChatMessagesResponse(r) if r.messages.is_empty() => {
                         let got = self.replica.chats.get(&chat).map(ChatState::messages_v);
-                        if got < Some(target) && !self.replica.deleted.contains(&chat) {
+                        if got < Some(target) && !self.replica.deleted.contains_key(&chat) {
                             self.anomaly(format!(
                                 "chat {chat}: the sync said messages_v {target}, but no message after {held} came"
                             ));
@@ -420,7 +421,7 @@ impl Device {
                 self.count("chat deleted");
                 self.note_chat(&p.chat_id);
                 self.own_chat_deletes.insert(p.chat_id.as_str().to_owned());
-                self.replica.delete(p.chat_id.as_str());
+                self.replica.delete(p.chat_id.as_str(), format!("its own delete_chat, g{}", self.gen));
             }
             ServerMessage::OfflineSyncComplete(p) => {
                 for r in &p.results {
@@ -446,7 +447,12 @@ impl Device {
                     if !self.sent_versions.contains_key(id.as_str()) {
                         self.anomaly(format!("chat_ids_to_delete names {id}, which the device did not send"));
                     }
-                    self.replica.delete(id.as_str());
+                    let how = format!(
+                        "in chat_ids_to_delete of a sync, g{}, versions sent {:?}",
+                        self.gen,
+                        self.sent_versions.get(id.as_str())
+                    );
+                    self.replica.delete(id.as_str(), how);
                 }
                 for e in &r.chats_to_add_or_update {
                     self.note_chat(&e.chat_id);
@@ -454,7 +460,7 @@ impl Device {
                     let sent = self.sent_versions.get(&id).copied();
                     let (s_m, s_t, s_d) = sent.unwrap_or((0, 0, 0));
                     let new = sent.is_none();
-                    if self.replica.deleted.contains(&id) {
+                    if self.replica.deleted.contains_key(&id) {
                         self.anomaly(format!("a sync part lists {id}, whose chat_deleted came before it: {e:?}"));
                     }
                     if (e.kind == ChatChangeKind::NewChat) != new {
@@ -555,7 +561,7 @@ impl Device {
                 if self.own_chat_deletes.contains(p.chat_id.as_str()) {
                     self.anomaly(format!("echo: its own chat deletion came back as a broadcast: {p:?}"));
                 }
-                self.replica.delete(p.chat_id.as_str());
+                self.replica.delete(p.chat_id.as_str(), format!("a chat_deleted broadcast, g{}", self.gen));
             }
             ServerMessage::ChatReadUpdated(_) => {}
             other => self.anomaly(format!("unexpected broadcast: {other:?}")),
@@ -682,11 +688,11 @@ fn gen_write(rng: &mut StdRng, user: &User, i: usize) -> Op {
     }
 }
 
-fn gen_ops(rng: &mut StdRng, user: &User, n: usize, drops: bool) -> Vec<Op> {
+fn gen_ops(rng: &mut StdRng, user: &User, n: usize) -> Vec<Op> {
     (0..n)
         .map(|i| match rng.gen_range(0..100) {
             0..=4 => Op::Sync,
-            5..=9 if drops => {
+            5..=9 => {
                 let in_flight = rng.gen_bool(0.5).then(|| Box::new(gen_write(rng, user, i)));
                 let n = rng.gen_range(0..=3);
                 let offline = (0..n).map(|_| (pick_chat(rng, user, i), off_kind(rng))).collect();
@@ -761,10 +767,13 @@ fn diff(device: &str, replica: &Replica, truth: &BTreeMap<String, ChatState>) ->
             (Some(_), None) => out.push(format!("{device}: chat {id}: held, but not in the truth")),
             // An offline `delete_draft` creates a missing chat, all versions 0, with no broadcast
             // (PROTOCOL.md): the other devices learn of it at their next sync.
-            (None, Some(t)) if *t == ChatState::default() && !replica.deleted.contains(id) => {}
+            (None, Some(t)) if *t == ChatState::default() && !replica.deleted.contains_key(id) => {}
             (None, Some(_)) => out.push(format!(
                 "{device}: chat {id}: in the truth, but {}",
-                if replica.deleted.contains(id) { "the device saw it deleted" } else { "unknown to the device" }
+                match replica.deleted.get(id) {
+                    Some(how) => format!("the device saw it deleted ({how})"),
+                    None => "unknown to the device".to_owned(),
+                }
             )),
             (Some(r), Some(t)) => {
                 let mut field = |name: &str, r: String, t: String| {
@@ -794,7 +803,7 @@ fn diff(device: &str, replica: &Replica, truth: &BTreeMap<String, ChatState>) ->
     out
 }
 
-/// A user: its devices (name, node url) and its seeded operations.
+/// A user's shared record: `A` (alice, chats `a…`) or `B` (bob, chats `b…`).
 fn user(tag: &'static str) -> Arc<User> {
     let (prefix, other_prefix, other_tag) = if tag == "A" { ("a", "b", "B.") } else { ("b", "a", "A.") };
     Arc::new(User {
@@ -809,9 +818,8 @@ fn user(tag: &'static str) -> Arc<User> {
 
 struct Run {
     seed: u64,
-    /// The node urls; device `i` of a user connects to `urls[i % len]`.
+    /// The node urls: alice's device `i` connects to `urls[i % len]`, bob's to the next node.
     urls: Vec<String>,
-    drops: bool,
 }
 
 /// One run: alice's four devices and bob's two write at once; returns the devices (connected) and users.
@@ -839,7 +847,7 @@ async fn run_devices<F: std::future::Future<Output = ()>>(
             d.rng = StdRng::seed_from_u64(dseed);
             d.progress = progress.clone();
             total += ops;
-            let plan = gen_ops(&mut StdRng::seed_from_u64(dseed ^ 1), &u, ops, run.drops);
+            let plan = gen_ops(&mut StdRng::seed_from_u64(dseed ^ 1), &u, ops);
             handles.push(tokio::spawn(async move {
                 d.connect().await;
                 for op in plan {
@@ -899,7 +907,13 @@ async fn converge(seed: u64, nodes: &[&TestServer], users: &mut [(Arc<User>, Vec
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("seed {seed}: the replicas did not converge within {CONVERGE_BOUND:?}:\n{}", diffs.join("\n"));
+            let anomalies: Vec<String> =
+                users.iter().flat_map(|(_, devices)| devices).flat_map(|d| d.anomalies.iter().cloned()).collect();
+            panic!(
+                "seed {seed}: the replicas did not converge within {CONVERGE_BOUND:?}:\n{}\nanomalies:\n{}",
+                diffs.join("\n"),
+                anomalies.join("\n")
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -943,7 +957,7 @@ async fn converge(seed: u64, nodes: &[&TestServer], users: &mut [(Arc<User>, Vec
 async fn devices_writing_at_once_converge_on_one_node() {
     let seed = base_seed();
     let server = TestServer::start().await;
-    let run = Run { seed, urls: vec![server.url.clone()], drops: true };
+    let run = Run { seed, urls: vec![server.url.clone()] };
     let mut users = run_devices(&run, &[&server], |_, _| async {}).await;
     converge(seed, &[&server], &mut users).await;
 }
@@ -955,7 +969,7 @@ async fn devices_writing_at_once_on_three_nodes_converge() {
     let seed = base_seed() ^ 0x3;
     let cluster = TestCluster::start(3, &url, |c| c.database_url = Some(schema.url.clone())).await;
     let nodes: Vec<&TestServer> = cluster.nodes.iter().collect();
-    let run = Run { seed, urls: nodes.iter().map(|n| n.url.clone()).collect(), drops: true };
+    let run = Run { seed, urls: nodes.iter().map(|n| n.url.clone()).collect() };
     let mut users = run_devices(&run, &nodes, |_, _| async {}).await;
     converge(seed, &nodes, &mut users).await;
 }
@@ -968,7 +982,7 @@ async fn devices_on_three_nodes_converge_at_their_next_sync_after_redis_went_awa
     let mut redis = OwnRedis::start();
     let cluster = TestCluster::start(3, &redis.url(), |c| c.database_url = Some(schema.url.clone())).await;
     let nodes: Vec<&TestServer> = cluster.nodes.iter().collect();
-    let run = Run { seed, urls: nodes.iter().map(|n| n.url.clone()).collect(), drops: true };
+    let run = Run { seed, urls: nodes.iter().map(|n| n.url.clone()).collect() };
     // Redis goes away a third of the way through the operations and comes back at two thirds.
     let own = &mut redis; // borrowed: the outage must not take (and drop, killing) the server
     let outage = |done: Arc<AtomicUsize>, total: usize| async move {
