@@ -220,6 +220,34 @@ async fn deleted_foreign_and_unknown_ids_are_in_chat_ids_to_delete_and_foreign_c
     assert_eq!(chat_state(&mut bob, "bobs").await, bob_before);
 }
 
+/// A cached list that lacks a chat the device names (here made stale by hand; in a cluster, a node that
+/// has not noticed a gap in the bus yet) must not have the device delete a chat that exists: the list is
+/// read again from the store, which tells a chat gone for good from one the cache missed.
+#[tokio::test]
+async fn a_chat_the_cached_list_lacks_is_asked_of_the_store_before_the_device_is_told_to_delete_it() {
+    let server = TestServer::start().await;
+    let mut alice = new_user(&server, "alice", "laptop").await;
+    for chat in ["mine", "missed", "gone"] {
+        set_title(&mut alice, chat, chat).await;
+    }
+    expect_msg!(alice.request(&delete_chat("gone")).await.unwrap(), ChatDeleted);
+    let cache = &server.ctx.cache;
+    let cached = cache.chats("alice").await.expect("alice's list is cached");
+    let token = cache.begin_load("alice").await;
+    let stale = cached.into_iter().filter(|c| c.chat_id != "missed").collect();
+    assert!(cache.put_chats("alice", token, stale).await, "the stale list is in place");
+
+    let v = json!({ "messages_v": 0, "title_v": 1, "draft_v": 0 });
+    let r = sync_with(&mut alice, json!({ "mine": v, "missed": v, "gone": v }), None).await;
+    assert_eq!(ids(&r.chat_ids_to_delete), ["gone"], "only the chat deleted in the store");
+    let mut order = ids(&r.server_chat_order);
+    order.sort();
+    assert_eq!(order, ["mine", "missed"]);
+    assert!(r.chats_to_add_or_update.is_empty(), "the device is up to date: {r:?}");
+    let refreshed = cache.chats("alice").await.expect("the store's list is cached again");
+    assert!(refreshed.iter().any(|c| c.chat_id == "missed"), "the cache holds the chat again");
+}
+
 #[tokio::test]
 async fn the_immediate_view_chat_comes_first_with_exactly_the_messages_the_client_lacks() {
     let server = TestServer::start().await;

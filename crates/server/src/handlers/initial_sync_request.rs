@@ -44,7 +44,7 @@ pub async fn handle(ctx: &Ctx, conn: &ConnHandle, p: InitialSyncRequest) -> Resu
     let user = conn.user_id.clone();
     // Taken before the snapshot: its keys are not memoized if a gap in the cluster's bus comes meanwhile.
     let epoch = ctx.keys.epoch();
-    let chats = user_chats(ctx, &user).await?;
+    let chats = user_chats(ctx, &user, &p.chat_versions).await?;
     let user_key = ctx.keys.user_key(ctx.chats.as_ref(), &user).await?;
     // The immediate-view chat's missing messages, if it is among the chats the client needs.
     let mut immediate = None;
@@ -355,11 +355,26 @@ fn empty_part() -> InitialSyncResponse {
     }
 }
 
-/// The user's chats, most recent first: from the cache, else from the store (then cached).
-pub async fn user_chats(ctx: &Ctx, user_id: &str) -> Result<Vec<ChatRecord>, Error> {
+/// The user's chats, most recent first: the cached list, unless it lacks a chat the client names; then (and on a miss)
+/// the store's, cached if no write came meanwhile. The ids a sync tells a device to delete are never
+/// taken from a cache alone: a list that missed a chat's creation (on a node that has not noticed a gap
+/// in the cluster's bus yet, or by any other fault) would have the device drop a chat that exists, and a
+/// client that remembers deletions would then ignore the chat until it starts afresh. A chat that is
+/// truly gone (deleted while the device was offline) costs that sync one read of the store.
+pub async fn user_chats(
+    ctx: &Ctx,
+    user_id: &str,
+    named: &BTreeMap<ChatId, ClientVersions>,
+) -> Result<Vec<ChatRecord>, Error> {
     if let Some(chats) = ctx.cache.chats(user_id).await {
-        metrics::counter!(crate::metrics::CACHE_LOOKUPS, "result" => "hit").increment(1);
-        return Ok(chats);
+        let holds_named = named.is_empty() || {
+            let held: HashSet<&str> = chats.iter().map(|c| c.chat_id.as_str()).collect();
+            named.keys().all(|id| held.contains(id.as_str()))
+        };
+        if holds_named {
+            metrics::counter!(crate::metrics::CACHE_LOOKUPS, "result" => "hit").increment(1);
+            return Ok(chats);
+        }
     }
     metrics::counter!(crate::metrics::CACHE_LOOKUPS, "result" => "miss").increment(1);
     let token = ctx.cache.begin_load(user_id).await;

@@ -33,6 +33,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// is aborted"), for as long as the connection lived. Dropped while the `BEGIN` is in doubt, this closes
 /// the connection instead (ending the transaction with the session); the pool opens another. Once the
 /// `BEGIN` is answered, sqlx's own rollback on drop takes over.
+///
+/// The bug is sqlx's (transact-rs/sqlx#4393, fixed in sqlx 0.9.1, which claims the depth before the round
+/// trip): once chatsync moves to sqlx 0.9, this wrapper can go.
 pub(super) struct TxConn {
     conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
     in_doubt: bool,
