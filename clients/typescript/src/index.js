@@ -2174,10 +2174,13 @@ export class ChatSyncClient extends Emitter {
         this.queue.confirmMessage(pending.chat_id, pending.message.message_id);
       } catch (e) {
         if (isTransient(e)) throw e;
-        // Refused for good (deleted chat, too large…): drop it from the queue and the model.
+        // Refused for good (deleted chat, too large…): drop it from the queue and the model, and with it
+        // a chat the server never created when nothing else of it is left (as a live message's refusal
+        // does): edits of it refused before kept it only for this message.
         this.queue.confirmMessage(pending.chat_id, pending.message.message_id);
         const chat = this.chats.get(pending.chat_id);
         if (chat) chat.messages = chat.messages.filter((m) => !(m.pending && m.message_id === pending.message.message_id));
+        this._dropUnknown(pending.chat_id, isNotFound(e));
         this.emit('message_rejected', { chat_id: pending.chat_id, message_id: pending.message.message_id, error: e });
         this.emit('change', pending.chat_id);
       }

@@ -402,6 +402,43 @@ test('a refused offline change: the next sync asks for that component again; a c
   c.close();
 });
 
+test('a chat created offline with an edit and a message, both refused as not_found on reconnect, leaves the model (remembered deleted)', { timeout: 5000 }, async () => {
+  // Found by convergence.test.js: another device created and deleted the chat meanwhile. The refused edit
+  // keeps the chat while its message is queued; the message's refusal must then drop it, else it stays
+  // an empty chat (not known, holding the refused title) that no sync ever removes.
+  const c = client();
+  const first = await online(c);
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateTitle('gone', 'refused');
+  await c.sendMessage('gone', 'refused too', { messageId: 'm1' });
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed && s !== first));
+  const socket = lastSocket();
+  socket.greet();
+  const flush = await socket.next('sync_offline_changes');
+  const [a] = flush.payload.changes;
+  socket.push({
+    type: 'offline_sync_complete',
+    request_id: flush.request_id,
+    payload: { processed: 0, conflicts: 0, errors: 1, results: [{ change_id: a.change_id, chat_id: 'gone', type: 'title', status: 'error', code: 'not_found' }] },
+  });
+  assert.deepEqual((await socket.answerSync()).payload.chat_versions, {}, 'never known: not named');
+  const sent = await socket.next('chat_message_added');
+  /** @type {any[]} */
+  const rejected = [];
+  c.on('message_rejected', (/** @type {any} */ r) => rejected.push([r.chat_id, r.message_id, r.error.code]));
+  socket.push({ type: 'error', request_id: sent.request_id, payload: { code: 'not_found', message: 'Chat not found.', chat_id: 'gone', message_id: 'm1' } });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.deepEqual(rejected, [['gone', 'm1', 'not_found']]);
+  assert.equal(c.chats.has('gone'), false, 'no empty chat left behind');
+  assert.equal(c.deleted.has('gone'), true, 'its creation met not_found: counted as deleted');
+  await assert.rejects(c.updateTitle('gone', 'again'), (/** @type {any} */ e) => e.code === 'not_found');
+  assert.equal(c.chats.has('gone'), false);
+  c.close();
+});
+
 test('an offline batch refused as a whole refuses each of its changes: change_rejected, the server\'s value fetched again, a chat never created dropped', { timeout: 5000 }, async () => {
   const c = client();
   await online(c, C1);
