@@ -1505,6 +1505,9 @@ export class ChatSyncClient extends Emitter {
       if (active.has(StreamAssembler.key(s.chat_id, s.stream_id)) || this.streams.get(s.chat_id, s.stream_id) !== s) continue;
       this.streams.endUnseen(s.chat_id, s.stream_id);
       this.emit('stream', s);
+      // The empty chat only this stream brought (a stream in a new chat id: the server creates the chat
+      // when its message is stored, and this sync did not bring it) goes with it, as on `stream_cancelled`.
+      if (this.streams.open(s.chat_id).length === 0) this._dropUnknown(s.chat_id, false);
       this.emit('change', s.chat_id);
     }
     return reply.payload;

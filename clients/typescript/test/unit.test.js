@@ -1295,6 +1295,37 @@ test('a stream that ended while disconnected ends at the next sync (cancelled, e
   c.close();
 });
 
+test('a stream in a new chat id that ended while disconnected, without a message, leaves no empty chat behind', { timeout: 5000 }, async () => {
+  // Found by convergence.test.js: `stream_started` shows the chat (not known: the server creates it only
+  // when the message is stored); the stream was cancelled while this device was offline, so the chat
+  // that only it brought must go once the sync says the stream ended, as on `stream_cancelled`.
+  const c = client();
+  const first = await online(c);
+  first.push({ type: 'stream_started', payload: { chat_id: 'new', stream_id: 's1', message_id: 'm-s1', sender_name: 'assistant', meta: {} } });
+  first.push({ type: 'stream_started', payload: { chat_id: 'kept', stream_id: 's2', message_id: 'm-s2', sender_name: 'assistant', meta: {} } });
+  await until(() => c.streams.open().length === 2);
+  assert.equal(c.chats.has('new'), true);
+  /** @type {any[]} */
+  const seen = [];
+  c.on('stream', (/** @type {any} */ s) => seen.push([s.stream_id, s.state, s.reason]));
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  // s2 completed meanwhile: its chat exists (new to this device); s1 was cancelled: no chat.
+  await socket.answerSync({
+    chats_to_add_or_update: [{ chat_id: 'kept', type: 'new_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 1, title: '', draft_json: null }],
+    server_chat_order: ['kept'],
+    active_streams: [],
+  });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.deepEqual(seen.sort(), [['s1', 'cancelled', 'ended_unseen'], ['s2', 'cancelled', 'ended_unseen']]);
+  assert.equal(c.chats.has('new'), false, 'no empty chat left behind');
+  assert.equal(c.deleted.has('new'), false, 'not deleted: the id may still be used');
+  assert.equal(c.chats.get('kept')?.known, true);
+  c.close();
+});
+
 test('a chunk of a stream never seen starts it, marked incomplete unless it is the first', () => {
   const a = new StreamAssembler();
   assert.equal(a.chunk({ chat_id: 'c', stream_id: 's', seq: 4, delta: 'x' })?.complete, false);
