@@ -2561,7 +2561,12 @@ export class ChatSyncClient extends Emitter {
         const chat = this.chat(p.chat_id);
         chat.known = true;
         this._mergeMessages(chat, p.messages);
-        chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v);
+        // Up to the last message the page brought, not the chat's `messages_v`: a page (the fetch of a
+        // completed stream's message is one message) may stop short of it, and a message this device
+        // neither holds nor saw broadcast (it was offline) must stay after the version the next sync
+        // names, so that its entry brings the unread count and the time that count it.
+        const top = p.messages.reduce((/** @type {number} */ max, /** @type {any} */ m) => (typeof m?.seq === 'number' && Number.isFinite(m.seq) ? Math.max(max, m.seq) : max), 0);
+        chat.versions.messages_v = newer(chat.versions.messages_v, top);
         break;
       }
       case 'chat_content_batch_response': {

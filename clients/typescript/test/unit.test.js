@@ -1218,6 +1218,39 @@ test('an initial sync older than a message from another sender does not reset it
   c.close();
 });
 
+test('a page of messages does not take the chat\'s messages_v past what it brings: a message it does not hold is counted by the next sync', { timeout: 5000 }, async () => {
+  // Found by convergence.test.js: the fetch of a completed stream's message (`limit: 1`) answered with
+  // the chat's messages_v, which a backend message missed while offline had moved past it; the model took
+  // it, so the next sync saw the chat as up to date and the missed message never counted as unread.
+  const c = client();
+  const first = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: '', draft_json: null }],
+    server_chat_order: ['a'],
+  });
+  first.push({ type: 'stream_started', payload: { chat_id: 'a', stream_id: 's1', message_id: 'm2', sender_name: 'assistant', meta: {} } });
+  first.push({ type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's1', message_id: 'm2', seq: 2, messages_v: 2 } });
+  const fetch = await first.next('get_chat_messages');
+  assert.deepEqual(fetch.payload, { chat_id: 'a', after_seq: 1, limit: 1 });
+  assert.equal(c.chat('a').unread_count, 1);
+  // Meanwhile the backend added seq 3, whose broadcast this device missed (say it was reconnecting).
+  first.push({ type: 'chat_messages_response', request_id: fetch.request_id, payload: { chat_id: 'a', messages: [{ message_id: 'm2', seq: 2, sender_name: 'assistant', content: 'streamed', created_at: 'T', client_timestamp: null }], messages_v: 3, has_more: true } });
+  await c.waitFor('chat_messages_response');
+  assert.equal(c.chat('a').versions.messages_v, 2, 'what the model holds, not the server\'s count');
+  first.serverClose(1006, '');
+  await until(() => FakeSocket.instances.length === 2);
+  const socket = lastSocket();
+  socket.greet();
+  const req = await socket.answerSync({
+    chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 3, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 2 }],
+    server_chat_order: ['a'],
+  });
+  assert.equal(req.payload.chat_versions.a.messages_v, 2, 'the sync asks for what came after seq 2');
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chat('a').unread_count, 2);
+  assert.equal(c.chat('a').versions.messages_v, 3);
+  c.close();
+});
+
 test('stream assembly: in order, repeated seq ignored, merged chunks appended, completion fetches the stored message', async () => {
   const c = client();
   const socket = await online(c);
