@@ -45,6 +45,11 @@ export interface Connected {
 }
 
 export interface Versions {
+  /**
+   * In a chat's model: the messages this client has accounted for, without a gap (the server's count
+   * after a sync; one past a message it missed, e.g. broadcast while it reconnected, waits for the next
+   * sync, whose entry brings that message's unread count).
+   */
   messages_v: number;
   title_v: number;
   draft_v: number;

@@ -1736,7 +1736,10 @@ export class ChatSyncClient extends Emitter {
     const refused = this._refuseDeleted(chatId);
     if (refused) return refused;
     // Not `chat()`: a chat the server does not have (`not_found`) is not brought into the model.
-    return this.request('mark_read', { chat_id: chatId, seq: seq ?? this.chats.get(chatId)?.versions.messages_v ?? 0 });
+    const chat = this.chats.get(chatId);
+    // The last message known: one held past a gap too (`messages_v` stops before the gap).
+    const last = chat ? Math.max(chat.versions.messages_v, ...chat.messages.map((m) => m.seq ?? 0)) : 0;
+    return this.request('mark_read', { chat_id: chatId, seq: seq ?? last });
   }
 
   /**
@@ -2541,7 +2544,7 @@ export class ChatSyncClient extends Emitter {
           m.pending = false;
           m.seq = p.new_messages_v;
         }
-        chat.versions.messages_v = newer(chat.versions.messages_v, p.new_messages_v);
+        advanceMessagesV(chat);
         chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.new_last_edited_overall_timestamp);
         sortMessages(chat);
         break;
@@ -2551,7 +2554,7 @@ export class ChatSyncClient extends Emitter {
         chat.known = true;
         const isNew = !chat.messages.some((m) => m.seq === p.message.seq);
         this._mergeMessages(chat, [p.message]);
-        chat.versions.messages_v = newer(chat.versions.messages_v, p.versions?.messages_v ?? p.message.seq);
+        advanceMessagesV(chat);
         chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, p.last_edited_overall_timestamp ?? 0);
         const covered = this._unreadCovers.get(p.chat_id) ?? 0;
         if (isNew && p.message.sender_name !== 'user' && p.message.seq > chat.read_seq && p.message.seq > covered) chat.unread_count += 1;
@@ -2561,12 +2564,9 @@ export class ChatSyncClient extends Emitter {
         const chat = this.chat(p.chat_id);
         chat.known = true;
         this._mergeMessages(chat, p.messages);
-        // Up to the last message the page brought, not the chat's `messages_v`: a page (the fetch of a
-        // completed stream's message is one message) may stop short of it, and a message this device
-        // neither holds nor saw broadcast (it was offline) must stay after the version the next sync
-        // names, so that its entry brings the unread count and the time that count it.
-        const top = p.messages.reduce((/** @type {number} */ max, /** @type {any} */ m) => (typeof m?.seq === 'number' && Number.isFinite(m.seq) ? Math.max(max, m.seq) : max), 0);
-        chat.versions.messages_v = newer(chat.versions.messages_v, top);
+        // Not the chat's `messages_v` of the reply: a page (the fetch of a completed stream's message is
+        // one message) may stop short of it (see `advanceMessagesV`).
+        advanceMessagesV(chat);
         break;
       }
       case 'chat_content_batch_response': {
@@ -2575,8 +2575,7 @@ export class ChatSyncClient extends Emitter {
           const chat = this.chat(id);
           chat.known = true;
           this._mergeMessages(chat, /** @type {any[]} */ (messages));
-          const v = p.versions_by_chat_id?.[id]?.messages_v ?? 0;
-          chat.versions.messages_v = newer(chat.versions.messages_v, v);
+          advanceMessagesV(chat);
         }
         this.emit('change', null);
         return;
@@ -2630,7 +2629,7 @@ export class ChatSyncClient extends Emitter {
         if (typeof p.seq === 'number' && stream.sender_name !== 'user' && p.seq > chat.read_seq && p.seq > covered && !chat.messages.some((m) => m.seq === p.seq)) {
           chat.unread_count += 1;
         }
-        chat.versions.messages_v = newer(chat.versions.messages_v, p.messages_v ?? 0);
+        // Its `messages_v` is not taken: the message is not held until fetched (see `advanceMessagesV`).
         this.emit('stream', stream);
         // The stored message is the truth (chunks are never stored one by one): fetch it (again after a
         // transient failure, and after the next connection's sync if that one is lost).
@@ -2768,6 +2767,21 @@ function contiguousSeq(chat) {
     else if (/** @type {number} */ (s) > seq + 1) break;
   }
   return seq;
+}
+
+/**
+ * Moves a chat's `messages_v` on through the messages held right after it (`seq` `messages_v + 1`, and so
+ * on), never to the `messages_v` an event names: that counts messages this device may have missed (one
+ * broadcast while it was reconnecting, or past a page it fetched), and the version the next sync names
+ * must stay before them, so that the sync's entry for the chat brings them into the unread count and
+ * the chat's time. A sync entry sets it to the server's (with the count that covers them).
+ * @param {import('./index.js').ChatState} chat
+ */
+function advanceMessagesV(chat) {
+  const held = new Set(chat.messages.map((m) => m.seq));
+  let v = chat.versions.messages_v;
+  while (held.has(v + 1)) v += 1;
+  chat.versions.messages_v = v;
 }
 
 /** @param {import('./index.js').ChatState} chat */
