@@ -1496,6 +1496,18 @@ export class ChatSyncClient extends Emitter {
     const recheck = rechecks.filter((c) => this.queue.recheck.includes(c));
     this.queue.dropRechecks(recheck);
     for (const change of recheck) this._recheckConflict(change);
+    // A chat created here (not known: an edit of a chat id new to this client) that the server does not
+    // list: its edits were refused or met a chat another device created and deleted before this sync.
+    // Nothing of it left (queued, on its way, a message, a stream), it leaves the model, where no sync
+    // would ever remove it (a sync names known chats only).
+    if (reply.payload.more !== true && Array.isArray(reply.payload.server_chat_order)) {
+      const listed = new Set(reply.payload.server_chat_order);
+      for (const chat of [...this.chats.values()]) {
+        if (chat.known || listed.has(chat.chat_id)) continue;
+        this._dropUnknown(chat.chat_id, false);
+        if (!this.chats.has(chat.chat_id)) this.emit('change', chat.chat_id);
+      }
+    }
     // A stream open here before the request and missing from `active_streams` ended unseen (while
     // disconnected): how is unknown, so it ends as cancelled, reason `ended_unseen` (a completed one's
     // message comes with the chat's messages). A stream started after the request is left alone.

@@ -439,6 +439,33 @@ test('a chat created offline with an edit and a message, both refused as not_fou
   c.close();
 });
 
+test('a chat created here offline whose edit met a conflict, and that the next sync does not list (deleted meanwhile), leaves the model', { timeout: 5000 }, async () => {
+  // Found by convergence.test.js: another device had created the chat (so the edit conflicted) and
+  // deleted it before this device's sync; the chat, never known here, stayed in the model for good,
+  // holding the edit's value (no sync names a chat that is not known, so none removes it).
+  const c = client();
+  const first = await online(c);
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.updateDraft('x', draftFromText('mine'));
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed && s !== first));
+  const socket = lastSocket();
+  socket.greet();
+  const flush = await socket.next('sync_offline_changes');
+  const [a] = flush.payload.changes;
+  socket.push({
+    type: 'offline_sync_complete',
+    request_id: flush.request_id,
+    payload: { processed: 0, conflicts: 1, errors: 0, results: [{ change_id: a.change_id, chat_id: 'x', type: 'draft', status: 'conflict', versions: { messages_v: 0, title_v: 0, draft_v: 2 } }] },
+  });
+  await socket.answerSync({ server_chat_order: [] });
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chats.has('x'), false, 'no chat the server does not have');
+  c.close();
+});
+
 test('an offline batch refused as a whole refuses each of its changes: change_rejected, the server\'s value fetched again, a chat never created dropped', { timeout: 5000 }, async () => {
   const c = client();
   await online(c, C1);
