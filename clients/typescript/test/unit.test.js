@@ -1313,6 +1313,28 @@ test('a broadcast message after a gap (one missed while reconnecting) does not t
   c.close();
 });
 
+test('a sync reply built before a stream completed does not take back the completed message\'s unread count', { timeout: 5000 }, async () => {
+  // Found by convergence.test.js (after stream_completed stopped moving messages_v): the reply's entry,
+  // older than the completion, looked as new as the model and its count replaced the one that included
+  // the completed message.
+  const c = client();
+  const socket = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 1, title_v: 0, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 1, title: '', draft_json: null }],
+    server_chat_order: ['a'],
+  });
+  const syncing = c.sync();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'stream_started', payload: { chat_id: 'a', stream_id: 's1', message_id: 'm2', sender_name: 'assistant', meta: {} } });
+  socket.push({ type: 'stream_completed', payload: { chat_id: 'a', stream_id: 's1', message_id: 'm2', seq: 2, messages_v: 2 } });
+  await c.waitFor('stream_completed');
+  assert.equal(c.chat('a').unread_count, 2);
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 1, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 1, title: 'T' }], server_chat_order: ['a'], sync_completed_at: 'T' } });
+  await syncing;
+  assert.equal(c.chat('a').unread_count, 2, 'the older count is not taken');
+  assert.equal(c.chat('a').title, 'T');
+  c.close();
+});
+
 test('stream assembly: in order, repeated seq ignored, merged chunks appended, completion fetches the stored message', async () => {
   const c = client();
   const socket = await online(c);
