@@ -2108,6 +2108,13 @@ export class ChatSyncClient extends Emitter {
         rechecks.push(sent);
         this._markStale(sent.chat_id, sent.type);
       }
+      // An applied draft deletion of a chat id new to the server creates the chat, empty, without a
+      // broadcast (PROTOCOL.md §8; other applied changes come with theirs, which make the chat known):
+      // the server has it, so the next sync names it (and reports it deleted, should it be).
+      for (const r of results) {
+        const chat = r.status === 'applied' && r.type === 'delete_draft' ? this.chats.get(r.chat_id) : undefined;
+        if (chat) chat.known = true;
+      }
       // Kept with the queue (in its storage: a reload before the next sync loses none of them).
       this.queue.addRechecks(rechecks);
       this.queue.settle(part, results);

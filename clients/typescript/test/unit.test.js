@@ -466,6 +466,34 @@ test('a chat created here offline whose edit met a conflict, and that the next s
   c.close();
 });
 
+test('an offline change applied without a broadcast (a draft deletion creating the chat) makes the chat known', { timeout: 5000 }, async () => {
+  // Found by convergence.test.js: an offline delete_draft of a chat id new to the server creates it
+  // empty, applied, without a broadcast (PROTOCOL.md §8); the model kept it as not known (a chat the
+  // server does not have), so no sync named it.
+  const c = client();
+  const first = await online(c);
+  FakeSocket.down = true;
+  first.serverClose(1006, '');
+  await until(() => c.status === 'offline');
+  await c.deleteDraft('n');
+  FakeSocket.down = false;
+  await until(() => FakeSocket.instances.some((s) => !s.closed && s !== first));
+  const socket = lastSocket();
+  socket.greet();
+  const flush = await socket.next('sync_offline_changes');
+  const [a] = flush.payload.changes;
+  socket.push({
+    type: 'offline_sync_complete',
+    request_id: flush.request_id,
+    payload: { processed: 1, conflicts: 0, errors: 0, results: [{ change_id: a.change_id, chat_id: 'n', type: 'delete_draft', status: 'applied', versions: { messages_v: 0, title_v: 0, draft_v: 0 } }] },
+  });
+  const req = await socket.answerSync({ server_chat_order: ['n'] });
+  assert.deepEqual(Object.keys(req.payload.chat_versions), ['n'], 'named: the server has it');
+  await c.waitFor('status', (s) => s === 'online');
+  assert.equal(c.chats.get('n')?.known, true);
+  c.close();
+});
+
 test('an offline batch refused as a whole refuses each of its changes: change_rejected, the server\'s value fetched again, a chat never created dropped', { timeout: 5000 }, async () => {
   const c = client();
   await online(c, C1);
