@@ -2,7 +2,8 @@
 # Tests of the TypeScript SDK (clients/typescript): a type check (tsc, strict: the JSDoc-typed
 # src/index.js and the web demo's app.js against src/index.d.ts, and test/types-check.ts using the
 # declarations as an application would), then node's test runner: unit tests on a fake socket, and the SDK
-# against a real `chatsync serve` (port 0, fresh data directory, tokens from the CLI).
+# against a real `chatsync serve` (port 0, fresh data directory, tokens from the CLI), and a seeded randomized
+# convergence test against it (CHATSYNC_CONVERGE_SEED, _RUNS, _OPS: see test/convergence.test.js).
 # Needs Node.js 20.10 or later and npm (the pinned TypeScript compiler is installed into
 # target/sdk-tsc/ when missing, never into the repository). Builds the server unless CHATSYNC_BIN names a
 # binary.
@@ -30,4 +31,5 @@ if [ -z "${CHATSYNC_BIN:-}" ]; then
   export CHATSYNC_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/chatsync"
 fi
 # Node 20 has WebSocket behind a flag (built in from Node 22).
-exec node --experimental-websocket --test clients/typescript/test/unit.test.js clients/typescript/test/integration.test.js
+exec node --experimental-websocket --test clients/typescript/test/unit.test.js clients/typescript/test/integration.test.js \
+  clients/typescript/test/convergence.test.js
