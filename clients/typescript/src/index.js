@@ -2470,11 +2470,16 @@ export class ChatSyncClient extends Emitter {
           // A broadcast received after the server built this reply may already be newer.
           if ('title' in entry && v.title_v >= chat.versions.title_v) chat.title = entry.title;
           if ('draft_json' in entry && v.draft_v >= chat.versions.draft_v) chat.draft_json = entry.draft_json;
-          // Its count leaves out messages this client already holds from a newer broadcast, or knows of
-          // from a `stream_completed` (whose message is fetched: `messages_v` stops before it until then).
-          if (typeof entry.unread_count === 'number' && (v.messages_v ?? 0) >= this._newestSeq(chat)) {
-            chat.unread_count = entry.unread_count;
-            this._unreadCovers.set(entry.chat_id, newer(0, v.messages_v));
+          // Its count covers the messages up to its `messages_v`; those this client knows of after it (held
+          // from a newer broadcast, or a `stream_completed` whose message is still to fetch) were counted
+          // here as they came, and are added to it (they are not in it).
+          if (typeof entry.unread_count === 'number' && typeof v.messages_v === 'number' && Number.isFinite(v.messages_v)) {
+            const base = v.messages_v;
+            const held = new Set(chat.messages.map((m) => m.seq));
+            let later = chat.messages.filter((m) => m.sender_name !== 'user' && (m.seq ?? 0) > base && (m.seq ?? 0) > chat.read_seq).length;
+            for (const f of this._toFetch.values()) if (f.chat_id === entry.chat_id && f.seq > base && f.seq > chat.read_seq && !held.has(f.seq)) later += 1;
+            chat.unread_count = entry.unread_count + later;
+            this._unreadCovers.set(entry.chat_id, base);
           }
           chat.versions = {
             messages_v: newer(chat.versions.messages_v, v.messages_v ?? 0),
@@ -2694,18 +2699,6 @@ export class ChatSyncClient extends Emitter {
     this._toFetch.clear();
     this._synced = false;
     this.emit('change', null);
-  }
-
-  /**
-   * The newest message this client knows of in a chat: its `messages_v`, a message held past a gap, or a
-   * completed stream's message still to fetch.
-   * @param {import('./index.js').ChatState} chat
-   */
-  _newestSeq(chat) {
-    let seq = chat.versions.messages_v;
-    for (const m of chat.messages) seq = Math.max(seq, m.seq ?? 0);
-    for (const f of this._toFetch.values()) if (f.chat_id === chat.chat_id) seq = Math.max(seq, f.seq);
-    return seq;
   }
 
   /**

@@ -1363,6 +1363,31 @@ test('a sync reply built before a stream completed does not take back the comple
   c.close();
 });
 
+test('a sync reply built before a broadcast message still brings its unread count, plus the newer messages of other senders held', { timeout: 5000 }, async () => {
+  // Found by convergence.test.js: the device had missed seq 1..6 (offline); seq 7 (another device's)
+  // reached it before its sync reply, built at messages_v 6 with unread_count 6: the reply's count was
+  // dropped as older than the model, and the chat stayed at 0 unread for good.
+  const c = client();
+  const socket = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 't', draft_json: null }],
+    server_chat_order: ['a'],
+  });
+  const syncing = c.sync();
+  const req = await socket.next('initial_sync_request');
+  const added = (/** @type {number} */ seq, /** @type {string} */ sender) => ({ type: 'chat_message_added', payload: { chat_id: 'a', message: { message_id: `m${seq}`, seq, sender_name: sender, content: 'x', created_at: 'T', client_timestamp: null }, versions: { messages_v: seq }, last_edited_overall_timestamp: 2 } });
+  socket.push(added(7, 'user'));
+  socket.push(added(8, 'assistant'));
+  await c.waitFor('chat_message_added', (p) => p.message.seq === 8);
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 6, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 6 }], server_chat_order: ['a'], sync_completed_at: 'T' } });
+  await syncing;
+  assert.equal(c.chat('a').unread_count, 7, 'the 6 the reply counted, and seq 8');
+  // A late broadcast of a message the reply counted is not counted again.
+  socket.push(added(5, 'assistant'));
+  await c.waitFor('chat_message_added', (p) => p.message.seq === 5);
+  assert.equal(c.chat('a').unread_count, 7);
+  c.close();
+});
+
 test('stream assembly: in order, repeated seq ignored, merged chunks appended, completion fetches the stored message', async () => {
   const c = client();
   const socket = await online(c);
