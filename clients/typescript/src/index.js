@@ -2112,7 +2112,7 @@ export class ChatSyncClient extends Emitter {
       // broadcast (PROTOCOL.md §8; other applied changes come with theirs, which make the chat known):
       // the server has it, so the next sync names it (and reports it deleted, should it be).
       for (const r of results) {
-        const chat = r.status === 'applied' && r.type === 'delete_draft' ? this.chats.get(r.chat_id) : undefined;
+        const chat = r.status === 'applied' && r.type === 'delete_draft' && r.chat_id ? this.chats.get(r.chat_id) : undefined;
         if (chat) chat.known = true;
       }
       // Kept with the queue (in its storage: a reload before the next sync loses none of them).
