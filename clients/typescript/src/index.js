@@ -1750,7 +1750,7 @@ export class ChatSyncClient extends Emitter {
     // Not `chat()`: a chat the server does not have (`not_found`) is not brought into the model.
     const chat = this.chats.get(chatId);
     // The last message known: one held past a gap too (`messages_v` stops before the gap).
-    const last = chat ? Math.max(chat.versions.messages_v, ...chat.messages.map((m) => m.seq ?? 0)) : 0;
+    const last = chat ? chat.messages.reduce((max, m) => Math.max(max, m.seq ?? 0), chat.versions.messages_v) : 0;
     return this.request('mark_read', { chat_id: chatId, seq: seq ?? last });
   }
 
