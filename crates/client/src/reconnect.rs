@@ -41,7 +41,8 @@
 //!   failed initial sync (`initial_sync_error`, or an `error` in its place) ends the connection: staying
 //!   on it, the client would never learn what changed while it was offline. Except when refused
 //!   `rate_limited`: the rate refills with time, so the sync is sent again on the same connection after a
-//!   pause (jittered, growing like the backoff with each refusal), as the TypeScript SDK does.
+//!   pause (jittered, growing like the backoff with each refusal), as the TypeScript SDK does, up to 8
+//!   times; the 9th refusal ends the connection as a failed attempt.
 //! * An attempt that brings no `connected` greeting within `connect_timeout` (20 s) fails and is retried;
 //!   a connection that brings no frame for `keepalive` (25 s) is sent a `ping`, and is dropped and
 //!   re-established (a half-open connection) when as long again passes without any frame. Every frame
@@ -50,7 +51,10 @@
 //! * Nothing the server sends grows the client's memory without end: at most `event_capacity` (1024)
 //!   events wait for the application, and while they do the client stops reading the connection
 //!   (backpressure: the server's bounded outbox, and its rule for slow consumers, take it from there;
-//!   nothing is lost, a dropped connection resyncs); a reply is collected in at most `max_reply_parts`
+//!   nothing is lost, a dropped connection resyncs), except while a [`ReconnectingClient::request`] is
+//!   awaited (its caller cannot take events meanwhile, and the reply may be behind them): then up to four
+//!   times as many wait, past which the connection is dropped and the request fails; commands, the pace
+//!   of sending and the keepalive go on throughout; a reply is collected in at most `max_reply_parts`
 //!   (1024) parts, past which the request (or the initial sync, and with it the connection) fails.
 //! * A frame the client cannot read (a type newer than it, a malformed payload) is reported as
 //!   [`Event::ProtocolError`] and skipped, as the TypeScript SDK's `protocol_error`; only one that carries
@@ -109,9 +113,10 @@ pub struct ReconnectOptions {
     /// How many events may wait for the application ([`ReconnectingClient::next_event`]). When that
     /// many wait, the client stops reading the connection until the application takes one: what the
     /// server sends waits in the network (the server's bounded outbox, then its slow-consumer rule, hold
-    /// it from there), never in this client's memory. An application that awaits a
-    /// [`ReconnectingClient::request`] must take events meanwhile (another task), or the reply may wait
-    /// behind them. At least 1.
+    /// it from there), never in this client's memory. While a [`ReconnectingClient::request`] is awaited
+    /// (whose caller cannot take events: both calls need the handle), the client reads on, so that the
+    /// reply is not stuck behind events, up to four times this many waiting; past that it drops the
+    /// connection, failing the request (a resync follows). At least 1.
     pub event_capacity: usize,
 }
 
@@ -705,7 +710,7 @@ enum Pending {
     Request(ClientMessage, Vec<Incoming>, oneshot::Sender<Result<Vec<Incoming>, ClientError>>),
     /// A caller's request whose reply came in more than `max_reply_parts` parts: failed, its remaining
     /// parts are dropped up to the last one.
-    Overflowed,
+    Overflowed(ClientMessage),
     /// The keepalive's `ping`: its `pong` is not surfaced.
     Keepalive,
 }
@@ -756,25 +761,29 @@ impl Task {
         self.backlog.push_back(event);
     }
 
-    /// Hands the events emitted to the application, waiting while `event_capacity` of them wait for it
-    /// (the connection is not read meanwhile: backpressure, not memory). Whether it had to wait.
-    async fn deliver(&mut self) -> bool {
-        let mut waited = false;
+    /// Hands the events emitted to the application, waiting while `event_capacity` of them wait for it.
+    /// Used only where nothing else is to be done (the client has stopped).
+    async fn deliver(&mut self) {
         while let Some(event) = self.backlog.pop_front() {
-            let gone = match self.events.try_send(event) {
-                Ok(()) => false,
-                Err(mpsc::error::TrySendError::Full(event)) => {
-                    waited = true;
-                    self.events.send(event).await.is_err()
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => true,
-            };
-            // The handle was dropped: nobody will read them.
-            if gone {
+            if self.events.send(event).await.is_err() {
+                // The handle was dropped: nobody will read them.
                 self.backlog.clear();
             }
         }
-        waited
+    }
+
+    /// Hands over as many of the events emitted as the application has room for, without waiting; the
+    /// others stay in `backlog` (the session's loop hands them over as room comes, and meanwhile reads
+    /// no more of the connection).
+    fn hand_over(&mut self) {
+        while let Some(event) = self.backlog.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => return self.backlog.push_front(event),
+                // The handle was dropped: nobody will read them.
+                Err(mpsc::error::TrySendError::Closed(_)) => return self.backlog.clear(),
+            }
+        }
     }
 
     async fn run(mut self) {
@@ -825,7 +834,9 @@ impl Task {
             }
             let delay = self.reconnect.delay(self.failures.max(1));
             self.emit(Event::Disconnected { close, error, retry_in: Some(delay) });
-            self.deliver().await;
+            self.hand_over();
+            // Commands are answered meanwhile (a request fails at once, as not connected), whether or
+            // not the application takes its events.
             let sleep = tokio::time::sleep(delay);
             tokio::select! {
                 _ = sleep => {}
@@ -939,19 +950,41 @@ impl Task {
         let keepalive = self.reconnect.keepalive.min(Duration::from_secs(365 * 24 * 3600));
         let mut quiet_until = tokio::time::Instant::now() + keepalive;
         let mut pinged = false;
+        // Events waiting past this while a caller's request is in flight end the connection (below).
+        let most_waiting = self.reconnect.event_capacity.max(1).saturating_mul(4);
         let end = loop {
-            // The events of the last step reach the application before the next frame is read; the
-            // time spent waiting for it to take them is not the server's silence.
-            if self.deliver().await {
+            // The events of the last step reach the application before the next frame is read. While it
+            // has no room for them, the connection is not read (backpressure), except while a caller
+            // awaits a request, whose reply may be behind them (it cannot take events meanwhile: both
+            // calls need the handle); then up to `most_waiting` events wait here, past which the
+            // connection is dropped, failing the request (a resync follows). Commands, the pace of
+            // sending and the keepalive go on either way; the time spent waiting for the application is
+            // not the server's silence.
+            self.hand_over();
+            let backed_up = !self.backlog.is_empty();
+            if backed_up && self.backlog.len() >= most_waiting {
+                break End::Lost(None, format!("{} events not taken while a request waited", self.backlog.len()));
+            }
+            let read = !backed_up || pending.values().any(|p| matches!(p, Pending::Request(..)));
+            if !read {
                 (quiet_until, pinged) = (tokio::time::Instant::now() + keepalive, false);
             }
             tokio::select! {
+                permit = self.events.clone().reserve_owned(), if backed_up => match permit {
+                    Ok(permit) => {
+                        if let Some(event) = self.backlog.pop_front() {
+                            permit.send(event);
+                        }
+                    }
+                    // The handle was dropped: nobody will read them.
+                    Err(_) => self.backlog.clear(),
+                },
                 _ = tokio::time::sleep_until(out.ready_at()), if !out.frames.is_empty() => {
                     if let Err(e) = out.send_due(&mut client).await {
                         break End::Lost(None, e.to_string());
                     }
                 }
-                _ = tokio::time::sleep_until(quiet_until), if !keepalive.is_zero() => {
+                _ = tokio::time::sleep_until(quiet_until), if !keepalive.is_zero() && read => {
                     let now = tokio::time::Instant::now();
                     // A frame this loop never sees is a sign of life too: the WebSocket Pings of the
                     // server's heartbeat, which go on while the server works through a long request
@@ -973,7 +1006,7 @@ impl Task {
                         out.push(ClientMessage::Ping(chatsync_protocol::Empty {}).encode(Some(KEEPALIVE_ID)));
                     }
                 }
-                incoming = client.recv_lenient() => {
+                incoming = client.recv_lenient(), if read => {
                     (quiet_until, pinged) = (tokio::time::Instant::now() + keepalive, false);
                     match incoming {
                         Ok(Err(Undecodable { frame, error })) => {
@@ -1048,7 +1081,7 @@ impl Task {
                 | Pending::Offline(_)
                 | Pending::Sync(_)
                 | Pending::Keepalive
-                | Pending::Overflowed => {}
+                | Pending::Overflowed(_) => {}
             }
         }
         s.requeue(unconfirmed);
@@ -1235,7 +1268,7 @@ impl Task {
                     // worked on a long request come to it together): the rate refills as time passes, so
                     // the sync goes again on this connection after a pause growing with each refusal, as
                     // the TypeScript SDK's steps do (a new connection would only cost a connect more).
-                    if code == ErrorCode::RateLimited && sync.so_far.is_none() {
+                    if code == ErrorCode::RateLimited && sync.so_far.is_none() && sync.refused < MAX_SYNC_REFUSALS {
                         let refused = sync.refused + 1;
                         out.pause(self.reconnect.delay(refused));
                         out.push(sync.frame.clone());
@@ -1254,36 +1287,42 @@ impl Task {
                 }
             },
             Pending::Request(message, mut parts, reply) => {
-                let more = match &m.message {
-                    ServerMessage::InitialSyncResponse(r) => r.more,
-                    ServerMessage::ChatContentBatchResponse(r) => r.more,
-                    ServerMessage::Error(_) | ServerMessage::OfflineSyncComplete(_) => false,
-                    _ => matches!(message, ClientMessage::SyncOfflineChanges(_)),
-                };
+                let more = !ends_reply(&message, &m.message);
                 parts.push(m);
                 if !more {
                     let _ = reply.send(Ok(parts));
                 } else if parts.len() >= self.reconnect.max_reply_parts {
                     let why = format!("the reply to {rid} came in more than {} parts (max_reply_parts)", parts.len());
                     let _ = reply.send(Err(ClientError::Unexpected(why)));
-                    pending.insert(rid, Pending::Overflowed);
+                    pending.insert(rid, Pending::Overflowed(message));
                 } else {
                     pending.insert(rid, Pending::Request(message, parts, reply));
                 }
             }
-            Pending::Overflowed => {
-                let last = match &m.message {
-                    ServerMessage::InitialSyncResponse(r) => !r.more,
-                    ServerMessage::ChatContentBatchResponse(r) => !r.more,
-                    ServerMessage::Error(_) | ServerMessage::OfflineSyncComplete(_) => true,
-                    _ => false,
-                };
-                if !last {
-                    pending.insert(rid, Pending::Overflowed);
+            Pending::Overflowed(message) => {
+                if !ends_reply(&message, &m.message) {
+                    pending.insert(rid, Pending::Overflowed(message));
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// How many times one connection sends its initial sync again after a `rate_limited` refusal; the next
+/// refusal ends the connection as a failed attempt (a server, or a proxy, that refuses it every time
+/// would otherwise hold the client there for ever, out of reach of `max_attempts`).
+const MAX_SYNC_REFUSALS: u32 = 8;
+
+/// Whether `m`, a frame carrying the `request_id` of a caller's `request`, is the last of its reply: a
+/// part that says `more: false`, an `error`, an `offline_sync_complete`, or any other single reply (for a
+/// `sync_offline_changes`, the changes' broadcasts come before its `offline_sync_complete`).
+fn ends_reply(request: &ClientMessage, m: &ServerMessage) -> bool {
+    match m {
+        ServerMessage::InitialSyncResponse(r) => !r.more,
+        ServerMessage::ChatContentBatchResponse(r) => !r.more,
+        ServerMessage::Error(_) | ServerMessage::OfflineSyncComplete(_) => true,
+        _ => !matches!(request, ClientMessage::SyncOfflineChanges(_)),
     }
 }
 

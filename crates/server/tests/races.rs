@@ -208,14 +208,9 @@ async fn a_backend_message_held_after_its_commit(
     (caller, held)
 }
 
-/// An initial sync takes its snapshot of the chat list, then another device deletes one of its chats
-/// (every device has `chat_deleted`, the syncing one too), then the sync's reply is built: it must not
-/// list the deleted chat (it did, as `new_chat` or `updated_chat` and in `server_chat_order`, after the
-/// device's `chat_deleted`: the device showed the chat again until its next sync), and a client that
-/// knew the chat finds it in `chat_ids_to_delete`.
-/// Likewise when the deletion comes after the part was made (on the blocking pool, where it was checked
-/// against the deletions known) and before it was queued: the device had the chat's `chat_deleted` and
-/// then the part listing the chat (found by `convergence.rs`: the hop back from the blocking pool is a
+/// An initial sync's part is made (on the blocking pool, where it is checked against the deletions
+/// known), then another device deletes one of its chats before the part is queued: the device had the
+/// chat's `chat_deleted` and then the part listing the chat (found by `convergence.rs`: the hop back from the blocking pool is a
 /// window of milliseconds on a loaded machine). The part is checked again once it is back.
 #[tokio::test]
 async fn an_initial_sync_part_made_as_its_chat_is_deleted_does_not_bring_the_chat_back() {
@@ -245,6 +240,11 @@ async fn an_initial_sync_part_made_as_its_chat_is_deleted_does_not_bring_the_cha
     }
 }
 
+/// An initial sync takes its snapshot of the chat list, then another device deletes one of its chats
+/// (every device has `chat_deleted`, the syncing one too), then the sync's reply is built: it must not
+/// list the deleted chat (it did, as `new_chat` or `updated_chat` and in `server_chat_order`, after the
+/// device's `chat_deleted`: the device showed the chat again until its next sync), and a client that
+/// knew the chat finds it in `chat_ids_to_delete`.
 #[tokio::test]
 async fn an_initial_sync_whose_snapshot_raced_a_deletion_does_not_bring_the_chat_back() {
     let server = TestServer::start().await;

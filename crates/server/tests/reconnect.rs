@@ -1358,6 +1358,55 @@ async fn events_the_application_has_not_taken_are_bounded_and_none_is_lost() {
     laptop.close();
 }
 
+/// A caller awaiting a request cannot take events meanwhile (both calls need the handle), and the reply
+/// may come behind more events than `event_capacity`: the client reads on while a request waits, so the
+/// request is answered; with far more events than that waiting (four times the capacity) it drops the
+/// connection, failing the request, rather than holding them all. Blocking on the full channel, the
+/// client read nothing more and the request waited for ever.
+#[tokio::test]
+async fn a_request_awaited_behind_more_events_than_the_capacity_is_answered_or_fails() {
+    let mut server = Scripted::start().await;
+    let capacity = 16;
+    let opts = ReconnectOptions { event_capacity: capacity, ..quick() };
+    let (laptop, mut ws) = online(&mut server, "cs_t", "alice", opts, &[]).await;
+    let title = |i: usize| {
+        json!({"type": "chat_title_updated",
+            "payload": {"chat_id": "c1", "data": {"title": format!("t{i}")}, "versions": {"title_v": i + 1}}})
+    };
+    // Before its reply, the server sends twice the capacity in events.
+    let script = tokio::spawn(async move {
+        let request = read_frame(&mut ws).await;
+        assert_eq!(request["type"], "ping", "{request}");
+        for i in 0..2 * capacity {
+            send_json(&mut ws, title(i)).await;
+        }
+        send_json(&mut ws, json!({"type": "pong", "payload": {}, "request_id": request["request_id"]})).await;
+        ws
+    });
+    let reply = tokio::time::timeout(Duration::from_secs(30), laptop.request(ClientMessage::Ping(Empty {})))
+        .await
+        .expect("the request was never answered");
+    assert!(matches!(reply.unwrap()[0].message, ServerMessage::Pong(_)));
+    let mut ws = script.await.unwrap();
+
+    // With five times the capacity before the reply, the connection is dropped once four times wait.
+    let script = tokio::spawn(async move {
+        read_frame(&mut ws).await;
+        for i in 0..5 * capacity {
+            use futures_util::SinkExt;
+            if ws.send(Message::text(title(2 * capacity + i).to_string())).await.is_err() {
+                break;
+            }
+        }
+    });
+    let reply = tokio::time::timeout(Duration::from_secs(30), laptop.request(ClientMessage::Ping(Empty {})))
+        .await
+        .expect("the request neither answered nor failed");
+    assert!(reply.is_err(), "the connection was dropped with the request in flight: {reply:?}");
+    script.await.unwrap();
+    laptop.close();
+}
+
 /// After a long time offline, what the client has to send (queued changes, unconfirmed messages, the
 /// initial sync) is more frames than the server's rate burst: the client spaces them by the rate the
 /// greeting announces, so that none is refused `rate_limited` and the initial sync completes on the
@@ -1413,6 +1462,43 @@ async fn a_long_outbox_is_paced_to_the_servers_rate_and_the_sync_is_not_refused(
     assert_eq!(offline.map(|done| done.processed), Some(1));
     assert_eq!((laptop.unconfirmed_messages(), laptop.queued_changes()), (0, 0));
     laptop.close();
+}
+
+/// A server (or a proxy) that refuses the initial sync `rate_limited` every time does not hold the
+/// client on that connection for ever: after a few tries the connection ends as a failed attempt (the
+/// backoff and `max_attempts` apply), where it was sent again for as long as the server answered.
+#[tokio::test]
+async fn an_initial_sync_refused_for_rate_every_time_ends_the_connection() {
+    let mut server = Scripted::start().await;
+    let opts = ReconnectOptions { max_attempts: Some(1), ..quick() };
+    let mut laptop = ReconnectingClient::start(&server.url, ConnectOptions::new("cs_t", "laptop"), opts);
+    let mut ws = server.accept().await;
+    greet(&mut ws).await;
+    let script = tokio::spawn(async move {
+        let mut refusals = 0;
+        loop {
+            use futures_util::StreamExt;
+            let Some(Ok(Message::Text(frame))) = ws.next().await else { return refusals };
+            let sync: Value = serde_json::from_str(&frame).unwrap();
+            assert_eq!(sync["type"], "initial_sync_request", "{sync}");
+            refusals += 1;
+            send_json(
+                &mut ws,
+                json!({"type": "initial_sync_error", "request_id": sync["request_id"],
+                "payload": {"code": "rate_limited", "message": "Too many messages; this one was dropped."}}),
+            )
+            .await;
+        }
+    });
+    let (close, retry_in) = until(&mut laptop, |e| match e {
+        Event::Synced(_) => panic!("synced"),
+        Event::Disconnected { close, retry_in, .. } => Some((close.clone(), *retry_in)),
+        _ => None,
+    })
+    .await;
+    assert_eq!((close, retry_in), (None, None), "one attempt allowed, and it failed");
+    let refusals = tokio::time::timeout(Duration::from_secs(30), script).await.expect("still connected").unwrap();
+    assert_eq!(refusals, 9, "sent once, then again after each of 8 refusals");
 }
 
 /// An initial sync refused `rate_limited` all the same (a server slower than it announced: it charges a
