@@ -2488,6 +2488,8 @@ export class ChatSyncClient extends Emitter {
           };
           chat.last_edited_overall_timestamp = newer(chat.last_edited_overall_timestamp, entry.last_edited_overall_timestamp ?? 0);
           if (Array.isArray(entry.messages)) this._mergeMessages(chat, entry.messages);
+          // Messages held past the entry's `messages_v` (received after the reply was built) carry it on.
+          advanceMessagesV(chat);
         }
         // Chats the server no longer has come in `chat_ids_to_delete` when they were in `chat_versions`
         // (sync() drops those it left out); a chat missing from the order but known here was learned from

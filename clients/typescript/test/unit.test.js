@@ -1388,6 +1388,27 @@ test('a sync reply built before a broadcast message still brings its unread coun
   c.close();
 });
 
+test('a sync entry older than a message held moves messages_v on through it', { timeout: 5000 }, async () => {
+  // Found by convergence.test.js (seed 3015): the device missed seq 1 (another sender's), held seq 2 (its
+  // own, confirmed: messages_v stayed at 0 before the gap), then a sync reply built at messages_v 1 set 1
+  // and stopped there: the model said 1 while holding seq 2, so a count of held messages matched it and
+  // the message missed was never loaded.
+  const c = client();
+  const socket = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 0, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 0, title: 't', draft_json: null }],
+    server_chat_order: ['a'],
+  });
+  const syncing = c.sync();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'chat_message_added', payload: { chat_id: 'a', message: { message_id: 'm2', seq: 2, sender_name: 'user', content: 'x', created_at: 'T', client_timestamp: null }, versions: { messages_v: 2 }, last_edited_overall_timestamp: 2 } });
+  await c.waitFor('chat_message_added', (p) => p.message.seq === 2);
+  assert.equal(c.chat('a').versions.messages_v, 0, 'seq 1 is missing');
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 1, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 2, unread_count: 1 }], server_chat_order: ['a'], sync_completed_at: 'T' } });
+  await syncing;
+  assert.equal(c.chat('a').versions.messages_v, 2, 'the entry covers seq 1, and seq 2 is held');
+  c.close();
+});
+
 test('stream assembly: in order, repeated seq ignored, merged chunks appended, completion fetches the stored message', async () => {
   const c = client();
   const socket = await online(c);
