@@ -2490,6 +2490,11 @@ export class ChatSyncClient extends Emitter {
           if (Array.isArray(entry.messages)) this._mergeMessages(chat, entry.messages);
           // Messages held past the entry's `messages_v` (received after the reply was built) carry it on.
           advanceMessagesV(chat);
+          // Unread messages come after the read marker: a reply built before the marker moved (its
+          // `chat_read_updated` came first) counts no more than the messages known past the marker.
+          let last = chat.messages.reduce((max, m) => Math.max(max, m.seq ?? 0), Math.max(chat.versions.messages_v, newer(0, v.messages_v)));
+          for (const f of this._toFetch.values()) if (f.chat_id === entry.chat_id) last = Math.max(last, f.seq);
+          chat.unread_count = Math.min(chat.unread_count, Math.max(0, last - chat.read_seq));
         }
         // Chats the server no longer has come in `chat_ids_to_delete` when they were in `chat_versions`
         // (sync() drops those it left out); a chat missing from the order but known here was learned from

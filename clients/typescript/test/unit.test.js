@@ -1409,6 +1409,27 @@ test('a sync entry older than a message held moves messages_v on through it', { 
   c.close();
 });
 
+test('a sync reply built before the read marker moved does not bring back the unread count', { timeout: 5000 }, async () => {
+  // Found by convergence.test.js (seeds 9006, 9021 at 1,500 operations): another device read the chat
+  // while this one's sync was on its way; the marker's chat_read_updated (0 unread) came first, then the
+  // reply built before it (1 unread), and the count stayed at 1 for good.
+  const c = client();
+  const socket = await online(c, {
+    chats_to_add_or_update: [{ chat_id: 'a', type: 'new_chat', versions: { messages_v: 1, title_v: 1, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 1, title: 't', draft_json: null }],
+    server_chat_order: ['a'],
+  });
+  assert.equal(c.chat('a').unread_count, 1);
+  const syncing = c.sync();
+  const req = await socket.next('initial_sync_request');
+  socket.push({ type: 'chat_read_updated', payload: { chat_id: 'a', read_seq: 1, unread_count: 0 } });
+  await c.waitFor('chat_read_updated', (p) => p.chat_id === 'a');
+  assert.equal(c.chat('a').unread_count, 0);
+  socket.push({ type: 'initial_sync_response', request_id: req.request_id, payload: { chat_ids_to_delete: [], chats_to_add_or_update: [{ chat_id: 'a', type: 'updated_chat', versions: { messages_v: 1, title_v: 2, draft_v: 0 }, last_edited_overall_timestamp: 1, unread_count: 1, title: 'u' }], server_chat_order: ['a'], sync_completed_at: 'T' } });
+  await syncing;
+  assert.equal(c.chat('a').unread_count, 0, 'nothing is unread past the marker');
+  c.close();
+});
+
 test('stream assembly: in order, repeated seq ignored, merged chunks appended, completion fetches the stored message', async () => {
   const c = client();
   const socket = await online(c);
