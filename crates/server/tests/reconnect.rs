@@ -1311,6 +1311,12 @@ async fn a_reply_in_endless_parts_is_given_up_not_collected_forever() {
     laptop.close();
 }
 
+/// Another device's `chat_title_updated` of chat c1 (a broadcast: no `request_id`).
+fn title_broadcast(title: &str, title_v: usize) -> Value {
+    json!({"type": "chat_title_updated",
+        "payload": {"chat_id": "c1", "data": {"title": title}, "versions": {"title_v": title_v}}})
+}
+
 /// An application that takes its events slowly holds the connection back (the client stops reading it
 /// while `event_capacity` events wait), instead of the client buffering whatever the server sends:
 /// the events waiting never exceed the capacity, and none is lost.
@@ -1324,12 +1330,7 @@ async fn events_the_application_has_not_taken_are_bounded_and_none_is_lost() {
     let script = tokio::spawn(async move {
         for i in 0..=broadcasts {
             let title = if i == broadcasts { "last".to_owned() } else { format!("t{i}") };
-            send_json(
-                &mut ws,
-                json!({"type": "chat_title_updated",
-                "payload": {"chat_id": "c1", "data": {"title": title}, "versions": {"title_v": i + 1}}}),
-            )
-            .await;
+            send_json(&mut ws, title_broadcast(&title, i + 1)).await;
         }
         ws
     });
@@ -1369,10 +1370,7 @@ async fn a_request_awaited_behind_more_events_than_the_capacity_is_answered_or_f
     let capacity = 16;
     let opts = ReconnectOptions { event_capacity: capacity, ..quick() };
     let (laptop, mut ws) = online(&mut server, "cs_t", "alice", opts, &[]).await;
-    let title = |i: usize| {
-        json!({"type": "chat_title_updated",
-            "payload": {"chat_id": "c1", "data": {"title": format!("t{i}")}, "versions": {"title_v": i + 1}}})
-    };
+    let title = |i: usize| title_broadcast(&format!("t{i}"), i + 1);
     // Before its reply, the server sends twice the capacity in events.
     let script = tokio::spawn(async move {
         let request = read_frame(&mut ws).await;
