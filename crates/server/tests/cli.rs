@@ -818,8 +818,10 @@ fn connect_exits_0_on_ctrl_c() {
 
 #[test]
 fn connect_to_no_server_says_so_once_with_the_url() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("ws://127.0.0.1:{port}/v1/ws");
+    // A port let go on 127.0.0.2, where no other test's listener or outgoing connection takes it (on
+    // 127.0.0.1 one could before the connect, which would then not be refused).
+    let port = std::net::TcpListener::bind("127.0.0.2:0").unwrap().local_addr().unwrap().port();
+    let url = format!("ws://127.0.0.2:{port}/v1/ws");
     let out = connect_with_input(&url, "cs_x", "laptop", &[], "");
     fails(&out, &format!("cannot connect to {url}: connection refused (is `chatsync serve` running?)"));
     let err = String::from_utf8_lossy(&out.stderr);

@@ -58,8 +58,7 @@ async fn metrics_show_live_figures() {
 
 #[tokio::test]
 async fn with_metrics_listen_the_endpoints_move_off_the_public_port() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let ops = format!("127.0.0.1:{port}");
+    let ops = format!("{}:{}", common::SPARE_HOST, common::spare_port());
     let server = TestServer::start_with(|c| c.metrics_listen = Some(ops.parse().unwrap())).await;
     assert_eq!(get(&server.host(), "/metrics").await.0, 404);
     assert_eq!(get(&server.host(), "/readyz").await.0, 404);

@@ -566,7 +566,7 @@ struct TwoNodes {
 async fn two_nodes() -> Option<TwoNodes> {
     common::cluster::redis_url()?;
     let own = common::cluster::OwnRedis::start();
-    let proxy = ReplyLoser::start(format!("127.0.0.1:{}", own.port)).await;
+    let proxy = ReplyLoser::start(own.addr()).await;
     let master = MasterKey::generate();
     // A merge may wait for the test as long as it needs (a proxy holds it): the default 1 s could pass
     // on a loaded machine, and the merge would then run after the test looked.

@@ -94,7 +94,7 @@ pub struct OwnRedis {
 
 impl OwnRedis {
     pub fn start() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = super::spare_port();
         let mut redis = OwnRedis { port, child: None, cluster: None, dataset: None };
         redis.restart();
         redis
@@ -104,7 +104,7 @@ impl OwnRedis {
     /// key), answering commands meanwhile (every KiB loaded) as Redis does while it loads: `PING` gets
     /// `-LOADING`, pub/sub works. See [`OwnRedis::loading`].
     pub fn start_loading(keys: u32) -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = super::spare_port();
         let dir = tempfile::tempdir().unwrap();
         let dir_arg = dir.path().to_str().unwrap().to_owned();
         let mut redis =
@@ -137,7 +137,7 @@ impl OwnRedis {
     /// A Redis Cluster of this one server, holding every slot (what sharded pub/sub runs on). A restart
     /// keeps its slots.
     pub fn start_cluster() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = super::spare_port();
         let mut redis = OwnRedis { port, child: None, cluster: Some(tempfile::tempdir().unwrap()), dataset: None };
         redis.restart();
         redis.cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
@@ -152,7 +152,7 @@ impl OwnRedis {
 
     pub fn cli(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
+            .args(["-h", super::SPARE_HOST, "-p", &self.port.to_string()])
             .args(args)
             .output()
             .expect("redis-cli is installed with redis-server");
@@ -161,13 +161,28 @@ impl OwnRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://{}", self.addr())
+    }
+
+    /// `host:port`, on [`super::SPARE_HOST`]: the port stays its own while it is down between a kill
+    /// and a restart.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", super::SPARE_HOST, self.port)
     }
 
     /// Starts (again) on the same port, and waits until it answers.
     pub fn restart(&mut self) {
         let mut command = std::process::Command::new("redis-server");
-        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            super::SPARE_HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
         if let Some(dir) = &self.cluster {
             let conf = dir.path().join("nodes.conf");
             command.args(["--cluster-enabled", "yes", "--cluster-config-file"]).arg(conf).arg("--dir").arg(dir.path());
@@ -181,7 +196,7 @@ impl OwnRedis {
             .expect("redis-server is installed (the machine's services include Redis)");
         self.child = Some(child);
         for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if std::net::TcpStream::connect((super::SPARE_HOST, self.port)).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -218,6 +218,19 @@ impl TestServer {
     }
 }
 
+/// A loopback address that nothing in the tests binds but a server given a port from [`spare_port`].
+/// Outgoing connections take their source port on 127.0.0.1, and so do the port-0 listeners of the
+/// other tests: a port picked free on 127.0.0.1 and let go could be taken by either before the server
+/// binds it (the server then failed to start: a flaky `ops` test in CI), while the same port on this
+/// address cannot be.
+pub const SPARE_HOST: &str = "127.0.0.2";
+
+/// A port free on [`SPARE_HOST`], for a server that must be told its address before it binds (an
+/// operations listener, a `redis-server` restarted on the same port).
+pub fn spare_port() -> u16 {
+    std::net::TcpListener::bind((SPARE_HOST, 0)).unwrap().local_addr().unwrap().port()
+}
+
 /// A plain HTTP/1.1 request; returns the status code, the headers (lowercase names) and the body.
 pub async fn http(addr: &str, method: &str, path: &str) -> (u16, Vec<(String, String)>, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
