@@ -375,6 +375,36 @@ async fn listing_and_revoking_devices() {
     assert_eq!((status, error_code(&body)), (404, "not_found"));
 }
 
+/// A session is bound to its device by its first connection, at authentication; the device is recorded
+/// only once a connection is admitted. A connection that a cap refused (here the user's connection cap)
+/// leaves its session bound to a device that `GET …/devices` does not list. Revoking that device must
+/// still revoke the session: it was 404 ("no device with this hash") and revoked nothing, so the session
+/// connected from that device later, after the backend had been told there was nothing to revoke.
+#[tokio::test]
+async fn revoking_a_device_revokes_a_session_bound_to_it_before_the_device_was_recorded() {
+    let server = TestServer::start_with(|c| c.max_connections_per_user = 1).await;
+    let api = server.api().await;
+    server.user("alice", false).await;
+    let (_, laptop_token) = issue(&api, "alice", "laptop").await;
+    let (laptop, _) = server.connect(&laptop_token, "laptop").await;
+    // A session issued without a device: its first connection, from "phone", binds it, and is refused.
+    let (status, body) = api.post("/users/alice/sessions", json!({})).await;
+    assert_eq!(status, 201, "{body}");
+    let phone_token = body["token"].as_str().unwrap().to_owned();
+    let (code, _) = server.refused(&ConnectOptions::new(&phone_token, "phone")).await;
+    assert_eq!(code, 1013, "the user's connection cap refuses the phone");
+    let phone = chatsync::gateway::auth::device_hash_for_id("phone").unwrap();
+
+    let (status, body) = api.delete(&format!("/users/alice/devices/{phone}")).await;
+    assert_eq!(status, 204, "the phone's session is bound to it: {body}");
+    drop(laptop);
+    while server.ctx.hub.connection_count() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let refused = server.refused(&ConnectOptions::new(&phone_token, "phone")).await;
+    assert_eq!(refused, (1008, "Invalid session".to_owned()), "the revoked device's session connected");
+}
+
 #[tokio::test]
 async fn a_store_that_is_down_is_unavailable_not_an_error_of_the_caller() {
     let server = TestServer::start().await;

@@ -44,13 +44,17 @@ async fn revoke_device(
     if !super::is_device_hash(&device_hash) {
         return Err(ApiError::invalid_payload("device_hash", "Invalid device hash: use 64 lowercase hex characters."));
     }
-    let known = s.ctx.store.devices(&user_id).await?.iter().any(|d| d.device_hash == device_hash);
-    if !known {
-        return Err(ApiError::not_found("The user has no device with this hash."));
-    }
+    // The sessions first: a session is bound to its device by its first connection, at authentication,
+    // and the device is recorded only when a connection is admitted (a cap may refuse it, or it may be
+    // in between), so a device the list lacks can still have a session bound to it.
     let ids = s.ctx.store.revoke_device(&user_id, &device_hash, now_millis()).await?;
     if !ids.is_empty() {
         close_everywhere(&s.ctx, ids).await;
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    let known = s.ctx.store.devices(&user_id).await?.iter().any(|d| d.device_hash == device_hash);
+    if !known {
+        return Err(ApiError::not_found("The user has no device with this hash."));
     }
     Ok(StatusCode::NO_CONTENT)
 }
