@@ -1470,26 +1470,33 @@ async fn devices(config: Config, cmd: DevicesCommand) -> anyhow::Result<()> {
             require_user(store.as_ref(), &user_id, &shown).await?;
             let known = store.devices(&user_id).await?;
             // A hash, or a label: labels are device ids, whose hash is known (and unambiguous).
-            let found = known.iter().find(|d| d.device_hash == device || d.label.as_deref() == Some(device.as_str()));
-            let found = match found {
-                Some(d) => d,
-                None if !is_device_hash(&device) && auth::device_hash_for_id(&device).is_some() => {
-                    let hash = auth::device_hash_for_id(&device).expect("checked");
-                    match known.iter().find(|d| d.device_hash == hash) {
-                        Some(d) => d,
-                        None => bail!("user {user_id} has no device {device:?} in {shown} (see `chatsync devices list {user_id}`)"),
-                    }
-                }
-                None => {
-                    bail!("user {user_id} has no device {device:?} in {shown} (see `chatsync devices list {user_id}`)")
-                }
+            let listed = known.iter().find(|d| d.device_hash == device || d.label.as_deref() == Some(device.as_str()));
+            let by_id = || auth::device_hash_for_id(&device).and_then(|h| known.iter().find(|d| d.device_hash == h));
+            let listed = listed.or_else(|| if is_device_hash(&device) { None } else { by_id() });
+            // A device that is not listed may still have sessions bound to it: a session is bound by its
+            // first connection, as it authenticates, and the device is listed once a connection is admitted
+            // (a cap may refuse it). Its hash is the one given, or the hash of the device id given.
+            let hash = match listed {
+                Some(d) => Some(d.device_hash.clone()),
+                None if is_device_hash(&device) => Some(device.clone()),
+                None => auth::device_hash_for_id(&device),
             };
-            let name = match &found.label {
-                Some(label) => format!("{label} ({})", found.device_hash),
-                None => found.device_hash.clone(),
+            let no_device = || {
+                anyhow::anyhow!(
+                    "user {user_id} has no device {device:?} in {shown} (see `chatsync devices list {user_id}`)"
+                )
             };
-            let revoked = store.revoke_device(&user_id, &found.device_hash, now_millis()).await?;
+            let hash = hash.ok_or_else(no_device)?;
+            let name = match listed.and_then(|d| d.label.as_ref()) {
+                Some(label) => format!("{label} ({hash})"),
+                None if !is_device_hash(&device) => format!("{device} ({hash})"),
+                None => hash.clone(),
+            };
+            let revoked = store.revoke_device(&user_id, &hash, now_millis()).await?;
             if revoked.is_empty() {
+                if listed.is_none() {
+                    return Err(no_device());
+                }
                 bail!("no active session of {user_id} is bound to device {name}");
             }
             eprintln!(

@@ -920,6 +920,28 @@ async fn devices_revoke_closes_the_device_s_live_sockets_only() {
     stop(server);
 }
 
+/// `devices revoke` of a device that is not listed yet but has a session bound to it (bound by its first
+/// connection, which the user's connection cap refused, so the device was never recorded) revokes that
+/// session. It failed with "has no device" and revoked nothing: the session connected later.
+#[tokio::test]
+async fn devices_revoke_revokes_a_session_bound_to_a_device_not_listed_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&chatsync(dir.path(), &["users", "add", "alice"]));
+    let laptop = ok(&chatsync(dir.path(), &["sessions", "issue", "alice", "--device-id", "laptop"])).trim().to_owned();
+    let unbound = ok(&chatsync(dir.path(), &["sessions", "issue", "alice"])).trim().to_owned();
+    let (server, _lines, url) = serve(dir.path(), &["--max-connections-per-user", "1"], None);
+    let (on_laptop, _) = Client::connect_authenticated(&url, &ConnectOptions::new(&laptop, "laptop")).await.unwrap();
+    let mut refused = Client::connect(&url, &ConnectOptions::new(&unbound, "phone")).await.unwrap();
+    assert_eq!(refused.recv_close().await.unwrap().0, 1013, "the cap refuses the phone after binding its session");
+    assert!(!ok(&chatsync(dir.path(), &["devices", "list", "alice"])).contains("phone"));
+    ok(&chatsync(dir.path(), &["devices", "revoke", "alice", "phone"]));
+    fails(&chatsync(dir.path(), &["devices", "revoke", "alice", "tablet"]), "has no device \"tablet\"");
+    drop(on_laptop);
+    let mut again = Client::connect(&url, &ConnectOptions::new(&unbound, "phone")).await.unwrap();
+    assert_eq!(again.recv_close().await.unwrap(), (1008, "Invalid session".into()));
+    stop(server);
+}
+
 #[test]
 fn commands_that_read_name_the_database_and_never_create_one() {
     let dir = tempfile::tempdir().unwrap();
