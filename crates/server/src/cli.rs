@@ -1494,7 +1494,9 @@ async fn devices(config: Config, cmd: DevicesCommand) -> anyhow::Result<()> {
             };
             let revoked = store.revoke_device(&user_id, &hash, now_millis()).await?;
             if revoked.is_empty() {
-                if listed.is_none() {
+                // Known: listed, or named by one of the user's sessions (its sessions revoked before).
+                let sessions = store.sessions_of(&user_id).await?;
+                if listed.is_none() && !sessions.iter().any(|s| s.device_hash.as_deref() == Some(hash.as_str())) {
                     return Err(no_device());
                 }
                 bail!("no active session of {user_id} is bound to device {name}");

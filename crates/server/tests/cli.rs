@@ -935,6 +935,7 @@ async fn devices_revoke_revokes_a_session_bound_to_a_device_not_listed_yet() {
     assert_eq!(refused.recv_close().await.unwrap().0, 1013, "the cap refuses the phone after binding its session");
     assert!(!ok(&chatsync(dir.path(), &["devices", "list", "alice"])).contains("phone"));
     ok(&chatsync(dir.path(), &["devices", "revoke", "alice", "phone"]));
+    fails(&chatsync(dir.path(), &["devices", "revoke", "alice", "phone"]), "no active session");
     fails(&chatsync(dir.path(), &["devices", "revoke", "alice", "tablet"]), "has no device \"tablet\"");
     drop(on_laptop);
     let mut again = Client::connect(&url, &ConnectOptions::new(&unbound, "phone")).await.unwrap();

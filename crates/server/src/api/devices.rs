@@ -52,7 +52,10 @@ async fn revoke_device(
         close_everywhere(&s.ctx, ids).await;
         return Ok(StatusCode::NO_CONTENT);
     }
-    let known = s.ctx.store.devices(&user_id).await?.iter().any(|d| d.device_hash == device_hash);
+    // Known: listed, or named by one of the user's sessions (a retry after its sessions were revoked).
+    let listed = s.ctx.store.devices(&user_id).await?.iter().any(|d| d.device_hash == device_hash);
+    let known = listed
+        || s.ctx.store.sessions_of(&user_id).await?.iter().any(|x| x.device_hash.as_deref() == Some(&device_hash));
     if !known {
         return Err(ApiError::not_found("The user has no device with this hash."));
     }
