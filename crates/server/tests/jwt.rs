@@ -498,3 +498,28 @@ fn serve_refuses_to_start_with_an_unusable_jwt_configuration() {
     assert!(err.contains("jwt-hs256-secret") || err.contains("exclusive"), "{err}");
     assert!(!err.contains(SECRET), "the secret is never printed: {err}");
 }
+
+/// A JWT valid when it was verified but expired before its connection was admitted (held between its
+/// authentication and its registration: a slow store, a cluster node waiting for its subscription) is
+/// refused like any expired token, 1008 `Invalid session`, before anything is created: it was let in (the
+/// user created, the device recorded, `connected` sent) and closed at once with `Token expired`.
+#[tokio::test]
+async fn a_jwt_that_expires_before_its_connection_is_admitted_is_invalid_session_and_creates_nothing() {
+    let server = hs_server(|_| {}).await;
+    let exp = now() + 2;
+    let token = hs256(&json!({"sub": "alice", "exp": exp}));
+    let mut held = server.ctx.pauses.arm(chatsync::pause::AUTHENTICATED);
+    let mut client = Client::connect(&server.url, &opts(&token, "d")).await.unwrap();
+    held.reached().await;
+    // Past `exp` (RFC 7519: valid only before it) by the wall clock the server reads.
+    while chatsync::store::now_millis() < (exp as i64 + 1) * 1000 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    held.release();
+    match client.recv().await {
+        Err(chatsync_client::ClientError::Closed(close)) => assert_eq!(close, Some(invalid())),
+        other => panic!("a connection whose token expired before its admission was let in: {other:?}"),
+    }
+    assert!(server.ctx.store.user("alice").await.unwrap().is_none(), "no user for a refused token");
+    assert!(server.ctx.store.devices("alice").await.unwrap().is_empty(), "no device for a refused token");
+}

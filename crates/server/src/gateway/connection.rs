@@ -173,8 +173,9 @@ async fn serve(
 
 /// What a registered connection must pass before it is served: a session revoked between the read of it
 /// and the registration (the revocation found no connection of it to close) is refused now, not left open
-/// until the periodic check; then the user of a JWT is created if it is new, and the device is recorded
-/// (both only for a connection a cap did not refuse).
+/// until the periodic check; a JWT that expired since it was verified is refused (`Invalid session`); then
+/// the user of a JWT is created if it is new, and the device is recorded (both only for a connection a cap
+/// did not refuse).
 async fn admit(
     ctx: &Ctx,
     conn: &ConnHandle,
@@ -191,6 +192,12 @@ async fn admit(
         if recheck.revoked(ctx).await.map_err(backend)? {
             return Err(CloseReason::SESSION_REVOKED);
         }
+    }
+    // A JWT that expired since it was verified (the connection held between its authentication and here)
+    // is refused as any expired token is, before anything is created for it: let in, it got `connected`
+    // and `Token expired` at once, its user created and its device recorded.
+    if conn.expires_at.is_some_and(|at| crate::store::now_millis() >= at) {
+        return Err(CloseReason::INVALID_SESSION);
     }
     if create_user {
         auth::create_user(ctx, &conn.user_id).await.map_err(backend)?;
